@@ -1,0 +1,126 @@
+//! Errors of the GPU loader.
+//!
+//! The public error says who is at fault (no CUDA on this machine, the driver,
+//! the caller's arguments, or the delta's bytes); each variant has a stable
+//! code from [`GpuError::code`].
+
+use std::fmt;
+
+/// Bits of the device error flag that kernels raise instead of writing out of
+/// range. They mirror the `ERR_*` constants in `kernels/tpde_apply.cu`.
+pub mod flag {
+    /// A position is `>= n` (the chunk's word count).
+    pub const POSITION_RANGE: u32 = 1;
+    /// A gap after the first one is 0 (positions must strictly increase).
+    pub const ZERO_GAP: u32 = 2;
+    /// A bitmap padding bit (past the chunk's last word) is set.
+    pub const BITMAP_PADDING: u32 = 4;
+    /// The bitmap's set bits do not match the stored value count.
+    pub const COUNT_MISMATCH: u32 = 8;
+}
+
+/// Everything the GPU loader can fail with.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum GpuError {
+    /// No CUDA driver library (`libcuda.so`) could be loaded on this machine.
+    NoDriver,
+    /// No NVRTC library could be loaded, so the kernels cannot be compiled.
+    NoNvrtc,
+    /// The driver is present but no device with this ordinal exists.
+    NoDevice {
+        /// The requested device ordinal.
+        ordinal: usize,
+    },
+    /// The CUDA driver loaded but panicked or lacked a symbol while starting.
+    DriverLoad(String),
+    /// A CUDA driver call failed.
+    Driver(cudarc::driver::DriverError),
+    /// NVRTC failed to compile the kernels (the log is attached).
+    Compile(String),
+    /// The caller passed arguments that cannot work (sizes, widths, buffers).
+    InvalidArgument(String),
+    /// The delta's bytes are malformed (stream sizes, codecs, zstd frames).
+    Corrupt(String),
+    /// A kernel raised the device error flag: the delta addresses words out
+    /// of range or its positions are not strictly increasing. The bits are
+    /// those of [`flag`].
+    DeviceFlag(u32),
+    /// The format library reported an error while reading the delta.
+    Format(String),
+}
+
+impl GpuError {
+    /// A stable, machine-readable code for this error.
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NoDriver => "gpu.no_driver",
+            Self::NoNvrtc => "gpu.no_nvrtc",
+            Self::NoDevice { .. } => "gpu.no_device",
+            Self::DriverLoad(_) => "gpu.driver_load",
+            Self::Driver(_) => "gpu.driver",
+            Self::Compile(_) => "gpu.compile",
+            Self::InvalidArgument(_) => "gpu.invalid_argument",
+            Self::Corrupt(_) => "gpu.corrupt",
+            Self::DeviceFlag(_) => "gpu.device_flag",
+            Self::Format(_) => "gpu.format",
+        }
+    }
+
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+
+    pub(crate) fn corrupt(msg: impl Into<String>) -> Self {
+        Self::Corrupt(msg.into())
+    }
+}
+
+impl fmt::Display for GpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoDriver => f.write_str("no CUDA driver library (libcuda) found on this machine"),
+            Self::NoNvrtc => f.write_str("no NVRTC library found; cannot compile the GPU kernels"),
+            Self::NoDevice { ordinal } => write!(f, "no CUDA device with ordinal {ordinal}"),
+            Self::DriverLoad(m) => write!(f, "the CUDA driver failed to load: {m}"),
+            Self::Driver(e) => write!(f, "CUDA driver call failed: {e}"),
+            Self::Compile(log) => write!(f, "NVRTC failed to compile the kernels: {log}"),
+            Self::InvalidArgument(m) => write!(f, "invalid argument: {m}"),
+            Self::Corrupt(m) => write!(f, "corrupt delta: {m}"),
+            Self::DeviceFlag(bits) => {
+                write!(f, "a GPU kernel rejected the delta (error flag {bits:#x}:")?;
+                for (bit, name) in [
+                    (flag::POSITION_RANGE, " position out of range"),
+                    (flag::ZERO_GAP, " zero gap"),
+                    (flag::BITMAP_PADDING, " bitmap padding bit set"),
+                    (flag::COUNT_MISMATCH, " value count mismatch"),
+                ] {
+                    if bits & bit != 0 {
+                        f.write_str(name)?;
+                    }
+                }
+                f.write_str(")")
+            }
+            Self::Format(m) => write!(f, "format error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for GpuError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Driver(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<cudarc::driver::DriverError> for GpuError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Self::Driver(e)
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = GpuError> = std::result::Result<T, E>;

@@ -1,0 +1,216 @@
+//! The kernel registry: `kernels/*.cu` sources, compiled once per process by
+//! NVRTC and loaded into a context as one module, with a typed function table.
+
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::error::{GpuError, Result};
+use crate::spec::{ChunkKind, ChunkSpec, PositionCoding, ValueLayout, ValueOp, WordWidth};
+
+/// Source of the reconstruction kernels.
+pub const APPLY_SOURCE: &str = include_str!("../../../kernels/tpde_apply.cu");
+
+/// Threads per block of every kernel (`THREADS` in the source).
+pub const THREADS: u32 = 256;
+/// Gaps or words per tile (`TILE` in the source).
+pub const TILE: u64 = 256 * 16;
+/// Bitmap bytes per tile (`BITMAP_TILE_BYTES` in the source).
+pub const BITMAP_TILE_BYTES: u64 = 256 * 16;
+
+/// Every kernel of the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelId {
+    /// Per tile sums of gaps / bitmap popcounts.
+    TileTotals,
+    /// Per chunk exclusive scan of the tile sums.
+    TileScan,
+    /// Reconstruction for 1-byte words.
+    ApplyW1,
+    /// Reconstruction for 2-byte words.
+    ApplyW2,
+    /// Reconstruction for 4-byte words.
+    ApplyW4,
+    /// Reconstruction for 8-byte words.
+    ApplyW8,
+    /// Positions of sparse chunks as `u32`.
+    Positions,
+}
+
+impl KernelId {
+    /// Every kernel, in table order.
+    pub const ALL: [KernelId; 7] = [
+        Self::TileTotals,
+        Self::TileScan,
+        Self::ApplyW1,
+        Self::ApplyW2,
+        Self::ApplyW4,
+        Self::ApplyW8,
+        Self::Positions,
+    ];
+
+    /// The `extern "C"` symbol.
+    #[must_use]
+    pub const fn symbol(self) -> &'static str {
+        match self {
+            Self::TileTotals => "tile_totals",
+            Self::TileScan => "tile_scan",
+            Self::ApplyW1 => "apply_w1",
+            Self::ApplyW2 => "apply_w2",
+            Self::ApplyW4 => "apply_w4",
+            Self::ApplyW8 => "apply_w8",
+            Self::Positions => "positions",
+        }
+    }
+
+    /// The apply kernel of a word width.
+    #[must_use]
+    pub const fn apply(width: WordWidth) -> Self {
+        match width {
+            WordWidth::W1 => Self::ApplyW1,
+            WordWidth::W2 => Self::ApplyW2,
+            WordWidth::W4 => Self::ApplyW4,
+            WordWidth::W8 => Self::ApplyW8,
+        }
+    }
+}
+
+/// PTX of the kernels, compiled at most once per process.
+fn ptx() -> Result<Ptx> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let src = PTX.get_or_init(|| {
+        // SAFETY: only probes whether the NVRTC shared library can be opened.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(String::new());
+        }
+        let opts = CompileOptions {
+            options: vec!["--std=c++17".into()],
+            ..CompileOptions::default()
+        };
+        std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(APPLY_SOURCE, opts))
+            .map_err(|_| "NVRTC panicked".to_string())?
+            .map(|ptx| ptx.to_src())
+            .map_err(|e| e.to_string())
+    });
+    match src {
+        Ok(s) => Ok(Ptx::from_src(s.clone())),
+        Err(e) if e.is_empty() => Err(GpuError::NoNvrtc),
+        Err(e) => Err(GpuError::Compile(e.clone())),
+    }
+}
+
+/// The loaded module of one context and its functions.
+#[derive(Debug)]
+pub struct Kernels {
+    _module: Arc<CudaModule>,
+    functions: Vec<CudaFunction>,
+}
+
+impl Kernels {
+    /// Compiles (once per process) and loads every kernel into `ctx`.
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let module = ctx.load_module(ptx()?)?;
+        let functions = KernelId::ALL
+            .iter()
+            .map(|id| module.load_function(id.symbol()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Self { _module: module, functions })
+    }
+
+    /// The function of a kernel.
+    #[must_use]
+    pub fn get(&self, id: KernelId) -> &CudaFunction {
+        let i = KernelId::ALL.iter().position(|k| *k == id).unwrap_or(0);
+        &self.functions[i]
+    }
+}
+
+/// Kind codes of `ChunkDesc.kind` (`KIND_*` in the source).
+pub(crate) mod kind {
+    pub const SPARSE_GAPS: u32 = 1;
+    pub const SPARSE_BITMAP: u32 = 2;
+    pub const DENSE: u32 = 3;
+    pub const RAW: u32 = 4;
+}
+
+/// One chunk as the kernels read it: `struct ChunkDesc` of the source, 64 bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ChunkDesc {
+    pub positions: u64,
+    pub values: u64,
+    pub base: u64,
+    pub out: u64,
+    pub n: u32,
+    pub m: u32,
+    pub tile_begin: u32,
+    pub tile_count: u32,
+    pub kind: u32,
+    pub op: u32,
+    pub layout: u32,
+    pub gap_width: u32,
+}
+
+impl ChunkDesc {
+    pub const BYTES: usize = 64;
+
+    /// Kind, op, layout, gap width and tile count of a chunk (no addresses).
+    /// `None` for unchanged chunks, which need no kernel.
+    pub fn from_spec(spec: &ChunkSpec) -> Option<Self> {
+        let (kind, gap_width, tiles) = match spec.kind {
+            ChunkKind::Unchanged => return None,
+            ChunkKind::Sparse(PositionCoding::Gaps { width }) => {
+                (kind::SPARSE_GAPS, u32::from(width), u64::from(spec.changed).div_ceil(TILE))
+            }
+            ChunkKind::Sparse(PositionCoding::Bitmap) => (
+                kind::SPARSE_BITMAP,
+                0,
+                u64::from(spec.words).div_ceil(8).div_ceil(BITMAP_TILE_BYTES),
+            ),
+            ChunkKind::Dense => (kind::DENSE, 0, u64::from(spec.words).div_ceil(TILE)),
+            ChunkKind::Raw => (kind::RAW, 0, u64::from(spec.words).div_ceil(TILE)),
+        };
+        Some(Self {
+            n: spec.words,
+            m: spec.changed,
+            // at most 2^32 / 4096 tiles per chunk
+            tile_count: u32::try_from(tiles).unwrap_or(u32::MAX),
+            kind,
+            op: match spec.op {
+                ValueOp::Xor => 0,
+                ValueOp::Sub => 1,
+            },
+            layout: match spec.layout {
+                ValueLayout::Words => 0,
+                ValueLayout::BytePlanes => 1,
+                ValueLayout::RotatedBytePlanes => 2,
+            },
+            gap_width,
+            ..Self::default()
+        })
+    }
+
+    pub fn is_sparse(&self) -> bool {
+        self.kind == kind::SPARSE_GAPS || self.kind == kind::SPARSE_BITMAP
+    }
+
+    pub fn write_to(&self, out: &mut [u8]) {
+        let fields64 = [self.positions, self.values, self.base, self.out];
+        for (i, f) in fields64.iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&f.to_le_bytes());
+        }
+        let fields32 = [
+            self.n,
+            self.m,
+            self.tile_begin,
+            self.tile_count,
+            self.kind,
+            self.op,
+            self.layout,
+            self.gap_width,
+        ];
+        for (i, f) in fields32.iter().enumerate() {
+            out[32 + i * 4..36 + i * 4].copy_from_slice(&f.to_le_bytes());
+        }
+    }
+}

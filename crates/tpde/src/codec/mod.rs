@@ -1,0 +1,6 @@
+//! Codecs: how positions and values become streams, and how streams are stored
+//! (spec §8).
+
+pub mod positions;
+pub mod values;
+pub mod zstd_stream;

@@ -1,0 +1,230 @@
+//! Values: how a target word is expressed against its base word, and how value words
+//! are split into streams (spec §8.2, §8.4). Everything works on bit patterns; no
+//! float arithmetic is ever done.
+
+use crate::container::chunk_map::{ValueLayout, ValueOp};
+
+/// An unsigned word of 1, 2, 4 or 8 bytes.
+pub(crate) trait Word: Copy + Eq + Default + Send + Sync {
+    const BYTES: usize;
+    fn load(bytes: &[u8]) -> Self;
+    fn store(self, bytes: &mut [u8]);
+    fn byte(self, k: usize) -> u8;
+    fn from_byte(byte: u8, k: usize) -> Self;
+    fn or(self, other: Self) -> Self;
+    /// `target` expressed against `base` (spec §8.2).
+    fn express(target: Self, base: Self, op: ValueOp) -> Self;
+    /// The inverse of [`Word::express`].
+    fn combine(base: Self, value: Self, op: ValueOp) -> Self;
+    fn rotate_left1(self) -> Self;
+    fn rotate_right1(self) -> Self;
+}
+
+macro_rules! impl_word {
+    ($unsigned:ty, $signed:ty) => {
+        impl Word for $unsigned {
+            const BYTES: usize = std::mem::size_of::<$unsigned>();
+
+            #[inline]
+            fn load(bytes: &[u8]) -> Self {
+                let mut word = [0u8; std::mem::size_of::<$unsigned>()];
+                word.copy_from_slice(bytes);
+                <$unsigned>::from_le_bytes(word)
+            }
+
+            #[inline]
+            fn store(self, bytes: &mut [u8]) {
+                bytes.copy_from_slice(&self.to_le_bytes());
+            }
+
+            #[inline]
+            #[allow(clippy::cast_possible_truncation)] // taking one byte is the point
+            fn byte(self, k: usize) -> u8 {
+                (self >> (8 * k)) as u8
+            }
+
+            #[inline]
+            fn from_byte(byte: u8, k: usize) -> Self {
+                <$unsigned>::from(byte) << (8 * k)
+            }
+
+            #[inline]
+            fn or(self, other: Self) -> Self {
+                self | other
+            }
+
+            #[inline]
+            #[allow(clippy::cast_sign_loss, clippy::cast_possible_wrap)] // zigzag is a bit-level map
+            fn express(target: Self, base: Self, op: ValueOp) -> Self {
+                match op {
+                    ValueOp::Xor => target ^ base,
+                    ValueOp::Sub => {
+                        let d = target.wrapping_sub(base) as $signed;
+                        ((d << 1) ^ (d >> (<$unsigned>::BITS - 1))) as $unsigned
+                    }
+                }
+            }
+
+            #[inline]
+            fn combine(base: Self, value: Self, op: ValueOp) -> Self {
+                match op {
+                    ValueOp::Xor => base ^ value,
+                    ValueOp::Sub => base.wrapping_add((value >> 1) ^ (0 as $unsigned).wrapping_sub(value & 1)),
+                }
+            }
+
+            #[inline]
+            fn rotate_left1(self) -> Self {
+                self.rotate_left(1)
+            }
+
+            #[inline]
+            fn rotate_right1(self) -> Self {
+                self.rotate_right(1)
+            }
+        }
+    };
+}
+
+impl_word!(u8, i8);
+impl_word!(u16, i16);
+impl_word!(u32, i32);
+impl_word!(u64, i64);
+
+/// Calls `$body` with `$W` bound to the word type of width `$width` bytes.
+macro_rules! with_word {
+    ($width:expr, $W:ident => $body:expr) => {
+        match $width {
+            1 => { type $W = u8; $body }
+            2 => { type $W = u16; $body }
+            4 => { type $W = u32; $body }
+            8 => { type $W = u64; $body }
+            other => unreachable!("word width {other} is excluded by the dtype table"),
+        }
+    };
+}
+pub(crate) use with_word;
+
+/// Number of streams a layout uses for words of `word_bytes`.
+#[must_use]
+pub fn stream_count(layout: ValueLayout, word_bytes: usize) -> usize {
+    match layout {
+        ValueLayout::Words => 1,
+        ValueLayout::BytePlanes | ValueLayout::RotatedBytePlanes => word_bytes,
+    }
+}
+
+fn layout_word<W: Word>(value: W, layout: ValueLayout) -> W {
+    match layout {
+        ValueLayout::RotatedBytePlanes => value.rotate_left1(),
+        _ => value,
+    }
+}
+
+/// Splits value words into the streams of `layout`.
+pub(crate) fn split<W: Word>(values: &[W], layout: ValueLayout) -> Vec<Vec<u8>> {
+    if layout == ValueLayout::Words {
+        let mut bytes = vec![0u8; values.len() * W::BYTES];
+        for (value, out) in values.iter().zip(bytes.chunks_exact_mut(W::BYTES)) {
+            value.store(out);
+        }
+        return vec![bytes];
+    }
+    (0..W::BYTES)
+        .map(|k| values.iter().map(|&v| layout_word(v, layout).byte(k)).collect())
+        .collect()
+}
+
+/// Reads value `i` back out of the streams of `layout`.
+#[inline]
+fn gather<W: Word>(streams: &[&[u8]], i: usize, layout: ValueLayout) -> W {
+    match layout {
+        ValueLayout::Words => W::load(&streams[0][i * W::BYTES..(i + 1) * W::BYTES]),
+        ValueLayout::BytePlanes => (0..W::BYTES).fold(W::default(), |w, k| w.or(W::from_byte(streams[k][i], k))),
+        ValueLayout::RotatedBytePlanes => (0..W::BYTES)
+            .fold(W::default(), |w, k| w.or(W::from_byte(streams[k][i], k)))
+            .rotate_right1(),
+    }
+}
+
+/// Applies values to `words` (which hold the base): value `j` goes to word
+/// `positions[j]`, or to word `j` when `positions` is `None`. Returns the number of
+/// nonzero values. Streams and positions have been checked against the chunk.
+pub(crate) fn apply<W: Word>(
+    words: &mut [u8],
+    streams: &[&[u8]],
+    positions: Option<&[u32]>,
+    count: usize,
+    layout: ValueLayout,
+    op: ValueOp,
+) -> usize {
+    let mut nonzero = 0;
+    for j in 0..count {
+        let value: W = gather(streams, j, layout);
+        nonzero += usize::from(value != W::default());
+        let i = positions.map_or(j, |p| p[j] as usize);
+        let slot = &mut words[i * W::BYTES..(i + 1) * W::BYTES];
+        W::combine(W::load(slot), value, op).store(slot);
+    }
+    nonzero
+}
+
+/// Estimated size in bits of `values` under `layout`, from order-0 byte entropy of
+/// each stream. Used only to choose a layout; the writer measures real sizes where
+/// the choice is close.
+pub(crate) fn estimate_bits<W: Word>(values: &[W], layout: ValueLayout) -> f64 {
+    split(values, layout).iter().map(|s| entropy_bits(s)).sum()
+}
+
+/// Order-0 entropy of `bytes`, in bits, summed over all bytes.
+#[must_use]
+#[allow(clippy::cast_precision_loss)] // an estimate
+pub fn entropy_bits(bytes: &[u8]) -> f64 {
+    let mut histogram = [0u64; 256];
+    for &b in bytes {
+        histogram[usize::from(b)] += 1;
+    }
+    let total = bytes.len() as f64;
+    histogram
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let c = c as f64;
+            -c * (c / total).log2()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn express_and_combine_are_inverse_for_every_op() {
+        for (t, b) in [(0x3f80u16, 0x3f81u16), (0, 0xffff), (0x8000, 1), (7, 7)] {
+            for op in [ValueOp::Xor, ValueOp::Sub] {
+                let v = u16::express(t, b, op);
+                assert_eq!(u16::combine(b, v, op), t);
+            }
+        }
+        // One ulp up or down is a small zigzag value, which is why Sub exists.
+        assert_eq!(u16::express(0x3f81, 0x3f80, ValueOp::Sub), 2);
+        assert_eq!(u16::express(0x3f7f, 0x3f80, ValueOp::Sub), 1);
+        assert_eq!(u16::express(0x3f80, 0x3f7f, ValueOp::Xor), 0xff);
+    }
+
+    #[test]
+    fn split_and_gather_round_trip() {
+        let values: Vec<u32> = vec![0x8000_0001, 0x1234_5678, 0, u32::MAX];
+        for layout in [ValueLayout::Words, ValueLayout::BytePlanes, ValueLayout::RotatedBytePlanes] {
+            let streams = split(&values, layout);
+            assert_eq!(streams.len(), stream_count(layout, 4));
+            let refs: Vec<&[u8]> = streams.iter().map(Vec::as_slice).collect();
+            let back: Vec<u32> = (0..values.len()).map(|i| gather(&refs, i, layout)).collect();
+            assert_eq!(back, values);
+        }
+        // Rotation moves the sign bit to the low byte and the exponent to the top.
+        let rotated = split(&[0x8000_0001u32], ValueLayout::RotatedBytePlanes);
+        assert_eq!(rotated[0], vec![3]);
+    }
+}

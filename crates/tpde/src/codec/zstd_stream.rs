@@ -1,0 +1,111 @@
+//! The zstd profile of spec §8.5: exactly one frame per stream, its content size
+//! present and equal to the declared decoded length, no trailing bytes, and a window
+//! of at most 2^27 bytes.
+
+use std::cell::RefCell;
+
+use zstd::bulk::{Compressor, Decompressor};
+use zstd::zstd_safe::{self, DParameter};
+
+use crate::error::{fail, Error, ErrorCode, Result};
+use crate::limits::MAX_ZSTD_WINDOW_LOG;
+
+thread_local! {
+    // Contexts are reused per thread: creating one costs more than compressing a
+    // small stream.
+    static COMPRESSOR: RefCell<Option<(i32, Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Compresses `bytes` into one frame that records its content size.
+///
+/// # Errors
+/// `E_IO` if zstd fails (it does not on valid levels).
+pub fn compress(bytes: &[u8], level: i32) -> Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            let compressor = Compressor::new(level)
+                .map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))?;
+            *slot = Some((level, compressor));
+        }
+        let (_, compressor) = slot.as_mut().expect("set above");
+        compressor
+            .compress(bytes)
+            .map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))
+    })
+}
+
+/// Decodes one stream that must hold exactly one frame of `decoded_len` bytes,
+/// appending to `out`. Nothing is allocated beyond `decoded_len`, which the caller
+/// has checked against the format limits.
+///
+/// # Errors
+/// `E_ZSTD_PROFILE` when the frame breaks the profile, `E_STREAM_LENGTH` when its
+/// content size differs from `decoded_len`, `E_ZSTD_DECODE` when decoding fails.
+pub fn decompress_into(stored: &[u8], decoded_len: usize, out: &mut Vec<u8>) -> Result<()> {
+    match zstd_safe::get_frame_content_size(stored) {
+        Ok(Some(size)) if size == decoded_len as u64 => {}
+        Ok(Some(size)) => {
+            return fail(
+                ErrorCode::StreamLength,
+                format!("the zstd frame holds {size} bytes but {decoded_len} are declared"),
+            )
+        }
+        Ok(None) => return fail(ErrorCode::ZstdProfile, "the zstd frame does not record its content size"),
+        Err(_) => return fail(ErrorCode::ZstdProfile, "the stream is not a zstd frame"),
+    }
+    match zstd_safe::find_frame_compressed_size(stored) {
+        Ok(len) if len == stored.len() => {}
+        Ok(_) => return fail(ErrorCode::ZstdProfile, "bytes follow the zstd frame"),
+        Err(_) => return fail(ErrorCode::ZstdProfile, "the zstd frame is incomplete"),
+    }
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            let mut decompressor =
+                Decompressor::new().map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))?;
+            decompressor
+                .set_parameter(DParameter::WindowLogMax(MAX_ZSTD_WINDOW_LOG))
+                .map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))?;
+            *slot = Some(decompressor);
+        }
+        let decompressor = slot.as_mut().expect("set above");
+        let start = out.len();
+        out.reserve_exact(decoded_len);
+        let written = decompressor
+            .decompress_to_buffer(stored, out)
+            .map_err(|e| Error::new(ErrorCode::ZstdDecode, format!("zstd: {e}")))?;
+        if written != decoded_len || out.len() != start + decoded_len {
+            return fail(
+                ErrorCode::StreamLength,
+                format!("the zstd frame decoded to {written} bytes, not {decoded_len}"),
+            );
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_rules() {
+        let frame = compress(b"hello hello hello", 3).unwrap();
+        let mut out = Vec::new();
+        decompress_into(&frame, 17, &mut out).unwrap();
+        assert_eq!(out, b"hello hello hello");
+
+        let code = |stored: &[u8], len| decompress_into(stored, len, &mut Vec::new()).unwrap_err().code();
+        assert_eq!(code(&frame, 16), ErrorCode::StreamLength);
+        let mut two = frame.clone();
+        two.extend_from_slice(&frame);
+        assert_eq!(code(&two, 17), ErrorCode::ZstdProfile);
+        let mut trailing = frame.clone();
+        trailing.push(0);
+        assert_eq!(code(&trailing, 17), ErrorCode::ZstdProfile);
+        assert_eq!(code(&frame[..frame.len() - 1], 17), ErrorCode::ZstdProfile);
+        assert_eq!(code(b"not zstd", 8), ErrorCode::ZstdProfile);
+    }
+}

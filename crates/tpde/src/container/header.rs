@@ -1,0 +1,252 @@
+//! The JSON header: what the target checkpoint looks like and where each tensor's
+//! chunks are (spec §5). The JSON Schema in `spec/tpde.schema.json` is generated from
+//! these types.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::dtype;
+use crate::error::{fail, Error, ErrorCode, Result};
+use crate::limits::{MAX_CHUNK_WORDS, MAX_FILES, MAX_RANK, MAX_TENSORS};
+
+/// The header of a tpde file (spec §5.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    /// Name and version of the program that wrote the file; informative only.
+    pub writer: String,
+    /// The files of the target checkpoint, byte for byte apart from tensor data.
+    pub target: TargetLayout,
+    /// Every tensor of the target, in file order, then in data-offset order.
+    pub tensors: Vec<TensorEntry>,
+    /// Extension data under namespaced keys (`org.name`); readers ignore what they
+    /// do not know (spec §5.4).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extensions: BTreeMap<String, serde_json::Value>,
+}
+
+/// Whether the target is one safetensors file or a sharded checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LayoutKind {
+    /// One `.safetensors` file.
+    File,
+    /// A directory of shards and `model.safetensors.index.json`.
+    Sharded,
+}
+
+/// The target checkpoint's files (spec §5.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TargetLayout {
+    /// One file or sharded.
+    pub kind: LayoutKind,
+    /// The safetensors files, in the order their tensors appear in `tensors`.
+    pub files: Vec<TargetFile>,
+    /// The verbatim text of `model.safetensors.index.json`; sharded targets only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_json: Option<String>,
+}
+
+/// One safetensors file of the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TargetFile {
+    /// The file's name, without any directory.
+    pub name: String,
+    /// The verbatim JSON header of the file, padding included; the file starts with
+    /// its byte length as a u64 LE, then these bytes, then the tensor data.
+    pub safetensors_header: String,
+}
+
+/// One tensor of the target (spec §5.5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TensorEntry {
+    /// The tensor's name.
+    pub name: String,
+    /// The safetensors dtype string.
+    pub dtype: String,
+    /// The shape.
+    pub shape: Vec<u64>,
+    /// Index into `target.files`.
+    pub file: u32,
+    /// Words per chunk; the last chunk may be shorter.
+    pub chunk_words: u64,
+    /// Global index of the tensor's first chunk record.
+    pub first_chunk: u64,
+    /// Number of chunks: `ceil(words / chunk_words)`.
+    pub chunk_count: u64,
+    /// Tree digest of the target bytes (spec §10), 32 lower-case hex digits.
+    pub digest: String,
+    /// The base tensor this one is a delta against; absent for a standalone tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseTensor>,
+}
+
+/// The base tensor a delta needs, identified by content (spec §5.6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BaseTensor {
+    /// The base tensor's shape; its dtype is the target's.
+    pub shape: Vec<u64>,
+    /// Tree digest of the base bytes, with the target's `chunk_words`.
+    pub digest: String,
+}
+
+impl TensorEntry {
+    /// Width of this tensor's words.
+    ///
+    /// # Errors
+    /// `E_UNKNOWN_DTYPE`.
+    pub fn word_bytes(&self) -> Result<usize> {
+        dtype::word_bytes(&self.dtype)
+    }
+
+    /// Byte length of the tensor (validated by [`Header::validate`]).
+    ///
+    /// # Errors
+    /// `E_UNKNOWN_DTYPE`, or `E_HEADER_INVALID` when the size overflows.
+    pub fn byte_len(&self) -> Result<u64> {
+        shape_byte_len(&self.dtype, &self.shape)
+    }
+
+    /// Number of words in the tensor.
+    ///
+    /// # Errors
+    /// As [`TensorEntry::byte_len`].
+    pub fn word_count(&self) -> Result<u64> {
+        Ok(self.byte_len()? / self.word_bytes()? as u64)
+    }
+
+    /// The global chunk indices of this tensor.
+    #[must_use]
+    pub fn chunk_range(&self) -> std::ops::Range<u64> {
+        self.first_chunk..self.first_chunk + self.chunk_count
+    }
+
+    /// Whether the tensor needs a base to be rebuilt.
+    #[must_use]
+    pub fn needs_base(&self) -> bool {
+        self.base.is_some()
+    }
+}
+
+fn shape_byte_len(dtype_name: &str, shape: &[u64]) -> Result<u64> {
+    if shape.len() > MAX_RANK {
+        return fail(ErrorCode::LimitExceeded, format!("rank {} exceeds {MAX_RANK}", shape.len()));
+    }
+    match dtype::byte_len(dtype_name, shape)? {
+        Some(len) if len <= i64::MAX as u64 => Ok(len),
+        _ => fail(ErrorCode::HeaderInvalid, "the shape's byte size overflows or is not whole bytes"),
+    }
+}
+
+fn check_digest_hex(digest: &str) -> Result<()> {
+    let ok = digest.len() == 32 && digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if !ok {
+        return fail(ErrorCode::HeaderInvalid, format!("digest {digest:?} is not 32 lower-case hex digits"));
+    }
+    Ok(())
+}
+
+/// A file name that is one plain path component ending in `.safetensors` (spec §5.3):
+/// no separators, no `..`, so that a hostile header cannot write outside the output.
+fn check_file_name(name: &str) -> Result<()> {
+    let plain = !name.is_empty()
+        && !name.contains(['/', '\\', '\0'])
+        && name != "."
+        && name != ".."
+        && name.ends_with(".safetensors");
+    if !plain {
+        return fail(ErrorCode::HeaderInvalid, format!("file name {name:?} is not a plain .safetensors name"));
+    }
+    Ok(())
+}
+
+impl Header {
+    /// Checks every rule of spec §5 that needs no other part of the file, and that
+    /// the tensors claim exactly `chunk_count` chunks, contiguously and in order.
+    ///
+    /// # Errors
+    /// `E_HEADER_INVALID`, `E_LIMIT_EXCEEDED`, `E_UNKNOWN_DTYPE` or
+    /// `E_CHUNK_MAP_INVALID`, naming the tensor.
+    pub fn validate(&self, chunk_count: u64) -> Result<()> {
+        let files = &self.target.files;
+        if files.is_empty() || files.len() > MAX_FILES {
+            return fail(ErrorCode::HeaderInvalid, format!("{} target files (1 to {MAX_FILES} allowed)", files.len()));
+        }
+        match (self.target.kind, &self.target.index_json) {
+            (LayoutKind::File, None) if files.len() == 1 => {}
+            (LayoutKind::Sharded, Some(_)) => {}
+            _ => return fail(ErrorCode::HeaderInvalid, "a single-file target has one file and no index; a sharded one has an index"),
+        }
+        let mut names = std::collections::HashSet::new();
+        for file in files {
+            check_file_name(&file.name)?;
+            if !names.insert(file.name.as_str()) {
+                return fail(ErrorCode::HeaderInvalid, format!("file {:?} is listed twice", file.name));
+            }
+        }
+        if self.tensors.len() > MAX_TENSORS {
+            return fail(ErrorCode::LimitExceeded, format!("{} tensors exceed {MAX_TENSORS}", self.tensors.len()));
+        }
+        let mut next_chunk = 0u64;
+        let mut previous_file = 0u32;
+        let mut tensor_names = std::collections::HashSet::new();
+        for tensor in &self.tensors {
+            self.validate_tensor(tensor, &mut next_chunk, &mut previous_file)
+                .map_err(|e| e.in_tensor(&tensor.name))?;
+            if !tensor_names.insert(tensor.name.as_str()) {
+                return Err(Error::new(ErrorCode::HeaderInvalid, "the tensor name appears twice").in_tensor(&tensor.name));
+            }
+        }
+        if next_chunk != chunk_count {
+            return fail(
+                ErrorCode::ChunkMapInvalid,
+                format!("the tensors claim {next_chunk} chunks but the chunk table has {chunk_count}"),
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_tensor(&self, tensor: &TensorEntry, next_chunk: &mut u64, previous_file: &mut u32) -> Result<()> {
+        let byte_len = tensor.byte_len()?;
+        let word_bytes = tensor.word_bytes()? as u64;
+        if byte_len % word_bytes != 0 {
+            return fail(ErrorCode::HeaderInvalid, "the byte size is not a whole number of words");
+        }
+        if tensor.file as usize >= self.target.files.len() || tensor.file < *previous_file {
+            return fail(ErrorCode::HeaderInvalid, format!("file index {} is out of range or out of order", tensor.file));
+        }
+        *previous_file = tensor.file;
+        if tensor.chunk_words == 0 || tensor.chunk_words > MAX_CHUNK_WORDS {
+            return fail(ErrorCode::LimitExceeded, format!("chunk_words {} is not in 1..={MAX_CHUNK_WORDS}", tensor.chunk_words));
+        }
+        let expected = (byte_len / word_bytes).div_ceil(tensor.chunk_words);
+        if tensor.chunk_count != expected || tensor.first_chunk != *next_chunk {
+            return fail(
+                ErrorCode::ChunkMapInvalid,
+                format!(
+                    "chunks {}+{} do not follow on at chunk {} with {expected} chunks",
+                    tensor.first_chunk, tensor.chunk_count, next_chunk
+                ),
+            );
+        }
+        *next_chunk += expected;
+        check_digest_hex(&tensor.digest)?;
+        if let Some(base) = &tensor.base {
+            shape_byte_len(&tensor.dtype, &base.shape)?;
+            check_digest_hex(&base.digest)?;
+        }
+        Ok(())
+    }
+
+    /// Whether any tensor needs a base.
+    #[must_use]
+    pub fn needs_base(&self) -> bool {
+        self.tensors.iter().any(TensorEntry::needs_base)
+    }
+}

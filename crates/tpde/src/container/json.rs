@@ -1,0 +1,101 @@
+//! Strict JSON: duplicate keys are an error anywhere in a document (spec §5.1).
+//!
+//! serde rejects a repeated field of a struct but silently keeps the last value of a
+//! repeated map key, and other languages' parsers differ again. A file whose meaning
+//! depends on the parser is a security problem, so the whole document is walked once.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use crate::error::{Error, ErrorCode, Result};
+
+const DUPLICATE: &str = "duplicate key";
+
+/// Walks a JSON document and fails on the first object that repeats a key.
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueKeysVisitor)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> Visitor<'de> for UniqueKeysVisitor {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(de::Error::custom(format!("{DUPLICATE} {key:?}")));
+            }
+            map.next_value::<UniqueKeys>()?;
+        }
+        Ok(UniqueKeys)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueKeys, A::Error> {
+        while seq.next_element::<UniqueKeys>()?.is_some() {}
+        Ok(UniqueKeys)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+}
+
+/// Parses `text` into `T` after checking that no object repeats a key.
+///
+/// # Errors
+/// `E_DUPLICATE_KEY` for a repeated key, `E_HEADER_INVALID` for anything else.
+pub fn parse_strict<T: de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    if let Err(err) = serde_json::from_str::<UniqueKeys>(text) {
+        let code = if err.to_string().starts_with(DUPLICATE) {
+            ErrorCode::DuplicateKey
+        } else {
+            ErrorCode::HeaderInvalid
+        };
+        return Err(Error::new(code, format!("{what}: {err}")));
+    }
+    serde_json::from_str(text)
+        .map_err(|err| Error::new(ErrorCode::HeaderInvalid, format!("{what}: {err}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_duplicates_are_found() {
+        let err = parse_strict::<serde_json::Value>(r#"{"a": [{"b": 1, "b": 2}]}"#, "x")
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::DuplicateKey);
+        let ok = parse_strict::<serde_json::Value>(r#"{"a": {"b": 1}, "b": {"b": 2}}"#, "x");
+        assert!(ok.is_ok());
+        let bad = parse_strict::<serde_json::Value>("{", "x").unwrap_err();
+        assert_eq!(bad.code(), ErrorCode::HeaderInvalid);
+    }
+}

@@ -1,0 +1,460 @@
+//! Delta semantics of one chunk (spec §8): how the writer chooses an encoding by
+//! measured size, and how a reader rebuilds the target words from the base words.
+
+use crate::codec::positions;
+use crate::codec::values::{self, with_word, Word};
+use crate::codec::zstd_stream;
+use crate::container::chunk_map::{
+    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp,
+};
+use crate::digest::{checksum64, leaf_digest};
+use crate::error::{fail, ErrorCode, Result};
+
+/// Density below which a chunk is always sparse, and above which always dense; in
+/// between, both are built and the smaller is kept.
+const ALWAYS_SPARSE_BELOW: f64 = 0.02;
+const ALWAYS_DENSE_ABOVE: f64 = 0.5;
+/// Values sampled to choose a value op and layout.
+const SAMPLE_VALUES: usize = 8192;
+
+/// Settings that change the bytes a writer produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodeSettings {
+    /// zstd level, 1 to 22.
+    pub level: i32,
+}
+
+impl Default for EncodeSettings {
+    fn default() -> Self {
+        Self { level: 3 }
+    }
+}
+
+/// One encoded chunk: its record (without its place in the file) and stored bytes.
+#[derive(Debug, Clone)]
+pub struct EncodedChunk {
+    /// The record; `data_offset` and `first_stream` are set by the writer.
+    pub record: ChunkRecord,
+    /// One record per stream, in order.
+    pub streams: Vec<StreamRecord>,
+    /// The streams' stored bytes, back to back.
+    pub data: Vec<u8>,
+}
+
+/// Streams before they are stored.
+struct StreamSet {
+    records: Vec<StreamRecord>,
+    data: Vec<u8>,
+}
+
+impl StreamSet {
+    fn new() -> Self {
+        Self { records: Vec::new(), data: Vec::new() }
+    }
+
+    /// Stores one stream with zstd, or as it is when zstd does not make it smaller.
+    fn push(&mut self, raw: &[u8], level: i32) -> Result<()> {
+        let compressed = zstd_stream::compress(raw, level)?;
+        let (codec, stored) = if compressed.len() < raw.len() {
+            (Codec::Zstd, compressed.as_slice())
+        } else {
+            (Codec::Stored, raw)
+        };
+        self.records.push(StreamRecord {
+            stored_len: u32_len(stored.len()),
+            decoded_len: u32_len(raw.len()),
+            codec,
+        });
+        self.data.extend_from_slice(stored);
+        Ok(())
+    }
+
+    fn append(&mut self, other: StreamSet) {
+        self.records.extend(other.records);
+        self.data.extend(other.data);
+    }
+}
+
+/// Every stream length is bounded by `MAX_CHUNK_WORDS * 8` < 2^32.
+fn u32_len(len: usize) -> u32 {
+    u32::try_from(len).expect("stream lengths are bounded by the chunk size limit")
+}
+
+/// Encodes one chunk of `target` words against the matching `base` words. `base` may
+/// be shorter than `target` (or empty): missing base words are zero (spec §8).
+/// `None` means the tensor has no base, and the chunk is stored raw.
+///
+/// # Errors
+/// Only if zstd fails.
+pub fn encode_chunk(
+    target: &[u8],
+    base: Option<&[u8]>,
+    word_bytes: usize,
+    leading_sign: bool,
+    settings: EncodeSettings,
+) -> Result<EncodedChunk> {
+    with_word!(word_bytes, W => encode_words::<W>(target, base, leading_sign, settings))
+}
+
+fn load_words<W: Word>(bytes: &[u8]) -> Vec<W> {
+    bytes.chunks_exact(W::BYTES).map(W::load).collect()
+}
+
+fn layouts<W: Word>(leading_sign: bool) -> &'static [ValueLayout] {
+    match (W::BYTES, leading_sign) {
+        (1, _) => &[ValueLayout::Words],
+        (_, true) => &[ValueLayout::BytePlanes, ValueLayout::RotatedBytePlanes],
+        (_, false) => &[ValueLayout::BytePlanes],
+    }
+}
+
+/// Picks the op and layout whose sampled values have the lowest entropy.
+fn choose_transform<W: Word>(
+    pairs: impl Fn(usize) -> (W, W),
+    count: usize,
+    ops: &[ValueOp],
+    leading_sign: bool,
+) -> (ValueOp, ValueLayout) {
+    let step = count.div_ceil(SAMPLE_VALUES).max(1);
+    let sample: Vec<(W, W)> = (0..count).step_by(step).map(&pairs).collect();
+    let mut best = (f64::INFINITY, ValueOp::Xor, ValueLayout::BytePlanes);
+    for &op in ops {
+        let values: Vec<W> = sample.iter().map(|&(t, b)| W::express(t, b, op)).collect();
+        for &layout in layouts::<W>(leading_sign) {
+            let bits = values::estimate_bits(&values, layout);
+            if bits < best.0 {
+                best = (bits, op, layout);
+            }
+        }
+    }
+    (best.1, best.2)
+}
+
+fn value_streams<W: Word>(values: &[W], layout: ValueLayout, level: i32) -> Result<StreamSet> {
+    let mut set = StreamSet::new();
+    for stream in values::split(values, layout) {
+        set.push(&stream, level)?;
+    }
+    Ok(set)
+}
+
+/// Position streams: gaps or a bitmap, whichever stores smaller.
+fn position_streams(changed: &[u32], words: usize, level: i32) -> Result<(PositionCoding, u8, StreamSet)> {
+    let width = positions::gap_width(changed);
+    let mut gaps = StreamSet::new();
+    for plane in positions::encode_gaps(changed, width) {
+        gaps.push(&plane, level)?;
+    }
+    let mut bitmap = StreamSet::new();
+    bitmap.push(&positions::encode_bitmap(changed, words), level)?;
+    Ok(if bitmap.data.len() < gaps.data.len() {
+        (PositionCoding::Bitmap, 0, bitmap)
+    } else {
+        (PositionCoding::Gaps, width, gaps)
+    })
+}
+
+#[allow(clippy::cast_precision_loss)] // densities are estimates
+fn encode_words<W: Word>(
+    target_bytes: &[u8],
+    base_bytes: Option<&[u8]>,
+    leading_sign: bool,
+    settings: EncodeSettings,
+) -> Result<EncodedChunk> {
+    let target: Vec<W> = load_words(target_bytes);
+    let words = target.len();
+    let mut record = ChunkRecord {
+        data_offset: 0,
+        stored_len: 0,
+        changed_count: 0,
+        first_stream: 0,
+        encoding: Encoding::Unchanged,
+        value_op: ValueOp::Xor,
+        value_layout: ValueLayout::Words,
+        position_coding: PositionCoding::None,
+        gap_width: 0,
+        stream_count: 0,
+        checksum: 0,
+        digest: leaf_digest(target_bytes),
+    };
+
+    let streams = match base_bytes.filter(|b| !b.is_empty()) {
+        None => {
+            let (_, layout) = choose_transform(|i| (target[i], W::default()), words, &[ValueOp::Xor], leading_sign);
+            record.encoding = Encoding::Raw;
+            record.changed_count = u32_len(words);
+            record.value_layout = layout;
+            value_streams(&target, layout, settings.level)?
+        }
+        Some(base_bytes) => {
+            let mut base: Vec<W> = load_words(base_bytes);
+            base.resize(words, W::default());
+            let changed: Vec<u32> = (0..words)
+                .filter(|&i| target[i] != base[i])
+                .map(|i| u32::try_from(i).expect("chunk words fit u32"))
+                .collect();
+            if changed.is_empty() {
+                record.checksum = checksum64(&[]);
+                return Ok(EncodedChunk { record, streams: Vec::new(), data: Vec::new() });
+            }
+            record.changed_count = u32_len(changed.len());
+            let (op, layout) = choose_transform(
+                |j| {
+                    let i = changed[j] as usize;
+                    (target[i], base[i])
+                },
+                changed.len(),
+                &[ValueOp::Xor, ValueOp::Sub],
+                leading_sign,
+            );
+            record.value_op = op;
+            record.value_layout = layout;
+            let density = changed.len() as f64 / words as f64;
+
+            let sparse = if density <= ALWAYS_DENSE_ABOVE {
+                let values: Vec<W> = changed
+                    .iter()
+                    .map(|&i| W::express(target[i as usize], base[i as usize], op))
+                    .collect();
+                let (coding, width, mut set) = position_streams(&changed, words, settings.level)?;
+                set.append(value_streams(&values, layout, settings.level)?);
+                Some((coding, width, set))
+            } else {
+                None
+            };
+            let dense = if density >= ALWAYS_SPARSE_BELOW {
+                let values: Vec<W> = target.iter().zip(&base).map(|(&t, &b)| W::express(t, b, op)).collect();
+                Some(value_streams(&values, layout, settings.level)?)
+            } else {
+                None
+            };
+            match (sparse, dense) {
+                (Some((coding, width, set)), dense) if dense.as_ref().is_none_or(|d| set.data.len() < d.data.len()) => {
+                    record.encoding = Encoding::Sparse;
+                    record.position_coding = coding;
+                    record.gap_width = width;
+                    set
+                }
+                (_, Some(set)) => {
+                    record.encoding = Encoding::Dense;
+                    set
+                }
+                (None, None) => unreachable!("one of the two is always built"),
+                (Some(_), None) => unreachable!("handled by the first arm"),
+            }
+        }
+    };
+    record.stored_len = u32_len(streams.data.len());
+    record.stream_count = u8::try_from(streams.records.len()).expect("at most 12 streams");
+    record.checksum = checksum64(&streams.data);
+    Ok(EncodedChunk { record, streams: streams.records, data: streams.data })
+}
+
+/// Checks that a chunk record and its stream records are consistent with a chunk of
+/// `words` words of `word_bytes` bytes (spec §8.1–§8.4). Needs no stored bytes.
+///
+/// # Errors
+/// `E_CHUNK_MAP_INVALID` or `E_STREAM_LENGTH`.
+pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: u64, word_bytes: usize) -> Result<()> {
+    let m = u64::from(record.changed_count);
+    let w = word_bytes as u64;
+    let invalid = |what: &str| fail(ErrorCode::ChunkMapInvalid, what.to_owned());
+    let (value_count, position_lens): (u64, Vec<u64>) = match record.encoding {
+        Encoding::Unchanged => {
+            let canonical = m == 0
+                && record.value_op == ValueOp::Xor
+                && record.value_layout == ValueLayout::Words
+                && record.position_coding == PositionCoding::None
+                && record.gap_width == 0
+                && record.stored_len == 0;
+            if !canonical {
+                return invalid("an unchanged chunk has fields that are not zero");
+            }
+            (0, Vec::new())
+        }
+        Encoding::Sparse => {
+            if m == 0 || m > words {
+                return invalid("a sparse chunk's changed count is outside 1..=words");
+            }
+            let lens = match (record.position_coding, record.gap_width) {
+                (PositionCoding::Gaps, 1 | 2 | 4) => vec![m; usize::from(record.gap_width)],
+                (PositionCoding::Bitmap, 0) => vec![words.div_ceil(8)],
+                _ => return invalid("a sparse chunk has no valid position coding and gap width"),
+            };
+            (m, lens)
+        }
+        Encoding::Dense | Encoding::Raw => {
+            if record.position_coding != PositionCoding::None || record.gap_width != 0 {
+                return invalid("only sparse chunks have positions");
+            }
+            if m > words || (record.encoding == Encoding::Raw && (m != words || record.value_op != ValueOp::Xor)) {
+                return invalid("the changed count or value op does not fit the encoding");
+            }
+            (words, Vec::new())
+        }
+    };
+    let value_streams = if record.encoding == Encoding::Unchanged { 0 } else { values::stream_count(record.value_layout, word_bytes) };
+    if streams.len() != usize::from(record.stream_count) || streams.len() != position_lens.len() + value_streams {
+        return invalid("the stream count does not fit the encoding");
+    }
+    let value_lens = match record.value_layout {
+        ValueLayout::Words => value_count * w,
+        _ => value_count,
+    };
+    let expected = position_lens.iter().copied().chain(std::iter::repeat(value_lens));
+    let mut stored_total = 0u64;
+    for (stream, expected_len) in streams.iter().zip(expected) {
+        if u64::from(stream.decoded_len) != expected_len {
+            return fail(
+                ErrorCode::StreamLength,
+                format!("a stream declares {} decoded bytes where the chunk needs {expected_len}", stream.decoded_len),
+            );
+        }
+        if stream.codec == Codec::Stored && stream.stored_len != stream.decoded_len {
+            return fail(ErrorCode::StreamLength, "a stored stream's length differs from its decoded length");
+        }
+        stored_total += u64::from(stream.stored_len);
+    }
+    if stored_total != u64::from(record.stored_len) {
+        return invalid("the chunk's stored length is not the sum of its streams");
+    }
+    Ok(())
+}
+
+/// Rebuilds one chunk into `out` (cleared first; `words * word_bytes` bytes after).
+/// `stored` holds the chunk's stored bytes; `base` the base bytes at the chunk's
+/// place, possibly shorter than the chunk or empty. The stored bytes' checksum and
+/// the result's digest are both checked.
+///
+/// # Errors
+/// Any decoding error of spec §8, `E_CHUNK_CHECKSUM`, `E_CHUNK_DIGEST`.
+pub fn decode_chunk(
+    record: &ChunkRecord,
+    streams: &[StreamRecord],
+    stored: &[u8],
+    base: Option<&[u8]>,
+    words: usize,
+    word_bytes: usize,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    check_chunk_shape(record, streams, words as u64, word_bytes)?;
+    if stored.len() != record.stored_len as usize {
+        return fail(ErrorCode::Truncated, "the chunk's stored bytes are cut short");
+    }
+    if checksum64(stored) != record.checksum {
+        return fail(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");
+    }
+    let needs_base = !matches!(record.encoding, Encoding::Raw);
+    let base = if needs_base { base.unwrap_or_default() } else { &[] };
+    let len = words * word_bytes;
+    out.clear();
+    out.extend_from_slice(&base[..base.len().min(len)]);
+    out.resize(len, 0);
+
+    let mut decoded: Vec<Vec<u8>> = Vec::with_capacity(streams.len());
+    let mut at = 0usize;
+    for stream in streams {
+        let bytes = &stored[at..at + stream.stored_len as usize];
+        at += stream.stored_len as usize;
+        let mut buf = Vec::new();
+        match stream.codec {
+            Codec::Stored => buf.extend_from_slice(bytes),
+            Codec::Zstd => zstd_stream::decompress_into(bytes, stream.decoded_len as usize, &mut buf)?,
+        }
+        decoded.push(buf);
+    }
+    let refs: Vec<&[u8]> = decoded.iter().map(Vec::as_slice).collect();
+
+    let m = record.changed_count as usize;
+    let mut changed = Vec::new();
+    let (position_count, value_count) = match (record.encoding, record.position_coding) {
+        (Encoding::Unchanged, _) => (0, 0),
+        (Encoding::Sparse, PositionCoding::Gaps) => {
+            let planes = usize::from(record.gap_width);
+            positions::decode_gaps(&refs[..planes], m, words, &mut changed)?;
+            (planes, m)
+        }
+        (Encoding::Sparse, _) => {
+            positions::decode_bitmap(refs[0], m, words, &mut changed)?;
+            (1, m)
+        }
+        (Encoding::Dense | Encoding::Raw, _) => (0, words),
+    };
+    let positions = (record.encoding == Encoding::Sparse).then_some(changed.as_slice());
+    let nonzero = with_word!(word_bytes, W => values::apply::<W>(
+        out,
+        &refs[position_count..],
+        positions,
+        value_count,
+        record.value_layout,
+        record.value_op,
+    ));
+    if record.encoding != Encoding::Raw && nonzero != m {
+        return fail(
+            ErrorCode::ChangedCount,
+            format!("the chunk declares {m} changed words but its values change {nonzero}"),
+        );
+    }
+    if leaf_digest(out) != record.digest {
+        return fail(ErrorCode::ChunkDigest, "the rebuilt chunk does not match its digest");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(target: &[u8], base: Option<&[u8]>, word_bytes: usize) -> Encoding {
+        let chunk = encode_chunk(target, base, word_bytes, true, EncodeSettings::default()).unwrap();
+        let words = target.len() / word_bytes;
+        let mut out = Vec::new();
+        decode_chunk(&chunk.record, &chunk.streams, &chunk.data, base, words, word_bytes, &mut out).unwrap();
+        assert_eq!(out, target);
+        chunk.record.encoding
+    }
+
+    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[3]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_encoding_is_chosen_and_round_trips() {
+        let base = pseudo_random(8000, 1);
+        assert_eq!(round_trip(&base, Some(&base), 2), Encoding::Unchanged);
+        let mut sparse = base.clone();
+        sparse[100] ^= 1;
+        sparse[5000] ^= 0x80;
+        assert_eq!(round_trip(&sparse, Some(&base), 2), Encoding::Sparse);
+        let dense = pseudo_random(8000, 2);
+        assert_eq!(round_trip(&dense, Some(&base), 4), Encoding::Dense);
+        assert_eq!(round_trip(&dense, None, 8), Encoding::Raw);
+        // A base shorter than the chunk reads as zeros past its end.
+        assert_eq!(round_trip(&dense, Some(&base[..96]), 1), Encoding::Dense);
+    }
+
+    #[test]
+    fn corruption_is_caught() {
+        let base = pseudo_random(4096, 3);
+        let mut target = base.clone();
+        target[10] ^= 4;
+        let chunk = encode_chunk(&target, Some(&base), 2, true, EncodeSettings::default()).unwrap();
+        let mut data = chunk.data.clone();
+        data[0] ^= 1;
+        let err = decode_chunk(&chunk.record, &chunk.streams, &data, Some(&base), 2048, 2, &mut Vec::new()).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ChunkChecksum);
+        let mut other_base = base.clone();
+        other_base[0] ^= 1;
+        let err = decode_chunk(&chunk.record, &chunk.streams, &chunk.data, Some(&other_base), 2048, 2, &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ChunkDigest);
+    }
+}

@@ -1,0 +1,62 @@
+//! Checksums and digests (spec §10).
+//!
+//! Stored bytes are checked with XXH3-64; reconstructed bytes are proven with a
+//! two-level XXH3-128 tree: one leaf per chunk, then one hash over the leaves. The
+//! tree lets every chunk be hashed in parallel, on the CPU or the GPU.
+
+use rayon::prelude::*;
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+
+/// A 128-bit digest in canonical (big-endian) byte order.
+pub type Digest128 = [u8; 16];
+
+/// XXH3-64 with seed 0: the checksum of stored bytes.
+#[must_use]
+pub fn checksum64(bytes: &[u8]) -> u64 {
+    xxh3_64(bytes)
+}
+
+/// XXH3-128 with seed 0, in canonical byte order: the digest of one chunk.
+#[must_use]
+pub fn leaf_digest(bytes: &[u8]) -> Digest128 {
+    xxh3_128(bytes).to_be_bytes()
+}
+
+/// The tensor digest over its chunk digests, in chunk order.
+#[must_use]
+pub fn tree_digest(leaves: &[Digest128]) -> Digest128 {
+    xxh3_128(leaves.as_flattened()).to_be_bytes()
+}
+
+/// The tensor digest of `bytes` cut into chunks of `chunk_bytes`, hashed in parallel.
+///
+/// # Panics
+/// If `chunk_bytes` is zero.
+#[must_use]
+pub fn tensor_digest(bytes: &[u8], chunk_bytes: usize) -> Digest128 {
+    let leaves: Vec<Digest128> = bytes.par_chunks(chunk_bytes).map(leaf_digest).collect();
+    tree_digest(&leaves)
+}
+
+/// Lower-case hex, as digests appear in the header.
+#[must_use]
+pub fn to_hex(digest: &Digest128) -> String {
+    hex::encode(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test vectors of spec §10.3, computed independently of this code.
+    #[test]
+    fn spec_test_vectors() {
+        assert_eq!(checksum64(b""), 0x2d06_8005_38d3_94c2);
+        assert_eq!(to_hex(&leaf_digest(b"")), "99aa06d3014798d86001c324468d497f");
+        // The digest of an empty tensor hashes zero leaves.
+        assert_eq!(tensor_digest(&[], 8), leaf_digest(b""));
+        let two_chunks = tensor_digest(b"abcdef", 3);
+        let expected = tree_digest(&[leaf_digest(b"abc"), leaf_digest(b"def")]);
+        assert_eq!(two_chunks, expected);
+    }
+}

@@ -1,0 +1,344 @@
+// tpde reconstruction kernels (spec/FORMAT.md, "Chunk semantics").
+//
+// Compiled at run time through NVRTC, so this file includes no headers. The
+// host side (crates/tpde-cuda/src/kernels.rs) mirrors every constant and the
+// ChunkDesc layout below; keep them in sync.
+//
+// One launch covers a batch of chunks of the same word width. The grid is the
+// concatenation of every chunk's tiles; a block finds its chunk by binary
+// search over ChunkDesc.tile_begin. Sparse chunks need three launches:
+//   tile_totals  -> per tile sum of gaps (or popcount of the bitmap)
+//   tile_scan    -> per chunk exclusive scan of those sums (+ total checks)
+//   apply_wN     -> per tile scan again, add the offset, scatter
+// so positions are rebuilt on the GPU and never expanded on the CPU.
+//
+// Kernels never write out of range: a bad position sets a bit in *flag and
+// the write is skipped. The host reads the flag after the batch.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define THREADS 256
+#define ITEMS 16
+#define TILE (THREADS * ITEMS)      // gaps or words per tile
+#define BITMAP_TILE_BYTES (THREADS * 16)
+#define PAD(k) ((k) + ((k) >> 4))   // shared-memory padding against bank conflicts
+
+#define KIND_SPARSE_GAPS 1u
+#define KIND_SPARSE_BITMAP 2u
+#define KIND_DENSE 3u
+#define KIND_RAW 4u
+
+#define OP_XOR 0u
+#define OP_SUB 1u
+
+#define LAYOUT_WORDS 0u
+#define LAYOUT_PLANES 1u
+#define LAYOUT_ROTATED_PLANES 2u
+
+#define ERR_POSITION_RANGE 1u
+#define ERR_ZERO_GAP 2u
+#define ERR_BITMAP_PADDING 4u
+#define ERR_COUNT_MISMATCH 8u
+
+struct ChunkDesc {
+    u64 positions;   // gap planes (gap_width planes of m bytes, LSB plane first) or bitmap
+    u64 values;      // m (sparse) or n (dense, raw) values: words or byte planes
+    u64 base;        // base words of the chunk (may equal out)
+    u64 out;         // output words of the chunk (or u32 positions for positions_*)
+    u32 n;           // words in the chunk
+    u32 m;           // stored values (changed_count)
+    u32 tile_begin;  // first tile of this chunk in the batch grid
+    u32 tile_count;
+    u32 kind;
+    u32 op;
+    u32 layout;
+    u32 gap_width;
+};
+
+__device__ __forceinline__ u32 find_chunk(const ChunkDesc* d, u32 nd, u32 tile) {
+    u32 lo = 0, hi = nd;  // last i with tile_begin <= tile
+    while (hi - lo > 1) {
+        u32 mid = (lo + hi) >> 1;
+        if (d[mid].tile_begin <= tile) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+__device__ __forceinline__ u64 load_gap(const u8* planes, u32 gw, u64 m, u64 j) {
+    u64 g = planes[j];
+    if (gw > 1) g |= (u64)planes[m + j] << 8;
+    if (gw > 2) {
+        g |= (u64)planes[2 * m + j] << 16;
+        g |= (u64)planes[3 * m + j] << 24;
+    }
+    return g;
+}
+
+template <typename T>
+__device__ __forceinline__ T load_value(const u8* vals, u32 layout, u64 count, u64 j) {
+    if (layout == LAYOUT_WORDS) return ((const T*)vals)[j];
+    T w = 0;
+#pragma unroll
+    for (int k = 0; k < (int)sizeof(T); k++) w |= (T)((T)vals[(u64)k * count + j] << (8 * k));
+    if (layout == LAYOUT_ROTATED_PLANES) w = (T)((T)(w >> 1) | (T)(w << (8 * sizeof(T) - 1)));
+    return w;
+}
+
+template <typename T>
+__device__ __forceinline__ T combine(T b, T v, u32 op) {
+    if (op == OP_XOR) return (T)(b ^ v);
+    T d = (T)((T)(v >> 1) ^ (T)((T)0 - (T)(v & (T)1)));  // unzigzag
+    return (T)(b + d);
+}
+
+// Exclusive scan of one u64 per thread over a 256-thread block. Returns the
+// exclusive prefix; *total receives the block sum. Must be called by all threads.
+__device__ __forceinline__ u64 block_exclusive_scan(u64 x, u64* warp_sums, u64* total) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u64 inc = x;
+#pragma unroll
+    for (u32 o = 1; o < 32; o <<= 1) {
+        u64 y = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += y;
+    }
+    if (lane == 31) warp_sums[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        u64 s = lane < THREADS / 32 ? warp_sums[lane] : 0;
+#pragma unroll
+        for (u32 o = 1; o < THREADS / 32; o <<= 1) {
+            u64 y = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s += y;
+        }
+        if (lane < THREADS / 32) warp_sums[lane] = s;
+    }
+    __syncthreads();
+    u64 prefix = warp > 0 ? warp_sums[warp - 1] : 0;
+    *total = warp_sums[THREADS / 32 - 1];
+    __syncthreads();
+    return prefix + inc - x;
+}
+
+// Bitmap byte b of a chunk with padding bits masked off (and reported).
+__device__ __forceinline__ u32 bitmap_byte(const u8* bm, u32 n, u64 b, u32* flag) {
+    u32 byte = bm[b];
+    const u64 nbytes = ((u64)n + 7) / 8;
+    if (b == nbytes - 1 && (n & 7u)) {
+        u32 mask = (1u << (n & 7u)) - 1u;
+        if (byte & ~mask) atomicOr(flag, ERR_BITMAP_PADDING);
+        byte &= mask;
+    }
+    return byte;
+}
+
+// Phase 1: per tile totals of sparse chunks.
+extern "C" __global__ void __launch_bounds__(THREADS)
+tile_totals(const ChunkDesc* d, u32 nd, u64* sums, u32* flag) {
+    __shared__ u64 ws[THREADS / 32];
+    __shared__ u32 ci;
+    if (threadIdx.x == 0) ci = find_chunk(d, nd, blockIdx.x);
+    __syncthreads();
+    const ChunkDesc c = d[ci];
+    const u64 t = blockIdx.x - c.tile_begin;
+    u64 acc = 0;
+    if (c.kind == KIND_SPARSE_GAPS) {
+        const u8* g = (const u8*)c.positions;
+        const u64 j0 = t * TILE;
+        for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
+            u64 j = j0 + k;
+            if (j < c.m) {
+                u64 gap = load_gap(g, c.gap_width, c.m, j);
+                if (gap == 0 && j > 0) atomicOr(flag, ERR_ZERO_GAP);
+                acc += gap;
+            }
+        }
+    } else if (c.kind == KIND_SPARSE_BITMAP) {
+        const u8* bm = (const u8*)c.positions;
+        const u64 nbytes = ((u64)c.n + 7) / 8;
+        const u64 b0 = t * BITMAP_TILE_BYTES;
+        for (u32 k = threadIdx.x; k < BITMAP_TILE_BYTES; k += THREADS) {
+            u64 b = b0 + k;
+            if (b < nbytes) acc += __popc(bitmap_byte(bm, c.n, b, flag));
+        }
+    } else {
+        return;  // uniform per block
+    }
+    u64 total;
+    block_exclusive_scan(acc, ws, &total);
+    if (threadIdx.x == 0) sums[blockIdx.x] = total;
+}
+
+// Phase 2: one block per chunk; exclusive scan of its tile sums, in place.
+extern "C" __global__ void __launch_bounds__(THREADS)
+tile_scan(const ChunkDesc* d, u32 nd, u64* sums, u32* flag) {
+    __shared__ u64 ws[THREADS / 32];
+    if (blockIdx.x >= nd) return;
+    const ChunkDesc c = d[blockIdx.x];
+    if (c.kind != KIND_SPARSE_GAPS && c.kind != KIND_SPARSE_BITMAP) return;
+    u64 carry = 0;
+    for (u32 base = 0; base < c.tile_count; base += THREADS) {
+        u32 k = base + threadIdx.x;
+        u64 x = k < c.tile_count ? sums[c.tile_begin + k] : 0;
+        u64 total;
+        u64 ex = block_exclusive_scan(x, ws, &total);
+        if (k < c.tile_count) sums[c.tile_begin + k] = carry + ex;
+        carry += total;
+    }
+    if (threadIdx.x == 0) {
+        // gaps: the sum of all gaps is the last position, which must be < n.
+        if (c.kind == KIND_SPARSE_GAPS && c.m > 0 && carry >= c.n) atomicOr(flag, ERR_POSITION_RANGE);
+        // bitmap: one value per set bit.
+        if (c.kind == KIND_SPARSE_BITMAP && carry != c.m) atomicOr(flag, ERR_COUNT_MISMATCH);
+    }
+}
+
+// Scans one tile of gaps into absolute positions, written (padded) to pos[].
+__device__ __forceinline__ void scan_gap_tile(const ChunkDesc& c, u64 t, const u64* offs, u64* pos,
+                                              u64* ws) {
+    const u8* g = (const u8*)c.positions;
+    const u64 j0 = t * TILE;
+    for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
+        u64 j = j0 + k;
+        pos[PAD(k)] = j < c.m ? load_gap(g, c.gap_width, c.m, j) : 0;
+    }
+    __syncthreads();
+    u64 local[ITEMS];
+    u64 sum = 0;
+#pragma unroll
+    for (int i = 0; i < ITEMS; i++) {
+        sum += pos[PAD(threadIdx.x * ITEMS + i)];
+        local[i] = sum;
+    }
+    u64 total;
+    u64 ex = block_exclusive_scan(sum, ws, &total) + offs[c.tile_begin + t];
+#pragma unroll
+    for (int i = 0; i < ITEMS; i++) pos[PAD(threadIdx.x * ITEMS + i)] = ex + local[i];
+    __syncthreads();
+}
+
+template <typename T>
+__device__ __forceinline__ void apply_impl(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) {
+    __shared__ u64 pos[PAD(TILE)];
+    __shared__ u64 ws[THREADS / 32];
+    __shared__ u32 ci;
+    if (threadIdx.x == 0) ci = find_chunk(d, nd, blockIdx.x);
+    __syncthreads();
+    const ChunkDesc c = d[ci];
+    const u64 t = blockIdx.x - c.tile_begin;
+    T* out = (T*)c.out;
+    const T* base = (const T*)c.base;
+    const u8* vals = (const u8*)c.values;
+    if (c.kind == KIND_DENSE || c.kind == KIND_RAW) {
+        const u64 i0 = t * TILE;
+        for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
+            u64 i = i0 + k;
+            if (i < c.n) {
+                T v = load_value<T>(vals, c.layout, c.n, i);
+                out[i] = c.kind == KIND_RAW ? v : combine<T>(base[i], v, c.op);
+            }
+        }
+    } else if (c.kind == KIND_SPARSE_GAPS) {
+        scan_gap_tile(c, t, offs, pos, ws);
+        const u64 j0 = t * TILE;
+        for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
+            u64 j = j0 + k;
+            if (j < c.m) {
+                u64 p = pos[PAD(k)];
+                if (p >= c.n) {
+                    atomicOr(flag, ERR_POSITION_RANGE);
+                } else {
+                    out[p] = combine<T>(base[p], load_value<T>(vals, c.layout, c.m, j), c.op);
+                }
+            }
+        }
+    } else if (c.kind == KIND_SPARSE_BITMAP) {
+        const u8* bm = (const u8*)c.positions;
+        const u64 nbytes = ((u64)c.n + 7) / 8;
+        const u64 b0 = t * BITMAP_TILE_BYTES + (u64)threadIdx.x * 16;
+        u32 bytes[16];
+        u32 cnt = 0;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            u64 b = b0 + i;
+            bytes[i] = b < nbytes ? bitmap_byte(bm, c.n, b, flag) : 0;
+            cnt += __popc(bytes[i]);
+        }
+        u64 total;
+        u64 rank = block_exclusive_scan(cnt, ws, &total) + offs[c.tile_begin + t];
+        for (int i = 0; i < 16; i++) {
+            u32 byte = bytes[i];
+            while (byte) {
+                u32 bit = __ffs(byte) - 1;
+                byte &= byte - 1;
+                u64 p = (b0 + i) * 8 + bit;
+                if (rank >= c.m) {
+                    atomicOr(flag, ERR_COUNT_MISMATCH);
+                } else {
+                    out[p] = combine<T>(base[p], load_value<T>(vals, c.layout, c.m, rank), c.op);
+                }
+                rank++;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+apply_w1(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u8>(d, nd, offs, flag); }
+extern "C" __global__ void __launch_bounds__(THREADS)
+apply_w2(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u16>(d, nd, offs, flag); }
+extern "C" __global__ void __launch_bounds__(THREADS)
+apply_w4(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u32>(d, nd, offs, flag); }
+extern "C" __global__ void __launch_bounds__(THREADS)
+apply_w8(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u64>(d, nd, offs, flag); }
+
+// Positions only: writes the absolute u32 positions of sparse chunks to out[0..m).
+extern "C" __global__ void __launch_bounds__(THREADS)
+positions(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) {
+    __shared__ u64 pos[PAD(TILE)];
+    __shared__ u64 ws[THREADS / 32];
+    __shared__ u32 ci;
+    if (threadIdx.x == 0) ci = find_chunk(d, nd, blockIdx.x);
+    __syncthreads();
+    const ChunkDesc c = d[ci];
+    const u64 t = blockIdx.x - c.tile_begin;
+    u32* out = (u32*)c.out;
+    if (c.kind == KIND_SPARSE_GAPS) {
+        scan_gap_tile(c, t, offs, pos, ws);
+        const u64 j0 = t * TILE;
+        for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
+            u64 j = j0 + k;
+            if (j < c.m) {
+                u64 p = pos[PAD(k)];
+                if (p >= c.n) atomicOr(flag, ERR_POSITION_RANGE);
+                else out[j] = (u32)p;
+            }
+        }
+    } else if (c.kind == KIND_SPARSE_BITMAP) {
+        const u8* bm = (const u8*)c.positions;
+        const u64 nbytes = ((u64)c.n + 7) / 8;
+        const u64 b0 = t * BITMAP_TILE_BYTES + (u64)threadIdx.x * 16;
+        u32 bytes[16];
+        u32 cnt = 0;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            u64 b = b0 + i;
+            bytes[i] = b < nbytes ? bitmap_byte(bm, c.n, b, flag) : 0;
+            cnt += __popc(bytes[i]);
+        }
+        u64 total;
+        u64 rank = block_exclusive_scan(cnt, ws, &total) + offs[c.tile_begin + t];
+        for (int i = 0; i < 16; i++) {
+            u32 byte = bytes[i];
+            while (byte) {
+                u32 bit = __ffs(byte) - 1;
+                byte &= byte - 1;
+                if (rank >= c.m) atomicOr(flag, ERR_COUNT_MISMATCH);
+                else out[rank] = (u32)((b0 + i) * 8 + bit);
+                rank++;
+            }
+        }
+    }
+}
