@@ -1,1 +1,36 @@
-//! x
+//! GPU loader for tpde deltas: rebuilds `W_final = base ⊕ delta` in GPU memory.
+//!
+//! Only the compressed delta crosses the bus. The CPU decodes zstd streams in
+//! parallel into page-locked staging buffers; the GPU turns gap planes into
+//! positions with a prefix sum, joins byte planes into words and combines
+//! them with the base words (`spec/FORMAT.md`, "Chunk semantics"). Every
+//! kernel has a CPU reference in [`reference`], and GPU results are
+//! bit-exact with it.
+//!
+//! - [`Gpu`]: a device with the kernels compiled (NVRTC, once per process).
+//!   On a machine without CUDA, [`Gpu::new`] returns [`GpuError::NoDriver`].
+//! - [`Loader`]: the staging ring and the two APIs: a whole delta onto the
+//!   GPU ([`Loader::load`], [`Loader::apply_in_place`],
+//!   [`Loader::load_host_base`]) and just-in-time tensors
+//!   ([`Loader::materialize_into`], [`Loader::materialize_in_place`]).
+//! - [`delta`]: maps a `tpde` delta file onto the loader's inputs.
+//!
+//! Drivers: the crate is built against CUDA 13.0 (`cuda-13000`), so it needs
+//! a driver of the 580 series or newer; the driver and NVRTC are loaded at
+//! run time, and their absence is an error, not a panic.
+#![deny(missing_docs)]
+
+pub mod delta;
+pub mod encode;
+pub mod error;
+mod gpu;
+pub mod kernels;
+mod pipeline;
+pub mod reference;
+pub mod spec;
+
+pub use cudarc;
+pub use error::{GpuError, Result};
+pub use gpu::{driver_present, DevRange, Gpu};
+pub use pipeline::{decode_stream, ChunkRef, Codec, Loader, LoaderConfig, StreamRef, TensorRef};
+pub use spec::{ChunkKind, ChunkSpec, PositionCoding, ValueLayout, ValueOp, WordWidth};

@@ -5,7 +5,23 @@
 //! gaps, plus values), dense (every word against its base) or raw. Reconstruction is
 //! defined on bit patterns and proven by digests, so it is bit-exact. The format is
 //! specified in `spec/FORMAT.md`.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use tpde::{Checkpoint, DeltaFile, pipeline};
+//!
+//! # fn main() -> tpde::Result<()> {
+//! let base = Checkpoint::open(Path::new("base.safetensors"))?;
+//! let target = Checkpoint::open(Path::new("target.safetensors"))?;
+//! let options = pipeline::encode::EncodeOptions::default();
+//! pipeline::encode::encode(Some(&base), &target, Path::new("d.tpde"), options, &pipeline::NoProgress)?;
+//! let delta = DeltaFile::open(Path::new("d.tpde"))?;
+//! pipeline::apply::apply(&delta, Some(&base), Path::new("rebuilt.safetensors"), false, &pipeline::NoProgress)?;
+//! # Ok(())
+//! # }
+//! ```
 
+pub mod checkpoint;
 pub mod codec;
 pub mod container;
 pub mod delta;
@@ -13,5 +29,11 @@ pub mod digest;
 pub mod dtype;
 pub mod error;
 pub mod limits;
+pub mod output;
+pub mod pipeline;
+pub mod reader;
+pub mod writer;
 
+pub use checkpoint::Checkpoint;
 pub use error::{Error, ErrorCode, Result};
+pub use reader::DeltaFile;

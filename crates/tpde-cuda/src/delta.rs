@@ -1,0 +1,1 @@
+//! Mapping of `tpde` delta files onto the loader (phase 2).

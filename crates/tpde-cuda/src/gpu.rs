@@ -1,0 +1,372 @@
+//! The CUDA context, its kernels and the safe launch wrappers.
+//!
+//! Every kernel launch goes through a wrapper that validates, on the CPU,
+//! that each descriptor's addresses lie inside live device buffers and that
+//! its sizes match its chunk. The kernels then bounds-check positions, which
+//! come from the (untrusted) delta, and raise the device error flag instead of
+//! writing out of range.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    result as cu, sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg,
+    ValidAsZeroBits,
+};
+
+use crate::error::{GpuError, Result};
+use crate::kernels::{ChunkDesc, KernelId, Kernels, THREADS};
+use crate::spec::{ChunkSpec, ValueLayout, WordWidth};
+
+/// Whether the CUDA driver library can be loaded on this machine. Checked
+/// before the first CUDA call, because cudarc panics when it is missing.
+#[must_use]
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the shared library by its candidate names.
+    unsafe { sys::is_culib_present() }
+}
+
+/// A CUDA device with the tpde kernels loaded.
+///
+/// Its context has cudarc's per-buffer event tracking off: this crate orders
+/// its streams itself with events, and every public operation synchronizes
+/// before it returns.
+#[derive(Debug)]
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+    name: String,
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and compiles the kernels (once per process).
+    ///
+    /// Returns [`GpuError::NoDriver`] when no CUDA driver is installed,
+    /// [`GpuError::NoDevice`] when the ordinal does not exist and
+    /// [`GpuError::NoNvrtc`] when the kernels cannot be compiled; it never
+    /// panics.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(GpuError::NoDriver);
+        }
+        let ctx = std::panic::catch_unwind(|| -> Result<Arc<CudaContext>> {
+            cu::init()?;
+            let count = CudaContext::device_count()?;
+            if i32::try_from(ordinal).map_or(true, |o| o >= count) {
+                return Err(GpuError::NoDevice { ordinal });
+            }
+            Ok(CudaContext::new(ordinal)?)
+        })
+        .map_err(|p| GpuError::DriverLoad(panic_message(&p)))??;
+        // SAFETY: no buffer of this context exists yet; from here on this crate
+        // orders every use of its buffers across streams with explicit events
+        // and synchronizes before returning from public operations.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        let kernels = Kernels::load(&ctx)?;
+        let name = ctx.name()?;
+        Ok(Self { ctx, stream, kernels, name })
+    }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The cudarc context.
+    #[must_use]
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The main stream of this device handle.
+    #[must_use]
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// A new non-blocking stream.
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        Ok(self.ctx.new_stream()?)
+    }
+
+    /// Allocates `len` zeroed elements on the main stream and waits for it.
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        let s = self.stream.alloc_zeros(len.max(1))?;
+        self.stream.synchronize()?;
+        Ok(s)
+    }
+
+    /// Copies host bytes into a new device buffer (setup path; pageable copy).
+    pub fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        let s = self.stream.clone_htod(bytes)?;
+        self.stream.synchronize()?;
+        Ok(s)
+    }
+
+    /// Copies a device buffer back to the host.
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        Ok(self.stream.clone_dtoh(buf)?)
+    }
+
+    /// Waits for all work of this context.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.ctx.synchronize()?)
+    }
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "panic".to_string())
+}
+
+/// A byte range of a live device buffer: the only way to hand an address to
+/// a kernel. Made by [`DevRange::of`], which checks the bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevRange {
+    ptr: u64,
+    len: usize,
+}
+
+impl DevRange {
+    /// Bytes `offset..offset + len` of `buf`, checked against its length.
+    pub fn of<T>(buf: &CudaSlice<T>, stream: &CudaStream, offset: usize, len: usize) -> Result<Self> {
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| GpuError::invalid("device range overflows"))?;
+        if end > buf.num_bytes() {
+            return Err(GpuError::invalid(format!(
+                "device range {offset}..{end} exceeds buffer of {} bytes",
+                buf.num_bytes()
+            )));
+        }
+        let (ptr, _sync) = buf.device_ptr(stream);
+        Ok(Self { ptr: ptr + offset as u64, len })
+    }
+
+    /// The whole buffer.
+    pub fn all<T>(buf: &CudaSlice<T>, stream: &CudaStream) -> Result<Self> {
+        Self::of(buf, stream, 0, buf.num_bytes())
+    }
+
+    /// A sub-range, checked.
+    pub fn sub(&self, offset: usize, len: usize) -> Result<Self> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(Self { ptr: self.ptr + offset as u64, len }),
+            _ => Err(GpuError::invalid("device sub-range out of bounds")),
+        }
+    }
+
+    /// Device address.
+    #[must_use]
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the range is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn end(&self) -> u64 {
+        self.ptr + self.len as u64
+    }
+
+    fn overlaps(&self, o: &Self) -> bool {
+        self.ptr < o.end() && o.ptr < self.end()
+    }
+}
+
+/// Chunks of one word width with validated device addresses, ready to launch.
+#[derive(Clone, Debug)]
+pub(crate) struct Batch {
+    width: WordWidth,
+    descs: Vec<ChunkDesc>,
+    tiles: u32,
+    sparse: bool,
+}
+
+/// Most tiles of one launch (grid.x is limited to 2^31 - 1).
+const MAX_TILES: u64 = 1 << 30;
+
+impl Batch {
+    pub fn new(width: WordWidth) -> Self {
+        Self { width, descs: Vec::new(), tiles: 0, sparse: false }
+    }
+
+    /// Tiles a chunk adds to a batch.
+    pub fn tiles_of(spec: &ChunkSpec) -> u32 {
+        ChunkDesc::from_spec(spec).map_or(0, |d| d.tile_count)
+    }
+
+    /// Adds a chunk: its decoded position and value bytes, and `n` words of
+    /// base and out (equal ranges for in place, else disjoint).
+    pub fn push(
+        &mut self,
+        spec: &ChunkSpec,
+        positions: DevRange,
+        values: DevRange,
+        base: DevRange,
+        out: DevRange,
+    ) -> Result<()> {
+        spec.validate()?;
+        if spec.width != self.width {
+            return Err(GpuError::invalid("chunk word width differs from the batch's"));
+        }
+        let Some(mut d) = ChunkDesc::from_spec(spec) else {
+            return Ok(()); // unchanged: nothing to launch
+        };
+        let w = self.width.bytes() as u64;
+        let nbytes = spec.words as usize * self.width.bytes();
+        if positions.len() < spec.position_bytes() || values.len() < spec.value_bytes() {
+            return Err(GpuError::invalid("device stream ranges shorter than the chunk's streams"));
+        }
+        if base.len() != nbytes || out.len() != nbytes {
+            return Err(GpuError::invalid("base and out ranges must hold the chunk's words"));
+        }
+        if base.ptr() % w != 0 || out.ptr() % w != 0 {
+            return Err(GpuError::invalid("base and out must be word aligned"));
+        }
+        if spec.layout == ValueLayout::Words && values.ptr() % w != 0 {
+            return Err(GpuError::invalid("word values must be word aligned"));
+        }
+        if base != out && base.overlaps(&out) {
+            return Err(GpuError::invalid("base and out overlap without being equal"));
+        }
+        if out.overlaps(&values) || out.overlaps(&positions) {
+            return Err(GpuError::invalid("out overlaps the chunk's streams"));
+        }
+        let tiles = u64::from(self.tiles) + u64::from(d.tile_count);
+        if tiles > MAX_TILES {
+            return Err(GpuError::invalid("batch has too many tiles"));
+        }
+        d.positions = positions.ptr();
+        d.values = values.ptr();
+        d.base = base.ptr();
+        d.out = out.ptr();
+        d.tile_begin = self.tiles;
+        self.tiles = u32::try_from(tiles).unwrap_or(u32::MAX);
+        self.sparse |= d.is_sparse();
+        self.descs.push(d);
+        Ok(())
+    }
+
+    /// Adds a sparse chunk whose `u32` positions go to `out` (`m` of them),
+    /// for the [`Stage::Positions`] launch.
+    pub fn push_positions(&mut self, spec: &ChunkSpec, positions: DevRange, out: DevRange) -> Result<()> {
+        spec.validate()?;
+        let Some(mut d) = ChunkDesc::from_spec(spec).filter(ChunkDesc::is_sparse) else {
+            return Err(GpuError::invalid("only sparse chunks have positions"));
+        };
+        if positions.len() < spec.position_bytes() {
+            return Err(GpuError::invalid("device position range shorter than the stream"));
+        }
+        if out.len() < spec.changed as usize * 4 || out.ptr() % 4 != 0 || out.overlaps(&positions) {
+            return Err(GpuError::invalid("positions output range too short, misaligned or overlapping"));
+        }
+        let tiles = u64::from(self.tiles) + u64::from(d.tile_count);
+        if tiles > MAX_TILES {
+            return Err(GpuError::invalid("batch has too many tiles"));
+        }
+        d.positions = positions.ptr();
+        d.values = positions.ptr();
+        d.base = out.ptr();
+        d.out = out.ptr();
+        d.tile_begin = self.tiles;
+        self.tiles = u32::try_from(tiles).unwrap_or(u32::MAX);
+        self.sparse = true;
+        self.descs.push(d);
+        Ok(())
+    }
+
+    /// Bytes of the descriptor table.
+    pub fn table_bytes(&self) -> usize {
+        self.descs.len() * ChunkDesc::BYTES
+    }
+
+    /// Writes the descriptor table (to be uploaded to the device).
+    pub fn write_table(&self, out: &mut [u8]) {
+        for (d, dst) in self.descs.iter().zip(out.chunks_exact_mut(ChunkDesc::BYTES)) {
+            d.write_to(dst);
+        }
+    }
+}
+
+/// What the apply stage of a launch does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// Rebuild target words.
+    Apply,
+    /// Write the `u32` positions of sparse chunks to `out` instead.
+    Positions,
+}
+
+impl Gpu {
+    /// Launches a batch on `stream`. `table` must hold the batch's descriptor
+    /// table (already copied there on `stream`), `sums` room for one `u64` per
+    /// tile, `flag` one `u32`.
+    pub(crate) fn launch(
+        &self,
+        stream: &CudaStream,
+        batch: &Batch,
+        stage: Stage,
+        table: DevRange,
+        sums: DevRange,
+        flag: DevRange,
+    ) -> Result<()> {
+        if batch.tiles == 0 {
+            return Ok(());
+        }
+        if table.len() < batch.table_bytes() || table.ptr() % 8 != 0 {
+            return Err(GpuError::invalid("descriptor table range too short or misaligned"));
+        }
+        if sums.len() < batch.tiles as usize * 8 || sums.ptr() % 8 != 0 {
+            return Err(GpuError::invalid("tile sums range too short or misaligned"));
+        }
+        if flag.len() < 4 || flag.ptr() % 4 != 0 {
+            return Err(GpuError::invalid("flag range too short or misaligned"));
+        }
+        let nd = u32::try_from(batch.descs.len())
+            .map_err(|_| GpuError::invalid("too many chunks in one batch"))?;
+        let grid = |blocks: u32| cudarc::driver::LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (t, s, f) = (table.ptr(), sums.ptr(), flag.ptr());
+        if batch.sparse {
+            let k = self.kernels.get(KernelId::TileTotals);
+            // SAFETY: `table` holds `nd` descriptors whose addresses were
+            // validated by `Batch::push` against live buffers that the caller
+            // keeps alive until the stream is synchronized; `sums` has room for
+            // every tile and `flag` for one u32. The signature matches
+            // `tile_totals(const ChunkDesc*, u32, u64*, u32*)`.
+            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(batch.tiles)) }?;
+            let k = self.kernels.get(KernelId::TileScan);
+            // SAFETY: as above; one block per descriptor, each scanning only
+            // its own `tile_begin..tile_begin + tile_count` sums.
+            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(nd)) }?;
+        }
+        let id = match stage {
+            Stage::Apply => KernelId::apply(batch.width),
+            Stage::Positions => KernelId::Positions,
+        };
+        let k = self.kernels.get(id);
+        // SAFETY: as above. The apply kernels read `positions`/`values` only
+        // within the validated stream lengths, read `base` and write `out` only
+        // at word indices < n (kernel-checked for positions from the delta),
+        // matching `apply_wN(const ChunkDesc*, u32, const u64*, u32*)`.
+        unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(batch.tiles)) }?;
+        Ok(())
+    }
+}

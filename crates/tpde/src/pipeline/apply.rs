@@ -1,0 +1,240 @@
+//! `apply` and `verify`: rebuild the target from a delta (and its base), byte for
+//! byte, into files or against a reference checkpoint.
+
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use super::{window, Progress};
+use crate::checkpoint::Checkpoint;
+use crate::container::header::{LayoutKind, TensorEntry};
+use crate::digest::{tensor_digest, to_hex};
+use crate::error::{Error, ErrorCode, Result};
+use crate::output::{check_free, PendingDir, PendingFile};
+use crate::reader::{ChunkSpan, DeltaFile};
+use crate::checkpoint::INDEX_FILE;
+
+/// Receives the rebuilt target, file by file, in order.
+trait TargetSink {
+    fn begin_file(&mut self, index: usize, name: &str) -> Result<()>;
+    fn write(&mut self, bytes: &[u8]) -> Result<()>;
+    fn end_file(&mut self) -> Result<()>;
+}
+
+/// The base bytes of each tensor, in header order, after checking that the base is
+/// the one the delta was made against: names, dtypes and shapes first (cheap), then
+/// every digest, before anything is written.
+fn resolve_base<'a>(delta: &DeltaFile, base: Option<&'a Checkpoint>, progress: &dyn Progress) -> Result<Vec<Option<&'a [u8]>>> {
+    let tensors = &delta.header().tensors;
+    if delta.header().needs_base() && base.is_none() {
+        return Err(Error::new(ErrorCode::BaseRequired, "this delta needs a base checkpoint").in_file(delta.path()));
+    }
+    let mut resolved = Vec::with_capacity(tensors.len());
+    let mut to_hash = 0u64;
+    for tensor in tensors {
+        let Some(base_ref) = &tensor.base else {
+            resolved.push(None);
+            continue;
+        };
+        let base = base.expect("checked above");
+        let Some((file, location)) = base.tensor(&tensor.name) else {
+            return Err(Error::new(ErrorCode::BaseMissingTensor, "the base has no tensor of this name").in_tensor(&tensor.name));
+        };
+        if location.dtype != tensor.dtype || location.shape != base_ref.shape {
+            return Err(Error::new(
+                ErrorCode::BaseMismatch,
+                format!(
+                    "the base tensor is {} {:?} but the delta expects {} {:?}",
+                    location.dtype, location.shape, tensor.dtype, base_ref.shape
+                ),
+            )
+            .in_file(&file.path)
+            .in_tensor(&tensor.name));
+        }
+        to_hash += location.range.len() as u64;
+        resolved.push(Some(file.tensor_bytes(location)));
+    }
+    progress.phase("checking base", to_hash);
+    for (tensor, bytes) in tensors.iter().zip(&resolved) {
+        let (Some(base_ref), Some(bytes)) = (&tensor.base, bytes) else { continue };
+        let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_bytes()?;
+        if to_hex(&tensor_digest(bytes, chunk_bytes)) != base_ref.digest {
+            return Err(Error::new(ErrorCode::BaseDigest, "the base tensor's content differs from the one the delta was made against")
+                .in_tensor(&tensor.name));
+        }
+        progress.advance(bytes.len() as u64);
+    }
+    Ok(resolved)
+}
+
+/// Rebuilds every file of the target into `sink`.
+fn rebuild(delta: &DeltaFile, base: Option<&Checkpoint>, sink: &mut dyn TargetSink, progress: &dyn Progress) -> Result<()> {
+    let bases = resolve_base(delta, base, progress)?;
+    let header = delta.header();
+    let total: u64 = header.tensors.iter().map(|t| t.byte_len().unwrap_or(0)).sum();
+    progress.phase("rebuilding", total);
+    for (f, file) in header.target.files.iter().enumerate() {
+        sink.begin_file(f, &file.name)?;
+        sink.write(&(file.safetensors_header.len() as u64).to_le_bytes())?;
+        sink.write(file.safetensors_header.as_bytes())?;
+        for (tensor, base_bytes) in header.tensors.iter().zip(&bases).filter(|(t, _)| t.file as usize == f) {
+            rebuild_tensor(delta, tensor, *base_bytes, sink, progress)?;
+        }
+        sink.end_file()?;
+    }
+    Ok(())
+}
+
+fn rebuild_tensor(delta: &DeltaFile, tensor: &TensorEntry, base: Option<&[u8]>, sink: &mut dyn TargetSink, progress: &dyn Progress) -> Result<()> {
+    let spans: Vec<ChunkSpan> = delta.spans(tensor)?.collect();
+    let mut buffers: Vec<Vec<u8>> = Vec::new();
+    for batch in spans.chunks(window()) {
+        buffers.resize_with(batch.len(), Vec::new);
+        batch
+            .par_iter()
+            .zip(buffers.par_iter_mut())
+            .try_for_each(|(&span, out)| delta.decode_chunk(tensor, span, base, out))?;
+        for out in &buffers[..batch.len()] {
+            sink.write(out).map_err(|e| e.in_tensor(&tensor.name))?;
+            progress.advance(out.len() as u64);
+        }
+    }
+    Ok(())
+}
+
+/// Writes into a single file or a directory of shards.
+struct FileSink<'a> {
+    out: &'a Path,
+    dir: Option<PendingDir>,
+    current: Option<PendingFile>,
+}
+
+impl TargetSink for FileSink<'_> {
+    fn begin_file(&mut self, _: usize, name: &str) -> Result<()> {
+        let path = match &self.dir {
+            Some(dir) => dir.path_of(name),
+            None => self.out.to_path_buf(),
+        };
+        self.current = Some(PendingFile::create(&path)?);
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.current.as_mut().expect("a file is open").write_all(bytes)
+    }
+
+    fn end_file(&mut self) -> Result<()> {
+        let file = self.current.take().expect("a file is open");
+        if self.dir.is_some() {
+            file.commit()
+        } else {
+            // A single output is renamed into place only after everything succeeded.
+            self.current = Some(file);
+            Ok(())
+        }
+    }
+}
+
+/// What `apply` produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplySummary {
+    /// Bytes written.
+    pub target_bytes: u64,
+    /// Files written.
+    pub files: usize,
+}
+
+/// Rebuilds the target of `delta` into `out`: a file for a single-file target, a
+/// directory for a sharded one. Nothing appears at `out` unless every digest matched.
+///
+/// # Errors
+/// `E_OUTPUT_EXISTS` without `force`, base errors before anything is written, and any
+/// decoding error.
+pub fn apply(delta: &DeltaFile, base: Option<&Checkpoint>, out: &Path, force: bool, progress: &dyn Progress) -> Result<ApplySummary> {
+    check_free(out, force)?;
+    let sharded = delta.header().target.kind == LayoutKind::Sharded;
+    let dir = if sharded { Some(PendingDir::create(out)?) } else { None };
+    let mut sink = FileSink { out, dir, current: None };
+    rebuild(delta, base, &mut sink, progress).map_err(|e| e.in_file(delta.path()))?;
+    let header = delta.header();
+    if let Some(dir) = sink.dir.take() {
+        let index = header.target.index_json.as_deref().unwrap_or_default();
+        let mut file = PendingFile::create(&dir.path_of(INDEX_FILE))?;
+        file.write_all(index.as_bytes())?;
+        file.commit()?;
+        dir.commit()?;
+    } else if let Some(file) = sink.current.take() {
+        file.commit()?;
+    }
+    let target_bytes = header
+        .target
+        .files
+        .iter()
+        .map(|f| 8 + f.safetensors_header.len() as u64)
+        .sum::<u64>()
+        + header.tensors.iter().map(|t| t.byte_len().unwrap_or(0)).sum::<u64>();
+    Ok(ApplySummary { target_bytes, files: header.target.files.len() })
+}
+
+/// Compares the rebuilt target with a reference checkpoint, or discards it.
+struct CompareSink<'a> {
+    reference: Option<&'a Checkpoint>,
+    file: Option<&'a [u8]>,
+    name: String,
+    at: usize,
+}
+
+impl TargetSink for CompareSink<'_> {
+    fn begin_file(&mut self, _: usize, name: &str) -> Result<()> {
+        self.name = name.to_owned();
+        self.at = 0;
+        if let Some(reference) = self.reference {
+            let file = match reference.kind {
+                LayoutKind::File => reference.files.first(),
+                LayoutKind::Sharded => reference.files.iter().find(|f| f.name == name),
+            };
+            let file = file.ok_or_else(|| Error::new(ErrorCode::TargetMismatch, format!("the target has no file {name}")))?;
+            self.file = Some(file.bytes());
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        if let Some(file) = self.file {
+            let end = self.at + bytes.len();
+            if file.get(self.at..end) != Some(bytes) {
+                return Err(Error::new(ErrorCode::TargetMismatch, format!("{} differs within bytes {}..{end}", self.name, self.at)));
+            }
+        }
+        self.at += bytes.len();
+        Ok(())
+    }
+
+    fn end_file(&mut self) -> Result<()> {
+        if let Some(file) = self.file {
+            if file.len() != self.at {
+                return Err(Error::new(ErrorCode::TargetMismatch, format!("{} has {} bytes, the rebuilt file {}", self.name, file.len(), self.at)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks every checksum and digest of `delta` by rebuilding its target in memory,
+/// chunk by chunk; with `target`, also compares the result with it byte for byte.
+///
+/// # Errors
+/// The first failure found, with its code.
+pub fn verify(delta: &DeltaFile, base: Option<&Checkpoint>, target: Option<&Checkpoint>, progress: &dyn Progress) -> Result<()> {
+    if let Some(target) = target {
+        let expected = delta.header().target.files.len();
+        if target.files.len() != expected || target.kind != delta.header().target.kind {
+            return Err(Error::new(ErrorCode::TargetMismatch, format!("the target has {} files, the delta {expected}", target.files.len())));
+        }
+        if target.index_json != delta.header().target.index_json {
+            return Err(Error::new(ErrorCode::TargetMismatch, "the index file differs"));
+        }
+    }
+    let mut sink = CompareSink { reference: target, file: None, name: String::new(), at: 0 };
+    rebuild(delta, base, &mut sink, progress).map_err(|e| e.in_file(delta.path()))
+}

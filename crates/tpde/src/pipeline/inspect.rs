@@ -1,0 +1,142 @@
+//! `inspect`: what a delta holds and what each tensor costs, from the chunk map
+//! alone; nothing is decompressed.
+
+use serde::Serialize;
+
+use crate::container::chunk_map::Encoding;
+use crate::reader::DeltaFile;
+use crate::error::Result;
+
+/// Chunk counts by encoding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EncodingMix {
+    /// Unchanged chunks.
+    pub unchanged: u64,
+    /// Sparse chunks.
+    pub sparse: u64,
+    /// Dense chunks.
+    pub dense: u64,
+    /// Raw chunks.
+    pub raw: u64,
+}
+
+impl EncodingMix {
+    fn add(&mut self, other: &Self) {
+        self.unchanged += other.unchanged;
+        self.sparse += other.sparse;
+        self.dense += other.dense;
+        self.raw += other.raw;
+    }
+}
+
+/// The cost of one tensor, or of all of them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TensorReport {
+    /// Tensor name (`"total"` for the totals).
+    pub name: String,
+    /// Dtype (empty for the totals).
+    pub dtype: String,
+    /// Shape (empty for the totals).
+    pub shape: Vec<u64>,
+    /// Whether it is stored against a base.
+    pub delta: bool,
+    /// Chunks by encoding.
+    pub chunks: EncodingMix,
+    /// Bytes of the target tensor.
+    pub target_bytes: u64,
+    /// Bytes stored for it.
+    pub stored_bytes: u64,
+    /// Of those, bytes of position streams.
+    pub position_bytes: u64,
+    /// Stored bytes over target bytes.
+    pub ratio: f64,
+    /// Words whose bits changed.
+    pub changed_words: u64,
+    /// Words in the tensor.
+    pub words: u64,
+    /// Changed words over words.
+    pub changed_fraction: f64,
+}
+
+/// A whole delta's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Format version, `major.minor`.
+    pub format_version: String,
+    /// The program that wrote the file.
+    pub writer: String,
+    /// Whether a base is needed.
+    pub needs_base: bool,
+    /// Number of target files.
+    pub target_files: usize,
+    /// Bytes of the delta file.
+    pub file_bytes: u64,
+    /// Per tensor.
+    pub tensors: Vec<TensorReport>,
+    /// Sums over all tensors.
+    pub total: TensorReport,
+}
+
+#[allow(clippy::cast_precision_loss)] // ratios for display
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+}
+
+/// Builds the report.
+///
+/// # Errors
+/// None once the file is open; kept fallible for dtype lookups.
+pub fn inspect(delta: &DeltaFile) -> Result<Report> {
+    let mut tensors = Vec::new();
+    let mut total = TensorReport { name: "total".into(), ..TensorReport::default() };
+    for tensor in &delta.header().tensors {
+        let mut report = TensorReport {
+            name: tensor.name.clone(),
+            dtype: tensor.dtype.clone(),
+            shape: tensor.shape.clone(),
+            delta: tensor.needs_base(),
+            target_bytes: tensor.byte_len()?,
+            words: tensor.word_count()?,
+            ..TensorReport::default()
+        };
+        for span in delta.spans(tensor)? {
+            let chunk = delta.chunk(span.index);
+            match chunk.encoding {
+                Encoding::Unchanged => report.chunks.unchanged += 1,
+                Encoding::Sparse => report.chunks.sparse += 1,
+                Encoding::Dense => report.chunks.dense += 1,
+                Encoding::Raw => report.chunks.raw += 1,
+            }
+            report.stored_bytes += u64::from(chunk.stored_len);
+            report.changed_words += u64::from(chunk.changed_count);
+            let position_streams = match chunk.position_coding {
+                crate::container::chunk_map::PositionCoding::None => 0,
+                crate::container::chunk_map::PositionCoding::Bitmap => 1,
+                crate::container::chunk_map::PositionCoding::Gaps => usize::from(chunk.gap_width),
+            };
+            report.position_bytes += delta.streams(span.index)[..position_streams].iter().map(|s| u64::from(s.stored_len)).sum::<u64>();
+        }
+        report.ratio = ratio(report.stored_bytes, report.target_bytes);
+        report.changed_fraction = ratio(report.changed_words, report.words);
+        total.chunks.add(&report.chunks);
+        total.target_bytes += report.target_bytes;
+        total.stored_bytes += report.stored_bytes;
+        total.position_bytes += report.position_bytes;
+        total.changed_words += report.changed_words;
+        total.words += report.words;
+        total.delta |= report.delta;
+        tensors.push(report);
+    }
+    total.ratio = ratio(delta.file_len(), total.target_bytes);
+    total.changed_fraction = ratio(total.changed_words, total.words);
+    let preamble = delta.preamble();
+    Ok(Report {
+        format_version: format!("{}.{}", crate::container::preamble::MAJOR_VERSION, preamble.minor_version),
+        writer: delta.header().writer.clone(),
+        needs_base: delta.header().needs_base(),
+        target_files: delta.header().target.files.len(),
+        file_bytes: delta.file_len(),
+        tensors,
+        total,
+    })
+}

@@ -1,0 +1,296 @@
+//! Reader: maps a delta file, validates every structure before allocating anything
+//! sized by it, and decodes single chunks or whole tensors on demand (spec §11).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+
+use crate::container::chunk_map::{ChunkRecord, StreamRecord, CHUNK_RECORD_LEN, STREAM_RECORD_LEN};
+use crate::container::header::{Header, TensorEntry};
+use crate::container::json::parse_strict;
+use crate::container::preamble::{check_trailer, Preamble, MAGIC};
+use crate::container::Layout;
+use crate::delta::{check_chunk_shape, decode_chunk};
+use crate::digest::{checksum64, to_hex, tree_digest, Digest128};
+use crate::error::{fail, Error, ErrorCode, Result};
+use crate::limits::{MAX_CHUNKS, MAX_HEADER_LEN};
+
+/// Where a chunk sits in its tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkSpan {
+    /// Global chunk index.
+    pub index: u64,
+    /// First word of the chunk within the tensor.
+    pub first_word: u64,
+    /// Number of words in the chunk.
+    pub words: u64,
+}
+
+/// An open, validated delta file.
+#[derive(Debug)]
+pub struct DeltaFile {
+    path: PathBuf,
+    map: Mmap,
+    preamble: Preamble,
+    header: Header,
+    chunks: Vec<ChunkRecord>,
+    streams: Vec<StreamRecord>,
+}
+
+impl DeltaFile {
+    /// Opens and validates `path` (spec §11.1): everything but the stored bytes of
+    /// chunks is checked here.
+    ///
+    /// # Errors
+    /// Any structural error code, naming the file and, where it applies, the tensor.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, "cannot open the delta", e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, "cannot read the delta's size", e))?.len();
+        if len == 0 {
+            return Err(Error::new(ErrorCode::BadMagic, "the file is empty").in_file(path));
+        }
+        // SAFETY: read-only private map. If another process modifies the file while
+        // it is mapped, reads may change under us; every byte used is validated or
+        // checksummed before use, and inputs must not be modified while tpde runs.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "cannot map the delta", e))?;
+        Self::from_map(path, map).map_err(|e| e.in_file(path))
+    }
+
+    fn from_map(path: &Path, map: Mmap) -> Result<Self> {
+        let bytes: &[u8] = &map;
+        if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
+            return fail(ErrorCode::BadMagic, "the file does not start with the tpde magic");
+        }
+        let preamble = Preamble::parse(bytes)?;
+        check_trailer(bytes)?;
+        if preamble.header_len > MAX_HEADER_LEN {
+            return fail(ErrorCode::LimitExceeded, format!("the header claims {} bytes", preamble.header_len));
+        }
+        if preamble.chunk_count > MAX_CHUNKS || preamble.stream_count > preamble.chunk_count.saturating_mul(12) {
+            return fail(ErrorCode::LimitExceeded, format!(
+                "the header claims {} chunks and {} streams",
+                preamble.chunk_count, preamble.stream_count
+            ));
+        }
+        let layout = Layout::from_counts(preamble.data_len, preamble.header_len, preamble.chunk_count, preamble.stream_count)
+            .ok_or_else(|| Error::new(ErrorCode::LimitExceeded, "the declared sizes overflow"))?;
+        let actual = bytes.len() as u64;
+        if layout.file_len > actual {
+            return fail(ErrorCode::Truncated, format!("the structures need {} bytes but the file has {actual}", layout.file_len));
+        }
+        if layout.file_len < actual {
+            return fail(ErrorCode::UnaccountedBytes, format!("{} bytes follow the declared structures", actual - layout.file_len));
+        }
+        let at = |offset: u64, len: u64| -> &[u8] {
+            // In range: every region lies below `file_len`, checked above.
+            &bytes[usize::try_from(offset).expect("in range")..usize::try_from(offset + len).expect("in range")]
+        };
+        let data_end = layout.data_offset + layout.data_len;
+        let header_end = layout.header_offset + layout.header_len;
+        let padding = at(data_end, layout.header_offset - data_end)
+            .iter()
+            .chain(at(header_end, layout.table_offset - header_end));
+        if padding.into_iter().any(|&b| b != 0) {
+            return fail(ErrorCode::UnaccountedBytes, "padding bytes are not zero");
+        }
+
+        let header_bytes = at(layout.header_offset, layout.header_len);
+        if checksum64(header_bytes) != preamble.header_checksum {
+            return fail(ErrorCode::HeaderChecksum, "the header checksum does not match");
+        }
+        let header_text = std::str::from_utf8(header_bytes)
+            .map_err(|_| Error::new(ErrorCode::HeaderInvalid, "the header is not UTF-8"))?;
+        let header: Header = parse_strict(header_text, "header")?;
+        header.validate(preamble.chunk_count)?;
+
+        let tables = at(layout.table_offset, layout.table_len);
+        if checksum64(tables) != preamble.table_checksum {
+            return fail(ErrorCode::TableChecksum, "the chunk map checksum does not match");
+        }
+        let (chunk_table, stream_table) = tables.split_at(usize::try_from(preamble.chunk_count).expect("bounded") * CHUNK_RECORD_LEN);
+        let chunks = chunk_table
+            .chunks_exact(CHUNK_RECORD_LEN)
+            .enumerate()
+            .map(|(i, r)| ChunkRecord::parse(r).map_err(|e| e.in_chunk(i as u64)))
+            .collect::<Result<Vec<_>>>()?;
+        let streams = stream_table
+            .chunks_exact(STREAM_RECORD_LEN)
+            .map(StreamRecord::parse)
+            .collect::<Result<Vec<_>>>()?;
+
+        let delta = Self { path: path.to_path_buf(), map, preamble, header, chunks, streams };
+        delta.validate_chunk_map(layout)?;
+        delta.validate_target_files()?;
+        Ok(delta)
+    }
+
+    /// Checks that chunks tile the data section in order, that each chunk's streams
+    /// fit its encoding, and that tensor digests match their chunk digests.
+    fn validate_chunk_map(&self, layout: Layout) -> Result<()> {
+        let mut offset = layout.data_offset;
+        let mut next_stream = 0u64;
+        for tensor in &self.header.tensors {
+            let word_bytes = tensor.word_bytes()?;
+            let mut leaves: Vec<Digest128> = Vec::new();
+            for span in self.spans(tensor)? {
+                let chunk = &self.chunks[usize::try_from(span.index).expect("bounded")];
+                let located = |e: Error| e.in_tensor(&tensor.name).in_chunk(span.index);
+                if chunk.data_offset != offset {
+                    let code = if chunk.data_offset < offset { ErrorCode::RangeOverlap } else { ErrorCode::UnaccountedBytes };
+                    return Err(located(Error::new(code, format!("the chunk starts at {} where {offset} was expected", chunk.data_offset))));
+                }
+                if u64::from(chunk.first_stream) != next_stream {
+                    return Err(located(Error::new(ErrorCode::ChunkMapInvalid, "the chunk's streams do not follow on")));
+                }
+                let end = next_stream + u64::from(chunk.stream_count);
+                if end > self.streams.len() as u64 {
+                    return Err(located(Error::new(ErrorCode::ChunkMapInvalid, "the chunk's streams run past the stream table")));
+                }
+                let streams = &self.streams[usize::try_from(next_stream).expect("bounded")..usize::try_from(end).expect("bounded")];
+                check_chunk_shape(chunk, streams, span.words, word_bytes).map_err(located)?;
+                offset += u64::from(chunk.stored_len);
+                next_stream = end;
+                leaves.push(chunk.digest);
+            }
+            if to_hex(&tree_digest(&leaves)) != tensor.digest {
+                return Err(Error::new(ErrorCode::TensorDigest, "the tensor digest does not match its chunk digests").in_tensor(&tensor.name));
+            }
+        }
+        if offset != layout.data_offset + layout.data_len {
+            return fail(ErrorCode::UnaccountedBytes, "the chunks do not fill the data section");
+        }
+        if next_stream != self.streams.len() as u64 {
+            return fail(ErrorCode::ChunkMapInvalid, "streams are left over after the last chunk");
+        }
+        Ok(())
+    }
+
+    /// Checks that each embedded safetensors header lists exactly the tensors that
+    /// the delta holds for its file, in data order (spec §5.3).
+    fn validate_target_files(&self) -> Result<()> {
+        for (f, file) in self.header.target.files.iter().enumerate() {
+            let metadata: safetensors::tensor::Metadata = serde_json::from_str(&file.safetensors_header)
+                .map_err(|e| Error::new(ErrorCode::HeaderInvalid, format!("the safetensors header of {} is invalid: {e}", file.name)))?;
+            let infos = metadata.tensors();
+            let listed: Vec<&TensorEntry> = self.header.tensors.iter().filter(|t| t.file as usize == f).collect();
+            let keys = metadata.offset_keys();
+            if keys.len() != listed.len() {
+                return fail(ErrorCode::HeaderInvalid, format!("{} lists {} tensors but the delta has {}", file.name, keys.len(), listed.len()));
+            }
+            for (name, entry) in keys.iter().zip(listed) {
+                let info = infos[name];
+                let dtype = serde_json::to_value(info.dtype).ok();
+                let same = *name == entry.name
+                    && dtype.as_ref().and_then(|d| d.as_str()) == Some(entry.dtype.as_str())
+                    && info.shape.iter().map(|&d| d as u64).eq(entry.shape.iter().copied());
+                if !same {
+                    return Err(Error::new(ErrorCode::HeaderInvalid, format!("the tensor differs from {}'s header", file.name)).in_tensor(&entry.name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The file's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The preamble.
+    #[must_use]
+    pub fn preamble(&self) -> &Preamble {
+        &self.preamble
+    }
+
+    /// The header.
+    #[must_use]
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The whole file's length.
+    #[must_use]
+    pub fn file_len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// Finds a tensor by name.
+    #[must_use]
+    pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
+        self.header.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The record of chunk `index`.
+    #[must_use]
+    pub fn chunk(&self, index: u64) -> &ChunkRecord {
+        &self.chunks[usize::try_from(index).expect("a validated chunk index")]
+    }
+
+    /// The stream records of chunk `index`.
+    #[must_use]
+    pub fn streams(&self, index: u64) -> &[StreamRecord] {
+        let chunk = self.chunk(index);
+        let first = chunk.first_stream as usize;
+        &self.streams[first..first + usize::from(chunk.stream_count)]
+    }
+
+    /// The stored bytes of chunk `index`, all its streams back to back.
+    #[must_use]
+    pub fn stored_bytes(&self, index: u64) -> &[u8] {
+        let chunk = self.chunk(index);
+        let start = usize::try_from(chunk.data_offset).expect("validated");
+        &self.map[start..start + chunk.stored_len as usize]
+    }
+
+    /// The chunks of a tensor, with their word ranges.
+    ///
+    /// # Errors
+    /// `E_UNKNOWN_DTYPE` (excluded once the file is open).
+    pub fn spans(&self, tensor: &TensorEntry) -> Result<impl Iterator<Item = ChunkSpan> + '_> {
+        let words = tensor.word_count()?;
+        let chunk_words = tensor.chunk_words;
+        Ok(tensor.chunk_range().enumerate().map(move |(k, index)| {
+            let first_word = k as u64 * chunk_words;
+            ChunkSpan { index, first_word, words: chunk_words.min(words - first_word) }
+        }))
+    }
+
+    /// Rebuilds one chunk into `out`, given the whole base tensor's bytes (or `None`
+    /// for a tensor without base).
+    ///
+    /// # Errors
+    /// Decoding, checksum and digest errors, naming the tensor and chunk.
+    pub fn decode_chunk(&self, tensor: &TensorEntry, span: ChunkSpan, base: Option<&[u8]>, out: &mut Vec<u8>) -> Result<()> {
+        let word_bytes = tensor.word_bytes()?;
+        let base_slice = base.map(|b| {
+            let start = usize::try_from(span.first_word).unwrap_or(usize::MAX).saturating_mul(word_bytes).min(b.len());
+            let end = start.saturating_add(usize::try_from(span.words).unwrap_or(usize::MAX) * word_bytes).min(b.len());
+            &b[start..end]
+        });
+        let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
+        decode_chunk(self.chunk(span.index), self.streams(span.index), self.stored_bytes(span.index), base_slice, words, word_bytes, out)
+            .map_err(|e| e.in_file(&self.path).in_tensor(&tensor.name).in_chunk(span.index))
+    }
+
+    /// Rebuilds a whole tensor, decoding its chunks in parallel.
+    ///
+    /// # Errors
+    /// As [`DeltaFile::decode_chunk`], and `E_BASE_REQUIRED` when a base is needed.
+    pub fn decode_tensor(&self, tensor: &TensorEntry, base: Option<&[u8]>) -> Result<Vec<u8>> {
+        if tensor.needs_base() && base.is_none() {
+            return Err(Error::new(ErrorCode::BaseRequired, "the tensor is a delta and no base was given").in_tensor(&tensor.name));
+        }
+        let spans: Vec<ChunkSpan> = self.spans(tensor)?.collect();
+        let parts = spans
+            .par_iter()
+            .map(|&span| {
+                let mut out = Vec::new();
+                self.decode_chunk(tensor, span, base, &mut out).map(|()| out)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(parts.concat())
+    }
+}

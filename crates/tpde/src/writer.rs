@@ -1,0 +1,98 @@
+//! Streaming writer: chunks go to disk as they are encoded; the header and chunk map,
+//! which are small, are written after the data and the preamble is patched last
+//! (spec §2). Memory holds only the records.
+
+use std::path::Path;
+
+use crate::container::chunk_map::{ChunkRecord, StreamRecord};
+use crate::container::header::Header;
+use crate::container::preamble::{trailer_bytes, Preamble, MINOR_VERSION, PREAMBLE_LEN};
+use crate::container::{align_up, Layout};
+use crate::delta::EncodedChunk;
+use crate::digest::checksum64;
+use crate::error::{Error, ErrorCode, Result};
+use crate::output::PendingFile;
+
+/// Writes one delta file.
+#[derive(Debug)]
+pub struct DeltaWriter {
+    out: PendingFile,
+    chunks: Vec<ChunkRecord>,
+    streams: Vec<StreamRecord>,
+    offset: u64,
+}
+
+fn zeros(count: u64) -> Vec<u8> {
+    vec![0u8; usize::try_from(count).expect("padding is under 64 bytes")]
+}
+
+impl DeltaWriter {
+    /// Starts a delta that becomes `path` when [`DeltaWriter::finish`] succeeds.
+    ///
+    /// # Errors
+    /// `E_IO`.
+    pub fn create(path: &Path) -> Result<Self> {
+        let mut out = PendingFile::create(path)?;
+        out.write_all(&[0u8; PREAMBLE_LEN])?;
+        Ok(Self { out, chunks: Vec::new(), streams: Vec::new(), offset: PREAMBLE_LEN as u64 })
+    }
+
+    /// Number of chunks written so far: the global index of the next one.
+    #[must_use]
+    pub fn chunk_count(&self) -> u64 {
+        self.chunks.len() as u64
+    }
+
+    /// Appends one chunk.
+    ///
+    /// # Errors
+    /// `E_IO`, or `E_LIMIT_EXCEEDED` past 2^32 streams.
+    pub fn push_chunk(&mut self, chunk: EncodedChunk) -> Result<()> {
+        let mut record = chunk.record;
+        record.data_offset = self.offset;
+        record.first_stream = u32::try_from(self.streams.len())
+            .map_err(|_| Error::new(ErrorCode::LimitExceeded, "more than 2^32 streams"))?;
+        self.out.write_all(&chunk.data)?;
+        self.offset += chunk.data.len() as u64;
+        self.chunks.push(record);
+        self.streams.extend(chunk.streams);
+        Ok(())
+    }
+
+    /// Writes the header, chunk map and trailer, patches the preamble and renames the
+    /// file into place.
+    ///
+    /// # Errors
+    /// `E_IO`.
+    pub fn finish(mut self, header: &Header) -> Result<()> {
+        let header_json = serde_json::to_vec(header).map_err(|e| Error::new(ErrorCode::HeaderInvalid, e.to_string()))?;
+        let data_len = self.offset - PREAMBLE_LEN as u64;
+        let layout = Layout::from_counts(data_len, header_json.len() as u64, self.chunk_count(), self.streams.len() as u64)
+            .ok_or_else(|| Error::new(ErrorCode::LimitExceeded, "the file would exceed 2^64 bytes"))?;
+        self.out.write_all(&zeros(layout.header_offset - self.offset))?;
+        self.out.write_all(&header_json)?;
+        let header_end = layout.header_offset + layout.header_len;
+        self.out.write_all(&zeros(align_up(header_end).expect("checked by the layout") - header_end))?;
+        let mut tables = Vec::with_capacity(usize::try_from(layout.table_len).unwrap_or(0));
+        for chunk in &self.chunks {
+            tables.extend_from_slice(&chunk.to_bytes());
+        }
+        for stream in &self.streams {
+            tables.extend_from_slice(&stream.to_bytes());
+        }
+        self.out.write_all(&tables)?;
+        self.out.write_all(&trailer_bytes(layout.file_len))?;
+        let preamble = Preamble {
+            minor_version: MINOR_VERSION,
+            data_len,
+            header_len: layout.header_len,
+            chunk_count: self.chunk_count(),
+            stream_count: self.streams.len() as u64,
+            header_checksum: checksum64(&header_json),
+            table_checksum: checksum64(&tables),
+            ..Preamble::default()
+        };
+        self.out.write_at(0, &preamble.to_bytes())?;
+        self.out.commit()
+    }
+}
