@@ -52,13 +52,12 @@ impl StreamSet {
         Self { records: Vec::new(), data: Vec::new() }
     }
 
-    /// Stores one stream with zstd, or as it is when zstd does not make it smaller.
+    /// Stores one stream as the cheaper of zstd and its bytes as they are.
     fn push(&mut self, raw: &[u8], level: i32) -> Result<()> {
-        let compressed = zstd_stream::compress(raw, level)?;
-        let (codec, stored) = if compressed.len() < raw.len() {
-            (Codec::Zstd, compressed.as_slice())
-        } else {
-            (Codec::Stored, raw)
+        let compressed = compress_stream(raw, level)?;
+        let (codec, stored) = match &compressed {
+            Some(c) if c.len() < raw.len() => (Codec::Zstd, c.as_slice()),
+            _ => (Codec::Stored, raw),
         };
         self.records.push(StreamRecord {
             stored_len: u32_len(stored.len()),
@@ -69,10 +68,61 @@ impl StreamSet {
         Ok(())
     }
 
+    fn of(streams: &[Vec<u8>], level: i32) -> Result<Self> {
+        let mut set = Self::new();
+        for stream in streams {
+            set.push(stream, level)?;
+        }
+        Ok(set)
+    }
+
     fn append(&mut self, other: StreamSet) {
         self.records.extend(other.records);
         self.data.extend(other.data);
     }
+}
+
+/// Bytes sampled to judge a stream's entropy.
+const SAMPLE_BYTES: usize = 1 << 16;
+/// Above this many bits per byte, zstd cannot win: the stream is stored as it is.
+const INCOMPRESSIBLE_BITS: f64 = 7.9;
+/// Above this many bits per byte, a stream is mostly literals: zstd's match search
+/// costs time and, on noise, even size, so its fastest level is used.
+const LITERAL_BITS: f64 = 3.0;
+/// From this level on, the writer measures rather than predicts.
+const MEASURE_FROM_LEVEL: i32 = 10;
+
+/// A strided sample of at most [`SAMPLE_BYTES`] bytes, and the stride.
+fn sample_bytes(raw: &[u8]) -> (Vec<u8>, usize) {
+    let step = raw.len().div_ceil(SAMPLE_BYTES).max(1);
+    (raw.iter().step_by(step).copied().collect(), step)
+}
+
+/// Estimated stored bits of a stream, from the order-0 entropy of a sample.
+#[allow(clippy::cast_precision_loss)] // an estimate
+fn sampled_bits(raw: &[u8]) -> f64 {
+    let (sample, step) = sample_bytes(raw);
+    values::entropy_bits(&sample) * step as f64
+}
+
+/// Compresses a stream with the zstd level that suits it, or returns `None` when
+/// its sampled entropy says it is incompressible.
+fn compress_stream(raw: &[u8], level: i32) -> Result<Option<Vec<u8>>> {
+    let (sample, _) = sample_bytes(raw);
+    #[allow(clippy::cast_precision_loss)] // an estimate
+    let bits_per_byte = values::entropy_bits(&sample) / sample.len().max(1) as f64;
+    if bits_per_byte > INCOMPRESSIBLE_BITS {
+        return Ok(None);
+    }
+    if bits_per_byte < LITERAL_BITS || level <= 1 {
+        return zstd_stream::compress(raw, level).map(Some);
+    }
+    let fast = zstd_stream::compress(raw, 1)?;
+    if level < MEASURE_FROM_LEVEL {
+        return Ok(Some(fast));
+    }
+    let strong = zstd_stream::compress(raw, level)?;
+    Ok(Some(if strong.len() < fast.len() { strong } else { fast }))
 }
 
 /// Every stream length is bounded by `MAX_CHUNK_WORDS * 8` < 2^32.
@@ -131,27 +181,59 @@ fn choose_transform<W: Word>(
 }
 
 fn value_streams<W: Word>(values: &[W], layout: ValueLayout, level: i32) -> Result<StreamSet> {
-    let mut set = StreamSet::new();
-    for stream in values::split(values, layout) {
-        set.push(&stream, level)?;
-    }
-    Ok(set)
+    StreamSet::of(&values::split(values, layout), level)
 }
 
-/// Position streams: gaps or a bitmap, whichever stores smaller.
+/// Position streams: gaps or a bitmap, whichever is predicted (or, at high levels,
+/// measured) to store smaller.
 fn position_streams(changed: &[u32], words: usize, level: i32) -> Result<(PositionCoding, u8, StreamSet)> {
     let width = positions::gap_width(changed);
-    let mut gaps = StreamSet::new();
-    for plane in positions::encode_gaps(changed, width) {
-        gaps.push(&plane, level)?;
-    }
-    let mut bitmap = StreamSet::new();
-    bitmap.push(&positions::encode_bitmap(changed, words), level)?;
-    Ok(if bitmap.data.len() < gaps.data.len() {
-        (PositionCoding::Bitmap, 0, bitmap)
+    let gap_planes = positions::encode_gaps(changed, width);
+    let bitmap = positions::encode_bitmap(changed, words);
+    let gaps_win = if level >= MEASURE_FROM_LEVEL {
+        None
     } else {
-        (PositionCoding::Gaps, width, gaps)
+        let gap_bits: f64 = gap_planes.iter().map(|p| sampled_bits(p)).sum();
+        let bitmap_bits = sampled_bits(&bitmap);
+        let close = (gap_bits - bitmap_bits).abs() < 0.1 * gap_bits.min(bitmap_bits);
+        (!close).then_some(gap_bits <= bitmap_bits)
+    };
+    let gaps = match gaps_win {
+        Some(false) => None,
+        _ => Some(StreamSet::of(&gap_planes, level)?),
+    };
+    let bitmap = match gaps_win {
+        Some(true) => None,
+        _ => Some(StreamSet::of(&[bitmap], level)?),
+    };
+    Ok(match (gaps, bitmap) {
+        (Some(g), Some(b)) if b.data.len() < g.data.len() => (PositionCoding::Bitmap, 0, b),
+        (Some(g), _) => (PositionCoding::Gaps, width, g),
+        (None, Some(b)) => (PositionCoding::Bitmap, 0, b),
+        (None, None) => unreachable!("at least one coding is built"),
     })
+}
+
+/// Ideal cost of the changed positions of a chunk: `words * H(density)` bits.
+#[allow(clippy::cast_precision_loss)] // an estimate
+fn positions_bits(density: f64, words: usize) -> f64 {
+    let h = -density * density.log2() - (1.0 - density) * (1.0 - density).log2();
+    h * words as f64
+}
+
+/// Sampled bits per value, over the changed words or over all words.
+#[allow(clippy::cast_precision_loss)] // an estimate
+fn bits_per_value<W: Word>(target: &[W], base: &[W], changed: Option<&[u32]>, op: ValueOp, layout: ValueLayout) -> f64 {
+    let count = changed.map_or(target.len(), <[u32]>::len);
+    let step = count.div_ceil(SAMPLE_VALUES).max(1);
+    let sample: Vec<W> = (0..count)
+        .step_by(step)
+        .map(|j| {
+            let i = changed.map_or(j, |c| c[j] as usize);
+            W::express(target[i], base[i], op)
+        })
+        .collect();
+    values::estimate_bits(&sample, layout) / sample.len().max(1) as f64
 }
 
 #[allow(clippy::cast_precision_loss)] // densities are estimates
@@ -189,10 +271,12 @@ fn encode_words<W: Word>(
         Some(base_bytes) => {
             let mut base: Vec<W> = load_words(base_bytes);
             base.resize(words, W::default());
-            let changed: Vec<u32> = (0..words)
-                .filter(|&i| target[i] != base[i])
-                .map(|i| u32::try_from(i).expect("chunk words fit u32"))
-                .collect();
+            let mut changed: Vec<u32> = Vec::new();
+            for (i, (t, b)) in target.iter().zip(&base).enumerate() {
+                if t != b {
+                    changed.push(u32::try_from(i).expect("chunk words fit u32"));
+                }
+            }
             if changed.is_empty() {
                 record.checksum = checksum64(&[]);
                 return Ok(EncodedChunk { record, streams: Vec::new(), data: Vec::new() });
@@ -210,8 +294,22 @@ fn encode_words<W: Word>(
             record.value_op = op;
             record.value_layout = layout;
             let density = changed.len() as f64 / words as f64;
+            let (build_sparse, build_dense) = if density < ALWAYS_SPARSE_BELOW {
+                (true, false)
+            } else if density > ALWAYS_DENSE_ABOVE {
+                (false, true)
+            } else if settings.level >= MEASURE_FROM_LEVEL {
+                (true, true)
+            } else {
+                // Predict both sizes from samples; build both only when it is close.
+                let sparse_bits = positions_bits(density, words)
+                    + bits_per_value(&target, &base, Some(&changed), op, layout) * changed.len() as f64;
+                let dense_bits = bits_per_value(&target, &base, None, op, layout) * words as f64;
+                let close = (sparse_bits - dense_bits).abs() < 0.1 * sparse_bits.min(dense_bits);
+                (close || sparse_bits < dense_bits, close || dense_bits <= sparse_bits)
+            };
 
-            let sparse = if density <= ALWAYS_DENSE_ABOVE {
+            let sparse = if build_sparse {
                 let values: Vec<W> = changed
                     .iter()
                     .map(|&i| W::express(target[i as usize], base[i as usize], op))
@@ -222,7 +320,7 @@ fn encode_words<W: Word>(
             } else {
                 None
             };
-            let dense = if density >= ALWAYS_SPARSE_BELOW {
+            let dense = if build_dense {
                 let values: Vec<W> = target.iter().zip(&base).map(|(&t, &b)| W::express(t, b, op)).collect();
                 Some(value_streams(&values, layout, settings.level)?)
             } else {
@@ -381,14 +479,11 @@ pub fn decode_chunk(
         (Encoding::Dense | Encoding::Raw, _) => (0, words),
     };
     let positions = (record.encoding == Encoding::Sparse).then_some(changed.as_slice());
-    let nonzero = with_word!(word_bytes, W => values::apply::<W>(
-        out,
-        &refs[position_count..],
-        positions,
-        value_count,
-        record.value_layout,
-        record.value_op,
-    ));
+    let nonzero = with_word!(word_bytes, W => {
+        let mut joined: Vec<W> = Vec::new();
+        values::join(&refs[position_count..], value_count, record.value_layout, &mut joined);
+        values::apply::<W>(out, &joined, positions, record.value_op)
+    });
     if record.encoding != Encoding::Raw && nonzero != m {
         return fail(
             ErrorCode::ChangedCount,

@@ -130,43 +130,63 @@ pub(crate) fn split<W: Word>(values: &[W], layout: ValueLayout) -> Vec<Vec<u8>> 
         }
         return vec![bytes];
     }
-    (0..W::BYTES)
-        .map(|k| values.iter().map(|&v| layout_word(v, layout).byte(k)).collect())
-        .collect()
+    let mut planes = vec![vec![0u8; values.len()]; W::BYTES];
+    for (k, plane) in planes.iter_mut().enumerate() {
+        for (byte, &value) in plane.iter_mut().zip(values) {
+            *byte = layout_word(value, layout).byte(k);
+        }
+    }
+    planes
 }
 
-/// Reads value `i` back out of the streams of `layout`.
-#[inline]
-fn gather<W: Word>(streams: &[&[u8]], i: usize, layout: ValueLayout) -> W {
-    match layout {
-        ValueLayout::Words => W::load(&streams[0][i * W::BYTES..(i + 1) * W::BYTES]),
-        ValueLayout::BytePlanes => (0..W::BYTES).fold(W::default(), |w, k| w.or(W::from_byte(streams[k][i], k))),
-        ValueLayout::RotatedBytePlanes => (0..W::BYTES)
-            .fold(W::default(), |w, k| w.or(W::from_byte(streams[k][i], k)))
-            .rotate_right1(),
+/// Joins the streams of `layout` back into `count` value words.
+pub(crate) fn join<W: Word>(streams: &[&[u8]], count: usize, layout: ValueLayout, out: &mut Vec<W>) {
+    out.clear();
+    if count == 0 {
+        return;
+    }
+    if layout == ValueLayout::Words {
+        out.extend(streams[0][..count * W::BYTES].chunks_exact(W::BYTES).map(W::load));
+        return;
+    }
+    out.resize(count, W::default());
+    // One pass per plane keeps each loop a simple zip that the compiler vectorises.
+    for (k, plane) in streams.iter().enumerate() {
+        for (word, &byte) in out.iter_mut().zip(&plane[..count]) {
+            *word = word.or(W::from_byte(byte, k));
+        }
+    }
+    if layout == ValueLayout::RotatedBytePlanes {
+        for word in out.iter_mut() {
+            *word = word.rotate_right1();
+        }
     }
 }
 
 /// Applies values to `words` (which hold the base): value `j` goes to word
 /// `positions[j]`, or to word `j` when `positions` is `None`. Returns the number of
-/// nonzero values. Streams and positions have been checked against the chunk.
-pub(crate) fn apply<W: Word>(
-    words: &mut [u8],
-    streams: &[&[u8]],
-    positions: Option<&[u32]>,
-    count: usize,
-    layout: ValueLayout,
-    op: ValueOp,
-) -> usize {
-    let mut nonzero = 0;
-    for j in 0..count {
-        let value: W = gather(streams, j, layout);
-        nonzero += usize::from(value != W::default());
-        let i = positions.map_or(j, |p| p[j] as usize);
-        let slot = &mut words[i * W::BYTES..(i + 1) * W::BYTES];
-        W::combine(W::load(slot), value, op).store(slot);
+/// nonzero values. Positions have been checked to lie inside `words`.
+pub(crate) fn apply<W: Word>(words: &mut [u8], values: &[W], positions: Option<&[u32]>, op: ValueOp) -> usize {
+    fn run<W: Word>(words: &mut [u8], values: &[W], positions: Option<&[u32]>, combine: impl Fn(W, W) -> W) {
+        match positions {
+            None => {
+                for (slot, &value) in words.chunks_exact_mut(W::BYTES).zip(values) {
+                    combine(W::load(slot), value).store(slot);
+                }
+            }
+            Some(positions) => {
+                for (&i, &value) in positions.iter().zip(values) {
+                    let slot = &mut words[i as usize * W::BYTES..(i as usize + 1) * W::BYTES];
+                    combine(W::load(slot), value).store(slot);
+                }
+            }
+        }
     }
-    nonzero
+    match op {
+        ValueOp::Xor => run(words, values, positions, |b, v| W::combine(b, v, ValueOp::Xor)),
+        ValueOp::Sub => run(words, values, positions, |b, v| W::combine(b, v, ValueOp::Sub)),
+    }
+    values.iter().filter(|&&v| v != W::default()).count()
 }
 
 /// Estimated size in bits of `values` under `layout`, from order-0 byte entropy of
@@ -220,7 +240,8 @@ mod tests {
             let streams = split(&values, layout);
             assert_eq!(streams.len(), stream_count(layout, 4));
             let refs: Vec<&[u8]> = streams.iter().map(Vec::as_slice).collect();
-            let back: Vec<u32> = (0..values.len()).map(|i| gather(&refs, i, layout)).collect();
+            let mut back: Vec<u32> = Vec::new();
+            join(&refs, values.len(), layout, &mut back);
             assert_eq!(back, values);
         }
         // Rotation moves the sign bit to the low byte and the exponent to the top.

@@ -3,20 +3,22 @@
 
 use std::path::Path;
 
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
+
 use rayon::prelude::*;
 
 use super::{window, Progress};
 use crate::checkpoint::Checkpoint;
-use crate::container::header::{LayoutKind, TensorEntry};
+use crate::container::header::LayoutKind;
 use crate::digest::{tensor_digest, to_hex};
 use crate::error::{Error, ErrorCode, Result};
 use crate::output::{check_free, PendingDir, PendingFile};
 use crate::reader::{ChunkSpan, DeltaFile};
 use crate::checkpoint::INDEX_FILE;
 
-/// Receives the rebuilt target, file by file, in order.
-trait TargetSink {
-    fn begin_file(&mut self, index: usize, name: &str) -> Result<()>;
+/// Receives the rebuilt target, file by file, in order, on its own thread.
+trait TargetSink: Send {
+    fn begin_file(&mut self, name: &str) -> Result<()>;
     fn write(&mut self, bytes: &[u8]) -> Result<()>;
     fn end_file(&mut self) -> Result<()>;
 }
@@ -67,37 +69,72 @@ fn resolve_base<'a>(delta: &DeltaFile, base: Option<&'a Checkpoint>, progress: &
     Ok(resolved)
 }
 
-/// Rebuilds every file of the target into `sink`.
+/// What the decoding threads hand to the thread that writes.
+enum SinkMessage {
+    Begin(String),
+    Bytes(Vec<u8>),
+    End,
+}
+
+/// Rebuilds every file of the target into `sink`. Chunks are decoded in parallel
+/// while a separate thread writes the previous ones, so that writing overlaps
+/// decoding; buffers travel back to be reused.
 fn rebuild(delta: &DeltaFile, base: Option<&Checkpoint>, sink: &mut dyn TargetSink, progress: &dyn Progress) -> Result<()> {
     let bases = resolve_base(delta, base, progress)?;
     let header = delta.header();
     let total: u64 = header.tensors.iter().map(|t| t.byte_len().unwrap_or(0)).sum();
     progress.phase("rebuilding", total);
-    for (f, file) in header.target.files.iter().enumerate() {
-        sink.begin_file(f, &file.name)?;
-        sink.write(&(file.safetensors_header.len() as u64).to_le_bytes())?;
-        sink.write(file.safetensors_header.as_bytes())?;
-        for (tensor, base_bytes) in header.tensors.iter().zip(&bases).filter(|(t, _)| t.file as usize == f) {
-            rebuild_tensor(delta, tensor, *base_bytes, sink, progress)?;
-        }
-        sink.end_file()?;
-    }
-    Ok(())
+    let (to_writer, from_decoders) = sync_channel::<SinkMessage>(window());
+    let (recycle, recycled) = channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<()> {
+            for message in from_decoders {
+                match message {
+                    SinkMessage::Begin(name) => sink.begin_file(&name)?,
+                    SinkMessage::Bytes(bytes) => {
+                        sink.write(&bytes)?;
+                        progress.advance(bytes.len() as u64);
+                        let _ = recycle.send(bytes);
+                    }
+                    SinkMessage::End => sink.end_file()?,
+                }
+            }
+            Ok(())
+        });
+        let decoded = decode_files(delta, &bases, &to_writer, &recycled);
+        drop(to_writer);
+        // A write failure also stops the decoders; report it rather than theirs.
+        writer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        decoded
+    })
 }
 
-fn rebuild_tensor(delta: &DeltaFile, tensor: &TensorEntry, base: Option<&[u8]>, sink: &mut dyn TargetSink, progress: &dyn Progress) -> Result<()> {
-    let spans: Vec<ChunkSpan> = delta.spans(tensor)?.collect();
-    let mut buffers: Vec<Vec<u8>> = Vec::new();
-    for batch in spans.chunks(window()) {
-        buffers.resize_with(batch.len(), Vec::new);
-        batch
-            .par_iter()
-            .zip(buffers.par_iter_mut())
-            .try_for_each(|(&span, out)| delta.decode_chunk(tensor, span, base, out))?;
-        for out in &buffers[..batch.len()] {
-            sink.write(out).map_err(|e| e.in_tensor(&tensor.name))?;
-            progress.advance(out.len() as u64);
+/// The writer hung up, which it does only after failing; its error is reported.
+fn hung_up<T>(_: T) -> Error {
+    Error::new(ErrorCode::Io, "the output writer stopped")
+}
+
+fn decode_files(delta: &DeltaFile, bases: &[Option<&[u8]>], to_writer: &SyncSender<SinkMessage>, recycled: &Receiver<Vec<u8>>) -> Result<()> {
+    let header = delta.header();
+    for (f, file) in header.target.files.iter().enumerate() {
+        to_writer.send(SinkMessage::Begin(file.name.clone())).map_err(hung_up)?;
+        let mut prefix = (file.safetensors_header.len() as u64).to_le_bytes().to_vec();
+        prefix.extend_from_slice(file.safetensors_header.as_bytes());
+        to_writer.send(SinkMessage::Bytes(prefix)).map_err(hung_up)?;
+        for (tensor, base_bytes) in header.tensors.iter().zip(bases).filter(|(t, _)| t.file as usize == f) {
+            let spans: Vec<ChunkSpan> = delta.spans(tensor)?.collect();
+            for batch in spans.chunks(window()) {
+                let mut buffers: Vec<Vec<u8>> = batch.iter().map(|_| recycled.try_recv().unwrap_or_default()).collect();
+                batch
+                    .par_iter()
+                    .zip(buffers.par_iter_mut())
+                    .try_for_each(|(&span, out)| delta.decode_chunk(tensor, span, *base_bytes, out))?;
+                for out in buffers {
+                    to_writer.send(SinkMessage::Bytes(out)).map_err(hung_up)?;
+                }
+            }
         }
+        to_writer.send(SinkMessage::End).map_err(hung_up)?;
     }
     Ok(())
 }
@@ -110,7 +147,7 @@ struct FileSink<'a> {
 }
 
 impl TargetSink for FileSink<'_> {
-    fn begin_file(&mut self, _: usize, name: &str) -> Result<()> {
+    fn begin_file(&mut self, name: &str) -> Result<()> {
         let path = match &self.dir {
             Some(dir) => dir.path_of(name),
             None => self.out.to_path_buf(),
@@ -185,7 +222,7 @@ struct CompareSink<'a> {
 }
 
 impl TargetSink for CompareSink<'_> {
-    fn begin_file(&mut self, _: usize, name: &str) -> Result<()> {
+    fn begin_file(&mut self, name: &str) -> Result<()> {
         self.name = name.to_owned();
         self.at = 0;
         if let Some(reference) = self.reference {
