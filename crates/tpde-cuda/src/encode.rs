@@ -51,7 +51,13 @@ pub struct EncodeSettings {
 
 impl EncodedTensor {
     /// Encodes `target` against `base` (same length, whole words).
-    pub fn encode(name: &str, base: &[u8], target: &[u8], width: WordWidth, s: EncodeSettings) -> Result<Self> {
+    pub fn encode(
+        name: &str,
+        base: &[u8],
+        target: &[u8],
+        width: WordWidth,
+        s: EncodeSettings,
+    ) -> Result<Self> {
         let cb = s.chunk_words as usize * width.bytes();
         let chunks = base
             .par_chunks(cb)
@@ -65,10 +71,29 @@ impl EncodedTensor {
                         let decoded_len = bytes.len();
                         match s.zstd_level {
                             Some(level) => {
-                                let z = zstd::bulk::compress(&bytes, level).map_err(|e| crate::GpuError::invalid(e.to_string()))?;
-                                Ok(OwnedStream { codec: Codec::Zstd, bytes: z, decoded_len })
+                                let z = zstd::bulk::compress(&bytes, level)
+                                    .map_err(|e| crate::GpuError::invalid(e.to_string()))?;
+                                // zstd only where it saves at least 2%: a stored
+                                // stream decodes at memcpy speed.
+                                if z.len() * 50 < decoded_len * 49 {
+                                    Ok(OwnedStream {
+                                        codec: Codec::Zstd,
+                                        bytes: z,
+                                        decoded_len,
+                                    })
+                                } else {
+                                    Ok(OwnedStream {
+                                        codec: Codec::Stored,
+                                        bytes,
+                                        decoded_len,
+                                    })
+                                }
                             }
-                            None => Ok(OwnedStream { codec: Codec::Stored, bytes, decoded_len }),
+                            None => Ok(OwnedStream {
+                                codec: Codec::Stored,
+                                bytes,
+                                decoded_len,
+                            }),
                         }
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -99,7 +124,11 @@ impl EncodedTensor {
                     spec: *spec,
                     streams: st
                         .iter()
-                        .map(|s| StreamRef { codec: s.codec, bytes: &s.bytes, decoded_len: s.decoded_len })
+                        .map(|s| StreamRef {
+                            codec: s.codec,
+                            bytes: &s.bytes,
+                            decoded_len: s.decoded_len,
+                        })
                         .collect(),
                 })
                 .collect(),
@@ -109,6 +138,10 @@ impl EncodedTensor {
     /// Stored bytes of all streams.
     #[must_use]
     pub fn stored_bytes(&self) -> usize {
-        self.chunks.iter().flat_map(|(_, s)| s).map(|s| s.bytes.len()).sum()
+        self.chunks
+            .iter()
+            .flat_map(|(_, s)| s)
+            .map(|s| s.bytes.len())
+            .sum()
     }
 }

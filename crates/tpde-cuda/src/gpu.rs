@@ -65,7 +65,12 @@ impl Gpu {
         let stream = ctx.new_stream()?;
         let kernels = Kernels::load(&ctx)?;
         let name = ctx.name()?;
-        Ok(Self { ctx, stream, kernels, name })
+        Ok(Self {
+            ctx,
+            stream,
+            kernels,
+            name,
+        })
     }
 
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
@@ -133,7 +138,12 @@ pub struct DevRange {
 
 impl DevRange {
     /// Bytes `offset..offset + len` of `buf`, checked against its length.
-    pub fn of<T>(buf: &CudaSlice<T>, stream: &CudaStream, offset: usize, len: usize) -> Result<Self> {
+    pub fn of<T>(
+        buf: &CudaSlice<T>,
+        stream: &CudaStream,
+        offset: usize,
+        len: usize,
+    ) -> Result<Self> {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| GpuError::invalid("device range overflows"))?;
@@ -144,7 +154,10 @@ impl DevRange {
             )));
         }
         let (ptr, _sync) = buf.device_ptr(stream);
-        Ok(Self { ptr: ptr + offset as u64, len })
+        Ok(Self {
+            ptr: ptr + offset as u64,
+            len,
+        })
     }
 
     /// The whole buffer.
@@ -155,7 +168,10 @@ impl DevRange {
     /// A sub-range, checked.
     pub fn sub(&self, offset: usize, len: usize) -> Result<Self> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.len => Ok(Self { ptr: self.ptr + offset as u64, len }),
+            Some(end) if end <= self.len => Ok(Self {
+                ptr: self.ptr + offset as u64,
+                len,
+            }),
             _ => Err(GpuError::invalid("device sub-range out of bounds")),
         }
     }
@@ -201,7 +217,16 @@ const MAX_TILES: u64 = 1 << 30;
 
 impl Batch {
     pub fn new(width: WordWidth) -> Self {
-        Self { width, descs: Vec::new(), tiles: 0, sparse: false }
+        Self {
+            width,
+            descs: Vec::new(),
+            tiles: 0,
+            sparse: false,
+        }
+    }
+
+    pub fn tiles(&self) -> u32 {
+        self.tiles
     }
 
     /// Tiles a chunk adds to a batch.
@@ -221,7 +246,9 @@ impl Batch {
     ) -> Result<()> {
         spec.validate()?;
         if spec.width != self.width {
-            return Err(GpuError::invalid("chunk word width differs from the batch's"));
+            return Err(GpuError::invalid(
+                "chunk word width differs from the batch's",
+            ));
         }
         let Some(mut d) = ChunkDesc::from_spec(spec) else {
             return Ok(()); // unchanged: nothing to launch
@@ -229,10 +256,14 @@ impl Batch {
         let w = self.width.bytes() as u64;
         let nbytes = spec.words as usize * self.width.bytes();
         if positions.len() < spec.position_bytes() || values.len() < spec.value_bytes() {
-            return Err(GpuError::invalid("device stream ranges shorter than the chunk's streams"));
+            return Err(GpuError::invalid(
+                "device stream ranges shorter than the chunk's streams",
+            ));
         }
         if base.len() != nbytes || out.len() != nbytes {
-            return Err(GpuError::invalid("base and out ranges must hold the chunk's words"));
+            return Err(GpuError::invalid(
+                "base and out ranges must hold the chunk's words",
+            ));
         }
         if base.ptr() % w != 0 || out.ptr() % w != 0 {
             return Err(GpuError::invalid("base and out must be word aligned"));
@@ -241,7 +272,9 @@ impl Batch {
             return Err(GpuError::invalid("word values must be word aligned"));
         }
         if base != out && base.overlaps(&out) {
-            return Err(GpuError::invalid("base and out overlap without being equal"));
+            return Err(GpuError::invalid(
+                "base and out overlap without being equal",
+            ));
         }
         if out.overlaps(&values) || out.overlaps(&positions) {
             return Err(GpuError::invalid("out overlaps the chunk's streams"));
@@ -263,16 +296,25 @@ impl Batch {
 
     /// Adds a sparse chunk whose `u32` positions go to `out` (`m` of them),
     /// for the [`Stage::Positions`] launch.
-    pub fn push_positions(&mut self, spec: &ChunkSpec, positions: DevRange, out: DevRange) -> Result<()> {
+    pub fn push_positions(
+        &mut self,
+        spec: &ChunkSpec,
+        positions: DevRange,
+        out: DevRange,
+    ) -> Result<()> {
         spec.validate()?;
         let Some(mut d) = ChunkDesc::from_spec(spec).filter(ChunkDesc::is_sparse) else {
             return Err(GpuError::invalid("only sparse chunks have positions"));
         };
         if positions.len() < spec.position_bytes() {
-            return Err(GpuError::invalid("device position range shorter than the stream"));
+            return Err(GpuError::invalid(
+                "device position range shorter than the stream",
+            ));
         }
         if out.len() < spec.changed as usize * 4 || out.ptr() % 4 != 0 || out.overlaps(&positions) {
-            return Err(GpuError::invalid("positions output range too short, misaligned or overlapping"));
+            return Err(GpuError::invalid(
+                "positions output range too short, misaligned or overlapping",
+            ));
         }
         let tiles = u64::from(self.tiles) + u64::from(d.tile_count);
         if tiles > MAX_TILES {
@@ -296,7 +338,11 @@ impl Batch {
 
     /// Writes the descriptor table (to be uploaded to the device).
     pub fn write_table(&self, out: &mut [u8]) {
-        for (d, dst) in self.descs.iter().zip(out.chunks_exact_mut(ChunkDesc::BYTES)) {
+        for (d, dst) in self
+            .descs
+            .iter()
+            .zip(out.chunks_exact_mut(ChunkDesc::BYTES))
+        {
             d.write_to(dst);
         }
     }
@@ -328,7 +374,9 @@ impl Gpu {
             return Ok(());
         }
         if table.len() < batch.table_bytes() || table.ptr() % 8 != 0 {
-            return Err(GpuError::invalid("descriptor table range too short or misaligned"));
+            return Err(GpuError::invalid(
+                "descriptor table range too short or misaligned",
+            ));
         }
         if sums.len() < batch.tiles as usize * 8 || sums.ptr() % 8 != 0 {
             return Err(GpuError::invalid("tile sums range too short or misaligned"));
@@ -351,11 +399,27 @@ impl Gpu {
             // keeps alive until the stream is synchronized; `sums` has room for
             // every tile and `flag` for one u32. The signature matches
             // `tile_totals(const ChunkDesc*, u32, u64*, u32*)`.
-            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(batch.tiles)) }?;
+            unsafe {
+                stream
+                    .launch_builder(k)
+                    .arg(&t)
+                    .arg(&nd)
+                    .arg(&s)
+                    .arg(&f)
+                    .launch(grid(batch.tiles))
+            }?;
             let k = self.kernels.get(KernelId::TileScan);
             // SAFETY: as above; one block per descriptor, each scanning only
             // its own `tile_begin..tile_begin + tile_count` sums.
-            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(nd)) }?;
+            unsafe {
+                stream
+                    .launch_builder(k)
+                    .arg(&t)
+                    .arg(&nd)
+                    .arg(&s)
+                    .arg(&f)
+                    .launch(grid(nd))
+            }?;
         }
         let id = match stage {
             Stage::Apply => KernelId::apply(batch.width),
@@ -366,7 +430,15 @@ impl Gpu {
         // within the validated stream lengths, read `base` and write `out` only
         // at word indices < n (kernel-checked for positions from the delta),
         // matching `apply_wN(const ChunkDesc*, u32, const u64*, u32*)`.
-        unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(batch.tiles)) }?;
+        unsafe {
+            stream
+                .launch_builder(k)
+                .arg(&t)
+                .arg(&nd)
+                .arg(&s)
+                .arg(&f)
+                .launch(grid(batch.tiles))
+        }?;
         Ok(())
     }
 }

@@ -115,7 +115,10 @@ impl Kernels {
             .iter()
             .map(|id| module.load_function(id.symbol()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Self { _module: module, functions })
+        Ok(Self {
+            _module: module,
+            functions,
+        })
     }
 
     /// The function of a kernel.
@@ -159,13 +162,17 @@ impl ChunkDesc {
     pub fn from_spec(spec: &ChunkSpec) -> Option<Self> {
         let (kind, gap_width, tiles) = match spec.kind {
             ChunkKind::Unchanged => return None,
-            ChunkKind::Sparse(PositionCoding::Gaps { width }) => {
-                (kind::SPARSE_GAPS, u32::from(width), u64::from(spec.changed).div_ceil(TILE))
-            }
+            ChunkKind::Sparse(PositionCoding::Gaps { width }) => (
+                kind::SPARSE_GAPS,
+                u32::from(width),
+                u64::from(spec.changed).div_ceil(TILE),
+            ),
             ChunkKind::Sparse(PositionCoding::Bitmap) => (
                 kind::SPARSE_BITMAP,
                 0,
-                u64::from(spec.words).div_ceil(8).div_ceil(BITMAP_TILE_BYTES),
+                u64::from(spec.words)
+                    .div_ceil(8)
+                    .div_ceil(BITMAP_TILE_BYTES),
             ),
             ChunkKind::Dense => (kind::DENSE, 0, u64::from(spec.words).div_ceil(TILE)),
             ChunkKind::Raw => (kind::RAW, 0, u64::from(spec.words).div_ceil(TILE)),

@@ -4,7 +4,7 @@
 //! parallel into page-locked staging buffers; the GPU turns gap planes into
 //! positions with a prefix sum, joins byte planes into words and combines
 //! them with the base words (`spec/FORMAT.md`, "Chunk semantics"). Every
-//! kernel has a CPU reference in [`reference`], and GPU results are
+//! kernel has a CPU reference in [`reference`](mod@reference), and GPU results are
 //! bit-exact with it.
 //!
 //! - [`Gpu`]: a device with the kernels compiled (NVRTC, once per process).
@@ -32,5 +32,7 @@ pub mod spec;
 pub use cudarc;
 pub use error::{GpuError, Result};
 pub use gpu::{driver_present, DevRange, Gpu};
-pub use pipeline::{decode_stream, ChunkRef, Codec, Loader, LoaderConfig, StreamRef, TensorRef};
+pub use pipeline::{
+    decode_stream, ChunkRef, Codec, DeviceDelta, Loader, LoaderConfig, StreamRef, TensorRef,
+};
 pub use spec::{ChunkKind, ChunkSpec, PositionCoding, ValueLayout, ValueOp, WordWidth};

@@ -25,7 +25,7 @@ pub fn write_word(bytes: &mut [u8], width: WordWidth, i: usize, v: u64) {
 /// `zigzag(d) = (d << 1) ^ (d >> (bits - 1))` (arithmetic shift), at the word width.
 #[must_use]
 pub fn zigzag(d: u64, width: WordWidth) -> u64 {
-    let bits = 8 * width.bytes() as u32;
+    let bits = width.bits();
     let sign = (d >> (bits - 1)) & 1;
     ((d << 1) ^ 0u64.wrapping_sub(sign)) & width.mask()
 }
@@ -55,12 +55,12 @@ pub fn difference(b: u64, t: u64, op: ValueOp, width: WordWidth) -> u64 {
 }
 
 fn rotl1(w: u64, width: WordWidth) -> u64 {
-    let bits = 8 * width.bytes() as u32;
+    let bits = width.bits();
     ((w << 1) | (w >> (bits - 1))) & width.mask()
 }
 
 fn rotr1(w: u64, width: WordWidth) -> u64 {
-    let bits = 8 * width.bytes() as u32;
+    let bits = width.bits();
     ((w >> 1) | (w << (bits - 1))) & width.mask()
 }
 
@@ -248,7 +248,9 @@ pub fn apply_chunk(
 ) -> Result<()> {
     let nb = spec.words as usize * spec.width.bytes();
     if base.len() != nb || out.len() != nb {
-        return Err(GpuError::invalid("base and out must hold the chunk's words"));
+        return Err(GpuError::invalid(
+            "base and out must hold the chunk's words",
+        ));
     }
     out.copy_from_slice(base);
     apply_chunk_in_place(spec, positions, values, out)
@@ -324,13 +326,26 @@ pub fn encode_chunk(
     layout: ValueLayout,
 ) -> Result<EncodedChunkStreams> {
     if base.len() != target.len() || base.len() % width.bytes() != 0 {
-        return Err(GpuError::invalid("base and target must be the same whole words"));
+        return Err(GpuError::invalid(
+            "base and target must be the same whole words",
+        ));
     }
     let n = base.len() / width.bytes();
     let words = u32::try_from(n).map_err(|_| GpuError::invalid("chunk too large"))?;
-    let op = if choice == EncodeChoice::Raw { ValueOp::Xor } else { op };
+    let op = if choice == EncodeChoice::Raw {
+        ValueOp::Xor
+    } else {
+        op
+    };
     let mut positions = Vec::new();
-    let mut dense_vals = vec![0u8; if matches!(choice, EncodeChoice::Dense) { base.len() } else { 0 }];
+    let mut dense_vals = vec![
+        0u8;
+        if matches!(choice, EncodeChoice::Dense) {
+            base.len()
+        } else {
+            0
+        }
+    ];
     let mut sparse_vals = Vec::new();
     for i in 0..n {
         let (b, t) = (read_word(base, width, i), read_word(target, width, i));
@@ -344,9 +359,19 @@ pub fn encode_chunk(
         }
     }
     let changed = u32::try_from(positions.len()).unwrap_or(u32::MAX);
-    let mut spec = ChunkSpec { kind: ChunkKind::Unchanged, op, layout, width, words, changed };
+    let mut spec = ChunkSpec {
+        kind: ChunkKind::Unchanged,
+        op,
+        layout,
+        width,
+        words,
+        changed,
+    };
     if changed == 0 {
-        return Ok(EncodedChunkStreams { spec, streams: Vec::new() });
+        return Ok(EncodedChunkStreams {
+            spec,
+            streams: Vec::new(),
+        });
     }
     let mut streams = Vec::new();
     let value_words = match choice {

@@ -41,7 +41,20 @@ impl WordWidth {
             2 => Ok(Self::W2),
             4 => Ok(Self::W4),
             8 => Ok(Self::W8),
-            _ => Err(GpuError::invalid(format!("word width {bytes} is not 1, 2, 4 or 8"))),
+            _ => Err(GpuError::invalid(format!(
+                "word width {bytes} is not 1, 2, 4 or 8"
+            ))),
+        }
+    }
+
+    /// The width in bits.
+    #[must_use]
+    pub const fn bits(self) -> u32 {
+        match self {
+            Self::W1 => 8,
+            Self::W2 => 16,
+            Self::W4 => 32,
+            Self::W8 => 64,
         }
     }
 
@@ -187,7 +200,9 @@ impl ChunkSpec {
         }
         match self.kind {
             ChunkKind::Sparse(PositionCoding::Gaps { width }) if ![1, 2, 4].contains(&width) => {
-                return Err(GpuError::corrupt(format!("gap width {width} is not 1, 2 or 4")));
+                return Err(GpuError::corrupt(format!(
+                    "gap width {width} is not 1, 2 or 4"
+                )));
             }
             ChunkKind::Sparse(_) if self.changed > self.words => {
                 return Err(GpuError::corrupt(format!(

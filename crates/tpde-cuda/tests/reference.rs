@@ -1,4 +1,9 @@
 //! CPU reference of every kernel (runs in CI, no GPU needed).
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    clippy::cast_sign_loss
+)]
 
 use proptest::prelude::*;
 use tpde_cuda::error::flag;
@@ -8,7 +13,9 @@ use tpde_cuda::{ChunkKind, ChunkSpec, GpuError, PositionCoding, ValueLayout, Val
 fn lcg(seed: u64) -> impl FnMut() -> u64 {
     let mut s = seed;
     move || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         s >> 11
     }
 }
@@ -22,7 +29,10 @@ fn zigzag_round_trips_at_every_width() {
             let v = difference(b, t, ValueOp::Sub, w);
             assert_eq!(combine(b, v, ValueOp::Sub, w), t);
             assert_eq!(unzigzag(zigzag(t, w), w), t);
-            assert_eq!(combine(b, difference(b, t, ValueOp::Xor, w), ValueOp::Xor, w), t);
+            assert_eq!(
+                combine(b, difference(b, t, ValueOp::Xor, w), ValueOp::Xor, w),
+                t
+            );
         }
     }
     // small differences give small values: -1 -> 1, 1 -> 2
@@ -46,17 +56,19 @@ fn planes_round_trip_and_rotate() {
 #[test]
 fn gaps_give_positions_and_reject_zero_gaps_and_overflow() {
     let pos = vec![0u32, 5, 300, 70_000];
-    for gw in [4u8] {
-        let planes = positions_to_gaps(&pos, gw);
-        assert_eq!(gaps_to_positions(&planes, gw, 4, 70_001).unwrap(), pos);
-        assert!(matches!(gaps_to_positions(&planes, gw, 4, 70_000), Err(GpuError::DeviceFlag(f)) if f == flag::POSITION_RANGE));
-    }
+    let planes = positions_to_gaps(&pos, 4);
+    assert_eq!(gaps_to_positions(&planes, 4, 4, 70_001).unwrap(), pos);
+    assert!(
+        matches!(gaps_to_positions(&planes, 4, 4, 70_000), Err(GpuError::DeviceFlag(f)) if f == flag::POSITION_RANGE)
+    );
     assert_eq!(gap_width_for(&pos), 4);
     assert_eq!(gap_width_for(&[3, 300]), 2);
     assert_eq!(gap_width_for(&[3, 255]), 1);
     // a first gap of 0 is position 0; a later gap of 0 repeats a position
     assert_eq!(gaps_to_positions(&[0, 1], 1, 2, 4).unwrap(), vec![0, 1]);
-    assert!(matches!(gaps_to_positions(&[1, 0], 1, 2, 4), Err(GpuError::DeviceFlag(f)) if f == flag::ZERO_GAP));
+    assert!(
+        matches!(gaps_to_positions(&[1, 0], 1, 2, 4), Err(GpuError::DeviceFlag(f)) if f == flag::ZERO_GAP)
+    );
 }
 
 #[test]
@@ -64,10 +76,14 @@ fn bitmap_checks_padding_and_count() {
     let pos = vec![1u32, 7, 8, 9];
     let bm = positions_to_bitmap(&pos, 10);
     assert_eq!(bitmap_to_positions(&bm, 10, 4).unwrap(), pos);
-    assert!(matches!(bitmap_to_positions(&bm, 10, 3), Err(GpuError::DeviceFlag(f)) if f == flag::COUNT_MISMATCH));
+    assert!(
+        matches!(bitmap_to_positions(&bm, 10, 3), Err(GpuError::DeviceFlag(f)) if f == flag::COUNT_MISMATCH)
+    );
     let mut bad = bm.clone();
     bad[1] |= 0x80;
-    assert!(matches!(bitmap_to_positions(&bad, 10, 4), Err(GpuError::DeviceFlag(f)) if f & flag::BITMAP_PADDING != 0));
+    assert!(
+        matches!(bitmap_to_positions(&bad, 10, 4), Err(GpuError::DeviceFlag(f)) if f & flag::BITMAP_PADDING != 0)
+    );
 }
 
 #[test]
@@ -81,12 +97,25 @@ fn stream_lengths_follow_the_format_order() {
         changed: 7,
     };
     assert_eq!(spec.stream_lens(), vec![7, 7, 7, 7, 7, 7]);
-    let raw_sub = ChunkSpec { kind: ChunkKind::Raw, op: ValueOp::Sub, ..spec };
+    let raw_sub = ChunkSpec {
+        kind: ChunkKind::Raw,
+        op: ValueOp::Sub,
+        ..spec
+    };
     assert!(raw_sub.validate().is_err());
 }
 
-const CHOICES: [EncodeChoice; 4] = [EncodeChoice::SparseGaps, EncodeChoice::SparseBitmap, EncodeChoice::Dense, EncodeChoice::Raw];
-const LAYOUTS: [ValueLayout; 3] = [ValueLayout::Words, ValueLayout::BytePlanes, ValueLayout::RotatedBytePlanes];
+const CHOICES: [EncodeChoice; 4] = [
+    EncodeChoice::SparseGaps,
+    EncodeChoice::SparseBitmap,
+    EncodeChoice::Dense,
+    EncodeChoice::Raw,
+];
+const LAYOUTS: [ValueLayout; 3] = [
+    ValueLayout::Words,
+    ValueLayout::BytePlanes,
+    ValueLayout::RotatedBytePlanes,
+];
 
 #[test]
 fn every_encoding_round_trips_at_every_width() {
