@@ -18,17 +18,21 @@ const ALWAYS_DENSE_ABOVE: f64 = 0.5;
 const SAMPLE_VALUES: usize = 8192;
 
 /// Settings that change the bytes a writer produces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EncodeSettings {
     /// zstd level for structured streams, 1 to 22. Streams that are mostly
     /// literals use level 1, where zstd is both fastest and smallest on them; from
     /// level 10 on, the writer measures alternatives instead of predicting.
     pub level: i32,
+    /// A stream is stored compressed only when zstd saves at least this fraction of
+    /// it. Above zero, decoding becomes mostly copying, which suits GPU loading where
+    /// the bus is faster than CPU decompression.
+    pub min_zstd_gain: f64,
 }
 
 impl Default for EncodeSettings {
     fn default() -> Self {
-        Self { level: 1 }
+        Self { level: 1, min_zstd_gain: 0.0 }
     }
 }
 
@@ -55,10 +59,12 @@ impl StreamSet {
     }
 
     /// Stores one stream as the cheaper of zstd and its bytes as they are.
-    fn push(&mut self, raw: &[u8], level: i32) -> Result<()> {
-        let compressed = compress_stream(raw, level)?;
+    fn push(&mut self, raw: &[u8], settings: EncodeSettings) -> Result<()> {
+        let compressed = compress_stream(raw, settings.level)?;
+        #[allow(clippy::cast_precision_loss)] // a threshold
+        let worth_it = |c: &[u8]| c.len() < raw.len() && (c.len() as f64) <= raw.len() as f64 * (1.0 - settings.min_zstd_gain);
         let (codec, stored) = match &compressed {
-            Some(c) if c.len() < raw.len() => (Codec::Zstd, c.as_slice()),
+            Some(c) if worth_it(c) => (Codec::Zstd, c.as_slice()),
             _ => (Codec::Stored, raw),
         };
         self.records.push(StreamRecord {
@@ -70,10 +76,10 @@ impl StreamSet {
         Ok(())
     }
 
-    fn of(streams: &[Vec<u8>], level: i32) -> Result<Self> {
+    fn of(streams: &[Vec<u8>], settings: EncodeSettings) -> Result<Self> {
         let mut set = Self::new();
         for stream in streams {
-            set.push(stream, level)?;
+            set.push(stream, settings)?;
         }
         Ok(set)
     }
@@ -182,17 +188,17 @@ fn choose_transform<W: Word>(
     (best.1, best.2)
 }
 
-fn value_streams<W: Word>(values: &[W], layout: ValueLayout, level: i32) -> Result<StreamSet> {
-    StreamSet::of(&values::split(values, layout), level)
+fn value_streams<W: Word>(values: &[W], layout: ValueLayout, settings: EncodeSettings) -> Result<StreamSet> {
+    StreamSet::of(&values::split(values, layout), settings)
 }
 
 /// Position streams: gaps or a bitmap, whichever is predicted (or, at high levels,
 /// measured) to store smaller.
-fn position_streams(changed: &[u32], words: usize, level: i32) -> Result<(PositionCoding, u8, StreamSet)> {
+fn position_streams(changed: &[u32], words: usize, settings: EncodeSettings) -> Result<(PositionCoding, u8, StreamSet)> {
     let width = positions::gap_width(changed);
     let gap_planes = positions::encode_gaps(changed, width);
     let bitmap = positions::encode_bitmap(changed, words);
-    let gaps_win = if level >= MEASURE_FROM_LEVEL {
+    let gaps_win = if settings.level >= MEASURE_FROM_LEVEL {
         None
     } else {
         let gap_bits: f64 = gap_planes.iter().map(|p| sampled_bits(p)).sum();
@@ -202,11 +208,11 @@ fn position_streams(changed: &[u32], words: usize, level: i32) -> Result<(Positi
     };
     let gaps = match gaps_win {
         Some(false) => None,
-        _ => Some(StreamSet::of(&gap_planes, level)?),
+        _ => Some(StreamSet::of(&gap_planes, settings)?),
     };
     let bitmap = match gaps_win {
         Some(true) => None,
-        _ => Some(StreamSet::of(&[bitmap], level)?),
+        _ => Some(StreamSet::of(&[bitmap], settings)?),
     };
     Ok(match (gaps, bitmap) {
         (Some(g), Some(b)) if b.data.len() < g.data.len() => (PositionCoding::Bitmap, 0, b),
@@ -268,7 +274,7 @@ fn encode_words<W: Word>(
             record.encoding = Encoding::Raw;
             record.changed_count = u32_len(words);
             record.value_layout = layout;
-            value_streams(&target, layout, settings.level)?
+            value_streams(&target, layout, settings)?
         }
         Some(base_bytes) => {
             let mut base: Vec<W> = load_words(base_bytes);
@@ -316,15 +322,15 @@ fn encode_words<W: Word>(
                     .iter()
                     .map(|&i| W::express(target[i as usize], base[i as usize], op))
                     .collect();
-                let (coding, width, mut set) = position_streams(&changed, words, settings.level)?;
-                set.append(value_streams(&values, layout, settings.level)?);
+                let (coding, width, mut set) = position_streams(&changed, words, settings)?;
+                set.append(value_streams(&values, layout, settings)?);
                 Some((coding, width, set))
             } else {
                 None
             };
             let dense = if build_dense {
                 let values: Vec<W> = target.iter().zip(&base).map(|(&t, &b)| W::express(t, b, op)).collect();
-                Some(value_streams(&values, layout, settings.level)?)
+                Some(value_streams(&values, layout, settings)?)
             } else {
                 None
             };

@@ -48,6 +48,11 @@ enum Command {
         /// from 10 on, alternatives are measured rather than predicted.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=22))]
         level: i32,
+        /// Store a stream compressed only when zstd saves at least this fraction of it
+        /// (0 to 1). Raising it trades size for decoding that is mostly copying,
+        /// which suits loading onto a GPU (try 0.25).
+        #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
+        min_zstd_gain: f64,
         /// Words per chunk: the unit of parallelism and random access.
         #[arg(long, default_value_t = tpde::limits::DEFAULT_CHUNK_WORDS)]
         chunk_words: u64,
@@ -166,13 +171,13 @@ fn set_threads(threads: &Threads) {
 #[allow(clippy::cast_precision_loss)] // ratios for display
 fn run(cli: Cli) -> tpde::Result<()> {
     match cli.command {
-        Command::Encode { inputs, output, level, chunk_words, force, threads } => {
+        Command::Encode { inputs, output, level, min_zstd_gain, chunk_words, force, threads } => {
             set_threads(&threads);
             tpde::output::check_free(&output, force)?;
             let (base_path, target_path) = split_base(&inputs);
             let base = open_optional(base_path)?;
             let target = Checkpoint::open(target_path)?;
-            let options = EncodeOptions { settings: EncodeSettings { level }, chunk_words };
+            let options = EncodeOptions { settings: EncodeSettings { level, min_zstd_gain }, chunk_words };
             let summary = pipeline::encode::encode(base.as_ref(), &target, &output, options, &Bars::new())?;
             eprintln!(
                 "wrote {} ({} of {} target, {:.2}%; {} tensors against the base, {} standalone)",

@@ -15,7 +15,7 @@ use crate::limits::MAX_CHUNK_WORDS;
 use crate::writer::DeltaWriter;
 
 /// Settings of `encode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EncodeOptions {
     /// Codec settings.
     pub settings: EncodeSettings,
@@ -59,9 +59,14 @@ fn counterpart<'a>(base: Option<&'a Checkpoint>, tensor: &TensorLocation) -> Opt
 /// Input errors of either checkpoint, `E_INVALID_ARGUMENT` for a bad chunk size,
 /// `E_IO` on write failure.
 pub fn encode(base: Option<&Checkpoint>, target: &Checkpoint, out: &Path, options: EncodeOptions, progress: &dyn Progress) -> Result<EncodeSummary> {
-    if options.chunk_words == 0 || options.chunk_words > MAX_CHUNK_WORDS || !(1..=22).contains(&options.settings.level) {
+    let settings = options.settings;
+    if options.chunk_words == 0
+        || options.chunk_words > MAX_CHUNK_WORDS
+        || !(1..=22).contains(&settings.level)
+        || !(0.0..=1.0).contains(&settings.min_zstd_gain)
+    {
         return Err(Error::new(ErrorCode::InvalidArgument, format!(
-            "chunk words must be 1..={MAX_CHUNK_WORDS} and the level 1..=22"
+            "chunk words must be 1..={MAX_CHUNK_WORDS}, the level 1..=22 and the zstd gain 0..=1"
         )));
     }
     progress.phase("encoding", target.total_bytes());
