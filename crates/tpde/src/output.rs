@@ -59,6 +59,7 @@ pub struct PendingFile {
     temp: PathBuf,
     target: PathBuf,
     writer: Option<BufWriter<File>>,
+    committed: bool,
 }
 
 impl PendingFile {
@@ -70,7 +71,12 @@ impl PendingFile {
         let temp = temp_name(target)?;
         let file = File::create(&temp).map_err(|e| Error::io(&temp, "cannot create the output", e))?;
         register(&temp);
-        Ok(Self { temp, target: target.to_path_buf(), writer: Some(BufWriter::with_capacity(1 << 20, file)) })
+        Ok(Self {
+            temp,
+            target: target.to_path_buf(),
+            writer: Some(BufWriter::with_capacity(1 << 20, file)),
+            committed: false,
+        })
     }
 
     fn writer(&mut self) -> &mut BufWriter<File> {
@@ -113,6 +119,7 @@ impl PendingFile {
         drop(file);
         std::fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, "cannot rename the output into place", e))?;
         unregister(&self.temp);
+        self.committed = true;
         Ok(())
     }
 
@@ -125,7 +132,8 @@ impl PendingFile {
 
 impl Drop for PendingFile {
     fn drop(&mut self) {
-        if self.writer.is_some() {
+        if !self.committed {
+            // Dropping the writer first closes the file; a failed flush is moot.
             self.writer = None;
             let _ = std::fs::remove_file(&self.temp);
             unregister(&self.temp);

@@ -1,0 +1,368 @@
+//! End-to-end tests of the `tpde` command: byte-identical round trips, and every
+//! fault of bad input leaving a clear error code and no output behind.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+const TPDE: &str = env!("CARGO_BIN_EXE_tpde");
+
+/// Deterministic bytes: a xorshift stream.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[5]
+        })
+        .collect()
+}
+
+/// Flips a few bytes every `every` bytes: a sparse change.
+fn perturb(bytes: &[u8], every: usize) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for i in (0..out.len()).step_by(every) {
+        out[i] ^= 0x01;
+    }
+    out
+}
+
+struct Tensor {
+    name: &'static str,
+    dtype: &'static str,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+fn dtype(name: &str) -> Dtype {
+    serde_json::from_value(serde_json::Value::String(name.into())).expect("a safetensors dtype")
+}
+
+fn write_safetensors(path: &Path, tensors: &[Tensor]) {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|t| (t.name.to_owned(), TensorView::new(dtype(t.dtype), t.shape.clone(), &t.bytes).expect("valid view")))
+        .collect();
+    let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    safetensors::serialize_to_file(views, Some(metadata), path).expect("write safetensors");
+}
+
+fn tensor(name: &'static str, dtype: &'static str, shape: &[usize], seed: u64) -> Tensor {
+    let bits: usize = match dtype {
+        "F4" => 4,
+        "F6_E2M3" | "F6_E3M2" => 6,
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" => 8,
+        "I16" | "U16" | "F16" | "BF16" => 16,
+        "I32" | "U32" | "F32" => 32,
+        _ => 64,
+    };
+    let len = shape.iter().product::<usize>() * bits / 8;
+    let mut bytes = noise(len, seed);
+    if dtype == "BOOL" {
+        bytes.iter_mut().for_each(|b| *b &= 1);
+    }
+    Tensor { name, dtype, shape: shape.to_vec(), bytes }
+}
+
+fn run(args: &[&Path]) -> Output {
+    Command::new(TPDE).args(args).output().expect("tpde runs")
+}
+
+fn ok(args: &[&Path]) {
+    let out = run(args);
+    assert!(out.status.success(), "tpde {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Runs a command that must fail, and returns the stable code it printed.
+fn error_code(args: &[&Path]) -> String {
+    let out = run(args);
+    assert!(!out.status.success(), "tpde {args:?} should have failed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line of error: {stderr}");
+    let code = stderr.trim_start_matches("tpde: ").split(':').next().unwrap_or_default();
+    assert!(code.starts_with("E_"), "a stable code: {stderr}");
+    code.to_owned()
+}
+
+fn p(s: &str) -> &Path {
+    Path::new(s)
+}
+
+/// No file of `dir` is a leftover temporary output.
+fn assert_no_leftovers(dir: &Path) {
+    for entry in fs::read_dir(dir).expect("readable") {
+        let name = entry.expect("entry").file_name();
+        assert!(!name.to_string_lossy().contains(".tpde-tmp-"), "leftover {name:?}");
+    }
+}
+
+struct Pair {
+    dir: tempfile::TempDir,
+}
+
+impl Pair {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A base and a target with every dtype, plus added, removed, grown, reshaped and
+/// retyped tensors.
+fn pair() -> Pair {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dtypes = [
+        "BOOL", "U8", "I8", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "I16", "U16", "F16", "BF16",
+        "I32", "U32", "F32", "C64", "I64", "U64", "F64",
+    ];
+    let mut base = Vec::new();
+    let mut target = Vec::new();
+    for (i, &dtype) in dtypes.iter().enumerate() {
+        let name: &'static str = Box::leak(format!("layer.{dtype}").into_boxed_str());
+        let t = tensor(name, dtype, &[16, 24], i as u64);
+        let every = if i % 2 == 0 { 7 } else { 1 };
+        target.push(Tensor { bytes: perturb(&t.bytes, every), ..tensor(name, dtype, &[16, 24], i as u64) });
+        base.push(t);
+    }
+    base.push(tensor("embed", "BF16", &[100, 8], 99));
+    let mut grown = tensor("embed", "BF16", &[120, 8], 100);
+    grown.bytes[..1600].copy_from_slice(&base.last().expect("embed").bytes);
+    target.push(grown);
+    base.push(tensor("removed", "F32", &[4], 5));
+    target.push(tensor("added", "I64", &[3, 3], 6));
+    base.push(tensor("reshaped", "F32", &[6, 4], 7));
+    target.push(tensor("reshaped", "F32", &[4, 6], 7));
+    base.push(tensor("retyped", "F32", &[8], 8));
+    target.push(tensor("retyped", "F16", &[16], 8));
+    base.push(tensor("scalar", "F64", &[], 9));
+    target.push(tensor("scalar", "F64", &[], 10));
+    base.push(tensor("empty", "BF16", &[0, 4], 11));
+    target.push(tensor("empty", "BF16", &[0, 4], 11));
+    let pair = Pair { dir };
+    write_safetensors(&pair.path("base.safetensors"), &base);
+    write_safetensors(&pair.path("target.safetensors"), &target);
+    pair
+}
+
+#[test]
+fn every_dtype_and_shape_change_round_trips_byte_identically() {
+    let t = pair();
+    let (base, target, delta, out) = (t.path("base.safetensors"), t.path("target.safetensors"), t.path("d.tpde"), t.path("out.safetensors"));
+    ok(&[p("encode"), &base, &target, p("-o"), &delta]);
+    ok(&[p("apply"), &base, &delta, p("-o"), &out]);
+    assert_eq!(fs::read(&out).unwrap(), fs::read(&target).unwrap());
+    ok(&[p("verify"), &base, &delta, p("--target"), &target]);
+    let inspect = run(&[p("inspect"), &delta, p("--json")]);
+    let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect prints JSON");
+    assert!(report["needs_base"].as_bool().unwrap());
+    let delta_of = |name: &str| report["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name).unwrap()["delta"].as_bool();
+    assert_eq!(delta_of("embed"), Some(true), "a grown tensor is a delta against the base's rows");
+    assert_eq!(delta_of("retyped"), Some(false));
+    assert_eq!(delta_of("added"), Some(false));
+}
+
+#[test]
+fn standalone_encoding_needs_no_base() {
+    let t = pair();
+    let (target, file, out) = (t.path("target.safetensors"), t.path("s.tpde"), t.path("out.safetensors"));
+    ok(&[p("encode"), &target, p("-o"), &file]);
+    ok(&[p("apply"), &file, p("-o"), &out]);
+    assert_eq!(fs::read(&out).unwrap(), fs::read(&target).unwrap());
+    ok(&[p("verify"), &file, p("--target"), &target]);
+}
+
+#[test]
+fn the_same_inputs_give_the_same_bytes_whatever_the_thread_count() {
+    let t = pair();
+    let (base, target) = (t.path("base.safetensors"), t.path("target.safetensors"));
+    ok(&[p("encode"), &base, &target, p("-o"), &t.path("a.tpde"), p("--threads"), p("1"), p("--chunk-words"), p("64")]);
+    ok(&[p("encode"), &base, &target, p("-o"), &t.path("b.tpde"), p("--threads"), p("2"), p("--chunk-words"), p("64")]);
+    assert_eq!(fs::read(t.path("a.tpde")).unwrap(), fs::read(t.path("b.tpde")).unwrap());
+}
+
+fn encoded() -> (Pair, PathBuf) {
+    let t = pair();
+    let delta = t.path("d.tpde");
+    ok(&[p("encode"), &t.path("base.safetensors"), &t.path("target.safetensors"), p("-o"), &delta, p("--chunk-words"), p("64")]);
+    (t, delta)
+}
+
+#[test]
+fn a_truncated_delta_is_rejected_and_leaves_no_output() {
+    let (t, delta) = encoded();
+    let bytes = fs::read(&delta).unwrap();
+    for cut in [10, 200, bytes.len() / 2, bytes.len() - 1] {
+        let cut_path = t.path("cut.tpde");
+        fs::write(&cut_path, &bytes[..cut]).unwrap();
+        let out = t.path("out.safetensors");
+        let code = error_code(&[p("apply"), &t.path("base.safetensors"), &cut_path, p("-o"), &out]);
+        assert!(["E_TRUNCATED", "E_BAD_TRAILER"].contains(&code.as_str()), "{code} at {cut}");
+        assert!(!out.exists());
+    }
+    assert_no_leftovers(t.dir.path());
+}
+
+#[test]
+fn a_flipped_byte_anywhere_is_an_error_and_leaves_no_output() {
+    let (t, delta) = encoded();
+    let bytes = fs::read(&delta).unwrap();
+    let out = t.path("out.safetensors");
+    // Every 97th byte: preamble, chunk data, header, tables and trailer are all hit.
+    for at in (0..bytes.len()).step_by(97) {
+        let mut flipped = bytes.clone();
+        flipped[at] ^= 0x10;
+        let bad = t.path("bad.tpde");
+        fs::write(&bad, &flipped).unwrap();
+        error_code(&[p("apply"), &t.path("base.safetensors"), &bad, p("-o"), &out]);
+        assert!(!out.exists(), "output left after a flip at {at}");
+    }
+    assert_no_leftovers(t.dir.path());
+}
+
+#[test]
+fn a_corrupted_chunk_names_its_tensor_and_chunk() {
+    let (t, delta) = encoded();
+    let mut bytes = fs::read(&delta).unwrap();
+    bytes[128 + 3] ^= 0xff; // inside the first chunk's stored bytes
+    fs::write(&delta, &bytes).unwrap();
+    let out = run(&[p("verify"), &t.path("base.safetensors"), &delta]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("tpde: E_CHUNK_CHECKSUM"), "{stderr}");
+    assert!(stderr.contains("tensor \"") && stderr.contains("chunk 0"), "{stderr}");
+}
+
+#[test]
+fn a_wrong_base_is_caught_before_anything_is_written() {
+    let (t, delta) = encoded();
+    let out = t.path("out.safetensors");
+    // Same names, dtypes and shapes; one tensor's content differs.
+    let mut base = fs::read(t.path("base.safetensors")).unwrap();
+    let last = base.len() - 1;
+    base[last] ^= 1;
+    let wrong = t.path("wrong.safetensors");
+    fs::write(&wrong, &base).unwrap();
+    assert_eq!(error_code(&[p("apply"), &wrong, &delta, p("-o"), &out]), "E_BASE_DIGEST");
+    assert!(!out.exists());
+    // A different model altogether fails on names, shapes or dtypes first.
+    assert!(["E_BASE_MISSING_TENSOR", "E_BASE_MISMATCH"].contains(&error_code(&[p("apply"), &t.path("target.safetensors"), &delta, p("-o"), &out]).as_str()));
+    assert_eq!(error_code(&[p("apply"), &delta, p("-o"), &out]), "E_BASE_REQUIRED");
+    assert!(!out.exists());
+    assert_no_leftovers(t.dir.path());
+}
+
+#[test]
+fn absurd_sizes_in_the_preamble_are_rejected_before_allocation() {
+    let (_pair, delta) = encoded();
+    let mut bytes = fs::read(&delta).unwrap();
+    bytes[48..56].copy_from_slice(&(1u64 << 60).to_le_bytes()); // chunk_count
+    let checksum = tpde::digest::checksum64(&bytes[..120]);
+    bytes[120..128].copy_from_slice(&checksum.to_le_bytes());
+    fs::write(&delta, &bytes).unwrap();
+    assert_eq!(error_code(&[p("inspect"), &delta]), "E_LIMIT_EXCEEDED");
+}
+
+fn sharded(t: &Pair, name: &str, seed: u64) -> PathBuf {
+    let dir = t.path(name);
+    fs::create_dir(&dir).unwrap();
+    let shards = [
+        ("model-00001-of-00002.safetensors", vec![tensor("a", "BF16", &[64, 32], seed), tensor("b", "F32", &[10], seed + 1)]),
+        ("model-00002-of-00002.safetensors", vec![tensor("c", "BF16", &[32, 32], seed + 2)]),
+    ];
+    let mut weight_map = serde_json::Map::new();
+    for (file, tensors) in &shards {
+        write_safetensors(&dir.join(file), tensors);
+        for t in tensors {
+            weight_map.insert(t.name.into(), (*file).into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 4264}, "weight_map": weight_map});
+    fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn sharded_checkpoints_round_trip_and_a_missing_shard_is_reported() {
+    let t = Pair { dir: tempfile::tempdir().unwrap() };
+    let base = sharded(&t, "base", 1);
+    let target = sharded(&t, "target", 2);
+    let delta = t.path("d.tpde");
+    let out = t.path("out");
+    ok(&[p("encode"), &base, &target, p("-o"), &delta]);
+    ok(&[p("apply"), &base, &delta, p("-o"), &out]);
+    for entry in fs::read_dir(&target).unwrap() {
+        let name = entry.unwrap().file_name();
+        assert_eq!(fs::read(out.join(&name)).unwrap(), fs::read(target.join(&name)).unwrap(), "{name:?}");
+    }
+    assert_eq!(fs::read_dir(&out).unwrap().count(), 3);
+    // Output exists: refused without --force, replaced with it.
+    assert_eq!(error_code(&[p("apply"), &base, &delta, p("-o"), &out]), "E_OUTPUT_EXISTS");
+    ok(&[p("apply"), &base, &delta, p("-o"), &out, p("--force")]);
+
+    fs::remove_file(base.join("model-00002-of-00002.safetensors")).unwrap();
+    let out2 = t.path("out2");
+    assert_eq!(error_code(&[p("apply"), &base, &delta, p("-o"), &out2]), "E_MISSING_SHARD");
+    assert!(!out2.exists());
+    assert_no_leftovers(t.dir.path());
+}
+
+#[test]
+fn pickles_are_refused_with_advice() {
+    let t = pair();
+    let pickle = t.path("pytorch_model.bin");
+    fs::write(&pickle, b"\x80\x02}q\x00.").unwrap();
+    let out = run(&[p("encode"), &pickle, p("-o"), &t.path("x.tpde")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("tpde: E_PICKLE_INPUT") && stderr.contains("safetensors"), "{stderr}");
+}
+
+/// A write that fails midway (here: the file-size limit, as a full disk would)
+/// leaves no output and no temporary file.
+#[test]
+fn a_failed_write_leaves_nothing_behind() {
+    use std::os::unix::process::CommandExt;
+    let (t, delta) = encoded();
+    let out = t.path("out.safetensors");
+    let mut command = Command::new(TPDE);
+    command.args([p("apply"), &t.path("base.safetensors"), &delta, p("-o"), &out]);
+    // SAFETY: only async-signal-safe calls (signal, setrlimit) run between fork and
+    // exec. Ignoring SIGXFSZ makes an oversized write fail with EFBIG instead of
+    // killing the process; the disposition survives exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit { rlim_cur: 4096, rlim_max: 4096 };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = command.output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).starts_with("tpde: E_IO"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!out.exists());
+    assert_no_leftovers(t.dir.path());
+}
+
+/// A real full disk: an 8 KiB tmpfs. Mounting needs root, so `.ci/run` runs this
+/// test explicitly where it is root.
+#[test]
+#[ignore = "needs root to mount a tmpfs"]
+fn a_full_disk_leaves_nothing_behind() {
+    let (t, delta) = encoded();
+    let mount = t.path("small");
+    fs::create_dir(&mount).unwrap();
+    let status = Command::new("mount").args(["-t", "tmpfs", "-o", "size=8k", "tmpfs"]).arg(&mount).status().unwrap();
+    assert!(status.success(), "mounting a tmpfs needs root");
+    let out = mount.join("out.safetensors");
+    let code = error_code(&[p("apply"), &t.path("base.safetensors"), &delta, p("-o"), &out]);
+    let leftovers = fs::read_dir(&mount).unwrap().count();
+    Command::new("umount").arg(&mount).status().unwrap();
+    assert_eq!(code, "E_IO");
+    assert_eq!(leftovers, 0, "the full disk holds no partial output");
+}
