@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Every test: the Rust workspace (GPU tests report themselves as ignored where no GPU
+# is present), the full-disk test where we may mount a tmpfs, and the conformance
+# suite through the second, independent reader in Python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo test --workspace --locked
+
+if [ "$(id -u)" = 0 ]; then
+  cargo test --locked -p tpde-cli --test cli -- --ignored a_full_disk_leaves_nothing_behind
+else
+  echo "full-disk test not run: mounting a tmpfs needs root"
+fi
+
+python3 -m pip install --quiet --disable-pip-version-check -r conformance/python/requirements.txt
+python3 -m unittest discover -s conformance/python -p 'test_*.py'
+bash conformance/run-suite.sh python3 conformance/python/tpde_reader.py
