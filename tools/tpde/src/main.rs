@@ -36,7 +36,9 @@ struct Threads {
 #[derive(Subcommand)]
 enum Command {
     /// Encode TARGET as a delta against BASE, or alone when only one checkpoint is given.
-    #[command(after_help = "Examples:\n  tpde encode base.safetensors target.safetensors -o target.tpde\n  tpde encode target.safetensors -o target.tpde")]
+    #[command(
+        after_help = "Examples:\n  tpde encode base.safetensors target.safetensors -o target.tpde\n  tpde encode target.safetensors -o target.tpde"
+    )]
     Encode {
         /// `[BASE] TARGET`: each a .safetensors file or a sharded checkpoint directory.
         #[arg(value_name = "[BASE] TARGET", num_args = 1..=2, required = true)]
@@ -63,7 +65,9 @@ enum Command {
         threads: Threads,
     },
     /// Rebuild the target of DELTA, byte-identical to the original.
-    #[command(after_help = "Examples:\n  tpde apply base.safetensors target.tpde -o target.safetensors\n  tpde apply base-dir/ step.tpde -o step-dir/")]
+    #[command(
+        after_help = "Examples:\n  tpde apply base.safetensors target.tpde -o target.safetensors\n  tpde apply base-dir/ step.tpde -o step-dir/"
+    )]
     Apply {
         /// `[BASE] DELTA`: the base is needed unless DELTA is standalone.
         #[arg(value_name = "[BASE] DELTA", num_args = 1..=2, required = true)]
@@ -88,7 +92,9 @@ enum Command {
         threads: Threads,
     },
     /// Check every checksum and digest; exit non-zero on any mismatch.
-    #[command(after_help = "Examples:\n  tpde verify base.safetensors target.tpde\n  tpde verify base.safetensors target.tpde --target target.safetensors")]
+    #[command(
+        after_help = "Examples:\n  tpde verify base.safetensors target.tpde\n  tpde verify base.safetensors target.tpde --target target.safetensors"
+    )]
     Verify {
         /// `[BASE] DELTA`.
         #[arg(value_name = "[BASE] DELTA", num_args = 1..=2, required = true)]
@@ -145,6 +151,18 @@ fn split_base(inputs: &[PathBuf]) -> (Option<&Path>, &Path) {
     }
 }
 
+/// Refuses an output that would replace one of the inputs: inputs are never modified.
+fn check_not_an_input(output: &Path, inputs: &[PathBuf]) -> tpde::Result<()> {
+    let Ok(output) = output.canonicalize() else { return Ok(()) };
+    let clash = inputs.iter().any(|input| input.canonicalize().is_ok_and(|i| output == i || output.starts_with(&i)));
+    if clash {
+        return Err(
+            tpde::Error::new(tpde::ErrorCode::InvalidArgument, "the output would overwrite an input").in_file(&output)
+        );
+    }
+    Ok(())
+}
+
 fn open_optional(path: Option<&Path>) -> tpde::Result<Option<Checkpoint>> {
     path.map(Checkpoint::open).transpose()
 }
@@ -158,7 +176,11 @@ fn human(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.2} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
 }
 
 fn set_threads(threads: &Threads) {
@@ -174,6 +196,7 @@ fn run(cli: Cli) -> tpde::Result<()> {
         Command::Encode { inputs, output, level, min_zstd_gain, chunk_words, force, threads } => {
             set_threads(&threads);
             tpde::output::check_free(&output, force)?;
+            check_not_an_input(&output, &inputs)?;
             let (base_path, target_path) = split_base(&inputs);
             let base = open_optional(base_path)?;
             let target = Checkpoint::open(target_path)?;
@@ -192,11 +215,17 @@ fn run(cli: Cli) -> tpde::Result<()> {
         Command::Apply { inputs, output, force, threads } => {
             set_threads(&threads);
             tpde::output::check_free(&output, force)?;
+            check_not_an_input(&output, &inputs)?;
             let (base_path, delta_path) = split_base(&inputs);
             let delta = DeltaFile::open(delta_path)?;
             let base = open_optional(base_path)?;
             let summary = pipeline::apply::apply(&delta, base.as_ref(), &output, force, &Bars::new())?;
-            eprintln!("wrote {} ({} in {} file(s)), every digest matched", output.display(), human(summary.target_bytes), summary.files);
+            eprintln!(
+                "wrote {} ({} in {} file(s)), every digest matched",
+                output.display(),
+                human(summary.target_bytes),
+                summary.files
+            );
         }
         Command::Inspect { delta, json, threads } => {
             set_threads(&threads);

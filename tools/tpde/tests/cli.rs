@@ -152,7 +152,8 @@ fn pair() -> Pair {
 #[test]
 fn every_dtype_and_shape_change_round_trips_byte_identically() {
     let t = pair();
-    let (base, target, delta, out) = (t.path("base.safetensors"), t.path("target.safetensors"), t.path("d.tpde"), t.path("out.safetensors"));
+    let (base, target, delta, out) =
+        (t.path("base.safetensors"), t.path("target.safetensors"), t.path("d.tpde"), t.path("out.safetensors"));
     ok(&[p("encode"), &base, &target, p("-o"), &delta]);
     ok(&[p("apply"), &base, &delta, p("-o"), &out]);
     assert_eq!(fs::read(&out).unwrap(), fs::read(&target).unwrap());
@@ -160,7 +161,9 @@ fn every_dtype_and_shape_change_round_trips_byte_identically() {
     let inspect = run(&[p("inspect"), &delta, p("--json")]);
     let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect prints JSON");
     assert!(report["needs_base"].as_bool().unwrap());
-    let delta_of = |name: &str| report["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name).unwrap()["delta"].as_bool();
+    let delta_of = |name: &str| {
+        report["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name).unwrap()["delta"].as_bool()
+    };
     assert_eq!(delta_of("embed"), Some(true), "a grown tensor is a delta against the base's rows");
     assert_eq!(delta_of("retyped"), Some(false));
     assert_eq!(delta_of("added"), Some(false));
@@ -188,7 +191,15 @@ fn the_same_inputs_give_the_same_bytes_whatever_the_thread_count() {
 fn encoded() -> (Pair, PathBuf) {
     let t = pair();
     let delta = t.path("d.tpde");
-    ok(&[p("encode"), &t.path("base.safetensors"), &t.path("target.safetensors"), p("-o"), &delta, p("--chunk-words"), p("64")]);
+    ok(&[
+        p("encode"),
+        &t.path("base.safetensors"),
+        &t.path("target.safetensors"),
+        p("-o"),
+        &delta,
+        p("--chunk-words"),
+        p("64"),
+    ]);
     (t, delta)
 }
 
@@ -249,7 +260,8 @@ fn a_wrong_base_is_caught_before_anything_is_written() {
     assert_eq!(error_code(&[p("apply"), &wrong, &delta, p("-o"), &out]), "E_BASE_DIGEST");
     assert!(!out.exists());
     // A different model altogether fails on names, shapes or dtypes first.
-    assert!(["E_BASE_MISSING_TENSOR", "E_BASE_MISMATCH"].contains(&error_code(&[p("apply"), &t.path("target.safetensors"), &delta, p("-o"), &out]).as_str()));
+    assert!(["E_BASE_MISSING_TENSOR", "E_BASE_MISMATCH"]
+        .contains(&error_code(&[p("apply"), &t.path("target.safetensors"), &delta, p("-o"), &out]).as_str()));
     assert_eq!(error_code(&[p("apply"), &delta, p("-o"), &out]), "E_BASE_REQUIRED");
     assert!(!out.exists());
     assert_no_leftovers(t.dir.path());
@@ -270,7 +282,10 @@ fn sharded(t: &Pair, name: &str, seed: u64) -> PathBuf {
     let dir = t.path(name);
     fs::create_dir(&dir).unwrap();
     let shards = [
-        ("model-00001-of-00002.safetensors", vec![tensor("a", "BF16", &[64, 32], seed), tensor("b", "F32", &[10], seed + 1)]),
+        (
+            "model-00001-of-00002.safetensors",
+            vec![tensor("a", "BF16", &[64, 32], seed), tensor("b", "F32", &[10], seed + 1)],
+        ),
         ("model-00002-of-00002.safetensors", vec![tensor("c", "BF16", &[32, 32], seed + 2)]),
     ];
     let mut weight_map = serde_json::Map::new();
@@ -311,6 +326,16 @@ fn sharded_checkpoints_round_trip_and_a_missing_shard_is_reported() {
 }
 
 #[test]
+fn an_input_is_never_overwritten() {
+    let (t, delta) = encoded();
+    let base = t.path("base.safetensors");
+    let before = fs::read(&base).unwrap();
+    let code = error_code(&[p("apply"), &base, &delta, p("-o"), &base, p("--force")]);
+    assert_eq!(code, "E_INVALID_ARGUMENT");
+    assert_eq!(fs::read(&base).unwrap(), before);
+}
+
+#[test]
 fn pickles_are_refused_with_advice() {
     let t = pair();
     let pickle = t.path("pytorch_model.bin");
@@ -344,7 +369,11 @@ fn a_failed_write_leaves_nothing_behind() {
     }
     let output = command.output().unwrap();
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).starts_with("tpde: E_IO"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).starts_with("tpde: E_IO"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(!out.exists());
     assert_no_leftovers(t.dir.path());
 }
