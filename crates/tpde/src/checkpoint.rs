@@ -72,10 +72,7 @@ pub struct Checkpoint {
 }
 
 fn is_pickle(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("bin" | "pt" | "pth" | "pkl" | "ckpt")
-    )
+    matches!(path.extension().and_then(|e| e.to_str()), Some("bin" | "pt" | "pth" | "pkl" | "ckpt"))
 }
 
 #[derive(Deserialize)]
@@ -105,9 +102,8 @@ impl Checkpoint {
     fn open_sharded(dir: &Path) -> Result<Self> {
         let index_path = dir.join(INDEX_FILE);
         if !index_path.exists() {
-            let has_pickle = ["pytorch_model.bin", "pytorch_model.bin.index.json"]
-                .iter()
-                .any(|name| dir.join(name).exists());
+            let has_pickle =
+                ["pytorch_model.bin", "pytorch_model.bin.index.json"].iter().any(|name| dir.join(name).exists());
             let (code, message) = if has_pickle {
                 (ErrorCode::PickleInput, "the directory holds a pickle checkpoint, which is not read")
             } else {
@@ -115,8 +111,8 @@ impl Checkpoint {
             };
             return Err(Error::new(code, message).in_file(dir));
         }
-        let index_json = std::fs::read_to_string(&index_path)
-            .map_err(|e| Error::io(&index_path, "cannot read the index", e))?;
+        let index_json =
+            std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, "cannot read the index", e))?;
         let index: ShardIndex = parse_strict(&index_json, "model.safetensors.index.json")
             .map_err(|e| Error::new(ErrorCode::InvalidCheckpoint, e.message()).in_file(&index_path))?;
         let shard_names: BTreeSet<&str> = index.weight_map.values().map(String::as_str).collect();
@@ -125,12 +121,18 @@ impl Checkpoint {
             let shard = dir.join(name);
             let plain = Path::new(name).file_name().is_some_and(|f| f == name);
             if !plain {
-                return Err(Error::new(ErrorCode::InvalidCheckpoint, format!("shard name {name:?} is not a plain file name"))
-                    .in_file(&index_path));
+                return Err(Error::new(
+                    ErrorCode::InvalidCheckpoint,
+                    format!("shard name {name:?} is not a plain file name"),
+                )
+                .in_file(&index_path));
             }
             if !shard.exists() {
-                return Err(Error::new(ErrorCode::MissingShard, format!("shard {name} is named by the index but missing"))
-                    .in_file(&shard));
+                return Err(Error::new(
+                    ErrorCode::MissingShard,
+                    format!("shard {name} is named by the index but missing"),
+                )
+                .in_file(&shard));
             }
             files.push(open_file(&shard)?);
         }
@@ -138,14 +140,20 @@ impl Checkpoint {
         for (tensor, shard) in &index.weight_map {
             let found = checkpoint.by_name.get(tensor).map(|&(f, _)| checkpoint.files[f].name.as_str());
             if found != Some(shard.as_str()) {
-                return Err(Error::new(ErrorCode::InvalidCheckpoint, format!("the index puts it in {shard}, which lacks it"))
-                    .in_file(&index_path)
-                    .in_tensor(tensor));
+                return Err(Error::new(
+                    ErrorCode::InvalidCheckpoint,
+                    format!("the index puts it in {shard}, which lacks it"),
+                )
+                .in_file(&index_path)
+                .in_tensor(tensor));
             }
         }
         if checkpoint.by_name.len() != index.weight_map.len() {
-            return Err(Error::new(ErrorCode::InvalidCheckpoint, "the shards hold tensors that the index does not list")
-                .in_file(&index_path));
+            return Err(Error::new(
+                ErrorCode::InvalidCheckpoint,
+                "the shards hold tensors that the index does not list",
+            )
+            .in_file(&index_path));
         }
         Ok(checkpoint)
     }
@@ -207,11 +215,11 @@ fn open_file(path: &Path) -> Result<CheckpointFile> {
         .and_then(|n| n.checked_add(8))
         .filter(|&end| end <= map.len())
         .ok_or_else(|| invalid(format!("the header length {header_len} runs past the end of the file")))?;
-    let header_text = std::str::from_utf8(&map[8..header_end])
-        .map_err(|_| invalid("the header is not UTF-8".into()))?
-        .to_owned();
+    let header_text =
+        std::str::from_utf8(&map[8..header_end]).map_err(|_| invalid("the header is not UTF-8".into()))?.to_owned();
     check_dtypes(&header_text).map_err(|e| e.in_file(path))?;
-    let (_, metadata) = SafeTensors::read_metadata(&map).map_err(|e| invalid(format!("not a valid safetensors file: {e}")))?;
+    let (_, metadata) =
+        SafeTensors::read_metadata(&map).map_err(|e| invalid(format!("not a valid safetensors file: {e}")))?;
     let infos = metadata.tensors();
     let mut tensors = Vec::with_capacity(infos.len());
     for name in metadata.offset_keys() {

@@ -5,7 +5,7 @@ use crate::codec::positions;
 use crate::codec::values::{self, with_word, Word};
 use crate::codec::zstd_stream;
 use crate::container::chunk_map::{
-    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp,
+    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
 };
 use crate::digest::{checksum64, leaf_digest};
 use crate::error::{fail, ErrorCode, Result};
@@ -62,16 +62,13 @@ impl StreamSet {
     fn push(&mut self, raw: &[u8], settings: EncodeSettings) -> Result<()> {
         let compressed = compress_stream(raw, settings.level)?;
         #[allow(clippy::cast_precision_loss)] // a threshold
-        let worth_it = |c: &[u8]| c.len() < raw.len() && (c.len() as f64) <= raw.len() as f64 * (1.0 - settings.min_zstd_gain);
+        let worth_it =
+            |c: &[u8]| c.len() < raw.len() && (c.len() as f64) <= raw.len() as f64 * (1.0 - settings.min_zstd_gain);
         let (codec, stored) = match &compressed {
             Some(c) if worth_it(c) => (Codec::Zstd, c.as_slice()),
             _ => (Codec::Stored, raw),
         };
-        self.records.push(StreamRecord {
-            stored_len: u32_len(stored.len()),
-            decoded_len: u32_len(raw.len()),
-            codec,
-        });
+        self.records.push(StreamRecord { stored_len: u32_len(stored.len()), decoded_len: u32_len(raw.len()), codec });
         self.data.extend_from_slice(stored);
         Ok(())
     }
@@ -192,9 +189,39 @@ fn value_streams<W: Word>(values: &[W], layout: ValueLayout, settings: EncodeSet
     StreamSet::of(&values::split(values, layout), settings)
 }
 
+/// Value streams against a base, in the order that stores smaller: grouped by base
+/// key for floats (their exponent sets how many units in the last place an update
+/// spans), positional otherwise; measured from [`MEASURE_FROM_LEVEL`] on.
+fn ordered_value_streams<W: Word>(
+    values: &[W],
+    keys: impl Fn() -> Vec<u8>,
+    layout: ValueLayout,
+    leading_sign: bool,
+    settings: EncodeSettings,
+) -> Result<(ValueOrder, StreamSet)> {
+    let measure = settings.level >= MEASURE_FROM_LEVEL && W::BYTES > 1;
+    if !measure && !(leading_sign && W::BYTES > 1) {
+        return Ok((ValueOrder::Positional, value_streams(values, layout, settings)?));
+    }
+    let grouped = value_streams(&values::group(values, &keys()), layout, settings)?;
+    if !measure {
+        return Ok((ValueOrder::GroupedByBase, grouped));
+    }
+    let positional = value_streams(values, layout, settings)?;
+    Ok(if grouped.data.len() < positional.data.len() {
+        (ValueOrder::GroupedByBase, grouped)
+    } else {
+        (ValueOrder::Positional, positional)
+    })
+}
+
 /// Position streams: gaps or a bitmap, whichever is predicted (or, at high levels,
 /// measured) to store smaller.
-fn position_streams(changed: &[u32], words: usize, settings: EncodeSettings) -> Result<(PositionCoding, u8, StreamSet)> {
+fn position_streams(
+    changed: &[u32],
+    words: usize,
+    settings: EncodeSettings,
+) -> Result<(PositionCoding, u8, StreamSet)> {
     let width = positions::gap_width(changed);
     let gap_planes = positions::encode_gaps(changed, width);
     let bitmap = positions::encode_bitmap(changed, words);
@@ -264,6 +291,7 @@ fn encode_words<W: Word>(
         position_coding: PositionCoding::None,
         gap_width: 0,
         stream_count: 0,
+        value_order: ValueOrder::Positional,
         checksum: 0,
         digest: leaf_digest(target_bytes),
     };
@@ -318,31 +346,36 @@ fn encode_words<W: Word>(
             };
 
             let sparse = if build_sparse {
-                let values: Vec<W> = changed
-                    .iter()
-                    .map(|&i| W::express(target[i as usize], base[i as usize], op))
-                    .collect();
+                let values: Vec<W> =
+                    changed.iter().map(|&i| W::express(target[i as usize], base[i as usize], op)).collect();
+                let keys = || changed.iter().map(|&i| values::group_key(base[i as usize])).collect();
+                let (order, value_set) = ordered_value_streams(&values, keys, layout, leading_sign, settings)?;
                 let (coding, width, mut set) = position_streams(&changed, words, settings)?;
-                set.append(value_streams(&values, layout, settings)?);
-                Some((coding, width, set))
+                set.append(value_set);
+                Some((coding, width, order, set))
             } else {
                 None
             };
             let dense = if build_dense {
                 let values: Vec<W> = target.iter().zip(&base).map(|(&t, &b)| W::express(t, b, op)).collect();
-                Some(value_streams(&values, layout, settings)?)
+                let keys = || base.iter().map(|&b| values::group_key(b)).collect();
+                Some(ordered_value_streams(&values, keys, layout, leading_sign, settings)?)
             } else {
                 None
             };
             match (sparse, dense) {
-                (Some((coding, width, set)), dense) if dense.as_ref().is_none_or(|d| set.data.len() < d.data.len()) => {
+                (Some((coding, width, order, set)), dense)
+                    if dense.as_ref().is_none_or(|(_, d)| set.data.len() < d.data.len()) =>
+                {
                     record.encoding = Encoding::Sparse;
                     record.position_coding = coding;
                     record.gap_width = width;
+                    record.value_order = order;
                     set
                 }
-                (_, Some(set)) => {
+                (_, Some((order, set))) => {
                     record.encoding = Encoding::Dense;
+                    record.value_order = order;
                     set
                 }
                 (None, None) => unreachable!("one of the two is always built"),
@@ -368,6 +401,7 @@ pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: 
     let (value_count, position_lens): (u64, Vec<u64>) = match record.encoding {
         Encoding::Unchanged => {
             let canonical = m == 0
+                && record.value_order == ValueOrder::Positional
                 && record.value_op == ValueOp::Xor
                 && record.value_layout == ValueLayout::Words
                 && record.position_coding == PositionCoding::None
@@ -393,13 +427,16 @@ pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: 
             if record.position_coding != PositionCoding::None || record.gap_width != 0 {
                 return invalid("only sparse chunks have positions");
             }
-            if m > words || (record.encoding == Encoding::Raw && (m != words || record.value_op != ValueOp::Xor)) {
-                return invalid("the changed count or value op does not fit the encoding");
+            let raw_fields_ok =
+                m == words && record.value_op == ValueOp::Xor && record.value_order == ValueOrder::Positional;
+            if m > words || (record.encoding == Encoding::Raw && !raw_fields_ok) {
+                return invalid("the changed count, value op or value order does not fit the encoding");
             }
             (words, Vec::new())
         }
     };
-    let value_streams = if record.encoding == Encoding::Unchanged { 0 } else { values::stream_count(record.value_layout, word_bytes) };
+    let value_streams =
+        if record.encoding == Encoding::Unchanged { 0 } else { values::stream_count(record.value_layout, word_bytes) };
     if streams.len() != usize::from(record.stream_count) || streams.len() != position_lens.len() + value_streams {
         return invalid("the stream count does not fit the encoding");
     }
@@ -490,6 +527,15 @@ pub fn decode_chunk(
     let nonzero = with_word!(word_bytes, W => {
         let mut joined: Vec<W> = Vec::new();
         values::join(&refs[position_count..], value_count, record.value_layout, &mut joined);
+        if record.value_order == ValueOrder::GroupedByBase {
+            // `out` still holds the base words, whose keys give the order.
+            let key_at = |i: usize| values::group_key(W::load(&out[i * W::BYTES..(i + 1) * W::BYTES]));
+            let keys: Vec<u8> = match positions {
+                Some(p) => p.iter().map(|&i| key_at(i as usize)).collect(),
+                None => (0..value_count).map(key_at).collect(),
+            };
+            joined = values::ungroup(&joined, &keys);
+        }
         values::apply::<W>(out, &joined, positions, record.value_op)
     });
     if record.encoding != Encoding::Raw && nonzero != m {
@@ -552,7 +598,8 @@ mod tests {
         let chunk = encode_chunk(&target, Some(&base), 2, true, EncodeSettings::default()).unwrap();
         let mut data = chunk.data.clone();
         data[0] ^= 1;
-        let err = decode_chunk(&chunk.record, &chunk.streams, &data, Some(&base), 2048, 2, &mut Vec::new()).unwrap_err();
+        let err =
+            decode_chunk(&chunk.record, &chunk.streams, &data, Some(&base), 2048, 2, &mut Vec::new()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::ChunkChecksum);
         let mut other_base = base.clone();
         other_base[0] ^= 1;

@@ -60,10 +60,7 @@ pub fn word_bytes(dtype: &str) -> Result<usize> {
 pub fn byte_len(dtype: &str, shape: &[u64]) -> Result<Option<u64>> {
     let bits = u64::from(lookup(dtype)?.bits);
     let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-    Ok(elements
-        .and_then(|n| n.checked_mul(bits))
-        .filter(|b| b % 8 == 0)
-        .map(|b| b / 8))
+    Ok(elements.and_then(|n| n.checked_mul(bits)).filter(|b| b % 8 == 0).map(|b| b / 8))
 }
 
 /// Whether a dtype is a floating-point kind whose sign bit is the top bit of a word,
@@ -88,10 +85,7 @@ mod tests {
         assert_eq!(word_bytes("C64").unwrap(), 4);
         assert_eq!(word_bytes("F4").unwrap(), 1);
         assert_eq!(word_bytes("F8_E4M3").unwrap(), 1);
-        assert_eq!(
-            word_bytes("Q4_K").unwrap_err().code(),
-            ErrorCode::UnknownDtype
-        );
+        assert_eq!(word_bytes("Q4_K").unwrap_err().code(), ErrorCode::UnknownDtype);
     }
 
     #[test]

@@ -180,9 +180,7 @@ impl ErrorCode {
     pub fn hint(self) -> Option<&'static str> {
         Some(match self {
             Self::BadMagic => "is this a .tpde file?",
-            Self::Truncated | Self::BadTrailer => {
-                "the file is incomplete; copy or download it again"
-            }
+            Self::Truncated | Self::BadTrailer => "the file is incomplete; copy or download it again",
             Self::UnsupportedVersion | Self::UnknownRequiredFeature => {
                 "the file was written by a newer tpde; upgrade tpde to read it"
             }
@@ -231,14 +229,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error with a code and a message that says what went wrong.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            file: None,
-            tensor: None,
-            chunk: None,
-            source: None,
-        }
+        Self { code, message: message.into(), file: None, tensor: None, chunk: None, source: None }
     }
 
     /// An I/O error on `path`.
@@ -329,9 +320,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_ref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+        self.source.as_ref().map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 

@@ -117,7 +117,8 @@ impl PendingFile {
         let file = self.writer.take().expect("present until finished").into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
         drop(file);
-        std::fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, "cannot rename the output into place", e))?;
+        std::fs::rename(&self.temp, &self.target)
+            .map_err(|e| Error::io(&self.target, "cannot rename the output into place", e))?;
         unregister(&self.temp);
         self.committed = true;
         Ok(())
@@ -157,7 +158,8 @@ impl PendingDir {
     pub fn create(target: &Path) -> Result<Self> {
         let temp = temp_name(target)?;
         if temp.exists() {
-            std::fs::remove_dir_all(&temp).map_err(|e| Error::io(&temp, "cannot clear a stale temporary directory", e))?;
+            std::fs::remove_dir_all(&temp)
+                .map_err(|e| Error::io(&temp, "cannot clear a stale temporary directory", e))?;
         }
         std::fs::create_dir(&temp).map_err(|e| Error::io(&temp, "cannot create the output directory", e))?;
         register(&temp);
@@ -176,10 +178,15 @@ impl PendingDir {
     /// `E_IO`.
     pub fn commit(mut self) -> Result<()> {
         if self.target.symlink_metadata().is_ok() {
-            let old = if self.target.is_dir() { std::fs::remove_dir_all(&self.target) } else { std::fs::remove_file(&self.target) };
+            let old = if self.target.is_dir() {
+                std::fs::remove_dir_all(&self.target)
+            } else {
+                std::fs::remove_file(&self.target)
+            };
             old.map_err(|e| Error::io(&self.target, "cannot replace the existing output", e))?;
         }
-        std::fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, "cannot rename the output into place", e))?;
+        std::fs::rename(&self.temp, &self.target)
+            .map_err(|e| Error::io(&self.target, "cannot rename the output into place", e))?;
         unregister(&self.temp);
         self.done = true;
         Ok(())

@@ -69,19 +69,26 @@ impl DeltaFile {
             return fail(ErrorCode::LimitExceeded, format!("the header claims {} bytes", preamble.header_len));
         }
         if preamble.chunk_count > MAX_CHUNKS || preamble.stream_count > preamble.chunk_count.saturating_mul(12) {
-            return fail(ErrorCode::LimitExceeded, format!(
-                "the header claims {} chunks and {} streams",
-                preamble.chunk_count, preamble.stream_count
-            ));
+            return fail(
+                ErrorCode::LimitExceeded,
+                format!("the header claims {} chunks and {} streams", preamble.chunk_count, preamble.stream_count),
+            );
         }
-        let layout = Layout::from_counts(preamble.data_len, preamble.header_len, preamble.chunk_count, preamble.stream_count)
-            .ok_or_else(|| Error::new(ErrorCode::LimitExceeded, "the declared sizes overflow"))?;
+        let layout =
+            Layout::from_counts(preamble.data_len, preamble.header_len, preamble.chunk_count, preamble.stream_count)
+                .ok_or_else(|| Error::new(ErrorCode::LimitExceeded, "the declared sizes overflow"))?;
         let actual = bytes.len() as u64;
         if layout.file_len > actual {
-            return fail(ErrorCode::Truncated, format!("the structures need {} bytes but the file has {actual}", layout.file_len));
+            return fail(
+                ErrorCode::Truncated,
+                format!("the structures need {} bytes but the file has {actual}", layout.file_len),
+            );
         }
         if layout.file_len < actual {
-            return fail(ErrorCode::UnaccountedBytes, format!("{} bytes follow the declared structures", actual - layout.file_len));
+            return fail(
+                ErrorCode::UnaccountedBytes,
+                format!("{} bytes follow the declared structures", actual - layout.file_len),
+            );
         }
         let at = |offset: u64, len: u64| -> &[u8] {
             // In range: every region lies below `file_len`, checked above.
@@ -109,16 +116,15 @@ impl DeltaFile {
         if checksum64(tables) != preamble.table_checksum {
             return fail(ErrorCode::TableChecksum, "the chunk map checksum does not match");
         }
-        let (chunk_table, stream_table) = tables.split_at(usize::try_from(preamble.chunk_count).expect("bounded") * CHUNK_RECORD_LEN);
+        let (chunk_table, stream_table) =
+            tables.split_at(usize::try_from(preamble.chunk_count).expect("bounded") * CHUNK_RECORD_LEN);
         let chunks = chunk_table
             .chunks_exact(CHUNK_RECORD_LEN)
             .enumerate()
             .map(|(i, r)| ChunkRecord::parse(r).map_err(|e| e.in_chunk(i as u64)))
             .collect::<Result<Vec<_>>>()?;
-        let streams = stream_table
-            .chunks_exact(STREAM_RECORD_LEN)
-            .map(StreamRecord::parse)
-            .collect::<Result<Vec<_>>>()?;
+        let streams =
+            stream_table.chunks_exact(STREAM_RECORD_LEN).map(StreamRecord::parse).collect::<Result<Vec<_>>>()?;
 
         let delta = Self { path: path.to_path_buf(), map, preamble, header, chunks, streams };
         delta.validate_chunk_map(layout)?;
@@ -138,24 +144,36 @@ impl DeltaFile {
                 let chunk = &self.chunks[usize::try_from(span.index).expect("bounded")];
                 let located = |e: Error| e.in_tensor(&tensor.name).in_chunk(span.index);
                 if chunk.data_offset != offset {
-                    let code = if chunk.data_offset < offset { ErrorCode::RangeOverlap } else { ErrorCode::UnaccountedBytes };
-                    return Err(located(Error::new(code, format!("the chunk starts at {} where {offset} was expected", chunk.data_offset))));
+                    let code =
+                        if chunk.data_offset < offset { ErrorCode::RangeOverlap } else { ErrorCode::UnaccountedBytes };
+                    return Err(located(Error::new(
+                        code,
+                        format!("the chunk starts at {} where {offset} was expected", chunk.data_offset),
+                    )));
                 }
                 if u64::from(chunk.first_stream) != next_stream {
-                    return Err(located(Error::new(ErrorCode::ChunkMapInvalid, "the chunk's streams do not follow on")));
+                    return Err(located(Error::new(
+                        ErrorCode::ChunkMapInvalid,
+                        "the chunk's streams do not follow on",
+                    )));
                 }
                 let end = next_stream + u64::from(chunk.stream_count);
                 if end > self.streams.len() as u64 {
-                    return Err(located(Error::new(ErrorCode::ChunkMapInvalid, "the chunk's streams run past the stream table")));
+                    return Err(located(Error::new(
+                        ErrorCode::ChunkMapInvalid,
+                        "the chunk's streams run past the stream table",
+                    )));
                 }
-                let streams = &self.streams[usize::try_from(next_stream).expect("bounded")..usize::try_from(end).expect("bounded")];
+                let streams = &self.streams
+                    [usize::try_from(next_stream).expect("bounded")..usize::try_from(end).expect("bounded")];
                 check_chunk_shape(chunk, streams, span.words, word_bytes).map_err(located)?;
                 offset += u64::from(chunk.stored_len);
                 next_stream = end;
                 leaves.push(chunk.digest);
             }
             if to_hex(&tree_digest(&leaves)) != tensor.digest {
-                return Err(Error::new(ErrorCode::TensorDigest, "the tensor digest does not match its chunk digests").in_tensor(&tensor.name));
+                return Err(Error::new(ErrorCode::TensorDigest, "the tensor digest does not match its chunk digests")
+                    .in_tensor(&tensor.name));
             }
         }
         if offset != layout.data_offset + layout.data_len {
@@ -171,13 +189,21 @@ impl DeltaFile {
     /// the delta holds for its file, in data order (spec §5.3).
     fn validate_target_files(&self) -> Result<()> {
         for (f, file) in self.header.target.files.iter().enumerate() {
-            let metadata: safetensors::tensor::Metadata = serde_json::from_str(&file.safetensors_header)
-                .map_err(|e| Error::new(ErrorCode::HeaderInvalid, format!("the safetensors header of {} is invalid: {e}", file.name)))?;
+            let metadata: safetensors::tensor::Metadata =
+                serde_json::from_str(&file.safetensors_header).map_err(|e| {
+                    Error::new(
+                        ErrorCode::HeaderInvalid,
+                        format!("the safetensors header of {} is invalid: {e}", file.name),
+                    )
+                })?;
             let infos = metadata.tensors();
             let listed: Vec<&TensorEntry> = self.header.tensors.iter().filter(|t| t.file as usize == f).collect();
             let keys = metadata.offset_keys();
             if keys.len() != listed.len() {
-                return fail(ErrorCode::HeaderInvalid, format!("{} lists {} tensors but the delta has {}", file.name, keys.len(), listed.len()));
+                return fail(
+                    ErrorCode::HeaderInvalid,
+                    format!("{} lists {} tensors but the delta has {}", file.name, keys.len(), listed.len()),
+                );
             }
             for (name, entry) in keys.iter().zip(listed) {
                 let info = infos[name];
@@ -186,7 +212,11 @@ impl DeltaFile {
                     && dtype.as_ref().and_then(|d| d.as_str()) == Some(entry.dtype.as_str())
                     && info.shape.iter().map(|&d| d as u64).eq(entry.shape.iter().copied());
                 if !same {
-                    return Err(Error::new(ErrorCode::HeaderInvalid, format!("the tensor differs from {}'s header", file.name)).in_tensor(&entry.name));
+                    return Err(Error::new(
+                        ErrorCode::HeaderInvalid,
+                        format!("the tensor differs from {}'s header", file.name),
+                    )
+                    .in_tensor(&entry.name));
                 }
             }
         }
@@ -263,7 +293,13 @@ impl DeltaFile {
     ///
     /// # Errors
     /// Decoding, checksum and digest errors, naming the tensor and chunk.
-    pub fn decode_chunk(&self, tensor: &TensorEntry, span: ChunkSpan, base: Option<&[u8]>, out: &mut Vec<u8>) -> Result<()> {
+    pub fn decode_chunk(
+        &self,
+        tensor: &TensorEntry,
+        span: ChunkSpan,
+        base: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let word_bytes = tensor.word_bytes()?;
         let base_slice = base.map(|b| {
             let start = usize::try_from(span.first_word).unwrap_or(usize::MAX).saturating_mul(word_bytes).min(b.len());
@@ -271,8 +307,16 @@ impl DeltaFile {
             &b[start..end]
         });
         let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
-        decode_chunk(self.chunk(span.index), self.streams(span.index), self.stored_bytes(span.index), base_slice, words, word_bytes, out)
-            .map_err(|e| e.in_file(&self.path).in_tensor(&tensor.name).in_chunk(span.index))
+        decode_chunk(
+            self.chunk(span.index),
+            self.streams(span.index),
+            self.stored_bytes(span.index),
+            base_slice,
+            words,
+            word_bytes,
+            out,
+        )
+        .map_err(|e| e.in_file(&self.path).in_tensor(&tensor.name).in_chunk(span.index))
     }
 
     /// Rebuilds a whole tensor, decoding its chunks in parallel.
@@ -281,7 +325,8 @@ impl DeltaFile {
     /// As [`DeltaFile::decode_chunk`], and `E_BASE_REQUIRED` when a base is needed.
     pub fn decode_tensor(&self, tensor: &TensorEntry, base: Option<&[u8]>) -> Result<Vec<u8>> {
         if tensor.needs_base() && base.is_none() {
-            return Err(Error::new(ErrorCode::BaseRequired, "the tensor is a delta and no base was given").in_tensor(&tensor.name));
+            return Err(Error::new(ErrorCode::BaseRequired, "the tensor is a delta and no base was given")
+                .in_tensor(&tensor.name));
         }
         let spans: Vec<ChunkSpan> = self.spans(tensor)?.collect();
         let parts = spans

@@ -65,10 +65,12 @@ impl DeltaWriter {
     /// # Errors
     /// `E_IO`.
     pub fn finish(mut self, header: &Header) -> Result<()> {
-        let header_json = serde_json::to_vec(header).map_err(|e| Error::new(ErrorCode::HeaderInvalid, e.to_string()))?;
+        let header_json =
+            serde_json::to_vec(header).map_err(|e| Error::new(ErrorCode::HeaderInvalid, e.to_string()))?;
         let data_len = self.offset - PREAMBLE_LEN as u64;
-        let layout = Layout::from_counts(data_len, header_json.len() as u64, self.chunk_count(), self.streams.len() as u64)
-            .ok_or_else(|| Error::new(ErrorCode::LimitExceeded, "the file would exceed 2^64 bytes"))?;
+        let layout =
+            Layout::from_counts(data_len, header_json.len() as u64, self.chunk_count(), self.streams.len() as u64)
+                .ok_or_else(|| Error::new(ErrorCode::LimitExceeded, "the file would exceed 2^64 bytes"))?;
         self.out.write_all(&zeros(layout.header_offset - self.offset))?;
         self.out.write_all(&header_json)?;
         let header_end = layout.header_offset + layout.header_len;

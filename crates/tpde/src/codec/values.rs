@@ -95,10 +95,22 @@ impl_word!(u64, i64);
 macro_rules! with_word {
     ($width:expr, $W:ident => $body:expr) => {
         match $width {
-            1 => { type $W = u8; $body }
-            2 => { type $W = u16; $body }
-            4 => { type $W = u32; $body }
-            8 => { type $W = u64; $body }
+            1 => {
+                type $W = u8;
+                $body
+            }
+            2 => {
+                type $W = u16;
+                $body
+            }
+            4 => {
+                type $W = u32;
+                $body
+            }
+            8 => {
+                type $W = u64;
+                $body
+            }
             other => unreachable!("word width {other} is excluded by the dtype table"),
         }
     };
@@ -189,6 +201,53 @@ pub(crate) fn apply<W: Word>(words: &mut [u8], values: &[W], positions: Option<&
     values.iter().filter(|&&v| v != W::default()).count()
 }
 
+/// The group of a base word (spec §8.6): the top byte of the word rotated left by
+/// one bit. For floats that is the exponent's top bits, which sets how many units
+/// in the last place an update spans, so values of one group look alike.
+#[inline]
+pub(crate) fn group_key<W: Word>(base: W) -> u8 {
+    base.rotate_left1().byte(W::BYTES - 1)
+}
+
+/// Where each group starts in grouped order, given the key of every value.
+fn group_starts(keys: &[u8]) -> [usize; 256] {
+    let mut counts = [0usize; 256];
+    for &k in keys {
+        counts[usize::from(k)] += 1;
+    }
+    let mut starts = [0usize; 256];
+    let mut next = 0;
+    for (start, count) in starts.iter_mut().zip(counts) {
+        *start = next;
+        next += count;
+    }
+    starts
+}
+
+/// Lists `values` (in position order, with the base key of each) in grouped order:
+/// a stable counting sort by key.
+pub(crate) fn group<W: Word>(values: &[W], keys: &[u8]) -> Vec<W> {
+    let mut next = group_starts(keys);
+    let mut grouped = vec![W::default(); values.len()];
+    for (&value, &k) in values.iter().zip(keys) {
+        grouped[next[usize::from(k)]] = value;
+        next[usize::from(k)] += 1;
+    }
+    grouped
+}
+
+/// The inverse of [`group`]: back to position order.
+pub(crate) fn ungroup<W: Word>(grouped: &[W], keys: &[u8]) -> Vec<W> {
+    let mut next = group_starts(keys);
+    keys.iter()
+        .map(|&k| {
+            let value = grouped[next[usize::from(k)]];
+            next[usize::from(k)] += 1;
+            value
+        })
+        .collect()
+}
+
 /// Estimated size in bits of `values` under `layout`, from order-0 byte entropy of
 /// each stream. Used only to choose a layout; the writer measures real sizes where
 /// the choice is close.
@@ -231,6 +290,18 @@ mod tests {
         assert_eq!(u16::express(0x3f81, 0x3f80, ValueOp::Sub), 2);
         assert_eq!(u16::express(0x3f7f, 0x3f80, ValueOp::Sub), 1);
         assert_eq!(u16::express(0x3f80, 0x3f7f, ValueOp::Xor), 0xff);
+    }
+
+    #[test]
+    fn grouping_is_a_stable_sort_by_base_key() {
+        let base: [u16; 4] = [0x3f80, 0x0001, 0xbf80, 0x3f81];
+        let keys: Vec<u8> = base.iter().map(|&b| group_key(b)).collect();
+        // 0x3f80 and 0xbf80 differ only in sign, which rotates out of the top byte.
+        assert_eq!(keys, [0x7f, 0x00, 0x7f, 0x7f]);
+        let values = [10u16, 20, 30, 40];
+        let grouped = group(&values, &keys);
+        assert_eq!(grouped, [20, 10, 30, 40]);
+        assert_eq!(ungroup(&grouped, &keys), values);
     }
 
     #[test]

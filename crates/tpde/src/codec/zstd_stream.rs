@@ -25,14 +25,11 @@ pub fn compress(bytes: &[u8], level: i32) -> Result<Vec<u8>> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            let compressor = Compressor::new(level)
-                .map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))?;
+            let compressor = Compressor::new(level).map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))?;
             *slot = Some((level, compressor));
         }
         let (_, compressor) = slot.as_mut().expect("set above");
-        compressor
-            .compress(bytes)
-            .map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))
+        compressor.compress(bytes).map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))
     })
 }
 
@@ -63,8 +60,7 @@ pub fn decompress_into(stored: &[u8], decoded_len: usize, out: &mut Vec<u8>) -> 
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            let mut decompressor =
-                Decompressor::new().map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))?;
+            let mut decompressor = Decompressor::new().map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))?;
             decompressor
                 .set_parameter(DParameter::WindowLogMax(MAX_ZSTD_WINDOW_LOG))
                 .map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))?;

@@ -70,6 +70,16 @@ wire_enum!(
 );
 
 wire_enum!(
+    /// In which order values are listed (spec §8.6).
+    ValueOrder, "value order" {
+        /// One value per position, in position order.
+        Positional = 0,
+        /// Grouped by the key of their base word, position order within a group.
+        GroupedByBase = 1,
+    }
+);
+
+wire_enum!(
     /// How the changed positions of a sparse chunk are stored (spec §8.3).
     PositionCoding, "position coding" {
         /// No positions (every encoding but sparse).
@@ -114,6 +124,8 @@ pub struct ChunkRecord {
     pub gap_width: u8,
     /// Number of streams.
     pub stream_count: u8,
+    /// In which order values are listed.
+    pub value_order: ValueOrder,
     /// XXH3-64 of the stored bytes.
     pub checksum: u64,
     /// XXH3-128 of the reconstructed target bytes.
@@ -154,7 +166,7 @@ impl ChunkRecord {
     /// # Errors
     /// `E_UNKNOWN_CODEC` or `E_RESERVED_NONZERO`.
     pub fn parse(bytes: &[u8]) -> Result<Self> {
-        reserved_zero(&bytes[26..32])?;
+        reserved_zero(&bytes[27..32])?;
         reserved_zero(&bytes[56..64])?;
         let mut digest = [0u8; 16];
         digest.copy_from_slice(&bytes[40..56]);
@@ -169,6 +181,7 @@ impl ChunkRecord {
             position_coding: PositionCoding::from_u8(bytes[23])?,
             gap_width: bytes[24],
             stream_count: bytes[25],
+            value_order: ValueOrder::from_u8(bytes[26])?,
             checksum: le_u64(bytes, 32),
             digest,
         })
@@ -188,6 +201,7 @@ impl ChunkRecord {
         out[23] = self.position_coding as u8;
         out[24] = self.gap_width;
         out[25] = self.stream_count;
+        out[26] = self.value_order as u8;
         out[32..40].copy_from_slice(&self.checksum.to_le_bytes());
         out[40..56].copy_from_slice(&self.digest);
         out
@@ -201,11 +215,7 @@ impl StreamRecord {
     /// `E_UNKNOWN_CODEC` or `E_RESERVED_NONZERO`.
     pub fn parse(bytes: &[u8]) -> Result<Self> {
         reserved_zero(&bytes[9..16])?;
-        Ok(Self {
-            stored_len: le_u32(bytes, 0),
-            decoded_len: le_u32(bytes, 4),
-            codec: Codec::from_u8(bytes[8])?,
-        })
+        Ok(Self { stored_len: le_u32(bytes, 0), decoded_len: le_u32(bytes, 4), codec: Codec::from_u8(bytes[8])? })
     }
 
     /// Serialises the record.

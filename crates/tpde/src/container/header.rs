@@ -11,7 +11,9 @@ use crate::dtype;
 use crate::error::{fail, Error, ErrorCode, Result};
 use crate::limits::{MAX_CHUNK_WORDS, MAX_FILES, MAX_RANK, MAX_TENSORS};
 
-/// The header of a tpde file (spec §5.2).
+/// The header of a tpde file (spec §5.2): UTF-8 JSON without duplicate keys (spec
+/// §5.1). This schema checks each value on its own; the rules that relate values to
+/// each other and to the binary parts of the file are in spec §5 and §11.1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Header {
@@ -20,9 +22,10 @@ pub struct Header {
     /// The files of the target checkpoint, byte for byte apart from tensor data.
     pub target: TargetLayout,
     /// Every tensor of the target, in file order, then in data-offset order.
+    #[schemars(length(max = 1048576))]
     pub tensors: Vec<TensorEntry>,
     /// Extension data under namespaced keys (`org.name`); readers ignore what they
-    /// do not know (spec §5.4).
+    /// do not know (spec §5.4). May be omitted when empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extensions: BTreeMap<String, serde_json::Value>,
 }
@@ -44,8 +47,10 @@ pub struct TargetLayout {
     /// One file or sharded.
     pub kind: LayoutKind,
     /// The safetensors files, in the order their tensors appear in `tensors`.
+    #[schemars(length(min = 1, max = 65536))]
     pub files: Vec<TargetFile>,
-    /// The verbatim text of `model.safetensors.index.json`; sharded targets only.
+    /// The verbatim text of `model.safetensors.index.json`; present for sharded
+    /// targets only (`null` reads as absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_json: Option<String>,
 }
@@ -54,7 +59,9 @@ pub struct TargetLayout {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetFile {
-    /// The file's name, without any directory.
+    /// The file's name: one path component ending in `.safetensors`, without `/`,
+    /// `\` or NUL (spec §5.3).
+    #[schemars(regex(pattern = r"^[^/\\\x00]*\.safetensors$"))]
     pub name: String,
     /// The verbatim JSON header of the file, padding included; the file starts with
     /// its byte length as a u64 LE, then these bytes, then the tensor data.
@@ -67,19 +74,25 @@ pub struct TargetFile {
 pub struct TensorEntry {
     /// The tensor's name.
     pub name: String,
-    /// The safetensors dtype string.
+    /// The safetensors dtype string (spec §7, table 7.1).
     pub dtype: String,
-    /// The shape.
+    /// The shape; at most 32 dimensions, each below 2^53 (spec §5.1).
+    #[schemars(length(max = 32), inner(range(max = 9_007_199_254_740_991_u64)))]
     pub shape: Vec<u64>,
-    /// Index into `target.files`.
+    /// Index into `target.files`; never smaller than the previous tensor's.
+    #[schemars(range(max = 65535))]
     pub file: u32,
     /// Words per chunk; the last chunk may be shorter.
+    #[schemars(range(min = 1, max = 16777216))]
     pub chunk_words: u64,
     /// Global index of the tensor's first chunk record.
+    #[schemars(range(max = 268435456))]
     pub first_chunk: u64,
     /// Number of chunks: `ceil(words / chunk_words)`.
+    #[schemars(range(max = 268435456))]
     pub chunk_count: u64,
     /// Tree digest of the target bytes (spec §10), 32 lower-case hex digits.
+    #[schemars(regex(pattern = r"^[0-9a-f]{32}$"))]
     pub digest: String,
     /// The base tensor this one is a delta against; absent for a standalone tensor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,9 +103,12 @@ pub struct TensorEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BaseTensor {
-    /// The base tensor's shape; its dtype is the target's.
+    /// The base tensor's shape; its dtype is the target's. At most 32 dimensions,
+    /// each below 2^53 (spec §5.1).
+    #[schemars(length(max = 32), inner(range(max = 9_007_199_254_740_991_u64)))]
     pub shape: Vec<u64>,
-    /// Tree digest of the base bytes, with the target's `chunk_words`.
+    /// Tree digest of the base bytes, with the target's `chunk_words` (spec §10).
+    #[schemars(regex(pattern = r"^[0-9a-f]{32}$"))]
     pub digest: String,
 }
 
@@ -181,7 +197,12 @@ impl Header {
         match (self.target.kind, &self.target.index_json) {
             (LayoutKind::File, None) if files.len() == 1 => {}
             (LayoutKind::Sharded, Some(_)) => {}
-            _ => return fail(ErrorCode::HeaderInvalid, "a single-file target has one file and no index; a sharded one has an index"),
+            _ => {
+                return fail(
+                    ErrorCode::HeaderInvalid,
+                    "a single-file target has one file and no index; a sharded one has an index",
+                )
+            }
         }
         let mut names = std::collections::HashSet::new();
         for file in files {
@@ -197,10 +218,11 @@ impl Header {
         let mut previous_file = 0u32;
         let mut tensor_names = std::collections::HashSet::new();
         for tensor in &self.tensors {
-            self.validate_tensor(tensor, &mut next_chunk, &mut previous_file)
-                .map_err(|e| e.in_tensor(&tensor.name))?;
+            self.validate_tensor(tensor, &mut next_chunk, &mut previous_file).map_err(|e| e.in_tensor(&tensor.name))?;
             if !tensor_names.insert(tensor.name.as_str()) {
-                return Err(Error::new(ErrorCode::HeaderInvalid, "the tensor name appears twice").in_tensor(&tensor.name));
+                return Err(
+                    Error::new(ErrorCode::HeaderInvalid, "the tensor name appears twice").in_tensor(&tensor.name)
+                );
             }
         }
         if next_chunk != chunk_count {
@@ -219,11 +241,17 @@ impl Header {
             return fail(ErrorCode::HeaderInvalid, "the byte size is not a whole number of words");
         }
         if tensor.file as usize >= self.target.files.len() || tensor.file < *previous_file {
-            return fail(ErrorCode::HeaderInvalid, format!("file index {} is out of range or out of order", tensor.file));
+            return fail(
+                ErrorCode::HeaderInvalid,
+                format!("file index {} is out of range or out of order", tensor.file),
+            );
         }
         *previous_file = tensor.file;
         if tensor.chunk_words == 0 || tensor.chunk_words > MAX_CHUNK_WORDS {
-            return fail(ErrorCode::LimitExceeded, format!("chunk_words {} is not in 1..={MAX_CHUNK_WORDS}", tensor.chunk_words));
+            return fail(
+                ErrorCode::LimitExceeded,
+                format!("chunk_words {} is not in 1..={MAX_CHUNK_WORDS}", tensor.chunk_words),
+            );
         }
         let expected = (byte_len / word_bytes).div_ceil(tensor.chunk_words);
         if tensor.chunk_count != expected || tensor.first_chunk != *next_chunk {

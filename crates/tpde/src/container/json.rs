@@ -73,15 +73,11 @@ impl<'de> Visitor<'de> for UniqueKeysVisitor {
 /// `E_DUPLICATE_KEY` for a repeated key, `E_HEADER_INVALID` for anything else.
 pub fn parse_strict<T: de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
     if let Err(err) = serde_json::from_str::<UniqueKeys>(text) {
-        let code = if err.to_string().starts_with(DUPLICATE) {
-            ErrorCode::DuplicateKey
-        } else {
-            ErrorCode::HeaderInvalid
-        };
+        let code =
+            if err.to_string().starts_with(DUPLICATE) { ErrorCode::DuplicateKey } else { ErrorCode::HeaderInvalid };
         return Err(Error::new(code, format!("{what}: {err}")));
     }
-    serde_json::from_str(text)
-        .map_err(|err| Error::new(ErrorCode::HeaderInvalid, format!("{what}: {err}")))
+    serde_json::from_str(text).map_err(|err| Error::new(ErrorCode::HeaderInvalid, format!("{what}: {err}")))
 }
 
 #[cfg(test)]
@@ -90,8 +86,7 @@ mod tests {
 
     #[test]
     fn nested_duplicates_are_found() {
-        let err = parse_strict::<serde_json::Value>(r#"{"a": [{"b": 1, "b": 2}]}"#, "x")
-            .unwrap_err();
+        let err = parse_strict::<serde_json::Value>(r#"{"a": [{"b": 1, "b": 2}]}"#, "x").unwrap_err();
         assert_eq!(err.code(), ErrorCode::DuplicateKey);
         let ok = parse_strict::<serde_json::Value>(r#"{"a": {"b": 1}, "b": {"b": 2}}"#, "x");
         assert!(ok.is_ok());

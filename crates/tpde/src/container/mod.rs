@@ -11,9 +11,7 @@ pub const ALIGNMENT: u64 = 64;
 /// Rounds `offset` up to the next multiple of [`ALIGNMENT`], or `None` on overflow.
 #[must_use]
 pub fn align_up(offset: u64) -> Option<u64> {
-    offset
-        .checked_add(ALIGNMENT - 1)
-        .map(|o| o & !(ALIGNMENT - 1))
+    offset.checked_add(ALIGNMENT - 1).map(|o| o & !(ALIGNMENT - 1))
 }
 
 /// Where each region of a file lies, derived from the preamble (spec §2).
@@ -40,12 +38,7 @@ pub struct Layout {
 impl Layout {
     /// Derives the layout from the preamble's lengths and counts; `None` on overflow.
     #[must_use]
-    pub fn from_counts(
-        data_len: u64,
-        header_len: u64,
-        chunk_count: u64,
-        stream_count: u64,
-    ) -> Option<Self> {
+    pub fn from_counts(data_len: u64, header_len: u64, chunk_count: u64, stream_count: u64) -> Option<Self> {
         let data_offset = preamble::PREAMBLE_LEN as u64;
         let header_offset = align_up(data_offset.checked_add(data_len)?)?;
         let table_offset = align_up(header_offset.checked_add(header_len)?)?;

@@ -94,10 +94,7 @@ impl Preamble {
         };
         let unknown = preamble.required_features & !KNOWN_REQUIRED_FEATURES;
         if unknown != 0 {
-            return fail(
-                ErrorCode::UnknownRequiredFeature,
-                format!("unknown required feature bits {unknown:#x}"),
-            );
+            return fail(ErrorCode::UnknownRequiredFeature, format!("unknown required feature bits {unknown:#x}"));
         }
         Ok(preamble)
     }
@@ -148,10 +145,7 @@ pub fn check_trailer(file: &[u8]) -> Result<()> {
     }
     let recorded = u64_at(file, len - TRAILER_LEN);
     if recorded != len as u64 {
-        return fail(
-            ErrorCode::BadTrailer,
-            format!("the trailer records {recorded} bytes but the file has {len}"),
-        );
+        return fail(ErrorCode::BadTrailer, format!("the trailer records {recorded} bytes but the file has {len}"));
     }
     Ok(())
 }
@@ -180,10 +174,7 @@ mod tests {
         major[8] = 2;
         assert_eq!(Preamble::parse(&major).unwrap_err().code(), ErrorCode::UnsupportedVersion);
         let future = Preamble { required_features: 1 << 40, ..Preamble::default() };
-        assert_eq!(
-            Preamble::parse(&future.to_bytes()).unwrap_err().code(),
-            ErrorCode::UnknownRequiredFeature
-        );
+        assert_eq!(Preamble::parse(&future.to_bytes()).unwrap_err().code(), ErrorCode::UnknownRequiredFeature);
         let optional = Preamble { optional_features: 1 << 40, ..Preamble::default() };
         assert!(Preamble::parse(&optional.to_bytes()).is_ok());
     }

@@ -9,12 +9,12 @@ use rayon::prelude::*;
 
 use super::{window, Progress};
 use crate::checkpoint::Checkpoint;
+use crate::checkpoint::INDEX_FILE;
 use crate::container::header::LayoutKind;
 use crate::digest::{tensor_digest, to_hex};
 use crate::error::{Error, ErrorCode, Result};
 use crate::output::{check_free, PendingDir, PendingFile};
 use crate::reader::{ChunkSpan, DeltaFile};
-use crate::checkpoint::INDEX_FILE;
 
 /// Receives the rebuilt target, file by file, in order, on its own thread.
 trait TargetSink: Send {
@@ -26,7 +26,11 @@ trait TargetSink: Send {
 /// The base bytes of each tensor, in header order, after checking that the base is
 /// the one the delta was made against: names, dtypes and shapes first (cheap), then
 /// every digest, before anything is written.
-fn resolve_base<'a>(delta: &DeltaFile, base: Option<&'a Checkpoint>, progress: &dyn Progress) -> Result<Vec<Option<&'a [u8]>>> {
+fn resolve_base<'a>(
+    delta: &DeltaFile,
+    base: Option<&'a Checkpoint>,
+    progress: &dyn Progress,
+) -> Result<Vec<Option<&'a [u8]>>> {
     let tensors = &delta.header().tensors;
     if delta.header().needs_base() && base.is_none() {
         return Err(Error::new(ErrorCode::BaseRequired, "this delta needs a base checkpoint").in_file(delta.path()));
@@ -40,7 +44,9 @@ fn resolve_base<'a>(delta: &DeltaFile, base: Option<&'a Checkpoint>, progress: &
         };
         let base = base.expect("checked above");
         let Some((file, location)) = base.tensor(&tensor.name) else {
-            return Err(Error::new(ErrorCode::BaseMissingTensor, "the base has no tensor of this name").in_tensor(&tensor.name));
+            return Err(
+                Error::new(ErrorCode::BaseMissingTensor, "the base has no tensor of this name").in_tensor(&tensor.name)
+            );
         };
         if location.dtype != tensor.dtype || location.shape != base_ref.shape {
             return Err(Error::new(
@@ -61,8 +67,11 @@ fn resolve_base<'a>(delta: &DeltaFile, base: Option<&'a Checkpoint>, progress: &
         let (Some(base_ref), Some(bytes)) = (&tensor.base, bytes) else { continue };
         let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_bytes()?;
         if to_hex(&tensor_digest(bytes, chunk_bytes)) != base_ref.digest {
-            return Err(Error::new(ErrorCode::BaseDigest, "the base tensor's content differs from the one the delta was made against")
-                .in_tensor(&tensor.name));
+            return Err(Error::new(
+                ErrorCode::BaseDigest,
+                "the base tensor's content differs from the one the delta was made against",
+            )
+            .in_tensor(&tensor.name));
         }
         progress.advance(bytes.len() as u64);
     }
@@ -79,7 +88,12 @@ enum SinkMessage {
 /// Rebuilds every file of the target into `sink`. Chunks are decoded in parallel
 /// while a separate thread writes the previous ones, so that writing overlaps
 /// decoding; buffers travel back to be reused.
-fn rebuild(delta: &DeltaFile, base: Option<&Checkpoint>, sink: &mut dyn TargetSink, progress: &dyn Progress) -> Result<()> {
+fn rebuild(
+    delta: &DeltaFile,
+    base: Option<&Checkpoint>,
+    sink: &mut dyn TargetSink,
+    progress: &dyn Progress,
+) -> Result<()> {
     let bases = resolve_base(delta, base, progress)?;
     let header = delta.header();
     let total: u64 = header.tensors.iter().map(|t| t.byte_len().unwrap_or(0)).sum();
@@ -114,7 +128,12 @@ fn hung_up<T>(_: T) -> Error {
     Error::new(ErrorCode::Io, "the output writer stopped")
 }
 
-fn decode_files(delta: &DeltaFile, bases: &[Option<&[u8]>], to_writer: &SyncSender<SinkMessage>, recycled: &Receiver<Vec<u8>>) -> Result<()> {
+fn decode_files(
+    delta: &DeltaFile,
+    bases: &[Option<&[u8]>],
+    to_writer: &SyncSender<SinkMessage>,
+    recycled: &Receiver<Vec<u8>>,
+) -> Result<()> {
     let header = delta.header();
     for (f, file) in header.target.files.iter().enumerate() {
         to_writer.send(SinkMessage::Begin(file.name.clone())).map_err(hung_up)?;
@@ -187,7 +206,13 @@ pub struct ApplySummary {
 /// # Errors
 /// `E_OUTPUT_EXISTS` without `force`, base errors before anything is written, and any
 /// decoding error.
-pub fn apply(delta: &DeltaFile, base: Option<&Checkpoint>, out: &Path, force: bool, progress: &dyn Progress) -> Result<ApplySummary> {
+pub fn apply(
+    delta: &DeltaFile,
+    base: Option<&Checkpoint>,
+    out: &Path,
+    force: bool,
+    progress: &dyn Progress,
+) -> Result<ApplySummary> {
     check_free(out, force)?;
     let sharded = delta.header().target.kind == LayoutKind::Sharded;
     let dir = if sharded { Some(PendingDir::create(out)?) } else { None };
@@ -203,12 +228,7 @@ pub fn apply(delta: &DeltaFile, base: Option<&Checkpoint>, out: &Path, force: bo
     } else if let Some(file) = sink.current.take() {
         file.commit()?;
     }
-    let target_bytes = header
-        .target
-        .files
-        .iter()
-        .map(|f| 8 + f.safetensors_header.len() as u64)
-        .sum::<u64>()
+    let target_bytes = header.target.files.iter().map(|f| 8 + f.safetensors_header.len() as u64).sum::<u64>()
         + header.tensors.iter().map(|t| t.byte_len().unwrap_or(0)).sum::<u64>();
     Ok(ApplySummary { target_bytes, files: header.target.files.len() })
 }
@@ -230,7 +250,8 @@ impl TargetSink for CompareSink<'_> {
                 LayoutKind::File => reference.files.first(),
                 LayoutKind::Sharded => reference.files.iter().find(|f| f.name == name),
             };
-            let file = file.ok_or_else(|| Error::new(ErrorCode::TargetMismatch, format!("the target has no file {name}")))?;
+            let file =
+                file.ok_or_else(|| Error::new(ErrorCode::TargetMismatch, format!("the target has no file {name}")))?;
             self.file = Some(file.bytes());
         }
         Ok(())
@@ -240,7 +261,10 @@ impl TargetSink for CompareSink<'_> {
         if let Some(file) = self.file {
             let end = self.at + bytes.len();
             if file.get(self.at..end) != Some(bytes) {
-                return Err(Error::new(ErrorCode::TargetMismatch, format!("{} differs within bytes {}..{end}", self.name, self.at)));
+                return Err(Error::new(
+                    ErrorCode::TargetMismatch,
+                    format!("{} differs within bytes {}..{end}", self.name, self.at),
+                ));
             }
         }
         self.at += bytes.len();
@@ -250,7 +274,10 @@ impl TargetSink for CompareSink<'_> {
     fn end_file(&mut self) -> Result<()> {
         if let Some(file) = self.file {
             if file.len() != self.at {
-                return Err(Error::new(ErrorCode::TargetMismatch, format!("{} has {} bytes, the rebuilt file {}", self.name, file.len(), self.at)));
+                return Err(Error::new(
+                    ErrorCode::TargetMismatch,
+                    format!("{} has {} bytes, the rebuilt file {}", self.name, file.len(), self.at),
+                ));
             }
         }
         Ok(())
@@ -262,11 +289,19 @@ impl TargetSink for CompareSink<'_> {
 ///
 /// # Errors
 /// The first failure found, with its code.
-pub fn verify(delta: &DeltaFile, base: Option<&Checkpoint>, target: Option<&Checkpoint>, progress: &dyn Progress) -> Result<()> {
+pub fn verify(
+    delta: &DeltaFile,
+    base: Option<&Checkpoint>,
+    target: Option<&Checkpoint>,
+    progress: &dyn Progress,
+) -> Result<()> {
     if let Some(target) = target {
         let expected = delta.header().target.files.len();
         if target.files.len() != expected || target.kind != delta.header().target.kind {
-            return Err(Error::new(ErrorCode::TargetMismatch, format!("the target has {} files, the delta {expected}", target.files.len())));
+            return Err(Error::new(
+                ErrorCode::TargetMismatch,
+                format!("the target has {} files, the delta {expected}", target.files.len()),
+            ));
         }
         if target.index_json != delta.header().target.index_json {
             return Err(Error::new(ErrorCode::TargetMismatch, "the index file differs"));

@@ -58,25 +58,34 @@ fn counterpart<'a>(base: Option<&'a Checkpoint>, tensor: &TensorLocation) -> Opt
 /// # Errors
 /// Input errors of either checkpoint, `E_INVALID_ARGUMENT` for a bad chunk size,
 /// `E_IO` on write failure.
-pub fn encode(base: Option<&Checkpoint>, target: &Checkpoint, out: &Path, options: EncodeOptions, progress: &dyn Progress) -> Result<EncodeSummary> {
+pub fn encode(
+    base: Option<&Checkpoint>,
+    target: &Checkpoint,
+    out: &Path,
+    options: EncodeOptions,
+    progress: &dyn Progress,
+) -> Result<EncodeSummary> {
     let settings = options.settings;
     if options.chunk_words == 0
         || options.chunk_words > MAX_CHUNK_WORDS
         || !(1..=22).contains(&settings.level)
         || !(0.0..=1.0).contains(&settings.min_zstd_gain)
     {
-        return Err(Error::new(ErrorCode::InvalidArgument, format!(
-            "chunk words must be 1..={MAX_CHUNK_WORDS}, the level 1..=22 and the zstd gain 0..=1"
-        )));
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!("chunk words must be 1..={MAX_CHUNK_WORDS}, the level 1..=22 and the zstd gain 0..=1"),
+        ));
     }
     progress.phase("encoding", target.total_bytes());
     let mut writer = DeltaWriter::create(out)?;
     let mut tensors = Vec::new();
-    let mut summary = EncodeSummary { target_bytes: target.total_bytes(), delta_bytes: 0, delta_tensors: 0, standalone_tensors: 0 };
+    let mut summary =
+        EncodeSummary { target_bytes: target.total_bytes(), delta_bytes: 0, delta_tensors: 0, standalone_tensors: 0 };
     for (file_index, file) in target.files.iter().enumerate() {
         for location in &file.tensors {
             let bytes = file.tensor_bytes(location);
-            let word_bytes = dtype::word_bytes(&location.dtype).map_err(|e| e.in_file(&file.path).in_tensor(&location.name))?;
+            let word_bytes =
+                dtype::word_bytes(&location.dtype).map_err(|e| e.in_file(&file.path).in_tensor(&location.name))?;
             let chunk_bytes = usize::try_from(options.chunk_words).expect("bounded") * word_bytes;
             let base_match = counterpart(base, location);
             let first_chunk = writer.chunk_count();
@@ -99,7 +108,9 @@ pub fn encode(base: Option<&Checkpoint>, target: &Checkpoint, out: &Path, option
                 let done: usize = batch.iter().map(|&s| (bytes.len() - s).min(chunk_bytes)).sum();
                 progress.advance(done as u64);
             }
-            debug_assert!(bytes.is_empty() || leaves.last() == Some(&leaf_digest(&bytes[chunk_starts[chunk_starts.len() - 1]..])));
+            debug_assert!(
+                bytes.is_empty() || leaves.last() == Some(&leaf_digest(&bytes[chunk_starts[chunk_starts.len() - 1]..]))
+            );
             let base_ref = base_match.map(|(base_bytes, base_location)| BaseTensor {
                 shape: base_location.shape.clone(),
                 digest: to_hex(&tensor_digest(base_bytes, chunk_bytes)),
@@ -126,7 +137,11 @@ pub fn encode(base: Option<&Checkpoint>, target: &Checkpoint, out: &Path, option
         writer: format!("tpde {}", env!("CARGO_PKG_VERSION")),
         target: TargetLayout {
             kind: target.kind,
-            files: target.files.iter().map(|f| TargetFile { name: f.name.clone(), safetensors_header: f.header_text.clone() }).collect(),
+            files: target
+                .files
+                .iter()
+                .map(|f| TargetFile { name: f.name.clone(), safetensors_header: f.header_text.clone() })
+                .collect(),
             index_json: target.index_json.clone(),
         },
         tensors,

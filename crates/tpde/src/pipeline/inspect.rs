@@ -4,8 +4,8 @@
 use serde::Serialize;
 
 use crate::container::chunk_map::Encoding;
-use crate::reader::DeltaFile;
 use crate::error::Result;
+use crate::reader::DeltaFile;
 
 /// Chunk counts by encoding.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -79,7 +79,11 @@ pub struct Report {
 
 #[allow(clippy::cast_precision_loss)] // ratios for display
 fn ratio(part: u64, whole: u64) -> f64 {
-    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
 }
 
 /// Builds the report.
@@ -114,7 +118,8 @@ pub fn inspect(delta: &DeltaFile) -> Result<Report> {
                 crate::container::chunk_map::PositionCoding::Bitmap => 1,
                 crate::container::chunk_map::PositionCoding::Gaps => usize::from(chunk.gap_width),
             };
-            report.position_bytes += delta.streams(span.index)[..position_streams].iter().map(|s| u64::from(s.stored_len)).sum::<u64>();
+            report.position_bytes +=
+                delta.streams(span.index)[..position_streams].iter().map(|s| u64::from(s.stored_len)).sum::<u64>();
         }
         report.ratio = ratio(report.stored_bytes, report.target_bytes);
         report.changed_fraction = ratio(report.changed_words, report.words);
