@@ -195,6 +195,15 @@ fn check_dtypes(header_text: &str) -> Result<()> {
     Ok(())
 }
 
+/// Tensor names in data order, ties (empty tensors share an offset) broken by name,
+/// so that the order never depends on hashing (spec §5.3).
+pub(crate) fn data_order(metadata: &safetensors::tensor::Metadata) -> Vec<String> {
+    let infos = metadata.tensors();
+    let mut names: Vec<String> = infos.keys().cloned().collect();
+    names.sort_by(|a, b| infos[a].data_offsets.cmp(&infos[b].data_offsets).then_with(|| a.cmp(b)));
+    names
+}
+
 fn open_file(path: &Path) -> Result<CheckpointFile> {
     if is_pickle(path) {
         return Err(Error::new(ErrorCode::PickleInput, "pickle checkpoints are not read").in_file(path));
@@ -217,12 +226,15 @@ fn open_file(path: &Path) -> Result<CheckpointFile> {
         .ok_or_else(|| invalid(format!("the header length {header_len} runs past the end of the file")))?;
     let header_text =
         std::str::from_utf8(&map[8..header_end]).map_err(|_| invalid("the header is not UTF-8".into()))?.to_owned();
+    // Duplicate keys would be kept verbatim in the delta, which readers must reject.
+    parse_strict::<serde_json::Value>(&header_text, "the safetensors header")
+        .map_err(|e| invalid(e.message().to_owned()))?;
     check_dtypes(&header_text).map_err(|e| e.in_file(path))?;
     let (_, metadata) =
         SafeTensors::read_metadata(&map).map_err(|e| invalid(format!("not a valid safetensors file: {e}")))?;
     let infos = metadata.tensors();
     let mut tensors = Vec::with_capacity(infos.len());
-    for name in metadata.offset_keys() {
+    for name in data_order(&metadata) {
         let info = infos[&name];
         let dtype = serde_json::to_value(info.dtype)
             .ok()

@@ -190,15 +190,10 @@ impl DeltaFile {
     fn validate_target_files(&self) -> Result<()> {
         for (f, file) in self.header.target.files.iter().enumerate() {
             let metadata: safetensors::tensor::Metadata =
-                serde_json::from_str(&file.safetensors_header).map_err(|e| {
-                    Error::new(
-                        ErrorCode::HeaderInvalid,
-                        format!("the safetensors header of {} is invalid: {e}", file.name),
-                    )
-                })?;
+                parse_strict(&file.safetensors_header, &format!("the safetensors header of {}", file.name))?;
             let infos = metadata.tensors();
             let listed: Vec<&TensorEntry> = self.header.tensors.iter().filter(|t| t.file as usize == f).collect();
-            let keys = metadata.offset_keys();
+            let keys = crate::checkpoint::data_order(&metadata);
             if keys.len() != listed.len() {
                 return fail(
                     ErrorCode::HeaderInvalid,

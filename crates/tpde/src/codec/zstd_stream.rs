@@ -33,6 +33,40 @@ pub fn compress(bytes: &[u8], level: i32) -> Result<Vec<u8>> {
     })
 }
 
+const ZSTD_MAGIC: u32 = 0xFD2F_B528;
+
+/// Checks the frame header fields of RFC 8878 §3.1.1.1 that the profile restricts:
+/// a standard frame (not skippable), no dictionary, and a window of at most
+/// 2^[`MAX_ZSTD_WINDOW_LOG`] bytes. Written by hand because zstd exposes its header
+/// parser only through an unstable feature, and `WindowLogMax` does not bind the
+/// one-shot decoder.
+fn check_frame_header(stored: &[u8]) -> Result<()> {
+    let magic = stored.get(..4).map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
+    if magic != Some(ZSTD_MAGIC) {
+        return fail(ErrorCode::ZstdProfile, "the stream does not start with a zstd frame");
+    }
+    let Some(&descriptor) = stored.get(4) else {
+        return fail(ErrorCode::ZstdProfile, "the zstd frame header is incomplete");
+    };
+    if descriptor & 0b11 != 0 {
+        return fail(ErrorCode::ZstdProfile, "the zstd frame names a dictionary");
+    }
+    let single_segment = descriptor & 0b10_0000 != 0;
+    if !single_segment {
+        // Window_Descriptor: exponent in the high five bits, mantissa in the low three.
+        let Some(&window) = stored.get(5) else {
+            return fail(ErrorCode::ZstdProfile, "the zstd frame header is incomplete");
+        };
+        let log = 10 + u32::from(window >> 3);
+        if log > MAX_ZSTD_WINDOW_LOG || (log == MAX_ZSTD_WINDOW_LOG && window & 0b111 != 0) {
+            return fail(ErrorCode::ZstdProfile, format!("the zstd window exceeds 2^{MAX_ZSTD_WINDOW_LOG} bytes"));
+        }
+    }
+    // A single-segment frame's window is its content size, checked against the
+    // declared length next.
+    Ok(())
+}
+
 /// Decodes one stream that must hold exactly one frame of `decoded_len` bytes,
 /// appending to `out`. Nothing is allocated beyond `decoded_len`, which the caller
 /// has checked against the format limits.
@@ -41,6 +75,7 @@ pub fn compress(bytes: &[u8], level: i32) -> Result<Vec<u8>> {
 /// `E_ZSTD_PROFILE` when the frame breaks the profile, `E_STREAM_LENGTH` when its
 /// content size differs from `decoded_len`, `E_ZSTD_DECODE` when decoding fails.
 pub fn decompress_into(stored: &[u8], decoded_len: usize, out: &mut Vec<u8>) -> Result<()> {
+    check_frame_header(stored)?;
     match zstd_safe::get_frame_content_size(stored) {
         Ok(Some(size)) if size == decoded_len as u64 => {}
         Ok(Some(size)) => {
@@ -103,5 +138,15 @@ mod tests {
         assert_eq!(code(&trailing, 17), ErrorCode::ZstdProfile);
         assert_eq!(code(&frame[..frame.len() - 1], 17), ErrorCode::ZstdProfile);
         assert_eq!(code(b"not zstd", 8), ErrorCode::ZstdProfile);
+        // A skippable frame, and a frame that names a dictionary.
+        assert_eq!(code(&[0x50, 0x2a, 0x4d, 0x18, 0, 0, 0, 0], 0), ErrorCode::ZstdProfile);
+        let mut with_dictionary = frame.clone();
+        with_dictionary[4] |= 1;
+        assert_eq!(code(&with_dictionary, 17), ErrorCode::ZstdProfile);
+        // A window of 2^28 bytes: exponent 18 in the window descriptor.
+        let mut wide = frame.clone();
+        wide[4] &= !0b10_0000;
+        wide.insert(5, 18 << 3);
+        assert_eq!(code(&wide, 17), ErrorCode::ZstdProfile);
     }
 }

@@ -150,9 +150,16 @@ impl TensorEntry {
     }
 }
 
+/// The largest integer every JSON parser reads exactly.
+const MAX_JSON_INTEGER: u64 = (1 << 53) - 1;
+
 fn shape_byte_len(dtype_name: &str, shape: &[u64]) -> Result<u64> {
     if shape.len() > MAX_RANK {
         return fail(ErrorCode::LimitExceeded, format!("rank {} exceeds {MAX_RANK}", shape.len()));
+    }
+    // JSON integers above 2^53 - 1 lose precision in many languages (spec §5.2).
+    if shape.iter().any(|&d| d > MAX_JSON_INTEGER) {
+        return fail(ErrorCode::HeaderInvalid, "a dimension exceeds 2^53 - 1");
     }
     match dtype::byte_len(dtype_name, shape)? {
         Some(len) if len <= i64::MAX as u64 => Ok(len),
@@ -263,7 +270,9 @@ impl Header {
                 ),
             );
         }
-        *next_chunk += expected;
+        *next_chunk = next_chunk
+            .checked_add(expected)
+            .ok_or_else(|| Error::new(ErrorCode::ChunkMapInvalid, "the chunk count overflows"))?;
         check_digest_hex(&tensor.digest)?;
         if let Some(base) = &tensor.base {
             shape_byte_len(&tensor.dtype, &base.shape)?;

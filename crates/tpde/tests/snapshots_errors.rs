@@ -1,0 +1,59 @@
+//! The text of one real error of every code, from the golden files where a golden
+//! case has that code, else from the smallest input that produces it. Messages are
+//! for people and may change; this snapshot shows each change in review. Tests never
+//! match on this text: they match on codes.
+
+mod conformance_support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use conformance_support::{cases, decode, suite_dir};
+use tpde::pipeline::{self, encode::EncodeOptions, NoProgress};
+use tpde::{Checkpoint, DeltaFile, ErrorCode};
+
+/// Codes that no golden case produces, each from an input built here.
+fn errors_outside_the_suite(dir: &Path) -> Vec<tpde::Error> {
+    let scratch = tempfile::tempdir().expect("a temp dir");
+    let suite = suite_dir();
+    let mixed = |rel: &str| suite.join("valid/mixed").join(rel);
+    let mut out = Vec::new();
+    out.extend(DeltaFile::open(&dir.join("no-such-file.tpde")).err());
+    out.extend(Checkpoint::open(&dir.join("pytorch_model.bin")).err());
+    out.extend(tpde::output::check_free(&mixed("delta.tpde"), false).err());
+    let delta = DeltaFile::open(&mixed("delta.tpde")).expect("a golden opens");
+    let base = Checkpoint::open(&mixed("base.safetensors")).expect("a golden base opens");
+    // The base as the target to compare with: not what the delta rebuilds.
+    out.extend(pipeline::apply::verify(&delta, Some(&base), Some(&base), &NoProgress).err());
+    let options = EncodeOptions { chunk_words: 0, ..EncodeOptions::default() };
+    out.extend(pipeline::encode::encode(None, &base, &scratch.path().join("x.tpde"), options, &NoProgress).err());
+    out
+}
+
+#[test]
+fn one_error_message_per_code() {
+    let suite = suite_dir();
+    let prefix = suite.to_string_lossy().into_owned();
+    let mut examples: BTreeMap<&'static str, String> = BTreeMap::new();
+    for case in cases() {
+        let Some(code) = case.error.as_deref() else { continue };
+        if examples.keys().any(|k| *k == code) || case.known_bug().is_some() {
+            continue;
+        }
+        let err = case.run().expect_err("a rejected case fails");
+        let code = ErrorCode::ALL.iter().find(|c| c.as_str() == code).expect("a known code").as_str();
+        examples.insert(code, format!("[{}] {err}", case.id));
+    }
+    for err in errors_outside_the_suite(&suite) {
+        examples.entry(err.code().as_str()).or_insert_with(|| format!("[built in this test] {err}"));
+    }
+    let missing: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).filter(|c| !examples.contains_key(c)).collect();
+    assert!(missing.is_empty(), "no example for {missing:?}");
+    let text: String = ErrorCode::ALL
+        .iter()
+        .map(|c| format!("{}\n    {}\n", c.as_str(), examples[c.as_str()].replace(&prefix, "conformance")))
+        .collect();
+    insta::assert_snapshot!("error_messages", text);
+    // The decode helper agrees: a missing file is E_IO.
+    assert_eq!(decode(&suite.join("missing.tpde"), None).unwrap_err().code(), ErrorCode::Io);
+}
