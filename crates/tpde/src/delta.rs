@@ -494,31 +494,68 @@ pub fn decode_chunk(
     out.extend_from_slice(&base[..base.len().min(len)]);
     out.resize(len, 0);
 
-    let mut decoded: Vec<Vec<u8>> = Vec::with_capacity(streams.len());
+    DECODE_SCRATCH.with(|cell| {
+        let scratch = &mut *cell.borrow_mut();
+        rebuild(record, streams, stored, words, word_bytes, out, scratch)
+    })
+}
+
+/// Buffers reused from chunk to chunk on each thread, so that decoding does not
+/// allocate (and page-fault) afresh for every chunk.
+#[derive(Default)]
+struct DecodeScratch {
+    streams: Vec<Vec<u8>>,
+    positions: Vec<u32>,
+}
+
+thread_local! {
+    static DECODE_SCRATCH: std::cell::RefCell<DecodeScratch> = std::cell::RefCell::default();
+}
+
+/// Decodes the streams and applies them to `out`, which holds the base words.
+fn rebuild(
+    record: &ChunkRecord,
+    streams: &[StreamRecord],
+    stored: &[u8],
+    words: usize,
+    word_bytes: usize,
+    out: &mut [u8],
+    scratch: &mut DecodeScratch,
+) -> Result<()> {
+    let mut ranges = Vec::with_capacity(streams.len());
     let mut at = 0usize;
     for stream in streams {
-        let bytes = &stored[at..at + stream.stored_len as usize];
+        ranges.push(at..at + stream.stored_len as usize);
         at += stream.stored_len as usize;
-        let mut buf = Vec::new();
-        match stream.codec {
-            Codec::Stored => buf.extend_from_slice(bytes),
-            Codec::Zstd => zstd_stream::decompress_into(bytes, stream.decoded_len as usize, &mut buf)?,
-        }
-        decoded.push(buf);
     }
-    let refs: Vec<&[u8]> = decoded.iter().map(Vec::as_slice).collect();
+    scratch.streams.resize_with(streams.len().max(scratch.streams.len()), Vec::new);
+    for ((stream, range), buffer) in streams.iter().zip(&ranges).zip(&mut scratch.streams) {
+        if stream.codec == Codec::Zstd {
+            buffer.clear();
+            zstd_stream::decompress_into(&stored[range.clone()], stream.decoded_len as usize, buffer)?;
+        }
+    }
+    let refs: Vec<&[u8]> = streams
+        .iter()
+        .zip(ranges)
+        .zip(&scratch.streams)
+        .map(|((stream, range), buffer)| match stream.codec {
+            Codec::Stored => &stored[range],
+            Codec::Zstd => buffer.as_slice(),
+        })
+        .collect();
 
     let m = record.changed_count as usize;
-    let mut changed = Vec::new();
+    let changed = &mut scratch.positions;
     let (position_count, value_count) = match (record.encoding, record.position_coding) {
         (Encoding::Unchanged, _) => (0, 0),
         (Encoding::Sparse, PositionCoding::Gaps) => {
             let planes = usize::from(record.gap_width);
-            positions::decode_gaps(&refs[..planes], m, words, &mut changed)?;
+            positions::decode_gaps(&refs[..planes], m, words, changed)?;
             (planes, m)
         }
         (Encoding::Sparse, _) => {
-            positions::decode_bitmap(refs[0], m, words, &mut changed)?;
+            positions::decode_bitmap(refs[0], m, words, changed)?;
             (1, m)
         }
         (Encoding::Dense | Encoding::Raw, _) => (0, words),
@@ -527,16 +564,7 @@ pub fn decode_chunk(
     let nonzero = with_word!(word_bytes, W => {
         let mut joined: Vec<W> = Vec::new();
         values::join(&refs[position_count..], value_count, record.value_layout, &mut joined);
-        if record.value_order == ValueOrder::GroupedByBase {
-            // `out` still holds the base words, whose keys give the order.
-            let key_at = |i: usize| values::group_key(W::load(&out[i * W::BYTES..(i + 1) * W::BYTES]));
-            let keys: Vec<u8> = match positions {
-                Some(p) => p.iter().map(|&i| key_at(i as usize)).collect(),
-                None => (0..value_count).map(key_at).collect(),
-            };
-            joined = values::ungroup(&joined, &keys);
-        }
-        values::apply::<W>(out, &joined, positions, record.value_op)
+        values::apply::<W>(out, &joined, positions, record.value_order, record.value_op)
     });
     if record.encoding != Encoding::Raw && nonzero != m {
         return fail(

@@ -2,7 +2,7 @@
 //! are split into streams (spec §8.2, §8.4). Everything works on bit patterns; no
 //! float arithmetic is ever done.
 
-use crate::container::chunk_map::{ValueLayout, ValueOp};
+use crate::container::chunk_map::{ValueLayout, ValueOp, ValueOrder};
 
 /// An unsigned word of 1, 2, 4 or 8 bytes.
 pub(crate) trait Word: Copy + Eq + Default + Send + Sync {
@@ -175,28 +175,88 @@ pub(crate) fn join<W: Word>(streams: &[&[u8]], count: usize, layout: ValueLayout
     }
 }
 
-/// Applies values to `words` (which hold the base): value `j` goes to word
-/// `positions[j]`, or to word `j` when `positions` is `None`. Returns the number of
-/// nonzero values. Positions have been checked to lie inside `words`.
-pub(crate) fn apply<W: Word>(words: &mut [u8], values: &[W], positions: Option<&[u32]>, op: ValueOp) -> usize {
-    fn run<W: Word>(words: &mut [u8], values: &[W], positions: Option<&[u32]>, combine: impl Fn(W, W) -> W) {
-        match positions {
-            None => {
-                for (slot, &value) in words.chunks_exact_mut(W::BYTES).zip(values) {
-                    combine(W::load(slot), value).store(slot);
+/// Applies values to `words` (which hold the base): the value of the `j`-th position
+/// goes to word `positions[j]`, or to word `j` when `positions` is `None`, and is
+/// found in `values` by `order` (spec §8.6). Returns the number of nonzero values.
+/// Positions have been checked to lie inside `words`.
+pub(crate) fn apply<W: Word>(
+    words: &mut [u8],
+    values: &[W],
+    positions: Option<&[u32]>,
+    order: ValueOrder,
+    op: ValueOp,
+) -> usize {
+    fn run<W: Word>(
+        words: &mut [u8],
+        values: &[W],
+        positions: Option<&[u32]>,
+        order: ValueOrder,
+        combine: impl Fn(W, W) -> W,
+    ) {
+        let slot = |i: usize| i * W::BYTES..(i + 1) * W::BYTES;
+        match (order, positions) {
+            (ValueOrder::Positional, None) => {
+                for (word, &value) in words.chunks_exact_mut(W::BYTES).zip(values) {
+                    combine(W::load(word), value).store(word);
                 }
             }
-            Some(positions) => {
+            (ValueOrder::Positional, Some(positions)) => {
                 for (&i, &value) in positions.iter().zip(values) {
-                    let slot = &mut words[i as usize * W::BYTES..(i as usize + 1) * W::BYTES];
-                    combine(W::load(slot), value).store(slot);
+                    let word = &mut words[slot(i as usize)];
+                    combine(W::load(word), value).store(word);
+                }
+            }
+            (ValueOrder::GroupedByBase, _) => {
+                // Two passes over the base words, no allocation: count the keys, then
+                // walk the positions with one cursor per key. The positions are cut
+                // into LANES runs walked side by side, each with cursors of its own,
+                // because successive equal keys otherwise chain every step through
+                // one counter in memory.
+                const LANES: usize = 4;
+                let count = values.len();
+                let index = |j: usize| positions.map_or(j, |p| p[j] as usize);
+                let lane_len = count / LANES;
+                let lane_start = |lane: usize| lane * lane_len;
+                let key_at = |j: usize| usize::from(group_key(W::load(&words[slot(index(j))])));
+                let mut counts = [[0usize; 256]; LANES + 1];
+                for j in 0..lane_len {
+                    for (lane, lane_counts) in counts[..LANES].iter_mut().enumerate() {
+                        lane_counts[key_at(lane_start(lane) + j)] += 1;
+                    }
+                }
+                for j in LANES * lane_len..count {
+                    counts[LANES][key_at(j)] += 1;
+                }
+                // Lane cursors: where each key's values of that lane begin.
+                let mut cursors = [[0usize; 256]; LANES + 1];
+                let mut next = 0;
+                for key in 0..256 {
+                    for lane in 0..=LANES {
+                        cursors[lane][key] = next;
+                        next += counts[lane][key];
+                    }
+                }
+                let mut step = |lane: usize, j: usize| {
+                    let word = &mut words[slot(index(j))];
+                    let base = W::load(word);
+                    let cursor = &mut cursors[lane][usize::from(group_key(base))];
+                    combine(base, values[*cursor]).store(word);
+                    *cursor += 1;
+                };
+                for j in 0..lane_len {
+                    for lane in 0..LANES {
+                        step(lane, lane_start(lane) + j);
+                    }
+                }
+                for j in LANES * lane_len..count {
+                    step(LANES, j);
                 }
             }
         }
     }
     match op {
-        ValueOp::Xor => run(words, values, positions, |b, v| W::combine(b, v, ValueOp::Xor)),
-        ValueOp::Sub => run(words, values, positions, |b, v| W::combine(b, v, ValueOp::Sub)),
+        ValueOp::Xor => run(words, values, positions, order, |b, v| W::combine(b, v, ValueOp::Xor)),
+        ValueOp::Sub => run(words, values, positions, order, |b, v| W::combine(b, v, ValueOp::Sub)),
     }
     values.iter().filter(|&&v| v != W::default()).count()
 }
@@ -210,9 +270,9 @@ pub(crate) fn group_key<W: Word>(base: W) -> u8 {
 }
 
 /// Where each group starts in grouped order, given the key of every value.
-fn group_starts(keys: &[u8]) -> [usize; 256] {
+fn group_starts(keys: impl IntoIterator<Item = u8>) -> [usize; 256] {
     let mut counts = [0usize; 256];
-    for &k in keys {
+    for k in keys {
         counts[usize::from(k)] += 1;
     }
     let mut starts = [0usize; 256];
@@ -227,25 +287,13 @@ fn group_starts(keys: &[u8]) -> [usize; 256] {
 /// Lists `values` (in position order, with the base key of each) in grouped order:
 /// a stable counting sort by key.
 pub(crate) fn group<W: Word>(values: &[W], keys: &[u8]) -> Vec<W> {
-    let mut next = group_starts(keys);
+    let mut next = group_starts(keys.iter().copied());
     let mut grouped = vec![W::default(); values.len()];
     for (&value, &k) in values.iter().zip(keys) {
         grouped[next[usize::from(k)]] = value;
         next[usize::from(k)] += 1;
     }
     grouped
-}
-
-/// The inverse of [`group`]: back to position order.
-pub(crate) fn ungroup<W: Word>(grouped: &[W], keys: &[u8]) -> Vec<W> {
-    let mut next = group_starts(keys);
-    keys.iter()
-        .map(|&k| {
-            let value = grouped[next[usize::from(k)]];
-            next[usize::from(k)] += 1;
-            value
-        })
-        .collect()
 }
 
 /// Estimated size in bits of `values` under `layout`, from order-0 byte entropy of
@@ -301,7 +349,11 @@ mod tests {
         let values = [10u16, 20, 30, 40];
         let grouped = group(&values, &keys);
         assert_eq!(grouped, [20, 10, 30, 40]);
-        assert_eq!(ungroup(&grouped, &keys), values);
+        // Applying grouped values finds each one by its base word's key.
+        let mut words: Vec<u8> = base.iter().flat_map(|b| b.to_le_bytes()).collect();
+        assert_eq!(apply(&mut words, &grouped, None, ValueOrder::GroupedByBase, ValueOp::Xor), 4);
+        let expected: Vec<u8> = base.iter().zip(values).flat_map(|(b, v)| (b ^ v).to_le_bytes()).collect();
+        assert_eq!(words, expected);
     }
 
     #[test]
