@@ -9,6 +9,11 @@ use tpde::delta::EncodeSettings;
 use tpde::pipeline::{self, encode::EncodeOptions, Progress};
 use tpde::{Checkpoint, DeltaFile};
 
+// Chunks come and go by the megabyte on every thread; mimalloc keeps those pages
+// instead of returning them to the kernel and faulting them in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EXAMPLES: &str = "\
 Examples:
   tpde encode base.safetensors finetune.safetensors -o finetune.tpde

@@ -207,50 +207,15 @@ pub(crate) fn apply<W: Word>(
                 }
             }
             (ValueOrder::GroupedByBase, _) => {
-                // Two passes over the base words, no allocation: count the keys, then
-                // walk the positions with one cursor per key. The positions are cut
-                // into LANES runs walked side by side, each with cursors of its own,
-                // because successive equal keys otherwise chain every step through
-                // one counter in memory.
-                const LANES: usize = 4;
-                let count = values.len();
                 let index = |j: usize| positions.map_or(j, |p| p[j] as usize);
-                let lane_len = count / LANES;
-                let lane_start = |lane: usize| lane * lane_len;
-                let key_at = |j: usize| usize::from(group_key(W::load(&words[slot(index(j))])));
-                let mut counts = [[0usize; 256]; LANES + 1];
-                for j in 0..lane_len {
-                    for (lane, lane_counts) in counts[..LANES].iter_mut().enumerate() {
-                        lane_counts[key_at(lane_start(lane) + j)] += 1;
-                    }
-                }
-                for j in LANES * lane_len..count {
-                    counts[LANES][key_at(j)] += 1;
-                }
-                // Lane cursors: where each key's values of that lane begin.
-                let mut cursors = [[0usize; 256]; LANES + 1];
-                let mut next = 0;
-                for key in 0..256 {
-                    for lane in 0..=LANES {
-                        cursors[lane][key] = next;
-                        next += counts[lane][key];
-                    }
-                }
-                let mut step = |lane: usize, j: usize| {
+                let key_at = |j: usize| group_key(W::load(&words[slot(index(j))]));
+                GroupCursors::new(values.len(), key_at).walk(|j, cursors| {
                     let word = &mut words[slot(index(j))];
                     let base = W::load(word);
-                    let cursor = &mut cursors[lane][usize::from(group_key(base))];
+                    let cursor = &mut cursors[usize::from(group_key(base))];
                     combine(base, values[*cursor]).store(word);
                     *cursor += 1;
-                };
-                for j in 0..lane_len {
-                    for lane in 0..LANES {
-                        step(lane, lane_start(lane) + j);
-                    }
-                }
-                for j in LANES * lane_len..count {
-                    step(LANES, j);
-                }
+                });
             }
         }
     }
@@ -269,30 +234,66 @@ pub(crate) fn group_key<W: Word>(base: W) -> u8 {
     base.rotate_left1().byte(W::BYTES - 1)
 }
 
-/// Where each group starts in grouped order, given the key of every value.
-fn group_starts(keys: impl IntoIterator<Item = u8>) -> [usize; 256] {
-    let mut counts = [0usize; 256];
-    for k in keys {
-        counts[usize::from(k)] += 1;
-    }
-    let mut starts = [0usize; 256];
-    let mut next = 0;
-    for (start, count) in starts.iter_mut().zip(counts) {
-        *start = next;
-        next += count;
-    }
-    starts
+/// Runs walked side by side when grouping: successive equal keys would otherwise
+/// chain every step through one counter in memory.
+const LANES: usize = 4;
+
+/// The slot in grouped order of every item of a keyed list (spec §8.6): a stable
+/// counting sort by key. The list is cut into [`LANES`] runs (plus a remainder)
+/// walked side by side, each with cursors of its own, which gives the same slots as
+/// a single walk.
+struct GroupCursors {
+    cursors: [[usize; 256]; LANES + 1],
+    lane_len: usize,
+    count: usize,
 }
 
-/// Lists `values` (in position order, with the base key of each) in grouped order:
-/// a stable counting sort by key.
-pub(crate) fn group<W: Word>(values: &[W], keys: &[u8]) -> Vec<W> {
-    let mut next = group_starts(keys.iter().copied());
-    let mut grouped = vec![W::default(); values.len()];
-    for (&value, &k) in values.iter().zip(keys) {
-        grouped[next[usize::from(k)]] = value;
-        next[usize::from(k)] += 1;
+impl GroupCursors {
+    fn new(count: usize, key_at: impl Fn(usize) -> u8) -> Self {
+        let lane_len = count / LANES;
+        let mut counts = [[0usize; 256]; LANES + 1];
+        for j in 0..lane_len {
+            for (lane, lane_counts) in counts[..LANES].iter_mut().enumerate() {
+                lane_counts[usize::from(key_at(lane * lane_len + j))] += 1;
+            }
+        }
+        for j in LANES * lane_len..count {
+            counts[LANES][usize::from(key_at(j))] += 1;
+        }
+        // Each key's slots, lane by lane: lane 0's come first, as in a single walk.
+        let mut cursors = [[0usize; 256]; LANES + 1];
+        let mut next = 0;
+        for key in 0..256 {
+            for lane in 0..=LANES {
+                cursors[lane][key] = next;
+                next += counts[lane][key];
+            }
+        }
+        Self { cursors, lane_len, count }
     }
+
+    /// Calls `visit(j, cursors)` once for every item `j`, with the cursors of its
+    /// lane: the item's slot is `cursors[key]`, which the visitor then advances.
+    fn walk(mut self, mut visit: impl FnMut(usize, &mut [usize; 256])) {
+        for j in 0..self.lane_len {
+            for (lane, cursors) in self.cursors[..LANES].iter_mut().enumerate() {
+                visit(lane * self.lane_len + j, cursors);
+            }
+        }
+        for j in LANES * self.lane_len..self.count {
+            visit(j, &mut self.cursors[LANES]);
+        }
+    }
+}
+
+/// Lists `values` (in position order, with the base key of each) in grouped order.
+pub(crate) fn group<W: Word>(values: &[W], keys: &[u8]) -> Vec<W> {
+    let mut grouped = vec![W::default(); values.len()];
+    GroupCursors::new(keys.len(), |j| keys[j]).walk(|j, cursors| {
+        let cursor = &mut cursors[usize::from(keys[j])];
+        grouped[*cursor] = values[j];
+        *cursor += 1;
+    });
     grouped
 }
 
