@@ -199,8 +199,10 @@ fn ordered_value_streams<W: Word>(
     leading_sign: bool,
     settings: EncodeSettings,
 ) -> Result<(ValueOrder, StreamSet)> {
-    let measure = settings.level >= MEASURE_FROM_LEVEL && W::BYTES > 1;
-    if !measure && !(leading_sign && W::BYTES > 1) {
+    let multi_byte = W::BYTES > 1;
+    let measure = settings.level >= MEASURE_FROM_LEVEL && multi_byte;
+    let predict_grouped = leading_sign && multi_byte;
+    if !measure && !predict_grouped {
         return Ok((ValueOrder::Positional, value_streams(values, layout, settings)?));
     }
     let grouped = value_streams(&values::group(values, &keys()), layout, settings)?;
