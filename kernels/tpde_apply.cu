@@ -43,9 +43,11 @@ typedef unsigned long long u64;
 #define ERR_BITMAP_PADDING 4u
 #define ERR_COUNT_MISMATCH 8u
 
+// One device address per stream, so that streams stored as they are can be
+// read where they were uploaded, next to streams decoded on the CPU.
 struct ChunkDesc {
-    u64 positions;   // gap planes (gap_width planes of m bytes, LSB plane first) or bitmap
-    u64 values;      // m (sparse) or n (dense, raw) values: words or byte planes
+    u64 pos[4];      // gap planes (gap_width planes of m bytes, LSB plane first), or pos[0] = bitmap
+    u64 val[8];      // value planes (LSB plane first), or val[0] = little-endian words
     u64 base;        // base words of the chunk (may equal out)
     u64 out;         // output words of the chunk (or u32 positions for positions_*)
     u32 n;           // words in the chunk
@@ -67,22 +69,23 @@ __device__ __forceinline__ u32 find_chunk(const ChunkDesc* d, u32 nd, u32 tile) 
     return lo;
 }
 
-__device__ __forceinline__ u64 load_gap(const u8* planes, u32 gw, u64 m, u64 j) {
-    u64 g = planes[j];
-    if (gw > 1) g |= (u64)planes[m + j] << 8;
-    if (gw > 2) {
-        g |= (u64)planes[2 * m + j] << 16;
-        g |= (u64)planes[3 * m + j] << 24;
+__device__ __forceinline__ u64 load_gap(const ChunkDesc& c, u64 j) {
+    u64 g = ((const u8*)c.pos[0])[j];
+    if (c.gap_width > 1) g |= (u64)((const u8*)c.pos[1])[j] << 8;
+    if (c.gap_width > 2) {
+        g |= (u64)((const u8*)c.pos[2])[j] << 16;
+        g |= (u64)((const u8*)c.pos[3])[j] << 24;
     }
     return g;
 }
 
 template <typename T>
-__device__ __forceinline__ T load_value(const u8* vals, u32 layout, u64 count, u64 j) {
-    if (layout == LAYOUT_WORDS) return ((const T*)vals)[j];
+__device__ __forceinline__ T load_value(const ChunkDesc& c, u64 j) {
+    const u32 layout = c.layout;
+    if (layout == LAYOUT_WORDS) return ((const T*)c.val[0])[j];
     T w = 0;
 #pragma unroll
-    for (int k = 0; k < (int)sizeof(T); k++) w |= (T)((T)vals[(u64)k * count + j] << (8 * k));
+    for (int k = 0; k < (int)sizeof(T); k++) w |= (T)((T)((const u8*)c.val[k])[j] << (8 * k));
     if (layout == LAYOUT_ROTATED_PLANES) w = (T)((T)(w >> 1) | (T)(w << (8 * sizeof(T) - 1)));
     return w;
 }
@@ -145,18 +148,17 @@ tile_totals(const ChunkDesc* d, u32 nd, u64* sums, u32* flag) {
     const u64 t = blockIdx.x - c.tile_begin;
     u64 acc = 0;
     if (c.kind == KIND_SPARSE_GAPS) {
-        const u8* g = (const u8*)c.positions;
         const u64 j0 = t * TILE;
         for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
             u64 j = j0 + k;
             if (j < c.m) {
-                u64 gap = load_gap(g, c.gap_width, c.m, j);
+                u64 gap = load_gap(c, j);
                 if (gap == 0 && j > 0) atomicOr(flag, ERR_ZERO_GAP);
                 acc += gap;
             }
         }
     } else if (c.kind == KIND_SPARSE_BITMAP) {
-        const u8* bm = (const u8*)c.positions;
+        const u8* bm = (const u8*)c.pos[0];
         const u64 nbytes = ((u64)c.n + 7) / 8;
         const u64 b0 = t * BITMAP_TILE_BYTES;
         for (u32 k = threadIdx.x; k < BITMAP_TILE_BYTES; k += THREADS) {
@@ -198,11 +200,10 @@ tile_scan(const ChunkDesc* d, u32 nd, u64* sums, u32* flag) {
 // Scans one tile of gaps into absolute positions, written (padded) to pos[].
 __device__ __forceinline__ void scan_gap_tile(const ChunkDesc& c, u64 t, const u64* offs, u64* pos,
                                               u64* ws) {
-    const u8* g = (const u8*)c.positions;
     const u64 j0 = t * TILE;
     for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
         u64 j = j0 + k;
-        pos[PAD(k)] = j < c.m ? load_gap(g, c.gap_width, c.m, j) : 0;
+        pos[PAD(k)] = j < c.m ? load_gap(c, j) : 0;
     }
     __syncthreads();
     u64 local[ITEMS];
@@ -230,13 +231,12 @@ __device__ __forceinline__ void apply_impl(const ChunkDesc* d, u32 nd, const u64
     const u64 t = blockIdx.x - c.tile_begin;
     T* out = (T*)c.out;
     const T* base = (const T*)c.base;
-    const u8* vals = (const u8*)c.values;
     if (c.kind == KIND_DENSE || c.kind == KIND_RAW) {
         const u64 i0 = t * TILE;
         for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
             u64 i = i0 + k;
             if (i < c.n) {
-                T v = load_value<T>(vals, c.layout, c.n, i);
+                T v = load_value<T>(c, i);
                 out[i] = c.kind == KIND_RAW ? v : combine<T>(base[i], v, c.op);
             }
         }
@@ -250,12 +250,12 @@ __device__ __forceinline__ void apply_impl(const ChunkDesc* d, u32 nd, const u64
                 if (p >= c.n) {
                     atomicOr(flag, ERR_POSITION_RANGE);
                 } else {
-                    out[p] = combine<T>(base[p], load_value<T>(vals, c.layout, c.m, j), c.op);
+                    out[p] = combine<T>(base[p], load_value<T>(c, j), c.op);
                 }
             }
         }
     } else if (c.kind == KIND_SPARSE_BITMAP) {
-        const u8* bm = (const u8*)c.positions;
+        const u8* bm = (const u8*)c.pos[0];
         const u64 nbytes = ((u64)c.n + 7) / 8;
         const u64 b0 = t * BITMAP_TILE_BYTES + (u64)threadIdx.x * 16;
         u32 bytes[16];
@@ -277,7 +277,7 @@ __device__ __forceinline__ void apply_impl(const ChunkDesc* d, u32 nd, const u64
                 if (rank >= c.m) {
                     atomicOr(flag, ERR_COUNT_MISMATCH);
                 } else {
-                    out[p] = combine<T>(base[p], load_value<T>(vals, c.layout, c.m, rank), c.op);
+                    out[p] = combine<T>(base[p], load_value<T>(c, rank), c.op);
                 }
                 rank++;
             }
@@ -317,7 +317,7 @@ positions(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) {
             }
         }
     } else if (c.kind == KIND_SPARSE_BITMAP) {
-        const u8* bm = (const u8*)c.positions;
+        const u8* bm = (const u8*)c.pos[0];
         const u64 nbytes = ((u64)c.n + 7) / 8;
         const u64 b0 = t * BITMAP_TILE_BYTES + (u64)threadIdx.x * 16;
         u32 bytes[16];

@@ -3,20 +3,17 @@
 //!
 //! `cargo build --release --example gpu_bench -p tpde-cuda`, then on a GPU
 //! machine: `gpu_bench [--gib N] [--quick]`. Prints a markdown table.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_precision_loss,
-    clippy::cast_sign_loss
-)]
+#![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)]
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
-use tpde_cuda::cudarc::driver::result as cu;
-use tpde_cuda::encode::{EncodeSettings, EncodedTensor};
-use tpde_cuda::reference::EncodeChoice;
-use tpde_cuda::{DevRange, Gpu, Loader, LoaderConfig, TensorRef, ValueLayout, ValueOp, WordWidth};
+use tpde::delta::EncodeSettings;
+use tpde_cuda::cudarc::driver::{result as cu, PinnedHostSlice};
+use tpde_cuda::delta::PinnedDelta;
+use tpde_cuda::encode::EncodedTensor;
+use tpde_cuda::{DevRange, Gpu, Loader, LoaderConfig, TensorRef, WordWidth};
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -44,22 +41,15 @@ impl Rng {
 fn layer(words: usize, p: f64, seed: u64) -> (Vec<u8>, Vec<u8>) {
     let mut base = vec![0u8; words * 4];
     let mut target = vec![0u8; words * 4];
-    base.par_chunks_mut(1 << 20)
-        .zip(target.par_chunks_mut(1 << 20))
-        .enumerate()
-        .for_each(|(c, (b, t))| {
-            let mut r = Rng(seed ^ (c as u64).wrapping_mul(0x1234_5678_9ABC_DEF1));
-            for (bw, tw) in b.chunks_exact_mut(4).zip(t.chunks_exact_mut(4)) {
-                let x = r.normal();
-                let y = if p >= 1.0 || r.unit() < p {
-                    x + 0.01 * r.normal()
-                } else {
-                    x
-                };
-                bw.copy_from_slice(&x.to_le_bytes());
-                tw.copy_from_slice(&y.to_le_bytes());
-            }
-        });
+    base.par_chunks_mut(1 << 20).zip(target.par_chunks_mut(1 << 20)).enumerate().for_each(|(c, (b, t))| {
+        let mut r = Rng(seed ^ (c as u64).wrapping_mul(0x1234_5678_9ABC_DEF1));
+        for (bw, tw) in b.chunks_exact_mut(4).zip(t.chunks_exact_mut(4)) {
+            let x = r.normal();
+            let y = if p >= 1.0 || r.unit() < p { x + 0.01 * r.normal() } else { x };
+            bw.copy_from_slice(&x.to_le_bytes());
+            tw.copy_from_slice(&y.to_le_bytes());
+        }
+    });
     (base, target)
 }
 
@@ -82,11 +72,7 @@ fn time<F: FnMut() -> R<()>>(reps: usize, mut f: F) -> R<f64> {
 struct Table(Vec<String>);
 impl Table {
     fn row(&mut self, what: &str, secs: f64, bytes: usize, note: &str) {
-        let line = format!(
-            "| {what} | {:.3} ms | {:.1} GB/s | {note} |",
-            secs * 1e3,
-            bytes as f64 / secs / 1e9
-        );
+        let line = format!("| {what} | {:.3} ms | {:.1} GB/s | {note} |", secs * 1e3, bytes as f64 / secs / 1e9);
         println!("{line}");
         self.0.push(line);
     }
@@ -97,9 +83,7 @@ fn pinned_upload(gpu: &Gpu, bytes: usize, times: usize, reps: usize) -> R<f64> {
     let ctx = gpu.context();
     // SAFETY: the bytes are written below before any use.
     let mut host = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }?;
-    host.as_mut_slice()?
-        .par_chunks_mut(1 << 20)
-        .for_each(|c| c.fill(0x5A));
+    host.as_mut_slice()?.par_chunks_mut(1 << 20).for_each(|c| c.fill(0x5A));
     let dev = gpu.alloc_zeros::<u8>(bytes)?;
     let s = gpu.stream().clone();
     let d = DevRange::all(&dev, &s)?;
@@ -115,12 +99,13 @@ fn pinned_upload(gpu: &Gpu, bytes: usize, times: usize, reps: usize) -> R<f64> {
     })
 }
 
-/// A one-tensor fp32 safetensors file named "w", shape [4096, 4096].
+/// A one-tensor safetensors file named "w", shape [4096, 4096], holding the
+/// fp32 layer's bits declared as I32: for float dtypes the library's writer
+/// groups values by base key (spec §8.6), which the GPU kernels do not read
+/// yet; for integers it writes positional order.
 fn write_safetensors(path: &std::path::Path, bytes: &[u8]) -> R<()> {
-    let mut header = format!(
-        "{{\"w\":{{\"dtype\":\"F32\",\"shape\":[4096,4096],\"data_offsets\":[0,{}]}}}}",
-        bytes.len()
-    );
+    let mut header =
+        format!("{{\"w\":{{\"dtype\":\"I32\",\"shape\":[4096,4096],\"data_offsets\":[0,{}]}}}}", bytes.len());
     while header.len() % 8 != 0 {
         header.push(' ');
     }
@@ -131,21 +116,46 @@ fn write_safetensors(path: &std::path::Path, bytes: &[u8]) -> R<()> {
     Ok(())
 }
 
+/// Every chunk's stored bytes of `enc`, back to back in page-locked memory.
+fn pin_all(gpu: &Gpu, enc: &[EncodedTensor]) -> R<PinnedHostSlice<u8>> {
+    let total: usize = enc.iter().map(EncodedTensor::stored_bytes).sum();
+    // SAFETY: every byte is written below before any use.
+    let mut host = unsafe { gpu.context().alloc_pinned_with_flags::<u8>(total.max(1), 0) }?;
+    let dst = host.as_mut_slice()?;
+    let mut at = 0;
+    for c in enc.iter().flat_map(|t| &t.chunks) {
+        dst[at..at + c.data.len()].copy_from_slice(&c.data);
+        at += c.data.len();
+    }
+    Ok(host)
+}
+
+/// Views of `enc` whose stored bytes are read from `host` ([`pin_all`]).
+fn hosted<'a>(enc: &'a [EncodedTensor], host: &'a [u8]) -> Vec<TensorRef<'a>> {
+    let mut at = 0;
+    enc.iter()
+        .map(|t| {
+            let mut r = t.as_ref();
+            for c in &mut r.chunks {
+                c.stored = &host[at..at + c.stored.len()];
+                at += c.stored.len();
+            }
+            r.host = Some(host);
+            r
+        })
+        .collect()
+}
+
 fn main() -> R<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let gib: usize = args
-        .iter()
-        .position(|a| a == "--gib")
-        .map_or(if quick { 1 } else { 2 }, |i| {
-            args[i + 1].parse().unwrap_or(2)
-        });
+    let gib: usize =
+        args.iter().position(|a| a == "--gib").map_or(if quick { 1 } else { 2 }, |i| args[i + 1].parse().unwrap_or(2));
     let gpu = Arc::new(Gpu::new(0)?);
-    println!(
-        "device: {}  (cpu threads: {})\n",
-        gpu.name(),
-        rayon::current_num_threads()
-    );
+    println!("device: {}  (cpu threads: {})\n", gpu.name(), rayon::current_num_threads());
+    for (k, regs, blocks) in gpu.kernel_occupancy()? {
+        println!("kernel {k}: {regs} registers, {blocks} blocks of 256 per SM");
+    }
     let mut table = Table(Vec::new());
     println!("| measurement | time (median) | rate (target bytes/s) | note |\n|---|---|---|---|");
 
@@ -154,142 +164,99 @@ fn main() -> R<()> {
     let (base, target) = layer(words, 0.05, 1);
     let lb = words * 4;
     let dense_up = pinned_upload(&gpu, lb, 1, 20)?;
-    table.row(
-        "layer: pinned upload of the dense fp32 layer (baseline)",
-        dense_up,
-        lb,
-        "64 MiB, page-locked",
-    );
+    table.row("layer: pinned upload of the dense fp32 layer (baseline)", dense_up, lb, "64 MiB, page-locked");
     let dbase = gpu.upload(&base)?;
-    for (cw, slot, level) in [
-        (1u32 << 18, 1usize << 20, 3),
-        (1 << 18, 4 << 20, 3),
-        (1 << 20, 8 << 20, 3),
-        (1 << 16, 1 << 20, 3),
-    ] {
-        let s = EncodeSettings {
-            choice: EncodeChoice::SparseGaps,
-            op: ValueOp::Xor,
-            layout: ValueLayout::BytePlanes,
-            zstd_level: Some(level),
-            chunk_words: cw,
-        };
-        let t = EncodedTensor::encode("layer", &base, &target, WordWidth::W4, s)?;
-        let tr = t.as_ref();
-        let mut l = Loader::new(
-            gpu.clone(),
-            LoaderConfig {
-                slots: 4,
-                slot_bytes: slot,
-                max_chunks: 4096,
-            },
-        )?;
-        let mut out = gpu.alloc_zeros::<u8>(lb)?;
-        l.materialize_into(&tr, &dbase, &mut out)?;
-        assert!(
-            gpu.download(&out)? == target,
-            "materialize is not bit-exact"
-        );
-        let note = format!(
-            "chunk {cw} words, slot {} KiB, delta {:.2} MB; ratio to dense upload {:.3}",
-            slot >> 10,
-            t.stored_bytes() as f64 / 1e6,
-            0.0
-        );
-        let m_into = time(20, || Ok(l.materialize_into(&tr, &dbase, &mut out)?))?;
-        table.row(
-            "layer: materialize_into (host delta → new buffer)",
-            m_into,
-            lb,
-            &note.replace("0.000", &format!("{:.3}", m_into / dense_up)),
-        );
-        let mut buf = gpu.upload(&base)?;
-        let m_in = time(20, || Ok(l.materialize_in_place(&tr, &mut buf)?))?;
-        table.row(
-            "layer: materialize_in_place (host delta, resident base copy)",
-            m_in,
-            lb,
-            &note.replace("0.000", &format!("{:.3}", m_in / dense_up)),
-        );
-        // CPU decode alone, for the breakdown
-        let dec = time(20, || {
-            tr.chunks
-                .par_iter()
-                .flat_map(|c| c.streams.par_iter())
-                .try_for_each(|st| {
-                    let mut v = vec![0u8; st.decoded_len];
-                    tpde_cuda::decode_stream(st, &mut v)
-                })?;
-            Ok(())
-        })?;
-        table.row(
-            "layer:   of which: zstd decode alone (CPU, rayon)",
-            dec,
-            lb,
-            "",
-        );
-        let staged = l.stage_on_device(std::slice::from_ref(&tr))?;
-        let mut outs = vec![gpu.alloc_zeros::<u8>(lb)?];
-        let k_into = time(20, || Ok(l.apply_staged(&staged, &[&dbase], &mut outs)?))?;
-        table.row(
-            "layer:   kernels only (streams resident, into new buffer)",
-            k_into,
-            lb,
-            "",
-        );
-    }
-
-    // the same layer through a real .tpde file written by the format library
-    {
-        let dir = std::env::temp_dir().join("tpde-gpu-bench");
-        std::fs::create_dir_all(&dir)?;
-        write_safetensors(&dir.join("b.safetensors"), &base)?;
-        write_safetensors(&dir.join("t.safetensors"), &target)?;
-        let bc = tpde::Checkpoint::open(&dir.join("b.safetensors"))?;
-        let tc = tpde::Checkpoint::open(&dir.join("t.safetensors"))?;
-        for cw in [1u64 << 18, 1 << 20] {
-            let path = dir.join(format!("d{cw}.tpde"));
+    // Deltas written by the format library (its CLI's path), read into
+    // page-locked memory once: the serving case of a host-resident delta.
+    let dir = std::env::temp_dir().join("tpde-gpu-bench");
+    std::fs::create_dir_all(&dir)?;
+    write_safetensors(&dir.join("b.safetensors"), &base)?;
+    write_safetensors(&dir.join("t.safetensors"), &target)?;
+    let bc = tpde::Checkpoint::open(&dir.join("b.safetensors"))?;
+    let tc = tpde::Checkpoint::open(&dir.join("t.safetensors"))?;
+    let mut best = (f64::INFINITY, String::new());
+    for cw in [1u64 << 18, 1 << 20] {
+        for gain in [0.0, 0.25, 0.5, 0.75, 1.0] {
+            let path = dir.join(format!("d{cw}-{gain}.tpde"));
             let opts = tpde::pipeline::encode::EncodeOptions {
                 chunk_words: cw,
-                ..Default::default()
+                settings: EncodeSettings { min_zstd_gain: gain, ..EncodeSettings::default() },
             };
-            tpde::pipeline::encode::encode(
-                Some(&bc),
-                &tc,
-                &path,
-                opts,
-                &tpde::pipeline::NoProgress,
-            )?;
+            tpde::pipeline::encode::encode(Some(&bc), &tc, &path, opts, &tpde::pipeline::NoProgress)?;
+            let pinned = PinnedDelta::open(&gpu, &path)?;
+            let refs = pinned.tensor_refs(true)?;
+            let tr = &refs[0];
+            let zstd_share = tr
+                .chunks
+                .iter()
+                .flat_map(|c| c.streams)
+                .filter(|s| s.codec == tpde::container::chunk_map::Codec::Zstd)
+                .map(|s| s.decoded_len as usize)
+                .sum::<usize>() as f64
+                / tr.chunks.iter().flat_map(|c| c.streams).map(|s| s.decoded_len as usize).sum::<usize>().max(1) as f64;
+            let what = format!(
+                "chunk {}Ki words, min_zstd_gain {gain}: delta {:.2} MB, {:.0}% of stream bytes zstd",
+                cw >> 10,
+                pinned.file().file_len() as f64 / 1e6,
+                100.0 * zstd_share
+            );
+            println!("\n{what}");
+            for (slots, slot) in [(4usize, 4usize << 20), (2, 16 << 20)] {
+                let mut l = Loader::new(gpu.clone(), LoaderConfig { slots, slot_bytes: slot, max_chunks: 4096 })?;
+                let mut out = gpu.alloc_zeros::<u8>(lb)?;
+                l.materialize_into(tr, &dbase, &mut out)?;
+                assert!(gpu.download(&out)? == target, "materialize is not bit-exact");
+                let m_into = time(20, || Ok(l.materialize_into(tr, &dbase, &mut out)?))?;
+                let note = |t: f64| {
+                    format!("{what}; {slots} slots of {} KiB; ratio to dense upload {:.3}", slot >> 10, t / dense_up)
+                };
+                table.row("layer: materialize_into (pinned host delta → new buffer)", m_into, lb, &note(m_into));
+                let mut buf = gpu.upload(&base)?;
+                let m_in = time(20, || Ok(l.materialize_in_place(tr, &mut buf)?))?;
+                table.row("layer: materialize_in_place (pinned host delta, resident base copy)", m_in, lb, &note(m_in));
+                for (t, how) in [(m_into, "materialize_into"), (m_in, "materialize_in_place")] {
+                    if t < best.0 {
+                        best = (t, format!("{how}, {}", note(t)));
+                    }
+                }
+            }
+            // the same file through its memory map (pageable)
             let file = tpde::DeltaFile::open(&path)?;
-            let refs = tpde_cuda::delta::tensor_refs(&file, true)?;
-            let mut l = Loader::new(
-                gpu.clone(),
-                LoaderConfig {
-                    slots: 4,
-                    slot_bytes: 8 << 20,
-                    max_chunks: 4096,
-                },
-            )?;
+            let mrefs = tpde_cuda::delta::tensor_refs(&file, true)?;
+            let mut l = Loader::new(gpu.clone(), LoaderConfig { slots: 4, slot_bytes: 4 << 20, max_chunks: 4096 })?;
             let mut out = gpu.alloc_zeros::<u8>(lb)?;
-            l.materialize_into(&refs[0], &dbase, &mut out)?;
-            assert!(
-                gpu.download(&out)? == target,
-                "file materialize is not bit-exact"
-            );
-            let m = time(20, || Ok(l.materialize_into(&refs[0], &dbase, &mut out)?))?;
-            let note = format!(
-                "tpde file, chunk {cw} words, {:.2} MB; ratio to dense upload {:.3}",
-                file.file_len() as f64 / 1e6,
-                m / dense_up
-            );
+            l.materialize_into(&mrefs[0], &dbase, &mut out)?;
+            assert!(gpu.download(&out)? == target, "mapped materialize is not bit-exact");
+            let m_map = time(20, || Ok(l.materialize_into(&mrefs[0], &dbase, &mut out)?))?;
             table.row(
-                "layer: materialize_into from a .tpde file (format library writer)",
-                m,
+                "layer: materialize_into (memory-mapped delta, staged through the ring)",
+                m_map,
                 lb,
-                &note,
+                &format!("{what}; ratio to dense upload {:.3}", m_map / dense_up),
             );
+            // CPU decode of the zstd streams alone, for the breakdown
+            let dec = time(20, || {
+                tr.chunks
+                    .par_iter()
+                    .flat_map(|c| c.streams.par_iter().zip(c.stored_streams().collect::<Vec<_>>()))
+                    .filter(|(r, _)| r.codec == tpde::container::chunk_map::Codec::Zstd)
+                    .try_for_each(|(r, b)| {
+                        let mut v = vec![0u8; r.decoded_len as usize];
+                        tpde_cuda::decode_stream(r, b, &mut v)
+                    })?;
+                Ok(())
+            })?;
+            table.row("layer:   of which: zstd decode alone (CPU, rayon)", dec, lb, &what);
+            let staged = l.stage_on_device(std::slice::from_ref(tr))?;
+            let mut outs = vec![gpu.alloc_zeros::<u8>(lb)?];
+            let k_into = time(20, || Ok(l.apply_staged(&staged, &[&dbase], &mut outs)?))?;
+            table.row("layer:   kernels only (streams resident, into new buffer)", k_into, lb, &what);
+            let mut bufs = vec![gpu.upload(&base)?];
+            let k_in = time(20, || Ok(l.apply_staged_in_place(&staged, &mut bufs)?))?;
+            table.row("layer:   kernels only (streams resident, in place)", k_in, lb, &what);
         }
     }
+    println!("\nbest materialize: {:.3} ms ({})\n", best.0 * 1e3, best.1);
 
     // (2) whole delta, >= 2 GB target, base resident on the GPU
     let tensor_words = 64 << 20; // 256 MiB of fp32
@@ -300,19 +267,14 @@ fn main() -> R<()> {
     let t0 = Instant::now();
     for i in 0..ntensors {
         let (b, t) = layer(tensor_words, 0.05, 100 + i as u64);
-        let s = EncodeSettings {
-            choice: EncodeChoice::SparseGaps,
-            op: ValueOp::Xor,
-            layout: ValueLayout::BytePlanes,
-            zstd_level: Some(1),
-            chunk_words: 1 << 20,
-        };
         enc.push(EncodedTensor::encode(
             &format!("t{i}"),
-            &b,
+            Some(&b),
             &t,
             WordWidth::W4,
-            s,
+            1 << 20,
+            false, // positional value order: see write_safetensors
+            EncodeSettings::default(),
         )?);
         bases.push(b);
         targets.push(t);
@@ -324,7 +286,11 @@ fn main() -> R<()> {
         stored as f64 / 1e6,
         t0.elapsed().as_secs_f64()
     );
-    let refs: Vec<TensorRef<'_>> = enc.iter().map(EncodedTensor::as_ref).collect();
+    // the host-resident delta, held in page-locked memory (as PinnedDelta
+    // holds a file)
+    let pinned = pin_all(&gpu, &enc)?;
+    let refs = hosted(&enc, pinned.as_slice()?);
+    let mapped: Vec<TensorRef<'_>> = enc.iter().map(EncodedTensor::as_ref).collect();
     let up = pinned_upload(&gpu, tensor_words * 4, ntensors, 3)?;
     table.row(
         "whole: pinned dense upload of the target bytes (baseline = bus)",
@@ -332,10 +298,7 @@ fn main() -> R<()> {
         total,
         "256 MiB page-locked buffer, copied N times",
     );
-    let dbases: Vec<_> = bases
-        .iter()
-        .map(|b| gpu.upload(b))
-        .collect::<Result<_, _>>()?;
+    let dbases: Vec<_> = bases.iter().map(|b| gpu.upload(b)).collect::<Result<_, _>>()?;
     let dref: Vec<_> = dbases.iter().collect();
     let mut l = Loader::new(gpu.clone(), LoaderConfig::default())?;
     let outs = l.load(&refs, &dref)?;
@@ -348,18 +311,51 @@ fn main() -> R<()> {
         Ok(())
     })?;
     table.row(
-        "whole: load (host delta → new buffers, resident base)",
+        "whole: load (pinned host delta → new buffers, resident base)",
         tl,
         total,
         &format!("ratio to pinned upload rate {:.2}", up / tl),
     );
-    let mut bufs: Vec<_> = bases
-        .iter()
-        .map(|b| gpu.upload(b))
-        .collect::<Result<_, _>>()?;
+    let tm = time(3, || {
+        l.load(&mapped, &dref)?;
+        Ok(())
+    })?;
+    table.row(
+        "whole: load (pageable host delta, staged through the ring)",
+        tm,
+        total,
+        &format!("ratio to pinned upload rate {:.2}", up / tm),
+    );
+    {
+        // the same tensors written with min_zstd_gain 0.75: mostly stored streams
+        let s = EncodeSettings { min_zstd_gain: 0.75, ..EncodeSettings::default() };
+        let enc75 = bases
+            .iter()
+            .zip(&targets)
+            .enumerate()
+            .map(|(i, (b, t))| EncodedTensor::encode(&format!("t{i}"), Some(b), t, WordWidth::W4, 1 << 20, false, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pinned75 = pin_all(&gpu, &enc75)?;
+        let refs75 = hosted(&enc75, pinned75.as_slice()?);
+        let outs = l.load(&refs75, &dref)?;
+        assert!(gpu.download(&outs[0])? == targets[0], "load is not bit-exact");
+        drop(outs);
+        let t75 = time(3, || {
+            l.load(&refs75, &dref)?;
+            Ok(())
+        })?;
+        let stored75: usize = enc75.iter().map(EncodedTensor::stored_bytes).sum();
+        table.row(
+            "whole: load (pinned host delta written with min_zstd_gain 0.75)",
+            t75,
+            total,
+            &format!("delta {:.1} MB; ratio to pinned upload rate {:.2}", stored75 as f64 / 1e6, up / t75),
+        );
+    }
+    let mut bufs: Vec<_> = bases.iter().map(|b| gpu.upload(b)).collect::<Result<_, _>>()?;
     let ti = time(3, || Ok(l.apply_in_place(&refs, &mut bufs)?))?;
     table.row(
-        "whole: apply_in_place (host delta, resident base copy)",
+        "whole: apply_in_place (pinned host delta, resident base copy)",
         ti,
         total,
         &format!("ratio to pinned upload rate {:.2}", up / ti),
@@ -378,14 +374,9 @@ fn main() -> R<()> {
 
     // (3) resident apply (streams decoded on the device) vs cuMemcpyDtoD
     let staged = l.stage_on_device(&refs)?;
-    let mut outs: Vec<_> = (0..ntensors)
-        .map(|_| gpu.alloc_zeros::<u8>(tensor_words * 4))
-        .collect::<Result<_, _>>()?;
+    let mut outs: Vec<_> = (0..ntensors).map(|_| gpu.alloc_zeros::<u8>(tensor_words * 4)).collect::<Result<_, _>>()?;
     l.apply_staged(&staged, &dref, &mut outs)?;
-    assert!(
-        gpu.download(&outs[0])? == targets[0],
-        "staged apply is not bit-exact"
-    );
+    assert!(gpu.download(&outs[0])? == targets[0], "staged apply is not bit-exact");
     let s = gpu.stream().clone();
     let dtod = time(5, || {
         for (b, o) in dbases.iter().zip(&outs) {
@@ -396,12 +387,7 @@ fn main() -> R<()> {
         s.synchronize()?;
         Ok(())
     })?;
-    table.row(
-        "resident: cuMemcpyDtoD of the target bytes (baseline)",
-        dtod,
-        total,
-        "",
-    );
+    table.row("resident: cuMemcpyDtoD of the target bytes (baseline)", dtod, total, "");
     let ta = time(5, || Ok(l.apply_staged(&staged, &dref, &mut outs)?))?;
     table.row(
         "resident: apply, sparse 5%, into new buffers (copy + scatter)",
@@ -427,36 +413,26 @@ fn main() -> R<()> {
     let mut denc = Vec::new();
     for i in 0..dn {
         let (b, t) = layer(tensor_words, 1.0, 500 + i as u64);
-        let s = EncodeSettings {
-            choice: EncodeChoice::Dense,
-            op: ValueOp::Xor,
-            layout: ValueLayout::BytePlanes,
-            zstd_level: Some(1),
-            chunk_words: 1 << 20,
-        };
         denc.push(EncodedTensor::encode(
             &format!("d{i}"),
-            &b,
+            Some(&b),
             &t,
             WordWidth::W4,
-            s,
+            1 << 20,
+            false, // positional value order: see write_safetensors
+            EncodeSettings::default(),
         )?);
         dbs.push(b);
         dts.push(t);
     }
     let dtotal = dn * tensor_words * 4;
-    let drefs: Vec<TensorRef<'_>> = denc.iter().map(EncodedTensor::as_ref).collect();
+    let dpinned = pin_all(&gpu, &denc)?;
+    let drefs = hosted(&denc, dpinned.as_slice()?);
     let dstored: usize = denc.iter().map(EncodedTensor::stored_bytes).sum();
-    let ddb: Vec<_> = dbs
-        .iter()
-        .map(|b| gpu.upload(b))
-        .collect::<Result<_, _>>()?;
+    let ddb: Vec<_> = dbs.iter().map(|b| gpu.upload(b)).collect::<Result<_, _>>()?;
     let ddr: Vec<_> = ddb.iter().collect();
     let o = l.load(&drefs, &ddr)?;
-    assert!(
-        gpu.download(&o[0])? == dts[0],
-        "dense load is not bit-exact"
-    );
+    assert!(gpu.download(&o[0])? == dts[0], "dense load is not bit-exact");
     drop(o);
     let dup = pinned_upload(&gpu, tensor_words * 4, dn, 3)?;
     table.row("dense: pinned dense upload (baseline)", dup, dtotal, "");
@@ -465,36 +441,23 @@ fn main() -> R<()> {
         Ok(())
     })?;
     table.row(
-        "dense: load (every element changed, host delta)",
+        "dense: load (every element changed, pinned host delta)",
         tdl,
         dtotal,
-        &format!(
-            "delta {:.0} MB; ratio to pinned upload rate {:.2}",
-            dstored as f64 / 1e6,
-            dup / tdl
-        ),
+        &format!("delta {:.0} MB; ratio to pinned upload rate {:.2}", dstored as f64 / 1e6, dup / tdl),
     );
     let dstaged = l.stage_on_device(&drefs)?;
-    let mut dbufs: Vec<_> = dbs
-        .iter()
-        .map(|b| gpu.upload(b))
-        .collect::<Result<_, _>>()?;
+    let mut dbufs: Vec<_> = dbs.iter().map(|b| gpu.upload(b)).collect::<Result<_, _>>()?;
     let tdi = time(5, || Ok(l.apply_staged_in_place(&dstaged, &mut dbufs)?))?;
     let ddtod = dtod * dtotal as f64 / total as f64;
     table.row(
         "dense: resident apply in place (kernels only)",
         tdi,
         dtotal,
-        &format!(
-            "{:.0}% of DtoD (scaled from the same run); decoding excluded",
-            100.0 * ddtod / tdi
-        ),
+        &format!("{:.0}% of DtoD (scaled from the same run); decoding excluded", 100.0 * ddtod / tdi),
     );
     if let Ok(path) = std::env::var("BENCH_OUT") {
-        std::fs::write(
-            path,
-            format!("device: {}\n\n{}\n", gpu.name(), table.0.join("\n")),
-        )?;
+        std::fs::write(path, format!("device: {}\n\n{}\n", gpu.name(), table.0.join("\n")))?;
     }
     Ok(())
 }

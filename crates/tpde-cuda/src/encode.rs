@@ -1,25 +1,16 @@
-//! Reference encoder of whole tensors into owned chunk streams, for the
-//! tests and the benchmarks (the format library is the real writer).
+//! Whole tensors encoded in memory by the format library's chunk encoder
+//! ([`tpde::delta::encode_chunk`]), for callers that hold a base and a
+//! target rather than a delta file (the benchmarks, tests, and weight sync
+//! where both sides are in memory).
 
 use rayon::prelude::*;
+use tpde::delta::{EncodeSettings, EncodedChunk};
 
-use crate::error::Result;
-use crate::pipeline::{ChunkRef, Codec, StreamRef, TensorRef};
-use crate::reference::{encode_chunk, EncodeChoice};
-use crate::spec::{ChunkSpec, ValueLayout, ValueOp, WordWidth};
+use crate::error::{GpuError, Result};
+use crate::pipeline::{ChunkRef, TensorRef};
+use crate::width::WordWidth;
 
-/// One stored stream, owned.
-#[derive(Clone, Debug)]
-pub struct OwnedStream {
-    /// Codec of `bytes`.
-    pub codec: Codec,
-    /// Stored bytes.
-    pub bytes: Vec<u8>,
-    /// Decoded length.
-    pub decoded_len: usize,
-}
-
-/// One encoded tensor, owned.
+/// One tensor as a list of the library's encoded chunks.
 #[derive(Clone, Debug)]
 pub struct EncodedTensor {
     /// Tensor name.
@@ -28,120 +19,78 @@ pub struct EncodedTensor {
     pub width: WordWidth,
     /// Target words.
     pub words: u64,
-    /// Words per chunk.
+    /// Words per chunk (the last chunk may be shorter).
     pub chunk_words: u32,
-    /// Chunks with their streams.
-    pub chunks: Vec<(ChunkSpec, Vec<OwnedStream>)>,
-}
-
-/// Settings of the reference encoder.
-#[derive(Clone, Copy, Debug)]
-pub struct EncodeSettings {
-    /// Encoding of changed chunks.
-    pub choice: EncodeChoice,
-    /// Value operation.
-    pub op: ValueOp,
-    /// Value layout.
-    pub layout: ValueLayout,
-    /// zstd level, or `None` to store streams uncompressed.
-    pub zstd_level: Option<i32>,
-    /// Words per chunk.
-    pub chunk_words: u32,
+    /// The chunks, in order.
+    pub chunks: Vec<EncodedChunk>,
 }
 
 impl EncodedTensor {
-    /// Encodes `target` against `base` (same length, whole words).
+    /// Encodes `target` against `base` with the format library, chunk by
+    /// chunk in parallel. `base` may be shorter than `target` (its missing
+    /// words are zero) and `None` stores every chunk raw. `leading_sign`
+    /// says whether the dtype has a sign bit on top (floats), which lets the
+    /// writer consider rotated byte planes.
     pub fn encode(
         name: &str,
-        base: &[u8],
+        base: Option<&[u8]>,
         target: &[u8],
         width: WordWidth,
-        s: EncodeSettings,
+        chunk_words: u32,
+        leading_sign: bool,
+        settings: EncodeSettings,
     ) -> Result<Self> {
-        let cb = s.chunk_words as usize * width.bytes();
-        let chunks = base
-            .par_chunks(cb)
-            .zip(target.par_chunks(cb))
-            .map(|(b, t)| {
-                let c = encode_chunk(b, t, width, s.choice, s.op, s.layout)?;
-                let streams = c
-                    .streams
-                    .into_iter()
-                    .map(|bytes| {
-                        let decoded_len = bytes.len();
-                        match s.zstd_level {
-                            Some(level) => {
-                                let z = zstd::bulk::compress(&bytes, level)
-                                    .map_err(|e| crate::GpuError::invalid(e.to_string()))?;
-                                // zstd only where it saves at least 2%: a stored
-                                // stream decodes at memcpy speed.
-                                if z.len() * 50 < decoded_len * 49 {
-                                    Ok(OwnedStream {
-                                        codec: Codec::Zstd,
-                                        bytes: z,
-                                        decoded_len,
-                                    })
-                                } else {
-                                    Ok(OwnedStream {
-                                        codec: Codec::Stored,
-                                        bytes,
-                                        decoded_len,
-                                    })
-                                }
-                            }
-                            None => Ok(OwnedStream {
-                                codec: Codec::Stored,
-                                bytes,
-                                decoded_len,
-                            }),
-                        }
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok((c.spec, streams))
+        let w = width.bytes();
+        if target.len() % w != 0 || chunk_words == 0 {
+            return Err(GpuError::invalid("the target must be whole words and chunks non-empty"));
+        }
+        let chunk_bytes = chunk_words as usize * w;
+        let chunks = target
+            .par_chunks(chunk_bytes)
+            .enumerate()
+            .map(|(i, t)| {
+                let b = base.map(|b| {
+                    let start = (i * chunk_bytes).min(b.len());
+                    &b[start..(start + t.len()).min(b.len())]
+                });
+                Ok(tpde::delta::encode_chunk(t, b, w, leading_sign, settings)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            name: name.to_string(),
-            width,
-            words: (target.len() / width.bytes()) as u64,
-            chunk_words: s.chunk_words,
-            chunks,
-        })
+        Ok(Self { name: name.to_string(), width, words: (target.len() / w) as u64, chunk_words, chunks })
     }
 
-    /// Borrowed view for the loader.
+    /// Borrowed view for the loader (stored bytes in pageable memory).
     #[must_use]
     pub fn as_ref(&self) -> TensorRef<'_> {
+        let mut left = self.words;
+        let chunks = self
+            .chunks
+            .iter()
+            .map(|c| {
+                let words = left.min(u64::from(self.chunk_words));
+                left -= words;
+                ChunkRef {
+                    record: c.record,
+                    streams: &c.streams,
+                    stored: &c.data,
+                    // at most chunk_words, a u32
+                    words: u32::try_from(words).unwrap_or(u32::MAX),
+                }
+            })
+            .collect();
         TensorRef {
             name: self.name.clone(),
             width: self.width,
             words: self.words,
             chunk_words: self.chunk_words,
-            chunks: self
-                .chunks
-                .iter()
-                .map(|(spec, st)| ChunkRef {
-                    spec: *spec,
-                    streams: st
-                        .iter()
-                        .map(|s| StreamRef {
-                            codec: s.codec,
-                            bytes: &s.bytes,
-                            decoded_len: s.decoded_len,
-                        })
-                        .collect(),
-                })
-                .collect(),
+            chunks,
+            host: None,
         }
     }
 
     /// Stored bytes of all streams.
     #[must_use]
     pub fn stored_bytes(&self) -> usize {
-        self.chunks
-            .iter()
-            .flat_map(|(_, s)| s)
-            .map(|s| s.bytes.len())
-            .sum()
+        self.chunks.iter().map(|c| c.data.len()).sum()
     }
 }

@@ -46,8 +46,12 @@ pub enum GpuError {
     /// of range or its positions are not strictly increasing. The bits are
     /// those of [`flag`].
     DeviceFlag(u32),
-    /// The format library reported an error while reading the delta.
-    Format(String),
+    /// The delta uses a feature of the format that the GPU kernels do not
+    /// implement (yet); the CPU decoder of the format library reads it.
+    Unsupported(String),
+    /// The format library rejected the delta (its records or bytes); the
+    /// library's error carries its stable code.
+    Format(tpde::Error),
 }
 
 impl GpuError {
@@ -65,6 +69,7 @@ impl GpuError {
             Self::Corrupt(_) => "gpu.corrupt",
             Self::DeviceFlag(_) => "gpu.device_flag",
             Self::Format(_) => "gpu.format",
+            Self::Unsupported(_) => "gpu.unsupported",
         }
     }
 
@@ -103,6 +108,7 @@ impl fmt::Display for GpuError {
                 f.write_str(")")
             }
             Self::Format(m) => write!(f, "format error: {m}"),
+            Self::Unsupported(m) => write!(f, "not supported on the GPU: {m}"),
         }
     }
 }
@@ -111,6 +117,7 @@ impl std::error::Error for GpuError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Driver(e) => Some(e),
+            Self::Format(e) => Some(e),
             _ => None,
         }
     }
@@ -119,6 +126,12 @@ impl std::error::Error for GpuError {
 impl From<cudarc::driver::DriverError> for GpuError {
     fn from(e: cudarc::driver::DriverError) -> Self {
         Self::Driver(e)
+    }
+}
+
+impl From<tpde::Error> for GpuError {
+    fn from(e: tpde::Error) -> Self {
+        Self::Format(e)
     }
 }
 

@@ -9,13 +9,15 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    result as cu, sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg,
-    ValidAsZeroBits,
+    result as cu, sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg, ValidAsZeroBits,
 };
 
+use tpde::container::chunk_map::{ChunkRecord, ValueLayout};
+
 use crate::error::{GpuError, Result};
-use crate::kernels::{ChunkDesc, KernelId, Kernels, THREADS};
-use crate::spec::{ChunkSpec, ValueLayout, WordWidth};
+use crate::kernels::{ChunkDesc, KernelId, Kernels, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, THREADS};
+use crate::pipeline::ChunkRef;
+use crate::width::WordWidth;
 
 /// Whether the CUDA driver library can be loaded on this machine. Checked
 /// before the first CUDA call, because cudarc panics when it is missing.
@@ -65,12 +67,7 @@ impl Gpu {
         let stream = ctx.new_stream()?;
         let kernels = Kernels::load(&ctx)?;
         let name = ctx.name()?;
-        Ok(Self {
-            ctx,
-            stream,
-            kernels,
-            name,
-        })
+        Ok(Self { ctx, stream, kernels, name })
     }
 
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
@@ -115,6 +112,18 @@ impl Gpu {
         Ok(self.stream.clone_dtoh(buf)?)
     }
 
+    /// Registers per thread and resident blocks per SM of every kernel, for
+    /// reports: `(symbol, registers, blocks per SM)`.
+    pub fn kernel_occupancy(&self) -> Result<Vec<(&'static str, i32, u32)>> {
+        KernelId::ALL
+            .iter()
+            .map(|&id| {
+                let f = self.kernels.get(id);
+                Ok((id.symbol(), f.num_regs()?, f.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)?))
+            })
+            .collect()
+    }
+
     /// Waits for all work of this context.
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.ctx.synchronize()?)
@@ -138,15 +147,8 @@ pub struct DevRange {
 
 impl DevRange {
     /// Bytes `offset..offset + len` of `buf`, checked against its length.
-    pub fn of<T>(
-        buf: &CudaSlice<T>,
-        stream: &CudaStream,
-        offset: usize,
-        len: usize,
-    ) -> Result<Self> {
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| GpuError::invalid("device range overflows"))?;
+    pub fn of<T>(buf: &CudaSlice<T>, stream: &CudaStream, offset: usize, len: usize) -> Result<Self> {
+        let end = offset.checked_add(len).ok_or_else(|| GpuError::invalid("device range overflows"))?;
         if end > buf.num_bytes() {
             return Err(GpuError::invalid(format!(
                 "device range {offset}..{end} exceeds buffer of {} bytes",
@@ -154,10 +156,7 @@ impl DevRange {
             )));
         }
         let (ptr, _sync) = buf.device_ptr(stream);
-        Ok(Self {
-            ptr: ptr + offset as u64,
-            len,
-        })
+        Ok(Self { ptr: ptr + offset as u64, len })
     }
 
     /// The whole buffer.
@@ -168,10 +167,7 @@ impl DevRange {
     /// A sub-range, checked.
     pub fn sub(&self, offset: usize, len: usize) -> Result<Self> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.len => Ok(Self {
-                ptr: self.ptr + offset as u64,
-                len,
-            }),
+            Some(end) if end <= self.len => Ok(Self { ptr: self.ptr + offset as u64, len }),
             _ => Err(GpuError::invalid("device sub-range out of bounds")),
         }
     }
@@ -217,12 +213,7 @@ const MAX_TILES: u64 = 1 << 30;
 
 impl Batch {
     pub fn new(width: WordWidth) -> Self {
-        Self {
-            width,
-            descs: Vec::new(),
-            tiles: 0,
-            sparse: false,
-        }
+        Self { width, descs: Vec::new(), tiles: 0, sparse: false }
     }
 
     pub fn tiles(&self) -> u32 {
@@ -230,104 +221,91 @@ impl Batch {
     }
 
     /// Tiles a chunk adds to a batch.
-    pub fn tiles_of(spec: &ChunkSpec) -> u32 {
-        ChunkDesc::from_spec(spec).map_or(0, |d| d.tile_count)
+    pub fn tiles_of(record: &ChunkRecord, words: u32) -> u32 {
+        ChunkDesc::from_record(record, words).map_or(0, |d| d.tile_count)
     }
 
-    /// Adds a chunk: its decoded position and value bytes, and `n` words of
-    /// base and out (equal ranges for in place, else disjoint).
-    pub fn push(
-        &mut self,
-        spec: &ChunkSpec,
-        positions: DevRange,
-        values: DevRange,
-        base: DevRange,
-        out: DevRange,
-    ) -> Result<()> {
-        spec.validate()?;
-        if spec.width != self.width {
-            return Err(GpuError::invalid(
-                "chunk word width differs from the batch's",
-            ));
-        }
-        let Some(mut d) = ChunkDesc::from_spec(spec) else {
-            return Ok(()); // unchanged: nothing to launch
+    /// The descriptor of a chunk with its streams' device ranges, checked:
+    /// one range per stream, each at least the stream's decoded length, not
+    /// overlapping `out`; word values aligned to the word.
+    fn describe(&self, c: &ChunkRef<'_>, streams: &[DevRange], out: DevRange) -> Result<Option<ChunkDesc>> {
+        c.check_shape(self.width)?;
+        let Some(mut d) = ChunkDesc::from_record(&c.record, c.words) else {
+            return Ok(None); // unchanged: nothing to launch
         };
+        if streams.len() != c.streams.len()
+            || streams.iter().zip(c.streams).any(|(r, s)| r.len() < s.decoded_len as usize)
+        {
+            return Err(GpuError::invalid("device stream ranges do not match the chunk's streams"));
+        }
+        if streams.iter().any(|r| out.overlaps(r)) {
+            return Err(GpuError::invalid("out overlaps the chunk's streams"));
+        }
+        let np = c.position_stream_count();
+        let (pos, val) = streams.split_at(np);
+        if pos.len() > MAX_POSITION_STREAMS || val.len() > MAX_VALUE_STREAMS {
+            return Err(GpuError::invalid("too many streams for a chunk"));
+        }
         let w = self.width.bytes() as u64;
-        let nbytes = spec.words as usize * self.width.bytes();
-        if positions.len() < spec.position_bytes() || values.len() < spec.value_bytes() {
-            return Err(GpuError::invalid(
-                "device stream ranges shorter than the chunk's streams",
-            ));
-        }
-        if base.len() != nbytes || out.len() != nbytes {
-            return Err(GpuError::invalid(
-                "base and out ranges must hold the chunk's words",
-            ));
-        }
-        if base.ptr() % w != 0 || out.ptr() % w != 0 {
-            return Err(GpuError::invalid("base and out must be word aligned"));
-        }
-        if spec.layout == ValueLayout::Words && values.ptr() % w != 0 {
+        if c.record.value_layout == ValueLayout::Words && val.iter().any(|r| r.ptr() % w != 0) {
             return Err(GpuError::invalid("word values must be word aligned"));
         }
-        if base != out && base.overlaps(&out) {
-            return Err(GpuError::invalid(
-                "base and out overlap without being equal",
-            ));
+        for (slot, r) in d.pos.iter_mut().zip(pos) {
+            *slot = r.ptr();
         }
-        if out.overlaps(&values) || out.overlaps(&positions) {
-            return Err(GpuError::invalid("out overlaps the chunk's streams"));
+        for (slot, r) in d.val.iter_mut().zip(val) {
+            *slot = r.ptr();
         }
         let tiles = u64::from(self.tiles) + u64::from(d.tile_count);
         if tiles > MAX_TILES {
             return Err(GpuError::invalid("batch has too many tiles"));
         }
-        d.positions = positions.ptr();
-        d.values = values.ptr();
-        d.base = base.ptr();
-        d.out = out.ptr();
         d.tile_begin = self.tiles;
-        self.tiles = u32::try_from(tiles).unwrap_or(u32::MAX);
+        Ok(Some(d))
+    }
+
+    fn add(&mut self, d: ChunkDesc) {
+        self.tiles += d.tile_count;
         self.sparse |= d.is_sparse();
         self.descs.push(d);
+    }
+
+    /// Adds a chunk: its decoded streams on the device (one range per
+    /// stream) and `words` words of base and out (equal ranges for in place,
+    /// else disjoint).
+    pub fn push(&mut self, c: &ChunkRef<'_>, streams: &[DevRange], base: DevRange, out: DevRange) -> Result<()> {
+        let Some(mut d) = self.describe(c, streams, out)? else {
+            return Ok(());
+        };
+        let w = self.width.bytes() as u64;
+        let nbytes = c.words as usize * self.width.bytes();
+        if base.len() != nbytes || out.len() != nbytes {
+            return Err(GpuError::invalid("base and out ranges must hold the chunk's words"));
+        }
+        if base.ptr() % w != 0 || out.ptr() % w != 0 {
+            return Err(GpuError::invalid("base and out must be word aligned"));
+        }
+        if base != out && base.overlaps(&out) {
+            return Err(GpuError::invalid("base and out overlap without being equal"));
+        }
+        d.base = base.ptr();
+        d.out = out.ptr();
+        self.add(d);
         Ok(())
     }
 
     /// Adds a sparse chunk whose `u32` positions go to `out` (`m` of them),
     /// for the [`Stage::Positions`] launch.
-    pub fn push_positions(
-        &mut self,
-        spec: &ChunkSpec,
-        positions: DevRange,
-        out: DevRange,
-    ) -> Result<()> {
-        spec.validate()?;
-        let Some(mut d) = ChunkDesc::from_spec(spec).filter(ChunkDesc::is_sparse) else {
+    pub fn push_positions(&mut self, c: &ChunkRef<'_>, streams: &[DevRange], out: DevRange) -> Result<()> {
+        let Some(mut d) = self.describe(c, streams, out)?.filter(ChunkDesc::is_sparse) else {
             return Err(GpuError::invalid("only sparse chunks have positions"));
         };
-        if positions.len() < spec.position_bytes() {
-            return Err(GpuError::invalid(
-                "device position range shorter than the stream",
-            ));
+        if out.len() < c.record.changed_count as usize * 4 || out.ptr() % 4 != 0 {
+            return Err(GpuError::invalid("positions output range too short or misaligned"));
         }
-        if out.len() < spec.changed as usize * 4 || out.ptr() % 4 != 0 || out.overlaps(&positions) {
-            return Err(GpuError::invalid(
-                "positions output range too short, misaligned or overlapping",
-            ));
-        }
-        let tiles = u64::from(self.tiles) + u64::from(d.tile_count);
-        if tiles > MAX_TILES {
-            return Err(GpuError::invalid("batch has too many tiles"));
-        }
-        d.positions = positions.ptr();
-        d.values = positions.ptr();
         d.base = out.ptr();
         d.out = out.ptr();
-        d.tile_begin = self.tiles;
-        self.tiles = u32::try_from(tiles).unwrap_or(u32::MAX);
-        self.sparse = true;
-        self.descs.push(d);
+        self.add(d);
         Ok(())
     }
 
@@ -338,11 +316,7 @@ impl Batch {
 
     /// Writes the descriptor table (to be uploaded to the device).
     pub fn write_table(&self, out: &mut [u8]) {
-        for (d, dst) in self
-            .descs
-            .iter()
-            .zip(out.chunks_exact_mut(ChunkDesc::BYTES))
-        {
+        for (d, dst) in self.descs.iter().zip(out.chunks_exact_mut(ChunkDesc::BYTES)) {
             d.write_to(dst);
         }
     }
@@ -374,9 +348,7 @@ impl Gpu {
             return Ok(());
         }
         if table.len() < batch.table_bytes() || table.ptr() % 8 != 0 {
-            return Err(GpuError::invalid(
-                "descriptor table range too short or misaligned",
-            ));
+            return Err(GpuError::invalid("descriptor table range too short or misaligned"));
         }
         if sums.len() < batch.tiles as usize * 8 || sums.ptr() % 8 != 0 {
             return Err(GpuError::invalid("tile sums range too short or misaligned"));
@@ -384,8 +356,7 @@ impl Gpu {
         if flag.len() < 4 || flag.ptr() % 4 != 0 {
             return Err(GpuError::invalid("flag range too short or misaligned"));
         }
-        let nd = u32::try_from(batch.descs.len())
-            .map_err(|_| GpuError::invalid("too many chunks in one batch"))?;
+        let nd = u32::try_from(batch.descs.len()).map_err(|_| GpuError::invalid("too many chunks in one batch"))?;
         let grid = |blocks: u32| cudarc::driver::LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -399,27 +370,11 @@ impl Gpu {
             // keeps alive until the stream is synchronized; `sums` has room for
             // every tile and `flag` for one u32. The signature matches
             // `tile_totals(const ChunkDesc*, u32, u64*, u32*)`.
-            unsafe {
-                stream
-                    .launch_builder(k)
-                    .arg(&t)
-                    .arg(&nd)
-                    .arg(&s)
-                    .arg(&f)
-                    .launch(grid(batch.tiles))
-            }?;
+            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(batch.tiles)) }?;
             let k = self.kernels.get(KernelId::TileScan);
             // SAFETY: as above; one block per descriptor, each scanning only
             // its own `tile_begin..tile_begin + tile_count` sums.
-            unsafe {
-                stream
-                    .launch_builder(k)
-                    .arg(&t)
-                    .arg(&nd)
-                    .arg(&s)
-                    .arg(&f)
-                    .launch(grid(nd))
-            }?;
+            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(nd)) }?;
         }
         let id = match stage {
             Stage::Apply => KernelId::apply(batch.width),
@@ -430,15 +385,7 @@ impl Gpu {
         // within the validated stream lengths, read `base` and write `out` only
         // at word indices < n (kernel-checked for positions from the delta),
         // matching `apply_wN(const ChunkDesc*, u32, const u64*, u32*)`.
-        unsafe {
-            stream
-                .launch_builder(k)
-                .arg(&t)
-                .arg(&nd)
-                .arg(&s)
-                .arg(&f)
-                .launch(grid(batch.tiles))
-        }?;
+        unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(batch.tiles)) }?;
         Ok(())
     }
 }

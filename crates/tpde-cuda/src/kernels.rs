@@ -6,8 +6,10 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
+use tpde::container::chunk_map::{ChunkRecord, Encoding, PositionCoding};
+
 use crate::error::{GpuError, Result};
-use crate::spec::{ChunkKind, ChunkSpec, PositionCoding, ValueLayout, ValueOp, WordWidth};
+use crate::width::WordWidth;
 
 /// Source of the reconstruction kernels.
 pub const APPLY_SOURCE: &str = include_str!("../../../kernels/tpde_apply.cu");
@@ -40,15 +42,8 @@ pub enum KernelId {
 
 impl KernelId {
     /// Every kernel, in table order.
-    pub const ALL: [KernelId; 7] = [
-        Self::TileTotals,
-        Self::TileScan,
-        Self::ApplyW1,
-        Self::ApplyW2,
-        Self::ApplyW4,
-        Self::ApplyW8,
-        Self::Positions,
-    ];
+    pub const ALL: [KernelId; 7] =
+        [Self::TileTotals, Self::TileScan, Self::ApplyW1, Self::ApplyW2, Self::ApplyW4, Self::ApplyW8, Self::Positions];
 
     /// The `extern "C"` symbol.
     #[must_use]
@@ -84,10 +79,7 @@ fn ptx() -> Result<Ptx> {
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err(String::new());
         }
-        let opts = CompileOptions {
-            options: vec!["--std=c++17".into()],
-            ..CompileOptions::default()
-        };
+        let opts = CompileOptions { options: vec!["--std=c++17".into()], ..CompileOptions::default() };
         std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(APPLY_SOURCE, opts))
             .map_err(|_| "NVRTC panicked".to_string())?
             .map(|ptx| ptx.to_src())
@@ -115,10 +107,7 @@ impl Kernels {
             .iter()
             .map(|id| module.load_function(id.symbol()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Self {
-            _module: module,
-            functions,
-        })
+        Ok(Self { _module: module, functions })
     }
 
     /// The function of a kernel.
@@ -137,11 +126,17 @@ pub(crate) mod kind {
     pub const RAW: u32 = 4;
 }
 
-/// One chunk as the kernels read it: `struct ChunkDesc` of the source, 64 bytes.
+/// Most position streams of a chunk (`pos[4]` in the source): 4-byte gaps.
+pub(crate) const MAX_POSITION_STREAMS: usize = 4;
+/// Most value streams of a chunk (`val[8]` in the source): 8-byte words.
+pub(crate) const MAX_VALUE_STREAMS: usize = 8;
+
+/// One chunk as the kernels read it: `struct ChunkDesc` of the source,
+/// 144 bytes, with one device address per stream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ChunkDesc {
-    pub positions: u64,
-    pub values: u64,
+    pub pos: [u64; MAX_POSITION_STREAMS],
+    pub val: [u64; MAX_VALUE_STREAMS],
     pub base: u64,
     pub out: u64,
     pub n: u32,
@@ -155,43 +150,32 @@ pub(crate) struct ChunkDesc {
 }
 
 impl ChunkDesc {
-    pub const BYTES: usize = 64;
+    pub const BYTES: usize = 144;
 
-    /// Kind, op, layout, gap width and tile count of a chunk (no addresses).
-    /// `None` for unchanged chunks, which need no kernel.
-    pub fn from_spec(spec: &ChunkSpec) -> Option<Self> {
-        let (kind, gap_width, tiles) = match spec.kind {
-            ChunkKind::Unchanged => return None,
-            ChunkKind::Sparse(PositionCoding::Gaps { width }) => (
-                kind::SPARSE_GAPS,
-                u32::from(width),
-                u64::from(spec.changed).div_ceil(TILE),
-            ),
-            ChunkKind::Sparse(PositionCoding::Bitmap) => (
-                kind::SPARSE_BITMAP,
-                0,
-                u64::from(spec.words)
-                    .div_ceil(8)
-                    .div_ceil(BITMAP_TILE_BYTES),
-            ),
-            ChunkKind::Dense => (kind::DENSE, 0, u64::from(spec.words).div_ceil(TILE)),
-            ChunkKind::Raw => (kind::RAW, 0, u64::from(spec.words).div_ceil(TILE)),
+    /// Kind, op, layout, gap width and tile count of a chunk of `words`
+    /// words (no addresses). `None` for unchanged chunks, which need no
+    /// kernel. The record's shape has been checked
+    /// ([`tpde::delta::check_chunk_shape`]).
+    pub fn from_record(record: &ChunkRecord, words: u32) -> Option<Self> {
+        let (kind, gap_width, tiles) = match (record.encoding, record.position_coding) {
+            (Encoding::Unchanged, _) => return None,
+            (Encoding::Sparse, PositionCoding::Bitmap) => {
+                (kind::SPARSE_BITMAP, 0, u64::from(words).div_ceil(8).div_ceil(BITMAP_TILE_BYTES))
+            }
+            (Encoding::Sparse, _) => {
+                (kind::SPARSE_GAPS, u32::from(record.gap_width), u64::from(record.changed_count).div_ceil(TILE))
+            }
+            (Encoding::Dense, _) => (kind::DENSE, 0, u64::from(words).div_ceil(TILE)),
+            (Encoding::Raw, _) => (kind::RAW, 0, u64::from(words).div_ceil(TILE)),
         };
         Some(Self {
-            n: spec.words,
-            m: spec.changed,
+            n: words,
+            m: record.changed_count,
             // at most 2^32 / 4096 tiles per chunk
             tile_count: u32::try_from(tiles).unwrap_or(u32::MAX),
             kind,
-            op: match spec.op {
-                ValueOp::Xor => 0,
-                ValueOp::Sub => 1,
-            },
-            layout: match spec.layout {
-                ValueLayout::Words => 0,
-                ValueLayout::BytePlanes => 1,
-                ValueLayout::RotatedBytePlanes => 2,
-            },
+            op: u32::from(record.value_op as u8),
+            layout: u32::from(record.value_layout as u8),
             gap_width,
             ..Self::default()
         })
@@ -202,22 +186,14 @@ impl ChunkDesc {
     }
 
     pub fn write_to(&self, out: &mut [u8]) {
-        let fields64 = [self.positions, self.values, self.base, self.out];
-        for (i, f) in fields64.iter().enumerate() {
-            out[i * 8..i * 8 + 8].copy_from_slice(&f.to_le_bytes());
+        let fields64 = self.pos.iter().chain(&self.val).chain([&self.base, &self.out]);
+        for (dst, f) in out.chunks_exact_mut(8).zip(fields64) {
+            dst.copy_from_slice(&f.to_le_bytes());
         }
-        let fields32 = [
-            self.n,
-            self.m,
-            self.tile_begin,
-            self.tile_count,
-            self.kind,
-            self.op,
-            self.layout,
-            self.gap_width,
-        ];
-        for (i, f) in fields32.iter().enumerate() {
-            out[32 + i * 4..36 + i * 4].copy_from_slice(&f.to_le_bytes());
+        let fields32 =
+            [self.n, self.m, self.tile_begin, self.tile_count, self.kind, self.op, self.layout, self.gap_width];
+        for (dst, f) in out[112..].chunks_exact_mut(4).zip(fields32) {
+            dst.copy_from_slice(&f.to_le_bytes());
         }
     }
 }

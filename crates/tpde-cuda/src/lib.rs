@@ -1,11 +1,14 @@
 //! GPU loader for tpde deltas: rebuilds `W_final = base ⊕ delta` in GPU memory.
 //!
-//! Only the compressed delta crosses the bus. The CPU decodes zstd streams in
-//! parallel into page-locked staging buffers; the GPU turns gap planes into
+//! Only the delta crosses the bus. Chunks keep the format library's records
+//! ([`tpde::container::chunk_map`]); their shapes are checked by the
+//! library. Streams stored as they are go to the device by DMA straight from
+//! a page-locked copy of the delta; zstd streams are decoded by the CPU in
+//! parallel into page-locked staging slots. The GPU turns gap planes into
 //! positions with a prefix sum, joins byte planes into words and combines
-//! them with the base words (`spec/FORMAT.md`, "Chunk semantics"). Every
-//! kernel has a CPU reference in [`reference`](mod@reference), and GPU results are
-//! bit-exact with it.
+//! them with the base words (`spec/FORMAT.md` §8). The kernels' CPU
+//! reference is in [`reference`](mod@reference), and GPU results are
+//! bit-exact with it and with the library's decoder.
 //!
 //! - [`Gpu`]: a device with the kernels compiled (NVRTC, once per process).
 //!   On a machine without CUDA, [`Gpu::new`] returns [`GpuError::NoDriver`].
@@ -13,7 +16,9 @@
 //!   GPU ([`Loader::load`], [`Loader::apply_in_place`],
 //!   [`Loader::load_host_base`]) and just-in-time tensors
 //!   ([`Loader::materialize_into`], [`Loader::materialize_in_place`]).
-//! - [`delta`]: maps a `tpde` delta file onto the loader's inputs.
+//! - [`delta`]: maps a `tpde` delta file onto the loader's inputs, from its
+//!   memory map or from page-locked memory ([`delta::PinnedDelta`]).
+//! - [`encode`]: tensors in memory, encoded by the library's chunk encoder.
 //!
 //! Drivers: the crate is built against CUDA 13.0 (`cuda-13000`), so it needs
 //! a driver of the 580 series or newer; the driver and NVRTC are loaded at
@@ -27,12 +32,10 @@ mod gpu;
 pub mod kernels;
 mod pipeline;
 pub mod reference;
-pub mod spec;
+pub mod width;
 
 pub use cudarc;
 pub use error::{GpuError, Result};
 pub use gpu::{driver_present, DevRange, Gpu};
-pub use pipeline::{
-    decode_stream, ChunkRef, Codec, DeviceDelta, Loader, LoaderConfig, StreamRef, TensorRef,
-};
-pub use spec::{ChunkKind, ChunkSpec, PositionCoding, ValueLayout, ValueOp, WordWidth};
+pub use pipeline::{decode_stream, ChunkRef, DeviceDelta, Loader, LoaderConfig, TensorRef};
+pub use width::WordWidth;

@@ -1,64 +1,88 @@
-//! The loading pipeline: zstd decoding on the CPU in parallel (rayon) into a
-//! ring of page-locked staging slots, async uploads on one stream per slot,
-//! and batched kernels on the same stream, so decoding of batch k+1 overlaps
-//! the upload and kernels of batch k. No pageable copy is on the hot path.
+//! The loading pipeline: a ring of page-locked staging slots, each with its
+//! own stream. For every batch of chunks, streams stored as they are go to
+//! the device in one asynchronous copy straight from the host delta when it
+//! sits in page-locked memory ([`TensorRef::host`]); only zstd streams are
+//! decoded on the CPU (rayon) into the slot, which follows in a second copy;
+//! then the batch's kernels run on the same stream. So the copy of batch k+1
+//! overlaps the kernels of batch k, and the raw copy of a batch overlaps its
+//! own CPU decoding. One synchronization at the end, and the device error
+//! flag is read once.
 
 use std::cell::RefCell;
 use std::sync::Arc;
 
 use cudarc::driver::{result as cu, CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use rayon::prelude::*;
+use tpde::container::chunk_map::{ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOrder};
 
 use crate::error::{GpuError, Result};
 use crate::gpu::{Batch, DevRange, Gpu, Stage};
 use crate::kernels::ChunkDesc;
-use crate::spec::{ChunkKind, ChunkSpec, WordWidth};
+use crate::width::WordWidth;
 
-/// How a stream's stored bytes are coded (`spec/FORMAT.md`, "Stream record").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Codec {
-    /// Stored as is.
-    Stored,
-    /// One zstd frame, no trailing bytes.
-    Zstd,
-}
-
-/// One stored stream of a chunk, borrowed from the delta's bytes.
+/// One chunk of a delta, as the format library stores it: its record, its
+/// stream records and its stored bytes (every stream back to back).
 #[derive(Clone, Copy, Debug)]
-pub struct StreamRef<'a> {
-    /// Codec of the stored bytes.
-    pub codec: Codec,
-    /// The stored bytes.
-    pub bytes: &'a [u8],
-    /// Length after decoding.
-    pub decoded_len: usize,
-}
-
-/// One chunk: its description and its stored streams in format order.
-#[derive(Clone, Debug)]
 pub struct ChunkRef<'a> {
-    /// The chunk's description.
-    pub spec: ChunkSpec,
-    /// Position streams, then value streams.
-    pub streams: Vec<StreamRef<'a>>,
+    /// The chunk record (`spec/FORMAT.md` §6.1).
+    pub record: ChunkRecord,
+    /// One record per stream, positions first (§6.2).
+    pub streams: &'a [StreamRecord],
+    /// The stored bytes of all streams.
+    pub stored: &'a [u8],
+    /// Words in the chunk.
+    pub words: u32,
 }
 
-impl ChunkRef<'_> {
-    /// Checks the streams against the description.
-    pub fn validate(&self) -> Result<()> {
-        self.spec.validate()?;
-        let lens = self.spec.stream_lens();
-        if lens.len() != self.streams.len()
-            || lens
-                .iter()
-                .zip(&self.streams)
-                .any(|(l, s)| *l != s.decoded_len)
-        {
-            return Err(GpuError::corrupt(
-                "chunk streams do not match its description",
+impl<'a> ChunkRef<'a> {
+    /// Checks the records against each other and the chunk size with the
+    /// format library's [`tpde::delta::check_chunk_shape`] (§8.1–§8.4), and
+    /// that the kernels implement the chunk's value order: values grouped by
+    /// base key (§8.6) are [`GpuError::Unsupported`].
+    pub fn check_shape(&self, width: WordWidth) -> Result<()> {
+        tpde::delta::check_chunk_shape(&self.record, self.streams, u64::from(self.words), width.bytes())?;
+        if self.record.value_order != ValueOrder::Positional {
+            return Err(GpuError::Unsupported(
+                "values grouped by base key (spec §8.6); the GPU kernels read positional order".into(),
             ));
         }
         Ok(())
+    }
+
+    /// [`ChunkRef::check_shape`], and that the stored bytes are as long as
+    /// the record says.
+    pub fn validate(&self, width: WordWidth) -> Result<()> {
+        self.check_shape(width)?;
+        if self.stored.len() != self.record.stored_len as usize {
+            return Err(GpuError::corrupt("the chunk's stored bytes differ from its stored length"));
+        }
+        Ok(())
+    }
+
+    /// Number of position streams (they come first).
+    #[must_use]
+    pub fn position_stream_count(&self) -> usize {
+        match (self.record.encoding, self.record.position_coding) {
+            (Encoding::Sparse, PositionCoding::Gaps) => usize::from(self.record.gap_width),
+            (Encoding::Sparse, PositionCoding::Bitmap) => 1,
+            _ => 0,
+        }
+    }
+
+    /// The stored bytes of each stream, in order (the chunk is validated).
+    pub fn stored_streams(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let stored = self.stored;
+        self.streams.iter().scan(0usize, move |at, r| {
+            let start = *at;
+            *at += r.stored_len as usize;
+            stored.get(start..*at)
+        })
+    }
+
+    /// Whether the kernels read the base words of the whole chunk range from
+    /// the output (unchanged and sparse chunks leave words untouched).
+    fn reads_out(&self) -> bool {
+        !matches!(self.record.encoding, Encoding::Dense | Encoding::Raw)
     }
 }
 
@@ -75,6 +99,13 @@ pub struct TensorRef<'a> {
     pub chunk_words: u32,
     /// Its chunks, in order.
     pub chunks: Vec<ChunkRef<'a>>,
+    /// A page-locked host buffer that holds the chunks' stored bytes (for
+    /// example a whole delta file read into pinned memory,
+    /// [`crate::delta::PinnedDelta`]). Streams stored as they are then go to
+    /// the device by asynchronous copies straight from it, with no CPU copy.
+    /// `None`: stored streams are copied through the staging ring. Pageable
+    /// memory here is correct but slow.
+    pub host: Option<&'a [u8]>,
 }
 
 impl TensorRef<'_> {
@@ -84,39 +115,25 @@ impl TensorRef<'_> {
         usize::try_from(self.words).unwrap_or(usize::MAX) * self.width.bytes()
     }
 
-    /// Checks that the chunks tile the tensor.
+    /// Checks every chunk and that the chunks tile the tensor.
     pub fn validate(&self) -> Result<()> {
         let mut words = 0u64;
         for (i, c) in self.chunks.iter().enumerate() {
-            c.validate()?;
-            if c.spec.width != self.width {
-                return Err(GpuError::corrupt(format!(
-                    "{}: chunk {i} has another width",
-                    self.name
-                )));
-            }
+            c.validate(self.width)?;
             let last = i + 1 == self.chunks.len();
-            if (!last && c.spec.words != self.chunk_words) || c.spec.words > self.chunk_words {
-                return Err(GpuError::corrupt(format!(
-                    "{}: chunk {i} has a wrong size",
-                    self.name
-                )));
+            if (!last && c.words != self.chunk_words) || c.words > self.chunk_words || c.words == 0 {
+                return Err(GpuError::corrupt(format!("{}: chunk {i} has a wrong size", self.name)));
             }
-            words += u64::from(c.spec.words);
+            words += u64::from(c.words);
         }
         if words != self.words {
-            return Err(GpuError::corrupt(format!(
-                "{}: chunks do not cover the tensor",
-                self.name
-            )));
+            return Err(GpuError::corrupt(format!("{}: chunks do not cover the tensor", self.name)));
         }
         Ok(())
     }
 
     fn needs_base_words(&self) -> bool {
-        self.chunks
-            .iter()
-            .any(|c| !matches!(c.spec.kind, ChunkKind::Dense | ChunkKind::Raw))
+        self.chunks.iter().any(ChunkRef::reads_out)
     }
 }
 
@@ -133,11 +150,7 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        Self {
-            slots: 4,
-            slot_bytes: 32 << 20,
-            max_chunks: 4096,
-        }
+        Self { slots: 4, slot_bytes: 32 << 20, max_chunks: 4096 }
     }
 }
 
@@ -164,22 +177,40 @@ pub struct Loader {
 
 impl std::fmt::Debug for Loader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loader")
-            .field("gpu", &self.gpu.name())
-            .field("cfg", &self.cfg)
-            .finish()
+        f.debug_struct("Loader").field("gpu", &self.gpu.name()).field("cfg", &self.cfg).finish()
     }
 }
 
-/// A chunk to rebuild and where: `base` and `out` are its words in device memory.
+/// A chunk to rebuild and where: `base` and `out` are its words in device
+/// memory; `host` is its tensor's [`TensorRef::host`].
 struct Job<'c, 'a> {
     chunk: &'c ChunkRef<'a>,
+    width: WordWidth,
+    host: Option<&'a [u8]>,
     base: DevRange,
     out: DevRange,
 }
 
 const fn align(x: usize, a: usize) -> usize {
     x.div_ceil(a) * a
+}
+
+/// Where the streams of one batch go in a slot. Device layout:
+/// `[descriptor table | decoded streams | raw copy of the host delta]`;
+/// the host slot holds the first two parts, uploaded in one copy.
+struct Plan<'a> {
+    /// Jobs in the batch.
+    count: usize,
+    /// Bytes of the descriptor table (aligned).
+    table: usize,
+    /// End of the decoded part (table included).
+    decoded_end: usize,
+    /// The host range copied as it is, and where it lands in the slot.
+    raw: Option<(&'a [u8], usize)>,
+    /// Device offset of every stream of every job.
+    offsets: Vec<Vec<usize>>,
+    /// Streams to decode or copy into the host slot: (offset, record, stored).
+    tasks: Vec<(usize, StreamRecord, &'a [u8])>,
 }
 
 impl Loader {
@@ -203,29 +234,13 @@ impl Loader {
             let sums = gpu.alloc_zeros::<u64>(max_tiles)?;
             let uploaded = ctx.new_event(None)?;
             let done = ctx.new_event(None)?;
-            slots.push(Slot {
-                host,
-                dev,
-                sums,
-                stream,
-                uploaded,
-                done,
-                in_use: false,
-            });
+            slots.push(Slot { host, dev, sums, stream, uploaded, done, in_use: false });
         }
         let flag = gpu.alloc_zeros::<u32>(1)?;
         // SAFETY: only ever read after a device-to-host copy fills it.
         let flag_host = unsafe { ctx.alloc_pinned_with_flags::<u32>(1, 0) }?;
         let start = ctx.new_event(None)?;
-        Ok(Self {
-            gpu,
-            cfg,
-            slots,
-            next: 0,
-            flag,
-            flag_host,
-            start,
-        })
+        Ok(Self { gpu, cfg, slots, next: 0, flag, flag_host, start })
     }
 
     /// The device.
@@ -242,11 +257,7 @@ impl Loader {
 
     /// API (a): rebuilds every tensor of `delta` against device-resident base
     /// tensors (one per delta tensor, in order) into new device buffers.
-    pub fn load(
-        &mut self,
-        delta: &[TensorRef<'_>],
-        base: &[&CudaSlice<u8>],
-    ) -> Result<Vec<CudaSlice<u8>>> {
+    pub fn load(&mut self, delta: &[TensorRef<'_>], base: &[&CudaSlice<u8>]) -> Result<Vec<CudaSlice<u8>>> {
         if base.len() != delta.len() {
             return Err(GpuError::invalid("one base tensor per delta tensor"));
         }
@@ -270,11 +281,7 @@ impl Loader {
 
     /// API (a), in place: `bufs` hold the base tensors (each exactly the
     /// target's size) and are overwritten with the target.
-    pub fn apply_in_place(
-        &mut self,
-        delta: &[TensorRef<'_>],
-        bufs: &mut [CudaSlice<u8>],
-    ) -> Result<()> {
+    pub fn apply_in_place(&mut self, delta: &[TensorRef<'_>], bufs: &mut [CudaSlice<u8>]) -> Result<()> {
         if bufs.len() != delta.len() {
             return Err(GpuError::invalid("one buffer per delta tensor"));
         }
@@ -283,10 +290,7 @@ impl Loader {
         for (t, b) in delta.iter().zip(bufs.iter()) {
             t.validate()?;
             if b.num_bytes() != t.bytes() {
-                return Err(GpuError::invalid(format!(
-                    "{}: in-place buffer size differs from the target's",
-                    t.name
-                )));
+                return Err(GpuError::invalid(format!("{}: in-place buffer size differs from the target's", t.name)));
             }
             let r = DevRange::all(b, &main)?;
             self.plan_chunks(t, r, r, &mut jobs)?;
@@ -296,11 +300,7 @@ impl Loader {
 
     /// API (a) with a host-resident base: uploads each base tensor through the
     /// pinned ring, then rebuilds in place.
-    pub fn load_host_base(
-        &mut self,
-        delta: &[TensorRef<'_>],
-        base: &[&[u8]],
-    ) -> Result<Vec<CudaSlice<u8>>> {
+    pub fn load_host_base(&mut self, delta: &[TensorRef<'_>], base: &[&[u8]]) -> Result<Vec<CudaSlice<u8>>> {
         if base.len() != delta.len() {
             return Err(GpuError::invalid("one base tensor per delta tensor"));
         }
@@ -317,18 +317,10 @@ impl Loader {
     }
 
     /// API (b): rebuilds one tensor into `out` from its resident `base`.
-    pub fn materialize_into(
-        &mut self,
-        t: &TensorRef<'_>,
-        base: &CudaSlice<u8>,
-        out: &mut CudaSlice<u8>,
-    ) -> Result<()> {
+    pub fn materialize_into(&mut self, t: &TensorRef<'_>, base: &CudaSlice<u8>, out: &mut CudaSlice<u8>) -> Result<()> {
         t.validate()?;
         if out.num_bytes() < t.bytes() {
-            return Err(GpuError::invalid(format!(
-                "{}: output buffer too small",
-                t.name
-            )));
+            return Err(GpuError::invalid(format!("{}: output buffer too small", t.name)));
         }
         let main = self.gpu.stream().clone();
         let b = DevRange::all(base, &main)?;
@@ -339,29 +331,18 @@ impl Loader {
     }
 
     /// API (b), in place: `buf` holds the base and is overwritten with the target.
-    pub fn materialize_in_place(
-        &mut self,
-        t: &TensorRef<'_>,
-        buf: &mut CudaSlice<u8>,
-    ) -> Result<()> {
+    pub fn materialize_in_place(&mut self, t: &TensorRef<'_>, buf: &mut CudaSlice<u8>) -> Result<()> {
         self.apply_in_place(std::slice::from_ref(t), std::slice::from_mut(buf))
     }
 
     /// Absolute positions of a sparse chunk, rebuilt on the GPU (prefix sum of
     /// the gaps, or ranks of the bitmap), copied back.
-    pub fn positions(&mut self, chunk: &ChunkRef<'_>) -> Result<Vec<u32>> {
-        chunk.validate()?;
-        let m = chunk.spec.changed as usize;
+    pub fn positions(&mut self, chunk: &ChunkRef<'_>, width: WordWidth) -> Result<Vec<u32>> {
+        chunk.validate(width)?;
+        let m = chunk.record.changed_count as usize;
         let out = self.gpu.alloc_zeros::<u32>(m.max(1))?;
         let r = DevRange::of(&out, self.gpu.stream(), 0, m * 4)?;
-        self.run(
-            &[Job {
-                chunk,
-                base: r,
-                out: r,
-            }],
-            Stage::Positions,
-        )?;
+        self.run(&[Job { chunk, width, host: None, base: r, out: r }], Stage::Positions)?;
         let mut v = self.gpu.download(&out)?;
         v.truncate(m);
         Ok(v)
@@ -454,10 +435,12 @@ impl Loader {
         let w = t.width.bytes();
         let mut off = 0usize;
         for c in &t.chunks {
-            let n = c.spec.words as usize * w;
-            if c.spec.kind != ChunkKind::Unchanged {
+            let n = c.words as usize * w;
+            if c.record.encoding != Encoding::Unchanged {
                 jobs.push(Job {
                     chunk: c,
+                    width: t.width,
+                    host: t.host,
                     base: base.sub(off, n)?,
                     out: out.sub(off, n)?,
                 });
@@ -478,89 +461,152 @@ impl Loader {
         Ok(i)
     }
 
-    /// Runs jobs: batches them into slots, decodes, uploads, launches; then
-    /// waits and checks the device error flag.
+    /// Runs jobs: batches them into slots, uploads, decodes, launches; then
+    /// waits once and checks the device error flag.
     fn run(&mut self, jobs: &[Job<'_, '_>], stage: Stage) -> Result<()> {
         let main = self.gpu.stream().clone();
         let flag = DevRange::all(&self.flag, &main)?;
         // SAFETY: the flag buffer is live and 4 bytes long.
         unsafe { cu::memset_d8_async(flag.ptr(), 0, 4, main.cu_stream()) }?;
+        // Kernels wait for this (the flag reset and the base copy into the
+        // output); uploads do not.
         self.start.record(&main)?;
-        for s in &self.slots {
-            s.stream.wait(&self.start)?;
-        }
-        let max_tiles = self.slots[0].sums.len();
         let mut i = 0;
         while i < jobs.len() {
-            let width = jobs[i].chunk.spec.width;
-            let mut end = i;
-            let mut bytes = 0usize;
-            let mut tiles = 0usize;
-            while end < jobs.len()
-                && jobs[end].chunk.spec.width == width
-                && end - i < self.cfg.max_chunks
-            {
-                let spec = &jobs[end].chunk.spec;
-                let need = align(spec.position_bytes(), 16) + align(spec.value_bytes(), 16);
-                let table = align((end - i + 1) * ChunkDesc::BYTES, 64);
-                let t = Batch::tiles_of(spec) as usize;
-                if table + bytes + need > self.cfg.slot_bytes || tiles + t > max_tiles {
-                    if end == i {
-                        return Err(GpuError::invalid(format!(
-                            "a chunk needs {need} staging bytes; raise LoaderConfig::slot_bytes"
-                        )));
-                    }
-                    break;
-                }
-                bytes += need;
-                tiles += t;
-                end += 1;
-            }
-            self.flush(&jobs[i..end], width, stage)?;
-            i = end;
+            let plan = self.plan_batch(&jobs[i..])?;
+            self.flush(&jobs[i..i + plan.count], &plan, stage)?;
+            i += plan.count;
         }
         self.finish()
     }
 
-    /// Decodes one batch into a slot, uploads it and launches its kernels.
-    fn flush(&mut self, jobs: &[Job<'_, '_>], width: WordWidth, stage: Stage) -> Result<()> {
+    /// Chooses the next batch (a prefix of `jobs` of one word width that fits
+    /// a slot) and places its streams.
+    fn plan_batch<'a>(&self, jobs: &[Job<'_, 'a>]) -> Result<Plan<'a>> {
+        let width = jobs[0].width;
+        let max_tiles = self.slots[0].sums.len();
+        let host = jobs[0].host;
+        // Per stream: Ok(offset in the decoded part) or Err(offset in `host`).
+        let mut places: Vec<Vec<std::result::Result<usize, usize>>> = Vec::new();
+        let mut decoded = 0usize;
+        let mut raw: Option<(usize, usize)> = None;
+        let mut tiles = 0usize;
+        for job in jobs.iter().take(self.cfg.max_chunks) {
+            let c = job.chunk;
+            if job.width != width {
+                break;
+            }
+            c.validate(width)?;
+            let np = c.position_stream_count();
+            let mut dec = decoded;
+            let mut span = raw;
+            let mut place = Vec::with_capacity(c.streams.len());
+            for (k, (r, bytes)) in c.streams.iter().zip(c.stored_streams()).enumerate() {
+                // A stored stream is read where it lands, if it lies in the
+                // page-locked host buffer and keeps its word alignment.
+                let at = host
+                    .filter(|_| job.host.map(<[u8]>::as_ptr) == host.map(<[u8]>::as_ptr))
+                    .and_then(|h| offset_in(h, bytes))
+                    .filter(|&o| {
+                        r.codec == Codec::Stored
+                            && (k < np || c.record.value_layout != ValueLayout::Words || o % width.bytes() == 0)
+                    });
+                match at {
+                    Some(o) => {
+                        let end = o + bytes.len();
+                        span = Some(span.map_or((o, end), |(lo, hi)| (lo.min(o), hi.max(end))));
+                        place.push(Err(o));
+                    }
+                    None => {
+                        place.push(Ok(dec));
+                        dec = align(dec + r.decoded_len as usize, 16);
+                    }
+                }
+            }
+            let t = Batch::tiles_of(&c.record, c.words) as usize;
+            let table = align((places.len() + 1) * ChunkDesc::BYTES, 64);
+            let raw_len = span.map_or(0, |(lo, hi)| hi - lo + 16);
+            if table + dec + 16 + raw_len > self.cfg.slot_bytes || tiles + t > max_tiles {
+                if places.is_empty() {
+                    return Err(GpuError::invalid(
+                        "a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes",
+                    ));
+                }
+                break;
+            }
+            decoded = dec;
+            raw = span;
+            tiles += t;
+            places.push(place);
+        }
+        let count = places.len();
+        let table = align(count * ChunkDesc::BYTES, 64);
+        let decoded_end = table + decoded;
+        let raw = match (raw, host) {
+            // Same offset modulo 16 on both sides keeps every stream's alignment.
+            (Some((lo, hi)), Some(h)) => Some((&h[lo..hi], align(decoded_end, 16) + lo % 16)),
+            _ => None,
+        };
+        let mut tasks = Vec::new();
+        let mut offsets = Vec::with_capacity(count);
+        for (job, place) in jobs.iter().zip(&places) {
+            let mut offs = Vec::with_capacity(place.len());
+            for ((p, r), bytes) in place.iter().zip(job.chunk.streams).zip(job.chunk.stored_streams()) {
+                match (*p, raw, host) {
+                    (Ok(d), _, _) => {
+                        tasks.push((table + d, *r, bytes));
+                        offs.push(table + d);
+                    }
+                    (Err(o), Some((span, at)), Some(h)) => {
+                        let lo = offset_in(h, span).unwrap_or(0);
+                        offs.push(at + o - lo);
+                    }
+                    _ => unreachable!("a raw stream implies a raw span"),
+                }
+            }
+            offsets.push(offs);
+        }
+        Ok(Plan { count, table, decoded_end, raw, offsets, tasks })
+    }
+
+    /// Uploads one batch into a slot (the raw span first, straight from the
+    /// page-locked host delta, while the CPU decodes the rest) and launches
+    /// its kernels.
+    fn flush(&mut self, jobs: &[Job<'_, '_>], plan: &Plan<'_>, stage: Stage) -> Result<()> {
         let slot = self.take_slot()?;
-        let table_len = align(jobs.len() * ChunkDesc::BYTES, 64);
-        let chunks: Vec<&ChunkRef<'_>> = jobs.iter().map(|j| j.chunk).collect();
-        let (ranges, used) = decode_into(&chunks, &mut self.slots[slot].host, table_len)?;
         let s = &mut self.slots[slot];
         let dev = DevRange::all(&s.dev, &s.stream)?;
-        let mut batch = Batch::new(width);
-        for (j, (po, vo)) in jobs.iter().zip(ranges) {
-            let spec = &j.chunk.spec;
-            let (p, v) = (
-                dev.sub(po, spec.position_bytes())?,
-                dev.sub(vo, spec.value_bytes())?,
-            );
+        if let Some((span, at)) = plan.raw {
+            let d = dev.sub(at, span.len())?;
+            // SAFETY: `d` lies inside the slot's device buffer; `span` is
+            // borrowed for the whole call, which synchronizes before it returns.
+            unsafe { cu::memcpy_htod_async(d.ptr(), span, s.stream.cu_stream()) }?;
+        }
+        let host = s.host.as_mut_slice()?;
+        decode_tasks(&mut host[..plan.decoded_end], &plan.tasks)?;
+        let mut batch = Batch::new(jobs[0].width);
+        for (j, offs) in jobs.iter().zip(&plan.offsets) {
+            let streams = offs
+                .iter()
+                .zip(j.chunk.streams)
+                .map(|(&o, r)| dev.sub(o, r.decoded_len as usize))
+                .collect::<Result<Vec<_>>>()?;
             match stage {
-                Stage::Apply => batch.push(spec, p, v, j.base, j.out)?,
-                Stage::Positions => batch.push_positions(spec, p, j.out)?,
+                Stage::Apply => batch.push(j.chunk, &streams, j.base, j.out)?,
+                Stage::Positions => batch.push_positions(j.chunk, &streams, j.out)?,
             }
         }
-        batch.write_table(&mut s.host.as_mut_slice()?[..batch.table_bytes()]);
-        // SAFETY: `used` bytes fit the device slot (same size as the host
+        batch.write_table(&mut host[..batch.table_bytes()]);
+        // SAFETY: the prefix fits the device slot (same size as the host
         // slot); the page-locked host bytes stay untouched until `uploaded`
         // completes (take_slot waits for it before reuse).
-        unsafe {
-            cu::memcpy_htod_async(dev.ptr(), host_prefix(&s.host, used)?, s.stream.cu_stream())
-        }?;
+        unsafe { cu::memcpy_htod_async(dev.ptr(), host_prefix(&s.host, plan.decoded_end)?, s.stream.cu_stream()) }?;
         s.uploaded.record(&s.stream)?;
         s.in_use = true;
+        s.stream.wait(&self.start)?;
         let sums = DevRange::all(&s.sums, &s.stream)?;
         let flag = DevRange::all(&self.flag, &s.stream)?;
-        self.gpu.launch(
-            &s.stream,
-            &batch,
-            stage,
-            dev.sub(0, batch.table_bytes())?,
-            sums,
-            flag,
-        )
+        self.gpu.launch(&s.stream, &batch, stage, dev.sub(0, plan.table)?, sums, flag)
     }
 
     /// Decodes every stream of `delta` once into one device buffer, so that
@@ -575,17 +621,22 @@ impl Loader {
             let mut chunks = Vec::new();
             let mut word = 0u64;
             for c in &t.chunks {
-                let need = align(c.spec.position_bytes(), 16) + align(c.spec.value_bytes(), 16);
-                if c.spec.kind != ChunkKind::Unchanged {
+                if c.record.encoding != Encoding::Unchanged {
+                    let mut offsets = Vec::with_capacity(c.streams.len());
+                    for r in c.streams {
+                        offsets.push(total);
+                        total = align(total + r.decoded_len as usize, 16);
+                    }
                     chunks.push(StagedChunk {
-                        spec: c.spec,
-                        offset: total,
+                        record: c.record,
+                        streams: c.streams.to_vec(),
+                        words: c.words,
+                        offsets,
                         word,
                     });
                     order.push(c);
-                    total += need;
                 }
-                word += u64::from(c.spec.words);
+                word += u64::from(c.words);
             }
             tensors.push(StagedTensor {
                 name: t.name.clone(),
@@ -595,41 +646,45 @@ impl Loader {
                 chunks,
             });
         }
+        let offsets: Vec<usize> =
+            tensors.iter().flat_map(|t| t.chunks.iter().map(|c| c.offsets.first().copied().unwrap_or(0))).collect();
         // SAFETY: every byte of a stream range is written by the uploads below
         // before any kernel reads it; padding bytes are never read.
         let data = unsafe { self.gpu.stream().alloc::<u8>(total.max(1)) }?;
         self.gpu.stream().synchronize()?;
         let mut i = 0;
-        let mut dev_off = 0usize;
         while i < order.len() {
+            // chunks i..end fit one slot
+            let first = offsets[i];
             let mut end = i;
-            let mut bytes = 0;
             while end < order.len() {
-                let need = align(order[end].spec.position_bytes(), 16)
-                    + align(order[end].spec.value_bytes(), 16);
-                if bytes + need > self.cfg.slot_bytes {
+                let next = offsets.get(end + 1).copied().unwrap_or(total);
+                if next - first > self.cfg.slot_bytes {
                     break;
                 }
-                bytes += need;
                 end += 1;
             }
             if end == i {
-                return Err(GpuError::invalid(
-                    "a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes",
-                ));
+                return Err(GpuError::invalid("a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes"));
+            }
+            let used = offsets.get(end).copied().unwrap_or(total) - first;
+            let mut tasks = Vec::new();
+            for (c, o) in order[i..end].iter().zip(&offsets[i..end]) {
+                let mut at = o - first;
+                for (r, bytes) in c.streams.iter().zip(c.stored_streams()) {
+                    tasks.push((at, *r, bytes));
+                    at = align(at + r.decoded_len as usize, 16);
+                }
             }
             let slot = self.take_slot()?;
-            let (_, used) = decode_into(&order[i..end], &mut self.slots[slot].host, 0)?;
             let s = &mut self.slots[slot];
-            let d = DevRange::of(&data, &s.stream, dev_off, used)?;
+            decode_tasks(&mut s.host.as_mut_slice()?[..used], &tasks)?;
+            let d = DevRange::of(&data, &s.stream, first, used)?;
             // SAFETY: `d` is inside `data`; the host bytes stay untouched
             // until `uploaded` completes.
-            unsafe {
-                cu::memcpy_htod_async(d.ptr(), host_prefix(&s.host, used)?, s.stream.cu_stream())
-            }?;
+            unsafe { cu::memcpy_htod_async(d.ptr(), host_prefix(&s.host, used)?, s.stream.cu_stream()) }?;
             s.uploaded.record(&s.stream)?;
             s.in_use = true;
-            dev_off += used;
             i = end;
         }
         for s in &self.slots {
@@ -641,11 +696,7 @@ impl Loader {
     /// Rebuilds a device-resident delta in place over `bufs`, which hold the
     /// base tensors (each exactly the target's size). Kernels only: the
     /// streams are already decoded on the device.
-    pub fn apply_staged_in_place(
-        &mut self,
-        delta: &DeviceDelta,
-        bufs: &mut [CudaSlice<u8>],
-    ) -> Result<()> {
+    pub fn apply_staged_in_place(&mut self, delta: &DeviceDelta, bufs: &mut [CudaSlice<u8>]) -> Result<()> {
         if bufs.len() != delta.tensors.len() {
             return Err(GpuError::invalid("one buffer per delta tensor"));
         }
@@ -655,10 +706,7 @@ impl Loader {
             .zip(&delta.tensors)
             .map(|(b, t)| {
                 if b.num_bytes() != t.bytes() {
-                    return Err(GpuError::invalid(format!(
-                        "{}: in-place buffer size differs",
-                        t.name
-                    )));
+                    return Err(GpuError::invalid(format!("{}: in-place buffer size differs", t.name)));
                 }
                 DevRange::all(b, &main)
             })
@@ -675,9 +723,7 @@ impl Loader {
         outs: &mut [CudaSlice<u8>],
     ) -> Result<()> {
         if base.len() != delta.tensors.len() || outs.len() != delta.tensors.len() {
-            return Err(GpuError::invalid(
-                "one base and one output per delta tensor",
-            ));
+            return Err(GpuError::invalid("one base and one output per delta tensor"));
         }
         let main = self.gpu.stream().clone();
         let mut bases = Vec::new();
@@ -685,10 +731,7 @@ impl Loader {
         for ((t, b), o) in delta.tensors.iter().zip(base).zip(outs.iter()) {
             let tb = t.bytes();
             if o.num_bytes() < tb {
-                return Err(GpuError::invalid(format!(
-                    "{}: output buffer too small",
-                    t.name
-                )));
+                return Err(GpuError::invalid(format!("{}: output buffer too small", t.name)));
             }
             let b = DevRange::all(*b, &main)?;
             let o = DevRange::of(o, &main, 0, tb)?;
@@ -699,20 +742,12 @@ impl Loader {
         self.run_staged(delta, &bases, &os)
     }
 
-    fn run_staged(
-        &mut self,
-        delta: &DeviceDelta,
-        bases: &[DevRange],
-        outs: &[DevRange],
-    ) -> Result<()> {
+    fn run_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
         let main = self.gpu.stream().clone();
         let flag = DevRange::all(&self.flag, &main)?;
         // SAFETY: the flag buffer is live and 4 bytes long.
         unsafe { cu::memset_d8_async(flag.ptr(), 0, 4, main.cu_stream()) }?;
         self.start.record(&main)?;
-        for s in &self.slots {
-            s.stream.wait(&self.start)?;
-        }
         let data = DevRange::all(&delta.data, &main)?;
         let max_tiles = self.slots[0].sums.len();
         let table_cap = self.cfg.slot_bytes / ChunkDesc::BYTES;
@@ -721,22 +756,23 @@ impl Loader {
             let mut batch = Batch::new(t.width);
             let mut count = 0;
             for c in &t.chunks {
-                let nb = c.spec.words as usize * t.width.bytes();
-                let off = usize::try_from(c.word * w)
-                    .map_err(|_| GpuError::invalid("tensor too large"))?;
+                let chunk = ChunkRef { record: c.record, streams: &c.streams, stored: &[], words: c.words };
+                let nb = c.words as usize * t.width.bytes();
+                let off = usize::try_from(c.word * w).map_err(|_| GpuError::invalid("tensor too large"))?;
                 if count == self.cfg.max_chunks.min(table_cap)
-                    || batch.tiles() as usize + Batch::tiles_of(&c.spec) as usize > max_tiles
+                    || batch.tiles() as usize + Batch::tiles_of(&c.record, c.words) as usize > max_tiles
                 {
                     self.launch_table(&batch)?;
                     batch = Batch::new(t.width);
                     count = 0;
                 }
-                let p = data.sub(c.offset, c.spec.position_bytes())?;
-                let v = data.sub(
-                    c.offset + align(c.spec.position_bytes(), 16),
-                    c.spec.value_bytes(),
-                )?;
-                batch.push(&c.spec, p, v, b.sub(off, nb)?, o.sub(off, nb)?)?;
+                let streams = c
+                    .offsets
+                    .iter()
+                    .zip(&c.streams)
+                    .map(|(&o, r)| data.sub(o, r.decoded_len as usize))
+                    .collect::<Result<Vec<_>>>()?;
+                batch.push(&chunk, &streams, b.sub(off, nb)?, o.sub(off, nb)?)?;
                 count += 1;
             }
             self.launch_table(&batch)?;
@@ -756,15 +792,13 @@ impl Loader {
         let dev = DevRange::all(&s.dev, &s.stream)?;
         // SAFETY: the table fits the slot (checked by the caller through
         // `table_cap`); host bytes untouched until `uploaded` completes.
-        unsafe {
-            cu::memcpy_htod_async(dev.ptr(), host_prefix(&s.host, n)?, s.stream.cu_stream())
-        }?;
+        unsafe { cu::memcpy_htod_async(dev.ptr(), host_prefix(&s.host, n)?, s.stream.cu_stream()) }?;
         s.uploaded.record(&s.stream)?;
         s.in_use = true;
+        s.stream.wait(&self.start)?;
         let sums = DevRange::all(&s.sums, &s.stream)?;
         let flag = DevRange::all(&self.flag, &s.stream)?;
-        self.gpu
-            .launch(&s.stream, batch, Stage::Apply, dev.sub(0, n)?, sums, flag)
+        self.gpu.launch(&s.stream, batch, Stage::Apply, dev.sub(0, n)?, sums, flag)
     }
 
     /// Joins every slot stream into the main stream, copies the device error
@@ -789,11 +823,14 @@ impl Loader {
     }
 }
 
-/// A chunk of a [`DeviceDelta`]: its streams start at `offset` of the data.
-#[derive(Clone, Copy, Debug)]
+/// A chunk of a [`DeviceDelta`]: its stream `i` starts at `offsets[i]` of
+/// the data; its first word is `word` of the tensor.
+#[derive(Clone, Debug)]
 struct StagedChunk {
-    spec: ChunkSpec,
-    offset: usize,
+    record: ChunkRecord,
+    streams: Vec<StreamRecord>,
+    words: u32,
+    offsets: Vec<usize>,
     word: u64,
 }
 
@@ -834,48 +871,30 @@ impl DeviceDelta {
     }
 }
 
-/// Decodes every stream of `chunks` into `host` from `start` on: each
-/// chunk's position streams back to back, padded to 16 bytes, then its value
-/// streams likewise. Returns each chunk's (positions, values) offsets and
-/// the end.
-fn decode_into(
-    chunks: &[&ChunkRef<'_>],
-    host: &mut PinnedHostSlice<u8>,
-    start: usize,
-) -> Result<(Vec<(usize, usize)>, usize)> {
-    for c in chunks {
-        c.validate()?;
-    }
-    let host = host.as_mut_slice()?;
-    let mut rest = &mut host[start..];
-    let mut tasks: Vec<(&mut [u8], &StreamRef<'_>)> = Vec::new();
-    let mut ranges = Vec::with_capacity(chunks.len());
-    let mut cursor = start;
-    for c in chunks {
-        let np = c.spec.position_stream_count();
-        let mut at = [0usize; 2];
-        for (part, streams) in [&c.streams[..np], &c.streams[np..]].into_iter().enumerate() {
-            at[part] = cursor;
-            let mut used = 0;
-            for st in streams {
-                if st.decoded_len > rest.len() {
-                    return Err(GpuError::invalid("streams exceed the staging slot"));
-                }
-                let (d, r) = std::mem::take(&mut rest).split_at_mut(st.decoded_len);
-                rest = r;
-                tasks.push((d, st));
-                used += st.decoded_len;
-            }
-            let pad = (align(used, 16) - used).min(rest.len());
-            rest = &mut std::mem::take(&mut rest)[pad..];
-            cursor += used + pad;
+/// Decodes (zstd) or copies (stored) streams into `host` at their offsets,
+/// in parallel. Offsets increase and the streams do not overlap.
+fn decode_tasks(host: &mut [u8], tasks: &[(usize, StreamRecord, &[u8])]) -> Result<()> {
+    let mut rest = host;
+    let mut at = 0usize;
+    let mut work = Vec::with_capacity(tasks.len());
+    for (off, r, bytes) in tasks {
+        let len = r.decoded_len as usize;
+        if *off < at || off + len - at > rest.len() {
+            return Err(GpuError::invalid("streams exceed the staging slot"));
         }
-        ranges.push((at[0], at[1]));
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(off - at);
+        let (dst, tail) = tail.split_at_mut(len);
+        rest = tail;
+        at = off + len;
+        work.push((dst, r, *bytes));
     }
-    tasks
-        .into_par_iter()
-        .try_for_each(|(d, st)| decode_stream(st, d))?;
-    Ok((ranges, cursor))
+    work.into_par_iter().try_for_each(|(dst, r, bytes)| decode_stream(r, bytes, dst))
+}
+
+/// Offset of `part` in `whole`, if `part` lies inside it.
+fn offset_in(whole: &[u8], part: &[u8]) -> Option<usize> {
+    let (w, p) = (whole.as_ptr() as usize, part.as_ptr() as usize);
+    (p >= w && p + part.len() <= w + whole.len()).then(|| p - w)
 }
 
 fn host_prefix(host: &PinnedHostSlice<u8>, n: usize) -> Result<&[u8]> {
@@ -887,34 +906,31 @@ thread_local! {
 }
 
 /// Decodes one stream into `dst` (exactly its decoded length). A zstd stream
-/// must be one frame with no trailing bytes (`spec/FORMAT.md`, "Stream record").
-pub fn decode_stream(st: &StreamRef<'_>, dst: &mut [u8]) -> Result<()> {
-    if dst.len() != st.decoded_len {
-        return Err(GpuError::invalid(
-            "destination length differs from the decoded length",
-        ));
+/// must be one frame with no trailing bytes (`spec/FORMAT.md` §8.5).
+pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Result<()> {
+    let len = record.decoded_len as usize;
+    if dst.len() != len || stored.len() != record.stored_len as usize {
+        return Err(GpuError::invalid("stream lengths differ from the stream record"));
     }
-    match st.codec {
+    match record.codec {
         Codec::Stored => {
-            if st.bytes.len() != st.decoded_len {
-                return Err(GpuError::corrupt(
-                    "stored stream length differs from its decoded length",
-                ));
+            if stored.len() != len {
+                return Err(GpuError::corrupt("stored stream length differs from its decoded length"));
             }
-            dst.copy_from_slice(st.bytes);
+            dst.copy_from_slice(stored);
             Ok(())
         }
         Codec::Zstd => {
-            match zstd::zstd_safe::find_frame_compressed_size(st.bytes) {
-                Ok(n) if n == st.bytes.len() => {}
+            match zstd::zstd_safe::find_frame_compressed_size(stored) {
+                Ok(n) if n == stored.len() => {}
                 Ok(_) => return Err(GpuError::corrupt("zstd stream has trailing bytes")),
                 Err(_) => return Err(GpuError::corrupt("zstd stream is not one frame")),
             }
             DCTX.with(|c| {
                 let mut c = c.borrow_mut();
                 let dctx = c.get_or_insert_with(zstd::zstd_safe::DCtx::create);
-                match dctx.decompress(dst, st.bytes) {
-                    Ok(n) if n == st.decoded_len => Ok(()),
+                match dctx.decompress(dst, stored) {
+                    Ok(n) if n == len => Ok(()),
                     Ok(_) => Err(GpuError::corrupt("zstd stream decodes to the wrong length")),
                     Err(_) => Err(GpuError::corrupt("zstd stream does not decode")),
                 }

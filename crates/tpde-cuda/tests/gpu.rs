@@ -1,76 +1,54 @@
-//! GPU tests: bit-exact with the CPU reference. They need a CUDA GPU, so CI
-//! reports them as ignored; run them with `--include-ignored` on a GPU machine.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_precision_loss,
-    clippy::cast_sign_loss
-)]
+//! GPU tests: bit-exact with the format library's decoder and the CPU
+//! reference. They need a CUDA GPU, so CI reports them as ignored; run them
+//! with `--include-ignored` on a GPU machine.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
 
 use std::sync::{Arc, OnceLock};
 
-use tpde_cuda::encode::{EncodeSettings, EncodedTensor};
-use tpde_cuda::error::flag;
-use tpde_cuda::reference::{self, write_word, EncodeChoice};
-use tpde_cuda::{
-    ChunkKind, ChunkRef, Codec, Gpu, GpuError, Loader, LoaderConfig, PositionCoding, StreamRef,
-    TensorRef, ValueLayout, ValueOp, WordWidth,
+use common::*;
+use tpde::container::chunk_map::{
+    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
 };
+use tpde::delta::EncodeSettings;
+use tpde_cuda::delta::PinnedDelta;
+use tpde_cuda::encode::EncodedTensor;
+use tpde_cuda::error::flag;
+use tpde_cuda::reference;
+use tpde_cuda::{ChunkRef, Gpu, GpuError, Loader, LoaderConfig, TensorRef, WordWidth};
 
 fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| Arc::new(Gpu::new(0).expect("a CUDA GPU")))
-        .clone()
+    GPU.get_or_init(|| Arc::new(Gpu::new(0).expect("a CUDA GPU"))).clone()
 }
 
 fn loader(slot_bytes: usize) -> Loader {
-    Loader::new(
-        gpu(),
-        LoaderConfig {
-            slots: 3,
-            slot_bytes,
-            max_chunks: 64,
-        },
-    )
-    .unwrap()
+    Loader::new(gpu(), LoaderConfig { slots: 3, slot_bytes, max_chunks: 64 }).unwrap()
 }
 
-fn lcg(seed: u64) -> impl FnMut() -> u64 {
-    let mut s = seed;
-    move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        s >> 11
+/// Every chunk's stored bytes back to back, as in a delta file, with an
+/// odd offset in front so that word values land misaligned too.
+fn packed(t: &EncodedTensor) -> Vec<u8> {
+    let mut v = vec![0u8; 3];
+    for c in &t.chunks {
+        v.extend_from_slice(&c.data);
     }
+    v
 }
 
-/// A base and a target with every `every`-th word changed (plus a few far
-/// apart, so that gaps need 2 and 4 bytes).
-fn pair(w: WordWidth, n: usize, every: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
-    let mut r = lcg(seed);
-    let base: Vec<u8> = (0..n * w.bytes()).map(|_| r() as u8).collect();
-    let mut target = base.clone();
-    for i in (0..n).step_by(every) {
-        let mut v = r() & w.mask();
-        if v == reference::read_word(&base, w, i) {
-            v ^= 1;
-        }
-        write_word(&mut target, w, i, v);
+/// A view of `t` whose stored bytes are read from `host` (see [`packed`]),
+/// so that stored streams take the direct-copy path.
+fn hosted<'a>(t: &'a EncodedTensor, host: &'a [u8]) -> TensorRef<'a> {
+    let mut r = t.as_ref();
+    let mut at = 3;
+    for c in &mut r.chunks {
+        c.stored = &host[at..at + c.stored.len()];
+        at += c.stored.len();
     }
-    (base, target)
+    r.host = Some(host);
+    r
 }
-
-const CHOICES: [EncodeChoice; 4] = [
-    EncodeChoice::SparseGaps,
-    EncodeChoice::SparseBitmap,
-    EncodeChoice::Dense,
-    EncodeChoice::Raw,
-];
-const LAYOUTS: [ValueLayout; 3] = [
-    ValueLayout::Words,
-    ValueLayout::BytePlanes,
-    ValueLayout::RotatedBytePlanes,
-];
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -83,26 +61,21 @@ fn every_encoding_width_op_and_layout_is_bit_exact() {
             let (base, target) = pair(w, n, every, 11 + k as u64);
             let dbase = g.upload(&base).unwrap();
             for choice in CHOICES {
-                for op in [ValueOp::Xor, ValueOp::Sub] {
+                for op in OPS {
                     for layout in LAYOUTS {
-                        let s = EncodeSettings {
-                            choice,
-                            op,
-                            layout,
-                            zstd_level: (k % 2 == 0).then_some(1),
-                            chunk_words: 40_000,
-                        };
-                        let t = EncodedTensor::encode("t", &base, &target, w, s).unwrap();
-                        let tr = t.as_ref();
+                        let level = (k % 2 == 0).then_some(1);
+                        let t = forced_tensor(&base, &target, w, 40_000, choice, op, layout, level);
+                        let host = packed(&t);
                         let ctx = format!("{w:?} every={every} {choice:?} {op:?} {layout:?}");
-                        // into a new buffer, against a resident base
-                        let out = l.load(std::slice::from_ref(&tr), &[&dbase]).unwrap();
-                        assert!(g.download(&out[0]).unwrap() == target, "load {ctx}");
-                        // in place on a copy of the base
-                        let mut buf = vec![g.upload(&base).unwrap()];
-                        l.apply_in_place(std::slice::from_ref(&tr), &mut buf)
-                            .unwrap();
-                        assert!(g.download(&buf[0]).unwrap() == target, "in place {ctx}");
+                        for (how, tr) in [("ring", t.as_ref()), ("host", hosted(&t, &host))] {
+                            // into a new buffer, against a resident base
+                            let out = l.load(std::slice::from_ref(&tr), &[&dbase]).unwrap();
+                            assert!(g.download(&out[0]).unwrap() == target, "load {how} {ctx}");
+                            // in place on a copy of the base
+                            let mut buf = vec![g.upload(&base).unwrap()];
+                            l.apply_in_place(std::slice::from_ref(&tr), &mut buf).unwrap();
+                            assert!(g.download(&buf[0]).unwrap() == target, "in place {how} {ctx}");
+                        }
                     }
                 }
             }
@@ -116,38 +89,34 @@ fn materialize_and_host_base_paths_are_bit_exact() {
     let g = gpu();
     let mut l = loader(256 << 10);
     let (base, target) = pair(WordWidth::W4, 1 << 20, 20, 5);
-    let s = EncodeSettings {
-        choice: EncodeChoice::SparseGaps,
-        op: ValueOp::Xor,
-        layout: ValueLayout::BytePlanes,
-        zstd_level: Some(3),
-        chunk_words: 1 << 16,
-    };
-    let t = EncodedTensor::encode("w", &base, &target, WordWidth::W4, s).unwrap();
-    let tr = t.as_ref();
-    let dbase = g.upload(&base).unwrap();
-    let mut out = g.alloc_zeros::<u8>(target.len()).unwrap();
-    for _ in 0..3 {
-        l.materialize_into(&tr, &dbase, &mut out).unwrap();
-        assert!(g.download(&out).unwrap() == target);
+    for min_zstd_gain in [0.0, 0.5] {
+        let s = EncodeSettings { level: 3, min_zstd_gain };
+        let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, 1 << 16, false, s).unwrap();
+        let host = packed(&t);
+        for tr in [t.as_ref(), hosted(&t, &host)] {
+            let dbase = g.upload(&base).unwrap();
+            let mut out = g.alloc_zeros::<u8>(target.len()).unwrap();
+            for _ in 0..3 {
+                l.materialize_into(&tr, &dbase, &mut out).unwrap();
+                assert!(g.download(&out).unwrap() == target);
+            }
+            let mut buf = g.upload(&base).unwrap();
+            l.materialize_in_place(&tr, &mut buf).unwrap();
+            assert!(g.download(&buf).unwrap() == target);
+            let outs = l.load_host_base(std::slice::from_ref(&tr), &[&base]).unwrap();
+            assert!(g.download(&outs[0]).unwrap() == target);
+            // the base was left untouched by materialize_into
+            assert!(g.download(&dbase).unwrap() == base);
+            // a delta decoded once into device memory, applied by kernels only
+            let staged = l.stage_on_device(std::slice::from_ref(&tr)).unwrap();
+            let mut outs = vec![g.alloc_zeros::<u8>(target.len()).unwrap()];
+            l.apply_staged(&staged, &[&dbase], &mut outs).unwrap();
+            assert!(g.download(&outs[0]).unwrap() == target);
+            let mut bufs = vec![g.upload(&base).unwrap()];
+            l.apply_staged_in_place(&staged, &mut bufs).unwrap();
+            assert!(g.download(&bufs[0]).unwrap() == target);
+        }
     }
-    let mut buf = g.upload(&base).unwrap();
-    l.materialize_in_place(&tr, &mut buf).unwrap();
-    assert!(g.download(&buf).unwrap() == target);
-    let outs = l
-        .load_host_base(std::slice::from_ref(&tr), &[&base])
-        .unwrap();
-    assert!(g.download(&outs[0]).unwrap() == target);
-    // the base was left untouched by materialize_into
-    assert!(g.download(&dbase).unwrap() == base);
-    // a delta decoded once into device memory, applied by kernels only
-    let staged = l.stage_on_device(std::slice::from_ref(&tr)).unwrap();
-    let mut outs = vec![g.alloc_zeros::<u8>(target.len()).unwrap()];
-    l.apply_staged(&staged, &[&dbase], &mut outs).unwrap();
-    assert!(g.download(&outs[0]).unwrap() == target);
-    let mut bufs = vec![g.upload(&base).unwrap()];
-    l.apply_staged_in_place(&staged, &mut bufs).unwrap();
-    assert!(g.download(&bufs[0]).unwrap() == target);
 }
 
 #[test]
@@ -160,14 +129,7 @@ fn a_shorter_base_reads_as_zero_words() {
     let mut padded = short.to_vec();
     padded.resize(base.len(), 0);
     for choice in CHOICES {
-        let s = EncodeSettings {
-            choice,
-            op: ValueOp::Sub,
-            layout: ValueLayout::Words,
-            zstd_level: None,
-            chunk_words: 3_000,
-        };
-        let t = EncodedTensor::encode("t", &padded, &target, WordWidth::W2, s).unwrap();
+        let t = forced_tensor(&padded, &target, WordWidth::W2, 3_000, choice, ValueOp::Sub, ValueLayout::Words, None);
         let d = g.upload(short).unwrap();
         let out = l.load(&[t.as_ref()], &[&d]).unwrap();
         assert!(g.download(&out[0]).unwrap() == target, "{choice:?}");
@@ -180,178 +142,71 @@ fn positions_are_rebuilt_on_the_gpu() {
     let mut l = loader(8 << 20);
     // 2.5 M gaps: more than 256 tiles, so the scan carries between passes
     let (base, target) = pair(WordWidth::W1, 5_000_000, 2, 3);
-    for choice in [EncodeChoice::SparseGaps, EncodeChoice::SparseBitmap] {
-        let c = reference::encode_chunk(
-            &base,
-            &target,
-            WordWidth::W1,
-            choice,
-            ValueOp::Xor,
-            ValueLayout::Words,
-        )
-        .unwrap();
-        let expect = reference::chunk_positions(&c.spec, &c.positions()).unwrap();
-        let streams: Vec<StreamRef<'_>> = c
-            .streams
-            .iter()
-            .map(|s| StreamRef {
-                codec: Codec::Stored,
-                bytes: s,
-                decoded_len: s.len(),
-            })
-            .collect();
-        let got = l
-            .positions(&ChunkRef {
-                spec: c.spec,
-                streams,
-            })
-            .unwrap();
+    for choice in [Choice::SparseGaps, Choice::SparseBitmap] {
+        let c = forced_chunk(&base, &target, WordWidth::W1, choice, ValueOp::Xor, ValueLayout::Words, None);
+        let r = ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: 5_000_000 };
+        let expect = reference::chunk_positions(&r, &reference::decode_streams(&r).unwrap()).unwrap();
+        let got = l.positions(&r, WordWidth::W1).unwrap();
         assert!(got == expect, "{choice:?}");
     }
 }
 
-fn corrupt_chunk_error(spec_kind: ChunkKind, positions: Vec<u8>, m: u32, n: u32) -> GpuError {
+fn corrupt_chunk_error(coding: PositionCoding, gap_width: u8, planes: &[&[u8]], m: u32, n: u32) -> GpuError {
     let g = gpu();
     let mut l = loader(1 << 20);
-    let w = WordWidth::W4;
     let values = vec![1u8; m as usize * 4];
-    let spec = tpde_cuda::ChunkSpec {
-        kind: spec_kind,
-        op: ValueOp::Xor,
-        layout: ValueLayout::Words,
-        width: w,
-        words: n,
-        changed: m,
-    };
-    let np = spec.position_stream_count();
-    let plen = positions.len() / np;
-    let mut streams: Vec<StreamRef<'_>> = positions
-        .chunks(plen)
-        .map(|p| StreamRef {
-            codec: Codec::Stored,
-            bytes: p,
-            decoded_len: p.len(),
-        })
+    let mut streams: Vec<StreamRecord> = planes
+        .iter()
+        .map(|p| StreamRecord { stored_len: p.len() as u32, decoded_len: p.len() as u32, codec: Codec::Stored })
         .collect();
-    streams.push(StreamRef {
-        codec: Codec::Stored,
-        bytes: &values,
-        decoded_len: values.len(),
-    });
+    streams.push(StreamRecord { stored_len: m * 4, decoded_len: m * 4, codec: Codec::Stored });
+    let mut data = planes.concat();
+    data.extend_from_slice(&values);
+    let record = ChunkRecord {
+        data_offset: 0,
+        stored_len: data.len() as u32,
+        changed_count: m,
+        first_stream: 0,
+        encoding: Encoding::Sparse,
+        value_op: ValueOp::Xor,
+        value_layout: ValueLayout::Words,
+        value_order: ValueOrder::Positional,
+        position_coding: coding,
+        gap_width,
+        stream_count: streams.len() as u8,
+        checksum: 0,
+        digest: [0; 16],
+    };
     let t = TensorRef {
         name: "bad".into(),
-        width: w,
+        width: WordWidth::W4,
         words: u64::from(n),
         chunk_words: n,
-        chunks: vec![ChunkRef { spec, streams }],
+        chunks: vec![ChunkRef { record, streams: &streams, stored: &data, words: n }],
+        host: None,
     };
     let base = g.alloc_zeros::<u8>(n as usize * 4).unwrap();
     // a canary after the tensor must survive: nothing is written out of range
     let mut out = g.upload(&vec![0xAA; n as usize * 4 + 256]).unwrap();
-    let e = l
-        .materialize_into(&t, &base, &mut out)
-        .expect_err("corrupt positions must be rejected");
+    let e = l.materialize_into(&t, &base, &mut out).expect_err("corrupt positions must be rejected");
     let back = g.download(&out).unwrap();
-    assert!(
-        back[n as usize * 4..].iter().all(|b| *b == 0xAA),
-        "out-of-range write"
-    );
+    assert!(back[n as usize * 4..].iter().all(|b| *b == 0xAA), "out-of-range write");
     e
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn bad_positions_raise_the_device_flag() {
-    // position 10 in a chunk of 10 words
-    let e = corrupt_chunk_error(
-        ChunkKind::Sparse(PositionCoding::Gaps { width: 1 }),
-        vec![3, 7],
-        2,
-        10,
-    );
-    assert!(
-        matches!(e, GpuError::DeviceFlag(f) if f & flag::POSITION_RANGE != 0),
-        "{e}"
-    );
-    // a zero gap after the first
-    let e = corrupt_chunk_error(
-        ChunkKind::Sparse(PositionCoding::Gaps { width: 1 }),
-        vec![3, 0],
-        2,
-        10,
-    );
-    assert!(
-        matches!(e, GpuError::DeviceFlag(f) if f & flag::ZERO_GAP != 0),
-        "{e}"
-    );
+    let is = |e: GpuError, bit: u32| matches!(e, GpuError::DeviceFlag(f) if f & bit != 0);
+    // position 10 in a chunk of 10 words; a zero gap after the first
+    assert!(is(corrupt_chunk_error(PositionCoding::Gaps, 1, &[&[3, 7]], 2, 10), flag::POSITION_RANGE));
+    assert!(is(corrupt_chunk_error(PositionCoding::Gaps, 1, &[&[3, 0]], 2, 10), flag::ZERO_GAP));
     // a huge 4-byte gap that would wrap a 32-bit sum
-    let e = corrupt_chunk_error(
-        ChunkKind::Sparse(PositionCoding::Gaps { width: 4 }),
-        vec![1, 0xff, 0, 0xff, 0, 0xff, 0, 0xff],
-        2,
-        10,
-    );
-    assert!(
-        matches!(e, GpuError::DeviceFlag(f) if f & flag::POSITION_RANGE != 0),
-        "{e}"
-    );
-    // bitmap padding bit and a count mismatch
-    let e = corrupt_chunk_error(
-        ChunkKind::Sparse(PositionCoding::Bitmap),
-        vec![1, 0x80],
-        1,
-        10,
-    );
-    assert!(
-        matches!(e, GpuError::DeviceFlag(f) if f & flag::BITMAP_PADDING != 0),
-        "{e}"
-    );
-    let e = corrupt_chunk_error(
-        ChunkKind::Sparse(PositionCoding::Bitmap),
-        vec![0b101, 0],
-        1,
-        10,
-    );
-    assert!(
-        matches!(e, GpuError::DeviceFlag(f) if f & flag::COUNT_MISMATCH != 0),
-        "{e}"
-    );
-}
-
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn zstd_streams_with_trailing_frames_are_rejected() {
-    let g = gpu();
-    let mut l = loader(1 << 20);
-    let values = vec![7u8; 64];
-    let mut z = zstd::bulk::compress(&values, 1).unwrap();
-    let z2 = z.clone();
-    z.extend_from_slice(&z2);
-    let spec = tpde_cuda::ChunkSpec {
-        kind: ChunkKind::Raw,
-        op: ValueOp::Xor,
-        layout: ValueLayout::Words,
-        width: WordWidth::W4,
-        words: 16,
-        changed: 16,
-    };
-    let t = TensorRef {
-        name: "z".into(),
-        width: WordWidth::W4,
-        words: 16,
-        chunk_words: 16,
-        chunks: vec![ChunkRef {
-            spec,
-            streams: vec![StreamRef {
-                codec: Codec::Zstd,
-                bytes: &z,
-                decoded_len: 64,
-            }],
-        }],
-    };
-    let base = g.alloc_zeros::<u8>(64).unwrap();
-    let e = l.load(&[t], &[&base]).expect_err("two frames");
-    assert!(matches!(e, GpuError::Corrupt(_)), "{e}");
+    let e = corrupt_chunk_error(PositionCoding::Gaps, 4, &[&[1, 0xff], &[0, 0xff], &[0, 0xff], &[0, 0xff]], 2, 10);
+    assert!(is(e, flag::POSITION_RANGE));
+    // bitmap padding bit, and a count mismatch
+    assert!(is(corrupt_chunk_error(PositionCoding::Bitmap, 0, &[&[1, 0x80]], 1, 10), flag::BITMAP_PADDING));
+    assert!(is(corrupt_chunk_error(PositionCoding::Bitmap, 0, &[&[0b101, 0]], 1, 10), flag::COUNT_MISMATCH));
 }
 
 /// Writes a one-tensor-per-entry safetensors file.
@@ -382,12 +237,17 @@ fn write_safetensors(path: &std::path::Path, tensors: &[(&str, &str, Vec<u64>, &
     std::fs::write(path, out).unwrap();
 }
 
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tpde-cuda-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_delta_file_written_by_the_format_library_loads_bit_exact() {
     let g = gpu();
-    let dir = std::env::temp_dir().join(format!("tpde-cuda-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("file");
     let (b32, t32) = pair(WordWidth::W4, 300_000, 19, 21);
     let (b16, t16) = pair(WordWidth::W2, 70_000, 1, 22);
     let (b8, t8) = pair(WordWidth::W8, 50_000, 1000, 23);
@@ -395,8 +255,8 @@ fn a_delta_file_written_by_the_format_library_loads_bit_exact() {
     write_safetensors(
         &dir.join("base.safetensors"),
         &[
-            ("a", "F32", vec![300_000], &b32),
-            ("b", "BF16", vec![70_000], &b16),
+            ("a", "I32", vec![300_000], &b32),
+            ("b", "I16", vec![70_000], &b16),
             ("c", "I64", vec![50_000], &b8),
             ("d", "U8", vec![99_999], &b1),
         ],
@@ -404,47 +264,116 @@ fn a_delta_file_written_by_the_format_library_loads_bit_exact() {
     write_safetensors(
         &dir.join("target.safetensors"),
         &[
-            ("a", "F32", vec![300_000], &t32),
-            ("b", "BF16", vec![70_000], &t16),
+            ("a", "I32", vec![300_000], &t32),
+            ("b", "I16", vec![70_000], &t16),
             ("c", "I64", vec![50_000], &t8),
             ("d", "U8", vec![99_999], &t1),
         ],
     );
     let base = tpde::Checkpoint::open(&dir.join("base.safetensors")).unwrap();
     let target = tpde::Checkpoint::open(&dir.join("target.safetensors")).unwrap();
-    let opts = tpde::pipeline::encode::EncodeOptions {
-        chunk_words: 32_768,
-        ..Default::default()
-    };
-    let path = dir.join("d.tpde");
-    tpde::pipeline::encode::encode(
-        Some(&base),
-        &target,
-        &path,
-        opts,
-        &tpde::pipeline::NoProgress,
-    )
-    .unwrap();
-    let file = tpde::DeltaFile::open(&path).unwrap();
-    let refs = tpde_cuda::delta::tensor_refs(&file, true).unwrap();
-    let host = tpde_cuda::delta::host_bases(&file, &base).unwrap();
-    let mut l = loader(4 << 20);
-    let outs = l.load_host_base(&refs, &host).unwrap();
-    for (t, o) in refs.iter().zip(&outs) {
-        let (f, loc) = target.tensor(&t.name).unwrap();
-        assert!(g.download(o).unwrap() == f.tensor_bytes(loc), "{}", t.name);
+    for min_zstd_gain in [0.0, 0.5] {
+        let opts = tpde::pipeline::encode::EncodeOptions {
+            chunk_words: 32_768,
+            settings: EncodeSettings { level: 3, min_zstd_gain },
+        };
+        let path = dir.join("d.tpde");
+        tpde::pipeline::encode::encode(Some(&base), &target, &path, opts, &tpde::pipeline::NoProgress).unwrap();
+        let file = tpde::DeltaFile::open(&path).unwrap();
+        let pinned = PinnedDelta::open(&g, &path).unwrap();
+        let host = tpde_cuda::delta::host_bases(&file, &base).unwrap();
+        let mut l = loader(4 << 20);
+        for refs in [tpde_cuda::delta::tensor_refs(&file, true).unwrap(), pinned.tensor_refs(true).unwrap()] {
+            let outs = l.load_host_base(&refs, &host).unwrap();
+            for (t, o) in refs.iter().zip(&outs) {
+                let (f, loc) = target.tensor(&t.name).unwrap();
+                assert!(g.download(o).unwrap() == f.tensor_bytes(loc), "{}", t.name);
+            }
+            // device-resident base, materialize one tensor at a time
+            for (t, hb) in refs.iter().zip(&host) {
+                let db = g.upload(hb).unwrap();
+                let mut out = g.alloc_zeros::<u8>(t.bytes()).unwrap();
+                l.materialize_into(t, &db, &mut out).unwrap();
+                let (f, loc) = target.tensor(&t.name).unwrap();
+                assert!(g.download(&out).unwrap() == f.tensor_bytes(loc), "{}", t.name);
+            }
+        }
     }
-    // device-resident base, materialize one tensor at a time
-    for (t, hb) in refs.iter().zip(&host) {
-        let db = g.upload(hb).unwrap();
-        let mut out = g.alloc_zeros::<u8>(t.bytes()).unwrap();
-        l.materialize_into(t, &db, &mut out).unwrap();
-        let (f, loc) = target.tensor(&t.name).unwrap();
-        assert!(
-            g.download(&out).unwrap() == f.tensor_bytes(loc),
-            "{}",
-            t.name
-        );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Vocabulary growth: every dtype width (integer dtypes: the writer groups
+/// float values by base key, §8.6, which the kernels do not read yet), the
+/// target with more rows than the
+/// base. The GPU result, copied back, must equal the library's
+/// `DeltaFile::decode_tensor` (which checks every chunk digest) and match
+/// each chunk's recorded XXH3-128 digest itself.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary() {
+    let g = gpu();
+    let dir = temp_dir("vocab");
+    let cols = 96usize;
+    let (rows_b, rows_t) = (1000usize, 1337usize);
+    let dtypes = [("U8", WordWidth::W1), ("I16", WordWidth::W2), ("I32", WordWidth::W4), ("I64", WordWidth::W8)];
+    let mut bases = Vec::new();
+    let mut targets = Vec::new();
+    for (i, (_, w)) in dtypes.iter().enumerate() {
+        let (b, t) = pair(*w, rows_t * cols, 9, 40 + i as u64);
+        bases.push(b[..rows_b * cols * w.bytes()].to_vec());
+        targets.push(t);
+    }
+    let names = ["u8", "i16", "i32", "i64"];
+    let entries = |data: &[Vec<u8>], rows: usize| -> Vec<(&str, &str, Vec<u64>, Vec<u8>)> {
+        names
+            .iter()
+            .zip(&dtypes)
+            .zip(data)
+            .map(|((n, (d, _)), b)| (*n, *d, vec![rows as u64, cols as u64], b.clone()))
+            .collect()
+    };
+    let write = |path: &std::path::Path, e: &[(&str, &str, Vec<u64>, Vec<u8>)]| {
+        let refs: Vec<(&str, &str, Vec<u64>, &[u8])> =
+            e.iter().map(|(n, d, s, b)| (*n, *d, s.clone(), b.as_slice())).collect();
+        write_safetensors(path, &refs);
+    };
+    write(&dir.join("base.safetensors"), &entries(&bases, rows_b));
+    write(&dir.join("target.safetensors"), &entries(&targets, rows_t));
+    let base = tpde::Checkpoint::open(&dir.join("base.safetensors")).unwrap();
+    let target = tpde::Checkpoint::open(&dir.join("target.safetensors")).unwrap();
+    let mut l = loader(1 << 20);
+    for min_zstd_gain in [0.0, 0.25] {
+        let opts = tpde::pipeline::encode::EncodeOptions {
+            chunk_words: 10_000,
+            settings: EncodeSettings { level: 3, min_zstd_gain },
+        };
+        let path = dir.join("d.tpde");
+        tpde::pipeline::encode::encode(Some(&base), &target, &path, opts, &tpde::pipeline::NoProgress).unwrap();
+        let pinned = PinnedDelta::open(&g, &path).unwrap();
+        let file = pinned.file();
+        let host = tpde_cuda::delta::host_bases(file, &base).unwrap();
+        for (t, hb) in pinned.tensor_refs(true).unwrap().iter().zip(&host) {
+            assert!(hb.len() < t.bytes(), "{}: the base must be shorter", t.name);
+            let db = g.upload(hb).unwrap();
+            let mut out = g.alloc_zeros::<u8>(t.bytes()).unwrap();
+            l.materialize_into(t, &db, &mut out).unwrap();
+            let got = g.download(&out).unwrap();
+            let entry = file.tensor(&t.name).unwrap();
+            let expect = file.decode_tensor(entry, Some(hb)).unwrap();
+            assert!(got == expect, "{}", t.name);
+            let wb = t.width.bytes();
+            for span in file.spans(entry).unwrap() {
+                let at = span.first_word as usize * wb;
+                let bytes = &got[at..at + span.words as usize * wb];
+                assert_eq!(
+                    tpde::digest::leaf_digest(bytes),
+                    file.chunk(span.index).digest,
+                    "{} chunk {}",
+                    t.name,
+                    span.index
+                );
+            }
+        }
     }
     std::fs::remove_dir_all(&dir).ok();
 }

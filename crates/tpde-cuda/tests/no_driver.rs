@@ -19,8 +19,5 @@ fn opening_a_gpu_without_a_driver_is_a_typed_error() {
 #[test]
 fn a_missing_device_ordinal_is_a_typed_error() {
     let e = Gpu::new(4096).expect_err("no machine has 4097 GPUs");
-    assert!(
-        matches!(e, GpuError::NoDriver | GpuError::NoDevice { ordinal: 4096 }),
-        "{e}"
-    );
+    assert!(matches!(e, GpuError::NoDriver | GpuError::NoDevice { ordinal: 4096 }), "{e}");
 }

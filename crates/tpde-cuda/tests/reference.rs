@@ -1,160 +1,157 @@
-//! CPU reference of every kernel (runs in CI, no GPU needed).
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_precision_loss,
-    clippy::cast_sign_loss
-)]
+//! CPU reference of the kernels against the format library (runs in CI, no
+//! GPU needed).
+#![allow(clippy::cast_possible_truncation)]
 
+mod common;
+
+use common::*;
 use proptest::prelude::*;
+use tpde::container::chunk_map::{
+    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
+};
+use tpde::delta::{EncodeSettings, EncodedChunk};
 use tpde_cuda::error::flag;
-use tpde_cuda::reference::*;
-use tpde_cuda::{ChunkKind, ChunkSpec, GpuError, PositionCoding, ValueLayout, ValueOp, WordWidth};
+use tpde_cuda::reference::{apply_chunk_in_place, chunk_positions, combine, decode_streams};
+use tpde_cuda::{ChunkRef, GpuError, WordWidth};
 
-fn lcg(seed: u64) -> impl FnMut() -> u64 {
-    let mut s = seed;
-    move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        s >> 11
-    }
+fn chunk_ref(c: &EncodedChunk, words: usize) -> ChunkRef<'_> {
+    ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: words as u32 }
+}
+
+/// The reference rebuild of a chunk must equal the library's decoder.
+fn check(c: &EncodedChunk, base: &[u8], target: &[u8], w: WordWidth, ctx: &str) {
+    let words = target.len() / w.bytes();
+    assert!(library_decode(c, base, words, w) == target, "library {ctx}");
+    let mut buf = base.to_vec();
+    apply_chunk_in_place(&chunk_ref(c, words), w, &mut buf).unwrap();
+    assert!(buf == target, "reference {ctx}");
 }
 
 #[test]
-fn zigzag_round_trips_at_every_width() {
+fn combine_inverts_the_stored_value_at_every_width() {
     for w in WordWidth::ALL {
         let mut r = lcg(1);
         for _ in 0..1000 {
             let (b, t) = (r() & w.mask(), r() & w.mask());
-            let v = difference(b, t, ValueOp::Sub, w);
-            assert_eq!(combine(b, v, ValueOp::Sub, w), t);
-            assert_eq!(unzigzag(zigzag(t, w), w), t);
-            assert_eq!(
-                combine(b, difference(b, t, ValueOp::Xor, w), ValueOp::Xor, w),
-                t
-            );
+            for op in OPS {
+                assert_eq!(combine(b, express(b, t, op, w), op, w), t);
+            }
         }
     }
-    // small differences give small values: -1 -> 1, 1 -> 2
-    assert_eq!(zigzag(u64::from(u16::MAX), WordWidth::W2), 1);
-    assert_eq!(zigzag(1, WordWidth::W2), 2);
 }
 
 #[test]
-fn planes_round_trip_and_rotate() {
-    let words: Vec<u8> = (0u8..64).collect();
+fn every_encoding_op_and_layout_matches_the_library_at_every_width() {
     for w in WordWidth::ALL {
-        for rot in [false, true] {
-            assert_eq!(join_planes(&split_planes(&words, w, rot), w, rot), words);
-        }
-    }
-    // 0x8000_0001 rotated left by one is 0x0000_0003: planes [03],[00],[00],[00]
-    let planes = split_planes(&0x8000_0001u32.to_le_bytes(), WordWidth::W4, true);
-    assert_eq!(planes, vec![3, 0, 0, 0]);
-}
-
-#[test]
-fn gaps_give_positions_and_reject_zero_gaps_and_overflow() {
-    let pos = vec![0u32, 5, 300, 70_000];
-    let planes = positions_to_gaps(&pos, 4);
-    assert_eq!(gaps_to_positions(&planes, 4, 4, 70_001).unwrap(), pos);
-    assert!(
-        matches!(gaps_to_positions(&planes, 4, 4, 70_000), Err(GpuError::DeviceFlag(f)) if f == flag::POSITION_RANGE)
-    );
-    assert_eq!(gap_width_for(&pos), 4);
-    assert_eq!(gap_width_for(&[3, 300]), 2);
-    assert_eq!(gap_width_for(&[3, 255]), 1);
-    // a first gap of 0 is position 0; a later gap of 0 repeats a position
-    assert_eq!(gaps_to_positions(&[0, 1], 1, 2, 4).unwrap(), vec![0, 1]);
-    assert!(
-        matches!(gaps_to_positions(&[1, 0], 1, 2, 4), Err(GpuError::DeviceFlag(f)) if f == flag::ZERO_GAP)
-    );
-}
-
-#[test]
-fn bitmap_checks_padding_and_count() {
-    let pos = vec![1u32, 7, 8, 9];
-    let bm = positions_to_bitmap(&pos, 10);
-    assert_eq!(bitmap_to_positions(&bm, 10, 4).unwrap(), pos);
-    assert!(
-        matches!(bitmap_to_positions(&bm, 10, 3), Err(GpuError::DeviceFlag(f)) if f == flag::COUNT_MISMATCH)
-    );
-    let mut bad = bm.clone();
-    bad[1] |= 0x80;
-    assert!(
-        matches!(bitmap_to_positions(&bad, 10, 4), Err(GpuError::DeviceFlag(f)) if f & flag::BITMAP_PADDING != 0)
-    );
-}
-
-#[test]
-fn stream_lengths_follow_the_format_order() {
-    let spec = ChunkSpec {
-        kind: ChunkKind::Sparse(PositionCoding::Gaps { width: 2 }),
-        op: ValueOp::Xor,
-        layout: ValueLayout::BytePlanes,
-        width: WordWidth::W4,
-        words: 100,
-        changed: 7,
-    };
-    assert_eq!(spec.stream_lens(), vec![7, 7, 7, 7, 7, 7]);
-    let raw_sub = ChunkSpec {
-        kind: ChunkKind::Raw,
-        op: ValueOp::Sub,
-        ..spec
-    };
-    assert!(raw_sub.validate().is_err());
-}
-
-const CHOICES: [EncodeChoice; 4] = [
-    EncodeChoice::SparseGaps,
-    EncodeChoice::SparseBitmap,
-    EncodeChoice::Dense,
-    EncodeChoice::Raw,
-];
-const LAYOUTS: [ValueLayout; 3] = [
-    ValueLayout::Words,
-    ValueLayout::BytePlanes,
-    ValueLayout::RotatedBytePlanes,
-];
-
-#[test]
-fn every_encoding_round_trips_at_every_width() {
-    let mut r = lcg(7);
-    for w in WordWidth::ALL {
-        let n = 1000;
-        let base: Vec<u8> = (0..n * w.bytes()).map(|_| r() as u8).collect();
-        let mut target = base.clone();
-        for i in (0..n).step_by(3) {
-            write_word(&mut target, w, i, r() & w.mask());
-        }
+        let (base, target) = pair(w, 1000, 3, 7);
         for choice in CHOICES {
-            for op in [ValueOp::Xor, ValueOp::Sub] {
+            for op in OPS {
                 for layout in LAYOUTS {
-                    let c = encode_chunk(&base, &target, w, choice, op, layout).unwrap();
-                    let mut out = vec![0; base.len()];
-                    apply_chunk(&c.spec, &c.positions(), &c.values(), &base, &mut out).unwrap();
-                    assert_eq!(out, target, "{w:?} {choice:?} {op:?} {layout:?}");
+                    for level in [None, Some(1)] {
+                        let c = forced_chunk(&base, &target, w, choice, op, layout, level);
+                        check(&c, &base, &target, w, &format!("{w:?} {choice:?} {op:?} {layout:?}"));
+                    }
                 }
             }
         }
     }
 }
 
+#[test]
+fn chunks_written_by_the_library_match_including_a_shorter_base() {
+    for (i, w) in WordWidth::ALL.into_iter().enumerate() {
+        for every in [1, 4, 40, 5000] {
+            let (base, target) = pair(w, 20_000, every, 30 + i as u64);
+            for min_zstd_gain in [0.0, 0.5] {
+                let s = EncodeSettings { level: 3, min_zstd_gain };
+                let c = tpde::delta::encode_chunk(&target, Some(&base), w.bytes(), false, s).unwrap();
+                check(&c, &base, &target, w, &format!("{w:?} every {every}"));
+                // vocab growth: the base's missing words read as zero
+                let short = &base[..base.len() / 3 / w.bytes() * w.bytes()];
+                let mut padded = short.to_vec();
+                padded.resize(base.len(), 0);
+                let c = tpde::delta::encode_chunk(&target, Some(short), w.bytes(), false, s).unwrap();
+                check(&c, &padded, &target, w, &format!("{w:?} short base"));
+            }
+        }
+    }
+}
+
+fn bad_sparse(coding: PositionCoding, gap_width: u8, planes: &[&[u8]], m: u32, n: u32) -> GpuError {
+    let mut streams: Vec<StreamRecord> = planes
+        .iter()
+        .map(|p| StreamRecord { stored_len: p.len() as u32, decoded_len: p.len() as u32, codec: Codec::Stored })
+        .collect();
+    let values = vec![1u8; m as usize];
+    streams.push(StreamRecord { stored_len: m, decoded_len: m, codec: Codec::Stored });
+    let mut data: Vec<u8> = planes.concat();
+    data.extend_from_slice(&values);
+    let record = ChunkRecord {
+        data_offset: 0,
+        stored_len: data.len() as u32,
+        changed_count: m,
+        first_stream: 0,
+        encoding: Encoding::Sparse,
+        value_op: ValueOp::Xor,
+        value_layout: ValueLayout::Words,
+        value_order: ValueOrder::Positional,
+        position_coding: coding,
+        gap_width,
+        stream_count: streams.len() as u8,
+        checksum: 0,
+        digest: [0; 16],
+    };
+    let c = ChunkRef { record, streams: &streams, stored: &data, words: n };
+    c.validate(WordWidth::W1).unwrap();
+    chunk_positions(&c, &decode_streams(&c).unwrap()).expect_err("bad positions")
+}
+
+#[test]
+fn bad_positions_map_to_the_device_flag_bits() {
+    let is = |e: GpuError, bit: u32| matches!(e, GpuError::DeviceFlag(f) if f & bit != 0);
+    // position 10 in a chunk of 10 words; a zero gap after the first
+    assert!(is(bad_sparse(PositionCoding::Gaps, 1, &[&[3, 7]], 2, 10), flag::POSITION_RANGE));
+    assert!(is(bad_sparse(PositionCoding::Gaps, 1, &[&[3, 0]], 2, 10), flag::ZERO_GAP));
+    // a huge 4-byte gap that would wrap a 32-bit sum
+    let e = bad_sparse(PositionCoding::Gaps, 4, &[&[1, 0xff], &[0, 0xff], &[0, 0xff], &[0, 0xff]], 2, 10);
+    assert!(is(e, flag::POSITION_RANGE));
+    // bitmap padding bit, and a count mismatch
+    assert!(is(bad_sparse(PositionCoding::Bitmap, 0, &[&[1, 0x80]], 1, 10), flag::BITMAP_PADDING));
+    assert!(is(bad_sparse(PositionCoding::Bitmap, 0, &[&[0b101, 0]], 1, 10), flag::COUNT_MISMATCH));
+}
+
+#[test]
+fn a_zstd_stream_with_a_trailing_frame_is_rejected() {
+    let z = tpde::codec::zstd_stream::compress(&[7u8; 64], 1).unwrap();
+    let two = [z.clone(), z].concat();
+    let r = StreamRecord { stored_len: two.len() as u32, decoded_len: 64, codec: Codec::Zstd };
+    let e = tpde_cuda::decode_stream(&r, &two, &mut [0u8; 64]).expect_err("two frames");
+    assert!(matches!(e, GpuError::Corrupt(_)), "{e}");
+}
+
+/// The writer groups float values by base key (§8.6), which the kernels do
+/// not implement: such a chunk is refused up front with a typed error.
+#[test]
+fn grouped_value_order_is_refused_with_a_typed_error() {
+    let (base, target) = pair(WordWidth::W4, 20_000, 7, 50);
+    let c = tpde::delta::encode_chunk(&target, Some(&base), 4, true, EncodeSettings::default()).unwrap();
+    assert_eq!(c.record.value_order, ValueOrder::GroupedByBase);
+    let e = chunk_ref(&c, 20_000).validate(WordWidth::W4).expect_err("grouped values");
+    assert!(matches!(e, GpuError::Unsupported(_)), "{e}");
+    assert_eq!(e.code(), "gpu.unsupported");
+}
+
 proptest! {
     #[test]
-    fn sparse_round_trip(seed in any::<u64>(), n in 1usize..3000, every in 1usize..50, wi in 0usize..4) {
+    fn forced_chunks_match_the_library(seed in any::<u64>(), n in 1usize..3000, every in 1usize..50, wi in 0usize..4) {
         let w = WordWidth::ALL[wi];
-        let mut r = lcg(seed);
-        let base: Vec<u8> = (0..n * w.bytes()).map(|_| r() as u8).collect();
-        let mut target = base.clone();
-        for i in (0..n).step_by(every) {
-            write_word(&mut target, w, i, r() & w.mask());
-        }
+        let (base, target) = pair(w, n, every, seed);
         for choice in CHOICES {
-            let c = encode_chunk(&base, &target, w, choice, ValueOp::Sub, ValueLayout::RotatedBytePlanes).unwrap();
+            let c = forced_chunk(&base, &target, w, choice, ValueOp::Sub, ValueLayout::RotatedBytePlanes, None);
             let mut buf = base.clone();
-            apply_chunk_in_place(&c.spec, &c.positions(), &c.values(), &mut buf).unwrap();
-            prop_assert_eq!(&buf, &target);
+            apply_chunk_in_place(&chunk_ref(&c, n), w, &mut buf).unwrap();
+            prop_assert!(buf == target);
+            prop_assert!(library_decode(&c, &base, n, w) == target);
         }
     }
 }

@@ -1,0 +1,205 @@
+//! Test support: a forced-choice chunk encoder, so that every encoding, value
+//! op, layout and position coding is covered whatever the library's writer
+//! would pick, and seeded data. Production encoding is the library's.
+#![allow(dead_code, clippy::cast_possible_truncation)]
+
+use tpde::codec::positions;
+use tpde::container::chunk_map::{
+    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
+};
+use tpde::delta::EncodedChunk;
+use tpde_cuda::encode::EncodedTensor;
+use tpde_cuda::WordWidth;
+
+/// The encoding to force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    SparseGaps,
+    SparseBitmap,
+    Dense,
+    Raw,
+}
+
+pub const CHOICES: [Choice; 4] = [Choice::SparseGaps, Choice::SparseBitmap, Choice::Dense, Choice::Raw];
+pub const OPS: [ValueOp; 2] = [ValueOp::Xor, ValueOp::Sub];
+pub const LAYOUTS: [ValueLayout; 3] = [ValueLayout::Words, ValueLayout::BytePlanes, ValueLayout::RotatedBytePlanes];
+
+pub fn lcg(seed: u64) -> impl FnMut() -> u64 {
+    let mut s = seed;
+    move || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s >> 11
+    }
+}
+
+pub fn read_word(bytes: &[u8], w: WordWidth, i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b[..w.bytes()].copy_from_slice(&bytes[i * w.bytes()..(i + 1) * w.bytes()]);
+    u64::from_le_bytes(b)
+}
+
+pub fn write_word(bytes: &mut [u8], w: WordWidth, i: usize, v: u64) {
+    bytes[i * w.bytes()..(i + 1) * w.bytes()].copy_from_slice(&v.to_le_bytes()[..w.bytes()]);
+}
+
+/// A base and a target with every `every`-th word changed.
+pub fn pair(w: WordWidth, n: usize, every: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut r = lcg(seed);
+    let base: Vec<u8> = (0..n * w.bytes()).map(|_| r() as u8).collect();
+    let mut target = base.clone();
+    for i in (0..n).step_by(every) {
+        let mut v = r() & w.mask();
+        if v == read_word(&base, w, i) {
+            v ^= 1;
+        }
+        write_word(&mut target, w, i, v);
+    }
+    (base, target)
+}
+
+fn zigzag(d: u64, w: WordWidth) -> u64 {
+    let sign = (d >> (w.bits() - 1)) & 1;
+    ((d << 1) ^ 0u64.wrapping_sub(sign)) & w.mask()
+}
+
+/// The stored value that turns `b` into `t` (§8.2).
+pub fn express(b: u64, t: u64, op: ValueOp, w: WordWidth) -> u64 {
+    match op {
+        ValueOp::Xor => b ^ t,
+        ValueOp::Sub => zigzag(t.wrapping_sub(b) & w.mask(), w),
+    }
+}
+
+fn split(values: &[u64], layout: ValueLayout, w: WordWidth) -> Vec<Vec<u8>> {
+    let wb = w.bytes();
+    match layout {
+        ValueLayout::Words => vec![values.iter().flat_map(|v| v.to_le_bytes()[..wb].to_vec()).collect()],
+        _ => (0..wb)
+            .map(|k| {
+                values
+                    .iter()
+                    .map(|&v| {
+                        let v = if layout == ValueLayout::RotatedBytePlanes {
+                            ((v << 1) | (v >> (w.bits() - 1))) & w.mask()
+                        } else {
+                            v
+                        };
+                        v.to_le_bytes()[k]
+                    })
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+/// The chunk that turns `base` into `target` (same length) with the forced
+/// encoding; an unchanged chunk when they are equal. Streams are zstd at
+/// `level` where that is smaller, else stored.
+pub fn forced_chunk(
+    base: &[u8],
+    target: &[u8],
+    w: WordWidth,
+    choice: Choice,
+    op: ValueOp,
+    layout: ValueLayout,
+    level: Option<i32>,
+) -> EncodedChunk {
+    let n = target.len() / w.bytes();
+    let op = if choice == Choice::Raw { ValueOp::Xor } else { op };
+    let changed: Vec<u32> =
+        (0..n).filter(|&i| read_word(base, w, i) != read_word(target, w, i)).map(|i| i as u32).collect();
+    let mut record = ChunkRecord {
+        data_offset: 0,
+        stored_len: 0,
+        changed_count: changed.len() as u32,
+        first_stream: 0,
+        encoding: Encoding::Unchanged,
+        value_op: ValueOp::Xor,
+        value_layout: ValueLayout::Words,
+        value_order: ValueOrder::Positional,
+        position_coding: PositionCoding::None,
+        gap_width: 0,
+        stream_count: 0,
+        checksum: tpde::digest::checksum64(&[]),
+        digest: tpde::digest::leaf_digest(target),
+    };
+    if changed.is_empty() && choice != Choice::Raw {
+        return EncodedChunk { record, streams: Vec::new(), data: Vec::new() };
+    }
+    record.value_op = op;
+    record.value_layout = layout;
+    let value_of = |i: usize| express(read_word(base, w, i), read_word(target, w, i), op, w);
+    let (mut raw, values): (Vec<Vec<u8>>, Vec<u64>) = match choice {
+        Choice::SparseGaps => {
+            let gw = positions::gap_width(&changed);
+            record.encoding = Encoding::Sparse;
+            record.position_coding = PositionCoding::Gaps;
+            record.gap_width = gw;
+            let v = changed.iter().map(|&i| value_of(i as usize)).collect();
+            (positions::encode_gaps(&changed, gw), v)
+        }
+        Choice::SparseBitmap => {
+            record.encoding = Encoding::Sparse;
+            record.position_coding = PositionCoding::Bitmap;
+            let v = changed.iter().map(|&i| value_of(i as usize)).collect();
+            (vec![positions::encode_bitmap(&changed, n)], v)
+        }
+        Choice::Dense => {
+            record.encoding = Encoding::Dense;
+            (Vec::new(), (0..n).map(value_of).collect())
+        }
+        Choice::Raw => {
+            record.encoding = Encoding::Raw;
+            record.changed_count = n as u32;
+            (Vec::new(), (0..n).map(|i| read_word(target, w, i)).collect())
+        }
+    };
+    raw.extend(split(&values, layout, w));
+    let mut streams = Vec::new();
+    let mut data = Vec::new();
+    for s in raw {
+        let z = level.map(|l| tpde::codec::zstd_stream::compress(&s, l).unwrap());
+        let (codec, bytes) = match z {
+            Some(z) if z.len() < s.len() => (Codec::Zstd, z),
+            _ => (Codec::Stored, s.clone()),
+        };
+        streams.push(StreamRecord { stored_len: bytes.len() as u32, decoded_len: s.len() as u32, codec });
+        data.extend_from_slice(&bytes);
+    }
+    record.stream_count = streams.len() as u8;
+    record.stored_len = data.len() as u32;
+    record.checksum = tpde::digest::checksum64(&data);
+    EncodedChunk { record, streams, data }
+}
+
+/// A whole tensor of forced chunks of `chunk_words` words.
+#[allow(clippy::too_many_arguments)]
+pub fn forced_tensor(
+    base: &[u8],
+    target: &[u8],
+    w: WordWidth,
+    chunk_words: usize,
+    choice: Choice,
+    op: ValueOp,
+    layout: ValueLayout,
+    level: Option<i32>,
+) -> EncodedTensor {
+    let cb = chunk_words * w.bytes();
+    let chunks =
+        base.chunks(cb).zip(target.chunks(cb)).map(|(b, t)| forced_chunk(b, t, w, choice, op, layout, level)).collect();
+    EncodedTensor {
+        name: "t".into(),
+        width: w,
+        words: (target.len() / w.bytes()) as u64,
+        chunk_words: chunk_words as u32,
+        chunks,
+    }
+}
+
+/// The library's decoder of one chunk (checksum and digest checked).
+pub fn library_decode(c: &EncodedChunk, base: &[u8], words: usize, w: WordWidth) -> Vec<u8> {
+    let mut out = Vec::new();
+    tpde::delta::decode_chunk(&c.record, &c.streams, &c.data, Some(base), words, w.bytes(), &mut out)
+        .expect("the library decodes the chunk");
+    out
+}
