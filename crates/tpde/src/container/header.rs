@@ -157,10 +157,6 @@ fn shape_byte_len(dtype_name: &str, shape: &[u64]) -> Result<u64> {
     if shape.len() > MAX_RANK {
         return fail(ErrorCode::LimitExceeded, format!("rank {} exceeds {MAX_RANK}", shape.len()));
     }
-    // JSON integers above 2^53 - 1 lose precision in many languages (spec §5.2).
-    if shape.iter().any(|&d| d > MAX_JSON_INTEGER) {
-        return fail(ErrorCode::HeaderInvalid, "a dimension exceeds 2^53 - 1");
-    }
     match dtype::byte_len(dtype_name, shape)? {
         Some(len) if len <= i64::MAX as u64 => Ok(len),
         _ => fail(ErrorCode::HeaderInvalid, "the shape's byte size overflows or is not whole bytes"),
@@ -197,6 +193,7 @@ impl Header {
     /// `E_HEADER_INVALID`, `E_LIMIT_EXCEEDED`, `E_UNKNOWN_DTYPE` or
     /// `E_CHUNK_MAP_INVALID`, naming the tensor.
     pub fn validate(&self, chunk_count: u64) -> Result<()> {
+        self.check_json_integers()?;
         let files = &self.target.files;
         if files.is_empty() || files.len() > MAX_FILES {
             return fail(ErrorCode::HeaderInvalid, format!("{} target files (1 to {MAX_FILES} allowed)", files.len()));
@@ -277,6 +274,19 @@ impl Header {
         if let Some(base) = &tensor.base {
             shape_byte_len(&tensor.dtype, &base.shape)?;
             check_digest_hex(&base.digest)?;
+        }
+        Ok(())
+    }
+
+    /// Every integer member is at most 2^53 − 1 (spec §5.1, checked as part of O16,
+    /// before the tighter limits of O17).
+    fn check_json_integers(&self) -> Result<()> {
+        for tensor in &self.tensors {
+            let base_dims = tensor.base.iter().flat_map(|b| b.shape.iter());
+            let integers = [tensor.chunk_words, tensor.first_chunk, tensor.chunk_count];
+            if integers.iter().chain(&tensor.shape).chain(base_dims).any(|&i| i > MAX_JSON_INTEGER) {
+                return Err(Error::new(ErrorCode::HeaderInvalid, "an integer exceeds 2^53 - 1").in_tensor(&tensor.name));
+            }
         }
         Ok(())
     }

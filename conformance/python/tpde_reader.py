@@ -1,0 +1,1101 @@
+#!/usr/bin/env python3
+"""An independent reader of the tpde delta format, written from spec/FORMAT.md alone.
+
+Usage:
+    tpde_reader.py decode DELTA [--base BASE]
+    tpde_reader.py rebuild DELTA [--base BASE] -o OUT [--force]
+
+`decode` prints the canonical decode of spec §11.4 / conformance/README.md;
+`rebuild` writes the target safetensors file(s) of spec §11.3.  On a format or base
+error both print {"error":"E_..."} on stdout and exit 1; a usage error exits 2.
+
+Dependencies: the standard library, numpy, zstandard, xxhash.  The code follows the
+spec's section order; comments name the rule each check implements.
+"""
+
+import argparse
+import hashlib
+import json
+import mmap
+import os
+import re
+import struct
+import sys
+import tempfile
+
+import numpy as np
+import xxhash
+import zstandard
+
+# ---------------------------------------------------------------------------
+# §13 errors
+# ---------------------------------------------------------------------------
+
+
+class TpdeError(Exception):
+    """A failure with one of the stable error codes of spec §13."""
+
+    def __init__(self, code, msg=""):
+        super().__init__(f"{code}: {msg}" if msg else code)
+        self.code = code
+
+
+def fail(code, msg=""):
+    raise TpdeError(code, msg)
+
+
+# ---------------------------------------------------------------------------
+# §1 conventions, §3 preamble, §4 trailer constants
+# ---------------------------------------------------------------------------
+
+U64_MAX = 2**64 - 1
+MAGIC = b"\x89TPDE\r\n\x1a"
+END_MAGIC = b"\x89TPDEEND"
+PREAMBLE_LEN = 128
+TRAILER_LEN = 16
+CHUNK_REC = 64
+STREAM_REC = 16
+
+MAX_HEADER_LEN = 2**28  # §9
+MAX_CHUNK_COUNT = 2**28
+MAX_STREAMS_PER_CHUNK = 12
+MAX_JSON_DEPTH = 127
+MAX_JSON_INT = 2**53 - 1
+MAX_FILES = 2**16
+MAX_TENSORS = 2**20
+MAX_RANK = 32
+MAX_CHUNK_WORDS = 2**24
+MAX_BYTE_LEN = 2**63 - 1
+MAX_ZSTD_WINDOW = 2**27
+
+KNOWN_REQUIRED_FEATURES = 0  # §3 Table 3.2: none in 1.0
+
+# §7 Table 7.1: dtype -> (bits per element, word bytes)
+DTYPES = {
+    "BOOL": (8, 1), "F4": (4, 1), "F6_E2M3": (6, 1), "F6_E3M2": (6, 1),
+    "U8": (8, 1), "I8": (8, 1), "F8_E5M2": (8, 1), "F8_E4M3": (8, 1),
+    "F8_E8M0": (8, 1),
+    "I16": (16, 2), "U16": (16, 2), "F16": (16, 2), "BF16": (16, 2),
+    "I32": (32, 4), "U32": (32, 4), "F32": (32, 4), "C64": (64, 4),
+    "F64": (64, 8), "I64": (64, 8), "U64": (64, 8),
+}
+WORD_DTYPE = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+
+# §8 ids
+ENC_UNCHANGED, ENC_SPARSE, ENC_DENSE, ENC_RAW = 0, 1, 2, 3
+OP_XOR, OP_SUB = 0, 1
+LAYOUT_WORDS, LAYOUT_PLANES, LAYOUT_ROTATED = 0, 1, 2
+POS_NONE, POS_GAPS, POS_BITMAP = 0, 1, 2
+ORDER_POSITIONAL, ORDER_GROUPED = 0, 1
+CODEC_STORED, CODEC_ZSTD = 0, 1
+N_ENCODINGS, N_VALUE_OPS, N_LAYOUTS, N_POSITION_CODINGS, N_VALUE_ORDERS, N_CODECS = 4, 2, 3, 3, 2, 2
+
+EMPTY_XXH3_64 = 0x2D06800538D394C2
+
+
+def xxh64(data):
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def xxh128(data):
+    return xxhash.xxh3_128_digest(data)  # canonical big-endian bytes (§10.2)
+
+
+def align64(x):
+    return -(-x // 64) * 64
+
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+def u64(buf, off):
+    return struct.unpack_from("<Q", buf, off)[0]
+
+
+# ---------------------------------------------------------------------------
+# §5.1 strict JSON
+# ---------------------------------------------------------------------------
+
+
+class _Neg:
+    """A JSON integer written with a minus sign (never a valid header integer)."""
+
+
+class _Float:
+    """A JSON number with a fraction or an exponent (never an integer)."""
+
+
+class _DupKey(Exception):
+    pass
+
+
+class _BadJson(Exception):
+    pass
+
+
+_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_BRACKETS = np.zeros(256, dtype=np.int8)
+_BRACKETS[ord("[")] = _BRACKETS[ord("{")] = 1
+_BRACKETS[ord("]")] = _BRACKETS[ord("}")] = -1
+
+
+def _parse_int(text):
+    # The literal text of an integer: grammar -?(0|[1-9][0-9]*).  Negative integers
+    # (-0 included) are never valid in a core object or a safetensors header.
+    if text.startswith("-"):
+        return _Neg()
+    if len(text) > 40:  # far above any u64; avoid int() digit limits
+        return _Float()
+    return int(text)
+
+
+def _parse_float(_text):
+    return _Float()
+
+
+def _parse_constant(_text):
+    raise _BadJson("NaN/Infinity")
+
+
+def _pairs(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DupKey(k)
+        d[k] = v
+    return d
+
+
+def _check_strings(v):
+    """§5.1 rule 2: no string (key or value) may hold a lone surrogate."""
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if _SURROGATE_RE.search(x):
+                return False
+        elif isinstance(x, dict):
+            for k, y in x.items():
+                if _SURROGATE_RE.search(k):
+                    return False
+                stack.append(y)
+        elif isinstance(x, list):
+            stack.extend(x)
+    return True
+
+
+def strict_json(data):
+    """Parse bytes under §5.1.  Raises _BadJson (rules 1, 2, 4) or _DupKey (rule 3)."""
+    data = bytes(data)
+    try:  # rule 1: UTF-8, no BOM (json.loads rejects a leading U+FEFF)
+        text = data.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as e:
+        raise _BadJson("not UTF-8") from e
+    # rule 4: nesting depth, counted on the text with string literals removed
+    # (before parsing, so that deep nesting cannot exhaust the parser's stack).
+    skeleton = np.frombuffer(_STRING_RE.sub(b"", data), dtype=np.uint8)
+    if skeleton.size and int(np.cumsum(_BRACKETS[skeleton], dtype=np.int64).max()) > MAX_JSON_DEPTH:
+        raise _BadJson("nesting too deep")
+    try:  # rule 2 (RFC 8259) and rule 3 (duplicate keys, via object_pairs_hook)
+        value = json.loads(
+            text, object_pairs_hook=_pairs, parse_int=_parse_int,
+            parse_float=_parse_float, parse_constant=_parse_constant, strict=True)
+    except (ValueError, RecursionError) as e:
+        raise _BadJson(str(e)) from e
+    if not _check_strings(value):
+        raise _BadJson("lone surrogate")
+    return value
+
+
+def parse_header_json(data):
+    """§5.1 for the delta header and embedded safetensors headers: codes of O14/O15."""
+    try:
+        return strict_json(data)
+    except _DupKey as e:
+        fail("E_DUPLICATE_KEY", f"duplicate key {e}")
+    except _BadJson as e:
+        fail("E_HEADER_INVALID", str(e))
+
+
+# ---------------------------------------------------------------------------
+# §5.2 - §5.6 header structure (O16)
+# ---------------------------------------------------------------------------
+
+
+def is_hdr_int(v):
+    # §5.1: grammar 0|[1-9][0-9]*, at most 2^53 - 1 (bool is not an integer)
+    return type(v) is int and 0 <= v <= MAX_JSON_INT
+
+
+def is_int_array(v):
+    return type(v) is list and all(is_hdr_int(x) for x in v)
+
+
+def check_members(obj, spec):
+    """spec: member -> (required, type predicate).  null reads as absent when optional."""
+    if type(obj) is not dict:
+        fail("E_HEADER_INVALID", "not an object")
+    for k in obj:
+        if k not in spec:
+            fail("E_HEADER_INVALID", f"unknown member {k!r}")
+    out = {}
+    for k, (required, pred) in spec.items():
+        v = obj.get(k)
+        if v is None and not required:
+            out[k] = None
+            continue
+        if k not in obj:
+            fail("E_HEADER_INVALID", f"missing member {k!r}")
+        if not pred(v):
+            fail("E_HEADER_INVALID", f"member {k!r} has the wrong type")
+        out[k] = v
+    return out
+
+
+def _is_str(v):
+    return type(v) is str
+
+
+def _is_obj(v):
+    return type(v) is dict
+
+
+def _is_list(v):
+    return type(v) is list
+
+
+HEADER_SPEC = {"writer": (True, _is_str), "target": (True, _is_obj),
+               "tensors": (True, _is_list), "extensions": (False, _is_obj)}
+TARGET_SPEC = {"kind": (True, lambda v: v in ("file", "sharded") and type(v) is str),
+               "files": (True, _is_list), "index_json": (False, _is_str)}
+FILE_SPEC = {"name": (True, _is_str), "safetensors_header": (True, _is_str)}
+TENSOR_SPEC = {"name": (True, _is_str), "dtype": (True, _is_str), "shape": (True, is_int_array),
+               "file": (True, is_hdr_int), "chunk_words": (True, is_hdr_int),
+               "first_chunk": (True, is_hdr_int), "chunk_count": (True, is_hdr_int),
+               "digest": (True, _is_str), "base": (False, _is_obj)}
+BASE_SPEC = {"shape": (True, is_int_array), "digest": (True, _is_str)}
+
+
+def check_structure(doc):
+    """O16: members, JSON types, kind values, integer forms of §5.2-§5.6."""
+    hdr = check_members(doc, HEADER_SPEC)
+    tgt = check_members(hdr["target"], TARGET_SPEC)
+    files = [check_members(f, FILE_SPEC) for f in tgt["files"]]
+    tensors = []
+    for t in hdr["tensors"]:
+        e = check_members(t, TENSOR_SPEC)
+        if e["base"] is not None:
+            e["base"] = check_members(e["base"], BASE_SPEC)
+        tensors.append(e)
+    return {"writer": hdr["writer"], "kind": tgt["kind"], "files": files,
+            "index_json": tgt["index_json"], "tensors": tensors}
+
+
+# ---------------------------------------------------------------------------
+# §7 byte length
+# ---------------------------------------------------------------------------
+
+
+def byte_len(dtype, shape):
+    """§7: the byte length, or None where it is undefined."""
+    bits, _wb = DTYPES[dtype]
+    elements = 1
+    for d in shape:  # left to right; each partial product must fit in u64
+        elements *= d
+        if elements > U64_MAX:
+            return None
+    eb = elements * bits
+    if eb > U64_MAX or eb % 8:
+        return None
+    n = eb // 8
+    return None if n > MAX_BYTE_LEN else n
+
+
+HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def valid_file_name(name):
+    """§5.3 file names."""
+    return (name != "" and name.endswith(".safetensors") and "/" not in name
+            and "\\" not in name and "\x00" not in name and name not in (".", ".."))
+
+
+# ---------------------------------------------------------------------------
+# §6 chunk map records
+# ---------------------------------------------------------------------------
+
+CHUNK_DT = np.dtype([
+    ("data_offset", "<u8"), ("stored_len", "<u4"), ("changed_count", "<u4"),
+    ("first_stream", "<u4"), ("encoding", "u1"), ("value_op", "u1"),
+    ("value_layout", "u1"), ("position_coding", "u1"), ("gap_width", "u1"),
+    ("stream_count", "u1"), ("value_order", "u1"), ("res0", "V5"), ("checksum", "<u8"), ("digest", "V16"),
+    ("res1", "V8")])
+STREAM_DT = np.dtype([("stored_len", "<u4"), ("decoded_len", "<u4"), ("codec", "u1"),
+                      ("res", "V7")])
+assert CHUNK_DT.itemsize == CHUNK_REC and STREAM_DT.itemsize == STREAM_REC
+
+
+def first_true(mask):
+    idx = np.flatnonzero(mask)
+    return int(idx[0]) if idx.size else None
+
+
+# ---------------------------------------------------------------------------
+# §11.1 open-time validation
+# ---------------------------------------------------------------------------
+
+
+def map_file(path):
+    """Memory-maps a file read-only; returns (buffer, length).  Empty files give b""."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return b"", 0
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
+    except OSError as e:
+        fail("E_IO", str(e))
+
+
+class Tensor:
+    __slots__ = ("index", "name", "dtype", "shape", "file", "cw", "first_chunk",
+                 "chunk_count", "digest", "base", "wb", "nbytes", "words")
+
+
+class Delta:
+    """An open delta file: everything of O1-O22 checked."""
+
+    def __init__(self, path):
+        self.buf, L = map_file(path)
+        buf = self.buf
+        # -- preamble and trailer --------------------------------------------
+        if L < 8 or bytes(buf[0:8]) != MAGIC:  # O1
+            fail("E_BAD_MAGIC")
+        if L < PREAMBLE_LEN:  # O2
+            fail("E_TRUNCATED", "shorter than the preamble")
+        pre = bytes(buf[0:PREAMBLE_LEN])
+        major, minor = struct.unpack_from("<HH", pre, 8)
+        if major != 1:  # O3
+            fail("E_UNSUPPORTED_VERSION", f"major version {major}")
+        if xxh64(pre[0:120]) != u64(pre, 120):  # O4
+            fail("E_PREAMBLE_CHECKSUM")
+        if any(pre[12:16]) or any(pre[80:120]):  # O5
+            fail("E_RESERVED_NONZERO", "preamble")
+        required, _optional = u64(pre, 16), u64(pre, 24)
+        if required & ~KNOWN_REQUIRED_FEATURES:  # O6
+            fail("E_UNKNOWN_REQUIRED_FEATURE", hex(required))
+        if L < PREAMBLE_LEN + TRAILER_LEN or bytes(buf[L - 8:L]) != END_MAGIC \
+                or u64(buf, L - 16) != L:  # O7
+            fail("E_BAD_TRAILER")
+        data_len, header_len, chunk_count, stream_count = struct.unpack_from("<4Q", pre, 32)
+        header_checksum, table_checksum = struct.unpack_from("<2Q", pre, 64)
+        if header_len > MAX_HEADER_LEN:  # O8
+            fail("E_LIMIT_EXCEEDED", "header_len")
+        if chunk_count > MAX_CHUNK_COUNT or stream_count > MAX_STREAMS_PER_CHUNK * chunk_count:  # O9
+            fail("E_LIMIT_EXCEEDED", "chunk_count/stream_count")
+        # O10: the layout of §2; every intermediate value must fit in 64 bits.
+        data_end = 128 + data_len
+        header_offset = align64(data_end)
+        header_end = header_offset + header_len
+        table_offset = align64(header_end)
+        stream_table = table_offset + CHUNK_REC * chunk_count
+        trailer_offset = stream_table + STREAM_REC * stream_count
+        file_len = trailer_offset + TRAILER_LEN
+        if max(data_end, header_offset, header_end, table_offset, stream_table,
+               trailer_offset, file_len) > U64_MAX:
+            fail("E_LIMIT_EXCEEDED", "layout overflows 64 bits")
+        if file_len > L:  # O11
+            fail("E_TRUNCATED", "declared structures past the end")
+        if file_len < L:
+            fail("E_UNACCOUNTED_BYTES", "bytes before the trailer")
+        if any(buf[data_end:header_offset]) or any(buf[header_end:table_offset]):  # O12
+            fail("E_UNACCOUNTED_BYTES", "nonzero padding")
+        self.data_end = data_end
+        self.minor = minor
+        # -- header ------------------------------------------------------------
+        header_bytes = buf[header_offset:header_end]
+        if xxh64(header_bytes) != header_checksum:  # O13
+            fail("E_HEADER_CHECKSUM")
+        doc = parse_header_json(header_bytes)  # O14, O15
+        hdr = check_structure(doc)  # O16
+        self.kind, self.files, self.index_json = hdr["kind"], hdr["files"], hdr["index_json"]
+        self._check_header_rules(hdr, chunk_count)  # O17
+        # -- chunk map ---------------------------------------------------------
+        if xxh64(memoryview(buf)[table_offset:trailer_offset]) != table_checksum:  # O18
+            fail("E_TABLE_CHECKSUM")
+        raw_chunks = np.frombuffer(buf, dtype=np.uint8, count=CHUNK_REC * chunk_count,
+                                   offset=table_offset).reshape(chunk_count, CHUNK_REC)
+        raw_streams = np.frombuffer(buf, dtype=np.uint8, count=STREAM_REC * stream_count,
+                                    offset=stream_table).reshape(stream_count, STREAM_REC)
+        self.chunks = raw_chunks.view(CHUNK_DT).reshape(chunk_count)
+        self.streams = raw_streams.view(STREAM_DT).reshape(stream_count)
+        self.chunk_digests = raw_chunks[:, 40:56]
+        self._check_records(raw_chunks, raw_streams)  # O19, O20
+        self._walk_chunks(chunk_count, stream_count)  # O21
+        self.file_tensors = [[] for _ in self.files]
+        for t in self.tensors:
+            self.file_tensors[t.file].append(t)
+        for fobj, entries in zip(self.files, self.file_tensors):  # O22
+            self._check_embedded_header(fobj, entries)
+
+    # O17 -------------------------------------------------------------------
+    def _check_header_rules(self, hdr, preamble_chunk_count):
+        files = hdr["files"]
+        if len(files) == 0 or len(files) > MAX_FILES:  # H1
+            fail("E_HEADER_INVALID", "number of files")
+        if hdr["kind"] == "file":  # H2
+            if len(files) != 1 or hdr["index_json"] is not None:
+                fail("E_HEADER_INVALID", "kind file")
+        elif hdr["index_json"] is None:
+            fail("E_HEADER_INVALID", "sharded without index_json")
+        seen = set()
+        for f in files:  # H3
+            if not valid_file_name(f["name"]) or f["name"] in seen:
+                fail("E_HEADER_INVALID", f"file name {f['name']!r}")
+            seen.add(f["name"])
+        if len(hdr["tensors"]) > MAX_TENSORS:  # H4
+            fail("E_LIMIT_EXCEEDED", "too many tensors")
+        nxt, prev_file, names = 0, 0, set()
+        self.tensors = []
+        for i, e in enumerate(hdr["tensors"]):  # H5
+            if len(e["shape"]) > MAX_RANK:  # a
+                fail("E_LIMIT_EXCEEDED", "rank")
+            if e["dtype"] not in DTYPES:  # b
+                fail("E_UNKNOWN_DTYPE", e["dtype"])
+            bits, wb = DTYPES[e["dtype"]]
+            nbytes = byte_len(e["dtype"], e["shape"])
+            if nbytes is None:  # c
+                fail("E_HEADER_INVALID", "byte length undefined")
+            if nbytes % wb:  # d
+                fail("E_HEADER_INVALID", "byte length not whole words")
+            if e["file"] >= len(files) or e["file"] < prev_file:  # e
+                fail("E_HEADER_INVALID", "file index")
+            prev_file = e["file"]
+            cw = e["chunk_words"]
+            if cw == 0 or cw > MAX_CHUNK_WORDS:  # f
+                fail("E_LIMIT_EXCEEDED", "chunk_words")
+            words = nbytes // wb
+            if e["chunk_count"] != ceil_div(words, cw) or e["first_chunk"] != nxt:  # g
+                fail("E_CHUNK_MAP_INVALID", "chunk_count/first_chunk")
+            nxt += e["chunk_count"]
+            if not HEX32.match(e["digest"]):  # h
+                fail("E_HEADER_INVALID", "digest")
+            base = e["base"]
+            if base is not None:  # i
+                if len(base["shape"]) > MAX_RANK:
+                    fail("E_LIMIT_EXCEEDED", "base rank")
+                if byte_len(e["dtype"], base["shape"]) is None:
+                    fail("E_HEADER_INVALID", "base byte length undefined")
+                if not HEX32.match(base["digest"]):
+                    fail("E_HEADER_INVALID", "base digest")
+            if e["name"] in names:  # j
+                fail("E_HEADER_INVALID", "tensor name repeated")
+            names.add(e["name"])
+            t = Tensor()
+            t.index, t.name, t.dtype, t.shape = i, e["name"], e["dtype"], list(e["shape"])
+            t.file, t.cw, t.first_chunk, t.chunk_count = e["file"], cw, e["first_chunk"], e["chunk_count"]
+            t.digest, t.wb, t.nbytes, t.words = e["digest"], wb, nbytes, words
+            t.base = None if base is None else (list(base["shape"]), base["digest"])
+            self.tensors.append(t)
+        if nxt != preamble_chunk_count:  # H6
+            fail("E_CHUNK_MAP_INVALID", "chunk records not all claimed")
+
+    # O19, O20 ---------------------------------------------------------------
+    def _check_records(self, raw_chunks, raw_streams):
+        c = self.chunks
+        # reserved: bytes [27, 32) (byte 26 is value_order, Table 6.1) and [56, 64)
+        res = raw_chunks[:, 27:32].any(axis=1) | raw_chunks[:, 56:64].any(axis=1)
+        codec = ((c["encoding"] >= N_ENCODINGS) | (c["value_op"] >= N_VALUE_OPS)
+                 | (c["value_layout"] >= N_LAYOUTS) | (c["position_coding"] >= N_POSITION_CODINGS)
+                 | (c["value_order"] >= N_VALUE_ORDERS))
+        i = first_true(res | codec)
+        if i is not None:
+            fail("E_RESERVED_NONZERO" if res[i] else "E_UNKNOWN_CODEC", f"chunk record {i}")
+        s = self.streams
+        res = raw_streams[:, 9:16].any(axis=1)
+        i = first_true(res | (s["codec"] >= N_CODECS))
+        if i is not None:
+            fail("E_RESERVED_NONZERO" if res[i] else "E_UNKNOWN_CODEC", f"stream record {i}")
+
+    # O21 -------------------------------------------------------------------
+    def _walk_chunks(self, chunk_count, stream_count):
+        c = self.chunks
+        data_offset = c["data_offset"].tolist()
+        stored_len = c["stored_len"].tolist()
+        changed = c["changed_count"].tolist()
+        first_stream = c["first_stream"].tolist()
+        enc, op, lay = c["encoding"].tolist(), c["value_op"].tolist(), c["value_layout"].tolist()
+        pc, gw, sc = c["position_coding"].tolist(), c["gap_width"].tolist(), c["stream_count"].tolist()
+        vo = c["value_order"].tolist()
+        s_stored = self.streams["stored_len"].tolist()
+        s_decoded = self.streams["decoded_len"].tolist()
+        s_codec = self.streams["codec"].tolist()
+        offset, next_stream = PREAMBLE_LEN, 0
+        for t in self.tensors:
+            for k in range(t.chunk_count):
+                g = t.first_chunk + k
+                n = min(t.cw, t.words - k * t.cw)
+                if data_offset[g] < offset:  # C1
+                    fail("E_RANGE_OVERLAP", f"chunk {g}")
+                if data_offset[g] > offset:
+                    fail("E_UNACCOUNTED_BYTES", f"gap before chunk {g}")
+                if first_stream[g] != next_stream:  # C2
+                    fail("E_CHUNK_MAP_INVALID", f"chunk {g} first_stream")
+                if next_stream + sc[g] > stream_count:  # C3
+                    fail("E_CHUNK_MAP_INVALID", f"chunk {g} streams past the table")
+                m, e = changed[g], enc[g]
+                # C4: the fields fit the encoding
+                if e == ENC_UNCHANGED:
+                    if m or vo[g] or op[g] or lay[g] or pc[g] or gw[g] or stored_len[g]:
+                        fail("E_CHUNK_MAP_INVALID", f"unchanged chunk {g}")
+                elif e == ENC_SPARSE:
+                    if m == 0 or m > n:
+                        fail("E_CHUNK_MAP_INVALID", f"sparse chunk {g} changed_count")
+                    if not ((pc[g] == POS_GAPS and gw[g] in (1, 2, 4))
+                            or (pc[g] == POS_BITMAP and gw[g] == 0)):
+                        fail("E_CHUNK_MAP_INVALID", f"sparse chunk {g} position coding")
+                else:
+                    if pc[g] != POS_NONE or gw[g] != 0:
+                        fail("E_CHUNK_MAP_INVALID", f"chunk {g} has positions")
+                    if m > n or (e == ENC_RAW and (m != n or op[g] != OP_XOR or vo[g] != 0)):
+                        fail("E_CHUNK_MAP_INVALID", f"chunk {g} changed_count/value_op")
+                want = stream_lengths(e, pc[g], gw[g], lay[g], m, n, t.wb)  # Table 8.4
+                if sc[g] != len(want):
+                    fail("E_CHUNK_MAP_INVALID", f"chunk {g} stream_count")
+                total = 0
+                for q, dl in enumerate(want):
+                    s = next_stream + q
+                    if s_decoded[s] != dl or (s_codec[s] == CODEC_STORED and s_stored[s] != dl):
+                        fail("E_STREAM_LENGTH", f"stream {s}")
+                    total += s_stored[s]
+                if total != stored_len[g]:
+                    fail("E_CHUNK_MAP_INVALID", f"chunk {g} stored_len")
+                offset += stored_len[g]  # C5
+                next_stream += sc[g]
+            # T1: the tensor digest is the tree over the chunk records' digests
+            leaves = self.chunk_digests[t.first_chunk:t.first_chunk + t.chunk_count]
+            if xxh128(np.ascontiguousarray(leaves).tobytes()).hex() != t.digest:
+                fail("E_TENSOR_DIGEST", t.name)
+        if offset != self.data_end:  # E1
+            fail("E_UNACCOUNTED_BYTES", "chunks do not end at the end of the data section")
+        if next_stream != stream_count:  # E2
+            fail("E_CHUNK_MAP_INVALID", "stream records left over")
+
+    # O22 -------------------------------------------------------------------
+    @staticmethod
+    def _check_embedded_header(fobj, entries):
+        text = fobj["safetensors_header"]
+        doc = parse_header_json(text.encode("utf-8"))  # S1
+        if type(doc) is not dict:
+            fail("E_HEADER_INVALID", "embedded header is not an object")
+        members = {}
+        for k, v in doc.items():  # S2
+            if k == "__metadata__":
+                if v is not None and not (type(v) is dict and all(type(x) is str for x in v.values())):
+                    fail("E_HEADER_INVALID", "__metadata__")
+                continue
+            if not (type(v) is dict and type(v.get("dtype")) is str and v["dtype"] in DTYPES
+                    and _is_st_int_list(v.get("shape"))
+                    and _is_st_int_list(v.get("data_offsets")) and len(v["data_offsets"]) == 2):
+                fail("E_HEADER_INVALID", f"embedded tensor {k!r}")
+            members[k] = v
+        if len(members) != len(entries):  # S3
+            fail("E_HEADER_INVALID", "embedded header has another number of tensors")
+        o = 0
+        for t in entries:  # S4
+            v = members.get(t.name)
+            if (v is None or v["dtype"] != t.dtype or v["shape"] != t.shape
+                    or v["data_offsets"] != [o, o + t.nbytes]):
+                fail("E_HEADER_INVALID", f"embedded header disagrees on {t.name!r}")
+            o += t.nbytes
+
+
+def _is_st_int_list(v):
+    # safetensors header integers: non-negative JSON integers of any size (S2)
+    return type(v) is list and all(type(x) is int for x in v)
+
+
+def stream_lengths(enc, pc, gw, layout, m, n, wb):
+    """§8.5 Table 8.4: the decoded_len of each stream, in stream order."""
+    if enc == ENC_UNCHANGED:
+        return []
+    c = m if enc == ENC_SPARSE else n
+    values = [c * wb] if layout == LAYOUT_WORDS else [c] * wb
+    if enc == ENC_SPARSE:
+        pos = [m] * gw if pc == POS_GAPS else [ceil_div(n, 8)]
+        return pos + values
+    return values
+
+
+# ---------------------------------------------------------------------------
+# §8.5 the zstd profile
+# ---------------------------------------------------------------------------
+
+
+def zstd_decode(data, decoded_len):
+    """Checks one zstd stream in the order of §8.5 and returns its decoded bytes."""
+    L = len(data)
+    # 1. frame header (RFC 8878 §3.1.1.1)
+    if L < 5 or bytes(data[0:4]) != b"\x28\xb5\x2f\xfd":
+        fail("E_ZSTD_PROFILE", "not a zstd frame")
+    fhd = data[4]
+    fcs_flag, single = fhd >> 6, (fhd >> 5) & 1
+    reserved, has_checksum, did_flag = (fhd >> 3) & 1, (fhd >> 2) & 1, fhd & 3
+    if reserved:
+        fail("E_ZSTD_PROFILE", "reserved bit of the frame header descriptor")
+    did_size = (0, 1, 2, 4)[did_flag]
+    fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    hdr_len = 5 + (0 if single else 1) + did_size + fcs_size
+    if L < hdr_len:
+        fail("E_ZSTD_PROFILE", "frame header truncated")
+    pos = 5
+    window = None
+    if not single:
+        wd = data[pos]
+        pos += 1
+        wlog = 10 + (wd >> 3)
+        window = (1 << wlog) + ((1 << wlog) // 8) * (wd & 7)
+    did = int.from_bytes(bytes(data[pos:pos + did_size]), "little")
+    pos += did_size
+    if fcs_size == 0:
+        fail("E_ZSTD_PROFILE", "no Frame_Content_Size")
+    fcs = int.from_bytes(bytes(data[pos:pos + fcs_size]), "little") + (256 if fcs_size == 2 else 0)
+    pos += fcs_size
+    if single:
+        window = fcs
+    if window > MAX_ZSTD_WINDOW:
+        fail("E_ZSTD_PROFILE", "window above 2^27")
+    if did != 0:
+        fail("E_ZSTD_PROFILE", "dictionary")
+    # 2. the content size
+    if fcs != decoded_len:
+        fail("E_STREAM_LENGTH", "Frame_Content_Size differs from decoded_len")
+    # 3. walk the blocks: the frame must end exactly at the end of the stream
+    while True:
+        if L - pos < 3:
+            fail("E_ZSTD_PROFILE", "block header truncated")
+        bh = data[pos] | (data[pos + 1] << 8) | (data[pos + 2] << 16)
+        pos += 3
+        btype, bsize = (bh >> 1) & 3, bh >> 3
+        if btype == 3:
+            fail("E_ZSTD_PROFILE", "reserved block type")
+        pos += 1 if btype == 1 else bsize
+        if pos > L:
+            fail("E_ZSTD_PROFILE", "block past the end of the stream")
+        if bh & 1:
+            break
+    if has_checksum:
+        pos += 4
+        if pos > L:
+            fail("E_ZSTD_PROFILE", "content checksum past the end of the stream")
+    if pos != L:
+        fail("E_ZSTD_PROFILE", "bytes after the frame")
+    # 4. decode (the window was checked above; the library limit is a second guard)
+    try:
+        dobj = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).decompressobj()
+        out = dobj.decompress(bytes(data))
+    except zstandard.ZstdError as e:
+        fail("E_ZSTD_DECODE", str(e))
+    if not dobj.eof or dobj.unused_data:
+        # cannot happen after step 3; a library that disagrees fails to decode
+        fail("E_ZSTD_DECODE", "decoder did not end at the end of the frame")
+    # 5. the decoded length
+    if len(out) != decoded_len:
+        fail("E_STREAM_LENGTH", "decoded length")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# §8.2 value ops, §8.4 layouts (vectorised)
+# ---------------------------------------------------------------------------
+
+
+def join_planes(planes, c, width):
+    """Byte planes (least significant first) -> c unsigned LE integers of `width` bytes."""
+    buf = np.zeros((c, width), dtype=np.uint8)
+    for k, p in enumerate(planes):
+        buf[:, k] = np.frombuffer(p, dtype=np.uint8, count=c)
+    return buf.view(WORD_DTYPE[width]).reshape(c)
+
+
+def rotr1(u, w):
+    t = u.dtype.type
+    return (u >> t(1)) | ((u & t(1)) << t(w - 1))
+
+
+def rotl1(v, w):
+    t = v.dtype.type
+    return (v << t(1)) | (v >> t(w - 1))
+
+
+def zigzag(d, w):
+    """w-bit pattern d (as unsigned) -> zigzag(d) (the writer's side, for tests)."""
+    t = d.dtype.type
+    sign = (d >> t(w - 1)) * t((1 << w) - 1)  # arithmetic shift of the sign bit
+    return (d << t(1)) ^ sign
+
+
+def unzigzag(v):
+    t = v.dtype.type
+    ones = t(np.iinfo(v.dtype).max)
+    return (v >> t(1)) ^ ((v & t(1)) * ones)
+
+
+def read_values(streams, layout, c, wb):
+    """§8.4 Table 8.3: the c values of a chunk from its value streams."""
+    if layout == LAYOUT_WORDS:
+        return np.frombuffer(streams[0], dtype=WORD_DTYPE[wb], count=c)
+    u = join_planes(streams, c, wb)
+    return rotr1(u, 8 * wb) if layout == LAYOUT_ROTATED else u
+
+
+def base_key(b, w):
+    """§8.6: the most significant byte of rotl(b, 1)."""
+    t = b.dtype.type
+    return ((rotl1(b, w) >> t(w - 8)) & t(0xFF)).astype(np.uint8)
+
+
+def to_positional(values, base_words, w):
+    """§8.6 grouped order -> positional order.  base_words[i] is the base word of the
+    i-th position.  The stored list is the positional list stably sorted by key, so
+    list index l holds the value of position order[l]."""
+    order = np.argsort(base_key(base_words, w), kind="stable")
+    out = np.empty_like(values)
+    out[order] = values
+    return out
+
+
+def combine(b, v, op):
+    """§8.2 Table 8.2: combine(b, v), modulo 2^w (numpy unsigned arithmetic wraps)."""
+    return b ^ v if op == OP_XOR else b + unzigzag(v)
+
+
+# §8.3 positions ----------------------------------------------------------------
+
+
+def gap_positions(planes, m, n):
+    gaps = join_planes(planes, m, 4)
+    zero = first_true(gaps[1:] == 0)
+    pos = np.cumsum(gaps, dtype=np.uint64)  # < 2^24 * 2^32: no overflow
+    oob = first_true(pos >= n)
+    i_zero = None if zero is None else zero + 1
+    if i_zero is not None and (oob is None or i_zero <= oob):  # check 1 before 2 at each i
+        fail("E_POSITIONS_NOT_INCREASING", f"gap {i_zero} is zero")
+    if oob is not None:
+        fail("E_POSITIONS_OUT_OF_BOUNDS", f"position {oob}")
+    return pos.astype(np.intp)
+
+
+def bitmap_positions(bitmap, m, n):
+    bm = np.frombuffer(bitmap, dtype=np.uint8)
+    if n % 8 and int(bm[-1]) >> (n % 8):
+        fail("E_POSITIONS_OUT_OF_BOUNDS", "bitmap padding bit set")
+    bits = np.unpackbits(bm, bitorder="little", count=n)
+    pos = np.flatnonzero(bits)
+    if pos.size != m:
+        fail("E_CHANGED_COUNT", "bitmap bits differ from changed_count")
+    return pos
+
+
+# ---------------------------------------------------------------------------
+# §11.2 base resolution
+# ---------------------------------------------------------------------------
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class BaseTensor:
+    __slots__ = ("dtype", "shape", "buf", "start", "nbytes")
+
+
+def read_safetensors(path, out):
+    """Parses one safetensors file into out[name] = BaseTensor (B0)."""
+    buf, size = map_file(path)
+    if size < 8:
+        fail("E_INVALID_CHECKPOINT", f"{path}: too short")
+    n = u64(buf, 0)
+    if n > size - 8:
+        fail("E_INVALID_CHECKPOINT", f"{path}: header length past the end")
+    try:
+        doc = strict_json(buf[8:8 + n])
+    except (_BadJson, _DupKey) as e:
+        fail("E_INVALID_CHECKPOINT", f"{path}: header: {e}")
+    if type(doc) is not dict:
+        fail("E_INVALID_CHECKPOINT", f"{path}: header is not an object")
+    data_start, data_len = 8 + n, size - 8 - n
+    for name, v in doc.items():
+        if name == "__metadata__":
+            if v is not None and not (type(v) is dict and all(type(x) is str for x in v.values())):
+                fail("E_INVALID_CHECKPOINT", f"{path}: __metadata__")
+            continue
+        if not (type(v) is dict and type(v.get("dtype")) is str and _is_st_int_list(v.get("shape"))
+                and _is_st_int_list(v.get("data_offsets")) and len(v["data_offsets"]) == 2):
+            fail("E_INVALID_CHECKPOINT", f"{path}: tensor {name!r}")
+        if v["dtype"] not in DTYPES:
+            fail("E_UNKNOWN_DTYPE", f"{path}: {v['dtype']}")
+        begin, end = v["data_offsets"]
+        nbytes = byte_len(v["dtype"], v["shape"])
+        if nbytes is None or begin > end or end > data_len or end - begin != nbytes:
+            fail("E_INVALID_CHECKPOINT", f"{path}: tensor {name!r} offsets")
+        if name in out:
+            fail("E_INVALID_CHECKPOINT", f"tensor {name!r} in two files")
+        t = BaseTensor()
+        t.dtype, t.shape, t.buf, t.start, t.nbytes = v["dtype"], v["shape"], buf, data_start + begin, nbytes
+        out[name] = t
+
+
+def read_base(path):
+    """B0: a safetensors file, or a directory with model.safetensors.index.json."""
+    tensors = {}
+    if os.path.isdir(path):
+        index = os.path.join(path, INDEX_NAME)
+        if not os.path.isfile(index):
+            fail("E_INVALID_CHECKPOINT", f"{path}: no {INDEX_NAME}")
+        try:
+            with open(index, "rb") as f:
+                doc = strict_json(f.read())
+        except OSError as e:
+            fail("E_IO", str(e))
+        except (_BadJson, _DupKey) as e:
+            fail("E_INVALID_CHECKPOINT", f"{index}: {e}")
+        wm = doc.get("weight_map") if type(doc) is dict else None
+        if type(wm) is not dict or not all(type(x) is str for x in wm.values()):
+            fail("E_INVALID_CHECKPOINT", f"{index}: weight_map")
+        shards = list(dict.fromkeys(wm.values()))
+        for s in shards:
+            if s in ("", ".", "..") or "/" in s or "\\" in s or "\x00" in s:
+                fail("E_INVALID_CHECKPOINT", f"shard name {s!r}")
+            if s.endswith(PICKLE_SUFFIXES):
+                fail("E_PICKLE_INPUT", s)
+        for s in shards:
+            if not os.path.isfile(os.path.join(path, s)):
+                fail("E_MISSING_SHARD", s)
+        for s in shards:
+            read_safetensors(os.path.join(path, s), tensors)
+    else:
+        if not os.path.exists(path):
+            fail("E_IO", f"{path}: no such file")
+        if path.endswith(PICKLE_SUFFIXES):
+            fail("E_PICKLE_INPUT", path)
+        read_safetensors(path, tensors)
+    return tensors
+
+
+def tree_digest(buf, start, nbytes, slice_len):
+    """§10.2: XXH3-128 over the XXH3-128 leaves of consecutive slices."""
+    h = xxhash.xxh3_128()
+    mv = memoryview(buf)
+    for o in range(0, nbytes, slice_len):
+        h.update(xxh128(mv[start + o:start + min(o + slice_len, nbytes)]))
+    return h.hexdigest()
+
+
+def resolve_base(delta, base_path):
+    """§11.2 B0-B3.  Returns tensor index -> BaseTensor for entries with `base`."""
+    base = read_base(base_path) if base_path is not None else None  # B0
+    needing = [t for t in delta.tensors if t.base is not None]
+    if needing and base is None:  # B1
+        fail("E_BASE_REQUIRED")
+    found = {}
+    for t in needing:  # B2
+        b = base.get(t.name)
+        if b is None:
+            fail("E_BASE_MISSING_TENSOR", t.name)
+        if b.dtype != t.dtype or b.shape != t.base[0]:
+            fail("E_BASE_MISMATCH", t.name)
+        found[t.index] = b
+    for t in needing:  # B3
+        b = found[t.index]
+        if tree_digest(b.buf, b.start, b.nbytes, t.cw * t.wb) != t.base[1]:
+            fail("E_BASE_DIGEST", t.name)
+    return found
+
+
+# ---------------------------------------------------------------------------
+# §11.2 chunk decoding
+# ---------------------------------------------------------------------------
+
+
+def decode_tensor(delta, t, base):
+    """Yields the rebuilt words of each chunk of tensor t, in chunk order (D1-D7)."""
+    wdt = WORD_DTYPE[t.wb]
+    if base is not None and base.nbytes:
+        WB = base.nbytes // t.wb
+        B = np.frombuffer(base.buf, dtype=wdt, count=WB, offset=base.start)
+    else:
+        WB, B = 0, None
+    buf = delta.buf
+    mv = memoryview(buf)
+    for k in range(t.chunk_count):
+        g = t.first_chunk + k
+        R = delta.chunks[g]
+        s_k = k * t.cw
+        n = min(t.cw, t.words - s_k)
+        start, stored_len = int(R["data_offset"]), int(R["stored_len"])
+        enc, m = int(R["encoding"]), int(R["changed_count"])
+        stored = mv[start:start + stored_len]
+        if xxh64(stored) != int(R["checksum"]):  # D1
+            fail("E_CHUNK_CHECKSUM", f"chunk {g}")
+        # D2: start from the base words (zero past the base's end); raw starts at zero
+        t_words = np.zeros(n, dtype=wdt)
+        if enc != ENC_RAW and s_k < WB:
+            avail = min(n, WB - s_k)
+            t_words[:avail] = B[s_k:s_k + avail]
+        if enc != ENC_UNCHANGED:
+            # D3: the streams, in order
+            fs, sc = int(R["first_stream"]), int(R["stream_count"])
+            out, o = [], start
+            for s in range(fs, fs + sc):
+                S = delta.streams[s]
+                sl, dl = int(S["stored_len"]), int(S["decoded_len"])
+                raw = mv[o:o + sl]
+                o += sl
+                out.append(raw if int(S["codec"]) == CODEC_STORED else zstd_decode(raw, dl))
+            layout, op = int(R["value_layout"]), int(R["value_op"])
+            if enc == ENC_SPARSE:  # D4
+                if int(R["position_coding"]) == POS_GAPS:
+                    g_w = int(R["gap_width"])
+                    positions = gap_positions(out[:g_w], m, n)
+                    vstreams = out[g_w:]
+                else:
+                    positions = bitmap_positions(out[0], m, n)
+                    vstreams = out[1:]
+                values = read_values(vstreams, layout, m, t.wb)  # D5
+                b_at = t_words[positions]  # the base words of D2, before any value
+                if int(R["value_order"]) == ORDER_GROUPED:
+                    values = to_positional(values, b_at, 8 * t.wb)
+                t_words[positions] = combine(b_at, values, op)
+            else:
+                values = read_values(out, layout, n, t.wb)  # D5
+                if enc == ENC_RAW:
+                    t_words = values.astype(wdt, copy=True)
+                else:
+                    if int(R["value_order"]) == ORDER_GROUPED:
+                        values = to_positional(values, t_words, 8 * t.wb)
+                    t_words = combine(t_words, values, op)
+            if enc != ENC_RAW and np.count_nonzero(values) != m:  # D6
+                fail("E_CHANGED_COUNT", f"chunk {g}")
+        if xxh128(t_words) != R["digest"].tobytes():  # D7
+            fail("E_CHUNK_DIGEST", f"chunk {g}")
+        yield t_words
+
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+
+
+def canonical(obj):
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def cmd_decode(delta_path, base_path):
+    delta = Delta(delta_path)
+    bases = resolve_base(delta, base_path)
+    entries = []
+    for t in delta.tensors:
+        h = hashlib.sha256()
+        for words in decode_tensor(delta, t, bases.get(t.index)):
+            h.update(memoryview(words).cast("B"))
+        entries.append({"dtype": t.dtype, "name": t.name, "sha256": h.hexdigest(),
+                        "shape": t.shape})
+    return {"tensors": entries}
+
+
+def _write_file(delta, f, bases, path):
+    """§11.3: u64 LE len(H) ‖ H ‖ the file's tensors in header order."""
+    hdr = delta.files[f]["safetensors_header"].encode("utf-8")
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(hdr)))
+        out.write(hdr)
+        for t in delta.file_tensors[f]:
+            for words in decode_tensor(delta, t, bases.get(t.index)):
+                out.write(memoryview(words).cast("B"))
+
+
+def cmd_rebuild(delta_path, base_path, out_path, force):
+    """§11.3: writes the target; output appears only when complete."""
+    delta = Delta(delta_path)
+    bases = resolve_base(delta, base_path)
+    if os.path.lexists(out_path) and not force:
+        fail("E_OUTPUT_EXISTS", out_path)
+    parent = os.path.dirname(os.path.abspath(out_path))
+    try:
+        if delta.kind == "file":
+            fd, tmp = tempfile.mkstemp(prefix=".tpde-", dir=parent)
+            os.fchmod(fd, 0o666 & ~_umask())
+            os.close(fd)
+            try:
+                _write_file(delta, 0, bases, tmp)
+                os.replace(tmp, out_path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        else:
+            tmpdir = tempfile.mkdtemp(prefix=".tpde-", dir=parent)
+            os.chmod(tmpdir, 0o777 & ~_umask())
+            try:
+                for f, fobj in enumerate(delta.files):
+                    _write_file(delta, f, bases, os.path.join(tmpdir, fobj["name"]))
+                with open(os.path.join(tmpdir, INDEX_NAME), "wb") as out:
+                    out.write(delta.index_json.encode("utf-8"))
+                if os.path.isdir(out_path) and force:
+                    import shutil
+                    shutil.rmtree(out_path)
+                os.replace(tmpdir, out_path)
+            except BaseException:
+                import shutil
+                shutil.rmtree(tmpdir, ignore_errors=True)
+                raise
+    except OSError as e:
+        fail("E_IO", str(e))
+
+
+def run_decode(delta_path, base_path=None):
+    """The conformance contract of §11.4 in-process: (exit status, stdout text)."""
+    try:
+        return 0, canonical(cmd_decode(delta_path, base_path))
+    except TpdeError as e:
+        return 1, canonical({"error": e.code})
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="tpde_reader.py", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("decode", help="print the canonical decode (spec §11.4)")
+    d.add_argument("delta")
+    d.add_argument("--base")
+    r = sub.add_parser("rebuild", help="write the target safetensors file(s) (spec §11.3)")
+    r.add_argument("delta")
+    r.add_argument("--base")
+    r.add_argument("-o", "--output", required=True)
+    r.add_argument("--force", action="store_true", help="overwrite an existing output")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "decode":
+            result = cmd_decode(args.delta, args.base)
+            sys.stdout.buffer.write(canonical(result).encode("utf-8"))
+        else:
+            cmd_rebuild(args.delta, args.base, args.output, args.force)
+    except TpdeError as e:
+        print(f"tpde_reader: {e}", file=sys.stderr)
+        sys.stdout.buffer.write(canonical({"error": e.code}).encode("utf-8"))
+        return 1
+    except OSError as e:
+        print(f"tpde_reader: {e}", file=sys.stderr)
+        sys.stdout.buffer.write(canonical({"error": "E_IO"}).encode("utf-8"))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
