@@ -11,7 +11,7 @@ use tpde::container::chunk_map::{
 };
 use tpde::delta::{EncodeSettings, EncodedChunk};
 use tpde_cuda::error::flag;
-use tpde_cuda::reference::{apply_chunk_in_place, chunk_positions, combine, decode_streams};
+use tpde_cuda::reference::{apply_chunk_in_place, chunk_positions, combine, decode_streams, group_key, grouped_slots};
 use tpde_cuda::{ChunkRef, GpuError, WordWidth};
 
 fn chunk_ref(c: &EncodedChunk, words: usize) -> ChunkRef<'_> {
@@ -47,9 +47,10 @@ fn every_encoding_op_and_layout_matches_the_library_at_every_width() {
         for choice in CHOICES {
             for op in OPS {
                 for layout in LAYOUTS {
-                    for level in [None, Some(1)] {
-                        let c = forced_chunk(&base, &target, w, choice, op, layout, level);
-                        check(&c, &base, &target, w, &format!("{w:?} {choice:?} {op:?} {layout:?}"));
+                    for (level, grouped) in [None, Some(1)].into_iter().zip(GROUPED).chain([(None, true)]) {
+                        let c = forced_chunk_in(&base, &target, w, choice, op, layout, level, grouped);
+                        let ctx = format!("{w:?} {choice:?} {op:?} {layout:?} grouped {grouped}");
+                        check(&c, &base, &target, w, &ctx);
                     }
                 }
             }
@@ -57,24 +58,55 @@ fn every_encoding_op_and_layout_matches_the_library_at_every_width() {
     }
 }
 
+/// Chunks of the library's own writer: for float dtypes (`leading_sign`) at
+/// default settings it lists values grouped by base key (§8.6), and
+/// positional otherwise; sparse and dense, with a base shorter than the
+/// target (missing words read as zero, keys included).
 #[test]
 fn chunks_written_by_the_library_match_including_a_shorter_base() {
+    let mut orders = std::collections::HashSet::new();
     for (i, w) in WordWidth::ALL.into_iter().enumerate() {
         for every in [1, 4, 40, 5000] {
             let (base, target) = pair(w, 20_000, every, 30 + i as u64);
-            for min_zstd_gain in [0.0, 0.5] {
-                let s = EncodeSettings { level: 3, min_zstd_gain };
-                let c = tpde::delta::encode_chunk(&target, Some(&base), w.bytes(), false, s).unwrap();
-                check(&c, &base, &target, w, &format!("{w:?} every {every}"));
-                // vocab growth: the base's missing words read as zero
-                let short = &base[..base.len() / 3 / w.bytes() * w.bytes()];
-                let mut padded = short.to_vec();
-                padded.resize(base.len(), 0);
-                let c = tpde::delta::encode_chunk(&target, Some(short), w.bytes(), false, s).unwrap();
-                check(&c, &padded, &target, w, &format!("{w:?} short base"));
+            for leading_sign in [true, false] {
+                for min_zstd_gain in [0.0, 0.5] {
+                    let s = EncodeSettings { min_zstd_gain, ..EncodeSettings::default() };
+                    let c = tpde::delta::encode_chunk(&target, Some(&base), w.bytes(), leading_sign, s).unwrap();
+                    orders.insert((w.bytes(), c.record.encoding as u8, c.record.value_order as u8));
+                    if leading_sign && w != WordWidth::W1 {
+                        assert_eq!(c.record.value_order, ValueOrder::GroupedByBase, "{w:?} every {every}");
+                    }
+                    check(&c, &base, &target, w, &format!("{w:?} every {every} sign {leading_sign}"));
+                    // vocab growth: the base's missing words read as zero
+                    let short = &base[..base.len() / 3 / w.bytes() * w.bytes()];
+                    let mut padded = short.to_vec();
+                    padded.resize(base.len(), 0);
+                    let c = tpde::delta::encode_chunk(&target, Some(short), w.bytes(), leading_sign, s).unwrap();
+                    check(&c, &padded, &target, w, &format!("{w:?} short base sign {leading_sign}"));
+                }
             }
         }
     }
+    // grouped sparse and dense chunks at widths 2, 4 and 8 were all covered
+    for wb in [2, 4, 8] {
+        for enc in [Encoding::Sparse, Encoding::Dense] {
+            let key = (wb, enc as u8, ValueOrder::GroupedByBase as u8);
+            assert!(orders.contains(&key), "no grouped {enc:?} chunk at {wb} bytes");
+        }
+    }
+}
+
+/// The slots of grouped order are the stable counting sort of the spec.
+#[test]
+fn grouped_slots_are_a_stable_counting_sort() {
+    let keys = [3u8, 1, 3, 0, 1, 3, 255, 0];
+    // start: key 0 -> 0, 1 -> 2, 3 -> 4, 255 -> 7
+    assert_eq!(grouped_slots(&keys), vec![4, 2, 5, 0, 3, 6, 7, 1]);
+    assert_eq!(group_key(0x8000_0000, WordWidth::W4), 0); // the sign rotates out
+    assert_eq!(group_key(0x3F80_0000, WordWidth::W4), 0x7F); // 1.0f32: its exponent
+    assert_eq!(group_key(0x3F80, WordWidth::W2), 0x7F); // 1.0 bf16
+    assert_eq!(group_key(0x3FF0_0000_0000_0000, WordWidth::W8), 0x7F);
+    assert_eq!(group_key(0x81, WordWidth::W1), 0x03);
 }
 
 fn bad_sparse(coding: PositionCoding, gap_width: u8, planes: &[&[u8]], m: u32, n: u32) -> GpuError {
@@ -122,23 +154,11 @@ fn bad_positions_map_to_the_device_flag_bits() {
 
 #[test]
 fn a_zstd_stream_with_a_trailing_frame_is_rejected() {
-    let z = tpde::codec::zstd_stream::compress(&[7u8; 64], 1).unwrap();
+    let z = tpde::codec::zstd_stream::compress(&[7u8; 64], tpde::codec::zstd_stream::Effort::Level(1)).unwrap();
     let two = [z.clone(), z].concat();
     let r = StreamRecord { stored_len: two.len() as u32, decoded_len: 64, codec: Codec::Zstd };
     let e = tpde_cuda::decode_stream(&r, &two, &mut [0u8; 64]).expect_err("two frames");
     assert!(matches!(e, GpuError::Corrupt(_)), "{e}");
-}
-
-/// The writer groups float values by base key (§8.6), which the kernels do
-/// not implement: such a chunk is refused up front with a typed error.
-#[test]
-fn grouped_value_order_is_refused_with_a_typed_error() {
-    let (base, target) = pair(WordWidth::W4, 20_000, 7, 50);
-    let c = tpde::delta::encode_chunk(&target, Some(&base), 4, true, EncodeSettings::default()).unwrap();
-    assert_eq!(c.record.value_order, ValueOrder::GroupedByBase);
-    let e = chunk_ref(&c, 20_000).validate(WordWidth::W4).expect_err("grouped values");
-    assert!(matches!(e, GpuError::Unsupported(_)), "{e}");
-    assert_eq!(e.code(), "gpu.unsupported");
 }
 
 proptest! {
@@ -146,8 +166,8 @@ proptest! {
     fn forced_chunks_match_the_library(seed in any::<u64>(), n in 1usize..3000, every in 1usize..50, wi in 0usize..4) {
         let w = WordWidth::ALL[wi];
         let (base, target) = pair(w, n, every, seed);
-        for choice in CHOICES {
-            let c = forced_chunk(&base, &target, w, choice, ValueOp::Sub, ValueLayout::RotatedBytePlanes, None);
+        for (choice, grouped) in CHOICES.into_iter().flat_map(|c| GROUPED.map(|g| (c, g))) {
+            let c = forced_chunk_in(&base, &target, w, choice, ValueOp::Sub, ValueLayout::RotatedBytePlanes, None, grouped);
             let mut buf = base.clone();
             apply_chunk_in_place(&chunk_ref(&c, n), w, &mut buf).unwrap();
             prop_assert!(buf == target);

@@ -3,7 +3,7 @@
 
 use crate::codec::positions;
 use crate::codec::values::{self, with_word, Word};
-use crate::codec::zstd_stream;
+use crate::codec::zstd_stream::{self, Effort};
 use crate::container::chunk_map::{
     ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
 };
@@ -20,9 +20,10 @@ const SAMPLE_VALUES: usize = 8192;
 /// Settings that change the bytes a writer produces.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EncodeSettings {
-    /// zstd level for structured streams, 1 to 22. Streams that are mostly
-    /// literals use level 1, where zstd is both fastest and smallest on them; from
-    /// level 10 on, the writer measures alternatives instead of predicting.
+    /// Effort, 1 to 22. Level 1 entropy-codes streams with zstd's literal coder,
+    /// which on weight planes is both fastest and smallest; a higher level also
+    /// tries zstd at that level and keeps the smaller stream; from level 10 on, the
+    /// writer measures alternative encodings instead of predicting them.
     pub level: i32,
     /// A stream is stored compressed only when zstd saves at least this fraction of
     /// it. Above zero, decoding becomes mostly copying, which suits GPU loading where
@@ -91,9 +92,6 @@ impl StreamSet {
 const SAMPLE_BYTES: usize = 1 << 16;
 /// Above this many bits per byte, zstd cannot win: the stream is stored as it is.
 const INCOMPRESSIBLE_BITS: f64 = 7.9;
-/// Above this many bits per byte, a stream is mostly literals: zstd's match search
-/// costs time and, on noise, even size, so its fastest level is used.
-const LITERAL_BITS: f64 = 3.0;
 /// From this level on, the writer measures rather than predicts.
 const MEASURE_FROM_LEVEL: i32 = 10;
 
@@ -110,8 +108,10 @@ fn sampled_bits(raw: &[u8]) -> f64 {
     values::entropy_bits(&sample) * step as f64
 }
 
-/// Compresses a stream with the zstd level that suits it, or returns `None` when
-/// its sampled entropy says it is incompressible.
+/// Compresses a stream, or returns `None` when its sampled entropy says it is
+/// incompressible. Level 1 codes literals only ([`Effort::Literals`]); a higher level
+/// also tries zstd at that level and keeps the smaller, so raising the level never
+/// costs size.
 fn compress_stream(raw: &[u8], level: i32) -> Result<Option<Vec<u8>>> {
     let (sample, _) = sample_bytes(raw);
     #[allow(clippy::cast_precision_loss)] // an estimate
@@ -119,15 +119,12 @@ fn compress_stream(raw: &[u8], level: i32) -> Result<Option<Vec<u8>>> {
     if bits_per_byte > INCOMPRESSIBLE_BITS {
         return Ok(None);
     }
-    if bits_per_byte < LITERAL_BITS || level <= 1 {
-        return zstd_stream::compress(raw, level).map(Some);
+    let literals = zstd_stream::compress(raw, Effort::Literals)?;
+    if level <= 1 {
+        return Ok(Some(literals));
     }
-    let fast = zstd_stream::compress(raw, 1)?;
-    if level < MEASURE_FROM_LEVEL {
-        return Ok(Some(fast));
-    }
-    let strong = zstd_stream::compress(raw, level)?;
-    Ok(Some(if strong.len() < fast.len() { strong } else { fast }))
+    let matched = zstd_stream::compress(raw, Effort::Level(level))?;
+    Ok(Some(if matched.len() < literals.len() { matched } else { literals }))
 }
 
 /// Every stream length is bounded by `MAX_CHUNK_WORDS * 8` < 2^32.

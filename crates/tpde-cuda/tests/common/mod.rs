@@ -94,7 +94,7 @@ fn split(values: &[u64], layout: ValueLayout, w: WordWidth) -> Vec<Vec<u8>> {
 
 /// The chunk that turns `base` into `target` (same length) with the forced
 /// encoding; an unchanged chunk when they are equal. Streams are zstd at
-/// `level` where that is smaller, else stored.
+/// `level` where that is smaller, else stored. Values in positional order.
 pub fn forced_chunk(
     base: &[u8],
     target: &[u8],
@@ -103,6 +103,34 @@ pub fn forced_chunk(
     op: ValueOp,
     layout: ValueLayout,
     level: Option<i32>,
+) -> EncodedChunk {
+    forced_chunk_in(base, target, w, choice, op, layout, level, false)
+}
+
+/// Value orders to force: positional, grouped by base key.
+pub const GROUPED: [bool; 2] = [false, true];
+
+/// `values` (of the words `at`, in positional order) listed grouped by the
+/// base key of each (spec §8.6): a stable sort by key.
+pub fn group(values: &[u64], at: &[usize], base: &[u8], w: WordWidth) -> Vec<u64> {
+    let keys: Vec<u8> = at.iter().map(|&i| tpde_cuda::reference::group_key(read_word(base, w, i), w)).collect();
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by_key(|&j| keys[j]); // stable
+    order.iter().map(|&j| values[j]).collect()
+}
+
+/// [`forced_chunk`] with the values grouped by base key when `grouped`
+/// (sparse and dense chunks; raw chunks stay positional).
+#[allow(clippy::too_many_arguments)]
+pub fn forced_chunk_in(
+    base: &[u8],
+    target: &[u8],
+    w: WordWidth,
+    choice: Choice,
+    op: ValueOp,
+    layout: ValueLayout,
+    level: Option<i32>,
+    grouped: bool,
 ) -> EncodedChunk {
     let n = target.len() / w.bytes();
     let op = if choice == Choice::Raw { ValueOp::Xor } else { op };
@@ -154,11 +182,21 @@ pub fn forced_chunk(
             (Vec::new(), (0..n).map(|i| read_word(target, w, i)).collect())
         }
     };
+    let values = if grouped && choice != Choice::Raw {
+        record.value_order = ValueOrder::GroupedByBase;
+        let at: Vec<usize> = match choice {
+            Choice::Dense => (0..n).collect(),
+            _ => changed.iter().map(|&i| i as usize).collect(),
+        };
+        group(&values, &at, base, w)
+    } else {
+        values
+    };
     raw.extend(split(&values, layout, w));
     let mut streams = Vec::new();
     let mut data = Vec::new();
     for s in raw {
-        let z = level.map(|l| tpde::codec::zstd_stream::compress(&s, l).unwrap());
+        let z = level.map(|l| tpde::codec::zstd_stream::compress(&s, tpde::codec::zstd_stream::Effort::Level(l)).unwrap());
         let (codec, bytes) = match z {
             Some(z) if z.len() < s.len() => (Codec::Zstd, z),
             _ => (Codec::Stored, s.clone()),
@@ -184,9 +222,28 @@ pub fn forced_tensor(
     layout: ValueLayout,
     level: Option<i32>,
 ) -> EncodedTensor {
+    forced_tensor_in(base, target, w, chunk_words, choice, op, layout, level, false)
+}
+
+/// [`forced_tensor`] with the values grouped by base key when `grouped`.
+#[allow(clippy::too_many_arguments)]
+pub fn forced_tensor_in(
+    base: &[u8],
+    target: &[u8],
+    w: WordWidth,
+    chunk_words: usize,
+    choice: Choice,
+    op: ValueOp,
+    layout: ValueLayout,
+    level: Option<i32>,
+    grouped: bool,
+) -> EncodedTensor {
     let cb = chunk_words * w.bytes();
-    let chunks =
-        base.chunks(cb).zip(target.chunks(cb)).map(|(b, t)| forced_chunk(b, t, w, choice, op, layout, level)).collect();
+    let chunks = base
+        .chunks(cb)
+        .zip(target.chunks(cb))
+        .map(|(b, t)| forced_chunk_in(b, t, w, choice, op, layout, level, grouped))
+        .collect();
     EncodedTensor {
         name: "t".into(),
         width: w,

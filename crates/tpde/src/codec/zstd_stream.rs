@@ -5,31 +5,66 @@
 use std::cell::RefCell;
 
 use zstd::bulk::{Compressor, Decompressor};
-use zstd::zstd_safe::{self, DParameter};
+use zstd::zstd_safe::{self, CParameter, DParameter, Strategy};
 
 use crate::error::{fail, Error, ErrorCode, Result};
 use crate::limits::MAX_ZSTD_WINDOW_LOG;
 
+/// How hard zstd searches for matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effort {
+    /// A zstd compression level.
+    Level(i32),
+    /// Mostly entropy coding: the fast strategy with the longest minimum match and
+    /// tiny match tables. On byte planes of weights, which have runs but few real
+    /// matches, this is both faster and smaller than any level, because spurious
+    /// short matches cost more than the literals they replace.
+    Literals,
+}
+
 thread_local! {
-    // Contexts are reused per thread: creating one costs more than compressing a
-    // small stream.
-    static COMPRESSOR: RefCell<Option<(i32, Compressor<'static>)>> = const { RefCell::new(None) };
+    // Contexts are reused per thread, one per effort in use: creating one costs
+    // more than compressing a small stream.
+    static COMPRESSORS: RefCell<Vec<(Effort, Compressor<'static>)>> = const { RefCell::new(Vec::new()) };
     static DECOMPRESSOR: RefCell<Option<Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn new_compressor(effort: Effort) -> std::io::Result<Compressor<'static>> {
+    match effort {
+        Effort::Level(level) => Compressor::new(level),
+        Effort::Literals => {
+            let mut compressor = Compressor::new(1)?;
+            for parameter in [
+                CParameter::Strategy(Strategy::ZSTD_fast),
+                CParameter::MinMatch(7),
+                CParameter::HashLog(6),
+                CParameter::ChainLog(6),
+                CParameter::SearchLog(1),
+                CParameter::WindowLog(20),
+            ] {
+                compressor.set_parameter(parameter)?;
+            }
+            Ok(compressor)
+        }
+    }
 }
 
 /// Compresses `bytes` into one frame that records its content size.
 ///
 /// # Errors
 /// `E_IO` if zstd fails (it does not on valid levels).
-pub fn compress(bytes: &[u8], level: i32) -> Result<Vec<u8>> {
-    COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            let compressor = Compressor::new(level).map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))?;
-            *slot = Some((level, compressor));
-        }
-        let (_, compressor) = slot.as_mut().expect("set above");
-        compressor.compress(bytes).map_err(|e| Error::new(ErrorCode::Io, format!("zstd: {e}")))
+pub fn compress(bytes: &[u8], effort: Effort) -> Result<Vec<u8>> {
+    let zstd_error = |e: std::io::Error| Error::new(ErrorCode::Io, format!("zstd: {e}"));
+    COMPRESSORS.with(|cell| {
+        let mut compressors = cell.borrow_mut();
+        let at = match compressors.iter().position(|(e, _)| *e == effort) {
+            Some(at) => at,
+            None => {
+                compressors.push((effort, new_compressor(effort).map_err(zstd_error)?));
+                compressors.len() - 1
+            }
+        };
+        compressors[at].1.compress(bytes).map_err(zstd_error)
     })
 }
 
@@ -123,7 +158,7 @@ mod tests {
 
     #[test]
     fn profile_rules() {
-        let frame = compress(b"hello hello hello", 3).unwrap();
+        let frame = compress(b"hello hello hello", Effort::Level(3)).unwrap();
         let mut out = Vec::new();
         decompress_into(&frame, 17, &mut out).unwrap();
         assert_eq!(out, b"hello hello hello");
