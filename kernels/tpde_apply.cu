@@ -12,6 +12,19 @@
 //   apply_wN     -> per tile scan again, add the offset, scatter
 // so positions are rebuilt on the GPU and never expanded on the CPU.
 //
+// Values grouped by base key (spec §8.6) add two launches, and their chunks
+// go to apply_grouped_wN instead of apply_wN:
+//   group_hist   -> per tile histogram of the base keys of its positions
+//   group_scan   -> per chunk exclusive scan over (key-major, tile-minor):
+//                   row 0 of the chunk's rows = start[key], row 1 + t = the
+//                   slots of key `key` taken by tiles before t
+//   apply_grouped_wN -> per tile stable rank of every position among those of
+//                   its key (warp match + per-warp counters), value at
+//                   start + earlier tiles + rank
+// Keys are read from the base before any word of the chunk is written: by
+// group_hist (an earlier launch), and in apply_grouped by the same thread
+// that later writes the word.
+//
 // Kernels never write out of range: a bad position sets a bit in *flag and
 // the write is skipped. The host reads the flag after the batch.
 
@@ -38,6 +51,14 @@ typedef unsigned long long u64;
 #define LAYOUT_PLANES 1u
 #define LAYOUT_ROTATED_PLANES 2u
 
+#define ORDER_POSITIONAL 0u
+#define ORDER_GROUPED 1u
+
+#define KEYS 256                    // base keys; == THREADS (one thread per key)
+#define WARPS (THREADS / 32)
+#define NO_KEY 0x100u               // a lane with no position this round
+#define NO_RANK 0xFFFFFFFFu
+
 #define ERR_POSITION_RANGE 1u
 #define ERR_ZERO_GAP 2u
 #define ERR_BITMAP_PADDING 4u
@@ -58,6 +79,8 @@ struct ChunkDesc {
     u32 op;
     u32 layout;
     u32 gap_width;
+    u32 order;        // ORDER_*
+    u32 group_begin;  // first row (of KEYS u32) of this chunk in the group table
 };
 
 __device__ __forceinline__ u32 find_chunk(const ChunkDesc* d, u32 nd, u32 tile) {
@@ -231,6 +254,7 @@ __device__ __forceinline__ void apply_impl(const ChunkDesc* d, u32 nd, const u64
     const u64 t = blockIdx.x - c.tile_begin;
     T* out = (T*)c.out;
     const T* base = (const T*)c.base;
+    if (c.order != ORDER_POSITIONAL) return;  // apply_grouped_wN; uniform per block
     if (c.kind == KIND_DENSE || c.kind == KIND_RAW) {
         const u64 i0 = t * TILE;
         for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
@@ -294,6 +318,267 @@ apply_w4(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u3
 extern "C" __global__ void __launch_bounds__(THREADS)
 apply_w8(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u64>(d, nd, offs, flag); }
 
+// ---------------------------------------------------------------------------
+// Values grouped by base key (spec §8.6)
+
+// key(b) = top byte of rotl(b, 1).
+template <typename T>
+__device__ __forceinline__ u32 group_key(T b) {
+    const int bits = 8 * (int)sizeof(T);
+    const T r = (T)((T)(b << 1) | (T)(b >> (bits - 1)));
+    return (u32)(r >> (bits - 8)) & 0xFFu;
+}
+
+// Values stored by a chunk: every word (dense) or m (sparse).
+__device__ __forceinline__ u64 value_count(const ChunkDesc& c) {
+    return c.kind == KIND_DENSE ? (u64)c.n : (u64)c.m;
+}
+
+__device__ __forceinline__ bool grouped_kind(const ChunkDesc& c) {
+    return c.order == ORDER_GROUPED &&
+           (c.kind == KIND_DENSE || c.kind == KIND_SPARSE_GAPS || c.kind == KIND_SPARSE_BITMAP);
+}
+
+// Adds one key per lane (NO_KEY: none) to a shared histogram, one atomic
+// per distinct key of the warp. Called by all 32 lanes.
+__device__ __forceinline__ void count_key(u32* hist, u32 key) {
+    const u32 peers = __match_any_sync(0xffffffffu, key);
+    if (key < KEYS && (threadIdx.x & 31) == (u32)(__ffs(peers) - 1)) atomicAdd(&hist[key], (u32)__popc(peers));
+}
+
+// Phase G1: per tile histogram of base keys, to row 1 + t of the chunk's rows.
+template <typename T>
+__device__ __forceinline__ void group_hist_impl(const ChunkDesc* d, u32 nd, const u64* offs, u32* groups) {
+    __shared__ u64 pos[PAD(TILE)];
+    __shared__ u64 ws[WARPS];
+    __shared__ u32 hist[KEYS];
+    __shared__ u32 ci;
+    if (threadIdx.x == 0) ci = find_chunk(d, nd, blockIdx.x);
+    hist[threadIdx.x] = 0;
+    __syncthreads();
+    const ChunkDesc c = d[ci];
+    if (!grouped_kind(c)) return;  // uniform per block
+    const u64 t = blockIdx.x - c.tile_begin;
+    const T* base = (const T*)c.base;
+    if (c.kind == KIND_DENSE) {
+        const u64 i0 = t * TILE;
+        for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
+            const u64 i = i0 + k;
+            count_key(hist, i < c.n ? group_key<T>(base[i]) : NO_KEY);
+        }
+    } else if (c.kind == KIND_SPARSE_GAPS) {
+        scan_gap_tile(c, t, offs, pos, ws);
+        const u64 j0 = t * TILE;
+        for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
+            const u64 j = j0 + k;
+            const u64 p = pos[PAD(k)];
+            count_key(hist, j < c.m && p < c.n ? group_key<T>(base[p]) : NO_KEY);  // bad p: flagged by apply
+        }
+    } else {
+        const u8* bm = (const u8*)c.pos[0];
+        const u64 nbytes = ((u64)c.n + 7) / 8;
+        const u64 b0 = t * BITMAP_TILE_BYTES + (u64)threadIdx.x * 16;
+        for (int i = 0; i < 16; i++) {
+            const u64 b = b0 + i;
+            if (b >= nbytes) break;
+            u32 byte = bm[b];
+            if (b == nbytes - 1 && (c.n & 7u)) byte &= (1u << (c.n & 7u)) - 1u;  // padding: flagged elsewhere
+            while (byte) {
+                const u32 bit = __ffs(byte) - 1;
+                byte &= byte - 1;
+                atomicAdd(&hist[group_key<T>(base[b * 8 + bit])], 1u);
+            }
+        }
+    }
+    __syncthreads();
+    groups[((u64)c.group_begin + 1 + t) * KEYS + threadIdx.x] = hist[threadIdx.x];
+}
+
+#define G_HIST(W, T)                                                                       \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                  \
+    group_hist_##W(const ChunkDesc* d, u32 nd, const u64* offs, u32* groups, u32* flag) { \
+        group_hist_impl<T>(d, nd, offs, groups);                                           \
+    }
+G_HIST(w1, u8)
+G_HIST(w2, u16)
+G_HIST(w4, u32)
+G_HIST(w8, u64)
+
+// Phase G2: one block per chunk, thread k owns key k. Rows 1..=tile_count
+// become, in place, the slots of key k taken by earlier tiles; row 0 gets
+// start[k] = the values of all smaller keys.
+extern "C" __global__ void __launch_bounds__(THREADS)
+group_scan(const ChunkDesc* d, u32 nd, u32* groups, u32* flag) {
+    __shared__ u64 ws[WARPS];
+    if (blockIdx.x >= nd) return;
+    const ChunkDesc c = d[blockIdx.x];
+    if (!grouped_kind(c)) return;
+    u32* rows = groups + (u64)c.group_begin * KEYS + threadIdx.x;
+    u64 run = 0;
+    u32 t = 0;
+    // 16 independent loads in flight per round, not one latency per tile
+    for (; t + 16 <= c.tile_count; t += 16) {
+        u32 x[16];
+#pragma unroll
+        for (int i = 0; i < 16; i++) x[i] = rows[(u64)(1 + t + i) * KEYS];
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            rows[(u64)(1 + t + i) * KEYS] = (u32)run;
+            run += x[i];
+        }
+    }
+    for (; t < c.tile_count; t++) {
+        const u32 x = rows[(u64)(1 + t) * KEYS];
+        rows[(u64)(1 + t) * KEYS] = (u32)run;
+        run += x;
+    }
+    u64 total;
+    const u64 start = block_exclusive_scan(run, ws, &total);
+    rows[0] = (u32)start;
+    // positions out of range are left out (and flagged by apply)
+    if (threadIdx.x == 0 && total != value_count(c)) atomicOr(flag, ERR_COUNT_MISMATCH);
+}
+
+// Ranks up to TILE positions of a tile in order (entry e: word pos[PAD(e)],
+// or i0 + e when pos is null) among those of the same base key, and applies
+// each position's value. run[k] holds the slot of the next value of key k
+// (start + earlier tiles + earlier entries of this tile) and is advanced.
+// Warp w takes entries [w * TILE / WARPS, (w + 1) * TILE / WARPS) in rounds of
+// 32, so that the rank within a warp is a match over its lanes plus the
+// warp's counter of that key; a per-key scan over the warps then places
+// each warp's run. Must be called by all threads.
+template <typename T>
+__device__ __forceinline__ void grouped_entries(const ChunkDesc& c, u32 cnt, const u64* pos, u64 i0,
+                                                u32 (*wrun)[KEYS], u32* run, u32* flag) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const T* base = (const T*)c.base;
+    T* out = (T*)c.out;
+    for (u32 k = lane; k < KEYS; k += 32) wrun[warp][k] = 0;
+    __syncwarp();
+    // Rank among the warp's entries of the same key, or NO_RANK. The base
+    // word is read again (by this same thread) when the value is applied,
+    // which keeps 16 words out of registers.
+    u32 rk[ITEMS];
+    const u32 e0 = warp * (TILE / WARPS);
+#pragma unroll
+    for (int r = 0; r < ITEMS; r++) {
+        const u32 e = e0 + r * 32 + lane;
+        u32 key = NO_KEY;
+        if (e < cnt) {
+            const u64 p = pos ? pos[PAD(e)] : i0 + e;
+            if (p < c.n) {
+                key = group_key<T>(base[p]);
+            } else {
+                atomicOr(flag, ERR_POSITION_RANGE);
+            }
+        }
+        const u32 peers = __match_any_sync(0xffffffffu, key);
+        const u32 before = __popc(peers & ((1u << lane) - 1u));
+        const u32 r0 = key < KEYS ? wrun[warp][key] : 0;
+        rk[r] = key < KEYS ? r0 + before : NO_RANK;
+        __syncwarp();
+        if (key < KEYS && lane == (u32)(__ffs(peers) - 1)) wrun[warp][key] = r0 + __popc(peers);
+        __syncwarp();
+    }
+    __syncthreads();
+    {
+        const u32 k = threadIdx.x;
+        u32 s = run[k];
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) {
+            const u32 x = wrun[w][k];
+            wrun[w][k] = s;
+            s += x;
+        }
+        run[k] = s;
+    }
+    __syncthreads();
+    const u64 count = value_count(c);
+#pragma unroll
+    for (int r = 0; r < ITEMS; r++) {
+        if (rk[r] != NO_RANK) {
+            const u32 e = e0 + r * 32 + lane;
+            const u64 p = pos ? pos[PAD(e)] : i0 + e;
+            const T b = base[p];
+            const u64 slot = (u64)wrun[warp][group_key<T>(b)] + rk[r];
+            if (slot >= count) {
+                atomicOr(flag, ERR_COUNT_MISMATCH);
+            } else {
+                out[p] = combine<T>(b, load_value<T>(c, slot), c.op);
+            }
+        }
+    }
+    __syncthreads();  // wrun, run and pos are reused
+}
+
+template <typename T>
+__device__ __forceinline__ void apply_grouped_impl(const ChunkDesc* d, u32 nd, const u64* offs, const u32* groups,
+                                                   u32* flag) {
+    __shared__ u64 pos[PAD(TILE)];
+    __shared__ u64 ws[WARPS];
+    __shared__ u32 wrun[WARPS][KEYS];
+    __shared__ u32 run[KEYS];
+    __shared__ u32 ci;
+    if (threadIdx.x == 0) ci = find_chunk(d, nd, blockIdx.x);
+    __syncthreads();
+    const ChunkDesc c = d[ci];
+    if (!grouped_kind(c)) return;  // uniform per block
+    const u64 t = blockIdx.x - c.tile_begin;
+    const u32* rows = groups + (u64)c.group_begin * KEYS;
+    run[threadIdx.x] = rows[threadIdx.x] + rows[(1 + t) * KEYS + threadIdx.x];  // read back by this thread only
+    if (c.kind == KIND_DENSE) {
+        const u64 i0 = t * TILE;
+        const u64 left = (u64)c.n - i0;
+        grouped_entries<T>(c, left < TILE ? (u32)left : TILE, 0, i0, wrun, run, flag);
+    } else if (c.kind == KIND_SPARSE_GAPS) {
+        scan_gap_tile(c, t, offs, pos, ws);
+        const u64 left = (u64)c.m - t * TILE;
+        grouped_entries<T>(c, left < TILE ? (u32)left : TILE, pos, 0, wrun, run, flag);
+    } else {
+        // Up to 8 * TILE set bits per tile: ranks within the tile, then
+        // rounds of TILE positions gathered in order into pos[].
+        const u8* bm = (const u8*)c.pos[0];
+        const u64 nbytes = ((u64)c.n + 7) / 8;
+        const u64 b0 = t * BITMAP_TILE_BYTES + (u64)threadIdx.x * 16;
+        u32 bytes[16];
+        u32 cnt = 0;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            const u64 b = b0 + i;
+            bytes[i] = b < nbytes ? bitmap_byte(bm, c.n, b, flag) : 0;
+            cnt += __popc(bytes[i]);
+        }
+        u64 total;
+        const u64 first = block_exclusive_scan(cnt, ws, &total);
+        for (u64 lo = 0; lo < total; lo += TILE) {
+            u64 rank = first;
+            for (int i = 0; i < 16 && rank < lo + TILE; i++) {
+                u32 byte = bytes[i];
+                while (byte) {
+                    const u32 bit = __ffs(byte) - 1;
+                    byte &= byte - 1;
+                    if (rank >= lo && rank < lo + TILE) pos[PAD(rank - lo)] = (b0 + i) * 8 + bit;
+                    rank++;
+                }
+            }
+            __syncthreads();
+            const u64 left = total - lo;
+            grouped_entries<T>(c, left < TILE ? (u32)left : TILE, pos, 0, wrun, run, flag);
+        }
+    }
+}
+
+#define G_APPLY(W, T)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                \
+    apply_grouped_##W(const ChunkDesc* d, u32 nd, const u64* offs, const u32* groups, u32* flag) {       \
+        apply_grouped_impl<T>(d, nd, offs, groups, flag);                                                \
+    }
+G_APPLY(w1, u8)
+G_APPLY(w2, u16)
+G_APPLY(w4, u32)
+G_APPLY(w8, u64)
+
+// ---------------------------------------------------------------------------
 // Positions only: writes the absolute u32 positions of sparse chunks to out[0..m).
 extern "C" __global__ void __launch_bounds__(THREADS)
 positions(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) {

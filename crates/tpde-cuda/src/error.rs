@@ -47,7 +47,8 @@ pub enum GpuError {
     /// those of [`flag`].
     DeviceFlag(u32),
     /// The delta uses a feature of the format that the GPU kernels do not
-    /// implement (yet); the CPU decoder of the format library reads it.
+    /// implement; the CPU decoder of the format library reads it. (No chunk
+    /// of format 1.0 is refused today: both value orders are read.)
     Unsupported(String),
     /// The format library rejected the delta (its records or bytes); the
     /// library's error carries its stable code.

@@ -15,7 +15,7 @@ use cudarc::driver::{
 use tpde::container::chunk_map::{ChunkRecord, ValueLayout};
 
 use crate::error::{GpuError, Result};
-use crate::kernels::{ChunkDesc, KernelId, Kernels, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, THREADS};
+use crate::kernels::{ChunkDesc, KernelId, Kernels, KEYS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, THREADS};
 use crate::pipeline::ChunkRef;
 use crate::width::WordWidth;
 
@@ -206,6 +206,10 @@ pub(crate) struct Batch {
     descs: Vec<ChunkDesc>,
     tiles: u32,
     sparse: bool,
+    /// Rows of the group table taken by grouped chunks.
+    group_rows: u32,
+    /// Whether some chunk goes to `apply_wN` (positional values or raw).
+    positional: bool,
 }
 
 /// Most tiles of one launch (grid.x is limited to 2^31 - 1).
@@ -213,16 +217,27 @@ const MAX_TILES: u64 = 1 << 30;
 
 impl Batch {
     pub fn new(width: WordWidth) -> Self {
-        Self { width, descs: Vec::new(), tiles: 0, sparse: false }
+        Self { width, descs: Vec::new(), tiles: 0, sparse: false, group_rows: 0, positional: false }
     }
 
     pub fn tiles(&self) -> u32 {
         self.tiles
     }
 
+    /// Rows of the group table (of [`KEYS`] `u32`) the batch needs.
+    pub fn group_rows(&self) -> u32 {
+        self.group_rows
+    }
+
     /// Tiles a chunk adds to a batch.
     pub fn tiles_of(record: &ChunkRecord, words: u32) -> u32 {
         ChunkDesc::from_record(record, words).map_or(0, |d| d.tile_count)
+    }
+
+    /// Rows of the group table a chunk adds to a batch (values grouped by
+    /// base key only).
+    pub fn group_rows_of(record: &ChunkRecord, words: u32) -> u32 {
+        ChunkDesc::from_record(record, words).map_or(0, |d| d.group_rows())
     }
 
     /// The descriptor of a chunk with its streams' device ranges, checked:
@@ -264,10 +279,20 @@ impl Batch {
         Ok(Some(d))
     }
 
-    fn add(&mut self, d: ChunkDesc) {
+    fn add(&mut self, mut d: ChunkDesc) -> Result<()> {
+        if d.is_grouped() {
+            d.group_begin = self.group_rows;
+            self.group_rows = self
+                .group_rows
+                .checked_add(d.group_rows())
+                .ok_or_else(|| GpuError::invalid("batch has too many group rows"))?;
+        } else {
+            self.positional = true;
+        }
         self.tiles += d.tile_count;
         self.sparse |= d.is_sparse();
         self.descs.push(d);
+        Ok(())
     }
 
     /// Adds a chunk: its decoded streams on the device (one range per
@@ -290,8 +315,7 @@ impl Batch {
         }
         d.base = base.ptr();
         d.out = out.ptr();
-        self.add(d);
-        Ok(())
+        self.add(d)
     }
 
     /// Adds a sparse chunk whose `u32` positions go to `out` (`m` of them),
@@ -305,8 +329,7 @@ impl Batch {
         }
         d.base = out.ptr();
         d.out = out.ptr();
-        self.add(d);
-        Ok(())
+        self.add(d)
     }
 
     /// Bytes of the descriptor table.
@@ -334,7 +357,9 @@ pub(crate) enum Stage {
 impl Gpu {
     /// Launches a batch on `stream`. `table` must hold the batch's descriptor
     /// table (already copied there on `stream`), `sums` room for one `u64` per
-    /// tile, `flag` one `u32`.
+    /// tile, `groups` room for [`Batch::group_rows`] rows of [`KEYS`] `u32`,
+    /// `flag` one `u32`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch(
         &self,
         stream: &CudaStream,
@@ -342,6 +367,7 @@ impl Gpu {
         stage: Stage,
         table: DevRange,
         sums: DevRange,
+        groups: DevRange,
         flag: DevRange,
     ) -> Result<()> {
         if batch.tiles == 0 {
@@ -356,13 +382,16 @@ impl Gpu {
         if flag.len() < 4 || flag.ptr() % 4 != 0 {
             return Err(GpuError::invalid("flag range too short or misaligned"));
         }
+        if groups.len() < batch.group_rows as usize * KEYS * 4 || groups.ptr() % 4 != 0 {
+            return Err(GpuError::invalid("group table range too short or misaligned"));
+        }
         let nd = u32::try_from(batch.descs.len()).map_err(|_| GpuError::invalid("too many chunks in one batch"))?;
         let grid = |blocks: u32| cudarc::driver::LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (t, s, f) = (table.ptr(), sums.ptr(), flag.ptr());
+        let (t, s, g, f) = (table.ptr(), sums.ptr(), groups.ptr(), flag.ptr());
         if batch.sparse {
             let k = self.kernels.get(KernelId::TileTotals);
             // SAFETY: `table` holds `nd` descriptors whose addresses were
@@ -376,16 +405,43 @@ impl Gpu {
             // its own `tile_begin..tile_begin + tile_count` sums.
             unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(nd)) }?;
         }
-        let id = match stage {
-            Stage::Apply => KernelId::apply(batch.width),
-            Stage::Positions => KernelId::Positions,
-        };
-        let k = self.kernels.get(id);
-        // SAFETY: as above. The apply kernels read `positions`/`values` only
-        // within the validated stream lengths, read `base` and write `out` only
-        // at word indices < n (kernel-checked for positions from the delta),
-        // matching `apply_wN(const ChunkDesc*, u32, const u64*, u32*)`.
-        unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(batch.tiles)) }?;
+        if stage == Stage::Positions {
+            let k = self.kernels.get(KernelId::Positions);
+            // SAFETY: as above. `positions` writes `u32` positions only at
+            // indices < m of each descriptor's validated `out` range, matching
+            // `positions(const ChunkDesc*, u32, const u64*, u32*)`.
+            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(batch.tiles)) }?;
+            return Ok(());
+        }
+        let grouped = batch.group_rows > 0;
+        if grouped {
+            let k = self.kernels.get(KernelId::group_hist(batch.width));
+            // SAFETY: as above. `group_hist_wN` reads base words at positions
+            // < n (positions from the delta are checked) and writes row
+            // `group_begin + 1 + t` of `groups` for each tile t of a grouped
+            // chunk: inside the `group_rows` rows checked above. Signature
+            // `group_hist_wN(const ChunkDesc*, u32, const u64*, u32*, u32*)`.
+            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&g).arg(&f).launch(grid(batch.tiles)) }?;
+            let k = self.kernels.get(KernelId::GroupScan);
+            // SAFETY: as above; one block per descriptor, each touching only
+            // its own rows. Signature `group_scan(const ChunkDesc*, u32, u32*, u32*)`.
+            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&g).arg(&f).launch(grid(nd)) }?;
+        }
+        if batch.positional {
+            let k = self.kernels.get(KernelId::apply(batch.width));
+            // SAFETY: as above. The apply kernels read `positions`/`values` only
+            // within the validated stream lengths, read `base` and write `out` only
+            // at word indices < n (kernel-checked for positions from the delta),
+            // matching `apply_wN(const ChunkDesc*, u32, const u64*, u32*)`.
+            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(batch.tiles)) }?;
+        }
+        if grouped {
+            let k = self.kernels.get(KernelId::apply_grouped(batch.width));
+            // SAFETY: as above; value slots are checked against the value
+            // count before they are read. Signature
+            // `apply_grouped_wN(const ChunkDesc*, u32, const u64*, const u32*, u32*)`.
+            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&g).arg(&f).launch(grid(batch.tiles)) }?;
+        }
         Ok(())
     }
 }

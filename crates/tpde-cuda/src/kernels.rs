@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
-use tpde::container::chunk_map::{ChunkRecord, Encoding, PositionCoding};
+use tpde::container::chunk_map::{ChunkRecord, Encoding, PositionCoding, ValueOrder};
 
 use crate::error::{GpuError, Result};
 use crate::width::WordWidth;
@@ -20,6 +20,9 @@ pub const THREADS: u32 = 256;
 pub const TILE: u64 = 256 * 16;
 /// Bitmap bytes per tile (`BITMAP_TILE_BYTES` in the source).
 pub const BITMAP_TILE_BYTES: u64 = 256 * 16;
+/// Base keys of grouped value order (`KEYS` in the source): one row of the
+/// group table is this many `u32`.
+pub const KEYS: usize = 256;
 
 /// Every kernel of the registry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,12 +41,46 @@ pub enum KernelId {
     ApplyW8,
     /// Positions of sparse chunks as `u32`.
     Positions,
+    /// Per tile histograms of base keys (grouped value order), 1-byte words.
+    GroupHistW1,
+    /// The same for 2-byte words.
+    GroupHistW2,
+    /// The same for 4-byte words.
+    GroupHistW4,
+    /// The same for 8-byte words.
+    GroupHistW8,
+    /// Per chunk scan of the key histograms into value slots.
+    GroupScan,
+    /// Reconstruction of chunks with grouped values, 1-byte words.
+    ApplyGroupedW1,
+    /// The same for 2-byte words.
+    ApplyGroupedW2,
+    /// The same for 4-byte words.
+    ApplyGroupedW4,
+    /// The same for 8-byte words.
+    ApplyGroupedW8,
 }
 
 impl KernelId {
     /// Every kernel, in table order.
-    pub const ALL: [KernelId; 7] =
-        [Self::TileTotals, Self::TileScan, Self::ApplyW1, Self::ApplyW2, Self::ApplyW4, Self::ApplyW8, Self::Positions];
+    pub const ALL: [KernelId; 16] = [
+        Self::TileTotals,
+        Self::TileScan,
+        Self::ApplyW1,
+        Self::ApplyW2,
+        Self::ApplyW4,
+        Self::ApplyW8,
+        Self::Positions,
+        Self::GroupHistW1,
+        Self::GroupHistW2,
+        Self::GroupHistW4,
+        Self::GroupHistW8,
+        Self::GroupScan,
+        Self::ApplyGroupedW1,
+        Self::ApplyGroupedW2,
+        Self::ApplyGroupedW4,
+        Self::ApplyGroupedW8,
+    ];
 
     /// The `extern "C"` symbol.
     #[must_use]
@@ -56,6 +93,15 @@ impl KernelId {
             Self::ApplyW4 => "apply_w4",
             Self::ApplyW8 => "apply_w8",
             Self::Positions => "positions",
+            Self::GroupHistW1 => "group_hist_w1",
+            Self::GroupHistW2 => "group_hist_w2",
+            Self::GroupHistW4 => "group_hist_w4",
+            Self::GroupHistW8 => "group_hist_w8",
+            Self::GroupScan => "group_scan",
+            Self::ApplyGroupedW1 => "apply_grouped_w1",
+            Self::ApplyGroupedW2 => "apply_grouped_w2",
+            Self::ApplyGroupedW4 => "apply_grouped_w4",
+            Self::ApplyGroupedW8 => "apply_grouped_w8",
         }
     }
 
@@ -67,6 +113,28 @@ impl KernelId {
             WordWidth::W2 => Self::ApplyW2,
             WordWidth::W4 => Self::ApplyW4,
             WordWidth::W8 => Self::ApplyW8,
+        }
+    }
+
+    /// The key histogram kernel of a word width.
+    #[must_use]
+    pub const fn group_hist(width: WordWidth) -> Self {
+        match width {
+            WordWidth::W1 => Self::GroupHistW1,
+            WordWidth::W2 => Self::GroupHistW2,
+            WordWidth::W4 => Self::GroupHistW4,
+            WordWidth::W8 => Self::GroupHistW8,
+        }
+    }
+
+    /// The grouped-order apply kernel of a word width.
+    #[must_use]
+    pub const fn apply_grouped(width: WordWidth) -> Self {
+        match width {
+            WordWidth::W1 => Self::ApplyGroupedW1,
+            WordWidth::W2 => Self::ApplyGroupedW2,
+            WordWidth::W4 => Self::ApplyGroupedW4,
+            WordWidth::W8 => Self::ApplyGroupedW8,
         }
     }
 }
@@ -132,7 +200,7 @@ pub(crate) const MAX_POSITION_STREAMS: usize = 4;
 pub(crate) const MAX_VALUE_STREAMS: usize = 8;
 
 /// One chunk as the kernels read it: `struct ChunkDesc` of the source,
-/// 144 bytes, with one device address per stream.
+/// 152 bytes, with one device address per stream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ChunkDesc {
     pub pos: [u64; MAX_POSITION_STREAMS],
@@ -147,10 +215,12 @@ pub(crate) struct ChunkDesc {
     pub op: u32,
     pub layout: u32,
     pub gap_width: u32,
+    pub order: u32,
+    pub group_begin: u32,
 }
 
 impl ChunkDesc {
-    pub const BYTES: usize = 144;
+    pub const BYTES: usize = 152;
 
     /// Kind, op, layout, gap width and tile count of a chunk of `words`
     /// words (no addresses). `None` for unchanged chunks, which need no
@@ -177,6 +247,7 @@ impl ChunkDesc {
             op: u32::from(record.value_op as u8),
             layout: u32::from(record.value_layout as u8),
             gap_width,
+            order: u32::from(record.value_order == ValueOrder::GroupedByBase),
             ..Self::default()
         })
     }
@@ -185,13 +256,38 @@ impl ChunkDesc {
         self.kind == kind::SPARSE_GAPS || self.kind == kind::SPARSE_BITMAP
     }
 
+    /// Whether the values are grouped by base key (§8.6): the chunk goes to
+    /// the grouped kernels. Raw chunks are always positional.
+    pub fn is_grouped(&self) -> bool {
+        self.order == 1 && self.kind != kind::RAW
+    }
+
+    /// Rows of the group table a grouped chunk takes: `start` and one per tile.
+    pub fn group_rows(&self) -> u32 {
+        if self.is_grouped() {
+            self.tile_count + 1
+        } else {
+            0
+        }
+    }
+
     pub fn write_to(&self, out: &mut [u8]) {
         let fields64 = self.pos.iter().chain(&self.val).chain([&self.base, &self.out]);
         for (dst, f) in out.chunks_exact_mut(8).zip(fields64) {
             dst.copy_from_slice(&f.to_le_bytes());
         }
-        let fields32 =
-            [self.n, self.m, self.tile_begin, self.tile_count, self.kind, self.op, self.layout, self.gap_width];
+        let fields32 = [
+            self.n,
+            self.m,
+            self.tile_begin,
+            self.tile_count,
+            self.kind,
+            self.op,
+            self.layout,
+            self.gap_width,
+            self.order,
+            self.group_begin,
+        ];
         for (dst, f) in out[112..].chunks_exact_mut(4).zip(fields32) {
             dst.copy_from_slice(&f.to_le_bytes());
         }

@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{result as cu, CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use rayon::prelude::*;
-use tpde::container::chunk_map::{ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOrder};
+use tpde::container::chunk_map::{ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout};
 
 use crate::error::{GpuError, Result};
 use crate::gpu::{Batch, DevRange, Gpu, Stage};
-use crate::kernels::ChunkDesc;
+use crate::kernels::{ChunkDesc, KEYS};
 use crate::width::WordWidth;
 
 /// One chunk of a delta, as the format library stores it: its record, its
@@ -36,16 +36,10 @@ pub struct ChunkRef<'a> {
 
 impl<'a> ChunkRef<'a> {
     /// Checks the records against each other and the chunk size with the
-    /// format library's [`tpde::delta::check_chunk_shape`] (§8.1–§8.4), and
-    /// that the kernels implement the chunk's value order: values grouped by
-    /// base key (§8.6) are [`GpuError::Unsupported`].
+    /// format library's [`tpde::delta::check_chunk_shape`] (§8.1–§8.4).
+    /// Both value orders (§8.6) are read by the kernels.
     pub fn check_shape(&self, width: WordWidth) -> Result<()> {
         tpde::delta::check_chunk_shape(&self.record, self.streams, u64::from(self.words), width.bytes())?;
-        if self.record.value_order != ValueOrder::Positional {
-            return Err(GpuError::Unsupported(
-                "values grouped by base key (spec §8.6); the GPU kernels read positional order".into(),
-            ));
-        }
         Ok(())
     }
 
@@ -158,6 +152,8 @@ struct Slot {
     host: PinnedHostSlice<u8>,
     dev: CudaSlice<u8>,
     sums: CudaSlice<u64>,
+    /// The group table of grouped value order: rows of [`KEYS`] `u32`.
+    groups: CudaSlice<u32>,
     stream: Arc<CudaStream>,
     uploaded: CudaEvent,
     done: CudaEvent,
@@ -223,6 +219,7 @@ impl Loader {
         }
         let ctx = gpu.context().clone();
         let max_tiles = cfg.slot_bytes / 64 + cfg.max_chunks + 1;
+        let group_rows = Self::max_group_rows(&cfg);
         let mut slots = Vec::with_capacity(cfg.slots);
         for _ in 0..cfg.slots {
             // SAFETY: the memory is uninitialized bytes; every byte is written
@@ -232,15 +229,24 @@ impl Loader {
             let stream = gpu.new_stream()?;
             let dev = gpu.alloc_zeros::<u8>(cfg.slot_bytes)?;
             let sums = gpu.alloc_zeros::<u64>(max_tiles)?;
+            let groups = gpu.alloc_zeros::<u32>(group_rows * KEYS)?;
             let uploaded = ctx.new_event(None)?;
             let done = ctx.new_event(None)?;
-            slots.push(Slot { host, dev, sums, stream, uploaded, done, in_use: false });
+            slots.push(Slot { host, dev, sums, groups, stream, uploaded, done, in_use: false });
         }
         let flag = gpu.alloc_zeros::<u32>(1)?;
         // SAFETY: only ever read after a device-to-host copy fills it.
         let flag_host = unsafe { ctx.alloc_pinned_with_flags::<u32>(1, 0) }?;
         let start = ctx.new_event(None)?;
         Ok(Self { gpu, cfg, slots, next: 0, flag, flag_host, start })
+    }
+
+    /// Rows of the group table per slot. A chunk that fits a slot has at
+    /// most `slot_bytes / 4096 + 1` tiles (each tile covers at least 4096
+    /// bytes of decoded streams) and takes one row more; batches of many
+    /// small grouped chunks are cut at this bound.
+    fn max_group_rows(cfg: &LoaderConfig) -> usize {
+        cfg.slot_bytes / 4096 + 2 * cfg.max_chunks.min(512) + 2
     }
 
     /// The device.
@@ -485,12 +491,14 @@ impl Loader {
     fn plan_batch<'a>(&self, jobs: &[Job<'_, 'a>]) -> Result<Plan<'a>> {
         let width = jobs[0].width;
         let max_tiles = self.slots[0].sums.len();
+        let max_rows = self.slots[0].groups.len() / KEYS;
         let host = jobs[0].host;
         // Per stream: Ok(offset in the decoded part) or Err(offset in `host`).
         let mut places: Vec<Vec<std::result::Result<usize, usize>>> = Vec::new();
         let mut decoded = 0usize;
         let mut raw: Option<(usize, usize)> = None;
         let mut tiles = 0usize;
+        let mut rows = 0usize;
         for job in jobs.iter().take(self.cfg.max_chunks) {
             let c = job.chunk;
             if job.width != width {
@@ -524,9 +532,10 @@ impl Loader {
                 }
             }
             let t = Batch::tiles_of(&c.record, c.words) as usize;
+            let g = Batch::group_rows_of(&c.record, c.words) as usize;
             let table = align((places.len() + 1) * ChunkDesc::BYTES, 64);
             let raw_len = span.map_or(0, |(lo, hi)| hi - lo + 16);
-            if table + dec + 16 + raw_len > self.cfg.slot_bytes || tiles + t > max_tiles {
+            if table + dec + 16 + raw_len > self.cfg.slot_bytes || tiles + t > max_tiles || rows + g > max_rows {
                 if places.is_empty() {
                     return Err(GpuError::invalid(
                         "a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes",
@@ -537,6 +546,7 @@ impl Loader {
             decoded = dec;
             raw = span;
             tiles += t;
+            rows += g;
             places.push(place);
         }
         let count = places.len();
@@ -605,8 +615,9 @@ impl Loader {
         s.in_use = true;
         s.stream.wait(&self.start)?;
         let sums = DevRange::all(&s.sums, &s.stream)?;
+        let groups = DevRange::all(&s.groups, &s.stream)?;
         let flag = DevRange::all(&self.flag, &s.stream)?;
-        self.gpu.launch(&s.stream, &batch, stage, dev.sub(0, plan.table)?, sums, flag)
+        self.gpu.launch(&s.stream, &batch, stage, dev.sub(0, plan.table)?, sums, groups, flag)
     }
 
     /// Decodes every stream of `delta` once into one device buffer, so that
@@ -750,6 +761,7 @@ impl Loader {
         self.start.record(&main)?;
         let data = DevRange::all(&delta.data, &main)?;
         let max_tiles = self.slots[0].sums.len();
+        let max_rows = self.slots[0].groups.len() / KEYS;
         let table_cap = self.cfg.slot_bytes / ChunkDesc::BYTES;
         for ((t, b), o) in delta.tensors.iter().zip(bases).zip(outs) {
             let w = t.width.bytes() as u64;
@@ -759,8 +771,13 @@ impl Loader {
                 let chunk = ChunkRef { record: c.record, streams: &c.streams, stored: &[], words: c.words };
                 let nb = c.words as usize * t.width.bytes();
                 let off = usize::try_from(c.word * w).map_err(|_| GpuError::invalid("tensor too large"))?;
+                let rows = Batch::group_rows_of(&c.record, c.words) as usize;
+                if rows > max_rows {
+                    return Err(GpuError::invalid("a chunk has too many tiles; raise LoaderConfig::slot_bytes"));
+                }
                 if count == self.cfg.max_chunks.min(table_cap)
                     || batch.tiles() as usize + Batch::tiles_of(&c.record, c.words) as usize > max_tiles
+                    || batch.group_rows() as usize + rows > max_rows
                 {
                     self.launch_table(&batch)?;
                     batch = Batch::new(t.width);
@@ -797,8 +814,9 @@ impl Loader {
         s.in_use = true;
         s.stream.wait(&self.start)?;
         let sums = DevRange::all(&s.sums, &s.stream)?;
+        let groups = DevRange::all(&s.groups, &s.stream)?;
         let flag = DevRange::all(&self.flag, &s.stream)?;
-        self.gpu.launch(&s.stream, batch, Stage::Apply, dev.sub(0, n)?, sums, flag)
+        self.gpu.launch(&s.stream, batch, Stage::Apply, dev.sub(0, n)?, sums, groups, flag)
     }
 
     /// Joins every slot stream into the main stream, copies the device error

@@ -6,10 +6,12 @@
 //! with the base are the apply kernels' word arithmetic; the library keeps
 //! its versions private, so they are restated here, and the tests check them
 //! (and the GPU) against the library's [`tpde::delta::decode_chunk`]. Words
-//! are little-endian (`spec/FORMAT.md` §8).
+//! are little-endian (`spec/FORMAT.md` §8). Values grouped by base key
+//! (§8.6) are found by the stable counting sort that the spec states
+//! ([`grouped_slots`]); the kernels compute the same slots tile by tile.
 
 use tpde::codec::positions;
-use tpde::container::chunk_map::{Encoding, PositionCoding, ValueLayout, ValueOp};
+use tpde::container::chunk_map::{Encoding, PositionCoding, ValueLayout, ValueOp, ValueOrder};
 use tpde::ErrorCode;
 
 use crate::error::{flag, GpuError, Result};
@@ -55,6 +57,41 @@ pub fn load_value(streams: &[&[u8]], layout: ValueLayout, width: WordWidth, j: u
         }
     }
     v
+}
+
+/// The base key of a base word (§8.6): the top byte of `rotl(b, 1)` at the
+/// word width. The kernels' `group_key`.
+#[must_use]
+pub fn group_key(b: u64, width: WordWidth) -> u8 {
+    let bits = width.bits();
+    let b = b & width.mask();
+    let r = ((b << 1) | (b >> (bits - 1))) & width.mask();
+    // the top byte of a `bits`-bit word
+    u8::try_from(r >> (bits - 8)).unwrap_or(0)
+}
+
+/// For values grouped by base key (§8.6): the list index of the value of
+/// each position, given the base key of each position in positional order.
+/// `slot(i) = start[k_i] + |{ i' < i : k_i' = k_i }|`.
+#[must_use]
+pub fn grouped_slots(keys: &[u8]) -> Vec<usize> {
+    let mut next = [0usize; 256];
+    for &k in keys {
+        next[usize::from(k)] += 1;
+    }
+    let mut start = 0;
+    for n in &mut next {
+        let count = *n;
+        *n = start;
+        start += count;
+    }
+    keys.iter()
+        .map(|&k| {
+            let slot = next[usize::from(k)];
+            next[usize::from(k)] += 1;
+            slot
+        })
+        .collect()
 }
 
 /// Every stream of a validated chunk, decoded.
@@ -117,27 +154,30 @@ pub fn apply_chunk_in_place(c: &ChunkRef<'_>, width: WordWidth, buf: &mut [u8]) 
     let np = c.position_stream_count();
     let vals: Vec<&[u8]> = decoded[np..].iter().map(Vec::as_slice).collect();
     let (op, layout) = (c.record.value_op, c.record.value_layout);
-    let mut set = |i: usize, j: usize, raw: bool| {
-        let slot = &mut buf[i * w..(i + 1) * w];
+    let word = |buf: &[u8], i: usize| {
         let mut b = [0u8; 8];
-        b[..w].copy_from_slice(slot);
-        let v = load_value(&vals, layout, width, j);
-        let t = if raw { v } else { combine(u64::from_le_bytes(b), v, op, width) };
-        slot.copy_from_slice(&t.to_le_bytes()[..w]);
+        b[..w].copy_from_slice(&buf[i * w..(i + 1) * w]);
+        u64::from_le_bytes(b)
     };
-    match c.record.encoding {
-        Encoding::Unchanged => {}
-        Encoding::Dense | Encoding::Raw => {
-            let raw = c.record.encoding == Encoding::Raw;
-            for i in 0..c.words as usize {
-                set(i, i, raw);
-            }
+    // the word of each value position, in positional order
+    let words: Vec<usize> = match c.record.encoding {
+        Encoding::Unchanged => return Ok(()),
+        Encoding::Dense | Encoding::Raw => (0..c.words as usize).collect(),
+        Encoding::Sparse => chunk_positions(c, &decoded)?.into_iter().map(|p| p as usize).collect(),
+    };
+    // keys come from the base words, all read before any word is written
+    let slots: Vec<usize> = match c.record.value_order {
+        ValueOrder::Positional => (0..words.len()).collect(),
+        ValueOrder::GroupedByBase => {
+            let keys: Vec<u8> = words.iter().map(|&i| group_key(word(buf, i), width)).collect();
+            grouped_slots(&keys)
         }
-        Encoding::Sparse => {
-            for (j, p) in chunk_positions(c, &decoded)?.into_iter().enumerate() {
-                set(p as usize, j, false);
-            }
-        }
+    };
+    let raw = c.record.encoding == Encoding::Raw;
+    for (&i, &j) in words.iter().zip(&slots) {
+        let v = load_value(&vals, layout, width, j);
+        let t = if raw { v } else { combine(word(buf, i), v, op, width) };
+        buf[i * w..(i + 1) * w].copy_from_slice(&t.to_le_bytes()[..w]);
     }
     Ok(())
 }

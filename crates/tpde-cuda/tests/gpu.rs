@@ -60,13 +60,13 @@ fn every_encoding_width_op_and_layout_is_bit_exact() {
             let n = 150_003;
             let (base, target) = pair(w, n, every, 11 + k as u64);
             let dbase = g.upload(&base).unwrap();
-            for choice in CHOICES {
+            for (choice, grouped) in CHOICES.into_iter().flat_map(|c| GROUPED.map(|g| (c, g))) {
                 for op in OPS {
                     for layout in LAYOUTS {
                         let level = (k % 2 == 0).then_some(1);
-                        let t = forced_tensor(&base, &target, w, 40_000, choice, op, layout, level);
+                        let t = forced_tensor_in(&base, &target, w, 40_000, choice, op, layout, level, grouped);
                         let host = packed(&t);
-                        let ctx = format!("{w:?} every={every} {choice:?} {op:?} {layout:?}");
+                        let ctx = format!("{w:?} every={every} {choice:?} {op:?} {layout:?} grouped {grouped}");
                         for (how, tr) in [("ring", t.as_ref()), ("host", hosted(&t, &host))] {
                             // into a new buffer, against a resident base
                             let out = l.load(std::slice::from_ref(&tr), &[&dbase]).unwrap();
@@ -91,7 +91,9 @@ fn materialize_and_host_base_paths_are_bit_exact() {
     let (base, target) = pair(WordWidth::W4, 1 << 20, 20, 5);
     for min_zstd_gain in [0.0, 0.5] {
         let s = EncodeSettings { level: 3, min_zstd_gain };
-        let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, 1 << 16, false, s).unwrap();
+        // float words (leading sign): the writer groups values by base key
+        let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, 1 << 16, true, s).unwrap();
+        assert!(t.chunks.iter().all(|c| c.record.value_order == ValueOrder::GroupedByBase));
         let host = packed(&t);
         for tr in [t.as_ref(), hosted(&t, &host)] {
             let dbase = g.upload(&base).unwrap();
@@ -128,11 +130,21 @@ fn a_shorter_base_reads_as_zero_words() {
     let short = &base[..6_000];
     let mut padded = short.to_vec();
     padded.resize(base.len(), 0);
-    for choice in CHOICES {
-        let t = forced_tensor(&padded, &target, WordWidth::W2, 3_000, choice, ValueOp::Sub, ValueLayout::Words, None);
+    for (choice, grouped) in CHOICES.into_iter().flat_map(|c| GROUPED.map(|g| (c, g))) {
+        let t = forced_tensor_in(
+            &padded,
+            &target,
+            WordWidth::W2,
+            3_000,
+            choice,
+            ValueOp::Sub,
+            ValueLayout::Words,
+            None,
+            grouped,
+        );
         let d = g.upload(short).unwrap();
         let out = l.load(&[t.as_ref()], &[&d]).unwrap();
-        assert!(g.download(&out[0]).unwrap() == target, "{choice:?}");
+        assert!(g.download(&out[0]).unwrap() == target, "{choice:?} grouped {grouped}");
     }
 }
 
@@ -255,18 +267,18 @@ fn a_delta_file_written_by_the_format_library_loads_bit_exact() {
     write_safetensors(
         &dir.join("base.safetensors"),
         &[
-            ("a", "I32", vec![300_000], &b32),
-            ("b", "I16", vec![70_000], &b16),
-            ("c", "I64", vec![50_000], &b8),
+            ("a", "F32", vec![300_000], &b32),
+            ("b", "BF16", vec![70_000], &b16),
+            ("c", "F64", vec![50_000], &b8),
             ("d", "U8", vec![99_999], &b1),
         ],
     );
     write_safetensors(
         &dir.join("target.safetensors"),
         &[
-            ("a", "I32", vec![300_000], &t32),
-            ("b", "I16", vec![70_000], &t16),
-            ("c", "I64", vec![50_000], &t8),
+            ("a", "F32", vec![300_000], &t32),
+            ("b", "BF16", vec![70_000], &t16),
+            ("c", "F64", vec![50_000], &t8),
             ("d", "U8", vec![99_999], &t1),
         ],
     );
@@ -302,12 +314,14 @@ fn a_delta_file_written_by_the_format_library_loads_bit_exact() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Vocabulary growth: every dtype width (integer dtypes: the writer groups
-/// float values by base key, §8.6, which the kernels do not read yet), the
-/// target with more rows than the
-/// base. The GPU result, copied back, must equal the library's
+/// Vocabulary growth: every dtype width (float dtypes, whose values the
+/// writer groups by base key, §8.6, and U8), the target with more rows than
+/// the base; the first third of every target changes in every element, so
+/// that the file has grouped dense chunks as well as grouped sparse ones.
+/// The GPU result, copied back, must equal the library's
 /// `DeltaFile::decode_tensor` (which checks every chunk digest) and match
-/// each chunk's recorded XXH3-128 digest itself.
+/// each chunk's recorded XXH3-128 digest itself: into new buffers from a
+/// resident base, and in place over the (zero-padded) base.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary() {
@@ -315,15 +329,18 @@ fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary
     let dir = temp_dir("vocab");
     let cols = 96usize;
     let (rows_b, rows_t) = (1000usize, 1337usize);
-    let dtypes = [("U8", WordWidth::W1), ("I16", WordWidth::W2), ("I32", WordWidth::W4), ("I64", WordWidth::W8)];
+    let dtypes = [("U8", WordWidth::W1), ("BF16", WordWidth::W2), ("F32", WordWidth::W4), ("F64", WordWidth::W8)];
     let mut bases = Vec::new();
     let mut targets = Vec::new();
     for (i, (_, w)) in dtypes.iter().enumerate() {
-        let (b, t) = pair(*w, rows_t * cols, 9, 40 + i as u64);
+        let (b, mut t) = pair(*w, rows_t * cols, 9, 40 + i as u64);
+        for j in 0..rows_t * cols / 3 {
+            write_word(&mut t, *w, j, read_word(&b, *w, j) ^ (1 + (j as u64 % 5)));
+        }
         bases.push(b[..rows_b * cols * w.bytes()].to_vec());
         targets.push(t);
     }
-    let names = ["u8", "i16", "i32", "i64"];
+    let names = ["u8", "bf16", "f32", "f64"];
     let entries = |data: &[Vec<u8>], rows: usize| -> Vec<(&str, &str, Vec<u64>, Vec<u8>)> {
         names
             .iter()
@@ -352,15 +369,28 @@ fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary
         let pinned = PinnedDelta::open(&g, &path).unwrap();
         let file = pinned.file();
         let host = tpde_cuda::delta::host_bases(file, &base).unwrap();
-        for (t, hb) in pinned.tensor_refs(true).unwrap().iter().zip(&host) {
-            assert!(hb.len() < t.bytes(), "{}: the base must be shorter", t.name);
-            let db = g.upload(hb).unwrap();
-            let mut out = g.alloc_zeros::<u8>(t.bytes()).unwrap();
-            l.materialize_into(t, &db, &mut out).unwrap();
-            let got = g.download(&out).unwrap();
+        let refs = pinned.tensor_refs(true).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for t in &refs {
+            for c in &t.chunks {
+                if c.record.value_order == ValueOrder::GroupedByBase {
+                    seen.insert((t.width.bytes(), c.record.encoding as u8));
+                }
+            }
+        }
+        for wb in [2, 4, 8] {
+            for enc in [Encoding::Sparse, Encoding::Dense] {
+                assert!(seen.contains(&(wb, enc as u8)), "no grouped {enc:?} chunk at {wb} bytes");
+            }
+        }
+        let expect: Vec<Vec<u8>> = refs
+            .iter()
+            .zip(&host)
+            .map(|(t, hb)| file.decode_tensor(file.tensor(&t.name).unwrap(), Some(hb)).unwrap())
+            .collect();
+        let check = |t: &TensorRef<'_>, got: &[u8], expect: &[u8], how: &str| {
+            assert!(got == expect, "{} {how}", t.name);
             let entry = file.tensor(&t.name).unwrap();
-            let expect = file.decode_tensor(entry, Some(hb)).unwrap();
-            assert!(got == expect, "{}", t.name);
             let wb = t.width.bytes();
             for span in file.spans(entry).unwrap() {
                 let at = span.first_word as usize * wb;
@@ -368,11 +398,48 @@ fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary
                 assert_eq!(
                     tpde::digest::leaf_digest(bytes),
                     file.chunk(span.index).digest,
-                    "{} chunk {}",
+                    "{} chunk {} {how}",
                     t.name,
                     span.index
                 );
             }
+        };
+        for ((t, hb), e) in refs.iter().zip(&host).zip(&expect) {
+            assert!(hb.len() < t.bytes(), "{}: the base must be shorter", t.name);
+            let db = g.upload(hb).unwrap();
+            let mut out = g.alloc_zeros::<u8>(t.bytes()).unwrap();
+            l.materialize_into(t, &db, &mut out).unwrap();
+            check(t, &g.download(&out).unwrap(), e, "materialize_into");
+        }
+        // every tensor at once: into new buffers, and in place
+        let dbases: Vec<_> = host.iter().map(|hb| g.upload(hb).unwrap()).collect();
+        let outs = l.load(&refs, &dbases.iter().collect::<Vec<_>>()).unwrap();
+        for ((t, o), e) in refs.iter().zip(&outs).zip(&expect) {
+            check(t, &g.download(o).unwrap(), e, "load");
+        }
+        let mut bufs: Vec<_> = refs
+            .iter()
+            .zip(&host)
+            .map(|(t, hb)| {
+                let mut padded = hb.to_vec();
+                padded.resize(t.bytes(), 0);
+                g.upload(&padded).unwrap()
+            })
+            .collect();
+        l.apply_in_place(&refs, &mut bufs).unwrap();
+        for ((t, o), e) in refs.iter().zip(&bufs).zip(&expect) {
+            check(t, &g.download(o).unwrap(), e, "apply_in_place");
+        }
+        let outs = l.load_host_base(&refs, &host).unwrap();
+        for ((t, o), e) in refs.iter().zip(&outs).zip(&expect) {
+            check(t, &g.download(o).unwrap(), e, "load_host_base");
+        }
+        // decoded once into device memory, then kernels only
+        let staged = l.stage_on_device(&refs).unwrap();
+        let mut outs: Vec<_> = refs.iter().map(|t| g.alloc_zeros::<u8>(t.bytes()).unwrap()).collect();
+        l.apply_staged(&staged, &dbases.iter().collect::<Vec<_>>(), &mut outs).unwrap();
+        for ((t, o), e) in refs.iter().zip(&outs).zip(&expect) {
+            check(t, &g.download(o).unwrap(), e, "apply_staged");
         }
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -196,7 +196,8 @@ pub fn forced_chunk_in(
     let mut streams = Vec::new();
     let mut data = Vec::new();
     for s in raw {
-        let z = level.map(|l| tpde::codec::zstd_stream::compress(&s, tpde::codec::zstd_stream::Effort::Level(l)).unwrap());
+        let z =
+            level.map(|l| tpde::codec::zstd_stream::compress(&s, tpde::codec::zstd_stream::Effort::Level(l)).unwrap());
         let (codec, bytes) = match z {
             Some(z) if z.len() < s.len() => (Codec::Zstd, z),
             _ => (Codec::Stored, s.clone()),
