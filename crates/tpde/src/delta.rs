@@ -26,8 +26,9 @@ pub struct EncodeSettings {
     /// writer measures alternative encodings instead of predicting them.
     pub level: i32,
     /// A stream is stored compressed only when zstd saves at least this fraction of
-    /// it. Above zero, decoding becomes mostly copying, which suits GPU loading where
-    /// the bus is faster than CPU decompression.
+    /// it, and values are grouped by base key only when that is predicted to save as
+    /// much. Above zero, decoding becomes mostly copying, which suits GPU loading
+    /// where the bus is faster than CPU decompression.
     pub min_zstd_gain: f64,
 }
 
@@ -186,9 +187,30 @@ fn value_streams<W: Word>(values: &[W], layout: ValueLayout, settings: EncodeSet
     StreamSet::of(&values::split(values, layout), settings)
 }
 
+/// Whether grouping values by base key (spec §8.6) is predicted to store at least
+/// `min_gain` smaller, from the entropy of a sample taken whole and taken group
+/// by group. For floats the exponent sets how many units in the last place an update
+/// spans, so values of one group look alike; where they do not, positional order is
+/// kept, which also keeps GPU decoding on its fastest path.
+fn grouping_pays<W: Word>(values: &[W], keys: &[u8], layout: ValueLayout, min_gain: f64) -> bool {
+    let step = values.len().div_ceil(SAMPLE_VALUES).max(1);
+    let mut groups: Vec<Vec<W>> = vec![Vec::new(); 256];
+    let mut whole = Vec::with_capacity(SAMPLE_VALUES);
+    for j in (0..values.len()).step_by(step) {
+        whole.push(values[j]);
+        groups[usize::from(keys[j])].push(values[j]);
+    }
+    let grouped: f64 = groups.iter().filter(|g| !g.is_empty()).map(|g| values::estimate_bits_corrected(g, layout)).sum();
+    grouped < (1.0 - min_gain) * values::estimate_bits_corrected(&whole, layout)
+}
+
+/// The predicted gain below which values stay in positional order; a writer asked
+/// for cheap decoding (`min_zstd_gain`) asks the same of grouping.
+const GROUPING_GAIN: f64 = 0.02;
+
 /// Value streams against a base, in the order that stores smaller: grouped by base
-/// key for floats (their exponent sets how many units in the last place an update
-/// spans), positional otherwise; measured from [`MEASURE_FROM_LEVEL`] on.
+/// key where [`grouping_pays`] predicts it, positional otherwise; measured from
+/// [`MEASURE_FROM_LEVEL`] on.
 fn ordered_value_streams<W: Word>(
     values: &[W],
     keys: impl Fn() -> Vec<u8>,
@@ -198,11 +220,12 @@ fn ordered_value_streams<W: Word>(
 ) -> Result<(ValueOrder, StreamSet)> {
     let multi_byte = W::BYTES > 1;
     let measure = settings.level >= MEASURE_FROM_LEVEL && multi_byte;
-    let predict_grouped = leading_sign && multi_byte;
-    if !measure && !predict_grouped {
+    let keys = if measure || (leading_sign && multi_byte) { keys() } else { Vec::new() };
+    let min_gain = GROUPING_GAIN.max(settings.min_zstd_gain);
+    if !measure && (keys.is_empty() || !grouping_pays(values, &keys, layout, min_gain)) {
         return Ok((ValueOrder::Positional, value_streams(values, layout, settings)?));
     }
-    let grouped = value_streams(&values::group(values, &keys()), layout, settings)?;
+    let grouped = value_streams(&values::group(values, &keys), layout, settings)?;
     if !measure {
         return Ok((ValueOrder::GroupedByBase, grouped));
     }

@@ -55,9 +55,10 @@ enum Command {
         /// from 10 on, alternatives are measured rather than predicted.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=22))]
         level: i32,
-        /// Store a stream compressed only when zstd saves at least this fraction of it
-        /// (0 to 1). Raising it trades size for decoding that is mostly copying,
-        /// which suits loading onto a GPU (try 0.25).
+        /// Store a stream compressed only when zstd saves at least this fraction of it,
+        /// and group values by base key only when that saves as much (0 to 1).
+        /// Raising it trades size for decoding that is mostly copying, which suits
+        /// loading onto a GPU (try 0.25).
         #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
         min_zstd_gain: f64,
         /// Words per chunk: the unit of parallelism and random access.

@@ -304,6 +304,22 @@ pub(crate) fn estimate_bits<W: Word>(values: &[W], layout: ValueLayout) -> f64 {
     split(values, layout).iter().map(|s| entropy_bits(s)).sum()
 }
 
+/// Like [`estimate_bits`], with the Miller–Madow correction for small samples
+/// (`(K - 1) / (2 ln 2)` bits per stream with `K` distinct bytes), so that cutting a
+/// sample into many small groups does not look cheaper than it is.
+pub(crate) fn estimate_bits_corrected<W: Word>(values: &[W], layout: ValueLayout) -> f64 {
+    split(values, layout)
+        .iter()
+        .map(|stream| {
+            let mut seen = [false; 256];
+            stream.iter().for_each(|&b| seen[usize::from(b)] = true);
+            #[allow(clippy::cast_precision_loss)] // an estimate
+            let distinct = seen.iter().filter(|&&s| s).count() as f64;
+            entropy_bits(stream) + (distinct - 1.0).max(0.0) / (2.0 * std::f64::consts::LN_2)
+        })
+        .sum()
+}
+
 /// Order-0 entropy of `bytes`, in bits, summed over all bytes.
 #[must_use]
 #[allow(clippy::cast_precision_loss)] // an estimate
