@@ -33,13 +33,7 @@ READER = os.path.join(HERE, "tpde_reader.py")
 # gives, why).  The test checks that the reader still gives exactly that result, and
 # reports the case as skipped; once the golden file is regenerated the entry is stale
 # and the test says so.
-KNOWN_DISAGREEMENTS = {
-    "reserved-nonzero-chunk-record-offset-26": (
-        "accept",
-        "Table 6.1 now defines byte 26 of a chunk record as value_order (§8.6); the case "
-        "sets it to 1 (grouped) on a sparse chunk whose 3 base words share one key, so "
-        "the file is valid and decodes to valid/mixed's tensors"),
-}
+KNOWN_DISAGREEMENTS = {}
 
 
 def load_manifest():

@@ -16,6 +16,7 @@ spec's section order; comments name the rule each check implements.
 import argparse
 import hashlib
 import json
+import math
 import mmap
 import os
 import re
@@ -141,9 +142,16 @@ _BRACKETS[ord("[")] = _BRACKETS[ord("{")] = 1
 _BRACKETS[ord("]")] = _BRACKETS[ord("}")] = -1
 
 
+def _in_double_range(text):
+    # §5.1: every JSON number is within the range of an IEEE 754 double.
+    if math.isinf(float(text)):
+        raise _BadJson("number out of range")
+
+
 def _parse_int(text):
     # The literal text of an integer: grammar -?(0|[1-9][0-9]*).  Negative integers
     # (-0 included) are never valid in a core object or a safetensors header.
+    _in_double_range(text)
     if text.startswith("-"):
         return _Neg()
     if len(text) > 40:  # far above any u64; avoid int() digit limits
@@ -151,7 +159,8 @@ def _parse_int(text):
     return int(text)
 
 
-def _parse_float(_text):
+def _parse_float(text):
+    _in_double_range(text)
     return _Float()
 
 
@@ -234,7 +243,8 @@ def is_int_array(v):
 
 
 def check_members(obj, spec):
-    """spec: member -> (required, type predicate).  null reads as absent when optional."""
+    """spec: member -> (required, type predicate).  null reads as absent when optional,
+    except for `extensions`, which must be an object when present (§5.1)."""
     if type(obj) is not dict:
         fail("E_HEADER_INVALID", "not an object")
     for k in obj:
@@ -243,7 +253,7 @@ def check_members(obj, spec):
     out = {}
     for k, (required, pred) in spec.items():
         v = obj.get(k)
-        if v is None and not required:
+        if v is None and not required and not (k == "extensions" and k in obj):
             out[k] = None
             continue
         if k not in obj:

@@ -1,0 +1,274 @@
+//! Delta files whose chunks use exactly the encoding, value op, layout, position
+//! coding and codec that a case asks for. The library's encoder picks these by
+//! measured size; here each chunk is built from the spec and handed to the
+//! library's `DeltaWriter`, so the container framing is the library's own.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tpde::container::chunk_map::{
+    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
+};
+use tpde::container::header::{BaseTensor, Header, LayoutKind, TargetFile, TargetLayout, TensorEntry};
+use tpde::delta::{encode_chunk, EncodeSettings, EncodedChunk};
+use tpde::writer::DeltaWriter;
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+
+use crate::safet::{self, Tensor};
+use crate::words;
+
+/// The writer string of every generated file, so that goldens do not change with
+/// the crate version.
+pub const WRITER: &str = "tpde-conformance-generator";
+
+/// Exactly how one chunk is stored.
+#[derive(Debug, Clone, Copy)]
+pub struct Force {
+    /// The encoding.
+    pub encoding: Encoding,
+    /// The value op (xor for raw and unchanged).
+    pub op: ValueOp,
+    /// The value layout.
+    pub layout: ValueLayout,
+    /// The position coding (sparse only).
+    pub coding: PositionCoding,
+    /// A gap width wider than needed, or `None` for the narrowest.
+    pub gap_width: Option<u8>,
+    /// The codec of every stream.
+    pub codec: Codec,
+    /// Values grouped by base key (§8.6) rather than positional.
+    pub grouped: bool,
+}
+
+impl Force {
+    /// A forced chunk with xor, words, no positions, stored streams.
+    pub const fn new(encoding: Encoding) -> Self {
+        Self {
+            encoding,
+            op: ValueOp::Xor,
+            layout: ValueLayout::Words,
+            coding: PositionCoding::None,
+            gap_width: None,
+            codec: Codec::Stored,
+            grouped: false,
+        }
+    }
+    /// With a value op.
+    pub const fn op(mut self, op: ValueOp) -> Self {
+        self.op = op;
+        self
+    }
+    /// With a value layout.
+    pub const fn layout(mut self, layout: ValueLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+    /// Sparse with gaps of the narrowest width.
+    pub const fn gaps(mut self) -> Self {
+        self.coding = PositionCoding::Gaps;
+        self
+    }
+    /// Sparse with gaps of this width.
+    pub const fn gap_width(mut self, width: u8) -> Self {
+        self.coding = PositionCoding::Gaps;
+        self.gap_width = Some(width);
+        self
+    }
+    /// Sparse with a bitmap.
+    pub const fn bitmap(mut self) -> Self {
+        self.coding = PositionCoding::Bitmap;
+        self
+    }
+    /// With zstd streams.
+    pub const fn zstd(mut self) -> Self {
+        self.codec = Codec::Zstd;
+        self
+    }
+    /// With values grouped by base key.
+    pub const fn grouped(mut self) -> Self {
+        self.grouped = true;
+        self
+    }
+}
+
+/// How a chunk is encoded: by the library's encoder, or forced.
+#[derive(Debug, Clone, Copy)]
+pub enum Plan {
+    /// The library's choice.
+    Auto,
+    /// Exactly this.
+    Forced(Force),
+}
+
+/// One tensor of a delta: its target, the base tensor it is encoded against (if
+/// any), the chunk size and a plan per chunk (the last plan repeats).
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The target tensor.
+    pub target: Tensor,
+    /// The base counterpart.
+    pub base: Option<Tensor>,
+    /// Words per chunk.
+    pub chunk_words: u64,
+    /// Plans per chunk; empty means `Auto` throughout.
+    pub plans: Vec<Plan>,
+}
+
+impl Entry {
+    /// A tensor encoded by the library's choice.
+    pub fn auto(target: Tensor, base: Option<Tensor>, chunk_words: u64) -> Self {
+        Self { target, base, chunk_words, plans: Vec::new() }
+    }
+    /// A tensor whose every chunk is forced.
+    pub fn forced(target: Tensor, base: Option<Tensor>, chunk_words: u64, plans: &[Force]) -> Self {
+        Self { target, base, chunk_words, plans: plans.iter().map(|&f| Plan::Forced(f)).collect() }
+    }
+}
+
+/// Stored bytes of one stream under `codec`.
+fn store(raw: &[u8], codec: Codec) -> (StreamRecord, Vec<u8>) {
+    let stored = match codec {
+        Codec::Stored => raw.to_vec(),
+        Codec::Zstd => crate::zframe::compress(raw),
+    };
+    let record = StreamRecord {
+        stored_len: u32::try_from(stored.len()).expect("small"),
+        decoded_len: u32::try_from(raw.len()).expect("small"),
+        codec,
+    };
+    (record, stored)
+}
+
+/// Builds one chunk exactly as `force` says. `base` holds the base bytes at the
+/// chunk's place, possibly shorter than the chunk; `None` for a tensor without base.
+pub fn forced_chunk(target: &[u8], base: Option<&[u8]>, word_bytes: usize, force: Force) -> EncodedChunk {
+    let t = words::load(target, word_bytes);
+    let n = t.len();
+    let mut b = words::load(base.unwrap_or_default(), word_bytes);
+    b.resize(n, 0);
+    let changed: Vec<u64> = (0..n).filter(|&i| t[i] != b[i]).map(|i| i as u64).collect();
+    let express = |i: usize| words::express(t[i], b[i], force.op, word_bytes);
+    let mut raw_streams: Vec<Vec<u8>> = Vec::new();
+    let mut gap_width = 0;
+    let (changed_count, values): (usize, Vec<u64>) = match force.encoding {
+        Encoding::Unchanged => {
+            assert!(changed.is_empty(), "an unchanged chunk changes nothing");
+            (0, Vec::new())
+        }
+        Encoding::Sparse => {
+            assert!(!changed.is_empty(), "a sparse chunk changes something");
+            match force.coding {
+                PositionCoding::Gaps => {
+                    let gaps = words::gaps_of(&changed);
+                    gap_width = force.gap_width.unwrap_or_else(|| words::gap_width(&gaps));
+                    raw_streams.extend(words::gap_planes(&gaps, gap_width));
+                }
+                PositionCoding::Bitmap => raw_streams.push(words::bitmap(&changed, n)),
+                PositionCoding::None => panic!("a sparse chunk needs a position coding"),
+            }
+            (changed.len(), changed.iter().map(|&i| express(usize::try_from(i).expect("small"))).collect())
+        }
+        Encoding::Dense => (changed.len(), (0..n).map(express).collect()),
+        Encoding::Raw => {
+            assert!(matches!(force.op, ValueOp::Xor), "raw chunks use xor");
+            (n, t.clone())
+        }
+    };
+    let grouped = force.grouped && matches!(force.encoding, Encoding::Sparse | Encoding::Dense);
+    let values = if grouped {
+        // A stable sort of the positional list by the base key of each value's word.
+        let word_of =
+            |l: usize| if force.encoding == Encoding::Sparse { usize::try_from(changed[l]).expect("small") } else { l };
+        let mut order: Vec<usize> = (0..values.len()).collect();
+        order.sort_by_key(|&l| words::base_key(b[word_of(l)], word_bytes));
+        order.iter().map(|&l| values[l]).collect()
+    } else {
+        values
+    };
+    if force.encoding != Encoding::Unchanged {
+        raw_streams.extend(words::split(&values, force.layout, word_bytes));
+    }
+    let mut streams = Vec::new();
+    let mut data = Vec::new();
+    for raw in &raw_streams {
+        let (record, stored) = store(raw, force.codec);
+        streams.push(record);
+        data.extend_from_slice(&stored);
+    }
+    let unchanged = force.encoding == Encoding::Unchanged;
+    let record = ChunkRecord {
+        data_offset: 0,
+        stored_len: u32::try_from(data.len()).expect("small"),
+        changed_count: u32::try_from(changed_count).expect("small"),
+        first_stream: 0,
+        encoding: force.encoding,
+        value_op: if unchanged { ValueOp::Xor } else { force.op },
+        value_layout: if unchanged { ValueLayout::Words } else { force.layout },
+        position_coding: if force.encoding == Encoding::Sparse { force.coding } else { PositionCoding::None },
+        gap_width,
+        stream_count: u8::try_from(streams.len()).expect("small"),
+        value_order: if grouped { ValueOrder::GroupedByBase } else { ValueOrder::Positional },
+        checksum: xxh3_64(&data),
+        digest: xxh3_128(target).to_be_bytes(),
+    };
+    EncodedChunk { record, streams, data }
+}
+
+/// The tree digest (spec §10) of `bytes` in chunks of `chunk_bytes`, in hex.
+pub fn tree_hex(bytes: &[u8], chunk_bytes: usize) -> String {
+    let leaves: Vec<u8> = bytes.chunks(chunk_bytes).flat_map(|c| xxh3_128(c).to_be_bytes()).collect();
+    hex::encode(xxh3_128(&leaves).to_be_bytes())
+}
+
+/// Writes a single-file delta of `entries` to `path`; returns the target
+/// safetensors file.
+pub fn write_delta(path: &Path, entries: &[Entry], metadata: Option<&BTreeMap<String, String>>) -> Vec<u8> {
+    let targets: Vec<Tensor> = entries.iter().map(|e| e.target.clone()).collect();
+    let (target_file, target_header) = safet::file(&targets, metadata);
+    let mut writer = DeltaWriter::create(path).expect("create the delta");
+    let mut tensors = Vec::new();
+    for entry in entries {
+        let t = &entry.target;
+        let wb = safet::word_bytes(t.dtype);
+        let chunk_bytes = usize::try_from(entry.chunk_words).expect("small") * wb;
+        let first_chunk = writer.chunk_count();
+        let leading_sign = matches!(t.dtype, "F16" | "BF16" | "F32" | "F64" | "C64");
+        for (k, start) in (0..t.bytes.len()).step_by(chunk_bytes).enumerate() {
+            let end = (start + chunk_bytes).min(t.bytes.len());
+            let base = entry.base.as_ref().map(|b| &b.bytes[start.min(b.bytes.len())..end.min(b.bytes.len())]);
+            let plan = entry.plans.get(k).or(entry.plans.last()).copied().unwrap_or(Plan::Auto);
+            let chunk = match plan {
+                Plan::Auto => encode_chunk(&t.bytes[start..end], base, wb, leading_sign, EncodeSettings::default())
+                    .expect("encodes"),
+                Plan::Forced(force) => forced_chunk(&t.bytes[start..end], base, wb, force),
+            };
+            writer.push_chunk(chunk).expect("write a chunk");
+        }
+        tensors.push(TensorEntry {
+            name: t.name.clone(),
+            dtype: t.dtype.to_owned(),
+            shape: t.shape.clone(),
+            file: 0,
+            chunk_words: entry.chunk_words,
+            first_chunk,
+            chunk_count: writer.chunk_count() - first_chunk,
+            digest: tree_hex(&t.bytes, chunk_bytes),
+            base: entry
+                .base
+                .as_ref()
+                .map(|b| BaseTensor { shape: b.shape.clone(), digest: tree_hex(&b.bytes, chunk_bytes) }),
+        });
+    }
+    let header = Header {
+        writer: WRITER.to_owned(),
+        target: TargetLayout {
+            kind: LayoutKind::File,
+            files: vec![TargetFile { name: "model.safetensors".to_owned(), safetensors_header: target_header }],
+            index_json: None,
+        },
+        tensors,
+        extensions: BTreeMap::new(),
+    };
+    writer.finish(&header).expect("finish the delta");
+    target_file
+}
