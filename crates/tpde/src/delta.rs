@@ -200,7 +200,8 @@ fn grouping_pays<W: Word>(values: &[W], keys: &[u8], layout: ValueLayout, min_ga
         whole.push(values[j]);
         groups[usize::from(keys[j])].push(values[j]);
     }
-    let grouped: f64 = groups.iter().filter(|g| !g.is_empty()).map(|g| values::estimate_bits_corrected(g, layout)).sum();
+    let grouped: f64 =
+        groups.iter().filter(|g| !g.is_empty()).map(|g| values::estimate_bits_corrected(g, layout)).sum();
     grouped < (1.0 - min_gain) * values::estimate_bits_corrected(&whole, layout)
 }
 
