@@ -3,8 +3,8 @@
 //! holds the largest gap) and the new values as raw dtype words; both
 //! streams zstd-compressed.
 //!
-//! Streams: [0] a small stored prefix (gap width byte, changed count u64),
-//! [1] zstd(gaps), [2] zstd(values).
+//! Streams: \[0\] a small stored prefix (gap width byte, changed count u64),
+//! \[1\] zstd(gaps), \[2\] zstd(values).
 
 use anyhow::{bail, ensure, Result};
 
