@@ -673,12 +673,11 @@ def zstd_decode(data, decoded_len):
         fail("E_ZSTD_PROFILE", "no Frame_Content_Size")
     fcs = int.from_bytes(bytes(data[pos:pos + fcs_size]), "little") + (256 if fcs_size == 2 else 0)
     pos += fcs_size
-    if single:
-        window = fcs
-    if window > MAX_ZSTD_WINDOW:
+    # A Single_Segment frame's window is its content size, which step 2 bounds.
+    if window is not None and window > MAX_ZSTD_WINDOW:
         fail("E_ZSTD_PROFILE", "window above 2^27")
-    if did != 0:
-        fail("E_ZSTD_PROFILE", "dictionary")
+    if did_flag != 0:
+        fail("E_ZSTD_PROFILE", "a Dictionary_ID field")
     # 2. the content size
     if fcs != decoded_len:
         fail("E_STREAM_LENGTH", "Frame_Content_Size differs from decoded_len")
