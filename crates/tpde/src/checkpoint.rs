@@ -62,6 +62,8 @@ impl CheckpointFile {
 /// A checkpoint opened for reading.
 #[derive(Debug)]
 pub struct Checkpoint {
+    /// The path it was opened from: a file, or the directory of a sharded one.
+    pub root: PathBuf,
     /// One file or sharded.
     pub kind: LayoutKind,
     /// Its files; shards in name order.
@@ -95,7 +97,7 @@ impl Checkpoint {
             Self::open_sharded(path)
         } else {
             let file = open_file(path)?;
-            Ok(Self::from_files(LayoutKind::File, vec![file], None))
+            Ok(Self::from_files(path, LayoutKind::File, vec![file], None))
         }
     }
 
@@ -136,7 +138,7 @@ impl Checkpoint {
             }
             files.push(open_file(&shard)?);
         }
-        let checkpoint = Self::from_files(LayoutKind::Sharded, files, Some(index_json));
+        let checkpoint = Self::from_files(dir, LayoutKind::Sharded, files, Some(index_json));
         for (tensor, shard) in &index.weight_map {
             let found = checkpoint.by_name.get(tensor).map(|&(f, _)| checkpoint.files[f].name.as_str());
             if found != Some(shard.as_str()) {
@@ -158,14 +160,14 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
-    fn from_files(kind: LayoutKind, files: Vec<CheckpointFile>, index_json: Option<String>) -> Self {
+    fn from_files(root: &Path, kind: LayoutKind, files: Vec<CheckpointFile>, index_json: Option<String>) -> Self {
         let mut by_name = HashMap::new();
         for (f, file) in files.iter().enumerate() {
             for (t, tensor) in file.tensors.iter().enumerate() {
                 by_name.entry(tensor.name.clone()).or_insert((f, t));
             }
         }
-        Self { kind, files, index_json, by_name }
+        Self { root: root.to_path_buf(), kind, files, index_json, by_name }
     }
 
     /// Finds a tensor by name.

@@ -44,9 +44,9 @@ fn resolve_base<'a>(
         };
         let base = base.expect("checked above");
         let Some((file, location)) = base.tensor(&tensor.name) else {
-            return Err(
-                Error::new(ErrorCode::BaseMissingTensor, "the base has no tensor of this name").in_tensor(&tensor.name)
-            );
+            return Err(Error::new(ErrorCode::BaseMissingTensor, "the base has no tensor of this name")
+                .in_file(&base.root)
+                .in_tensor(&tensor.name));
         };
         if location.dtype != tensor.dtype || location.shape != base_ref.shape {
             return Err(Error::new(
@@ -64,13 +64,14 @@ fn resolve_base<'a>(
     }
     progress.phase("checking base", to_hash);
     for (tensor, bytes) in tensors.iter().zip(&resolved) {
-        let (Some(base_ref), Some(bytes)) = (&tensor.base, bytes) else { continue };
+        let (Some(base_ref), Some(bytes), Some(base)) = (&tensor.base, bytes, base) else { continue };
         let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_bytes()?;
         if to_hex(&tensor_digest(bytes, chunk_bytes)) != base_ref.digest {
             return Err(Error::new(
                 ErrorCode::BaseDigest,
                 "the base tensor's content differs from the one the delta was made against",
             )
+            .in_file(base.tensor(&tensor.name).map_or(&base.root, |(file, _)| &file.path))
             .in_tensor(&tensor.name));
         }
         progress.advance(bytes.len() as u64);
