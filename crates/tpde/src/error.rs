@@ -181,9 +181,8 @@ impl ErrorCode {
         Some(match self {
             Self::BadMagic => "is this a .tpde file?",
             Self::Truncated | Self::BadTrailer => "the file is incomplete; copy or download it again",
-            Self::UnsupportedVersion | Self::UnknownRequiredFeature => {
-                "the file was written by a newer tpde; upgrade tpde to read it"
-            }
+            Self::UnsupportedVersion => "this tpde reads format 1.x; use a tpde release that reads this version",
+            Self::UnknownRequiredFeature => "the file was written by a newer tpde; upgrade tpde to read it",
             Self::PreambleChecksum
             | Self::HeaderChecksum
             | Self::TableChecksum
