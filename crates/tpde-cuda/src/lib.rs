@@ -7,7 +7,7 @@
 //! parallel into page-locked staging slots. The GPU turns gap planes into
 //! positions with a prefix sum, joins byte planes into words and combines
 //! them with the base words (`spec/FORMAT.md` §8). Values listed grouped by
-//! base key (§8.6, what the writer does for float dtypes) are found by one
+//! base key (§8.6, which the writer uses for floats where it pays) are found by one
 //! stable radix-digit pass per chunk: per tile key histograms, a per chunk
 //! scan, and a within-tile rank; keys are read from the base before any of
 //! its words is overwritten, so in place works too. The kernels' CPU
