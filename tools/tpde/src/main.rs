@@ -51,8 +51,9 @@ enum Command {
         /// The delta file to write.
         #[arg(short, long, value_name = "DELTA")]
         output: PathBuf,
-        /// Effort, 1 (fastest) to 22 (smallest): the zstd level of structured streams;
-        /// from 10 on, alternatives are measured rather than predicted.
+        /// Effort, 1 (fastest) to 22 (smallest). Above 1, each stream is also tried
+        /// with zstd at this level and the smaller kept; from 10 on, encodings and
+        /// value orders are measured rather than predicted.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=22))]
         level: i32,
         /// Store a stream compressed only when zstd saves at least this fraction of it,
