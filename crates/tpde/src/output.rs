@@ -201,3 +201,23 @@ impl Drop for PendingDir {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the command's Ctrl-C handler calls: every output still being written
+    /// disappears, files and directories alike.
+    #[test]
+    fn pending_outputs_are_removed_on_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = PendingFile::create(&dir.path().join("out.safetensors")).unwrap();
+        file.write_all(b"partial").unwrap();
+        let shards = PendingDir::create(&dir.path().join("out-dir")).unwrap();
+        std::fs::write(shards.path_of("model-00001-of-00002.safetensors"), b"partial").unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        remove_pending_outputs();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing is left behind");
+        drop((file, shards));
+    }
+}
