@@ -11,7 +11,8 @@ use crate::digest::{checksum64, leaf_digest};
 use crate::error::{fail, ErrorCode, Result};
 
 /// Density below which a chunk is always sparse, and above which always dense; in
-/// between, both are built and the smaller is kept.
+/// between, both sizes are predicted from samples, and both encodings built only
+/// when the prediction is close (spec §15.9).
 const ALWAYS_SPARSE_BELOW: f64 = 0.02;
 const ALWAYS_DENSE_ABOVE: f64 = 0.5;
 /// Values sampled to choose a value op and layout.
