@@ -835,12 +835,14 @@ def read_safetensors(path, out):
     if type(doc) is not dict:
         fail("E_INVALID_CHECKPOINT", f"{path}: header is not an object")
     data_start, data_len = 8 + n, size - 8 - n
+    spans = []
     for name, v in doc.items():
         if name == "__metadata__":
             if v is not None and not (type(v) is dict and all(type(x) is str for x in v.values())):
                 fail("E_INVALID_CHECKPOINT", f"{path}: __metadata__")
             continue
-        if not (type(v) is dict and type(v.get("dtype")) is str and _is_st_int_list(v.get("shape"))
+        if not (type(v) is dict and set(v) == {"dtype", "shape", "data_offsets"}
+                and type(v.get("dtype")) is str and _is_st_int_list(v.get("shape"))
                 and _is_st_int_list(v.get("data_offsets")) and len(v["data_offsets"]) == 2):
             fail("E_INVALID_CHECKPOINT", f"{path}: tensor {name!r}")
         if v["dtype"] not in DTYPES:
@@ -851,9 +853,18 @@ def read_safetensors(path, out):
             fail("E_INVALID_CHECKPOINT", f"{path}: tensor {name!r} offsets")
         if name in out:
             fail("E_INVALID_CHECKPOINT", f"tensor {name!r} in two files")
+        spans.append((begin, end))
         t = BaseTensor()
         t.dtype, t.shape, t.buf, t.start, t.nbytes = v["dtype"], v["shape"], buf, data_start + begin, nbytes
         out[name] = t
+    # B0: the data offsets tile the data region, with no hole, overlap or trailing byte.
+    at = 0
+    for begin, end in sorted(spans):
+        if begin != at:
+            fail("E_INVALID_CHECKPOINT", f"{path}: a hole or an overlap at byte {at}")
+        at = end
+    if at != data_len:
+        fail("E_INVALID_CHECKPOINT", f"{path}: bytes after the last tensor")
 
 
 def read_base(path):
@@ -883,7 +894,12 @@ def read_base(path):
             if not os.path.isfile(os.path.join(path, s)):
                 fail("E_MISSING_SHARD", s)
         for s in shards:
+            before = set(tensors)
             read_safetensors(os.path.join(path, s), tensors)
+            # B0: the weight_map lists every tensor of every shard, with that shard.
+            held = set(tensors) - before
+            if held != {name for name, shard in wm.items() if shard == s}:
+                fail("E_INVALID_CHECKPOINT", f"{index}: weight_map disagrees with {s}")
     else:
         if not os.path.exists(path):
             fail("E_IO", f"{path}: no such file")
