@@ -11,46 +11,13 @@
 //! `{"error":"E_..."}` and exits 1. A usage error exits 2. See
 //! `conformance/README.md`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use tpde::pipeline::{self, NoProgress};
-use tpde::{Checkpoint, DeltaFile};
+use serde_json::json;
+use tpde_conformance::{canonical, decode};
 
 const USAGE: &str = "usage: tpde-conformance decode DELTA [--base BASE]";
-
-/// Rebuilds every tensor of `delta` and returns the canonical JSON line.
-fn decode(delta: &Path, base: Option<&Path>) -> tpde::Result<String> {
-    let delta = DeltaFile::open(delta)?;
-    let base = base.map(Checkpoint::open).transpose()?;
-    // Checks the base (names, dtypes, shapes, digests) and every checksum and digest
-    // of the delta, in the library's order, before anything is printed.
-    pipeline::apply::verify(&delta, base.as_ref(), None, &NoProgress)?;
-    let mut tensors = Vec::new();
-    for tensor in &delta.header().tensors {
-        let base_bytes = match (&tensor.base, &base) {
-            (Some(_), Some(base)) => base.tensor(&tensor.name).map(|(file, location)| file.tensor_bytes(location)),
-            _ => None,
-        };
-        let bytes = delta.decode_tensor(tensor, base_bytes)?;
-        tensors.push(json!({
-            "dtype": tensor.dtype,
-            "name": tensor.name,
-            "sha256": hex::encode(Sha256::digest(&bytes)),
-            "shape": tensor.shape,
-        }));
-    }
-    Ok(canonical(&json!({ "tensors": tensors })))
-}
-
-/// Compact JSON with sorted keys (serde_json's map is ordered) and a newline.
-fn canonical(value: &Value) -> String {
-    let mut text = serde_json::to_string(value).expect("JSON values serialise");
-    text.push('\n');
-    text
-}
 
 fn parse_args(args: &[String]) -> Option<(PathBuf, Option<PathBuf>)> {
     let [command, rest @ ..] = args else { return None };

@@ -5,10 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use tpde::pipeline::{self, NoProgress};
-use tpde::{Checkpoint, DeltaFile};
+use serde_json::Value;
 
 /// Cases the library gets wrong today, by id, with the bug: the suite-wide tests
 /// skip them, and each gets its own `#[ignore = "bug: ..."]` test until it is fixed.
@@ -76,25 +73,5 @@ pub fn cases() -> Vec<Case> {
         .collect()
 }
 
-/// The canonical decode of the conformance contract (conformance/README.md):
-/// compact JSON, keys sorted, tensors in header order, SHA-256 of rebuilt bytes.
-pub fn decode(delta: &Path, base: Option<&Path>) -> tpde::Result<String> {
-    let delta = DeltaFile::open(delta)?;
-    let base = base.map(Checkpoint::open).transpose()?;
-    pipeline::apply::verify(&delta, base.as_ref(), None, &NoProgress)?;
-    let mut tensors = Vec::new();
-    for tensor in &delta.header().tensors {
-        let base_bytes = match (&tensor.base, &base) {
-            (Some(_), Some(base)) => base.tensor(&tensor.name).map(|(f, l)| f.tensor_bytes(l)),
-            _ => None,
-        };
-        let bytes = delta.decode_tensor(tensor, base_bytes)?;
-        tensors.push(json!({
-            "dtype": tensor.dtype,
-            "name": tensor.name,
-            "sha256": hex::encode(Sha256::digest(&bytes)),
-            "shape": tensor.shape,
-        }));
-    }
-    Ok(serde_json::to_string(&json!({ "tensors": tensors })).expect("serialises") + "\n")
-}
+/// The canonical decode of the conformance contract, as the runner prints it.
+pub use tpde_conformance::decode;
