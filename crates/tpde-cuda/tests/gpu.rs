@@ -8,9 +8,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use common::*;
-use tpde::container::chunk_map::{
-    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
-};
+use tpde::container::chunk_map::{Codec, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder};
 use tpde::delta::EncodeSettings;
 use tpde_cuda::delta::PinnedDelta;
 use tpde_cuda::encode::EncodedTensor;
@@ -188,21 +186,7 @@ fn corrupt_chunk_error(coding: PositionCoding, gap_width: u8, planes: &[&[u8]], 
     streams.push(StreamRecord { stored_len: m * 4, decoded_len: m * 4, codec: Codec::Stored });
     let mut data = planes.concat();
     data.extend_from_slice(&values);
-    let record = ChunkRecord {
-        data_offset: 0,
-        stored_len: data.len() as u32,
-        changed_count: m,
-        first_stream: 0,
-        encoding: Encoding::Sparse,
-        value_op: ValueOp::Xor,
-        value_layout: ValueLayout::Words,
-        value_order: ValueOrder::Positional,
-        position_coding: coding,
-        gap_width,
-        stream_count: streams.len() as u8,
-        checksum: 0,
-        digest: [0; 16],
-    };
+    let record = sparse_record(m, coding, gap_width, &streams);
     let t = TensorRef {
         name: "bad".into(),
         width: WordWidth::W4,

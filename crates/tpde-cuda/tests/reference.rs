@@ -6,9 +6,7 @@ mod common;
 
 use common::*;
 use proptest::prelude::*;
-use tpde::container::chunk_map::{
-    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
-};
+use tpde::container::chunk_map::{Codec, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder};
 use tpde::delta::{EncodeSettings, EncodedChunk};
 use tpde_cuda::error::flag;
 use tpde_cuda::reference::{apply_chunk_in_place, chunk_positions, combine, decode_streams, group_key, grouped_slots};
@@ -114,21 +112,7 @@ fn bad_sparse(coding: PositionCoding, gap_width: u8, planes: &[&[u8]], m: u32, n
     streams.push(StreamRecord { stored_len: m, decoded_len: m, codec: Codec::Stored });
     let mut data: Vec<u8> = planes.concat();
     data.extend_from_slice(&values);
-    let record = ChunkRecord {
-        data_offset: 0,
-        stored_len: data.len() as u32,
-        changed_count: m,
-        first_stream: 0,
-        encoding: Encoding::Sparse,
-        value_op: ValueOp::Xor,
-        value_layout: ValueLayout::Words,
-        value_order: ValueOrder::Positional,
-        position_coding: coding,
-        gap_width,
-        stream_count: streams.len() as u8,
-        checksum: 0,
-        digest: [0; 16],
-    };
+    let record = sparse_record(m, coding, gap_width, &streams);
     let c = ChunkRef { record, streams: &streams, stored: &data, words: n };
     c.validate(WordWidth::W1).unwrap();
     chunk_positions(&c, &decode_streams(&c).unwrap()).expect_err("bad positions")

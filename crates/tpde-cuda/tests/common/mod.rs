@@ -261,3 +261,23 @@ pub fn library_decode(c: &EncodedChunk, base: &[u8], words: usize, w: WordWidth)
         .expect("the library decodes the chunk");
     out
 }
+
+/// A sparse chunk record with xor values in one words stream, over hand-built
+/// streams: for tests that feed the GPU positions the library would reject.
+pub fn sparse_record(changed: u32, coding: PositionCoding, gap_width: u8, streams: &[StreamRecord]) -> ChunkRecord {
+    ChunkRecord {
+        data_offset: 0,
+        stored_len: streams.iter().map(|s| s.stored_len).sum(),
+        changed_count: changed,
+        first_stream: 0,
+        encoding: Encoding::Sparse,
+        value_op: ValueOp::Xor,
+        value_layout: ValueLayout::Words,
+        value_order: ValueOrder::Positional,
+        position_coding: coding,
+        gap_width,
+        stream_count: streams.len() as u8,
+        checksum: 0,
+        digest: [0; 16],
+    }
+}
