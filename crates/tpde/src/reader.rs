@@ -28,15 +28,27 @@ pub struct ChunkSpan {
     pub words: u64,
 }
 
+/// The bytes of a delta: a memory map, or any buffer a caller owns.
+type DeltaBytes = Box<dyn AsRef<[u8]> + Send + Sync>;
+
 /// An open, validated delta file.
-#[derive(Debug)]
 pub struct DeltaFile {
     path: PathBuf,
-    map: Mmap,
+    map: DeltaBytes,
     preamble: Preamble,
     header: Header,
     chunks: Vec<ChunkRecord>,
     streams: Vec<StreamRecord>,
+}
+
+impl std::fmt::Debug for DeltaFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeltaFile")
+            .field("path", &self.path)
+            .field("len", &self.file_len())
+            .field("tensors", &self.header.tensors.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl DeltaFile {
@@ -55,11 +67,24 @@ impl DeltaFile {
         // it is mapped, reads may change under us; every byte used is validated or
         // checksummed before use, and inputs must not be modified while tpde runs.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "cannot map the delta", e))?;
-        Self::from_map(path, map).map_err(|e| e.in_file(path))
+        Self::from_owned(path, Box::new(map)).map_err(|e| e.in_file(path))
     }
 
-    fn from_map(path: &Path, map: Mmap) -> Result<Self> {
-        let bytes: &[u8] = &map;
+    /// Validates a delta held in memory, exactly as [`DeltaFile::open`] validates a
+    /// file; `name` stands for the file in error messages. The bytes are used as
+    /// they are, never copied, so every later read sees the bytes that were checked.
+    ///
+    /// # Errors
+    /// As [`DeltaFile::open`].
+    pub fn from_bytes(name: &Path, bytes: impl AsRef<[u8]> + Send + Sync + 'static) -> Result<Self> {
+        if bytes.as_ref().is_empty() {
+            return Err(Error::new(ErrorCode::BadMagic, "the file is empty").in_file(name));
+        }
+        Self::from_owned(name, Box::new(bytes)).map_err(|e| e.in_file(name))
+    }
+
+    fn from_owned(path: &Path, map: DeltaBytes) -> Result<Self> {
+        let bytes: &[u8] = (*map).as_ref();
         if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
             return fail(ErrorCode::BadMagic, "the file does not start with the tpde magic");
         }
@@ -239,7 +264,13 @@ impl DeltaFile {
     /// The whole file's length.
     #[must_use]
     pub fn file_len(&self) -> u64 {
-        self.map.len() as u64
+        self.bytes().len() as u64
+    }
+
+    /// The whole file, exactly the bytes that were validated.
+    #[must_use]
+    pub fn bytes(&self) -> &[u8] {
+        (*self.map).as_ref()
     }
 
     /// Finds a tensor by name.
@@ -267,7 +298,7 @@ impl DeltaFile {
     pub fn stored_bytes(&self, index: u64) -> &[u8] {
         let chunk = self.chunk(index);
         let start = usize::try_from(chunk.data_offset).expect("validated");
-        &self.map[start..start + chunk.stored_len as usize]
+        &self.bytes()[start..start + chunk.stored_len as usize]
     }
 
     /// The chunks of a tensor, with their word ranges.

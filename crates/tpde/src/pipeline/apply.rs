@@ -23,10 +23,15 @@ trait TargetSink: Send {
     fn end_file(&mut self) -> Result<()>;
 }
 
-/// The base bytes of each tensor, in header order, after checking that the base is
-/// the one the delta was made against: names, dtypes and shapes first (cheap), then
-/// every digest, before anything is written.
-fn resolve_base<'a>(
+/// The base bytes of each tensor, in header order (`None` for a standalone tensor),
+/// after checking that the base is the one the delta was made against: names, dtypes
+/// and shapes first (cheap), then every digest (spec §11.2). Every consumer of a
+/// delta, on the CPU or the GPU, calls this before it writes anything.
+///
+/// # Errors
+/// `E_BASE_REQUIRED`, `E_BASE_MISSING_TENSOR`, `E_BASE_MISMATCH` or `E_BASE_DIGEST`,
+/// naming the base file and the tensor.
+pub fn resolve_base<'a>(
     delta: &DeltaFile,
     base: Option<&'a Checkpoint>,
     progress: &dyn Progress,
