@@ -15,7 +15,9 @@ use cudarc::driver::{
 use tpde::container::chunk_map::{ChunkRecord, ValueLayout};
 
 use crate::error::{GpuError, Result};
-use crate::kernels::{ChunkDesc, KernelId, Kernels, KEYS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, THREADS};
+use crate::kernels::{
+    ChunkDesc, KernelId, Kernels, KEYS, LEAF_DESC_BYTES, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, THREADS,
+};
 use crate::pipeline::ChunkRef;
 use crate::width::WordWidth;
 
@@ -442,6 +444,35 @@ impl Gpu {
             // `apply_grouped_wN(const ChunkDesc*, u32, const u64*, const u32*, u32*)`.
             unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&g).arg(&f).launch(grid(batch.tiles)) }?;
         }
+        let k = self.kernels.get(KernelId::CheckCounts);
+        // SAFETY: as above; one thread per descriptor reads its own counts.
+        // Signature `check_counts(const ChunkDesc*, u32, u32*)`.
+        unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&f).launch(grid(nd.div_ceil(THREADS))) }?;
+        Ok(())
+    }
+
+    /// Launches the leaf digest kernel on `stream`: `table` holds `n`
+    /// `LeafDesc`s (device address and length of a range to hash, each
+    /// inside a live buffer), `out` room for `2 n` `u64`.
+    pub(crate) fn launch_leaves(&self, stream: &CudaStream, table: DevRange, n: u32, out: DevRange) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        if table.len() < n as usize * LEAF_DESC_BYTES || table.ptr() % 8 != 0 {
+            return Err(GpuError::invalid("leaf table range too short or misaligned"));
+        }
+        if out.len() < n as usize * 16 || out.ptr() % 8 != 0 {
+            return Err(GpuError::invalid("leaf output range too short or misaligned"));
+        }
+        let cfg = cudarc::driver::LaunchConfig { grid_dim: (n, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (t, o) = (table.ptr(), out.ptr());
+        let k = self.kernels.get(KernelId::ChunkLeaves);
+        // SAFETY: the caller built every descriptor from a `DevRange` of a
+        // live buffer that stays alive until the stream is synchronized; the
+        // kernel reads only those ranges and writes `out[2i..2i + 2]` for
+        // i < n, inside `out` (checked above). Signature
+        // `chunk_leaves(const LeafDesc*, u32, u64*)`.
+        unsafe { stream.launch_builder(k).arg(&t).arg(&n).arg(&o).launch(cfg) }?;
         Ok(())
     }
 }

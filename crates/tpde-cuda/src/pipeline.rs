@@ -14,6 +14,8 @@ use std::sync::Arc;
 use cudarc::driver::{result as cu, CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use rayon::prelude::*;
 use tpde::container::chunk_map::{ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout};
+use tpde::digest::Digest128;
+use tpde::{ErrorCode, Result as FormatResult};
 
 use crate::error::{GpuError, Result};
 use crate::gpu::{Batch, DevRange, Gpu, Stage};
@@ -91,6 +93,9 @@ pub struct TensorRef<'a> {
     pub words: u64,
     /// Words per chunk (the last chunk may be shorter).
     pub chunk_words: u32,
+    /// Index of its first chunk in the delta file's chunk table, which
+    /// errors name with the chunk's position (0 for tensors not from a file).
+    pub first_chunk: u64,
     /// Its chunks, in order.
     pub chunks: Vec<ChunkRef<'a>>,
     /// A page-locked host buffer that holds the chunks' stored bytes (for
@@ -140,12 +145,39 @@ pub struct LoaderConfig {
     pub slot_bytes: usize,
     /// Most chunks in one batch (one descriptor table).
     pub max_chunks: usize,
+    /// Whether every rebuilt chunk's digest is checked on the device against
+    /// its record (spec §10), as the library does on the CPU. On by default;
+    /// turn it off only for deltas from a trusted source whose stored
+    /// checksums are still verified (see `BENCHMARKS-GPU.md` for its cost).
+    pub verify_digests: bool,
 }
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        Self { slots: 4, slot_bytes: 32 << 20, max_chunks: 4096 }
+        Self { slots: 4, slot_bytes: 32 << 20, max_chunks: 4096, verify_digests: true }
     }
+}
+
+/// A rebuilt chunk whose leaf digest is checked: its bytes on the device,
+/// the digest its record states, and the names an error gives.
+struct LeafCheck<'t> {
+    out: DevRange,
+    digest: Digest128,
+    tensor: &'t str,
+    chunk: u64,
+}
+
+/// The leaf checks of every chunk of a tensor rebuilt into `out`.
+fn leaf_checks<'t>(t: &'t TensorRef<'_>, out: DevRange, checks: &mut Vec<LeafCheck<'t>>) -> Result<()> {
+    let w = t.width.bytes();
+    let mut off = 0usize;
+    for (k, c) in t.chunks.iter().enumerate() {
+        let n = c.words as usize * w;
+        let chunk = t.first_chunk + k as u64;
+        checks.push(LeafCheck { out: out.sub(off, n)?, digest: c.record.digest, tensor: &t.name, chunk });
+        off += n;
+    }
+    Ok(())
 }
 
 struct Slot {
@@ -275,13 +307,16 @@ impl Loader {
             outs.push(unsafe { self.gpu.stream().alloc::<u8>(t.bytes().max(1)) }?);
         }
         let mut jobs = Vec::new();
+        let mut checks = Vec::new();
         for ((t, b), o) in delta.iter().zip(base).zip(&outs) {
             let main = self.gpu.stream().clone();
             let b = DevRange::all(*b, &main)?;
             let o = DevRange::of(o, &main, 0, t.bytes())?;
             self.plan_tensor(t, b, o, &mut jobs)?;
+            leaf_checks(t, o, &mut checks)?;
         }
         self.run(&jobs, Stage::Apply)?;
+        self.check_leaves(&checks)?;
         Ok(outs)
     }
 
@@ -292,6 +327,7 @@ impl Loader {
             return Err(GpuError::invalid("one buffer per delta tensor"));
         }
         let mut jobs = Vec::new();
+        let mut checks = Vec::new();
         let main = self.gpu.stream().clone();
         for (t, b) in delta.iter().zip(bufs.iter()) {
             t.validate()?;
@@ -300,8 +336,10 @@ impl Loader {
             }
             let r = DevRange::all(b, &main)?;
             self.plan_chunks(t, r, r, &mut jobs)?;
+            leaf_checks(t, r, &mut checks)?;
         }
-        self.run(&jobs, Stage::Apply)
+        self.run(&jobs, Stage::Apply)?;
+        self.check_leaves(&checks)
     }
 
     /// API (a) with a host-resident base: uploads each base tensor through the
@@ -333,7 +371,10 @@ impl Loader {
         let o = DevRange::of(out, &main, 0, t.bytes())?;
         let mut jobs = Vec::new();
         self.plan_tensor(t, b, o, &mut jobs)?;
-        self.run(&jobs, Stage::Apply)
+        let mut checks = Vec::new();
+        leaf_checks(t, o, &mut checks)?;
+        self.run(&jobs, Stage::Apply)?;
+        self.check_leaves(&checks)
     }
 
     /// API (b), in place: `buf` holds the base and is overwritten with the target.
@@ -468,7 +509,10 @@ impl Loader {
     }
 
     /// Runs jobs: batches them into slots, uploads, decodes, launches; then
-    /// waits once and checks the device error flag.
+    /// waits once and checks the device error flag. Then, unless the caller
+/// opted out ([`LoaderConfig::verify_digests`]), the leaf digest of every
+/// rebuilt chunk is computed on the device and compared with the chunk's
+/// record (spec §10); a mismatch is the library's `E_CHUNK_DIGEST`.
     fn run(&mut self, jobs: &[Job<'_, '_>], stage: Stage) -> Result<()> {
         let main = self.gpu.stream().clone();
         let flag = DevRange::all(&self.flag, &main)?;
@@ -655,6 +699,8 @@ impl Loader {
                 words: t.words,
                 needs_base: t.needs_base_words(),
                 chunks,
+                first_chunk: t.first_chunk,
+                leaves: t.chunks.iter().map(|c| (c.record.digest, c.words)).collect(),
             });
         }
         let offsets: Vec<usize> =
@@ -754,6 +800,22 @@ impl Loader {
     }
 
     fn run_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
+        self.launch_staged(delta, bases, outs)?;
+        let mut checks = Vec::new();
+        for (t, o) in delta.tensors.iter().zip(outs) {
+            let w = t.width.bytes();
+            let mut off = 0usize;
+            for (k, (digest, words)) in t.leaves.iter().enumerate() {
+                let n = *words as usize * w;
+                let chunk = t.first_chunk + k as u64;
+                checks.push(LeafCheck { out: o.sub(off, n)?, digest: *digest, tensor: &t.name, chunk });
+                off += n;
+            }
+        }
+        self.check_leaves(&checks)
+    }
+
+    fn launch_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
         let main = self.gpu.stream().clone();
         let flag = DevRange::all(&self.flag, &main)?;
         // SAFETY: the flag buffer is live and 4 bytes long.
@@ -835,7 +897,39 @@ impl Loader {
         main.synchronize()?;
         let bits = self.flag_host.as_slice()?[0];
         if bits != 0 {
-            return Err(GpuError::DeviceFlag(bits));
+            return Err(GpuError::from_flag(bits));
+        }
+        Ok(())
+    }
+
+    /// Computes the leaf digest of every checked chunk on the device (one
+    /// launch) and compares it with the chunk's record. Skipped when the
+    /// caller opted out.
+    fn check_leaves(&mut self, checks: &[LeafCheck<'_>]) -> Result<()> {
+        if !self.cfg.verify_digests || checks.is_empty() {
+            return Ok(());
+        }
+        let n = u32::try_from(checks.len()).map_err(|_| GpuError::invalid("more than 2^32 - 1 chunks"))?;
+        let table: Vec<u8> = checks
+            .iter()
+            .flat_map(|c| c.out.ptr().to_le_bytes().into_iter().chain((c.out.len() as u64).to_le_bytes()))
+            .collect();
+        let table = self.gpu.upload(&table)?;
+        let leaves = self.gpu.alloc_zeros::<u64>(2 * checks.len())?;
+        let main = self.gpu.stream().clone();
+        let t = DevRange::all(&table, &main)?;
+        let o = DevRange::all(&leaves, &main)?;
+        self.gpu.launch_leaves(&main, t, n, o)?;
+        let leaves = self.gpu.download(&leaves)?;
+        for (c, halves) in checks.iter().zip(leaves.chunks_exact(2)) {
+            let leaf = ((u128::from(halves[1]) << 64) | u128::from(halves[0])).to_be_bytes();
+            if leaf != c.digest {
+                return Err(GpuError::Format(
+                    tpde::Error::new(ErrorCode::ChunkDigest, "the rebuilt chunk does not match its digest")
+                        .in_tensor(c.tensor)
+                        .in_chunk(c.chunk),
+                ));
+            }
         }
         Ok(())
     }
@@ -859,6 +953,10 @@ struct StagedTensor {
     words: u64,
     needs_base: bool,
     chunks: Vec<StagedChunk>,
+    /// As [`TensorRef::first_chunk`].
+    first_chunk: u64,
+    /// The digest and words of every chunk (unchanged ones too), in order.
+    leaves: Vec<(Digest128, u32)>,
 }
 
 impl StagedTensor {
@@ -920,11 +1018,16 @@ fn host_prefix(host: &PinnedHostSlice<u8>, n: usize) -> Result<&[u8]> {
 }
 
 thread_local! {
-    static DCTX: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
+    /// Decoded bytes of one zstd stream, reused from stream to stream: the
+    /// library's decoder appends to a `Vec`, and the result is copied into
+    /// the page-locked slot.
+    static DECODED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Decodes one stream into `dst` (exactly its decoded length). A zstd stream
-/// must be one frame with no trailing bytes (`spec/FORMAT.md` §8.5).
+/// Decodes one stream into `dst` (exactly its decoded length) with the
+/// format library's own decoder, which enforces the zstd profile of
+/// `spec/FORMAT.md` §8.5 (one frame with its content size, no trailing
+/// bytes, a bounded window) and reports the library's codes.
 pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Result<()> {
     let len = record.decoded_len as usize;
     if dst.len() != len || stored.len() != record.stored_len as usize {
@@ -933,26 +1036,19 @@ pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Re
     match record.codec {
         Codec::Stored => {
             if stored.len() != len {
-                return Err(GpuError::corrupt("stored stream length differs from its decoded length"));
+                let e = tpde::Error::new(ErrorCode::StreamLength, "a stored stream's length differs from its decoded length");
+                return Err(GpuError::Format(e));
             }
             dst.copy_from_slice(stored);
             Ok(())
         }
-        Codec::Zstd => {
-            match zstd::zstd_safe::find_frame_compressed_size(stored) {
-                Ok(n) if n == stored.len() => {}
-                Ok(_) => return Err(GpuError::corrupt("zstd stream has trailing bytes")),
-                Err(_) => return Err(GpuError::corrupt("zstd stream is not one frame")),
-            }
-            DCTX.with(|c| {
-                let mut c = c.borrow_mut();
-                let dctx = c.get_or_insert_with(zstd::zstd_safe::DCtx::create);
-                match dctx.decompress(dst, stored) {
-                    Ok(n) if n == len => Ok(()),
-                    Ok(_) => Err(GpuError::corrupt("zstd stream decodes to the wrong length")),
-                    Err(_) => Err(GpuError::corrupt("zstd stream does not decode")),
-                }
-            })
-        }
+        Codec::Zstd => DECODED.with(|cell| -> FormatResult<()> {
+            let mut decoded = cell.borrow_mut();
+            decoded.clear();
+            tpde::codec::zstd_stream::decompress_into(stored, len, &mut decoded)?;
+            dst.copy_from_slice(&decoded);
+            Ok(())
+        })
+        .map_err(GpuError::Format),
     }
 }
