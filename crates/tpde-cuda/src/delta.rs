@@ -47,15 +47,8 @@ fn tensor_in<'f>(
         }
         chunks.push(ChunkRef { record, streams: file.streams(span.index), stored, words });
     }
-    let t = TensorRef {
-        name: entry.name.clone(),
-        width,
-        words,
-        chunk_words,
-        first_chunk: entry.first_chunk,
-        chunks,
-        host,
-    };
+    let t =
+        TensorRef { name: entry.name.clone(), width, words, chunk_words, first_chunk: entry.first_chunk, chunks, host };
     t.validate()?;
     Ok(t)
 }

@@ -476,3 +476,59 @@ impl Gpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::flag;
+    use crate::kernels::kind;
+
+    /// A descriptor with an op or layout the kernels do not implement used
+    /// to be read as SUB or as byte planes; now it raises the device flag
+    /// and nothing is written.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn an_unknown_op_or_layout_raises_the_device_flag() {
+        let gpu = Gpu::new(0).unwrap();
+        let s = gpu.stream().clone();
+        for (op, layout, order) in [(2, 0, 0), (0, 3, 0), (0, 0, 2), (7, 7, 0)] {
+            let values = gpu.upload(&[1u8; 256]).unwrap();
+            let base = gpu.alloc_zeros::<u8>(256).unwrap();
+            let out = gpu.alloc_zeros::<u8>(256).unwrap();
+            let mut d =
+                ChunkDesc { n: 64, m: 64, tile_count: 1, kind: kind::DENSE, op, layout, order, ..Default::default() };
+            d.val[0] = DevRange::all(&values, &s).unwrap().ptr();
+            d.base = DevRange::all(&base, &s).unwrap().ptr();
+            d.out = DevRange::all(&out, &s).unwrap().ptr();
+            let batch = Batch {
+                width: WordWidth::W4,
+                descs: vec![d],
+                tiles: 1,
+                sparse: false,
+                group_rows: u32::from(order != 0) * 2,
+                positional: true,
+            };
+            let mut bytes = vec![0u8; ChunkDesc::BYTES];
+            batch.write_table(&mut bytes);
+            let table = gpu.upload(&bytes).unwrap();
+            let sums = gpu.alloc_zeros::<u64>(1).unwrap();
+            let groups = gpu.alloc_zeros::<u32>(2 * KEYS).unwrap();
+            let bits = gpu.alloc_zeros::<u32>(1).unwrap();
+            let r = |b| DevRange::all(b, &s).unwrap();
+            gpu.launch(
+                &s,
+                &batch,
+                Stage::Apply,
+                r(&table),
+                DevRange::all(&sums, &s).unwrap(),
+                DevRange::all(&groups, &s).unwrap(),
+                DevRange::all(&bits, &s).unwrap(),
+            )
+            .unwrap();
+            s.synchronize().unwrap();
+            let raised = gpu.download(&bits).unwrap()[0];
+            assert!(raised & flag::BAD_DESCRIPTOR != 0, "op {op} layout {layout} order {order}: flag {raised:#x}");
+            assert!(gpu.download(&out).unwrap().iter().all(|b| *b == 0), "op {op} layout {layout}: written");
+        }
+    }
+}

@@ -295,6 +295,11 @@ impl Loader {
 
     /// API (a): rebuilds every tensor of `delta` against device-resident base
     /// tensors (one per delta tensor, in order) into new device buffers.
+    ///
+    /// Device-resident bases are taken as the ones the delta was made
+    /// against: check their host copies with [`crate::delta::host_bases`]
+    /// before uploading them. With digests on, a wrong base still fails
+    /// (`E_CHUNK_DIGEST`), but only after the outputs were written.
     pub fn load(&mut self, delta: &[TensorRef<'_>], base: &[&CudaSlice<u8>]) -> Result<Vec<CudaSlice<u8>>> {
         if base.len() != delta.len() {
             return Err(GpuError::invalid("one base tensor per delta tensor"));
@@ -510,9 +515,9 @@ impl Loader {
 
     /// Runs jobs: batches them into slots, uploads, decodes, launches; then
     /// waits once and checks the device error flag. Then, unless the caller
-/// opted out ([`LoaderConfig::verify_digests`]), the leaf digest of every
-/// rebuilt chunk is computed on the device and compared with the chunk's
-/// record (spec §10); a mismatch is the library's `E_CHUNK_DIGEST`.
+    /// opted out ([`LoaderConfig::verify_digests`]), the leaf digest of every
+    /// rebuilt chunk is computed on the device and compared with the chunk's
+    /// record (spec §10); a mismatch is the library's `E_CHUNK_DIGEST`.
     fn run(&mut self, jobs: &[Job<'_, '_>], stage: Stage) -> Result<()> {
         let main = self.gpu.stream().clone();
         let flag = DevRange::all(&self.flag, &main)?;
@@ -1036,19 +1041,23 @@ pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Re
     match record.codec {
         Codec::Stored => {
             if stored.len() != len {
-                let e = tpde::Error::new(ErrorCode::StreamLength, "a stored stream's length differs from its decoded length");
+                let e = tpde::Error::new(
+                    ErrorCode::StreamLength,
+                    "a stored stream's length differs from its decoded length",
+                );
                 return Err(GpuError::Format(e));
             }
             dst.copy_from_slice(stored);
             Ok(())
         }
-        Codec::Zstd => DECODED.with(|cell| -> FormatResult<()> {
-            let mut decoded = cell.borrow_mut();
-            decoded.clear();
-            tpde::codec::zstd_stream::decompress_into(stored, len, &mut decoded)?;
-            dst.copy_from_slice(&decoded);
-            Ok(())
-        })
-        .map_err(GpuError::Format),
+        Codec::Zstd => DECODED
+            .with(|cell| -> FormatResult<()> {
+                let mut decoded = cell.borrow_mut();
+                decoded.clear();
+                tpde::codec::zstd_stream::decompress_into(stored, len, &mut decoded)?;
+                dst.copy_from_slice(&decoded);
+                Ok(())
+            })
+            .map_err(GpuError::Format),
     }
 }
