@@ -95,9 +95,13 @@ struct ChunkDesc {
 };
 
 // The byte layout that kernels.rs writes (ChunkDesc::write_to). The host test
-// `chunk_desc_layout_matches_the_kernel_source` parses these lines.
-#define OFFSET_OF(T, f) __builtin_offsetof(T, f)
+// `chunk_desc_layout_matches_the_kernel_source` parses these lines. The
+// offsets need __builtin_offsetof, which NVRTC 13.0 lacks and 13.5 has: older
+// compilers check the size only, and the CI's compile (NVRTC from PyPI, with
+// REQUIRE_LAYOUT_CHECKS defined) refuses to skip the offsets.
 static_assert(sizeof(ChunkDesc) == 160, "ChunkDesc is 160 bytes");
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1305)
+#define OFFSET_OF(T, f) __builtin_offsetof(T, f)
 static_assert(OFFSET_OF(ChunkDesc, pos) == 0, "ChunkDesc.pos");
 static_assert(OFFSET_OF(ChunkDesc, val) == 32, "ChunkDesc.val");
 static_assert(OFFSET_OF(ChunkDesc, base) == 96, "ChunkDesc.base");
@@ -114,6 +118,9 @@ static_assert(OFFSET_OF(ChunkDesc, order) == 144, "ChunkDesc.order");
 static_assert(OFFSET_OF(ChunkDesc, group_begin) == 148, "ChunkDesc.group_begin");
 static_assert(OFFSET_OF(ChunkDesc, changed) == 152, "ChunkDesc.changed");
 static_assert(OFFSET_OF(ChunkDesc, reserved) == 156, "ChunkDesc.reserved");
+#elif defined(REQUIRE_LAYOUT_CHECKS)
+#error "this NVRTC cannot check the ChunkDesc offsets (no __builtin_offsetof)"
+#endif
 static_assert(sizeof(u64) == 8 && sizeof(u32) == 4 && sizeof(u16) == 2, "integer widths");
 
 // Whether every code of a descriptor is one the kernels implement.

@@ -303,6 +303,7 @@ chunk_leaves(const LeafDesc* d, xu32 n, xu64* out) {
     }
     const xu32 p = threadIdx.x & 3, r = threadIdx.x >> 2;
     if (threadIdx.x < 8) acc[threadIdx.x] = xxh3_initial_acc(threadIdx.x);
+    __syncthreads();  // read by other threads when there is no whole block
     const xu64 blocks = xxh3_full_blocks(len);
     for (xu64 k0 = 0; k0 < blocks; k0 += LEAF_ROUND) {
         xu64 t0 = 0, t1 = 0;

@@ -27,7 +27,11 @@ fn every_kernel_source_compiles_with_nvrtc() {
     assert!(sources.len() >= 2, "kernels/*.cu: {sources:?}");
     for path in sources {
         let source = std::fs::read_to_string(&path).unwrap();
-        let options = CompileOptions { options: vec!["--std=c++17".into()], ..CompileOptions::default() };
+        // the layout checks of tpde_apply.cu must run here, not be skipped
+        let options = CompileOptions {
+            options: vec!["--std=c++17".into(), "-DREQUIRE_LAYOUT_CHECKS".into()],
+            ..CompileOptions::default()
+        };
         if let Err(e) = compile_ptx_with_opts(source, options) {
             panic!("{} does not compile: {e:?}", path.display());
         }
