@@ -152,7 +152,7 @@ fn main() -> R<()> {
     let dbases = layers.iter().map(|(b, _)| gpu.upload(b)).collect::<Result<Vec<_>, _>>()?;
     let dref: Vec<_> = dbases.iter().collect();
     let total: usize = refs.iter().map(TensorRef::bytes).sum();
-    let (a, b) = paired(5, || Ok(drop(on.load(&refs, &dref)?)), || Ok(drop(off.load(&refs, &dref)?)))?;
+    let (a, b) = paired(5, || Ok(on.load(&refs, &dref).map(drop)?), || Ok(off.load(&refs, &dref).map(drop)?))?;
     row(&format!("load, {tensors} layers ({} MiB), sparse 10%", total >> 20), a, b, total);
     Ok(())
 }

@@ -407,8 +407,8 @@ mod tests {
         assert_eq!((0..8).map(|k| u64_at(at("val") + 8 * k)).collect::<Vec<_>>(), d.val);
         assert_eq!((u64_at(at("base")), u64_at(at("out"))), (13, 14));
         let u32s = ["n", "m", "tile_begin", "tile_count", "kind", "op", "layout", "gap_width", "order", "group_begin"];
-        for (k, name) in u32s.iter().enumerate() {
-            assert_eq!(u32_at(at(name)), 15 + k as u32, "{name}");
+        for (name, value) in u32s.iter().zip(15u32..) {
+            assert_eq!(u32_at(at(name)), value, "{name}");
         }
         assert_eq!((u32_at(at("changed")), u32_at(at("reserved"))), (0, 0));
     }
