@@ -210,14 +210,20 @@ impl std::fmt::Debug for Loader {
 }
 
 /// A chunk to rebuild and where: `base` and `out` are its words in device
-/// memory; `host` is its tensor's [`TensorRef::host`].
+/// memory; `host` is its tensor's [`TensorRef::host`]; `label` its tensor's
+/// name and its index in the file, which errors name.
 struct Job<'c, 'a> {
     chunk: &'c ChunkRef<'a>,
     width: WordWidth,
     host: Option<&'a [u8]>,
     base: DevRange,
     out: DevRange,
+    label: Option<(&'c str, u64)>,
 }
+
+/// A stream to decode or copy into a host slot: its offset there, its
+/// record, its stored bytes, and which chunk of the batch it belongs to.
+type StreamTask<'a> = (usize, StreamRecord, &'a [u8], usize);
 
 const fn align(x: usize, a: usize) -> usize {
     x.div_ceil(a) * a
@@ -237,8 +243,8 @@ struct Plan<'a> {
     raw: Option<(&'a [u8], usize)>,
     /// Device offset of every stream of every job.
     offsets: Vec<Vec<usize>>,
-    /// Streams to decode or copy into the host slot: (offset, record, stored).
-    tasks: Vec<(usize, StreamRecord, &'a [u8])>,
+    /// Streams to decode or copy into the host slot.
+    tasks: Vec<StreamTask<'a>>,
 }
 
 impl Loader {
@@ -394,7 +400,7 @@ impl Loader {
         let m = chunk.record.changed_count as usize;
         let out = self.gpu.alloc_zeros::<u32>(m.max(1))?;
         let r = DevRange::of(&out, self.gpu.stream(), 0, m * 4)?;
-        self.run(&[Job { chunk, width, host: None, base: r, out: r }], Stage::Positions)?;
+        self.run(&[Job { chunk, width, host: None, base: r, out: r, label: None }], Stage::Positions)?;
         let mut v = self.gpu.download(&out)?;
         v.truncate(m);
         Ok(v)
@@ -486,7 +492,7 @@ impl Loader {
     ) -> Result<()> {
         let w = t.width.bytes();
         let mut off = 0usize;
-        for c in &t.chunks {
+        for (k, c) in t.chunks.iter().enumerate() {
             let n = c.words as usize * w;
             if c.record.encoding != Encoding::Unchanged {
                 jobs.push(Job {
@@ -495,6 +501,7 @@ impl Loader {
                     host: t.host,
                     base: base.sub(off, n)?,
                     out: out.sub(off, n)?,
+                    label: Some((&t.name, t.first_chunk + k as u64)),
                 });
             }
             off += n;
@@ -608,12 +615,12 @@ impl Loader {
         };
         let mut tasks = Vec::new();
         let mut offsets = Vec::with_capacity(count);
-        for (job, place) in jobs.iter().zip(&places) {
+        for (j, (job, place)) in jobs.iter().zip(&places).enumerate() {
             let mut offs = Vec::with_capacity(place.len());
             for ((p, r), bytes) in place.iter().zip(job.chunk.streams).zip(job.chunk.stored_streams()) {
                 match (*p, raw, host) {
                     (Ok(d), _, _) => {
-                        tasks.push((table + d, *r, bytes));
+                        tasks.push((table + d, *r, bytes, j));
                         offs.push(table + d);
                     }
                     (Err(o), Some((span, at)), Some(h)) => {
@@ -642,7 +649,7 @@ impl Loader {
             unsafe { cu::memcpy_htod_async(d.ptr(), span, s.stream.cu_stream()) }?;
         }
         let host = s.host.as_mut_slice()?;
-        decode_tasks(&mut host[..plan.decoded_end], &plan.tasks)?;
+        decode_tasks(&mut host[..plan.decoded_end], &plan.tasks, |j| jobs[j].label)?;
         let mut batch = Batch::new(jobs[0].width);
         for (j, offs) in jobs.iter().zip(&plan.offsets) {
             let streams = offs
@@ -675,12 +682,13 @@ impl Loader {
     pub fn stage_on_device(&mut self, delta: &[TensorRef<'_>]) -> Result<DeviceDelta> {
         let mut tensors = Vec::with_capacity(delta.len());
         let mut total = 0usize;
-        let mut order: Vec<&ChunkRef<'_>> = Vec::new();
+        // every chunk to decode, with its tensor's name and its index
+        let mut order: Vec<(&ChunkRef<'_>, &str, u64)> = Vec::new();
         for t in delta {
             t.validate()?;
             let mut chunks = Vec::new();
             let mut word = 0u64;
-            for c in &t.chunks {
+            for (k, c) in t.chunks.iter().enumerate() {
                 if c.record.encoding != Encoding::Unchanged {
                     let mut offsets = Vec::with_capacity(c.streams.len());
                     for r in c.streams {
@@ -694,7 +702,7 @@ impl Loader {
                         offsets,
                         word,
                     });
-                    order.push(c);
+                    order.push((c, &t.name, t.first_chunk + k as u64));
                 }
                 word += u64::from(c.words);
             }
@@ -731,16 +739,17 @@ impl Loader {
             }
             let used = offsets.get(end).copied().unwrap_or(total) - first;
             let mut tasks = Vec::new();
-            for (c, o) in order[i..end].iter().zip(&offsets[i..end]) {
+            for (k, ((c, _, _), o)) in order[i..end].iter().zip(&offsets[i..end]).enumerate() {
                 let mut at = o - first;
                 for (r, bytes) in c.streams.iter().zip(c.stored_streams()) {
-                    tasks.push((at, *r, bytes));
+                    tasks.push((at, *r, bytes, k));
                     at = align(at + r.decoded_len as usize, 16);
                 }
             }
             let slot = self.take_slot()?;
             let s = &mut self.slots[slot];
-            decode_tasks(&mut s.host.as_mut_slice()?[..used], &tasks)?;
+            let batch = &order[i..end];
+            decode_tasks(&mut s.host.as_mut_slice()?[..used], &tasks, |k| Some((batch[k].1, batch[k].2)))?;
             let d = DevRange::of(&data, &s.stream, first, used)?;
             // SAFETY: `d` is inside `data`; the host bytes stay untouched
             // until `uploaded` completes.
@@ -993,12 +1002,17 @@ impl DeviceDelta {
 }
 
 /// Decodes (zstd) or copies (stored) streams into `host` at their offsets,
-/// in parallel. Offsets increase and the streams do not overlap.
-fn decode_tasks(host: &mut [u8], tasks: &[(usize, StreamRecord, &[u8])]) -> Result<()> {
+/// in parallel. Offsets increase and the streams do not overlap. A format
+/// error names the tensor and chunk that `label` gives for the task's chunk.
+fn decode_tasks<'n>(
+    host: &mut [u8],
+    tasks: &[StreamTask<'_>],
+    label: impl Fn(usize) -> Option<(&'n str, u64)> + Sync,
+) -> Result<()> {
     let mut rest = host;
     let mut at = 0usize;
     let mut work = Vec::with_capacity(tasks.len());
-    for (off, r, bytes) in tasks {
+    for (off, r, bytes, chunk) in tasks {
         let len = r.decoded_len as usize;
         if *off < at || off + len - at > rest.len() {
             return Err(GpuError::invalid("streams exceed the staging slot"));
@@ -1007,9 +1021,14 @@ fn decode_tasks(host: &mut [u8], tasks: &[(usize, StreamRecord, &[u8])]) -> Resu
         let (dst, tail) = tail.split_at_mut(len);
         rest = tail;
         at = off + len;
-        work.push((dst, r, *bytes));
+        work.push((dst, r, *bytes, *chunk));
     }
-    work.into_par_iter().try_for_each(|(dst, r, bytes)| decode_stream(r, bytes, dst))
+    work.into_par_iter().try_for_each(|(dst, r, bytes, chunk)| {
+        decode_stream(r, bytes, dst).map_err(|e| match (e, label(chunk)) {
+            (GpuError::Format(e), Some((tensor, index))) => GpuError::Format(e.in_tensor(tensor).in_chunk(index)),
+            (e, _) => e,
+        })
+    })
 }
 
 /// Offset of `part` in `whole`, if `part` lies inside it.
@@ -1059,5 +1078,30 @@ pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Re
                 Ok(())
             })
             .map_err(GpuError::Format),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream the library's decoder refuses is reported with its code,
+    /// naming the tensor and the chunk's index in the file.
+    #[test]
+    fn a_bad_stream_names_its_tensor_and_chunk() {
+        let good = tpde::codec::zstd_stream::compress(&[3u8; 64], tpde::codec::zstd_stream::Effort::Level(1)).unwrap();
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let record = |stored: &[u8]| StreamRecord {
+            stored_len: u32::try_from(stored.len()).unwrap(),
+            decoded_len: 64,
+            codec: Codec::Zstd,
+        };
+        let tasks = [(0, record(&good), good.as_slice(), 0), (64, record(&trailing), trailing.as_slice(), 1)];
+        let mut host = vec![0u8; 128];
+        let labels = [("a", 3u64), ("b", 7)];
+        let e = decode_tasks(&mut host, &tasks, |k| Some(labels[k])).unwrap_err();
+        let GpuError::Format(e) = e else { panic!("{e}") };
+        assert_eq!((e.code(), e.tensor(), e.chunk()), (ErrorCode::ZstdProfile, Some("b"), Some(7)));
     }
 }
