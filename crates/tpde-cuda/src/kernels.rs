@@ -1,5 +1,6 @@
 //! The kernel registry: `kernels/*.cu` sources, compiled once per process by
-//! NVRTC and loaded into a context as one module, with a typed function table.
+//! NVRTC and loaded into a context as one module per source, with a function
+//! table indexed by [`KernelId`] (one list defines the enum and the table).
 
 use std::sync::{Arc, OnceLock};
 
