@@ -2,7 +2,8 @@
 //
 // Compiled at run time through NVRTC, so this file includes no headers. The
 // host side (crates/tpde-cuda/src/kernels.rs) mirrors every constant and the
-// ChunkDesc layout below; keep them in sync.
+// ChunkDesc layout below: the static_asserts after ChunkDesc pin its layout,
+// and a host test reads them back and compares them with the Rust side.
 //
 // One launch covers a batch of chunks of the same word width. The grid is the
 // concatenation of every chunk's tiles; a block finds its chunk by binary
@@ -26,7 +27,14 @@
 // that later writes the word.
 //
 // Kernels never write out of range: a bad position sets a bit in *flag and
-// the write is skipped. The host reads the flag after the batch.
+// the write is skipped. The host reads the flag after the batch. A
+// descriptor with an unknown kind, op, layout or order also raises the flag
+// (ERR_BAD_DESCRIPTOR), so nothing is ever read under a wrong meaning.
+//
+// Every apply kernel counts the words it changes into ChunkDesc.changed;
+// check_counts, the last launch of a batch, compares the count with the
+// stored changed_count (spec §8.1: E_CHANGED_COUNT, which also catches a
+// stored value that leaves its word as it was).
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -63,6 +71,7 @@ typedef unsigned long long u64;
 #define ERR_ZERO_GAP 2u
 #define ERR_BITMAP_PADDING 4u
 #define ERR_COUNT_MISMATCH 8u
+#define ERR_BAD_DESCRIPTOR 16u
 
 // One device address per stream, so that streams stored as they are can be
 // read where they were uploaded, next to streams decoded on the CPU.
@@ -81,7 +90,61 @@ struct ChunkDesc {
     u32 gap_width;
     u32 order;        // ORDER_*
     u32 group_begin;  // first row (of KEYS u32) of this chunk in the group table
+    u32 changed;      // words changed by the apply kernels (0 on upload)
+    u32 reserved;     // 0; keeps the size a multiple of 8
 };
+
+// The byte layout that kernels.rs writes (ChunkDesc::write_to). The host test
+// `chunk_desc_layout_matches_the_kernel_source` parses these lines. The
+// offsets need __builtin_offsetof, which NVRTC 13.0 lacks and 13.5 has: older
+// compilers check the size only, and the CI's compile (NVRTC from PyPI, with
+// REQUIRE_LAYOUT_CHECKS defined) refuses to skip the offsets.
+static_assert(sizeof(ChunkDesc) == 160, "ChunkDesc is 160 bytes");
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1305)
+#define OFFSET_OF(T, f) __builtin_offsetof(T, f)
+static_assert(OFFSET_OF(ChunkDesc, pos) == 0, "ChunkDesc.pos");
+static_assert(OFFSET_OF(ChunkDesc, val) == 32, "ChunkDesc.val");
+static_assert(OFFSET_OF(ChunkDesc, base) == 96, "ChunkDesc.base");
+static_assert(OFFSET_OF(ChunkDesc, out) == 104, "ChunkDesc.out");
+static_assert(OFFSET_OF(ChunkDesc, n) == 112, "ChunkDesc.n");
+static_assert(OFFSET_OF(ChunkDesc, m) == 116, "ChunkDesc.m");
+static_assert(OFFSET_OF(ChunkDesc, tile_begin) == 120, "ChunkDesc.tile_begin");
+static_assert(OFFSET_OF(ChunkDesc, tile_count) == 124, "ChunkDesc.tile_count");
+static_assert(OFFSET_OF(ChunkDesc, kind) == 128, "ChunkDesc.kind");
+static_assert(OFFSET_OF(ChunkDesc, op) == 132, "ChunkDesc.op");
+static_assert(OFFSET_OF(ChunkDesc, layout) == 136, "ChunkDesc.layout");
+static_assert(OFFSET_OF(ChunkDesc, gap_width) == 140, "ChunkDesc.gap_width");
+static_assert(OFFSET_OF(ChunkDesc, order) == 144, "ChunkDesc.order");
+static_assert(OFFSET_OF(ChunkDesc, group_begin) == 148, "ChunkDesc.group_begin");
+static_assert(OFFSET_OF(ChunkDesc, changed) == 152, "ChunkDesc.changed");
+static_assert(OFFSET_OF(ChunkDesc, reserved) == 156, "ChunkDesc.reserved");
+#elif defined(REQUIRE_LAYOUT_CHECKS)
+#error "this NVRTC cannot check the ChunkDesc offsets (no __builtin_offsetof)"
+#endif
+static_assert(sizeof(u64) == 8 && sizeof(u32) == 4 && sizeof(u16) == 2, "integer widths");
+
+// Whether every code of a descriptor is one the kernels implement.
+__device__ __forceinline__ bool desc_ok(const ChunkDesc& c) {
+    const bool kind = c.kind >= KIND_SPARSE_GAPS && c.kind <= KIND_RAW;
+    const bool gaps = c.kind != KIND_SPARSE_GAPS || c.gap_width == 1 || c.gap_width == 2 || c.gap_width == 4;
+    return kind && gaps && c.op <= OP_SUB && c.layout <= LAYOUT_ROTATED_PLANES && c.order <= ORDER_GROUPED;
+}
+
+// Raises ERR_BAD_DESCRIPTOR (once per block) for a descriptor with an
+// unknown code; the caller then returns. Uniform per block.
+__device__ __forceinline__ bool reject_bad_desc(const ChunkDesc& c, u32* flag) {
+    if (desc_ok(c)) return false;
+    if (threadIdx.x == 0) atomicOr(flag, ERR_BAD_DESCRIPTOR);
+    return true;
+}
+
+// Adds the words a thread changed to its chunk's count: one atomic per warp.
+// Called by all threads of the block.
+__device__ __forceinline__ void count_changed(ChunkDesc* d, u32 ci, u32 changed) {
+#pragma unroll
+    for (u32 o = 16; o > 0; o >>= 1) changed += __shfl_down_sync(0xffffffffu, changed, o);
+    if ((threadIdx.x & 31) == 0 && changed) atomicAdd(&d[ci].changed, changed);
+}
 
 __device__ __forceinline__ u32 find_chunk(const ChunkDesc* d, u32 nd, u32 tile) {
     u32 lo = 0, hi = nd;  // last i with tile_begin <= tile
@@ -168,6 +231,7 @@ tile_totals(const ChunkDesc* d, u32 nd, u64* sums, u32* flag) {
     if (threadIdx.x == 0) ci = find_chunk(d, nd, blockIdx.x);
     __syncthreads();
     const ChunkDesc c = d[ci];
+    if (reject_bad_desc(c, flag)) return;
     const u64 t = blockIdx.x - c.tile_begin;
     u64 acc = 0;
     if (c.kind == KIND_SPARSE_GAPS) {
@@ -202,6 +266,7 @@ tile_scan(const ChunkDesc* d, u32 nd, u64* sums, u32* flag) {
     __shared__ u64 ws[THREADS / 32];
     if (blockIdx.x >= nd) return;
     const ChunkDesc c = d[blockIdx.x];
+    if (reject_bad_desc(c, flag)) return;
     if (c.kind != KIND_SPARSE_GAPS && c.kind != KIND_SPARSE_BITMAP) return;
     u64 carry = 0;
     for (u32 base = 0; base < c.tile_count; base += THREADS) {
@@ -244,24 +309,34 @@ __device__ __forceinline__ void scan_gap_tile(const ChunkDesc& c, u64 t, const u
 }
 
 template <typename T>
-__device__ __forceinline__ void apply_impl(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) {
+__device__ __forceinline__ void apply_impl(ChunkDesc* d, u32 nd, const u64* offs, u32* flag) {
     __shared__ u64 pos[PAD(TILE)];
     __shared__ u64 ws[THREADS / 32];
     __shared__ u32 ci;
     if (threadIdx.x == 0) ci = find_chunk(d, nd, blockIdx.x);
     __syncthreads();
     const ChunkDesc c = d[ci];
+    if (reject_bad_desc(c, flag)) return;
     const u64 t = blockIdx.x - c.tile_begin;
     T* out = (T*)c.out;
     const T* base = (const T*)c.base;
     if (c.order != ORDER_POSITIONAL) return;  // apply_grouped_wN; uniform per block
-    if (c.kind == KIND_DENSE || c.kind == KIND_RAW) {
+    u32 changed = 0;
+    if (c.kind == KIND_RAW) {
+        const u64 i0 = t * TILE;
+        for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
+            u64 i = i0 + k;
+            if (i < c.n) out[i] = load_value<T>(c, i);
+        }
+    } else if (c.kind == KIND_DENSE) {
         const u64 i0 = t * TILE;
         for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
             u64 i = i0 + k;
             if (i < c.n) {
-                T v = load_value<T>(c, i);
-                out[i] = c.kind == KIND_RAW ? v : combine<T>(base[i], v, c.op);
+                const T b = base[i];
+                const T w = combine<T>(b, load_value<T>(c, i), c.op);
+                out[i] = w;
+                changed += w != b;
             }
         }
     } else if (c.kind == KIND_SPARSE_GAPS) {
@@ -274,7 +349,10 @@ __device__ __forceinline__ void apply_impl(const ChunkDesc* d, u32 nd, const u64
                 if (p >= c.n) {
                     atomicOr(flag, ERR_POSITION_RANGE);
                 } else {
-                    out[p] = combine<T>(base[p], load_value<T>(c, j), c.op);
+                    const T b = base[p];
+                    const T w = combine<T>(b, load_value<T>(c, j), c.op);
+                    out[p] = w;
+                    changed += w != b;
                 }
             }
         }
@@ -301,22 +379,26 @@ __device__ __forceinline__ void apply_impl(const ChunkDesc* d, u32 nd, const u64
                 if (rank >= c.m) {
                     atomicOr(flag, ERR_COUNT_MISMATCH);
                 } else {
-                    out[p] = combine<T>(base[p], load_value<T>(c, rank), c.op);
+                    const T b = base[p];
+                    const T w = combine<T>(b, load_value<T>(c, rank), c.op);
+                    out[p] = w;
+                    changed += w != b;
                 }
                 rank++;
             }
         }
     }
+    count_changed(d, ci, changed);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
-apply_w1(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u8>(d, nd, offs, flag); }
+apply_w1(ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u8>(d, nd, offs, flag); }
 extern "C" __global__ void __launch_bounds__(THREADS)
-apply_w2(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u16>(d, nd, offs, flag); }
+apply_w2(ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u16>(d, nd, offs, flag); }
 extern "C" __global__ void __launch_bounds__(THREADS)
-apply_w4(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u32>(d, nd, offs, flag); }
+apply_w4(ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u32>(d, nd, offs, flag); }
 extern "C" __global__ void __launch_bounds__(THREADS)
-apply_w8(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u64>(d, nd, offs, flag); }
+apply_w8(ChunkDesc* d, u32 nd, const u64* offs, u32* flag) { apply_impl<u64>(d, nd, offs, flag); }
 
 // ---------------------------------------------------------------------------
 // Values grouped by base key (spec §8.6)
@@ -348,7 +430,7 @@ __device__ __forceinline__ void count_key(u32* hist, u32 key) {
 
 // Phase G1: per tile histogram of base keys, to row 1 + t of the chunk's rows.
 template <typename T>
-__device__ __forceinline__ void group_hist_impl(const ChunkDesc* d, u32 nd, const u64* offs, u32* groups) {
+__device__ __forceinline__ void group_hist_impl(const ChunkDesc* d, u32 nd, const u64* offs, u32* groups, u32* flag) {
     __shared__ u64 pos[PAD(TILE)];
     __shared__ u64 ws[WARPS];
     __shared__ u32 hist[KEYS];
@@ -357,6 +439,7 @@ __device__ __forceinline__ void group_hist_impl(const ChunkDesc* d, u32 nd, cons
     hist[threadIdx.x] = 0;
     __syncthreads();
     const ChunkDesc c = d[ci];
+    if (reject_bad_desc(c, flag)) return;
     if (!grouped_kind(c)) return;  // uniform per block
     const u64 t = blockIdx.x - c.tile_begin;
     const T* base = (const T*)c.base;
@@ -397,7 +480,7 @@ __device__ __forceinline__ void group_hist_impl(const ChunkDesc* d, u32 nd, cons
 #define G_HIST(W, T)                                                                       \
     extern "C" __global__ void __launch_bounds__(THREADS)                                  \
     group_hist_##W(const ChunkDesc* d, u32 nd, const u64* offs, u32* groups, u32* flag) { \
-        group_hist_impl<T>(d, nd, offs, groups);                                           \
+        group_hist_impl<T>(d, nd, offs, groups, flag);                                     \
     }
 G_HIST(w1, u8)
 G_HIST(w2, u16)
@@ -412,6 +495,7 @@ group_scan(const ChunkDesc* d, u32 nd, u32* groups, u32* flag) {
     __shared__ u64 ws[WARPS];
     if (blockIdx.x >= nd) return;
     const ChunkDesc c = d[blockIdx.x];
+    if (reject_bad_desc(c, flag)) return;
     if (!grouped_kind(c)) return;
     u32* rows = groups + (u64)c.group_begin * KEYS + threadIdx.x;
     u64 run = 0;
@@ -448,8 +532,8 @@ group_scan(const ChunkDesc* d, u32 nd, u32* groups, u32* flag) {
 // warp's counter of that key; a per-key scan over the warps then places
 // each warp's run. Must be called by all threads.
 template <typename T>
-__device__ __forceinline__ void grouped_entries(const ChunkDesc& c, u32 cnt, const u64* pos, u64 i0,
-                                                u32 (*wrun)[KEYS], u32* run, u32* flag) {
+__device__ __forceinline__ void grouped_entries(ChunkDesc* d, u32 ci, const ChunkDesc& c, u32 cnt, const u64* pos,
+                                                u64 i0, u32 (*wrun)[KEYS], u32* run, u32* flag) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const T* base = (const T*)c.base;
     T* out = (T*)c.out;
@@ -494,6 +578,7 @@ __device__ __forceinline__ void grouped_entries(const ChunkDesc& c, u32 cnt, con
     }
     __syncthreads();
     const u64 count = value_count(c);
+    u32 changed = 0;
 #pragma unroll
     for (int r = 0; r < ITEMS; r++) {
         if (rk[r] != NO_RANK) {
@@ -504,15 +589,18 @@ __device__ __forceinline__ void grouped_entries(const ChunkDesc& c, u32 cnt, con
             if (slot >= count) {
                 atomicOr(flag, ERR_COUNT_MISMATCH);
             } else {
-                out[p] = combine<T>(b, load_value<T>(c, slot), c.op);
+                const T w = combine<T>(b, load_value<T>(c, slot), c.op);
+                out[p] = w;
+                changed += w != b;
             }
         }
     }
+    count_changed(d, ci, changed);
     __syncthreads();  // wrun, run and pos are reused
 }
 
 template <typename T>
-__device__ __forceinline__ void apply_grouped_impl(const ChunkDesc* d, u32 nd, const u64* offs, const u32* groups,
+__device__ __forceinline__ void apply_grouped_impl(ChunkDesc* d, u32 nd, const u64* offs, const u32* groups,
                                                    u32* flag) {
     __shared__ u64 pos[PAD(TILE)];
     __shared__ u64 ws[WARPS];
@@ -522,6 +610,7 @@ __device__ __forceinline__ void apply_grouped_impl(const ChunkDesc* d, u32 nd, c
     if (threadIdx.x == 0) ci = find_chunk(d, nd, blockIdx.x);
     __syncthreads();
     const ChunkDesc c = d[ci];
+    if (reject_bad_desc(c, flag)) return;
     if (!grouped_kind(c)) return;  // uniform per block
     const u64 t = blockIdx.x - c.tile_begin;
     const u32* rows = groups + (u64)c.group_begin * KEYS;
@@ -529,11 +618,11 @@ __device__ __forceinline__ void apply_grouped_impl(const ChunkDesc* d, u32 nd, c
     if (c.kind == KIND_DENSE) {
         const u64 i0 = t * TILE;
         const u64 left = (u64)c.n - i0;
-        grouped_entries<T>(c, left < TILE ? (u32)left : TILE, 0, i0, wrun, run, flag);
+        grouped_entries<T>(d, ci, c, left < TILE ? (u32)left : TILE, 0, i0, wrun, run, flag);
     } else if (c.kind == KIND_SPARSE_GAPS) {
         scan_gap_tile(c, t, offs, pos, ws);
         const u64 left = (u64)c.m - t * TILE;
-        grouped_entries<T>(c, left < TILE ? (u32)left : TILE, pos, 0, wrun, run, flag);
+        grouped_entries<T>(d, ci, c, left < TILE ? (u32)left : TILE, pos, 0, wrun, run, flag);
     } else {
         // Up to 8 * TILE set bits per tile: ranks within the tile, then
         // rounds of TILE positions gathered in order into pos[].
@@ -563,14 +652,14 @@ __device__ __forceinline__ void apply_grouped_impl(const ChunkDesc* d, u32 nd, c
             }
             __syncthreads();
             const u64 left = total - lo;
-            grouped_entries<T>(c, left < TILE ? (u32)left : TILE, pos, 0, wrun, run, flag);
+            grouped_entries<T>(d, ci, c, left < TILE ? (u32)left : TILE, pos, 0, wrun, run, flag);
         }
     }
 }
 
 #define G_APPLY(W, T)                                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                \
-    apply_grouped_##W(const ChunkDesc* d, u32 nd, const u64* offs, const u32* groups, u32* flag) {       \
+    apply_grouped_##W(ChunkDesc* d, u32 nd, const u64* offs, const u32* groups, u32* flag) {             \
         apply_grouped_impl<T>(d, nd, offs, groups, flag);                                                \
     }
 G_APPLY(w1, u8)
@@ -588,6 +677,7 @@ positions(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) {
     if (threadIdx.x == 0) ci = find_chunk(d, nd, blockIdx.x);
     __syncthreads();
     const ChunkDesc c = d[ci];
+    if (reject_bad_desc(c, flag)) return;
     const u64 t = blockIdx.x - c.tile_begin;
     u32* out = (u32*)c.out;
     if (c.kind == KIND_SPARSE_GAPS) {
@@ -626,4 +716,14 @@ positions(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) {
             }
         }
     }
+}
+
+// Last launch of a batch: one thread per descriptor compares the words the
+// apply kernels changed with the stored changed_count (raw chunks have none).
+extern "C" __global__ void __launch_bounds__(THREADS)
+check_counts(const ChunkDesc* d, u32 nd, u32* flag) {
+    const u64 i = (u64)blockIdx.x * THREADS + threadIdx.x;
+    if (i >= nd) return;
+    const ChunkDesc& c = d[i];
+    if (c.kind != KIND_RAW && c.changed != c.m) atomicOr(flag, ERR_COUNT_MISMATCH);
 }

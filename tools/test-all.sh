@@ -7,6 +7,15 @@ cd "$(dirname "$0")/.."
 
 cargo test --workspace --locked
 
+# The kernels compile with NVRTC without a driver or a GPU: the PyPI wheel ships
+# libnvrtc.so.13, which cudarc's loader finds by that name on LD_LIBRARY_PATH.
+nvrtc_dir=target/nvrtc-pip
+if [ ! -e "$nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --target "$nvrtc_dir" "nvidia-cuda-nvrtc==13.*"
+fi
+LD_LIBRARY_PATH="$PWD/$nvrtc_dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test --locked -p tpde-cuda --test nvrtc -- --ignored
+
 if [ "$(id -u)" = 0 ]; then
   cargo test --locked -p tpde-cli --test cli -- --ignored a_full_disk_leaves_nothing_behind
 else

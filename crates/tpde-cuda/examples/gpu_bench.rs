@@ -207,7 +207,10 @@ fn main() -> R<()> {
             );
             println!("\n{what}");
             for (slots, slot) in [(4usize, 4usize << 20), (2, 16 << 20)] {
-                let mut l = Loader::new(gpu.clone(), LoaderConfig { slots, slot_bytes: slot, max_chunks: 4096 })?;
+                let mut l = Loader::new(
+                    gpu.clone(),
+                    LoaderConfig { slots, slot_bytes: slot, max_chunks: 4096, ..LoaderConfig::default() },
+                )?;
                 let mut out = gpu.alloc_zeros::<u8>(lb)?;
                 l.materialize_into(tr, &dbase, &mut out)?;
                 assert!(gpu.download(&out)? == target, "materialize is not bit-exact");
@@ -228,7 +231,10 @@ fn main() -> R<()> {
             // the same file through its memory map (pageable)
             let file = tpde::DeltaFile::open(&path)?;
             let mrefs = tpde_cuda::delta::tensor_refs(&file, true)?;
-            let mut l = Loader::new(gpu.clone(), LoaderConfig { slots: 4, slot_bytes: 4 << 20, max_chunks: 4096 })?;
+            let mut l = Loader::new(
+                gpu.clone(),
+                LoaderConfig { slots: 4, slot_bytes: 4 << 20, max_chunks: 4096, ..LoaderConfig::default() },
+            )?;
             let mut out = gpu.alloc_zeros::<u8>(lb)?;
             l.materialize_into(&mrefs[0], &dbase, &mut out)?;
             assert!(gpu.download(&out)? == target, "mapped materialize is not bit-exact");

@@ -1,29 +1,37 @@
 //! Maps a `tpde` delta file onto the loader's inputs, without rebuilding
 //! anything on the CPU: each chunk keeps the library's own records, and its
-//! stored bytes are borrowed from the memory-mapped file or from a copy of
-//! the file in page-locked memory ([`PinnedDelta`]).
+//! stored bytes are borrowed from the bytes that the format library
+//! validated, its memory map or a copy of the file in page-locked memory
+//! ([`PinnedDelta`]), never from a second read.
+//!
+//! The base is checked by the library's own [`resolve_base`] (names, dtypes,
+//! shapes, then every digest, spec §11.2) before any byte of it is used, so
+//! a wrong base is an error before anything reaches the device.
 
 use std::io::Read;
 use std::path::Path;
 
 use cudarc::driver::PinnedHostSlice;
 use tpde::container::header::TensorEntry;
-use tpde::{Checkpoint, DeltaFile};
+use tpde::pipeline::apply::resolve_base;
+use tpde::pipeline::NoProgress;
+use tpde::{Checkpoint, DeltaFile, ErrorCode};
 
 use crate::error::{GpuError, Result};
 use crate::gpu::Gpu;
 use crate::pipeline::{ChunkRef, TensorRef};
 use crate::width::WordWidth;
 
-/// The loader's view of one tensor of `file`, with stored bytes taken from
-/// `bytes` (the whole file: its map or a copy). With `verify_checksums`,
-/// every chunk's stored bytes are checked against its XXH3-64 checksum here,
-/// once, so that repeated loads of the same bytes skip it.
+/// The loader's view of one tensor of `file`, its stored bytes borrowed from
+/// the file's validated bytes; `host` is set when those bytes are
+/// page-locked. With `verify_checksums`, every chunk's stored bytes are
+/// checked against its XXH3-64 checksum here (spec §10), once, so that
+/// repeated loads of the same bytes skip it.
 fn tensor_in<'f>(
     file: &'f DeltaFile,
-    bytes: Option<&'f [u8]>,
     entry: &TensorEntry,
     verify_checksums: bool,
+    host: Option<&'f [u8]>,
 ) -> Result<TensorRef<'f>> {
     let width = WordWidth::from_bytes(entry.word_bytes()?)?;
     let words = entry.word_count()?;
@@ -32,20 +40,15 @@ fn tensor_in<'f>(
     for span in file.spans(entry)? {
         let record = *file.chunk(span.index);
         let words = u32::try_from(span.words).map_err(|_| GpuError::invalid("chunk above 2^32 - 1 words"))?;
-        let stored = match bytes {
-            None => file.stored_bytes(span.index),
-            Some(b) => {
-                let start = usize::try_from(record.data_offset).unwrap_or(usize::MAX);
-                b.get(start..start.saturating_add(record.stored_len as usize))
-                    .ok_or_else(|| GpuError::corrupt("a chunk lies past the end of the file"))?
-            }
-        };
+        let stored = file.stored_bytes(span.index);
         if verify_checksums && tpde::digest::checksum64(stored) != record.checksum {
-            return Err(GpuError::corrupt(format!("{}: chunk {} checksum mismatch", entry.name, span.index)));
+            let e = tpde::Error::new(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");
+            return Err(GpuError::Format(e.in_file(file.path()).in_tensor(&entry.name).in_chunk(span.index)));
         }
         chunks.push(ChunkRef { record, streams: file.streams(span.index), stored, words });
     }
-    let t = TensorRef { name: entry.name.clone(), width, words, chunk_words, chunks, host: bytes };
+    let t =
+        TensorRef { name: entry.name.clone(), width, words, chunk_words, first_chunk: entry.first_chunk, chunks, host };
     t.validate()?;
     Ok(t)
 }
@@ -53,7 +56,7 @@ fn tensor_in<'f>(
 /// The loader's view of one tensor of `file`, its stored bytes borrowed from
 /// the file's map. See [`PinnedDelta`] for the faster page-locked copy.
 pub fn tensor_ref<'f>(file: &'f DeltaFile, entry: &TensorEntry, verify_checksums: bool) -> Result<TensorRef<'f>> {
-    tensor_in(file, None, entry, verify_checksums)
+    tensor_in(file, entry, verify_checksums, None)
 }
 
 /// Every tensor of `file`, in header order (checksums verified in parallel
@@ -63,50 +66,81 @@ pub fn tensor_refs(file: &DeltaFile, verify_checksums: bool) -> Result<Vec<Tenso
     file.header().tensors.par_iter().map(|e| tensor_ref(file, e, verify_checksums)).collect()
 }
 
+/// A whole delta file in page-locked memory, owned by the [`DeltaFile`] that
+/// validated it.
+struct PinnedBytes {
+    /// Keeps the allocation alive; never written after the file is read.
+    _slice: PinnedHostSlice<u8>,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the bytes are only read once `PinnedBytes` exists (the file was
+// read into them before), and `PinnedHostSlice` itself is `Send + Sync`.
+unsafe impl Send for PinnedBytes {}
+// SAFETY: as above: shared access is read-only.
+unsafe impl Sync for PinnedBytes {}
+
+impl AsRef<[u8]> for PinnedBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` and `len` come from `as_slice` of `_slice`, whose
+        // page-locked allocation lives as long as `self` and is never
+        // written again (no device copy targets it).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
 /// A delta file held in page-locked host memory: the serving case of a
 /// host-resident delta. Streams stored as they are go from it to the device
-/// by DMA, with no CPU copy; only zstd streams are decoded on the CPU.
+/// by DMA, with no CPU copy; only zstd streams are decoded on the CPU. The
+/// format library validates these very bytes ([`DeltaFile::from_bytes`]),
+/// so what the GPU reads is what was checked.
 pub struct PinnedDelta {
     file: DeltaFile,
-    bytes: PinnedHostSlice<u8>,
 }
 
 impl std::fmt::Debug for PinnedDelta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PinnedDelta").field("path", &self.file.path()).field("bytes", &self.bytes.len()).finish()
+        f.debug_struct("PinnedDelta").field("path", &self.file.path()).field("bytes", &self.file.file_len()).finish()
     }
 }
 
 impl PinnedDelta {
-    /// Opens and validates `path` with the format library, then reads the
-    /// whole file into page-locked memory of `gpu`'s context.
+    /// Reads the whole of `path` into page-locked memory of `gpu`'s context,
+    /// then validates those bytes with the format library.
+    ///
+    /// # Errors
+    /// The library's codes for a malformed file ([`GpuError::Format`]), `E_IO`
+    /// when it cannot be read or is not a regular file.
     pub fn open(gpu: &Gpu, path: &Path) -> Result<Self> {
-        let file = DeltaFile::open(path)?;
-        let len =
-            usize::try_from(file.file_len()).map_err(|_| GpuError::invalid("delta larger than the address space"))?;
+        let io = |action: &str, e: std::io::Error| GpuError::Format(tpde::Error::io(path, action, e));
+        let mut f = std::fs::File::open(path).map_err(|e| io("cannot open the delta", e))?;
+        let meta = f.metadata().map_err(|e| io("cannot read the delta's size", e))?;
+        if !meta.is_file() {
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+            return Err(io("cannot read the delta", e));
+        }
+        let len = usize::try_from(meta.len()).map_err(|_| GpuError::invalid("delta larger than the address space"))?;
         // SAFETY: uninitialized bytes, every one written by `read_exact`
         // below before any use; `u8` has no invalid bit patterns.
-        let mut bytes = unsafe { gpu.context().alloc_pinned_with_flags::<u8>(len.max(1), 0) }?;
-        let dst = &mut bytes.as_mut_slice()?[..len];
-        std::fs::File::open(path)
-            .and_then(|mut f| f.read_exact(dst))
-            .map_err(|e| GpuError::invalid(format!("cannot read {}: {e}", path.display())))?;
-        Ok(Self { file, bytes })
+        let mut slice = unsafe { gpu.context().alloc_pinned_with_flags::<u8>(len.max(1), 0) }?;
+        f.read_exact(&mut slice.as_mut_slice()?[..len]).map_err(|e| io("cannot read the delta", e))?;
+        let ptr = slice.as_slice()?.as_ptr();
+        let bytes = PinnedBytes { _slice: slice, ptr, len };
+        Ok(Self { file: DeltaFile::from_bytes(path, bytes)? })
     }
 
-    /// The validated file (header, records).
+    /// The validated file (header, records, and its bytes in page-locked
+    /// memory).
     #[must_use]
     pub fn file(&self) -> &DeltaFile {
         &self.file
     }
 
     /// The loader's view of one tensor, its stored bytes in page-locked
-    /// memory ([`TensorRef::host`] set). Checksums are verified when asked,
-    /// against the bytes actually read.
+    /// memory ([`TensorRef::host`] set). Checksums are verified when asked.
     pub fn tensor_ref(&self, entry: &TensorEntry, verify_checksums: bool) -> Result<TensorRef<'_>> {
-        let len = usize::try_from(self.file.file_len()).unwrap_or(usize::MAX);
-        let bytes = &self.bytes.as_slice()?[..len];
-        tensor_in(&self.file, Some(bytes), entry, verify_checksums)
+        tensor_in(&self.file, entry, verify_checksums, Some(self.file.bytes()))
     }
 
     /// Every tensor, in header order.
@@ -117,18 +151,14 @@ impl PinnedDelta {
 
 /// The base bytes of every tensor of `file` from a host checkpoint, in header
 /// order; standalone tensors (no base) get an empty slice, read as zeros.
-/// A missing base tensor is reported by name.
-pub fn host_bases<'c>(file: &DeltaFile, base: &'c Checkpoint) -> Result<Vec<&'c [u8]>> {
-    file.header()
-        .tensors
-        .iter()
-        .map(|e| {
-            if !e.needs_base() {
-                return Ok(&[][..]);
-            }
-            let (f, loc) =
-                base.tensor(&e.name).ok_or_else(|| GpuError::invalid(format!("base lacks tensor {}", e.name)))?;
-            Ok(f.tensor_bytes(loc))
-        })
-        .collect()
+///
+/// The base is the one the delta was made against, checked by the format
+/// library's [`resolve_base`]: names, dtypes and shapes, then every base
+/// digest (spec §11.2). Call it before anything is written to the device.
+///
+/// # Errors
+/// `E_BASE_REQUIRED`, `E_BASE_MISSING_TENSOR`, `E_BASE_MISMATCH` or
+/// `E_BASE_DIGEST` ([`GpuError::Format`]), naming the base file and tensor.
+pub fn host_bases<'c>(file: &DeltaFile, base: Option<&'c Checkpoint>) -> Result<Vec<&'c [u8]>> {
+    Ok(resolve_base(file, base, &NoProgress)?.into_iter().map(Option::unwrap_or_default).collect())
 }

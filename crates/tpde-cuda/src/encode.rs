@@ -83,6 +83,7 @@ impl EncodedTensor {
             width: self.width,
             words: self.words,
             chunk_words: self.chunk_words,
+            first_chunk: 0,
             chunks,
             host: None,
         }

@@ -15,8 +15,29 @@ pub mod flag {
     pub const ZERO_GAP: u32 = 2;
     /// A bitmap padding bit (past the chunk's last word) is set.
     pub const BITMAP_PADDING: u32 = 4;
-    /// The bitmap's set bits do not match the stored value count.
+    /// The words a chunk changes differ from its changed count (or the
+    /// bitmap's set bits from the stored value count).
     pub const COUNT_MISMATCH: u32 = 8;
+    /// A descriptor holds a kind, op, layout or order the kernels do not
+    /// implement (a bug of this crate: records are checked before).
+    pub const BAD_DESCRIPTOR: u32 = 16;
+
+    /// The format library's code for the flag bits that a malformed delta
+    /// raises, in the order the library checks them (§8.3 positions before
+    /// §8.1 the changed count). `None` when no such bit is set.
+    #[must_use]
+    pub fn format_code(bits: u32) -> Option<tpde::ErrorCode> {
+        use tpde::ErrorCode;
+        if bits & ZERO_GAP != 0 {
+            Some(ErrorCode::PositionsNotIncreasing)
+        } else if bits & (POSITION_RANGE | BITMAP_PADDING) != 0 {
+            Some(ErrorCode::PositionsOutOfBounds)
+        } else if bits & COUNT_MISMATCH != 0 {
+            Some(ErrorCode::ChangedCount)
+        } else {
+            None
+        }
+    }
 }
 
 /// Everything the GPU loader can fail with.
@@ -42,9 +63,9 @@ pub enum GpuError {
     InvalidArgument(String),
     /// The delta's bytes are malformed (stream sizes, codecs, zstd frames).
     Corrupt(String),
-    /// A kernel raised the device error flag: the delta addresses words out
-    /// of range or its positions are not strictly increasing. The bits are
-    /// those of [`flag`].
+    /// A kernel raised the device error flag with no bit that a malformed
+    /// delta raises (those become [`GpuError::Format`] with the library's
+    /// code, see [`flag::format_code`]). The bits are those of [`flag`].
     DeviceFlag(u32),
     /// The delta uses a feature of the format that the GPU kernels do not
     /// implement; the CPU decoder of the format library reads it. (No chunk
@@ -81,6 +102,29 @@ impl GpuError {
     pub(crate) fn corrupt(msg: impl Into<String>) -> Self {
         Self::Corrupt(msg.into())
     }
+
+    /// The error for device flag `bits`: the library's code where a
+    /// malformed delta raised it, else [`GpuError::DeviceFlag`].
+    #[must_use]
+    pub fn from_flag(bits: u32) -> Self {
+        match flag::format_code(bits) {
+            Some(code) => {
+                Self::Format(tpde::Error::new(code, format!("a GPU kernel rejected the delta (flag {bits:#x})")))
+            }
+            None => Self::DeviceFlag(bits),
+        }
+    }
+
+    /// The format library's stable code, where the error is a fault of the
+    /// delta or the base that the library reports the same way.
+    #[must_use]
+    pub fn format_code(&self) -> Option<tpde::ErrorCode> {
+        match self {
+            Self::Format(e) => Some(e.code()),
+            Self::DeviceFlag(bits) => flag::format_code(*bits),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for GpuError {
@@ -101,6 +145,7 @@ impl fmt::Display for GpuError {
                     (flag::ZERO_GAP, " zero gap"),
                     (flag::BITMAP_PADDING, " bitmap padding bit set"),
                     (flag::COUNT_MISMATCH, " value count mismatch"),
+                    (flag::BAD_DESCRIPTOR, " unknown descriptor code"),
                 ] {
                     if bits & bit != 0 {
                         f.write_str(name)?;

@@ -15,7 +15,9 @@ use cudarc::driver::{
 use tpde::container::chunk_map::{ChunkRecord, ValueLayout};
 
 use crate::error::{GpuError, Result};
-use crate::kernels::{ChunkDesc, KernelId, Kernels, KEYS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, THREADS};
+use crate::kernels::{
+    ChunkDesc, KernelId, Kernels, KEYS, LEAF_DESC_BYTES, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, THREADS,
+};
 use crate::pipeline::ChunkRef;
 use crate::width::WordWidth;
 
@@ -442,6 +444,91 @@ impl Gpu {
             // `apply_grouped_wN(const ChunkDesc*, u32, const u64*, const u32*, u32*)`.
             unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&g).arg(&f).launch(grid(batch.tiles)) }?;
         }
+        let k = self.kernels.get(KernelId::CheckCounts);
+        // SAFETY: as above; one thread per descriptor reads its own counts.
+        // Signature `check_counts(const ChunkDesc*, u32, u32*)`.
+        unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&f).launch(grid(nd.div_ceil(THREADS))) }?;
         Ok(())
+    }
+
+    /// Launches the leaf digest kernel on `stream`: `table` holds `n`
+    /// `LeafDesc`s (device address and length of a range to hash, each
+    /// inside a live buffer), `out` room for `2 n` `u64`.
+    pub(crate) fn launch_leaves(&self, stream: &CudaStream, table: DevRange, n: u32, out: DevRange) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        if table.len() < n as usize * LEAF_DESC_BYTES || table.ptr() % 8 != 0 {
+            return Err(GpuError::invalid("leaf table range too short or misaligned"));
+        }
+        if out.len() < n as usize * 16 || out.ptr() % 8 != 0 {
+            return Err(GpuError::invalid("leaf output range too short or misaligned"));
+        }
+        let cfg = cudarc::driver::LaunchConfig { grid_dim: (n, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (t, o) = (table.ptr(), out.ptr());
+        let k = self.kernels.get(KernelId::ChunkLeaves);
+        // SAFETY: the caller built every descriptor from a `DevRange` of a
+        // live buffer that stays alive until the stream is synchronized; the
+        // kernel reads only those ranges and writes `out[2i..2i + 2]` for
+        // i < n, inside `out` (checked above). Signature
+        // `chunk_leaves(const LeafDesc*, u32, u64*)`.
+        unsafe { stream.launch_builder(k).arg(&t).arg(&n).arg(&o).launch(cfg) }?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::flag;
+    use crate::kernels::kind;
+
+    /// A descriptor with an op or layout the kernels do not implement used
+    /// to be read as SUB or as byte planes; now it raises the device flag
+    /// and nothing is written.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn an_unknown_op_or_layout_raises_the_device_flag() {
+        let gpu = Gpu::new(0).unwrap();
+        let s = gpu.stream().clone();
+        for (op, layout, order) in [(2, 0, 0), (0, 3, 0), (0, 0, 2), (7, 7, 0)] {
+            let values = gpu.upload(&[1u8; 256]).unwrap();
+            let base = gpu.alloc_zeros::<u8>(256).unwrap();
+            let out = gpu.alloc_zeros::<u8>(256).unwrap();
+            let mut d =
+                ChunkDesc { n: 64, m: 64, tile_count: 1, kind: kind::DENSE, op, layout, order, ..Default::default() };
+            d.val[0] = DevRange::all(&values, &s).unwrap().ptr();
+            d.base = DevRange::all(&base, &s).unwrap().ptr();
+            d.out = DevRange::all(&out, &s).unwrap().ptr();
+            let batch = Batch {
+                width: WordWidth::W4,
+                descs: vec![d],
+                tiles: 1,
+                sparse: false,
+                group_rows: u32::from(order != 0) * 2,
+                positional: true,
+            };
+            let mut bytes = vec![0u8; ChunkDesc::BYTES];
+            batch.write_table(&mut bytes);
+            let table = gpu.upload(&bytes).unwrap();
+            let sums = gpu.alloc_zeros::<u64>(1).unwrap();
+            let groups = gpu.alloc_zeros::<u32>(2 * KEYS).unwrap();
+            let bits = gpu.alloc_zeros::<u32>(1).unwrap();
+            let r = |b| DevRange::all(b, &s).unwrap();
+            gpu.launch(
+                &s,
+                &batch,
+                Stage::Apply,
+                r(&table),
+                DevRange::all(&sums, &s).unwrap(),
+                DevRange::all(&groups, &s).unwrap(),
+                DevRange::all(&bits, &s).unwrap(),
+            )
+            .unwrap();
+            s.synchronize().unwrap();
+            let raised = gpu.download(&bits).unwrap()[0];
+            assert!(raised & flag::BAD_DESCRIPTOR != 0, "op {op} layout {layout} order {order}: flag {raised:#x}");
+            assert!(gpu.download(&out).unwrap().iter().all(|b| *b == 0), "op {op} layout {layout}: written");
+        }
     }
 }

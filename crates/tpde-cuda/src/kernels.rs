@@ -1,5 +1,6 @@
 //! The kernel registry: `kernels/*.cu` sources, compiled once per process by
-//! NVRTC and loaded into a context as one module, with a typed function table.
+//! NVRTC and loaded into a context as one module per source, with a function
+//! table indexed by [`KernelId`] (one list defines the enum and the table).
 
 use std::sync::{Arc, OnceLock};
 
@@ -13,6 +14,8 @@ use crate::width::WordWidth;
 
 /// Source of the reconstruction kernels.
 pub const APPLY_SOURCE: &str = include_str!("../../../kernels/tpde_apply.cu");
+/// Source of the leaf digest kernel (XXH3-128, spec §10).
+pub const XXH3_SOURCE: &str = include_str!("../../../kernels/tpde_xxh3.cu");
 
 /// Threads per block of every kernel (`THREADS` in the source).
 pub const THREADS: u32 = 256;
@@ -24,87 +27,113 @@ pub const BITMAP_TILE_BYTES: u64 = 256 * 16;
 /// group table is this many `u32`.
 pub const KEYS: usize = 256;
 
-/// Every kernel of the registry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum KernelId {
+/// Defines [`KernelId`] with its source, its symbol and [`KernelId::ALL`]
+/// from one list, so that no kernel can be left out of the table: the table
+/// is indexed by the enum's discriminant.
+macro_rules! kernel_registry {
+    ($($(#[doc = $doc:literal])* $id:ident => $source:ident, $symbol:literal;)*) => {
+        /// Every kernel of the registry.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(usize)]
+        pub enum KernelId {
+            $($(#[doc = $doc])* $id,)*
+        }
+
+        impl KernelId {
+            /// Every kernel, in discriminant order: `ALL[id as usize] == id`.
+            pub const ALL: &'static [KernelId] = &[$(Self::$id,)*];
+
+            /// The `extern "C"` symbol.
+            #[must_use]
+            pub const fn symbol(self) -> &'static str {
+                match self {
+                    $(Self::$id => $symbol,)*
+                }
+            }
+
+            /// The source file that defines the kernel.
+            #[must_use]
+            pub const fn source(self) -> Source {
+                match self {
+                    $(Self::$id => Source::$source,)*
+                }
+            }
+        }
+    };
+}
+
+kernel_registry! {
     /// Per tile sums of gaps / bitmap popcounts.
-    TileTotals,
+    TileTotals => Apply, "tile_totals";
     /// Per chunk exclusive scan of the tile sums.
-    TileScan,
+    TileScan => Apply, "tile_scan";
     /// Reconstruction for 1-byte words.
-    ApplyW1,
+    ApplyW1 => Apply, "apply_w1";
     /// Reconstruction for 2-byte words.
-    ApplyW2,
+    ApplyW2 => Apply, "apply_w2";
     /// Reconstruction for 4-byte words.
-    ApplyW4,
+    ApplyW4 => Apply, "apply_w4";
     /// Reconstruction for 8-byte words.
-    ApplyW8,
+    ApplyW8 => Apply, "apply_w8";
     /// Positions of sparse chunks as `u32`.
-    Positions,
+    Positions => Apply, "positions";
     /// Per tile histograms of base keys (grouped value order), 1-byte words.
-    GroupHistW1,
+    GroupHistW1 => Apply, "group_hist_w1";
     /// The same for 2-byte words.
-    GroupHistW2,
+    GroupHistW2 => Apply, "group_hist_w2";
     /// The same for 4-byte words.
-    GroupHistW4,
+    GroupHistW4 => Apply, "group_hist_w4";
     /// The same for 8-byte words.
-    GroupHistW8,
+    GroupHistW8 => Apply, "group_hist_w8";
     /// Per chunk scan of the key histograms into value slots.
-    GroupScan,
+    GroupScan => Apply, "group_scan";
     /// Reconstruction of chunks with grouped values, 1-byte words.
-    ApplyGroupedW1,
+    ApplyGroupedW1 => Apply, "apply_grouped_w1";
     /// The same for 2-byte words.
-    ApplyGroupedW2,
+    ApplyGroupedW2 => Apply, "apply_grouped_w2";
     /// The same for 4-byte words.
-    ApplyGroupedW4,
+    ApplyGroupedW4 => Apply, "apply_grouped_w4";
     /// The same for 8-byte words.
-    ApplyGroupedW8,
+    ApplyGroupedW8 => Apply, "apply_grouped_w8";
+    /// Compares the words each chunk changed with its changed count.
+    CheckCounts => Apply, "check_counts";
+    /// XXH3-128 of byte ranges: the chunk leaf digests (spec §10).
+    ChunkLeaves => Xxh3, "chunk_leaves";
+}
+
+// The table is indexed by discriminant; the macro keeps `ALL` in that order.
+const _: () = {
+    let mut i = 0;
+    while i < KernelId::ALL.len() {
+        assert!(KernelId::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
+/// A kernel source file, compiled by NVRTC into one module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// `kernels/tpde_apply.cu`: reconstruction.
+    Apply,
+    /// `kernels/tpde_xxh3.cu`: leaf digests.
+    Xxh3,
+}
+
+impl Source {
+    /// Every source file.
+    pub const ALL: [Source; 2] = [Source::Apply, Source::Xxh3];
+
+    /// The CUDA source text.
+    #[must_use]
+    pub const fn text(self) -> &'static str {
+        match self {
+            Self::Apply => APPLY_SOURCE,
+            Self::Xxh3 => XXH3_SOURCE,
+        }
+    }
 }
 
 impl KernelId {
-    /// Every kernel, in table order.
-    pub const ALL: [KernelId; 16] = [
-        Self::TileTotals,
-        Self::TileScan,
-        Self::ApplyW1,
-        Self::ApplyW2,
-        Self::ApplyW4,
-        Self::ApplyW8,
-        Self::Positions,
-        Self::GroupHistW1,
-        Self::GroupHistW2,
-        Self::GroupHistW4,
-        Self::GroupHistW8,
-        Self::GroupScan,
-        Self::ApplyGroupedW1,
-        Self::ApplyGroupedW2,
-        Self::ApplyGroupedW4,
-        Self::ApplyGroupedW8,
-    ];
-
-    /// The `extern "C"` symbol.
-    #[must_use]
-    pub const fn symbol(self) -> &'static str {
-        match self {
-            Self::TileTotals => "tile_totals",
-            Self::TileScan => "tile_scan",
-            Self::ApplyW1 => "apply_w1",
-            Self::ApplyW2 => "apply_w2",
-            Self::ApplyW4 => "apply_w4",
-            Self::ApplyW8 => "apply_w8",
-            Self::Positions => "positions",
-            Self::GroupHistW1 => "group_hist_w1",
-            Self::GroupHistW2 => "group_hist_w2",
-            Self::GroupHistW4 => "group_hist_w4",
-            Self::GroupHistW8 => "group_hist_w8",
-            Self::GroupScan => "group_scan",
-            Self::ApplyGroupedW1 => "apply_grouped_w1",
-            Self::ApplyGroupedW2 => "apply_grouped_w2",
-            Self::ApplyGroupedW4 => "apply_grouped_w4",
-            Self::ApplyGroupedW8 => "apply_grouped_w8",
-        }
-    }
-
     /// The apply kernel of a word width.
     #[must_use]
     pub const fn apply(width: WordWidth) -> Self {
@@ -139,16 +168,17 @@ impl KernelId {
     }
 }
 
-/// PTX of the kernels, compiled at most once per process.
-fn ptx() -> Result<Ptx> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    let src = PTX.get_or_init(|| {
+/// PTX of a source, compiled at most once per process.
+fn ptx(source: Source) -> Result<Ptx> {
+    type Compiled = OnceLock<std::result::Result<String, String>>;
+    static PTX: [Compiled; Source::ALL.len()] = [OnceLock::new(), OnceLock::new()];
+    let src = PTX[source as usize].get_or_init(|| {
         // SAFETY: only probes whether the NVRTC shared library can be opened.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err(String::new());
         }
         let opts = CompileOptions { options: vec!["--std=c++17".into()], ..CompileOptions::default() };
-        std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(APPLY_SOURCE, opts))
+        std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(source.text(), opts))
             .map_err(|_| "NVRTC panicked".to_string())?
             .map(|ptx| ptx.to_src())
             .map_err(|e| e.to_string())
@@ -160,29 +190,29 @@ fn ptx() -> Result<Ptx> {
     }
 }
 
-/// The loaded module of one context and its functions.
+/// The loaded modules of one context and their functions.
 #[derive(Debug)]
 pub struct Kernels {
-    _module: Arc<CudaModule>,
+    _modules: Vec<Arc<CudaModule>>,
+    /// Indexed by `KernelId as usize`.
     functions: Vec<CudaFunction>,
 }
 
 impl Kernels {
     /// Compiles (once per process) and loads every kernel into `ctx`.
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
-        let module = ctx.load_module(ptx()?)?;
+        let modules = Source::ALL.iter().map(|&s| Ok(ctx.load_module(ptx(s)?)?)).collect::<Result<Vec<_>>>()?;
         let functions = KernelId::ALL
             .iter()
-            .map(|id| module.load_function(id.symbol()))
+            .map(|id| modules[id.source() as usize].load_function(id.symbol()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Self { _module: module, functions })
+        Ok(Self { _modules: modules, functions })
     }
 
     /// The function of a kernel.
     #[must_use]
     pub fn get(&self, id: KernelId) -> &CudaFunction {
-        let i = KernelId::ALL.iter().position(|k| *k == id).unwrap_or(0);
-        &self.functions[i]
+        &self.functions[id as usize]
     }
 }
 
@@ -200,7 +230,8 @@ pub(crate) const MAX_POSITION_STREAMS: usize = 4;
 pub(crate) const MAX_VALUE_STREAMS: usize = 8;
 
 /// One chunk as the kernels read it: `struct ChunkDesc` of the source,
-/// 152 bytes, with one device address per stream.
+/// 160 bytes, with one device address per stream. The source pins the
+/// layout with `static_assert`s, which a test compares with [`ChunkDesc::FIELDS`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ChunkDesc {
     pub pos: [u64; MAX_POSITION_STREAMS],
@@ -220,7 +251,30 @@ pub(crate) struct ChunkDesc {
 }
 
 impl ChunkDesc {
-    pub const BYTES: usize = 152;
+    pub const BYTES: usize = 160;
+
+    /// Byte offset of each field of the source's `struct ChunkDesc`, as
+    /// [`ChunkDesc::write_to`] writes it. `changed` is counted by the kernels
+    /// and `reserved` stays 0; both are written as 0.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub const FIELDS: [(&'static str, usize); 16] = [
+        ("pos", 0),
+        ("val", 32),
+        ("base", 96),
+        ("out", 104),
+        ("n", 112),
+        ("m", 116),
+        ("tile_begin", 120),
+        ("tile_count", 124),
+        ("kind", 128),
+        ("op", 132),
+        ("layout", 136),
+        ("gap_width", 140),
+        ("order", 144),
+        ("group_begin", 148),
+        ("changed", 152),
+        ("reserved", 156),
+    ];
 
     /// Kind, op, layout, gap width and tile count of a chunk of `words`
     /// words (no addresses). `None` for unchanged chunks, which need no
@@ -271,11 +325,14 @@ impl ChunkDesc {
         }
     }
 
+    /// Writes the descriptor into `out` ([`ChunkDesc::BYTES`] bytes) at the
+    /// offsets of [`ChunkDesc::FIELDS`].
     pub fn write_to(&self, out: &mut [u8]) {
         let fields64 = self.pos.iter().chain(&self.val).chain([&self.base, &self.out]);
         for (dst, f) in out.chunks_exact_mut(8).zip(fields64) {
             dst.copy_from_slice(&f.to_le_bytes());
         }
+        // n .. group_begin, then changed and reserved (both 0)
         let fields32 = [
             self.n,
             self.m,
@@ -287,9 +344,82 @@ impl ChunkDesc {
             self.gap_width,
             self.order,
             self.group_begin,
+            0,
+            0,
         ];
-        for (dst, f) in out[112..].chunks_exact_mut(4).zip(fields32) {
+        for (dst, f) in out[112..Self::BYTES].chunks_exact_mut(4).zip(fields32) {
             dst.copy_from_slice(&f.to_le_bytes());
         }
+    }
+}
+
+/// Bytes of one `LeafDesc` of `kernels/tpde_xxh3.cu`: device address and
+/// length, both `u64` (pinned there by a `static_assert`).
+pub(crate) const LEAF_DESC_BYTES: usize = 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `static_assert`s of `kernels/tpde_apply.cu` state the layout the
+    /// kernels compile with (NVRTC refuses the source otherwise); the Rust
+    /// side must write the same offsets.
+    #[test]
+    fn chunk_desc_layout_matches_the_kernel_source() {
+        let mut stated = Vec::new();
+        let mut size = None;
+        for line in APPLY_SOURCE.lines() {
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("static_assert(OFFSET_OF(ChunkDesc, ") {
+                let (field, rest) = rest.split_once(')').unwrap();
+                let offset = rest.trim_start_matches(" == ").split(',').next().unwrap();
+                stated.push((field.to_string(), offset.parse::<usize>().unwrap()));
+            } else if let Some(rest) = line.strip_prefix("static_assert(sizeof(ChunkDesc) == ") {
+                size = Some(rest.split(',').next().unwrap().parse::<usize>().unwrap());
+            }
+        }
+        let ours: Vec<(String, usize)> = ChunkDesc::FIELDS.iter().map(|(f, o)| ((*f).to_string(), *o)).collect();
+        assert_eq!(stated, ours);
+        assert_eq!(size, Some(ChunkDesc::BYTES));
+
+        // write_to puts each field where FIELDS says.
+        let d = ChunkDesc {
+            pos: [1, 2, 3, 4],
+            val: [5, 6, 7, 8, 9, 10, 11, 12],
+            base: 13,
+            out: 14,
+            n: 15,
+            m: 16,
+            tile_begin: 17,
+            tile_count: 18,
+            kind: 19,
+            op: 20,
+            layout: 21,
+            gap_width: 22,
+            order: 23,
+            group_begin: 24,
+        };
+        let mut bytes = vec![0xAA; ChunkDesc::BYTES];
+        d.write_to(&mut bytes);
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        let at = |name: &str| ChunkDesc::FIELDS.iter().find(|(f, _)| *f == name).unwrap().1;
+        assert_eq!((0..4).map(|k| u64_at(at("pos") + 8 * k)).collect::<Vec<_>>(), d.pos);
+        assert_eq!((0..8).map(|k| u64_at(at("val") + 8 * k)).collect::<Vec<_>>(), d.val);
+        assert_eq!((u64_at(at("base")), u64_at(at("out"))), (13, 14));
+        let u32s = ["n", "m", "tile_begin", "tile_count", "kind", "op", "layout", "gap_width", "order", "group_begin"];
+        for (name, value) in u32s.iter().zip(15u32..) {
+            assert_eq!(u32_at(at(name)), value, "{name}");
+        }
+        assert_eq!((u32_at(at("changed")), u32_at(at("reserved"))), (0, 0));
+    }
+
+    #[test]
+    fn every_kernel_is_in_its_slot_of_the_table() {
+        for (i, id) in KernelId::ALL.iter().enumerate() {
+            assert_eq!(*id as usize, i);
+        }
+        let symbols: std::collections::HashSet<_> = KernelId::ALL.iter().map(|k| k.symbol()).collect();
+        assert_eq!(symbols.len(), KernelId::ALL.len());
     }
 }

@@ -14,6 +14,17 @@
 //! reference is in [`reference`](mod@reference), and GPU results are
 //! bit-exact with it and with the library's decoder.
 //!
+//! The GPU path enforces what the format library enforces, by calling the
+//! library: deltas are validated by [`tpde::DeltaFile`] (in page-locked
+//! memory, the very bytes the GPU reads), the base by the library's
+//! [`tpde::pipeline::apply::resolve_base`] before anything is uploaded, zstd
+//! streams by its decoder, and stored checksums on the CPU. Position errors
+//! and changed counts are checked by the kernels, and every rebuilt chunk's
+//! XXH3-128 leaf digest (§10) is computed on the device and compared with its
+//! record unless [`LoaderConfig::verify_digests`] is turned off for trusted
+//! files. Format faults carry the library's stable codes
+//! ([`GpuError::format_code`]).
+//!
 //! - [`Gpu`]: a device with the kernels compiled (NVRTC, once per process).
 //!   On a machine without CUDA, [`Gpu::new`] returns [`GpuError::NoDriver`].
 //! - [`Loader`]: the staging ring and the two APIs: a whole delta onto the

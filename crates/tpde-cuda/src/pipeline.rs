@@ -14,6 +14,8 @@ use std::sync::Arc;
 use cudarc::driver::{result as cu, CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use rayon::prelude::*;
 use tpde::container::chunk_map::{ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout};
+use tpde::digest::Digest128;
+use tpde::{ErrorCode, Result as FormatResult};
 
 use crate::error::{GpuError, Result};
 use crate::gpu::{Batch, DevRange, Gpu, Stage};
@@ -91,6 +93,9 @@ pub struct TensorRef<'a> {
     pub words: u64,
     /// Words per chunk (the last chunk may be shorter).
     pub chunk_words: u32,
+    /// Index of its first chunk in the delta file's chunk table, which
+    /// errors name with the chunk's position (0 for tensors not from a file).
+    pub first_chunk: u64,
     /// Its chunks, in order.
     pub chunks: Vec<ChunkRef<'a>>,
     /// A page-locked host buffer that holds the chunks' stored bytes (for
@@ -140,12 +145,39 @@ pub struct LoaderConfig {
     pub slot_bytes: usize,
     /// Most chunks in one batch (one descriptor table).
     pub max_chunks: usize,
+    /// Whether every rebuilt chunk's digest is checked on the device against
+    /// its record (spec §10), as the library does on the CPU. On by default;
+    /// turn it off only for deltas from a trusted source whose stored
+    /// checksums are still verified (see `BENCHMARKS-GPU.md` for its cost).
+    pub verify_digests: bool,
 }
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        Self { slots: 4, slot_bytes: 32 << 20, max_chunks: 4096 }
+        Self { slots: 4, slot_bytes: 32 << 20, max_chunks: 4096, verify_digests: true }
     }
+}
+
+/// A rebuilt chunk whose leaf digest is checked: its bytes on the device,
+/// the digest its record states, and the names an error gives.
+struct LeafCheck<'t> {
+    out: DevRange,
+    digest: Digest128,
+    tensor: &'t str,
+    chunk: u64,
+}
+
+/// The leaf checks of every chunk of a tensor rebuilt into `out`.
+fn leaf_checks<'t>(t: &'t TensorRef<'_>, out: DevRange, checks: &mut Vec<LeafCheck<'t>>) -> Result<()> {
+    let w = t.width.bytes();
+    let mut off = 0usize;
+    for (k, c) in t.chunks.iter().enumerate() {
+        let n = c.words as usize * w;
+        let chunk = t.first_chunk + k as u64;
+        checks.push(LeafCheck { out: out.sub(off, n)?, digest: c.record.digest, tensor: &t.name, chunk });
+        off += n;
+    }
+    Ok(())
 }
 
 struct Slot {
@@ -178,14 +210,20 @@ impl std::fmt::Debug for Loader {
 }
 
 /// A chunk to rebuild and where: `base` and `out` are its words in device
-/// memory; `host` is its tensor's [`TensorRef::host`].
+/// memory; `host` is its tensor's [`TensorRef::host`]; `label` its tensor's
+/// name and its index in the file, which errors name.
 struct Job<'c, 'a> {
     chunk: &'c ChunkRef<'a>,
     width: WordWidth,
     host: Option<&'a [u8]>,
     base: DevRange,
     out: DevRange,
+    label: Option<(&'c str, u64)>,
 }
+
+/// A stream to decode or copy into a host slot: its offset there, its
+/// record, its stored bytes, and which chunk of the batch it belongs to.
+type StreamTask<'a> = (usize, StreamRecord, &'a [u8], usize);
 
 const fn align(x: usize, a: usize) -> usize {
     x.div_ceil(a) * a
@@ -205,8 +243,8 @@ struct Plan<'a> {
     raw: Option<(&'a [u8], usize)>,
     /// Device offset of every stream of every job.
     offsets: Vec<Vec<usize>>,
-    /// Streams to decode or copy into the host slot: (offset, record, stored).
-    tasks: Vec<(usize, StreamRecord, &'a [u8])>,
+    /// Streams to decode or copy into the host slot.
+    tasks: Vec<StreamTask<'a>>,
 }
 
 impl Loader {
@@ -263,6 +301,11 @@ impl Loader {
 
     /// API (a): rebuilds every tensor of `delta` against device-resident base
     /// tensors (one per delta tensor, in order) into new device buffers.
+    ///
+    /// Device-resident bases are taken as the ones the delta was made
+    /// against: check their host copies with [`crate::delta::host_bases`]
+    /// before uploading them. With digests on, a wrong base still fails
+    /// (`E_CHUNK_DIGEST`), but only after the outputs were written.
     pub fn load(&mut self, delta: &[TensorRef<'_>], base: &[&CudaSlice<u8>]) -> Result<Vec<CudaSlice<u8>>> {
         if base.len() != delta.len() {
             return Err(GpuError::invalid("one base tensor per delta tensor"));
@@ -275,13 +318,16 @@ impl Loader {
             outs.push(unsafe { self.gpu.stream().alloc::<u8>(t.bytes().max(1)) }?);
         }
         let mut jobs = Vec::new();
+        let mut checks = Vec::new();
         for ((t, b), o) in delta.iter().zip(base).zip(&outs) {
             let main = self.gpu.stream().clone();
             let b = DevRange::all(*b, &main)?;
             let o = DevRange::of(o, &main, 0, t.bytes())?;
             self.plan_tensor(t, b, o, &mut jobs)?;
+            leaf_checks(t, o, &mut checks)?;
         }
         self.run(&jobs, Stage::Apply)?;
+        self.check_leaves(&checks)?;
         Ok(outs)
     }
 
@@ -292,6 +338,7 @@ impl Loader {
             return Err(GpuError::invalid("one buffer per delta tensor"));
         }
         let mut jobs = Vec::new();
+        let mut checks = Vec::new();
         let main = self.gpu.stream().clone();
         for (t, b) in delta.iter().zip(bufs.iter()) {
             t.validate()?;
@@ -300,8 +347,10 @@ impl Loader {
             }
             let r = DevRange::all(b, &main)?;
             self.plan_chunks(t, r, r, &mut jobs)?;
+            leaf_checks(t, r, &mut checks)?;
         }
-        self.run(&jobs, Stage::Apply)
+        self.run(&jobs, Stage::Apply)?;
+        self.check_leaves(&checks)
     }
 
     /// API (a) with a host-resident base: uploads each base tensor through the
@@ -333,7 +382,10 @@ impl Loader {
         let o = DevRange::of(out, &main, 0, t.bytes())?;
         let mut jobs = Vec::new();
         self.plan_tensor(t, b, o, &mut jobs)?;
-        self.run(&jobs, Stage::Apply)
+        let mut checks = Vec::new();
+        leaf_checks(t, o, &mut checks)?;
+        self.run(&jobs, Stage::Apply)?;
+        self.check_leaves(&checks)
     }
 
     /// API (b), in place: `buf` holds the base and is overwritten with the target.
@@ -348,7 +400,7 @@ impl Loader {
         let m = chunk.record.changed_count as usize;
         let out = self.gpu.alloc_zeros::<u32>(m.max(1))?;
         let r = DevRange::of(&out, self.gpu.stream(), 0, m * 4)?;
-        self.run(&[Job { chunk, width, host: None, base: r, out: r }], Stage::Positions)?;
+        self.run(&[Job { chunk, width, host: None, base: r, out: r, label: None }], Stage::Positions)?;
         let mut v = self.gpu.download(&out)?;
         v.truncate(m);
         Ok(v)
@@ -440,7 +492,7 @@ impl Loader {
     ) -> Result<()> {
         let w = t.width.bytes();
         let mut off = 0usize;
-        for c in &t.chunks {
+        for (k, c) in t.chunks.iter().enumerate() {
             let n = c.words as usize * w;
             if c.record.encoding != Encoding::Unchanged {
                 jobs.push(Job {
@@ -449,6 +501,7 @@ impl Loader {
                     host: t.host,
                     base: base.sub(off, n)?,
                     out: out.sub(off, n)?,
+                    label: Some((&t.name, t.first_chunk + k as u64)),
                 });
             }
             off += n;
@@ -468,7 +521,10 @@ impl Loader {
     }
 
     /// Runs jobs: batches them into slots, uploads, decodes, launches; then
-    /// waits once and checks the device error flag.
+    /// waits once and checks the device error flag. Then, unless the caller
+    /// opted out ([`LoaderConfig::verify_digests`]), the leaf digest of every
+    /// rebuilt chunk is computed on the device and compared with the chunk's
+    /// record (spec §10); a mismatch is the library's `E_CHUNK_DIGEST`.
     fn run(&mut self, jobs: &[Job<'_, '_>], stage: Stage) -> Result<()> {
         let main = self.gpu.stream().clone();
         let flag = DevRange::all(&self.flag, &main)?;
@@ -559,12 +615,12 @@ impl Loader {
         };
         let mut tasks = Vec::new();
         let mut offsets = Vec::with_capacity(count);
-        for (job, place) in jobs.iter().zip(&places) {
+        for (j, (job, place)) in jobs.iter().zip(&places).enumerate() {
             let mut offs = Vec::with_capacity(place.len());
             for ((p, r), bytes) in place.iter().zip(job.chunk.streams).zip(job.chunk.stored_streams()) {
                 match (*p, raw, host) {
                     (Ok(d), _, _) => {
-                        tasks.push((table + d, *r, bytes));
+                        tasks.push((table + d, *r, bytes, j));
                         offs.push(table + d);
                     }
                     (Err(o), Some((span, at)), Some(h)) => {
@@ -593,7 +649,7 @@ impl Loader {
             unsafe { cu::memcpy_htod_async(d.ptr(), span, s.stream.cu_stream()) }?;
         }
         let host = s.host.as_mut_slice()?;
-        decode_tasks(&mut host[..plan.decoded_end], &plan.tasks)?;
+        decode_tasks(&mut host[..plan.decoded_end], &plan.tasks, |j| jobs[j].label)?;
         let mut batch = Batch::new(jobs[0].width);
         for (j, offs) in jobs.iter().zip(&plan.offsets) {
             let streams = offs
@@ -626,12 +682,13 @@ impl Loader {
     pub fn stage_on_device(&mut self, delta: &[TensorRef<'_>]) -> Result<DeviceDelta> {
         let mut tensors = Vec::with_capacity(delta.len());
         let mut total = 0usize;
-        let mut order: Vec<&ChunkRef<'_>> = Vec::new();
+        // every chunk to decode, with its tensor's name and its index
+        let mut order: Vec<(&ChunkRef<'_>, &str, u64)> = Vec::new();
         for t in delta {
             t.validate()?;
             let mut chunks = Vec::new();
             let mut word = 0u64;
-            for c in &t.chunks {
+            for (k, c) in t.chunks.iter().enumerate() {
                 if c.record.encoding != Encoding::Unchanged {
                     let mut offsets = Vec::with_capacity(c.streams.len());
                     for r in c.streams {
@@ -645,7 +702,7 @@ impl Loader {
                         offsets,
                         word,
                     });
-                    order.push(c);
+                    order.push((c, &t.name, t.first_chunk + k as u64));
                 }
                 word += u64::from(c.words);
             }
@@ -655,6 +712,8 @@ impl Loader {
                 words: t.words,
                 needs_base: t.needs_base_words(),
                 chunks,
+                first_chunk: t.first_chunk,
+                leaves: t.chunks.iter().map(|c| (c.record.digest, c.words)).collect(),
             });
         }
         let offsets: Vec<usize> =
@@ -680,16 +739,17 @@ impl Loader {
             }
             let used = offsets.get(end).copied().unwrap_or(total) - first;
             let mut tasks = Vec::new();
-            for (c, o) in order[i..end].iter().zip(&offsets[i..end]) {
+            for (k, ((c, _, _), o)) in order[i..end].iter().zip(&offsets[i..end]).enumerate() {
                 let mut at = o - first;
                 for (r, bytes) in c.streams.iter().zip(c.stored_streams()) {
-                    tasks.push((at, *r, bytes));
+                    tasks.push((at, *r, bytes, k));
                     at = align(at + r.decoded_len as usize, 16);
                 }
             }
             let slot = self.take_slot()?;
             let s = &mut self.slots[slot];
-            decode_tasks(&mut s.host.as_mut_slice()?[..used], &tasks)?;
+            let batch = &order[i..end];
+            decode_tasks(&mut s.host.as_mut_slice()?[..used], &tasks, |k| Some((batch[k].1, batch[k].2)))?;
             let d = DevRange::of(&data, &s.stream, first, used)?;
             // SAFETY: `d` is inside `data`; the host bytes stay untouched
             // until `uploaded` completes.
@@ -754,6 +814,22 @@ impl Loader {
     }
 
     fn run_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
+        self.launch_staged(delta, bases, outs)?;
+        let mut checks = Vec::new();
+        for (t, o) in delta.tensors.iter().zip(outs) {
+            let w = t.width.bytes();
+            let mut off = 0usize;
+            for (k, (digest, words)) in t.leaves.iter().enumerate() {
+                let n = *words as usize * w;
+                let chunk = t.first_chunk + k as u64;
+                checks.push(LeafCheck { out: o.sub(off, n)?, digest: *digest, tensor: &t.name, chunk });
+                off += n;
+            }
+        }
+        self.check_leaves(&checks)
+    }
+
+    fn launch_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
         let main = self.gpu.stream().clone();
         let flag = DevRange::all(&self.flag, &main)?;
         // SAFETY: the flag buffer is live and 4 bytes long.
@@ -835,7 +911,39 @@ impl Loader {
         main.synchronize()?;
         let bits = self.flag_host.as_slice()?[0];
         if bits != 0 {
-            return Err(GpuError::DeviceFlag(bits));
+            return Err(GpuError::from_flag(bits));
+        }
+        Ok(())
+    }
+
+    /// Computes the leaf digest of every checked chunk on the device (one
+    /// launch) and compares it with the chunk's record. Skipped when the
+    /// caller opted out.
+    fn check_leaves(&mut self, checks: &[LeafCheck<'_>]) -> Result<()> {
+        if !self.cfg.verify_digests || checks.is_empty() {
+            return Ok(());
+        }
+        let n = u32::try_from(checks.len()).map_err(|_| GpuError::invalid("more than 2^32 - 1 chunks"))?;
+        let table: Vec<u8> = checks
+            .iter()
+            .flat_map(|c| c.out.ptr().to_le_bytes().into_iter().chain((c.out.len() as u64).to_le_bytes()))
+            .collect();
+        let table = self.gpu.upload(&table)?;
+        let leaves = self.gpu.alloc_zeros::<u64>(2 * checks.len())?;
+        let main = self.gpu.stream().clone();
+        let t = DevRange::all(&table, &main)?;
+        let o = DevRange::all(&leaves, &main)?;
+        self.gpu.launch_leaves(&main, t, n, o)?;
+        let leaves = self.gpu.download(&leaves)?;
+        for (c, halves) in checks.iter().zip(leaves.chunks_exact(2)) {
+            let leaf = ((u128::from(halves[1]) << 64) | u128::from(halves[0])).to_be_bytes();
+            if leaf != c.digest {
+                return Err(GpuError::Format(
+                    tpde::Error::new(ErrorCode::ChunkDigest, "the rebuilt chunk does not match its digest")
+                        .in_tensor(c.tensor)
+                        .in_chunk(c.chunk),
+                ));
+            }
         }
         Ok(())
     }
@@ -859,6 +967,10 @@ struct StagedTensor {
     words: u64,
     needs_base: bool,
     chunks: Vec<StagedChunk>,
+    /// As [`TensorRef::first_chunk`].
+    first_chunk: u64,
+    /// The digest and words of every chunk (unchanged ones too), in order.
+    leaves: Vec<(Digest128, u32)>,
 }
 
 impl StagedTensor {
@@ -890,12 +1002,17 @@ impl DeviceDelta {
 }
 
 /// Decodes (zstd) or copies (stored) streams into `host` at their offsets,
-/// in parallel. Offsets increase and the streams do not overlap.
-fn decode_tasks(host: &mut [u8], tasks: &[(usize, StreamRecord, &[u8])]) -> Result<()> {
+/// in parallel. Offsets increase and the streams do not overlap. A format
+/// error names the tensor and chunk that `label` gives for the task's chunk.
+fn decode_tasks<'n>(
+    host: &mut [u8],
+    tasks: &[StreamTask<'_>],
+    label: impl Fn(usize) -> Option<(&'n str, u64)> + Sync,
+) -> Result<()> {
     let mut rest = host;
     let mut at = 0usize;
     let mut work = Vec::with_capacity(tasks.len());
-    for (off, r, bytes) in tasks {
+    for (off, r, bytes, chunk) in tasks {
         let len = r.decoded_len as usize;
         if *off < at || off + len - at > rest.len() {
             return Err(GpuError::invalid("streams exceed the staging slot"));
@@ -904,9 +1021,14 @@ fn decode_tasks(host: &mut [u8], tasks: &[(usize, StreamRecord, &[u8])]) -> Resu
         let (dst, tail) = tail.split_at_mut(len);
         rest = tail;
         at = off + len;
-        work.push((dst, r, *bytes));
+        work.push((dst, r, *bytes, *chunk));
     }
-    work.into_par_iter().try_for_each(|(dst, r, bytes)| decode_stream(r, bytes, dst))
+    work.into_par_iter().try_for_each(|(dst, r, bytes, chunk)| {
+        decode_stream(r, bytes, dst).map_err(|e| match (e, label(chunk)) {
+            (GpuError::Format(e), Some((tensor, index))) => GpuError::Format(e.in_tensor(tensor).in_chunk(index)),
+            (e, _) => e,
+        })
+    })
 }
 
 /// Offset of `part` in `whole`, if `part` lies inside it.
@@ -920,11 +1042,16 @@ fn host_prefix(host: &PinnedHostSlice<u8>, n: usize) -> Result<&[u8]> {
 }
 
 thread_local! {
-    static DCTX: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
+    /// Decoded bytes of one zstd stream, reused from stream to stream: the
+    /// library's decoder appends to a `Vec`, and the result is copied into
+    /// the page-locked slot.
+    static DECODED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Decodes one stream into `dst` (exactly its decoded length). A zstd stream
-/// must be one frame with no trailing bytes (`spec/FORMAT.md` §8.5).
+/// Decodes one stream into `dst` (exactly its decoded length) with the
+/// format library's own decoder, which enforces the zstd profile of
+/// `spec/FORMAT.md` §8.5 (one frame with its content size, no trailing
+/// bytes, a bounded window) and reports the library's codes.
 pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Result<()> {
     let len = record.decoded_len as usize;
     if dst.len() != len || stored.len() != record.stored_len as usize {
@@ -933,26 +1060,48 @@ pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Re
     match record.codec {
         Codec::Stored => {
             if stored.len() != len {
-                return Err(GpuError::corrupt("stored stream length differs from its decoded length"));
+                let e = tpde::Error::new(
+                    ErrorCode::StreamLength,
+                    "a stored stream's length differs from its decoded length",
+                );
+                return Err(GpuError::Format(e));
             }
             dst.copy_from_slice(stored);
             Ok(())
         }
-        Codec::Zstd => {
-            match zstd::zstd_safe::find_frame_compressed_size(stored) {
-                Ok(n) if n == stored.len() => {}
-                Ok(_) => return Err(GpuError::corrupt("zstd stream has trailing bytes")),
-                Err(_) => return Err(GpuError::corrupt("zstd stream is not one frame")),
-            }
-            DCTX.with(|c| {
-                let mut c = c.borrow_mut();
-                let dctx = c.get_or_insert_with(zstd::zstd_safe::DCtx::create);
-                match dctx.decompress(dst, stored) {
-                    Ok(n) if n == len => Ok(()),
-                    Ok(_) => Err(GpuError::corrupt("zstd stream decodes to the wrong length")),
-                    Err(_) => Err(GpuError::corrupt("zstd stream does not decode")),
-                }
+        Codec::Zstd => DECODED
+            .with(|cell| -> FormatResult<()> {
+                let mut decoded = cell.borrow_mut();
+                decoded.clear();
+                tpde::codec::zstd_stream::decompress_into(stored, len, &mut decoded)?;
+                dst.copy_from_slice(&decoded);
+                Ok(())
             })
-        }
+            .map_err(GpuError::Format),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream the library's decoder refuses is reported with its code,
+    /// naming the tensor and the chunk's index in the file.
+    #[test]
+    fn a_bad_stream_names_its_tensor_and_chunk() {
+        let good = tpde::codec::zstd_stream::compress(&[3u8; 64], tpde::codec::zstd_stream::Effort::Level(1)).unwrap();
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let record = |stored: &[u8]| StreamRecord {
+            stored_len: u32::try_from(stored.len()).unwrap(),
+            decoded_len: 64,
+            codec: Codec::Zstd,
+        };
+        let tasks = [(0, record(&good), good.as_slice(), 0), (64, record(&trailing), trailing.as_slice(), 1)];
+        let mut host = vec![0u8; 128];
+        let labels = [("a", 3u64), ("b", 7)];
+        let e = decode_tasks(&mut host, &tasks, |k| Some(labels[k])).unwrap_err();
+        let GpuError::Format(e) = e else { panic!("{e}") };
+        assert_eq!((e.code(), e.tensor(), e.chunk()), (ErrorCode::ZstdProfile, Some("b"), Some(7)));
     }
 }

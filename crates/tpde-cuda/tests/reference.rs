@@ -138,7 +138,35 @@ fn a_zstd_stream_with_a_trailing_frame_is_rejected() {
     let two = [z.clone(), z].concat();
     let r = StreamRecord { stored_len: two.len() as u32, decoded_len: 64, codec: Codec::Zstd };
     let e = tpde_cuda::decode_stream(&r, &two, &mut [0u8; 64]).expect_err("two frames");
-    assert!(matches!(e, GpuError::Corrupt(_)), "{e}");
+    assert_eq!(e.format_code(), Some(tpde::ErrorCode::ZstdProfile), "{e}");
+}
+
+/// The GPU path decodes zstd streams with the library's decoder, so it
+/// enforces the whole profile of spec §8.5: a frame without its content
+/// size, or with a window above 2^27 bytes, is refused as the CLI refuses it
+/// (both were accepted by a decoder of the crate's own).
+#[test]
+fn zstd_streams_outside_the_profile_get_the_library_codes() {
+    let plain = [7u8; 64];
+    let decode = |stored: &[u8]| {
+        let r = StreamRecord { stored_len: stored.len() as u32, decoded_len: 64, codec: Codec::Zstd };
+        tpde_cuda::decode_stream(&r, stored, &mut [0u8; 64]).map_err(|e| e.format_code())
+    };
+    let mut c = zstd::bulk::Compressor::new(3).unwrap();
+    c.include_contentsize(false).unwrap();
+    let no_size = c.compress(&plain).unwrap();
+    assert_eq!(decode(&no_size), Err(Some(tpde::ErrorCode::ZstdProfile)));
+
+    let frame = tpde::codec::zstd_stream::compress(&plain, tpde::codec::zstd_stream::Effort::Level(3)).unwrap();
+    assert_eq!(decode(&frame), Ok(()));
+    // the same frame with a window descriptor of 2^28 bytes (exponent 18)
+    let mut wide = frame.clone();
+    wide[4] &= !0b10_0000;
+    wide.insert(5, 18 << 3);
+    assert_eq!(decode(&wide), Err(Some(tpde::ErrorCode::ZstdProfile)));
+    // a content size that differs from the declared length
+    let short = tpde::codec::zstd_stream::compress(&plain[..63], tpde::codec::zstd_stream::Effort::Level(3)).unwrap();
+    assert_eq!(decode(&short), Err(Some(tpde::ErrorCode::StreamLength)));
 }
 
 proptest! {

@@ -1,0 +1,331 @@
+// XXH3-128 with seed 0 and the default secret: the chunk leaf digests of
+// spec/FORMAT.md §10, computed on the device from the rebuilt bytes.
+//
+// Everything above the kernel is plain C++ as well, so the host compiler
+// builds it too: crates/tpde-cuda/tests/xxh3_host.rs compiles this file with
+// `c++` and checks xxh3_128_host() against xxhash-rust on many lengths and
+// alignments. That proves the arithmetic of the kernel without a GPU.
+//
+// Parallel form of the long path (> 240 bytes). Within a block of 16 stripes
+// (1024 bytes) the accumulators only add per-stripe terms, and lanes 2p and
+// 2p+1 depend on each other only (acc[i ^ 1] += data[i]); the per-block
+// scramble is per lane. So the terms of many blocks are summed in parallel,
+// four threads per block (one per lane pair), and eight threads then fold
+// `acc = scramble(acc + terms)` block after block, a few operations each.
+
+#if defined(__CUDACC__)
+#define XXH_FN __device__ __forceinline__
+#define XXH_SECRET_SPACE __constant__
+#else
+#define XXH_FN static inline
+#define XXH_SECRET_SPACE static const
+#endif
+
+typedef unsigned char xu8;
+typedef unsigned int xu32;
+typedef unsigned long long xu64;
+
+#define XXH_P32_1 0x9E3779B1u
+#define XXH_P32_2 0x85EBCA77u
+#define XXH_P32_3 0xC2B2AE3Du
+#define XXH_P64_1 0x9E3779B185EBCA87ull
+#define XXH_P64_2 0xC2B2AE3D27D4EB4Full
+#define XXH_P64_3 0x165667B19E3779F9ull
+#define XXH_P64_4 0x85EBCA77C2B2AE63ull
+#define XXH_P64_5 0x27D4EB2F165667C5ull
+
+#define XXH_STRIPE 64
+#define XXH_BLOCK 1024                 // 16 stripes of the 192-byte secret
+#define XXH_STRIPES_PER_BLOCK 16
+#define XXH_SCRAMBLE_AT 128            // secret offset of the scramble keys
+#define XXH_LAST_STRIPE_AT 121         // 192 - 64 - 7
+#define XXH_MERGE_LO_AT 11
+#define XXH_MERGE_HI_AT 117            // 192 - 64 - 11
+#define XXH_MID_SIZE_MAX 240
+
+XXH_SECRET_SPACE xu8 XXH3_SECRET[192] = {
+    0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
+    0xde, 0xd4, 0x6d, 0xe9, 0x83, 0x90, 0x97, 0xdb, 0x72, 0x40, 0xa4, 0xa4, 0xb7, 0xb3, 0x67, 0x1f,
+    0xcb, 0x79, 0xe6, 0x4e, 0xcc, 0xc0, 0xe5, 0x78, 0x82, 0x5a, 0xd0, 0x7d, 0xcc, 0xff, 0x72, 0x21,
+    0xb8, 0x08, 0x46, 0x74, 0xf7, 0x43, 0x24, 0x8e, 0xe0, 0x35, 0x90, 0xe6, 0x81, 0x3a, 0x26, 0x4c,
+    0x3c, 0x28, 0x52, 0xbb, 0x91, 0xc3, 0x00, 0xcb, 0x88, 0xd0, 0x65, 0x8b, 0x1b, 0x53, 0x2e, 0xa3,
+    0x71, 0x64, 0x48, 0x97, 0xa2, 0x0d, 0xf9, 0x4e, 0x38, 0x19, 0xef, 0x46, 0xa9, 0xde, 0xac, 0xd8,
+    0xa8, 0xfa, 0x76, 0x3f, 0xe3, 0x9c, 0x34, 0x3f, 0xf9, 0xdc, 0xbb, 0xc7, 0xc7, 0x0b, 0x4f, 0x1d,
+    0x8a, 0x51, 0xe0, 0x4b, 0xcd, 0xb4, 0x59, 0x31, 0xc8, 0x9f, 0x7e, 0xc9, 0xd9, 0x78, 0x73, 0x64,
+    0xea, 0xc5, 0xac, 0x83, 0x34, 0xd3, 0xeb, 0xc3, 0xc5, 0x81, 0xa0, 0xff, 0xfa, 0x13, 0x63, 0xeb,
+    0x17, 0x0d, 0xdd, 0x51, 0xb7, 0xf0, 0xda, 0x49, 0xd3, 0x16, 0x55, 0x26, 0x29, 0xd4, 0x68, 0x9e,
+    0x2b, 0x16, 0xbe, 0x58, 0x7d, 0x47, 0xa1, 0xfc, 0x8f, 0xf8, 0xb8, 0xd1, 0x7a, 0xd0, 0x31, 0xce,
+    0x45, 0xcb, 0x3a, 0x8f, 0x95, 0x16, 0x04, 0x28, 0xaf, 0xd7, 0xfb, 0xca, 0xbb, 0x4b, 0x40, 0x7e,
+};
+
+// Initial accumulators, lane by lane.
+XXH_FN xu64 xxh3_initial_acc(xu32 lane) {
+    switch (lane) {
+        case 0: return XXH_P32_3;
+        case 1: return XXH_P64_1;
+        case 2: return XXH_P64_2;
+        case 3: return XXH_P64_3;
+        case 4: return XXH_P64_4;
+        case 5: return XXH_P32_2;
+        case 6: return XXH_P64_5;
+        default: return XXH_P32_1;
+    }
+}
+
+// Little-endian loads at any alignment.
+XXH_FN xu64 xxh_read64(const xu8* p) {
+#if defined(__CUDACC__)
+    if (((unsigned long long)p & 7ull) == 0) return *(const xu64*)p;
+#endif
+    xu64 v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+XXH_FN xu32 xxh_read32(const xu8* p) {
+    return (xu32)p[0] | ((xu32)p[1] << 8) | ((xu32)p[2] << 16) | ((xu32)p[3] << 24);
+}
+
+XXH_FN xu64 xxh_secret64(xu32 offset) { return xxh_read64(XXH3_SECRET + offset); }
+
+XXH_FN xu64 xxh_swap64(xu64 x) {
+    x = ((x << 8) & 0xFF00FF00FF00FF00ull) | ((x >> 8) & 0x00FF00FF00FF00FFull);
+    x = ((x << 16) & 0xFFFF0000FFFF0000ull) | ((x >> 16) & 0x0000FFFF0000FFFFull);
+    return (x << 32) | (x >> 32);
+}
+
+XXH_FN xu32 xxh_swap32(xu32 x) {
+    return (x << 24) | ((x << 8) & 0x00FF0000u) | ((x >> 8) & 0x0000FF00u) | (x >> 24);
+}
+
+XXH_FN xu32 xxh_rotl32(xu32 x, int r) { return (x << r) | (x >> (32 - r)); }
+
+XXH_FN void xxh_mul128(xu64 a, xu64 b, xu64* lo, xu64* hi) {
+#if defined(__CUDACC__)
+    *lo = a * b;
+    *hi = __umul64hi(a, b);
+#else
+    unsigned __int128 p = (unsigned __int128)a * b;
+    *lo = (xu64)p;
+    *hi = (xu64)(p >> 64);
+#endif
+}
+
+XXH_FN xu64 xxh_fold64(xu64 a, xu64 b) {
+    xu64 lo, hi;
+    xxh_mul128(a, b, &lo, &hi);
+    return lo ^ hi;
+}
+
+XXH_FN xu64 xxh_mul32to64(xu64 a, xu64 b) { return (a & 0xFFFFFFFFull) * (b & 0xFFFFFFFFull); }
+
+XXH_FN xu64 xxh3_avalanche(xu64 h) {
+    h ^= h >> 37;
+    h *= 0x165667919E3779F9ull;
+    return h ^ (h >> 32);
+}
+
+XXH_FN xu64 xxh64_avalanche(xu64 h) {
+    h ^= h >> 33;
+    h *= XXH_P64_2;
+    h ^= h >> 29;
+    h *= XXH_P64_3;
+    return h ^ (h >> 32);
+}
+
+XXH_FN xu64 xxh_mix16(const xu8* in, xu32 secret) {
+    return xxh_fold64(xxh_read64(in) ^ xxh_secret64(secret), xxh_read64(in + 8) ^ xxh_secret64(secret + 8));
+}
+
+XXH_FN void xxh_mix32(xu64* lo, xu64* hi, const xu8* a, const xu8* b, xu32 secret) {
+    *lo += xxh_mix16(a, secret);
+    *lo ^= xxh_read64(b) + xxh_read64(b + 8);
+    *hi += xxh_mix16(b, secret + 16);
+    *hi ^= xxh_read64(a) + xxh_read64(a + 8);
+}
+
+// Inputs of at most 240 bytes: one thread.
+XXH_FN void xxh3_128_short(const xu8* in, xu64 len, xu64* out_lo, xu64* out_hi) {
+    if (len == 0) {
+        *out_lo = xxh64_avalanche(xxh_secret64(64) ^ xxh_secret64(72));
+        *out_hi = xxh64_avalanche(xxh_secret64(80) ^ xxh_secret64(88));
+    } else if (len <= 3) {
+        const xu32 c1 = in[0], c2 = in[len >> 1], c3 = in[len - 1];
+        const xu32 lo = (c1 << 16) | (c2 << 24) | c3 | ((xu32)len << 8);
+        const xu32 hi = xxh_rotl32(xxh_swap32(lo), 13);
+        const xu64 flip_lo = (xu64)(xxh_read32(XXH3_SECRET) ^ xxh_read32(XXH3_SECRET + 4));
+        const xu64 flip_hi = (xu64)(xxh_read32(XXH3_SECRET + 8) ^ xxh_read32(XXH3_SECRET + 12));
+        *out_lo = xxh64_avalanche((xu64)lo ^ flip_lo);
+        *out_hi = xxh64_avalanche((xu64)hi ^ flip_hi);
+    } else if (len <= 8) {
+        const xu64 input = (xu64)xxh_read32(in) + ((xu64)xxh_read32(in + len - 4) << 32);
+        const xu64 keyed = input ^ (xxh_secret64(16) ^ xxh_secret64(24));
+        xu64 lo, hi;
+        xxh_mul128(keyed, XXH_P64_1 + (len << 2), &lo, &hi);
+        hi += lo << 1;
+        lo ^= hi >> 3;
+        lo ^= lo >> 35;
+        lo *= 0x9FB21C651E98DF25ull;
+        lo ^= lo >> 28;
+        *out_lo = lo;
+        *out_hi = xxh3_avalanche(hi);
+    } else if (len <= 16) {
+        const xu64 flip_lo = xxh_secret64(32) ^ xxh_secret64(40);
+        const xu64 flip_hi = xxh_secret64(48) ^ xxh_secret64(56);
+        const xu64 in_lo = xxh_read64(in);
+        xu64 in_hi = xxh_read64(in + len - 8);
+        xu64 mul_lo, mul_hi;
+        xxh_mul128(in_lo ^ in_hi ^ flip_lo, XXH_P64_1, &mul_lo, &mul_hi);
+        mul_lo += (len - 1) << 54;
+        in_hi ^= flip_hi;
+        mul_hi += in_hi + xxh_mul32to64(in_hi, XXH_P32_2 - 1);
+        mul_lo ^= xxh_swap64(mul_hi);
+        xu64 r_lo, r_hi;
+        xxh_mul128(mul_lo, XXH_P64_2, &r_lo, &r_hi);
+        r_hi += mul_hi * XXH_P64_2;
+        *out_lo = xxh3_avalanche(r_lo);
+        *out_hi = xxh3_avalanche(r_hi);
+    } else {
+        xu64 lo = len * XXH_P64_1, hi = 0;
+        if (len <= 128) {
+            if (len > 32) {
+                if (len > 64) {
+                    if (len > 96) xxh_mix32(&lo, &hi, in + 48, in + len - 64, 96);
+                    xxh_mix32(&lo, &hi, in + 32, in + len - 48, 64);
+                }
+                xxh_mix32(&lo, &hi, in + 16, in + len - 32, 32);
+            }
+            xxh_mix32(&lo, &hi, in, in + len - 16, 0);
+        } else {
+            const xu64 rounds = len / 32;
+            for (xu32 i = 0; i < 4; i++) xxh_mix32(&lo, &hi, in + 32 * i, in + 32 * i + 16, 32 * i);
+            lo = xxh3_avalanche(lo);
+            hi = xxh3_avalanche(hi);
+            for (xu32 i = 4; i < rounds; i++) xxh_mix32(&lo, &hi, in + 32 * i, in + 32 * i + 16, 3 + 32 * (i - 4));
+            xxh_mix32(&lo, &hi, in + len - 16, in + len - 32, 136 - 17 - 16);
+        }
+        *out_lo = xxh3_avalanche(lo + hi);
+        *out_hi = 0ull - xxh3_avalanche(lo * XXH_P64_1 + hi * XXH_P64_4 + len * XXH_P64_2);
+    }
+}
+
+// Adds the terms of `stripes` stripes at `in` to lanes 2p and 2p + 1, the
+// secret advancing 8 bytes per stripe from `secret`.
+XXH_FN void xxh3_stripes_pair(const xu8* in, xu32 stripes, xu32 secret, xu32 p, xu64* a0, xu64* a1) {
+    for (xu32 s = 0; s < stripes; s++) {
+        const xu8* at = in + (xu64)s * XXH_STRIPE + 16 * p;
+        const xu64 d0 = xxh_read64(at), d1 = xxh_read64(at + 8);
+        const xu64 k0 = d0 ^ xxh_secret64(secret + 8 * s + 16 * p);
+        const xu64 k1 = d1 ^ xxh_secret64(secret + 8 * s + 16 * p + 8);
+        *a0 += d1 + xxh_mul32to64(k0, k0 >> 32);
+        *a1 += d0 + xxh_mul32to64(k1, k1 >> 32);
+    }
+}
+
+// The per-block scramble of lane `lane`.
+XXH_FN xu64 xxh3_scramble(xu64 acc, xu32 lane) {
+    acc ^= acc >> 47;
+    acc ^= xxh_secret64(XXH_SCRAMBLE_AT + 8 * lane);
+    return acc * XXH_P32_1;
+}
+
+// Whole blocks of a long input (every one is scrambled).
+XXH_FN xu64 xxh3_full_blocks(xu64 len) { return (len - 1) / XXH_BLOCK; }
+
+// After the whole blocks: the last partial block and the last stripe, added
+// to lanes 2p and 2p + 1; then their two terms of the final merge.
+XXH_FN void xxh3_finish_pair(const xu8* in, xu64 len, xu32 p, xu64 a0, xu64 a1, xu64* lo_term, xu64* hi_term) {
+    const xu64 blocks = xxh3_full_blocks(len);
+    const xu32 stripes = (xu32)(((len - 1) - XXH_BLOCK * blocks) / XXH_STRIPE);
+    xxh3_stripes_pair(in + blocks * XXH_BLOCK, stripes, 0, p, &a0, &a1);
+    xxh3_stripes_pair(in + len - XXH_STRIPE, 1, XXH_LAST_STRIPE_AT, p, &a0, &a1);
+    *lo_term = xxh_fold64(a0 ^ xxh_secret64(XXH_MERGE_LO_AT + 16 * p), a1 ^ xxh_secret64(XXH_MERGE_LO_AT + 16 * p + 8));
+    *hi_term = xxh_fold64(a0 ^ xxh_secret64(XXH_MERGE_HI_AT + 16 * p), a1 ^ xxh_secret64(XXH_MERGE_HI_AT + 16 * p + 8));
+}
+
+// The digest from the sums of the four pairs' merge terms.
+XXH_FN void xxh3_merge(xu64 len, xu64 lo_terms, xu64 hi_terms, xu64* out_lo, xu64* out_hi) {
+    *out_lo = xxh3_avalanche(len * XXH_P64_1 + lo_terms);
+    *out_hi = xxh3_avalanche(~(len * XXH_P64_2) + hi_terms);
+}
+
+#if !defined(__CUDACC__)
+// The host form, serial but built from the same pieces as the kernel: the
+// XXH3-128 of `len` bytes as (low, high) 64-bit halves.
+static void xxh3_128_host(const xu8* in, xu64 len, xu64* out_lo, xu64* out_hi) {
+    if (len <= XXH_MID_SIZE_MAX) {
+        xxh3_128_short(in, len, out_lo, out_hi);
+        return;
+    }
+    xu64 lo_terms = 0, hi_terms = 0;
+    const xu64 blocks = xxh3_full_blocks(len);
+    for (xu32 p = 0; p < 4; p++) {
+        xu64 a0 = xxh3_initial_acc(2 * p), a1 = xxh3_initial_acc(2 * p + 1);
+        for (xu64 k = 0; k < blocks; k++) {
+            xu64 t0 = 0, t1 = 0;
+            xxh3_stripes_pair(in + k * XXH_BLOCK, XXH_STRIPES_PER_BLOCK, 0, p, &t0, &t1);
+            a0 = xxh3_scramble(a0 + t0, 2 * p);
+            a1 = xxh3_scramble(a1 + t1, 2 * p + 1);
+        }
+        xu64 lo_term, hi_term;
+        xxh3_finish_pair(in, len, p, a0, a1, &lo_term, &hi_term);
+        lo_terms += lo_term;
+        hi_terms += hi_term;
+    }
+    xxh3_merge(len, lo_terms, hi_terms, out_lo, out_hi);
+}
+#else
+
+#define LEAF_THREADS 256
+#define LEAF_ROUND (LEAF_THREADS / 4)  // blocks of input summed per round
+
+// One range to hash: `len` bytes at device address `ptr`.
+struct LeafDesc {
+    xu64 ptr;
+    xu64 len;
+};
+static_assert(sizeof(LeafDesc) == 16, "LeafDesc is 16 bytes (kernels.rs: LEAF_DESC_BYTES)");
+
+// One block of LEAF_THREADS threads per range; out[2i], out[2i + 1] get the
+// low and high halves of range i's XXH3-128.
+extern "C" __global__ void __launch_bounds__(LEAF_THREADS)
+chunk_leaves(const LeafDesc* d, xu32 n, xu64* out) {
+    __shared__ xu64 terms[LEAF_ROUND][8];
+    __shared__ xu64 acc[8];
+    __shared__ xu64 merged[4][2];
+    const xu32 i = blockIdx.x;
+    if (i >= n) return;  // uniform per block
+    const xu8* in = (const xu8*)d[i].ptr;
+    const xu64 len = d[i].len;
+    if (len <= XXH_MID_SIZE_MAX) {
+        if (threadIdx.x == 0) xxh3_128_short(in, len, &out[2 * (xu64)i], &out[2 * (xu64)i + 1]);
+        return;
+    }
+    const xu32 p = threadIdx.x & 3, r = threadIdx.x >> 2;
+    if (threadIdx.x < 8) acc[threadIdx.x] = xxh3_initial_acc(threadIdx.x);
+    __syncthreads();  // read by other threads when there is no whole block
+    const xu64 blocks = xxh3_full_blocks(len);
+    for (xu64 k0 = 0; k0 < blocks; k0 += LEAF_ROUND) {
+        xu64 t0 = 0, t1 = 0;
+        if (k0 + r < blocks) xxh3_stripes_pair(in + (k0 + r) * XXH_BLOCK, XXH_STRIPES_PER_BLOCK, 0, p, &t0, &t1);
+        terms[r][2 * p] = t0;
+        terms[r][2 * p + 1] = t1;
+        __syncthreads();
+        if (threadIdx.x < 8) {
+            const xu32 lane = threadIdx.x;
+            const xu64 m = blocks - k0 < LEAF_ROUND ? blocks - k0 : LEAF_ROUND;
+            xu64 a = acc[lane];
+            for (xu64 j = 0; j < m; j++) a = xxh3_scramble(a + terms[j][lane], lane);
+            acc[lane] = a;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x < 4) xxh3_finish_pair(in, len, p, acc[2 * p], acc[2 * p + 1], &merged[p][0], &merged[p][1]);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const xu64 lo_terms = merged[0][0] + merged[1][0] + merged[2][0] + merged[3][0];
+        const xu64 hi_terms = merged[0][1] + merged[1][1] + merged[2][1] + merged[3][1];
+        xxh3_merge(len, lo_terms, hi_terms, &out[2 * (xu64)i], &out[2 * (xu64)i + 1]);
+    }
+}
+#endif
