@@ -29,24 +29,42 @@ use crate::error::{Error, ErrorCode, Result};
 /// follow.
 pub const TEMP_PREFIX: &str = ".tpde-tmp-";
 
-/// Temporaries still being written. Commits hold the lock while they rename, so a
+/// Temporaries still being written. Creations and commits hold the lock, so a
 /// signal handler sees each output either complete in place or still temporary.
-static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+struct Registry {
+    paths: Vec<PathBuf>,
+    /// Set by [`remove_pending_outputs`]: the process is exiting, and nothing more
+    /// is created or committed.
+    closed: bool,
+}
 
-fn pending() -> MutexGuard<'static, Vec<PathBuf>> {
+static PENDING: Mutex<Registry> = Mutex::new(Registry { paths: Vec::new(), closed: false });
+
+fn pending() -> MutexGuard<'static, Registry> {
     PENDING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn unregister(pending: &mut Vec<PathBuf>, path: &Path) {
-    pending.retain(|p| p != path);
+/// The registry, unless the process is exiting.
+fn open_registry(target: &Path) -> Result<MutexGuard<'static, Registry>> {
+    let registry = pending();
+    if registry.closed {
+        return Err(Error::new(ErrorCode::Io, "interrupted: no output is written any more").in_file(target));
+    }
+    Ok(registry)
 }
 
-/// Removes every temporary output still in progress. For signal handlers: the
-/// process is about to exit without unwinding.
+fn unregister(registry: &mut Registry, path: &Path) {
+    registry.paths.retain(|p| p != path);
+}
+
+/// Removes every temporary output still in progress, and makes every later creation
+/// or commit of an output fail. For signal handlers: the process is about to exit
+/// without unwinding.
 pub fn remove_pending_outputs() {
-    let mut pending = pending();
+    let mut registry = pending();
+    registry.closed = true;
     // Newest first: a file inside a pending directory goes before the directory.
-    for path in pending.drain(..).rev() {
+    for path in registry.paths.drain(..).rev() {
         let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
     }
 }
@@ -201,12 +219,12 @@ impl PendingFile {
     pub fn create_with(target: &Path, replace: bool) -> Result<Self> {
         let parent = parent_of(target)?;
         let prefix = temp_builder_prefix();
-        let mut pending = pending();
+        let mut registry = open_registry(target)?;
         let file = temp_builder(&prefix, 0o666)
             .tempfile_in(parent)
             .map_err(|e| Error::io(target, "cannot create the output", e))?;
         let (file, temp) = file.into_parts();
-        pending.push(temp.to_path_buf());
+        registry.paths.push(temp.to_path_buf());
         Ok(Self {
             temp: Some(temp),
             target: target.to_path_buf(),
@@ -255,12 +273,12 @@ impl PendingFile {
         let temp = self.temp.take().expect("present until committed");
         let temp_path = temp.to_path_buf();
         let persisted = {
-            let mut pending = pending();
+            let mut registry = open_registry(&self.target)?;
             // `persist_noclobber` uses renameat2(RENAME_NOREPLACE) where the system has
             // it and link-then-unlink elsewhere; either fails if the target exists.
             let persisted =
                 if self.replace { temp.persist(&self.target) } else { temp.persist_noclobber(&self.target) };
-            unregister(&mut pending, &temp_path);
+            unregister(&mut registry, &temp_path);
             persisted
         };
         persisted.map_err(|e| {
@@ -319,11 +337,11 @@ impl PendingDir {
     pub fn create_with(target: &Path, replace: bool) -> Result<Self> {
         let parent = parent_of(target)?;
         let prefix = temp_builder_prefix();
-        let mut pending = pending();
+        let mut registry = open_registry(target)?;
         let temp = temp_builder(&prefix, 0o777)
             .tempdir_in(parent)
             .map_err(|e| Error::io(target, "cannot create the output directory", e))?;
-        pending.push(temp.path().to_path_buf());
+        registry.paths.push(temp.path().to_path_buf());
         Ok(Self { temp: Some(temp), target: target.to_path_buf(), replace })
     }
 
@@ -337,14 +355,15 @@ impl PendingDir {
         self.temp().join(name)
     }
 
-    /// Renames the directory into place. Without `replace`, fails if anything appeared at the target meanwhile;
-    /// with it, replaces a directory that holds nothing but a checkpoint.
+    /// Renames the directory into place. Without `replace`, fails if anything
+    /// appeared at the target meanwhile; with it, replaces a directory that holds
+    /// nothing but a checkpoint.
     ///
     /// # Errors
     /// `E_OUTPUT_EXISTS` when something is in the way, `E_IO`.
     pub fn commit(mut self) -> Result<()> {
         let temp = self.temp().to_path_buf();
-        let mut pending = pending();
+        let mut registry = open_registry(&self.target)?;
         let renamed = if self.replace && self.target.symlink_metadata().is_ok() {
             // Checked again now: the directory may have changed since the run began.
             check_output(&self.target, true, OutputKind::Directory)?;
@@ -353,7 +372,7 @@ impl PendingDir {
             rename_dir_noreplace(&temp, &self.target)
         };
         renamed?;
-        unregister(&mut pending, &temp);
+        unregister(&mut registry, &temp);
         // Renamed away: nothing is left at the temporary path to remove.
         let _ = self.temp.take().map(TempDir::keep);
         Ok(())
