@@ -326,14 +326,57 @@ fn render_report(report: &pipeline::inspect::Report) -> String {
     out
 }
 
+/// The signals that end a process unless handled, and that a process may catch.
+#[cfg(unix)]
+/// SIGKILL cannot be caught: a run removes what a killed run left instead
+/// ([`tpde::output::remove_stale_temporaries`]).
+const TERMINATING_SIGNALS: &[libc::c_int] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
+    libc::SIGXCPU,
+    libc::SIGXFSZ,
+];
+
+/// Whether the parent set `signal` to be ignored, as `nohup` does for SIGHUP.
+#[cfg(unix)]
+fn is_ignored(signal: libc::c_int) -> bool {
+    // SAFETY: an all-zero `sigaction` is a valid value for the kernel to overwrite.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the current one into `current`, which is
+    // a valid, writable `sigaction`.
+    let rc = unsafe { libc::sigaction(signal, std::ptr::null(), &raw mut current) };
+    rc == 0 && current.sa_sigaction == libc::SIG_IGN
+}
+
+/// On any terminating signal, removes the outputs still being written, then ends the
+/// process as the signal would have (so the parent sees which signal it was). A
+/// signal that the parent set to be ignored stays ignored.
+#[cfg(unix)]
+fn remove_partial_outputs_on_signals() {
+    let signals: Vec<libc::c_int> = TERMINATING_SIGNALS.iter().copied().filter(|&s| !is_ignored(s)).collect();
+    let Ok(mut signals) = signal_hook::iterator::Signals::new(&signals) else { return };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            tpde::output::remove_pending_outputs();
+            let _ = signal_hook::low_level::emulate_default_handler(signal);
+            std::process::exit(128 + signal);
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn remove_partial_outputs_on_signals() {}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Interrupted runs leave no partial output behind: SIGINT, SIGTERM and SIGHUP
-    // (the `termination` feature) all remove what is still temporary.
-    let _ = ctrlc::set_handler(|| {
-        tpde::output::remove_pending_outputs();
-        std::process::exit(130);
-    });
+    remove_partial_outputs_on_signals();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -326,7 +326,14 @@ fn big_standalone(dir: &Path) -> PathBuf {
 /// fast or slow the machine is.
 #[cfg(target_os = "linux")]
 fn start_and_stop_mid_write(args: &[&Path], dir: &Path) -> Child {
-    let mut child = Command::new(TPDE).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut command = Command::new(TPDE);
+    command.args(args);
+    start_and_stop_mid_write_command(command, dir)
+}
+
+#[cfg(target_os = "linux")]
+fn start_and_stop_mid_write_command(mut command: Command, dir: &Path) -> Child {
+    let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         process::signal(&child, libc::SIGSTOP);
@@ -343,23 +350,51 @@ fn start_and_stop_mid_write(args: &[&Path], dir: &Path) -> Child {
 }
 
 /// Regression: SIGTERM and SIGHUP left partial outputs behind; only SIGINT cleaned
-/// up.
+/// up. After cleaning up, tpde ends as the signal would have ended it.
 #[cfg(target_os = "linux")]
 #[test]
 fn every_terminating_signal_leaves_nothing_behind() {
+    use std::os::unix::process::ExitStatusExt;
     let tmp = tempfile::tempdir().unwrap();
     let delta = big_standalone(tmp.path());
     let out = tmp.path().join("out.safetensors");
-    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGUSR1, libc::SIGALRM] {
         let child = start_and_stop_mid_write(&[Path::new("apply"), &delta, Path::new("-o"), &out], tmp.path());
         // Delivered when the process continues.
         process::signal(&child, signal);
         process::signal(&child, libc::SIGCONT);
         let status = child.wait_with_output().unwrap().status;
-        assert!(!status.success(), "signal {signal}: {status:?}");
+        assert_eq!(status.signal(), Some(signal), "signal {signal}: {status:?}");
         assert!(temporaries(tmp.path()).is_empty(), "signal {signal} left {:?}", temporaries(tmp.path()));
         assert!(!out.exists(), "signal {signal}");
     }
+}
+
+/// A signal that the parent ignores (`nohup` and SIGHUP) stays ignored: the run
+/// goes on and completes.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_ignored_hangup_stays_ignored() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let delta = big_standalone(tmp.path());
+    let out = tmp.path().join("out.safetensors");
+    let mut command = Command::new(TPDE);
+    command.args([Path::new("apply"), &delta, Path::new("-o"), &out]);
+    // SAFETY: only signal(2), which is async-signal-safe, runs between fork and exec;
+    // an ignored disposition survives exec, as with nohup.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = start_and_stop_mid_write_command(command, tmp.path());
+    process::signal(&child, libc::SIGHUP);
+    process::signal(&child, libc::SIGCONT);
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(out.exists());
 }
 
 /// Regression: a directory created at OUT during a run was deleted by the final
