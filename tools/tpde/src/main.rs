@@ -327,9 +327,9 @@ fn render_report(report: &pipeline::inspect::Report) -> String {
 }
 
 /// The signals that end a process unless handled, and that a process may catch.
-#[cfg(unix)]
 /// SIGKILL cannot be caught: a run removes what a killed run left instead
 /// ([`tpde::output::remove_stale_temporaries`]).
+#[cfg(unix)]
 const TERMINATING_SIGNALS: &[libc::c_int] = &[
     libc::SIGINT,
     libc::SIGTERM,
@@ -361,6 +361,7 @@ fn is_ignored(signal: libc::c_int) -> bool {
 #[cfg(unix)]
 fn remove_partial_outputs_on_signals() {
     let signals: Vec<libc::c_int> = TERMINATING_SIGNALS.iter().copied().filter(|&s| !is_ignored(s)).collect();
+    // Registration fails only for a forbidden signal, which none of these is.
     let Ok(mut signals) = signal_hook::iterator::Signals::new(&signals) else { return };
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
