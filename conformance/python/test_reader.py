@@ -149,6 +149,10 @@ class Outputs(unittest.TestCase):
             os.unlink(os.path.join(out, "notes.txt"))
             with open(os.path.join(out, "old.safetensors"), "wb") as f:
                 f.write(b"old")
+            # A shard that no index names is not part of a checkpoint.
+            self.assertEqual(codes(r.cmd_rebuild, self.delta, self.base, out, True), "E_OUTPUT_EXISTS")
+            with open(os.path.join(out, r.INDEX_NAME), "w") as f:
+                json.dump({"weight_map": {"w": "old.safetensors"}}, f)
             r.cmd_rebuild(self.delta, self.base, out, True)
             self.assertNotIn("old.safetensors", os.listdir(out))
             self.assertIn(r.INDEX_NAME, os.listdir(out))

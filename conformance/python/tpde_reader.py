@@ -1041,22 +1041,34 @@ def _write_file(delta, f, bases, path):
                 out.write(memoryview(words).cast("B"))
 
 
-def _is_written_here(name):
-    """A file a reader writes into a sharded output, or one of its temporaries."""
-    return name.endswith(".safetensors") or name == INDEX_NAME or name.startswith(".tpde-")
+def _shards_named_by_index(path):
+    """The shard files that the index of a directory names; none without a valid one."""
+    try:
+        with open(os.path.join(path, INDEX_NAME), "rb") as f:
+            weight_map = json.loads(f.read()).get("weight_map")
+        return {v for v in weight_map.values() if isinstance(v, str)}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _is_written_here(name, shards):
+    """§11.3: a file a reader writes into a sharded output, or one of its temporaries."""
+    return name == INDEX_NAME or name.startswith(".tpde-") or (name.endswith(".safetensors") and name in shards)
 
 
 def _holds_only_checkpoint(path):
-    """Whether every entry of the directory is a regular file a reader writes there."""
+    """Whether every entry is a regular file: the index, a shard it names, a temporary."""
+    shards = _shards_named_by_index(path)
     with os.scandir(path) as entries:
-        return all(e.is_file(follow_symlinks=False) and _is_written_here(e.name) for e in entries)
+        return all(e.is_file(follow_symlinks=False) and _is_written_here(e.name, shards) for e in entries)
 
 
 def _remove_checkpoint_dir(path):
     """Removes the files a reader writes, then the directory if nothing else is left."""
+    shards = _shards_named_by_index(path)
     with os.scandir(path) as entries:
         for e in entries:
-            if e.is_file(follow_symlinks=False) and _is_written_here(e.name):
+            if e.is_file(follow_symlinks=False) and _is_written_here(e.name, shards):
                 os.unlink(e.path)
     try:
         os.rmdir(path)

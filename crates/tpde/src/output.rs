@@ -9,12 +9,13 @@
 //! - The final rename never replaces what appeared at the output meanwhile unless
 //!   replacing was asked for (`--force`).
 //! - With `--force`, an existing directory is replaced only when it holds nothing but
-//!   what tpde writes there: regular `*.safetensors` files, the index file
-//!   `model.safetensors.index.json` and tpde temporaries. Anything else (a
-//!   subdirectory, a symlink, another file) makes it `E_OUTPUT_EXISTS`, so that
+//!   a checkpoint: the index file `model.safetensors.index.json`, the shard files
+//!   its `weight_map` names, and tpde temporaries, all regular files. Anything else
+//!   (a subdirectory, a symlink, another file) makes it `E_OUTPUT_EXISTS`, so that
 //!   replacing an output never removes a file that tpde did not write.
 //! - Temporary paths are registered so that a signal handler can remove them.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -113,7 +114,7 @@ fn check_replaceable(path: &Path, force: bool, kind: Option<OutputKind>) -> Resu
             return Err(exists_error(
                 path,
                 "the output directory holds files that tpde does not write; --force replaces only a directory \
-                 holding nothing but a checkpoint (*.safetensors files and the index)",
+                 holding nothing but a checkpoint (its index and the shards the index names)",
             ));
         }
     } else if kind == Some(OutputKind::Directory) {
@@ -122,19 +123,36 @@ fn check_replaceable(path: &Path, force: bool, kind: Option<OutputKind>) -> Resu
     Ok(())
 }
 
-/// A file that tpde writes into a checkpoint directory, or one of its temporaries.
-fn is_checkpoint_file_name(name: &std::ffi::OsStr) -> bool {
-    name.to_str()
-        .is_some_and(|name| name.ends_with(".safetensors") || name == INDEX_FILE || name.starts_with(TEMP_PREFIX))
+/// The shard files that the index file of `dir` names in its `weight_map`; none
+/// when there is no index, or one that does not parse.
+fn shards_named_by_index(dir: &Path) -> HashSet<String> {
+    let Ok(text) = std::fs::read(dir.join(INDEX_FILE)) else { return HashSet::new() };
+    let Ok(index) = serde_json::from_slice::<serde_json::Value>(&text) else { return HashSet::new() };
+    let Some(weight_map) = index.get("weight_map").and_then(serde_json::Value::as_object) else {
+        return HashSet::new();
+    };
+    weight_map.values().filter_map(serde_json::Value::as_str).map(str::to_owned).collect()
 }
 
-/// Whether every entry of `dir` is a regular file that tpde writes there. Symlinks
-/// and subdirectories are not.
+/// Whether `name` is a file that tpde writes into a checkpoint directory: the index,
+/// a tpde temporary, or a `*.safetensors` shard (with `shards`, one named there).
+fn is_written_by_tpde(name: &std::ffi::OsStr, shards: Option<&HashSet<String>>) -> bool {
+    name.to_str().is_some_and(|name| {
+        name == INDEX_FILE
+            || name.starts_with(TEMP_PREFIX)
+            || (name.ends_with(".safetensors") && shards.is_none_or(|shards| shards.contains(name)))
+    })
+}
+
+/// Whether `dir` holds nothing but a checkpoint: regular files only, each the
+/// index, a shard that the index names, or a tpde temporary. Symlinks,
+/// subdirectories and any other file make it something else.
 fn holds_only_checkpoint_files(dir: &Path) -> Result<bool> {
     let io = |e| Error::io(dir, "cannot read the output directory", e);
+    let shards = shards_named_by_index(dir);
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
-        if !entry.file_type().map_err(io)?.is_file() || !is_checkpoint_file_name(&entry.file_name()) {
+        if !entry.file_type().map_err(io)?.is_file() || !is_written_by_tpde(&entry.file_name(), Some(&shards)) {
             return Ok(false);
         }
     }
@@ -143,10 +161,13 @@ fn holds_only_checkpoint_files(dir: &Path) -> Result<bool> {
 
 /// Removes the checkpoint files of `dir`, then `dir` if nothing else is left in it.
 /// Returns whether `dir` is gone. Anything tpde did not write stays where it is.
-fn remove_checkpoint_dir(dir: &Path) -> std::io::Result<bool> {
+/// With `indexed_only`, a shard must be named by the index to count as written by
+/// tpde; without, any `*.safetensors` file does (for a directory tpde created).
+fn remove_checkpoint_dir(dir: &Path, indexed_only: bool) -> std::io::Result<bool> {
+    let shards = indexed_only.then(|| shards_named_by_index(dir));
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_type()?.is_file() && is_checkpoint_file_name(&entry.file_name()) {
+        if entry.file_type()?.is_file() && is_written_by_tpde(&entry.file_name(), shards.as_ref()) {
             std::fs::remove_file(entry.path())?;
         }
     }
@@ -445,7 +466,7 @@ fn replace_dir(from: &Path, to: &Path) -> Result<()> {
         // neither. The old one is then at `from`.
         match renameat_with(CWD, from, CWD, to, RenameFlags::EXCHANGE) {
             Ok(()) => {
-                remove_checkpoint_dir(from).map_err(io)?;
+                remove_checkpoint_dir(from, true).map_err(io)?;
                 return Ok(());
             }
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP) => {}
@@ -471,7 +492,7 @@ fn replace_dir_portable(from: &Path, to: &Path) -> Result<()> {
         let _ = std::fs::rename(&aside, to);
         return Err(e);
     }
-    remove_checkpoint_dir(&aside).map_err(io)?;
+    remove_checkpoint_dir(&aside, true).map_err(io)?;
     Ok(())
 }
 
@@ -523,7 +544,7 @@ pub fn remove_stale_temporaries(dir: &Path) -> Vec<Leftover> {
             }
             let path = entry.path();
             let removed = if metadata.is_dir() {
-                remove_checkpoint_dir(&path).unwrap_or(false)
+                remove_checkpoint_dir(&path, false).unwrap_or(false)
             } else if metadata.is_file() {
                 std::fs::remove_file(&path).is_ok()
             } else {
@@ -680,7 +701,11 @@ mod tests {
         let out = dir.path().join("out");
         std::fs::create_dir(&out).unwrap();
         std::fs::write(out.join("old-00001-of-00001.safetensors"), b"old").unwrap();
-        std::fs::write(out.join(INDEX_FILE), b"{}").unwrap();
+        std::fs::write(out.join("extra.safetensors"), b"not in the index").unwrap();
+        let index = r#"{"metadata": {}, "weight_map": {"w": "old-00001-of-00001.safetensors"}}"#;
+        std::fs::write(out.join(INDEX_FILE), index).unwrap();
+        assert_eq!(check_output(&out, true, OutputKind::Directory).unwrap_err().code(), ErrorCode::OutputExists);
+        std::fs::remove_file(out.join("extra.safetensors")).unwrap();
         check_output(&out, true, OutputKind::Directory).unwrap();
         assert_eq!(check_output(&out, true, OutputKind::File).unwrap_err().code(), ErrorCode::OutputExists);
         assert_eq!(check_output(&out, false, OutputKind::Directory).unwrap_err().code(), ErrorCode::OutputExists);
@@ -722,6 +747,7 @@ mod tests {
             std::fs::write(from.join("new.safetensors"), b"new").unwrap();
             std::fs::create_dir(&to).unwrap();
             std::fs::write(to.join("old.safetensors"), b"old").unwrap();
+            std::fs::write(to.join(INDEX_FILE), r#"{"weight_map": {"w": "old.safetensors"}}"#).unwrap();
             std::fs::write(to.join("theirs"), b"theirs").unwrap();
             replace(&from, &to).unwrap();
             assert_eq!(names(&to), ["new.safetensors"]);

@@ -144,8 +144,14 @@ fn force_never_removes_inputs_or_files_tpde_did_not_write() {
     assert_eq!(fs::read(&file).unwrap(), b"mine");
     assert_eq!(snapshot(&other), other_before);
 
+    // A shard that the index does not name is not part of the checkpoint.
+    fs::rename(other.join("notes.txt"), other.join("mine.safetensors")).unwrap();
+    let args = [Path::new("apply"), &base, &delta, Path::new("-o"), &other, Path::new("--force")];
+    assert_eq!(error_code(&args), "E_OUTPUT_EXISTS");
+    assert_eq!(fs::read(other.join("mine.safetensors")).unwrap(), b"mine");
+
     // A directory of nothing but a checkpoint is replaced.
-    fs::remove_file(other.join("notes.txt")).unwrap();
+    fs::remove_file(other.join("mine.safetensors")).unwrap();
     ok(&[Path::new("apply"), &base, &delta, Path::new("-o"), &other, Path::new("--force")]);
     let rebuilt: Vec<_> = snapshot(&other).into_iter().map(|(p, b)| (p.file_name().unwrap().to_owned(), b)).collect();
     let original: Vec<_> = snapshot(&step).into_iter().map(|(p, b)| (p.file_name().unwrap().to_owned(), b)).collect();
