@@ -139,7 +139,7 @@ fn shards_named_by_index(dir: &Path) -> HashSet<String> {
 fn is_written_by_tpde(name: &std::ffi::OsStr, shards: Option<&HashSet<String>>) -> bool {
     name.to_str().is_some_and(|name| {
         name == INDEX_FILE
-            || name.starts_with(TEMP_PREFIX)
+            || temp_owner_pid(std::ffi::OsStr::new(name)).is_some()
             || (name.ends_with(".safetensors") && shards.is_none_or(|shards| shards.contains(name)))
     })
 }
@@ -508,12 +508,20 @@ pub struct Leftover {
     pub removed: bool,
 }
 
-/// The process ID in a temporary name `.tpde-tmp-PID-RANDOM`.
+/// The process ID in a temporary name: `.tpde-tmp-PID-RANDOM`, or `.NAME.tpde-tmp-PID`
+/// as earlier releases named them.
 fn temp_owner_pid(name: &std::ffi::OsStr) -> Option<u32> {
-    let (pid, random) = name.to_str()?.strip_prefix(TEMP_PREFIX)?.split_once('-')?;
-    let random_ok = !random.is_empty() && random.bytes().all(|b| b.is_ascii_alphanumeric());
-    let pid_ok = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
-    (random_ok && pid_ok).then(|| pid.parse().ok()).flatten()
+    let name = name.to_str()?;
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let pid = if let Some(rest) = name.strip_prefix(TEMP_PREFIX) {
+        let (pid, random) = rest.split_once('-')?;
+        let random_ok = !random.is_empty() && random.bytes().all(|b| b.is_ascii_alphanumeric());
+        (random_ok && all_digits(pid)).then_some(pid)?
+    } else {
+        let (_, pid) = name.strip_prefix('.')?.rsplit_once(".tpde-tmp-")?;
+        all_digits(pid).then_some(pid)?
+    };
+    pid.parse().ok()
 }
 
 /// Whether process `pid` may still be running. A process of another user counts as
@@ -777,6 +785,7 @@ mod tests {
     fn temporary_names_carry_the_process_id() {
         let prefix = temp_builder_prefix();
         assert_eq!(temp_owner_pid(std::ffi::OsStr::new(&format!("{prefix}aB3dE6"))), Some(std::process::id()));
+        assert_eq!(temp_owner_pid(std::ffi::OsStr::new(".out.safetensors.tpde-tmp-123")), Some(123), "older names");
         for other in
             [".tpde-tmp-", ".tpde-tmp-12", ".tpde-tmp-12-", ".tpde-tmp-x-abc", "out.tpde-tmp-1-abc", ".tpde-tmp-1-a.b"]
         {

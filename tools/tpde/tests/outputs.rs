@@ -206,11 +206,14 @@ fn a_dead_process_s_temporary_is_removed_by_the_next_run() {
     let stale_dir = tmp.path().join(".tpde-tmp-2147483647-Zx9yW8");
     fs::create_dir(&stale_dir).unwrap();
     fs::write(stale_dir.join("model-00001-of-00002.safetensors"), b"partial").unwrap();
+    // As earlier releases named them.
+    let legacy = tmp.path().join(".d.tpde.tpde-tmp-2147483647");
+    fs::write(&legacy, b"partial").unwrap();
     let live = tmp.path().join(format!(".tpde-tmp-{}-Qr5sT7", std::process::id()));
     fs::write(&live, b"in progress").unwrap();
     let out = ok(&[Path::new("encode"), &target, Path::new("-o"), &tmp.path().join("d.tpde")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stale.exists() && !stale_dir.exists());
+    assert!(!stale.exists() && !stale_dir.exists() && !legacy.exists());
     assert!(stderr.contains(".tpde-tmp-2147483647-Ab3dE6"), "the removed leftover is named: {stderr}");
     assert!(live.exists(), "a running process's temporary stays");
 }
