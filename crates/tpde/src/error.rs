@@ -198,7 +198,10 @@ impl ErrorCode {
                 "pickles can run code when loaded; convert to safetensors first \
                  (for example with safetensors.torch.save_file)"
             }
-            Self::OutputExists => "pass --force to overwrite it",
+            Self::OutputExists => {
+                "choose another output, or pass --force to replace a file or a directory holding nothing but \
+                 a checkpoint"
+            }
             Self::TargetMismatch => "the delta does not rebuild this target",
             _ => return None,
         })
