@@ -363,12 +363,25 @@ fn start_and_stop_mid_write_command(mut command: Command, dir: &Path) -> Child {
 #[cfg(target_os = "linux")]
 #[test]
 fn every_terminating_signal_leaves_nothing_behind() {
-    use std::os::unix::process::ExitStatusExt;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    const SIGNALS: [libc::c_int; 5] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGUSR1, libc::SIGALRM];
     let tmp = tempfile::tempdir().unwrap();
     let delta = big_standalone(tmp.path());
     let out = tmp.path().join("out.safetensors");
-    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGUSR1, libc::SIGALRM] {
-        let child = start_and_stop_mid_write(&[Path::new("apply"), &delta, Path::new("-o"), &out], tmp.path());
+    for signal in SIGNALS {
+        let mut command = Command::new(TPDE);
+        command.args([Path::new("apply"), &delta, Path::new("-o"), &out]);
+        // SAFETY: only signal(2), which is async-signal-safe, runs between fork and
+        // exec. Default dispositions, in case this test runs under nohup or similar.
+        unsafe {
+            command.pre_exec(|| {
+                for signal in SIGNALS {
+                    libc::signal(signal, libc::SIG_DFL);
+                }
+                Ok(())
+            });
+        }
+        let child = start_and_stop_mid_write_command(command, tmp.path());
         // Delivered when the process continues.
         process::signal(&child, signal);
         process::signal(&child, libc::SIGCONT);
