@@ -1199,7 +1199,8 @@ def main(argv=None):
     r.add_argument("delta")
     r.add_argument("--base")
     r.add_argument("-o", "--output", required=True)
-    r.add_argument("--force", action="store_true", help="overwrite an existing output")
+    r.add_argument("--force", action="store_true",
+                   help="replace an existing output: a file, or a directory holding nothing but a checkpoint")
     args = p.parse_args(argv)
     try:
         if args.cmd == "decode":
