@@ -130,6 +130,61 @@ class SpecVectors(unittest.TestCase):
             self.assertGreater(len(tensors), 0)
 
 
+class Outputs(unittest.TestCase):
+    """§11.3 and §14: what rebuilding does around its output."""
+
+    def setUp(self):
+        self.case = os.path.join(CONFORMANCE, "valid", "sharded")
+        self.delta = os.path.join(self.case, "delta.tpde")
+        self.base = os.path.join(self.case, "base")
+
+    def test_force_replaces_only_a_directory_of_checkpoint_files(self):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "out")
+            os.mkdir(out)
+            with open(os.path.join(out, "notes.txt"), "wb") as f:
+                f.write(b"mine")
+            self.assertEqual(codes(r.cmd_rebuild, self.delta, self.base, out, True), "E_OUTPUT_EXISTS")
+            self.assertEqual(os.listdir(out), ["notes.txt"])
+            os.unlink(os.path.join(out, "notes.txt"))
+            with open(os.path.join(out, "old.safetensors"), "wb") as f:
+                f.write(b"old")
+            # A shard that no index names is not part of a checkpoint.
+            self.assertEqual(codes(r.cmd_rebuild, self.delta, self.base, out, True), "E_OUTPUT_EXISTS")
+            with open(os.path.join(out, r.INDEX_NAME), "w") as f:
+                json.dump({"weight_map": {"w": "old.safetensors"}}, f)
+            r.cmd_rebuild(self.delta, self.base, out, True)
+            self.assertNotIn("old.safetensors", os.listdir(out))
+            self.assertIn(r.INDEX_NAME, os.listdir(out))
+            self.assertEqual(os.listdir(d), ["out"], "nothing left beside it")
+
+    def test_an_output_that_holds_an_input_is_refused(self):
+        with tempfile.TemporaryDirectory() as d:
+            models = os.path.join(d, "models")
+            import shutil
+            shutil.copytree(self.case, models)
+            base, delta = os.path.join(models, "base"), os.path.join(models, "delta.tpde")
+            before = sorted(os.listdir(models))
+            for out in (models, base, os.path.join(base, "new")):
+                self.assertEqual(codes(r.cmd_rebuild, delta, base, out, True), "E_INVALID_ARGUMENT", out)
+            self.assertEqual(sorted(os.listdir(models)), before)
+
+    def test_what_appears_meanwhile_is_not_replaced(self):
+        with tempfile.TemporaryDirectory() as d:
+            tmpdir = os.path.join(d, "new")
+            os.mkdir(tmpdir)
+            out = os.path.join(d, "out")
+            os.mkdir(out)
+            with open(os.path.join(out, "theirs"), "wb") as f:
+                f.write(b"theirs")
+            self.assertEqual(codes(r._place_dir, tmpdir, out), "E_OUTPUT_EXISTS")
+            self.assertEqual(os.listdir(out), ["theirs"])
+
+    def test_names_are_escaped_for_the_terminal(self):
+        self.assertEqual(r.escape_for_terminal("plain ünï"), "plain ünï")
+        self.assertEqual(r.escape_for_terminal("a\x1b[2J\x07\t\u009b\u202e"), "a\\u{1b}[2J\\u{7}\\t\\u{9b}\\u{202e}")
+
+
 def codes(fn, *args):
     try:
         fn(*args)

@@ -1041,23 +1041,95 @@ def _write_file(delta, f, bases, path):
                 out.write(memoryview(words).cast("B"))
 
 
+def _shards_named_by_index(path):
+    """The shard files that the index of a directory names; none without a valid one."""
+    try:
+        with open(os.path.join(path, INDEX_NAME), "rb") as f:
+            weight_map = json.loads(f.read()).get("weight_map")
+        return {v for v in weight_map.values() if isinstance(v, str)}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _is_written_here(name, shards):
+    """§11.3: a file a reader writes into a sharded output, or one of its temporaries."""
+    return name == INDEX_NAME or name.startswith(".tpde-") or (name.endswith(".safetensors") and name in shards)
+
+
+def _holds_only_checkpoint(path):
+    """Whether every entry is a regular file: the index, a shard it names, a temporary."""
+    shards = _shards_named_by_index(path)
+    with os.scandir(path) as entries:
+        return all(e.is_file(follow_symlinks=False) and _is_written_here(e.name, shards) for e in entries)
+
+
+def _remove_checkpoint_dir(path):
+    """Removes the files a reader writes, then the directory if nothing else is left."""
+    shards = _shards_named_by_index(path)
+    with os.scandir(path) as entries:
+        for e in entries:
+            if e.is_file(follow_symlinks=False) and _is_written_here(e.name, shards):
+                os.unlink(e.path)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # it holds a file the reader did not write: it stays
+
+
+def _check_not_an_input(out_path, inputs):
+    """§11.3: an output that is, holds or lies inside an input is refused."""
+    out = os.path.realpath(out_path)
+    for i in inputs:
+        if i is None:
+            continue
+        i = os.path.realpath(i)
+        if os.path.commonpath([out, i]) in (out, i):
+            fail("E_INVALID_ARGUMENT", f"the output {out_path} is, holds or lies inside an input")
+
+
+def _place_dir(tmpdir, out_path):
+    """Renames a directory into place without replacing anything: mkdir claims the
+    name, and rename then replaces only that empty directory."""
+    try:
+        os.mkdir(out_path)
+    except FileExistsError:
+        fail("E_OUTPUT_EXISTS", out_path)
+    try:
+        os.replace(tmpdir, out_path)
+    except OSError:
+        fail("E_OUTPUT_EXISTS", f"{out_path}: something appeared there meanwhile")
+
+
 def cmd_rebuild(delta_path, base_path, out_path, force):
-    """§11.3: writes the target; output appears only when complete."""
+    """§11.3: writes the target; output appears only when complete, never replaces
+    what appeared meanwhile, and replacing never removes a file it did not write."""
     delta = Delta(delta_path)
     bases = resolve_base(delta, base_path)
-    if os.path.lexists(out_path) and not force:
-        fail("E_OUTPUT_EXISTS", out_path)
+    _check_not_an_input(out_path, [delta_path, base_path])
+    if os.path.lexists(out_path):
+        is_dir = os.path.isdir(out_path) and not os.path.islink(out_path)
+        if not force or (delta.kind == "file") == is_dir or (is_dir and not _holds_only_checkpoint(out_path)):
+            fail("E_OUTPUT_EXISTS", out_path)
     parent = os.path.dirname(os.path.abspath(out_path))
     try:
         if delta.kind == "file":
+            # mkstemp: O_EXCL and a random name, so a planted symlink is never followed.
             fd, tmp = tempfile.mkstemp(prefix=".tpde-", dir=parent)
             os.fchmod(fd, 0o666 & ~_umask())
             os.close(fd)
             try:
                 _write_file(delta, 0, bases, tmp)
-                os.replace(tmp, out_path)
+                if force:
+                    os.replace(tmp, out_path)
+                else:
+                    try:
+                        os.link(tmp, out_path)  # fails if anything is there
+                    except FileExistsError:
+                        fail("E_OUTPUT_EXISTS", f"{out_path}: something appeared there meanwhile")
+                    os.unlink(tmp)
             except BaseException:
-                os.unlink(tmp)
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
                 raise
         else:
             tmpdir = tempfile.mkdtemp(prefix=".tpde-", dir=parent)
@@ -1067,16 +1139,40 @@ def cmd_rebuild(delta_path, base_path, out_path, force):
                     _write_file(delta, f, bases, os.path.join(tmpdir, fobj["name"]))
                 with open(os.path.join(tmpdir, INDEX_NAME), "wb") as out:
                     out.write(delta.index_json.encode("utf-8"))
-                if os.path.isdir(out_path) and force:
-                    import shutil
-                    shutil.rmtree(out_path)
-                os.replace(tmpdir, out_path)
+                if force and os.path.isdir(out_path):
+                    if not _holds_only_checkpoint(out_path):
+                        fail("E_OUTPUT_EXISTS", out_path)
+                    aside = tempfile.mkdtemp(prefix=".tpde-", dir=parent)
+                    os.replace(out_path, aside)
+                    try:
+                        _place_dir(tmpdir, out_path)
+                    except BaseException:
+                        try:
+                            os.replace(aside, out_path)
+                        except OSError:
+                            pass  # something took its place: the old one stays aside
+                        raise
+                    _remove_checkpoint_dir(aside)
+                else:
+                    _place_dir(tmpdir, out_path)
             except BaseException:
                 import shutil
                 shutil.rmtree(tmpdir, ignore_errors=True)
                 raise
     except OSError as e:
         fail("E_IO", str(e))
+
+
+_BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def escape_for_terminal(text):
+    """§14: control characters and bidirectional controls escaped, as `\\u{1b}`."""
+    short = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+    return "".join(
+        short.get(c) or (f"\\u{{{ord(c):x}}}" if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in _BIDI_CONTROLS else c)
+        for c in text
+    )
 
 
 def run_decode(delta_path, base_path=None):
@@ -1103,7 +1199,8 @@ def main(argv=None):
     r.add_argument("delta")
     r.add_argument("--base")
     r.add_argument("-o", "--output", required=True)
-    r.add_argument("--force", action="store_true", help="overwrite an existing output")
+    r.add_argument("--force", action="store_true",
+                   help="replace an existing output: a file, or a directory holding nothing but a checkpoint")
     args = p.parse_args(argv)
     try:
         if args.cmd == "decode":
@@ -1112,11 +1209,11 @@ def main(argv=None):
         else:
             cmd_rebuild(args.delta, args.base, args.output, args.force)
     except TpdeError as e:
-        print(f"tpde_reader: {e}", file=sys.stderr)
+        print(f"tpde_reader: {escape_for_terminal(str(e))}", file=sys.stderr)
         sys.stdout.buffer.write(canonical({"error": e.code}).encode("utf-8"))
         return 1
     except OSError as e:
-        print(f"tpde_reader: {e}", file=sys.stderr)
+        print(f"tpde_reader: {escape_for_terminal(str(e))}", file=sys.stderr)
         sys.stdout.buffer.write(canonical({"error": "E_IO"}).encode("utf-8"))
         return 1
     return 0

@@ -198,7 +198,10 @@ impl ErrorCode {
                 "pickles can run code when loaded; convert to safetensors first \
                  (for example with safetensors.torch.save_file)"
             }
-            Self::OutputExists => "pass --force to overwrite it",
+            Self::OutputExists => {
+                "choose another output, or pass --force to replace a file or a directory holding nothing but \
+                 a checkpoint"
+            }
             Self::TargetMismatch => "the delta does not rebuild this target",
             _ => return None,
         })
@@ -291,16 +294,51 @@ impl Error {
     }
 }
 
+/// Whether printing `c` could drive a terminal or hide text from a reader of a log:
+/// control characters (C0, DEL, C1: `ESC`, `CSI`, `BEL`, newlines) and the Unicode
+/// controls that reorder text (bidirectional embeddings, overrides and isolates).
+fn is_unsafe_to_print(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` with every character that could drive a terminal escaped, as `ls` and `git`
+/// do: `\t`, `\n` and `\r`, others as `\u{1b}`. Names in files are untrusted, so
+/// everything printed for people (errors, `inspect` tables, logs) goes through this;
+/// JSON output does not need it, as JSON escapes control characters itself.
+#[must_use]
+pub fn escape_for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write;
+    if !text.chars().any(is_unsafe_to_print) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if is_unsafe_to_print(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 impl fmt::Display for Error {
+    /// One line, with every name and message escaped for a terminal
+    /// ([`escape_for_terminal`]).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)?;
+        write!(f, "{}: {}", self.code, escape_for_terminal(&self.message))?;
         let mut sep = " (";
         if let Some(file) = &self.file {
-            write!(f, "{sep}file {}", file.display())?;
+            write!(f, "{sep}file {}", escape_for_terminal(&file.display().to_string()))?;
             sep = ", ";
         }
         if let Some(tensor) = &self.tensor {
-            write!(f, "{sep}tensor {tensor:?}")?;
+            write!(f, "{sep}tensor {}", escape_for_terminal(&format!("{tensor:?}")))?;
             sep = ", ";
         }
         if let Some(chunk) = self.chunk {
@@ -326,4 +364,32 @@ impl std::error::Error for Error {
 /// Shorthand for `Err(Error::new(code, message))`.
 pub(crate) fn fail<T>(code: ErrorCode, message: impl Into<String>) -> Result<T> {
     Err(Error::new(code, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_for_the_terminal() {
+        assert_eq!(escape_for_terminal("plain.weight ünïcode"), "plain.weight ünïcode");
+        assert!(matches!(escape_for_terminal("plain"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(escape_for_terminal("a\x1b[31mred\x07"), "a\\u{1b}[31mred\\u{7}");
+        assert_eq!(escape_for_terminal("t\tn\nr\r"), "t\\tn\\nr\\r");
+        assert_eq!(escape_for_terminal("\u{9b}2J\u{7f}"), "\\u{9b}2J\\u{7f}");
+        assert_eq!(escape_for_terminal("abc\u{202e}fed"), "abc\\u{202e}fed");
+    }
+
+    /// Regression: errors printed file and tensor names raw, so a hostile name
+    /// could drive the terminal.
+    #[test]
+    fn an_error_prints_no_control_character() {
+        let err = Error::new(ErrorCode::BaseDigest, "the file \x1b]0;title\x07 differs")
+            .in_file(Path::new("dir/\x1b[2Jbase.safetensors"))
+            .in_tensor("w\x1b[31m\u{202e}")
+            .in_chunk(3);
+        let text = err.to_string();
+        assert!(!text.chars().any(is_unsafe_to_print), "{text}");
+        assert!(text.contains("\\u{1b}[2Jbase.safetensors") && text.contains("\\u{202e}"), "{text}");
+    }
 }

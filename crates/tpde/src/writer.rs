@@ -27,12 +27,22 @@ fn zeros(count: u64) -> Vec<u8> {
 }
 
 impl DeltaWriter {
-    /// Starts a delta that becomes `path` when [`DeltaWriter::finish`] succeeds.
+    /// Starts a delta that becomes `path` when [`DeltaWriter::finish`] succeeds,
+    /// replacing a file there.
     ///
     /// # Errors
     /// `E_IO`.
     pub fn create(path: &Path) -> Result<Self> {
-        let mut out = PendingFile::create(path)?;
+        Self::create_with(path, true)
+    }
+
+    /// Like [`DeltaWriter::create`]; without `replace`, [`DeltaWriter::finish`] fails
+    /// with `E_OUTPUT_EXISTS` if anything is at `path` by then.
+    ///
+    /// # Errors
+    /// `E_IO`.
+    pub fn create_with(path: &Path, replace: bool) -> Result<Self> {
+        let mut out = PendingFile::create_with(path, replace)?;
         out.write_all(&[0u8; PREAMBLE_LEN])?;
         Ok(Self { out, chunks: Vec::new(), streams: Vec::new(), offset: PREAMBLE_LEN as u64 })
     }
@@ -63,7 +73,8 @@ impl DeltaWriter {
     /// file into place.
     ///
     /// # Errors
-    /// `E_IO`.
+    /// `E_IO`, or `E_OUTPUT_EXISTS` when something that may not be replaced is in the
+    /// way.
     pub fn finish(mut self, header: &Header) -> Result<()> {
         let header_json =
             serde_json::to_vec(header).map_err(|e| Error::new(ErrorCode::HeaderInvalid, e.to_string()))?;

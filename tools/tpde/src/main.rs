@@ -33,7 +33,7 @@ struct Cli {
 
 #[derive(Args)]
 struct Threads {
-    /// Worker threads (default: all cores).
+    /// Worker threads, at most 4 per core (default: one per core).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
 }
@@ -158,14 +158,32 @@ fn split_base(inputs: &[PathBuf]) -> (Option<&Path>, &Path) {
     }
 }
 
-/// Refuses an output that would replace one of the inputs: inputs are never modified.
+/// Refuses an output that is, holds or lies inside an input: inputs are never
+/// modified.
 fn check_not_an_input(output: &Path, inputs: &[PathBuf]) -> tpde::Result<()> {
-    let Ok(output) = output.canonicalize() else { return Ok(()) };
-    let clash = inputs.iter().any(|input| input.canonicalize().is_ok_and(|i| output == i || output.starts_with(&i)));
-    if clash {
-        return Err(
-            tpde::Error::new(tpde::ErrorCode::InvalidArgument, "the output would overwrite an input").in_file(&output)
-        );
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    tpde::output::check_not_an_input(output, &inputs)
+}
+
+/// Checks OUT before any work, and clears what killed runs left beside it.
+fn prepare_output(output: &Path, inputs: &[PathBuf], force: bool) -> tpde::Result<()> {
+    check_not_an_input(output, inputs)?;
+    tpde::output::check_free(output, force)?;
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    for leftover in tpde::output::remove_stale_temporaries(parent) {
+        let path = leftover.path.display().to_string();
+        let path = escape(&path);
+        if leftover.removed {
+            eprintln!("tpde: removed {path}, a partial output of an interrupted run (process {})", leftover.pid);
+        } else {
+            eprintln!(
+                "tpde: kept {path}, left by an interrupted run (process {}): it holds files tpde did not write",
+                leftover.pid
+            );
+        }
     }
     Ok(())
 }
@@ -190,28 +208,39 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn set_threads(threads: &Threads) {
-    if let Some(n) = threads.threads {
-        // Fails only if a pool exists already, which cannot happen this early.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+/// Worker threads per core at most: beyond a few per core, threads only cost
+/// memory (every thread holds chunk buffers) and start-up time.
+const MAX_THREADS_PER_CORE: usize = 4;
+
+fn set_threads(threads: &Threads) -> tpde::Result<()> {
+    let Some(n) = threads.threads else { return Ok(()) };
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let max = cores.saturating_mul(MAX_THREADS_PER_CORE);
+    if !(1..=max).contains(&n) {
+        return Err(tpde::Error::new(
+            tpde::ErrorCode::InvalidArgument,
+            format!("--threads {n} is not in 1..={max} ({MAX_THREADS_PER_CORE} per core, {cores} cores)"),
+        ));
     }
+    // Fails only if a pool exists already, which cannot happen this early.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    Ok(())
 }
 
 #[allow(clippy::cast_precision_loss)] // ratios for display
 fn run(cli: Cli) -> tpde::Result<()> {
     match cli.command {
         Command::Encode { inputs, output, level, min_zstd_gain, chunk_words, force, threads } => {
-            set_threads(&threads);
-            tpde::output::check_free(&output, force)?;
-            check_not_an_input(&output, &inputs)?;
+            set_threads(&threads)?;
+            prepare_output(&output, &inputs, force)?;
             let (base_path, target_path) = split_base(&inputs);
             let base = open_optional(base_path)?;
             let target = Checkpoint::open(target_path)?;
             let options = EncodeOptions { settings: EncodeSettings { level, min_zstd_gain }, chunk_words };
-            let summary = pipeline::encode::encode(base.as_ref(), &target, &output, options, &Bars::new())?;
+            let summary = pipeline::encode::encode_to(base.as_ref(), &target, &output, options, force, &Bars::new())?;
             eprintln!(
                 "wrote {} ({} of {} target, {:.2}%; {} tensors against the base, {} standalone)",
-                output.display(),
+                escape(&output.display().to_string()),
                 human(summary.delta_bytes),
                 human(summary.target_bytes),
                 100.0 * summary.delta_bytes as f64 / summary.target_bytes.max(1) as f64,
@@ -220,22 +249,21 @@ fn run(cli: Cli) -> tpde::Result<()> {
             );
         }
         Command::Apply { inputs, output, force, threads } => {
-            set_threads(&threads);
-            tpde::output::check_free(&output, force)?;
-            check_not_an_input(&output, &inputs)?;
+            set_threads(&threads)?;
+            prepare_output(&output, &inputs, force)?;
             let (base_path, delta_path) = split_base(&inputs);
             let delta = DeltaFile::open(delta_path)?;
             let base = open_optional(base_path)?;
             let summary = pipeline::apply::apply(&delta, base.as_ref(), &output, force, &Bars::new())?;
             eprintln!(
                 "wrote {} ({} in {} file(s)), every digest matched",
-                output.display(),
+                escape(&output.display().to_string()),
                 human(summary.target_bytes),
                 summary.files
             );
         }
         Command::Inspect { delta, json, threads } => {
-            set_threads(&threads);
+            set_threads(&threads)?;
             let delta = DeltaFile::open(&delta)?;
             let report = pipeline::inspect::inspect(&delta)?;
             if json {
@@ -245,7 +273,7 @@ fn run(cli: Cli) -> tpde::Result<()> {
             }
         }
         Command::Verify { inputs, target, threads } => {
-            set_threads(&threads);
+            set_threads(&threads)?;
             let (base_path, delta_path) = split_base(&inputs);
             let delta = DeltaFile::open(delta_path)?;
             let base = open_optional(base_path)?;
@@ -258,14 +286,19 @@ fn run(cli: Cli) -> tpde::Result<()> {
     Ok(())
 }
 
+/// Every name in a file is untrusted: printed for people, it is escaped.
+fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    tpde::error::escape_for_terminal(text)
+}
+
 fn render_report(report: &pipeline::inspect::Report) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
         out,
         "format {}, written by {}, {} target file(s), {}",
-        report.format_version,
-        report.writer,
+        escape(&report.format_version),
+        escape(&report.writer),
         report.target_files,
         if report.needs_base { "needs a base" } else { "standalone" }
     );
@@ -279,8 +312,8 @@ fn render_report(report: &pipeline::inspect::Report) -> String {
         let _ = writeln!(
             out,
             "{:<40} {:>6} {:>18} {:>7} {:>11} {:>11} {:>6.2}% {:>7.3}%",
-            t.name,
-            t.dtype,
+            escape(&t.name),
+            escape(&t.dtype),
             format!("{}/{}/{}/{}", c.unchanged, c.sparse, c.dense, c.raw),
             if t.delta { "delta" } else { "alone" },
             human(t.target_bytes),
@@ -293,13 +326,58 @@ fn render_report(report: &pipeline::inspect::Report) -> String {
     out
 }
 
+/// The signals that end a process unless handled, and that a process may catch.
+/// SIGKILL cannot be caught: a run removes what a killed run left instead
+/// ([`tpde::output::remove_stale_temporaries`]).
+#[cfg(unix)]
+const TERMINATING_SIGNALS: &[libc::c_int] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
+    libc::SIGXCPU,
+    libc::SIGXFSZ,
+];
+
+/// Whether the parent set `signal` to be ignored, as `nohup` does for SIGHUP.
+#[cfg(unix)]
+fn is_ignored(signal: libc::c_int) -> bool {
+    // SAFETY: an all-zero `sigaction` is a valid value for the kernel to overwrite.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the current one into `current`, which is
+    // a valid, writable `sigaction`.
+    let rc = unsafe { libc::sigaction(signal, std::ptr::null(), &raw mut current) };
+    rc == 0 && current.sa_sigaction == libc::SIG_IGN
+}
+
+/// On any terminating signal, removes the outputs still being written, then ends the
+/// process as the signal would have (so the parent sees which signal it was). A
+/// signal that the parent set to be ignored stays ignored.
+#[cfg(unix)]
+fn remove_partial_outputs_on_signals() {
+    let signals: Vec<libc::c_int> = TERMINATING_SIGNALS.iter().copied().filter(|&s| !is_ignored(s)).collect();
+    // Registration fails only for a forbidden signal, which none of these is.
+    let Ok(mut signals) = signal_hook::iterator::Signals::new(&signals) else { return };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            tpde::output::remove_pending_outputs();
+            let _ = signal_hook::low_level::emulate_default_handler(signal);
+            std::process::exit(128 + signal);
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn remove_partial_outputs_on_signals() {}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Interrupted runs leave no partial output behind.
-    let _ = ctrlc::set_handler(|| {
-        tpde::output::remove_pending_outputs();
-        std::process::exit(130);
-    });
+    remove_partial_outputs_on_signals();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -13,7 +13,7 @@ use crate::checkpoint::INDEX_FILE;
 use crate::container::header::LayoutKind;
 use crate::digest::{tensor_digest, to_hex};
 use crate::error::{Error, ErrorCode, Result};
-use crate::output::{check_free, PendingDir, PendingFile};
+use crate::output::{check_not_an_input, check_output, OutputKind, PendingDir, PendingFile};
 use crate::reader::{ChunkSpan, DeltaFile};
 
 /// Receives the rebuilt target, file by file, in order, on its own thread.
@@ -167,17 +167,18 @@ fn decode_files(
 /// Writes into a single file or a directory of shards.
 struct FileSink<'a> {
     out: &'a Path,
+    /// Whether the single output file may replace one at `out`.
+    force: bool,
     dir: Option<PendingDir>,
     current: Option<PendingFile>,
 }
 
 impl TargetSink for FileSink<'_> {
     fn begin_file(&mut self, name: &str) -> Result<()> {
-        let path = match &self.dir {
-            Some(dir) => dir.path_of(name),
-            None => self.out.to_path_buf(),
-        };
-        self.current = Some(PendingFile::create(&path)?);
+        self.current = Some(match &self.dir {
+            Some(dir) => PendingFile::create(&dir.path_of(name))?,
+            None => PendingFile::create_with(self.out, self.force)?,
+        });
         Ok(())
     }
 
@@ -208,10 +209,13 @@ pub struct ApplySummary {
 
 /// Rebuilds the target of `delta` into `out`: a file for a single-file target, a
 /// directory for a sharded one. Nothing appears at `out` unless every digest matched.
+/// With `force`, a file replaces only a file, and a directory only a directory that
+/// holds nothing but a checkpoint (see [`crate::output`]).
 ///
 /// # Errors
-/// `E_OUTPUT_EXISTS` without `force`, base errors before anything is written, and any
-/// decoding error.
+/// `E_OUTPUT_EXISTS` without `force` (also when something appears at `out` during
+/// the run), `E_INVALID_ARGUMENT` when `out` is, holds or lies inside an input, base
+/// errors before anything is written, and any decoding error.
 pub fn apply(
     delta: &DeltaFile,
     base: Option<&Checkpoint>,
@@ -219,10 +223,12 @@ pub fn apply(
     force: bool,
     progress: &dyn Progress,
 ) -> Result<ApplySummary> {
-    check_free(out, force)?;
+    let inputs: Vec<&Path> = std::iter::once(delta.path()).chain(base.map(|b| b.root.as_path())).collect();
+    check_not_an_input(out, &inputs)?;
     let sharded = delta.header().target.kind == LayoutKind::Sharded;
-    let dir = if sharded { Some(PendingDir::create(out)?) } else { None };
-    let mut sink = FileSink { out, dir, current: None };
+    check_output(out, force, if sharded { OutputKind::Directory } else { OutputKind::File })?;
+    let dir = if sharded { Some(PendingDir::create_with(out, force)?) } else { None };
+    let mut sink = FileSink { out, force, dir, current: None };
     rebuild(delta, base, &mut sink, progress).map_err(|e| e.in_file(delta.path()))?;
     let header = delta.header();
     if let Some(dir) = sink.dir.take() {

@@ -12,6 +12,7 @@ use crate::digest::{tensor_digest, to_hex, tree_digest};
 use crate::dtype;
 use crate::error::{Error, ErrorCode, Result};
 use crate::limits::MAX_CHUNK_WORDS;
+use crate::output::{check_not_an_input, check_output, OutputKind};
 use crate::writer::DeltaWriter;
 
 /// Settings of `encode`.
@@ -53,7 +54,7 @@ fn counterpart<'a>(base: Option<&'a Checkpoint>, tensor: &TensorLocation) -> Opt
 }
 
 /// Encodes `target` (against `base`, when given) into the delta file `out`, which
-/// appears only once complete.
+/// appears only once complete, replacing a file there.
 ///
 /// # Errors
 /// Input errors of either checkpoint, `E_INVALID_ARGUMENT` for a bad chunk size,
@@ -65,6 +66,26 @@ pub fn encode(
     options: EncodeOptions,
     progress: &dyn Progress,
 ) -> Result<EncodeSummary> {
+    encode_to(base, target, out, options, true, progress)
+}
+
+/// Like [`encode`]; without `force`, fails with `E_OUTPUT_EXISTS` if anything is at
+/// `out`, when it starts or when the delta is renamed into place. With `force`, only
+/// a file is replaced. An `out` that is an input, or inside one, is refused.
+///
+/// # Errors
+/// As [`encode`], and `E_OUTPUT_EXISTS` or `E_INVALID_ARGUMENT` for `out`.
+pub fn encode_to(
+    base: Option<&Checkpoint>,
+    target: &Checkpoint,
+    out: &Path,
+    options: EncodeOptions,
+    force: bool,
+    progress: &dyn Progress,
+) -> Result<EncodeSummary> {
+    let inputs: Vec<&Path> = base.iter().chain([&target]).map(|c| c.root.as_path()).collect();
+    check_not_an_input(out, &inputs)?;
+    check_output(out, force, OutputKind::File)?;
     let settings = options.settings;
     if options.chunk_words == 0
         || options.chunk_words > MAX_CHUNK_WORDS
@@ -77,7 +98,7 @@ pub fn encode(
         ));
     }
     progress.phase("encoding", target.total_bytes());
-    let mut writer = DeltaWriter::create(out)?;
+    let mut writer = DeltaWriter::create_with(out, force)?;
     let mut tensors = Vec::new();
     let mut summary =
         EncodeSummary { target_bytes: target.total_bytes(), delta_bytes: 0, delta_tensors: 0, standalone_tensors: 0 };
