@@ -475,7 +475,7 @@ fn zstd_frame_variants(suite: &mut Suite) {
 fn header_variants(suite: &mut Suite) {
     let good = suite.read("valid/mixed/delta.tpde");
     type Edit = Box<dyn Fn(String) -> String>;
-    let variants: [(&str, &str, Edit); 4] = [
+    let variants: [(&str, &str, Edit); 5] = [
         (
             "header-explicit-nulls",
             "§5.1",
@@ -502,6 +502,18 @@ fn header_variants(suite: &mut Suite) {
                 t.replacen(
                     '{',
                     &format!("{{\"extensions\":{{\"org.example.deep\":{}{}}},", "[".repeat(125), "]".repeat(125)),
+                    1,
+                )
+            }),
+        ),
+        // Scalars add no depth: a number inside the 127th array is allowed.
+        (
+            "header-nesting-127-with-scalar",
+            "§5.1",
+            Box::new(|t: String| {
+                t.replacen(
+                    '{',
+                    &format!("{{\"extensions\":{{\"org.example.deep\":{}1{}}},", "[".repeat(125), "]".repeat(125)),
                     1,
                 )
             }),
