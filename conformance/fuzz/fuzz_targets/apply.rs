@@ -25,14 +25,8 @@ use xxhash_rust::xxh3::Xxh3;
 static MIXED_BASE: &[u8] = include_bytes!("../../valid/mixed/base.safetensors");
 static SHARDED_INDEX: &[u8] = include_bytes!("../../valid/sharded/base/model.safetensors.index.json");
 static SHARDED_SHARDS: [(&str, &[u8]); 2] = [
-    (
-        "model-00001-of-00002.safetensors",
-        include_bytes!("../../valid/sharded/base/model-00001-of-00002.safetensors"),
-    ),
-    (
-        "model-00002-of-00002.safetensors",
-        include_bytes!("../../valid/sharded/base/model-00002-of-00002.safetensors"),
-    ),
+    ("model-00001-of-00002.safetensors", include_bytes!("../../valid/sharded/base/model-00001-of-00002.safetensors")),
+    ("model-00002-of-00002.safetensors", include_bytes!("../../valid/sharded/base/model-00002-of-00002.safetensors")),
 ];
 
 /// The two bases, written once per process and opened as a user's base would be.
