@@ -30,7 +30,10 @@ while args and args[0] in ("--skip", "--strict"):
 if not args:
     sys.exit("usage: run-suite.sh [--skip ID]... [--strict] READER_CMD...")
 timeout = float(os.environ.get("TPDE_SUITE_TIMEOUT", "60"))
-cases = json.load(open(os.path.join(root, "manifest.json"), encoding="utf-8"))["cases"]
+manifest = json.load(open(os.path.join(root, "manifest.json"), encoding="utf-8"))
+if manifest.get("format") != "tpde conformance manifest" or manifest.get("version") != 1:
+    sys.exit("manifest.json: not a tpde conformance manifest of version 1")
+cases = manifest["cases"]
 passed = failed = skipped = 0
 for case in cases:
     command = args + ["decode", os.path.join(root, case["path"])]

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Builds the fuzz targets `open` and `decode`.
+# Builds the fuzz targets `open`, `decode` and `apply`.
 #
-#   conformance/fuzz/build.sh --check   type-check both targets with the stable
+#   conformance/fuzz/build.sh --check   type-check the targets with the stable
 #                                       toolchain, no sanitizer (fast; for CI)
 #   conformance/fuzz/build.sh [ARGS...] build them with cargo-fuzz (AddressSanitizer;
 #                                       RUSTC_BOOTSTRAP=1 allows its nightly flags on
 #                                       stable); installs cargo-fuzz when missing.
 #
 # To fuzz, seed a corpus with the golden files and run, for example:
-#   mkdir -p corpus/decode && for f in ../valid/*/delta.tpde ../invalid/*.tpde; do
-#     cp "$f" "corpus/decode/$(echo "${f#../}" | tr / _)"; done
+#   conformance/fuzz/seed-corpus.sh decode apply
+#   cd conformance/fuzz
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir . decode corpus/decode -- -runs=10000000
+#   RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir . apply corpus/apply -- -runs=10000000
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 if [ "${1:-}" = "--check" ]; then

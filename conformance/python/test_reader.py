@@ -330,10 +330,11 @@ class ZstdProfile(unittest.TestCase):
         self.assertEqual(self.dec(skippable), "E_ZSTD_PROFILE")
         self.assertEqual(self.dec(zframe(self.data, write_content_size=False)), "E_ZSTD_PROFILE")
         self.assertEqual(self.dec(f, len(self.data) + 1), "E_STREAM_LENGTH")
-        # reserved FHD bit
-        bad = bytearray(f)
-        bad[4] |= 0x08
-        self.assertEqual(self.dec(bytes(bad)), "E_ZSTD_PROFILE")
+        # reserved FHD bit, and the unused bit 4 (Z5: else a second byte form)
+        for bit in (0x08, 0x10):
+            bad = bytearray(f)
+            bad[4] |= bit
+            self.assertEqual(self.dec(bytes(bad)), "E_ZSTD_PROFILE", hex(bit))
         # a Dictionary_ID field (FHD Dictionary_ID_Flag 1), whatever its value (Z4)
         block = struct.pack("<I", (4 << 3) | 1)[:3] + b"\x01" * 4
         for dictionary_id in (b"\x07", b"\x00"):
@@ -356,6 +357,12 @@ class ZstdProfile(unittest.TestCase):
         # single segment: the window is the content size (FCS 1 byte)
         single = b"\x28\xb5\x2f\xfd\x20\x04" + struct.pack("<I", (4 << 3) | 1)[:3] + b"\x02" * 4
         self.assertEqual(r.zstd_decode(single, 4), b"\x02" * 4)
+        # blocks shorter or longer than the content size: a decode error (step 4)
+        def raw(block, fcs=4):
+            return (b"\x28\xb5\x2f\xfd\x20" + bytes([fcs])
+                    + struct.pack("<I", (len(block) << 3) | 1)[:3] + block)
+        self.assertEqual(codes(r.zstd_decode, raw(b"\x02" * 3), 4), "E_ZSTD_DECODE")
+        self.assertEqual(codes(r.zstd_decode, raw(b"\x02" * 5), 4), "E_ZSTD_DECODE")
         # corrupt compressed block -> decode error
         f = bytearray(zframe(bytes(range(256)) * 64))
         f[-5] ^= 0xFF
@@ -385,6 +392,16 @@ class StrictJson(unittest.TestCase):
         self.assertEqual(self.code("[" * 128 + "]" * 128), "E_HEADER_INVALID")
         self.assertEqual(self.code("[" * 100000), "E_HEADER_INVALID")
         self.assertIsNone(self.code('["' + "[" * 500 + '"]'))  # brackets inside a string
+        # scalars add no depth: a number or an empty object string inside depth 127
+        self.assertIsNone(self.code("[" * 127 + "1" + "]" * 127))
+        self.assertIsNone(self.code("[" * 126 + '{"k":"v"}' + "]" * 126))
+        self.assertEqual(self.code("[" * 126 + '{"k":[]}' + "]" * 126), "E_HEADER_INVALID")
+
+    def test_number_range(self):
+        # §5.1 rule 5, in every document: a finite double, underflow to zero allowed
+        self.assertEqual(self.code('{"a":1e999}'), "E_HEADER_INVALID")
+        self.assertEqual(self.code('{"a":' + "9" * 400 + "}"), "E_HEADER_INVALID")
+        self.assertIsNone(self.code('{"a":1e-999}'))
 
     def test_integers(self):
         self.assertTrue(r.is_hdr_int(r.strict_json(b"9007199254740991")))

@@ -383,12 +383,15 @@ class Delta:
         # -- preamble and trailer --------------------------------------------
         if L < 8 or bytes(buf[0:8]) != MAGIC:  # O1
             fail("E_BAD_MAGIC")
-        if L < PREAMBLE_LEN:  # O2
-            fail("E_TRUNCATED", "shorter than the preamble")
-        pre = bytes(buf[0:PREAMBLE_LEN])
-        major, minor = struct.unpack_from("<HH", pre, 8)
+        if L < 10:  # O2
+            fail("E_TRUNCATED", "ends inside the version field")
+        major = struct.unpack_from("<H", buf, 8)[0]
         if major != 1:  # O3
             fail("E_UNSUPPORTED_VERSION", f"major version {major}")
+        if L < PREAMBLE_LEN:  # O3 (then the rest of the preamble)
+            fail("E_TRUNCATED", "shorter than the preamble")
+        pre = bytes(buf[0:PREAMBLE_LEN])
+        minor = struct.unpack_from("<H", pre, 10)[0]
         if xxh64(pre[0:120]) != u64(pre, 120):  # O4
             fail("E_PREAMBLE_CHECKSUM")
         if any(pre[12:16]) or any(pre[80:120]):  # O5
@@ -449,6 +452,22 @@ class Delta:
             self.file_tensors[t.file].append(t)
         for fobj, entries in zip(self.files, self.file_tensors):  # O22
             self._check_embedded_header(fobj, entries)
+        if self.kind == "sharded":  # O23
+            self._check_index()
+
+    # O23 -------------------------------------------------------------------
+    def _check_index(self):
+        """The index written beside the shards maps exactly the delta's tensors,
+        each to the name of the file that holds it."""
+        doc = parse_header_json(self.index_json.encode("utf-8"))
+        wm = doc.get("weight_map") if type(doc) is dict else None
+        if type(wm) is not dict or any(type(v) is not str for v in wm.values()):
+            fail("E_HEADER_INVALID", "index_json has no weight_map of strings")
+        if len(wm) != len(self.tensors):
+            fail("E_HEADER_INVALID", "index_json maps another number of tensors")
+        for t in self.tensors:
+            if wm.get(t.name) != self.files[t.file]["name"]:
+                fail("E_HEADER_INVALID", f"index_json does not map {t.name!r} to its file")
 
     # O17 -------------------------------------------------------------------
     def _check_header_rules(self, hdr, preamble_chunk_count):
@@ -652,9 +671,10 @@ def zstd_decode(data, decoded_len):
         fail("E_ZSTD_PROFILE", "not a zstd frame")
     fhd = data[4]
     fcs_flag, single = fhd >> 6, (fhd >> 5) & 1
-    reserved, has_checksum, did_flag = (fhd >> 3) & 1, (fhd >> 2) & 1, fhd & 3
-    if reserved:
-        fail("E_ZSTD_PROFILE", "reserved bit of the frame header descriptor")
+    unused, reserved = (fhd >> 4) & 1, (fhd >> 3) & 1
+    has_checksum, did_flag = (fhd >> 2) & 1, fhd & 3
+    if unused or reserved:
+        fail("E_ZSTD_PROFILE", "unused or reserved bit of the frame header descriptor")
     did_size = (0, 1, 2, 4)[did_flag]
     fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
     hdr_len = 5 + (0 if single else 1) + did_size + fcs_size
@@ -710,9 +730,10 @@ def zstd_decode(data, decoded_len):
     if not dobj.eof or dobj.unused_data:
         # cannot happen after step 3; a library that disagrees fails to decode
         fail("E_ZSTD_DECODE", "decoder did not end at the end of the frame")
-    # 5. the decoded length
+    # 4. blocks that decode to another length than Frame_Content_Size (equal to
+    # decoded_len since step 2) are a corrupt frame
     if len(out) != decoded_len:
-        fail("E_STREAM_LENGTH", "decoded length")
+        fail("E_ZSTD_DECODE", "blocks decode to another length than the content size")
     return out
 
 

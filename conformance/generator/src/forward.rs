@@ -102,4 +102,18 @@ pub fn generate(suite: &mut Suite) {
         "§3",
         &p("major_version"),
     );
+
+    // A later major's preamble may be shorter than 128 bytes: the version is judged
+    // as soon as its two bytes are there, before the preamble's length (§11.1 O3).
+    let mut bytes = good[..64].to_vec();
+    put(&mut bytes, at::MAJOR, &2u16.to_le_bytes());
+    suite.write("forward-compat/major-version-2-short-preamble.tpde", &bytes);
+    suite.reject(
+        "major-version-2-short-preamble",
+        "forward-compat/major-version-2-short-preamble.tpde",
+        Some(BASE),
+        "E_UNSUPPORTED_VERSION",
+        "§11.1",
+        &p("major_version"),
+    );
 }

@@ -223,6 +223,7 @@ pub fn generate(suite: &mut Suite) {
     f.emit("bad-trailer-file-len", &bytes, "E_BAD_TRAILER", "§4", "trailer");
     let cuts = [
         ("truncated-inside-magic", 4, "E_BAD_MAGIC"),
+        ("truncated-inside-version-field", 9, "E_TRUNCATED"),
         ("truncated-inside-preamble", 64, "E_TRUNCATED"),
         ("truncated-at-end-of-data", offsets.data_end, "E_BAD_TRAILER"),
         ("truncated-inside-header", offsets.header + 20, "E_BAD_TRAILER"),
@@ -371,6 +372,26 @@ pub fn generate(suite: &mut Suite) {
         },
         "E_HEADER_INVALID",
         "§5.1",
+    );
+    // The strict-JSON rules, the double range included, cover embedded headers too.
+    f.header(
+        "embedded-header-number-out-of-range",
+        |h| {
+            let file = &mut h.target.files[0].safetensors_header;
+            *file = file.replacen("{\"dtype\":\"U8\"", "{\"org.example\":1e999,\"dtype\":\"U8\"", 1);
+        },
+        "E_HEADER_INVALID",
+        "§5.1",
+    );
+    // The entry's dtype is known (H5.b); the embedded header cannot agree with it.
+    f.header(
+        "embedded-header-unknown-dtype",
+        |h| {
+            let file = &mut h.target.files[0].safetensors_header;
+            *file = file.replacen("\"dtype\":\"U8\"", "\"dtype\":\"Q4K\"", 1);
+        },
+        "E_HEADER_INVALID",
+        "§5.3",
     );
     f.header_text(
         "header-number-out-of-range",
@@ -743,6 +764,24 @@ pub fn generate(suite: &mut Suite) {
         &zframe::frame(&[0xff; 16], FrameShape { block_type: 2, ..FrameShape::single(16) }),
         "E_ZSTD_DECODE",
     );
+    f.zstd_stream(
+        "zstd-unused-header-bit",
+        &zframe::frame(&d, FrameShape { unused_bit: true, ..FrameShape::single(16) }),
+        "E_ZSTD_PROFILE",
+    );
+    // The blocks hold one byte fewer, or one more, than the content size says.
+    f.zstd_stream(
+        "zstd-blocks-shorter-than-content-size",
+        &zframe::frame(&d[..15], FrameShape::single(16)),
+        "E_ZSTD_DECODE",
+    );
+    let mut over = d.clone();
+    over.push(0);
+    f.zstd_stream(
+        "zstd-blocks-longer-than-content-size",
+        &zframe::frame(&over, FrameShape::single(16)),
+        "E_ZSTD_DECODE",
+    );
 
     // Checksums and digests (§6, §10).
     f.model_edit(
@@ -795,6 +834,42 @@ fn other_sources(suite: &mut Suite) {
         h.target.files.clear();
     });
     emit(suite, "no-target-files", &m, base, "E_HEADER_INVALID", "§5.3");
+
+    // The index written beside the shards must agree with them (§11.1 O23).
+    let index = sharded.header().target.index_json.expect("a sharded index");
+    let shard1 = "\"model-00001-of-00003.safetensors\"";
+    assert!(index.contains(&format!("\"layer.0\": {shard1}")), "the index maps layer.0 to shard 1");
+    let index_cases = [
+        // A loader of the output that follows the index would read outside it.
+        (
+            "index-maps-tensor-outside-output",
+            index.replacen(shard1, "\"../../../../etc/passwd\"", 1),
+            "E_HEADER_INVALID",
+        ),
+        (
+            "index-tensor-in-wrong-shard",
+            index.replacen(shard1, "\"model-00002-of-00003.safetensors\"", 1),
+            "E_HEADER_INVALID",
+        ),
+        ("index-missing-tensor", index.replacen(&format!("\n    \"layer.0\": {shard1},"), "", 1), "E_HEADER_INVALID"),
+        (
+            "index-extra-tensor",
+            index.replacen("\"weight_map\": {", &format!("\"weight_map\": {{\n    \"layer.9\": {shard1},"), 1),
+            "E_HEADER_INVALID",
+        ),
+        (
+            "index-duplicate-key",
+            index.replacen("\"weight_map\": {", &format!("\"weight_map\": {{\n    \"layer.0\": {shard1},"), 1),
+            "E_DUPLICATE_KEY",
+        ),
+        ("index-without-weight-map", index.replacen("\"weight_map\"", "\"weights\"", 1), "E_HEADER_INVALID"),
+        ("index-not-json", index.replacen('{', "{,", 1), "E_HEADER_INVALID"),
+    ];
+    for (name, text, error) in index_cases {
+        assert_ne!(text, index, "{name} changes the index");
+        let m = edit(&sharded, &|h| h.target.index_json = Some(text.clone()));
+        emit(suite, name, &m, base, error, "§11.1");
+    }
 
     // F4 holds two elements per byte: 3 x 7 of them is not whole bytes.
     let standalone = Model::parse(&suite.read("valid/dtypes-standalone/delta.tpde"));

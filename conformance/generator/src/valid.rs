@@ -475,7 +475,7 @@ fn zstd_frame_variants(suite: &mut Suite) {
 fn header_variants(suite: &mut Suite) {
     let good = suite.read("valid/mixed/delta.tpde");
     type Edit = Box<dyn Fn(String) -> String>;
-    let variants: [(&str, &str, Edit); 4] = [
+    let variants: [(&str, &str, Edit); 5] = [
         (
             "header-explicit-nulls",
             "§5.1",
@@ -502,6 +502,18 @@ fn header_variants(suite: &mut Suite) {
                 t.replacen(
                     '{',
                     &format!("{{\"extensions\":{{\"org.example.deep\":{}{}}},", "[".repeat(125), "]".repeat(125)),
+                    1,
+                )
+            }),
+        ),
+        // Scalars add no depth: a number inside the 127th array is allowed.
+        (
+            "header-nesting-127-with-scalar",
+            "§5.1",
+            Box::new(|t: String| {
+                t.replacen(
+                    '{',
+                    &format!("{{\"extensions\":{{\"org.example.deep\":{}1{}}},", "[".repeat(125), "]".repeat(125)),
                     1,
                 )
             }),
@@ -671,4 +683,21 @@ fn natural_cases(suite: &mut Suite) {
     let tensors: Vec<Tensor> = names.iter().map(|n| random_tensor(&mut r, n, "U8", &[4])).collect();
     let changed: Vec<Tensor> = tensors.iter().map(|t| nudge(t, &[1])).collect();
     natural(suite, "unicode-names", "§5.5", Some(&Ck::File(tensors, None)), None, &Ck::File(changed, None), 16);
+
+    // Every class of character that the canonical decode escapes, or writes as it is
+    // (§11.4): the short escapes, other controls as \u00XX, and DEL, the line
+    // separators and `/` unescaped.
+    let mut r = rng("names-canonical-escapes");
+    let names = ["ctl\u{1}\u{1f}\u{0}", "short\u{8}\u{c}\r", "del\u{7f}/slash", "sep\u{2028}\u{2029}\u{85}"];
+    let tensors: Vec<Tensor> = names.iter().map(|n| random_tensor(&mut r, n, "U8", &[4])).collect();
+    let changed: Vec<Tensor> = tensors.iter().map(|t| nudge(t, &[2])).collect();
+    natural(
+        suite,
+        "names-canonical-escapes",
+        "§11.4",
+        Some(&Ck::File(tensors, None)),
+        None,
+        &Ck::File(changed, None),
+        16,
+    );
 }

@@ -16,6 +16,8 @@ pub struct FrameShape {
     pub dictionary: bool,
     /// The reserved bit of the Frame_Header_Descriptor.
     pub reserved_bit: bool,
+    /// The unused bit of the Frame_Header_Descriptor.
+    pub unused_bit: bool,
     /// A content checksum: `Some(true)` correct, `Some(false)` wrong.
     pub checksum: Option<bool>,
     /// Blocks to cut the data into (at least 1).
@@ -35,6 +37,9 @@ pub fn frame(data: &[u8], shape: FrameShape) -> Vec<u8> {
     let mut fhd: u8 = 0;
     if shape.reserved_bit {
         fhd |= 1 << 3;
+    }
+    if shape.unused_bit {
+        fhd |= 1 << 4;
     }
     if shape.checksum.is_some() {
         fhd |= 1 << 2;

@@ -1,6 +1,7 @@
 //! Reader: maps a delta file, validates every structure before allocating anything
 //! sized by it, and decodes single chunks or whole tensors on demand (spec §11).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::container::chunk_map::{ChunkRecord, StreamRecord, CHUNK_RECORD_LEN, STREAM_RECORD_LEN};
-use crate::container::header::{Header, TensorEntry};
+use crate::container::header::{Header, LayoutKind, TensorEntry};
 use crate::container::json::parse_strict;
 use crate::container::preamble::{check_trailer, Preamble, MAGIC};
 use crate::container::Layout;
@@ -26,6 +27,13 @@ pub struct ChunkSpan {
     pub first_word: u64,
     /// Number of words in the chunk.
     pub words: u64,
+}
+
+/// The part of a sharded target's `model.safetensors.index.json` that spec §11.1
+/// O23 checks; other members (`metadata`) are parsed strictly but not read.
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
 }
 
 /// The bytes of a delta: a memory map, or any buffer a caller owns.
@@ -154,6 +162,7 @@ impl DeltaFile {
         let delta = Self { path: path.to_path_buf(), map, preamble, header, chunks, streams };
         delta.validate_chunk_map(layout)?;
         delta.validate_target_files()?;
+        delta.validate_index()?;
         Ok(delta)
     }
 
@@ -238,6 +247,40 @@ impl DeltaFile {
                     )
                     .in_tensor(&entry.name));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that a sharded target's index, which is written out verbatim, agrees
+    /// with the shards written beside it (spec §11.1 O23): strict JSON whose
+    /// `weight_map` maps exactly the delta's tensors, each to the name of its file.
+    /// So a hostile index cannot send a loader of the output to another path.
+    fn validate_index(&self) -> Result<()> {
+        let target = &self.header.target;
+        let (LayoutKind::Sharded, Some(index_json)) = (target.kind, &target.index_json) else {
+            return Ok(());
+        };
+        let index: ShardIndex = parse_strict(index_json, "the target's model.safetensors.index.json")?;
+        if index.weight_map.len() != self.header.tensors.len() {
+            return fail(
+                ErrorCode::HeaderInvalid,
+                format!(
+                    "the target's index maps {} tensors but the delta holds {}",
+                    index.weight_map.len(),
+                    self.header.tensors.len()
+                ),
+            );
+        }
+        for tensor in &self.header.tensors {
+            // `file` was checked against the file count at H5.e.
+            let file = &target.files[tensor.file as usize].name;
+            if index.weight_map.get(&tensor.name) != Some(file) {
+                return Err(Error::new(
+                    ErrorCode::HeaderInvalid,
+                    format!("the target's index does not map the tensor to {file}, the file that holds it"),
+                )
+                .in_tensor(&tensor.name));
             }
         }
         Ok(())

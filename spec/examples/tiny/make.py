@@ -166,7 +166,8 @@ pad_at = header_offset + len(header_bytes)
 rows.append(row(pad_at, delta[pad_at:table_offset], f"zero padding to table_offset {table_offset}"))
 C = [(0, 8, "data_offset"), (8, 4, "stored_len"), (12, 4, "changed_count"), (16, 4, "first_stream"),
      (20, 1, "encoding"), (21, 1, "value_op"), (22, 1, "value_layout"), (23, 1, "position_coding"),
-     (24, 1, "gap_width"), (25, 1, "stream_count"), (26, 6, "reserved"), (32, 8, "checksum (u64 LE)"),
+     (24, 1, "gap_width"), (25, 1, "stream_count"), (26, 1, "value_order"), (27, 5, "reserved"),
+     (32, 8, "checksum (u64 LE)"),
      (40, 16, "digest (XXH3-128, big-endian)"), (56, 8, "reserved")]
 for c in range(2):
     base_at = table_offset + 64 * c

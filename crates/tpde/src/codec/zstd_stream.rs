@@ -78,8 +78,8 @@ pub fn compress(bytes: &[u8], effort: Effort) -> Result<Vec<u8>> {
 const ZSTD_MAGIC: u32 = 0xFD2F_B528;
 
 /// Checks the frame header fields of RFC 8878 §3.1.1.1 that the profile restricts:
-/// a standard frame (not skippable), no dictionary, and a window of at most
-/// 2^[`MAX_ZSTD_WINDOW_LOG`] bytes. Written by hand because zstd exposes its header
+/// a standard frame (not skippable), the unused and reserved descriptor bits clear,
+/// no dictionary, and a window of at most 2^[`MAX_ZSTD_WINDOW_LOG`] bytes. Written by hand because zstd exposes its header
 /// parser only through an unstable feature, and `WindowLogMax` does not bind the
 /// one-shot decoder.
 fn check_frame_header(stored: &[u8]) -> Result<()> {
@@ -90,6 +90,11 @@ fn check_frame_header(stored: &[u8]) -> Result<()> {
     let Some(&descriptor) = stored.get(4) else {
         return fail(ErrorCode::ZstdProfile, "the zstd frame header is incomplete");
     };
+    // Spec §8.5 step 1: zstd ignores the unused bit 4, so a set bit would give one
+    // stream a second accepted byte form; the reserved bit 3 is an error in zstd too.
+    if descriptor & 0b1_1000 != 0 {
+        return fail(ErrorCode::ZstdProfile, "an unused or reserved bit of the zstd frame header is set");
+    }
     if descriptor & 0b11 != 0 {
         return fail(ErrorCode::ZstdProfile, "the zstd frame names a dictionary");
     }
@@ -146,13 +151,16 @@ pub fn decompress_into(stored: &[u8], decoded_len: usize, out: &mut Vec<u8>) -> 
         let decompressor = slot.as_mut().expect("set above");
         let start = out.len();
         out.reserve_exact(decoded_len);
+        // Blocks that decode to more or fewer bytes than the content size, which
+        // equals `decoded_len` by now, are a corrupt frame (spec §8.5 step 4): zstd
+        // itself reports them as corruption, and the length check below agrees.
         let written = decompressor
             .decompress_to_buffer(stored, out)
             .map_err(|e| Error::new(ErrorCode::ZstdDecode, format!("zstd: {e}")))?;
         if written != decoded_len || out.len() != start + decoded_len {
             return fail(
-                ErrorCode::StreamLength,
-                format!("the zstd frame decoded to {written} bytes, not {decoded_len}"),
+                ErrorCode::ZstdDecode,
+                format!("the zstd frame's blocks decoded to {written} bytes, not its content size {decoded_len}"),
             );
         }
         Ok(())
@@ -190,5 +198,34 @@ mod tests {
         wide[4] &= !0b10_0000;
         wide.insert(5, 18 << 3);
         assert_eq!(code(&wide, 17), ErrorCode::ZstdProfile);
+    }
+
+    /// One raw block of `block` bytes in a single-segment frame that records
+    /// `content_size`, with extra descriptor bits `fhd_bits`.
+    fn raw_frame(block: &[u8], content_size: u8, fhd_bits: u8) -> Vec<u8> {
+        let mut frame = vec![0x28, 0xB5, 0x2F, 0xFD, 0b10_0000 | fhd_bits, content_size];
+        let header = (u32::try_from(block.len()).unwrap() << 3) | 1;
+        frame.extend_from_slice(&header.to_le_bytes()[..3]);
+        frame.extend_from_slice(block);
+        frame
+    }
+
+    /// Spec §8.5 step 1: the unused descriptor bit gives a second byte form.
+    #[test]
+    fn unused_descriptor_bit_is_a_profile_error() {
+        let mut out = Vec::new();
+        decompress_into(&raw_frame(&[7; 16], 16, 0), 16, &mut out).unwrap();
+        let err = decompress_into(&raw_frame(&[7; 16], 16, 1 << 4), 16, &mut Vec::new()).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ZstdProfile);
+    }
+
+    /// Spec §8.5 step 4: blocks that decode to another length than the content
+    /// size are a decoding error, whichever way they differ.
+    #[test]
+    fn blocks_that_disagree_with_the_content_size_are_a_decode_error() {
+        let short = decompress_into(&raw_frame(&[7; 15], 16, 0), 16, &mut Vec::new()).unwrap_err();
+        assert_eq!(short.code(), ErrorCode::ZstdDecode);
+        let long = decompress_into(&raw_frame(&[7; 17], 16, 0), 16, &mut Vec::new()).unwrap_err();
+        assert_eq!(long.code(), ErrorCode::ZstdDecode);
     }
 }

@@ -12,6 +12,9 @@ pub const END_MAGIC: [u8; 8] = *b"\x89TPDEEND";
 pub const PREAMBLE_LEN: usize = 128;
 /// Length of the trailer.
 pub const TRAILER_LEN: usize = 16;
+/// End of the major version field: a file is read up to here before its major
+/// version decides how the rest is read (spec §11.1 O2, O3).
+const VERSION_END: usize = 10;
 /// The major version this library reads and writes.
 pub const MAJOR_VERSION: u16 = 1;
 /// The minor version this library writes.
@@ -53,9 +56,9 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 }
 
 impl Preamble {
-    /// Parses and checks a preamble (spec §3). The checks run in the order of the
-    /// spec, so that a file from a newer major version is reported as such rather
-    /// than as corrupt.
+    /// Parses and checks a preamble (spec §3, §11.1 O1-O6). The checks run in the
+    /// order of the spec, so that a file from a newer major version is reported as
+    /// such rather than as corrupt or truncated.
     ///
     /// # Errors
     /// `E_TRUNCATED`, `E_BAD_MAGIC`, `E_UNSUPPORTED_VERSION`, `E_PREAMBLE_CHECKSUM`,
@@ -64,10 +67,12 @@ impl Preamble {
         if bytes.len() < MAGIC.len() || bytes[..8] != MAGIC {
             return fail(ErrorCode::BadMagic, "the file does not start with the tpde magic");
         }
-        if bytes.len() < PREAMBLE_LEN {
-            return fail(ErrorCode::Truncated, "the file is shorter than its preamble");
+        // O2-O4: the major version is read as soon as its two bytes are there, so
+        // that a file of another major version, whose preamble may be shorter, is
+        // reported as such and not as truncated.
+        if bytes.len() < VERSION_END {
+            return fail(ErrorCode::Truncated, "the file ends inside its version field");
         }
-        let bytes = &bytes[..PREAMBLE_LEN];
         let major = u16_at(bytes, 8);
         if major != MAJOR_VERSION {
             return fail(
@@ -75,6 +80,10 @@ impl Preamble {
                 format!("format version {major}.x is not supported (this reader reads 1.x)"),
             );
         }
+        if bytes.len() < PREAMBLE_LEN {
+            return fail(ErrorCode::Truncated, "the file is shorter than its preamble");
+        }
+        let bytes = &bytes[..PREAMBLE_LEN];
         if checksum64(&bytes[..120]) != u64_at(bytes, 120) {
             return fail(ErrorCode::PreambleChecksum, "the preamble checksum does not match");
         }
@@ -177,5 +186,18 @@ mod tests {
         assert_eq!(Preamble::parse(&future.to_bytes()).unwrap_err().code(), ErrorCode::UnknownRequiredFeature);
         let optional = Preamble { optional_features: 1 << 40, ..Preamble::default() };
         assert!(Preamble::parse(&optional.to_bytes()).is_ok());
+    }
+
+    /// A file of another major version is reported as such even when it is shorter
+    /// than this version's preamble (spec §11.1 O3 before O4).
+    #[test]
+    fn short_file_of_another_major_version_is_unsupported_not_truncated() {
+        let mut future = Preamble::default().to_bytes();
+        future[8] = 2;
+        assert_eq!(Preamble::parse(&future[..64]).unwrap_err().code(), ErrorCode::UnsupportedVersion);
+        assert_eq!(Preamble::parse(&future[..10]).unwrap_err().code(), ErrorCode::UnsupportedVersion);
+        assert_eq!(Preamble::parse(&future[..9]).unwrap_err().code(), ErrorCode::Truncated);
+        let current = Preamble::default().to_bytes();
+        assert_eq!(Preamble::parse(&current[..64]).unwrap_err().code(), ErrorCode::Truncated);
     }
 }
