@@ -7,11 +7,11 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use safetensors::SafeTensors;
+use serde::de::{IgnoredAny, Visitor};
 use serde::Deserialize;
 
-use crate::container::header::LayoutKind;
-use crate::container::json::parse_strict;
+use crate::container::header::{is_plain_file_name, LayoutKind};
+use crate::container::json::{check_unique_keys, parse_strict};
 use crate::dtype;
 use crate::error::{Error, ErrorCode, Result};
 
@@ -83,10 +83,12 @@ struct ShardIndex {
 }
 
 impl Checkpoint {
-    /// Opens a `.safetensors` file, or a directory holding a sharded checkpoint.
+    /// Opens a `.safetensors` file, or a directory holding a sharded checkpoint, and
+    /// checks it as spec §11.2 B0 defines a valid checkpoint.
     ///
     /// # Errors
-    /// `E_IO`, `E_PICKLE_INPUT`, `E_MISSING_SHARD`, `E_INVALID_CHECKPOINT` or
+    /// `E_IO` (also for a path that is neither a regular file nor a directory),
+    /// `E_PICKLE_INPUT`, `E_INVALID_CHECKPOINT`, `E_MISSING_SHARD` or
     /// `E_UNKNOWN_DTYPE`, naming the file and tensor.
     pub fn open(path: &Path) -> Result<Self> {
         if is_pickle(path) {
@@ -97,10 +99,13 @@ impl Checkpoint {
             Self::open_sharded(path)
         } else {
             let file = open_file(path)?;
-            Ok(Self::from_files(path, LayoutKind::File, vec![file], None))
+            Self::from_files(path, LayoutKind::File, vec![file], None)
         }
     }
 
+    /// A sharded checkpoint, checked in the order of spec §11.2 B0: the index, every
+    /// shard name, every shard's presence, then each shard in name order, then the
+    /// tensors across shards and the index's agreement with them.
     fn open_sharded(dir: &Path) -> Result<Self> {
         let index_path = dir.join(INDEX_FILE);
         if !index_path.exists() {
@@ -113,32 +118,43 @@ impl Checkpoint {
             };
             return Err(Error::new(code, message).in_file(dir));
         }
+        require_regular_file(&index_path, "cannot read the index")?;
         let index_json =
             std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, "cannot read the index", e))?;
         let index: ShardIndex = parse_strict(&index_json, "model.safetensors.index.json")
             .map_err(|e| Error::new(ErrorCode::InvalidCheckpoint, e.message()).in_file(&index_path))?;
+        // Byte-wise name order (spec §11.2 B0), which is `str`'s order.
         let shard_names: BTreeSet<&str> = index.weight_map.values().map(String::as_str).collect();
-        let mut files = Vec::with_capacity(shard_names.len());
-        for name in shard_names {
-            let shard = dir.join(name);
-            let plain = Path::new(name).file_name().is_some_and(|f| f == name);
-            if !plain {
+        for &name in &shard_names {
+            if !is_plain_file_name(name) {
                 return Err(Error::new(
                     ErrorCode::InvalidCheckpoint,
                     format!("shard name {name:?} is not a plain file name"),
                 )
                 .in_file(&index_path));
             }
-            if !shard.exists() {
-                return Err(Error::new(
-                    ErrorCode::MissingShard,
-                    format!("shard {name} is named by the index but missing"),
-                )
-                .in_file(&shard));
+            if is_pickle(Path::new(name)) {
+                return Err(
+                    Error::new(ErrorCode::PickleInput, "pickle checkpoints are not read").in_file(&dir.join(name))
+                );
             }
-            files.push(open_file(&shard)?);
         }
-        let checkpoint = Self::from_files(dir, LayoutKind::Sharded, files, Some(index_json));
+        for &name in &shard_names {
+            let shard = dir.join(name);
+            match std::fs::metadata(&shard) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::new(
+                        ErrorCode::MissingShard,
+                        format!("shard {name} is named by the index but missing"),
+                    )
+                    .in_file(&shard));
+                }
+                Err(e) => return Err(Error::io(&shard, "cannot open the shard", e)),
+                Ok(_) => {}
+            }
+        }
+        let files = shard_names.iter().map(|name| open_file(&dir.join(name))).collect::<Result<Vec<_>>>()?;
+        let checkpoint = Self::from_files(dir, LayoutKind::Sharded, files, Some(index_json))?;
         for (tensor, shard) in &index.weight_map {
             let found = checkpoint.by_name.get(tensor).map(|&(f, _)| checkpoint.files[f].name.as_str());
             if found != Some(shard.as_str()) {
@@ -160,14 +176,28 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
-    fn from_files(root: &Path, kind: LayoutKind, files: Vec<CheckpointFile>, index_json: Option<String>) -> Self {
-        let mut by_name = HashMap::new();
+    /// Indexes the tensors by name; a name held by two files is not a checkpoint
+    /// (spec §11.2 B0).
+    fn from_files(
+        root: &Path,
+        kind: LayoutKind,
+        files: Vec<CheckpointFile>,
+        index_json: Option<String>,
+    ) -> Result<Self> {
+        let mut by_name = HashMap::with_capacity(files.iter().map(|f| f.tensors.len()).sum());
         for (f, file) in files.iter().enumerate() {
             for (t, tensor) in file.tensors.iter().enumerate() {
-                by_name.entry(tensor.name.clone()).or_insert((f, t));
+                if let Some((first, _)) = by_name.insert(tensor.name.clone(), (f, t)) {
+                    return Err(Error::new(
+                        ErrorCode::InvalidCheckpoint,
+                        format!("the tensor is in both {} and {}", files[first].name, file.name),
+                    )
+                    .in_file(root)
+                    .in_tensor(&tensor.name));
+                }
             }
         }
-        Self { root: root.to_path_buf(), kind, files, index_json, by_name }
+        Ok(Self { root: root.to_path_buf(), kind, files, index_json, by_name })
     }
 
     /// Finds a tensor by name.
@@ -183,14 +213,115 @@ impl Checkpoint {
     }
 }
 
-/// Rejects dtype strings this format does not know, naming the tensor, before the
-/// safetensors parser reports them as a generic JSON error.
+/// The `dtype` of one member of a safetensors header, if it is an object with a string
+/// `dtype`; every other value is skipped without being built.
+struct DtypeProbe(Option<String>);
+
+impl<'de> Deserialize<'de> for DtypeProbe {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(DtypeProbeVisitor)
+    }
+}
+
+struct DtypeProbeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for DtypeProbeVisitor {
+    type Value = DtypeProbe;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<DtypeProbe, A::Error> {
+        let mut dtype = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "dtype" {
+                dtype = map.next_value::<StringProbe>()?.0;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(DtypeProbe(dtype))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<DtypeProbe, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(DtypeProbe(None))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+}
+
+/// A string, or `None` for any other value (skipped without being built).
+struct StringProbe(Option<String>);
+
+impl<'de> Deserialize<'de> for StringProbe {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(StringProbeVisitor)
+    }
+}
+
+struct StringProbeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StringProbeVisitor {
+    type Value = StringProbe;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E>(self, text: &str) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(Some(text.to_owned())))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> std::result::Result<StringProbe, A::Error> {
+        Visitor::visit_map(IgnoredAny, map).map(|_| StringProbe(None))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> std::result::Result<StringProbe, A::Error> {
+        Visitor::visit_seq(IgnoredAny, seq).map(|_| StringProbe(None))
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(None))
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(None))
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(None))
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(None))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(None))
+    }
+}
+
+/// Spec §11.2 B0: once the header is strict JSON, a tensor whose `dtype` is a string
+/// outside Table 7.1 is `E_UNKNOWN_DTYPE`, before any other rule of the file.
 fn check_dtypes(header_text: &str) -> Result<()> {
-    let Ok(serde_json::Value::Object(entries)) = serde_json::from_str(header_text) else {
-        return Ok(()); // the safetensors parser reports malformed JSON
+    // Not an object: the structural check that follows reports it.
+    let Ok(members) = serde_json::from_str::<BTreeMap<String, DtypeProbe>>(header_text) else {
+        return Ok(());
     };
-    for (name, entry) in entries.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
-        if let Some(dtype) = entry.get("dtype").and_then(|d| d.as_str()) {
+    for (name, DtypeProbe(dtype)) in members.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        if let Some(dtype) = dtype {
             dtype::word_bytes(dtype).map_err(|e| e.in_tensor(name))?;
         }
     }
@@ -206,10 +337,24 @@ pub(crate) fn data_order(metadata: &safetensors::tensor::Metadata) -> Vec<String
     names
 }
 
+/// Refuses anything but a regular file before it is opened: opening a FIFO for
+/// reading blocks until a writer appears, and a device never ends.
+///
+/// # Errors
+/// `E_IO`, naming the file.
+pub(crate) fn require_regular_file(path: &Path, action: &str) -> Result<std::fs::Metadata> {
+    let metadata = std::fs::metadata(path).map_err(|e| Error::io(path, action, e))?;
+    if !metadata.is_file() {
+        return Err(Error::new(ErrorCode::Io, "not a regular file (a FIFO, device, socket or directory)").in_file(path));
+    }
+    Ok(metadata)
+}
+
 fn open_file(path: &Path) -> Result<CheckpointFile> {
     if is_pickle(path) {
         return Err(Error::new(ErrorCode::PickleInput, "pickle checkpoints are not read").in_file(path));
     }
+    require_regular_file(path, "cannot open")?;
     let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
     // SAFETY: the map is read-only and private to this process. Another process
     // changing the file while it is mapped would change what we read; every byte we
@@ -229,11 +374,21 @@ fn open_file(path: &Path) -> Result<CheckpointFile> {
     let header_text =
         std::str::from_utf8(&map[8..header_end]).map_err(|_| invalid("the header is not UTF-8".into()))?.to_owned();
     // Duplicate keys would be kept verbatim in the delta, which readers must reject.
-    parse_strict::<serde_json::Value>(&header_text, "the safetensors header")
-        .map_err(|e| invalid(e.message().to_owned()))?;
+    check_unique_keys(&header_text, "the safetensors header").map_err(|e| invalid(e.message().to_owned()))?;
     check_dtypes(&header_text).map_err(|e| e.in_file(path))?;
-    let (_, metadata) =
-        SafeTensors::read_metadata(&map).map_err(|e| invalid(format!("not a valid safetensors file: {e}")))?;
+    // The structure of spec §11.2 B0: members beyond `dtype`, `shape` and
+    // `data_offsets` are ignored, as in an embedded header (§5.3 S2), and the data
+    // offsets, sorted, tile the data region. safetensors' own reader is not used
+    // because it caps headers at 10^8 bytes, below what a rebuilt target may hold.
+    let metadata: safetensors::tensor::Metadata =
+        serde_json::from_str(&header_text).map_err(|e| invalid(format!("not a valid safetensors header: {e}")))?;
+    let data_len = map.len() - header_end;
+    let data_end = metadata.tensors().values().map(|info| info.data_offsets.1).max().unwrap_or(0);
+    if data_end != data_len {
+        return Err(invalid(format!(
+            "the tensors end at data byte {data_end} but the data region holds {data_len} bytes"
+        )));
+    }
     let infos = metadata.tensors();
     let mut tensors = Vec::with_capacity(infos.len());
     for name in data_order(&metadata) {

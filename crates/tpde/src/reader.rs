@@ -58,6 +58,7 @@ impl DeltaFile {
     /// # Errors
     /// Any structural error code, naming the file and, where it applies, the tensor.
     pub fn open(path: &Path) -> Result<Self> {
+        crate::checkpoint::require_regular_file(path, "cannot open the delta")?;
         let file = File::open(path).map_err(|e| Error::io(path, "cannot open the delta", e))?;
         let len = file.metadata().map_err(|e| Error::io(path, "cannot read the delta's size", e))?.len();
         if len == 0 {
@@ -210,37 +211,8 @@ impl DeltaFile {
         Ok(())
     }
 
-    /// Checks that each embedded safetensors header lists exactly the tensors that
-    /// the delta holds for its file, in data order (spec §5.3).
     fn validate_target_files(&self) -> Result<()> {
-        for (f, file) in self.header.target.files.iter().enumerate() {
-            let metadata: safetensors::tensor::Metadata =
-                parse_strict(&file.safetensors_header, &format!("the safetensors header of {}", file.name))?;
-            let infos = metadata.tensors();
-            let listed: Vec<&TensorEntry> = self.header.tensors.iter().filter(|t| t.file as usize == f).collect();
-            let keys = crate::checkpoint::data_order(&metadata);
-            if keys.len() != listed.len() {
-                return fail(
-                    ErrorCode::HeaderInvalid,
-                    format!("{} lists {} tensors but the delta has {}", file.name, keys.len(), listed.len()),
-                );
-            }
-            for (name, entry) in keys.iter().zip(listed) {
-                let info = infos[name];
-                let dtype = serde_json::to_value(info.dtype).ok();
-                let same = *name == entry.name
-                    && dtype.as_ref().and_then(|d| d.as_str()) == Some(entry.dtype.as_str())
-                    && info.shape.iter().map(|&d| d as u64).eq(entry.shape.iter().copied());
-                if !same {
-                    return Err(Error::new(
-                        ErrorCode::HeaderInvalid,
-                        format!("the tensor differs from {}'s header", file.name),
-                    )
-                    .in_tensor(&entry.name));
-                }
-            }
-        }
-        Ok(())
+        validate_target_files(&self.header)
     }
 
     /// The file's path.
@@ -364,4 +336,46 @@ impl DeltaFile {
             .collect::<Result<Vec<_>>>()?;
         Ok(parts.concat())
     }
+}
+
+/// Checks that each embedded safetensors header lists exactly the tensors that the
+/// header holds for its file, in data order (spec §5.3 S1 to S4). The writer runs it
+/// too, before it writes a byte, so that it never writes a file readers refuse. Linear
+/// in files plus tensors: the entries of a file are one run, since `file` never
+/// decreases (H5.e, checked by [`Header::validate`] first).
+///
+/// # Errors
+/// `E_HEADER_INVALID` or `E_DUPLICATE_KEY`, naming the tensor.
+pub fn validate_target_files(header: &Header) -> Result<()> {
+    let mut rest = header.tensors.as_slice();
+    for (f, file) in header.target.files.iter().enumerate() {
+        let run = rest.iter().take_while(|t| t.file as usize == f).count();
+        let (listed, after) = rest.split_at(run);
+        rest = after;
+        let metadata: safetensors::tensor::Metadata =
+            parse_strict(&file.safetensors_header, &format!("the safetensors header of {}", file.name))?;
+        let infos = metadata.tensors();
+        let keys = crate::checkpoint::data_order(&metadata);
+        if keys.len() != listed.len() {
+            return fail(
+                ErrorCode::HeaderInvalid,
+                format!("{} lists {} tensors but the delta has {}", file.name, keys.len(), listed.len()),
+            );
+        }
+        for (name, entry) in keys.iter().zip(listed) {
+            let info = infos[name];
+            let dtype = serde_json::to_value(info.dtype).ok();
+            let same = *name == entry.name
+                && dtype.as_ref().and_then(|d| d.as_str()) == Some(entry.dtype.as_str())
+                && info.shape.iter().map(|&d| d as u64).eq(entry.shape.iter().copied());
+            if !same {
+                return Err(Error::new(
+                    ErrorCode::HeaderInvalid,
+                    format!("the tensor differs from {}'s header", file.name),
+                )
+                .in_tensor(&entry.name));
+            }
+        }
+    }
+    Ok(())
 }

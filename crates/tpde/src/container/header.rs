@@ -27,7 +27,36 @@ pub struct Header {
     /// Extension data under namespaced keys (`org.name`); readers ignore what they
     /// do not know (spec §5.4). May be omitted when empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub extensions: BTreeMap<String, serde_json::Value>,
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
+    pub extensions: BTreeMap<String, ExtensionValue>,
+}
+
+/// One extension value, kept as its JSON text and never built into a tree: a reader
+/// ignores values it does not know (spec §5.4), so a hostile value costs at most its
+/// own size in memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ExtensionValue(Box<serde_json::value::RawValue>);
+
+impl ExtensionValue {
+    /// The value's JSON text, as it appears in the header.
+    #[must_use]
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for ExtensionValue {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
+}
+
+impl From<serde_json::Value> for ExtensionValue {
+    fn from(value: serde_json::Value) -> Self {
+        // A `Value` always serialises to valid JSON text.
+        Self(serde_json::value::to_raw_value(&value).expect("a JSON value serialises"))
+    }
 }
 
 /// Whether the target is one safetensors file or a sharded checkpoint.
@@ -171,15 +200,17 @@ fn check_digest_hex(digest: &str) -> Result<()> {
     Ok(())
 }
 
-/// A file name that is one plain path component ending in `.safetensors` (spec §5.3):
-/// no separators, no `..`, so that a hostile header cannot write outside the output.
+/// Whether `name` is one plain path component: not empty, not `.` or `..`, without
+/// `/`, `\` or NUL (spec §5.3, and §11.2 B0 for a base's shard names), so that a name
+/// read from a file cannot reach outside its directory.
+#[must_use]
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\\', '\0']) && name != "." && name != ".."
+}
+
+/// A file name that is one plain path component ending in `.safetensors` (spec §5.3).
 fn check_file_name(name: &str) -> Result<()> {
-    let plain = !name.is_empty()
-        && !name.contains(['/', '\\', '\0'])
-        && name != "."
-        && name != ".."
-        && name.ends_with(".safetensors");
-    if !plain {
+    if !(is_plain_file_name(name) && name.ends_with(".safetensors")) {
         return fail(ErrorCode::HeaderInvalid, format!("file name {name:?} is not a plain .safetensors name"));
     }
     Ok(())

@@ -33,10 +33,12 @@ impl<'de> Visitor<'de> for UniqueKeysVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
         let mut seen = HashSet::new();
+        // Keys are kept (to compare them); values are walked without being built.
         while let Some(key) = map.next_key::<String>()? {
-            if !seen.insert(key.clone()) {
+            if seen.contains(&key) {
                 return Err(de::Error::custom(format!("{DUPLICATE} {key:?}")));
             }
+            seen.insert(key);
             map.next_value::<UniqueKeys>()?;
         }
         Ok(UniqueKeys)
@@ -67,16 +69,26 @@ impl<'de> Visitor<'de> for UniqueKeysVisitor {
     }
 }
 
+/// Checks that `text` is one JSON value in which no object repeats a key, building
+/// nothing but each object's set of keys.
+///
+/// # Errors
+/// `E_DUPLICATE_KEY` for a repeated key, `E_HEADER_INVALID` for anything else.
+pub fn check_unique_keys(text: &str, what: &str) -> Result<()> {
+    serde_json::from_str::<UniqueKeys>(text).map_err(|err| {
+        let code =
+            if err.to_string().starts_with(DUPLICATE) { ErrorCode::DuplicateKey } else { ErrorCode::HeaderInvalid };
+        Error::new(code, format!("{what}: {err}"))
+    })?;
+    Ok(())
+}
+
 /// Parses `text` into `T` after checking that no object repeats a key.
 ///
 /// # Errors
 /// `E_DUPLICATE_KEY` for a repeated key, `E_HEADER_INVALID` for anything else.
 pub fn parse_strict<T: de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
-    if let Err(err) = serde_json::from_str::<UniqueKeys>(text) {
-        let code =
-            if err.to_string().starts_with(DUPLICATE) { ErrorCode::DuplicateKey } else { ErrorCode::HeaderInvalid };
-        return Err(Error::new(code, format!("{what}: {err}")));
-    }
+    check_unique_keys(text, what)?;
     serde_json::from_str(text).map_err(|err| Error::new(ErrorCode::HeaderInvalid, format!("{what}: {err}")))
 }
 
