@@ -422,6 +422,7 @@ pub fn generate(suite: &mut Suite) {
     zstd_frame_variants(suite);
     natural_cases(suite);
     header_variants(suite);
+    chain_cases(suite);
 }
 
 /// Streams as zstd frames that ordinary compressors rarely write, all within the
@@ -671,4 +672,54 @@ fn natural_cases(suite: &mut Suite) {
     let tensors: Vec<Tensor> = names.iter().map(|n| random_tensor(&mut r, n, "U8", &[4])).collect();
     let changed: Vec<Tensor> = tensors.iter().map(|t| nudge(t, &[1])).collect();
     natural(suite, "unicode-names", "§5.5", Some(&Ck::File(tensors, None)), None, &Ck::File(changed, None), 16);
+}
+
+/// A safetensors file whose tensor objects carry a member that readers ignore
+/// (spec §5.3 S2), as another writer may produce.
+fn with_extra_member(tensors: &[Tensor]) -> Vec<u8> {
+    let (_, header) = safet::file(tensors, None);
+    let mut header = header.trim_end().replace("{\"dtype\":", "{\"org.example\":[1],\"dtype\":");
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    for t in tensors {
+        out.extend_from_slice(&t.bytes);
+    }
+    out
+}
+
+/// Two deltas in a chain (spec §11.2 B0): the target that the first rebuilds, whose
+/// embedded header has a member readers ignore, is the base of the second. The
+/// library checks that the first case rebuilds that base byte for byte.
+fn chain_cases(suite: &mut Suite) {
+    let mut r = rng("chain");
+    let w = random_tensor(&mut r, "w", "BF16", &[8, 16]);
+    let bias = random_tensor(&mut r, "b", "F32", &[16]);
+    let step1 = vec![nudge(&w, &[1, 5, 9]), nudge(&bias, &[2])];
+    let step2 = vec![nudge(&step1[0], &[0, 7, 100]), step1[1].clone()];
+    let base0 = safet::file(&[w, bias], None).0;
+    let target1 = with_extra_member(&step1);
+    let target2 = safet::file(&step2, None).0;
+    for (name, base, target, tensors) in
+        [("chain-step-1", &base0, &target1, &step1), ("chain-step-2", &target1, &target2, &step2)]
+    {
+        let dir = format!("valid/{name}");
+        let base_rel = format!("{dir}/base.safetensors");
+        suite.write(&base_rel, base);
+        let target_path = suite.scratch(&format!("{name}-target.safetensors"));
+        std::fs::write(&target_path, target).expect("write the target");
+        let base_ck = Checkpoint::open(&suite.path(&base_rel)).expect("the base opens");
+        let target_ck = Checkpoint::open(&target_path).expect("the target opens");
+        let delta = format!("{dir}/delta.tpde");
+        let options = EncodeOptions { chunk_words: 32, ..EncodeOptions::default() };
+        pipeline::encode::encode(Some(&base_ck), &target_ck, &suite.path(&delta), options, &NoProgress)
+            .expect("encodes");
+        normalise_writer(&suite.path(&delta));
+        let expected = format!("{dir}/expected.json");
+        suite.write_expected(&expected, &delta, tensors);
+        let provenance = format!("generator valid::chain_cases {name}");
+        suite.accept(name, &delta, Some(&base_rel), &expected, &target_path, "§11.2", &provenance);
+    }
 }
