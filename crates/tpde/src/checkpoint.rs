@@ -328,13 +328,109 @@ fn check_dtypes(header_text: &str) -> Result<()> {
     Ok(())
 }
 
-/// Tensor names in data order, ties (empty tensors share an offset) broken by name,
-/// so that the order never depends on hashing (spec §5.3).
-pub(crate) fn data_order(metadata: &safetensors::tensor::Metadata) -> Vec<String> {
-    let infos = metadata.tensors();
-    let mut names: Vec<String> = infos.keys().cloned().collect();
-    names.sort_by(|a, b| infos[a].data_offsets.cmp(&infos[b].data_offsets).then_with(|| a.cmp(b)));
-    names
+/// One tensor object of a safetensors header: the members that spec §5.3 S2 and
+/// §11.2 B0 define. Other members are skipped without being built.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub(crate) struct SafetensorsTensor {
+    /// The dtype string; checked against Table 7.1 by the caller.
+    pub dtype: String,
+    /// The shape.
+    pub shape: Vec<u64>,
+    /// Begin and end of the data, relative to the data region.
+    pub data_offsets: (u64, u64),
+}
+
+/// A safetensors header as spec §5.3 S2 and §11.2 B0 read it: its tensors in header
+/// order. `__metadata__` is checked (absent, `null` or an object of strings) and
+/// skipped. Unlike the safetensors crate, nothing is buffered: ignored members cost
+/// no memory, and there is no cap below the format's own header limit.
+#[derive(Debug)]
+pub(crate) struct SafetensorsHeader {
+    pub tensors: Vec<(String, SafetensorsTensor)>,
+}
+
+impl SafetensorsHeader {
+    /// Parses a header already checked as strict JSON (spec §5.1).
+    pub(crate) fn parse(text: &str) -> std::result::Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+impl<'de> Deserialize<'de> for SafetensorsHeader {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_map(SafetensorsHeaderVisitor)
+    }
+}
+
+struct SafetensorsHeaderVisitor;
+
+impl<'de> Visitor<'de> for SafetensorsHeaderVisitor {
+    type Value = SafetensorsHeader;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a safetensors header object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        let mut tensors = Vec::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if name == "__metadata__" {
+                map.next_value::<Option<MetadataStrings>>()?;
+            } else {
+                tensors.push((name, map.next_value::<SafetensorsTensor>()?));
+            }
+        }
+        Ok(SafetensorsHeader { tensors })
+    }
+}
+
+/// `__metadata__`: an object whose values are strings, checked without keeping them.
+struct MetadataStrings;
+
+impl<'de> Deserialize<'de> for MetadataStrings {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_map(MetadataStringsVisitor)
+    }
+}
+
+struct MetadataStringsVisitor;
+
+impl<'de> Visitor<'de> for MetadataStringsVisitor {
+    type Value = MetadataStrings;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object of strings")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            map.next_value::<StringOnly>()?;
+        }
+        Ok(MetadataStrings)
+    }
+}
+
+/// A JSON string, checked and dropped.
+struct StringOnly;
+
+impl<'de> Deserialize<'de> for StringOnly {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_str(StringOnlyVisitor)
+    }
+}
+
+struct StringOnlyVisitor;
+
+impl Visitor<'_> for StringOnlyVisitor {
+    type Value = StringOnly;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E>(self, _: &str) -> std::result::Result<StringOnly, E> {
+        Ok(StringOnly)
+    }
 }
 
 /// Refuses anything but a regular file before it is opened: opening a FIFO for
@@ -376,34 +472,35 @@ fn open_file(path: &Path) -> Result<CheckpointFile> {
     // Duplicate keys would be kept verbatim in the delta, which readers must reject.
     check_unique_keys(&header_text, "the safetensors header").map_err(|e| invalid(e.message().to_owned()))?;
     check_dtypes(&header_text).map_err(|e| e.in_file(path))?;
-    // The structure of spec §11.2 B0: members beyond `dtype`, `shape` and
-    // `data_offsets` are ignored, as in an embedded header (§5.3 S2), and the data
-    // offsets, sorted, tile the data region. safetensors' own reader is not used
-    // because it caps headers at 10^8 bytes, below what a rebuilt target may hold.
-    let metadata: safetensors::tensor::Metadata =
-        serde_json::from_str(&header_text).map_err(|e| invalid(format!("not a valid safetensors header: {e}")))?;
-    let data_len = map.len() - header_end;
-    let data_end = metadata.tensors().values().map(|info| info.data_offsets.1).max().unwrap_or(0);
-    if data_end != data_len {
-        return Err(invalid(format!(
-            "the tensors end at data byte {data_end} but the data region holds {data_len} bytes"
-        )));
+    // Spec §11.2 B0.f and B0.g: the structure of §5.3 S2, then the data offsets,
+    // sorted (data order, whatever the members' order), tile the data region.
+    let header =
+        SafetensorsHeader::parse(&header_text).map_err(|e| invalid(format!("not a valid safetensors header: {e}")))?;
+    let data_len = (map.len() - header_end) as u64;
+    let mut tensors = Vec::with_capacity(header.tensors.len());
+    for (name, tensor) in header.tensors {
+        let (begin, end) = tensor.data_offsets;
+        let byte_len = dtype::byte_len(&tensor.dtype, &tensor.shape).map_err(|e| e.in_file(path).in_tensor(&name))?;
+        if begin > end || byte_len != Some(end - begin) || end > data_len {
+            return Err(invalid(format!("tensor {name:?} has data offsets [{begin}, {end}] that do not fit its size")));
+        }
+        // In range: `end` is at most the data length, which fits the map.
+        let range = header_end + usize::try_from(begin).expect("in range")
+            ..header_end + usize::try_from(end).expect("in range");
+        tensors.push(TensorLocation { name, dtype: tensor.dtype, shape: tensor.shape, range });
     }
-    let infos = metadata.tensors();
-    let mut tensors = Vec::with_capacity(infos.len());
-    for name in data_order(&metadata) {
-        let info = infos[&name];
-        let dtype = serde_json::to_value(info.dtype)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .ok_or_else(|| invalid(format!("tensor {name:?} has a dtype without a name")))?;
-        let (start, end) = info.data_offsets;
-        tensors.push(TensorLocation {
-            name,
-            dtype,
-            shape: info.shape.iter().map(|&d| d as u64).collect(),
-            range: header_end + start..header_end + end,
-        });
+    // Data order; tensors of zero bytes, which share an offset, by name, so that the
+    // order never depends on the header's member order (spec §5.3, §12 item 4).
+    tensors.sort_by(|a, b| (a.range.start, a.range.end, &a.name).cmp(&(b.range.start, b.range.end, &b.name)));
+    let mut at = header_end;
+    for tensor in &tensors {
+        if tensor.range.start != at {
+            return Err(invalid(format!("the data has a hole or an overlap before tensor {:?}", tensor.name)));
+        }
+        at = tensor.range.end;
+    }
+    if at != map.len() {
+        return Err(invalid(format!("{} bytes follow the last tensor's data", map.len() - at)));
     }
     let name = path
         .file_name()

@@ -1,15 +1,17 @@
 //! Reader: maps a delta file, validates every structure before allocating anything
 //! sized by it, and decodes single chunks or whole tensors on demand (spec §11).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use rayon::prelude::*;
 
+use crate::checkpoint::{SafetensorsHeader, SafetensorsTensor};
 use crate::container::chunk_map::{ChunkRecord, StreamRecord, CHUNK_RECORD_LEN, STREAM_RECORD_LEN};
 use crate::container::header::{Header, TensorEntry};
-use crate::container::json::parse_strict;
+use crate::container::json::{check_unique_keys, parse_strict};
 use crate::container::preamble::{check_trailer, Preamble, MAGIC};
 use crate::container::Layout;
 use crate::delta::{check_chunk_shape, decode_chunk};
@@ -352,22 +354,26 @@ pub fn validate_target_files(header: &Header) -> Result<()> {
         let run = rest.iter().take_while(|t| t.file as usize == f).count();
         let (listed, after) = rest.split_at(run);
         rest = after;
-        let metadata: safetensors::tensor::Metadata =
-            parse_strict(&file.safetensors_header, &format!("the safetensors header of {}", file.name))?;
-        let infos = metadata.tensors();
-        let keys = crate::checkpoint::data_order(&metadata);
-        if keys.len() != listed.len() {
+        let what = format!("the safetensors header of {}", file.name);
+        check_unique_keys(&file.safetensors_header, &what)?; // S1
+        let embedded = SafetensorsHeader::parse(&file.safetensors_header)
+            .map_err(|e| Error::new(ErrorCode::HeaderInvalid, format!("{what}: {e}")))?; // S2
+        if embedded.tensors.len() != listed.len() {
             return fail(
                 ErrorCode::HeaderInvalid,
-                format!("{} lists {} tensors but the delta has {}", file.name, keys.len(), listed.len()),
-            );
+                format!("{} lists {} tensors but the delta has {}", file.name, embedded.tensors.len(), listed.len()),
+            ); // S3
         }
-        for (name, entry) in keys.iter().zip(listed) {
-            let info = infos[name];
-            let dtype = serde_json::to_value(info.dtype).ok();
-            let same = *name == entry.name
-                && dtype.as_ref().and_then(|d| d.as_str()) == Some(entry.dtype.as_str())
-                && info.shape.iter().map(|&d| d as u64).eq(entry.shape.iter().copied());
+        let by_name: HashMap<&str, &SafetensorsTensor> =
+            embedded.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)).collect();
+        let mut offset = 0u64;
+        for entry in listed {
+            // S4: the entries, in header order, tile the file's data.
+            let len = entry.byte_len()?;
+            let end = offset.checked_add(len);
+            let same = by_name.get(entry.name.as_str()).is_some_and(|t| {
+                t.dtype == entry.dtype && t.shape == entry.shape && Some(t.data_offsets) == end.map(|end| (offset, end))
+            });
             if !same {
                 return Err(Error::new(
                     ErrorCode::HeaderInvalid,
@@ -375,6 +381,7 @@ pub fn validate_target_files(header: &Header) -> Result<()> {
                 )
                 .in_tensor(&entry.name));
             }
+            offset = end.expect("checked by `same`");
         }
     }
     Ok(())
