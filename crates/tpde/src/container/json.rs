@@ -4,6 +4,7 @@
 //! repeated map key, and other languages' parsers differ again. A file whose meaning
 //! depends on the parser is a security problem, so the whole document is walked once.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 
@@ -33,8 +34,9 @@ impl<'de> Visitor<'de> for UniqueKeysVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
         let mut seen = HashSet::new();
-        // Keys are kept (to compare them); values are walked without being built.
-        while let Some(key) = map.next_key::<String>()? {
+        // Keys are kept, borrowed from the text unless they hold escapes, to compare
+        // them after unescaping (spec §5.1 rule 3); values are walked, never built.
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if seen.contains(&key) {
                 return Err(de::Error::custom(format!("{DUPLICATE} {key:?}")));
             }
@@ -81,6 +83,33 @@ pub fn check_unique_keys(text: &str, what: &str) -> Result<()> {
         Error::new(code, format!("{what}: {err}"))
     })?;
     Ok(())
+}
+
+/// An object key: borrowed from the text when it has no escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl<'de> Visitor<'de> for KeyVisitor {
+    type Value = Key<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
+        Ok(Key(Cow::Borrowed(key)))
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
+        Ok(Key(Cow::Owned(key.to_owned())))
+    }
 }
 
 /// Parses `text` into `T` after checking that no object repeats a key.
