@@ -67,14 +67,14 @@ fn safetensors(tensors: &[Tensor]) -> Vec<u8> {
     safetensors_with(tensors, "")
 }
 
-/// A sharded checkpoint; the index maps each tensor to the last shard that holds it.
+/// A sharded checkpoint; the index maps each tensor to the first shard that holds it.
 fn write_sharded(dir: &Path, shards: &[(&str, Vec<Tensor>)]) -> PathBuf {
     std::fs::create_dir_all(dir).expect("mkdir");
     let mut weight_map = BTreeMap::new();
     for (name, tensors) in shards {
         std::fs::write(dir.join(name), safetensors(tensors)).expect("write a shard");
         for t in tensors {
-            weight_map.insert(t.name.clone(), (*name).to_owned());
+            weight_map.entry(t.name.clone()).or_insert_with(|| (*name).to_owned());
         }
     }
     let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
@@ -143,8 +143,10 @@ fn one_tensor_in_two_shards_is_not_a_checkpoint() {
     let ckpt = write_sharded(
         &dir.path().join("t"),
         &[
+            // The index agrees with the first shard that holds "w"; "v" makes it
+            // name both shards.
             ("a.safetensors", vec![tensor("u", "F32", &[4]), tensor("w", "F32", &[4])]),
-            ("b.safetensors", vec![tensor("w", "F32", &[4])]),
+            ("b.safetensors", vec![tensor("v", "F32", &[4]), tensor("w", "F32", &[4])]),
         ],
     );
     // Spec §11.2 B0 for a base; the same open refuses it as a target.
