@@ -9,8 +9,11 @@ use std::time::Duration;
 
 const TPDE: &str = env!("CARGO_BIN_EXE_tpde");
 
-/// A safetensors file of U8 tensors `(name, shape)`, data counting up.
-fn write_safetensors(path: &Path, tensors: &[(&str, Vec<u64>)]) {
+/// A U8 tensor: name and shape.
+type Tensor<'a> = (&'a str, Vec<u64>);
+
+/// A safetensors file of U8 tensors, data counting up.
+fn write_safetensors(path: &Path, tensors: &[Tensor<'_>]) {
     let mut header = String::from("{");
     let mut offset = 0u64;
     for (i, (name, shape)) in tensors.iter().enumerate() {
@@ -32,7 +35,7 @@ fn write_safetensors(path: &Path, tensors: &[(&str, Vec<u64>)]) {
 
 /// A sharded checkpoint: shard name → tensors; the index maps each tensor to the first
 /// shard that holds it.
-fn write_sharded(dir: &Path, shards: &[(&str, Vec<(&str, Vec<u64>)>)]) {
+fn write_sharded(dir: &Path, shards: &[(&str, Vec<Tensor<'_>>)]) {
     std::fs::create_dir_all(dir).expect("mkdir");
     let mut weight_map = BTreeMap::new();
     for (shard, tensors) in shards {
