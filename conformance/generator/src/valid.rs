@@ -423,6 +423,7 @@ pub fn generate(suite: &mut Suite) {
     natural_cases(suite);
     header_variants(suite);
     chain_cases(suite);
+    base_variants(suite);
 }
 
 /// Streams as zstd frames that ordinary compressors rarely write, all within the
@@ -722,4 +723,57 @@ fn chain_cases(suite: &mut Suite) {
         let provenance = format!("generator valid::chain_cases {name}");
         suite.accept(name, &delta, Some(&base_rel), &expected, &target_path, "§11.2", &provenance);
     }
+}
+
+/// Bases that spec §11.2 B0 accepts although the library would not write them, for
+/// the delta of `mixed`: members out of data order, `__metadata__` null, and a
+/// sharded base whose shard name lacks `.safetensors` and whose index has members
+/// readers ignore.
+fn base_variants(suite: &mut Suite) {
+    let base = Checkpoint::open(&suite.path("valid/mixed/base.safetensors")).expect("the base opens");
+    let file = &base.files[0];
+    let data_start = 8 + file.header_text.len();
+    let tensors: Vec<(Tensor, u64)> = file
+        .tensors
+        .iter()
+        .map(|t| {
+            let shape: Vec<u64> = t.shape.clone();
+            let dtype = DTYPES.iter().find(|d| **d == t.dtype).expect("a known dtype");
+            (Tensor::new(&t.name, dtype, &shape, file.tensor_bytes(t).to_vec()), (t.range.start - data_start) as u64)
+        })
+        .collect();
+    let data = &file.bytes()[data_start..];
+    let members: Vec<String> = tensors.iter().map(|(t, offset)| safet::member(t, *offset, "")).collect();
+    let reversed: Vec<String> = members.iter().rev().cloned().collect();
+    let variants = [
+        ("base-members-not-in-data-order", format!("{{{}}}", reversed.join(","))),
+        ("base-metadata-null", format!("{{\"__metadata__\":null,{}}}", members.join(","))),
+    ];
+    let provenance = "generator valid::base_variants";
+    for (name, header) in variants {
+        let rel = format!("valid/bases/{name}.safetensors");
+        suite.write(&rel, &safet::raw_file(&header, data));
+        suite.accept_decoded(
+            name,
+            "valid/mixed/delta.tpde",
+            Some(&rel),
+            "valid/mixed/expected.json",
+            "§11.2",
+            provenance,
+        );
+    }
+    let dir = "valid/bases/base-sharded-lenient-index";
+    suite.write(&format!("{dir}/weights-1.st"), &safet::raw_file(&format!("{{{}}}", members.join(",")), data));
+    let weight_map: serde_json::Map<String, serde_json::Value> =
+        tensors.iter().map(|(t, _)| (t.name.clone(), json!("weights-1.st"))).collect();
+    let index = json!({ "metadata": [1, { "x": null }], "org.example": true, "weight_map": weight_map });
+    suite.write(&format!("{dir}/{}", tpde::checkpoint::INDEX_FILE), index.to_string().as_bytes());
+    suite.accept_decoded(
+        "base-sharded-lenient-index",
+        "valid/mixed/delta.tpde",
+        Some(dir),
+        "valid/mixed/expected.json",
+        "§11.2",
+        provenance,
+    );
 }

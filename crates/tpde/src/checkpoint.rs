@@ -11,7 +11,7 @@ use serde::de::{IgnoredAny, Visitor};
 use serde::Deserialize;
 
 use crate::container::header::{is_plain_file_name, LayoutKind};
-use crate::container::json::{check_unique_keys, parse_strict};
+use crate::container::json::{check_unique_keys, parse_strict, ObjectOf};
 use crate::dtype;
 use crate::error::{Error, ErrorCode, Result};
 
@@ -121,7 +121,7 @@ impl Checkpoint {
         require_regular_file(&index_path, "cannot read the index")?;
         let index_json =
             std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, "cannot read the index", e))?;
-        let index: ShardIndex = parse_strict(&index_json, "model.safetensors.index.json")
+        let ObjectOf(index): ObjectOf<ShardIndex> = parse_strict(&index_json, "model.safetensors.index.json")
             .map_err(|e| Error::new(ErrorCode::InvalidCheckpoint, e.message()).in_file(&index_path))?;
         // Byte-wise name order (spec §11.2 B0), which is `str`'s order.
         let shard_names: BTreeSet<&str> = index.weight_map.values().map(String::as_str).collect();
@@ -377,7 +377,7 @@ impl<'de> Visitor<'de> for SafetensorsHeaderVisitor {
             if name == "__metadata__" {
                 map.next_value::<Option<MetadataStrings>>()?;
             } else {
-                tensors.push((name, map.next_value::<SafetensorsTensor>()?));
+                tensors.push((name, map.next_value::<ObjectOf<SafetensorsTensor>>()?.0));
             }
         }
         Ok(SafetensorsHeader { tensors })

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::checkpoint::{SafetensorsHeader, SafetensorsTensor};
 use crate::container::chunk_map::{ChunkRecord, StreamRecord, CHUNK_RECORD_LEN, STREAM_RECORD_LEN};
 use crate::container::header::{Header, TensorEntry};
-use crate::container::json::{check_unique_keys, parse_strict};
+use crate::container::json::{check_unique_keys, parse_strict, ObjectOf};
 use crate::container::preamble::{check_trailer, Preamble, MAGIC};
 use crate::container::Layout;
 use crate::delta::{check_chunk_shape, decode_chunk};
@@ -137,7 +137,7 @@ impl DeltaFile {
         }
         let header_text = std::str::from_utf8(header_bytes)
             .map_err(|_| Error::new(ErrorCode::HeaderInvalid, "the header is not UTF-8"))?;
-        let header: Header = parse_strict(header_text, "header")?;
+        let ObjectOf(header): ObjectOf<Header> = parse_strict(header_text, "header")?;
         header.validate(preamble.chunk_count)?;
 
         let tables = at(layout.table_offset, layout.table_len);

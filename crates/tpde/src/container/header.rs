@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::container::json;
 use crate::dtype;
 use crate::error::{fail, Error, ErrorCode, Result};
 use crate::limits::{MAX_CHUNK_WORDS, MAX_FILES, MAX_RANK, MAX_TENSORS};
@@ -20,9 +21,11 @@ pub struct Header {
     /// Name and version of the program that wrote the file; informative only.
     pub writer: String,
     /// The files of the target checkpoint, byte for byte apart from tensor data.
+    #[serde(deserialize_with = "json::object")]
     pub target: TargetLayout,
     /// Every tensor of the target, in file order, then in data-offset order.
     #[schemars(length(max = 1048576))]
+    #[serde(deserialize_with = "json::objects")]
     pub tensors: Vec<TensorEntry>,
     /// Extension data under namespaced keys (`org.name`); readers ignore what they
     /// do not know (spec §5.4). May be omitted when empty.
@@ -77,6 +80,7 @@ pub struct TargetLayout {
     pub kind: LayoutKind,
     /// The safetensors files, in the order their tensors appear in `tensors`.
     #[schemars(length(min = 1, max = 65536))]
+    #[serde(deserialize_with = "json::objects")]
     pub files: Vec<TargetFile>,
     /// The verbatim text of `model.safetensors.index.json`; present for sharded
     /// targets only (`null` reads as absent).
@@ -124,7 +128,7 @@ pub struct TensorEntry {
     #[schemars(regex(pattern = r"^[0-9a-f]{32}$"))]
     pub digest: String,
     /// The base tensor this one is a delta against; absent for a standalone tensor.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "json::optional_object")]
     pub base: Option<BaseTensor>,
 }
 

@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
@@ -110,6 +111,56 @@ impl<'de> Visitor<'de> for KeyVisitor {
     fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
         Ok(Key(Cow::Owned(key.to_owned())))
     }
+}
+
+/// A `T` read from a JSON object only. serde's derived structs also take an array of
+/// their fields in order, a second spelling that the format does not have (spec §5.1
+/// to §5.6 and §11.2 B0 speak of objects).
+#[derive(Debug)]
+pub struct ObjectOf<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOf<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ObjectVisitor(PhantomData)).map(ObjectOf)
+    }
+}
+
+struct ObjectVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::deserialize(de::value::MapAccessDeserializer::new(map))
+    }
+}
+
+/// `deserialize_with` for an array of objects (see [`ObjectOf`]).
+///
+/// # Errors
+/// The deserializer's, for anything but an array of objects that read as `T`.
+pub fn objects<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Vec<T>, D::Error> {
+    Vec::<ObjectOf<T>>::deserialize(deserializer).map(|items| items.into_iter().map(|ObjectOf(t)| t).collect())
+}
+
+/// `deserialize_with` for an object (see [`ObjectOf`]).
+///
+/// # Errors
+/// The deserializer's, for anything but an object that reads as `T`.
+pub fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<T, D::Error> {
+    ObjectOf::<T>::deserialize(deserializer).map(|ObjectOf(t)| t)
+}
+
+/// `deserialize_with` for an object or `null` (see [`ObjectOf`]).
+///
+/// # Errors
+/// The deserializer's, for anything but `null` or an object that reads as `T`.
+pub fn optional_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Option<T>, D::Error> {
+    Option::<ObjectOf<T>>::deserialize(deserializer).map(|o| o.map(|ObjectOf(t)| t))
 }
 
 /// Parses `text` into `T` after checking that no object repeats a key.
