@@ -103,9 +103,10 @@ impl Checkpoint {
         }
     }
 
-    /// A sharded checkpoint, checked in the order of spec §11.2 B0: the index, every
-    /// shard name, every shard's presence, then each shard in name order, then the
-    /// tensors across shards and the index's agreement with them.
+    /// A sharded checkpoint, checked in the order of spec §11.2 B0: the index (B0.a),
+    /// every shard name (B0.b), every shard's presence (B0.c), each shard in name
+    /// order (B0.d to B0.g), then the tensors across shards and the index's agreement
+    /// with them (B0.h).
     fn open_sharded(dir: &Path) -> Result<Self> {
         let index_path = dir.join(INDEX_FILE);
         if !index_path.exists() {
@@ -177,7 +178,7 @@ impl Checkpoint {
     }
 
     /// Indexes the tensors by name; a name held by two files is not a checkpoint
-    /// (spec §11.2 B0).
+    /// (spec §11.2 B0.h).
     fn from_files(
         root: &Path,
         kind: LayoutKind,
@@ -313,8 +314,8 @@ impl<'de> serde::de::Visitor<'de> for StringProbeVisitor {
     }
 }
 
-/// Spec §11.2 B0: once the header is strict JSON, a tensor whose `dtype` is a string
-/// outside Table 7.1 is `E_UNKNOWN_DTYPE`, before any other rule of the file.
+/// Spec §11.2 B0.e: once the header is strict JSON, a tensor whose `dtype` is a
+/// string outside Table 7.1 is `E_UNKNOWN_DTYPE`, before any other rule of the file.
 fn check_dtypes(header_text: &str) -> Result<()> {
     // Not an object: the structural check that follows reports it.
     let Ok(members) = serde_json::from_str::<BTreeMap<String, DtypeProbe>>(header_text) else {
