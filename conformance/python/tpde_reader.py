@@ -20,6 +20,7 @@ import math
 import mmap
 import os
 import re
+import stat
 import struct
 import sys
 import tempfile
@@ -841,8 +842,28 @@ class BaseTensor:
     __slots__ = ("dtype", "shape", "buf", "start", "nbytes")
 
 
-def read_safetensors(path, out):
-    """Parses one safetensors file into out[name] = BaseTensor (B0)."""
+MAX_U64 = (1 << 64) - 1
+
+
+def _is_base_int_list(v):
+    # §11.2 B0: shape and offset numbers are JSON integers (no sign, fraction or
+    # exponent; `-0` included) at most 2^64 - 1.
+    return type(v) is list and all(type(x) is int and 0 <= x <= MAX_U64 for x in v)
+
+
+def _require_regular_file(path):
+    # An input that is not a regular file (a FIFO blocks on open) is refused unopened.
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        fail("E_IO", f"{path}: {e}")
+    if not stat.S_ISREG(st.st_mode):
+        fail("E_IO", f"{path}: not a regular file")
+
+
+def read_safetensors(path):
+    """§11.2 B0, one file: returns {name: BaseTensor}.  Checks in the order of B0."""
+    _require_regular_file(path)
     buf, size = map_file(path)
     if size < 8:
         fail("E_INVALID_CHECKPOINT", f"{path}: too short")
@@ -855,30 +876,32 @@ def read_safetensors(path, out):
         fail("E_INVALID_CHECKPOINT", f"{path}: header: {e}")
     if type(doc) is not dict:
         fail("E_INVALID_CHECKPOINT", f"{path}: header is not an object")
+    # B0: an unknown dtype is reported before any other rule of the file.
+    for name, v in doc.items():
+        if (name != "__metadata__" and type(v) is dict and type(v.get("dtype")) is str
+                and v["dtype"] not in DTYPES):
+            fail("E_UNKNOWN_DTYPE", f"{path}: {v['dtype']}")
     data_start, data_len = 8 + n, size - 8 - n
-    spans = []
+    out, spans = {}, []
     for name, v in doc.items():
         if name == "__metadata__":
             if v is not None and not (type(v) is dict and all(type(x) is str for x in v.values())):
                 fail("E_INVALID_CHECKPOINT", f"{path}: __metadata__")
             continue
-        if not (type(v) is dict and set(v) == {"dtype", "shape", "data_offsets"}
-                and type(v.get("dtype")) is str and _is_st_int_list(v.get("shape"))
-                and _is_st_int_list(v.get("data_offsets")) and len(v["data_offsets"]) == 2):
+        # Members beyond dtype, shape and data_offsets are ignored, as in §5.3 S2.
+        if not (type(v) is dict and type(v.get("dtype")) is str and _is_base_int_list(v.get("shape"))
+                and _is_base_int_list(v.get("data_offsets")) and len(v["data_offsets"]) == 2):
             fail("E_INVALID_CHECKPOINT", f"{path}: tensor {name!r}")
-        if v["dtype"] not in DTYPES:
-            fail("E_UNKNOWN_DTYPE", f"{path}: {v['dtype']}")
         begin, end = v["data_offsets"]
         nbytes = byte_len(v["dtype"], v["shape"])
-        if nbytes is None or begin > end or end > data_len or end - begin != nbytes:
+        if nbytes is None or begin > end or end - begin != nbytes:
             fail("E_INVALID_CHECKPOINT", f"{path}: tensor {name!r} offsets")
-        if name in out:
-            fail("E_INVALID_CHECKPOINT", f"tensor {name!r} in two files")
         spans.append((begin, end))
         t = BaseTensor()
         t.dtype, t.shape, t.buf, t.start, t.nbytes = v["dtype"], v["shape"], buf, data_start + begin, nbytes
         out[name] = t
-    # B0: the data offsets tile the data region, with no hole, overlap or trailing byte.
+    # B0: the data offsets, sorted (data order, not header order), tile the data
+    # region with no hole, overlap or trailing byte.
     at = 0
     for begin, end in sorted(spans):
         if begin != at:
@@ -886,15 +909,16 @@ def read_safetensors(path, out):
         at = end
     if at != data_len:
         fail("E_INVALID_CHECKPOINT", f"{path}: bytes after the last tensor")
+    return out
 
 
 def read_base(path):
-    """B0: a safetensors file, or a directory with model.safetensors.index.json."""
-    tensors = {}
+    """§11.2 B0: a safetensors file, or a directory with model.safetensors.index.json."""
     if os.path.isdir(path):
         index = os.path.join(path, INDEX_NAME)
-        if not os.path.isfile(index):
+        if not os.path.exists(index):
             fail("E_INVALID_CHECKPOINT", f"{path}: no {INDEX_NAME}")
+        _require_regular_file(index)
         try:
             with open(index, "rb") as f:
                 doc = strict_json(f.read())
@@ -905,29 +929,33 @@ def read_base(path):
         wm = doc.get("weight_map") if type(doc) is dict else None
         if type(wm) is not dict or not all(type(x) is str for x in wm.values()):
             fail("E_INVALID_CHECKPOINT", f"{index}: weight_map")
-        shards = list(dict.fromkeys(wm.values()))
+        # Byte-wise order of the UTF-8 names, which is code point order.
+        shards = sorted(set(wm.values()))
         for s in shards:
             if s in ("", ".", "..") or "/" in s or "\\" in s or "\x00" in s:
                 fail("E_INVALID_CHECKPOINT", f"shard name {s!r}")
             if s.endswith(PICKLE_SUFFIXES):
                 fail("E_PICKLE_INPUT", s)
         for s in shards:
-            if not os.path.isfile(os.path.join(path, s)):
+            if not os.path.exists(os.path.join(path, s)):
                 fail("E_MISSING_SHARD", s)
+        held = {s: read_safetensors(os.path.join(path, s)) for s in shards}
+        tensors = {}
         for s in shards:
-            before = set(tensors)
-            read_safetensors(os.path.join(path, s), tensors)
-            # B0: the weight_map lists every tensor of every shard, with that shard.
-            held = set(tensors) - before
-            if held != {name for name, shard in wm.items() if shard == s}:
-                fail("E_INVALID_CHECKPOINT", f"{index}: weight_map disagrees with {s}")
-    else:
-        if not os.path.exists(path):
-            fail("E_IO", f"{path}: no such file")
-        if path.endswith(PICKLE_SUFFIXES):
-            fail("E_PICKLE_INPUT", path)
-        read_safetensors(path, tensors)
-    return tensors
+            for name, t in held[s].items():
+                if name in tensors:
+                    fail("E_INVALID_CHECKPOINT", f"tensor {name!r} in two shards")
+                tensors[name] = t
+        # The weight_map lists every tensor of every shard, with the shard holding it.
+        for name, s in wm.items():
+            if name not in held[s]:
+                fail("E_INVALID_CHECKPOINT", f"{index}: {s} lacks {name!r}")
+        if len(tensors) != len(wm):
+            fail("E_INVALID_CHECKPOINT", f"{index}: the shards hold tensors it does not list")
+        return tensors
+    if path.endswith(PICKLE_SUFFIXES):
+        fail("E_PICKLE_INPUT", path)
+    return read_safetensors(path)
 
 
 def tree_digest(buf, start, nbytes, slice_len):

@@ -34,7 +34,9 @@ pub fn generate(suite: &mut Suite) {
 
     let mut model = Model::parse(&good);
     let mut header = model.header();
-    header.extensions.insert("org.example.future".into(), json!({ "level": 3, "notes": ["ignored by 1.0 readers"] }));
+    header
+        .extensions
+        .insert("org.example.future".into(), json!({ "level": 3, "notes": ["ignored by 1.0 readers"] }).into());
     model.set_header(&header);
     suite.write("forward-compat/unknown-extension-key.tpde", &model.to_bytes());
     suite.accept(

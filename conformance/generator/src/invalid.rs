@@ -424,6 +424,33 @@ pub fn generate(suite: &mut Suite) {
         "§5.1",
     );
     f.header_text(
+        "header-tensor-entry-as-array",
+        |t| {
+            let mut header: serde_json::Value = serde_json::from_str(&t).expect("JSON");
+            let entry = header["tensors"][0].take();
+            let fields =
+                ["name", "dtype", "shape", "file", "chunk_words", "first_chunk", "chunk_count", "digest", "base"];
+            let values: Vec<serde_json::Value> = fields.iter().filter_map(|k| entry.get(*k).cloned()).collect();
+            header["tensors"][0] = serde_json::Value::Array(values);
+            header.to_string().into_bytes()
+        },
+        "E_HEADER_INVALID",
+        "§5.5",
+    );
+    f.header(
+        "embedded-tensor-as-array",
+        |h| {
+            let file = &mut h.target.files[0].safetensors_header;
+            let start = file.find("{\"dtype\":").expect("a tensor object");
+            let end = start + file[start..].find('}').expect("its end") + 1;
+            let object: serde_json::Value = serde_json::from_str(&file[start..end]).expect("JSON");
+            let array = json!([object["dtype"], object["shape"], object["data_offsets"]]).to_string();
+            file.replace_range(start..end, &array);
+        },
+        "E_HEADER_INVALID",
+        "§5.3",
+    );
+    f.header_text(
         "extensions-null",
         |t| t.replacen('{', "{\"extensions\":null,", 1).into_bytes(),
         "E_HEADER_INVALID",
@@ -939,4 +966,71 @@ fn base_faults(suite: &mut Suite, entries: &[crate::forge::Entry]) {
     let rel = "invalid/bases/not-safetensors.safetensors";
     suite.write(rel, b"\x10\x00\x00\x00\x00\x00\x00\x00not a json hdr!!");
     suite.reject("base-not-safetensors", SOURCE, Some(rel), "E_INVALID_CHECKPOINT", "§11.2", p);
+    b0_faults(suite, &bases);
+}
+
+/// Bases that break one rule of spec §11.2 B0, for the valid delta `valid/mixed`.
+fn b0_faults(suite: &mut Suite, bases: &[Tensor]) {
+    let p = "generator invalid::b0_faults";
+    let data: Vec<u8> = bases.iter().flat_map(|t| t.bytes.clone()).collect();
+    let members = |edit: &dyn Fn(usize, String) -> String| -> String {
+        let mut offset = 0;
+        let parts: Vec<String> = bases
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let m = edit(i, safet::member(t, offset, ""));
+                offset += t.bytes.len() as u64;
+                m
+            })
+            .collect();
+        format!("{{{}}}", parts.join(","))
+    };
+    // B0.f: a tensor object written as an array of its values.
+    let as_array = members(&|i, m| {
+        if i > 0 {
+            return m;
+        }
+        let (name, object) = m.split_once(':').expect("a member");
+        let value: serde_json::Value = serde_json::from_str(object).expect("JSON");
+        format!("{name}:{}", json!([value["dtype"], value["shape"], value["data_offsets"]]))
+    });
+    // B0.f: `-0` is not an integer.
+    let negative_zero =
+        members(&|i, m| if i == 0 { m.replacen("\"data_offsets\":[0,", "\"data_offsets\":[-0,", 1) } else { m });
+    // B0.e before B0.g: an unknown dtype is reported before the first tensor's offsets.
+    let dtype_first = members(&|i, m| match i {
+        0 => m.replacen("\"data_offsets\":[0,", "\"data_offsets\":[1,", 1),
+        1 => m.replacen("\"dtype\":\"", "\"dtype\":\"Q", 1),
+        _ => m,
+    });
+    let mut trailing = data.clone();
+    trailing.push(0);
+    let cases = [
+        ("base-tensor-as-array", safet::raw_file(&as_array, &data), "E_INVALID_CHECKPOINT"),
+        ("base-integer-negative-zero", safet::raw_file(&negative_zero, &data), "E_INVALID_CHECKPOINT"),
+        ("base-unknown-dtype-before-offsets", safet::raw_file(&dtype_first, &data), "E_UNKNOWN_DTYPE"),
+        ("base-data-trailing-byte", safet::raw_file(&members(&|_, m| m), &trailing), "E_INVALID_CHECKPOINT"),
+    ];
+    for (name, bytes, error) in cases {
+        let rel = format!("invalid/bases/{name}.safetensors");
+        suite.write(&rel, &bytes);
+        suite.reject(name, SOURCE, Some(&rel), error, "§11.2", p);
+    }
+    // B0.h: one tensor in two shards, the index agreeing with the first.
+    let dir = "invalid/bases/tensor-in-two-shards";
+    suite.write(&format!("{dir}/a.safetensors"), &safet::file(bases, None).0);
+    let mut weight_map: serde_json::Map<String, serde_json::Value> =
+        bases.iter().map(|t| (t.name.clone(), json!("a.safetensors"))).collect();
+    let extra = Tensor::new("extra.only.in.b", "U8", &[1], vec![7]);
+    suite.write(&format!("{dir}/b.safetensors"), &safet::file(&[bases[0].clone(), extra.clone()], None).0);
+    weight_map.insert(extra.name.clone(), json!("b.safetensors"));
+    let index = json!({ "weight_map": weight_map }).to_string();
+    suite.write(&format!("{dir}/{}", tpde::checkpoint::INDEX_FILE), index.as_bytes());
+    suite.reject("base-tensor-in-two-shards", SOURCE, Some(dir), "E_INVALID_CHECKPOINT", "§11.2", p);
+    // B0.b before B0.c: a name that is not plain is reported before a missing shard.
+    let dir = "invalid/bases/shard-name-not-plain";
+    let index = json!({ "weight_map": { "a": "a.safetensors", "b": "../b.safetensors" } }).to_string();
+    suite.write(&format!("{dir}/{}", tpde::checkpoint::INDEX_FILE), index.as_bytes());
+    suite.reject("base-shard-name-not-plain", SOURCE, Some(dir), "E_INVALID_CHECKPOINT", "§11.2", p);
 }

@@ -90,3 +90,26 @@ pub fn file(tensors: &[Tensor], metadata: Option<&BTreeMap<String, String>>) -> 
     }
     (out, header)
 }
+
+/// A safetensors file from a header text (padded with spaces to 8 bytes) and data.
+pub fn raw_file(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut header = header.to_owned();
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// One tensor object's JSON member, `extra` spliced in before `dtype`.
+pub fn member(t: &Tensor, offset: u64, extra: &str) -> String {
+    format!(
+        "{}:{{{extra}\"dtype\":\"{}\",\"shape\":{},\"data_offsets\":[{offset},{}]}}",
+        serde_json::to_string(&t.name).expect("a string"),
+        t.dtype,
+        serde_json::to_string(&t.shape).expect("numbers"),
+        offset + t.bytes.len() as u64,
+    )
+}

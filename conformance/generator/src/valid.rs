@@ -422,6 +422,8 @@ pub fn generate(suite: &mut Suite) {
     zstd_frame_variants(suite);
     natural_cases(suite);
     header_variants(suite);
+    chain_cases(suite);
+    base_variants(suite);
 }
 
 /// Streams as zstd frames that ordinary compressors rarely write, all within the
@@ -699,5 +701,108 @@ fn natural_cases(suite: &mut Suite) {
         None,
         &Ck::File(changed, None),
         16,
+    );
+}
+
+/// A safetensors file whose tensor objects carry a member that readers ignore
+/// (spec §5.3 S2), as another writer may produce.
+fn with_extra_member(tensors: &[Tensor]) -> Vec<u8> {
+    let (_, header) = safet::file(tensors, None);
+    let mut header = header.trim_end().replace("{\"dtype\":", "{\"org.example\":[1],\"dtype\":");
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    for t in tensors {
+        out.extend_from_slice(&t.bytes);
+    }
+    out
+}
+
+/// Two deltas in a chain (spec §11.2 B0): the target that the first rebuilds, whose
+/// embedded header has a member readers ignore, is the base of the second. The
+/// library checks that the first case rebuilds that base byte for byte.
+fn chain_cases(suite: &mut Suite) {
+    let mut r = rng("chain");
+    let w = random_tensor(&mut r, "w", "BF16", &[8, 16]);
+    let bias = random_tensor(&mut r, "b", "F32", &[16]);
+    let step1 = vec![nudge(&w, &[1, 5, 9]), nudge(&bias, &[2])];
+    let step2 = vec![nudge(&step1[0], &[0, 7, 100]), step1[1].clone()];
+    let base0 = safet::file(&[w, bias], None).0;
+    let target1 = with_extra_member(&step1);
+    let target2 = safet::file(&step2, None).0;
+    for (name, base, target, tensors) in
+        [("chain-step-1", &base0, &target1, &step1), ("chain-step-2", &target1, &target2, &step2)]
+    {
+        let dir = format!("valid/{name}");
+        let base_rel = format!("{dir}/base.safetensors");
+        suite.write(&base_rel, base);
+        let target_path = suite.scratch(&format!("{name}-target.safetensors"));
+        std::fs::write(&target_path, target).expect("write the target");
+        let base_ck = Checkpoint::open(&suite.path(&base_rel)).expect("the base opens");
+        let target_ck = Checkpoint::open(&target_path).expect("the target opens");
+        let delta = format!("{dir}/delta.tpde");
+        let options = EncodeOptions { chunk_words: 32, ..EncodeOptions::default() };
+        pipeline::encode::encode(Some(&base_ck), &target_ck, &suite.path(&delta), options, &NoProgress)
+            .expect("encodes");
+        normalise_writer(&suite.path(&delta));
+        let expected = format!("{dir}/expected.json");
+        suite.write_expected(&expected, &delta, tensors);
+        let provenance = format!("generator valid::chain_cases {name}");
+        suite.accept(name, &delta, Some(&base_rel), &expected, &target_path, "§11.2", &provenance);
+    }
+}
+
+/// Bases that spec §11.2 B0 accepts although the library would not write them, for
+/// the delta of `mixed`: members out of data order, `__metadata__` null, and a
+/// sharded base whose shard name lacks `.safetensors` and whose index has members
+/// readers ignore.
+fn base_variants(suite: &mut Suite) {
+    let base = Checkpoint::open(&suite.path("valid/mixed/base.safetensors")).expect("the base opens");
+    let file = &base.files[0];
+    let data_start = 8 + file.header_text.len();
+    let tensors: Vec<(Tensor, u64)> = file
+        .tensors
+        .iter()
+        .map(|t| {
+            let shape: Vec<u64> = t.shape.clone();
+            let dtype = DTYPES.iter().find(|d| **d == t.dtype).expect("a known dtype");
+            (Tensor::new(&t.name, dtype, &shape, file.tensor_bytes(t).to_vec()), (t.range.start - data_start) as u64)
+        })
+        .collect();
+    let data = &file.bytes()[data_start..];
+    let members: Vec<String> = tensors.iter().map(|(t, offset)| safet::member(t, *offset, "")).collect();
+    let reversed: Vec<String> = members.iter().rev().cloned().collect();
+    let variants = [
+        ("base-members-not-in-data-order", format!("{{{}}}", reversed.join(","))),
+        ("base-metadata-null", format!("{{\"__metadata__\":null,{}}}", members.join(","))),
+    ];
+    let provenance = "generator valid::base_variants";
+    for (name, header) in variants {
+        let rel = format!("valid/bases/{name}.safetensors");
+        suite.write(&rel, &safet::raw_file(&header, data));
+        suite.accept_decoded(
+            name,
+            "valid/mixed/delta.tpde",
+            Some(&rel),
+            "valid/mixed/expected.json",
+            "§11.2",
+            provenance,
+        );
+    }
+    let dir = "valid/bases/base-sharded-lenient-index";
+    suite.write(&format!("{dir}/weights-1.st"), &safet::raw_file(&format!("{{{}}}", members.join(",")), data));
+    let weight_map: serde_json::Map<String, serde_json::Value> =
+        tensors.iter().map(|(t, _)| (t.name.clone(), json!("weights-1.st"))).collect();
+    let index = json!({ "metadata": [1, { "x": null }], "org.example": true, "weight_map": weight_map });
+    suite.write(&format!("{dir}/{}", tpde::checkpoint::INDEX_FILE), index.to_string().as_bytes());
+    suite.accept_decoded(
+        "base-sharded-lenient-index",
+        "valid/mixed/delta.tpde",
+        Some(dir),
+        "valid/mixed/expected.json",
+        "§11.2",
+        provenance,
     );
 }

@@ -7,11 +7,11 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use safetensors::SafeTensors;
+use serde::de::{IgnoredAny, Visitor};
 use serde::Deserialize;
 
-use crate::container::header::LayoutKind;
-use crate::container::json::parse_strict;
+use crate::container::header::{is_plain_file_name, LayoutKind};
+use crate::container::json::{check_unique_keys, parse_strict, ObjectOf};
 use crate::dtype;
 use crate::error::{Error, ErrorCode, Result};
 
@@ -83,10 +83,12 @@ struct ShardIndex {
 }
 
 impl Checkpoint {
-    /// Opens a `.safetensors` file, or a directory holding a sharded checkpoint.
+    /// Opens a `.safetensors` file, or a directory holding a sharded checkpoint, and
+    /// checks it as spec §11.2 B0 defines a valid checkpoint.
     ///
     /// # Errors
-    /// `E_IO`, `E_PICKLE_INPUT`, `E_MISSING_SHARD`, `E_INVALID_CHECKPOINT` or
+    /// `E_IO` (also for a path that is neither a regular file nor a directory),
+    /// `E_PICKLE_INPUT`, `E_INVALID_CHECKPOINT`, `E_MISSING_SHARD` or
     /// `E_UNKNOWN_DTYPE`, naming the file and tensor.
     pub fn open(path: &Path) -> Result<Self> {
         if is_pickle(path) {
@@ -97,10 +99,14 @@ impl Checkpoint {
             Self::open_sharded(path)
         } else {
             let file = open_file(path)?;
-            Ok(Self::from_files(path, LayoutKind::File, vec![file], None))
+            Self::from_files(path, LayoutKind::File, vec![file], None)
         }
     }
 
+    /// A sharded checkpoint, checked in the order of spec §11.2 B0: the index (B0.a),
+    /// every shard name (B0.b), every shard's presence (B0.c), each shard in name
+    /// order (B0.d to B0.g), then the tensors across shards and the index's agreement
+    /// with them (B0.h).
     fn open_sharded(dir: &Path) -> Result<Self> {
         let index_path = dir.join(INDEX_FILE);
         if !index_path.exists() {
@@ -113,32 +119,43 @@ impl Checkpoint {
             };
             return Err(Error::new(code, message).in_file(dir));
         }
+        require_regular_file(&index_path, "cannot read the index")?;
         let index_json =
             std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, "cannot read the index", e))?;
-        let index: ShardIndex = parse_strict(&index_json, "model.safetensors.index.json")
+        let ObjectOf(index): ObjectOf<ShardIndex> = parse_strict(&index_json, "model.safetensors.index.json")
             .map_err(|e| Error::new(ErrorCode::InvalidCheckpoint, e.message()).in_file(&index_path))?;
+        // Byte-wise name order (spec §11.2 B0), which is `str`'s order.
         let shard_names: BTreeSet<&str> = index.weight_map.values().map(String::as_str).collect();
-        let mut files = Vec::with_capacity(shard_names.len());
-        for name in shard_names {
-            let shard = dir.join(name);
-            let plain = Path::new(name).file_name().is_some_and(|f| f == name);
-            if !plain {
+        for &name in &shard_names {
+            if !is_plain_file_name(name) {
                 return Err(Error::new(
                     ErrorCode::InvalidCheckpoint,
                     format!("shard name {name:?} is not a plain file name"),
                 )
                 .in_file(&index_path));
             }
-            if !shard.exists() {
-                return Err(Error::new(
-                    ErrorCode::MissingShard,
-                    format!("shard {name} is named by the index but missing"),
-                )
-                .in_file(&shard));
+            if is_pickle(Path::new(name)) {
+                return Err(
+                    Error::new(ErrorCode::PickleInput, "pickle checkpoints are not read").in_file(&dir.join(name))
+                );
             }
-            files.push(open_file(&shard)?);
         }
-        let checkpoint = Self::from_files(dir, LayoutKind::Sharded, files, Some(index_json));
+        for &name in &shard_names {
+            let shard = dir.join(name);
+            match std::fs::metadata(&shard) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::new(
+                        ErrorCode::MissingShard,
+                        format!("shard {name} is named by the index but missing"),
+                    )
+                    .in_file(&shard));
+                }
+                Err(e) => return Err(Error::io(&shard, "cannot open the shard", e)),
+                Ok(_) => {}
+            }
+        }
+        let files = shard_names.iter().map(|name| open_file(&dir.join(name))).collect::<Result<Vec<_>>>()?;
+        let checkpoint = Self::from_files(dir, LayoutKind::Sharded, files, Some(index_json))?;
         for (tensor, shard) in &index.weight_map {
             let found = checkpoint.by_name.get(tensor).map(|&(f, _)| checkpoint.files[f].name.as_str());
             if found != Some(shard.as_str()) {
@@ -160,14 +177,28 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
-    fn from_files(root: &Path, kind: LayoutKind, files: Vec<CheckpointFile>, index_json: Option<String>) -> Self {
-        let mut by_name = HashMap::new();
+    /// Indexes the tensors by name; a name held by two files is not a checkpoint
+    /// (spec §11.2 B0.h).
+    fn from_files(
+        root: &Path,
+        kind: LayoutKind,
+        files: Vec<CheckpointFile>,
+        index_json: Option<String>,
+    ) -> Result<Self> {
+        let mut by_name = HashMap::with_capacity(files.iter().map(|f| f.tensors.len()).sum());
         for (f, file) in files.iter().enumerate() {
             for (t, tensor) in file.tensors.iter().enumerate() {
-                by_name.entry(tensor.name.clone()).or_insert((f, t));
+                if let Some((first, _)) = by_name.insert(tensor.name.clone(), (f, t)) {
+                    return Err(Error::new(
+                        ErrorCode::InvalidCheckpoint,
+                        format!("the tensor is in both {} and {}", files[first].name, file.name),
+                    )
+                    .in_file(root)
+                    .in_tensor(&tensor.name));
+                }
             }
         }
-        Self { root: root.to_path_buf(), kind, files, index_json, by_name }
+        Ok(Self { root: root.to_path_buf(), kind, files, index_json, by_name })
     }
 
     /// Finds a tensor by name.
@@ -183,33 +214,244 @@ impl Checkpoint {
     }
 }
 
-/// Rejects dtype strings this format does not know, naming the tensor, before the
-/// safetensors parser reports them as a generic JSON error.
+/// The `dtype` of one member of a safetensors header, if it is an object with a string
+/// `dtype`; every other value is skipped without being built.
+struct DtypeProbe(Option<String>);
+
+impl<'de> Deserialize<'de> for DtypeProbe {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(DtypeProbeVisitor)
+    }
+}
+
+struct DtypeProbeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for DtypeProbeVisitor {
+    type Value = DtypeProbe;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<DtypeProbe, A::Error> {
+        let mut dtype = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "dtype" {
+                dtype = map.next_value::<StringProbe>()?.0;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(DtypeProbe(dtype))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<DtypeProbe, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(DtypeProbe(None))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<DtypeProbe, E> {
+        Ok(DtypeProbe(None))
+    }
+}
+
+/// A string, or `None` for any other value (skipped without being built).
+struct StringProbe(Option<String>);
+
+impl<'de> Deserialize<'de> for StringProbe {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(StringProbeVisitor)
+    }
+}
+
+struct StringProbeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StringProbeVisitor {
+    type Value = StringProbe;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E>(self, text: &str) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(Some(text.to_owned())))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> std::result::Result<StringProbe, A::Error> {
+        Visitor::visit_map(IgnoredAny, map).map(|_| StringProbe(None))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> std::result::Result<StringProbe, A::Error> {
+        Visitor::visit_seq(IgnoredAny, seq).map(|_| StringProbe(None))
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(None))
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(None))
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(None))
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(None))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<StringProbe, E> {
+        Ok(StringProbe(None))
+    }
+}
+
+/// Spec §11.2 B0.e: once the header is strict JSON, a tensor whose `dtype` is a
+/// string outside Table 7.1 is `E_UNKNOWN_DTYPE`, before any other rule of the file.
 fn check_dtypes(header_text: &str) -> Result<()> {
-    let Ok(serde_json::Value::Object(entries)) = serde_json::from_str(header_text) else {
-        return Ok(()); // the safetensors parser reports malformed JSON
+    // Not an object: the structural check that follows reports it.
+    let Ok(members) = serde_json::from_str::<BTreeMap<String, DtypeProbe>>(header_text) else {
+        return Ok(());
     };
-    for (name, entry) in entries.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
-        if let Some(dtype) = entry.get("dtype").and_then(|d| d.as_str()) {
+    for (name, DtypeProbe(dtype)) in members.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        if let Some(dtype) = dtype {
             dtype::word_bytes(dtype).map_err(|e| e.in_tensor(name))?;
         }
     }
     Ok(())
 }
 
-/// Tensor names in data order, ties (empty tensors share an offset) broken by name,
-/// so that the order never depends on hashing (spec §5.3).
-pub(crate) fn data_order(metadata: &safetensors::tensor::Metadata) -> Vec<String> {
-    let infos = metadata.tensors();
-    let mut names: Vec<String> = infos.keys().cloned().collect();
-    names.sort_by(|a, b| infos[a].data_offsets.cmp(&infos[b].data_offsets).then_with(|| a.cmp(b)));
-    names
+/// One tensor object of a safetensors header: the members that spec §5.3 S2 and
+/// §11.2 B0 define. Other members are skipped without being built.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub(crate) struct SafetensorsTensor {
+    /// The dtype string; checked against Table 7.1 by the caller.
+    pub dtype: String,
+    /// The shape.
+    pub shape: Vec<u64>,
+    /// Begin and end of the data, relative to the data region.
+    pub data_offsets: (u64, u64),
+}
+
+/// A safetensors header as spec §5.3 S2 and §11.2 B0 read it: its tensors in header
+/// order. `__metadata__` is checked (absent, `null` or an object of strings) and
+/// skipped. Unlike the safetensors crate, nothing is buffered: ignored members cost
+/// no memory, and there is no cap below the format's own header limit.
+#[derive(Debug)]
+pub(crate) struct SafetensorsHeader {
+    pub tensors: Vec<(String, SafetensorsTensor)>,
+}
+
+impl SafetensorsHeader {
+    /// Parses a header already checked as strict JSON (spec §5.1).
+    pub(crate) fn parse(text: &str) -> std::result::Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+impl<'de> Deserialize<'de> for SafetensorsHeader {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_map(SafetensorsHeaderVisitor)
+    }
+}
+
+struct SafetensorsHeaderVisitor;
+
+impl<'de> Visitor<'de> for SafetensorsHeaderVisitor {
+    type Value = SafetensorsHeader;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a safetensors header object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        let mut tensors = Vec::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if name == "__metadata__" {
+                map.next_value::<Option<MetadataStrings>>()?;
+            } else {
+                tensors.push((name, map.next_value::<ObjectOf<SafetensorsTensor>>()?.0));
+            }
+        }
+        Ok(SafetensorsHeader { tensors })
+    }
+}
+
+/// `__metadata__`: an object whose values are strings, checked without keeping them.
+struct MetadataStrings;
+
+impl<'de> Deserialize<'de> for MetadataStrings {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_map(MetadataStringsVisitor)
+    }
+}
+
+struct MetadataStringsVisitor;
+
+impl<'de> Visitor<'de> for MetadataStringsVisitor {
+    type Value = MetadataStrings;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object of strings")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            map.next_value::<StringOnly>()?;
+        }
+        Ok(MetadataStrings)
+    }
+}
+
+/// A JSON string, checked and dropped.
+struct StringOnly;
+
+impl<'de> Deserialize<'de> for StringOnly {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_str(StringOnlyVisitor)
+    }
+}
+
+struct StringOnlyVisitor;
+
+impl Visitor<'_> for StringOnlyVisitor {
+    type Value = StringOnly;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E>(self, _: &str) -> std::result::Result<StringOnly, E> {
+        Ok(StringOnly)
+    }
+}
+
+/// Refuses anything but a regular file before it is opened: opening a FIFO for
+/// reading blocks until a writer appears, and a device never ends.
+///
+/// # Errors
+/// `E_IO`, naming the file.
+pub(crate) fn require_regular_file(path: &Path, action: &str) -> Result<std::fs::Metadata> {
+    let metadata = std::fs::metadata(path).map_err(|e| Error::io(path, action, e))?;
+    if !metadata.is_file() {
+        return Err(Error::new(ErrorCode::Io, "not a regular file (a FIFO, device, socket or directory)").in_file(path));
+    }
+    Ok(metadata)
 }
 
 fn open_file(path: &Path) -> Result<CheckpointFile> {
     if is_pickle(path) {
         return Err(Error::new(ErrorCode::PickleInput, "pickle checkpoints are not read").in_file(path));
     }
+    require_regular_file(path, "cannot open")?;
     let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
     // SAFETY: the map is read-only and private to this process. Another process
     // changing the file while it is mapped would change what we read; every byte we
@@ -229,26 +471,37 @@ fn open_file(path: &Path) -> Result<CheckpointFile> {
     let header_text =
         std::str::from_utf8(&map[8..header_end]).map_err(|_| invalid("the header is not UTF-8".into()))?.to_owned();
     // Duplicate keys would be kept verbatim in the delta, which readers must reject.
-    parse_strict::<serde_json::Value>(&header_text, "the safetensors header")
-        .map_err(|e| invalid(e.message().to_owned()))?;
+    check_unique_keys(&header_text, "the safetensors header").map_err(|e| invalid(e.message().to_owned()))?;
     check_dtypes(&header_text).map_err(|e| e.in_file(path))?;
-    let (_, metadata) =
-        SafeTensors::read_metadata(&map).map_err(|e| invalid(format!("not a valid safetensors file: {e}")))?;
-    let infos = metadata.tensors();
-    let mut tensors = Vec::with_capacity(infos.len());
-    for name in data_order(&metadata) {
-        let info = infos[&name];
-        let dtype = serde_json::to_value(info.dtype)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .ok_or_else(|| invalid(format!("tensor {name:?} has a dtype without a name")))?;
-        let (start, end) = info.data_offsets;
-        tensors.push(TensorLocation {
-            name,
-            dtype,
-            shape: info.shape.iter().map(|&d| d as u64).collect(),
-            range: header_end + start..header_end + end,
-        });
+    // Spec §11.2 B0.f and B0.g: the structure of §5.3 S2, then the data offsets,
+    // sorted (data order, whatever the members' order), tile the data region.
+    let header =
+        SafetensorsHeader::parse(&header_text).map_err(|e| invalid(format!("not a valid safetensors header: {e}")))?;
+    let data_len = (map.len() - header_end) as u64;
+    let mut tensors = Vec::with_capacity(header.tensors.len());
+    for (name, tensor) in header.tensors {
+        let (begin, end) = tensor.data_offsets;
+        let byte_len = dtype::byte_len(&tensor.dtype, &tensor.shape).map_err(|e| e.in_file(path).in_tensor(&name))?;
+        if begin > end || byte_len != Some(end - begin) || end > data_len {
+            return Err(invalid(format!("tensor {name:?} has data offsets [{begin}, {end}] that do not fit its size")));
+        }
+        // In range: `end` is at most the data length, which fits the map.
+        let range = header_end + usize::try_from(begin).expect("in range")
+            ..header_end + usize::try_from(end).expect("in range");
+        tensors.push(TensorLocation { name, dtype: tensor.dtype, shape: tensor.shape, range });
+    }
+    // Data order; tensors of zero bytes, which share an offset, by name, so that the
+    // order never depends on the header's member order (spec §5.3, §12 item 4).
+    tensors.sort_by(|a, b| (a.range.start, a.range.end, &a.name).cmp(&(b.range.start, b.range.end, &b.name)));
+    let mut at = header_end;
+    for tensor in &tensors {
+        if tensor.range.start != at {
+            return Err(invalid(format!("the data has a hole or an overlap before tensor {:?}", tensor.name)));
+        }
+        at = tensor.range.end;
+    }
+    if at != map.len() {
+        return Err(invalid(format!("{} bytes follow the last tensor's data", map.len() - at)));
     }
     let name = path
         .file_name()

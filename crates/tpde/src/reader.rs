@@ -1,16 +1,17 @@
 //! Reader: maps a delta file, validates every structure before allocating anything
 //! sized by it, and decodes single chunks or whole tensors on demand (spec §11).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use rayon::prelude::*;
 
+use crate::checkpoint::{SafetensorsHeader, SafetensorsTensor};
 use crate::container::chunk_map::{ChunkRecord, StreamRecord, CHUNK_RECORD_LEN, STREAM_RECORD_LEN};
 use crate::container::header::{Header, LayoutKind, TensorEntry};
-use crate::container::json::parse_strict;
+use crate::container::json::{check_unique_keys, parse_strict, ObjectOf};
 use crate::container::preamble::{check_trailer, Preamble, MAGIC};
 use crate::container::Layout;
 use crate::delta::{check_chunk_shape, decode_chunk};
@@ -66,6 +67,7 @@ impl DeltaFile {
     /// # Errors
     /// Any structural error code, naming the file and, where it applies, the tensor.
     pub fn open(path: &Path) -> Result<Self> {
+        crate::checkpoint::require_regular_file(path, "cannot open the delta")?;
         let file = File::open(path).map_err(|e| Error::io(path, "cannot open the delta", e))?;
         let len = file.metadata().map_err(|e| Error::io(path, "cannot read the delta's size", e))?.len();
         if len == 0 {
@@ -142,7 +144,7 @@ impl DeltaFile {
         }
         let header_text = std::str::from_utf8(header_bytes)
             .map_err(|_| Error::new(ErrorCode::HeaderInvalid, "the header is not UTF-8"))?;
-        let header: Header = parse_strict(header_text, "header")?;
+        let ObjectOf(header): ObjectOf<Header> = parse_strict(header_text, "header")?;
         header.validate(preamble.chunk_count)?;
 
         let tables = at(layout.table_offset, layout.table_len);
@@ -219,37 +221,8 @@ impl DeltaFile {
         Ok(())
     }
 
-    /// Checks that each embedded safetensors header lists exactly the tensors that
-    /// the delta holds for its file, in data order (spec §5.3).
     fn validate_target_files(&self) -> Result<()> {
-        for (f, file) in self.header.target.files.iter().enumerate() {
-            let metadata: safetensors::tensor::Metadata =
-                parse_strict(&file.safetensors_header, &format!("the safetensors header of {}", file.name))?;
-            let infos = metadata.tensors();
-            let listed: Vec<&TensorEntry> = self.header.tensors.iter().filter(|t| t.file as usize == f).collect();
-            let keys = crate::checkpoint::data_order(&metadata);
-            if keys.len() != listed.len() {
-                return fail(
-                    ErrorCode::HeaderInvalid,
-                    format!("{} lists {} tensors but the delta has {}", file.name, keys.len(), listed.len()),
-                );
-            }
-            for (name, entry) in keys.iter().zip(listed) {
-                let info = infos[name];
-                let dtype = serde_json::to_value(info.dtype).ok();
-                let same = *name == entry.name
-                    && dtype.as_ref().and_then(|d| d.as_str()) == Some(entry.dtype.as_str())
-                    && info.shape.iter().map(|&d| d as u64).eq(entry.shape.iter().copied());
-                if !same {
-                    return Err(Error::new(
-                        ErrorCode::HeaderInvalid,
-                        format!("the tensor differs from {}'s header", file.name),
-                    )
-                    .in_tensor(&entry.name));
-                }
-            }
-        }
-        Ok(())
+        validate_target_files(&self.header)
     }
 
     /// Checks that a sharded target's index, which is written out verbatim, agrees
@@ -261,7 +234,8 @@ impl DeltaFile {
         let (LayoutKind::Sharded, Some(index_json)) = (target.kind, &target.index_json) else {
             return Ok(());
         };
-        let index: ShardIndex = parse_strict(index_json, "the target's model.safetensors.index.json")?;
+        let ObjectOf(index): ObjectOf<ShardIndex> =
+            parse_strict(index_json, "the target's model.safetensors.index.json")?;
         if index.weight_map.len() != self.header.tensors.len() {
             return fail(
                 ErrorCode::HeaderInvalid,
@@ -407,4 +381,51 @@ impl DeltaFile {
             .collect::<Result<Vec<_>>>()?;
         Ok(parts.concat())
     }
+}
+
+/// Checks that each embedded safetensors header lists exactly the tensors that the
+/// header holds for its file, in data order (spec §5.3 S1 to S4). The writer runs it
+/// too, before it writes a byte, so that it never writes a file readers refuse. Linear
+/// in files plus tensors: the entries of a file are one run, since `file` never
+/// decreases (H5.e, checked by [`Header::validate`] first).
+///
+/// # Errors
+/// `E_HEADER_INVALID` or `E_DUPLICATE_KEY`, naming the tensor.
+pub fn validate_target_files(header: &Header) -> Result<()> {
+    let mut rest = header.tensors.as_slice();
+    for (f, file) in header.target.files.iter().enumerate() {
+        let run = rest.iter().take_while(|t| t.file as usize == f).count();
+        let (listed, after) = rest.split_at(run);
+        rest = after;
+        let what = format!("the safetensors header of {}", file.name);
+        check_unique_keys(&file.safetensors_header, &what)?; // S1
+        let embedded = SafetensorsHeader::parse(&file.safetensors_header)
+            .map_err(|e| Error::new(ErrorCode::HeaderInvalid, format!("{what}: {e}")))?; // S2
+        if embedded.tensors.len() != listed.len() {
+            return fail(
+                ErrorCode::HeaderInvalid,
+                format!("{} lists {} tensors but the delta has {}", file.name, embedded.tensors.len(), listed.len()),
+            ); // S3
+        }
+        let by_name: HashMap<&str, &SafetensorsTensor> =
+            embedded.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)).collect();
+        let mut offset = 0u64;
+        for entry in listed {
+            // S4: the entries, in header order, tile the file's data.
+            let len = entry.byte_len()?;
+            let end = offset.checked_add(len);
+            let same = by_name.get(entry.name.as_str()).is_some_and(|t| {
+                t.dtype == entry.dtype && t.shape == entry.shape && Some(t.data_offsets) == end.map(|end| (offset, end))
+            });
+            if !same {
+                return Err(Error::new(
+                    ErrorCode::HeaderInvalid,
+                    format!("the tensor differs from {}'s header", file.name),
+                )
+                .in_tensor(&entry.name));
+            }
+            offset = end.expect("checked by `same`");
+        }
+    }
+    Ok(())
 }

@@ -11,7 +11,33 @@ use crate::container::{align_up, Layout};
 use crate::delta::EncodedChunk;
 use crate::digest::checksum64;
 use crate::error::{Error, ErrorCode, Result};
+use crate::limits::{MAX_CHUNKS, MAX_HEADER_LEN};
 use crate::output::PendingFile;
+use crate::reader::validate_target_files;
+
+/// Checks `header` with the reader's own open-time rules (spec §11.1 O8, O9 and O16
+/// to O22: the header's length, the chunk count, the header rules and the embedded
+/// safetensors headers) and returns its JSON text. The writer runs it before it
+/// writes the first byte of a file (spec §12 item 3), so that it never writes a
+/// file that a reader refuses.
+///
+/// # Errors
+/// The reader's code for the first rule the header breaks.
+pub fn check_header(header: &Header, chunk_count: u64) -> Result<Vec<u8>> {
+    if chunk_count > MAX_CHUNKS {
+        return Err(Error::new(ErrorCode::LimitExceeded, format!("{chunk_count} chunks exceed {MAX_CHUNKS}")));
+    }
+    header.validate(chunk_count)?;
+    validate_target_files(header)?;
+    let header_json = serde_json::to_vec(header).map_err(|e| Error::new(ErrorCode::HeaderInvalid, e.to_string()))?;
+    if header_json.len() as u64 > MAX_HEADER_LEN {
+        return Err(Error::new(
+            ErrorCode::LimitExceeded,
+            format!("the header would take {} bytes, above {MAX_HEADER_LEN}", header_json.len()),
+        ));
+    }
+    Ok(header_json)
+}
 
 /// Writes one delta file.
 #[derive(Debug)]
@@ -73,11 +99,10 @@ impl DeltaWriter {
     /// file into place.
     ///
     /// # Errors
-    /// `E_IO`, or `E_OUTPUT_EXISTS` when something that may not be replaced is in the
-    /// way.
+    /// `E_IO`, `E_OUTPUT_EXISTS` when something that may not be replaced is in the
+    /// way, or the code of [`check_header`] (the output then never appears).
     pub fn finish(mut self, header: &Header) -> Result<()> {
-        let header_json =
-            serde_json::to_vec(header).map_err(|e| Error::new(ErrorCode::HeaderInvalid, e.to_string()))?;
+        let header_json = check_header(header, self.chunk_count())?;
         let data_len = self.offset - PREAMBLE_LEN as u64;
         let layout =
             Layout::from_counts(data_len, header_json.len() as u64, self.chunk_count(), self.streams.len() as u64)

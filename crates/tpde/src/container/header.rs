@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::container::json;
 use crate::dtype;
 use crate::error::{fail, Error, ErrorCode, Result};
 use crate::limits::{MAX_CHUNK_WORDS, MAX_FILES, MAX_RANK, MAX_TENSORS};
@@ -20,14 +21,45 @@ pub struct Header {
     /// Name and version of the program that wrote the file; informative only.
     pub writer: String,
     /// The files of the target checkpoint, byte for byte apart from tensor data.
+    #[serde(deserialize_with = "json::object")]
     pub target: TargetLayout,
     /// Every tensor of the target, in file order, then in data-offset order.
     #[schemars(length(max = 1048576))]
+    #[serde(deserialize_with = "json::objects")]
     pub tensors: Vec<TensorEntry>,
     /// Extension data under namespaced keys (`org.name`); readers ignore what they
     /// do not know (spec §5.4). May be omitted when empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub extensions: BTreeMap<String, serde_json::Value>,
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
+    pub extensions: BTreeMap<String, ExtensionValue>,
+}
+
+/// One extension value, kept as its JSON text and never built into a tree: a reader
+/// ignores values it does not know (spec §5.4), so a hostile value costs at most its
+/// own size in memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ExtensionValue(Box<serde_json::value::RawValue>);
+
+impl ExtensionValue {
+    /// The value's JSON text, as it appears in the header.
+    #[must_use]
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for ExtensionValue {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
+}
+
+impl From<serde_json::Value> for ExtensionValue {
+    fn from(value: serde_json::Value) -> Self {
+        // A `Value` always serialises to valid JSON text.
+        Self(serde_json::value::to_raw_value(&value).expect("a JSON value serialises"))
+    }
 }
 
 /// Whether the target is one safetensors file or a sharded checkpoint.
@@ -48,6 +80,7 @@ pub struct TargetLayout {
     pub kind: LayoutKind,
     /// The safetensors files, in the order their tensors appear in `tensors`.
     #[schemars(length(min = 1, max = 65536))]
+    #[serde(deserialize_with = "json::objects")]
     pub files: Vec<TargetFile>,
     /// The verbatim text of `model.safetensors.index.json`; present for sharded
     /// targets only (`null` reads as absent).
@@ -95,7 +128,7 @@ pub struct TensorEntry {
     #[schemars(regex(pattern = r"^[0-9a-f]{32}$"))]
     pub digest: String,
     /// The base tensor this one is a delta against; absent for a standalone tensor.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "json::optional_object")]
     pub base: Option<BaseTensor>,
 }
 
@@ -171,15 +204,17 @@ fn check_digest_hex(digest: &str) -> Result<()> {
     Ok(())
 }
 
-/// A file name that is one plain path component ending in `.safetensors` (spec §5.3):
-/// no separators, no `..`, so that a hostile header cannot write outside the output.
+/// Whether `name` is one plain path component: not empty, not `.` or `..`, without
+/// `/`, `\` or NUL (spec §5.3, and §11.2 B0 for a base's shard names), so that a name
+/// read from a file cannot reach outside its directory.
+#[must_use]
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\\', '\0']) && name != "." && name != ".."
+}
+
+/// A file name that is one plain path component ending in `.safetensors` (spec §5.3).
 fn check_file_name(name: &str) -> Result<()> {
-    let plain = !name.is_empty()
-        && !name.contains(['/', '\\', '\0'])
-        && name != "."
-        && name != ".."
-        && name.ends_with(".safetensors");
-    if !plain {
+    if !(is_plain_file_name(name) && name.ends_with(".safetensors")) {
         return fail(ErrorCode::HeaderInvalid, format!("file name {name:?} is not a plain .safetensors name"));
     }
     Ok(())

@@ -6,14 +6,16 @@ use rayon::prelude::*;
 
 use super::{window, Progress};
 use crate::checkpoint::{Checkpoint, TensorLocation};
-use crate::container::header::{BaseTensor, Header, TargetFile, TargetLayout, TensorEntry};
+use crate::container::header::{
+    is_plain_file_name, BaseTensor, Header, LayoutKind, TargetFile, TargetLayout, TensorEntry,
+};
 use crate::delta::{encode_chunk, EncodeSettings, EncodedChunk};
 use crate::digest::{tensor_digest, to_hex, tree_digest};
 use crate::dtype;
 use crate::error::{Error, ErrorCode, Result};
 use crate::limits::MAX_CHUNK_WORDS;
 use crate::output::{check_not_an_input, check_output, OutputKind};
-use crate::writer::DeltaWriter;
+use crate::writer::{check_header, DeltaWriter};
 
 /// Settings of `encode`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,12 +55,42 @@ fn counterpart<'a>(base: Option<&'a Checkpoint>, tensor: &TensorLocation) -> Opt
     rows_line_up.then(|| (file.tensor_bytes(location), location))
 }
 
+/// Stands for a digest until it is computed; as long as a real one.
+const PLACEHOLDER_DIGEST: &str = "00000000000000000000000000000000";
+
+/// The name a target file is recorded under. A single file's name is informative
+/// (spec §11.3), so one the format cannot hold (`model.st`) is recorded as
+/// `model.safetensors`; a shard's name is kept and checked like every other.
+fn stored_file_name(kind: LayoutKind, name: &str) -> String {
+    let representable = is_plain_file_name(name) && name.ends_with(".safetensors");
+    if kind == LayoutKind::File && !representable {
+        "model.safetensors".to_owned()
+    } else {
+        name.to_owned()
+    }
+}
+
+/// A target that breaks a rule of the format is the input's fault, not a header's:
+/// `E_INVALID_CHECKPOINT`, keeping the codes that already name an input problem.
+fn unstorable(error: Error, target: &Checkpoint) -> Error {
+    let code = match error.code() {
+        ErrorCode::LimitExceeded | ErrorCode::UnknownDtype => error.code(),
+        _ => ErrorCode::InvalidCheckpoint,
+    };
+    let mut stored = Error::new(code, format!("the target cannot be stored in format 1.0: {}", error.message()));
+    if let Some(tensor) = error.tensor() {
+        stored = stored.in_tensor(tensor);
+    }
+    stored.in_file(&target.root)
+}
+
 /// Encodes `target` (against `base`, when given) into the delta file `out`, which
 /// appears only once complete, replacing a file there.
 ///
 /// # Errors
 /// Input errors of either checkpoint, `E_INVALID_ARGUMENT` for a bad chunk size,
-/// `E_IO` on write failure.
+/// `E_INVALID_CHECKPOINT`, `E_LIMIT_EXCEEDED` or `E_UNKNOWN_DTYPE` for a target the
+/// format cannot hold (checked before anything is written), `E_IO` on write failure.
 pub fn encode(
     base: Option<&Checkpoint>,
     target: &Checkpoint,
@@ -97,74 +129,91 @@ pub fn encode_to(
             format!("chunk words must be 1..={MAX_CHUNK_WORDS}, the level 1..=22 and the zstd gain 0..=1"),
         ));
     }
-    progress.phase("encoding", target.total_bytes());
-    let mut writer = DeltaWriter::create_with(out, force)?;
+    // Every entry with its chunk count, and placeholder digests of the final length,
+    // so that the reader's checks run on a header of the final size before a byte
+    // of the delta is written (spec §12 item 3).
     let mut tensors = Vec::new();
-    let mut summary =
-        EncodeSummary { target_bytes: target.total_bytes(), delta_bytes: 0, delta_tensors: 0, standalone_tensors: 0 };
+    let mut next_chunk = 0u64;
     for (file_index, file) in target.files.iter().enumerate() {
         for location in &file.tensors {
-            let bytes = file.tensor_bytes(location);
-            let word_bytes =
-                dtype::word_bytes(&location.dtype).map_err(|e| e.in_file(&file.path).in_tensor(&location.name))?;
-            let chunk_bytes = usize::try_from(options.chunk_words).expect("bounded") * word_bytes;
-            let base_match = counterpart(base, location);
-            let first_chunk = writer.chunk_count();
-            let leading_sign = dtype::has_leading_sign(&location.dtype);
-            let mut leaves = Vec::new();
-            let chunk_starts: Vec<usize> = (0..bytes.len()).step_by(chunk_bytes).collect();
-            for batch in chunk_starts.chunks(window()) {
-                let encoded = batch
-                    .par_iter()
-                    .map(|&start| {
-                        let end = (start + chunk_bytes).min(bytes.len());
-                        let base_bytes = base_match.map(|(b, _)| &b[start.min(b.len())..end.min(b.len())]);
-                        encode_chunk(&bytes[start..end], base_bytes, word_bytes, leading_sign, options.settings)
-                    })
-                    .collect::<Result<Vec<EncodedChunk>>>()?;
-                for chunk in encoded {
-                    leaves.push(chunk.record.digest);
-                    writer.push_chunk(chunk)?;
-                }
-                let done: usize = batch.iter().map(|&s| (bytes.len() - s).min(chunk_bytes)).sum();
-                progress.advance(done as u64);
-            }
-            let base_ref = base_match.map(|(base_bytes, base_location)| BaseTensor {
-                shape: base_location.shape.clone(),
-                digest: to_hex(&tensor_digest(base_bytes, chunk_bytes)),
-            });
-            if base_ref.is_some() {
-                summary.delta_tensors += 1;
-            } else {
-                summary.standalone_tensors += 1;
-            }
-            tensors.push(TensorEntry {
+            let mut entry = TensorEntry {
                 name: location.name.clone(),
                 dtype: location.dtype.clone(),
                 shape: location.shape.clone(),
-                file: u32::try_from(file_index).expect("bounded by MAX_FILES"),
+                file: u32::try_from(file_index).unwrap_or(u32::MAX),
                 chunk_words: options.chunk_words,
-                first_chunk,
-                chunk_count: writer.chunk_count() - first_chunk,
-                digest: to_hex(&tree_digest(&leaves)),
-                base: base_ref,
-            });
+                first_chunk: next_chunk,
+                chunk_count: 0,
+                digest: PLACEHOLDER_DIGEST.to_owned(),
+                base: counterpart(base, location).map(|(_, base_location)| BaseTensor {
+                    shape: base_location.shape.clone(),
+                    digest: PLACEHOLDER_DIGEST.to_owned(),
+                }),
+            };
+            // A shape the format cannot hold is reported by the checks below.
+            entry.chunk_count = entry.word_count().map_or(0, |words| words.div_ceil(options.chunk_words));
+            next_chunk = next_chunk.saturating_add(entry.chunk_count);
+            tensors.push(entry);
         }
     }
-    let header = Header {
+    let mut header = Header {
         writer: format!("tpde {}", env!("CARGO_PKG_VERSION")),
         target: TargetLayout {
             kind: target.kind,
             files: target
                 .files
                 .iter()
-                .map(|f| TargetFile { name: f.name.clone(), safetensors_header: f.header_text.clone() })
+                .map(|f| TargetFile {
+                    name: stored_file_name(target.kind, &f.name),
+                    safetensors_header: f.header_text.clone(),
+                })
                 .collect(),
             index_json: target.index_json.clone(),
         },
         tensors,
         extensions: std::collections::BTreeMap::new(),
     };
+    check_header(&header, next_chunk).map_err(|e| unstorable(e, target))?;
+
+    progress.phase("encoding", target.total_bytes());
+    let mut writer = DeltaWriter::create_with(out, force)?;
+    let mut summary =
+        EncodeSummary { target_bytes: target.total_bytes(), delta_bytes: 0, delta_tensors: 0, standalone_tensors: 0 };
+    let locations = target.files.iter().flat_map(|file| file.tensors.iter().map(move |location| (file, location)));
+    for (entry, (file, location)) in header.tensors.iter_mut().zip(locations) {
+        let bytes = file.tensor_bytes(location);
+        let word_bytes =
+            dtype::word_bytes(&location.dtype).map_err(|e| e.in_file(&file.path).in_tensor(&location.name))?;
+        let chunk_bytes = usize::try_from(options.chunk_words).expect("bounded") * word_bytes;
+        let base_match = counterpart(base, location);
+        let leading_sign = dtype::has_leading_sign(&location.dtype);
+        let mut leaves = Vec::new();
+        let chunk_starts: Vec<usize> = (0..bytes.len()).step_by(chunk_bytes).collect();
+        for batch in chunk_starts.chunks(window()) {
+            let encoded = batch
+                .par_iter()
+                .map(|&start| {
+                    let end = (start + chunk_bytes).min(bytes.len());
+                    let base_bytes = base_match.map(|(b, _)| &b[start.min(b.len())..end.min(b.len())]);
+                    encode_chunk(&bytes[start..end], base_bytes, word_bytes, leading_sign, options.settings)
+                })
+                .collect::<Result<Vec<EncodedChunk>>>()?;
+            for chunk in encoded {
+                leaves.push(chunk.record.digest);
+                writer.push_chunk(chunk)?;
+            }
+            let done: usize = batch.iter().map(|&s| (bytes.len() - s).min(chunk_bytes)).sum();
+            progress.advance(done as u64);
+        }
+        entry.digest = to_hex(&tree_digest(&leaves));
+        match (&mut entry.base, base_match) {
+            (Some(base_ref), Some((base_bytes, _))) => {
+                base_ref.digest = to_hex(&tensor_digest(base_bytes, chunk_bytes));
+                summary.delta_tensors += 1;
+            }
+            _ => summary.standalone_tensors += 1,
+        }
+    }
     writer.finish(&header)?;
     summary.delta_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, "cannot stat the delta", e))?.len();
     Ok(summary)
