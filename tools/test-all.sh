@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --workspace --locked
+# Decoding memory at the largest chunk size: a 1 GiB input, fast enough only in release.
+cargo test --release --locked -p tpde-cli --test memory -- --ignored
 
 if [ "$(id -u)" = 0 ]; then
   cargo test --locked -p tpde-cli --test cli -- --ignored a_full_disk_leaves_nothing_behind

@@ -106,3 +106,47 @@ impl MemoryBudget {
         self.freed.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_stay_within_the_limit_and_cover_every_chunk() {
+        let costs = [300, 300, 100, 900, 0, 0];
+        let cut = batches(&costs, 512);
+        assert_eq!(cut, vec![0..1, 1..3, 3..4, 4..6]);
+        for range in &cut {
+            let sum: u64 = costs[range.clone()].iter().sum();
+            assert!(sum <= 512 || range.len() == 1, "{range:?}");
+        }
+        // Free chunks are still cut into windows, so the writer is fed as they come.
+        let free = vec![0; window() * 2 + 1];
+        assert_eq!(batches(&free, 512).len(), 3);
+    }
+
+    #[test]
+    fn a_closed_budget_wakes_its_waiters() {
+        let budget = MemoryBudget::new(512);
+        assert!(budget.acquire(400));
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| budget.acquire(200));
+            budget.close();
+            assert!(!waiter.join().unwrap(), "a waiter gets no memory once the budget is closed");
+        });
+    }
+
+    #[test]
+    fn released_memory_admits_the_next_request() {
+        let budget = MemoryBudget::new(512);
+        assert!(budget.acquire(400));
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| budget.acquire(200));
+            budget.release(400);
+            assert!(waiter.join().unwrap());
+        });
+        // A request above the limit is admitted alone once nothing is in use.
+        budget.release(200);
+        assert!(budget.acquire(1000));
+    }
+}
