@@ -563,7 +563,28 @@ pub fn decode_chunk_into(
     let copied = base.len().min(len);
     out[..copied].copy_from_slice(&base[..copied]);
     out[copied..].fill(0);
-    rebuild(record, streams, stored, words, word_bytes, out, scratch)
+    rebuild(record, streams, stored, words, word_bytes, Some(out), scratch)
+}
+
+/// Checks everything of a chunk that needs no base (spec §11.2 D1, D3, D4, D6): its
+/// stored bytes against their checksum, its streams under the zstd profile, its
+/// positions, and that its values change exactly `changed_count` words. Only the
+/// rebuilt chunk's digest (D7) is left, which needs the base. Allocates scratch
+/// only, no output ([`DecodeCost::scratch`]).
+///
+/// # Errors
+/// As [`decode_chunk`], except `E_CHUNK_DIGEST`.
+pub fn check_chunk_payload(
+    record: &ChunkRecord,
+    streams: &[StreamRecord],
+    stored: &[u8],
+    words: usize,
+    word_bytes: usize,
+    scratch: &mut DecodeScratch,
+) -> Result<()> {
+    check_chunk_shape(record, streams, words as u64, word_bytes)?;
+    check_stored(record, stored)?;
+    rebuild(record, streams, stored, words, word_bytes, None, scratch)
 }
 
 /// Checks that `stored` is the whole of a chunk's stored bytes and matches its
@@ -649,14 +670,16 @@ impl DecodeScratch {
     }
 }
 
-/// Decodes the streams and applies them to `out`, which holds the base words.
+/// Decodes the streams and applies them to `out`, which holds the base words, then
+/// checks the digest. Without `out`, checks the streams and counts the changed
+/// words only.
 fn rebuild(
     record: &ChunkRecord,
     streams: &[StreamRecord],
     stored: &[u8],
     words: usize,
     word_bytes: usize,
-    out: &mut [u8],
+    mut out: Option<&mut [u8]>,
     scratch: &mut DecodeScratch,
 ) -> Result<()> {
     let mut ranges = Vec::with_capacity(streams.len());
@@ -701,7 +724,11 @@ fn rebuild(
     let nonzero = with_word!(word_bytes, W => {
         let mut joined: Vec<W> = Vec::new();
         values::join(&refs[position_count..], value_count, record.value_layout, &mut joined)?;
-        values::apply::<W>(out, &joined, positions, record.value_order, record.value_op)
+        match out.as_deref_mut() {
+            Some(out) => values::apply::<W>(out, &joined, positions, record.value_order, record.value_op),
+            // D6 counts values, whatever the base and the order they are applied in.
+            None => joined.iter().filter(|&&v| v != W::default()).count(),
+        }
     });
     if record.encoding != Encoding::Raw && nonzero != m {
         return fail(
@@ -709,7 +736,7 @@ fn rebuild(
             format!("the chunk declares {m} changed words but its values change {nonzero}"),
         );
     }
-    if leaf_digest(out) != record.digest {
+    if out.is_some_and(|out| leaf_digest(out) != record.digest) {
         return fail(ErrorCode::ChunkDigest, "the rebuilt chunk does not match its digest");
     }
     Ok(())

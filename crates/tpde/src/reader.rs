@@ -13,7 +13,8 @@ use crate::container::json::parse_strict;
 use crate::container::preamble::{check_trailer, Preamble, MAGIC};
 use crate::container::Layout;
 use crate::delta::{
-    check_chunk_shape, check_unchanged, decode_chunk_into, decode_chunk_with, decode_cost, DecodeCost, DecodeScratch,
+    check_chunk_payload, check_chunk_shape, check_unchanged, decode_chunk_into, decode_chunk_with, decode_cost,
+    DecodeCost, DecodeScratch,
 };
 use crate::digest::{checksum64, to_hex, tree_digest, Digest128};
 use crate::error::{fail, Error, ErrorCode, Result};
@@ -318,7 +319,7 @@ impl DeltaFile {
 
     /// The base bytes at a chunk's place: `None` without base, possibly shorter
     /// than the chunk (or empty) where the base tensor is shorter.
-    fn chunk_base<'b>(span: ChunkSpan, word_bytes: usize, base: Option<&'b [u8]>) -> Option<&'b [u8]> {
+    fn chunk_base(span: ChunkSpan, word_bytes: usize, base: Option<&[u8]>) -> Option<&[u8]> {
         base.map(|b| {
             let start = usize::try_from(span.first_word).unwrap_or(usize::MAX).saturating_mul(word_bytes).min(b.len());
             let end = start.saturating_add(usize::try_from(span.words).unwrap_or(usize::MAX) * word_bytes).min(b.len());
@@ -412,6 +413,31 @@ impl DeltaFile {
         )
         .map_err(|e| self.locate(e, tensor, span))?;
         Ok(chunk_base.filter(|_| unchanged))
+    }
+
+    /// Checks everything of a chunk that needs no base: checksum, streams, positions
+    /// and changed count (spec §11.2 D1, D3, D4, D6); see
+    /// [`crate::delta::check_chunk_payload`].
+    ///
+    /// # Errors
+    /// As [`DeltaFile::decode_chunk`], except `E_CHUNK_DIGEST`.
+    pub fn check_chunk_payload(
+        &self,
+        tensor: &TensorEntry,
+        span: ChunkSpan,
+        scratch: &mut DecodeScratch,
+    ) -> Result<()> {
+        let word_bytes = tensor.word_bytes()?;
+        let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
+        check_chunk_payload(
+            self.chunk(span.index),
+            self.streams(span.index),
+            self.stored_bytes(span.index),
+            words,
+            word_bytes,
+            scratch,
+        )
+        .map_err(|e| self.locate(e, tensor, span))
     }
 
     /// What decoding a chunk allocates at most, from its validated record.
