@@ -529,11 +529,24 @@ pub fn decode_chunk_with(
     scratch: &mut DecodeScratch,
 ) -> Result<()> {
     check_chunk_shape(record, streams, words as u64, word_bytes)?;
+    check_stored(record, stored)?;
     let len = words * word_bytes;
+    let base = base_of(record, base);
     out.clear();
     try_reserve(out, len)?;
+    // Written once: the base, then zeros past its end (spec §11.2 D2).
+    out.extend_from_slice(&base[..base.len().min(len)]);
     out.resize(len, 0);
-    decode_chunk_into(record, streams, stored, base, words, word_bytes, out, scratch)
+    rebuild(record, streams, stored, words, word_bytes, Some(out), scratch)
+}
+
+/// The base words a chunk starts from (spec §11.2 D2): none for a raw chunk.
+fn base_of<'b>(record: &ChunkRecord, base: Option<&'b [u8]>) -> &'b [u8] {
+    if record.encoding == Encoding::Raw {
+        &[]
+    } else {
+        base.unwrap_or_default()
+    }
 }
 
 /// As [`decode_chunk_with`], into `out`, which must be exactly `words * word_bytes`
@@ -558,8 +571,7 @@ pub fn decode_chunk_into(
     if out.len() != len {
         return fail(ErrorCode::InvalidArgument, format!("the output holds {} bytes, not {len}", out.len()));
     }
-    let needs_base = !matches!(record.encoding, Encoding::Raw);
-    let base = if needs_base { base.unwrap_or_default() } else { &[] };
+    let base = base_of(record, base);
     let copied = base.len().min(len);
     out[..copied].copy_from_slice(&base[..copied]);
     out[copied..].fill(0);
