@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --workspace --locked
+# Decoding memory at the largest chunk size: a 1 GiB input, fast enough only in release.
+cargo test --release --locked -p tpde-cli --test memory -- --ignored
 
 # The kernels compile with NVRTC without a driver or a GPU: the PyPI wheel ships
 # libnvrtc.so.13, which cudarc's loader finds by that name on LD_LIBRARY_PATH.

@@ -81,6 +81,21 @@ class ConformanceSuite(unittest.TestCase):
         p = subprocess.run([sys.executable, READER, "frobnicate"], capture_output=True, check=False)
         self.assertEqual(p.returncode, 2)
 
+    def test_out_of_memory_is_a_code(self):
+        """§9.1: an allocation failure is E_OUT_OF_MEMORY, never a crash."""
+        import contextlib
+        import io
+        from unittest import mock
+
+        def exhausted(*_):
+            raise MemoryError
+        out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+        with mock.patch.object(r, "cmd_decode", exhausted), contextlib.redirect_stderr(io.StringIO()), \
+                mock.patch.object(sys, "stdout", out):
+            status = r.main(["decode", "any.tpde"])
+        out.flush()
+        self.assertEqual((status, out.buffer.getvalue()), (1, b'{"error":"E_OUT_OF_MEMORY"}\n'))
+
 
 class SpecVectors(unittest.TestCase):
     """§10.3."""

@@ -1265,6 +1265,11 @@ def main(argv=None):
         print(f"tpde_reader: {escape_for_terminal(str(e))}", file=sys.stderr)
         sys.stdout.buffer.write(canonical({"error": "E_IO"}).encode("utf-8"))
         return 1
+    except MemoryError:
+        # Spec §9.1: an allocation failure is a code, never a crash.
+        print("tpde_reader: out of memory", file=sys.stderr)
+        sys.stdout.buffer.write(canonical({"error": "E_OUT_OF_MEMORY"}).encode("utf-8"))
+        return 1
     return 0
 
 

@@ -9,6 +9,7 @@ use crate::container::chunk_map::{
 };
 use crate::digest::{checksum64, leaf_digest};
 use crate::error::{fail, ErrorCode, Result};
+use crate::limits::try_reserve;
 
 /// Density below which a chunk is always sparse, and above which always dense; in
 /// between, both sizes are predicted from samples, and both encodings built only
@@ -494,10 +495,12 @@ pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: 
 /// Rebuilds one chunk into `out` (cleared first; `words * word_bytes` bytes after).
 /// `stored` holds the chunk's stored bytes; `base` the base bytes at the chunk's
 /// place, possibly shorter than the chunk or empty. The stored bytes' checksum and
-/// the result's digest are both checked.
+/// the result's digest are both checked. Scratch memory is allocated for this call
+/// and freed before it returns; [`decode_chunk_with`] reuses it across calls.
 ///
 /// # Errors
-/// Any decoding error of spec §8, `E_CHUNK_CHECKSUM`, `E_CHUNK_DIGEST`.
+/// Any decoding error of spec §8, `E_CHUNK_CHECKSUM`, `E_CHUNK_DIGEST`, and
+/// `E_OUT_OF_MEMORY` when a buffer cannot be allocated.
 pub fn decode_chunk(
     record: &ChunkRecord,
     streams: &[StreamRecord],
@@ -507,46 +510,188 @@ pub fn decode_chunk(
     word_bytes: usize,
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    decode_chunk_with(record, streams, stored, base, words, word_bytes, out, &mut DecodeScratch::default())
+}
+
+/// As [`decode_chunk`], with scratch buffers that the caller keeps between chunks.
+///
+/// # Errors
+/// As [`decode_chunk`].
+#[allow(clippy::too_many_arguments)] // the parts of one chunk, as in `decode_chunk`
+pub fn decode_chunk_with(
+    record: &ChunkRecord,
+    streams: &[StreamRecord],
+    stored: &[u8],
+    base: Option<&[u8]>,
+    words: usize,
+    word_bytes: usize,
+    out: &mut Vec<u8>,
+    scratch: &mut DecodeScratch,
+) -> Result<()> {
     check_chunk_shape(record, streams, words as u64, word_bytes)?;
+    check_stored(record, stored)?;
+    let len = words * word_bytes;
+    let base = base_of(record, base);
+    out.clear();
+    try_reserve(out, len)?;
+    // Written once: the base, then zeros past its end (spec §11.2 D2).
+    out.extend_from_slice(&base[..base.len().min(len)]);
+    out.resize(len, 0);
+    rebuild(record, streams, stored, words, word_bytes, Some(out), scratch)
+}
+
+/// The base words a chunk starts from (spec §11.2 D2): none for a raw chunk.
+fn base_of<'b>(record: &ChunkRecord, base: Option<&'b [u8]>) -> &'b [u8] {
+    if record.encoding == Encoding::Raw {
+        &[]
+    } else {
+        base.unwrap_or_default()
+    }
+}
+
+/// As [`decode_chunk_with`], into `out`, which must be exactly `words * word_bytes`
+/// bytes long; its content on entry does not matter.
+///
+/// # Errors
+/// As [`decode_chunk`], and `E_INVALID_ARGUMENT` when `out` has the wrong length.
+#[allow(clippy::too_many_arguments)] // the parts of one chunk, as in `decode_chunk`
+pub fn decode_chunk_into(
+    record: &ChunkRecord,
+    streams: &[StreamRecord],
+    stored: &[u8],
+    base: Option<&[u8]>,
+    words: usize,
+    word_bytes: usize,
+    out: &mut [u8],
+    scratch: &mut DecodeScratch,
+) -> Result<()> {
+    check_chunk_shape(record, streams, words as u64, word_bytes)?;
+    check_stored(record, stored)?;
+    let len = words * word_bytes;
+    if out.len() != len {
+        return fail(ErrorCode::InvalidArgument, format!("the output holds {} bytes, not {len}", out.len()));
+    }
+    let base = base_of(record, base);
+    let copied = base.len().min(len);
+    out[..copied].copy_from_slice(&base[..copied]);
+    out[copied..].fill(0);
+    rebuild(record, streams, stored, words, word_bytes, Some(out), scratch)
+}
+
+/// Checks everything of a chunk that needs no base (spec §11.2 D1, D3, D4, D6): its
+/// stored bytes against their checksum, its streams under the zstd profile, its
+/// positions, and that its values change exactly `changed_count` words. Only the
+/// rebuilt chunk's digest (D7) is left, which needs the base. Allocates scratch
+/// only, no output ([`DecodeCost::scratch`]).
+///
+/// # Errors
+/// As [`decode_chunk`], except `E_CHUNK_DIGEST`.
+pub fn check_chunk_payload(
+    record: &ChunkRecord,
+    streams: &[StreamRecord],
+    stored: &[u8],
+    words: usize,
+    word_bytes: usize,
+    scratch: &mut DecodeScratch,
+) -> Result<()> {
+    check_chunk_shape(record, streams, words as u64, word_bytes)?;
+    check_stored(record, stored)?;
+    rebuild(record, streams, stored, words, word_bytes, None, scratch)
+}
+
+/// Checks that `stored` is the whole of a chunk's stored bytes and matches its
+/// checksum (spec §6).
+fn check_stored(record: &ChunkRecord, stored: &[u8]) -> Result<()> {
     if stored.len() != record.stored_len as usize {
         return fail(ErrorCode::Truncated, "the chunk's stored bytes are cut short");
     }
     if checksum64(stored) != record.checksum {
         return fail(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");
     }
-    let needs_base = !matches!(record.encoding, Encoding::Raw);
-    let base = if needs_base { base.unwrap_or_default() } else { &[] };
-    let len = words * word_bytes;
-    out.clear();
-    out.extend_from_slice(&base[..base.len().min(len)]);
-    out.resize(len, 0);
-
-    DECODE_SCRATCH.with(|cell| {
-        let scratch = &mut *cell.borrow_mut();
-        rebuild(record, streams, stored, words, word_bytes, out, scratch)
-    })
+    Ok(())
 }
 
-/// Buffers reused from chunk to chunk on each thread, so that decoding does not
-/// allocate (and page-fault) afresh for every chunk.
-#[derive(Default)]
-struct DecodeScratch {
+/// Checks an unchanged chunk whose base covers it in full, without copying: the
+/// rebuilt chunk is `base` itself, so only its record, checksum and digest are
+/// checked. Returns `false`, having checked nothing, for any other chunk.
+///
+/// # Errors
+/// As [`decode_chunk`].
+pub fn check_unchanged(
+    record: &ChunkRecord,
+    streams: &[StreamRecord],
+    stored: &[u8],
+    base: Option<&[u8]>,
+    words: usize,
+    word_bytes: usize,
+) -> Result<bool> {
+    let len = words * word_bytes;
+    let Some(base) = base.filter(|b| b.len() == len) else { return Ok(false) };
+    if record.encoding != Encoding::Unchanged {
+        return Ok(false);
+    }
+    check_chunk_shape(record, streams, words as u64, word_bytes)?;
+    check_stored(record, stored)?;
+    if leaf_digest(base) != record.digest {
+        return fail(ErrorCode::ChunkDigest, "the rebuilt chunk does not match its digest");
+    }
+    Ok(true)
+}
+
+/// The most bytes that decoding one chunk allocates, output included, from its
+/// validated record: the output, the decoded zstd streams, the expanded positions
+/// and the joined values (see [`crate::limits::DECODE_MEMORY_BUDGET`]). Call it
+/// only on a record that [`check_chunk_shape`] accepted.
+#[must_use]
+pub fn decode_cost(record: &ChunkRecord, streams: &[StreamRecord], words: u64, word_bytes: usize) -> DecodeCost {
+    let w = word_bytes as u64;
+    let zstd: u64 = streams.iter().filter(|s| s.codec == Codec::Zstd).map(|s| u64::from(s.decoded_len)).sum();
+    let m = u64::from(record.changed_count);
+    let (positions, values) = match record.encoding {
+        Encoding::Unchanged => (0, 0),
+        Encoding::Sparse => (4 * m, m * w),
+        Encoding::Dense | Encoding::Raw => (0, words * w),
+    };
+    DecodeCost { output: words * w, scratch: zstd + positions + values }
+}
+
+/// The bytes that decoding one chunk allocates; see [`decode_cost`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DecodeCost {
+    /// The rebuilt chunk.
+    pub output: u64,
+    /// Buffers that live only while the chunk is decoded.
+    pub scratch: u64,
+}
+
+/// Buffers reused from chunk to chunk: decoded zstd streams and expanded
+/// positions. A caller that keeps one bounds what it keeps with
+/// [`DecodeScratch::retained_bytes`].
+#[derive(Debug, Default)]
+pub struct DecodeScratch {
     streams: Vec<Vec<u8>>,
     positions: Vec<u32>,
 }
 
-thread_local! {
-    static DECODE_SCRATCH: std::cell::RefCell<DecodeScratch> = std::cell::RefCell::default();
+impl DecodeScratch {
+    /// Bytes this scratch holds allocated.
+    #[must_use]
+    pub fn retained_bytes(&self) -> u64 {
+        let streams: usize = self.streams.iter().map(Vec::capacity).sum();
+        (streams + self.positions.capacity() * 4) as u64
+    }
 }
 
-/// Decodes the streams and applies them to `out`, which holds the base words.
+/// Decodes the streams and applies them to `out`, which holds the base words, then
+/// checks the digest. Without `out`, checks the streams and counts the changed
+/// words only.
 fn rebuild(
     record: &ChunkRecord,
     streams: &[StreamRecord],
     stored: &[u8],
     words: usize,
     word_bytes: usize,
-    out: &mut [u8],
+    mut out: Option<&mut [u8]>,
     scratch: &mut DecodeScratch,
 ) -> Result<()> {
     let mut ranges = Vec::with_capacity(streams.len());
@@ -590,8 +735,12 @@ fn rebuild(
     let positions = (record.encoding == Encoding::Sparse).then_some(changed.as_slice());
     let nonzero = with_word!(word_bytes, W => {
         let mut joined: Vec<W> = Vec::new();
-        values::join(&refs[position_count..], value_count, record.value_layout, &mut joined);
-        values::apply::<W>(out, &joined, positions, record.value_order, record.value_op)
+        values::join(&refs[position_count..], value_count, record.value_layout, &mut joined)?;
+        match out.as_deref_mut() {
+            Some(out) => values::apply::<W>(out, &joined, positions, record.value_order, record.value_op),
+            // D6 counts values, whatever the base and the order they are applied in.
+            None => joined.iter().filter(|&&v| v != W::default()).count(),
+        }
     });
     if record.encoding != Encoding::Raw && nonzero != m {
         return fail(
@@ -599,7 +748,7 @@ fn rebuild(
             format!("the chunk declares {m} changed words but its values change {nonzero}"),
         );
     }
-    if leaf_digest(out) != record.digest {
+    if out.is_some_and(|out| leaf_digest(out) != record.digest) {
         return fail(ErrorCode::ChunkDigest, "the rebuilt chunk does not match its digest");
     }
     Ok(())

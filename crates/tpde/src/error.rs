@@ -87,6 +87,8 @@ pub enum ErrorCode {
     TargetMismatch,
     /// A caller passed an argument outside its valid range.
     InvalidArgument,
+    /// Memory for decoding could not be allocated (spec §9.1).
+    OutOfMemory,
 }
 
 impl ErrorCode {
@@ -131,6 +133,7 @@ impl ErrorCode {
             Self::OutputExists => "E_OUTPUT_EXISTS",
             Self::TargetMismatch => "E_TARGET_MISMATCH",
             Self::InvalidArgument => "E_INVALID_ARGUMENT",
+            Self::OutOfMemory => "E_OUT_OF_MEMORY",
         }
     }
 
@@ -173,6 +176,7 @@ impl ErrorCode {
         Self::OutputExists,
         Self::TargetMismatch,
         Self::InvalidArgument,
+        Self::OutOfMemory,
     ];
 
     /// What the user can do about a failure of this kind.
@@ -203,6 +207,7 @@ impl ErrorCode {
                  a checkpoint"
             }
             Self::TargetMismatch => "the delta does not rebuild this target",
+            Self::OutOfMemory => "free memory, or raise the process's memory limit",
             _ => return None,
         })
     }

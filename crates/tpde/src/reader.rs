@@ -14,10 +14,13 @@ use crate::container::header::{Header, LayoutKind, TensorEntry};
 use crate::container::json::{check_unique_keys, parse_strict, ObjectOf};
 use crate::container::preamble::{check_trailer, Preamble, MAGIC};
 use crate::container::Layout;
-use crate::delta::{check_chunk_shape, decode_chunk};
+use crate::delta::{
+    check_chunk_payload, check_chunk_shape, check_unchanged, decode_chunk_into, decode_chunk_with, decode_cost,
+    DecodeCost, DecodeScratch,
+};
 use crate::digest::{checksum64, to_hex, tree_digest, Digest128};
 use crate::error::{fail, Error, ErrorCode, Result};
-use crate::limits::{MAX_CHUNKS, MAX_HEADER_LEN};
+use crate::limits::{try_zeroed, DECODE_IN_FLIGHT_BYTES, MAX_CHUNKS, MAX_HEADER_LEN};
 
 /// Where a chunk sits in its tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,11 +334,22 @@ impl DeltaFile {
         }))
     }
 
+    /// The base bytes at a chunk's place: `None` without base, possibly shorter
+    /// than the chunk (or empty) where the base tensor is shorter.
+    fn chunk_base(span: ChunkSpan, word_bytes: usize, base: Option<&[u8]>) -> Option<&[u8]> {
+        base.map(|b| {
+            let start = usize::try_from(span.first_word).unwrap_or(usize::MAX).saturating_mul(word_bytes).min(b.len());
+            let end = start.saturating_add(usize::try_from(span.words).unwrap_or(usize::MAX) * word_bytes).min(b.len());
+            &b[start..end]
+        })
+    }
+
     /// Rebuilds one chunk into `out`, given the whole base tensor's bytes (or `None`
     /// for a tensor without base).
     ///
     /// # Errors
-    /// Decoding, checksum and digest errors, naming the tensor and chunk.
+    /// Decoding, checksum and digest errors, naming the tensor and chunk;
+    /// `E_OUT_OF_MEMORY` when a buffer cannot be allocated.
     pub fn decode_chunk(
         &self,
         tensor: &TensorEntry,
@@ -343,43 +357,151 @@ impl DeltaFile {
         base: Option<&[u8]>,
         out: &mut Vec<u8>,
     ) -> Result<()> {
+        self.decode_chunk_with(tensor, span, base, out, &mut DecodeScratch::default())
+    }
+
+    /// As [`DeltaFile::decode_chunk`], with scratch buffers kept by the caller.
+    pub(crate) fn decode_chunk_with(
+        &self,
+        tensor: &TensorEntry,
+        span: ChunkSpan,
+        base: Option<&[u8]>,
+        out: &mut Vec<u8>,
+        scratch: &mut DecodeScratch,
+    ) -> Result<()> {
         let word_bytes = tensor.word_bytes()?;
-        let base_slice = base.map(|b| {
-            let start = usize::try_from(span.first_word).unwrap_or(usize::MAX).saturating_mul(word_bytes).min(b.len());
-            let end = start.saturating_add(usize::try_from(span.words).unwrap_or(usize::MAX) * word_bytes).min(b.len());
-            &b[start..end]
-        });
         let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
-        decode_chunk(
+        decode_chunk_with(
             self.chunk(span.index),
             self.streams(span.index),
             self.stored_bytes(span.index),
-            base_slice,
+            Self::chunk_base(span, word_bytes, base),
             words,
             word_bytes,
             out,
+            scratch,
         )
-        .map_err(|e| e.in_file(&self.path).in_tensor(&tensor.name).in_chunk(span.index))
+        .map_err(|e| self.locate(e, tensor, span))
     }
 
-    /// Rebuilds a whole tensor, decoding its chunks in parallel.
+    /// As [`DeltaFile::decode_chunk`], into `out`, exactly the chunk's length.
+    fn decode_chunk_into(
+        &self,
+        tensor: &TensorEntry,
+        span: ChunkSpan,
+        base: Option<&[u8]>,
+        out: &mut [u8],
+        scratch: &mut DecodeScratch,
+    ) -> Result<()> {
+        let word_bytes = tensor.word_bytes()?;
+        let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
+        decode_chunk_into(
+            self.chunk(span.index),
+            self.streams(span.index),
+            self.stored_bytes(span.index),
+            Self::chunk_base(span, word_bytes, base),
+            words,
+            word_bytes,
+            out,
+            scratch,
+        )
+        .map_err(|e| self.locate(e, tensor, span))
+    }
+
+    /// For an unchanged chunk that its base covers in full: checks it (record,
+    /// checksum, digest) and returns the base bytes, which are the rebuilt chunk,
+    /// without copying them. `None`, having checked nothing, for any other chunk.
+    pub(crate) fn unchanged_chunk<'b>(
+        &self,
+        tensor: &TensorEntry,
+        span: ChunkSpan,
+        base: Option<&'b [u8]>,
+    ) -> Result<Option<&'b [u8]>> {
+        let word_bytes = tensor.word_bytes()?;
+        let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
+        let chunk_base = Self::chunk_base(span, word_bytes, base);
+        let unchanged = check_unchanged(
+            self.chunk(span.index),
+            self.streams(span.index),
+            self.stored_bytes(span.index),
+            chunk_base,
+            words,
+            word_bytes,
+        )
+        .map_err(|e| self.locate(e, tensor, span))?;
+        Ok(chunk_base.filter(|_| unchanged))
+    }
+
+    /// Checks everything of a chunk that needs no base: checksum, streams, positions
+    /// and changed count (spec §11.2 D1, D3, D4, D6); see
+    /// [`crate::delta::check_chunk_payload`].
     ///
     /// # Errors
-    /// As [`DeltaFile::decode_chunk`], and `E_BASE_REQUIRED` when a base is needed.
+    /// As [`DeltaFile::decode_chunk`], except `E_CHUNK_DIGEST`.
+    pub fn check_chunk_payload(
+        &self,
+        tensor: &TensorEntry,
+        span: ChunkSpan,
+        scratch: &mut DecodeScratch,
+    ) -> Result<()> {
+        let word_bytes = tensor.word_bytes()?;
+        let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
+        check_chunk_payload(
+            self.chunk(span.index),
+            self.streams(span.index),
+            self.stored_bytes(span.index),
+            words,
+            word_bytes,
+            scratch,
+        )
+        .map_err(|e| self.locate(e, tensor, span))
+    }
+
+    /// What decoding a chunk allocates at most, from its validated record.
+    ///
+    /// # Errors
+    /// `E_UNKNOWN_DTYPE` (excluded once the file is open).
+    pub fn decode_cost(&self, tensor: &TensorEntry, span: ChunkSpan) -> Result<DecodeCost> {
+        Ok(decode_cost(self.chunk(span.index), self.streams(span.index), span.words, tensor.word_bytes()?))
+    }
+
+    fn locate(&self, e: Error, tensor: &TensorEntry, span: ChunkSpan) -> Error {
+        e.in_file(&self.path).in_tensor(&tensor.name).in_chunk(span.index)
+    }
+
+    /// Rebuilds a whole tensor, decoding its chunks in parallel. The tensor is
+    /// allocated once; chunks are decoded in batches whose scratch memory stays
+    /// within [`crate::limits::DECODE_IN_FLIGHT_BYTES`].
+    ///
+    /// # Errors
+    /// As [`DeltaFile::decode_chunk`], `E_BASE_REQUIRED` when a base is needed, and
+    /// `E_OUT_OF_MEMORY` when the tensor cannot be allocated.
     pub fn decode_tensor(&self, tensor: &TensorEntry, base: Option<&[u8]>) -> Result<Vec<u8>> {
         if tensor.needs_base() && base.is_none() {
             return Err(Error::new(ErrorCode::BaseRequired, "the tensor is a delta and no base was given")
                 .in_tensor(&tensor.name));
         }
+        let len = usize::try_from(tensor.byte_len()?)
+            .map_err(|_| Error::new(ErrorCode::OutOfMemory, "the tensor does not fit this machine's memory"))?;
+        let mut out = try_zeroed(len).map_err(|e| e.in_file(&self.path).in_tensor(&tensor.name))?;
         let spans: Vec<ChunkSpan> = self.spans(tensor)?.collect();
-        let parts = spans
-            .par_iter()
-            .map(|&span| {
-                let mut out = Vec::new();
-                self.decode_chunk(tensor, span, base, &mut out).map(|()| out)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(parts.concat())
+        let costs =
+            spans.iter().map(|&span| self.decode_cost(tensor, span).map(|c| c.scratch)).collect::<Result<Vec<_>>>()?;
+        // One piece per chunk, so that a chunk of no words (an empty tensor) is checked too.
+        let word_bytes = tensor.word_bytes()?;
+        let mut pieces: Vec<&mut [u8]> = Vec::with_capacity(spans.len());
+        let mut rest = out.as_mut_slice();
+        for span in &spans {
+            let (piece, tail) = rest.split_at_mut(usize::try_from(span.words).expect("bounded") * word_bytes);
+            pieces.push(piece);
+            rest = tail;
+        }
+        for batch in crate::pipeline::batches(&costs, DECODE_IN_FLIGHT_BYTES) {
+            spans[batch.clone()].par_iter().zip(pieces[batch].par_iter_mut()).try_for_each(|(&span, piece)| {
+                self.decode_chunk_into(tensor, span, base, piece, &mut DecodeScratch::default())
+            })?;
+        }
+        Ok(out)
     }
 }
 

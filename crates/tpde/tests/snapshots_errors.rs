@@ -27,6 +27,8 @@ fn errors_outside_the_suite(dir: &Path) -> Vec<tpde::Error> {
     out.extend(pipeline::apply::verify(&delta, Some(&base), Some(&base), &NoProgress).err());
     let options = EncodeOptions { chunk_words: 0, ..EncodeOptions::default() };
     out.extend(pipeline::encode::encode(None, &base, &scratch.path().join("x.tpde"), options, &NoProgress).err());
+    // More memory than any machine has: refused, not aborted.
+    out.extend(tpde::limits::try_zeroed(usize::MAX).err());
     out
 }
 

@@ -88,7 +88,9 @@ enum Command {
         #[command(flatten)]
         threads: Threads,
     },
-    /// Show per-tensor encodings, sizes and change fractions.
+    /// Show per-tensor encodings, sizes and change fractions, after checking every
+    /// chunk's checksum, streams and changed count (the rebuilt bytes need the base:
+    /// `verify` proves them).
     Inspect {
         /// The delta file.
         delta: PathBuf,
@@ -323,6 +325,19 @@ fn render_report(report: &pipeline::inspect::Report) -> String {
         );
     }
     let _ = writeln!(out, "file size {}", human(report.file_bytes));
+    let checked = report.checked;
+    let _ = writeln!(
+        out,
+        "checked: {}{}{}; {}",
+        if checked.structure { "structure" } else { "nothing" },
+        if checked.chunk_checksums { ", every chunk checksum" } else { "" },
+        if checked.chunk_payloads { ", streams and changed counts" } else { "" },
+        if checked.rebuilt_digests {
+            "rebuilt bytes proven by their digests"
+        } else {
+            "rebuilt bytes not checked (that needs the base): run `tpde verify` to prove them"
+        }
+    );
     out
 }
 

@@ -52,10 +52,11 @@ pub fn encode_bitmap(positions: &[u32], words: usize) -> Vec<u8> {
 ///
 /// # Errors
 /// `E_POSITIONS_NOT_INCREASING` for a zero gap after the first,
-/// `E_POSITIONS_OUT_OF_BOUNDS` for a position at or past `words`.
+/// `E_POSITIONS_OUT_OF_BOUNDS` for a position at or past `words`, `E_OUT_OF_MEMORY`
+/// when `out` cannot hold `count` positions.
 pub fn decode_gaps(planes: &[&[u8]], count: usize, words: usize, out: &mut Vec<u32>) -> Result<()> {
     out.clear();
-    out.reserve_exact(count);
+    crate::limits::try_reserve(out, count)?;
     let mut position = 0u64;
     for j in 0..count {
         let mut gap = 0u64;
@@ -82,10 +83,11 @@ pub fn decode_gaps(planes: &[&[u8]], count: usize, words: usize, out: &mut Vec<u
 ///
 /// # Errors
 /// `E_POSITIONS_OUT_OF_BOUNDS` for a set padding bit, `E_CHANGED_COUNT` when the
-/// number of set bits is not `count`.
+/// number of set bits is not `count`, `E_OUT_OF_MEMORY` when `out` cannot hold
+/// `count` positions.
 pub fn decode_bitmap(bitmap: &[u8], count: usize, words: usize, out: &mut Vec<u32>) -> Result<()> {
     out.clear();
-    out.reserve_exact(count);
+    crate::limits::try_reserve(out, count)?;
     let tail_bits = words % 8;
     if tail_bits != 0 && bitmap.last().is_some_and(|&b| b >> tail_bits != 0) {
         return fail(ErrorCode::PositionsOutOfBounds, "a padding bit of the bitmap is set");

@@ -3,6 +3,7 @@
 //! float arithmetic is ever done.
 
 use crate::container::chunk_map::{ValueLayout, ValueOp, ValueOrder};
+use crate::error::Result;
 
 /// An unsigned word of 1, 2, 4 or 8 bytes.
 pub(crate) trait Word: Copy + Eq + Default + Send + Sync {
@@ -152,14 +153,18 @@ pub(crate) fn split<W: Word>(values: &[W], layout: ValueLayout) -> Vec<Vec<u8>> 
 }
 
 /// Joins the streams of `layout` back into `count` value words.
-pub(crate) fn join<W: Word>(streams: &[&[u8]], count: usize, layout: ValueLayout, out: &mut Vec<W>) {
+///
+/// # Errors
+/// `E_OUT_OF_MEMORY` when `out` cannot grow to `count` words.
+pub(crate) fn join<W: Word>(streams: &[&[u8]], count: usize, layout: ValueLayout, out: &mut Vec<W>) -> Result<()> {
     out.clear();
     if count == 0 {
-        return;
+        return Ok(());
     }
+    crate::limits::try_reserve(out, count)?;
     if layout == ValueLayout::Words {
         out.extend(streams[0][..count * W::BYTES].chunks_exact(W::BYTES).map(W::load));
-        return;
+        return Ok(());
     }
     out.resize(count, W::default());
     // One pass per plane keeps each loop a simple zip that the compiler vectorises.
@@ -173,6 +178,7 @@ pub(crate) fn join<W: Word>(streams: &[&[u8]], count: usize, layout: ValueLayout
             *word = word.rotate_right1();
         }
     }
+    Ok(())
 }
 
 /// Applies values to `words` (which hold the base): the value of the `j`-th position
@@ -381,7 +387,7 @@ mod tests {
             assert_eq!(streams.len(), stream_count(layout, 4));
             let refs: Vec<&[u8]> = streams.iter().map(Vec::as_slice).collect();
             let mut back: Vec<u32> = Vec::new();
-            join(&refs, values.len(), layout, &mut back);
+            join(&refs, values.len(), layout, &mut back).unwrap();
             assert_eq!(back, values);
         }
         // Rotation moves the sign bit to the low byte and the exponent to the top.

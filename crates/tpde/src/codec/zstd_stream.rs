@@ -120,7 +120,8 @@ fn check_frame_header(stored: &[u8]) -> Result<()> {
 ///
 /// # Errors
 /// `E_ZSTD_PROFILE` when the frame breaks the profile, `E_STREAM_LENGTH` when its
-/// content size differs from `decoded_len`, `E_ZSTD_DECODE` when decoding fails.
+/// content size differs from `decoded_len`, `E_ZSTD_DECODE` when decoding fails,
+/// `E_OUT_OF_MEMORY` when `out` cannot grow by `decoded_len`.
 pub fn decompress_into(stored: &[u8], decoded_len: usize, out: &mut Vec<u8>) -> Result<()> {
     check_frame_header(stored)?;
     match zstd_safe::get_frame_content_size(stored) {
@@ -150,7 +151,7 @@ pub fn decompress_into(stored: &[u8], decoded_len: usize, out: &mut Vec<u8>) -> 
         }
         let decompressor = slot.as_mut().expect("set above");
         let start = out.len();
-        out.reserve_exact(decoded_len);
+        crate::limits::try_reserve(out, decoded_len)?;
         // Blocks that decode to more or fewer bytes than the content size, which
         // equals `decoded_len` by now, are a corrupt frame (spec §8.5 step 4): zstd
         // itself reports them as corruption, and the length check below agrees.

@@ -3,16 +3,19 @@
 
 use std::path::Path;
 
-use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, SyncSender};
 
 use rayon::prelude::*;
 
-use super::{window, Progress};
+use super::{batches, window, MemoryBudget, Progress};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::INDEX_FILE;
-use crate::container::header::LayoutKind;
+use crate::container::chunk_map::Encoding;
+use crate::container::header::{LayoutKind, TensorEntry};
+use crate::delta::DecodeScratch;
 use crate::digest::{tensor_digest, to_hex};
 use crate::error::{Error, ErrorCode, Result};
+use crate::limits::{DECODE_IN_FLIGHT_BYTES, DECODE_RETAINED_BYTES};
 use crate::output::{check_not_an_input, check_output, OutputKind, PendingDir, PendingFile};
 use crate::reader::{ChunkSpan, DeltaFile};
 
@@ -85,15 +88,20 @@ pub fn resolve_base<'a>(
 }
 
 /// What the decoding threads hand to the thread that writes.
-enum SinkMessage {
+enum SinkMessage<'a> {
     Begin(String),
-    Bytes(Vec<u8>),
+    /// Rebuilt bytes, and the bytes of the decode budget they hold until written.
+    Owned(Vec<u8>, u64),
+    /// Bytes of an input, written as they are: an unchanged chunk's base.
+    Borrowed(&'a [u8]),
     End,
 }
 
 /// Rebuilds every file of the target into `sink`. Chunks are decoded in parallel
 /// while a separate thread writes the previous ones, so that writing overlaps
-/// decoding; buffers travel back to be reused.
+/// decoding. Every buffer that decoding allocates is counted against
+/// [`DECODE_IN_FLIGHT_BYTES`] from before it is allocated until it is written,
+/// whatever the thread count (spec §9.1).
 fn rebuild(
     delta: &DeltaFile,
     base: Option<&Checkpoint>,
@@ -104,24 +112,39 @@ fn rebuild(
     let header = delta.header();
     let total: u64 = header.tensors.iter().map(|t| t.byte_len().unwrap_or(0)).sum();
     progress.phase("rebuilding", total);
+    let budget = MemoryBudget::new(DECODE_IN_FLIGHT_BYTES);
     let (to_writer, from_decoders) = sync_channel::<SinkMessage>(window());
-    let (recycle, recycled) = channel::<Vec<u8>>();
     std::thread::scope(|scope| {
+        let budget = &budget;
         let writer = scope.spawn(move || -> Result<()> {
+            /// Decoders waiting for memory must wake once nothing frees it any more.
+            struct CloseOnExit<'b>(&'b MemoryBudget);
+            impl Drop for CloseOnExit<'_> {
+                fn drop(&mut self) {
+                    self.0.close();
+                }
+            }
+            let _close = CloseOnExit(budget);
             for message in from_decoders {
                 match message {
                     SinkMessage::Begin(name) => sink.begin_file(&name)?,
-                    SinkMessage::Bytes(bytes) => {
-                        sink.write(&bytes)?;
+                    SinkMessage::Owned(bytes, charge) => {
+                        let written = sink.write(&bytes);
                         progress.advance(bytes.len() as u64);
-                        let _ = recycle.send(bytes);
+                        drop(bytes);
+                        budget.release(charge);
+                        written?;
+                    }
+                    SinkMessage::Borrowed(bytes) => {
+                        sink.write(bytes)?;
+                        progress.advance(bytes.len() as u64);
                     }
                     SinkMessage::End => sink.end_file()?,
                 }
             }
             Ok(())
         });
-        let decoded = decode_files(delta, &bases, &to_writer, &recycled);
+        let decoded = decode_files(delta, &bases, &to_writer, budget);
         drop(to_writer);
         // A write failure also stops the decoders; report it rather than theirs.
         writer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
@@ -134,28 +157,95 @@ fn hung_up<T>(_: T) -> Error {
     Error::new(ErrorCode::Io, "the output writer stopped")
 }
 
-fn decode_files(
+/// A chunk as rebuilt for the writer.
+enum Rebuilt<'a> {
+    Owned(Vec<u8>),
+    Borrowed(&'a [u8]),
+}
+
+/// The budget a chunk holds while it is decoded, and the part of it (its output)
+/// that it still holds until written. An unchanged chunk that its base covers is
+/// the base itself, and costs nothing.
+fn chunk_charge(delta: &DeltaFile, tensor: &TensorEntry, span: ChunkSpan, base: Option<&[u8]>) -> Result<(u64, u64)> {
+    let cost = delta.decode_cost(tensor, span)?;
+    let end = (span.first_word + span.words) * tensor.word_bytes()? as u64;
+    let covered = base.is_some_and(|b| end <= b.len() as u64);
+    if delta.chunk(span.index).encoding == Encoding::Unchanged && covered {
+        return Ok((0, 0));
+    }
+    Ok((cost.output + cost.scratch, cost.output))
+}
+
+fn decode_files<'a>(
     delta: &DeltaFile,
-    bases: &[Option<&[u8]>],
-    to_writer: &SyncSender<SinkMessage>,
-    recycled: &Receiver<Vec<u8>>,
+    bases: &[Option<&'a [u8]>],
+    to_writer: &SyncSender<SinkMessage<'a>>,
+    budget: &MemoryBudget,
 ) -> Result<()> {
     let header = delta.header();
+    // Idle scratch kept for the next batch, at most DECODE_RETAINED_BYTES of it.
+    let mut pool: Vec<DecodeScratch> = Vec::new();
     for (f, file) in header.target.files.iter().enumerate() {
         to_writer.send(SinkMessage::Begin(file.name.clone())).map_err(hung_up)?;
         let mut prefix = (file.safetensors_header.len() as u64).to_le_bytes().to_vec();
         prefix.extend_from_slice(file.safetensors_header.as_bytes());
-        to_writer.send(SinkMessage::Bytes(prefix)).map_err(hung_up)?;
-        for (tensor, base_bytes) in header.tensors.iter().zip(bases).filter(|(t, _)| t.file as usize == f) {
+        to_writer.send(SinkMessage::Owned(prefix, 0)).map_err(hung_up)?;
+        for (tensor, &base_bytes) in header.tensors.iter().zip(bases).filter(|(t, _)| t.file as usize == f) {
             let spans: Vec<ChunkSpan> = delta.spans(tensor)?.collect();
-            for batch in spans.chunks(window()) {
-                let mut buffers: Vec<Vec<u8>> = batch.iter().map(|_| recycled.try_recv().unwrap_or_default()).collect();
-                batch
+            let charges =
+                spans.iter().map(|&span| chunk_charge(delta, tensor, span, base_bytes)).collect::<Result<Vec<_>>>()?;
+            let totals: Vec<u64> = charges.iter().map(|c| c.0).collect();
+            for batch in batches(&totals, DECODE_IN_FLIGHT_BYTES) {
+                let mut scratches: Vec<DecodeScratch> = batch.clone().map(|_| pool.pop().unwrap_or_default()).collect();
+                // Reused scratch may hold more than the chunk needs: count it too.
+                let retained: u64 = scratches.iter().map(DecodeScratch::retained_bytes).sum();
+                let charged = totals[batch.clone()].iter().sum::<u64>() + retained;
+                if !budget.acquire(charged) {
+                    return Err(hung_up(()));
+                }
+                let rebuilt = spans[batch.clone()]
                     .par_iter()
-                    .zip(buffers.par_iter_mut())
-                    .try_for_each(|(&span, out)| delta.decode_chunk(tensor, span, *base_bytes, out))?;
-                for out in buffers {
-                    to_writer.send(SinkMessage::Bytes(out)).map_err(hung_up)?;
+                    .zip(scratches.par_iter_mut())
+                    .map(|(&span, scratch)| {
+                        if let Some(bytes) = delta.unchanged_chunk(tensor, span, base_bytes)? {
+                            return Ok(Rebuilt::Borrowed(bytes));
+                        }
+                        let mut out = Vec::new();
+                        delta.decode_chunk_with(tensor, span, base_bytes, &mut out, scratch)?;
+                        Ok(Rebuilt::Owned(out))
+                    })
+                    .collect::<Result<Vec<_>>>();
+                let mut kept: u64 = pool.iter().map(DecodeScratch::retained_bytes).sum();
+                for scratch in scratches {
+                    let bytes = scratch.retained_bytes();
+                    if kept + bytes <= DECODE_RETAINED_BYTES {
+                        kept += bytes;
+                        pool.push(scratch);
+                    }
+                }
+                let rebuilt = match rebuilt {
+                    Ok(rebuilt) => rebuilt,
+                    Err(e) => {
+                        budget.release(charged);
+                        return Err(e);
+                    }
+                };
+                // Scratch is free again; outputs stay counted until written.
+                let mut outputs = 0;
+                let messages: Vec<SinkMessage> = rebuilt
+                    .into_iter()
+                    .zip(&charges[batch])
+                    .map(|(chunk, &(_, output))| match chunk {
+                        Rebuilt::Owned(bytes) => {
+                            outputs += output;
+                            SinkMessage::Owned(bytes, output)
+                        }
+                        Rebuilt::Borrowed(bytes) => SinkMessage::Borrowed(bytes),
+                    })
+                    .collect();
+                budget.release(charged - outputs);
+                for message in messages {
+                    to_writer.send(message).map_err(hung_up)?;
                 }
             }
         }
