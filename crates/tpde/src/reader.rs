@@ -514,11 +514,8 @@ impl DeltaFile {
 /// # Errors
 /// `E_HEADER_INVALID` or `E_DUPLICATE_KEY`, naming the tensor.
 pub fn validate_target_files(header: &Header) -> Result<()> {
-    let mut rest = header.tensors.as_slice();
-    for (f, file) in header.target.files.iter().enumerate() {
-        let run = rest.iter().take_while(|t| t.file as usize == f).count();
-        let (listed, after) = rest.split_at(run);
-        rest = after;
+    for (file, tensors) in header.target.files.iter().zip(header.tensors_by_file()) {
+        let listed = &header.tensors[tensors];
         let what = format!("the safetensors header of {}", file.name);
         check_unique_keys(&file.safetensors_header, &what)?; // S1
         let embedded = SafetensorsHeader::parse(&file.safetensors_header)

@@ -326,6 +326,20 @@ impl Header {
         Ok(())
     }
 
+    /// The tensors of each target file, as index ranges into `tensors`, one per
+    /// file in order. Tensors are listed file by file (H5.e), so one pass suffices.
+    #[must_use]
+    pub fn tensors_by_file(&self) -> Vec<std::ops::Range<usize>> {
+        let mut next = 0;
+        (0..self.target.files.len())
+            .map(|f| {
+                let run = self.tensors[next..].iter().take_while(|t| t.file as usize == f).count();
+                next += run;
+                next - run..next
+            })
+            .collect()
+    }
+
     /// Whether any tensor needs a base.
     #[must_use]
     pub fn needs_base(&self) -> bool {

@@ -185,12 +185,12 @@ fn decode_files<'a>(
     let header = delta.header();
     // Idle scratch kept for the next batch, at most DECODE_RETAINED_BYTES of it.
     let mut pool: Vec<DecodeScratch> = Vec::new();
-    for (f, file) in header.target.files.iter().enumerate() {
+    for (file, tensors) in header.target.files.iter().zip(header.tensors_by_file()) {
         to_writer.send(SinkMessage::Begin(file.name.clone())).map_err(hung_up)?;
         let mut prefix = (file.safetensors_header.len() as u64).to_le_bytes().to_vec();
         prefix.extend_from_slice(file.safetensors_header.as_bytes());
         to_writer.send(SinkMessage::Owned(prefix, 0)).map_err(hung_up)?;
-        for (tensor, &base_bytes) in header.tensors.iter().zip(bases).filter(|(t, _)| t.file as usize == f) {
+        for (tensor, &base_bytes) in header.tensors[tensors.clone()].iter().zip(&bases[tensors]) {
             let spans: Vec<ChunkSpan> = delta.spans(tensor)?.collect();
             let charges =
                 spans.iter().map(|&span| chunk_charge(delta, tensor, span, base_bytes)).collect::<Result<Vec<_>>>()?;
