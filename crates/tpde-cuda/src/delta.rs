@@ -114,12 +114,9 @@ impl PinnedDelta {
     /// when it cannot be read or is not a regular file.
     pub fn open(gpu: &Gpu, path: &Path) -> Result<Self> {
         let io = |action: &str, e: std::io::Error| GpuError::Format(tpde::Error::io(path, action, e));
+        // Checked before opening: opening a FIFO would block.
+        let meta = tpde::checkpoint::require_regular_file(path, "cannot open the delta")?;
         let mut f = std::fs::File::open(path).map_err(|e| io("cannot open the delta", e))?;
-        let meta = f.metadata().map_err(|e| io("cannot read the delta's size", e))?;
-        if !meta.is_file() {
-            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
-            return Err(io("cannot read the delta", e));
-        }
         let len = usize::try_from(meta.len()).map_err(|_| GpuError::invalid("delta larger than the address space"))?;
         // SAFETY: uninitialized bytes, every one written by `read_exact`
         // below before any use; `u8` has no invalid bit patterns.

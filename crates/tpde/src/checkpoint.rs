@@ -439,7 +439,7 @@ impl Visitor<'_> for StringOnlyVisitor {
 ///
 /// # Errors
 /// `E_IO`, naming the file.
-pub(crate) fn require_regular_file(path: &Path, action: &str) -> Result<std::fs::Metadata> {
+pub fn require_regular_file(path: &Path, action: &str) -> Result<std::fs::Metadata> {
     let metadata = std::fs::metadata(path).map_err(|e| Error::io(path, action, e))?;
     if !metadata.is_file() {
         return Err(Error::new(ErrorCode::Io, "not a regular file (a FIFO, device, socket or directory)").in_file(path));
