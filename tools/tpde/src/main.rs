@@ -1,5 +1,6 @@
 //! The `tpde` command: encode checkpoints to deltas, apply, inspect and verify them.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -268,10 +269,15 @@ fn run(cli: Cli) -> tpde::Result<()> {
             set_threads(&threads)?;
             let delta = DeltaFile::open(&delta)?;
             let report = pipeline::inspect::inspect(&delta)?;
+            let stdout_failed =
+                |e: std::io::Error| tpde::Error::io(Path::new("<stdout>"), "cannot print the report", e);
+            let mut stdout = std::io::stdout().lock();
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("the report serialises"));
+                // Streamed: the report may hold a writer name as long as the header.
+                serde_json::to_writer_pretty(&mut stdout, &report).map_err(|e| stdout_failed(e.into()))?;
+                writeln!(stdout).map_err(stdout_failed)?;
             } else {
-                print!("{}", render_report(&report));
+                stdout.write_all(render_report(&report).as_bytes()).map_err(stdout_failed)?;
             }
         }
         Command::Verify { inputs, target, threads } => {
@@ -293,14 +299,23 @@ fn escape(text: &str) -> std::borrow::Cow<'_, str> {
     tpde::error::escape_for_terminal(text)
 }
 
-fn render_report(report: &pipeline::inspect::Report) -> String {
+/// At most `max` characters of `text`, then how long it was: a name in a table need
+/// not be whole (`--json` keeps it exact).
+fn abbreviate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &text[..cut], text.len()).into(),
+        None => text.into(),
+    }
+}
+
+fn render_report(report: &pipeline::inspect::Report<'_>) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
         out,
         "format {}, written by {}, {} target file(s), {}",
         escape(&report.format_version),
-        escape(&report.writer),
+        escape(&abbreviate(report.writer, 200)),
         report.target_files,
         if report.needs_base { "needs a base" } else { "standalone" }
     );
@@ -399,5 +414,20 @@ fn main() -> ExitCode {
             eprintln!("tpde: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::abbreviate;
+
+    /// A writer name as long as a hostile header is shown shortened in the table.
+    #[test]
+    fn long_names_are_abbreviated_for_the_table() {
+        let long = "é".repeat(100_000);
+        let shown = abbreviate(&long, 200);
+        assert_eq!(shown.chars().filter(|&c| c == 'é').count(), 200);
+        assert!(shown.ends_with("… (200000 bytes)"), "{shown}");
+        assert_eq!(abbreviate("tpde 0.1.0", 200), "tpde 0.1.0");
     }
 }

@@ -81,15 +81,16 @@ pub struct TensorReport {
     pub changed_fraction: f64,
 }
 
-/// A whole delta's report.
+/// A whole delta's report. It borrows the writer's name from the delta: a hostile
+/// file may make it as long as the header, and it is not copied (spec §5.4).
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub struct Report<'a> {
     /// What was checked before reporting.
     pub checked: Checked,
     /// Format version, `major.minor`.
     pub format_version: String,
     /// The program that wrote the file.
-    pub writer: String,
+    pub writer: &'a str,
     /// Whether a base is needed.
     pub needs_base: bool,
     /// Number of target files.
@@ -143,7 +144,7 @@ pub fn check_payloads(delta: &DeltaFile) -> Result<()> {
 ///
 /// # Errors
 /// As [`check_payloads`].
-pub fn inspect(delta: &DeltaFile) -> Result<Report> {
+pub fn inspect(delta: &DeltaFile) -> Result<Report<'_>> {
     check_payloads(delta)?;
     let mut tensors = Vec::new();
     let mut total = TensorReport { name: "total".into(), ..TensorReport::default() };
@@ -192,7 +193,7 @@ pub fn inspect(delta: &DeltaFile) -> Result<Report> {
     Ok(Report {
         checked: CHECKED,
         format_version: format!("{}.{}", crate::container::preamble::MAJOR_VERSION, preamble.minor_version),
-        writer: delta.header().writer.clone(),
+        writer: &delta.header().writer,
         needs_base: delta.header().needs_base(),
         target_files: delta.header().target.files.len(),
         file_bytes: delta.file_len(),
