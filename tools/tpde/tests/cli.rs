@@ -4,25 +4,13 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-const TPDE: &str = env!("CARGO_BIN_EXE_tpde");
-
-/// Deterministic bytes: a xorshift stream.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[5]
-        })
-        .collect()
-}
+mod common;
+use common::{noise, run, TPDE};
 
 /// Flips a few bytes every `every` bytes: a sparse change.
 fn perturb(bytes: &[u8], every: usize) -> Vec<u8> {
@@ -70,24 +58,17 @@ fn tensor(name: &'static str, dtype: &'static str, shape: &[usize], seed: u64) -
     Tensor { name, dtype, shape: shape.to_vec(), bytes }
 }
 
-fn run(args: &[&Path]) -> Output {
-    Command::new(TPDE).args(args).output().expect("tpde runs")
-}
-
 fn ok(args: &[&Path]) {
-    let out = run(args);
-    assert!(out.status.success(), "tpde {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    common::ok(args);
 }
 
-/// Runs a command that must fail, and returns the stable code it printed.
+/// Runs a command that must fail, and returns the stable code it printed on its one
+/// line of error.
 fn error_code(args: &[&Path]) -> String {
     let out = run(args);
-    assert!(!out.status.success(), "tpde {args:?} should have failed");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "one line of error: {stderr}");
-    let code = stderr.trim_start_matches("tpde: ").split(':').next().unwrap_or_default();
-    assert!(code.starts_with("E_"), "a stable code: {stderr}");
-    code.to_owned()
+    common::code_of(&out)
 }
 
 fn p(s: &str) -> &Path {

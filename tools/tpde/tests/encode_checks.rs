@@ -4,10 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
-use std::time::Duration;
 
-const TPDE: &str = env!("CARGO_BIN_EXE_tpde");
+mod common;
+use common::{code_of, run};
 
 /// A U8 tensor: name and shape.
 type Tensor<'a> = (&'a str, Vec<u64>);
@@ -50,33 +49,9 @@ fn write_sharded(dir: &Path, shards: &[(&str, Vec<Tensor<'_>>)]) {
 
 /// Runs `tpde ARGS`; a run that outlives a minute is killed and fails the test (a
 /// FIFO opened for reading blocks forever).
-fn tpde(args: &[&Path]) -> Output {
-    let mut child = Command::new(TPDE)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("tpde runs");
-    for _ in 0..600 {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.kill().expect("kill");
-    panic!("tpde {args:?} hung");
-}
-
-fn code_of(output: &Output) -> String {
-    assert!(!output.status.success(), "refused");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    stderr.split_whitespace().find(|w| w.starts_with("E_")).unwrap_or("").trim_end_matches(':').to_owned()
-}
-
 fn encode_refused_with(target: &Path, dir: &Path, code: &str) {
     let out = dir.join("out.tpde");
-    let output = tpde(&[Path::new("encode"), target, Path::new("-o"), &out]);
+    let output = run(&[Path::new("encode"), target, Path::new("-o"), &out]);
     assert_eq!(code_of(&output), code);
     assert!(!out.exists(), "no delta is written");
     let leftovers: Vec<_> = std::fs::read_dir(dir)
@@ -132,9 +107,9 @@ fn target_named_model_st_round_trips() {
     let target = dir.path().join("model.st");
     write_safetensors(&target, &[("w", vec![4])]);
     let delta = dir.path().join("d.tpde");
-    let encoded = tpde(&[Path::new("encode"), &target, Path::new("-o"), &delta]);
+    let encoded = run(&[Path::new("encode"), &target, Path::new("-o"), &delta]);
     assert!(encoded.status.success(), "{}", String::from_utf8_lossy(&encoded.stderr));
-    let verified = tpde(&[Path::new("verify"), &delta, Path::new("--target"), &target]);
+    let verified = run(&[Path::new("verify"), &delta, Path::new("--target"), &target]);
     assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
 }
 
@@ -155,7 +130,7 @@ fn fifo_inputs_are_refused_not_waited_on() {
     let target = d.join("t.safetensors");
     write_safetensors(&target, &[("w", vec![4])]);
     let delta = d.join("d.tpde");
-    assert!(tpde(&[Path::new("encode"), &target, Path::new("-o"), &delta]).status.success());
+    assert!(run(&[Path::new("encode"), &target, Path::new("-o"), &delta]).status.success());
     let sharded = d.join("s");
     write_sharded(&sharded, &[("a.safetensors", vec![("w", vec![4])])]);
     std::fs::remove_file(sharded.join("a.safetensors")).expect("rm");
@@ -170,6 +145,6 @@ fn fifo_inputs_are_refused_not_waited_on() {
         &[Path::new("encode"), &sharded, Path::new("-o"), &d.join("y.tpde")],
     ];
     for args in cases {
-        assert_eq!(code_of(&tpde(args)), "E_IO", "tpde {args:?}");
+        assert_eq!(code_of(&run(args)), "E_IO", "tpde {args:?}");
     }
 }

@@ -5,11 +5,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
-const TPDE: &str = env!("CARGO_BIN_EXE_tpde");
+mod common;
+use common::{code_of, run};
 
 /// Codes that need the base or the rebuilt bytes, which `inspect` does not have:
 /// the rebuilt chunk's digest (D7).
@@ -26,18 +27,11 @@ fn cases() -> Vec<Value> {
 }
 
 fn inspect(delta: &Path, json: bool) -> Output {
-    let mut command = Command::new(TPDE);
-    command.arg("inspect").arg(delta);
+    let mut args = vec![Path::new("inspect"), delta];
     if json {
-        command.arg("--json");
+        args.push(Path::new("--json"));
     }
-    command.output().expect("tpde runs")
-}
-
-/// The code of a failed run, from `tpde: E_...: message` on stderr.
-fn error_code(output: &Output) -> Option<String> {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    stderr.strip_prefix("tpde: ").and_then(|s| s.split(':').next()).map(str::to_owned)
+    run(&args)
 }
 
 #[test]
@@ -56,7 +50,7 @@ fn inspect_rejects_every_faulty_delta_with_the_readers_code() {
             _ => String::new(),
         };
         let expected = if NEEDS_REBUILT_BYTES.contains(&expected.as_str()) { String::new() } else { expected };
-        let got = if output.status.success() { String::new() } else { error_code(&output).unwrap_or_default() };
+        let got = if output.status.success() { String::new() } else { code_of(&output) };
         if got != expected || (!got.is_empty() && output.status.code() != Some(1)) {
             failures.push(format!("{}: expected {expected:?}, got {got:?} ({:?})", field(case, "id"), output.status));
         }
@@ -70,7 +64,7 @@ fn inspect_rejects_every_faulty_delta_with_the_readers_code() {
 fn a_corrupt_chunk_fails_inspect() {
     let output = inspect(&suite_dir().join("invalid/chunk-checksum-mismatch.tpde"), true);
     assert_eq!(output.status.code(), Some(1));
-    assert_eq!(error_code(&output).as_deref(), Some("E_CHUNK_CHECKSUM"));
+    assert_eq!(code_of(&output), "E_CHUNK_CHECKSUM");
     assert!(output.stdout.is_empty(), "no report for a corrupt file");
 }
 

@@ -15,7 +15,8 @@ use std::sync::OnceLock;
 
 use tpde::limits::DECODE_MEMORY_BUDGET;
 
-const TPDE: &str = env!("CARGO_BIN_EXE_tpde");
+mod common;
+use common::{code_of, TPDE};
 const MIB: u64 = 1 << 20;
 
 /// A U64 tensor `w` of `words` words, each `fill`; all zeros is written sparse.
@@ -102,11 +103,6 @@ fn describe(output: &Output) -> String {
     format!("status {:?}, stderr {}", output.status, String::from_utf8_lossy(&output.stderr))
 }
 
-fn error_code(output: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    stderr.strip_prefix("tpde: ").and_then(|s| s.split(':').next()).unwrap_or_default().to_owned()
-}
-
 /// Four chunks of 2^22 words (32 MiB each): a 128 MiB base, quick in a debug build.
 fn small() -> &'static Hostile {
     static SMALL: OnceLock<Hostile> = OnceLock::new();
@@ -135,7 +131,7 @@ fn a_failed_allocation_is_an_error_code_not_an_abort() {
     for command in ["verify", "apply"] {
         let output = hostile.run(command, "dense.tpde", 8, SMALL_LIMIT);
         assert_eq!(output.status.code(), Some(1), "{command}: {}", describe(&output));
-        assert_eq!(error_code(&output), "E_OUT_OF_MEMORY", "{command}: {}", describe(&output));
+        assert_eq!(code_of(&output), "E_OUT_OF_MEMORY", "{command}: {}", describe(&output));
     }
 }
 

@@ -5,26 +5,14 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-const TPDE: &str = env!("CARGO_BIN_EXE_tpde");
-
-/// Deterministic bytes: a xorshift stream.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[5]
-        })
-        .collect()
-}
+mod common;
+use common::{code_of, error_code, noise, ok, run, TPDE};
 
 /// Writes a safetensors file of U8 tensors.
 fn write_safetensors(path: &Path, tensors: &[(&str, Vec<u8>)]) {
@@ -49,30 +37,6 @@ fn write_sharded(dir: &Path, seed: u64) {
     }
     let index = serde_json::json!({"metadata": {"total_size": 8192}, "weight_map": weight_map});
     fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).unwrap()).unwrap();
-}
-
-fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
-    Command::new(TPDE).args(args).output().expect("tpde runs")
-}
-
-fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
-    let out = run(args);
-    assert!(out.status.success(), "tpde {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-/// The stable code in the last line of stderr of a failed run.
-fn code_of(out: &Output) -> String {
-    assert!(!out.status.success(), "tpde should have failed");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let last = stderr.lines().last().unwrap_or_default();
-    let code = last.trim_start_matches("tpde: ").split(':').next().unwrap_or_default();
-    assert!(code.starts_with("E_"), "a stable code: {stderr}");
-    code.to_owned()
-}
-
-fn error_code<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
-    code_of(&run(args))
 }
 
 /// Every entry under `dir`, recursively, with file contents: what a test compares
