@@ -215,30 +215,32 @@ XXH_FN void xxh3_128_short(const xu8* in, xu64 len, xu64* out_lo, xu64* out_hi) 
 }
 
 // Adds the terms of `stripes` stripes at `in` to lanes 2p and 2p + 1, the
-// secret advancing 8 bytes per stripe from `secret`.
-XXH_FN void xxh3_stripes_pair(const xu8* in, xu32 stripes, xu32 secret, xu32 p, xu64* a0, xu64* a1) {
+// secret advancing 8 bytes per stripe from `secret + at` (`secret` is
+// XXH3_SECRET or a copy of it).
+XXH_FN void xxh3_stripes_pair(const xu8* in, xu32 stripes, const xu8* secret, xu32 at, xu32 p, xu64* a0, xu64* a1) {
     for (xu32 s = 0; s < stripes; s++) {
-        const xu8* at = in + (xu64)s * XXH_STRIPE + 16 * p;
-        const xu64 d0 = xxh_read64(at), d1 = xxh_read64(at + 8);
-        const xu64 k0 = d0 ^ xxh_secret64(secret + 8 * s + 16 * p);
-        const xu64 k1 = d1 ^ xxh_secret64(secret + 8 * s + 16 * p + 8);
+        const xu8* data = in + (xu64)s * XXH_STRIPE + 16 * p;
+        const xu64 d0 = xxh_read64(data), d1 = xxh_read64(data + 8);
+        const xu64 k0 = d0 ^ xxh_read64(secret + at + 8 * s + 16 * p);
+        const xu64 k1 = d1 ^ xxh_read64(secret + at + 8 * s + 16 * p + 8);
         *a0 += d1 + xxh_mul32to64(k0, k0 >> 32);
         *a1 += d0 + xxh_mul32to64(k1, k1 >> 32);
     }
 }
 
-// The per-block scramble of lane `lane`.
-XXH_FN xu64 xxh3_scramble(xu64 acc, xu32 lane) {
+// The per-block scramble of one lane, with that lane's key
+// xxh_secret64(XXH_SCRAMBLE_AT + 8 * lane).
+XXH_FN xu64 xxh3_scramble(xu64 acc, xu64 key) {
     acc ^= acc >> 47;
-    acc ^= xxh_secret64(XXH_SCRAMBLE_AT + 8 * lane);
+    acc ^= key;
     return acc * XXH_P32_1;
 }
 
 // Pass 1: S_k of the whole block at `block` for lanes 2p and 2p + 1, stored
 // in row `row` of the term table (8 u64 per block, lane order).
-XXH_FN void xxh3_block_terms(const xu8* block, xu32 p, xu64* row) {
+XXH_FN void xxh3_block_terms(const xu8* block, xu32 p, const xu8* secret, xu64* row) {
     xu64 t0 = 0, t1 = 0;
-    xxh3_stripes_pair(block, XXH_STRIPES_PER_BLOCK, 0, p, &t0, &t1);
+    xxh3_stripes_pair(block, XXH_STRIPES_PER_BLOCK, secret, 0, p, &t0, &t1);
     row[2 * p] = t0;
     row[2 * p + 1] = t1;
 }
@@ -247,23 +249,24 @@ XXH_FN void xxh3_block_terms(const xu8* block, xu32 p, xu64* row) {
 
 // Pass 2: lane `lane`'s accumulator after the `blocks` whole blocks whose
 // terms are rows 0 .. blocks - 1 of `terms`. The loads do not depend on the
-// accumulator, so the next XXH_FOLD_AHEAD are in flight while these fold.
+// accumulator, so the next XXH_FOLD_AHEAD are in flight while these fold;
+// the key is read once, outside the dependency chain.
 XXH_FN xu64 xxh3_fold_lane(const xu64* terms, xu64 blocks, xu32 lane) {
+    const xu64 key = xxh_secret64(XXH_SCRAMBLE_AT + 8 * lane);
+    const xu64 whole = blocks - blocks % XXH_FOLD_AHEAD;
     xu64 acc = xxh3_initial_acc(lane);
     xu64 cur[XXH_FOLD_AHEAD];
-    for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) cur[j] = j < blocks ? terms[8 * (xu64)j + lane] : 0;
-    for (xu64 k = 0; k < blocks; k += XXH_FOLD_AHEAD) {
+    for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) cur[j] = j < whole ? terms[8 * (xu64)j + lane] : 0;
+    for (xu64 k = 0; k < whole; k += XXH_FOLD_AHEAD) {
         xu64 next[XXH_FOLD_AHEAD];
         for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) {
             const xu64 b = k + XXH_FOLD_AHEAD + j;
-            next[j] = b < blocks ? terms[8 * b + lane] : 0;
+            next[j] = b < whole ? terms[8 * b + lane] : 0;
         }
-        const xu64 m = blocks - k < XXH_FOLD_AHEAD ? blocks - k : XXH_FOLD_AHEAD;
-        for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) {
-            if (j < m) acc = xxh3_scramble(acc + cur[j], lane);
-        }
+        for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) acc = xxh3_scramble(acc + cur[j], key);
         for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) cur[j] = next[j];
     }
+    for (xu64 k = whole; k < blocks; k++) acc = xxh3_scramble(acc + terms[8 * k + lane], key);
     return acc;
 }
 
@@ -275,8 +278,8 @@ XXH_FN xu64 xxh3_full_blocks(xu64 len) { return (len - 1) / XXH_BLOCK; }
 XXH_FN void xxh3_finish_pair(const xu8* in, xu64 len, xu32 p, xu64 a0, xu64 a1, xu64* lo_term, xu64* hi_term) {
     const xu64 blocks = xxh3_full_blocks(len);
     const xu32 stripes = (xu32)(((len - 1) - XXH_BLOCK * blocks) / XXH_STRIPE);
-    xxh3_stripes_pair(in + blocks * XXH_BLOCK, stripes, 0, p, &a0, &a1);
-    xxh3_stripes_pair(in + len - XXH_STRIPE, 1, XXH_LAST_STRIPE_AT, p, &a0, &a1);
+    xxh3_stripes_pair(in + blocks * XXH_BLOCK, stripes, XXH3_SECRET, 0, p, &a0, &a1);
+    xxh3_stripes_pair(in + len - XXH_STRIPE, 1, XXH3_SECRET, XXH_LAST_STRIPE_AT, p, &a0, &a1);
     *lo_term = xxh_fold64(a0 ^ xxh_secret64(XXH_MERGE_LO_AT + 16 * p), a1 ^ xxh_secret64(XXH_MERGE_LO_AT + 16 * p + 8));
     *hi_term = xxh_fold64(a0 ^ xxh_secret64(XXH_MERGE_HI_AT + 16 * p), a1 ^ xxh_secret64(XXH_MERGE_HI_AT + 16 * p + 8));
 }
@@ -302,7 +305,7 @@ static void xxh3_128_host(const xu8* in, xu64 len, xu64* out_lo, xu64* out_hi) {
     xu64* terms = (xu64*)malloc(sizeof(xu64) * 8 * (blocks + 1));
     if (!terms) abort();
     for (xu64 k = 0; k < blocks; k++) {
-        for (xu32 p = 0; p < 4; p++) xxh3_block_terms(in + k * XXH_BLOCK, p, terms + 8 * k);
+        for (xu32 p = 0; p < 4; p++) xxh3_block_terms(in + k * XXH_BLOCK, p, XXH3_SECRET, terms + 8 * k);
     }
     xu64 acc[8];
     for (xu32 lane = 0; lane < 8; lane++) acc[lane] = xxh3_fold_lane(terms, blocks, lane);
@@ -320,6 +323,7 @@ static void xxh3_128_host(const xu8* in, xu64 len, xu64* out_lo, xu64* out_hi) {
 
 #define TERM_THREADS 256  // leaf_terms: four threads per block of input
 #define FOLD_THREADS 64   // leaf_fold: eight threads per range
+#define XXH_SECRET_WORDS 24  // 192 bytes
 
 // One range to hash: `len` bytes at device address `ptr`; its whole blocks'
 // terms are rows `terms`, `terms + 1`, ... of the term table.
@@ -345,6 +349,11 @@ static_assert(__builtin_offsetof(LeafDesc, terms) == 16, "LeafDesc.terms");
 // whose first row is at or before it.
 extern "C" __global__ void __launch_bounds__(TERM_THREADS)
 leaf_terms(const LeafDesc* __restrict__ d, xu32 n, xu64 blocks, xu64* __restrict__ terms) {
+    // The secret in shared memory: the four lane pairs of a warp read four
+    // different words per stripe, which the constant cache would serialize.
+    __shared__ xu64 secret[XXH_SECRET_WORDS];
+    for (xu32 w = threadIdx.x; w < XXH_SECRET_WORDS; w += TERM_THREADS) secret[w] = xxh_secret64(8 * w);
+    __syncthreads();
     const xu64 t = (xu64)blockIdx.x * TERM_THREADS + threadIdx.x;
     const xu64 row = t >> 2;
     const xu32 p = (xu32)(t & 3);
@@ -355,7 +364,7 @@ leaf_terms(const LeafDesc* __restrict__ d, xu32 n, xu64 blocks, xu64* __restrict
         if (d[mid].terms <= row) lo = mid; else hi = mid - 1;
     }
     const xu8* in = (const xu8*)d[lo].ptr;
-    xxh3_block_terms(in + (row - d[lo].terms) * XXH_BLOCK, p, terms + 8 * row);
+    xxh3_block_terms(in + (row - d[lo].terms) * XXH_BLOCK, p, (const xu8*)secret, terms + 8 * row);
 }
 
 // Pass 2: eight threads per range; out[2i], out[2i + 1] get the low and high
