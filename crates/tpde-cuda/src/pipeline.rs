@@ -149,6 +149,7 @@ pub struct LoaderConfig {
     /// its record (spec §10), as the library does on the CPU. On by default;
     /// turn it off only for deltas from a trusted source whose stored
     /// checksums are still verified (see `BENCHMARKS-GPU.md` for its cost).
+    /// When on, the loader holds 16 MiB of device scratch for the check.
     pub verify_digests: bool,
 }
 
