@@ -1,17 +1,22 @@
 // XXH3-128 with seed 0 and the default secret: the chunk leaf digests of
 // spec/FORMAT.md §10, computed on the device from the rebuilt bytes.
 //
-// Everything above the kernel is plain C++ as well, so the host compiler
+// Everything above the kernels is plain C++ as well, so the host compiler
 // builds it too: crates/tpde-cuda/tests/xxh3_host.rs compiles this file with
 // `c++` and checks xxh3_128_host() against xxhash-rust on many lengths and
 // alignments. That proves the arithmetic of the kernel without a GPU.
 //
-// Parallel form of the long path (> 240 bytes). Within a block of 16 stripes
-// (1024 bytes) the accumulators only add per-stripe terms, and lanes 2p and
-// 2p+1 depend on each other only (acc[i ^ 1] += data[i]); the per-block
-// scramble is per lane. So the terms of many blocks are summed in parallel,
-// four threads per block (one per lane pair), and eight threads then fold
-// `acc = scramble(acc + terms)` block after block, a few operations each.
+// Parallel form of the long path (> 240 bytes), in two passes. Within a
+// block of 16 stripes (1024 bytes) the accumulators only add per-stripe
+// terms, so acc_{k+1} = scramble(acc_k + S_k), where S_k (8 lanes) sums
+// block k's stripe terms and does not depend on acc; lanes 2p and 2p + 1
+// share their input words (acc[i ^ 1] += data[i]).
+//  1. leaf_terms: S_k of every whole block of every range, with the whole
+//     device (four threads per block, one per lane pair), into a scratch
+//     table of 8 u64 per block.
+//  2. leaf_fold: per range, eight threads fold acc = scramble(acc + S_k)
+//     block after block (the S_k loads run ahead of the fold), then add the
+//     last partial block and the last stripe and merge.
 
 #if defined(__CUDACC__)
 #define XXH_FN __device__ __forceinline__
@@ -210,23 +215,59 @@ XXH_FN void xxh3_128_short(const xu8* in, xu64 len, xu64* out_lo, xu64* out_hi) 
 }
 
 // Adds the terms of `stripes` stripes at `in` to lanes 2p and 2p + 1, the
-// secret advancing 8 bytes per stripe from `secret`.
-XXH_FN void xxh3_stripes_pair(const xu8* in, xu32 stripes, xu32 secret, xu32 p, xu64* a0, xu64* a1) {
+// secret advancing 8 bytes per stripe from `secret + at` (`secret` is
+// XXH3_SECRET or a copy of it).
+XXH_FN void xxh3_stripes_pair(const xu8* in, xu32 stripes, const xu8* secret, xu32 at, xu32 p, xu64* a0, xu64* a1) {
     for (xu32 s = 0; s < stripes; s++) {
-        const xu8* at = in + (xu64)s * XXH_STRIPE + 16 * p;
-        const xu64 d0 = xxh_read64(at), d1 = xxh_read64(at + 8);
-        const xu64 k0 = d0 ^ xxh_secret64(secret + 8 * s + 16 * p);
-        const xu64 k1 = d1 ^ xxh_secret64(secret + 8 * s + 16 * p + 8);
+        const xu8* data = in + (xu64)s * XXH_STRIPE + 16 * p;
+        const xu64 d0 = xxh_read64(data), d1 = xxh_read64(data + 8);
+        const xu64 k0 = d0 ^ xxh_read64(secret + at + 8 * s + 16 * p);
+        const xu64 k1 = d1 ^ xxh_read64(secret + at + 8 * s + 16 * p + 8);
         *a0 += d1 + xxh_mul32to64(k0, k0 >> 32);
         *a1 += d0 + xxh_mul32to64(k1, k1 >> 32);
     }
 }
 
-// The per-block scramble of lane `lane`.
-XXH_FN xu64 xxh3_scramble(xu64 acc, xu32 lane) {
+// The per-block scramble of one lane, with that lane's key
+// xxh_secret64(XXH_SCRAMBLE_AT + 8 * lane).
+XXH_FN xu64 xxh3_scramble(xu64 acc, xu64 key) {
     acc ^= acc >> 47;
-    acc ^= xxh_secret64(XXH_SCRAMBLE_AT + 8 * lane);
+    acc ^= key;
     return acc * XXH_P32_1;
+}
+
+// Pass 1: S_k of the whole block at `block` for lanes 2p and 2p + 1, stored
+// in row `row` of the term table (8 u64 per block, lane order).
+XXH_FN void xxh3_block_terms(const xu8* block, xu32 p, const xu8* secret, xu64* row) {
+    xu64 t0 = 0, t1 = 0;
+    xxh3_stripes_pair(block, XXH_STRIPES_PER_BLOCK, secret, 0, p, &t0, &t1);
+    row[2 * p] = t0;
+    row[2 * p + 1] = t1;
+}
+
+#define XXH_FOLD_AHEAD 16  // term loads issued ahead of the fold
+
+// Pass 2: lane `lane`'s accumulator after the `blocks` whole blocks whose
+// terms are rows 0 .. blocks - 1 of `terms`. The loads do not depend on the
+// accumulator, so the next XXH_FOLD_AHEAD are in flight while these fold;
+// the key is read once, outside the dependency chain.
+XXH_FN xu64 xxh3_fold_lane(const xu64* terms, xu64 blocks, xu32 lane) {
+    const xu64 key = xxh_secret64(XXH_SCRAMBLE_AT + 8 * lane);
+    const xu64 whole = blocks - blocks % XXH_FOLD_AHEAD;
+    xu64 acc = xxh3_initial_acc(lane);
+    xu64 cur[XXH_FOLD_AHEAD];
+    for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) cur[j] = j < whole ? terms[8 * (xu64)j + lane] : 0;
+    for (xu64 k = 0; k < whole; k += XXH_FOLD_AHEAD) {
+        xu64 next[XXH_FOLD_AHEAD];
+        for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) {
+            const xu64 b = k + XXH_FOLD_AHEAD + j;
+            next[j] = b < whole ? terms[8 * b + lane] : 0;
+        }
+        for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) acc = xxh3_scramble(acc + cur[j], key);
+        for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) cur[j] = next[j];
+    }
+    for (xu64 k = whole; k < blocks; k++) acc = xxh3_scramble(acc + terms[8 * k + lane], key);
+    return acc;
 }
 
 // Whole blocks of a long input (every one is scrambled).
@@ -237,8 +278,8 @@ XXH_FN xu64 xxh3_full_blocks(xu64 len) { return (len - 1) / XXH_BLOCK; }
 XXH_FN void xxh3_finish_pair(const xu8* in, xu64 len, xu32 p, xu64 a0, xu64 a1, xu64* lo_term, xu64* hi_term) {
     const xu64 blocks = xxh3_full_blocks(len);
     const xu32 stripes = (xu32)(((len - 1) - XXH_BLOCK * blocks) / XXH_STRIPE);
-    xxh3_stripes_pair(in + blocks * XXH_BLOCK, stripes, 0, p, &a0, &a1);
-    xxh3_stripes_pair(in + len - XXH_STRIPE, 1, XXH_LAST_STRIPE_AT, p, &a0, &a1);
+    xxh3_stripes_pair(in + blocks * XXH_BLOCK, stripes, XXH3_SECRET, 0, p, &a0, &a1);
+    xxh3_stripes_pair(in + len - XXH_STRIPE, 1, XXH3_SECRET, XXH_LAST_STRIPE_AT, p, &a0, &a1);
     *lo_term = xxh_fold64(a0 ^ xxh_secret64(XXH_MERGE_LO_AT + 16 * p), a1 ^ xxh_secret64(XXH_MERGE_LO_AT + 16 * p + 8));
     *hi_term = xxh_fold64(a0 ^ xxh_secret64(XXH_MERGE_HI_AT + 16 * p), a1 ^ xxh_secret64(XXH_MERGE_HI_AT + 16 * p + 8));
 }
@@ -250,25 +291,29 @@ XXH_FN void xxh3_merge(xu64 len, xu64 lo_terms, xu64 hi_terms, xu64* out_lo, xu6
 }
 
 #if !defined(__CUDACC__)
-// The host form, serial but built from the same pieces as the kernel: the
-// XXH3-128 of `len` bytes as (low, high) 64-bit halves.
+#include <stdlib.h>
+
+// The host form, serial but built from the same pieces as the kernels (pass
+// 1 for every block and lane pair into a term table, pass 2 per lane, then
+// the finish and merge): the XXH3-128 of `len` bytes as (low, high) halves.
 static void xxh3_128_host(const xu8* in, xu64 len, xu64* out_lo, xu64* out_hi) {
     if (len <= XXH_MID_SIZE_MAX) {
         xxh3_128_short(in, len, out_lo, out_hi);
         return;
     }
-    xu64 lo_terms = 0, hi_terms = 0;
     const xu64 blocks = xxh3_full_blocks(len);
+    xu64* terms = (xu64*)malloc(sizeof(xu64) * 8 * (blocks + 1));
+    if (!terms) abort();
+    for (xu64 k = 0; k < blocks; k++) {
+        for (xu32 p = 0; p < 4; p++) xxh3_block_terms(in + k * XXH_BLOCK, p, XXH3_SECRET, terms + 8 * k);
+    }
+    xu64 acc[8];
+    for (xu32 lane = 0; lane < 8; lane++) acc[lane] = xxh3_fold_lane(terms, blocks, lane);
+    free(terms);
+    xu64 lo_terms = 0, hi_terms = 0;
     for (xu32 p = 0; p < 4; p++) {
-        xu64 a0 = xxh3_initial_acc(2 * p), a1 = xxh3_initial_acc(2 * p + 1);
-        for (xu64 k = 0; k < blocks; k++) {
-            xu64 t0 = 0, t1 = 0;
-            xxh3_stripes_pair(in + k * XXH_BLOCK, XXH_STRIPES_PER_BLOCK, 0, p, &t0, &t1);
-            a0 = xxh3_scramble(a0 + t0, 2 * p);
-            a1 = xxh3_scramble(a1 + t1, 2 * p + 1);
-        }
         xu64 lo_term, hi_term;
-        xxh3_finish_pair(in, len, p, a0, a1, &lo_term, &hi_term);
+        xxh3_finish_pair(in, len, p, acc[2 * p], acc[2 * p + 1], &lo_term, &hi_term);
         lo_terms += lo_term;
         hi_terms += hi_term;
     }
@@ -276,56 +321,76 @@ static void xxh3_128_host(const xu8* in, xu64 len, xu64* out_lo, xu64* out_hi) {
 }
 #else
 
-#define LEAF_THREADS 256
-#define LEAF_ROUND (LEAF_THREADS / 4)  // blocks of input summed per round
+#define TERM_THREADS 256  // leaf_terms: four threads per block of input
+#define FOLD_THREADS 64   // leaf_fold: eight threads per range
+#define XXH_SECRET_WORDS 24  // 192 bytes
 
-// One range to hash: `len` bytes at device address `ptr`.
+// One range to hash: `len` bytes at device address `ptr`; its whole blocks'
+// terms are rows `terms`, `terms + 1`, ... of the term table.
 struct LeafDesc {
     xu64 ptr;
     xu64 len;
+    xu64 terms;
+    xu64 reserved;
 };
-static_assert(sizeof(LeafDesc) == 16, "LeafDesc is 16 bytes (kernels.rs: LEAF_DESC_BYTES)");
+// The byte layout that kernels.rs writes (LeafBatch::write_table).
+static_assert(sizeof(LeafDesc) == 32, "LeafDesc is 32 bytes (kernels.rs: LEAF_DESC_BYTES)");
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1305)
+static_assert(__builtin_offsetof(LeafDesc, ptr) == 0, "LeafDesc.ptr");
+static_assert(__builtin_offsetof(LeafDesc, len) == 8, "LeafDesc.len");
+static_assert(__builtin_offsetof(LeafDesc, terms) == 16, "LeafDesc.terms");
+#elif defined(REQUIRE_LAYOUT_CHECKS)
+#error "the LeafDesc offsets need __builtin_offsetof (NVRTC 13.5 or later)"
+#endif
 
-// One block of LEAF_THREADS threads per range; out[2i], out[2i + 1] get the
-// low and high halves of range i's XXH3-128.
-extern "C" __global__ void __launch_bounds__(LEAF_THREADS)
-chunk_leaves(const LeafDesc* d, xu32 n, xu64* out) {
-    __shared__ xu64 terms[LEAF_ROUND][8];
-    __shared__ xu64 acc[8];
-    __shared__ xu64 merged[4][2];
-    const xu32 i = blockIdx.x;
-    if (i >= n) return;  // uniform per block
+// Pass 1 over `blocks` whole blocks, numbered across all `n` ranges by their
+// term rows: four threads per block. d[].terms ascends (ranges of no whole
+// block share the next range's row), so a block's range is the last one
+// whose first row is at or before it.
+extern "C" __global__ void __launch_bounds__(TERM_THREADS)
+leaf_terms(const LeafDesc* __restrict__ d, xu32 n, xu64 blocks, xu64* __restrict__ terms) {
+    // The secret in shared memory: the four lane pairs of a warp read four
+    // different words per stripe, which the constant cache would serialize.
+    __shared__ xu64 secret[XXH_SECRET_WORDS];
+    for (xu32 w = threadIdx.x; w < XXH_SECRET_WORDS; w += TERM_THREADS) secret[w] = xxh_secret64(8 * w);
+    __syncthreads();
+    const xu64 t = (xu64)blockIdx.x * TERM_THREADS + threadIdx.x;
+    const xu64 row = t >> 2;
+    const xu32 p = (xu32)(t & 3);
+    if (row >= blocks) return;
+    xu32 lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const xu32 mid = lo + (hi - lo + 1) / 2;
+        if (d[mid].terms <= row) lo = mid; else hi = mid - 1;
+    }
+    const xu8* in = (const xu8*)d[lo].ptr;
+    xxh3_block_terms(in + (row - d[lo].terms) * XXH_BLOCK, p, (const xu8*)secret, terms + 8 * row);
+}
+
+// Pass 2: eight threads per range; out[2i], out[2i + 1] get the low and high
+// halves of range i's XXH3-128.
+extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
+leaf_fold(const LeafDesc* __restrict__ d, xu32 n, const xu64* __restrict__ terms, xu64* __restrict__ out) {
+    const xu64 t = (xu64)blockIdx.x * FOLD_THREADS + threadIdx.x;
+    const xu64 i = t >> 3;
+    const xu32 lane = (xu32)(t & 7);
+    if (i >= n) return;  // uniform per group of eight
     const xu8* in = (const xu8*)d[i].ptr;
     const xu64 len = d[i].len;
     if (len <= XXH_MID_SIZE_MAX) {
-        if (threadIdx.x == 0) xxh3_128_short(in, len, &out[2 * (xu64)i], &out[2 * (xu64)i + 1]);
+        if (lane == 0) xxh3_128_short(in, len, &out[2 * i], &out[2 * i + 1]);
         return;
     }
-    const xu32 p = threadIdx.x & 3, r = threadIdx.x >> 2;
-    if (threadIdx.x < 8) acc[threadIdx.x] = xxh3_initial_acc(threadIdx.x);
-    __syncthreads();  // read by other threads when there is no whole block
-    const xu64 blocks = xxh3_full_blocks(len);
-    for (xu64 k0 = 0; k0 < blocks; k0 += LEAF_ROUND) {
-        xu64 t0 = 0, t1 = 0;
-        if (k0 + r < blocks) xxh3_stripes_pair(in + (k0 + r) * XXH_BLOCK, XXH_STRIPES_PER_BLOCK, 0, p, &t0, &t1);
-        terms[r][2 * p] = t0;
-        terms[r][2 * p + 1] = t1;
-        __syncthreads();
-        if (threadIdx.x < 8) {
-            const xu32 lane = threadIdx.x;
-            const xu64 m = blocks - k0 < LEAF_ROUND ? blocks - k0 : LEAF_ROUND;
-            xu64 a = acc[lane];
-            for (xu64 j = 0; j < m; j++) a = xxh3_scramble(a + terms[j][lane], lane);
-            acc[lane] = a;
-        }
-        __syncthreads();
+    // the eight threads of this range, for the shuffles
+    const unsigned group = 0xFFu << (threadIdx.x & 24);
+    const xu64 acc = xxh3_fold_lane(terms + 8 * d[i].terms, xxh3_full_blocks(len), lane);
+    const xu64 partner = __shfl_xor_sync(group, acc, 1, 8);
+    xu64 lo_term = 0, hi_term = 0;
+    if ((lane & 1) == 0) xxh3_finish_pair(in, len, lane >> 1, acc, partner, &lo_term, &hi_term);
+    for (int m = 2; m < 8; m <<= 1) {
+        lo_term += __shfl_xor_sync(group, lo_term, m, 8);
+        hi_term += __shfl_xor_sync(group, hi_term, m, 8);
     }
-    if (threadIdx.x < 4) xxh3_finish_pair(in, len, p, acc[2 * p], acc[2 * p + 1], &merged[p][0], &merged[p][1]);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const xu64 lo_terms = merged[0][0] + merged[1][0] + merged[2][0] + merged[3][0];
-        const xu64 hi_terms = merged[0][1] + merged[1][1] + merged[2][1] + merged[3][1];
-        xxh3_merge(len, lo_terms, hi_terms, &out[2 * (xu64)i], &out[2 * (xu64)i + 1]);
-    }
+    if (lane == 0) xxh3_merge(len, lo_term, hi_term, &out[2 * i], &out[2 * i + 1]);
 }
 #endif

@@ -16,7 +16,8 @@ use tpde::container::chunk_map::{ChunkRecord, ValueLayout};
 
 use crate::error::{GpuError, Result};
 use crate::kernels::{
-    ChunkDesc, KernelId, Kernels, KEYS, LEAF_DESC_BYTES, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, THREADS,
+    ChunkDesc, KernelId, Kernels, KEYS, LEAF_DESC_BYTES, LEAF_FOLD_THREADS, LEAF_TERM_BYTES_PER_BLOCK,
+    LEAF_TERM_THREADS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, THREADS,
 };
 use crate::pipeline::ChunkRef;
 use crate::width::WordWidth;
@@ -121,7 +122,11 @@ impl Gpu {
             .iter()
             .map(|&id| {
                 let f = self.kernels.get(id);
-                Ok((id.symbol(), f.num_regs()?, f.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)?))
+                Ok((
+                    id.symbol(),
+                    f.num_regs()?,
+                    f.occupancy_max_active_blocks_per_multiprocessor(id.threads(), 0, None)?,
+                ))
             })
             .collect()
     }
@@ -451,29 +456,115 @@ impl Gpu {
         Ok(())
     }
 
-    /// Launches the leaf digest kernel on `stream`: `table` holds `n`
-    /// `LeafDesc`s (device address and length of a range to hash, each
-    /// inside a live buffer), `out` room for `2 n` `u64`.
-    pub(crate) fn launch_leaves(&self, stream: &CudaStream, table: DevRange, n: u32, out: DevRange) -> Result<()> {
-        if n == 0 {
+    /// Launches the two leaf digest kernels on `stream` for the ranges of
+    /// `batch`: `table` holds its descriptors ([`LeafBatch::write_table`]),
+    /// `terms` its term table (pass 1 writes it, pass 2 reads it) and `out`
+    /// room for two `u64` per range.
+    pub(crate) fn launch_leaves(
+        &self,
+        stream: &CudaStream,
+        batch: &LeafBatch,
+        table: DevRange,
+        terms: DevRange,
+        out: DevRange,
+    ) -> Result<()> {
+        if batch.ranges.is_empty() {
             return Ok(());
         }
-        if table.len() < n as usize * LEAF_DESC_BYTES || table.ptr() % 8 != 0 {
+        let n =
+            u32::try_from(batch.ranges.len()).map_err(|_| GpuError::invalid("too many ranges in one leaf batch"))?;
+        if table.len() < batch.table_bytes() || table.ptr() % 8 != 0 {
             return Err(GpuError::invalid("leaf table range too short or misaligned"));
         }
-        if out.len() < n as usize * 16 || out.ptr() % 8 != 0 {
+        let term_bytes = usize::try_from(batch.blocks)
+            .ok()
+            .and_then(|b| b.checked_mul(LEAF_TERM_BYTES_PER_BLOCK))
+            .ok_or_else(|| GpuError::invalid("leaf term table too large"))?;
+        if terms.len() < term_bytes || terms.ptr() % 8 != 0 {
+            return Err(GpuError::invalid("leaf term range too short or misaligned"));
+        }
+        if out.len() < batch.ranges.len() * 16 || out.ptr() % 8 != 0 {
             return Err(GpuError::invalid("leaf output range too short or misaligned"));
         }
-        let cfg = cudarc::driver::LaunchConfig { grid_dim: (n, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let (t, o) = (table.ptr(), out.ptr());
-        let k = self.kernels.get(KernelId::ChunkLeaves);
-        // SAFETY: the caller built every descriptor from a `DevRange` of a
-        // live buffer that stays alive until the stream is synchronized; the
-        // kernel reads only those ranges and writes `out[2i..2i + 2]` for
-        // i < n, inside `out` (checked above). Signature
-        // `chunk_leaves(const LeafDesc*, u32, u64*)`.
-        unsafe { stream.launch_builder(k).arg(&t).arg(&n).arg(&o).launch(cfg) }?;
+        let config = |threads: u32, ctas: u64| -> Result<cudarc::driver::LaunchConfig> {
+            let ctas = u32::try_from(ctas).map_err(|_| GpuError::invalid("leaf grid too large"))?;
+            Ok(cudarc::driver::LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
+        };
+        let (t, w, o, blocks) = (table.ptr(), terms.ptr(), out.ptr(), batch.blocks);
+        if blocks > 0 {
+            let k = self.kernels.get(KernelId::LeafTerms);
+            let cfg = config(LEAF_TERM_THREADS, (4 * blocks).div_ceil(u64::from(LEAF_TERM_THREADS)))?;
+            // SAFETY: `LeafBatch::push` built every descriptor from a
+            // `DevRange` of a live buffer that the caller keeps alive until the
+            // stream is synchronized, with term rows ascending and ending at
+            // `blocks`; the kernel reads whole blocks inside those ranges and
+            // writes rows < `blocks` of `terms` (checked above). Signature
+            // `leaf_terms(const LeafDesc*, u32, u64, u64*)`.
+            unsafe { stream.launch_builder(k).arg(&t).arg(&n).arg(&blocks).arg(&w).launch(cfg) }?;
+        }
+        let k = self.kernels.get(KernelId::LeafFold);
+        let cfg = config(LEAF_FOLD_THREADS, (8 * u64::from(n)).div_ceil(u64::from(LEAF_FOLD_THREADS)))?;
+        // SAFETY: as above; the kernel reads each range and its own term rows
+        // (written by pass 1, earlier on the same stream) and writes
+        // `out[2i..2i + 2]` for i < n, inside `out` (checked above). Signature
+        // `leaf_fold(const LeafDesc*, u32, const u64*, u64*)`.
+        unsafe { stream.launch_builder(k).arg(&t).arg(&n).arg(&w).arg(&o).launch(cfg) }?;
         Ok(())
+    }
+}
+
+/// Byte ranges to hash in one pair of leaf digest launches, with the term
+/// rows of their whole 1 KiB blocks numbered one after the other.
+#[derive(Debug, Default)]
+pub(crate) struct LeafBatch {
+    /// Each range and its first term row.
+    ranges: Vec<(DevRange, u64)>,
+    /// Term rows taken so far.
+    blocks: u64,
+}
+
+impl LeafBatch {
+    /// Whole blocks of a range, each a row of the term table: XXH3's long
+    /// path scrambles `(len - 1) / 1024` blocks; short inputs (≤ 240 bytes)
+    /// take none.
+    pub fn blocks_of(len: usize) -> u64 {
+        if len <= 240 {
+            0
+        } else {
+            (len as u64 - 1) / 1024
+        }
+    }
+
+    /// Ranges in the batch.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Term rows the batch needs.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Adds a range to hash (a live device range).
+    pub fn push(&mut self, range: DevRange) {
+        self.ranges.push((range, self.blocks));
+        self.blocks += Self::blocks_of(range.len());
+    }
+
+    /// Bytes of the descriptor table.
+    pub fn table_bytes(&self) -> usize {
+        self.ranges.len() * LEAF_DESC_BYTES
+    }
+
+    /// Writes the `LeafDesc` table (address, length, first term row, 0) into
+    /// `out`, at least [`LeafBatch::table_bytes`] long.
+    pub fn write_table(&self, out: &mut [u8]) {
+        for (dst, (range, row)) in out.chunks_exact_mut(LEAF_DESC_BYTES).zip(&self.ranges) {
+            let fields = [range.ptr(), range.len() as u64, *row, 0];
+            for (d, f) in dst.chunks_exact_mut(8).zip(fields) {
+                d.copy_from_slice(&f.to_le_bytes());
+            }
+        }
     }
 }
 
@@ -482,6 +573,80 @@ mod tests {
     use super::*;
     use crate::error::flag;
     use crate::kernels::kind;
+
+    /// Term rows are numbered across the ranges of a batch (short ranges
+    /// and ranges of at most 1 KiB take none) and written after address
+    /// and length.
+    #[test]
+    fn leaf_batch_numbers_term_rows_across_ranges() {
+        let lens = [0usize, 240, 241, 1024, 1025, 2049, 300, 1 << 22];
+        let mut batch = LeafBatch::default();
+        let mut ptr = 4096u64;
+        for len in lens {
+            batch.push(DevRange { ptr, len });
+            ptr += len as u64 + 1;
+        }
+        assert_eq!(lens.map(LeafBatch::blocks_of), [0, 0, 0, 0, 1, 2, 0, 4095]);
+        assert_eq!(batch.blocks(), 4098);
+        let mut table = vec![0xAA; batch.table_bytes()];
+        batch.write_table(&mut table);
+        let rows: Vec<[u64; 4]> = table
+            .chunks_exact(LEAF_DESC_BYTES)
+            .map(|d| std::array::from_fn(|k| u64::from_le_bytes(d[8 * k..8 * k + 8].try_into().unwrap())))
+            .collect();
+        assert_eq!(rows.iter().map(|r| r[2]).collect::<Vec<_>>(), [0, 0, 0, 0, 0, 1, 3, 3]);
+        assert_eq!(rows.iter().map(|r| r[1]).collect::<Vec<_>>(), lens.map(|l| l as u64));
+        assert_eq!((rows[0][0], rows[1][0], rows[7][3]), (4096, 4097, 0));
+    }
+
+    /// The two-pass leaf kernels give XXH3-128 of every range, whatever
+    /// its length and alignment, next to ranges of no whole block, and
+    /// refuse a term table too short for the batch.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn the_leaf_kernels_match_the_library_digest() {
+        let gpu = Gpu::new(0).unwrap();
+        let s = gpu.stream().clone();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let data: Vec<u8> = (0..(9 << 20))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[3]
+            })
+            .collect();
+        let dev = gpu.upload(&data).unwrap();
+        let all = DevRange::all(&dev, &s).unwrap();
+        let mut ranges = Vec::new();
+        let mut off = 0;
+        for len in [0, 1, 16, 17, 128, 129, 240, 241, 1024, 1025, 1088, 2047, 2049, 65 * 1024 + 63, 3, 1 << 22, 0]
+            .into_iter()
+            .chain([(1 << 22) + 77, 241, 5000])
+        {
+            ranges.push((off + 3, len));
+            off += len + 11;
+        }
+        let mut batch = LeafBatch::default();
+        for (o, l) in &ranges {
+            batch.push(all.sub(*o, *l).unwrap());
+        }
+        let mut bytes = vec![0u8; batch.table_bytes()];
+        batch.write_table(&mut bytes);
+        let table = gpu.upload(&bytes).unwrap();
+        let terms = gpu.alloc_zeros::<u64>(usize::try_from(batch.blocks()).unwrap() * 8).unwrap();
+        let out = gpu.alloc_zeros::<u64>(2 * ranges.len()).unwrap();
+        let r = |b| DevRange::all(b, &s).unwrap();
+        let (t, w, o) = (r(&table), DevRange::all(&terms, &s).unwrap(), DevRange::all(&out, &s).unwrap());
+        let short = w.sub(0, w.len() - 8).unwrap();
+        assert!(matches!(gpu.launch_leaves(&s, &batch, t, short, o), Err(GpuError::InvalidArgument(_))));
+        gpu.launch_leaves(&s, &batch, t, w, o).unwrap();
+        let got = gpu.download(&out).unwrap();
+        for ((o, l), halves) in ranges.iter().zip(got.chunks_exact(2)) {
+            let expected = xxhash_rust::xxh3::xxh3_128(&data[*o..o + l]);
+            assert_eq!((u128::from(halves[1]) << 64) | u128::from(halves[0]), expected, "{l} bytes at {o}");
+        }
+    }
 
     /// A descriptor with an op or layout the kernels do not implement used
     /// to be read as SUB or as byte planes; now it raises the device flag

@@ -97,8 +97,11 @@ kernel_registry! {
     ApplyGroupedW8 => Apply, "apply_grouped_w8";
     /// Compares the words each chunk changed with its changed count.
     CheckCounts => Apply, "check_counts";
-    /// XXH3-128 of byte ranges: the chunk leaf digests (spec §10).
-    ChunkLeaves => Xxh3, "chunk_leaves";
+    /// XXH3-128 of byte ranges (the chunk leaf digests, spec §10), pass 1:
+    /// the stripe terms of every whole 1 KiB block.
+    LeafTerms => Xxh3, "leaf_terms";
+    /// Pass 2: folds each range's block terms, finishes and merges.
+    LeafFold => Xxh3, "leaf_fold";
 }
 
 // The table is indexed by discriminant; the macro keeps `ALL` in that order.
@@ -134,6 +137,16 @@ impl Source {
 }
 
 impl KernelId {
+    /// Threads per block the kernel is compiled for (`__launch_bounds__`).
+    #[must_use]
+    pub const fn threads(self) -> u32 {
+        match self {
+            Self::LeafTerms => LEAF_TERM_THREADS,
+            Self::LeafFold => LEAF_FOLD_THREADS,
+            _ => THREADS,
+        }
+    }
+
     /// The apply kernel of a word width.
     #[must_use]
     pub const fn apply(width: WordWidth) -> Self {
@@ -353,9 +366,18 @@ impl ChunkDesc {
     }
 }
 
-/// Bytes of one `LeafDesc` of `kernels/tpde_xxh3.cu`: device address and
-/// length, both `u64` (pinned there by a `static_assert`).
-pub(crate) const LEAF_DESC_BYTES: usize = 16;
+/// Bytes of one `LeafDesc` of `kernels/tpde_xxh3.cu`: device address,
+/// length, first term row and a reserved word, all `u64` (pinned there by
+/// `static_assert`s).
+pub(crate) const LEAF_DESC_BYTES: usize = 32;
+/// Threads per block of `leaf_terms` (`TERM_THREADS` in the source): four
+/// per 1 KiB block of input.
+pub(crate) const LEAF_TERM_THREADS: u32 = 256;
+/// Threads per block of `leaf_fold` (`FOLD_THREADS` in the source): eight
+/// per range.
+pub(crate) const LEAF_FOLD_THREADS: u32 = 64;
+/// Bytes of the term table per whole 1 KiB block: 8 `u64` lanes.
+pub(crate) const LEAF_TERM_BYTES_PER_BLOCK: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -412,6 +434,35 @@ mod tests {
             assert_eq!(u32_at(at(name)), value, "{name}");
         }
         assert_eq!((u32_at(at("changed")), u32_at(at("reserved"))), (0, 0));
+    }
+
+    /// `LeafBatch::write_table` writes address, length and first term row
+    /// as three `u64` and a reserved one; the source states that layout.
+    #[test]
+    fn leaf_desc_layout_matches_the_kernel_source() {
+        let mut stated = Vec::new();
+        let mut size = None;
+        for line in XXH3_SOURCE.lines() {
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("static_assert(__builtin_offsetof(LeafDesc, ") {
+                let (field, rest) = rest.split_once(')').unwrap();
+                let offset = rest.trim_start_matches(" == ").split(',').next().unwrap();
+                stated.push((field.to_string(), offset.parse::<usize>().unwrap()));
+            } else if let Some(rest) = line.strip_prefix("static_assert(sizeof(LeafDesc) == ") {
+                size = Some(rest.split(',').next().unwrap().parse::<usize>().unwrap());
+            }
+        }
+        let expected = [("ptr", 0), ("len", 8), ("terms", 16)].map(|(f, o)| (f.to_string(), o));
+        assert_eq!(stated, expected);
+        assert_eq!(size, Some(LEAF_DESC_BYTES));
+        for (id, threads) in [(KernelId::LeafTerms, "TERM_THREADS"), (KernelId::LeafFold, "FOLD_THREADS")] {
+            let stated = XXH3_SOURCE
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("#define {threads} ")))
+                .and_then(|r| r.split_whitespace().next())
+                .map(|n| n.parse::<u32>().unwrap());
+            assert_eq!(stated, Some(id.threads()), "{threads}");
+        }
     }
 
     #[test]

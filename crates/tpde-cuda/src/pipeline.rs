@@ -18,8 +18,8 @@ use tpde::digest::Digest128;
 use tpde::{ErrorCode, Result as FormatResult};
 
 use crate::error::{GpuError, Result};
-use crate::gpu::{Batch, DevRange, Gpu, Stage};
-use crate::kernels::{ChunkDesc, KEYS};
+use crate::gpu::{Batch, DevRange, Gpu, LeafBatch, Stage};
+use crate::kernels::{ChunkDesc, KEYS, LEAF_TERM_BYTES_PER_BLOCK};
 use crate::width::WordWidth;
 
 /// One chunk of a delta, as the format library stores it: its record, its
@@ -149,6 +149,7 @@ pub struct LoaderConfig {
     /// its record (spec §10), as the library does on the CPU. On by default;
     /// turn it off only for deltas from a trusted source whose stored
     /// checksums are still verified (see `BENCHMARKS-GPU.md` for its cost).
+    /// When on, the loader holds 16 MiB of device scratch for the check.
     pub verify_digests: bool,
 }
 
@@ -180,6 +181,24 @@ fn leaf_checks<'t>(t: &'t TensorRef<'_>, out: DevRange, checks: &mut Vec<LeafChe
     Ok(())
 }
 
+/// Term rows (1 KiB blocks of input) of the leaf digest scratch: 256 MiB of
+/// rebuilt bytes per pair of launches, 16 MiB of device memory. The largest
+/// chunk, 2^27 bytes (spec §11, `chunk_words` ≤ 2^24 of ≤ 8 bytes), takes
+/// 2^17 rows, so every chunk fits alone.
+const LEAF_SCRATCH_BLOCKS: u64 = 1 << 18;
+
+/// Device buffers of the leaf digest check, allocated with the loader (the
+/// term scratch) or on first need and only ever grown (table and digests),
+/// then reused by every call.
+struct LeafScratch {
+    /// Pass 1's block terms: [`LEAF_SCRATCH_BLOCKS`] rows of 8 `u64`.
+    terms: CudaSlice<u64>,
+    /// `LeafDesc` tables of every batch of a call, one after the other.
+    table: CudaSlice<u8>,
+    /// Two `u64` per checked chunk.
+    digests: CudaSlice<u64>,
+}
+
 struct Slot {
     host: PinnedHostSlice<u8>,
     dev: CudaSlice<u8>,
@@ -201,6 +220,8 @@ pub struct Loader {
     flag: CudaSlice<u32>,
     flag_host: PinnedHostSlice<u32>,
     start: CudaEvent,
+    /// `None` when digests are not checked.
+    leaf: Option<LeafScratch>,
 }
 
 impl std::fmt::Debug for Loader {
@@ -276,7 +297,17 @@ impl Loader {
         // SAFETY: only ever read after a device-to-host copy fills it.
         let flag_host = unsafe { ctx.alloc_pinned_with_flags::<u32>(1, 0) }?;
         let start = ctx.new_event(None)?;
-        Ok(Self { gpu, cfg, slots, next: 0, flag, flag_host, start })
+        let leaf = if cfg.verify_digests {
+            let rows = usize::try_from(LEAF_SCRATCH_BLOCKS).unwrap_or(usize::MAX);
+            Some(LeafScratch {
+                terms: gpu.alloc_zeros::<u64>(rows * LEAF_TERM_BYTES_PER_BLOCK / 8)?,
+                table: gpu.alloc_zeros::<u8>(1)?,
+                digests: gpu.alloc_zeros::<u64>(1)?,
+            })
+        } else {
+            None
+        };
+        Ok(Self { gpu, cfg, slots, next: 0, flag, flag_host, start, leaf })
     }
 
     /// Rows of the group table per slot. A chunk that fits a slot has at
@@ -916,25 +947,59 @@ impl Loader {
         Ok(())
     }
 
-    /// Computes the leaf digest of every checked chunk on the device (one
-    /// launch) and compares it with the chunk's record. Skipped when the
-    /// caller opted out.
+    /// Computes the leaf digest of every checked chunk on the device and
+    /// compares it with the chunk's record. The chunks go in batches of at
+    /// most [`LEAF_SCRATCH_BLOCKS`] blocks, two launches each, all on the
+    /// main stream, reusing the loader's scratch. Skipped when the caller
+    /// opted out.
     fn check_leaves(&mut self, checks: &[LeafCheck<'_>]) -> Result<()> {
-        if !self.cfg.verify_digests || checks.is_empty() {
+        let Some(leaf) = self.leaf.as_mut().filter(|_| self.cfg.verify_digests && !checks.is_empty()) else {
             return Ok(());
+        };
+        let mut batches = vec![LeafBatch::default()];
+        for c in checks {
+            let blocks = LeafBatch::blocks_of(c.out.len());
+            if blocks > LEAF_SCRATCH_BLOCKS {
+                return Err(GpuError::invalid("chunk larger than the leaf digest scratch"));
+            }
+            if batches.last().is_some_and(|b| b.blocks() + blocks > LEAF_SCRATCH_BLOCKS) {
+                batches.push(LeafBatch::default());
+            }
+            if let Some(b) = batches.last_mut() {
+                b.push(c.out);
+            }
         }
-        let n = u32::try_from(checks.len()).map_err(|_| GpuError::invalid("more than 2^32 - 1 chunks"))?;
-        let table: Vec<u8> = checks
-            .iter()
-            .flat_map(|c| c.out.ptr().to_le_bytes().into_iter().chain((c.out.len() as u64).to_le_bytes()))
-            .collect();
-        let table = self.gpu.upload(&table)?;
-        let leaves = self.gpu.alloc_zeros::<u64>(2 * checks.len())?;
+        let table_bytes: usize = batches.iter().map(LeafBatch::table_bytes).sum();
+        let mut table = vec![0u8; table_bytes];
+        let mut at = 0;
+        for b in &batches {
+            b.write_table(&mut table[at..at + b.table_bytes()]);
+            at += b.table_bytes();
+        }
+        // Grown only, to the next power of two; nothing on the device uses
+        // the old buffers any more (every call synchronizes before it returns).
+        if leaf.table.num_bytes() < table_bytes {
+            leaf.table = self.gpu.alloc_zeros::<u8>(table_bytes.next_power_of_two())?;
+        }
+        if leaf.digests.len() < 2 * checks.len() {
+            leaf.digests = self.gpu.alloc_zeros::<u64>((2 * checks.len()).next_power_of_two())?;
+        }
         let main = self.gpu.stream().clone();
-        let t = DevRange::all(&table, &main)?;
-        let o = DevRange::all(&leaves, &main)?;
-        self.gpu.launch_leaves(&main, t, n, o)?;
-        let leaves = self.gpu.download(&leaves)?;
+        main.memcpy_htod(&table, &mut leaf.table.slice_mut(..table_bytes))?;
+        let (table_all, terms, digests_all) = (
+            DevRange::all(&leaf.table, &main)?,
+            DevRange::all(&leaf.terms, &main)?,
+            DevRange::all(&leaf.digests, &main)?,
+        );
+        let (mut table_at, mut first) = (0, 0);
+        for b in &batches {
+            let t = table_all.sub(table_at, b.table_bytes())?;
+            let o = digests_all.sub(16 * first, 16 * b.len())?;
+            self.gpu.launch_leaves(&main, b, t, terms, o)?;
+            table_at += b.table_bytes();
+            first += b.len();
+        }
+        let leaves = main.clone_dtoh(&leaf.digests.slice(..2 * checks.len()))?;
         for (c, halves) in checks.iter().zip(leaves.chunks_exact(2)) {
             let leaf = ((u128::from(halves[1]) << 64) | u128::from(halves[0])).to_be_bytes();
             if leaf != c.digest {

@@ -2,8 +2,9 @@
 //! the system C++ compiler and checked against `xxhash-rust` (the library's
 //! digest, spec §10) on every length up to 300 bytes, on long inputs around
 //! the block and stripe boundaries, and at several alignments. The host form
-//! is built from the same functions as the kernel, in the kernel's block
-//! decomposition, so this proves the kernel's arithmetic without a GPU.
+//! is built from the same functions as the kernels, in their two passes (the
+//! block terms of `leaf_terms` into a table, the fold of `leaf_fold`, then
+//! the same finish and merge), so this proves their arithmetic without a GPU.
 
 use std::io::Write;
 use std::path::Path;
