@@ -135,12 +135,23 @@ fn u32_len(len: usize) -> u32 {
     u32::try_from(len).expect("stream lengths are bounded by the chunk size limit")
 }
 
+/// Words are 1, 2, 4 or 8 bytes wide (spec §7); the dtype table never gives another
+/// width, but these functions are public and a caller may.
+fn check_word_width(word_bytes: usize) -> Result<()> {
+    if !matches!(word_bytes, 1 | 2 | 4 | 8) {
+        return fail(ErrorCode::InvalidArgument, format!("a word of {word_bytes} bytes (1, 2, 4 or 8 expected)"));
+    }
+    Ok(())
+}
+
 /// Encodes one chunk of `target` words against the matching `base` words. `base` may
 /// be shorter than `target` (or empty): missing base words are zero (spec §8).
 /// `None` means the tensor has no base, and the chunk is stored raw.
 ///
 /// # Errors
-/// Only if zstd fails.
+/// `E_INVALID_ARGUMENT` for a word width other than 1, 2, 4 or 8, or a target that
+/// is not whole words; `E_LIMIT_EXCEEDED` for more than `MAX_CHUNK_WORDS` words;
+/// otherwise only if zstd fails.
 pub fn encode_chunk(
     target: &[u8],
     base: Option<&[u8]>,
@@ -148,6 +159,13 @@ pub fn encode_chunk(
     leading_sign: bool,
     settings: EncodeSettings,
 ) -> Result<EncodedChunk> {
+    check_word_width(word_bytes)?;
+    if target.len() % word_bytes != 0 {
+        return fail(ErrorCode::InvalidArgument, "the target is not a whole number of words");
+    }
+    if (target.len() / word_bytes) as u64 > crate::limits::MAX_CHUNK_WORDS {
+        return fail(ErrorCode::LimitExceeded, "a chunk holds at most MAX_CHUNK_WORDS words (spec §9)");
+    }
     with_word!(word_bytes, W => encode_words::<W>(target, base, leading_sign, settings))
 }
 
@@ -423,6 +441,7 @@ fn encode_words<W: Word>(
 /// # Errors
 /// `E_CHUNK_MAP_INVALID` or `E_STREAM_LENGTH`.
 pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: u64, word_bytes: usize) -> Result<()> {
+    check_word_width(word_bytes)?;
     let m = u64::from(record.changed_count);
     let w = word_bytes as u64;
     let invalid = |what: &str| fail(ErrorCode::ChunkMapInvalid, what.to_owned());
@@ -792,6 +811,21 @@ mod tests {
         assert_eq!(round_trip(&dense, None, 8), Encoding::Raw);
         // A base shorter than the chunk reads as zeros past its end.
         assert_eq!(round_trip(&dense, Some(&base[..96]), 1), Encoding::Dense);
+    }
+
+    /// The public chunk functions refuse, rather than panic on, a word width that no
+    /// dtype has.
+    #[test]
+    fn a_word_width_of_three_is_an_error() {
+        let bytes = [0u8; 12];
+        let err = encode_chunk(&bytes, None, 3, false, EncodeSettings::default()).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument);
+        let chunk = encode_chunk(&bytes, Some(&bytes), 4, false, EncodeSettings::default()).unwrap();
+        let err =
+            decode_chunk(&chunk.record, &chunk.streams, &chunk.data, Some(&bytes), 4, 3, &mut Vec::new()).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument);
+        let err = encode_chunk(&bytes[..10], None, 4, false, EncodeSettings::default()).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument, "not whole words");
     }
 
     #[test]

@@ -7,6 +7,8 @@
 use rayon::prelude::*;
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
+use crate::error::{fail, ErrorCode, Result};
+
 /// A 128-bit digest in canonical (big-endian) byte order.
 pub type Digest128 = [u8; 16];
 
@@ -30,12 +32,14 @@ pub fn tree_digest(leaves: &[Digest128]) -> Digest128 {
 
 /// The tensor digest of `bytes` cut into chunks of `chunk_bytes`, hashed in parallel.
 ///
-/// # Panics
-/// If `chunk_bytes` is zero.
-#[must_use]
-pub fn tensor_digest(bytes: &[u8], chunk_bytes: usize) -> Digest128 {
+/// # Errors
+/// `E_INVALID_ARGUMENT` when `chunk_bytes` is zero.
+pub fn tensor_digest(bytes: &[u8], chunk_bytes: usize) -> Result<Digest128> {
+    if chunk_bytes == 0 {
+        return fail(ErrorCode::InvalidArgument, "a tensor digest needs chunks of at least one byte");
+    }
     let leaves: Vec<Digest128> = bytes.par_chunks(chunk_bytes).map(leaf_digest).collect();
-    tree_digest(&leaves)
+    Ok(tree_digest(&leaves))
 }
 
 /// Lower-case hex, as digests appear in the header.
@@ -54,9 +58,15 @@ mod tests {
         assert_eq!(checksum64(b""), 0x2d06_8005_38d3_94c2);
         assert_eq!(to_hex(&leaf_digest(b"")), "99aa06d3014798d86001c324468d497f");
         // The digest of an empty tensor hashes zero leaves.
-        assert_eq!(tensor_digest(&[], 8), leaf_digest(b""));
-        let two_chunks = tensor_digest(b"abcdef", 3);
+        assert_eq!(tensor_digest(&[], 8).unwrap(), leaf_digest(b""));
+        let two_chunks = tensor_digest(b"abcdef", 3).unwrap();
         let expected = tree_digest(&[leaf_digest(b"abc"), leaf_digest(b"def")]);
         assert_eq!(two_chunks, expected);
+    }
+
+    /// A caller's zero chunk size is an error, not a panic.
+    #[test]
+    fn a_zero_chunk_size_is_refused() {
+        assert_eq!(tensor_digest(b"abc", 0).unwrap_err().code(), ErrorCode::InvalidArgument);
     }
 }

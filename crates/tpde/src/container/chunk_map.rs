@@ -153,6 +153,13 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
+fn check_record_len(bytes: &[u8], len: usize) -> Result<()> {
+    if bytes.len() != len {
+        return fail(ErrorCode::InvalidArgument, format!("a record is {len} bytes, not {}", bytes.len()));
+    }
+    Ok(())
+}
+
 fn reserved_zero(bytes: &[u8]) -> Result<()> {
     if bytes.iter().any(|&b| b != 0) {
         return fail(ErrorCode::ReservedNonZero, "a reserved field of a record is not zero");
@@ -161,11 +168,13 @@ fn reserved_zero(bytes: &[u8]) -> Result<()> {
 }
 
 impl ChunkRecord {
-    /// Parses one record; `bytes` is exactly [`CHUNK_RECORD_LEN`] long.
+    /// Parses one record from exactly [`CHUNK_RECORD_LEN`] bytes.
     ///
     /// # Errors
-    /// `E_UNKNOWN_CODEC` or `E_RESERVED_NONZERO`.
+    /// `E_UNKNOWN_CODEC` or `E_RESERVED_NONZERO`; `E_INVALID_ARGUMENT` when `bytes`
+    /// has another length.
     pub fn parse(bytes: &[u8]) -> Result<Self> {
+        check_record_len(bytes, CHUNK_RECORD_LEN)?;
         reserved_zero(&bytes[27..32])?;
         reserved_zero(&bytes[56..64])?;
         let mut digest = [0u8; 16];
@@ -209,11 +218,13 @@ impl ChunkRecord {
 }
 
 impl StreamRecord {
-    /// Parses one record; `bytes` is exactly [`STREAM_RECORD_LEN`] long.
+    /// Parses one record from exactly [`STREAM_RECORD_LEN`] bytes.
     ///
     /// # Errors
-    /// `E_UNKNOWN_CODEC` or `E_RESERVED_NONZERO`.
+    /// `E_UNKNOWN_CODEC` or `E_RESERVED_NONZERO`; `E_INVALID_ARGUMENT` when `bytes`
+    /// has another length.
     pub fn parse(bytes: &[u8]) -> Result<Self> {
+        check_record_len(bytes, STREAM_RECORD_LEN)?;
         reserved_zero(&bytes[9..16])?;
         Ok(Self { stored_len: le_u32(bytes, 0), decoded_len: le_u32(bytes, 4), codec: Codec::from_u8(bytes[8])? })
     }
@@ -226,5 +237,22 @@ impl StreamRecord {
         out[4..8].copy_from_slice(&self.decoded_len.to_le_bytes());
         out[8] = self.codec as u8;
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slice of the wrong length is the caller's error, not a panic.
+    #[test]
+    fn records_of_the_wrong_length_are_refused() {
+        for len in [0, 10, CHUNK_RECORD_LEN - 1, CHUNK_RECORD_LEN + 1] {
+            let err = ChunkRecord::parse(&vec![0u8; len]).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::InvalidArgument, "{len} bytes");
+        }
+        assert_eq!(StreamRecord::parse(&[0u8; 3]).unwrap_err().code(), ErrorCode::InvalidArgument);
+        let record = StreamRecord { stored_len: 5, decoded_len: 7, codec: Codec::Zstd };
+        assert_eq!(StreamRecord::parse(&record.to_bytes()).unwrap(), record);
     }
 }

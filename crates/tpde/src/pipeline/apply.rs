@@ -74,7 +74,7 @@ pub fn resolve_base<'a>(
     for (tensor, bytes) in tensors.iter().zip(&resolved) {
         let (Some(base_ref), Some(bytes), Some(base)) = (&tensor.base, bytes, base) else { continue };
         let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_bytes()?;
-        if to_hex(&tensor_digest(bytes, chunk_bytes)) != base_ref.digest {
+        if to_hex(&tensor_digest(bytes, chunk_bytes)?) != base_ref.digest {
             return Err(Error::new(
                 ErrorCode::BaseDigest,
                 "the base tensor's content differs from the one the delta was made against",

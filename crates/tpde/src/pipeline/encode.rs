@@ -208,7 +208,7 @@ pub fn encode_to(
         entry.digest = to_hex(&tree_digest(&leaves));
         match (&mut entry.base, base_match) {
             (Some(base_ref), Some((base_bytes, _))) => {
-                base_ref.digest = to_hex(&tensor_digest(base_bytes, chunk_bytes));
+                base_ref.digest = to_hex(&tensor_digest(base_bytes, chunk_bytes)?);
                 summary.delta_tensors += 1;
             }
             _ => summary.standalone_tensors += 1,
