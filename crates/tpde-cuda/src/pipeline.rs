@@ -357,7 +357,7 @@ impl Loader {
             self.plan_tensor(t, b, o, &mut jobs)?;
             leaf_checks(t, o, &mut checks)?;
         }
-        self.run(&jobs, Stage::Apply)?;
+        self.run(&jobs, Stage::Apply).map_err(|e| locate_device_fault(delta, e))?;
         self.check_leaves(&checks)?;
         Ok(outs)
     }
@@ -380,7 +380,7 @@ impl Loader {
             self.plan_chunks(t, r, r, &mut jobs)?;
             leaf_checks(t, r, &mut checks)?;
         }
-        self.run(&jobs, Stage::Apply)?;
+        self.run(&jobs, Stage::Apply).map_err(|e| locate_device_fault(delta, e))?;
         self.check_leaves(&checks)
     }
 
@@ -415,7 +415,7 @@ impl Loader {
         self.plan_tensor(t, b, o, &mut jobs)?;
         let mut checks = Vec::new();
         leaf_checks(t, o, &mut checks)?;
-        self.run(&jobs, Stage::Apply)?;
+        self.run(&jobs, Stage::Apply).map_err(|e| locate_device_fault(std::slice::from_ref(t), e))?;
         self.check_leaves(&checks)
     }
 
@@ -1066,6 +1066,34 @@ impl DeviceDelta {
     }
 }
 
+/// A kernel's error flag says what is wrong with a delta but not where. The faults
+/// it reports (positions, changed counts) need no base, so the format library's own
+/// check of each chunk ([`tpde::delta::check_chunk_payload`]) finds the first chunk
+/// with the same fault, and the error names its tensor and chunk. This runs only on
+/// the error path; where no chunk shows the fault on the CPU, `err` is returned as
+/// it is.
+fn locate_device_fault(delta: &[TensorRef<'_>], err: GpuError) -> GpuError {
+    let code = match &err {
+        GpuError::Format(e) if e.chunk().is_none() => e.code(),
+        _ => return err,
+    };
+    let mut scratch = tpde::delta::DecodeScratch::default();
+    for t in delta {
+        for (k, c) in t.chunks.iter().enumerate() {
+            let words = c.words as usize;
+            let checked =
+                tpde::delta::check_chunk_payload(&c.record, c.streams, c.stored, words, t.width.bytes(), &mut scratch);
+            match checked {
+                Err(found) if found.code() == code => {
+                    return GpuError::Format(found.in_tensor(&t.name).in_chunk(t.first_chunk + k as u64));
+                }
+                _ => {}
+            }
+        }
+    }
+    err
+}
+
 /// Decodes (zstd) or copies (stored) streams into `host` at their offsets,
 /// in parallel. Offsets increase and the streams do not overlap. A format
 /// error names the tensor and chunk that `label` gives for the task's chunk.
@@ -1168,5 +1196,38 @@ mod tests {
         let e = decode_tasks(&mut host, &tasks, |k| Some(labels[k])).unwrap_err();
         let GpuError::Format(e) = e else { panic!("{e}") };
         assert_eq!((e.code(), e.tensor(), e.chunk()), (ErrorCode::ZstdProfile, Some("b"), Some(7)));
+    }
+
+    /// A kernel's flag names no chunk; the library's check of each chunk finds
+    /// the one with the same fault, and only that one.
+    #[test]
+    fn a_device_fault_is_located_by_the_library_check() {
+        // Every word changed: a dense chunk, whose streams do not depend on the count.
+        let base = vec![0u8; 4096];
+        let target: Vec<u8> = (0..4096).map(|i| u8::try_from(i % 251 + 1).unwrap()).collect();
+        let settings = tpde::delta::EncodeSettings::default();
+        let good = tpde::delta::encode_chunk(&target, Some(&base), 4, false, settings).unwrap();
+        assert_eq!(good.record.encoding, tpde::container::chunk_map::Encoding::Dense);
+        let mut bad = good.clone();
+        bad.record.changed_count -= 1;
+        fn chunk(c: &tpde::delta::EncodedChunk) -> ChunkRef<'_> {
+            ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: 1024 }
+        }
+        let t = TensorRef {
+            name: "w".into(),
+            width: WordWidth::W4,
+            words: 2048,
+            chunk_words: 1024,
+            first_chunk: 5,
+            chunks: vec![chunk(&good), chunk(&bad)],
+            host: None,
+        };
+        let flagged = GpuError::from_flag(crate::error::flag::COUNT_MISMATCH);
+        let GpuError::Format(e) = locate_device_fault(std::slice::from_ref(&t), flagged) else { panic!() };
+        assert_eq!((e.code(), e.tensor(), e.chunk()), (ErrorCode::ChangedCount, Some("w"), Some(6)));
+        // A fault that no chunk shows on the CPU stays as the kernel reported it.
+        let flagged = GpuError::from_flag(crate::error::flag::ZERO_GAP);
+        let GpuError::Format(e) = locate_device_fault(std::slice::from_ref(&t), flagged) else { panic!() };
+        assert_eq!((e.code(), e.chunk()), (ErrorCode::PositionsNotIncreasing, None));
     }
 }

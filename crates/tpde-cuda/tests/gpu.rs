@@ -515,5 +515,8 @@ fn a_changed_count_that_the_values_contradict_is_caught_on_the_device() {
         let mut out = g.alloc_zeros::<u8>(r.bytes()).unwrap();
         let e = loader(1 << 20).materialize_into(&r, &db, &mut out).unwrap_err();
         assert_eq!(e.format_code(), Some(tpde::ErrorCode::ChangedCount), "grouped {grouped}: {e}");
+        // The kernel's flag names no chunk; the error does.
+        let GpuError::Format(e) = e else { panic!("a format error: {e}") };
+        assert_eq!((e.tensor(), e.chunk()), (Some("t"), Some(0)), "grouped {grouped}");
     }
 }
