@@ -442,6 +442,10 @@ fn encode_words<W: Word>(
 /// `E_CHUNK_MAP_INVALID` or `E_STREAM_LENGTH`.
 pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: u64, word_bytes: usize) -> Result<()> {
     check_word_width(word_bytes)?;
+    if words > crate::limits::MAX_CHUNK_WORDS {
+        // A reader's spans never exceed it (H5); a caller of this public function may.
+        return fail(ErrorCode::LimitExceeded, "a chunk holds at most MAX_CHUNK_WORDS words (spec §9)");
+    }
     let m = u64::from(record.changed_count);
     let w = word_bytes as u64;
     let invalid = |what: &str| fail(ErrorCode::ChunkMapInvalid, what.to_owned());
@@ -826,6 +830,9 @@ mod tests {
         assert_eq!(err.code(), ErrorCode::InvalidArgument);
         let err = encode_chunk(&bytes[..10], None, 4, false, EncodeSettings::default()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidArgument, "not whole words");
+        let err = decode_chunk(&chunk.record, &chunk.streams, &chunk.data, None, usize::MAX / 2, 4, &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::LimitExceeded, "a chunk size that would overflow");
     }
 
     #[test]
