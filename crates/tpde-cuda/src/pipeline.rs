@@ -1080,10 +1080,15 @@ fn locate_device_fault(delta: &[TensorRef<'_>], err: GpuError) -> GpuError {
     let mut scratch = tpde::delta::DecodeScratch::default();
     for t in delta {
         for (k, c) in t.chunks.iter().enumerate() {
-            let words = c.words as usize;
-            let checked =
-                tpde::delta::check_chunk_payload(&c.record, c.streams, c.stored, words, t.width.bytes(), &mut scratch);
-            match checked {
+            let input = tpde::delta::ChunkInput {
+                record: &c.record,
+                streams: c.streams,
+                stored: c.stored,
+                base: None,
+                words: c.words as usize,
+                word_bytes: t.width.bytes(),
+            };
+            match tpde::delta::check_chunk_payload(&input, &mut scratch) {
                 Err(found) if found.code() == code => {
                     return GpuError::Format(found.in_tensor(&t.name).in_chunk(t.first_chunk + k as u64));
                 }

@@ -3,7 +3,7 @@
 //! per second. Run with `cargo bench -p tpde --bench codec`.
 
 use criterion::{criterion_main, BenchmarkId, Criterion, Throughput};
-use tpde::delta::{decode_chunk, encode_chunk, EncodeSettings};
+use tpde::delta::{decode_chunk, encode_chunk, ChunkInput, EncodeSettings};
 
 const WORDS: usize = 1 << 20;
 
@@ -43,8 +43,15 @@ fn codec(c: &mut Criterion) {
         let mut out = Vec::new();
         group.bench_with_input(BenchmarkId::new("decode", name), &(), |b, ()| {
             b.iter(|| {
-                decode_chunk(&chunk.record, &chunk.streams, &chunk.data, Some(&base), WORDS, 2, &mut out)
-                    .expect("decodes");
+                let input = ChunkInput {
+                    record: &chunk.record,
+                    streams: &chunk.streams,
+                    stored: &chunk.data,
+                    base: Some(&base),
+                    words: WORDS,
+                    word_bytes: 2,
+                };
+                decode_chunk(&input, &mut out).expect("decodes");
             });
         });
     }

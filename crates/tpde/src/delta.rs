@@ -515,61 +515,81 @@ pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: 
     Ok(())
 }
 
+/// One stored chunk and what decoding it needs: its records, its stored bytes (all
+/// streams back to back), the base bytes at its place (possibly shorter than the
+/// chunk, or empty; `None` for a tensor without base), and its size in words.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkInput<'a> {
+    /// The chunk record.
+    pub record: &'a ChunkRecord,
+    /// Its stream records, in order.
+    pub streams: &'a [StreamRecord],
+    /// Its stored bytes.
+    pub stored: &'a [u8],
+    /// The base bytes at the chunk's place.
+    pub base: Option<&'a [u8]>,
+    /// Words in the chunk.
+    pub words: usize,
+    /// Bytes per word: 1, 2, 4 or 8.
+    pub word_bytes: usize,
+}
+
+impl ChunkInput<'_> {
+    /// What every decoder checks first: the records against the chunk's size
+    /// (spec §8.1–§8.4), then the stored bytes against their length and checksum
+    /// (§6). Returns the chunk's length in bytes, computed only once the size is
+    /// known to be bounded.
+    fn check(&self) -> Result<usize> {
+        check_chunk_shape(self.record, self.streams, self.words as u64, self.word_bytes)?;
+        if self.stored.len() != self.record.stored_len as usize {
+            return fail(ErrorCode::Truncated, "the chunk's stored bytes are cut short");
+        }
+        if checksum64(self.stored) != self.record.checksum {
+            return fail(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");
+        }
+        Ok(self.words * self.word_bytes)
+    }
+
+    /// The base words the chunk starts from (spec §11.2 D2): none for a raw chunk.
+    fn base_words(&self) -> &[u8] {
+        if self.record.encoding == Encoding::Raw {
+            &[]
+        } else {
+            self.base.unwrap_or_default()
+        }
+    }
+
+    /// Decodes the streams onto `out`, which holds the base words.
+    fn rebuild(&self, out: Option<&mut [u8]>, scratch: &mut DecodeScratch) -> Result<()> {
+        rebuild(self.record, self.streams, self.stored, self.words, self.word_bytes, out, scratch)
+    }
+}
+
 /// Rebuilds one chunk into `out` (cleared first; `words * word_bytes` bytes after).
-/// `stored` holds the chunk's stored bytes; `base` the base bytes at the chunk's
-/// place, possibly shorter than the chunk or empty. The stored bytes' checksum and
-/// the result's digest are both checked. Scratch memory is allocated for this call
-/// and freed before it returns; [`decode_chunk_with`] reuses it across calls.
+/// The stored bytes' checksum and the result's digest are both checked. Scratch
+/// memory is allocated for this call and freed before it returns;
+/// [`decode_chunk_with`] reuses it across calls.
 ///
 /// # Errors
 /// Any decoding error of spec §8, `E_CHUNK_CHECKSUM`, `E_CHUNK_DIGEST`, and
 /// `E_OUT_OF_MEMORY` when a buffer cannot be allocated.
-pub fn decode_chunk(
-    record: &ChunkRecord,
-    streams: &[StreamRecord],
-    stored: &[u8],
-    base: Option<&[u8]>,
-    words: usize,
-    word_bytes: usize,
-    out: &mut Vec<u8>,
-) -> Result<()> {
-    decode_chunk_with(record, streams, stored, base, words, word_bytes, out, &mut DecodeScratch::default())
+pub fn decode_chunk(chunk: &ChunkInput<'_>, out: &mut Vec<u8>) -> Result<()> {
+    decode_chunk_with(chunk, out, &mut DecodeScratch::default())
 }
 
 /// As [`decode_chunk`], with scratch buffers that the caller keeps between chunks.
 ///
 /// # Errors
 /// As [`decode_chunk`].
-#[allow(clippy::too_many_arguments)] // the parts of one chunk, as in `decode_chunk`
-pub fn decode_chunk_with(
-    record: &ChunkRecord,
-    streams: &[StreamRecord],
-    stored: &[u8],
-    base: Option<&[u8]>,
-    words: usize,
-    word_bytes: usize,
-    out: &mut Vec<u8>,
-    scratch: &mut DecodeScratch,
-) -> Result<()> {
-    check_chunk_shape(record, streams, words as u64, word_bytes)?;
-    check_stored(record, stored)?;
-    let len = words * word_bytes;
-    let base = base_of(record, base);
+pub fn decode_chunk_with(chunk: &ChunkInput<'_>, out: &mut Vec<u8>, scratch: &mut DecodeScratch) -> Result<()> {
+    let len = chunk.check()?;
+    let base = chunk.base_words();
     out.clear();
     try_reserve(out, len)?;
     // Written once: the base, then zeros past its end (spec §11.2 D2).
     out.extend_from_slice(&base[..base.len().min(len)]);
     out.resize(len, 0);
-    rebuild(record, streams, stored, words, word_bytes, Some(out), scratch)
-}
-
-/// The base words a chunk starts from (spec §11.2 D2): none for a raw chunk.
-fn base_of<'b>(record: &ChunkRecord, base: Option<&'b [u8]>) -> &'b [u8] {
-    if record.encoding == Encoding::Raw {
-        &[]
-    } else {
-        base.unwrap_or_default()
-    }
+    chunk.rebuild(Some(out), scratch)
 }
 
 /// As [`decode_chunk_with`], into `out`, which must be exactly `words * word_bytes`
@@ -577,85 +597,46 @@ fn base_of<'b>(record: &ChunkRecord, base: Option<&'b [u8]>) -> &'b [u8] {
 ///
 /// # Errors
 /// As [`decode_chunk`], and `E_INVALID_ARGUMENT` when `out` has the wrong length.
-#[allow(clippy::too_many_arguments)] // the parts of one chunk, as in `decode_chunk`
-pub fn decode_chunk_into(
-    record: &ChunkRecord,
-    streams: &[StreamRecord],
-    stored: &[u8],
-    base: Option<&[u8]>,
-    words: usize,
-    word_bytes: usize,
-    out: &mut [u8],
-    scratch: &mut DecodeScratch,
-) -> Result<()> {
-    check_chunk_shape(record, streams, words as u64, word_bytes)?;
-    check_stored(record, stored)?;
-    let len = words * word_bytes;
+pub fn decode_chunk_into(chunk: &ChunkInput<'_>, out: &mut [u8], scratch: &mut DecodeScratch) -> Result<()> {
+    let len = chunk.check()?;
     if out.len() != len {
         return fail(ErrorCode::InvalidArgument, format!("the output holds {} bytes, not {len}", out.len()));
     }
-    let base = base_of(record, base);
+    let base = chunk.base_words();
     let copied = base.len().min(len);
     out[..copied].copy_from_slice(&base[..copied]);
     out[copied..].fill(0);
-    rebuild(record, streams, stored, words, word_bytes, Some(out), scratch)
+    chunk.rebuild(Some(out), scratch)
 }
 
 /// Checks everything of a chunk that needs no base (spec §11.2 D1, D3, D4, D6): its
 /// stored bytes against their checksum, its streams under the zstd profile, its
 /// positions, and that its values change exactly `changed_count` words. Only the
-/// rebuilt chunk's digest (D7) is left, which needs the base. Allocates scratch
-/// only, no output ([`DecodeCost::scratch`]).
+/// rebuilt chunk's digest (D7) is left, which needs the base; `chunk.base` is not
+/// read. Allocates scratch only, no output ([`DecodeCost::scratch`]).
 ///
 /// # Errors
 /// As [`decode_chunk`], except `E_CHUNK_DIGEST`.
-pub fn check_chunk_payload(
-    record: &ChunkRecord,
-    streams: &[StreamRecord],
-    stored: &[u8],
-    words: usize,
-    word_bytes: usize,
-    scratch: &mut DecodeScratch,
-) -> Result<()> {
-    check_chunk_shape(record, streams, words as u64, word_bytes)?;
-    check_stored(record, stored)?;
-    rebuild(record, streams, stored, words, word_bytes, None, scratch)
-}
-
-/// Checks that `stored` is the whole of a chunk's stored bytes and matches its
-/// checksum (spec §6).
-fn check_stored(record: &ChunkRecord, stored: &[u8]) -> Result<()> {
-    if stored.len() != record.stored_len as usize {
-        return fail(ErrorCode::Truncated, "the chunk's stored bytes are cut short");
-    }
-    if checksum64(stored) != record.checksum {
-        return fail(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");
-    }
-    Ok(())
+pub fn check_chunk_payload(chunk: &ChunkInput<'_>, scratch: &mut DecodeScratch) -> Result<()> {
+    chunk.check()?;
+    chunk.rebuild(None, scratch)
 }
 
 /// Checks an unchanged chunk whose base covers it in full, without copying: the
-/// rebuilt chunk is `base` itself, so only its record, checksum and digest are
+/// rebuilt chunk is the base itself, so only its record, checksum and digest are
 /// checked. Returns `false`, having checked nothing, for any other chunk.
 ///
 /// # Errors
 /// As [`decode_chunk`].
-pub fn check_unchanged(
-    record: &ChunkRecord,
-    streams: &[StreamRecord],
-    stored: &[u8],
-    base: Option<&[u8]>,
-    words: usize,
-    word_bytes: usize,
-) -> Result<bool> {
-    let len = words * word_bytes;
-    let Some(base) = base.filter(|b| b.len() == len) else { return Ok(false) };
-    if record.encoding != Encoding::Unchanged {
+pub fn check_unchanged(chunk: &ChunkInput<'_>) -> Result<bool> {
+    if chunk.record.encoding != Encoding::Unchanged {
         return Ok(false);
     }
-    check_chunk_shape(record, streams, words as u64, word_bytes)?;
-    check_stored(record, stored)?;
-    if leaf_digest(base) != record.digest {
+    let Some(base) = chunk.base.filter(|b| chunk.words.checked_mul(chunk.word_bytes) == Some(b.len())) else {
+        return Ok(false);
+    };
+    chunk.check()?;
+    if leaf_digest(base) != chunk.record.digest {
         return fail(ErrorCode::ChunkDigest, "the rebuilt chunk does not match its digest");
     }
     Ok(true)
@@ -781,11 +762,15 @@ fn rebuild(
 mod tests {
     use super::*;
 
+    fn input<'a>(chunk: &'a EncodedChunk, base: Option<&'a [u8]>, words: usize, word_bytes: usize) -> ChunkInput<'a> {
+        ChunkInput { record: &chunk.record, streams: &chunk.streams, stored: &chunk.data, base, words, word_bytes }
+    }
+
     fn round_trip(target: &[u8], base: Option<&[u8]>, word_bytes: usize) -> Encoding {
         let chunk = encode_chunk(target, base, word_bytes, true, EncodeSettings::default()).unwrap();
         let words = target.len() / word_bytes;
         let mut out = Vec::new();
-        decode_chunk(&chunk.record, &chunk.streams, &chunk.data, base, words, word_bytes, &mut out).unwrap();
+        decode_chunk(&input(&chunk, base, words, word_bytes), &mut out).unwrap();
         assert_eq!(out, target);
         chunk.record.encoding
     }
@@ -825,13 +810,11 @@ mod tests {
         let err = encode_chunk(&bytes, None, 3, false, EncodeSettings::default()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidArgument);
         let chunk = encode_chunk(&bytes, Some(&bytes), 4, false, EncodeSettings::default()).unwrap();
-        let err =
-            decode_chunk(&chunk.record, &chunk.streams, &chunk.data, Some(&bytes), 4, 3, &mut Vec::new()).unwrap_err();
+        let err = decode_chunk(&input(&chunk, Some(&bytes), 4, 3), &mut Vec::new()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidArgument);
         let err = encode_chunk(&bytes[..10], None, 4, false, EncodeSettings::default()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidArgument, "not whole words");
-        let err = decode_chunk(&chunk.record, &chunk.streams, &chunk.data, None, usize::MAX / 2, 4, &mut Vec::new())
-            .unwrap_err();
+        let err = decode_chunk(&input(&chunk, None, usize::MAX / 2, 4), &mut Vec::new()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::LimitExceeded, "a chunk size that would overflow");
     }
 
@@ -843,13 +826,12 @@ mod tests {
         let chunk = encode_chunk(&target, Some(&base), 2, true, EncodeSettings::default()).unwrap();
         let mut data = chunk.data.clone();
         data[0] ^= 1;
-        let err =
-            decode_chunk(&chunk.record, &chunk.streams, &data, Some(&base), 2048, 2, &mut Vec::new()).unwrap_err();
+        let err = decode_chunk(&ChunkInput { stored: &data, ..input(&chunk, Some(&base), 2048, 2) }, &mut Vec::new())
+            .unwrap_err();
         assert_eq!(err.code(), ErrorCode::ChunkChecksum);
         let mut other_base = base.clone();
         other_base[0] ^= 1;
-        let err = decode_chunk(&chunk.record, &chunk.streams, &chunk.data, Some(&other_base), 2048, 2, &mut Vec::new())
-            .unwrap_err();
+        let err = decode_chunk(&input(&chunk, Some(&other_base), 2048, 2), &mut Vec::new()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::ChunkDigest);
     }
 }

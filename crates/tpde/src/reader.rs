@@ -16,7 +16,7 @@ use crate::container::preamble::{check_trailer, Preamble, MAGIC};
 use crate::container::Layout;
 use crate::delta::{
     check_chunk_payload, check_chunk_shape, check_unchanged, decode_chunk_into, decode_chunk_with, decode_cost,
-    DecodeCost, DecodeScratch,
+    ChunkInput, DecodeCost, DecodeScratch,
 };
 use crate::digest::{checksum64, to_hex, tree_digest, Digest128};
 use crate::error::{fail, Error, ErrorCode, Result};
@@ -334,12 +334,30 @@ impl DeltaFile {
         }))
     }
 
-    /// The base bytes at a chunk's place: `None` without base, possibly shorter
-    /// than the chunk (or empty) where the base tensor is shorter.
+    /// What the chunk decoders of [`crate::delta`] need for one chunk: its records,
+    /// its stored bytes, and the base bytes at its place (`None` without base,
+    /// possibly shorter than the chunk, or empty, where the base tensor is shorter).
+    fn chunk_input<'s>(
+        &'s self,
+        tensor: &TensorEntry,
+        span: ChunkSpan,
+        base: Option<&'s [u8]>,
+    ) -> Result<ChunkInput<'s>> {
+        let word_bytes = tensor.word_bytes()?;
+        let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
+        let base = Self::chunk_base(span, word_bytes, base);
+        let (record, streams, stored) =
+            (self.chunk(span.index), self.streams(span.index), self.stored_bytes(span.index));
+        Ok(ChunkInput { record, streams, stored, base, words, word_bytes })
+    }
+
+    /// The base bytes at a chunk's place, cut from the whole base tensor's.
     fn chunk_base(span: ChunkSpan, word_bytes: usize, base: Option<&[u8]>) -> Option<&[u8]> {
         base.map(|b| {
             let start = usize::try_from(span.first_word).unwrap_or(usize::MAX).saturating_mul(word_bytes).min(b.len());
-            let end = start.saturating_add(usize::try_from(span.words).unwrap_or(usize::MAX) * word_bytes).min(b.len());
+            let end = start
+                .saturating_add(usize::try_from(span.words).unwrap_or(usize::MAX).saturating_mul(word_bytes))
+                .min(b.len());
             &b[start..end]
         })
     }
@@ -369,19 +387,8 @@ impl DeltaFile {
         out: &mut Vec<u8>,
         scratch: &mut DecodeScratch,
     ) -> Result<()> {
-        let word_bytes = tensor.word_bytes()?;
-        let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
-        decode_chunk_with(
-            self.chunk(span.index),
-            self.streams(span.index),
-            self.stored_bytes(span.index),
-            Self::chunk_base(span, word_bytes, base),
-            words,
-            word_bytes,
-            out,
-            scratch,
-        )
-        .map_err(|e| self.locate(e, tensor, span))
+        let chunk = self.chunk_input(tensor, span, base)?;
+        decode_chunk_with(&chunk, out, scratch).map_err(|e| self.locate(e, tensor, span))
     }
 
     /// As [`DeltaFile::decode_chunk`], into `out`, exactly the chunk's length.
@@ -393,19 +400,8 @@ impl DeltaFile {
         out: &mut [u8],
         scratch: &mut DecodeScratch,
     ) -> Result<()> {
-        let word_bytes = tensor.word_bytes()?;
-        let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
-        decode_chunk_into(
-            self.chunk(span.index),
-            self.streams(span.index),
-            self.stored_bytes(span.index),
-            Self::chunk_base(span, word_bytes, base),
-            words,
-            word_bytes,
-            out,
-            scratch,
-        )
-        .map_err(|e| self.locate(e, tensor, span))
+        let chunk = self.chunk_input(tensor, span, base)?;
+        decode_chunk_into(&chunk, out, scratch).map_err(|e| self.locate(e, tensor, span))
     }
 
     /// For an unchanged chunk that its base covers in full: checks it (record,
@@ -417,19 +413,9 @@ impl DeltaFile {
         span: ChunkSpan,
         base: Option<&'b [u8]>,
     ) -> Result<Option<&'b [u8]>> {
-        let word_bytes = tensor.word_bytes()?;
-        let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
-        let chunk_base = Self::chunk_base(span, word_bytes, base);
-        let unchanged = check_unchanged(
-            self.chunk(span.index),
-            self.streams(span.index),
-            self.stored_bytes(span.index),
-            chunk_base,
-            words,
-            word_bytes,
-        )
-        .map_err(|e| self.locate(e, tensor, span))?;
-        Ok(chunk_base.filter(|_| unchanged))
+        let unchanged = check_unchanged(&self.chunk_input(tensor, span, base)?);
+        let base = Self::chunk_base(span, tensor.word_bytes()?, base);
+        Ok(if unchanged.map_err(|e| self.locate(e, tensor, span))? { base } else { None })
     }
 
     /// Checks everything of a chunk that needs no base: checksum, streams, positions
@@ -444,17 +430,8 @@ impl DeltaFile {
         span: ChunkSpan,
         scratch: &mut DecodeScratch,
     ) -> Result<()> {
-        let word_bytes = tensor.word_bytes()?;
-        let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
-        check_chunk_payload(
-            self.chunk(span.index),
-            self.streams(span.index),
-            self.stored_bytes(span.index),
-            words,
-            word_bytes,
-            scratch,
-        )
-        .map_err(|e| self.locate(e, tensor, span))
+        let chunk = self.chunk_input(tensor, span, None)?;
+        check_chunk_payload(&chunk, scratch).map_err(|e| self.locate(e, tensor, span))
     }
 
     /// What decoding a chunk allocates at most, from its validated record.

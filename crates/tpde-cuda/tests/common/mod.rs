@@ -257,8 +257,15 @@ pub fn forced_tensor_in(
 /// The library's decoder of one chunk (checksum and digest checked).
 pub fn library_decode(c: &EncodedChunk, base: &[u8], words: usize, w: WordWidth) -> Vec<u8> {
     let mut out = Vec::new();
-    tpde::delta::decode_chunk(&c.record, &c.streams, &c.data, Some(base), words, w.bytes(), &mut out)
-        .expect("the library decodes the chunk");
+    let input = tpde::delta::ChunkInput {
+        record: &c.record,
+        streams: &c.streams,
+        stored: &c.data,
+        base: Some(base),
+        words,
+        word_bytes: w.bytes(),
+    };
+    tpde::delta::decode_chunk(&input, &mut out).expect("the library decodes the chunk");
     out
 }
 
