@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use tpde::delta::EncodeSettings;
-use tpde_cuda::cudarc::driver::PinnedHostSlice;
 use tpde_cuda::encode::EncodedTensor;
 use tpde_cuda::{Gpu, Loader, LoaderConfig, TensorRef, WordWidth};
 
-type R<T> = Result<T, Box<dyn std::error::Error>>;
+mod common;
+use common::{hosted, pin_all, R};
 
 /// One 4096 x 4096 F32 layer: base words from a seeded xorshift, the target
 /// changed in a fraction `p` of the words (all when `p >= 1`) by a small
@@ -60,36 +60,6 @@ fn paired(reps: usize, mut on: impl FnMut() -> R<()>, mut off: impl FnMut() -> R
         b.push(t.elapsed().as_secs_f64());
     }
     Ok((median(a), median(b)))
-}
-
-/// Every chunk's stored bytes of `enc`, back to back in page-locked memory.
-fn pin_all(gpu: &Gpu, enc: &[EncodedTensor]) -> R<PinnedHostSlice<u8>> {
-    let total: usize = enc.iter().map(EncodedTensor::stored_bytes).sum();
-    // SAFETY: every byte is written below before any use.
-    let mut host = unsafe { gpu.context().alloc_pinned_with_flags::<u8>(total.max(1), 0) }?;
-    let dst = host.as_mut_slice()?;
-    let mut at = 0;
-    for c in enc.iter().flat_map(|t| &t.chunks) {
-        dst[at..at + c.data.len()].copy_from_slice(&c.data);
-        at += c.data.len();
-    }
-    Ok(host)
-}
-
-/// Views of `enc` whose stored bytes are read from `host` ([`pin_all`]).
-fn hosted<'a>(enc: &'a [EncodedTensor], host: &'a [u8]) -> Vec<TensorRef<'a>> {
-    let mut at = 0;
-    enc.iter()
-        .map(|t| {
-            let mut r = t.as_ref();
-            for c in &mut r.chunks {
-                c.stored = &host[at..at + c.stored.len()];
-                at += c.stored.len();
-            }
-            r.host = Some(host);
-            r
-        })
-        .collect()
 }
 
 fn row(what: &str, on: f64, off: f64, bytes: usize) {

@@ -10,12 +10,13 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use tpde::delta::EncodeSettings;
-use tpde_cuda::cudarc::driver::{result as cu, PinnedHostSlice};
+use tpde_cuda::cudarc::driver::result as cu;
 use tpde_cuda::delta::PinnedDelta;
 use tpde_cuda::encode::EncodedTensor;
 use tpde_cuda::{DevRange, Gpu, Loader, LoaderConfig, TensorRef, WordWidth};
 
-type R<T> = Result<T, Box<dyn std::error::Error>>;
+mod common;
+use common::{hosted, pin_all, R};
 
 /// splitmix64: a seeded generator, one stream per chunk.
 struct Rng(u64);
@@ -113,36 +114,6 @@ fn write_safetensors(path: &std::path::Path, bytes: &[u8]) -> R<()> {
     out.extend_from_slice(bytes);
     std::fs::write(path, out)?;
     Ok(())
-}
-
-/// Every chunk's stored bytes of `enc`, back to back in page-locked memory.
-fn pin_all(gpu: &Gpu, enc: &[EncodedTensor]) -> R<PinnedHostSlice<u8>> {
-    let total: usize = enc.iter().map(EncodedTensor::stored_bytes).sum();
-    // SAFETY: every byte is written below before any use.
-    let mut host = unsafe { gpu.context().alloc_pinned_with_flags::<u8>(total.max(1), 0) }?;
-    let dst = host.as_mut_slice()?;
-    let mut at = 0;
-    for c in enc.iter().flat_map(|t| &t.chunks) {
-        dst[at..at + c.data.len()].copy_from_slice(&c.data);
-        at += c.data.len();
-    }
-    Ok(host)
-}
-
-/// Views of `enc` whose stored bytes are read from `host` ([`pin_all`]).
-fn hosted<'a>(enc: &'a [EncodedTensor], host: &'a [u8]) -> Vec<TensorRef<'a>> {
-    let mut at = 0;
-    enc.iter()
-        .map(|t| {
-            let mut r = t.as_ref();
-            for c in &mut r.chunks {
-                c.stored = &host[at..at + c.stored.len()];
-                at += c.stored.len();
-            }
-            r.host = Some(host);
-            r
-        })
-        .collect()
 }
 
 fn main() -> R<()> {
