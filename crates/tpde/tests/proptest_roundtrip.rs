@@ -37,40 +37,8 @@ fn byte_len(dtype: &str, shape: &[u64]) -> usize {
     usize::try_from(shape.iter().product::<u64>() * bits(dtype) / 8).expect("small")
 }
 
-#[derive(Debug, Clone)]
-struct Tensor {
-    name: String,
-    dtype: &'static str,
-    shape: Vec<u64>,
-    bytes: Vec<u8>,
-}
-
-/// A safetensors file, tensors in the given order.
-fn safetensors(tensors: &[Tensor]) -> Vec<u8> {
-    let mut offset = 0;
-    let entries: Vec<String> = tensors
-        .iter()
-        .map(|t| {
-            let end = offset + t.bytes.len();
-            let entry = format!(
-                "\"{}\":{{\"dtype\":\"{}\",\"shape\":{:?},\"data_offsets\":[{offset},{end}]}}",
-                t.name, t.dtype, t.shape
-            );
-            offset = end;
-            entry
-        })
-        .collect();
-    let mut header = format!("{{{}}}", entries.join(","));
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    for t in tensors {
-        out.extend_from_slice(&t.bytes);
-    }
-    out
-}
+mod safetensors_support;
+use safetensors_support::{safetensors, Tensor};
 
 /// How one tensor of a case is made.
 #[derive(Debug, Clone)]

@@ -13,14 +13,8 @@ use tpde::container::header::{Header, LayoutKind, TargetFile, TargetLayout, Tens
 use tpde::pipeline::{self, encode::EncodeOptions, NoProgress};
 use tpde::{Checkpoint, DeltaFile, ErrorCode};
 
-/// One tensor of a hand-built safetensors file.
-#[derive(Debug, Clone)]
-struct Tensor {
-    name: String,
-    dtype: &'static str,
-    shape: Vec<u64>,
-    bytes: Vec<u8>,
-}
+mod safetensors_support;
+use safetensors_support::{safetensors, safetensors_with, Tensor};
 
 fn tensor(name: &str, dtype: &'static str, shape: &[u64]) -> Tensor {
     let width = match dtype {
@@ -31,40 +25,6 @@ fn tensor(name: &str, dtype: &'static str, shape: &[u64]) -> Tensor {
     let len = shape.iter().product::<u64>() * width;
     let bytes = (0..len).map(|i| u8::try_from(i % 251).expect("small")).collect();
     Tensor { name: name.to_owned(), dtype, shape: shape.to_vec(), bytes }
-}
-
-/// A safetensors file holding `tensors` in order; `extra` is spliced into every
-/// tensor object (members that readers ignore).
-fn safetensors_with(tensors: &[Tensor], extra: &str) -> Vec<u8> {
-    let mut offset = 0;
-    let entries: Vec<String> = tensors
-        .iter()
-        .map(|t| {
-            let end = offset + t.bytes.len();
-            let entry = format!(
-                "{}:{{{extra}\"dtype\":\"{}\",\"shape\":{:?},\"data_offsets\":[{offset},{end}]}}",
-                serde_json::to_string(&t.name).expect("a string"),
-                t.dtype,
-                t.shape
-            );
-            offset = end;
-            entry
-        })
-        .collect();
-    let mut header = format!("{{{}}}", entries.join(","));
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    for t in tensors {
-        out.extend_from_slice(&t.bytes);
-    }
-    out
-}
-
-fn safetensors(tensors: &[Tensor]) -> Vec<u8> {
-    safetensors_with(tensors, "")
 }
 
 /// A sharded checkpoint; the index maps each tensor to the first shard that holds it.
