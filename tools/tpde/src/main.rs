@@ -89,6 +89,10 @@ enum Command {
         /// Overwrite OUT if it exists.
         #[arg(long)]
         force: bool,
+        /// Sync OUT to storage before renaming it into place. Off by default, since
+        /// the target can be rebuilt from the delta; the rename is atomic either way.
+        #[arg(long)]
+        sync: bool,
         #[command(flatten)]
         threads: Threads,
     },
@@ -255,13 +259,14 @@ fn run(cli: Cli) -> tpde::Result<()> {
                 summary.standalone_tensors,
             );
         }
-        Command::Apply { inputs, output, force, threads } => {
+        Command::Apply { inputs, output, force, sync, threads } => {
             set_threads(&threads)?;
             prepare_output(&output, &inputs, force)?;
             let (base_path, delta_path) = split_base(&inputs);
             let delta = DeltaFile::open(delta_path)?;
             let base = open_optional(base_path)?;
-            let summary = pipeline::apply::apply(&delta, base.as_ref(), &output, force, &Bars::new())?;
+            let options = pipeline::apply::ApplyOptions { force, sync };
+            let summary = pipeline::apply::apply(&delta, base.as_ref(), &output, options, &Bars::new())?;
             eprintln!(
                 "wrote {} ({} in {} file(s)), every digest matched",
                 escape(&output.display().to_string()),
