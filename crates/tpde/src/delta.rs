@@ -887,10 +887,8 @@ fn rebuild(
     if out.is_none() && keys_allowed && decoded.any_waiting_for(value_planes.clone(), ContextKind::BaseKey) {
         return Ok(());
     }
-    let base_keys = out
-        .as_deref()
-        .filter(|_| keys_allowed)
-        .map(|base| Contexts::BaseKeys { base, word_bytes, positions });
+    let base_keys =
+        out.as_deref().filter(|_| keys_allowed).map(|base| Contexts::BaseKeys { base, word_bytes, positions });
     decoded.decode_planes(value_planes.clone(), planes_layout, base_keys)?;
 
     let nonzero = with_word!(word_bytes, W => {
