@@ -73,14 +73,11 @@ impl StreamSet {
         let zstd = compress_stream(raw, settings.level)?;
         let zstd_len = zstd.as_ref().map_or(usize::MAX, Vec::len);
         let rans = if settings.rans {
-            let (len, context) = std::iter::once(Contexts::None)
-                .chain(contexts.iter().copied())
-                .map(|c| (rans::predicted_len(raw, c), c))
-                .min_by_key(|&(len, _)| len)
-                .expect("one candidate at least");
+            let plan = rans::plan(raw, contexts);
+            let len = plan.predicted_len();
             #[allow(clippy::cast_precision_loss)] // a threshold
             let zstd_wins = (zstd_len as f64) < (1.0 - ZSTD_OVER_RANS_GAIN) * len as f64;
-            (len < raw.len() && !zstd_wins).then(|| rans::encode(raw, context))
+            (len < raw.len() && !zstd_wins).then(|| plan.encode())
         } else {
             None
         };

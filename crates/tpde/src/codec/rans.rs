@@ -1311,6 +1311,7 @@ fn predict_len(symbols: usize, tables_len: usize, info_bits: f64, tile_log2: u32
 }
 
 /// How a stream is coded: everything the encoder decides before coding.
+#[derive(Debug)]
 struct Plan {
     kind: ContextKind,
     prob_bits: u32,
@@ -1554,6 +1555,45 @@ pub fn encode(symbols: &[u8], contexts: Contexts<'_>) -> Vec<u8> {
 pub fn predicted_len(symbols: &[u8], contexts: Contexts<'_>) -> usize {
     let context_bytes = context_bytes(symbols.len(), &contexts);
     Plan::new(symbols, contexts.kind(), context_bytes.as_deref()).predicted_len
+}
+
+/// A stream's coding, chosen but not yet run: the best of several contexts, each
+/// planned once (see [`plan`]).
+#[derive(Debug)]
+pub struct StreamPlan<'a> {
+    symbols: &'a [u8],
+    context_bytes: Option<Vec<u8>>,
+    plan: Plan,
+}
+
+impl StreamPlan<'_> {
+    /// The stored length [`StreamPlan::encode`] will produce, as [`predicted_len`].
+    #[must_use]
+    pub fn predicted_len(&self) -> usize {
+        self.plan.predicted_len
+    }
+
+    /// Encodes the stream as planned.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        write_stream(&self.plan, self.symbols, self.context_bytes.as_deref())
+    }
+}
+
+/// Plans `symbols` under no context and under each of `candidates`, and keeps the
+/// one predicted smallest (the first of equals): what a writer does per stream,
+/// without planning the winner twice.
+#[must_use]
+pub fn plan<'a>(symbols: &'a [u8], candidates: &[Contexts<'_>]) -> StreamPlan<'a> {
+    let mut best: Option<StreamPlan<'a>> = None;
+    for contexts in std::iter::once(Contexts::None).chain(candidates.iter().copied()) {
+        let context_bytes = context_bytes(symbols.len(), &contexts);
+        let plan = Plan::new(symbols, contexts.kind(), context_bytes.as_deref());
+        if best.as_ref().is_none_or(|b| plan.predicted_len < b.plan.predicted_len) {
+            best = Some(StreamPlan { symbols, context_bytes, plan });
+        }
+    }
+    best.expect("no context is always a candidate")
 }
 
 #[cfg(test)]
