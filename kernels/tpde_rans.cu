@@ -40,6 +40,17 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// A host build (crates/tpde-cuda/tests/rans_host.rs) runs these kernels on
+// CPU threads: it defines the CUDA built-ins used here, and these two.
+#if defined(__CUDACC__)
+#define DYNAMIC_SHARED_U32(name) extern __shared__ u32 name[]
+__device__ __forceinline__ u32 dynamic_smem_bytes() {
+    u32 bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+}
+#endif
+
 #define RANS_THREADS 256
 #define RANS_WARPS (RANS_THREADS / 32)
 #define RANS_L 65536u              // lower bound of a normalised state, 2^16
@@ -356,8 +367,12 @@ rans_parse(const RansDesc* d, u32 nd, u32* flag) {
     }
     __syncthreads();
     const u32 tc = c.table_count;
+    // `sh.bad` is read into a register between two barriers wherever the
+    // threads branch on it, so that none reads it after another set it.
+    bool ok = !sh.bad;
+    __syncthreads();
     // the context map
-    if (!sh.bad && tc > 1) {
+    if (ok && tc > 1) {
         if (avail < 4 + 256) {
             if (tid == 0) sh.bad = 1;
         } else if (sh.head[4 + tid] >= tc) {
@@ -371,11 +386,11 @@ rans_parse(const RansDesc* d, u32 nd, u32* flag) {
     // the tile lengths, then the payloads back to back to the end
     const u64 lengths = sh.at;
     const u64 payload = lengths + 4ull * c.tiles;
-    if (!sh.bad && payload > c.stored_len) {
-        if (tid == 0) sh.bad = 1;
-    }
+    if (tid == 0 && payload > c.stored_len) sh.bad = 1;
     __syncthreads();
-    if (!sh.bad) {
+    ok = !sh.bad;
+    __syncthreads();
+    if (ok) {
         const u64 rest = c.stored_len - payload;
         u32* offsets = scratch + RANS_SCRATCH_HEAD + tc * RANS_TABLE_STRIDE;
         u64 carry = 0;
@@ -510,7 +525,7 @@ __device__ __forceinline__ void decode_run(const RansDesc& c, const u32* tables,
 
 extern "C" __global__ void __launch_bounds__(RANS_THREADS)
 rans_decode(const RansDesc* d, u32 nd, u32* flag) {
-    extern __shared__ u32 smem[];
+    DYNAMIC_SHARED_U32(smem);
     __shared__ u32 di;
     __shared__ u8 cmap[256];
     if (threadIdx.x == 0) di = find_desc(d, nd, blockIdx.x);
@@ -520,8 +535,7 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
     // a stream whose header is faulty was reported by rans_parse
     if (scratch[0] != RANS_SCRATCH_VALID) return;  // uniform
     const u32 k = c.prob_bits, tc = c.table_count;
-    u32 dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    const u32 dyn = dynamic_smem_bytes();
     const u32 first = (blockIdx.x - c.block_begin) * c.tiles_per_block;
     if (k > RANS_MAX_PROB_BITS || tc > RANS_MAX_TABLES || (u64)(tc << k) * 4 > dyn || first >= c.tiles ||
         c.ctx_kind > CTX_HIGHER_PLANE ||
