@@ -41,7 +41,8 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 // A host build (crates/tpde-cuda/tests/rans_host.rs) runs these kernels on
-// CPU threads: it defines the CUDA built-ins used here, and these two.
+// CPU threads: it defines the CUDA built-ins used here, DYNAMIC_SHARED_U32
+// and dynamic_smem_bytes.
 #if defined(__CUDACC__)
 #define DYNAMIC_SHARED_U32(name) extern __shared__ u32 name[]
 __device__ __forceinline__ u32 dynamic_smem_bytes() {
@@ -49,6 +50,10 @@ __device__ __forceinline__ u32 dynamic_smem_bytes() {
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
     return bytes;
 }
+// A hint only: brings the line of `p` (a valid address) into L1.
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+#else
+__device__ __forceinline__ void prefetch_l1(const void*) {}
 #endif
 
 #define RANS_THREADS 256
@@ -485,12 +490,19 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables
     }
     u32 r = 4 * lanes;
     const u32 steps = (n_t + 31) / 32;
+    // The context byte does not depend on the state: each step loads the
+    // next step's, so that its latency overlaps the state's chain.
+    u32 ctx_next = CTX != CTX_NONE && lane < n_t ? context_of<CTX, T>(c, i0 + lane) : 0u;
     for (u32 step = 0; step < steps; step++) {
         if (__any_sync(0xffffffffu, fault)) break;
         const u32 j = step * 32 + lane;
         const bool active = j < n_t;
+        const u32 ctx_byte = ctx_next;
+        if (CTX != CTX_NONE && j + 32 < n_t) ctx_next = context_of<CTX, T>(c, i0 + j + 32);
+        // the words a few steps on: at most 64 bytes a step
+        if (lane == 0 && r + 512 < len) prefetch_l1(p + r + 512);
         if (active) {
-            const u32 ctx = CTX == CTX_NONE ? 0u : (u32)cmap[context_of<CTX, T>(c, i0 + j)];
+            const u32 ctx = CTX == CTX_NONE ? 0u : (u32)cmap[ctx_byte];
             const u32 e = tables[(ctx << k) | (x & mask)];
             out[j] = (u8)e;
             x = ((e >> 8) & 0xFFFu) * (x >> k) + (e >> 20);
