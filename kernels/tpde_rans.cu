@@ -501,6 +501,11 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables
         if (CTX != CTX_NONE && j + 32 < n_t) ctx_next = context_of<CTX, T>(c, i0 + j + 32);
         // the words a few steps on: at most 64 bytes a step
         if (lane == 0 && r + 512 < len) prefetch_l1(p + r + 512);
+        // Lane l loads the step's l-th word, if there is one, before the
+        // state is known; a lane that needs a word then takes it with a
+        // shuffle, off the load's latency.
+        const u32 mine_at = r + 2 * lane;
+        const u32 mine = mine_at + 2 <= len ? (u32)p[mine_at] | ((u32)p[mine_at + 1] << 8) : 0u;
         if (active) {
             const u32 ctx = CTX == CTX_NONE ? 0u : (u32)cmap[ctx_byte];
             const u32 e = tables[(ctx << k) | (x & mask)];
@@ -509,12 +514,13 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables
         }
         const bool need = active && x < RANS_L;
         const u32 m = __ballot_sync(0xffffffffu, need);
+        const u32 rank = __popc(m & below);  // words taken by lower lanes this step
+        const u32 word = __shfl_sync(0xffffffffu, mine, rank);
         if (need) {
-            const u32 at = r + 2 * __popc(m & below);
-            if (at + 2 > len) {
+            if (r + 2 * rank + 2 > len) {
                 fault = true;  // a truncated tile: the word would lie at or past len_t
             } else {
-                x = (x << 16) | (u32)p[at] | ((u32)p[at + 1] << 8);
+                x = (x << 16) | word;
             }
         }
         r += 2 * __popc(m);
