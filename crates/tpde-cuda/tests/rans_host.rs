@@ -6,7 +6,7 @@
 //! come from an encoder written here from `spec/FORMAT.md` §8.7 and §15.10;
 //! the decoded bytes must be the symbols, and every header and decode fault
 //! of §8.7 must raise its flag bit and name its stream's job.
-#![allow(clippy::cast_possible_truncation)]
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -167,7 +167,17 @@ fn compile(dir: &Path) -> PathBuf {
     let exe = dir.join("harness");
     let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
     let out = Command::new(&compiler)
-        .args(["-std=c++20", "-O1", "-pthread", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-o"])
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-Wno-unused-parameter",
+            "-Wno-unknown-pragmas",
+            "-o",
+        ])
         .arg(&exe)
         .arg(&src)
         .output()
@@ -465,8 +475,13 @@ fn streams_of_every_context_decode_to_their_symbols() {
         let above = symbols(n, 77);
         let s: Vec<u8> = above.iter().zip(symbols(n, 78)).map(|(a, b)| a.wrapping_add(b) % 9).collect();
         let map = mixed_map(count);
-        let spec =
-            Spec { k: 10, context: 2, tile_log2: 9, tables: tables_for(&s, &above, Some(&map), count, 10), map: Some(map) };
+        let spec = Spec {
+            k: 10,
+            context: 2,
+            tile_log2: 9,
+            tables: tables_for(&s, &above, Some(&map), count, 10),
+            map: Some(map),
+        };
         let stored = encode(&s, &above, &spec);
         cases.push(Case { stored, decoded_len: n as u32, allowed: 0b101, context: above, ..Case::default() });
         expect.push(s);
@@ -488,11 +503,17 @@ fn streams_of_every_context_decode_to_their_symbols() {
         };
         let map = mixed_map(5);
         for sparse in [false, true] {
-            let at: Vec<u32> = if sparse { (0..words as u32).filter(|i| i % 3 == 1).collect() } else { (0..words as u32).collect() };
+            let at: Vec<u32> =
+                if sparse { (0..words as u32).filter(|i| i % 3 == 1).collect() } else { (0..words as u32).collect() };
             let keys: Vec<u8> = at.iter().map(|&p| key(word(p as usize), wb)).collect();
             let s: Vec<u8> = keys.iter().zip(symbols(at.len(), 5)).map(|(k, v)| (k % 4).wrapping_mul(v)).collect();
-            let spec =
-                Spec { k: 8, context: 1, tile_log2: 8, tables: tables_for(&s, &keys, Some(&map), 5, 8), map: Some(map.clone()) };
+            let spec = Spec {
+                k: 8,
+                context: 1,
+                tile_log2: 8,
+                tables: tables_for(&s, &keys, Some(&map), 5, 8),
+                map: Some(map.clone()),
+            };
             let stored = encode(&s, &keys, &spec);
             cases.push(Case {
                 stored,
@@ -526,8 +547,9 @@ fn edit_tiles(stored: &[u8], n: usize, tile_log2: u32, edit: impl Fn(usize, &mut
         if end > total {
             break;
         }
-        let sum: usize =
-            (0..tiles).map(|t| u32::from_le_bytes(stored[start + 4 * t..start + 4 * t + 4].try_into().unwrap()) as usize).sum();
+        let sum: usize = (0..tiles)
+            .map(|t| u32::from_le_bytes(stored[start + 4 * t..start + 4 * t + 4].try_into().unwrap()) as usize)
+            .sum();
         if end + sum == total {
             lens_at = Some(start);
             break;
@@ -614,8 +636,15 @@ fn every_fault_of_the_spec_is_flagged_and_names_its_job() {
         let above = symbols(500, 3);
         let s2 = symbols(500, 4);
         let map = mixed_map(3);
-        let spec = Spec { k: 9, context: 2, tile_log2: 8, tables: tables_for(&s2, &above, Some(&map), 3, 9), map: Some(map) };
-        let base = Case { stored: encode(&s2, &above, &spec), decoded_len: 500, allowed: 0b101, context: above, ..Case::default() };
+        let spec =
+            Spec { k: 9, context: 2, tile_log2: 8, tables: tables_for(&s2, &above, Some(&map), 3, 9), map: Some(map) };
+        let base = Case {
+            stored: encode(&s2, &above, &spec),
+            decoded_len: 500,
+            allowed: 0b101,
+            context: above,
+            ..Case::default()
+        };
         let mut t = base.stored.clone();
         t[4 + 200] = 3;
         cases.push(("a context map entry past the tables", Case { stored: t, ..base.clone() }, ERR_RANS_HEADER));
@@ -668,4 +697,159 @@ fn every_fault_of_the_spec_is_flagged_and_names_its_job() {
         }
         assert_ne!(o.bits & ERR_BAD_DESCRIPTOR, ERR_BAD_DESCRIPTOR, "{what}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Against the format library's codec: its encoder's streams, its decoder's
+// bytes and codes.
+
+use tpde::codec::rans::{self as library, decode_into, Contexts};
+use tpde::ErrorCode;
+
+/// A stream of the library's encoder, with the contexts it was made with.
+struct LibraryCase {
+    what: String,
+    case: Case,
+    symbols: Vec<u8>,
+}
+
+fn contexts_of<'a>(c: &'a Case, positions: Option<&'a [u32]>) -> Contexts<'a> {
+    match c.allowed {
+        0b101 => Contexts::HigherPlane(&c.context),
+        0b011 => Contexts::BaseKeys { base: &c.context, word_bytes: c.word_bytes as usize, positions },
+        _ => Contexts::None,
+    }
+}
+
+fn library_cases() -> Vec<LibraryCase> {
+    let mut out = Vec::new();
+    for (n, seed) in [(1usize, 1u64), (33, 2), (5000, 3), (150_000, 4)] {
+        let s = symbols(n, seed);
+        let stored = library::encode(&s, Contexts::None);
+        let case = Case { stored, decoded_len: n as u32, allowed: 1, ..Case::default() };
+        out.push(LibraryCase { what: format!("context 0, {n} symbols"), case, symbols: s });
+    }
+    // a plane that is almost all zeros, and one of a single symbol
+    let mut r = lcg(9);
+    let zeros: Vec<u8> = (0..70_000).map(|_| u8::from(r() % 200 == 0)).collect();
+    for s in [zeros, vec![42u8; 5000]] {
+        let n = s.len();
+        let stored = library::encode(&s, Contexts::None);
+        out.push(LibraryCase {
+            what: format!("context 0, skewed {n}"),
+            case: Case { stored, decoded_len: n as u32, allowed: 1, ..Case::default() },
+            symbols: s,
+        });
+    }
+    // the plane above
+    let above = symbols(40_000, 11);
+    let s: Vec<u8> = above.iter().zip(symbols(40_000, 12)).map(|(a, b)| (a / 3).wrapping_add(b % 3)).collect();
+    let stored = library::encode(&s, Contexts::HigherPlane(&above));
+    let case = Case { stored, decoded_len: 40_000, allowed: 0b101, context: above, ..Case::default() };
+    out.push(LibraryCase { what: "context 2".into(), case, symbols: s });
+    // the base key, every word width, dense and sparse, a base shorter than the chunk
+    for wb in [1usize, 2, 4, 8] {
+        let (words, base_words) = (30_000usize, 25_000usize);
+        let mut r = lcg(wb as u64 + 20);
+        let base: Vec<u8> = (0..base_words * wb).map(|_| r() as u8).collect();
+        let word = |i: usize| -> u64 {
+            if i >= base_words {
+                return 0;
+            }
+            let mut b = [0u8; 8];
+            b[..wb].copy_from_slice(&base[i * wb..(i + 1) * wb]);
+            u64::from_le_bytes(b)
+        };
+        for sparse in [false, true] {
+            let at: Vec<u32> =
+                if sparse { (0..words as u32).filter(|i| i % 7 < 2).collect() } else { (0..words as u32).collect() };
+            let s: Vec<u8> = at
+                .iter()
+                .zip(symbols(at.len(), 30))
+                .map(|(&p, v)| (key(word(p as usize), wb) >> 5).wrapping_add(v % 4))
+                .collect();
+            let positions = sparse.then_some(at.as_slice());
+            let stored = library::encode(&s, Contexts::BaseKeys { base: &base, word_bytes: wb, positions });
+            let case = Case {
+                stored,
+                decoded_len: at.len() as u32,
+                allowed: 0b011,
+                word_bytes: wb as u32,
+                base_words: base_words as u32,
+                context: base.clone(),
+                positions: sparse.then(|| at.clone()),
+            };
+            out.push(LibraryCase { what: format!("context 1, {wb}-byte words, sparse {sparse}"), case, symbols: s });
+        }
+    }
+    out
+}
+
+/// The library's result for a case: its decoded bytes or its code.
+fn library_decode(c: &Case) -> Result<Vec<u8>, ErrorCode> {
+    let mut out = Vec::new();
+    decode_into(&c.stored, c.decoded_len as usize, contexts_of(c, c.positions.as_deref()), &mut out)
+        .map(|()| out)
+        .map_err(|e| e.code())
+}
+
+#[test]
+fn the_kernels_decode_the_library_encoder_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = compile(dir.path());
+    let cases = library_cases();
+    let only: Vec<Case> = cases.iter().map(|c| c.case.clone()).collect();
+    for (c, o) in cases.iter().zip(run(&exe, dir.path(), &only)) {
+        assert_eq!(library_decode(&c.case).as_deref(), Ok(c.symbols.as_slice()), "{}: the library", c.what);
+        assert_eq!(o.bits, 0, "{}: flag", c.what);
+        assert!(o.decoded == c.symbols, "{}: decoded bytes differ", c.what);
+    }
+}
+
+/// Corrupted streams (bytes flipped past the fixed header, cut, extended):
+/// the kernels raise the bit of the library's code, or none and give its
+/// bytes where the library accepts the stream.
+#[test]
+fn corrupted_streams_give_the_library_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = compile(dir.path());
+    let mut r = lcg(77);
+    let mut cases = Vec::new();
+    for base in library_cases().iter().filter(|c| c.case.stored.len() > 8 && c.case.decoded_len < 100_000) {
+        let len = base.case.stored.len();
+        for k in 0..8 {
+            let mut stored = base.case.stored.clone();
+            match k {
+                0 => stored.truncate(len - 1),
+                1 => stored.truncate(4 + (r() as usize) % (len - 4)),
+                2 => stored.push(r() as u8),
+                _ => {
+                    let at = 4 + (r() as usize) % (len - 4);
+                    stored[at] ^= 1 << (r() % 8);
+                }
+            }
+            cases.push((format!("{} corruption {k}", base.what), Case { stored, ..base.case.clone() }));
+        }
+    }
+    let only: Vec<Case> = cases.iter().map(|(_, c)| c.clone()).collect();
+    let mut seen = [0usize; 3];
+    for ((what, c), o) in cases.iter().zip(run(&exe, dir.path(), &only)) {
+        match library_decode(c) {
+            Ok(bytes) => {
+                seen[0] += 1;
+                assert_eq!(o.bits, 0, "{what}: the library accepts it");
+                assert!(o.decoded == bytes, "{what}: decoded bytes differ from the library's");
+            }
+            Err(ErrorCode::RansHeader) => {
+                seen[1] += 1;
+                assert_eq!(o.bits, ERR_RANS_HEADER, "{what}");
+            }
+            Err(ErrorCode::RansDecode) => {
+                seen[2] += 1;
+                assert_eq!(o.bits, ERR_RANS_DECODE, "{what}");
+            }
+            Err(code) => panic!("{what}: the library gave {code:?}"),
+        }
+    }
+    assert!(seen[1] > 0 && seen[2] > 0, "both kinds of fault are exercised: {seen:?}");
 }
