@@ -156,24 +156,29 @@ fn main() -> R<()> {
             let pinned = PinnedDelta::open(&gpu, &path)?;
             let refs = pinned.tensor_refs(true)?;
             let tr = &refs[0];
-            let zstd_share = tr
-                .chunks
-                .iter()
-                .flat_map(|c| c.streams)
-                .filter(|s| s.codec == tpde::container::chunk_map::Codec::Zstd)
-                .map(|s| s.decoded_len as usize)
-                .sum::<usize>() as f64
-                / tr.chunks.iter().flat_map(|c| c.streams).map(|s| s.decoded_len as usize).sum::<usize>().max(1) as f64;
+            let share = |codec| {
+                tr.chunks
+                    .iter()
+                    .flat_map(|c| c.streams)
+                    .filter(|s| s.codec == codec)
+                    .map(|s| s.decoded_len as usize)
+                    .sum::<usize>() as f64
+                    / tr.chunks.iter().flat_map(|c| c.streams).map(|s| s.decoded_len as usize).sum::<usize>().max(1)
+                        as f64
+            };
+            let zstd_share = share(tpde::container::chunk_map::Codec::Zstd);
+            let rans_share = share(tpde::container::chunk_map::Codec::Rans);
             let grouped = tr
                 .chunks
                 .iter()
                 .filter(|c| c.record.value_order == tpde::container::chunk_map::ValueOrder::GroupedByBase)
                 .count();
             let what = format!(
-                "chunk {}Ki words, min_zstd_gain {gain}: delta {:.2} MB, {:.0}% of stream bytes zstd, {grouped}/{} chunks grouped",
+                "chunk {}Ki words, min_zstd_gain {gain}: delta {:.2} MB, {:.0}% of stream bytes zstd, {:.0}% lane rANS, {grouped}/{} chunks grouped",
                 cw >> 10,
                 pinned.file().file_len() as f64 / 1e6,
                 100.0 * zstd_share,
+                100.0 * rans_share,
                 tr.chunks.len()
             );
             println!("\n{what}");
