@@ -831,6 +831,24 @@ mod tests {
     }
 
     #[test]
+    fn minilm_case_is_a_valid_checkpoint_pair() {
+        let dir = std::env::temp_dir().join(format!("tpde-bench-minilm-{}", std::process::id()));
+        let case = CaseSpec::named("minilm-finetune-bf16").expect("case");
+        // The quick run's shape: the same tensors, small enough for a debug test.
+        let paths = ensure_case(&dir, case, &ModelShape::quick(), 3).expect("generate");
+        let specs = tensor_specs(&ModelShape::minilm_quick());
+        for path in [&paths.base, &paths.target] {
+            let c = tpde::Checkpoint::open(path).expect("tpde opens the file");
+            assert_eq!(c.files[0].tensors.len(), specs.len());
+            for s in &specs {
+                let (_, loc) = c.tensor(&s.name).expect("tensor");
+                assert_eq!(loc.shape, s.shape.iter().map(|&d| d as u64).collect::<Vec<_>>());
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
     fn llama_keeps_its_bytes() {
         // The refactor into shared draw functions must not move a byte of
         // the cached corpus: a fixed digest of one generated tensor.

@@ -315,9 +315,23 @@ mod tests {
         assert_eq!(read_all(&a.base), read_all(&b.base));
         assert_eq!(read_all(&a.target), read_all(&b.target));
         assert_ne!(read_all(&a.base), read_all(&a.target));
+        // The format library reads both as sharded checkpoints, every tensor
+        // where the index puts it.
+        let specs = tensor_specs(&tiny());
+        for root in [&a.base, &a.target] {
+            let c = tpde::Checkpoint::open(root).expect("tpde opens the checkpoint");
+            assert_eq!(c.files.len(), a.files);
+            assert!(c.index_json.is_some());
+            for s in &specs {
+                let (_, loc) = c.tensor(&s.name).expect("tensor");
+                assert_eq!(loc.dtype, "BF16");
+                assert_eq!(loc.shape, s.shape.iter().map(|&d| d as u64).collect::<Vec<_>>());
+            }
+        }
         // The tensors' bytes do not depend on the sharding.
         let one = run(&dir.join("one"), 2, 1 << 20, true);
         let single = SafetensorsFile::open(&one.target).expect("single file");
+        assert_eq!(tpde::Checkpoint::open(&one.base).expect("tpde opens the file").files.len(), 1);
         for (rel, _) in read_all(&a.target) {
             let path = resolve(&a.target, &rel);
             if !crate::checkpoint::is_safetensors(&path) {
