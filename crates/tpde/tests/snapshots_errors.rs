@@ -29,6 +29,12 @@ fn errors_outside_the_suite(dir: &Path) -> Vec<tpde::Error> {
     out.extend(pipeline::encode::encode(None, &base, &scratch.path().join("x.tpde"), options, &NoProgress).err());
     // More memory than any machine has: refused, not aborted.
     out.extend(tpde::limits::try_zeroed(usize::MAX).err());
+    // Lane rANS streams (spec §8.7), until the codec's golden cases join the suite:
+    // a prob_bits of 0, and a lane that needs a word its tile lacks.
+    let (none, mut decoded) = (tpde::codec::rans::Contexts::None, Vec::new());
+    out.extend(tpde::codec::rans::decode_into(&[0, 0, 1, 8], 1, none, &mut decoded).err());
+    let truncated = [1, 0, 1, 8, 1, 0, 1, 1, 1, 4, 0, 0, 0, 0, 0, 1, 0];
+    out.extend(tpde::codec::rans::decode_into(&truncated, 1, none, &mut decoded).err());
     out
 }
 
