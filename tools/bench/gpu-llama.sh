@@ -21,7 +21,7 @@
 # Environment:
 #   SCALE=F LAYERS=N   gen-llama --scale / --layers (default 1 and 32)
 #   REPS=N             timed repetitions per measurement (default 5)
-#   ENCODE_ARGS="..."  extra `tpde encode` options, e.g. "--min-zstd-gain 0.25"
+#   ENCODE_ARGS="..."  extra `tpde encode` options, e.g. "--min-gain 0.25"
 #   ONLY=small|llama   run one of the two pairs
 #   KEEP=1             keep the generated files
 set -euo pipefail

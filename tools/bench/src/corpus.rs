@@ -103,7 +103,7 @@ impl ModelShape {
 
     /// A sentence-embedding encoder shaped like all-MiniLM-L6-v2: hidden 384,
     /// 6 layers, intermediate 1536, a BERT vocabulary of 30522 words, 512
-    /// positions; 22.7M parameters (45 MB in BF16) in 103 tensors, 66 of
+    /// positions; 22.7M parameters (45 MB in BF16) in 103 tensors, 64 of
     /// them under 4 KiB (biases, `LayerNorm`s, token types).
     pub fn minilm_l6() -> Self {
         Self { arch: Arch::Bert, hidden: 384, kv_hidden: 384, intermediate: 1536, layers: 6, vocab: 30_522 }
@@ -299,7 +299,7 @@ pub const CASES: &[CaseSpec] = &[
     },
     CaseSpec {
         name: "minilm-finetune-bf16",
-        about: "dense fine-tune in BF16 (relative update 1e-3..1e-2 per tensor) of a sentence-embedding encoder shaped like all-MiniLM-L6-v2: 103 tensors, 66 of them under 4 KiB (q/k/v/o, dense and pooler biases, LayerNorm weight and bias pairs)",
+        about: "dense fine-tune in BF16 (relative update 1e-3..1e-2 per tensor) of a sentence-embedding encoder shaped like all-MiniLM-L6-v2: 103 tensors, 64 of them under 4 KiB (q/k/v/o, dense and pooler biases, LayerNorm weight and bias pairs)",
         change: FINETUNE,
         storage: Storage::Bf16,
         shards: 1,
