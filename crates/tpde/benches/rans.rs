@@ -37,6 +37,7 @@ fn zigzag(value: f64) -> u8 {
 }
 
 /// The planes: name, symbols, and a plane above that conditions them.
+#[allow(clippy::type_complexity)]
 fn planes() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
     let mut noise = Noise(0x9E37_79B9_7F4A_7C15);
     let mut skewed = Vec::with_capacity(SYMBOLS);
@@ -62,8 +63,13 @@ fn rans_against_zstd(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(SYMBOLS as u64));
     group.sample_size(20);
     for (name, plane, above) in planes() {
+        // BF16 base words whose exponent is the plane above: their base keys carry
+        // what the plane above does.
+        let base: Vec<u8> = above.iter().enumerate().flat_map(|(i, &a)| [i.to_le_bytes()[0], 0x3C + a]).collect();
+        let keys = Contexts::BaseKeys { base: &base, word_bytes: 2, positions: None };
         let stored = rans::encode(&plane, Contexts::None);
         let with_context = rans::encode(&plane, Contexts::HigherPlane(&above));
+        let with_keys = rans::encode(&plane, keys);
         let zstd3 = zstd::bulk::compress(&plane, 3).expect("zstd compresses");
         eprintln!(
             "{name}: rans {} bytes ({:.3} bits/symbol), with the plane above {} bytes, zstd -3 {} bytes",
@@ -83,6 +89,9 @@ fn rans_against_zstd(c: &mut Criterion) {
             b.iter(|| {
                 rans::decode_into(&with_context, SYMBOLS, Contexts::HigherPlane(&above), &mut out).expect("decodes")
             });
+        });
+        group.bench_with_input(BenchmarkId::new("decode base keys", name), &(), |b, ()| {
+            b.iter(|| rans::decode_into(&with_keys, SYMBOLS, keys, &mut out).expect("decodes"));
         });
         group.bench_with_input(BenchmarkId::new("zstd-3 decompress", name), &(), |b, ()| {
             b.iter(|| zstd::bulk::decompress(&zstd3, SYMBOLS).expect("decompresses"));
