@@ -147,7 +147,11 @@ impl TensorRef<'_> {
 pub struct LoaderConfig {
     /// Staging slots (each with its own stream). At least 2 to overlap.
     pub slots: usize,
-    /// Bytes of each slot, host and device. A chunk's decoded streams must fit.
+    /// Bytes of each slot, host and device. A chunk's decoded streams must
+    /// fit, with, for lane rANS streams, their stored bytes (unless they are
+    /// read from a page-locked delta), their scratch (about 1 KiB per table
+    /// and 4 bytes per tile) and, for a base-key context in a sparse chunk,
+    /// 4 bytes per position.
     pub slot_bytes: usize,
     /// Most chunks in one batch (one descriptor table).
     pub max_chunks: usize,
