@@ -578,7 +578,8 @@ fn lane_rans_streams_decode_on_the_gpu_for_every_encoding_and_width() {
 #[ignore = "needs a CUDA GPU"]
 fn lane_rans_streams_decode_in_every_entry_point() {
     let g = gpu();
-    let mut l = loader(256 << 10);
+    // A chunk of 2^16 eight-byte words, its stored streams and their scratch.
+    let mut l = loader(2 << 20);
     for w in WordWidth::ALL {
         let (base, target) = pair(w, 300_000, 9, 5);
         for (choice, codecs) in [
@@ -773,7 +774,8 @@ fn the_writers_lane_rans_streams_decode_on_the_gpu() {
         let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, chunk_words, true, s).unwrap();
         let ctx = format!("p {p}, chunks of {chunk_words} words");
         let rans = t.chunks.iter().flat_map(|c| &c.streams).filter(|s| s.codec == Codec::Rans).count();
-        assert!(p < 1.0 || rans > 0, "{ctx}: the writer chose lane rANS");
+        // Small chunks may pay more in tables than lane rANS saves; large ones do not.
+        assert!(p < 1.0 || chunk_words < 1 << 16 || rans > 0, "{ctx}: the writer chose lane rANS");
         let cb = chunk_words as usize * 4;
         for (k, c) in t.chunks.iter().enumerate() {
             let (b, e) =
