@@ -748,6 +748,20 @@ enum StreamState {
     /// A lane rANS stream whose context needs other streams or the base first
     /// (spec §11.2 D3).
     Waiting(ContextKind),
+    /// A lane rANS stream whose context needs the base, which is not given: only
+    /// its header is checked (spec §15.7).
+    HeaderOnly,
+}
+
+/// The base-key context of a chunk's value streams (spec §8.7).
+#[derive(Debug, Clone, Copy)]
+enum BaseKeys<'a> {
+    /// The chunk's place allows no base keys.
+    NotAllowed,
+    /// Allowed, but the base is not given.
+    Absent,
+    /// Allowed and given.
+    Given(Contexts<'a>),
 }
 
 /// A chunk's streams as they are decoded: stored streams are read in place, the
@@ -772,18 +786,32 @@ impl ChunkStreams<'_, '_> {
     /// Decodes waiting stream `q` with the context its place allows: the plane
     /// above (`q + 1`, when `plane_above` holds) or the base keys. A context the
     /// place does not allow is passed as none, which the codec refuses as
-    /// `E_RANS_HEADER` (spec §8.7).
-    fn decode_waiting(&mut self, q: usize, plane_above: bool, base_keys: Option<Contexts<'_>>) -> Result<()> {
+    /// `E_RANS_HEADER` (spec §8.7). A context that needs an absent base, directly
+    /// or through the plane above, leaves only the header to check.
+    fn decode_waiting(&mut self, q: usize, plane_above: bool, base_keys: BaseKeys<'_>) -> Result<()> {
         let StreamState::Waiting(kind) = self.states[q] else { return Ok(()) };
         let len = self.records[q].decoded_len as usize;
         let stored = &self.stored[self.ranges[q].clone()];
+        let needs_absent_base = match kind {
+            ContextKind::BaseKey => matches!(base_keys, BaseKeys::Absent),
+            ContextKind::HigherPlane => plane_above && self.states[q + 1] == StreamState::HeaderOnly,
+            ContextKind::None => false,
+        };
+        if needs_absent_base {
+            rans::check_header(stored, len, kind)?;
+            self.states[q] = StreamState::HeaderOnly;
+            return Ok(());
+        }
         let (below, above) = self.buffers.split_at_mut(q + 1);
         let contexts = match kind {
             ContextKind::HigherPlane if plane_above => Contexts::HigherPlane(match self.states[q + 1] {
                 StreamState::Stored => &self.stored[self.ranges[q + 1].clone()],
                 _ => &above[0],
             }),
-            ContextKind::BaseKey => base_keys.unwrap_or(Contexts::None),
+            ContextKind::BaseKey => match base_keys {
+                BaseKeys::Given(contexts) => contexts,
+                _ => Contexts::None,
+            },
             _ => Contexts::None,
         };
         rans::decode_into(stored, len, contexts, &mut below[q])?;
@@ -797,7 +825,7 @@ impl ChunkStreams<'_, '_> {
         &mut self,
         planes: std::ops::Range<usize>,
         planes_layout: bool,
-        base_keys: Option<Contexts<'_>>,
+        base_keys: BaseKeys<'_>,
     ) -> Result<()> {
         for q in planes.clone().rev() {
             self.decode_waiting(q, planes_layout && q + 1 < planes.end, base_keys)?;
@@ -805,8 +833,8 @@ impl ChunkStreams<'_, '_> {
         Ok(())
     }
 
-    fn any_waiting_for(&self, planes: std::ops::Range<usize>, kind: ContextKind) -> bool {
-        self.states[planes].contains(&StreamState::Waiting(kind))
+    fn any_header_only(&self, planes: std::ops::Range<usize>) -> bool {
+        self.states[planes].contains(&StreamState::HeaderOnly)
     }
 }
 
@@ -859,7 +887,7 @@ fn rebuild(
         (Encoding::Sparse, _) => 1,
         _ => 0,
     };
-    decoded.decode_planes(0..position_count, record.position_coding == PositionCoding::Gaps, None)?;
+    decoded.decode_planes(0..position_count, record.position_coding == PositionCoding::Gaps, BaseKeys::NotAllowed)?;
     let value_count = match (record.encoding, record.position_coding) {
         (Encoding::Unchanged, _) => 0,
         (Encoding::Sparse, PositionCoding::Gaps) => {
@@ -881,12 +909,16 @@ fn rebuild(
     let keys_allowed = planes_layout
         && matches!(record.encoding, Encoding::Sparse | Encoding::Dense)
         && record.value_order == ValueOrder::Positional;
-    if out.is_none() && keys_allowed && decoded.any_waiting_for(value_planes.clone(), ContextKind::BaseKey) {
+    let base_keys = match out.as_deref() {
+        _ if !keys_allowed => BaseKeys::NotAllowed,
+        None => BaseKeys::Absent,
+        Some(base) => BaseKeys::Given(Contexts::BaseKeys { base, word_bytes, positions }),
+    };
+    decoded.decode_planes(value_planes.clone(), planes_layout, base_keys)?;
+    if decoded.any_header_only(value_planes.clone()) {
+        // Values coded against the base keys wait for the base (spec §15.7).
         return Ok(());
     }
-    let base_keys =
-        out.as_deref().filter(|_| keys_allowed).map(|base| Contexts::BaseKeys { base, word_bytes, positions });
-    decoded.decode_planes(value_planes.clone(), planes_layout, base_keys)?;
 
     let nonzero = with_word!(word_bytes, W => {
         let value_streams: Vec<&[u8]> = value_planes.map(|q| decoded.bytes(q)).collect();

@@ -461,6 +461,16 @@ impl<const WB: usize> ContextSource for SparseKeys<'_, WB> {
 // Decoder
 // ---------------------------------------------------------------------------------
 
+/// Checks everything of a stream that needs no decoding (spec §8.7, the header
+/// checks) against the context its place calls for: what a reader checks of a
+/// stream whose context it cannot form, such as base keys without the base.
+///
+/// # Errors
+/// `E_RANS_HEADER`.
+pub fn check_header(stored: &[u8], decoded_len: usize, expected: ContextKind) -> Result<()> {
+    check_stream(stored, decoded_len, expected).map(|_| ())
+}
+
 /// Decodes one stream of `decoded_len` symbols into `out` (cleared first), checking
 /// everything of spec §8.7.
 ///
