@@ -6,6 +6,9 @@
 2. The test vectors of spec §10.3 and the worked example of spec §15.8.
 3. Small hand-made inputs for zigzag, rotation, byte planes, gaps, bitmaps, value order,
    the zstd profile and strict JSON.
+4. The lane rANS codec (§8.7): a reference encoder written from §15.10, round trips,
+   every header and decoding check, and whole files whose streams are recoded with
+   codec 2 (feature bit 1, O6, O20, the contexts allowed in each place, D3's order).
 """
 
 import json
@@ -441,6 +444,930 @@ class StrictJson(unittest.TestCase):
             self.assertTrue(r.valid_file_name(ok), ok)
         for bad in ("", "model.bin", "a/b.safetensors", "a\\b.safetensors", "a\x00.safetensors"):
             self.assertFalse(r.valid_file_name(bad), bad)
+
+
+# ---------------------------------------------------------------------------
+# A reference encoder of the lane rANS codec (§8.7), from the writer's description
+# in §15.10: every tile is encoded in reverse (steps from last to first, lanes from
+# 31 down to 0), each symbol emits-then-encodes, and the words are stored in the
+# reverse of the order in which they were emitted.
+# ---------------------------------------------------------------------------
+
+RANS_L = 1 << 16
+
+
+def quantize(counts, k):
+    """Frequencies that sum to 2^k for the symbols with a nonzero count, each >= 1:
+    proportional, rounded down, with the remainder put on (or taken from) the most
+    frequent symbols."""
+    symbols = [x for x in range(256) if counts[x]]
+    total = sum(counts[x] for x in symbols)
+    freqs = {x: max(1, counts[x] * (1 << k) // total) for x in symbols}
+    rest = (1 << k) - sum(freqs.values())
+    for x in sorted(symbols, key=lambda x: -freqs[x]):
+        change = rest if rest > 0 else -min(-rest, freqs[x] - 1)
+        freqs[x] += change
+        rest -= change
+        if rest == 0:
+            break
+    assert rest == 0, "more symbols than slots"
+    return freqs
+
+
+def table_bytes(freqs):
+    """Table 8.7: s - 1, the symbol list (s < 32) or bitmap, then the frequencies."""
+    symbols = sorted(freqs)
+    out = bytearray([len(symbols) - 1])
+    if len(symbols) < 32:
+        out += bytes(symbols)
+    else:
+        bitmap = bytearray(32)
+        for x in symbols:
+            bitmap[x // 8] |= 1 << (x % 8)
+        out += bitmap
+    for x in symbols:
+        f = freqs[x]
+        out += bytes([f]) if f < 128 else bytes([0x80 | (f >> 8), f & 0xFF])
+    return bytes(out)
+
+
+def encode_tile(symbols, tables, k):
+    """One tile's payload: `symbols` and, per symbol, its table (freq dict, cum dict)."""
+    n = len(symbols)
+    lanes = min(32, n)
+    x = [RANS_L] * lanes
+    emitted = []
+    for step in reversed(range(-(-n // 32))):
+        for lane in reversed(range(lanes)):
+            j = 32 * step + lane
+            if j >= n:
+                continue
+            freq, cum = tables[j]
+            s = symbols[j]
+            f = freq[s]
+            while x[lane] >= f << (32 - k):  # emit, then encode
+                emitted.append(x[lane] & 0xFFFF)
+                x[lane] >>= 16
+            x[lane] = (x[lane] // f << k) + x[lane] % f + cum[s]
+    emitted.reverse()
+    return struct.pack(f"<{lanes}I", *x) + struct.pack(f"<{len(emitted)}H", *emitted)
+
+
+class RansStream:
+    """The parts of a codec-2 stream (Table 8.6), to assemble or to spoil one by one."""
+
+    def __init__(self, k, context, tile_log2, context_map, tables, payloads):
+        self.head = [k, context, len(tables), tile_log2]
+        self.context_map = context_map  # 256 bytes, or b"" for one table
+        self.tables = [table_bytes(t) for t in tables]
+        self.payloads = payloads
+        self.lengths = [len(p) for p in payloads]
+
+    def bytes(self):
+        return (bytes(self.head) + bytes(self.context_map) + b"".join(self.tables)
+                + struct.pack(f"<{len(self.lengths)}I", *self.lengths) + b"".join(self.payloads))
+
+
+def rans_encode(data, k=11, tile_log2=8, context=0, ctx=None, context_map=None, tables=None):
+    """A codec-2 stream of the bytes `data`.  For contexts 1 and 2, ctx holds each
+    symbol's context byte and context_map (256 entries) its table.  tables: the
+    frequency dicts (symbol -> frequency) of the tables; by default quantized counts."""
+    data = bytes(data)
+    if context == 0:
+        ctx, context_map = bytes(len(data)), [0] * 256
+    ctx = bytes(ctx)
+    T = max(context_map) + 1
+    if tables is None:
+        counts = [[0] * 256 for _ in range(T)]
+        for s, c in zip(data, ctx):
+            counts[context_map[c]][s] += 1
+        tables = [quantize(c, k) if any(c) else {0: 1 << k} for c in counts]
+    cum = []
+    for freqs in tables:
+        at, cum_t = 0, {}
+        for x in sorted(freqs):
+            cum_t[x] = at
+            at += freqs[x]
+        cum.append(cum_t)
+    size = 1 << tile_log2
+    payloads = []
+    for start in range(0, len(data), size):
+        which = [context_map[c] for c in ctx[start:start + size]]
+        payloads.append(encode_tile(data[start:start + size],
+                                    [(tables[t], cum[t]) for t in which], k))
+    return RansStream(k, context, tile_log2, bytes(context_map) if T > 1 else b"", tables, payloads)
+
+
+# ---------------------------------------------------------------------------
+# §8.7 the lane rANS codec
+# ---------------------------------------------------------------------------
+
+def scalar_decode(data, N, ctx=None):
+    """§8.7's decoding pseudocode, line by line, one tile and one lane at a time (the
+    header from r.rans_header).  Returns the decoded bytes or "E_RANS_DECODE"."""
+    h = r.rans_header(data, N)
+    k, L = h.prob_bits, RANS_L
+    S = 1 << h.tile_log2
+    slots = []  # per table: slot -> (symbol, freq, cum)
+    for symbols, freqs in h.tables:
+        table, cum = [], 0
+        for s, f in zip(symbols.tolist(), freqs.tolist()):
+            table += [(s, f, cum)] * f
+            cum += f
+        slots.append(table)
+    out = bytearray(N)
+    at = h.payload_offset
+    for t, len_t in enumerate(h.tile_lengths.tolist()):
+        payload = bytes(data[at:at + len_t])
+        at += len_t
+        n_t = min(S, N - t * S)
+        lanes = min(32, n_t)
+        x = list(struct.unpack_from(f"<{lanes}I", payload, 0))
+        if min(x) < L:
+            return "E_RANS_DECODE"
+        pos = 4 * lanes
+        for step in range(-(-n_t // 32)):
+            for lane in range(lanes):
+                j = 32 * step + lane
+                if j >= n_t:
+                    break
+                i = t * S + j
+                table = slots[h.context_map[ctx[i]] if ctx is not None else 0]
+                r_slot = x[lane] & ((1 << k) - 1)
+                sym, f, cum = table[r_slot]
+                out[i] = sym
+                x[lane] = f * (x[lane] >> k) + r_slot - cum
+                if x[lane] < L:
+                    if pos >= len_t:
+                        return "E_RANS_DECODE"
+                    x[lane] = (x[lane] << 16) | struct.unpack_from("<H", payload, pos)[0]
+                    pos += 2
+        if pos != len_t or any(v != L for v in x):
+            return "E_RANS_DECODE"
+    return bytes(out)
+
+
+def skewed(rng, n, p=0.2, alphabet=256):
+    """n bytes with a geometric distribution over `alphabet` symbols."""
+    return ((rng.geometric(p, n) - 1) % alphabet).astype(np.uint8).tobytes()
+
+
+def rans_code(data, N, ctx=None, allowed=r.RANS_ALL_CONTEXTS):
+    try:
+        return r.rans_decode(data, N, ctx, allowed).tobytes()
+    except r.TpdeError as e:
+        return e.code
+
+
+def rans_error(data, N, ctx=None, allowed=r.RANS_ALL_CONTEXTS):
+    """(code, message) of a stream that fails."""
+    try:
+        r.rans_decode(data, N, ctx, allowed)
+    except r.TpdeError as e:
+        return e.code, str(e)
+    return None, None
+
+
+class RansRoundTrip(unittest.TestCase):
+    """§8.7: streams of the reference encoder decode to their bytes."""
+
+    def check(self, data, **kw):
+        stream = rans_encode(data, **kw).bytes()
+        ctx = kw.get("ctx")
+        got = r.rans_decode(stream, len(data), None if ctx is None else np.frombuffer(bytes(ctx), np.uint8))
+        self.assertEqual(got.dtype, np.uint8)
+        self.assertEqual(got.tobytes(), bytes(data))
+        self.assertEqual(scalar_decode(stream, len(data), ctx), bytes(data))
+        return stream
+
+    def test_known_answer(self):
+        """A stream worked out by hand from §8.7: k = 3, one table {A: 3, B: 5}, one tile
+        of 3 symbols "ABB" in 3 lanes of one step.  A lane that starts in the state
+        (L / f) * 2^k + L mod f + cum(x) (the encoder's step from L) decodes x and
+        ends at L without reading a word: A (f 3, cum 0): 21845 * 8 + 1 = 174761;
+        B (f 5, cum 3): 13107 * 8 + 1 + 3 = 104860."""
+        stream = (bytes([3, 0, 1, 8]) + bytes([1, 0x41, 0x42, 3, 5])
+                  + struct.pack("<I", 12) + struct.pack("<3I", 174761, 104860, 104860))
+        h = r.rans_header(stream, 3)
+        self.assertEqual((h.prob_bits, h.context, h.table_count, h.tile_log2), (3, 0, 1, 8))
+        self.assertEqual([(s.tolist(), f.tolist()) for s, f in h.tables], [([0x41, 0x42], [3, 5])])
+        self.assertEqual((h.tile_lengths.tolist(), h.payload_offset), ([12], 13))
+        self.assertEqual(h.context_map.tolist(), [0] * 256)
+        self.assertEqual(r.rans_decode(stream, 3).tobytes(), b"ABB")
+        self.assertEqual(rans_encode(b"ABB", k=3, tables=[{0x41: 3, 0x42: 5}]).bytes(), stream)
+        # the same states in another order decode the other symbols
+        swapped = stream[:13] + struct.pack("<3I", 104860, 174761, 104860)
+        self.assertEqual(r.rans_decode(swapped, 3).tobytes(), b"BAB")
+
+    def test_symbol_counts_and_tiles(self):
+        rng = np.random.default_rng(1)
+        # around one step (32 lanes) and one tile (2^8 symbols); several tiles, the
+        # last one full, partial, a single step or a single symbol
+        for n in (1, 2, 31, 32, 33, 63, 64, 65, 255, 256, 257, 511, 512, 513, 3 * 256 + 31,
+                  4 * 256 + 1, 5 * 256 + 32, 2000):
+            with self.subTest(n=n):
+                stream = self.check(skewed(rng, n), tile_log2=8)
+                h = r.rans_header(stream, n)
+                self.assertEqual(h.tile_lengths.size, -(-n // 256))
+
+    def test_prob_bits_and_tile_sizes(self):
+        rng = np.random.default_rng(2)
+        for k, alphabet in ((1, 2), (2, 3), (5, 20), (8, 200), (11, 256)):
+            for tile_log2 in (8, 9, 12):
+                with self.subTest(k=k, tile_log2=tile_log2):
+                    self.check(skewed(rng, 3000, 0.3, alphabet), k=k, tile_log2=tile_log2)
+        self.check(skewed(rng, 3000), tile_log2=24)  # one tile
+
+    def test_one_symbol_table(self):
+        # frequency 2^k: a certain symbol costs nothing, so a tile is its states, all L
+        for k, freq_bytes in ((11, b"\x88\x00"), (7, b"\x80\x80"), (6, b"\x40"), (1, b"\x02")):
+            with self.subTest(k=k):
+                data = b"\x07" * 700
+                stream = self.check(data, k=k, tile_log2=8)
+                h = r.rans_header(stream, 700)
+                self.assertEqual(rans_encode(data, k=k).tables[0], b"\x00\x07" + freq_bytes)
+                self.assertEqual(h.tile_lengths.tolist(), [4 * 32] * 3)
+                states = stream[h.payload_offset:]
+                self.assertEqual(states, struct.pack("<I", RANS_L) * (len(states) // 4))
+
+    def test_symbol_list_and_bitmap(self):
+        rng = np.random.default_rng(3)
+        for s in (1, 2, 31, 32, 33, 255, 256):
+            with self.subTest(symbols=s):
+                # every one of s symbols, spread over 0..255, in random order
+                alphabet = np.linspace(0, 255, s).astype(np.uint8) if s > 1 else np.array([255], np.uint8)
+                data = rng.permutation(np.concatenate([alphabet, rng.choice(alphabet, 1500)])).tobytes()
+                stream = self.check(data, tile_log2=9)
+                h = r.rans_header(stream, len(data))
+                self.assertEqual(h.tables[0][0].tolist(), sorted(set(alphabet.tolist())))
+                form = 1 + (s if s < 32 else 32)
+                self.assertEqual(stream[4], s - 1)
+                self.assertEqual(len(rans_encode(data).tables[0]) - form,
+                                 sum(1 if f < 128 else 2 for f in h.tables[0][1].tolist()))
+
+    def test_contexts(self):
+        rng = np.random.default_rng(4)
+        n = 3000
+        ctx = rng.integers(0, 256, n, dtype=np.uint8)
+        # symbols that depend on the context byte, so the tables differ
+        data = ((ctx.astype(np.int64) * 37 + rng.geometric(0.3, n)) % 256).astype(np.uint8).tobytes()
+        for context in (1, 2):
+            for T in (2, 5, 8):
+                with self.subTest(context=context, tables=T):
+                    cmap = [c % T for c in range(256)]
+                    stream = self.check(data, context=context, ctx=ctx, context_map=cmap, tile_log2=8)
+                    h = r.rans_header(stream, n)
+                    self.assertEqual((h.context, h.table_count), (context, T))
+                    self.assertEqual(h.context_map.tolist(), cmap)
+                    # the same stream with other context bytes decodes to other bytes or fails
+                    other = rans_code(stream, n, (ctx + 1).astype(np.uint8))
+                    self.assertNotEqual(other, data)
+        # a table that no context byte selects is still a valid table
+        cmap = [0] * 255 + [2]
+        self.check(data, context=2, ctx=np.zeros(n, np.uint8), context_map=cmap)
+
+    def test_large_stream_is_fast(self):
+        rng = np.random.default_rng(5)
+        n = 1 << 16
+        data = skewed(rng, n, 0.05)
+        # 2^20 symbols: sixteen tiles of 2^16 (tiles are independent, so one payload
+        # serves them all), and one tile of 2^20 (2^15 steps of 32 lanes)
+        stream = rans_encode(data, tile_log2=16)
+        stream.payloads *= 16
+        stream.lengths *= 16
+        import time
+        t0 = time.perf_counter()
+        got = r.rans_decode(stream.bytes(), 16 * n)
+        self.assertEqual(got.tobytes(), data * 16)
+        self.assertLess(time.perf_counter() - t0, 2.0)
+        data = skewed(rng, 1 << 20, 0.05)
+        stream = rans_encode(data, tile_log2=20).bytes()
+        t0 = time.perf_counter()
+        self.assertEqual(r.rans_decode(stream, 1 << 20).tobytes(), data)
+        self.assertLess(time.perf_counter() - t0, 8.0)
+
+
+class RansContexts(unittest.TestCase):
+    """§8.7 Contexts: where each context is allowed."""
+
+    def allowed(self, enc, layout=1, order=0, pc=0, g=0, wb=2):
+        count = (g if pc == 1 else 1 if pc == 2 else 0) + (1 if layout == 0 else wb)
+        return [sorted(r.rans_allowed_contexts(q, enc, layout, order, pc, g, wb)) for q in range(count)]
+
+    def test_places(self):
+        # sparse, 4 gap planes, 2 value planes: gap planes 0-2 and value plane 0 have a
+        # plane above; the value planes of a positional chunk read the base key
+        self.assertEqual(self.allowed(r.ENC_SPARSE, pc=1, g=4),
+                         [[0, 2], [0, 2], [0, 2], [0], [0, 1, 2], [0, 1]])
+        self.assertEqual(self.allowed(r.ENC_SPARSE, layout=2, pc=1, g=1, wb=1), [[0], [0, 1]])
+        self.assertEqual(self.allowed(r.ENC_SPARSE, pc=2, wb=4), [[0], [0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 1]])
+        self.assertEqual(self.allowed(r.ENC_SPARSE, layout=0, pc=2, wb=4), [[0], [0]])
+        # grouped value order: no base key
+        self.assertEqual(self.allowed(r.ENC_SPARSE, order=1, pc=1, g=2), [[0, 2], [0], [0, 2], [0]])
+        self.assertEqual(self.allowed(r.ENC_DENSE, order=1, wb=4), [[0, 2], [0, 2], [0, 2], [0]])
+        self.assertEqual(self.allowed(r.ENC_DENSE, wb=8), [[0, 1, 2]] * 7 + [[0, 1]])
+        self.assertEqual(self.allowed(r.ENC_DENSE, layout=0, wb=8), [[0]])
+        # raw: planes above, never the base key
+        self.assertEqual(self.allowed(r.ENC_RAW, layout=2, wb=4), [[0, 2], [0, 2], [0, 2], [0]])
+        self.assertEqual(self.allowed(r.ENC_RAW, layout=0, wb=4), [[0]])
+
+
+class RansHeaderChecks(unittest.TestCase):
+    """§8.7 Header checks: each failure is E_RANS_HEADER."""
+
+    def setUp(self):
+        rng = np.random.default_rng(6)
+        self.n = 700
+        self.data = skewed(rng, self.n)
+        self.ctx = rng.integers(0, 256, self.n, dtype=np.uint8)
+
+    def stream(self, **kw):
+        return rans_encode(self.data, tile_log2=8, **kw)
+
+    def assertHeader(self, stream, why, ctx=None, allowed=r.RANS_ALL_CONTEXTS):
+        data = stream.bytes() if isinstance(stream, RansStream) else stream
+        code, msg = rans_error(data, self.n, ctx, allowed)
+        self.assertEqual(code, "E_RANS_HEADER", why)
+        return msg
+
+    def test_valid_to_start_with(self):
+        self.assertEqual(rans_code(self.stream().bytes(), self.n), self.data)
+
+    def test_fixed_fields(self):
+        for k in (0, 12, 255):
+            s = self.stream()
+            s.head[0] = k
+            self.assertIn("prob_bits", self.assertHeader(s, k))
+        for context in (3, 255):
+            s = self.stream()
+            s.head[1] = context
+            self.assertIn("undefined", self.assertHeader(s, context))
+        for tile_log2 in (0, 7, 25):
+            s = self.stream()
+            s.head[3] = tile_log2
+            self.assertIn("tile_log2", self.assertHeader(s, tile_log2))
+        # prob_bits 11 and tile_log2 8 and 24 are in range (the round trips use them)
+
+    def test_context_not_allowed(self):
+        cmap = [c % 2 for c in range(256)]
+        for context in (1, 2):
+            s = self.stream(context=context, ctx=self.ctx, context_map=cmap)
+            for allowed in ({0}, {0, 3 - context}):
+                msg = self.assertHeader(s, (context, allowed), self.ctx, frozenset(allowed))
+                self.assertIn("not allowed", msg)
+            self.assertEqual(rans_code(s.bytes(), self.n, self.ctx, frozenset({0, context})), self.data)
+
+    def test_table_count(self):
+        cmap = [c % 2 for c in range(256)]
+        # context 0 takes exactly one table: two tables (with a map) are out of range
+        s = self.stream(context=1, ctx=self.ctx, context_map=cmap)
+        s.head[1] = 0
+        self.assertIn("table_count", self.assertHeader(s, "context 0, T = 2"))
+        # contexts 1 and 2 take 2 to 8 tables
+        for context in (1, 2):
+            s = self.stream()
+            s.head[1] = context
+            self.assertIn("table_count", self.assertHeader(s, "T = 1", self.ctx))
+            s = self.stream(context=context, ctx=self.ctx, context_map=[c % 9 for c in range(256)])
+            self.assertEqual(s.head[2], 9)
+            self.assertIn("table_count", self.assertHeader(s, "T = 9", self.ctx))
+            s.head[2] = 0
+            self.assertHeader(s, "T = 0", self.ctx)
+
+    def test_context_map(self):
+        s = self.stream(context=2, ctx=self.ctx, context_map=[c % 3 for c in range(256)])
+        s.context_map = bytearray(s.context_map)
+        s.context_map[200] = 3
+        self.assertIn("context map", self.assertHeader(s, "map entry = T", self.ctx))
+        s.context_map[200] = 255
+        self.assertHeader(s, "map entry 255", self.ctx)
+
+    def test_symbol_list_not_increasing(self):
+        freqs = {1: 1000, 5: 1000, 9: 48}
+        data = bytes([1, 5, 9] * 100)
+        s = rans_encode(data, tables=[freqs])
+        self.assertEqual(s.tables[0][:4], b"\x02\x01\x05\x09")
+        for symbols in (b"\x01\x09\x05", b"\x01\x05\x05", b"\x09\x05\x01", b"\x05\x05\x09"):
+            with self.subTest(symbols=symbols):
+                s.tables[0] = s.tables[0][:1] + symbols + s.tables[0][4:]
+                code, msg = rans_error(s.bytes(), len(data))
+                self.assertEqual(code, "E_RANS_HEADER")
+                self.assertIn("strictly increasing", msg)
+
+    def test_bitmap_popcount(self):
+        data = bytes(range(40)) * 10
+        s = rans_encode(data)
+        table = bytearray(s.tables[0])
+        self.assertEqual(table[0], 39)
+        for count, bit in ((41, 40), (39, None)):  # a bit too many, or one too few
+            t = bytearray(table)
+            if bit is None:
+                t[1] &= 0xFE  # symbol 0 dropped
+            else:
+                t[1 + bit // 8] |= 1 << (bit % 8)
+            s.tables[0] = bytes(t)
+            code, msg = rans_error(s.bytes(), len(data))
+            self.assertEqual(code, "E_RANS_HEADER", count)
+            self.assertIn(f"{count} bits set", msg)
+        # s = 32: the bitmap form starts there; a list of 32 symbols is read as a bitmap
+        data = bytes(range(32)) * 10
+        s = rans_encode(data)
+        self.assertEqual(len(s.tables[0]), 1 + 32 + 32)
+        self.assertEqual(rans_code(s.bytes(), len(data)), data)
+
+    def test_frequencies(self):
+        freqs = {0: 2043, 1: 5}
+        data = bytes([0] * 50 + [1] * 5)
+        s = rans_encode(data, tables=[freqs])
+        self.assertEqual(s.tables[0], b"\x01\x00\x01\x87\xfb\x05")
+        self.assertEqual(rans_code(s.bytes(), len(data)), data)
+        cases = {
+            "a frequency of 0": b"\x01\x00\x01\x88\x00\x00",
+            "below 128": b"\x01\x00\x01\x87\xfb\x80\x05",  # 5 in the two-byte form
+            "sum": b"\x01\x00\x01\x87\xfb\x06",  # 2049
+            "sum ": b"\x01\x00\x01\x87\xfa\x05",  # 2047
+        }
+        for why, table in cases.items():
+            with self.subTest(why=why):
+                s.tables[0] = table
+                code, msg = rans_error(s.bytes(), len(data))
+                self.assertEqual(code, "E_RANS_HEADER")
+                self.assertIn(why.strip(), msg)
+        # the two-byte form of 0 is below 128 too; a one-symbol table of 2^k + 1
+        s.tables[0] = b"\x01\x00\x01\x80\x00\x05"
+        self.assertEqual(rans_error(s.bytes(), len(data))[0], "E_RANS_HEADER")
+        s.tables[0] = b"\x00\x00\x88\x01"
+        self.assertEqual(rans_error(s.bytes(), len(data))[0], "E_RANS_HEADER")
+        # 128 <= f: two bytes; 127: one byte
+        t = table_bytes({0: 1920, 1: 128})
+        self.assertEqual(t, b"\x01\x00\x01\x87\x80\x80\x80")
+        self.assertEqual(table_bytes({0: 1921, 1: 127}), b"\x01\x00\x01\x87\x81\x7f")
+        # a frequency above 2^k never sums to 2^k (k = 4: 2^k = 16)
+        s = rans_encode(b"\x00\x01" * 8, k=4, tables=[{0: 15, 1: 1}])
+        s.tables[0] = b"\x00\x00\x80\x80"
+        self.assertEqual(rans_error(s.bytes(), 16)[0], "E_RANS_HEADER")
+
+    def test_tile_lengths(self):
+        # 700 symbols: tiles of 256, 256 and 188 symbols, 32 lanes each
+        s = self.stream()
+        good = list(s.lengths)
+        for why, change in (("below the states", lambda L: [4 * 32 - 2, L[1] + L[0] - 126, L[2]]),
+                            ("odd", lambda L: [L[0] + 1, L[1] - 1, L[2]]),
+                            ("odd last", lambda L: [L[0], L[1] + 1, L[2] - 1])):
+            with self.subTest(why=why):
+                s.lengths = change(good)
+                self.assertEqual(sum(s.lengths), sum(good))
+                self.assertIn("wrong form", self.assertHeader(s, why))
+        # the last tile holds 3 symbols: 3 lanes, 12 bytes of states at least
+        data = self.data[:515]
+        s = rans_encode(data)
+        self.assertEqual(s.lengths[2], 12)
+        self.assertEqual(rans_code(s.bytes(), 515), data)
+        s.lengths[1] += 2
+        s.lengths[2] -= 2
+        code, msg = rans_error(s.bytes(), 515)
+        self.assertEqual(code, "E_RANS_HEADER")
+        self.assertIn("wrong form", msg)
+
+    def test_tile_lengths_sum(self):
+        s = self.stream()
+        b = s.bytes()
+        for why, stream in (("a byte more", b + b"\x00"), ("two bytes more", b + b"\x00\x00"),
+                            ("a word less", b[:-2])):
+            code, msg = rans_error(stream, self.n)
+            self.assertEqual(code, "E_RANS_HEADER", why)
+            self.assertIn("sum to the rest", msg)
+        # the tile count follows decoded_len: another N gives another number of lengths
+        self.assertEqual(rans_error(b, self.n + 256)[0], "E_RANS_HEADER")
+        self.assertEqual(rans_error(b, self.n - 256)[0], "E_RANS_HEADER")
+
+    def test_every_prefix_is_too_short(self):
+        # a cut inside a field, or in a payload (the lengths no longer sum to the rest)
+        cmap = [c % 3 for c in range(256)]
+        for kw in ({}, {"context": 1, "ctx": self.ctx, "context_map": cmap}):
+            b = self.stream(**kw).bytes()
+            for cut in range(len(b)):
+                self.assertEqual(rans_error(b[:cut], self.n, self.ctx)[0], "E_RANS_HEADER", cut)
+
+    def test_header_before_decoding(self):
+        # a stream with a header fault and a payload fault is E_RANS_HEADER
+        s = self.stream()
+        s.payloads[0] = struct.pack("<I", 5) + s.payloads[0][4:]
+        self.assertEqual(rans_error(s.bytes(), self.n)[0], "E_RANS_DECODE")
+        s.head[0] = 12
+        self.assertEqual(rans_error(s.bytes(), self.n)[0], "E_RANS_HEADER")
+
+
+class RansDecodeChecks(unittest.TestCase):
+    """§8.7 Decoding: each failure is E_RANS_DECODE."""
+
+    def setUp(self):
+        rng = np.random.default_rng(7)
+        self.n = 3 * 256 + 40  # the last tile: 40 symbols, so a partial step
+        self.data = skewed(rng, self.n, 0.05)
+
+    def decode_error(self, s):
+        data = s.bytes() if isinstance(s, RansStream) else s
+        self.assertEqual(scalar_decode(data, self.n), "E_RANS_DECODE")
+        code, msg = rans_error(data, self.n)
+        self.assertEqual(code, "E_RANS_DECODE")
+        return msg
+
+    def test_initial_state_below_L(self):
+        for tile in range(4):
+            for lane, state in ((0, 0), (31, 0xFFFF), (7, 1)):
+                s = rans_encode(self.data)
+                p = bytearray(s.payloads[tile])
+                p[4 * lane:4 * lane + 4] = struct.pack("<I", state)
+                s.payloads[tile] = bytes(p)
+                self.assertIn(f"tile {tile}: an initial state", self.decode_error(s))
+
+    def test_truncated_tile(self):
+        # without its last word, a tile reads past its end at the last word it needs
+        words = [(len(p) - 4 * 32) // 2 for p in rans_encode(self.data).payloads]
+        self.assertEqual([w > 0 for w in words], [True, True, True, False])  # 1 or 2 symbols a lane: no word
+        for tile in range(3):
+            s = rans_encode(self.data)
+            s.payloads[tile] = s.payloads[tile][:-2]
+            s.lengths[tile] -= 2
+            self.assertIn(f"tile {tile}: runs out of words", self.decode_error(s))
+        # the words of the next tile are not the tile's own
+        s = rans_encode(self.data)
+        s.lengths[0] -= 2
+        s.lengths[1] += 2
+        self.decode_error(s)
+
+    def test_leftover_words(self):
+        for tile in range(4):
+            s = rans_encode(self.data)
+            s.payloads[tile] += b"\x00\x00"
+            s.lengths[tile] += 2
+            self.assertIn(f"tile {tile}: words left over", self.decode_error(s))
+
+    def test_final_state(self):
+        # one-symbol table: states never change, so an initial state above L stays there
+        data = b"\x03" * self.n
+        for tile in range(4):
+            s = rans_encode(data)
+            p = bytearray(s.payloads[tile])
+            p[8:12] = struct.pack("<I", RANS_L + 1)
+            s.payloads[tile] = bytes(p)
+            self.assertIn(f"tile {tile}: a final state", self.decode_error(s))
+        s = rans_encode(data)
+        s.payloads[0] = struct.pack("<I", 0xFFFFFFFF) + s.payloads[0][4:]
+        self.assertIn("final state", self.decode_error(s))
+
+    def test_a_lane_past_the_last_symbol(self):
+        # the last tile has 40 symbols: lanes 8 to 31 decode one symbol, lanes 0 to 7 two
+        s = rans_encode(self.data)
+        self.assertEqual(r.rans_decode(s.bytes(), self.n).tobytes(), self.data)
+        # a corrupt state in a lane of the partial step still ends in E_RANS_DECODE
+        p = bytearray(s.payloads[3])
+        p[4 * 7:4 * 8] = struct.pack("<I", 0x12345678)
+        s.payloads[3] = bytes(p)
+        self.decode_error(s)
+
+    def test_agrees_with_the_pseudocode_on_corrupt_payloads(self):
+        rng = np.random.default_rng(8)
+        n = 1500
+        ctx = rng.integers(0, 256, n, dtype=np.uint8)
+        data = ((ctx.astype(np.int64) + rng.geometric(0.4, n)) % 256).astype(np.uint8).tobytes()
+        small = bytes(x % 12 for x in data)
+        streams = [rans_encode(data, tile_log2=8).bytes(), rans_encode(small, k=4, tile_log2=9).bytes(),
+                   rans_encode(data, context=2, ctx=ctx, context_map=[c % 4 for c in range(256)]).bytes()]
+        outcomes = set()
+        for b in streams:
+            start = r.rans_header(b, n).payload_offset
+            for trial in range(60):
+                spoilt = bytearray(b)
+                for _ in range(1 + trial % 3):
+                    at = int(rng.integers(start, len(b)))
+                    spoilt[at] ^= int(rng.integers(1, 256))
+                want = scalar_decode(bytes(spoilt), n, ctx)
+                self.assertEqual(rans_code(bytes(spoilt), n, ctx), want, trial)
+                outcomes.add(want if isinstance(want, str) else "decoded")
+            # tile lengths moved between tiles, so the lengths still sum to the rest
+            h = r.rans_header(b, n)
+            for t in range(h.tile_lengths.size - 1):
+                for move in (2, -2, 4, 64):
+                    L = h.tile_lengths.copy()
+                    L[t] -= move
+                    L[t + 1] += move
+                    spoilt = bytearray(b)
+                    at = h.payload_offset - 4 * L.size
+                    spoilt[at:h.payload_offset] = L.astype("<u4").tobytes()
+                    try:
+                        want = scalar_decode(bytes(spoilt), n, ctx)
+                    except r.TpdeError as e:
+                        want = e.code
+                    self.assertEqual(rans_code(bytes(spoilt), n, ctx), want)
+        self.assertIn("E_RANS_DECODE", outcomes)
+
+
+# ---------------------------------------------------------------------------
+# Whole files with codec 2: golden files of format 1.0 with their streams recoded.
+# The recoder reads the golden file and its base with the reader, then works out what
+# a writer knows (positions, base keys, the plane above) itself, not with the code
+# under test.
+# ---------------------------------------------------------------------------
+
+
+def base_key_of(b, w):
+    """§8.6: the most significant byte of rotl(b, 1)."""
+    return (((b << 1) | (b >> (w - 1))) >> (w - 8)) & 0xFF
+
+
+class Place:
+    """A stream's place in its chunk (§8.5 stream order) and what its context reads."""
+
+    def __init__(self, kind, plane, planes, chunk):
+        self.kind, self.plane, self.planes, self.chunk = kind, plane, planes, chunk
+
+    def allows(self, context):
+        """§8.7 Contexts, as a writer reads them."""
+        c = self.chunk
+        if context == 1:
+            return (self.kind == "value plane" and c["encoding"] in (1, 2)
+                    and c["value_order"] == 0)
+        if context == 2:
+            return self.kind in ("gap plane", "value plane") and self.plane + 1 < self.planes
+        return context == 0
+
+
+class Recoded:
+    """A delta file taken apart: its preamble, header and chunk records, and each
+    chunk's streams as [codec, decoded bytes, stored bytes]; bytes() lays it out again."""
+
+    def __init__(self, path, base_path=None):
+        d = r.Delta(path)
+        with open(path, "rb") as f:
+            self.file = f.read()
+        self.preamble = bytearray(self.file[:128])
+        data_len, header_len, chunk_count, _ = struct.unpack_from("<4Q", self.file, 32)
+        header_offset = -(-(128 + data_len) // 64) * 64
+        self.header = self.file[header_offset:header_offset + header_len]
+        table = -(-(header_offset + header_len) // 64) * 64
+        self.records = [bytearray(self.file[table + 64 * c:table + 64 * c + 64]) for c in range(chunk_count)]
+        bases = r.resolve_base(d, base_path) if base_path else {}
+        self.chunks = []  # per chunk: dict of its fields, streams, places, contexts
+        for t in d.tensors:
+            base = bases.get(t.index)
+            B = [] if base is None else np.frombuffer(base.buf, r.WORD_DTYPE[t.wb], base.nbytes // t.wb,
+                                                      base.start).tolist()
+            for k in range(t.chunk_count):
+                g = t.first_chunk + k
+                rec = self.records[g]
+                c = dict(zip(("encoding", "value_op", "value_layout", "position_coding", "gap_width",
+                              "stream_count", "value_order"), rec[20:27]))
+                c["m"] = struct.unpack_from("<I", rec, 12)[0]
+                first = struct.unpack_from("<I", rec, 16)[0]
+                n = min(t.cw, t.words - k * t.cw)
+                at = struct.unpack_from("<Q", rec, 0)[0]
+                streams = []
+                for s in range(first, first + c["stream_count"]):
+                    S = d.streams[s]
+                    stored = self.file[at:at + int(S["stored_len"])]
+                    at += len(stored)
+                    codec = int(S["codec"])
+                    plain = stored if codec == 0 else r.zstd_decode(stored, int(S["decoded_len"]))
+                    streams.append([codec, bytes(plain), stored])
+                c["streams"] = streams
+                # places and the writer's positions
+                g_w = c["gap_width"] if c["position_coding"] == 1 else 0
+                n_pos = g_w if c["position_coding"] == 1 else 1 if c["position_coding"] == 2 else 0
+                places = [Place("gap plane", q, g_w, c) for q in range(g_w)]
+                if c["position_coding"] == 2:
+                    places.append(Place("bitmap", None, 0, c))
+                words = c["value_layout"] == 0
+                n_val = len(streams) - n_pos
+                places += [Place("words" if words else "value plane", None if words else q, n_val, c)
+                           for q in range(n_val)]
+                c["places"] = places
+                if c["encoding"] == 1 and g_w:
+                    planes = [s[1] for s in streams[:g_w]]
+                    gaps = [sum(p[i] << (8 * j) for j, p in enumerate(planes)) for i in range(c["m"])]
+                    words_at = list(np.cumsum(gaps, dtype=np.int64).tolist())
+                elif c["encoding"] == 1:
+                    bitmap = streams[0][1]
+                    words_at = [j for j in range(n) if bitmap[j // 8] >> (j % 8) & 1]
+                else:
+                    words_at = list(range(n))
+                s_k = k * t.cw
+                c["keys"] = bytes(base_key_of(B[s_k + j] if s_k + j < len(B) else 0, 8 * t.wb)
+                                  for j in words_at)
+                c["name"] = f"{t.name} chunk {k}"
+                self.chunks.append(c)
+
+    def recode(self, chunk, q, context, ctx=None, spoil=None):
+        """Stream q of a chunk as lane rANS of `context`, its context bytes as a
+        writer computes them (or `ctx`); spoil(RansStream) may change it first."""
+        c = self.chunks[chunk]
+        plain = c["streams"][q][1]
+        if ctx is None:
+            ctx = {0: None, 1: c["keys"], 2: c["streams"][q + 1][1] if q + 1 < len(c["streams"]) else None}[context]
+        if context and ctx is None:
+            ctx = bytes(len(plain))
+        cmap = [x % 4 for x in range(256)] if context else None
+        stream = rans_encode(plain, context=context, ctx=ctx, context_map=cmap)
+        if spoil:
+            spoil(stream)
+        c["streams"][q] = [2, plain, stream.bytes()]
+
+    def recode_all(self, choose):
+        """choose(place) -> a context, or None to keep the stream as it is."""
+        for ci, c in enumerate(self.chunks):
+            for q, place in enumerate(c["places"]):
+                context = choose(place)
+                if context is not None:
+                    self.recode(ci, q, context)
+
+    def bytes(self, required=None, optional=None, minor=None):
+        uses_rans = any(s[0] == 2 for c in self.chunks for s in c["streams"])
+        pre = bytearray(self.preamble)
+        old_required = struct.unpack_from("<Q", pre, 16)[0]
+        if required is None:
+            required = old_required | (2 if uses_rans else 0)
+        if minor is None:
+            minor = max(struct.unpack_from("<H", pre, 10)[0], 1 if uses_rans else 0)
+        struct.pack_into("<H", pre, 10, minor)
+        struct.pack_into("<Q", pre, 16, required)
+        if optional is not None:
+            struct.pack_into("<Q", pre, 24, optional)
+        data, records, stream_records = bytearray(), [], bytearray()
+        for c, rec in zip(self.chunks, self.records):
+            rec = bytearray(rec)
+            stored = b"".join(s[2] for s in c["streams"])
+            struct.pack_into("<QI", rec, 0, 128 + len(data), len(stored))
+            struct.pack_into("<Q", rec, 32, r.xxh64(stored))
+            data += stored
+            records.append(bytes(rec))
+            for codec, plain, s in c["streams"]:
+                stream_records += struct.pack("<IIB7x", len(s), len(plain), codec)
+        tables = b"".join(records) + bytes(stream_records)
+        struct.pack_into("<QQ", pre, 32, len(data), len(self.header))
+        struct.pack_into("<Q", pre, 56, len(stream_records) // 16)
+        struct.pack_into("<Q", pre, 72, r.xxh64(tables))
+        struct.pack_into("<Q", pre, 120, r.xxh64(bytes(pre[:120])))
+        out = bytearray(pre) + data
+        out += bytes(-len(out) % 64) + self.header
+        out += bytes(-len(out) % 64) + tables
+        return bytes(out + struct.pack("<Q", len(out) + 16) + b"\x89TPDEEND")
+
+
+def by_base_key(place):
+    """Every stream as lane rANS: context 1 where allowed, else 2, else 0."""
+    return next(ctx for ctx in (1, 2, 0) if place.allows(ctx))
+
+
+def by_plane_above(place):
+    """Every stream as lane rANS: context 2 where allowed, else 1, else 0."""
+    return next(ctx for ctx in (2, 1, 0) if place.allows(ctx))
+
+
+def lower_planes(place):
+    """Only the planes under the top one, as lane rANS of context 2: the top plane keeps
+    its codec, stored or zstd."""
+    return 2 if place.allows(2) else None
+
+
+def decode_bytes(blob, base):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "delta.tpde")
+        with open(path, "wb") as f:
+            f.write(blob)
+        return r.run_decode(path, base)
+
+
+class RansFiles(unittest.TestCase):
+    """§3 feature bit 1, O6, O20 and D3 on whole files."""
+
+    def case(self, case_id):
+        case = next(c for c in load_manifest() if c["id"] == case_id)
+        base = case.get("base")
+        base = os.path.join(CONFORMANCE, base) if base else None
+        expected = None
+        if "expected" in case:
+            with open(os.path.join(CONFORMANCE, case["expected"]), "rb") as f:
+                expected = f.read().decode("utf-8")
+        return Recoded(os.path.join(CONFORMANCE, case["path"]), base), base, expected
+
+    @staticmethod
+    def uses_rans(path):
+        """Whether a golden file sets required feature bit 1 (spec §3)."""
+        with open(os.path.join(CONFORMANCE, path), "rb") as f:
+            preamble = f.read(24)
+        return bool(struct.unpack_from("<Q", preamble, 16)[0] & 0x2)
+
+    def test_recoded_valid_cases(self):
+        """Every valid golden file decodes to the same tensors with its streams coded
+        as lane rANS: each context where it is allowed, over planes of every codec."""
+        for case in load_manifest():
+            # Files of format 1.1 already hold lane rANS streams; their cases test it.
+            if case["expect"] != "accept" or self.uses_rans(case["path"]):
+                continue
+            for policy in (by_base_key, by_plane_above, lower_planes):
+                with self.subTest(case=case["id"], policy=policy.__name__):
+                    rec, base, expected = self.case(case["id"])
+                    rec.recode_all(policy)
+                    self.assertEqual(decode_bytes(rec.bytes(), base), (0, expected))
+
+    def test_contexts_used(self):
+        """The recoded files hold every context in every place that allows it."""
+        seen = set()
+        for case_id in ("value-ops-layouts", "encoding-sparse-gaps-w4", "encoding-raw",
+                        "encoding-sparse-bitmap", "reshape-leading-dim-grew"):
+            rec, _, _ = self.case(case_id)
+            for c in rec.chunks:
+                for place in c["places"]:
+                    for policy in (by_base_key, by_plane_above):
+                        seen.add((place.kind, policy(place), c["encoding"]))
+        for want in (("value plane", 1, 1), ("value plane", 1, 2), ("value plane", 2, 1),
+                     ("value plane", 2, 2), ("value plane", 2, 3), ("gap plane", 2, 1),
+                     ("gap plane", 0, 1), ("bitmap", 0, 1), ("words", 0, 1), ("words", 0, 2),
+                     ("words", 0, 3)):
+            self.assertIn(want, seen)
+
+    def test_feature_bits(self):
+        rec, base, expected = self.case("mixed")
+        plain = rec.bytes()  # a 1.0 file: no codec 2
+        self.assertEqual(struct.unpack_from("<HHIQ", plain, 8)[1:4:2], (0, 0))
+        self.assertEqual(decode_bytes(plain, base), (0, expected))
+        # O6: bit 1 is known (with or without codec 2, in any minor version); any other
+        # required bit, bit 0 included, is not
+        self.assertEqual(decode_bytes(rec.bytes(required=2), base), (0, expected))
+        for bits in (1, 3, 4, 6, 1 << 63):
+            self.assertEqual(decode_bytes(rec.bytes(required=bits), base),
+                             (1, '{"error":"E_UNKNOWN_REQUIRED_FEATURE"}\n'), bits)
+        rec.recode_all(by_base_key)
+        self.assertEqual(struct.unpack_from("<HHIQ", rec.bytes(), 8)[1:4:2], (1, 2))
+        for minor in (0, 1, 7):
+            self.assertEqual(decode_bytes(rec.bytes(minor=minor), base), (0, expected), minor)
+        # O20: codec 2 without required bit 1 (an optional bit 1 is no substitute)
+        for required, optional in ((0, 0), (0, 2), (0, 0xFF)):
+            self.assertEqual(decode_bytes(rec.bytes(required=required, optional=optional), base),
+                             (1, '{"error":"E_UNKNOWN_CODEC"}\n'))
+        next(c for c in rec.chunks if c["streams"])["streams"][0][0] = 3
+        self.assertEqual(decode_bytes(rec.bytes(), base), (1, '{"error":"E_UNKNOWN_CODEC"}\n'))
+
+    def test_context_not_allowed_in_its_place(self):
+        """§8.7: each context outside the places that allow it is E_RANS_HEADER."""
+        checks = 0
+        for case_id in ("value-ops-layouts", "encoding-sparse-gaps-w4", "encoding-raw",
+                        "value-order-grouped", "encoding-sparse-bitmap"):
+            rec, base, _ = self.case(case_id)
+            for ci, c in enumerate(rec.chunks):
+                for q, place in enumerate(c["places"]):
+                    for context in (1, 2):
+                        if place.allows(context):
+                            continue
+                        with self.subTest(case=case_id, chunk=c["name"], stream=q, context=context):
+                            kept = c["streams"][q]
+                            rec.recode(ci, q, context, ctx=bytes(len(kept[1])))
+                            self.assertEqual(decode_bytes(rec.bytes(), base),
+                                             (1, '{"error":"E_RANS_HEADER"}\n'))
+                            c["streams"][q] = kept
+                            checks += 1
+        self.assertGreater(checks, 50)
+
+    def test_dependency_order(self):
+        """D3: a context-1 stream after the positions, a context-2 plane after the plane
+        above it: with one fault, the fault's own code."""
+        rec, base, expected = self.case("value-ops-layouts")
+        sparse = next(i for i, c in enumerate(rec.chunks)
+                      if c["encoding"] == 1 and c["value_layout"] == 1 and len(c["places"]) >= 5
+                      and c["m"] >= 2)
+        c = rec.chunks[sparse]
+        for q in range(1, len(c["places"])):  # the value planes: base key on top, then plane above
+            rec.recode(sparse, q, by_plane_above(c["places"][q]))
+        self.assertEqual([s[2][1] for s in c["streams"][1:]], [2] * (len(c["places"]) - 2) + [1])
+        self.assertEqual(decode_bytes(rec.bytes(), base), (0, expected))
+        # the gaps, one gap made zero: the positions fail before the values that need them
+        gaps = bytearray(c["streams"][0][1])
+        gaps[1] = 0
+        c["streams"][0] = [0, bytes(gaps), bytes(gaps)]
+        self.assertEqual(decode_bytes(rec.bytes(), base), (1, '{"error":"E_POSITIONS_NOT_INCREASING"}\n'))
+        # the top plane spoilt: its own code, not one of the planes under it
+        rec, base, expected = self.case("value-ops-layouts")
+        dense = next(i for i, c in enumerate(rec.chunks)
+                     if c["encoding"] == 2 and c["value_layout"] == 2 and len(c["places"]) == 8)
+        rec.recode_all(by_plane_above)
+        c = rec.chunks[dense]
+        self.assertEqual(decode_bytes(rec.bytes(), base), (0, expected))
+        top = bytearray(c["streams"][7][2])
+        top[0] = 12  # prob_bits
+        c["streams"][7][2] = bytes(top)
+        self.assertEqual(decode_bytes(rec.bytes(), base), (1, '{"error":"E_RANS_HEADER"}\n'))
+
+        def word_left_over(stream):
+            stream.payloads[-1] += b"\x00\x00"
+            stream.lengths[-1] += 2
+        rec.recode(dense, 7, 1, spoil=word_left_over)
+        self.assertEqual(decode_bytes(rec.bytes(), base), (1, '{"error":"E_RANS_DECODE"}\n'))
+        # a plane under it spoilt instead (the top plane sound): that plane's code
+        rec.recode(dense, 7, 1)
+        self.assertEqual(decode_bytes(rec.bytes(), base), (0, expected))
+        rec.recode(dense, 3, 2, spoil=word_left_over)
+        self.assertEqual(decode_bytes(rec.bytes(), base), (1, '{"error":"E_RANS_DECODE"}\n'))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""An independent reader of the tpde delta format, written from spec/FORMAT.md alone.
+"""An independent reader of the tpde delta format 1.1, written from spec/FORMAT.md alone.
 
 Usage:
     tpde_reader.py decode DELTA [--base BASE]
@@ -8,6 +8,13 @@ Usage:
 `decode` prints the canonical decode of spec §11.4 / conformance/README.md;
 `rebuild` writes the target safetensors file(s) of spec §11.3.  On a format or base
 error both print {"error":"E_..."} on stdout and exit 1; a usage error exits 2.
+
+It reads every file of format 1.1: the preamble and trailer (§3, §4), the strict
+JSON header (§5), the binary chunk map (§6), all encodings, value ops, value layouts,
+position codings and value orders (§8.1-§8.6), the codecs stored, zstd under its
+profile (§8.5) and lane rANS with its three contexts (§8.7, feature bit 1 of §3),
+checksums and digests (§10), base checkpoints (§11.2) and the rebuilt safetensors
+files (§11.3).  A 1.0 file is a 1.1 file without codec 2.
 
 Dependencies: the standard library, numpy, zstandard, xxhash.  The code follows the
 spec's section order; comments name the rule each check implements.
@@ -70,7 +77,10 @@ MAX_CHUNK_WORDS = 2**24
 MAX_BYTE_LEN = 2**63 - 1
 MAX_ZSTD_WINDOW = 2**27
 
-KNOWN_REQUIRED_FEATURES = 0  # §3 Table 3.2: none in 1.0
+# §3 Table 3.2: 1.1 defines bit 1 (`rans-lanes`, codec 2).  Bit 0 is never assigned
+# and stays unknown, like every other bit.
+FEATURE_RANS_LANES = 1 << 1
+KNOWN_REQUIRED_FEATURES = FEATURE_RANS_LANES
 
 # §7 Table 7.1: dtype -> (bits per element, word bytes)
 DTYPES = {
@@ -89,8 +99,8 @@ OP_XOR, OP_SUB = 0, 1
 LAYOUT_WORDS, LAYOUT_PLANES, LAYOUT_ROTATED = 0, 1, 2
 POS_NONE, POS_GAPS, POS_BITMAP = 0, 1, 2
 ORDER_POSITIONAL, ORDER_GROUPED = 0, 1
-CODEC_STORED, CODEC_ZSTD = 0, 1
-N_ENCODINGS, N_VALUE_OPS, N_LAYOUTS, N_POSITION_CODINGS, N_VALUE_ORDERS, N_CODECS = 4, 2, 3, 3, 2, 2
+CODEC_STORED, CODEC_ZSTD, CODEC_RANS = 0, 1, 2
+N_ENCODINGS, N_VALUE_OPS, N_LAYOUTS, N_POSITION_CODINGS, N_VALUE_ORDERS, N_CODECS = 4, 2, 3, 3, 2, 3
 
 EMPTY_XXH3_64 = 0x2D06800538D394C2
 
@@ -398,8 +408,9 @@ class Delta:
         if any(pre[12:16]) or any(pre[80:120]):  # O5
             fail("E_RESERVED_NONZERO", "preamble")
         required, _optional = u64(pre, 16), u64(pre, 24)
-        if required & ~KNOWN_REQUIRED_FEATURES:  # O6
+        if required & ~KNOWN_REQUIRED_FEATURES:  # O6: in 1.1, any bit but bit 1
             fail("E_UNKNOWN_REQUIRED_FEATURE", hex(required))
+        self.required_features = required
         if L < PREAMBLE_LEN + TRAILER_LEN or bytes(buf[L - 8:L]) != END_MAGIC \
                 or u64(buf, L - 16) != L:  # O7
             fail("E_BAD_TRAILER")
@@ -545,7 +556,11 @@ class Delta:
             fail("E_RESERVED_NONZERO" if res[i] else "E_UNKNOWN_CODEC", f"chunk record {i}")
         s = self.streams
         res = raw_streams[:, 9:16].any(axis=1)
-        i = first_true(res | (s["codec"] >= N_CODECS))
+        # an undefined codec id, or codec 2 in a file without required feature bit 1
+        codec = s["codec"] >= N_CODECS
+        if not self.required_features & FEATURE_RANS_LANES:
+            codec |= s["codec"] == CODEC_RANS
+        i = first_true(res | codec)
         if i is not None:
             fail("E_RESERVED_NONZERO" if res[i] else "E_UNKNOWN_CODEC", f"stream record {i}")
 
@@ -831,6 +846,250 @@ def bitmap_positions(bitmap, m, n):
 
 
 # ---------------------------------------------------------------------------
+# §8.7 the lane rANS codec
+# ---------------------------------------------------------------------------
+
+RANS_L = 1 << 16  # L: the least state, and every lane's final state
+RANS_LANES = 32
+RANS_MAX_PROB_BITS = 11
+RANS_MIN_TILE_LOG2, RANS_MAX_TILE_LOG2 = 8, 24
+RANS_MAX_TABLES = 8
+CTX_NONE, CTX_BASE_KEY, CTX_HIGHER_PLANE = 0, 1, 2
+RANS_ALL_CONTEXTS = frozenset((CTX_NONE, CTX_BASE_KEY, CTX_HIGHER_PLANE))
+
+
+class RansHeader:
+    """A codec-2 stream's fields of Table 8.6 and its tables (Table 8.7), all checked.
+    tables[t] is (symbols, frequencies), both in increasing symbol order."""
+    __slots__ = ("decoded_len", "prob_bits", "context", "table_count", "tile_log2",
+                 "context_map", "tables", "tile_lengths", "payload_offset")
+
+
+def rans_header(data, decoded_len, allowed=RANS_ALL_CONTEXTS):
+    """§8.7 header checks, in layout order, each failure E_RANS_HEADER.  `allowed` is
+    the set of contexts that the stream's place allows (rans_allowed_contexts)."""
+    size = len(data)
+    pos = 0
+
+    def need(nbytes, field):  # fewer bytes than a field needs
+        if size - pos < nbytes:
+            fail("E_RANS_HEADER", f"fewer bytes than {field} needs")
+
+    h = RansHeader()
+    h.decoded_len = N = decoded_len
+    need(4, "the fixed fields")
+    k, context, T, tile_log2 = data[0], data[1], data[2], data[3]
+    if not 1 <= k <= RANS_MAX_PROB_BITS:  # prob_bits: 1 to 11
+        fail("E_RANS_HEADER", f"prob_bits {k}")
+    if context not in RANS_ALL_CONTEXTS:  # context: 0, 1 or 2 ...
+        fail("E_RANS_HEADER", f"context {context} undefined")
+    if context not in allowed:  # ... and allowed in the stream's place
+        fail("E_RANS_HEADER", f"context {context} not allowed in this stream")
+    if (T != 1) if context == CTX_NONE else not 2 <= T <= RANS_MAX_TABLES:  # table_count
+        fail("E_RANS_HEADER", f"table_count {T} with context {context}")
+    if not RANS_MIN_TILE_LOG2 <= tile_log2 <= RANS_MAX_TILE_LOG2:  # tile_log2: 8 to 24
+        fail("E_RANS_HEADER", f"tile_log2 {tile_log2}")
+    pos = 4
+    if T > 1:  # context_map: 256 bytes, each < T
+        need(256, "the context map")
+        cmap = np.frombuffer(data, dtype=np.uint8, count=256, offset=pos)
+        if int(cmap.max()) >= T:
+            fail("E_RANS_HEADER", "a context map entry >= table_count")
+        pos += 256
+    else:  # T = 1: every context byte selects table 0
+        cmap = np.zeros(256, dtype=np.uint8)
+    tables = []
+    for t in range(T):  # Table 8.7, table 0 first
+        need(1, f"table {t}'s symbol count")
+        s = data[pos] + 1
+        pos += 1
+        if s < 32:  # the symbols, strictly increasing
+            need(s, f"table {t}'s symbol list")
+            symbols = np.frombuffer(data, dtype=np.uint8, count=s, offset=pos)
+            if s > 1 and not (np.diff(symbols.astype(np.int16)) > 0).all():
+                fail("E_RANS_HEADER", f"table {t}: symbols not strictly increasing")
+            pos += s
+        else:  # a 32-byte bitmap with exactly s bits set
+            need(32, f"table {t}'s symbol bitmap")
+            bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=32, offset=pos),
+                                 bitorder="little")
+            symbols = np.flatnonzero(bits).astype(np.uint8)
+            if symbols.size != s:
+                fail("E_RANS_HEADER", f"table {t}: bitmap has {symbols.size} bits set, not {s}")
+            pos += 32
+        freqs = np.empty(s, dtype=np.int64)
+        for x in range(s):  # one frequency per symbol: f < 128 in one byte, else two
+            need(1, f"table {t}'s frequencies")
+            b0 = data[pos]
+            if b0 < 0x80:
+                f = b0
+                pos += 1
+                if f == 0:
+                    fail("E_RANS_HEADER", f"table {t}: a frequency of 0")
+            else:
+                need(2, f"table {t}'s two-byte frequency")
+                f = ((b0 & 0x7F) << 8) | data[pos + 1]
+                pos += 2
+                if f < 128:
+                    fail("E_RANS_HEADER", f"table {t}: two-byte frequency {f} below 128")
+            freqs[x] = f
+        if int(freqs.sum()) != 1 << k:
+            fail("E_RANS_HEADER", f"table {t}: frequencies do not sum to 2^{k}")
+        tables.append((symbols, freqs))
+    # tile lengths: ceil(N / 2^tile_log2) u32, bounded by the stream's bytes before use
+    tiles = ceil_div(N, 1 << tile_log2)
+    need(4 * tiles, "the tile lengths")
+    lengths = np.frombuffer(data, dtype="<u4", count=tiles, offset=pos).astype(np.int64)
+    pos += 4 * tiles
+    lanes = np.minimum(RANS_LANES, rans_tile_symbols(N, tile_log2))
+    bad = first_true((lengths < 4 * lanes) | ((lengths - 4 * lanes) % 2 != 0))
+    if bad is not None:  # at least 4 * lanes_t bytes, and a whole number of words
+        fail("E_RANS_HEADER", f"tile {bad}: length {int(lengths[bad])} of the wrong form")
+    if int(lengths.sum()) != size - pos:
+        fail("E_RANS_HEADER", "tile lengths do not sum to the rest of the stream")
+    h.prob_bits, h.context, h.table_count, h.tile_log2 = k, context, T, tile_log2
+    h.context_map, h.tables, h.tile_lengths, h.payload_offset = cmap, tables, lengths, pos
+    return h
+
+
+def rans_tile_symbols(N, tile_log2):
+    """n_t for every tile t: the symbols [t * 2^tile_log2, min((t + 1) * 2^tile_log2, N))."""
+    S = 1 << tile_log2
+    return np.minimum(S, N - S * np.arange(ceil_div(N, S), dtype=np.int64))
+
+
+def rans_allowed_contexts(q, enc, layout, order, position_coding, gap_width, wb):
+    """§8.7 Contexts: the contexts allowed in stream q of a chunk (streams in the order
+    of §8.5: gap planes 0 to g - 1 or the bitmap, then the value streams)."""
+    n_pos = gap_width if position_coding == POS_GAPS else 1 if position_coding == POS_BITMAP else 0
+    allowed = {CTX_NONE}  # none: every stream
+    if q < n_pos:
+        if position_coding == POS_GAPS and q + 1 < gap_width:
+            allowed.add(CTX_HIGHER_PLANE)  # gap planes 0 to g - 2
+    elif layout in (LAYOUT_PLANES, LAYOUT_ROTATED):
+        if enc in (ENC_SPARSE, ENC_DENSE) and order == ORDER_POSITIONAL:
+            allowed.add(CTX_BASE_KEY)  # value planes of positional sparse and dense chunks
+        if q - n_pos + 1 < wb:
+            allowed.add(CTX_HIGHER_PLANE)  # value planes 0 to wb - 2
+    return frozenset(allowed)
+
+
+def _rans_slots(h):
+    """Slot r of table t, at index t * 2^k + r: its symbol, freq(sym), r - cum(sym)."""
+    size = 1 << h.prob_bits
+    sym = np.empty(h.table_count * size, dtype=np.uint8)
+    freq = np.empty(h.table_count * size, dtype=np.uint64)
+    bias = np.empty(h.table_count * size, dtype=np.uint64)
+    for t, (symbols, freqs) in enumerate(h.tables):
+        cum = np.cumsum(freqs) - freqs
+        at = slice(t * size, (t + 1) * size)
+        sym[at] = np.repeat(symbols, freqs)
+        freq[at] = np.repeat(freqs, freqs)
+        bias[at] = np.arange(size) - np.repeat(cum, freqs)
+    return sym, freq, bias
+
+
+def rans_decode_payload(h, data, ctx):
+    """§8.7 Decoding of the tiles of a stream whose header h has been checked.  ctx: the
+    N context bytes (None for context 0).  Returns the N decoded bytes; a fault is
+    E_RANS_DECODE.
+
+    All tiles step together: lane l of tile t is row t, column l of (tiles, 32) arrays.
+    At step `step` it decodes symbol t * 2^tile_log2 + 32 * step + l.  Every tile but
+    the last holds 2^tile_log2 symbols, a multiple of 32, so only the last tile can
+    end early or have a partial step, and a lane decodes at a step iff its symbol
+    index is below N.  A lane whose state drops below L takes the next word of its
+    tile; the words of a step go to the lanes in increasing lane order, so a lane's
+    word is its tile's cursor plus its rank (a cumulative sum along the row) minus 1.
+    States are kept in uint64: freq * (x >> k) < 2^42 and x << 16 < 2^48."""
+    N, k = h.decoded_len, h.prob_bits
+    tiles = h.tile_lengths.size
+    if tiles == 0:
+        return np.zeros(0, dtype=np.uint8)
+    n_t = rans_tile_symbols(N, h.tile_log2)
+    lanes_t = np.minimum(RANS_LANES, n_t)
+    # Every tile payload has an even length, so its words are u16 at even offsets from
+    # the first payload byte: one u16 array holds the payloads of all tiles.
+    words = np.frombuffer(bytes(data[h.payload_offset:]), dtype="<u2")
+    start = (np.cumsum(h.tile_lengths) - h.tile_lengths) // 2  # tile payloads, in words
+    first_word = start + 2 * lanes_t  # after the lanes_t u32 initial states
+    tile_words = h.tile_lengths // 2 - 2 * lanes_t
+    word_count = tile_words
+    lane = np.arange(RANS_LANES)
+    exists = lane[None, :] < lanes_t[:, None]  # only the last tile can have fewer lanes
+    at = start[:, None] + 2 * np.where(exists, lane[None, :], 0)
+    x = words[at].astype(np.uint64) | (words[at + 1].astype(np.uint64) << np.uint64(16))
+    x[~exists] = RANS_L  # lanes that do not exist: never decode, and end at L
+    low = first_true((x < RANS_L).any(axis=1))
+    if low is not None:
+        fail("E_RANS_DECODE", f"tile {low}: an initial state below 2^16")
+    # the table of each symbol, as an offset t * 2^k < 2^14 into the slots; entry N is
+    # for lanes without a symbol at the last tile's partial step
+    if h.table_count > 1:
+        ctx = np.asarray(ctx, dtype=np.uint8)
+        if ctx.shape != (N,):
+            raise ValueError(f"{N} context bytes needed, got {ctx.shape}")
+        table_of = np.zeros(N + 1, dtype=np.uint16)
+        table_of[:N] = h.context_map.astype(np.uint16)[ctx] << np.uint16(k)
+    else:
+        table_of = None
+    sym_of, freq_of, bias_of = _rans_slots(h)
+    out = np.empty(N + 1, dtype=np.uint8)  # out[N] takes what lanes without a symbol decode
+    mask, shift, L = np.uint64((1 << k) - 1), np.uint64(k), np.uint64(RANS_L)
+    i = (np.arange(tiles, dtype=np.int64) << h.tile_log2)[:, None] + lane[None, :]
+    cursor = np.zeros(tiles, dtype=np.int64)  # words read: r = 4 * lanes_t + 2 * cursor
+    ended_x = ended_cursor = None  # the last tile's row, when it ends before the others
+    last_steps = ceil_div(int(n_t[-1]), RANS_LANES)  # the steps of the last tile
+    partial = int(n_t[-1]) % RANS_LANES != 0  # its last step has lanes without a symbol
+    for step in range(ceil_div(int(n_t[0]), RANS_LANES)):
+        if step == last_steps:  # the last tile has ended; the full tiles go on
+            ended_x, ended_cursor = x[-1:], cursor[-1:]
+            x, cursor, i = x[:-1], cursor[:-1], i[:-1]
+            first_word, word_count = first_word[:-1], word_count[:-1]
+        active = (i < N) if partial and step == last_steps - 1 else None
+        idx = i if active is None else np.minimum(i, N)
+        x_before = x
+        slot = x & mask
+        e = slot if table_of is None else table_of[idx] + slot
+        out[idx] = sym_of[e]
+        x = freq_of[e] * (x >> shift) + bias_of[e]  # freq(sym) * (x >> k) + r_slot - cum(sym)
+        takes = x < L
+        if active is not None:
+            takes &= active
+        rank = np.cumsum(takes, axis=1)
+        taken = rank[:, -1]
+        over = first_true(cursor + taken > word_count)
+        if over is not None:  # a word at or past len_t: a truncated tile
+            fail("E_RANS_DECODE", f"tile {over}: runs out of words")
+        w = words[(first_word + cursor)[:, None] + rank - 1]
+        x = np.where(takes, (x << np.uint64(16)) | w, x)
+        if active is not None:  # a lane without a symbol keeps its state
+            x = np.where(active, x, x_before)
+        cursor = cursor + taken
+        i = i + RANS_LANES
+    if ended_x is not None:
+        x, cursor = np.vstack([x, ended_x]), np.concatenate([cursor, ended_cursor])
+    # at the end: r = len_t (every word read) and x = L in every lane
+    left = first_true(cursor != tile_words)
+    if left is not None:
+        fail("E_RANS_DECODE", f"tile {left}: words left over")
+    bad = first_true((x != L).any(axis=1))
+    if bad is not None:
+        fail("E_RANS_DECODE", f"tile {bad}: a final state other than 2^16")
+    return out[:N]
+
+
+def rans_decode(data, decoded_len, ctx=None, allowed=RANS_ALL_CONTEXTS):
+    """§8.7: checks and decodes one codec-2 stream of decoded_len bytes.  ctx: the
+    context byte of each symbol (an array of decoded_len bytes), needed when the
+    stream's context is 1 or 2; `allowed`: the contexts its place allows."""
+    h = rans_header(data, decoded_len, allowed)
+    if h.context != CTX_NONE and ctx is None:
+        raise ValueError(f"context {h.context} needs the context bytes")
+    return rans_decode_payload(h, data, ctx)
+
+
+# ---------------------------------------------------------------------------
 # §11.2 base resolution
 # ---------------------------------------------------------------------------
 
@@ -1019,35 +1278,65 @@ def decode_tensor(delta, t, base):
             avail = min(n, WB - s_k)
             t_words[:avail] = B[s_k:s_k + avail]
         if enc != ENC_UNCHANGED:
-            # D3: the streams, in order
+            layout, op, order = int(R["value_layout"]), int(R["value_op"]), int(R["value_order"])
+            pc, g_w = int(R["position_coding"]), int(R["gap_width"])
+            n_pos = g_w if pc == POS_GAPS else 1 if pc == POS_BITMAP else 0
+            # D3: every stream that needs no other: stored and zstd streams, and lane
+            # rANS streams of context 0; the header of every lane rANS stream (§8.7)
             fs, sc = int(R["first_stream"]), int(R["stream_count"])
-            out, o = [], start
-            for s in range(fs, fs + sc):
-                S = delta.streams[s]
-                sl, dl = int(S["stored_len"]), int(S["decoded_len"])
-                raw = mv[o:o + sl]
+            out, raws, pending, o = [None] * sc, [None] * sc, {}, start
+            for q in range(sc):
+                S = delta.streams[fs + q]
+                sl, dl, codec = int(S["stored_len"]), int(S["decoded_len"]), int(S["codec"])
+                raw = raws[q] = mv[o:o + sl]
                 o += sl
-                out.append(raw if int(S["codec"]) == CODEC_STORED else zstd_decode(raw, dl))
-            layout, op = int(R["value_layout"]), int(R["value_op"])
+                if codec == CODEC_STORED:
+                    out[q] = raw
+                elif codec == CODEC_ZSTD:
+                    out[q] = zstd_decode(raw, dl)
+                else:
+                    allowed = rans_allowed_contexts(q, enc, layout, order, pc, g_w, t.wb)
+                    h = rans_header(raw, dl, allowed)
+                    if h.context == CTX_NONE:
+                        out[q] = rans_decode_payload(h, raw, None)
+                    else:
+                        pending[q] = h
+
+            def decode_pending(q, ctx):
+                out[q] = rans_decode_payload(pending[q], raws[q], ctx)
+
+            # D3: gap planes of context 2, each after the plane above it
+            for q in reversed(range(n_pos)):
+                if q in pending:
+                    decode_pending(q, np.frombuffer(out[q + 1], dtype=np.uint8))
             if enc == ENC_SPARSE:  # D4
-                if int(R["position_coding"]) == POS_GAPS:
-                    g_w = int(R["gap_width"])
+                if pc == POS_GAPS:
                     positions = gap_positions(out[:g_w], m, n)
-                    vstreams = out[g_w:]
                 else:
                     positions = bitmap_positions(out[0], m, n)
-                    vstreams = out[1:]
-                values = read_values(vstreams, layout, m, t.wb)  # D5
                 b_at = t_words[positions]  # the base words of D2, before any value
-                if int(R["value_order"]) == ORDER_GROUPED:
+            else:
+                b_at = t_words  # dense: word i is value i's word (raw has no context 1)
+            # D3: value planes of context 1 (after the positions and the base words)
+            # or 2 (after the plane above it), from the most significant down
+            for q in reversed(range(n_pos, sc)):
+                if q in pending:
+                    if pending[q].context == CTX_BASE_KEY:
+                        decode_pending(q, base_key(b_at, 8 * t.wb))
+                    else:
+                        decode_pending(q, np.frombuffer(out[q + 1], dtype=np.uint8))
+            vstreams = out[n_pos:]
+            if enc == ENC_SPARSE:
+                values = read_values(vstreams, layout, m, t.wb)  # D5
+                if order == ORDER_GROUPED:
                     values = to_positional(values, b_at, 8 * t.wb)
                 t_words[positions] = combine(b_at, values, op)
             else:
-                values = read_values(out, layout, n, t.wb)  # D5
+                values = read_values(vstreams, layout, n, t.wb)  # D5
                 if enc == ENC_RAW:
                     t_words = values.astype(wdt, copy=True)
                 else:
-                    if int(R["value_order"]) == ORDER_GROUPED:
+                    if order == ORDER_GROUPED:
                         values = to_positional(values, t_words, 8 * t.wb)
                     t_words = combine(t_words, values, op)
             if enc != ENC_RAW and np.count_nonzero(values) != m:  # D6

@@ -14,12 +14,31 @@ use tpde::delta::{encode_chunk, EncodeSettings, EncodedChunk};
 use tpde::writer::DeltaWriter;
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
+use crate::rans::{self, Ctx};
 use crate::safet::{self, Tensor};
 use crate::words;
+
+/// The settings of the library's encoder for every case that existed before format
+/// 1.1: without lane rANS, so that regenerating them changes no byte.
+pub fn settings_1_0() -> EncodeSettings {
+    EncodeSettings { rans: false, ..EncodeSettings::default() }
+}
 
 /// The writer string of every generated file, so that goldens do not change with
 /// the crate version.
 pub const WRITER: &str = "tpde-conformance-generator";
+
+/// How one stream is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// Codec 0.
+    Stored,
+    /// Codec 1.
+    Zstd,
+    /// Codec 2 with this context (spec §8.7). The plane above is written as no
+    /// context on a stream that has no plane above.
+    Rans(Ctx),
+}
 
 /// Exactly how one chunk is stored.
 #[derive(Debug, Clone, Copy)]
@@ -34,10 +53,18 @@ pub struct Force {
     pub coding: PositionCoding,
     /// A gap width wider than needed, or `None` for the narrowest.
     pub gap_width: Option<u8>,
-    /// The codec of every stream.
+    /// The codec of every stream (stored or zstd) that neither `rans` nor
+    /// `overrides` names.
     pub codec: Codec,
     /// Values grouped by base key (§8.6) rather than positional.
     pub grouped: bool,
+    /// Lane rANS for every stream: the context of the position streams and of the
+    /// value streams.
+    pub rans: Option<(Ctx, Ctx)>,
+    /// How stream `q` is stored, whatever `codec` and `rans` say.
+    pub overrides: [Option<Store>; 12],
+    /// How lane rANS streams are encoded.
+    pub params: rans::Params,
 }
 
 impl Force {
@@ -51,6 +78,9 @@ impl Force {
             gap_width: None,
             codec: Codec::Stored,
             grouped: false,
+            rans: None,
+            overrides: [None; 12],
+            params: rans::Params { prob_bits: 11, tile_log2: 12, max_tables: 8 },
         }
     }
     /// With a value op.
@@ -89,6 +119,32 @@ impl Force {
         self.grouped = true;
         self
     }
+    /// With lane rANS streams: `positions` is the context of the position streams,
+    /// `values` that of the value streams.
+    pub const fn rans(mut self, positions: Ctx, values: Ctx) -> Self {
+        self.rans = Some((positions, values));
+        self
+    }
+    /// Stream `q` (position streams first) stored as `store`.
+    pub const fn stream(mut self, q: usize, store: Store) -> Self {
+        self.overrides[q] = Some(store);
+        self
+    }
+    /// Lane rANS tiles of `2^log2` symbols.
+    pub const fn tile_log2(mut self, log2: u8) -> Self {
+        self.params.tile_log2 = log2;
+        self
+    }
+    /// Lane rANS frequencies summing to `2^bits`.
+    pub const fn prob_bits(mut self, bits: u8) -> Self {
+        self.params.prob_bits = bits;
+        self
+    }
+    /// At most this many lane rANS tables per stream.
+    pub const fn max_tables(mut self, tables: usize) -> Self {
+        self.params.max_tables = tables;
+        self
+    }
 }
 
 /// How a chunk is encoded: by the library's encoder, or forced.
@@ -99,6 +155,9 @@ pub enum Plan {
     /// Exactly this.
     Forced(Force),
 }
+
+/// One chunk's target bytes, base bytes (`None` without a base) and plan.
+pub type ChunkInput<'a> = (&'a [u8], Option<&'a [u8]>, Plan);
 
 /// One tensor of a delta: its target, the base tensor it is encoded against (if
 /// any), the chunk size and a plan per chunk (the last plan repeats).
@@ -123,14 +182,34 @@ impl Entry {
     pub fn forced(target: Tensor, base: Option<Tensor>, chunk_words: u64, plans: &[Force]) -> Self {
         Self { target, base, chunk_words, plans: plans.iter().map(|&f| Plan::Forced(f)).collect() }
     }
+
+    /// Each chunk's target bytes, base bytes (possibly shorter, `None` without a
+    /// base) and plan.
+    pub fn chunks(&self) -> Vec<ChunkInput<'_>> {
+        let bytes = &self.target.bytes;
+        let chunk_bytes = usize::try_from(self.chunk_words).expect("small") * safet::word_bytes(self.target.dtype);
+        (0..bytes.len())
+            .step_by(chunk_bytes)
+            .enumerate()
+            .map(|(k, start)| {
+                let end = (start + chunk_bytes).min(bytes.len());
+                let base = self.base.as_ref().map(|b| &b.bytes[start.min(b.bytes.len())..end.min(b.bytes.len())]);
+                let plan = self.plans.get(k).or(self.plans.last()).copied().unwrap_or(Plan::Auto);
+                (&bytes[start..end], base, plan)
+            })
+            .collect()
+    }
+
+    /// Chunk `k` planned; it must be forced.
+    pub fn plan(&self, k: usize) -> Planned {
+        let (target, base, plan) = self.chunks()[k];
+        let Plan::Forced(force) = plan else { panic!("chunk {k} of {} is not forced", self.target.name) };
+        plan_chunk(target, base, safet::word_bytes(self.target.dtype), force)
+    }
 }
 
 /// Stored bytes of one stream under `codec`.
-fn store(raw: &[u8], codec: Codec) -> (StreamRecord, Vec<u8>) {
-    let stored = match codec {
-        Codec::Stored => raw.to_vec(),
-        Codec::Zstd => crate::zframe::compress(raw),
-    };
+fn store(raw: &[u8], codec: Codec, stored: Vec<u8>) -> (StreamRecord, Vec<u8>) {
     let record = StreamRecord {
         stored_len: u32::try_from(stored.len()).expect("small"),
         decoded_len: u32::try_from(raw.len()).expect("small"),
@@ -139,9 +218,91 @@ fn store(raw: &[u8], codec: Codec) -> (StreamRecord, Vec<u8>) {
     (record, stored)
 }
 
-/// Builds one chunk exactly as `force` says. `base` holds the base bytes at the
+/// A chunk before its streams are stored: what `force` makes of the target and
+/// base words.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// The force it follows.
+    pub force: Force,
+    /// The decoded bytes of every stream, position streams first.
+    pub raw: Vec<Vec<u8>>,
+    /// How many of them are position streams.
+    pub position_streams: usize,
+    /// The base key (§8.6) of each value's base word, in positional order, for
+    /// sparse and dense chunks.
+    pub keys: Vec<u8>,
+    /// The chunk record's `changed_count`.
+    pub changed_count: usize,
+    /// The chunk record's `gap_width`.
+    pub gap_width: u8,
+    /// Values grouped by base key.
+    pub grouped: bool,
+}
+
+impl Planned {
+    /// The streams of the set (positions or values) that stream `q` belongs to, if
+    /// they are byte planes; `None` for a bitmap or the words layout.
+    fn plane_set(&self, q: usize) -> Option<std::ops::Range<usize>> {
+        if q < self.position_streams {
+            (self.force.coding == PositionCoding::Gaps).then_some(0..self.position_streams)
+        } else {
+            (self.force.layout != ValueLayout::Words).then_some(self.position_streams..self.raw.len())
+        }
+    }
+
+    /// Whether context 1 is allowed in stream `q` (spec §8.7).
+    pub fn base_key_allowed(&self, q: usize) -> bool {
+        q >= self.position_streams
+            && self.force.layout != ValueLayout::Words
+            && matches!(self.force.encoding, Encoding::Sparse | Encoding::Dense)
+            && !self.grouped
+    }
+
+    /// The context that stream `q` is coded with for `ctx`: the plane above only
+    /// where there is one, else none.
+    pub fn effective(&self, q: usize, ctx: Ctx) -> Ctx {
+        match ctx {
+            Ctx::HigherPlane if self.plane_set(q).is_some_and(|set| q + 1 < set.end) => Ctx::HigherPlane,
+            Ctx::HigherPlane => Ctx::None,
+            other => other,
+        }
+    }
+
+    /// The context byte of each symbol of stream `q` under `ctx` (zeros for none).
+    pub fn contexts(&self, q: usize, ctx: Ctx) -> Vec<u8> {
+        match self.effective(q, ctx) {
+            Ctx::None => vec![0; self.raw[q].len()],
+            Ctx::HigherPlane => self.raw[q + 1].clone(),
+            Ctx::BaseKey => {
+                assert!(self.base_key_allowed(q), "context 1 is not allowed in stream {q}");
+                assert_eq!(self.keys.len(), self.raw[q].len(), "one key per value");
+                self.keys.clone()
+            }
+        }
+    }
+
+    /// Stream `q` as lane rANS under `ctx`; checked by decoding it back.
+    pub fn rans(&self, q: usize, ctx: Ctx) -> rans::Stream {
+        let contexts = self.contexts(q, ctx);
+        let stream = rans::Stream::encode(&self.raw[q], self.effective(q, ctx), &contexts, self.force.params);
+        assert_eq!(stream.decode(self.raw[q].len(), &contexts).as_deref(), Ok(&self.raw[q][..]), "rANS round trip");
+        stream
+    }
+
+    /// How stream `q` is stored.
+    pub fn store_of(&self, q: usize) -> Store {
+        self.force.overrides[q].unwrap_or(match (self.force.rans, self.force.codec) {
+            (Some((positions, _)), _) if q < self.position_streams => Store::Rans(positions),
+            (Some((_, values)), _) => Store::Rans(values),
+            (None, Codec::Zstd) => Store::Zstd,
+            (None, _) => Store::Stored,
+        })
+    }
+}
+
+/// Plans one chunk exactly as `force` says. `base` holds the base bytes at the
 /// chunk's place, possibly shorter than the chunk; `None` for a tensor without base.
-pub fn forced_chunk(target: &[u8], base: Option<&[u8]>, word_bytes: usize, force: Force) -> EncodedChunk {
+pub fn plan_chunk(target: &[u8], base: Option<&[u8]>, word_bytes: usize, force: Force) -> Planned {
     let t = words::load(target, word_bytes);
     let n = t.len();
     let mut b = words::load(base.unwrap_or_default(), word_bytes);
@@ -174,13 +335,20 @@ pub fn forced_chunk(target: &[u8], base: Option<&[u8]>, word_bytes: usize, force
             (n, t.clone())
         }
     };
+    let position_streams = raw_streams.len();
     let grouped = force.grouped && matches!(force.encoding, Encoding::Sparse | Encoding::Dense);
+    let word_of =
+        |l: usize| if force.encoding == Encoding::Sparse { usize::try_from(changed[l]).expect("small") } else { l };
+    let keys: Vec<u8> = match force.encoding {
+        Encoding::Sparse | Encoding::Dense => {
+            (0..values.len()).map(|l| words::base_key(b[word_of(l)], word_bytes)).collect()
+        }
+        _ => Vec::new(),
+    };
     let values = if grouped {
         // A stable sort of the positional list by the base key of each value's word.
-        let word_of =
-            |l: usize| if force.encoding == Encoding::Sparse { usize::try_from(changed[l]).expect("small") } else { l };
         let mut order: Vec<usize> = (0..values.len()).collect();
-        order.sort_by_key(|&l| words::base_key(b[word_of(l)], word_bytes));
+        order.sort_by_key(|&l| keys[l]);
         order.iter().map(|&l| values[l]).collect()
     } else {
         values
@@ -188,10 +356,21 @@ pub fn forced_chunk(target: &[u8], base: Option<&[u8]>, word_bytes: usize, force
     if force.encoding != Encoding::Unchanged {
         raw_streams.extend(words::split(&values, force.layout, word_bytes));
     }
+    Planned { force, raw: raw_streams, position_streams, keys, changed_count, gap_width, grouped }
+}
+
+/// Builds one chunk exactly as `force` says. `base` holds the base bytes at the
+/// chunk's place, possibly shorter than the chunk; `None` for a tensor without base.
+pub fn forced_chunk(target: &[u8], base: Option<&[u8]>, word_bytes: usize, force: Force) -> EncodedChunk {
+    let planned = plan_chunk(target, base, word_bytes, force);
     let mut streams = Vec::new();
     let mut data = Vec::new();
-    for raw in &raw_streams {
-        let (record, stored) = store(raw, force.codec);
+    for (q, raw) in planned.raw.iter().enumerate() {
+        let (record, stored) = match planned.store_of(q) {
+            Store::Stored => store(raw, Codec::Stored, raw.clone()),
+            Store::Zstd => store(raw, Codec::Zstd, crate::zframe::compress(raw)),
+            Store::Rans(ctx) => store(raw, Codec::Rans, planned.rans(q, ctx).to_bytes()),
+        };
         streams.push(record);
         data.extend_from_slice(&stored);
     }
@@ -199,15 +378,15 @@ pub fn forced_chunk(target: &[u8], base: Option<&[u8]>, word_bytes: usize, force
     let record = ChunkRecord {
         data_offset: 0,
         stored_len: u32::try_from(data.len()).expect("small"),
-        changed_count: u32::try_from(changed_count).expect("small"),
+        changed_count: u32::try_from(planned.changed_count).expect("small"),
         first_stream: 0,
         encoding: force.encoding,
         value_op: if unchanged { ValueOp::Xor } else { force.op },
         value_layout: if unchanged { ValueLayout::Words } else { force.layout },
         position_coding: if force.encoding == Encoding::Sparse { force.coding } else { PositionCoding::None },
-        gap_width,
+        gap_width: planned.gap_width,
         stream_count: u8::try_from(streams.len()).expect("small"),
-        value_order: if grouped { ValueOrder::GroupedByBase } else { ValueOrder::Positional },
+        value_order: if planned.grouped { ValueOrder::GroupedByBase } else { ValueOrder::Positional },
         checksum: xxh3_64(&data),
         digest: xxh3_128(target).to_be_bytes(),
     };
@@ -233,14 +412,10 @@ pub fn write_delta(path: &Path, entries: &[Entry], metadata: Option<&BTreeMap<St
         let chunk_bytes = usize::try_from(entry.chunk_words).expect("small") * wb;
         let first_chunk = writer.chunk_count();
         let leading_sign = matches!(t.dtype, "F16" | "BF16" | "F32" | "F64" | "C64");
-        for (k, start) in (0..t.bytes.len()).step_by(chunk_bytes).enumerate() {
-            let end = (start + chunk_bytes).min(t.bytes.len());
-            let base = entry.base.as_ref().map(|b| &b.bytes[start.min(b.bytes.len())..end.min(b.bytes.len())]);
-            let plan = entry.plans.get(k).or(entry.plans.last()).copied().unwrap_or(Plan::Auto);
+        for (target, base, plan) in entry.chunks() {
             let chunk = match plan {
-                Plan::Auto => encode_chunk(&t.bytes[start..end], base, wb, leading_sign, EncodeSettings::default())
-                    .expect("encodes"),
-                Plan::Forced(force) => forced_chunk(&t.bytes[start..end], base, wb, force),
+                Plan::Auto => encode_chunk(target, base, wb, leading_sign, settings_1_0()).expect("encodes"),
+                Plan::Forced(force) => forced_chunk(target, base, wb, force),
             };
             writer.push_chunk(chunk).expect("write a chunk");
         }

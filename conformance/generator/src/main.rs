@@ -18,10 +18,13 @@
 mod forge;
 mod forward;
 mod invalid;
+mod invalid_rans;
 mod model;
+mod rans;
 mod safet;
 mod suite;
 mod valid;
+mod valid_rans;
 mod words;
 mod zframe;
 
@@ -42,6 +45,9 @@ fn main() -> ExitCode {
     valid::generate(&mut suite);
     invalid::generate(&mut suite);
     forward::generate(&mut suite);
+    // Format 1.1 (lane rANS), after every case of 1.0 so that those keep their place.
+    valid_rans::generate(&mut suite);
+    invalid_rans::generate(&mut suite);
     let counts = suite.finish();
     eprintln!(
         "wrote {} valid, {} invalid, {} forward-compat cases ({} regression entries kept) to {}",

@@ -10,7 +10,7 @@ use tpde::container::chunk_map::{Encoding, ValueLayout, ValueOp};
 use tpde::pipeline::{self, encode::EncodeOptions, NoProgress};
 use tpde::Checkpoint;
 
-use crate::forge::{self, Entry, Force, WRITER};
+use crate::forge::{self, settings_1_0, Entry, Force, WRITER};
 use crate::model::Model;
 use crate::safet::{self, Tensor};
 use crate::suite::Suite;
@@ -107,8 +107,9 @@ fn normalise_writer(path: &Path) {
     std::fs::write(path, model.to_bytes()).expect("write");
 }
 
-/// A case encoded by the library's own encoder from `base` and `target`. The case
-/// ships `case_base` (default: `base`), which must hold the same tensors.
+/// A case encoded by the library's own encoder from `base` and `target`, as format
+/// 1.0 (no lane rANS). The case ships `case_base` (default: `base`), which must hold
+/// the same tensors.
 #[allow(clippy::too_many_arguments)]
 fn natural(
     suite: &mut Suite,
@@ -118,6 +119,23 @@ fn natural(
     case_base: Option<&Ck>,
     target: &Ck,
     chunk_words: u64,
+) {
+    let options = EncodeOptions { chunk_words, settings: settings_1_0() };
+    let provenance = format!("generator valid::{}", name.replace('-', "_"));
+    natural_with(suite, name, spec, base, case_base, target, options, &provenance);
+}
+
+/// A case encoded by the library's own encoder with `options`.
+#[allow(clippy::too_many_arguments)]
+pub fn natural_with(
+    suite: &mut Suite,
+    name: &str,
+    spec: &str,
+    base: Option<&Ck>,
+    case_base: Option<&Ck>,
+    target: &Ck,
+    options: EncodeOptions,
+    provenance: &str,
 ) {
     let dir = format!("valid/{name}");
     let base_path = base.map(|b| {
@@ -135,7 +153,6 @@ fn natural(
     let target_ck = Checkpoint::open(&target_path).expect("target opens");
     let delta = format!("{dir}/delta.tpde");
     std::fs::create_dir_all(suite.path(&dir)).expect("mkdir");
-    let options = EncodeOptions { chunk_words, ..EncodeOptions::default() };
     pipeline::encode::encode(base_ck.as_ref(), &target_ck, &suite.path(&delta), options, &NoProgress).expect("encodes");
     normalise_writer(&suite.path(&delta));
     let shipped = case_base.or(base).map(|b| {
@@ -145,19 +162,23 @@ fn natural(
     });
     let expected = format!("{dir}/expected.json");
     suite.write_expected(&expected, &delta, &target.tensors());
-    suite.accept(
-        name,
-        &delta,
-        shipped.as_deref(),
-        &expected,
-        &target_path,
-        spec,
-        &format!("generator valid::{}", name.replace('-', "_")),
-    );
+    suite.accept(name, &delta, shipped.as_deref(), &expected, &target_path, spec, provenance);
 }
 
 /// A case whose chunks are built as `entries` say; the base file holds `base`.
-fn forged(suite: &mut Suite, name: &str, spec: &str, entries: &[Entry], base: &[Tensor]) -> PathBuf {
+pub fn forged(suite: &mut Suite, name: &str, spec: &str, entries: &[Entry], base: &[Tensor]) -> PathBuf {
+    forged_as(suite, name, spec, entries, base, &format!("generator valid::{}", name.replace('-', "_")))
+}
+
+/// [`forged`] with its provenance.
+pub fn forged_as(
+    suite: &mut Suite,
+    name: &str,
+    spec: &str,
+    entries: &[Entry],
+    base: &[Tensor],
+    provenance: &str,
+) -> PathBuf {
     let dir = format!("valid/{name}");
     let delta = format!("{dir}/delta.tpde");
     std::fs::create_dir_all(suite.path(&dir)).expect("mkdir");
@@ -172,20 +193,12 @@ fn forged(suite: &mut Suite, name: &str, spec: &str, entries: &[Entry], base: &[
     let expected = format!("{dir}/expected.json");
     let targets: Vec<Tensor> = entries.iter().map(|e| e.target.clone()).collect();
     suite.write_expected(&expected, &delta, &targets);
-    suite.accept(
-        name,
-        &delta,
-        base_rel.as_deref(),
-        &expected,
-        &target_path,
-        spec,
-        &format!("generator valid::{}", name.replace('-', "_")),
-    );
+    suite.accept(name, &delta, base_rel.as_deref(), &expected, &target_path, spec, provenance);
     target_path
 }
 
 /// Every forged entry's base tensors, for the base file.
-fn bases(entries: &[Entry]) -> Vec<Tensor> {
+pub fn bases(entries: &[Entry]) -> Vec<Tensor> {
     entries.iter().filter_map(|e| e.base.clone()).collect()
 }
 
@@ -743,7 +756,7 @@ fn chain_cases(suite: &mut Suite) {
         let base_ck = Checkpoint::open(&suite.path(&base_rel)).expect("the base opens");
         let target_ck = Checkpoint::open(&target_path).expect("the target opens");
         let delta = format!("{dir}/delta.tpde");
-        let options = EncodeOptions { chunk_words: 32, ..EncodeOptions::default() };
+        let options = EncodeOptions { chunk_words: 32, settings: settings_1_0() };
         pipeline::encode::encode(Some(&base_ck), &target_ck, &suite.path(&delta), options, &NoProgress)
             .expect("encodes");
         normalise_writer(&suite.path(&delta));

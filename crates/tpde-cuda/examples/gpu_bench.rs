@@ -70,6 +70,22 @@ fn time<F: FnMut() -> R<()>>(reps: usize, mut f: F) -> R<f64> {
     Ok(median(v))
 }
 
+/// As [`time`], with `reset` run untimed before every run: work done in place
+/// needs its base back, since a delta applies to its base only (lane rANS
+/// contexts read the base words).
+fn time_after<G: FnMut() -> R<()>, F: FnMut() -> R<()>>(reps: usize, mut reset: G, mut f: F) -> R<f64> {
+    reset()?;
+    f()?; // warm-up
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        reset()?;
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(v))
+}
+
 struct Table(Vec<String>);
 impl Table {
     fn row(&mut self, what: &str, secs: f64, bytes: usize, note: &str) {
@@ -156,24 +172,29 @@ fn main() -> R<()> {
             let pinned = PinnedDelta::open(&gpu, &path)?;
             let refs = pinned.tensor_refs(true)?;
             let tr = &refs[0];
-            let zstd_share = tr
-                .chunks
-                .iter()
-                .flat_map(|c| c.streams)
-                .filter(|s| s.codec == tpde::container::chunk_map::Codec::Zstd)
-                .map(|s| s.decoded_len as usize)
-                .sum::<usize>() as f64
-                / tr.chunks.iter().flat_map(|c| c.streams).map(|s| s.decoded_len as usize).sum::<usize>().max(1) as f64;
+            let share = |codec| {
+                tr.chunks
+                    .iter()
+                    .flat_map(|c| c.streams)
+                    .filter(|s| s.codec == codec)
+                    .map(|s| s.decoded_len as usize)
+                    .sum::<usize>() as f64
+                    / tr.chunks.iter().flat_map(|c| c.streams).map(|s| s.decoded_len as usize).sum::<usize>().max(1)
+                        as f64
+            };
+            let zstd_share = share(tpde::container::chunk_map::Codec::Zstd);
+            let rans_share = share(tpde::container::chunk_map::Codec::Rans);
             let grouped = tr
                 .chunks
                 .iter()
                 .filter(|c| c.record.value_order == tpde::container::chunk_map::ValueOrder::GroupedByBase)
                 .count();
             let what = format!(
-                "chunk {}Ki words, min_zstd_gain {gain}: delta {:.2} MB, {:.0}% of stream bytes zstd, {grouped}/{} chunks grouped",
+                "chunk {}Ki words, min_zstd_gain {gain}: delta {:.2} MB, {:.0}% of stream bytes zstd, {:.0}% lane rANS, {grouped}/{} chunks grouped",
                 cw >> 10,
                 pinned.file().file_len() as f64 / 1e6,
                 100.0 * zstd_share,
+                100.0 * rans_share,
                 tr.chunks.len()
             );
             println!("\n{what}");
@@ -190,8 +211,15 @@ fn main() -> R<()> {
                     format!("{what}; {slots} slots of {} KiB; ratio to dense upload {:.3}", slot >> 10, t / dense_up)
                 };
                 table.row("layer: materialize_into (pinned host delta → new buffer)", m_into, lb, &note(m_into));
-                let mut buf = gpu.upload(&base)?;
-                let m_in = time(20, || Ok(l.materialize_in_place(tr, &mut buf)?))?;
+                let buf = std::cell::RefCell::new(gpu.upload(&base)?);
+                let m_in = time_after(
+                    20,
+                    || {
+                        gpu.stream().memcpy_dtod(&dbase, &mut *buf.borrow_mut())?;
+                        Ok(gpu.stream().synchronize()?)
+                    },
+                    || Ok(l.materialize_in_place(tr, &mut buf.borrow_mut())?),
+                )?;
                 table.row("layer: materialize_in_place (pinned host delta, resident base copy)", m_in, lb, &note(m_in));
                 for (t, how) in [(m_into, "materialize_into"), (m_in, "materialize_in_place")] {
                     if t < best.0 {
@@ -334,8 +362,16 @@ fn main() -> R<()> {
             &format!("delta {:.1} MB; ratio to pinned upload rate {:.2}", stored75 as f64 / 1e6, up / t75),
         );
     }
-    let mut bufs: Vec<_> = bases.iter().map(|b| gpu.upload(b)).collect::<Result<_, _>>()?;
-    let ti = time(3, || Ok(l.apply_in_place(&refs, &mut bufs)?))?;
+    let bufs: Vec<_> = bases.iter().map(|b| gpu.upload(b)).collect::<Result<_, _>>()?;
+    let restore = |bufs: &mut Vec<_>| -> R<()> {
+        for (buf, base) in bufs.iter_mut().zip(&dbases) {
+            gpu.stream().memcpy_dtod(base, buf)?;
+        }
+        Ok(gpu.stream().synchronize()?)
+    };
+    let bufs = std::cell::RefCell::new(bufs);
+    let ti =
+        time_after(3, || restore(&mut bufs.borrow_mut()), || Ok(l.apply_in_place(&refs, &mut bufs.borrow_mut())?))?;
     table.row(
         "whole: apply_in_place (pinned host delta, resident base copy)",
         ti,
@@ -377,7 +413,11 @@ fn main() -> R<()> {
         total,
         &format!("{:.0}% of DtoD; decoding excluded", 100.0 * dtod / ta),
     );
-    let tai = time(5, || Ok(l.apply_staged_in_place(&staged, &mut bufs)?))?;
+    let tai = time_after(
+        5,
+        || restore(&mut bufs.borrow_mut()),
+        || Ok(l.apply_staged_in_place(&staged, &mut bufs.borrow_mut())?),
+    )?;
     table.row(
         "resident: apply, sparse 5%, in place",
         tai,

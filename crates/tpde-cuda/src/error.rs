@@ -21,14 +21,40 @@ pub mod flag {
     /// A descriptor holds a kind, op, layout or order the kernels do not
     /// implement (a bug of this crate: records are checked before).
     pub const BAD_DESCRIPTOR: u32 = 16;
+    /// A lane rANS stream's header, tables, context or tile lengths break
+    /// spec §8.7 (`ERR_RANS_HEADER` of `kernels/tpde_rans.cu`).
+    pub const RANS_HEADER: u32 = 32;
+    /// A lane rANS tile has a state below 2^16, runs out of words, leaves
+    /// words over or ends in a state other than 2^16 (§8.7).
+    pub const RANS_DECODE: u32 = 64;
+
+    /// `u32` words of the device flag: the bits, then the lowest job (chunk)
+    /// index that showed a [`RANS_HEADER`] fault and the lowest that showed a
+    /// [`RANS_DECODE`] fault (`u32::MAX` for none), and a reserved word.
+    pub const WORDS: usize = 4;
+    /// Index of the job word of a lane rANS fault bit in the flag words.
+    #[must_use]
+    pub fn job_word(bit: u32) -> Option<usize> {
+        match bit {
+            RANS_HEADER => Some(1),
+            RANS_DECODE => Some(2),
+            _ => None,
+        }
+    }
 
     /// The format library's code for the flag bits that a malformed delta
-    /// raises, in the order the library checks them (§8.3 positions before
-    /// §8.1 the changed count). `None` when no such bit is set.
+    /// raises, in the order the library checks them: the streams first
+    /// (§11.2 D3; a stream that failed to decode leaves bytes that the later
+    /// checks would misread), then §8.3 positions before §8.1 the changed
+    /// count. `None` when no such bit is set.
     #[must_use]
     pub fn format_code(bits: u32) -> Option<tpde::ErrorCode> {
         use tpde::ErrorCode;
-        if bits & ZERO_GAP != 0 {
+        if bits & RANS_HEADER != 0 {
+            Some(ErrorCode::RansHeader)
+        } else if bits & RANS_DECODE != 0 {
+            Some(ErrorCode::RansDecode)
+        } else if bits & ZERO_GAP != 0 {
             Some(ErrorCode::PositionsNotIncreasing)
         } else if bits & (POSITION_RANGE | BITMAP_PADDING) != 0 {
             Some(ErrorCode::PositionsOutOfBounds)
@@ -146,6 +172,8 @@ impl fmt::Display for GpuError {
                     (flag::BITMAP_PADDING, " bitmap padding bit set"),
                     (flag::COUNT_MISMATCH, " value count mismatch"),
                     (flag::BAD_DESCRIPTOR, " unknown descriptor code"),
+                    (flag::RANS_HEADER, " lane rANS header"),
+                    (flag::RANS_DECODE, " lane rANS decode"),
                 ] {
                     if bits & bit != 0 {
                         f.write_str(name)?;

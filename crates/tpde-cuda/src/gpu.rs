@@ -14,12 +14,14 @@ use cudarc::driver::{
 
 use tpde::container::chunk_map::{ChunkRecord, ValueLayout};
 
+use crate::error::flag;
 use crate::error::{GpuError, Result};
 use crate::kernels::{
-    ChunkDesc, KernelId, Kernels, KEYS, LEAF_DESC_BYTES, LEAF_FOLD_THREADS, LEAF_TERM_BYTES_PER_BLOCK,
-    LEAF_TERM_THREADS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, THREADS,
+    ChunkDesc, KernelId, Kernels, RansDesc, KEYS, LEAF_DESC_BYTES, LEAF_FOLD_THREADS, LEAF_TERM_BYTES_PER_BLOCK,
+    LEAF_TERM_THREADS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, RANS_MAX_TABLE_BYTES, RANS_THREADS, THREADS,
 };
 use crate::pipeline::ChunkRef;
+use crate::rans::{context, Header};
 use crate::width::WordWidth;
 
 /// Whether the CUDA driver library can be loaded on this machine. Checked
@@ -166,6 +168,13 @@ impl DevRange {
         Ok(Self { ptr: ptr + offset as u64, len })
     }
 
+    /// A range at any address, for tests of the host-side checks only
+    /// (nothing is launched with it).
+    #[cfg(test)]
+    pub(crate) const fn unchecked(ptr: u64, len: usize) -> Self {
+        Self { ptr, len }
+    }
+
     /// The whole buffer.
     pub fn all<T>(buf: &CudaSlice<T>, stream: &CudaStream) -> Result<Self> {
         Self::of(buf, stream, 0, buf.num_bytes())
@@ -225,15 +234,6 @@ const MAX_TILES: u64 = 1 << 30;
 impl Batch {
     pub fn new(width: WordWidth) -> Self {
         Self { width, descs: Vec::new(), tiles: 0, sparse: false, group_rows: 0, positional: false }
-    }
-
-    pub fn tiles(&self) -> u32 {
-        self.tiles
-    }
-
-    /// Rows of the group table (of [`KEYS`] `u32`) the batch needs.
-    pub fn group_rows(&self) -> u32 {
-        self.group_rows
     }
 
     /// Tiles a chunk adds to a batch.
@@ -456,6 +456,90 @@ impl Gpu {
         Ok(())
     }
 
+    /// Launches `rans_parse` on `stream` for every stream of a sealed
+    /// `batch`, whose table (already copied there on `stream`) is `table`;
+    /// `flag` holds the [`flag::WORDS`] flag words.
+    pub(crate) fn launch_rans_parse(
+        &self,
+        stream: &CudaStream,
+        batch: &RansBatch,
+        table: DevRange,
+        flag: DevRange,
+    ) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        Self::check_rans_args(batch, table, flag)?;
+        let nd = u32::try_from(batch.len()).map_err(|_| GpuError::invalid("too many lane rANS streams"))?;
+        let cfg =
+            cudarc::driver::LaunchConfig { grid_dim: (nd, 1, 1), block_dim: (RANS_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (t, f) = (table.ptr(), flag.ptr());
+        let k = self.kernels.get(KernelId::RansParse);
+        // SAFETY: `table` holds `nd` descriptors built by `RansBatch::push`
+        // from ranges of live buffers that the caller keeps alive until the
+        // stream is synchronized; one block per descriptor reads its stored
+        // bytes (bounded by `stored_len`) and writes its own scratch, whose
+        // size `push` checked against the header. `flag` holds the flag
+        // words. Signature `rans_parse(const RansDesc*, u32, u32*)`.
+        unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&f).launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Launches `rans_decode` on `stream` for one level of a sealed `batch`
+    /// (after its parse launch, on the same stream, and after every launch
+    /// that writes what the level's contexts read).
+    pub(crate) fn launch_rans_decode(
+        &self,
+        stream: &CudaStream,
+        batch: &RansBatch,
+        level: &RansLevel,
+        table: DevRange,
+        flag: DevRange,
+    ) -> Result<()> {
+        Self::check_rans_args(batch, table, flag)?;
+        if !batch.levels.contains(level) || level.blocks == 0 {
+            return Err(GpuError::invalid("not a level of this lane rANS batch"));
+        }
+        if level.shared > RANS_MAX_TABLE_BYTES {
+            return Err(GpuError::invalid("lane rANS tables larger than the decoder allows"));
+        }
+        let nd = u32::try_from(level.count).map_err(|_| GpuError::invalid("too many lane rANS streams"))?;
+        let sub = table.sub(level.first * RansDesc::BYTES, level.count * RansDesc::BYTES)?;
+        let shared = u32::try_from(level.shared).map_err(|_| GpuError::invalid("lane rANS tables too large"))?;
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (level.blocks, 1, 1),
+            block_dim: (RANS_THREADS, 1, 1),
+            shared_mem_bytes: shared,
+        };
+        let (t, f) = (sub.ptr(), flag.ptr());
+        let k = self.kernels.get(KernelId::RansDecode);
+        // SAFETY: as in `launch_rans_parse`; the level's descriptors number
+        // their blocks from 0 to `blocks` (`RansBatch::seal`), each block
+        // decodes tiles of its stream into the output range that `push`
+        // checked (`decoded_len` bytes), reading the stored bytes within
+        // the tile offsets that `rans_parse` checked and wrote to the
+        // scratch (the stream is skipped when they did not check out), and
+        // its context within the ranges `push` checked. The dynamic shared
+        // memory holds the level's largest tables (the function's limit was
+        // raised to RANS_MAX_TABLE_BYTES at load). Signature
+        // `rans_decode(const RansDesc*, u32, u32*)`.
+        unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&f).launch(cfg) }?;
+        Ok(())
+    }
+
+    fn check_rans_args(batch: &RansBatch, table: DevRange, flag: DevRange) -> Result<()> {
+        if batch.levels.is_empty() {
+            return Err(GpuError::invalid("lane rANS batch not sealed"));
+        }
+        if table.len() < batch.table_bytes() || table.ptr() % 8 != 0 {
+            return Err(GpuError::invalid("lane rANS table range too short or misaligned"));
+        }
+        if flag.len() < 4 * flag::WORDS || flag.ptr() % 4 != 0 {
+            return Err(GpuError::invalid("flag range too short or misaligned"));
+        }
+        Ok(())
+    }
+
     /// Launches the two leaf digest kernels on `stream` for the ranges of
     /// `batch`: `table` holds its descriptors ([`LeafBatch::write_table`]),
     /// `terms` its term table (pass 1 writes it, pass 2 reads it) and `out`
@@ -510,6 +594,183 @@ impl Gpu {
         // `leaf_fold(const LeafDesc*, u32, const u64*, u64*)`.
         unsafe { stream.launch_builder(k).arg(&t).arg(&n).arg(&w).arg(&o).launch(cfg) }?;
         Ok(())
+    }
+}
+
+/// What a lane rANS stream's context reads on the device (spec §8.7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RansContext {
+    /// Context 0.
+    None,
+    /// Context 2: the decoded plane above, at least as long as the stream.
+    HigherPlane(DevRange),
+    /// Context 1: the chunk's base words (as many as it has), and for a
+    /// sparse chunk its positions as `u32`, one per symbol.
+    BaseKey { base: DevRange, width: WordWidth, positions: Option<DevRange> },
+}
+
+/// A lane rANS stream to decode on the device: where its stored bytes,
+/// its output and its scratch lie, what its context reads, its checked
+/// fixed header bytes, the decoder launch it belongs to (its level) and the
+/// index of its chunk in the caller's jobs, which a fault reports.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RansStream {
+    pub stored: DevRange,
+    pub decoded: DevRange,
+    pub scratch: DevRange,
+    pub context: RansContext,
+    pub header: Header,
+    /// Contexts allowed in the stream ([`crate::rans::allowed_contexts`]).
+    pub allowed: u32,
+    pub level: u32,
+    pub job: u32,
+}
+
+/// The decoder launches of one level: descriptors `first..first + count`
+/// of the sorted table, `blocks` blocks, `shared` bytes of dynamic shared
+/// memory (the largest tables of the level).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RansLevel {
+    pub level: u32,
+    pub first: usize,
+    pub count: usize,
+    pub blocks: u32,
+    pub shared: usize,
+}
+
+/// Lane rANS streams with validated device addresses, ready to launch:
+/// one parse launch for all of them, then one decoder launch per level, in
+/// increasing level order.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RansBatch {
+    /// Descriptors and levels, in the order pushed until [`RansBatch::seal`].
+    descs: Vec<(u32, RansDesc)>,
+    /// Set by [`RansBatch::seal`].
+    levels: Vec<RansLevel>,
+}
+
+impl RansBatch {
+    pub fn len(&self) -> usize {
+        self.descs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.descs.is_empty()
+    }
+
+    /// Adds a stream, checking its ranges: the stored range exactly the
+    /// stored length, the output and context ranges long enough, scratch
+    /// as the header needs, alignment of words, positions and scratch, and
+    /// an output that overlaps nothing it reads.
+    pub fn push(&mut self, s: &RansStream, stored_len: u32, decoded_len: u32) -> Result<()> {
+        if !self.levels.is_empty() {
+            return Err(GpuError::invalid("lane rANS batch already sealed"));
+        }
+        let h = &s.header;
+        let n = decoded_len as usize;
+        if s.stored.len() != stored_len as usize || s.decoded.len() < n || n == 0 {
+            return Err(GpuError::invalid("lane rANS stream ranges do not match its record"));
+        }
+        if h.table_bytes() > RANS_MAX_TABLE_BYTES {
+            return Err(GpuError::invalid("lane rANS tables larger than the decoder allows"));
+        }
+        if s.scratch.len() < h.scratch_bytes(decoded_len) || s.scratch.ptr() % 16 != 0 {
+            return Err(GpuError::invalid("lane rANS scratch range too short or misaligned"));
+        }
+        let mut d = RansDesc {
+            stored: s.stored.ptr(),
+            decoded: s.decoded.ptr(),
+            scratch: s.scratch.ptr(),
+            stored_len,
+            decoded_len,
+            allowed: s.allowed,
+            prob_bits: h.prob_bits,
+            ctx_kind: h.context,
+            table_count: h.table_count,
+            tile_log2: h.tile_log2,
+            tiles: h.tiles(decoded_len),
+            tiles_per_block: h.tiles_per_block(),
+            job: s.job,
+            ..RansDesc::default()
+        };
+        let mut reads = vec![s.stored, s.scratch];
+        match (h.context, s.context) {
+            (context::NONE, RansContext::None) => {}
+            (context::HIGHER_PLANE, RansContext::HigherPlane(above)) => {
+                if above.len() < n {
+                    return Err(GpuError::invalid("the plane above is shorter than the stream"));
+                }
+                d.context = above.ptr();
+                reads.push(above);
+            }
+            (context::BASE_KEY, RansContext::BaseKey { base, width, positions }) => {
+                let wb = width.bytes();
+                if base.ptr() % wb as u64 != 0 {
+                    return Err(GpuError::invalid("base words must be word aligned"));
+                }
+                d.base_words = u32::try_from(base.len() / wb).map_err(|_| GpuError::invalid("chunk too large"))?;
+                d.word_bytes = width.bytes_u32();
+                d.context = base.ptr();
+                reads.push(base);
+                if let Some(p) = positions {
+                    if p.len() < 4 * n || p.ptr() % 4 != 0 {
+                        return Err(GpuError::invalid("positions range too short or misaligned"));
+                    }
+                    d.positions = p.ptr();
+                    reads.push(p);
+                }
+            }
+            _ => return Err(GpuError::invalid("the context source does not fit the stream's context")),
+        }
+        let out = s.decoded.sub(0, n)?;
+        if reads.iter().any(|r| r.overlaps(&out)) || s.scratch.sub(0, h.scratch_bytes(decoded_len))?.overlaps(&s.stored)
+        {
+            return Err(GpuError::invalid("a lane rANS output or scratch overlaps what the stream reads"));
+        }
+        self.descs.push((s.level, d));
+        Ok(())
+    }
+
+    /// Orders the descriptors by level (stably) and numbers each level's
+    /// decoder blocks; no stream can be added after.
+    pub fn seal(&mut self) -> Result<()> {
+        self.descs.sort_by_key(|(level, _)| *level);
+        let mut i = 0;
+        while i < self.descs.len() {
+            let level = self.descs[i].0;
+            let (mut blocks, mut shared) = (0u64, 0usize);
+            let first = i;
+            while i < self.descs.len() && self.descs[i].0 == level {
+                let d = &mut self.descs[i].1;
+                d.block_begin = u32::try_from(blocks).map_err(|_| GpuError::invalid("too many decoder blocks"))?;
+                blocks += u64::from(d.tiles.div_ceil(d.tiles_per_block));
+                shared = shared.max((d.table_count as usize) << d.prob_bits << 2);
+                i += 1;
+            }
+            let blocks = u32::try_from(blocks)
+                .ok()
+                .filter(|&b| b < 1 << 31)
+                .ok_or_else(|| GpuError::invalid("too many decoder blocks"))?;
+            self.levels.push(RansLevel { level, first, count: i - first, blocks, shared });
+        }
+        Ok(())
+    }
+
+    /// The decoder launches, in order (after [`RansBatch::seal`]).
+    pub fn levels(&self) -> &[RansLevel] {
+        &self.levels
+    }
+
+    /// Bytes of the descriptor table.
+    pub fn table_bytes(&self) -> usize {
+        self.descs.len() * RansDesc::BYTES
+    }
+
+    /// Writes the descriptor table, in sealed order.
+    pub fn write_table(&self, out: &mut [u8]) {
+        for ((_, d), dst) in self.descs.iter().zip(out.chunks_exact_mut(RansDesc::BYTES)) {
+            d.write_to(dst);
+        }
     }
 }
 
@@ -571,8 +832,8 @@ impl LeafBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::flag;
     use crate::kernels::kind;
+    use crate::rans::Header;
 
     /// Term rows are numbered across the ranges of a batch (short ranges
     /// and ranges of at most 1 KiB take none) and written after address
@@ -597,6 +858,88 @@ mod tests {
         assert_eq!(rows.iter().map(|r| r[2]).collect::<Vec<_>>(), [0, 0, 0, 0, 0, 1, 3, 3]);
         assert_eq!(rows.iter().map(|r| r[1]).collect::<Vec<_>>(), lens.map(|l| l as u64));
         assert_eq!((rows[0][0], rows[1][0], rows[7][3]), (4096, 4097, 0));
+    }
+
+    fn rans_stream(at: u64, n: u32, header: Header, context: RansContext, level: u32, job: u32) -> RansStream {
+        RansStream {
+            stored: DevRange { ptr: at, len: 1000 },
+            decoded: DevRange { ptr: at + 0x1_0000, len: n as usize },
+            scratch: DevRange { ptr: at + 0x10_0000, len: header.scratch_bytes(n) },
+            context,
+            header,
+            allowed: 0b111,
+            level,
+            job,
+        }
+    }
+
+    /// A lane rANS batch checks each stream's ranges against its record and
+    /// header, then orders the streams by level (stably) and numbers each
+    /// level's decoder blocks from 0, with the shared memory of its largest
+    /// tables.
+    #[test]
+    fn lane_rans_batches_check_their_ranges_and_order_their_levels() {
+        let none = Header { prob_bits: 6, context: 0, table_count: 1, tile_log2: 12 };
+        let above = Header { prob_bits: 11, context: 2, table_count: 8, tile_log2: 8 };
+        let key = Header { prob_bits: 9, context: 1, table_count: 3, tile_log2: 16 };
+        let plane = RansContext::HigherPlane(DevRange { ptr: 0x90_0000, len: 50_000 });
+        let keyed = RansContext::BaseKey {
+            base: DevRange { ptr: 0xA0_0000, len: 4 * 50_000 },
+            width: WordWidth::W4,
+            positions: Some(DevRange { ptr: 0xB0_0000, len: 4 * 50_000 }),
+        };
+        let mut b = RansBatch::default();
+        let streams = [
+            rans_stream(0x100_0000, 50_000, above, plane, 2, 0),
+            rans_stream(0x200_0000, 9_000, none, RansContext::None, 0, 1),
+            rans_stream(0x300_0000, 50_000, key, keyed, 1, 2),
+            rans_stream(0x400_0000, 70_000, none, RansContext::None, 0, 3),
+        ];
+        for s in &streams {
+            b.push(s, 1000, u32::try_from(s.decoded.len()).unwrap()).unwrap();
+        }
+        b.seal().unwrap();
+        // level 0: 9 000 symbols in tiles of 4096 (3 tiles, 8 a block), then
+        // 70 000 (18 tiles, 3 blocks); level 1: one tile of 65 536;
+        // level 2: 196 tiles of 256, 128 a block
+        let levels: Vec<_> = b.levels().iter().map(|l| (l.level, l.first, l.count, l.blocks, l.shared)).collect();
+        assert_eq!(levels, [(0, 0, 2, 4, 256), (1, 2, 1, 1, 3 << 11), (2, 3, 1, 2, 64 << 10)]);
+        let mut table = vec![0u8; b.table_bytes()];
+        b.write_table(&mut table);
+        let field = |d: usize, name: &str| {
+            let at = d * RansDesc::BYTES + RansDesc::FIELDS.iter().find(|(f, _)| *f == name).unwrap().1;
+            u32::from_le_bytes(table[at..at + 4].try_into().unwrap())
+        };
+        assert_eq!((0..4).map(|d| field(d, "job")).collect::<Vec<_>>(), [1, 3, 2, 0]);
+        assert_eq!((0..4).map(|d| field(d, "block_begin")).collect::<Vec<_>>(), [0, 1, 0, 0]);
+        assert_eq!((field(2, "base_words"), field(2, "word_bytes"), field(2, "ctx_kind")), (50_000, 4, 1));
+        assert!(b.push(&streams[1], 1000, 9_000).is_err(), "sealed");
+
+        let bad = |s: RansStream, stored_len: u32, n: u32| RansBatch::default().push(&s, stored_len, n).unwrap_err();
+        let ok = rans_stream(0x100_0000, 4096, none, RansContext::None, 0, 0);
+        assert!(RansBatch::default().push(&ok, 1000, 4096).is_ok());
+        assert!(matches!(bad(ok, 999, 4096), GpuError::InvalidArgument(_)), "stored length");
+        assert!(matches!(bad(ok, 1000, 4097), GpuError::InvalidArgument(_)), "output too short");
+        let short = RansStream { scratch: DevRange { len: ok.scratch.len() - 16, ..ok.scratch }, ..ok };
+        assert!(matches!(bad(short, 1000, 4096), GpuError::InvalidArgument(_)), "scratch");
+        let over = RansStream { decoded: DevRange { ptr: ok.stored.ptr() + 999, len: 4096 }, ..ok };
+        assert!(matches!(bad(over, 1000, 4096), GpuError::InvalidArgument(_)), "output over the stored bytes");
+        let wrong = RansStream { context: plane, ..ok };
+        assert!(matches!(bad(wrong, 1000, 4096), GpuError::InvalidArgument(_)), "context of another kind");
+        let misaligned = RansContext::BaseKey {
+            base: DevRange { ptr: 0xA0_0002, len: 4 * 4096 },
+            width: WordWidth::W4,
+            positions: None,
+        };
+        let s = rans_stream(0x100_0000, 4096, key, misaligned, 0, 0);
+        assert!(matches!(bad(s, 1000, 4096), GpuError::InvalidArgument(_)), "base words misaligned");
+        let few = RansContext::BaseKey {
+            base: DevRange { ptr: 0xA0_0000, len: 4 * 4096 },
+            width: WordWidth::W4,
+            positions: Some(DevRange { ptr: 0xB0_0000, len: 4 * 4095 }),
+        };
+        let s = rans_stream(0x100_0000, 4096, key, few, 0, 0);
+        assert!(matches!(bad(s, 1000, 4096), GpuError::InvalidArgument(_)), "positions too few");
     }
 
     /// The two-pass leaf kernels give XXH3-128 of every range, whatever

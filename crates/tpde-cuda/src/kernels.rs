@@ -16,6 +16,8 @@ use crate::width::WordWidth;
 pub const APPLY_SOURCE: &str = include_str!("../../../kernels/tpde_apply.cu");
 /// Source of the leaf digest kernel (XXH3-128, spec §10).
 pub const XXH3_SOURCE: &str = include_str!("../../../kernels/tpde_xxh3.cu");
+/// Source of the lane rANS kernels (codec 2, spec §8.7).
+pub const RANS_SOURCE: &str = include_str!("../../../kernels/tpde_rans.cu");
 
 /// Threads per block of every kernel (`THREADS` in the source).
 pub const THREADS: u32 = 256;
@@ -102,6 +104,11 @@ kernel_registry! {
     LeafTerms => Xxh3, "leaf_terms";
     /// Pass 2: folds each range's block terms, finishes and merges.
     LeafFold => Xxh3, "leaf_fold";
+    /// Lane rANS (spec §8.7): checks each stream's header and parses its
+    /// tables and tile lengths into its scratch, one block per stream.
+    RansParse => Rans, "rans_parse";
+    /// Lane rANS: decodes runs of tiles, one warp per tile, one state per lane.
+    RansDecode => Rans, "rans_decode";
 }
 
 // The table is indexed by discriminant; the macro keeps `ALL` in that order.
@@ -120,11 +127,13 @@ pub enum Source {
     Apply,
     /// `kernels/tpde_xxh3.cu`: leaf digests.
     Xxh3,
+    /// `kernels/tpde_rans.cu`: lane rANS decoding.
+    Rans,
 }
 
 impl Source {
     /// Every source file.
-    pub const ALL: [Source; 2] = [Source::Apply, Source::Xxh3];
+    pub const ALL: [Source; 3] = [Source::Apply, Source::Xxh3, Source::Rans];
 
     /// The CUDA source text.
     #[must_use]
@@ -132,6 +141,7 @@ impl Source {
         match self {
             Self::Apply => APPLY_SOURCE,
             Self::Xxh3 => XXH3_SOURCE,
+            Self::Rans => RANS_SOURCE,
         }
     }
 }
@@ -143,6 +153,7 @@ impl KernelId {
         match self {
             Self::LeafTerms => LEAF_TERM_THREADS,
             Self::LeafFold => LEAF_FOLD_THREADS,
+            Self::RansParse | Self::RansDecode => RANS_THREADS,
             _ => THREADS,
         }
     }
@@ -184,7 +195,7 @@ impl KernelId {
 /// PTX of a source, compiled at most once per process.
 fn ptx(source: Source) -> Result<Ptx> {
     type Compiled = OnceLock<std::result::Result<String, String>>;
-    static PTX: [Compiled; Source::ALL.len()] = [OnceLock::new(), OnceLock::new()];
+    static PTX: [Compiled; Source::ALL.len()] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
     let src = PTX[source as usize].get_or_init(|| {
         // SAFETY: only probes whether the NVRTC shared library can be opened.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
@@ -219,6 +230,13 @@ impl Kernels {
             .iter()
             .map(|id| modules[id.source() as usize].load_function(id.symbol()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        // The decoder's tables take up to 64 KiB of dynamic shared memory,
+        // above the default limit of 48 KiB.
+        let table_bytes = i32::try_from(RANS_MAX_TABLE_BYTES).unwrap_or(i32::MAX);
+        functions[KernelId::RansDecode as usize].set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            table_bytes,
+        )?;
         Ok(Self { _modules: modules, functions })
     }
 
@@ -379,6 +397,103 @@ pub(crate) const LEAF_FOLD_THREADS: u32 = 64;
 /// Bytes of the term table per whole 1 KiB block: 8 `u64` lanes.
 pub(crate) const LEAF_TERM_BYTES_PER_BLOCK: usize = 64;
 
+/// Threads per block of the lane rANS kernels (`RANS_THREADS` in
+/// `kernels/tpde_rans.cu`): eight warps, one tile each at a time.
+pub const RANS_THREADS: u32 = 256;
+/// Largest `prob_bits` (`RANS_MAX_PROB_BITS` in the source, spec §8.7).
+pub(crate) const RANS_MAX_PROB_BITS: u32 = 11;
+/// Most tables of a stream (`RANS_MAX_TABLES` in the source).
+pub(crate) const RANS_MAX_TABLES: u32 = 8;
+/// Dynamic shared memory of the largest decoder tables: eight tables of
+/// 2^11 slots of one `u32` entry.
+pub(crate) const RANS_MAX_TABLE_BYTES: usize = (RANS_MAX_TABLES as usize) << RANS_MAX_PROB_BITS << 2;
+/// `u32` words of a stream's scratch header (`RANS_SCRATCH_HEAD`).
+pub(crate) const RANS_SCRATCH_HEAD: usize = 16;
+/// Entries per table in the scratch (`RANS_TABLE_STRIDE`): one per symbol.
+pub(crate) const RANS_TABLE_STRIDE: usize = 256;
+
+/// One lane rANS stream as the kernels of `kernels/tpde_rans.cu` read it:
+/// `struct RansDesc` of the source, 96 bytes, pinned there by
+/// `static_assert`s that a test compares with [`RansDesc::FIELDS`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RansDesc {
+    pub stored: u64,
+    pub decoded: u64,
+    pub context: u64,
+    pub positions: u64,
+    pub scratch: u64,
+    pub stored_len: u32,
+    pub decoded_len: u32,
+    pub base_words: u32,
+    pub word_bytes: u32,
+    pub allowed: u32,
+    pub prob_bits: u32,
+    pub ctx_kind: u32,
+    pub table_count: u32,
+    pub tile_log2: u32,
+    pub tiles: u32,
+    pub block_begin: u32,
+    pub tiles_per_block: u32,
+    pub job: u32,
+}
+
+impl RansDesc {
+    pub const BYTES: usize = 96;
+
+    /// Byte offset of each field of the source's `struct RansDesc`, as
+    /// [`RansDesc::write_to`] writes it; `reserved` is written as 0.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub const FIELDS: [(&'static str, usize); 19] = [
+        ("stored", 0),
+        ("decoded", 8),
+        ("context", 16),
+        ("positions", 24),
+        ("scratch", 32),
+        ("stored_len", 40),
+        ("decoded_len", 44),
+        ("base_words", 48),
+        ("word_bytes", 52),
+        ("allowed", 56),
+        ("prob_bits", 60),
+        ("ctx_kind", 64),
+        ("table_count", 68),
+        ("tile_log2", 72),
+        ("tiles", 76),
+        ("block_begin", 80),
+        ("tiles_per_block", 84),
+        ("job", 88),
+        ("reserved", 92),
+    ];
+
+    /// Writes the descriptor into `out` ([`RansDesc::BYTES`] bytes) at the
+    /// offsets of [`RansDesc::FIELDS`].
+    pub fn write_to(&self, out: &mut [u8]) {
+        let fields64 = [self.stored, self.decoded, self.context, self.positions, self.scratch];
+        for (dst, f) in out.chunks_exact_mut(8).zip(fields64) {
+            dst.copy_from_slice(&f.to_le_bytes());
+        }
+        let fields32 = [
+            self.stored_len,
+            self.decoded_len,
+            self.base_words,
+            self.word_bytes,
+            self.allowed,
+            self.prob_bits,
+            self.ctx_kind,
+            self.table_count,
+            self.tile_log2,
+            self.tiles,
+            self.block_begin,
+            self.tiles_per_block,
+            self.job,
+            0,
+        ];
+        for (dst, f) in out[40..Self::BYTES].chunks_exact_mut(4).zip(fields32) {
+            dst.copy_from_slice(&f.to_le_bytes());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,5 +587,75 @@ mod tests {
         }
         let symbols: std::collections::HashSet<_> = KernelId::ALL.iter().map(|k| k.symbol()).collect();
         assert_eq!(symbols.len(), KernelId::ALL.len());
+    }
+
+    /// The `static_assert`s of `kernels/tpde_rans.cu` state the layout of
+    /// `RansDesc`; `RansDesc::write_to` writes the same offsets, and the
+    /// constants the host sizes scratch and launches with are the source's.
+    #[test]
+    fn rans_desc_layout_and_constants_match_the_kernel_source() {
+        let mut stated = Vec::new();
+        let mut size = None;
+        for line in RANS_SOURCE.lines() {
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("static_assert(OFFSET_OF(RansDesc, ") {
+                let (field, rest) = rest.split_once(')').unwrap();
+                let offset = rest.trim_start_matches(" == ").split(',').next().unwrap();
+                stated.push((field.to_string(), offset.parse::<usize>().unwrap()));
+            } else if let Some(rest) = line.strip_prefix("static_assert(sizeof(RansDesc) == ") {
+                size = Some(rest.split(',').next().unwrap().parse::<usize>().unwrap());
+            }
+        }
+        let ours: Vec<(String, usize)> = RansDesc::FIELDS.iter().map(|(f, o)| ((*f).to_string(), *o)).collect();
+        assert_eq!(stated, ours);
+        assert_eq!(size, Some(RansDesc::BYTES));
+        let define = |name: &str| {
+            RANS_SOURCE
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
+                .and_then(|r| r.split_whitespace().next())
+                .map(|n| n.trim_end_matches('u').parse::<usize>().unwrap())
+        };
+        assert_eq!(define("RANS_THREADS"), Some(RANS_THREADS as usize));
+        assert_eq!(define("RANS_MAX_PROB_BITS"), Some(RANS_MAX_PROB_BITS as usize));
+        assert_eq!(define("RANS_MAX_TABLES"), Some(RANS_MAX_TABLES as usize));
+        assert_eq!(define("RANS_SCRATCH_HEAD"), Some(RANS_SCRATCH_HEAD));
+        assert_eq!(define("RANS_TABLE_STRIDE"), Some(RANS_TABLE_STRIDE));
+        assert_eq!(define("ERR_RANS_HEADER"), Some(crate::error::flag::RANS_HEADER as usize));
+        assert_eq!(define("ERR_RANS_DECODE"), Some(crate::error::flag::RANS_DECODE as usize));
+        assert_eq!(define("ERR_BAD_DESCRIPTOR"), Some(crate::error::flag::BAD_DESCRIPTOR as usize));
+
+        let d = RansDesc {
+            stored: 1,
+            decoded: 2,
+            context: 3,
+            positions: 4,
+            scratch: 5,
+            stored_len: 6,
+            decoded_len: 7,
+            base_words: 8,
+            word_bytes: 9,
+            allowed: 10,
+            prob_bits: 11,
+            ctx_kind: 12,
+            table_count: 13,
+            tile_log2: 14,
+            tiles: 15,
+            block_begin: 16,
+            tiles_per_block: 17,
+            job: 18,
+        };
+        let mut bytes = vec![0xAA; RansDesc::BYTES];
+        d.write_to(&mut bytes);
+        let at = |name: &str| RansDesc::FIELDS.iter().find(|(f, _)| *f == name).unwrap().1;
+        for (k, name) in ["stored", "decoded", "context", "positions", "scratch"].iter().enumerate() {
+            let o = at(name);
+            assert_eq!(u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap()), k as u64 + 1, "{name}");
+        }
+        for ((name, _), value) in RansDesc::FIELDS[5..].iter().zip(6u32..) {
+            let o = at(name);
+            let expected = if *name == "reserved" { 0 } else { value };
+            assert_eq!(u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()), expected, "{name}");
+        }
     }
 }

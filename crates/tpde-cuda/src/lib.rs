@@ -3,8 +3,13 @@
 //! Only the delta crosses the bus. Chunks keep the format library's records
 //! ([`tpde::container::chunk_map`]); their shapes are checked by the
 //! library. Streams stored as they are go to the device by DMA straight from
-//! a page-locked copy of the delta; zstd streams are decoded by the CPU in
-//! parallel into page-locked staging slots. The GPU turns gap planes into
+//! a page-locked copy of the delta, and so do lane rANS streams (codec 2,
+//! spec §8.7), which the GPU decodes: one block per stream checks its header
+//! and parses its tables and tile lengths, then warps decode one tile each,
+//! one rANS state per lane, in launches ordered by what each stream's
+//! context reads (the plane above, or the base words at the chunk's
+//! positions). Only zstd streams are decoded by the CPU, in parallel, into
+//! page-locked staging slots. The GPU turns gap planes into
 //! positions with a prefix sum, joins byte planes into words and combines
 //! them with the base words (`spec/FORMAT.md` §8). Values listed grouped by
 //! base key (§8.6, which the writer uses for floats where it pays) are found by one
@@ -18,8 +23,11 @@
 //! library: deltas are validated by [`tpde::DeltaFile`] (in page-locked
 //! memory, the very bytes the GPU reads), the base by the library's
 //! [`tpde::pipeline::apply::resolve_base`] before anything is uploaded, zstd
-//! streams by its decoder, and stored checksums on the CPU. Position errors
-//! and changed counts are checked by the kernels, and every rebuilt chunk's
+//! streams by its decoder, and stored checksums on the CPU. Lane rANS
+//! streams are checked by the kernels with every rule of §8.7 (their faults
+//! name their chunk, and are confirmed by the library's decoder where it can
+//! decode the stream without the base); position errors and changed counts
+//! are checked by the kernels too, and every rebuilt chunk's
 //! XXH3-128 leaf digest (§10) is computed on the device and compared with its
 //! record unless [`LoaderConfig::verify_digests`] is turned off for trusted
 //! files. Format faults carry the library's stable codes
@@ -46,6 +54,7 @@ pub mod error;
 mod gpu;
 pub mod kernels;
 mod pipeline;
+mod rans;
 pub mod reference;
 pub mod width;
 

@@ -16,7 +16,9 @@ use tpde::ErrorCode;
 
 use crate::error::{flag, GpuError, Result};
 use crate::pipeline::{decode_stream, ChunkRef};
+use crate::rans::{allowed_contexts, context, is_rans, Header};
 use crate::width::WordWidth;
+use tpde::codec::rans::{decode_into, Contexts};
 
 /// `unzigzag(v) = (v >> 1) ^ -(v & 1)`, at the word width (§8.2).
 #[must_use]
@@ -94,17 +96,55 @@ pub fn grouped_slots(keys: &[u8]) -> Vec<usize> {
         .collect()
 }
 
-/// Every stream of a validated chunk, decoded.
+/// Every stream of a validated chunk, decoded; a lane rANS stream whose
+/// context is the base key needs the base ([`decode_streams_with_base`]).
 pub fn decode_streams(c: &ChunkRef<'_>) -> Result<Vec<Vec<u8>>> {
-    c.streams
-        .iter()
-        .zip(c.stored_streams())
-        .map(|(r, bytes)| {
-            let mut out = vec![0u8; r.decoded_len as usize];
-            decode_stream(r, bytes, &mut out)?;
-            Ok(out)
-        })
-        .collect()
+    decode_streams_with_base(c, None)
+}
+
+/// Every stream of a validated chunk of `base`'s word width, decoded in the
+/// order their contexts need (§11.2 D3): each set of planes from the most
+/// significant down, the positions before the values, lane rANS streams by
+/// the library's decoder with their contexts (the plane above, or the base
+/// key of each value's base word in `base`: the chunk's base words, zeros
+/// past a shorter base). What the device decoder must give.
+pub fn decode_streams_with_base(c: &ChunkRef<'_>, base: Option<(&[u8], WordWidth)>) -> Result<Vec<Vec<u8>>> {
+    let n = c.streams.len();
+    let np = c.position_stream_count();
+    let stored: Vec<&[u8]> = c.stored_streams().collect();
+    let mut out: Vec<Vec<u8>> = vec![Vec::new(); n];
+    let mut positions: Option<Vec<u32>> = None;
+    for set in [0..np, np..n] {
+        for q in set.rev() {
+            let (r, bytes) = (&c.streams[q], stored[q]);
+            let len = r.decoded_len as usize;
+            if !is_rans(r.codec) {
+                out[q] = vec![0u8; len];
+                decode_stream(r, bytes, &mut out[q])?;
+                continue;
+            }
+            // the contexts §8.7 allows here (the kernels check the same); in a
+            // validated chunk in byte planes, the value planes are the word's bytes
+            let width = base.map_or_else(|| WordWidth::from_bytes(n - np).unwrap_or(WordWidth::W1), |(_, w)| w);
+            let header = Header::read(bytes, allowed_contexts(c, q, width))?;
+            let sparse = c.record.encoding == Encoding::Sparse;
+            if header.context == context::BASE_KEY && sparse && positions.is_none() {
+                positions = Some(chunk_positions(c, &out)?);
+            }
+            let contexts = match (header.context, base) {
+                (context::NONE, _) => Contexts::None,
+                (context::HIGHER_PLANE, _) => Contexts::HigherPlane(&out[q + 1]),
+                (_, Some((words, _))) => {
+                    Contexts::BaseKeys { base: words, word_bytes: width.bytes(), positions: positions.as_deref() }
+                }
+                (_, None) => return Err(GpuError::invalid("a base-key context needs the base")),
+            };
+            let mut decoded = Vec::new();
+            decode_into(bytes, len, contexts, &mut decoded)?;
+            out[q] = decoded;
+        }
+    }
+    Ok(out)
 }
 
 /// The device flag bit that a kernel raises where the format library's
@@ -150,7 +190,7 @@ pub fn apply_chunk_in_place(c: &ChunkRef<'_>, width: WordWidth, buf: &mut [u8]) 
     if buf.len() != c.words as usize * w {
         return Err(GpuError::invalid("buffer must hold the chunk's words"));
     }
-    let decoded = decode_streams(c)?;
+    let decoded = decode_streams_with_base(c, Some((buf, width)))?;
     let np = c.position_stream_count();
     let vals: Vec<&[u8]> = decoded[np..].iter().map(Vec::as_slice).collect();
     let (op, layout) = (c.record.value_op, c.record.value_layout);

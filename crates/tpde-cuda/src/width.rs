@@ -44,6 +44,12 @@ impl WordWidth {
         }
     }
 
+    /// The width in bytes, as a `u32`.
+    #[must_use]
+    pub const fn bytes_u32(self) -> u32 {
+        self.bits() / 8
+    }
+
     /// The width in bits.
     #[must_use]
     pub const fn bits(self) -> u32 {

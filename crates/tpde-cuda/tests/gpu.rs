@@ -87,10 +87,11 @@ fn materialize_and_host_base_paths_are_bit_exact() {
     let g = gpu();
     let mut l = loader(256 << 10);
     let (base, target) = pair(WordWidth::W4, 1 << 20, 20, 5);
-    // What the writer chooses for float words at two settings, and a tensor whose
-    // values are grouped by base key whatever the writer would predict.
-    let written = [0.0, 0.5].map(|min_zstd_gain| {
-        let s = EncodeSettings { level: 3, min_zstd_gain };
+    // What the writer chooses for float words at two settings, with and without
+    // lane rANS (codec 2), and a tensor whose values are grouped by base key
+    // whatever the writer would predict.
+    let written = [(0.0, true), (0.5, true), (0.0, false), (0.5, false)].map(|(min_zstd_gain, rans)| {
+        let s = EncodeSettings { level: 3, min_zstd_gain, rans };
         EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, 1 << 16, true, s).unwrap()
     });
     let grouped = forced_tensor_in(
@@ -284,10 +285,10 @@ fn a_delta_file_written_by_the_format_library_loads_bit_exact() {
     );
     let base = tpde::Checkpoint::open(&dir.join("base.safetensors")).unwrap();
     let target = tpde::Checkpoint::open(&dir.join("target.safetensors")).unwrap();
-    for min_zstd_gain in [0.0, 0.5] {
+    for (min_zstd_gain, rans) in [(0.0, true), (0.5, true), (0.0, false)] {
         let opts = tpde::pipeline::encode::EncodeOptions {
             chunk_words: 32_768,
-            settings: EncodeSettings { level: 3, min_zstd_gain },
+            settings: EncodeSettings { level: 3, min_zstd_gain, rans },
         };
         let path = dir.join("d.tpde");
         tpde::pipeline::encode::encode(Some(&base), &target, &path, opts, &tpde::pipeline::NoProgress).unwrap();
@@ -359,10 +360,10 @@ fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary
     let base = tpde::Checkpoint::open(&dir.join("base.safetensors")).unwrap();
     let target = tpde::Checkpoint::open(&dir.join("target.safetensors")).unwrap();
     let mut l = loader(1 << 20);
-    for min_zstd_gain in [0.0, 0.25] {
+    for (min_zstd_gain, rans) in [(0.0, true), (0.25, true), (0.0, false)] {
         let opts = tpde::pipeline::encode::EncodeOptions {
             chunk_words: 10_000,
-            settings: EncodeSettings { level: 3, min_zstd_gain },
+            settings: EncodeSettings { level: 3, min_zstd_gain, rans },
         };
         let path = dir.join("d.tpde");
         tpde::pipeline::encode::encode(Some(&base), &target, &path, opts, &tpde::pipeline::NoProgress).unwrap();
@@ -518,5 +519,284 @@ fn a_changed_count_that_the_values_contradict_is_caught_on_the_device() {
         // The kernel's flag names no chunk; the error does.
         let GpuError::Format(e) = e else { panic!("a format error: {e}") };
         assert_eq!((e.tensor(), e.chunk()), (Some("t"), Some(0)), "grouped {grouped}");
+    }
+}
+
+/// The codecs of lane rANS tests: every context mix, and lane rANS next to
+/// zstd and stored streams in one chunk.
+const RANS_CODECS: [Codecs; 4] =
+    [Codecs::Rans(RansMix::None), Codecs::Rans(RansMix::Chained), Codecs::Rans(RansMix::BaseKeys), Codecs::Mixed];
+
+/// Lane rANS streams (codec 2, spec §8.7) decode on the GPU from their
+/// stored bytes: every encoding, word width, value op, layout and order,
+/// every context (none, the plane above, the base key, dense and sparse),
+/// through the ring and straight from page-locked memory, into new buffers
+/// and in place. The chunks are those the library's decoder rebuilds.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn lane_rans_streams_decode_on_the_gpu_for_every_encoding_and_width() {
+    let g = gpu();
+    let mut l = loader(1 << 20);
+    for w in WordWidth::ALL {
+        for (k, every) in [1usize, 7, 1500].into_iter().enumerate() {
+            let n = 50_003;
+            let (base, target) = pair(w, n, every, 61 + k as u64);
+            let dbase = g.upload(&base).unwrap();
+            for (choice, grouped) in CHOICES.into_iter().flat_map(|c| GROUPED.map(|g| (c, g))) {
+                for op in OPS {
+                    for layout in LAYOUTS {
+                        for codecs in RANS_CODECS {
+                            let t = forced_tensor_coded(&base, &target, w, 20_000, choice, op, layout, grouped, codecs);
+                            let ctx = format!(
+                                "{w:?} every={every} {choice:?} {op:?} {layout:?} grouped {grouped} {codecs:?}"
+                            );
+                            // the library rebuilds the same first chunk
+                            let cb = 20_000 * w.bytes();
+                            let got = library_decode(&t.chunks[0], &base[..cb], 20_000, w);
+                            assert!(got == target[..cb], "library {ctx}");
+                            let host = packed(&t);
+                            for (how, tr) in [("ring", t.as_ref()), ("host", hosted(&t, &host))] {
+                                let out = l.load(std::slice::from_ref(&tr), &[&dbase]).unwrap();
+                                assert!(g.download(&out[0]).unwrap() == target, "load {how} {ctx}");
+                                let mut buf = vec![g.upload(&base).unwrap()];
+                                l.apply_in_place(std::slice::from_ref(&tr), &mut buf).unwrap();
+                                assert!(g.download(&buf[0]).unwrap() == target, "in place {how} {ctx}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every other entry point with lane rANS streams: `materialize_into` (three
+/// times into the same buffer), `materialize_in_place`, `load_host_base`, and
+/// a delta staged on the device, whose base-key streams (and the planes
+/// under them) are decoded at each apply against the base it is given.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn lane_rans_streams_decode_in_every_entry_point() {
+    let g = gpu();
+    // A chunk of 2^16 eight-byte words, its stored streams and their scratch.
+    let mut l = loader(2 << 20);
+    for w in WordWidth::ALL {
+        let (base, target) = pair(w, 300_000, 9, 5);
+        for (choice, codecs) in [
+            (Choice::SparseGaps, Codecs::Rans(RansMix::BaseKeys)),
+            (Choice::SparseBitmap, Codecs::Rans(RansMix::Chained)),
+            (Choice::Dense, Codecs::Rans(RansMix::Chained)),
+            (Choice::Dense, Codecs::Mixed),
+            (Choice::Raw, Codecs::Rans(RansMix::Chained)),
+        ] {
+            let t = forced_tensor_coded(
+                &base,
+                &target,
+                w,
+                1 << 16,
+                choice,
+                ValueOp::Sub,
+                ValueLayout::RotatedBytePlanes,
+                false,
+                codecs,
+            );
+            let ctx = format!("{w:?} {choice:?} {codecs:?}");
+            let host = packed(&t);
+            for tr in [t.as_ref(), hosted(&t, &host)] {
+                let dbase = g.upload(&base).unwrap();
+                let mut out = g.alloc_zeros::<u8>(target.len()).unwrap();
+                for _ in 0..3 {
+                    l.materialize_into(&tr, &dbase, &mut out).unwrap();
+                    assert!(g.download(&out).unwrap() == target, "materialize_into {ctx}");
+                }
+                let mut buf = g.upload(&base).unwrap();
+                l.materialize_in_place(&tr, &mut buf).unwrap();
+                assert!(g.download(&buf).unwrap() == target, "materialize_in_place {ctx}");
+                let outs = l.load_host_base(std::slice::from_ref(&tr), &[&base]).unwrap();
+                assert!(g.download(&outs[0]).unwrap() == target, "load_host_base {ctx}");
+                assert!(g.download(&dbase).unwrap() == base, "the base is untouched {ctx}");
+                let staged = l.stage_on_device(std::slice::from_ref(&tr)).unwrap();
+                for _ in 0..2 {
+                    let mut outs = vec![g.alloc_zeros::<u8>(target.len()).unwrap()];
+                    l.apply_staged(&staged, &[&dbase], &mut outs).unwrap();
+                    assert!(g.download(&outs[0]).unwrap() == target, "apply_staged {ctx}");
+                }
+                let mut bufs = vec![g.upload(&base).unwrap()];
+                l.apply_staged_in_place(&staged, &mut bufs).unwrap();
+                assert!(g.download(&bufs[0]).unwrap() == target, "apply_staged_in_place {ctx}");
+            }
+        }
+    }
+}
+
+/// Gap planes in lane rANS (the low plane conditioned on the one above) are
+/// decoded on the GPU before the positions are rebuilt from them.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn positions_are_rebuilt_from_lane_rans_gap_planes() {
+    let mut l = loader(8 << 20);
+    // gaps of 300: two gap planes, the low one conditioned on the high one
+    let (base, target) = pair(WordWidth::W2, 3_000_000, 300, 8);
+    for choice in [Choice::SparseGaps, Choice::SparseBitmap] {
+        let c = forced_chunk_coded(
+            &base,
+            &target,
+            WordWidth::W2,
+            choice,
+            ValueOp::Xor,
+            ValueLayout::BytePlanes,
+            false,
+            Codecs::Rans(RansMix::Chained),
+        );
+        assert!(c.streams.iter().all(|s| s.codec == Codec::Rans));
+        if choice == Choice::SparseGaps {
+            assert_eq!(c.record.gap_width, 2);
+        }
+        let r = ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: 3_000_000 };
+        let expect: Vec<u32> = (0..3_000_000u32)
+            .filter(|&i| read_word(&base, WordWidth::W2, i as usize) != read_word(&target, WordWidth::W2, i as usize))
+            .collect();
+        assert!(l.positions(&r, WordWidth::W2).unwrap() == expect, "{choice:?}");
+    }
+}
+
+/// A corrupt lane rANS stream is the library's `E_RANS_HEADER` or
+/// `E_RANS_DECODE`, raised by the kernels and naming its tensor and chunk, on
+/// every entry point; nothing is written outside the output. The fixed
+/// header bytes are checked on the host, with the same code.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_corrupt_lane_rans_stream_is_a_device_fault_naming_its_chunk() {
+    let g = gpu();
+    let w = WordWidth::W4;
+    let (base, target) = pair(w, 60_000, 4, 12);
+    for (mix, choice) in
+        [(RansMix::None, Choice::Dense), (RansMix::BaseKeys, Choice::SparseGaps), (RansMix::Chained, Choice::Dense)]
+    {
+        let clean = forced_tensor_coded(
+            &base,
+            &target,
+            w,
+            20_000,
+            choice,
+            ValueOp::Xor,
+            ValueLayout::BytePlanes,
+            false,
+            Codecs::Rans(mix),
+        );
+        let bad_chunk = 1;
+        let c = &clean.chunks[bad_chunk];
+        let cb = 20_000 * w.bytes();
+        let chunk_base = &base[bad_chunk * cb..(bad_chunk + 1) * cb];
+        // the top value plane: its contexts are at hand (none or the base key)
+        let q = c.streams.len() - 1;
+        let start: usize = c.streams[..q].iter().map(|s| s.stored_len as usize).sum();
+        let len = c.streams[q].stored_len as usize;
+        let positions: Vec<u32> = (0..20_000u32)
+            .filter(|&i| read_word(chunk_base, w, i as usize) != read_word(&target[bad_chunk * cb..], w, i as usize))
+            .collect();
+        let library = |stored: &[u8]| {
+            let contexts = match tpde::codec::rans::context_kind(stored).unwrap() {
+                tpde::codec::rans::ContextKind::BaseKey => tpde::codec::rans::Contexts::BaseKeys {
+                    base: chunk_base,
+                    word_bytes: 4,
+                    positions: (choice == Choice::SparseGaps).then_some(positions.as_slice()),
+                },
+                _ => tpde::codec::rans::Contexts::None,
+            };
+            let mut out = Vec::new();
+            tpde::codec::rans::decode_into(stored, c.streams[q].decoded_len as usize, contexts, &mut out)
+                .map_err(|e| e.code())
+        };
+        assert!(library(&c.data[start..start + len]).is_ok());
+        // a table byte (header) and payload bytes (decode), as the library judges them
+        let mut faults = Vec::new();
+        for at in (4..len).rev().step_by(7) {
+            let mut data = c.data.clone();
+            data[start + at] ^= 0x10;
+            if let Err(code) = library(&data[start..start + len]) {
+                if !faults.iter().any(|(c, _)| *c == code) {
+                    faults.push((code, data));
+                }
+            }
+        }
+        let mut fixed = c.data.clone();
+        fixed[start] = 12; // prob_bits: refused on the host
+        faults.push((tpde::ErrorCode::RansHeader, fixed));
+        assert!(faults.iter().any(|(c, _)| *c == tpde::ErrorCode::RansDecode), "{mix:?}: a decode fault");
+        for (code, data) in faults {
+            let mut t = clean.clone();
+            t.chunks[bad_chunk].data = data;
+            let r = t.as_ref();
+            let is = |e: GpuError, how: &str| match e {
+                GpuError::Format(e) => {
+                    assert_eq!(
+                        (e.code(), e.tensor(), e.chunk()),
+                        (code, Some("t"), Some(bad_chunk as u64)),
+                        "{mix:?} {how}"
+                    );
+                }
+                e => panic!("{mix:?} {how}: {e}"),
+            };
+            let mut l = loader(1 << 20);
+            let db = g.upload(&base).unwrap();
+            let mut out = g.upload(&vec![0xAA; r.bytes() + 256]).unwrap();
+            is(l.materialize_into(&r, &db, &mut out).unwrap_err(), "materialize_into");
+            assert!(g.download(&out).unwrap()[r.bytes()..].iter().all(|b| *b == 0xAA), "{mix:?}: out-of-range write");
+            is(l.load(std::slice::from_ref(&r), &[&db]).unwrap_err(), "load");
+            let mut bufs = vec![g.upload(&base).unwrap()];
+            is(l.apply_in_place(std::slice::from_ref(&r), &mut bufs).unwrap_err(), "apply_in_place");
+            match l.stage_on_device(std::slice::from_ref(&r)) {
+                Err(e) => is(e, "stage_on_device"),
+                Ok(staged) => {
+                    let mut outs = vec![g.alloc_zeros::<u8>(r.bytes()).unwrap()];
+                    is(l.apply_staged(&staged, &[&db], &mut outs).unwrap_err(), "apply_staged");
+                }
+            }
+            // the loader works again after a fault
+            l.materialize_into(&clean.as_ref(), &db, &mut out).unwrap();
+            assert!(g.download(&out).unwrap()[..target.len()] == target[..], "{mix:?}: after the fault");
+        }
+    }
+}
+
+/// What the library's writer makes of fp32 weights where lane rANS pays
+/// (every word changed by a small step: planes coded with the base key and
+/// long tiles), through every entry point, against the library's decoder.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_writers_lane_rans_streams_decode_on_the_gpu() {
+    let g = gpu();
+    let mut l = loader(4 << 20);
+    for (p, chunk_words) in [(1.0, 1 << 16), (1.0, 3000), (0.4, 1 << 16)] {
+        let (base, target) = float_pair(1 << 20, p, 17);
+        let s = EncodeSettings { level: 3, min_zstd_gain: 0.0, rans: true };
+        let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, chunk_words, true, s).unwrap();
+        let ctx = format!("p {p}, chunks of {chunk_words} words");
+        let rans = t.chunks.iter().flat_map(|c| &c.streams).filter(|s| s.codec == Codec::Rans).count();
+        // Small chunks may pay more in tables than lane rANS saves; large ones do not.
+        assert!(p < 1.0 || chunk_words < 1 << 16 || rans > 0, "{ctx}: the writer chose lane rANS");
+        let cb = chunk_words as usize * 4;
+        for (k, c) in t.chunks.iter().enumerate() {
+            let (b, e) =
+                (&base[k * cb..((k + 1) * cb).min(base.len())], &target[k * cb..((k + 1) * cb).min(base.len())]);
+            assert!(library_decode(c, b, b.len() / 4, WordWidth::W4) == e, "{ctx}: library chunk {k}");
+        }
+        let host = packed(&t);
+        for tr in [t.as_ref(), hosted(&t, &host)] {
+            let dbase = g.upload(&base).unwrap();
+            let mut out = g.alloc_zeros::<u8>(target.len()).unwrap();
+            l.materialize_into(&tr, &dbase, &mut out).unwrap();
+            assert!(g.download(&out).unwrap() == target, "materialize_into {ctx}");
+            let outs = l.load(std::slice::from_ref(&tr), &[&dbase]).unwrap();
+            assert!(g.download(&outs[0]).unwrap() == target, "load {ctx}");
+            let mut bufs = vec![g.upload(&base).unwrap()];
+            l.apply_in_place(std::slice::from_ref(&tr), &mut bufs).unwrap();
+            assert!(g.download(&bufs[0]).unwrap() == target, "apply_in_place {ctx}");
+            let staged = l.stage_on_device(std::slice::from_ref(&tr)).unwrap();
+            let mut outs = vec![g.alloc_zeros::<u8>(target.len()).unwrap()];
+            l.apply_staged(&staged, &[&dbase], &mut outs).unwrap();
+            assert!(g.download(&outs[0]).unwrap() == target, "apply_staged {ctx}");
+        }
     }
 }

@@ -56,6 +56,36 @@ fn every_encoding_op_and_layout_matches_the_library_at_every_width() {
     }
 }
 
+/// Chunks whose streams are lane rANS (codec 2) with every context the spec
+/// allows where they are (the plane above, the base key at the positions or
+/// at every word), or lane rANS next to zstd and stored streams: the
+/// library's decoder and the reference (which decodes the streams in the
+/// order their contexts need) rebuild the target.
+#[test]
+fn lane_rans_chunks_match_the_library_at_every_width() {
+    let codecs =
+        [Codecs::Rans(RansMix::None), Codecs::Rans(RansMix::Chained), Codecs::Rans(RansMix::BaseKeys), Codecs::Mixed];
+    for w in WordWidth::ALL {
+        // gaps of 300: two gap planes
+        let (base, target) = pair(w, 30_000, 300, 7);
+        let (dense_base, dense_target) = pair(w, 3000, 2, 8);
+        for choice in CHOICES {
+            for layout in LAYOUTS {
+                for grouped in GROUPED {
+                    for codec in codecs {
+                        for (b, t) in [(&base, &target), (&dense_base, &dense_target)] {
+                            let c = forced_chunk_coded(b, t, w, choice, ValueOp::Sub, layout, grouped, codec);
+                            assert!(c.streams.iter().any(|s| s.codec == Codec::Rans) || c.streams.is_empty());
+                            let ctx = format!("{w:?} {choice:?} {layout:?} grouped {grouped} {codec:?}");
+                            check(&c, b, t, w, &ctx);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Chunks of the library's own writer, in whichever value order it predicts
 /// (§8.6), and chunks forced into grouped order; sparse and dense, with a base
 /// shorter than the target (missing words read as zero, keys included).

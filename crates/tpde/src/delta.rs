@@ -2,6 +2,7 @@
 //! measured size, and how a reader rebuilds the target words from the base words.
 
 use crate::codec::positions;
+use crate::codec::rans::{self, ContextKind, Contexts};
 use crate::codec::values::{self, with_word, Word};
 use crate::codec::zstd_stream::{self, Effort};
 use crate::container::chunk_map::{
@@ -32,11 +33,14 @@ pub struct EncodeSettings {
     /// much. Above zero, decoding becomes mostly copying, which suits GPU loading
     /// where the bus is faster than CPU decompression.
     pub min_zstd_gain: f64,
+    /// Whether streams may use the lane rANS codec (spec §8.7), which a GPU decodes.
+    /// Without it the file is a format 1.0 file that older readers read.
+    pub rans: bool,
 }
 
 impl Default for EncodeSettings {
     fn default() -> Self {
-        Self { level: 1, min_zstd_gain: 0.0 }
+        Self { level: 1, min_zstd_gain: 0.0, rans: true }
     }
 }
 
@@ -62,14 +66,27 @@ impl StreamSet {
         Self { records: Vec::new(), data: Vec::new() }
     }
 
-    /// Stores one stream as the cheaper of zstd and its bytes as they are.
-    fn push(&mut self, raw: &[u8], settings: EncodeSettings) -> Result<()> {
-        let compressed = compress_stream(raw, settings.level)?;
+    /// Stores one stream as the smallest of its bytes, lane rANS under the best of
+    /// `contexts` (or none) and zstd. zstd is kept only where it saves more than
+    /// [`ZSTD_OVER_RANS_GAIN`] over rANS, because only rANS streams decode on a GPU.
+    fn push(&mut self, raw: &[u8], contexts: &[Contexts<'_>], settings: EncodeSettings) -> Result<()> {
+        let zstd = compress_stream(raw, settings.level)?;
+        let zstd_len = zstd.as_ref().map_or(usize::MAX, Vec::len);
+        let rans = if settings.rans {
+            let plan = rans::plan(raw, contexts);
+            let len = plan.predicted_len();
+            #[allow(clippy::cast_precision_loss)] // a threshold
+            let zstd_wins = (zstd_len as f64) < (1.0 - ZSTD_OVER_RANS_GAIN) * len as f64;
+            (len < raw.len() && !zstd_wins).then(|| plan.encode())
+        } else {
+            None
+        };
         #[allow(clippy::cast_precision_loss)] // a threshold
         let worth_it =
             |c: &[u8]| c.len() < raw.len() && (c.len() as f64) <= raw.len() as f64 * (1.0 - settings.min_zstd_gain);
-        let (codec, stored) = match &compressed {
-            Some(c) if worth_it(c) => (Codec::Zstd, c.as_slice()),
+        let (codec, stored) = match (&rans, &zstd) {
+            (Some(r), _) if worth_it(r) => (Codec::Rans, r.as_slice()),
+            (None, Some(z)) if worth_it(z) => (Codec::Zstd, z.as_slice()),
             _ => (Codec::Stored, raw),
         };
         self.records.push(StreamRecord { stored_len: u32_len(stored.len()), decoded_len: u32_len(raw.len()), codec });
@@ -77,10 +94,24 @@ impl StreamSet {
         Ok(())
     }
 
+    /// One set of streams without contexts between them.
     fn of(streams: &[Vec<u8>], settings: EncodeSettings) -> Result<Self> {
+        Self::of_planes(streams, false, None, settings)
+    }
+
+    /// One set of byte planes, least significant first: each plane may be coded
+    /// against the plane above it (`plane_contexts`) and against the base keys.
+    fn of_planes(
+        planes: &[Vec<u8>],
+        plane_contexts: bool,
+        base_keys: Option<Contexts<'_>>,
+        settings: EncodeSettings,
+    ) -> Result<Self> {
         let mut set = Self::new();
-        for stream in streams {
-            set.push(stream, settings)?;
+        for (q, plane) in planes.iter().enumerate() {
+            let above = planes.get(q + 1).filter(|_| plane_contexts).map(|p| Contexts::HigherPlane(p));
+            let contexts: Vec<Contexts<'_>> = above.into_iter().chain(base_keys).collect();
+            set.push(plane, &contexts, settings)?;
         }
         Ok(set)
     }
@@ -91,6 +122,9 @@ impl StreamSet {
     }
 }
 
+/// The fraction by which zstd must beat lane rANS on a stream to be kept: below it,
+/// a stream that a GPU decodes is worth more than the bytes.
+const ZSTD_OVER_RANS_GAIN: f64 = 0.02;
 /// Bytes sampled to judge a stream's entropy.
 const SAMPLE_BYTES: usize = 1 << 16;
 /// Above this many bits per byte, zstd cannot win: the stream is stored as it is.
@@ -203,8 +237,16 @@ fn choose_transform<W: Word>(
     (best.1, best.2)
 }
 
-fn value_streams<W: Word>(values: &[W], layout: ValueLayout, settings: EncodeSettings) -> Result<StreamSet> {
-    StreamSet::of(&values::split(values, layout), settings)
+/// Value streams; `base_keys` is the context of spec §8.7 for positional values
+/// against a base.
+fn value_streams<W: Word>(
+    values: &[W],
+    layout: ValueLayout,
+    base_keys: Option<Contexts<'_>>,
+    settings: EncodeSettings,
+) -> Result<StreamSet> {
+    let planes = layout != ValueLayout::Words;
+    StreamSet::of_planes(&values::split(values, layout), planes, base_keys.filter(|_| planes), settings)
 }
 
 /// Whether grouping values by base key (spec §8.6) is predicted to store at least
@@ -229,28 +271,34 @@ fn grouping_pays<W: Word>(values: &[W], keys: &[u8], layout: ValueLayout, min_ga
 /// for cheap decoding (`min_zstd_gain`) asks the same of grouping.
 const GROUPING_GAIN: f64 = 0.02;
 
-/// Value streams against a base, in the order that stores smaller: grouped by base
-/// key where [`grouping_pays`] predicts it, positional otherwise; measured from
+/// Value streams against a base, in the order that stores smaller. With lane rANS,
+/// positional, coded against the base keys (spec §8.7) where that pays: the same
+/// gain as grouping without a GPU having to regroup. Otherwise grouped by base key
+/// where [`grouping_pays`] predicts it, positional otherwise; measured from
 /// [`MEASURE_FROM_LEVEL`] on.
 fn ordered_value_streams<W: Word>(
     values: &[W],
     keys: impl Fn() -> Vec<u8>,
+    base_keys: Contexts<'_>,
     layout: ValueLayout,
     leading_sign: bool,
     settings: EncodeSettings,
 ) -> Result<(ValueOrder, StreamSet)> {
+    if settings.rans {
+        return Ok((ValueOrder::Positional, value_streams(values, layout, Some(base_keys), settings)?));
+    }
     let multi_byte = W::BYTES > 1;
     let measure = settings.level >= MEASURE_FROM_LEVEL && multi_byte;
     let keys = if measure || (leading_sign && multi_byte) { keys() } else { Vec::new() };
     let min_gain = GROUPING_GAIN.max(settings.min_zstd_gain);
     if !measure && (keys.is_empty() || !grouping_pays(values, &keys, layout, min_gain)) {
-        return Ok((ValueOrder::Positional, value_streams(values, layout, settings)?));
+        return Ok((ValueOrder::Positional, value_streams(values, layout, None, settings)?));
     }
-    let grouped = value_streams(&values::group(values, &keys), layout, settings)?;
+    let grouped = value_streams(&values::group(values, &keys), layout, None, settings)?;
     if !measure {
         return Ok((ValueOrder::GroupedByBase, grouped));
     }
-    let positional = value_streams(values, layout, settings)?;
+    let positional = value_streams(values, layout, None, settings)?;
     Ok(if grouped.data.len() < positional.data.len() {
         (ValueOrder::GroupedByBase, grouped)
     } else {
@@ -278,7 +326,7 @@ fn position_streams(
     };
     let gaps = match gaps_win {
         Some(false) => None,
-        _ => Some(StreamSet::of(&gap_planes, settings)?),
+        _ => Some(StreamSet::of_planes(&gap_planes, true, None, settings)?),
     };
     let bitmap = match gaps_win {
         Some(true) => None,
@@ -345,7 +393,7 @@ fn encode_words<W: Word>(
             record.encoding = Encoding::Raw;
             record.changed_count = u32_len(words);
             record.value_layout = layout;
-            value_streams(&target, layout, settings)?
+            value_streams(&target, layout, None, settings)?
         }
         Some(base_bytes) => {
             let mut base: Vec<W> = load_words(base_bytes);
@@ -395,7 +443,10 @@ fn encode_words<W: Word>(
                 let values: Vec<W> =
                     changed.iter().map(|&i| W::express(target[i as usize], base[i as usize], op)).collect();
                 let keys = || changed.iter().map(|&i| values::group_key(base[i as usize])).collect();
-                let (order, value_set) = ordered_value_streams(&values, keys, layout, leading_sign, settings)?;
+                let base_keys =
+                    Contexts::BaseKeys { base: base_bytes, word_bytes: W::BYTES, positions: Some(&changed) };
+                let (order, value_set) =
+                    ordered_value_streams(&values, keys, base_keys, layout, leading_sign, settings)?;
                 let (coding, width, mut set) = position_streams(&changed, words, settings)?;
                 set.append(value_set);
                 Some((coding, width, order, set))
@@ -405,7 +456,8 @@ fn encode_words<W: Word>(
             let dense = if build_dense {
                 let values: Vec<W> = target.iter().zip(&base).map(|(&t, &b)| W::express(t, b, op)).collect();
                 let keys = || base.iter().map(|&b| values::group_key(b)).collect();
-                Some(ordered_value_streams(&values, keys, layout, leading_sign, settings)?)
+                let base_keys = Contexts::BaseKeys { base: base_bytes, word_bytes: W::BYTES, positions: None };
+                Some(ordered_value_streams(&values, keys, base_keys, layout, leading_sign, settings)?)
             } else {
                 None
             };
@@ -643,20 +695,20 @@ pub fn check_unchanged(chunk: &ChunkInput<'_>) -> Result<bool> {
 }
 
 /// The most bytes that decoding one chunk allocates, output included, from its
-/// validated record: the output, the decoded zstd streams, the expanded positions
+/// validated record: the output, the decoded zstd and rANS streams, the expanded positions
 /// and the joined values (see [`crate::limits::DECODE_MEMORY_BUDGET`]). Call it
 /// only on a record that [`check_chunk_shape`] accepted.
 #[must_use]
 pub fn decode_cost(record: &ChunkRecord, streams: &[StreamRecord], words: u64, word_bytes: usize) -> DecodeCost {
     let w = word_bytes as u64;
-    let zstd: u64 = streams.iter().filter(|s| s.codec == Codec::Zstd).map(|s| u64::from(s.decoded_len)).sum();
+    let decoded: u64 = streams.iter().filter(|s| s.codec != Codec::Stored).map(|s| u64::from(s.decoded_len)).sum();
     let m = u64::from(record.changed_count);
     let (positions, values) = match record.encoding {
         Encoding::Unchanged => (0, 0),
         Encoding::Sparse => (4 * m, m * w),
         Encoding::Dense | Encoding::Raw => (0, words * w),
     };
-    DecodeCost { output: words * w, scratch: zstd + positions + values }
+    DecodeCost { output: words * w, scratch: decoded + positions + values }
 }
 
 /// The bytes that decoding one chunk allocates; see [`decode_cost`].
@@ -686,9 +738,110 @@ impl DecodeScratch {
     }
 }
 
+/// Where a stream's decoded bytes are while a chunk is rebuilt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamState {
+    /// A stored stream: its stored bytes.
+    Stored,
+    /// Decoded into its scratch buffer.
+    Decoded,
+    /// A lane rANS stream whose context needs other streams or the base first
+    /// (spec §11.2 D3).
+    Waiting(ContextKind),
+    /// A lane rANS stream whose context needs the base, which is not given: only
+    /// its header is checked (spec §15.7).
+    HeaderOnly,
+}
+
+/// The base-key context of a chunk's value streams (spec §8.7).
+#[derive(Debug, Clone, Copy)]
+enum BaseKeys<'a> {
+    /// The chunk's place allows no base keys.
+    NotAllowed,
+    /// Allowed, but the base is not given.
+    Absent,
+    /// Allowed and given.
+    Given(Contexts<'a>),
+}
+
+/// A chunk's streams as they are decoded: stored streams are read in place, the
+/// others decoded into scratch buffers, one per stream.
+struct ChunkStreams<'a, 's> {
+    stored: &'a [u8],
+    ranges: Vec<std::ops::Range<usize>>,
+    records: &'a [StreamRecord],
+    states: Vec<StreamState>,
+    buffers: &'s mut [Vec<u8>],
+}
+
+impl ChunkStreams<'_, '_> {
+    /// The decoded bytes of stream `q`, which must not be waiting.
+    fn bytes(&self, q: usize) -> &[u8] {
+        match self.states[q] {
+            StreamState::Stored => &self.stored[self.ranges[q].clone()],
+            _ => &self.buffers[q],
+        }
+    }
+
+    /// Decodes waiting stream `q` with the context its place allows: the plane
+    /// above (`q + 1`, when `plane_above` holds) or the base keys. A context the
+    /// place does not allow is passed as none, which the codec refuses as
+    /// `E_RANS_HEADER` (spec §8.7). A context that needs an absent base, directly
+    /// or through the plane above, leaves only the header to check.
+    fn decode_waiting(&mut self, q: usize, plane_above: bool, base_keys: BaseKeys<'_>) -> Result<()> {
+        let StreamState::Waiting(kind) = self.states[q] else { return Ok(()) };
+        let len = self.records[q].decoded_len as usize;
+        let stored = &self.stored[self.ranges[q].clone()];
+        let needs_absent_base = match kind {
+            ContextKind::BaseKey => matches!(base_keys, BaseKeys::Absent),
+            ContextKind::HigherPlane => plane_above && self.states[q + 1] == StreamState::HeaderOnly,
+            ContextKind::None => false,
+        };
+        if needs_absent_base {
+            rans::check_header(stored, len, kind)?;
+            self.states[q] = StreamState::HeaderOnly;
+            return Ok(());
+        }
+        let (below, above) = self.buffers.split_at_mut(q + 1);
+        let contexts = match kind {
+            ContextKind::HigherPlane if plane_above => Contexts::HigherPlane(match self.states[q + 1] {
+                StreamState::Stored => &self.stored[self.ranges[q + 1].clone()],
+                _ => &above[0],
+            }),
+            ContextKind::BaseKey => match base_keys {
+                BaseKeys::Given(contexts) => contexts,
+                _ => Contexts::None,
+            },
+            _ => Contexts::None,
+        };
+        rans::decode_into(stored, len, contexts, &mut below[q])?;
+        self.states[q] = StreamState::Decoded;
+        Ok(())
+    }
+
+    /// Decodes the waiting streams of one set of planes, most significant first, so
+    /// that each plane's context is there before it is needed.
+    fn decode_planes(
+        &mut self,
+        planes: std::ops::Range<usize>,
+        planes_layout: bool,
+        base_keys: BaseKeys<'_>,
+    ) -> Result<()> {
+        for q in planes.clone().rev() {
+            self.decode_waiting(q, planes_layout && q + 1 < planes.end, base_keys)?;
+        }
+        Ok(())
+    }
+
+    fn any_header_only(&self, planes: std::ops::Range<usize>) -> bool {
+        self.states[planes].contains(&StreamState::HeaderOnly)
+    }
+}
+
 /// Decodes the streams and applies them to `out`, which holds the base words, then
 /// checks the digest. Without `out`, checks the streams and counts the changed
-/// words only.
+/// words only; values coded against the base keys cannot be decoded without the
+/// base, so then only their chunk's positions are checked (spec §15.7).
 fn rebuild(
     record: &ChunkRecord,
     streams: &[StreamRecord],
@@ -705,41 +858,72 @@ fn rebuild(
         at += stream.stored_len as usize;
     }
     scratch.streams.resize_with(streams.len().max(scratch.streams.len()), Vec::new);
+    let mut states = Vec::with_capacity(streams.len());
     for ((stream, range), buffer) in streams.iter().zip(&ranges).zip(&mut scratch.streams) {
-        if stream.codec == Codec::Zstd {
-            buffer.clear();
-            zstd_stream::decompress_into(&stored[range.clone()], stream.decoded_len as usize, buffer)?;
-        }
+        let bytes = &stored[range.clone()];
+        states.push(match stream.codec {
+            Codec::Stored => StreamState::Stored,
+            Codec::Zstd => {
+                buffer.clear();
+                zstd_stream::decompress_into(bytes, stream.decoded_len as usize, buffer)?;
+                StreamState::Decoded
+            }
+            Codec::Rans => match rans::context_kind(bytes)? {
+                ContextKind::None => {
+                    rans::decode_into(bytes, stream.decoded_len as usize, Contexts::None, buffer)?;
+                    StreamState::Decoded
+                }
+                kind => StreamState::Waiting(kind),
+            },
+        });
     }
-    let refs: Vec<&[u8]> = streams
-        .iter()
-        .zip(ranges)
-        .zip(&scratch.streams)
-        .map(|((stream, range), buffer)| match stream.codec {
-            Codec::Stored => &stored[range],
-            Codec::Zstd => buffer.as_slice(),
-        })
-        .collect();
+    let mut decoded =
+        ChunkStreams { stored, ranges, records: streams, states, buffers: &mut scratch.streams[..streams.len()] };
 
     let m = record.changed_count as usize;
     let changed = &mut scratch.positions;
-    let (position_count, value_count) = match (record.encoding, record.position_coding) {
-        (Encoding::Unchanged, _) => (0, 0),
+    let position_count = match (record.encoding, record.position_coding) {
+        (Encoding::Sparse, PositionCoding::Gaps) => usize::from(record.gap_width),
+        (Encoding::Sparse, _) => 1,
+        _ => 0,
+    };
+    decoded.decode_planes(0..position_count, record.position_coding == PositionCoding::Gaps, BaseKeys::NotAllowed)?;
+    let value_count = match (record.encoding, record.position_coding) {
+        (Encoding::Unchanged, _) => 0,
         (Encoding::Sparse, PositionCoding::Gaps) => {
-            let planes = usize::from(record.gap_width);
-            positions::decode_gaps(&refs[..planes], m, words, changed)?;
-            (planes, m)
+            let planes: Vec<&[u8]> = (0..position_count).map(|q| decoded.bytes(q)).collect();
+            positions::decode_gaps(&planes, m, words, changed)?;
+            m
         }
         (Encoding::Sparse, _) => {
-            positions::decode_bitmap(refs[0], m, words, changed)?;
-            (1, m)
+            positions::decode_bitmap(decoded.bytes(0), m, words, changed)?;
+            m
         }
-        (Encoding::Dense | Encoding::Raw, _) => (0, words),
+        (Encoding::Dense | Encoding::Raw, _) => words,
     };
     let positions = (record.encoding == Encoding::Sparse).then_some(changed.as_slice());
+
+    let value_planes = position_count..streams.len();
+    let planes_layout = record.value_layout != ValueLayout::Words;
+    // §8.7: base keys only for positional values in byte planes against a base.
+    let keys_allowed = planes_layout
+        && matches!(record.encoding, Encoding::Sparse | Encoding::Dense)
+        && record.value_order == ValueOrder::Positional;
+    let base_keys = match out.as_deref() {
+        _ if !keys_allowed => BaseKeys::NotAllowed,
+        None => BaseKeys::Absent,
+        Some(base) => BaseKeys::Given(Contexts::BaseKeys { base, word_bytes, positions }),
+    };
+    decoded.decode_planes(value_planes.clone(), planes_layout, base_keys)?;
+    if decoded.any_header_only(value_planes.clone()) {
+        // Values coded against the base keys wait for the base (spec §15.7).
+        return Ok(());
+    }
+
     let nonzero = with_word!(word_bytes, W => {
+        let value_streams: Vec<&[u8]> = value_planes.map(|q| decoded.bytes(q)).collect();
         let mut joined: Vec<W> = Vec::new();
-        values::join(&refs[position_count..], value_count, record.value_layout, &mut joined)?;
+        values::join(&value_streams, value_count, record.value_layout, &mut joined)?;
         match out.as_deref_mut() {
             Some(out) => values::apply::<W>(out, &joined, positions, record.value_order, record.value_op),
             // D6 counts values, whatever the base and the order they are applied in.

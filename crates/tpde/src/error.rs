@@ -55,6 +55,11 @@ pub enum ErrorCode {
     ZstdProfile,
     /// The zstd decoder rejected a stream (spec §8.5).
     ZstdDecode,
+    /// A lane rANS stream's header, tables, context or tile lengths break spec §8.7.
+    RansHeader,
+    /// A lane rANS tile has a state below 2^16, runs out of words, leaves words over,
+    /// or ends in a state other than 2^16 (spec §8.7).
+    RansDecode,
     /// Sparse positions are not strictly increasing (spec §8.3).
     PositionsNotIncreasing,
     /// A sparse position lies outside its chunk (spec §8.3).
@@ -117,6 +122,8 @@ impl ErrorCode {
             Self::StreamLength => "E_STREAM_LENGTH",
             Self::ZstdProfile => "E_ZSTD_PROFILE",
             Self::ZstdDecode => "E_ZSTD_DECODE",
+            Self::RansHeader => "E_RANS_HEADER",
+            Self::RansDecode => "E_RANS_DECODE",
             Self::PositionsNotIncreasing => "E_POSITIONS_NOT_INCREASING",
             Self::PositionsOutOfBounds => "E_POSITIONS_OUT_OF_BOUNDS",
             Self::ChangedCount => "E_CHANGED_COUNT",
@@ -160,6 +167,8 @@ impl ErrorCode {
         Self::StreamLength,
         Self::ZstdProfile,
         Self::ZstdDecode,
+        Self::RansHeader,
+        Self::RansDecode,
         Self::PositionsNotIncreasing,
         Self::PositionsOutOfBounds,
         Self::ChangedCount,

@@ -16,7 +16,7 @@
 //! let options = pipeline::encode::EncodeOptions::default();
 //! pipeline::encode::encode(Some(&base), &target, Path::new("d.tpde"), options, &pipeline::NoProgress)?;
 //! let delta = DeltaFile::open(Path::new("d.tpde"))?;
-//! pipeline::apply::apply(&delta, Some(&base), Path::new("rebuilt.safetensors"), false, &pipeline::NoProgress)?;
+//! pipeline::apply::apply(&delta, Some(&base), Path::new("rebuilt.safetensors"), Default::default(), &pipeline::NoProgress)?;
 //! # Ok(())
 //! # }
 //! ```

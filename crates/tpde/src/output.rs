@@ -219,6 +219,7 @@ pub struct PendingFile {
     temp: Option<TempPath>,
     target: PathBuf,
     replace: bool,
+    sync: bool,
     writer: Option<BufWriter<File>>,
 }
 
@@ -250,8 +251,18 @@ impl PendingFile {
             temp: Some(temp),
             target: target.to_path_buf(),
             replace,
+            sync: true,
             writer: Some(BufWriter::with_capacity(1 << 20, file)),
         })
+    }
+
+    /// Whether [`PendingFile::commit`] syncs the file to storage before renaming it
+    /// (the default). Without it, a crash soon after may leave an empty or partial
+    /// file at the target on some file systems; the rename is still atomic.
+    #[must_use]
+    pub fn synced(mut self, sync: bool) -> Self {
+        self.sync = sync;
+        self
     }
 
     fn writer(&mut self) -> &mut BufWriter<File> {
@@ -289,7 +300,9 @@ impl PendingFile {
     pub fn commit(mut self) -> Result<()> {
         let io = |e| Error::io(&self.target, "cannot finish the output", e);
         let file = self.writer.take().expect("present until finished").into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
+        if self.sync {
+            file.sync_all().map_err(io)?;
+        }
         drop(file);
         let temp = self.temp.take().expect("present until committed");
         let temp_path = temp.to_path_buf();

@@ -9,10 +9,10 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::checkpoint::{SafetensorsHeader, SafetensorsTensor};
-use crate::container::chunk_map::{ChunkRecord, StreamRecord, CHUNK_RECORD_LEN, STREAM_RECORD_LEN};
+use crate::container::chunk_map::{ChunkRecord, Codec, StreamRecord, CHUNK_RECORD_LEN, STREAM_RECORD_LEN};
 use crate::container::header::{Header, LayoutKind, TensorEntry};
 use crate::container::json::{check_unique_keys, parse_strict, ObjectOf};
-use crate::container::preamble::{check_trailer, Preamble, MAGIC};
+use crate::container::preamble::{check_trailer, Preamble, FEATURE_RANS_LANES, MAGIC};
 use crate::container::Layout;
 use crate::delta::{
     check_chunk_payload, check_chunk_shape, check_unchanged, decode_chunk_into, decode_chunk_with, decode_cost,
@@ -161,8 +161,17 @@ impl DeltaFile {
             .enumerate()
             .map(|(i, r)| ChunkRecord::parse(r).map_err(|e| e.in_chunk(i as u64)))
             .collect::<Result<Vec<_>>>()?;
-        let streams =
-            stream_table.chunks_exact(STREAM_RECORD_LEN).map(StreamRecord::parse).collect::<Result<Vec<_>>>()?;
+        let rans_allowed = preamble.required_features & FEATURE_RANS_LANES != 0;
+        let streams = stream_table
+            .chunks_exact(STREAM_RECORD_LEN)
+            .map(|r| match StreamRecord::parse(r)? {
+                // O20: codec 2 exists only in files that declare it.
+                StreamRecord { codec: Codec::Rans, .. } if !rans_allowed => {
+                    fail(ErrorCode::UnknownCodec, "codec 2 (lane rANS) in a file without feature bit 1")
+                }
+                record => Ok(record),
+            })
+            .collect::<Result<Vec<_>>>()?;
 
         let delta = Self { path: path.to_path_buf(), map, preamble, header, chunks, streams };
         delta.validate_chunk_map(layout)?;

@@ -4,9 +4,11 @@
 
 use std::path::Path;
 
-use crate::container::chunk_map::{ChunkRecord, StreamRecord};
+use crate::container::chunk_map::{ChunkRecord, Codec, StreamRecord};
 use crate::container::header::Header;
-use crate::container::preamble::{trailer_bytes, Preamble, MINOR_VERSION, PREAMBLE_LEN};
+use crate::container::preamble::{
+    trailer_bytes, Preamble, FEATURE_RANS_LANES, MINOR_VERSION, MINOR_VERSION_RANS_LANES, PREAMBLE_LEN,
+};
 use crate::container::{align_up, Layout};
 use crate::delta::EncodedChunk;
 use crate::digest::checksum64;
@@ -120,8 +122,11 @@ impl DeltaWriter {
         }
         self.out.write_all(&tables)?;
         self.out.write_all(&trailer_bytes(layout.file_len))?;
+        // §12 item 8: a file without lane rANS streams stays a 1.0 file.
+        let uses_rans = self.streams.iter().any(|s| s.codec == Codec::Rans);
         let preamble = Preamble {
-            minor_version: MINOR_VERSION,
+            minor_version: if uses_rans { MINOR_VERSION_RANS_LANES } else { MINOR_VERSION },
+            required_features: if uses_rans { FEATURE_RANS_LANES } else { 0 },
             data_len,
             header_len: layout.header_len,
             chunk_count: self.chunk_count(),

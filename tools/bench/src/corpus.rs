@@ -1,5 +1,6 @@
 //! The seeded benchmark corpus: pairs of (base, target) checkpoints shaped
-//! like a small Llama, with the kinds of change real training produces.
+//! like a small Llama (and one like a small BERT sentence encoder), with the
+//! kinds of change real training produces.
 //!
 //! Every tensor has its own ChaCha stream derived from (seed, case, tensor
 //! index), so tensors are generated in parallel and the bytes do not depend
@@ -23,11 +24,33 @@ use crate::dtype::f32_to_e4m3;
 /// Bumped whenever generation changes, so stale corpora are regenerated.
 const GENERATOR_VERSION: u32 = 1;
 
+/// The family of tensors a model has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// A decoder: embedding, per layer q/k/v/o (grouped k/v) and
+    /// gate/up/down without biases, `RMSNorm` weights, final norm, `lm_head`.
+    Llama,
+    /// A BERT-style encoder (sentence-embedding models such as MiniLM): word,
+    /// position and token-type embeddings with a `LayerNorm`, per layer q/k/v/o,
+    /// intermediate and output dense layers, each with its bias, two
+    /// `LayerNorm`s (weight and bias), then the pooler's dense layer and bias.
+    Bert,
+}
+
+/// Position-embedding rows of the BERT shape.
+const BERT_POSITIONS: usize = 512;
+/// Token-type rows of the BERT shape.
+const BERT_TOKEN_TYPES: usize = 2;
+
 /// Shape of the generated model.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModelShape {
+    /// Which tensors the model has.
+    pub arch: Arch,
     /// Hidden size d.
     pub hidden: usize,
+    /// Rows of the k and v projections (KV heads × head dim) in a Llama.
+    pub kv_hidden: usize,
     /// MLP intermediate size.
     pub intermediate: usize,
     /// Decoder layers.
@@ -41,12 +64,54 @@ impl ModelShape {
     /// in layers and vocabulary. Small enough that the zstd -19 and
     /// --patch-from rows finish the whole run in about 20 minutes on 2 cores.
     pub fn default_scaled(scale: f64) -> Self {
-        Self { hidden: 512, intermediate: 1376, layers: scaled(3, scale), vocab: scaled(4096, scale) }
+        Self {
+            arch: Arch::Llama,
+            hidden: 512,
+            kv_hidden: 256,
+            intermediate: 1376,
+            layers: scaled(3, scale),
+            vocab: scaled(4096, scale),
+        }
     }
 
     /// A tiny model for smoke tests (~1 MB).
     pub fn quick() -> Self {
-        Self { hidden: 128, intermediate: 344, layers: 2, vocab: 1024 }
+        Self { arch: Arch::Llama, hidden: 128, kv_hidden: 64, intermediate: 344, layers: 2, vocab: 1024 }
+    }
+
+    /// Llama-3-8B: hidden 4096, 32 heads and 8 KV heads of dim 128 (k/v
+    /// projections 1024×4096), intermediate 14336, vocabulary 128256, 32
+    /// layers; 8,030,261,248 parameters, 16.06 GB in BF16.
+    pub fn llama3_8b() -> Self {
+        Self { arch: Arch::Llama, hidden: 4096, kv_hidden: 1024, intermediate: 14336, layers: 32, vocab: 128_256 }
+    }
+
+    /// [`Self::llama3_8b`] with every width (head dim, intermediate size,
+    /// vocabulary) multiplied by `width` and `layers` decoder layers, for
+    /// testing at a small size. Head counts stay 32 and 8.
+    pub fn llama3_8b_scaled(width: f64, layers: usize) -> Self {
+        let head_dim = scaled(128, width);
+        Self {
+            arch: Arch::Llama,
+            hidden: 32 * head_dim,
+            kv_hidden: 8 * head_dim,
+            intermediate: scaled(14_336, width),
+            layers: layers.max(1),
+            vocab: scaled(128_256, width),
+        }
+    }
+
+    /// A sentence-embedding encoder shaped like all-MiniLM-L6-v2: hidden 384,
+    /// 6 layers, intermediate 1536, a BERT vocabulary of 30522 words, 512
+    /// positions; 22.7M parameters (45 MB in BF16) in 103 tensors, 64 of
+    /// them under 4 KiB (biases, `LayerNorm`s, token types).
+    pub fn minilm_l6() -> Self {
+        Self { arch: Arch::Bert, hidden: 384, kv_hidden: 384, intermediate: 1536, layers: 6, vocab: 30_522 }
+    }
+
+    /// The same encoder shrunk for smoke tests (~1 MB).
+    pub fn minilm_quick() -> Self {
+        Self { arch: Arch::Bert, hidden: 128, kv_hidden: 128, intermediate: 512, layers: 2, vocab: 1024 }
     }
 
     /// Parameter count.
@@ -55,7 +120,8 @@ impl ModelShape {
     }
 }
 
-fn scaled(n: usize, scale: f64) -> usize {
+/// `n` times `scale`, rounded, at least 1.
+pub fn scaled(n: usize, scale: f64) -> usize {
     let n = f64::from(u32::try_from(n).unwrap_or(u32::MAX)) * scale;
     // Sizes are small positive numbers; the rounded value fits easily.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -101,6 +167,10 @@ pub struct CaseSpec {
     shards: usize,
     /// Model size multiplier on top of the run's shape (layers and vocab).
     size_factor: f64,
+    /// Which tensors the model has. A BERT case has its own real shape
+    /// ([`ModelShape::minilm_l6`], or [`ModelShape::minilm_quick`] in a quick
+    /// run) whatever the run's scale.
+    arch: Arch,
 }
 
 impl CaseSpec {
@@ -116,11 +186,28 @@ impl CaseSpec {
 
     /// The model shape used for this case.
     pub fn shape(&self, run: &ModelShape) -> ModelShape {
-        ModelShape { layers: scaled(run.layers, self.size_factor), vocab: scaled(run.vocab, self.size_factor), ..*run }
+        match self.arch {
+            Arch::Llama => ModelShape {
+                layers: scaled(run.layers, self.size_factor),
+                vocab: scaled(run.vocab, self.size_factor),
+                ..*run
+            },
+            Arch::Bert if *run == ModelShape::quick() => ModelShape::minilm_quick(),
+            Arch::Bert => ModelShape::minilm_l6(),
+        }
+    }
+
+    /// Looks a case up by name.
+    pub fn named(name: &str) -> Option<&'static Self> {
+        CASES.iter().find(|c| c.name == name)
     }
 }
 
-const FINETUNE: Change = Change::Dense { rel_lo: 1e-3, rel_hi: 1e-2, heavy_tail: false };
+/// Relative size of a fine-tune's update: per tensor, log-uniform in this
+/// range times the tensor's spread.
+pub const FINETUNE_REL: (f32, f32) = (1e-3, 1e-2);
+
+const FINETUNE: Change = Change::Dense { rel_lo: FINETUNE_REL.0, rel_hi: FINETUNE_REL.1, heavy_tail: false };
 
 /// All cases, in report order. The last one is the 4× model for the
 /// memory-flatness check; it is measured for tpde and a reference only.
@@ -132,6 +219,7 @@ pub const CASES: &[CaseSpec] = &[
         storage: Storage::Bf16,
         shards: 1,
         size_factor: 1.0,
+        arch: Arch::Llama,
     },
     CaseSpec {
         name: "finetune-bf16",
@@ -140,6 +228,7 @@ pub const CASES: &[CaseSpec] = &[
         storage: Storage::Bf16,
         shards: 1,
         size_factor: 1.0,
+        arch: Arch::Llama,
     },
     CaseSpec {
         name: "finetune-fp32",
@@ -148,6 +237,7 @@ pub const CASES: &[CaseSpec] = &[
         storage: Storage::F32,
         shards: 1,
         size_factor: 1.0,
+        arch: Arch::Llama,
     },
     CaseSpec {
         name: "finetune-fp16",
@@ -156,6 +246,7 @@ pub const CASES: &[CaseSpec] = &[
         storage: Storage::F16,
         shards: 1,
         size_factor: 1.0,
+        arch: Arch::Llama,
     },
     CaseSpec {
         name: "finetune-fp8",
@@ -164,6 +255,7 @@ pub const CASES: &[CaseSpec] = &[
         storage: Storage::Fp8,
         shards: 1,
         size_factor: 1.0,
+        arch: Arch::Llama,
     },
     CaseSpec {
         name: "pretrain-bf16",
@@ -176,6 +268,7 @@ pub const CASES: &[CaseSpec] = &[
         storage: Storage::Bf16,
         shards: 1,
         size_factor: 1.0,
+        arch: Arch::Llama,
     },
     CaseSpec {
         name: "partial-finetune-bf16",
@@ -184,6 +277,7 @@ pub const CASES: &[CaseSpec] = &[
         storage: Storage::Bf16,
         shards: 1,
         size_factor: 1.0,
+        arch: Arch::Llama,
     },
     CaseSpec {
         name: "sharded-bf16",
@@ -192,6 +286,7 @@ pub const CASES: &[CaseSpec] = &[
         storage: Storage::Bf16,
         shards: 3,
         size_factor: 1.0,
+        arch: Arch::Llama,
     },
     CaseSpec {
         name: "vocab-grow-bf16",
@@ -200,6 +295,16 @@ pub const CASES: &[CaseSpec] = &[
         storage: Storage::Bf16,
         shards: 1,
         size_factor: 1.0,
+        arch: Arch::Llama,
+    },
+    CaseSpec {
+        name: "minilm-finetune-bf16",
+        about: "dense fine-tune in BF16 (relative update 1e-3..1e-2 per tensor) of a sentence-embedding encoder shaped like all-MiniLM-L6-v2: 103 tensors, 64 of them under 4 KiB (q/k/v/o, dense and pooler biases, LayerNorm weight and bias pairs)",
+        change: FINETUNE,
+        storage: Storage::Bf16,
+        shards: 1,
+        size_factor: 1.0,
+        arch: Arch::Bert,
     },
     CaseSpec {
         name: "finetune-bf16-4x",
@@ -208,6 +313,7 @@ pub const CASES: &[CaseSpec] = &[
         storage: Storage::Bf16,
         shards: 1,
         size_factor: 4.0,
+        arch: Arch::Llama,
     },
 ];
 
@@ -220,23 +326,57 @@ pub struct CasePaths {
     pub target: PathBuf,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
+/// What a tensor is, which decides how it is drawn and changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The token embedding (grows with the vocabulary).
     Embedding,
+    /// The output projection (grows with the vocabulary).
     LmHead,
+    /// A norm's scale, drawn near 1.
     Norm,
-    Linear { layer: usize, lora_target: bool },
+    /// A linear layer's weight matrix.
+    Linear {
+        /// Its layer.
+        layer: usize,
+        /// Whether the low-rank update case changes it.
+        lora_target: bool,
+    },
+    /// Any other parameter drawn like a weight (biases, `LayerNorm` biases,
+    /// position and token-type embeddings): kept in BF16 by the FP8 case and
+    /// never grown.
+    Param,
 }
 
-struct TensorSpec {
-    name: String,
-    shape: Vec<usize>,
-    role: Role,
+/// One tensor of a generated model.
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    /// Its name in the checkpoint.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// What it is.
+    pub role: Role,
 }
 
-fn tensor_specs(m: &ModelShape) -> Vec<TensorSpec> {
+impl TensorSpec {
+    /// Elements of the tensor.
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The tensors of a model of this shape, in checkpoint order.
+pub fn tensor_specs(m: &ModelShape) -> Vec<TensorSpec> {
+    match m.arch {
+        Arch::Llama => llama_specs(m),
+        Arch::Bert => bert_specs(m),
+    }
+}
+
+fn llama_specs(m: &ModelShape) -> Vec<TensorSpec> {
     let d = m.hidden;
-    let kv = d / 2; // grouped-query attention: half as many k/v heads
+    let kv = m.kv_hidden; // grouped-query attention: fewer k/v heads
     let mut specs =
         vec![TensorSpec { name: "model.embed_tokens.weight".into(), shape: vec![m.vocab, d], role: Role::Embedding }];
     for layer in 0..m.layers {
@@ -262,6 +402,52 @@ fn tensor_specs(m: &ModelShape) -> Vec<TensorSpec> {
     }
     specs.push(TensorSpec { name: "model.norm.weight".into(), shape: vec![d], role: Role::Norm });
     specs.push(TensorSpec { name: "lm_head.weight".into(), shape: vec![m.vocab, d], role: Role::LmHead });
+    specs
+}
+
+/// Tensor names and shapes of a Hugging Face `BertModel` as sentence-transformers
+/// checkpoints store them (no `bert.` prefix); weights are [out, in].
+fn bert_specs(m: &ModelShape) -> Vec<TensorSpec> {
+    let d = m.hidden;
+    let spec = |name: String, shape: Vec<usize>, role: Role| TensorSpec { name, shape, role };
+    let mut specs = vec![
+        spec("embeddings.word_embeddings.weight".into(), vec![m.vocab, d], Role::Embedding),
+        spec("embeddings.position_embeddings.weight".into(), vec![BERT_POSITIONS, d], Role::Param),
+        spec("embeddings.token_type_embeddings.weight".into(), vec![BERT_TOKEN_TYPES, d], Role::Param),
+        spec("embeddings.LayerNorm.weight".into(), vec![d], Role::Norm),
+        spec("embeddings.LayerNorm.bias".into(), vec![d], Role::Param),
+    ];
+    for layer in 0..m.layers {
+        let p = format!("encoder.layer.{layer}");
+        let mut dense = |name: &str, rows: usize, cols: usize| {
+            specs.push(spec(
+                format!("{p}.{name}.weight"),
+                vec![rows, cols],
+                Role::Linear { layer, lora_target: name.ends_with("query") || name.ends_with("value") },
+            ));
+            specs.push(spec(format!("{p}.{name}.bias"), vec![rows], Role::Param));
+        };
+        dense("attention.self.query", d, d);
+        dense("attention.self.key", d, d);
+        dense("attention.self.value", d, d);
+        dense("attention.output.dense", d, d);
+        specs.push(spec(format!("{p}.attention.output.LayerNorm.weight"), vec![d], Role::Norm));
+        specs.push(spec(format!("{p}.attention.output.LayerNorm.bias"), vec![d], Role::Param));
+        let mut dense = |name: &str, rows: usize, cols: usize| {
+            specs.push(spec(
+                format!("{p}.{name}.weight"),
+                vec![rows, cols],
+                Role::Linear { layer, lora_target: false },
+            ));
+            specs.push(spec(format!("{p}.{name}.bias"), vec![rows], Role::Param));
+        };
+        dense("intermediate.dense", m.intermediate, d);
+        dense("output.dense", d, m.intermediate);
+        specs.push(spec(format!("{p}.output.LayerNorm.weight"), vec![d], Role::Norm));
+        specs.push(spec(format!("{p}.output.LayerNorm.bias"), vec![d], Role::Param));
+    }
+    specs.push(spec("pooler.dense.weight".into(), vec![d, d], Role::Linear { layer: m.layers, lora_target: false }));
+    specs.push(spec("pooler.dense.bias".into(), vec![d], Role::Param));
     specs
 }
 
@@ -377,22 +563,11 @@ fn write_sharded(dir: &Path, pairs: &[TensorPair], shards: usize, side: Side) ->
 
 fn generate_pair(case: &CaseSpec, shape: &ModelShape, spec: &TensorSpec, seed: u64) -> TensorPair {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = spec.shape.iter().product();
+    let n = spec.elements();
 
-    // Per-tensor scale: linear layers ~N(0, 0.02 * [0.5, 2]), norms near 1.
-    let std = 0.02 * log_uniform(&mut rng, 0.5, 2.0);
-    let is_norm = spec.role == Role::Norm;
-    let base: Vec<f32> = (0..n)
-        .map(|_| {
-            let z: f32 = rng.sample(StandardNormal);
-            if is_norm {
-                1.0 + 0.05 * z
-            } else {
-                std * z
-            }
-        })
-        .collect();
-    let spread = if is_norm { 0.05 } else { std };
+    let std = draw_std(&mut rng);
+    let base = draw_base(&mut rng, n, spec.role, std);
+    let spread = spread(spec.role, std);
 
     let mut target_shape = spec.shape.clone();
     let target: Vec<f32> = match case.change {
@@ -439,7 +614,7 @@ fn generate_pair(case: &CaseSpec, shape: &ModelShape, spec: &TensorSpec, seed: u
     };
 
     let (dtype, base_bytes, target_bytes) = match (case.storage, spec.role) {
-        (Storage::Bf16, _) | (Storage::Fp8, Role::Norm | Role::Embedding | Role::LmHead) => {
+        (Storage::Bf16, _) | (Storage::Fp8, Role::Norm | Role::Embedding | Role::LmHead | Role::Param) => {
             (Dtype::BF16, to_bf16(&base), to_bf16(&target))
         }
         (Storage::F16, _) => (Dtype::F16, to_f16(&base), to_f16(&target)),
@@ -462,7 +637,42 @@ fn generate_pair(case: &CaseSpec, shape: &ModelShape, spec: &TensorSpec, seed: u
     }
 }
 
-fn dense_update(rng: &mut ChaCha8Rng, base: &[f32], step: f32, heavy_tail: bool) -> Vec<f32> {
+/// A tensor's own scale: weights are N(0, std) with std = 0.02 × a
+/// log-uniform factor in [0.5, 2].
+pub fn draw_std(rng: &mut ChaCha8Rng) -> f32 {
+    0.02 * log_uniform(rng, 0.5, 2.0)
+}
+
+/// `n` base values of a tensor: N(1, 0.05) for a norm's scale, N(0, std)
+/// for everything else.
+pub fn draw_base(rng: &mut ChaCha8Rng, n: usize, role: Role, std: f32) -> Vec<f32> {
+    let is_norm = role == Role::Norm;
+    (0..n)
+        .map(|_| {
+            let z: f32 = rng.sample(StandardNormal);
+            if is_norm {
+                1.0 + 0.05 * z
+            } else {
+                std * z
+            }
+        })
+        .collect()
+}
+
+/// The spread that a tensor's relative update is a fraction of: 0.05 for a
+/// norm's scale, its std for everything else.
+pub fn spread(role: Role, std: f32) -> f32 {
+    if role == Role::Norm {
+        0.05
+    } else {
+        std
+    }
+}
+
+/// The fine-tuned values: each base value plus `step` × N(0, 1) (one
+/// element in 20 moves 5× further with `heavy_tail`), drawn from `rng` in
+/// element order.
+pub fn dense_update(rng: &mut ChaCha8Rng, base: &[f32], step: f32, heavy_tail: bool) -> Vec<f32> {
     base.iter()
         .map(|&w| {
             let z: f32 = rng.sample(StandardNormal);
@@ -511,13 +721,23 @@ fn column_means(m: &[f32], cols: usize) -> Vec<f32> {
     mean
 }
 
-fn log_uniform(rng: &mut ChaCha8Rng, lo: f32, hi: f32) -> f32 {
+/// A value log-uniform in [lo, hi].
+pub fn log_uniform(rng: &mut ChaCha8Rng, lo: f32, hi: f32) -> f32 {
     let t: f32 = rng.gen();
     (lo.ln() + t * (hi.ln() - lo.ln())).exp()
 }
 
 fn to_bf16(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect()
+}
+
+/// Rounds `v` to BF16 (to nearest, ties to even) into `out`, little-endian,
+/// two bytes per value; `out` is exactly `2 * v.len()` bytes.
+pub fn bf16_into(v: &[f32], out: &mut [u8]) {
+    debug_assert_eq!(out.len(), 2 * v.len());
+    for (&x, o) in v.iter().zip(out.chunks_exact_mut(2)) {
+        o.copy_from_slice(&bf16::from_f32(x).to_le_bytes());
+    }
 }
 
 fn to_f16(v: &[f32]) -> Vec<u8> {
@@ -533,14 +753,15 @@ fn to_e4m3(v: &[f32], inv_scale: f32) -> Vec<u8> {
 }
 
 /// SplitMix64-style mixing of two seeds.
-fn mix(a: u64, b: u64) -> u64 {
+pub fn mix(a: u64, b: u64) -> u64 {
     let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a of `bytes`, to turn a name into a seed.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
@@ -550,7 +771,7 @@ mod tests {
 
     #[test]
     fn generation_is_deterministic() {
-        let shape = ModelShape { hidden: 16, intermediate: 40, layers: 2, vocab: 64 };
+        let shape = ModelShape { arch: Arch::Llama, hidden: 16, kv_hidden: 8, intermediate: 40, layers: 2, vocab: 64 };
         let specs = tensor_specs(&shape);
         for case in CASES {
             let a = generate_pair(case, &shape, &specs[1], 7);
@@ -562,7 +783,8 @@ mod tests {
 
     #[test]
     fn rl_step_is_mostly_unchanged() {
-        let shape = ModelShape { hidden: 256, intermediate: 512, layers: 1, vocab: 256 };
+        let shape =
+            ModelShape { arch: Arch::Llama, hidden: 256, kv_hidden: 128, intermediate: 512, layers: 1, vocab: 256 };
         let specs = tensor_specs(&shape);
         let case = CASES.iter().find(|c| c.name == "rl-step-bf16").expect("case");
         // specs[2] is layer 0's q_proj; specs[1] is a norm, which near 1.0 never moves.
@@ -580,5 +802,62 @@ mod tests {
         let p = generate_pair(case, &shape, &specs[0], 3);
         assert_eq!(p.target_shape[0], shape.vocab + shape.vocab / 16);
         assert_eq!(p.target.len(), p.target_shape.iter().product::<usize>() * 2);
+    }
+
+    #[test]
+    fn minilm_is_real_shaped() {
+        let specs = tensor_specs(&ModelShape::minilm_l6());
+        let small = specs.iter().filter(|t| 2 * t.elements() < 4096).count();
+        let params: usize = specs.iter().map(TensorSpec::elements).sum();
+        eprintln!("{} tensors, {small} under 4 KiB, {params} parameters", specs.len());
+        assert_eq!(specs.len(), 103);
+        assert_eq!(small, 64);
+        assert_eq!(params, 22_713_216);
+        let names: std::collections::HashSet<_> = specs.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names.len(), specs.len());
+        for name in
+            ["encoder.layer.5.attention.self.value.bias", "encoder.layer.0.output.LayerNorm.bias", "pooler.dense.bias"]
+        {
+            assert!(names.contains(name), "{name}");
+        }
+        let case = CaseSpec::named("minilm-finetune-bf16").expect("case");
+        assert_eq!(case.shape(&ModelShape::default_scaled(1.0)), ModelShape::minilm_l6());
+        assert_eq!(case.shape(&ModelShape::quick()), ModelShape::minilm_quick());
+        // A fine-tune changes small tensors too.
+        let bias = specs.iter().position(|t| t.name.ends_with("query.bias")).expect("bias");
+        let p = generate_pair(case, &ModelShape::minilm_l6(), &specs[bias], 9);
+        assert_eq!(p.base.len(), 768);
+        assert_ne!(p.base, p.target);
+    }
+
+    #[test]
+    fn minilm_case_is_a_valid_checkpoint_pair() {
+        let dir = std::env::temp_dir().join(format!("tpde-bench-minilm-{}", std::process::id()));
+        let case = CaseSpec::named("minilm-finetune-bf16").expect("case");
+        // The quick run's shape: the same tensors, small enough for a debug test.
+        let paths = ensure_case(&dir, case, &ModelShape::quick(), 3).expect("generate");
+        let specs = tensor_specs(&ModelShape::minilm_quick());
+        for path in [&paths.base, &paths.target] {
+            let c = tpde::Checkpoint::open(path).expect("tpde opens the file");
+            assert_eq!(c.files[0].tensors.len(), specs.len());
+            for s in &specs {
+                let (_, loc) = c.tensor(&s.name).expect("tensor");
+                assert_eq!(loc.shape, s.shape.iter().map(|&d| d as u64).collect::<Vec<_>>());
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn llama_keeps_its_bytes() {
+        // The refactor into shared draw functions must not move a byte of
+        // the cached corpus: a fixed digest of one generated tensor.
+        let shape = ModelShape::quick();
+        let specs = tensor_specs(&shape);
+        let case = CaseSpec::named("finetune-bf16").expect("case");
+        let linear = generate_pair(case, &shape, &specs[2], 11);
+        assert_eq!((fnv1a(&linear.base), fnv1a(&linear.target)), (0x471f_e92b_9515_1ea7, 0xae19_8bf1_91da_3aa3));
+        let norm = generate_pair(case, &shape, &specs[1], 11);
+        assert_eq!((fnv1a(&norm.base), fnv1a(&norm.target)), (0xc0e8_dda7_ddd7_a675, 0x3b86_8bed_b847_ba36));
     }
 }

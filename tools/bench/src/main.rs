@@ -1,12 +1,15 @@
 //! `tpde-bench`: generates a seeded corpus of checkpoint pairs, runs tpde and
 //! the field's baselines on the same files, checks every round trip byte for
-//! byte, and writes BENCHMARKS.md. See tools/bench/README.md.
+//! byte, and writes BENCHMARKS.md. `gen-case` writes one corpus case on its
+//! own, `gen-llama` a Llama-3-8B-shaped pair for the GPU loading benchmark.
+//! See tools/bench/README.md.
 
 mod baselines;
 mod bench;
 mod checkpoint;
 mod corpus;
 mod dtype;
+mod llama8b;
 mod measure;
 mod methods;
 mod report;
@@ -21,7 +24,7 @@ use clap::{Parser, Subcommand};
 
 use crate::baselines::Method;
 use crate::bench::CaseResult;
-use crate::corpus::{CasePaths, ModelShape, CASES};
+use crate::corpus::{CasePaths, CaseSpec, ModelShape, CASES};
 use crate::methods::{Family, Toolchain};
 
 /// Benchmark tpde against the field's delta and checkpoint compressors.
@@ -66,13 +69,63 @@ struct Cli {
     no_memory_probe: bool,
 
     #[command(subcommand)]
-    internal: Option<Internal>,
+    command: Option<Sub>,
 }
 
-/// In-process baselines, run as child processes so they are measured like
-/// the external tools.
+/// Generators, and the in-process baselines (hidden), which run as child
+/// processes so they are measured like the external tools.
 #[derive(Subcommand)]
-enum Internal {
+enum Sub {
+    /// Write one corpus case (base and target) into OUT/CASE.
+    GenCase {
+        /// The case, e.g. minilm-finetune-bf16.
+        #[arg(long)]
+        case: String,
+        /// Directory that receives the case's folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Corpus seed.
+        #[arg(long, default_value_t = 20_250_705)]
+        seed: u64,
+        /// The run's model scale (Llama cases: layers and vocabulary).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// The quick run's tiny shapes.
+        #[arg(long)]
+        quick: bool,
+        /// Threads [default: all cores].
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Write a Llama-3-8B-shaped BF16 pair (base and dense fine-tune, ~16 GB
+    /// each) into OUT/base and OUT/target, with bounded memory.
+    GenLlama {
+        /// Directory that receives the pair.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the pair.
+        #[arg(long, default_value_t = 20_250_705)]
+        seed: u64,
+        /// Multiply every width (head dim, intermediate, vocabulary) by this,
+        /// e.g. 0.0625 for a test of a few MB.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Decoder layers.
+        #[arg(long, default_value_t = 32)]
+        layers: usize,
+        /// Largest shard in bytes of tensor data (Hugging Face's "5GB").
+        #[arg(long, default_value_t = llama8b::DEFAULT_SHARD_BYTES)]
+        shard_bytes: u64,
+        /// Write OUT/base.safetensors and OUT/target.safetensors instead of shards.
+        #[arg(long)]
+        single_file: bool,
+        /// Replace an existing pair.
+        #[arg(long)]
+        force: bool,
+        /// Threads [default: all cores].
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     #[command(hide = true)]
     InternalEncode {
         #[arg(long, value_enum)]
@@ -97,18 +150,61 @@ enum Internal {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    match cli.internal {
-        Some(Internal::InternalEncode { method, level, threads, base, target, out }) => {
+    match cli.command {
+        Some(Sub::InternalEncode { method, level, threads, base, target, out }) => {
             init_pool(threads)?;
             let stats = baselines::encode_checkpoint(method, level, &base, &target, &out)?;
             bench::write_stats(&out, &stats)
         }
-        Some(Internal::InternalDecode { threads, base, delta, out }) => {
+        Some(Sub::InternalDecode { threads, base, delta, out }) => {
             init_pool(threads)?;
             baselines::decode_checkpoint(&base, &delta, &out)
         }
+        Some(Sub::GenCase { case, out, seed, scale, quick, threads }) => {
+            init_pool(threads.unwrap_or_else(all_cores))?;
+            gen_case(&case, &out, seed, scale, quick)
+        }
+        Some(Sub::GenLlama { out, seed, scale, layers, shard_bytes, single_file, force, threads }) => {
+            init_pool(threads.unwrap_or_else(all_cores))?;
+            if !(scale > 0.0 && scale <= 1.0) {
+                bail!("--scale must be in (0, 1]");
+            }
+            let shape = if (scale - 1.0).abs() < f64::EPSILON {
+                ModelShape { layers, ..ModelShape::llama3_8b() }
+            } else {
+                ModelShape::llama3_8b_scaled(scale, layers)
+            };
+            let w = llama8b::generate(&llama8b::Options { out, seed, shape, shard_bytes, single_file, force })?;
+            println!("base {}", w.base.display());
+            println!("target {}", w.target.display());
+            println!("tensor bytes {} per checkpoint, {} file(s) each", w.tensor_bytes, w.files);
+            Ok(())
+        }
         None => run(&cli),
     }
+}
+
+fn all_cores() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+/// Writes one corpus case into `out/<case>` (the harness's layout and cache
+/// stamp) and prints its base and target paths.
+fn gen_case(name: &str, out: &Path, seed: u64, scale: f64, quick: bool) -> Result<()> {
+    let Some(case) = CaseSpec::named(name) else {
+        let names: Vec<_> = CASES.iter().map(|c| c.name).collect();
+        bail!("no case {name:?}; the cases are {}", names.join(", "));
+    };
+    let dir = out.join(case.name);
+    // The corpus replaces a stale case folder whole: only ever one it wrote.
+    if dir.exists() && !dir.join("corpus.stamp").exists() {
+        bail!("{} exists and is not a corpus case folder", dir.display());
+    }
+    let shape = if quick { ModelShape::quick() } else { ModelShape::default_scaled(scale) };
+    let paths = corpus::ensure_case(&dir, case, &shape, seed)?;
+    println!("base {}", paths.base.display());
+    println!("target {}", paths.target.display());
+    Ok(())
 }
 
 fn init_pool(threads: usize) -> Result<()> {
@@ -118,7 +214,7 @@ fn init_pool(threads: usize) -> Result<()> {
 fn run(cli: &Cli) -> Result<()> {
     let started = Instant::now();
     let load_at_start = report::load_average();
-    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from));
+    let threads = cli.threads.unwrap_or_else(all_cores);
     init_pool(threads)?;
     if cli.work_dir.starts_with(repo_root()) {
         bail!("--work-dir must be outside the repository");

@@ -57,12 +57,15 @@ enum Command {
         /// value orders are measured rather than predicted.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=22))]
         level: i32,
-        /// Store a stream compressed only when zstd saves at least this fraction of it,
-        /// and group values by base key only when that saves as much (0 to 1).
-        /// Raising it trades size for decoding that is mostly copying, which suits
-        /// loading onto a GPU (try 0.25).
-        #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
+        /// Store a stream compressed only when compression saves at least this
+        /// fraction of it (0 to 1). Raising it trades size for decoding that is
+        /// mostly copying.
+        #[arg(long = "min-gain", alias = "min-zstd-gain", default_value_t = 0.0, value_name = "FRACTION")]
         min_zstd_gain: f64,
+        /// Format version to write: 1.1 uses the lane rANS codec, which is smaller and
+        /// decodes on a GPU; 1.0 uses zstd only, for readers older than format 1.1.
+        #[arg(long, default_value = "1.1", value_parser = ["1.0", "1.1"])]
+        format_version: String,
         /// Words per chunk: the unit of parallelism and random access.
         #[arg(long, default_value_t = tpde::limits::DEFAULT_CHUNK_WORDS)]
         chunk_words: u64,
@@ -86,6 +89,10 @@ enum Command {
         /// Overwrite OUT if it exists.
         #[arg(long)]
         force: bool,
+        /// Sync OUT to storage before renaming it into place. Off by default, since
+        /// the target can be rebuilt from the delta; the rename is atomic either way.
+        #[arg(long)]
+        sync: bool,
         #[command(flatten)]
         threads: Threads,
     },
@@ -233,13 +240,14 @@ fn set_threads(threads: &Threads) -> tpde::Result<()> {
 #[allow(clippy::cast_precision_loss)] // ratios for display
 fn run(cli: Cli) -> tpde::Result<()> {
     match cli.command {
-        Command::Encode { inputs, output, level, min_zstd_gain, chunk_words, force, threads } => {
+        Command::Encode { inputs, output, level, min_zstd_gain, format_version, chunk_words, force, threads } => {
             set_threads(&threads)?;
             prepare_output(&output, &inputs, force)?;
             let (base_path, target_path) = split_base(&inputs);
             let base = open_optional(base_path)?;
             let target = Checkpoint::open(target_path)?;
-            let options = EncodeOptions { settings: EncodeSettings { level, min_zstd_gain }, chunk_words };
+            let settings = EncodeSettings { level, min_zstd_gain, rans: format_version != "1.0" };
+            let options = EncodeOptions { settings, chunk_words };
             let summary = pipeline::encode::encode_to(base.as_ref(), &target, &output, options, force, &Bars::new())?;
             eprintln!(
                 "wrote {} ({} of {} target, {:.2}%; {} tensors against the base, {} standalone)",
@@ -251,13 +259,14 @@ fn run(cli: Cli) -> tpde::Result<()> {
                 summary.standalone_tensors,
             );
         }
-        Command::Apply { inputs, output, force, threads } => {
+        Command::Apply { inputs, output, force, sync, threads } => {
             set_threads(&threads)?;
             prepare_output(&output, &inputs, force)?;
             let (base_path, delta_path) = split_base(&inputs);
             let delta = DeltaFile::open(delta_path)?;
             let base = open_optional(base_path)?;
-            let summary = pipeline::apply::apply(&delta, base.as_ref(), &output, force, &Bars::new())?;
+            let options = pipeline::apply::ApplyOptions { force, sync };
+            let summary = pipeline::apply::apply(&delta, base.as_ref(), &output, options, &Bars::new())?;
             eprintln!(
                 "wrote {} ({} in {} file(s)), every digest matched",
                 escape(&output.display().to_string()),
@@ -339,7 +348,12 @@ fn render_report(report: &pipeline::inspect::Report<'_>) -> String {
             100.0 * t.changed_fraction,
         );
     }
-    let _ = writeln!(out, "file size {}", human(report.file_bytes));
+    let _ = writeln!(
+        out,
+        "file size {}; {} in zstd streams, which a GPU loader decodes on the CPU",
+        human(report.file_bytes),
+        human(report.total.cpu_only_bytes)
+    );
     let checked = report.checked;
     let _ = writeln!(
         out,

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::cast_possible_truncation)]
 
 use tpde::codec::positions;
+use tpde::codec::rans::Contexts;
 use tpde::container::chunk_map::{
     ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
 };
@@ -132,6 +133,67 @@ pub fn forced_chunk_in(
     level: Option<i32>,
     grouped: bool,
 ) -> EncodedChunk {
+    forced_chunk_coded(base, target, w, choice, op, layout, grouped, Codecs::Zstd(level))
+}
+
+/// How [`forced_chunk_coded`] stores each stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codecs {
+    /// zstd at this level where that is smaller, else stored.
+    Zstd(Option<i32>),
+    /// Lane rANS (codec 2, spec §8.7) in every stream, with the contexts of
+    /// the mix.
+    Rans(RansMix),
+    /// Lane rANS, zstd and stored in turn (stream `q` takes `q mod 3`), with
+    /// the richest contexts a lane rANS stream may use there.
+    Mixed,
+}
+
+/// Which contexts lane rANS streams use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RansMix {
+    /// Context 0 everywhere.
+    None,
+    /// The top gap plane context 0, the others the plane above; the top
+    /// value plane the base key where allowed, the others the plane above.
+    Chained,
+    /// Every value plane the base key where allowed, else as `Chained`.
+    BaseKeys,
+}
+
+pub const RANS_MIXES: [RansMix; 3] = [RansMix::None, RansMix::Chained, RansMix::BaseKeys];
+
+/// The context that stream `q` of a chunk takes under `mix`: 0 none, 1 base
+/// key, 2 plane above (spec §8.7 says where each is allowed).
+fn context_for(mix: RansMix, record: &ChunkRecord, np: usize, q: usize, streams: usize) -> u8 {
+    let planes = record.value_layout != ValueLayout::Words;
+    let top = q + 1 == if q < np { np } else { streams };
+    let key_ok = q >= np
+        && planes
+        && matches!(record.encoding, Encoding::Sparse | Encoding::Dense)
+        && record.value_order == ValueOrder::Positional;
+    let above_ok = !top && (q < np && record.position_coding == PositionCoding::Gaps || q >= np && planes);
+    match mix {
+        RansMix::None => 0,
+        RansMix::BaseKeys if key_ok => 1,
+        RansMix::Chained if key_ok && top => 1,
+        _ if above_ok => 2,
+        _ => 0,
+    }
+}
+
+/// The chunk of [`forced_chunk_in`] with its streams stored by `codecs`.
+#[allow(clippy::too_many_arguments)]
+pub fn forced_chunk_coded(
+    base: &[u8],
+    target: &[u8],
+    w: WordWidth,
+    choice: Choice,
+    op: ValueOp,
+    layout: ValueLayout,
+    grouped: bool,
+    codecs: Codecs,
+) -> EncodedChunk {
     let n = target.len() / w.bytes();
     let op = if choice == Choice::Raw { ValueOp::Xor } else { op };
     let changed: Vec<u32> =
@@ -192,15 +254,36 @@ pub fn forced_chunk_in(
     } else {
         values
     };
+    let np = raw.len();
     raw.extend(split(&values, layout, w));
     let mut streams = Vec::new();
     let mut data = Vec::new();
-    for s in raw {
-        let z =
-            level.map(|l| tpde::codec::zstd_stream::compress(&s, tpde::codec::zstd_stream::Effort::Level(l)).unwrap());
-        let (codec, bytes) = match z {
-            Some(z) if z.len() < s.len() => (Codec::Zstd, z),
-            _ => (Codec::Stored, s.clone()),
+    let positions = (record.encoding == Encoding::Sparse).then_some(changed.as_slice());
+    for (q, s) in raw.iter().enumerate() {
+        let zstd = |level: Option<i32>| {
+            let z = level
+                .map(|l| tpde::codec::zstd_stream::compress(s, tpde::codec::zstd_stream::Effort::Level(l)).unwrap());
+            match z {
+                Some(z) if z.len() < s.len() => (Codec::Zstd, z),
+                _ => (Codec::Stored, s.clone()),
+            }
+        };
+        let rans = |mix: RansMix| {
+            let contexts = match context_for(mix, &record, np, q, raw.len()) {
+                1 => Contexts::BaseKeys { base, word_bytes: w.bytes(), positions },
+                2 => Contexts::HigherPlane(&raw[q + 1]),
+                _ => Contexts::None,
+            };
+            (Codec::Rans, tpde::codec::rans::encode(s, contexts))
+        };
+        let (codec, bytes) = match codecs {
+            Codecs::Zstd(level) => zstd(level),
+            Codecs::Rans(mix) => rans(mix),
+            Codecs::Mixed => match q % 3 {
+                0 => rans(RansMix::Chained),
+                1 => zstd(Some(1)),
+                _ => zstd(None),
+            },
         };
         streams.push(StreamRecord { stored_len: bytes.len() as u32, decoded_len: s.len() as u32, codec });
         data.extend_from_slice(&bytes);
@@ -254,6 +337,34 @@ pub fn forced_tensor_in(
     }
 }
 
+/// A whole tensor of [`forced_chunk_coded`] chunks of `chunk_words` words.
+#[allow(clippy::too_many_arguments)]
+pub fn forced_tensor_coded(
+    base: &[u8],
+    target: &[u8],
+    w: WordWidth,
+    chunk_words: usize,
+    choice: Choice,
+    op: ValueOp,
+    layout: ValueLayout,
+    grouped: bool,
+    codecs: Codecs,
+) -> EncodedTensor {
+    let cb = chunk_words * w.bytes();
+    let chunks = base
+        .chunks(cb)
+        .zip(target.chunks(cb))
+        .map(|(b, t)| forced_chunk_coded(b, t, w, choice, op, layout, grouped, codecs))
+        .collect();
+    EncodedTensor {
+        name: "t".into(),
+        width: w,
+        words: (target.len() / w.bytes()) as u64,
+        chunk_words: chunk_words as u32,
+        chunks,
+    }
+}
+
 /// The library's decoder of one chunk (checksum and digest checked).
 pub fn library_decode(c: &EncodedChunk, base: &[u8], words: usize, w: WordWidth) -> Vec<u8> {
     let mut out = Vec::new();
@@ -287,4 +398,22 @@ pub fn sparse_record(changed: u32, coding: PositionCoding, gap_width: u8, stream
         checksum: 0,
         digest: [0; 16],
     }
+}
+
+/// fp32 words like a layer's weights: the base near N(0, 1), the target the
+/// base plus a small step at a fraction `p` of the words (all for `p >= 1`),
+/// as a fine-tune changes them.
+pub fn float_pair(words: usize, p: f64, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut r = lcg(seed);
+    let mut unit = move || (r() >> 11) as f64 / (1u64 << 42) as f64;
+    let mut base = Vec::with_capacity(words * 4);
+    let mut target = Vec::with_capacity(words * 4);
+    for _ in 0..words {
+        // a sum of uniforms, close enough to a normal for the exponent's spread
+        let x = ((0..4).map(|_| unit()).sum::<f64>() - 2.0) as f32;
+        let y = if p >= 1.0 || unit() < p { x + 0.01 * (unit() as f32 - 0.5) } else { x };
+        base.extend_from_slice(&x.to_le_bytes());
+        target.extend_from_slice(&y.to_le_bytes());
+    }
+    (base, target)
 }

@@ -2,5 +2,6 @@
 //! (spec §8).
 
 pub mod positions;
+pub mod rans;
 pub mod values;
 pub mod zstd_stream;

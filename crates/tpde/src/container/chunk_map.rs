@@ -98,6 +98,10 @@ wire_enum!(
         Stored = 0,
         /// One zstd frame.
         Zstd = 1,
+        /// Lane rANS (spec §8.7); only in a file with [`FEATURE_RANS_LANES`].
+        ///
+        /// [`FEATURE_RANS_LANES`]: crate::container::preamble::FEATURE_RANS_LANES
+        Rans = 2,
     }
 );
 

@@ -17,10 +17,15 @@ pub const TRAILER_LEN: usize = 16;
 const VERSION_END: usize = 10;
 /// The major version this library reads and writes.
 pub const MAJOR_VERSION: u16 = 1;
-/// The minor version this library writes.
+/// The minor version of a file that sets no feature bit: a 1.0 file.
 pub const MINOR_VERSION: u16 = 0;
-/// Required feature bits this library understands (none are defined in 1.0).
-pub const KNOWN_REQUIRED_FEATURES: u64 = 0;
+/// Required feature bit `rans-lanes`: streams may use the lane rANS codec (spec §3,
+/// §8.7). Bit 0 is never assigned.
+pub const FEATURE_RANS_LANES: u64 = 1 << 1;
+/// The minor version that defines [`FEATURE_RANS_LANES`].
+pub const MINOR_VERSION_RANS_LANES: u16 = 1;
+/// Required feature bits this library understands.
+pub const KNOWN_REQUIRED_FEATURES: u64 = FEATURE_RANS_LANES;
 
 /// The decoded preamble (spec §3, table 3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

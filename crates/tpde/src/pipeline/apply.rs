@@ -259,16 +259,19 @@ struct FileSink<'a> {
     out: &'a Path,
     /// Whether the single output file may replace one at `out`.
     force: bool,
+    /// Whether each file is synced before its rename.
+    sync: bool,
     dir: Option<PendingDir>,
     current: Option<PendingFile>,
 }
 
 impl TargetSink for FileSink<'_> {
     fn begin_file(&mut self, name: &str) -> Result<()> {
-        self.current = Some(match &self.dir {
+        let file = match &self.dir {
             Some(dir) => PendingFile::create(&dir.path_of(name))?,
             None => PendingFile::create_with(self.out, self.force)?,
-        });
+        };
+        self.current = Some(file.synced(self.sync));
         Ok(())
     }
 
@@ -297,10 +300,22 @@ pub struct ApplySummary {
     pub files: usize,
 }
 
+/// How [`apply`] writes its output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Replace an existing output: a file replaces only a file, and a directory only
+    /// a directory that holds nothing but a checkpoint (see [`crate::output`]).
+    pub force: bool,
+    /// Sync every output file to storage before renaming it into place. Off by
+    /// default: a rebuilt target can be rebuilt again from its delta, and on small
+    /// checkpoints the sync costs as much as the decoding. (`encode` always syncs: a
+    /// delta may become the only copy of its target.)
+    pub sync: bool,
+}
+
 /// Rebuilds the target of `delta` into `out`: a file for a single-file target, a
-/// directory for a sharded one. Nothing appears at `out` unless every digest matched.
-/// With `force`, a file replaces only a file, and a directory only a directory that
-/// holds nothing but a checkpoint (see [`crate::output`]).
+/// directory for a sharded one. Nothing appears at `out` unless every digest matched;
+/// the rename into place is atomic whether or not the output is synced.
 ///
 /// # Errors
 /// `E_OUTPUT_EXISTS` without `force` (also when something appears at `out` during
@@ -310,20 +325,21 @@ pub fn apply(
     delta: &DeltaFile,
     base: Option<&Checkpoint>,
     out: &Path,
-    force: bool,
+    options: ApplyOptions,
     progress: &dyn Progress,
 ) -> Result<ApplySummary> {
+    let ApplyOptions { force, sync } = options;
     let inputs: Vec<&Path> = std::iter::once(delta.path()).chain(base.map(|b| b.root.as_path())).collect();
     check_not_an_input(out, &inputs)?;
     let sharded = delta.header().target.kind == LayoutKind::Sharded;
     check_output(out, force, if sharded { OutputKind::Directory } else { OutputKind::File })?;
     let dir = if sharded { Some(PendingDir::create_with(out, force)?) } else { None };
-    let mut sink = FileSink { out, force, dir, current: None };
+    let mut sink = FileSink { out, force, sync, dir, current: None };
     rebuild(delta, base, &mut sink, progress).map_err(|e| e.in_file(delta.path()))?;
     let header = delta.header();
     if let Some(dir) = sink.dir.take() {
         let index = header.target.index_json.as_deref().unwrap_or_default();
-        let mut file = PendingFile::create(&dir.path_of(INDEX_FILE))?;
+        let mut file = PendingFile::create(&dir.path_of(INDEX_FILE))?.synced(sync);
         file.write_all(index.as_bytes())?;
         file.commit()?;
         dir.commit()?;

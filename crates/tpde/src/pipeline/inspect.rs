@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::container::chunk_map::Encoding;
+use crate::container::chunk_map::{Codec, Encoding};
 use crate::delta::DecodeScratch;
 use crate::error::Result;
 use crate::limits::DECODE_IN_FLIGHT_BYTES;
@@ -71,6 +71,9 @@ pub struct TensorReport {
     pub stored_bytes: u64,
     /// Of those, bytes of position streams.
     pub position_bytes: u64,
+    /// Of those, bytes of zstd streams: the only ones a GPU loader leaves to the
+    /// CPU (lane rANS and stored streams decode on the GPU).
+    pub cpu_only_bytes: u64,
     /// Stored bytes over target bytes.
     pub ratio: f64,
     /// Words whose bits changed.
@@ -173,8 +176,10 @@ pub fn inspect(delta: &DeltaFile) -> Result<Report<'_>> {
                 crate::container::chunk_map::PositionCoding::Bitmap => 1,
                 crate::container::chunk_map::PositionCoding::Gaps => usize::from(chunk.gap_width),
             };
-            report.position_bytes +=
-                delta.streams(span.index)[..position_streams].iter().map(|s| u64::from(s.stored_len)).sum::<u64>();
+            let streams = delta.streams(span.index);
+            report.position_bytes += streams[..position_streams].iter().map(|s| u64::from(s.stored_len)).sum::<u64>();
+            report.cpu_only_bytes +=
+                streams.iter().filter(|s| s.codec == Codec::Zstd).map(|s| u64::from(s.stored_len)).sum::<u64>();
         }
         report.ratio = ratio(report.stored_bytes, report.target_bytes);
         report.changed_fraction = ratio(report.changed_words, report.words);
@@ -182,6 +187,7 @@ pub fn inspect(delta: &DeltaFile) -> Result<Report<'_>> {
         total.target_bytes += report.target_bytes;
         total.stored_bytes += report.stored_bytes;
         total.position_bytes += report.position_bytes;
+        total.cpu_only_bytes += report.cpu_only_bytes;
         total.changed_words += report.changed_words;
         total.words += report.words;
         total.delta |= report.delta;

@@ -1,0 +1,2282 @@
+//! The lane rANS codec, codec 2 (spec §8.7).
+//!
+//! A stream's bytes are cut into tiles of `2^tile_log2` symbols that decode on their
+//! own; inside a tile, symbol `j` belongs to lane `j mod 32`, and each lane is an
+//! rANS coder with a 32-bit state and 16-bit renormalisation words. Up to eight
+//! frequency tables of `2^prob_bits` slots are chosen per symbol by a context byte
+//! that the reader knows beforehand: the base key of the value's base word, or the
+//! same symbol of the plane above.
+//!
+//! The decoder checks every rule of §8.7 (header, tables, tile lengths, initial and
+//! final states, word counts) and never sizes an allocation by an unchecked field. It
+//! is monomorphized per context kind; full steps run in an AVX2 kernel where the CPU
+//! has one (about twice the scalar loop's speed), and the steps near a tile's end,
+//! whose reads are checked, in the scalar loop.
+//!
+//! The encoder picks the tables (clustering the context bytes when there is a
+//! context), quantizes frequencies to minimise the coded size, and sizes the tiles so
+//! that their states stay near 1% of the payload. [`predicted_len`] gives the size
+//! without coding, so that a writer can choose between codecs and contexts cheaply.
+
+use crate::error::{Error, ErrorCode, Result};
+
+/// Lanes of a tile: a symbol's lane is its index in the tile modulo 32 (spec §8.7).
+pub const LANES: usize = 32;
+/// The lower bound `L` of a decoder state, and every lane's initial encoder state.
+pub const STATE_LOW: u32 = 1 << 16;
+/// Largest `prob_bits`: a table has at most `2^11` slots.
+pub const MAX_PROB_BITS: u8 = 11;
+/// Largest number of frequency tables in one stream.
+pub const MAX_TABLES: usize = 8;
+
+/// Bounds of `tile_log2` in a stream (spec §8.7).
+const MIN_TILE_LOG2: u8 = 8;
+const MAX_TILE_LOG2: u8 = 24;
+/// Bounds of `tile_log2` that the encoder chooses from.
+const MIN_ENCODER_TILE_LOG2: u32 = 12;
+const MAX_ENCODER_TILE_LOG2: u32 = 18;
+/// Bytes of `prob_bits`, `context`, `table_count` and `tile_log2`.
+const FIXED_HEADER_LEN: usize = 4;
+/// The context map: one table index per context byte.
+const CONTEXT_MAP_LEN: usize = 256;
+/// A table with this many symbols or more lists them as a 32-byte bitmap.
+const BITMAP_MIN_SYMBOLS: usize = 32;
+/// Frequencies from this value up take the two-byte form.
+const TWO_BYTE_FREQUENCY: u32 = 128;
+
+/// Where a stream's context bytes come from (spec §8.7, the `context` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextKind {
+    /// Every symbol has context 0; the stream has one table.
+    None = 0,
+    /// The base key (§8.6) of the base word the value belongs to.
+    BaseKey = 1,
+    /// The same byte of the decoded plane above.
+    HigherPlane = 2,
+}
+
+impl ContextKind {
+    fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            0 => Some(Self::None),
+            1 => Some(Self::BaseKey),
+            2 => Some(Self::HigherPlane),
+            _ => None,
+        }
+    }
+}
+
+/// The context byte of every symbol, as the reader derives it (spec §8.7).
+#[derive(Debug, Clone, Copy)]
+pub enum Contexts<'a> {
+    /// No context: every symbol has context byte 0.
+    None,
+    /// `ctx(i) = plane_above[i]` (`plane_above.len()` is the symbol count).
+    HigherPlane(&'a [u8]),
+    /// `ctx(i)` is the key (§8.6) of the base word at value `i`'s word: word
+    /// `positions[i]` for a sparse chunk (`Some`), word `i` for a dense chunk (`None`);
+    /// zero past the end of `base`. `base` holds little-endian words of `word_bytes`
+    /// bytes and may be shorter than the chunk.
+    BaseKeys {
+        /// The chunk's base words, possibly fewer than the chunk has.
+        base: &'a [u8],
+        /// Bytes per word: 1, 2, 4 or 8.
+        word_bytes: usize,
+        /// The word of each value of a sparse chunk; `None` for a dense chunk.
+        positions: Option<&'a [u32]>,
+    },
+}
+
+impl Contexts<'_> {
+    /// The `context` field that goes with these contexts.
+    #[must_use]
+    pub fn kind(&self) -> ContextKind {
+        match self {
+            Self::None => ContextKind::None,
+            Self::HigherPlane(_) => ContextKind::HigherPlane,
+            Self::BaseKeys { .. } => ContextKind::BaseKey,
+        }
+    }
+}
+
+fn header_error(message: impl std::fmt::Display) -> Error {
+    Error::new(ErrorCode::RansHeader, format!("lane rANS stream: {message}"))
+}
+
+fn decode_error(tile: usize, message: impl std::fmt::Display) -> Error {
+    Error::new(ErrorCode::RansDecode, format!("lane rANS stream, tile {tile}: {message}"))
+}
+
+// ---------------------------------------------------------------------------------
+// Header (spec §8.7, Table 8.6)
+// ---------------------------------------------------------------------------------
+
+/// The four fixed fields of a stream, range-checked.
+#[derive(Debug, Clone, Copy)]
+struct FixedHeader {
+    prob_bits: u32,
+    kind: ContextKind,
+    table_count: usize,
+    tile_log2: u32,
+}
+
+/// Reads the fixed fields in layout order. With `expected`, a context other than it
+/// is "not allowed in this stream" (§8.7), checked right where the field is read.
+fn read_fixed_header(stored: &[u8], expected: Option<ContextKind>) -> Result<FixedHeader> {
+    let field = |at: usize, name: &str| {
+        stored.get(at).copied().ok_or_else(|| header_error(format!("the stream ends before its {name} field")))
+    };
+    let prob_bits = field(0, "prob_bits")?;
+    if !(1..=MAX_PROB_BITS).contains(&prob_bits) {
+        return Err(header_error(format!("prob_bits {prob_bits} is not 1 to {MAX_PROB_BITS}")));
+    }
+    let context = field(1, "context")?;
+    let kind =
+        ContextKind::from_byte(context).ok_or_else(|| header_error(format!("context {context} is undefined")))?;
+    if let Some(expected) = expected {
+        if kind != expected {
+            return Err(header_error(format!(
+                "context {context} is not allowed in this stream (the reader derives context {})",
+                expected as u8
+            )));
+        }
+    }
+    let table_count = field(2, "table_count")?;
+    let allowed = if kind == ContextKind::None { 1..=1 } else { 2..=MAX_TABLES };
+    if !allowed.contains(&usize::from(table_count)) {
+        return Err(header_error(format!(
+            "table_count {table_count} is not {} to {} for context {context}",
+            allowed.start(),
+            allowed.end()
+        )));
+    }
+    let tile_log2 = field(3, "tile_log2")?;
+    if !(MIN_TILE_LOG2..=MAX_TILE_LOG2).contains(&tile_log2) {
+        return Err(header_error(format!("tile_log2 {tile_log2} is not {MIN_TILE_LOG2} to {MAX_TILE_LOG2}")));
+    }
+    Ok(FixedHeader {
+        prob_bits: u32::from(prob_bits),
+        kind,
+        table_count: usize::from(table_count),
+        tile_log2: u32::from(tile_log2),
+    })
+}
+
+/// The context kind of a stream, from its four fixed header bytes, which are checked
+/// (lengths and the ranges of `prob_bits`, `context`, `table_count`, `tile_log2`).
+/// A chunk decoder learns from it which context bytes the stream needs.
+///
+/// # Errors
+/// `E_RANS_HEADER` when a fixed field is missing or out of range (spec §8.7).
+pub fn context_kind(stored: &[u8]) -> Result<ContextKind> {
+    read_fixed_header(stored, None).map(|header| header.kind)
+}
+
+/// Reads a stream's bytes field by field; running out is `E_RANS_HEADER`.
+struct FieldReader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> FieldReader<'a> {
+    fn take(&mut self, len: usize, what: &dyn Fn() -> String) -> Result<&'a [u8]> {
+        let field = self
+            .at
+            .checked_add(len)
+            .and_then(|end| self.bytes.get(self.at..end))
+            .ok_or_else(|| header_error(format!("the stream ends inside {}", what())))?;
+        self.at += len;
+        Ok(field)
+    }
+
+    fn byte(&mut self, what: &dyn Fn() -> String) -> Result<u8> {
+        self.take(1, what).map(|field| field[0])
+    }
+
+    fn rest(&self) -> &'a [u8] {
+        &self.bytes[self.at..]
+    }
+}
+
+/// Decoding tables: for each slot of each table one packed entry, and per context
+/// byte where its table starts.
+struct DecodeTables {
+    /// Entry of slot `r` of table `t` at `(t << prob_bits) + r`: the symbol in bits 0–7,
+    /// its frequency in bits 8–19, `r − cum(symbol)` in bits 20–30 (spec §15.10).
+    /// Exactly `table_count << prob_bits` entries, every one written.
+    slots: Vec<u32>,
+    /// `context_map[c] << prob_bits`: the first slot of context byte `c`'s table.
+    context_offsets: [u32; 256],
+}
+
+const ENTRY_FREQUENCY_SHIFT: u32 = 8;
+const ENTRY_FREQUENCY_MASK: u32 = 0xFFF;
+const ENTRY_OFFSET_SHIFT: u32 = 20;
+
+/// One table's symbols and frequencies, as listed (spec Table 8.7).
+struct ParsedTable {
+    count: usize,
+    symbols: [u8; 256],
+    frequencies: [u32; 256],
+}
+
+fn read_table(reader: &mut FieldReader<'_>, prob_bits: u32, table: usize) -> Result<ParsedTable> {
+    let mut parsed = ParsedTable { count: 0, symbols: [0; 256], frequencies: [0; 256] };
+    let count = usize::from(reader.byte(&|| format!("table {table}'s symbol count"))?) + 1;
+    parsed.count = count;
+    if count < BITMAP_MIN_SYMBOLS {
+        let listed = reader.take(count, &|| format!("table {table}'s symbol list"))?;
+        if listed.windows(2).any(|pair| pair[0] >= pair[1]) {
+            return Err(header_error(format!("table {table}'s symbol list is not strictly increasing")));
+        }
+        parsed.symbols[..count].copy_from_slice(listed);
+    } else {
+        let bitmap = reader.take(32, &|| format!("table {table}'s symbol bitmap"))?;
+        let set: usize = bitmap.iter().map(|byte| byte.count_ones() as usize).sum();
+        if set != count {
+            return Err(header_error(format!("table {table}'s bitmap has {set} symbols, not {count}")));
+        }
+        let present = (0..=255u8).filter(|&symbol| bitmap[usize::from(symbol / 8)] >> (symbol % 8) & 1 == 1);
+        for (slot, symbol) in parsed.symbols.iter_mut().zip(present) {
+            *slot = symbol;
+        }
+    }
+    let total = 1u32 << prob_bits;
+    let mut sum = 0u32;
+    for (index, frequency) in parsed.frequencies[..count].iter_mut().enumerate() {
+        let what = || format!("table {table}'s frequency {index}");
+        let first = reader.byte(&what)?;
+        *frequency = if first < 0x80 {
+            if first == 0 {
+                return Err(header_error(format!("table {table} gives symbol {} frequency 0", parsed.symbols[index])));
+            }
+            u32::from(first)
+        } else {
+            let second = reader.byte(&what)?;
+            let value = u32::from(first & 0x7F) << 8 | u32::from(second);
+            if value < TWO_BYTE_FREQUENCY {
+                return Err(header_error(format!(
+                    "table {table} writes frequency {value} in two bytes (the two-byte form starts at 128)"
+                )));
+            }
+            value
+        };
+        // At most 256 frequencies below 2^15: the sum cannot overflow.
+        sum += *frequency;
+    }
+    if sum != total {
+        return Err(header_error(format!("table {table}'s frequencies sum to {sum}, not 2^{prob_bits}")));
+    }
+    Ok(parsed)
+}
+
+fn read_tables(reader: &mut FieldReader<'_>, header: &FixedHeader) -> Result<DecodeTables> {
+    let mut context_offsets = [0u32; 256];
+    if header.table_count > 1 {
+        let map = reader.take(CONTEXT_MAP_LEN, &|| "the context map".to_owned())?;
+        for (context, (&table, offset)) in map.iter().zip(&mut context_offsets).enumerate() {
+            if usize::from(table) >= header.table_count {
+                return Err(header_error(format!(
+                    "context {context} maps to table {table}, but there are {} tables",
+                    header.table_count
+                )));
+            }
+            *offset = u32::from(table) << header.prob_bits;
+        }
+    }
+    // At most 8 · 2^11 entries: table_count and prob_bits are checked.
+    let mut slots = Vec::with_capacity(header.table_count << header.prob_bits);
+    for table in 0..header.table_count {
+        let parsed = read_table(reader, header.prob_bits, table)?;
+        // The frequencies sum to 2^prob_bits, so the table fills exactly its slots.
+        for (&symbol, &frequency) in parsed.symbols.iter().zip(&parsed.frequencies).take(parsed.count) {
+            slots.extend(
+                (0..frequency).map(|offset| {
+                    u32::from(symbol) | frequency << ENTRY_FREQUENCY_SHIFT | offset << ENTRY_OFFSET_SHIFT
+                }),
+            );
+        }
+    }
+    Ok(DecodeTables { slots, context_offsets })
+}
+
+/// A stream whose header, tables and tile lengths have been checked.
+struct CheckedStream<'a> {
+    prob_bits: u32,
+    tile_log2: u32,
+    tables: DecodeTables,
+    /// One u32 per tile.
+    tile_lengths: &'a [u8],
+    /// The tile payloads, back to back; their lengths sum to exactly this.
+    payloads: &'a [u8],
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// Every header check of §8.7, in layout order, before anything is decoded.
+fn check_stream(stored: &[u8], decoded_len: usize, expected: ContextKind) -> Result<CheckedStream<'_>> {
+    let header = read_fixed_header(stored, Some(expected))?;
+    let mut reader = FieldReader { bytes: stored, at: FIXED_HEADER_LEN };
+    let tables = read_tables(&mut reader, &header)?;
+    // The tile count comes from decoded_len; its lengths must be in the stream
+    // before they are read.
+    let tile_symbols = 1usize << header.tile_log2;
+    let tiles = decoded_len.div_ceil(tile_symbols);
+    let lengths_len = tiles.checked_mul(4).ok_or_else(|| header_error("the tile lengths overflow"))?;
+    let tile_lengths = reader.take(lengths_len, &|| format!("the tile lengths ({tiles} tiles)"))?;
+    let payloads = reader.rest();
+    let mut sum = 0u64;
+    for tile in 0..tiles {
+        let symbols = tile_symbols.min(decoded_len - tile * tile_symbols);
+        let states_len = 4 * symbols.min(LANES) as u64;
+        let length = u64::from(u32_at(tile_lengths, 4 * tile));
+        if length < states_len || (length - states_len) % 2 != 0 {
+            return Err(header_error(format!(
+                "tile {tile} has length {length}: not {states_len} bytes of states plus whole 16-bit words"
+            )));
+        }
+        sum += length;
+    }
+    if sum != payloads.len() as u64 {
+        return Err(header_error(format!("the tile lengths sum to {sum}, but {} bytes follow them", payloads.len())));
+    }
+    Ok(CheckedStream { prob_bits: header.prob_bits, tile_log2: header.tile_log2, tables, tile_lengths, payloads })
+}
+
+// ---------------------------------------------------------------------------------
+// Contexts
+// ---------------------------------------------------------------------------------
+
+/// The base key (§8.6) of the little-endian word `word` of `WB` bytes:
+/// `(rotl(b, 1) >> (w − 8)) & 0xFF`, the top byte shifted up by one with the next
+/// bit below it, or for bytes the byte rotated by one.
+#[inline]
+fn key_of_word<const WB: usize>(word: &[u8]) -> u8 {
+    if WB == 1 {
+        word[0].rotate_left(1)
+    } else {
+        word[WB - 1] << 1 | word[WB - 2] >> 7
+    }
+}
+
+/// The key of base word `index`, or of a zero word past the end of `base`.
+#[inline]
+fn key_at<const WB: usize>(base: &[u8], index: usize) -> u8 {
+    index
+        .checked_mul(WB)
+        .and_then(|start| base.get(start..)?.first_chunk::<WB>())
+        .map_or(0, |word| key_of_word::<WB>(word))
+}
+
+/// The context bytes of a stream being decoded, for symbols below its decoded length.
+/// One implementation per context kind, so the decoder is monomorphized per kind.
+trait ContextSource {
+    /// Every symbol uses table 0: the decoder skips the lookups.
+    const NONE: bool = false;
+
+    /// The context byte of symbol `i`.
+    fn context(&self, i: usize) -> u8;
+
+    /// The context bytes of symbols `first .. first + 32`.
+    #[inline]
+    fn step_contexts(&self, first: usize, out: &mut [u8; LANES]) {
+        for (l, context) in out.iter_mut().enumerate() {
+            *context = self.context(first + l);
+        }
+    }
+}
+
+struct NoContext;
+
+impl ContextSource for NoContext {
+    const NONE: bool = true;
+
+    #[inline]
+    fn context(&self, _: usize) -> u8 {
+        0
+    }
+}
+
+struct PlaneAbove<'a>(&'a [u8]);
+
+impl ContextSource for PlaneAbove<'_> {
+    #[inline]
+    fn context(&self, i: usize) -> u8 {
+        self.0[i]
+    }
+
+    #[inline]
+    fn step_contexts(&self, first: usize, out: &mut [u8; LANES]) {
+        out.copy_from_slice(&self.0[first..first + LANES]);
+    }
+}
+
+struct DenseKeys<'a, const WB: usize>(&'a [u8]);
+
+impl<const WB: usize> ContextSource for DenseKeys<'_, WB> {
+    #[inline]
+    fn context(&self, i: usize) -> u8 {
+        key_at::<WB>(self.0, i)
+    }
+
+    #[inline]
+    fn step_contexts(&self, first: usize, out: &mut [u8; LANES]) {
+        match self.0.get(first * WB..(first + LANES) * WB) {
+            Some(words) => {
+                for (context, word) in out.iter_mut().zip(words.chunks_exact(WB)) {
+                    *context = key_of_word::<WB>(word);
+                }
+            }
+            None => {
+                for (l, context) in out.iter_mut().enumerate() {
+                    *context = self.context(first + l);
+                }
+            }
+        }
+    }
+}
+
+struct SparseKeys<'a, const WB: usize> {
+    base: &'a [u8],
+    positions: &'a [u32],
+}
+
+impl<const WB: usize> ContextSource for SparseKeys<'_, WB> {
+    #[inline]
+    fn context(&self, i: usize) -> u8 {
+        key_at::<WB>(self.base, self.positions[i] as usize)
+    }
+
+    #[inline]
+    fn step_contexts(&self, first: usize, out: &mut [u8; LANES]) {
+        for (context, &position) in out.iter_mut().zip(&self.positions[first..first + LANES]) {
+            *context = key_at::<WB>(self.base, position as usize);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Decoder
+// ---------------------------------------------------------------------------------
+
+/// Checks everything of a stream that needs no decoding (spec §8.7, the header
+/// checks) against the context its place calls for: what a reader checks of a
+/// stream whose context it cannot form, such as base keys without the base.
+///
+/// # Errors
+/// `E_RANS_HEADER`.
+pub fn check_header(stored: &[u8], decoded_len: usize, expected: ContextKind) -> Result<()> {
+    check_stream(stored, decoded_len, expected).map(|_| ())
+}
+
+/// Decodes one stream of `decoded_len` symbols into `out` (cleared first), checking
+/// everything of spec §8.7.
+///
+/// `contexts.kind()` must be the stream's context kind: a caller passes
+/// [`Contexts::None`] where the stream's place allows no context, so that any other
+/// context is "not allowed in this stream". [`context_kind`] tells beforehand which
+/// context a stream needs.
+///
+/// # Errors
+/// - `E_RANS_HEADER`: a header field, table, the context or a tile length breaks
+///   §8.7, or the stream is too short for a field.
+/// - `E_RANS_DECODE`: a tile's initial state is below 2^16, it runs out of words,
+///   leaves words over, or ends in a state other than 2^16.
+/// - `E_INVALID_ARGUMENT`: the contexts do not fit the stream (a plane above or a
+///   position list of another length than `decoded_len`, a word width other than
+///   1, 2, 4 or 8).
+/// - `E_OUT_OF_MEMORY`: `out` cannot hold `decoded_len` bytes.
+pub fn decode_into(stored: &[u8], decoded_len: usize, contexts: Contexts<'_>, out: &mut Vec<u8>) -> Result<()> {
+    decode_with(stored, decoded_len, contexts, out, Kernel::detect())
+}
+
+/// [`decode_into`] with the portable scalar kernel only, for benchmarks that weigh it
+/// against the vector kernel [`decode_into`] picks where the CPU has one.
+///
+/// # Errors
+/// As [`decode_into`].
+#[doc(hidden)]
+pub fn decode_into_scalar(stored: &[u8], decoded_len: usize, contexts: Contexts<'_>, out: &mut Vec<u8>) -> Result<()> {
+    decode_with(stored, decoded_len, contexts, out, Kernel::Scalar)
+}
+
+/// How full steps are decoded. Every kernel gives the same symbols and the same
+/// errors; the tests hold the vector kernel to the scalar one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Scalar,
+    /// 8 lanes per vector with gathers, where the CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") {
+            return Self::Avx2;
+        }
+        Self::Scalar
+    }
+}
+
+fn decode_with(
+    stored: &[u8],
+    decoded_len: usize,
+    contexts: Contexts<'_>,
+    out: &mut Vec<u8>,
+    kernel: Kernel,
+) -> Result<()> {
+    out.clear();
+    let stream = check_stream(stored, decoded_len, contexts.kind())?;
+    check_contexts(&contexts, decoded_len)?;
+    crate::limits::try_reserve(out, decoded_len)?;
+    out.resize(decoded_len, 0);
+    let decoded = match contexts {
+        Contexts::None => decode_tiles(&stream, &NoContext, out, kernel),
+        Contexts::HigherPlane(plane) => decode_tiles(&stream, &PlaneAbove(plane), out, kernel),
+        Contexts::BaseKeys { base, word_bytes, positions: None } => match word_bytes {
+            1 => decode_tiles(&stream, &DenseKeys::<1>(base), out, kernel),
+            2 => decode_tiles(&stream, &DenseKeys::<2>(base), out, kernel),
+            4 => decode_tiles(&stream, &DenseKeys::<4>(base), out, kernel),
+            _ => decode_tiles(&stream, &DenseKeys::<8>(base), out, kernel),
+        },
+        Contexts::BaseKeys { base, word_bytes, positions: Some(positions) } => match word_bytes {
+            1 => decode_tiles(&stream, &SparseKeys::<1> { base, positions }, out, kernel),
+            2 => decode_tiles(&stream, &SparseKeys::<2> { base, positions }, out, kernel),
+            4 => decode_tiles(&stream, &SparseKeys::<4> { base, positions }, out, kernel),
+            _ => decode_tiles(&stream, &SparseKeys::<8> { base, positions }, out, kernel),
+        },
+    };
+    if decoded.is_err() {
+        out.clear();
+    }
+    decoded
+}
+
+fn check_contexts(contexts: &Contexts<'_>, decoded_len: usize) -> Result<()> {
+    let wrong = |what: String| Err(Error::new(ErrorCode::InvalidArgument, format!("lane rANS contexts: {what}")));
+    match *contexts {
+        Contexts::None => Ok(()),
+        Contexts::HigherPlane(plane) if plane.len() != decoded_len => {
+            wrong(format!("the plane above has {} bytes, the stream {decoded_len}", plane.len()))
+        }
+        Contexts::BaseKeys { word_bytes, .. } if !matches!(word_bytes, 1 | 2 | 4 | 8) => {
+            wrong(format!("word width {word_bytes} is not 1, 2, 4 or 8"))
+        }
+        Contexts::BaseKeys { positions: Some(positions), .. } if positions.len() != decoded_len => {
+            wrong(format!("{} positions for {decoded_len} values", positions.len()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn decode_tiles<C: ContextSource>(
+    stream: &CheckedStream<'_>,
+    contexts: &C,
+    out: &mut [u8],
+    kernel: Kernel,
+) -> Result<()> {
+    let tile_symbols = 1usize << stream.tile_log2;
+    let mut inputs = TileInputs { stream, tile_symbols, next: 0, payload_start: 0 };
+    for out in out.chunks_mut(tile_symbols) {
+        let input = inputs.next();
+        let mut progress = start_tile(&input, out.len())?;
+        finish_tile(&input, contexts, &mut progress, out, kernel)?;
+    }
+    Ok(())
+}
+
+/// The tiles of a checked stream, in order.
+struct TileInputs<'a> {
+    stream: &'a CheckedStream<'a>,
+    tile_symbols: usize,
+    next: usize,
+    payload_start: usize,
+}
+
+impl<'a> TileInputs<'a> {
+    fn next(&mut self) -> TileInput<'a> {
+        let tile = self.next;
+        let length = u32_at(self.stream.tile_lengths, 4 * tile) as usize;
+        // check_stream made the lengths sum to the payloads' length; were it not so,
+        // the empty payload would fail start_tile.
+        let payload = self.stream.payloads.get(self.payload_start..self.payload_start + length).unwrap_or_default();
+        self.payload_start += length;
+        self.next += 1;
+        TileInput { stream: self.stream, tile, first_symbol: tile * self.tile_symbols, payload }
+    }
+}
+
+/// One tile of a checked stream.
+struct TileInput<'a> {
+    stream: &'a CheckedStream<'a>,
+    tile: usize,
+    /// The stream index of the tile's first symbol.
+    first_symbol: usize,
+    payload: &'a [u8],
+}
+
+/// Where the decoding of a tile stands.
+#[derive(Debug, Clone, Copy, Default)]
+struct TileProgress {
+    states: [u32; LANES],
+    /// The next word's offset in the payload.
+    cursor: usize,
+    /// Symbols decoded.
+    done: usize,
+}
+
+/// Reads a tile's initial states (spec §8.7: each at least 2^16).
+fn start_tile(input: &TileInput<'_>, symbols: usize) -> Result<TileProgress> {
+    let lanes = symbols.min(LANES);
+    let mut states = [0u32; LANES];
+    if input.payload.len() < 4 * lanes {
+        return Err(decode_error(input.tile, "the tile is shorter than its states"));
+    }
+    for (lane, state) in states[..lanes].iter_mut().enumerate() {
+        *state = u32_at(input.payload, 4 * lane);
+        if *state < STATE_LOW {
+            return Err(decode_error(input.tile, format!("lane {lane} starts in state {state}, below 2^16")));
+        }
+    }
+    Ok(TileProgress { states, cursor: 4 * lanes, done: 0 })
+}
+
+/// Decodes the rest of a tile into `out` and makes the final checks (spec §8.7).
+fn finish_tile<C: ContextSource>(
+    input: &TileInput<'_>,
+    contexts: &C,
+    progress: &mut TileProgress,
+    out: &mut [u8],
+    kernel: Kernel,
+) -> Result<()> {
+    let TileInput { stream, tile, first_symbol, payload } = *input;
+    // Full steps while a step's 32 words are surely in the tile: no read is checked.
+    match kernel {
+        Kernel::Scalar => fast_steps(input, contexts, progress, out),
+        // SAFETY: Kernel::Avx2 is only chosen where the CPU has AVX2 and POPCNT.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => unsafe { avx2::fast_steps(input, contexts, progress, out) },
+    }
+    // Then, with every read checked, the steps near the tile's end.
+    let coder = LaneCoder { slots: &stream.tables.slots, prob_bits: stream.prob_bits };
+    let mut offsets = [0u32; LANES];
+    let mut cursor = progress.cursor;
+    for (step, step_out) in out[progress.done..].chunks_mut(LANES).enumerate() {
+        if !C::NONE {
+            let step_first = first_symbol + progress.done + step * LANES;
+            for (l, offset) in offsets[..step_out.len()].iter_mut().enumerate() {
+                *offset = stream.tables.context_offsets[usize::from(contexts.context(step_first + l))];
+            }
+        }
+        cursor = coder.checked_step(&mut progress.states, &offsets, payload, cursor, step_out, tile)?;
+    }
+    if cursor != payload.len() {
+        return Err(decode_error(tile, format!("{} bytes of words are left over", payload.len() - cursor)));
+    }
+    let lanes = out.len().min(LANES);
+    if let Some((lane, state)) = progress.states[..lanes].iter().enumerate().find(|(_, &state)| state != STATE_LOW) {
+        return Err(decode_error(tile, format!("lane {lane} ends in state {state}, not 2^16")));
+    }
+    Ok(())
+}
+
+/// Decodes full steps of 32 symbols while the next 64 bytes of words are in the
+/// tile, so that no read needs a check.
+fn fast_steps<C: ContextSource>(input: &TileInput<'_>, contexts: &C, progress: &mut TileProgress, out: &mut [u8]) {
+    let tables = &input.stream.tables;
+    let coder = LaneCoder { slots: &tables.slots, prob_bits: input.stream.prob_bits };
+    let mut offsets = [0u32; LANES];
+    let mut step_contexts = [0u8; LANES];
+    let (mut cursor, mut done) = (progress.cursor, progress.done);
+    let mut states = progress.states;
+    let mut rest = &mut out[done..];
+    while let Some((step_out, tail)) = std::mem::take(&mut rest).split_first_chunk_mut::<LANES>() {
+        let Some(words) = input.payload.get(cursor..).and_then(<[u8]>::first_chunk::<64>) else { break };
+        if !C::NONE {
+            contexts.step_contexts(input.first_symbol + done, &mut step_contexts);
+            for (offset, &context) in offsets.iter_mut().zip(&step_contexts) {
+                *offset = tables.context_offsets[usize::from(context)];
+            }
+        }
+        cursor += coder.full_step(&mut states, &offsets, words, step_out);
+        done += LANES;
+        rest = tail;
+    }
+    *progress = TileProgress { states, cursor, done };
+}
+
+/// One decoding step of a lane, shared by every path (spec §8.7): the slot's entry,
+/// the symbol, and the state before renormalisation.
+struct LaneCoder<'a> {
+    slots: &'a [u32],
+    prob_bits: u32,
+}
+
+impl LaneCoder<'_> {
+    #[inline(always)]
+    #[allow(clippy::cast_possible_truncation)] // the entry's low byte is the symbol
+    fn decode(&self, state: u32, offset: u32) -> (u8, u32) {
+        let mask = (1u32 << self.prob_bits) - 1;
+        // offset + slot < table_count · 2^k, the number of slots: the entry exists.
+        let entry = self.slots.get((offset + (state & mask)) as usize).copied().unwrap_or_default();
+        let frequency = entry >> ENTRY_FREQUENCY_SHIFT & ENTRY_FREQUENCY_MASK;
+        // < frequency · 2^(32 − k) ≤ 2^32: no overflow (spec §8.7).
+        let next = frequency * (state >> self.prob_bits) + (entry >> ENTRY_OFFSET_SHIFT);
+        (entry as u8, next)
+    }
+
+    /// A step of all 32 lanes with at least 64 bytes of words left; returns the bytes
+    /// of words it read. Every lane reads the next word whether it needs it or not,
+    /// and keeps it only when it does, so the lanes' chains overlap without branches.
+    #[inline(always)]
+    fn full_step(
+        &self,
+        states: &mut [u32; LANES],
+        offsets: &[u32; LANES],
+        words: &[u8; 64],
+        out: &mut [u8; LANES],
+    ) -> usize {
+        let mut used = 0usize;
+        for ((state, &offset), symbol) in states.iter_mut().zip(offsets).zip(out.iter_mut()) {
+            let (decoded, next) = self.decode(*state, offset);
+            *symbol = decoded;
+            // used ≤ 62 before the last lane: the masks only drop bounds checks.
+            let word = u32::from(u16::from_le_bytes([words[used & 63], words[(used + 1) & 63]]));
+            // Whether a lane renormalises is data: a select, not a branch, which
+            // would be mispredicted about as often as it is taken.
+            let renormalise = next < STATE_LOW;
+            let keep = u32::from(renormalise).wrapping_neg();
+            *state = (next << 16 | word) & keep | next & !keep;
+            used += 2 * usize::from(renormalise);
+        }
+        used
+    }
+
+    /// A step of the first `out.len()` lanes, checking every read against the tile's
+    /// end; returns the new cursor.
+    fn checked_step(
+        &self,
+        states: &mut [u32; LANES],
+        offsets: &[u32; LANES],
+        payload: &[u8],
+        mut cursor: usize,
+        out: &mut [u8],
+        tile: usize,
+    ) -> Result<usize> {
+        for (lane, ((state, &offset), symbol)) in states.iter_mut().zip(offsets).zip(out.iter_mut()).enumerate() {
+            let (decoded, mut next) = self.decode(*state, offset);
+            *symbol = decoded;
+            if next < STATE_LOW {
+                let Some(&[low, high]) = payload.get(cursor..cursor + 2).and_then(|w| w.first_chunk::<2>()) else {
+                    return Err(decode_error(tile, format!("lane {lane} needs a word past the end of the tile")));
+                };
+                next = next << 16 | u32::from(u16::from_le_bytes([low, high]));
+                cursor += 2;
+            }
+            *state = next;
+        }
+        Ok(cursor)
+    }
+}
+
+/// The AVX2 kernel: the 32 lanes as four vectors of eight, table entries fetched by
+/// gathers, and each vector's renormalisation words spread to the lanes that read
+/// them by one permutation.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{ContextSource, TileInput, TileProgress, LANES};
+    use std::arch::x86_64::{
+        __m256i, _mm256_add_epi32, _mm256_and_si256, _mm256_castsi256_ps, _mm256_cmpeq_epi32, _mm256_cvtepu16_epi32,
+        _mm256_cvtepu8_epi32, _mm256_i32gather_epi32, _mm256_loadu_si256, _mm256_movemask_ps, _mm256_mullo_epi32,
+        _mm256_or_si256, _mm256_packus_epi16, _mm256_packus_epi32, _mm256_permutevar8x32_epi32, _mm256_set1_epi32,
+        _mm256_setr_epi32, _mm256_setzero_si256, _mm256_sllv_epi32, _mm256_srl_epi32, _mm256_srli_epi32,
+        _mm256_storeu_si256, _mm_cvtsi32_si128, _mm_loadl_epi64, _mm_loadu_si128,
+    };
+
+    /// For each set of lanes of a vector that read a word (bit `l` for lane `l`), the
+    /// index among the vector's words that lane `l` reads: the number of reading lanes
+    /// before it, as the order "in increasing lane order" of §8.7 gives.
+    static WORD_OF_LANE: [[i32; 8]; 256] = word_of_lane();
+
+    #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)] // counts below 8
+    const fn word_of_lane() -> [[i32; 8]; 256] {
+        let mut table = [[0i32; 8]; 256];
+        let mut lanes = 0;
+        while lanes < 256 {
+            let mut lane = 0;
+            let mut before = 0;
+            while lane < 8 {
+                table[lanes][lane] = before;
+                before += (lanes >> lane & 1) as i32;
+                lane += 1;
+            }
+            lanes += 1;
+        }
+        table
+    }
+
+    /// [`super::fast_steps`] with vectors: the same steps, symbols, states and cursor.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and POPCNT.
+    #[target_feature(enable = "avx2,popcnt")]
+    #[allow(clippy::cast_possible_wrap, clippy::cast_sign_loss)] // prob_bits ≤ 11 and 8-bit lane masks
+    pub(super) unsafe fn fast_steps<C: ContextSource>(
+        input: &TileInput<'_>,
+        contexts: &C,
+        progress: &mut TileProgress,
+        out: &mut [u8],
+    ) {
+        let tables = &input.stream.tables;
+        let prob_bits = input.stream.prob_bits;
+        let (mut cursor, mut done) = (progress.cursor, progress.done);
+        // SAFETY: the loads and stores stay inside the arrays and slices they come
+        // from: the states are 4 vectors; a step's 32 symbols go to a 32-byte chunk of
+        // `out`; each vector's 8 words are read `used ≤ 48` bytes into a 64-byte
+        // window of the payload; a context step is 32 bytes. The gathers read
+        // `slots[(state & mask) + offset]`, below `table_count << prob_bits`, the
+        // number of slots, since an offset is `table << prob_bits` with table below
+        // table_count, and `context_offsets[c]` with c a byte, of 256 entries.
+        unsafe {
+            let zero = _mm256_setzero_si256();
+            let slot_mask = _mm256_set1_epi32((1i32 << prob_bits) - 1);
+            let shift = _mm_cvtsi32_si128(prob_bits as i32);
+            let frequency_mask = _mm256_set1_epi32(super::ENTRY_FREQUENCY_MASK as i32);
+            let low_byte = _mm256_set1_epi32(0xFF);
+            let sixteen = _mm256_set1_epi32(16);
+            // After two packs, the 4-byte groups hold lanes 0-3, 8-11, 16-19, 24-27,
+            // 4-7, 12-15, ...: this puts them back in lane order.
+            let symbol_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            let slots = tables.slots.as_ptr().cast::<i32>();
+            let context_offsets = tables.context_offsets.as_ptr().cast::<i32>();
+            let states = progress.states.as_mut_ptr().cast::<__m256i>();
+            let mut x = [0, 1, 2, 3].map(|v| _mm256_loadu_si256(states.add(v)));
+            let mut offsets = [zero; 4];
+            let mut step_contexts = [0u8; LANES];
+            let mut rest = &mut out[done..];
+            while let Some((step_out, tail)) = std::mem::take(&mut rest).split_first_chunk_mut::<LANES>() {
+                let Some(window) = input.payload.get(cursor..).and_then(<[u8]>::first_chunk::<64>) else { break };
+                if !C::NONE {
+                    contexts.step_contexts(input.first_symbol + done, &mut step_contexts);
+                    for (v, offset) in offsets.iter_mut().enumerate() {
+                        let bytes = _mm_loadl_epi64(step_contexts.as_ptr().add(8 * v).cast());
+                        *offset = _mm256_i32gather_epi32::<4>(context_offsets, _mm256_cvtepu8_epi32(bytes));
+                    }
+                }
+                let words = window.as_ptr();
+                let mut used = 0usize;
+                let mut entries = [zero; 4];
+                for v in 0..4 {
+                    let slot = _mm256_add_epi32(_mm256_and_si256(x[v], slot_mask), offsets[v]);
+                    let entry = _mm256_i32gather_epi32::<4>(slots, slot);
+                    entries[v] = entry;
+                    let frequency = _mm256_and_si256(_mm256_srli_epi32::<8>(entry), frequency_mask);
+                    let next = _mm256_add_epi32(
+                        _mm256_mullo_epi32(frequency, _mm256_srl_epi32(x[v], shift)),
+                        _mm256_srli_epi32::<20>(entry),
+                    );
+                    // Below 2^16: the top 16 bits are zero (an unsigned compare).
+                    let renormalise = _mm256_cmpeq_epi32(_mm256_srli_epi32::<16>(next), zero);
+                    let lanes = (_mm256_movemask_ps(_mm256_castsi256_ps(renormalise)) & 0xFF) as usize;
+                    let vector_words = _mm256_cvtepu16_epi32(_mm_loadu_si128(words.add(used).cast()));
+                    let lane_words = _mm256_permutevar8x32_epi32(
+                        vector_words,
+                        _mm256_loadu_si256(WORD_OF_LANE[lanes].as_ptr().cast()),
+                    );
+                    // Lanes that read shift by 16 and take their word; the others keep
+                    // their state (a shift by 0 and no word).
+                    let shifted = _mm256_sllv_epi32(next, _mm256_and_si256(renormalise, sixteen));
+                    x[v] = _mm256_or_si256(shifted, _mm256_and_si256(lane_words, renormalise));
+                    used += 2 * lanes.count_ones() as usize;
+                }
+                let low =
+                    _mm256_packus_epi32(_mm256_and_si256(entries[0], low_byte), _mm256_and_si256(entries[1], low_byte));
+                let high =
+                    _mm256_packus_epi32(_mm256_and_si256(entries[2], low_byte), _mm256_and_si256(entries[3], low_byte));
+                let symbols = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(low, high), symbol_order);
+                _mm256_storeu_si256(step_out.as_mut_ptr().cast(), symbols);
+                cursor += used;
+                done += LANES;
+                rest = tail;
+            }
+            for (v, vector) in x.iter().enumerate() {
+                _mm256_storeu_si256(states.add(v), *vector);
+            }
+        }
+        progress.cursor = cursor;
+        progress.done = done;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Encoder
+// ---------------------------------------------------------------------------------
+
+/// The key of base word `index` of a width known only at run time, for the encoder:
+/// 0 past the end of `base` (or for a width of 0).
+fn key_at_width(base: &[u8], word_bytes: usize, index: usize) -> u8 {
+    match word_bytes {
+        1 => key_at::<1>(base, index),
+        2 => key_at::<2>(base, index),
+        4 => key_at::<4>(base, index),
+        8 => key_at::<8>(base, index),
+        width => index
+            .checked_mul(width)
+            .and_then(|start| base.get(start..start.checked_add(width)?))
+            .and_then(|word| Some(word.last()? << 1 | word.len().checked_sub(2).map_or(0, |at| word[at] >> 7)))
+            .unwrap_or(0),
+    }
+}
+
+/// The context byte of every symbol, or `None` for context none. The encoder reads a
+/// plane byte or position that the contexts lack as context 0 (see [`encode`]).
+fn context_bytes(len: usize, contexts: &Contexts<'_>) -> Option<Vec<u8>> {
+    match *contexts {
+        Contexts::None => None,
+        Contexts::HigherPlane(plane) => {
+            let mut bytes = plane[..len.min(plane.len())].to_vec();
+            bytes.resize(len, 0);
+            Some(bytes)
+        }
+        Contexts::BaseKeys { base, word_bytes, positions } => Some(match word_bytes {
+            1 => base_keys::<1>(base, len, positions),
+            2 => base_keys::<2>(base, len, positions),
+            4 => base_keys::<4>(base, len, positions),
+            8 => base_keys::<8>(base, len, positions),
+            width => (0..len)
+                .map(|i| match positions {
+                    None => key_at_width(base, width, i),
+                    Some(positions) => positions.get(i).map_or(0, |&p| key_at_width(base, width, p as usize)),
+                })
+                .collect(),
+        }),
+    }
+}
+
+/// The base keys of `len` values for words of `WB` bytes.
+fn base_keys<const WB: usize>(base: &[u8], len: usize, positions: Option<&[u32]>) -> Vec<u8> {
+    match positions {
+        None => {
+            let mut keys: Vec<u8> = base.chunks_exact(WB).take(len).map(key_of_word::<WB>).collect();
+            keys.resize(len, 0);
+            keys
+        }
+        Some(positions) => (0..len).map(|i| positions.get(i).map_or(0, |&p| key_at::<WB>(base, p as usize))).collect(),
+    }
+}
+
+/// A symbol histogram.
+type Histogram = [u64; 256];
+
+fn histogram(symbols: &[u8]) -> Histogram {
+    // Four partial counts, so that runs of one symbol do not chain every increment
+    // through one counter in memory.
+    let mut partial = [[0u64; 256]; 4];
+    let mut quads = symbols.chunks_exact(4);
+    for quad in &mut quads {
+        for (counts, &symbol) in partial.iter_mut().zip(quad) {
+            counts[usize::from(symbol)] += 1;
+        }
+    }
+    for &symbol in quads.remainder() {
+        partial[0][usize::from(symbol)] += 1;
+    }
+    let mut counts = [0u64; 256];
+    for (s, count) in counts.iter_mut().enumerate() {
+        *count = partial.iter().map(|p| p[s]).sum();
+    }
+    counts
+}
+
+/// One histogram per context byte.
+fn context_histograms(symbols: &[u8], contexts: &[u8]) -> Vec<Histogram> {
+    // Zeroed memory, so rows of context bytes that never occur cost no page.
+    let mut rows = vec![[0u64; 256]; 256];
+    for (&symbol, &context) in symbols.iter().zip(contexts) {
+        rows[usize::from(context)][usize::from(symbol)] += 1;
+    }
+    rows
+}
+
+/// Order-0 code length of a histogram under its own distribution, in bits.
+#[allow(clippy::cast_precision_loss)] // an estimate
+fn entropy_bits(counts: &Histogram) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let total = total as f64;
+    counts.iter().filter(|&&c| c > 0).map(|&c| c as f64 * (total / c as f64).log2()).sum()
+}
+
+/// Bytes of a table (Table 8.7) listing `present` symbols with these frequencies.
+fn table_len(frequencies: &[u32; 256]) -> usize {
+    let present = frequencies.iter().filter(|&&f| f > 0).count();
+    let listed = if present < BITMAP_MIN_SYMBOLS { present } else { 32 };
+    let two_byte = frequencies.iter().filter(|&&f| f >= TWO_BYTE_FREQUENCY).count();
+    1 + listed + present + two_byte
+}
+
+/// An estimate of a cluster's cost in bits before quantization: its code length
+/// plus its table, with frequencies taken at the largest `prob_bits`.
+#[allow(clippy::cast_precision_loss)] // an estimate
+fn cluster_cost_bits(counts: &Histogram) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let present = counts.iter().filter(|&&c| c > 0).count();
+    let listed = if present < BITMAP_MIN_SYMBOLS { present } else { 32 };
+    let slots = f64::from(1u32 << MAX_PROB_BITS);
+    let two_byte = counts.iter().filter(|&&c| c as f64 * slots / total as f64 >= f64::from(TWO_BYTE_FREQUENCY)).count();
+    entropy_bits(counts) + 8.0 * (1 + listed + present + two_byte) as f64
+}
+
+fn add_into(sum: &mut Histogram, counts: &Histogram) {
+    for (s, &c) in sum.iter_mut().zip(counts) {
+        *s += c;
+    }
+}
+
+/// Per cluster index, the sum of the histograms of the contexts assigned to it.
+fn cluster_histograms(rows: &[Histogram], present: &[u8], assignment: &[u8; 256]) -> Vec<Histogram> {
+    let mut clusters = vec![[0u64; 256]; MAX_TABLES];
+    for &context in present {
+        add_into(&mut clusters[usize::from(assignment[usize::from(context)])], &rows[usize::from(context)]);
+    }
+    clusters
+}
+
+fn total_cost_bits(clusters: &[Histogram]) -> f64 {
+    clusters.iter().map(cluster_cost_bits).sum()
+}
+
+/// Code length, in bits, charged for a symbol that a cluster's table lacks when
+/// deciding where a context goes: adding it costs a slot and a table entry.
+const MISSING_SYMBOL_BITS: f64 = 16.0;
+
+/// Moves each context to the cluster whose distribution codes it shortest, and
+/// recomputes the clusters, while that lowers the total estimated cost (k-means on
+/// code length, started from `assignment`).
+#[allow(clippy::cast_precision_loss)] // an estimate
+#[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
+fn refine_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256]) {
+    const ROUNDS: usize = 8;
+    // Each context's nonzero counts, so that a round costs what the data holds.
+    let sparse: Vec<Vec<(u8, f64)>> = present
+        .iter()
+        .map(|&context| {
+            let row = &rows[usize::from(context)];
+            (0..=255u8).filter(|&s| row[usize::from(s)] > 0).map(|s| (s, row[usize::from(s)] as f64)).collect()
+        })
+        .collect();
+    let mut clusters = cluster_histograms(rows, present, assignment);
+    let mut best_cost = total_cost_bits(&clusters);
+    for _ in 0..ROUNDS {
+        let lengths: Vec<Option<[f64; 256]>> = clusters
+            .iter()
+            .map(|counts| {
+                let total: u64 = counts.iter().sum();
+                (total > 0).then(|| {
+                    let mut length = [MISSING_SYMBOL_BITS; 256];
+                    for (l, &c) in length.iter_mut().zip(counts) {
+                        if c > 0 {
+                            *l = (total as f64 / c as f64).log2();
+                        }
+                    }
+                    length
+                })
+            })
+            .collect();
+        let mut next = *assignment;
+        for (&context, counts) in present.iter().zip(&sparse) {
+            let cost = |length: &[f64; 256]| counts.iter().map(|&(s, c)| c * length[usize::from(s)]).sum::<f64>();
+            let best = lengths
+                .iter()
+                .enumerate()
+                .filter_map(|(cluster, length)| length.as_ref().map(|length| (cluster, cost(length))))
+                .min_by(|a, b| a.1.total_cmp(&b.1));
+            if let Some((cluster, _)) = best {
+                next[usize::from(context)] = cluster as u8;
+            }
+        }
+        if next == *assignment {
+            break;
+        }
+        let next_clusters = cluster_histograms(rows, present, &next);
+        let cost = total_cost_bits(&next_clusters);
+        if cost >= best_cost {
+            break;
+        }
+        best_cost = cost;
+        *assignment = next;
+        clusters = next_clusters;
+    }
+}
+
+/// Merges pairs of clusters while a merge lowers the estimated cost (a table's bytes
+/// against the bits that separate statistics save), keeping at least two.
+#[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
+fn merge_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256]) {
+    loop {
+        let clusters = cluster_histograms(rows, present, assignment);
+        let used: Vec<usize> = (0..MAX_TABLES).filter(|&c| clusters[c].iter().any(|&n| n > 0)).collect();
+        if used.len() <= 2 {
+            return;
+        }
+        let mut best: Option<(f64, usize, usize)> = None;
+        for (i, &a) in used.iter().enumerate() {
+            for &b in &used[i + 1..] {
+                let mut merged = clusters[a];
+                add_into(&mut merged, &clusters[b]);
+                let change =
+                    cluster_cost_bits(&merged) - cluster_cost_bits(&clusters[a]) - cluster_cost_bits(&clusters[b]);
+                if best.is_none_or(|(lowest, _, _)| change < lowest) {
+                    best = Some((change, a, b));
+                }
+            }
+        }
+        match best {
+            Some((change, a, b)) if change < 0.0 => {
+                for &context in present {
+                    if usize::from(assignment[usize::from(context)]) == b {
+                        assignment[usize::from(context)] = a as u8;
+                    }
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Groups the 256 context bytes into 2 to 8 tables: the map from context byte to
+/// table, and each table's histogram. The seven most frequent contexts start with a
+/// table each and the rest share the eighth; contexts then move to the table that
+/// codes them shortest, and tables merge where a table costs more than it saves.
+#[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
+fn cluster_contexts(rows: &[Histogram]) -> ([u8; 256], Vec<Histogram>) {
+    let totals: Vec<u64> = rows.iter().map(|row| row.iter().sum()).collect();
+    let mut present: Vec<u8> = (0..=255u8).filter(|&c| totals[usize::from(c)] > 0).collect();
+    // Most frequent first; ties by context byte, so the result is deterministic.
+    present.sort_by_key(|&c| std::cmp::Reverse(totals[usize::from(c)]));
+    let mut assignment = [0u8; 256];
+    for (rank, &context) in present.iter().enumerate() {
+        assignment[usize::from(context)] = rank.min(MAX_TABLES - 1) as u8;
+    }
+    if present.len() > MAX_TABLES {
+        refine_clusters(rows, &present, &mut assignment);
+    }
+    merge_clusters(rows, &present, &mut assignment);
+    // Number the tables that are used 0, 1, ... in order of first use by context byte.
+    let clusters = cluster_histograms(rows, &present, &assignment);
+    let mut renumber = [u8::MAX; MAX_TABLES];
+    let mut tables: Vec<Histogram> = Vec::new();
+    let mut context_map = [0u8; 256];
+    for context in 0..256 {
+        if totals[context] == 0 {
+            continue;
+        }
+        let cluster = usize::from(assignment[context]);
+        if renumber[cluster] == u8::MAX {
+            renumber[cluster] = tables.len() as u8;
+            tables.push(clusters[cluster]);
+        }
+        context_map[context] = renumber[cluster];
+    }
+    // A context stream has at least two tables (§8.7); an unused one is trivial.
+    while tables.len() < 2 {
+        tables.push([0; 256]);
+    }
+    (context_map, tables)
+}
+
+/// Frequencies summing to `2^prob_bits`, at least 1 for every symbol that occurs,
+/// that minimise the code length `Σ count · log2(2^k / freq)`; `None` when more
+/// symbols occur than there are slots. An empty histogram gives the one-symbol
+/// table of symbol 0.
+///
+/// The cost is a sum of convex functions of each frequency, so a set of frequencies
+/// that no single move of one slot between two symbols improves is optimal: start
+/// from proportional rounding, fix the sum greedily, then move slots while a move
+/// gains.
+#[allow(clippy::cast_precision_loss)] // an estimate
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // rounded shares of 2^11
+fn quantize(counts: &Histogram, prob_bits: u32) -> Option<[u32; 256]> {
+    let slots = 1u32 << prob_bits;
+    let present: Vec<usize> = (0..256).filter(|&s| counts[s] > 0).collect();
+    let mut frequencies = [0u32; 256];
+    match present.len() {
+        0 => {
+            frequencies[0] = slots;
+            return Some(frequencies);
+        }
+        1 => {
+            frequencies[present[0]] = slots;
+            return Some(frequencies);
+        }
+        n if n > slots as usize => return None,
+        _ => {}
+    }
+    let total: u64 = present.iter().map(|&s| counts[s]).sum();
+    let scale = f64::from(slots) / total as f64;
+    let weight: Vec<f64> = present.iter().map(|&s| counts[s] as f64).collect();
+    let mut freq: Vec<u32> = weight.iter().map(|&c| ((c * scale).round() as u32).clamp(1, slots)).collect();
+    // The bits one more slot saves, and the bits one slot fewer costs.
+    let gain = |c: f64, f: u32| c * (f64::from(f + 1) / f64::from(f)).log2();
+    let loss = |c: f64, f: u32| if f > 1 { c * (f64::from(f) / f64::from(f - 1)).log2() } else { f64::INFINITY };
+    let mut gains: Vec<f64> = weight.iter().zip(&freq).map(|(&c, &f)| gain(c, f)).collect();
+    let mut losses: Vec<f64> = weight.iter().zip(&freq).map(|(&c, &f)| loss(c, f)).collect();
+    let argmax = |values: &[f64], skip: usize| {
+        (0..values.len()).filter(|&i| i != skip).max_by(|&a, &b| values[a].total_cmp(&values[b]).then(b.cmp(&a)))
+    };
+    let argmin = |values: &[f64], skip: usize| {
+        (0..values.len()).filter(|&i| i != skip).min_by(|&a, &b| values[a].total_cmp(&values[b]).then(a.cmp(&b)))
+    };
+    let mut sum: u32 = freq.iter().sum();
+    let step = |freq: &mut Vec<u32>, gains: &mut Vec<f64>, losses: &mut Vec<f64>, i: usize, up: bool| {
+        if up {
+            freq[i] += 1;
+        } else {
+            freq[i] -= 1;
+        }
+        gains[i] = gain(weight[i], freq[i]);
+        losses[i] = loss(weight[i], freq[i]);
+    };
+    while sum > slots {
+        let i = argmin(&losses, usize::MAX)?;
+        step(&mut freq, &mut gains, &mut losses, i, false);
+        sum -= 1;
+    }
+    while sum < slots {
+        let i = argmax(&gains, usize::MAX)?;
+        step(&mut freq, &mut gains, &mut losses, i, true);
+        sum += 1;
+    }
+    while let Some(up) = argmax(&gains, usize::MAX) {
+        let Some(down) = argmin(&losses, up) else { break };
+        // A strict gain (with a margin for rounding) makes every move lower the cost,
+        // so the loop ends.
+        if gains[up] <= losses[down] * (1.0 + 1e-12) + 1e-9 {
+            break;
+        }
+        step(&mut freq, &mut gains, &mut losses, up, true);
+        step(&mut freq, &mut gains, &mut losses, down, false);
+    }
+    for (&s, &f) in present.iter().zip(&freq) {
+        frequencies[s] = f;
+    }
+    Some(frequencies)
+}
+
+/// The code length in bits of `counts` under `frequencies` of `2^prob_bits` slots.
+#[allow(clippy::cast_precision_loss)] // an estimate
+fn code_bits(counts: &Histogram, frequencies: &[u32; 256], prob_bits: u32) -> f64 {
+    counts
+        .iter()
+        .zip(frequencies)
+        .filter(|(&c, _)| c > 0)
+        .map(|(&c, &f)| c as f64 * (f64::from(prob_bits) - f64::from(f).log2()))
+        .sum()
+}
+
+/// The tile size: a tile's 32 states (128 bytes) should be at most about 1% of its
+/// payload, so a tile carries about 12 800 bytes (spec §15.10); within [12, 18].
+#[allow(clippy::cast_precision_loss)] // an estimate
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a small positive log
+fn tile_log2_for(info_bits: f64, symbols: usize) -> u32 {
+    const PAYLOAD_BITS: f64 = 128.0 * 100.0 * 8.0;
+    let bits_per_symbol = info_bits / symbols.max(1) as f64;
+    if bits_per_symbol <= 0.0 {
+        return MAX_ENCODER_TILE_LOG2;
+    }
+    let wanted = (PAYLOAD_BITS / bits_per_symbol).log2().ceil();
+    (wanted.max(0.0) as u32).clamp(MIN_ENCODER_TILE_LOG2, MAX_ENCODER_TILE_LOG2)
+}
+
+/// The predicted stored length of a stream of `symbols` coded in `info_bits`, with
+/// `tables_len` bytes of context map and tables.
+///
+/// A lane starts at `L = 2^16` and its final state is written in 32 bits; a lane
+/// that codes `I` bits ends on average halfway (in bits) between 2^16 and 2^32, so
+/// it takes `I + 24` bits, but never fewer than its 32 bits of state.
+#[allow(clippy::cast_precision_loss)] // an estimate
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a positive size
+fn predict_len(symbols: usize, tables_len: usize, info_bits: f64, tile_log2: u32) -> usize {
+    let tile_symbols = 1usize << tile_log2;
+    let tile_bytes = |n: usize| {
+        if n == 0 {
+            return 0.0;
+        }
+        let lanes = n.min(LANES) as f64;
+        let lane_bits = info_bits * n as f64 / symbols as f64 / lanes;
+        4.0 + lanes * (lane_bits + 24.0).max(32.0) / 8.0
+    };
+    let full = (symbols / tile_symbols) as f64;
+    let payload = full * tile_bytes(tile_symbols) + tile_bytes(symbols % tile_symbols);
+    FIXED_HEADER_LEN + tables_len + payload.round() as usize
+}
+
+/// How a stream is coded: everything the encoder decides before coding.
+#[derive(Debug)]
+struct Plan {
+    kind: ContextKind,
+    prob_bits: u32,
+    tile_log2: u32,
+    context_map: [u8; 256],
+    /// Each table's frequency per symbol, 0 for a symbol it lacks.
+    tables: Vec<[u32; 256]>,
+    predicted_len: usize,
+}
+
+impl Plan {
+    fn new(symbols: &[u8], kind: ContextKind, contexts: Option<&[u8]>) -> Self {
+        let (context_map, clusters) = match contexts {
+            None => ([0; 256], vec![histogram(symbols)]),
+            Some(contexts) => cluster_contexts(&context_histograms(symbols, contexts)),
+        };
+        let most_symbols = clusters.iter().map(|c| c.iter().filter(|&&n| n > 0).count()).max().unwrap_or(0);
+        let fewest_bits = most_symbols.max(2).next_power_of_two().trailing_zeros();
+        let mut best: Option<Self> = None;
+        // Fewer slots make a smaller table (frequencies below 128 take one byte) but
+        // code less precisely: take the smallest total, from 2^11 down.
+        for prob_bits in (fewest_bits..=u32::from(MAX_PROB_BITS)).rev() {
+            let Some(plan) = Self::with_prob_bits(symbols.len(), kind, context_map, &clusters, prob_bits) else {
+                continue;
+            };
+            match &best {
+                Some(best) if plan.predicted_len > best.predicted_len => break,
+                Some(best) if plan.predicted_len == best.predicted_len => {}
+                _ => best = Some(plan),
+            }
+        }
+        // 2^11 slots hold any 256 symbols, so there is always a plan.
+        best.unwrap_or_else(|| Self {
+            kind,
+            prob_bits: u32::from(MAX_PROB_BITS),
+            tile_log2: MAX_ENCODER_TILE_LOG2,
+            context_map,
+            tables: Vec::new(),
+            predicted_len: 0,
+        })
+    }
+
+    fn with_prob_bits(
+        symbols: usize,
+        kind: ContextKind,
+        context_map: [u8; 256],
+        clusters: &[Histogram],
+        prob_bits: u32,
+    ) -> Option<Self> {
+        let tables: Vec<[u32; 256]> =
+            clusters.iter().map(|counts| quantize(counts, prob_bits)).collect::<Option<_>>()?;
+        let info_bits: f64 = clusters.iter().zip(&tables).map(|(c, t)| code_bits(c, t, prob_bits)).sum();
+        let map_len = if tables.len() > 1 { CONTEXT_MAP_LEN } else { 0 };
+        let tables_len = map_len + tables.iter().map(table_len).sum::<usize>();
+        let tile_log2 = tile_log2_for(info_bits, symbols);
+        let predicted_len = predict_len(symbols, tables_len, info_bits, tile_log2);
+        Some(Self { kind, prob_bits, tile_log2, context_map, tables, predicted_len })
+    }
+}
+
+/// Per symbol of a table, what coding it needs, with the division by its frequency
+/// done as a multiplication: with `m = ceil(2^43 / f)`, `floor(x · m / 2^43)` is
+/// `floor(x / f)` for every 32-bit `x` (Granlund–Montgomery, since `f ≤ 2^11`).
+#[derive(Debug, Clone, Copy, Default)]
+struct SymbolCoder {
+    /// A state above this is renormalised first: `f · 2^(32−k) − 1`.
+    renorm_above: u32,
+    cum: u32,
+    /// `2^k − f`.
+    complement: u32,
+    reciprocal: u64,
+}
+
+/// The shift of [`SymbolCoder::reciprocal`]: 32 bits of state plus 11 of frequency.
+const RECIPROCAL_SHIFT: u32 = 32 + MAX_PROB_BITS as u32;
+
+#[allow(clippy::cast_possible_truncation)] // f · 2^(32−k) − 1 < 2^32
+fn symbol_coders(frequencies: &[u32; 256], prob_bits: u32) -> [SymbolCoder; 256] {
+    let mut coders = [SymbolCoder::default(); 256];
+    let mut cum = 0u32;
+    for (coder, &frequency) in coders.iter_mut().zip(frequencies) {
+        if frequency == 0 {
+            continue;
+        }
+        *coder = SymbolCoder {
+            renorm_above: ((u64::from(frequency) << (32 - prob_bits)) - 1) as u32,
+            cum,
+            complement: (1 << prob_bits) - frequency,
+            reciprocal: (1u64 << RECIPROCAL_SHIFT).div_ceil(u64::from(frequency)),
+        };
+        cum += frequency;
+    }
+    coders
+}
+
+/// Room for the renormalisation words of a tile, one per symbol: a word is written
+/// before it is known to be kept, so that keeping it is arithmetic rather than a
+/// mispredicted branch.
+struct WordSink<'a> {
+    room: &'a mut [u16],
+    len: usize,
+}
+
+impl WordSink<'_> {
+    /// Writes `word` after the kept ones and keeps it if `keep`. A symbol offers one
+    /// word and the room holds one per symbol, so `len` stays within it.
+    #[inline(always)]
+    fn offer(&mut self, word: u16, keep: bool) {
+        self.room[self.len] = word;
+        self.len += usize::from(keep);
+    }
+}
+
+impl SymbolCoder {
+    /// Codes the symbol into `state`, first emitting its low word if the state is too
+    /// large (spec §15.10). One shift brings any state below 2^16, under every
+    /// threshold, so a symbol emits at most one word.
+    #[inline(always)]
+    #[allow(clippy::cast_possible_truncation)] // the low 16 bits are the word
+    fn encode(&self, state: u32, words: &mut WordSink<'_>) -> u32 {
+        let renormalise = state > self.renorm_above;
+        words.offer(state as u16, renormalise);
+        // Selects rather than branches, which would be mispredicted about as often as
+        // they are taken.
+        let keep = u32::from(renormalise).wrapping_neg();
+        let state = (state >> 16) & keep | state & !keep;
+        let quotient = ((u128::from(state) * u128::from(self.reciprocal)) >> RECIPROCAL_SHIFT) as u32;
+        // = (state / f) · 2^k + state mod f + cum < 2^32.
+        state + self.cum + quotient * self.complement
+    }
+}
+
+/// Codes one tile, appending its payload to `out`: the lanes walk their symbols
+/// backwards (steps from last to first, lanes from 31 down to 0), so that the decoder
+/// reads them forwards; the words go out in reverse order of emission.
+fn encode_tile(
+    symbols: &[u8],
+    tables_of: Option<(&[u8], &[u8; 256])>,
+    coders: &[[SymbolCoder; 256]],
+    room: &mut Vec<u16>,
+    out: &mut Vec<u8>,
+) {
+    let lanes = symbols.len().min(LANES);
+    let mut states = [STATE_LOW; LANES];
+    room.clear();
+    room.resize(symbols.len(), 0);
+    // A local sink, so that its length lives in a register.
+    let mut words = WordSink { room, len: 0 };
+    match tables_of {
+        None => {
+            let coders = &coders[0];
+            for (j, &symbol) in symbols.iter().enumerate().rev() {
+                let state = &mut states[j % LANES];
+                *state = coders[usize::from(symbol)].encode(*state, &mut words);
+            }
+        }
+        Some((contexts, map)) => {
+            for (j, (&symbol, &context)) in symbols.iter().zip(contexts).enumerate().rev() {
+                let state = &mut states[j % LANES];
+                *state = coders[usize::from(map[usize::from(context)])][usize::from(symbol)].encode(*state, &mut words);
+            }
+        }
+    }
+    for state in &states[..lanes] {
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.extend(words.room[..words.len].iter().rev().flat_map(|word| word.to_le_bytes()));
+}
+
+#[allow(clippy::cast_possible_truncation)] // counts and symbols of a table fit a byte, frequencies 12 bits
+fn write_table(out: &mut Vec<u8>, frequencies: &[u32; 256]) {
+    let present: Vec<u8> = (0..=255u8).filter(|&s| frequencies[usize::from(s)] > 0).collect();
+    out.push((present.len() - 1) as u8);
+    if present.len() < BITMAP_MIN_SYMBOLS {
+        out.extend_from_slice(&present);
+    } else {
+        let mut bitmap = [0u8; 32];
+        for &symbol in &present {
+            bitmap[usize::from(symbol / 8)] |= 1 << (symbol % 8);
+        }
+        out.extend_from_slice(&bitmap);
+    }
+    for &symbol in &present {
+        let frequency = frequencies[usize::from(symbol)];
+        if frequency < TWO_BYTE_FREQUENCY {
+            out.push(frequency as u8);
+        } else {
+            out.extend_from_slice(&[0x80 | (frequency >> 8) as u8, frequency as u8]);
+        }
+    }
+}
+
+#[allow(clippy::cast_possible_truncation)] // header fields are range-bound; a tile is at most 2^18 symbols
+fn write_stream(plan: &Plan, symbols: &[u8], contexts: Option<&[u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(plan.predicted_len + plan.predicted_len / 64 + 64);
+    out.extend_from_slice(&[plan.prob_bits as u8, plan.kind as u8, plan.tables.len() as u8, plan.tile_log2 as u8]);
+    if plan.tables.len() > 1 {
+        out.extend_from_slice(&plan.context_map);
+    }
+    for table in &plan.tables {
+        write_table(&mut out, table);
+    }
+    let tile_symbols = 1usize << plan.tile_log2;
+    let lengths_at = out.len();
+    out.resize(lengths_at + 4 * symbols.len().div_ceil(tile_symbols), 0);
+    let coders: Vec<[SymbolCoder; 256]> = plan.tables.iter().map(|t| symbol_coders(t, plan.prob_bits)).collect();
+    let mut words = Vec::new();
+    for (tile, tile_symbols_of) in symbols.chunks(tile_symbols).enumerate() {
+        let first = tile * tile_symbols;
+        let tables_of = contexts.map(|c| (&c[first..first + tile_symbols_of.len()], &plan.context_map));
+        let start = out.len();
+        encode_tile(tile_symbols_of, tables_of, &coders, &mut words, &mut out);
+        let length = (out.len() - start) as u32;
+        out[lengths_at + 4 * tile..lengths_at + 4 * tile + 4].copy_from_slice(&length.to_le_bytes());
+    }
+    out
+}
+
+/// Encodes `symbols` with exactly the context kind of `contexts` (spec §8.7).
+///
+/// With no context the stream has one table. With a context, the context bytes are
+/// grouped into 2 to 8 tables; frequencies are quantized to `2^k` slots (`k = 11`,
+/// or smaller where the smaller tables win) to minimise the coded size; tiles are
+/// sized so that their states are about 1% of their payload, from 2^12 to 2^18
+/// symbols. The result decodes with [`decode_into`] given the same contexts.
+///
+/// Contexts are expected to cover every symbol, as the decoder requires; where they
+/// do not, a missing plane byte or position gives context 0. An empty `symbols`
+/// (which a stream of the format never has) gives a stream of no tiles, which
+/// decodes to nothing.
+#[must_use]
+pub fn encode(symbols: &[u8], contexts: Contexts<'_>) -> Vec<u8> {
+    let context_bytes = context_bytes(symbols.len(), &contexts);
+    let plan = Plan::new(symbols, contexts.kind(), context_bytes.as_deref());
+    write_stream(&plan, symbols, context_bytes.as_deref())
+}
+
+/// The stored length that [`encode`] would produce, predicted from the histograms and
+/// the quantized tables without coding: within about 0.5% plus a few bytes per tile.
+#[must_use]
+pub fn predicted_len(symbols: &[u8], contexts: Contexts<'_>) -> usize {
+    let context_bytes = context_bytes(symbols.len(), &contexts);
+    Plan::new(symbols, contexts.kind(), context_bytes.as_deref()).predicted_len
+}
+
+/// A stream's coding, chosen but not yet run: the best of several contexts, each
+/// planned once (see [`plan`]).
+#[derive(Debug)]
+pub struct StreamPlan<'a> {
+    symbols: &'a [u8],
+    context_bytes: Option<Vec<u8>>,
+    plan: Plan,
+}
+
+impl StreamPlan<'_> {
+    /// The stored length [`StreamPlan::encode`] will produce, as [`predicted_len`].
+    #[must_use]
+    pub fn predicted_len(&self) -> usize {
+        self.plan.predicted_len
+    }
+
+    /// Encodes the stream as planned.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        write_stream(&self.plan, self.symbols, self.context_bytes.as_deref())
+    }
+}
+
+/// Plans `symbols` under no context and under each of `candidates`, and keeps the
+/// one predicted smallest (the first of equals): what a writer does per stream,
+/// without planning the winner twice.
+#[must_use]
+pub fn plan<'a>(symbols: &'a [u8], candidates: &[Contexts<'_>]) -> StreamPlan<'a> {
+    let mut best: Option<StreamPlan<'a>> = None;
+    for contexts in std::iter::once(Contexts::None).chain(candidates.iter().copied()) {
+        let context_bytes = context_bytes(symbols.len(), &contexts);
+        let plan = Plan::new(symbols, contexts.kind(), context_bytes.as_deref());
+        if best.as_ref().is_none_or(|b| plan.predicted_len < b.plan.predicted_len) {
+            best = Some(StreamPlan { symbols, context_bytes, plan });
+        }
+    }
+    best.expect("no context is always a candidate")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::values::{group_key, Word};
+    use proptest::prelude::*;
+
+    /// Deterministic xorshift noise.
+    struct Noise(u64);
+
+    impl Noise {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        /// A byte from a two-sided geometric distribution around 0: mostly small.
+        #[allow(clippy::cast_possible_truncation)]
+        fn skewed(&mut self, zero_in_256: u64) -> u8 {
+            let r = self.next();
+            if r & 0xFF < zero_in_256 {
+                return 0;
+            }
+            let magnitude = ((r >> 8) & 0xFFFF).trailing_zeros().min(7) as u8 + 1;
+            if r >> 63 == 0 {
+                magnitude
+            } else {
+                0u8.wrapping_sub(magnitude)
+            }
+        }
+
+        #[allow(clippy::cast_possible_truncation)]
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    fn encode_with_tile_log2(symbols: &[u8], contexts: Contexts<'_>, tile_log2: u32) -> Vec<u8> {
+        let context_bytes = context_bytes(symbols.len(), &contexts);
+        let mut plan = Plan::new(symbols, contexts.kind(), context_bytes.as_deref());
+        plan.tile_log2 = tile_log2;
+        write_stream(&plan, symbols, context_bytes.as_deref())
+    }
+
+    fn decode(stored: &[u8], len: usize, contexts: Contexts<'_>) -> Result<Vec<u8>> {
+        let mut out = vec![0xAA; 3];
+        decode_into(stored, len, contexts, &mut out).map(|()| out)
+    }
+
+    fn code(result: Result<Vec<u8>>) -> ErrorCode {
+        result.expect_err("the stream is rejected").code()
+    }
+
+    #[track_caller]
+    fn assert_round_trip(symbols: &[u8], contexts: Contexts<'_>) -> Vec<u8> {
+        let stored = encode(symbols, contexts);
+        assert_eq!(context_kind(&stored).unwrap(), contexts.kind());
+        assert_eq!(decode(&stored, symbols.len(), contexts).unwrap(), symbols);
+        stored
+    }
+
+    #[track_caller]
+    fn assert_round_trip_tiles(symbols: &[u8], contexts: Contexts<'_>, tile_log2: u32) {
+        let stored = encode_with_tile_log2(symbols, contexts, tile_log2);
+        assert_eq!(u32::from(stored[3]), tile_log2);
+        assert_eq!(decode(&stored, symbols.len(), contexts).unwrap(), symbols);
+    }
+
+    /// Every kind of context over `symbols`, with a plane above and a base that are
+    /// derived from the symbols so that the contexts say something.
+    fn each_context(symbols: &[u8], check: &mut dyn FnMut(Contexts<'_>)) {
+        let plane_above: Vec<u8> = symbols.iter().map(|&s| s.wrapping_mul(7) >> 5).collect();
+        check(Contexts::None);
+        check(Contexts::HigherPlane(&plane_above));
+        for word_bytes in [1usize, 2, 4, 8] {
+            // A base of half as many words as the chunk, so keys past it are 0.
+            let base: Vec<u8> = symbols[..symbols.len() / 2]
+                .iter()
+                .flat_map(|&s| {
+                    let mut word = vec![0x5Au8; word_bytes];
+                    word[word_bytes - 1] = s.rotate_right(1) ^ 0x3C;
+                    word
+                })
+                .collect();
+            check(Contexts::BaseKeys { base: &base, word_bytes, positions: None });
+            let positions: Vec<u32> = (0..symbols.len()).map(|i| u32::try_from(i * 3 / 2).unwrap()).collect();
+            check(Contexts::BaseKeys { base: &base, word_bytes, positions: Some(&positions) });
+        }
+    }
+
+    #[test]
+    fn round_trips_every_length_and_context() {
+        let mut noise = Noise(0x1234_5678_9ABC_DEF1);
+        for len in [1usize, 2, 31, 32, 33, 63, 64, 65, 1000] {
+            let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(128)).collect();
+            each_context(&symbols, &mut |contexts| {
+                assert_round_trip(&symbols, contexts);
+            });
+        }
+    }
+
+    #[test]
+    fn round_trips_across_tile_boundaries() {
+        let mut noise = Noise(77);
+        let tile = 1usize << MIN_TILE_LOG2;
+        for len in [tile - 1, tile, tile + 1, 2 * tile - 1, 2 * tile + 31, 2 * tile + 32, 2 * tile + 33, 7 * tile + 5] {
+            let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(100)).collect();
+            each_context(&symbols, &mut |contexts| {
+                assert_round_trip_tiles(&symbols, contexts, u32::from(MIN_TILE_LOG2));
+                assert_round_trip_tiles(&symbols, contexts, 9);
+            });
+        }
+        // Several tiles of the size the encoder picks.
+        let symbols = noise.bytes(70_000);
+        let stored = assert_round_trip(&symbols, Contexts::None);
+        assert!(symbols.len() > 1 << stored[3], "several tiles");
+    }
+
+    #[test]
+    fn round_trips_the_empty_stream() {
+        each_context(&[], &mut |contexts| {
+            let stored = assert_round_trip(&[], contexts);
+            assert_eq!(stored.len(), predicted_len(&[], contexts));
+        });
+    }
+
+    #[test]
+    fn one_symbol_costs_nothing_but_the_states() {
+        for len in [1usize, 5, 32, 100_000] {
+            let symbols = vec![0x42u8; len];
+            let stored = assert_round_trip(&symbols, Contexts::None);
+            // prob_bits as small as a one-byte frequency allows, one table of one symbol.
+            assert_eq!(stored[..4], [6, 0, 1, 18]);
+            assert_eq!(stored[4..7], [0, 0x42, 64]);
+            let tiles = len.div_ceil(1 << 18);
+            assert_eq!(stored.len(), 7 + 4 * tiles + 4 * len.min(LANES) * tiles);
+            assert_eq!(stored.len(), predicted_len(&symbols, Contexts::None));
+        }
+    }
+
+    #[test]
+    fn round_trips_every_symbol_count_and_the_bitmap() {
+        let mut noise = Noise(5);
+        for distinct in [2usize, 31, 32, 33, 255, 256] {
+            #[allow(clippy::cast_possible_truncation)]
+            let mut symbols: Vec<u8> = (0..4000).map(|i| ((i * 7) % distinct) as u8).collect();
+            // Uneven counts, some symbols rare.
+            symbols.extend((0..2000).map(|_| 0u8));
+            symbols.truncate(4000 + usize::try_from(noise.next() % 500).unwrap());
+            let stored = assert_round_trip(&symbols, Contexts::None);
+            assert_eq!(usize::from(stored[4]) + 1, distinct);
+            let plane: Vec<u8> = symbols.iter().map(|&s| s / 64).collect();
+            assert_round_trip(&symbols, Contexts::HigherPlane(&plane));
+        }
+        // Uniform bytes: 256 symbols, about 8 bits each.
+        let symbols = noise.bytes(100_000);
+        let stored = assert_round_trip(&symbols, Contexts::None);
+        assert!(stored.len() < 100_000 + 1000, "{}", stored.len());
+    }
+
+    #[test]
+    fn base_keys_follow_the_rule_of_the_value_order() {
+        fn check<W: Word + Into<u64>>(words: &[W]) {
+            let bytes: Vec<u8> = words
+                .iter()
+                .flat_map(|&w| {
+                    let mut b = vec![0u8; W::BYTES];
+                    w.store(&mut b);
+                    b
+                })
+                .collect();
+            for (i, &w) in words.iter().enumerate() {
+                assert_eq!(key_at_width(&bytes, W::BYTES, i), group_key(w));
+            }
+            assert_eq!(key_at_width(&bytes, W::BYTES, words.len()), 0, "zero past the end");
+            assert_eq!(key_at_width(&bytes, W::BYTES, usize::MAX), 0, "no overflow");
+        }
+        let mut noise = Noise(99);
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            let raw: Vec<u64> = (0..500).map(|_| noise.next()).chain([0, u64::MAX, 1 << 63, 1]).collect();
+            check(&raw.iter().map(|&r| r as u8).collect::<Vec<_>>());
+            check(&raw.iter().map(|&r| r as u16).collect::<Vec<_>>());
+            check(&raw.iter().map(|&r| r as u32).collect::<Vec<_>>());
+            check(&raw);
+        }
+        // bf16 1.0 and -1.0 share their key, the top of the exponent.
+        assert_eq!(key_at_width(&[0x80, 0x3F, 0x80, 0xBF], 2, 0), 0x7F);
+        assert_eq!(key_at_width(&[0x80, 0x3F, 0x80, 0xBF], 2, 1), 0x7F);
+    }
+
+    #[test]
+    fn contexts_pay_where_the_statistics_differ() {
+        // Low byte spread set by the high byte: with the plane above as context the
+        // stream is much smaller than without.
+        let mut noise = Noise(3);
+        let high: Vec<u8> = (0..50_000).map(|_| u8::try_from(noise.next() % 8).unwrap()).collect();
+        let low: Vec<u8> =
+            high.iter().map(|&h| u8::try_from(noise.next() % (1u64 << h)).unwrap().wrapping_add(h * 30)).collect();
+        let plain = assert_round_trip(&low, Contexts::None).len();
+        let with_context = assert_round_trip(&low, Contexts::HigherPlane(&high)).len();
+        assert!(with_context * 10 < plain * 8, "{with_context} vs {plain}");
+    }
+
+    #[test]
+    fn reciprocal_division_is_exact() {
+        let mut noise = Noise(11);
+        for frequency in 1..=(1u32 << MAX_PROB_BITS) {
+            let mut frequencies = [0u32; 256];
+            frequencies[0] = frequency;
+            frequencies[1] = (1 << MAX_PROB_BITS) - frequency;
+            let coder = symbol_coders(&frequencies, u32::from(MAX_PROB_BITS))[0];
+            let limit = coder.renorm_above;
+            #[allow(clippy::cast_possible_truncation)]
+            let samples =
+                [0, 1, frequency - 1, frequency, frequency + 1, limit, limit - 1, limit / 2, u32::MAX, u32::MAX - 1]
+                    .into_iter()
+                    .chain((0..64).map(|_| noise.next() as u32));
+            for x in samples {
+                let quotient = (u128::from(x) * u128::from(coder.reciprocal)) >> RECIPROCAL_SHIFT;
+                assert_eq!(quotient, u128::from(x / frequency), "{x} / {frequency}");
+            }
+        }
+    }
+
+    /// No move of one slot from a symbol to another lowers the code length.
+    #[test]
+    fn quantization_is_optimal_and_beats_rounding() {
+        let mut noise = Noise(21);
+        for case in 0..40u64 {
+            let mut counts = [0u64; 256];
+            let symbols = 2 + usize::try_from(case * 6).unwrap().min(254);
+            for (s, count) in counts.iter_mut().enumerate().take(symbols) {
+                *count = 1 + (noise.next() % 1000) * u64::from(s < 3) * 100 + noise.next() % 7;
+            }
+            for prob_bits in [8u32, 9, 11] {
+                let Some(frequencies) = quantize(&counts, prob_bits) else {
+                    assert!(symbols > 1 << prob_bits);
+                    continue;
+                };
+                assert_eq!(frequencies.iter().sum::<u32>(), 1 << prob_bits);
+                assert!(counts.iter().zip(&frequencies).all(|(&c, &f)| (c > 0) == (f > 0)));
+                let bits = code_bits(&counts, &frequencies, prob_bits);
+                for up in 0..symbols {
+                    for down in 0..symbols {
+                        if up != down && frequencies[down] > 1 {
+                            let mut moved = frequencies;
+                            moved[up] += 1;
+                            moved[down] -= 1;
+                            assert!(code_bits(&counts, &moved, prob_bits) >= bits - 1e-6);
+                        }
+                    }
+                }
+                // Rounding each share, then taking the difference from the largest,
+                // never codes shorter.
+                if let Some(rounded) = naive_rounding(&counts, prob_bits) {
+                    assert!(bits <= code_bits(&counts, &rounded, prob_bits) + 1e-6);
+                }
+            }
+        }
+        // Rare symbols pull slots from common ones: naive rounding gives each its
+        // share of at least 1 and the remainder to the largest, which here costs more.
+        let mut counts = [0u64; 256];
+        counts[0] = 1_000_000;
+        counts[1] = 300_000;
+        counts[2..40].fill(40);
+        let optimal = code_bits(&counts, &quantize(&counts, 8).unwrap(), 8);
+        assert!(optimal < code_bits(&counts, &naive_rounding(&counts, 8).unwrap(), 8) - 100.0);
+    }
+
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fn naive_rounding(counts: &Histogram, prob_bits: u32) -> Option<[u32; 256]> {
+        let total: u64 = counts.iter().sum();
+        let slots = 1u32 << prob_bits;
+        let mut frequencies = [0u32; 256];
+        for (f, &c) in frequencies.iter_mut().zip(counts) {
+            if c > 0 {
+                *f = ((c as f64 * f64::from(slots) / total as f64).round() as u32).max(1);
+            }
+        }
+        let largest = (0..256).max_by_key(|&s| counts[s]).unwrap();
+        let others: u32 = frequencies.iter().sum::<u32>() - frequencies[largest];
+        frequencies[largest] = slots.checked_sub(others).filter(|&f| f > 0)?;
+        Some(frequencies)
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    #[track_caller]
+    fn assert_prediction_close(symbols: &[u8], contexts: Contexts<'_>) {
+        let predicted = predicted_len(symbols, contexts);
+        let actual = encode(symbols, contexts).len();
+        let tiles = symbols.len().div_ceil(1 << 12) as f64;
+        let allowed = actual as f64 * 0.005 + 8.0 + 4.0 * tiles;
+        assert!((predicted as f64 - actual as f64).abs() <= allowed, "predicted {predicted}, actual {actual}");
+    }
+
+    #[test]
+    fn predicted_length_is_close() {
+        let mut noise = Noise(8);
+        for zeros in [0u64, 128, 230, 250, 255] {
+            for len in [100usize, 5000, 200_000] {
+                let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(zeros)).collect();
+                assert_prediction_close(&symbols, Contexts::None);
+                let plane: Vec<u8> = symbols.iter().map(|&s| s >> 4).collect();
+                assert_prediction_close(&symbols, Contexts::HigherPlane(&plane));
+            }
+        }
+        assert_prediction_close(&noise.bytes(300_000), Contexts::None);
+    }
+
+    // ----- hand-built streams and the errors of §8.7 -----
+
+    /// A stream from its parts: the four fixed bytes, the context map (for more than
+    /// one table), the tables as bytes, the tile lengths and the payloads.
+    fn build(fixed: [u8; 4], map: Option<&[u8; 256]>, tables: &[&[u8]], lengths: &[u32], payload: &[u8]) -> Vec<u8> {
+        let mut out = fixed.to_vec();
+        if let Some(map) = map {
+            out.extend_from_slice(map);
+        }
+        for table in tables {
+            out.extend_from_slice(table);
+        }
+        for length in lengths {
+            out.extend_from_slice(&length.to_le_bytes());
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// prob_bits 1, no context: symbols 0 and 1 at frequency 1 each.
+    const HALVES: &[u8] = &[1, 0, 1, 1, 1];
+
+    /// One symbol coded by hand: symbol 1 from state 2^16 is state 2·2^16 + 1.
+    fn one_symbol_stream() -> Vec<u8> {
+        build([1, 0, 1, 8], None, &[HALVES], &[4], &131_073u32.to_le_bytes())
+    }
+
+    #[test]
+    fn decodes_a_stream_built_by_hand() {
+        assert_eq!(decode(&one_symbol_stream(), 1, Contexts::None).unwrap(), [1]);
+        // 34 symbols: two steps, lanes 0 and 1 in the second. Coded here step by step
+        // as §15.10 describes, independently of the encoder's plan.
+        let mut frequencies = [0u32; 256];
+        frequencies[..2].copy_from_slice(&[1, 1]);
+        let coders = symbol_coders(&frequencies, 1);
+        let symbols =
+            [0u8, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0, 1, 1];
+        let mut states = [STATE_LOW; LANES];
+        let mut words = Vec::new();
+        let mut room = vec![0u16; symbols.len()];
+        let mut scratch = WordSink { room: &mut room, len: 0 };
+        for (j, &s) in symbols.iter().enumerate().rev() {
+            let x = states[j % LANES];
+            // x > 2^31 − 1 renormalises; then x = (x / 1) · 2 + cum.
+            let x = if x > (1 << 31) - 1 {
+                words.push(u16::try_from(x & 0xFFFF).unwrap());
+                x >> 16
+            } else {
+                x
+            };
+            let expected = 2 * x + u32::from(s);
+            states[j % LANES] = coders[usize::from(s)].encode(states[j % LANES], &mut scratch);
+            assert_eq!(states[j % LANES], expected);
+        }
+        let mut payload: Vec<u8> = states.iter().flat_map(|s| s.to_le_bytes()).collect();
+        payload.extend(words.iter().rev().flat_map(|w| w.to_le_bytes()));
+        let stream = build([1, 0, 1, 8], None, &[HALVES], &[u32::try_from(payload.len()).unwrap()], &payload);
+        assert_eq!(decode(&stream, symbols.len(), Contexts::None).unwrap(), symbols);
+    }
+
+    #[test]
+    fn fixed_header_errors() {
+        let valid = one_symbol_stream();
+        let with = |at: usize, value: u8| {
+            let mut s = valid.clone();
+            s[at] = value;
+            s
+        };
+        for bad in [with(0, 0), with(0, 12), with(1, 3), with(2, 0), with(2, 2), with(3, 7), with(3, 25)] {
+            assert_eq!(code(decode(&bad, 1, Contexts::None)), ErrorCode::RansHeader);
+            assert_eq!(context_kind(&bad).unwrap_err().code(), ErrorCode::RansHeader);
+        }
+        // Context 1 or 2 needs 2 to 8 tables.
+        let mut map_stream = build([1, 1, 2, 8], Some(&[0; 256]), &[HALVES, HALVES], &[4], &131_073u32.to_le_bytes());
+        let positions = [0u32];
+        let keys = Contexts::BaseKeys { base: &[], word_bytes: 2, positions: Some(&positions) };
+        assert_eq!(decode(&map_stream, 1, keys).unwrap(), [1]);
+        for table_count in [1u8, 9, 255] {
+            map_stream[2] = table_count;
+            assert_eq!(context_kind(&map_stream).unwrap_err().code(), ErrorCode::RansHeader);
+            assert_eq!(code(decode(&map_stream, 1, keys)), ErrorCode::RansHeader);
+        }
+        // A short stream: every prefix of the fixed header.
+        for len in 0..4 {
+            assert_eq!(context_kind(&valid[..len]).unwrap_err().code(), ErrorCode::RansHeader);
+        }
+        assert_eq!(context_kind(&valid).unwrap(), ContextKind::None);
+    }
+
+    #[test]
+    fn a_context_the_stream_does_not_allow_is_a_header_error() {
+        // The stream has no context, the reader would derive the plane above.
+        assert_eq!(code(decode(&one_symbol_stream(), 1, Contexts::HigherPlane(&[0]))), ErrorCode::RansHeader);
+        // The stream asks for the plane above where the reader allows no context.
+        let stream = build([1, 2, 2, 8], Some(&[0; 256]), &[HALVES, HALVES], &[4], &131_073u32.to_le_bytes());
+        assert_eq!(context_kind(&stream).unwrap(), ContextKind::HigherPlane);
+        assert_eq!(code(decode(&stream, 1, Contexts::None)), ErrorCode::RansHeader);
+        assert_eq!(decode(&stream, 1, Contexts::HigherPlane(&[9])).unwrap(), [1]);
+        let keys = Contexts::BaseKeys { base: &[], word_bytes: 1, positions: None };
+        assert_eq!(code(decode(&stream, 1, keys)), ErrorCode::RansHeader);
+    }
+
+    #[test]
+    fn context_map_and_table_errors() {
+        let payload = 131_073u32.to_le_bytes();
+        let plane = [0u8];
+        let check = |stream: Vec<u8>, what: &str| {
+            assert_eq!(code(decode(&stream, 1, Contexts::HigherPlane(&plane))), ErrorCode::RansHeader, "{what}");
+        };
+        let mut map = [0u8; 256];
+        map[200] = 2;
+        check(build([1, 2, 2, 8], Some(&map), &[HALVES, HALVES], &[4], &payload), "map entry >= T");
+        let table = |bytes: &[u8]| build([1, 2, 2, 8], Some(&[0; 256]), &[HALVES, bytes], &[4], &payload);
+        check(table(&[1, 1, 1, 1, 1]), "a repeated symbol");
+        check(table(&[1, 1, 0, 1, 1]), "decreasing symbols");
+        check(table(&[1, 0, 1, 0, 2]), "frequency 0");
+        check(table(&[1, 0, 1, 2, 0]), "frequency 0 last");
+        check(table(&[1, 0, 1, 1, 2]), "sum above 2^k");
+        check(table(&[0, 0, 1]), "sum below 2^k");
+        check(
+            build([8, 2, 2, 8], Some(&[0; 256]), &[&[0, 0, 0x81, 0x00], &[0, 5, 0x80, 0x7F]], &[4], &payload),
+            "two-byte 127",
+        );
+        // A valid two-byte frequency, for contrast: 2^8 as 0x81 0x00.
+        let valid =
+            build([8, 2, 2, 8], Some(&[0; 256]), &[&[0, 0, 0x81, 0x00], &[0, 5, 0x81, 0x00]], &[4], &[0, 0, 1, 0]);
+        assert_eq!(decode(&valid, 1, Contexts::HigherPlane(&plane)).unwrap(), [0]);
+        // A bitmap: 32 symbols listed by 31 bits, and by 33.
+        let bitmap_table = |bits: &[u8]| {
+            let mut t = vec![31u8];
+            let mut bitmap = [0u8; 32];
+            for &b in bits {
+                bitmap[usize::from(b / 8)] |= 1 << (b % 8);
+            }
+            t.extend_from_slice(&bitmap);
+            t.extend(std::iter::repeat_n(8u8, 32));
+            t
+        };
+        let thirty_two: Vec<u8> = (0..32).map(|i| i * 5).collect();
+        let good = bitmap_table(&thirty_two);
+        let fixed = [8, 2, 2, 8];
+        // Table 1 holds symbols 0, 5, 10, ... at frequency 8: symbol 5 (cum 8) coded
+        // from 2^16 is (2^16 / 8) · 2^8 + 8 = 2^21 + 8.
+        let ok = build(fixed, Some(&[1; 256]), &[&[0, 0, 0x81, 0x00], &good], &[4], &((1u32 << 21) + 8).to_le_bytes());
+        assert_eq!(decode(&ok, 1, Contexts::HigherPlane(&plane)).unwrap(), [5]);
+        check(
+            build(fixed, Some(&[1; 256]), &[&[0, 0, 0x81, 0x00], &bitmap_table(&thirty_two[..31])], &[4], &payload),
+            "31 bits",
+        );
+        let mut thirty_three = thirty_two.clone();
+        thirty_three.push(255);
+        check(
+            build(fixed, Some(&[1; 256]), &[&[0, 0, 0x81, 0x00], &bitmap_table(&thirty_three)], &[4], &payload),
+            "33 bits",
+        );
+    }
+
+    #[test]
+    fn tile_length_errors() {
+        let state = 131_073u32.to_le_bytes();
+        let check = |lengths: &[u32], payload: &[u8], len: usize, what: &str| {
+            let stream = build([1, 0, 1, 8], None, &[HALVES], lengths, payload);
+            assert_eq!(code(decode(&stream, len, Contexts::None)), ErrorCode::RansHeader, "{what}");
+        };
+        check(&[3], &state[..3], 1, "shorter than its states");
+        check(&[5], &[state.as_slice(), &[0]].concat(), 1, "an odd word part");
+        check(&[4], &[state.as_slice(), &[0]].concat(), 1, "a byte after the tiles");
+        check(&[6], &state, 1, "lengths past the end");
+        check(&[4, 4], &[state, state].concat(), 1, "a tile too many, read as payload");
+        // Two tiles of 256 symbols need two lengths: with one, the stream is too short.
+        check(&[4], &state, 300, "too few lengths");
+        // A decoded length that would need more lengths than the stream could hold is
+        // refused before anything is allocated.
+        check(&[4], &state, usize::MAX, "an absurd length");
+        check(&[4], &state, 1 << 40, "a huge length");
+    }
+
+    #[test]
+    fn every_truncation_of_the_header_is_a_header_error() {
+        let mut noise = Noise(17);
+        let symbols: Vec<u8> = (0..3000).map(|_| noise.skewed(60)).collect();
+        let plane: Vec<u8> = symbols.iter().map(|&s| s >> 6).collect();
+        let stored = encode_with_tile_log2(&symbols, Contexts::HigherPlane(&plane), 10);
+        let tiles = symbols.len().div_ceil(1 << 10);
+        let first_payload = {
+            let stream = check_stream(&stored, symbols.len(), ContextKind::HigherPlane).unwrap();
+            stored.len() - stream.payloads.len()
+        };
+        assert!(first_payload > 4 + 256 + 4 * tiles);
+        for len in 0..stored.len() {
+            let err = decode(&stored[..len], symbols.len(), Contexts::HigherPlane(&plane)).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::RansHeader, "cut at {len}: {err}");
+        }
+    }
+
+    #[test]
+    fn tile_decoding_errors() {
+        let check = |payload: &[u8], what: &str| {
+            let length = u32::try_from(payload.len()).unwrap();
+            let stream = build([1, 0, 1, 8], None, &[HALVES], &[length], payload);
+            assert_eq!(code(decode(&stream, 1, Contexts::None)), ErrorCode::RansDecode, "{what}");
+        };
+        check(&(STATE_LOW - 1).to_le_bytes(), "initial state below 2^16");
+        check(&0u32.to_le_bytes(), "initial state 0");
+        // Symbol 0 from 2^16: state 2^15 needs a word the tile lacks.
+        check(&STATE_LOW.to_le_bytes(), "a truncated tile");
+        check(&[131_073u32.to_le_bytes().as_slice(), &[0, 0]].concat(), "a word left over");
+        check(&131_075u32.to_le_bytes(), "final state 2^16 + 1");
+        // The same with the word read: symbol 0 from 2^16 reads 0x0000, state 2^31,
+        // which is not 2^16 at the end.
+        check(&[STATE_LOW.to_le_bytes().as_slice(), &[0, 0]].concat(), "final state 2^31");
+        // A later tile and a later lane are checked as well.
+        let mut noise = Noise(4);
+        let symbols: Vec<u8> = (0..600).map(|_| noise.skewed(128)).collect();
+        let stored = encode_with_tile_log2(&symbols, Contexts::None, 8);
+        let payload_at = stored.len() - check_stream(&stored, 600, ContextKind::None).unwrap().payloads.len();
+        let third_tile = payload_at + (0..2).map(|t| u32_at(&stored[payload_at - 12..], 4 * t) as usize).sum::<usize>();
+        let mut bad = stored.clone();
+        bad[third_tile + 4 * 5 + 2] = 0;
+        bad[third_tile + 4 * 5 + 3] = 0;
+        assert_eq!(code(decode(&bad, 600, Contexts::None)), ErrorCode::RansDecode);
+    }
+
+    #[test]
+    fn contexts_that_do_not_fit_the_stream_are_refused() {
+        let stream = build([1, 2, 2, 8], Some(&[0; 256]), &[HALVES, HALVES], &[4], &131_073u32.to_le_bytes());
+        assert_eq!(code(decode(&stream, 1, Contexts::HigherPlane(&[0, 0]))), ErrorCode::InvalidArgument);
+        let keyed = build([1, 1, 2, 8], Some(&[0; 256]), &[HALVES, HALVES], &[4], &131_073u32.to_le_bytes());
+        for (word_bytes, positions) in [(3usize, None), (0, None), (2, Some(&[][..])), (2, Some(&[0u32, 1][..]))] {
+            let contexts = Contexts::BaseKeys { base: &[1, 2, 3], word_bytes, positions };
+            assert_eq!(code(decode(&keyed, 1, contexts)), ErrorCode::InvalidArgument);
+        }
+        // The encoder never fails: missing contexts read as 0.
+        let symbols = [1u8, 2, 3, 1, 2, 3];
+        let short = [7u8, 7];
+        let stored = encode(&symbols, Contexts::HigherPlane(&short));
+        assert_eq!(decode(&stored, 6, Contexts::HigherPlane(&[7, 7, 0, 0, 0, 0])).unwrap(), symbols);
+        let odd = encode(&symbols, Contexts::BaseKeys { base: &[1, 2, 3, 4, 5, 6, 7], word_bytes: 3, positions: None });
+        assert_eq!(context_kind(&odd).unwrap(), ContextKind::BaseKey);
+    }
+
+    #[test]
+    fn corrupt_payload_bytes_are_detected() {
+        let mut noise = Noise(31);
+        let mut flips = 0usize;
+        let mut detected = 0usize;
+        for (zeros, contexts_on) in [(230u64, false), (100, true), (0, false)] {
+            let symbols: Vec<u8> = (0..3000).map(|_| noise.skewed(zeros)).collect();
+            let plane: Vec<u8> = symbols.iter().map(|&s| s >> 5).collect();
+            let contexts = if contexts_on { Contexts::HigherPlane(&plane) } else { Contexts::None };
+            let stored = encode_with_tile_log2(&symbols, contexts, 10);
+            let payload_at =
+                stored.len() - check_stream(&stored, symbols.len(), contexts.kind()).unwrap().payloads.len();
+            for at in 0..stored.len() {
+                let mut bad = stored.clone();
+                #[allow(clippy::cast_possible_truncation)]
+                let flip = (noise.next() as u8).max(1);
+                bad[at] ^= flip;
+                // Never a panic, wherever the byte is.
+                let result = decode(&bad, symbols.len(), contexts);
+                if at >= payload_at {
+                    flips += 1;
+                    detected += usize::from(result.is_err());
+                }
+            }
+        }
+        assert!(detected * 100 > flips * 99, "{detected} of {flips} payload flips detected");
+    }
+
+    /// Every kernel the CPU has decodes every stream as the scalar one does: the same
+    /// symbols, or the same error, corrupt streams included.
+    #[test]
+    fn vector_kernel_agrees_with_scalar() {
+        let kernel = Kernel::detect();
+        if kernel == Kernel::Scalar {
+            return;
+        }
+        let mut noise = Noise(0xC0FFEE);
+        for case in 0..60u64 {
+            let len = usize::try_from(noise.next() % 20_000).unwrap() + 1;
+            let zeros = noise.next() % 256;
+            let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(zeros)).collect();
+            let plane: Vec<u8> =
+                symbols.iter().map(|&s| s.wrapping_add(u8::try_from(noise.next() % 3).unwrap()) >> 3).collect();
+            let base = noise.bytes(len);
+            let positions: Vec<u32> = (0..len).map(|i| u32::try_from(i).unwrap() / 2).collect();
+            let contexts = match case % 4 {
+                0 => Contexts::None,
+                1 => Contexts::HigherPlane(&plane),
+                2 => Contexts::BaseKeys { base: &base, word_bytes: 2, positions: None },
+                _ => Contexts::BaseKeys { base: &base, word_bytes: 1, positions: Some(&positions) },
+            };
+            let tile_log2 = 8 + u32::try_from(noise.next() % 7).unwrap();
+            let stored = encode_with_tile_log2(&symbols, contexts, tile_log2);
+            let mut bad = stored.clone();
+            for _ in 0..1 + noise.next() % 3 {
+                let at = usize::try_from(noise.next()).unwrap() % bad.len();
+                bad[at] ^= u8::try_from(noise.next() % 255).unwrap() + 1;
+            }
+            for stream in [&stored, &bad] {
+                let (mut scalar, mut vector) = (Vec::new(), Vec::new());
+                let expected =
+                    decode_with(stream, len, contexts, &mut scalar, Kernel::Scalar).map_err(|e| e.to_string());
+                let got = decode_with(stream, len, contexts, &mut vector, kernel).map_err(|e| e.to_string());
+                assert_eq!(got, expected, "case {case}");
+                assert_eq!(vector, scalar, "case {case}");
+            }
+            let mut decoded = Vec::new();
+            decode_with(&stored, len, contexts, &mut decoded, kernel).unwrap();
+            assert_eq!(decoded, symbols);
+        }
+    }
+
+    fn contexts_strategy() -> impl Strategy<Value = (Vec<u8>, u8, Vec<u8>, usize, u32)> {
+        (
+            prop::collection::vec(prop_oneof![3 => Just(0u8), 1 => any::<u8>(), 2 => 0u8..4], 0..2500),
+            0u8..4,
+            prop::collection::vec(any::<u8>(), 0..3000),
+            prop::sample::select(vec![1usize, 2, 4, 8]),
+            8u32..12,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips_random_streams((symbols, kind, base, word_bytes, tile_log2) in contexts_strategy()) {
+            let plane: Vec<u8> =
+                symbols.iter().enumerate().map(|(i, &s)| (s >> 1) ^ (base.get(i).copied().unwrap_or(0) & 3)).collect();
+            let positions: Vec<u32> = (0..symbols.len())
+                .map(|i| u32::try_from(i * 2 + usize::from(base.get(i).copied().unwrap_or(0) & 1)).unwrap())
+                .collect();
+            let contexts = match kind {
+                0 => Contexts::None,
+                1 => Contexts::HigherPlane(&plane),
+                2 => Contexts::BaseKeys { base: &base, word_bytes, positions: None },
+                _ => Contexts::BaseKeys { base: &base, word_bytes, positions: Some(&positions) },
+            };
+            let stored = encode(&symbols, contexts);
+            prop_assert_eq!(decode(&stored, symbols.len(), contexts).unwrap(), symbols.clone());
+            let tiled = encode_with_tile_log2(&symbols, contexts, tile_log2);
+            prop_assert_eq!(decode(&tiled, symbols.len(), contexts).unwrap(), symbols);
+        }
+
+        /// Any bytes after a valid fixed header decode or fail, and never panic.
+        #[test]
+        fn arbitrary_streams_never_panic(
+            prob_bits in 1u8..=11,
+            tile_log2 in 8u8..=10,
+            table_count in 1u8..=3,
+            rest in prop::collection::vec(any::<u8>(), 0..600),
+            len in 0usize..2000,
+        ) {
+            let kind = if table_count == 1 { 0 } else { 2 };
+            let stream: Vec<u8> = [prob_bits, kind, table_count, tile_log2].into_iter().chain(rest).collect();
+            let plane = vec![7u8; len];
+            let contexts = if kind == 0 { Contexts::None } else { Contexts::HigherPlane(&plane) };
+            let mut out = Vec::new();
+            for kernel in [Kernel::Scalar, Kernel::detect()] {
+                let _ = decode_with(&stream, len, contexts, &mut out, kernel);
+            }
+        }
+    }
+}

@@ -1,0 +1,600 @@
+// tpde lane rANS decoding (spec/FORMAT.md §8.7, codec 2), on the device.
+//
+// Compiled at run time through NVRTC, so this file includes no headers. The
+// host side (crates/tpde-cuda/src/kernels.rs and rans.rs) mirrors every
+// constant and the RansDesc layout below: the static_asserts after RansDesc
+// pin its layout, and a host test reads them back and compares them with the
+// Rust side.
+//
+// A launch covers a table of stream descriptors (RansDesc). The host reads
+// and checks only the 4 fixed header bytes of each stream (prob_bits,
+// context, table_count, tile_log2) to size the launches and the scratch;
+// everything else is parsed and checked here, from the stored bytes that
+// were copied to the device as they are:
+//
+//   rans_parse   one block per stream: checks the header (§8.7, "Header
+//                checks", in layout order), turns its tables into sorted
+//                (symbol, frequency, cum) entries and its tile lengths into
+//                payload offsets, in the stream's scratch; then marks the
+//                scratch valid.
+//   rans_decode  a block takes a run of tiles of one stream: its warps spread
+//                the stream's tables over 2^prob_bits slots each in shared
+//                memory, then each warp decodes one tile at a time, one rANS
+//                state per lane; a step's renormalisation words go to the
+//                lanes that need one in increasing lane order (ballot and
+//                prefix count), as §8.7 reads them.
+//
+// A stream whose context is the plane above (2) is decoded by a later launch
+// than that plane; one whose context is the base key (1) reads the base words
+// of its chunk, at its positions for a sparse chunk (u32, materialized before
+// by the `positions` kernel of tpde_apply.cu). The host orders the launches.
+//
+// Faults raise bits in flag[0] (ERR_RANS_HEADER, ERR_RANS_DECODE) and record
+// the lowest job (chunk) index that showed each, in flag[1] (header) and
+// flag[2] (decode), so the host names the chunk. A stream whose header is
+// faulty is not decoded; no kernel reads or writes outside its descriptor's
+// ranges, whatever the stored bytes say.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// A host build (crates/tpde-cuda/tests/rans_host.rs) runs these kernels on
+// CPU threads: it defines the CUDA built-ins used here, DYNAMIC_SHARED_U32
+// and dynamic_smem_bytes.
+#if defined(__CUDACC__)
+#define DYNAMIC_SHARED_U32(name) extern __shared__ u32 name[]
+__device__ __forceinline__ u32 dynamic_smem_bytes() {
+    u32 bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+}
+// A hint only: brings the line of `p` (a valid address) into L1.
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+#else
+__device__ __forceinline__ void prefetch_l1(const void*) {}
+#endif
+
+#define RANS_THREADS 256
+#define RANS_WARPS (RANS_THREADS / 32)
+#define RANS_L 65536u              // lower bound of a normalised state, 2^16
+#define RANS_MAX_PROB_BITS 11
+#define RANS_MAX_TABLES 8
+#define RANS_MIN_TILE_LOG2 8
+#define RANS_MAX_TILE_LOG2 24
+// The longest header before the tile lengths: fixed bytes, context map and
+// eight tables of 256 symbols (bitmap) with two-byte frequencies.
+#define RANS_HEADER_MAX (4 + 256 + RANS_MAX_TABLES * (1 + 32 + 2 * 256))
+// Scratch of a stream, in u32 words: a header of RANS_SCRATCH_HEAD words,
+// RANS_TABLE_STRIDE entries per table, then tiles + 1 payload offsets.
+#define RANS_SCRATCH_HEAD 16
+#define RANS_TABLE_STRIDE 256
+#define RANS_SCRATCH_VALID 0x52414E53u  // scratch word 0 once the header checked out
+
+#define CTX_NONE 0u
+#define CTX_BASE_KEY 1u
+#define CTX_HIGHER_PLANE 2u
+
+#define ERR_BAD_DESCRIPTOR 16u
+#define ERR_RANS_HEADER 32u
+#define ERR_RANS_DECODE 64u
+
+// One stream to decode. Addresses are device addresses checked by the host
+// against live buffers; lengths are the stream record's.
+struct RansDesc {
+    u64 stored;         // the stored bytes (stored_len)
+    u64 decoded;        // the output (decoded_len bytes)
+    u64 context;        // context 2: the decoded plane above (decoded_len bytes);
+                        // context 1: the chunk's base words (base_words words); else 0
+    u64 positions;      // context 1 in a sparse chunk: decoded_len u32 positions; else 0
+    u64 scratch;        // parse results (rans_scratch_words u32)
+    u32 stored_len;
+    u32 decoded_len;    // N
+    u32 base_words;     // context 1: words readable at `context`; words past them are 0
+    u32 word_bytes;     // context 1: 1, 2, 4 or 8
+    u32 allowed;        // bit c set: context c is allowed in this stream (§8.7)
+    u32 prob_bits;      // the four fixed header bytes, as the host read them
+    u32 ctx_kind;
+    u32 table_count;
+    u32 tile_log2;
+    u32 tiles;          // ceil(N / 2^tile_log2)
+    u32 block_begin;    // first block of this stream in a rans_decode grid
+    u32 tiles_per_block;
+    u32 job;            // the chunk's index in the host's job list (fault reports)
+    u32 reserved;       // 0; keeps the size a multiple of 8
+};
+
+// The byte layout that rans.rs writes (RansDesc::write_to). The host test
+// `rans_desc_layout_matches_the_kernel_source` parses these lines; as in
+// tpde_apply.cu, the offsets need __builtin_offsetof (NVRTC 13.5), and the
+// CI's compile defines REQUIRE_LAYOUT_CHECKS so that they are never skipped.
+static_assert(sizeof(RansDesc) == 96, "RansDesc is 96 bytes");
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1305)
+#define OFFSET_OF(T, f) __builtin_offsetof(T, f)
+static_assert(OFFSET_OF(RansDesc, stored) == 0, "RansDesc.stored");
+static_assert(OFFSET_OF(RansDesc, decoded) == 8, "RansDesc.decoded");
+static_assert(OFFSET_OF(RansDesc, context) == 16, "RansDesc.context");
+static_assert(OFFSET_OF(RansDesc, positions) == 24, "RansDesc.positions");
+static_assert(OFFSET_OF(RansDesc, scratch) == 32, "RansDesc.scratch");
+static_assert(OFFSET_OF(RansDesc, stored_len) == 40, "RansDesc.stored_len");
+static_assert(OFFSET_OF(RansDesc, decoded_len) == 44, "RansDesc.decoded_len");
+static_assert(OFFSET_OF(RansDesc, base_words) == 48, "RansDesc.base_words");
+static_assert(OFFSET_OF(RansDesc, word_bytes) == 52, "RansDesc.word_bytes");
+static_assert(OFFSET_OF(RansDesc, allowed) == 56, "RansDesc.allowed");
+static_assert(OFFSET_OF(RansDesc, prob_bits) == 60, "RansDesc.prob_bits");
+static_assert(OFFSET_OF(RansDesc, ctx_kind) == 64, "RansDesc.ctx_kind");
+static_assert(OFFSET_OF(RansDesc, table_count) == 68, "RansDesc.table_count");
+static_assert(OFFSET_OF(RansDesc, tile_log2) == 72, "RansDesc.tile_log2");
+static_assert(OFFSET_OF(RansDesc, tiles) == 76, "RansDesc.tiles");
+static_assert(OFFSET_OF(RansDesc, block_begin) == 80, "RansDesc.block_begin");
+static_assert(OFFSET_OF(RansDesc, tiles_per_block) == 84, "RansDesc.tiles_per_block");
+static_assert(OFFSET_OF(RansDesc, job) == 88, "RansDesc.job");
+static_assert(OFFSET_OF(RansDesc, reserved) == 92, "RansDesc.reserved");
+#elif defined(REQUIRE_LAYOUT_CHECKS)
+#error "this NVRTC cannot check the RansDesc offsets (no __builtin_offsetof)"
+#endif
+static_assert(sizeof(u64) == 8 && sizeof(u32) == 4 && sizeof(u16) == 2, "integer widths");
+static_assert(RANS_HEADER_MAX % 4 == 0, "the header buffer is loaded in words");
+
+// u32 words of a stream's scratch (the host computes the same).
+__device__ __forceinline__ u64 rans_scratch_words(u32 table_count, u32 tiles) {
+    return RANS_SCRATCH_HEAD + (u64)table_count * RANS_TABLE_STRIDE + (u64)tiles + 1;
+}
+
+// Symbols of tile t of a stream of n symbols.
+__device__ __forceinline__ u32 tile_symbols(u64 n, u32 tile_log2, u64 t) {
+    const u64 lo = t << tile_log2;
+    const u64 left = n - lo;
+    const u64 full = 1ull << tile_log2;
+    return (u32)(left < full ? left : full);
+}
+
+// Records a fault of stream `c`: its bit, and the lowest chunk index that
+// showed that kind of fault (flag[1] for headers, flag[2] for decoding).
+__device__ __forceinline__ void rans_fault(u32* flag, u32 bit, u32 job) {
+    atomicOr(flag, bit);
+    atomicMin(flag + (bit == ERR_RANS_HEADER ? 1 : 2), job);
+}
+
+// ---------------------------------------------------------------------------
+// Block-wide scans (256 threads). All threads must call them.
+
+__device__ __forceinline__ u64 scan_u64(u64 x, u64* ws, u64* total) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u64 inc = x;
+#pragma unroll
+    for (u32 o = 1; o < 32; o <<= 1) {
+        const u64 y = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += y;
+    }
+    if (lane == 31) ws[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        u64 s = lane < RANS_WARPS ? ws[lane] : 0;
+#pragma unroll
+        for (u32 o = 1; o < RANS_WARPS; o <<= 1) {
+            const u64 y = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s += y;
+        }
+        if (lane < RANS_WARPS) ws[lane] = s;
+    }
+    __syncthreads();
+    const u64 prefix = warp > 0 ? ws[warp - 1] : 0;
+    *total = ws[RANS_WARPS - 1];
+    __syncthreads();
+    return prefix + inc - x;
+}
+
+// A function {0,1} -> {0,1} as two bits: bit s is its value at s.
+#define FN_IDENTITY 2u
+__device__ __forceinline__ u32 fn_at(u32 f, u32 s) { return (f >> s) & 1u; }
+// `later` applied after `earlier`.
+__device__ __forceinline__ u32 fn_then(u32 earlier, u32 later) {
+    return fn_at(later, fn_at(earlier, 0)) | (fn_at(later, fn_at(earlier, 1)) << 1);
+}
+
+// Exclusive scan of functions under composition: thread t gets
+// f_{t-1} o ... o f_0 (the identity for thread 0).
+__device__ __forceinline__ u32 scan_fn(u32 f, u32* ws) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 inc = f;
+#pragma unroll
+    for (u32 o = 1; o < 32; o <<= 1) {
+        const u32 y = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc = fn_then(y, inc);
+    }
+    if (lane == 31) ws[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        u32 s = lane < RANS_WARPS ? ws[lane] : FN_IDENTITY;
+#pragma unroll
+        for (u32 o = 1; o < RANS_WARPS; o <<= 1) {
+            const u32 y = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s = fn_then(y, s);
+        }
+        if (lane < RANS_WARPS) ws[lane] = s;
+    }
+    __syncthreads();
+    u32 ex = __shfl_up_sync(0xffffffffu, inc, 1);
+    if (lane == 0) ex = FN_IDENTITY;
+    const u32 prefix = warp > 0 ? ws[warp - 1] : FN_IDENTITY;
+    __syncthreads();
+    return fn_then(prefix, ex);
+}
+
+__device__ __forceinline__ u32 load_u32_le(const u8* p) {
+    return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
+}
+
+// ---------------------------------------------------------------------------
+// rans_parse: one block per stream.
+
+struct ParseShared {
+    u8 head[RANS_HEADER_MAX];  // the stream's first bytes (up to its length)
+    u32 sym[256];              // symbols of the table being parsed, in order
+    u32 freq[256];             // their frequencies
+    u64 ws[RANS_WARPS];
+    u32 wf[RANS_WARPS];
+    u32 at;                    // parse cursor
+    u32 bad;
+};
+
+// Parses table `t` at sh.at (§8.7, Table 8.7) into scratch entries; moves
+// the cursor past it. `avail` bytes of the header buffer are the stream's.
+__device__ void parse_table(ParseShared& sh, u32 avail, u32 t, u32 prob_bits, u32* scratch) {
+    const u32 tid = threadIdx.x;
+    const u32 p0 = sh.at;
+    __syncthreads();
+    if (p0 >= avail) {
+        if (tid == 0) sh.bad = 1;
+        __syncthreads();
+        return;
+    }
+    const u32 s = (u32)sh.head[p0] + 1;
+    u32 p = p0 + 1;
+    // the symbol set
+    if (s < 32) {
+        if (p + s > avail) {
+            if (tid == 0) sh.bad = 1;
+        } else if (tid < s) {
+            const u32 x = sh.head[p + tid];
+            sh.sym[tid] = x;
+            if (tid > 0 && sh.head[p + tid - 1] >= x) sh.bad = 1;  // strictly increasing
+        }
+        p += s;
+    } else {
+        u32 bit = 0;
+        if (p + 32 <= avail) bit = (sh.head[p + (tid >> 3)] >> (tid & 7)) & 1u;
+        u64 total;
+        const u64 rank = scan_u64(bit, sh.ws, &total);
+        if (p + 32 > avail || total != s) {
+            if (tid == 0) sh.bad = 1;
+        } else if (bit) {
+            sh.sym[rank] = tid;
+        }
+        p += 32;
+    }
+    __syncthreads();
+    if (sh.bad) return;  // uniform
+    // The frequencies: s tokens of one byte (< 0x80) or two (0x80 | f >> 8,
+    // f & 0xFF). Byte b + 1 starts a token iff byte b does not, or byte b
+    // starts a one-byte token: a function of "b starts a token", composed
+    // over the 2s bytes (two per thread) by a scan.
+    const u32 b0 = p + 2 * tid, b1 = b0 + 1;
+    const u32 lo0 = b0 < avail ? (u32)(sh.head[b0] < 0x80) : 1u;
+    const u32 lo1 = b1 < avail ? (u32)(sh.head[b1] < 0x80) : 1u;
+    const u32 g0 = 1u | (lo0 << 1), g1 = 1u | (lo1 << 1);  // next(0) = 1, next(1) = lo
+    const u32 before = scan_fn(fn_then(g0, g1), sh.wf);
+    const u32 lead0 = fn_at(before, 1);  // byte p starts a token
+    const u32 lead1 = fn_at(g0, lead0);
+    u64 total;
+    const u64 rank0 = scan_u64(lead0 + lead1, sh.ws, &total);
+    const u32 ranks[2] = {(u32)rank0, (u32)rank0 + lead0};
+    const u32 leads[2] = {lead0, lead1};
+    const u32 bytes[2] = {b0, b1};
+#pragma unroll
+    for (int q = 0; q < 2; q++) {
+        const u32 j = ranks[q];
+        if (!leads[q] || j >= s) continue;
+        const u32 b = bytes[q];
+        const u32 one = q == 0 ? lo0 : lo1;
+        const u32 size = one ? 1u : 2u;
+        if (b + size > avail) {
+            sh.bad = 1;  // fewer bytes than the field needs
+            continue;
+        }
+        const u32 f = one ? (u32)sh.head[b] : (((u32)sh.head[b] & 0x7Fu) << 8) | sh.head[b + 1];
+        // a zero frequency, a two-byte form below 128, or above 2^k (the sum
+        // would exceed 2^k anyway; checked here so that it packs)
+        if (f == 0 || (!one && f < 128) || f > (1u << prob_bits)) sh.bad = 1;
+        sh.freq[j] = f;
+        if (j == s - 1) sh.at = b + size;
+    }
+    __syncthreads();
+    if (sh.bad) return;
+    const u32 f = tid < s ? sh.freq[tid] : 0;
+    const u64 cum = scan_u64(f, sh.ws, &total);
+    if (total != (1ull << prob_bits)) {
+        if (tid == 0) sh.bad = 1;
+    } else if (tid < s) {
+        // symbol 8 bits, frequency 12 bits, cum 11 bits (cum < 2^k <= 2^11)
+        scratch[RANS_SCRATCH_HEAD + t * RANS_TABLE_STRIDE + tid] = sh.sym[tid] | (f << 8) | ((u32)cum << 20);
+    }
+    if (tid == 0) scratch[4 + t] = s;
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(RANS_THREADS)
+rans_parse(const RansDesc* d, u32 nd, u32* flag) {
+    __shared__ ParseShared sh;
+    if (blockIdx.x >= nd) return;
+    const RansDesc c = d[blockIdx.x];
+    const u32 tid = threadIdx.x;
+    const u8* stored = (const u8*)c.stored;
+    u32* scratch = (u32*)c.scratch;
+    const u32 avail = c.stored_len < RANS_HEADER_MAX ? c.stored_len : RANS_HEADER_MAX;
+    if (tid == 0) {
+        scratch[0] = 0;  // invalid until every check passed
+        sh.at = 4;
+        sh.bad = 0;
+    }
+    for (u32 i = tid; i < avail; i += RANS_THREADS) sh.head[i] = stored[i];
+    __syncthreads();
+    // The descriptor must describe what the stored bytes say, and what the
+    // scratch and shared memory were sized for.
+    if (tid == 0) {
+        const u32 n = c.decoded_len;
+        const bool sane = c.prob_bits >= 1 && c.prob_bits <= RANS_MAX_PROB_BITS && c.table_count >= 1 &&
+                          c.table_count <= RANS_MAX_TABLES && c.tile_log2 >= RANS_MIN_TILE_LOG2 &&
+                          c.tile_log2 <= RANS_MAX_TILE_LOG2 && n > 0 &&
+                          (u64)c.tiles == (((u64)n + (1ull << c.tile_log2) - 1) >> c.tile_log2);
+        if (!sane) {
+            atomicOr(flag, ERR_BAD_DESCRIPTOR);
+            sh.bad = 2;
+        }
+    }
+    __syncthreads();
+    if (sh.bad == 2) return;
+    // §8.7 header checks, in layout order. The fixed bytes: the host read
+    // them and refused what it could; these are the same checks.
+    if (tid == 0) {
+        if (avail < 4) {
+            sh.bad = 1;
+        } else {
+            const u32 k = sh.head[0], ctx = sh.head[1], tc = sh.head[2], tl = sh.head[3];
+            const bool ok = k >= 1 && k <= RANS_MAX_PROB_BITS && ctx <= CTX_HIGHER_PLANE &&
+                            ((c.allowed >> ctx) & 1u) && (ctx == CTX_NONE ? tc == 1 : tc >= 2 && tc <= 8) &&
+                            tl >= RANS_MIN_TILE_LOG2 && tl <= RANS_MAX_TILE_LOG2;
+            const bool same = k == c.prob_bits && ctx == c.ctx_kind && tc == c.table_count && tl == c.tile_log2;
+            if (!ok || !same) sh.bad = 1;
+        }
+    }
+    __syncthreads();
+    const u32 tc = c.table_count;
+    // `sh.bad` is read into a register between two barriers wherever the
+    // threads branch on it, so that none reads it after another set it.
+    bool ok = !sh.bad;
+    __syncthreads();
+    // the context map
+    if (ok && tc > 1) {
+        if (avail < 4 + 256) {
+            if (tid == 0) sh.bad = 1;
+        } else if (sh.head[4 + tid] >= tc) {
+            sh.bad = 1;
+        }
+        if (tid == 0) sh.at = 4 + 256;
+    }
+    __syncthreads();
+    for (u32 t = 0; t < tc && !sh.bad; t++) parse_table(sh, avail, t, c.prob_bits, scratch);
+    __syncthreads();
+    // the tile lengths, then the payloads back to back to the end
+    const u64 lengths = sh.at;
+    const u64 payload = lengths + 4ull * c.tiles;
+    if (tid == 0 && payload > c.stored_len) sh.bad = 1;
+    __syncthreads();
+    ok = !sh.bad;
+    __syncthreads();
+    if (ok) {
+        const u64 rest = c.stored_len - payload;
+        u32* offsets = scratch + RANS_SCRATCH_HEAD + tc * RANS_TABLE_STRIDE;
+        u64 carry = 0;
+        for (u32 base = 0; base < c.tiles; base += RANS_THREADS) {
+            const u32 t = base + tid;
+            u64 len = 0;
+            if (t < c.tiles) {
+                len = load_u32_le(stored + lengths + 4ull * t);
+                const u32 n_t = tile_symbols(c.decoded_len, c.tile_log2, t);
+                const u64 states = 4ull * (n_t < 32 ? n_t : 32);
+                if (len < states || ((len - states) & 1)) sh.bad = 1;  // a tile length of the wrong form
+            }
+            u64 total;
+            const u64 ex = carry + scan_u64(len, sh.ws, &total);
+            if (t < c.tiles) {
+                if (ex + len > rest) sh.bad = 1;  // past the end of the stream
+                else offsets[t] = (u32)ex;
+            }
+            carry += total;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            if (carry != rest) sh.bad = 1;  // the lengths must account for every byte
+            offsets[c.tiles] = (u32)rest;
+            scratch[1] = (u32)payload;
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        if (sh.bad) {
+            rans_fault(flag, ERR_RANS_HEADER, c.job);
+        } else {
+            __threadfence();
+            scratch[0] = RANS_SCRATCH_VALID;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// rans_decode: a run of tiles of one stream per block.
+
+__device__ __forceinline__ u32 find_desc(const RansDesc* d, u32 nd, u32 block) {
+    u32 lo = 0, hi = nd;  // last i with block_begin <= block
+    while (hi - lo > 1) {
+        const u32 mid = (lo + hi) >> 1;
+        if (d[mid].block_begin <= block) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+// key(b) = top byte of rotl(b, 1) (§8.6).
+template <typename T>
+__device__ __forceinline__ u32 base_key(T b) {
+    const int bits = 8 * (int)sizeof(T);
+    const T r = (T)((T)(b << 1) | (T)(b >> (bits - 1)));
+    return (u32)(r >> (bits - 8)) & 0xFFu;
+}
+
+// The context byte of symbol i: CTX is the context kind; T the base word
+// type for the base key.
+template <u32 CTX, typename T>
+__device__ __forceinline__ u32 context_of(const RansDesc& c, u64 i) {
+    if (CTX == CTX_HIGHER_PLANE) return ((const u8*)c.context)[i];
+    if (CTX == CTX_BASE_KEY) {
+        const u64 w = c.positions ? (u64)((const u32*)c.positions)[i] : i;
+        // a position past the chunk was flagged by the positions kernel;
+        // the word past the base is 0
+        return w < c.base_words ? base_key<T>(((const T*)c.context)[w]) : 0u;
+    }
+    return 0u;
+}
+
+// Decodes tile t with one warp (§8.7, "Decoding"). Returns false on a fault.
+template <u32 CTX, typename T>
+__device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables, const u8* cmap, const u8* payload,
+                                            const u32* offsets, u32 t) {
+    const u32 lane = threadIdx.x & 31;
+    const u32 k = c.prob_bits, mask = (1u << k) - 1u;
+    const u64 i0 = (u64)t << c.tile_log2;
+    const u32 n_t = tile_symbols(c.decoded_len, c.tile_log2, t);
+    const u32 lanes = n_t < 32 ? n_t : 32;
+    const u32 off = offsets[t];
+    const u32 len = offsets[t + 1] - off;
+    const u8* p = payload + off;
+    u8* out = (u8*)c.decoded + i0;
+    const u32 below = (1u << lane) - 1u;
+    u32 x = RANS_L;
+    bool fault = false;
+    if (lane < lanes) {
+        x = load_u32_le(p + 4 * lane);
+        fault = x < RANS_L;
+    }
+    u32 r = 4 * lanes;
+    const u32 steps = (n_t + 31) / 32;
+    // The context byte does not depend on the state: each step loads the
+    // next step's, so that its latency overlaps the state's chain.
+    u32 ctx_next = CTX != CTX_NONE && lane < n_t ? context_of<CTX, T>(c, i0 + lane) : 0u;
+    for (u32 step = 0; step < steps; step++) {
+        if (__any_sync(0xffffffffu, fault)) break;
+        const u32 j = step * 32 + lane;
+        const bool active = j < n_t;
+        const u32 ctx_byte = ctx_next;
+        if (CTX != CTX_NONE && j + 32 < n_t) ctx_next = context_of<CTX, T>(c, i0 + j + 32);
+        // the words a few steps on: at most 64 bytes a step
+        if (lane == 0 && r + 512 < len) prefetch_l1(p + r + 512);
+        // Lane l loads the step's l-th word, if there is one, before the
+        // state is known; a lane that needs a word then takes it with a
+        // shuffle, off the load's latency.
+        const u32 mine_at = r + 2 * lane;
+        const u32 mine = mine_at + 2 <= len ? (u32)p[mine_at] | ((u32)p[mine_at + 1] << 8) : 0u;
+        if (active) {
+            const u32 ctx = CTX == CTX_NONE ? 0u : (u32)cmap[ctx_byte];
+            const u32 e = tables[(ctx << k) | (x & mask)];
+            out[j] = (u8)e;
+            x = ((e >> 8) & 0xFFFu) * (x >> k) + (e >> 20);
+        }
+        const bool need = active && x < RANS_L;
+        const u32 m = __ballot_sync(0xffffffffu, need);
+        const u32 rank = __popc(m & below);  // words taken by lower lanes this step
+        const u32 word = __shfl_sync(0xffffffffu, mine, rank);
+        if (need) {
+            if (r + 2 * rank + 2 > len) {
+                fault = true;  // a truncated tile: the word would lie at or past len_t
+            } else {
+                x = (x << 16) | word;
+            }
+        }
+        r += 2 * __popc(m);
+    }
+    // words left over, or a final state other than L
+    const bool bad = fault || r != len || (lane < lanes && x != RANS_L);
+    return !__any_sync(0xffffffffu, bad);
+}
+
+template <u32 CTX, typename T>
+__device__ __forceinline__ void decode_run(const RansDesc& c, const u32* tables, const u8* cmap, const u8* payload,
+                                           const u32* offsets, u32 first, u32 last, u32* flag) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (u32 t = first + warp; t < last; t += RANS_WARPS) {
+        if (!decode_tile<CTX, T>(c, tables, cmap, payload, offsets, t) && lane == 0) {
+            rans_fault(flag, ERR_RANS_DECODE, c.job);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(RANS_THREADS)
+rans_decode(const RansDesc* d, u32 nd, u32* flag) {
+    DYNAMIC_SHARED_U32(smem);
+    __shared__ u32 di;
+    __shared__ u8 cmap[256];
+    if (threadIdx.x == 0) di = find_desc(d, nd, blockIdx.x);
+    __syncthreads();
+    const RansDesc c = d[di];
+    const u32* scratch = (const u32*)c.scratch;
+    // a stream whose header is faulty was reported by rans_parse
+    if (scratch[0] != RANS_SCRATCH_VALID) return;  // uniform
+    const u32 k = c.prob_bits, tc = c.table_count;
+    const u32 dyn = dynamic_smem_bytes();
+    const u32 first = (blockIdx.x - c.block_begin) * c.tiles_per_block;
+    if (k > RANS_MAX_PROB_BITS || tc > RANS_MAX_TABLES || (u64)(tc << k) * 4 > dyn || first >= c.tiles ||
+        c.ctx_kind > CTX_HIGHER_PLANE ||
+        (c.ctx_kind == CTX_BASE_KEY && c.word_bytes != 1 && c.word_bytes != 2 && c.word_bytes != 4 &&
+         c.word_bytes != 8)) {
+        if (threadIdx.x == 0) atomicOr(flag, ERR_BAD_DESCRIPTOR);
+        return;
+    }
+    const u32 slots = 1u << k;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    cmap[threadIdx.x] = tc > 1 ? ((const u8*)c.stored)[4 + threadIdx.x] : 0;
+    // Spread the tables over their slots: each warp takes 32 entries at a
+    // time and writes each entry's slots with all lanes.
+    for (u32 e0 = warp * 32; e0 < tc * RANS_TABLE_STRIDE; e0 += RANS_THREADS) {
+        const u32 t = e0 / RANS_TABLE_STRIDE;
+        const u32 s = scratch[4 + t];
+        const u32 j = e0 % RANS_TABLE_STRIDE + lane;
+        const u32 mine = j < s ? scratch[RANS_SCRATCH_HEAD + e0 + lane] : 0;
+        u32* table = smem + t * slots;
+        for (u32 q = 0; q < 32; q++) {
+            const u32 e = __shfl_sync(0xffffffffu, mine, q);
+            if (e == 0) continue;  // no symbol (every real entry has a frequency >= 1)
+            const u32 f = (e >> 8) & 0xFFFu, cum = e >> 20;
+            for (u32 r = lane; r < f; r += 32) table[cum + r] = (e & 0xFFFFFu) | (r << 20);
+        }
+    }
+    __syncthreads();
+    const u8* payload = (const u8*)c.stored + scratch[1];
+    const u32* offsets = scratch + RANS_SCRATCH_HEAD + tc * RANS_TABLE_STRIDE;
+    const u32 last = first + c.tiles_per_block < c.tiles ? first + c.tiles_per_block : c.tiles;
+    switch (c.ctx_kind) {
+        case CTX_NONE: decode_run<CTX_NONE, u8>(c, smem, cmap, payload, offsets, first, last, flag); break;
+        case CTX_HIGHER_PLANE:
+            decode_run<CTX_HIGHER_PLANE, u8>(c, smem, cmap, payload, offsets, first, last, flag);
+            break;
+        default:
+            switch (c.word_bytes) {
+                case 1: decode_run<CTX_BASE_KEY, u8>(c, smem, cmap, payload, offsets, first, last, flag); break;
+                case 2: decode_run<CTX_BASE_KEY, u16>(c, smem, cmap, payload, offsets, first, last, flag); break;
+                case 4: decode_run<CTX_BASE_KEY, u32>(c, smem, cmap, payload, offsets, first, last, flag); break;
+                default: decode_run<CTX_BASE_KEY, u64>(c, smem, cmap, payload, offsets, first, last, flag); break;
+            }
+    }
+}
