@@ -16,75 +16,7 @@ use tpde_cuda::encode::EncodedTensor;
 use tpde_cuda::{DevRange, Gpu, Loader, LoaderConfig, TensorRef, WordWidth};
 
 mod common;
-use common::{hosted, pin_all, R};
-
-/// splitmix64: a seeded generator, one stream per chunk.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.unit().max(1e-300), self.unit());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    }
-}
-
-/// fp32 base ~ N(0,1); target = base + 0.01 N(0,1) at a fraction `p` of the
-/// elements (all when p >= 1), like the seed's synthetic layer.
-fn layer(words: usize, p: f64, seed: u64) -> (Vec<u8>, Vec<u8>) {
-    let mut base = vec![0u8; words * 4];
-    let mut target = vec![0u8; words * 4];
-    base.par_chunks_mut(1 << 20).zip(target.par_chunks_mut(1 << 20)).enumerate().for_each(|(c, (b, t))| {
-        let mut r = Rng(seed ^ (c as u64).wrapping_mul(0x1234_5678_9ABC_DEF1));
-        for (bw, tw) in b.chunks_exact_mut(4).zip(t.chunks_exact_mut(4)) {
-            let x = r.normal();
-            let y = if p >= 1.0 || r.unit() < p { x + 0.01 * r.normal() } else { x };
-            bw.copy_from_slice(&x.to_le_bytes());
-            tw.copy_from_slice(&y.to_le_bytes());
-        }
-    });
-    (base, target)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn time<F: FnMut() -> R<()>>(reps: usize, mut f: F) -> R<f64> {
-    f()?; // warm-up
-    let mut v = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        v.push(t.elapsed().as_secs_f64());
-    }
-    Ok(median(v))
-}
-
-/// As [`time`], with `reset` run untimed before every run: work done in place
-/// needs its base back, since a delta applies to its base only (lane rANS
-/// contexts read the base words).
-fn time_after<G: FnMut() -> R<()>, F: FnMut() -> R<()>>(reps: usize, mut reset: G, mut f: F) -> R<f64> {
-    reset()?;
-    f()?; // warm-up
-    let mut v = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        reset()?;
-        let t = Instant::now();
-        f()?;
-        v.push(t.elapsed().as_secs_f64());
-    }
-    Ok(median(v))
-}
+use common::{hosted, layer, pin_all, time, time_after, R};
 
 struct Table(Vec<String>);
 impl Table {

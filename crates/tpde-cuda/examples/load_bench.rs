@@ -42,6 +42,9 @@ use tpde_cuda::cudarc::driver::CudaSlice;
 use tpde_cuda::delta::{host_bases, PinnedDelta};
 use tpde_cuda::{DevRange, Gpu, GpuError, Loader, LoaderConfig, TensorRef};
 
+mod common;
+use common::{median, time};
+
 /// The example's error type.
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -107,23 +110,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Median seconds of `reps` runs of `f` after one warm-up run.
-fn time<F: FnMut() -> R<()>>(reps: usize, mut f: F) -> R<f64> {
-    f()?;
-    let mut v = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        v.push(t.elapsed().as_secs_f64());
-    }
-    Ok(median(v))
 }
 
 /// Names of the rebuilt tensors whose bytes differ from the target's.

@@ -28,43 +28,7 @@ use tpde_cuda::encode::EncodedTensor;
 use tpde_cuda::{DevRange, Gpu, Loader, LoaderConfig, WordWidth};
 
 mod common;
-use common::{hosted, pin_all, R};
-
-/// splitmix64, one stream per block of words.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.unit().max(1e-300), self.unit());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    }
-}
-
-/// fp32 base ~ N(0,1); target = base + 0.01 N(0,1) at a fraction `p` of the
-/// words (all when p >= 1), as in `gpu_bench`.
-fn layer(words: usize, p: f64, seed: u64) -> (Vec<u8>, Vec<u8>) {
-    let mut base = vec![0u8; words * 4];
-    let mut target = vec![0u8; words * 4];
-    base.par_chunks_mut(1 << 20).zip(target.par_chunks_mut(1 << 20)).enumerate().for_each(|(c, (b, t))| {
-        let mut r = Rng(seed ^ (c as u64).wrapping_mul(0x1234_5678_9ABC_DEF1));
-        for (bw, tw) in b.chunks_exact_mut(4).zip(t.chunks_exact_mut(4)) {
-            let x = r.normal();
-            let y = if p >= 1.0 || r.unit() < p { x + 0.01 * r.normal() } else { x };
-            bw.copy_from_slice(&x.to_le_bytes());
-            tw.copy_from_slice(&y.to_le_bytes());
-        }
-    });
-    (base, target)
-}
+use common::{hosted, layer, pin_all, time, R};
 
 /// How the streams of a chunk are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,22 +101,6 @@ fn tensor(name: &str, base: &[u8], target: &[u8], chunk_words: usize, sparse: bo
         chunk_words: chunk_words as u32,
         chunks,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn time<F: FnMut() -> R<()>>(reps: usize, mut f: F) -> R<f64> {
-    f()?; // warm-up
-    let mut v = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        v.push(t.elapsed().as_secs_f64());
-    }
-    Ok(median(v))
 }
 
 fn row(what: &str, secs: f64, bytes: usize, note: &str) {

@@ -23,15 +23,14 @@ const SAMPLE_VALUES: usize = 8192;
 /// Settings that change the bytes a writer produces.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EncodeSettings {
-    /// Effort, 1 to 22. Level 1 entropy-codes streams with zstd's literal coder,
-    /// which on weight planes is both fastest and smallest; a higher level also
-    /// tries zstd at that level and keeps the smaller stream; from level 10 on, the
-    /// writer measures alternative encodings instead of predicting them.
+    /// Effort, 1 to 22. Level 1 tries zstd's literal coder against lane rANS; a
+    /// higher level also tries zstd at that level; from level 10 on, the writer
+    /// measures alternative encodings instead of predicting them.
     pub level: i32,
-    /// A stream is stored compressed only when zstd saves at least this fraction of
-    /// it, and values are grouped by base key only when that is predicted to save as
-    /// much. Above zero, decoding becomes mostly copying, which suits GPU loading
-    /// where the bus is faster than CPU decompression.
+    /// A stream is stored compressed only when compression saves at least this
+    /// fraction of it (and, in format 1.0, values are grouped by base key only when
+    /// that is predicted to save as much). Above zero, decoding becomes mostly
+    /// copying.
     pub min_zstd_gain: f64,
     /// Whether streams may use the lane rANS codec (spec §8.7), which a GPU decodes.
     /// Without it the file is a format 1.0 file that older readers read.
@@ -284,10 +283,25 @@ fn ordered_value_streams<W: Word>(
     leading_sign: bool,
     settings: EncodeSettings,
 ) -> Result<(ValueOrder, StreamSet)> {
-    if settings.rans {
-        return Ok((ValueOrder::Positional, value_streams(values, layout, Some(base_keys), settings)?));
-    }
     let multi_byte = W::BYTES > 1;
+    if settings.rans {
+        let positional = value_streams(values, layout, Some(base_keys), settings)?;
+        // Where grouping is predicted to pay, it may still beat the base-key
+        // context (F16 fine-tunes): both are built, and grouping, which costs a GPU
+        // a regrouping pass, is kept only when it stores GROUPING_GAIN smaller.
+        let keys = if leading_sign && multi_byte { keys() } else { Vec::new() };
+        if keys.is_empty() || !grouping_pays(values, &keys, layout, GROUPING_GAIN.max(settings.min_zstd_gain)) {
+            return Ok((ValueOrder::Positional, positional));
+        }
+        let grouped = value_streams(&values::group(values, &keys), layout, None, settings)?;
+        #[allow(clippy::cast_precision_loss)] // a threshold
+        let grouping_wins = (grouped.data.len() as f64) < (1.0 - GROUPING_GAIN) * positional.data.len() as f64;
+        return Ok(if grouping_wins {
+            (ValueOrder::GroupedByBase, grouped)
+        } else {
+            (ValueOrder::Positional, positional)
+        });
+    }
     let measure = settings.level >= MEASURE_FROM_LEVEL && multi_byte;
     let keys = if measure || (leading_sign && multi_byte) { keys() } else { Vec::new() };
     let min_gain = GROUPING_GAIN.max(settings.min_zstd_gain);
