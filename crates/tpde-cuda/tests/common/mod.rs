@@ -322,12 +322,20 @@ pub fn forced_tensor_in(
     level: Option<i32>,
     grouped: bool,
 ) -> EncodedTensor {
+    tensor_of_chunks(base, target, w, chunk_words, |b, t| forced_chunk_in(b, t, w, choice, op, layout, level, grouped))
+}
+
+/// Tensor "t" of `target`, cut into chunks of `chunk_words` words, each encoded
+/// by `chunk` from its base and target bytes.
+fn tensor_of_chunks(
+    base: &[u8],
+    target: &[u8],
+    w: WordWidth,
+    chunk_words: usize,
+    chunk: impl Fn(&[u8], &[u8]) -> EncodedChunk,
+) -> EncodedTensor {
     let cb = chunk_words * w.bytes();
-    let chunks = base
-        .chunks(cb)
-        .zip(target.chunks(cb))
-        .map(|(b, t)| forced_chunk_in(b, t, w, choice, op, layout, level, grouped))
-        .collect();
+    let chunks = base.chunks(cb).zip(target.chunks(cb)).map(|(b, t)| chunk(b, t)).collect();
     EncodedTensor {
         name: "t".into(),
         width: w,
@@ -350,19 +358,9 @@ pub fn forced_tensor_coded(
     grouped: bool,
     codecs: Codecs,
 ) -> EncodedTensor {
-    let cb = chunk_words * w.bytes();
-    let chunks = base
-        .chunks(cb)
-        .zip(target.chunks(cb))
-        .map(|(b, t)| forced_chunk_coded(b, t, w, choice, op, layout, grouped, codecs))
-        .collect();
-    EncodedTensor {
-        name: "t".into(),
-        width: w,
-        words: (target.len() / w.bytes()) as u64,
-        chunk_words: chunk_words as u32,
-        chunks,
-    }
+    tensor_of_chunks(base, target, w, chunk_words, |b, t| {
+        forced_chunk_coded(b, t, w, choice, op, layout, grouped, codecs)
+    })
 }
 
 /// The library's decoder of one chunk (checksum and digest checked).
