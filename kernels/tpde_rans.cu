@@ -50,10 +50,6 @@ __device__ __forceinline__ u32 dynamic_smem_bytes() {
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
     return bytes;
 }
-// A hint only: brings the line of `p` (a valid address) into L1.
-__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
-#else
-__device__ __forceinline__ void prefetch_l1(const void*) {}
 #endif
 
 #define RANS_THREADS 256
@@ -454,88 +450,232 @@ __device__ __forceinline__ u32 base_key(T b) {
     return (u32)(r >> (bits - 8)) & 0xFFu;
 }
 
-// The context byte of symbol i: CTX is the context kind; T the base word
-// type for the base key.
+// What a context reads for the symbol at word w of its chunk: the byte of
+// the plane above (context 2, T = u8) or the base word (context 1; a word
+// past the base is 0). A position past the chunk was flagged by the
+// positions kernel.
 template <u32 CTX, typename T>
-__device__ __forceinline__ u32 context_of(const RansDesc& c, u64 i) {
-    if (CTX == CTX_HIGHER_PLANE) return ((const u8*)c.context)[i];
-    if (CTX == CTX_BASE_KEY) {
-        const u64 w = c.positions ? (u64)((const u32*)c.positions)[i] : i;
-        // a position past the chunk was flagged by the positions kernel;
-        // the word past the base is 0
-        return w < c.base_words ? base_key<T>(((const T*)c.context)[w]) : 0u;
+__device__ __forceinline__ T context_word(const RansDesc& c, u64 w) {
+    if (CTX == CTX_HIGHER_PLANE) return (T)((const u8*)c.context)[w];
+    return w < c.base_words ? ((const T*)c.context)[w] : (T)0;
+}
+
+// The context byte of what context_word read.
+template <u32 CTX, typename T>
+__device__ __forceinline__ u32 context_byte(T word) {
+    return CTX == CTX_BASE_KEY ? base_key<T>(word) : (u32)word;
+}
+
+// A warp reads its tile's words through a ring of two halves in shared
+// memory: while it reads half h, half h + 1 is already there and half h + 2
+// is on its way from device memory, so that no step waits on a device load.
+#define RANS_RING_HALF 512u                      // bytes
+#define RANS_RING_WORDS (2 * RANS_RING_HALF / 8)  // u64 words of a warp's ring
+
+// 16 bytes of a stream, as two little-endian u64.
+struct Bytes16 {
+    u64 lo, hi;
+};
+
+// The 16 bytes at a (16-aligned); bytes outside the stream's stored bytes
+// [lo, hi) read as 0 and are not loaded. Kept out of line (returning by
+// value, in registers): only a tile's first and last halves take the byte
+// path, and the decoding loop stays small enough for the instruction cache.
+__device__ __noinline__ Bytes16 load16_edge(const u8* a, const u8* lo, const u8* hi) {
+    u64 v[2] = {0, 0};
+    for (u32 b = 0; b < 16; b++) {
+        if (a + b >= lo && a + b < hi) v[b >> 3] |= (u64)a[b] << (8 * (b & 7));
     }
-    return 0u;
+    return Bytes16{v[0], v[1]};
+}
+
+__device__ __forceinline__ Bytes16 load16(const u8* a, const u8* lo, const u8* hi) {
+    if (a >= lo && a + 16 <= hi) return Bytes16{((const u64*)a)[0], ((const u64*)a)[1]};
+    return load16_edge(a, lo, hi);
+}
+
+// Stores this lane's 16 bytes of a ring half.
+__device__ __forceinline__ void store16(u64* half, Bytes16 v) {
+    const u32 lane = threadIdx.x & 31;
+    half[2 * lane] = v.lo;
+    half[2 * lane + 1] = v.hi;
+}
+
+// The state of one warp decoding one tile.
+struct TileCursor {
+    u32 x;             // this lane's rANS state
+    u32 r;             // bytes of the tile read: states, then words
+    bool fault;        // this lane saw a fault
+    u32 len;           // bytes of the tile
+    u64* ring;         // the warp's ring
+    const u8* a0;      // the tile's payload start, rounded down to 16 bytes
+    u32 skew;          // payload start - a0
+    u32 half;          // the half of a0 + skew + r
+    Bytes16 next;      // this lane's 16 bytes of half h + 2
+    const u8* lo;      // the stream's stored bytes, which loads stay within
+    const u8* hi;
+};
+
+// Lane l decodes symbol j of the tile from the table slots starting at
+// `slot0` (its context's table) and writes it to out[j]; then the lanes
+// whose state fell below L take the step's words in lane order (§8.7).
+// FULL: every lane has a symbol this step (all but a tile's last step).
+template <bool FULL>
+__device__ __forceinline__ void decode_step(TileCursor& cur, const u32* tables, u32 slot0, u32 k, u32 j, u32 n_t,
+                                            u8* out) {
+    const u32 lane = threadIdx.x & 31;
+    const bool active = FULL || j < n_t;
+    // Lane l reads the step's l-th word before the state is known; a lane
+    // that needs one takes it with a shuffle. A step reads at most 64 bytes,
+    // so they lie in halves h and h + 1.
+    const u32 at = cur.skew + cur.r + 2 * lane;
+    const u8* bytes = (const u8*)cur.ring;
+    const u32 mine = (u32)bytes[at % (2 * RANS_RING_HALF)] | ((u32)bytes[(at + 1) % (2 * RANS_RING_HALF)] << 8);
+    u32 x = cur.x;
+    const u32 e = tables[slot0 | (x & ((1u << k) - 1u))];
+    if (active) {
+        out[j] = (u8)e;
+        x = ((e >> 8) & 0xFFFu) * (x >> k) + (e >> 20);
+    }
+    const bool need = active && x < RANS_L;
+    const u32 m = __ballot_sync(0xffffffffu, need);
+    const u32 rank = __popc(m & ((1u << lane) - 1u));  // words taken by lower lanes this step
+    const u32 word = __shfl_sync(0xffffffffu, mine, rank);
+    // a truncated tile: the word would lie at or past len_t
+    const bool take = need && cur.r + 2 * rank + 2 <= cur.len;
+    cur.fault = cur.fault || (need && !take);
+    cur.x = take ? (x << 16) | word : x;
+    cur.r += 2 * __popc(m);
+    if ((cur.skew + cur.r) / RANS_RING_HALF != cur.half) {  // uniform: the reads entered half h + 1
+        __syncwarp();
+        store16(cur.ring + (cur.half & 1) * (RANS_RING_WORDS / 2), cur.next);
+        cur.half++;
+        cur.next = load16(cur.a0 + (u64)(cur.half + 2) * RANS_RING_HALF + 16 * lane, cur.lo, cur.hi);
+        __syncwarp();
+    }
+}
+
+// Steps whose context words are loaded together, a segment ahead of the
+// steps that use them, so that those loads (base words, or the plane above,
+// in device memory) overlap a segment of decoding instead of stalling each
+// step; a sparse chunk's positions, which the base word loads depend on,
+// are loaded a segment earlier still. A tile's last, partial segment reads
+// its contexts as it goes.
+#define RANS_SEGMENT 16
+
+// The word index in the chunk of symbol i of the stream: its position in a
+// sparse chunk (context 1), else i.
+template <u32 CTX>
+__device__ __forceinline__ u64 word_of(const RansDesc& c, u64 i) {
+    return CTX == CTX_BASE_KEY && c.positions ? (u64)((const u32*)c.positions)[i] : i;
+}
+
+// The table slots of symbol i's context.
+template <u32 CTX, typename T>
+__device__ __forceinline__ u32 slot0_of(const u8* cmap, u32 k, T word) {
+    return CTX == CTX_NONE ? 0u : (u32)cmap[context_byte<CTX, T>(word)] << k;
 }
 
 // Decodes tile t with one warp (§8.7, "Decoding"). Returns false on a fault.
 template <u32 CTX, typename T>
 __device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables, const u8* cmap, const u8* payload,
-                                            const u32* offsets, u32 t) {
+                                            const u32* offsets, u32 t, u64* ring) {
     const u32 lane = threadIdx.x & 31;
-    const u32 k = c.prob_bits, mask = (1u << k) - 1u;
+    const u32 k = c.prob_bits;
     const u64 i0 = (u64)t << c.tile_log2;
     const u32 n_t = tile_symbols(c.decoded_len, c.tile_log2, t);
     const u32 lanes = n_t < 32 ? n_t : 32;
     const u32 off = offsets[t];
-    const u32 len = offsets[t + 1] - off;
     const u8* p = payload + off;
     u8* out = (u8*)c.decoded + i0;
-    const u32 below = (1u << lane) - 1u;
-    u32 x = RANS_L;
-    bool fault = false;
+    TileCursor cur;
+    cur.x = RANS_L;
+    cur.fault = false;
     if (lane < lanes) {
-        x = load_u32_le(p + 4 * lane);
-        fault = x < RANS_L;
+        cur.x = load_u32_le(p + 4 * lane);
+        cur.fault = cur.x < RANS_L;
     }
-    u32 r = 4 * lanes;
-    const u32 steps = (n_t + 31) / 32;
-    // The context byte does not depend on the state: each step loads the
-    // next step's, so that its latency overlaps the state's chain.
-    u32 ctx_next = CTX != CTX_NONE && lane < n_t ? context_of<CTX, T>(c, i0 + lane) : 0u;
-    for (u32 step = 0; step < steps; step++) {
-        if (__any_sync(0xffffffffu, fault)) break;
-        const u32 j = step * 32 + lane;
-        const bool active = j < n_t;
-        const u32 ctx_byte = ctx_next;
-        if (CTX != CTX_NONE && j + 32 < n_t) ctx_next = context_of<CTX, T>(c, i0 + j + 32);
-        // the words a few steps on: at most 64 bytes a step
-        if (lane == 0 && r + 512 < len) prefetch_l1(p + r + 512);
-        // Lane l loads the step's l-th word, if there is one, before the
-        // state is known; a lane that needs a word then takes it with a
-        // shuffle, off the load's latency.
-        const u32 mine_at = r + 2 * lane;
-        const u32 mine = mine_at + 2 <= len ? (u32)p[mine_at] | ((u32)p[mine_at + 1] << 8) : 0u;
-        if (active) {
-            const u32 ctx = CTX == CTX_NONE ? 0u : (u32)cmap[ctx_byte];
-            const u32 e = tables[(ctx << k) | (x & mask)];
-            out[j] = (u8)e;
-            x = ((e >> 8) & 0xFFFu) * (x >> k) + (e >> 20);
+    cur.r = 4 * lanes;
+    cur.len = offsets[t + 1] - off;
+    cur.ring = ring;
+    cur.lo = (const u8*)c.stored;
+    cur.hi = cur.lo + c.stored_len;
+    cur.a0 = (const u8*)((u64)p & ~(u64)15);
+    cur.skew = (u32)(p - cur.a0);
+    cur.half = 0;
+    __syncwarp();  // the previous tile's reads are done
+    store16(ring, load16(cur.a0 + 16 * lane, cur.lo, cur.hi));
+    store16(ring + RANS_RING_WORDS / 2, load16(cur.a0 + RANS_RING_HALF + 16 * lane, cur.lo, cur.hi));
+    cur.next = load16(cur.a0 + 2 * RANS_RING_HALF + 16 * lane, cur.lo, cur.hi);
+    __syncwarp();
+
+    // Whole segments of full steps.
+    const u32 segments = n_t / (32 * RANS_SEGMENT);
+    const u32* positions = (const u32*)c.positions;
+    const bool sparse = CTX == CTX_BASE_KEY && positions;
+    T words_now[RANS_SEGMENT], words_next[RANS_SEGMENT];
+    u32 positions_next[RANS_SEGMENT];
+    if (CTX != CTX_NONE && segments > 0) {
+#pragma unroll
+        for (u32 q = 0; q < RANS_SEGMENT; q++) {
+            words_now[q] = context_word<CTX, T>(c, word_of<CTX>(c, i0 + q * 32 + lane));
         }
-        const bool need = active && x < RANS_L;
-        const u32 m = __ballot_sync(0xffffffffu, need);
-        const u32 rank = __popc(m & below);  // words taken by lower lanes this step
-        const u32 word = __shfl_sync(0xffffffffu, mine, rank);
-        if (need) {
-            if (r + 2 * rank + 2 > len) {
-                fault = true;  // a truncated tile: the word would lie at or past len_t
-            } else {
-                x = (x << 16) | word;
+        if (sparse && segments > 1) {
+#pragma unroll
+            for (u32 q = 0; q < RANS_SEGMENT; q++) positions_next[q] = positions[i0 + (RANS_SEGMENT + q) * 32 + lane];
+        }
+    }
+    for (u32 g = 0; g < segments; g++) {
+        const u32 step0 = g * RANS_SEGMENT;
+        if (CTX != CTX_NONE && g + 1 < segments) {
+#pragma unroll
+            for (u32 q = 0; q < RANS_SEGMENT; q++) {
+                const u64 i = i0 + (step0 + RANS_SEGMENT + q) * 32 + lane;
+                words_next[q] = context_word<CTX, T>(c, sparse ? (u64)positions_next[q] : i);
+            }
+            if (sparse && g + 2 < segments) {
+#pragma unroll
+                for (u32 q = 0; q < RANS_SEGMENT; q++) {
+                    positions_next[q] = positions[i0 + (step0 + 2 * RANS_SEGMENT + q) * 32 + lane];
+                }
             }
         }
-        r += 2 * __popc(m);
+        // every step's table first, so that those lookups stay off the
+        // chain of states
+        u32 slot0[RANS_SEGMENT];
+#pragma unroll
+        for (u32 q = 0; q < RANS_SEGMENT; q++) slot0[q] = slot0_of<CTX, T>(cmap, k, words_now[q]);
+#pragma unroll
+        for (u32 q = 0; q < RANS_SEGMENT; q++) {
+            decode_step<true>(cur, tables, slot0[q], k, (step0 + q) * 32 + lane, n_t, out);
+        }
+        // A fault is acted on here: until then a faulty lane decodes
+        // garbage inside its own tile, which is flagged anyway.
+        if (__any_sync(0xffffffffu, cur.fault)) return false;
+        if (CTX != CTX_NONE) {
+#pragma unroll
+            for (u32 q = 0; q < RANS_SEGMENT; q++) words_now[q] = words_next[q];
+        }
+    }
+    // The rest: fewer than RANS_SEGMENT steps, the last maybe partial.
+    const u32 steps = (n_t + 31) / 32;
+    for (u32 step = segments * RANS_SEGMENT; step < steps; step++) {
+        const u32 j = step * 32 + lane;
+        const T word = CTX != CTX_NONE && j < n_t ? context_word<CTX, T>(c, word_of<CTX>(c, i0 + j)) : (T)0;
+        decode_step<false>(cur, tables, slot0_of<CTX, T>(cmap, k, word), k, j, n_t, out);
     }
     // words left over, or a final state other than L
-    const bool bad = fault || r != len || (lane < lanes && x != RANS_L);
+    const bool bad = cur.fault || cur.r != cur.len || (lane < lanes && cur.x != RANS_L);
     return !__any_sync(0xffffffffu, bad);
 }
 
 template <u32 CTX, typename T>
 __device__ __forceinline__ void decode_run(const RansDesc& c, const u32* tables, const u8* cmap, const u8* payload,
-                                           const u32* offsets, u32 first, u32 last, u32* flag) {
+                                           const u32* offsets, u32 first, u32 last, u64* rings, u32* flag) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u64* ring = rings + warp * RANS_RING_WORDS;
     for (u32 t = first + warp; t < last; t += RANS_WARPS) {
-        if (!decode_tile<CTX, T>(c, tables, cmap, payload, offsets, t) && lane == 0) {
+        if (!decode_tile<CTX, T>(c, tables, cmap, payload, offsets, t, ring) && lane == 0) {
             rans_fault(flag, ERR_RANS_DECODE, c.job);
         }
     }
@@ -546,6 +686,7 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
     DYNAMIC_SHARED_U32(smem);
     __shared__ u32 di;
     __shared__ u8 cmap[256];
+    __shared__ u64 rings[RANS_WARPS * RANS_RING_WORDS];
     if (threadIdx.x == 0) di = find_desc(d, nd, blockIdx.x);
     __syncthreads();
     const RansDesc c = d[di];
@@ -585,16 +726,16 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
     const u32* offsets = scratch + RANS_SCRATCH_HEAD + tc * RANS_TABLE_STRIDE;
     const u32 last = first + c.tiles_per_block < c.tiles ? first + c.tiles_per_block : c.tiles;
     switch (c.ctx_kind) {
-        case CTX_NONE: decode_run<CTX_NONE, u8>(c, smem, cmap, payload, offsets, first, last, flag); break;
+        case CTX_NONE: decode_run<CTX_NONE, u8>(c, smem, cmap, payload, offsets, first, last, rings, flag); break;
         case CTX_HIGHER_PLANE:
-            decode_run<CTX_HIGHER_PLANE, u8>(c, smem, cmap, payload, offsets, first, last, flag);
+            decode_run<CTX_HIGHER_PLANE, u8>(c, smem, cmap, payload, offsets, first, last, rings, flag);
             break;
         default:
             switch (c.word_bytes) {
-                case 1: decode_run<CTX_BASE_KEY, u8>(c, smem, cmap, payload, offsets, first, last, flag); break;
-                case 2: decode_run<CTX_BASE_KEY, u16>(c, smem, cmap, payload, offsets, first, last, flag); break;
-                case 4: decode_run<CTX_BASE_KEY, u32>(c, smem, cmap, payload, offsets, first, last, flag); break;
-                default: decode_run<CTX_BASE_KEY, u64>(c, smem, cmap, payload, offsets, first, last, flag); break;
+                case 1: decode_run<CTX_BASE_KEY, u8>(c, smem, cmap, payload, offsets, first, last, rings, flag); break;
+                case 2: decode_run<CTX_BASE_KEY, u16>(c, smem, cmap, payload, offsets, first, last, rings, flag); break;
+                case 4: decode_run<CTX_BASE_KEY, u32>(c, smem, cmap, payload, offsets, first, last, rings, flag); break;
+                default: decode_run<CTX_BASE_KEY, u64>(c, smem, cmap, payload, offsets, first, last, rings, flag); break;
             }
     }
 }

@@ -201,7 +201,11 @@ fn ptx(source: Source) -> Result<Ptx> {
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err(String::new());
         }
-        let opts = CompileOptions { options: vec!["--std=c++17".into()], ..CompileOptions::default() };
+        // Line info maps profiler samples to source lines; it does not change the code.
+        let opts = CompileOptions {
+            options: vec!["--std=c++17".into(), "--generate-line-info".into()],
+            ..CompileOptions::default()
+        };
         std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(source.text(), opts))
             .map_err(|_| "NVRTC panicked".to_string())?
             .map(|ptx| ptx.to_src())

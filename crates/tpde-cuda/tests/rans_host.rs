@@ -31,6 +31,7 @@ const SHIM: &str = r#"
 #define __device__
 #define __global__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(n)
 #define __shared__ static
 struct Dim3 { unsigned x, y, z; };
@@ -67,6 +68,7 @@ inline unsigned __ballot_sync(unsigned, int p) {
     return m;
 }
 inline int __any_sync(unsigned mask, int p) { return __ballot_sync(mask, p) != 0; }
+inline void __syncwarp(unsigned = 0xffffffffu) { g_warps[threadIdx.x / 32].bar->arrive_and_wait(); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline unsigned atomicOr(unsigned* a, unsigned v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }
 inline unsigned atomicMin(unsigned* a, unsigned v) {
