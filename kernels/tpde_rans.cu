@@ -471,6 +471,8 @@ __device__ __forceinline__ u32 context_byte(T word) {
 // is on its way from device memory, so that no step waits on a device load.
 #define RANS_RING_HALF 512u                      // bytes
 #define RANS_RING_WORDS (2 * RANS_RING_HALF / 8)  // u64 words of a warp's ring
+static_assert(RANS_WARPS * RANS_RING_WORDS * 2 >= RANS_MAX_TABLES * RANS_TABLE_STRIDE,
+              "the rings hold every table entry while the tables are spread");
 
 // 16 bytes of a stream, as two little-endian u64.
 struct Bytes16 {
@@ -704,21 +706,32 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
         return;
     }
     const u32 slots = 1u << k;
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     cmap[threadIdx.x] = tc > 1 ? ((const u8*)c.stored)[4 + threadIdx.x] : 0;
-    // Spread the tables over their slots: each warp takes 32 entries at a
-    // time and writes each entry's slots with all lanes.
-    for (u32 e0 = warp * 32; e0 < tc * RANS_TABLE_STRIDE; e0 += RANS_THREADS) {
-        const u32 t = e0 / RANS_TABLE_STRIDE;
+    // Spread the tables over their slots. A thread takes a run of slots of
+    // each table, finds the entry of its first slot by a binary search over
+    // the entries' cums (ordered, and covering every slot: rans_parse checked
+    // them) and walks on. The entries are staged in the rings, unused yet.
+    u32* entries = (u32*)rings;
+    for (u32 i = threadIdx.x; i < tc * RANS_TABLE_STRIDE; i += RANS_THREADS) {
+        entries[i] = scratch[RANS_SCRATCH_HEAD + i];
+    }
+    __syncthreads();
+    const u32 per = slots > RANS_THREADS ? slots / RANS_THREADS : 1;  // both powers of two
+    const u32 first_slot = threadIdx.x * per;
+    for (u32 t = 0; t < tc && first_slot < slots; t++) {
         const u32 s = scratch[4 + t];
-        const u32 j = e0 % RANS_TABLE_STRIDE + lane;
-        const u32 mine = j < s ? scratch[RANS_SCRATCH_HEAD + e0 + lane] : 0;
+        if (s == 0 || s > RANS_TABLE_STRIDE) continue;
+        const u32* te = entries + t * RANS_TABLE_STRIDE;
         u32* table = smem + t * slots;
-        for (u32 q = 0; q < 32; q++) {
-            const u32 e = __shfl_sync(0xffffffffu, mine, q);
-            if (e == 0) continue;  // no symbol (every real entry has a frequency >= 1)
-            const u32 f = (e >> 8) & 0xFFFu, cum = e >> 20;
-            for (u32 r = lane; r < f; r += 32) table[cum + r] = (e & 0xFFFFFu) | (r << 20);
+        u32 lo = 0, hi = s;  // the last entry whose cum <= first_slot
+        while (hi - lo > 1) {
+            const u32 mid = (lo + hi) >> 1;
+            if ((te[mid] >> 20) <= first_slot) lo = mid; else hi = mid;
+        }
+        for (u32 q = 0; q < per; q++) {
+            const u32 slot = first_slot + q;
+            while (lo + 1 < s && (te[lo + 1] >> 20) <= slot) lo++;
+            table[slot] = (te[lo] & 0xFFFFFu) | ((slot - (te[lo] >> 20)) << 20);
         }
     }
     __syncthreads();
