@@ -17,12 +17,16 @@
 //                (symbol, frequency, cum) entries and its tile lengths into
 //                payload offsets, in the stream's scratch; then marks the
 //                scratch valid.
-//   rans_decode  a block takes a run of tiles of one stream: its warps spread
-//                the stream's tables over 2^prob_bits slots each in shared
-//                memory, then each warp decodes one tile at a time, one rANS
-//                state per lane; a step's renormalisation words go to the
-//                lanes that need one in increasing lane order (ballot and
-//                prefix count), as §8.7 reads them.
+//   rans_decode  a block takes a run of tiles of one stream: its threads
+//                spread the stream's tables over 2^prob_bits slots each in
+//                shared memory, then each warp decodes one tile at a time,
+//                one rANS state per lane; a step's renormalisation words go
+//                to the lanes that need one in increasing lane order (ballot
+//                and prefix count), as §8.7 reads them. A step is a chain of
+//                dependent operations on the states, so nothing it waits for
+//                may come from device memory: the tile's words arrive through
+//                a shared-memory ring filled a half ahead, and context words
+//                are loaded a segment of 16 steps ahead.
 //
 // A stream whose context is the plane above (2) is decoded by a later launch
 // than that plane; one whose context is the base key (1) reads the base words
