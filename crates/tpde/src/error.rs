@@ -94,6 +94,14 @@ pub enum ErrorCode {
     InvalidArgument,
     /// Memory for decoding could not be allocated (spec §9.1).
     OutOfMemory,
+    /// A series manifest breaks `spec/SERIES.md`.
+    SeriesInvalid,
+    /// A step that a series does not hold, or one it cannot take.
+    SeriesStep,
+    /// A series file or a rebuilt step differs from the digest its manifest pins.
+    SeriesDigest,
+    /// Another process is changing the series.
+    SeriesBusy,
 }
 
 impl ErrorCode {
@@ -141,6 +149,10 @@ impl ErrorCode {
             Self::TargetMismatch => "E_TARGET_MISMATCH",
             Self::InvalidArgument => "E_INVALID_ARGUMENT",
             Self::OutOfMemory => "E_OUT_OF_MEMORY",
+            Self::SeriesInvalid => "E_SERIES_INVALID",
+            Self::SeriesStep => "E_SERIES_STEP",
+            Self::SeriesDigest => "E_SERIES_DIGEST",
+            Self::SeriesBusy => "E_SERIES_BUSY",
         }
     }
 
@@ -186,6 +198,10 @@ impl ErrorCode {
         Self::TargetMismatch,
         Self::InvalidArgument,
         Self::OutOfMemory,
+        Self::SeriesInvalid,
+        Self::SeriesStep,
+        Self::SeriesDigest,
+        Self::SeriesBusy,
     ];
 
     /// What the user can do about a failure of this kind.
@@ -217,6 +233,12 @@ impl ErrorCode {
             }
             Self::TargetMismatch => "the delta does not rebuild this target",
             Self::OutOfMemory => "free memory, or raise the process's memory limit",
+            Self::SeriesInvalid => {
+                "the series was not written by tpde, or was edited; restore series.json from a backup"
+            }
+            Self::SeriesStep => "`tpde series list` shows the steps the series holds",
+            Self::SeriesDigest => "a file of the series changed on disk; restore it from a backup",
+            Self::SeriesBusy => "wait for the other tpde process to finish, then run this again",
             _ => return None,
         })
     }

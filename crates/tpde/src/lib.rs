@@ -32,6 +32,7 @@ pub mod limits;
 pub mod output;
 pub mod pipeline;
 pub mod reader;
+pub mod series;
 pub mod writer;
 
 pub use checkpoint::Checkpoint;

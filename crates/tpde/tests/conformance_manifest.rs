@@ -99,6 +99,11 @@ fn every_error_code_of_the_format_has_a_case() {
         ErrorCode::TargetMismatch,
         ErrorCode::InvalidArgument,
         ErrorCode::OutOfMemory,
+        // series manifests (spec/SERIES.md), not delta files
+        ErrorCode::SeriesInvalid,
+        ErrorCode::SeriesStep,
+        ErrorCode::SeriesDigest,
+        ErrorCode::SeriesBusy,
     ];
     let missing: Vec<&str> = ErrorCode::ALL
         .iter()

@@ -13,8 +13,7 @@ use tpde::pipeline::{self, encode::EncodeOptions, NoProgress};
 use tpde::{Checkpoint, DeltaFile, ErrorCode};
 
 /// Codes that no golden case produces, each from an input built here.
-fn errors_outside_the_suite(dir: &Path) -> Vec<tpde::Error> {
-    let scratch = tempfile::tempdir().expect("a temp dir");
+fn errors_outside_the_suite(dir: &Path, scratch: &tempfile::TempDir) -> Vec<tpde::Error> {
     let suite = suite_dir();
     let mixed = |rel: &str| suite.join("valid/mixed").join(rel);
     let mut out = Vec::new();
@@ -29,6 +28,35 @@ fn errors_outside_the_suite(dir: &Path) -> Vec<tpde::Error> {
     out.extend(pipeline::encode::encode(None, &base, &scratch.path().join("x.tpde"), options, &NoProgress).err());
     // More memory than any machine has: refused, not aborted.
     out.extend(tpde::limits::try_zeroed(usize::MAX).err());
+    out.extend(series_errors(scratch.path(), &mixed("base.safetensors")));
+    out
+}
+
+/// The series codes (spec/SERIES.md §7), from a series of one golden checkpoint.
+fn series_errors(dir: &Path, checkpoint: &Path) -> Vec<tpde::Error> {
+    use tpde::series::{AddOptions, Manifest, Series};
+    let mut out = Vec::new();
+    let cases = suite_dir().join("series");
+    let text = std::fs::read_to_string(cases.join("invalid/major-version-2.json")).expect("a series case");
+    out.extend(Manifest::parse(&text).err());
+    let run = dir.join("run");
+    let mut series = Series::open_or_create(&run).expect("a new series");
+    let ckpt = Checkpoint::open(checkpoint).expect("a golden checkpoint opens");
+    series.add(&ckpt, 10, &AddOptions::default(), &NoProgress).expect("a step is added");
+    out.extend(series.get(5, &dir.join("x.safetensors"), Default::default(), &NoProgress).err());
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let lock = std::fs::File::create(run.join(".lock")).expect("the lock file");
+        // SAFETY: flock on a valid, open descriptor.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+        out.extend(series.add(&ckpt, 20, &AddOptions::default(), &NoProgress).err());
+    }
+    let file = run.join(series.manifest().steps[0].file.as_deref().expect("a stored step"));
+    let mut bytes = std::fs::read(&file).expect("the step file");
+    bytes[100] ^= 1;
+    std::fs::write(&file, bytes).expect("write");
+    out.extend(series.get(10, &dir.join("y.safetensors"), Default::default(), &NoProgress).err());
     out
 }
 
@@ -46,14 +74,18 @@ fn one_error_message_per_code() {
         let code = ErrorCode::ALL.iter().find(|c| c.as_str() == code).expect("a known code").as_str();
         examples.insert(code, format!("[{}] {err}", case.id));
     }
-    for err in errors_outside_the_suite(&suite) {
+    let scratch = tempfile::tempdir().expect("a temp dir");
+    for err in errors_outside_the_suite(&suite, &scratch) {
         examples.entry(err.code().as_str()).or_insert_with(|| format!("[built in this test] {err}"));
     }
     let missing: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).filter(|c| !examples.contains_key(c)).collect();
     assert!(missing.is_empty(), "no example for {missing:?}");
     let text: String = ErrorCode::ALL
         .iter()
-        .map(|c| format!("{}\n    {}\n", c.as_str(), examples[c.as_str()].replace(&prefix, "conformance")))
+        .map(|c| {
+            let example = examples[c.as_str()].replace(&prefix, "conformance");
+            format!("{}\n    {}\n", c.as_str(), example.replace(&*scratch.path().to_string_lossy(), "<scratch>"))
+        })
         .collect();
     insta::assert_snapshot!("error_messages", text);
     // The decode helper agrees: a missing file is E_IO.

@@ -10,6 +10,8 @@ use tpde::delta::EncodeSettings;
 use tpde::pipeline::{self, encode::EncodeOptions, Progress};
 use tpde::{Checkpoint, DeltaFile};
 
+mod series;
+
 // Chunks come and go by the megabyte on every thread; mimalloc keeps those pages
 // instead of returning them to the kernel and faulting them in again.
 #[global_allocator]
@@ -22,7 +24,8 @@ Examples:
   tpde encode model.safetensors -o model.tpde                 (standalone, no base)
   tpde apply base.safetensors finetune.tpde -o rebuilt.safetensors
   tpde inspect finetune.tpde --json
-  tpde verify base.safetensors finetune.tpde --target finetune.safetensors";
+  tpde verify base.safetensors finetune.tpde --target finetune.safetensors
+  tpde series add run/ step-100.safetensors --step 100          (a training run as one series)";
 
 /// Lossless checkpoint deltas for safetensors models.
 #[derive(Parser)]
@@ -122,6 +125,9 @@ enum Command {
         #[command(flatten)]
         threads: Threads,
     },
+    /// Keep a training run as one series of keyframes and deltas; rebuild any step.
+    #[command(subcommand, after_help = series::EXAMPLES)]
+    Series(series::SeriesCommand),
 }
 
 /// Progress bars on stderr; indicatif hides them when stderr is not a terminal.
@@ -299,6 +305,7 @@ fn run(cli: Cli) -> tpde::Result<()> {
             let compared = if target.is_some() { ", and the rebuilt target is byte-identical to TARGET" } else { "" };
             println!("ok: every checksum and digest matched{compared}");
         }
+        Command::Series(command) => series::run(command)?,
     }
     Ok(())
 }

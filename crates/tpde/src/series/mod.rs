@@ -1,0 +1,562 @@
+//! A checkpoint series: a training run kept in one directory as keyframes and
+//! deltas against earlier steps, any step rebuilt byte for byte on demand
+//! (spec/SERIES.md).
+//!
+//! ```text
+//! RUN/series.json                                 the manifest, replaced atomically
+//! RUN/steps/00000000000000000100-<sha256:16>.tpde  one file per stored step
+//! ```
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use tpde::series::{AddOptions, Series};
+//! use tpde::{pipeline::NoProgress, Checkpoint};
+//!
+//! # fn main() -> tpde::Result<()> {
+//! let mut run = Series::open_or_create(Path::new("run"))?;
+//! let ckpt = Checkpoint::open(Path::new("step-100.safetensors"))?;
+//! run.add(&ckpt, 100, &AddOptions::default(), &NoProgress)?;
+//! run.get(100, Path::new("rebuilt.safetensors"), Default::default(), &NoProgress)?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod manifest;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::Checkpoint;
+use crate::container::header::LayoutKind;
+use crate::output::{check_not_an_input, PendingFile};
+use crate::pipeline::apply::{apply, ApplyOptions};
+use crate::pipeline::encode::{encode_to, EncodeOptions};
+use crate::pipeline::Progress;
+use crate::reader::DeltaFile;
+use crate::{Error, ErrorCode, Result};
+
+pub use manifest::{
+    sha256_hex, step_file_name, CheckpointDigest, FileDigest, Manifest, StepEntry, StepKind, MANIFEST_FILE, STEPS_DIR,
+};
+
+/// How [`Series::add`] stores a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AddOptions {
+    /// Most deltas applied after a keyframe to rebuild any step.
+    pub max_chain: usize,
+    /// How each candidate file is encoded.
+    pub encode: EncodeOptions,
+}
+
+impl Default for AddOptions {
+    fn default() -> Self {
+        Self { max_chain: 10, encode: EncodeOptions::default() }
+    }
+}
+
+/// A way to store a step that [`Series::add`] measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// The step it is a delta against; `None` for a keyframe.
+    pub reference: Option<u64>,
+    /// Bytes of its file.
+    pub bytes: u64,
+}
+
+/// What [`Series::add`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddSummary {
+    /// The new entry of the manifest.
+    pub entry: StepEntry,
+    /// Deltas applied after its keyframe to rebuild it.
+    pub depth: usize,
+    /// Every way of storing it that was measured; the smallest was kept.
+    pub candidates: Vec<Candidate>,
+}
+
+/// What [`Series::verify`] checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifySummary {
+    /// Steps rebuilt and compared with their pinned checkpoint digests.
+    pub steps: usize,
+    /// Files of the steps folder that the manifest does not name (left by an
+    /// interrupted write; removed by the next `add` or `prune`).
+    pub stray_files: Vec<PathBuf>,
+}
+
+/// What [`Series::prune`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PruneSummary {
+    /// Steps removed.
+    pub removed: Vec<u64>,
+    /// Kept steps stored anew because their reference was removed.
+    pub reencoded: Vec<u64>,
+    /// Bytes of step files before and after.
+    pub bytes_before: u64,
+    /// Bytes of step files after.
+    pub bytes_after: u64,
+}
+
+/// A series directory, opened.
+#[derive(Debug)]
+pub struct Series {
+    root: PathBuf,
+    manifest: Manifest,
+}
+
+/// The lock a process holds on a series while it reads (shared) or changes it
+/// (exclusive), on `RUN/.lock`; released when the file closes.
+struct SeriesLock {
+    _file: std::fs::File,
+}
+
+impl SeriesLock {
+    fn take(root: &Path, exclusive: bool) -> Result<Self> {
+        let path = root.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, "cannot open the series lock", e))?;
+        #[cfg(unix)]
+        {
+            use rustix::fs::{flock, FlockOperation};
+            let op = if exclusive {
+                FlockOperation::NonBlockingLockExclusive
+            } else {
+                FlockOperation::NonBlockingLockShared
+            };
+            flock(&file, op).map_err(|_| {
+                Error::new(ErrorCode::SeriesBusy, "another process is changing this series").in_file(root)
+            })?;
+        }
+        #[cfg(not(unix))]
+        let _ = exclusive;
+        Ok(Self { _file: file })
+    }
+}
+
+/// A rebuilt checkpoint in a scratch directory.
+struct Rebuilt {
+    checkpoint: Checkpoint,
+    path: PathBuf,
+}
+
+impl Drop for Rebuilt {
+    fn drop(&mut self) {
+        // best effort: the scratch directory goes when its TempDir drops
+        let _ = if self.path.is_dir() { std::fs::remove_dir_all(&self.path) } else { std::fs::remove_file(&self.path) };
+    }
+}
+
+impl Series {
+    /// Opens the series at `root`.
+    ///
+    /// # Errors
+    /// `E_IO` when its manifest cannot be read, `E_SERIES_INVALID` when it is not
+    /// a valid manifest.
+    pub fn open(root: &Path) -> Result<Self> {
+        Ok(Self { root: root.to_path_buf(), manifest: Manifest::read(root)? })
+    }
+
+    /// Opens the series at `root`, or creates an empty one where `root` is
+    /// missing or an empty directory.
+    ///
+    /// # Errors
+    /// As [`Series::open`]; `E_OUTPUT_EXISTS` for a directory that holds other
+    /// files but no manifest; `E_IO` when it cannot be created.
+    pub fn open_or_create(root: &Path) -> Result<Self> {
+        if root.join(MANIFEST_FILE).exists() {
+            return Self::open(root);
+        }
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, "cannot create the series directory", e))?;
+        let empty = std::fs::read_dir(root)
+            .map_err(|e| Error::io(root, "cannot list the series directory", e))?
+            .next()
+            .is_none();
+        if !empty {
+            return Err(
+                Error::new(ErrorCode::OutputExists, "the directory holds files but no series manifest").in_file(root)
+            );
+        }
+        let series = Self { root: root.to_path_buf(), manifest: Manifest::default() };
+        std::fs::create_dir_all(series.root.join(STEPS_DIR))
+            .map_err(|e| Error::io(root, "cannot create the steps folder", e))?;
+        series.write_manifest(&series.manifest)?;
+        Ok(series)
+    }
+
+    /// The series directory.
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The manifest as read or last written.
+    #[must_use]
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Total bytes of the step files.
+    #[must_use]
+    pub fn stored_bytes(&self) -> u64 {
+        self.manifest.steps.iter().map(|s| s.file_bytes).sum()
+    }
+
+    fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let mut file = PendingFile::create_with(&self.root.join(MANIFEST_FILE), true)?.synced(true);
+        file.write_all(manifest.to_text().as_bytes())?;
+        file.commit()
+    }
+
+    /// A scratch directory inside the series, so that a chosen file is renamed
+    /// into the steps folder on the same file system.
+    fn scratch(&self) -> Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempdir_in(&self.root)
+            .map_err(|e| Error::io(&self.root, "cannot create a scratch directory", e))
+    }
+
+    /// Opens a step's file once its bytes check out against the digest the
+    /// manifest pins (hashed as a stream first: a changed file is named as such,
+    /// before any of it is decoded).
+    fn open_step_file(&self, entry: &StepEntry) -> Result<DeltaFile> {
+        use sha2::Digest;
+        let name = entry.file.as_deref().unwrap_or_default();
+        let path = self.root.join(name);
+        let mut file = std::fs::File::open(&path).map_err(|e| Error::io(&path, "cannot open a step file", e))?;
+        let mut hasher = sha2::Sha256::new();
+        let len = std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(&path, "cannot read a step file", e))?;
+        let digest = hex::encode(hasher.finalize());
+        if Some(&digest) != entry.file_sha256.as_ref() || len != entry.file_bytes {
+            return Err(Error::new(
+                ErrorCode::SeriesDigest,
+                format!("step {}: the file's SHA-256 is {digest}, the manifest pins another", entry.step),
+            )
+            .in_file(&path));
+        }
+        DeltaFile::open(&path)
+    }
+
+    /// Rebuilds one stored step into `out` against `base` (its reference's
+    /// checkpoint, for a delta).
+    fn apply_step(
+        &self,
+        entry: &StepEntry,
+        base: Option<&Checkpoint>,
+        out: &Path,
+        options: ApplyOptions,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let delta = self.open_step_file(entry)?;
+        apply(&delta, base, out, options, progress)?;
+        Ok(())
+    }
+
+    /// Rebuilds `step` into the scratch directory `dir`, applying its chain.
+    fn rebuild_in(&self, step: u64, dir: &Path, progress: &dyn Progress) -> Result<Rebuilt> {
+        let mut base: Option<Rebuilt> = None;
+        for entry in self.manifest.chain(step)? {
+            let path = dir.join(scratch_name(entry.step, entry.checkpoint.kind));
+            self.apply_step(entry, base.as_ref().map(|b| &b.checkpoint), &path, ApplyOptions::default(), progress)?;
+            base = Some(Rebuilt { checkpoint: Checkpoint::open(&path)?, path });
+        }
+        base.ok_or_else(|| Error::new(ErrorCode::SeriesStep, format!("step {step} has nothing to rebuild")))
+    }
+
+    /// Rebuilds `step` into `out`, byte for byte the checkpoint that was added:
+    /// a file, or a directory for a sharded checkpoint.
+    ///
+    /// # Errors
+    /// `E_SERIES_STEP` for a step the series does not hold, `E_SERIES_DIGEST` for
+    /// a step file that changed, `E_SERIES_BUSY` while another process changes
+    /// the series, and any error of `apply`. Nothing appears at `out` on failure.
+    pub fn get(&self, step: u64, out: &Path, options: ApplyOptions, progress: &dyn Progress) -> Result<()> {
+        let _lock = SeriesLock::take(&self.root, false)?;
+        check_not_an_input(out, &[&self.root])?;
+        let chain = self.manifest.chain(step)?;
+        let Some((last, before)) = chain.split_last() else {
+            return Err(Error::new(ErrorCode::SeriesStep, format!("step {step} has nothing to rebuild")));
+        };
+        let scratch = self.scratch()?;
+        let mut base: Option<Rebuilt> = None;
+        for entry in before {
+            let path = scratch.path().join(scratch_name(entry.step, entry.checkpoint.kind));
+            self.apply_step(entry, base.as_ref().map(|b| &b.checkpoint), &path, ApplyOptions::default(), progress)?;
+            base = Some(Rebuilt { checkpoint: Checkpoint::open(&path)?, path });
+        }
+        self.apply_step(last, base.as_ref().map(|b| &b.checkpoint), out, options, progress)
+    }
+
+    /// Adds `checkpoint` as `step`, later than every step the series holds. It is
+    /// stored as whichever is smallest of a keyframe, a delta against the
+    /// previous step (if that keeps its chain within `max_chain`) and a delta
+    /// against the latest keyframe, each encoded against the exact bytes of its
+    /// reference; a checkpoint identical to the previous step's takes no file.
+    /// The manifest is replaced only once the step's file is in place, so a
+    /// failure leaves the series as it was.
+    ///
+    /// # Errors
+    /// `E_SERIES_STEP` for a step that is not later than the last one,
+    /// `E_SERIES_BUSY` while another process changes the series, and any error
+    /// of `encode` or of rebuilding the references.
+    pub fn add(
+        &mut self,
+        checkpoint: &Checkpoint,
+        step: u64,
+        options: &AddOptions,
+        progress: &dyn Progress,
+    ) -> Result<AddSummary> {
+        let _lock = SeriesLock::take(&self.root, true)?;
+        // what another process may have added since this one opened the series
+        self.manifest = Manifest::read(&self.root)?;
+        if let Some(last) = self.manifest.steps.last().filter(|l| l.step >= step) {
+            return Err(Error::new(
+                ErrorCode::SeriesStep,
+                format!("step {step} is not later than the series' last step {}", last.step),
+            ));
+        }
+        let inputs = [checkpoint.root.as_path()];
+        check_not_an_input(&self.root, &inputs)?;
+        let scratch = self.scratch()?;
+        let digest = CheckpointDigest::of(checkpoint)?;
+        let stored = self.store(&self.manifest, checkpoint, digest, step, options, scratch.path(), progress)?;
+        let mut next = self.manifest.clone();
+        next.steps.push(stored.entry.clone());
+        self.commit(next)?;
+        Ok(stored)
+    }
+
+    /// Stores `checkpoint`, whose digests are `digest`, as `step` after every
+    /// step of `manifest`: measures the ways `add` chooses from, moves the
+    /// smallest file into the steps folder and returns its entry. References
+    /// are rebuilt from this series' manifest, which holds the same checkpoints
+    /// for every step of `manifest` (the same manifest, or one being pruned).
+    #[allow(clippy::too_many_arguments)]
+    fn store(
+        &self,
+        manifest: &Manifest,
+        checkpoint: &Checkpoint,
+        digest: CheckpointDigest,
+        step: u64,
+        options: &AddOptions,
+        scratch: &Path,
+        progress: &dyn Progress,
+    ) -> Result<AddSummary> {
+        let previous = manifest.steps.last().map(content_step);
+        if let Some(prev) = previous {
+            let prev_entry = manifest.entry(prev)?;
+            if prev_entry.checkpoint.same_bytes(&digest) {
+                let entry = StepEntry {
+                    step,
+                    kind: StepKind::Same,
+                    reference: Some(prev),
+                    file: None,
+                    file_bytes: 0,
+                    file_sha256: None,
+                    checkpoint: prev_entry.checkpoint.clone(),
+                };
+                return Ok(AddSummary { entry, depth: manifest.depth(prev)?, candidates: Vec::new() });
+            }
+        }
+        let mut references = Vec::new();
+        if options.max_chain > 0 {
+            if let Some(prev) = previous.filter(|&p| manifest.depth(p).is_ok_and(|d| d < options.max_chain)) {
+                references.push(prev);
+            }
+            let keyframe = manifest.steps.iter().rev().find(|s| s.kind == StepKind::Keyframe).map(|s| s.step);
+            if let Some(k) = keyframe.filter(|k| !references.contains(k)) {
+                references.push(k);
+            }
+        }
+        // (reference, file, bytes); the keyframe first, so that it wins ties
+        let mut measured: Vec<(Option<u64>, PathBuf, u64)> = Vec::new();
+        let keyframe_path = scratch.join(format!("{step}-keyframe.tpde"));
+        let summary = encode_to(None, checkpoint, &keyframe_path, options.encode, true, progress)?;
+        measured.push((None, keyframe_path, summary.delta_bytes));
+        for reference in references {
+            let base = self.rebuild_in(reference, scratch, progress)?;
+            let path = scratch.join(format!("{step}-against-{reference}.tpde"));
+            let summary = encode_to(Some(&base.checkpoint), checkpoint, &path, options.encode, true, progress)?;
+            measured.push((Some(reference), path, summary.delta_bytes));
+        }
+        let candidates: Vec<Candidate> =
+            measured.iter().map(|(reference, _, bytes)| Candidate { reference: *reference, bytes: *bytes }).collect();
+        let depth_after = |reference: Option<u64>| reference.map_or(Ok(0), |r| manifest.depth(r).map(|d| d + 1));
+        let (reference, chosen, _) = measured
+            .into_iter()
+            .min_by_key(|(reference, _, bytes)| (*bytes, depth_after(*reference).unwrap_or(usize::MAX)))
+            .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "no way to store the step"))?;
+        let bytes = std::fs::read(&chosen).map_err(|e| Error::io(&chosen, "cannot read the encoded step", e))?;
+        let sha256 = sha256_hex(&bytes);
+        let name = step_file_name(step, &sha256);
+        let dest = self.root.join(&name);
+        std::fs::rename(&chosen, &dest).map_err(|e| Error::io(&dest, "cannot move the step file into place", e))?;
+        let entry = StepEntry {
+            step,
+            kind: if reference.is_some() { StepKind::Delta } else { StepKind::Keyframe },
+            reference,
+            file: Some(name),
+            file_bytes: bytes.len() as u64,
+            file_sha256: Some(sha256),
+            checkpoint: digest,
+        };
+        Ok(AddSummary { entry, depth: depth_after(reference)?, candidates })
+    }
+
+    /// Removes the steps for which `keep` is false. A kept step whose reference
+    /// goes is stored anew, as `add` would store it after the kept steps before
+    /// it, from the exact checkpoint it rebuilds today; every kept step rebuilds
+    /// byte for byte as before. The new manifest replaces the old one once
+    /// every new file is in place; the files it no longer names go after.
+    ///
+    /// # Errors
+    /// `E_INVALID_ARGUMENT` when no step would be kept, `E_SERIES_BUSY` while
+    /// another process changes the series, and any error of rebuilding or
+    /// encoding a step.
+    pub fn prune(
+        &mut self,
+        keep: impl Fn(u64) -> bool,
+        options: &AddOptions,
+        progress: &dyn Progress,
+    ) -> Result<PruneSummary> {
+        let _lock = SeriesLock::take(&self.root, true)?;
+        self.manifest = Manifest::read(&self.root)?;
+        if !self.manifest.steps.iter().any(|s| keep(s.step)) {
+            return Err(Error::new(ErrorCode::InvalidArgument, "prune would remove every step of the series"));
+        }
+        let bytes_before = self.stored_bytes();
+        let scratch = self.scratch()?;
+        let mut next = Manifest { series_version: manifest::SERIES_VERSION.to_owned(), steps: Vec::new() };
+        let (mut removed, mut reencoded) = (Vec::new(), Vec::new());
+        for entry in &self.manifest.steps {
+            if !keep(entry.step) {
+                removed.push(entry.step);
+                continue;
+            }
+            let reference_kept = entry.reference.is_none_or(|r| next.entry(r).is_ok());
+            if reference_kept {
+                next.steps.push(entry.clone());
+                continue;
+            }
+            let target = self.rebuild_in(entry.step, scratch.path(), progress)?;
+            let stored = self.store(
+                &next,
+                &target.checkpoint,
+                entry.checkpoint.clone(),
+                entry.step,
+                options,
+                scratch.path(),
+                progress,
+            )?;
+            next.steps.push(stored.entry);
+            reencoded.push(entry.step);
+        }
+        self.commit(next)?;
+        Ok(PruneSummary { removed, reencoded, bytes_before, bytes_after: self.stored_bytes() })
+    }
+
+    /// Replaces the manifest with `next` on disk, then removes the files that
+    /// it no longer names.
+    fn commit(&mut self, next: Manifest) -> Result<()> {
+        next.validate()?;
+        self.write_manifest(&next)?;
+        self.manifest = next;
+        self.remove_stray_files();
+        Ok(())
+    }
+
+    /// Files of the steps folder that the manifest does not name.
+    fn stray_files(&self) -> Vec<PathBuf> {
+        let named: std::collections::HashSet<&str> =
+            self.manifest.steps.iter().filter_map(|s| s.file.as_deref()).collect();
+        let Ok(dir) = std::fs::read_dir(self.root.join(STEPS_DIR)) else { return Vec::new() };
+        dir.filter_map(|e| e.ok())
+            .filter(|e| {
+                let name = format!("{STEPS_DIR}/{}", e.file_name().to_string_lossy());
+                !named.contains(name.as_str())
+            })
+            .map(|e| e.path())
+            .collect()
+    }
+
+    fn remove_stray_files(&self) {
+        for path in self.stray_files() {
+            // best effort: a file left now is removed by the next change
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Checks every step: its file against the pinned digest, and the
+    /// checkpoint it rebuilds (applying the chains, each step once) against the
+    /// pinned checkpoint digests.
+    ///
+    /// # Errors
+    /// The first failure: `E_SERIES_DIGEST` for a changed file or a rebuilt
+    /// checkpoint that differs, and any error of the files themselves.
+    pub fn verify(&self, progress: &dyn Progress) -> Result<VerifySummary> {
+        let _lock = SeriesLock::take(&self.root, false)?;
+        let scratch = self.scratch()?;
+        // rebuilt checkpoints that a later step still refers to
+        let mut uses: BTreeMap<u64, usize> = BTreeMap::new();
+        for s in &self.manifest.steps {
+            if let (Some(r), StepKind::Delta) = (s.reference, s.kind) {
+                *uses.entry(r).or_default() += 1;
+            }
+        }
+        let mut rebuilt: BTreeMap<u64, Rebuilt> = BTreeMap::new();
+        let mut steps = 0;
+        for entry in &self.manifest.steps {
+            if entry.kind == StepKind::Same {
+                continue; // its checkpoint equals its reference's (Manifest::validate)
+            }
+            let base = match (entry.kind, entry.reference) {
+                (StepKind::Delta, Some(r)) => rebuilt.get(&r).map(|b| &b.checkpoint),
+                _ => None,
+            };
+            let path = scratch.path().join(scratch_name(entry.step, entry.checkpoint.kind));
+            self.apply_step(entry, base, &path, ApplyOptions::default(), progress)?;
+            let checkpoint = Checkpoint::open(&path)?;
+            if !CheckpointDigest::of(&checkpoint)?.same_bytes(&entry.checkpoint) {
+                return Err(Error::new(
+                    ErrorCode::SeriesDigest,
+                    format!("step {} rebuilds a checkpoint other than the one the manifest pins", entry.step),
+                )
+                .in_file(&self.root));
+            }
+            steps += 1;
+            if let (Some(r), StepKind::Delta) = (entry.reference, entry.kind) {
+                if let Some(n) = uses.get_mut(&r) {
+                    *n -= 1;
+                    if *n == 0 {
+                        rebuilt.remove(&r);
+                    }
+                }
+            }
+            let rebuilt_now = Rebuilt { checkpoint, path };
+            if uses.get(&entry.step).is_some_and(|&n| n > 0) {
+                rebuilt.insert(entry.step, rebuilt_now);
+            }
+        }
+        Ok(VerifySummary { steps, stray_files: self.stray_files() })
+    }
+}
+
+/// The step whose checkpoint `entry` has: its reference for a `same` step.
+fn content_step(entry: &StepEntry) -> u64 {
+    match (entry.kind, entry.reference) {
+        (StepKind::Same, Some(r)) => r,
+        _ => entry.step,
+    }
+}
+
+/// Where a rebuilt step goes in a scratch directory.
+fn scratch_name(step: u64, kind: LayoutKind) -> String {
+    match kind {
+        LayoutKind::File => format!("step-{step}.safetensors"),
+        LayoutKind::Sharded => format!("step-{step}"),
+    }
+}
