@@ -13,6 +13,7 @@ mod llama8b;
 mod measure;
 mod methods;
 mod report;
+mod series;
 mod tpde_stats;
 
 use std::path::{Path, PathBuf};
@@ -126,6 +127,31 @@ enum Sub {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Add seeded training runs to tpde series step by step and compare their size
+    /// with consecutive deltas, TRL's anchors and PULSE's patches; writes a markdown
+    /// section.
+    Series {
+        /// The `tpde` binary.
+        #[arg(long, default_value = "target/release/tpde")]
+        tpde: PathBuf,
+        /// Scratch directory for the runs.
+        #[arg(long, default_value = "/tmp/tpde-bench-series")]
+        work: PathBuf,
+        /// The report to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Model size multiplier.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        #[arg(long, default_value_t = 20_251_130)]
+        seed: u64,
+        /// `--max-chain` of the series, and the baselines' anchor period minus one.
+        #[arg(long, default_value_t = 10)]
+        max_chain: usize,
+        /// Only these runs (default: all).
+        #[arg(long, value_delimiter = ',')]
+        cases: Vec<String>,
+    },
     #[command(hide = true)]
     InternalEncode {
         #[arg(long, value_enum)]
@@ -179,6 +205,9 @@ fn main() -> Result<()> {
             println!("target {}", w.target.display());
             println!("tensor bytes {} per checkpoint, {} file(s) each", w.tensor_bytes, w.files);
             Ok(())
+        }
+        Some(Sub::Series { tpde, work, out, scale, seed, max_chain, cases }) => {
+            series::run(&series::Options { tpde, work, out, scale, seed, max_chain, cases })
         }
         None => run(&cli),
     }
