@@ -1,7 +1,8 @@
-//! `forward-compat/`: what a 1.0 reader does with files from later versions. Unknown
+//! `forward-compat/`: what a reader does with files from later versions. Unknown
 //! optional feature bits, unknown namespaced extension keys and higher minor
 //! versions are read as if absent; unknown required feature bits and other major
-//! versions are refused (spec §3, §5.4).
+//! versions are refused; format 1.1's feature bit 1 is read wherever it is set
+//! (spec §3, §5.4).
 
 use rand::Rng;
 use serde_json::json;
@@ -62,6 +63,22 @@ pub fn generate(suite: &mut Suite) {
         "§3",
         &p("minor_version"),
     );
+
+    // Format 1.1's required bit 1 (`rans-lanes`) in a file without codec 2: it
+    // allows lane rANS streams without requiring any, so a 1.1 reader accepts it;
+    // set among the optional bits, it means nothing (§3).
+    for (case, offset, why) in [
+        ("rans-lanes-bit-without-rans-streams", at::REQUIRED, "required_rans_bit"),
+        ("rans-lanes-bit-as-optional", at::OPTIONAL, "optional_rans_bit"),
+    ] {
+        let mut bytes = good.clone();
+        put(&mut bytes, offset, &2u64.to_le_bytes());
+        put(&mut bytes, at::MINOR, &1u16.to_le_bytes());
+        reseal(&mut bytes);
+        let path = format!("forward-compat/{case}.tpde");
+        suite.write(&path, &bytes);
+        suite.accept(case, &path, Some(BASE), EXPECTED, &target, "§3", &p(why));
+    }
 
     let mut bytes = good.clone();
     put(&mut bytes, at::REQUIRED, &(1u64 << 63).to_le_bytes());
