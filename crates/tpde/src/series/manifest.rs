@@ -27,7 +27,7 @@ pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
 pub const MAX_JSON_INTEGER: u64 = (1 << 53) - 1;
 
 /// How a step is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepKind {
     /// A standalone tpde file: rebuilt without a base.

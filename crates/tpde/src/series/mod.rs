@@ -111,14 +111,19 @@ struct SeriesLock {
 }
 
 impl SeriesLock {
-    fn take(root: &Path, exclusive: bool) -> Result<Self> {
+    /// Takes the lock. A reader of a series it cannot write to (a read-only
+    /// mount) reads without one: no writer can change that series either.
+    fn take(root: &Path, exclusive: bool) -> Result<Option<Self>> {
         let path = root.join(".lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, "cannot open the series lock", e))?;
+        let opened = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path);
+        let file = match opened {
+            Ok(file) => file,
+            Err(_) if !exclusive => match std::fs::File::open(&path) {
+                Ok(file) => file,
+                Err(_) => return Ok(None),
+            },
+            Err(e) => return Err(Error::io(&path, "cannot open the series lock", e)),
+        };
         #[cfg(unix)]
         {
             use rustix::fs::{flock, FlockOperation};
@@ -133,7 +138,7 @@ impl SeriesLock {
         }
         #[cfg(not(unix))]
         let _ = exclusive;
-        Ok(Self { _file: file })
+        Ok(Some(Self { _file: file }))
     }
 }
 
@@ -214,10 +219,7 @@ impl Series {
     /// A scratch directory inside the series, so that a chosen file is renamed
     /// into the steps folder on the same file system.
     fn scratch(&self) -> Result<tempfile::TempDir> {
-        tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempdir_in(&self.root)
-            .map_err(|e| Error::io(&self.root, "cannot create a scratch directory", e))
+        scratch_in(&self.root)
     }
 
     /// Opens a step's file once its bytes check out against the digest the
@@ -281,7 +283,9 @@ impl Series {
         let Some((last, before)) = chain.split_last() else {
             return Err(Error::new(ErrorCode::SeriesStep, format!("step {step} has nothing to rebuild")));
         };
-        let scratch = self.scratch()?;
+        // beside the output, which is writable, while the series may not be
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let scratch = scratch_in(parent)?;
         let mut base: Option<Rebuilt> = None;
         for entry in before {
             let path = scratch.path().join(scratch_name(entry.step, entry.checkpoint.kind));
@@ -499,7 +503,8 @@ impl Series {
     /// checkpoint that differs, and any error of the files themselves.
     pub fn verify(&self, progress: &dyn Progress) -> Result<VerifySummary> {
         let _lock = SeriesLock::take(&self.root, false)?;
-        let scratch = self.scratch()?;
+        // the system's temporary directory: the series may be read-only
+        let scratch = tempfile::tempdir().map_err(|e| Error::io(&self.root, "cannot create a scratch directory", e))?;
         // rebuilt checkpoints that a later step still refers to
         let mut uses: BTreeMap<u64, usize> = BTreeMap::new();
         for s in &self.manifest.steps {
@@ -543,6 +548,14 @@ impl Series {
         }
         Ok(VerifySummary { steps, stray_files: self.stray_files() })
     }
+}
+
+/// A scratch directory in `dir`, removed when dropped.
+fn scratch_in(dir: &Path) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempdir_in(dir)
+        .map_err(|e| Error::io(dir, "cannot create a scratch directory", e))
 }
 
 /// The step whose checkpoint `entry` has: its reference for a `same` step.

@@ -1,4 +1,4 @@
-//! The series manifest (spec/SERIES.md): the committed JSON Schema
+//! Series conformance (spec/SERIES.md): the committed JSON Schema
 //! (`spec/series.schema.json`) is the one the manifest types generate, and every
 //! case of `conformance/series` gets the verdict its list states, judged by the
 //! library; the valid ones also pass an independent schema validator.
@@ -72,4 +72,41 @@ fn every_series_case_gets_its_verdict() {
         }
     }
     assert_eq!(listed, on_disk);
+}
+
+/// The golden run (`conformance/series/run`, every kind of step and a chain of
+/// two deltas) rebuilds each step to the checkpoint digests its manifest pins,
+/// read from a copy whose directories are made read-only (binding for a
+/// user other than root), as an archive of runs may be.
+#[cfg(unix)]
+#[test]
+fn the_golden_run_rebuilds_every_step_read_only() {
+    use std::os::unix::fs::PermissionsExt;
+    use tpde::pipeline::NoProgress;
+    use tpde::series::{CheckpointDigest, Series, StepKind};
+    let scratch = tempfile::tempdir().expect("a temp dir");
+    let run = scratch.path().join("run");
+    std::fs::create_dir_all(run.join("steps")).expect("mkdir");
+    let golden = repo().join("conformance/series/run");
+    std::fs::copy(golden.join("series.json"), run.join("series.json")).expect("copy");
+    for entry in std::fs::read_dir(golden.join("steps")).expect("the steps") {
+        let entry = entry.expect("an entry");
+        std::fs::copy(entry.path(), run.join("steps").join(entry.file_name())).expect("copy");
+    }
+    for dir in [run.join("steps"), run.clone()] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    }
+    let series = Series::open(&run).expect("the golden run opens");
+    let kinds: BTreeSet<StepKind> = series.manifest().steps.iter().map(|s| s.kind).collect();
+    assert_eq!(kinds.len(), 3);
+    let out_dir = scratch.path().join("out");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    for s in &series.manifest().steps {
+        let out = out_dir.join(format!("{}.safetensors", s.step));
+        series.get(s.step, &out, Default::default(), &NoProgress).expect("a golden step rebuilds");
+        let rebuilt = tpde::Checkpoint::open(&out).expect("opens");
+        assert!(CheckpointDigest::of(&rebuilt).expect("digests").same_bytes(&s.checkpoint), "step {}", s.step);
+    }
+    assert_eq!(series.verify(&NoProgress).expect("verifies").steps, 4);
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
