@@ -220,6 +220,21 @@ fn a_failed_add_leaves_the_series_as_it_was() {
 }
 
 #[test]
+fn scratch_that_a_killed_writer_left_goes_with_the_next_change() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let (mut series, files) = add_run(dir.path(), 2, 10);
+    let stale = series.root().join(".tmp-killed");
+    std::fs::create_dir_all(stale.join("inner")).expect("mkdir");
+    std::fs::write(stale.join("inner/step.safetensors"), b"partial").expect("write");
+    let stray = series.root().join(STEPS_DIR).join("00000000000000000999-0000000000000000.tpde");
+    std::fs::write(&stray, b"an interrupted rename").expect("write");
+    assert_eq!(series.verify(&NoProgress).expect("verifies").stray_files, std::slice::from_ref(&stray));
+    let ckpt = Checkpoint::open(&files[&100]).expect("opens");
+    series.add(&ckpt, 200, &options(10), &NoProgress).expect("added");
+    assert!(!stale.exists() && !stray.exists());
+}
+
+#[test]
 fn a_changed_step_file_is_detected() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let (series, _) = add_run(dir.path(), 3, 10);

@@ -315,6 +315,7 @@ impl Series {
         progress: &dyn Progress,
     ) -> Result<AddSummary> {
         let _lock = SeriesLock::take(&self.root, true)?;
+        self.remove_stale_scratch();
         // what another process may have added since this one opened the series
         self.manifest = Manifest::read(&self.root)?;
         if let Some(last) = self.manifest.steps.last().filter(|l| l.step >= step) {
@@ -428,6 +429,7 @@ impl Series {
         progress: &dyn Progress,
     ) -> Result<PruneSummary> {
         let _lock = SeriesLock::take(&self.root, true)?;
+        self.remove_stale_scratch();
         self.manifest = Manifest::read(&self.root)?;
         if !self.manifest.steps.iter().any(|s| keep(s.step)) {
             return Err(Error::new(ErrorCode::InvalidArgument, "prune would remove every step of the series"));
@@ -485,6 +487,19 @@ impl Series {
             })
             .map(|e| e.path())
             .collect()
+    }
+
+    /// Removes the scratch directories that a killed writer left in the series.
+    /// Only writers put scratch there, and this one holds the exclusive lock.
+    fn remove_stale_scratch(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.root) else { return };
+        for entry in dir.filter_map(std::result::Result::ok) {
+            let is_scratch = entry.file_name().to_string_lossy().starts_with(".tmp-");
+            if is_scratch && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                // best effort: what is left now goes with the next change
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 
     fn remove_stray_files(&self) {
