@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the fuzz targets `open`, `decode` and `apply`.
+# Builds the fuzz targets `open`, `decode`, `apply` and `series_manifest`.
 #
 #   conformance/fuzz/build.sh --check   type-check the targets with the stable
 #                                       toolchain, no sanitizer (fast; for CI)
