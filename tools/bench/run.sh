@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates BENCHMARKS.md at the repository root.
+# Regenerates BENCHMARKS.md at the repository root, its series section included.
 #
 #   bash tools/bench/run.sh [tpde-bench options, e.g. --quick or --scale 2]
 #
@@ -15,3 +15,7 @@ bash tools/bench/install-baselines.sh
 # is reported but not fatal.
 cargo build --release -p tpde-cli || echo "warning: tpde did not build; its rows will be skipped" >&2
 cargo run --release -p tpde-bench -- --out BENCHMARKS.md "$@"
+# Checkpoint series (spec/SERIES.md): seeded runs added step by step, appended as
+# the last section.
+cargo run --release -p tpde-bench -- series --out target/series.md
+cat target/series.md >> BENCHMARKS.md
