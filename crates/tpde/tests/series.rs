@@ -127,6 +127,29 @@ fn a_run_added_step_by_step_comes_back_byte_for_byte() {
 }
 
 #[test]
+fn the_previous_checkpoint_at_hand_stores_the_same_bytes() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let (series, files) = add_run(dir.path(), 4, 10);
+    let mut other = Series::open_or_create(&dir.path().join("other")).expect("a new series");
+    let mut previous: Option<Checkpoint> = None;
+    for (step, path) in &files {
+        let ckpt = Checkpoint::open(path).expect("opens");
+        match &previous {
+            Some(p) => other.add_after(p, &ckpt, *step, &options(10), &NoProgress),
+            None => other.add(&ckpt, *step, &options(10), &NoProgress),
+        }
+        .expect("added");
+        previous = Some(ckpt);
+    }
+    assert_eq!(other.manifest(), series.manifest());
+    // a checkpoint that is not the last step's is refused
+    let wrong = Checkpoint::open(&files[&0]).expect("opens");
+    let next = Checkpoint::open(&files[&300]).expect("opens");
+    let err = other.add_after(&wrong, &next, 400, &options(10), &NoProgress).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::SeriesDigest);
+}
+
+#[test]
 fn max_chain_zero_stores_keyframes_only() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let (series, files) = add_run(dir.path(), 4, 0);

@@ -14,6 +14,7 @@ pub const EXAMPLES: &str = "\
 Examples:
   tpde series add run/ step-100.safetensors --step 100
   tpde series add run/ ckpt-200/ --step 200 --max-chain 10     (sharded checkpoint)
+  tpde series add run/ step-300.safetensors --step 300 --previous step-200.safetensors
   tpde series get run/ --step 200 -o step-200/
   tpde series list run/
   tpde series verify run/
@@ -37,6 +38,10 @@ pub enum SeriesCommand {
         /// Words per chunk of the encoded files.
         #[arg(long, default_value_t = tpde::limits::DEFAULT_CHUNK_WORDS)]
         chunk_words: u64,
+        /// The previous step's checkpoint, if still at hand: checked against the
+        /// series' digests, it saves rebuilding that step.
+        #[arg(long, value_name = "PREV")]
+        previous: Option<PathBuf>,
         #[command(flatten)]
         threads: Threads,
     },
@@ -104,12 +109,16 @@ fn kind_name(kind: StepKind) -> &'static str {
 #[allow(clippy::cast_precision_loss)] // ratios for display
 pub fn run(command: SeriesCommand) -> tpde::Result<()> {
     match command {
-        SeriesCommand::Add { run, checkpoint, step, max_chain, chunk_words, threads } => {
+        SeriesCommand::Add { run, checkpoint, step, max_chain, chunk_words, previous, threads } => {
             set_threads(&threads)?;
             let ckpt = Checkpoint::open(&checkpoint)?;
+            let previous = previous.as_deref().map(Checkpoint::open).transpose()?;
             let mut series = Series::open_or_create(&run)?;
             let options = AddOptions { max_chain, encode: EncodeOptions { chunk_words, ..EncodeOptions::default() } };
-            let added = series.add(&ckpt, step, &options, &Bars::new())?;
+            let added = match &previous {
+                Some(previous) => series.add_after(previous, &ckpt, step, &options, &Bars::new())?,
+                None => series.add(&ckpt, step, &options, &Bars::new())?,
+            };
             let e = &added.entry;
             let against = e.reference.map_or(String::new(), |r| format!(" against step {r}"));
             eprintln!(

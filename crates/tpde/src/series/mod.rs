@@ -226,13 +226,8 @@ impl Series {
     /// manifest pins (hashed as a stream first: a changed file is named as such,
     /// before any of it is decoded).
     fn open_step_file(&self, entry: &StepEntry) -> Result<DeltaFile> {
-        use sha2::Digest;
-        let name = entry.file.as_deref().unwrap_or_default();
-        let path = self.root.join(name);
-        let mut file = std::fs::File::open(&path).map_err(|e| Error::io(&path, "cannot open a step file", e))?;
-        let mut hasher = sha2::Sha256::new();
-        let len = std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(&path, "cannot read a step file", e))?;
-        let digest = hex::encode(hasher.finalize());
+        let path = self.root.join(entry.file.as_deref().unwrap_or_default());
+        let (digest, len) = sha256_of_file(&path)?;
         if Some(&digest) != entry.file_sha256.as_ref() || len != entry.file_bytes {
             return Err(Error::new(
                 ErrorCode::SeriesDigest,
@@ -314,6 +309,36 @@ impl Series {
         options: &AddOptions,
         progress: &dyn Progress,
     ) -> Result<AddSummary> {
+        self.add_with(checkpoint, step, None, options, progress)
+    }
+
+    /// Like [`Series::add`], with the previous step's checkpoint at hand (a
+    /// training loop usually still has it): once its digests match the ones the
+    /// manifest pins for the last step, it serves as that reference instead of
+    /// being rebuilt from its chain.
+    ///
+    /// # Errors
+    /// As [`Series::add`], and `E_SERIES_DIGEST` when `previous` is not the last
+    /// step's checkpoint.
+    pub fn add_after(
+        &mut self,
+        previous: &Checkpoint,
+        checkpoint: &Checkpoint,
+        step: u64,
+        options: &AddOptions,
+        progress: &dyn Progress,
+    ) -> Result<AddSummary> {
+        self.add_with(checkpoint, step, Some(previous), options, progress)
+    }
+
+    fn add_with(
+        &mut self,
+        checkpoint: &Checkpoint,
+        step: u64,
+        previous: Option<&Checkpoint>,
+        options: &AddOptions,
+        progress: &dyn Progress,
+    ) -> Result<AddSummary> {
         let _lock = SeriesLock::take(&self.root, true)?;
         self.remove_stale_scratch();
         // what another process may have added since this one opened the series
@@ -324,11 +349,25 @@ impl Series {
                 format!("step {step} is not later than the series' last step {}", last.step),
             ));
         }
-        let inputs = [checkpoint.root.as_path()];
+        let inputs: Vec<&Path> = [Some(checkpoint), previous].into_iter().flatten().map(|c| c.root.as_path()).collect();
         check_not_an_input(&self.root, &inputs)?;
+        let known = match (previous, self.manifest.steps.last()) {
+            (Some(previous), Some(last)) => {
+                let step = content_step(last);
+                if !CheckpointDigest::of(previous)?.same_bytes(&self.manifest.entry(step)?.checkpoint) {
+                    return Err(Error::new(
+                        ErrorCode::SeriesDigest,
+                        format!("the previous checkpoint given is not the series' step {step}"),
+                    )
+                    .in_file(&previous.root));
+                }
+                Some((step, previous))
+            }
+            _ => None,
+        };
         let scratch = self.scratch()?;
         let digest = CheckpointDigest::of(checkpoint)?;
-        let stored = self.store(&self.manifest, checkpoint, digest, step, options, scratch.path(), progress)?;
+        let stored = self.store(&self.manifest, checkpoint, digest, step, known, options, scratch.path(), progress)?;
         let mut next = self.manifest.clone();
         next.steps.push(stored.entry.clone());
         self.commit(next)?;
@@ -339,7 +378,8 @@ impl Series {
     /// step of `manifest`: measures the ways `add` chooses from, moves the
     /// smallest file into the steps folder and returns its entry. References
     /// are rebuilt from this series' manifest, which holds the same checkpoints
-    /// for every step of `manifest` (the same manifest, or one being pruned).
+    /// for every step of `manifest` (the same manifest, or one being pruned);
+    /// `known` is a step's checkpoint at hand, used instead of rebuilding it.
     #[allow(clippy::too_many_arguments)]
     fn store(
         &self,
@@ -347,6 +387,7 @@ impl Series {
         checkpoint: &Checkpoint,
         digest: CheckpointDigest,
         step: u64,
+        known: Option<(u64, &Checkpoint)>,
         options: &AddOptions,
         scratch: &Path,
         progress: &dyn Progress,
@@ -383,9 +424,16 @@ impl Series {
         let summary = encode_to(None, checkpoint, &keyframe_path, options.encode, true, progress)?;
         measured.push((None, keyframe_path, summary.delta_bytes));
         for reference in references {
-            let base = self.rebuild_in(reference, scratch, progress)?;
+            let rebuilt;
+            let base = match known {
+                Some((known_step, known)) if known_step == reference => known,
+                _ => {
+                    rebuilt = self.rebuild_in(reference, scratch, progress)?;
+                    &rebuilt.checkpoint
+                }
+            };
             let path = scratch.join(format!("{step}-against-{reference}.tpde"));
-            let summary = encode_to(Some(&base.checkpoint), checkpoint, &path, options.encode, true, progress)?;
+            let summary = encode_to(Some(base), checkpoint, &path, options.encode, true, progress)?;
             measured.push((Some(reference), path, summary.delta_bytes));
         }
         let candidates: Vec<Candidate> =
@@ -395,8 +443,7 @@ impl Series {
             .into_iter()
             .min_by_key(|(reference, _, bytes)| (*bytes, depth_after(*reference).unwrap_or(usize::MAX)))
             .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "no way to store the step"))?;
-        let bytes = std::fs::read(&chosen).map_err(|e| Error::io(&chosen, "cannot read the encoded step", e))?;
-        let sha256 = sha256_hex(&bytes);
+        let (sha256, file_bytes) = sha256_of_file(&chosen)?;
         let name = step_file_name(step, &sha256);
         let dest = self.root.join(&name);
         std::fs::rename(&chosen, &dest).map_err(|e| Error::io(&dest, "cannot move the step file into place", e))?;
@@ -405,7 +452,7 @@ impl Series {
             kind: if reference.is_some() { StepKind::Delta } else { StepKind::Keyframe },
             reference,
             file: Some(name),
-            file_bytes: bytes.len() as u64,
+            file_bytes,
             file_sha256: Some(sha256),
             checkpoint: digest,
         };
@@ -454,6 +501,7 @@ impl Series {
                 &target.checkpoint,
                 entry.checkpoint.clone(),
                 entry.step,
+                None,
                 options,
                 scratch.path(),
                 progress,
@@ -563,6 +611,16 @@ impl Series {
         }
         Ok(VerifySummary { steps, stray_files: self.stray_files() })
     }
+}
+
+/// SHA-256 (lowercase hex) and length of a file, read as a stream so that memory
+/// stays bounded whatever its size.
+fn sha256_of_file(path: &Path) -> Result<(String, u64)> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, "cannot open a step file", e))?;
+    let mut hasher = sha2::Sha256::new();
+    let len = std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, "cannot read a step file", e))?;
+    Ok((hex::encode(hasher.finalize()), len))
 }
 
 /// A scratch directory in `dir`, removed when dropped.
