@@ -56,6 +56,7 @@ pub mod kernels;
 mod pipeline;
 mod rans;
 pub mod reference;
+pub mod series;
 pub mod width;
 
 pub use cudarc;

@@ -222,10 +222,17 @@ impl Series {
         scratch_in(&self.root)
     }
 
-    /// Opens a step's file once its bytes check out against the digest the
-    /// manifest pins (hashed as a stream first: a changed file is named as such,
-    /// before any of it is decoded).
-    fn open_step_file(&self, entry: &StepEntry) -> Result<DeltaFile> {
+    /// Opens a stored step's file once its bytes check out against the digest
+    /// the manifest pins (hashed as a stream first: a changed file is named as
+    /// such, before any of it is decoded).
+    ///
+    /// # Errors
+    /// `E_SERIES_DIGEST` for a file that changed, `E_SERIES_STEP` for a `same`
+    /// step (it has no file), and any error of opening the file.
+    pub fn open_step_file(&self, entry: &StepEntry) -> Result<DeltaFile> {
+        if entry.kind == StepKind::Same {
+            return Err(Error::new(ErrorCode::SeriesStep, format!("step {} is stored as no file", entry.step)));
+        }
         let path = self.root.join(entry.file.as_deref().unwrap_or_default());
         let (digest, len) = sha256_of_file(&path)?;
         if Some(&digest) != entry.file_sha256.as_ref() || len != entry.file_bytes {
@@ -632,7 +639,8 @@ fn scratch_in(dir: &Path) -> Result<tempfile::TempDir> {
 }
 
 /// The step whose checkpoint `entry` has: its reference for a `same` step.
-fn content_step(entry: &StepEntry) -> u64 {
+#[must_use]
+pub fn content_step(entry: &StepEntry) -> u64 {
     match (entry.kind, entry.reference) {
         (StepKind::Same, Some(r)) => r,
         _ => entry.step,

@@ -1,0 +1,50 @@
+//! Stepping through a checkpoint series on the GPU (spec/SERIES.md): a worker
+//! that holds one step in device memory reaches a later one by applying, in
+//! place, the deltas of the chain between them, each step's rebuilt chunks
+//! checked against their digests before the next is applied.
+
+use cudarc::driver::CudaSlice;
+use tpde::series::{content_step, Series, StepKind};
+use tpde::{Error, ErrorCode};
+
+use crate::delta::tensor_refs;
+use crate::error::Result;
+use crate::pipeline::Loader;
+
+/// Brings `bufs`, which hold step `from` of `series` (one buffer per tensor, in
+/// the order of the series' deltas), to step `to` by applying in place the
+/// deltas of `to`'s chain that come after `from`. Each step file is checked
+/// against the digest the manifest pins before it is read, and each applied
+/// step's rebuilt chunks against their digests ([`crate::LoaderConfig`]'s
+/// `verify_digests`), so the base of every delta after the first is a checked
+/// one. Returns the number of deltas applied.
+///
+/// # Errors
+/// `E_SERIES_STEP` when `from` is not on the chain of `to` (a keyframe between
+/// them, or another branch: load `to` from its keyframe instead), any series
+/// or format error of the step files, and any error of
+/// [`Loader::apply_in_place`]. On an error, `bufs` may hold a partly applied
+/// step.
+pub fn step_in_place(
+    loader: &mut Loader,
+    series: &Series,
+    from: u64,
+    to: u64,
+    bufs: &mut [CudaSlice<u8>],
+) -> Result<usize> {
+    let manifest = series.manifest();
+    let from = content_step(manifest.entry(from)?);
+    let chain = manifest.chain(to)?;
+    let Some(at) = chain.iter().position(|e| e.step == from) else {
+        let why = format!("step {from} is not on the chain of step {to}; load step {to} from its keyframe");
+        return Err(Error::new(ErrorCode::SeriesStep, why).into());
+    };
+    let deltas = &chain[at + 1..];
+    for entry in deltas {
+        debug_assert_eq!(entry.kind, StepKind::Delta, "a chain holds deltas after its keyframe");
+        let file = series.open_step_file(entry)?;
+        let refs = tensor_refs(&file, true)?;
+        loader.apply_in_place(&refs, bufs)?;
+    }
+    Ok(deltas.len())
+}

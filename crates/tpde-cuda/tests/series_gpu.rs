@@ -1,0 +1,91 @@
+//! A checkpoint series stepped through on the GPU: weights that hold one step in
+//! device memory reach later steps by applying the chain's deltas in place, bit
+//! for bit the checkpoints that were added. They need a CUDA GPU, so CI reports
+//! them as ignored; run them with `--include-ignored` on a GPU machine.
+#![allow(clippy::cast_possible_truncation)] // small test values
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tpde::pipeline::{encode::EncodeOptions, NoProgress};
+use tpde::series::{AddOptions, Series};
+use tpde::{Checkpoint, ErrorCode};
+use tpde_cuda::series::step_in_place;
+use tpde_cuda::{Gpu, GpuError, Loader, LoaderConfig};
+
+/// A safetensors file of BF16 tensors, written by hand.
+fn write(path: &Path, tensors: &[(&str, &[u16])]) {
+    let mut header = String::from("{");
+    let mut at = 0;
+    for (i, (name, words)) in tensors.iter().enumerate() {
+        let end = at + 2 * words.len();
+        let comma = if i > 0 { "," } else { "" };
+        header += &format!(
+            "{comma}\"{name}\":{{\"dtype\":\"BF16\",\"shape\":[{}],\"data_offsets\":[{at},{end}]}}",
+            words.len()
+        );
+        at = end;
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    for (_, words) in tensors {
+        out.extend(words.iter().flat_map(|w| w.to_le_bytes()));
+    }
+    std::fs::write(path, out).expect("write a checkpoint");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn weights_on_the_gpu_step_through_a_series_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut series = Series::open_or_create(&dir.path().join("run")).expect("a new series");
+    let options = AddOptions { max_chain: 10, encode: EncodeOptions { chunk_words: 4096, ..EncodeOptions::default() } };
+    let mut a: Vec<u16> = (0..200_000u32).map(|i| 0x3C00 | (i.wrapping_mul(2_654_435_761) >> 22) as u16).collect();
+    let mut b: Vec<u16> = (0..3_000u32).map(|i| 0x3F80 | (i % 97) as u16).collect();
+    let mut steps = Vec::new();
+    for k in 0..6u64 {
+        // about one word in 37 moves, at positions drawn anew each step
+        for (i, w) in a.iter_mut().enumerate() {
+            let mix = ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+                .rotate_left(17);
+            if mix % 37 == 0 {
+                *w = w.wrapping_add(1 + (i % 2) as u16);
+            }
+        }
+        let at = (k as usize * 11) % b.len();
+        b[at] ^= 1;
+        let path = dir.path().join(format!("step-{k}.safetensors"));
+        write(&path, &[("a", &a), ("b", &b)]);
+        let ckpt = Checkpoint::open(&path).expect("opens");
+        series.add(&ckpt, 10 * k, &options, &NoProgress).expect("a step is added");
+        steps.push((10 * k, a.clone(), b.clone()));
+    }
+    let gpu = Arc::new(Gpu::new(0).expect("a CUDA GPU"));
+    let mut loader = Loader::new(gpu.clone(), LoaderConfig::default()).expect("a loader");
+    let bytes = |w: &[u16]| w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (_, a0, b0) = &steps[0];
+    let mut bufs = vec![gpu.upload(&bytes(a0)).expect("upload"), gpu.upload(&bytes(b0)).expect("upload")];
+    // Forward along the chains the series chose: from the step the device holds
+    // to each later step whose chain passes through it.
+    let manifest = series.manifest();
+    let mut at = 0;
+    let mut moved = 0;
+    for (step, a, b) in &steps[1..] {
+        let chain = manifest.chain(*step).expect("a chain");
+        let Some(from) = chain.iter().position(|e| e.step == at) else { continue };
+        let applied = step_in_place(&mut loader, &series, at, *step, &mut bufs).expect("a step applies");
+        assert_eq!(applied, chain.len() - 1 - from);
+        assert_eq!(gpu.download(&bufs[0]).expect("download"), bytes(a), "tensor a at step {step}");
+        assert_eq!(gpu.download(&bufs[1]).expect("download"), bytes(b), "tensor b at step {step}");
+        at = *step;
+        moved += 1;
+    }
+    assert!(moved >= 2, "the device followed {moved} steps of the run");
+    // backwards is on no chain
+    let err = step_in_place(&mut loader, &series, at, 0, &mut bufs).unwrap_err();
+    assert!(matches!(&err, GpuError::Format(e) if e.code() == ErrorCode::SeriesStep), "{err}");
+}
