@@ -94,6 +94,8 @@ pub enum ErrorCode {
     InvalidArgument,
     /// Memory for decoding could not be allocated (spec §9.1).
     OutOfMemory,
+    /// The caller stopped the work (Ctrl-C in a binding); nothing was left behind.
+    Interrupted,
 }
 
 impl ErrorCode {
@@ -141,6 +143,7 @@ impl ErrorCode {
             Self::TargetMismatch => "E_TARGET_MISMATCH",
             Self::InvalidArgument => "E_INVALID_ARGUMENT",
             Self::OutOfMemory => "E_OUT_OF_MEMORY",
+            Self::Interrupted => "E_INTERRUPTED",
         }
     }
 
@@ -186,6 +189,7 @@ impl ErrorCode {
         Self::TargetMismatch,
         Self::InvalidArgument,
         Self::OutOfMemory,
+        Self::Interrupted,
     ];
 
     /// What the user can do about a failure of this kind.
