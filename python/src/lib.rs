@@ -30,11 +30,7 @@ enum SourceArg {
 impl SourceArg {
     /// `file_name` names tensors in memory: in messages, and as the target file's
     /// name in a delta encoded from them.
-    fn extract(
-        arg: &Bound<'_, PyAny>,
-        file_name: &str,
-        metadata: Option<BTreeMap<String, String>>,
-    ) -> PyResult<Self> {
+    fn extract(arg: &Bound<'_, PyAny>, file_name: &str, metadata: Option<BTreeMap<String, String>>) -> PyResult<Self> {
         let Ok(list) = arg.cast::<PyList>() else {
             return Ok(Self::Path(arg.extract()?));
         };
@@ -84,7 +80,14 @@ fn encode(
     run_interruptible(py, threads, |interrupt| {
         let base = base.map(SourceArg::open).transpose()?;
         let target = target.open()?;
-        let summary = pipeline::encode::encode_sources(base.as_deref().map(|b| b as _), &*target, &out, options, force, interrupt)?;
+        let summary = pipeline::encode::encode_sources(
+            base.as_deref().map(|b| b as _),
+            &*target,
+            &out,
+            options,
+            force,
+            interrupt,
+        )?;
         Ok((summary.target_bytes, summary.delta_bytes, summary.delta_tensors, summary.standalone_tensors))
     })
 }

@@ -276,9 +276,18 @@ mod tests {
         ];
         let map = TensorMap::new("model.safetensors", tensors, None).unwrap();
         let mut expected = std::collections::HashMap::new();
-        expected.insert("b".to_owned(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![2], &[1, 2, 3, 4]).unwrap());
-        expected.insert("a".to_owned(), safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![3], &[5, 6, 7]).unwrap());
-        expected.insert("c".to_owned(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &[8, 9, 10, 11]).unwrap());
+        expected.insert(
+            "b".to_owned(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![2], &[1, 2, 3, 4]).unwrap(),
+        );
+        expected.insert(
+            "a".to_owned(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![3], &[5, 6, 7]).unwrap(),
+        );
+        expected.insert(
+            "c".to_owned(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &[8, 9, 10, 11]).unwrap(),
+        );
         let file = safetensors::serialize(expected, None).unwrap();
         let mut ours = (map.header_text.len() as u64).to_le_bytes().to_vec();
         ours.extend_from_slice(map.header_text.as_bytes());
