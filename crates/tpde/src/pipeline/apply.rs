@@ -322,7 +322,8 @@ pub struct ApplyOptions {
 /// # Errors
 /// `E_OUTPUT_EXISTS` without `force` (also when something appears at `out` during
 /// the run), `E_INVALID_ARGUMENT` when `out` is, holds or lies inside an input, base
-/// errors before anything is written, and any decoding error.
+/// errors before anything is written, any decoding error, and `E_INTERRUPTED` when
+/// `progress` asks to stop.
 pub fn apply(
     delta: &DeltaFile,
     base: Option<&Checkpoint>,
