@@ -7,6 +7,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
+from numpy.typing import NDArray
 
 from . import _dtypes
 from ._errors import tpde_error
@@ -30,7 +31,7 @@ class _Converter:
             self._torch = torch
             self._torch_dtypes = _dtypes.torch_dtypes(torch)
 
-    def convert(self, raw: np.ndarray, dtype: str, shape: Sequence[int], name: str) -> Any:
+    def convert(self, raw: NDArray[np.uint8], dtype: str, shape: Sequence[int], name: str) -> Any:
         """``raw`` (uint8, the tensor's bytes) as an array of ``dtype`` and ``shape``;
         sub-byte dtypes stay packed bytes."""
         if self.framework == "np":
@@ -73,6 +74,7 @@ class TensorSlice:
         if self._row_bytes is None or not isinstance(leading, (int, np.integer, slice)):
             return self._handle.get_tensor(self._name)[key]
         rows = self._shape[0]
+        rest: Union[slice, int]
         if isinstance(leading, slice):
             picked = range(*leading.indices(rows))
             if len(picked) == 0:

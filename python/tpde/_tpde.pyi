@@ -1,11 +1,11 @@
 """The extension module; ``tpde`` and ``tpde.torch`` are its public face."""
 
 import os
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: Tensors in memory: ``(name, dtype, shape, C-contiguous uint8 array)`` each.
-TensorList = List[Tuple[str, str, Sequence[int], Any]]
+TensorList = List[Tuple[str, str, List[int], Any]]
 
 DEFAULT_CHUNK_WORDS: int
 
@@ -32,7 +32,9 @@ def encode(
 def apply(
     base: Optional[PathLike], delta: PathLike, out: PathLike, *, force: bool, sync: bool, threads: Optional[int]
 ) -> Tuple[int, int]: ...
-def verify(base: Optional[PathLike], delta: PathLike, *, target: Optional[PathLike], threads: Optional[int]) -> None: ...
+def verify(
+    base: Optional[PathLike], delta: PathLike, *, target: Optional[PathLike], threads: Optional[int]
+) -> None: ...
 def inspect_json(delta: PathLike, *, threads: Optional[int]) -> str: ...
 
 class DeltaReader:

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Un
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from . import _dtypes, _tpde
 from ._errors import tpde_error
@@ -32,7 +33,7 @@ def _safetensors_dtype(name: str, tensor: torch.Tensor) -> str:
     raise tpde_error("E_UNKNOWN_DTYPE", f"safetensors has no dtype for {tensor.dtype}", tensor=name)
 
 
-def _tensor_list(state_dict: Mapping[str, torch.Tensor]) -> List[Tuple[str, str, List[int], np.ndarray]]:
+def _tensor_list(state_dict: Mapping[str, torch.Tensor]) -> List[Tuple[str, str, List[int], NDArray[np.uint8]]]:
     """``(name, dtype, shape, bytes)`` per tensor, the bytes sharing the tensor's
     memory where it is a contiguous CPU tensor."""
     tensors = []
@@ -45,7 +46,9 @@ def _tensor_list(state_dict: Mapping[str, torch.Tensor]) -> List[Tuple[str, str,
     return tensors
 
 
-def load(base: Optional[PathLike], delta: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
+def load(
+    base: Optional[PathLike], delta: PathLike, device: Union[str, torch.device] = "cpu"
+) -> Dict[str, torch.Tensor]:
     """Rebuilds the target of ``delta`` from ``base`` (a ``.safetensors`` file or a
     sharded checkpoint directory; None for a standalone file) as a state dict of
     tensors of their real dtypes, moved to ``device``. Every tensor is checked

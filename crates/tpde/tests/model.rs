@@ -10,7 +10,9 @@ use tpde::{Checkpoint, DeltaFile, ErrorCode, MemoryTensor, TensorMap, TensorSour
 
 /// A row-major BF16 matrix whose bytes follow from `seed`.
 fn matrix(name: &str, rows: u64, cols: u64, seed: u8) -> MemoryTensor {
-    let bytes: Vec<u8> = (0..rows * cols * 2).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    let bytes: Vec<u8> = (0..rows * cols * 2)
+        .map(|i| u8::try_from(i % 256).expect("a byte").wrapping_mul(31).wrapping_add(seed))
+        .collect();
     MemoryTensor { name: name.into(), dtype: "BF16".into(), shape: vec![rows, cols], bytes: Box::new(bytes) }
 }
 
