@@ -54,7 +54,7 @@ impl SourceArg {
 
 /// Encodes `target` (against `base`, when not None) into the delta file `out`.
 #[pyfunction]
-#[pyo3(signature = (base, target, out, *, level, chunk_words, format_version, force, threads, metadata))]
+#[pyo3(signature = (base, target, out, *, level, min_gain, chunk_words, format_version, force, threads, metadata))]
 #[allow(clippy::too_many_arguments)] // mirrors the keyword arguments of `tpde.encode`
 fn encode(
     py: Python<'_>,
@@ -62,6 +62,7 @@ fn encode(
     target: Bound<'_, PyAny>,
     out: PathBuf,
     level: i32,
+    min_gain: f64,
     chunk_words: u64,
     format_version: &str,
     force: bool,
@@ -75,7 +76,7 @@ fn encode(
     };
     let base = base.map(|b| SourceArg::extract(&b, "<base tensors>", None)).transpose()?;
     let target = SourceArg::extract(&target, "model.safetensors", metadata)?;
-    let settings = EncodeSettings { level, rans, ..EncodeSettings::default() };
+    let settings = EncodeSettings { level, min_zstd_gain: min_gain, rans };
     let options = EncodeOptions { settings, chunk_words };
     run_interruptible(py, threads, |interrupt| {
         let base = base.map(SourceArg::open).transpose()?;

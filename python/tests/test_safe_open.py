@@ -114,6 +114,20 @@ def test_sharded_bases_and_targets_and_metadata(tmp_path):
             assert f.get_tensor(name).tobytes() == data
 
 
+def test_sub_byte_tensors_come_back_as_packed_rows(tmp_path):
+    rows = bytes(range(16))
+    write_safetensors(tmp_path / "m.safetensors", {"f4": ("F4", [4, 8], rows), "f6": ("F6_E2M3", [4, 3], bytes(9))})
+    tpde.encode(None, tmp_path / "m.safetensors", tmp_path / "d.tpde")
+    with tpde.safe_open(tmp_path / "d.tpde") as f:
+        f4 = f.get_tensor("f4")
+        assert (f4.dtype, f4.shape, f4.tobytes()) == (np.uint8, (4, 4), rows)
+        assert f.get_slice("f4")[1:3].tobytes() == rows[4:12]
+        # Rows of three 6-bit elements do not fill whole bytes: flat.
+        assert f.get_tensor("f6").shape == (9,)
+    with tpde.safe_open(tmp_path / "d.tpde", framework="pt") as f:
+        assert f.get_tensor("f4").shape == (4, 4)
+
+
 def test_unknown_names_and_frameworks_are_refused(delta):
     base, path, _ = delta
     with tpde.safe_open(path, base) as f:

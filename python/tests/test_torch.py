@@ -101,6 +101,18 @@ def test_tensors_that_are_not_contiguous_are_read_as_their_values(tmp_path):
     assert torch.equal(state["proj.weight"], target["proj.weight"])
 
 
+def test_parameters_that_require_grad_are_overwritten_in_place(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    base = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    target = {name: (tensor * 2).contiguous() for name, tensor in base.items()}
+    tpde.torch.save_delta(base, target, tmp_path / "d.tpde")
+    parameters = dict(model.named_parameters())
+    tpde.torch.apply_(parameters, tmp_path / "d.tpde")
+    assert parameters["weight"] is model.weight and model.weight.requires_grad
+    assert torch.equal(model.weight, target["weight"]) and torch.equal(model.bias, target["bias"])
+
+
 def test_bad_state_dicts_are_refused_by_code(tmp_path):
     with pytest.raises(tpde.TpdeError) as error:
         tpde.torch.save_delta(None, {"w": [1, 2]}, tmp_path / "d.tpde")

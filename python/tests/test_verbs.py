@@ -33,6 +33,15 @@ def test_the_bytes_do_not_depend_on_threads_or_path_types(pair, tmp_path):
     assert (tmp_path / "one.tpde").read_bytes() == (tmp_path / "four.tpde").read_bytes()
 
 
+def test_encode_settings_mean_what_the_command_options_mean(pair, cli, tmp_path):
+    base, target, _ = pair
+    tpde.encode(base, target, tmp_path / "py.tpde", level=5, min_gain=0.5, chunk_words=1000, format_version="1.0")
+    run_cli(cli, "encode", base, target, "-o", tmp_path / "cli.tpde", "--level", 5, "--min-gain", 0.5,
+            "--chunk-words", 1000, "--format-version", "1.0")
+    assert (tmp_path / "py.tpde").read_bytes() == (tmp_path / "cli.tpde").read_bytes()
+    assert tpde.inspect(tmp_path / "py.tpde")["format_version"] == "1.0"
+
+
 def test_a_standalone_file_needs_no_base(pair, cli, tmp_path):
     _, target, _ = pair
     summary = tpde.encode(None, target, tmp_path / "alone.tpde")

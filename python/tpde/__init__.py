@@ -53,6 +53,7 @@ def encode(
     level: int = 1,
     threads: Optional[int] = None,
     force: bool = False,
+    min_gain: float = 0.0,
     chunk_words: int = DEFAULT_CHUNK_WORDS,
     format_version: str = "1.1",
 ) -> Dict[str, int]:
@@ -60,7 +61,9 @@ def encode(
     ``tpde encode [BASE] TARGET -o OUT`` does; ``base=None`` makes a standalone file.
 
     ``level`` (1 to 22) trades time for size; ``threads`` (default: one per core)
-    does not change the bytes written. ``out`` appears only once complete, and an
+    does not change the bytes written. ``min_gain`` (0 to 1) stores a stream
+    compressed only when that saves at least this fraction of it; ``chunk_words``
+    sets the unit of parallelism and random access. ``out`` appears only once complete, and an
     existing ``out`` is replaced only with ``force=True`` (else ``E_OUTPUT_EXISTS``).
     ``format_version="1.0"`` writes zstd streams only, for older readers.
 
@@ -71,6 +74,7 @@ def encode(
         os.fspath(target),
         os.fspath(out),
         level=level,
+        min_gain=min_gain,
         chunk_words=chunk_words,
         format_version=format_version,
         force=force,

@@ -2,12 +2,13 @@
 
 NumPy has no bfloat16 or float8: those come back as their raw bits (uint16, uint8),
 and the real dtype is named by ``get_dtype()``. Sub-byte dtypes (F4, F6) come back
-as their packed bytes, a flat uint8 array, in both frameworks.
+as their packed bytes (uint8) in both frameworks.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import math
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
@@ -34,6 +35,20 @@ NUMPY: Dict[str, Any] = {
 
 #: Dtypes whose elements are not whole bytes: returned as packed bytes.
 PACKED = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
+
+
+
+def packed_shape(shape: Sequence[int], nbytes: int) -> List[int]:
+    """The shape of a sub-byte tensor's packed bytes: its own, with the last
+    dimension counted in bytes, where each row of that dimension fills whole bytes
+    (F4 ``[4, 8]`` is ``[4, 4]``); else flat."""
+    if not shape:
+        return [nbytes]
+    rows = math.prod(shape[:-1])
+    if rows > 0 and nbytes % rows == 0:
+        return [*shape[:-1], nbytes // rows]
+    return [nbytes]
+
 
 #: torch dtype attribute names per safetensors dtype (newer kinds may be absent).
 _TORCH_NAMES = {

@@ -33,14 +33,13 @@ class _Converter:
 
     def convert(self, raw: NDArray[np.uint8], dtype: str, shape: Sequence[int], name: str) -> Any:
         """``raw`` (uint8, the tensor's bytes) as an array of ``dtype`` and ``shape``;
-        sub-byte dtypes stay packed bytes."""
+        sub-byte dtypes stay packed bytes (see ``_dtypes.packed_shape``)."""
+        if dtype in _dtypes.PACKED:
+            packed = raw.reshape(_dtypes.packed_shape(shape, raw.size))
+            return packed if self.framework == "np" else self._torch.from_numpy(packed)
         if self.framework == "np":
-            if dtype in _dtypes.PACKED:
-                return raw
             return raw.view(_dtypes.NUMPY[dtype]).reshape(tuple(shape))
         tensor = self._torch.from_numpy(raw)
-        if dtype in _dtypes.PACKED:
-            return tensor
         if dtype not in self._torch_dtypes:
             raise tpde_error(
                 "E_UNKNOWN_DTYPE",
@@ -106,7 +105,8 @@ class safe_open:
     ``framework="np"`` returns NumPy arrays: BF16 and the F8 kinds as their raw bits
     (uint16, uint8), with the real dtype named by ``get_dtype(name)``.
     ``framework="pt"`` returns torch tensors of the real dtype (torch.bfloat16,
-    torch.float8_e4m3fn, ...). F4 and F6 come back as packed bytes (flat uint8).
+    torch.float8_e4m3fn, ...). F4 and F6 come back as packed bytes (uint8), the last
+    dimension counted in bytes where its elements fill whole bytes, else flat.
 
     Example::
 

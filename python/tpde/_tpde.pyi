@@ -23,6 +23,7 @@ def encode(
     out: PathLike,
     *,
     level: int,
+    min_gain: float,
     chunk_words: int,
     format_version: str,
     force: bool,

@@ -41,7 +41,8 @@ def _tensor_list(state_dict: Mapping[str, torch.Tensor]) -> List[Tuple[str, str,
         if not isinstance(tensor, torch.Tensor):
             raise tpde_error("E_INVALID_ARGUMENT", f"expected a torch.Tensor, got {type(tensor).__name__}", tensor=name)
         dtype = _safetensors_dtype(name, tensor)
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        # No copy for a contiguous CPU tensor; conjugate and negative views resolved.
+        flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
         tensors.append((name, dtype, list(tensor.shape), flat.view(torch.uint8).numpy()))
     return tensors
 
@@ -73,12 +74,14 @@ def apply_(state_dict: MutableMapping[str, torch.Tensor], delta: PathLike) -> No
         rebuilt = {name: f.get_tensor(name) for name in f.offset_keys()}
     for name in [name for name in state_dict if name not in rebuilt]:
         del state_dict[name]
-    for name, tensor in rebuilt.items():
-        current = state_dict.get(name)
-        if current is not None and current.dtype == tensor.dtype and current.shape == tensor.shape:
-            current.copy_(tensor)
-        else:
-            state_dict[name] = tensor if current is None else tensor.to(current.device)
+    # Parameters that require grad may be overwritten too: this is not a step to differentiate.
+    with torch.no_grad():
+        for name, tensor in rebuilt.items():
+            current = state_dict.get(name)
+            if current is not None and current.dtype == tensor.dtype and current.shape == tensor.shape:
+                current.copy_(tensor)
+            else:
+                state_dict[name] = tensor if current is None else tensor.to(current.device)
 
 
 def save_delta(
@@ -108,6 +111,7 @@ def save_delta(
         _tensor_list(state_dict),
         os.fspath(path),
         level=level,
+        min_gain=0.0,
         chunk_words=_tpde.DEFAULT_CHUNK_WORDS,
         format_version="1.1",
         force=force,

@@ -159,6 +159,13 @@ impl TensorMap {
         let invalid = |name: &str, message: String| {
             Error::new(ErrorCode::InvalidArgument, message).in_file(&origin).in_tensor(name)
         };
+        // Before safetensors sees them: its layout assumes names are unique.
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for tensor in &tensors {
+            if by_name.insert(tensor.name.clone(), 0).is_some() {
+                return Err(invalid(&tensor.name, "two tensors have this name".into()));
+            }
+        }
         let mut infos = Vec::with_capacity(tensors.len());
         for tensor in &tensors {
             let expected = dtype::byte_len(&tensor.dtype, &tensor.shape)
@@ -201,11 +208,8 @@ impl TensorMap {
 
         let mut slots: Vec<Option<MemoryTensor>> = tensors.drain(..).map(Some).collect();
         let tensors: Vec<MemoryTensor> = order.iter().map(|&i| slots[i].take().expect("each index once")).collect();
-        let mut by_name = HashMap::with_capacity(tensors.len());
         for (i, tensor) in tensors.iter().enumerate() {
-            if by_name.insert(tensor.name.clone(), i).is_some() {
-                return Err(invalid(&tensor.name, "two tensors have this name".into()));
-            }
+            by_name.insert(tensor.name.clone(), i);
         }
         Ok(Self { origin, header_text, tensors, by_name })
     }
