@@ -199,10 +199,18 @@ impl TensorMap {
             entries.push((tensor.name.clone(), info));
             offset += len;
         }
-        let metadata = safetensors::tensor::Metadata::new(metadata.map(|m| m.into_iter().collect()), entries)
+        let json_error = |e: serde_json::Error| Error::new(ErrorCode::InvalidArgument, e.to_string()).in_file(&origin);
+        let layout = safetensors::tensor::Metadata::new(None, entries)
             .map_err(|e| Error::new(ErrorCode::InvalidArgument, e.to_string()).in_file(&origin))?;
-        let mut header_text = serde_json::to_string(&metadata)
-            .map_err(|e| Error::new(ErrorCode::InvalidArgument, e.to_string()).in_file(&origin))?;
+        let mut header_text = serde_json::to_string(&layout).map_err(json_error)?;
+        // `__metadata__` first, as safetensors writes it, but with its keys in order:
+        // safetensors keeps them in a HashMap, whose order changes from run to run,
+        // and the same tensors must give the same delta (reproducible bytes).
+        if let Some(metadata) = metadata {
+            let entry = format!("\"__metadata__\":{}", serde_json::to_string(&metadata).map_err(json_error)?);
+            let separator = if header_text == "{}" { "" } else { "," };
+            header_text.replace_range(..1, &format!("{{{entry}{separator}"));
+        }
         // Padded with spaces to a multiple of 8 bytes, as safetensors pads it.
         header_text.extend(std::iter::repeat_n(' ', header_text.len().next_multiple_of(8) - header_text.len()));
 
@@ -301,6 +309,19 @@ mod tests {
         assert_eq!(ours, file);
         assert_eq!(map.total_bytes(), file.len() as u64);
         assert_eq!(map.tensor("a").unwrap().bytes, &[5, 6, 7]);
+    }
+
+    #[test]
+    fn metadata_comes_first_with_its_keys_in_order() {
+        let metadata: BTreeMap<String, String> =
+            [("z", "1"), ("a", "2"), ("m", "3")].into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+        let map = TensorMap::new("m", vec![tensor("w", "U8", &[1], vec![0])], Some(metadata.clone())).unwrap();
+        assert_eq!(
+            map.header_text.trim_end(),
+            r#"{"__metadata__":{"a":"2","m":"3","z":"1"},"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#
+        );
+        let empty = TensorMap::new("m", Vec::new(), Some(metadata)).unwrap();
+        assert_eq!(empty.header_text.trim_end(), r#"{"__metadata__":{"a":"2","m":"3","z":"1"}}"#);
     }
 
     #[test]
