@@ -15,6 +15,8 @@ venv=target/python-venv
 wheels=target/python-wheels
 wheelhouse=target/pip-wheelhouse
 rm -rf "$venv" "$wheels"
+# The environment holds torch, 5 GiB installed: made afresh each run, so not kept.
+trap 'rm -rf "$venv"' EXIT
 python3 -m venv "$venv"
 # `pip download` skips the files already in the wheelhouse.
 "$venv/bin/pip" download --quiet --dest "$wheelhouse" -r python/requirements-test.txt

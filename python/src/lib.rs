@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 use tpde::delta::EncodeSettings;
-use tpde::model::OwnedBase;
+use tpde::model::OwnedSource;
 use tpde::pipeline::{self, encode::EncodeOptions};
 use tpde::{Checkpoint, DeltaFile, DeltaModel, MemoryTensor, TensorMap};
 
@@ -44,7 +44,7 @@ impl SourceArg {
         TensorMap::new(file_name, tensors, metadata).map(Self::Memory).map_err(|e| to_py(&e))
     }
 
-    fn open(self) -> tpde::Result<OwnedBase> {
+    fn open(self) -> tpde::Result<OwnedSource> {
         Ok(match self {
             Self::Path(path) => Box::new(Checkpoint::open(&path)?),
             Self::Memory(map) => Box::new(map),

@@ -15,13 +15,13 @@ use crate::pipeline::Progress;
 use crate::reader::DeltaFile;
 use crate::source::TensorSource;
 
-/// A base that the model owns: a checkpoint on disk or tensors in memory.
-pub type OwnedBase = Box<dyn TensorSource + Send>;
+/// A tensor source held by value: a checkpoint on disk or tensors in memory.
+pub type OwnedSource = Box<dyn TensorSource + Send>;
 
 /// An open delta and its base, read tensor by tensor.
 pub struct DeltaModel {
     delta: DeltaFile,
-    base: Option<OwnedBase>,
+    base: Option<OwnedSource>,
     by_name: HashMap<String, usize>,
     /// Per tensor, in header order: set once its base tensor's digest matched.
     base_checked: Vec<OnceLock<()>>,
@@ -43,7 +43,7 @@ impl DeltaModel {
     /// # Errors
     /// `E_BASE_REQUIRED`, `E_BASE_MISSING_TENSOR` or `E_BASE_MISMATCH`, naming the
     /// file and the tensor.
-    pub fn new(delta: DeltaFile, base: Option<OwnedBase>) -> Result<Self> {
+    pub fn new(delta: DeltaFile, base: Option<OwnedSource>) -> Result<Self> {
         let header = delta.header();
         if header.needs_base() && base.is_none() {
             return Err(Error::new(ErrorCode::BaseRequired, "this delta needs a base checkpoint").in_file(delta.path()));

@@ -2,7 +2,7 @@
 //! ([`Checkpoint`]), or tensors held in memory ([`TensorMap`]), such as a model's
 //! state dict handed over from Python.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{Checkpoint, CheckpointFile, TensorLocation};
@@ -160,11 +160,9 @@ impl TensorMap {
             Error::new(ErrorCode::InvalidArgument, message).in_file(&origin).in_tensor(name)
         };
         // Before safetensors sees them: its layout assumes names are unique.
-        let mut by_name = HashMap::with_capacity(tensors.len());
-        for tensor in &tensors {
-            if by_name.insert(tensor.name.clone(), 0).is_some() {
-                return Err(invalid(&tensor.name, "two tensors have this name".into()));
-            }
+        let mut seen = HashSet::with_capacity(tensors.len());
+        if let Some(twice) = tensors.iter().find(|t| !seen.insert(t.name.as_str())) {
+            return Err(invalid(&twice.name, "two tensors have this name".into()));
         }
         let mut infos = Vec::with_capacity(tensors.len());
         for tensor in &tensors {
@@ -216,9 +214,7 @@ impl TensorMap {
 
         let mut slots: Vec<Option<MemoryTensor>> = tensors.drain(..).map(Some).collect();
         let tensors: Vec<MemoryTensor> = order.iter().map(|&i| slots[i].take().expect("each index once")).collect();
-        for (i, tensor) in tensors.iter().enumerate() {
-            by_name.insert(tensor.name.clone(), i);
-        }
+        let by_name = tensors.iter().enumerate().map(|(i, tensor)| (tensor.name.clone(), i)).collect();
         Ok(Self { origin, header_text, tensors, by_name })
     }
 

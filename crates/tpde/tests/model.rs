@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tpde::model::{DeltaModel, OwnedBase};
+use tpde::model::{DeltaModel, OwnedSource};
 use tpde::pipeline::{self, encode::EncodeOptions, NoProgress, Progress};
 use tpde::{Checkpoint, DeltaFile, ErrorCode, MemoryTensor, TensorMap, TensorSource};
 
@@ -41,7 +41,7 @@ fn base_and_target() -> (TensorMap, TensorMap) {
     (base, target)
 }
 
-fn open(path: &Path, base: Option<OwnedBase>) -> tpde::Result<DeltaModel> {
+fn open(path: &Path, base: Option<OwnedSource>) -> tpde::Result<DeltaModel> {
     DeltaModel::new(DeltaFile::open(path)?, base)
 }
 
