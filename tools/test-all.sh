@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test: the Rust workspace (GPU tests report themselves as ignored where no GPU
-# is present), the full-disk test where we may mount a tmpfs, and the conformance
-# suite through the second, independent reader in Python.
+# is present), the full-disk test where we may mount a tmpfs, the conformance suite
+# through the second, independent reader in Python, and the Python package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,3 +27,5 @@ fi
 python3 -m pip install --quiet --disable-pip-version-check -r conformance/python/requirements.txt
 python3 -m unittest discover -s conformance/python -p 'test_*.py'
 bash conformance/run-suite.sh python3 conformance/python/tpde_reader.py
+
+bash tools/test-python.sh

@@ -94,6 +94,8 @@ pub enum ErrorCode {
     InvalidArgument,
     /// Memory for decoding could not be allocated (spec §9.1).
     OutOfMemory,
+    /// The caller stopped the work (Ctrl-C in a binding); nothing was left behind.
+    Interrupted,
     /// A series manifest breaks `spec/SERIES.md`.
     SeriesInvalid,
     /// A step that a series does not hold, or one it cannot take.
@@ -149,6 +151,7 @@ impl ErrorCode {
             Self::TargetMismatch => "E_TARGET_MISMATCH",
             Self::InvalidArgument => "E_INVALID_ARGUMENT",
             Self::OutOfMemory => "E_OUT_OF_MEMORY",
+            Self::Interrupted => "E_INTERRUPTED",
             Self::SeriesInvalid => "E_SERIES_INVALID",
             Self::SeriesStep => "E_SERIES_STEP",
             Self::SeriesDigest => "E_SERIES_DIGEST",
@@ -198,6 +201,7 @@ impl ErrorCode {
         Self::TargetMismatch,
         Self::InvalidArgument,
         Self::OutOfMemory,
+        Self::Interrupted,
         Self::SeriesInvalid,
         Self::SeriesStep,
         Self::SeriesDigest,

@@ -29,12 +29,16 @@ pub mod digest;
 pub mod dtype;
 pub mod error;
 pub mod limits;
+pub mod model;
 pub mod output;
 pub mod pipeline;
 pub mod reader;
 pub mod series;
+pub mod source;
 pub mod writer;
 
 pub use checkpoint::Checkpoint;
 pub use error::{Error, ErrorCode, Result};
+pub use model::DeltaModel;
 pub use reader::DeltaFile;
+pub use source::{MemoryTensor, TensorMap, TensorSource};

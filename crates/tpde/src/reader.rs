@@ -463,32 +463,72 @@ impl DeltaFile {
     /// As [`DeltaFile::decode_chunk`], `E_BASE_REQUIRED` when a base is needed, and
     /// `E_OUT_OF_MEMORY` when the tensor cannot be allocated.
     pub fn decode_tensor(&self, tensor: &TensorEntry, base: Option<&[u8]>) -> Result<Vec<u8>> {
-        if tensor.needs_base() && base.is_none() {
-            return Err(Error::new(ErrorCode::BaseRequired, "the tensor is a delta and no base was given")
-                .in_tensor(&tensor.name));
-        }
+        require_base(tensor, base)?;
         let len = usize::try_from(tensor.byte_len()?)
             .map_err(|_| Error::new(ErrorCode::OutOfMemory, "the tensor does not fit this machine's memory"))?;
         let mut out = try_zeroed(len).map_err(|e| e.in_file(&self.path).in_tensor(&tensor.name))?;
-        let spans: Vec<ChunkSpan> = self.spans(tensor)?.collect();
+        let chunks = usize::try_from(tensor.chunk_count).expect("bounded by MAX_CHUNKS");
+        self.decode_chunks_into(tensor, base, 0..chunks, &mut out, &crate::pipeline::NoProgress)?;
+        Ok(out)
+    }
+
+    /// Rebuilds chunks `chunks` of a tensor (counted within the tensor) into `out`,
+    /// which holds exactly their bytes, decoding them in parallel in batches whose
+    /// scratch memory stays within [`crate::limits::DECODE_IN_FLIGHT_BYTES`].
+    /// `progress` advances by each batch's bytes and may stop the work between them.
+    ///
+    /// # Errors
+    /// As [`DeltaFile::decode_chunk`], `E_BASE_REQUIRED` when a base is needed,
+    /// `E_INVALID_ARGUMENT` when `chunks` lies outside the tensor or `out` does not
+    /// fit them, and `E_INTERRUPTED`.
+    pub fn decode_chunks_into(
+        &self,
+        tensor: &TensorEntry,
+        base: Option<&[u8]>,
+        chunks: std::ops::Range<usize>,
+        out: &mut [u8],
+        progress: &dyn crate::pipeline::Progress,
+    ) -> Result<()> {
+        require_base(tensor, base)?;
+        let spans: Vec<ChunkSpan> = self.spans(tensor)?.skip(chunks.start).take(chunks.len()).collect();
+        let word_bytes = tensor.word_bytes()?;
+        let needed: u64 = spans.iter().map(|s| s.words * word_bytes as u64).sum();
+        if spans.len() != chunks.len() || needed != out.len() as u64 {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!("chunks {chunks:?} and {} output bytes do not fit the tensor", out.len()),
+            )
+            .in_tensor(&tensor.name));
+        }
         let costs =
             spans.iter().map(|&span| self.decode_cost(tensor, span).map(|c| c.scratch)).collect::<Result<Vec<_>>>()?;
         // One piece per chunk, so that a chunk of no words (an empty tensor) is checked too.
-        let word_bytes = tensor.word_bytes()?;
         let mut pieces: Vec<&mut [u8]> = Vec::with_capacity(spans.len());
-        let mut rest = out.as_mut_slice();
+        let mut rest = out;
         for span in &spans {
             let (piece, tail) = rest.split_at_mut(usize::try_from(span.words).expect("bounded") * word_bytes);
             pieces.push(piece);
             rest = tail;
         }
         for batch in crate::pipeline::batches(&costs, DECODE_IN_FLIGHT_BYTES) {
+            progress.check_interrupted().map_err(|e| e.in_tensor(&tensor.name))?;
+            let bytes: usize = pieces[batch.clone()].iter().map(|p| p.len()).sum();
             spans[batch.clone()].par_iter().zip(pieces[batch].par_iter_mut()).try_for_each(|(&span, piece)| {
                 self.decode_chunk_into(tensor, span, base, piece, &mut DecodeScratch::default())
             })?;
+            progress.advance(bytes as u64);
         }
-        Ok(out)
+        Ok(())
     }
+}
+
+fn require_base(tensor: &TensorEntry, base: Option<&[u8]>) -> Result<()> {
+    if tensor.needs_base() && base.is_none() {
+        return Err(
+            Error::new(ErrorCode::BaseRequired, "the tensor is a delta and no base was given").in_tensor(&tensor.name)
+        );
+    }
+    Ok(())
 }
 
 /// Checks that each embedded safetensors header lists exactly the tensors that the

@@ -99,6 +99,7 @@ fn every_error_code_of_the_format_has_a_case() {
         ErrorCode::TargetMismatch,
         ErrorCode::InvalidArgument,
         ErrorCode::OutOfMemory,
+        ErrorCode::Interrupted,
         // series manifests (spec/SERIES.md), not delta files
         ErrorCode::SeriesInvalid,
         ErrorCode::SeriesStep,

@@ -12,6 +12,17 @@ use conformance_support::{cases, decode, suite_dir};
 use tpde::pipeline::{self, encode::EncodeOptions, NoProgress};
 use tpde::{Checkpoint, DeltaFile, ErrorCode};
 
+/// A caller that stops the work at once.
+struct Stop;
+
+impl pipeline::Progress for Stop {
+    fn phase(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn interrupted(&self) -> bool {
+        true
+    }
+}
+
 /// Codes that no golden case produces, each from an input built here.
 fn errors_outside_the_suite(dir: &Path, scratch: &tempfile::TempDir) -> Vec<tpde::Error> {
     let suite = suite_dir();
@@ -26,6 +37,9 @@ fn errors_outside_the_suite(dir: &Path, scratch: &tempfile::TempDir) -> Vec<tpde
     out.extend(pipeline::apply::verify(&delta, Some(&base), Some(&base), &NoProgress).err());
     let options = EncodeOptions { chunk_words: 0, ..EncodeOptions::default() };
     out.extend(pipeline::encode::encode(None, &base, &scratch.path().join("x.tpde"), options, &NoProgress).err());
+    out.extend(
+        pipeline::encode::encode(None, &base, &scratch.path().join("x.tpde"), EncodeOptions::default(), &Stop).err(),
+    );
     // More memory than any machine has: refused, not aborted.
     out.extend(tpde::limits::try_zeroed(usize::MAX).err());
     out.extend(series_errors(scratch.path(), &mixed("base.safetensors")));

@@ -144,7 +144,7 @@ fn rebuild(
             }
             Ok(())
         });
-        let decoded = decode_files(delta, &bases, &to_writer, budget);
+        let decoded = decode_files(delta, &bases, &to_writer, budget, progress);
         drop(to_writer);
         // A write failure also stops the decoders; report it rather than theirs.
         writer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
@@ -181,6 +181,7 @@ fn decode_files<'a>(
     bases: &[Option<&'a [u8]>],
     to_writer: &SyncSender<SinkMessage<'a>>,
     budget: &MemoryBudget,
+    progress: &dyn Progress,
 ) -> Result<()> {
     let header = delta.header();
     // Idle scratch kept for the next batch, at most DECODE_RETAINED_BYTES of it.
@@ -196,6 +197,7 @@ fn decode_files<'a>(
                 spans.iter().map(|&span| chunk_charge(delta, tensor, span, base_bytes)).collect::<Result<Vec<_>>>()?;
             let totals: Vec<u64> = charges.iter().map(|c| c.0).collect();
             for batch in batches(&totals, DECODE_IN_FLIGHT_BYTES) {
+                progress.check_interrupted()?;
                 let mut scratches: Vec<DecodeScratch> = batch.clone().map(|_| pool.pop().unwrap_or_default()).collect();
                 // Reused scratch may hold more than the chunk needs: count it too.
                 let retained: u64 = scratches.iter().map(DecodeScratch::retained_bytes).sum();
@@ -320,7 +322,8 @@ pub struct ApplyOptions {
 /// # Errors
 /// `E_OUTPUT_EXISTS` without `force` (also when something appears at `out` during
 /// the run), `E_INVALID_ARGUMENT` when `out` is, holds or lies inside an input, base
-/// errors before anything is written, and any decoding error.
+/// errors before anything is written, any decoding error, and `E_INTERRUPTED` when
+/// `progress` asks to stop.
 pub fn apply(
     delta: &DeltaFile,
     base: Option<&Checkpoint>,

@@ -5,7 +5,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::{window, Progress};
-use crate::checkpoint::{Checkpoint, TensorLocation};
+use crate::checkpoint::Checkpoint;
 use crate::container::header::{
     is_plain_file_name, BaseTensor, Header, LayoutKind, TargetFile, TargetLayout, TensorEntry,
 };
@@ -15,6 +15,7 @@ use crate::dtype;
 use crate::error::{Error, ErrorCode, Result};
 use crate::limits::MAX_CHUNK_WORDS;
 use crate::output::{check_not_an_input, check_output, OutputKind};
+use crate::source::{SourceTensor, TensorSource};
 use crate::writer::{check_header, DeltaWriter};
 
 /// Settings of `encode`.
@@ -47,12 +48,12 @@ pub struct EncodeSummary {
 
 /// The base tensor a target tensor is encoded against: same name and dtype, and the
 /// same shape apart from the leading dimension, so that rows line up (spec §8).
-fn counterpart<'a>(base: Option<&'a Checkpoint>, tensor: &TensorLocation) -> Option<(&'a [u8], &'a TensorLocation)> {
-    let (file, location) = base?.tensor(&tensor.name)?;
+fn counterpart<'a>(base: Option<&'a dyn TensorSource>, tensor: &SourceTensor) -> Option<SourceTensor<'a>> {
+    let location = base?.tensor(tensor.name)?;
     let rows_line_up = location.dtype == tensor.dtype
         && location.shape.len() == tensor.shape.len()
         && location.shape.get(1..) == tensor.shape.get(1..);
-    rows_line_up.then(|| (file.tensor_bytes(location), location))
+    rows_line_up.then_some(location)
 }
 
 /// Stands for a digest until it is computed; as long as a real one.
@@ -72,7 +73,7 @@ fn stored_file_name(kind: LayoutKind, name: &str) -> String {
 
 /// A target that breaks a rule of the format is the input's fault, not a header's:
 /// `E_INVALID_CHECKPOINT`, keeping the codes that already name an input problem.
-fn unstorable(error: Error, target: &Checkpoint) -> Error {
+fn unstorable(error: Error, target: &dyn TensorSource) -> Error {
     let code = match error.code() {
         ErrorCode::LimitExceeded | ErrorCode::UnknownDtype => error.code(),
         _ => ErrorCode::InvalidCheckpoint,
@@ -81,7 +82,7 @@ fn unstorable(error: Error, target: &Checkpoint) -> Error {
     if let Some(tensor) = error.tensor() {
         stored = stored.in_tensor(tensor);
     }
-    stored.in_file(&target.root)
+    stored.in_file(target.origin())
 }
 
 /// Encodes `target` (against `base`, when given) into the delta file `out`, which
@@ -115,7 +116,23 @@ pub fn encode_to(
     force: bool,
     progress: &dyn Progress,
 ) -> Result<EncodeSummary> {
-    let inputs: Vec<&Path> = base.iter().chain([&target]).map(|c| c.root.as_path()).collect();
+    encode_sources(base.map(|b| b as &dyn TensorSource), target, out, options, force, progress)
+}
+
+/// Like [`encode_to`], from any [`TensorSource`]: tensors in memory as well as
+/// checkpoints on disk.
+///
+/// # Errors
+/// As [`encode_to`], and `E_INTERRUPTED` when `progress` asks to stop.
+pub fn encode_sources(
+    base: Option<&dyn TensorSource>,
+    target: &dyn TensorSource,
+    out: &Path,
+    options: EncodeOptions,
+    force: bool,
+    progress: &dyn Progress,
+) -> Result<EncodeSummary> {
+    let inputs: Vec<&Path> = base.iter().chain([&target]).filter_map(|c| c.input_path()).collect();
     check_not_an_input(out, &inputs)?;
     check_output(out, force, OutputKind::File)?;
     let settings = options.settings;
@@ -132,21 +149,22 @@ pub fn encode_to(
     // Every entry with its chunk count, and placeholder digests of the final length,
     // so that the reader's checks run on a header of the final size before a byte
     // of the delta is written (spec §12 item 3).
+    let files = target.files();
     let mut tensors = Vec::new();
     let mut next_chunk = 0u64;
-    for (file_index, file) in target.files.iter().enumerate() {
+    for (file_index, file) in files.iter().enumerate() {
         for location in &file.tensors {
             let mut entry = TensorEntry {
-                name: location.name.clone(),
-                dtype: location.dtype.clone(),
-                shape: location.shape.clone(),
+                name: location.name.to_owned(),
+                dtype: location.dtype.to_owned(),
+                shape: location.shape.to_vec(),
                 file: u32::try_from(file_index).unwrap_or(u32::MAX),
                 chunk_words: options.chunk_words,
                 first_chunk: next_chunk,
                 chunk_count: 0,
                 digest: PLACEHOLDER_DIGEST.to_owned(),
-                base: counterpart(base, location).map(|(_, base_location)| BaseTensor {
-                    shape: base_location.shape.clone(),
+                base: counterpart(base, location).map(|base_location| BaseTensor {
+                    shape: base_location.shape.to_vec(),
                     digest: PLACEHOLDER_DIGEST.to_owned(),
                 }),
             };
@@ -159,16 +177,15 @@ pub fn encode_to(
     let mut header = Header {
         writer: format!("tpde {}", env!("CARGO_PKG_VERSION")),
         target: TargetLayout {
-            kind: target.kind,
-            files: target
-                .files
+            kind: target.kind(),
+            files: files
                 .iter()
                 .map(|f| TargetFile {
-                    name: stored_file_name(target.kind, &f.name),
-                    safetensors_header: f.header_text.clone(),
+                    name: stored_file_name(target.kind(), f.name),
+                    safetensors_header: f.header_text.to_owned(),
                 })
                 .collect(),
-            index_json: target.index_json.clone(),
+            index_json: target.index_json().map(str::to_owned),
         },
         tensors,
         extensions: std::collections::BTreeMap::new(),
@@ -179,22 +196,23 @@ pub fn encode_to(
     let mut writer = DeltaWriter::create_with(out, force)?;
     let mut summary =
         EncodeSummary { target_bytes: target.total_bytes(), delta_bytes: 0, delta_tensors: 0, standalone_tensors: 0 };
-    let locations = target.files.iter().flat_map(|file| file.tensors.iter().map(move |location| (file, location)));
-    for (entry, (file, location)) in header.tensors.iter_mut().zip(locations) {
-        let bytes = file.tensor_bytes(location);
+    let locations = files.iter().flat_map(|file| file.tensors.iter());
+    for (entry, location) in header.tensors.iter_mut().zip(locations) {
+        let bytes = location.bytes;
         let word_bytes =
-            dtype::word_bytes(&location.dtype).map_err(|e| e.in_file(&file.path).in_tensor(&location.name))?;
+            dtype::word_bytes(location.dtype).map_err(|e| e.in_file(location.file).in_tensor(location.name))?;
         let chunk_bytes = usize::try_from(options.chunk_words).expect("bounded") * word_bytes;
         let base_match = counterpart(base, location);
-        let leading_sign = dtype::has_leading_sign(&location.dtype);
+        let leading_sign = dtype::has_leading_sign(location.dtype);
         let mut leaves = Vec::new();
         let chunk_starts: Vec<usize> = (0..bytes.len()).step_by(chunk_bytes).collect();
         for batch in chunk_starts.chunks(window()) {
+            progress.check_interrupted()?;
             let encoded = batch
                 .par_iter()
                 .map(|&start| {
                     let end = (start + chunk_bytes).min(bytes.len());
-                    let base_bytes = base_match.map(|(b, _)| &b[start.min(b.len())..end.min(b.len())]);
+                    let base_bytes = base_match.map(|b| &b.bytes[start.min(b.bytes.len())..end.min(b.bytes.len())]);
                     encode_chunk(&bytes[start..end], base_bytes, word_bytes, leading_sign, options.settings)
                 })
                 .collect::<Result<Vec<EncodedChunk>>>()?;
@@ -207,8 +225,8 @@ pub fn encode_to(
         }
         entry.digest = to_hex(&tree_digest(&leaves));
         match (&mut entry.base, base_match) {
-            (Some(base_ref), Some((base_bytes, _))) => {
-                base_ref.digest = to_hex(&tensor_digest(base_bytes, chunk_bytes)?);
+            (Some(base_ref), Some(base_tensor)) => {
+                base_ref.digest = to_hex(&tensor_digest(base_tensor.bytes, chunk_bytes)?);
                 summary.delta_tensors += 1;
             }
             _ => summary.standalone_tensors += 1,

@@ -13,6 +13,21 @@ pub trait Progress: Sync {
     fn phase(&self, label: &str, total: u64);
     /// `bytes` more bytes are done.
     fn advance(&self, bytes: u64);
+    /// Whether the caller wants the work to stop, asked between batches of chunks:
+    /// a caller that cannot use signals (a Python binding's Ctrl-C) stops it here.
+    fn interrupted(&self) -> bool {
+        false
+    }
+    /// `E_INTERRUPTED` once [`Progress::interrupted`] says so.
+    ///
+    /// # Errors
+    /// `E_INTERRUPTED`.
+    fn check_interrupted(&self) -> crate::Result<()> {
+        if self.interrupted() {
+            return Err(crate::Error::new(crate::ErrorCode::Interrupted, "the caller stopped the work"));
+        }
+        Ok(())
+    }
 }
 
 /// Progress that goes nowhere.

@@ -1,0 +1,191 @@
+//! A delta read as the model it rebuilds: the target's tensors by name, each rebuilt
+//! on demand, whole or by rows, against a base checked as `apply` checks it (spec
+//! §11.2 B1 to B3). Names, dtypes and shapes of the base are checked when the model
+//! is opened; a base tensor's digest when a tensor built on it is first rebuilt.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use crate::container::header::TensorEntry;
+use crate::digest::{tensor_digest, to_hex};
+use crate::error::{Error, ErrorCode, Result};
+use crate::limits::try_zeroed;
+use crate::pipeline::Progress;
+use crate::reader::DeltaFile;
+use crate::source::TensorSource;
+
+/// A tensor source held by value: a checkpoint on disk or tensors in memory.
+pub type OwnedSource = Box<dyn TensorSource + Send>;
+
+/// An open delta and its base, read tensor by tensor.
+pub struct DeltaModel {
+    delta: DeltaFile,
+    base: Option<OwnedSource>,
+    by_name: HashMap<String, usize>,
+    /// Per tensor, in header order: set once its base tensor's digest matched.
+    base_checked: Vec<OnceLock<()>>,
+}
+
+impl std::fmt::Debug for DeltaModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeltaModel")
+            .field("delta", &self.delta)
+            .field("base", &self.base.as_ref().map(|b| b.origin()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeltaModel {
+    /// Pairs `delta` with its base, checking the base's names, dtypes and shapes
+    /// against every tensor built on it.
+    ///
+    /// # Errors
+    /// `E_BASE_REQUIRED`, `E_BASE_MISSING_TENSOR` or `E_BASE_MISMATCH`, naming the
+    /// file and the tensor.
+    pub fn new(delta: DeltaFile, base: Option<OwnedSource>) -> Result<Self> {
+        let header = delta.header();
+        if header.needs_base() && base.is_none() {
+            return Err(Error::new(ErrorCode::BaseRequired, "this delta needs a base checkpoint").in_file(delta.path()));
+        }
+        for tensor in &header.tensors {
+            let (Some(base_ref), Some(base)) = (&tensor.base, &base) else { continue };
+            let Some(found) = base.tensor(&tensor.name) else {
+                return Err(Error::new(ErrorCode::BaseMissingTensor, "the base has no tensor of this name")
+                    .in_file(base.origin())
+                    .in_tensor(&tensor.name));
+            };
+            if found.dtype != tensor.dtype || found.shape != base_ref.shape {
+                return Err(Error::new(
+                    ErrorCode::BaseMismatch,
+                    format!(
+                        "the base tensor is {} {:?} but the delta expects {} {:?}",
+                        found.dtype, found.shape, tensor.dtype, base_ref.shape
+                    ),
+                )
+                .in_file(found.file)
+                .in_tensor(&tensor.name));
+            }
+        }
+        let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let base_checked = header.tensors.iter().map(|_| OnceLock::new()).collect();
+        Ok(Self { delta, base, by_name, base_checked })
+    }
+
+    /// The delta.
+    #[must_use]
+    pub fn delta(&self) -> &DeltaFile {
+        &self.delta
+    }
+
+    /// The target's tensors, in the order of its files.
+    #[must_use]
+    pub fn tensors(&self) -> &[TensorEntry] {
+        &self.delta.header().tensors
+    }
+
+    /// Finds a target tensor by name.
+    ///
+    /// # Errors
+    /// `E_INVALID_ARGUMENT` when the target has no tensor of this name.
+    pub fn tensor(&self, name: &str) -> Result<&TensorEntry> {
+        self.by_name.get(name).map(|&i| &self.tensors()[i]).ok_or_else(|| {
+            Error::new(ErrorCode::InvalidArgument, "the target has no tensor of this name")
+                .in_file(self.delta.path())
+                .in_tensor(name)
+        })
+    }
+
+    /// The bytes of one row (the first dimension), or `None` for a scalar or a row
+    /// that does not fill whole bytes (sub-byte dtypes).
+    ///
+    /// # Errors
+    /// `E_UNKNOWN_DTYPE` (excluded once the delta is open).
+    pub fn row_bytes(tensor: &TensorEntry) -> Result<Option<u64>> {
+        match tensor.shape.split_first() {
+            Some((_, row)) => crate::dtype::byte_len(&tensor.dtype, row),
+            None => Ok(None),
+        }
+    }
+
+    /// The base bytes of `tensor`, after checking their digest the first time.
+    fn base_bytes(&self, tensor: &TensorEntry) -> Result<Option<&[u8]>> {
+        let (Some(base_ref), Some(base)) = (&tensor.base, &self.base) else { return Ok(None) };
+        let found = base.tensor(&tensor.name).expect("checked when the model was opened");
+        let index = self.by_name[&tensor.name];
+        if self.base_checked[index].get().is_none() {
+            let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_bytes()?;
+            if to_hex(&tensor_digest(found.bytes, chunk_bytes)?) != base_ref.digest {
+                return Err(Error::new(
+                    ErrorCode::BaseDigest,
+                    "the base tensor's content differs from the one the delta was made against",
+                )
+                .in_file(found.file)
+                .in_tensor(&tensor.name));
+            }
+            let _ = self.base_checked[index].set(());
+        }
+        Ok(Some(found.bytes))
+    }
+
+    /// Rebuilds a whole tensor into `out`, which holds exactly its bytes. Every chunk
+    /// is checked against its digest.
+    ///
+    /// # Errors
+    /// `E_INVALID_ARGUMENT` when `out` has another length, `E_BASE_DIGEST`, any
+    /// decoding error naming the chunk, and `E_INTERRUPTED` when `progress` says so.
+    pub fn decode_into(&self, tensor: &TensorEntry, out: &mut [u8], progress: &dyn Progress) -> Result<()> {
+        let chunks = usize::try_from(tensor.chunk_count).expect("bounded by MAX_CHUNKS");
+        let base = self.base_bytes(tensor)?;
+        self.delta.decode_chunks_into(tensor, base, 0..chunks, out, progress)
+    }
+
+    /// Rebuilds rows `rows` (of the first dimension) of a tensor into `out`, which
+    /// holds exactly their bytes, decoding only the chunks that overlap them.
+    ///
+    /// # Errors
+    /// As [`DeltaModel::decode_into`], and `E_INVALID_ARGUMENT` for rows outside
+    /// the tensor or a tensor without whole-byte rows ([`DeltaModel::row_bytes`]).
+    pub fn decode_rows_into(
+        &self,
+        tensor: &TensorEntry,
+        rows: Range<u64>,
+        out: &mut [u8],
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let invalid = |message: String| {
+            Error::new(ErrorCode::InvalidArgument, message).in_file(self.delta.path()).in_tensor(&tensor.name)
+        };
+        let row_count = tensor.shape.first().copied().unwrap_or(0);
+        let Some(row_bytes) = Self::row_bytes(tensor)? else {
+            return Err(invalid("the tensor has no rows of whole bytes".into()));
+        };
+        if rows.start > rows.end || rows.end > row_count {
+            return Err(invalid(format!("rows {rows:?} lie outside the tensor's {row_count} rows")));
+        }
+        let (start, end) = (rows.start * row_bytes, rows.end * row_bytes);
+        if end - start != out.len() as u64 {
+            return Err(invalid(format!("rows {rows:?} need {} bytes, not {}", end - start, out.len())));
+        }
+        if start == end {
+            return Ok(());
+        }
+        let chunk_bytes = tensor.chunk_words * tensor.word_bytes()? as u64;
+        let total = tensor.byte_len()?;
+        let first = start / chunk_bytes;
+        let last = end.div_ceil(chunk_bytes);
+        let chunks = usize::try_from(first).expect("bounded")..usize::try_from(last).expect("bounded");
+        let base = self.base_bytes(tensor)?;
+        if start % chunk_bytes == 0 && (end % chunk_bytes == 0 || end == total) {
+            return self.delta.decode_chunks_into(tensor, base, chunks, out, progress);
+        }
+        // The rows start or end inside a chunk: rebuild the chunks whole, keep the rows.
+        let spanned = (last * chunk_bytes).min(total) - first * chunk_bytes;
+        let mut whole = try_zeroed(usize::try_from(spanned).expect("at most the tensor"))
+            .map_err(|e| e.in_file(self.delta.path()).in_tensor(&tensor.name))?;
+        self.delta.decode_chunks_into(tensor, base, chunks, &mut whole, progress)?;
+        let skip = usize::try_from(start - first * chunk_bytes).expect("within a chunk");
+        out.copy_from_slice(&whole[skip..skip + out.len()]);
+        Ok(())
+    }
+}

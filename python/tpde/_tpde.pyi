@@ -1,0 +1,51 @@
+"""The extension module; ``tpde`` and ``tpde.torch`` are its public face."""
+
+import os
+from typing import Any, List, Optional, Tuple, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+#: Tensors in memory: ``(name, dtype, shape, C-contiguous uint8 array)`` each.
+TensorList = List[Tuple[str, str, List[int], Any]]
+
+DEFAULT_CHUNK_WORDS: int
+
+class TpdeError(Exception):
+    """A tpde failure; ``code`` is the stable error code, such as ``"E_BASE_MISMATCH"``."""
+
+    code: str
+    file: Optional[str]
+    tensor: Optional[str]
+    chunk: Optional[int]
+
+def encode(
+    base: Union[PathLike, TensorList, None],
+    target: Union[PathLike, TensorList],
+    out: PathLike,
+    *,
+    level: int,
+    min_gain: float,
+    chunk_words: int,
+    format_version: str,
+    force: bool,
+    threads: Optional[int],
+    metadata: Optional[dict[str, str]],
+) -> Tuple[int, int, int, int]: ...
+def apply(
+    base: Optional[PathLike], delta: PathLike, out: PathLike, *, force: bool, sync: bool, threads: Optional[int]
+) -> Tuple[int, int]: ...
+def verify(
+    base: Optional[PathLike], delta: PathLike, *, target: Optional[PathLike], threads: Optional[int]
+) -> None: ...
+def inspect_json(delta: PathLike, *, threads: Optional[int]) -> str: ...
+
+class DeltaReader:
+    """A delta and its base, read tensor by tensor."""
+
+    def __init__(self, delta: PathLike, base: Union[PathLike, TensorList, None] = None) -> None: ...
+    @property
+    def needs_base(self) -> bool: ...
+    def names(self) -> List[str]: ...
+    def info(self, name: str) -> Tuple[str, List[int], int, Optional[int]]: ...
+    def metadata_json(self) -> Optional[str]: ...
+    def decode_into(self, name: str, out: Any) -> None: ...
+    def decode_rows_into(self, name: str, start: int, stop: int, out: Any) -> None: ...
