@@ -150,8 +150,13 @@ impl<'a> StreamSet<'a> {
 
     /// Adds one stream, weighing lane rANS under `contexts` (and none) and zstd.
     fn push(&mut self, raw: &'a [u8], contexts: Vec<Contexts<'a>>) -> Result<()> {
-        let zstd = compress_stream(raw, self.settings.level)?;
         let plans = if self.settings.rans { rans::plan_each(raw, &contexts) } else { Vec::new() };
+        self.push_planned(raw, contexts, plans)
+    }
+
+    /// Adds one stream with its lane rANS plans made.
+    fn push_planned(&mut self, raw: &'a [u8], contexts: Vec<Contexts<'a>>, plans: Vec<rans::StreamPlan>) -> Result<()> {
+        let zstd = compress_stream(raw, self.settings.level)?;
         self.streams.push(PendingStream::new(raw, contexts, plans, zstd, self.settings));
         Ok(())
     }
@@ -192,8 +197,7 @@ impl<'a> StreamSet<'a> {
                     plans.extend(stream.plans.get(at + 1).cloned());
                 }
             }
-            let zstd = compress_stream(plane, self.settings.level)?;
-            set.streams.push(PendingStream::new(plane, contexts, plans, zstd, self.settings));
+            set.push_planned(plane, contexts, plans)?;
         }
         Ok(set)
     }

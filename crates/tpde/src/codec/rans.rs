@@ -1948,6 +1948,42 @@ mod tests {
         assert_prediction_close(&noise.bytes(300_000), Contexts::None);
     }
 
+    #[test]
+    fn each_plan_codes_as_encode_does() {
+        let mut noise = Noise(12);
+        let base = noise.bytes(2 * 20_000);
+        for zeros in [0u64, 200, 255] {
+            let symbols: Vec<u8> = (0..20_000).map(|_| noise.skewed(zeros)).collect();
+            let above: Vec<u8> = symbols.iter().map(|&s| s >> 5).collect();
+            let keys = Contexts::BaseKeys { base: &base, word_bytes: 2, positions: None };
+            let candidates = [Contexts::HigherPlane(&above), keys];
+            let plans = plan_each(&symbols, &candidates);
+            assert_eq!(plans.len(), 3);
+            for (plan, contexts) in plans.iter().zip([Contexts::None, candidates[0], candidates[1]]) {
+                let encoded = plan.encode(&symbols, contexts);
+                assert_eq!(encoded, encode(&symbols, contexts));
+                assert_eq!(plan.predicted_len(), predicted_len(&symbols, contexts));
+            }
+        }
+    }
+
+    #[test]
+    fn a_plan_codes_a_permutation_that_moves_contexts_with_symbols() {
+        // Regrouping values permutes each plane and the plane above it alike: the
+        // plan of the original order codes the permutation as planning it anew does.
+        let mut noise = Noise(13);
+        let above: Vec<u8> = (0..30_000).map(|_| noise.skewed(180)).collect();
+        let symbols: Vec<u8> = above.iter().map(|&a| noise.skewed(200) ^ a).collect();
+        let mut order: Vec<usize> = (0..symbols.len()).collect();
+        order.sort_by_key(|&i| (above[i] >> 3, i));
+        let permuted: Vec<u8> = order.iter().map(|&i| symbols[i]).collect();
+        let permuted_above: Vec<u8> = order.iter().map(|&i| above[i]).collect();
+        let plans = plan_each(&symbols, &[Contexts::HigherPlane(&above)]);
+        assert_eq!(plans[0].encode(&permuted, Contexts::None), encode(&permuted, Contexts::None));
+        let with_above = Contexts::HigherPlane(&permuted_above);
+        assert_eq!(plans[1].encode(&permuted, with_above), encode(&permuted, with_above));
+    }
+
     // ----- hand-built streams and the errors of §8.7 -----
 
     /// A stream from its parts: the four fixed bytes, the context map (for more than
