@@ -235,6 +235,31 @@ impl CodedStreams {
     }
 }
 
+/// The share of a set's predicted size within which two predictions are too close
+/// to call, plus [`TOO_CLOSE_BYTES`]: lane rANS predictions are within about 0.5%
+/// plus a few bytes per tile.
+const TOO_CLOSE_SHARE: f64 = 0.01;
+const TOO_CLOSE_BYTES: f64 = 256.0;
+
+/// Keeps `first` if it stores `gain` smaller than `second`, else `second`; returns
+/// whether `first` was kept, and the kept set coded. Sets are weighed by their
+/// predicted sizes, and coded both and measured only where the two are too close
+/// to call, so the choice is the one that measuring both would make.
+#[allow(clippy::cast_precision_loss)] // thresholds
+fn smaller_of(first: StreamSet<'_>, second: StreamSet<'_>, gain: f64) -> (bool, CodedStreams) {
+    let bar = (1.0 - gain) * second.len() as f64;
+    let first_len = first.len() as f64;
+    if (first_len - bar).abs() > TOO_CLOSE_SHARE * bar + TOO_CLOSE_BYTES {
+        return if first_len < bar { (true, first.finish()) } else { (false, second.finish()) };
+    }
+    let (first, second) = (first.finish(), second.finish());
+    if (first.data.len() as f64) < (1.0 - gain) * second.data.len() as f64 {
+        (true, first)
+    } else {
+        (false, second)
+    }
+}
+
 /// The fraction by which zstd must beat lane rANS on a stream to be kept: below it,
 /// a stream that a GPU decodes is worth more than the bytes.
 const ZSTD_OVER_RANS_GAIN: f64 = 0.02;
@@ -386,7 +411,7 @@ const GROUPING_GAIN: f64 = 0.02;
 
 /// Value streams against a base, in the order that stores smaller. With lane rANS,
 /// positional, coded against the base keys (spec §8.7), unless grouping is
-/// predicted to pay ([`grouping_pays`]) and then stores smaller. Otherwise grouped
+/// predicted to pay ([`grouping_pays`]) and then stores [`GROUPING_GAIN`] smaller. Otherwise grouped
 /// by base key where [`grouping_pays`] predicts it, positional otherwise; measured
 /// from [`MEASURE_FROM_LEVEL`] on.
 fn ordered_value_streams<W: Word>(
@@ -402,19 +427,17 @@ fn ordered_value_streams<W: Word>(
     if settings.rans {
         let positional = value_streams(&positional_planes, layout, Some(base_keys), settings)?;
         // Where grouping is predicted to pay, it may still beat the base-key
-        // context (F16 fine-tunes); it costs a GPU a regrouping pass, and is
-        // measured against the positional streams only where predicted to pay.
+        // context (F16 fine-tunes); grouping, which costs a GPU a regrouping pass,
+        // is kept only when it stores GROUPING_GAIN smaller.
         let keys = if leading_sign && multi_byte { keys() } else { Vec::new() };
         if keys.is_empty() || !grouping_pays(values, &keys, layout, GROUPING_GAIN.max(settings.min_zstd_gain)) {
             return Ok((ValueOrder::Positional, positional.finish()));
         }
         let grouped_planes = values::split(&values::group(values, &keys), layout);
         let grouped = positional.regrouped(&grouped_planes)?;
-        return Ok(if grouped.len() < positional.len() {
-            (ValueOrder::GroupedByBase, grouped.finish())
-        } else {
-            (ValueOrder::Positional, positional.finish())
-        });
+        let (grouping_wins, streams) = smaller_of(grouped, positional, GROUPING_GAIN);
+        let order = if grouping_wins { ValueOrder::GroupedByBase } else { ValueOrder::Positional };
+        return Ok((order, streams));
     }
     let measure = settings.level >= MEASURE_FROM_LEVEL && multi_byte;
     let keys = if measure || (leading_sign && multi_byte) { keys() } else { Vec::new() };
@@ -428,11 +451,8 @@ fn ordered_value_streams<W: Word>(
         return Ok((ValueOrder::GroupedByBase, grouped.finish()));
     }
     let positional = value_streams(&positional_planes, layout, None, settings)?;
-    Ok(if grouped.len() < positional.len() {
-        (ValueOrder::GroupedByBase, grouped.finish())
-    } else {
-        (ValueOrder::Positional, positional.finish())
-    })
+    let (grouping_wins, streams) = smaller_of(grouped, positional, 0.0);
+    Ok((if grouping_wins { ValueOrder::GroupedByBase } else { ValueOrder::Positional }, streams))
 }
 
 /// Position streams: gaps or a bitmap, whichever is predicted (or, at high levels,
@@ -462,8 +482,11 @@ fn position_streams(
         _ => Some(StreamSet::of(&bitmap, settings)?),
     };
     Ok(match (gaps, bitmap) {
-        (Some(g), Some(b)) if b.len() < g.len() => (PositionCoding::Bitmap, 0, b.finish()),
-        (Some(g), _) => (PositionCoding::Gaps, width, g.finish()),
+        (Some(g), Some(b)) => match smaller_of(b, g, 0.0) {
+            (true, b) => (PositionCoding::Bitmap, 0, b),
+            (false, g) => (PositionCoding::Gaps, width, g),
+        },
+        (Some(g), None) => (PositionCoding::Gaps, width, g.finish()),
         (None, Some(b)) => (PositionCoding::Bitmap, 0, b.finish()),
         (None, None) => unreachable!("at least one coding is built"),
     })
