@@ -54,70 +54,209 @@ pub struct EncodedChunk {
     pub data: Vec<u8>,
 }
 
-/// Streams before they are stored.
-struct StreamSet {
-    records: Vec<StreamRecord>,
-    data: Vec<u8>,
+/// How a stream is stored, chosen from predicted sizes.
+#[derive(Debug, Clone, Copy)]
+enum Choice {
+    Stored,
+    Zstd,
+    /// Lane rANS under plan `i`: 0 for no context, then the stream's contexts in order.
+    Rans(usize),
 }
 
-impl StreamSet {
-    fn new() -> Self {
-        Self { records: Vec::new(), data: Vec::new() }
+/// One stream, its coding chosen; lane rANS runs only when the stream is kept.
+struct PendingStream<'a> {
+    raw: &'a [u8],
+    /// The contexts it may be coded under besides none.
+    contexts: Vec<Contexts<'a>>,
+    /// Plans under no context and under each of `contexts`; empty without lane rANS.
+    plans: Vec<rans::StreamPlan>,
+    zstd: Option<Vec<u8>>,
+    choice: Choice,
+}
+
+impl<'a> PendingStream<'a> {
+    /// Chooses the smallest of the stream's bytes, lane rANS under the best plan and
+    /// zstd. zstd is kept only where it saves more than [`ZSTD_OVER_RANS_GAIN`] over
+    /// rANS, because only rANS streams decode on a GPU.
+    #[allow(clippy::cast_precision_loss)] // thresholds
+    fn new(
+        raw: &'a [u8],
+        contexts: Vec<Contexts<'a>>,
+        plans: Vec<rans::StreamPlan>,
+        zstd: Option<Vec<u8>>,
+        settings: EncodeSettings,
+    ) -> Self {
+        let zstd_len = zstd.as_ref().map_or(usize::MAX, Vec::len);
+        // The first of equals, as a writer that tries the contexts in order keeps.
+        let best = plans.iter().enumerate().min_by_key(|(_, plan)| plan.predicted_len());
+        let rans = best.filter(|(_, plan)| {
+            let len = plan.predicted_len();
+            len < raw.len() && (zstd_len as f64) >= (1.0 - ZSTD_OVER_RANS_GAIN) * len as f64
+        });
+        let choice = match (rans, &zstd) {
+            (Some((index, _)), _) => Choice::Rans(index),
+            (None, Some(zstd)) if worth_storing(zstd.len(), raw.len(), settings) => Choice::Zstd,
+            _ => Choice::Stored,
+        };
+        Self { raw, contexts, plans, zstd, choice }
     }
 
-    /// Stores one stream as the smallest of its bytes, lane rANS under the best of
-    /// `contexts` (or none) and zstd. zstd is kept only where it saves more than
-    /// [`ZSTD_OVER_RANS_GAIN`] over rANS, because only rANS streams decode on a GPU.
-    fn push(&mut self, raw: &[u8], contexts: &[Contexts<'_>], settings: EncodeSettings) -> Result<()> {
-        let zstd = compress_stream(raw, settings.level)?;
-        let zstd_len = zstd.as_ref().map_or(usize::MAX, Vec::len);
-        let rans = if settings.rans {
-            let plan = rans::plan(raw, contexts);
-            let len = plan.predicted_len();
-            #[allow(clippy::cast_precision_loss)] // a threshold
-            let zstd_wins = (zstd_len as f64) < (1.0 - ZSTD_OVER_RANS_GAIN) * len as f64;
-            (len < raw.len() && !zstd_wins).then(|| plan.encode())
-        } else {
-            None
+    /// The stored length, predicted for lane rANS.
+    fn len(&self, settings: EncodeSettings) -> usize {
+        match self.choice {
+            Choice::Rans(index) => Some(self.plans[index].predicted_len())
+                .filter(|&len| worth_storing(len, self.raw.len(), settings))
+                .unwrap_or(self.raw.len()),
+            Choice::Zstd => self.zstd.as_ref().map_or(self.raw.len(), Vec::len),
+            Choice::Stored => self.raw.len(),
+        }
+    }
+
+    /// Codes the stream as chosen, into `out`. Lane rANS that does not save enough
+    /// once coded is stored instead.
+    fn finish(self, settings: EncodeSettings, out: &mut CodedStreams) {
+        let coded = match (self.choice, self.zstd) {
+            (Choice::Rans(index), _) => {
+                let contexts = index.checked_sub(1).map_or(Contexts::None, |at| self.contexts[at]);
+                Some((Codec::Rans, self.plans[index].encode(self.raw, contexts)))
+            }
+            (Choice::Zstd, Some(zstd)) => Some((Codec::Zstd, zstd)),
+            _ => None,
         };
-        #[allow(clippy::cast_precision_loss)] // a threshold
-        let worth_it =
-            |c: &[u8]| c.len() < raw.len() && (c.len() as f64) <= raw.len() as f64 * (1.0 - settings.min_zstd_gain);
-        let (codec, stored) = match (&rans, &zstd) {
-            (Some(r), _) if worth_it(r) => (Codec::Rans, r.as_slice()),
-            (None, Some(z)) if worth_it(z) => (Codec::Zstd, z.as_slice()),
-            _ => (Codec::Stored, raw),
-        };
-        self.records.push(StreamRecord { stored_len: u32_len(stored.len()), decoded_len: u32_len(raw.len()), codec });
-        self.data.extend_from_slice(stored);
+        match coded.filter(|(_, bytes)| worth_storing(bytes.len(), self.raw.len(), settings)) {
+            Some((codec, bytes)) => out.push(self.raw.len(), codec, &bytes),
+            None => out.push(self.raw.len(), Codec::Stored, self.raw),
+        }
+    }
+}
+
+/// Whether `len` stored bytes save enough of `raw_len` to be kept compressed.
+#[allow(clippy::cast_precision_loss)] // a threshold
+fn worth_storing(len: usize, raw_len: usize, settings: EncodeSettings) -> bool {
+    len < raw_len && (len as f64) <= raw_len as f64 * (1.0 - settings.min_zstd_gain)
+}
+
+/// Streams with their codings chosen, before any lane rANS coding runs: a writer
+/// weighs alternative sets by their predicted sizes and codes only the one it keeps.
+struct StreamSet<'a> {
+    streams: Vec<PendingStream<'a>>,
+    settings: EncodeSettings,
+}
+
+impl<'a> StreamSet<'a> {
+    fn new(settings: EncodeSettings) -> Self {
+        Self { streams: Vec::new(), settings }
+    }
+
+    /// Adds one stream, weighing lane rANS under `contexts` (and none) and zstd.
+    fn push(&mut self, raw: &'a [u8], contexts: Vec<Contexts<'a>>) -> Result<()> {
+        let plans = if self.settings.rans { rans::plan_each(raw, &contexts) } else { Vec::new() };
+        self.push_planned(raw, contexts, plans)
+    }
+
+    /// Adds one stream with its lane rANS plans made.
+    fn push_planned(&mut self, raw: &'a [u8], contexts: Vec<Contexts<'a>>, plans: Vec<rans::StreamPlan>) -> Result<()> {
+        let zstd = compress_stream(raw, self.settings.level)?;
+        self.streams.push(PendingStream::new(raw, contexts, plans, zstd, self.settings));
         Ok(())
     }
 
     /// One set of streams without contexts between them.
-    fn of(streams: &[Vec<u8>], settings: EncodeSettings) -> Result<Self> {
+    fn of(streams: &'a [Vec<u8>], settings: EncodeSettings) -> Result<Self> {
         Self::of_planes(streams, false, None, settings)
     }
 
     /// One set of byte planes, least significant first: each plane may be coded
     /// against the plane above it (`plane_contexts`) and against the base keys.
     fn of_planes(
-        planes: &[Vec<u8>],
+        planes: &'a [Vec<u8>],
         plane_contexts: bool,
-        base_keys: Option<Contexts<'_>>,
+        base_keys: Option<Contexts<'a>>,
         settings: EncodeSettings,
     ) -> Result<Self> {
-        let mut set = Self::new();
+        let mut set = Self::new(settings);
         for (q, plane) in planes.iter().enumerate() {
             let above = planes.get(q + 1).filter(|_| plane_contexts).map(|p| Contexts::HigherPlane(p));
-            let contexts: Vec<Contexts<'_>> = above.into_iter().chain(base_keys).collect();
-            set.push(plane, &contexts, settings)?;
+            set.push(plane, above.into_iter().chain(base_keys).collect())?;
         }
         Ok(set)
     }
 
-    fn append(&mut self, other: StreamSet) {
+    /// The same planes regrouped by base key (spec §8.6), without the base-key
+    /// context: a permutation of whole values has the same histograms under no
+    /// context and under the plane above, so this set's plans serve unchanged and
+    /// only zstd runs anew.
+    fn regrouped(&self, grouped: &'a [Vec<u8>]) -> Result<StreamSet<'a>> {
+        let mut set = Self::new(self.settings);
+        for (q, (stream, plane)) in self.streams.iter().zip(grouped).enumerate() {
+            let mut contexts = Vec::new();
+            let mut plans = stream.plans.first().cloned().into_iter().collect::<Vec<_>>();
+            for (at, contexts_of) in stream.contexts.iter().enumerate() {
+                if let (Contexts::HigherPlane(_), Some(above)) = (contexts_of, grouped.get(q + 1)) {
+                    contexts.push(Contexts::HigherPlane(above));
+                    plans.extend(stream.plans.get(at + 1).cloned());
+                }
+            }
+            set.push_planned(plane, contexts, plans)?;
+        }
+        Ok(set)
+    }
+
+    /// The stored length, predicted for lane rANS streams.
+    fn len(&self) -> usize {
+        self.streams.iter().map(|stream| stream.len(self.settings)).sum()
+    }
+
+    /// Codes every stream as chosen.
+    fn finish(self) -> CodedStreams {
+        let mut out = CodedStreams { records: Vec::new(), data: Vec::new() };
+        for stream in self.streams {
+            stream.finish(self.settings, &mut out);
+        }
+        out
+    }
+}
+
+/// Streams as they are stored.
+struct CodedStreams {
+    records: Vec<StreamRecord>,
+    data: Vec<u8>,
+}
+
+impl CodedStreams {
+    fn push(&mut self, decoded_len: usize, codec: Codec, stored: &[u8]) {
+        self.records.push(StreamRecord { stored_len: u32_len(stored.len()), decoded_len: u32_len(decoded_len), codec });
+        self.data.extend_from_slice(stored);
+    }
+
+    fn append(&mut self, other: CodedStreams) {
         self.records.extend(other.records);
         self.data.extend(other.data);
+    }
+}
+
+/// The share of a set's predicted size within which two predictions are too close
+/// to call, plus [`TOO_CLOSE_BYTES`]: lane rANS predictions are within about 0.5%
+/// plus a few bytes per tile.
+const TOO_CLOSE_SHARE: f64 = 0.01;
+const TOO_CLOSE_BYTES: f64 = 256.0;
+
+/// Keeps `first` if it stores `gain` smaller than `second`, else `second`; returns
+/// whether `first` was kept, and the kept set coded. Sets are weighed by their
+/// predicted sizes, and coded both and measured only where the two are too close
+/// to call, so the choice is the one that measuring both would make.
+#[allow(clippy::cast_precision_loss)] // thresholds
+fn smaller_of(first: StreamSet<'_>, second: StreamSet<'_>, gain: f64) -> (bool, CodedStreams) {
+    let bar = (1.0 - gain) * second.len() as f64;
+    let first_len = first.len() as f64;
+    if (first_len - bar).abs() > TOO_CLOSE_SHARE * bar + TOO_CLOSE_BYTES {
+        return if first_len < bar { (true, first.finish()) } else { (false, second.finish()) };
+    }
+    let (first, second) = (first.finish(), second.finish());
+    if (first.data.len() as f64) < (1.0 - gain) * second.data.len() as f64 {
+        (true, first)
+    } else {
+        (false, second)
     }
 }
 
@@ -236,16 +375,16 @@ fn choose_transform<W: Word>(
     (best.1, best.2)
 }
 
-/// Value streams; `base_keys` is the context of spec §8.7 for positional values
-/// against a base.
-fn value_streams<W: Word>(
-    values: &[W],
+/// Value streams of values split into `planes`; `base_keys` is the context of spec
+/// §8.7 for positional values against a base.
+fn value_streams<'a>(
+    planes: &'a [Vec<u8>],
     layout: ValueLayout,
-    base_keys: Option<Contexts<'_>>,
+    base_keys: Option<Contexts<'a>>,
     settings: EncodeSettings,
-) -> Result<StreamSet> {
-    let planes = layout != ValueLayout::Words;
-    StreamSet::of_planes(&values::split(values, layout), planes, base_keys.filter(|_| planes), settings)
+) -> Result<StreamSet<'a>> {
+    let byte_planes = layout != ValueLayout::Words;
+    StreamSet::of_planes(planes, byte_planes, base_keys.filter(|_| byte_planes), settings)
 }
 
 /// Whether grouping values by base key (spec §8.6) is predicted to store at least
@@ -271,10 +410,10 @@ fn grouping_pays<W: Word>(values: &[W], keys: &[u8], layout: ValueLayout, min_ga
 const GROUPING_GAIN: f64 = 0.02;
 
 /// Value streams against a base, in the order that stores smaller. With lane rANS,
-/// positional, coded against the base keys (spec §8.7) where that pays: the same
-/// gain as grouping without a GPU having to regroup. Otherwise grouped by base key
-/// where [`grouping_pays`] predicts it, positional otherwise; measured from
-/// [`MEASURE_FROM_LEVEL`] on.
+/// positional, coded against the base keys (spec §8.7), unless grouping is
+/// predicted to pay ([`grouping_pays`]) and then stores [`GROUPING_GAIN`] smaller. Otherwise grouped
+/// by base key where [`grouping_pays`] predicts it, positional otherwise; measured
+/// from [`MEASURE_FROM_LEVEL`] on.
 fn ordered_value_streams<W: Word>(
     values: &[W],
     keys: impl Fn() -> Vec<u8>,
@@ -282,59 +421,55 @@ fn ordered_value_streams<W: Word>(
     layout: ValueLayout,
     leading_sign: bool,
     settings: EncodeSettings,
-) -> Result<(ValueOrder, StreamSet)> {
+) -> Result<(ValueOrder, CodedStreams)> {
     let multi_byte = W::BYTES > 1;
+    let positional_planes = values::split(values, layout);
     if settings.rans {
-        let positional = value_streams(values, layout, Some(base_keys), settings)?;
+        let positional = value_streams(&positional_planes, layout, Some(base_keys), settings)?;
         // Where grouping is predicted to pay, it may still beat the base-key
-        // context (F16 fine-tunes): both are built, and grouping, which costs a GPU
-        // a regrouping pass, is kept only when it stores GROUPING_GAIN smaller.
+        // context (F16 fine-tunes); grouping, which costs a GPU a regrouping pass,
+        // is kept only when it stores GROUPING_GAIN smaller.
         let keys = if leading_sign && multi_byte { keys() } else { Vec::new() };
         if keys.is_empty() || !grouping_pays(values, &keys, layout, GROUPING_GAIN.max(settings.min_zstd_gain)) {
-            return Ok((ValueOrder::Positional, positional));
+            return Ok((ValueOrder::Positional, positional.finish()));
         }
-        let grouped = value_streams(&values::group(values, &keys), layout, None, settings)?;
-        #[allow(clippy::cast_precision_loss)] // a threshold
-        let grouping_wins = (grouped.data.len() as f64) < (1.0 - GROUPING_GAIN) * positional.data.len() as f64;
-        return Ok(if grouping_wins {
-            (ValueOrder::GroupedByBase, grouped)
-        } else {
-            (ValueOrder::Positional, positional)
-        });
+        let grouped_planes = values::split(&values::group(values, &keys), layout);
+        let grouped = positional.regrouped(&grouped_planes)?;
+        let (grouping_wins, streams) = smaller_of(grouped, positional, GROUPING_GAIN);
+        let order = if grouping_wins { ValueOrder::GroupedByBase } else { ValueOrder::Positional };
+        return Ok((order, streams));
     }
     let measure = settings.level >= MEASURE_FROM_LEVEL && multi_byte;
     let keys = if measure || (leading_sign && multi_byte) { keys() } else { Vec::new() };
     let min_gain = GROUPING_GAIN.max(settings.min_zstd_gain);
     if !measure && (keys.is_empty() || !grouping_pays(values, &keys, layout, min_gain)) {
-        return Ok((ValueOrder::Positional, value_streams(values, layout, None, settings)?));
+        return Ok((ValueOrder::Positional, value_streams(&positional_planes, layout, None, settings)?.finish()));
     }
-    let grouped = value_streams(&values::group(values, &keys), layout, None, settings)?;
+    let grouped_planes = values::split(&values::group(values, &keys), layout);
+    let grouped = value_streams(&grouped_planes, layout, None, settings)?;
     if !measure {
-        return Ok((ValueOrder::GroupedByBase, grouped));
+        return Ok((ValueOrder::GroupedByBase, grouped.finish()));
     }
-    let positional = value_streams(values, layout, None, settings)?;
-    Ok(if grouped.data.len() < positional.data.len() {
-        (ValueOrder::GroupedByBase, grouped)
-    } else {
-        (ValueOrder::Positional, positional)
-    })
+    let positional = value_streams(&positional_planes, layout, None, settings)?;
+    let (grouping_wins, streams) = smaller_of(grouped, positional, 0.0);
+    Ok((if grouping_wins { ValueOrder::GroupedByBase } else { ValueOrder::Positional }, streams))
 }
 
 /// Position streams: gaps or a bitmap, whichever is predicted (or, at high levels,
-/// measured) to store smaller.
+/// measured, with lane rANS streams predicted from their plans) to store smaller.
 fn position_streams(
     changed: &[u32],
     words: usize,
     settings: EncodeSettings,
-) -> Result<(PositionCoding, u8, StreamSet)> {
+) -> Result<(PositionCoding, u8, CodedStreams)> {
     let width = positions::gap_width(changed);
     let gap_planes = positions::encode_gaps(changed, width);
-    let bitmap = positions::encode_bitmap(changed, words);
+    let bitmap = [positions::encode_bitmap(changed, words)];
     let gaps_win = if settings.level >= MEASURE_FROM_LEVEL {
         None
     } else {
         let gap_bits: f64 = gap_planes.iter().map(|p| sampled_bits(p)).sum();
-        let bitmap_bits = sampled_bits(&bitmap);
+        let bitmap_bits = sampled_bits(&bitmap[0]);
         let close = (gap_bits - bitmap_bits).abs() < 0.1 * gap_bits.min(bitmap_bits);
         (!close).then_some(gap_bits <= bitmap_bits)
     };
@@ -344,12 +479,15 @@ fn position_streams(
     };
     let bitmap = match gaps_win {
         Some(true) => None,
-        _ => Some(StreamSet::of(&[bitmap], settings)?),
+        _ => Some(StreamSet::of(&bitmap, settings)?),
     };
     Ok(match (gaps, bitmap) {
-        (Some(g), Some(b)) if b.data.len() < g.data.len() => (PositionCoding::Bitmap, 0, b),
-        (Some(g), _) => (PositionCoding::Gaps, width, g),
-        (None, Some(b)) => (PositionCoding::Bitmap, 0, b),
+        (Some(g), Some(b)) => match smaller_of(b, g, 0.0) {
+            (true, b) => (PositionCoding::Bitmap, 0, b),
+            (false, g) => (PositionCoding::Gaps, width, g),
+        },
+        (Some(g), None) => (PositionCoding::Gaps, width, g.finish()),
+        (None, Some(b)) => (PositionCoding::Bitmap, 0, b.finish()),
         (None, None) => unreachable!("at least one coding is built"),
     })
 }
@@ -407,7 +545,7 @@ fn encode_words<W: Word>(
             record.encoding = Encoding::Raw;
             record.changed_count = u32_len(words);
             record.value_layout = layout;
-            value_streams(&target, layout, None, settings)?
+            value_streams(&values::split(&target, layout), layout, None, settings)?.finish()
         }
         Some(base_bytes) => {
             let mut base: Vec<W> = load_words(base_bytes);

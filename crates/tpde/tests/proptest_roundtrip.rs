@@ -179,3 +179,67 @@ proptest! {
         prop_assert!(std::fs::read(&again).expect("read") == std::fs::read(&delta_path).expect("read"));
     }
 }
+
+/// Runs `work` on a pool of `threads` threads.
+fn with_threads<T: Send>(threads: usize, work: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool").install(work)
+}
+
+#[test]
+fn encode_writes_the_same_bytes_whatever_the_thread_count() {
+    // BF16 fine-tune-like tensors of one and of several chunks, so that windows of
+    // chunks cross tensor boundaries, dense and sparse, grouped or not.
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut bases = Vec::new();
+    let mut targets = Vec::new();
+    for (i, (words, changed_in_16)) in
+        [(300u64, 16u64), (5000, 10), (64, 1), (9000, 15), (2500, 3)].into_iter().enumerate()
+    {
+        let base: Vec<u16> = (0..words).map(|_| 0x3C00 ^ u16::try_from(next() % 0x0800).expect("small")).collect();
+        let target: Vec<u16> = base
+            .iter()
+            .map(|&b| {
+                if next() % 16 < changed_in_16 {
+                    b.wrapping_add(u16::try_from(next() % 5).expect("small"))
+                } else {
+                    b
+                }
+            })
+            .collect();
+        let tensor = |words: &[u16]| Tensor {
+            name: format!("layer{i}.weight"),
+            dtype: "BF16",
+            shape: vec![words.len() as u64],
+            bytes: words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+        };
+        bases.push(tensor(&base));
+        targets.push(tensor(&target));
+    }
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let write = |name: &str, tensors: &[Tensor]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, safetensors(tensors)).expect("write");
+        Checkpoint::open(&path).expect("opens")
+    };
+    let (base, target) = (write("base.safetensors", &bases), write("target.safetensors", &targets));
+    let encoded: Vec<Vec<u8>> = [1, 2, 3, 5]
+        .into_iter()
+        .map(|threads| {
+            let out = dir.path().join(format!("{threads}.tpde"));
+            with_threads(threads, || encode(Some(&base), &target, &out, 1024));
+            std::fs::read(&out).expect("read")
+        })
+        .collect();
+    assert!(encoded.iter().all(|bytes| *bytes == encoded[0]), "the thread count changed the delta");
+    for threads in [1, 3] {
+        let delta = DeltaFile::open(&dir.path().join("1.tpde")).expect("the delta opens");
+        with_threads(threads, || pipeline::apply::verify(&delta, Some(&base), Some(&target), &NoProgress))
+            .expect("rebuilds the target byte for byte");
+    }
+}

@@ -16,7 +16,10 @@
 //! The encoder picks the tables (clustering the context bytes when there is a
 //! context), quantizes frequencies to minimise the coded size, and sizes the tiles so
 //! that their states stay near 1% of the payload. [`predicted_len`] gives the size
-//! without coding, so that a writer can choose between codecs and contexts cheaply.
+//! without coding, and [`plan_each`] plans a stream under several contexts, so that a
+//! writer can choose between codecs and contexts cheaply and code only its choice.
+
+use std::borrow::Cow;
 
 use crate::error::{Error, ErrorCode, Result};
 
@@ -937,15 +940,16 @@ fn key_at_width(base: &[u8], word_bytes: usize, index: usize) -> u8 {
 
 /// The context byte of every symbol, or `None` for context none. The encoder reads a
 /// plane byte or position that the contexts lack as context 0 (see [`encode`]).
-fn context_bytes(len: usize, contexts: &Contexts<'_>) -> Option<Vec<u8>> {
+fn context_bytes<'a>(len: usize, contexts: &Contexts<'a>) -> Option<Cow<'a, [u8]>> {
     match *contexts {
         Contexts::None => None,
+        Contexts::HigherPlane(plane) if plane.len() >= len => Some(Cow::Borrowed(&plane[..len])),
         Contexts::HigherPlane(plane) => {
-            let mut bytes = plane[..len.min(plane.len())].to_vec();
+            let mut bytes = plane.to_vec();
             bytes.resize(len, 0);
-            Some(bytes)
+            Some(Cow::Owned(bytes))
         }
-        Contexts::BaseKeys { base, word_bytes, positions } => Some(match word_bytes {
+        Contexts::BaseKeys { base, word_bytes, positions } => Some(Cow::Owned(match word_bytes {
             1 => base_keys::<1>(base, len, positions),
             2 => base_keys::<2>(base, len, positions),
             4 => base_keys::<4>(base, len, positions),
@@ -956,7 +960,7 @@ fn context_bytes(len: usize, contexts: &Contexts<'_>) -> Option<Vec<u8>> {
                     Some(positions) => positions.get(i).map_or(0, |&p| key_at_width(base, width, p as usize)),
                 })
                 .collect(),
-        }),
+        })),
     }
 }
 
@@ -997,12 +1001,13 @@ fn histogram(symbols: &[u8]) -> Histogram {
 
 /// One histogram per context byte.
 fn context_histograms(symbols: &[u8], contexts: &[u8]) -> Vec<Histogram> {
-    // Zeroed memory, so rows of context bytes that never occur cost no page.
-    let mut rows = vec![[0u64; 256]; 256];
+    // Counted in 32 bits (a stream holds fewer than 2^32 symbols), so that the table
+    // of every (context, symbol) pair stays within the second-level cache.
+    let mut pairs = vec![0u32; 256 * 256];
     for (&symbol, &context) in symbols.iter().zip(contexts) {
-        rows[usize::from(context)][usize::from(symbol)] += 1;
+        pairs[usize::from(context) << 8 | usize::from(symbol)] += 1;
     }
-    rows
+    pairs.chunks_exact(256).map(|row| std::array::from_fn(|s| u64::from(row[s]))).collect()
 }
 
 /// Order-0 code length of a histogram under its own distribution, in bits.
@@ -1324,7 +1329,7 @@ fn predict_len(symbols: usize, tables_len: usize, info_bits: f64, tile_log2: u32
 }
 
 /// How a stream is coded: everything the encoder decides before coding.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Plan {
     kind: ContextKind,
     prob_bits: u32,
@@ -1337,17 +1342,29 @@ struct Plan {
 
 impl Plan {
     fn new(symbols: &[u8], kind: ContextKind, contexts: Option<&[u8]>) -> Self {
-        let (context_map, clusters) = match contexts {
-            None => ([0; 256], vec![histogram(symbols)]),
-            Some(contexts) => cluster_contexts(&context_histograms(symbols, contexts)),
-        };
+        match contexts {
+            None => Self::of_clusters(symbols.len(), kind, [0; 256], vec![histogram(symbols)]),
+            Some(contexts) => Self::of_context_rows(symbols.len(), kind, &context_histograms(symbols, contexts)),
+        }
+    }
+
+    /// The plan of a stream of `symbols` whose histogram under each context byte is
+    /// `rows`.
+    fn of_context_rows(symbols: usize, kind: ContextKind, rows: &[Histogram]) -> Self {
+        let (context_map, clusters) = cluster_contexts(rows);
+        Self::of_clusters(symbols, kind, context_map, clusters)
+    }
+
+    /// The plan of a stream of `symbols` whose context bytes map to tables by
+    /// `context_map`, with each table's histogram in `clusters`.
+    fn of_clusters(symbols: usize, kind: ContextKind, context_map: [u8; 256], clusters: Vec<Histogram>) -> Self {
         let most_symbols = clusters.iter().map(|c| c.iter().filter(|&&n| n > 0).count()).max().unwrap_or(0);
         let fewest_bits = most_symbols.max(2).next_power_of_two().trailing_zeros();
         let mut best: Option<Self> = None;
         // Fewer slots make a smaller table (frequencies below 128 take one byte) but
         // code less precisely: take the smallest total, from 2^11 down.
         for prob_bits in (fewest_bits..=u32::from(MAX_PROB_BITS)).rev() {
-            let Some(plan) = Self::with_prob_bits(symbols.len(), kind, context_map, &clusters, prob_bits) else {
+            let Some(plan) = Self::with_prob_bits(symbols, kind, context_map, &clusters, prob_bits) else {
                 continue;
             };
             match &best {
@@ -1570,43 +1587,57 @@ pub fn predicted_len(symbols: &[u8], contexts: Contexts<'_>) -> usize {
     Plan::new(symbols, contexts.kind(), context_bytes.as_deref()).predicted_len
 }
 
-/// A stream's coding, chosen but not yet run: the best of several contexts, each
-/// planned once (see [`plan`]).
-#[derive(Debug)]
-pub struct StreamPlan<'a> {
-    symbols: &'a [u8],
-    context_bytes: Option<Vec<u8>>,
+/// A stream's coding under one context kind, chosen but not yet run (see
+/// [`plan_each`]). It depends only on the stream's histograms under its context,
+/// so it also codes any permutation of the symbols that moves each context byte
+/// with its symbol.
+#[derive(Debug, Clone)]
+pub struct StreamPlan {
     plan: Plan,
 }
 
-impl StreamPlan<'_> {
+impl StreamPlan {
     /// The stored length [`StreamPlan::encode`] will produce, as [`predicted_len`].
     #[must_use]
     pub fn predicted_len(&self) -> usize {
         self.plan.predicted_len
     }
 
-    /// Encodes the stream as planned.
+    /// Encodes `symbols` as planned, with `contexts` of the kind it was planned
+    /// under; the result is what [`encode`] gives when it plans the same way.
+    ///
+    /// # Panics
+    /// When `contexts` is of another kind than the plan.
     #[must_use]
-    pub fn encode(&self) -> Vec<u8> {
-        write_stream(&self.plan, self.symbols, self.context_bytes.as_deref())
+    pub fn encode(&self, symbols: &[u8], contexts: Contexts<'_>) -> Vec<u8> {
+        assert_eq!(contexts.kind(), self.plan.kind, "a stream is encoded under the context it was planned for");
+        write_stream(&self.plan, symbols, context_bytes(symbols.len(), &contexts).as_deref())
     }
 }
 
-/// Plans `symbols` under no context and under each of `candidates`, and keeps the
-/// one predicted smallest (the first of equals): what a writer does per stream,
-/// without planning the winner twice.
+/// Plans `symbols` under no context and under each of `candidates`, in that order:
+/// what a writer weighs per stream before it codes the smallest.
 #[must_use]
-pub fn plan<'a>(symbols: &'a [u8], candidates: &[Contexts<'_>]) -> StreamPlan<'a> {
-    let mut best: Option<StreamPlan<'a>> = None;
-    for contexts in std::iter::once(Contexts::None).chain(candidates.iter().copied()) {
-        let context_bytes = context_bytes(symbols.len(), &contexts);
-        let plan = Plan::new(symbols, contexts.kind(), context_bytes.as_deref());
-        if best.as_ref().is_none_or(|b| plan.predicted_len < b.plan.predicted_len) {
-            best = Some(StreamPlan { symbols, context_bytes, plan });
-        }
-    }
-    best.expect("no context is always a candidate")
+pub fn plan_each(symbols: &[u8], candidates: &[Contexts<'_>]) -> Vec<StreamPlan> {
+    let rows: Vec<Option<Vec<Histogram>>> = candidates
+        .iter()
+        .map(|contexts| context_bytes(symbols.len(), contexts).map(|bytes| context_histograms(symbols, &bytes)))
+        .collect();
+    // Under no context, the sum of any context's rows: no second pass over the data.
+    let whole = match rows.iter().flatten().next() {
+        Some(rows) => rows.iter().fold([0; 256], |mut sum, row| {
+            add_into(&mut sum, row);
+            sum
+        }),
+        None => histogram(symbols),
+    };
+    let no_context = Plan::of_clusters(symbols.len(), ContextKind::None, [0; 256], vec![whole]);
+    let with_contexts = candidates.iter().zip(&rows).map(|(contexts, rows)| match rows {
+        Some(rows) => Plan::of_context_rows(symbols.len(), contexts.kind(), rows),
+        None => no_context.clone(),
+    });
+    let plans: Vec<Plan> = with_contexts.collect();
+    std::iter::once(no_context).chain(plans).map(|plan| StreamPlan { plan }).collect()
 }
 
 #[cfg(test)]
@@ -1918,6 +1949,42 @@ mod tests {
             }
         }
         assert_prediction_close(&noise.bytes(300_000), Contexts::None);
+    }
+
+    #[test]
+    fn each_plan_codes_as_encode_does() {
+        let mut noise = Noise(12);
+        let base = noise.bytes(2 * 20_000);
+        for zeros in [0u64, 200, 255] {
+            let symbols: Vec<u8> = (0..20_000).map(|_| noise.skewed(zeros)).collect();
+            let above: Vec<u8> = symbols.iter().map(|&s| s >> 5).collect();
+            let keys = Contexts::BaseKeys { base: &base, word_bytes: 2, positions: None };
+            let candidates = [Contexts::HigherPlane(&above), keys];
+            let plans = plan_each(&symbols, &candidates);
+            assert_eq!(plans.len(), 3);
+            for (plan, contexts) in plans.iter().zip([Contexts::None, candidates[0], candidates[1]]) {
+                let encoded = plan.encode(&symbols, contexts);
+                assert_eq!(encoded, encode(&symbols, contexts));
+                assert_eq!(plan.predicted_len(), predicted_len(&symbols, contexts));
+            }
+        }
+    }
+
+    #[test]
+    fn a_plan_codes_a_permutation_that_moves_contexts_with_symbols() {
+        // Regrouping values permutes each plane and the plane above it alike: the
+        // plan of the original order codes the permutation as planning it anew does.
+        let mut noise = Noise(13);
+        let above: Vec<u8> = (0..30_000).map(|_| noise.skewed(180)).collect();
+        let symbols: Vec<u8> = above.iter().map(|&a| noise.skewed(200) ^ a).collect();
+        let mut order: Vec<usize> = (0..symbols.len()).collect();
+        order.sort_by_key(|&i| (above[i] >> 3, i));
+        let permuted: Vec<u8> = order.iter().map(|&i| symbols[i]).collect();
+        let permuted_above: Vec<u8> = order.iter().map(|&i| above[i]).collect();
+        let plans = plan_each(&symbols, &[Contexts::HigherPlane(&above)]);
+        assert_eq!(plans[0].encode(&permuted, Contexts::None), encode(&permuted, Contexts::None));
+        let with_above = Contexts::HigherPlane(&permuted_above);
+        assert_eq!(plans[1].encode(&permuted, with_above), encode(&permuted, with_above));
     }
 
     // ----- hand-built streams and the errors of §8.7 -----

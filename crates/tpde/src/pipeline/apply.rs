@@ -71,10 +71,22 @@ pub fn resolve_base<'a>(
         resolved.push(Some(file.tensor_bytes(location)));
     }
     progress.phase("checking base", to_hash);
-    for (tensor, bytes) in tensors.iter().zip(&resolved) {
-        let (Some(base_ref), Some(bytes), Some(base)) = (&tensor.base, bytes, base) else { continue };
-        let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_bytes()?;
-        if to_hex(&tensor_digest(bytes, chunk_bytes)?) != base_ref.digest {
+    // Tensor by tensor in parallel, since most tensors are one chunk, which
+    // `tensor_digest` alone would hash on one thread; the first mismatch in header
+    // order is reported.
+    let matches: Vec<Result<bool>> = tensors
+        .par_iter()
+        .zip(&resolved)
+        .map(|(tensor, bytes)| {
+            let (Some(base_ref), Some(bytes)) = (&tensor.base, bytes) else { return Ok(true) };
+            let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_bytes()?;
+            let matches = to_hex(&tensor_digest(bytes, chunk_bytes)?) == base_ref.digest;
+            progress.advance(bytes.len() as u64);
+            Ok(matches)
+        })
+        .collect();
+    for (tensor, matches) in tensors.iter().zip(matches) {
+        if let (false, Some(base)) = (matches?, base) {
             return Err(Error::new(
                 ErrorCode::BaseDigest,
                 "the base tensor's content differs from the one the delta was made against",
@@ -82,7 +94,6 @@ pub fn resolve_base<'a>(
             .in_file(base.tensor(&tensor.name).map_or(&base.root, |(file, _)| &file.path))
             .in_tensor(&tensor.name));
         }
-        progress.advance(bytes.len() as u64);
     }
     Ok(resolved)
 }
@@ -191,64 +202,70 @@ fn decode_files<'a>(
         let mut prefix = (file.safetensors_header.len() as u64).to_le_bytes().to_vec();
         prefix.extend_from_slice(file.safetensors_header.as_bytes());
         to_writer.send(SinkMessage::Owned(prefix, 0)).map_err(hung_up)?;
+        // The chunks of every tensor of the file, batched across tensor boundaries:
+        // most tensors hold one chunk, so batches within a tensor would leave
+        // threads idle.
+        let mut chunks: Vec<(&TensorEntry, ChunkSpan, Option<&'a [u8]>)> = Vec::new();
         for (tensor, &base_bytes) in header.tensors[tensors.clone()].iter().zip(&bases[tensors]) {
-            let spans: Vec<ChunkSpan> = delta.spans(tensor)?.collect();
-            let charges =
-                spans.iter().map(|&span| chunk_charge(delta, tensor, span, base_bytes)).collect::<Result<Vec<_>>>()?;
-            let totals: Vec<u64> = charges.iter().map(|c| c.0).collect();
-            for batch in batches(&totals, DECODE_IN_FLIGHT_BYTES) {
-                progress.check_interrupted()?;
-                let mut scratches: Vec<DecodeScratch> = batch.clone().map(|_| pool.pop().unwrap_or_default()).collect();
-                // Reused scratch may hold more than the chunk needs: count it too.
-                let retained: u64 = scratches.iter().map(DecodeScratch::retained_bytes).sum();
-                let charged = totals[batch.clone()].iter().sum::<u64>() + retained;
-                if !budget.acquire(charged) {
-                    return Err(hung_up(()));
-                }
-                let rebuilt = spans[batch.clone()]
-                    .par_iter()
-                    .zip(scratches.par_iter_mut())
-                    .map(|(&span, scratch)| {
-                        if let Some(bytes) = delta.unchanged_chunk(tensor, span, base_bytes)? {
-                            return Ok(Rebuilt::Borrowed(bytes));
-                        }
-                        let mut out = Vec::new();
-                        delta.decode_chunk_with(tensor, span, base_bytes, &mut out, scratch)?;
-                        Ok(Rebuilt::Owned(out))
-                    })
-                    .collect::<Result<Vec<_>>>();
-                let mut kept: u64 = pool.iter().map(DecodeScratch::retained_bytes).sum();
-                for scratch in scratches {
-                    let bytes = scratch.retained_bytes();
-                    if kept + bytes <= DECODE_RETAINED_BYTES {
-                        kept += bytes;
-                        pool.push(scratch);
+            chunks.extend(delta.spans(tensor)?.map(|span| (tensor, span, base_bytes)));
+        }
+        let charges = chunks
+            .iter()
+            .map(|&(tensor, span, base_bytes)| chunk_charge(delta, tensor, span, base_bytes))
+            .collect::<Result<Vec<_>>>()?;
+        let totals: Vec<u64> = charges.iter().map(|c| c.0).collect();
+        for batch in batches(&totals, DECODE_IN_FLIGHT_BYTES) {
+            progress.check_interrupted()?;
+            let mut scratches: Vec<DecodeScratch> = batch.clone().map(|_| pool.pop().unwrap_or_default()).collect();
+            // Reused scratch may hold more than the chunk needs: count it too.
+            let retained: u64 = scratches.iter().map(DecodeScratch::retained_bytes).sum();
+            let charged = totals[batch.clone()].iter().sum::<u64>() + retained;
+            if !budget.acquire(charged) {
+                return Err(hung_up(()));
+            }
+            let rebuilt = chunks[batch.clone()]
+                .par_iter()
+                .zip(scratches.par_iter_mut())
+                .map(|(&(tensor, span, base_bytes), scratch)| {
+                    if let Some(bytes) = delta.unchanged_chunk(tensor, span, base_bytes)? {
+                        return Ok(Rebuilt::Borrowed(bytes));
                     }
+                    let mut out = Vec::new();
+                    delta.decode_chunk_with(tensor, span, base_bytes, &mut out, scratch)?;
+                    Ok(Rebuilt::Owned(out))
+                })
+                .collect::<Result<Vec<_>>>();
+            let mut kept: u64 = pool.iter().map(DecodeScratch::retained_bytes).sum();
+            for scratch in scratches {
+                let bytes = scratch.retained_bytes();
+                if kept + bytes <= DECODE_RETAINED_BYTES {
+                    kept += bytes;
+                    pool.push(scratch);
                 }
-                let rebuilt = match rebuilt {
-                    Ok(rebuilt) => rebuilt,
-                    Err(e) => {
-                        budget.release(charged);
-                        return Err(e);
+            }
+            let rebuilt = match rebuilt {
+                Ok(rebuilt) => rebuilt,
+                Err(e) => {
+                    budget.release(charged);
+                    return Err(e);
+                }
+            };
+            // Scratch is free again; outputs stay counted until written.
+            let mut outputs = 0;
+            let messages: Vec<SinkMessage> = rebuilt
+                .into_iter()
+                .zip(&charges[batch])
+                .map(|(chunk, &(_, output))| match chunk {
+                    Rebuilt::Owned(bytes) => {
+                        outputs += output;
+                        SinkMessage::Owned(bytes, output)
                     }
-                };
-                // Scratch is free again; outputs stay counted until written.
-                let mut outputs = 0;
-                let messages: Vec<SinkMessage> = rebuilt
-                    .into_iter()
-                    .zip(&charges[batch])
-                    .map(|(chunk, &(_, output))| match chunk {
-                        Rebuilt::Owned(bytes) => {
-                            outputs += output;
-                            SinkMessage::Owned(bytes, output)
-                        }
-                        Rebuilt::Borrowed(bytes) => SinkMessage::Borrowed(bytes),
-                    })
-                    .collect();
-                budget.release(charged - outputs);
-                for message in messages {
-                    to_writer.send(message).map_err(hung_up)?;
-                }
+                    Rebuilt::Borrowed(bytes) => SinkMessage::Borrowed(bytes),
+                })
+                .collect();
+            budget.release(charged - outputs);
+            for message in messages {
+                to_writer.send(message).map_err(hung_up)?;
             }
         }
         to_writer.send(SinkMessage::End).map_err(hung_up)?;

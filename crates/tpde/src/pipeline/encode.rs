@@ -10,7 +10,7 @@ use crate::container::header::{
     is_plain_file_name, BaseTensor, Header, LayoutKind, TargetFile, TargetLayout, TensorEntry,
 };
 use crate::delta::{encode_chunk, EncodeSettings, EncodedChunk};
-use crate::digest::{tensor_digest, to_hex, tree_digest};
+use crate::digest::{tensor_digest, to_hex, tree_digest, Digest128};
 use crate::dtype;
 use crate::error::{Error, ErrorCode, Result};
 use crate::limits::MAX_CHUNK_WORDS;
@@ -54,6 +54,27 @@ fn counterpart<'a>(base: Option<&'a dyn TensorSource>, tensor: &SourceTensor) ->
         && location.shape.len() == tensor.shape.len()
         && location.shape.get(1..) == tensor.shape.get(1..);
     rows_line_up.then_some(location)
+}
+
+/// One target tensor to encode, chunk by chunk, against its base counterpart.
+struct TensorJob<'a> {
+    bytes: &'a [u8],
+    word_bytes: usize,
+    chunk_bytes: usize,
+    base: Option<&'a [u8]>,
+    leading_sign: bool,
+}
+
+impl TensorJob<'_> {
+    fn chunk_end(&self, start: usize) -> usize {
+        (start + self.chunk_bytes).min(self.bytes.len())
+    }
+
+    fn encode_chunk(&self, start: usize, settings: EncodeSettings) -> Result<EncodedChunk> {
+        let end = self.chunk_end(start);
+        let base = self.base.map(|b| &b[start.min(b.len())..end.min(b.len())]);
+        encode_chunk(&self.bytes[start..end], base, self.word_bytes, self.leading_sign, settings)
+    }
 }
 
 /// Stands for a digest until it is computed; as long as a real one.
@@ -196,37 +217,54 @@ pub fn encode_sources(
     let mut writer = DeltaWriter::create_with(out, force)?;
     let mut summary =
         EncodeSummary { target_bytes: target.total_bytes(), delta_bytes: 0, delta_tensors: 0, standalone_tensors: 0 };
-    let locations = files.iter().flat_map(|file| file.tensors.iter());
-    for (entry, location) in header.tensors.iter_mut().zip(locations) {
-        let bytes = location.bytes;
-        let word_bytes =
-            dtype::word_bytes(location.dtype).map_err(|e| e.in_file(location.file).in_tensor(location.name))?;
-        let chunk_bytes = usize::try_from(options.chunk_words).expect("bounded") * word_bytes;
-        let base_match = counterpart(base, location);
-        let leading_sign = dtype::has_leading_sign(location.dtype);
-        let mut leaves = Vec::new();
-        let chunk_starts: Vec<usize> = (0..bytes.len()).step_by(chunk_bytes).collect();
-        for batch in chunk_starts.chunks(window()) {
-            progress.check_interrupted()?;
-            let encoded = batch
-                .par_iter()
-                .map(|&start| {
-                    let end = (start + chunk_bytes).min(bytes.len());
-                    let base_bytes = base_match.map(|b| &b.bytes[start.min(b.bytes.len())..end.min(b.bytes.len())]);
-                    encode_chunk(&bytes[start..end], base_bytes, word_bytes, leading_sign, options.settings)
-                })
-                .collect::<Result<Vec<EncodedChunk>>>()?;
-            for chunk in encoded {
-                leaves.push(chunk.record.digest);
-                writer.push_chunk(chunk)?;
-            }
-            let done: usize = batch.iter().map(|&s| (bytes.len() - s).min(chunk_bytes)).sum();
-            progress.advance(done as u64);
+    let jobs = files
+        .iter()
+        .flat_map(|file| file.tensors.iter())
+        .map(|location| {
+            let word_bytes =
+                dtype::word_bytes(location.dtype).map_err(|e| e.in_file(location.file).in_tensor(location.name))?;
+            Ok(TensorJob {
+                bytes: location.bytes,
+                word_bytes,
+                chunk_bytes: usize::try_from(options.chunk_words).expect("bounded") * word_bytes,
+                base: counterpart(base, location).map(|b| b.bytes),
+                leading_sign: dtype::has_leading_sign(location.dtype),
+            })
+        })
+        .collect::<Result<Vec<TensorJob>>>()?;
+    // Chunks of every tensor in file order, encoded a window at a time across tensor
+    // boundaries: most tensors hold one chunk, so windows within a tensor would leave
+    // threads idle. The order of the chunks, and so the file, is the same whatever
+    // the thread count.
+    let chunks: Vec<(usize, usize)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(tensor, job)| (0..job.bytes.len()).step_by(job.chunk_bytes).map(move |start| (tensor, start)))
+        .collect();
+    let mut leaves: Vec<Vec<Digest128>> = vec![Vec::new(); jobs.len()];
+    for batch in chunks.chunks(window()) {
+        progress.check_interrupted()?;
+        let encoded = batch
+            .par_iter()
+            .map(|&(tensor, start)| jobs[tensor].encode_chunk(start, options.settings))
+            .collect::<Result<Vec<EncodedChunk>>>()?;
+        let mut done = 0;
+        for (&(tensor, start), chunk) in batch.iter().zip(encoded) {
+            leaves[tensor].push(chunk.record.digest);
+            writer.push_chunk(chunk)?;
+            done += jobs[tensor].chunk_end(start) - start;
         }
-        entry.digest = to_hex(&tree_digest(&leaves));
-        match (&mut entry.base, base_match) {
-            (Some(base_ref), Some(base_tensor)) => {
-                base_ref.digest = to_hex(&tensor_digest(base_tensor.bytes, chunk_bytes)?);
+        progress.advance(done as u64);
+    }
+    let base_digests = jobs
+        .par_iter()
+        .map(|job| job.base.map(|bytes| tensor_digest(bytes, job.chunk_bytes)).transpose())
+        .collect::<Result<Vec<_>>>()?;
+    for ((entry, leaves), base_digest) in header.tensors.iter_mut().zip(&leaves).zip(base_digests) {
+        entry.digest = to_hex(&tree_digest(leaves));
+        match (&mut entry.base, base_digest) {
+            (Some(base_ref), Some(digest)) => {
+                base_ref.digest = to_hex(&digest);
                 summary.delta_tensors += 1;
             }
             _ => summary.standalone_tensors += 1,
