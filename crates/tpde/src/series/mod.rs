@@ -346,10 +346,7 @@ impl Series {
         options: &AddOptions,
         progress: &dyn Progress,
     ) -> Result<AddSummary> {
-        let _lock = SeriesLock::take(&self.root, true)?;
-        self.remove_stale_scratch();
-        // what another process may have added since this one opened the series
-        self.manifest = Manifest::read(&self.root)?;
+        let _lock = self.begin_change()?;
         if let Some(last) = self.manifest.steps.last().filter(|l| l.step >= step) {
             return Err(Error::new(
                 ErrorCode::SeriesStep,
@@ -482,9 +479,7 @@ impl Series {
         options: &AddOptions,
         progress: &dyn Progress,
     ) -> Result<PruneSummary> {
-        let _lock = SeriesLock::take(&self.root, true)?;
-        self.remove_stale_scratch();
-        self.manifest = Manifest::read(&self.root)?;
+        let _lock = self.begin_change()?;
         if !self.manifest.steps.iter().any(|s| keep(s.step)) {
             return Err(Error::new(ErrorCode::InvalidArgument, "prune would remove every step of the series"));
         }
@@ -518,6 +513,16 @@ impl Series {
         }
         self.commit(next)?;
         Ok(PruneSummary { removed, reencoded, bytes_before, bytes_after: self.stored_bytes() })
+    }
+
+    /// Takes the writer's lock, clears what a killed writer left, and reads the
+    /// manifest again: another process may have changed it since this one opened
+    /// the series.
+    fn begin_change(&mut self) -> Result<Option<SeriesLock>> {
+        let lock = SeriesLock::take(&self.root, true)?;
+        self.remove_stale_scratch();
+        self.manifest = Manifest::read(&self.root)?;
+        Ok(lock)
     }
 
     /// Replaces the manifest with `next` on disk, then removes the files that
