@@ -175,9 +175,17 @@ impl Manifest {
         if len > MAX_MANIFEST_BYTES {
             return Err(invalid(format!("the manifest has {len} bytes, more than {MAX_MANIFEST_BYTES}")).in_file(&path));
         }
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| Error::io(&path, "cannot read the series manifest", e))?;
-        Self::parse(&text).map_err(|e| e.in_file(&path))
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, "cannot read the series manifest", e))?;
+        Self::parse_bytes(&bytes).map_err(|e| e.in_file(&path))
+    }
+
+    /// Parses and checks a manifest's bytes, which must be UTF-8 (M1).
+    ///
+    /// # Errors
+    /// As [`Manifest::parse`].
+    pub fn parse_bytes(bytes: &[u8]) -> Result<Self> {
+        let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("the series manifest is not UTF-8: {e}")))?;
+        Self::parse(text)
     }
 
     /// Parses and checks a manifest's text.
