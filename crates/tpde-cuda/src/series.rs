@@ -4,8 +4,9 @@
 //! checked against their digests before the next is applied.
 
 use cudarc::driver::CudaSlice;
+use tpde::pipeline::apply::check_link;
 use tpde::series::{content_step, Series, StepKind};
-use tpde::{Error, ErrorCode};
+use tpde::{DeltaFile, Error, ErrorCode};
 
 use crate::delta::tensor_refs;
 use crate::error::Result;
@@ -14,10 +15,13 @@ use crate::pipeline::Loader;
 /// Brings `bufs`, which hold step `from` of `series` (one buffer per tensor, in
 /// the order of the series' deltas), to step `to` by applying in place the
 /// deltas of `to`'s chain that come after `from`. Each step file is checked
-/// against the digest the manifest pins before it is read, and each applied
-/// step's rebuilt chunks against their digests ([`crate::LoaderConfig`]'s
-/// `verify_digests`), so the base of every delta after the first is a checked
-/// one. Returns the number of deltas applied.
+/// against the digest the manifest pins before it is read, and each delta's
+/// base against the target that the step before it records
+/// ([`check_link`]), before anything is written; each applied step's rebuilt
+/// chunks are checked against their digests ([`crate::LoaderConfig`]'s
+/// `verify_digests`). So the base of every delta after the first is a checked
+/// one, and a worker that holds `from`'s target as checked when it was loaded
+/// needs no hashing of its buffers. Returns the number of deltas applied.
 ///
 /// # Errors
 /// `E_SERIES_STEP` when `from` is not on the chain of `to` (a keyframe between
@@ -40,11 +44,16 @@ pub fn step_in_place(
         return Err(Error::new(ErrorCode::SeriesStep, why).into());
     };
     let deltas = &chain[at + 1..];
+    // What `bufs` hold, by the header of the step file that rebuilt it: read
+    // for its target digests only, so its bytes are not hashed.
+    let mut earlier = DeltaFile::open(&series.root().join(chain[at].file.as_deref().unwrap_or_default()))?;
     for entry in deltas {
         debug_assert_eq!(entry.kind, StepKind::Delta, "a chain holds deltas after its keyframe");
         let file = series.open_step_file(entry)?;
+        check_link(&earlier, &file)?;
         let refs = tensor_refs(&file, true)?;
         loader.apply_in_place(&refs, bufs)?;
+        earlier = file;
     }
     Ok(deltas.len())
 }

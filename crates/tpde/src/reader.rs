@@ -352,9 +352,19 @@ impl DeltaFile {
         span: ChunkSpan,
         base: Option<&'s [u8]>,
     ) -> Result<ChunkInput<'s>> {
+        let base = Self::chunk_base(span, tensor.word_bytes()?, base);
+        self.chunk_input_at(tensor, span, base)
+    }
+
+    /// As [`DeltaFile::chunk_input`], given the base bytes at the chunk's place.
+    fn chunk_input_at<'s>(
+        &'s self,
+        tensor: &TensorEntry,
+        span: ChunkSpan,
+        base: Option<&'s [u8]>,
+    ) -> Result<ChunkInput<'s>> {
         let word_bytes = tensor.word_bytes()?;
         let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
-        let base = Self::chunk_base(span, word_bytes, base);
         let (record, streams, stored) =
             (self.chunk(span.index), self.streams(span.index), self.stored_bytes(span.index));
         Ok(ChunkInput { record, streams, stored, base, words, word_bytes })
@@ -397,6 +407,21 @@ impl DeltaFile {
         scratch: &mut DecodeScratch,
     ) -> Result<()> {
         let chunk = self.chunk_input(tensor, span, base)?;
+        decode_chunk_with(&chunk, out, scratch).map_err(|e| self.locate(e, tensor, span))
+    }
+
+    /// As [`DeltaFile::decode_chunk_with`], given the base bytes at the chunk's
+    /// place rather than the whole base tensor's: a chunk rebuilt on a base that
+    /// is itself rebuilt chunk by chunk.
+    pub(crate) fn decode_chunk_at(
+        &self,
+        tensor: &TensorEntry,
+        span: ChunkSpan,
+        chunk_base: Option<&[u8]>,
+        out: &mut Vec<u8>,
+        scratch: &mut DecodeScratch,
+    ) -> Result<()> {
+        let chunk = self.chunk_input_at(tensor, span, chunk_base)?;
         decode_chunk_with(&chunk, out, scratch).map_err(|e| self.locate(e, tensor, span))
     }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use tpde::pipeline::{encode::EncodeOptions, NoProgress};
+use tpde::pipeline::{apply::chain_links, encode::EncodeOptions, NoProgress};
 use tpde::series::{AddOptions, Manifest, Series, StepKind, MANIFEST_FILE, STEPS_DIR};
 use tpde::{Checkpoint, ErrorCode};
 
@@ -214,6 +214,30 @@ fn a_pruned_series_rebuilds_every_kept_step() {
     assert_eq!(series.get(0, &out, Default::default(), &NoProgress).unwrap_err().code(), ErrorCode::SeriesStep);
     let none = series.prune(|_| false, &options(10), &NoProgress).unwrap_err();
     assert_eq!(none.code(), ErrorCode::InvalidArgument);
+}
+
+#[test]
+fn steps_cut_into_other_chunk_sizes_still_rebuild() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut rng = Rng(0x5DEE_CE66_D1CE_4E5B);
+    let mut weights = initial_weights(&mut rng);
+    let mut series = Series::open_or_create(&dir.path().join("run")).expect("a new series");
+    let mut files = BTreeMap::new();
+    for k in 0..6 {
+        train(&mut weights, &mut rng, 20);
+        let path = write_step(dir.path(), k, &weights);
+        let chunk_words = if k < 3 { 1024 } else { 512 };
+        let options = AddOptions { max_chain: 10, encode: EncodeOptions { chunk_words, ..EncodeOptions::default() } };
+        series.add(&Checkpoint::open(&path).expect("opens"), k, &options, &NoProgress).expect("a step is added");
+        files.insert(k, path);
+    }
+    // the last step's chain crosses the change of chunk size, so its files do
+    // not link chunk by chunk and `get` rebuilds it one step at a time
+    let chain = series.manifest().chain(5).expect("a step");
+    assert!(chain.len() > 3, "the run is one chain: {chain:?}");
+    let chain_files: Vec<_> = chain.iter().map(|e| series.open_step_file(e).expect("opens")).collect();
+    assert!(!chain_links(&chain_files));
+    assert_every_step_rebuilds(&series, &files, dir.path());
 }
 
 #[test]

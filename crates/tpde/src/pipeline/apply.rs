@@ -98,6 +98,181 @@ pub fn resolve_base<'a>(
     Ok(resolved)
 }
 
+/// Where the base bytes of one of the rebuilt delta's tensors come from.
+enum TensorBase<'a> {
+    /// It has no base.
+    Standalone,
+    /// A checkpoint's bytes, memory-mapped.
+    Mapped(&'a [u8]),
+    /// The target of the chain's earlier deltas, rebuilt chunk by chunk.
+    Chained(ChainedTensor<'a>),
+}
+
+/// One tensor through the earlier deltas of a chain: the deltas that rebuild it,
+/// first to last, starting where it is standalone or where the first delta's base
+/// (a checkpoint) holds it.
+struct ChainedTensor<'a> {
+    links: Vec<(&'a DeltaFile, &'a TensorEntry)>,
+    /// The first link's base bytes, from the checkpoint, if it has one.
+    root: Option<&'a [u8]>,
+}
+
+impl ChainedTensor<'_> {
+    /// Rebuilds chunk `index` (counted within the tensor) of the last link's
+    /// target: each link's chunk is rebuilt on the one before, so at most two
+    /// chunks are held at once, whatever the chain's length. A link whose target
+    /// is too short to have that chunk leaves nothing, the empty base of a tensor
+    /// that grew.
+    fn chunk(&self, index: u64, scratch: &mut DecodeScratch) -> Result<Vec<u8>> {
+        let mut rebuilt: Option<Vec<u8>> = None;
+        for &(delta, tensor) in &self.links {
+            let Some(span) = delta.spans(tensor)?.nth(usize::try_from(index).unwrap_or(usize::MAX)) else {
+                rebuilt = Some(Vec::new());
+                continue;
+            };
+            let chunk_base = match (&rebuilt, &tensor.base) {
+                (_, None) => None,
+                (Some(below), Some(_)) => Some(below.as_slice()),
+                (None, Some(_)) => self.root.map(|root| cut(root, span, tensor)).transpose()?,
+            };
+            let mut out = Vec::new();
+            delta.decode_chunk_at(tensor, span, chunk_base, &mut out, scratch)?;
+            rebuilt = Some(out);
+        }
+        Ok(rebuilt.unwrap_or_default())
+    }
+
+    /// The decode memory one chunk holds at once: the most any link needs for
+    /// its chunk, plus the chunk it is rebuilt on.
+    fn chunk_cost(&self, index: u64) -> Result<u64> {
+        let mut most = 0;
+        for &(delta, tensor) in &self.links {
+            let Some(span) = delta.spans(tensor)?.nth(usize::try_from(index).unwrap_or(usize::MAX)) else { continue };
+            let cost = delta.decode_cost(tensor, span)?;
+            most = most.max(cost.output.saturating_mul(2).saturating_add(cost.scratch));
+        }
+        Ok(most)
+    }
+}
+
+/// The base bytes at a chunk's place within a whole base tensor's.
+fn cut<'b>(base: &'b [u8], span: ChunkSpan, tensor: &TensorEntry) -> Result<&'b [u8]> {
+    let word_bytes = tensor.word_bytes()? as u64;
+    let start = (span.first_word * word_bytes).min(base.len() as u64);
+    let end = ((span.first_word + span.words) * word_bytes).min(base.len() as u64);
+    Ok(&base[usize::try_from(start).expect("within a slice")..usize::try_from(end).expect("within a slice")])
+}
+
+/// The base of every tensor of the chain's last delta, in header order. The first
+/// delta's base is checked as [`resolve_base`] checks it. Each later delta's base
+/// is the target of the one before: its tensors' names, dtypes, shapes, chunking
+/// and digests must match that target's as recorded in its header, which its
+/// chunk digests then prove chunk by chunk as they are rebuilt.
+///
+/// # Errors
+/// As [`resolve_base`], naming the earlier delta's file where a link does not fit.
+fn resolve_chain<'a>(
+    chain: &'a [DeltaFile],
+    base: Option<&'a Checkpoint>,
+    progress: &dyn Progress,
+) -> Result<Vec<TensorBase<'a>>> {
+    let (first, _) = chain.split_first().ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "no delta to apply"))?;
+    let roots = resolve_base(first, base, progress)?;
+    if chain.len() == 1 {
+        return Ok(roots.into_iter().map(|b| b.map_or(TensorBase::Standalone, TensorBase::Mapped)).collect());
+    }
+    for pair in chain.windows(2) {
+        check_link(&pair[0], &pair[1])?;
+    }
+    let last = chain.len() - 1;
+    let by_name: Vec<std::collections::HashMap<&str, &TensorEntry>> =
+        chain.iter().map(|d| d.header().tensors.iter().map(|t| (t.name.as_str(), t)).collect()).collect();
+    let first_index: std::collections::HashMap<&str, usize> =
+        first.header().tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+    let mut bases = Vec::with_capacity(chain[last].header().tensors.len());
+    for tensor in &chain[last].header().tensors {
+        if tensor.base.is_none() {
+            bases.push(TensorBase::Standalone);
+            continue;
+        }
+        // Walk back while each link is based on the one before (check_link
+        // guarantees the earlier link holds the tensor).
+        let mut links = Vec::new();
+        let mut level = last;
+        let mut entry = tensor;
+        while entry.base.is_some() && level > 0 {
+            level -= 1;
+            entry = by_name[level][entry.name.as_str()];
+            links.push((&chain[level], entry));
+        }
+        links.reverse();
+        let root = if level == 0 && entry.base.is_some() { roots[first_index[entry.name.as_str()]] } else { None };
+        bases.push(TensorBase::Chained(ChainedTensor { links, root }));
+    }
+    Ok(bases)
+}
+
+/// Checks that `next` is a delta against the target of `earlier`, from their
+/// headers alone: names, dtypes, shapes and chunking of every tensor first, then
+/// every digest. A consumer that holds `earlier`'s target, rebuilt and checked
+/// chunk by chunk, thereby checks `next`'s base without hashing it again.
+///
+/// # Errors
+/// `E_BASE_MISSING_TENSOR`, `E_BASE_MISMATCH` (also for tensors cut into chunks
+/// of other sizes, whose digests do not compare) or `E_BASE_DIGEST`, naming
+/// `earlier`'s file and the tensor.
+pub fn check_link(earlier: &DeltaFile, next: &DeltaFile) -> Result<()> {
+    let targets: std::collections::HashMap<&str, &TensorEntry> =
+        earlier.header().tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let fault = |code, message: String, tensor: &TensorEntry| {
+        Err(Error::new(code, message).in_file(earlier.path()).in_tensor(&tensor.name))
+    };
+    let mut pairs = Vec::new();
+    for tensor in &next.header().tensors {
+        let Some(base_ref) = &tensor.base else { continue };
+        let Some(&target) = targets.get(tensor.name.as_str()) else {
+            return fault(
+                ErrorCode::BaseMissingTensor,
+                "the earlier delta's target has no tensor of this name".into(),
+                tensor,
+            );
+        };
+        if target.dtype != tensor.dtype || target.shape != base_ref.shape {
+            let message = format!(
+                "the earlier delta's target is {} {:?} but the next delta expects {} {:?}",
+                target.dtype, target.shape, tensor.dtype, base_ref.shape
+            );
+            return fault(ErrorCode::BaseMismatch, message, tensor);
+        }
+        if target.chunk_words != tensor.chunk_words {
+            // The digests are over chunks of these sizes, so they compare only
+            // when the sizes agree.
+            let message = format!(
+                "the earlier delta cuts this tensor into chunks of {} words, the next one into chunks of {}; \
+                 rebuild the earlier target and apply the next delta to it",
+                target.chunk_words, tensor.chunk_words
+            );
+            return fault(ErrorCode::BaseMismatch, message, tensor);
+        }
+        pairs.push((tensor, target, base_ref));
+    }
+    for (tensor, target, base_ref) in pairs {
+        if target.digest != base_ref.digest {
+            let message = "the earlier delta's target differs from the base the next delta was made against";
+            return fault(ErrorCode::BaseDigest, message.into(), tensor);
+        }
+    }
+    Ok(())
+}
+
+/// Whether every delta of `chain` is made against the target of the one before
+/// and cuts its tensors as that one does, so that [`apply_chain`] can rebuild its
+/// end chunk by chunk.
+#[must_use]
+pub fn chain_links(chain: &[DeltaFile]) -> bool {
+    chain.windows(2).all(|pair| check_link(&pair[0], &pair[1]).is_ok())
+}
+
 /// What the decoding threads hand to the thread that writes.
 enum SinkMessage<'a> {
     Begin(String),
@@ -114,12 +289,13 @@ enum SinkMessage<'a> {
 /// [`DECODE_IN_FLIGHT_BYTES`] from before it is allocated until it is written,
 /// whatever the thread count (spec §9.1).
 fn rebuild(
-    delta: &DeltaFile,
+    chain: &[DeltaFile],
     base: Option<&Checkpoint>,
     sink: &mut dyn TargetSink,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let bases = resolve_base(delta, base, progress)?;
+    let bases = resolve_chain(chain, base, progress)?;
+    let delta = chain.last().expect("resolve_chain refuses an empty chain");
     let header = delta.header();
     let total: u64 = header.tensors.iter().map(|t| t.byte_len().unwrap_or(0)).sum();
     progress.phase("rebuilding", total);
@@ -177,19 +353,22 @@ enum Rebuilt<'a> {
 /// The budget a chunk holds while it is decoded, and the part of it (its output)
 /// that it still holds until written. An unchanged chunk that its base covers is
 /// the base itself, and costs nothing.
-fn chunk_charge(delta: &DeltaFile, tensor: &TensorEntry, span: ChunkSpan, base: Option<&[u8]>) -> Result<(u64, u64)> {
+fn chunk_charge(delta: &DeltaFile, tensor: &TensorEntry, span: ChunkSpan, base: &TensorBase) -> Result<(u64, u64)> {
     let cost = delta.decode_cost(tensor, span)?;
     let end = (span.first_word + span.words) * tensor.word_bytes()? as u64;
-    let covered = base.is_some_and(|b| end <= b.len() as u64);
-    if delta.chunk(span.index).encoding == Encoding::Unchanged && covered {
-        return Ok((0, 0));
-    }
-    Ok((cost.output + cost.scratch, cost.output))
+    let below = match base {
+        TensorBase::Mapped(b) if end <= b.len() as u64 && delta.chunk(span.index).encoding == Encoding::Unchanged => {
+            return Ok((0, 0));
+        }
+        TensorBase::Standalone | TensorBase::Mapped(_) => 0,
+        TensorBase::Chained(chained) => chained.chunk_cost(span.index - tensor.first_chunk)?,
+    };
+    Ok((cost.output + cost.scratch + below, cost.output))
 }
 
 fn decode_files<'a>(
     delta: &DeltaFile,
-    bases: &[Option<&'a [u8]>],
+    bases: &'a [TensorBase<'a>],
     to_writer: &SyncSender<SinkMessage<'a>>,
     budget: &MemoryBudget,
     progress: &dyn Progress,
@@ -205,13 +384,13 @@ fn decode_files<'a>(
         // The chunks of every tensor of the file, batched across tensor boundaries:
         // most tensors hold one chunk, so batches within a tensor would leave
         // threads idle.
-        let mut chunks: Vec<(&TensorEntry, ChunkSpan, Option<&'a [u8]>)> = Vec::new();
-        for (tensor, &base_bytes) in header.tensors[tensors.clone()].iter().zip(&bases[tensors]) {
-            chunks.extend(delta.spans(tensor)?.map(|span| (tensor, span, base_bytes)));
+        let mut chunks: Vec<(&TensorEntry, ChunkSpan, &'a TensorBase<'a>)> = Vec::new();
+        for (tensor, base) in header.tensors[tensors.clone()].iter().zip(&bases[tensors]) {
+            chunks.extend(delta.spans(tensor)?.map(|span| (tensor, span, base)));
         }
         let charges = chunks
             .iter()
-            .map(|&(tensor, span, base_bytes)| chunk_charge(delta, tensor, span, base_bytes))
+            .map(|&(tensor, span, base)| chunk_charge(delta, tensor, span, base))
             .collect::<Result<Vec<_>>>()?;
         let totals: Vec<u64> = charges.iter().map(|c| c.0).collect();
         for batch in batches(&totals, DECODE_IN_FLIGHT_BYTES) {
@@ -226,12 +405,21 @@ fn decode_files<'a>(
             let rebuilt = chunks[batch.clone()]
                 .par_iter()
                 .zip(scratches.par_iter_mut())
-                .map(|(&(tensor, span, base_bytes), scratch)| {
-                    if let Some(bytes) = delta.unchanged_chunk(tensor, span, base_bytes)? {
-                        return Ok(Rebuilt::Borrowed(bytes));
-                    }
+                .map(|(&(tensor, span, base), scratch)| {
                     let mut out = Vec::new();
-                    delta.decode_chunk_with(tensor, span, base_bytes, &mut out, scratch)?;
+                    match base {
+                        TensorBase::Standalone => delta.decode_chunk_with(tensor, span, None, &mut out, scratch)?,
+                        TensorBase::Mapped(bytes) => {
+                            if let Some(unchanged) = delta.unchanged_chunk(tensor, span, Some(bytes))? {
+                                return Ok(Rebuilt::Borrowed(unchanged));
+                            }
+                            delta.decode_chunk_with(tensor, span, Some(bytes), &mut out, scratch)?;
+                        }
+                        TensorBase::Chained(chained) => {
+                            let below = chained.chunk(span.index - tensor.first_chunk, scratch)?;
+                            delta.decode_chunk_at(tensor, span, Some(&below), &mut out, scratch)?;
+                        }
+                    }
                     Ok(Rebuilt::Owned(out))
                 })
                 .collect::<Result<Vec<_>>>();
@@ -348,14 +536,41 @@ pub fn apply(
     options: ApplyOptions,
     progress: &dyn Progress,
 ) -> Result<ApplySummary> {
+    apply_chain(std::slice::from_ref(delta), base, out, options, progress)
+}
+
+/// Rebuilds the target of the last delta of `chain` into `out`, where the first
+/// delta is applied to `base` and each later one to the target of the one before,
+/// as [`apply`] would one by one, but without writing or rereading the targets in
+/// between: each chunk is rebuilt through the chain in memory, so memory stays
+/// bounded as in [`apply`] and the time is about one `apply` plus the decoding of
+/// the earlier deltas' chunks. Each link is checked before anything is written:
+/// the later delta's base names, dtypes, shapes and digests against the earlier
+/// delta's target as its header records them.
+///
+/// # Errors
+/// As [`apply`]; for a chain whose deltas do not follow one another, the base
+/// errors of [`apply`] naming the earlier delta's file, and `E_BASE_MISMATCH` for
+/// deltas that cut a tensor into chunks of different sizes (see
+/// [`chain_links`]); `E_INVALID_ARGUMENT` for an empty chain.
+pub fn apply_chain(
+    chain: &[DeltaFile],
+    base: Option<&Checkpoint>,
+    out: &Path,
+    options: ApplyOptions,
+    progress: &dyn Progress,
+) -> Result<ApplySummary> {
+    let Some(delta) = chain.last() else {
+        return Err(Error::new(ErrorCode::InvalidArgument, "no delta to apply"));
+    };
     let ApplyOptions { force, sync } = options;
-    let inputs: Vec<&Path> = std::iter::once(delta.path()).chain(base.map(|b| b.root.as_path())).collect();
+    let inputs: Vec<&Path> = chain.iter().map(DeltaFile::path).chain(base.map(|b| b.root.as_path())).collect();
     check_not_an_input(out, &inputs)?;
     let sharded = delta.header().target.kind == LayoutKind::Sharded;
     check_output(out, force, if sharded { OutputKind::Directory } else { OutputKind::File })?;
     let dir = if sharded { Some(PendingDir::create_with(out, force)?) } else { None };
     let mut sink = FileSink { out, force, sync, dir, current: None };
-    rebuild(delta, base, &mut sink, progress).map_err(|e| e.in_file(delta.path()))?;
+    rebuild(chain, base, &mut sink, progress).map_err(|e| e.in_file(delta.path()))?;
     let header = delta.header();
     if let Some(dir) = sink.dir.take() {
         let index = header.target.index_json.as_deref().unwrap_or_default();
@@ -446,5 +661,5 @@ pub fn verify(
         }
     }
     let mut sink = CompareSink { reference: target, file: None, name: String::new(), at: 0 };
-    rebuild(delta, base, &mut sink, progress).map_err(|e| e.in_file(delta.path()))
+    rebuild(std::slice::from_ref(delta), base, &mut sink, progress).map_err(|e| e.in_file(delta.path()))
 }
