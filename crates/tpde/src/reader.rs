@@ -343,6 +343,23 @@ impl DeltaFile {
         }))
     }
 
+    /// Chunk `k` (counted within the tensor) of `tensor`; `None` past its last.
+    ///
+    /// # Errors
+    /// `E_UNKNOWN_DTYPE` (excluded once the file is open).
+    pub fn span(&self, tensor: &TensorEntry, k: u64) -> Result<Option<ChunkSpan>> {
+        let words = tensor.word_count()?;
+        if k >= tensor.chunk_count {
+            return Ok(None);
+        }
+        let first_word = k * tensor.chunk_words;
+        Ok(Some(ChunkSpan {
+            index: tensor.first_chunk + k,
+            first_word,
+            words: tensor.chunk_words.min(words - first_word),
+        }))
+    }
+
     /// What the chunk decoders of [`crate::delta`] need for one chunk: its records,
     /// its stored bytes, and the base bytes at its place (`None` without base,
     /// possibly shorter than the chunk, or empty, where the base tensor is shorter).
@@ -371,7 +388,7 @@ impl DeltaFile {
     }
 
     /// The base bytes at a chunk's place, cut from the whole base tensor's.
-    fn chunk_base(span: ChunkSpan, word_bytes: usize, base: Option<&[u8]>) -> Option<&[u8]> {
+    pub(crate) fn chunk_base(span: ChunkSpan, word_bytes: usize, base: Option<&[u8]>) -> Option<&[u8]> {
         base.map(|b| {
             let start = usize::try_from(span.first_word).unwrap_or(usize::MAX).saturating_mul(word_bytes).min(b.len());
             let end = start

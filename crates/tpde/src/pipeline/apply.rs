@@ -126,14 +126,14 @@ impl ChainedTensor<'_> {
     fn chunk(&self, index: u64, scratch: &mut DecodeScratch) -> Result<Vec<u8>> {
         let mut rebuilt: Option<Vec<u8>> = None;
         for &(delta, tensor) in &self.links {
-            let Some(span) = delta.spans(tensor)?.nth(usize::try_from(index).unwrap_or(usize::MAX)) else {
+            let Some(span) = delta.span(tensor, index)? else {
                 rebuilt = Some(Vec::new());
                 continue;
             };
             let chunk_base = match (&rebuilt, &tensor.base) {
                 (_, None) => None,
                 (Some(below), Some(_)) => Some(below.as_slice()),
-                (None, Some(_)) => self.root.map(|root| cut(root, span, tensor)).transpose()?,
+                (None, Some(_)) => DeltaFile::chunk_base(span, tensor.word_bytes()?, self.root),
             };
             let mut out = Vec::new();
             delta.decode_chunk_at(tensor, span, chunk_base, &mut out, scratch)?;
@@ -147,20 +147,12 @@ impl ChainedTensor<'_> {
     fn chunk_cost(&self, index: u64) -> Result<u64> {
         let mut most = 0;
         for &(delta, tensor) in &self.links {
-            let Some(span) = delta.spans(tensor)?.nth(usize::try_from(index).unwrap_or(usize::MAX)) else { continue };
+            let Some(span) = delta.span(tensor, index)? else { continue };
             let cost = delta.decode_cost(tensor, span)?;
             most = most.max(cost.output.saturating_mul(2).saturating_add(cost.scratch));
         }
         Ok(most)
     }
-}
-
-/// The base bytes at a chunk's place within a whole base tensor's.
-fn cut<'b>(base: &'b [u8], span: ChunkSpan, tensor: &TensorEntry) -> Result<&'b [u8]> {
-    let word_bytes = tensor.word_bytes()? as u64;
-    let start = (span.first_word * word_bytes).min(base.len() as u64);
-    let end = ((span.first_word + span.words) * word_bytes).min(base.len() as u64);
-    Ok(&base[usize::try_from(start).expect("within a slice")..usize::try_from(end).expect("within a slice")])
 }
 
 /// The base of every tensor of the chain's last delta, in header order. The first
@@ -195,18 +187,24 @@ fn resolve_chain<'a>(
             bases.push(TensorBase::Standalone);
             continue;
         }
-        // Walk back while each link is based on the one before (check_link
-        // guarantees the earlier link holds the tensor).
+        // Walk back while each link is based on the one before.
         let mut links = Vec::new();
         let mut level = last;
         let mut entry = tensor;
         while entry.base.is_some() && level > 0 {
             level -= 1;
-            entry = by_name[level][entry.name.as_str()];
+            entry = by_name[level].get(entry.name.as_str()).copied().ok_or_else(|| {
+                Error::new(ErrorCode::BaseMissingTensor, "the earlier delta's target has no tensor of this name")
+                    .in_file(chain[level].path())
+                    .in_tensor(&tensor.name)
+            })?;
             links.push((&chain[level], entry));
         }
         links.reverse();
-        let root = if level == 0 && entry.base.is_some() { roots[first_index[entry.name.as_str()]] } else { None };
+        let root = match (level, &entry.base) {
+            (0, Some(_)) => first_index.get(entry.name.as_str()).and_then(|&i| roots[i]),
+            _ => None,
+        };
         bases.push(TensorBase::Chained(ChainedTensor { links, root }));
     }
     Ok(bases)
