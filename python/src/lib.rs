@@ -1,10 +1,12 @@
 //! The `tpde._tpde` extension module: the library's verbs (`encode`, `apply`,
-//! `verify`, `inspect`) and `DeltaReader`, which rebuilds single tensors. The
+//! `verify`, `inspect`), `DeltaReader`, which rebuilds single tensors, and
+//! `Series`, a training run kept as keyframes and deltas. The
 //! `tpde` package wraps it in Python (`safe_open`, `tpde.torch`).
 
 mod errors;
 mod host_buffer;
 mod interrupt;
+mod series;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -228,5 +230,6 @@ fn _tpde(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(verify, module)?)?;
     module.add_function(wrap_pyfunction!(inspect_json, module)?)?;
     module.add_class::<DeltaReader>()?;
+    module.add_class::<series::Series>()?;
     Ok(())
 }

@@ -49,3 +49,37 @@ class DeltaReader:
     def metadata_json(self) -> Optional[str]: ...
     def decode_into(self, name: str, out: Any) -> None: ...
     def decode_rows_into(self, name: str, start: int, stop: int, out: Any) -> None: ...
+
+class Series:
+    """A series directory, opened; ``tpde.Series`` wraps it."""
+
+    def __init__(self, path: PathLike, *, create: bool) -> None: ...
+    @property
+    def path(self) -> PathLike: ...
+    @property
+    def stored_bytes(self) -> int: ...
+    def add(
+        self,
+        checkpoint: PathLike,
+        step: int,
+        *,
+        previous: Optional[PathLike],
+        max_chain: int,
+        level: int,
+        chunk_words: int,
+        threads: Optional[int],
+    ) -> str: ...
+    def get(self, step: int, out: PathLike, *, force: bool, threads: Optional[int]) -> None: ...
+    def manifest_json(self) -> str: ...
+    def verify(self, *, threads: Optional[int]) -> Tuple[int, List[PathLike]]: ...
+    def prune(
+        self,
+        *,
+        keep: Optional[List[int]],
+        keep_every: Optional[int],
+        keep_last: Optional[int],
+        max_chain: int,
+        level: int,
+        chunk_words: int,
+        threads: Optional[int],
+    ) -> Tuple[List[int], List[int], int, int]: ...
