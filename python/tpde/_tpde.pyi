@@ -1,7 +1,7 @@
 """The extension module; ``tpde`` and ``tpde.torch`` are its public face."""
 
 import os
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: Tensors in memory: ``(name, dtype, shape, C-contiguous uint8 array)`` each.
@@ -83,3 +83,28 @@ class Series:
         chunk_words: int,
         threads: Optional[int],
     ) -> Tuple[List[int], List[int], int, int]: ...
+
+#: A CUDA tensor lent to the GPU loader: ``(name, dtype, shape, device address, bytes)``.
+ResidentList = List[Tuple[str, str, List[int], int, int]]
+
+class DeviceBuffer:
+    """Device memory rebuilt by tpde, lent to torch through ``__cuda_array_interface__``."""
+
+    @property
+    def ptr(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def __cuda_array_interface__(self) -> Dict[str, Any]: ...
+
+#: ``(name, dtype, shape, buffer)`` per target tensor; no buffer where rebuilt in place.
+RebuiltList = List[Tuple[str, str, List[int], Optional[DeviceBuffer]]]
+
+def cuda_load(
+    delta: PathLike, *, device: int, base_path: Optional[PathLike], base_tensors: Optional[ResidentList]
+) -> List[Tuple[str, str, List[int], DeviceBuffer]]: ...
+def cuda_apply_in_place(
+    delta: PathLike, *, device: int, base_tensors: ResidentList, check_base: bool
+) -> RebuiltList: ...
