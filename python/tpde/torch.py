@@ -81,9 +81,12 @@ def load(
     target = torch.device(device)
     if target.type == "cuda":
         return _load_cuda(base, delta, target)
-    if base is not None and not isinstance(base, (str, os.PathLike)):
-        base = _tensor_list(base)  # type: ignore[assignment]
-    with safe_open(delta, base, framework="pt") as f:  # type: ignore[arg-type]
+    source: Any
+    if base is None or isinstance(base, (str, os.PathLike)):
+        source = base
+    else:
+        source = _tensor_list(base)
+    with safe_open(delta, source, framework="pt") as f:
         return {name: f.get_tensor(name).to(target) for name in f.offset_keys()}
 
 
