@@ -27,7 +27,35 @@ pub fn to_py(err: &tpde::Error) -> PyErr {
     })
 }
 
+/// A failure of work run with the GIL released, turned into `TpdeError` once the
+/// GIL is held again.
+pub trait Fault: Send {
+    /// The Python exception.
+    fn into_py(self) -> PyErr;
+}
+
+impl Fault for tpde::Error {
+    fn into_py(self) -> PyErr {
+        to_py(&self)
+    }
+}
+
 /// `E_INVALID_ARGUMENT` for a caller's mistake found in the bindings.
 pub fn invalid_argument(message: impl Into<String>) -> PyErr {
     to_py(&tpde::Error::new(tpde::ErrorCode::InvalidArgument, message))
+}
+
+/// A `TpdeError` with a code of the bindings' own (the GPU loader's failures that
+/// are no fault of a file, such as `E_GPU_NO_DRIVER`), shaped like `to_py`'s.
+pub fn coded(code: &str, message: &str) -> PyErr {
+    Python::attach(|py| {
+        let exception = TpdeError::new_err(format!("{code}: {message}"));
+        let value = exception.value(py);
+        let located = value
+            .setattr("code", code)
+            .and_then(|()| value.setattr("file", py.None()))
+            .and_then(|()| value.setattr("tensor", py.None()))
+            .and_then(|()| value.setattr("chunk", py.None()));
+        located.err().unwrap_or(exception)
+    })
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use tpde::pipeline::Progress;
 
-use crate::errors::{invalid_argument, to_py};
+use crate::errors::{invalid_argument, Fault};
 
 /// How often the calling thread looks for signals while the work runs.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -53,6 +53,16 @@ pub fn run_interruptible<T: Send>(
     threads: Option<usize>,
     work: impl FnOnce(&Interrupt) -> tpde::Result<T> + Send,
 ) -> PyResult<T> {
+    run_interruptible_with(py, threads, work)
+}
+
+/// [`run_interruptible`] for work that fails with another error than the
+/// library's (the GPU loader's).
+pub fn run_interruptible_with<T: Send, E: Fault>(
+    py: Python<'_>,
+    threads: Option<usize>,
+    work: impl FnOnce(&Interrupt) -> Result<T, E> + Send,
+) -> PyResult<T> {
     let pool = thread_pool(threads)?;
     let interrupt = Interrupt::default();
     let finished = AtomicBool::new(false);
@@ -85,7 +95,7 @@ pub fn run_interruptible<T: Send>(
             }
         }
         match py.detach(|| worker.join()) {
-            Ok(result) => result.map_err(|e| to_py(&e)),
+            Ok(result) => result.map_err(Fault::into_py),
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })

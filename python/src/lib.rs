@@ -1,10 +1,14 @@
 //! The `tpde._tpde` extension module: the library's verbs (`encode`, `apply`,
-//! `verify`, `inspect`) and `DeltaReader`, which rebuilds single tensors. The
+//! `verify`, `inspect`), `DeltaReader`, which rebuilds single tensors, and
+//! `Series`, a training run kept as keyframes and deltas, and the CUDA path of
+//! `tpde.torch` (`cuda_load`, `cuda_apply_in_place`, `DeviceBuffer`). The
 //! `tpde` package wraps it in Python (`safe_open`, `tpde.torch`).
 
+mod cuda;
 mod errors;
 mod host_buffer;
 mod interrupt;
+mod series;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -228,5 +232,9 @@ fn _tpde(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(verify, module)?)?;
     module.add_function(wrap_pyfunction!(inspect_json, module)?)?;
     module.add_class::<DeltaReader>()?;
+    module.add_class::<series::Series>()?;
+    module.add_class::<cuda::DeviceBuffer>()?;
+    module.add_function(wrap_pyfunction!(cuda::cuda_load, module)?)?;
+    module.add_function(wrap_pyfunction!(cuda::cuda_apply_in_place, module)?)?;
     Ok(())
 }

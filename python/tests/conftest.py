@@ -15,6 +15,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU; skipped, with the reason, where torch.cuda.is_available() is false"
+    )
+
 Tensors = Dict[str, Tuple[str, List[int], bytes]]
 
 

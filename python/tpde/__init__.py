@@ -10,6 +10,8 @@ or a directory holding a sharded checkpoint (``model.safetensors.index.json``).
 - ``verify(base, delta, target=None)`` checks every checksum and digest.
 - ``inspect(delta)`` reports what a delta holds, as ``tpde inspect --json`` does.
 - ``safe_open(delta, base)`` reads the target tensor by tensor, like safetensors.
+- ``Series(path)`` keeps a training run as keyframes and deltas, with the verbs
+  of ``tpde series`` (``add``, ``get``, ``list``, ``verify``, ``prune``).
 - ``tpde.torch`` loads, applies and saves deltas from PyTorch state dicts.
 
 Every failure raises ``TpdeError``, whose ``.code`` is a stable error code such as
@@ -25,10 +27,12 @@ from typing import Any, Dict, Optional, Union
 
 from . import _tpde
 from ._reader import TensorSlice, safe_open
+from ._series import Series
 from ._tpde import DEFAULT_CHUNK_WORDS, TpdeError
 
 __all__ = [
     "DEFAULT_CHUNK_WORDS",
+    "Series",
     "TensorSlice",
     "TpdeError",
     "apply",

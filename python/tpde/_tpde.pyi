@@ -1,7 +1,7 @@
 """The extension module; ``tpde`` and ``tpde.torch`` are its public face."""
 
 import os
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: Tensors in memory: ``(name, dtype, shape, C-contiguous uint8 array)`` each.
@@ -49,3 +49,62 @@ class DeltaReader:
     def metadata_json(self) -> Optional[str]: ...
     def decode_into(self, name: str, out: Any) -> None: ...
     def decode_rows_into(self, name: str, start: int, stop: int, out: Any) -> None: ...
+
+class Series:
+    """A series directory, opened; ``tpde.Series`` wraps it."""
+
+    def __init__(self, path: PathLike, *, create: bool) -> None: ...
+    @property
+    def path(self) -> PathLike: ...
+    @property
+    def stored_bytes(self) -> int: ...
+    def add(
+        self,
+        checkpoint: PathLike,
+        step: int,
+        *,
+        previous: Optional[PathLike],
+        max_chain: int,
+        level: int,
+        chunk_words: int,
+        threads: Optional[int],
+    ) -> str: ...
+    def get(self, step: int, out: PathLike, *, force: bool, threads: Optional[int]) -> None: ...
+    def manifest_json(self) -> str: ...
+    def verify(self, *, threads: Optional[int]) -> Tuple[int, List[PathLike]]: ...
+    def prune(
+        self,
+        *,
+        keep: Optional[List[int]],
+        keep_every: Optional[int],
+        keep_last: Optional[int],
+        max_chain: int,
+        level: int,
+        chunk_words: int,
+        threads: Optional[int],
+    ) -> Tuple[List[int], List[int], int, int]: ...
+
+#: A CUDA tensor lent to the GPU loader: ``(name, dtype, shape, device address, bytes)``.
+ResidentList = List[Tuple[str, str, List[int], int, int]]
+
+class DeviceBuffer:
+    """Device memory rebuilt by tpde, lent to torch through ``__cuda_array_interface__``."""
+
+    @property
+    def ptr(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def __cuda_array_interface__(self) -> Dict[str, Any]: ...
+
+#: ``(name, dtype, shape, buffer)`` per target tensor; no buffer where rebuilt in place.
+RebuiltList = List[Tuple[str, str, List[int], Optional[DeviceBuffer]]]
+
+def cuda_load(
+    delta: PathLike, *, device: int, base_path: Optional[PathLike], base_tensors: Optional[ResidentList]
+) -> List[Tuple[str, str, List[int], DeviceBuffer]]: ...
+def cuda_apply_in_place(
+    delta: PathLike, *, device: int, base_tensors: ResidentList, check_base: bool
+) -> RebuiltList: ...

@@ -1,17 +1,31 @@
-"""PyTorch state dicts in and out of deltas, on the CPU.
+"""PyTorch state dicts in and out of deltas, on the CPU or on a CUDA GPU.
 
-- ``load(base, delta)`` rebuilds a state dict from a base checkpoint on disk.
+- ``load(base, delta, device=...)`` rebuilds a state dict from a base checkpoint on
+  disk, or from a base already in memory (a state dict).
 - ``apply_(state_dict, delta)`` turns a state dict holding the base into the target.
 - ``save_delta(base_state_dict, state_dict, path)`` encodes straight from memory.
 
-Tensors are read and written in place where they are contiguous CPU tensors;
-others are copied to the CPU first.
+On the CPU, tensors are read and written in place where they are contiguous CPU
+tensors; others are copied to the CPU first.
+
+On CUDA (``device="cuda:N"``, or a state dict whose tensors all live on one CUDA
+device), the GPU loader of ``tpde-cuda`` rebuilds the tensors in device memory:
+only the delta (and a base read from disk) crosses the bus, every rebuilt chunk is
+checked against its digest on the device, and the results are handed to torch
+without a copy. Resident tensors must be contiguous and on that device. The
+kernels are compiled with NVRTC on first use (once per process); the driver must
+be of the 580 series or newer (CUDA 13). Without a driver, ``TpdeError`` with code
+``E_GPU_NO_DRIVER``; other failures of the GPU itself are ``E_GPU_*`` codes, and
+faults of a file or base keep the codes the CPU path gives.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import importlib
 import os
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,30 +62,74 @@ def _tensor_list(state_dict: Mapping[str, torch.Tensor]) -> List[Tuple[str, str,
 
 
 def load(
-    base: Optional[PathLike], delta: PathLike, device: Union[str, torch.device] = "cpu"
+    base: Union[PathLike, Mapping[str, torch.Tensor], None],
+    delta: PathLike,
+    device: Union[str, torch.device] = "cpu",
 ) -> Dict[str, torch.Tensor]:
-    """Rebuilds the target of ``delta`` from ``base`` (a ``.safetensors`` file or a
-    sharded checkpoint directory; None for a standalone file) as a state dict of
-    tensors of their real dtypes, moved to ``device``. Every tensor is checked
-    against its digests, and the base as ``apply`` checks it."""
-    with safe_open(delta, base, framework="pt") as f:
-        return {name: f.get_tensor(name).to(device) for name in f.offset_keys()}
+    """Rebuilds the target of ``delta`` as a state dict of tensors of their real
+    dtypes on ``device``. ``base`` is a ``.safetensors`` file or a sharded
+    checkpoint directory, a state dict holding the base (on CUDA: contiguous
+    tensors already on ``device``, the fine-tune-on-a-resident-base case), or None
+    for a standalone file. Every tensor is checked against its digests, and the
+    base as ``apply`` checks it: names, dtypes and shapes first; a base in GPU
+    memory is then proven by the rebuilt tensors' digests (a tensor that fails
+    them has its base checked, so a wrong base is ``E_BASE_DIGEST``), and nothing
+    of it is written.
+
+    On CUDA the tensors are rebuilt on the GPU and returned without a copy: each
+    owns its device memory, outside torch's caching allocator."""
+    target = torch.device(device)
+    if target.type == "cuda":
+        return _load_cuda(base, delta, target)
+    source: Any
+    if base is None or isinstance(base, (str, os.PathLike)):
+        source = base
+    else:
+        source = _tensor_list(base)
+    with safe_open(delta, source, framework="pt") as f:
+        return {name: f.get_tensor(name).to(target) for name in f.offset_keys()}
 
 
-def apply_(state_dict: MutableMapping[str, torch.Tensor], delta: PathLike) -> None:
+def apply_(
+    state_dict: MutableMapping[str, torch.Tensor],
+    delta: PathLike,
+    *,
+    low_memory: bool = False,
+    check_base: bool = True,
+) -> None:
     """Turns ``state_dict``, which holds the base that ``delta`` was made against,
     into the target: tensors of the same dtype and shape are overwritten in place
-    (``copy_``, on their device), others replaced, and tensors that the target
-    lacks removed.
+    (on their device), others replaced, and tensors that the target lacks removed.
 
     The base is checked as ``apply`` checks it. Every tensor is rebuilt and checked
     before the first is written, so a failure leaves ``state_dict`` unchanged (and
     tensors that share memory, such as tied weights, are each rebuilt from their
     base); this holds the rebuilt tensors in memory at once.
+
+    When every tensor is a CUDA tensor of one device, the GPU rebuilds them (they
+    must be contiguous). ``low_memory=True`` (CUDA only) then rebuilds each
+    tensor inside its own memory, with no second copy: the RL weight-sync case.
+    The base's digests are checked first, from a copy on the host, unless
+    ``check_base=False``, which is for a state dict known to hold the base (the
+    result of an earlier ``apply_``, whose digests were checked); a wrong base
+    is then found only after the tensors were overwritten (``E_CHUNK_DIGEST``).
+    Tensors that share memory are refused there (``E_INVALID_ARGUMENT``).
     """
+    cuda = _cuda_device_of(state_dict)
+    if cuda is not None:
+        _apply_cuda(state_dict, delta, cuda, low_memory=low_memory, check_base=check_base)
+        return
+    if low_memory:
+        raise tpde_error("E_INVALID_ARGUMENT", "low_memory=True needs a state dict of CUDA tensors of one device")
     base: Any = _tensor_list(state_dict) if state_dict else None
     with safe_open(delta, base, framework="pt") as f:
         rebuilt = {name: f.get_tensor(name) for name in f.offset_keys()}
+    _update(state_dict, rebuilt)
+
+
+def _update(state_dict: MutableMapping[str, torch.Tensor], rebuilt: Mapping[str, torch.Tensor]) -> None:
+    """Puts the rebuilt target into ``state_dict``: in place where a tensor of the
+    same dtype and shape is there, else as a new entry on that tensor's device."""
     for name in [name for name in state_dict if name not in rebuilt]:
         del state_dict[name]
     # Parameters that require grad may be overwritten too: this is not a step to differentiate.
@@ -79,9 +137,131 @@ def apply_(state_dict: MutableMapping[str, torch.Tensor], delta: PathLike) -> No
         for name, tensor in rebuilt.items():
             current = state_dict.get(name)
             if current is not None and current.dtype == tensor.dtype and current.shape == tensor.shape:
-                current.copy_(tensor)
+                if current.data_ptr() != tensor.data_ptr():
+                    current.copy_(tensor)
             else:
                 state_dict[name] = tensor if current is None else tensor.to(current.device)
+
+
+# --- CUDA ---------------------------------------------------------------------
+
+#: ``(name, dtype, shape, device address, bytes)``: a CUDA tensor lent to the loader.
+_Resident = Tuple[str, str, List[int], int, int]
+
+
+def _cuda_device_of(state_dict: Mapping[str, torch.Tensor]) -> Optional[torch.device]:
+    """The CUDA device of every tensor of ``state_dict``, or None when some tensor
+    is elsewhere (or the dict is empty): those go through the CPU."""
+    devices = {t.device for t in state_dict.values() if isinstance(t, torch.Tensor)}
+    if len(devices) != 1 or len(state_dict) != sum(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        return None
+    (device,) = devices
+    return device if device.type == "cuda" else None
+
+
+def _cuda_index(device: torch.device) -> int:
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+_NVRTC_TRIED = False
+
+
+def _preload_nvrtc() -> None:
+    """Loads NVRTC from the ``nvidia-cuda-nvrtc`` wheel that PyPI's torch brings,
+    when there is one, so that the loader finds it by name (``libnvrtc.so.13``)
+    on a machine whose CUDA toolkit is not on the library path."""
+    global _NVRTC_TRIED
+    if _NVRTC_TRIED:
+        return
+    _NVRTC_TRIED = True
+    try:
+        nvidia = importlib.import_module("nvidia")
+    except ImportError:
+        return
+    for root in getattr(nvidia, "__path__", []):
+        for library in sorted(glob.glob(os.path.join(root, "cu1[3-9]", "lib", "libnvrtc.so.1[3-9]"))):
+            try:
+                ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue
+
+
+def _wrap(buffer: Any, dtype: str, shape: Sequence[int], device: torch.device, name: str) -> torch.Tensor:
+    """A tensor over the device memory of ``buffer`` (a ``DeviceBuffer``), with no
+    copy: torch reads its ``__cuda_array_interface__`` and keeps it alive."""
+    raw = torch.as_tensor(buffer, device=device)
+    if dtype in _dtypes.PACKED:
+        return raw.reshape(_dtypes.packed_shape(shape, raw.numel()))
+    torch_dtype = _dtypes.torch_dtypes(torch).get(dtype)
+    if torch_dtype is None:
+        raise tpde_error("E_UNKNOWN_DTYPE", f"this torch ({torch.__version__}) has no dtype for {dtype}", tensor=name)
+    return raw.view(torch_dtype).reshape(tuple(shape))
+
+
+def _resident(state_dict: Mapping[str, torch.Tensor], device: torch.device) -> List[_Resident]:
+    """The tensors of ``state_dict`` as the loader borrows them: each must be a
+    contiguous tensor on ``device`` whose bytes are its values."""
+    resident = []
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise tpde_error("E_INVALID_ARGUMENT", f"expected a torch.Tensor, got {type(tensor).__name__}", tensor=name)
+        if tensor.device != device:
+            raise tpde_error("E_INVALID_ARGUMENT", f"the tensor is on {tensor.device}, not on {device}", tensor=name)
+        if not tensor.is_contiguous() or tensor.is_conj() or tensor.is_neg():
+            raise tpde_error(
+                "E_INVALID_ARGUMENT", "the tensor is not contiguous (call .contiguous() first)", tensor=name
+            )
+        nbytes = tensor.numel() * tensor.element_size()
+        resident.append((name, _safetensors_dtype(name, tensor), list(tensor.shape), tensor.data_ptr(), nbytes))
+    return resident
+
+
+def _load_cuda(
+    base: Union[PathLike, Mapping[str, torch.Tensor], None], delta: PathLike, device: torch.device
+) -> Dict[str, torch.Tensor]:
+    index = _cuda_index(device)
+    device = torch.device("cuda", index)
+    _preload_nvrtc()
+    if base is None or isinstance(base, (str, os.PathLike)):
+        rebuilt = _tpde.cuda_load(
+            os.fspath(delta), device=index, base_path=None if base is None else os.fspath(base), base_tensors=None
+        )
+    else:
+        resident = _resident(base, device)
+        # The loader reads the base on its own stream: torch's writes come first.
+        torch.cuda.current_stream(device).synchronize()
+        rebuilt = _tpde.cuda_load(os.fspath(delta), device=index, base_path=None, base_tensors=resident)
+    return {name: _wrap(buffer, dtype, shape, device, name) for name, dtype, shape, buffer in rebuilt}
+
+
+def _apply_cuda(
+    state_dict: MutableMapping[str, torch.Tensor],
+    delta: PathLike,
+    device: torch.device,
+    *,
+    low_memory: bool,
+    check_base: bool,
+) -> None:
+    _preload_nvrtc()
+    resident = _resident(state_dict, device)
+    # The loader reads (and with low_memory, writes) these tensors on its own
+    # stream: whatever torch queued on them comes first.
+    torch.cuda.current_stream(device).synchronize()
+    rebuilt: Sequence[Tuple[str, str, List[int], Optional[_tpde.DeviceBuffer]]]
+    if low_memory:
+        rebuilt = _tpde.cuda_apply_in_place(
+            os.fspath(delta), device=device.index, base_tensors=resident, check_base=check_base
+        )
+    else:
+        rebuilt = _tpde.cuda_load(os.fspath(delta), device=device.index, base_path=None, base_tensors=resident)
+    tensors = {}
+    for name, dtype, shape, buffer in rebuilt:
+        # No buffer: rebuilt inside the state dict's own tensor.
+        tensors[name] = state_dict[name] if buffer is None else _wrap(buffer, dtype, shape, device, name)
+    _update(state_dict, tensors)
 
 
 def save_delta(

@@ -1,0 +1,473 @@
+//! `tpde.torch` on CUDA: deltas rebuilt on the GPU by the `tpde-cuda` loader, the
+//! results handed to torch without a copy.
+//!
+//! - Results live in [`DeviceBuffer`]s, which own their device memory and expose it
+//!   through `__cuda_array_interface__`; `torch.as_tensor` wraps one and keeps it
+//!   alive as long as the tensor lives.
+//! - Tensors that torch owns (a resident base, a state dict applied in place) are
+//!   borrowed as cudarc slices that are never freed ([`Borrowed`]).
+//!
+//! Both sides use the device's primary context: cudarc's `CudaContext::new`
+//! retains it (`cuDevicePrimaryCtxRetain`), and so does torch's runtime API, so a
+//! pointer from either is valid in the other. Python synchronizes torch's current
+//! stream before a call; every call synchronizes the loader's stream before it
+//! returns, so results are ready for any stream (`"stream": None`).
+
+use std::collections::btree_map::{BTreeMap, Entry};
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use tpde::container::header::TensorEntry;
+use tpde::digest::{tensor_digest, to_hex};
+use tpde::{Checkpoint, DeltaFile, Error, ErrorCode};
+use tpde_cuda::cudarc::driver::result::ctx;
+use tpde_cuda::cudarc::driver::{CudaSlice, DevicePtr};
+use tpde_cuda::delta::{host_bases, PinnedDelta};
+use tpde_cuda::{Gpu, GpuError, Loader, LoaderConfig, TensorRef};
+
+use crate::errors::{coded, to_py, Fault};
+use crate::interrupt::run_interruptible_with;
+
+/// A failure of the CUDA path: the library's (a file, the base) or the loader's.
+pub enum CudaFault {
+    Library(tpde::Error),
+    Gpu(GpuError),
+}
+
+impl From<tpde::Error> for CudaFault {
+    fn from(e: tpde::Error) -> Self {
+        Self::Library(e)
+    }
+}
+
+impl From<GpuError> for CudaFault {
+    fn from(e: GpuError) -> Self {
+        match e {
+            GpuError::Format(e) => Self::Library(e),
+            e => Self::Gpu(e),
+        }
+    }
+}
+
+impl From<tpde_cuda::cudarc::driver::DriverError> for CudaFault {
+    fn from(e: tpde_cuda::cudarc::driver::DriverError) -> Self {
+        Self::Gpu(GpuError::from(e))
+    }
+}
+
+impl Fault for CudaFault {
+    /// Faults of a file or of the base keep the library's codes (a kernel's flag
+    /// too, where the library reports that fault); the loader's own become
+    /// `E_GPU_*` from its stable code (`gpu.no_driver` is `E_GPU_NO_DRIVER`).
+    fn into_py(self) -> PyErr {
+        match self {
+            Self::Library(e) => to_py(&e),
+            Self::Gpu(e) => match e.format_code() {
+                Some(code) => to_py(&Error::new(code, e.to_string())),
+                None if matches!(e, GpuError::InvalidArgument(_)) => {
+                    to_py(&Error::new(ErrorCode::InvalidArgument, e.to_string()))
+                }
+                None => coded(&format!("E_{}", e.code().replace('.', "_").to_uppercase()), &e.to_string()),
+            },
+        }
+    }
+}
+
+type CudaResult<T> = Result<T, CudaFault>;
+
+fn invalid(message: impl Into<String>) -> CudaFault {
+    CudaFault::Library(Error::new(ErrorCode::InvalidArgument, message))
+}
+
+/// One loader per device for the life of the process: opening a device compiles
+/// the kernels (NVRTC) and the loader holds a page-locked staging ring, both too
+/// costly to repeat per call. Calls on one device take turns.
+static LOADERS: LazyLock<Mutex<BTreeMap<usize, Loader>>> = LazyLock::new(|| Mutex::new(BTreeMap::new()));
+
+fn with_loader<T>(device: usize, work: impl FnOnce(&mut Loader) -> CudaResult<T>) -> CudaResult<T> {
+    // A panic inside the loader leaves it usable: every call starts afresh.
+    let mut loaders = LOADERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let loader = match loaders.entry(device) {
+        Entry::Occupied(entry) => entry.into_mut(),
+        Entry::Vacant(entry) => entry.insert(Loader::new(Arc::new(Gpu::new(device)?), LoaderConfig::default())?),
+    };
+    let result = work(loader);
+    // Whatever happened, nothing of this call is still running on the device when
+    // it returns: results are complete, and borrowed memory is no longer in use.
+    let synced = loader.gpu().stream().synchronize();
+    let value = result?;
+    synced?;
+    Ok(value)
+}
+
+/// Device memory rebuilt by tpde, owned by this object and lent to torch through
+/// `__cuda_array_interface__` (`torch.as_tensor(buffer, device=...)`), which keeps
+/// the object alive while a tensor uses the memory.
+#[pyclass(frozen, module = "tpde._tpde")]
+pub struct DeviceBuffer {
+    /// Taken when dropped.
+    slice: Option<CudaSlice<u8>>,
+    /// Bytes of the tensor: the allocation has at least one byte.
+    len: usize,
+    ptr: u64,
+    device: usize,
+}
+
+impl DeviceBuffer {
+    fn new(slice: CudaSlice<u8>, len: usize, device: usize) -> Self {
+        let ptr = {
+            let (ptr, _sync) = slice.device_ptr(slice.stream());
+            ptr
+        };
+        Self { slice: Some(slice), len, ptr, device }
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        let Some(slice) = self.slice.take() else { return };
+        // This runs on a Python thread, whose current context is torch's (another
+        // device's, maybe): cudarc binds this buffer's own, so put it back after.
+        let previous = ctx::get_current();
+        // The memory goes back to the pool on the loader's stream, but torch may
+        // still have kernels reading it queued on its own streams: wait for the
+        // whole device first. Tensors of a loaded model are freed rarely.
+        let _ = slice.context().synchronize();
+        drop(slice);
+        if let Ok(previous) = previous {
+            // SAFETY: the context was current on this thread a moment ago, and
+            // the primary contexts that torch and cudarc use outlive this call.
+            let _ = unsafe { ctx::set_current(previous.unwrap_or(std::ptr::null_mut())) };
+        }
+    }
+}
+
+#[pymethods]
+impl DeviceBuffer {
+    /// The device address of the first byte.
+    #[getter]
+    fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Bytes of the tensor.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.len
+    }
+
+    /// The CUDA device ordinal.
+    #[getter]
+    fn device(&self) -> usize {
+        self.device
+    }
+
+    /// The CUDA Array Interface, version 3: a flat array of `nbytes` bytes, ready
+    /// for any stream (the loader synchronized before returning it).
+    #[getter(__cuda_array_interface__)]
+    fn cuda_array_interface<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let interface = PyDict::new(py);
+        interface.set_item("shape", (self.len,))?;
+        interface.set_item("typestr", "|u1")?;
+        interface.set_item("data", (self.ptr, false))?;
+        interface.set_item("strides", py.None())?;
+        interface.set_item("stream", py.None())?;
+        interface.set_item("version", 3)?;
+        Ok(interface)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("DeviceBuffer(ptr={:#x}, nbytes={}, device=cuda:{})", self.ptr, self.len, self.device)
+    }
+}
+
+/// A tensor that torch owns, as Python passes it: `(name, dtype, shape, device
+/// address, bytes)` of a contiguous CUDA tensor on the loader's device.
+type ResidentArg = (String, String, Vec<u64>, u64, usize);
+
+/// Device memory that torch owns, seen as cudarc slices for the loader's calls.
+/// They are leaked when dropped, never freed: torch frees the memory.
+struct Borrowed(Vec<CudaSlice<u8>>);
+
+impl Borrowed {
+    /// Borrows `(address, bytes)` of each tensor.
+    ///
+    /// # Safety
+    /// Each address must point to that many bytes of device memory of the
+    /// loader's device (its primary context) that stay allocated, and that
+    /// nothing else uses, while this value lives.
+    unsafe fn new(loader: &Loader, tensors: impl Iterator<Item = (u64, usize)>) -> Self {
+        let stream = loader.gpu().stream();
+        // SAFETY: as the caller promises; the context has event tracking off
+        // (`Gpu::new`), so the slices record no events to wait on.
+        Self(tensors.map(|(ptr, len)| unsafe { stream.upgrade_device_ptr::<u8>(ptr, len) }).collect())
+    }
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        for slice in self.0.drain(..) {
+            // Gives up the slice without freeing the memory, which torch owns.
+            let _ = slice.leak();
+        }
+    }
+}
+
+/// For each tensor of the delta, the resident tensor that is its base: the checks
+/// of the library's `resolve_base` that need no bytes (spec §11.2), with its codes:
+/// `E_BASE_REQUIRED`, `E_BASE_MISSING_TENSOR`, `E_BASE_MISMATCH`.
+fn match_resident(file: &DeltaFile, resident: &[ResidentArg]) -> tpde::Result<Vec<Option<usize>>> {
+    let by_name: BTreeMap<&str, usize> = resident.iter().enumerate().map(|(i, r)| (r.0.as_str(), i)).collect();
+    if file.header().needs_base() && resident.is_empty() {
+        return Err(Error::new(ErrorCode::BaseRequired, "this delta needs a base").in_file(file.path()));
+    }
+    file.header()
+        .tensors
+        .iter()
+        .map(|t| {
+            let Some(base) = &t.base else { return Ok(None) };
+            let Some(&i) = by_name.get(t.name.as_str()) else {
+                return Err(
+                    Error::new(ErrorCode::BaseMissingTensor, "the base has no tensor of this name").in_tensor(&t.name)
+                );
+            };
+            let (_, dtype, shape, _, _) = &resident[i];
+            if *dtype != t.dtype || *shape != base.shape {
+                return Err(Error::new(
+                    ErrorCode::BaseMismatch,
+                    format!("the base tensor is {dtype} {shape:?} but the delta expects {} {:?}", t.dtype, base.shape),
+                )
+                .in_tensor(&t.name));
+            }
+            Ok(Some(i))
+        })
+        .collect()
+}
+
+/// Checks a resident base tensor's bytes against the digest the delta pins
+/// (`E_BASE_DIGEST`), from a copy on the host: the loader has no check of a
+/// device-resident base before it writes.
+/// `len` is the resident tensor's length (an empty one reads from a zeroed byte).
+fn check_base_digest(loader: &Loader, entry: &TensorEntry, base: &CudaSlice<u8>, len: usize) -> CudaResult<()> {
+    let Some(pinned) = &entry.base else { return Ok(()) };
+    let mut bytes = vec![0u8; len];
+    if len > 0 {
+        let stream = loader.gpu().stream();
+        stream.memcpy_dtoh(&base.slice(..len), bytes.as_mut_slice())?;
+        stream.synchronize()?;
+    }
+    let chunk_bytes = usize::try_from(entry.chunk_words)
+        .ok()
+        .and_then(|w| w.checked_mul(entry.word_bytes().ok()?))
+        .ok_or_else(|| invalid("chunk size overflows"))?;
+    if to_hex(&tensor_digest(&bytes, chunk_bytes)?) != pinned.digest {
+        return Err(Error::new(
+            ErrorCode::BaseDigest,
+            "the base tensor's content differs from the one the delta was made against",
+        )
+        .in_tensor(&entry.name)
+        .into());
+    }
+    Ok(())
+}
+
+/// The result of one tensor: `(name, dtype, shape, buffer)`, the buffer None for
+/// a tensor rebuilt in place.
+type Rebuilt = (String, String, Vec<u64>, Option<DeviceBuffer>);
+
+/// Rebuilds every tensor of `delta` on GPU `device` into new device buffers,
+/// against `base_path` (a checkpoint, checked by the library before anything is
+/// uploaded), or `base_tensors` (resident tensors, matched by name, dtype and
+/// shape; every rebuilt chunk is then checked against its digest, and a tensor
+/// that fails it has its base checked, to name a wrong base `E_BASE_DIGEST`), or
+/// neither for a standalone delta.
+#[pyfunction]
+#[pyo3(signature = (delta, *, device, base_path, base_tensors))]
+pub fn cuda_load(
+    py: Python<'_>,
+    delta: PathBuf,
+    device: usize,
+    base_path: Option<PathBuf>,
+    base_tensors: Option<Vec<ResidentArg>>,
+) -> PyResult<Vec<Rebuilt>> {
+    if base_path.is_some() && base_tensors.is_some() {
+        return Err(invalid(format!("{} and tensors are two bases", delta.display())).into_py());
+    }
+    run_interruptible_with(py, None, |_| {
+        with_loader(device, |loader| {
+            let pinned = PinnedDelta::open(loader.gpu(), &delta)?;
+            let file = pinned.file();
+            let refs = pinned.tensor_refs(true)?;
+            let outs = match &base_tensors {
+                None => {
+                    let checkpoint = base_path.as_deref().map(Checkpoint::open).transpose()?;
+                    let bases = host_bases(file, checkpoint.as_ref())?;
+                    loader.load_host_base(&refs, &bases)?
+                }
+                Some(resident) => load_resident(loader, file, &refs, resident)?,
+            };
+            Ok(results(file, outs.into_iter().map(Some), device))
+        })
+    })
+}
+
+fn results(file: &DeltaFile, outs: impl Iterator<Item = Option<CudaSlice<u8>>>, device: usize) -> Vec<Rebuilt> {
+    file.header()
+        .tensors
+        .iter()
+        .zip(outs)
+        .map(|(t, out)| {
+            let len = out.as_ref().map_or(0, |_| usize::try_from(t.byte_len().unwrap_or(0)).unwrap_or(0));
+            (t.name.clone(), t.dtype.clone(), t.shape.clone(), out.map(|o| DeviceBuffer::new(o, len, device)))
+        })
+        .collect()
+}
+
+/// Borrows the resident tensors that are not empty (an empty tensor may have no
+/// address); returns them and, per resident tensor, its index among them.
+fn borrow_all(loader: &Loader, resident: &[ResidentArg]) -> (Borrowed, Vec<Option<usize>>) {
+    let mut at = 0;
+    let index = resident
+        .iter()
+        .map(|r| {
+            (r.4 > 0).then(|| {
+                at += 1;
+                at - 1
+            })
+        })
+        .collect();
+    // SAFETY: Python passes contiguous CUDA tensors of this device that it keeps
+    // alive for the call, after synchronizing torch's current stream; the loader
+    // only reads them here.
+    let borrowed = unsafe { Borrowed::new(loader, resident.iter().filter(|r| r.4 > 0).map(|r| (r.3, r.4))) };
+    (borrowed, index)
+}
+
+/// The base each delta tensor reads: its resident tensor, or a zeroed byte for a
+/// tensor without a base (or an empty one), which the loader reads as zero words.
+fn bases_of<'b>(
+    matched: &[Option<usize>],
+    borrowed: &'b Borrowed,
+    index: &[Option<usize>],
+    zero: &'b CudaSlice<u8>,
+) -> Vec<&'b CudaSlice<u8>> {
+    matched.iter().map(|m| m.and_then(|i| index[i]).map_or(zero, |k| &borrowed.0[k])).collect()
+}
+
+/// `Loader::load` against resident tensors; a tensor without a base (or an empty
+/// one) reads from a zeroed byte, which the loader reads as all-zero words.
+fn load_resident(
+    loader: &mut Loader,
+    file: &DeltaFile,
+    refs: &[TensorRef<'_>],
+    resident: &[ResidentArg],
+) -> CudaResult<Vec<CudaSlice<u8>>> {
+    let matched = match_resident(file, resident)?;
+    let (borrowed, index) = borrow_all(loader, resident);
+    let zero = loader.gpu().alloc_zeros::<u8>(1)?;
+    let bases = bases_of(&matched, &borrowed, &index, &zero);
+    let loaded = loader.load(refs, &bases);
+    match loaded {
+        Err(GpuError::Format(e)) if e.code() == ErrorCode::ChunkDigest => {
+            // A chunk rebuilt wrong from stored bytes whose checksums matched:
+            // the base is the likely fault. Say so where its digest differs.
+            let tensors = file.header().tensors.iter().zip(&bases).zip(&matched);
+            let named = tensors.into_iter().find(|((t, _), _)| Some(t.name.as_str()) == e.tensor());
+            if let Some(((entry, base), m)) = named {
+                check_base_digest(loader, entry, base, m.map_or(0, |i| resident[i].4))?;
+            }
+            Err(e.into())
+        }
+        other => Ok(other?),
+    }
+}
+
+/// Rebuilds the target of `delta` inside the resident tensors that hold its base,
+/// on GPU `device`, with no second copy of them: a tensor whose target has its
+/// dtype and shape is overwritten in place (returned with no buffer); the others
+/// are rebuilt into new buffers first, before anything is overwritten. With
+/// `check_base`, every base tensor's digest is checked (from a host copy) before
+/// anything is written; without, a wrong base is found by the target digests only
+/// after the tensors were overwritten.
+#[pyfunction]
+#[pyo3(signature = (delta, *, device, base_tensors, check_base))]
+pub fn cuda_apply_in_place(
+    py: Python<'_>,
+    delta: PathBuf,
+    device: usize,
+    base_tensors: Vec<ResidentArg>,
+    check_base: bool,
+) -> PyResult<Vec<Rebuilt>> {
+    run_interruptible_with(py, None, |_| {
+        with_loader(device, |loader| {
+            let pinned = PinnedDelta::open(loader.gpu(), &delta)?;
+            let file = pinned.file();
+            let refs = pinned.tensor_refs(true)?;
+            let matched = match_resident(file, &base_tensors)?;
+            let entries = &file.header().tensors;
+            // In place: the resident tensor of the same name holds exactly the target.
+            let in_place: Vec<bool> = entries
+                .iter()
+                .zip(&matched)
+                .map(|(t, m)| {
+                    m.is_some_and(|i| {
+                        let (_, dtype, shape, _, len) = &base_tensors[i];
+                        *dtype == t.dtype && *shape == t.shape && *len > 0
+                    })
+                })
+                .collect();
+            check_disjoint(&matched, &in_place, &base_tensors)?;
+            let zero = loader.gpu().alloc_zeros::<u8>(1)?;
+            // Every base is read (checked, or rebuilt into a new buffer) before
+            // any tensor is overwritten.
+            let mut outs = {
+                let (borrowed, index) = borrow_all(loader, &base_tensors);
+                let bases = bases_of(&matched, &borrowed, &index, &zero);
+                if check_base {
+                    for ((entry, base), m) in entries.iter().zip(&bases).zip(&matched) {
+                        check_base_digest(loader, entry, base, m.map_or(0, |i| base_tensors[i].4))?;
+                    }
+                }
+                let (new_refs, new_bases): (Vec<_>, Vec<_>) =
+                    refs.iter().zip(&bases).zip(&in_place).filter(|(_, &inside)| !inside).map(|(rb, _)| rb).unzip();
+                let new_refs: Vec<TensorRef<'_>> = new_refs.into_iter().cloned().collect();
+                loader.load(&new_refs, &new_bases)?.into_iter()
+            };
+            let in_refs: Vec<TensorRef<'_>> =
+                refs.iter().zip(&in_place).filter(|(_, &inside)| inside).map(|(r, _)| r.clone()).collect();
+            let targets = matched.iter().zip(&in_place).filter(|(_, &inside)| inside).filter_map(|(m, _)| *m);
+            // SAFETY: as in `borrow_all`; these tensors do not overlap one another
+            // (`check_disjoint`), and nothing reads them while the loader writes.
+            let mut bufs = unsafe { Borrowed::new(loader, targets.map(|i| (base_tensors[i].3, base_tensors[i].4))) };
+            loader.apply_in_place(&in_refs, &mut bufs.0)?;
+            Ok(results(file, in_place.iter().map(|&inside| if inside { None } else { outs.next() }), device))
+        })
+    })
+}
+
+/// Refuses tensors rebuilt in place that share memory (tied weights): each would
+/// be rebuilt on top of the other.
+fn check_disjoint(matched: &[Option<usize>], in_place: &[bool], resident: &[ResidentArg]) -> CudaResult<()> {
+    let mut ranges: Vec<(u64, u64, &str)> = matched
+        .iter()
+        .zip(in_place)
+        .filter(|(_, &inside)| inside)
+        .filter_map(|(m, _)| *m)
+        .map(|i| {
+            let (name, _, _, ptr, len) = &resident[i];
+            (*ptr, ptr.saturating_add(*len as u64), name.as_str())
+        })
+        .collect();
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        if pair[1].0 < pair[0].1 {
+            return Err(invalid(format!(
+                "tensors {:?} and {:?} share memory (tied weights?): rebuild them out of place",
+                pair[0].2, pair[1].2
+            )));
+        }
+    }
+    Ok(())
+}
