@@ -25,7 +25,8 @@
 #
 # TPDE_CLI (default target/gpu-python/tpde) is the command, WHEELHOUSE (default
 # target/gpu-python/wheelhouse) holds pytest and safetensors where the machine's
-# Python lacks them, and PYTHON (default python3) is the Python whose torch is used.
+# Python lacks them, and PYTHON (default python3) is the Python whose torch is used
+# (on the GPU machine: PYTHON=/opt/torch/.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,11 @@ rm -rf "$venv"
 trap 'rm -rf "$venv"' EXIT
 # The machine's torch and numpy, seen through the environment; tpde goes in it.
 "$python" -m venv --system-site-packages "$venv"
+# --system-site-packages reaches the base interpreter's packages only; where
+# $PYTHON is itself a virtual environment (torch installed in one), its packages
+# are added by a .pth file.
+"$python" -c 'import site; print("\n".join(site.getsitepackages()))' \
+  >"$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine-packages.pth"
 "$venv/bin/pip" install --quiet --no-deps --no-index "$wheel"
 for module in pytest safetensors; do
   if ! "$venv/bin/python" -c "import $module" 2>/dev/null; then
@@ -63,10 +69,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 # From the repository root, so that the installed wheel is imported, not python/tpde.
 echo "== the CUDA tests"
-"$venv/bin/pytest" -q -rs -p no:cacheprovider -m cuda python/tests
+"$venv/bin/python" -m pytest -q -rs -p no:cacheprovider -m cuda python/tests
 echo "== the whole suite"
 if [ ! -x "$cli" ]; then
   echo "the tpde command is missing at $cli (set TPDE_CLI): the suite compares with it" >&2
   exit 1
 fi
-TPDE_CLI="$cli" "$venv/bin/pytest" -q -rs -p no:cacheprovider python/tests
+TPDE_CLI="$cli" "$venv/bin/python" -m pytest -q -rs -p no:cacheprovider python/tests
