@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tpde::pipeline::apply::{apply, apply_chain, chain_links};
+use tpde::pipeline::apply::{apply, apply_chain, chain_cut_alike};
 use tpde::pipeline::encode::{encode, EncodeOptions};
 use tpde::pipeline::NoProgress;
 use tpde::{Checkpoint, DeltaFile, ErrorCode};
@@ -79,7 +79,7 @@ fn a_chain_rebuilds_its_last_target_byte_for_byte() {
     let expected = std::fs::read(&c).expect("read");
     // from a keyframe, through two deltas
     let chain = [keyframe, first, second];
-    assert!(chain_links(&chain));
+    assert!(chain_cut_alike(&chain));
     let out = dir.path().join("from-keyframe.safetensors");
     apply_chain(&chain, None, &out, Default::default(), &NoProgress).expect("the chain applies");
     assert!(std::fs::read(&out).expect("read") == expected, "the chain's target differs");
@@ -106,7 +106,7 @@ fn a_chain_whose_links_do_not_follow_is_refused_before_writing() {
     let out = dir.path().join("out.safetensors");
     // the second delta is against b, but the keyframe rebuilds a
     let skipped = [delta(dir.path(), "k.tpde", None, &a, 1024), delta(dir.path(), "bc.tpde", Some(&b), &c, 1024)];
-    assert!(!chain_links(&skipped));
+    assert!(chain_cut_alike(&skipped), "cut alike, but not linked");
     let err = apply_chain(&skipped, None, &out, Default::default(), &NoProgress).unwrap_err();
     assert_eq!(err.code(), ErrorCode::BaseMismatch, "{err}");
     assert_eq!(err.file(), Some(skipped[0].path()), "the error names the earlier delta: {err}");
@@ -124,7 +124,7 @@ fn a_chain_whose_links_do_not_follow_is_refused_before_writing() {
     assert!(!out.exists(), "nothing is written");
     // deltas cut into chunks of other sizes do not link
     let resized = [delta(dir.path(), "k3.tpde", None, &a, 1024), delta(dir.path(), "ab512.tpde", Some(&a), &b, 512)];
-    assert!(!chain_links(&resized));
+    assert!(!chain_cut_alike(&resized));
     let err = apply_chain(&resized, None, &out, Default::default(), &NoProgress).unwrap_err();
     assert_eq!(err.code(), ErrorCode::BaseMismatch, "{err}");
     assert!(!out.exists(), "nothing is written");

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use tpde::pipeline::{apply::chain_links, encode::EncodeOptions, NoProgress};
+use tpde::pipeline::{apply::chain_cut_alike, encode::EncodeOptions, NoProgress};
 use tpde::series::{AddOptions, Manifest, Series, StepKind, MANIFEST_FILE, STEPS_DIR};
 use tpde::{Checkpoint, ErrorCode};
 
@@ -236,7 +236,7 @@ fn steps_cut_into_other_chunk_sizes_still_rebuild() {
     let chain = series.manifest().chain(5).expect("a step");
     assert!(chain.len() > 3, "the run is one chain: {chain:?}");
     let chain_files: Vec<_> = chain.iter().map(|e| series.open_step_file(e).expect("opens")).collect();
-    assert!(!chain_links(&chain_files));
+    assert!(!chain_cut_alike(&chain_files));
     assert_every_step_rebuilds(&series, &files, dir.path());
 }
 
@@ -296,6 +296,28 @@ fn a_changed_step_file_is_detected() {
     assert!(matches!(err.code(), ErrorCode::SeriesDigest | ErrorCode::BadTrailer), "{err}");
     assert!(!out.exists());
     assert!(series.verify(&NoProgress).is_err());
+}
+
+#[test]
+fn a_manifest_that_skips_a_link_is_refused_before_writing() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let (series, _) = add_run(dir.path(), 4, 10);
+    // step 300's delta is against step 200; the manifest now says step 100
+    let manifest_path = series.root().join(MANIFEST_FILE);
+    let mut manifest = Manifest::read(series.root()).expect("reads");
+    let entry = manifest.steps.iter_mut().find(|s| s.step == 300).expect("step 300");
+    assert_eq!((entry.kind, entry.reference), (StepKind::Delta, Some(200)), "the run is one chain");
+    entry.reference = Some(100);
+    std::fs::write(&manifest_path, manifest.to_text()).expect("write");
+    let series = Series::open(series.root()).expect("still a valid manifest");
+    let out = dir.path().join("out").join("step-300.safetensors");
+    std::fs::create_dir(out.parent().expect("a parent")).expect("mkdir");
+    let err = series.get(300, &out, Default::default(), &NoProgress).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::BaseDigest, "{err}");
+    let named = err.file().expect("a file").to_string_lossy().into_owned();
+    assert!(named.contains(STEPS_DIR), "the error names the step file whose target differs: {named}");
+    let left: Vec<_> = std::fs::read_dir(out.parent().expect("a parent")).expect("list").collect();
+    assert!(left.is_empty(), "nothing is written beside the output: {left:?}");
 }
 
 #[test]

@@ -263,12 +263,23 @@ pub fn check_link(earlier: &DeltaFile, next: &DeltaFile) -> Result<()> {
     Ok(())
 }
 
-/// Whether every delta of `chain` is made against the target of the one before
-/// and cuts its tensors as that one does, so that [`apply_chain`] can rebuild its
-/// end chunk by chunk.
+/// Whether each delta of `chain` cuts the tensors it bases on the one before into
+/// chunks of the sizes that one does, so that [`apply_chain`] can rebuild the end
+/// of the chain chunk by chunk. Where they do not (deltas written with other
+/// chunk sizes), apply the deltas one by one. Tensors the earlier delta lacks
+/// count as cut alike: [`apply_chain`] reports them.
 #[must_use]
-pub fn chain_links(chain: &[DeltaFile]) -> bool {
-    chain.windows(2).all(|pair| check_link(&pair[0], &pair[1]).is_ok())
+pub fn chain_cut_alike(chain: &[DeltaFile]) -> bool {
+    chain.windows(2).all(|pair| {
+        let earlier: std::collections::HashMap<&str, u64> =
+            pair[0].header().tensors.iter().map(|t| (t.name.as_str(), t.chunk_words)).collect();
+        pair[1]
+            .header()
+            .tensors
+            .iter()
+            .filter(|t| t.base.is_some())
+            .all(|t| earlier.get(t.name.as_str()).is_none_or(|&chunk_words| chunk_words == t.chunk_words))
+    })
 }
 
 /// What the decoding threads hand to the thread that writes.
@@ -550,7 +561,7 @@ pub fn apply(
 /// As [`apply`]; for a chain whose deltas do not follow one another, the base
 /// errors of [`apply`] naming the earlier delta's file, and `E_BASE_MISMATCH` for
 /// deltas that cut a tensor into chunks of different sizes (see
-/// [`chain_links`]); `E_INVALID_ARGUMENT` for an empty chain.
+/// [`chain_cut_alike`]); `E_INVALID_ARGUMENT` for an empty chain.
 pub fn apply_chain(
     chain: &[DeltaFile],
     base: Option<&Checkpoint>,

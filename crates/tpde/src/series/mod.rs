@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::Checkpoint;
 use crate::container::header::LayoutKind;
 use crate::output::{check_not_an_input, PendingFile};
-use crate::pipeline::apply::{apply, apply_chain, chain_links, ApplyOptions};
+use crate::pipeline::apply::{apply, apply_chain, chain_cut_alike, ApplyOptions};
 use crate::pipeline::encode::{encode_to, EncodeOptions};
 use crate::pipeline::Progress;
 use crate::reader::DeltaFile;
@@ -261,26 +261,28 @@ impl Series {
     }
 
     /// Rebuilds `step` into `out`. Its chain's files are rebuilt chunk by chunk
-    /// in memory ([`apply_chain`]) where they link up, which they do unless steps
-    /// were added with different chunk sizes; otherwise each earlier step is
-    /// rebuilt into `scratch` in turn.
+    /// in memory ([`apply_chain`], which checks every link before writing),
+    /// unless steps were added with other chunk sizes; then each earlier step is
+    /// rebuilt in turn into a scratch directory made in `scratch_parent`.
     fn rebuild_to(
         &self,
         step: u64,
         out: &Path,
         options: ApplyOptions,
-        scratch: &Path,
+        scratch_parent: &Path,
         progress: &dyn Progress,
     ) -> Result<()> {
         let chain = self.manifest.chain(step)?;
         let files = chain.iter().map(|entry| self.open_step_file(entry)).collect::<Result<Vec<_>>>()?;
-        if chain_links(&files) {
+        if chain_cut_alike(&files) {
             apply_chain(&files, None, out, options, progress)?;
             return Ok(());
         }
         let Some((last, before)) = files.split_last() else {
             return Err(Error::new(ErrorCode::SeriesStep, format!("step {step} has nothing to rebuild")));
         };
+        let scratch_dir = scratch_in(scratch_parent)?;
+        let scratch = scratch_dir.path();
         let mut base: Option<Rebuilt> = None;
         for (file, entry) in before.iter().zip(&chain) {
             let path = scratch.join(scratch_name(entry.step, entry.checkpoint.kind));
@@ -312,10 +314,10 @@ impl Series {
         let _lock = SeriesLock::take(&self.root, false)?;
         check_not_an_input(out, &[&self.root])?;
         self.manifest.entry(step)?;
-        // beside the output, which is writable, while the series may not be
+        // any scratch goes beside the output, which is writable, while the
+        // series may not be
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let scratch = scratch_in(parent)?;
-        self.rebuild_to(step, out, options, scratch.path(), progress)
+        self.rebuild_to(step, out, options, parent, progress)
     }
 
     /// Adds `checkpoint` as `step`, later than every step the series holds. It is
