@@ -24,7 +24,7 @@ use tpde::digest::{tensor_digest, to_hex};
 use tpde::{Checkpoint, DeltaFile, Error, ErrorCode};
 use tpde_cuda::cudarc::driver::result::ctx;
 use tpde_cuda::cudarc::driver::{CudaSlice, DevicePtr};
-use tpde_cuda::delta::{host_bases, PinnedDelta};
+use tpde_cuda::delta::{host_bases, tensor_refs};
 use tpde_cuda::{Gpu, GpuError, Loader, LoaderConfig, TensorRef};
 
 use crate::errors::{coded, to_py, Fault};
@@ -297,9 +297,8 @@ pub fn cuda_load(
     }
     run_interruptible_with(py, None, |_| {
         with_loader(device, |loader| {
-            let pinned = PinnedDelta::open(loader.gpu(), &delta)?;
-            let file = pinned.file();
-            let refs = pinned.tensor_refs(true)?;
+            let file = &open_delta(&delta)?;
+            let refs = tensor_refs(file, true)?;
             let outs = match &base_tensors {
                 None => {
                     let checkpoint = base_path.as_deref().map(Checkpoint::open).transpose()?;
@@ -311,6 +310,15 @@ pub fn cuda_load(
             Ok(results(file, outs.into_iter().map(Some), device))
         })
     })
+}
+
+/// Opens a delta for the loader: memory-mapped, its stored streams staged
+/// through the loader's page-locked ring. A page-locked copy of the whole file
+/// (`tpde_cuda::delta::PinnedDelta`) would spare the ring, but allocating and
+/// filling it costs more per call than the ring does (H200: 46 ms against
+/// 2.4 ms for an 81 MB delta).
+fn open_delta(path: &std::path::Path) -> CudaResult<DeltaFile> {
+    Ok(DeltaFile::open(path)?)
 }
 
 fn results(file: &DeltaFile, outs: impl Iterator<Item = Option<CudaSlice<u8>>>, device: usize) -> Vec<Rebuilt> {
@@ -402,9 +410,8 @@ pub fn cuda_apply_in_place(
 ) -> PyResult<Vec<Rebuilt>> {
     run_interruptible_with(py, None, |_| {
         with_loader(device, |loader| {
-            let pinned = PinnedDelta::open(loader.gpu(), &delta)?;
-            let file = pinned.file();
-            let refs = pinned.tensor_refs(true)?;
+            let file = &open_delta(&delta)?;
+            let refs = tensor_refs(file, true)?;
             let matched = match_resident(file, &base_tensors)?;
             let entries = &file.header().tensors;
             // In place: the resident tensor of the same name holds exactly the target.
