@@ -19,12 +19,11 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use tpde::container::header::TensorEntry;
-use tpde::digest::{tensor_digest, to_hex};
 use tpde::{Checkpoint, DeltaFile, Error, ErrorCode};
 use tpde_cuda::cudarc::driver::result::ctx;
 use tpde_cuda::cudarc::driver::{CudaSlice, DevicePtr};
-use tpde_cuda::delta::{host_bases, tensor_refs};
+use tpde_cuda::delta::tensor_refs;
+use tpde_cuda::model::{check_resident_base, match_resident, Base, ResidentTensor};
 use tpde_cuda::{Gpu, GpuError, Loader, LoaderConfig, TensorRef};
 
 use crate::errors::{coded, to_py, Fault};
@@ -215,64 +214,6 @@ impl Drop for Borrowed {
     }
 }
 
-/// For each tensor of the delta, the resident tensor that is its base: the checks
-/// of the library's `resolve_base` that need no bytes (spec §11.2), with its codes:
-/// `E_BASE_REQUIRED`, `E_BASE_MISSING_TENSOR`, `E_BASE_MISMATCH`.
-fn match_resident(file: &DeltaFile, resident: &[ResidentArg]) -> tpde::Result<Vec<Option<usize>>> {
-    let by_name: BTreeMap<&str, usize> = resident.iter().enumerate().map(|(i, r)| (r.0.as_str(), i)).collect();
-    if file.header().needs_base() && resident.is_empty() {
-        return Err(Error::new(ErrorCode::BaseRequired, "this delta needs a base").in_file(file.path()));
-    }
-    file.header()
-        .tensors
-        .iter()
-        .map(|t| {
-            let Some(base) = &t.base else { return Ok(None) };
-            let Some(&i) = by_name.get(t.name.as_str()) else {
-                return Err(
-                    Error::new(ErrorCode::BaseMissingTensor, "the base has no tensor of this name").in_tensor(&t.name)
-                );
-            };
-            let (_, dtype, shape, _, _) = &resident[i];
-            if *dtype != t.dtype || *shape != base.shape {
-                return Err(Error::new(
-                    ErrorCode::BaseMismatch,
-                    format!("the base tensor is {dtype} {shape:?} but the delta expects {} {:?}", t.dtype, base.shape),
-                )
-                .in_tensor(&t.name));
-            }
-            Ok(Some(i))
-        })
-        .collect()
-}
-
-/// Checks a resident base tensor's bytes against the digest the delta pins
-/// (`E_BASE_DIGEST`), from a copy on the host: the loader has no check of a
-/// device-resident base before it writes.
-/// `len` is the resident tensor's length (an empty one reads from a zeroed byte).
-fn check_base_digest(loader: &Loader, entry: &TensorEntry, base: &CudaSlice<u8>, len: usize) -> CudaResult<()> {
-    let Some(pinned) = &entry.base else { return Ok(()) };
-    let mut bytes = vec![0u8; len];
-    if len > 0 {
-        let stream = loader.gpu().stream();
-        stream.memcpy_dtoh(&base.slice(..len), bytes.as_mut_slice())?;
-        stream.synchronize()?;
-    }
-    let chunk_bytes = usize::try_from(entry.chunk_words)
-        .ok()
-        .and_then(|w| w.checked_mul(entry.word_bytes().ok()?))
-        .ok_or_else(|| invalid("chunk size overflows"))?;
-    if to_hex(&tensor_digest(&bytes, chunk_bytes)?) != pinned.digest {
-        return Err(Error::new(
-            ErrorCode::BaseDigest,
-            "the base tensor's content differs from the one the delta was made against",
-        )
-        .in_tensor(&entry.name)
-        .into());
-    }
-    Ok(())
-}
-
 /// The result of one tensor: `(name, dtype, shape, buffer)`, the buffer None for
 /// a tensor rebuilt in place.
 type Rebuilt = (String, String, Vec<u64>, Option<DeviceBuffer>);
@@ -298,16 +239,17 @@ pub fn cuda_load(
     run_interruptible_with(py, None, |_| {
         with_loader(device, |loader| {
             let file = &open_delta(&delta)?;
-            let refs = tensor_refs(file, true)?;
-            let outs = match &base_tensors {
-                None => {
-                    let checkpoint = base_path.as_deref().map(Checkpoint::open).transpose()?;
-                    let bases = host_bases(file, checkpoint.as_ref())?;
-                    loader.load_host_base(&refs, &bases)?
-                }
-                Some(resident) => load_resident(loader, file, &refs, resident)?,
+            let checkpoint = base_path.as_deref().map(Checkpoint::open).transpose()?;
+            let zero = loader.gpu().alloc_zeros::<u8>(1)?;
+            let (borrowed, index) = borrow_all(loader, base_tensors.as_deref().unwrap_or_default());
+            let resident = base_tensors.as_deref().map(|r| resident_tensors(r, &borrowed, &index, &zero));
+            let base = match (&checkpoint, &resident) {
+                (Some(checkpoint), _) => Base::Checkpoint(checkpoint),
+                (None, Some(resident)) => Base::Resident(resident),
+                (None, None) => Base::None,
             };
-            Ok(results(file, outs.into_iter().map(Some), device))
+            let outs = loader.load_model(file, base)?;
+            Ok(results(file, outs.into_iter().map(|t| Some(t.buffer)), device))
         })
     })
 }
@@ -353,43 +295,25 @@ fn borrow_all(loader: &Loader, resident: &[ResidentArg]) -> (Borrowed, Vec<Optio
     (borrowed, index)
 }
 
-/// The base each delta tensor reads: its resident tensor, or a zeroed byte for a
-/// tensor without a base (or an empty one), which the loader reads as zero words.
-fn bases_of<'b>(
-    matched: &[Option<usize>],
+/// The resident tensors as the loader's model API takes them; an empty one (not
+/// borrowed: it may have no address) reads from `zero`.
+fn resident_tensors<'b>(
+    resident: &'b [ResidentArg],
     borrowed: &'b Borrowed,
     index: &[Option<usize>],
     zero: &'b CudaSlice<u8>,
-) -> Vec<&'b CudaSlice<u8>> {
-    matched.iter().map(|m| m.and_then(|i| index[i]).map_or(zero, |k| &borrowed.0[k])).collect()
-}
-
-/// `Loader::load` against resident tensors; a tensor without a base (or an empty
-/// one) reads from a zeroed byte, which the loader reads as all-zero words.
-fn load_resident(
-    loader: &mut Loader,
-    file: &DeltaFile,
-    refs: &[TensorRef<'_>],
-    resident: &[ResidentArg],
-) -> CudaResult<Vec<CudaSlice<u8>>> {
-    let matched = match_resident(file, resident)?;
-    let (borrowed, index) = borrow_all(loader, resident);
-    let zero = loader.gpu().alloc_zeros::<u8>(1)?;
-    let bases = bases_of(&matched, &borrowed, &index, &zero);
-    let loaded = loader.load(refs, &bases);
-    match loaded {
-        Err(GpuError::Format(e)) if e.code() == ErrorCode::ChunkDigest => {
-            // A chunk rebuilt wrong from stored bytes whose checksums matched:
-            // the base is the likely fault. Say so where its digest differs.
-            let tensors = file.header().tensors.iter().zip(&bases).zip(&matched);
-            let named = tensors.into_iter().find(|((t, _), _)| Some(t.name.as_str()) == e.tensor());
-            if let Some(((entry, base), m)) = named {
-                check_base_digest(loader, entry, base, m.map_or(0, |i| resident[i].4))?;
-            }
-            Err(e.into())
-        }
-        other => Ok(other?),
-    }
+) -> Vec<ResidentTensor<'b>> {
+    resident
+        .iter()
+        .zip(index)
+        .map(|((name, dtype, shape, _, bytes), k)| ResidentTensor {
+            name,
+            dtype,
+            shape,
+            buffer: k.map_or(zero, |k| &borrowed.0[k]),
+            bytes: *bytes,
+        })
+        .collect()
 }
 
 /// Rebuilds the target of `delta` inside the resident tensors that hold its base,
@@ -412,7 +336,10 @@ pub fn cuda_apply_in_place(
         with_loader(device, |loader| {
             let file = &open_delta(&delta)?;
             let refs = tensor_refs(file, true)?;
-            let matched = match_resident(file, &base_tensors)?;
+            let zero = loader.gpu().alloc_zeros::<u8>(1)?;
+            let (borrowed, index) = borrow_all(loader, &base_tensors);
+            let resident = resident_tensors(&base_tensors, &borrowed, &index, &zero);
+            let matched = match_resident(file, &resident)?;
             let entries = &file.header().tensors;
             // In place: the resident tensor of the same name holds exactly the target.
             let in_place: Vec<bool> = entries
@@ -426,15 +353,16 @@ pub fn cuda_apply_in_place(
                 })
                 .collect();
             check_disjoint(&matched, &in_place, &base_tensors)?;
-            let zero = loader.gpu().alloc_zeros::<u8>(1)?;
             // Every base is read (checked, or rebuilt into a new buffer) before
             // any tensor is overwritten.
             let mut outs = {
-                let (borrowed, index) = borrow_all(loader, &base_tensors);
-                let bases = bases_of(&matched, &borrowed, &index, &zero);
+                let bases: Vec<&CudaSlice<u8>> =
+                    matched.iter().map(|m| m.map_or(&zero, |i| resident[i].buffer)).collect();
                 if check_base {
-                    for ((entry, base), m) in entries.iter().zip(&bases).zip(&matched) {
-                        check_base_digest(loader, entry, base, m.map_or(0, |i| base_tensors[i].4))?;
+                    for (entry, m) in entries.iter().zip(&matched) {
+                        if let Some(i) = m {
+                            check_resident_base(loader, file, entry, &resident[*i])?;
+                        }
                     }
                 }
                 let (new_refs, new_bases): (Vec<_>, Vec<_>) =
@@ -442,6 +370,9 @@ pub fn cuda_apply_in_place(
                 let new_refs: Vec<TensorRef<'_>> = new_refs.into_iter().cloned().collect();
                 loader.load(&new_refs, &new_bases)?.into_iter()
             };
+            // The read-only views go before the tensors are borrowed for writing.
+            drop(resident);
+            drop(borrowed);
             let in_refs: Vec<TensorRef<'_>> =
                 refs.iter().zip(&in_place).filter(|(_, &inside)| inside).map(|(r, _)| r.clone()).collect();
             let targets = matched.iter().zip(&in_place).filter(|(_, &inside)| inside).filter_map(|(m, _)| *m);

@@ -39,6 +39,9 @@
 //!   GPU ([`Loader::load`], [`Loader::apply_in_place`],
 //!   [`Loader::load_host_base`]) and just-in-time tensors
 //!   ([`Loader::materialize_into`], [`Loader::materialize_in_place`]).
+//! - [`model`]: the model-level API: a delta and its base (a checkpoint, or
+//!   named tensors already on the device) in, named device tensors out
+//!   ([`Loader::load_model`]).
 //! - [`delta`]: maps a `tpde` delta file onto the loader's inputs, from its
 //!   memory map or from page-locked memory ([`delta::PinnedDelta`]).
 //! - [`encode`]: tensors in memory, encoded by the library's chunk encoder.
@@ -53,6 +56,7 @@ pub mod encode;
 pub mod error;
 mod gpu;
 pub mod kernels;
+pub mod model;
 mod pipeline;
 mod rans;
 pub mod reference;
