@@ -245,7 +245,7 @@ XXH_FN void xxh3_block_terms(const xu8* block, xu32 p, const xu8* secret, xu64* 
     row[2 * p + 1] = t1;
 }
 
-#define XXH_FOLD_AHEAD 16  // term loads issued ahead of the fold
+#define XXH_FOLD_AHEAD 32  // term loads issued ahead of the fold: enough to cover a load from memory
 
 // Pass 2: lane `lane`'s accumulator after the `blocks` whole blocks whose
 // terms are rows 0 .. blocks - 1 of `terms`. The loads do not depend on the

@@ -159,7 +159,7 @@ pub struct LoaderConfig {
     /// its record (spec §10), as the library does on the CPU. On by default;
     /// turn it off only for deltas from a trusted source whose stored
     /// checksums are still verified (see `BENCHMARKS-GPU.md` for its cost).
-    /// When on, the loader holds 16 MiB of device scratch for the check.
+    /// When on, the loader holds 64 MiB of device scratch for the check.
     pub verify_digests: bool,
 }
 
@@ -191,11 +191,13 @@ fn leaf_checks<'t>(t: &'t TensorRef<'_>, out: DevRange, checks: &mut Vec<LeafChe
     Ok(())
 }
 
-/// Term rows (1 KiB blocks of input) of the leaf digest scratch: 256 MiB of
-/// rebuilt bytes per pair of launches, 16 MiB of device memory. The largest
-/// chunk, 2^27 bytes (spec §11, `chunk_words` ≤ 2^24 of ≤ 8 bytes), takes
-/// 2^17 rows, so every chunk fits alone.
-const LEAF_SCRATCH_BLOCKS: u64 = 1 << 18;
+/// Term rows (1 KiB blocks of input) of the leaf digest scratch: 1 GiB of
+/// rebuilt bytes per pair of launches, 64 MiB of device memory. Each pair
+/// costs a whole chunk's sequential fold whatever it holds, so fewer, larger
+/// pairs check a large model faster. The largest chunk, 2^27 bytes (spec §11,
+/// `chunk_words` ≤ 2^24 of ≤ 8 bytes), takes 2^17 rows, so every chunk fits
+/// alone.
+const LEAF_SCRATCH_BLOCKS: u64 = 1 << 20;
 
 /// Device buffers of the leaf digest check, allocated with the loader (the
 /// term scratch) or on first need and only ever grown (table and digests),
