@@ -2,8 +2,6 @@
 //! launched on the slot's stream (lane rANS decoding, then apply or
 //! positions).
 
-use cudarc::driver::result as cu;
-
 use super::host_decode::decode_tasks;
 use super::plan::{Job, Plan};
 use super::ring::host_prefix;
@@ -40,9 +38,9 @@ impl Loader {
         let dev = DevRange::all(&s.dev, &s.stream)?;
         if let Some((span, at)) = plan.raw {
             let d = dev.sub(at, span.len())?;
-            // SAFETY: `d` lies inside the slot's device buffer; `span` is
-            // borrowed for the whole call, which synchronizes before it returns.
-            unsafe { cu::memcpy_htod_async(d.ptr(), span, s.stream.cu_stream()) }?;
+            // SAFETY: `span` is borrowed for the whole call, which
+            // synchronizes before it returns.
+            unsafe { d.copy_from_host_async(&s.stream, span) }?;
         }
         let host = s.host.as_mut_slice()?;
         decode_tasks(&mut host[..plan.decoded_end], &plan.tasks, |j| jobs[j].label)?;
@@ -97,10 +95,9 @@ impl Loader {
         batch.write_table(&mut host[..batch.table_bytes()]);
         let tables = plan.table..plan.table + plan.rans_tables;
         work.write_tables(&mut host[tables.clone()]);
-        // SAFETY: the prefix fits the device slot (same size as the host
-        // slot); the page-locked host bytes stay untouched until `uploaded`
+        // SAFETY: the page-locked host bytes stay untouched until `uploaded`
         // completes (take_slot waits for it before reuse).
-        unsafe { cu::memcpy_htod_async(dev.ptr(), host_prefix(&s.host, plan.decoded_end)?, s.stream.cu_stream()) }?;
+        unsafe { dev.copy_from_host_async(&s.stream, host_prefix(&s.host, plan.decoded_end)?) }?;
         s.uploaded.record(&s.stream)?;
         s.in_use = true;
         s.stream.wait(&self.start)?;

@@ -24,7 +24,7 @@ mod staged;
 
 use std::sync::Arc;
 
-use cudarc::driver::{result as cu, CudaEvent, CudaSlice, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, PinnedHostSlice};
 use rayon::prelude::*;
 
 use crate::error::{flag, GpuError, Result};
@@ -276,9 +276,9 @@ impl Loader {
                 .zip(src[off..off + n].par_chunks(1 << 20))
                 .for_each(|(d, s)| d.copy_from_slice(s));
             let d = DevRange::of(dst, &s.stream, off, n)?;
-            // SAFETY: `d` is inside `dst`; the host bytes are page-locked and
-            // are not written again before `uploaded` completes (take_slot).
-            unsafe { cu::memcpy_htod_async(d.ptr(), &host[..n], s.stream.cu_stream()) }?;
+            // SAFETY: the host bytes are page-locked and are not written again
+            // before `uploaded` completes (take_slot).
+            unsafe { d.copy_from_host_async(&s.stream, &host[..n]) }?;
             s.uploaded.record(&s.stream)?;
             s.in_use = true;
             off += n;

@@ -2,7 +2,6 @@
 //! words), the output is prepared, and each batch of jobs is placed into a
 //! slot (where every stream's bytes lie, and which the CPU decodes).
 
-use cudarc::driver::result as cu;
 use tpde::container::chunk_map::{Codec, Encoding, ValueLayout};
 
 use super::faults::label_error;
@@ -138,13 +137,10 @@ impl Loader {
             return Err(GpuError::invalid("base and output overlap"));
         }
         if n > 0 {
-            // SAFETY: both ranges lie inside live buffers (DevRange) and do
-            // not overlap (checked above).
-            unsafe { cu::memcpy_dtod_async(out.ptr(), base.ptr(), n, main.cu_stream()) }?;
+            out.sub(0, n)?.copy_from_async(&main, base.sub(0, n)?)?;
         }
         if n < tb {
-            // SAFETY: `out.ptr() + n .. + tb` is inside `out`.
-            unsafe { cu::memset_d8_async(out.ptr() + n as u64, 0, tb - n, main.cu_stream()) }?;
+            out.sub(n, tb - n)?.fill_async(&main, 0)?;
         }
         Ok(true)
     }

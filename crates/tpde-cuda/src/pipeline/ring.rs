@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{result as cu, CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 
 use super::faults::device_error;
 use super::Loader;
@@ -41,12 +41,9 @@ impl Loader {
     pub(super) fn begin(&mut self) -> Result<()> {
         let main = self.gpu.stream().clone();
         let flag = DevRange::all(&self.flag, &main)?;
-        // SAFETY: the flag buffer is live and `flag::WORDS` u32 long: the
-        // bits to 0, the fault job words to u32::MAX (none).
-        unsafe {
-            cu::memset_d8_async(flag.ptr(), 0, 4, main.cu_stream())?;
-            cu::memset_d8_async(flag.ptr() + 4, 0xFF, 4 * (flag::WORDS - 1), main.cu_stream())?;
-        }
+        // The bits to 0, the fault job words to u32::MAX (none).
+        flag.sub(0, 4)?.fill_async(&main, 0)?;
+        flag.sub(4, 4 * (flag::WORDS - 1))?.fill_async(&main, 0xFF)?;
         self.start.record(&main)?;
         Ok(())
     }
@@ -63,10 +60,9 @@ impl Loader {
         }
         let flag = DevRange::all(&self.flag, &main)?;
         let host = self.flag_host.as_mut_slice()?;
-        // SAFETY: the flag words from the live flag buffer into page-locked
-        // memory of the same length that nothing else touches until the
-        // synchronize below.
-        unsafe { cu::memcpy_dtoh_async(&mut host[..flag::WORDS], flag.ptr(), main.cu_stream()) }?;
+        // SAFETY: the flag words into page-locked memory of the same length
+        // that nothing else touches until the synchronize below.
+        unsafe { flag.copy_to_host_async(&main, &mut host[..flag::WORDS]) }?;
         main.synchronize()?;
         let words = self.flag_host.as_slice()?;
         if words[0] != 0 {

@@ -1,7 +1,7 @@
 //! The staged path: a delta decoded once into device memory
 //! ([`DeviceDelta`]), then applied with kernels only.
 
-use cudarc::driver::{result as cu, CudaSlice};
+use cudarc::driver::CudaSlice;
 use tpde::container::chunk_map::{ChunkRecord, Encoding, StreamRecord};
 use tpde::digest::Digest128;
 
@@ -215,15 +215,14 @@ impl Loader {
         work.seal()?;
         work.write_tables(&mut host[..tables]);
         let part = all.sub(first, used)?;
-        // SAFETY: the table and stored bytes fit the device slot (checked
-        // above), `part` lies inside the data; the page-locked host bytes
-        // stay untouched until `uploaded` completes.
+        // SAFETY: the page-locked host bytes stay untouched until `uploaded`
+        // completes.
         unsafe {
             if hp > 0 {
-                cu::memcpy_htod_async(dev.ptr(), host_prefix(&s.host, hp)?, s.stream.cu_stream())?;
+                dev.copy_from_host_async(&s.stream, host_prefix(&s.host, hp)?)?;
             }
             if used > 0 {
-                cu::memcpy_htod_async(part.ptr(), &host_prefix(&s.host, hp + used)?[hp..], s.stream.cu_stream())?;
+                part.copy_from_host_async(&s.stream, &host_prefix(&s.host, hp + used)?[hp..])?;
             }
         }
         s.uploaded.record(&s.stream)?;
@@ -440,10 +439,8 @@ impl Loader {
         batch.write_table(&mut host[..batch.table_bytes()]);
         work.write_tables(&mut host[table..table + rans_tables]);
         let n = table + rans_tables;
-        // SAFETY: the tables fit the slot (the caller checked the batch
-        // against `slot_bytes`); host bytes untouched until `uploaded`
-        // completes.
-        unsafe { cu::memcpy_htod_async(dev.ptr(), host_prefix(&s.host, n)?, s.stream.cu_stream()) }?;
+        // SAFETY: the host bytes stay untouched until `uploaded` completes.
+        unsafe { dev.copy_from_host_async(&s.stream, host_prefix(&s.host, n)?) }?;
         s.uploaded.record(&s.stream)?;
         s.in_use = true;
         s.stream.wait(&self.start)?;
