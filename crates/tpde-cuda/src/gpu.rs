@@ -213,6 +213,66 @@ impl DevRange {
     fn overlaps(&self, o: &Self) -> bool {
         self.ptr < o.end() && o.ptr < self.end()
     }
+
+    /// Sets every byte of the range to `byte`, asynchronously on `stream`
+    /// (ordered with the kernels launched there).
+    pub(crate) fn fill_async(&self, stream: &CudaStream, byte: u8) -> Result<()> {
+        // SAFETY: the range lies inside a live device buffer (`DevRange::of`
+        // checked it), the same contract the kernel launches rely on.
+        unsafe { cu::memset_d8_async(self.ptr, byte, self.len, stream.cu_stream()) }?;
+        Ok(())
+    }
+
+    /// Copies `src` into the range, asynchronously on `stream`. The two
+    /// ranges must have the same length and must not overlap.
+    pub(crate) fn copy_from_async(&self, stream: &CudaStream, src: Self) -> Result<()> {
+        if src.len != self.len || self.overlaps(&src) {
+            return Err(GpuError::invalid("device copy between ranges of different lengths or overlapping"));
+        }
+        // SAFETY: both ranges lie inside live device buffers (`DevRange::of`),
+        // have the same length and do not overlap (checked above).
+        unsafe { cu::memcpy_dtod_async(self.ptr, src.ptr, self.len, stream.cu_stream()) }?;
+        Ok(())
+    }
+
+    /// Copies host bytes into the start of the range, asynchronously on
+    /// `stream`. `src` should be page-locked, or the driver copies it
+    /// through a staging buffer first.
+    ///
+    /// # Safety
+    ///
+    /// The copy reads `src` after this returns: the caller keeps `src` alive
+    /// and does not write it until `stream` has passed the copy (it
+    /// synchronizes, or waits for an event recorded after the copy).
+    pub(crate) unsafe fn copy_from_host_async(&self, stream: &CudaStream, src: &[u8]) -> Result<()> {
+        if src.len() > self.len {
+            return Err(GpuError::invalid("host copy larger than its device range"));
+        }
+        // SAFETY: the bytes written lie inside the range (checked above),
+        // which lies inside a live device buffer; the caller keeps `src`
+        // alive and unwritten until the copy completes.
+        unsafe { cu::memcpy_htod_async(self.ptr, src, stream.cu_stream()) }?;
+        Ok(())
+    }
+
+    /// Copies the start of the range into `dst`, asynchronously on `stream`.
+    ///
+    /// # Safety
+    ///
+    /// The copy writes `dst` after this returns: the caller keeps `dst`
+    /// alive and neither reads nor writes it until `stream` has passed the
+    /// copy (it synchronizes). `dst` should be page-locked for the copy to
+    /// be asynchronous.
+    pub(crate) unsafe fn copy_to_host_async<T: DeviceRepr>(&self, stream: &CudaStream, dst: &mut [T]) -> Result<()> {
+        if std::mem::size_of_val(dst) > self.len {
+            return Err(GpuError::invalid("device copy larger than its device range"));
+        }
+        // SAFETY: the bytes read lie inside the range (checked above), which
+        // lies inside a live device buffer; `T` is plain data (`DeviceRepr`);
+        // the caller leaves `dst` alone until the copy completes.
+        unsafe { cu::memcpy_dtoh_async(dst, self.ptr, stream.cu_stream()) }?;
+        Ok(())
+    }
 }
 
 /// Chunks of one word width with validated device addresses, ready to launch.

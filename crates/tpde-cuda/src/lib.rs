@@ -49,6 +49,36 @@
 //! Drivers: the crate is built against CUDA 13.0 (`cuda-13000`), so it needs
 //! a driver of the 580 series or newer; the driver and NVRTC are loaded at
 //! run time, and their absence is an error, not a panic.
+//!
+//! # The data path, for a newcomer
+//!
+//! The files below `src/`, in the order a delta's bytes go through them:
+//!
+//! 1. `delta.rs` (or `encode.rs` for tensors in memory): the delta file,
+//!    validated by the format library, becomes the loader's inputs, the
+//!    [`TensorRef`]s and [`ChunkRef`]s of `pipeline/inputs.rs`. `model.rs`
+//!    does this by name, with the base's checks, for [`Loader::load_model`].
+//! 2. `pipeline/mod.rs`: the [`Loader`] entry points check the inputs and
+//!    the buffers they are given.
+//! 3. `pipeline/plan.rs`: chunks become jobs (a chunk with its base and
+//!    output words), the output gets the base words where it needs them,
+//!    and each batch of jobs is placed into a staging slot.
+//! 4. `pipeline/ring.rs`: each batch takes a slot of the staging ring (the
+//!    run began there by resetting the device error flag).
+//! 5. `pipeline/host_decode.rs`: zstd streams are decoded by the CPU into
+//!    the slot; other streams are copied as they are.
+//! 6. `pipeline/launch.rs`: the slot goes to the device and the batch's
+//!    kernels run, through the safe wrappers of `gpu.rs` (`rans.rs` plans
+//!    the lane rANS launches; `kernels.rs` compiles `kernels/*.cu`).
+//!    `pipeline/staged.rs` is the other route through steps 3 to 6: a
+//!    [`DeviceDelta`] decoded once, then applied with kernels only.
+//! 7. `pipeline/ring.rs` again: the slots' streams are joined and the
+//!    device error flag is read once; a fault is named by
+//!    `pipeline/faults.rs` (tensor, chunk, the library's code, `error.rs`).
+//! 8. `pipeline/digests.rs`: every rebuilt chunk's leaf digest is computed
+//!    on the device and compared with its record.
+//! 9. The result: the rebuilt tensors in device memory. `reference.rs` is
+//!    the kernels' CPU reference, which tests compare them with.
 #![deny(missing_docs)]
 
 pub mod delta;

@@ -1,0 +1,121 @@
+//! Leaf digest checks (spec §10): every rebuilt chunk's XXH3-128 digest,
+//! computed on the device and compared with its record.
+
+use cudarc::driver::CudaSlice;
+use tpde::digest::Digest128;
+use tpde::ErrorCode;
+
+use super::inputs::TensorRef;
+use super::Loader;
+use crate::error::{GpuError, Result};
+use crate::gpu::{DevRange, LeafBatch};
+
+/// A rebuilt chunk whose leaf digest is checked: its bytes on the device,
+/// the digest its record states, and the names an error gives.
+pub(super) struct LeafCheck<'t> {
+    pub(super) out: DevRange,
+    pub(super) digest: Digest128,
+    pub(super) tensor: &'t str,
+    pub(super) chunk: u64,
+}
+
+/// The leaf checks of every chunk of a tensor rebuilt into `out`.
+pub(super) fn leaf_checks<'t>(t: &'t TensorRef<'_>, out: DevRange, checks: &mut Vec<LeafCheck<'t>>) -> Result<()> {
+    let w = t.width.bytes();
+    let mut off = 0usize;
+    for (k, c) in t.chunks.iter().enumerate() {
+        let n = c.words as usize * w;
+        let chunk = t.first_chunk + k as u64;
+        checks.push(LeafCheck { out: out.sub(off, n)?, digest: c.record.digest, tensor: &t.name, chunk });
+        off += n;
+    }
+    Ok(())
+}
+
+/// Term rows (1 KiB blocks of input) of the leaf digest scratch: 1 GiB of
+/// rebuilt bytes per pair of launches, 64 MiB of device memory. Each pair
+/// costs a whole chunk's sequential fold whatever it holds, so fewer, larger
+/// pairs check a large model faster. The largest chunk, 2^27 bytes (spec §11,
+/// `chunk_words` ≤ 2^24 of ≤ 8 bytes), takes 2^17 rows, so every chunk fits
+/// alone.
+pub(super) const LEAF_SCRATCH_BLOCKS: u64 = 1 << 20;
+
+/// Device buffers of the leaf digest check, allocated with the loader (the
+/// term scratch) or on first need and only ever grown (table and digests),
+/// then reused by every call.
+pub(super) struct LeafScratch {
+    /// Pass 1's block terms: [`LEAF_SCRATCH_BLOCKS`] rows of 8 `u64`.
+    pub(super) terms: CudaSlice<u64>,
+    /// `LeafDesc` tables of every batch of a call, one after the other.
+    pub(super) table: CudaSlice<u8>,
+    /// Two `u64` per checked chunk.
+    pub(super) digests: CudaSlice<u64>,
+}
+
+impl Loader {
+    /// Computes the leaf digest of every checked chunk on the device and
+    /// compares it with the chunk's record. The chunks go in batches of at
+    /// most [`LEAF_SCRATCH_BLOCKS`] blocks, two launches each, all on the
+    /// main stream, reusing the loader's scratch. Skipped when the caller
+    /// opted out.
+    pub(super) fn check_leaves(&mut self, checks: &[LeafCheck<'_>]) -> Result<()> {
+        let Some(leaf) = self.leaf.as_mut().filter(|_| self.cfg.verify_digests && !checks.is_empty()) else {
+            return Ok(());
+        };
+        let mut batches = vec![LeafBatch::default()];
+        for c in checks {
+            let blocks = LeafBatch::blocks_of(c.out.len());
+            if blocks > LEAF_SCRATCH_BLOCKS {
+                return Err(GpuError::invalid("chunk larger than the leaf digest scratch"));
+            }
+            if batches.last().is_some_and(|b| b.blocks() + blocks > LEAF_SCRATCH_BLOCKS) {
+                batches.push(LeafBatch::default());
+            }
+            if let Some(b) = batches.last_mut() {
+                b.push(c.out);
+            }
+        }
+        let table_bytes: usize = batches.iter().map(LeafBatch::table_bytes).sum();
+        let mut table = vec![0u8; table_bytes];
+        let mut at = 0;
+        for b in &batches {
+            b.write_table(&mut table[at..at + b.table_bytes()]);
+            at += b.table_bytes();
+        }
+        // Grown only, to the next power of two; nothing on the device uses
+        // the old buffers any more (every call synchronizes before it returns).
+        if leaf.table.num_bytes() < table_bytes {
+            leaf.table = self.gpu.alloc_zeros::<u8>(table_bytes.next_power_of_two())?;
+        }
+        if leaf.digests.len() < 2 * checks.len() {
+            leaf.digests = self.gpu.alloc_zeros::<u64>((2 * checks.len()).next_power_of_two())?;
+        }
+        let main = self.gpu.stream().clone();
+        main.memcpy_htod(&table, &mut leaf.table.slice_mut(..table_bytes))?;
+        let (table_all, terms, digests_all) = (
+            DevRange::all(&leaf.table, &main)?,
+            DevRange::all(&leaf.terms, &main)?,
+            DevRange::all(&leaf.digests, &main)?,
+        );
+        let (mut table_at, mut first) = (0, 0);
+        for b in &batches {
+            let t = table_all.sub(table_at, b.table_bytes())?;
+            let o = digests_all.sub(16 * first, 16 * b.len())?;
+            self.gpu.launch_leaves(&main, b, t, terms, o)?;
+            table_at += b.table_bytes();
+            first += b.len();
+        }
+        let leaves = main.clone_dtoh(&leaf.digests.slice(..2 * checks.len()))?;
+        for (c, halves) in checks.iter().zip(leaves.chunks_exact(2)) {
+            let leaf = ((u128::from(halves[1]) << 64) | u128::from(halves[0])).to_be_bytes();
+            if leaf != c.digest {
+                return Err(GpuError::Format(
+                    tpde::Error::new(ErrorCode::ChunkDigest, "the rebuilt chunk does not match its digest")
+                        .in_tensor(c.tensor)
+                        .in_chunk(c.chunk),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

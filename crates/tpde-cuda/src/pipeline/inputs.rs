@@ -1,0 +1,121 @@
+//! The loader's inputs: a delta's chunks and tensors as the format library
+//! stores them, with the checks of their shapes.
+
+use tpde::container::chunk_map::{ChunkRecord, Encoding, PositionCoding, StreamRecord};
+
+use crate::error::{GpuError, Result};
+use crate::width::WordWidth;
+
+/// One chunk of a delta, as the format library stores it: its record, its
+/// stream records and its stored bytes (every stream back to back).
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkRef<'a> {
+    /// The chunk record (`spec/FORMAT.md` §6.1).
+    pub record: ChunkRecord,
+    /// One record per stream, positions first (§6.2).
+    pub streams: &'a [StreamRecord],
+    /// The stored bytes of all streams.
+    pub stored: &'a [u8],
+    /// Words in the chunk.
+    pub words: u32,
+}
+
+impl<'a> ChunkRef<'a> {
+    /// Checks the records against each other and the chunk size with the
+    /// format library's [`tpde::delta::check_chunk_shape`] (§8.1–§8.4).
+    /// Both value orders (§8.6) are read by the kernels.
+    pub fn check_shape(&self, width: WordWidth) -> Result<()> {
+        tpde::delta::check_chunk_shape(&self.record, self.streams, u64::from(self.words), width.bytes())?;
+        Ok(())
+    }
+
+    /// [`ChunkRef::check_shape`], and that the stored bytes are as long as
+    /// the record says.
+    pub fn validate(&self, width: WordWidth) -> Result<()> {
+        self.check_shape(width)?;
+        if self.stored.len() != self.record.stored_len as usize {
+            return Err(GpuError::corrupt("the chunk's stored bytes differ from its stored length"));
+        }
+        Ok(())
+    }
+
+    /// Number of position streams (they come first).
+    #[must_use]
+    pub fn position_stream_count(&self) -> usize {
+        match (self.record.encoding, self.record.position_coding) {
+            (Encoding::Sparse, PositionCoding::Gaps) => usize::from(self.record.gap_width),
+            (Encoding::Sparse, PositionCoding::Bitmap) => 1,
+            _ => 0,
+        }
+    }
+
+    /// The stored bytes of each stream, in order (the chunk is validated).
+    pub fn stored_streams(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let stored = self.stored;
+        self.streams.iter().scan(0usize, move |at, r| {
+            let start = *at;
+            *at += r.stored_len as usize;
+            stored.get(start..*at)
+        })
+    }
+
+    /// Whether the kernels read the base words of the whole chunk range from
+    /// the output (unchanged and sparse chunks leave words untouched).
+    fn reads_out(&self) -> bool {
+        !matches!(self.record.encoding, Encoding::Dense | Encoding::Raw)
+    }
+}
+
+/// One tensor of a delta.
+#[derive(Clone, Debug)]
+pub struct TensorRef<'a> {
+    /// Tensor name.
+    pub name: String,
+    /// Word width of its dtype.
+    pub width: WordWidth,
+    /// Words of the target tensor.
+    pub words: u64,
+    /// Words per chunk (the last chunk may be shorter).
+    pub chunk_words: u32,
+    /// Index of its first chunk in the delta file's chunk table, which
+    /// errors name with the chunk's position (0 for tensors not from a file).
+    pub first_chunk: u64,
+    /// Its chunks, in order.
+    pub chunks: Vec<ChunkRef<'a>>,
+    /// A page-locked host buffer that holds the chunks' stored bytes (for
+    /// example a whole delta file read into pinned memory,
+    /// [`crate::delta::PinnedDelta`]). Streams stored as they are then go to
+    /// the device by asynchronous copies straight from it, with no CPU copy.
+    /// `None`: stored streams are copied through the staging ring. Pageable
+    /// memory here is correct but slow.
+    pub host: Option<&'a [u8]>,
+}
+
+impl TensorRef<'_> {
+    /// Bytes of the target tensor.
+    #[must_use]
+    pub fn bytes(&self) -> usize {
+        usize::try_from(self.words).unwrap_or(usize::MAX) * self.width.bytes()
+    }
+
+    /// Checks every chunk and that the chunks tile the tensor.
+    pub fn validate(&self) -> Result<()> {
+        let mut words = 0u64;
+        for (i, c) in self.chunks.iter().enumerate() {
+            c.validate(self.width)?;
+            let last = i + 1 == self.chunks.len();
+            if (!last && c.words != self.chunk_words) || c.words > self.chunk_words || c.words == 0 {
+                return Err(GpuError::corrupt(format!("{}: chunk {i} has a wrong size", self.name)));
+            }
+            words += u64::from(c.words);
+        }
+        if words != self.words {
+            return Err(GpuError::corrupt(format!("{}: chunks do not cover the tensor", self.name)));
+        }
+        Ok(())
+    }
+
+    pub(super) fn needs_base_words(&self) -> bool {
+        self.chunks.iter().any(ChunkRef::reads_out)
+    }
+}

@@ -1,0 +1,110 @@
+//! Running planned batches: each is uploaded into a slot and its kernels are
+//! launched on the slot's stream (lane rANS decoding, then apply or
+//! positions).
+
+use super::host_decode::decode_tasks;
+use super::plan::{Job, Plan};
+use super::ring::host_prefix;
+use super::Loader;
+use crate::error::{GpuError, Result};
+use crate::gpu::{Batch, DevRange, RansContext, RansStream, Stage};
+use crate::rans::{self, RansWork};
+
+impl Loader {
+    /// Runs jobs: batches them into slots, uploads, decodes, launches; then
+    /// waits once and checks the device error flag. Then, unless the caller
+    /// opted out ([`LoaderConfig::verify_digests`]), the leaf digest of every
+    /// rebuilt chunk is computed on the device and compared with the chunk's
+    /// record (spec §10); a mismatch is the library's `E_CHUNK_DIGEST`.
+    pub(super) fn run(&mut self, jobs: &[Job<'_, '_>], stage: Stage) -> Result<()> {
+        self.begin()?;
+        let mut i = 0;
+        while i < jobs.len() {
+            let plan = self.plan_batch(&jobs[i..], stage)?;
+            self.flush(&jobs[i..i + plan.count], &plan, stage, i)?;
+            i += plan.count;
+        }
+        self.finish(|job| jobs.get(job as usize).and_then(|j| j.label))
+    }
+
+    /// Uploads one batch into a slot (the raw span first, straight from the
+    /// page-locked host delta, while the CPU decodes the rest) and launches
+    /// its kernels: the lane rANS work, then the apply (or positions)
+    /// kernels. `first_job` is the index of the batch's first job in the run,
+    /// which faults report.
+    fn flush(&mut self, jobs: &[Job<'_, '_>], plan: &Plan<'_>, stage: Stage, first_job: usize) -> Result<()> {
+        let slot = self.take_slot()?;
+        let s = &mut self.slots[slot];
+        let dev = DevRange::all(&s.dev, &s.stream)?;
+        if let Some((span, at)) = plan.raw {
+            let d = dev.sub(at, span.len())?;
+            // SAFETY: `span` is borrowed for the whole call, which
+            // synchronizes before it returns.
+            unsafe { d.copy_from_host_async(&s.stream, span) }?;
+        }
+        let host = s.host.as_mut_slice()?;
+        decode_tasks(&mut host[..plan.decoded_end], &plan.tasks, |j| jobs[j].label)?;
+        let mut batch = Batch::new(jobs[0].width);
+        let mut work = RansWork::default();
+        for (jj, (j, place)) in jobs.iter().zip(&plan.places).enumerate() {
+            let c = j.chunk;
+            let streams = place
+                .streams
+                .iter()
+                .zip(c.streams)
+                .map(|(&p, r)| dev.sub(plan.offset(p), r.decoded_len as usize))
+                .collect::<Result<Vec<_>>>()?;
+            match stage {
+                Stage::Apply => batch.push(c, &streams, j.base, j.out)?,
+                Stage::Positions => batch.push_positions(c, &streams, j.out)?,
+            }
+            let positions = match place.positions {
+                Some((before, o)) => {
+                    let p = dev.sub(plan.device_start + o, 4 * c.record.changed_count as usize)?;
+                    work.push_positions(before, c, &streams, p, j.width)?;
+                    Some(p)
+                }
+                None => None,
+            };
+            let job = u32::try_from(first_job + jj).map_err(|_| GpuError::invalid("too many chunks"))?;
+            for (q, rp) in place.rans.iter().enumerate() {
+                let Some(rp) = rp else { continue };
+                let r = &c.streams[q];
+                let context = match rp.header.context {
+                    rans::context::NONE => RansContext::None,
+                    rans::context::HIGHER_PLANE => RansContext::HigherPlane(streams[q + 1]),
+                    _ => RansContext::BaseKey { base: j.base, width: j.width, positions },
+                };
+                let stream = RansStream {
+                    stored: dev.sub(plan.offset(rp.stored), r.stored_len as usize)?,
+                    decoded: streams[q],
+                    scratch: dev.sub(plan.device_start + rp.scratch, rp.header.scratch_bytes(r.decoded_len))?,
+                    context,
+                    header: rp.header,
+                    allowed: rp.allowed,
+                    level: rp.level,
+                    job,
+                };
+                work.streams.push(&stream, r.stored_len, r.decoded_len)?;
+            }
+        }
+        work.seal()?;
+        if batch.table_bytes() > plan.table || work.table_bytes() > plan.rans_tables {
+            return Err(GpuError::invalid("descriptor tables larger than planned"));
+        }
+        batch.write_table(&mut host[..batch.table_bytes()]);
+        let tables = plan.table..plan.table + plan.rans_tables;
+        work.write_tables(&mut host[tables.clone()]);
+        // SAFETY: the page-locked host bytes stay untouched until `uploaded`
+        // completes (take_slot waits for it before reuse).
+        unsafe { dev.copy_from_host_async(&s.stream, host_prefix(&s.host, plan.decoded_end)?) }?;
+        s.uploaded.record(&s.stream)?;
+        s.in_use = true;
+        s.stream.wait(&self.start)?;
+        let sums = DevRange::all(&s.sums, &s.stream)?;
+        let groups = DevRange::all(&s.groups, &s.stream)?;
+        let flag = DevRange::all(&self.flag, &s.stream)?;
+        work.launch(&self.gpu, &s.stream, dev.sub(tables.start, tables.len())?, sums, groups, flag)?;
+        self.gpu.launch(&s.stream, &batch, stage, dev.sub(0, plan.table)?, sums, groups, flag)
+    }
+}

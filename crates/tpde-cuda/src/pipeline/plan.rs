@@ -1,0 +1,317 @@
+//! Planning: a call's chunks become jobs (a chunk with its base and output
+//! words), the output is prepared, and each batch of jobs is placed into a
+//! slot (where every stream's bytes lie, and which the CPU decodes).
+
+use tpde::container::chunk_map::{Codec, Encoding, ValueLayout};
+
+use super::faults::label_error;
+use super::host_decode::StreamTask;
+use super::inputs::{ChunkRef, TensorRef};
+use super::{align, Loader};
+use crate::error::{GpuError, Result};
+use crate::gpu::{Batch, DevRange, Stage};
+use crate::kernels::{ChunkDesc, KEYS};
+use crate::rans::{allowed_contexts, ChunkPlan, Header, RansWork};
+use crate::width::WordWidth;
+
+/// A chunk to rebuild and where: `base` and `out` are its words in device
+/// memory; `host` is its tensor's [`TensorRef::host`]; `label` its tensor's
+/// name and its index in the file, which errors name.
+pub(super) struct Job<'c, 'a> {
+    pub(super) chunk: &'c ChunkRef<'a>,
+    pub(super) width: WordWidth,
+    pub(super) host: Option<&'a [u8]>,
+    pub(super) base: DevRange,
+    pub(super) out: DevRange,
+    pub(super) label: Option<(&'c str, u64)>,
+}
+
+/// Where a stream's bytes lie in a slot: in the part uploaded from the
+/// host slot, in the part only the device writes (lane rANS output and
+/// scratch), or in the raw span copied straight from the page-locked host
+/// delta (at that offset of the delta). Offsets are relative to their part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Place {
+    Upload(usize),
+    Device(usize),
+    Host(usize),
+}
+
+/// A lane rANS stream of a batch: its checked header, its decoder level,
+/// the contexts its place allows, where its stored bytes lie, and where its
+/// scratch lies in the device part.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RansPlace {
+    pub(super) header: Header,
+    pub(super) level: u32,
+    pub(super) allowed: u32,
+    pub(super) stored: Place,
+    pub(super) scratch: usize,
+}
+
+/// The streams of one job of a batch.
+#[derive(Clone, Debug, Default)]
+pub(super) struct JobPlace {
+    /// Per stream, the decoded bytes that the apply kernels read.
+    pub(super) streams: Vec<Place>,
+    /// Per stream, lane rANS only.
+    pub(super) rans: Vec<Option<RansPlace>>,
+    /// Context 1 in a sparse chunk: the decoder level before which its
+    /// positions are rebuilt, and their offset in the device part.
+    pub(super) positions: Option<(u32, usize)>,
+}
+
+/// Where the streams of one batch go in a slot. Device layout:
+/// `[tables | upload part | device part | raw copy of the host delta]`,
+/// the tables being the apply descriptors, then the lane rANS work's
+/// ([`RansWork::write_tables`]); the host slot holds the tables and the
+/// upload part, uploaded in one copy.
+pub(super) struct Plan<'a> {
+    /// Jobs in the batch.
+    pub(super) count: usize,
+    /// Bytes of the apply descriptor table (aligned).
+    pub(super) table: usize,
+    /// Bytes of the lane rANS tables (aligned), after the apply table.
+    pub(super) rans_tables: usize,
+    /// End of the upload part (tables included).
+    pub(super) decoded_end: usize,
+    /// Start of the device part.
+    pub(super) device_start: usize,
+    /// The host range copied as it is, and where it lands in the slot.
+    pub(super) raw: Option<(&'a [u8], usize)>,
+    /// The offset of that range in the host delta.
+    raw_lo: usize,
+    /// Every stream of every job.
+    pub(super) places: Vec<JobPlace>,
+    /// Streams to decode or copy into the host slot.
+    pub(super) tasks: Vec<StreamTask<'a>>,
+}
+
+impl Plan<'_> {
+    /// The slot offset of a place.
+    pub(super) fn offset(&self, place: Place) -> usize {
+        match (place, self.raw) {
+            (Place::Upload(o), _) => self.table + self.rans_tables + o,
+            (Place::Device(o), _) => self.device_start + o,
+            (Place::Host(o), Some((_, at))) => at + o - self.raw_lo,
+            // a host place implies a raw span
+            (Place::Host(_), None) => usize::MAX,
+        }
+    }
+}
+
+impl Loader {
+    /// Prepares `out` for a tensor and appends its chunks to `jobs`.
+    pub(super) fn plan_tensor<'c, 'a>(
+        &mut self,
+        t: &'c TensorRef<'a>,
+        base: DevRange,
+        out: DevRange,
+        jobs: &mut Vec<Job<'c, 'a>>,
+    ) -> Result<()> {
+        if self.prepare_out(base, out, t.bytes(), t.width, t.needs_base_words())? {
+            self.plan_chunks(t, out, out, jobs)
+        } else {
+            self.plan_chunks(t, base, out, jobs)
+        }
+    }
+
+    /// Copies the base words into `out` on the main stream where the chunks
+    /// need them (sparse or unchanged chunks, or a base shorter than the
+    /// target, whose missing words read as 0 per spec "Words"). Returns
+    /// whether the chunks then apply in place on `out`.
+    pub(super) fn prepare_out(
+        &mut self,
+        base: DevRange,
+        out: DevRange,
+        tb: usize,
+        width: WordWidth,
+        needs_base: bool,
+    ) -> Result<bool> {
+        if base.len() == tb && !needs_base {
+            return Ok(false);
+        }
+        let main = self.gpu.stream().clone();
+        let n = base.len().min(tb) / width.bytes() * width.bytes();
+        if base.ptr() < out.ptr() + tb as u64 && out.ptr() < base.ptr() + n as u64 {
+            return Err(GpuError::invalid("base and output overlap"));
+        }
+        if n > 0 {
+            out.sub(0, n)?.copy_from_async(&main, base.sub(0, n)?)?;
+        }
+        if n < tb {
+            out.sub(n, tb - n)?.fill_async(&main, 0)?;
+        }
+        Ok(true)
+    }
+
+    pub(super) fn plan_chunks<'c, 'a>(
+        &self,
+        t: &'c TensorRef<'a>,
+        base: DevRange,
+        out: DevRange,
+        jobs: &mut Vec<Job<'c, 'a>>,
+    ) -> Result<()> {
+        let w = t.width.bytes();
+        let mut off = 0usize;
+        for (k, c) in t.chunks.iter().enumerate() {
+            let n = c.words as usize * w;
+            if c.record.encoding != Encoding::Unchanged {
+                jobs.push(Job {
+                    chunk: c,
+                    width: t.width,
+                    host: t.host,
+                    base: base.sub(off, n)?,
+                    out: out.sub(off, n)?,
+                    label: Some((&t.name, t.first_chunk + k as u64)),
+                });
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Chooses the next batch (a prefix of `jobs` of one word width that fits
+    /// a slot) and places its streams: stored streams and the stored bytes
+    /// of lane rANS streams are read where they land when they lie in the
+    /// page-locked host delta, else copied into the upload part; zstd
+    /// streams are decoded there by the CPU; lane rANS streams decode on the
+    /// device into the device part, with their scratch and, for context 1
+    /// in sparse chunks, their positions.
+    pub(super) fn plan_batch<'a>(&self, jobs: &[Job<'_, 'a>], stage: Stage) -> Result<Plan<'a>> {
+        let width = jobs[0].width;
+        let max_tiles = self.slots[0].sums.len();
+        let max_rows = self.slots[0].groups.len() / KEYS;
+        let host = jobs[0].host;
+        let mut places: Vec<JobPlace> = Vec::new();
+        let (mut upload, mut device) = (0usize, 0usize);
+        let mut raw: Option<(usize, usize)> = None;
+        let (mut tiles, mut rows, mut rans_count, mut positions_count) = (0usize, 0usize, 0usize, 0usize);
+        for job in jobs.iter().take(self.cfg.max_chunks) {
+            let c = job.chunk;
+            if job.width != width {
+                break;
+            }
+            c.validate(width)?;
+            let plan = ChunkPlan::new(c, width).map_err(|e| label_error(e, job.label))?;
+            let np = c.position_stream_count();
+            let (mut up, mut dev, mut span) = (upload, device, raw);
+            let mut place = JobPlace::default();
+            let mut rc = 0;
+            for (k, (r, bytes)) in c.streams.iter().zip(c.stored_streams()).enumerate() {
+                let rans = plan.as_ref().and_then(|p| p.streams[k]);
+                // Bytes copied as they are (a stored stream, or a lane rANS
+                // stream's stored bytes) are read where they land, if they lie
+                // in the page-locked host buffer; a stored stream of words
+                // keeps its word alignment.
+                let at = host
+                    .filter(|_| job.host.map(<[u8]>::as_ptr) == host.map(<[u8]>::as_ptr))
+                    .and_then(|h| offset_in(h, bytes))
+                    .filter(|&o| {
+                        rans.is_some()
+                            || (r.codec == Codec::Stored
+                                && (k < np || c.record.value_layout != ValueLayout::Words || o % width.bytes() == 0))
+                    });
+                let at = at.filter(|_| rans.is_none() || stage == Stage::Apply || k < np);
+                if let Some(o) = at {
+                    let end = o + bytes.len();
+                    span = Some(span.map_or((o, end), |(lo, hi)| (lo.min(o), hi.max(end))));
+                }
+                let decoded = stage == Stage::Apply || k < np;
+                match rans {
+                    Some(_) if !decoded => {
+                        // not needed by the positions stage: room only
+                        place.rans.push(None);
+                        place.streams.push(Place::Device(dev));
+                        dev = align(dev + r.decoded_len as usize, 16);
+                    }
+                    Some((header, level)) => {
+                        let stored = at.map_or_else(
+                            || {
+                                let o = up;
+                                up = align(up + r.stored_len as usize, 16);
+                                Place::Upload(o)
+                            },
+                            Place::Host,
+                        );
+                        place.streams.push(Place::Device(dev));
+                        dev = align(dev + r.decoded_len as usize, 16);
+                        let scratch = dev;
+                        dev += header.scratch_bytes(r.decoded_len);
+                        let allowed = allowed_contexts(c, k, width);
+                        place.rans.push(Some(RansPlace { header, level, allowed, stored, scratch }));
+                        rc += 1;
+                    }
+                    None => {
+                        place.rans.push(None);
+                        place.streams.push(at.map_or_else(
+                            || {
+                                let o = up;
+                                up = align(up + r.decoded_len as usize, 16);
+                                Place::Upload(o)
+                            },
+                            Place::Host,
+                        ));
+                    }
+                }
+            }
+            let mut pc = 0;
+            if let (Some(before), Stage::Apply) = (plan.as_ref().and_then(|p| p.positions_before), stage) {
+                place.positions = Some((before, dev));
+                dev = align(dev + 4 * c.record.changed_count as usize, 16);
+                pc = 1;
+            }
+            let t = Batch::tiles_of(&c.record, c.words) as usize;
+            let g = Batch::group_rows_of(&c.record, c.words) as usize;
+            let tables = align((places.len() + 1) * ChunkDesc::BYTES, 64)
+                + RansWork::table_bytes_for(rans_count + rc, positions_count + pc);
+            let raw_len = span.map_or(0, |(lo, hi)| hi - lo + 16);
+            if tables + up + 16 + dev + 16 + raw_len > self.cfg.slot_bytes
+                || tiles + t > max_tiles
+                || rows + g > max_rows
+            {
+                if places.is_empty() {
+                    return Err(GpuError::invalid(
+                        "a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes",
+                    ));
+                }
+                break;
+            }
+            (upload, device, raw) = (up, dev, span);
+            tiles += t;
+            rows += g;
+            rans_count += rc;
+            positions_count += pc;
+            places.push(place);
+        }
+        let count = places.len();
+        let table = align(count * ChunkDesc::BYTES, 64);
+        let rans_tables = RansWork::table_bytes_for(rans_count, positions_count);
+        let decoded_end = table + rans_tables + upload;
+        let device_start = align(decoded_end, 16);
+        let raw_lo = raw.map_or(0, |(lo, _)| lo);
+        let raw = match (raw, host) {
+            // Same offset modulo 16 on both sides keeps every stream's alignment.
+            (Some((lo, hi)), Some(h)) => Some((&h[lo..hi], align(device_start + device, 16) + lo % 16)),
+            _ => None,
+        };
+        let mut tasks = Vec::new();
+        for (j, (job, place)) in jobs.iter().zip(&places).enumerate() {
+            for (k, (r, bytes)) in job.chunk.streams.iter().zip(job.chunk.stored_streams()).enumerate() {
+                match (place.rans[k], place.streams[k]) {
+                    (Some(RansPlace { stored: Place::Upload(o), .. }), _) | (None, Place::Upload(o)) => {
+                        tasks.push((table + rans_tables + o, *r, bytes, j));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Plan { count, table, rans_tables, decoded_end, device_start, raw, raw_lo, places, tasks })
+    }
+}
+
+/// Offset of `part` in `whole`, if `part` lies inside it.
+fn offset_in(whole: &[u8], part: &[u8]) -> Option<usize> {
+    let (w, p) = (whole.as_ptr() as usize, part.as_ptr() as usize);
+    (p >= w && p + part.len() <= w + whole.len()).then(|| p - w)
+}

@@ -1,0 +1,77 @@
+//! The staging ring: page-locked slots, each with its own stream, taken in
+//! turn; and the two ends of every run: the flag reset that the kernels wait
+//! for, and the join that reads the device error flag once.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
+
+use super::faults::device_error;
+use super::Loader;
+use crate::error::{flag, Result};
+use crate::gpu::DevRange;
+
+pub(super) struct Slot {
+    pub(super) host: PinnedHostSlice<u8>,
+    pub(super) dev: CudaSlice<u8>,
+    pub(super) sums: CudaSlice<u64>,
+    /// The group table of grouped value order: rows of [`KEYS`] `u32`.
+    pub(super) groups: CudaSlice<u32>,
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) uploaded: CudaEvent,
+    pub(super) done: CudaEvent,
+    pub(super) in_use: bool,
+}
+
+impl Loader {
+    pub(super) fn take_slot(&mut self) -> Result<usize> {
+        let i = self.next;
+        self.next = (self.next + 1) % self.slots.len();
+        let s = &mut self.slots[i];
+        if s.in_use {
+            s.uploaded.synchronize()?;
+            s.in_use = false;
+        }
+        Ok(i)
+    }
+
+    /// Resets the device flag words on the main stream and records
+    /// `start`, which kernels wait for (the flag reset and the base copy
+    /// into the output); uploads do not.
+    pub(super) fn begin(&mut self) -> Result<()> {
+        let main = self.gpu.stream().clone();
+        let flag = DevRange::all(&self.flag, &main)?;
+        // The bits to 0, the fault job words to u32::MAX (none).
+        flag.sub(0, 4)?.fill_async(&main, 0)?;
+        flag.sub(4, 4 * (flag::WORDS - 1))?.fill_async(&main, 0xFF)?;
+        self.start.record(&main)?;
+        Ok(())
+    }
+
+    /// Joins every slot stream into the main stream, copies the device error
+    /// flag words back (page-locked), waits once and checks them. A lane
+    /// rANS fault names its chunk: `label` gives the tensor and chunk index
+    /// of the job that the kernels recorded.
+    pub(super) fn finish<'n>(&mut self, label: impl Fn(u32) -> Option<(&'n str, u64)>) -> Result<()> {
+        let main = self.gpu.stream().clone();
+        for s in &self.slots {
+            s.done.record(&s.stream)?;
+            main.wait(&s.done)?;
+        }
+        let flag = DevRange::all(&self.flag, &main)?;
+        let host = self.flag_host.as_mut_slice()?;
+        // SAFETY: the flag words into page-locked memory of the same length
+        // that nothing else touches until the synchronize below.
+        unsafe { flag.copy_to_host_async(&main, &mut host[..flag::WORDS]) }?;
+        main.synchronize()?;
+        let words = self.flag_host.as_slice()?;
+        if words[0] != 0 {
+            return Err(device_error(words, label));
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn host_prefix(host: &PinnedHostSlice<u8>, n: usize) -> Result<&[u8]> {
+    Ok(&host.as_slice()?[..n])
+}

@@ -1,0 +1,552 @@
+//! The staged path: a delta decoded once into device memory
+//! ([`DeviceDelta`]), then applied with kernels only.
+
+use cudarc::driver::CudaSlice;
+use tpde::container::chunk_map::{ChunkRecord, Encoding, StreamRecord};
+use tpde::digest::Digest128;
+
+use super::digests::LeafCheck;
+use super::faults::label_error;
+use super::host_decode::decode_tasks;
+use super::inputs::{ChunkRef, TensorRef};
+use super::ring::host_prefix;
+use super::{align, Loader};
+use crate::error::{GpuError, Result};
+use crate::gpu::{Batch, DevRange, RansContext, RansStream, Stage};
+use crate::kernels::{ChunkDesc, KEYS};
+use crate::rans::{self, allowed_contexts, ChunkPlan, RansWork};
+use crate::width::WordWidth;
+
+impl Loader {
+    /// Decodes every stream of `delta` once into one device buffer, so that
+    /// later applies launch kernels only (weights sync of many fine-tunes of
+    /// one base, or repeated just-in-time materialization). zstd streams are
+    /// decoded by the CPU, lane rANS streams by the GPU; a lane rANS stream
+    /// whose context needs the base (context 1, or the planes decoded under
+    /// one) is kept as its stored bytes and decoded at each apply, against
+    /// the base that apply is given.
+    pub fn stage_on_device(&mut self, delta: &[TensorRef<'_>]) -> Result<DeviceDelta> {
+        // The data: [host part: streams decoded by the CPU or stored, and the
+        // stored bytes of deferred streams | device part: lane rANS streams
+        // decoded here]. Device part offsets are made absolute at the end.
+        let mut tensors = Vec::with_capacity(delta.len());
+        let (mut host_total, mut device_total) = (0usize, 0usize);
+        let mut device_part: Vec<(usize, usize, usize)> = Vec::new();
+        let mut order: Vec<StagePending<'_, '_>> = Vec::new();
+        for (ti, t) in delta.iter().enumerate() {
+            t.validate()?;
+            let mut chunks = Vec::new();
+            let mut word = 0u64;
+            for (k, c) in t.chunks.iter().enumerate() {
+                let index = t.first_chunk + k as u64;
+                if c.record.encoding != Encoding::Unchanged {
+                    let plan = ChunkPlan::new(c, t.width).map_err(|e| label_error(e, Some((&t.name, index))))?;
+                    let host_start = host_total;
+                    let mut at = Vec::with_capacity(c.streams.len());
+                    for (q, r) in c.streams.iter().enumerate() {
+                        let needs_base = plan.as_ref().and_then(|p| p.streams[q].map(|_| p.needs_base[q]));
+                        match needs_base {
+                            Some(false) => {
+                                device_part.push((ti, chunks.len(), q));
+                                at.push(Staged::Decoded(device_total));
+                                device_total = align(device_total + r.decoded_len as usize, 16);
+                            }
+                            Some(true) => {
+                                at.push(Staged::Deferred(host_total));
+                                host_total = align(host_total + r.stored_len as usize, 16);
+                            }
+                            None => {
+                                at.push(Staged::Decoded(host_total));
+                                host_total = align(host_total + r.decoded_len as usize, 16);
+                            }
+                        }
+                    }
+                    order.push(StagePending {
+                        chunk: c,
+                        name: &t.name,
+                        index,
+                        width: t.width,
+                        host: host_start..host_total,
+                        at: (ti, chunks.len()),
+                        plan: plan.clone(),
+                    });
+                    let deferred = at.iter().any(|a| matches!(a, Staged::Deferred(_)));
+                    chunks.push(StagedChunk {
+                        record: c.record,
+                        streams: c.streams.to_vec(),
+                        words: c.words,
+                        at,
+                        plan: plan.filter(|_| deferred),
+                        word,
+                        index,
+                    });
+                }
+                word += u64::from(c.words);
+            }
+            tensors.push(StagedTensor {
+                name: t.name.clone(),
+                width: t.width,
+                words: t.words,
+                needs_base: t.needs_base_words(),
+                chunks,
+                first_chunk: t.first_chunk,
+                leaves: t.chunks.iter().map(|c| (c.record.digest, c.words)).collect(),
+            });
+        }
+        for (ti, ci, q) in device_part {
+            if let Staged::Decoded(o) = &mut tensors[ti].chunks[ci].at[q] {
+                *o += host_total;
+            }
+        }
+        let total = host_total + device_total;
+        // SAFETY: every byte of a stream range is written by the uploads or
+        // the decoder below before any kernel reads it; padding bytes are
+        // never read.
+        let data = unsafe { self.gpu.stream().alloc::<u8>(total.max(1)) }?;
+        self.begin()?;
+        let mut i = 0;
+        while i < order.len() {
+            let end = self.stage_batch(&order[i..], &tensors, &data, i)?;
+            i += end;
+        }
+        self.finish(|job| order.get(job as usize).map(|p| (p.name, p.index)))?;
+        Ok(DeviceDelta { data, tensors })
+    }
+
+    /// Stages a prefix of `order` that fits a slot (job indices from
+    /// `first_job`): copies their host parts into the data through the slot
+    /// and decodes their base-free lane rANS streams into the device part.
+    /// Returns the number of chunks staged.
+    fn stage_batch(
+        &mut self,
+        order: &[StagePending<'_, '_>],
+        tensors: &[StagedTensor],
+        data: &CudaSlice<u8>,
+        first_job: usize,
+    ) -> Result<usize> {
+        // Host slot: [lane rANS table | their stored bytes | host part];
+        // device slot: [lane rANS table | their stored bytes | scratch].
+        let staged = |p: &StagePending<'_, '_>| &tensors[p.at.0].chunks[p.at.1];
+        let on_device = |p: &StagePending<'_, '_>, q: usize| {
+            p.plan.as_ref().and_then(|plan| plan.streams[q]).filter(|_| matches!(staged(p).at[q], Staged::Decoded(_)))
+        };
+        let first = order[0].host.start;
+        let (mut end, mut count, mut stored, mut scratch) = (0, 0usize, 0usize, 0usize);
+        while end < order.len() {
+            let p = &order[end];
+            let (mut c, mut st, mut sc) = (count, stored, scratch);
+            for (q, r) in p.chunk.streams.iter().enumerate() {
+                if let Some((h, _)) = on_device(p, q) {
+                    c += 1;
+                    st = align(st + r.stored_len as usize, 16);
+                    sc += h.scratch_bytes(r.decoded_len);
+                }
+            }
+            let used = p.host.end - first;
+            if RansWork::table_bytes_for(c, 0) + st + used.max(sc + 16) > self.cfg.slot_bytes {
+                break;
+            }
+            (count, stored, scratch) = (c, st, sc);
+            end += 1;
+        }
+        if end == 0 {
+            return Err(GpuError::invalid("a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes"));
+        }
+        let tables = RansWork::table_bytes_for(count, 0);
+        let hp = tables + stored;
+        let used = order[end - 1].host.end - first;
+        let mut tasks = Vec::new();
+        let mut rans_at = Vec::new();
+        let mut at = tables;
+        for (k, p) in order[..end].iter().enumerate() {
+            let sc = staged(p);
+            for (q, (r, bytes)) in p.chunk.streams.iter().zip(p.chunk.stored_streams()).enumerate() {
+                if on_device(p, q).is_some() {
+                    tasks.push((at, *r, bytes, k));
+                    rans_at.push(at);
+                    at = align(at + r.stored_len as usize, 16);
+                } else {
+                    let (Staged::Decoded(o) | Staged::Deferred(o)) = sc.at[q];
+                    tasks.push((hp + o - first, *r, bytes, k));
+                }
+            }
+        }
+        // decode_tasks takes the streams in increasing offsets
+        tasks.sort_by_key(|t| t.0);
+        let slot = self.take_slot()?;
+        let s = &mut self.slots[slot];
+        let host = s.host.as_mut_slice()?;
+        let batch = &order[..end];
+        decode_tasks(&mut host[..hp + used], &tasks, |k| Some((batch[k].name, batch[k].index)))?;
+        let dev = DevRange::all(&s.dev, &s.stream)?;
+        let all = DevRange::all(data, &s.stream)?;
+        let mut work = RansWork::default();
+        let mut rans_at = rans_at.into_iter();
+        let mut scratch_at = align(hp, 16);
+        for (k, p) in batch.iter().enumerate() {
+            let sc = staged(p);
+            let job = u32::try_from(first_job + k).map_err(|_| GpuError::invalid("too many chunks"))?;
+            for (q, r) in p.chunk.streams.iter().enumerate() {
+                let Some((header, level)) = on_device(p, q) else { continue };
+                let context = match header.context {
+                    rans::context::HIGHER_PLANE => {
+                        let Staged::Decoded(above) = sc.at[q + 1] else {
+                            return Err(GpuError::invalid("a base-free plane under a deferred one"));
+                        };
+                        RansContext::HigherPlane(all.sub(above, sc.streams[q + 1].decoded_len as usize)?)
+                    }
+                    _ => RansContext::None,
+                };
+                let Staged::Decoded(out) = sc.at[q] else { continue };
+                let stream = RansStream {
+                    stored: dev.sub(rans_at.next().unwrap_or(0), r.stored_len as usize)?,
+                    decoded: all.sub(out, r.decoded_len as usize)?,
+                    scratch: dev.sub(scratch_at, header.scratch_bytes(r.decoded_len))?,
+                    context,
+                    header,
+                    allowed: allowed_contexts(p.chunk, q, p.width),
+                    level,
+                    job,
+                };
+                scratch_at += header.scratch_bytes(r.decoded_len);
+                work.streams.push(&stream, r.stored_len, r.decoded_len)?;
+            }
+        }
+        work.seal()?;
+        work.write_tables(&mut host[..tables]);
+        let part = all.sub(first, used)?;
+        // SAFETY: the page-locked host bytes stay untouched until `uploaded`
+        // completes.
+        unsafe {
+            if hp > 0 {
+                dev.copy_from_host_async(&s.stream, host_prefix(&s.host, hp)?)?;
+            }
+            if used > 0 {
+                part.copy_from_host_async(&s.stream, &host_prefix(&s.host, hp + used)?[hp..])?;
+            }
+        }
+        s.uploaded.record(&s.stream)?;
+        s.in_use = true;
+        s.stream.wait(&self.start)?;
+        if !work.is_empty() {
+            let sums = DevRange::all(&s.sums, &s.stream)?;
+            let groups = DevRange::all(&s.groups, &s.stream)?;
+            let flag = DevRange::all(&self.flag, &s.stream)?;
+            work.launch(&self.gpu, &s.stream, dev.sub(0, tables)?, sums, groups, flag)?;
+        }
+        Ok(end)
+    }
+
+    /// Rebuilds a device-resident delta in place over `bufs`, which hold the
+    /// base tensors (each exactly the target's size). Kernels only: the
+    /// streams are already decoded on the device.
+    pub fn apply_staged_in_place(&mut self, delta: &DeviceDelta, bufs: &mut [CudaSlice<u8>]) -> Result<()> {
+        if bufs.len() != delta.tensors.len() {
+            return Err(GpuError::invalid("one buffer per delta tensor"));
+        }
+        let main = self.gpu.stream().clone();
+        let outs = bufs
+            .iter()
+            .zip(&delta.tensors)
+            .map(|(b, t)| {
+                if b.num_bytes() != t.bytes() {
+                    return Err(GpuError::invalid(format!("{}: in-place buffer size differs", t.name)));
+                }
+                DevRange::all(b, &main)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.run_staged(delta, &outs.clone(), &outs)
+    }
+
+    /// Rebuilds a device-resident delta from resident `base` tensors into
+    /// `outs` (each at least the target's size).
+    pub fn apply_staged(
+        &mut self,
+        delta: &DeviceDelta,
+        base: &[&CudaSlice<u8>],
+        outs: &mut [CudaSlice<u8>],
+    ) -> Result<()> {
+        if base.len() != delta.tensors.len() || outs.len() != delta.tensors.len() {
+            return Err(GpuError::invalid("one base and one output per delta tensor"));
+        }
+        let main = self.gpu.stream().clone();
+        let mut bases = Vec::new();
+        let mut os = Vec::new();
+        for ((t, b), o) in delta.tensors.iter().zip(base).zip(outs.iter()) {
+            let tb = t.bytes();
+            if o.num_bytes() < tb {
+                return Err(GpuError::invalid(format!("{}: output buffer too small", t.name)));
+            }
+            let b = DevRange::all(*b, &main)?;
+            let o = DevRange::of(o, &main, 0, tb)?;
+            let in_place = self.prepare_out(b, o, tb, t.width, t.needs_base)?;
+            bases.push(if in_place { o } else { b });
+            os.push(o);
+        }
+        self.run_staged(delta, &bases, &os)
+    }
+
+    fn run_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
+        self.launch_staged(delta, bases, outs)?;
+        let mut checks = Vec::new();
+        for (t, o) in delta.tensors.iter().zip(outs) {
+            let w = t.width.bytes();
+            let mut off = 0usize;
+            for (k, (digest, words)) in t.leaves.iter().enumerate() {
+                let n = *words as usize * w;
+                let chunk = t.first_chunk + k as u64;
+                checks.push(LeafCheck { out: o.sub(off, n)?, digest: *digest, tensor: &t.name, chunk });
+                off += n;
+            }
+        }
+        self.check_leaves(&checks)
+    }
+
+    fn launch_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
+        self.begin()?;
+        let max_tiles = self.slots[0].sums.len();
+        let max_rows = self.slots[0].groups.len() / KEYS;
+        let table_cap = self.cfg.slot_bytes / ChunkDesc::BYTES;
+        let mut first_job = 0usize;
+        for ((t, b), o) in delta.tensors.iter().zip(bases).zip(outs) {
+            let w = t.width.bytes() as u64;
+            let mut pending: Vec<(usize, DevRange, DevRange)> = Vec::new();
+            let (mut tiles, mut rows, mut rans_count, mut positions_count, mut device) = (0, 0, 0, 0, 0);
+            for (ci, c) in t.chunks.iter().enumerate() {
+                let nb = c.words as usize * t.width.bytes();
+                let off = usize::try_from(c.word * w).map_err(|_| GpuError::invalid("tensor too large"))?;
+                let r = Batch::group_rows_of(&c.record, c.words) as usize;
+                if r > max_rows {
+                    return Err(GpuError::invalid("a chunk has too many tiles; raise LoaderConfig::slot_bytes"));
+                }
+                let (rc, pc, dv) = c.deferred_needs();
+                let tl = Batch::tiles_of(&c.record, c.words) as usize;
+                let cap = self.cfg.max_chunks.min(table_cap);
+                // whether the batch, with this chunk added, fits a slot
+                let fits = |count: usize, tiles: usize, rows: usize, rans: usize, positions: usize, device: usize| {
+                    count < cap
+                        && tiles + tl <= max_tiles
+                        && rows + r <= max_rows
+                        && align((count + 1) * ChunkDesc::BYTES, 64)
+                            + RansWork::table_bytes_for(rans + rc, positions + pc)
+                            + 16
+                            + device
+                            + dv
+                            <= self.cfg.slot_bytes
+                };
+                if !fits(pending.len(), tiles, rows, rans_count, positions_count, device) {
+                    if pending.is_empty() || !fits(0, 0, 0, 0, 0, 0) {
+                        return Err(GpuError::invalid(
+                            "a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes",
+                        ));
+                    }
+                    self.flush_staged(delta, t, &pending, first_job)?;
+                    pending.clear();
+                    (tiles, rows, rans_count, positions_count, device) = (0, 0, 0, 0, 0);
+                }
+                pending.push((ci, b.sub(off, nb)?, o.sub(off, nb)?));
+                (tiles, rows) = (tiles + tl, rows + r);
+                (rans_count, positions_count, device) = (rans_count + rc, positions_count + pc, device + dv);
+            }
+            self.flush_staged(delta, t, &pending, first_job)?;
+            first_job += t.chunks.len();
+        }
+        let labels: Vec<(&str, u64)> =
+            delta.tensors.iter().flat_map(|t| t.chunks.iter().map(|c| (t.name.as_str(), c.index))).collect();
+        self.finish(|job| labels.get(job as usize).copied())
+    }
+
+    /// Launches the chunks `pending` of tensor `t` of a device-resident
+    /// delta (each with its base and output words) through a slot: uploads
+    /// their descriptor tables, decodes the lane rANS streams that were
+    /// deferred to the apply (into the slot), then applies. Chunk `ci` of
+    /// the tensor is job `first_job + ci`, which faults report.
+    fn flush_staged(
+        &mut self,
+        delta: &DeviceDelta,
+        t: &StagedTensor,
+        pending: &[(usize, DevRange, DevRange)],
+        first_job: usize,
+    ) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (rans_count, positions_count) = pending.iter().fold((0, 0), |(r, p), (ci, _, _)| {
+            let (rc, pc, _) = t.chunks[*ci].deferred_needs();
+            (r + rc, p + pc)
+        });
+        let table = align(pending.len() * ChunkDesc::BYTES, 64);
+        let rans_tables = RansWork::table_bytes_for(rans_count, positions_count);
+        let slot = self.take_slot()?;
+        let s = &mut self.slots[slot];
+        let dev = DevRange::all(&s.dev, &s.stream)?;
+        let data = DevRange::all(&delta.data, &s.stream)?;
+        let mut at = align(table + rans_tables, 16);
+        let mut take = |len: usize| {
+            let r = dev.sub(at, len);
+            at = align(at + len, 16);
+            r
+        };
+        let mut batch = Batch::new(t.width);
+        let mut work = RansWork::default();
+        for &(ci, base, out) in pending {
+            let c = &t.chunks[ci];
+            let chunk = ChunkRef { record: c.record, streams: &c.streams, stored: &[], words: c.words };
+            let streams =
+                c.at.iter()
+                    .zip(&c.streams)
+                    .map(|(a, r)| match a {
+                        Staged::Decoded(o) => data.sub(*o, r.decoded_len as usize),
+                        Staged::Deferred(_) => take(r.decoded_len as usize),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+            batch.push(&chunk, &streams, base, out)?;
+            let Some(plan) = &c.plan else { continue };
+            let positions = match plan.positions_before {
+                Some(before) => {
+                    let p = take(4 * c.record.changed_count as usize)?;
+                    work.push_positions(before, &chunk, &streams, p, t.width)?;
+                    Some(p)
+                }
+                None => None,
+            };
+            let job = u32::try_from(first_job + ci).map_err(|_| GpuError::invalid("too many chunks"))?;
+            for (q, r) in c.streams.iter().enumerate() {
+                let (Staged::Deferred(stored), Some((header, level))) = (c.at[q], plan.streams[q]) else { continue };
+                let context = match header.context {
+                    rans::context::NONE => RansContext::None,
+                    rans::context::HIGHER_PLANE => RansContext::HigherPlane(streams[q + 1]),
+                    _ => RansContext::BaseKey { base, width: t.width, positions },
+                };
+                let stream = RansStream {
+                    stored: data.sub(stored, r.stored_len as usize)?,
+                    decoded: streams[q],
+                    scratch: take(header.scratch_bytes(r.decoded_len))?,
+                    context,
+                    header,
+                    allowed: allowed_contexts(&chunk, q, t.width),
+                    level,
+                    job,
+                };
+                work.streams.push(&stream, r.stored_len, r.decoded_len)?;
+            }
+        }
+        work.seal()?;
+        if batch.table_bytes() > table || work.table_bytes() > rans_tables {
+            return Err(GpuError::invalid("descriptor tables larger than planned"));
+        }
+        let host = s.host.as_mut_slice()?;
+        batch.write_table(&mut host[..batch.table_bytes()]);
+        work.write_tables(&mut host[table..table + rans_tables]);
+        let n = table + rans_tables;
+        // SAFETY: the host bytes stay untouched until `uploaded` completes.
+        unsafe { dev.copy_from_host_async(&s.stream, host_prefix(&s.host, n)?) }?;
+        s.uploaded.record(&s.stream)?;
+        s.in_use = true;
+        s.stream.wait(&self.start)?;
+        let sums = DevRange::all(&s.sums, &s.stream)?;
+        let groups = DevRange::all(&s.groups, &s.stream)?;
+        let flag = DevRange::all(&self.flag, &s.stream)?;
+        work.launch(&self.gpu, &s.stream, dev.sub(table, rans_tables)?, sums, groups, flag)?;
+        self.gpu.launch(&s.stream, &batch, Stage::Apply, dev.sub(0, batch.table_bytes())?, sums, groups, flag)
+    }
+}
+
+/// Where a stream of a [`DeviceDelta`] lies in its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Staged {
+    /// Its decoded bytes, at this offset.
+    Decoded(usize),
+    /// A lane rANS stream whose context needs the base: its stored bytes,
+    /// at this offset, decoded at each apply.
+    Deferred(usize),
+}
+
+/// A chunk of a [`DeviceDelta`]: where each stream lies, and the lane rANS
+/// plan where some stream is deferred; its first word is `word` of the
+/// tensor, and `index` its index in the file.
+#[derive(Clone, Debug)]
+struct StagedChunk {
+    record: ChunkRecord,
+    streams: Vec<StreamRecord>,
+    words: u32,
+    at: Vec<Staged>,
+    plan: Option<ChunkPlan>,
+    word: u64,
+    index: u64,
+}
+
+impl StagedChunk {
+    /// What applying the chunk needs beyond its descriptor: lane rANS
+    /// descriptors, position descriptors, and slot bytes for the deferred
+    /// streams' output, scratch and positions.
+    fn deferred_needs(&self) -> (usize, usize, usize) {
+        let Some(plan) = &self.plan else { return (0, 0, 0) };
+        let (mut count, mut bytes) = (0, 0);
+        for ((a, r), p) in self.at.iter().zip(&self.streams).zip(&plan.streams) {
+            if let (Staged::Deferred(_), Some((h, _))) = (a, p) {
+                count += 1;
+                bytes += align(r.decoded_len as usize, 16) + align(h.scratch_bytes(r.decoded_len), 16);
+            }
+        }
+        let positions = usize::from(plan.positions_before.is_some());
+        bytes += positions * align(4 * self.record.changed_count as usize, 16);
+        (count, positions, bytes)
+    }
+}
+
+/// A chunk that [`Loader::stage_on_device`] stages: its stored bytes, names
+/// for errors, the range of the data's host part it takes, and where its
+/// [`StagedChunk`] is (tensor, chunk).
+struct StagePending<'c, 'a> {
+    chunk: &'c ChunkRef<'a>,
+    name: &'c str,
+    index: u64,
+    width: WordWidth,
+    host: std::ops::Range<usize>,
+    at: (usize, usize),
+    plan: Option<ChunkPlan>,
+}
+
+#[derive(Clone, Debug)]
+struct StagedTensor {
+    name: String,
+    width: WordWidth,
+    words: u64,
+    needs_base: bool,
+    chunks: Vec<StagedChunk>,
+    /// As [`TensorRef::first_chunk`].
+    first_chunk: u64,
+    /// The digest and words of every chunk (unchanged ones too), in order.
+    leaves: Vec<(Digest128, u32)>,
+}
+
+impl StagedTensor {
+    fn bytes(&self) -> usize {
+        usize::try_from(self.words).unwrap_or(usize::MAX) * self.width.bytes()
+    }
+}
+
+/// A delta whose streams are decoded and resident in device memory
+/// ([`Loader::stage_on_device`]). Lane rANS streams whose contexts need the
+/// base (context 1, and the planes decoded under such a plane) are resident
+/// as their stored bytes and decoded at each apply, into the loader's slots.
+#[derive(Debug)]
+pub struct DeviceDelta {
+    data: CudaSlice<u8>,
+    tensors: Vec<StagedTensor>,
+}
+
+impl DeviceDelta {
+    /// Device bytes the decoded streams take.
+    #[must_use]
+    pub fn device_bytes(&self) -> usize {
+        self.data.num_bytes()
+    }
+
+    /// Bytes of all target tensors.
+    #[must_use]
+    pub fn target_bytes(&self) -> usize {
+        self.tensors.iter().map(StagedTensor::bytes).sum()
+    }
+}
