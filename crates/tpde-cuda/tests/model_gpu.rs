@@ -5,7 +5,6 @@
 //! `--include-ignored` on a GPU machine.
 #![allow(clippy::cast_possible_truncation)] // small test values
 
-use std::path::Path;
 use std::sync::Arc;
 
 use tpde::pipeline::{encode::encode, encode::EncodeOptions, NoProgress};
@@ -14,30 +13,8 @@ use tpde_cuda::cudarc::driver::CudaSlice;
 use tpde_cuda::model::{Base, DeviceTensor, ResidentTensor};
 use tpde_cuda::{Gpu, GpuError, Loader, LoaderConfig};
 
-/// A BF16 safetensors file of `tensors`, in order.
-fn write(path: &Path, tensors: &[(&str, &[u16])]) {
-    let mut header = String::from("{");
-    let mut at = 0;
-    for (i, (name, words)) in tensors.iter().enumerate() {
-        let end = at + 2 * words.len();
-        let comma = if i > 0 { "," } else { "" };
-        header += &format!(
-            "{comma}\"{name}\":{{\"dtype\":\"BF16\",\"shape\":[{}],\"data_offsets\":[{at},{end}]}}",
-            words.len()
-        );
-        at = end;
-    }
-    header.push('}');
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    for (_, words) in tensors {
-        out.extend(words.iter().flat_map(|w| w.to_le_bytes()));
-    }
-    std::fs::write(path, out).expect("write a checkpoint");
-}
+mod common;
+use common::write_bf16_safetensors;
 
 fn bytes(words: &[u16]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
@@ -73,9 +50,9 @@ fn a_delta_rebuilds_by_name_against_every_kind_of_base() {
     }
     let new: Vec<u16> = (0..777u32).map(|i| 0x4000 | (i % 13) as u16).collect();
     let (base_path, target_path) = (dir.path().join("base.safetensors"), dir.path().join("target.safetensors"));
-    write(&base_path, &[("a", &a), ("b", &b)]);
+    write_bf16_safetensors(&base_path, &[("a", &a), ("b", &b)]);
     let target: [(&str, &[u16]); 3] = [("a", &a2), ("b", &b), ("new", &new)];
-    write(&target_path, &target);
+    write_bf16_safetensors(&target_path, &target);
     let base = Checkpoint::open(&base_path).expect("opens");
     let options = EncodeOptions { chunk_words: 4096, ..EncodeOptions::default() };
     let delta_path = dir.path().join("d.tpde");

@@ -4,7 +4,6 @@
 //! them as ignored; run them with `--include-ignored` on a GPU machine.
 #![allow(clippy::cast_possible_truncation)] // small test values
 
-use std::path::Path;
 use std::sync::Arc;
 
 use tpde::pipeline::{encode::EncodeOptions, NoProgress};
@@ -13,30 +12,8 @@ use tpde::{Checkpoint, ErrorCode};
 use tpde_cuda::series::step_in_place;
 use tpde_cuda::{Gpu, GpuError, Loader, LoaderConfig};
 
-/// A safetensors file of BF16 tensors, written by hand.
-fn write(path: &Path, tensors: &[(&str, &[u16])]) {
-    let mut header = String::from("{");
-    let mut at = 0;
-    for (i, (name, words)) in tensors.iter().enumerate() {
-        let end = at + 2 * words.len();
-        let comma = if i > 0 { "," } else { "" };
-        header += &format!(
-            "{comma}\"{name}\":{{\"dtype\":\"BF16\",\"shape\":[{}],\"data_offsets\":[{at},{end}]}}",
-            words.len()
-        );
-        at = end;
-    }
-    header.push('}');
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    for (_, words) in tensors {
-        out.extend(words.iter().flat_map(|w| w.to_le_bytes()));
-    }
-    std::fs::write(path, out).expect("write a checkpoint");
-}
+mod common;
+use common::write_bf16_safetensors;
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -59,7 +36,7 @@ fn weights_on_the_gpu_step_through_a_series_bit_for_bit() {
         let at = (k as usize * 11) % b.len();
         b[at] ^= 1;
         let path = dir.path().join(format!("step-{k}.safetensors"));
-        write(&path, &[("a", &a), ("b", &b)]);
+        write_bf16_safetensors(&path, &[("a", &a), ("b", &b)]);
         let ckpt = Checkpoint::open(&path).expect("opens");
         series.add(&ckpt, 10 * k, &options, &NoProgress).expect("a step is added");
         steps.push((10 * k, a.clone(), b.clone()));

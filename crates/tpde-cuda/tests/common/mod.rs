@@ -415,3 +415,28 @@ pub fn float_pair(words: usize, p: f64, seed: u64) -> (Vec<u8>, Vec<u8>) {
     }
     (base, target)
 }
+
+/// Writes a safetensors file of BF16 tensors, given as `u16` words, in order.
+pub fn write_bf16_safetensors(path: &std::path::Path, tensors: &[(&str, &[u16])]) {
+    let mut header = String::from("{");
+    let mut at = 0;
+    for (i, (name, words)) in tensors.iter().enumerate() {
+        let end = at + 2 * words.len();
+        let comma = if i > 0 { "," } else { "" };
+        header += &format!(
+            "{comma}\"{name}\":{{\"dtype\":\"BF16\",\"shape\":[{}],\"data_offsets\":[{at},{end}]}}",
+            words.len()
+        );
+        at = end;
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    for (_, words) in tensors {
+        out.extend(words.iter().flat_map(|w| w.to_le_bytes()));
+    }
+    std::fs::write(path, out).expect("write a checkpoint");
+}
