@@ -101,6 +101,22 @@ fn with_loader<T>(device: usize, work: impl FnOnce(&mut Loader) -> CudaResult<T>
     Ok(value)
 }
 
+/// Gives back to the driver the device memory that the tensors of earlier loads
+/// on GPU `device` held and that is now free (the loader keeps it for the next
+/// load, as torch's caching allocator does). Nothing happens where no load ran.
+#[pyfunction]
+#[pyo3(signature = (*, device))]
+pub fn cuda_empty_cache(py: Python<'_>, device: usize) -> PyResult<()> {
+    py.detach(|| {
+        let loaders = LOADERS.lock().unwrap_or_else(PoisonError::into_inner);
+        match loaders.get(&device) {
+            Some(loader) => loader.gpu().release_cached_memory().map_err(CudaFault::from),
+            None => Ok(()),
+        }
+    })
+    .map_err(Fault::into_py)
+}
+
 /// Device memory rebuilt by tpde, owned by this object and lent to torch through
 /// `__cuda_array_interface__` (`torch.as_tensor(buffer, device=...)`), which keeps
 /// the object alive while a tensor uses the memory.
@@ -240,9 +256,9 @@ pub fn cuda_load(
         with_loader(device, |loader| {
             let file = &open_delta(&delta)?;
             let checkpoint = base_path.as_deref().map(Checkpoint::open).transpose()?;
-            let zero = loader.gpu().alloc_zeros::<u8>(1)?;
+            let zero = loader.zero_byte();
             let (borrowed, index) = borrow_all(loader, base_tensors.as_deref().unwrap_or_default());
-            let resident = base_tensors.as_deref().map(|r| resident_tensors(r, &borrowed, &index, &zero));
+            let resident = base_tensors.as_deref().map(|r| resident_tensors(r, &borrowed, &index, &*zero));
             let base = match (&checkpoint, &resident) {
                 (Some(checkpoint), _) => Base::Checkpoint(checkpoint),
                 (None, Some(resident)) => Base::Resident(resident),
@@ -336,9 +352,9 @@ pub fn cuda_apply_in_place(
         with_loader(device, |loader| {
             let file = &open_delta(&delta)?;
             let refs = tensor_refs(file, true)?;
-            let zero = loader.gpu().alloc_zeros::<u8>(1)?;
+            let zero = loader.zero_byte();
             let (borrowed, index) = borrow_all(loader, &base_tensors);
-            let resident = resident_tensors(&base_tensors, &borrowed, &index, &zero);
+            let resident = resident_tensors(&base_tensors, &borrowed, &index, &*zero);
             let matched = match_resident(file, &resident)?;
             let entries = &file.header().tensors;
             // In place: the resident tensor of the same name holds exactly the target.
@@ -357,7 +373,7 @@ pub fn cuda_apply_in_place(
             // any tensor is overwritten.
             let mut outs = {
                 let bases: Vec<&CudaSlice<u8>> =
-                    matched.iter().map(|m| m.map_or(&zero, |i| resident[i].buffer)).collect();
+                    matched.iter().map(|m| m.map_or(&*zero, |i| resident[i].buffer)).collect();
                 if check_base {
                     for (entry, m) in entries.iter().zip(&matched) {
                         if let Some(i) = m {

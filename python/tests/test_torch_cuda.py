@@ -255,3 +255,28 @@ class TestOnTheGpu:
         tpde.torch.apply_(state, tmp_path / "d.tpde")
         assert raw(state["embed.weight"]) == raw(target["embed.weight"])
         assert raw(state["lm_head.weight"]) == raw(target["lm_head.weight"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+def test_memory_of_freed_results_is_kept_until_empty_cache(tmp_path: Path):
+    """Tensors from ``load`` leave their memory to the loader for the next load,
+    and ``empty_cache`` gives it back to the driver."""
+    base = {f"w{i}": torch.arange(1 << 23, dtype=torch.int32).reshape(1 << 12, -1) for i in range(8)}
+    every_97th = (torch.arange(1 << 23, dtype=torch.int32) % 97 == 0).to(torch.int32).reshape(1 << 12, -1)
+    target = {name: t ^ every_97th for name, t in base.items()}
+    safetensors.torch.save_file(base, str(tmp_path / "base.safetensors"))
+    tpde.torch.save_delta(base, target, tmp_path / "d.tpde")
+    resident = on_device(base)
+    loaded = tpde.torch.load(resident, tmp_path / "d.tpde", device=DEVICE)
+    rebuilt_bytes = sum(t.numel() * t.element_size() for t in loaded.values())
+    assert all(raw(loaded[n]) == raw(target[n]) for n in target)
+    torch.cuda.synchronize()
+    free_with_results, _ = torch.cuda.mem_get_info()
+    del loaded
+    torch.cuda.synchronize()
+    free_kept, _ = torch.cuda.mem_get_info()
+    assert free_kept - free_with_results < rebuilt_bytes // 2, "freed results went back to the driver at once"
+    tpde.torch.empty_cache(DEVICE)
+    free_after, _ = torch.cuda.mem_get_info()
+    assert free_after - free_kept >= rebuilt_bytes * 9 // 10, "empty_cache gave back too little"

@@ -12,7 +12,9 @@ On CUDA (``device="cuda:N"``, or a state dict whose tensors all live on one CUDA
 device), the GPU loader of ``tpde-cuda`` rebuilds the tensors in device memory:
 only the delta (and a base read from disk) crosses the bus, every rebuilt chunk is
 checked against its digest on the device, and the results are handed to torch
-without a copy. Resident tensors must be contiguous and on that device. The
+without a copy. Resident tensors must be contiguous and on that device. When
+such tensors are freed, their memory stays with the loader for the next load, as
+torch's caching allocator keeps its own; ``empty_cache()`` gives it back. The
 kernels are compiled with NVRTC on first use (once per process); the driver must
 be of the 580 series or newer (CUDA 13). Without a driver, ``TpdeError`` with code
 ``E_GPU_NO_DRIVER``; other failures of the GPU itself are ``E_GPU_*`` codes, and
@@ -37,7 +39,7 @@ from ._reader import safe_open
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["apply_", "load", "save_delta"]
+__all__ = ["apply_", "empty_cache", "load", "save_delta"]
 
 
 def _safetensors_dtype(name: str, tensor: torch.Tensor) -> str:
@@ -125,6 +127,18 @@ def apply_(
     with safe_open(delta, base, framework="pt") as f:
         rebuilt = {name: f.get_tensor(name) for name in f.offset_keys()}
     _update(state_dict, rebuilt)
+
+
+def empty_cache(device: Union[str, torch.device, None] = None) -> None:
+    """Gives back to the CUDA driver the device memory that tensors rebuilt by
+    ``load`` or ``apply_`` held and that is now free: the loader keeps it for the
+    next load, as torch's caching allocator keeps its own (``torch.cuda.empty_cache``
+    does not reach it). ``device`` defaults to torch's current CUDA device; with no
+    CUDA, or before any load there, this does nothing."""
+    if not torch.cuda.is_available():
+        return
+    target = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    _tpde.cuda_empty_cache(device=_cuda_index(target))
 
 
 def _update(state_dict: MutableMapping[str, torch.Tensor], rebuilt: Mapping[str, torch.Tensor]) -> None:

@@ -28,7 +28,7 @@ use tpde::container::header::TensorEntry;
 use tpde::digest::{tensor_digest, to_hex};
 use tpde::{Checkpoint, DeltaFile, Error, ErrorCode};
 
-use crate::delta::{host_bases, tensor_refs};
+use crate::delta::{host_bases, tensor_refs_checked_on_upload};
 use crate::error::{GpuError, Result};
 use crate::pipeline::Loader;
 
@@ -87,7 +87,16 @@ impl Loader {
     /// except a resident base's digest, found after the rebuild, whose outputs
     /// are then dropped), any format error of the delta, and the loader's errors.
     pub fn load_model(&mut self, delta: &DeltaFile, base: Base<'_>) -> Result<Vec<DeviceTensor>> {
-        let refs = tensor_refs(delta, true)?;
+        self.rebuild_model(delta, base).map_err(|e| match e {
+            GpuError::Format(e) => GpuError::Format(e.in_file(delta.path())),
+            e => e,
+        })
+    }
+
+    fn rebuild_model(&mut self, delta: &DeltaFile, base: Base<'_>) -> Result<Vec<DeviceTensor>> {
+        // Chunk checksums are checked batch by batch as the loader uploads:
+        // every output is a new buffer, dropped if one fails.
+        let refs = tensor_refs_checked_on_upload(delta)?;
         let buffers = match base {
             Base::None => self.load_host_base(&refs, &host_bases(delta, None)?)?,
             Base::Checkpoint(checkpoint) => self.load_host_base(&refs, &host_bases(delta, Some(checkpoint))?)?,
@@ -95,9 +104,9 @@ impl Loader {
                 let matched = match_resident(delta, resident)?;
                 // A tensor without a base (or with an empty one) reads from a
                 // zeroed byte, which the loader reads as zero words.
-                let zero = self.gpu().alloc_zeros::<u8>(1)?;
+                let zero = self.zero_byte();
                 let bases: Vec<&CudaSlice<u8>> =
-                    matched.iter().map(|m| m.map_or(&zero, |i| resident[i].buffer)).collect();
+                    matched.iter().map(|m| m.map_or(&*zero, |i| resident[i].buffer)).collect();
                 match self.load(&refs, &bases) {
                     Err(GpuError::Format(e)) if e.code() == ErrorCode::ChunkDigest => {
                         // Stored bytes whose checksums matched rebuilt a wrong chunk:

@@ -37,7 +37,7 @@ use plan::Job;
 use ring::Slot;
 
 pub use host_decode::decode_stream;
-pub use inputs::{ChunkRef, TensorRef};
+pub use inputs::{Checksums, ChunkRef, TensorRef};
 pub use staged::DeviceDelta;
 
 /// Sizes of the staging ring.
@@ -78,6 +78,8 @@ pub struct Loader {
     start: CudaEvent,
     /// `None` when digests are not checked.
     leaf: Option<LeafScratch>,
+    /// One zero byte: the base of tensors that have none.
+    zero: Arc<CudaSlice<u8>>,
 }
 
 impl std::fmt::Debug for Loader {
@@ -129,7 +131,8 @@ impl Loader {
         } else {
             None
         };
-        Ok(Self { gpu, cfg, slots, next: 0, flag, flag_host, start, leaf })
+        let zero = Arc::new(gpu.alloc_zeros::<u8>(1)?);
+        Ok(Self { gpu, cfg, slots, next: 0, flag, flag_host, start, leaf, zero })
     }
 
     /// Rows of the group table per slot. A chunk that fits a slot has at
@@ -152,6 +155,14 @@ impl Loader {
         self.cfg
     }
 
+    /// A device buffer of one zero byte, which the kernels read as zero words:
+    /// the base of a tensor that has none. Shared, so that no call allocates
+    /// (and synchronizes) for it.
+    #[must_use]
+    pub fn zero_byte(&self) -> Arc<CudaSlice<u8>> {
+        Arc::clone(&self.zero)
+    }
+
     /// API (a): rebuilds every tensor of `delta` against device-resident base
     /// tensors (one per delta tensor, in order) into new device buffers.
     ///
@@ -168,7 +179,7 @@ impl Loader {
             t.validate()?;
             // SAFETY: every byte is written before use: by the base copy or
             // zero fill in `prepare`, or by dense/raw chunks covering it all.
-            outs.push(unsafe { self.gpu.stream().alloc::<u8>(t.bytes().max(1)) }?);
+            outs.push(unsafe { self.gpu.alloc_output(self.gpu.stream(), t.bytes()) }?);
         }
         let mut jobs = Vec::new();
         let mut checks = Vec::new();
@@ -202,6 +213,12 @@ impl Loader {
             self.plan_chunks(t, r, r, &mut jobs)?;
             leaf_checks(t, r, &mut checks)?;
         }
+        // In place, a chunk found corrupt after others were written would
+        // leave the buffers neither base nor target: check every one first.
+        delta.par_iter().try_for_each(TensorRef::check_checksums)?;
+        for job in &mut jobs {
+            job.checksums = Checksums::Checked;
+        }
         self.run(&jobs, Stage::Apply).map_err(|e| locate_device_fault(delta, e))?;
         self.check_leaves(&checks)
     }
@@ -215,8 +232,14 @@ impl Loader {
         let mut outs = Vec::with_capacity(delta.len());
         for (t, b) in delta.iter().zip(base) {
             t.validate()?;
-            let mut out = self.gpu.alloc_zeros::<u8>(t.bytes())?;
+            // SAFETY: written before use: the base bytes below, zeros after them.
+            let mut out = unsafe { self.gpu.alloc_output(self.gpu.stream(), t.bytes()) }?;
             let n = b.len().min(t.bytes());
+            let main = self.gpu.stream().clone();
+            let rest = DevRange::of(&out, &main, n, t.bytes() - n)?;
+            if !rest.is_empty() {
+                rest.fill_async(&main, 0)?;
+            }
             self.upload_staged(&b[..n], &mut out)?;
             outs.push(out);
         }
@@ -253,7 +276,8 @@ impl Loader {
         let m = chunk.record.changed_count as usize;
         let out = self.gpu.alloc_zeros::<u32>(m.max(1))?;
         let r = DevRange::of(&out, self.gpu.stream(), 0, m * 4)?;
-        self.run(&[Job { chunk, width, host: None, base: r, out: r, label: None }], Stage::Positions)?;
+        let job = Job { chunk, checksums: Checksums::Checked, width, host: None, base: r, out: r, label: None };
+        self.run(&[job], Stage::Positions)?;
         let mut v = self.gpu.download(&out)?;
         v.truncate(m);
         Ok(v)
