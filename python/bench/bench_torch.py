@@ -118,6 +118,11 @@ def main() -> None:
         del out
         st.load_file(str(target_path), device="cuda")  # into the page cache
         load_s = median_time(lambda: tt.load(base_gpu, delta_path, device="cuda"), args.reps)
+        resident = tt._resident(base_gpu, torch.device("cuda", 0))
+        call_s = median_time(
+            lambda: tpde._tpde.cuda_load(str(delta_path), device=0, base_path=None, base_tensors=resident), args.reps
+        )
+        print(f"tpde.torch.load: {load_s * 1e3:.2f} ms, of which the Rust call {call_s * 1e3:.2f} ms")
         st_s = median_time(lambda: st.load_file(str(target_path), device="cuda"), args.reps)
         row("`tpde.torch.load` onto the resident base, against `safetensors` `load_file` to CUDA", load_s, st_s, "≤ 0.5")
         if args.load_bench:

@@ -20,7 +20,11 @@
 //! - (b) [`Loader::load`] of the whole delta onto the resident base, into
 //!   new device buffers;
 //! - (c) with `--in-place`, [`Loader::apply_in_place`] over device copies of
-//!   the base (restored between runs, not timed).
+//!   the base (restored between runs, not timed);
+//! - (d) the whole call as a caller with only the file's path makes it (and as
+//!   `tpde.torch.load` does): [`DeltaFile::open`] memory-maps the delta, and
+//!   [`Loader::load_model`] verifies its checksums and rebuilds it onto the
+//!   resident base tensors, found by name. Its parts go to stderr.
 //!
 //! The first (b) and (c) results are downloaded once and compared byte for
 //! byte with the target file's tensors. Prints a markdown table with the
@@ -36,10 +40,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
-use tpde::Checkpoint;
+use tpde::{Checkpoint, DeltaFile};
 use tpde_cuda::cudarc::driver::result as cu;
 use tpde_cuda::cudarc::driver::CudaSlice;
-use tpde_cuda::delta::{host_bases, PinnedDelta};
+use tpde_cuda::delta::{host_bases, tensor_refs, PinnedDelta};
+use tpde_cuda::model::{Base, ResidentTensor};
 use tpde_cuda::{DevRange, Gpu, GpuError, Loader, LoaderConfig, TensorRef};
 
 mod common;
@@ -242,6 +247,7 @@ struct Report<'a> {
     upload: f64,
     load: f64,
     in_place: Option<f64>,
+    mapped: f64,
 }
 
 fn print_report(gpu: &Gpu, r: &Report<'_>) {
@@ -292,6 +298,47 @@ fn print_report(gpu: &Gpu, r: &Report<'_>) {
     if let Some(secs) = r.in_place {
         row("(c) `Loader::apply_in_place`: pinned delta over a copy of the base", secs, true);
     }
+    row("(d) `DeltaFile::open` + `Loader::load_model`: mapped delta onto resident tensors by name", r.mapped, true);
+}
+
+/// (d): median seconds of the whole call from the delta's path onto resident
+/// base tensors, and, on stderr, the medians of its parts.
+fn time_mapped(loader: &mut Loader, path: &std::path::Path, bases: &[CudaSlice<u8>], lens: &[usize]) -> R<f64> {
+    let file = DeltaFile::open(path)?;
+    let resident: Vec<ResidentTensor<'_>> = file
+        .header()
+        .tensors
+        .iter()
+        .zip(bases.iter().zip(lens))
+        .map(|(t, (buffer, &bytes))| ResidentTensor {
+            name: &t.name,
+            dtype: &t.dtype,
+            shape: t.base.as_ref().map_or(&t.shape[..], |b| &b.shape[..]),
+            buffer,
+            bytes,
+        })
+        .collect();
+    let reps = 5;
+    let open = time(reps, || {
+        DeltaFile::open(path)?;
+        Ok(())
+    })?;
+    let checksums = time(reps, || {
+        tensor_refs(&file, true)?;
+        Ok(())
+    })?;
+    let whole = time(reps, || {
+        let file = DeltaFile::open(path)?;
+        loader.load_model(&file, Base::Resident(&resident))?;
+        Ok(())
+    })?;
+    eprintln!(
+        "(d) parts: open {:.2} ms, checksums (tensor_refs) {:.2} ms, whole {:.2} ms",
+        open * 1e3,
+        checksums * 1e3,
+        whole * 1e3
+    );
+    Ok(whole)
 }
 
 /// Runs the benchmark; `Ok(false)` when a result is not bit-exact.
@@ -353,6 +400,9 @@ fn run(gpu: &Arc<Gpu>, args: &Args) -> R<bool> {
         Some(secs)
     };
 
+    let lens: Vec<usize> = host.iter().map(|h| h.len()).collect();
+    let mapped = time_mapped(&mut loader, &args.delta, &dbases, &lens)?;
+
     let report = Report {
         args,
         cfg,
@@ -363,6 +413,7 @@ fn run(gpu: &Arc<Gpu>, args: &Args) -> R<bool> {
         upload,
         load,
         in_place,
+        mapped,
     };
     print_report(gpu, &report);
     Ok(exact)

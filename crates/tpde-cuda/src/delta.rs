@@ -19,7 +19,7 @@ use tpde::{Checkpoint, DeltaFile, ErrorCode};
 
 use crate::error::{GpuError, Result};
 use crate::gpu::Gpu;
-use crate::pipeline::{ChunkRef, TensorRef};
+use crate::pipeline::{Checksums, ChunkRef, TensorRef};
 use crate::width::WordWidth;
 
 /// The loader's view of one tensor of `file`, its stored bytes borrowed from
@@ -47,8 +47,16 @@ fn tensor_in<'f>(
         }
         chunks.push(ChunkRef { record, streams: file.streams(span.index), stored, words });
     }
-    let t =
-        TensorRef { name: entry.name.clone(), width, words, chunk_words, first_chunk: entry.first_chunk, chunks, host };
+    let t = TensorRef {
+        name: entry.name.clone(),
+        width,
+        words,
+        chunk_words,
+        first_chunk: entry.first_chunk,
+        chunks,
+        host,
+        checksums: Checksums::Checked,
+    };
     t.validate()?;
     Ok(t)
 }
@@ -64,6 +72,19 @@ pub fn tensor_ref<'f>(file: &'f DeltaFile, entry: &TensorEntry, verify_checksums
 pub fn tensor_refs(file: &DeltaFile, verify_checksums: bool) -> Result<Vec<TensorRef<'_>>> {
     use rayon::prelude::*;
     file.header().tensors.par_iter().map(|e| tensor_ref(file, e, verify_checksums)).collect()
+}
+
+/// Every tensor of `file`, as [`tensor_refs`] gives them, with their chunk
+/// checksums left to the loader ([`Checksums::OnUpload`]): it checks each
+/// batch's chunks just before uploading them, while the device works on the
+/// batch before, instead of every chunk before the first upload. A corrupt
+/// chunk is still refused before any of its bytes is used.
+pub fn tensor_refs_checked_on_upload(file: &DeltaFile) -> Result<Vec<TensorRef<'_>>> {
+    let mut refs = tensor_refs(file, false)?;
+    for t in &mut refs {
+        t.checksums = Checksums::OnUpload;
+    }
+    Ok(refs)
 }
 
 /// A whole delta file in page-locked memory, owned by the [`DeltaFile`] that

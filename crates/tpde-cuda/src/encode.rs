@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use tpde::delta::{EncodeSettings, EncodedChunk};
 
 use crate::error::{GpuError, Result};
-use crate::pipeline::{ChunkRef, TensorRef};
+use crate::pipeline::{Checksums, ChunkRef, TensorRef};
 use crate::width::WordWidth;
 
 /// One tensor as a list of the library's encoded chunks.
@@ -86,6 +86,7 @@ impl EncodedTensor {
             first_chunk: 0,
             chunks,
             host: None,
+            checksums: Checksums::Checked,
         }
     }
 

@@ -96,5 +96,5 @@ pub mod width;
 pub use cudarc;
 pub use error::{GpuError, Result};
 pub use gpu::{driver_present, DevRange, Gpu};
-pub use pipeline::{decode_stream, ChunkRef, DeviceDelta, Loader, LoaderConfig, TensorRef};
+pub use pipeline::{decode_stream, Checksums, ChunkRef, DeviceDelta, Loader, LoaderConfig, TensorRef};
 pub use width::WordWidth;

@@ -14,7 +14,7 @@ use tpde_cuda::delta::PinnedDelta;
 use tpde_cuda::encode::EncodedTensor;
 use tpde_cuda::error::flag;
 use tpde_cuda::reference;
-use tpde_cuda::{ChunkRef, Gpu, GpuError, Loader, LoaderConfig, TensorRef, WordWidth};
+use tpde_cuda::{Checksums, ChunkRef, Gpu, GpuError, Loader, LoaderConfig, TensorRef, WordWidth};
 
 fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
@@ -196,6 +196,7 @@ fn corrupt_chunk_error(coding: PositionCoding, gap_width: u8, planes: &[&[u8]], 
         first_chunk: 0,
         chunks: vec![ChunkRef { record, streams: &streams, stored: &data, words: n }],
         host: None,
+        checksums: Checksums::Checked,
     };
     let base = g.alloc_zeros::<u8>(n as usize * 4).unwrap();
     // a canary after the tensor must survive: nothing is written out of range
@@ -511,6 +512,7 @@ fn a_changed_count_that_the_values_contradict_is_caught_on_the_device() {
             first_chunk: 0,
             chunks: vec![ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: 20_000 }],
             host: None,
+            checksums: Checksums::Checked,
         };
         let db = g.upload(&base).unwrap();
         let mut out = g.alloc_zeros::<u8>(r.bytes()).unwrap();

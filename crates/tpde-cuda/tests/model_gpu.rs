@@ -93,3 +93,48 @@ fn a_delta_rebuilds_by_name_against_every_kind_of_base() {
     assert_eq!(code(err), ErrorCode::BaseDigest);
     assert_eq!(code(loader.load_model(&delta, Base::None).unwrap_err()), ErrorCode::BaseRequired);
 }
+
+/// Checksums left to the loader (`tensor_refs_checked_on_upload`, which
+/// `load_model` uses) still refuse a corrupt chunk, naming the file, the tensor
+/// and the chunk; in place, before anything is written.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_corrupt_chunk_is_refused_when_checked_on_upload() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let a: Vec<u16> = (0..200_000u32).map(|i| 0x3C00 | (i.wrapping_mul(2_654_435_761) >> 22) as u16).collect();
+    let a2: Vec<u16> = a.iter().enumerate().map(|(i, &w)| if i % 7 == 0 { w ^ 3 } else { w }).collect();
+    let (base_path, target_path) = (dir.path().join("base.safetensors"), dir.path().join("target.safetensors"));
+    write_bf16_safetensors(&base_path, &[("a", &a)]);
+    write_bf16_safetensors(&target_path, &[("a", &a2)]);
+    let (base, target) = (Checkpoint::open(&base_path).expect("opens"), Checkpoint::open(&target_path).expect("opens"));
+    let options = EncodeOptions { chunk_words: 16_384, ..EncodeOptions::default() };
+    let good_path = dir.path().join("good.tpde");
+    encode(Some(&base), &target, &good_path, options, &NoProgress).expect("encodes");
+    // One byte of the last chunk's stored bytes flipped.
+    let good = DeltaFile::open(&good_path).expect("opens");
+    let last = good.header().tensors[0].first_chunk + good.header().tensors[0].chunk_count - 1;
+    let at = good.stored_bytes(last).as_ptr() as usize - good.bytes().as_ptr() as usize;
+    let mut file = good.bytes().to_vec();
+    file[at] ^= 0x10;
+    let bad_path = dir.path().join("bad.tpde");
+    std::fs::write(&bad_path, &file).expect("writes");
+    let bad = DeltaFile::open(&bad_path).expect("the header and chunk map are intact");
+
+    let gpu = Arc::new(Gpu::new(0).expect("a CUDA GPU"));
+    let mut loader = Loader::new(gpu.clone(), LoaderConfig::default()).expect("a loader");
+    let a_dev = gpu.upload(&bytes(&a)).expect("upload");
+    let shape = [a.len() as u64];
+    let on_device = [resident("a", &shape, &a_dev)];
+    assert_target(&gpu, &loader.load_model(&good, Base::Resident(&on_device)).expect("loads"), &[("a", &a2)]);
+    let Err(GpuError::Format(e)) = loader.load_model(&bad, Base::Resident(&on_device)) else {
+        panic!("a corrupt chunk was loaded")
+    };
+    assert_eq!((e.code(), e.tensor(), e.chunk()), (ErrorCode::ChunkChecksum, Some("a"), Some(last)));
+    assert_eq!(e.file(), Some(bad_path.as_path()));
+
+    let refs = tpde_cuda::delta::tensor_refs_checked_on_upload(&bad).expect("views");
+    let mut bufs = vec![gpu.upload(&bytes(&a)).expect("upload")];
+    let Err(GpuError::Format(e)) = loader.apply_in_place(&refs, &mut bufs) else { panic!("applied a corrupt chunk") };
+    assert_eq!((e.code(), e.chunk()), (ErrorCode::ChunkChecksum, Some(last)));
+    assert!(gpu.download(&bufs[0]).expect("download") == bytes(&a), "the buffer was written before the check");
+}

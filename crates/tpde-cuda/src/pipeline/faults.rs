@@ -125,6 +125,7 @@ fn library_rans_fault(c: &ChunkRef<'_>, width: WordWidth) -> Option<tpde::Error>
 
 #[cfg(test)]
 mod tests {
+    use super::super::inputs::Checksums;
     use super::*;
     use tpde::container::chunk_map::{ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout};
 
@@ -151,6 +152,7 @@ mod tests {
             first_chunk: 5,
             chunks: vec![chunk(&good), chunk(&bad)],
             host: None,
+            checksums: Checksums::Checked,
         };
         let flagged = GpuError::from_flag(crate::error::flag::COUNT_MISMATCH);
         let GpuError::Format(e) = locate_device_fault(std::slice::from_ref(&t), flagged) else { panic!() };
@@ -211,6 +213,7 @@ mod tests {
             first_chunk: 5,
             chunks: vec![chunk(&gs, good), chunk(&bs, bad), chunk(&gs, good)],
             host: None,
+            checksums: Checksums::Checked,
         };
         t.validate().unwrap();
         let labels = [("w", 5u64), ("w", 6), ("w", 7)];

@@ -1,7 +1,9 @@
 //! The loader's inputs: a delta's chunks and tensors as the format library
 //! stores them, with the checks of their shapes.
 
+use rayon::prelude::*;
 use tpde::container::chunk_map::{ChunkRecord, Encoding, PositionCoding, StreamRecord};
+use tpde::ErrorCode;
 
 use crate::error::{GpuError, Result};
 use crate::width::WordWidth;
@@ -59,11 +61,36 @@ impl<'a> ChunkRef<'a> {
         })
     }
 
+    /// Checks the stored bytes against the record's checksum (spec §10);
+    /// `label` names the tensor and the chunk's index in the file.
+    pub(super) fn check_checksum(&self, label: Option<(&str, u64)>) -> Result<()> {
+        if tpde::digest::checksum64(self.stored) == self.record.checksum {
+            return Ok(());
+        }
+        let e = tpde::Error::new(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");
+        Err(GpuError::Format(match label {
+            Some((tensor, index)) => e.in_tensor(tensor).in_chunk(index),
+            None => e,
+        }))
+    }
+
     /// Whether the kernels read the base words of the whole chunk range from
     /// the output (unchanged and sparse chunks leave words untouched).
     fn reads_out(&self) -> bool {
         !matches!(self.record.encoding, Encoding::Dense | Encoding::Raw)
     }
+}
+
+/// Whether the loader still has to check a tensor's chunk checksums (spec §10).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Checksums {
+    /// Checked already, or the bytes are trusted.
+    #[default]
+    Checked,
+    /// The loader checks each batch's chunks on the CPU just before it uploads
+    /// them, so that the check overlaps the device's work on the batch before.
+    /// Calls that write in place check every chunk before the first write.
+    OnUpload,
 }
 
 /// One tensor of a delta.
@@ -89,6 +116,8 @@ pub struct TensorRef<'a> {
     /// `None`: stored streams are copied through the staging ring. Pageable
     /// memory here is correct but slow.
     pub host: Option<&'a [u8]>,
+    /// Whether the chunks' checksums are still to be checked.
+    pub checksums: Checksums,
 }
 
 impl TensorRef<'_> {
@@ -113,6 +142,21 @@ impl TensorRef<'_> {
             return Err(GpuError::corrupt(format!("{}: chunks do not cover the tensor", self.name)));
         }
         Ok(())
+    }
+
+    /// Checks every chunk's stored bytes against its checksum, in parallel,
+    /// when they are still to be checked.
+    ///
+    /// # Errors
+    /// `E_CHUNK_CHECKSUM`, naming the tensor and the chunk's index in the file.
+    pub fn check_checksums(&self) -> Result<()> {
+        if self.checksums == Checksums::Checked {
+            return Ok(());
+        }
+        self.chunks
+            .par_iter()
+            .enumerate()
+            .try_for_each(|(k, c)| c.check_checksum(Some((&self.name, self.first_chunk + k as u64))))
     }
 
     pub(super) fn needs_base_words(&self) -> bool {

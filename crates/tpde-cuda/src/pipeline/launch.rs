@@ -2,7 +2,10 @@
 //! launched on the slot's stream (lane rANS decoding, then apply or
 //! positions).
 
+use rayon::prelude::*;
+
 use super::host_decode::decode_tasks;
+use super::inputs::Checksums;
 use super::plan::{Job, Plan};
 use super::ring::host_prefix;
 use super::Loader;
@@ -33,6 +36,11 @@ impl Loader {
     /// kernels. `first_job` is the index of the batch's first job in the run,
     /// which faults report.
     fn flush(&mut self, jobs: &[Job<'_, '_>], plan: &Plan<'_>, stage: Stage, first_job: usize) -> Result<()> {
+        // Before any byte of the batch goes up, and while the device works on
+        // the batch before.
+        jobs.par_iter()
+            .filter(|j| j.checksums == Checksums::OnUpload)
+            .try_for_each(|j| j.chunk.check_checksum(j.label))?;
         let slot = self.take_slot()?;
         let s = &mut self.slots[slot];
         let dev = DevRange::all(&s.dev, &s.stream)?;

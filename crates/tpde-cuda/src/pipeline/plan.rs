@@ -6,7 +6,7 @@ use tpde::container::chunk_map::{Codec, Encoding, ValueLayout};
 
 use super::faults::label_error;
 use super::host_decode::StreamTask;
-use super::inputs::{ChunkRef, TensorRef};
+use super::inputs::{Checksums, ChunkRef, TensorRef};
 use super::{align, Loader};
 use crate::error::{GpuError, Result};
 use crate::gpu::{Batch, DevRange, Stage};
@@ -19,6 +19,8 @@ use crate::width::WordWidth;
 /// name and its index in the file, which errors name.
 pub(super) struct Job<'c, 'a> {
     pub(super) chunk: &'c ChunkRef<'a>,
+    /// Whether the chunk's checksum is still to be checked (before upload).
+    pub(super) checksums: Checksums,
     pub(super) width: WordWidth,
     pub(super) host: Option<&'a [u8]>,
     pub(super) base: DevRange,
@@ -159,6 +161,7 @@ impl Loader {
             if c.record.encoding != Encoding::Unchanged {
                 jobs.push(Job {
                     chunk: c,
+                    checksums: t.checksums,
                     width: t.width,
                     host: t.host,
                     base: base.sub(off, n)?,

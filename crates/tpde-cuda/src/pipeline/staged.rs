@@ -35,6 +35,7 @@ impl Loader {
         let mut order: Vec<StagePending<'_, '_>> = Vec::new();
         for (ti, t) in delta.iter().enumerate() {
             t.validate()?;
+            t.check_checksums()?;
             let mut chunks = Vec::new();
             let mut word = 0u64;
             for (k, c) in t.chunks.iter().enumerate() {
