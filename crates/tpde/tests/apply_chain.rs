@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use tpde::pipeline::apply::{apply, apply_chain, chain_cut_alike};
-use tpde::pipeline::encode::{encode, EncodeOptions};
-use tpde::pipeline::NoProgress;
+use tpde::NoProgress;
+use tpde::{apply, apply_chain, chain_cut_alike};
+use tpde::{encode, EncodeOptions};
 use tpde::{Checkpoint, DeltaFile, ErrorCode};
 
 mod safetensors_support;

@@ -7,9 +7,9 @@ use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tpde::container::preamble::{trailer_bytes, Preamble, PREAMBLE_LEN};
-use tpde::container::{align_up, Layout};
-use tpde::digest::checksum64;
+use tpde::format::checksum64;
+use tpde::format::{align_up, Layout};
+use tpde::format::{trailer_bytes, Preamble, PREAMBLE_LEN};
 use tpde::{DeltaFile, ErrorCode};
 
 /// Counts live and peak heap bytes.

@@ -6,8 +6,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use tpde::container::header::Header;
-use tpde::container::json::parse_strict;
+use tpde::format::parse_strict;
+use tpde::format::Header;
 use tpde::ErrorCode;
 
 /// Each invalid example, named after its fault, and the code the reader gives it.

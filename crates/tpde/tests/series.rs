@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use tpde::pipeline::{apply::chain_cut_alike, encode::EncodeOptions, NoProgress};
-use tpde::series::{AddOptions, Manifest, Series, StepKind, MANIFEST_FILE, STEPS_DIR};
+use tpde::{chain_cut_alike, EncodeOptions, NoProgress};
+use tpde::{format::MANIFEST_FILE, format::STEPS_DIR, AddOptions, Manifest, Series, StepKind};
 use tpde::{Checkpoint, ErrorCode};
 
 mod safetensors_support;

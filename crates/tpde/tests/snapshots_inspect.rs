@@ -5,7 +5,7 @@
 mod conformance_support;
 
 use conformance_support::{cases, suite_dir};
-use tpde::pipeline::inspect::inspect;
+use tpde::inspect;
 use tpde::DeltaFile;
 
 #[test]

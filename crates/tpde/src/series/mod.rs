@@ -36,7 +36,7 @@ use crate::reader::DeltaFile;
 use crate::{Error, ErrorCode, Result};
 
 pub use manifest::{
-    sha256_hex, step_file_name, CheckpointDigest, FileDigest, Manifest, StepEntry, StepKind, MANIFEST_FILE, STEPS_DIR,
+    step_file_name, CheckpointDigest, FileDigest, Manifest, StepEntry, StepKind, MANIFEST_FILE, STEPS_DIR,
 };
 
 /// How [`Series::add`] stores a step.
