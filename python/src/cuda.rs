@@ -20,11 +20,12 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use tpde::{Checkpoint, DeltaFile, Error, ErrorCode};
-use tpde_cuda::cudarc::driver::result::ctx;
-use tpde_cuda::cudarc::driver::{CudaSlice, DevicePtr};
-use tpde_cuda::delta::tensor_refs;
-use tpde_cuda::model::{check_resident_base, match_resident, Base, ResidentTensor};
-use tpde_cuda::{Gpu, GpuError, Loader, LoaderConfig, TensorRef};
+use tpde_cuda::{
+    check_resident_base,
+    cudarc::driver::result::ctx,
+    cudarc::driver::{CudaSlice, DevicePtr},
+    match_resident, tensor_refs, Base, Gpu, GpuError, Loader, LoaderConfig, ResidentTensor, TensorRef,
+};
 
 use crate::errors::{coded, to_py, Fault};
 use crate::interrupt::run_interruptible_with;
@@ -256,7 +257,7 @@ pub fn cuda_load(
 
 /// Opens a delta for the loader: memory-mapped, its stored streams staged
 /// through the loader's page-locked ring. A page-locked copy of the whole file
-/// (`tpde_cuda::delta::PinnedDelta`) would spare the ring, but allocating and
+/// (`tpde_cuda::PinnedDelta`) would spare the ring, but allocating and
 /// filling it costs more per call than the ring does (H200: 46 ms against
 /// 2.4 ms for an 81 MB delta).
 fn open_delta(path: &std::path::Path) -> CudaResult<DeltaFile> {

@@ -15,10 +15,7 @@ use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
-use tpde::delta::EncodeSettings;
-use tpde::model::OwnedSource;
-use tpde::pipeline::{self, encode::EncodeOptions};
-use tpde::{Checkpoint, DeltaFile, DeltaModel, MemoryTensor, TensorMap};
+use tpde::{Checkpoint, DeltaFile, DeltaModel, EncodeOptions, EncodeSettings, MemoryTensor, OwnedSource, TensorMap};
 
 use crate::errors::{invalid_argument, to_py, TpdeError};
 use crate::host_buffer::HostBuffer;
@@ -85,14 +82,7 @@ fn encode(
     run_interruptible(py, threads, |interrupt| {
         let base = base.map(SourceArg::open).transpose()?;
         let target = target.open()?;
-        let summary = pipeline::encode::encode_sources(
-            base.as_deref().map(|b| b as _),
-            &*target,
-            &out,
-            options,
-            force,
-            interrupt,
-        )?;
+        let summary = tpde::encode_sources(base.as_deref().map(|b| b as _), &*target, &out, options, force, interrupt)?;
         Ok((summary.target_bytes, summary.delta_bytes, summary.delta_tensors, summary.standalone_tensors))
     })
 }
@@ -112,8 +102,8 @@ fn apply(
     run_interruptible(py, threads, |interrupt| {
         let delta = DeltaFile::open(&delta)?;
         let base = base.as_deref().map(Checkpoint::open).transpose()?;
-        let options = pipeline::apply::ApplyOptions { force, sync };
-        let summary = pipeline::apply::apply(&delta, base.as_ref(), &out, options, interrupt)?;
+        let options = tpde::ApplyOptions { force, sync };
+        let summary = tpde::apply(&delta, base.as_ref(), &out, options, interrupt)?;
         Ok((summary.target_bytes, summary.files))
     })
 }
@@ -132,7 +122,7 @@ fn verify(
         let delta = DeltaFile::open(&delta)?;
         let base = base.as_deref().map(Checkpoint::open).transpose()?;
         let target = target.as_deref().map(Checkpoint::open).transpose()?;
-        pipeline::apply::verify(&delta, base.as_ref(), target.as_ref(), interrupt)
+        tpde::verify(&delta, base.as_ref(), target.as_ref(), interrupt)
     })
 }
 
@@ -142,7 +132,7 @@ fn verify(
 fn inspect_json(py: Python<'_>, delta: PathBuf, threads: Option<usize>) -> PyResult<String> {
     run_interruptible(py, threads, |_| {
         let delta = DeltaFile::open(&delta)?;
-        let report = pipeline::inspect::inspect(&delta)?;
+        let report = tpde::inspect(&delta)?;
         serde_json::to_string(&report).map_err(|e| {
             tpde::Error::io(Path::new("<report>"), "cannot serialize the report", std::io::Error::other(e))
         })
@@ -226,7 +216,7 @@ impl DeltaReader {
 #[pymodule]
 fn _tpde(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("TpdeError", module.py().get_type::<TpdeError>())?;
-    module.add("DEFAULT_CHUNK_WORDS", tpde::limits::DEFAULT_CHUNK_WORDS)?;
+    module.add("DEFAULT_CHUNK_WORDS", tpde::DEFAULT_CHUNK_WORDS)?;
     module.add_function(wrap_pyfunction!(encode, module)?)?;
     module.add_function(wrap_pyfunction!(apply, module)?)?;
     module.add_function(wrap_pyfunction!(verify, module)?)?;

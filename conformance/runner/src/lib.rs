@@ -6,8 +6,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tpde::NoProgress;
-use tpde::{Checkpoint, DeltaFile};
+use tpde::{Checkpoint, DeltaFile, NoProgress};
 
 /// Rebuilds every tensor of `delta` and returns the canonical JSON line.
 pub fn decode(delta: &Path, base: Option<&Path>) -> tpde::Result<String> {

@@ -37,10 +37,10 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use tpde::Checkpoint;
-use tpde_cuda::cudarc::driver::result as cu;
-use tpde_cuda::cudarc::driver::CudaSlice;
-use tpde_cuda::delta::{host_bases, PinnedDelta};
-use tpde_cuda::{DevRange, Gpu, GpuError, Loader, LoaderConfig, TensorRef};
+use tpde_cuda::{
+    cudarc::driver::result as cu, cudarc::driver::CudaSlice, host_bases, DevRange, Gpu, GpuError, Loader, LoaderConfig,
+    PinnedDelta, TensorRef,
+};
 
 mod common;
 use common::{median, time};

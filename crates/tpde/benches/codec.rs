@@ -3,8 +3,10 @@
 //! per second. Run with `cargo bench -p tpde --bench codec`.
 
 use criterion::{criterion_main, BenchmarkId, Criterion, Throughput};
-use tpde::format::{decode_chunk, encode_chunk, ChunkInput};
-use tpde::{EncodeSettings, WordWidth};
+use tpde::{
+    format::{decode_chunk, encode_chunk, ChunkInput},
+    EncodeSettings, WordWidth,
+};
 
 const WORDS: usize = 1 << 20;
 

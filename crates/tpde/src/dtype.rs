@@ -36,6 +36,27 @@ impl WordWidth {
         }
     }
 
+    /// The width in bits.
+    #[must_use]
+    pub const fn bits(self) -> u32 {
+        match self {
+            Self::W1 => 8,
+            Self::W2 => 16,
+            Self::W4 => 32,
+            Self::W8 => 64,
+        }
+    }
+
+    /// Mask of the word's bits in a `u64`, for code that holds words of any
+    /// width in one.
+    #[must_use]
+    pub const fn mask(self) -> u64 {
+        match self {
+            Self::W8 => u64::MAX,
+            w => (1u64 << w.bits()) - 1,
+        }
+    }
+
     /// The width in bytes, as a `u64`, for sizes counted in the format's integers.
     #[must_use]
     pub const fn bytes_u64(self) -> u64 {

@@ -4,9 +4,10 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tpde::{Checkpoint, DeltaFile, Dtype, ErrorCode, MemoryTensor, TensorMap, TensorSource};
-use tpde::{DeltaModel, OwnedSource};
-use tpde::{EncodeOptions, NoProgress, Progress};
+use tpde::{
+    Checkpoint, DeltaFile, DeltaModel, Dtype, EncodeOptions, ErrorCode, MemoryTensor, NoProgress, OwnedSource,
+    Progress, TensorMap, TensorSource,
+};
 
 /// A row-major BF16 matrix whose bytes follow from `seed`.
 fn matrix(name: &str, rows: u64, cols: u64, seed: u8) -> MemoryTensor {

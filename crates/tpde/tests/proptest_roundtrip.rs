@@ -7,8 +7,7 @@
 use std::path::Path;
 
 use proptest::prelude::*;
-use tpde::{Checkpoint, DeltaFile};
-use tpde::{EncodeOptions, NoProgress};
+use tpde::{Checkpoint, DeltaFile, EncodeOptions, NoProgress};
 
 const DTYPES: [&str; 20] = [
     "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",

@@ -9,8 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use conformance_support::{cases, decode, suite_dir};
-use tpde::{Checkpoint, DeltaFile, ErrorCode};
-use tpde::{EncodeOptions, NoProgress};
+use tpde::{Checkpoint, DeltaFile, EncodeOptions, ErrorCode, NoProgress};
 
 /// A caller that stops the work at once.
 struct Stop;

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
-use tpde::format::{Header, TargetFile, TargetLayout};
-use tpde::{Checkpoint, DeltaFile, ErrorCode};
-use tpde::{EncodeOptions, NoProgress};
-use tpde::{LayoutKind, TensorEntry};
+use tpde::{
+    format::{Header, TargetFile, TargetLayout},
+    Checkpoint, DeltaFile, EncodeOptions, ErrorCode, LayoutKind, NoProgress, TensorEntry,
+};
 
 mod safetensors_support;
 use safetensors_support::{safetensors, safetensors_with, Tensor};

@@ -1,10 +1,12 @@
 //! The loader's inputs: a delta's chunks and tensors as the format library
 //! stores them, with the checks of their shapes.
 
-use tpde::container::chunk_map::{ChunkRecord, Encoding, PositionCoding, StreamRecord};
+use tpde::{
+    format::{ChunkRecord, Encoding, PositionCoding, StreamRecord},
+    WordWidth,
+};
 
 use crate::error::{GpuError, Result};
-use crate::width::WordWidth;
 
 /// One chunk of a delta, as the format library stores it: its record, its
 /// stream records and its stored bytes (every stream back to back).
@@ -22,10 +24,10 @@ pub struct ChunkRef<'a> {
 
 impl<'a> ChunkRef<'a> {
     /// Checks the records against each other and the chunk size with the
-    /// format library's [`tpde::delta::check_chunk_shape`] (§8.1–§8.4).
+    /// format library's [`tpde::format::check_chunk_shape`] (§8.1–§8.4).
     /// Both value orders (§8.6) are read by the kernels.
     pub fn check_shape(&self, width: WordWidth) -> Result<()> {
-        tpde::delta::check_chunk_shape(&self.record, self.streams, u64::from(self.words), width.bytes())?;
+        tpde::format::check_chunk_shape(&self.record, self.streams, u64::from(self.words), width)?;
         Ok(())
     }
 
