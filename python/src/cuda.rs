@@ -19,7 +19,7 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use tpde::{Checkpoint, DeltaFile, Error, ErrorCode};
+use tpde::{Checkpoint, DeltaFile, Dtype, Error, ErrorCode};
 use tpde_cuda::{
     check_resident_base,
     cudarc::driver::result::ctx,
@@ -243,7 +243,8 @@ pub fn cuda_load(
             let checkpoint = base_path.as_deref().map(Checkpoint::open).transpose()?;
             let zero = loader.gpu().alloc_zeros::<u8>(1)?;
             let (borrowed, index) = borrow_all(loader, base_tensors.as_deref().unwrap_or_default());
-            let resident = base_tensors.as_deref().map(|r| resident_tensors(r, &borrowed, &index, &zero));
+            let resident =
+                base_tensors.as_deref().map(|r| resident_tensors(r, &borrowed, &index, &zero)).transpose()?;
             let base = match (&checkpoint, &resident) {
                 (Some(checkpoint), _) => Base::Checkpoint(checkpoint),
                 (None, Some(resident)) => Base::Resident(resident),
@@ -271,7 +272,7 @@ fn results(file: &DeltaFile, outs: impl Iterator<Item = Option<CudaSlice<u8>>>, 
         .zip(outs)
         .map(|(t, out)| {
             let len = out.as_ref().map_or(0, |_| usize::try_from(t.byte_len().unwrap_or(0)).unwrap_or(0));
-            (t.name.clone(), t.dtype.clone(), t.shape.clone(), out.map(|o| DeviceBuffer::new(o, len, device)))
+            (t.name.clone(), t.dtype_name.clone(), t.shape.clone(), out.map(|o| DeviceBuffer::new(o, len, device)))
         })
         .collect()
 }
@@ -298,21 +299,26 @@ fn borrow_all(loader: &Loader, resident: &[ResidentArg]) -> (Borrowed, Vec<Optio
 
 /// The resident tensors as the loader's model API takes them; an empty one (not
 /// borrowed: it may have no address) reads from `zero`.
+///
+/// # Errors
+/// `E_UNKNOWN_DTYPE` for a dtype that is not a safetensors dtype.
 fn resident_tensors<'b>(
     resident: &'b [ResidentArg],
     borrowed: &'b Borrowed,
     index: &[Option<usize>],
     zero: &'b CudaSlice<u8>,
-) -> Vec<ResidentTensor<'b>> {
+) -> tpde::Result<Vec<ResidentTensor<'b>>> {
     resident
         .iter()
         .zip(index)
-        .map(|((name, dtype, shape, _, bytes), k)| ResidentTensor {
-            name,
-            dtype,
-            shape,
-            buffer: k.map_or(zero, |k| &borrowed.0[k]),
-            bytes: *bytes,
+        .map(|((name, dtype, shape, _, bytes), k)| {
+            Ok(ResidentTensor {
+                name,
+                dtype: dtype.parse::<Dtype>().map_err(|e| e.in_tensor(name))?,
+                shape,
+                buffer: k.map_or(zero, |k| &borrowed.0[k]),
+                bytes: *bytes,
+            })
         })
         .collect()
 }
@@ -339,7 +345,7 @@ pub fn cuda_apply_in_place(
             let refs = tensor_refs(file, true)?;
             let zero = loader.gpu().alloc_zeros::<u8>(1)?;
             let (borrowed, index) = borrow_all(loader, &base_tensors);
-            let resident = resident_tensors(&base_tensors, &borrowed, &index, &zero);
+            let resident = resident_tensors(&base_tensors, &borrowed, &index, &zero)?;
             let matched = match_resident(file, &resident)?;
             let entries = &file.header().tensors;
             // In place: the resident tensor of the same name holds exactly the target.
@@ -349,7 +355,7 @@ pub fn cuda_apply_in_place(
                 .map(|(t, m)| {
                     m.is_some_and(|i| {
                         let (_, dtype, shape, _, len) = &base_tensors[i];
-                        *dtype == t.dtype && *shape == t.shape && *len > 0
+                        *dtype == t.dtype_name && *shape == t.shape && *len > 0
                     })
                 })
                 .collect();

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
-use tpde::{Checkpoint, DeltaFile, DeltaModel, EncodeOptions, EncodeSettings, MemoryTensor, OwnedSource, TensorMap};
+use tpde::{
+    Checkpoint, DeltaFile, DeltaModel, Dtype, EncodeOptions, EncodeSettings, MemoryTensor, OwnedSource, TensorMap,
+};
 
 use crate::errors::{invalid_argument, to_py, TpdeError};
 use crate::host_buffer::HostBuffer;
@@ -39,6 +41,9 @@ impl SourceArg {
         for item in list.iter() {
             let item = item.cast_into::<PyTuple>()?;
             let (name, dtype, shape, array): (String, String, Vec<u64>, Bound<'_, PyAny>) = item.extract()?;
+            let dtype = dtype
+                .parse::<Dtype>()
+                .map_err(|e| to_py(&e.in_file(std::path::Path::new(file_name)).in_tensor(&name)))?;
             let bytes = Box::new(HostBuffer::new(&array, false)?);
             tensors.push(MemoryTensor { name, dtype, shape, bytes });
         }
@@ -168,7 +173,7 @@ impl DeltaReader {
     fn info(&self, name: &str) -> PyResult<(String, Vec<u64>, u64, Option<u64>)> {
         let info = || -> tpde::Result<_> {
             let tensor = self.model.tensor(name)?;
-            Ok((tensor.dtype.clone(), tensor.shape.clone(), tensor.byte_len()?, DeltaModel::row_bytes(tensor)?))
+            Ok((tensor.dtype_name.clone(), tensor.shape.clone(), tensor.byte_len()?, DeltaModel::row_bytes(tensor)?))
         };
         info().map_err(|e| to_py(&e))
     }

@@ -7,8 +7,7 @@
 //! use std::path::Path;
 //! use std::sync::Arc;
 //! use tpde::{Checkpoint, DeltaFile};
-//! use tpde_cuda::Base;
-//! use tpde_cuda::{Gpu, Loader, LoaderConfig};
+//! use tpde_cuda::{Base, Gpu, Loader, LoaderConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut loader = Loader::new(Arc::new(Gpu::new(0)?), LoaderConfig::default())?;

@@ -9,8 +9,7 @@
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use tpde::series::{AddOptions, Series};
-//! use tpde::{pipeline::NoProgress, Checkpoint};
+//! use tpde::{AddOptions, Checkpoint, NoProgress, Series};
 //!
 //! # fn main() -> tpde::Result<()> {
 //! let mut run = Series::open_or_create(Path::new("run"))?;
