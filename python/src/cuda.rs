@@ -19,12 +19,13 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use tpde::{Checkpoint, DeltaFile, Error, ErrorCode};
-use tpde_cuda::cudarc::driver::result::ctx;
-use tpde_cuda::cudarc::driver::{CudaSlice, DevicePtr};
-use tpde_cuda::delta::tensor_refs;
-use tpde_cuda::model::{check_resident_base, match_resident, Base, ResidentTensor};
-use tpde_cuda::{Gpu, GpuError, Loader, LoaderConfig, TensorRef};
+use tpde::{Checkpoint, DeltaFile, Dtype, Error, ErrorCode};
+use tpde_cuda::{
+    check_resident_base,
+    cudarc::driver::result::ctx,
+    cudarc::driver::{CudaSlice, DevicePtr},
+    match_resident, tensor_refs, Base, Gpu, GpuError, Loader, LoaderConfig, ResidentTensor, TensorRef,
+};
 
 use crate::errors::{coded, to_py, Fault};
 use crate::interrupt::run_interruptible_with;
@@ -258,7 +259,8 @@ pub fn cuda_load(
             let checkpoint = base_path.as_deref().map(Checkpoint::open).transpose()?;
             let zero = loader.zero_byte();
             let (borrowed, index) = borrow_all(loader, base_tensors.as_deref().unwrap_or_default());
-            let resident = base_tensors.as_deref().map(|r| resident_tensors(r, &borrowed, &index, &*zero));
+            let resident =
+                base_tensors.as_deref().map(|r| resident_tensors(r, &borrowed, &index, &zero)).transpose()?;
             let base = match (&checkpoint, &resident) {
                 (Some(checkpoint), _) => Base::Checkpoint(checkpoint),
                 (None, Some(resident)) => Base::Resident(resident),
@@ -272,7 +274,7 @@ pub fn cuda_load(
 
 /// Opens a delta for the loader: memory-mapped, its stored streams staged
 /// through the loader's page-locked ring. A page-locked copy of the whole file
-/// (`tpde_cuda::delta::PinnedDelta`) would spare the ring, but allocating and
+/// (`tpde_cuda::PinnedDelta`) would spare the ring, but allocating and
 /// filling it costs more per call than the ring does (H200: 46 ms against
 /// 2.4 ms for an 81 MB delta).
 fn open_delta(path: &std::path::Path) -> CudaResult<DeltaFile> {
@@ -286,7 +288,7 @@ fn results(file: &DeltaFile, outs: impl Iterator<Item = Option<CudaSlice<u8>>>, 
         .zip(outs)
         .map(|(t, out)| {
             let len = out.as_ref().map_or(0, |_| usize::try_from(t.byte_len().unwrap_or(0)).unwrap_or(0));
-            (t.name.clone(), t.dtype.clone(), t.shape.clone(), out.map(|o| DeviceBuffer::new(o, len, device)))
+            (t.name.clone(), t.dtype_name.clone(), t.shape.clone(), out.map(|o| DeviceBuffer::new(o, len, device)))
         })
         .collect()
 }
@@ -313,21 +315,26 @@ fn borrow_all(loader: &Loader, resident: &[ResidentArg]) -> (Borrowed, Vec<Optio
 
 /// The resident tensors as the loader's model API takes them; an empty one (not
 /// borrowed: it may have no address) reads from `zero`.
+///
+/// # Errors
+/// `E_UNKNOWN_DTYPE` for a dtype that is not a safetensors dtype.
 fn resident_tensors<'b>(
     resident: &'b [ResidentArg],
     borrowed: &'b Borrowed,
     index: &[Option<usize>],
     zero: &'b CudaSlice<u8>,
-) -> Vec<ResidentTensor<'b>> {
+) -> tpde::Result<Vec<ResidentTensor<'b>>> {
     resident
         .iter()
         .zip(index)
-        .map(|((name, dtype, shape, _, bytes), k)| ResidentTensor {
-            name,
-            dtype,
-            shape,
-            buffer: k.map_or(zero, |k| &borrowed.0[k]),
-            bytes: *bytes,
+        .map(|((name, dtype, shape, _, bytes), k)| {
+            Ok(ResidentTensor {
+                name,
+                dtype: dtype.parse::<Dtype>().map_err(|e| e.in_tensor(name))?,
+                shape,
+                buffer: k.map_or(zero, |k| &borrowed.0[k]),
+                bytes: *bytes,
+            })
         })
         .collect()
 }
@@ -354,7 +361,7 @@ pub fn cuda_apply_in_place(
             let refs = tensor_refs(file, true)?;
             let zero = loader.zero_byte();
             let (borrowed, index) = borrow_all(loader, &base_tensors);
-            let resident = resident_tensors(&base_tensors, &borrowed, &index, &*zero);
+            let resident = resident_tensors(&base_tensors, &borrowed, &index, &zero)?;
             let matched = match_resident(file, &resident)?;
             let entries = &file.header().tensors;
             // In place: the resident tensor of the same name holds exactly the target.
@@ -364,7 +371,7 @@ pub fn cuda_apply_in_place(
                 .map(|(t, m)| {
                     m.is_some_and(|i| {
                         let (_, dtype, shape, _, len) = &base_tensors[i];
-                        *dtype == t.dtype && *shape == t.shape && *len > 0
+                        *dtype == t.dtype_name && *shape == t.shape && *len > 0
                     })
                 })
                 .collect();

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use tpde::pipeline::Progress;
+use tpde::Progress;
 
 use crate::errors::{invalid_argument, Fault};
 

@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
-use tpde::delta::EncodeSettings;
-use tpde::model::OwnedSource;
-use tpde::pipeline::{self, encode::EncodeOptions};
-use tpde::{Checkpoint, DeltaFile, DeltaModel, MemoryTensor, TensorMap};
+use tpde::{
+    Checkpoint, DeltaFile, DeltaModel, Dtype, EncodeOptions, EncodeSettings, MemoryTensor, OwnedSource, TensorMap,
+};
 
 use crate::errors::{invalid_argument, to_py, TpdeError};
 use crate::host_buffer::HostBuffer;
@@ -42,6 +41,9 @@ impl SourceArg {
         for item in list.iter() {
             let item = item.cast_into::<PyTuple>()?;
             let (name, dtype, shape, array): (String, String, Vec<u64>, Bound<'_, PyAny>) = item.extract()?;
+            let dtype = dtype
+                .parse::<Dtype>()
+                .map_err(|e| to_py(&e.in_file(std::path::Path::new(file_name)).in_tensor(&name)))?;
             let bytes = Box::new(HostBuffer::new(&array, false)?);
             tensors.push(MemoryTensor { name, dtype, shape, bytes });
         }
@@ -85,14 +87,7 @@ fn encode(
     run_interruptible(py, threads, |interrupt| {
         let base = base.map(SourceArg::open).transpose()?;
         let target = target.open()?;
-        let summary = pipeline::encode::encode_sources(
-            base.as_deref().map(|b| b as _),
-            &*target,
-            &out,
-            options,
-            force,
-            interrupt,
-        )?;
+        let summary = tpde::encode_sources(base.as_deref().map(|b| b as _), &*target, &out, options, force, interrupt)?;
         Ok((summary.target_bytes, summary.delta_bytes, summary.delta_tensors, summary.standalone_tensors))
     })
 }
@@ -112,8 +107,8 @@ fn apply(
     run_interruptible(py, threads, |interrupt| {
         let delta = DeltaFile::open(&delta)?;
         let base = base.as_deref().map(Checkpoint::open).transpose()?;
-        let options = pipeline::apply::ApplyOptions { force, sync };
-        let summary = pipeline::apply::apply(&delta, base.as_ref(), &out, options, interrupt)?;
+        let options = tpde::ApplyOptions { force, sync };
+        let summary = tpde::apply(&delta, base.as_ref(), &out, options, interrupt)?;
         Ok((summary.target_bytes, summary.files))
     })
 }
@@ -132,7 +127,7 @@ fn verify(
         let delta = DeltaFile::open(&delta)?;
         let base = base.as_deref().map(Checkpoint::open).transpose()?;
         let target = target.as_deref().map(Checkpoint::open).transpose()?;
-        pipeline::apply::verify(&delta, base.as_ref(), target.as_ref(), interrupt)
+        tpde::verify(&delta, base.as_ref(), target.as_ref(), interrupt)
     })
 }
 
@@ -142,7 +137,7 @@ fn verify(
 fn inspect_json(py: Python<'_>, delta: PathBuf, threads: Option<usize>) -> PyResult<String> {
     run_interruptible(py, threads, |_| {
         let delta = DeltaFile::open(&delta)?;
-        let report = pipeline::inspect::inspect(&delta)?;
+        let report = tpde::inspect(&delta)?;
         serde_json::to_string(&report).map_err(|e| {
             tpde::Error::io(Path::new("<report>"), "cannot serialize the report", std::io::Error::other(e))
         })
@@ -178,7 +173,7 @@ impl DeltaReader {
     fn info(&self, name: &str) -> PyResult<(String, Vec<u64>, u64, Option<u64>)> {
         let info = || -> tpde::Result<_> {
             let tensor = self.model.tensor(name)?;
-            Ok((tensor.dtype.clone(), tensor.shape.clone(), tensor.byte_len()?, DeltaModel::row_bytes(tensor)?))
+            Ok((tensor.dtype_name.clone(), tensor.shape.clone(), tensor.byte_len()?, DeltaModel::row_bytes(tensor)?))
         };
         info().map_err(|e| to_py(&e))
     }
@@ -226,7 +221,7 @@ impl DeltaReader {
 #[pymodule]
 fn _tpde(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("TpdeError", module.py().get_type::<TpdeError>())?;
-    module.add("DEFAULT_CHUNK_WORDS", tpde::limits::DEFAULT_CHUNK_WORDS)?;
+    module.add("DEFAULT_CHUNK_WORDS", tpde::DEFAULT_CHUNK_WORDS)?;
     module.add_function(wrap_pyfunction!(encode, module)?)?;
     module.add_function(wrap_pyfunction!(apply, module)?)?;
     module.add_function(wrap_pyfunction!(verify, module)?)?;

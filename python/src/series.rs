@@ -6,10 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use pyo3::prelude::*;
-use tpde::delta::EncodeSettings;
-use tpde::pipeline::{apply::ApplyOptions, encode::EncodeOptions};
-use tpde::series::{AddOptions, Series as RunSeries};
-use tpde::{Checkpoint, Error};
+use tpde::{AddOptions, ApplyOptions, Checkpoint, EncodeOptions, EncodeSettings, Error, Series as RunSeries};
 
 use crate::errors::invalid_argument;
 use crate::interrupt::run_interruptible;
@@ -119,7 +116,7 @@ impl Series {
             let series = self.fresh()?;
             // Before any step of the chain is rebuilt, as `tpde series get` checks.
             series.manifest().entry(step)?;
-            tpde::output::check_free(&out, force)?;
+            tpde::check_free(&out, force)?;
             series.get(step, &out, ApplyOptions { force, sync: false }, interrupt)
         })
     }

@@ -17,9 +17,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use tpde::digest::{leaf_digest, to_hex, tree_digest};
-use tpde::pipeline::{apply::resolve_base, NoProgress};
-use tpde::{Checkpoint, DeltaFile};
+use tpde::{resolve_base, NoProgress, Checkpoint, DeltaFile, format::{leaf_digest, to_hex, tree_digest}};
 use xxhash_rust::xxh3::Xxh3;
 
 static MIXED_BASE: &[u8] = include_bytes!("../../valid/mixed/base.safetensors");
@@ -37,7 +35,7 @@ fn bases() -> &'static [Checkpoint; 2] {
         std::fs::write(&file, MIXED_BASE).expect("write the base");
         let dir = common::scratch().join("base-sharded");
         std::fs::create_dir_all(&dir).expect("create the sharded base");
-        std::fs::write(dir.join(tpde::checkpoint::INDEX_FILE), SHARDED_INDEX).expect("write the index");
+        std::fs::write(dir.join(tpde::INDEX_FILE), SHARDED_INDEX).expect("write the index");
         for (name, bytes) in SHARDED_SHARDS {
             std::fs::write(dir.join(name), bytes).expect("write a shard");
         }

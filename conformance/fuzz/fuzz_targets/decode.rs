@@ -11,8 +11,7 @@ mod reseal;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use tpde::pipeline::{apply::verify, NoProgress};
-use tpde::{Checkpoint, DeltaFile};
+use tpde::{verify, NoProgress, Checkpoint, DeltaFile};
 
 static BASE_BYTES: &[u8] = include_bytes!("../../valid/mixed/base.safetensors");
 

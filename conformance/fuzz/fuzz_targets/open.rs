@@ -5,8 +5,7 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use tpde::pipeline::inspect::inspect;
-use tpde::DeltaFile;
+use tpde::{inspect, DeltaFile};
 
 fuzz_target!(|data: &[u8]| {
     let path = common::delta_path(data);

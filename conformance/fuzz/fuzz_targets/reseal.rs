@@ -16,7 +16,7 @@ pub fn reseal(bytes: &mut [u8]) {
     }
     let (data_len, header_len, chunks, streams) =
         (u64_at(bytes, 32), u64_at(bytes, 40), u64_at(bytes, 48), u64_at(bytes, 56));
-    let layout = tpde::container::Layout::from_counts(data_len, header_len, chunks, streams)
+    let layout = tpde::format::Layout::from_counts(data_len, header_len, chunks, streams)
         .filter(|layout| layout.file_len == bytes.len() as u64);
     if let Some(layout) = layout {
         // Every region lies inside the file: its length matched.

@@ -6,12 +6,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use tpde::container::chunk_map::{
-    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
+use tpde::{
+    format::{
+        encode_chunk, ChunkRecord, Codec, DeltaWriter, EncodedChunk, Encoding, Header, PositionCoding, StreamRecord,
+        TargetFile, TargetLayout, ValueLayout, ValueOp, ValueOrder,
+    },
+    BaseTensor, EncodeSettings, LayoutKind, TensorEntry, WordWidth,
 };
-use tpde::container::header::{BaseTensor, Header, LayoutKind, TargetFile, TargetLayout, TensorEntry};
-use tpde::delta::{encode_chunk, EncodeSettings, EncodedChunk};
-use tpde::writer::DeltaWriter;
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
 use crate::rans::{self, Ctx};
@@ -414,14 +415,17 @@ pub fn write_delta(path: &Path, entries: &[Entry], metadata: Option<&BTreeMap<St
         let leading_sign = matches!(t.dtype, "F16" | "BF16" | "F32" | "F64" | "C64");
         for (target, base, plan) in entry.chunks() {
             let chunk = match plan {
-                Plan::Auto => encode_chunk(target, base, wb, leading_sign, settings_1_0()).expect("encodes"),
+                Plan::Auto => {
+                    let width = WordWidth::try_from(wb).expect("a word width");
+                    encode_chunk(target, base, width, leading_sign, settings_1_0()).expect("encodes")
+                }
                 Plan::Forced(force) => forced_chunk(target, base, wb, force),
             };
             writer.push_chunk(chunk).expect("write a chunk");
         }
         tensors.push(TensorEntry {
             name: t.name.clone(),
-            dtype: t.dtype.to_owned(),
+            dtype_name: t.dtype.to_owned(),
             shape: t.shape.clone(),
             file: 0,
             chunk_words: entry.chunk_words,

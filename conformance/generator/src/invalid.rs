@@ -7,7 +7,7 @@
 //! words), one zstd stream each.
 
 use serde_json::json;
-use tpde::container::header::Header;
+use tpde::format::Header;
 
 use crate::model::{at, put, reseal, Model};
 use crate::safet::{self, Tensor};
@@ -119,7 +119,7 @@ fn craft_sparse(model: &mut Model, chunk: usize, base: &Tensor, positions: &[u64
         part.record[24] = 1;
         words::gap_planes(&gaps, 1)
     };
-    let layout = tpde::container::chunk_map::ValueLayout::from_u8(part.record[22]).expect("valid");
+    let layout = tpde::format::ValueLayout::from_u8(part.record[22]).expect("valid");
     streams.extend(words::split(values, layout, wb));
     part.streams = streams
         .iter()
@@ -522,7 +522,7 @@ pub fn generate(suite: &mut Suite) {
     f.header(
         "unknown-dtype",
         |h| {
-            h.tensors[3].dtype = "Q4_K".into();
+            h.tensors[3].dtype_name = "Q4_K".into();
             let file = &mut h.target.files[0].safetensors_header;
             *file = file.replacen("\"dtype\":\"U8\"", "\"dtype\":\"Q4_K\"", 1);
         },
@@ -901,7 +901,7 @@ fn other_sources(suite: &mut Suite) {
     // F4 holds two elements per byte: 3 x 7 of them is not whole bytes.
     let standalone = Model::parse(&suite.read("valid/dtypes-standalone/delta.tpde"));
     let m = edit(&standalone, &|h| {
-        let t = h.tensors.iter_mut().find(|t| t.dtype == "F4").expect("an F4 tensor");
+        let t = h.tensors.iter_mut().find(|t| t.dtype_name == "F4").expect("an F4 tensor");
         t.shape = vec![3, 7];
         let file = &mut h.target.files[0].safetensors_header;
         *file = file.replacen("\"dtype\":\"F4\",\"shape\":[3,8]", "\"dtype\":\"F4\",\"shape\":[3,7]", 1);
@@ -941,7 +941,7 @@ fn base_faults(suite: &mut Suite, entries: &[crate::forge::Entry]) {
         .collect();
     let index =
         serde_json::to_string_pretty(&json!({ "metadata": {}, "weight_map": weight_map })).expect("json") + "\n";
-    suite.write(&format!("{dir}/{}", tpde::checkpoint::INDEX_FILE), index.as_bytes());
+    suite.write(&format!("{dir}/{}", tpde::INDEX_FILE), index.as_bytes());
     suite.reject("base-missing-shard", SOURCE, Some(dir), "E_MISSING_SHARD", "§11.2", p);
     // A base header that repeats a key (the same entry twice) is not strict JSON.
     let (bytes, header) = safet::file(&bases, None);
@@ -1026,11 +1026,11 @@ fn b0_faults(suite: &mut Suite, bases: &[Tensor]) {
     suite.write(&format!("{dir}/b.safetensors"), &safet::file(&[bases[0].clone(), extra.clone()], None).0);
     weight_map.insert(extra.name.clone(), json!("b.safetensors"));
     let index = json!({ "weight_map": weight_map }).to_string();
-    suite.write(&format!("{dir}/{}", tpde::checkpoint::INDEX_FILE), index.as_bytes());
+    suite.write(&format!("{dir}/{}", tpde::INDEX_FILE), index.as_bytes());
     suite.reject("base-tensor-in-two-shards", SOURCE, Some(dir), "E_INVALID_CHECKPOINT", "§11.2", p);
     // B0.b before B0.c: a name that is not plain is reported before a missing shard.
     let dir = "invalid/bases/shard-name-not-plain";
     let index = json!({ "weight_map": { "a": "a.safetensors", "b": "../b.safetensors" } }).to_string();
-    suite.write(&format!("{dir}/{}", tpde::checkpoint::INDEX_FILE), index.as_bytes());
+    suite.write(&format!("{dir}/{}", tpde::INDEX_FILE), index.as_bytes());
     suite.reject("base-shard-name-not-plain", SOURCE, Some(dir), "E_INVALID_CHECKPOINT", "§11.2", p);
 }

@@ -2,7 +2,7 @@
 //! changed and everything that covers it (checksums, digests, offsets) recomputed:
 //! then the reader reaches exactly the check a case aims at (spec §2–§6).
 
-use tpde::container::header::Header;
+use tpde::format::Header;
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
 /// Offsets of preamble fields (spec §3).

@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tpde::pipeline::{self, NoProgress};
-use tpde::{Checkpoint, DeltaFile};
+use tpde::{Checkpoint, DeltaFile, NoProgress};
 
 use crate::safet::Tensor;
 
@@ -130,7 +129,7 @@ impl Suite {
             let delta_file = DeltaFile::open(&self.path(delta))?;
             let base_ck = base.map(|b| Checkpoint::open(&self.path(b))).transpose()?;
             let target_ck = Checkpoint::open(target)?;
-            pipeline::apply::verify(&delta_file, base_ck.as_ref(), Some(&target_ck), &NoProgress)
+            tpde::verify(&delta_file, base_ck.as_ref(), Some(&target_ck), &NoProgress)
         };
         if let Err(e) = rebuild() {
             self.disagreements += 1;
@@ -206,7 +205,7 @@ impl Suite {
         let run = || -> tpde::Result<()> {
             let delta = DeltaFile::open(&self.path(delta))?;
             let base = base.map(|b| Checkpoint::open(&self.path(b))).transpose()?;
-            pipeline::apply::verify(&delta, base.as_ref(), None, &NoProgress)
+            tpde::verify(&delta, base.as_ref(), None, &NoProgress)
         };
         run().err().map(|e| e.code().as_str().to_owned())
     }

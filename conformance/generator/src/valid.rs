@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use tpde::container::chunk_map::{Encoding, ValueLayout, ValueOp};
-use tpde::pipeline::{self, encode::EncodeOptions, NoProgress};
-use tpde::Checkpoint;
+use tpde::{
+    format::{Encoding, ValueLayout, ValueOp},
+    Checkpoint, EncodeOptions, NoProgress,
+};
 
 use crate::forge::{self, settings_1_0, Entry, Force, WRITER};
 use crate::model::Model;
@@ -84,7 +85,7 @@ impl Ck {
                 let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
                 let mut text = serde_json::to_string_pretty(&index).expect("serialises");
                 text.push('\n');
-                std::fs::write(path.join(tpde::checkpoint::INDEX_FILE), text).expect("write the index");
+                std::fs::write(path.join(tpde::INDEX_FILE), text).expect("write the index");
             }
         }
     }
@@ -153,7 +154,7 @@ pub fn natural_with(
     let target_ck = Checkpoint::open(&target_path).expect("target opens");
     let delta = format!("{dir}/delta.tpde");
     std::fs::create_dir_all(suite.path(&dir)).expect("mkdir");
-    pipeline::encode::encode(base_ck.as_ref(), &target_ck, &suite.path(&delta), options, &NoProgress).expect("encodes");
+    tpde::encode(base_ck.as_ref(), &target_ck, &suite.path(&delta), options, &NoProgress).expect("encodes");
     normalise_writer(&suite.path(&delta));
     let shipped = case_base.or(base).map(|b| {
         let rel = format!("{dir}/{}", b.file_name());
@@ -757,8 +758,7 @@ fn chain_cases(suite: &mut Suite) {
         let target_ck = Checkpoint::open(&target_path).expect("the target opens");
         let delta = format!("{dir}/delta.tpde");
         let options = EncodeOptions { chunk_words: 32, settings: settings_1_0() };
-        pipeline::encode::encode(Some(&base_ck), &target_ck, &suite.path(&delta), options, &NoProgress)
-            .expect("encodes");
+        tpde::encode(Some(&base_ck), &target_ck, &suite.path(&delta), options, &NoProgress).expect("encodes");
         normalise_writer(&suite.path(&delta));
         let expected = format!("{dir}/expected.json");
         suite.write_expected(&expected, &delta, tensors);
@@ -780,7 +780,7 @@ fn base_variants(suite: &mut Suite) {
         .iter()
         .map(|t| {
             let shape: Vec<u64> = t.shape.clone();
-            let dtype = DTYPES.iter().find(|d| **d == t.dtype).expect("a known dtype");
+            let dtype = DTYPES.iter().find(|d| **d == t.dtype.as_str()).expect("a known dtype");
             (Tensor::new(&t.name, dtype, &shape, file.tensor_bytes(t).to_vec()), (t.range.start - data_start) as u64)
         })
         .collect();
@@ -809,7 +809,7 @@ fn base_variants(suite: &mut Suite) {
     let weight_map: serde_json::Map<String, serde_json::Value> =
         tensors.iter().map(|(t, _)| (t.name.clone(), json!("weights-1.st"))).collect();
     let index = json!({ "metadata": [1, { "x": null }], "org.example": true, "weight_map": weight_map });
-    suite.write(&format!("{dir}/{}", tpde::checkpoint::INDEX_FILE), index.to_string().as_bytes());
+    suite.write(&format!("{dir}/{}", tpde::INDEX_FILE), index.to_string().as_bytes());
     suite.accept_decoded(
         "base-sharded-lenient-index",
         "valid/mixed/delta.tpde",

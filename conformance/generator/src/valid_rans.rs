@@ -6,8 +6,10 @@
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use tpde::container::chunk_map::{Encoding, ValueLayout, ValueOp};
-use tpde::pipeline::encode::EncodeOptions;
+use tpde::{
+    format::{Encoding, ValueLayout, ValueOp},
+    EncodeOptions,
+};
 
 use crate::forge::{Entry, Force, Store};
 use crate::model::{at, Model};

@@ -1,7 +1,7 @@
 //! Words, values and positions, written from the spec independently of the library
 //! (spec §7, §8), so that forced golden chunks do not depend on the code they test.
 
-use tpde::container::chunk_map::{ValueLayout, ValueOp};
+use tpde::format::{ValueLayout, ValueOp};
 
 /// Little-endian words of `word_bytes` bytes.
 pub fn load(bytes: &[u8], word_bytes: usize) -> Vec<u64> {

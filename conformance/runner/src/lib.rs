@@ -6,8 +6,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tpde::pipeline::{self, NoProgress};
-use tpde::{Checkpoint, DeltaFile};
+use tpde::{Checkpoint, DeltaFile, NoProgress};
 
 /// Rebuilds every tensor of `delta` and returns the canonical JSON line.
 pub fn decode(delta: &Path, base: Option<&Path>) -> tpde::Result<String> {
@@ -15,7 +14,7 @@ pub fn decode(delta: &Path, base: Option<&Path>) -> tpde::Result<String> {
     let base = base.map(Checkpoint::open).transpose()?;
     // Checks the base (names, dtypes, shapes, digests) and every checksum and digest
     // of the delta, in the library's order, before anything is printed.
-    pipeline::apply::verify(&delta, base.as_ref(), None, &NoProgress)?;
+    tpde::verify(&delta, base.as_ref(), None, &NoProgress)?;
     let mut tensors = Vec::new();
     for tensor in &delta.header().tensors {
         let base_bytes = match (&tensor.base, &base) {
@@ -24,7 +23,7 @@ pub fn decode(delta: &Path, base: Option<&Path>) -> tpde::Result<String> {
         };
         let bytes = delta.decode_tensor(tensor, base_bytes)?;
         tensors.push(json!({
-            "dtype": tensor.dtype,
+            "dtype": tensor.dtype_name,
             "name": tensor.name,
             "sha256": hex::encode(Sha256::digest(&bytes)),
             "shape": tensor.shape,

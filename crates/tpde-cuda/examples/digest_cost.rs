@@ -10,9 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
-use tpde::delta::EncodeSettings;
-use tpde_cuda::encode::EncodedTensor;
-use tpde_cuda::{Gpu, Loader, LoaderConfig, TensorRef, WordWidth};
+use tpde::EncodeSettings;
+use tpde_cuda::{EncodedTensor, Gpu, Loader, LoaderConfig, TensorRef, WordWidth};
 
 mod common;
 use common::{hosted, pin_all, R};

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
-use tpde::delta::EncodeSettings;
-use tpde_cuda::cudarc::driver::result as cu;
-use tpde_cuda::delta::PinnedDelta;
-use tpde_cuda::encode::EncodedTensor;
-use tpde_cuda::{DevRange, Gpu, Loader, LoaderConfig, TensorRef, WordWidth};
+use tpde::EncodeSettings;
+use tpde_cuda::{
+    cudarc::driver::result as cu, DevRange, EncodedTensor, Gpu, Loader, LoaderConfig, PinnedDelta, TensorRef, WordWidth,
+};
 
 mod common;
 use common::{hosted, layer, pin_all, time, time_after, R};
@@ -96,11 +95,11 @@ fn main() -> R<()> {
     for cw in [1u64 << 18, 1 << 20] {
         for gain in [0.0, 0.25, 0.5, 0.75, 1.0] {
             let path = dir.join(format!("d{cw}-{gain}.tpde"));
-            let opts = tpde::pipeline::encode::EncodeOptions {
+            let opts = tpde::EncodeOptions {
                 chunk_words: cw,
                 settings: EncodeSettings { min_zstd_gain: gain, ..EncodeSettings::default() },
             };
-            tpde::pipeline::encode::encode(Some(&bc), &tc, &path, opts, &tpde::pipeline::NoProgress)?;
+            tpde::encode(Some(&bc), &tc, &path, opts, &tpde::NoProgress)?;
             let pinned = PinnedDelta::open(&gpu, &path)?;
             let refs = pinned.tensor_refs(true)?;
             let tr = &refs[0];
@@ -114,13 +113,10 @@ fn main() -> R<()> {
                     / tr.chunks.iter().flat_map(|c| c.streams).map(|s| s.decoded_len as usize).sum::<usize>().max(1)
                         as f64
             };
-            let zstd_share = share(tpde::container::chunk_map::Codec::Zstd);
-            let rans_share = share(tpde::container::chunk_map::Codec::Rans);
-            let grouped = tr
-                .chunks
-                .iter()
-                .filter(|c| c.record.value_order == tpde::container::chunk_map::ValueOrder::GroupedByBase)
-                .count();
+            let zstd_share = share(tpde::format::Codec::Zstd);
+            let rans_share = share(tpde::format::Codec::Rans);
+            let grouped =
+                tr.chunks.iter().filter(|c| c.record.value_order == tpde::format::ValueOrder::GroupedByBase).count();
             let what = format!(
                 "chunk {}Ki words, min_zstd_gain {gain}: delta {:.2} MB, {:.0}% of stream bytes zstd, {:.0}% lane rANS, {grouped}/{} chunks grouped",
                 cw >> 10,
@@ -161,7 +157,7 @@ fn main() -> R<()> {
             }
             // the same file through its memory map (pageable)
             let file = tpde::DeltaFile::open(&path)?;
-            let mrefs = tpde_cuda::delta::tensor_refs(&file, true)?;
+            let mrefs = tpde_cuda::tensor_refs(&file, true)?;
             let mut l = Loader::new(
                 gpu.clone(),
                 LoaderConfig { slots: 4, slot_bytes: 4 << 20, max_chunks: 4096, ..LoaderConfig::default() },
@@ -181,7 +177,7 @@ fn main() -> R<()> {
                 tr.chunks
                     .par_iter()
                     .flat_map(|c| c.streams.par_iter().zip(c.stored_streams().collect::<Vec<_>>()))
-                    .filter(|(r, _)| r.codec == tpde::container::chunk_map::Codec::Zstd)
+                    .filter(|(r, _)| r.codec == tpde::format::Codec::Zstd)
                     .try_for_each(|(r, b)| {
                         let mut v = vec![0u8; r.decoded_len as usize];
                         tpde_cuda::decode_stream(r, b, &mut v)

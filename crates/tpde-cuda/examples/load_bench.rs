@@ -41,11 +41,10 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use tpde::{Checkpoint, DeltaFile};
-use tpde_cuda::cudarc::driver::result as cu;
-use tpde_cuda::cudarc::driver::CudaSlice;
-use tpde_cuda::delta::{host_bases, tensor_refs, PinnedDelta};
-use tpde_cuda::model::{Base, ResidentTensor};
-use tpde_cuda::{DevRange, Gpu, GpuError, Loader, LoaderConfig, TensorRef};
+use tpde_cuda::{
+    cudarc::driver::result as cu, cudarc::driver::CudaSlice, host_bases, tensor_refs, Base, DevRange, Gpu, GpuError,
+    Loader, LoaderConfig, PinnedDelta, ResidentTensor, TensorRef,
+};
 
 mod common;
 use common::{median, time};
@@ -305,19 +304,21 @@ fn print_report(gpu: &Gpu, r: &Report<'_>) {
 /// base tensors, and, on stderr, the medians of its parts.
 fn time_mapped(loader: &mut Loader, path: &std::path::Path, bases: &[CudaSlice<u8>], lens: &[usize]) -> R<f64> {
     let file = DeltaFile::open(path)?;
-    let resident: Vec<ResidentTensor<'_>> = file
+    let resident = file
         .header()
         .tensors
         .iter()
         .zip(bases.iter().zip(lens))
-        .map(|(t, (buffer, &bytes))| ResidentTensor {
-            name: &t.name,
-            dtype: &t.dtype,
-            shape: t.base.as_ref().map_or(&t.shape[..], |b| &b.shape[..]),
-            buffer,
-            bytes,
+        .map(|(t, (buffer, &bytes))| {
+            Ok(ResidentTensor {
+                name: &t.name,
+                dtype: t.dtype()?,
+                shape: t.base.as_ref().map_or(&t.shape[..], |b| &b.shape[..]),
+                buffer,
+                bytes,
+            })
         })
-        .collect();
+        .collect::<tpde::Result<Vec<_>>>()?;
     let reps = 5;
     let open = time(reps, || {
         DeltaFile::open(path)?;

@@ -17,15 +17,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
-use tpde::codec::positions;
-use tpde::codec::rans::{encode, Contexts};
-use tpde::container::chunk_map::{
-    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
+use tpde::format::{
+    positions,
+    rans::{encode, Contexts},
+    ChunkRecord, Codec, EncodedChunk, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
 };
-use tpde::delta::EncodedChunk;
-use tpde_cuda::cudarc::driver::result as cu;
-use tpde_cuda::encode::EncodedTensor;
-use tpde_cuda::{DevRange, Gpu, Loader, LoaderConfig, WordWidth};
+use tpde_cuda::{cudarc::driver::result as cu, DevRange, EncodedTensor, Gpu, Loader, LoaderConfig, WordWidth};
 
 mod common;
 use common::{hosted, layer, pin_all, time, R};
@@ -85,8 +82,8 @@ fn chunk(base: &[u8], target: &[u8], sparse: bool, how: Streams) -> EncodedChunk
         gap_width: gw,
         stream_count: streams.len() as u8,
         value_order: ValueOrder::Positional,
-        checksum: tpde::digest::checksum64(&data),
-        digest: tpde::digest::leaf_digest(target),
+        checksum: tpde::format::checksum64(&data),
+        digest: tpde::format::leaf_digest(target),
     };
     EncodedChunk { record, streams, data }
 }

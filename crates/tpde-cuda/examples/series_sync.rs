@@ -18,13 +18,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
-use tpde::pipeline::{encode::EncodeOptions, NoProgress};
-use tpde::series::{AddOptions, Series};
-use tpde::Checkpoint;
-use tpde_cuda::cudarc::driver::result as cu;
-use tpde_cuda::delta::PinnedDelta;
-use tpde_cuda::series::step_in_place;
-use tpde_cuda::{DevRange, Gpu, Loader, LoaderConfig};
+use tpde::{AddOptions, Checkpoint, EncodeOptions, NoProgress, Series};
+use tpde_cuda::{cudarc::driver::result as cu, step_in_place, DevRange, Gpu, Loader, LoaderConfig, PinnedDelta};
 
 mod common;
 use common::{median, R};

@@ -12,15 +12,11 @@ use std::io::Read;
 use std::path::Path;
 
 use cudarc::driver::PinnedHostSlice;
-use tpde::container::header::TensorEntry;
-use tpde::pipeline::apply::resolve_base;
-use tpde::pipeline::NoProgress;
-use tpde::{Checkpoint, DeltaFile, ErrorCode};
+use tpde::{resolve_base, Checkpoint, DeltaFile, ErrorCode, NoProgress, TensorEntry};
 
 use crate::error::{GpuError, Result};
 use crate::gpu::Gpu;
 use crate::pipeline::{Checksums, ChunkRef, TensorRef};
-use crate::width::WordWidth;
 
 /// The loader's view of one tensor of `file`, its stored bytes borrowed from
 /// the file's validated bytes; `host` is set when those bytes are
@@ -33,7 +29,7 @@ fn tensor_in<'f>(
     verify_checksums: bool,
     host: Option<&'f [u8]>,
 ) -> Result<TensorRef<'f>> {
-    let width = WordWidth::from_bytes(entry.word_bytes()?)?;
+    let width = entry.word_width()?;
     let words = entry.word_count()?;
     let chunk_words = u32::try_from(entry.chunk_words).map_err(|_| GpuError::invalid("chunk_words above 2^32 - 1"))?;
     let mut chunks = Vec::new();
@@ -41,7 +37,7 @@ fn tensor_in<'f>(
         let record = *file.chunk(span.index);
         let words = u32::try_from(span.words).map_err(|_| GpuError::invalid("chunk above 2^32 - 1 words"))?;
         let stored = file.stored_bytes(span.index);
-        if verify_checksums && tpde::digest::checksum64(stored) != record.checksum {
+        if verify_checksums && tpde::format::checksum64(stored) != record.checksum {
             let e = tpde::Error::new(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");
             return Err(GpuError::Format(e.in_file(file.path()).in_tensor(&entry.name).in_chunk(span.index)));
         }
@@ -142,7 +138,7 @@ impl PinnedDelta {
     pub fn open(gpu: &Gpu, path: &Path) -> Result<Self> {
         let io = |action: &str, e: std::io::Error| GpuError::Format(tpde::Error::io(path, action, e));
         // Checked before opening: opening a FIFO would block.
-        let meta = tpde::checkpoint::require_regular_file(path, "cannot open the delta")?;
+        let meta = tpde::format::require_regular_file(path, "cannot open the delta")?;
         let mut f = std::fs::File::open(path).map_err(|e| io("cannot open the delta", e))?;
         let len = usize::try_from(meta.len()).map_err(|_| GpuError::invalid("delta larger than the address space"))?;
         // SAFETY: uninitialized bytes, every one written by `read_exact`

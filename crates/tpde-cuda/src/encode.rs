@@ -1,14 +1,13 @@
 //! Whole tensors encoded in memory by the format library's chunk encoder
-//! ([`tpde::delta::encode_chunk`]), for callers that hold a base and a
+//! ([`tpde::format::encode_chunk`]), for callers that hold a base and a
 //! target rather than a delta file (the benchmarks, tests, and weight sync
 //! where both sides are in memory).
 
 use rayon::prelude::*;
-use tpde::delta::{EncodeSettings, EncodedChunk};
+use tpde::{format::EncodedChunk, EncodeSettings, WordWidth};
 
 use crate::error::{GpuError, Result};
 use crate::pipeline::{Checksums, ChunkRef, TensorRef};
-use crate::width::WordWidth;
 
 /// One tensor as a list of the library's encoded chunks.
 #[derive(Clone, Debug)]
@@ -53,7 +52,7 @@ impl EncodedTensor {
                     let start = (i * chunk_bytes).min(b.len());
                     &b[start..(start + t.len()).min(b.len())]
                 });
-                Ok(tpde::delta::encode_chunk(t, b, w, leading_sign, settings)?)
+                Ok(tpde::format::encode_chunk(t, b, width, leading_sign, settings)?)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { name: name.to_string(), width, words: (target.len() / w) as u64, chunk_words, chunks })

@@ -12,7 +12,10 @@ use cudarc::driver::{
     result as cu, sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg, ValidAsZeroBits,
 };
 
-use tpde::container::chunk_map::{ChunkRecord, ValueLayout};
+use tpde::{
+    format::{ChunkRecord, ValueLayout},
+    WordWidth,
+};
 
 use crate::error::flag;
 use crate::error::{GpuError, Result};
@@ -22,7 +25,6 @@ use crate::kernels::{
 };
 use crate::pipeline::ChunkRef;
 use crate::rans::{context, Header};
-use crate::width::WordWidth;
 
 /// Whether the CUDA driver library can be loaded on this machine. Checked
 /// before the first CUDA call, because cudarc panics when it is missing.
@@ -846,7 +848,7 @@ impl RansBatch {
                     return Err(GpuError::invalid("base words must be word aligned"));
                 }
                 d.base_words = u32::try_from(base.len() / wb).map_err(|_| GpuError::invalid("chunk too large"))?;
-                d.word_bytes = width.bytes_u32();
+                d.word_bytes = width.bits() / 8;
                 d.context = base.ptr();
                 reads.push(base);
                 if let Some(p) = positions {

@@ -7,10 +7,12 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
-use tpde::container::chunk_map::{ChunkRecord, Encoding, PositionCoding, ValueOrder};
+use tpde::{
+    format::{ChunkRecord, Encoding, PositionCoding, ValueOrder},
+    WordWidth,
+};
 
 use crate::error::{GpuError, Result};
-use crate::width::WordWidth;
 
 /// Source of the reconstruction kernels.
 pub const APPLY_SOURCE: &str = include_str!("../../../kernels/tpde_apply.cu");
@@ -291,7 +293,7 @@ impl ChunkDesc {
     /// Byte offset of each field of the source's `struct ChunkDesc`, as
     /// [`ChunkDesc::write_to`] writes it. `changed` is counted by the kernels
     /// and `reserved` stays 0; both are written as 0.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub const FIELDS: [(&'static str, usize); 16] = [
         ("pos", 0),
         ("val", 32),
@@ -314,7 +316,7 @@ impl ChunkDesc {
     /// Kind, op, layout, gap width and tile count of a chunk of `words`
     /// words (no addresses). `None` for unchanged chunks, which need no
     /// kernel. The record's shape has been checked
-    /// ([`tpde::delta::check_chunk_shape`]).
+    /// ([`tpde::format::check_chunk_shape`]).
     pub fn from_record(record: &ChunkRecord, words: u32) -> Option<Self> {
         let (kind, gap_width, tiles) = match (record.encoding, record.position_coding) {
             (Encoding::Unchanged, _) => return None,
@@ -446,7 +448,7 @@ impl RansDesc {
 
     /// Byte offset of each field of the source's `struct RansDesc`, as
     /// [`RansDesc::write_to`] writes it; `reserved` is written as 0.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub const FIELDS: [(&'static str, usize); 19] = [
         ("stored", 0),
         ("decoded", 8),

@@ -1,7 +1,7 @@
 //! GPU loader for tpde deltas: rebuilds `W_final = base ⊕ delta` in GPU memory.
 //!
 //! Only the delta crosses the bus. Chunks keep the format library's records
-//! ([`tpde::container::chunk_map`]); their shapes are checked by the
+//! ([`tpde::format::ChunkRecord`]); their shapes are checked by the
 //! library. Streams stored as they are go to the device by DMA straight from
 //! a page-locked copy of the delta, and so do lane rANS streams (codec 2,
 //! spec §8.7), which the GPU decodes: one block per stream checks its header
@@ -22,7 +22,7 @@
 //! The GPU path enforces what the format library enforces, by calling the
 //! library: deltas are validated by [`tpde::DeltaFile`] (in page-locked
 //! memory, the very bytes the GPU reads), the base by the library's
-//! [`tpde::pipeline::apply::resolve_base`] before anything is uploaded, zstd
+//! [`tpde::resolve_base`] before anything is uploaded, zstd
 //! streams by its decoder, and stored checksums on the CPU. Lane rANS
 //! streams are checked by the kernels with every rule of §8.7 (their faults
 //! name their chunk, and are confirmed by the library's decoder where it can
@@ -39,12 +39,13 @@
 //!   GPU ([`Loader::load`], [`Loader::apply_in_place`],
 //!   [`Loader::load_host_base`]) and just-in-time tensors
 //!   ([`Loader::materialize_into`], [`Loader::materialize_in_place`]).
-//! - [`model`]: the model-level API: a delta and its base (a checkpoint, or
+//! - The model-level API: a delta and its [`Base`] (a checkpoint, or
 //!   named tensors already on the device) in, named device tensors out
 //!   ([`Loader::load_model`]).
-//! - [`delta`]: maps a `tpde` delta file onto the loader's inputs, from its
-//!   memory map or from page-locked memory ([`delta::PinnedDelta`]).
-//! - [`encode`]: tensors in memory, encoded by the library's chunk encoder.
+//! - [`tensor_refs`]: maps a `tpde` delta file onto the loader's inputs, from
+//!   its memory map or from page-locked memory ([`PinnedDelta`]).
+//! - [`EncodedTensor`]: tensors in memory, encoded by the library's chunk
+//!   encoder.
 //!
 //! Drivers: the crate is built against CUDA 13.0 (`cuda-13000`), so it needs
 //! a driver of the 580 series or newer; the driver and NVRTC are loaded at
@@ -81,20 +82,24 @@
 //!    the kernels' CPU reference, which tests compare them with.
 #![deny(missing_docs)]
 
-pub mod delta;
-pub mod encode;
-pub mod error;
+mod delta;
+mod encode;
+mod error;
 mod gpu;
-pub mod kernels;
-pub mod model;
+mod kernels;
+mod model;
 mod pipeline;
 mod rans;
 pub mod reference;
-pub mod series;
-pub mod width;
+mod series;
 
 pub use cudarc;
+pub use delta::{host_bases, tensor_ref, tensor_refs, tensor_refs_checked_on_upload, PinnedDelta};
+pub use encode::EncodedTensor;
 pub use error::{GpuError, Result};
 pub use gpu::{driver_present, DevRange, Gpu};
+pub use model::{check_resident_base, match_resident, Base, DeviceTensor, ResidentTensor};
 pub use pipeline::{decode_stream, Checksums, ChunkRef, DeviceDelta, Loader, LoaderConfig, TensorRef};
-pub use width::WordWidth;
+pub use series::step_in_place;
+/// The width of a word, shared with the format library.
+pub use tpde::WordWidth;

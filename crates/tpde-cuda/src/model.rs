@@ -7,8 +7,7 @@
 //! use std::path::Path;
 //! use std::sync::Arc;
 //! use tpde::{Checkpoint, DeltaFile};
-//! use tpde_cuda::model::Base;
-//! use tpde_cuda::{Gpu, Loader, LoaderConfig};
+//! use tpde_cuda::{Base, Gpu, Loader, LoaderConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut loader = Loader::new(Arc::new(Gpu::new(0)?), LoaderConfig::default())?;
@@ -24,9 +23,10 @@
 use std::collections::HashMap;
 
 use cudarc::driver::CudaSlice;
-use tpde::container::header::TensorEntry;
-use tpde::digest::{tensor_digest, to_hex};
-use tpde::{Checkpoint, DeltaFile, Error, ErrorCode};
+use tpde::{
+    format::{tensor_digest, to_hex},
+    Checkpoint, DeltaFile, Dtype, Error, ErrorCode, TensorEntry,
+};
 
 use crate::delta::{host_bases, tensor_refs_checked_on_upload};
 use crate::error::{GpuError, Result};
@@ -38,8 +38,8 @@ use crate::pipeline::Loader;
 pub struct ResidentTensor<'b> {
     /// Its name in the checkpoint.
     pub name: &'b str,
-    /// Its safetensors dtype (`"BF16"`, ...).
-    pub dtype: &'b str,
+    /// Its element type.
+    pub dtype: Dtype,
     /// Its shape.
     pub shape: &'b [u64],
     /// Its bytes on the loader's device.
@@ -68,8 +68,8 @@ pub enum Base<'b> {
 pub struct DeviceTensor {
     /// Its name in the target.
     pub name: String,
-    /// Its safetensors dtype.
-    pub dtype: String,
+    /// Its element type.
+    pub dtype: Dtype,
     /// Its shape.
     pub shape: Vec<u64>,
     /// Its bytes (at least one byte is allocated, also for an empty tensor).
@@ -126,18 +126,10 @@ impl Loader {
                 }
             }
         };
-        Ok(delta
-            .header()
-            .tensors
-            .iter()
-            .zip(buffers)
-            .map(|(t, buffer)| DeviceTensor {
-                name: t.name.clone(),
-                dtype: t.dtype.clone(),
-                shape: t.shape.clone(),
-                buffer,
-            })
-            .collect())
+        let tensors = delta.header().tensors.iter().zip(buffers).map(|(t, buffer)| {
+            Ok(DeviceTensor { name: t.name.clone(), dtype: t.dtype()?, shape: t.shape.clone(), buffer })
+        });
+        tensors.collect()
     }
 }
 
@@ -164,10 +156,10 @@ pub fn match_resident(delta: &DeltaFile, resident: &[ResidentTensor<'_>]) -> tpd
                 return fault(ErrorCode::BaseMissingTensor, "the base has no tensor of this name".into());
             };
             let r = &resident[i];
-            if r.dtype != t.dtype || r.shape != base.shape.as_slice() {
+            if r.dtype.as_str() != t.dtype_name || r.shape != base.shape.as_slice() {
                 let message = format!(
                     "the base tensor is {} {:?} but the delta expects {} {:?}",
-                    r.dtype, r.shape, t.dtype, base.shape
+                    r.dtype, r.shape, t.dtype_name, base.shape
                 );
                 return fault(ErrorCode::BaseMismatch, message);
             }
@@ -202,7 +194,7 @@ pub fn check_resident_base(
     }
     let chunk_bytes = usize::try_from(entry.chunk_words)
         .ok()
-        .and_then(|w| w.checked_mul(entry.word_bytes().ok()?))
+        .and_then(|w| w.checked_mul(entry.word_width().ok()?.bytes()))
         .ok_or_else(|| GpuError::invalid("the chunk size overflows"))?;
     if to_hex(&tensor_digest(&bytes, chunk_bytes)?) != pinned.digest {
         let message = "the base tensor's content differs from the one the delta was made against";

@@ -6,8 +6,10 @@
 //! bytes (context map, tables, tile lengths, tiles) is parsed and checked
 //! by the kernels of `kernels/tpde_rans.cu`.
 
-use tpde::container::chunk_map::{ChunkRecord, Codec, Encoding, ValueLayout, ValueOrder};
-use tpde::{ErrorCode, Result as FormatResult};
+use tpde::{
+    format::{ChunkRecord, Codec, Encoding, ValueLayout, ValueOrder},
+    ErrorCode, Result as FormatResult, WordWidth,
+};
 
 use cudarc::driver::CudaStream;
 
@@ -17,7 +19,6 @@ use crate::kernels::{
     ChunkDesc, RansDesc, RANS_MAX_PROB_BITS, RANS_MAX_TABLES, RANS_SCRATCH_HEAD, RANS_TABLE_STRIDE, RANS_THREADS,
 };
 use crate::pipeline::ChunkRef;
-use crate::width::WordWidth;
 
 /// Whether a stream is lane rANS, which the GPU decodes.
 #[must_use]
@@ -375,7 +376,7 @@ pub(crate) enum Launch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tpde::container::chunk_map::{PositionCoding, StreamRecord, ValueOp};
+    use tpde::format::{PositionCoding, StreamRecord, ValueOp};
 
     fn record(encoding: Encoding, coding: PositionCoding, gap_width: u8, layout: ValueLayout) -> ChunkRecord {
         ChunkRecord {

@@ -1,24 +1,26 @@
 //! CPU reference of the kernels, as plain functions over byte slices.
 //!
 //! Positions come from the format library's own decoders
-//! ([`tpde::codec::positions`]), with its errors mapped onto the bits of the
+//! ([`tpde::format::positions`]), with its errors mapped onto the bits of the
 //! device error flag. Joining value streams into words and combining them
 //! with the base are the apply kernels' word arithmetic; the library keeps
 //! its versions private, so they are restated here, and the tests check them
-//! (and the GPU) against the library's [`tpde::delta::decode_chunk`]. Words
+//! (and the GPU) against the library's [`tpde::format::decode_chunk`]. Words
 //! are little-endian (`spec/FORMAT.md` §8). Values grouped by base key
 //! (§8.6) are found by the stable counting sort that the spec states
 //! ([`grouped_slots`]); the kernels compute the same slots tile by tile.
+//!
+//! This is the crate's low-level module, for tests and tools that check the
+//! kernels: it also holds the bits of the device error flag ([`flag`]).
 
-use tpde::codec::positions;
-use tpde::container::chunk_map::{Encoding, PositionCoding, ValueLayout, ValueOp, ValueOrder};
-use tpde::ErrorCode;
+use tpde::format::rans::{decode_into, Contexts};
+use tpde::format::{positions, Encoding, PositionCoding, ValueLayout, ValueOp, ValueOrder};
+use tpde::{ErrorCode, WordWidth};
 
-use crate::error::{flag, GpuError, Result};
+pub use crate::error::flag;
+use crate::error::{GpuError, Result};
 use crate::pipeline::{decode_stream, ChunkRef};
 use crate::rans::{allowed_contexts, context, is_rans, Header};
-use crate::width::WordWidth;
-use tpde::codec::rans::{decode_into, Contexts};
 
 /// `unzigzag(v) = (v >> 1) ^ -(v & 1)`, at the word width (§8.2).
 #[must_use]
@@ -125,7 +127,7 @@ pub fn decode_streams_with_base(c: &ChunkRef<'_>, base: Option<(&[u8], WordWidth
             }
             // the contexts §8.7 allows here (the kernels check the same); in a
             // validated chunk in byte planes, the value planes are the word's bytes
-            let width = base.map_or_else(|| WordWidth::from_bytes(n - np).unwrap_or(WordWidth::W1), |(_, w)| w);
+            let width = base.map_or_else(|| WordWidth::try_from(n - np).unwrap_or(WordWidth::W1), |(_, w)| w);
             let header = Header::read(bytes, allowed_contexts(c, q, width))?;
             let sparse = c.record.encoding == Encoding::Sparse;
             if header.context == context::BASE_KEY && sparse && positions.is_none() {

@@ -4,9 +4,7 @@
 //! checked against their digests before the next is applied.
 
 use cudarc::driver::CudaSlice;
-use tpde::pipeline::apply::check_link;
-use tpde::series::{content_step, Series, StepKind};
-use tpde::{DeltaFile, Error, ErrorCode};
+use tpde::{check_link, content_step, DeltaFile, Error, ErrorCode, Series, StepKind};
 
 use crate::delta::tensor_refs;
 use crate::error::Result;

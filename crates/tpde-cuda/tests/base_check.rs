@@ -1,12 +1,12 @@
 //! The GPU loader checks the base with the format library before anything
-//! reaches the device: [`tpde_cuda::delta::host_bases`] is the library's
+//! reaches the device: [`tpde_cuda::host_bases`] is the library's
 //! `resolve_base` (names, dtypes, shapes, then every digest, spec §11.2).
 //! No GPU is needed: the check runs on the host, before any upload.
 
 use std::path::{Path, PathBuf};
 
 use tpde::{Checkpoint, DeltaFile, ErrorCode};
-use tpde_cuda::delta::host_bases;
+use tpde_cuda::host_bases;
 
 fn suite(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conformance").join(path)

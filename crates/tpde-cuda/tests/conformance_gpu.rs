@@ -20,8 +20,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tpde::Checkpoint;
-use tpde_cuda::delta::{host_bases, PinnedDelta};
-use tpde_cuda::{Gpu, GpuError, Loader, LoaderConfig};
+use tpde_cuda::{host_bases, Gpu, GpuError, Loader, LoaderConfig, PinnedDelta};
 
 /// `conformance/`, found from the crate's folder: `CARGO_MANIFEST_DIR` at
 /// run time (set by cargo, or by hand where the test binary was copied to
@@ -49,7 +48,7 @@ fn gpu_decode(gpu: &Arc<Gpu>, loader: &mut Loader, delta: &Path, base: Option<&P
         let mut bytes = gpu.download(out)?;
         bytes.truncate(t.bytes());
         tensors.push(json!({
-            "dtype": entry.dtype,
+            "dtype": entry.dtype_name,
             "name": entry.name,
             "sha256": hex::encode(Sha256::digest(&bytes)),
             "shape": entry.shape,

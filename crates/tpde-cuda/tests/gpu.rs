@@ -8,13 +8,14 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use common::*;
-use tpde::container::chunk_map::{Codec, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder};
-use tpde::delta::EncodeSettings;
-use tpde_cuda::delta::PinnedDelta;
-use tpde_cuda::encode::EncodedTensor;
-use tpde_cuda::error::flag;
-use tpde_cuda::reference;
-use tpde_cuda::{Checksums, ChunkRef, Gpu, GpuError, Loader, LoaderConfig, TensorRef, WordWidth};
+use tpde::{
+    format::{Codec, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder},
+    EncodeSettings,
+};
+use tpde_cuda::{
+    reference, reference::flag, Checksums, ChunkRef, EncodedTensor, Gpu, GpuError, Loader, LoaderConfig, PinnedDelta,
+    TensorRef, WordWidth,
+};
 
 fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
@@ -287,17 +288,15 @@ fn a_delta_file_written_by_the_format_library_loads_bit_exact() {
     let base = tpde::Checkpoint::open(&dir.join("base.safetensors")).unwrap();
     let target = tpde::Checkpoint::open(&dir.join("target.safetensors")).unwrap();
     for (min_zstd_gain, rans) in [(0.0, true), (0.5, true), (0.0, false)] {
-        let opts = tpde::pipeline::encode::EncodeOptions {
-            chunk_words: 32_768,
-            settings: EncodeSettings { level: 3, min_zstd_gain, rans },
-        };
+        let opts =
+            tpde::EncodeOptions { chunk_words: 32_768, settings: EncodeSettings { level: 3, min_zstd_gain, rans } };
         let path = dir.join("d.tpde");
-        tpde::pipeline::encode::encode(Some(&base), &target, &path, opts, &tpde::pipeline::NoProgress).unwrap();
+        tpde::encode(Some(&base), &target, &path, opts, &tpde::NoProgress).unwrap();
         let file = tpde::DeltaFile::open(&path).unwrap();
         let pinned = PinnedDelta::open(&g, &path).unwrap();
-        let host = tpde_cuda::delta::host_bases(&file, Some(&base)).unwrap();
+        let host = tpde_cuda::host_bases(&file, Some(&base)).unwrap();
         let mut l = loader(4 << 20);
-        for refs in [tpde_cuda::delta::tensor_refs(&file, true).unwrap(), pinned.tensor_refs(true).unwrap()] {
+        for refs in [tpde_cuda::tensor_refs(&file, true).unwrap(), pinned.tensor_refs(true).unwrap()] {
             let outs = l.load_host_base(&refs, &host).unwrap();
             for (t, o) in refs.iter().zip(&outs) {
                 let (f, loc) = target.tensor(&t.name).unwrap();
@@ -362,15 +361,13 @@ fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary
     let target = tpde::Checkpoint::open(&dir.join("target.safetensors")).unwrap();
     let mut l = loader(1 << 20);
     for (min_zstd_gain, rans) in [(0.0, true), (0.25, true), (0.0, false)] {
-        let opts = tpde::pipeline::encode::EncodeOptions {
-            chunk_words: 10_000,
-            settings: EncodeSettings { level: 3, min_zstd_gain, rans },
-        };
+        let opts =
+            tpde::EncodeOptions { chunk_words: 10_000, settings: EncodeSettings { level: 3, min_zstd_gain, rans } };
         let path = dir.join("d.tpde");
-        tpde::pipeline::encode::encode(Some(&base), &target, &path, opts, &tpde::pipeline::NoProgress).unwrap();
+        tpde::encode(Some(&base), &target, &path, opts, &tpde::NoProgress).unwrap();
         let pinned = PinnedDelta::open(&g, &path).unwrap();
         let file = pinned.file();
-        let host = tpde_cuda::delta::host_bases(file, Some(&base)).unwrap();
+        let host = tpde_cuda::host_bases(file, Some(&base)).unwrap();
         let refs = pinned.tensor_refs(true).unwrap();
         let expect: Vec<Vec<u8>> = refs
             .iter()
@@ -385,7 +382,7 @@ fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary
                 let at = span.first_word as usize * wb;
                 let bytes = &got[at..at + span.words as usize * wb];
                 assert_eq!(
-                    tpde::digest::leaf_digest(bytes),
+                    tpde::format::leaf_digest(bytes),
                     file.chunk(span.index).digest,
                     "{} chunk {} {how}",
                     t.name,
@@ -698,16 +695,16 @@ fn a_corrupt_lane_rans_stream_is_a_device_fault_naming_its_chunk() {
             .filter(|&i| read_word(chunk_base, w, i as usize) != read_word(&target[bad_chunk * cb..], w, i as usize))
             .collect();
         let library = |stored: &[u8]| {
-            let contexts = match tpde::codec::rans::context_kind(stored).unwrap() {
-                tpde::codec::rans::ContextKind::BaseKey => tpde::codec::rans::Contexts::BaseKeys {
+            let contexts = match tpde::format::rans::context_kind(stored).unwrap() {
+                tpde::format::rans::ContextKind::BaseKey => tpde::format::rans::Contexts::BaseKeys {
                     base: chunk_base,
                     word_bytes: 4,
                     positions: (choice == Choice::SparseGaps).then_some(positions.as_slice()),
                 },
-                _ => tpde::codec::rans::Contexts::None,
+                _ => tpde::format::rans::Contexts::None,
             };
             let mut out = Vec::new();
-            tpde::codec::rans::decode_into(stored, c.streams[q].decoded_len as usize, contexts, &mut out)
+            tpde::format::rans::decode_into(stored, c.streams[q].decoded_len as usize, contexts, &mut out)
                 .map_err(|e| e.code())
         };
         assert!(library(&c.data[start..start + len]).is_ok());

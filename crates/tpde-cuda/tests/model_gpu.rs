@@ -7,11 +7,8 @@
 
 use std::sync::Arc;
 
-use tpde::pipeline::{encode::encode, encode::EncodeOptions, NoProgress};
-use tpde::{Checkpoint, DeltaFile, ErrorCode};
-use tpde_cuda::cudarc::driver::CudaSlice;
-use tpde_cuda::model::{Base, DeviceTensor, ResidentTensor};
-use tpde_cuda::{Gpu, GpuError, Loader, LoaderConfig};
+use tpde::{encode, Checkpoint, DeltaFile, Dtype, EncodeOptions, ErrorCode, NoProgress};
+use tpde_cuda::{cudarc::driver::CudaSlice, Base, DeviceTensor, Gpu, GpuError, Loader, LoaderConfig, ResidentTensor};
 
 mod common;
 use common::write_bf16_safetensors;
@@ -22,14 +19,14 @@ fn bytes(words: &[u16]) -> Vec<u8> {
 
 /// A BF16 tensor of a base on the device.
 fn resident<'b>(name: &'b str, shape: &'b [u64], buffer: &'b CudaSlice<u8>) -> ResidentTensor<'b> {
-    ResidentTensor { name, dtype: "BF16", shape, buffer, bytes: 2 * shape[0] as usize }
+    ResidentTensor { name, dtype: Dtype::BF16, shape, buffer, bytes: 2 * shape[0] as usize }
 }
 
 fn assert_target(gpu: &Gpu, got: &[DeviceTensor], expected: &[(&str, &[u16])]) {
     assert_eq!(got.len(), expected.len());
     for (tensor, (name, words)) in got.iter().zip(expected) {
         assert_eq!(tensor.name, *name);
-        assert_eq!((tensor.dtype.as_str(), tensor.shape.as_slice()), ("BF16", [words.len() as u64].as_slice()));
+        assert_eq!((tensor.dtype, tensor.shape.as_slice()), (Dtype::BF16, [words.len() as u64].as_slice()));
         let mut rebuilt = gpu.download(&tensor.buffer).expect("download");
         rebuilt.truncate(2 * words.len());
         assert!(rebuilt == bytes(words), "tensor {name} differs from the target");
@@ -132,7 +129,7 @@ fn a_corrupt_chunk_is_refused_when_checked_on_upload() {
     assert_eq!((e.code(), e.tensor(), e.chunk()), (ErrorCode::ChunkChecksum, Some("a"), Some(last)));
     assert_eq!(e.file(), Some(bad_path.as_path()));
 
-    let refs = tpde_cuda::delta::tensor_refs_checked_on_upload(&bad).expect("views");
+    let refs = tpde_cuda::tensor_refs_checked_on_upload(&bad).expect("views");
     let mut bufs = vec![gpu.upload(&bytes(&a)).expect("upload")];
     let Err(GpuError::Format(e)) = loader.apply_in_place(&refs, &mut bufs) else { panic!("applied a corrupt chunk") };
     assert_eq!((e.code(), e.chunk()), (ErrorCode::ChunkChecksum, Some(last)));

@@ -705,7 +705,7 @@ fn every_fault_of_the_spec_is_flagged_and_names_its_job() {
 // Against the format library's codec: its encoder's streams, its decoder's
 // bytes and codes.
 
-use tpde::codec::rans::{self as library, decode_into, Contexts};
+use tpde::format::rans::{self as library, decode_into, Contexts};
 use tpde::ErrorCode;
 
 /// A stream of the library's encoder, with the contexts it was made with.

@@ -6,11 +6,14 @@ mod common;
 
 use common::*;
 use proptest::prelude::*;
-use tpde::container::chunk_map::{Codec, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder};
-use tpde::delta::{EncodeSettings, EncodedChunk};
-use tpde_cuda::error::flag;
-use tpde_cuda::reference::{apply_chunk_in_place, chunk_positions, combine, decode_streams, group_key, grouped_slots};
-use tpde_cuda::{ChunkRef, GpuError, WordWidth};
+use tpde::{
+    format::{Codec, EncodedChunk, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder},
+    EncodeSettings,
+};
+use tpde_cuda::{
+    reference::{apply_chunk_in_place, chunk_positions, combine, decode_streams, flag, group_key, grouped_slots},
+    ChunkRef, GpuError, WordWidth,
+};
 
 fn chunk_ref(c: &EncodedChunk, words: usize) -> ChunkRef<'_> {
     ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: words as u32 }
@@ -97,13 +100,13 @@ fn chunks_written_by_the_library_match_including_a_shorter_base() {
             for leading_sign in [true, false] {
                 for min_zstd_gain in [0.0, 0.5] {
                     let s = EncodeSettings { min_zstd_gain, ..EncodeSettings::default() };
-                    let c = tpde::delta::encode_chunk(&target, Some(&base), w.bytes(), leading_sign, s).unwrap();
+                    let c = tpde::format::encode_chunk(&target, Some(&base), w, leading_sign, s).unwrap();
                     check(&c, &base, &target, w, &format!("{w:?} every {every} sign {leading_sign}"));
                     // vocab growth: the base's missing words read as zero
                     let short = &base[..base.len() / 3 / w.bytes() * w.bytes()];
                     let mut padded = short.to_vec();
                     padded.resize(base.len(), 0);
-                    let c = tpde::delta::encode_chunk(&target, Some(short), w.bytes(), leading_sign, s).unwrap();
+                    let c = tpde::format::encode_chunk(&target, Some(short), w, leading_sign, s).unwrap();
                     check(&c, &padded, &target, w, &format!("{w:?} short base sign {leading_sign}"));
                 }
             }
@@ -164,7 +167,7 @@ fn bad_positions_map_to_the_device_flag_bits() {
 
 #[test]
 fn a_zstd_stream_with_a_trailing_frame_is_rejected() {
-    let z = tpde::codec::zstd_stream::compress(&[7u8; 64], tpde::codec::zstd_stream::Effort::Level(1)).unwrap();
+    let z = tpde::format::zstd::compress(&[7u8; 64], tpde::format::zstd::Effort::Level(1)).unwrap();
     let two = [z.clone(), z].concat();
     let r = StreamRecord { stored_len: two.len() as u32, decoded_len: 64, codec: Codec::Zstd };
     let e = tpde_cuda::decode_stream(&r, &two, &mut [0u8; 64]).expect_err("two frames");
@@ -187,7 +190,7 @@ fn zstd_streams_outside_the_profile_get_the_library_codes() {
     let no_size = c.compress(&plain).unwrap();
     assert_eq!(decode(&no_size), Err(Some(tpde::ErrorCode::ZstdProfile)));
 
-    let frame = tpde::codec::zstd_stream::compress(&plain, tpde::codec::zstd_stream::Effort::Level(3)).unwrap();
+    let frame = tpde::format::zstd::compress(&plain, tpde::format::zstd::Effort::Level(3)).unwrap();
     assert_eq!(decode(&frame), Ok(()));
     // the same frame with a window descriptor of 2^28 bytes (exponent 18)
     let mut wide = frame.clone();
@@ -195,7 +198,7 @@ fn zstd_streams_outside_the_profile_get_the_library_codes() {
     wide.insert(5, 18 << 3);
     assert_eq!(decode(&wide), Err(Some(tpde::ErrorCode::ZstdProfile)));
     // a content size that differs from the declared length
-    let short = tpde::codec::zstd_stream::compress(&plain[..63], tpde::codec::zstd_stream::Effort::Level(3)).unwrap();
+    let short = tpde::format::zstd::compress(&plain[..63], tpde::format::zstd::Effort::Level(3)).unwrap();
     assert_eq!(decode(&short), Err(Some(tpde::ErrorCode::StreamLength)));
 }
 

@@ -6,11 +6,8 @@
 
 use std::sync::Arc;
 
-use tpde::pipeline::{encode::EncodeOptions, NoProgress};
-use tpde::series::{AddOptions, Series};
-use tpde::{Checkpoint, ErrorCode};
-use tpde_cuda::series::step_in_place;
-use tpde_cuda::{Gpu, GpuError, Loader, LoaderConfig};
+use tpde::{AddOptions, Checkpoint, EncodeOptions, ErrorCode, NoProgress, Series};
+use tpde_cuda::{step_in_place, Gpu, GpuError, Loader, LoaderConfig};
 
 mod common;
 use common::write_bf16_safetensors;

@@ -3,7 +3,10 @@
 //! per second. Run with `cargo bench -p tpde --bench codec`.
 
 use criterion::{criterion_main, BenchmarkId, Criterion, Throughput};
-use tpde::delta::{decode_chunk, encode_chunk, ChunkInput, EncodeSettings};
+use tpde::{
+    format::{decode_chunk, encode_chunk, ChunkInput},
+    EncodeSettings, WordWidth,
+};
 
 const WORDS: usize = 1 << 20;
 
@@ -37,9 +40,9 @@ fn codec(c: &mut Criterion) {
         let (base, target) = pair(every);
         let settings = EncodeSettings::default();
         group.bench_with_input(BenchmarkId::new("encode", name), &(), |b, ()| {
-            b.iter(|| encode_chunk(&target, Some(&base), 2, true, settings).expect("encodes"));
+            b.iter(|| encode_chunk(&target, Some(&base), WordWidth::W2, true, settings).expect("encodes"));
         });
-        let chunk = encode_chunk(&target, Some(&base), 2, true, settings).expect("encodes");
+        let chunk = encode_chunk(&target, Some(&base), WordWidth::W2, true, settings).expect("encodes");
         let mut out = Vec::new();
         group.bench_with_input(BenchmarkId::new("decode", name), &(), |b, ()| {
             b.iter(|| {
@@ -49,7 +52,7 @@ fn codec(c: &mut Criterion) {
                     stored: &chunk.data,
                     base: Some(&base),
                     words: WORDS,
-                    word_bytes: 2,
+                    width: WordWidth::W2,
                 };
                 decode_chunk(&input, &mut out).expect("decodes");
             });

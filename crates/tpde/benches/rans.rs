@@ -6,7 +6,7 @@
 //! `cargo bench -p tpde --bench rans`.
 
 use criterion::{criterion_main, BenchmarkId, Criterion, Throughput};
-use tpde::codec::rans::{self, Contexts};
+use tpde::format::rans::{self, Contexts};
 
 const SYMBOLS: usize = 1 << 20;
 

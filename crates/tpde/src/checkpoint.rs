@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::container::header::{is_plain_file_name, LayoutKind};
 use crate::container::json::{check_unique_keys, parse_strict, ObjectOf};
-use crate::dtype;
+use crate::dtype::Dtype;
 use crate::error::{Error, ErrorCode, Result};
 
 /// The index file of a sharded Hugging Face checkpoint.
@@ -23,8 +23,8 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub struct TensorLocation {
     /// The tensor's name.
     pub name: String,
-    /// The safetensors dtype string.
-    pub dtype: String,
+    /// The element type.
+    pub dtype: Dtype,
     /// The shape.
     pub shape: Vec<u64>,
     /// Byte range within the file.
@@ -323,7 +323,7 @@ fn check_dtypes(header_text: &str) -> Result<()> {
     };
     for (name, DtypeProbe(dtype)) in members.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
         if let Some(dtype) = dtype {
-            dtype::word_bytes(dtype).map_err(|e| e.in_tensor(name))?;
+            dtype.parse::<Dtype>().map_err(|e| e.in_tensor(name))?;
         }
     }
     Ok(())
@@ -481,14 +481,15 @@ fn open_file(path: &Path) -> Result<CheckpointFile> {
     let mut tensors = Vec::with_capacity(header.tensors.len());
     for (name, tensor) in header.tensors {
         let (begin, end) = tensor.data_offsets;
-        let byte_len = dtype::byte_len(&tensor.dtype, &tensor.shape).map_err(|e| e.in_file(path).in_tensor(&name))?;
+        let dtype = tensor.dtype.parse::<Dtype>().map_err(|e| e.in_file(path).in_tensor(&name))?;
+        let byte_len = dtype.byte_len(&tensor.shape);
         if begin > end || byte_len != Some(end - begin) || end > data_len {
             return Err(invalid(format!("tensor {name:?} has data offsets [{begin}, {end}] that do not fit its size")));
         }
         // In range: `end` is at most the data length, which fits the map.
         let range = header_end + usize::try_from(begin).expect("in range")
             ..header_end + usize::try_from(end).expect("in range");
-        tensors.push(TensorLocation { name, dtype: tensor.dtype, shape: tensor.shape, range });
+        tensors.push(TensorLocation { name, dtype, shape: tensor.shape, range });
     }
     // Data order; tensors of zero bytes, which share an offset, by name, so that the
     // order never depends on the header's member order (spec §5.3, §12 item 4).

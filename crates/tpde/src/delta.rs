@@ -9,6 +9,7 @@ use crate::container::chunk_map::{
     ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
 };
 use crate::digest::{checksum64, leaf_digest};
+use crate::dtype::WordWidth;
 use crate::error::{fail, ErrorCode, Result};
 use crate::limits::try_reserve;
 
@@ -307,38 +308,27 @@ fn u32_len(len: usize) -> u32 {
     u32::try_from(len).expect("stream lengths are bounded by the chunk size limit")
 }
 
-/// Words are 1, 2, 4 or 8 bytes wide (spec §7); the dtype table never gives another
-/// width, but these functions are public and a caller may.
-fn check_word_width(word_bytes: usize) -> Result<()> {
-    if !matches!(word_bytes, 1 | 2 | 4 | 8) {
-        return fail(ErrorCode::InvalidArgument, format!("a word of {word_bytes} bytes (1, 2, 4 or 8 expected)"));
-    }
-    Ok(())
-}
-
 /// Encodes one chunk of `target` words against the matching `base` words. `base` may
 /// be shorter than `target` (or empty): missing base words are zero (spec §8).
 /// `None` means the tensor has no base, and the chunk is stored raw.
 ///
 /// # Errors
-/// `E_INVALID_ARGUMENT` for a word width other than 1, 2, 4 or 8, or a target that
-/// is not whole words; `E_LIMIT_EXCEEDED` for more than `MAX_CHUNK_WORDS` words;
+/// `E_INVALID_ARGUMENT` for a target that is not whole words; `E_LIMIT_EXCEEDED` for more than `MAX_CHUNK_WORDS` words;
 /// otherwise only if zstd fails.
 pub fn encode_chunk(
     target: &[u8],
     base: Option<&[u8]>,
-    word_bytes: usize,
+    width: WordWidth,
     leading_sign: bool,
     settings: EncodeSettings,
 ) -> Result<EncodedChunk> {
-    check_word_width(word_bytes)?;
-    if target.len() % word_bytes != 0 {
+    if target.len() % width.bytes() != 0 {
         return fail(ErrorCode::InvalidArgument, "the target is not a whole number of words");
     }
-    if (target.len() / word_bytes) as u64 > crate::limits::MAX_CHUNK_WORDS {
+    if (target.len() / width.bytes()) as u64 > crate::limits::MAX_CHUNK_WORDS {
         return fail(ErrorCode::LimitExceeded, "a chunk holds at most MAX_CHUNK_WORDS words (spec §9)");
     }
-    with_word!(word_bytes, W => encode_words::<W>(target, base, leading_sign, settings))
+    with_word!(width, W => encode_words::<W>(target, base, leading_sign, settings))
 }
 
 fn load_words<W: Word>(bytes: &[u8]) -> Vec<W> {
@@ -640,18 +630,17 @@ fn encode_words<W: Word>(
 }
 
 /// Checks that a chunk record and its stream records are consistent with a chunk of
-/// `words` words of `word_bytes` bytes (spec §8.1–§8.4). Needs no stored bytes.
+/// `words` words of `width` (spec §8.1–§8.4). Needs no stored bytes.
 ///
 /// # Errors
 /// `E_CHUNK_MAP_INVALID` or `E_STREAM_LENGTH`.
-pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: u64, word_bytes: usize) -> Result<()> {
-    check_word_width(word_bytes)?;
+pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: u64, width: WordWidth) -> Result<()> {
     if words > crate::limits::MAX_CHUNK_WORDS {
         // A reader's spans never exceed it (H5); a caller of this public function may.
         return fail(ErrorCode::LimitExceeded, "a chunk holds at most MAX_CHUNK_WORDS words (spec §9)");
     }
     let m = u64::from(record.changed_count);
-    let w = word_bytes as u64;
+    let w = width.bytes_u64();
     let invalid = |what: &str| fail(ErrorCode::ChunkMapInvalid, what.to_owned());
     let (value_count, position_lens): (u64, Vec<u64>) = match record.encoding {
         Encoding::Unchanged => {
@@ -691,7 +680,7 @@ pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: 
         }
     };
     let value_streams =
-        if record.encoding == Encoding::Unchanged { 0 } else { values::stream_count(record.value_layout, word_bytes) };
+        if record.encoding == Encoding::Unchanged { 0 } else { values::stream_count(record.value_layout, width) };
     if streams.len() != usize::from(record.stream_count) || streams.len() != position_lens.len() + value_streams {
         return invalid("the stream count does not fit the encoding");
     }
@@ -734,8 +723,8 @@ pub struct ChunkInput<'a> {
     pub base: Option<&'a [u8]>,
     /// Words in the chunk.
     pub words: usize,
-    /// Bytes per word: 1, 2, 4 or 8.
-    pub word_bytes: usize,
+    /// The width of its words.
+    pub width: WordWidth,
 }
 
 impl ChunkInput<'_> {
@@ -744,14 +733,14 @@ impl ChunkInput<'_> {
     /// (§6). Returns the chunk's length in bytes, computed only once the size is
     /// known to be bounded.
     fn check(&self) -> Result<usize> {
-        check_chunk_shape(self.record, self.streams, self.words as u64, self.word_bytes)?;
+        check_chunk_shape(self.record, self.streams, self.words as u64, self.width)?;
         if self.stored.len() != self.record.stored_len as usize {
             return fail(ErrorCode::Truncated, "the chunk's stored bytes are cut short");
         }
         if checksum64(self.stored) != self.record.checksum {
             return fail(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");
         }
-        Ok(self.words * self.word_bytes)
+        Ok(self.words * self.width.bytes())
     }
 
     /// The base words the chunk starts from (spec §11.2 D2): none for a raw chunk.
@@ -765,11 +754,11 @@ impl ChunkInput<'_> {
 
     /// Decodes the streams onto `out`, which holds the base words.
     fn rebuild(&self, out: Option<&mut [u8]>, scratch: &mut DecodeScratch) -> Result<()> {
-        rebuild(self.record, self.streams, self.stored, self.words, self.word_bytes, out, scratch)
+        rebuild(self.record, self.streams, self.stored, self.words, self.width, out, scratch)
     }
 }
 
-/// Rebuilds one chunk into `out` (cleared first; `words * word_bytes` bytes after).
+/// Rebuilds one chunk into `out` (cleared first; `words` words after).
 /// The stored bytes' checksum and the result's digest are both checked. Scratch
 /// memory is allocated for this call and freed before it returns;
 /// [`decode_chunk_with`] reuses it across calls.
@@ -796,8 +785,8 @@ pub fn decode_chunk_with(chunk: &ChunkInput<'_>, out: &mut Vec<u8>, scratch: &mu
     chunk.rebuild(Some(out), scratch)
 }
 
-/// As [`decode_chunk_with`], into `out`, which must be exactly `words * word_bytes`
-/// bytes long; its content on entry does not matter.
+/// As [`decode_chunk_with`], into `out`, which must be exactly `words` words
+/// long; its content on entry does not matter.
 ///
 /// # Errors
 /// As [`decode_chunk`], and `E_INVALID_ARGUMENT` when `out` has the wrong length.
@@ -836,7 +825,7 @@ pub fn check_unchanged(chunk: &ChunkInput<'_>) -> Result<bool> {
     if chunk.record.encoding != Encoding::Unchanged {
         return Ok(false);
     }
-    let Some(base) = chunk.base.filter(|b| chunk.words.checked_mul(chunk.word_bytes) == Some(b.len())) else {
+    let Some(base) = chunk.base.filter(|b| chunk.words.checked_mul(chunk.width.bytes()) == Some(b.len())) else {
         return Ok(false);
     };
     chunk.check()?;
@@ -851,8 +840,8 @@ pub fn check_unchanged(chunk: &ChunkInput<'_>) -> Result<bool> {
 /// and the joined values (see [`crate::limits::DECODE_MEMORY_BUDGET`]). Call it
 /// only on a record that [`check_chunk_shape`] accepted.
 #[must_use]
-pub fn decode_cost(record: &ChunkRecord, streams: &[StreamRecord], words: u64, word_bytes: usize) -> DecodeCost {
-    let w = word_bytes as u64;
+pub fn decode_cost(record: &ChunkRecord, streams: &[StreamRecord], words: u64, width: WordWidth) -> DecodeCost {
+    let w = width.bytes_u64();
     let decoded: u64 = streams.iter().filter(|s| s.codec != Codec::Stored).map(|s| u64::from(s.decoded_len)).sum();
     let m = u64::from(record.changed_count);
     let (positions, values) = match record.encoding {
@@ -999,7 +988,7 @@ fn rebuild(
     streams: &[StreamRecord],
     stored: &[u8],
     words: usize,
-    word_bytes: usize,
+    width: WordWidth,
     mut out: Option<&mut [u8]>,
     scratch: &mut DecodeScratch,
 ) -> Result<()> {
@@ -1064,7 +1053,7 @@ fn rebuild(
     let base_keys = match out.as_deref() {
         _ if !keys_allowed => BaseKeys::NotAllowed,
         None => BaseKeys::Absent,
-        Some(base) => BaseKeys::Given(Contexts::BaseKeys { base, word_bytes, positions }),
+        Some(base) => BaseKeys::Given(Contexts::BaseKeys { base, word_bytes: width.bytes(), positions }),
     };
     decoded.decode_planes(value_planes.clone(), planes_layout, base_keys)?;
     if decoded.any_header_only(value_planes.clone()) {
@@ -1072,7 +1061,7 @@ fn rebuild(
         return Ok(());
     }
 
-    let nonzero = with_word!(word_bytes, W => {
+    let nonzero = with_word!(width, W => {
         let value_streams: Vec<&[u8]> = value_planes.map(|q| decoded.bytes(q)).collect();
         let mut joined: Vec<W> = Vec::new();
         values::join(&value_streams, value_count, record.value_layout, &mut joined)?;
@@ -1098,15 +1087,15 @@ fn rebuild(
 mod tests {
     use super::*;
 
-    fn input<'a>(chunk: &'a EncodedChunk, base: Option<&'a [u8]>, words: usize, word_bytes: usize) -> ChunkInput<'a> {
-        ChunkInput { record: &chunk.record, streams: &chunk.streams, stored: &chunk.data, base, words, word_bytes }
+    fn input<'a>(chunk: &'a EncodedChunk, base: Option<&'a [u8]>, words: usize, width: WordWidth) -> ChunkInput<'a> {
+        ChunkInput { record: &chunk.record, streams: &chunk.streams, stored: &chunk.data, base, words, width }
     }
 
-    fn round_trip(target: &[u8], base: Option<&[u8]>, word_bytes: usize) -> Encoding {
-        let chunk = encode_chunk(target, base, word_bytes, true, EncodeSettings::default()).unwrap();
-        let words = target.len() / word_bytes;
+    fn round_trip(target: &[u8], base: Option<&[u8]>, width: WordWidth) -> Encoding {
+        let chunk = encode_chunk(target, base, width, true, EncodeSettings::default()).unwrap();
+        let words = target.len() / width.bytes();
         let mut out = Vec::new();
-        decode_chunk(&input(&chunk, base, words, word_bytes), &mut out).unwrap();
+        decode_chunk(&input(&chunk, base, words, width), &mut out).unwrap();
         assert_eq!(out, target);
         chunk.record.encoding
     }
@@ -1126,31 +1115,27 @@ mod tests {
     #[test]
     fn every_encoding_is_chosen_and_round_trips() {
         let base = pseudo_random(8000, 1);
-        assert_eq!(round_trip(&base, Some(&base), 2), Encoding::Unchanged);
+        assert_eq!(round_trip(&base, Some(&base), WordWidth::W2), Encoding::Unchanged);
         let mut sparse = base.clone();
         sparse[100] ^= 1;
         sparse[5000] ^= 0x80;
-        assert_eq!(round_trip(&sparse, Some(&base), 2), Encoding::Sparse);
+        assert_eq!(round_trip(&sparse, Some(&base), WordWidth::W2), Encoding::Sparse);
         let dense = pseudo_random(8000, 2);
-        assert_eq!(round_trip(&dense, Some(&base), 4), Encoding::Dense);
-        assert_eq!(round_trip(&dense, None, 8), Encoding::Raw);
+        assert_eq!(round_trip(&dense, Some(&base), WordWidth::W4), Encoding::Dense);
+        assert_eq!(round_trip(&dense, None, WordWidth::W8), Encoding::Raw);
         // A base shorter than the chunk reads as zeros past its end.
-        assert_eq!(round_trip(&dense, Some(&base[..96]), 1), Encoding::Dense);
+        assert_eq!(round_trip(&dense, Some(&base[..96]), WordWidth::W1), Encoding::Dense);
     }
 
-    /// The public chunk functions refuse, rather than panic on, a word width that no
-    /// dtype has.
+    /// A word width that no dtype has cannot be asked for; bad sizes are errors.
     #[test]
-    fn a_word_width_of_three_is_an_error() {
+    fn bad_chunk_sizes_are_errors() {
         let bytes = [0u8; 12];
-        let err = encode_chunk(&bytes, None, 3, false, EncodeSettings::default()).unwrap_err();
-        assert_eq!(err.code(), ErrorCode::InvalidArgument);
-        let chunk = encode_chunk(&bytes, Some(&bytes), 4, false, EncodeSettings::default()).unwrap();
-        let err = decode_chunk(&input(&chunk, Some(&bytes), 4, 3), &mut Vec::new()).unwrap_err();
-        assert_eq!(err.code(), ErrorCode::InvalidArgument);
-        let err = encode_chunk(&bytes[..10], None, 4, false, EncodeSettings::default()).unwrap_err();
+        assert!(WordWidth::try_from(3).is_err());
+        let chunk = encode_chunk(&bytes, Some(&bytes), WordWidth::W4, false, EncodeSettings::default()).unwrap();
+        let err = encode_chunk(&bytes[..10], None, WordWidth::W4, false, EncodeSettings::default()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidArgument, "not whole words");
-        let err = decode_chunk(&input(&chunk, None, usize::MAX / 2, 4), &mut Vec::new()).unwrap_err();
+        let err = decode_chunk(&input(&chunk, None, usize::MAX / 2, WordWidth::W4), &mut Vec::new()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::LimitExceeded, "a chunk size that would overflow");
     }
 
@@ -1159,15 +1144,18 @@ mod tests {
         let base = pseudo_random(4096, 3);
         let mut target = base.clone();
         target[10] ^= 4;
-        let chunk = encode_chunk(&target, Some(&base), 2, true, EncodeSettings::default()).unwrap();
+        let chunk = encode_chunk(&target, Some(&base), WordWidth::W2, true, EncodeSettings::default()).unwrap();
         let mut data = chunk.data.clone();
         data[0] ^= 1;
-        let err = decode_chunk(&ChunkInput { stored: &data, ..input(&chunk, Some(&base), 2048, 2) }, &mut Vec::new())
-            .unwrap_err();
+        let err = decode_chunk(
+            &ChunkInput { stored: &data, ..input(&chunk, Some(&base), 2048, WordWidth::W2) },
+            &mut Vec::new(),
+        )
+        .unwrap_err();
         assert_eq!(err.code(), ErrorCode::ChunkChecksum);
         let mut other_base = base.clone();
         other_base[0] ^= 1;
-        let err = decode_chunk(&input(&chunk, Some(&other_base), 2048, 2), &mut Vec::new()).unwrap_err();
+        let err = decode_chunk(&input(&chunk, Some(&other_base), 2048, WordWidth::W2), &mut Vec::new()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::ChunkDigest);
     }
 }

@@ -8,37 +8,61 @@
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use tpde::{Checkpoint, DeltaFile, pipeline};
+//! use tpde::{Checkpoint, DeltaFile, EncodeOptions, NoProgress};
 //!
 //! # fn main() -> tpde::Result<()> {
 //! let base = Checkpoint::open(Path::new("base.safetensors"))?;
 //! let target = Checkpoint::open(Path::new("target.safetensors"))?;
-//! let options = pipeline::encode::EncodeOptions::default();
-//! pipeline::encode::encode(Some(&base), &target, Path::new("d.tpde"), options, &pipeline::NoProgress)?;
+//! tpde::encode(Some(&base), &target, Path::new("d.tpde"), EncodeOptions::default(), &NoProgress)?;
 //! let delta = DeltaFile::open(Path::new("d.tpde"))?;
-//! pipeline::apply::apply(&delta, Some(&base), Path::new("rebuilt.safetensors"), Default::default(), &pipeline::NoProgress)?;
+//! tpde::apply(&delta, Some(&base), Path::new("rebuilt.safetensors"), Default::default(), &NoProgress)?;
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Everything a program needs is at the crate root: checkpoints and tensor
+//! sources ([`Checkpoint`], [`TensorMap`]), element types ([`Dtype`], whose
+//! [`WordWidth`] is the width of the words the format works on), the whole-file
+//! operations ([`encode`], [`apply`], [`verify`], [`inspect`]), random access
+//! ([`DeltaFile`], [`DeltaModel`]) and series ([`Series`]). The on-disk records,
+//! codecs and chunk-level functions, for tools that forge or inspect files, are in
+//! [`format`](mod@format).
+#![deny(missing_docs)]
 
-pub mod checkpoint;
-pub mod codec;
-pub mod container;
-pub mod delta;
-pub mod digest;
-pub mod dtype;
-pub mod error;
-pub mod limits;
-pub mod model;
-pub mod output;
-pub mod pipeline;
-pub mod reader;
-pub mod series;
-pub mod source;
-pub mod writer;
+mod checkpoint;
+mod codec;
+mod container;
+mod delta;
+mod digest;
+mod dtype;
+mod error;
+pub mod format;
+mod limits;
+mod model;
+mod output;
+mod pipeline;
+mod reader;
+mod series;
+mod source;
+mod writer;
 
-pub use checkpoint::Checkpoint;
-pub use error::{Error, ErrorCode, Result};
-pub use model::DeltaModel;
-pub use reader::DeltaFile;
-pub use source::{MemoryTensor, TensorMap, TensorSource};
+pub use checkpoint::{Checkpoint, CheckpointFile, TensorLocation, INDEX_FILE};
+pub use container::header::{BaseTensor, LayoutKind, TensorEntry};
+pub use delta::{DecodeCost, DecodeScratch, EncodeSettings};
+pub use dtype::{Dtype, WordWidth};
+pub use error::{escape_for_terminal, Error, ErrorCode, Result};
+pub use limits::DEFAULT_CHUNK_WORDS;
+pub use model::{DeltaModel, OwnedSource};
+pub use output::{check_free, check_not_an_input, remove_pending_outputs, remove_stale_temporaries, Leftover};
+pub use pipeline::apply::{
+    apply, apply_chain, chain_cut_alike, check_link, resolve_base, verify, ApplyOptions, ApplySummary,
+};
+pub use pipeline::encode::{encode, encode_sources, encode_to, EncodeOptions, EncodeSummary};
+pub use pipeline::inspect::{inspect, Checked, EncodingMix, Report, TensorReport};
+pub use pipeline::{NoProgress, Progress};
+pub use reader::{ChunkSpan, DeltaFile};
+pub use series::{
+    content_step, AddOptions, AddSummary, Candidate, CheckpointDigest, FileDigest, Manifest, PruneSummary, Series,
+    StepEntry, StepKind, VerifySummary,
+};
+pub use source::{MemoryTensor, SourceFile, SourceTensor, TensorBytes, TensorMap, TensorSource};

@@ -55,12 +55,12 @@ impl DeltaModel {
                     .in_file(base.origin())
                     .in_tensor(&tensor.name));
             };
-            if found.dtype != tensor.dtype || found.shape != base_ref.shape {
+            if found.dtype.as_str() != tensor.dtype_name || found.shape != base_ref.shape {
                 return Err(Error::new(
                     ErrorCode::BaseMismatch,
                     format!(
                         "the base tensor is {} {:?} but the delta expects {} {:?}",
-                        found.dtype, found.shape, tensor.dtype, base_ref.shape
+                        found.dtype, found.shape, tensor.dtype_name, base_ref.shape
                     ),
                 )
                 .in_file(found.file)
@@ -103,7 +103,7 @@ impl DeltaModel {
     /// `E_UNKNOWN_DTYPE` (excluded once the delta is open).
     pub fn row_bytes(tensor: &TensorEntry) -> Result<Option<u64>> {
         match tensor.shape.split_first() {
-            Some((_, row)) => crate::dtype::byte_len(&tensor.dtype, row),
+            Some((_, row)) => Ok(tensor.dtype()?.byte_len(row)),
             None => Ok(None),
         }
     }
@@ -114,7 +114,7 @@ impl DeltaModel {
         let found = base.tensor(&tensor.name).expect("checked when the model was opened");
         let index = self.by_name[&tensor.name];
         if self.base_checked[index].get().is_none() {
-            let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_bytes()?;
+            let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_width()?.bytes();
             if to_hex(&tensor_digest(found.bytes, chunk_bytes)?) != base_ref.digest {
                 return Err(Error::new(
                     ErrorCode::BaseDigest,
@@ -170,7 +170,7 @@ impl DeltaModel {
         if start == end {
             return Ok(());
         }
-        let chunk_bytes = tensor.chunk_words * tensor.word_bytes()? as u64;
+        let chunk_bytes = tensor.chunk_words * tensor.word_width()?.bytes_u64();
         let total = tensor.byte_len()?;
         let first = start / chunk_bytes;
         let last = end.div_ceil(chunk_bytes);

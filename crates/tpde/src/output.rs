@@ -325,12 +325,6 @@ impl PendingFile {
             }
         })
     }
-
-    /// The final path.
-    #[must_use]
-    pub fn target(&self) -> &Path {
-        &self.target
-    }
 }
 
 impl Drop for PendingFile {
@@ -354,17 +348,10 @@ pub struct PendingDir {
 }
 
 impl PendingDir {
-    /// Starts filling what will become the directory `target`, which must not exist
-    /// when [`PendingDir::commit`] renames the directory into place.
-    ///
-    /// # Errors
-    /// `E_IO`.
-    pub fn create(target: &Path) -> Result<Self> {
-        Self::create_with(target, false)
-    }
-
-    /// Like [`PendingDir::create`]; with `replace`, the commit replaces a directory
-    /// at `target` that holds nothing but a checkpoint.
+    /// Starts filling what will become the directory `target`; with `replace`, the
+    /// commit replaces a directory at `target` that holds nothing but a checkpoint,
+    /// and without it `target` must not exist when [`PendingDir::commit`] renames
+    /// the directory into place.
     ///
     /// # Errors
     /// `E_IO`.
@@ -627,7 +614,7 @@ mod tests {
         let mut file = PendingFile::create(&dir.path().join("out.safetensors")).unwrap();
         file.write_all(b"whole").unwrap();
         file.commit().unwrap();
-        let shards = PendingDir::create(&dir.path().join("out-dir")).unwrap();
+        let shards = PendingDir::create_with(&dir.path().join("out-dir"), false).unwrap();
         let mut shard = PendingFile::create(&shards.path_of("a.safetensors")).unwrap();
         shard.write_all(b"shard").unwrap();
         shard.commit().unwrap();
@@ -665,7 +652,7 @@ mod tests {
         let mut file = PendingFile::create(&dir.path().join(&name)).unwrap();
         file.write_all(b"x").unwrap();
         file.commit().unwrap();
-        let shards = PendingDir::create(&dir.path().join(&name[..255])).unwrap_or_else(|e| panic!("{e}"));
+        let shards = PendingDir::create_with(&dir.path().join(&name[..255]), false).unwrap_or_else(|e| panic!("{e}"));
         drop(shards);
         assert_eq!(names(dir.path()), [name]);
     }
@@ -682,7 +669,7 @@ mod tests {
         assert_eq!(std::fs::read(&out).unwrap(), b"theirs");
 
         let out_dir = dir.path().join("out-dir");
-        let shards = PendingDir::create(&out_dir).unwrap();
+        let shards = PendingDir::create_with(&out_dir, false).unwrap();
         std::fs::write(shards.path_of("a.safetensors"), b"ours").unwrap();
         std::fs::create_dir(&out_dir).unwrap();
         std::fs::write(out_dir.join("theirs"), b"theirs").unwrap();
@@ -690,7 +677,7 @@ mod tests {
         assert_eq!(std::fs::read(out_dir.join("theirs")).unwrap(), b"theirs");
         // An empty directory is something too.
         let empty = dir.path().join("empty");
-        let shards = PendingDir::create(&empty).unwrap();
+        let shards = PendingDir::create_with(&empty, false).unwrap();
         std::fs::create_dir(&empty).unwrap();
         assert_eq!(shards.commit().unwrap_err().code(), ErrorCode::OutputExists);
         assert_eq!(names(dir.path()), ["empty", "out", "out-dir"], "no temporary is left");

@@ -19,6 +19,7 @@ use crate::delta::{
     ChunkInput, DecodeCost, DecodeScratch,
 };
 use crate::digest::{checksum64, to_hex, tree_digest, Digest128};
+use crate::dtype::WordWidth;
 use crate::error::{fail, Error, ErrorCode, Result};
 use crate::limits::{try_zeroed, DECODE_IN_FLIGHT_BYTES, MAX_CHUNKS, MAX_HEADER_LEN};
 
@@ -186,7 +187,7 @@ impl DeltaFile {
         let mut offset = layout.data_offset;
         let mut next_stream = 0u64;
         for tensor in &self.header.tensors {
-            let word_bytes = tensor.word_bytes()?;
+            let width = tensor.word_width()?;
             let mut leaves: Vec<Digest128> = Vec::new();
             for span in self.spans(tensor)? {
                 let chunk = &self.chunks[usize::try_from(span.index).expect("bounded")];
@@ -214,7 +215,7 @@ impl DeltaFile {
                 }
                 let streams = &self.streams
                     [usize::try_from(next_stream).expect("bounded")..usize::try_from(end).expect("bounded")];
-                check_chunk_shape(chunk, streams, span.words, word_bytes).map_err(located)?;
+                check_chunk_shape(chunk, streams, span.words, width).map_err(located)?;
                 offset += u64::from(chunk.stored_len);
                 next_stream = end;
                 leaves.push(chunk.digest);
@@ -369,7 +370,7 @@ impl DeltaFile {
         span: ChunkSpan,
         base: Option<&'s [u8]>,
     ) -> Result<ChunkInput<'s>> {
-        let base = Self::chunk_base(span, tensor.word_bytes()?, base);
+        let base = Self::chunk_base(span, tensor.word_width()?, base);
         self.chunk_input_at(tensor, span, base)
     }
 
@@ -380,15 +381,16 @@ impl DeltaFile {
         span: ChunkSpan,
         base: Option<&'s [u8]>,
     ) -> Result<ChunkInput<'s>> {
-        let word_bytes = tensor.word_bytes()?;
+        let width = tensor.word_width()?;
         let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
         let (record, streams, stored) =
             (self.chunk(span.index), self.streams(span.index), self.stored_bytes(span.index));
-        Ok(ChunkInput { record, streams, stored, base, words, word_bytes })
+        Ok(ChunkInput { record, streams, stored, base, words, width })
     }
 
     /// The base bytes at a chunk's place, cut from the whole base tensor's.
-    pub(crate) fn chunk_base(span: ChunkSpan, word_bytes: usize, base: Option<&[u8]>) -> Option<&[u8]> {
+    pub(crate) fn chunk_base(span: ChunkSpan, width: WordWidth, base: Option<&[u8]>) -> Option<&[u8]> {
+        let word_bytes = width.bytes();
         base.map(|b| {
             let start = usize::try_from(span.first_word).unwrap_or(usize::MAX).saturating_mul(word_bytes).min(b.len());
             let end = start
@@ -465,7 +467,7 @@ impl DeltaFile {
         base: Option<&'b [u8]>,
     ) -> Result<Option<&'b [u8]>> {
         let unchanged = check_unchanged(&self.chunk_input(tensor, span, base)?);
-        let base = Self::chunk_base(span, tensor.word_bytes()?, base);
+        let base = Self::chunk_base(span, tensor.word_width()?, base);
         Ok(if unchanged.map_err(|e| self.locate(e, tensor, span))? { base } else { None })
     }
 
@@ -490,7 +492,7 @@ impl DeltaFile {
     /// # Errors
     /// `E_UNKNOWN_DTYPE` (excluded once the file is open).
     pub fn decode_cost(&self, tensor: &TensorEntry, span: ChunkSpan) -> Result<DecodeCost> {
-        Ok(decode_cost(self.chunk(span.index), self.streams(span.index), span.words, tensor.word_bytes()?))
+        Ok(decode_cost(self.chunk(span.index), self.streams(span.index), span.words, tensor.word_width()?))
     }
 
     fn locate(&self, e: Error, tensor: &TensorEntry, span: ChunkSpan) -> Error {
@@ -533,7 +535,7 @@ impl DeltaFile {
     ) -> Result<()> {
         require_base(tensor, base)?;
         let spans: Vec<ChunkSpan> = self.spans(tensor)?.skip(chunks.start).take(chunks.len()).collect();
-        let word_bytes = tensor.word_bytes()?;
+        let word_bytes = tensor.word_width()?.bytes();
         let needed: u64 = spans.iter().map(|s| s.words * word_bytes as u64).sum();
         if spans.len() != chunks.len() || needed != out.len() as u64 {
             return Err(Error::new(
@@ -602,7 +604,9 @@ pub fn validate_target_files(header: &Header) -> Result<()> {
             let len = entry.byte_len()?;
             let end = offset.checked_add(len);
             let same = by_name.get(entry.name.as_str()).is_some_and(|t| {
-                t.dtype == entry.dtype && t.shape == entry.shape && Some(t.data_offsets) == end.map(|end| (offset, end))
+                t.dtype == entry.dtype_name
+                    && t.shape == entry.shape
+                    && Some(t.data_offsets) == end.map(|end| (offset, end))
             });
             if !same {
                 return Err(Error::new(

@@ -4,10 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tpde::pipeline::apply::{apply, apply_chain, chain_cut_alike};
-use tpde::pipeline::encode::{encode, EncodeOptions};
-use tpde::pipeline::NoProgress;
-use tpde::{Checkpoint, DeltaFile, ErrorCode};
+use tpde::{apply, apply_chain, chain_cut_alike, encode, Checkpoint, DeltaFile, EncodeOptions, ErrorCode, NoProgress};
 
 mod safetensors_support;
 use safetensors_support::{safetensors, Tensor};

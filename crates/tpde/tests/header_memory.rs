@@ -7,10 +7,10 @@ use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tpde::container::preamble::{trailer_bytes, Preamble, PREAMBLE_LEN};
-use tpde::container::{align_up, Layout};
-use tpde::digest::checksum64;
-use tpde::{DeltaFile, ErrorCode};
+use tpde::{
+    format::{align_up, checksum64, trailer_bytes, Layout, Preamble, PREAMBLE_LEN},
+    DeltaFile, ErrorCode,
+};
 
 /// Counts live and peak heap bytes.
 struct Counting;

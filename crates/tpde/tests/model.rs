@@ -4,16 +4,17 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tpde::model::{DeltaModel, OwnedSource};
-use tpde::pipeline::{self, encode::EncodeOptions, NoProgress, Progress};
-use tpde::{Checkpoint, DeltaFile, ErrorCode, MemoryTensor, TensorMap, TensorSource};
+use tpde::{
+    Checkpoint, DeltaFile, DeltaModel, Dtype, EncodeOptions, ErrorCode, MemoryTensor, NoProgress, OwnedSource,
+    Progress, TensorMap, TensorSource,
+};
 
 /// A row-major BF16 matrix whose bytes follow from `seed`.
 fn matrix(name: &str, rows: u64, cols: u64, seed: u8) -> MemoryTensor {
     let bytes: Vec<u8> = (0..rows * cols * 2)
         .map(|i| u8::try_from(i % 256).expect("a byte").wrapping_mul(31).wrapping_add(seed))
         .collect();
-    MemoryTensor { name: name.into(), dtype: "BF16".into(), shape: vec![rows, cols], bytes: Box::new(bytes) }
+    MemoryTensor { name: name.into(), dtype: Dtype::BF16, shape: vec![rows, cols], bytes: Box::new(bytes) }
 }
 
 fn map(tensors: Vec<MemoryTensor>) -> TensorMap {
@@ -50,13 +51,13 @@ fn tensors_from_memory_encode_as_the_file_they_stand_for() {
     let dir = tempfile::tempdir().unwrap();
     let (base, target) = base_and_target();
     let from_memory = dir.path().join("memory.tpde");
-    pipeline::encode::encode_sources(Some(&base), &target, &from_memory, options(100), false, &NoProgress).unwrap();
+    tpde::encode_sources(Some(&base), &target, &from_memory, options(100), false, &NoProgress).unwrap();
     std::fs::write(dir.path().join("base.safetensors"), file_of(&base)).unwrap();
     std::fs::write(dir.path().join("model.safetensors"), file_of(&target)).unwrap();
     let base_file = Checkpoint::open(&dir.path().join("base.safetensors")).unwrap();
     let target_file = Checkpoint::open(&dir.path().join("model.safetensors")).unwrap();
     let from_files = dir.path().join("files.tpde");
-    pipeline::encode::encode(Some(&base_file), &target_file, &from_files, options(100), &NoProgress).unwrap();
+    tpde::encode(Some(&base_file), &target_file, &from_files, options(100), &NoProgress).unwrap();
     assert_eq!(std::fs::read(&from_memory).unwrap(), std::fs::read(&from_files).unwrap());
 }
 
@@ -65,7 +66,7 @@ fn rows_decode_to_the_bytes_of_the_whole_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let (base, target) = base_and_target();
     let path = dir.path().join("d.tpde");
-    pipeline::encode::encode_sources(Some(&base), &target, &path, options(100), false, &NoProgress).unwrap();
+    tpde::encode_sources(Some(&base), &target, &path, options(100), false, &NoProgress).unwrap();
     let model = open(&path, Some(Box::new(base))).unwrap();
     let a = model.tensor("a").unwrap();
     let mut whole = vec![0; 40 * 24 * 2];
@@ -89,7 +90,7 @@ fn the_base_is_checked_by_shape_when_opened_and_by_digest_when_used() {
     let dir = tempfile::tempdir().unwrap();
     let (base, target) = base_and_target();
     let path = dir.path().join("d.tpde");
-    pipeline::encode::encode_sources(Some(&base), &target, &path, options(100), false, &NoProgress).unwrap();
+    tpde::encode_sources(Some(&base), &target, &path, options(100), false, &NoProgress).unwrap();
 
     let reshaped = map(vec![matrix("a", 24, 40, 1), matrix("b", 8, 8, 2)]);
     let err = open(&path, Some(Box::new(reshaped))).unwrap_err();
@@ -125,17 +126,17 @@ fn interrupted_work_stops_with_its_code_and_leaves_no_output() {
     let (base, target) = base_and_target();
     let path = dir.path().join("d.tpde");
     let stop = StopAtOnce(AtomicBool::new(false));
-    let err = pipeline::encode::encode_sources(Some(&base), &target, &path, options(100), false, &stop).unwrap_err();
+    let err = tpde::encode_sources(Some(&base), &target, &path, options(100), false, &stop).unwrap_err();
     assert_eq!(err.code(), ErrorCode::Interrupted);
     assert!(stop.0.load(Ordering::Relaxed));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing is left behind");
 
-    pipeline::encode::encode_sources(Some(&base), &target, &path, options(100), false, &NoProgress).unwrap();
+    tpde::encode_sources(Some(&base), &target, &path, options(100), false, &NoProgress).unwrap();
     std::fs::write(dir.path().join("base.safetensors"), file_of(&base)).unwrap();
     let base_file = Checkpoint::open(&dir.path().join("base.safetensors")).unwrap();
     let delta = DeltaFile::open(&path).unwrap();
     let out = dir.path().join("out.safetensors");
-    let err = pipeline::apply::apply(&delta, Some(&base_file), &out, Default::default(), &stop).unwrap_err();
+    let err = tpde::apply(&delta, Some(&base_file), &out, Default::default(), &stop).unwrap_err();
     assert_eq!(err.code(), ErrorCode::Interrupted);
     assert!(!out.exists());
     let model = open(&path, Some(Box::new(base))).unwrap();

@@ -7,8 +7,7 @@
 use std::path::Path;
 
 use proptest::prelude::*;
-use tpde::pipeline::{self, encode::EncodeOptions, NoProgress};
-use tpde::{Checkpoint, DeltaFile};
+use tpde::{Checkpoint, DeltaFile, EncodeOptions, NoProgress};
 
 const DTYPES: [&str; 20] = [
     "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
@@ -140,7 +139,7 @@ fn config() -> ProptestConfig {
 
 fn encode(base: Option<&Checkpoint>, target: &Checkpoint, out: &Path, chunk_words: u64) {
     let options = EncodeOptions { chunk_words, ..EncodeOptions::default() };
-    pipeline::encode::encode(base, target, out, options, &NoProgress).expect("encode");
+    tpde::encode(base, target, out, options, &NoProgress).expect("encode");
 }
 
 proptest! {
@@ -167,7 +166,7 @@ proptest! {
         let delta_path = dir.path().join("d.tpde");
         encode(base.as_ref(), &target, &delta_path, chunk_words);
         let delta = DeltaFile::open(&delta_path).expect("the delta opens");
-        pipeline::apply::verify(&delta, base.as_ref(), Some(&target), &NoProgress).expect("rebuilds the target byte for byte");
+        tpde::verify(&delta, base.as_ref(), Some(&target), &NoProgress).expect("rebuilds the target byte for byte");
         for (entry, original) in delta.header().tensors.iter().zip(&targets) {
             let base_bytes = base.as_ref().and_then(|b| b.tensor(&entry.name)).map(|(f, l)| f.tensor_bytes(l));
             let bytes = delta.decode_tensor(entry, entry.base.as_ref().and(base_bytes)).expect("decodes");
@@ -239,7 +238,7 @@ fn encode_writes_the_same_bytes_whatever_the_thread_count() {
     assert!(encoded.iter().all(|bytes| *bytes == encoded[0]), "the thread count changed the delta");
     for threads in [1, 3] {
         let delta = DeltaFile::open(&dir.path().join("1.tpde")).expect("the delta opens");
-        with_threads(threads, || pipeline::apply::verify(&delta, Some(&base), Some(&target), &NoProgress))
+        with_threads(threads, || tpde::verify(&delta, Some(&base), Some(&target), &NoProgress))
             .expect("rebuilds the target byte for byte");
     }
 }

@@ -6,9 +6,10 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use tpde::container::header::Header;
-use tpde::container::json::parse_strict;
-use tpde::ErrorCode;
+use tpde::{
+    format::{parse_strict, Header},
+    ErrorCode,
+};
 
 /// Each invalid example, named after its fault, and the code the reader gives it.
 const INVALID: &[(&str, ErrorCode)] = &[

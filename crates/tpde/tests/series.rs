@@ -5,9 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use tpde::pipeline::{apply::chain_cut_alike, encode::EncodeOptions, NoProgress};
-use tpde::series::{AddOptions, Manifest, Series, StepKind, MANIFEST_FILE, STEPS_DIR};
-use tpde::{Checkpoint, ErrorCode};
+use tpde::{
+    chain_cut_alike,
+    format::{MANIFEST_FILE, STEPS_DIR},
+    AddOptions, Checkpoint, EncodeOptions, ErrorCode, Manifest, NoProgress, Series, StepKind,
+};
 
 mod safetensors_support;
 use safetensors_support::{safetensors, Tensor};

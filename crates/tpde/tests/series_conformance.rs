@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tpde::series::Manifest;
+use tpde::Manifest;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -82,8 +82,8 @@ fn every_series_case_gets_its_verdict() {
 #[test]
 fn the_golden_run_rebuilds_every_step_read_only() {
     use std::os::unix::fs::PermissionsExt;
-    use tpde::pipeline::NoProgress;
-    use tpde::series::{CheckpointDigest, Series, StepKind};
+    use tpde::NoProgress;
+    use tpde::{CheckpointDigest, Series, StepKind};
     let scratch = tempfile::tempdir().expect("a temp dir");
     let run = scratch.path().join("run");
     std::fs::create_dir_all(run.join("steps")).expect("mkdir");

@@ -9,13 +9,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use conformance_support::{cases, decode, suite_dir};
-use tpde::pipeline::{self, encode::EncodeOptions, NoProgress};
-use tpde::{Checkpoint, DeltaFile, ErrorCode};
+use tpde::{Checkpoint, DeltaFile, EncodeOptions, ErrorCode, NoProgress};
 
 /// A caller that stops the work at once.
 struct Stop;
 
-impl pipeline::Progress for Stop {
+impl tpde::Progress for Stop {
     fn phase(&self, _: &str, _: u64) {}
     fn advance(&self, _: u64) {}
     fn interrupted(&self) -> bool {
@@ -30,25 +29,23 @@ fn errors_outside_the_suite(dir: &Path, scratch: &tempfile::TempDir) -> Vec<tpde
     let mut out = Vec::new();
     out.extend(DeltaFile::open(&dir.join("no-such-file.tpde")).err());
     out.extend(Checkpoint::open(&dir.join("pytorch_model.bin")).err());
-    out.extend(tpde::output::check_free(&mixed("delta.tpde"), false).err());
+    out.extend(tpde::check_free(&mixed("delta.tpde"), false).err());
     let delta = DeltaFile::open(&mixed("delta.tpde")).expect("a golden opens");
     let base = Checkpoint::open(&mixed("base.safetensors")).expect("a golden base opens");
     // The base as the target to compare with: not what the delta rebuilds.
-    out.extend(pipeline::apply::verify(&delta, Some(&base), Some(&base), &NoProgress).err());
+    out.extend(tpde::verify(&delta, Some(&base), Some(&base), &NoProgress).err());
     let options = EncodeOptions { chunk_words: 0, ..EncodeOptions::default() };
-    out.extend(pipeline::encode::encode(None, &base, &scratch.path().join("x.tpde"), options, &NoProgress).err());
-    out.extend(
-        pipeline::encode::encode(None, &base, &scratch.path().join("x.tpde"), EncodeOptions::default(), &Stop).err(),
-    );
+    out.extend(tpde::encode(None, &base, &scratch.path().join("x.tpde"), options, &NoProgress).err());
+    out.extend(tpde::encode(None, &base, &scratch.path().join("x.tpde"), EncodeOptions::default(), &Stop).err());
     // More memory than any machine has: refused, not aborted.
-    out.extend(tpde::limits::try_zeroed(usize::MAX).err());
+    out.extend(tpde::format::try_zeroed(usize::MAX).err());
     out.extend(series_errors(scratch.path(), &mixed("base.safetensors")));
     out
 }
 
 /// The series codes (spec/SERIES.md §7), from a series of one golden checkpoint.
 fn series_errors(dir: &Path, checkpoint: &Path) -> Vec<tpde::Error> {
-    use tpde::series::{AddOptions, Manifest, Series};
+    use tpde::{AddOptions, Manifest, Series};
     let mut out = Vec::new();
     let cases = suite_dir().join("series");
     let text = std::fs::read_to_string(cases.join("invalid/major-version-2.json")).expect("a series case");

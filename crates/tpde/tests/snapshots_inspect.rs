@@ -5,8 +5,7 @@
 mod conformance_support;
 
 use conformance_support::{cases, suite_dir};
-use tpde::pipeline::inspect::inspect;
-use tpde::DeltaFile;
+use tpde::{inspect, DeltaFile};
 
 #[test]
 fn inspect_reports_of_the_golden_files() {

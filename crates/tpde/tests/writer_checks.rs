@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
-use tpde::container::header::{Header, LayoutKind, TargetFile, TargetLayout, TensorEntry};
-use tpde::pipeline::{self, encode::EncodeOptions, NoProgress};
-use tpde::{Checkpoint, DeltaFile, ErrorCode};
+use tpde::{
+    format::{Header, TargetFile, TargetLayout},
+    Checkpoint, DeltaFile, EncodeOptions, ErrorCode, LayoutKind, NoProgress, TensorEntry,
+};
 
 mod safetensors_support;
 use safetensors_support::{safetensors, safetensors_with, Tensor};
@@ -56,7 +57,7 @@ fn options() -> EncodeOptions {
 /// written.
 fn encode_refusal(base: Option<&Checkpoint>, target: &Checkpoint, dir: &Path) -> ErrorCode {
     let out = dir.join("out.tpde");
-    let err = pipeline::encode::encode(base, target, &out, options(), &NoProgress).expect_err("encode refuses");
+    let err = tpde::encode(base, target, &out, options(), &NoProgress).expect_err("encode refuses");
     let left: Vec<_> = std::fs::read_dir(dir).expect("list").filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
     assert!(!out.exists(), "no delta is written");
     assert!(!left.iter().any(|n| n.to_string_lossy().contains("tmp")), "no temporary is left: {left:?}");
@@ -65,9 +66,9 @@ fn encode_refusal(base: Option<&Checkpoint>, target: &Checkpoint, dir: &Path) ->
 
 /// Encodes, then checks that the reader opens and verifies what was written.
 fn encode_and_verify(base: Option<&Checkpoint>, target: &Checkpoint, out: &Path) -> tpde::Result<()> {
-    pipeline::encode::encode(base, target, out, options(), &NoProgress)?;
+    tpde::encode(base, target, out, options(), &NoProgress)?;
     let delta = DeltaFile::open(out).expect("the reader opens what encode wrote");
-    pipeline::apply::verify(&delta, base, Some(target), &NoProgress).expect("verify accepts what encode wrote");
+    tpde::verify(&delta, base, Some(target), &NoProgress).expect("verify accepts what encode wrote");
     Ok(())
 }
 
@@ -144,7 +145,7 @@ fn base_tensor_of_rank_33_is_not_paired() {
 fn header_with_more_than_2_20_tensors_is_refused_by_the_writer_check() {
     let entry = |i: usize| TensorEntry {
         name: format!("t{i}"),
-        dtype: "U8".into(),
+        dtype_name: "U8".into(),
         shape: vec![0],
         file: 0,
         chunk_words: 1,
@@ -160,10 +161,10 @@ fn header_with_more_than_2_20_tensors_is_refused_by_the_writer_check() {
             files: vec![TargetFile { name: "m.safetensors".into(), safetensors_header: "{}".into() }],
             index_json: None,
         },
-        tensors: (0..=tpde::limits::MAX_TENSORS).map(entry).collect(),
+        tensors: (0..=tpde::format::MAX_TENSORS).map(entry).collect(),
         extensions: BTreeMap::new(),
     };
-    let err = tpde::writer::check_header(&header, 0).expect_err("refused");
+    let err = tpde::format::check_header(&header, 0).expect_err("refused");
     assert_eq!(err.code(), ErrorCode::LimitExceeded);
 }
 
@@ -227,7 +228,7 @@ fn many_files_and_tensors_open() {
     let borrowed: Vec<(&str, Vec<Tensor>)> = shards.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let target = Checkpoint::open(&write_sharded(&dir.path().join("t"), &borrowed)).expect("opens");
     let out = dir.path().join("d.tpde");
-    pipeline::encode::encode(None, &target, &out, options(), &NoProgress).expect("encodes");
+    tpde::encode(None, &target, &out, options(), &NoProgress).expect("encodes");
     let delta = DeltaFile::open(&out).expect("opens");
     assert_eq!(delta.header().tensors.len(), files * 4);
 }

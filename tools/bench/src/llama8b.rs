@@ -324,7 +324,7 @@ mod tests {
             assert!(c.index_json.is_some());
             for s in &specs {
                 let (_, loc) = c.tensor(&s.name).expect("tensor");
-                assert_eq!(loc.dtype, "BF16");
+                assert_eq!(loc.dtype, tpde::Dtype::BF16);
                 assert_eq!(loc.shape, s.shape.iter().map(|&d| d as u64).collect::<Vec<_>>());
             }
         }

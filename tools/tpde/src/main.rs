@@ -6,9 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tpde::delta::EncodeSettings;
-use tpde::pipeline::{self, encode::EncodeOptions, Progress};
-use tpde::{Checkpoint, DeltaFile};
+use tpde::{Checkpoint, DeltaFile, EncodeOptions, EncodeSettings, Progress};
 
 mod series;
 
@@ -70,7 +68,7 @@ enum Command {
         #[arg(long, default_value = "1.1", value_parser = ["1.0", "1.1"])]
         format_version: String,
         /// Words per chunk: the unit of parallelism and random access.
-        #[arg(long, default_value_t = tpde::limits::DEFAULT_CHUNK_WORDS)]
+        #[arg(long, default_value_t = tpde::DEFAULT_CHUNK_WORDS)]
         chunk_words: u64,
         /// Overwrite DELTA if it exists.
         #[arg(long)]
@@ -178,18 +176,18 @@ fn split_base(inputs: &[PathBuf]) -> (Option<&Path>, &Path) {
 /// modified.
 fn check_not_an_input(output: &Path, inputs: &[PathBuf]) -> tpde::Result<()> {
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
-    tpde::output::check_not_an_input(output, &inputs)
+    tpde::check_not_an_input(output, &inputs)
 }
 
 /// Checks OUT before any work, and clears what killed runs left beside it.
 fn prepare_output(output: &Path, inputs: &[PathBuf], force: bool) -> tpde::Result<()> {
     check_not_an_input(output, inputs)?;
-    tpde::output::check_free(output, force)?;
+    tpde::check_free(output, force)?;
     let parent = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    for leftover in tpde::output::remove_stale_temporaries(parent) {
+    for leftover in tpde::remove_stale_temporaries(parent) {
         let path = leftover.path.display().to_string();
         let path = escape(&path);
         if leftover.removed {
@@ -254,7 +252,7 @@ fn run(cli: Cli) -> tpde::Result<()> {
             let target = Checkpoint::open(target_path)?;
             let settings = EncodeSettings { level, min_zstd_gain, rans: format_version != "1.0" };
             let options = EncodeOptions { settings, chunk_words };
-            let summary = pipeline::encode::encode_to(base.as_ref(), &target, &output, options, force, &Bars::new())?;
+            let summary = tpde::encode_to(base.as_ref(), &target, &output, options, force, &Bars::new())?;
             eprintln!(
                 "wrote {} ({} of {} target, {:.2}%; {} tensors against the base, {} standalone)",
                 escape(&output.display().to_string()),
@@ -271,8 +269,8 @@ fn run(cli: Cli) -> tpde::Result<()> {
             let (base_path, delta_path) = split_base(&inputs);
             let delta = DeltaFile::open(delta_path)?;
             let base = open_optional(base_path)?;
-            let options = pipeline::apply::ApplyOptions { force, sync };
-            let summary = pipeline::apply::apply(&delta, base.as_ref(), &output, options, &Bars::new())?;
+            let options = tpde::ApplyOptions { force, sync };
+            let summary = tpde::apply(&delta, base.as_ref(), &output, options, &Bars::new())?;
             eprintln!(
                 "wrote {} ({} in {} file(s)), every digest matched",
                 escape(&output.display().to_string()),
@@ -283,7 +281,7 @@ fn run(cli: Cli) -> tpde::Result<()> {
         Command::Inspect { delta, json, threads } => {
             set_threads(&threads)?;
             let delta = DeltaFile::open(&delta)?;
-            let report = pipeline::inspect::inspect(&delta)?;
+            let report = tpde::inspect(&delta)?;
             let stdout_failed =
                 |e: std::io::Error| tpde::Error::io(Path::new("<stdout>"), "cannot print the report", e);
             let mut stdout = std::io::stdout().lock();
@@ -301,7 +299,7 @@ fn run(cli: Cli) -> tpde::Result<()> {
             let delta = DeltaFile::open(delta_path)?;
             let base = open_optional(base_path)?;
             let target = open_optional(target.as_deref())?;
-            pipeline::apply::verify(&delta, base.as_ref(), target.as_ref(), &Bars::new())?;
+            tpde::verify(&delta, base.as_ref(), target.as_ref(), &Bars::new())?;
             let compared = if target.is_some() { ", and the rebuilt target is byte-identical to TARGET" } else { "" };
             println!("ok: every checksum and digest matched{compared}");
         }
@@ -312,7 +310,7 @@ fn run(cli: Cli) -> tpde::Result<()> {
 
 /// Every name in a file is untrusted: printed for people, it is escaped.
 fn escape(text: &str) -> std::borrow::Cow<'_, str> {
-    tpde::error::escape_for_terminal(text)
+    tpde::escape_for_terminal(text)
 }
 
 /// At most `max` characters of `text`, then how long it was: a name in a table need
@@ -324,7 +322,7 @@ fn abbreviate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn render_report(report: &pipeline::inspect::Report<'_>) -> String {
+fn render_report(report: &tpde::Report<'_>) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
@@ -379,7 +377,7 @@ fn render_report(report: &pipeline::inspect::Report<'_>) -> String {
 
 /// The signals that end a process unless handled, and that a process may catch.
 /// SIGKILL cannot be caught: a run removes what a killed run left instead
-/// ([`tpde::output::remove_stale_temporaries`]).
+/// ([`tpde::remove_stale_temporaries`]).
 #[cfg(unix)]
 const TERMINATING_SIGNALS: &[libc::c_int] = &[
     libc::SIGINT,
@@ -416,7 +414,7 @@ fn remove_partial_outputs_on_signals() {
     let Ok(mut signals) = signal_hook::iterator::Signals::new(&signals) else { return };
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
-            tpde::output::remove_pending_outputs();
+            tpde::remove_pending_outputs();
             let _ = signal_hook::low_level::emulate_default_handler(signal);
             std::process::exit(128 + signal);
         }

@@ -4,9 +4,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use tpde::pipeline::{apply::ApplyOptions, encode::EncodeOptions};
-use tpde::series::{AddOptions, Series, StepKind};
-use tpde::{Checkpoint, Error, ErrorCode};
+use tpde::{AddOptions, ApplyOptions, Checkpoint, EncodeOptions, Error, ErrorCode, Series, StepKind};
 
 use crate::{escape, human, prepare_output, set_threads, Bars, Threads};
 
@@ -36,7 +34,7 @@ pub enum SeriesCommand {
         #[arg(long, default_value_t = 10, value_name = "K")]
         max_chain: usize,
         /// Words per chunk of the encoded files.
-        #[arg(long, default_value_t = tpde::limits::DEFAULT_CHUNK_WORDS)]
+        #[arg(long, default_value_t = tpde::DEFAULT_CHUNK_WORDS)]
         chunk_words: u64,
         /// The previous step's checkpoint, if still at hand: checked against the
         /// series' digests, it saves rebuilding that step.

@@ -253,7 +253,7 @@ fn absurd_sizes_in_the_preamble_are_rejected_before_allocation() {
     let (_pair, delta) = encoded();
     let mut bytes = fs::read(&delta).unwrap();
     bytes[48..56].copy_from_slice(&(1u64 << 60).to_le_bytes()); // chunk_count
-    let checksum = tpde::digest::checksum64(&bytes[..120]);
+    let checksum = tpde::format::checksum64(&bytes[..120]);
     bytes[120..128].copy_from_slice(&checksum.to_le_bytes());
     fs::write(&delta, &bytes).unwrap();
     assert_eq!(error_code(&[p("inspect"), &delta]), "E_LIMIT_EXCEEDED");

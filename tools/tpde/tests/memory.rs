@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use tpde::limits::DECODE_MEMORY_BUDGET;
+use tpde::format::DECODE_MEMORY_BUDGET;
 
 mod common;
 use common::{code_of, TPDE};

@@ -231,7 +231,7 @@ fn set_writer(delta: &Path, writer_json: &str) -> PathBuf {
     let mut bytes = fs::read(delta).unwrap();
     let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
     let (data_len, header_len) = (u64_at(&bytes, 32), u64_at(&bytes, 40));
-    let layout = tpde::container::Layout::from_counts(data_len, header_len, u64_at(&bytes, 48), u64_at(&bytes, 56))
+    let layout = tpde::format::Layout::from_counts(data_len, header_len, u64_at(&bytes, 48), u64_at(&bytes, 56))
         .expect("a valid layout");
     let start = usize::try_from(layout.header_offset).unwrap();
     let header = start..start + usize::try_from(header_len).unwrap();
@@ -241,9 +241,9 @@ fn set_writer(delta: &Path, writer_json: &str) -> PathBuf {
     assert_eq!(replaced.len(), text.len(), "the writer {writer_json} must keep the header's length");
     assert_ne!(replaced, text, "the header names the writer: {text}");
     bytes[header.clone()].copy_from_slice(replaced.as_bytes());
-    let header_checksum = tpde::digest::checksum64(&bytes[header]);
+    let header_checksum = tpde::format::checksum64(&bytes[header]);
     bytes[64..72].copy_from_slice(&header_checksum.to_le_bytes());
-    let preamble_checksum = tpde::digest::checksum64(&bytes[..120]);
+    let preamble_checksum = tpde::format::checksum64(&bytes[..120]);
     bytes[120..128].copy_from_slice(&preamble_checksum.to_le_bytes());
     let out = delta.with_file_name("hostile-writer.tpde");
     fs::write(&out, bytes).unwrap();

@@ -49,7 +49,7 @@ fn a_run_from_the_command_line_round_trips_and_prunes() {
     let table = String::from_utf8_lossy(&listed.stdout);
     assert!(table.contains("delta"), "{table}");
     let json = ok(&["series", "list", arg(&run_dir), "--json"]);
-    let manifest = tpde::series::Manifest::parse(&String::from_utf8_lossy(&json.stdout)).expect("the JSON manifest");
+    let manifest = tpde::Manifest::parse(&String::from_utf8_lossy(&json.stdout)).expect("the JSON manifest");
     for s in &manifest.steps {
         assert!(manifest.depth(s.step).expect("a step") <= 2);
     }

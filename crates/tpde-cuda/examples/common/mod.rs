@@ -8,9 +8,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use tpde_cuda::cudarc::driver::PinnedHostSlice;
-use tpde_cuda::encode::EncodedTensor;
-use tpde_cuda::{Gpu, TensorRef};
+use tpde_cuda::{cudarc::driver::PinnedHostSlice, EncodedTensor, Gpu, TensorRef};
 
 /// The examples' error type.
 pub type R<T> = Result<T, Box<dyn std::error::Error>>;

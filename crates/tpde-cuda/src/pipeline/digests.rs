@@ -2,8 +2,7 @@
 //! computed on the device and compared with its record.
 
 use cudarc::driver::CudaSlice;
-use tpde::digest::Digest128;
-use tpde::ErrorCode;
+use tpde::{format::Digest128, ErrorCode};
 
 use super::inputs::TensorRef;
 use super::Loader;

@@ -2,13 +2,12 @@
 //! naming the tensor and chunk, and confirming it with the library's own
 //! checks where it can.
 
-use tpde::ErrorCode;
+use tpde::{ErrorCode, WordWidth};
 
 use super::host_decode::decode_stream;
 use super::inputs::{ChunkRef, TensorRef};
 use crate::error::{flag, GpuError};
 use crate::rans::{self, allowed_contexts, is_rans, Header};
-use crate::width::WordWidth;
 
 /// The error of the device flag `words` ([`flag::WORDS`] of them). A lane
 /// rANS fault comes with the job index of a chunk that showed it, which
@@ -35,10 +34,10 @@ pub(super) fn label_error(e: tpde::Error, label: Option<(&str, u64)>) -> tpde::E
 
 /// A kernel's error flag says what is wrong with a delta but not where. The faults
 /// it reports (positions, changed counts) need no base, so the format library's own
-/// check of each chunk ([`tpde::delta::check_chunk_payload`]) finds the first chunk
+/// check of each chunk ([`tpde::format::check_chunk_payload`]) finds the first chunk
 /// with the same fault, and the error names its tensor and chunk. A lane rANS fault
 /// comes named by the device (the kernels record the chunk); the library's decoder
-/// ([`tpde::codec::rans::decode_into`]) then decodes that chunk's lane rANS streams
+/// ([`tpde::format::rans::decode_into`]) then decodes that chunk's lane rANS streams
 /// whose contexts need no base (§15.7), and where it finds the same fault, its error
 /// (and message) is the one returned. This runs only on the error path; where no
 /// chunk shows the fault on the CPU, `err` is returned as it is.
@@ -64,18 +63,18 @@ pub(super) fn locate_device_fault(delta: &[TensorRef<'_>], err: GpuError) -> Gpu
     if named.is_some() {
         return err;
     }
-    let mut scratch = tpde::delta::DecodeScratch::default();
+    let mut scratch = tpde::DecodeScratch::default();
     for t in delta {
         for (k, c) in t.chunks.iter().enumerate() {
-            let input = tpde::delta::ChunkInput {
+            let input = tpde::format::ChunkInput {
                 record: &c.record,
                 streams: c.streams,
                 stored: c.stored,
                 base: None,
                 words: c.words as usize,
-                word_bytes: t.width.bytes(),
+                width: t.width,
             };
-            match tpde::delta::check_chunk_payload(&input, &mut scratch) {
+            match tpde::format::check_chunk_payload(&input, &mut scratch) {
                 Err(found) if found.code() == code => {
                     return GpuError::Format(found.in_tensor(&t.name).in_chunk(t.first_chunk + k as u64));
                 }
@@ -106,16 +105,16 @@ fn library_rans_fault(c: &ChunkRef<'_>, width: WordWidth) -> Option<tpde::Error>
             Err(e) => return Some(e),
         };
         let contexts = match header.context {
-            rans::context::NONE => tpde::codec::rans::Contexts::None,
+            rans::context::NONE => tpde::format::rans::Contexts::None,
             rans::context::HIGHER_PLANE => match decoded.get(q + 1).and_then(Option::as_deref) {
-                Some(above) => tpde::codec::rans::Contexts::HigherPlane(above),
+                Some(above) => tpde::format::rans::Contexts::HigherPlane(above),
                 None => continue,
             },
             // needs the base
             _ => continue,
         };
         let mut out = Vec::new();
-        if let Err(e) = tpde::codec::rans::decode_into(bytes, len, contexts, &mut out) {
+        if let Err(e) = tpde::format::rans::decode_into(bytes, len, contexts, &mut out) {
             return Some(e);
         }
         decoded[q] = Some(out);
@@ -127,7 +126,7 @@ fn library_rans_fault(c: &ChunkRef<'_>, width: WordWidth) -> Option<tpde::Error>
 mod tests {
     use super::super::inputs::Checksums;
     use super::*;
-    use tpde::container::chunk_map::{ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout};
+    use tpde::format::{ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout};
 
     /// A kernel's flag names no chunk; the library's check of each chunk finds
     /// the one with the same fault, and only that one.
@@ -136,12 +135,12 @@ mod tests {
         // Every word changed: a dense chunk, whose streams do not depend on the count.
         let base = vec![0u8; 4096];
         let target: Vec<u8> = (0..4096).map(|i| u8::try_from(i % 251 + 1).unwrap()).collect();
-        let settings = tpde::delta::EncodeSettings::default();
-        let good = tpde::delta::encode_chunk(&target, Some(&base), 4, false, settings).unwrap();
-        assert_eq!(good.record.encoding, tpde::container::chunk_map::Encoding::Dense);
+        let settings = tpde::EncodeSettings::default();
+        let good = tpde::format::encode_chunk(&target, Some(&base), WordWidth::W4, false, settings).unwrap();
+        assert_eq!(good.record.encoding, tpde::format::Encoding::Dense);
         let mut bad = good.clone();
         bad.record.changed_count -= 1;
-        fn chunk(c: &tpde::delta::EncodedChunk) -> ChunkRef<'_> {
+        fn chunk(c: &tpde::format::EncodedChunk) -> ChunkRef<'_> {
             ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: 1024 }
         }
         let t = TensorRef {
@@ -169,7 +168,7 @@ mod tests {
     /// error as it was.
     #[test]
     fn a_lane_rans_fault_is_named_by_the_device_and_confirmed_by_the_library() {
-        use tpde::codec::rans::{decode_into, encode, Contexts};
+        use tpde::format::rans::{decode_into, encode, Contexts};
         let symbols: Vec<u8> = (0..5000u32).map(|i| u8::try_from(i % 7 + i % 3).unwrap()).collect();
         let good = encode(&symbols, Contexts::None);
         let decodes = |b: &[u8]| decode_into(b, symbols.len(), Contexts::None, &mut Vec::new()).map_err(|e| e.code());
@@ -193,12 +192,12 @@ mod tests {
             changed_count: 5000,
             first_stream: 0,
             encoding: Encoding::Raw,
-            value_op: tpde::container::chunk_map::ValueOp::Xor,
+            value_op: tpde::format::ValueOp::Xor,
             value_layout: ValueLayout::Words,
             position_coding: PositionCoding::None,
             gap_width: 0,
             stream_count: 1,
-            value_order: tpde::container::chunk_map::ValueOrder::Positional,
+            value_order: tpde::format::ValueOrder::Positional,
             checksum: 0,
             digest: [0; 16],
         };

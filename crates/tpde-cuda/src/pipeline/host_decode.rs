@@ -4,8 +4,10 @@
 use std::cell::RefCell;
 
 use rayon::prelude::*;
-use tpde::container::chunk_map::{Codec, StreamRecord};
-use tpde::{ErrorCode, Result as FormatResult};
+use tpde::{
+    format::{Codec, StreamRecord},
+    ErrorCode, Result as FormatResult,
+};
 
 use crate::error::{GpuError, Result};
 use crate::rans::is_rans;
@@ -84,7 +86,7 @@ pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Re
             .with(|cell| -> FormatResult<()> {
                 let mut decoded = cell.borrow_mut();
                 decoded.clear();
-                tpde::codec::zstd_stream::decompress_into(stored, len, &mut decoded)?;
+                tpde::format::zstd::decompress_into(stored, len, &mut decoded)?;
                 dst.copy_from_slice(&decoded);
                 Ok(())
             })
@@ -92,13 +94,13 @@ pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Re
         // Context 0 only: the plane above or the base that another context
         // reads is not at hand here; the loader decodes those on the device.
         Codec::Rans => {
-            if tpde::codec::rans::context_kind(stored)? != tpde::codec::rans::ContextKind::None {
+            if tpde::format::rans::context_kind(stored)? != tpde::format::rans::ContextKind::None {
                 return Err(GpuError::invalid("a lane rANS stream with a context needs its context to decode"));
             }
             DECODED
                 .with(|cell| -> FormatResult<()> {
                     let mut decoded = cell.borrow_mut();
-                    tpde::codec::rans::decode_into(stored, len, tpde::codec::rans::Contexts::None, &mut decoded)?;
+                    tpde::format::rans::decode_into(stored, len, tpde::format::rans::Contexts::None, &mut decoded)?;
                     dst.copy_from_slice(&decoded);
                     Ok(())
                 })
@@ -115,7 +117,7 @@ mod tests {
     /// naming the tensor and the chunk's index in the file.
     #[test]
     fn a_bad_stream_names_its_tensor_and_chunk() {
-        let good = tpde::codec::zstd_stream::compress(&[3u8; 64], tpde::codec::zstd_stream::Effort::Level(1)).unwrap();
+        let good = tpde::format::zstd::compress(&[3u8; 64], tpde::format::zstd::Effort::Level(1)).unwrap();
         let mut trailing = good.clone();
         trailing.push(0);
         let record = |stored: &[u8]| StreamRecord {

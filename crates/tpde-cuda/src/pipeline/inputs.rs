@@ -2,11 +2,12 @@
 //! stores them, with the checks of their shapes.
 
 use rayon::prelude::*;
-use tpde::container::chunk_map::{ChunkRecord, Encoding, PositionCoding, StreamRecord};
-use tpde::ErrorCode;
+use tpde::{
+    format::{ChunkRecord, Encoding, PositionCoding, StreamRecord},
+    ErrorCode, WordWidth,
+};
 
 use crate::error::{GpuError, Result};
-use crate::width::WordWidth;
 
 /// One chunk of a delta, as the format library stores it: its record, its
 /// stream records and its stored bytes (every stream back to back).
@@ -24,10 +25,10 @@ pub struct ChunkRef<'a> {
 
 impl<'a> ChunkRef<'a> {
     /// Checks the records against each other and the chunk size with the
-    /// format library's [`tpde::delta::check_chunk_shape`] (§8.1–§8.4).
+    /// format library's [`tpde::format::check_chunk_shape`] (§8.1–§8.4).
     /// Both value orders (§8.6) are read by the kernels.
     pub fn check_shape(&self, width: WordWidth) -> Result<()> {
-        tpde::delta::check_chunk_shape(&self.record, self.streams, u64::from(self.words), width.bytes())?;
+        tpde::format::check_chunk_shape(&self.record, self.streams, u64::from(self.words), width)?;
         Ok(())
     }
 
@@ -64,7 +65,7 @@ impl<'a> ChunkRef<'a> {
     /// Checks the stored bytes against the record's checksum (spec §10);
     /// `label` names the tensor and the chunk's index in the file.
     pub(super) fn check_checksum(&self, label: Option<(&str, u64)>) -> Result<()> {
-        if tpde::digest::checksum64(self.stored) == self.record.checksum {
+        if tpde::format::checksum64(self.stored) == self.record.checksum {
             return Ok(());
         }
         let e = tpde::Error::new(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");

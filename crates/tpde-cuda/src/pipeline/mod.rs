@@ -30,11 +30,11 @@ use rayon::prelude::*;
 use crate::error::{flag, GpuError, Result};
 use crate::gpu::{DevRange, Gpu, Stage};
 use crate::kernels::{KEYS, LEAF_TERM_BYTES_PER_BLOCK};
-use crate::width::WordWidth;
 use digests::{leaf_checks, LeafScratch, LEAF_SCRATCH_BLOCKS};
 use faults::locate_device_fault;
 use plan::Job;
 use ring::Slot;
+use tpde::WordWidth;
 
 pub use host_decode::decode_stream;
 pub use inputs::{Checksums, ChunkRef, TensorRef};

@@ -2,7 +2,10 @@
 //! words), the output is prepared, and each batch of jobs is placed into a
 //! slot (where every stream's bytes lie, and which the CPU decodes).
 
-use tpde::container::chunk_map::{Codec, Encoding, ValueLayout};
+use tpde::{
+    format::{Codec, Encoding, ValueLayout},
+    WordWidth,
+};
 
 use super::faults::label_error;
 use super::host_decode::StreamTask;
@@ -12,7 +15,6 @@ use crate::error::{GpuError, Result};
 use crate::gpu::{Batch, DevRange, Stage};
 use crate::kernels::{ChunkDesc, KEYS};
 use crate::rans::{allowed_contexts, ChunkPlan, Header, RansWork};
-use crate::width::WordWidth;
 
 /// A chunk to rebuild and where: `base` and `out` are its words in device
 /// memory; `host` is its tensor's [`TensorRef::host`]; `label` its tensor's

@@ -2,8 +2,10 @@
 //! ([`DeviceDelta`]), then applied with kernels only.
 
 use cudarc::driver::CudaSlice;
-use tpde::container::chunk_map::{ChunkRecord, Encoding, StreamRecord};
-use tpde::digest::Digest128;
+use tpde::{
+    format::{ChunkRecord, Digest128, Encoding, StreamRecord},
+    WordWidth,
+};
 
 use super::digests::LeafCheck;
 use super::faults::label_error;
@@ -15,7 +17,6 @@ use crate::error::{GpuError, Result};
 use crate::gpu::{Batch, DevRange, RansContext, RansStream, Stage};
 use crate::kernels::{ChunkDesc, KEYS};
 use crate::rans::{self, allowed_contexts, ChunkPlan, RansWork};
-use crate::width::WordWidth;
 
 impl Loader {
     /// Decodes every stream of `delta` once into one device buffer, so that

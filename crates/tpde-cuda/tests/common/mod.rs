@@ -3,14 +3,11 @@
 //! would pick, and seeded data. Production encoding is the library's.
 #![allow(dead_code, clippy::cast_possible_truncation)]
 
-use tpde::codec::positions;
-use tpde::codec::rans::Contexts;
-use tpde::container::chunk_map::{
-    ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
+use tpde::format::{
+    positions, rans::Contexts, ChunkRecord, Codec, EncodedChunk, Encoding, PositionCoding, StreamRecord, ValueLayout,
+    ValueOp, ValueOrder,
 };
-use tpde::delta::EncodedChunk;
-use tpde_cuda::encode::EncodedTensor;
-use tpde_cuda::WordWidth;
+use tpde_cuda::{EncodedTensor, WordWidth};
 
 /// The encoding to force.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,8 +207,8 @@ pub fn forced_chunk_coded(
         position_coding: PositionCoding::None,
         gap_width: 0,
         stream_count: 0,
-        checksum: tpde::digest::checksum64(&[]),
-        digest: tpde::digest::leaf_digest(target),
+        checksum: tpde::format::checksum64(&[]),
+        digest: tpde::format::leaf_digest(target),
     };
     if changed.is_empty() && choice != Choice::Raw {
         return EncodedChunk { record, streams: Vec::new(), data: Vec::new() };
@@ -261,8 +258,7 @@ pub fn forced_chunk_coded(
     let positions = (record.encoding == Encoding::Sparse).then_some(changed.as_slice());
     for (q, s) in raw.iter().enumerate() {
         let zstd = |level: Option<i32>| {
-            let z = level
-                .map(|l| tpde::codec::zstd_stream::compress(s, tpde::codec::zstd_stream::Effort::Level(l)).unwrap());
+            let z = level.map(|l| tpde::format::zstd::compress(s, tpde::format::zstd::Effort::Level(l)).unwrap());
             match z {
                 Some(z) if z.len() < s.len() => (Codec::Zstd, z),
                 _ => (Codec::Stored, s.clone()),
@@ -274,7 +270,7 @@ pub fn forced_chunk_coded(
                 2 => Contexts::HigherPlane(&raw[q + 1]),
                 _ => Contexts::None,
             };
-            (Codec::Rans, tpde::codec::rans::encode(s, contexts))
+            (Codec::Rans, tpde::format::rans::encode(s, contexts))
         };
         let (codec, bytes) = match codecs {
             Codecs::Zstd(level) => zstd(level),
@@ -290,7 +286,7 @@ pub fn forced_chunk_coded(
     }
     record.stream_count = streams.len() as u8;
     record.stored_len = data.len() as u32;
-    record.checksum = tpde::digest::checksum64(&data);
+    record.checksum = tpde::format::checksum64(&data);
     EncodedChunk { record, streams, data }
 }
 
@@ -366,15 +362,15 @@ pub fn forced_tensor_coded(
 /// The library's decoder of one chunk (checksum and digest checked).
 pub fn library_decode(c: &EncodedChunk, base: &[u8], words: usize, w: WordWidth) -> Vec<u8> {
     let mut out = Vec::new();
-    let input = tpde::delta::ChunkInput {
+    let input = tpde::format::ChunkInput {
         record: &c.record,
         streams: &c.streams,
         stored: &c.data,
         base: Some(base),
         words,
-        word_bytes: w.bytes(),
+        width: w,
     };
-    tpde::delta::decode_chunk(&input, &mut out).expect("the library decodes the chunk");
+    tpde::format::decode_chunk(&input, &mut out).expect("the library decodes the chunk");
     out
 }
 

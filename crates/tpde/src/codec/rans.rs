@@ -1579,14 +1579,6 @@ pub fn encode(symbols: &[u8], contexts: Contexts<'_>) -> Vec<u8> {
     write_stream(&plan, symbols, context_bytes.as_deref())
 }
 
-/// The stored length that [`encode`] would produce, predicted from the histograms and
-/// the quantized tables without coding: within about 0.5% plus a few bytes per tile.
-#[must_use]
-pub fn predicted_len(symbols: &[u8], contexts: Contexts<'_>) -> usize {
-    let context_bytes = context_bytes(symbols.len(), &contexts);
-    Plan::new(symbols, contexts.kind(), context_bytes.as_deref()).predicted_len
-}
-
 /// A stream's coding under one context kind, chosen but not yet run (see
 /// [`plan_each`]). It depends only on the stream's histograms under its context,
 /// so it also codes any permutation of the symbols that moves each context byte
@@ -1643,6 +1635,14 @@ pub fn plan_each(symbols: &[u8], candidates: &[Contexts<'_>]) -> Vec<StreamPlan>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stored length that [`encode`] would produce, predicted from the
+    /// histograms and the quantized tables without coding: within about 0.5% plus a
+    /// few bytes per tile.
+    fn predicted_len(symbols: &[u8], contexts: Contexts<'_>) -> usize {
+        let context_bytes = context_bytes(symbols.len(), &contexts);
+        Plan::new(symbols, contexts.kind(), context_bytes.as_deref()).predicted_len
+    }
     use crate::codec::values::{group_key, Word};
     use proptest::prelude::*;
 

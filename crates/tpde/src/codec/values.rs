@@ -3,6 +3,7 @@
 //! float arithmetic is ever done.
 
 use crate::container::chunk_map::{ValueLayout, ValueOp, ValueOrder};
+use crate::dtype::WordWidth;
 use crate::error::Result;
 
 /// An unsigned word of 1, 2, 4 or 8 bytes.
@@ -92,38 +93,37 @@ impl_word!(u16, i16);
 impl_word!(u32, i32);
 impl_word!(u64, i64);
 
-/// Calls `$body` with `$W` bound to the word type of width `$width` bytes.
+/// Calls `$body` with `$W` bound to the word type of a [`WordWidth`](crate::WordWidth).
 macro_rules! with_word {
     ($width:expr, $W:ident => $body:expr) => {
         match $width {
-            1 => {
+            $crate::dtype::WordWidth::W1 => {
                 type $W = u8;
                 $body
             }
-            2 => {
+            $crate::dtype::WordWidth::W2 => {
                 type $W = u16;
                 $body
             }
-            4 => {
+            $crate::dtype::WordWidth::W4 => {
                 type $W = u32;
                 $body
             }
-            8 => {
+            $crate::dtype::WordWidth::W8 => {
                 type $W = u64;
                 $body
             }
-            other => unreachable!("word width {other} is excluded by the dtype table"),
         }
     };
 }
 pub(crate) use with_word;
 
-/// Number of streams a layout uses for words of `word_bytes`.
+/// Number of streams a layout uses for words of `width`.
 #[must_use]
-pub fn stream_count(layout: ValueLayout, word_bytes: usize) -> usize {
+pub fn stream_count(layout: ValueLayout, width: WordWidth) -> usize {
     match layout {
         ValueLayout::Words => 1,
-        ValueLayout::BytePlanes | ValueLayout::RotatedBytePlanes => word_bytes,
+        ValueLayout::BytePlanes | ValueLayout::RotatedBytePlanes => width.bytes(),
     }
 }
 
@@ -384,7 +384,7 @@ mod tests {
         let values: Vec<u32> = vec![0x8000_0001, 0x1234_5678, 0, u32::MAX];
         for layout in [ValueLayout::Words, ValueLayout::BytePlanes, ValueLayout::RotatedBytePlanes] {
             let streams = split(&values, layout);
-            assert_eq!(streams.len(), stream_count(layout, 4));
+            assert_eq!(streams.len(), stream_count(layout, crate::dtype::WordWidth::W4));
             let refs: Vec<&[u8]> = streams.iter().map(Vec::as_slice).collect();
             let mut back: Vec<u32> = Vec::new();
             join(&refs, values.len(), layout, &mut back).unwrap();

@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::container::json;
-use crate::dtype;
+use crate::dtype::{Dtype, WordWidth};
 use crate::error::{fail, Error, ErrorCode, Result};
 use crate::limits::{MAX_CHUNK_WORDS, MAX_FILES, MAX_RANK, MAX_TENSORS};
 
@@ -108,7 +108,8 @@ pub struct TensorEntry {
     /// The tensor's name.
     pub name: String,
     /// The safetensors dtype string (spec §7, table 7.1).
-    pub dtype: String,
+    #[serde(rename = "dtype")]
+    pub dtype_name: String,
     /// The shape; at most 32 dimensions, each below 2^53 (spec §5.1).
     #[schemars(length(max = 32), inner(range(max = 9_007_199_254_740_991_u64)))]
     pub shape: Vec<u64>,
@@ -146,12 +147,21 @@ pub struct BaseTensor {
 }
 
 impl TensorEntry {
+    /// The tensor's dtype, read from its name; a validated header names known
+    /// dtypes only, so this fails only for an entry built by hand.
+    ///
+    /// # Errors
+    /// `E_UNKNOWN_DTYPE`.
+    pub fn dtype(&self) -> Result<Dtype> {
+        self.dtype_name.parse()
+    }
+
     /// Width of this tensor's words.
     ///
     /// # Errors
     /// `E_UNKNOWN_DTYPE`.
-    pub fn word_bytes(&self) -> Result<usize> {
-        dtype::word_bytes(&self.dtype)
+    pub fn word_width(&self) -> Result<WordWidth> {
+        Ok(self.dtype()?.word_width())
     }
 
     /// Byte length of the tensor (validated by [`Header::validate`]).
@@ -159,7 +169,7 @@ impl TensorEntry {
     /// # Errors
     /// `E_UNKNOWN_DTYPE`, or `E_HEADER_INVALID` when the size overflows.
     pub fn byte_len(&self) -> Result<u64> {
-        shape_byte_len(&self.dtype, &self.shape)
+        shape_byte_len(&self.dtype_name, &self.shape)
     }
 
     /// Number of words in the tensor.
@@ -167,7 +177,7 @@ impl TensorEntry {
     /// # Errors
     /// As [`TensorEntry::byte_len`].
     pub fn word_count(&self) -> Result<u64> {
-        Ok(self.byte_len()? / self.word_bytes()? as u64)
+        Ok(self.byte_len()? / self.word_width()?.bytes_u64())
     }
 
     /// The global chunk indices of this tensor.
@@ -186,11 +196,12 @@ impl TensorEntry {
 /// The largest integer every JSON parser reads exactly.
 const MAX_JSON_INTEGER: u64 = (1 << 53) - 1;
 
+/// The rank limit is checked before the dtype (spec §11.1 order).
 fn shape_byte_len(dtype_name: &str, shape: &[u64]) -> Result<u64> {
     if shape.len() > MAX_RANK {
         return fail(ErrorCode::LimitExceeded, format!("rank {} exceeds {MAX_RANK}", shape.len()));
     }
-    match dtype::byte_len(dtype_name, shape)? {
+    match dtype_name.parse::<Dtype>()?.byte_len(shape) {
         Some(len) if len <= i64::MAX as u64 => Ok(len),
         _ => fail(ErrorCode::HeaderInvalid, "the shape's byte size overflows or is not whole bytes"),
     }
@@ -275,7 +286,7 @@ impl Header {
 
     fn validate_tensor(&self, tensor: &TensorEntry, next_chunk: &mut u64, previous_file: &mut u32) -> Result<()> {
         let byte_len = tensor.byte_len()?;
-        let word_bytes = tensor.word_bytes()? as u64;
+        let word_bytes = tensor.word_width()?.bytes_u64();
         if byte_len % word_bytes != 0 {
             return fail(ErrorCode::HeaderInvalid, "the byte size is not a whole number of words");
         }
@@ -307,7 +318,7 @@ impl Header {
             .ok_or_else(|| Error::new(ErrorCode::ChunkMapInvalid, "the chunk count overflows"))?;
         check_digest_hex(&tensor.digest)?;
         if let Some(base) = &tensor.base {
-            shape_byte_len(&tensor.dtype, &base.shape)?;
+            shape_byte_len(&tensor.dtype_name, &base.shape)?;
             check_digest_hex(&base.digest)?;
         }
         Ok(())

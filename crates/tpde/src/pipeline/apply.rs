@@ -56,12 +56,12 @@ pub fn resolve_base<'a>(
                 .in_file(&base.root)
                 .in_tensor(&tensor.name));
         };
-        if location.dtype != tensor.dtype || location.shape != base_ref.shape {
+        if location.dtype.as_str() != tensor.dtype_name || location.shape != base_ref.shape {
             return Err(Error::new(
                 ErrorCode::BaseMismatch,
                 format!(
                     "the base tensor is {} {:?} but the delta expects {} {:?}",
-                    location.dtype, location.shape, tensor.dtype, base_ref.shape
+                    location.dtype, location.shape, tensor.dtype_name, base_ref.shape
                 ),
             )
             .in_file(&file.path)
@@ -79,7 +79,7 @@ pub fn resolve_base<'a>(
         .zip(&resolved)
         .map(|(tensor, bytes)| {
             let (Some(base_ref), Some(bytes)) = (&tensor.base, bytes) else { return Ok(true) };
-            let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_bytes()?;
+            let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_width()?.bytes();
             let matches = to_hex(&tensor_digest(bytes, chunk_bytes)?) == base_ref.digest;
             progress.advance(bytes.len() as u64);
             Ok(matches)
@@ -133,7 +133,7 @@ impl ChainedTensor<'_> {
             let chunk_base = match (&rebuilt, &tensor.base) {
                 (_, None) => None,
                 (Some(below), Some(_)) => Some(below.as_slice()),
-                (None, Some(_)) => DeltaFile::chunk_base(span, tensor.word_bytes()?, self.root),
+                (None, Some(_)) => DeltaFile::chunk_base(span, tensor.word_width()?, self.root),
             };
             let mut out = Vec::new();
             delta.decode_chunk_at(tensor, span, chunk_base, &mut out, scratch)?;
@@ -235,10 +235,10 @@ pub fn check_link(earlier: &DeltaFile, next: &DeltaFile) -> Result<()> {
                 tensor,
             );
         };
-        if target.dtype != tensor.dtype || target.shape != base_ref.shape {
+        if target.dtype_name != tensor.dtype_name || target.shape != base_ref.shape {
             let message = format!(
                 "the earlier delta's target is {} {:?} but the next delta expects {} {:?}",
-                target.dtype, target.shape, tensor.dtype, base_ref.shape
+                target.dtype_name, target.shape, tensor.dtype_name, base_ref.shape
             );
             return fault(ErrorCode::BaseMismatch, message, tensor);
         }
@@ -364,7 +364,7 @@ enum Rebuilt<'a> {
 /// the base itself, and costs nothing.
 fn chunk_charge(delta: &DeltaFile, tensor: &TensorEntry, span: ChunkSpan, base: &TensorBase) -> Result<(u64, u64)> {
     let cost = delta.decode_cost(tensor, span)?;
-    let end = (span.first_word + span.words) * tensor.word_bytes()? as u64;
+    let end = (span.first_word + span.words) * tensor.word_width()?.bytes_u64();
     let below = match base {
         TensorBase::Mapped(b) if end <= b.len() as u64 && delta.chunk(span.index).encoding == Encoding::Unchanged => {
             return Ok((0, 0));
@@ -520,7 +520,7 @@ pub struct ApplySummary {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApplyOptions {
     /// Replace an existing output: a file replaces only a file, and a directory only
-    /// a directory that holds nothing but a checkpoint (see [`crate::output`]).
+    /// a directory that holds nothing but a checkpoint.
     pub force: bool,
     /// Sync every output file to storage before renaming it into place. Off by
     /// default: a rebuilt target can be rebuilt again from its delta, and on small

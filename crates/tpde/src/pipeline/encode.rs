@@ -11,7 +11,7 @@ use crate::container::header::{
 };
 use crate::delta::{encode_chunk, EncodeSettings, EncodedChunk};
 use crate::digest::{tensor_digest, to_hex, tree_digest, Digest128};
-use crate::dtype;
+use crate::dtype::WordWidth;
 use crate::error::{Error, ErrorCode, Result};
 use crate::limits::MAX_CHUNK_WORDS;
 use crate::output::{check_not_an_input, check_output, OutputKind};
@@ -59,7 +59,7 @@ fn counterpart<'a>(base: Option<&'a dyn TensorSource>, tensor: &SourceTensor) ->
 /// One target tensor to encode, chunk by chunk, against its base counterpart.
 struct TensorJob<'a> {
     bytes: &'a [u8],
-    word_bytes: usize,
+    width: WordWidth,
     chunk_bytes: usize,
     base: Option<&'a [u8]>,
     leading_sign: bool,
@@ -73,7 +73,7 @@ impl TensorJob<'_> {
     fn encode_chunk(&self, start: usize, settings: EncodeSettings) -> Result<EncodedChunk> {
         let end = self.chunk_end(start);
         let base = self.base.map(|b| &b[start.min(b.len())..end.min(b.len())]);
-        encode_chunk(&self.bytes[start..end], base, self.word_bytes, self.leading_sign, settings)
+        encode_chunk(&self.bytes[start..end], base, self.width, self.leading_sign, settings)
     }
 }
 
@@ -177,7 +177,7 @@ pub fn encode_sources(
         for location in &file.tensors {
             let mut entry = TensorEntry {
                 name: location.name.to_owned(),
-                dtype: location.dtype.to_owned(),
+                dtype_name: location.dtype.as_str().to_owned(),
                 shape: location.shape.to_vec(),
                 file: u32::try_from(file_index).unwrap_or(u32::MAX),
                 chunk_words: options.chunk_words,
@@ -221,17 +221,16 @@ pub fn encode_sources(
         .iter()
         .flat_map(|file| file.tensors.iter())
         .map(|location| {
-            let word_bytes =
-                dtype::word_bytes(location.dtype).map_err(|e| e.in_file(location.file).in_tensor(location.name))?;
-            Ok(TensorJob {
+            let width = location.dtype.word_width();
+            TensorJob {
                 bytes: location.bytes,
-                word_bytes,
-                chunk_bytes: usize::try_from(options.chunk_words).expect("bounded") * word_bytes,
+                width,
+                chunk_bytes: usize::try_from(options.chunk_words).expect("bounded") * width.bytes(),
                 base: counterpart(base, location).map(|b| b.bytes),
-                leading_sign: dtype::has_leading_sign(location.dtype),
-            })
+                leading_sign: location.dtype.has_leading_sign(),
+            }
         })
-        .collect::<Result<Vec<TensorJob>>>()?;
+        .collect::<Vec<TensorJob>>();
     // Chunks of every tensor in file order, encoded a window at a time across tensor
     // boundaries: most tensors hold one chunk, so windows within a tensor would leave
     // threads idle. The order of the chunks, and so the file, is the same whatever

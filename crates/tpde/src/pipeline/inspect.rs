@@ -118,11 +118,7 @@ fn ratio(part: u64, whole: u64) -> f64 {
 /// Checks every chunk of `delta` as far as it can be without a base (spec §11.2
 /// D1, D3, D4, D6), in parallel, in batches whose scratch memory stays within
 /// [`DECODE_IN_FLIGHT_BYTES`].
-///
-/// # Errors
-/// The first failure found (`E_CHUNK_CHECKSUM`, `E_ZSTD_PROFILE`, ...), naming the
-/// file, tensor and chunk.
-pub fn check_payloads(delta: &DeltaFile) -> Result<()> {
+fn check_payloads(delta: &DeltaFile) -> Result<()> {
     let mut chunks = Vec::new();
     for tensor in &delta.header().tensors {
         for span in delta.spans(tensor)? {
@@ -143,10 +139,12 @@ pub fn check_payloads(delta: &DeltaFile) -> Result<()> {
     Ok(())
 }
 
-/// Builds the report, after [`check_payloads`].
+/// Builds the report, after checking every chunk as far as it can be without a
+/// base (spec §11.2 D1, D3, D4, D6).
 ///
 /// # Errors
-/// As [`check_payloads`].
+/// The first failure found (`E_CHUNK_CHECKSUM`, `E_ZSTD_PROFILE`, ...), naming the
+/// file, tensor and chunk.
 pub fn inspect(delta: &DeltaFile) -> Result<Report<'_>> {
     check_payloads(delta)?;
     let mut tensors = Vec::new();
@@ -154,7 +152,7 @@ pub fn inspect(delta: &DeltaFile) -> Result<Report<'_>> {
     for tensor in &delta.header().tensors {
         let mut report = TensorReport {
             name: tensor.name.clone(),
-            dtype: tensor.dtype.clone(),
+            dtype: tensor.dtype_name.clone(),
             shape: tensor.shape.clone(),
             delta: tensor.needs_base(),
             target_bytes: tensor.byte_len()?,

@@ -9,8 +9,7 @@
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use tpde::series::{AddOptions, Series};
-//! use tpde::{pipeline::NoProgress, Checkpoint};
+//! use tpde::{AddOptions, Checkpoint, NoProgress, Series};
 //!
 //! # fn main() -> tpde::Result<()> {
 //! let mut run = Series::open_or_create(Path::new("run"))?;
@@ -36,7 +35,7 @@ use crate::reader::DeltaFile;
 use crate::{Error, ErrorCode, Result};
 
 pub use manifest::{
-    sha256_hex, step_file_name, CheckpointDigest, FileDigest, Manifest, StepEntry, StepKind, MANIFEST_FILE, STEPS_DIR,
+    step_file_name, CheckpointDigest, FileDigest, Manifest, StepEntry, StepKind, MANIFEST_FILE, STEPS_DIR,
 };
 
 /// How [`Series::add`] stores a step.
