@@ -5,7 +5,7 @@
 //! machine, with `DELTA` written by `tpde encode BASE TARGET -o DELTA`:
 //!
 //! ```text
-//! load_bench BASE TARGET DELTA [--reps N] [--in-place] [--no-digests]
+//! load_bench BASE TARGET DELTA [--reps N] [--in-place] [--no-digests] [--slots N] [--slot-mib N]
 //! ```
 //!
 //! `BASE` and `TARGET` are `.safetensors` files or sharded checkpoint
@@ -52,7 +52,7 @@ use common::{median, time};
 /// The example's error type.
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
-const USAGE: &str = "usage: load_bench BASE TARGET DELTA [--reps N] [--in-place] [--no-digests]";
+const USAGE: &str = "usage: load_bench BASE TARGET DELTA [--reps N] [--in-place] [--no-digests] [--slots N] [--slot-mib N]";
 
 struct Args {
     base: PathBuf,
@@ -61,19 +61,27 @@ struct Args {
     reps: usize,
     in_place: bool,
     verify_digests: bool,
+    slots: Option<usize>,
+    slot_mib: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut paths = Vec::new();
     let (mut reps, mut in_place, mut verify_digests) = (5usize, false, true);
+    let (mut slots, mut slot_mib) = (None, None);
+    let count = |it: &mut dyn Iterator<Item = String>, what: &str| {
+        it.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0).ok_or(format!("{what} takes a count ≥ 1"))
+    };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--reps" => {
-                reps = it.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0).ok_or("--reps takes a count ≥ 1")?;
+                reps = count(&mut it, "--reps")?;
             }
             "--in-place" => in_place = true,
             "--no-digests" => verify_digests = false,
+            "--slots" => slots = Some(count(&mut it, "--slots")?),
+            "--slot-mib" => slot_mib = Some(count(&mut it, "--slot-mib")?),
             "-h" | "--help" => return Err(String::new()),
             _ if a.starts_with("--") => return Err(format!("unknown option {a}")),
             _ => paths.push(PathBuf::from(a)),
@@ -81,7 +89,7 @@ fn parse_args() -> Result<Args, String> {
     }
     let [base, target, delta]: [PathBuf; 3] =
         paths.try_into().map_err(|_| "expected three paths: BASE TARGET DELTA".to_string())?;
-    Ok(Args { base, target, delta, reps, in_place, verify_digests })
+    Ok(Args { base, target, delta, reps, in_place, verify_digests, slots, slot_mib })
 }
 
 fn main() -> ExitCode {
@@ -375,7 +383,13 @@ fn run(gpu: &Arc<Gpu>, args: &Args) -> R<bool> {
 
     let upload = time_upload(gpu, &want, args.reps)?;
 
-    let cfg = LoaderConfig { verify_digests: args.verify_digests, ..LoaderConfig::default() };
+    let default = LoaderConfig::default();
+    let cfg = LoaderConfig {
+        verify_digests: args.verify_digests,
+        slots: args.slots.unwrap_or(default.slots),
+        slot_bytes: args.slot_mib.map_or(default.slot_bytes, |m| m << 20),
+        ..default
+    };
     let mut loader = Loader::new(gpu.clone(), cfg)?;
     let outs = loader.load(&refs, &dref)?;
     let bad = mismatches(gpu, &refs, &outs, &want)?;
