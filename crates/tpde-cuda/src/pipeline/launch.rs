@@ -38,9 +38,11 @@ impl Loader {
     fn flush(&mut self, jobs: &[Job<'_, '_>], plan: &Plan<'_>, stage: Stage, first_job: usize) -> Result<()> {
         // Before any byte of the batch goes up, and while the device works on
         // the batch before.
-        jobs.par_iter()
-            .filter(|j| j.checksums == Checksums::OnUpload)
-            .try_for_each(|j| j.chunk.check_checksum(j.label))?;
+        if jobs.iter().any(|j| j.checksums == Checksums::OnUpload) {
+            jobs.par_iter()
+                .filter(|j| j.checksums == Checksums::OnUpload)
+                .try_for_each(|j| j.chunk.check_checksum(j.label))?;
+        }
         let slot = self.take_slot()?;
         let s = &mut self.slots[slot];
         let dev = DevRange::all(&s.dev, &s.stream)?;
