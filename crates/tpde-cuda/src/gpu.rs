@@ -136,11 +136,12 @@ impl Gpu {
     /// The memory is uninitialized: it must be written before it is read.
     pub(crate) unsafe fn alloc_output(&self, stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<u8>> {
         self.ctx.bind_to_thread()?;
+        let len = len.max(1);
         // SAFETY: the pool and the stream belong to this live context.
-        let ptr = unsafe { cu::mem_pool::alloc_async(self.outputs.0, len.max(1), stream.cu_stream()) }?;
-        // SAFETY: `ptr` is a fresh allocation of at least `len` bytes in this
-        // context; the slice's drop frees it with `cuMemFreeAsync`, which
-        // gives it back to the pool it came from.
+        let ptr = unsafe { cu::mem_pool::alloc_async(self.outputs.0, len, stream.cu_stream()) }?;
+        // SAFETY: `ptr` is a fresh allocation of `len` bytes in this context;
+        // the slice's drop frees it with `cuMemFreeAsync`, which gives it back
+        // to the pool it came from.
         Ok(unsafe { stream.upgrade_device_ptr(ptr, len) })
     }
 
