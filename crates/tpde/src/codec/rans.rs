@@ -519,6 +519,22 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// Decodes full steps while the next 64 bytes of words are in `input`'s payload.
+    fn fast_steps<C: ContextSource>(
+        self,
+        input: &TileInput<'_>,
+        contexts: &C,
+        progress: &mut TileProgress,
+        out: &mut [u8],
+    ) {
+        match self {
+            Self::Scalar => fast_steps(input, contexts, progress, out),
+            // SAFETY: Kernel::Avx2 is only chosen where the CPU has AVX2 and POPCNT.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { avx2::fast_steps(input, contexts, progress, out) },
+        }
+    }
+
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") {
@@ -661,13 +677,23 @@ fn finish_tile<C: ContextSource>(
 ) -> Result<()> {
     let TileInput { stream, tile, first_symbol, payload } = *input;
     // Full steps while a step's 32 words are surely in the tile: no read is checked.
-    match kernel {
-        Kernel::Scalar => fast_steps(input, contexts, progress, out),
-        // SAFETY: Kernel::Avx2 is only chosen where the CPU has AVX2 and POPCNT.
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { avx2::fast_steps(input, contexts, progress, out) },
+    kernel.fast_steps(input, contexts, progress, out);
+    // The full steps near the tile's end, where fewer than 64 bytes of words are
+    // left, on those words padded with zeros: a tile whose symbols need few bits
+    // spends thousands of steps there. A step that read padding ran past the tile's
+    // end; then these steps are redone below, checked, which reports it.
+    let left = payload.len() - progress.cursor.min(payload.len());
+    if left < 64 && out.len() - progress.done >= LANES {
+        let mut padded = [0u8; 128];
+        padded[..left].copy_from_slice(&payload[payload.len() - left..]);
+        let tail = TileInput { payload: &padded[..left + 64], ..*input };
+        let mut in_tail = TileProgress { cursor: 0, ..*progress };
+        kernel.fast_steps(&tail, contexts, &mut in_tail, out);
+        if in_tail.cursor <= left {
+            *progress = TileProgress { cursor: payload.len() - left + in_tail.cursor, ..in_tail };
+        }
     }
-    // Then, with every read checked, the steps near the tile's end.
+    // Then, with every read checked, the last partial step.
     let coder = LaneCoder { slots: &stream.tables.slots, prob_bits: stream.prob_bits };
     let mut offsets = [0u32; LANES];
     let mut cursor = progress.cursor;
