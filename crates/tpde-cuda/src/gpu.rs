@@ -145,7 +145,7 @@ impl Gpu {
     }
 
     /// Gives the device memory that the tensors of earlier loads held, and that
-    /// is now free, back to the driver (see [`OutputPool`]).
+    /// is now free, back to the driver (see `OutputPool`).
     pub fn release_cached_memory(&self) -> Result<()> {
         self.ctx.bind_to_thread()?;
         self.stream.synchronize()?;
