@@ -67,6 +67,9 @@ fn rans_against_zstd(c: &mut Criterion) {
         // what the plane above does.
         let base: Vec<u8> = above.iter().enumerate().flat_map(|(i, &a)| [i.to_le_bytes()[0], 0x3C + a]).collect();
         let keys = Contexts::BaseKeys { base: &base, word_bytes: 2, positions: None };
+        // The same keys from F32 base words, whose vector kernel reads 32-bit words.
+        let base32: Vec<u8> = base.chunks_exact(2).flat_map(|w| [0, 0, w[0], w[1]]).collect();
+        let keys32 = Contexts::BaseKeys { base: &base32, word_bytes: 4, positions: None };
         let stored = rans::encode(&plane, Contexts::None);
         let with_context = rans::encode(&plane, Contexts::HigherPlane(&above));
         let with_keys = rans::encode(&plane, keys);
@@ -92,6 +95,12 @@ fn rans_against_zstd(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("decode base keys", name), &(), |b, ()| {
             b.iter(|| rans::decode_into(&with_keys, SYMBOLS, keys, &mut out).expect("decodes"));
+        });
+        group.bench_with_input(BenchmarkId::new("decode base keys scalar", name), &(), |b, ()| {
+            b.iter(|| rans::decode_into_scalar(&with_keys, SYMBOLS, keys, &mut out).expect("decodes"));
+        });
+        group.bench_with_input(BenchmarkId::new("decode base keys f32", name), &(), |b, ()| {
+            b.iter(|| rans::decode_into(&with_keys, SYMBOLS, keys32, &mut out).expect("decodes"));
         });
         group.bench_with_input(BenchmarkId::new("zstd-3 decompress", name), &(), |b, ()| {
             b.iter(|| zstd::bulk::decompress(&zstd3, SYMBOLS).expect("decompresses"));

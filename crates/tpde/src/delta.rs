@@ -979,6 +979,34 @@ impl ChunkStreams<'_, '_> {
     }
 }
 
+/// Joins the value streams and applies them to `out`; without `out`, only counts.
+/// Returns the number of nonzero values.
+fn apply_values<W: Word>(
+    record: &ChunkRecord,
+    streams: &[&[u8]],
+    count: usize,
+    out: Option<&mut [u8]>,
+    positions: Option<&[u32]>,
+) -> Result<usize> {
+    if record.value_order == ValueOrder::Positional {
+        return values::join_apply_positional::<W>(
+            streams,
+            count,
+            record.value_layout,
+            out,
+            positions,
+            record.value_op,
+        );
+    }
+    let mut joined: Vec<W> = Vec::new();
+    values::join(streams, count, record.value_layout, &mut joined)?;
+    Ok(match out {
+        Some(out) => values::apply::<W>(out, &joined, positions, record.value_order, record.value_op),
+        // D6 counts values, whatever the base and the order they are applied in.
+        None => joined.iter().filter(|&&v| v != W::default()).count(),
+    })
+}
+
 /// Decodes the streams and applies them to `out`, which holds the base words, then
 /// checks the digest. Without `out`, checks the streams and counts the changed
 /// words only; values coded against the base keys cannot be decoded without the
@@ -1061,16 +1089,9 @@ fn rebuild(
         return Ok(());
     }
 
-    let nonzero = with_word!(width, W => {
-        let value_streams: Vec<&[u8]> = value_planes.map(|q| decoded.bytes(q)).collect();
-        let mut joined: Vec<W> = Vec::new();
-        values::join(&value_streams, value_count, record.value_layout, &mut joined)?;
-        match out.as_deref_mut() {
-            Some(out) => values::apply::<W>(out, &joined, positions, record.value_order, record.value_op),
-            // D6 counts values, whatever the base and the order they are applied in.
-            None => joined.iter().filter(|&&v| v != W::default()).count(),
-        }
-    });
+    let value_streams: Vec<&[u8]> = value_planes.map(|q| decoded.bytes(q)).collect();
+    let nonzero =
+        with_word!(width, W => apply_values::<W>(record, &value_streams, value_count, out.as_deref_mut(), positions)?);
     if record.encoding != Encoding::Raw && nonzero != m {
         return fail(
             ErrorCode::ChangedCount,

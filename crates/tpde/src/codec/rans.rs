@@ -382,8 +382,19 @@ trait ContextSource {
     /// Every symbol uses table 0: the decoder skips the lookups.
     const NONE: bool = false;
 
+    /// The word width of dense base keys, whose keys a vector kernel may compute
+    /// from [`ContextSource::dense_words`]; 0 for every other source.
+    const DENSE_KEY_BYTES: usize = 0;
+
     /// The context byte of symbol `i`.
     fn context(&self, i: usize) -> u8;
+
+    /// For dense base keys, the 32 base words of symbols `first .. first + 32`, when
+    /// the base holds them all.
+    #[inline]
+    fn dense_words(&self, _first: usize) -> Option<&[u8]> {
+        None
+    }
 
     /// The context bytes of symbols `first .. first + 32`.
     #[inline]
@@ -422,9 +433,16 @@ impl ContextSource for PlaneAbove<'_> {
 struct DenseKeys<'a, const WB: usize>(&'a [u8]);
 
 impl<const WB: usize> ContextSource for DenseKeys<'_, WB> {
+    const DENSE_KEY_BYTES: usize = WB;
+
     #[inline]
     fn context(&self, i: usize) -> u8 {
         key_at::<WB>(self.0, i)
+    }
+
+    #[inline]
+    fn dense_words(&self, first: usize) -> Option<&[u8]> {
+        self.0.get(first * WB..(first + LANES) * WB)
     }
 
     #[inline]
@@ -519,6 +537,22 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// Decodes full steps while the next 64 bytes of words are in `input`'s payload.
+    fn fast_steps<C: ContextSource>(
+        self,
+        input: &TileInput<'_>,
+        contexts: &C,
+        progress: &mut TileProgress,
+        out: &mut [u8],
+    ) {
+        match self {
+            Self::Scalar => fast_steps(input, contexts, progress, out),
+            // SAFETY: Kernel::Avx2 is only chosen where the CPU has AVX2 and POPCNT.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { avx2::fast_steps(input, contexts, progress, out) },
+        }
+    }
+
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") {
@@ -661,13 +695,23 @@ fn finish_tile<C: ContextSource>(
 ) -> Result<()> {
     let TileInput { stream, tile, first_symbol, payload } = *input;
     // Full steps while a step's 32 words are surely in the tile: no read is checked.
-    match kernel {
-        Kernel::Scalar => fast_steps(input, contexts, progress, out),
-        // SAFETY: Kernel::Avx2 is only chosen where the CPU has AVX2 and POPCNT.
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { avx2::fast_steps(input, contexts, progress, out) },
+    kernel.fast_steps(input, contexts, progress, out);
+    // The full steps near the tile's end, where fewer than 64 bytes of words are
+    // left, on those words padded with zeros: a tile whose symbols need few bits
+    // spends thousands of steps there. A step that read padding ran past the tile's
+    // end; then these steps are redone below, checked, which reports it.
+    let left = payload.len() - progress.cursor.min(payload.len());
+    if left < 64 && out.len() - progress.done >= LANES {
+        let mut padded = [0u8; 128];
+        padded[..left].copy_from_slice(&payload[payload.len() - left..]);
+        let tail = TileInput { payload: &padded[..left + 64], ..*input };
+        let mut in_tail = TileProgress { cursor: 0, ..*progress };
+        kernel.fast_steps(&tail, contexts, &mut in_tail, out);
+        if in_tail.cursor <= left {
+            *progress = TileProgress { cursor: payload.len() - left + in_tail.cursor, ..in_tail };
+        }
     }
-    // Then, with every read checked, the steps near the tile's end.
+    // Then, with every read checked, the last partial step.
     let coder = LaneCoder { slots: &stream.tables.slots, prob_bits: stream.prob_bits };
     let mut offsets = [0u32; LANES];
     let mut cursor = progress.cursor;
@@ -796,11 +840,11 @@ impl LaneCoder<'_> {
 mod avx2 {
     use super::{ContextSource, TileInput, TileProgress, LANES};
     use std::arch::x86_64::{
-        __m256i, _mm256_add_epi32, _mm256_and_si256, _mm256_castsi256_ps, _mm256_cmpeq_epi32, _mm256_cvtepu16_epi32,
-        _mm256_cvtepu8_epi32, _mm256_i32gather_epi32, _mm256_loadu_si256, _mm256_movemask_ps, _mm256_mullo_epi32,
-        _mm256_or_si256, _mm256_packus_epi16, _mm256_packus_epi32, _mm256_permutevar8x32_epi32, _mm256_set1_epi32,
-        _mm256_setr_epi32, _mm256_setzero_si256, _mm256_sllv_epi32, _mm256_srl_epi32, _mm256_srli_epi32,
-        _mm256_storeu_si256, _mm_cvtsi32_si128, _mm_loadl_epi64, _mm_loadu_si128,
+        __m256i, _mm256_add_epi32, _mm256_and_si256, _mm256_blend_epi32, _mm256_castsi256_ps, _mm256_cmpeq_epi32,
+        _mm256_cvtepu16_epi32, _mm256_cvtepu8_epi32, _mm256_i32gather_epi32, _mm256_loadu_si256, _mm256_movemask_ps,
+        _mm256_mullo_epi32, _mm256_or_si256, _mm256_packus_epi16, _mm256_packus_epi32, _mm256_permutevar8x32_epi32,
+        _mm256_set1_epi32, _mm256_setr_epi32, _mm256_setzero_si256, _mm256_slli_epi32, _mm256_sllv_epi32,
+        _mm256_srl_epi32, _mm256_srli_epi32, _mm256_storeu_si256, _mm_cvtsi32_si128, _mm_loadl_epi64, _mm_loadu_si128,
     };
 
     /// For each set of lanes of a vector that read a word (bit `l` for lane `l`), the
@@ -846,7 +890,8 @@ mod avx2 {
         // window of the payload; a context step is 32 bytes. The gathers read
         // `slots[(state & mask) + offset]`, below `table_count << prob_bits`, the
         // number of slots, since an offset is `table << prob_bits` with table below
-        // table_count, and `context_offsets[c]` with c a byte, of 256 entries.
+        // table_count, and `context_offsets[c]` with c a byte, of 256 entries. Dense
+        // keys read the 32 words that `dense_words` returned.
         unsafe {
             let zero = _mm256_setzero_si256();
             let slot_mask = _mm256_set1_epi32((1i32 << prob_bits) - 1);
@@ -866,7 +911,16 @@ mod avx2 {
             let mut rest = &mut out[done..];
             while let Some((step_out, tail)) = std::mem::take(&mut rest).split_first_chunk_mut::<LANES>() {
                 let Some(window) = input.payload.get(cursor..).and_then(<[u8]>::first_chunk::<64>) else { break };
-                if !C::NONE {
+                let dense =
+                    if C::DENSE_KEY_BYTES == 0 { None } else { contexts.dense_words(input.first_symbol + done) };
+                if let Some(words) = dense {
+                    // The keys straight from the base words: bytes gathered one by one
+                    // and reloaded as a vector would stall on store forwarding.
+                    for (v, offset) in offsets.iter_mut().enumerate() {
+                        let keys = dense_keys::<C>(words.as_ptr(), v);
+                        *offset = _mm256_i32gather_epi32::<4>(context_offsets, keys);
+                    }
+                } else if !C::NONE {
                     contexts.step_contexts(input.first_symbol + done, &mut step_contexts);
                     for (v, offset) in offsets.iter_mut().enumerate() {
                         let bytes = _mm_loadl_epi64(step_contexts.as_ptr().add(8 * v).cast());
@@ -915,6 +969,43 @@ mod avx2 {
         }
         progress.cursor = cursor;
         progress.done = done;
+    }
+
+    /// The base keys (§8.6) of words `8v .. 8v + 8` of the 32 at `words`, each
+    /// `C::DENSE_KEY_BYTES` wide: the top byte shifted up by one with the next bit
+    /// below it, or for bytes the byte rotated by one.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `words` must hold 32 words, and `v` be below 4.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dense_keys<C: ContextSource>(words: *const u8, v: usize) -> __m256i {
+        // SAFETY: each load reads words 8v .. 8v + 8 of the 32 the caller vouches for.
+        unsafe {
+            let low_byte = _mm256_set1_epi32(0xFF);
+            match C::DENSE_KEY_BYTES {
+                1 => {
+                    let x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(words.add(8 * v).cast()));
+                    _mm256_and_si256(_mm256_or_si256(_mm256_slli_epi32::<1>(x), _mm256_srli_epi32::<7>(x)), low_byte)
+                }
+                2 => {
+                    let x = _mm256_cvtepu16_epi32(_mm_loadu_si128(words.add(16 * v).cast()));
+                    _mm256_and_si256(_mm256_srli_epi32::<7>(x), low_byte)
+                }
+                4 => {
+                    let x = _mm256_loadu_si256(words.add(32 * v).cast());
+                    _mm256_and_si256(_mm256_srli_epi32::<23>(x), low_byte)
+                }
+                _ => {
+                    // The high halves of eight 64-bit words, in order.
+                    let odd = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
+                    let first = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(words.add(64 * v).cast()), odd);
+                    let second = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(words.add(64 * v + 32).cast()), odd);
+                    let high = _mm256_blend_epi32::<0xF0>(first, second);
+                    _mm256_and_si256(_mm256_srli_epi32::<23>(high), low_byte)
+                }
+            }
+        }
     }
 }
 
@@ -2265,7 +2356,7 @@ mod tests {
             return;
         }
         let mut noise = Noise(0xC0FFEE);
-        for case in 0..60u64 {
+        for case in 0..84u64 {
             let len = usize::try_from(noise.next() % 20_000).unwrap() + 1;
             let zeros = noise.next() % 256;
             let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(zeros)).collect();
@@ -2273,10 +2364,14 @@ mod tests {
                 symbols.iter().map(|&s| s.wrapping_add(u8::try_from(noise.next() % 3).unwrap()) >> 3).collect();
             let base = noise.bytes(len);
             let positions: Vec<u32> = (0..len).map(|i| u32::try_from(i).unwrap() / 2).collect();
-            let contexts = match case % 4 {
+            // Dense keys of every width, with a base that ends before the stream.
+            let contexts = match case % 7 {
                 0 => Contexts::None,
                 1 => Contexts::HigherPlane(&plane),
                 2 => Contexts::BaseKeys { base: &base, word_bytes: 2, positions: None },
+                3 => Contexts::BaseKeys { base: &base, word_bytes: 1, positions: None },
+                4 => Contexts::BaseKeys { base: &base, word_bytes: 4, positions: None },
+                5 => Contexts::BaseKeys { base: &base, word_bytes: 8, positions: None },
                 _ => Contexts::BaseKeys { base: &base, word_bytes: 1, positions: Some(&positions) },
             };
             let tile_log2 = 8 + u32::try_from(noise.next() % 7).unwrap();

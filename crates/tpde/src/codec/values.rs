@@ -157,19 +157,31 @@ pub(crate) fn split<W: Word>(values: &[W], layout: ValueLayout) -> Vec<Vec<u8>> 
 /// # Errors
 /// `E_OUT_OF_MEMORY` when `out` cannot grow to `count` words.
 pub(crate) fn join<W: Word>(streams: &[&[u8]], count: usize, layout: ValueLayout, out: &mut Vec<W>) -> Result<()> {
+    join_range(streams, 0..count, layout, out)
+}
+
+/// [`join`] of the value words `range` only.
+fn join_range<W: Word>(
+    streams: &[&[u8]],
+    range: std::ops::Range<usize>,
+    layout: ValueLayout,
+    out: &mut Vec<W>,
+) -> Result<()> {
     out.clear();
+    let count = range.len();
     if count == 0 {
         return Ok(());
     }
     crate::limits::try_reserve(out, count)?;
     if layout == ValueLayout::Words {
-        out.extend(streams[0][..count * W::BYTES].chunks_exact(W::BYTES).map(W::load));
+        let bytes = &streams[0][range.start * W::BYTES..range.end * W::BYTES];
+        out.extend(bytes.chunks_exact(W::BYTES).map(W::load));
         return Ok(());
     }
     out.resize(count, W::default());
     // One pass per plane keeps each loop a simple zip that the compiler vectorises.
     for (k, plane) in streams.iter().enumerate() {
-        for (word, &byte) in out.iter_mut().zip(&plane[..count]) {
+        for (word, &byte) in out.iter_mut().zip(&plane[range.clone()]) {
             *word = word.or(W::from_byte(byte, k));
         }
     }
@@ -230,6 +242,40 @@ pub(crate) fn apply<W: Word>(
         ValueOp::Sub => run(words, values, positions, order, |b, v| W::combine(b, v, ValueOp::Sub)),
     }
     values.iter().filter(|&&v| v != W::default()).count()
+}
+
+/// Values joined and applied per block of this many words: the block stays in the
+/// cache, and no buffer the size of the chunk is allocated and faulted in.
+const JOIN_BLOCK: usize = 1 << 12;
+
+/// [`join`] then [`apply`] of values in positional order, a block at a time; without
+/// `words`, only counts the nonzero values. Returns the number of nonzero values.
+///
+/// # Errors
+/// As [`join`].
+pub(crate) fn join_apply_positional<W: Word>(
+    streams: &[&[u8]],
+    count: usize,
+    layout: ValueLayout,
+    mut words: Option<&mut [u8]>,
+    positions: Option<&[u32]>,
+    op: ValueOp,
+) -> Result<usize> {
+    let mut block: Vec<W> = Vec::new();
+    let mut nonzero = 0;
+    for start in (0..count).step_by(JOIN_BLOCK) {
+        let range = start..(start + JOIN_BLOCK).min(count);
+        join_range(streams, range.clone(), layout, &mut block)?;
+        nonzero += match (words.as_deref_mut(), positions) {
+            (None, _) => block.iter().filter(|&&v| v != W::default()).count(),
+            (Some(words), None) => {
+                let words = &mut words[range.start * W::BYTES..range.end * W::BYTES];
+                apply(words, &block, None, ValueOrder::Positional, op)
+            }
+            (Some(words), Some(positions)) => apply(words, &block, Some(&positions[range]), ValueOrder::Positional, op),
+        };
+    }
+    Ok(nonzero)
 }
 
 /// The group of a base word (spec §8.6): the top byte of the word rotated left by
