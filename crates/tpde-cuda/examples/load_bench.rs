@@ -52,7 +52,8 @@ use common::{median, time};
 /// The example's error type.
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
-const USAGE: &str = "usage: load_bench BASE TARGET DELTA [--reps N] [--in-place] [--no-digests] [--slots N] [--slot-mib N]";
+const USAGE: &str =
+    "usage: load_bench BASE TARGET DELTA [--reps N] [--in-place] [--no-digests] [--slots N] [--slot-mib N]";
 
 struct Args {
     base: PathBuf,
