@@ -21,10 +21,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use tpde::{Checkpoint, DeltaFile, Dtype, Error, ErrorCode};
 use tpde_cuda::{
-    check_resident_base,
     cudarc::driver::result::ctx,
     cudarc::driver::{CudaSlice, DevicePtr},
-    match_resident, tensor_refs, Base, Gpu, GpuError, Loader, LoaderConfig, ResidentTensor, TensorRef,
+    Base, Gpu, GpuError, Loader, LoaderConfig, RebuiltTensor, ResidentTensor, ResidentTensorMut,
 };
 
 use crate::errors::{coded, to_py, Fault};
@@ -340,12 +339,12 @@ fn resident_tensors<'b>(
 }
 
 /// Rebuilds the target of `delta` inside the resident tensors that hold its base,
-/// on GPU `device`, with no second copy of them: a tensor whose target has its
-/// dtype and shape is overwritten in place (returned with no buffer); the others
-/// are rebuilt into new buffers first, before anything is overwritten. With
-/// `check_base`, every base tensor's digest is checked (from a host copy) before
-/// anything is written; without, a wrong base is found by the target digests only
-/// after the tensors were overwritten.
+/// on GPU `device`, with no second copy of them (`Loader::apply_model_in_place`):
+/// a tensor whose target has its dtype and shape is overwritten in place (returned
+/// with no buffer); the others are rebuilt into new buffers first, before anything
+/// is overwritten. With `check_base`, every base tensor's digest is checked (from
+/// a host copy) before anything is written; without, a wrong base is found by the
+/// target digests only after the tensors were overwritten.
 #[pyfunction]
 #[pyo3(signature = (delta, *, device, base_tensors, check_base))]
 pub fn cuda_apply_in_place(
@@ -358,77 +357,31 @@ pub fn cuda_apply_in_place(
     run_interruptible_with(py, None, |_| {
         with_loader(device, |loader| {
             let file = &open_delta(&delta)?;
-            let refs = tensor_refs(file, true)?;
-            let zero = loader.zero_byte();
-            let (borrowed, index) = borrow_all(loader, &base_tensors);
-            let resident = resident_tensors(&base_tensors, &borrowed, &index, &zero)?;
-            let matched = match_resident(file, &resident)?;
-            let entries = &file.header().tensors;
-            // In place: the resident tensor of the same name holds exactly the target.
-            let in_place: Vec<bool> = entries
-                .iter()
-                .zip(&matched)
-                .map(|(t, m)| {
-                    m.is_some_and(|i| {
-                        let (_, dtype, shape, _, len) = &base_tensors[i];
-                        *dtype == t.dtype_name && *shape == t.shape && *len > 0
-                    })
-                })
-                .collect();
-            check_disjoint(&matched, &in_place, &base_tensors)?;
-            // Every base is read (checked, or rebuilt into a new buffer) before
-            // any tensor is overwritten.
-            let mut outs = {
-                let bases: Vec<&CudaSlice<u8>> =
-                    matched.iter().map(|m| m.map_or(&*zero, |i| resident[i].buffer)).collect();
-                if check_base {
-                    for (entry, m) in entries.iter().zip(&matched) {
-                        if let Some(i) = m {
-                            check_resident_base(loader, file, entry, &resident[*i])?;
-                        }
-                    }
-                }
-                let (new_refs, new_bases): (Vec<_>, Vec<_>) =
-                    refs.iter().zip(&bases).zip(&in_place).filter(|(_, &inside)| !inside).map(|(rb, _)| rb).unzip();
-                let new_refs: Vec<TensorRef<'_>> = new_refs.into_iter().cloned().collect();
-                loader.load(&new_refs, &new_bases)?.into_iter()
-            };
-            // The read-only views go before the tensors are borrowed for writing.
-            drop(resident);
-            drop(borrowed);
-            let in_refs: Vec<TensorRef<'_>> =
-                refs.iter().zip(&in_place).filter(|(_, &inside)| inside).map(|(r, _)| r.clone()).collect();
-            let targets = matched.iter().zip(&in_place).filter(|(_, &inside)| inside).filter_map(|(m, _)| *m);
-            // SAFETY: as in `borrow_all`; these tensors do not overlap one another
-            // (`check_disjoint`), and nothing reads them while the loader writes.
-            let mut bufs = unsafe { Borrowed::new(loader, targets.map(|i| (base_tensors[i].3, base_tensors[i].4))) };
-            loader.apply_in_place(&in_refs, &mut bufs.0)?;
-            Ok(results(file, in_place.iter().map(|&inside| if inside { None } else { outs.next() }), device))
+            // An empty tensor may have no address: it gets a byte of its own.
+            let mut empty = Vec::new();
+            for _ in base_tensors.iter().filter(|r| r.4 == 0) {
+                empty.push(loader.gpu().alloc_zeros::<u8>(1)?);
+            }
+            // SAFETY: Python passes contiguous CUDA tensors of this device that it
+            // keeps alive for the call, after synchronizing torch's current
+            // stream, and uses none of them until the call returns; tensors that
+            // share memory are refused by the loader before anything is written.
+            let mut borrowed =
+                unsafe { Borrowed::new(loader, base_tensors.iter().filter(|r| r.4 > 0).map(|r| (r.3, r.4))) };
+            let (mut filled, mut spare) = (borrowed.0.iter_mut(), empty.iter_mut());
+            let mut resident = Vec::with_capacity(base_tensors.len());
+            for (name, dtype, shape, _, bytes) in &base_tensors {
+                let buffer = if *bytes > 0 { filled.next() } else { spare.next() };
+                let buffer = buffer.ok_or_else(|| invalid("fewer buffers than tensors"))?;
+                let dtype = dtype.parse::<Dtype>().map_err(|e| e.in_tensor(name))?;
+                resident.push(ResidentTensorMut { name, dtype, shape, buffer, bytes: *bytes });
+            }
+            let rebuilt = loader.apply_model_in_place(file, &mut resident, check_base)?;
+            let outs = rebuilt.into_iter().map(|r| match r {
+                RebuiltTensor::InPlace(_) => None,
+                RebuiltTensor::New(t) => Some(t.buffer),
+            });
+            Ok(results(file, outs, device))
         })
     })
-}
-
-/// Refuses tensors rebuilt in place that share memory (tied weights): each would
-/// be rebuilt on top of the other.
-fn check_disjoint(matched: &[Option<usize>], in_place: &[bool], resident: &[ResidentArg]) -> CudaResult<()> {
-    let mut ranges: Vec<(u64, u64, &str)> = matched
-        .iter()
-        .zip(in_place)
-        .filter(|(_, &inside)| inside)
-        .filter_map(|(m, _)| *m)
-        .map(|i| {
-            let (name, _, _, ptr, len) = &resident[i];
-            (*ptr, ptr.saturating_add(*len as u64), name.as_str())
-        })
-        .collect();
-    ranges.sort_unstable();
-    for pair in ranges.windows(2) {
-        if pair[1].0 < pair[0].1 {
-            return Err(invalid(format!(
-                "tensors {:?} and {:?} share memory (tied weights?): rebuild them out of place",
-                pair[0].2, pair[1].2
-            )));
-        }
-    }
-    Ok(())
 }

@@ -98,7 +98,9 @@ pub use delta::{host_bases, tensor_ref, tensor_refs, tensor_refs_checked_on_uplo
 pub use encode::EncodedTensor;
 pub use error::{GpuError, Result};
 pub use gpu::{driver_present, DevRange, Gpu};
-pub use model::{check_resident_base, match_resident, Base, DeviceTensor, ResidentTensor};
+pub use model::{
+    check_resident_base, match_resident, Base, DeviceTensor, RebuiltTensor, ResidentTensor, ResidentTensorMut,
+};
 pub use pipeline::{decode_stream, Checksums, ChunkRef, DeviceDelta, Loader, LoaderConfig, TensorRef};
 pub use series::step_in_place;
 /// The width of a word, shared with the format library.

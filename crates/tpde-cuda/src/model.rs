@@ -22,15 +22,16 @@
 
 use std::collections::HashMap;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream};
 use tpde::{
     format::{tensor_digest, to_hex},
     Checkpoint, DeltaFile, Dtype, Error, ErrorCode, TensorEntry,
 };
 
-use crate::delta::{host_bases, tensor_refs_checked_on_upload};
+use crate::delta::{host_bases, tensor_refs, tensor_refs_checked_on_upload};
 use crate::error::{GpuError, Result};
-use crate::pipeline::Loader;
+use crate::gpu::DevRange;
+use crate::pipeline::{Loader, TensorRef};
 
 /// A tensor of a base already in device memory. `buffer` holds at least
 /// `bytes` bytes (an allocation may be larger than its tensor).
@@ -131,6 +132,170 @@ impl Loader {
         });
         tensors.collect()
     }
+}
+
+/// A tensor of a base in device memory that [`Loader::apply_model_in_place`]
+/// may overwrite with its target. `buffer` holds at least `bytes` bytes.
+#[derive(Debug)]
+pub struct ResidentTensorMut<'b> {
+    /// Its name in the checkpoint.
+    pub name: &'b str,
+    /// Its element type.
+    pub dtype: Dtype,
+    /// Its shape.
+    pub shape: &'b [u64],
+    /// Its bytes on the loader's device.
+    pub buffer: &'b mut CudaSlice<u8>,
+    /// Its length in bytes.
+    pub bytes: usize,
+}
+
+impl ResidentTensorMut<'_> {
+    /// The same tensor, read only.
+    #[must_use]
+    pub fn view(&self) -> ResidentTensor<'_> {
+        ResidentTensor { name: self.name, dtype: self.dtype, shape: self.shape, buffer: self.buffer, bytes: self.bytes }
+    }
+}
+
+/// What [`Loader::apply_model_in_place`] made of one tensor of the target.
+#[derive(Debug)]
+pub enum RebuiltTensor {
+    /// Rebuilt inside the resident tensor at this index of the call's slice.
+    InPlace(usize),
+    /// Rebuilt into memory of its own: it has no resident tensor, or one of
+    /// another dtype or shape.
+    New(DeviceTensor),
+}
+
+impl Loader {
+    /// Turns resident tensors that hold `delta`'s base into its target with no
+    /// second copy of them: the RL weight-sync case. Returns one result per
+    /// tensor of the target, in the delta's order.
+    ///
+    /// - A tensor whose resident tensor (found by name) has the target's dtype
+    ///   and shape is rebuilt inside it; the others are rebuilt into new
+    ///   buffers first, before anything is overwritten. Resident tensors that
+    ///   the target lacks are left as they are.
+    /// - Every chunk's checksum is checked before the first write.
+    /// - With `check_base`, every base tensor's digest is checked too, from a
+    ///   copy on the host, so that a wrong base is `E_BASE_DIGEST` with nothing
+    ///   written. Without it, a wrong base is found by the rebuilt chunks'
+    ///   digests (`E_CHUNK_DIGEST`) only after the tensors were overwritten:
+    ///   that is for resident tensors known to hold the base, such as the result
+    ///   of an earlier call.
+    ///
+    /// # Errors
+    /// `E_BASE_REQUIRED`, `E_BASE_MISSING_TENSOR`, `E_BASE_MISMATCH` and
+    /// `E_BASE_DIGEST` for a base that does not fit, `E_INVALID_ARGUMENT` for
+    /// tensors to rebuild in place that share memory (tied weights: each would
+    /// be rebuilt on top of the other), any format error of the delta, and the
+    /// loader's errors.
+    pub fn apply_model_in_place(
+        &mut self,
+        delta: &DeltaFile,
+        resident: &mut [ResidentTensorMut<'_>],
+        check_base: bool,
+    ) -> Result<Vec<RebuiltTensor>> {
+        self.rebuild_in_place(delta, resident, check_base).map_err(|e| match e {
+            GpuError::Format(e) => GpuError::Format(e.in_file(delta.path())),
+            e => e,
+        })
+    }
+
+    fn rebuild_in_place(
+        &mut self,
+        delta: &DeltaFile,
+        resident: &mut [ResidentTensorMut<'_>],
+        check_base: bool,
+    ) -> Result<Vec<RebuiltTensor>> {
+        let refs = tensor_refs(delta, true)?;
+        let entries = &delta.header().tensors;
+        // Every base is read (checked, or rebuilt into a new buffer) before any
+        // tensor is overwritten.
+        let (matched, in_place, new) = {
+            let views: Vec<ResidentTensor<'_>> = resident.iter().map(ResidentTensorMut::view).collect();
+            let matched = match_resident(delta, &views)?;
+            let mut in_place = Vec::with_capacity(entries.len());
+            for (t, m) in entries.iter().zip(&matched) {
+                let dtype = t.dtype()?;
+                in_place.push(m.is_some_and(|i| {
+                    let r = &views[i];
+                    r.dtype == dtype && r.shape == t.shape.as_slice() && r.bytes > 0
+                }));
+            }
+            check_disjoint(self.gpu().stream(), &views, &matched, &in_place)?;
+            if check_base {
+                for (entry, m) in entries.iter().zip(&matched) {
+                    if let Some(i) = m {
+                        check_resident_base(self, delta, entry, &views[*i])?;
+                    }
+                }
+            }
+            let zero = self.zero_byte();
+            let (new_refs, new_bases): (Vec<TensorRef<'_>>, Vec<&CudaSlice<u8>>) = refs
+                .iter()
+                .zip(&matched)
+                .zip(&in_place)
+                .filter(|(_, &inside)| !inside)
+                .map(|((t, m), _)| (t.clone(), m.map_or(&*zero, |i| views[i].buffer)))
+                .unzip();
+            let new = self.load(&new_refs, &new_bases)?;
+            (matched, in_place, new)
+        };
+        let main = self.gpu().stream().clone();
+        let mut in_refs = Vec::new();
+        let mut ranges = Vec::new();
+        for ((t, m), &inside) in refs.iter().zip(&matched).zip(&in_place) {
+            if let (true, Some(i)) = (inside, m) {
+                in_refs.push(t.clone());
+                ranges.push(DevRange::of(&*resident[*i].buffer, &main, 0, t.bytes())?);
+            }
+        }
+        // The exclusive borrow of `resident` covers the writes.
+        self.apply_in_place_ranges(&in_refs, &ranges)?;
+        let mut new = new.into_iter();
+        entries
+            .iter()
+            .zip(matched.iter().zip(&in_place))
+            .map(|(t, (m, &inside))| match (inside, m) {
+                (true, Some(i)) => Ok(RebuiltTensor::InPlace(*i)),
+                _ => {
+                    let buffer = new.next().ok_or_else(|| GpuError::invalid("fewer rebuilt tensors than planned"))?;
+                    let (name, shape) = (t.name.clone(), t.shape.clone());
+                    Ok(RebuiltTensor::New(DeviceTensor { name, dtype: t.dtype()?, shape, buffer }))
+                }
+            })
+            .collect()
+    }
+}
+
+/// Refuses tensors to rebuild in place that share memory (tied weights): each
+/// would be rebuilt on top of the other.
+fn check_disjoint(
+    stream: &CudaStream,
+    resident: &[ResidentTensor<'_>],
+    matched: &[Option<usize>],
+    in_place: &[bool],
+) -> Result<()> {
+    let mut ranges = Vec::new();
+    for (m, &inside) in matched.iter().zip(in_place) {
+        if let (true, Some(i)) = (inside, m) {
+            let r = &resident[*i];
+            let range = DevRange::of(r.buffer, stream, 0, r.bytes)?;
+            ranges.push((range.ptr(), range.ptr().saturating_add(r.bytes as u64), r.name));
+        }
+    }
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        if pair[1].0 < pair[0].1 {
+            return Err(GpuError::invalid(format!(
+                "tensors {:?} and {:?} share memory (tied weights?): rebuild them out of place",
+                pair[0].2, pair[1].2
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// For each tensor of `delta`, the index of the resident tensor that is its

@@ -8,13 +8,21 @@
 use std::sync::Arc;
 
 use tpde::{encode, Checkpoint, DeltaFile, Dtype, EncodeOptions, ErrorCode, NoProgress};
-use tpde_cuda::{cudarc::driver::CudaSlice, Base, DeviceTensor, Gpu, GpuError, Loader, LoaderConfig, ResidentTensor};
+use tpde_cuda::{
+    cudarc::driver::CudaSlice, Base, DeviceTensor, Gpu, GpuError, Loader, LoaderConfig, RebuiltTensor, ResidentTensor,
+    ResidentTensorMut,
+};
 
 mod common;
 use common::write_bf16_safetensors;
 
 fn bytes(words: &[u16]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// A BF16 tensor of a base on the device that a call may overwrite.
+fn resident_mut<'b>(name: &'b str, shape: &'b [u64], buffer: &'b mut CudaSlice<u8>) -> ResidentTensorMut<'b> {
+    ResidentTensorMut { name, dtype: Dtype::BF16, shape, buffer, bytes: 2 * shape[0] as usize }
 }
 
 /// A BF16 tensor of a base on the device.
@@ -134,4 +142,101 @@ fn a_corrupt_chunk_is_refused_when_checked_on_upload() {
     let Err(GpuError::Format(e)) = loader.apply_in_place(&refs, &mut bufs) else { panic!("applied a corrupt chunk") };
     assert_eq!((e.code(), e.chunk()), (ErrorCode::ChunkChecksum, Some(last)));
     assert!(gpu.download(&bufs[0]).expect("download") == bytes(&a), "the buffer was written before the check");
+}
+
+/// The model-level in-place call: tensors whose target has their dtype and shape
+/// are rebuilt inside them, the others into new buffers, bit for bit; a wrong base
+/// is `E_BASE_DIGEST` with nothing written; tensors that share memory are refused.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_delta_rebuilds_in_place_over_named_resident_tensors() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let a: Vec<u16> = (0..300_000u32).map(|i| 0x3C00 | (i.wrapping_mul(2_654_435_761) >> 22) as u16).collect();
+    let b: Vec<u16> = (0..5_000u32).map(|i| 0x3F80 | (i % 97) as u16).collect();
+    let c: Vec<u16> = (0..1_000u32).map(|i| 0x3E00 | (i % 31) as u16).collect();
+    let a2: Vec<u16> = a.iter().enumerate().map(|(i, &w)| if i % 29 == 0 { w.wrapping_add(1) } else { w }).collect();
+    let c2: Vec<u16> = (0..1_500u32).map(|i| 0x3E00 | (i % 37) as u16).collect();
+    let new: Vec<u16> = (0..777u32).map(|i| 0x4000 | (i % 13) as u16).collect();
+    let (base_path, target_path) = (dir.path().join("base.safetensors"), dir.path().join("target.safetensors"));
+    write_bf16_safetensors(&base_path, &[("a", &a), ("b", &b), ("c", &c)]);
+    write_bf16_safetensors(&target_path, &[("a", &a2), ("b", &b), ("c", &c2), ("new", &new)]);
+    let base = Checkpoint::open(&base_path).expect("opens");
+    let target = Checkpoint::open(&target_path).expect("opens");
+    let options = EncodeOptions { chunk_words: 4096, ..EncodeOptions::default() };
+    let delta_path = dir.path().join("d.tpde");
+    encode(Some(&base), &target, &delta_path, options, &NoProgress).expect("encodes");
+    let delta = DeltaFile::open(&delta_path).expect("opens");
+
+    let gpu = Arc::new(Gpu::new(0).expect("a CUDA GPU"));
+    let mut loader = Loader::new(gpu.clone(), LoaderConfig::default()).expect("a loader");
+    let shapes = [[a.len() as u64], [b.len() as u64], [c.len() as u64]];
+    let upload = |words: &[u16]| gpu.upload(&bytes(words)).expect("upload");
+    let (mut a_dev, mut b_dev, mut c_dev) = (upload(&a), upload(&b), upload(&c));
+
+    // A wrong base: refused before anything is written.
+    let mut other = a.clone();
+    other[12_345] ^= 0x40;
+    let mut other_dev = upload(&other);
+    {
+        let mut wrong = [
+            resident_mut("a", &shapes[0], &mut other_dev),
+            resident_mut("b", &shapes[1], &mut b_dev),
+            resident_mut("c", &shapes[2], &mut c_dev),
+        ];
+        let Err(GpuError::Format(e)) = loader.apply_model_in_place(&delta, &mut wrong, true) else {
+            panic!("a wrong base was applied")
+        };
+        assert_eq!((e.code(), e.tensor()), (ErrorCode::BaseDigest, Some("a")));
+    }
+    assert!(gpu.download(&other_dev).expect("download") == bytes(&other), "the wrong base was written");
+
+    let rebuilt = {
+        let mut on_device = [
+            resident_mut("b", &shapes[1], &mut b_dev),
+            resident_mut("a", &shapes[0], &mut a_dev),
+            resident_mut("c", &shapes[2], &mut c_dev),
+        ];
+        loader.apply_model_in_place(&delta, &mut on_device, true).expect("applies")
+    };
+    let kinds: Vec<String> = rebuilt
+        .iter()
+        .map(|r| match r {
+            RebuiltTensor::InPlace(i) => format!("in place {i}"),
+            RebuiltTensor::New(t) => format!("new {}", t.name),
+        })
+        .collect();
+    assert_eq!(kinds, ["in place 1", "in place 0", "new c", "new new"]);
+    for (r, words) in rebuilt.iter().zip([&a2, &b, &c2, &new]) {
+        if let RebuiltTensor::New(t) = r {
+            let mut got = gpu.download(&t.buffer).expect("download");
+            got.truncate(2 * words.len());
+            assert!(got == bytes(words), "tensor {} differs from the target", t.name);
+        }
+    }
+    assert!(gpu.download(&a_dev).expect("download") == bytes(&a2), "a was not rebuilt in place");
+    assert!(gpu.download(&b_dev).expect("download") == bytes(&b), "b changed");
+    assert!(gpu.download(&c_dev).expect("download") == bytes(&c), "c, rebuilt elsewhere, was written");
+
+    // Two names over the same memory (tied weights) are refused.
+    let mut first = upload(&a);
+    let ptr = {
+        let (ptr, _sync) = tpde_cuda::cudarc::driver::DevicePtr::device_ptr(&first, gpu.stream());
+        ptr
+    };
+    // SAFETY: `ptr` is `first`'s allocation, alive for the whole test; the alias
+    // is leaked below, never freed.
+    let mut alias = unsafe { gpu.stream().upgrade_device_ptr::<u8>(ptr, 2 * a.len()) };
+    let tied_shape = [a.len() as u64];
+    let mut tied = [resident_mut("a", &shapes[0], &mut first), resident_mut("b", &tied_shape, &mut alias)];
+    let delta_ab_path = dir.path().join("ab.tpde");
+    let twin = dir.path().join("twin.safetensors");
+    write_bf16_safetensors(&twin, &[("a", &a), ("b", &a)]);
+    let twin_target = dir.path().join("twin-target.safetensors");
+    write_bf16_safetensors(&twin_target, &[("a", &a2), ("b", &a2)]);
+    let (twin, twin_target) = (Checkpoint::open(&twin).expect("opens"), Checkpoint::open(&twin_target).expect("opens"));
+    encode(Some(&twin), &twin_target, &delta_ab_path, options, &NoProgress).expect("encodes");
+    let delta_ab = DeltaFile::open(&delta_ab_path).expect("opens");
+    let Err(e) = loader.apply_model_in_place(&delta_ab, &mut tied, false) else { panic!("tied tensors were rebuilt") };
+    assert!(matches!(e, GpuError::InvalidArgument(_)), "{e}");
+    let _ = alias.leak();
 }

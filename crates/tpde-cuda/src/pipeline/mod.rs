@@ -201,15 +201,27 @@ impl Loader {
         if bufs.len() != delta.len() {
             return Err(GpuError::invalid("one buffer per delta tensor"));
         }
-        let mut jobs = Vec::new();
-        let mut checks = Vec::new();
         let main = self.gpu.stream().clone();
+        let mut ranges = Vec::with_capacity(bufs.len());
         for (t, b) in delta.iter().zip(bufs.iter()) {
-            t.validate()?;
             if b.num_bytes() != t.bytes() {
                 return Err(GpuError::invalid(format!("{}: in-place buffer size differs from the target's", t.name)));
             }
-            let r = DevRange::all(b, &main)?;
+            ranges.push(DevRange::all(b, &main)?);
+        }
+        self.apply_in_place_ranges(delta, &ranges)
+    }
+
+    /// [`Loader::apply_in_place`] over device ranges that the caller holds
+    /// exclusively, each exactly its target's size.
+    pub(crate) fn apply_in_place_ranges(&mut self, delta: &[TensorRef<'_>], ranges: &[DevRange]) -> Result<()> {
+        let mut jobs = Vec::new();
+        let mut checks = Vec::new();
+        for (t, &r) in delta.iter().zip(ranges) {
+            t.validate()?;
+            if r.len() != t.bytes() {
+                return Err(GpuError::invalid(format!("{}: in-place range size differs from the target's", t.name)));
+            }
             self.plan_chunks(t, r, r, &mut jobs)?;
             leaf_checks(t, r, &mut checks)?;
         }
