@@ -1,7 +1,9 @@
 //! The model-level API: a delta and its base in, the target's tensors out, by
 //! name, on the device. The base is a checkpoint on disk (checked by the format
 //! library, then uploaded) or tensors already in device memory (matched by name,
-//! dtype and shape before anything is written).
+//! dtype and shape before anything is written). [`Loader::apply_model_in_place`]
+//! rebuilds the target inside resident tensors instead, with no second copy of
+//! them: the RL weight-sync case.
 //!
 //! ```no_run
 //! use std::path::Path;
