@@ -446,6 +446,7 @@ pub fn write_delta(path: &Path, entries: &[Entry], metadata: Option<&BTreeMap<St
             index_json: None,
         },
         tensors,
+        position_reference: None,
         extensions: BTreeMap::new(),
     };
     writer.finish(&header).expect("finish the delta");
