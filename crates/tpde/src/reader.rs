@@ -567,7 +567,7 @@ impl DeltaFile {
             return Ok(None);
         }
         let Some(reference) = &self.reference else { return Ok(None) };
-        let k = (span.first_word / tensor.chunk_words.max(1)) as usize;
+        let k = usize::try_from(span.first_word / tensor.chunk_words.max(1)).expect("bounded by MAX_CHUNKS");
         let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
         reference.positions_as_reference(&tensor.name, tensor.chunk_words, k, words).map(Some)
     }

@@ -89,6 +89,7 @@ impl Rng {
     }
 }
 
+#[allow(clippy::cast_possible_truncation)] // random words
 /// `count` checkpoints of one BF16 tensor in which the words that change in one
 /// step change again in the next with probability `keep`, others with `density`.
 fn series(seed: u64, words: usize, density: f64, keep: f64, count: usize) -> Vec<TensorMap> {

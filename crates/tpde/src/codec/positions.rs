@@ -217,7 +217,7 @@ pub fn decode_split(
     let mut rank = 0u64;
     // The complement element of rank `rank` is `rank + |{x in R : x < element}|`:
     // advance over the reference while its elements lie at or below the candidate.
-    let mut skipped = 0u64;
+    let mut skipped = 0usize;
     for j in 0..rest {
         let mut gap = 0u64;
         for (k, plane) in planes.iter().enumerate() {
@@ -233,10 +233,10 @@ pub fn decode_split(
                 format!("rank {rank} is outside a complement of {complement} words"),
             );
         }
-        while (skipped as usize) < reference.len() && u64::from(reference[skipped as usize]) <= rank + skipped {
+        while skipped < reference.len() && u64::from(reference[skipped]) <= rank + skipped as u64 {
             skipped += 1;
         }
-        let position = rank + skipped;
+        let position = rank + skipped as u64;
         push_marked_below(position, out);
         #[allow(clippy::cast_possible_truncation)] // below `words`, itself a u32
         out.push(position as u32);
