@@ -53,7 +53,8 @@ class ConformanceSuite(unittest.TestCase):
                 base = case.get("base")
                 status, out = r.run_decode(
                     os.path.join(CONFORMANCE, case["path"]),
-                    os.path.join(CONFORMANCE, base) if base else None)
+                    os.path.join(CONFORMANCE, base) if base else None,
+                    [os.path.join(CONFORMANCE, ref) for ref in case.get("references", [])])
                 if case["expect"] == "accept":
                     with open(os.path.join(CONFORMANCE, case["expected"]), "rb") as f:
                         want = f.read().decode("utf-8")

@@ -28,6 +28,16 @@ fn in_w(chunks: [&[usize]; 2]) -> Vec<usize> {
     chunks.iter().enumerate().flat_map(|(c, words)| words.iter().map(move |&p| 64 * c + p)).collect()
 }
 
+/// Where checkpoint `i` of the chain is: the last one is no case's base, so it
+/// stays outside the suite.
+fn step_path(suite: &Suite, i: usize) -> std::path::PathBuf {
+    if i < 3 {
+        suite.path(&format!("{DIR}/step-{i}.safetensors"))
+    } else {
+        suite.scratch("temporal-step-3.safetensors")
+    }
+}
+
 pub fn generate(suite: &mut Suite) {
     let mut r = rng("temporal-positions");
     let w0 = random_tensor(&mut r, "w", "BF16", &[2, 64]);
@@ -40,13 +50,15 @@ pub fn generate(suite: &mut Suite) {
     let w3 = nudge(&w2, &in_w(W_STEP3));
     let steps = [vec![w0, d0], vec![w1, d1], vec![w2, d2.clone()], vec![w3, d2]];
     for (i, tensors) in steps.iter().enumerate() {
-        suite.write(&format!("{DIR}/step-{i}.safetensors"), &safet::file(tensors, None).0);
+        let path = step_path(suite, i);
+        std::fs::create_dir_all(path.parent().expect("a folder")).expect("create a folder");
+        std::fs::write(path, safet::file(tensors, None).0).expect("write a step");
     }
     let options = EncodeOptions { chunk_words: 64, settings: settings_1_0() };
     let mut reference: Option<std::sync::Arc<DeltaFile>> = None;
     for i in 1..=3 {
-        let base = Checkpoint::open(&suite.path(&format!("{DIR}/step-{}.safetensors", i - 1))).expect("opens");
-        let target = Checkpoint::open(&suite.path(&format!("{DIR}/step-{i}.safetensors"))).expect("opens");
+        let base = Checkpoint::open(&step_path(suite, i - 1)).expect("opens");
+        let target = Checkpoint::open(&step_path(suite, i)).expect("opens");
         let delta = format!("{DIR}/delta-{i}.tpde");
         let path = suite.path(&delta);
         tpde::encode_sources_against(Some(&base), &target, &path, options, true, reference.as_deref(), &NoProgress)
