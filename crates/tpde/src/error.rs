@@ -237,7 +237,7 @@ impl ErrorCode {
                 "this delta codes its positions against the previous delta of a series; rebuild the step with \
                  `tpde series get`"
             }
-            Self::ReferenceMismatch => "the reference delta is not the file this delta was written against",
+            Self::ReferenceMismatch => "pass the delta this one was written against: the previous step of its series",
             Self::BaseMissingTensor | Self::BaseMismatch | Self::BaseDigest => {
                 "this delta was made against a different base checkpoint"
             }
