@@ -1202,6 +1202,14 @@ fn rebuild(chunk: &ChunkInput<'_>, mut out: Option<&mut [u8]>, scratch: &mut Dec
     let mut changed = std::mem::take(&mut scratch.positions);
     let mut decoded = open_streams(streams, chunk.stored, scratch)?;
     let position_count = position_stream_count(record);
+    if out.is_none() && chunk.reference.is_none() && record.position_coding == PositionCoding::SplitByReference {
+        // Positions against a reference delta that is not given: only the
+        // position streams are checked (spec §15.7), as for values coded against
+        // an absent base.
+        decoded.decode_planes(0..1, false, BaseKeys::NotAllowed)?;
+        decoded.decode_planes(1..position_count, true, BaseKeys::NotAllowed)?;
+        return Ok(());
+    }
     let value_count = match record.encoding {
         Encoding::Unchanged => 0,
         Encoding::Sparse => {
