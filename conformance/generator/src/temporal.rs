@@ -56,6 +56,7 @@ pub fn generate(suite: &mut Suite) {
     }
     let options = EncodeOptions { chunk_words: 64, settings: settings_1_0() };
     let mut reference: Option<std::sync::Arc<DeltaFile>> = None;
+    #[allow(clippy::needless_range_loop)] // `i` names files and steps alike
     for i in 1..=3 {
         let base = Checkpoint::open(&step_path(suite, i - 1)).expect("opens");
         let target = Checkpoint::open(&step_path(suite, i)).expect("opens");

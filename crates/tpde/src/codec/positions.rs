@@ -180,7 +180,9 @@ pub fn reference_bitmap_count(bitmap: &[u8], reference_len: usize, count: usize)
 /// `reference` is strictly increasing and below `words`.
 ///
 /// # Errors
-/// As [`reference_bitmap_count`]; `E_STREAM_LENGTH` for a gap plane that is not
+/// `E_STREAM_LENGTH` when the bitmap is not `ceil(|R| / 8)` bytes,
+/// `E_POSITIONS_OUT_OF_BOUNDS` for a set padding bit, `E_CHANGED_COUNT` for more
+/// than `count` set bits; `E_STREAM_LENGTH` for a gap plane that is not
 /// `count` minus the marked reference elements long; `E_POSITIONS_NOT_INCREASING`
 /// for a zero gap after the first; `E_POSITIONS_OUT_OF_BOUNDS` for a rank at or past
 /// the size of the complement; `E_OUT_OF_MEMORY`.

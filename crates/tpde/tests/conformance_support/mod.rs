@@ -82,4 +82,5 @@ pub fn cases() -> Vec<Case> {
 }
 
 /// The canonical decode of the conformance contract, as the runner prints it.
+#[allow(unused_imports)] // each test crate uses a part
 pub use tpde_conformance::{decode, decode_with_references};
