@@ -552,6 +552,33 @@ impl DeltaFile {
         Ok(self)
     }
 
+    /// Checks, before anything is decoded, that a file with chunks of position
+    /// coding 3 has its reference delta attached (spec §11.2 R0), naming the first
+    /// such chunk.
+    ///
+    /// # Errors
+    /// `E_REFERENCE_REQUIRED`.
+    pub fn require_position_reference(&self) -> Result<()> {
+        if self.reference.is_some() || self.header.position_reference.is_none() {
+            return Ok(());
+        }
+        for tensor in &self.header.tensors {
+            for index in tensor.chunk_range() {
+                let record = self.chunk(index);
+                if record.encoding == Encoding::Sparse && record.position_coding == PositionCoding::SplitByReference {
+                    return Err(Error::new(
+                        ErrorCode::ReferenceRequired,
+                        "the chunk codes its positions against a reference delta, which was not given",
+                    )
+                    .in_file(&self.path)
+                    .in_tensor(&tensor.name)
+                    .in_chunk(index));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The reference delta attached with [`DeltaFile::with_position_reference`].
     #[must_use]
     pub fn position_reference(&self) -> Option<&Arc<DeltaFile>> {
