@@ -53,7 +53,6 @@ fn codec(c: &mut Criterion) {
                     base: Some(&base),
                     words: WORDS,
                     width: WordWidth::W2,
-                    reference: None,
                 };
                 decode_chunk(&input, &mut out).expect("decodes");
             });
