@@ -3,7 +3,8 @@
 #
 #   conformance/run-suite.sh [--skip ID]... READER_CMD...
 #
-# For each case it runs `READER_CMD decode DELTA [--base BASE]` (absolute paths) and
+# For each case it runs `READER_CMD decode DELTA [--base BASE] [--reference REF]...`
+# (absolute paths; the case's `references`, in order) and
 # checks the contract of spec §11.4 and conformance/README.md: an accepted case exits
 # 0 and prints its expected decode; a rejected case exits 1 and prints
 # {"error":"E_..."}. Stdout is compared as parsed JSON (spec §11.4); --strict also
@@ -39,6 +40,8 @@ for case in cases:
     command = args + ["decode", os.path.join(root, case["path"])]
     if case.get("base"):
         command += ["--base", os.path.join(root, case["base"])]
+    for reference in case.get("references", []):
+        command += ["--reference", os.path.join(root, reference)]
     if case["expect"] == "accept":
         want_status = 0
         want = open(os.path.join(root, case["expected"]), "rb").read()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""An independent reader of the tpde delta format 1.1, written from spec/FORMAT.md alone.
+"""An independent reader of the tpde delta format 1.2, written from spec/FORMAT.md alone.
 
 Usage:
-    tpde_reader.py decode DELTA [--base BASE]
+    tpde_reader.py decode DELTA [--base BASE] [--reference REF]...
     tpde_reader.py rebuild DELTA [--base BASE] -o OUT [--force]
 
 `decode` prints the canonical decode of spec §11.4 / conformance/README.md;
@@ -14,7 +14,8 @@ JSON header (§5), the binary chunk map (§6), all encodings, value ops, value l
 position codings and value orders (§8.1-§8.6), the codecs stored, zstd under its
 profile (§8.5) and lane rANS with its three contexts (§8.7, feature bit 1 of §3),
 checksums and digests (§10), base checkpoints (§11.2) and the rebuilt safetensors
-files (§11.3).  A 1.0 file is a 1.1 file without codec 2.
+files (§11.3), and position coding 3 against a chain of reference deltas (§8.3,
+feature bit 2, §11.2 R0).  A 1.0 file is a 1.1 file without codec 2.
 
 Dependencies: the standard library, numpy, zstandard, xxhash.  The code follows the
 spec's section order; comments name the rule each check implements.
@@ -80,7 +81,9 @@ MAX_ZSTD_WINDOW = 2**27
 # §3 Table 3.2: 1.1 defines bit 1 (`rans-lanes`, codec 2).  Bit 0 is never assigned
 # and stays unknown, like every other bit.
 FEATURE_RANS_LANES = 1 << 1
-KNOWN_REQUIRED_FEATURES = FEATURE_RANS_LANES
+# 1.2 defines bit 2 (`temporal-positions`, position coding 3).
+FEATURE_TEMPORAL_POSITIONS = 1 << 2
+KNOWN_REQUIRED_FEATURES = FEATURE_RANS_LANES | FEATURE_TEMPORAL_POSITIONS
 
 # §7 Table 7.1: dtype -> (bits per element, word bytes)
 DTYPES = {
@@ -97,10 +100,10 @@ WORD_DTYPE = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.
 ENC_UNCHANGED, ENC_SPARSE, ENC_DENSE, ENC_RAW = 0, 1, 2, 3
 OP_XOR, OP_SUB = 0, 1
 LAYOUT_WORDS, LAYOUT_PLANES, LAYOUT_ROTATED = 0, 1, 2
-POS_NONE, POS_GAPS, POS_BITMAP = 0, 1, 2
+POS_NONE, POS_GAPS, POS_BITMAP, POS_SPLIT = 0, 1, 2, 3
 ORDER_POSITIONAL, ORDER_GROUPED = 0, 1
 CODEC_STORED, CODEC_ZSTD, CODEC_RANS = 0, 1, 2
-N_ENCODINGS, N_VALUE_OPS, N_LAYOUTS, N_POSITION_CODINGS, N_VALUE_ORDERS, N_CODECS = 4, 2, 3, 3, 2, 3
+N_ENCODINGS, N_VALUE_OPS, N_LAYOUTS, N_POSITION_CODINGS, N_VALUE_ORDERS, N_CODECS = 4, 2, 3, 4, 2, 3
 
 EMPTY_XXH3_64 = 0x2D06800538D394C2
 
@@ -288,7 +291,9 @@ def _is_list(v):
 
 
 HEADER_SPEC = {"writer": (True, _is_str), "target": (True, _is_obj),
-               "tensors": (True, _is_list), "extensions": (False, _is_obj)}
+               "tensors": (True, _is_list), "position_reference": (False, _is_obj),
+               "extensions": (False, _is_obj)}
+PIN_SPEC = {"sha256": (True, _is_str), "file_len": (True, is_hdr_int)}
 TARGET_SPEC = {"kind": (True, lambda v: v in ("file", "sharded") and type(v) is str),
                "files": (True, _is_list), "index_json": (False, _is_str)}
 FILE_SPEC = {"name": (True, _is_str), "safetensors_header": (True, _is_str)}
@@ -310,8 +315,11 @@ def check_structure(doc):
         if e["base"] is not None:
             e["base"] = check_members(e["base"], BASE_SPEC)
         tensors.append(e)
+    pin = hdr["position_reference"]
+    if pin is not None:
+        pin = check_members(pin, PIN_SPEC)
     return {"writer": hdr["writer"], "kind": tgt["kind"], "files": files,
-            "index_json": tgt["index_json"], "tensors": tensors}
+            "index_json": tgt["index_json"], "tensors": tensors, "position_reference": pin}
 
 
 # ---------------------------------------------------------------------------
@@ -481,6 +489,60 @@ class Delta:
             if wm.get(t.name) != self.files[t.file]["name"]:
                 fail("E_HEADER_INVALID", f"index_json does not map {t.name!r} to its file")
 
+    # §8.3 positions of a sparse chunk, D4 ----------------------------------
+    def positions(self, pc, streams, m, n, t, k):
+        if pc == POS_GAPS:
+            return gap_positions(streams, m, n)
+        if pc == POS_BITMAP:
+            return bitmap_positions(streams[0], m, n)
+        if self.reference is None:
+            fail("E_REFERENCE_REQUIRED", f"{t.name} chunk {k}")
+        ref = self.reference.reference_set(t.name, t.cw, k, n)
+        return split_positions(streams[0], streams[1:], m, n, ref)
+
+    def reference_set(self, name, cw, k, n):
+        """§8.3: R for chunk k of `name` (chunk_words cw, n words), from this file."""
+        t = self.by_name.get(name)
+        if t is None or t.cw != cw or k >= t.chunk_count:
+            return np.empty(0, dtype=np.intp)
+        g = t.first_chunk + k
+        R = self.chunks[g]
+        n_f = min(t.cw, t.words - k * t.cw)
+        enc = int(R["encoding"])
+        if enc == ENC_UNCHANGED:
+            pos = np.empty(0, dtype=np.intp)
+        elif enc in (ENC_DENSE, ENC_RAW):
+            pos = np.arange(n_f, dtype=np.intp)
+        else:
+            start, stored_len = int(R["data_offset"]), int(R["stored_len"])
+            stored = memoryview(self.buf)[start:start + stored_len]
+            if xxh64(stored) != int(R["checksum"]):  # D1 of the reference chunk
+                fail("E_CHUNK_CHECKSUM", f"reference chunk {g}")
+            pc, g_w = int(R["position_coding"]), int(R["gap_width"])
+            layout, order = int(R["value_layout"]), int(R["value_order"])
+            n_pos = n_position_streams(pc, g_w)
+            fs, o, out, pending = int(R["first_stream"]), 0, [], {}
+            for q in range(n_pos):  # D3, position streams only
+                S = self.streams[fs + q]
+                sl, dl, codec = int(S["stored_len"]), int(S["decoded_len"]), int(S["codec"])
+                raw = stored[o:o + sl]
+                o += sl
+                if codec == CODEC_STORED:
+                    out.append(raw)
+                elif codec == CODEC_ZSTD:
+                    out.append(zstd_decode(raw, dl))
+                else:
+                    h = rans_header(raw, dl, rans_allowed_contexts(q, enc, layout, order, pc, g_w, t.wb))
+                    out.append(rans_decode_payload(h, raw, None) if h.context == CTX_NONE else None)
+                    if h.context != CTX_NONE:
+                        pending[q] = (h, raw)
+            for q in reversed(range(n_pos)):
+                if q in pending:
+                    h, raw = pending[q]
+                    out[q] = rans_decode_payload(h, raw, np.frombuffer(out[q + 1], dtype=np.uint8))
+            pos = self.positions(pc, out, int(R["changed_count"]), n_f, t, k)
+        return pos[pos < n]
+
     # O17 -------------------------------------------------------------------
     def _check_header_rules(self, hdr, preamble_chunk_count):
         files = hdr["files"]
@@ -542,6 +604,14 @@ class Delta:
             self.tensors.append(t)
         if nxt != preamble_chunk_count:  # H6
             fail("E_CHUNK_MAP_INVALID", "chunk records not all claimed")
+        pin = hdr["position_reference"]  # H7
+        if pin is not None and not re.fullmatch(r"[0-9a-f]{64}", pin["sha256"]):
+            fail("E_HEADER_INVALID", "position_reference.sha256")
+        if (pin is not None) != bool(self.required_features & FEATURE_TEMPORAL_POSITIONS):
+            fail("E_HEADER_INVALID", "position_reference without feature bit 2, or the bit without it")
+        self.pin = pin
+        self.reference = None
+        self.by_name = {t.name: t for t in self.tensors}
 
     # O19, O20 ---------------------------------------------------------------
     def _check_records(self, raw_chunks, raw_streams):
@@ -598,7 +668,9 @@ class Delta:
                 elif e == ENC_SPARSE:
                     if m == 0 or m > n:
                         fail("E_CHUNK_MAP_INVALID", f"sparse chunk {g} changed_count")
-                    if not ((pc[g] == POS_GAPS and gw[g] in (1, 2, 4))
+                    if pc[g] == POS_SPLIT and not self.required_features & FEATURE_TEMPORAL_POSITIONS:
+                        fail("E_CHUNK_MAP_INVALID", f"sparse chunk {g}: coding 3 without feature bit 2")
+                    if not ((pc[g] in (POS_GAPS, POS_SPLIT) and gw[g] in (1, 2, 4))
                             or (pc[g] == POS_BITMAP and gw[g] == 0)):
                         fail("E_CHUNK_MAP_INVALID", f"sparse chunk {g} position coding")
                 else:
@@ -610,9 +682,15 @@ class Delta:
                 if sc[g] != len(want):
                     fail("E_CHUNK_MAP_INVALID", f"chunk {g} stream_count")
                 total = 0
+                # coding 3: its position streams' lengths are bounds; exact at D4
+                bounded = 1 + gw[g] if e == ENC_SPARSE and pc[g] == POS_SPLIT else 0
                 for q, dl in enumerate(want):
                     s = next_stream + q
-                    if s_decoded[s] != dl or (s_codec[s] == CODEC_STORED and s_stored[s] != dl):
+                    if q < bounded:
+                        fits = s_decoded[s] <= dl and (q < 2 or s_decoded[s] == s_decoded[next_stream + 1])
+                    else:
+                        fits = s_decoded[s] == dl
+                    if not fits or (s_codec[s] == CODEC_STORED and s_stored[s] != s_decoded[s]):
                         fail("E_STREAM_LENGTH", f"stream {s}")
                     total += s_stored[s]
                 if total != stored_len[g]:
@@ -669,7 +747,10 @@ def stream_lengths(enc, pc, gw, layout, m, n, wb):
     c = m if enc == ENC_SPARSE else n
     values = [c * wb] if layout == LAYOUT_WORDS else [c] * wb
     if enc == ENC_SPARSE:
-        pos = [m] * gw if pc == POS_GAPS else [ceil_div(n, 8)]
+        if pc == POS_SPLIT:  # upper bounds (§8.5 Table 8.4)
+            pos = [ceil_div(n, 8)] + [m] * gw
+        else:
+            pos = [m] * gw if pc == POS_GAPS else [ceil_div(n, 8)]
         return pos + values
     return values
 
@@ -834,6 +915,30 @@ def gap_positions(planes, m, n):
     return pos.astype(np.intp)
 
 
+def n_position_streams(pc, gw):
+    """§8.5 Table 8.4: the number of position streams."""
+    return gw if pc == POS_GAPS else 1 if pc == POS_BITMAP else 1 + gw if pc == POS_SPLIT else 0
+
+
+def split_positions(bitmap, planes, m, n, ref):
+    """§8.3 coding 3: the checks of D4 in their order; ref is the reference set R."""
+    r = len(ref)
+    if len(bitmap) != ceil_div(r, 8):  # 1
+        fail("E_STREAM_LENGTH", "reference bitmap length")
+    bm = np.frombuffer(bitmap, dtype=np.uint8)
+    if r % 8 and int(bm[-1]) >> (r % 8):  # 2
+        fail("E_POSITIONS_OUT_OF_BOUNDS", "reference bitmap padding bit set")
+    marked = ref[np.unpackbits(bm, bitorder="little", count=r).astype(bool)]
+    if marked.size > m:  # 3
+        fail("E_CHANGED_COUNT", "the reference bitmap marks more than changed_count")
+    rest = m - marked.size
+    if any(len(p) != rest for p in planes):  # 4
+        fail("E_STREAM_LENGTH", "gap plane length")
+    ranks = gap_positions(planes, rest, n - r)  # 5: ranks in the complement
+    complement = np.setdiff1d(np.arange(n, dtype=np.intp), ref)
+    return np.union1d(marked, complement[ranks]).astype(np.intp)
+
+
 def bitmap_positions(bitmap, m, n):
     bm = np.frombuffer(bitmap, dtype=np.uint8)
     if n % 8 and int(bm[-1]) >> (n % 8):
@@ -961,11 +1066,13 @@ def rans_tile_symbols(N, tile_log2):
 def rans_allowed_contexts(q, enc, layout, order, position_coding, gap_width, wb):
     """§8.7 Contexts: the contexts allowed in stream q of a chunk (streams in the order
     of §8.5: gap planes 0 to g - 1 or the bitmap, then the value streams)."""
-    n_pos = gap_width if position_coding == POS_GAPS else 1 if position_coding == POS_BITMAP else 0
+    n_pos = n_position_streams(position_coding, gap_width)
     allowed = {CTX_NONE}  # none: every stream
     if q < n_pos:
         if position_coding == POS_GAPS and q + 1 < gap_width:
             allowed.add(CTX_HIGHER_PLANE)  # gap planes 0 to g - 2
+        if position_coding == POS_SPLIT and 1 <= q and q + 1 < n_pos:
+            allowed.add(CTX_HIGHER_PLANE)  # coding 3: gap planes 0 to g - 2, after the bitmap
     elif layout in (LAYOUT_PLANES, LAYOUT_ROTATED):
         if enc in (ENC_SPARSE, ENC_DENSE) and order == ORDER_POSITIONAL:
             allowed.add(CTX_BASE_KEY)  # value planes of positional sparse and dense chunks
@@ -1226,6 +1333,25 @@ def tree_digest(buf, start, nbytes, slice_len):
     return h.hexdigest()
 
 
+def attach_reference(delta, reference):
+    """§11.2 R0: the reference delta must match the pin; a file without one ignores it."""
+    if delta.pin is None:
+        return
+    if hashlib.sha256(reference.buf).hexdigest() != delta.pin["sha256"] \
+            or len(reference.buf) != delta.pin["file_len"]:
+        fail("E_REFERENCE_MISMATCH")
+    delta.reference = reference
+
+
+def open_chain(delta_path, reference_paths):
+    """The delta and its reference deltas, nearest first (§11.4 `--reference`)."""
+    delta = Delta(delta_path)
+    chain = [delta] + [Delta(p) for p in reference_paths]
+    for nearer, farther in zip(chain, chain[1:]):
+        attach_reference(nearer, farther)
+    return delta
+
+
 def resolve_base(delta, base_path):
     """§11.2 B0-B3.  Returns tensor index -> BaseTensor for entries with `base`."""
     base = read_base(base_path) if base_path is not None else None  # B0
@@ -1280,7 +1406,7 @@ def decode_tensor(delta, t, base):
         if enc != ENC_UNCHANGED:
             layout, op, order = int(R["value_layout"]), int(R["value_op"]), int(R["value_order"])
             pc, g_w = int(R["position_coding"]), int(R["gap_width"])
-            n_pos = g_w if pc == POS_GAPS else 1 if pc == POS_BITMAP else 0
+            n_pos = n_position_streams(pc, g_w)
             # D3: every stream that needs no other: stored and zstd streams, and lane
             # rANS streams of context 0; the header of every lane rANS stream (§8.7)
             fs, sc = int(R["first_stream"]), int(R["stream_count"])
@@ -1310,10 +1436,7 @@ def decode_tensor(delta, t, base):
                 if q in pending:
                     decode_pending(q, np.frombuffer(out[q + 1], dtype=np.uint8))
             if enc == ENC_SPARSE:  # D4
-                if pc == POS_GAPS:
-                    positions = gap_positions(out[:g_w], m, n)
-                else:
-                    positions = bitmap_positions(out[0], m, n)
+                positions = delta.positions(pc, out[:n_pos], m, n, t, k)
                 b_at = t_words[positions]  # the base words of D2, before any value
             else:
                 b_at = t_words  # dense: word i is value i's word (raw has no context 1)
@@ -1355,8 +1478,8 @@ def canonical(obj):
     return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def cmd_decode(delta_path, base_path):
-    delta = Delta(delta_path)
+def cmd_decode(delta_path, base_path, references=()):
+    delta = open_chain(delta_path, references)
     bases = resolve_base(delta, base_path)
     entries = []
     for t in delta.tensors:
@@ -1513,10 +1636,10 @@ def escape_for_terminal(text):
     )
 
 
-def run_decode(delta_path, base_path=None):
+def run_decode(delta_path, base_path=None, references=()):
     """The conformance contract of §11.4 in-process: (exit status, stdout text)."""
     try:
-        return 0, canonical(cmd_decode(delta_path, base_path))
+        return 0, canonical(cmd_decode(delta_path, base_path, references))
     except TpdeError as e:
         return 1, canonical({"error": e.code})
 
@@ -1533,6 +1656,8 @@ def main(argv=None):
     d = sub.add_parser("decode", help="print the canonical decode (spec §11.4)")
     d.add_argument("delta")
     d.add_argument("--base")
+    d.add_argument("--reference", action="append", default=[],
+                   help="the delta's reference delta, then that file's, and so on (spec §11.4)")
     r = sub.add_parser("rebuild", help="write the target safetensors file(s) (spec §11.3)")
     r.add_argument("delta")
     r.add_argument("--base")
@@ -1542,7 +1667,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.cmd == "decode":
-            result = cmd_decode(args.delta, args.base)
+            result = cmd_decode(args.delta, args.base, args.reference)
             sys.stdout.buffer.write(canonical(result).encode("utf-8"))
         else:
             cmd_rebuild(args.delta, args.base, args.output, args.force)

@@ -40,7 +40,7 @@ impl Series {
 /// `AddOptions` from the keyword arguments of `add` and `prune`.
 fn add_options(max_chain: usize, level: i32, chunk_words: u64) -> AddOptions {
     let settings = EncodeSettings { level, ..EncodeSettings::default() };
-    AddOptions { max_chain, encode: EncodeOptions { settings, chunk_words } }
+    AddOptions { max_chain, encode: EncodeOptions { settings, chunk_words }, temporal: false }
 }
 
 fn to_json(value: &serde_json::Value, root: &Path) -> tpde::Result<String> {

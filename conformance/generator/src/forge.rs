@@ -327,6 +327,8 @@ pub fn plan_chunk(target: &[u8], base: Option<&[u8]>, word_bytes: usize, force: 
                 }
                 PositionCoding::Bitmap => raw_streams.push(words::bitmap(&changed, n)),
                 PositionCoding::None => panic!("a sparse chunk needs a position coding"),
+                // Coding 3 needs a reference delta: its cases come from the library's writer.
+                PositionCoding::SplitByReference => panic!("coding 3 is not forged"),
             }
             (changed.len(), changed.iter().map(|&i| express(usize::try_from(i).expect("small"))).collect())
         }
@@ -446,6 +448,7 @@ pub fn write_delta(path: &Path, entries: &[Entry], metadata: Option<&BTreeMap<St
             index_json: None,
         },
         tensors,
+        position_reference: None,
         extensions: BTreeMap::new(),
     };
     writer.finish(&header).expect("finish the delta");

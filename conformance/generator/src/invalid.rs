@@ -670,7 +670,7 @@ pub fn generate(suite: &mut Suite) {
     f.model_edit("unknown-encoding", |m| m.parts[0].record[20] = 4, "E_UNKNOWN_CODEC", "§8.1", "record_field");
     f.model_edit("unknown-value-op", |m| m.parts[0].record[21] = 2, "E_UNKNOWN_CODEC", "§8.2", "record_field");
     f.model_edit("unknown-value-layout", |m| m.parts[0].record[22] = 3, "E_UNKNOWN_CODEC", "§8.4", "record_field");
-    f.model_edit("unknown-position-coding", |m| m.parts[0].record[23] = 3, "E_UNKNOWN_CODEC", "§8.3", "record_field");
+    f.model_edit("unknown-position-coding", |m| m.parts[0].record[23] = 4, "E_UNKNOWN_CODEC", "§8.3", "record_field");
     f.model_edit("unknown-value-order", |m| m.parts[0].record[26] = 2, "E_UNKNOWN_CODEC", "§8.6", "record_field");
     f.model_edit(
         "unchanged-chunk-with-value-order",

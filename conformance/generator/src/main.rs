@@ -23,6 +23,7 @@ mod model;
 mod rans;
 mod safet;
 mod suite;
+mod temporal;
 mod valid;
 mod valid_rans;
 mod words;
@@ -48,6 +49,8 @@ fn main() -> ExitCode {
     // Format 1.1 (lane rANS), after every case of 1.0 so that those keep their place.
     valid_rans::generate(&mut suite);
     invalid_rans::generate(&mut suite);
+    // Format 1.2 (position coding 3).
+    temporal::generate(&mut suite);
     let counts = suite.finish();
     eprintln!(
         "wrote {} valid, {} invalid, {} forward-compat cases ({} regression entries kept) to {}",

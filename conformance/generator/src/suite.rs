@@ -210,6 +210,66 @@ impl Suite {
         run().err().map(|e| e.code().as_str().to_owned())
     }
 
+    /// Opens `delta` with its chain of reference deltas, nearest first (spec §11.2 R0).
+    fn open_chain(&self, delta: &str, references: &[&str]) -> tpde::Result<DeltaFile> {
+        let mut reference: Option<std::sync::Arc<DeltaFile>> = None;
+        for rel in references.iter().rev() {
+            let mut file = DeltaFile::open(&self.path(rel))?;
+            if let Some(own) = reference.take() {
+                file = file.with_position_reference(own)?;
+            }
+            reference = Some(std::sync::Arc::new(file));
+        }
+        let file = DeltaFile::open(&self.path(delta))?;
+        match reference {
+            Some(reference) => file.with_position_reference(reference),
+            None => Ok(file),
+        }
+    }
+
+    /// Records a case whose delta is decoded with reference deltas (spec §11.4,
+    /// `references`): accepted with `expected`, or rejected with `error`; warns when
+    /// the library disagrees.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_references(
+        &mut self,
+        id: &str,
+        delta: &str,
+        base: &str,
+        references: &[&str],
+        verdict: Result<&str, &str>,
+        spec: &str,
+        provenance: &str,
+    ) {
+        let run = || -> tpde::Result<()> {
+            let file = self.open_chain(delta, references)?;
+            let base = Checkpoint::open(&self.path(base))?;
+            tpde::verify(&file, Some(&base), None, &NoProgress)
+        };
+        let got = run().err().map(|e| e.code().as_str().to_owned());
+        let mut entry = json!({ "id": id, "path": delta, "base": base });
+        match verdict {
+            Ok(expected) => {
+                entry["expect"] = json!("accept");
+                entry["expected"] = json!(expected);
+            }
+            Err(error) => {
+                entry["expect"] = json!("reject");
+                entry["error"] = json!(error);
+            }
+        }
+        if got.as_deref() != verdict.err() {
+            self.disagreements += 1;
+            eprintln!("warning: {id}: the manifest expects {verdict:?}, the library gives {got:?}");
+        }
+        if !references.is_empty() {
+            entry["references"] = json!(references);
+        }
+        entry["spec"] = json!(spec);
+        entry["provenance"] = json!(provenance);
+        self.entries.push(entry);
+    }
+
     /// Writes `manifest.json` and returns the counts.
     pub fn finish(self) -> Counts {
         let mut counts = Counts { regression: self.regression.len(), ..Counts::default() };

@@ -2,7 +2,8 @@
 //! spec §11.4), implemented with the Rust library. The `tpde-conformance` binary
 //! prints it; the library's own tests compare it with the golden files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -10,7 +11,30 @@ use tpde::{Checkpoint, DeltaFile, NoProgress};
 
 /// Rebuilds every tensor of `delta` and returns the canonical JSON line.
 pub fn decode(delta: &Path, base: Option<&Path>) -> tpde::Result<String> {
+    decode_with_references(delta, base, &[])
+}
+
+/// Opens a delta with its chain of reference deltas (spec §11.2 R0): `references[0]`
+/// is the delta's reference, `references[1]` that file's, and so on.
+pub fn open_chain(delta: &Path, references: &[PathBuf]) -> tpde::Result<DeltaFile> {
+    let mut reference: Option<Arc<DeltaFile>> = None;
+    for path in references.iter().rev() {
+        let mut file = DeltaFile::open(path)?;
+        if let Some(own) = reference.take() {
+            file = file.with_position_reference(own)?;
+        }
+        reference = Some(Arc::new(file));
+    }
     let delta = DeltaFile::open(delta)?;
+    match reference {
+        Some(reference) => delta.with_position_reference(reference),
+        None => Ok(delta),
+    }
+}
+
+/// As [`decode`], with the delta's chain of reference deltas (see [`open_chain`]).
+pub fn decode_with_references(delta: &Path, base: Option<&Path>, references: &[PathBuf]) -> tpde::Result<String> {
+    let delta = open_chain(delta, references)?;
     let base = base.map(Checkpoint::open).transpose()?;
     // Checks the base (names, dtypes, shapes, digests) and every checksum and digest
     // of the delta, in the library's order, before anything is printed.

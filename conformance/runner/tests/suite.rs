@@ -23,6 +23,9 @@ fn run_case(case: &Value) -> Result<(), String> {
     if let Some(base) = field("base") {
         command.arg("--base").arg(dir.join(base));
     }
+    for reference in case["references"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        command.arg("--reference").arg(dir.join(reference));
+    }
     let output = command.output().map_err(|e| format!("{id}: cannot run the runner: {e}"))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let (want_status, want_stdout) = if field("expect") == Some("accept") {

@@ -166,7 +166,7 @@ fn main() -> R<()> {
     // The run, added step by step; step 0 also goes to the device.
     let t0 = Instant::now();
     let mut series = Series::open_or_create(&dir.join("run"))?;
-    let options = AddOptions { max_chain: steps, encode: EncodeOptions::default() };
+    let options = AddOptions { max_chain: steps, encode: EncodeOptions::default(), temporal: false };
     let ckpt_dir = |k: usize| dir.join(format!("ckpt-{}", k % 2));
     write_checkpoint(&ckpt_dir(0), &weights)?;
     let first = Checkpoint::open(&ckpt_dir(0))?;

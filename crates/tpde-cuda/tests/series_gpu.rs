@@ -17,7 +17,11 @@ use common::write_bf16_safetensors;
 fn weights_on_the_gpu_step_through_a_series_bit_for_bit() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let mut series = Series::open_or_create(&dir.path().join("run")).expect("a new series");
-    let options = AddOptions { max_chain: 10, encode: EncodeOptions { chunk_words: 4096, ..EncodeOptions::default() } };
+    let options = AddOptions {
+        max_chain: 10,
+        encode: EncodeOptions { chunk_words: 4096, ..EncodeOptions::default() },
+        temporal: false,
+    };
     let mut a: Vec<u16> = (0..200_000u32).map(|i| 0x3C00 | (i.wrapping_mul(2_654_435_761) >> 22) as u16).collect();
     let mut b: Vec<u16> = (0..3_000u32).map(|i| 0x3F80 | (i % 97) as u16).collect();
     let mut steps = Vec::new();

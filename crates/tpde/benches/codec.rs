@@ -53,6 +53,7 @@ fn codec(c: &mut Criterion) {
                     base: Some(&base),
                     words: WORDS,
                     width: WordWidth::W2,
+                    reference: None,
                 };
                 decode_chunk(&input, &mut out).expect("decodes");
             });

@@ -151,6 +151,11 @@ impl<'a> StreamSet<'a> {
 
     /// Adds one stream, weighing lane rANS under `contexts` (and none) and zstd.
     fn push(&mut self, raw: &'a [u8], contexts: Vec<Contexts<'a>>) -> Result<()> {
+        if raw.is_empty() {
+            // Only position coding 3 has empty streams; nothing stores them smaller.
+            self.streams.push(PendingStream::new(raw, Vec::new(), Vec::new(), None, self.settings));
+            return Ok(());
+        }
         let plans = if self.settings.rans { rans::plan_each(raw, &contexts) } else { Vec::new() };
         self.push_planned(raw, contexts, plans)
     }
@@ -328,7 +333,36 @@ pub fn encode_chunk(
     if (target.len() / width.bytes()) as u64 > crate::limits::MAX_CHUNK_WORDS {
         return fail(ErrorCode::LimitExceeded, "a chunk holds at most MAX_CHUNK_WORDS words (spec §9)");
     }
-    with_word!(width, W => encode_words::<W>(target, base, leading_sign, settings))
+    encode_chunk_against(target, base, width, leading_sign, settings, None)
+}
+
+/// As [`encode_chunk`], with the positions `reference` of the reference delta's
+/// chunk at this place (spec §8.3, the set R: strictly increasing, below the
+/// chunk's word count). A sparse chunk then uses position coding 3 where that
+/// stores smaller than gaps and the bitmap; without `reference` the output is
+/// that of [`encode_chunk`].
+///
+/// # Errors
+/// As [`encode_chunk`], and `E_INVALID_ARGUMENT` for a reference that is not
+/// strictly increasing below the chunk's word count.
+pub fn encode_chunk_against(
+    target: &[u8],
+    base: Option<&[u8]>,
+    width: WordWidth,
+    leading_sign: bool,
+    settings: EncodeSettings,
+    reference: Option<&[u32]>,
+) -> Result<EncodedChunk> {
+    if target.len() % width.bytes() != 0 {
+        return fail(ErrorCode::InvalidArgument, "the target is not a whole number of words");
+    }
+    if (target.len() / width.bytes()) as u64 > crate::limits::MAX_CHUNK_WORDS {
+        return fail(ErrorCode::LimitExceeded, "a chunk holds at most MAX_CHUNK_WORDS words (spec §9)");
+    }
+    if let Some(reference) = reference {
+        positions::check_reference(reference, target.len() / width.bytes())?;
+    }
+    with_word!(width, W => encode_words::<W>(target, base, leading_sign, settings, reference))
 }
 
 fn load_words<W: Word>(bytes: &[u8]) -> Vec<W> {
@@ -445,9 +479,32 @@ fn ordered_value_streams<W: Word>(
     Ok((if grouping_wins { ValueOrder::GroupedByBase } else { ValueOrder::Positional }, streams))
 }
 
-/// Position streams: gaps or a bitmap, whichever is predicted (or, at high levels,
-/// measured, with lane rANS streams predicted from their plans) to store smaller.
+/// Position streams: gaps or a bitmap, or, given a reference, coding 3 where it
+/// measures smaller than the better of the two.
 fn position_streams(
+    changed: &[u32],
+    words: usize,
+    settings: EncodeSettings,
+    reference: Option<&[u32]>,
+) -> Result<(PositionCoding, u8, CodedStreams)> {
+    let chosen = gap_or_bitmap_streams(changed, words, settings)?;
+    let Some(reference) = reference else { return Ok(chosen) };
+    // Coding 3 is measured, never predicted, and kept only where it is smaller.
+    let (bitmap, ranks) = positions::split_by_reference(changed, reference);
+    let width = positions::gap_width(&ranks);
+    let mut streams = vec![bitmap];
+    streams.extend(positions::encode_gaps(&ranks, width));
+    let mut set = StreamSet::of(&streams[..1], settings)?;
+    for stream in StreamSet::of_planes(&streams[1..], true, None, settings)?.streams {
+        set.streams.push(stream);
+    }
+    let split = set.finish();
+    Ok(if split.data.len() < chosen.2.data.len() { (PositionCoding::SplitByReference, width, split) } else { chosen })
+}
+
+/// Gaps or a bitmap, whichever is predicted (or, at high levels, measured, with
+/// lane rANS streams predicted from their plans) to store smaller.
+fn gap_or_bitmap_streams(
     changed: &[u32],
     words: usize,
     settings: EncodeSettings,
@@ -510,6 +567,7 @@ fn encode_words<W: Word>(
     base_bytes: Option<&[u8]>,
     leading_sign: bool,
     settings: EncodeSettings,
+    reference: Option<&[u32]>,
 ) -> Result<EncodedChunk> {
     let target: Vec<W> = load_words(target_bytes);
     let words = target.len();
@@ -589,7 +647,7 @@ fn encode_words<W: Word>(
                     Contexts::BaseKeys { base: base_bytes, word_bytes: W::BYTES, positions: Some(&changed) };
                 let (order, value_set) =
                     ordered_value_streams(&values, keys, base_keys, layout, leading_sign, settings)?;
-                let (coding, width, mut set) = position_streams(&changed, words, settings)?;
+                let (coding, width, mut set) = position_streams(&changed, words, settings, reference)?;
                 set.append(value_set);
                 Some((coding, width, order, set))
             } else {
@@ -663,6 +721,10 @@ pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: 
             let lens = match (record.position_coding, record.gap_width) {
                 (PositionCoding::Gaps, 1 | 2 | 4) => vec![m; usize::from(record.gap_width)],
                 (PositionCoding::Bitmap, 0) => vec![words.div_ceil(8)],
+                // Upper bounds: the exact lengths need the reference set (§8.3, D4).
+                (PositionCoding::SplitByReference, 1 | 2 | 4) => std::iter::once(words.div_ceil(8))
+                    .chain(std::iter::repeat_n(m, usize::from(record.gap_width)))
+                    .collect(),
                 _ => return invalid("a sparse chunk has no valid position coding and gap width"),
             };
             (m, lens)
@@ -689,9 +751,17 @@ pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: 
         _ => value_count,
     };
     let expected = position_lens.iter().copied().chain(std::iter::repeat(value_lens));
+    let split = record.position_coding == PositionCoding::SplitByReference;
     let mut stored_total = 0u64;
-    for (stream, expected_len) in streams.iter().zip(expected) {
-        if u64::from(stream.decoded_len) != expected_len {
+    for (q, (stream, expected_len)) in streams.iter().zip(expected).enumerate() {
+        let declared = u64::from(stream.decoded_len);
+        let fits = if split && q < position_lens.len() {
+            // Every gap plane is as long as the first (§8.3, coding 3).
+            declared <= expected_len && (q < 2 || stream.decoded_len == streams[1].decoded_len)
+        } else {
+            declared == expected_len
+        };
+        if !fits {
             return fail(
                 ErrorCode::StreamLength,
                 format!("a stream declares {} decoded bytes where the chunk needs {expected_len}", stream.decoded_len),
@@ -725,6 +795,10 @@ pub struct ChunkInput<'a> {
     pub words: usize,
     /// The width of its words.
     pub width: WordWidth,
+    /// The reference positions of a chunk with position coding 3 (spec §8.3): the
+    /// set R, strictly increasing and below `words`; `None` when not given, which
+    /// such a chunk refuses with `E_REFERENCE_REQUIRED`. Other chunks ignore it.
+    pub reference: Option<&'a [u32]>,
 }
 
 impl ChunkInput<'_> {
@@ -754,7 +828,7 @@ impl ChunkInput<'_> {
 
     /// Decodes the streams onto `out`, which holds the base words.
     fn rebuild(&self, out: Option<&mut [u8]>, scratch: &mut DecodeScratch) -> Result<()> {
-        rebuild(self.record, self.streams, self.stored, self.words, self.width, out, scratch)
+        rebuild(self, out, scratch)
     }
 }
 
@@ -846,6 +920,8 @@ pub fn decode_cost(record: &ChunkRecord, streams: &[StreamRecord], words: u64, w
     let m = u64::from(record.changed_count);
     let (positions, values) = match record.encoding {
         Encoding::Unchanged => (0, 0),
+        // Coding 3 also holds its reference set, at most one entry per word.
+        Encoding::Sparse if record.position_coding == PositionCoding::SplitByReference => (4 * m + 4 * words, m * w),
         Encoding::Sparse => (4 * m, m * w),
         Encoding::Dense | Encoding::Raw => (0, words * w),
     };
@@ -1007,19 +1083,13 @@ fn apply_values<W: Word>(
     })
 }
 
-/// Decodes the streams and applies them to `out`, which holds the base words, then
-/// checks the digest. Without `out`, checks the streams and counts the changed
-/// words only; values coded against the base keys cannot be decoded without the
-/// base, so then only their chunk's positions are checked (spec §15.7).
-fn rebuild(
-    record: &ChunkRecord,
-    streams: &[StreamRecord],
-    stored: &[u8],
-    words: usize,
-    width: WordWidth,
-    mut out: Option<&mut [u8]>,
-    scratch: &mut DecodeScratch,
-) -> Result<()> {
+/// Decodes a chunk's streams that need nothing else (stored, zstd, lane rANS without
+/// context) into `scratch`; the others wait for their context (spec §11.2 D3).
+fn open_streams<'a, 's>(
+    streams: &'a [StreamRecord],
+    stored: &'a [u8],
+    scratch: &'s mut DecodeScratch,
+) -> Result<ChunkStreams<'a, 's>> {
     let mut ranges = Vec::with_capacity(streams.len());
     let mut at = 0usize;
     for stream in streams {
@@ -1046,29 +1116,107 @@ fn rebuild(
             },
         });
     }
-    let mut decoded =
-        ChunkStreams { stored, ranges, records: streams, states, buffers: &mut scratch.streams[..streams.len()] };
+    Ok(ChunkStreams { stored, ranges, records: streams, states, buffers: &mut scratch.streams[..streams.len()] })
+}
 
-    let m = record.changed_count as usize;
-    let changed = &mut scratch.positions;
-    let position_count = match (record.encoding, record.position_coding) {
+/// The number of position streams of a chunk (spec §8.5, Table 8.4).
+fn position_stream_count(record: &ChunkRecord) -> usize {
+    match (record.encoding, record.position_coding) {
         (Encoding::Sparse, PositionCoding::Gaps) => usize::from(record.gap_width),
+        (Encoding::Sparse, PositionCoding::SplitByReference) => 1 + usize::from(record.gap_width),
         (Encoding::Sparse, _) => 1,
         _ => 0,
-    };
-    decoded.decode_planes(0..position_count, record.position_coding == PositionCoding::Gaps, BaseKeys::NotAllowed)?;
-    let value_count = match (record.encoding, record.position_coding) {
-        (Encoding::Unchanged, _) => 0,
-        (Encoding::Sparse, PositionCoding::Gaps) => {
-            let planes: Vec<&[u8]> = (0..position_count).map(|q| decoded.bytes(q)).collect();
-            positions::decode_gaps(&planes, m, words, changed)?;
+    }
+}
+
+/// Decodes and validates a sparse chunk's positions into `changed` (spec §11.2 D4).
+fn decode_positions_into(
+    record: &ChunkRecord,
+    decoded: &mut ChunkStreams<'_, '_>,
+    words: usize,
+    reference: Option<&[u32]>,
+    changed: &mut Vec<u32>,
+) -> Result<()> {
+    let m = record.changed_count as usize;
+    let count = position_stream_count(record);
+    match record.position_coding {
+        PositionCoding::Gaps => {
+            decoded.decode_planes(0..count, true, BaseKeys::NotAllowed)?;
+            let planes: Vec<&[u8]> = (0..count).map(|q| decoded.bytes(q)).collect();
+            positions::decode_gaps(&planes, m, words, changed)
+        }
+        PositionCoding::SplitByReference => {
+            let Some(reference) = reference else {
+                return fail(
+                    ErrorCode::ReferenceRequired,
+                    "the chunk codes its positions against a reference delta, which was not given",
+                );
+            };
+            decoded.decode_planes(0..1, false, BaseKeys::NotAllowed)?;
+            decoded.decode_planes(1..count, true, BaseKeys::NotAllowed)?;
+            let planes: Vec<&[u8]> = (1..count).map(|q| decoded.bytes(q)).collect();
+            positions::decode_split(decoded.bytes(0), &planes, m, words, reference, changed)
+        }
+        _ => {
+            decoded.decode_planes(0..count, false, BaseKeys::NotAllowed)?;
+            positions::decode_bitmap(decoded.bytes(0), m, words, changed)
+        }
+    }
+}
+
+/// The positions of one chunk as a reference set (spec §8.3): every word of a dense
+/// or raw chunk, none of an unchanged one, the positions of a sparse one (checked
+/// against the chunk's checksum, and decoded against `chunk.reference` for coding
+/// 3). Only the position streams are decoded; values are not read.
+///
+/// # Errors
+/// As [`decode_chunk`], for the records, the checksum and the position streams.
+pub fn chunk_positions(chunk: &ChunkInput<'_>, out: &mut Vec<u32>, scratch: &mut DecodeScratch) -> Result<()> {
+    chunk.check()?;
+    out.clear();
+    match chunk.record.encoding {
+        Encoding::Unchanged => Ok(()),
+        Encoding::Dense | Encoding::Raw => {
+            try_reserve(out, chunk.words)?;
+            #[allow(clippy::cast_possible_truncation)] // words ≤ MAX_CHUNK_WORDS
+            out.extend(0..chunk.words as u32);
+            Ok(())
+        }
+        Encoding::Sparse => {
+            let mut decoded = open_streams(chunk.streams, chunk.stored, scratch)?;
+            let mut positions = Vec::new();
+            decode_positions_into(chunk.record, &mut decoded, chunk.words, chunk.reference, &mut positions)?;
+            *out = positions;
+            Ok(())
+        }
+    }
+}
+
+/// Decodes the streams and applies them to `out`, which holds the base words, then
+/// checks the digest. Without `out`, checks the streams and counts the changed
+/// words only; values coded against the base keys cannot be decoded without the
+/// base, so then only their chunk's positions are checked (spec §15.7).
+fn rebuild(chunk: &ChunkInput<'_>, mut out: Option<&mut [u8]>, scratch: &mut DecodeScratch) -> Result<()> {
+    let (record, streams, words, width) = (chunk.record, chunk.streams, chunk.words, chunk.width);
+    let m = record.changed_count as usize;
+    let mut changed = std::mem::take(&mut scratch.positions);
+    let mut decoded = open_streams(streams, chunk.stored, scratch)?;
+    let position_count = position_stream_count(record);
+    if out.is_none() && chunk.reference.is_none() && record.position_coding == PositionCoding::SplitByReference {
+        // Positions against a reference delta that is not given: only the
+        // position streams are checked (spec §15.7), as for values coded against
+        // an absent base.
+        decoded.decode_planes(0..1, false, BaseKeys::NotAllowed)?;
+        decoded.decode_planes(1..position_count, true, BaseKeys::NotAllowed)?;
+        return Ok(());
+    }
+    let value_count = match record.encoding {
+        Encoding::Unchanged => 0,
+        Encoding::Sparse => {
+            decode_positions_into(record, &mut decoded, words, chunk.reference, &mut changed)?;
             m
         }
-        (Encoding::Sparse, _) => {
-            positions::decode_bitmap(decoded.bytes(0), m, words, changed)?;
-            m
-        }
-        (Encoding::Dense | Encoding::Raw, _) => words,
+        Encoding::Dense | Encoding::Raw => words,
     };
     let positions = (record.encoding == Encoding::Sparse).then_some(changed.as_slice());
 
@@ -1101,6 +1249,7 @@ fn rebuild(
     if out.is_some_and(|out| leaf_digest(out) != record.digest) {
         return fail(ErrorCode::ChunkDigest, "the rebuilt chunk does not match its digest");
     }
+    scratch.positions = changed;
     Ok(())
 }
 
@@ -1109,7 +1258,15 @@ mod tests {
     use super::*;
 
     fn input<'a>(chunk: &'a EncodedChunk, base: Option<&'a [u8]>, words: usize, width: WordWidth) -> ChunkInput<'a> {
-        ChunkInput { record: &chunk.record, streams: &chunk.streams, stored: &chunk.data, base, words, width }
+        ChunkInput {
+            record: &chunk.record,
+            streams: &chunk.streams,
+            stored: &chunk.data,
+            base,
+            words,
+            width,
+            reference: None,
+        }
     }
 
     fn round_trip(target: &[u8], base: Option<&[u8]>, width: WordWidth) -> Encoding {

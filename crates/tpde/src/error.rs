@@ -72,6 +72,12 @@ pub enum ErrorCode {
     ChunkDigest,
     /// A reconstructed tensor does not match its digest (spec §10).
     TensorDigest,
+    /// A chunk codes its positions against a reference delta (spec §8.3, coding 3)
+    /// and the reference's positions were not given.
+    ReferenceRequired,
+    /// A reference delta's SHA-256 or length differs from the header's pin
+    /// (spec §5.2, `position_reference`).
+    ReferenceMismatch,
     /// The delta needs a base and none was given.
     BaseRequired,
     /// A tensor that the delta needs is not in the base.
@@ -140,6 +146,8 @@ impl ErrorCode {
             Self::ChunkChecksum => "E_CHUNK_CHECKSUM",
             Self::ChunkDigest => "E_CHUNK_DIGEST",
             Self::TensorDigest => "E_TENSOR_DIGEST",
+            Self::ReferenceRequired => "E_REFERENCE_REQUIRED",
+            Self::ReferenceMismatch => "E_REFERENCE_MISMATCH",
             Self::BaseRequired => "E_BASE_REQUIRED",
             Self::BaseMissingTensor => "E_BASE_MISSING_TENSOR",
             Self::BaseMismatch => "E_BASE_MISMATCH",
@@ -190,6 +198,8 @@ impl ErrorCode {
         Self::ChunkChecksum,
         Self::ChunkDigest,
         Self::TensorDigest,
+        Self::ReferenceRequired,
+        Self::ReferenceMismatch,
         Self::BaseRequired,
         Self::BaseMissingTensor,
         Self::BaseMismatch,
@@ -223,6 +233,11 @@ impl ErrorCode {
             | Self::ChunkDigest
             | Self::TensorDigest => "the file is corrupted; copy or download it again",
             Self::BaseRequired => "pass the base checkpoint as the first argument",
+            Self::ReferenceRequired => {
+                "this delta codes its positions against the previous delta of a series; rebuild the step with \
+                 `tpde series get`"
+            }
+            Self::ReferenceMismatch => "pass the delta this one was written against: the previous step of its series",
             Self::BaseMissingTensor | Self::BaseMismatch | Self::BaseDigest => {
                 "this delta was made against a different base checkpoint"
             }

@@ -10,13 +10,16 @@ pub use crate::container::chunk_map::{
     ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder, CHUNK_RECORD_LEN,
     STREAM_RECORD_LEN,
 };
-pub use crate::container::header::{ExtensionValue, Header, TargetFile, TargetLayout};
+pub use crate::container::header::{ExtensionValue, Header, PositionPin, TargetFile, TargetLayout};
 pub use crate::container::json::parse_strict;
-pub use crate::container::preamble::{trailer_bytes, Preamble, FEATURE_RANS_LANES, PREAMBLE_LEN};
+pub use crate::container::preamble::{
+    trailer_bytes, Preamble, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MINOR_VERSION_TEMPORAL_POSITIONS,
+    PREAMBLE_LEN,
+};
 pub use crate::container::{align_up, Layout, ALIGNMENT};
 pub use crate::delta::{
-    check_chunk_payload, check_chunk_shape, decode_chunk, decode_chunk_with, decode_cost, encode_chunk, ChunkInput,
-    EncodedChunk,
+    check_chunk_payload, check_chunk_shape, chunk_positions, decode_chunk, decode_chunk_with, decode_cost,
+    encode_chunk, encode_chunk_against, ChunkInput, EncodedChunk,
 };
 pub use crate::digest::{checksum64, leaf_digest, tensor_digest, to_hex, tree_digest, Digest128};
 pub use crate::limits::{
@@ -26,9 +29,11 @@ pub use crate::limits::{
 pub use crate::series::{step_file_name, MANIFEST_FILE, STEPS_DIR};
 pub use crate::writer::{check_header, DeltaWriter};
 
-/// Gap and bitmap position streams (spec §8.3).
+/// Gap, bitmap and split-by-reference position streams (spec §8.3).
 pub mod positions {
-    pub use crate::codec::positions::{decode_bitmap, decode_gaps, encode_bitmap, encode_gaps, gap_width};
+    pub use crate::codec::positions::{
+        decode_bitmap, decode_gaps, decode_split, encode_bitmap, encode_gaps, gap_width, split_by_reference,
+    };
 }
 
 /// Lane rANS streams (codec 2, spec §8.7).

@@ -57,7 +57,7 @@ pub use output::{check_free, check_not_an_input, remove_pending_outputs, remove_
 pub use pipeline::apply::{
     apply, apply_chain, chain_cut_alike, check_link, resolve_base, verify, ApplyOptions, ApplySummary,
 };
-pub use pipeline::encode::{encode, encode_sources, encode_to, EncodeOptions, EncodeSummary};
+pub use pipeline::encode::{encode, encode_sources, encode_sources_against, encode_to, EncodeOptions, EncodeSummary};
 pub use pipeline::inspect::{inspect, Checked, EncodingMix, Report, TensorReport};
 pub use pipeline::{NoProgress, Progress};
 pub use reader::{ChunkSpan, DeltaFile};

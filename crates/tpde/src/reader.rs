@@ -4,19 +4,22 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::checkpoint::{SafetensorsHeader, SafetensorsTensor};
 use crate::container::chunk_map::{ChunkRecord, Codec, StreamRecord, CHUNK_RECORD_LEN, STREAM_RECORD_LEN};
+use crate::container::chunk_map::{Encoding, PositionCoding};
+use crate::container::header::PositionPin;
 use crate::container::header::{Header, LayoutKind, TensorEntry};
 use crate::container::json::{check_unique_keys, parse_strict, ObjectOf};
-use crate::container::preamble::{check_trailer, Preamble, FEATURE_RANS_LANES, MAGIC};
+use crate::container::preamble::{check_trailer, Preamble, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MAGIC};
 use crate::container::Layout;
 use crate::delta::{
-    check_chunk_payload, check_chunk_shape, check_unchanged, decode_chunk_into, decode_chunk_with, decode_cost,
-    ChunkInput, DecodeCost, DecodeScratch,
+    check_chunk_payload, check_chunk_shape, check_unchanged, chunk_positions, decode_chunk_into, decode_chunk_with,
+    decode_cost, ChunkInput, DecodeCost, DecodeScratch,
 };
 use crate::digest::{checksum64, to_hex, tree_digest, Digest128};
 use crate::dtype::WordWidth;
@@ -52,6 +55,11 @@ pub struct DeltaFile {
     header: Header,
     chunks: Vec<ChunkRecord>,
     streams: Vec<StreamRecord>,
+    /// The delta whose positions are the reference sets of coding 3 (spec §8.3),
+    /// checked against the header's pin.
+    reference: Option<Arc<DeltaFile>>,
+    /// Tensor index by name, built when the file first serves as a reference.
+    names: OnceLock<HashMap<String, usize>>,
 }
 
 impl std::fmt::Debug for DeltaFile {
@@ -150,6 +158,11 @@ impl DeltaFile {
             .map_err(|_| Error::new(ErrorCode::HeaderInvalid, "the header is not UTF-8"))?;
         let ObjectOf(header): ObjectOf<Header> = parse_strict(header_text, "header")?;
         header.validate(preamble.chunk_count)?;
+        let temporal = preamble.required_features & FEATURE_TEMPORAL_POSITIONS != 0;
+        if temporal != header.position_reference.is_some() {
+            // H7: the pin and feature bit 2 come together.
+            return fail(ErrorCode::HeaderInvalid, "position_reference is present iff required feature bit 2 is set");
+        }
 
         let tables = at(layout.table_offset, layout.table_len);
         if checksum64(tables) != preamble.table_checksum {
@@ -174,7 +187,16 @@ impl DeltaFile {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        let delta = Self { path: path.to_path_buf(), map, preamble, header, chunks, streams };
+        let delta = Self {
+            path: path.to_path_buf(),
+            map,
+            preamble,
+            header,
+            chunks,
+            streams,
+            reference: None,
+            names: OnceLock::new(),
+        };
         delta.validate_chunk_map(layout)?;
         delta.validate_target_files()?;
         delta.validate_index()?;
@@ -215,6 +237,13 @@ impl DeltaFile {
                 }
                 let streams = &self.streams
                     [usize::try_from(next_stream).expect("bounded")..usize::try_from(end).expect("bounded")];
+                let temporal = self.preamble.required_features & FEATURE_TEMPORAL_POSITIONS != 0;
+                if chunk.position_coding == PositionCoding::SplitByReference && !temporal {
+                    return Err(located(Error::new(
+                        ErrorCode::ChunkMapInvalid,
+                        "position coding 3 in a file without required feature bit 2",
+                    )));
+                }
                 check_chunk_shape(chunk, streams, span.words, width).map_err(located)?;
                 offset += u64::from(chunk.stored_len);
                 next_stream = end;
@@ -385,7 +414,7 @@ impl DeltaFile {
         let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
         let (record, streams, stored) =
             (self.chunk(span.index), self.streams(span.index), self.stored_bytes(span.index));
-        Ok(ChunkInput { record, streams, stored, base, words, width })
+        Ok(ChunkInput { record, streams, stored, base, words, width, reference: None })
     }
 
     /// The base bytes at a chunk's place, cut from the whole base tensor's.
@@ -425,7 +454,8 @@ impl DeltaFile {
         out: &mut Vec<u8>,
         scratch: &mut DecodeScratch,
     ) -> Result<()> {
-        let chunk = self.chunk_input(tensor, span, base)?;
+        let reference = self.reference_positions(tensor, span)?;
+        let chunk = ChunkInput { reference: reference.as_deref(), ..self.chunk_input(tensor, span, base)? };
         decode_chunk_with(&chunk, out, scratch).map_err(|e| self.locate(e, tensor, span))
     }
 
@@ -440,7 +470,8 @@ impl DeltaFile {
         out: &mut Vec<u8>,
         scratch: &mut DecodeScratch,
     ) -> Result<()> {
-        let chunk = self.chunk_input_at(tensor, span, chunk_base)?;
+        let reference = self.reference_positions(tensor, span)?;
+        let chunk = ChunkInput { reference: reference.as_deref(), ..self.chunk_input_at(tensor, span, chunk_base)? };
         decode_chunk_with(&chunk, out, scratch).map_err(|e| self.locate(e, tensor, span))
     }
 
@@ -453,7 +484,8 @@ impl DeltaFile {
         out: &mut [u8],
         scratch: &mut DecodeScratch,
     ) -> Result<()> {
-        let chunk = self.chunk_input(tensor, span, base)?;
+        let reference = self.reference_positions(tensor, span)?;
+        let chunk = ChunkInput { reference: reference.as_deref(), ..self.chunk_input(tensor, span, base)? };
         decode_chunk_into(&chunk, out, scratch).map_err(|e| self.locate(e, tensor, span))
     }
 
@@ -483,7 +515,8 @@ impl DeltaFile {
         span: ChunkSpan,
         scratch: &mut DecodeScratch,
     ) -> Result<()> {
-        let chunk = self.chunk_input(tensor, span, None)?;
+        let reference = self.reference_positions(tensor, span)?;
+        let chunk = ChunkInput { reference: reference.as_deref(), ..self.chunk_input(tensor, span, None)? };
         check_chunk_payload(&chunk, scratch).map_err(|e| self.locate(e, tensor, span))
     }
 
@@ -493,6 +526,104 @@ impl DeltaFile {
     /// `E_UNKNOWN_DTYPE` (excluded once the file is open).
     pub fn decode_cost(&self, tensor: &TensorEntry, span: ChunkSpan) -> Result<DecodeCost> {
         Ok(decode_cost(self.chunk(span.index), self.streams(span.index), span.words, tensor.word_width()?))
+    }
+
+    /// Attaches the reference delta whose chunk positions the chunks of position
+    /// coding 3 are coded against (spec §8.3). `reference` may carry its own
+    /// reference (a chain of them); it is checked against the pin of this file's
+    /// header (spec §5.2). A file without a pin ignores it.
+    ///
+    /// # Errors
+    /// `E_REFERENCE_MISMATCH` when the reference's SHA-256 or length differs from
+    /// the pin.
+    pub fn with_position_reference(mut self, reference: Arc<DeltaFile>) -> Result<Self> {
+        let Some(pin) = &self.header.position_reference else { return Ok(self) };
+        if pin_of(&reference) != *pin {
+            return Err(Error::new(
+                ErrorCode::ReferenceMismatch,
+                format!(
+                    "the reference delta {} is not the file this delta was written against",
+                    reference.path.display()
+                ),
+            )
+            .in_file(&self.path));
+        }
+        self.reference = Some(reference);
+        Ok(self)
+    }
+
+    /// Checks, before anything is decoded, that a file with chunks of position
+    /// coding 3 has its reference delta attached (spec §11.2 R0), naming the first
+    /// such chunk.
+    ///
+    /// # Errors
+    /// `E_REFERENCE_REQUIRED`.
+    pub fn require_position_reference(&self) -> Result<()> {
+        if self.reference.is_some() || self.header.position_reference.is_none() {
+            return Ok(());
+        }
+        for tensor in &self.header.tensors {
+            for index in tensor.chunk_range() {
+                let record = self.chunk(index);
+                if record.encoding == Encoding::Sparse && record.position_coding == PositionCoding::SplitByReference {
+                    return Err(Error::new(
+                        ErrorCode::ReferenceRequired,
+                        "the chunk codes its positions against a reference delta, which was not given",
+                    )
+                    .in_file(&self.path)
+                    .in_tensor(&tensor.name)
+                    .in_chunk(index));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The reference delta attached with [`DeltaFile::with_position_reference`].
+    #[must_use]
+    pub fn position_reference(&self) -> Option<&Arc<DeltaFile>> {
+        self.reference.as_ref()
+    }
+
+    /// The reference set R of a chunk of position coding 3 (spec §8.3), `None` for
+    /// any other chunk, or when no reference is attached (the chunk then fails with
+    /// `E_REFERENCE_REQUIRED`).
+    fn reference_positions(&self, tensor: &TensorEntry, span: ChunkSpan) -> Result<Option<Vec<u32>>> {
+        let record = self.chunk(span.index);
+        if record.encoding != Encoding::Sparse || record.position_coding != PositionCoding::SplitByReference {
+            return Ok(None);
+        }
+        let Some(reference) = &self.reference else { return Ok(None) };
+        let k = usize::try_from(span.first_word / tensor.chunk_words.max(1)).expect("bounded by MAX_CHUNKS");
+        let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
+        reference.positions_as_reference(&tensor.name, tensor.chunk_words, k, words).map(Some)
+    }
+
+    /// The positions of chunk `k` of tensor `name` as a reference set for a chunk of
+    /// `words` words and `chunk_words` words per chunk (spec §8.3): empty without
+    /// such a tensor or chunk, or with other `chunk_words`; cut to those below
+    /// `words`.
+    pub(crate) fn positions_as_reference(
+        &self,
+        name: &str,
+        chunk_words: u64,
+        k: usize,
+        words: usize,
+    ) -> Result<Vec<u32>> {
+        let names = self
+            .names
+            .get_or_init(|| self.header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect());
+        let Some(tensor) = names.get(name).map(|&i| &self.header.tensors[i]) else { return Ok(Vec::new()) };
+        if tensor.chunk_words != chunk_words {
+            return Ok(Vec::new());
+        }
+        let Some(span) = self.span(tensor, k as u64)? else { return Ok(Vec::new()) };
+        let own = self.reference_positions(tensor, span)?;
+        let chunk = ChunkInput { reference: own.as_deref(), ..self.chunk_input_at(tensor, span, None)? };
+        let mut out = Vec::new();
+        chunk_positions(&chunk, &mut out, &mut DecodeScratch::default()).map_err(|e| self.locate(e, tensor, span))?;
+        out.truncate(out.partition_point(|&p| (p as usize) < words));
+        Ok(out)
     }
 
     fn locate(&self, e: Error, tensor: &TensorEntry, span: ChunkSpan) -> Error {
@@ -564,6 +695,13 @@ impl DeltaFile {
         }
         Ok(())
     }
+}
+
+/// The pin of a delta file (spec §5.2): its SHA-256 and length.
+#[must_use]
+pub fn pin_of(delta: &DeltaFile) -> PositionPin {
+    use sha2::Digest as _;
+    PositionPin { sha256: hex::encode(sha2::Sha256::digest(delta.bytes())), file_len: delta.file_len() }
 }
 
 fn require_base(tensor: &TensorEntry, base: Option<&[u8]>) -> Result<()> {

@@ -4,10 +4,11 @@
 
 use std::path::Path;
 
-use crate::container::chunk_map::{ChunkRecord, Codec, StreamRecord};
+use crate::container::chunk_map::{ChunkRecord, Codec, PositionCoding, StreamRecord};
 use crate::container::header::Header;
 use crate::container::preamble::{
-    trailer_bytes, Preamble, FEATURE_RANS_LANES, MINOR_VERSION, MINOR_VERSION_RANS_LANES, PREAMBLE_LEN,
+    trailer_bytes, Preamble, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MINOR_VERSION, MINOR_VERSION_RANS_LANES,
+    MINOR_VERSION_TEMPORAL_POSITIONS, PREAMBLE_LEN,
 };
 use crate::container::{align_up, Layout};
 use crate::delta::EncodedChunk;
@@ -105,6 +106,13 @@ impl DeltaWriter {
     /// way, or the code of [`check_header`] (the output then never appears).
     pub fn finish(mut self, header: &Header) -> Result<()> {
         let header_json = check_header(header, self.chunk_count())?;
+        let split = self.chunks.iter().any(|c| c.position_coding == PositionCoding::SplitByReference);
+        if split && header.position_reference.is_none() {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                "a chunk uses position coding 3 and the header pins no position reference",
+            ));
+        }
         let data_len = self.offset - PREAMBLE_LEN as u64;
         let layout =
             Layout::from_counts(data_len, header_json.len() as u64, self.chunk_count(), self.streams.len() as u64)
@@ -122,11 +130,22 @@ impl DeltaWriter {
         }
         self.out.write_all(&tables)?;
         self.out.write_all(&trailer_bytes(layout.file_len))?;
-        // §12 item 8: a file without lane rANS streams stays a 1.0 file.
+        // §12 item 8: a file without lane rANS streams stays a 1.0 file; one with a
+        // position reference is a 1.2 file.
         let uses_rans = self.streams.iter().any(|s| s.codec == Codec::Rans);
+        let temporal = header.position_reference.is_some();
+        let minor_version = if temporal {
+            MINOR_VERSION_TEMPORAL_POSITIONS
+        } else if uses_rans {
+            MINOR_VERSION_RANS_LANES
+        } else {
+            MINOR_VERSION
+        };
+        let required_features =
+            (if uses_rans { FEATURE_RANS_LANES } else { 0 }) | (if temporal { FEATURE_TEMPORAL_POSITIONS } else { 0 });
         let preamble = Preamble {
-            minor_version: if uses_rans { MINOR_VERSION_RANS_LANES } else { MINOR_VERSION },
-            required_features: if uses_rans { FEATURE_RANS_LANES } else { 0 },
+            minor_version,
+            required_features,
             data_len,
             header_len: layout.header_len,
             chunk_count: self.chunk_count(),

@@ -34,7 +34,8 @@ fn manifest_and_files_on_disk_agree() {
     let mut ids = BTreeSet::new();
     for case in cases() {
         assert!(ids.insert(case.id.clone()), "case id {} appears twice", case.id);
-        for rel in [Some(&case.path), case.base.as_ref(), case.expected.as_ref()].into_iter().flatten() {
+        let files = [Some(&case.path), case.base.as_ref(), case.expected.as_ref()].into_iter().flatten();
+        for rel in files.chain(&case.references) {
             let path = root.join(rel);
             assert!(path.exists(), "{}: {rel} does not exist", case.id);
             if path.is_dir() {

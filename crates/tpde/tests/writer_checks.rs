@@ -162,6 +162,7 @@ fn header_with_more_than_2_20_tensors_is_refused_by_the_writer_check() {
             index_json: None,
         },
         tensors: (0..=tpde::format::MAX_TENSORS).map(entry).collect(),
+        position_reference: None,
         extensions: BTreeMap::new(),
     };
     let err = tpde::format::check_header(&header, 0).expect_err("refused");

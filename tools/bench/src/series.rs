@@ -295,6 +295,30 @@ pub fn run(opts: &Options) -> Result<()> {
             add_secs.push(t.elapsed().as_secs_f64());
         }
         let series_bytes = dir_size(&run_dir.join("steps"))? + size(&run_dir.join("series.json"))?;
+        // The same run with temporal positions (`series add --temporal`), whose
+        // deepest step must rebuild byte for byte.
+        eprintln!("series: adding {} steps with temporal positions", steps.len());
+        let temporal_dir = dir.join("run-temporal");
+        for (step, path) in &steps {
+            let step = step.to_string();
+            let args: [&dyn AsRef<std::ffi::OsStr>; 8] =
+                [&"series", &"add", &temporal_dir, path, &"--step", &step, &"--max-chain", &max_chain];
+            let mut command = Command::new(&opts.tpde);
+            command.args(args.iter().map(|a| a.as_ref())).arg("--temporal");
+            let status = command.status()?;
+            ensure!(status.success(), "tpde series add --temporal failed");
+        }
+        let temporal_bytes = dir_size(&temporal_dir.join("steps"))? + size(&temporal_dir.join("series.json"))?;
+        let (last_step, last_path) = steps.last().context("a run has steps")?;
+        let rebuilt = dir.join("temporal-last.safetensors");
+        let status = Command::new(&opts.tpde)
+            .args(["series", "get"])
+            .arg(&temporal_dir)
+            .args(["--step", &last_step.to_string(), "-o"])
+            .arg(&rebuilt)
+            .status()?;
+        ensure!(status.success(), "tpde series get of the temporal run failed");
+        ensure!(std::fs::read(&rebuilt)? == std::fs::read(last_path)?, "the temporal run rebuilds other bytes");
         // one keyframe plus consecutive deltas
         let scratch = dir.join("scratch");
         std::fs::create_dir_all(&scratch)?;
@@ -394,7 +418,9 @@ pub fn run(opts: &Options) -> Result<()> {
             "- **{}**: {}. Adding a step took {:.2} s (median; {} steps, on every core). Peak anonymous memory: \
              `series get` {:.1} MiB, one `apply` {:.1} MiB. Temporal model: whether a word changed costs \
              {plain:.4} bits without context and {conditional:.4} bits given whether it changed the step before, \
-             at most {temporal:.0} bytes a step, {:.2}% of a consecutive delta.\n",
+             at most {temporal:.0} bytes a step, {:.2}% of a consecutive delta. With temporal positions \
+             (`series add --temporal`) the series takes {temporal_bytes} bytes instead of {series_bytes}: \
+             {:.2}% smaller.\n",
             case.name,
             case.about,
             median(add_secs.clone()),
@@ -402,6 +428,7 @@ pub fn run(opts: &Options) -> Result<()> {
             get_anon as f64 / (1 << 20) as f64,
             apply_anon as f64 / (1 << 20) as f64,
             100.0 * temporal / deltas.max(1.0),
+            100.0 * (1.0 - ratio(temporal_bytes, series_bytes)),
         ));
         let _ = std::fs::remove_dir_all(&dir);
     }

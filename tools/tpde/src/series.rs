@@ -40,6 +40,11 @@ pub enum SeriesCommand {
         /// series' digests, it saves rebuilding that step.
         #[arg(long, value_name = "PREV")]
         previous: Option<PathBuf>,
+        /// Code the positions of a delta against the previous step's delta
+        /// (format 1.2, position coding 3) where that stores smaller. The GPU
+        /// loader does not read such files yet.
+        #[arg(long)]
+        temporal: bool,
         #[command(flatten)]
         threads: Threads,
     },
@@ -107,12 +112,13 @@ fn kind_name(kind: StepKind) -> &'static str {
 #[allow(clippy::cast_precision_loss)] // ratios for display
 pub fn run(command: SeriesCommand) -> tpde::Result<()> {
     match command {
-        SeriesCommand::Add { run, checkpoint, step, max_chain, chunk_words, previous, threads } => {
+        SeriesCommand::Add { run, checkpoint, step, max_chain, chunk_words, previous, temporal, threads } => {
             set_threads(&threads)?;
             let ckpt = Checkpoint::open(&checkpoint)?;
             let previous = previous.as_deref().map(Checkpoint::open).transpose()?;
             let mut series = Series::open_or_create(&run)?;
-            let options = AddOptions { max_chain, encode: EncodeOptions { chunk_words, ..EncodeOptions::default() } };
+            let options =
+                AddOptions { max_chain, encode: EncodeOptions { chunk_words, ..EncodeOptions::default() }, temporal };
             let added = match &previous {
                 Some(previous) => series.add_after(previous, &ckpt, step, &options, &Bars::new())?,
                 None => series.add(&ckpt, step, &options, &Bars::new())?,

@@ -73,6 +73,7 @@ pub(super) fn locate_device_fault(delta: &[TensorRef<'_>], err: GpuError) -> Gpu
                 base: None,
                 words: c.words as usize,
                 width: t.width,
+                reference: None,
             };
             match tpde::format::check_chunk_payload(&input, &mut scratch) {
                 Err(found) if found.code() == code => {

@@ -27,8 +27,18 @@ impl<'a> ChunkRef<'a> {
     /// Checks the records against each other and the chunk size with the
     /// format library's [`tpde::format::check_chunk_shape`] (§8.1–§8.4).
     /// Both value orders (§8.6) are read by the kernels.
+    /// Position coding 3 (temporal positions, §8.3) is refused here, before
+    /// anything is written: its positions need a reference delta, which the
+    /// kernels do not read.
     pub fn check_shape(&self, width: WordWidth) -> Result<()> {
         tpde::format::check_chunk_shape(&self.record, self.streams, u64::from(self.words), width)?;
+        if self.record.position_coding == PositionCoding::SplitByReference {
+            return Err(GpuError::Format(tpde::Error::new(
+                ErrorCode::ReferenceRequired,
+                "the GPU loader does not decode position coding 3 (temporal positions); rebuild the \
+                 checkpoint on the CPU with `tpde series get`",
+            )));
+        }
         Ok(())
     }
 
@@ -162,5 +172,39 @@ impl TensorRef<'_> {
 
     pub(super) fn needs_base_words(&self) -> bool {
         self.chunks.iter().any(ChunkRef::reads_out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tpde::format::{Codec, Digest128, ValueLayout, ValueOp, ValueOrder};
+
+    use super::*;
+
+    /// A sparse chunk of 16 words whose positions are coded against a reference
+    /// (coding 3): 2 of the 3 words of R, one more at rank 5.
+    #[test]
+    fn a_chunk_of_position_coding_3_is_refused_before_any_kernel() {
+        let stored = [0b011u8, 5, 1, 1, 1];
+        let stream = |len: u32| StreamRecord { stored_len: len, decoded_len: len, codec: Codec::Stored };
+        let streams = [stream(1), stream(1), stream(3)];
+        let record = ChunkRecord {
+            data_offset: 128,
+            stored_len: 5,
+            changed_count: 3,
+            first_stream: 0,
+            encoding: Encoding::Sparse,
+            value_op: ValueOp::Xor,
+            value_layout: ValueLayout::BytePlanes,
+            position_coding: PositionCoding::SplitByReference,
+            gap_width: 1,
+            stream_count: 3,
+            value_order: ValueOrder::Positional,
+            checksum: tpde::format::checksum64(&stored),
+            digest: Digest128::default(),
+        };
+        let chunk = ChunkRef { record, streams: &streams, stored: &stored, words: 16 };
+        let err = chunk.validate(WordWidth::W1).unwrap_err();
+        assert_eq!(err.format_code(), Some(ErrorCode::ReferenceRequired));
     }
 }

@@ -369,6 +369,7 @@ pub fn library_decode(c: &EncodedChunk, base: &[u8], words: usize, w: WordWidth)
         base: Some(base),
         words,
         width: w,
+        reference: None,
     };
     tpde::format::decode_chunk(&input, &mut out).expect("the library decodes the chunk");
     out

@@ -88,6 +88,11 @@ wire_enum!(
         Gaps = 1,
         /// One bit per word.
         Bitmap = 2,
+        /// A bitmap over the reference positions, then gaps between ranks in their
+        /// complement (spec §8.3); only in a file with [`FEATURE_TEMPORAL_POSITIONS`].
+        ///
+        /// [`FEATURE_TEMPORAL_POSITIONS`]: crate::container::preamble::FEATURE_TEMPORAL_POSITIONS
+        SplitByReference = 3,
     }
 );
 

@@ -27,11 +27,27 @@ pub struct Header {
     #[schemars(length(max = 1048576))]
     #[serde(deserialize_with = "json::objects")]
     pub tensors: Vec<TensorEntry>,
+    /// The delta whose chunk positions are the reference sets of position coding 3
+    /// (spec §8.3); present iff the file sets required feature bit 2.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "json::optional_object")]
+    pub position_reference: Option<PositionPin>,
     /// Extension data under namespaced keys (`org.name`); readers ignore what they
     /// do not know (spec §5.4). May be omitted when empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(with = "BTreeMap<String, serde_json::Value>")]
     pub extensions: BTreeMap<String, ExtensionValue>,
+}
+
+/// A delta file identified by content: its SHA-256 and length (spec §5.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PositionPin {
+    /// SHA-256 of the whole file, 64 lower-case hex digits.
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: String,
+    /// The file's length in bytes.
+    #[schemars(range(max = 9_007_199_254_740_991_u64))]
+    pub file_len: u64,
 }
 
 /// One extension value, kept as its JSON text and never built into a tree: a reader
@@ -281,6 +297,13 @@ impl Header {
                 format!("the tensors claim {next_chunk} chunks but the chunk table has {chunk_count}"),
             );
         }
+        if let Some(pin) = &self.position_reference {
+            // H7 (its presence against feature bit 2 is checked with the preamble).
+            let hex = pin.sha256.len() == 64 && pin.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if !hex {
+                return fail(ErrorCode::HeaderInvalid, "position_reference.sha256 is not 64 lower-case hex digits");
+            }
+        }
         Ok(())
     }
 
@@ -327,6 +350,9 @@ impl Header {
     /// Every integer member is at most 2^53 − 1 (spec §5.1, checked as part of O16,
     /// before the tighter limits of O17).
     fn check_json_integers(&self) -> Result<()> {
+        if self.position_reference.as_ref().is_some_and(|pin| pin.file_len > MAX_JSON_INTEGER) {
+            return fail(ErrorCode::HeaderInvalid, "position_reference.file_len exceeds 2^53 - 1");
+        }
         for tensor in &self.tensors {
             let base_dims = tensor.base.iter().flat_map(|b| b.shape.iter());
             let integers = [tensor.chunk_words, tensor.first_chunk, tensor.chunk_count];

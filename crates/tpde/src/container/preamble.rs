@@ -24,8 +24,14 @@ pub const MINOR_VERSION: u16 = 0;
 pub const FEATURE_RANS_LANES: u64 = 1 << 1;
 /// The minor version that defines [`FEATURE_RANS_LANES`].
 pub const MINOR_VERSION_RANS_LANES: u16 = 1;
+/// Required feature bit `temporal-positions`: sparse chunks may code their
+/// positions against those of a reference delta (spec §3, §8.3 coding 3), which the
+/// header pins (`position_reference`, spec §5.2).
+pub const FEATURE_TEMPORAL_POSITIONS: u64 = 1 << 2;
+/// The minor version that defines [`FEATURE_TEMPORAL_POSITIONS`].
+pub const MINOR_VERSION_TEMPORAL_POSITIONS: u16 = 2;
 /// Required feature bits this library understands.
-pub const KNOWN_REQUIRED_FEATURES: u64 = FEATURE_RANS_LANES;
+pub const KNOWN_REQUIRED_FEATURES: u64 = FEATURE_RANS_LANES | FEATURE_TEMPORAL_POSITIONS;
 
 /// The decoded preamble (spec §3, table 3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -170,6 +170,10 @@ fn resolve_chain<'a>(
 ) -> Result<Vec<TensorBase<'a>>> {
     let (first, _) = chain.split_first().ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "no delta to apply"))?;
     let roots = resolve_base(first, base, progress)?;
+    for delta in chain {
+        // §11.2 R0: refused before anything is written.
+        delta.require_position_reference()?;
+    }
     if chain.len() == 1 {
         return Ok(roots.into_iter().map(|b| b.map_or(TensorBase::Standalone, TensorBase::Mapped)).collect());
     }

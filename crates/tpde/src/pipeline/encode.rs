@@ -6,15 +6,17 @@ use rayon::prelude::*;
 
 use super::{window, Progress};
 use crate::checkpoint::Checkpoint;
+use crate::container::chunk_map::PositionCoding;
 use crate::container::header::{
     is_plain_file_name, BaseTensor, Header, LayoutKind, TargetFile, TargetLayout, TensorEntry,
 };
-use crate::delta::{encode_chunk, EncodeSettings, EncodedChunk};
+use crate::delta::{encode_chunk_against, EncodeSettings, EncodedChunk};
 use crate::digest::{tensor_digest, to_hex, tree_digest, Digest128};
 use crate::dtype::WordWidth;
 use crate::error::{Error, ErrorCode, Result};
 use crate::limits::MAX_CHUNK_WORDS;
 use crate::output::{check_not_an_input, check_output, OutputKind};
+use crate::reader::{pin_of, DeltaFile};
 use crate::source::{SourceTensor, TensorSource};
 use crate::writer::{check_header, DeltaWriter};
 
@@ -58,6 +60,8 @@ fn counterpart<'a>(base: Option<&'a dyn TensorSource>, tensor: &SourceTensor) ->
 
 /// One target tensor to encode, chunk by chunk, against its base counterpart.
 struct TensorJob<'a> {
+    name: &'a str,
+    chunk_words: u64,
     bytes: &'a [u8],
     width: WordWidth,
     chunk_bytes: usize,
@@ -70,10 +74,32 @@ impl TensorJob<'_> {
         (start + self.chunk_bytes).min(self.bytes.len())
     }
 
-    fn encode_chunk(&self, start: usize, settings: EncodeSettings) -> Result<EncodedChunk> {
+    fn encode_chunk(
+        &self,
+        start: usize,
+        settings: EncodeSettings,
+        reference: Option<&DeltaFile>,
+    ) -> Result<EncodedChunk> {
         let end = self.chunk_end(start);
         let base = self.base.map(|b| &b[start.min(b.len())..end.min(b.len())]);
-        encode_chunk(&self.bytes[start..end], base, self.width, self.leading_sign, settings)
+        // Only a chunk against a base can be sparse, and so use a reference set.
+        let positions = match (reference, base) {
+            (Some(reference), Some(_)) => Some(reference.positions_as_reference(
+                self.name,
+                self.chunk_words,
+                start / self.chunk_bytes,
+                (end - start) / self.width.bytes(),
+            )?),
+            _ => None,
+        };
+        encode_chunk_against(
+            &self.bytes[start..end],
+            base,
+            self.width,
+            self.leading_sign,
+            settings,
+            positions.as_deref(),
+        )
     }
 }
 
@@ -153,6 +179,27 @@ pub fn encode_sources(
     force: bool,
     progress: &dyn Progress,
 ) -> Result<EncodeSummary> {
+    encode_sources_against(base, target, out, options, force, None, progress)
+}
+
+/// Like [`encode_sources`], coding the positions of sparse chunks against those of
+/// `reference` (spec §8.3, position coding 3) where that stores smaller. The
+/// reference carries its own reference, if it has one
+/// ([`DeltaFile::with_position_reference`]). A delta that uses coding 3 pins the
+/// reference in its header and is a format 1.2 file; one that does not is written
+/// exactly as [`encode_sources`] writes it.
+///
+/// # Errors
+/// As [`encode_sources`], and the reference's decoding errors.
+pub fn encode_sources_against(
+    base: Option<&dyn TensorSource>,
+    target: &dyn TensorSource,
+    out: &Path,
+    options: EncodeOptions,
+    force: bool,
+    reference: Option<&DeltaFile>,
+    progress: &dyn Progress,
+) -> Result<EncodeSummary> {
     let inputs: Vec<&Path> = base.iter().chain([&target]).filter_map(|c| c.input_path()).collect();
     check_not_an_input(out, &inputs)?;
     check_output(out, force, OutputKind::File)?;
@@ -209,6 +256,7 @@ pub fn encode_sources(
             index_json: target.index_json().map(str::to_owned),
         },
         tensors,
+        position_reference: None,
         extensions: std::collections::BTreeMap::new(),
     };
     check_header(&header, next_chunk).map_err(|e| unstorable(e, target))?;
@@ -223,6 +271,8 @@ pub fn encode_sources(
         .map(|location| {
             let width = location.dtype.word_width();
             TensorJob {
+                name: location.name,
+                chunk_words: options.chunk_words,
                 bytes: location.bytes,
                 width,
                 chunk_bytes: usize::try_from(options.chunk_words).expect("bounded") * width.bytes(),
@@ -241,14 +291,16 @@ pub fn encode_sources(
         .flat_map(|(tensor, job)| (0..job.bytes.len()).step_by(job.chunk_bytes).map(move |start| (tensor, start)))
         .collect();
     let mut leaves: Vec<Vec<Digest128>> = vec![Vec::new(); jobs.len()];
+    let mut uses_reference = false;
     for batch in chunks.chunks(window()) {
         progress.check_interrupted()?;
         let encoded = batch
             .par_iter()
-            .map(|&(tensor, start)| jobs[tensor].encode_chunk(start, options.settings))
+            .map(|&(tensor, start)| jobs[tensor].encode_chunk(start, options.settings, reference))
             .collect::<Result<Vec<EncodedChunk>>>()?;
         let mut done = 0;
         for (&(tensor, start), chunk) in batch.iter().zip(encoded) {
+            uses_reference |= chunk.record.position_coding == PositionCoding::SplitByReference;
             leaves[tensor].push(chunk.record.digest);
             writer.push_chunk(chunk)?;
             done += jobs[tensor].chunk_end(start) - start;
@@ -269,6 +321,9 @@ pub fn encode_sources(
             _ => summary.standalone_tensors += 1,
         }
     }
+    // The pin only where a chunk needs it: otherwise the file is what
+    // `encode_sources` writes, readable by 1.0 and 1.1 readers.
+    header.position_reference = reference.filter(|_| uses_reference).map(pin_of);
     writer.finish(&header)?;
     summary.delta_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, "cannot stat the delta", e))?.len();
     Ok(summary)

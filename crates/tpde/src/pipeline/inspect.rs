@@ -173,6 +173,7 @@ pub fn inspect(delta: &DeltaFile) -> Result<Report<'_>> {
                 crate::container::chunk_map::PositionCoding::None => 0,
                 crate::container::chunk_map::PositionCoding::Bitmap => 1,
                 crate::container::chunk_map::PositionCoding::Gaps => usize::from(chunk.gap_width),
+                crate::container::chunk_map::PositionCoding::SplitByReference => 1 + usize::from(chunk.gap_width),
             };
             let streams = delta.streams(span.index);
             report.position_bytes += streams[..position_streams].iter().map(|s| u64::from(s.stored_len)).sum::<u64>();

@@ -29,7 +29,7 @@ use crate::checkpoint::Checkpoint;
 use crate::container::header::LayoutKind;
 use crate::output::{check_not_an_input, PendingFile};
 use crate::pipeline::apply::{apply, apply_chain, chain_cut_alike, ApplyOptions};
-use crate::pipeline::encode::{encode_to, EncodeOptions};
+use crate::pipeline::encode::{encode_sources_against, encode_to, EncodeOptions};
 use crate::pipeline::Progress;
 use crate::reader::DeltaFile;
 use crate::{Error, ErrorCode, Result};
@@ -45,11 +45,16 @@ pub struct AddOptions {
     pub max_chain: usize,
     /// How each candidate file is encoded.
     pub encode: EncodeOptions,
+    /// Whether a delta against the previous step, itself stored as a delta, codes
+    /// its sparse positions against that step's file (format 1.2, position
+    /// coding 3) where that stores smaller. Off by default: the GPU loader does
+    /// not decode such files.
+    pub temporal: bool,
 }
 
 impl Default for AddOptions {
     fn default() -> Self {
-        Self { max_chain: 10, encode: EncodeOptions::default() }
+        Self { max_chain: 10, encode: EncodeOptions::default(), temporal: false }
     }
 }
 
@@ -244,6 +249,25 @@ impl Series {
         DeltaFile::open(&path)
     }
 
+    /// Opens a step's file with its position reference attached: the file of its
+    /// reference step, itself opened so, for a delta that codes positions against
+    /// it (spec/SERIES.md §4). Both files are pinned by the manifest.
+    ///
+    /// # Errors
+    /// As [`Series::open_step_file`], and `E_REFERENCE_MISMATCH` when the
+    /// reference step's file is not the one the delta was written against.
+    pub fn open_step_with_reference(&self, entry: &StepEntry) -> Result<DeltaFile> {
+        let file = self.open_step_file(entry)?;
+        if file.header().position_reference.is_none() {
+            return Ok(file);
+        }
+        let Some(reference) = entry.reference.filter(|_| entry.kind == StepKind::Delta) else {
+            return Ok(file); // refused when a chunk needs it: E_REFERENCE_REQUIRED
+        };
+        let reference = self.open_step_with_reference(self.manifest.entry(reference)?)?;
+        file.with_position_reference(std::sync::Arc::new(reference))
+    }
+
     /// Rebuilds one stored step into `out` against `base` (its reference's
     /// checkpoint, for a delta).
     fn apply_step(
@@ -254,7 +278,7 @@ impl Series {
         options: ApplyOptions,
         progress: &dyn Progress,
     ) -> Result<()> {
-        let delta = self.open_step_file(entry)?;
+        let delta = self.open_step_with_reference(entry)?;
         apply(&delta, base, out, options, progress)?;
         Ok(())
     }
@@ -272,7 +296,19 @@ impl Series {
         progress: &dyn Progress,
     ) -> Result<()> {
         let chain = self.manifest.chain(step)?;
-        let files = chain.iter().map(|entry| self.open_step_file(entry)).collect::<Result<Vec<_>>>()?;
+        // Each delta's position reference, if it has one, is the file before it.
+        let mut files: Vec<DeltaFile> = Vec::with_capacity(chain.len());
+        let mut reference: Option<std::sync::Arc<DeltaFile>> = None;
+        for entry in &chain {
+            let mut file = self.open_step_file(entry)?;
+            let mut as_reference = self.open_step_file(entry)?;
+            if let Some(previous) = reference.take().filter(|_| file.header().position_reference.is_some()) {
+                file = file.with_position_reference(std::sync::Arc::clone(&previous))?;
+                as_reference = as_reference.with_position_reference(previous)?;
+            }
+            reference = Some(std::sync::Arc::new(as_reference));
+            files.push(file);
+        }
         if chain_cut_alike(&files) {
             apply_chain(&files, None, out, options, progress)?;
             return Ok(());
@@ -459,7 +495,22 @@ impl Series {
                 }
             };
             let path = scratch.join(format!("{step}-against-{reference}.tpde"));
-            let summary = encode_to(Some(base), checkpoint, &path, options.encode, true, progress)?;
+            // Temporal positions: against the previous step's file, when it is a delta.
+            let position_reference = match manifest.entry(reference)? {
+                entry if options.temporal && Some(reference) == previous && entry.kind == StepKind::Delta => {
+                    Some(self.open_step_with_reference(entry)?)
+                }
+                _ => None,
+            };
+            let summary = encode_sources_against(
+                Some(base),
+                checkpoint,
+                &path,
+                options.encode,
+                true,
+                position_reference.as_ref(),
+                progress,
+            )?;
             measured.push((Some(reference), path, summary.delta_bytes));
         }
         let candidates: Vec<Candidate> =
@@ -515,7 +566,12 @@ impl Series {
                 continue;
             }
             let reference_kept = entry.reference.is_none_or(|r| next.entry(r).is_ok());
-            if reference_kept {
+            // A delta whose positions are coded against its reference's file is
+            // stored anew when that file is (spec/SERIES.md §4).
+            let position_reference_kept = entry.kind != StepKind::Delta
+                || entry.reference.is_none_or(|r| !reencoded.contains(&r))
+                || self.open_step_file(entry)?.header().position_reference.is_none();
+            if reference_kept && position_reference_kept {
                 next.steps.push(entry.clone());
                 continue;
             }

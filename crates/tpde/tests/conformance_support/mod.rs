@@ -24,6 +24,8 @@ pub struct Case {
     pub id: String,
     pub path: String,
     pub base: Option<String>,
+    /// The delta's chain of reference deltas (spec §11.4), nearest first.
+    pub references: Vec<String>,
     pub accept: bool,
     pub expected: Option<String>,
     pub error: Option<String>,
@@ -40,7 +42,8 @@ impl Case {
     /// Runs the case through the library: the canonical decode or the error.
     pub fn run(&self) -> tpde::Result<String> {
         let dir = suite_dir();
-        decode(&dir.join(&self.path), self.base.as_ref().map(|b| dir.join(b)).as_deref())
+        let references: Vec<PathBuf> = self.references.iter().map(|r| dir.join(r)).collect();
+        decode_with_references(&dir.join(&self.path), self.base.as_ref().map(|b| dir.join(b)).as_deref(), &references)
     }
 }
 
@@ -64,6 +67,11 @@ pub fn cases() -> Vec<Case> {
             id: text(e, "id").expect("an id"),
             path: text(e, "path").expect("a path"),
             base: text(e, "base"),
+            references: e
+                .get("references")
+                .and_then(Value::as_array)
+                .map(|refs| refs.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                .unwrap_or_default(),
             accept: text(e, "expect").as_deref() == Some("accept"),
             expected: text(e, "expected"),
             error: text(e, "error"),
@@ -74,4 +82,5 @@ pub fn cases() -> Vec<Case> {
 }
 
 /// The canonical decode of the conformance contract, as the runner prints it.
-pub use tpde_conformance::decode;
+#[allow(unused_imports)] // each test crate uses a part
+pub use tpde_conformance::{decode, decode_with_references};
