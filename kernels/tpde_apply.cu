@@ -11,7 +11,10 @@
 //   tile_totals  -> per tile sum of gaps (or popcount of the bitmap)
 //   tile_scan    -> per chunk exclusive scan of those sums (+ total checks)
 //   apply_wN     -> per tile scan again, add the offset, scatter
-// so positions are rebuilt on the GPU and never expanded on the CPU.
+// so positions are rebuilt on the GPU and never expanded on the CPU. The one
+// exception is position coding 3 (spec §8.3): its positions are decoded on the
+// CPU against the reference delta and arrive as a list of u32 (KIND_SPARSE_LIST),
+// which needs no scan.
 //
 // Values grouped by base key (spec §8.6) add two launches, and their chunks
 // go to apply_grouped_wN instead of apply_wN:
@@ -51,6 +54,7 @@ typedef unsigned long long u64;
 #define KIND_SPARSE_BITMAP 2u
 #define KIND_DENSE 3u
 #define KIND_RAW 4u
+#define KIND_SPARSE_LIST 5u
 
 #define OP_XOR 0u
 #define OP_SUB 1u
@@ -76,7 +80,8 @@ typedef unsigned long long u64;
 // One device address per stream, so that streams stored as they are can be
 // read where they were uploaded, next to streams decoded on the CPU.
 struct ChunkDesc {
-    u64 pos[4];      // gap planes (gap_width planes of m bytes, LSB plane first), or pos[0] = bitmap
+    u64 pos[4];      // gap planes (gap_width planes of m bytes, LSB plane first), or pos[0] = bitmap,
+                     // or pos[0] = m increasing u32 positions (KIND_SPARSE_LIST)
     u64 val[8];      // value planes (LSB plane first), or val[0] = little-endian words
     u64 base;        // base words of the chunk (may equal out)
     u64 out;         // output words of the chunk (or u32 positions for positions_*)
@@ -125,7 +130,7 @@ static_assert(sizeof(u64) == 8 && sizeof(u32) == 4 && sizeof(u16) == 2, "integer
 
 // Whether every code of a descriptor is one the kernels implement.
 __device__ __forceinline__ bool desc_ok(const ChunkDesc& c) {
-    const bool kind = c.kind >= KIND_SPARSE_GAPS && c.kind <= KIND_RAW;
+    const bool kind = c.kind >= KIND_SPARSE_GAPS && c.kind <= KIND_SPARSE_LIST;
     const bool gaps = c.kind != KIND_SPARSE_GAPS || c.gap_width == 1 || c.gap_width == 2 || c.gap_width == 4;
     return kind && gaps && c.op <= OP_SUB && c.layout <= LAYOUT_ROTATED_PLANES && c.order <= ORDER_GROUPED;
 }
@@ -308,6 +313,18 @@ __device__ __forceinline__ void scan_gap_tile(const ChunkDesc& c, u64 t, const u
     __syncthreads();
 }
 
+// Loads one tile of a position list (KIND_SPARSE_LIST) into pos[] (padded),
+// as scan_gap_tile does for gaps.
+__device__ __forceinline__ void load_list_tile(const ChunkDesc& c, u64 t, u64* pos) {
+    const u32* list = (const u32*)c.pos[0];
+    const u64 j0 = t * TILE;
+    for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
+        u64 j = j0 + k;
+        pos[PAD(k)] = j < c.m ? list[j] : 0;
+    }
+    __syncthreads();
+}
+
 template <typename T>
 __device__ __forceinline__ void apply_impl(ChunkDesc* d, u32 nd, const u64* offs, u32* flag) {
     __shared__ u64 pos[PAD(TILE)];
@@ -339,8 +356,9 @@ __device__ __forceinline__ void apply_impl(ChunkDesc* d, u32 nd, const u64* offs
                 changed += w != b;
             }
         }
-    } else if (c.kind == KIND_SPARSE_GAPS) {
-        scan_gap_tile(c, t, offs, pos, ws);
+    } else if (c.kind == KIND_SPARSE_GAPS || c.kind == KIND_SPARSE_LIST) {
+        if (c.kind == KIND_SPARSE_GAPS) scan_gap_tile(c, t, offs, pos, ws);
+        else load_list_tile(c, t, pos);
         const u64 j0 = t * TILE;
         for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
             u64 j = j0 + k;
@@ -417,8 +435,8 @@ __device__ __forceinline__ u64 value_count(const ChunkDesc& c) {
 }
 
 __device__ __forceinline__ bool grouped_kind(const ChunkDesc& c) {
-    return c.order == ORDER_GROUPED &&
-           (c.kind == KIND_DENSE || c.kind == KIND_SPARSE_GAPS || c.kind == KIND_SPARSE_BITMAP);
+    return c.order == ORDER_GROUPED && (c.kind == KIND_DENSE || c.kind == KIND_SPARSE_GAPS ||
+                                        c.kind == KIND_SPARSE_BITMAP || c.kind == KIND_SPARSE_LIST);
 }
 
 // Adds one key per lane (NO_KEY: none) to a shared histogram, one atomic
@@ -449,8 +467,9 @@ __device__ __forceinline__ void group_hist_impl(const ChunkDesc* d, u32 nd, cons
             const u64 i = i0 + k;
             count_key(hist, i < c.n ? group_key<T>(base[i]) : NO_KEY);
         }
-    } else if (c.kind == KIND_SPARSE_GAPS) {
-        scan_gap_tile(c, t, offs, pos, ws);
+    } else if (c.kind == KIND_SPARSE_GAPS || c.kind == KIND_SPARSE_LIST) {
+        if (c.kind == KIND_SPARSE_GAPS) scan_gap_tile(c, t, offs, pos, ws);
+        else load_list_tile(c, t, pos);
         const u64 j0 = t * TILE;
         for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
             const u64 j = j0 + k;
@@ -619,8 +638,9 @@ __device__ __forceinline__ void apply_grouped_impl(ChunkDesc* d, u32 nd, const u
         const u64 i0 = t * TILE;
         const u64 left = (u64)c.n - i0;
         grouped_entries<T>(d, ci, c, left < TILE ? (u32)left : TILE, 0, i0, wrun, run, flag);
-    } else if (c.kind == KIND_SPARSE_GAPS) {
-        scan_gap_tile(c, t, offs, pos, ws);
+    } else if (c.kind == KIND_SPARSE_GAPS || c.kind == KIND_SPARSE_LIST) {
+        if (c.kind == KIND_SPARSE_GAPS) scan_gap_tile(c, t, offs, pos, ws);
+        else load_list_tile(c, t, pos);
         const u64 left = (u64)c.m - t * TILE;
         grouped_entries<T>(d, ci, c, left < TILE ? (u32)left : TILE, pos, 0, wrun, run, flag);
     } else {
@@ -680,8 +700,9 @@ positions(const ChunkDesc* d, u32 nd, const u64* offs, u32* flag) {
     if (reject_bad_desc(c, flag)) return;
     const u64 t = blockIdx.x - c.tile_begin;
     u32* out = (u32*)c.out;
-    if (c.kind == KIND_SPARSE_GAPS) {
-        scan_gap_tile(c, t, offs, pos, ws);
+    if (c.kind == KIND_SPARSE_GAPS || c.kind == KIND_SPARSE_LIST) {
+        if (c.kind == KIND_SPARSE_GAPS) scan_gap_tile(c, t, offs, pos, ws);
+        else load_list_tile(c, t, pos);
         const u64 j0 = t * TILE;
         for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
             u64 j = j0 + k;

@@ -10,7 +10,8 @@
 //! RL step rounded to BF16 does, added with `Series::add_after`.
 //!
 //! `cargo build --release --example series_sync -p tpde-cuda`, then on a GPU
-//! machine: `series_sync [--params N] [--steps S] [--anchor N] [--dir DIR]`.
+//! machine: `series_sync [--params N] [--steps S] [--anchor N] [--dir DIR] [--temporal]`
+//! (`--temporal`: the series codes positions against the previous step, §8.3).
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)]
 
 use std::path::{Path, PathBuf};
@@ -166,7 +167,8 @@ fn main() -> R<()> {
     // The run, added step by step; step 0 also goes to the device.
     let t0 = Instant::now();
     let mut series = Series::open_or_create(&dir.join("run"))?;
-    let options = AddOptions { max_chain: steps, encode: EncodeOptions::default(), temporal: false };
+    let temporal = args.iter().any(|a| a == "--temporal");
+    let options = AddOptions { max_chain: steps, encode: EncodeOptions::default(), temporal };
     let ckpt_dir = |k: usize| dir.join(format!("ckpt-{}", k % 2));
     write_checkpoint(&ckpt_dir(0), &weights)?;
     let first = Checkpoint::open(&ckpt_dir(0))?;

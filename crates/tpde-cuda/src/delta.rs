@@ -41,7 +41,13 @@ fn tensor_in<'f>(
             let e = tpde::Error::new(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");
             return Err(GpuError::Format(e.in_file(file.path()).in_tensor(&entry.name).in_chunk(span.index)));
         }
-        chunks.push(ChunkRef { record, streams: file.streams(span.index), stored, words });
+        let mut chunk = ChunkRef { record, streams: file.streams(span.index), stored, words, resolved_positions: None };
+        if chunk.has_split_positions() {
+            // Position coding 3: decoded here against the reference delta.
+            let positions = file.chunk_positions(entry, span)?;
+            chunk.resolved_positions = Some(positions.iter().flat_map(|p| p.to_le_bytes()).collect());
+        }
+        chunks.push(chunk);
     }
     let t = TensorRef {
         name: entry.name.clone(),
@@ -155,6 +161,16 @@ impl PinnedDelta {
     #[must_use]
     pub fn file(&self) -> &DeltaFile {
         &self.file
+    }
+
+    /// Attaches the delta's position reference
+    /// ([`DeltaFile::with_position_reference`]), for a delta with chunks of
+    /// position coding 3.
+    ///
+    /// # Errors
+    /// `E_REFERENCE_MISMATCH` when `reference` is not the file the delta pins.
+    pub fn with_position_reference(self, reference: std::sync::Arc<DeltaFile>) -> Result<Self> {
+        Ok(Self { file: self.file.with_position_reference(reference)? })
     }
 
     /// The loader's view of one tensor, its stored bytes in page-locked

@@ -74,6 +74,7 @@ impl EncodedTensor {
                     stored: &c.data,
                     // at most chunk_words, a u32
                     words: u32::try_from(words).unwrap_or(u32::MAX),
+                    resolved_positions: None,
                 }
             })
             .collect();

@@ -395,8 +395,7 @@ impl Batch {
         let Some(mut d) = ChunkDesc::from_record(&c.record, c.words) else {
             return Ok(None); // unchanged: nothing to launch
         };
-        if streams.len() != c.streams.len()
-            || streams.iter().zip(c.streams).any(|(r, s)| r.len() < s.decoded_len as usize)
+        if streams.len() != c.streams.len() || streams.iter().enumerate().any(|(q, r)| r.len() < c.device_stream_len(q))
         {
             return Err(GpuError::invalid("device stream ranges do not match the chunk's streams"));
         }
@@ -468,7 +467,7 @@ impl Batch {
     /// Adds a sparse chunk whose `u32` positions go to `out` (`m` of them),
     /// for the [`Stage::Positions`] launch.
     pub fn push_positions(&mut self, c: &ChunkRef<'_>, streams: &[DevRange], out: DevRange) -> Result<()> {
-        let Some(mut d) = self.describe(c, streams, out)?.filter(ChunkDesc::is_sparse) else {
+        let Some(mut d) = self.describe(c, streams, out)?.filter(ChunkDesc::has_positions) else {
             return Err(GpuError::invalid("only sparse chunks have positions"));
         };
         if out.len() < c.record.changed_count as usize * 4 || out.ptr() % 4 != 0 {

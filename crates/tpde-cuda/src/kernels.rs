@@ -259,6 +259,9 @@ pub(crate) mod kind {
     pub const SPARSE_BITMAP: u32 = 2;
     pub const DENSE: u32 = 3;
     pub const RAW: u32 = 4;
+    /// Position coding 3, its positions resolved on the CPU: `pos[0]` holds
+    /// `m` increasing `u32`.
+    pub const SPARSE_LIST: u32 = 5;
 }
 
 /// Most position streams of a chunk (`pos[4]` in the source): 4-byte gaps.
@@ -323,6 +326,9 @@ impl ChunkDesc {
             (Encoding::Sparse, PositionCoding::Bitmap) => {
                 (kind::SPARSE_BITMAP, 0, u64::from(words).div_ceil(8).div_ceil(BITMAP_TILE_BYTES))
             }
+            (Encoding::Sparse, PositionCoding::SplitByReference) => {
+                (kind::SPARSE_LIST, 0, u64::from(record.changed_count).div_ceil(TILE))
+            }
             (Encoding::Sparse, _) => {
                 (kind::SPARSE_GAPS, u32::from(record.gap_width), u64::from(record.changed_count).div_ceil(TILE))
             }
@@ -343,8 +349,15 @@ impl ChunkDesc {
         })
     }
 
+    /// Whether the chunk's positions need the tile scans (`tile_totals`,
+    /// `tile_scan`) before the apply.
     pub fn is_sparse(&self) -> bool {
         self.kind == kind::SPARSE_GAPS || self.kind == kind::SPARSE_BITMAP
+    }
+
+    /// Whether the chunk has positions (every sparse kind).
+    pub fn has_positions(&self) -> bool {
+        self.is_sparse() || self.kind == kind::SPARSE_LIST
     }
 
     /// Whether the values are grouped by base key (§8.6): the chunk goes to

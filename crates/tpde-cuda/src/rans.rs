@@ -175,8 +175,11 @@ impl ChunkPlan {
         }
         let n = chunk.streams.len();
         let mut headers = Vec::with_capacity(n);
+        // Position streams of coding 3 are decoded on the CPU, against the
+        // reference (ChunkRef::resolved_positions).
+        let split = if chunk.has_split_positions() { chunk.position_stream_count() } else { 0 };
         for (q, (s, stored)) in chunk.streams.iter().zip(chunk.stored_streams()).enumerate() {
-            headers.push(if is_rans(s.codec) {
+            headers.push(if is_rans(s.codec) && q >= split {
                 Some(Header::read(stored, allowed_contexts(chunk, q, width))?)
             } else {
                 None
@@ -398,7 +401,7 @@ mod tests {
 
     /// Streams of the given codecs, each the given stored bytes.
     fn chunk<'a>(record: ChunkRecord, streams: &'a [StreamRecord], stored: &'a [u8]) -> ChunkRef<'a> {
-        ChunkRef { record, streams, stored, words: 100 }
+        ChunkRef { record, streams, stored, words: 100, resolved_positions: None }
     }
 
     #[test]
@@ -508,7 +511,7 @@ mod tests {
         let streams = vec![StreamRecord { stored_len: 4, decoded_len: 4, codec: Codec::Rans }; 3];
         let mut r = record(Encoding::Dense, PositionCoding::None, 0, ValueLayout::BytePlanes);
         r.changed_count = 0;
-        let c = ChunkRef { record: r, streams: &streams, stored: &stored, words: 4 };
+        let c = ChunkRef { record: r, streams: &streams, stored: &stored, words: 4, resolved_positions: None };
         // three planes of 4-byte words is not a valid chunk shape, but the
         // plan reads only the records it is given
         let plan = ChunkPlan::new(&c, WordWidth::W4).unwrap().unwrap();
@@ -516,7 +519,7 @@ mod tests {
         assert_eq!(plan.streams.iter().map(|s| s.unwrap().1).collect::<Vec<_>>(), [2, 1, 0]);
         // a context that the place forbids is the header's fault
         let streams = vec![StreamRecord { stored_len: 4, decoded_len: 4, codec: Codec::Rans }; 1];
-        let c = ChunkRef { record: r, streams: &streams, stored: &stored[..4], words: 4 };
+        let c = ChunkRef { record: r, streams: &streams, stored: &stored[..4], words: 4, resolved_positions: None };
         assert_eq!(ChunkPlan::new(&c, WordWidth::W1).unwrap_err().code(), ErrorCode::RansHeader);
     }
 

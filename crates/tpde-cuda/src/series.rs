@@ -3,6 +3,8 @@
 //! place, the deltas of the chain between them, each step's rebuilt chunks
 //! checked against their digests before the next is applied.
 
+use std::sync::Arc;
+
 use cudarc::driver::CudaSlice;
 use tpde::{check_link, content_step, DeltaFile, Error, ErrorCode, Series, StepKind};
 
@@ -44,14 +46,23 @@ pub fn step_in_place(
     let deltas = &chain[at + 1..];
     // What `bufs` hold, by the header of the step file that rebuilt it: read
     // for its target digests only, so its bytes are not hashed.
-    let mut earlier = DeltaFile::open(&series.root().join(chain[at].file.as_deref().unwrap_or_default()))?;
-    for entry in deltas {
+    // Each file serves as the position reference of the next, where that one
+    // codes positions against it (spec §8.3).
+    let mut earlier = Arc::new(DeltaFile::open(&series.root().join(chain[at].file.as_deref().unwrap_or_default()))?);
+    for (before, entry) in chain[at..].iter().zip(deltas) {
         debug_assert_eq!(entry.kind, StepKind::Delta, "a chain holds deltas after its keyframe");
-        let file = series.open_step_file(entry)?;
+        let mut file = series.open_step_file(entry)?;
+        if file.header().position_reference.is_some() {
+            if earlier.header().position_reference.is_some() && earlier.position_reference().is_none() {
+                // the held step's file, opened above without its own reference
+                earlier = Arc::new(series.open_step_with_reference(before)?);
+            }
+            file = file.with_position_reference(Arc::clone(&earlier))?;
+        }
         check_link(&earlier, &file)?;
         let refs = tensor_refs(&file, true)?;
         loader.apply_in_place(&refs, bufs)?;
-        earlier = file;
+        earlier = Arc::new(file);
     }
     Ok(deltas.len())
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tpde::Checkpoint;
+use tpde::{Checkpoint, DeltaFile};
 use tpde_cuda::{host_bases, Gpu, GpuError, Loader, LoaderConfig, PinnedDelta};
 
 /// `conformance/`, found from the crate's folder: `CARGO_MANIFEST_DIR` at
@@ -32,8 +32,27 @@ fn suite() -> PathBuf {
 }
 
 /// Rebuilds every tensor of `delta` on the GPU; the canonical decode line.
-fn gpu_decode(gpu: &Arc<Gpu>, loader: &mut Loader, delta: &Path, base: Option<&Path>) -> Result<String, GpuError> {
-    let pinned = PinnedDelta::open(gpu, delta)?;
+/// `references` is the delta's chain of position references (spec §11.4),
+/// nearest first.
+fn gpu_decode(
+    gpu: &Arc<Gpu>,
+    loader: &mut Loader,
+    delta: &Path,
+    base: Option<&Path>,
+    references: &[PathBuf],
+) -> Result<String, GpuError> {
+    let mut pinned = PinnedDelta::open(gpu, delta)?;
+    let mut reference: Option<Arc<DeltaFile>> = None;
+    for path in references.iter().rev() {
+        let mut file = DeltaFile::open(path)?;
+        if let Some(r) = reference.take() {
+            file = file.with_position_reference(r)?;
+        }
+        reference = Some(Arc::new(file));
+    }
+    if let Some(r) = reference {
+        pinned = pinned.with_position_reference(r)?;
+    }
     let base = base.map(Checkpoint::open).transpose()?;
     // The base is checked before anything is uploaded.
     let host = host_bases(pinned.file(), base.as_ref())?;
@@ -76,11 +95,15 @@ fn every_conformance_case_through_the_gpu_loader() {
         let id = case["id"].as_str().unwrap();
         let path = root.join(case["path"].as_str().unwrap());
         let base = case["base"].as_str().map(|b| root.join(b));
+        let references: Vec<PathBuf> = case["references"]
+            .as_array()
+            .map(|r| r.iter().filter_map(Value::as_str).map(|p| root.join(p)).collect())
+            .unwrap_or_default();
         let accept = case["expect"] == "accept";
         let folder = case["path"].as_str().unwrap().split('/').next().unwrap().to_string();
         let kind = format!("{folder} ({})", if accept { "accept" } else { "reject" });
-        let library = tpde_conformance::decode(&path, base.as_deref());
-        let gpu_result = gpu_decode(&gpu, &mut loader, &path, base.as_deref());
+        let library = tpde_conformance::decode_with_references(&path, base.as_deref(), &references);
+        let gpu_result = gpu_decode(&gpu, &mut loader, &path, base.as_deref(), &references);
         let verdict = if accept {
             let expected: Value =
                 serde_json::from_slice(&std::fs::read(root.join(case["expected"].as_str().unwrap())).unwrap()).unwrap();

@@ -170,7 +170,13 @@ fn positions_are_rebuilt_on_the_gpu() {
     let (base, target) = pair(WordWidth::W1, 5_000_000, 2, 3);
     for choice in [Choice::SparseGaps, Choice::SparseBitmap] {
         let c = forced_chunk(&base, &target, WordWidth::W1, choice, ValueOp::Xor, ValueLayout::Words, None);
-        let r = ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: 5_000_000 };
+        let r = ChunkRef {
+            record: c.record,
+            streams: &c.streams,
+            stored: &c.data,
+            words: 5_000_000,
+            resolved_positions: None,
+        };
         let expect = reference::chunk_positions(&r, &reference::decode_streams(&r).unwrap()).unwrap();
         let got = l.positions(&r, WordWidth::W1).unwrap();
         assert!(got == expect, "{choice:?}");
@@ -195,7 +201,7 @@ fn corrupt_chunk_error(coding: PositionCoding, gap_width: u8, planes: &[&[u8]], 
         words: u64::from(n),
         chunk_words: n,
         first_chunk: 0,
-        chunks: vec![ChunkRef { record, streams: &streams, stored: &data, words: n }],
+        chunks: vec![ChunkRef { record, streams: &streams, stored: &data, words: n, resolved_positions: None }],
         host: None,
         checksums: Checksums::Checked,
     };
@@ -507,7 +513,13 @@ fn a_changed_count_that_the_values_contradict_is_caught_on_the_device() {
             words: 20_000,
             chunk_words: 20_000,
             first_chunk: 0,
-            chunks: vec![ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: 20_000 }],
+            chunks: vec![ChunkRef {
+                record: c.record,
+                streams: &c.streams,
+                stored: &c.data,
+                words: 20_000,
+                resolved_positions: None,
+            }],
             host: None,
             checksums: Checksums::Checked,
         };
@@ -651,7 +663,13 @@ fn positions_are_rebuilt_from_lane_rans_gap_planes() {
         if choice == Choice::SparseGaps {
             assert_eq!(c.record.gap_width, 2);
         }
-        let r = ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: 3_000_000 };
+        let r = ChunkRef {
+            record: c.record,
+            streams: &c.streams,
+            stored: &c.data,
+            words: 3_000_000,
+            resolved_positions: None,
+        };
         let expect: Vec<u32> = (0..3_000_000u32)
             .filter(|&i| read_word(&base, WordWidth::W2, i as usize) != read_word(&target, WordWidth::W2, i as usize))
             .collect();

@@ -16,7 +16,7 @@ use tpde_cuda::{
 };
 
 fn chunk_ref(c: &EncodedChunk, words: usize) -> ChunkRef<'_> {
-    ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: words as u32 }
+    ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: words as u32, resolved_positions: None }
 }
 
 /// The reference rebuild of a chunk must equal the library's decoder.
@@ -146,7 +146,7 @@ fn bad_sparse(coding: PositionCoding, gap_width: u8, planes: &[&[u8]], m: u32, n
     let mut data: Vec<u8> = planes.concat();
     data.extend_from_slice(&values);
     let record = sparse_record(m, coding, gap_width, &streams);
-    let c = ChunkRef { record, streams: &streams, stored: &data, words: n };
+    let c = ChunkRef { record, streams: &streams, stored: &data, words: n, resolved_positions: None };
     c.validate(WordWidth::W1).unwrap();
     chunk_positions(&c, &decode_streams(&c).unwrap()).expect_err("bad positions")
 }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use tpde::{AddOptions, Checkpoint, EncodeOptions, ErrorCode, NoProgress, Series};
+use tpde::{AddOptions, Checkpoint, DeltaFile, EncodeOptions, ErrorCode, NoProgress, Series};
 use tpde_cuda::{step_in_place, Gpu, GpuError, Loader, LoaderConfig};
 
 mod common;
@@ -15,22 +15,40 @@ use common::write_bf16_safetensors;
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn weights_on_the_gpu_step_through_a_series_bit_for_bit() {
+    let pinned = step_through(false);
+    assert_eq!(pinned, 0, "no step file without temporal positions has a position reference");
+}
+
+/// The same with temporal positions (format 1.2, position coding 3): most of
+/// the words that move, move again the next step, so the writer codes their
+/// positions against the previous step's file, and the loader decodes them
+/// against it.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn weights_on_the_gpu_step_through_a_temporal_series_bit_for_bit() {
+    let pinned = step_through(true);
+    assert!(pinned >= 2, "{pinned} step files code positions against a reference");
+}
+
+/// Adds six steps of two BF16 tensors to a new series and steps a device copy
+/// of step 0 forward through them, checking every step bit for bit. Returns
+/// the number of step files with a position reference.
+fn step_through(temporal: bool) -> usize {
     let dir = tempfile::tempdir().expect("a temp dir");
     let mut series = Series::open_or_create(&dir.path().join("run")).expect("a new series");
-    let options = AddOptions {
-        max_chain: 10,
-        encode: EncodeOptions { chunk_words: 4096, ..EncodeOptions::default() },
-        temporal: false,
-    };
+    let options =
+        AddOptions { max_chain: 10, encode: EncodeOptions { chunk_words: 4096, ..EncodeOptions::default() }, temporal };
     let mut a: Vec<u16> = (0..200_000u32).map(|i| 0x3C00 | (i.wrapping_mul(2_654_435_761) >> 22) as u16).collect();
     let mut b: Vec<u16> = (0..3_000u32).map(|i| 0x3F80 | (i % 97) as u16).collect();
     let mut steps = Vec::new();
     for k in 0..6u64 {
-        // about one word in 37 moves, at positions drawn anew each step
+        // about one word in 37 moves every step, and one in 500 more at
+        // positions drawn anew each step
         for (i, w) in a.iter_mut().enumerate() {
+            let fixed = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
             let mix = ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k.wrapping_mul(0xBF58_476D_1CE4_E5B9))
                 .rotate_left(17);
-            if mix % 37 == 0 {
+            if fixed % 37 == 0 || mix % 500 == 0 {
                 *w = w.wrapping_add(1 + (i % 2) as u16);
             }
         }
@@ -66,4 +84,13 @@ fn weights_on_the_gpu_step_through_a_series_bit_for_bit() {
     // backwards is on no chain
     let err = step_in_place(&mut loader, &series, at, 0, &mut bufs).unwrap_err();
     assert!(matches!(&err, GpuError::Format(e) if e.code() == ErrorCode::SeriesStep), "{err}");
+    manifest
+        .steps
+        .iter()
+        .filter_map(|e| e.file.as_deref())
+        .filter(|f| {
+            let file = DeltaFile::open(&series.root().join(f)).expect("a step file opens");
+            file.header().position_reference.is_some()
+        })
+        .count()
 }

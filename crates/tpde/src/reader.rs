@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -60,6 +60,11 @@ pub struct DeltaFile {
     reference: Option<Arc<DeltaFile>>,
     /// Tensor index by name, built when the file first serves as a reference.
     names: OnceLock<HashMap<String, usize>>,
+    /// Chunk positions decoded while this file serves as a reference, by
+    /// (tensor index, chunk index), each kept until it is read once more: a
+    /// walk along a chain of references decodes each file's positions once, and
+    /// holds no more than about one step's worth of them.
+    positions_memo: Mutex<HashMap<(usize, u64), Vec<u32>>>,
 }
 
 impl std::fmt::Debug for DeltaFile {
@@ -196,6 +201,7 @@ impl DeltaFile {
             streams,
             reference: None,
             names: OnceLock::new(),
+            positions_memo: Mutex::new(HashMap::new()),
         };
         delta.validate_chunk_map(layout)?;
         delta.validate_target_files()?;
@@ -613,16 +619,65 @@ impl DeltaFile {
         let names = self
             .names
             .get_or_init(|| self.header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect());
-        let Some(tensor) = names.get(name).map(|&i| &self.header.tensors[i]) else { return Ok(Vec::new()) };
+        let Some(&index) = names.get(name) else { return Ok(Vec::new()) };
+        let tensor = &self.header.tensors[index];
         if tensor.chunk_words != chunk_words {
             return Ok(Vec::new());
         }
         let Some(span) = self.span(tensor, k as u64)? else { return Ok(Vec::new()) };
+        let remembered = self.positions_memo.lock().map_or(None, |mut memo| memo.remove(&(index, span.index)));
+        let mut out = match remembered {
+            Some(positions) => positions,
+            None => self.positions_remembered(index, tensor, span)?,
+        };
+        out.truncate(out.partition_point(|&p| (p as usize) < words));
+        Ok(out)
+    }
+
+    /// The positions of one chunk of this file (spec §8.3), decoded against its
+    /// reference for position coding 3: every word of a dense or raw chunk, none
+    /// of an unchanged one. The chunk's stored bytes are checked against its
+    /// checksum first. A loader whose kernels do not decode coding 3 gives them
+    /// these instead; the positions are also kept for the file that uses this
+    /// one as its reference, which reads them next.
+    ///
+    /// # Errors
+    /// `E_REFERENCE_REQUIRED` for a chunk of coding 3 without the reference
+    /// delta attached, `E_CHUNK_CHECKSUM`, and the errors of the position
+    /// streams (§8.3), naming the file, the tensor and the chunk.
+    pub fn chunk_positions(&self, tensor: &TensorEntry, span: ChunkSpan) -> Result<Vec<u32>> {
+        let names = self
+            .names
+            .get_or_init(|| self.header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect());
+        let index = names.get(&tensor.name).copied().unwrap_or(usize::MAX);
+        self.positions_remembered(index, tensor, span)
+    }
+
+    /// Decodes a chunk's positions and keeps a copy in the memo, for the file
+    /// that reads this one as its reference.
+    fn positions_remembered(&self, index: usize, tensor: &TensorEntry, span: ChunkSpan) -> Result<Vec<u32>> {
         let own = self.reference_positions(tensor, span)?;
+        let record = self.chunk(span.index);
+        if own.is_none()
+            && record.encoding == Encoding::Sparse
+            && record.position_coding == PositionCoding::SplitByReference
+        {
+            let e = Error::new(
+                ErrorCode::ReferenceRequired,
+                "the chunk codes its positions against a reference delta, which was not given",
+            );
+            return Err(self.locate(e, tensor, span));
+        }
         let chunk = ChunkInput { reference: own.as_deref(), ..self.chunk_input_at(tensor, span, None)? };
         let mut out = Vec::new();
         chunk_positions(&chunk, &mut out, &mut DecodeScratch::default()).map_err(|e| self.locate(e, tensor, span))?;
-        out.truncate(out.partition_point(|&p| (p as usize) < words));
+        // Positions of a file without a reference of its own decode without a
+        // chain walk: cheaper to decode again than to keep.
+        if index != usize::MAX && self.reference.is_some() {
+            if let Ok(mut memo) = self.positions_memo.lock() {
+                memo.insert((index, span.index), out.clone());
+            }
+        }
         Ok(out)
     }
 

@@ -142,7 +142,7 @@ mod tests {
         let mut bad = good.clone();
         bad.record.changed_count -= 1;
         fn chunk(c: &tpde::format::EncodedChunk) -> ChunkRef<'_> {
-            ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: 1024 }
+            ChunkRef { record: c.record, streams: &c.streams, stored: &c.data, words: 1024, resolved_positions: None }
         }
         let t = TensorRef {
             name: "w".into(),
@@ -203,7 +203,13 @@ mod tests {
             digest: [0; 16],
         };
         let (gs, bs) = ([stream(&good)], [stream(&bad)]);
-        let chunk = |streams, b: &'static [u8]| ChunkRef { record: record(b), streams, stored: b, words: 5000 };
+        let chunk = |streams, b: &'static [u8]| ChunkRef {
+            record: record(b),
+            streams,
+            stored: b,
+            words: 5000,
+            resolved_positions: None,
+        };
         let (good, bad): (&'static [u8], &'static [u8]) = (good.leak(), bad.leak());
         let t = TensorRef {
             name: "w".into(),

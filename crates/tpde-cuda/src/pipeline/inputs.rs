@@ -1,6 +1,8 @@
 //! The loader's inputs: a delta's chunks and tensors as the format library
 //! stores them, with the checks of their shapes.
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 use tpde::{
     format::{ChunkRecord, Encoding, PositionCoding, StreamRecord},
@@ -11,7 +13,7 @@ use crate::error::{GpuError, Result};
 
 /// One chunk of a delta, as the format library stores it: its record, its
 /// stream records and its stored bytes (every stream back to back).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ChunkRef<'a> {
     /// The chunk record (`spec/FORMAT.md` §6.1).
     pub record: ChunkRecord,
@@ -21,25 +23,43 @@ pub struct ChunkRef<'a> {
     pub stored: &'a [u8],
     /// Words in the chunk.
     pub words: u32,
+    /// For a chunk of position coding 3 (temporal positions, §8.3): its
+    /// positions, decoded on the CPU against the reference delta
+    /// ([`tpde::DeltaFile::chunk_positions`]), as `changed_count` little-endian
+    /// `u32`. The kernels read them in place of the position streams. `None`
+    /// for every other chunk.
+    pub resolved_positions: Option<Arc<[u8]>>,
 }
 
 impl<'a> ChunkRef<'a> {
     /// Checks the records against each other and the chunk size with the
     /// format library's [`tpde::format::check_chunk_shape`] (§8.1–§8.4).
     /// Both value orders (§8.6) are read by the kernels.
-    /// Position coding 3 (temporal positions, §8.3) is refused here, before
-    /// anything is written: its positions need a reference delta, which the
-    /// kernels do not read.
+    /// A chunk of position coding 3 (temporal positions, §8.3) needs its
+    /// [`ChunkRef::resolved_positions`], one per changed word: else it is
+    /// refused here, before anything is written.
     pub fn check_shape(&self, width: WordWidth) -> Result<()> {
         tpde::format::check_chunk_shape(&self.record, self.streams, u64::from(self.words), width)?;
-        if self.record.position_coding == PositionCoding::SplitByReference {
-            return Err(GpuError::Format(tpde::Error::new(
-                ErrorCode::ReferenceRequired,
-                "the GPU loader does not decode position coding 3 (temporal positions); rebuild the \
-                 checkpoint on the CPU with `tpde series get`",
-            )));
+        if self.has_split_positions() {
+            let Some(positions) = &self.resolved_positions else {
+                return Err(GpuError::Format(tpde::Error::new(
+                    ErrorCode::ReferenceRequired,
+                    "the chunk codes its positions against a reference delta, which was not given; open the \
+                     delta with its position reference (tpde::DeltaFile::with_position_reference)",
+                )));
+            };
+            if positions.len() != 4 * self.record.changed_count as usize {
+                return Err(GpuError::invalid("the resolved positions differ in number from the changed words"));
+            }
         }
         Ok(())
+    }
+
+    /// Whether the chunk is sparse with positions of coding 3, which the
+    /// kernels read from [`ChunkRef::resolved_positions`].
+    #[must_use]
+    pub fn has_split_positions(&self) -> bool {
+        self.record.encoding == Encoding::Sparse && self.record.position_coding == PositionCoding::SplitByReference
     }
 
     /// [`ChunkRef::check_shape`], and that the stored bytes are as long as
@@ -58,8 +78,21 @@ impl<'a> ChunkRef<'a> {
         match (self.record.encoding, self.record.position_coding) {
             (Encoding::Sparse, PositionCoding::Gaps) => usize::from(self.record.gap_width),
             (Encoding::Sparse, PositionCoding::Bitmap) => 1,
+            (Encoding::Sparse, PositionCoding::SplitByReference) => 1 + usize::from(self.record.gap_width),
             _ => 0,
         }
+    }
+
+    /// Bytes the kernels read at stream `q`'s place on the device: its decoded
+    /// length, except in a chunk of position coding 3, whose positions they
+    /// read as `u32` at stream 0's place and whose other position streams
+    /// they do not read.
+    #[must_use]
+    pub fn device_stream_len(&self, q: usize) -> usize {
+        if self.has_split_positions() && q < self.position_stream_count() {
+            return if q == 0 { 4 * self.record.changed_count as usize } else { 0 };
+        }
+        self.streams.get(q).map_or(0, |r| r.decoded_len as usize)
     }
 
     /// The stored bytes of each stream, in order (the chunk is validated).
@@ -182,9 +215,11 @@ mod tests {
     use super::*;
 
     /// A sparse chunk of 16 words whose positions are coded against a reference
-    /// (coding 3): 2 of the 3 words of R, one more at rank 5.
+    /// (coding 3): 2 of the 3 words of R, one more at rank 5. Without its
+    /// positions resolved against the reference it is refused before any
+    /// kernel; with them it passes.
     #[test]
-    fn a_chunk_of_position_coding_3_is_refused_before_any_kernel() {
+    fn a_chunk_of_position_coding_3_needs_its_resolved_positions() {
         let stored = [0b011u8, 5, 1, 1, 1];
         let stream = |len: u32| StreamRecord { stored_len: len, decoded_len: len, codec: Codec::Stored };
         let streams = [stream(1), stream(1), stream(3)];
@@ -203,8 +238,13 @@ mod tests {
             checksum: tpde::format::checksum64(&stored),
             digest: Digest128::default(),
         };
-        let chunk = ChunkRef { record, streams: &streams, stored: &stored, words: 16 };
+        let mut chunk = ChunkRef { record, streams: &streams, stored: &stored, words: 16, resolved_positions: None };
         let err = chunk.validate(WordWidth::W1).unwrap_err();
         assert_eq!(err.format_code(), Some(ErrorCode::ReferenceRequired));
+        chunk.resolved_positions = Some([1u32, 4, 9].iter().flat_map(|p| p.to_le_bytes()).collect());
+        chunk.validate(WordWidth::W1).expect("a chunk with its positions resolved");
+        assert_eq!(chunk.position_stream_count(), 2);
+        chunk.resolved_positions = Some([1u32, 4].iter().flat_map(|p| p.to_le_bytes()).collect());
+        assert!(chunk.validate(WordWidth::W1).is_err(), "one position short");
     }
 }

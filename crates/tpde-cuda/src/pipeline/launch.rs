@@ -61,8 +61,8 @@ impl Loader {
             let streams = place
                 .streams
                 .iter()
-                .zip(c.streams)
-                .map(|(&p, r)| dev.sub(plan.offset(p), r.decoded_len as usize))
+                .enumerate()
+                .map(|(q, &p)| dev.sub(plan.offset(p), c.device_stream_len(q)))
                 .collect::<Result<Vec<_>>>()?;
             match stage {
                 Stage::Apply => batch.push(c, &streams, j.base, j.out)?,

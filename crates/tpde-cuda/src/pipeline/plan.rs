@@ -3,7 +3,7 @@
 //! slot (where every stream's bytes lie, and which the CPU decodes).
 
 use tpde::{
-    format::{Codec, Encoding, ValueLayout},
+    format::{Codec, Encoding, StreamRecord, ValueLayout},
     WordWidth,
 };
 
@@ -183,7 +183,7 @@ impl Loader {
     /// streams are decoded there by the CPU; lane rANS streams decode on the
     /// device into the device part, with their scratch and, for context 1
     /// in sparse chunks, their positions.
-    pub(super) fn plan_batch<'a>(&self, jobs: &[Job<'_, 'a>], stage: Stage) -> Result<Plan<'a>> {
+    pub(super) fn plan_batch<'c, 'a: 'c>(&self, jobs: &[Job<'c, 'a>], stage: Stage) -> Result<Plan<'c>> {
         let width = jobs[0].width;
         let max_tiles = self.slots[0].sums.len();
         let max_rows = self.slots[0].groups.len() / KEYS;
@@ -204,6 +204,19 @@ impl Loader {
             let mut place = JobPlace::default();
             let mut rc = 0;
             for (k, (r, bytes)) in c.streams.iter().zip(c.stored_streams()).enumerate() {
+                if c.has_split_positions() && k < np {
+                    // Coding 3: the positions resolved on the CPU go up at
+                    // stream 0's place; the kernels read no other position stream.
+                    place.rans.push(None);
+                    place.streams.push(if k == 0 {
+                        let o = up;
+                        up = align(up + c.device_stream_len(0), 16);
+                        Place::Upload(o)
+                    } else {
+                        place.streams[0]
+                    });
+                    continue;
+                }
                 let rans = plan.as_ref().and_then(|p| p.streams[k]);
                 // Bytes copied as they are (a stored stream, or a lane rANS
                 // stream's stored bytes) are read where they land, if they lie
@@ -302,7 +315,15 @@ impl Loader {
         };
         let mut tasks = Vec::new();
         for (j, (job, place)) in jobs.iter().zip(&places).enumerate() {
+            if let (Some(list), Place::Upload(o)) = (job.chunk.resolved_positions.as_deref(), place.streams[0]) {
+                let len = u32::try_from(list.len()).map_err(|_| GpuError::invalid("positions above 2^32 bytes"))?;
+                let record = StreamRecord { stored_len: len, decoded_len: len, codec: Codec::Stored };
+                tasks.push((table + rans_tables + o, record, list, j));
+            }
             for (k, (r, bytes)) in job.chunk.streams.iter().zip(job.chunk.stored_streams()).enumerate() {
+                if job.chunk.has_split_positions() && k < job.chunk.position_stream_count() {
+                    continue;
+                }
                 match (place.rans[k], place.streams[k]) {
                     (Some(RansPlace { stored: Place::Upload(o), .. }), _) | (None, Place::Upload(o)) => {
                         tasks.push((table + rans_tables + o, *r, bytes, j));

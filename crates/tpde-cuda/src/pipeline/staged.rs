@@ -1,9 +1,11 @@
 //! The staged path: a delta decoded once into device memory
 //! ([`DeviceDelta`]), then applied with kernels only.
 
+use std::sync::Arc;
+
 use cudarc::driver::CudaSlice;
 use tpde::{
-    format::{ChunkRecord, Digest128, Encoding, StreamRecord},
+    format::{ChunkRecord, Codec, Digest128, Encoding, StreamRecord},
     WordWidth,
 };
 
@@ -45,7 +47,19 @@ impl Loader {
                     let plan = ChunkPlan::new(c, t.width).map_err(|e| label_error(e, Some((&t.name, index))))?;
                     let host_start = host_total;
                     let mut at = Vec::with_capacity(c.streams.len());
+                    let split = if c.has_split_positions() { c.position_stream_count() } else { 0 };
                     for (q, r) in c.streams.iter().enumerate() {
+                        if q < split {
+                            // Coding 3: the positions resolved on the CPU, at
+                            // stream 0's place; no other position stream is read.
+                            if q == 0 {
+                                at.push(Staged::Decoded(host_total));
+                                host_total = align(host_total + c.device_stream_len(0), 16);
+                            } else {
+                                at.push(at[0]);
+                            }
+                            continue;
+                        }
                         let needs_base = plan.as_ref().and_then(|p| p.streams[q].map(|_| p.needs_base[q]));
                         match needs_base {
                             Some(false) => {
@@ -77,6 +91,7 @@ impl Loader {
                         record: c.record,
                         streams: c.streams.to_vec(),
                         words: c.words,
+                        resolved_positions: c.resolved_positions.clone(),
                         at,
                         plan: plan.filter(|_| deferred),
                         word,
@@ -162,7 +177,15 @@ impl Loader {
         let mut at = tables;
         for (k, p) in order[..end].iter().enumerate() {
             let sc = staged(p);
+            if let (Some(list), Staged::Decoded(o)) = (p.chunk.resolved_positions.as_deref(), sc.at[0]) {
+                let len = u32::try_from(list.len()).map_err(|_| GpuError::invalid("positions above 2^32 bytes"))?;
+                let record = StreamRecord { stored_len: len, decoded_len: len, codec: Codec::Stored };
+                tasks.push((hp + o - first, record, list, k));
+            }
             for (q, (r, bytes)) in p.chunk.streams.iter().zip(p.chunk.stored_streams()).enumerate() {
+                if p.chunk.has_split_positions() && q < p.chunk.position_stream_count() {
+                    continue;
+                }
                 if on_device(p, q).is_some() {
                     tasks.push((at, *r, bytes, k));
                     rans_at.push(at);
@@ -393,13 +416,19 @@ impl Loader {
         let mut work = RansWork::default();
         for &(ci, base, out) in pending {
             let c = &t.chunks[ci];
-            let chunk = ChunkRef { record: c.record, streams: &c.streams, stored: &[], words: c.words };
+            let chunk = ChunkRef {
+                record: c.record,
+                streams: &c.streams,
+                stored: &[],
+                words: c.words,
+                resolved_positions: c.resolved_positions.clone(),
+            };
             let streams =
                 c.at.iter()
-                    .zip(&c.streams)
-                    .map(|(a, r)| match a {
-                        Staged::Decoded(o) => data.sub(*o, r.decoded_len as usize),
-                        Staged::Deferred(_) => take(r.decoded_len as usize),
+                    .enumerate()
+                    .map(|(q, a)| match a {
+                        Staged::Decoded(o) => data.sub(*o, chunk.device_stream_len(q)),
+                        Staged::Deferred(_) => take(chunk.device_stream_len(q)),
                     })
                     .collect::<Result<Vec<_>>>()?;
             batch.push(&chunk, &streams, base, out)?;
@@ -472,6 +501,8 @@ struct StagedChunk {
     record: ChunkRecord,
     streams: Vec<StreamRecord>,
     words: u32,
+    /// [`ChunkRef::resolved_positions`].
+    resolved_positions: Option<Arc<[u8]>>,
     at: Vec<Staged>,
     plan: Option<ChunkPlan>,
     word: u64,
