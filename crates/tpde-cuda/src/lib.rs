@@ -9,7 +9,9 @@
 //! one rANS state per lane, in launches ordered by what each stream's
 //! context reads (the plane above, or the base words at the chunk's
 //! positions). Only zstd streams are decoded by the CPU, in parallel, into
-//! page-locked staging slots. The GPU turns gap planes into
+//! page-locked staging slots, and so are the positions of position coding 3
+//! (temporal positions, §8.3), which need the reference delta's: they reach
+//! the kernels as a list of `u32`. The GPU turns gap planes into
 //! positions with a prefix sum, joins byte planes into words and combines
 //! them with the base words (`spec/FORMAT.md` §8). Values listed grouped by
 //! base key (§8.6, which the writer uses for floats where it pays) are found by one

@@ -47,8 +47,8 @@ pub struct AddOptions {
     pub encode: EncodeOptions,
     /// Whether a delta against the previous step, itself stored as a delta, codes
     /// its sparse positions against that step's file (format 1.2, position
-    /// coding 3) where that stores smaller. Off by default: the GPU loader does
-    /// not decode such files.
+    /// coding 3) where that stores smaller. Off by default: the GPU loader
+    /// decodes such positions on the CPU, against the previous step's file.
     pub temporal: bool,
 }
 
