@@ -38,9 +38,9 @@ impl Series {
 }
 
 /// `AddOptions` from the keyword arguments of `add` and `prune`.
-fn add_options(max_chain: usize, level: i32, chunk_words: u64) -> AddOptions {
+fn add_options(max_chain: usize, level: i32, chunk_words: u64, temporal: bool) -> AddOptions {
     let settings = EncodeSettings { level, ..EncodeSettings::default() };
-    AddOptions { max_chain, encode: EncodeOptions { settings, chunk_words }, temporal: false }
+    AddOptions { max_chain, encode: EncodeOptions { settings, chunk_words }, temporal }
 }
 
 fn to_json(value: &serde_json::Value, root: &Path) -> tpde::Result<String> {
@@ -72,7 +72,7 @@ impl Series {
 
     /// Adds the checkpoint at `checkpoint` as `step`; returns the summary as JSON
     /// text: the manifest's new entry, its chain depth and the sizes measured.
-    #[pyo3(signature = (checkpoint, step, *, previous, max_chain, level, chunk_words, threads))]
+    #[pyo3(signature = (checkpoint, step, *, previous, max_chain, level, chunk_words, temporal, threads))]
     #[allow(clippy::too_many_arguments)] // mirrors the keyword arguments of `Series.add`
     fn add(
         &self,
@@ -83,9 +83,10 @@ impl Series {
         max_chain: usize,
         level: i32,
         chunk_words: u64,
+        temporal: bool,
         threads: Option<usize>,
     ) -> PyResult<String> {
-        let options = add_options(max_chain, level, chunk_words);
+        let options = add_options(max_chain, level, chunk_words, temporal);
         run_interruptible(py, threads, |interrupt| {
             let checkpoint = Checkpoint::open(&checkpoint)?;
             let previous = previous.as_deref().map(Checkpoint::open).transpose()?;
@@ -164,7 +165,8 @@ impl Series {
         if keep_every == Some(0) {
             return Err(invalid_argument("keep_every must be at least 1"));
         }
-        let options = add_options(max_chain, level, chunk_words);
+        // Re-encoded deltas are coded as the writer's default.
+        let options = add_options(max_chain, level, chunk_words, false);
         run_interruptible(py, threads, |interrupt| {
             let mut series = self.fresh()?;
             let steps: Vec<u64> = series.manifest().steps.iter().map(|s| s.step).collect();

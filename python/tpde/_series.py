@@ -59,6 +59,7 @@ class Series:
         max_chain: int = DEFAULT_MAX_CHAIN,
         level: int = 1,
         chunk_words: int = _tpde.DEFAULT_CHUNK_WORDS,
+        temporal: bool = False,
         threads: Optional[int] = None,
     ) -> Dict[str, Any]:
         """Adds ``checkpoint`` (a ``.safetensors`` file or a sharded checkpoint
@@ -72,7 +73,11 @@ class Series:
         checkpoint if still at hand, is checked against the series' digests
         (``E_SERIES_DIGEST``) and spares rebuilding that step. ``level`` (1 to 22)
         and ``chunk_words`` are those of ``tpde.encode``; ``threads`` (default:
-        one per core) does not change the bytes written.
+        one per core) does not change the bytes written. With ``temporal``, a
+        delta against the previous step, itself a delta, codes its changed
+        positions against that step's where this stores smaller (format 1.2,
+        ``tpde series add --temporal``); the series rebuilds such steps as any
+        other, and the GPU loader decodes those positions on the CPU.
 
         Returns the step's manifest entry (``step``, ``kind``, ``reference``,
         ``file``, ``file_bytes``, ``file_sha256``, ``checkpoint``) with
@@ -89,6 +94,7 @@ class Series:
                 max_chain=max_chain,
                 level=level,
                 chunk_words=chunk_words,
+                temporal=temporal,
                 threads=threads,
             )
         )

@@ -67,6 +67,7 @@ class Series:
         max_chain: int,
         level: int,
         chunk_words: int,
+        temporal: bool,
         threads: Optional[int],
     ) -> str: ...
     def get(self, step: int, out: PathLike, *, force: bool, threads: Optional[int]) -> None: ...
