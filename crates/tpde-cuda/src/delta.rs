@@ -12,6 +12,7 @@ use std::io::Read;
 use std::path::Path;
 
 use cudarc::driver::PinnedHostSlice;
+use rayon::prelude::*;
 use tpde::{resolve_base, Checkpoint, DeltaFile, ErrorCode, NoProgress, TensorEntry};
 
 use crate::error::{GpuError, Result};
@@ -32,23 +33,31 @@ fn tensor_in<'f>(
     let width = entry.word_width()?;
     let words = entry.word_count()?;
     let chunk_words = u32::try_from(entry.chunk_words).map_err(|_| GpuError::invalid("chunk_words above 2^32 - 1"))?;
-    let mut chunks = Vec::new();
-    for span in file.spans(entry)? {
-        let record = *file.chunk(span.index);
-        let words = u32::try_from(span.words).map_err(|_| GpuError::invalid("chunk above 2^32 - 1 words"))?;
-        let stored = file.stored_bytes(span.index);
-        if verify_checksums && tpde::format::checksum64(stored) != record.checksum {
-            let e = tpde::Error::new(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");
-            return Err(GpuError::Format(e.in_file(file.path()).in_tensor(&entry.name).in_chunk(span.index)));
-        }
-        let mut chunk = ChunkRef { record, streams: file.streams(span.index), stored, words, resolved_positions: None };
-        if chunk.has_split_positions() {
-            // Position coding 3: decoded here against the reference delta.
-            let positions = file.chunk_positions(entry, span)?;
-            chunk.resolved_positions = Some(positions.iter().flat_map(|p| p.to_le_bytes()).collect());
-        }
-        chunks.push(chunk);
-    }
+    let spans: Vec<_> = file.spans(entry)?.collect();
+    let chunks = spans
+        .into_par_iter()
+        .map(|span| {
+            let record = *file.chunk(span.index);
+            let words = u32::try_from(span.words).map_err(|_| GpuError::invalid("chunk above 2^32 - 1 words"))?;
+            let stored = file.stored_bytes(span.index);
+            if verify_checksums && tpde::format::checksum64(stored) != record.checksum {
+                let e =
+                    tpde::Error::new(ErrorCode::ChunkChecksum, "the chunk's stored bytes do not match its checksum");
+                return Err(GpuError::Format(e.in_file(file.path()).in_tensor(&entry.name).in_chunk(span.index)));
+            }
+            let mut chunk =
+                ChunkRef { record, streams: file.streams(span.index), stored, words, resolved_positions: None };
+            if chunk.has_split_positions() {
+                // Position coding 3: decoded here against the reference delta.
+                let positions = file.chunk_positions(entry, span)?;
+                chunk.resolved_positions = Some(positions.iter().flat_map(|p| p.to_le_bytes()).collect());
+            }
+            Ok(chunk)
+        })
+        .collect::<Vec<Result<ChunkRef<'f>>>>()
+        .into_iter()
+        // the first bad chunk in file order, whatever the threads' order
+        .collect::<Result<Vec<_>>>()?;
     let t = TensorRef {
         name: entry.name.clone(),
         width,
@@ -72,7 +81,6 @@ pub fn tensor_ref<'f>(file: &'f DeltaFile, entry: &TensorEntry, verify_checksums
 /// Every tensor of `file`, in header order (checksums verified in parallel
 /// when asked).
 pub fn tensor_refs(file: &DeltaFile, verify_checksums: bool) -> Result<Vec<TensorRef<'_>>> {
-    use rayon::prelude::*;
     file.header().tensors.par_iter().map(|e| tensor_ref(file, e, verify_checksums)).collect()
 }
 
