@@ -59,6 +59,7 @@ pub use pipeline::apply::{
 };
 pub use pipeline::encode::{encode, encode_sources, encode_sources_against, encode_to, EncodeOptions, EncodeSummary};
 pub use pipeline::inspect::{inspect, Checked, EncodingMix, Report, TensorReport};
+pub use pipeline::subset::apply_tensors;
 pub use pipeline::{NoProgress, Progress};
 pub use reader::{ChunkSpan, DeltaFile};
 pub use series::{

@@ -140,6 +140,23 @@ impl DeltaModel {
         self.delta.decode_chunks_into(tensor, base, 0..chunks, out, progress)
     }
 
+    /// Rebuilds chunks `chunks` of a tensor (counted within the tensor) into `out`,
+    /// which holds exactly their bytes: a large tensor a piece at a time.
+    ///
+    /// # Errors
+    /// As [`DeltaModel::decode_into`], and `E_INVALID_ARGUMENT` when `chunks`
+    /// lies outside the tensor or `out` does not fit them.
+    pub fn decode_chunks_into(
+        &self,
+        tensor: &TensorEntry,
+        chunks: Range<usize>,
+        out: &mut [u8],
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let base = self.base_bytes(tensor)?;
+        self.delta.decode_chunks_into(tensor, base, chunks, out, progress)
+    }
+
     /// Rebuilds rows `rows` (of the first dimension) of a tensor into `out`, which
     /// holds exactly their bytes, decoding only the chunks that overlap them.
     ///

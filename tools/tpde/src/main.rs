@@ -94,6 +94,11 @@ enum Command {
         /// the target can be rebuilt from the delta; the rename is atomic either way.
         #[arg(long)]
         sync: bool,
+        /// Rebuild only the tensors whose names match PATTERN (`*`, `?`, `[...]`;
+        /// repeat it for more), into one safetensors file at OUT, even for a
+        /// sharded target. The other tensors, and their base tensors, are not read.
+        #[arg(long = "tensors", value_name = "PATTERN")]
+        tensors: Vec<String>,
         #[command(flatten)]
         threads: Threads,
     },
@@ -263,14 +268,27 @@ fn run(cli: Cli) -> tpde::Result<()> {
                 summary.standalone_tensors,
             );
         }
-        Command::Apply { inputs, output, force, sync, threads } => {
+        Command::Apply { inputs, output, force, sync, tensors, threads } => {
             set_threads(&threads)?;
+            let patterns = tensors
+                .iter()
+                .map(|p| {
+                    glob::Pattern::new(p).map_err(|e| {
+                        tpde::Error::new(tpde::ErrorCode::InvalidArgument, format!("--tensors {p:?}: {e}"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             prepare_output(&output, &inputs, force)?;
             let (base_path, delta_path) = split_base(&inputs);
             let delta = DeltaFile::open(delta_path)?;
             let base = open_optional(base_path)?;
             let options = tpde::ApplyOptions { force, sync };
-            let summary = tpde::apply(&delta, base.as_ref(), &output, options, &Bars::new())?;
+            let summary = if patterns.is_empty() {
+                tpde::apply(&delta, base.as_ref(), &output, options, &Bars::new())?
+            } else {
+                let select = |name: &str| patterns.iter().any(|p| p.matches(name));
+                tpde::apply_tensors(delta, base, &output, &select, options, &Bars::new())?
+            };
             eprintln!(
                 "wrote {} ({} in {} file(s)), every digest matched",
                 escape(&output.display().to_string()),

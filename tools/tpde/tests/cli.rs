@@ -376,3 +376,60 @@ fn a_full_disk_leaves_nothing_behind() {
     assert_eq!(code, "E_IO");
     assert_eq!(leftovers, 0, "the full disk holds no partial output");
 }
+
+/// The tensors of a safetensors file: name to (dtype, shape, bytes).
+fn tensors_of(path: &Path) -> HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = fs::read(path).expect("readable");
+    let file = safetensors::SafeTensors::deserialize(&bytes).expect("a valid safetensors file");
+    file.tensors().into_iter().map(|(name, t)| (name, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect()
+}
+
+#[test]
+fn apply_tensors_rebuilds_only_the_matching_tensors_into_one_file() {
+    let t = Pair { dir: tempfile::tempdir().unwrap() };
+    let base = sharded(&t, "base", 1);
+    let target = sharded(&t, "target", 2);
+    let delta = t.path("d.tpde");
+    ok(&[p("encode"), &base, &target, p("-o"), &delta]);
+    let mut wanted = HashMap::new();
+    for shard in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
+        wanted.extend(tensors_of(&target.join(shard)));
+    }
+
+    // Tensors from both shards, by two patterns, into one file.
+    let out = t.path("part.safetensors");
+    ok(&[p("apply"), &base, &delta, p("-o"), &out, p("--tensors"), p("a"), p("--tensors"), p("[c-z]")]);
+    let got = tensors_of(&out);
+    assert_eq!(
+        got.keys().collect::<std::collections::BTreeSet<_>>(),
+        ["a", "c"].iter().map(|s| s.to_string()).collect::<Vec<_>>().iter().collect()
+    );
+    for (name, tensor) in &got {
+        assert_eq!(tensor, &wanted[name], "{name} is the target's, bit for bit");
+    }
+
+    // A base tensor that is not selected is not read: corrupting it changes nothing.
+    let shard = base.join("model-00001-of-00002.safetensors");
+    let mut bytes = fs::read(&shard).unwrap();
+    let data = 8 + usize::try_from(u64::from_le_bytes(bytes[..8].try_into().unwrap())).unwrap();
+    bytes[data] ^= 0x10; // in `b`, the shard's first tensor (F32 before BF16, as safetensors orders them)
+    fs::write(&shard, &bytes).unwrap();
+    ok(&[p("apply"), &base, &delta, p("-o"), &out, p("--force"), p("--tensors"), p("c")]);
+    assert_eq!(tensors_of(&out)["c"], wanted["c"]);
+    // ... and selecting it is refused before anything is written.
+    let refused = t.path("refused.safetensors");
+    assert_eq!(error_code(&[p("apply"), &base, &delta, p("-o"), &refused, p("--tensors"), p("b")]), "E_BASE_DIGEST");
+    assert!(!refused.exists());
+
+    // A pattern that matches nothing, or is not a pattern, is a clear error.
+    assert_eq!(
+        error_code(&[p("apply"), &base, &delta, p("-o"), &refused, p("--tensors"), p("nope*")]),
+        "E_INVALID_ARGUMENT"
+    );
+    assert_eq!(
+        error_code(&[p("apply"), &base, &delta, p("-o"), &refused, p("--tensors"), p("[")]),
+        "E_INVALID_ARGUMENT"
+    );
+    assert!(!refused.exists());
+    assert_no_leftovers(t.dir.path());
+}

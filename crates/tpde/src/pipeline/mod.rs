@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod encode;
 pub mod inspect;
+pub mod subset;
 
 /// Receives progress of long operations, in bytes of target data.
 pub trait Progress: Sync {
