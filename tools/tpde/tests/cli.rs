@@ -433,3 +433,23 @@ fn apply_tensors_rebuilds_only_the_matching_tensors_into_one_file() {
     assert!(!refused.exists());
     assert_no_leftovers(t.dir.path());
 }
+
+#[test]
+fn apply_tensors_of_every_tensor_of_one_file_is_the_target_itself() {
+    let t = Pair { dir: tempfile::tempdir().unwrap() };
+    let (base, target, delta) = (t.path("base.safetensors"), t.path("target.safetensors"), t.path("d.tpde"));
+    write_safetensors(&base, &[tensor("w", "BF16", &[64, 16], 1), tensor("v", "F32", &[8], 2)]);
+    write_safetensors(&target, &[tensor("w", "BF16", &[64, 16], 3), tensor("v", "F32", &[8], 4)]);
+    ok(&[p("encode"), &base, &target, p("-o"), &delta]);
+    let all = t.path("all.safetensors");
+    ok(&[p("apply"), &base, &delta, p("-o"), &all, p("--tensors"), p("*")]);
+    assert_eq!(fs::read(&all).unwrap(), fs::read(&target).unwrap());
+    // One tensor: the target's bytes and the target's metadata.
+    let one = t.path("one.safetensors");
+    ok(&[p("apply"), &base, &delta, p("-o"), &one, p("--tensors"), p("w")]);
+    let bytes = fs::read(&one).unwrap();
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(metadata.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
+    assert_eq!(tensors_of(&one).into_keys().collect::<Vec<_>>(), ["w"]);
+    assert_eq!(tensors_of(&one)["w"], tensors_of(&target)["w"]);
+}

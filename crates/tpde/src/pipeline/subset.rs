@@ -24,8 +24,9 @@ const PIECE_BYTES: u64 = 64 << 20;
 /// checked against its digest, and the base tensor of each selected tensor
 /// against the digest the delta records, before its bytes are used; tensors not
 /// selected are neither decoded nor read. The file's `__metadata__` is the
-/// target's, for a single-file target. Nothing appears at `out` unless every
-/// check passed.
+/// target's, for a single-file target; selecting every tensor of a single-file
+/// target gives the target itself, byte for byte. Nothing appears at `out`
+/// unless every check passed.
 ///
 /// # Errors
 /// `E_INVALID_ARGUMENT` when no tensor is selected, or `out` is, holds or lies
@@ -53,6 +54,10 @@ pub fn apply_tensors(
             "no tensor of the target matches; `tpde inspect` lists the tensor names",
         )
         .in_file(&delta_path));
+    }
+    if selected.len() == delta.header().tensors.len() && delta.header().target.kind == LayoutKind::File {
+        // Everything of a single file: the target itself, byte for byte.
+        return crate::pipeline::apply::apply(&delta, base.as_ref(), out, options, progress);
     }
     delta.require_position_reference()?;
     let metadata = match delta.header().target.kind {
