@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tpde::{Checkpoint, DeltaFile};
+use tpde::Checkpoint;
 use tpde_cuda::{host_bases, Gpu, GpuError, Loader, LoaderConfig, PinnedDelta};
 
 /// `conformance/`, found from the crate's folder: `CARGO_MANIFEST_DIR` at
@@ -42,16 +42,8 @@ fn gpu_decode(
     references: &[PathBuf],
 ) -> Result<String, GpuError> {
     let mut pinned = PinnedDelta::open(gpu, delta)?;
-    let mut reference: Option<Arc<DeltaFile>> = None;
-    for path in references.iter().rev() {
-        let mut file = DeltaFile::open(path)?;
-        if let Some(r) = reference.take() {
-            file = file.with_position_reference(r)?;
-        }
-        reference = Some(Arc::new(file));
-    }
-    if let Some(r) = reference {
-        pinned = pinned.with_position_reference(r)?;
+    if let Some((first, rest)) = references.split_first() {
+        pinned = pinned.with_position_reference(Arc::new(tpde_conformance::open_chain(first, rest)?))?;
     }
     let base = base.map(Checkpoint::open).transpose()?;
     // The base is checked before anything is uploaded.
