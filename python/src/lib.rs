@@ -92,23 +92,36 @@ fn encode(
     })
 }
 
-/// Rebuilds the target of `delta` into `out`.
+/// Rebuilds the target of `delta` into `out`; with `tensors`, only the tensors
+/// whose names match one of those patterns, into one file.
 #[pyfunction]
-#[pyo3(signature = (base, delta, out, *, force, sync, threads))]
+#[pyo3(signature = (base, delta, out, *, tensors, force, sync, threads))]
+#[allow(clippy::too_many_arguments)] // mirrors the keyword arguments of `tpde.apply`
 fn apply(
     py: Python<'_>,
     base: Option<PathBuf>,
     delta: PathBuf,
     out: PathBuf,
+    tensors: Option<Vec<String>>,
     force: bool,
     sync: bool,
     threads: Option<usize>,
 ) -> PyResult<(u64, usize)> {
+    let patterns = tensors
+        .unwrap_or_default()
+        .iter()
+        .map(|p| glob::Pattern::new(p).map_err(|e| invalid_argument(format!("tensors: {p:?}: {e}"))))
+        .collect::<PyResult<Vec<_>>>()?;
     run_interruptible(py, threads, |interrupt| {
         let delta = DeltaFile::open(&delta)?;
         let base = base.as_deref().map(Checkpoint::open).transpose()?;
         let options = tpde::ApplyOptions { force, sync };
-        let summary = tpde::apply(&delta, base.as_ref(), &out, options, interrupt)?;
+        let summary = if patterns.is_empty() {
+            tpde::apply(&delta, base.as_ref(), &out, options, interrupt)?
+        } else {
+            let select = |name: &str| patterns.iter().any(|p| p.matches(name));
+            tpde::apply_tensors(delta, base, &out, &select, options, interrupt)?
+        };
         Ok((summary.target_bytes, summary.files))
     })
 }

@@ -152,3 +152,29 @@ def test_a_corrupted_delta_is_refused_with_the_chunk_named(pair, tmp_path):
     (tmp_path / "bad.tpde").write_bytes(bytes(data))
     error = code_of(tpde.verify, base, tmp_path / "bad.tpde")
     assert error.code == "E_CHUNK_CHECKSUM" and error.chunk is not None and error.tensor is not None
+
+
+def test_apply_tensors_rebuilds_only_the_matching_ones(tmp_path, cli):
+    base, target = model_pair(seed=3)
+    write_sharded(tmp_path / "base", base, shards=2)
+    write_sharded(tmp_path / "target", target, shards=3)
+    tpde.encode(tmp_path / "base", tmp_path / "target", tmp_path / "d.tpde")
+    out = tmp_path / "part.safetensors"
+    tpde.apply(tmp_path / "base", tmp_path / "d.tpde", out, tensors=["layer.0.*", "step"])
+    run_cli(cli, "apply", tmp_path / "base", tmp_path / "d.tpde", "-o", tmp_path / "cli.safetensors",
+            "--tensors", "layer.0.*", "--tensors", "step")
+    assert out.read_bytes() == (tmp_path / "cli.safetensors").read_bytes()
+    size = int.from_bytes(out.read_bytes()[:8], "little")
+    header = json.loads(out.read_bytes()[8:8 + size])
+    data = out.read_bytes()[8 + size:]
+    names = {"layer.0.q.weight", "layer.0.k.weight", "layer.0.scale", "layer.0.bias", "step"}
+    assert set(header) - {"__metadata__"} == names
+    for name in names:
+        dtype, shape, expected = target[name]
+        start, end = header[name]["data_offsets"]
+        assert (header[name]["dtype"], header[name]["shape"], data[start:end]) == (dtype, shape, expected), name
+
+    with pytest.raises(tpde.TpdeError) as failed:
+        tpde.apply(tmp_path / "base", tmp_path / "d.tpde", tmp_path / "none.safetensors", tensors=["nothing*"])
+    assert failed.value.code == "E_INVALID_ARGUMENT"
+    assert not (tmp_path / "none.safetensors").exists()

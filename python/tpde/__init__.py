@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 from . import _tpde
 from ._reader import TensorSlice, safe_open
@@ -98,6 +98,7 @@ def apply(
     delta: PathLike,
     out: PathLike,
     *,
+    tensors: Optional[Sequence[str]] = None,
     force: bool = False,
     sync: bool = False,
     threads: Optional[int] = None,
@@ -105,6 +106,11 @@ def apply(
     """Rebuilds the target of ``delta`` into ``out`` (a file, or a directory for a
     sharded target), byte-identical to the original, as ``tpde apply`` does.
     ``base=None`` for a standalone file.
+
+    With ``tensors``, a list of patterns (``*``, ``?``, ``[...]``) as for ``tpde
+    apply --tensors``, only the tensors whose names match one of them are rebuilt,
+    into one safetensors file even for a sharded target; the other tensors and
+    their base tensors are not read.
 
     The base is checked (names, dtypes, shapes, then every digest) before anything
     is written, and ``out`` appears only once every digest matched. An existing
@@ -114,7 +120,13 @@ def apply(
     Returns ``{"target_bytes", "files"}``.
     """
     target_bytes, files = _tpde.apply(
-        _path(base), os.fspath(delta), os.fspath(out), force=force, sync=sync, threads=threads
+        _path(base),
+        os.fspath(delta),
+        os.fspath(out),
+        tensors=None if tensors is None else list(tensors),
+        force=force,
+        sync=sync,
+        threads=threads,
     )
     return {"target_bytes": target_bytes, "files": files}
 

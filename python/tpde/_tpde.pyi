@@ -31,7 +31,14 @@ def encode(
     metadata: Optional[dict[str, str]],
 ) -> Tuple[int, int, int, int]: ...
 def apply(
-    base: Optional[PathLike], delta: PathLike, out: PathLike, *, force: bool, sync: bool, threads: Optional[int]
+    base: Optional[PathLike],
+    delta: PathLike,
+    out: PathLike,
+    *,
+    tensors: Optional[List[str]],
+    force: bool,
+    sync: bool,
+    threads: Optional[int],
 ) -> Tuple[int, int]: ...
 def verify(
     base: Optional[PathLike], delta: PathLike, *, target: Optional[PathLike], threads: Optional[int]
