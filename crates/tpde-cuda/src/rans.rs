@@ -177,9 +177,8 @@ impl ChunkPlan {
         let mut headers = Vec::with_capacity(n);
         // Position streams of coding 3 are decoded on the CPU, against the
         // reference (ChunkRef::resolved_positions).
-        let split = if chunk.has_split_positions() { chunk.position_stream_count() } else { 0 };
         for (q, (s, stored)) in chunk.streams.iter().zip(chunk.stored_streams()).enumerate() {
-            headers.push(if is_rans(s.codec) && q >= split {
+            headers.push(if is_rans(s.codec) && !chunk.is_resolved_stream(q) {
                 Some(Header::read(stored, allowed_contexts(chunk, q, width))?)
             } else {
                 None

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 use tpde::{
-    format::{ChunkRecord, Encoding, PositionCoding, StreamRecord},
+    format::{ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord},
     ErrorCode, WordWidth,
 };
 
@@ -83,13 +83,28 @@ impl<'a> ChunkRef<'a> {
         }
     }
 
+    /// Whether stream `q` is a position stream of coding 3, which the kernels
+    /// read from [`ChunkRef::resolved_positions`] instead.
+    #[must_use]
+    pub fn is_resolved_stream(&self, q: usize) -> bool {
+        self.has_split_positions() && q < self.position_stream_count()
+    }
+
+    /// The resolved positions as a stored stream for the host's copy into a
+    /// staging slot: a record of their length and their bytes.
+    pub(super) fn resolved_positions_stream(&self) -> Result<Option<(StreamRecord, &[u8])>> {
+        let Some(list) = self.resolved_positions.as_deref() else { return Ok(None) };
+        let len = u32::try_from(list.len()).map_err(|_| GpuError::invalid("positions above 2^32 bytes"))?;
+        Ok(Some((StreamRecord { stored_len: len, decoded_len: len, codec: Codec::Stored }, list)))
+    }
+
     /// Bytes the kernels read at stream `q`'s place on the device: its decoded
     /// length, except in a chunk of position coding 3, whose positions they
     /// read as `u32` at stream 0's place and whose other position streams
     /// they do not read.
     #[must_use]
     pub fn device_stream_len(&self, q: usize) -> usize {
-        if self.has_split_positions() && q < self.position_stream_count() {
+        if self.is_resolved_stream(q) {
             return if q == 0 { 4 * self.record.changed_count as usize } else { 0 };
         }
         self.streams.get(q).map_or(0, |r| r.decoded_len as usize)

@@ -3,7 +3,7 @@
 //! slot (where every stream's bytes lie, and which the CPU decodes).
 
 use tpde::{
-    format::{Codec, Encoding, StreamRecord, ValueLayout},
+    format::{Codec, Encoding, ValueLayout},
     WordWidth,
 };
 
@@ -204,7 +204,7 @@ impl Loader {
             let mut place = JobPlace::default();
             let mut rc = 0;
             for (k, (r, bytes)) in c.streams.iter().zip(c.stored_streams()).enumerate() {
-                if c.has_split_positions() && k < np {
+                if c.is_resolved_stream(k) {
                     // Coding 3: the positions resolved on the CPU go up at
                     // stream 0's place; the kernels read no other position stream.
                     place.rans.push(None);
@@ -315,13 +315,12 @@ impl Loader {
         };
         let mut tasks = Vec::new();
         for (j, (job, place)) in jobs.iter().zip(&places).enumerate() {
-            if let (Some(list), Place::Upload(o)) = (job.chunk.resolved_positions.as_deref(), place.streams[0]) {
-                let len = u32::try_from(list.len()).map_err(|_| GpuError::invalid("positions above 2^32 bytes"))?;
-                let record = StreamRecord { stored_len: len, decoded_len: len, codec: Codec::Stored };
+            if let (Some((record, list)), Place::Upload(o)) = (job.chunk.resolved_positions_stream()?, place.streams[0])
+            {
                 tasks.push((table + rans_tables + o, record, list, j));
             }
             for (k, (r, bytes)) in job.chunk.streams.iter().zip(job.chunk.stored_streams()).enumerate() {
-                if job.chunk.has_split_positions() && k < job.chunk.position_stream_count() {
+                if job.chunk.is_resolved_stream(k) {
                     continue;
                 }
                 match (place.rans[k], place.streams[k]) {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 use tpde::{
-    format::{ChunkRecord, Codec, Digest128, Encoding, StreamRecord},
+    format::{ChunkRecord, Digest128, Encoding, StreamRecord},
     WordWidth,
 };
 
@@ -47,9 +47,8 @@ impl Loader {
                     let plan = ChunkPlan::new(c, t.width).map_err(|e| label_error(e, Some((&t.name, index))))?;
                     let host_start = host_total;
                     let mut at = Vec::with_capacity(c.streams.len());
-                    let split = if c.has_split_positions() { c.position_stream_count() } else { 0 };
                     for (q, r) in c.streams.iter().enumerate() {
-                        if q < split {
+                        if c.is_resolved_stream(q) {
                             // Coding 3: the positions resolved on the CPU, at
                             // stream 0's place; no other position stream is read.
                             if q == 0 {
@@ -177,13 +176,11 @@ impl Loader {
         let mut at = tables;
         for (k, p) in order[..end].iter().enumerate() {
             let sc = staged(p);
-            if let (Some(list), Staged::Decoded(o)) = (p.chunk.resolved_positions.as_deref(), sc.at[0]) {
-                let len = u32::try_from(list.len()).map_err(|_| GpuError::invalid("positions above 2^32 bytes"))?;
-                let record = StreamRecord { stored_len: len, decoded_len: len, codec: Codec::Stored };
+            if let (Some((record, list)), Staged::Decoded(o)) = (p.chunk.resolved_positions_stream()?, sc.at[0]) {
                 tasks.push((hp + o - first, record, list, k));
             }
             for (q, (r, bytes)) in p.chunk.streams.iter().zip(p.chunk.stored_streams()).enumerate() {
-                if p.chunk.has_split_positions() && q < p.chunk.position_stream_count() {
+                if p.chunk.is_resolved_stream(q) {
                     continue;
                 }
                 if on_device(p, q).is_some() {
