@@ -77,6 +77,56 @@ impl TensorJob<'_> {
     }
 }
 
+/// Encodes `chunks` on the thread pool and hands each to `write`, on this thread, in
+/// the order of `chunks`. At most [`window`] chunks are encoded or waiting to be
+/// written at once, so memory stays bounded; a new chunk starts as soon as one is
+/// written, so that no thread waits for the slowest chunk of a batch, and writing
+/// overlaps encoding.
+fn encode_in_order(
+    jobs: &[TensorJob<'_>],
+    chunks: &[(usize, usize)],
+    settings: EncodeSettings,
+    progress: &dyn Progress,
+    mut write: impl FnMut(usize, usize, EncodedChunk) -> Result<()>,
+) -> Result<()> {
+    let window = window();
+    type Outcome = std::thread::Result<Result<EncodedChunk>>;
+    let (done, finished) = std::sync::mpsc::channel::<(usize, Outcome)>();
+    rayon::in_place_scope(|scope| {
+        let mut waiting: std::collections::VecDeque<Option<EncodedChunk>> = std::collections::VecDeque::new();
+        let mut started = 0;
+        let mut written = 0;
+        while written < chunks.len() {
+            progress.check_interrupted()?;
+            while started < chunks.len() && started < written + window {
+                let (tensor, start) = chunks[started];
+                let (done, at) = (done.clone(), started);
+                scope.spawn(move |_| {
+                    // A panic is reported too, so that the receiver never waits for a
+                    // chunk that will not come; it is resumed on this thread.
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        jobs[tensor].encode_chunk(start, settings)
+                    }));
+                    // The receiver outlives the scope, so the send cannot fail.
+                    let _ = done.send((at, outcome));
+                });
+                waiting.push_back(None);
+                started += 1;
+            }
+            let (at, outcome) = finished.recv().expect("a chunk in flight always reports");
+            let chunk = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            waiting[at - written] = Some(chunk);
+            while let Some(Some(_)) = waiting.front() {
+                let chunk = waiting.pop_front().flatten().expect("checked above");
+                let (tensor, start) = chunks[written];
+                write(tensor, start, chunk)?;
+                written += 1;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Stands for a digest until it is computed; as long as a real one.
 const PLACEHOLDER_DIGEST: &str = "00000000000000000000000000000000";
 
@@ -241,20 +291,12 @@ pub fn encode_sources(
         .flat_map(|(tensor, job)| (0..job.bytes.len()).step_by(job.chunk_bytes).map(move |start| (tensor, start)))
         .collect();
     let mut leaves: Vec<Vec<Digest128>> = vec![Vec::new(); jobs.len()];
-    for batch in chunks.chunks(window()) {
-        progress.check_interrupted()?;
-        let encoded = batch
-            .par_iter()
-            .map(|&(tensor, start)| jobs[tensor].encode_chunk(start, options.settings))
-            .collect::<Result<Vec<EncodedChunk>>>()?;
-        let mut done = 0;
-        for (&(tensor, start), chunk) in batch.iter().zip(encoded) {
-            leaves[tensor].push(chunk.record.digest);
-            writer.push_chunk(chunk)?;
-            done += jobs[tensor].chunk_end(start) - start;
-        }
-        progress.advance(done as u64);
-    }
+    encode_in_order(&jobs, &chunks, options.settings, progress, |tensor, start, chunk| {
+        leaves[tensor].push(chunk.record.digest);
+        writer.push_chunk(chunk)?;
+        progress.advance((jobs[tensor].chunk_end(start) - start) as u64);
+        Ok(())
+    })?;
     let base_digests = jobs
         .par_iter()
         .map(|job| job.base.map(|bytes| tensor_digest(bytes, job.chunk_bytes)).transpose())
