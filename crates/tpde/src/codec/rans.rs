@@ -1691,20 +1691,52 @@ impl StreamPlan {
     ///
     /// # Panics
     /// When `contexts` is of another kind than the plan.
+    #[cfg(test)]
     #[must_use]
     pub fn encode(&self, symbols: &[u8], contexts: Contexts<'_>) -> Vec<u8> {
         assert_eq!(contexts.kind(), self.plan.kind, "a stream is encoded under the context it was planned for");
         write_stream(&self.plan, symbols, context_bytes(symbols.len(), &contexts).as_deref())
     }
+
+    /// [`StreamPlan::encode`] with the context bytes already derived, one per symbol,
+    /// `None` for a plan under no context.
+    ///
+    /// # Panics
+    /// When the bytes do not match the plan's kind, or are fewer than the symbols.
+    #[must_use]
+    pub fn encode_bytes(&self, symbols: &[u8], context_bytes: Option<&[u8]>) -> Vec<u8> {
+        assert_eq!(
+            context_bytes.is_some(),
+            self.plan.kind != ContextKind::None,
+            "a stream is encoded under the context it was planned for"
+        );
+        write_stream(&self.plan, symbols, context_bytes.map(|bytes| &bytes[..symbols.len()]))
+    }
 }
 
 /// Plans `symbols` under no context and under each of `candidates`, in that order:
 /// what a writer weighs per stream before it codes the smallest.
+#[cfg(test)]
 #[must_use]
 pub fn plan_each(symbols: &[u8], candidates: &[Contexts<'_>]) -> Vec<StreamPlan> {
+    let bytes: Vec<(ContextKind, Option<Cow<'_, [u8]>>)> =
+        candidates.iter().map(|contexts| (contexts.kind(), context_bytes(symbols.len(), contexts))).collect();
+    let candidates: Vec<(ContextKind, Option<&[u8]>)> =
+        bytes.iter().map(|(kind, bytes)| (*kind, bytes.as_deref())).collect();
+    plan_each_of_bytes(symbols, &candidates)
+}
+
+/// [`plan_each`] with the context bytes of each candidate already derived, one per
+/// symbol (a candidate of kind none has none): for a writer that plans several
+/// streams under the same base keys and codes them with [`StreamPlan::encode_bytes`].
+///
+/// # Panics
+/// When a candidate's bytes are fewer than the symbols.
+#[must_use]
+pub fn plan_each_of_bytes(symbols: &[u8], candidates: &[(ContextKind, Option<&[u8]>)]) -> Vec<StreamPlan> {
     let rows: Vec<Option<Vec<Histogram>>> = candidates
         .iter()
-        .map(|contexts| context_bytes(symbols.len(), contexts).map(|bytes| context_histograms(symbols, &bytes)))
+        .map(|(_, bytes)| bytes.map(|bytes| context_histograms(symbols, &bytes[..symbols.len()])))
         .collect();
     // Under no context, the sum of any context's rows: no second pass over the data.
     let whole = match rows.iter().flatten().next() {
@@ -1715,8 +1747,8 @@ pub fn plan_each(symbols: &[u8], candidates: &[Contexts<'_>]) -> Vec<StreamPlan>
         None => histogram(symbols),
     };
     let no_context = Plan::of_clusters(symbols.len(), ContextKind::None, [0; 256], vec![whole]);
-    let with_contexts = candidates.iter().zip(&rows).map(|(contexts, rows)| match rows {
-        Some(rows) => Plan::of_context_rows(symbols.len(), contexts.kind(), rows),
+    let with_contexts = candidates.iter().zip(&rows).map(|((kind, _), rows)| match rows {
+        Some(rows) => Plan::of_context_rows(symbols.len(), *kind, rows),
         None => no_context.clone(),
     });
     let plans: Vec<Plan> = with_contexts.collect();

@@ -286,6 +286,15 @@ pub(crate) fn group_key<W: Word>(base: W) -> u8 {
     base.rotate_left1().byte(W::BYTES - 1)
 }
 
+/// The group key of every word of `base`, as [`group_key`] gives it.
+pub(crate) fn group_keys<W: Word>(base: &[W]) -> Vec<u8> {
+    let mut keys = vec![0u8; base.len()];
+    for (key, &word) in keys.iter_mut().zip(base) {
+        *key = group_key(word);
+    }
+    keys
+}
+
 /// Runs walked side by side when grouping: successive equal keys would otherwise
 /// chain every step through one counter in memory.
 const LANES: usize = 4;
