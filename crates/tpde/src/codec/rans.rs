@@ -1228,12 +1228,13 @@ fn merge_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256]
             return;
         }
         let mut best: Option<(f64, usize, usize)> = None;
+        // Each cluster's own cost, computed once rather than once per pair.
+        let costs: Vec<f64> = clusters.iter().map(cluster_cost_bits).collect();
         for (i, &a) in used.iter().enumerate() {
             for &b in &used[i + 1..] {
                 let mut merged = clusters[a];
                 add_into(&mut merged, &clusters[b]);
-                let change =
-                    cluster_cost_bits(&merged) - cluster_cost_bits(&clusters[a]) - cluster_cost_bits(&clusters[b]);
+                let change = cluster_cost_bits(&merged) - costs[a] - costs[b];
                 if best.is_none_or(|(lowest, _, _)| change < lowest) {
                     best = Some((change, a, b));
                 }
@@ -1325,8 +1326,9 @@ fn quantize(counts: &Histogram, prob_bits: u32) -> Option<[u32; 256]> {
     let weight: Vec<f64> = present.iter().map(|&s| counts[s] as f64).collect();
     let mut freq: Vec<u32> = weight.iter().map(|&c| ((c * scale).round() as u32).clamp(1, slots)).collect();
     // The bits one more slot saves, and the bits one slot fewer costs.
-    let gain = |c: f64, f: u32| c * (f64::from(f + 1) / f64::from(f)).log2();
-    let loss = |c: f64, f: u32| if f > 1 { c * (f64::from(f) / f64::from(f - 1)).log2() } else { f64::INFINITY };
+    let logs = slot_logs();
+    let gain = |c: f64, f: u32| c * logs.step_up[f as usize];
+    let loss = |c: f64, f: u32| if f > 1 { c * logs.step_up[f as usize - 1] } else { f64::INFINITY };
     let mut gains: Vec<f64> = weight.iter().zip(&freq).map(|(&c, &f)| gain(c, f)).collect();
     let mut losses: Vec<f64> = weight.iter().zip(&freq).map(|(&c, &f)| loss(c, f)).collect();
     let argmax = |values: &[f64], skip: usize| {
@@ -1378,8 +1380,33 @@ fn code_bits(counts: &Histogram, frequencies: &[u32; 256], prob_bits: u32) -> f6
         .iter()
         .zip(frequencies)
         .filter(|(&c, _)| c > 0)
-        .map(|(&c, &f)| c as f64 * (f64::from(prob_bits) - f64::from(f).log2()))
+        .map(|(&c, &f)| c as f64 * (f64::from(prob_bits) - slot_logs().of[f as usize]))
         .sum()
+}
+
+/// Logarithms of slot counts that quantization and code lengths take again and
+/// again, computed once with the same expressions, so the same values.
+struct SlotLogs {
+    /// `log2(f)`.
+    of: [f64; SLOT_LOGS],
+    /// `log2((f + 1) / f)`, the bits one more slot saves per symbol at `f` slots.
+    step_up: [f64; SLOT_LOGS],
+}
+
+/// Every frequency of a table lies in `1..=2^MAX_PROB_BITS`.
+const SLOT_LOGS: usize = (1 << MAX_PROB_BITS) + 1;
+
+fn slot_logs() -> &'static SlotLogs {
+    static LOGS: std::sync::OnceLock<Box<SlotLogs>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let mut logs = Box::new(SlotLogs { of: [0.0; SLOT_LOGS], step_up: [0.0; SLOT_LOGS] });
+        for f in 1..SLOT_LOGS {
+            let f32_ = u32::try_from(f).expect("slot counts fit u32");
+            logs.of[f] = f64::from(f32_).log2();
+            logs.step_up[f] = (f64::from(f32_ + 1) / f64::from(f32_)).log2();
+        }
+        logs
+    })
 }
 
 /// The tile size: a tile's 32 states (128 bytes) should be at most about 1% of its
