@@ -1095,8 +1095,10 @@ fn context_histograms(symbols: &[u8], contexts: &[u8]) -> Vec<Histogram> {
     // Counted in 32 bits (a stream holds fewer than 2^32 symbols), so that the table
     // of every (context, symbol) pair stays within the second-level cache.
     let mut pairs = vec![0u32; 256 * 256];
+    let pairs_table: &mut [u32; 256 * 256] = pairs.as_mut_slice().try_into().expect("256 rows of 256");
     for (&symbol, &context) in symbols.iter().zip(contexts) {
-        pairs[usize::from(context) << 8 | usize::from(symbol)] += 1;
+        // A u16 index: no bounds check.
+        pairs_table[usize::from(u16::from(context) << 8 | u16::from(symbol))] += 1;
     }
     pairs.chunks_exact(256).map(|row| std::array::from_fn(|s| u64::from(row[s]))).collect()
 }
@@ -1767,9 +1769,11 @@ fn encode_tile(
     let lanes = symbols.len().min(LANES);
     let mut states = [STATE_LOW; LANES];
     let room = &mut scratch.room;
-    room.clear();
-    // One word per symbol, and room for a vector kernel's whole-vector stores.
-    room.resize(symbols.len() + LANES, 0);
+    // One word per symbol, and room for a vector kernel's whole-vector stores. Only
+    // the words written for this tile are read, so earlier contents may stay.
+    if room.len() < symbols.len() + LANES {
+        room.resize(symbols.len() + LANES, 0);
+    }
     // A local length, so that it lives in a register.
     let mut len = 0;
     // Whole steps of LANES symbols, and the last, partial step, which is coded first.
