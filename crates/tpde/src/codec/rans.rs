@@ -1090,17 +1090,81 @@ fn histogram(symbols: &[u8]) -> Histogram {
     counts
 }
 
-/// One histogram per context byte.
-fn context_histograms(symbols: &[u8], contexts: &[u8]) -> Vec<Histogram> {
-    // Counted in 32 bits (a stream holds fewer than 2^32 symbols), so that the table
-    // of every (context, symbol) pair stays within the second-level cache.
-    let mut pairs = vec![0u32; 256 * 256];
-    let pairs_table: &mut [u32; 256 * 256] = pairs.as_mut_slice().try_into().expect("256 rows of 256");
-    for (&symbol, &context) in symbols.iter().zip(contexts) {
-        // A u16 index: no bounds check.
-        pairs_table[usize::from(u16::from(context) << 8 | u16::from(symbol))] += 1;
+/// One histogram per context byte; only the bytes that occur hold one.
+struct ContextRows {
+    /// Each context byte's place in `rows`, or [`ABSENT_ROW`].
+    slot: [u16; 256],
+    rows: Vec<Histogram>,
+}
+
+const ABSENT_ROW: u16 = u16::MAX;
+static EMPTY_ROW: Histogram = [0; 256];
+
+impl std::ops::Index<usize> for ContextRows {
+    type Output = Histogram;
+
+    /// The histogram of context byte `context`: empty where it does not occur.
+    fn index(&self, context: usize) -> &Histogram {
+        match self.slot[context] {
+            ABSENT_ROW => &EMPTY_ROW,
+            slot => &self.rows[usize::from(slot)],
+        }
     }
-    pairs.chunks_exact(256).map(|row| std::array::from_fn(|s| u64::from(row[s]))).collect()
+}
+
+impl ContextRows {
+    /// The histograms of the context bytes that occur.
+    fn present(&self) -> &[Histogram] {
+        &self.rows
+    }
+}
+
+/// Streams shorter than this are counted straight into the rows of the contexts
+/// that occur, without a table of every pair to clear and convert.
+const DIRECT_COUNT_BELOW: usize = 1 << 14;
+
+/// One histogram per context byte.
+#[allow(clippy::cast_possible_truncation)] // at most 256 rows
+fn context_histograms(symbols: &[u8], contexts: &[u8]) -> ContextRows {
+    let symbols = &symbols[..symbols.len().min(contexts.len())];
+    let mut slot = [ABSENT_ROW; 256];
+    let mut rows: Vec<Histogram> = Vec::new();
+    if symbols.len() < DIRECT_COUNT_BELOW {
+        for (&symbol, &context) in symbols.iter().zip(contexts) {
+            let at = &mut slot[usize::from(context)];
+            if *at == ABSENT_ROW {
+                *at = rows.len() as u16;
+                rows.push([0; 256]);
+            }
+            rows[usize::from(*at)][usize::from(symbol)] += 1;
+        }
+        return ContextRows { slot, rows };
+    }
+    // Counted in 32 bits (a stream holds fewer than 2^32 symbols), so that the table
+    // of every (context, symbol) pair stays within the second-level cache. Two
+    // tables, for symbols at even and odd places, so that runs of one pair do not
+    // chain every increment through one counter in memory.
+    let mut pairs = vec![0u32; 2 * 256 * 256];
+    let (even, odd) = pairs.split_at_mut(256 * 256);
+    let even: &mut [u32; 256 * 256] = even.try_into().expect("256 rows of 256");
+    let odd: &mut [u32; 256 * 256] = odd.try_into().expect("256 rows of 256");
+    // A u16 index: no bounds check.
+    let at = |context: u8, symbol: u8| usize::from(u16::from(context) << 8 | u16::from(symbol));
+    for (s, c) in symbols.chunks_exact(2).zip(contexts.chunks_exact(2)) {
+        even[at(c[0], s[0])] += 1;
+        odd[at(c[1], s[1])] += 1;
+    }
+    if symbols.len() % 2 == 1 {
+        let last = symbols.len() - 1;
+        even[at(contexts[last], symbols[last])] += 1;
+    }
+    for (context, (e, o)) in even.chunks_exact(256).zip(odd.chunks_exact(256)).enumerate() {
+        if e.iter().chain(o).any(|&n| n > 0) {
+            slot[context] = rows.len() as u16;
+            rows.push(std::array::from_fn(|s| u64::from(e[s]) + u64::from(o[s])));
+        }
+    }
+    ContextRows { slot, rows }
 }
 
 /// Order-0 code length of a histogram under its own distribution, in bits.
@@ -1144,7 +1208,7 @@ fn add_into(sum: &mut Histogram, counts: &Histogram) {
 }
 
 /// Per cluster index, the sum of the histograms of the contexts assigned to it.
-fn cluster_histograms(rows: &[Histogram], present: &[u8], assignment: &[u8; 256]) -> Vec<Histogram> {
+fn cluster_histograms(rows: &ContextRows, present: &[u8], assignment: &[u8; 256]) -> Vec<Histogram> {
     let mut clusters = vec![[0u64; 256]; MAX_TABLES];
     for &context in present {
         add_into(&mut clusters[usize::from(assignment[usize::from(context)])], &rows[usize::from(context)]);
@@ -1165,7 +1229,7 @@ const MISSING_SYMBOL_BITS: f64 = 16.0;
 /// code length, started from `assignment`).
 #[allow(clippy::cast_precision_loss)] // an estimate
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn refine_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256]) {
+fn refine_clusters(rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]) {
     const ROUNDS: usize = 8;
     // Each context's nonzero counts, so that a round costs what the data holds.
     let sparse: Vec<Vec<(u8, f64)>> = present
@@ -1222,7 +1286,7 @@ fn refine_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256
 /// Merges pairs of clusters while a merge lowers the estimated cost (a table's bytes
 /// against the bits that separate statistics save), keeping at least two.
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn merge_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256]) {
+fn merge_clusters(rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]) {
     loop {
         let clusters = cluster_histograms(rows, present, assignment);
         let used: Vec<usize> = (0..MAX_TABLES).filter(|&c| clusters[c].iter().any(|&n| n > 0)).collect();
@@ -1260,8 +1324,8 @@ fn merge_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256]
 /// table each and the rest share the eighth; contexts then move to the table that
 /// codes them shortest, and tables merge where a table costs more than it saves.
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn cluster_contexts(rows: &[Histogram]) -> ([u8; 256], Vec<Histogram>) {
-    let totals: Vec<u64> = rows.iter().map(|row| row.iter().sum()).collect();
+fn cluster_contexts(rows: &ContextRows) -> ([u8; 256], Vec<Histogram>) {
+    let totals: Vec<u64> = (0..256).map(|context| rows[context].iter().sum()).collect();
     let mut present: Vec<u8> = (0..=255u8).filter(|&c| totals[usize::from(c)] > 0).collect();
     // Most frequent first; ties by context byte, so the result is deterministic.
     present.sort_by_key(|&c| std::cmp::Reverse(totals[usize::from(c)]));
@@ -1333,11 +1397,25 @@ fn quantize(counts: &Histogram, prob_bits: u32) -> Option<[u32; 256]> {
     let loss = |c: f64, f: u32| if f > 1 { c * logs.step_up[f as usize - 1] } else { f64::INFINITY };
     let mut gains: Vec<f64> = weight.iter().zip(&freq).map(|(&c, &f)| gain(c, f)).collect();
     let mut losses: Vec<f64> = weight.iter().zip(&freq).map(|(&c, &f)| loss(c, f)).collect();
+    // The first index of the largest (smallest) value other than `skip`: a scan that
+    // replaces its pick only on a strictly larger (smaller) value.
     let argmax = |values: &[f64], skip: usize| {
-        (0..values.len()).filter(|&i| i != skip).max_by(|&a, &b| values[a].total_cmp(&values[b]).then(b.cmp(&a)))
+        let mut best: Option<usize> = None;
+        for (i, value) in values.iter().enumerate() {
+            if i != skip && best.is_none_or(|b| value.total_cmp(&values[b]).is_gt()) {
+                best = Some(i);
+            }
+        }
+        best
     };
     let argmin = |values: &[f64], skip: usize| {
-        (0..values.len()).filter(|&i| i != skip).min_by(|&a, &b| values[a].total_cmp(&values[b]).then(a.cmp(&b)))
+        let mut best: Option<usize> = None;
+        for (i, value) in values.iter().enumerate() {
+            if i != skip && best.is_none_or(|b| value.total_cmp(&values[b]).is_lt()) {
+                best = Some(i);
+            }
+        }
+        best
     };
     let mut sum: u32 = freq.iter().sum();
     let step = |freq: &mut Vec<u32>, gains: &mut Vec<f64>, losses: &mut Vec<f64>, i: usize, up: bool| {
@@ -1470,7 +1548,7 @@ impl Plan {
 
     /// The plan of a stream of `symbols` whose histogram under each context byte is
     /// `rows`.
-    fn of_context_rows(symbols: usize, kind: ContextKind, rows: &[Histogram]) -> Self {
+    fn of_context_rows(symbols: usize, kind: ContextKind, rows: &ContextRows) -> Self {
         let (context_map, clusters) = cluster_contexts(rows);
         Self::of_clusters(symbols, kind, context_map, clusters)
     }
@@ -1979,13 +2057,13 @@ pub fn plan_each(symbols: &[u8], candidates: &[Contexts<'_>]) -> Vec<StreamPlan>
 /// When a candidate's bytes are fewer than the symbols.
 #[must_use]
 pub fn plan_each_of_bytes(symbols: &[u8], candidates: &[(ContextKind, Option<&[u8]>)]) -> Vec<StreamPlan> {
-    let rows: Vec<Option<Vec<Histogram>>> = candidates
+    let rows: Vec<Option<ContextRows>> = candidates
         .iter()
         .map(|(_, bytes)| bytes.map(|bytes| context_histograms(symbols, &bytes[..symbols.len()])))
         .collect();
     // Under no context, the sum of any context's rows: no second pass over the data.
     let whole = match rows.iter().flatten().next() {
-        Some(rows) => rows.iter().fold([0; 256], |mut sum, row| {
+        Some(rows) => rows.present().iter().fold([0; 256], |mut sum, row| {
             add_into(&mut sum, row);
             sum
         }),
