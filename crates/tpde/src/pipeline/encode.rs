@@ -90,6 +90,22 @@ fn encode_in_order(
     mut write: impl FnMut(usize, usize, EncodedChunk) -> Result<()>,
 ) -> Result<()> {
     let window = window();
+    if rayon::current_thread_index().is_some() {
+        // On a thread of a pool (a caller's `install`), waiting for chunks that this
+        // thread may have to run itself would never end: encode a window at a time
+        // with the pool's own joins instead.
+        for batch in chunks.chunks(window) {
+            progress.check_interrupted()?;
+            let encoded = batch
+                .par_iter()
+                .map(|&(tensor, start)| jobs[tensor].encode_chunk(start, settings))
+                .collect::<Result<Vec<EncodedChunk>>>()?;
+            for (&(tensor, start), chunk) in batch.iter().zip(encoded) {
+                write(tensor, start, chunk)?;
+            }
+        }
+        return Ok(());
+    }
     type Outcome = std::thread::Result<Result<EncodedChunk>>;
     let (done, finished) = std::sync::mpsc::channel::<(usize, Outcome)>();
     rayon::in_place_scope(|scope| {
