@@ -2049,7 +2049,7 @@ pub fn plan_each(symbols: &[u8], candidates: &[Contexts<'_>]) -> Vec<StreamPlan>
     plan_each_of_bytes(symbols, &candidates)
 }
 
-/// [`plan_each`] with the context bytes of each candidate already derived, one per
+/// `plan_each` with the context bytes of each candidate already derived, one per
 /// symbol (a candidate of kind none has none): for a writer that plans several
 /// streams under the same base keys and codes them with [`StreamPlan::encode_bytes`].
 ///
