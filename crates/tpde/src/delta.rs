@@ -64,11 +64,36 @@ enum Choice {
     Rans(usize),
 }
 
+/// A context a writer may code a stream under, with its context bytes derived: one
+/// per symbol.
+#[derive(Debug, Clone, Copy)]
+enum StreamContext<'a> {
+    /// The plane above (spec §8.7).
+    HigherPlane(&'a [u8]),
+    /// The base keys of the chunk's values, derived once per chunk.
+    BaseKeys(&'a [u8]),
+}
+
+impl<'a> StreamContext<'a> {
+    fn kind(self) -> ContextKind {
+        match self {
+            Self::HigherPlane(_) => ContextKind::HigherPlane,
+            Self::BaseKeys(_) => ContextKind::BaseKey,
+        }
+    }
+
+    fn bytes(self) -> &'a [u8] {
+        match self {
+            Self::HigherPlane(bytes) | Self::BaseKeys(bytes) => bytes,
+        }
+    }
+}
+
 /// One stream, its coding chosen; lane rANS runs only when the stream is kept.
 struct PendingStream<'a> {
     raw: &'a [u8],
     /// The contexts it may be coded under besides none.
-    contexts: Vec<Contexts<'a>>,
+    contexts: Vec<StreamContext<'a>>,
     /// Plans under no context and under each of `contexts`; empty without lane rANS.
     plans: Vec<rans::StreamPlan>,
     zstd: Option<Vec<u8>>,
@@ -82,7 +107,7 @@ impl<'a> PendingStream<'a> {
     #[allow(clippy::cast_precision_loss)] // thresholds
     fn new(
         raw: &'a [u8],
-        contexts: Vec<Contexts<'a>>,
+        contexts: Vec<StreamContext<'a>>,
         plans: Vec<rans::StreamPlan>,
         zstd: Option<Vec<u8>>,
         settings: EncodeSettings,
@@ -118,8 +143,8 @@ impl<'a> PendingStream<'a> {
     fn finish(self, settings: EncodeSettings, out: &mut CodedStreams) {
         let coded = match (self.choice, self.zstd) {
             (Choice::Rans(index), _) => {
-                let contexts = index.checked_sub(1).map_or(Contexts::None, |at| self.contexts[at]);
-                Some((Codec::Rans, self.plans[index].encode(self.raw, contexts)))
+                let contexts = index.checked_sub(1).map(|at| self.contexts[at].bytes());
+                Some((Codec::Rans, self.plans[index].encode_bytes(self.raw, contexts)))
             }
             (Choice::Zstd, Some(zstd)) => Some((Codec::Zstd, zstd)),
             _ => None,
@@ -150,18 +175,29 @@ impl<'a> StreamSet<'a> {
     }
 
     /// Adds one stream, weighing lane rANS under `contexts` (and none) and zstd.
-    fn push(&mut self, raw: &'a [u8], contexts: Vec<Contexts<'a>>) -> Result<()> {
+    fn push(&mut self, raw: &'a [u8], contexts: Vec<StreamContext<'a>>) -> Result<()> {
         if raw.is_empty() {
             // Only position coding 3 has empty streams; nothing stores them smaller.
             self.streams.push(PendingStream::new(raw, Vec::new(), Vec::new(), None, self.settings));
             return Ok(());
         }
-        let plans = if self.settings.rans { rans::plan_each(raw, &contexts) } else { Vec::new() };
+        let plans = if self.settings.rans {
+            let candidates: Vec<(ContextKind, Option<&[u8]>)> =
+                contexts.iter().map(|c| (c.kind(), Some(c.bytes()))).collect();
+            rans::plan_each_of_bytes(raw, &candidates)
+        } else {
+            Vec::new()
+        };
         self.push_planned(raw, contexts, plans)
     }
 
     /// Adds one stream with its lane rANS plans made.
-    fn push_planned(&mut self, raw: &'a [u8], contexts: Vec<Contexts<'a>>, plans: Vec<rans::StreamPlan>) -> Result<()> {
+    fn push_planned(
+        &mut self,
+        raw: &'a [u8],
+        contexts: Vec<StreamContext<'a>>,
+        plans: Vec<rans::StreamPlan>,
+    ) -> Result<()> {
         let zstd = compress_stream(raw, self.settings.level)?;
         self.streams.push(PendingStream::new(raw, contexts, plans, zstd, self.settings));
         Ok(())
@@ -177,13 +213,14 @@ impl<'a> StreamSet<'a> {
     fn of_planes(
         planes: &'a [Vec<u8>],
         plane_contexts: bool,
-        base_keys: Option<Contexts<'a>>,
+        base_keys: Option<&'a [u8]>,
         settings: EncodeSettings,
     ) -> Result<Self> {
+        // Planes are all as long, and the base keys hold one key per value.
         let mut set = Self::new(settings);
         for (q, plane) in planes.iter().enumerate() {
-            let above = planes.get(q + 1).filter(|_| plane_contexts).map(|p| Contexts::HigherPlane(p));
-            set.push(plane, above.into_iter().chain(base_keys).collect())?;
+            let above = planes.get(q + 1).filter(|_| plane_contexts).map(|p| StreamContext::HigherPlane(p));
+            set.push(plane, above.into_iter().chain(base_keys.map(StreamContext::BaseKeys)).collect())?;
         }
         Ok(set)
     }
@@ -198,8 +235,8 @@ impl<'a> StreamSet<'a> {
             let mut contexts = Vec::new();
             let mut plans = stream.plans.first().cloned().into_iter().collect::<Vec<_>>();
             for (at, contexts_of) in stream.contexts.iter().enumerate() {
-                if let (Contexts::HigherPlane(_), Some(above)) = (contexts_of, grouped.get(q + 1)) {
-                    contexts.push(Contexts::HigherPlane(above));
+                if let (StreamContext::HigherPlane(_), Some(above)) = (contexts_of, grouped.get(q + 1)) {
+                    contexts.push(StreamContext::HigherPlane(above));
                     plans.extend(stream.plans.get(at + 1).cloned());
                 }
             }
@@ -404,7 +441,7 @@ fn choose_transform<W: Word>(
 fn value_streams<'a>(
     planes: &'a [Vec<u8>],
     layout: ValueLayout,
-    base_keys: Option<Contexts<'a>>,
+    base_keys: Option<&'a [u8]>,
     settings: EncodeSettings,
 ) -> Result<StreamSet<'a>> {
     let byte_planes = layout != ValueLayout::Words;
@@ -441,7 +478,6 @@ const GROUPING_GAIN: f64 = 0.02;
 fn ordered_value_streams<W: Word>(
     values: &[W],
     keys: impl Fn() -> Vec<u8>,
-    base_keys: Contexts<'_>,
     layout: ValueLayout,
     leading_sign: bool,
     settings: EncodeSettings,
@@ -449,12 +485,18 @@ fn ordered_value_streams<W: Word>(
     let multi_byte = W::BYTES > 1;
     let positional_planes = values::split(values, layout);
     if settings.rans {
-        let positional = value_streams(&positional_planes, layout, Some(base_keys), settings)?;
+        // The base keys serve both as the context of byte planes and to group by.
+        let byte_planes = layout != ValueLayout::Words;
+        let grouping = leading_sign && multi_byte;
+        let keys = if byte_planes || grouping { keys() } else { Vec::new() };
+        let positional = value_streams(&positional_planes, layout, Some(&keys), settings)?;
         // Where grouping is predicted to pay, it may still beat the base-key
         // context (F16 fine-tunes); grouping, which costs a GPU a regrouping pass,
         // is kept only when it stores GROUPING_GAIN smaller.
-        let keys = if leading_sign && multi_byte { keys() } else { Vec::new() };
-        if keys.is_empty() || !grouping_pays(values, &keys, layout, GROUPING_GAIN.max(settings.min_zstd_gain)) {
+        if !grouping
+            || keys.is_empty()
+            || !grouping_pays(values, &keys, layout, GROUPING_GAIN.max(settings.min_zstd_gain))
+        {
             return Ok((ValueOrder::Positional, positional.finish()));
         }
         let grouped_planes = values::split(&values::group(values, &keys), layout);
@@ -643,10 +685,7 @@ fn encode_words<W: Word>(
                 let values: Vec<W> =
                     changed.iter().map(|&i| W::express(target[i as usize], base[i as usize], op)).collect();
                 let keys = || changed.iter().map(|&i| values::group_key(base[i as usize])).collect();
-                let base_keys =
-                    Contexts::BaseKeys { base: base_bytes, word_bytes: W::BYTES, positions: Some(&changed) };
-                let (order, value_set) =
-                    ordered_value_streams(&values, keys, base_keys, layout, leading_sign, settings)?;
+                let (order, value_set) = ordered_value_streams(&values, keys, layout, leading_sign, settings)?;
                 let (coding, width, mut set) = position_streams(&changed, words, settings, reference)?;
                 set.append(value_set);
                 Some((coding, width, order, set))
@@ -655,9 +694,8 @@ fn encode_words<W: Word>(
             };
             let dense = if build_dense {
                 let values: Vec<W> = target.iter().zip(&base).map(|(&t, &b)| W::express(t, b, op)).collect();
-                let keys = || base.iter().map(|&b| values::group_key(b)).collect();
-                let base_keys = Contexts::BaseKeys { base: base_bytes, word_bytes: W::BYTES, positions: None };
-                Some(ordered_value_streams(&values, keys, base_keys, layout, leading_sign, settings)?)
+                let keys = || values::group_keys(&base);
+                Some(ordered_value_streams(&values, keys, layout, leading_sign, settings)?)
             } else {
                 None
             };

@@ -1090,15 +1090,81 @@ fn histogram(symbols: &[u8]) -> Histogram {
     counts
 }
 
-/// One histogram per context byte.
-fn context_histograms(symbols: &[u8], contexts: &[u8]) -> Vec<Histogram> {
-    // Counted in 32 bits (a stream holds fewer than 2^32 symbols), so that the table
-    // of every (context, symbol) pair stays within the second-level cache.
-    let mut pairs = vec![0u32; 256 * 256];
-    for (&symbol, &context) in symbols.iter().zip(contexts) {
-        pairs[usize::from(context) << 8 | usize::from(symbol)] += 1;
+/// One histogram per context byte; only the bytes that occur hold one.
+struct ContextRows {
+    /// Each context byte's place in `rows`, or [`ABSENT_ROW`].
+    slot: [u16; 256],
+    rows: Vec<Histogram>,
+}
+
+const ABSENT_ROW: u16 = u16::MAX;
+static EMPTY_ROW: Histogram = [0; 256];
+
+impl std::ops::Index<usize> for ContextRows {
+    type Output = Histogram;
+
+    /// The histogram of context byte `context`: empty where it does not occur.
+    fn index(&self, context: usize) -> &Histogram {
+        match self.slot[context] {
+            ABSENT_ROW => &EMPTY_ROW,
+            slot => &self.rows[usize::from(slot)],
+        }
     }
-    pairs.chunks_exact(256).map(|row| std::array::from_fn(|s| u64::from(row[s]))).collect()
+}
+
+impl ContextRows {
+    /// The histograms of the context bytes that occur.
+    fn present(&self) -> &[Histogram] {
+        &self.rows
+    }
+}
+
+/// Streams shorter than this are counted straight into the rows of the contexts
+/// that occur, without a table of every pair to clear and convert.
+const DIRECT_COUNT_BELOW: usize = 1 << 14;
+
+/// One histogram per context byte.
+#[allow(clippy::cast_possible_truncation)] // at most 256 rows
+fn context_histograms(symbols: &[u8], contexts: &[u8]) -> ContextRows {
+    let symbols = &symbols[..symbols.len().min(contexts.len())];
+    let mut slot = [ABSENT_ROW; 256];
+    let mut rows: Vec<Histogram> = Vec::new();
+    if symbols.len() < DIRECT_COUNT_BELOW {
+        for (&symbol, &context) in symbols.iter().zip(contexts) {
+            let at = &mut slot[usize::from(context)];
+            if *at == ABSENT_ROW {
+                *at = rows.len() as u16;
+                rows.push([0; 256]);
+            }
+            rows[usize::from(*at)][usize::from(symbol)] += 1;
+        }
+        return ContextRows { slot, rows };
+    }
+    // Counted in 32 bits (a stream holds fewer than 2^32 symbols), so that the table
+    // of every (context, symbol) pair stays within the second-level cache. Two
+    // tables, for symbols at even and odd places, so that runs of one pair do not
+    // chain every increment through one counter in memory.
+    let mut pairs = vec![0u32; 2 * 256 * 256];
+    let (even, odd) = pairs.split_at_mut(256 * 256);
+    let even: &mut [u32; 256 * 256] = even.try_into().expect("256 rows of 256");
+    let odd: &mut [u32; 256 * 256] = odd.try_into().expect("256 rows of 256");
+    // A u16 index: no bounds check.
+    let at = |context: u8, symbol: u8| usize::from(u16::from(context) << 8 | u16::from(symbol));
+    for (s, c) in symbols.chunks_exact(2).zip(contexts.chunks_exact(2)) {
+        even[at(c[0], s[0])] += 1;
+        odd[at(c[1], s[1])] += 1;
+    }
+    if symbols.len() % 2 == 1 {
+        let last = symbols.len() - 1;
+        even[at(contexts[last], symbols[last])] += 1;
+    }
+    for (context, (e, o)) in even.chunks_exact(256).zip(odd.chunks_exact(256)).enumerate() {
+        if e.iter().chain(o).any(|&n| n > 0) {
+            slot[context] = rows.len() as u16;
+            rows.push(std::array::from_fn(|s| u64::from(e[s]) + u64::from(o[s])));
+        }
+    }
+    ContextRows { slot, rows }
 }
 
 /// Order-0 code length of a histogram under its own distribution, in bits.
@@ -1142,7 +1208,7 @@ fn add_into(sum: &mut Histogram, counts: &Histogram) {
 }
 
 /// Per cluster index, the sum of the histograms of the contexts assigned to it.
-fn cluster_histograms(rows: &[Histogram], present: &[u8], assignment: &[u8; 256]) -> Vec<Histogram> {
+fn cluster_histograms(rows: &ContextRows, present: &[u8], assignment: &[u8; 256]) -> Vec<Histogram> {
     let mut clusters = vec![[0u64; 256]; MAX_TABLES];
     for &context in present {
         add_into(&mut clusters[usize::from(assignment[usize::from(context)])], &rows[usize::from(context)]);
@@ -1163,7 +1229,7 @@ const MISSING_SYMBOL_BITS: f64 = 16.0;
 /// code length, started from `assignment`).
 #[allow(clippy::cast_precision_loss)] // an estimate
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn refine_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256]) {
+fn refine_clusters(rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]) {
     const ROUNDS: usize = 8;
     // Each context's nonzero counts, so that a round costs what the data holds.
     let sparse: Vec<Vec<(u8, f64)>> = present
@@ -1220,7 +1286,7 @@ fn refine_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256
 /// Merges pairs of clusters while a merge lowers the estimated cost (a table's bytes
 /// against the bits that separate statistics save), keeping at least two.
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn merge_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256]) {
+fn merge_clusters(rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]) {
     loop {
         let clusters = cluster_histograms(rows, present, assignment);
         let used: Vec<usize> = (0..MAX_TABLES).filter(|&c| clusters[c].iter().any(|&n| n > 0)).collect();
@@ -1228,12 +1294,13 @@ fn merge_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256]
             return;
         }
         let mut best: Option<(f64, usize, usize)> = None;
+        // Each cluster's own cost, computed once rather than once per pair.
+        let costs: Vec<f64> = clusters.iter().map(cluster_cost_bits).collect();
         for (i, &a) in used.iter().enumerate() {
             for &b in &used[i + 1..] {
                 let mut merged = clusters[a];
                 add_into(&mut merged, &clusters[b]);
-                let change =
-                    cluster_cost_bits(&merged) - cluster_cost_bits(&clusters[a]) - cluster_cost_bits(&clusters[b]);
+                let change = cluster_cost_bits(&merged) - costs[a] - costs[b];
                 if best.is_none_or(|(lowest, _, _)| change < lowest) {
                     best = Some((change, a, b));
                 }
@@ -1257,8 +1324,8 @@ fn merge_clusters(rows: &[Histogram], present: &[u8], assignment: &mut [u8; 256]
 /// table each and the rest share the eighth; contexts then move to the table that
 /// codes them shortest, and tables merge where a table costs more than it saves.
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn cluster_contexts(rows: &[Histogram]) -> ([u8; 256], Vec<Histogram>) {
-    let totals: Vec<u64> = rows.iter().map(|row| row.iter().sum()).collect();
+fn cluster_contexts(rows: &ContextRows) -> ([u8; 256], Vec<Histogram>) {
+    let totals: Vec<u64> = (0..256).map(|context| rows[context].iter().sum()).collect();
     let mut present: Vec<u8> = (0..=255u8).filter(|&c| totals[usize::from(c)] > 0).collect();
     // Most frequent first; ties by context byte, so the result is deterministic.
     present.sort_by_key(|&c| std::cmp::Reverse(totals[usize::from(c)]));
@@ -1325,15 +1392,30 @@ fn quantize(counts: &Histogram, prob_bits: u32) -> Option<[u32; 256]> {
     let weight: Vec<f64> = present.iter().map(|&s| counts[s] as f64).collect();
     let mut freq: Vec<u32> = weight.iter().map(|&c| ((c * scale).round() as u32).clamp(1, slots)).collect();
     // The bits one more slot saves, and the bits one slot fewer costs.
-    let gain = |c: f64, f: u32| c * (f64::from(f + 1) / f64::from(f)).log2();
-    let loss = |c: f64, f: u32| if f > 1 { c * (f64::from(f) / f64::from(f - 1)).log2() } else { f64::INFINITY };
+    let logs = slot_logs();
+    let gain = |c: f64, f: u32| c * logs.step_up[f as usize];
+    let loss = |c: f64, f: u32| if f > 1 { c * logs.step_up[f as usize - 1] } else { f64::INFINITY };
     let mut gains: Vec<f64> = weight.iter().zip(&freq).map(|(&c, &f)| gain(c, f)).collect();
     let mut losses: Vec<f64> = weight.iter().zip(&freq).map(|(&c, &f)| loss(c, f)).collect();
+    // The first index of the largest (smallest) value other than `skip`: a scan that
+    // replaces its pick only on a strictly larger (smaller) value.
     let argmax = |values: &[f64], skip: usize| {
-        (0..values.len()).filter(|&i| i != skip).max_by(|&a, &b| values[a].total_cmp(&values[b]).then(b.cmp(&a)))
+        let mut best: Option<usize> = None;
+        for (i, value) in values.iter().enumerate() {
+            if i != skip && best.is_none_or(|b| value.total_cmp(&values[b]).is_gt()) {
+                best = Some(i);
+            }
+        }
+        best
     };
     let argmin = |values: &[f64], skip: usize| {
-        (0..values.len()).filter(|&i| i != skip).min_by(|&a, &b| values[a].total_cmp(&values[b]).then(a.cmp(&b)))
+        let mut best: Option<usize> = None;
+        for (i, value) in values.iter().enumerate() {
+            if i != skip && best.is_none_or(|b| value.total_cmp(&values[b]).is_lt()) {
+                best = Some(i);
+            }
+        }
+        best
     };
     let mut sum: u32 = freq.iter().sum();
     let step = |freq: &mut Vec<u32>, gains: &mut Vec<f64>, losses: &mut Vec<f64>, i: usize, up: bool| {
@@ -1378,8 +1460,33 @@ fn code_bits(counts: &Histogram, frequencies: &[u32; 256], prob_bits: u32) -> f6
         .iter()
         .zip(frequencies)
         .filter(|(&c, _)| c > 0)
-        .map(|(&c, &f)| c as f64 * (f64::from(prob_bits) - f64::from(f).log2()))
+        .map(|(&c, &f)| c as f64 * (f64::from(prob_bits) - slot_logs().of[f as usize]))
         .sum()
+}
+
+/// Logarithms of slot counts that quantization and code lengths take again and
+/// again, computed once with the same expressions, so the same values.
+struct SlotLogs {
+    /// `log2(f)`.
+    of: [f64; SLOT_LOGS],
+    /// `log2((f + 1) / f)`, the bits one more slot saves per symbol at `f` slots.
+    step_up: [f64; SLOT_LOGS],
+}
+
+/// Every frequency of a table lies in `1..=2^MAX_PROB_BITS`.
+const SLOT_LOGS: usize = (1 << MAX_PROB_BITS) + 1;
+
+fn slot_logs() -> &'static SlotLogs {
+    static LOGS: std::sync::OnceLock<Box<SlotLogs>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let mut logs = Box::new(SlotLogs { of: [0.0; SLOT_LOGS], step_up: [0.0; SLOT_LOGS] });
+        for f in 1..SLOT_LOGS {
+            let f32_ = u32::try_from(f).expect("slot counts fit u32");
+            logs.of[f] = f64::from(f32_).log2();
+            logs.step_up[f] = (f64::from(f32_ + 1) / f64::from(f32_)).log2();
+        }
+        logs
+    })
 }
 
 /// The tile size: a tile's 32 states (128 bytes) should be at most about 1% of its
@@ -1441,7 +1548,7 @@ impl Plan {
 
     /// The plan of a stream of `symbols` whose histogram under each context byte is
     /// `rows`.
-    fn of_context_rows(symbols: usize, kind: ContextKind, rows: &[Histogram]) -> Self {
+    fn of_context_rows(symbols: usize, kind: ContextKind, rows: &ContextRows) -> Self {
         let (context_map, clusters) = cluster_contexts(rows);
         Self::of_clusters(symbols, kind, context_map, clusters)
     }
@@ -1528,33 +1635,19 @@ fn symbol_coders(frequencies: &[u32; 256], prob_bits: u32) -> [SymbolCoder; 256]
     coders
 }
 
-/// Room for the renormalisation words of a tile, one per symbol: a word is written
-/// before it is known to be kept, so that keeping it is arithmetic rather than a
-/// mispredicted branch.
-struct WordSink<'a> {
-    room: &'a mut [u16],
-    len: usize,
-}
-
-impl WordSink<'_> {
-    /// Writes `word` after the kept ones and keeps it if `keep`. A symbol offers one
-    /// word and the room holds one per symbol, so `len` stays within it.
-    #[inline(always)]
-    fn offer(&mut self, word: u16, keep: bool) {
-        self.room[self.len] = word;
-        self.len += usize::from(keep);
-    }
-}
-
 impl SymbolCoder {
-    /// Codes the symbol into `state`, first emitting its low word if the state is too
-    /// large (spec §15.10). One shift brings any state below 2^16, under every
-    /// threshold, so a symbol emits at most one word.
+    /// Codes the symbol into `state`, first emitting its low word into `room[*len]`
+    /// if the state is too large (spec §15.10). One shift brings any state below
+    /// 2^16, under every threshold, so a symbol emits at most one word. The word is
+    /// written before it is known to be kept, so that keeping it is arithmetic
+    /// rather than a mispredicted branch; `room` holds one word per symbol of the
+    /// tile, so `*len` stays within it.
     #[inline(always)]
     #[allow(clippy::cast_possible_truncation)] // the low 16 bits are the word
-    fn encode(&self, state: u32, words: &mut WordSink<'_>) -> u32 {
+    fn encode(&self, state: u32, room: &mut [u16], len: &mut usize) -> u32 {
         let renormalise = state > self.renorm_above;
-        words.offer(state as u16, renormalise);
+        room[*len] = state as u16;
+        *len += usize::from(renormalise);
         // Selects rather than branches, which would be mispredicted about as often as
         // they are taken.
         let keep = u32::from(renormalise).wrapping_neg();
@@ -1565,6 +1658,181 @@ impl SymbolCoder {
     }
 }
 
+/// Buffers a tile's coding reuses from tile to tile.
+#[derive(Default)]
+struct TileScratch {
+    /// The renormalisation words, in order of emission.
+    room: Vec<u16>,
+    /// For a vector kernel, each symbol's row in its tables.
+    indices: Vec<u16>,
+}
+
+/// The symbol coders of a stream's tables laid out for a vector kernel, where the
+/// CPU has one: `None` elsewhere.
+struct VectorCoders {
+    #[cfg(target_arch = "x86_64")]
+    tables: encode_avx2::Tables,
+}
+
+impl VectorCoders {
+    #[allow(clippy::unnecessary_wraps)] // None where no vector kernel is built
+    fn new(coders: &[[SymbolCoder; 256]], prob_bits: u32) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && !scalar_encoder_forced() {
+            return Some(Self { tables: encode_avx2::Tables::new(coders, prob_bits) });
+        }
+        let _ = (coders, prob_bits);
+        None
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests hold the vector encoder to the scalar one.
+    static FORCE_SCALAR_ENCODER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn scalar_encoder_forced() -> bool {
+    #[cfg(test)]
+    return FORCE_SCALAR_ENCODER.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    false
+}
+
+/// The tile encoder on 8 lanes per AVX2 vector: the same states and words as the
+/// scalar one, lane for lane.
+#[cfg(target_arch = "x86_64")]
+mod encode_avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{SymbolCoder, LANES};
+
+    /// Per table row (table · 256 + symbol): `cum | (2^k − f) << 16`, and the low and
+    /// high 32 bits of the reciprocal.
+    pub(super) struct Tables {
+        packed: Vec<u32>,
+        reciprocal_low: Vec<u32>,
+        reciprocal_high: Vec<u32>,
+        prob_bits: u32,
+    }
+
+    impl Tables {
+        #[allow(clippy::cast_possible_truncation)] // the halves of a 64-bit reciprocal
+        pub(super) fn new(coders: &[[SymbolCoder; 256]], prob_bits: u32) -> Self {
+            let rows = coders.iter().flatten();
+            Self {
+                packed: rows.clone().map(|c| c.cum | c.complement << 16).collect(),
+                reciprocal_low: rows.clone().map(|c| c.reciprocal as u32).collect(),
+                reciprocal_high: rows.map(|c| (c.reciprocal >> 32) as u32).collect(),
+                prob_bits,
+            }
+        }
+    }
+
+    /// Per mask of the lanes that emit a word, a byte shuffle that packs the low
+    /// words of those lanes, highest lane first, at the front of a vector.
+    fn pack_shuffles() -> &'static [[u8; 16]; 256] {
+        static SHUFFLES: std::sync::OnceLock<Box<[[u8; 16]; 256]>> = std::sync::OnceLock::new();
+        SHUFFLES.get_or_init(|| {
+            let mut shuffles = Box::new([[0x80u8; 16]; 256]);
+            for (mask, shuffle) in shuffles.iter_mut().enumerate() {
+                let mut at = 0;
+                for lane in (0..8u8).rev() {
+                    if mask >> lane & 1 == 1 {
+                        shuffle[at] = 2 * lane;
+                        shuffle[at + 1] = 2 * lane + 1;
+                        at += 2;
+                    }
+                }
+            }
+            shuffles
+        })
+    }
+
+    /// Codes whole steps (`indices.len()` a multiple of [`LANES`]), from the last to
+    /// the first, lanes from 31 down to 0, as the scalar encoder does; words are
+    /// appended to `room` from `*len`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `room` must hold `*len` plus one word per index plus
+    /// 8; every index must be a row of `tables`.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::cast_possible_wrap, clippy::cast_sign_loss)] // bit patterns
+    pub(super) unsafe fn encode_steps(
+        indices: &[u16],
+        tables: &Tables,
+        states: &mut [u32; LANES],
+        room: &mut [u16],
+        len: &mut usize,
+    ) {
+        debug_assert!(indices.len() % LANES == 0);
+        debug_assert!(*len + indices.len() + 8 <= room.len());
+        let shuffles = pack_shuffles();
+        let k = tables.prob_bits;
+        // SAFETY (whole body): loads and stores stay within `indices`, `states` and
+        // `room` as the caller guarantees; gathers read rows of the tables.
+        unsafe {
+            let mut lanes: [__m256i; 4] =
+                std::array::from_fn(|v| _mm256_loadu_si256(states.as_ptr().add(8 * v).cast()));
+            let slots = _mm256_set1_epi32(1 << k);
+            let one = _mm256_set1_epi32(1);
+            let sign = _mm256_set1_epi32(i32::MIN);
+            let low_mask = _mm256_set1_epi32(0xFFFF);
+            let shift = _mm_cvtsi32_si128((32 - k) as i32);
+            // The low 16 bits of each 32-bit lane, packed in the low 8 bytes of each half.
+            let low_halves = _mm256_setr_epi8(
+                0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1,
+                -1, -1, -1,
+            );
+            let packed = tables.packed.as_ptr().cast::<i32>();
+            let reciprocal_low = tables.reciprocal_low.as_ptr().cast::<i32>();
+            let reciprocal_high = tables.reciprocal_high.as_ptr().cast::<i32>();
+            let words = room.as_mut_ptr();
+            let mut at = *len;
+            for step in (0..indices.len() / LANES).rev() {
+                for v in (0..4).rev() {
+                    let rows =
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128(indices.as_ptr().add(step * LANES + 8 * v).cast()));
+                    let fields = _mm256_i32gather_epi32::<4>(packed, rows);
+                    let cum = _mm256_and_si256(fields, low_mask);
+                    let complement = _mm256_srli_epi32::<16>(fields);
+                    // f · 2^(32−k) − 1, wrapping to 2^32 − 1 for f = 2^k.
+                    let frequency = _mm256_sub_epi32(slots, complement);
+                    let renorm_above = _mm256_sub_epi32(_mm256_sll_epi32(frequency, shift), one);
+                    let state = lanes[v];
+                    let renormalise =
+                        _mm256_cmpgt_epi32(_mm256_xor_si256(state, sign), _mm256_xor_si256(renorm_above, sign));
+                    let mask = _mm256_movemask_ps(_mm256_castsi256_ps(renormalise)) as usize;
+                    let low = _mm256_permute4x64_epi64::<0b1000>(_mm256_shuffle_epi8(state, low_halves));
+                    let shuffle = _mm_loadu_si128(shuffles[mask].as_ptr().cast());
+                    _mm_storeu_si128(words.add(at).cast(), _mm_shuffle_epi8(_mm256_castsi256_si128(low), shuffle));
+                    at += mask.count_ones() as usize;
+                    let state = _mm256_blendv_epi8(state, _mm256_srli_epi32::<16>(state), renormalise);
+                    // quotient = (state · r) >> 43 = ((state · r_low >> 32) + state · r_high) >> 11.
+                    let r_low = _mm256_i32gather_epi32::<4>(reciprocal_low, rows);
+                    let r_high = _mm256_i32gather_epi32::<4>(reciprocal_high, rows);
+                    let state_odd = _mm256_srli_epi64::<32>(state);
+                    let even = _mm256_add_epi64(
+                        _mm256_srli_epi64::<32>(_mm256_mul_epu32(state, r_low)),
+                        _mm256_mul_epu32(state, r_high),
+                    );
+                    let odd = _mm256_add_epi64(
+                        _mm256_srli_epi64::<32>(_mm256_mul_epu32(state_odd, _mm256_srli_epi64::<32>(r_low))),
+                        _mm256_mul_epu32(state_odd, _mm256_srli_epi64::<32>(r_high)),
+                    );
+                    let quotient =
+                        _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<11>(even), _mm256_slli_epi64::<21>(odd));
+                    lanes[v] = _mm256_add_epi32(_mm256_add_epi32(state, cum), _mm256_mullo_epi32(quotient, complement));
+                }
+            }
+            for (v, lane) in lanes.iter().enumerate() {
+                _mm256_storeu_si256(states.as_mut_ptr().add(8 * v).cast(), *lane);
+            }
+            *len = at;
+        }
+    }
+}
+
 /// Codes one tile, appending its payload to `out`: the lanes walk their symbols
 /// backwards (steps from last to first, lanes from 31 down to 0), so that the decoder
 /// reads them forwards; the words go out in reverse order of emission.
@@ -1572,34 +1840,88 @@ fn encode_tile(
     symbols: &[u8],
     tables_of: Option<(&[u8], &[u8; 256])>,
     coders: &[[SymbolCoder; 256]],
-    room: &mut Vec<u16>,
+    vector: Option<&VectorCoders>,
+    scratch: &mut TileScratch,
     out: &mut Vec<u8>,
 ) {
     let lanes = symbols.len().min(LANES);
     let mut states = [STATE_LOW; LANES];
-    room.clear();
-    room.resize(symbols.len(), 0);
-    // A local sink, so that its length lives in a register.
-    let mut words = WordSink { room, len: 0 };
+    let room = &mut scratch.room;
+    // One word per symbol, and room for a vector kernel's whole-vector stores. Only
+    // the words written for this tile are read, so earlier contents may stay.
+    if room.len() < symbols.len() + LANES {
+        room.resize(symbols.len() + LANES, 0);
+    }
+    // A local length, so that it lives in a register.
+    let mut len = 0;
+    // Whole steps of LANES symbols, and the last, partial step, which is coded first.
+    let whole = symbols.len() / LANES * LANES;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(vector) = vector.filter(|_| whole > 0) {
+        let coder_at = |symbol: u8, context: u8| match tables_of {
+            None => &coders[0][usize::from(symbol)],
+            Some((_, map)) => &coders[usize::from(map[usize::from(context)])][usize::from(symbol)],
+        };
+        let context_at = |j: usize| tables_of.map_or(0, |(contexts, _)| contexts[j]);
+        for j in (whole..symbols.len()).rev() {
+            let lane = j - whole;
+            states[lane] = coder_at(symbols[j], context_at(j)).encode(states[lane], room, &mut len);
+        }
+        // Each symbol's row in the vector tables: its table's first row plus the symbol.
+        let indices = &mut scratch.indices;
+        indices.clear();
+        match tables_of {
+            None => indices.extend(symbols[..whole].iter().map(|&s| u16::from(s))),
+            Some((contexts, map)) => indices.extend(
+                symbols[..whole]
+                    .iter()
+                    .zip(contexts)
+                    .map(|(&s, &c)| u16::from(map[usize::from(c)]) << 8 | u16::from(s)),
+            ),
+        }
+        // SAFETY: `vector` exists only where the CPU has AVX2; `room` holds a word
+        // per symbol plus LANES, and every index is a row of the tables.
+        unsafe { encode_avx2::encode_steps(indices, &vector.tables, &mut states, room, &mut len) };
+        for state in &states[..lanes] {
+            out.extend_from_slice(&state.to_le_bytes());
+        }
+        out.extend(room[..len].iter().rev().flat_map(|word| word.to_le_bytes()));
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = vector;
     match tables_of {
         None => {
             let coders = &coders[0];
-            for (j, &symbol) in symbols.iter().enumerate().rev() {
-                let state = &mut states[j % LANES];
-                *state = coders[usize::from(symbol)].encode(*state, &mut words);
+            for (lane, &symbol) in symbols[whole..].iter().enumerate().rev() {
+                states[lane] = coders[usize::from(symbol)].encode(states[lane], room, &mut len);
+            }
+            for step in symbols[..whole].chunks_exact(LANES).rev() {
+                for (state, &symbol) in states.iter_mut().zip(step).rev() {
+                    *state = coders[usize::from(symbol)].encode(*state, room, &mut len);
+                }
             }
         }
         Some((contexts, map)) => {
-            for (j, (&symbol, &context)) in symbols.iter().zip(contexts).enumerate().rev() {
-                let state = &mut states[j % LANES];
-                *state = coders[usize::from(map[usize::from(context)])][usize::from(symbol)].encode(*state, &mut words);
+            // The table of every context byte, looked up once per symbol.
+            let by_context: [&[SymbolCoder; 256]; 256] = std::array::from_fn(|c| &coders[usize::from(map[c])]);
+            let tail = symbols[whole..].iter().zip(&contexts[whole..]);
+            for (lane, (&symbol, &context)) in tail.enumerate().rev() {
+                let coder = &by_context[usize::from(context)][usize::from(symbol)];
+                states[lane] = coder.encode(states[lane], room, &mut len);
+            }
+            let steps = symbols[..whole].chunks_exact(LANES).zip(contexts[..whole].chunks_exact(LANES));
+            for (step, step_contexts) in steps.rev() {
+                for ((state, &symbol), &context) in states.iter_mut().zip(step).zip(step_contexts).rev() {
+                    *state = by_context[usize::from(context)][usize::from(symbol)].encode(*state, room, &mut len);
+                }
             }
         }
     }
     for state in &states[..lanes] {
         out.extend_from_slice(&state.to_le_bytes());
     }
-    out.extend(words.room[..words.len].iter().rev().flat_map(|word| word.to_le_bytes()));
+    out.extend(room[..len].iter().rev().flat_map(|word| word.to_le_bytes()));
 }
 
 #[allow(clippy::cast_possible_truncation)] // counts and symbols of a table fit a byte, frequencies 12 bits
@@ -1639,12 +1961,13 @@ fn write_stream(plan: &Plan, symbols: &[u8], contexts: Option<&[u8]>) -> Vec<u8>
     let lengths_at = out.len();
     out.resize(lengths_at + 4 * symbols.len().div_ceil(tile_symbols), 0);
     let coders: Vec<[SymbolCoder; 256]> = plan.tables.iter().map(|t| symbol_coders(t, plan.prob_bits)).collect();
-    let mut words = Vec::new();
+    let vector = VectorCoders::new(&coders, plan.prob_bits);
+    let mut scratch = TileScratch::default();
     for (tile, tile_symbols_of) in symbols.chunks(tile_symbols).enumerate() {
         let first = tile * tile_symbols;
         let tables_of = contexts.map(|c| (&c[first..first + tile_symbols_of.len()], &plan.context_map));
         let start = out.len();
-        encode_tile(tile_symbols_of, tables_of, &coders, &mut words, &mut out);
+        encode_tile(tile_symbols_of, tables_of, &coders, vector.as_ref(), &mut scratch, &mut out);
         let length = (out.len() - start) as u32;
         out[lengths_at + 4 * tile..lengths_at + 4 * tile + 4].copy_from_slice(&length.to_le_bytes());
     }
@@ -1691,32 +2014,64 @@ impl StreamPlan {
     ///
     /// # Panics
     /// When `contexts` is of another kind than the plan.
+    #[cfg(test)]
     #[must_use]
     pub fn encode(&self, symbols: &[u8], contexts: Contexts<'_>) -> Vec<u8> {
         assert_eq!(contexts.kind(), self.plan.kind, "a stream is encoded under the context it was planned for");
         write_stream(&self.plan, symbols, context_bytes(symbols.len(), &contexts).as_deref())
     }
+
+    /// [`StreamPlan::encode`] with the context bytes already derived, one per symbol,
+    /// `None` for a plan under no context.
+    ///
+    /// # Panics
+    /// When the bytes do not match the plan's kind, or are fewer than the symbols.
+    #[must_use]
+    pub fn encode_bytes(&self, symbols: &[u8], context_bytes: Option<&[u8]>) -> Vec<u8> {
+        assert_eq!(
+            context_bytes.is_some(),
+            self.plan.kind != ContextKind::None,
+            "a stream is encoded under the context it was planned for"
+        );
+        write_stream(&self.plan, symbols, context_bytes.map(|bytes| &bytes[..symbols.len()]))
+    }
 }
 
 /// Plans `symbols` under no context and under each of `candidates`, in that order:
 /// what a writer weighs per stream before it codes the smallest.
+#[cfg(test)]
 #[must_use]
 pub fn plan_each(symbols: &[u8], candidates: &[Contexts<'_>]) -> Vec<StreamPlan> {
-    let rows: Vec<Option<Vec<Histogram>>> = candidates
+    let bytes: Vec<(ContextKind, Option<Cow<'_, [u8]>>)> =
+        candidates.iter().map(|contexts| (contexts.kind(), context_bytes(symbols.len(), contexts))).collect();
+    let candidates: Vec<(ContextKind, Option<&[u8]>)> =
+        bytes.iter().map(|(kind, bytes)| (*kind, bytes.as_deref())).collect();
+    plan_each_of_bytes(symbols, &candidates)
+}
+
+/// `plan_each` with the context bytes of each candidate already derived, one per
+/// symbol (a candidate of kind none has none): for a writer that plans several
+/// streams under the same base keys and codes them with [`StreamPlan::encode_bytes`].
+///
+/// # Panics
+/// When a candidate's bytes are fewer than the symbols.
+#[must_use]
+pub fn plan_each_of_bytes(symbols: &[u8], candidates: &[(ContextKind, Option<&[u8]>)]) -> Vec<StreamPlan> {
+    let rows: Vec<Option<ContextRows>> = candidates
         .iter()
-        .map(|contexts| context_bytes(symbols.len(), contexts).map(|bytes| context_histograms(symbols, &bytes)))
+        .map(|(_, bytes)| bytes.map(|bytes| context_histograms(symbols, &bytes[..symbols.len()])))
         .collect();
     // Under no context, the sum of any context's rows: no second pass over the data.
     let whole = match rows.iter().flatten().next() {
-        Some(rows) => rows.iter().fold([0; 256], |mut sum, row| {
+        Some(rows) => rows.present().iter().fold([0; 256], |mut sum, row| {
             add_into(&mut sum, row);
             sum
         }),
         None => histogram(symbols),
     };
     let no_context = Plan::of_clusters(symbols.len(), ContextKind::None, [0; 256], vec![whole]);
-    let with_contexts = candidates.iter().zip(&rows).map(|(contexts, rows)| match rows {
-        Some(rows) => Plan::of_context_rows(symbols.len(), contexts.kind(), rows),
+    let with_contexts = candidates.iter().zip(&rows).map(|((kind, _), rows)| match rows {
+        Some(rows) => Plan::of_context_rows(symbols.len(), *kind, rows),
         None => no_context.clone(),
     });
     let plans: Vec<Plan> = with_contexts.collect();
@@ -1798,6 +2153,36 @@ mod tests {
         let stored = encode_with_tile_log2(symbols, contexts, tile_log2);
         assert_eq!(u32::from(stored[3]), tile_log2);
         assert_eq!(decode(&stored, symbols.len(), contexts).unwrap(), symbols);
+    }
+
+    /// The vector tile encoder gives the scalar one's bytes, for every context, table
+    /// count, precision and tile size, on steps whole and partial.
+    #[test]
+    fn the_vector_encoder_matches_the_scalar_one() {
+        let mut noise = Noise(0x1234_5678_9ABC_DEF1);
+        for (len, zero_in_256) in
+            [(1usize, 0u64), (31, 40), (32, 200), (95, 0), (4096, 128), (70_001, 250), (200_000, 10)]
+        {
+            let mut symbols: Vec<u8> = (0..len).map(|_| noise.skewed(zero_in_256)).collect();
+            if len == 95 {
+                symbols = noise.bytes(len);
+            }
+            each_context(&symbols, &mut |contexts| {
+                for tile_log2 in [12, 16] {
+                    let vector = encode_with_tile_log2(&symbols, contexts, tile_log2);
+                    FORCE_SCALAR_ENCODER.with(|force| force.set(true));
+                    let scalar = encode_with_tile_log2(&symbols, contexts, tile_log2);
+                    FORCE_SCALAR_ENCODER.with(|force| force.set(false));
+                    assert_eq!(vector, scalar, "{len} symbols, {:?}, tiles of 2^{tile_log2}", contexts.kind());
+                }
+            });
+        }
+        // A one-symbol table, whose state never renormalises.
+        let same = vec![7u8; 1000];
+        let vector = encode(&same, Contexts::None);
+        FORCE_SCALAR_ENCODER.with(|force| force.set(true));
+        assert_eq!(vector, encode(&same, Contexts::None));
+        FORCE_SCALAR_ENCODER.with(|force| force.set(false));
     }
 
     /// Every kind of context over `symbols`, with a plane above and a base that are
@@ -2118,7 +2503,7 @@ mod tests {
         let mut states = [STATE_LOW; LANES];
         let mut words = Vec::new();
         let mut room = vec![0u16; symbols.len()];
-        let mut scratch = WordSink { room: &mut room, len: 0 };
+        let mut len = 0;
         for (j, &s) in symbols.iter().enumerate().rev() {
             let x = states[j % LANES];
             // x > 2^31 − 1 renormalises; then x = (x / 1) · 2 + cum.
@@ -2129,7 +2514,7 @@ mod tests {
                 x
             };
             let expected = 2 * x + u32::from(s);
-            states[j % LANES] = coders[usize::from(s)].encode(states[j % LANES], &mut scratch);
+            states[j % LANES] = coders[usize::from(s)].encode(states[j % LANES], &mut room, &mut len);
             assert_eq!(states[j % LANES], expected);
         }
         let mut payload: Vec<u8> = states.iter().flat_map(|s| s.to_le_bytes()).collect();

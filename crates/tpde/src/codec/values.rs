@@ -143,13 +143,7 @@ pub(crate) fn split<W: Word>(values: &[W], layout: ValueLayout) -> Vec<Vec<u8>> 
         }
         return vec![bytes];
     }
-    let mut planes = vec![vec![0u8; values.len()]; W::BYTES];
-    for (k, plane) in planes.iter_mut().enumerate() {
-        for (byte, &value) in plane.iter_mut().zip(values) {
-            *byte = layout_word(value, layout).byte(k);
-        }
-    }
-    planes
+    (0..W::BYTES).map(|k| values.iter().map(|&value| layout_word(value, layout).byte(k)).collect()).collect()
 }
 
 /// Joins the streams of `layout` back into `count` value words.
@@ -286,6 +280,15 @@ pub(crate) fn group_key<W: Word>(base: W) -> u8 {
     base.rotate_left1().byte(W::BYTES - 1)
 }
 
+/// The group key of every word of `base`, as [`group_key`] gives it.
+pub(crate) fn group_keys<W: Word>(base: &[W]) -> Vec<u8> {
+    let mut keys = vec![0u8; base.len()];
+    for (key, &word) in keys.iter_mut().zip(base) {
+        *key = group_key(word);
+    }
+    keys
+}
+
 /// Runs walked side by side when grouping: successive equal keys would otherwise
 /// chain every step through one counter in memory.
 const LANES: usize = 4;
@@ -341,11 +344,28 @@ impl GroupCursors {
 /// Lists `values` (in position order, with the base key of each) in grouped order.
 pub(crate) fn group<W: Word>(values: &[W], keys: &[u8]) -> Vec<W> {
     let mut grouped = vec![W::default(); values.len()];
-    GroupCursors::new(keys.len(), |j| keys[j]).walk(|j, cursors| {
-        let cursor = &mut cursors[usize::from(keys[j])];
+    let count = keys.len().min(values.len());
+    let cursors = GroupCursors::new(count, |j| keys[j]);
+    // The walk of GroupCursors::walk, lane by lane over slices of their own.
+    let lane_len = cursors.lane_len;
+    let mut lanes = cursors.cursors;
+    let (lane_cursors, rest_cursors) = lanes.split_at_mut(LANES);
+    let [c0, c1, c2, c3] = lane_cursors else { unreachable!("LANES is 4") };
+    let lane = |l: usize| (&keys[l * lane_len..(l + 1) * lane_len], &values[l * lane_len..(l + 1) * lane_len]);
+    let ((k0, v0), (k1, v1), (k2, v2), (k3, v3)) = (lane(0), lane(1), lane(2), lane(3));
+    for j in 0..lane_len {
+        for (cursors, keys, values) in [(&mut *c0, k0, v0), (&mut *c1, k1, v1), (&mut *c2, k2, v2), (&mut *c3, k3, v3)]
+        {
+            let cursor = &mut cursors[usize::from(keys[j])];
+            grouped[*cursor] = values[j];
+            *cursor += 1;
+        }
+    }
+    for j in LANES * lane_len..count {
+        let cursor = &mut rest_cursors[0][usize::from(keys[j])];
         grouped[*cursor] = values[j];
         *cursor += 1;
-    });
+    }
     grouped
 }
 

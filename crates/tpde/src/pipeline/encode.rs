@@ -103,6 +103,73 @@ impl TensorJob<'_> {
     }
 }
 
+/// Encodes `chunks` on the thread pool and hands each to `write`, on this thread, in
+/// the order of `chunks`. At most [`window`] chunks are encoded or waiting to be
+/// written at once, so memory stays bounded; a new chunk starts as soon as one is
+/// written, so that no thread waits for the slowest chunk of a batch, and writing
+/// overlaps encoding.
+fn encode_in_order(
+    jobs: &[TensorJob<'_>],
+    chunks: &[(usize, usize)],
+    settings: EncodeSettings,
+    reference: Option<&DeltaFile>,
+    progress: &dyn Progress,
+    mut write: impl FnMut(usize, usize, EncodedChunk) -> Result<()>,
+) -> Result<()> {
+    let window = window();
+    if rayon::current_thread_index().is_some() {
+        // On a thread of a pool (a caller's `install`), waiting for chunks that this
+        // thread may have to run itself would never end: encode a window at a time
+        // with the pool's own joins instead.
+        for batch in chunks.chunks(window) {
+            progress.check_interrupted()?;
+            let encoded = batch
+                .par_iter()
+                .map(|&(tensor, start)| jobs[tensor].encode_chunk(start, settings, reference))
+                .collect::<Result<Vec<EncodedChunk>>>()?;
+            for (&(tensor, start), chunk) in batch.iter().zip(encoded) {
+                write(tensor, start, chunk)?;
+            }
+        }
+        return Ok(());
+    }
+    type Outcome = std::thread::Result<Result<EncodedChunk>>;
+    let (done, finished) = std::sync::mpsc::channel::<(usize, Outcome)>();
+    rayon::in_place_scope(|scope| {
+        let mut waiting: std::collections::VecDeque<Option<EncodedChunk>> = std::collections::VecDeque::new();
+        let mut started = 0;
+        let mut written = 0;
+        while written < chunks.len() {
+            progress.check_interrupted()?;
+            while started < chunks.len() && started < written + window {
+                let (tensor, start) = chunks[started];
+                let (done, at) = (done.clone(), started);
+                scope.spawn(move |_| {
+                    // A panic is reported too, so that the receiver never waits for a
+                    // chunk that will not come; it is resumed on this thread.
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        jobs[tensor].encode_chunk(start, settings, reference)
+                    }));
+                    // The receiver outlives the scope, so the send cannot fail.
+                    let _ = done.send((at, outcome));
+                });
+                waiting.push_back(None);
+                started += 1;
+            }
+            let (at, outcome) = finished.recv().expect("a chunk in flight always reports");
+            let chunk = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            waiting[at - written] = Some(chunk);
+            while let Some(Some(_)) = waiting.front() {
+                let chunk = waiting.pop_front().flatten().expect("checked above");
+                let (tensor, start) = chunks[written];
+                write(tensor, start, chunk)?;
+                written += 1;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Stands for a digest until it is computed; as long as a real one.
 const PLACEHOLDER_DIGEST: &str = "00000000000000000000000000000000";
 
@@ -292,21 +359,13 @@ pub fn encode_sources_against(
         .collect();
     let mut leaves: Vec<Vec<Digest128>> = vec![Vec::new(); jobs.len()];
     let mut uses_reference = false;
-    for batch in chunks.chunks(window()) {
-        progress.check_interrupted()?;
-        let encoded = batch
-            .par_iter()
-            .map(|&(tensor, start)| jobs[tensor].encode_chunk(start, options.settings, reference))
-            .collect::<Result<Vec<EncodedChunk>>>()?;
-        let mut done = 0;
-        for (&(tensor, start), chunk) in batch.iter().zip(encoded) {
-            uses_reference |= chunk.record.position_coding == PositionCoding::SplitByReference;
-            leaves[tensor].push(chunk.record.digest);
-            writer.push_chunk(chunk)?;
-            done += jobs[tensor].chunk_end(start) - start;
-        }
-        progress.advance(done as u64);
-    }
+    encode_in_order(&jobs, &chunks, options.settings, reference, progress, |tensor, start, chunk| {
+        uses_reference |= chunk.record.position_coding == PositionCoding::SplitByReference;
+        leaves[tensor].push(chunk.record.digest);
+        writer.push_chunk(chunk)?;
+        progress.advance((jobs[tensor].chunk_end(start) - start) as u64);
+        Ok(())
+    })?;
     let base_digests = jobs
         .par_iter()
         .map(|job| job.base.map(|bytes| tensor_digest(bytes, job.chunk_bytes)).transpose())
