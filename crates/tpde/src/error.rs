@@ -110,6 +110,18 @@ pub enum ErrorCode {
     SeriesDigest,
     /// Another process is changing the series.
     SeriesBusy,
+    /// No credentials were found for an object store, or the store refused them
+    /// as invalid (HTTP 401).
+    RemoteCredentials,
+    /// The object store denied access to an object (HTTP 403).
+    RemoteDenied,
+    /// An object, bucket or container does not exist (HTTP 404).
+    RemoteNotFound,
+    /// A remote object changed while it was read: its ETag or version differs from
+    /// the one found when it was opened (HTTP 412 on a conditional read).
+    RemoteChanged,
+    /// An object store kept failing (timeouts, 5xx, throttling) after every retry.
+    RemoteRetries,
 }
 
 impl ErrorCode {
@@ -164,6 +176,11 @@ impl ErrorCode {
             Self::SeriesStep => "E_SERIES_STEP",
             Self::SeriesDigest => "E_SERIES_DIGEST",
             Self::SeriesBusy => "E_SERIES_BUSY",
+            Self::RemoteCredentials => "E_REMOTE_CREDENTIALS",
+            Self::RemoteDenied => "E_REMOTE_DENIED",
+            Self::RemoteNotFound => "E_REMOTE_NOT_FOUND",
+            Self::RemoteChanged => "E_REMOTE_CHANGED",
+            Self::RemoteRetries => "E_REMOTE_RETRIES",
         }
     }
 
@@ -216,6 +233,11 @@ impl ErrorCode {
         Self::SeriesStep,
         Self::SeriesDigest,
         Self::SeriesBusy,
+        Self::RemoteCredentials,
+        Self::RemoteDenied,
+        Self::RemoteNotFound,
+        Self::RemoteChanged,
+        Self::RemoteRetries,
     ];
 
     /// What the user can do about a failure of this kind.
@@ -258,6 +280,17 @@ impl ErrorCode {
             Self::SeriesStep => "`tpde series list` shows the steps the series holds",
             Self::SeriesDigest => "a file of the series changed on disk; restore it from a backup",
             Self::SeriesBusy => "wait for the other tpde process to finish, then run this again",
+            Self::RemoteCredentials => {
+                "give credentials the way the store's own tools take them (for S3: AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a web identity token or the instance's role)"
+            }
+            Self::RemoteDenied => "the credentials in use may not access this object; check the bucket's policy",
+            Self::RemoteNotFound => "check the URL: the bucket, the key, and for a sharded checkpoint its prefix",
+            Self::RemoteChanged => "the object was replaced while tpde read it; run the command again",
+            Self::RemoteRetries => {
+                "the store kept failing; check the endpoint and the network, then run the command again \
+                 (TPDE_REMOTE_RETRIES sets how many retries)"
+            }
             _ => return None,
         })
     }

@@ -41,6 +41,7 @@ mod limits;
 mod model;
 mod output;
 mod pipeline;
+mod ranged;
 mod reader;
 mod series;
 mod source;
@@ -58,9 +59,10 @@ pub use pipeline::apply::{
     apply, apply_chain, chain_cut_alike, check_link, resolve_base, verify, ApplyOptions, ApplySummary,
 };
 pub use pipeline::encode::{encode, encode_sources, encode_sources_against, encode_to, EncodeOptions, EncodeSummary};
-pub use pipeline::inspect::{inspect, Checked, EncodingMix, Report, TensorReport};
+pub use pipeline::inspect::{inspect, inspect_structure, Checked, EncodingMix, Report, TensorReport};
 pub use pipeline::subset::apply_tensors;
 pub use pipeline::{NoProgress, Progress};
+pub use ranged::RangeSource;
 pub use reader::{ChunkSpan, DeltaFile};
 pub use series::{
     content_step, AddOptions, AddSummary, Candidate, CheckpointDigest, FileDigest, Manifest, PruneSummary, Series,

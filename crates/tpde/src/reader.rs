@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -15,7 +16,9 @@ use crate::container::chunk_map::{Encoding, PositionCoding};
 use crate::container::header::PositionPin;
 use crate::container::header::{Header, LayoutKind, TensorEntry};
 use crate::container::json::{check_unique_keys, parse_strict, ObjectOf};
-use crate::container::preamble::{check_trailer, Preamble, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MAGIC};
+use crate::container::preamble::{
+    check_trailer, Preamble, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MAGIC, PREAMBLE_LEN, TRAILER_LEN,
+};
 use crate::container::Layout;
 use crate::delta::{
     check_chunk_payload, check_chunk_shape, check_unchanged, chunk_positions, decode_chunk_into, decode_chunk_with,
@@ -25,6 +28,7 @@ use crate::digest::{checksum64, to_hex, tree_digest, Digest128};
 use crate::dtype::WordWidth;
 use crate::error::{fail, Error, ErrorCode, Result};
 use crate::limits::{try_zeroed, DECODE_IN_FLIGHT_BYTES, MAX_CHUNKS, MAX_HEADER_LEN};
+use crate::ranged::{RangeSource, SparseBytes};
 
 /// Where a chunk sits in its tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,10 +51,21 @@ struct ShardIndex {
 /// The bytes of a delta: a memory map, or any buffer a caller owns.
 type DeltaBytes = Box<dyn AsRef<[u8]> + Send + Sync>;
 
+/// Where a delta's bytes are: all in memory (a memory map, a caller's buffer), or
+/// read by range into a sparse buffer as they are needed.
+enum Storage {
+    Whole(DeltaBytes),
+    Ranged(SparseBytes),
+}
+
+/// Stored bytes of chunks fetched ahead of decoding, for a delta read by range:
+/// enough to keep many requests in flight while a batch decodes.
+const FETCH_AHEAD_BYTES: u64 = 64 << 20;
+
 /// An open, validated delta file.
 pub struct DeltaFile {
     path: PathBuf,
-    map: DeltaBytes,
+    map: Storage,
     preamble: Preamble,
     header: Header,
     chunks: Vec<ChunkRecord>,
@@ -94,7 +109,7 @@ impl DeltaFile {
         // it is mapped, reads may change under us; every byte used is validated or
         // checksummed before use, and inputs must not be modified while tpde runs.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "cannot map the delta", e))?;
-        Self::from_owned(path, Box::new(map)).map_err(|e| e.in_file(path))
+        Self::from_owned(path, Storage::Whole(Box::new(map))).map_err(|e| e.in_file(path))
     }
 
     /// Validates a delta held in memory, exactly as [`DeltaFile::open`] validates a
@@ -107,11 +122,39 @@ impl DeltaFile {
         if bytes.as_ref().is_empty() {
             return Err(Error::new(ErrorCode::BadMagic, "the file is empty").in_file(name));
         }
-        Self::from_owned(name, Box::new(bytes)).map_err(|e| e.in_file(name))
+        Self::from_owned(name, Storage::Whole(Box::new(bytes))).map_err(|e| e.in_file(name))
     }
 
-    fn from_owned(path: &Path, map: DeltaBytes) -> Result<Self> {
-        let bytes: &[u8] = (*map).as_ref();
+    /// Opens a delta read by range from `source` (an object in an object store,
+    /// say), validated exactly as [`DeltaFile::open`] validates a file: two reads
+    /// fetch the preamble, then everything after the chunks (header, chunk map,
+    /// trailer). The chunks' stored bytes are read when a chunk is first decoded,
+    /// or ahead of that by [`DeltaFile::fetch_chunks`], which the pipelines call
+    /// for each batch of chunks they decode. `name` stands for the file in error
+    /// messages. Fetched chunks stay in memory while the `DeltaFile` lives.
+    ///
+    /// # Errors
+    /// As [`DeltaFile::open`], and the source's errors.
+    pub fn from_ranges(name: &Path, source: Arc<dyn RangeSource>) -> Result<Self> {
+        let len = source.len();
+        if len == 0 {
+            return Err(Error::new(ErrorCode::BadMagic, "the file is empty").in_file(name));
+        }
+        let mut sparse = SparseBytes::new(source).map_err(|e| e.in_file(name))?;
+        let head = len.min(PREAMBLE_LEN as u64);
+        sparse.read_metadata(&[0..head]).map_err(|e| e.in_file(name))?;
+        let tail = metadata_start(sparse.metadata_view(), len).max(head);
+        if tail < len {
+            sparse.read_metadata(&[tail..len]).map_err(|e| e.in_file(name))?;
+        }
+        Self::from_owned(name, Storage::Ranged(sparse)).map_err(|e| e.in_file(name))
+    }
+
+    fn from_owned(path: &Path, mut map: Storage) -> Result<Self> {
+        let bytes: &[u8] = match &mut map {
+            Storage::Whole(bytes) => (**bytes).as_ref(),
+            Storage::Ranged(sparse) => sparse.metadata_view(),
+        };
         if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
             return fail(ErrorCode::BadMagic, "the file does not start with the tpde magic");
         }
@@ -192,7 +235,7 @@ impl DeltaFile {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        let delta = Self {
+        let mut delta = Self {
             path: path.to_path_buf(),
             map,
             preamble,
@@ -206,6 +249,11 @@ impl DeltaFile {
         delta.validate_chunk_map(layout)?;
         delta.validate_target_files()?;
         delta.validate_index()?;
+        let ranges: Vec<Range<u64>> =
+            delta.chunks.iter().map(|c| c.data_offset..c.data_offset + u64::from(c.stored_len)).collect();
+        if let Storage::Ranged(sparse) = &mut delta.map {
+            sparse.set_chunks(ranges);
+        }
         Ok(delta)
     }
 
@@ -329,13 +377,118 @@ impl DeltaFile {
     /// The whole file's length.
     #[must_use]
     pub fn file_len(&self) -> u64 {
-        self.bytes().len() as u64
+        match &self.map {
+            Storage::Whole(bytes) => (**bytes).as_ref().len() as u64,
+            Storage::Ranged(sparse) => sparse.len() as u64,
+        }
     }
 
-    /// The whole file, exactly the bytes that were validated.
+    /// The whole file, exactly the bytes that were validated. For a delta read by
+    /// range ([`DeltaFile::from_ranges`]), every chunk not yet fetched is fetched
+    /// first, and none after: call [`DeltaFile::fetch_all`] first to see whether
+    /// that failed, since chunks that could not be fetched read as zeros (and fail
+    /// their checksums).
     #[must_use]
     pub fn bytes(&self) -> &[u8] {
-        (*self.map).as_ref()
+        match &self.map {
+            Storage::Whole(bytes) => (**bytes).as_ref(),
+            Storage::Ranged(sparse) => {
+                // A failure shows as the chunks' checksums failing; see the docs.
+                let _ = sparse.fetch_all();
+                sparse.freeze()
+            }
+        }
+    }
+
+    /// Whether the delta is read by range ([`DeltaFile::from_ranges`]) rather than
+    /// held whole.
+    #[must_use]
+    pub fn is_ranged(&self) -> bool {
+        matches!(self.map, Storage::Ranged(_))
+    }
+
+    /// Bytes of chunks held in memory: every chunk's for a delta held whole, those
+    /// fetched so far for one read by range.
+    #[must_use]
+    pub fn resident_chunk_bytes(&self) -> u64 {
+        match &self.map {
+            Storage::Whole(_) => self.chunks.iter().map(|c| u64::from(c.stored_len)).sum(),
+            Storage::Ranged(sparse) => sparse.resident_bytes(),
+        }
+    }
+
+    /// Fetches the stored bytes of the chunks `indices` (global chunk indices) that
+    /// are not in memory yet, for a delta read by range: adjacent chunks in one
+    /// request, many requests in flight. Does nothing for a delta held whole.
+    ///
+    /// # Errors
+    /// The source's errors (`E_REMOTE_*`), naming the file.
+    pub fn fetch_chunks(&self, indices: &[u64]) -> Result<()> {
+        match &self.map {
+            Storage::Whole(_) => Ok(()),
+            Storage::Ranged(sparse) => sparse.fetch(indices).map_err(|e| e.in_file(&self.path)),
+        }
+    }
+
+    /// Fetches every chunk not in memory yet; see [`DeltaFile::fetch_chunks`].
+    ///
+    /// # Errors
+    /// As [`DeltaFile::fetch_chunks`].
+    pub fn fetch_all(&self) -> Result<()> {
+        match &self.map {
+            Storage::Whole(_) => Ok(()),
+            Storage::Ranged(sparse) => sparse.fetch_all().map_err(|e| e.in_file(&self.path)),
+        }
+    }
+
+    /// For a delta read by range, the chunks of the batches after batch `k`, up to
+    /// [`FETCH_AHEAD_BYTES`] of them, to fetch while batch `k` is decoded;
+    /// `index_of` maps a position in the batches to a global chunk index. Empty
+    /// for a delta held whole.
+    pub(crate) fn chunks_ahead(
+        &self,
+        batches: &[Range<usize>],
+        k: usize,
+        index_of: impl Fn(usize) -> u64,
+    ) -> Vec<u64> {
+        let mut ahead = Vec::new();
+        if !self.is_ranged() {
+            return ahead;
+        }
+        let mut bytes = 0u64;
+        for batch in batches.iter().skip(k + 1) {
+            if bytes >= FETCH_AHEAD_BYTES {
+                break;
+            }
+            for i in batch.clone() {
+                let index = index_of(i);
+                bytes += u64::from(self.chunk(index).stored_len);
+                ahead.push(index);
+            }
+        }
+        ahead
+    }
+
+    /// Runs `work` on a batch of chunks after fetching them (for a delta read by
+    /// range), while the chunks of the next batch are fetched beside it, so that
+    /// fetching overlaps decoding. A failure to fetch the next batch is left for
+    /// its own turn to report.
+    pub(crate) fn with_chunks_fetched<R>(&self, now: &[u64], next: &[u64], work: impl FnOnce() -> R) -> Result<R> {
+        if !self.is_ranged() {
+            return Ok(work());
+        }
+        self.fetch_chunks(now)?;
+        if next.is_empty() {
+            return Ok(work());
+        }
+        Ok(std::thread::scope(|scope| {
+            let ahead = scope.spawn(|| {
+                let _ = self.fetch_chunks(next);
+            });
+            let result = work();
+            let _ = ahead.join();
+            result
+        }))
     }
 
     /// Finds a tensor by name.
@@ -358,12 +511,35 @@ impl DeltaFile {
         &self.streams[first..first + usize::from(chunk.stream_count)]
     }
 
-    /// The stored bytes of chunk `index`, all its streams back to back.
+    /// The stored bytes of chunk `index`, all its streams back to back. For a delta
+    /// read by range, empty until the chunk is fetched ([`DeltaFile::fetch_chunks`]);
+    /// decoding fetches the chunks it needs itself.
     #[must_use]
     pub fn stored_bytes(&self, index: u64) -> &[u8] {
         let chunk = self.chunk(index);
-        let start = usize::try_from(chunk.data_offset).expect("validated");
-        &self.bytes()[start..start + chunk.stored_len as usize]
+        match &self.map {
+            Storage::Whole(bytes) => {
+                let start = usize::try_from(chunk.data_offset).expect("validated");
+                &(**bytes).as_ref()[start..start + chunk.stored_len as usize]
+            }
+            Storage::Ranged(sparse) => {
+                sparse.chunk(usize::try_from(index).expect("a validated chunk index")).unwrap_or(&[])
+            }
+        }
+    }
+
+    /// The stored bytes of chunk `index`, fetched first if the delta is read by
+    /// range and they are not in memory yet.
+    fn stored(&self, index: u64) -> Result<&[u8]> {
+        let Storage::Ranged(sparse) = &self.map else { return Ok(self.stored_bytes(index)) };
+        let at = usize::try_from(index).expect("a validated chunk index");
+        if let Some(bytes) = sparse.chunk(at) {
+            return Ok(bytes);
+        }
+        sparse.fetch(&[index])?;
+        sparse
+            .chunk(at)
+            .ok_or_else(|| Error::new(ErrorCode::Io, "the chunk could not be fetched").in_chunk(index))
     }
 
     /// The chunks of a tensor, with their word ranges.
@@ -418,8 +594,8 @@ impl DeltaFile {
     ) -> Result<ChunkInput<'s>> {
         let width = tensor.word_width()?;
         let words = usize::try_from(span.words).expect("bounded by MAX_CHUNK_WORDS");
-        let (record, streams, stored) =
-            (self.chunk(span.index), self.streams(span.index), self.stored_bytes(span.index));
+        let stored = self.stored(span.index).map_err(|e| self.locate(e, tensor, span))?;
+        let (record, streams) = (self.chunk(span.index), self.streams(span.index));
         Ok(ChunkInput { record, streams, stored, base, words, width, reference: None })
     }
 
@@ -544,6 +720,7 @@ impl DeltaFile {
     /// the pin.
     pub fn with_position_reference(mut self, reference: Arc<DeltaFile>) -> Result<Self> {
         let Some(pin) = &self.header.position_reference else { return Ok(self) };
+        reference.fetch_all()?;
         if pin_of(&reference) != *pin {
             return Err(Error::new(
                 ErrorCode::ReferenceMismatch,
@@ -740,15 +917,41 @@ impl DeltaFile {
             pieces.push(piece);
             rest = tail;
         }
-        for batch in crate::pipeline::batches(&costs, DECODE_IN_FLIGHT_BYTES) {
+        let batches = crate::pipeline::batches(&costs, DECODE_IN_FLIGHT_BYTES);
+        for (k, batch) in batches.iter().enumerate() {
             progress.check_interrupted().map_err(|e| e.in_tensor(&tensor.name))?;
             let bytes: usize = pieces[batch.clone()].iter().map(|p| p.len()).sum();
-            spans[batch.clone()].par_iter().zip(pieces[batch].par_iter_mut()).try_for_each(|(&span, piece)| {
-                self.decode_chunk_into(tensor, span, base, piece, &mut DecodeScratch::default())
-            })?;
+            let pieces = &mut pieces[batch.clone()];
+            let now: Vec<u64> = spans[batch.clone()].iter().map(|s| s.index).collect();
+            let ahead = self.chunks_ahead(&batches, k, |i| spans[i].index);
+            self.with_chunks_fetched(&now, &ahead, || {
+                spans[batch.clone()].par_iter().zip(pieces.par_iter_mut()).try_for_each(|(&span, piece)| {
+                    self.decode_chunk_into(tensor, span, base, piece, &mut DecodeScratch::default())
+                })
+            })
+            .map_err(|e| e.in_tensor(&tensor.name))??;
             progress.advance(bytes as u64);
         }
         Ok(())
+    }
+}
+
+/// Where the bytes after a delta's chunks begin (header, chunk map, trailer), from
+/// its preamble, for a delta read by range; the trailer alone when the preamble is
+/// invalid or does not describe a file of `len` bytes, so that the checks of
+/// [`DeltaFile::from_bytes`] report what is wrong, having fetched little.
+fn metadata_start(file: &[u8], len: u64) -> u64 {
+    let trailer = len.saturating_sub(TRAILER_LEN as u64);
+    let Ok(preamble) = Preamble::parse(file) else { return trailer };
+    if preamble.header_len > MAX_HEADER_LEN
+        || preamble.chunk_count > MAX_CHUNKS
+        || preamble.stream_count > preamble.chunk_count.saturating_mul(12)
+    {
+        return trailer;
+    }
+    match Layout::from_counts(preamble.data_len, preamble.header_len, preamble.chunk_count, preamble.stream_count) {
+        Some(layout) if layout.file_len == len => layout.data_offset + layout.data_len,
+        _ => trailer,
     }
 }
 

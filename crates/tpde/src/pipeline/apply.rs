@@ -406,7 +406,8 @@ fn decode_files<'a>(
             .map(|&(tensor, span, base)| chunk_charge(delta, tensor, span, base))
             .collect::<Result<Vec<_>>>()?;
         let totals: Vec<u64> = charges.iter().map(|c| c.0).collect();
-        for batch in batches(&totals, DECODE_IN_FLIGHT_BYTES) {
+        let cut = batches(&totals, DECODE_IN_FLIGHT_BYTES);
+        for (k, batch) in cut.iter().cloned().enumerate() {
             progress.check_interrupted()?;
             let mut scratches: Vec<DecodeScratch> = batch.clone().map(|_| pool.pop().unwrap_or_default()).collect();
             // Reused scratch may hold more than the chunk needs: count it too.
@@ -415,7 +416,12 @@ fn decode_files<'a>(
             if !budget.acquire(charged) {
                 return Err(hung_up(()));
             }
-            let rebuilt = chunks[batch.clone()]
+            // A delta read by range: this batch's chunks first, the next ones'
+            // fetched while this one decodes.
+            let now: Vec<u64> = chunks[batch.clone()].iter().map(|c| c.1.index).collect();
+            let ahead = delta.chunks_ahead(&cut, k, |i| chunks[i].1.index);
+            let decode = || {
+                chunks[batch.clone()]
                 .par_iter()
                 .zip(scratches.par_iter_mut())
                 .map(|(&(tensor, span, base), scratch)| {
@@ -435,7 +441,9 @@ fn decode_files<'a>(
                     }
                     Ok(Rebuilt::Owned(out))
                 })
-                .collect::<Result<Vec<_>>>();
+                .collect::<Result<Vec<_>>>()
+            };
+            let rebuilt = delta.with_chunks_fetched(&now, &ahead, decode).and_then(|r| r);
             let mut kept: u64 = pool.iter().map(DecodeScratch::retained_bytes).sum();
             for scratch in scratches {
                 let bytes = scratch.retained_bytes();

@@ -1,0 +1,295 @@
+//! A delta read by byte range from somewhere other than a local file (an object
+//! store): its bytes live in a sparse buffer the length of the file, into which the
+//! preamble, header and chunk map are read at open, and each chunk's stored bytes
+//! before it is decoded. Untouched pages of the buffer cost no memory.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use memmap2::MmapMut;
+
+use crate::error::{Error, ErrorCode, Result};
+
+/// Where the bytes of a delta read by range come from: an object in an object
+/// store, say. `tpde-store` implements it over the `object_store` crate.
+pub trait RangeSource: Send + Sync {
+    /// The object's length in bytes, as found when it was opened.
+    fn len(&self) -> u64;
+
+    /// Whether the object is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads every range of `ranges` (sorted, disjoint, each within
+    /// [`RangeSource::len`]), with as many requests in flight as suits the
+    /// source, and calls `sink` once per range with exactly its bytes, in any
+    /// order and from any thread. The first error, of the source or of `sink`,
+    /// ends the read.
+    ///
+    /// # Errors
+    /// Whatever the source fails with (`E_REMOTE_*` codes), or `sink`'s error.
+    fn read_ranges(&self, ranges: &[Range<u64>], sink: &(dyn Fn(Range<u64>, &[u8]) -> Result<()> + Sync))
+        -> Result<()>;
+}
+
+const ABSENT: u8 = 0;
+const FETCHING: u8 = 1;
+const RESIDENT: u8 = 2;
+
+/// The largest request that adjacent chunks are merged into: large enough that
+/// requests cost little each, small enough that many stay in flight.
+pub(crate) const MAX_MERGED_REQUEST: u64 = 8 << 20;
+
+/// The sparse buffer of a delta read by range, and which of its chunks are in it.
+///
+/// Soundness rests on one discipline: bytes are written only into chunks that this
+/// buffer marked `FETCHING` under its lock (so no reference to them exists and no
+/// other writer touches them), and references are handed out only to chunks marked
+/// `RESIDENT`, which are never written again, or to the metadata written before the
+/// buffer was shared, or to the whole buffer once it is frozen (no writes after).
+pub(crate) struct SparseBytes {
+    /// Keeps the mapping alive; accessed only through `ptr`.
+    _map: MmapMut,
+    ptr: *mut u8,
+    len: usize,
+    source: Arc<dyn RangeSource>,
+    /// Per chunk: `ABSENT`, `FETCHING` or `RESIDENT`.
+    state: Vec<AtomicU8>,
+    /// Per chunk: its byte range in the file.
+    ranges: Vec<Range<u64>>,
+    lock: Mutex<Shared>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Chunks being fetched now.
+    fetching: usize,
+    /// Set once the whole buffer was lent out: nothing is written after.
+    frozen: bool,
+}
+
+// SAFETY: `ptr` points into `_map`, owned by this value. Writes through it happen
+// only into chunks claimed under `lock` (see the type's docs), so threads never
+// write the same bytes, nor bytes that another thread reads.
+unsafe impl Send for SparseBytes {}
+// SAFETY: as for `Send`; every shared access follows the discipline above.
+unsafe impl Sync for SparseBytes {}
+
+impl SparseBytes {
+    /// A buffer of `source`'s length, with `metadata` (ranges of the file that are
+    /// not chunks: the preamble, header, chunk map, trailer) read into it.
+    pub(crate) fn new(source: Arc<dyn RangeSource>) -> Result<Self> {
+        let len = usize::try_from(source.len())
+            .map_err(|_| Error::new(ErrorCode::OutOfMemory, "the delta does not fit this machine's address space"))?;
+        // An anonymous map: pages never touched cost nothing, so a chunk that is
+        // never fetched costs no memory.
+        // No swap reserved for it either: most of a large delta is never touched.
+        let mut map = memmap2::MmapOptions::new().len(len.max(1)).no_reserve_swap().map_anon().map_err(|e| {
+            Error::new(ErrorCode::OutOfMemory, format!("cannot reserve {len} bytes of address space for the delta: {e}"))
+        })?;
+        let ptr = map.as_mut_ptr();
+        Ok(Self {
+            _map: map,
+            ptr,
+            len,
+            source,
+            state: Vec::new(),
+            ranges: Vec::new(),
+            lock: Mutex::new(Shared::default()),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// Reads `ranges` of the file into the buffer, before any chunk is known: only
+    /// while the buffer is not yet shared (`&mut self`).
+    pub(crate) fn read_metadata(&mut self, ranges: &[Range<u64>]) -> Result<()> {
+        let (ptr, len) = (self.ptr as usize, self.len);
+        self.source.read_ranges(ranges, &|range, bytes| {
+            let start = usize::try_from(range.start).unwrap_or(usize::MAX);
+            if start > len || len - start < bytes.len() || bytes.len() as u64 != range.end - range.start {
+                return Err(Error::new(ErrorCode::Io, "the object store returned another range than asked for"));
+            }
+            // SAFETY: the range lies within the buffer (checked above), and the
+            // buffer is not shared yet (`&mut self`), so nothing else reads or
+            // writes it.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (ptr as *mut u8).add(start), bytes.len()) };
+            Ok(())
+        })
+    }
+
+    /// The whole buffer, while it is not yet shared: for validating the metadata.
+    pub(crate) fn metadata_view(&mut self) -> &[u8] {
+        // SAFETY: `&mut self` excludes every other access; the map is `len` bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Sets the chunks' byte ranges, once they are validated; empty chunks are
+    /// resident from the start.
+    pub(crate) fn set_chunks(&mut self, ranges: Vec<Range<u64>>) {
+        self.state = ranges.iter().map(|r| AtomicU8::new(if r.is_empty() { RESIDENT } else { ABSENT })).collect();
+        self.ranges = ranges;
+    }
+
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding the lock leaves `Shared` consistent: its updates
+        // are single assignments.
+        self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether chunk `index` is in the buffer.
+    pub(crate) fn is_resident(&self, index: usize) -> bool {
+        self.state.get(index).is_some_and(|s| s.load(Ordering::Acquire) == RESIDENT)
+    }
+
+    /// The stored bytes of chunk `index`, if they are in the buffer.
+    pub(crate) fn chunk(&self, index: usize) -> Option<&[u8]> {
+        if !self.is_resident(index) {
+            return None;
+        }
+        let range = &self.ranges[index];
+        let (start, len) = (usize::try_from(range.start).ok()?, usize::try_from(range.end - range.start).ok()?);
+        // SAFETY: a resident chunk is never written again (the Acquire load above
+        // pairs with the Release store after its bytes were copied), and its range
+        // was validated to lie within the buffer.
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.add(start), len) })
+    }
+
+    /// The file's length.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Bytes of chunks in the buffer.
+    pub(crate) fn resident_bytes(&self) -> u64 {
+        self.ranges.iter().enumerate().filter(|&(i, _)| self.is_resident(i)).map(|(_, r)| r.end - r.start).sum()
+    }
+
+    /// Fetches the chunks of `indices` that are not in the buffer, adjacent ones
+    /// merged into one request up to [`MAX_MERGED_REQUEST`], all requests in
+    /// flight together (as the source allows). Waits for chunks that another
+    /// thread is fetching.
+    pub(crate) fn fetch(&self, indices: &[u64]) -> Result<()> {
+        let mut wanted: Vec<usize> = indices
+            .iter()
+            .filter_map(|&i| usize::try_from(i).ok())
+            .filter(|&i| i < self.state.len() && !self.is_resident(i))
+            .collect();
+        wanted.sort_unstable_by_key(|&i| self.ranges[i].start);
+        wanted.dedup();
+        loop {
+            let mut claimed = Vec::new();
+            let mut waiting = false;
+            {
+                let mut shared = self.shared();
+                for &i in &wanted {
+                    match self.state[i].load(Ordering::Acquire) {
+                        ABSENT if !shared.frozen => {
+                            self.state[i].store(FETCHING, Ordering::Relaxed);
+                            claimed.push(i);
+                        }
+                        FETCHING => waiting = true,
+                        _ => {}
+                    }
+                }
+                shared.fetching += claimed.len();
+            }
+            if !claimed.is_empty() {
+                self.fetch_claimed(&claimed)?;
+            }
+            if !waiting {
+                break;
+            }
+            let mut shared = self.shared();
+            while wanted.iter().any(|&i| self.state[i].load(Ordering::Acquire) == FETCHING) {
+                shared = self.changed.wait(shared).unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            drop(shared);
+            // Chunks that another thread failed to fetch are ABSENT again: claim them.
+            wanted.retain(|&i| !self.is_resident(i));
+        }
+        match wanted.iter().find(|&&i| !self.is_resident(i)) {
+            Some(&i) => Err(Error::new(
+                ErrorCode::InvalidArgument,
+                "the whole delta was lent out (DeltaFile::bytes) before this chunk could be fetched",
+            )
+            .in_chunk(i as u64)),
+            None => Ok(()),
+        }
+    }
+
+    /// Fetches chunks claimed as `FETCHING` by this thread, sorted by offset.
+    fn fetch_claimed(&self, claimed: &[usize]) -> Result<()> {
+        // Adjacent chunks, merged into requests.
+        let mut requests: Vec<(Range<u64>, Vec<usize>)> = Vec::new();
+        for &i in claimed {
+            let range = self.ranges[i].clone();
+            match requests.last_mut() {
+                Some((merged, members))
+                    if merged.end == range.start && range.end - merged.start <= MAX_MERGED_REQUEST =>
+                {
+                    merged.end = range.end;
+                    members.push(i);
+                }
+                _ => requests.push((range, vec![i])),
+            }
+        }
+        let ranges: Vec<Range<u64>> = requests.iter().map(|(r, _)| r.clone()).collect();
+        let result = self.source.read_ranges(&ranges, &|range, bytes| {
+            let at = requests.binary_search_by_key(&range.start, |(r, _)| r.start).ok();
+            let Some((expected, members)) = at.map(|k| &requests[k]) else {
+                return Err(Error::new(ErrorCode::Io, "the object store returned a range that was not asked for"));
+            };
+            if *expected != range || bytes.len() as u64 != range.end - range.start {
+                return Err(Error::new(ErrorCode::Io, "the object store returned another range than asked for"));
+            }
+            // Only one thread copies at a time, so that `bytes()` can freeze the
+            // buffer between copies.
+            let _shared = self.shared();
+            if members.iter().all(|&i| self.state[i].load(Ordering::Relaxed) == FETCHING) {
+                let start = usize::try_from(range.start).expect("a validated chunk offset");
+                // SAFETY: every chunk of this range is FETCHING, claimed by this
+                // thread: no reference to these bytes exists and no other thread
+                // writes them; the range lies within the buffer.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(start), bytes.len()) };
+                for &i in members {
+                    self.state[i].store(RESIDENT, Ordering::Release);
+                }
+            }
+            Ok(())
+        });
+        // Whatever did not arrive is ABSENT again, for another try.
+        let mut shared = self.shared();
+        for &i in claimed {
+            if self.state[i].load(Ordering::Relaxed) == FETCHING {
+                self.state[i].store(ABSENT, Ordering::Relaxed);
+            }
+        }
+        shared.fetching -= claimed.len();
+        drop(shared);
+        self.changed.notify_all();
+        result
+    }
+
+    /// Fetches every chunk not in the buffer.
+    pub(crate) fn fetch_all(&self) -> Result<()> {
+        let all: Vec<u64> = (0..self.state.len() as u64).collect();
+        self.fetch(&all)
+    }
+
+    /// The whole buffer. No chunk is fetched after this: chunks not yet fetched
+    /// read as zeros for good.
+    pub(crate) fn freeze(&self) -> &[u8] {
+        let mut shared = self.shared();
+        while shared.fetching > 0 {
+            shared = self.changed.wait(shared).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        shared.frozen = true;
+        drop(shared);
+        // SAFETY: frozen with no fetch in flight, so nothing writes the buffer any
+        // more; the map is `len` bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
