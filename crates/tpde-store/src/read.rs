@@ -152,6 +152,12 @@ impl RemoteCheckpoint {
     pub fn checkpoint(&self) -> &Checkpoint {
         &self.checkpoint
     }
+
+    /// The checkpoint, and the directory of its local copy, which must outlive it.
+    #[must_use]
+    pub fn into_parts(self) -> (Checkpoint, tempfile::TempDir) {
+        (self.checkpoint, self._dir)
+    }
 }
 
 /// The members of a sharded checkpoint's index that say which shards to fetch.

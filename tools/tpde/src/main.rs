@@ -23,9 +23,11 @@ Examples:
   tpde apply base.safetensors finetune.tpde -o rebuilt.safetensors
   tpde inspect finetune.tpde --json
   tpde verify base.safetensors finetune.tpde --target finetune.safetensors
+  tpde apply s3://bucket/base.safetensors s3://bucket/ft.tpde -o s3://bucket/ft.safetensors
   tpde series add run/ step-100.safetensors --step 100          (a training run as one series)";
 
 /// Lossless checkpoint deltas for safetensors models.
+/// Inputs and outputs may be `s3://`, `gs://`, `az://` or `http(s)://` URLs.
 #[derive(Parser)]
 #[command(version, about, after_help = EXAMPLES)]
 struct Cli {
@@ -104,13 +106,20 @@ enum Command {
     },
     /// Show per-tensor encodings, sizes and change fractions, after checking every
     /// chunk's checksum, streams and changed count (the rebuilt bytes need the base:
-    /// `verify` proves them).
+    /// `verify` proves them). For a delta at a URL, only the structure is checked
+    /// unless `--check-chunks` is given, so that only the metadata is fetched.
     Inspect {
-        /// The delta file.
+        /// The delta file, or its URL.
         delta: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Check the structure only (preamble, header, chunk map), reading no chunk.
+        #[arg(long, conflicts_with = "check_chunks")]
+        structure_only: bool,
+        /// Check every chunk too, for a delta at a URL (which then fetches it whole).
+        #[arg(long)]
+        check_chunks: bool,
         #[command(flatten)]
         threads: Threads,
     },
@@ -207,8 +216,82 @@ fn prepare_output(output: &Path, inputs: &[PathBuf], force: bool) -> tpde::Resul
     Ok(())
 }
 
-fn open_optional(path: Option<&Path>) -> tpde::Result<Option<Checkpoint>> {
-    path.map(Checkpoint::open).transpose()
+/// The path as an object-store URL, if it is one.
+fn as_url(path: &Path) -> Option<&str> {
+    path.to_str().filter(|text| tpde_store::is_url(text))
+}
+
+/// Opens a delta file, or a delta at a URL for reading by range.
+fn open_delta(path: &Path) -> tpde::Result<DeltaFile> {
+    match as_url(path) {
+        Some(url) => tpde_store::open_delta(url),
+        None => DeltaFile::open(path),
+    }
+}
+
+/// A checkpoint, and for one at a URL the local copy it was downloaded to.
+struct Opened {
+    checkpoint: Checkpoint,
+    _download: Option<tempfile::TempDir>,
+}
+
+fn open_checkpoint(path: &Path) -> tpde::Result<Opened> {
+    match as_url(path) {
+        Some(url) => {
+            let (checkpoint, dir) = tpde_store::open_checkpoint(url)?.into_parts();
+            Ok(Opened { checkpoint, _download: Some(dir) })
+        }
+        None => Ok(Opened { checkpoint: Checkpoint::open(path)?, _download: None }),
+    }
+}
+
+fn open_optional(path: Option<&Path>) -> tpde::Result<Option<Opened>> {
+    path.map(open_checkpoint).transpose()
+}
+
+/// Where a command writes: OUT itself, or for a URL a local temporary that is
+/// uploaded once complete.
+struct Output {
+    local: PathBuf,
+    remote: Option<tpde_store::RemoteOutput>,
+}
+
+impl Output {
+    /// Checks OUT before any work (as [`prepare_output`] does for a path).
+    fn prepare(output: &Path, inputs: &[PathBuf], force: bool) -> tpde::Result<Self> {
+        let Some(url) = as_url(output) else {
+            prepare_output(output, inputs, force)?;
+            return Ok(Self { local: output.to_path_buf(), remote: None });
+        };
+        if inputs.iter().any(|i| i.as_path() == output) {
+            return Err(tpde::Error::new(tpde::ErrorCode::InvalidArgument, "the output is an input; inputs are never modified")
+                .in_file(output));
+        }
+        let remote = tpde_store::RemoteOutput::new(url, force)?;
+        Ok(Self { local: remote.local_path().to_path_buf(), remote: Some(remote) })
+    }
+
+    /// Whether the local writer may replace what is at its path: only OUT itself,
+    /// under `--force`; a temporary is new.
+    fn force(&self, force: bool) -> bool {
+        force && self.remote.is_none()
+    }
+
+    /// Uploads a remote output; nothing to do for a local one.
+    fn finish(self) -> tpde::Result<()> {
+        if let Some(remote) = self.remote {
+            remote.upload()?;
+        }
+        Ok(())
+    }
+}
+
+/// For runs that read from object stores, what they fetched.
+fn report_fetched(paths: &[&Path]) {
+    if paths.iter().any(|p| as_url(p).is_some()) {
+        let stats = tpde_store::stats();
+        eprintln!("fetched {} from object stores in {} requests", human(stats.bytes), stats.requests);
+    }
 }
 
 #[allow(clippy::cast_precision_loss)] // sizes for display
@@ -251,13 +334,16 @@ fn run(cli: Cli) -> tpde::Result<()> {
     match cli.command {
         Command::Encode { inputs, output, level, min_zstd_gain, format_version, chunk_words, force, threads } => {
             set_threads(&threads)?;
-            prepare_output(&output, &inputs, force)?;
+            let out = Output::prepare(&output, &inputs, force)?;
             let (base_path, target_path) = split_base(&inputs);
             let base = open_optional(base_path)?;
-            let target = Checkpoint::open(target_path)?;
+            let target = open_checkpoint(target_path)?;
             let settings = EncodeSettings { level, min_zstd_gain, rans: format_version != "1.0" };
             let options = EncodeOptions { settings, chunk_words };
-            let summary = tpde::encode_to(base.as_ref(), &target, &output, options, force, &Bars::new())?;
+            let base = base.as_ref().map(|b| &b.checkpoint);
+            let summary =
+                tpde::encode_to(base, &target.checkpoint, &out.local, options, out.force(force), &Bars::new())?;
+            out.finish()?;
             eprintln!(
                 "wrote {} ({} of {} target, {:.2}%; {} tensors against the base, {} standalone)",
                 escape(&output.display().to_string()),
@@ -278,17 +364,23 @@ fn run(cli: Cli) -> tpde::Result<()> {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            prepare_output(&output, &inputs, force)?;
+            let out = Output::prepare(&output, &inputs, force)?;
             let (base_path, delta_path) = split_base(&inputs);
-            let delta = DeltaFile::open(delta_path)?;
+            let delta = open_delta(delta_path)?;
             let base = open_optional(base_path)?;
-            let options = tpde::ApplyOptions { force, sync };
+            let options = tpde::ApplyOptions { force: out.force(force), sync };
             let summary = if patterns.is_empty() {
-                tpde::apply(&delta, base.as_ref(), &output, options, &Bars::new())?
+                tpde::apply(&delta, base.as_ref().map(|b| &b.checkpoint), &out.local, options, &Bars::new())?
             } else {
                 let select = |name: &str| patterns.iter().any(|p| p.matches(name));
-                tpde::apply_tensors(delta, base, &output, &select, options, &Bars::new())?
+                let (base, _download) = match base {
+                    Some(Opened { checkpoint, _download }) => (Some(checkpoint), _download),
+                    None => (None, None),
+                };
+                tpde::apply_tensors(delta, base, &out.local, &select, options, &Bars::new())?
             };
+            out.finish()?;
+            report_fetched(&[delta_path]);
             eprintln!(
                 "wrote {} ({} in {} file(s)), every digest matched",
                 escape(&output.display().to_string()),
@@ -296,10 +388,15 @@ fn run(cli: Cli) -> tpde::Result<()> {
                 summary.files
             );
         }
-        Command::Inspect { delta, json, threads } => {
+        Command::Inspect { delta: delta_path, json, structure_only, check_chunks, threads } => {
             set_threads(&threads)?;
-            let delta = DeltaFile::open(&delta)?;
-            let report = tpde::inspect(&delta)?;
+            let delta = open_delta(&delta_path)?;
+            let report = if structure_only || (delta.is_ranged() && !check_chunks) {
+                tpde::inspect_structure(&delta)?
+            } else {
+                tpde::inspect(&delta)?
+            };
+            report_fetched(&[&delta_path]);
             let stdout_failed =
                 |e: std::io::Error| tpde::Error::io(Path::new("<stdout>"), "cannot print the report", e);
             let mut stdout = std::io::stdout().lock();
@@ -314,10 +411,14 @@ fn run(cli: Cli) -> tpde::Result<()> {
         Command::Verify { inputs, target, threads } => {
             set_threads(&threads)?;
             let (base_path, delta_path) = split_base(&inputs);
-            let delta = DeltaFile::open(delta_path)?;
+            let delta = open_delta(delta_path)?;
             let base = open_optional(base_path)?;
             let target = open_optional(target.as_deref())?;
-            tpde::verify(&delta, base.as_ref(), target.as_ref(), &Bars::new())?;
+            fn checkpoint(c: &Option<Opened>) -> Option<&Checkpoint> {
+                c.as_ref().map(|c| &c.checkpoint)
+            }
+            tpde::verify(&delta, checkpoint(&base), checkpoint(&target), &Bars::new())?;
+            report_fetched(&[delta_path]);
             let compared = if target.is_some() { ", and the rebuilt target is byte-identical to TARGET" } else { "" };
             println!("ok: every checksum and digest matched{compared}");
         }
@@ -433,6 +534,7 @@ fn remove_partial_outputs_on_signals() {
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
             tpde::remove_pending_outputs();
+            tpde_store::abort_uploads();
             let _ = signal_hook::low_level::emulate_default_handler(signal);
             std::process::exit(128 + signal);
         }
