@@ -44,11 +44,11 @@ pub(crate) fn remote_error(at: &Location, action: &str, e: &object_store::Error)
         _ if lower.contains("retries") => ErrorCode::RemoteRetries,
         _ => ErrorCode::Io,
     };
-    Error::new(code, format!("{action}: {text}")).in_file(&at.as_path())
+    // object_store's message already holds its sources.
+    Error::new(code, format!("{action}: {e}")).in_file(&at.as_path())
 }
 
 /// The error for an object that changed between two reads.
 pub(crate) fn changed(at: &Location, what: &str) -> Error {
-    Error::new(ErrorCode::RemoteChanged, format!("the object changed while it was read: {what}"))
-        .in_file(&at.as_path())
+    Error::new(ErrorCode::RemoteChanged, format!("the object changed while it was read: {what}")).in_file(&at.as_path())
 }

@@ -9,7 +9,8 @@ use object_store::{ObjectStore, ObjectStoreScheme, RetryConfig};
 use tpde::{Error, ErrorCode, Result};
 
 /// The URL schemes tpde reads and writes.
-const SCHEMES: &[&str] = &["s3://", "s3a://", "gs://", "az://", "adl://", "azure://", "abfs://", "abfss://", "http://", "https://"];
+const SCHEMES: &[&str] =
+    &["s3://", "s3a://", "gs://", "az://", "adl://", "azure://", "abfs://", "abfss://", "http://", "https://"];
 
 /// Whether `text` is an object-store URL rather than a local path.
 #[must_use]

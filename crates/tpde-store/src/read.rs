@@ -93,8 +93,11 @@ impl PinnedObject {
             out.extend_from_slice(&part);
         }
         if out.len() != want {
-            return Err(Error::new(ErrorCode::Io, format!("the store sent {} of the {want} bytes asked for", out.len()))
-                .in_file(&at.as_path()));
+            return Err(Error::new(
+                ErrorCode::Io,
+                format!("the store sent {} of the {want} bytes asked for", out.len()),
+            )
+            .in_file(&at.as_path()));
         }
         Ok(out)
     }

@@ -95,8 +95,7 @@ impl RemoteOutput {
     pub fn new(url: &str, force: bool) -> Result<Self> {
         let at = Location::parse(url)?;
         let Some(name) = at.file_name() else {
-            return Err(Error::new(ErrorCode::InvalidArgument, "the output URL names no object")
-                .in_file(&at.as_path()));
+            return Err(Error::new(ErrorCode::InvalidArgument, "the output URL names no object").in_file(&at.as_path()));
         };
         if !force {
             for candidate in [at.clone(), at.child(tpde::INDEX_FILE)?] {
@@ -192,7 +191,8 @@ async fn upload_file(local: &Path, at: &Location) -> Result<u64> {
         return Ok(len);
     }
     let part = PART.max(len.div_ceil(MAX_PARTS));
-    let mut upload = at.store.put_multipart(&at.path).await.map_err(|e| remote_error(at, "cannot start the upload", &e))?;
+    let mut upload =
+        at.store.put_multipart(&at.path).await.map_err(|e| remote_error(at, "cannot start the upload", &e))?;
     let parts = async {
         let mut in_flight = FuturesUnordered::new();
         let mut offset = 0;

@@ -282,7 +282,7 @@ impl ErrorCode {
             Self::SeriesBusy => "wait for the other tpde process to finish, then run this again",
             Self::RemoteCredentials => {
                 "give credentials the way the store's own tools take them (for S3: AWS_ACCESS_KEY_ID and \
-                 AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a web identity token or the instance's role)"
+                 AWS_SECRET_ACCESS_KEY, a web identity token or the instance's role)"
             }
             Self::RemoteDenied => "the credentials in use may not access this object; check the bucket's policy",
             Self::RemoteNotFound => "check the URL: the bucket, the key, and for a sharded checkpoint its prefix",

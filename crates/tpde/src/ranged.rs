@@ -88,7 +88,10 @@ impl SparseBytes {
         // never fetched costs no memory.
         // No swap reserved for it either: most of a large delta is never touched.
         let mut map = memmap2::MmapOptions::new().len(len.max(1)).no_reserve_swap().map_anon().map_err(|e| {
-            Error::new(ErrorCode::OutOfMemory, format!("cannot reserve {len} bytes of address space for the delta: {e}"))
+            Error::new(
+                ErrorCode::OutOfMemory,
+                format!("cannot reserve {len} bytes of address space for the delta: {e}"),
+            )
         })?;
         let ptr = map.as_mut_ptr();
         Ok(Self {

@@ -445,12 +445,7 @@ impl DeltaFile {
     /// [`FETCH_AHEAD_BYTES`] of them, to fetch while batch `k` is decoded;
     /// `index_of` maps a position in the batches to a global chunk index. Empty
     /// for a delta held whole.
-    pub(crate) fn chunks_ahead(
-        &self,
-        batches: &[Range<usize>],
-        k: usize,
-        index_of: impl Fn(usize) -> u64,
-    ) -> Vec<u64> {
+    pub(crate) fn chunks_ahead(&self, batches: &[Range<usize>], k: usize, index_of: impl Fn(usize) -> u64) -> Vec<u64> {
         let mut ahead = Vec::new();
         if !self.is_ranged() {
             return ahead;
@@ -537,9 +532,7 @@ impl DeltaFile {
             return Ok(bytes);
         }
         sparse.fetch(&[index])?;
-        sparse
-            .chunk(at)
-            .ok_or_else(|| Error::new(ErrorCode::Io, "the chunk could not be fetched").in_chunk(index))
+        sparse.chunk(at).ok_or_else(|| Error::new(ErrorCode::Io, "the chunk could not be fetched").in_chunk(index))
     }
 
     /// The chunks of a tensor, with their word ranges.

@@ -264,8 +264,11 @@ impl Output {
             return Ok(Self { local: output.to_path_buf(), remote: None });
         };
         if inputs.iter().any(|i| i.as_path() == output) {
-            return Err(tpde::Error::new(tpde::ErrorCode::InvalidArgument, "the output is an input; inputs are never modified")
-                .in_file(output));
+            return Err(tpde::Error::new(
+                tpde::ErrorCode::InvalidArgument,
+                "the output is an input; inputs are never modified",
+            )
+            .in_file(output));
         }
         let remote = tpde_store::RemoteOutput::new(url, force)?;
         Ok(Self { local: remote.local_path().to_path_buf(), remote: Some(remote) })

@@ -422,26 +422,26 @@ fn decode_files<'a>(
             let ahead = delta.chunks_ahead(&cut, k, |i| chunks[i].1.index);
             let decode = || {
                 chunks[batch.clone()]
-                .par_iter()
-                .zip(scratches.par_iter_mut())
-                .map(|(&(tensor, span, base), scratch)| {
-                    let mut out = Vec::new();
-                    match base {
-                        TensorBase::Standalone => delta.decode_chunk_with(tensor, span, None, &mut out, scratch)?,
-                        TensorBase::Mapped(bytes) => {
-                            if let Some(unchanged) = delta.unchanged_chunk(tensor, span, Some(bytes))? {
-                                return Ok(Rebuilt::Borrowed(unchanged));
+                    .par_iter()
+                    .zip(scratches.par_iter_mut())
+                    .map(|(&(tensor, span, base), scratch)| {
+                        let mut out = Vec::new();
+                        match base {
+                            TensorBase::Standalone => delta.decode_chunk_with(tensor, span, None, &mut out, scratch)?,
+                            TensorBase::Mapped(bytes) => {
+                                if let Some(unchanged) = delta.unchanged_chunk(tensor, span, Some(bytes))? {
+                                    return Ok(Rebuilt::Borrowed(unchanged));
+                                }
+                                delta.decode_chunk_with(tensor, span, Some(bytes), &mut out, scratch)?;
                             }
-                            delta.decode_chunk_with(tensor, span, Some(bytes), &mut out, scratch)?;
+                            TensorBase::Chained(chained) => {
+                                let below = chained.chunk(span.index - tensor.first_chunk, scratch)?;
+                                delta.decode_chunk_at(tensor, span, Some(&below), &mut out, scratch)?;
+                            }
                         }
-                        TensorBase::Chained(chained) => {
-                            let below = chained.chunk(span.index - tensor.first_chunk, scratch)?;
-                            delta.decode_chunk_at(tensor, span, Some(&below), &mut out, scratch)?;
-                        }
-                    }
-                    Ok(Rebuilt::Owned(out))
-                })
-                .collect::<Result<Vec<_>>>()
+                        Ok(Rebuilt::Owned(out))
+                    })
+                    .collect::<Result<Vec<_>>>()
             };
             let rebuilt = delta.with_chunks_fetched(&now, &ahead, decode).and_then(|r| r);
             let mut kept: u64 = pool.iter().map(DecodeScratch::retained_bytes).sum();

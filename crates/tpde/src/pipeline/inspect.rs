@@ -138,10 +138,11 @@ fn check_payloads(delta: &DeltaFile) -> Result<()> {
         let now: Vec<u64> = chunks[batch.clone()].iter().map(|c| c.1.index).collect();
         let ahead = delta.chunks_ahead(&cut, k, |i| chunks[i].1.index);
         delta.with_chunks_fetched(&now, &ahead, || {
-            chunks[batch.clone()].par_iter().try_for_each_init(
-                DecodeScratch::default,
-                |scratch, &(tensor, span): &(_, ChunkSpan)| delta.check_chunk_payload(tensor, span, scratch),
-            )
+            chunks[batch.clone()]
+                .par_iter()
+                .try_for_each_init(DecodeScratch::default, |scratch, &(tensor, span): &(_, ChunkSpan)| {
+                    delta.check_chunk_payload(tensor, span, scratch)
+                })
         })??;
     }
     Ok(())

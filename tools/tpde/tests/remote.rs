@@ -1,0 +1,425 @@
+//! The command against a real S3-compatible server over HTTP: moto's server,
+//! started per test by `s3server.py` (which `tools/test-all.sh` installs), whose
+//! request log shows what was fetched. Round trips, range-read counts, partial
+//! loads, interrupted and failed uploads, and every remote error code.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+mod common;
+use common::{code_of, noise, TPDE};
+
+/// A moto S3 server on 127.0.0.1 with a bucket `tpde`, for one test.
+struct Server {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let log = dir.path().join("requests.jsonl");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3server.py");
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .arg(&log)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("the port");
+        let port = line.trim().parse().unwrap_or_else(|_| {
+            panic!("s3server.py did not start (is moto installed? pip install 'moto[server]'): {line:?}")
+        });
+        Self { child, port, log, dir }
+    }
+
+    fn url(&self, key: &str) -> String {
+        format!("s3://tpde/{key}")
+    }
+
+    /// The environment of a command that reaches this server with valid credentials.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+
+    fn command(&self, args: &[&str], env: &[(&'static str, String)]) -> Command {
+        let mut command = Command::new(TPDE);
+        command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (key, _) in std::env::vars() {
+            if key.starts_with("AWS_") || key.starts_with("TPDE_") {
+                command.env_remove(key);
+            }
+        }
+        command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        command
+    }
+
+    fn run_with(&self, args: &[&str], env: &[(&'static str, String)]) -> Output {
+        let child = self.command(args, env).spawn().expect("tpde runs");
+        wait_for(child)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_with(args, &self.env())
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        assert!(out.status.success(), "tpde {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    /// Puts a local file at a new `key` with an unsigned PUT (moto does not check
+    /// signatures, but refuses an anonymous overwrite), outside the code under test.
+    fn put(&self, key: &str, file: &Path) {
+        let body = std::fs::read(file).expect("the file");
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        write!(
+            stream,
+            "PUT /tpde/{key} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.port,
+            body.len()
+        )
+        .expect("send");
+        stream.write_all(&body).expect("send");
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).expect("reply");
+        assert!(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"), "{reply}");
+    }
+
+    /// Opens a delta through the library in this process, whose store reads its
+    /// configuration from the environment: set under a lock, as tests run in
+    /// parallel against servers of their own.
+    fn open_delta(&self, key: &str) -> tpde::Result<tpde::DeltaFile> {
+        static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _env = ENV.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (k, v) in self.env() {
+            std::env::set_var(k, v);
+        }
+        tpde_store::open_delta(&self.url(key))
+    }
+
+    /// The requests logged so far.
+    fn requests(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+    }
+
+    fn clear_log(&self) {
+        std::fs::write(&self.log, "").expect("clear the log");
+    }
+
+    /// GET requests for `key`, and the body bytes they received.
+    fn gets(&self, key: &str) -> (usize, u64) {
+        let path = format!("/tpde/{key}");
+        let gets: Vec<_> =
+            self.requests().into_iter().filter(|r| r["method"] == "GET" && r["path"] == path.as_str()).collect();
+        (gets.len(), gets.iter().map(|r| r["bytes"].as_u64().unwrap_or(0)).sum())
+    }
+
+    /// An unsigned GET to the server (moto does not check signatures): status, body.
+    fn raw_get(&self, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n", self.port)
+            .expect("send");
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).expect("reply");
+        let reply = String::from_utf8_lossy(&reply).into_owned();
+        let status = reply.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, reply)
+    }
+
+    fn exists(&self, key: &str) -> bool {
+        match self.raw_get(&format!("/tpde/{key}")).0 {
+            200 => true,
+            404 => false,
+            other => panic!("GET {key}: status {other}"),
+        }
+    }
+
+    /// Multipart uploads that were started and neither completed nor aborted.
+    fn open_uploads(&self) -> usize {
+        let (status, body) = self.raw_get("/tpde?uploads");
+        assert_eq!(status, 200, "{body}");
+        body.matches("<UploadId>").count()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for a run; one that has not ended after two minutes fails the test.
+fn wait_for(mut child: Child) -> Output {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(120) {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().expect("kill");
+    panic!("tpde hung");
+}
+
+fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            ((*name).to_owned(), TensorView::new(Dtype::BF16, shape.clone(), bytes).expect("valid view"))
+        })
+        .collect();
+    let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    safetensors::serialize_to_file(views, Some(metadata), path).expect("write safetensors");
+}
+
+/// A base and a fine-tune of it: four BF16 tensors of 64 Ki elements (several
+/// chunks each at 16 Ki words), every 7th element changed.
+fn pair(dir: &Path) -> (PathBuf, PathBuf) {
+    let names = ["layers.0.q", "layers.0.k", "layers.1.q", "layers.1.k"];
+    let base: Vec<(&str, Vec<usize>, Vec<u8>)> =
+        names.iter().enumerate().map(|(i, n)| (*n, vec![256, 256], noise(2 << 16, i as u64 + 1))).collect();
+    let target: Vec<_> = base
+        .iter()
+        .map(|(n, shape, bytes)| {
+            let mut changed = bytes.clone();
+            for i in (0..changed.len()).step_by(14) {
+                changed[i] ^= 0x5a;
+            }
+            (*n, shape.clone(), changed)
+        })
+        .collect();
+    let (b, t) = (dir.join("base.safetensors"), dir.join("target.safetensors"));
+    write_safetensors(&b, &base);
+    write_safetensors(&t, &target);
+    (b, t)
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
+}
+
+/// Metadata (everything but chunks) and chunk bytes of a local delta.
+fn split_sizes(delta: &Path) -> (u64, u64) {
+    let file = tpde::DeltaFile::open(delta).expect("the delta opens");
+    let chunks: u64 = (0..file.preamble().chunk_count).map(|i| u64::from(file.chunk(i).stored_len)).sum();
+    (file.file_len() - chunks, chunks)
+}
+
+#[test]
+fn encode_apply_verify_inspect_round_trip_through_the_store() {
+    let server = Server::start();
+    let dir = server.dir.path();
+    let (base, target) = pair(dir);
+    server.put("ckpt/base.safetensors", &base);
+    server.put("ckpt/target.safetensors", &target);
+    let (b, t, d, o) = (
+        server.url("ckpt/base.safetensors"),
+        server.url("ckpt/target.safetensors"),
+        server.url("ckpt/ft.tpde"),
+        server.url("ckpt/rebuilt.safetensors"),
+    );
+    server.ok(&["encode", &b, &t, "-o", &d, "--chunk-words", "16384"]);
+    server.ok(&["apply", &b, &d, "-o", &o]);
+    server.ok(&["verify", &b, &d, "--target", &o]);
+    let local = dir.join("rebuilt.safetensors");
+    server.ok(&["apply", s(&base), &d, "-o", s(&local)]);
+    assert_eq!(std::fs::read(&local).expect("rebuilt"), std::fs::read(&target).expect("target"));
+    let out = server.ok(&["inspect", &d, "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["checked"]["chunk_checksums"], false);
+    let out = server.ok(&["inspect", &d, "--json", "--check-chunks"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["checked"]["chunk_checksums"], true);
+    // An existing object is not replaced without --force.
+    assert_eq!(code_of(&server.run(&["encode", &b, &t, "-o", &d])), "E_OUTPUT_EXISTS");
+    server.ok(&["encode", &b, &t, "-o", &d, "--force", "--chunk-words", "16384"]);
+}
+
+#[test]
+fn inspect_fetches_only_the_metadata_and_apply_each_byte_once() {
+    let server = Server::start();
+    let dir = server.dir.path();
+    let (base, target) = pair(dir);
+    let delta = dir.join("ft.tpde");
+    common::ok(&["encode", s(&base), s(&target), "-o", s(&delta), "--chunk-words", "16384"]);
+    let (metadata, chunks) = split_sizes(&delta);
+    let chunk_count = tpde::DeltaFile::open(&delta).expect("opens").preamble().chunk_count;
+    assert!(chunk_count >= 16, "{chunk_count} chunks");
+    server.put("ft.tpde", &delta);
+    let url = server.url("ft.tpde");
+
+    server.clear_log();
+    server.ok(&["inspect", &url]);
+    let heads = server.requests().iter().filter(|r| r["method"] == "HEAD").count();
+    assert_eq!(heads, 1);
+    // The preamble, then everything after the chunks: the metadata, exactly.
+    assert_eq!(server.gets("ft.tpde"), (2, metadata));
+
+    server.clear_log();
+    let out = dir.join("out.safetensors");
+    server.ok(&["apply", s(&base), &url, "-o", s(&out)]);
+    let (requests, bytes) = server.gets("ft.tpde");
+    assert_eq!(bytes, metadata + chunks, "each byte fetched once");
+    // Adjacent chunks share requests.
+    assert!(requests < 2 + usize::try_from(chunk_count).expect("small") / 2, "{requests} requests");
+    assert!(server.requests().iter().all(|r| r["method"] != "GET" || r["range"].is_string()), "only ranged GETs");
+}
+
+#[test]
+fn a_partial_load_fetches_only_its_tensors_chunks() {
+    let server = Server::start();
+    let dir = server.dir.path();
+    let (base, target) = pair(dir);
+    let delta = dir.join("ft.tpde");
+    common::ok(&["encode", s(&base), s(&target), "-o", s(&delta), "--chunk-words", "16384"]);
+    server.put("ft.tpde", &delta);
+    let file = tpde::DeltaFile::open(&delta).expect("opens");
+    let selected: u64 = file
+        .header()
+        .tensors
+        .iter()
+        .filter(|t| t.name.starts_with("layers.0."))
+        .flat_map(|t| t.chunk_range())
+        .map(|i| u64::from(file.chunk(i).stored_len))
+        .sum();
+    let (metadata, chunks) = split_sizes(&delta);
+    assert!(selected * 3 < chunks * 2, "a real subset");
+    server.clear_log();
+    let out = dir.join("layer0.safetensors");
+    server.ok(&["apply", s(&base), &server.url("ft.tpde"), "-o", s(&out), "--tensors", "layers.0.*"]);
+    assert_eq!(server.gets("ft.tpde").1, metadata + selected);
+}
+
+#[test]
+fn a_missing_object_denied_access_and_missing_credentials_have_their_codes() {
+    let server = Server::start();
+    let dir = server.dir.path();
+    let (base, _) = pair(dir);
+    let out = dir.join("out.safetensors");
+    let missing = server.url("no-such.tpde");
+    assert_eq!(code_of(&server.run(&["inspect", &missing])), "E_REMOTE_NOT_FOUND");
+    assert_eq!(code_of(&server.run(&["apply", s(&base), &missing, "-o", s(&out)])), "E_REMOTE_NOT_FOUND");
+    assert_eq!(code_of(&server.run(&["inspect", "s3://no-such-bucket/x.tpde"])), "E_REMOTE_NOT_FOUND");
+    assert!(!out.exists());
+
+    server.put("b.safetensors", &base);
+    let mut env = server.env();
+    env.retain(|(k, _)| *k != "AWS_ACCESS_KEY_ID");
+    env.push(("AWS_ACCESS_KEY_ID", "denied".into()));
+    let url = server.url("b.safetensors");
+    assert_eq!(code_of(&server.run_with(&["encode", &url, "-o", s(&dir.join("x.tpde"))], &env)), "E_REMOTE_DENIED");
+
+    // No credentials anywhere: the chain ends at an instance metadata service,
+    // here one that refuses connections.
+    let mut env = server.env();
+    env.retain(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET"));
+    env.push(("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9".into()));
+    env.push(("TPDE_REMOTE_RETRIES", "0".into()));
+    let out = server.run_with(&["inspect", &url], &env);
+    assert_eq!(code_of(&out), "E_REMOTE_CREDENTIALS", "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn an_unreachable_store_gives_up_after_its_retries() {
+    let server = Server::start();
+    let mut env = server.env();
+    env.retain(|(k, _)| *k != "AWS_ENDPOINT_URL");
+    env.push(("AWS_ENDPOINT_URL", "http://127.0.0.1:9".into()));
+    env.push(("TPDE_REMOTE_RETRIES", "1".into()));
+    let out = server.run_with(&["inspect", &server.url("x.tpde")], &env);
+    assert_eq!(code_of(&out), "E_REMOTE_RETRIES", "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn an_object_replaced_after_open_is_detected() {
+    let server = Server::start();
+    let dir = server.dir.path();
+    let (base, target) = pair(dir);
+    let url = server.url("ft.tpde");
+    server.ok(&["encode", s(&base), s(&target), "-o", &url, "--chunk-words", "16384"]);
+    let delta = server.open_delta("ft.tpde").expect("opens");
+    server.ok(&["encode", s(&target), s(&base), "-o", &url, "--chunk-words", "16384", "--force"]);
+    let err = delta.fetch_all().expect_err("the object changed");
+    assert_eq!(err.code(), tpde::ErrorCode::RemoteChanged, "{err}");
+    assert_eq!(err.file(), Some(Path::new("s3://tpde/ft.tpde")));
+}
+
+/// A checkpoint of 34 MiB that compresses to almost nothing, so that its rebuilt
+/// target is uploaded in three parts (16 MiB each at most).
+fn large_standalone(dir: &Path) -> PathBuf {
+    let mut bytes = vec![0u8; 34 << 20];
+    bytes[..4096].copy_from_slice(&noise(4096, 9));
+    let ckpt = dir.join("large.safetensors");
+    write_safetensors(&ckpt, &[("w", vec![17 << 20], bytes)]);
+    let delta = dir.join("large.tpde");
+    common::ok(&["encode", s(&ckpt), "-o", s(&delta)]);
+    delta
+}
+
+#[test]
+fn a_failed_upload_leaves_no_object_and_no_open_upload() {
+    let server = Server::start();
+    let dir = server.dir.path();
+    let delta = large_standalone(dir);
+    let key = "fail-part.safetensors";
+    let out = server.run(&["apply", s(&delta), "-o", &server.url(key)]);
+    assert!(!out.status.success());
+    assert!(server.requests().iter().any(|r| r["method"] == "PUT" && r["status"] == 400), "a part was refused");
+    assert!(!server.exists(key));
+    assert_eq!(server.open_uploads(), 0, "the upload was aborted");
+    // The next run, to a key the server accepts, succeeds.
+    server.ok(&["apply", s(&delta), "-o", &server.url("ok.safetensors")]);
+    assert!(server.exists("ok.safetensors"));
+    assert_eq!(server.open_uploads(), 0);
+}
+
+#[test]
+fn an_interrupted_upload_leaves_no_object_and_the_next_run_succeeds() {
+    let server = Server::start();
+    let dir = server.dir.path();
+    let delta = large_standalone(dir);
+    let key = "slow-part.safetensors";
+    let url = server.url(key);
+    let child = server.command(&["apply", s(&delta), "-o", &url], &server.env()).spawn().expect("tpde runs");
+    // Once the multipart upload has started (its parts take a second each).
+    let start = Instant::now();
+    while !server
+        .requests()
+        .iter()
+        .any(|r| r["method"] == "POST" && r["query"].as_str().is_some_and(|q| q.starts_with("uploads")))
+    {
+        assert!(start.elapsed() < Duration::from_secs(60), "the upload never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(i32::try_from(child.id()).expect("a pid"), libc::SIGTERM) }, 0);
+    let out = wait_for(child);
+    assert!(!out.status.success());
+    assert!(!server.exists(key), "nothing at the key");
+    assert_eq!(server.open_uploads(), 0, "the upload was aborted");
+    server.ok(&["apply", s(&delta), "-o", &url]);
+    assert!(server.exists(key));
+    assert_eq!(server.open_uploads(), 0);
+}
