@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::{GetOptions, GetRange, ObjectMeta};
-use tpde::{Checkpoint, DeltaFile, Error, ErrorCode, RangeSource, Result};
+use tpde::{Checkpoint, DeltaFile, Error, ErrorCode, RangeSink, RangeSource, Result};
 
 use crate::errors::{changed, remote_error};
 use crate::{runtime, Location};
@@ -108,11 +108,7 @@ impl RangeSource for PinnedObject {
         self.meta.size
     }
 
-    fn read_ranges(
-        &self,
-        ranges: &[Range<u64>],
-        sink: &(dyn Fn(Range<u64>, &[u8]) -> Result<()> + Sync),
-    ) -> Result<()> {
+    fn read_ranges(&self, ranges: &[Range<u64>], sink: &RangeSink<'_>) -> Result<()> {
         runtime().block_on(
             futures::stream::iter(ranges.iter().cloned())
                 .map(|range| async move { self.read(range.clone()).await.map(|bytes| (range, bytes)) })

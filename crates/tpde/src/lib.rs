@@ -62,7 +62,7 @@ pub use pipeline::encode::{encode, encode_sources, encode_sources_against, encod
 pub use pipeline::inspect::{inspect, inspect_structure, Checked, EncodingMix, Report, TensorReport};
 pub use pipeline::subset::apply_tensors;
 pub use pipeline::{NoProgress, Progress};
-pub use ranged::RangeSource;
+pub use ranged::{RangeSink, RangeSource};
 pub use reader::{ChunkSpan, DeltaFile};
 pub use series::{
     content_step, AddOptions, AddSummary, Candidate, CheckpointDigest, FileDigest, Manifest, PruneSummary, Series,

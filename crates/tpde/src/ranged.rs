@@ -11,6 +11,10 @@ use memmap2::MmapMut;
 
 use crate::error::{Error, ErrorCode, Result};
 
+/// Receives each range that [`RangeSource::read_ranges`] read: its place in the
+/// object and exactly its bytes.
+pub type RangeSink<'a> = dyn Fn(Range<u64>, &[u8]) -> Result<()> + Sync + 'a;
+
 /// Where the bytes of a delta read by range come from: an object in an object
 /// store, say. `tpde-store` implements it over the `object_store` crate.
 pub trait RangeSource: Send + Sync {
@@ -30,8 +34,7 @@ pub trait RangeSource: Send + Sync {
     ///
     /// # Errors
     /// Whatever the source fails with (`E_REMOTE_*` codes), or `sink`'s error.
-    fn read_ranges(&self, ranges: &[Range<u64>], sink: &(dyn Fn(Range<u64>, &[u8]) -> Result<()> + Sync))
-        -> Result<()>;
+    fn read_ranges(&self, ranges: &[Range<u64>], sink: &RangeSink<'_>) -> Result<()>;
 }
 
 const ABSENT: u8 = 0;
@@ -106,11 +109,11 @@ impl SparseBytes {
         })
     }
 
-    /// Reads `ranges` of the file into the buffer, before any chunk is known: only
+    /// Reads `range` of the file into the buffer, before any chunk is known: only
     /// while the buffer is not yet shared (`&mut self`).
-    pub(crate) fn read_metadata(&mut self, ranges: &[Range<u64>]) -> Result<()> {
+    pub(crate) fn read_metadata(&mut self, range: Range<u64>) -> Result<()> {
         let (ptr, len) = (self.ptr as usize, self.len);
-        self.source.read_ranges(ranges, &|range, bytes| {
+        self.source.read_ranges(std::slice::from_ref(&range), &|range, bytes| {
             let start = usize::try_from(range.start).unwrap_or(usize::MAX);
             if start > len || len - start < bytes.len() || bytes.len() as u64 != range.end - range.start {
                 return Err(Error::new(ErrorCode::Io, "the object store returned another range than asked for"));

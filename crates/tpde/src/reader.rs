@@ -142,10 +142,10 @@ impl DeltaFile {
         }
         let mut sparse = SparseBytes::new(source).map_err(|e| e.in_file(name))?;
         let head = len.min(PREAMBLE_LEN as u64);
-        sparse.read_metadata(&[0..head]).map_err(|e| e.in_file(name))?;
+        sparse.read_metadata(0..head).map_err(|e| e.in_file(name))?;
         let tail = metadata_start(sparse.metadata_view(), len).max(head);
         if tail < len {
-            sparse.read_metadata(&[tail..len]).map_err(|e| e.in_file(name))?;
+            sparse.read_metadata(tail..len).map_err(|e| e.in_file(name))?;
         }
         Self::from_owned(name, Storage::Ranged(sparse)).map_err(|e| e.in_file(name))
     }

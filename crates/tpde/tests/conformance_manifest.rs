@@ -106,6 +106,12 @@ fn every_error_code_of_the_format_has_a_case() {
         ErrorCode::SeriesStep,
         ErrorCode::SeriesDigest,
         ErrorCode::SeriesBusy,
+        // object stores (tpde-store), whose codes its tests produce against a server
+        ErrorCode::RemoteCredentials,
+        ErrorCode::RemoteDenied,
+        ErrorCode::RemoteNotFound,
+        ErrorCode::RemoteChanged,
+        ErrorCode::RemoteRetries,
     ];
     let missing: Vec<&str> = ErrorCode::ALL
         .iter()
