@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The object-store tests (tools/tpde/tests/remote.rs) start moto's S3 server.
+python3 -m pip install --quiet --disable-pip-version-check "moto[server]==5.*"
 cargo test --workspace --locked
 # Decoding memory at the largest chunk size: a 1 GiB input, fast enough only in release.
 cargo test --release --locked -p tpde-cli --test memory -- --ignored
