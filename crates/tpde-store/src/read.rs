@@ -180,8 +180,12 @@ pub fn open_checkpoint(url: &str) -> Result<RemoteCheckpoint> {
         .tempdir()
         .map_err(|e| Error::io(&std::env::temp_dir(), "cannot create a download directory", e))?;
     let name = at.file_name().unwrap_or_default();
-    let single = name.ends_with(".safetensors") || name.ends_with(".bin") || name.ends_with(".pt");
-    let local = if single {
+    if [".bin", ".pt", ".pth", ".pkl", ".ckpt"].iter().any(|ext| name.ends_with(ext)) {
+        // Refused before a byte is downloaded.
+        return Err(Error::new(ErrorCode::PickleInput, "the checkpoint is a pickle, which is never loaded")
+            .in_file(&at.as_path()));
+    }
+    let local = if name.ends_with(".safetensors") {
         let local = dir.path().join(&name);
         runtime().block_on(download(at.clone(), &local))?;
         local
@@ -227,6 +231,5 @@ async fn download(at: Location, local: &Path) -> Result<()> {
             file.write_all_at(&bytes, range.start).map_err(|e| Error::io(local, "cannot write the download", e))
         })
         .await?;
-    file.sync_data().ok();
     Ok(())
 }

@@ -423,3 +423,51 @@ fn an_interrupted_upload_leaves_no_object_and_the_next_run_succeeds() {
     assert!(server.exists(key));
     assert_eq!(server.open_uploads(), 0);
 }
+
+/// A sharded checkpoint in `dir`: two shards and their index.
+fn sharded(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir).expect("a dir");
+    let shards = [("model-00001-of-00002.safetensors", "a"), ("model-00002-of-00002.safetensors", "b")];
+    let mut weight_map = serde_json::Map::new();
+    for (k, (file, name)) in shards.iter().enumerate() {
+        write_safetensors(&dir.join(file), &[(name, vec![128, 64], noise(2 * 128 * 64, seed + k as u64))]);
+        weight_map.insert((*name).to_owned(), serde_json::Value::String((*file).to_owned()));
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": 2 * 2 * 128 * 64 }, "weight_map": weight_map });
+    std::fs::write(dir.join(tpde::INDEX_FILE), index.to_string()).expect("the index");
+}
+
+#[test]
+fn sharded_checkpoints_are_read_and_written_under_a_prefix() {
+    let server = Server::start();
+    let dir = server.dir.path();
+    for (name, seed) in [("base", 1), ("target", 2)] {
+        sharded(&dir.join(name), seed);
+        for entry in std::fs::read_dir(dir.join(name)).expect("the shards") {
+            let entry = entry.expect("an entry");
+            let file = entry.file_name().into_string().expect("a UTF-8 name");
+            server.put(&format!("sh/{name}/{file}"), &entry.path());
+        }
+    }
+    let url = |rel: &str| server.url(&format!("sh/{rel}"));
+    server.ok(&["encode", &url("base"), &url("target"), "-o", &url("d.tpde")]);
+    server.ok(&["apply", &url("base"), &url("d.tpde"), "-o", &url("out")]);
+    server.ok(&["verify", &url("base"), &url("d.tpde"), "--target", &url("out")]);
+    let local = dir.join("out");
+    server.ok(&["apply", s(&dir.join("base")), &url("d.tpde"), "-o", s(&local)]);
+    for file in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
+        assert_eq!(std::fs::read(local.join(file)).unwrap(), std::fs::read(dir.join("target").join(file)).unwrap());
+    }
+    // Each file was uploaded once, the index after the shards.
+    let puts: Vec<String> = server
+        .requests()
+        .iter()
+        .filter(|r| r["method"] == "PUT" && r["status"] == 200)
+        .filter_map(|r| r["path"].as_str().and_then(|p| p.strip_prefix("/tpde/sh/out/")).map(str::to_owned))
+        .collect();
+    assert_eq!(
+        puts,
+        ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", tpde::INDEX_FILE],
+        "{puts:?}"
+    );
+}
