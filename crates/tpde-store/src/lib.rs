@@ -33,7 +33,55 @@ pub use location::{is_url, Location};
 pub use read::{open_checkpoint, open_delta, stats, RemoteCheckpoint, Stats};
 pub use write::{abort_uploads, RemoteOutput};
 
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+/// Local directories of downloads and of outputs before their upload, while they
+/// exist: a process ended by a signal runs no destructor, so its handler removes
+/// them ([`remove_local_copies`]).
+static LOCAL_COPIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// A temporary directory under `TMPDIR` for local copies, registered for
+/// [`remove_local_copies`].
+fn local_copy_dir(prefix: &str) -> tpde::Result<LocalCopy> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|e| tpde::Error::io(&std::env::temp_dir(), "cannot create a temporary directory", e))?;
+    LOCAL_COPIES.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(dir.path().to_path_buf());
+    Ok(LocalCopy(Some(dir)))
+}
+
+/// A temporary directory of local copies, removed on drop.
+pub struct LocalCopy(Option<tempfile::TempDir>);
+
+impl LocalCopy {
+    /// The directory.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().map_or(Path::new(""), tempfile::TempDir::path)
+    }
+}
+
+impl Drop for LocalCopy {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let path = dir.path().to_path_buf();
+            let _ = dir.close();
+            LOCAL_COPIES.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|p| *p != path);
+        }
+    }
+}
+
+/// Removes the local copies of downloaded checkpoints and of outputs not yet
+/// uploaded: for a signal handler, before the process ends (after
+/// [`abort_uploads`]).
+pub fn remove_local_copies() {
+    let dirs = std::mem::take(&mut *LOCAL_COPIES.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
 
 /// The runtime that drives every request. Its threads only wait on sockets; the
 /// work stays on the caller's threads (rayon's, for decoding).

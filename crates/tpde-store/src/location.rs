@@ -77,6 +77,8 @@ impl Location {
             ObjectStoreScheme::Http => Arc::new(
                 object_store::http::HttpBuilder::new()
                     .with_url(&parsed[..url::Position::BeforePath])
+                    // The URL says http: plain HTTP is what was asked for.
+                    .with_client_options(object_store::ClientOptions::new().with_allow_http(parsed.scheme() == "http"))
                     .with_retry(retry_config())
                     .build()
                     .map_err(refused)?,

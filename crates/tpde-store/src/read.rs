@@ -54,10 +54,11 @@ impl PinnedObject {
         self.meta.size
     }
 
-    /// Reads `range` of the pinned object, which must come back whole: a body
-    /// longer than asked for is refused before it is held, so nothing is allocated
-    /// by the size of a response.
-    async fn read(&self, range: Range<u64>) -> Result<Vec<u8>> {
+    /// Reads `range` of the pinned object, passing its body to `piece` as it
+    /// arrives (each piece's offset in the object, and its bytes); it must come
+    /// back whole, and a body longer than asked for is refused before it is
+    /// passed on, so nothing is held or allocated by the size of a response.
+    async fn read(&self, range: Range<u64>, mut piece: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
         let options = GetOptions {
             range: Some(GetRange::Bounded(range.clone())),
             if_match: self.meta.e_tag.clone(),
@@ -80,26 +81,24 @@ impl PinnedObject {
             )
             .in_file(&at.as_path()));
         }
-        let want = usize::try_from(range.end - range.start).expect("a range of an object this process maps");
-        let mut out = Vec::with_capacity(want);
+        let want = range.end - range.start;
+        let mut got = 0u64;
         let mut body = result.into_stream();
         while let Some(part) = body.next().await {
             let part = part.map_err(|e| remote_error(at, "cannot read", &e))?;
             BYTES.fetch_add(part.len() as u64, Ordering::Relaxed);
-            if part.len() > want - out.len() {
+            if part.len() as u64 > want - got {
                 return Err(Error::new(ErrorCode::Io, format!("the store sent more than the {want} bytes asked for"))
                     .in_file(&at.as_path()));
             }
-            out.extend_from_slice(&part);
+            piece(range.start + got, &part)?;
+            got += part.len() as u64;
         }
-        if out.len() != want {
-            return Err(Error::new(
-                ErrorCode::Io,
-                format!("the store sent {} of the {want} bytes asked for", out.len()),
-            )
-            .in_file(&at.as_path()));
+        if got != want {
+            return Err(Error::new(ErrorCode::Io, format!("the store sent {got} of the {want} bytes asked for"))
+                .in_file(&at.as_path()));
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -111,9 +110,9 @@ impl RangeSource for PinnedObject {
     fn read_ranges(&self, ranges: &[Range<u64>], sink: &RangeSink<'_>) -> Result<()> {
         runtime().block_on(
             futures::stream::iter(ranges.iter().cloned())
-                .map(|range| async move { self.read(range.clone()).await.map(|bytes| (range, bytes)) })
+                .map(|range| self.read(range, |at, bytes| sink(at..at + bytes.len() as u64, bytes)))
                 .buffer_unordered(IN_FLIGHT)
-                .try_for_each(|(range, bytes)| async move { sink(range, &bytes) }),
+                .try_collect::<()>(),
         )
     }
 }
@@ -135,7 +134,7 @@ pub fn open_delta(url: &str) -> Result<DeltaFile> {
 /// is removed when this is dropped.
 pub struct RemoteCheckpoint {
     checkpoint: Checkpoint,
-    _dir: tempfile::TempDir,
+    _dir: crate::LocalCopy,
 }
 
 impl std::ops::Deref for RemoteCheckpoint {
@@ -154,7 +153,7 @@ impl RemoteCheckpoint {
 
     /// The checkpoint, and the directory of its local copy, which must outlive it.
     #[must_use]
-    pub fn into_parts(self) -> (Checkpoint, tempfile::TempDir) {
+    pub fn into_parts(self) -> (Checkpoint, crate::LocalCopy) {
         (self.checkpoint, self._dir)
     }
 }
@@ -175,10 +174,7 @@ struct ShardIndex {
 /// `E_REMOTE_*`, `E_IO` for the local copy, and [`Checkpoint::open`]'s errors.
 pub fn open_checkpoint(url: &str) -> Result<RemoteCheckpoint> {
     let at = Location::parse(url)?;
-    let dir = tempfile::Builder::new()
-        .prefix(".tpde-download-")
-        .tempdir()
-        .map_err(|e| Error::io(&std::env::temp_dir(), "cannot create a download directory", e))?;
+    let dir = crate::local_copy_dir(".tpde-download-")?;
     let name = at.file_name().unwrap_or_default();
     if [".bin", ".pt", ".pth", ".pkl", ".ckpt"].iter().any(|ext| name.ends_with(ext)) {
         // Refused before a byte is downloaded.
@@ -225,11 +221,13 @@ async fn download(at: Location, local: &Path) -> Result<()> {
         (0..len.div_ceil(DOWNLOAD_PART)).map(|k| k * DOWNLOAD_PART..((k + 1) * DOWNLOAD_PART).min(len)).collect();
     let (object, file) = (&object, &file);
     futures::stream::iter(parts)
-        .map(|range| async move { object.read(range.clone()).await.map(|bytes| (range, bytes)) })
-        .buffer_unordered(IN_FLIGHT)
-        .try_for_each(|(range, bytes)| async move {
-            file.write_all_at(&bytes, range.start).map_err(|e| Error::io(local, "cannot write the download", e))
+        .map(|range| {
+            object.read(range, |at, bytes| {
+                file.write_all_at(bytes, at).map_err(|e| Error::io(local, "cannot write the download", e))
+            })
         })
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<()>()
         .await?;
     Ok(())
 }

@@ -74,7 +74,7 @@ async fn cancelled() {
 pub struct RemoteOutput {
     at: Location,
     local: PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: crate::LocalCopy,
 }
 
 impl std::fmt::Debug for RemoteOutput {
@@ -109,10 +109,7 @@ impl RemoteOutput {
                 }
             }
         }
-        let dir = tempfile::Builder::new()
-            .prefix(".tpde-upload-")
-            .tempdir()
-            .map_err(|e| Error::io(&std::env::temp_dir(), "cannot create a directory for the output", e))?;
+        let dir = crate::local_copy_dir(".tpde-upload-")?;
         let local = dir.path().join(name);
         Ok(Self { at, local, _dir: dir })
     }

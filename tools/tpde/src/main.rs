@@ -232,7 +232,7 @@ fn open_delta(path: &Path) -> tpde::Result<DeltaFile> {
 /// A checkpoint, and for one at a URL the local copy it was downloaded to.
 struct Opened {
     checkpoint: Checkpoint,
-    _download: Option<tempfile::TempDir>,
+    _download: Option<tpde_store::LocalCopy>,
 }
 
 fn open_checkpoint(path: &Path) -> tpde::Result<Opened> {
@@ -538,6 +538,7 @@ fn remove_partial_outputs_on_signals() {
         if let Some(signal) = signals.forever().next() {
             tpde::remove_pending_outputs();
             tpde_store::abort_uploads();
+            tpde_store::remove_local_copies();
             let _ = signal_hook::low_level::emulate_default_handler(signal);
             std::process::exit(128 + signal);
         }
