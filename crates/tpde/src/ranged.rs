@@ -247,30 +247,32 @@ impl SparseBytes {
             }
         }
         let ranges: Vec<Range<u64>> = requests.iter().map(|(r, _)| r.clone()).collect();
-        // Bytes received of each request: its pieces must follow on from these.
-        let received: Vec<AtomicU64> = requests.iter().map(|_| AtomicU64::new(0)).collect();
+        // Per request: bytes reserved by a piece (each piece must follow on from
+        // these, and is reserved before it is copied, so no two copies overlap),
+        // and bytes copied (the copy that completes a request marks its chunks
+        // resident, once every copy into them is done).
+        let reserved: Vec<AtomicU64> = requests.iter().map(|_| AtomicU64::new(0)).collect();
+        let copied: Vec<AtomicU64> = requests.iter().map(|_| AtomicU64::new(0)).collect();
         let result = self.source.read_ranges(&ranges, &|piece, bytes| {
             let k = requests.partition_point(|(r, _)| r.start <= piece.start).wrapping_sub(1);
             let Some((request, members)) = requests.get(k) else {
                 return Err(Error::new(ErrorCode::Io, "the object store returned a range that was not asked for"));
             };
-            let done = received[k].load(Ordering::Relaxed);
-            if piece.start != request.start + done
-                || piece.end > request.end
-                || bytes.len() as u64 != piece.end - piece.start
-            {
+            let len = bytes.len() as u64;
+            let offset = piece.start - request.start;
+            let fits = piece.end <= request.end && len == piece.end - piece.start;
+            if !fits || reserved[k].compare_exchange(offset, offset + len, Ordering::AcqRel, Ordering::Relaxed).is_err() {
                 return Err(Error::new(ErrorCode::Io, "the object store returned another range than asked for"));
             }
             let start = usize::try_from(piece.start).expect("a validated chunk offset");
             // SAFETY: every chunk of this request is FETCHING, claimed by this
-            // thread, and stays so until the request is complete: no reference to
-            // these bytes exists and no other thread writes them (the source passes
-            // the pieces of one request one after another); the piece lies within
-            // the request, so within the buffer. No copy runs once `freeze` has
-            // found no fetch in flight.
+            // thread, and stays so until all of the request is copied: no
+            // reference to these bytes exists. This piece's bytes were reserved
+            // above, so no other copy writes them; it lies within the request, so
+            // within the buffer. No copy runs once `freeze` has found no fetch in
+            // flight.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(start), bytes.len()) };
-            received[k].store(done + bytes.len() as u64, Ordering::Relaxed);
-            if piece.end == request.end {
+            if copied[k].fetch_add(len, Ordering::AcqRel) + len == request.end - request.start {
                 for &i in members {
                     self.state[i].store(RESIDENT, Ordering::Release);
                 }
