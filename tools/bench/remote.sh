@@ -6,13 +6,14 @@
 #  3. bytes one rank fetches for a partial load (`apply --tensors`, and
 #     `DeltaModel::decode_rows_into` through crates/tpde-store/examples/
 #     tensor_parallel.rs), against its share of the delta;
-#  4. an upload interrupted by SIGINT: no object at the key, no open multipart
+#  4. an upload interrupted by SIGTERM: no object at the key, no open multipart
 #     upload, and the next run succeeds.
 # The S3 server is moto's (tools/tpde/tests/s3server.py, which logs every request:
 # the byte counts come from the server side). moto copies the whole object for every
 # ranged GET, so for throughput (row 2) the delta is also served by nginx through
 # object_store's HTTP store, which measures tpde's reading rather than moto's.
-# Prints a Markdown section on stdout; logs go to $WORK.
+# Prints a Markdown section on stdout; logs go to $WORK. ROWS=inspect,apply,partial,upload
+# (the default: all) picks rows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -98,7 +99,10 @@ echo
 echo "| row | measured | goal |"
 echo "|---|---|---|"
 
-for name in standalone finetune; do
+rows=${ROWS:-inspect,apply,partial,upload}
+row() { [[ ",$rows," == *",$1,"* ]]; }
+
+row inspect && for name in standalone finetune; do
   : >"$log"
   "$tpde" inspect "s3://tpde/$name.tpde" >/dev/null 2>&1
   read -r bytes requests < <(fetched "$name.tpde")
@@ -107,18 +111,19 @@ for name in standalone finetune; do
 done
 
 out=$work/out.safetensors
-for name in finetune standalone; do
+row apply && for name in finetune standalone; do
   if [ $name = finetune ]; then base=("$pair/base.safetensors"); else base=(); fi
   local_s=$(median_seconds "$tpde" apply "${base[@]}" "$work/$name.tpde" -o "$out" --force)
   http_s=$(median_seconds "$tpde" apply "${base[@]}" "http://127.0.0.1:18089/$name.tpde" -o "$out" --force)
   cmp "$out" "$pair/target.safetensors"
   echo "| \`apply\` of the $name delta, from nginx (object_store's HTTP store) vs from local disk | throughput $(ratio "$local_s" "$http_s" 2)× local (median of 5: $(ratio "$http_s" 1 1) s vs $(ratio "$local_s" 1 1) s) | ≥ 0.8× |"
 done
-s3_s=$(median_seconds "$tpde" apply "$pair/base.safetensors" "s3://tpde/finetune.tpde" -o "$out" --force)
-local_s=$(median_seconds "$tpde" apply "$pair/base.safetensors" "$work/finetune.tpde" -o "$out" --force)
-echo "| \`apply\` of the fine-tune delta from moto's S3 vs local disk | $(ratio "$local_s" "$s3_s" 2)× local ($(ratio "$s3_s" 1 1) s vs $(ratio "$local_s" 1 1) s; moto copies the whole object in Python for every ranged GET) | — |"
+row apply && s3_s=$(median_seconds "$tpde" apply "$pair/base.safetensors" "s3://tpde/finetune.tpde" -o "$out" --force)
+row apply && local_s=$(median_seconds "$tpde" apply "$pair/base.safetensors" "$work/finetune.tpde" -o "$out" --force)
+row apply && echo "| \`apply\` of the fine-tune delta from moto's S3 vs local disk | $(ratio "$local_s" "$s3_s" 2)× local ($(ratio "$s3_s" 1 1) s vs $(ratio "$local_s" 1 1) s; moto copies the whole object in Python for every ranged GET) | — |"
 
 # Partial loads: one layer's tensors of the fine-tune delta, then one rank of N.
+if row partial; then
 "$tpde" inspect "$work/finetune.tpde" --json >"$work/finetune.json" 2>/dev/null
 selected=$(python3 -c "
 import json; r = json.load(open('$work/finetune.json'))
@@ -134,17 +139,21 @@ for ranks in 2 4 8; do
   read -r bytes requests < <(fetched finetune.tpde)
   echo "| \`decode_rows_into\`, rank 0 of $ranks (tensor_parallel example) | server: $bytes bytes in $requests GETs; ${line#*; } | ≤ 1.2× share + metadata |"
 done
+fi
 
 # An interrupted upload, then the same command again.
+row upload || exit 0
 key=s3://tpde/interrupted.tpde
 : >"$log"
 "$tpde" encode "$pair/base.safetensors" "$pair/target.safetensors" -o "$key" >/dev/null 2>&1 &
 pid=$!
 until grep -q '"partNumber=' "$log" 2>/dev/null; do sleep 0.05; done
-kill -INT "$pid"
+# SIGTERM: a background job of a script starts with SIGINT ignored, and tpde keeps
+# an ignored signal ignored (as under nohup).
+kill -TERM "$pid"
 wait "$pid" && status=0 || status=$?
 object=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/tpde/interrupted.tpde")
-open_uploads=$(curl -s "http://127.0.0.1:$port/tpde?uploads" | grep -o '<UploadId>' | wc -l)
-"$tpde" encode "$pair/base.safetensors" "$pair/target.safetensors" -o "$key" >/dev/null 2>&1
+open_uploads=$(curl -s "http://127.0.0.1:$port/tpde?uploads" | { grep -o '<UploadId>' || true; } | wc -l)
+"$tpde" encode "$pair/base.safetensors" "$pair/target.safetensors" -o "$key" >/dev/null 2>&1 && again=0 || again=$?
 after=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/tpde/interrupted.tpde")
-echo "| \`encode -o s3://…\` interrupted by SIGINT during its multipart upload | exit $status; GET at the key: HTTP $object; open multipart uploads: $open_uploads; the next run: HTTP $after at the key | no object, next run succeeds |"
+echo "| \`encode -o s3://…\` killed by SIGTERM during its multipart upload | exit $status; GET at the key: HTTP $object; open multipart uploads: $open_uploads; the same command again: exit $again, then HTTP $after at the key | no object, next run succeeds |"
