@@ -261,7 +261,8 @@ impl SparseBytes {
             let len = bytes.len() as u64;
             let offset = piece.start - request.start;
             let fits = piece.end <= request.end && len == piece.end - piece.start;
-            if !fits || reserved[k].compare_exchange(offset, offset + len, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            if !fits || reserved[k].compare_exchange(offset, offset + len, Ordering::AcqRel, Ordering::Relaxed).is_err()
+            {
                 return Err(Error::new(ErrorCode::Io, "the object store returned another range than asked for"));
             }
             let start = usize::try_from(piece.start).expect("a validated chunk offset");
