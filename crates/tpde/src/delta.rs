@@ -306,6 +306,12 @@ fn smaller_of(first: StreamSet<'_>, second: StreamSet<'_>, gain: f64) -> (bool, 
 /// The fraction by which zstd must beat lane rANS on a stream to be kept: below it,
 /// a stream that a GPU decodes is worth more than the bytes.
 const ZSTD_OVER_RANS_GAIN: f64 = 0.02;
+/// The fraction by which a bitmap must beat gaps to be kept. A bitmap codes one
+/// symbol per 8 words, gaps one per changed word and plane: below about 6%
+/// changed words that is many times the symbols, and a GPU warp decodes a lane
+/// rANS tile one step of 32 symbols after the other (§15.10). Where the two store
+/// within this share of each other, the shorter streams are worth more.
+const BITMAP_OVER_GAPS_GAIN: f64 = 0.01;
 /// Bytes sampled to judge a stream's entropy.
 const SAMPLE_BYTES: usize = 1 << 16;
 /// Above this many bits per byte, zstd cannot win: the stream is stored as it is.
@@ -554,6 +560,7 @@ fn gap_or_bitmap_streams(
     let width = positions::gap_width(changed);
     let gap_planes = positions::encode_gaps(changed, width);
     let bitmap = [positions::encode_bitmap(changed, words)];
+    let bitmap_gain = if bitmap[0].len() > changed.len() * gap_planes.len() { BITMAP_OVER_GAPS_GAIN } else { 0.0 };
     let gaps_win = if settings.level >= MEASURE_FROM_LEVEL {
         None
     } else {
@@ -571,7 +578,7 @@ fn gap_or_bitmap_streams(
         _ => Some(StreamSet::of(&bitmap, settings)?),
     };
     Ok(match (gaps, bitmap) {
-        (Some(g), Some(b)) => match smaller_of(b, g, 0.0) {
+        (Some(g), Some(b)) => match smaller_of(b, g, bitmap_gain) {
             (true, b) => (PositionCoding::Bitmap, 0, b),
             (false, g) => (PositionCoding::Gaps, width, g),
         },
