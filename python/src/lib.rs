@@ -82,7 +82,7 @@ fn encode(
     };
     let base = base.map(|b| SourceArg::extract(&b, "<base tensors>", None)).transpose()?;
     let target = SourceArg::extract(&target, "model.safetensors", metadata)?;
-    let settings = EncodeSettings { level, min_zstd_gain: min_gain, rans };
+    let settings = EncodeSettings { level, min_zstd_gain: min_gain, rans, ..EncodeSettings::default() };
     let options = EncodeOptions { settings, chunk_words };
     run_interruptible(py, threads, |interrupt| {
         let base = base.map(SourceArg::open).transpose()?;

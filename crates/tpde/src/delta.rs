@@ -36,11 +36,17 @@ pub struct EncodeSettings {
     /// Whether streams may use the lane rANS codec (spec §8.7), which a GPU decodes.
     /// Without it the file is a format 1.0 file that older readers read.
     pub rans: bool,
+    /// Whether streams may use zstd (codec 1). Without it every stream is lane
+    /// rANS or stored, so that a GPU loader decodes the whole delta itself and
+    /// the CPU decodes nothing; the delta grows where zstd would have won, on
+    /// constant or repetitive planes (a constant plane costs a tile's 128 bytes
+    /// of states instead of about 20).
+    pub zstd: bool,
 }
 
 impl Default for EncodeSettings {
     fn default() -> Self {
-        Self { level: 1, min_zstd_gain: 0.0, rans: true }
+        Self { level: 1, min_zstd_gain: 0.0, rans: true, zstd: true }
     }
 }
 
@@ -198,7 +204,7 @@ impl<'a> StreamSet<'a> {
         contexts: Vec<StreamContext<'a>>,
         plans: Vec<rans::StreamPlan>,
     ) -> Result<()> {
-        let zstd = compress_stream(raw, self.settings.level)?;
+        let zstd = if self.settings.zstd { compress_stream(raw, self.settings.level)? } else { None };
         self.streams.push(PendingStream::new(raw, contexts, plans, zstd, self.settings));
         Ok(())
     }
