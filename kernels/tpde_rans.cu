@@ -19,7 +19,8 @@
 //                scratch valid.
 //   rans_decode  a block takes a run of tiles of one stream: its threads
 //                spread the stream's tables over 2^prob_bits slots each in
-//                shared memory, then each warp decodes one tile at a time,
+//                shared memory, then each of its warps (1 to 8, chosen by
+//                the host per launch) decodes one tile at a time,
 //                one rANS state per lane; a step's renormalisation words go
 //                to the lanes that need one in increasing lane order (ballot
 //                and prefix count), as §8.7 reads them. A step is a chain of
@@ -680,15 +681,17 @@ __device__ __forceinline__ void decode_run(const RansDesc& c, const u32* tables,
                                            const u32* offsets, u32 first, u32 last, u64* rings, u32* flag) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     u64* ring = rings + warp * RANS_RING_WORDS;
-    for (u32 t = first + warp; t < last; t += RANS_WARPS) {
+    for (u32 t = first + warp; t < last; t += blockDim.x >> 5) {
         if (!decode_tile<CTX, T>(c, tables, cmap, payload, offsets, t, ring) && lane == 0) {
             rans_fault(flag, ERR_RANS_DECODE, c.job);
         }
     }
 }
 
-// Two blocks per SM: at one (182 registers a thread), a launch of short
-// tiles ran in 8 waves of one block each, 2.7% of the warps active (ncu).
+// Two blocks of RANS_THREADS per SM: at one (182 registers a thread), a
+// launch of short tiles ran in 8 waves of one block each, 2.7% of the warps
+// active (ncu). A launch whose streams have a tile or two each runs blocks
+// of fewer warps, so that the registers of idle warps are not held.
 #define RANS_DECODE_BLOCKS_PER_SM 2
 extern "C" __global__ void __launch_bounds__(RANS_THREADS, RANS_DECODE_BLOCKS_PER_SM)
 rans_decode(const RansDesc* d, u32 nd, u32* flag) {
@@ -705,25 +708,26 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
     const u32 k = c.prob_bits, tc = c.table_count;
     const u32 dyn = dynamic_smem_bytes();
     const u32 first = (blockIdx.x - c.block_begin) * c.tiles_per_block;
-    if (k > RANS_MAX_PROB_BITS || tc > RANS_MAX_TABLES || (u64)(tc << k) * 4 > dyn || first >= c.tiles ||
-        c.ctx_kind > CTX_HIGHER_PLANE ||
+    const u32 threads = blockDim.x;  // a multiple of 32, at most RANS_THREADS
+    if (threads % 32 != 0 || threads > RANS_THREADS || k > RANS_MAX_PROB_BITS || tc > RANS_MAX_TABLES ||
+        (u64)(tc << k) * 4 > dyn || first >= c.tiles || c.ctx_kind > CTX_HIGHER_PLANE ||
         (c.ctx_kind == CTX_BASE_KEY && c.word_bytes != 1 && c.word_bytes != 2 && c.word_bytes != 4 &&
          c.word_bytes != 8)) {
         if (threadIdx.x == 0) atomicOr(flag, ERR_BAD_DESCRIPTOR);
         return;
     }
     const u32 slots = 1u << k;
-    cmap[threadIdx.x] = tc > 1 ? ((const u8*)c.stored)[4 + threadIdx.x] : 0;
+    for (u32 i = threadIdx.x; i < 256; i += threads) cmap[i] = tc > 1 ? ((const u8*)c.stored)[4 + i] : 0;
     // Spread the tables over their slots. A thread takes a run of slots of
     // each table, finds the entry of its first slot by a binary search over
     // the entries' cums (ordered, and covering every slot: rans_parse checked
     // them) and walks on. The entries are staged in the rings, unused yet.
     u32* entries = (u32*)rings;
-    for (u32 i = threadIdx.x; i < tc * RANS_TABLE_STRIDE; i += RANS_THREADS) {
+    for (u32 i = threadIdx.x; i < tc * RANS_TABLE_STRIDE; i += threads) {
         entries[i] = scratch[RANS_SCRATCH_HEAD + i];
     }
     __syncthreads();
-    const u32 per = slots > RANS_THREADS ? slots / RANS_THREADS : 1;  // both powers of two
+    const u32 per = slots > threads ? slots / threads : 1;  // both powers of two
     const u32 first_slot = threadIdx.x * per;
     for (u32 t = 0; t < tc && first_slot < slots; t++) {
         const u32 s = scratch[4 + t];

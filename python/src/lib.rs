@@ -60,7 +60,7 @@ impl SourceArg {
 
 /// Encodes `target` (against `base`, when not None) into the delta file `out`.
 #[pyfunction]
-#[pyo3(signature = (base, target, out, *, level, min_gain, chunk_words, format_version, force, threads, metadata))]
+#[pyo3(signature = (base, target, out, *, level, min_gain, chunk_words, format_version, force, threads, metadata, zstd = true))]
 #[allow(clippy::too_many_arguments)] // mirrors the keyword arguments of `tpde.encode`
 fn encode(
     py: Python<'_>,
@@ -74,6 +74,7 @@ fn encode(
     force: bool,
     threads: Option<usize>,
     metadata: Option<BTreeMap<String, String>>,
+    zstd: bool,
 ) -> PyResult<(u64, u64, usize, usize)> {
     let rans = match format_version {
         "1.1" => true,
@@ -82,7 +83,10 @@ fn encode(
     };
     let base = base.map(|b| SourceArg::extract(&b, "<base tensors>", None)).transpose()?;
     let target = SourceArg::extract(&target, "model.safetensors", metadata)?;
-    let settings = EncodeSettings { level, min_zstd_gain: min_gain, rans };
+    if !zstd && !rans {
+        return Err(invalid_argument("zstd=False needs the lane rANS codec of format 1.1; format 1.0 has zstd alone"));
+    }
+    let settings = EncodeSettings { level, min_zstd_gain: min_gain, rans, zstd };
     let options = EncodeOptions { settings, chunk_words };
     run_interruptible(py, threads, |interrupt| {
         let base = base.map(SourceArg::open).transpose()?;

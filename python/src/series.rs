@@ -38,8 +38,8 @@ impl Series {
 }
 
 /// `AddOptions` from the keyword arguments of `add` and `prune`.
-fn add_options(max_chain: usize, level: i32, chunk_words: u64, temporal: bool) -> AddOptions {
-    let settings = EncodeSettings { level, ..EncodeSettings::default() };
+fn add_options(max_chain: usize, level: i32, chunk_words: u64, temporal: bool, zstd: bool) -> AddOptions {
+    let settings = EncodeSettings { level, zstd, ..EncodeSettings::default() };
     AddOptions { max_chain, encode: EncodeOptions { settings, chunk_words }, temporal }
 }
 
@@ -72,7 +72,7 @@ impl Series {
 
     /// Adds the checkpoint at `checkpoint` as `step`; returns the summary as JSON
     /// text: the manifest's new entry, its chain depth and the sizes measured.
-    #[pyo3(signature = (checkpoint, step, *, previous, max_chain, level, chunk_words, temporal, threads))]
+    #[pyo3(signature = (checkpoint, step, *, previous, max_chain, level, chunk_words, temporal, threads, zstd = true))]
     #[allow(clippy::too_many_arguments)] // mirrors the keyword arguments of `Series.add`
     fn add(
         &self,
@@ -85,8 +85,9 @@ impl Series {
         chunk_words: u64,
         temporal: bool,
         threads: Option<usize>,
+        zstd: bool,
     ) -> PyResult<String> {
-        let options = add_options(max_chain, level, chunk_words, temporal);
+        let options = add_options(max_chain, level, chunk_words, temporal, zstd);
         run_interruptible(py, threads, |interrupt| {
             let checkpoint = Checkpoint::open(&checkpoint)?;
             let previous = previous.as_deref().map(Checkpoint::open).transpose()?;
@@ -166,7 +167,7 @@ impl Series {
             return Err(invalid_argument("keep_every must be at least 1"));
         }
         // Re-encoded deltas are coded as the writer's default.
-        let options = add_options(max_chain, level, chunk_words, false);
+        let options = add_options(max_chain, level, chunk_words, false, true);
         run_interruptible(py, threads, |interrupt| {
             let mut series = self.fresh()?;
             let steps: Vec<u64> = series.manifest().steps.iter().map(|s| s.step).collect();

@@ -249,3 +249,30 @@ def test_temporal_positions_rebuild_byte_for_byte(tmp_path):
         out = tmp_path / f"rebuilt-{step}.safetensors"
         run.get(step, out)
         assert out.read_bytes() == path.read_bytes(), step
+
+
+def test_no_zstd_steps_leave_nothing_to_the_cpu(tmp_path):
+    """With ``zstd=False`` every stream of a step's delta is lane rANS or stored
+    (no byte for the CPU to decode on a GPU worker); the default writer keeps zstd
+    for the constant high byte plane of a one-unit step. Both rebuild byte for
+    byte."""
+    rng = np.random.default_rng(9)
+    words = (0x3C00 | rng.integers(0, 0x400, size=200_000)).astype(np.uint16)
+    stepped = words.copy()
+    moved = np.flatnonzero(rng.random(words.size) < 0.013)
+    stepped[moved] ^= np.uint16(1)
+    paths = []
+    for step, w in enumerate((words, stepped)):
+        paths.append(tmp_path / f"step-{step}.safetensors")
+        write_safetensors(paths[-1], {"w": ("BF16", [w.size], w.tobytes())})
+    cpu_only = {}
+    for zstd in (True, False):
+        run = tpde.Series(tmp_path / f"run-{zstd}", create=True)
+        run.add(paths[0], 0, zstd=zstd)
+        entry = run.add(paths[1], 1, zstd=zstd)
+        assert entry["kind"] == "delta", entry
+        cpu_only[zstd] = tpde.inspect(tmp_path / f"run-{zstd}" / entry["file"])["total"]["cpu_only_bytes"]
+        out = tmp_path / f"rebuilt-{zstd}.safetensors"
+        run.get(1, out)
+        assert out.read_bytes() == paths[1].read_bytes()
+    assert cpu_only[True] > 0 and cpu_only[False] == 0, cpu_only

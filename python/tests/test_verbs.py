@@ -42,6 +42,17 @@ def test_encode_settings_mean_what_the_command_options_mean(pair, cli, tmp_path)
     assert tpde.inspect(tmp_path / "py.tpde")["format_version"] == "1.0"
 
 
+def test_zstd_false_is_no_zstd(pair, cli, tmp_path):
+    base, target, _ = pair
+    tpde.encode(base, target, tmp_path / "py.tpde", zstd=False)
+    run_cli(cli, "encode", base, target, "-o", tmp_path / "cli.tpde", "--no-zstd")
+    assert (tmp_path / "py.tpde").read_bytes() == (tmp_path / "cli.tpde").read_bytes()
+    assert tpde.inspect(tmp_path / "py.tpde")["total"]["cpu_only_bytes"] == 0
+    with pytest.raises(tpde.TpdeError) as refused:
+        tpde.encode(base, target, tmp_path / "old.tpde", zstd=False, format_version="1.0")
+    assert refused.value.code == "E_INVALID_ARGUMENT"
+
+
 def test_a_standalone_file_needs_no_base(pair, cli, tmp_path):
     _, target, _ = pair
     summary = tpde.encode(None, target, tmp_path / "alone.tpde")

@@ -60,6 +60,7 @@ def encode(
     min_gain: float = 0.0,
     chunk_words: int = DEFAULT_CHUNK_WORDS,
     format_version: str = "1.1",
+    zstd: bool = True,
 ) -> Dict[str, int]:
     """Encodes ``target`` against ``base`` into the delta file ``out``, as
     ``tpde encode [BASE] TARGET -o OUT`` does; ``base=None`` makes a standalone file.
@@ -70,6 +71,9 @@ def encode(
     sets the unit of parallelism and random access. ``out`` appears only once complete, and an
     existing ``out`` is replaced only with ``force=True`` (else ``E_OUTPUT_EXISTS``).
     ``format_version="1.0"`` writes zstd streams only, for older readers.
+    ``zstd=False`` (``tpde encode --no-zstd``) never uses zstd: every stream is lane
+    rANS or stored, so the GPU loader decodes the whole delta itself, for a file
+    slightly larger where zstd would have stored a constant plane in fewer bytes.
 
     Returns ``{"target_bytes", "delta_bytes", "delta_tensors", "standalone_tensors"}``.
     """
@@ -84,6 +88,7 @@ def encode(
         force=force,
         threads=threads,
         metadata=None,
+        zstd=zstd,
     )
     return {
         "target_bytes": target_bytes,

@@ -61,6 +61,7 @@ class Series:
         chunk_words: int = _tpde.DEFAULT_CHUNK_WORDS,
         temporal: bool = False,
         threads: Optional[int] = None,
+        zstd: bool = True,
     ) -> Dict[str, Any]:
         """Adds ``checkpoint`` (a ``.safetensors`` file or a sharded checkpoint
         directory) as ``step``, which must be later than every step held
@@ -77,7 +78,9 @@ class Series:
         delta against the previous step, itself a delta, codes its changed
         positions against that step's where this stores smaller (format 1.2,
         ``tpde series add --temporal``); the series rebuilds such steps as any
-        other, and the GPU loader decodes those positions on the CPU.
+        other, and the GPU loader decodes those positions on the CPU. With
+        ``zstd=False`` (``tpde series add --no-zstd``), every stream is lane rANS or
+        stored, so a worker stepping on the GPU decodes each delta itself.
 
         Returns the step's manifest entry (``step``, ``kind``, ``reference``,
         ``file``, ``file_bytes``, ``file_sha256``, ``checkpoint``) with
@@ -96,6 +99,7 @@ class Series:
                 chunk_words=chunk_words,
                 temporal=temporal,
                 threads=threads,
+                zstd=zstd,
             )
         )
         entry: Dict[str, Any] = summary.pop("entry")

@@ -29,6 +29,7 @@ def encode(
     force: bool,
     threads: Optional[int],
     metadata: Optional[dict[str, str]],
+    zstd: bool = True,
 ) -> Tuple[int, int, int, int]: ...
 def apply(
     base: Optional[PathLike],
@@ -76,6 +77,7 @@ class Series:
         chunk_words: int,
         temporal: bool,
         threads: Optional[int],
+        zstd: bool = True,
     ) -> str: ...
     def get(self, step: int, out: PathLike, *, force: bool, threads: Optional[int]) -> None: ...
     def manifest_json(self) -> str: ...

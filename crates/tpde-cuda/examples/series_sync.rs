@@ -10,8 +10,9 @@
 //! RL step rounded to BF16 does, added with `Series::add_after`.
 //!
 //! `cargo build --release --example series_sync -p tpde-cuda`, then on a GPU
-//! machine: `series_sync [--params N] [--steps S] [--anchor N] [--dir DIR] [--temporal]`
-//! (`--temporal`: the series codes positions against the previous step, §8.3).
+//! machine: `series_sync [--params N] [--steps S] [--anchor N] [--dir DIR] [--temporal] [--no-zstd]`
+//! (`--temporal`: the series codes positions against the previous step, §8.3;
+//! `--no-zstd`: every stream lane rANS or stored, so the CPU decodes nothing).
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)]
 
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
-use tpde::{AddOptions, Checkpoint, EncodeOptions, NoProgress, Series};
+use tpde::{AddOptions, Checkpoint, EncodeOptions, EncodeSettings, NoProgress, Series};
 use tpde_cuda::{cudarc::driver::result as cu, step_in_place, DevRange, Gpu, Loader, LoaderConfig, PinnedDelta};
 
 mod common;
@@ -168,7 +169,10 @@ fn main() -> R<()> {
     let t0 = Instant::now();
     let mut series = Series::open_or_create(&dir.join("run"))?;
     let temporal = args.iter().any(|a| a == "--temporal");
-    let options = AddOptions { max_chain: steps, encode: EncodeOptions::default(), temporal };
+    let zstd = !args.iter().any(|a| a == "--no-zstd");
+    let encode =
+        EncodeOptions { settings: EncodeSettings { zstd, ..EncodeSettings::default() }, ..EncodeOptions::default() };
+    let options = AddOptions { max_chain: steps, encode, temporal };
     let ckpt_dir = |k: usize| dir.join(format!("ckpt-{}", k % 2));
     write_checkpoint(&ckpt_dir(0), &weights)?;
     let first = Checkpoint::open(&ckpt_dir(0))?;
@@ -248,11 +252,12 @@ fn main() -> R<()> {
     println!("series_sync on {} ({} CPU threads)\n", gpu.name(), rayon::current_num_threads());
     println!(
         "{steps} steps of a {:.2} GB BF16 model ({tensors} tensors in {SHARDS} shards); {:.2}% of the words change a \
-         step; a step's delta {:.2} MB ({:.3}% of the model); bit-exact after the sync: yes\n",
+         step; a step's delta {:.2} MB ({:.3}% of the model), {}; bit-exact after the sync: yes\n",
         model_bytes as f64 / 1e9,
         100.0 * changed.iter().sum::<usize>() as f64 / changed.len().max(1) as f64 / (per * tensors) as f64,
         delta_mean / 1e6,
         100.0 * delta_mean / model_bytes as f64,
+        if zstd { "zstd where it stores smaller" } else { "no zstd (`--no-zstd`)" },
     );
     println!("| per step (median of {}) | time | × full pinned upload |\n|---|---|---|", steps - 1);
     let row = |what: &str, secs: f64| println!("| {what} | {:.3} ms | {:.3} |", secs * 1e3, secs / full);

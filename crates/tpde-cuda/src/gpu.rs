@@ -24,7 +24,7 @@ use crate::kernels::{
     LEAF_TERM_THREADS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, RANS_MAX_TABLE_BYTES, RANS_THREADS, THREADS,
 };
 use crate::pipeline::ChunkRef;
-use crate::rans::{context, Header};
+use crate::rans::{context, tiles_per_warp, Header};
 
 /// Whether the CUDA driver library can be loaded on this machine. Checked
 /// before the first CUDA call, because cudarc panics when it is missing.
@@ -95,6 +95,7 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     kernels: Kernels,
     name: String,
+    decoder_warps: u64,
 }
 
 impl Gpu {
@@ -125,7 +126,17 @@ impl Gpu {
         let kernels = Kernels::load(&ctx)?;
         let name = ctx.name()?;
         let outputs = OutputPool::new(&ctx)?;
-        Ok(Self { outputs, ctx, stream, kernels, name })
+        let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let blocks =
+            kernels.get(KernelId::RansDecode).occupancy_max_active_blocks_per_multiprocessor(RANS_THREADS, 0, None)?;
+        let decoder_warps = u64::try_from(sms).unwrap_or(0) * u64::from(blocks) * u64::from(RANS_THREADS / 32);
+        Ok(Self { outputs, ctx, stream, kernels, name, decoder_warps })
+    }
+
+    /// Decoder warps the device holds at once (blocks of `RANS_THREADS`
+    /// without tables, on every SM): what one wave of `rans_decode` takes.
+    pub(crate) fn resident_decoder_warps(&self) -> u64 {
+        self.decoder_warps
     }
 
     /// Allocates `len` bytes (at least one) on `stream` from the pool that
@@ -642,12 +653,15 @@ impl Gpu {
         if level.shared > RANS_MAX_TABLE_BYTES {
             return Err(GpuError::invalid("lane rANS tables larger than the decoder allows"));
         }
+        if level.threads == 0 || level.threads % 32 != 0 || level.threads > RANS_THREADS {
+            return Err(GpuError::invalid("lane rANS decoder blocks of a whole number of warps, at most RANS_THREADS"));
+        }
         let nd = u32::try_from(level.count).map_err(|_| GpuError::invalid("too many lane rANS streams"))?;
         let sub = table.sub(level.first * RansDesc::BYTES, level.count * RansDesc::BYTES)?;
         let shared = u32::try_from(level.shared).map_err(|_| GpuError::invalid("lane rANS tables too large"))?;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (level.blocks, 1, 1),
-            block_dim: (RANS_THREADS, 1, 1),
+            block_dim: (level.threads, 1, 1),
             shared_mem_bytes: shared,
         };
         let (t, f) = (sub.ptr(), flag.ptr());
@@ -774,7 +788,32 @@ pub(crate) struct RansLevel {
     pub first: usize,
     pub count: usize,
     pub blocks: u32,
+    /// Threads of a decoder block: 32 per warp.
+    pub threads: u32,
     pub shared: usize,
+}
+
+/// Warps of a decoder block for one launch of streams that need `units`
+/// warps' worth of tiles each ([`tiles_per_warp`]), on a device that holds
+/// `resident` decoder warps at once.
+///
+/// Where blocks of eight warps all fit at once, eight: the launch takes one
+/// wave, and the most threads spread each block's tables fastest. Otherwise
+/// 1, 2, 4 or 8, whichever leaves the fewest warps idle, counting each
+/// block's table spread as two warps of work: idle warps still hold their
+/// registers, which bound the decoder's occupancy, and streams of one or two
+/// tiles each (sparse planes) would leave 7 of 8 warps idle in waves after
+/// waves.
+pub(crate) fn decoder_warps(units: impl Iterator<Item = u32> + Clone, resident: u64) -> u32 {
+    const FULL: u32 = RANS_THREADS / 32;
+    const SPREAD: u64 = 2;
+    if units.clone().map(|u| u64::from(u.div_ceil(FULL)) * u64::from(FULL)).sum::<u64>() <= resident {
+        return FULL;
+    }
+    [1u32, 2, 4, 8]
+        .into_iter()
+        .min_by_key(|&w| units.clone().map(|u| u64::from(u.div_ceil(w)) * (u64::from(w) + SPREAD)).sum::<u64>())
+        .unwrap_or(FULL)
 }
 
 /// Lane rANS streams with validated device addresses, ready to launch:
@@ -828,7 +867,7 @@ impl RansBatch {
             table_count: h.table_count,
             tile_log2: h.tile_log2,
             tiles: h.tiles(decoded_len),
-            tiles_per_block: h.tiles_per_block(),
+            tiles_per_block: 0, // by `seal`, once the level's block size is known
             job: s.job,
             ..RansDesc::default()
         };
@@ -870,17 +909,22 @@ impl RansBatch {
         Ok(())
     }
 
-    /// Orders the descriptors by level (stably) and numbers each level's
-    /// decoder blocks; no stream can be added after.
-    pub fn seal(&mut self) -> Result<()> {
+    /// Orders the descriptors by level (stably), sizes each level's decoder
+    /// blocks for a device that holds `resident` decoder warps at once
+    /// ([`decoder_warps`]) and numbers them; no stream can be added after.
+    pub fn seal(&mut self, resident: u64) -> Result<()> {
         self.descs.sort_by_key(|(level, _)| *level);
         let mut i = 0;
         while i < self.descs.len() {
             let level = self.descs[i].0;
             let (mut blocks, mut shared) = (0u64, 0usize);
             let first = i;
-            while i < self.descs.len() && self.descs[i].0 == level {
+            let end = first + self.descs[first..].iter().take_while(|(l, _)| *l == level).count();
+            let units = |d: &RansDesc| d.tiles.div_ceil(tiles_per_warp(d.tile_log2));
+            let warps = decoder_warps(self.descs[first..end].iter().map(|(_, d)| units(d)), resident);
+            while i < end {
                 let d = &mut self.descs[i].1;
+                d.tiles_per_block = warps * tiles_per_warp(d.tile_log2);
                 d.block_begin = u32::try_from(blocks).map_err(|_| GpuError::invalid("too many decoder blocks"))?;
                 blocks += u64::from(d.tiles.div_ceil(d.tiles_per_block));
                 shared = shared.max((d.table_count as usize) << d.prob_bits << 2);
@@ -890,7 +934,7 @@ impl RansBatch {
                 .ok()
                 .filter(|&b| b < 1 << 31)
                 .ok_or_else(|| GpuError::invalid("too many decoder blocks"))?;
-            self.levels.push(RansLevel { level, first, count: i - first, blocks, shared });
+            self.levels.push(RansLevel { level, first, count: i - first, blocks, threads: 32 * warps, shared });
         }
         Ok(())
     }
@@ -978,6 +1022,22 @@ mod tests {
     /// and ranges of at most 1 KiB take none) and written after address
     /// and length.
     #[test]
+    fn decoder_blocks_shrink_to_the_streams_they_decode() {
+        // one tile a stream (sparse planes), more than a wave: one warp a block
+        assert_eq!(decoder_warps([1u32; 500].into_iter(), 2112), 1);
+        assert_eq!(decoder_warps([2u32; 500].into_iter(), 2112), 2);
+        // but blocks of eight while they all fit at once
+        assert_eq!(decoder_warps([1u32; 264].into_iter(), 2112), 8);
+        assert_eq!(decoder_warps([1u32; 265].into_iter(), 2112), 1);
+        // long streams: whole blocks of eight warps
+        assert_eq!(decoder_warps([1000u32, 3].into_iter(), 0), 8);
+        assert_eq!(decoder_warps([16u32; 10].into_iter(), 0), 8);
+        // a mix leans to the streams that hold most of the work
+        assert_eq!(decoder_warps([3u32, 18].into_iter(), 0), 4);
+        assert_eq!(decoder_warps(std::iter::empty(), 0), 8);
+    }
+
+    #[test]
     fn leaf_batch_numbers_term_rows_across_ranges() {
         let lens = [0usize, 240, 241, 1024, 1025, 2049, 300, 1 << 22];
         let mut batch = LeafBatch::default();
@@ -1037,12 +1097,14 @@ mod tests {
         for s in &streams {
             b.push(s, 1000, u32::try_from(s.decoded.len()).unwrap()).unwrap();
         }
-        b.seal().unwrap();
-        // level 0: 9 000 symbols in tiles of 4096 (3 tiles, 8 a block), then
-        // 70 000 (18 tiles, 3 blocks); level 1: one tile of 65 536;
-        // level 2: 196 tiles of 256, 128 a block
-        let levels: Vec<_> = b.levels().iter().map(|l| (l.level, l.first, l.count, l.blocks, l.shared)).collect();
-        assert_eq!(levels, [(0, 0, 2, 4, 256), (1, 2, 1, 1, 3 << 11), (2, 3, 1, 2, 64 << 10)]);
+        b.seal(0).unwrap();
+        // level 0: 9 000 symbols in tiles of 4096 (3 tiles), then 70 000 (18
+        // tiles), in blocks of 4 warps: 1 + 5 blocks; level 1: one tile of
+        // 65 536, one warp; level 2: 196 tiles of 256, 16 a warp, 8 warps
+        // and 128 tiles a block
+        let levels: Vec<_> =
+            b.levels().iter().map(|l| (l.level, l.first, l.count, l.blocks, l.threads, l.shared)).collect();
+        assert_eq!(levels, [(0, 0, 2, 6, 128, 256), (1, 2, 1, 1, 32, 3 << 11), (2, 3, 1, 2, 256, 64 << 10)]);
         let mut table = vec![0u8; b.table_bytes()];
         b.write_table(&mut table);
         let field = |d: usize, name: &str| {
@@ -1051,6 +1113,7 @@ mod tests {
         };
         assert_eq!((0..4).map(|d| field(d, "job")).collect::<Vec<_>>(), [1, 3, 2, 0]);
         assert_eq!((0..4).map(|d| field(d, "block_begin")).collect::<Vec<_>>(), [0, 1, 0, 0]);
+        assert_eq!((0..4).map(|d| field(d, "tiles_per_block")).collect::<Vec<_>>(), [4, 4, 1, 128]);
         assert_eq!((field(2, "base_words"), field(2, "word_bytes"), field(2, "ctx_kind")), (50_000, 4, 1));
         assert!(b.push(&streams[1], 1000, 9_000).is_err(), "sealed");
 

@@ -15,9 +15,7 @@ use cudarc::driver::CudaStream;
 
 use crate::error::Result;
 use crate::gpu::{Batch, DevRange, Gpu, RansBatch, Stage};
-use crate::kernels::{
-    ChunkDesc, RansDesc, RANS_MAX_PROB_BITS, RANS_MAX_TABLES, RANS_SCRATCH_HEAD, RANS_TABLE_STRIDE, RANS_THREADS,
-};
+use crate::kernels::{ChunkDesc, RansDesc, RANS_MAX_PROB_BITS, RANS_MAX_TABLES, RANS_SCRATCH_HEAD, RANS_TABLE_STRIDE};
 use crate::pipeline::ChunkRef;
 
 /// Whether a stream is lane rANS, which the GPU decodes.
@@ -112,14 +110,14 @@ impl Header {
     pub fn table_bytes(&self) -> usize {
         (self.table_count as usize) << self.prob_bits << 2
     }
+}
 
-    /// Tiles a decoder block takes: one per warp, or more when tiles are
-    /// short, so that each warp decodes at least 2^12 symbols for the
-    /// tables it spreads.
-    #[must_use]
-    pub fn tiles_per_block(&self) -> u32 {
-        (RANS_THREADS / 32) << 12u32.saturating_sub(self.tile_log2)
-    }
+/// Tiles of `2^tile_log2` symbols that a decoder warp takes: one, or more
+/// when tiles are short, so that each warp decodes at least 2^12 symbols for
+/// the tables its block spreads.
+#[must_use]
+pub fn tiles_per_warp(tile_log2: u32) -> u32 {
+    1 << 12u32.saturating_sub(tile_log2)
 }
 
 /// The contexts §8.7 allows in stream `q` of a chunk (bit `c` for context
@@ -282,12 +280,13 @@ impl RansWork {
         self.positions[at].1.push_positions(chunk, streams, out)
     }
 
-    /// Seals the streams (no stream can be added after).
-    pub fn seal(&mut self) -> Result<()> {
+    /// Seals the streams (no stream can be added after), sizing decoder
+    /// blocks for a device that holds `resident` decoder warps at once.
+    pub fn seal(&mut self, resident: u64) -> Result<()> {
         if self.streams.is_empty() {
             return Ok(());
         }
-        self.streams.seal()
+        self.streams.seal(resident)
     }
 
     /// Writes the tables into `out` ([`RansWork::table_bytes`] long), after
@@ -438,9 +437,9 @@ mod tests {
         assert_eq!(h.tiles(4097), 2);
         assert_eq!(h.table_bytes(), 64 << 10);
         assert_eq!(h.scratch_bytes(4097), (4 * (16 + 8 * 256 + 3usize)).next_multiple_of(16));
-        assert_eq!(h.tiles_per_block(), 8);
-        assert_eq!(Header { tile_log2: 8, ..h }.tiles_per_block(), 128);
-        assert_eq!(h.tiles(9 * 4096).div_ceil(h.tiles_per_block()), 2);
+        assert_eq!(tiles_per_warp(h.tile_log2), 1);
+        assert_eq!(tiles_per_warp(8), 16);
+        assert_eq!(tiles_per_warp(16), 1);
     }
 
     #[test]
@@ -549,7 +548,7 @@ mod tests {
             let at = work.positions.binary_search_by_key(&before, |(l, _)| *l).unwrap_or_else(|i| i);
             work.positions.insert(at, (before, Batch::new(WordWidth::W4)));
         }
-        work.seal().unwrap();
+        work.seal(0).unwrap();
         assert_eq!(
             work.schedule(),
             [

@@ -36,6 +36,7 @@ const SHIM: &str = r#"
 #define __shared__ static
 struct Dim3 { unsigned x, y, z; };
 thread_local Dim3 threadIdx, blockIdx;
+static Dim3 blockDim;
 static std::barrier<>* g_block;
 struct Warp { std::barrier<>* bar; unsigned long long slot[32]; };
 static Warp g_warps[8];
@@ -82,19 +83,20 @@ inline unsigned atomicMin(unsigned* a, unsigned v) {
 /// loader launches them (the descriptor from the four fixed bytes), and
 /// writes the flag words and the output.
 const HARNESS: &str = r#"
-template <typename K> static void launch(unsigned blocks, unsigned dynamic, K kernel) {
+template <typename K> static void launch(unsigned blocks, unsigned dynamic, unsigned warp_count, K kernel) {
     g_dynamic_bytes = dynamic;
+    blockDim = {32 * warp_count, 1, 1};
     for (unsigned b = 0; b < blocks; b++) {
         g_dynamic.assign(dynamic / 4 + 1, 0xCDCDCDCDu);  // garbage: every slot must be written
-        std::barrier<> block(256);
+        std::barrier<> block(blockDim.x);
         g_block = &block;
         std::vector<std::unique_ptr<std::barrier<>>> warps;
-        for (int w = 0; w < 8; w++) {
+        for (unsigned w = 0; w < warp_count; w++) {
             warps.emplace_back(new std::barrier<>(32));
             g_warps[w].bar = warps.back().get();
         }
         std::vector<std::thread> threads;
-        for (unsigned t = 0; t < 256; t++) {
+        for (unsigned t = 0; t < blockDim.x; t++) {
             threads.emplace_back([=] {
                 threadIdx = {t, 0, 0};
                 blockIdx = {b, 0, 0};
@@ -117,8 +119,11 @@ static std::vector<u8> bytes(FILE* f, size_t n) {
     return v;
 }
 
+// argv: input, output, and the warps of a decoder block (1 to 8).
 int main(int argc, char** argv) {
-    if (argc != 3) return 2;
+    if (argc != 4) return 2;
+    const unsigned warp_count = (unsigned)std::atoi(argv[3]);
+    if (warp_count < 1 || warp_count > 8) return 2;
     FILE* in = std::fopen(argv[1], "rb");
     FILE* out = std::fopen(argv[2], "wb");
     if (!in || !out) return 2;
@@ -141,7 +146,7 @@ int main(int argc, char** argv) {
         d.table_count = stored[2];
         d.tile_log2 = stored[3];
         d.tiles = (unsigned)(((unsigned long long)d.decoded_len + (1ull << d.tile_log2) - 1) >> d.tile_log2);
-        d.tiles_per_block = 8u << (d.tile_log2 < 12 ? 12 - d.tile_log2 : 0);
+        d.tiles_per_block = warp_count << (d.tile_log2 < 12 ? 12 - d.tile_log2 : 0);
         d.job = 100 + i;
         std::vector<u32> scratch(rans_scratch_words(d.table_count, d.tiles), 0xABABABABu);
         std::vector<u8> decoded(d.decoded_len, 0xEE);
@@ -151,9 +156,9 @@ int main(int argc, char** argv) {
         d.context = context_len ? (u64)context.data() : 0;
         d.positions = has_positions ? (u64)positions.data() : 0;
         u32 flag[4] = {0, 0xFFFFFFFFu, 0xFFFFFFFFu, 0};
-        launch(1, 0, [&] { rans_parse(&d, 1, flag); });
+        launch(1, 0, 8, [&] { rans_parse(&d, 1, flag); });
         const unsigned blocks = (d.tiles + d.tiles_per_block - 1) / d.tiles_per_block;
-        launch(blocks, (d.table_count << d.prob_bits) * 4, [&] { rans_decode(&d, 1, flag); });
+        launch(blocks, (d.table_count << d.prob_bits) * 4, warp_count, [&] { rans_decode(&d, 1, flag); });
         std::fwrite(flag, 4, 3, out);
         std::fwrite(decoded.data(), 1, decoded.size(), out);
     }
@@ -232,11 +237,17 @@ fn run(exe: &Path, dir: &Path, cases: &[Case]) -> Vec<Outcome> {
             input.extend_from_slice(&p.to_le_bytes());
         }
     }
-    let (inp, outp) = (dir.join("in.bin"), dir.join("out.bin"));
+    let inp = dir.join("in.bin");
     std::fs::File::create(&inp).unwrap().write_all(&input).unwrap();
-    let status = Command::new(exe).arg(&inp).arg(&outp).status().unwrap();
-    assert!(status.success(), "harness failed: {status}");
-    let out = std::fs::read(&outp).unwrap();
+    // Decoder blocks of eight warps, as long streams get, and of one, as
+    // streams of a tile or two get: the same flags and bytes either way.
+    let [out, one_warp] = ["8", "1"].map(|warps| {
+        let outp = dir.join(format!("out-{warps}.bin"));
+        let status = Command::new(exe).arg(&inp).arg(&outp).arg(warps).status().unwrap();
+        assert!(status.success(), "harness failed: {status}");
+        std::fs::read(&outp).unwrap()
+    });
+    assert!(out == one_warp, "blocks of one warp decode differently from blocks of eight");
     let mut at = 0;
     let word = |at: &mut usize| {
         let v = u32::from_le_bytes(out[*at..*at + 4].try_into().unwrap());

@@ -36,11 +36,17 @@ pub struct EncodeSettings {
     /// Whether streams may use the lane rANS codec (spec §8.7), which a GPU decodes.
     /// Without it the file is a format 1.0 file that older readers read.
     pub rans: bool,
+    /// Whether streams may use zstd (codec 1). Without it every stream is lane
+    /// rANS or stored, so that a GPU loader decodes the whole delta itself and
+    /// the CPU decodes nothing; the delta grows where zstd would have won, on
+    /// constant or repetitive planes (a constant plane costs a tile's 128 bytes
+    /// of states instead of about 20).
+    pub zstd: bool,
 }
 
 impl Default for EncodeSettings {
     fn default() -> Self {
-        Self { level: 1, min_zstd_gain: 0.0, rans: true }
+        Self { level: 1, min_zstd_gain: 0.0, rans: true, zstd: true }
     }
 }
 
@@ -198,7 +204,7 @@ impl<'a> StreamSet<'a> {
         contexts: Vec<StreamContext<'a>>,
         plans: Vec<rans::StreamPlan>,
     ) -> Result<()> {
-        let zstd = compress_stream(raw, self.settings.level)?;
+        let zstd = if self.settings.zstd { compress_stream(raw, self.settings.level)? } else { None };
         self.streams.push(PendingStream::new(raw, contexts, plans, zstd, self.settings));
         Ok(())
     }
@@ -306,6 +312,12 @@ fn smaller_of(first: StreamSet<'_>, second: StreamSet<'_>, gain: f64) -> (bool, 
 /// The fraction by which zstd must beat lane rANS on a stream to be kept: below it,
 /// a stream that a GPU decodes is worth more than the bytes.
 const ZSTD_OVER_RANS_GAIN: f64 = 0.02;
+/// The fraction by which a bitmap must beat gaps to be kept. A bitmap codes one
+/// symbol per 8 words, gaps one per changed word and plane: below about 6%
+/// changed words that is many times the symbols, and a GPU warp decodes a lane
+/// rANS tile one step of 32 symbols after the other (§15.10). Where the two store
+/// within this share of each other, the shorter streams are worth more.
+const BITMAP_OVER_GAPS_GAIN: f64 = 0.01;
 /// Bytes sampled to judge a stream's entropy.
 const SAMPLE_BYTES: usize = 1 << 16;
 /// Above this many bits per byte, zstd cannot win: the stream is stored as it is.
@@ -554,6 +566,7 @@ fn gap_or_bitmap_streams(
     let width = positions::gap_width(changed);
     let gap_planes = positions::encode_gaps(changed, width);
     let bitmap = [positions::encode_bitmap(changed, words)];
+    let bitmap_gain = if bitmap[0].len() > changed.len() * gap_planes.len() { BITMAP_OVER_GAPS_GAIN } else { 0.0 };
     let gaps_win = if settings.level >= MEASURE_FROM_LEVEL {
         None
     } else {
@@ -571,7 +584,7 @@ fn gap_or_bitmap_streams(
         _ => Some(StreamSet::of(&bitmap, settings)?),
     };
     Ok(match (gaps, bitmap) {
-        (Some(g), Some(b)) => match smaller_of(b, g, 0.0) {
+        (Some(g), Some(b)) => match smaller_of(b, g, bitmap_gain) {
             (true, b) => (PositionCoding::Bitmap, 0, b),
             (false, g) => (PositionCoding::Gaps, width, g),
         },
@@ -1341,6 +1354,40 @@ mod tests {
         assert_eq!(round_trip(&dense, None, WordWidth::W8), Encoding::Raw);
         // A base shorter than the chunk reads as zeros past its end.
         assert_eq!(round_trip(&dense, Some(&base[..96]), WordWidth::W1), Encoding::Dense);
+    }
+
+    /// At 1.3% changed words a bitmap stores a little smaller than gaps, and
+    /// codes ten times the symbols: the writer keeps gaps (§15.9).
+    #[test]
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)] // test data
+    fn gaps_are_kept_where_a_bitmap_saves_under_one_percent() {
+        let words = 1 << 20;
+        let base = pseudo_random(2 * words, 7);
+        let coding = |seed: u64| {
+            let mut target = base.clone();
+            let mut x = seed;
+            let mut unit = || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 11) + 1) as f64 / (1u64 << 53) as f64
+            };
+            // geometric gaps: each word changes with probability 1.3%
+            let log_q = (1.0f64 - 0.013).ln();
+            let mut i = (unit().ln() / log_q) as usize;
+            while i < words {
+                target[2 * i] ^= 1;
+                i += 1 + (unit().ln() / log_q) as usize;
+            }
+            let chunk = encode_chunk(&target, Some(&base), WordWidth::W2, true, EncodeSettings::default()).unwrap();
+            let mut out = Vec::new();
+            decode_chunk(&input(&chunk, Some(&base), words, WordWidth::W2), &mut out).unwrap();
+            assert_eq!(out, target);
+            (chunk.record.encoding, chunk.record.position_coding)
+        };
+        // A seed whose bitmap stores a little smaller than its gaps: without
+        // the 1% preference the writer keeps the bitmap.
+        assert_eq!(coding(14u64.wrapping_mul(0x9E37_79B9_7F4A_7C15)), (Encoding::Sparse, PositionCoding::Gaps));
     }
 
     /// A word width that no dtype has cannot be asked for; bad sizes are errors.

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use tpde::{AddOptions, ApplyOptions, Checkpoint, EncodeOptions, Error, ErrorCode, Series, StepKind};
+use tpde::{AddOptions, ApplyOptions, Checkpoint, EncodeOptions, EncodeSettings, Error, ErrorCode, Series, StepKind};
 
 use crate::{escape, human, prepare_output, set_threads, Bars, Threads};
 
@@ -42,9 +42,13 @@ pub enum SeriesCommand {
         previous: Option<PathBuf>,
         /// Code the positions of a delta against the previous step's delta
         /// (format 1.2, position coding 3) where that stores smaller. The GPU
-        /// loader does not read such files yet.
+        /// loader decodes such positions on the CPU before it uploads them.
         #[arg(long)]
         temporal: bool,
+        /// Never use zstd: every stream is lane rANS or stored, so that a GPU
+        /// worker stepping the series decodes each delta itself.
+        #[arg(long)]
+        no_zstd: bool,
         #[command(flatten)]
         threads: Threads,
     },
@@ -112,13 +116,13 @@ fn kind_name(kind: StepKind) -> &'static str {
 #[allow(clippy::cast_precision_loss)] // ratios for display
 pub fn run(command: SeriesCommand) -> tpde::Result<()> {
     match command {
-        SeriesCommand::Add { run, checkpoint, step, max_chain, chunk_words, previous, temporal, threads } => {
+        SeriesCommand::Add { run, checkpoint, step, max_chain, chunk_words, previous, temporal, no_zstd, threads } => {
             set_threads(&threads)?;
             let ckpt = Checkpoint::open(&checkpoint)?;
             let previous = previous.as_deref().map(Checkpoint::open).transpose()?;
             let mut series = Series::open_or_create(&run)?;
-            let options =
-                AddOptions { max_chain, encode: EncodeOptions { chunk_words, ..EncodeOptions::default() }, temporal };
+            let settings = EncodeSettings { zstd: !no_zstd, ..EncodeSettings::default() };
+            let options = AddOptions { max_chain, encode: EncodeOptions { settings, chunk_words }, temporal };
             let added = match &previous {
                 Some(previous) => series.add_after(previous, &ckpt, step, &options, &Bars::new())?,
                 None => series.add(&ckpt, step, &options, &Bars::new())?,

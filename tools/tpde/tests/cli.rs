@@ -169,6 +169,53 @@ fn the_same_inputs_give_the_same_bytes_whatever_the_thread_count() {
     assert_eq!(fs::read(t.path("a.tpde")).unwrap(), fs::read(t.path("b.tpde")).unwrap());
 }
 
+/// A BF16 fine-tune step that moves 1.3% of the words by one unit: the values'
+/// high byte plane is constant, which zstd stores in about 20 bytes.
+fn one_unit_steps(t: &Pair) -> (PathBuf, PathBuf) {
+    let base = tensor("w", "BF16", &[64, 512], 21);
+    let mut bytes = base.bytes.clone();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for word in bytes.chunks_exact_mut(2) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        if state % 1000 < 13 {
+            let v = u16::from_le_bytes([word[0], word[1]]) ^ 1;
+            word.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    let target = Tensor { bytes, ..tensor("w", "BF16", &[64, 512], 21) };
+    let (b, tg) = (t.path("steps-base.safetensors"), t.path("steps-target.safetensors"));
+    write_safetensors(&b, &[base]);
+    write_safetensors(&tg, &[target]);
+    (b, tg)
+}
+
+/// Bytes of a delta's streams that only the CPU decodes (zstd), from `inspect`.
+fn cpu_only_bytes(delta: &Path) -> u64 {
+    let inspect = run(&[p("inspect"), delta, p("--json")]);
+    let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect prints JSON");
+    report["total"]["cpu_only_bytes"].as_u64().expect("a byte count")
+}
+
+#[test]
+fn no_zstd_deltas_leave_nothing_to_the_cpu_and_round_trip() {
+    let t = pair();
+    let (base, target) = one_unit_steps(&t);
+    let (default, gpu) = (t.path("default.tpde"), t.path("no-zstd.tpde"));
+    ok(&[p("encode"), &base, &target, p("-o"), &default]);
+    ok(&[p("encode"), &base, &target, p("-o"), &gpu, p("--no-zstd")]);
+    assert!(cpu_only_bytes(&default) > 0, "the default writer keeps zstd where it stores smaller");
+    assert_eq!(cpu_only_bytes(&gpu), 0);
+    for (delta, out) in [(&default, t.path("a.safetensors")), (&gpu, t.path("b.safetensors"))] {
+        ok(&[p("apply"), &base, delta, p("-o"), &out]);
+        assert_eq!(fs::read(&out).unwrap(), fs::read(&target).unwrap());
+    }
+    let refused = [p("encode"), &base, &target, p("-o"), &t.path("c.tpde"), p("--no-zstd"), p("--format-version")];
+    assert_eq!(error_code(&[&refused[..], &[p("1.0")]].concat()), "E_INVALID_ARGUMENT");
+    assert!(!t.path("c.tpde").exists());
+}
+
 fn encoded() -> (Pair, PathBuf) {
     let t = pair();
     let delta = t.path("d.tpde");

@@ -51,15 +51,21 @@ pub(super) struct LeafScratch {
     pub(super) digests: CudaSlice<u64>,
 }
 
+/// The leaf digest passes of one call: their descriptor tables are on the
+/// device before the call's kernels run, so that the passes follow the
+/// rebuild on the main stream with no host work between, and one
+/// synchronization ends the call.
+pub(super) struct LeafPass {
+    batches: Vec<LeafBatch>,
+    checked: usize,
+}
+
 impl Loader {
-    /// Computes the leaf digest of every checked chunk on the device and
-    /// compares it with the chunk's record. The chunks go in batches of at
-    /// most [`LEAF_SCRATCH_BLOCKS`] blocks, two launches each, all on the
-    /// main stream, reusing the loader's scratch. Skipped when the caller
-    /// opted out.
-    pub(super) fn check_leaves(&mut self, checks: &[LeafCheck<'_>]) -> Result<()> {
+    /// Uploads the descriptor tables of `checks` on the main stream. `None`
+    /// when the caller opted out of digests or nothing is checked.
+    pub(super) fn prepare_leaves(&mut self, checks: &[LeafCheck<'_>]) -> Result<Option<LeafPass>> {
         let Some(leaf) = self.leaf.as_mut().filter(|_| self.cfg.verify_digests && !checks.is_empty()) else {
-            return Ok(());
+            return Ok(None);
         };
         let mut batches = vec![LeafBatch::default()];
         for c in checks {
@@ -89,22 +95,43 @@ impl Loader {
         if leaf.digests.len() < 2 * checks.len() {
             leaf.digests = self.gpu.alloc_zeros::<u64>((2 * checks.len()).next_power_of_two())?;
         }
+        // From pageable memory the driver stages the bytes at once, so the
+        // table may be dropped when this returns.
+        self.gpu.stream().memcpy_htod(&table, &mut leaf.table.slice_mut(..table_bytes))?;
+        Ok(Some(LeafPass { batches, checked: checks.len() }))
+    }
+
+    /// Launches the two passes of every batch on the main stream, behind
+    /// whatever the main stream already waits for.
+    pub(super) fn launch_leaves(&self, pass: &LeafPass) -> Result<()> {
+        let Some(leaf) = self.leaf.as_ref() else {
+            return Err(GpuError::invalid("leaf digest pass without its scratch"));
+        };
         let main = self.gpu.stream().clone();
-        main.memcpy_htod(&table, &mut leaf.table.slice_mut(..table_bytes))?;
         let (table_all, terms, digests_all) = (
             DevRange::all(&leaf.table, &main)?,
             DevRange::all(&leaf.terms, &main)?,
             DevRange::all(&leaf.digests, &main)?,
         );
         let (mut table_at, mut first) = (0, 0);
-        for b in &batches {
+        for b in &pass.batches {
             let t = table_all.sub(table_at, b.table_bytes())?;
             let o = digests_all.sub(16 * first, 16 * b.len())?;
             self.gpu.launch_leaves(&main, b, t, terms, o)?;
             table_at += b.table_bytes();
             first += b.len();
         }
-        let leaves = main.clone_dtoh(&leaf.digests.slice(..2 * checks.len()))?;
+        Ok(())
+    }
+
+    /// Compares the digests that the passes computed with the chunks'
+    /// records, once the main stream has finished them; a mismatch is the
+    /// library's `E_CHUNK_DIGEST`, naming the first such chunk.
+    pub(super) fn compare_leaves(&self, pass: &LeafPass, checks: &[LeafCheck<'_>]) -> Result<()> {
+        let Some(leaf) = self.leaf.as_ref().filter(|_| pass.checked == checks.len()) else {
+            return Err(GpuError::invalid("leaf digest pass and checks differ"));
+        };
+        let leaves = self.gpu.stream().clone_dtoh(&leaf.digests.slice(..2 * checks.len()))?;
         for (c, halves) in checks.iter().zip(leaves.chunks_exact(2)) {
             let leaf = ((u128::from(halves[1]) << 64) | u128::from(halves[0])).to_be_bytes();
             if leaf != c.digest {

@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use super::digests::LeafCheck;
 use super::host_decode::decode_tasks;
 use super::inputs::Checksums;
 use super::plan::{Job, Plan};
@@ -14,20 +15,25 @@ use crate::gpu::{Batch, DevRange, RansContext, RansStream, Stage};
 use crate::rans::{self, RansWork};
 
 impl Loader {
-    /// Runs jobs: batches them into slots, uploads, decodes, launches; then
-    /// waits once and checks the device error flag. Then, unless the caller
-    /// opted out ([`LoaderConfig::verify_digests`]), the leaf digest of every
-    /// rebuilt chunk is computed on the device and compared with the chunk's
-    /// record (spec §10); a mismatch is the library's `E_CHUNK_DIGEST`.
-    pub(super) fn run(&mut self, jobs: &[Job<'_, '_>], stage: Stage) -> Result<()> {
+    /// Runs jobs: batches them into slots, uploads, decodes, launches; unless
+    /// the caller opted out ([`LoaderConfig::verify_digests`]), computes the
+    /// leaf digest of every chunk in `checks` on the device behind them; then
+    /// waits once, checks the device error flag and compares the digests with
+    /// the chunks' records (spec §10): a mismatch is the library's
+    /// `E_CHUNK_DIGEST`.
+    ///
+    /// [`LoaderConfig::verify_digests`]: super::LoaderConfig::verify_digests
+    pub(super) fn run(&mut self, jobs: &[Job<'_, '_>], stage: Stage, checks: &[LeafCheck<'_>]) -> Result<()> {
         self.begin()?;
+        let leaves = self.prepare_leaves(checks)?;
         let mut i = 0;
         while i < jobs.len() {
             let plan = self.plan_batch(&jobs[i..], stage)?;
             self.flush(&jobs[i..i + plan.count], &plan, stage, i)?;
             i += plan.count;
         }
-        self.finish(|job| jobs.get(job as usize).and_then(|j| j.label))
+        self.finish(|job| jobs.get(job as usize).and_then(|j| j.label), leaves.as_ref())?;
+        leaves.map_or(Ok(()), |pass| self.compare_leaves(&pass, checks))
     }
 
     /// Uploads one batch into a slot (the raw span first, straight from the
@@ -98,7 +104,7 @@ impl Loader {
                 work.streams.push(&stream, r.stored_len, r.decoded_len)?;
             }
         }
-        work.seal()?;
+        work.seal(self.gpu.resident_decoder_warps())?;
         if batch.table_bytes() > plan.table || work.table_bytes() > plan.rans_tables {
             return Err(GpuError::invalid("descriptor tables larger than planned"));
         }

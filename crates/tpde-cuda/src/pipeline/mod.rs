@@ -190,8 +190,7 @@ impl Loader {
             self.plan_tensor(t, b, o, &mut jobs)?;
             leaf_checks(t, o, &mut checks)?;
         }
-        self.run(&jobs, Stage::Apply).map_err(|e| locate_device_fault(delta, e))?;
-        self.check_leaves(&checks)?;
+        self.run(&jobs, Stage::Apply, &checks).map_err(|e| locate_device_fault(delta, e))?;
         Ok(outs)
     }
 
@@ -233,8 +232,7 @@ impl Loader {
                 job.checksums = Checksums::Checked;
             }
         }
-        self.run(&jobs, Stage::Apply).map_err(|e| locate_device_fault(delta, e))?;
-        self.check_leaves(&checks)
+        self.run(&jobs, Stage::Apply, &checks).map_err(|e| locate_device_fault(delta, e))
     }
 
     /// API (a) with a host-resident base: uploads each base tensor through the
@@ -274,8 +272,7 @@ impl Loader {
         self.plan_tensor(t, b, o, &mut jobs)?;
         let mut checks = Vec::new();
         leaf_checks(t, o, &mut checks)?;
-        self.run(&jobs, Stage::Apply).map_err(|e| locate_device_fault(std::slice::from_ref(t), e))?;
-        self.check_leaves(&checks)
+        self.run(&jobs, Stage::Apply, &checks).map_err(|e| locate_device_fault(std::slice::from_ref(t), e))
     }
 
     /// API (b), in place: `buf` holds the base and is overwritten with the target.
@@ -291,7 +288,7 @@ impl Loader {
         let out = self.gpu.alloc_zeros::<u32>(m.max(1))?;
         let r = DevRange::of(&out, self.gpu.stream(), 0, m * 4)?;
         let job = Job { chunk, checksums: Checksums::Checked, width, host: None, base: r, out: r, label: None };
-        self.run(&[job], Stage::Positions)?;
+        self.run(&[job], Stage::Positions, &[])?;
         let mut v = self.gpu.download(&out)?;
         v.truncate(m);
         Ok(v)

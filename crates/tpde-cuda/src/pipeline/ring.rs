@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 
+use super::digests::LeafPass;
 use super::faults::device_error;
 use super::Loader;
 use crate::error::{flag, Result};
@@ -48,15 +49,23 @@ impl Loader {
         Ok(())
     }
 
-    /// Joins every slot stream into the main stream, copies the device error
-    /// flag words back (page-locked), waits once and checks them. A lane
-    /// rANS fault names its chunk: `label` gives the tensor and chunk index
-    /// of the job that the kernels recorded.
-    pub(super) fn finish<'n>(&mut self, label: impl Fn(u32) -> Option<(&'n str, u64)>) -> Result<()> {
+    /// Joins every slot stream into the main stream, launches the leaf
+    /// digest passes there when given, copies the device error flag words
+    /// back (page-locked), waits once and checks them. A lane rANS fault
+    /// names its chunk: `label` gives the tensor and chunk index of the job
+    /// that the kernels recorded.
+    pub(super) fn finish<'n>(
+        &mut self,
+        label: impl Fn(u32) -> Option<(&'n str, u64)>,
+        leaves: Option<&LeafPass>,
+    ) -> Result<()> {
         let main = self.gpu.stream().clone();
         for s in &self.slots {
             s.done.record(&s.stream)?;
             main.wait(&s.done)?;
+        }
+        if let Some(pass) = leaves {
+            self.launch_leaves(pass)?;
         }
         let flag = DevRange::all(&self.flag, &main)?;
         let host = self.flag_host.as_mut_slice()?;

@@ -125,7 +125,7 @@ impl Loader {
             let end = self.stage_batch(&order[i..], &tensors, &data, i)?;
             i += end;
         }
-        self.finish(|job| order.get(job as usize).map(|p| (p.name, p.index)))?;
+        self.finish(|job| order.get(job as usize).map(|p| (p.name, p.index)), None)?;
         Ok(DeviceDelta { data, tensors })
     }
 
@@ -234,7 +234,7 @@ impl Loader {
                 work.streams.push(&stream, r.stored_len, r.decoded_len)?;
             }
         }
-        work.seal()?;
+        work.seal(self.gpu.resident_decoder_warps())?;
         work.write_tables(&mut host[..tables]);
         let part = all.sub(first, used)?;
         // SAFETY: the page-locked host bytes stay untouched until `uploaded`
@@ -309,7 +309,6 @@ impl Loader {
     }
 
     fn run_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
-        self.launch_staged(delta, bases, outs)?;
         let mut checks = Vec::new();
         for (t, o) in delta.tensors.iter().zip(outs) {
             let w = t.width.bytes();
@@ -321,11 +320,20 @@ impl Loader {
                 off += n;
             }
         }
-        self.check_leaves(&checks)
+        self.launch_staged(delta, bases, outs, &checks)
     }
 
-    fn launch_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
+    /// Launches the apply kernels of every staged tensor, then (unless the
+    /// caller opted out) the leaf digest passes of `checks`; waits once.
+    fn launch_staged(
+        &mut self,
+        delta: &DeviceDelta,
+        bases: &[DevRange],
+        outs: &[DevRange],
+        checks: &[LeafCheck<'_>],
+    ) -> Result<()> {
         self.begin()?;
+        let leaves = self.prepare_leaves(checks)?;
         let max_tiles = self.slots[0].sums.len();
         let max_rows = self.slots[0].groups.len() / KEYS;
         let table_cap = self.cfg.slot_bytes / ChunkDesc::BYTES;
@@ -375,7 +383,8 @@ impl Loader {
         }
         let labels: Vec<(&str, u64)> =
             delta.tensors.iter().flat_map(|t| t.chunks.iter().map(|c| (t.name.as_str(), c.index))).collect();
-        self.finish(|job| labels.get(job as usize).copied())
+        self.finish(|job| labels.get(job as usize).copied(), leaves.as_ref())?;
+        leaves.map_or(Ok(()), |pass| self.compare_leaves(&pass, checks))
     }
 
     /// Launches the chunks `pending` of tensor `t` of a device-resident
@@ -459,7 +468,7 @@ impl Loader {
                 work.streams.push(&stream, r.stored_len, r.decoded_len)?;
             }
         }
-        work.seal()?;
+        work.seal(self.gpu.resident_decoder_warps())?;
         if batch.table_bytes() > table || work.table_bytes() > rans_tables {
             return Err(GpuError::invalid("descriptor tables larger than planned"));
         }
