@@ -212,19 +212,8 @@ impl Suite {
 
     /// Opens `delta` with its chain of reference deltas, nearest first (spec §11.2 R0).
     fn open_chain(&self, delta: &str, references: &[&str]) -> tpde::Result<DeltaFile> {
-        let mut reference: Option<std::sync::Arc<DeltaFile>> = None;
-        for rel in references.iter().rev() {
-            let mut file = DeltaFile::open(&self.path(rel))?;
-            if let Some(own) = reference.take() {
-                file = file.with_position_reference(own)?;
-            }
-            reference = Some(std::sync::Arc::new(file));
-        }
-        let file = DeltaFile::open(&self.path(delta))?;
-        match reference {
-            Some(reference) => file.with_position_reference(reference),
-            None => Ok(file),
-        }
+        let paths: Vec<PathBuf> = references.iter().map(|rel| self.path(rel)).collect();
+        DeltaFile::open(&self.path(delta))?.with_reference_chain(&paths)
     }
 
     /// Records a case whose delta is decoded with reference deltas (spec §11.4,

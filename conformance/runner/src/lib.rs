@@ -3,7 +3,6 @@
 //! prints it; the library's own tests compare it with the golden files.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -17,19 +16,7 @@ pub fn decode(delta: &Path, base: Option<&Path>) -> tpde::Result<String> {
 /// Opens a delta with its chain of reference deltas (spec §11.2 R0): `references[0]`
 /// is the delta's reference, `references[1]` that file's, and so on.
 pub fn open_chain(delta: &Path, references: &[PathBuf]) -> tpde::Result<DeltaFile> {
-    let mut reference: Option<Arc<DeltaFile>> = None;
-    for path in references.iter().rev() {
-        let mut file = DeltaFile::open(path)?;
-        if let Some(own) = reference.take() {
-            file = file.with_position_reference(own)?;
-        }
-        reference = Some(Arc::new(file));
-    }
-    let delta = DeltaFile::open(delta)?;
-    match reference {
-        Some(reference) => delta.with_position_reference(reference),
-        None => Ok(delta),
-    }
+    DeltaFile::open(delta)?.with_reference_chain(references)
 }
 
 /// As [`decode`], with the delta's chain of reference deltas (see [`open_chain`]).

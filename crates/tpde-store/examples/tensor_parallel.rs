@@ -10,24 +10,11 @@
 //!
 //! The store's configuration comes from the environment (`AWS_*` for S3).
 
-use std::ops::Range;
 use std::path::PathBuf;
 
-use tpde::{Checkpoint, DeltaModel, NoProgress, TensorEntry};
+use tpde::{even_row_shard, Checkpoint, DeltaModel, NoProgress};
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
-
-/// Whether `tensor` is split by rows among `ranks` ranks, rather than held whole by
-/// each: it has rows, and at least one per rank.
-fn is_split(tensor: &TensorEntry, ranks: u64) -> bool {
-    tensor.shape.len() >= 2 && tensor.shape[0] >= ranks
-}
-
-/// The rows of a split tensor that rank `rank` of `ranks` holds.
-fn rows_of(tensor: &TensorEntry, rank: u64, ranks: u64) -> Range<u64> {
-    let rows = tensor.shape[0];
-    rank * rows / ranks..(rank + 1) * rows / ranks
-}
 
 #[allow(clippy::cast_precision_loss)] // ratios for display
 fn main() -> R<()> {
@@ -49,8 +36,7 @@ fn main() -> R<()> {
     let model = DeltaModel::new(delta, base.map(|b| Box::new(b) as tpde::OwnedSource))?;
     let mut rebuilt = 0u64;
     for tensor in model.tensors() {
-        let bytes = if is_split(tensor, ranks) {
-            let rows = rows_of(tensor, rank, ranks);
+        let bytes = if let Some(rows) = even_row_shard(&tensor.shape, rank, ranks) {
             let row_bytes = DeltaModel::row_bytes(tensor)?.ok_or("a tensor without whole-byte rows")?;
             let mut out = vec![0u8; usize::try_from((rows.end - rows.start) * row_bytes)?];
             model.decode_rows_into(tensor, rows, &mut out, &NoProgress)?;

@@ -12,25 +12,11 @@
 //! The base tensors are still read whole by each rank that uses them: their
 //! digest covers the whole tensor.
 
-use std::ops::Range;
 use std::path::PathBuf;
 
-use tpde::{Checkpoint, DeltaFile, DeltaModel, NoProgress, TensorEntry};
+use tpde::{even_row_shard, Checkpoint, DeltaFile, DeltaModel, NoProgress};
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
-
-/// Whether `tensor` is split by rows among `ranks` ranks, rather than held
-/// whole by each: it has rows, and at least one per rank.
-fn is_split(tensor: &TensorEntry, ranks: u64) -> bool {
-    tensor.shape.len() >= 2 && tensor.shape[0] >= ranks
-}
-
-/// The rows of a split tensor that rank `rank` of `ranks` holds: an even
-/// split of the first dimension.
-fn rows_of(tensor: &TensorEntry, rank: u64, ranks: u64) -> Range<u64> {
-    let rows = tensor.shape[0];
-    rank * rows / ranks..(rank + 1) * rows / ranks
-}
 
 fn main() -> R<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -55,9 +41,9 @@ fn main() -> R<()> {
     for rank in 0..ranks {
         let (mut read, mut rebuilt) = (0u64, 0u64);
         for (t, tensor) in model.tensors().iter().enumerate() {
-            let split = is_split(tensor, ranks);
-            let (start, end, bytes) = if split {
-                let rows = rows_of(tensor, rank, ranks);
+            let shard = even_row_shard(&tensor.shape, rank, ranks);
+            let split = shard.is_some();
+            let (start, end, bytes) = if let Some(rows) = shard {
                 let row_bytes = DeltaModel::row_bytes(tensor)?.ok_or("a tensor without whole-byte rows")?;
                 let mut out = vec![0u8; usize::try_from((rows.end - rows.start) * row_bytes)?];
                 model.decode_rows_into(tensor, rows.clone(), &mut out, &NoProgress)?;

@@ -53,7 +53,7 @@ pub use delta::{DecodeCost, DecodeScratch, EncodeSettings};
 pub use dtype::{Dtype, WordWidth};
 pub use error::{escape_for_terminal, Error, ErrorCode, Result};
 pub use limits::DEFAULT_CHUNK_WORDS;
-pub use model::{DeltaModel, OwnedSource};
+pub use model::{even_row_shard, DeltaModel, OwnedSource};
 pub use output::{check_free, check_not_an_input, remove_pending_outputs, remove_stale_temporaries, Leftover};
 pub use pipeline::apply::{
     apply, apply_chain, chain_cut_alike, check_link, resolve_base, verify, ApplyOptions, ApplySummary,

@@ -206,3 +206,38 @@ impl DeltaModel {
         Ok(())
     }
 }
+/// The rows that rank `rank` of `ranks` holds of a tensor of `shape` split evenly
+/// by its first dimension, as tensor-parallel row shards are: `None` where the
+/// tensor is held whole by every rank (no rows, fewer rows than ranks), or where
+/// `rank` is not below `ranks`. The ranks' rows put together are every row, each
+/// once; pass them to [`DeltaModel::decode_rows_into`].
+#[must_use]
+pub fn even_row_shard(shape: &[u64], rank: u64, ranks: u64) -> Option<Range<u64>> {
+    let rows = *shape.first().filter(|_| shape.len() >= 2)?;
+    if rank >= ranks || rows < ranks {
+        return None;
+    }
+    // rows < 2^64 / ranks is not guaranteed: widen for the products.
+    let at = |r: u64| u64::try_from(u128::from(r) * u128::from(rows) / u128::from(ranks)).unwrap_or(rows);
+    Some(at(rank)..at(rank + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::even_row_shard;
+
+    #[test]
+    fn even_row_shards_cover_every_row_once() {
+        for (rows, ranks) in [(10u64, 3u64), (4096, 8), (7, 7)] {
+            let shards: Vec<_> = (0..ranks).map(|r| even_row_shard(&[rows, 16], r, ranks).unwrap()).collect();
+            assert_eq!(shards.first().unwrap().start, 0);
+            assert_eq!(shards.last().unwrap().end, rows);
+            assert!(shards.windows(2).all(|w| w[0].end == w[1].start && !w[0].is_empty()));
+        }
+        // held whole: one dimension, fewer rows than ranks, a rank out of range
+        assert_eq!(even_row_shard(&[4096], 0, 2), None);
+        assert_eq!(even_row_shard(&[3, 8], 0, 4), None);
+        assert_eq!(even_row_shard(&[8, 8], 4, 4), None);
+        assert_eq!(even_row_shard(&[u64::MAX, 1], 1, 2), Some(u64::MAX / 2..u64::MAX));
+    }
+}

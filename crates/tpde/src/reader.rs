@@ -703,6 +703,28 @@ impl DeltaFile {
         Ok(decode_cost(self.chunk(span.index), self.streams(span.index), span.words, tensor.word_width()?))
     }
 
+    /// Attaches a chain of reference deltas read from files (spec §11.2 R0):
+    /// `references[0]` is this file's reference, `references[1]` that file's, and
+    /// so on. An empty chain leaves the file as it is.
+    ///
+    /// # Errors
+    /// As [`DeltaFile::open`] for each reference, and as
+    /// [`DeltaFile::with_position_reference`] for each link.
+    pub fn with_reference_chain(self, references: &[impl AsRef<Path>]) -> Result<Self> {
+        let mut reference: Option<Arc<DeltaFile>> = None;
+        for path in references.iter().rev() {
+            let mut file = DeltaFile::open(path.as_ref())?;
+            if let Some(own) = reference.take() {
+                file = file.with_position_reference(own)?;
+            }
+            reference = Some(Arc::new(file));
+        }
+        match reference {
+            Some(reference) => self.with_position_reference(reference),
+            None => Ok(self),
+        }
+    }
+
     /// Attaches the reference delta whose chunk positions the chunks of position
     /// coding 3 are coded against (spec §8.3). `reference` may carry its own
     /// reference (a chain of them); it is checked against the pin of this file's

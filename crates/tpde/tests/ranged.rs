@@ -63,18 +63,7 @@ impl RangeSource for MemorySource {
 /// Opens, verifies and decodes every tensor: the verdict of the conformance
 /// runner, without its output.
 fn verdict(open: impl FnOnce() -> tpde::Result<DeltaFile>, base: Option<&Path>, refs: &[PathBuf]) -> tpde::Result<()> {
-    let mut delta = open()?;
-    if !refs.is_empty() {
-        let mut reference: Option<Arc<DeltaFile>> = None;
-        for path in refs.iter().rev() {
-            let mut file = DeltaFile::open(path)?;
-            if let Some(own) = reference.take() {
-                file = file.with_position_reference(own)?;
-            }
-            reference = Some(Arc::new(file));
-        }
-        delta = delta.with_position_reference(reference.expect("a reference"))?;
-    }
+    let delta = open()?.with_reference_chain(refs)?;
     let base = base.map(Checkpoint::open).transpose()?;
     tpde::verify(&delta, base.as_ref(), None, &NoProgress)?;
     for tensor in &delta.header().tensors {
