@@ -59,6 +59,7 @@ nginx -c "$nginx_conf" &
 nginx_pid=$!
 cleanup() {
   kill "$nginx_pid" 2>/dev/null || true
+  [ -z "${s3s_pid:-}" ] || kill "$s3s_pid" 2>/dev/null || true
   kill "$S3_PID" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -80,16 +81,22 @@ EOF
 }
 size() { stat -c %s "$1"; }
 ratio() { python3 -c "print(f'{$1 / $2:.$3f}')"; }
+median() { python3 -c "import statistics, sys; print(statistics.median(map(float, sys.argv[1:])))" "$@"; }
+# Seconds that one run of a command takes.
+seconds_of() {
+  local start end
+  start=$(date +%s.%N)
+  "$@" >/dev/null 2>&1 || { echo "failed: $*" >&2; exit 1; }
+  end=$(date +%s.%N)
+  python3 -c "print($end - $start)"
+}
+# Median seconds of five runs of a command.
 median_seconds() {
   local times=()
   for _ in 1 2 3 4 5; do
-    local start end
-    start=$(date +%s.%N)
-    "$@" >/dev/null 2>&1 || { echo "failed: $*" >&2; exit 1; }
-    end=$(date +%s.%N)
-    times+=("$(python3 -c "print($end - $start)")")
+    times+=("$(seconds_of "$@")")
   done
-  python3 -c "import statistics, sys; print(statistics.median(map(float, sys.argv[1:])))" "${times[@]}"
+  median "${times[@]}"
 }
 
 echo "## Object stores"
@@ -121,6 +128,29 @@ done
 row apply && s3_s=$(median_seconds "$tpde" apply "$pair/base.safetensors" "s3://tpde/finetune.tpde" -o "$out" --force)
 row apply && local_s=$(median_seconds "$tpde" apply "$pair/base.safetensors" "$work/finetune.tpde" -o "$out" --force)
 row apply && echo "| \`apply\` of the fine-tune delta from moto's S3 vs local disk | $(ratio "$local_s" "$s3_s" 2)× local ($(ratio "$s3_s" 1 1) s vs $(ratio "$local_s" 1 1) s; moto copies the whole object in Python for every ranged GET) | — |"
+
+# s3s-fs, an S3-compatible server in Rust that keeps objects as files: local and S3
+# runs interleaved, since the machine's load drifts over a run.
+if row apply; then
+  s3s=$work/s3s/bin/s3s-fs
+  [ -x "$s3s" ] || cargo install --quiet --locked --root "$work/s3s" s3s-fs@0.14.1 --features binary >&2
+  rm -rf "$work/s3s-root" && mkdir -p "$work/s3s-root/tpde"
+  "$s3s" --host 127.0.0.1 --port 18014 --access-key bench --secret-key bench-secret "$work/s3s-root" >"$work/s3s.log" 2>&1 &
+  s3s_pid=$!
+  sleep 1
+  s3s_env=(env AWS_ENDPOINT_URL=http://127.0.0.1:18014 AWS_SECRET_ACCESS_KEY=bench-secret)
+  # Uploaded through tpde (multipart), so that the server records the ETag.
+  "${s3s_env[@]}" "$tpde" encode "$pair/base.safetensors" "$pair/target.safetensors" -o s3://tpde/finetune.tpde >&2
+  local_times=() s3s_times=()
+  for _ in 1 2 3 4 5; do
+    local_times+=("$(seconds_of "$tpde" apply "$pair/base.safetensors" "$work/finetune.tpde" -o "$out" --force)")
+    s3s_times+=("$(seconds_of "${s3s_env[@]}" "$tpde" apply "$pair/base.safetensors" s3://tpde/finetune.tpde -o "$out" --force)")
+    cmp "$out" "$pair/target.safetensors"
+  done
+  kill "$s3s_pid"
+  local_s=$(median "${local_times[@]}") s3s_s=$(median "${s3s_times[@]}")
+  echo "| \`apply\` of the fine-tune delta from s3s-fs 0.14.1 (S3 over HTTP) vs local disk | throughput $(ratio "$local_s" "$s3s_s" 2)× local (median of 5, interleaved: $(ratio "$s3s_s" 1 2) s vs $(ratio "$local_s" 1 2) s); bit-exact | ≥ 0.8× |"
+fi
 
 # Partial loads: one layer's tensors of the fine-tune delta, then one rank of N.
 if row partial; then

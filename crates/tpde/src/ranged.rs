@@ -182,30 +182,9 @@ impl SparseBytes {
     /// flight together (as the source allows). Waits for chunks that another
     /// thread is fetching.
     pub(crate) fn fetch(&self, indices: &[u64]) -> Result<()> {
-        let mut wanted: Vec<usize> = indices
-            .iter()
-            .filter_map(|&i| usize::try_from(i).ok())
-            .filter(|&i| i < self.state.len() && !self.is_resident(i))
-            .collect();
-        wanted.sort_unstable_by_key(|&i| self.ranges[i].start);
-        wanted.dedup();
+        let mut wanted = self.not_resident(indices);
         loop {
-            let mut claimed = Vec::new();
-            let mut waiting = false;
-            {
-                let mut shared = self.shared();
-                for &i in &wanted {
-                    match self.state[i].load(Ordering::Acquire) {
-                        ABSENT if !shared.frozen => {
-                            self.state[i].store(FETCHING, Ordering::Relaxed);
-                            claimed.push(i);
-                        }
-                        FETCHING => waiting = true,
-                        _ => {}
-                    }
-                }
-                shared.fetching += claimed.len();
-            }
+            let (claimed, waiting) = self.claim(&wanted);
             if !claimed.is_empty() {
                 self.fetch_claimed(&claimed)?;
             }
@@ -228,6 +207,77 @@ impl SparseBytes {
             .in_chunk(i as u64)),
             None => Ok(()),
         }
+    }
+
+    /// Starts fetching the chunks of `indices` that are neither in the buffer nor
+    /// being fetched, on a thread of its own, and returns at once: the read-ahead
+    /// of a pipeline, which keeps requests in flight across its batches rather than
+    /// waiting for them at the end of each. A chunk that fails to arrive is absent
+    /// again, for [`SparseBytes::fetch`] to retry and report.
+    pub(crate) fn prefetch(self: &Arc<Self>, indices: &[u64]) {
+        let (claimed, _) = self.claim(&self.not_resident(indices));
+        if claimed.is_empty() {
+            return;
+        }
+        let this = Arc::clone(self);
+        let started = std::thread::Builder::new().name("tpde-read-ahead".into()).spawn({
+            let claimed = claimed.clone();
+            move || {
+                // Failures are retried and reported by whoever needs the chunks.
+                let _ = this.fetch_claimed(&claimed);
+            }
+        });
+        if started.is_err() {
+            // No thread: the chunks are fetched when they are needed instead.
+            self.release(&claimed);
+        }
+    }
+
+    /// The chunks of `indices` that are not in the buffer, by offset, once each.
+    fn not_resident(&self, indices: &[u64]) -> Vec<usize> {
+        let mut wanted: Vec<usize> = indices
+            .iter()
+            .filter_map(|&i| usize::try_from(i).ok())
+            .filter(|&i| i < self.state.len() && !self.is_resident(i))
+            .collect();
+        wanted.sort_unstable_by_key(|&i| self.ranges[i].start);
+        wanted.dedup();
+        wanted
+    }
+
+    /// Marks the absent chunks of `wanted` as `FETCHING` by the caller, who must
+    /// then fetch them ([`SparseBytes::fetch_claimed`]); also says whether some
+    /// of `wanted` are being fetched by another thread.
+    fn claim(&self, wanted: &[usize]) -> (Vec<usize>, bool) {
+        let mut claimed = Vec::new();
+        let mut waiting = false;
+        let mut shared = self.shared();
+        for &i in wanted {
+            match self.state[i].load(Ordering::Acquire) {
+                ABSENT if !shared.frozen => {
+                    self.state[i].store(FETCHING, Ordering::Relaxed);
+                    claimed.push(i);
+                }
+                FETCHING => waiting = true,
+                _ => {}
+            }
+        }
+        shared.fetching += claimed.len();
+        (claimed, waiting)
+    }
+
+    /// Marks chunks that were claimed and did not arrive as absent again, and
+    /// wakes the threads that wait for them.
+    fn release(&self, claimed: &[usize]) {
+        let mut shared = self.shared();
+        for &i in claimed {
+            if self.state[i].load(Ordering::Relaxed) == FETCHING {
+                self.state[i].store(ABSENT, Ordering::Relaxed);
+            }
+        }
+        shared.fetching -= claimed.len();
+        drop(shared);
+        self.changed.notify_all();
     }
 
     /// Fetches chunks claimed as `FETCHING` by this thread, sorted by offset.
@@ -281,15 +331,7 @@ impl SparseBytes {
             Ok(())
         });
         // Whatever did not arrive is ABSENT again, for another try.
-        let mut shared = self.shared();
-        for &i in claimed {
-            if self.state[i].load(Ordering::Relaxed) == FETCHING {
-                self.state[i].store(ABSENT, Ordering::Relaxed);
-            }
-        }
-        shared.fetching -= claimed.len();
-        drop(shared);
-        self.changed.notify_all();
+        self.release(claimed);
         result
     }
 
@@ -311,5 +353,110 @@ impl SparseBytes {
         // SAFETY: frozen with no fetch in flight, so nothing writes the buffer any
         // more; the map is `len` bytes.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// An object of known bytes that logs its requests, can fail them, and can
+    /// hold those for the second chunk until released.
+    struct Object {
+        bytes: Vec<u8>,
+        requests: Mutex<Vec<Range<u64>>>,
+        fail: AtomicBool,
+        held: Mutex<bool>,
+        released: Condvar,
+    }
+
+    impl Object {
+        fn new(len: usize) -> Arc<Self> {
+            Arc::new(Self {
+                bytes: (0..len).map(|i| (i * 7 + 3) as u8).collect(),
+                requests: Mutex::new(Vec::new()),
+                fail: AtomicBool::new(false),
+                held: Mutex::new(false),
+                released: Condvar::new(),
+            })
+        }
+
+        fn hold(&self, held: bool) {
+            *self.held.lock().unwrap() = held;
+            self.released.notify_all();
+        }
+    }
+
+    impl RangeSource for Object {
+        fn len(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+
+        fn read_ranges(&self, ranges: &[Range<u64>], sink: &RangeSink<'_>) -> Result<()> {
+            // Holds only requests for the second chunk (bytes 2000..3000).
+            let mut held = self.held.lock().unwrap();
+            while *held && ranges.iter().any(|r| r.start == 2000) {
+                held = self.released.wait(held).unwrap();
+            }
+            drop(held);
+            self.requests.lock().unwrap().extend(ranges.iter().cloned());
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(Error::new(ErrorCode::RemoteRetries, "refused"));
+            }
+            for range in ranges {
+                sink(range.clone(), &self.bytes[range.start as usize..range.end as usize])?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Four chunks of 1000 bytes, apart (so that none merge into one request).
+    fn buffer(object: &Arc<Object>) -> Arc<SparseBytes> {
+        let mut sparse = SparseBytes::new(object.clone()).unwrap();
+        sparse.set_chunks((0..4).map(|k| k * 2000..k * 2000 + 1000).collect());
+        Arc::new(sparse)
+    }
+
+    #[test]
+    fn fetching_waits_for_the_read_ahead_rather_than_asking_again() {
+        let object = Object::new(8000);
+        let sparse = buffer(&object);
+        object.hold(true);
+        sparse.prefetch(&[1, 2]);
+        let waiter = std::thread::spawn({
+            let sparse = sparse.clone();
+            move || sparse.fetch(&[1, 2, 3])
+        });
+        // Chunk 3 arrives at once; 1 and 2 only once the read-ahead is let through.
+        while !sparse.is_resident(3) {
+            std::thread::yield_now();
+        }
+        assert!(!sparse.is_resident(1) && !waiter.is_finished());
+        object.hold(false);
+        waiter.join().unwrap().unwrap();
+        for k in 1..4usize {
+            assert_eq!(sparse.chunk(k).unwrap(), &object.bytes[k * 2000..k * 2000 + 1000]);
+        }
+        let mut requests = object.requests.lock().unwrap().clone();
+        requests.sort_by_key(|r| r.start);
+        assert_eq!(requests, [2000..3000, 4000..5000, 6000..7000], "each chunk is asked for once");
+    }
+
+    #[test]
+    fn a_failed_read_ahead_is_asked_again_and_its_error_reported_when_needed() {
+        let object = Object::new(8000);
+        let sparse = buffer(&object);
+        object.fail.store(true, Ordering::Relaxed);
+        sparse.prefetch(&[0]);
+        // The failed read-ahead leaves the chunk absent, and fetching it asks again.
+        let error = sparse.fetch(&[0]).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::RemoteRetries);
+        assert!(!sparse.is_resident(0));
+        object.fail.store(false, Ordering::Relaxed);
+        sparse.fetch(&[0]).unwrap();
+        assert_eq!(sparse.chunk(0).unwrap(), &object.bytes[..1000]);
+        assert!(object.requests.lock().unwrap().len() >= 3);
     }
 }

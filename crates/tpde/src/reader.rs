@@ -55,7 +55,7 @@ type DeltaBytes = Box<dyn AsRef<[u8]> + Send + Sync>;
 /// read by range into a sparse buffer as they are needed.
 enum Storage {
     Whole(DeltaBytes),
-    Ranged(SparseBytes),
+    Ranged(Arc<SparseBytes>),
 }
 
 /// Stored bytes of chunks fetched ahead of decoding, for a delta read by range:
@@ -147,13 +147,14 @@ impl DeltaFile {
         if tail < len {
             sparse.read_metadata(tail..len).map_err(|e| e.in_file(name))?;
         }
-        Self::from_owned(name, Storage::Ranged(sparse)).map_err(|e| e.in_file(name))
+        Self::from_owned(name, Storage::Ranged(Arc::new(sparse))).map_err(|e| e.in_file(name))
     }
 
     fn from_owned(path: &Path, mut map: Storage) -> Result<Self> {
         let bytes: &[u8] = match &mut map {
             Storage::Whole(bytes) => (**bytes).as_ref(),
-            Storage::Ranged(sparse) => sparse.metadata_view(),
+            // Not shared before the delta is built.
+            Storage::Ranged(sparse) => Arc::get_mut(sparse).expect("an unshared buffer").metadata_view(),
         };
         if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
             return fail(ErrorCode::BadMagic, "the file does not start with the tpde magic");
@@ -252,7 +253,7 @@ impl DeltaFile {
         let ranges: Vec<Range<u64>> =
             delta.chunks.iter().map(|c| c.data_offset..c.data_offset + u64::from(c.stored_len)).collect();
         if let Storage::Ranged(sparse) = &mut delta.map {
-            sparse.set_chunks(ranges);
+            Arc::get_mut(sparse).expect("an unshared buffer").set_chunks(ranges);
         }
         Ok(delta)
     }
@@ -464,26 +465,34 @@ impl DeltaFile {
         ahead
     }
 
+    /// For a delta read by range, starts fetching its first chunks (in file order,
+    /// the order in which its target is rebuilt) in the background, up to
+    /// [`FETCH_AHEAD_BYTES`]: to overlap the first requests with work that comes
+    /// before decoding, such as checking the base. Does nothing for a delta held
+    /// whole.
+    pub(crate) fn start_read_ahead(&self) {
+        let Storage::Ranged(sparse) = &self.map else { return };
+        let mut bytes = 0u64;
+        let first: Vec<u64> = (0..self.chunks.len() as u64)
+            .take_while(|&index| {
+                let fits = bytes < FETCH_AHEAD_BYTES;
+                bytes += u64::from(self.chunk(index).stored_len);
+                fits
+            })
+            .collect();
+        sparse.prefetch(&first);
+    }
+
     /// Runs `work` on a batch of chunks after fetching them (for a delta read by
-    /// range), while the chunks of the next batch are fetched beside it, so that
-    /// fetching overlaps decoding. A failure to fetch the next batch is left for
-    /// its own turn to report.
+    /// range), once the chunks of the batches after it are being fetched in the
+    /// background, so that fetching overlaps decoding. A failure to fetch those
+    /// is left for their own batch to report.
     pub(crate) fn with_chunks_fetched<R>(&self, now: &[u64], next: &[u64], work: impl FnOnce() -> R) -> Result<R> {
-        if !self.is_ranged() {
-            return Ok(work());
+        if let Storage::Ranged(sparse) = &self.map {
+            sparse.prefetch(next);
         }
         self.fetch_chunks(now)?;
-        if next.is_empty() {
-            return Ok(work());
-        }
-        Ok(std::thread::scope(|scope| {
-            let ahead = scope.spawn(|| {
-                let _ = self.fetch_chunks(next);
-            });
-            let result = work();
-            let _ = ahead.join();
-            result
-        }))
+        Ok(work())
     }
 
     /// Finds a tensor by name.

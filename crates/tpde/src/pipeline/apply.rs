@@ -307,6 +307,10 @@ fn rebuild(
     sink: &mut dyn TargetSink,
     progress: &dyn Progress,
 ) -> Result<()> {
+    // A delta read by range starts fetching its first chunks while the base is checked.
+    for delta in chain {
+        delta.start_read_ahead();
+    }
     let bases = resolve_chain(chain, base, progress)?;
     let delta = chain.last().expect("resolve_chain refuses an empty chain");
     let header = delta.header();
