@@ -375,7 +375,7 @@ mod tests {
     impl Object {
         fn new(len: usize) -> Arc<Self> {
             Arc::new(Self {
-                bytes: (0..len).map(|i| (i * 7 + 3) as u8).collect(),
+                bytes: (0..len).map(|i| u8::try_from((i * 7 + 3) % 251).unwrap()).collect(),
                 requests: Mutex::new(Vec::new()),
                 fail: AtomicBool::new(false),
                 held: Mutex::new(false),
@@ -406,7 +406,8 @@ mod tests {
                 return Err(Error::new(ErrorCode::RemoteRetries, "refused"));
             }
             for range in ranges {
-                sink(range.clone(), &self.bytes[range.start as usize..range.end as usize])?;
+                let at = usize::try_from(range.start).unwrap()..usize::try_from(range.end).unwrap();
+                sink(range.clone(), &self.bytes[at])?;
             }
             Ok(())
         }
