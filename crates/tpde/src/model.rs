@@ -1,7 +1,9 @@
 //! A delta read as the model it rebuilds: the target's tensors by name, each rebuilt
 //! on demand, whole or by rows, against a base checked as `apply` checks it (spec
 //! §11.2 B1 to B3). Names, dtypes and shapes of the base are checked when the model
-//! is opened; a base tensor's digest when a tensor built on it is first rebuilt.
+//! is opened; a base tensor's digest when a tensor built on it is first rebuilt
+//! whole. A partial read (some rows or chunks) touches only the base bytes of its
+//! chunks, which their chunk digests check (§11.2, partial reads).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -108,24 +110,61 @@ impl DeltaModel {
         }
     }
 
-    /// The base bytes of `tensor`, after checking their digest the first time.
-    fn base_bytes(&self, tensor: &TensorEntry) -> Result<Option<&[u8]>> {
-        let (Some(base_ref), Some(base)) = (&tensor.base, &self.base) else { return Ok(None) };
-        let found = base.tensor(&tensor.name).expect("checked when the model was opened");
-        let index = self.by_name[&tensor.name];
-        if self.base_checked[index].get().is_none() {
-            let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_width()?.bytes();
-            if to_hex(&tensor_digest(found.bytes, chunk_bytes)?) != base_ref.digest {
-                return Err(Error::new(
-                    ErrorCode::BaseDigest,
-                    "the base tensor's content differs from the one the delta was made against",
-                )
-                .in_file(found.file)
-                .in_tensor(&tensor.name));
-            }
-            let _ = self.base_checked[index].set(());
+    /// The base bytes of `tensor`. A read of the whole tensor checks their digest
+    /// first (spec §11.2 B3). A read of some of its chunks (a partial read) does
+    /// not, so that it touches only the base bytes of those chunks: each rebuilt
+    /// chunk is checked against its own digest, which a base byte that differs
+    /// within the chunk fails, and [`DeltaModel::decode_part`] then checks the
+    /// base digest to name the cause.
+    fn base_bytes(&self, tensor: &TensorEntry, whole: bool) -> Result<Option<&[u8]>> {
+        let (Some(_), Some(base)) = (&tensor.base, &self.base) else { return Ok(None) };
+        if whole {
+            self.check_base(tensor)?;
         }
-        Ok(Some(found.bytes))
+        Ok(Some(base.tensor(&tensor.name).expect("checked when the model was opened").bytes))
+    }
+
+    /// Checks the base digest of `tensor` (B3), once.
+    fn check_base(&self, tensor: &TensorEntry) -> Result<()> {
+        let (Some(base_ref), Some(base)) = (&tensor.base, &self.base) else { return Ok(()) };
+        let index = self.by_name[&tensor.name];
+        if self.base_checked[index].get().is_some() {
+            return Ok(());
+        }
+        let found = base.tensor(&tensor.name).expect("checked when the model was opened");
+        let chunk_bytes = usize::try_from(tensor.chunk_words).expect("bounded") * tensor.word_width()?.bytes();
+        if to_hex(&tensor_digest(found.bytes, chunk_bytes)?) != base_ref.digest {
+            return Err(Error::new(
+                ErrorCode::BaseDigest,
+                "the base tensor's content differs from the one the delta was made against",
+            )
+            .in_file(found.file)
+            .in_tensor(&tensor.name));
+        }
+        let _ = self.base_checked[index].set(());
+        Ok(())
+    }
+
+    /// Rebuilds chunks `chunks` of a tensor into `out`, checking the base as
+    /// [`DeltaModel::base_bytes`] says: a chunk of a partial read that fails its
+    /// digest is `E_BASE_DIGEST` when the base tensor's digest does not match
+    /// either, `E_CHUNK_DIGEST` when it does.
+    fn decode_part(
+        &self,
+        tensor: &TensorEntry,
+        chunks: Range<usize>,
+        out: &mut [u8],
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let whole = chunks.start == 0 && chunks.end as u64 == tensor.chunk_count;
+        let base = self.base_bytes(tensor, whole)?;
+        match self.delta.decode_chunks_into(tensor, base, chunks, out, progress) {
+            Err(e) if e.code() == ErrorCode::ChunkDigest && base.is_some() => {
+                self.check_base(tensor)?;
+                Err(e)
+            }
+            done => done,
+        }
     }
 
     /// Rebuilds a whole tensor into `out`, which holds exactly its bytes. Every chunk
@@ -136,8 +175,7 @@ impl DeltaModel {
     /// decoding error naming the chunk, and `E_INTERRUPTED` when `progress` says so.
     pub fn decode_into(&self, tensor: &TensorEntry, out: &mut [u8], progress: &dyn Progress) -> Result<()> {
         let chunks = usize::try_from(tensor.chunk_count).expect("bounded by MAX_CHUNKS");
-        let base = self.base_bytes(tensor)?;
-        self.delta.decode_chunks_into(tensor, base, 0..chunks, out, progress)
+        self.decode_part(tensor, 0..chunks, out, progress)
     }
 
     /// Rebuilds chunks `chunks` of a tensor (counted within the tensor) into `out`,
@@ -153,8 +191,7 @@ impl DeltaModel {
         out: &mut [u8],
         progress: &dyn Progress,
     ) -> Result<()> {
-        let base = self.base_bytes(tensor)?;
-        self.delta.decode_chunks_into(tensor, base, chunks, out, progress)
+        self.decode_part(tensor, chunks, out, progress)
     }
 
     /// Rebuilds rows `rows` (of the first dimension) of a tensor into `out`, which
@@ -192,15 +229,14 @@ impl DeltaModel {
         let first = start / chunk_bytes;
         let last = end.div_ceil(chunk_bytes);
         let chunks = usize::try_from(first).expect("bounded")..usize::try_from(last).expect("bounded");
-        let base = self.base_bytes(tensor)?;
         if start % chunk_bytes == 0 && (end % chunk_bytes == 0 || end == total) {
-            return self.delta.decode_chunks_into(tensor, base, chunks, out, progress);
+            return self.decode_part(tensor, chunks, out, progress);
         }
         // The rows start or end inside a chunk: rebuild the chunks whole, keep the rows.
         let spanned = (last * chunk_bytes).min(total) - first * chunk_bytes;
         let mut whole = try_zeroed(usize::try_from(spanned).expect("at most the tensor"))
             .map_err(|e| e.in_file(self.delta.path()).in_tensor(&tensor.name))?;
-        self.delta.decode_chunks_into(tensor, base, chunks, &mut whole, progress)?;
+        self.decode_part(tensor, chunks, &mut whole, progress)?;
         let skip = usize::try_from(start - first * chunk_bytes).expect("within a chunk");
         out.copy_from_slice(&whole[skip..skip + out.len()]);
         Ok(())

@@ -108,6 +108,49 @@ fn the_base_is_checked_by_shape_when_opened_and_by_digest_when_used() {
     assert_eq!((err.code(), err.tensor()), (ErrorCode::BaseDigest, Some("b")));
 }
 
+#[test]
+fn a_partial_read_checks_only_the_base_bytes_of_its_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_a = matrix("a", 40, 24, 1);
+    // A fine-tune: a few words of every chunk changed, so every chunk is built on the base.
+    let mut tuned = (*base_a.bytes).as_ref().to_vec();
+    for i in (0..tuned.len()).step_by(64) {
+        tuned[i] ^= 0x40;
+    }
+    let target_a = MemoryTensor { bytes: Box::new(tuned), ..matrix("a", 40, 24, 1) };
+    let path = dir.path().join("d.tpde");
+    tpde::encode_sources(Some(&map(vec![base_a])), &map(vec![target_a]), &path, options(100), false, &NoProgress)
+        .unwrap();
+    // The base differs from the one the delta was made against in rows 30 to 39 only
+    // (words 720 and on: chunks 7 to 9 of 100 words).
+    let mut wrong = (*matrix("a", 40, 24, 1).bytes).as_ref().to_vec();
+    wrong[30 * 48 + 5] ^= 1;
+    let wrong = || map(vec![MemoryTensor { bytes: Box::new(wrong.clone()), ..matrix("a", 40, 24, 1) }]);
+    let right = open(&path, Some(Box::new(map(vec![matrix("a", 40, 24, 1)])))).unwrap();
+    let mut expected = vec![0; 40 * 48];
+    right.decode_into(right.tensor("a").unwrap(), &mut expected, &NoProgress).unwrap();
+
+    let model = open(&path, Some(Box::new(wrong()))).unwrap();
+    let a = model.tensor("a").unwrap();
+    // Rows whose chunks hold none of the differing bytes rebuild bit-exact...
+    let mut rows = vec![0; 8 * 48];
+    model.decode_rows_into(a, 0..8, &mut rows, &NoProgress).unwrap();
+    assert_eq!(rows, expected[..8 * 48]);
+    let mut chunks = vec![0; 200 * 2];
+    model.decode_chunks_into(a, 2..4, &mut chunks, &NoProgress).unwrap();
+    assert_eq!(chunks, expected[400..800]);
+    // ...rows that hold one fail, named as the base's fault...
+    let mut rows = vec![0; 10 * 48];
+    let err = model.decode_rows_into(a, 30..40, &mut rows, &NoProgress).unwrap_err();
+    assert_eq!((err.code(), err.tensor()), (ErrorCode::BaseDigest, Some("a")));
+    // ...and the whole tensor is refused before it is rebuilt.
+    let model = open(&path, Some(Box::new(wrong()))).unwrap();
+    let mut whole = vec![0; 40 * 48];
+    let err = model.decode_into(model.tensor("a").unwrap(), &mut whole, &NoProgress).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::BaseDigest);
+    assert!(whole.iter().all(|&b| b == 0), "nothing is rebuilt before the base is checked");
+}
+
 /// Stops the work at its first check.
 struct StopAtOnce(AtomicBool);
 
