@@ -29,4 +29,5 @@ done
 
 cargo build --quiet --locked -p tpde-cli
 # From the repository root, so that the installed wheel is imported, not python/tpde.
-TPDE_CLI="$PWD/target/debug/tpde" "$venv/bin/pytest" -q -p no:cacheprovider python/tests
+# The object-store tests must run here: moto is installed for python3 by tools/test-all.sh.
+TPDE_REQUIRE_S3=1 TPDE_CLI="$PWD/target/debug/tpde" "$venv/bin/pytest" -q -p no:cacheprovider python/tests

@@ -19,7 +19,7 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use tpde::{Checkpoint, DeltaFile, Dtype, Error, ErrorCode};
+use tpde::{DeltaFile, Dtype, Error, ErrorCode};
 use tpde_cuda::{
     cudarc::driver::result::ctx,
     cudarc::driver::{CudaSlice, DevicePtr},
@@ -255,12 +255,12 @@ pub fn cuda_load(
     run_interruptible_with(py, None, |_| {
         with_loader(device, |loader| {
             let file = &open_delta(&delta)?;
-            let checkpoint = base_path.as_deref().map(Checkpoint::open).transpose()?;
+            let checkpoint = base_path.as_deref().map(tpde_store::OpenedCheckpoint::open).transpose()?;
             let zero = loader.zero_byte();
             let (borrowed, index) = borrow_all(loader, base_tensors.as_deref().unwrap_or_default());
             let resident =
                 base_tensors.as_deref().map(|r| resident_tensors(r, &borrowed, &index, &zero)).transpose()?;
-            let base = match (&checkpoint, &resident) {
+            let base = match (checkpoint.as_deref(), &resident) {
                 (Some(checkpoint), _) => Base::Checkpoint(checkpoint),
                 (None, Some(resident)) => Base::Resident(resident),
                 (None, None) => Base::None,
@@ -275,9 +275,12 @@ pub fn cuda_load(
 /// through the loader's page-locked ring. A page-locked copy of the whole file
 /// (`tpde_cuda::PinnedDelta`) would spare the ring, but allocating and
 /// filling it costs more per call than the ring does (H200: 46 ms against
-/// 2.4 ms for an 81 MB delta).
+/// 2.4 ms for an 81 MB delta). A delta at a URL is fetched whole first: the
+/// loader rebuilds every tensor, so it needs every chunk.
 fn open_delta(path: &std::path::Path) -> CudaResult<DeltaFile> {
-    Ok(DeltaFile::open(path)?)
+    let delta = tpde_store::open_delta_at(path)?;
+    delta.fetch_all()?;
+    Ok(delta)
 }
 
 fn results(file: &DeltaFile, outs: impl Iterator<Item = Option<CudaSlice<u8>>>, device: usize) -> Vec<Rebuilt> {

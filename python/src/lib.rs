@@ -15,16 +15,15 @@ use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
-use tpde::{
-    Checkpoint, DeltaFile, DeltaModel, Dtype, EncodeOptions, EncodeSettings, MemoryTensor, OwnedSource, TensorMap,
-};
+use tpde::{DeltaModel, Dtype, EncodeOptions, EncodeSettings, MemoryTensor, OwnedSource, TensorMap};
+use tpde_store::{open_delta_at, OpenedCheckpoint, OutputAt};
 
 use crate::errors::{invalid_argument, to_py, TpdeError};
 use crate::host_buffer::HostBuffer;
 use crate::interrupt::run_interruptible;
 
-/// A checkpoint as Python passes it: a path, or tensors in memory as a list of
-/// `(name, dtype, shape, uint8 array)`.
+/// A checkpoint as Python passes it: a path or an object-store URL, or tensors in
+/// memory as a list of `(name, dtype, shape, uint8 array)`.
 enum SourceArg {
     Path(PathBuf),
     Memory(TensorMap),
@@ -52,7 +51,7 @@ impl SourceArg {
 
     fn open(self) -> tpde::Result<OwnedSource> {
         Ok(match self {
-            Self::Path(path) => Box::new(Checkpoint::open(&path)?),
+            Self::Path(path) => Box::new(OpenedCheckpoint::open(&path)?),
             Self::Memory(map) => Box::new(map),
         })
     }
@@ -91,7 +90,10 @@ fn encode(
     run_interruptible(py, threads, |interrupt| {
         let base = base.map(SourceArg::open).transpose()?;
         let target = target.open()?;
-        let summary = tpde::encode_sources(base.as_deref().map(|b| b as _), &*target, &out, options, force, interrupt)?;
+        let out = OutputAt::new(&out, force)?;
+        let base = base.as_deref().map(|b| b as _);
+        let summary = tpde::encode_sources(base, &*target, out.local(), options, out.force(force), interrupt)?;
+        out.finish()?;
         Ok((summary.target_bytes, summary.delta_bytes, summary.delta_tensors, summary.standalone_tensors))
     })
 }
@@ -117,15 +119,18 @@ fn apply(
         .map(|p| glob::Pattern::new(p).map_err(|e| invalid_argument(format!("tensors: {p:?}: {e}"))))
         .collect::<PyResult<Vec<_>>>()?;
     run_interruptible(py, threads, |interrupt| {
-        let delta = DeltaFile::open(&delta)?;
-        let base = base.as_deref().map(Checkpoint::open).transpose()?;
-        let options = tpde::ApplyOptions { force, sync };
+        let out = OutputAt::new(&out, force)?;
+        let delta = open_delta_at(&delta)?;
+        let base = base.as_deref().map(OpenedCheckpoint::open).transpose()?;
+        let options = tpde::ApplyOptions { force: out.force(force), sync };
         let summary = if patterns.is_empty() {
-            tpde::apply(&delta, base.as_ref(), &out, options, interrupt)?
+            tpde::apply(&delta, base.as_deref(), out.local(), options, interrupt)?
         } else {
             let select = |name: &str| patterns.iter().any(|p| p.matches(name));
-            tpde::apply_tensors(delta, base, &out, &select, options, interrupt)?
+            let (base, _download) = base.map(OpenedCheckpoint::into_parts).unzip();
+            tpde::apply_tensors(delta, base, out.local(), &select, options, interrupt)?
         };
+        out.finish()?;
         Ok((summary.target_bytes, summary.files))
     })
 }
@@ -141,24 +146,31 @@ fn verify(
     threads: Option<usize>,
 ) -> PyResult<()> {
     run_interruptible(py, threads, |interrupt| {
-        let delta = DeltaFile::open(&delta)?;
-        let base = base.as_deref().map(Checkpoint::open).transpose()?;
-        let target = target.as_deref().map(Checkpoint::open).transpose()?;
-        tpde::verify(&delta, base.as_ref(), target.as_ref(), interrupt)
+        let delta = open_delta_at(&delta)?;
+        let base = base.as_deref().map(OpenedCheckpoint::open).transpose()?;
+        let target = target.as_deref().map(OpenedCheckpoint::open).transpose()?;
+        tpde::verify(&delta, base.as_deref(), target.as_deref(), interrupt)
     })
 }
 
-/// The report of `tpde inspect --json`, as JSON text.
+/// The report of `tpde inspect --json`, as JSON text; without `check_chunks`,
+/// from the header and chunk map alone (`--structure-only`).
 #[pyfunction]
-#[pyo3(signature = (delta, *, threads))]
-fn inspect_json(py: Python<'_>, delta: PathBuf, threads: Option<usize>) -> PyResult<String> {
+#[pyo3(signature = (delta, *, check_chunks, threads))]
+fn inspect_json(py: Python<'_>, delta: PathBuf, check_chunks: bool, threads: Option<usize>) -> PyResult<String> {
     run_interruptible(py, threads, |_| {
-        let delta = DeltaFile::open(&delta)?;
-        let report = tpde::inspect(&delta)?;
+        let delta = open_delta_at(&delta)?;
+        let report = if check_chunks { tpde::inspect(&delta)? } else { tpde::inspect_structure(&delta)? };
         serde_json::to_string(&report).map_err(|e| {
             tpde::Error::io(Path::new("<report>"), "cannot serialize the report", std::io::Error::other(e))
         })
     })
+}
+
+/// Whether `text` is an object-store URL that the verbs read or write.
+#[pyfunction]
+fn is_url(text: &str) -> bool {
+    tpde_store::is_url(text)
 }
 
 /// A delta and its base, checked by names, dtypes and shapes when opened, then
@@ -175,7 +187,7 @@ impl DeltaReader {
     fn new(py: Python<'_>, delta: PathBuf, base: Option<Bound<'_, PyAny>>) -> PyResult<Self> {
         let base = base.map(|b| SourceArg::extract(&b, "<base tensors>", None)).transpose()?;
         let model = run_interruptible(py, None, |_| {
-            let delta = DeltaFile::open(&delta)?;
+            let delta = open_delta_at(&delta)?;
             DeltaModel::new(delta, base.map(SourceArg::open).transpose()?)
         })?;
         Ok(Self { model })
@@ -243,6 +255,7 @@ fn _tpde(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(apply, module)?)?;
     module.add_function(wrap_pyfunction!(verify, module)?)?;
     module.add_function(wrap_pyfunction!(inspect_json, module)?)?;
+    module.add_function(wrap_pyfunction!(is_url, module)?)?;
     module.add_class::<DeltaReader>()?;
     module.add_class::<series::Series>()?;
     module.add_class::<cuda::DeviceBuffer>()?;

@@ -4,6 +4,11 @@ A target checkpoint is stored as a base checkpoint plus a small delta file and
 rebuilt byte for byte. The functions here are the ``tpde`` command's verbs; paths
 may be ``str`` or ``os.PathLike``, and a checkpoint may be a ``.safetensors`` file
 or a directory holding a sharded checkpoint (``model.safetensors.index.json``).
+Wherever the command takes an object-store URL (``s3://``, ``gs://``, ``az://``,
+``http(s)://``, as a ``str``), so do these: a delta at a URL is read by range, only
+the chunks needed (``safe_open(...).get_slice`` of one rank's rows fetches those
+rows' chunks), a checkpoint is downloaded, and an output is uploaded once complete.
+Credentials come from each store's usual environment (``AWS_*`` for S3).
 
 - ``encode(base, target, out)`` writes a delta (``base=None``: a standalone file).
 - ``apply(base, delta, out)`` rebuilds the target, byte-identical.
@@ -149,9 +154,17 @@ def verify(
     _tpde.verify(_path(base), os.fspath(delta), target=_path(target), threads=threads)
 
 
-def inspect(delta: PathLike, *, threads: Optional[int] = None) -> Dict[str, Any]:
+def inspect(
+    delta: PathLike, *, check_chunks: Optional[bool] = None, threads: Optional[int] = None
+) -> Dict[str, Any]:
     """What ``delta`` holds, per tensor and in total: the report of
-    ``tpde inspect --json``, after checking every chunk's checksum, streams and
-    changed count (the rebuilt bytes need the base: ``verify`` proves them)."""
-    report: Dict[str, Any] = json.loads(_tpde.inspect_json(os.fspath(delta), threads=threads))
+    ``tpde inspect --json``. It checks every chunk's checksum, streams and changed
+    count (the rebuilt bytes need the base: ``verify`` proves them) unless
+    ``check_chunks=False``. A delta at a URL is, by default, read from its header
+    and chunk map alone, a few hundred kilobytes of any size of file;
+    ``check_chunks=True`` fetches and checks every chunk of it too."""
+    path = os.fspath(delta)
+    if check_chunks is None:
+        check_chunks = not _tpde.is_url(path)
+    report: Dict[str, Any] = json.loads(_tpde.inspect_json(path, check_chunks=check_chunks, threads=threads))
     return report

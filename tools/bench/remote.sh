@@ -5,14 +5,15 @@
 #     local disk, in the same run (median of 5 each);
 #  3. bytes one rank fetches for a partial load (`apply --tensors`, and
 #     `DeltaModel::decode_rows_into` through crates/tpde-store/examples/
-#     tensor_parallel.rs), against its share of the delta;
+#     tensor_parallel.rs), against its share of the delta, and the bytes of its
+#     local base that it reads, against its share of the base;
 #  4. an upload interrupted by SIGTERM: no object at the key, no open multipart
 #     upload, and the next run succeeds.
 # The S3 server is moto's (tools/tpde/tests/s3server.py, which logs every request:
 # the byte counts come from the server side). moto copies the whole object for every
-# ranged GET, so for throughput (row 2) the delta is also served by nginx through
-# object_store's HTTP store, which measures tpde's reading rather than moto's.
-# Prints a Markdown section on stdout; logs go to $WORK. ROWS=inspect,apply,partial,upload
+# ranged GET, so for throughput (row 2) the delta is served by nginx through
+# object_store's HTTP store, and over S3 by s3s-fs, an S3-compatible server in Rust.
+# Prints a Markdown section on stdout; logs go to $WORK. ROWS=inspect,apply,s3s,partial,upload
 # (the default: all) picks rows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -106,7 +107,7 @@ echo
 echo "| row | measured | goal |"
 echo "|---|---|---|"
 
-rows=${ROWS:-inspect,apply,partial,upload}
+rows=${ROWS:-inspect,apply,s3s,partial,upload}
 row() { [[ ",$rows," == *",$1,"* ]]; }
 
 row inspect && for name in standalone finetune; do
@@ -125,13 +126,11 @@ row apply && for name in finetune standalone; do
   cmp "$out" "$pair/target.safetensors"
   echo "| \`apply\` of the $name delta, from nginx (object_store's HTTP store) vs from local disk | throughput $(ratio "$local_s" "$http_s" 2)× local (median of 5: $(ratio "$http_s" 1 1) s vs $(ratio "$local_s" 1 1) s) | ≥ 0.8× |"
 done
-row apply && s3_s=$(median_seconds "$tpde" apply "$pair/base.safetensors" "s3://tpde/finetune.tpde" -o "$out" --force)
-row apply && local_s=$(median_seconds "$tpde" apply "$pair/base.safetensors" "$work/finetune.tpde" -o "$out" --force)
-row apply && echo "| \`apply\` of the fine-tune delta from moto's S3 vs local disk | $(ratio "$local_s" "$s3_s" 2)× local ($(ratio "$s3_s" 1 1) s vs $(ratio "$local_s" 1 1) s; moto copies the whole object in Python for every ranged GET) | — |"
-
-# s3s-fs, an S3-compatible server in Rust that keeps objects as files: local and S3
-# runs interleaved, since the machine's load drifts over a run.
-if row apply; then
+# S3 throughput: s3s-fs, an S3-compatible server in Rust that keeps objects as
+# files (moto answers each ranged GET by copying the whole object in Python, so it
+# serves the byte counts only). Local and S3 runs interleaved, since the machine's
+# load drifts over a run.
+if row s3s; then
   s3s=$work/s3s/bin/s3s-fs
   [ -x "$s3s" ] || cargo install --quiet --locked --root "$work/s3s" s3s-fs@0.14.1 --features binary >&2
   rm -rf "$work/s3s-root" && mkdir -p "$work/s3s-root/tpde"

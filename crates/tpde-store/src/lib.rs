@@ -26,10 +26,12 @@
 
 mod errors;
 mod location;
+mod paths;
 mod read;
 mod write;
 
 pub use location::{is_url, Location};
+pub use paths::{open_delta_at, url_of, OpenedCheckpoint, OutputAt};
 pub use read::{open_checkpoint, open_delta, stats, RemoteCheckpoint, Stats};
 pub use write::{abort_uploads, RemoteOutput};
 

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tpde::{Checkpoint, DeltaFile, EncodeOptions, EncodeSettings, Progress};
+use tpde::{EncodeOptions, EncodeSettings, Progress};
+use tpde_store::{open_delta_at, url_of, OpenedCheckpoint};
 
 mod series;
 
@@ -221,82 +222,47 @@ fn prepare_output(output: &Path, inputs: &[PathBuf], force: bool) -> tpde::Resul
     Ok(())
 }
 
-/// The path as an object-store URL, if it is one.
-fn as_url(path: &Path) -> Option<&str> {
-    path.to_str().filter(|text| tpde_store::is_url(text))
-}
-
-/// Opens a delta file, or a delta at a URL for reading by range.
-fn open_delta(path: &Path) -> tpde::Result<DeltaFile> {
-    match as_url(path) {
-        Some(url) => tpde_store::open_delta(url),
-        None => DeltaFile::open(path),
-    }
-}
-
-/// A checkpoint, and for one at a URL the local copy it was downloaded to.
-struct Opened {
-    checkpoint: Checkpoint,
-    _download: Option<tpde_store::LocalCopy>,
-}
-
-fn open_checkpoint(path: &Path) -> tpde::Result<Opened> {
-    match as_url(path) {
-        Some(url) => {
-            let (checkpoint, dir) = tpde_store::open_checkpoint(url)?.into_parts();
-            Ok(Opened { checkpoint, _download: Some(dir) })
-        }
-        None => Ok(Opened { checkpoint: Checkpoint::open(path)?, _download: None }),
-    }
-}
-
-fn open_optional(path: Option<&Path>) -> tpde::Result<Option<Opened>> {
-    path.map(open_checkpoint).transpose()
+fn open_optional(path: Option<&Path>) -> tpde::Result<Option<OpenedCheckpoint>> {
+    path.map(OpenedCheckpoint::open).transpose()
 }
 
 /// Where a command writes: OUT itself, or for a URL a local temporary that is
 /// uploaded once complete.
-struct Output {
-    local: PathBuf,
-    remote: Option<tpde_store::RemoteOutput>,
-}
+struct Output(tpde_store::OutputAt);
 
 impl Output {
     /// Checks OUT before any work (as [`prepare_output`] does for a path).
     fn prepare(output: &Path, inputs: &[PathBuf], force: bool) -> tpde::Result<Self> {
-        let Some(url) = as_url(output) else {
+        if url_of(output).is_none() {
             prepare_output(output, inputs, force)?;
-            return Ok(Self { local: output.to_path_buf(), remote: None });
-        };
-        if inputs.iter().any(|i| i.as_path() == output) {
+        } else if inputs.iter().any(|i| i.as_path() == output) {
             return Err(tpde::Error::new(
                 tpde::ErrorCode::InvalidArgument,
                 "the output is an input; inputs are never modified",
             )
             .in_file(output));
         }
-        let remote = tpde_store::RemoteOutput::new(url, force)?;
-        Ok(Self { local: remote.local_path().to_path_buf(), remote: Some(remote) })
+        tpde_store::OutputAt::new(output, force).map(Self)
     }
+}
 
-    /// Whether the local writer may replace what is at its path: only OUT itself,
-    /// under `--force`; a temporary is new.
-    fn force(&self, force: bool) -> bool {
-        force && self.remote.is_none()
-    }
-
+impl Output {
     /// Uploads a remote output; nothing to do for a local one.
     fn finish(self) -> tpde::Result<()> {
-        if let Some(remote) = self.remote {
-            remote.upload()?;
-        }
-        Ok(())
+        self.0.finish()
+    }
+}
+
+impl std::ops::Deref for Output {
+    type Target = tpde_store::OutputAt;
+    fn deref(&self) -> &tpde_store::OutputAt {
+        &self.0
     }
 }
 
 /// For runs that read from object stores, what they fetched.
 fn report_fetched(paths: &[&Path]) {
-    if paths.iter().any(|p| as_url(p).is_some()) {
+    if paths.iter().any(|p| url_of(p).is_some()) {
         let stats = tpde_store::stats();
         eprintln!("fetched {} from object stores in {} requests", human(stats.bytes), stats.requests);
     }
@@ -361,12 +327,11 @@ fn run(cli: Cli) -> tpde::Result<()> {
             let out = Output::prepare(&output, &inputs, force)?;
             let (base_path, target_path) = split_base(&inputs);
             let base = open_optional(base_path)?;
-            let target = open_checkpoint(target_path)?;
+            let target = OpenedCheckpoint::open(target_path)?;
             let settings = EncodeSettings { level, min_zstd_gain, rans: format_version != "1.0", zstd: !no_zstd };
             let options = EncodeOptions { settings, chunk_words };
-            let base = base.as_ref().map(|b| &b.checkpoint);
-            let summary =
-                tpde::encode_to(base, &target.checkpoint, &out.local, options, out.force(force), &Bars::new())?;
+            let base = base.as_deref();
+            let summary = tpde::encode_to(base, &target, out.local(), options, out.force(force), &Bars::new())?;
             out.finish()?;
             eprintln!(
                 "wrote {} ({} of {} target, {:.2}%; {} tensors against the base, {} standalone)",
@@ -390,18 +355,15 @@ fn run(cli: Cli) -> tpde::Result<()> {
                 .collect::<Result<Vec<_>, _>>()?;
             let out = Output::prepare(&output, &inputs, force)?;
             let (base_path, delta_path) = split_base(&inputs);
-            let delta = open_delta(delta_path)?;
+            let delta = open_delta_at(delta_path)?;
             let base = open_optional(base_path)?;
             let options = tpde::ApplyOptions { force: out.force(force), sync };
             let summary = if patterns.is_empty() {
-                tpde::apply(&delta, base.as_ref().map(|b| &b.checkpoint), &out.local, options, &Bars::new())?
+                tpde::apply(&delta, base.as_deref(), out.local(), options, &Bars::new())?
             } else {
                 let select = |name: &str| patterns.iter().any(|p| p.matches(name));
-                let (base, _download) = match base {
-                    Some(Opened { checkpoint, _download }) => (Some(checkpoint), _download),
-                    None => (None, None),
-                };
-                tpde::apply_tensors(delta, base, &out.local, &select, options, &Bars::new())?
+                let (base, _download) = base.map(OpenedCheckpoint::into_parts).unzip();
+                tpde::apply_tensors(delta, base, out.local(), &select, options, &Bars::new())?
             };
             out.finish()?;
             report_fetched(&[delta_path]);
@@ -414,7 +376,7 @@ fn run(cli: Cli) -> tpde::Result<()> {
         }
         Command::Inspect { delta: delta_path, json, structure_only, check_chunks, threads } => {
             set_threads(&threads)?;
-            let delta = open_delta(&delta_path)?;
+            let delta = open_delta_at(&delta_path)?;
             let report = if structure_only || (delta.is_ranged() && !check_chunks) {
                 tpde::inspect_structure(&delta)?
             } else {
@@ -435,13 +397,10 @@ fn run(cli: Cli) -> tpde::Result<()> {
         Command::Verify { inputs, target, threads } => {
             set_threads(&threads)?;
             let (base_path, delta_path) = split_base(&inputs);
-            let delta = open_delta(delta_path)?;
+            let delta = open_delta_at(delta_path)?;
             let base = open_optional(base_path)?;
             let target = open_optional(target.as_deref())?;
-            fn checkpoint(c: &Option<Opened>) -> Option<&Checkpoint> {
-                c.as_ref().map(|c| &c.checkpoint)
-            }
-            tpde::verify(&delta, checkpoint(&base), checkpoint(&target), &Bars::new())?;
+            tpde::verify(&delta, base.as_deref(), target.as_deref(), &Bars::new())?;
             report_fetched(&[delta_path]);
             let compared = if target.is_some() { ", and the rebuilt target is byte-identical to TARGET" } else { "" };
             println!("ok: every checksum and digest matched{compared}");
