@@ -39,6 +39,20 @@ fn retry_config() -> RetryConfig {
     RetryConfig { max_retries, retry_timeout: Duration::from_secs(180), ..RetryConfig::default() }
 }
 
+/// The store and the object's path that `url` names.
+///
+/// object_store 0.12's `ObjectStoreScheme::parse` drops the first segment of an
+/// `az://` URL's path, as if it named the container, while its Azure builder takes
+/// the container from the host: `az://container/path/to/object`, as Azure's own
+/// tools write it. The path is taken whole here, so the two agree.
+fn scheme_and_path(url: &url::Url) -> std::result::Result<(ObjectStoreScheme, ObjectPath), object_store::Error> {
+    let (scheme, path) = ObjectStoreScheme::parse(url)?;
+    if url.scheme() == "az" {
+        return Ok((scheme, ObjectPath::from_url_path(url.path())?));
+    }
+    Ok((scheme, path))
+}
+
 impl Location {
     /// Parses `url` and builds its store from the environment, as the store's own
     /// tools would (see the crate docs). Nothing is fetched.
@@ -49,8 +63,7 @@ impl Location {
     pub fn parse(url: &str) -> Result<Self> {
         let invalid = |why: String| Error::new(ErrorCode::InvalidArgument, why).in_file(Path::new(url));
         let parsed = url::Url::parse(url).map_err(|e| invalid(format!("not a URL: {e}")))?;
-        let (scheme, path) =
-            ObjectStoreScheme::parse(&parsed).map_err(|e| invalid(format!("not an object store URL: {e}")))?;
+        let (scheme, path) = scheme_and_path(&parsed).map_err(|e| invalid(format!("not an object store URL: {e}")))?;
         let refused = |e: object_store::Error| invalid(format!("the store's configuration is refused: {e}"));
         let store: Arc<dyn ObjectStore> = match scheme {
             ObjectStoreScheme::AmazonS3 => Arc::new(
@@ -115,5 +128,27 @@ impl Location {
             path = path.child(part);
         }
         Ok(Self { store: Arc::clone(&self.store), path, url: format!("{}/{}", self.url.trim_end_matches('/'), name) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path_of(url: &str) -> (ObjectStoreScheme, String) {
+        let (scheme, path) = scheme_and_path(&url::Url::parse(url).unwrap()).unwrap();
+        (scheme, path.to_string())
+    }
+
+    #[test]
+    fn every_scheme_names_the_object_within_its_bucket_or_container() {
+        assert_eq!(path_of("s3://bucket/run/d.tpde"), (ObjectStoreScheme::AmazonS3, "run/d.tpde".into()));
+        assert_eq!(path_of("gs://bucket/run/d.tpde"), (ObjectStoreScheme::GoogleCloudStorage, "run/d.tpde".into()));
+        assert_eq!(path_of("az://container/run/d.tpde"), (ObjectStoreScheme::MicrosoftAzure, "run/d.tpde".into()));
+        assert_eq!(
+            path_of("abfs://container@account.dfs.core.windows.net/run/d.tpde"),
+            (ObjectStoreScheme::MicrosoftAzure, "run/d.tpde".into())
+        );
+        assert_eq!(path_of("https://host/files/d.tpde"), (ObjectStoreScheme::Http, "files/d.tpde".into()));
     }
 }
