@@ -5,8 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The object-store tests (tools/tpde/tests/remote.rs) start moto's S3 server.
+# The object-store tests (tools/tpde/tests/remote.rs) start moto's S3 server, and
+# Azurite, Microsoft's Azure Blob Storage emulator, from npm.
 python3 -m pip install --quiet --disable-pip-version-check "moto[server]==5.*"
+[ -x target/azurite/node_modules/.bin/azurite-blob ] ||
+  npm install --silent --no-audit --no-fund --prefix target/azurite azurite@3.35.0
 cargo test --workspace --locked
 # Decoding memory at the largest chunk size: a 1 GiB input, fast enough only in release.
 cargo test --release --locked -p tpde-cli --test memory -- --ignored

@@ -1,7 +1,8 @@
 //! The command against a real S3-compatible server over HTTP: moto's server,
 //! started per test by `s3server.py` (which `tools/test-all.sh` installs), whose
 //! request log shows what was fetched. Round trips, range-read counts, partial
-//! loads, interrupted and failed uploads, and every remote error code.
+//! loads, interrupted and failed uploads, and every remote error code. Then Azure
+//! Blob Storage, through Azurite (`azserver.py`).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -470,4 +471,98 @@ fn sharded_checkpoints_are_read_and_written_under_a_prefix() {
         ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", tpde::INDEX_FILE],
         "{puts:?}"
     );
+}
+
+/// Azurite, the Azure Blob Storage emulator, on 127.0.0.1 with a container `tpde`,
+/// for one test (`azserver.py`; `tools/test-all.sh` installs Azurite from npm).
+struct Azurite {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Azurite {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+        let azurite = tests.join("../../../target/azurite/node_modules/.bin/azurite-blob");
+        assert!(
+            azurite.exists(),
+            "Azurite is missing: npm install --prefix target/azurite azurite@3.35.0 (tools/test-all.sh does)"
+        );
+        let data = dir.path().join("azurite");
+        let mut child = Command::new("python3")
+            .arg(tests.join("azserver.py"))
+            .args([&azurite, &data])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("the port");
+        let port = line.trim().parse().unwrap_or_else(|_| panic!("azserver.py did not start: {line:?}"));
+        Self { child, port, dir }
+    }
+
+    /// Runs tpde against the emulator, with its well-known account, or with
+    /// `key` as the account key.
+    fn run_with_key(&self, args: &[&str], key: Option<&str>) -> Output {
+        let mut command = Command::new(TPDE);
+        command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("AZURE_") || name.starts_with("AZURITE_") || name.starts_with("TPDE_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .env("AZURE_STORAGE_USE_EMULATOR", "true")
+            .env("AZURITE_BLOB_STORAGE_URL", format!("http://127.0.0.1:{}", self.port))
+            .env("TPDE_REMOTE_RETRIES", "1");
+        if let Some(key) = key {
+            command.env("AZURE_STORAGE_ACCOUNT_KEY", key);
+        }
+        wait_for(command.spawn().expect("tpde runs"))
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.run_with_key(args, None);
+        assert!(out.status.success(), "tpde {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn azure_blob_storage_round_trips_through_azurite() {
+    let azure = Azurite::start();
+    let dir = azure.dir.path();
+    let (base, target) = pair(dir);
+    let (d, b) = ("az://tpde/run/ft.tpde", "az://tpde/run/base.safetensors");
+    // A delta and a checkpoint uploaded, then read back: by range, and whole.
+    azure.ok(&["encode", s(&base), s(&target), "-o", d, "--chunk-words", "16384"]);
+    let standalone = dir.join("base.tpde");
+    common::ok(&["encode", s(&base), "-o", s(&standalone)]);
+    azure.ok(&["apply", s(&standalone), "-o", b]);
+    let rebuilt = dir.join("rebuilt.safetensors");
+    azure.ok(&["apply", b, d, "-o", s(&rebuilt)]);
+    assert_eq!(std::fs::read(&rebuilt).expect("rebuilt"), std::fs::read(&target).expect("target"));
+    azure.ok(&["verify", b, d, "--target", s(&target)]);
+    // Above one block: a multi-block upload.
+    let large = large_standalone(dir);
+    azure.ok(&["apply", s(&large), "-o", "az://tpde/run/large.safetensors"]);
+    let large_copy = dir.join("large-copy.tpde");
+    azure.ok(&["encode", "az://tpde/run/large.safetensors", "-o", s(&large_copy)]);
+    assert_eq!(std::fs::read(&large_copy).expect("copy"), std::fs::read(&large).expect("delta"));
+    // The codes of the failures.
+    assert_eq!(code_of(&azure.run_with_key(&["inspect", "az://tpde/run/missing.tpde"], None)), "E_REMOTE_NOT_FOUND");
+    let wrong_key = "d3Jvbmcga2V5IGZvciB0aGUgZW11bGF0b3I=";
+    assert_eq!(code_of(&azure.run_with_key(&["inspect", d], Some(wrong_key))), "E_REMOTE_DENIED");
+    assert_eq!(code_of(&azure.run_with_key(&["encode", s(&base), s(&target), "-o", d], None)), "E_OUTPUT_EXISTS");
 }
