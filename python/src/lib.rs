@@ -174,7 +174,8 @@ fn is_url(text: &str) -> bool {
 }
 
 /// A delta and its base, checked by names, dtypes and shapes when opened, then
-/// read tensor by tensor (each base tensor's digest is checked when first used).
+/// read tensor by tensor (each base tensor's digest is checked when first read
+/// whole; a partial read checks its chunks' base bytes through their digests).
 #[pyclass(frozen, module = "tpde._tpde")]
 struct DeltaReader {
     model: DeltaModel,

@@ -96,11 +96,13 @@ class TensorSlice:
 class safe_open:
     """Opens a delta as a safetensors file of its target, like ``safetensors.safe_open``.
 
-    ``delta`` is a ``.tpde`` file; ``base`` the checkpoint it was made against (a
-    ``.safetensors`` file or a sharded checkpoint directory), or None for a
-    standalone file. The base's names, dtypes and shapes are checked on opening;
-    each base tensor's digest when a tensor built on it is first read. Every rebuilt
-    chunk is checked against its digest.
+    ``delta`` is a ``.tpde`` file or its URL; ``base`` the checkpoint it was made
+    against (a ``.safetensors`` file, a sharded checkpoint directory, or a URL), or
+    None for a standalone file. The base's names, dtypes and shapes are checked on
+    opening; each base tensor's digest when a tensor built on it is first read
+    whole. Every rebuilt chunk is checked against its digest, so a slice reads only
+    its chunks' bytes of the delta and of the base, and a wrong base under it fails
+    with ``E_BASE_DIGEST``.
 
     ``framework="np"`` returns NumPy arrays: BF16 and the F8 kinds as their raw bits
     (uint16, uint8), with the real dtype named by ``get_dtype(name)``.

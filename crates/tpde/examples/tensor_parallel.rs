@@ -9,8 +9,8 @@
 //! cargo run --release -p tpde --example tensor_parallel -- BASE DELTA RANKS
 //! ```
 //!
-//! The base tensors are still read whole by each rank that uses them: their
-//! digest covers the whole tensor.
+//! Each rank reads only its chunks' bytes of the base too: a partial read checks
+//! them through the rebuilt chunks' digests (spec §11.2, partial reads).
 
 use std::path::PathBuf;
 
