@@ -114,7 +114,7 @@ impl DeltaModel {
     /// first (spec §11.2 B3). A read of some of its chunks (a partial read) does
     /// not, so that it touches only the base bytes of those chunks: each rebuilt
     /// chunk is checked against its own digest, which a base byte that differs
-    /// within the chunk fails, and [`DeltaModel::decode_part`] then checks the
+    /// within the chunk fails, and [`DeltaModel::decode_chunks_into`] then checks the
     /// base digest to name the cause.
     fn base_bytes(&self, tensor: &TensorEntry, whole: bool) -> Result<Option<&[u8]>> {
         let (Some(_), Some(base)) = (&tensor.base, &self.base) else { return Ok(None) };
@@ -145,11 +145,28 @@ impl DeltaModel {
         Ok(())
     }
 
-    /// Rebuilds chunks `chunks` of a tensor into `out`, checking the base as
-    /// [`DeltaModel::base_bytes`] says: a chunk of a partial read that fails its
-    /// digest is `E_BASE_DIGEST` when the base tensor's digest does not match
-    /// either, `E_CHUNK_DIGEST` when it does.
-    fn decode_part(
+    /// Rebuilds a whole tensor into `out`, which holds exactly its bytes. Every chunk
+    /// is checked against its digest.
+    ///
+    /// # Errors
+    /// `E_INVALID_ARGUMENT` when `out` has another length, `E_BASE_DIGEST`, any
+    /// decoding error naming the chunk, and `E_INTERRUPTED` when `progress` says so.
+    pub fn decode_into(&self, tensor: &TensorEntry, out: &mut [u8], progress: &dyn Progress) -> Result<()> {
+        let chunks = usize::try_from(tensor.chunk_count).expect("bounded by MAX_CHUNKS");
+        self.decode_chunks_into(tensor, 0..chunks, out, progress)
+    }
+
+    /// Rebuilds chunks `chunks` of a tensor (counted within the tensor) into `out`,
+    /// which holds exactly their bytes: a large tensor a piece at a time.
+    ///
+    /// A partial read checks the base as [`DeltaModel::base_bytes`] says: a chunk
+    /// that fails its digest is `E_BASE_DIGEST` when the base tensor's digest does
+    /// not match either, `E_CHUNK_DIGEST` when it does.
+    ///
+    /// # Errors
+    /// As [`DeltaModel::decode_into`], and `E_INVALID_ARGUMENT` when `chunks`
+    /// lies outside the tensor or `out` does not fit them.
+    pub fn decode_chunks_into(
         &self,
         tensor: &TensorEntry,
         chunks: Range<usize>,
@@ -165,33 +182,6 @@ impl DeltaModel {
             }
             done => done,
         }
-    }
-
-    /// Rebuilds a whole tensor into `out`, which holds exactly its bytes. Every chunk
-    /// is checked against its digest.
-    ///
-    /// # Errors
-    /// `E_INVALID_ARGUMENT` when `out` has another length, `E_BASE_DIGEST`, any
-    /// decoding error naming the chunk, and `E_INTERRUPTED` when `progress` says so.
-    pub fn decode_into(&self, tensor: &TensorEntry, out: &mut [u8], progress: &dyn Progress) -> Result<()> {
-        let chunks = usize::try_from(tensor.chunk_count).expect("bounded by MAX_CHUNKS");
-        self.decode_part(tensor, 0..chunks, out, progress)
-    }
-
-    /// Rebuilds chunks `chunks` of a tensor (counted within the tensor) into `out`,
-    /// which holds exactly their bytes: a large tensor a piece at a time.
-    ///
-    /// # Errors
-    /// As [`DeltaModel::decode_into`], and `E_INVALID_ARGUMENT` when `chunks`
-    /// lies outside the tensor or `out` does not fit them.
-    pub fn decode_chunks_into(
-        &self,
-        tensor: &TensorEntry,
-        chunks: Range<usize>,
-        out: &mut [u8],
-        progress: &dyn Progress,
-    ) -> Result<()> {
-        self.decode_part(tensor, chunks, out, progress)
     }
 
     /// Rebuilds rows `rows` (of the first dimension) of a tensor into `out`, which
@@ -230,13 +220,13 @@ impl DeltaModel {
         let last = end.div_ceil(chunk_bytes);
         let chunks = usize::try_from(first).expect("bounded")..usize::try_from(last).expect("bounded");
         if start % chunk_bytes == 0 && (end % chunk_bytes == 0 || end == total) {
-            return self.decode_part(tensor, chunks, out, progress);
+            return self.decode_chunks_into(tensor, chunks, out, progress);
         }
         // The rows start or end inside a chunk: rebuild the chunks whole, keep the rows.
         let spanned = (last * chunk_bytes).min(total) - first * chunk_bytes;
         let mut whole = try_zeroed(usize::try_from(spanned).expect("at most the tensor"))
             .map_err(|e| e.in_file(self.delta.path()).in_tensor(&tensor.name))?;
-        self.decode_part(tensor, chunks, &mut whole, progress)?;
+        self.decode_chunks_into(tensor, chunks, &mut whole, progress)?;
         let skip = usize::try_from(start - first * chunk_bytes).expect("within a chunk");
         out.copy_from_slice(&whole[skip..skip + out.len()]);
         Ok(())

@@ -29,20 +29,7 @@ impl Server {
     fn start() -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
         let log = dir.path().join("requests.jsonl");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3server.py");
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .arg(&log)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 runs");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("the port");
-        let port = line.trim().parse().unwrap_or_else(|_| {
-            panic!("s3server.py did not start (is moto installed? pip install 'moto[server]'): {line:?}")
-        });
+        let (child, port) = start_server("s3server.py (is moto installed? pip install 'moto[server]')", &[&log]);
         Self { child, port, log, dir }
     }
 
@@ -169,6 +156,25 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `tests/SCRIPT ARGS` (named by the first word of `script`, the rest
+/// shown if it fails), a server that prints its port and serves until its stdin
+/// closes.
+fn start_server(script: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> (Child, u16) {
+    let name = script.split_whitespace().next().expect("a script name");
+    let mut child = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(name))
+        .args(args.iter().map(|a| a.as_ref()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("the port");
+    let port = line.trim().parse().unwrap_or_else(|_| panic!("{script} did not start: {line:?}"));
+    (child, port)
 }
 
 /// Waits for a run; one that has not ended after two minutes fails the test.
@@ -460,8 +466,9 @@ fn sharded_checkpoints_are_read_and_written_under_a_prefix() {
         assert_eq!(std::fs::read(local.join(file)).unwrap(), std::fs::read(dir.join("target").join(file)).unwrap());
     }
     // Each file was uploaded once, the index after the shards.
-    let puts: Vec<String> = server
-        .requests()
+    let mut requests = server.requests();
+    requests.sort_by(|a, b| a["started"].as_f64().partial_cmp(&b["started"].as_f64()).expect("times"));
+    let puts: Vec<String> = requests
         .iter()
         .filter(|r| r["method"] == "PUT" && r["status"] == 200)
         .filter_map(|r| r["path"].as_str().and_then(|p| p.strip_prefix("/tpde/sh/out/")).map(str::to_owned))
@@ -484,24 +491,12 @@ struct Azurite {
 impl Azurite {
     fn start() -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
-        let azurite = tests.join("../../../target/azurite/node_modules/.bin/azurite-blob");
+        let azurite = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/azurite/node_modules/.bin/azurite-blob");
         assert!(
             azurite.exists(),
             "Azurite is missing: npm install --prefix target/azurite azurite@3.35.0 (tools/test-all.sh does)"
         );
-        let data = dir.path().join("azurite");
-        let mut child = Command::new("python3")
-            .arg(tests.join("azserver.py"))
-            .args([&azurite, &data])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 runs");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("the port");
-        let port = line.trim().parse().unwrap_or_else(|_| panic!("azserver.py did not start: {line:?}"));
+        let (child, port) = start_server("azserver.py", &[&azurite, &dir.path().join("azurite")]);
         Self { child, port, dir }
     }
 

@@ -4,9 +4,9 @@ can be told to fail.
 
     python3 s3server.py LOG     prints the port it listens on, then serves
 
-Each request is appended to LOG as one JSON line: method, path, query, Range
-header, status and body bytes sent. Keys with `fail-part` in their name get HTTP
-400 for every UploadPart (a failure that is not retried); keys with `slow-part`
+Each request is appended to LOG as one JSON line: method, path, query, Range header,
+when it started, status and body bytes sent. Keys with `fail-part` in their name get
+HTTP 400 for every UploadPart (a failure that is not retried); keys with `slow-part`
 wait a second before each UploadPart (so a test can interrupt an upload); requests
 signed with the access key `denied` get 403 AccessDenied.
 """
@@ -46,7 +46,15 @@ class Logged:
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
         query = environ.get("QUERY_STRING", "")
-        record = {"method": method, "path": path, "query": query, "range": environ.get("HTTP_RANGE")}
+        # Records are written when a response ends, which may be after the client
+        # has sent its next request: "started" orders requests as they arrived.
+        record = {
+            "method": method,
+            "path": path,
+            "query": query,
+            "range": environ.get("HTTP_RANGE"),
+            "started": time.monotonic(),
+        }
         upload_part = method == "PUT" and "partNumber=" in query
         if "Credential=denied/" in environ.get("HTTP_AUTHORIZATION", ""):
             return self.reply(start_response, record, "403 Forbidden", DENIED)
