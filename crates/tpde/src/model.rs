@@ -124,8 +124,12 @@ impl DeltaModel {
         Ok(Some(base.tensor(&tensor.name).expect("checked when the model was opened").bytes))
     }
 
-    /// Checks the base digest of `tensor` (B3), once.
-    fn check_base(&self, tensor: &TensorEntry) -> Result<()> {
+    /// Checks the base digest of `tensor` (spec §11.2 B3), once: for a reader
+    /// that rebuilds a whole tensor through partial reads, before it writes any.
+    ///
+    /// # Errors
+    /// `E_BASE_DIGEST`, naming the base file and the tensor.
+    pub fn check_base(&self, tensor: &TensorEntry) -> Result<()> {
         let (Some(base_ref), Some(base)) = (&tensor.base, &self.base) else { return Ok(()) };
         let index = self.by_name[&tensor.name];
         if self.base_checked[index].get().is_some() {
@@ -159,9 +163,11 @@ impl DeltaModel {
     /// Rebuilds chunks `chunks` of a tensor (counted within the tensor) into `out`,
     /// which holds exactly their bytes: a large tensor a piece at a time.
     ///
-    /// A partial read checks the base as [`DeltaModel::base_bytes`] says: a chunk
-    /// that fails its digest is `E_BASE_DIGEST` when the base tensor's digest does
-    /// not match either, `E_CHUNK_DIGEST` when it does.
+    /// Rebuilding only some of the tensor's chunks reads only their base bytes: the
+    /// base tensor's digest is not checked first, as it is for the whole tensor,
+    /// but each rebuilt chunk is checked against its own digest, and a chunk that
+    /// fails it is `E_BASE_DIGEST` when the base tensor's digest does not match
+    /// either, `E_CHUNK_DIGEST` when it does (spec §11.2, partial reads).
     ///
     /// # Errors
     /// As [`DeltaModel::decode_into`], and `E_INVALID_ARGUMENT` when `chunks`

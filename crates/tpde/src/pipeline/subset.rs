@@ -66,6 +66,11 @@ pub fn apply_tensors(
     };
     let header = subset_header(&selected, metadata)?;
     let model = DeltaModel::new(delta, base.map(|b| Box::new(b) as _))?;
+    // The tensors are rebuilt whole, a piece at a time: their bases are checked
+    // before anything is written, as `apply` checks them.
+    for tensor in &selected {
+        model.check_base(tensor)?;
+    }
     let total: u64 = selected.iter().map(|t| t.byte_len().unwrap_or(0)).sum();
     progress.phase("rebuilding", total);
     let mut file = PendingFile::create_with(out, options.force)?.synced(options.sync);
