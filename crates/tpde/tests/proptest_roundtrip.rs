@@ -240,5 +240,13 @@ fn encode_writes_the_same_bytes_whatever_the_thread_count() {
         let delta = DeltaFile::open(&dir.path().join("1.tpde")).expect("the delta opens");
         with_threads(threads, || tpde::verify(&delta, Some(&base), Some(&target), &NoProgress))
             .expect("rebuilds the target byte for byte");
+        // A caller's pool of one thread runs the chunks it waits for itself.
+        let out = dir.path().join(format!("applied-{threads}.safetensors"));
+        with_threads(threads, || tpde::apply(&delta, Some(&base), &out, tpde::ApplyOptions::default(), &NoProgress))
+            .expect("applies");
+        assert!(
+            std::fs::read(&out).expect("read") == std::fs::read(dir.path().join("target.safetensors")).expect("read"),
+            "apply on a pool of {threads} threads rebuilt other bytes"
+        );
     }
 }

@@ -840,11 +840,15 @@ impl LaneCoder<'_> {
 mod avx2 {
     use super::{ContextSource, TileInput, TileProgress, LANES};
     use std::arch::x86_64::{
-        __m256i, _mm256_add_epi32, _mm256_and_si256, _mm256_blend_epi32, _mm256_castsi256_ps, _mm256_cmpeq_epi32,
-        _mm256_cvtepu16_epi32, _mm256_cvtepu8_epi32, _mm256_i32gather_epi32, _mm256_loadu_si256, _mm256_movemask_ps,
-        _mm256_mullo_epi32, _mm256_or_si256, _mm256_packus_epi16, _mm256_packus_epi32, _mm256_permutevar8x32_epi32,
-        _mm256_set1_epi32, _mm256_setr_epi32, _mm256_setzero_si256, _mm256_slli_epi32, _mm256_sllv_epi32,
-        _mm256_srl_epi32, _mm256_srli_epi32, _mm256_storeu_si256, _mm_cvtsi32_si128, _mm_loadl_epi64, _mm_loadu_si128,
+        __m128i, __m256i, _mm256_add_epi32, _mm256_and_si256, _mm256_blend_epi32, _mm256_blendv_epi8,
+        _mm256_broadcastsi128_si256, _mm256_castsi256_ps, _mm256_castsi256_si128, _mm256_cmpeq_epi32,
+        _mm256_cmpeq_epi8, _mm256_cvtepu16_epi32, _mm256_cvtepu8_epi32, _mm256_extracti128_si256,
+        _mm256_i32gather_epi32, _mm256_loadu_si256, _mm256_movemask_ps, _mm256_mullo_epi32, _mm256_or_si256,
+        _mm256_packus_epi16, _mm256_packus_epi32, _mm256_permute4x64_epi64, _mm256_permutevar8x32_epi32,
+        _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_epi8, _mm256_setr_epi32, _mm256_setr_epi8,
+        _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_sll_epi32, _mm256_slli_epi16, _mm256_slli_epi32,
+        _mm256_sllv_epi32, _mm256_srl_epi32, _mm256_srli_epi16, _mm256_srli_epi32, _mm256_storeu_si256,
+        _mm_cvtsi32_si128, _mm_loadl_epi64, _mm_loadu_si128, _mm_srli_si128,
     };
 
     /// For each set of lanes of a vector that read a word (bit `l` for lane `l`), the
@@ -904,6 +908,7 @@ mod avx2 {
             let symbol_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
             let slots = tables.slots.as_ptr().cast::<i32>();
             let context_offsets = tables.context_offsets.as_ptr().cast::<i32>();
+            let maps = TableMaps::new(&tables.context_offsets, prob_bits);
             let states = progress.states.as_mut_ptr().cast::<__m256i>();
             let mut x = [0, 1, 2, 3].map(|v| _mm256_loadu_si256(states.add(v)));
             let mut offsets = [zero; 4];
@@ -916,16 +921,17 @@ mod avx2 {
                 if let Some(words) = dense {
                     // The keys straight from the base words: bytes gathered one by one
                     // and reloaded as a vector would stall on store forwarding.
-                    for (v, offset) in offsets.iter_mut().enumerate() {
-                        let keys = dense_keys::<C>(words.as_ptr(), v);
-                        *offset = _mm256_i32gather_epi32::<4>(context_offsets, keys);
+                    if C::DENSE_KEY_BYTES == 8 {
+                        for (v, offset) in offsets.iter_mut().enumerate() {
+                            let keys = dense_keys::<C>(words.as_ptr(), v);
+                            *offset = _mm256_i32gather_epi32::<4>(context_offsets, keys);
+                        }
+                    } else {
+                        offsets = maps.offsets(dense_key_bytes::<C>(words.as_ptr()), shift);
                     }
                 } else if !C::NONE {
                     contexts.step_contexts(input.first_symbol + done, &mut step_contexts);
-                    for (v, offset) in offsets.iter_mut().enumerate() {
-                        let bytes = _mm_loadl_epi64(step_contexts.as_ptr().add(8 * v).cast());
-                        *offset = _mm256_i32gather_epi32::<4>(context_offsets, _mm256_cvtepu8_epi32(bytes));
-                    }
+                    offsets = maps.offsets(_mm256_loadu_si256(step_contexts.as_ptr().cast()), shift);
                 }
                 let words = window.as_ptr();
                 let mut used = 0usize;
@@ -969,6 +975,108 @@ mod avx2 {
         }
         progress.cursor = cursor;
         progress.done = done;
+    }
+
+    /// The table index of each context byte, bit by bit: bit `b` of the index of
+    /// context `c` is bit `c mod 8` of byte `c / 8` of the 256-bit map `b`. Two byte
+    /// shuffles read a map for 32 contexts at once, which is several times cheaper
+    /// than gathering 32 offsets from `context_offsets` (gathers are slow on many
+    /// x86 cores, AMD's in particular).
+    struct TableMaps {
+        /// Each map's bytes 0–15 and 16–31, repeated in both 128-bit halves, since a
+        /// shuffle reads within its half.
+        maps: [(__m256i, __m256i); 3],
+        /// The bits of the largest table index (table_count ≤ 8).
+        bits: usize,
+    }
+
+    impl TableMaps {
+        #[target_feature(enable = "avx2")]
+        fn new(context_offsets: &[u32; 256], prob_bits: u32) -> Self {
+            let mut bytes = [[0u8; 32]; 3];
+            let mut largest = 0;
+            for (context, &offset) in context_offsets.iter().enumerate() {
+                let table = offset >> prob_bits;
+                largest = largest.max(table);
+                for (bit, map) in bytes.iter_mut().enumerate() {
+                    map[context / 8] |= u8::from(table >> bit & 1 == 1) << (context % 8);
+                }
+            }
+            let half = |b: &[u8]| {
+                // SAFETY: `b` is 16 bytes.
+                unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(b.as_ptr().cast())) }
+            };
+            Self {
+                maps: bytes.map(|map| (half(&map[..16]), half(&map[16..]))),
+                bits: (u32::BITS - largest.leading_zeros()) as usize,
+            }
+        }
+
+        /// The first table slot (`table << prob_bits`) of each of 32 context bytes, as
+        /// four vectors of eight, in order.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn offsets(&self, contexts: __m256i, shift: __m128i) -> [__m256i; 4] {
+            let byte_of = _mm256_and_si256(_mm256_srli_epi16::<3>(contexts), _mm256_set1_epi8(0x1F));
+            // Bit 4 of the byte index moved to bit 7, which selects the map's upper half.
+            let upper = _mm256_slli_epi16::<3>(byte_of);
+            let bit_values = _mm256_setr_epi8(
+                1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0,
+                0, 0,
+            );
+            let bit_of = _mm256_shuffle_epi8(bit_values, _mm256_and_si256(contexts, _mm256_set1_epi8(7)));
+            let mut table = _mm256_setzero_si256();
+            for (&(low, high), value) in self.maps.iter().zip([1, 2, 4]).take(self.bits) {
+                let byte =
+                    _mm256_blendv_epi8(_mm256_shuffle_epi8(low, byte_of), _mm256_shuffle_epi8(high, byte_of), upper);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(byte, bit_of), bit_of);
+                table = _mm256_or_si256(table, _mm256_and_si256(set, _mm256_set1_epi8(value)));
+            }
+            let low = _mm256_castsi256_si128(table);
+            let high = _mm256_extracti128_si256::<1>(table);
+            [low, _mm_srli_si128::<8>(low), high, _mm_srli_si128::<8>(high)]
+                .map(|bytes| _mm256_sll_epi32(_mm256_cvtepu8_epi32(bytes), shift))
+        }
+    }
+
+    /// The base keys (§8.6) of the 32 words at `words`, `C::DENSE_KEY_BYTES` wide (1,
+    /// 2 or 4), as 32 bytes in order.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `words` must hold 32 words.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dense_key_bytes<C: ContextSource>(words: *const u8) -> __m256i {
+        // SAFETY: the loads read the 32 words the caller vouches for.
+        unsafe {
+            match C::DENSE_KEY_BYTES {
+                1 => {
+                    // rotl(b, 1) per byte: 16-bit shifts, masked to their own byte.
+                    let x = _mm256_loadu_si256(words.cast());
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_slli_epi16::<1>(x), _mm256_set1_epi8(-2)),
+                        _mm256_and_si256(_mm256_srli_epi16::<7>(x), _mm256_set1_epi8(1)),
+                    )
+                }
+                2 => {
+                    let low_byte = _mm256_set1_epi16(0xFF);
+                    let first = _mm256_and_si256(_mm256_srli_epi16::<7>(_mm256_loadu_si256(words.cast())), low_byte);
+                    let second =
+                        _mm256_and_si256(_mm256_srli_epi16::<7>(_mm256_loadu_si256(words.add(32).cast())), low_byte);
+                    // The pack interleaves the halves' quarters: 0, 2, 1, 3 restores them.
+                    _mm256_permute4x64_epi64::<0xD8>(_mm256_packus_epi16(first, second))
+                }
+                _ => {
+                    let keys = [0, 1, 2, 3].map(|v| dense_keys::<C>(words, v));
+                    let low = _mm256_packus_epi32(keys[0], keys[1]);
+                    let high = _mm256_packus_epi32(keys[2], keys[3]);
+                    _mm256_permutevar8x32_epi32(
+                        _mm256_packus_epi16(low, high),
+                        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+                    )
+                }
+            }
+        }
     }
 
     /// The base keys (§8.6) of words `8v .. 8v + 8` of the 32 at `words`, each

@@ -296,6 +296,50 @@ enum SinkMessage<'a> {
     End,
 }
 
+/// Of [`DECODE_RETAINED_BYTES`], the output buffers kept for reuse once written.
+const SPARE_OUTPUT_BYTES: u64 = DECODE_RETAINED_BYTES / 2;
+
+/// Output buffers that the writer is done with, for the decoders to fill again.
+/// Memory freed and allocated again by the megabyte costs a page fault per page,
+/// and in a virtual machine that hands free pages back to its host, a fault on the
+/// host too.
+struct SpareBuffers {
+    limit: u64,
+    held: std::sync::Mutex<(Vec<Vec<u8>>, u64)>,
+}
+
+impl SpareBuffers {
+    /// Buffers smaller than this are not worth keeping.
+    const SMALLEST: usize = 64 << 10;
+
+    fn new(limit: u64) -> Self {
+        Self { limit, held: std::sync::Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Vec<u8>>, u64)> {
+        // A list and its sum stay consistent even if a holder panicked.
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A spare buffer, or a new, empty one.
+    fn take(&self) -> Vec<u8> {
+        let mut held = self.lock();
+        let buffer = held.0.pop().unwrap_or_default();
+        held.1 -= buffer.capacity() as u64;
+        buffer
+    }
+
+    /// Keeps `buffer` for reuse if it is large enough and fits the limit.
+    fn give(&self, buffer: Vec<u8>) {
+        let bytes = buffer.capacity() as u64;
+        let mut held = self.lock();
+        if buffer.capacity() >= Self::SMALLEST && held.1 + bytes <= self.limit {
+            held.0.push(buffer);
+            held.1 += bytes;
+        }
+    }
+}
+
 /// Rebuilds every file of the target into `sink`. Chunks are decoded in parallel
 /// while a separate thread writes the previous ones, so that writing overlaps
 /// decoding. Every buffer that decoding allocates is counted against
@@ -317,9 +361,10 @@ fn rebuild(
     let total: u64 = header.tensors.iter().map(|t| t.byte_len().unwrap_or(0)).sum();
     progress.phase("rebuilding", total);
     let budget = MemoryBudget::new(DECODE_IN_FLIGHT_BYTES);
+    let spares = SpareBuffers::new(SPARE_OUTPUT_BYTES);
     let (to_writer, from_decoders) = sync_channel::<SinkMessage>(window());
     std::thread::scope(|scope| {
-        let budget = &budget;
+        let (budget, spares) = (&budget, &spares);
         let writer = scope.spawn(move || -> Result<()> {
             /// Decoders waiting for memory must wake once nothing frees it any more.
             struct CloseOnExit<'b>(&'b MemoryBudget);
@@ -335,7 +380,7 @@ fn rebuild(
                     SinkMessage::Owned(bytes, charge) => {
                         let written = sink.write(&bytes);
                         progress.advance(bytes.len() as u64);
-                        drop(bytes);
+                        spares.give(bytes);
                         budget.release(charge);
                         written?;
                     }
@@ -348,7 +393,7 @@ fn rebuild(
             }
             Ok(())
         });
-        let decoded = decode_files(delta, &bases, &to_writer, budget, progress);
+        let decoded = decode_files(delta, &bases, &to_writer, budget, spares, progress);
         drop(to_writer);
         // A write failure also stops the decoders; report it rather than theirs.
         writer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
@@ -383,24 +428,73 @@ fn chunk_charge(delta: &DeltaFile, tensor: &TensorEntry, span: ChunkSpan, base: 
     Ok((cost.output + cost.scratch + below, cost.output))
 }
 
+/// Rebuilds one chunk on its base.
+fn rebuild_chunk<'a>(
+    delta: &DeltaFile,
+    tensor: &TensorEntry,
+    span: ChunkSpan,
+    base: &'a TensorBase<'a>,
+    mut out: Vec<u8>,
+    scratch: &mut DecodeScratch,
+) -> Result<Rebuilt<'a>> {
+    match base {
+        TensorBase::Standalone => delta.decode_chunk_with(tensor, span, None, &mut out, scratch)?,
+        TensorBase::Mapped(bytes) => {
+            if let Some(unchanged) = delta.unchanged_chunk(tensor, span, Some(bytes))? {
+                return Ok(Rebuilt::Borrowed(unchanged));
+            }
+            delta.decode_chunk_with(tensor, span, Some(bytes), &mut out, scratch)?;
+        }
+        TensorBase::Chained(chained) => {
+            let below = chained.chunk(span.index - tensor.first_chunk, scratch)?;
+            delta.decode_chunk_at(tensor, span, Some(&below), &mut out, scratch)?;
+        }
+    }
+    Ok(Rebuilt::Owned(out))
+}
+
+/// A chunk's decoding as it comes back from the pool: its result (or panic), and
+/// the scratch it used.
+type ChunkOutcome<'a> = (usize, std::thread::Result<Result<Rebuilt<'a>>>, DecodeScratch);
+
+/// The next chunk to finish. On a thread of a pool (a caller's `install`), this
+/// thread runs waiting chunks itself until one is done, since the chunks may be
+/// queued on it; elsewhere, and once it has nothing left to run, it waits.
+fn next_outcome<'a>(finished: &std::sync::mpsc::Receiver<ChunkOutcome<'a>>) -> ChunkOutcome<'a> {
+    loop {
+        if let Ok(outcome) = finished.try_recv() {
+            return outcome;
+        }
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            return finished.recv().expect("a chunk in flight always reports");
+        }
+    }
+}
+
+/// Decodes every chunk of every file on the thread pool and hands them to the
+/// writer in order. A chunk starts as soon as the memory budget and the window of
+/// chunks in flight allow, so that no thread waits for the slowest chunk of a
+/// batch. A delta read by range fetches chunks batch by batch, ahead of decoding.
 fn decode_files<'a>(
     delta: &DeltaFile,
     bases: &'a [TensorBase<'a>],
     to_writer: &SyncSender<SinkMessage<'a>>,
     budget: &MemoryBudget,
+    spares: &SpareBuffers,
     progress: &dyn Progress,
 ) -> Result<()> {
     let header = delta.header();
-    // Idle scratch kept for the next batch, at most DECODE_RETAINED_BYTES of it.
+    let window = window();
+    // Idle scratch kept for the next chunks; with the spare outputs, at most
+    // DECODE_RETAINED_BYTES.
     let mut pool: Vec<DecodeScratch> = Vec::new();
     for (file, tensors) in header.target.files.iter().zip(header.tensors_by_file()) {
         to_writer.send(SinkMessage::Begin(file.name.clone())).map_err(hung_up)?;
         let mut prefix = (file.safetensors_header.len() as u64).to_le_bytes().to_vec();
         prefix.extend_from_slice(file.safetensors_header.as_bytes());
         to_writer.send(SinkMessage::Owned(prefix, 0)).map_err(hung_up)?;
-        // The chunks of every tensor of the file, batched across tensor boundaries:
-        // most tensors hold one chunk, so batches within a tensor would leave
-        // threads idle.
+        // The chunks of every tensor of the file, across tensor boundaries: most
+        // tensors hold one chunk.
         let mut chunks: Vec<(&TensorEntry, ChunkSpan, &'a TensorBase<'a>)> = Vec::new();
         for (tensor, base) in header.tensors[tensors.clone()].iter().zip(&bases[tensors]) {
             chunks.extend(delta.spans(tensor)?.map(|span| (tensor, span, base)));
@@ -410,77 +504,88 @@ fn decode_files<'a>(
             .map(|&(tensor, span, base)| chunk_charge(delta, tensor, span, base))
             .collect::<Result<Vec<_>>>()?;
         let totals: Vec<u64> = charges.iter().map(|c| c.0).collect();
+        // The batches in which a delta read by range fetches its chunks.
         let cut = batches(&totals, DECODE_IN_FLIGHT_BYTES);
-        for (k, batch) in cut.iter().cloned().enumerate() {
-            progress.check_interrupted()?;
-            let mut scratches: Vec<DecodeScratch> = batch.clone().map(|_| pool.pop().unwrap_or_default()).collect();
-            // Reused scratch may hold more than the chunk needs: count it too.
-            let retained: u64 = scratches.iter().map(DecodeScratch::retained_bytes).sum();
-            let charged = totals[batch.clone()].iter().sum::<u64>() + retained;
-            if !budget.acquire(charged) {
-                return Err(hung_up(()));
+        let (done, finished) = std::sync::mpsc::channel::<ChunkOutcome<'a>>();
+        // For each chunk in flight: what it holds of the budget, what of that its
+        // output holds until written, and its result once done.
+        let mut waiting: std::collections::VecDeque<(u64, u64, Option<Rebuilt<'a>>)> =
+            std::collections::VecDeque::new();
+        let mut written = 0;
+        // Takes one finished chunk, then hands the writer every chunk done in order.
+        let mut take_one = |waiting: &mut std::collections::VecDeque<(u64, u64, Option<Rebuilt<'a>>)>,
+                            pool: &mut Vec<DecodeScratch>|
+         -> Result<()> {
+            let (at, outcome, scratch) = next_outcome(&finished);
+            let kept: u64 = pool.iter().map(DecodeScratch::retained_bytes).sum();
+            if kept + scratch.retained_bytes() <= DECODE_RETAINED_BYTES - SPARE_OUTPUT_BYTES {
+                pool.push(scratch);
             }
-            // A delta read by range: this batch's chunks first, the next ones'
-            // fetched while this one decodes.
-            let now: Vec<u64> = chunks[batch.clone()].iter().map(|c| c.1.index).collect();
-            let ahead = delta.chunks_ahead(&cut, k, |i| chunks[i].1.index);
-            let decode = || {
-                chunks[batch.clone()]
-                    .par_iter()
-                    .zip(scratches.par_iter_mut())
-                    .map(|(&(tensor, span, base), scratch)| {
-                        let mut out = Vec::new();
-                        match base {
-                            TensorBase::Standalone => delta.decode_chunk_with(tensor, span, None, &mut out, scratch)?,
-                            TensorBase::Mapped(bytes) => {
-                                if let Some(unchanged) = delta.unchanged_chunk(tensor, span, Some(bytes))? {
-                                    return Ok(Rebuilt::Borrowed(unchanged));
-                                }
-                                delta.decode_chunk_with(tensor, span, Some(bytes), &mut out, scratch)?;
-                            }
-                            TensorBase::Chained(chained) => {
-                                let below = chained.chunk(span.index - tensor.first_chunk, scratch)?;
-                                delta.decode_chunk_at(tensor, span, Some(&below), &mut out, scratch)?;
-                            }
-                        }
-                        Ok(Rebuilt::Owned(out))
-                    })
-                    .collect::<Result<Vec<_>>>()
-            };
-            let rebuilt = delta.with_chunks_fetched(&now, &ahead, decode).and_then(|r| r);
-            let mut kept: u64 = pool.iter().map(DecodeScratch::retained_bytes).sum();
-            for scratch in scratches {
-                let bytes = scratch.retained_bytes();
-                if kept + bytes <= DECODE_RETAINED_BYTES {
-                    kept += bytes;
-                    pool.push(scratch);
-                }
-            }
-            let rebuilt = match rebuilt {
-                Ok(rebuilt) => rebuilt,
-                Err(e) => {
-                    budget.release(charged);
-                    return Err(e);
-                }
-            };
-            // Scratch is free again; outputs stay counted until written.
-            let mut outputs = 0;
-            let messages: Vec<SinkMessage> = rebuilt
-                .into_iter()
-                .zip(&charges[batch])
-                .map(|(chunk, &(_, output))| match chunk {
+            let rebuilt = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            waiting[at - written].2 = Some(rebuilt);
+            while let Some((_, _, Some(_))) = waiting.front() {
+                let (charged, output, rebuilt) = waiting.pop_front().expect("checked above");
+                // Scratch is free again; an output stays counted until written.
+                let message = match rebuilt.expect("checked above") {
                     Rebuilt::Owned(bytes) => {
-                        outputs += output;
+                        budget.release(charged - output);
                         SinkMessage::Owned(bytes, output)
                     }
-                    Rebuilt::Borrowed(bytes) => SinkMessage::Borrowed(bytes),
-                })
-                .collect();
-            budget.release(charged - outputs);
-            for message in messages {
+                    Rebuilt::Borrowed(bytes) => {
+                        budget.release(charged);
+                        SinkMessage::Borrowed(bytes)
+                    }
+                };
                 to_writer.send(message).map_err(hung_up)?;
+                written += 1;
             }
-        }
+            Ok(())
+        };
+        rayon::in_place_scope(|scope| -> Result<()> {
+            let mut started = 0;
+            for (k, batch) in cut.iter().cloned().enumerate() {
+                progress.check_interrupted()?;
+                // A delta read by range: this batch's chunks first, the next ones'
+                // fetched while this one decodes.
+                let now: Vec<u64> = chunks[batch.clone()].iter().map(|c| c.1.index).collect();
+                let ahead = delta.chunks_ahead(&cut, k, |i| chunks[i].1.index);
+                delta.with_chunks_fetched(&now, &ahead, || ())?;
+                for i in batch {
+                    let mut scratch = pool.pop().unwrap_or_default();
+                    let out = if charges[i].1 > 0 { spares.take() } else { Vec::new() };
+                    // Reused buffers may hold more than the chunk needs: count them too.
+                    let output = charges[i].1 + out.capacity() as u64;
+                    let charged = totals[i] + scratch.retained_bytes() + out.capacity() as u64;
+                    while waiting.len() >= window || !budget.try_acquire(charged) {
+                        if waiting.is_empty() {
+                            // Only written outputs free memory now.
+                            if !budget.acquire(charged) {
+                                return Err(hung_up(()));
+                            }
+                            break;
+                        }
+                        take_one(&mut waiting, &mut pool)?;
+                    }
+                    waiting.push_back((charged, output, None));
+                    let (tensor, span, base) = chunks[i];
+                    let done = done.clone();
+                    scope.spawn(move |_| {
+                        // A panic is reported too, so that nothing waits for a chunk
+                        // that will not come; it is resumed on the waiting thread.
+                        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            rebuild_chunk(delta, tensor, span, base, out, &mut scratch)
+                        }));
+                        // The receiver outlives the scope, so the send cannot fail.
+                        let _ = done.send((started, outcome, scratch));
+                    });
+                    started += 1;
+                }
+            }
+            while !waiting.is_empty() {
+                take_one(&mut waiting, &mut pool)?;
+            }
+            Ok(())
+        })?;
         to_writer.send(SinkMessage::End).map_err(hung_up)?;
     }
     Ok(())

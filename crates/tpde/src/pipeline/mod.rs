@@ -108,6 +108,17 @@ impl MemoryBudget {
         true
     }
 
+    /// Counts `bytes` if they fit the limit now (or nothing is in use), without
+    /// waiting; returns whether it did. A closed budget counts nothing.
+    pub(crate) fn try_acquire(&self, bytes: u64) -> bool {
+        let mut state = self.lock();
+        let fits = !state.closed && (state.used == 0 || state.used.saturating_add(bytes) <= self.limit);
+        if fits {
+            state.used += bytes;
+        }
+        fits
+    }
+
     /// Counts `bytes` as free again.
     pub(crate) fn release(&self, bytes: u64) {
         let mut state = self.lock();
