@@ -569,10 +569,13 @@ fn decode_with(
     out: &mut Vec<u8>,
     kernel: Kernel,
 ) -> Result<()> {
-    out.clear();
-    let stream = check_stream(stored, decoded_len, contexts.kind())?;
-    check_contexts(&contexts, decoded_len)?;
-    crate::limits::try_reserve(out, decoded_len)?;
+    let checked = check_stream(stored, decoded_len, contexts.kind())
+        .and_then(|stream| check_contexts(&contexts, decoded_len).map(|()| stream));
+    let stream = checked.inspect_err(|_| out.clear())?;
+    // Every symbol is decoded over its byte, so a reused buffer's old bytes need no
+    // zeroing first: only what it grows by is filled.
+    out.truncate(decoded_len);
+    crate::limits::try_reserve(out, decoded_len - out.len()).inspect_err(|_| out.clear())?;
     out.resize(decoded_len, 0);
     let decoded = match contexts {
         Contexts::None => decode_tiles(&stream, &NoContext, out, kernel),
@@ -2882,7 +2885,8 @@ mod tests {
                 assert_eq!(got, expected, "case {case}");
                 assert_eq!(vector, scalar, "case {case}");
             }
-            let mut decoded = Vec::new();
+            // A reused buffer, longer than the stream and full of other bytes.
+            let mut decoded = vec![0xA5; len + 7];
             decode_with(&stored, len, contexts, &mut decoded, kernel).unwrap();
             assert_eq!(decoded, symbols);
         }
