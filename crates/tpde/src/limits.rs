@@ -28,8 +28,8 @@ pub const DEFAULT_CHUNK_WORDS: u64 = 1 << 20;
 /// [`MAX_CHUNK_DECODE_BYTES`], 512 MiB. Chunks are admitted for decoding only while
 /// the sum of their worst cases, plus the rebuilt chunks waiting to be written,
 /// stays within [`DECODE_IN_FLIGHT_BYTES`], so the largest chunk always fits alone.
-/// Scratch buffers kept between chunks for reuse are capped by
-/// [`DECODE_RETAINED_BYTES`]. The total is this constant.
+/// Idle buffers kept between chunks for reuse (scratch, and outputs already
+/// written) are capped by [`DECODE_RETAINED_BYTES`]. The total is this constant.
 pub const DECODE_MEMORY_BUDGET: u64 = DECODE_IN_FLIGHT_BYTES + DECODE_RETAINED_BYTES;
 
 /// The worst-case working set of decoding one chunk; see [`DECODE_MEMORY_BUDGET`].
@@ -39,7 +39,7 @@ pub const MAX_CHUNK_DECODE_BYTES: u64 = MAX_CHUNK_WORDS * (8 + 8 + 4 + 4 + 8);
 /// written may hold.
 pub const DECODE_IN_FLIGHT_BYTES: u64 = 512 << 20;
 
-/// Of [`DECODE_MEMORY_BUDGET`], the bytes of idle scratch buffers kept for reuse.
+/// Of [`DECODE_MEMORY_BUDGET`], the bytes of idle buffers kept for reuse.
 pub const DECODE_RETAINED_BYTES: u64 = 64 << 20;
 
 const _: () = assert!(MAX_CHUNK_DECODE_BYTES <= DECODE_IN_FLIGHT_BYTES, "the largest chunk must fit the budget");
