@@ -488,11 +488,18 @@ impl DeltaFile {
     /// background, so that fetching overlaps decoding. A failure to fetch those
     /// is left for their own batch to report.
     pub(crate) fn with_chunks_fetched<R>(&self, now: &[u64], next: &[u64], work: impl FnOnce() -> R) -> Result<R> {
+        self.fetch_batch(now, next)?;
+        Ok(work())
+    }
+
+    /// For a delta read by range, fetches the chunks `now` once the chunks `next`
+    /// are being fetched in the background; the work on `now` follows. A failure
+    /// to fetch `next` is left for their own batch to report.
+    pub(crate) fn fetch_batch(&self, now: &[u64], next: &[u64]) -> Result<()> {
         if let Storage::Ranged(sparse) = &self.map {
             sparse.prefetch(next);
         }
-        self.fetch_chunks(now)?;
-        Ok(work())
+        self.fetch_chunks(now)
     }
 
     /// Finds a tensor by name.

@@ -453,9 +453,19 @@ fn rebuild_chunk<'a>(
     Ok(Rebuilt::Owned(out))
 }
 
-/// A chunk's decoding as it comes back from the pool: its result (or panic), and
-/// the scratch it used.
+/// A chunk's decoding as it comes back from the pool: its place in the file's
+/// chunks, its result (or panic), and the scratch it used.
 type ChunkOutcome<'a> = (usize, std::thread::Result<Result<Rebuilt<'a>>>, DecodeScratch);
+
+/// A chunk started and not yet handed to the writer.
+struct InFlight<'a> {
+    /// What it holds of the memory budget.
+    charged: u64,
+    /// What of that its output holds until written.
+    output: u64,
+    /// Its result, once decoded.
+    rebuilt: Option<Rebuilt<'a>>,
+}
 
 /// The next chunk to finish. On a thread of a pool (a caller's `install`), this
 /// thread runs waiting chunks itself until one is done, since the chunks may be
@@ -507,40 +517,36 @@ fn decode_files<'a>(
         // The batches in which a delta read by range fetches its chunks.
         let cut = batches(&totals, DECODE_IN_FLIGHT_BYTES);
         let (done, finished) = std::sync::mpsc::channel::<ChunkOutcome<'a>>();
-        // For each chunk in flight: what it holds of the budget, what of that its
-        // output holds until written, and its result once done.
-        let mut waiting: std::collections::VecDeque<(u64, u64, Option<Rebuilt<'a>>)> =
-            std::collections::VecDeque::new();
+        let mut waiting: std::collections::VecDeque<InFlight<'a>> = std::collections::VecDeque::new();
         let mut written = 0;
         // Takes one finished chunk, then hands the writer every chunk done in order.
-        let mut take_one = |waiting: &mut std::collections::VecDeque<(u64, u64, Option<Rebuilt<'a>>)>,
-                            pool: &mut Vec<DecodeScratch>|
-         -> Result<()> {
-            let (at, outcome, scratch) = next_outcome(&finished);
-            let kept: u64 = pool.iter().map(DecodeScratch::retained_bytes).sum();
-            if kept + scratch.retained_bytes() <= DECODE_RETAINED_BYTES - SPARE_OUTPUT_BYTES {
-                pool.push(scratch);
-            }
-            let rebuilt = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-            waiting[at - written].2 = Some(rebuilt);
-            while let Some((_, _, Some(_))) = waiting.front() {
-                let (charged, output, rebuilt) = waiting.pop_front().expect("checked above");
-                // Scratch is free again; an output stays counted until written.
-                let message = match rebuilt.expect("checked above") {
-                    Rebuilt::Owned(bytes) => {
-                        budget.release(charged - output);
-                        SinkMessage::Owned(bytes, output)
-                    }
-                    Rebuilt::Borrowed(bytes) => {
-                        budget.release(charged);
-                        SinkMessage::Borrowed(bytes)
-                    }
-                };
-                to_writer.send(message).map_err(hung_up)?;
-                written += 1;
-            }
-            Ok(())
-        };
+        let mut take_one =
+            |waiting: &mut std::collections::VecDeque<InFlight<'a>>, pool: &mut Vec<DecodeScratch>| -> Result<()> {
+                let (at, outcome, scratch) = next_outcome(&finished);
+                let kept: u64 = pool.iter().map(DecodeScratch::retained_bytes).sum();
+                if kept + scratch.retained_bytes() <= DECODE_RETAINED_BYTES - SPARE_OUTPUT_BYTES {
+                    pool.push(scratch);
+                }
+                let rebuilt = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+                waiting[at - written].rebuilt = Some(rebuilt);
+                while waiting.front().is_some_and(|chunk| chunk.rebuilt.is_some()) {
+                    let InFlight { charged, output, rebuilt } = waiting.pop_front().expect("checked above");
+                    // Scratch is free again; an output stays counted until written.
+                    let message = match rebuilt.expect("checked above") {
+                        Rebuilt::Owned(bytes) => {
+                            budget.release(charged - output);
+                            SinkMessage::Owned(bytes, output)
+                        }
+                        Rebuilt::Borrowed(bytes) => {
+                            budget.release(charged);
+                            SinkMessage::Borrowed(bytes)
+                        }
+                    };
+                    to_writer.send(message).map_err(hung_up)?;
+                    written += 1;
+                }
+                Ok(())
+            };
         rayon::in_place_scope(|scope| -> Result<()> {
             let mut started = 0;
             for (k, batch) in cut.iter().cloned().enumerate() {
@@ -549,7 +555,7 @@ fn decode_files<'a>(
                 // fetched while this one decodes.
                 let now: Vec<u64> = chunks[batch.clone()].iter().map(|c| c.1.index).collect();
                 let ahead = delta.chunks_ahead(&cut, k, |i| chunks[i].1.index);
-                delta.with_chunks_fetched(&now, &ahead, || ())?;
+                delta.fetch_batch(&now, &ahead)?;
                 for i in batch {
                     let mut scratch = pool.pop().unwrap_or_default();
                     let out = if charges[i].1 > 0 { spares.take() } else { Vec::new() };
@@ -566,7 +572,7 @@ fn decode_files<'a>(
                         }
                         take_one(&mut waiting, &mut pool)?;
                     }
-                    waiting.push_back((charged, output, None));
+                    waiting.push_back(InFlight { charged, output, rebuilt: None });
                     let (tensor, span, base) = chunks[i];
                     let done = done.clone();
                     scope.spawn(move |_| {
