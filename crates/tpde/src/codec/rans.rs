@@ -982,9 +982,8 @@ mod avx2 {
 
     /// The table index of each context byte, bit by bit: bit `b` of the index of
     /// context `c` is bit `c mod 8` of byte `c / 8` of the 256-bit map `b`. Two byte
-    /// shuffles read a map for 32 contexts at once, which is several times cheaper
-    /// than gathering 32 offsets from `context_offsets` (gathers are slow on many
-    /// x86 cores, AMD's in particular).
+    /// shuffles read a map for 32 contexts at once, in place of four gathers of
+    /// eight offsets from `context_offsets`, which are slow on many x86 cores.
     struct TableMaps {
         /// Each map's bytes 0–15 and 16–31, repeated in both 128-bit halves, since a
         /// shuffle reads within its half.
