@@ -748,3 +748,34 @@ check_counts(const ChunkDesc* d, u32 nd, u32* flag) {
     const ChunkDesc& c = d[i];
     if (c.kind != KIND_RAW && c.changed != c.m) atomicOr(flag, ERR_COUNT_MISMATCH);
 }
+
+// Constant streams (spec §8.8, codec 3): `len` bytes at `dst`, each `value`.
+// They are filled before any kernel reads them, so a constant plane never
+// crosses the bus nor waits for the CPU. blockIdx.y picks the descriptor and
+// the blocks along x stride over its bytes: the unaligned head and tail byte
+// by byte, the rest in 16-byte stores.
+struct FillDesc {
+    u64 dst;
+    u32 len;
+    u32 value;
+};
+static_assert(sizeof(FillDesc) == 16, "FillDesc layout");
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+fill_streams(const FillDesc* d, u32 nd) {
+    if (blockIdx.y >= nd) return;
+    const FillDesc f = d[blockIdx.y];
+    u8* p = (u8*)f.dst;
+    const u8 v = (u8)f.value;
+    const u64 head = min((u64)((16 - (f.dst & 15)) & 15), (u64)f.len);
+    const u64 words = ((u64)f.len - head) / 16;
+    const u64 tail = head + words * 16;
+    const u32 v4 = 0x01010101u * v;
+    const uint4 q = make_uint4(v4, v4, v4, v4);
+    const u64 first = (u64)blockIdx.x * THREADS + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * THREADS;
+    if (first < head) p[first] = v;
+    if (first < (u64)f.len - tail) p[tail + first] = v;
+    uint4* p4 = (uint4*)(p + head);
+    for (u64 i = first; i < words; i += stride) p4[i] = q;
+}

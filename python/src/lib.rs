@@ -75,17 +75,19 @@ fn encode(
     metadata: Option<BTreeMap<String, String>>,
     zstd: bool,
 ) -> PyResult<(u64, u64, usize, usize)> {
-    let rans = match format_version {
-        "1.1" => true,
-        "1.0" => false,
-        other => return Err(invalid_argument(format!("format_version {other:?} is not \"1.0\" or \"1.1\""))),
+    // The newest format version the file may need (`tpde encode --format-version`).
+    let (rans, constant) = match format_version {
+        "1.3" => (true, true),
+        "1.1" => (true, false),
+        "1.0" => (false, false),
+        other => return Err(invalid_argument(format!("format_version {other:?} is not \"1.0\", \"1.1\" or \"1.3\""))),
     };
     let base = base.map(|b| SourceArg::extract(&b, "<base tensors>", None)).transpose()?;
     let target = SourceArg::extract(&target, "model.safetensors", metadata)?;
     if !zstd && !rans {
         return Err(invalid_argument("zstd=False needs the lane rANS codec of format 1.1; format 1.0 has zstd alone"));
     }
-    let settings = EncodeSettings { level, min_zstd_gain: min_gain, rans, zstd };
+    let settings = EncodeSettings { level, min_zstd_gain: min_gain, rans, zstd, constant };
     let options = EncodeOptions { settings, chunk_words };
     run_interruptible(py, threads, |interrupt| {
         let base = base.map(SourceArg::open).transpose()?;

@@ -20,8 +20,9 @@ use tpde::{
 use crate::error::flag;
 use crate::error::{GpuError, Result};
 use crate::kernels::{
-    ChunkDesc, KernelId, Kernels, RansDesc, KEYS, LEAF_DESC_BYTES, LEAF_FOLD_THREADS, LEAF_TERM_BYTES_PER_BLOCK,
-    LEAF_TERM_THREADS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, RANS_MAX_TABLE_BYTES, RANS_THREADS, THREADS,
+    ChunkDesc, FillDesc, KernelId, Kernels, RansDesc, KEYS, LEAF_DESC_BYTES, LEAF_FOLD_THREADS,
+    LEAF_TERM_BYTES_PER_BLOCK, LEAF_TERM_THREADS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, RANS_MAX_TABLE_BYTES,
+    RANS_THREADS, THREADS,
 };
 use crate::pipeline::ChunkRef;
 use crate::rans::{context, tiles_per_warp, Header};
@@ -680,6 +681,40 @@ impl Gpu {
         Ok(())
     }
 
+    /// Launches `fill_streams` on `stream` for the constant streams of
+    /// `batch`, whose descriptors `table` holds ([`FillBatch::write_table`]).
+    pub(crate) fn launch_fill(&self, stream: &CudaStream, batch: &FillBatch, table: DevRange) -> Result<()> {
+        if batch.descs.is_empty() {
+            return Ok(());
+        }
+        if table.len() < batch.table_bytes() || table.ptr() % 16 != 0 {
+            return Err(GpuError::invalid("fill table range too short or misaligned"));
+        }
+        // A block stores 16 bytes per thread per pass; a long stream takes at
+        // most FILL_BLOCKS blocks, each striding over it.
+        const FILL_BLOCKS: usize = 256;
+        let per_block = THREADS as usize * 16;
+        let blocks = batch.longest.div_ceil(per_block).clamp(1, FILL_BLOCKS) as u32;
+        // grid.y is at most 65535: one launch per that many descriptors.
+        for (i, part) in batch.descs.chunks(u16::MAX as usize).enumerate() {
+            let nd = part.len() as u32;
+            let t = table.sub(i * usize::from(u16::MAX) * FillDesc::BYTES, part.len() * FillDesc::BYTES)?.ptr();
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (blocks, nd, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let k = self.kernels.get(KernelId::FillStreams);
+            // SAFETY: `table` holds `nd` descriptors that `FillBatch::push`
+            // built from ranges of live buffers, each exactly its `len`
+            // bytes, which the caller keeps alive until the stream is
+            // synchronized; a block writes only within its descriptor's
+            // range. Signature `fill_streams(const FillDesc*, u32)`.
+            unsafe { stream.launch_builder(k).arg(&t).arg(&nd).launch(cfg) }?;
+        }
+        Ok(())
+    }
+
     fn check_rans_args(batch: &RansBatch, table: DevRange, flag: DevRange) -> Result<()> {
         if batch.levels.is_empty() {
             return Err(GpuError::invalid("lane rANS batch not sealed"));
@@ -814,6 +849,42 @@ pub(crate) fn decoder_warps(units: impl Iterator<Item = u32> + Clone, resident: 
         .into_iter()
         .min_by_key(|&w| units.clone().map(|u| u64::from(u.div_ceil(w)) * (u64::from(w) + SPREAD)).sum::<u64>())
         .unwrap_or(FULL)
+}
+
+/// Constant streams (codec 3, spec §8.8) of a batch, filled by one launch
+/// before the lane rANS and apply launches that read them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FillBatch {
+    descs: Vec<FillDesc>,
+    /// The longest stream, which sizes the launch.
+    longest: usize,
+}
+
+impl FillBatch {
+    /// Adds a stream of `out.len()` bytes, each `value`.
+    pub fn push(&mut self, out: DevRange, value: u8) -> Result<()> {
+        let len = u32::try_from(out.len()).map_err(|_| GpuError::invalid("a constant stream over 4 GiB"))?;
+        self.descs.push(FillDesc { dst: out.ptr(), len, value });
+        self.longest = self.longest.max(out.len());
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.descs.is_empty()
+    }
+
+    /// Bytes of the descriptor table.
+    #[must_use]
+    pub fn table_bytes(&self) -> usize {
+        self.descs.len() * FillDesc::BYTES
+    }
+
+    /// Writes the descriptors into `out` ([`FillBatch::table_bytes`] long).
+    pub fn write_table(&self, out: &mut [u8]) {
+        for (d, dst) in self.descs.iter().zip(out.chunks_exact_mut(FillDesc::BYTES)) {
+            d.write_to(dst);
+        }
+    }
 }
 
 /// Lane rANS streams with validated device addresses, ready to launch:

@@ -101,6 +101,8 @@ kernel_registry! {
     ApplyGroupedW8 => Apply, "apply_grouped_w8";
     /// Compares the words each chunk changed with its changed count.
     CheckCounts => Apply, "check_counts";
+    /// Fills constant streams (codec 3, spec §8.8), before any kernel reads them.
+    FillStreams => Apply, "fill_streams";
     /// XXH3-128 of byte ranges (the chunk leaf digests, spec §10), pass 1:
     /// the stripe terms of every whole 1 KiB block.
     LeafTerms => Xxh3, "leaf_terms";
@@ -513,9 +515,48 @@ impl RansDesc {
     }
 }
 
+/// One constant stream (codec 3, spec §8.8) as `fill_streams` reads it:
+/// `struct FillDesc` of `kernels/tpde_apply.cu`, 16 bytes, pinned there by a
+/// `static_assert` that a test compares with [`FillDesc::BYTES`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FillDesc {
+    pub dst: u64,
+    pub len: u32,
+    pub value: u8,
+}
+
+impl FillDesc {
+    pub const BYTES: usize = 16;
+
+    /// Writes the descriptor into `out` ([`FillDesc::BYTES`] bytes): `dst`,
+    /// `len`, then `value` widened to a `u32`.
+    pub fn write_to(&self, out: &mut [u8]) {
+        out[..8].copy_from_slice(&self.dst.to_le_bytes());
+        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        out[12..16].copy_from_slice(&u32::from(self.value).to_le_bytes());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fill_desc_layout_matches_the_kernel_source() {
+        assert!(APPLY_SOURCE.contains(&format!("static_assert(sizeof(FillDesc) == {}", FillDesc::BYTES)));
+        let fields: String = APPLY_SOURCE
+            .split("struct FillDesc {")
+            .nth(1)
+            .and_then(|rest| rest.split("};").next())
+            .expect("struct FillDesc in the source")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_eq!(fields, "u64 dst; u32 len; u32 value;");
+        let mut out = [0xAAu8; FillDesc::BYTES];
+        FillDesc { dst: 0x0102_0304_0506_0708, len: 0x1122_3344, value: 0x7F }.write_to(&mut out);
+        assert_eq!(out, [8, 7, 6, 5, 4, 3, 2, 1, 0x44, 0x33, 0x22, 0x11, 0x7F, 0, 0, 0]);
+    }
 
     /// The `static_assert`s of `kernels/tpde_apply.cu` state the layout the
     /// kernels compile with (NVRTC refuses the source otherwise); the Rust

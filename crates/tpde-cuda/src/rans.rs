@@ -14,8 +14,10 @@ use tpde::{
 use cudarc::driver::CudaStream;
 
 use crate::error::Result;
-use crate::gpu::{Batch, DevRange, Gpu, RansBatch, Stage};
-use crate::kernels::{ChunkDesc, RansDesc, RANS_MAX_PROB_BITS, RANS_MAX_TABLES, RANS_SCRATCH_HEAD, RANS_TABLE_STRIDE};
+use crate::gpu::{Batch, DevRange, FillBatch, Gpu, RansBatch, Stage};
+use crate::kernels::{
+    ChunkDesc, FillDesc, RansDesc, RANS_MAX_PROB_BITS, RANS_MAX_TABLES, RANS_SCRATCH_HEAD, RANS_TABLE_STRIDE,
+};
 use crate::pipeline::ChunkRef;
 
 /// Whether a stream is lane rANS, which the GPU decodes.
@@ -222,41 +224,49 @@ const fn align64(x: usize) -> usize {
     x.next_multiple_of(64)
 }
 
-/// The lane rANS work of one batch of chunks: its streams, and the
-/// positions that context 1 reads in sparse chunks, rebuilt as `u32` by the
-/// `positions` kernel before the first decoder level that needs them.
+/// The decoding work of one batch of chunks on the device: its lane rANS
+/// streams, the positions that context 1 reads in sparse chunks, rebuilt as
+/// `u32` by the `positions` kernel before the first decoder level that needs
+/// them, and its constant streams (codec 3).
 ///
 /// Its tables go to the device as `[streams (64-aligned) | positions
-/// tables]`, and [`RansWork::launch`] runs, on one stream: the parse
-/// launch, then each decoder level, each preceded by the positions launches
-/// it needs.
+/// tables (64-aligned) | fills]`, and [`RansWork::launch`] runs, on one
+/// stream: the fill launch, the parse launch, then each decoder level, each
+/// preceded by the positions launches it needs.
 #[derive(Debug, Default)]
 pub(crate) struct RansWork {
     pub streams: RansBatch,
     /// Positions batches, by the decoder level they come before, in
     /// increasing order.
     positions: Vec<(u32, Batch)>,
+    /// Constant streams, filled before anything reads them.
+    pub fills: FillBatch,
 }
 
 impl RansWork {
-    /// Bytes of the tables of `streams` lane rANS descriptors and
-    /// `positions` position descriptors, as [`RansWork::write_tables`] lays
-    /// them out (for planning a slot before the work is built).
+    /// Bytes of the tables of `streams` lane rANS descriptors, `positions`
+    /// position descriptors and `fills` constant streams, as
+    /// [`RansWork::write_tables`] lays them out (for planning a slot before
+    /// the work is built).
     #[must_use]
-    pub fn table_bytes_for(streams: usize, positions: usize) -> usize {
-        align64(streams * RansDesc::BYTES) + align64(positions * ChunkDesc::BYTES)
+    pub fn table_bytes_for(streams: usize, positions: usize, fills: usize) -> usize {
+        align64(streams * RansDesc::BYTES) + align64(positions * ChunkDesc::BYTES) + fills * FillDesc::BYTES
     }
 
     /// Bytes of this work's tables.
     #[must_use]
     pub fn table_bytes(&self) -> usize {
-        align64(self.streams.table_bytes()) + align64(self.positions.iter().map(|(_, b)| b.table_bytes()).sum())
+        align64(self.streams.table_bytes()) + align64(self.positions_table_bytes()) + self.fills.table_bytes()
+    }
+
+    fn positions_table_bytes(&self) -> usize {
+        self.positions.iter().map(|(_, b)| b.table_bytes()).sum()
     }
 
     /// Whether there is nothing to launch.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.streams.is_empty() && self.positions.is_empty()
+        self.streams.is_empty() && self.positions.is_empty() && self.fills.is_empty()
     }
 
     /// Adds a sparse chunk whose positions context 1 reads: its streams'
@@ -299,14 +309,19 @@ impl RansWork {
             b.write_table(&mut out[at..at + b.table_bytes()]);
             at += b.table_bytes();
         }
+        let at = align64(n) + align64(self.positions_table_bytes());
+        self.fills.write_table(&mut out[at..at + self.fills.table_bytes()]);
     }
 
-    /// The launches of the work, in order: the parse launch, then each
+    /// The launches of the work, in order: the fill launch, the parse launch, then each
     /// decoder level, each preceded by the positions batches it needs (and
     /// any positions batch left after the last level).
     #[must_use]
     pub fn schedule(&self) -> Vec<Launch> {
         let mut steps = Vec::new();
+        if !self.fills.is_empty() {
+            steps.push(Launch::Fill);
+        }
         let mut next = 0;
         let mut positions_before = |level: u32, steps: &mut Vec<Launch>| {
             while next < self.positions.len() && self.positions[next].0 <= level {
@@ -348,8 +363,12 @@ impl RansWork {
             table_of.push(tables.sub(at, b.table_bytes())?);
             at += b.table_bytes();
         }
+        let fills_at = align64(n) + align64(self.positions_table_bytes());
         for step in self.schedule() {
             match step {
+                Launch::Fill => {
+                    gpu.launch_fill(stream, &self.fills, tables.sub(fills_at, self.fills.table_bytes())?)?
+                }
                 Launch::Parse => gpu.launch_rans_parse(stream, &self.streams, rans_table, flag)?,
                 Launch::Decode(i) => {
                     gpu.launch_rans_decode(stream, &self.streams, &self.streams.levels()[i], rans_table, flag)?;
@@ -366,6 +385,8 @@ impl RansWork {
 /// One launch of a [`RansWork`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Launch {
+    /// `fill_streams` over every constant stream.
+    Fill,
     /// `rans_parse` over every stream.
     Parse,
     /// `rans_decode` over the streams of the `i`-th level.
@@ -563,6 +584,19 @@ mod tests {
         assert_eq!(work.streams.levels().iter().map(|l| l.level).collect::<Vec<_>>(), [0, 1, 3]);
         // the tables: streams (64-aligned), then the positions tables
         assert_eq!(work.table_bytes(), 4 * RansDesc::BYTES);
-        assert_eq!(RansWork::table_bytes_for(4, 2), (4 * RansDesc::BYTES).next_multiple_of(64) + 2 * ChunkDesc::BYTES);
+        assert_eq!(
+            RansWork::table_bytes_for(4, 2, 3),
+            (4 * RansDesc::BYTES).next_multiple_of(64)
+                + (2 * ChunkDesc::BYTES).next_multiple_of(64)
+                + 3 * FillDesc::BYTES
+        );
+        // constant streams are filled before anything else runs
+        work.fills.push(DevRange::unchecked(0x9000_0000, 7), 0xAB).unwrap();
+        assert_eq!(work.schedule()[..2], [Launch::Fill, Launch::Parse]);
+        assert_eq!(work.table_bytes(), 4 * RansDesc::BYTES + FillDesc::BYTES);
+        let mut tables = vec![0u8; work.table_bytes()];
+        work.write_tables(&mut tables);
+        assert_eq!(&tables[4 * RansDesc::BYTES..][..12], [0, 0, 0, 0x90, 0, 0, 0, 0, 7, 0, 0, 0]);
+        assert_eq!(tables[4 * RansDesc::BYTES + 12], 0xAB);
     }
 }

@@ -92,7 +92,7 @@ fn materialize_and_host_base_paths_are_bit_exact() {
     // lane rANS (codec 2), and a tensor whose values are grouped by base key
     // whatever the writer would predict.
     let written = [(0.0, true), (0.5, true), (0.0, false), (0.5, false)].map(|(min_zstd_gain, rans)| {
-        let s = EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true };
+        let s = EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans };
         EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, 1 << 16, true, s).unwrap()
     });
     let grouped = forced_tensor_in(
@@ -296,7 +296,7 @@ fn a_delta_file_written_by_the_format_library_loads_bit_exact() {
     for (min_zstd_gain, rans) in [(0.0, true), (0.5, true), (0.0, false)] {
         let opts = tpde::EncodeOptions {
             chunk_words: 32_768,
-            settings: EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true },
+            settings: EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans },
         };
         let path = dir.join("d.tpde");
         tpde::encode(Some(&base), &target, &path, opts, &tpde::NoProgress).unwrap();
@@ -371,7 +371,7 @@ fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary
     for (min_zstd_gain, rans) in [(0.0, true), (0.25, true), (0.0, false)] {
         let opts = tpde::EncodeOptions {
             chunk_words: 10_000,
-            settings: EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true },
+            settings: EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans },
         };
         let path = dir.join("d.tpde");
         tpde::encode(Some(&base), &target, &path, opts, &tpde::NoProgress).unwrap();
@@ -791,7 +791,7 @@ fn the_writers_lane_rans_streams_decode_on_the_gpu() {
     let mut l = loader(4 << 20);
     for (p, chunk_words) in [(1.0, 1 << 16), (1.0, 3000), (0.4, 1 << 16)] {
         let (base, target) = float_pair(1 << 20, p, 17);
-        let s = EncodeSettings { level: 3, min_zstd_gain: 0.0, rans: true, zstd: true };
+        let s = EncodeSettings { level: 3, min_zstd_gain: 0.0, rans: true, zstd: true, constant: true };
         let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, chunk_words, true, s).unwrap();
         let ctx = format!("p {p}, chunks of {chunk_words} words");
         let rans = t.chunks.iter().flat_map(|c| &c.streams).filter(|s| s.codec == Codec::Rans).count();

@@ -42,11 +42,15 @@ pub struct EncodeSettings {
     /// constant or repetitive planes (a constant plane costs a tile's 128 bytes
     /// of states instead of about 20).
     pub zstd: bool,
+    /// Whether streams may use the constant codec (codec 3, spec §8.8): a stream of
+    /// one byte repeated, stored as that byte. Without it the file needs no reader
+    /// newer than format 1.1 (1.0 without lane rANS either).
+    pub constant: bool,
 }
 
 impl Default for EncodeSettings {
     fn default() -> Self {
-        Self { level: 1, min_zstd_gain: 0.0, rans: true, zstd: true }
+        Self { level: 1, min_zstd_gain: 0.0, rans: true, zstd: true, constant: true }
     }
 }
 
@@ -65,6 +69,8 @@ pub struct EncodedChunk {
 #[derive(Debug, Clone, Copy)]
 enum Choice {
     Stored,
+    /// Every byte is the first (codec 3).
+    Constant,
     Zstd,
     /// Lane rANS under plan `i`: 0 for no context, then the stream's contexts in order.
     Rans(usize),
@@ -118,6 +124,9 @@ impl<'a> PendingStream<'a> {
         zstd: Option<Vec<u8>>,
         settings: EncodeSettings,
     ) -> Self {
+        if is_constant(raw, settings) {
+            return Self { raw, contexts, plans, zstd, choice: Choice::Constant };
+        }
         let zstd_len = zstd.as_ref().map_or(usize::MAX, Vec::len);
         // The first of equals, as a writer that tries the contexts in order keeps.
         let best = plans.iter().enumerate().min_by_key(|(_, plan)| plan.predicted_len());
@@ -140,6 +149,7 @@ impl<'a> PendingStream<'a> {
                 .filter(|&len| worth_storing(len, self.raw.len(), settings))
                 .unwrap_or(self.raw.len()),
             Choice::Zstd => self.zstd.as_ref().map_or(self.raw.len(), Vec::len),
+            Choice::Constant => 1,
             Choice::Stored => self.raw.len(),
         }
     }
@@ -153,6 +163,7 @@ impl<'a> PendingStream<'a> {
                 Some((Codec::Rans, self.plans[index].encode_bytes(self.raw, contexts)))
             }
             (Choice::Zstd, Some(zstd)) => Some((Codec::Zstd, zstd)),
+            (Choice::Constant, _) => Some((Codec::Constant, self.raw[..1].to_vec())),
             _ => None,
         };
         match coded.filter(|(_, bytes)| worth_storing(bytes.len(), self.raw.len(), settings)) {
@@ -160,6 +171,14 @@ impl<'a> PendingStream<'a> {
             None => out.push(self.raw.len(), Codec::Stored, self.raw),
         }
     }
+}
+
+/// Whether `raw` is one byte repeated and may be stored as that byte (codec 3):
+/// nothing else stores it smaller, and a GPU fills it without decoding anything.
+fn is_constant(raw: &[u8], settings: EncodeSettings) -> bool {
+    settings.constant
+        && raw.split_first().is_some_and(|(first, rest)| rest.iter().all(|b| b == first))
+        && worth_storing(1, raw.len(), settings)
 }
 
 /// Whether `len` stored bytes save enough of `raw_len` to be kept compressed.
@@ -187,7 +206,7 @@ impl<'a> StreamSet<'a> {
             self.streams.push(PendingStream::new(raw, Vec::new(), Vec::new(), None, self.settings));
             return Ok(());
         }
-        let plans = if self.settings.rans {
+        let plans = if self.settings.rans && !is_constant(raw, self.settings) {
             let candidates: Vec<(ContextKind, Option<&[u8]>)> =
                 contexts.iter().map(|c| (c.kind(), Some(c.bytes()))).collect();
             rans::plan_each_of_bytes(raw, &candidates)
@@ -204,7 +223,11 @@ impl<'a> StreamSet<'a> {
         contexts: Vec<StreamContext<'a>>,
         plans: Vec<rans::StreamPlan>,
     ) -> Result<()> {
-        let zstd = if self.settings.zstd { compress_stream(raw, self.settings.level)? } else { None };
+        let zstd = if self.settings.zstd && !is_constant(raw, self.settings) {
+            compress_stream(raw, self.settings.level)?
+        } else {
+            None
+        };
         self.streams.push(PendingStream::new(raw, contexts, plans, zstd, self.settings));
         Ok(())
     }
@@ -821,6 +844,9 @@ pub fn check_chunk_shape(record: &ChunkRecord, streams: &[StreamRecord], words: 
         if stream.codec == Codec::Stored && stream.stored_len != stream.decoded_len {
             return fail(ErrorCode::StreamLength, "a stored stream's length differs from its decoded length");
         }
+        if stream.codec == Codec::Constant && stream.stored_len != 1 {
+            return fail(ErrorCode::StreamLength, "a constant stream stores other than one byte");
+        }
         stored_total += u64::from(stream.stored_len);
     }
     if stored_total != u64::from(record.stored_len) {
@@ -1134,7 +1160,7 @@ fn apply_values<W: Word>(
     })
 }
 
-/// Decodes a chunk's streams that need nothing else (stored, zstd, lane rANS without
+/// Decodes a chunk's streams that need nothing else (stored, zstd, constant, lane rANS without
 /// context) into `scratch`; the others wait for their context (spec §11.2 D3).
 fn open_streams<'a, 's>(
     streams: &'a [StreamRecord],
@@ -1156,6 +1182,14 @@ fn open_streams<'a, 's>(
             Codec::Zstd => {
                 buffer.clear();
                 zstd_stream::decompress_into(bytes, stream.decoded_len as usize, buffer)?;
+                StreamState::Decoded
+            }
+            Codec::Constant => {
+                let [byte] = *bytes else {
+                    return fail(ErrorCode::StreamLength, "a constant stream stores other than one byte");
+                };
+                buffer.clear();
+                buffer.resize(stream.decoded_len as usize, byte);
                 StreamState::Decoded
             }
             Codec::Rans => match rans::context_kind(bytes)? {

@@ -13,8 +13,8 @@ pub use crate::container::chunk_map::{
 pub use crate::container::header::{ExtensionValue, Header, PositionPin, TargetFile, TargetLayout};
 pub use crate::container::json::parse_strict;
 pub use crate::container::preamble::{
-    trailer_bytes, Preamble, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MINOR_VERSION_TEMPORAL_POSITIONS,
-    PREAMBLE_LEN,
+    trailer_bytes, Preamble, FEATURE_CONSTANT_STREAMS, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS,
+    MINOR_VERSION_CONSTANT_STREAMS, MINOR_VERSION_TEMPORAL_POSITIONS, PREAMBLE_LEN,
 };
 pub use crate::container::{align_up, Layout, ALIGNMENT};
 pub use crate::delta::{

@@ -17,7 +17,8 @@ use crate::container::header::PositionPin;
 use crate::container::header::{Header, LayoutKind, TensorEntry};
 use crate::container::json::{check_unique_keys, parse_strict, ObjectOf};
 use crate::container::preamble::{
-    check_trailer, Preamble, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MAGIC, PREAMBLE_LEN, TRAILER_LEN,
+    check_trailer, Preamble, FEATURE_CONSTANT_STREAMS, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MAGIC,
+    PREAMBLE_LEN, TRAILER_LEN,
 };
 use crate::container::Layout;
 use crate::delta::{
@@ -225,12 +226,16 @@ impl DeltaFile {
             .map(|(i, r)| ChunkRecord::parse(r).map_err(|e| e.in_chunk(i as u64)))
             .collect::<Result<Vec<_>>>()?;
         let rans_allowed = preamble.required_features & FEATURE_RANS_LANES != 0;
+        let constant_allowed = preamble.required_features & FEATURE_CONSTANT_STREAMS != 0;
         let streams = stream_table
             .chunks_exact(STREAM_RECORD_LEN)
             .map(|r| match StreamRecord::parse(r)? {
-                // O20: codec 2 exists only in files that declare it.
+                // O20: codecs 2 and 3 exist only in files that declare them.
                 StreamRecord { codec: Codec::Rans, .. } if !rans_allowed => {
                     fail(ErrorCode::UnknownCodec, "codec 2 (lane rANS) in a file without feature bit 1")
+                }
+                StreamRecord { codec: Codec::Constant, .. } if !constant_allowed => {
+                    fail(ErrorCode::UnknownCodec, "codec 3 (constant) in a file without feature bit 3")
                 }
                 record => Ok(record),
             })

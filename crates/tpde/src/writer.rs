@@ -7,8 +7,8 @@ use std::path::Path;
 use crate::container::chunk_map::{ChunkRecord, Codec, PositionCoding, StreamRecord};
 use crate::container::header::Header;
 use crate::container::preamble::{
-    trailer_bytes, Preamble, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MINOR_VERSION, MINOR_VERSION_RANS_LANES,
-    MINOR_VERSION_TEMPORAL_POSITIONS, PREAMBLE_LEN,
+    trailer_bytes, Preamble, FEATURE_CONSTANT_STREAMS, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MINOR_VERSION,
+    MINOR_VERSION_CONSTANT_STREAMS, MINOR_VERSION_RANS_LANES, MINOR_VERSION_TEMPORAL_POSITIONS, PREAMBLE_LEN,
 };
 use crate::container::{align_up, Layout};
 use crate::delta::EncodedChunk;
@@ -130,19 +130,19 @@ impl DeltaWriter {
         }
         self.out.write_all(&tables)?;
         self.out.write_all(&trailer_bytes(layout.file_len))?;
-        // §12 item 8: a file without lane rANS streams stays a 1.0 file; one with a
-        // position reference is a 1.2 file.
-        let uses_rans = self.streams.iter().any(|s| s.codec == Codec::Rans);
-        let temporal = header.position_reference.is_some();
-        let minor_version = if temporal {
-            MINOR_VERSION_TEMPORAL_POSITIONS
-        } else if uses_rans {
-            MINOR_VERSION_RANS_LANES
-        } else {
-            MINOR_VERSION
-        };
-        let required_features =
-            (if uses_rans { FEATURE_RANS_LANES } else { 0 }) | (if temporal { FEATURE_TEMPORAL_POSITIONS } else { 0 });
+        // §12 item 8: each feature bit is set only when the file uses it, and the minor
+        // version is the lowest that defines them all, so that a file without lane
+        // rANS, constant streams or a position reference stays a 1.0 file.
+        let uses = |codec| self.streams.iter().any(|s| s.codec == codec);
+        let features = [
+            (uses(Codec::Rans), FEATURE_RANS_LANES, MINOR_VERSION_RANS_LANES),
+            (header.position_reference.is_some(), FEATURE_TEMPORAL_POSITIONS, MINOR_VERSION_TEMPORAL_POSITIONS),
+            (uses(Codec::Constant), FEATURE_CONSTANT_STREAMS, MINOR_VERSION_CONSTANT_STREAMS),
+        ];
+        let (required_features, minor_version) = features
+            .iter()
+            .filter(|(used, ..)| *used)
+            .fold((0, MINOR_VERSION), |(bits, minor), &(_, bit, since)| (bits | bit, minor.max(since)));
         let preamble = Preamble {
             minor_version,
             required_features,

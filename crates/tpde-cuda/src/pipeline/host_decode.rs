@@ -82,6 +82,14 @@ pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Re
             dst.copy_from_slice(stored);
             Ok(())
         }
+        Codec::Constant => {
+            let [value] = *stored else {
+                let e = tpde::Error::new(ErrorCode::StreamLength, "a constant stream stores other than one byte");
+                return Err(GpuError::Format(e));
+            };
+            dst.fill(value);
+            Ok(())
+        }
         Codec::Zstd => DECODED
             .with(|cell| -> FormatResult<()> {
                 let mut decoded = cell.borrow_mut();

@@ -82,6 +82,9 @@ impl Loader {
                 }
                 None => None,
             };
+            for &(q, value) in &place.fills {
+                work.fills.push(streams[q], value)?;
+            }
             let job = u32::try_from(first_job + jj).map_err(|_| GpuError::invalid("too many chunks"))?;
             for (q, rp) in place.rans.iter().enumerate() {
                 let Some(rp) = rp else { continue };

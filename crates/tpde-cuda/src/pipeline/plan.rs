@@ -63,6 +63,9 @@ pub(super) struct JobPlace {
     /// Context 1 in a sparse chunk: the decoder level before which its
     /// positions are rebuilt, and their offset in the device part.
     pub(super) positions: Option<(u32, usize)>,
+    /// Constant streams (codec 3) that the device fills: stream index and
+    /// byte. They are never uploaded.
+    pub(super) fills: Vec<(usize, u8)>,
 }
 
 /// Where the streams of one batch go in a slot. Device layout:
@@ -192,6 +195,7 @@ impl Loader {
         let (mut upload, mut device) = (0usize, 0usize);
         let mut raw: Option<(usize, usize)> = None;
         let (mut tiles, mut rows, mut rans_count, mut positions_count) = (0usize, 0usize, 0usize, 0usize);
+        let mut fill_count = 0usize;
         for job in jobs.iter().take(self.cfg.max_chunks) {
             let c = job.chunk;
             if job.width != width {
@@ -215,6 +219,16 @@ impl Loader {
                     } else {
                         place.streams[0]
                     });
+                    continue;
+                }
+                if r.codec == Codec::Constant {
+                    // Filled on the device: neither decoded nor uploaded.
+                    place.rans.push(None);
+                    place.streams.push(Place::Device(dev));
+                    dev = align(dev + r.decoded_len as usize, 16);
+                    if let (Some(&value), true) = (bytes.first(), stage == Stage::Apply || k < np) {
+                        place.fills.push((k, value));
+                    }
                     continue;
                 }
                 let rans = plan.as_ref().and_then(|p| p.streams[k]);
@@ -282,7 +296,7 @@ impl Loader {
             let t = Batch::tiles_of(&c.record, c.words) as usize;
             let g = Batch::group_rows_of(&c.record, c.words) as usize;
             let tables = align((places.len() + 1) * ChunkDesc::BYTES, 64)
-                + RansWork::table_bytes_for(rans_count + rc, positions_count + pc);
+                + RansWork::table_bytes_for(rans_count + rc, positions_count + pc, fill_count + place.fills.len());
             let raw_len = span.map_or(0, |(lo, hi)| hi - lo + 16);
             if tables + up + 16 + dev + 16 + raw_len > self.cfg.slot_bytes
                 || tiles + t > max_tiles
@@ -300,11 +314,12 @@ impl Loader {
             rows += g;
             rans_count += rc;
             positions_count += pc;
+            fill_count += place.fills.len();
             places.push(place);
         }
         let count = places.len();
         let table = align(count * ChunkDesc::BYTES, 64);
-        let rans_tables = RansWork::table_bytes_for(rans_count, positions_count);
+        let rans_tables = RansWork::table_bytes_for(rans_count, positions_count, fill_count);
         let decoded_end = table + rans_tables + upload;
         let device_start = align(decoded_end, 16);
         let raw_lo = raw.map_or(0, |(lo, _)| lo);

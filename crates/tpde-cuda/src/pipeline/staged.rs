@@ -159,7 +159,7 @@ impl Loader {
                 }
             }
             let used = p.host.end - first;
-            if RansWork::table_bytes_for(c, 0) + st + used.max(sc + 16) > self.cfg.slot_bytes {
+            if RansWork::table_bytes_for(c, 0, 0) + st + used.max(sc + 16) > self.cfg.slot_bytes {
                 break;
             }
             (count, stored, scratch) = (c, st, sc);
@@ -168,7 +168,7 @@ impl Loader {
         if end == 0 {
             return Err(GpuError::invalid("a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes"));
         }
-        let tables = RansWork::table_bytes_for(count, 0);
+        let tables = RansWork::table_bytes_for(count, 0, 0);
         let hp = tables + stored;
         let used = order[end - 1].host.end - first;
         let mut tasks = Vec::new();
@@ -358,7 +358,7 @@ impl Loader {
                         && tiles + tl <= max_tiles
                         && rows + r <= max_rows
                         && align((count + 1) * ChunkDesc::BYTES, 64)
-                            + RansWork::table_bytes_for(rans + rc, positions + pc)
+                            + RansWork::table_bytes_for(rans + rc, positions + pc, 0)
                             + 16
                             + device
                             + dv
@@ -407,7 +407,7 @@ impl Loader {
             (r + rc, p + pc)
         });
         let table = align(pending.len() * ChunkDesc::BYTES, 64);
-        let rans_tables = RansWork::table_bytes_for(rans_count, positions_count);
+        let rans_tables = RansWork::table_bytes_for(rans_count, positions_count, 0);
         let slot = self.take_slot()?;
         let s = &mut self.slots[slot];
         let dev = DevRange::all(&s.dev, &s.stream)?;

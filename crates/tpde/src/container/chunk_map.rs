@@ -107,6 +107,11 @@ wire_enum!(
         ///
         /// [`FEATURE_RANS_LANES`]: crate::container::preamble::FEATURE_RANS_LANES
         Rans = 2,
+        /// One byte, repeated `decoded_len` times (spec §8.8); only in a file with
+        /// [`FEATURE_CONSTANT_STREAMS`].
+        ///
+        /// [`FEATURE_CONSTANT_STREAMS`]: crate::container::preamble::FEATURE_CONSTANT_STREAMS
+        Constant = 3,
     }
 );
 

@@ -30,8 +30,13 @@ pub const MINOR_VERSION_RANS_LANES: u16 = 1;
 pub const FEATURE_TEMPORAL_POSITIONS: u64 = 1 << 2;
 /// The minor version that defines [`FEATURE_TEMPORAL_POSITIONS`].
 pub const MINOR_VERSION_TEMPORAL_POSITIONS: u16 = 2;
+/// Required feature bit `constant-streams`: streams may use the constant codec
+/// (spec §3, §8.8).
+pub const FEATURE_CONSTANT_STREAMS: u64 = 1 << 3;
+/// The minor version that defines [`FEATURE_CONSTANT_STREAMS`].
+pub const MINOR_VERSION_CONSTANT_STREAMS: u16 = 3;
 /// Required feature bits this library understands.
-pub const KNOWN_REQUIRED_FEATURES: u64 = FEATURE_RANS_LANES | FEATURE_TEMPORAL_POSITIONS;
+pub const KNOWN_REQUIRED_FEATURES: u64 = FEATURE_RANS_LANES | FEATURE_TEMPORAL_POSITIONS | FEATURE_CONSTANT_STREAMS;
 
 /// The decoded preamble (spec §3, table 3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
