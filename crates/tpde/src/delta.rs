@@ -1189,6 +1189,7 @@ fn open_streams<'a, 's>(
                     return fail(ErrorCode::StreamLength, "a constant stream stores other than one byte");
                 };
                 buffer.clear();
+                crate::limits::try_reserve(buffer, stream.decoded_len as usize)?;
                 buffer.resize(stream.decoded_len as usize, byte);
                 StreamState::Decoded
             }

@@ -38,8 +38,8 @@ fn write_u64_checkpoint(path: &Path, words: u64, fill: u64) {
 
 /// A zero base and two deltas against it, each of `chunks` chunks of `chunk_words`
 /// U64 words, a few KiB whatever their size: `unchanged.tpde` (the target is the
-/// base) and `dense.tpde` (every word changed alike, so its streams are zstd frames
-/// that expand to a whole chunk each).
+/// base) and `dense.tpde` (every word changed alike, so its streams are constant
+/// streams of one stored byte that expand to a whole chunk each).
 struct Hostile {
     dir: tempfile::TempDir,
 }
