@@ -1254,16 +1254,18 @@ class RansFiles(unittest.TestCase):
 
     @staticmethod
     def uses_rans(path):
-        """Whether a golden file sets required feature bit 1 (spec §3)."""
+        """Whether a golden file sets required feature bit 1 or 3 (spec §3): lane
+        rANS or constant streams, which the recoder here does not take apart."""
         with open(os.path.join(CONFORMANCE, path), "rb") as f:
             preamble = f.read(24)
-        return bool(struct.unpack_from("<Q", preamble, 16)[0] & 0x2)
+        return bool(struct.unpack_from("<Q", preamble, 16)[0] & 0xA)
 
     def test_recoded_valid_cases(self):
         """Every valid golden file decodes to the same tensors with its streams coded
         as lane rANS: each context where it is allowed, over planes of every codec."""
         for case in load_manifest():
-            # Files of format 1.1 already hold lane rANS streams; their cases test it.
+            # Files of formats 1.1 and 1.3 already hold lane rANS or constant streams;
+            # their cases test them.
             # Files of format 1.2 need their reference deltas, which a recoded file
             # no longer matches (its pin names the original bytes).
             if case["expect"] != "accept" or self.uses_rans(case["path"]) or case.get("references"):
@@ -1295,10 +1297,11 @@ class RansFiles(unittest.TestCase):
         plain = rec.bytes()  # a 1.0 file: no codec 2
         self.assertEqual(struct.unpack_from("<HHIQ", plain, 8)[1:4:2], (0, 0))
         self.assertEqual(decode_bytes(plain, base), (0, expected))
-        # O6: bits 1 and 2 are known (bit 1 with or without codec 2, in any minor
-        # version); any other required bit, bit 0 included, is not
-        self.assertEqual(decode_bytes(rec.bytes(required=2), base), (0, expected))
-        for bits in (1, 3, 8, 10, 1 << 63):
+        # O6: bits 1, 2 and 3 are known (bits 1 and 3 with or without codecs 2 and
+        # 3, in any minor version); any other required bit, bit 0 included, is not
+        for bits in (2, 8, 10):
+            self.assertEqual(decode_bytes(rec.bytes(required=bits), base), (0, expected), bits)
+        for bits in (1, 3, 16, 18, 1 << 63):
             self.assertEqual(decode_bytes(rec.bytes(required=bits), base),
                              (1, '{"error":"E_UNKNOWN_REQUIRED_FEATURE"}\n'), bits)
         # H7: bit 2 without `position_reference` in the header

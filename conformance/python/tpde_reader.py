@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""An independent reader of the tpde delta format 1.2, written from spec/FORMAT.md alone.
+"""An independent reader of the tpde delta format 1.3, written from spec/FORMAT.md alone.
 
 Usage:
     tpde_reader.py decode DELTA [--base BASE] [--reference REF]...
@@ -9,13 +9,14 @@ Usage:
 `rebuild` writes the target safetensors file(s) of spec §11.3.  On a format or base
 error both print {"error":"E_..."} on stdout and exit 1; a usage error exits 2.
 
-It reads every file of format 1.1: the preamble and trailer (§3, §4), the strict
+It reads every file of format 1.3: the preamble and trailer (§3, §4), the strict
 JSON header (§5), the binary chunk map (§6), all encodings, value ops, value layouts,
 position codings and value orders (§8.1-§8.6), the codecs stored, zstd under its
-profile (§8.5) and lane rANS with its three contexts (§8.7, feature bit 1 of §3),
-checksums and digests (§10), base checkpoints (§11.2) and the rebuilt safetensors
-files (§11.3), and position coding 3 against a chain of reference deltas (§8.3,
-feature bit 2, §11.2 R0).  A 1.0 file is a 1.1 file without codec 2.
+profile (§8.5), lane rANS with its three contexts (§8.7, feature bit 1 of §3) and
+constant (§8.8, feature bit 3), checksums and digests (§10), base checkpoints
+(§11.2) and the rebuilt safetensors files (§11.3), and position coding 3 against a
+chain of reference deltas (§8.3, feature bit 2, §11.2 R0).  A 1.0 file is a 1.3
+file without codecs 2 and 3.
 
 Dependencies: the standard library, numpy, zstandard, xxhash.  The code follows the
 spec's section order; comments name the rule each check implements.
@@ -83,7 +84,9 @@ MAX_ZSTD_WINDOW = 2**27
 FEATURE_RANS_LANES = 1 << 1
 # 1.2 defines bit 2 (`temporal-positions`, position coding 3).
 FEATURE_TEMPORAL_POSITIONS = 1 << 2
-KNOWN_REQUIRED_FEATURES = FEATURE_RANS_LANES | FEATURE_TEMPORAL_POSITIONS
+# 1.3 defines bit 3 (`constant-streams`, codec 3).
+FEATURE_CONSTANT_STREAMS = 1 << 3
+KNOWN_REQUIRED_FEATURES = FEATURE_RANS_LANES | FEATURE_TEMPORAL_POSITIONS | FEATURE_CONSTANT_STREAMS
 
 # §7 Table 7.1: dtype -> (bits per element, word bytes)
 DTYPES = {
@@ -102,8 +105,8 @@ OP_XOR, OP_SUB = 0, 1
 LAYOUT_WORDS, LAYOUT_PLANES, LAYOUT_ROTATED = 0, 1, 2
 POS_NONE, POS_GAPS, POS_BITMAP, POS_SPLIT = 0, 1, 2, 3
 ORDER_POSITIONAL, ORDER_GROUPED = 0, 1
-CODEC_STORED, CODEC_ZSTD, CODEC_RANS = 0, 1, 2
-N_ENCODINGS, N_VALUE_OPS, N_LAYOUTS, N_POSITION_CODINGS, N_VALUE_ORDERS, N_CODECS = 4, 2, 3, 4, 2, 3
+CODEC_STORED, CODEC_ZSTD, CODEC_RANS, CODEC_CONSTANT = 0, 1, 2, 3
+N_ENCODINGS, N_VALUE_OPS, N_LAYOUTS, N_POSITION_CODINGS, N_VALUE_ORDERS, N_CODECS = 4, 2, 3, 4, 2, 4
 
 EMPTY_XXH3_64 = 0x2D06800538D394C2
 
@@ -529,6 +532,8 @@ class Delta:
                 o += sl
                 if codec == CODEC_STORED:
                     out.append(raw)
+                elif codec == CODEC_CONSTANT:
+                    out.append(constant_decode(raw, dl))
                 elif codec == CODEC_ZSTD:
                     out.append(zstd_decode(raw, dl))
                 else:
@@ -626,10 +631,12 @@ class Delta:
             fail("E_RESERVED_NONZERO" if res[i] else "E_UNKNOWN_CODEC", f"chunk record {i}")
         s = self.streams
         res = raw_streams[:, 9:16].any(axis=1)
-        # an undefined codec id, or codec 2 in a file without required feature bit 1
+        # an undefined codec id, or codec 2 (3) in a file without required feature bit 1 (3)
         codec = s["codec"] >= N_CODECS
         if not self.required_features & FEATURE_RANS_LANES:
             codec |= s["codec"] == CODEC_RANS
+        if not self.required_features & FEATURE_CONSTANT_STREAMS:
+            codec |= s["codec"] == CODEC_CONSTANT
         i = first_true(res | codec)
         if i is not None:
             fail("E_RESERVED_NONZERO" if res[i] else "E_UNKNOWN_CODEC", f"stream record {i}")
@@ -690,7 +697,8 @@ class Delta:
                         fits = s_decoded[s] <= dl and (q < 2 or s_decoded[s] == s_decoded[next_stream + 1])
                     else:
                         fits = s_decoded[s] == dl
-                    if not fits or (s_codec[s] == CODEC_STORED and s_stored[s] != s_decoded[s]):
+                    if (not fits or (s_codec[s] == CODEC_STORED and s_stored[s] != s_decoded[s])
+                            or (s_codec[s] == CODEC_CONSTANT and s_stored[s] != 1)):
                         fail("E_STREAM_LENGTH", f"stream {s}")
                     total += s_stored[s]
                 if total != stored_len[g]:
@@ -951,6 +959,12 @@ def bitmap_positions(bitmap, m, n):
 
 
 # ---------------------------------------------------------------------------
+# §8.8 the constant codec
+def constant_decode(raw, decoded_len):
+    """§8.8: `decoded_len` copies of the one stored byte (C4 checked the length)."""
+    return bytes(raw) * decoded_len
+
+
 # §8.7 the lane rANS codec
 # ---------------------------------------------------------------------------
 
@@ -1418,6 +1432,8 @@ def decode_tensor(delta, t, base):
                 o += sl
                 if codec == CODEC_STORED:
                     out[q] = raw
+                elif codec == CODEC_CONSTANT:
+                    out[q] = constant_decode(raw, dl)
                 elif codec == CODEC_ZSTD:
                     out[q] = zstd_decode(raw, dl)
                 else:

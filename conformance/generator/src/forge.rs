@@ -20,9 +20,10 @@ use crate::safet::{self, Tensor};
 use crate::words;
 
 /// The settings of the library's encoder for every case that existed before format
-/// 1.1: without lane rANS, so that regenerating them changes no byte.
+/// 1.1: without lane rANS or constant streams, so that regenerating them changes
+/// no byte.
 pub fn settings_1_0() -> EncodeSettings {
-    EncodeSettings { rans: false, ..EncodeSettings::default() }
+    EncodeSettings { rans: false, constant: false, ..EncodeSettings::default() }
 }
 
 /// The writer string of every generated file, so that goldens do not change with
@@ -39,6 +40,8 @@ pub enum Store {
     /// Codec 2 with this context (spec §8.7). The plane above is written as no
     /// context on a stream that has no plane above.
     Rans(Ctx),
+    /// Codec 3 (spec §8.8); the stream's bytes must all be equal.
+    Constant,
 }
 
 /// Exactly how one chunk is stored.
@@ -373,6 +376,10 @@ pub fn forced_chunk(target: &[u8], base: Option<&[u8]>, word_bytes: usize, force
             Store::Stored => store(raw, Codec::Stored, raw.clone()),
             Store::Zstd => store(raw, Codec::Zstd, crate::zframe::compress(raw)),
             Store::Rans(ctx) => store(raw, Codec::Rans, planned.rans(q, ctx).to_bytes()),
+            Store::Constant => {
+                assert!(raw.iter().all(|&b| b == raw[0]), "stream {q} is not constant");
+                store(raw, Codec::Constant, raw[..1].to_vec())
+            }
         };
         streams.push(record);
         data.extend_from_slice(&stored);

@@ -15,6 +15,7 @@
 // Every size here is of a file the generator itself wrote, a few KB at most.
 #![allow(clippy::cast_possible_truncation)]
 
+mod constant;
 mod forge;
 mod forward;
 mod invalid;
@@ -51,6 +52,8 @@ fn main() -> ExitCode {
     invalid_rans::generate(&mut suite);
     // Format 1.2 (position coding 3).
     temporal::generate(&mut suite);
+    // Format 1.3 (constant streams).
+    constant::generate(&mut suite);
     let counts = suite.finish();
     eprintln!(
         "wrote {} valid, {} invalid, {} forward-compat cases ({} regression entries kept) to {}",

@@ -8,7 +8,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use tpde::{
     format::{Encoding, ValueLayout, ValueOp},
-    EncodeOptions,
+    EncodeOptions, EncodeSettings,
 };
 
 use crate::forge::{Entry, Force, Store};
@@ -490,7 +490,9 @@ fn natural_finetune(suite: &mut Suite) {
         base.push(bf16_tensor(name, shape, &weights));
         target.push(bf16_tensor(name, shape, &updated));
     }
-    let options = EncodeOptions { chunk_words: 8192, ..EncodeOptions::default() };
+    // Format 1.1: lane rANS without the constant streams of 1.3.
+    let settings = EncodeSettings { constant: false, ..EncodeSettings::default() };
+    let options = EncodeOptions { chunk_words: 8192, settings };
     assert!(options.settings.rans, "the library's default writer uses lane rANS");
     let name = "natural-finetune-rans";
     natural_with(
