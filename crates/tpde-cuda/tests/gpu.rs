@@ -821,3 +821,50 @@ fn the_writers_lane_rans_streams_decode_on_the_gpu() {
         }
     }
 }
+
+/// Constant streams (codec 3, spec §8.8) that the default writer chooses are
+/// filled on the device, next to lane rANS planes coded on the plane above
+/// them, through every entry point, bit-exact: a BF16 pair whose changes
+/// touch only the low byte (the top value plane is constant), densely and
+/// sparsely (the top gap plane is constant too).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn constant_streams_fill_on_the_gpu_in_every_entry_point() {
+    let g = gpu();
+    let mut l = loader(4 << 20);
+    for (every, chunk_words) in [(1usize, 1 << 16), (1, 3000), (40, 1 << 16)] {
+        let mut r = lcg(23 + every as u64);
+        let words = 300_000;
+        let base: Vec<u8> = (0..words * 2).map(|_| r() as u8).collect();
+        let mut target = base.clone();
+        for i in (0..words).step_by(every) {
+            target[2 * i] ^= 1 + (r() % 7) as u8;
+        }
+        let s = EncodeSettings::default();
+        let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W2, chunk_words, true, s).unwrap();
+        let ctx = format!("every {every}, chunks of {chunk_words} words");
+        let constant = t.chunks.iter().flat_map(|c| &c.streams).filter(|s| s.codec == Codec::Constant).count();
+        assert!(constant >= t.chunks.len(), "{ctx}: {constant} constant streams");
+        let host = packed(&t);
+        for tr in [t.as_ref(), hosted(&t, &host)] {
+            let dbase = g.upload(&base).unwrap();
+            let mut out = g.alloc_zeros::<u8>(target.len()).unwrap();
+            for _ in 0..2 {
+                l.materialize_into(&tr, &dbase, &mut out).unwrap();
+                assert!(g.download(&out).unwrap() == target, "materialize_into {ctx}");
+            }
+            let outs = l.load(std::slice::from_ref(&tr), &[&dbase]).unwrap();
+            assert!(g.download(&outs[0]).unwrap() == target, "load {ctx}");
+            let mut bufs = vec![g.upload(&base).unwrap()];
+            l.apply_in_place(std::slice::from_ref(&tr), &mut bufs).unwrap();
+            assert!(g.download(&bufs[0]).unwrap() == target, "apply_in_place {ctx}");
+            let outs = l.load_host_base(std::slice::from_ref(&tr), &[&base]).unwrap();
+            assert!(g.download(&outs[0]).unwrap() == target, "load_host_base {ctx}");
+            let staged = l.stage_on_device(std::slice::from_ref(&tr)).unwrap();
+            let mut outs = vec![g.alloc_zeros::<u8>(target.len()).unwrap()];
+            l.apply_staged(&staged, &[&dbase], &mut outs).unwrap();
+            assert!(g.download(&outs[0]).unwrap() == target, "apply_staged {ctx}");
+            assert!(g.download(&dbase).unwrap() == base, "the base is untouched {ctx}");
+        }
+    }
+}

@@ -216,6 +216,40 @@ fn no_zstd_deltas_leave_nothing_to_the_cpu_and_round_trip() {
     assert!(!t.path("c.tpde").exists());
 }
 
+fn format_version(delta: &Path) -> String {
+    let inspect = run(&[p("inspect"), delta, p("--json")]);
+    let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect prints JSON");
+    report["format_version"].as_str().expect("a version").to_owned()
+}
+
+/// `--format-version` bounds the features a delta may need, and the file records
+/// the lowest version that its contents need: the default stores the constant
+/// top planes of one-unit steps as constant streams (format 1.3), 1.1 stores
+/// them otherwise, 1.0 uses zstd alone. Each rebuilds the target.
+#[test]
+fn each_format_version_writes_what_its_readers_read() {
+    let t = pair();
+    let (base, target) = one_unit_steps(&t);
+    let mut sizes = Vec::new();
+    for (flag, newest) in [(None, "1.3"), (Some("1.3"), "1.3"), (Some("1.1"), "1.1"), (Some("1.0"), "1.0")] {
+        let delta = t.path(&format!("{newest}-{}.tpde", flag.is_some()));
+        let mut args = vec![p("encode"), &base, &target, p("-o"), &delta];
+        if let Some(flag) = flag {
+            args.extend([p("--format-version"), p(flag)]);
+        }
+        ok(&args);
+        let version = format_version(&delta);
+        // the constant planes need 1.3 wherever it is allowed
+        assert!(if newest == "1.3" { version == "1.3" } else { version.as_str() <= newest }, "{flag:?}: {version}");
+        let out = t.path(&format!("{newest}-{}.safetensors", flag.is_some()));
+        ok(&[p("apply"), &base, &delta, p("-o"), &out]);
+        assert_eq!(fs::read(&out).unwrap(), fs::read(&target).unwrap(), "{flag:?}");
+        sizes.push(fs::metadata(&delta).unwrap().len());
+    }
+    assert_eq!(sizes[0], sizes[1], "1.3 is the default");
+    assert!(sizes[0] < sizes[2], "constant streams store smaller: {sizes:?}");
+}
+
 fn encoded() -> (Pair, PathBuf) {
     let t = pair();
     let delta = t.path("d.tpde");
