@@ -12,7 +12,7 @@
 //! `cargo build --release --example series_sync -p tpde-cuda`, then on a GPU
 //! machine: `series_sync [--params N] [--steps S] [--anchor N] [--dir DIR] [--temporal] [--no-zstd]`
 //! (`--temporal`: the series codes positions against the previous step, §8.3;
-//! `--no-zstd`: every stream lane rANS or stored, so the CPU decodes nothing).
+//! `--no-zstd`: every stream lane rANS, constant or stored, so the CPU decodes nothing).
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)]
 
 use std::path::{Path, PathBuf};

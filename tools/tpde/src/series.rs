@@ -45,7 +45,7 @@ pub enum SeriesCommand {
         /// loader decodes such positions on the CPU before it uploads them.
         #[arg(long)]
         temporal: bool,
-        /// Never use zstd: every stream is lane rANS or stored, so that a GPU
+        /// Never use zstd: every stream is lane rANS, constant or stored, so that a GPU
         /// worker stepping the series decodes each delta itself.
         #[arg(long)]
         no_zstd: bool,
