@@ -1425,6 +1425,41 @@ mod tests {
         assert_eq!(coding(14u64.wrapping_mul(0x9E37_79B9_7F4A_7C15)), (Encoding::Sparse, PositionCoding::Gaps));
     }
 
+    /// A plane of one repeated byte is stored as that byte (codec 3) when the
+    /// settings allow it, and the chunk round-trips; without them, or where no
+    /// compression is wanted, it is coded as before. A one-byte stream is never
+    /// constant: its one byte stored saves nothing.
+    #[test]
+    fn a_plane_of_one_byte_repeated_is_a_constant_stream() {
+        let base = pseudo_random(2 * 20_000, 3);
+        let mut target = base.clone();
+        for word in target.chunks_exact_mut(2) {
+            word[0] ^= 0x5A; // every low byte changes alike; no high byte changes
+        }
+        let codecs = |settings: EncodeSettings| {
+            let chunk = encode_chunk(&target, Some(&base), WordWidth::W2, true, settings).unwrap();
+            let mut out = Vec::new();
+            decode_chunk(&input(&chunk, Some(&base), 20_000, WordWidth::W2), &mut out).unwrap();
+            assert_eq!(out, target);
+            // the stored bytes of each constant stream
+            let constant: Vec<Vec<u8>> = (0..chunk.streams.len())
+                .filter(|&q| chunk.streams[q].codec == Codec::Constant)
+                .map(|q| {
+                    let at: usize = chunk.streams[..q].iter().map(|s| s.stored_len as usize).sum();
+                    chunk.data[at..at + chunk.streams[q].stored_len as usize].to_vec()
+                })
+                .collect();
+            (chunk.record.encoding, constant)
+        };
+        assert_eq!(codecs(EncodeSettings::default()), (Encoding::Dense, vec![vec![0x5A], vec![0]]));
+        let without = EncodeSettings { constant: false, ..EncodeSettings::default() };
+        assert!(codecs(without).1.is_empty());
+        let uncompressed = EncodeSettings { min_zstd_gain: 1.0, ..EncodeSettings::default() };
+        assert!(codecs(uncompressed).1.is_empty());
+        assert!(!is_constant(&[7], EncodeSettings::default()) && !is_constant(&[], EncodeSettings::default()));
+        assert!(is_constant(&[7, 7], EncodeSettings::default()) && !is_constant(&[7, 8], EncodeSettings::default()));
+    }
+
     /// A word width that no dtype has cannot be asked for; bad sizes are errors.
     #[test]
     fn bad_chunk_sizes_are_errors() {

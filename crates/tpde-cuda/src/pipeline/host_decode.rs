@@ -1,5 +1,7 @@
 //! CPU decoding of streams into page-locked slots: zstd (and stored) streams
-//! by the format library's decoder, in parallel ([`decode_stream`]).
+//! by the format library's decoder, in parallel ([`decode_stream`]). Constant
+//! streams are filled here only where a loader path stages decoded bytes;
+//! the batched path fills them on the device.
 
 use std::cell::RefCell;
 
@@ -120,6 +122,21 @@ pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A constant stream fills its slot with its one byte; any other stored
+    /// length is the library's `E_STREAM_LENGTH`.
+    #[test]
+    fn a_constant_stream_fills_its_slot() {
+        let record = |stored_len| StreamRecord { stored_len, decoded_len: 5, codec: Codec::Constant };
+        let mut dst = [0u8; 5];
+        decode_stream(&record(1), &[0xA7], &mut dst).unwrap();
+        assert_eq!(dst, [0xA7; 5]);
+        for stored in [&[][..], &[1, 1]] {
+            let e = decode_stream(&record(stored.len() as u32), stored, &mut dst).unwrap_err();
+            let GpuError::Format(e) = e else { panic!("{e}") };
+            assert_eq!(e.code(), ErrorCode::StreamLength);
+        }
+    }
 
     /// A stream the library's decoder refuses is reported with its code,
     /// naming the tensor and the chunk's index in the file.
