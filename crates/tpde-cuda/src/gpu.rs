@@ -692,13 +692,14 @@ impl Gpu {
         }
         // A block stores 16 bytes per thread per pass; a long stream takes at
         // most FILL_BLOCKS blocks, each striding over it.
-        const FILL_BLOCKS: usize = 256;
-        let per_block = THREADS as usize * 16;
-        let blocks = batch.longest.div_ceil(per_block).clamp(1, FILL_BLOCKS) as u32;
-        // grid.y is at most 65535: one launch per that many descriptors.
-        for (i, part) in batch.descs.chunks(u16::MAX as usize).enumerate() {
-            let nd = part.len() as u32;
-            let t = table.sub(i * usize::from(u16::MAX) * FillDesc::BYTES, part.len() * FillDesc::BYTES)?.ptr();
+        const FILL_BLOCKS: u32 = 256;
+        // The grid's y dimension (one descriptor each) is at most 65535.
+        const MAX_GRID_Y: usize = 65_535;
+        let passes = batch.longest.div_ceil(THREADS as usize * 16);
+        let blocks = u32::try_from(passes).unwrap_or(FILL_BLOCKS).clamp(1, FILL_BLOCKS);
+        for (i, part) in batch.descs.chunks(MAX_GRID_Y).enumerate() {
+            let nd = u32::try_from(part.len()).map_err(|_| GpuError::invalid("too many constant streams"))?;
+            let t = table.sub(i * MAX_GRID_Y * FillDesc::BYTES, part.len() * FillDesc::BYTES)?.ptr();
             let cfg = cudarc::driver::LaunchConfig {
                 grid_dim: (blocks, nd, 1),
                 block_dim: (THREADS, 1, 1),

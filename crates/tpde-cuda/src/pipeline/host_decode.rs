@@ -131,8 +131,8 @@ mod tests {
         let mut dst = [0u8; 5];
         decode_stream(&record(1), &[0xA7], &mut dst).unwrap();
         assert_eq!(dst, [0xA7; 5]);
-        for stored in [&[][..], &[1, 1]] {
-            let e = decode_stream(&record(stored.len() as u32), stored, &mut dst).unwrap_err();
+        for (stored_len, stored) in [(0, &[][..]), (2, &[1, 1])] {
+            let e = decode_stream(&record(stored_len), stored, &mut dst).unwrap_err();
             let GpuError::Format(e) = e else { panic!("{e}") };
             assert_eq!(e.code(), ErrorCode::StreamLength);
         }
