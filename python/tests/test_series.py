@@ -4,6 +4,7 @@ command, every step rebuilt byte for byte, and the same error codes."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 import textwrap
@@ -243,8 +244,10 @@ def test_temporal_positions_rebuild_byte_for_byte(tmp_path):
         checkpoints[step] = tmp_path / f"step-{step}.safetensors"
         write_safetensors(checkpoints[step], {"w": ("BF16", [words.size], words.tobytes())})
         run.add(checkpoints[step], step, temporal=True)
-    versions = [tpde.inspect(tmp_path / "run" / e["file"])["format_version"] for e in run.list()["steps"]]
-    assert versions.count("1.2") >= 2, versions
+    # required feature bit 2 (spec §3): the file codes positions against a reference
+    required = [struct.unpack_from("<Q", (tmp_path / "run" / e["file"]).read_bytes(), 16)[0]
+                for e in run.list()["steps"]]
+    assert sum(1 for bits in required if bits & 0x4) >= 2, required
     for step, path in checkpoints.items():
         out = tmp_path / f"rebuilt-{step}.safetensors"
         run.get(step, out)
