@@ -8,7 +8,9 @@
 //! and parses its tables and tile lengths, then warps decode one tile each,
 //! one rANS state per lane, in launches ordered by what each stream's
 //! context reads (the plane above, or the base words at the chunk's
-//! positions). Only zstd streams are decoded by the CPU, in parallel, into
+//! positions). Constant streams (codec 3, §8.8) are one stored byte, which
+//! one launch per batch expands in device memory before anything reads it.
+//! Only zstd streams are decoded by the CPU, in parallel, into
 //! page-locked staging slots, and so are the positions of position coding 3
 //! (temporal positions, §8.3), which need the reference delta's: they reach
 //! the kernels as a list of `u32`. The GPU turns gap planes into
@@ -69,7 +71,8 @@
 //! 4. `pipeline/ring.rs`: each batch takes a slot of the staging ring (the
 //!    run began there by resetting the device error flag).
 //! 5. `pipeline/host_decode.rs`: zstd streams are decoded by the CPU into
-//!    the slot; other streams are copied as they are.
+//!    the slot; other streams are copied as they are, but constant streams,
+//!    which take only room in the slot's device part.
 //! 6. `pipeline/launch.rs`: the slot goes to the device and the batch's
 //!    kernels run, through the safe wrappers of `gpu.rs` (`rans.rs` plans
 //!    the lane rANS launches; `kernels.rs` compiles `kernels/*.cu`).

@@ -4,7 +4,8 @@
 //! copy straight from the host delta when it sits in page-locked memory
 //! ([`TensorRef::host`]); only zstd streams are decoded on the CPU (rayon)
 //! into the slot, which follows in a second copy; then the batch's kernels
-//! run on the same stream: the lane rANS parse launch, its decoder launches
+//! run on the same stream: the fill of its constant streams in the slot's
+//! device part, the lane rANS parse launch, its decoder launches
 //! by dependency level (each after the positions its base-key contexts read,
 //! rebuilt by the `positions` kernel), then the apply kernels, which read a
 //! decoded lane rANS stream from the slot's device part as they read any
