@@ -71,8 +71,9 @@
 //! 4. `pipeline/ring.rs`: each batch takes a slot of the staging ring (the
 //!    run began there by resetting the device error flag).
 //! 5. `pipeline/host_decode.rs`: zstd streams are decoded by the CPU into
-//!    the slot; other streams are copied as they are, but constant streams,
-//!    which take only room in the slot's device part.
+//!    the slot; stored streams and the stored bytes of lane rANS streams
+//!    are copied as they are; constant streams take only room in the slot's
+//!    device part.
 //! 6. `pipeline/launch.rs`: the slot goes to the device and the batch's
 //!    kernels run, through the safe wrappers of `gpu.rs` (`rans.rs` plans
 //!    the lane rANS launches; `kernels.rs` compiles `kernels/*.cu`).

@@ -37,10 +37,11 @@ pub struct EncodeSettings {
     /// Without it the file is a format 1.0 file that older readers read.
     pub rans: bool,
     /// Whether streams may use zstd (codec 1). Without it every stream is lane
-    /// rANS or stored, so that a GPU loader decodes the whole delta itself and
-    /// the CPU decodes nothing; the delta grows where zstd would have won, on
-    /// constant or repetitive planes (a constant plane costs a tile's 128 bytes
-    /// of states instead of about 20).
+    /// rANS, constant or stored, so that a GPU loader decodes the whole delta
+    /// itself and the CPU decodes nothing; the delta grows where zstd would have
+    /// won, on repetitive planes and on small planes, whose lane rANS tables
+    /// cost more than zstd's (and, without [`EncodeSettings::constant`], on
+    /// constant planes: a tile's 128 bytes of states instead of about 20).
     pub zstd: bool,
     /// Whether streams may use the constant codec (codec 3, spec §8.8): a stream of
     /// one byte repeated, stored as that byte. Without it the file needs no reader
