@@ -803,22 +803,7 @@ fn the_writers_lane_rans_streams_decode_on_the_gpu() {
                 (&base[k * cb..((k + 1) * cb).min(base.len())], &target[k * cb..((k + 1) * cb).min(base.len())]);
             assert!(library_decode(c, b, b.len() / 4, WordWidth::W4) == e, "{ctx}: library chunk {k}");
         }
-        let host = packed(&t);
-        for tr in [t.as_ref(), hosted(&t, &host)] {
-            let dbase = g.upload(&base).unwrap();
-            let mut out = g.alloc_zeros::<u8>(target.len()).unwrap();
-            l.materialize_into(&tr, &dbase, &mut out).unwrap();
-            assert!(g.download(&out).unwrap() == target, "materialize_into {ctx}");
-            let outs = l.load(std::slice::from_ref(&tr), &[&dbase]).unwrap();
-            assert!(g.download(&outs[0]).unwrap() == target, "load {ctx}");
-            let mut bufs = vec![g.upload(&base).unwrap()];
-            l.apply_in_place(std::slice::from_ref(&tr), &mut bufs).unwrap();
-            assert!(g.download(&bufs[0]).unwrap() == target, "apply_in_place {ctx}");
-            let staged = l.stage_on_device(std::slice::from_ref(&tr)).unwrap();
-            let mut outs = vec![g.alloc_zeros::<u8>(target.len()).unwrap()];
-            l.apply_staged(&staged, &[&dbase], &mut outs).unwrap();
-            assert!(g.download(&outs[0]).unwrap() == target, "apply_staged {ctx}");
-        }
+        assert_every_entry_point_rebuilds(&g, &mut l, &t, &base, &target, &ctx);
     }
 }
 
@@ -845,26 +830,41 @@ fn constant_streams_fill_on_the_gpu_in_every_entry_point() {
         let ctx = format!("every {every}, chunks of {chunk_words} words");
         let constant = t.chunks.iter().flat_map(|c| &c.streams).filter(|s| s.codec == Codec::Constant).count();
         assert!(constant >= t.chunks.len(), "{ctx}: {constant} constant streams");
-        let host = packed(&t);
-        for tr in [t.as_ref(), hosted(&t, &host)] {
-            let dbase = g.upload(&base).unwrap();
-            let mut out = g.alloc_zeros::<u8>(target.len()).unwrap();
-            for _ in 0..2 {
-                l.materialize_into(&tr, &dbase, &mut out).unwrap();
-                assert!(g.download(&out).unwrap() == target, "materialize_into {ctx}");
-            }
-            let outs = l.load(std::slice::from_ref(&tr), &[&dbase]).unwrap();
-            assert!(g.download(&outs[0]).unwrap() == target, "load {ctx}");
-            let mut bufs = vec![g.upload(&base).unwrap()];
-            l.apply_in_place(std::slice::from_ref(&tr), &mut bufs).unwrap();
-            assert!(g.download(&bufs[0]).unwrap() == target, "apply_in_place {ctx}");
-            let outs = l.load_host_base(std::slice::from_ref(&tr), &[&base]).unwrap();
-            assert!(g.download(&outs[0]).unwrap() == target, "load_host_base {ctx}");
-            let staged = l.stage_on_device(std::slice::from_ref(&tr)).unwrap();
-            let mut outs = vec![g.alloc_zeros::<u8>(target.len()).unwrap()];
-            l.apply_staged(&staged, &[&dbase], &mut outs).unwrap();
-            assert!(g.download(&outs[0]).unwrap() == target, "apply_staged {ctx}");
-            assert!(g.download(&dbase).unwrap() == base, "the base is untouched {ctx}");
+        assert_every_entry_point_rebuilds(&g, &mut l, &t, &base, &target, &ctx);
+    }
+}
+
+/// Rebuilds `t` through every entry point, from the ring and from a
+/// page-locked copy of its chunks: `materialize_into` twice into one buffer,
+/// `load`, `apply_in_place`, `load_host_base` and a staged delta; each result
+/// must be `target` byte for byte, and the resident base must be untouched.
+fn assert_every_entry_point_rebuilds(
+    g: &Gpu,
+    l: &mut Loader,
+    t: &EncodedTensor,
+    base: &[u8],
+    target: &[u8],
+    ctx: &str,
+) {
+    let host = packed(t);
+    for tr in [t.as_ref(), hosted(t, &host)] {
+        let dbase = g.upload(base).unwrap();
+        let mut out = g.alloc_zeros::<u8>(target.len()).unwrap();
+        for _ in 0..2 {
+            l.materialize_into(&tr, &dbase, &mut out).unwrap();
+            assert!(g.download(&out).unwrap() == target, "materialize_into {ctx}");
         }
+        let outs = l.load(std::slice::from_ref(&tr), &[&dbase]).unwrap();
+        assert!(g.download(&outs[0]).unwrap() == target, "load {ctx}");
+        let mut bufs = vec![g.upload(base).unwrap()];
+        l.apply_in_place(std::slice::from_ref(&tr), &mut bufs).unwrap();
+        assert!(g.download(&bufs[0]).unwrap() == target, "apply_in_place {ctx}");
+        let outs = l.load_host_base(std::slice::from_ref(&tr), &[base]).unwrap();
+        assert!(g.download(&outs[0]).unwrap() == target, "load_host_base {ctx}");
+        let staged = l.stage_on_device(std::slice::from_ref(&tr)).unwrap();
+        let mut outs = vec![g.alloc_zeros::<u8>(target.len()).unwrap()];
+        l.apply_staged(&staged, &[&dbase], &mut outs).unwrap();
+        assert!(g.download(&outs[0]).unwrap() == target, "apply_staged {ctx}");
+        assert!(g.download(&dbase).unwrap() == base, "the base is untouched {ctx}");
     }
 }
