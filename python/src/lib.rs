@@ -76,18 +76,19 @@ fn encode(
     zstd: bool,
 ) -> PyResult<(u64, u64, usize, usize)> {
     // The newest format version the file may need (`tpde encode --format-version`).
-    let (rans, constant) = match format_version {
-        "1.3" => (true, true),
-        "1.1" => (true, false),
-        "1.0" => (false, false),
-        other => return Err(invalid_argument(format!("format_version {other:?} is not \"1.0\", \"1.1\" or \"1.3\""))),
-    };
+    let settings = EncodeSettings { level, min_zstd_gain: min_gain, zstd, ..EncodeSettings::default() }
+        .within_format_version(format_version)
+        .ok_or_else(|| {
+            invalid_argument(format!(
+                "format_version {format_version:?} is not one of {}",
+                tpde::WRITABLE_FORMAT_VERSIONS.map(|v| format!("{v:?}")).join(", ")
+            ))
+        })?;
     let base = base.map(|b| SourceArg::extract(&b, "<base tensors>", None)).transpose()?;
     let target = SourceArg::extract(&target, "model.safetensors", metadata)?;
-    if !zstd && !rans {
+    if !zstd && !settings.rans {
         return Err(invalid_argument("zstd=False needs the lane rANS codec of format 1.1; format 1.0 has zstd alone"));
     }
-    let settings = EncodeSettings { level, min_zstd_gain: min_gain, rans, zstd, constant };
     let options = EncodeOptions { settings, chunk_words };
     run_interruptible(py, threads, |interrupt| {
         let base = base.map(SourceArg::open).transpose()?;

@@ -64,7 +64,7 @@ def encode(
     force: bool = False,
     min_gain: float = 0.0,
     chunk_words: int = DEFAULT_CHUNK_WORDS,
-    format_version: str = "1.3",
+    format_version: str = "1.4",
     zstd: bool = True,
 ) -> Dict[str, int]:
     """Encodes ``target`` against ``base`` into the delta file ``out``, as
@@ -75,9 +75,10 @@ def encode(
     compressed only when that saves at least this fraction of it; ``chunk_words``
     sets the unit of parallelism and random access. ``out`` appears only once complete, and an
     existing ``out`` is replaced only with ``force=True`` (else ``E_OUTPUT_EXISTS``).
-    ``format_version`` is the newest format version the file may need: ``"1.3"``
-    stores a stream of one repeated byte as that byte, ``"1.1"`` does not, and
-    ``"1.0"`` writes zstd streams only, for older readers.
+    ``format_version`` is the newest format version the file may need: ``"1.4"``
+    packs the lane rANS tables, ``"1.3"`` does not but stores a stream of one
+    repeated byte as that byte, ``"1.1"`` does neither, and ``"1.0"`` writes zstd
+    streams only, for older readers.
     ``zstd=False`` (``tpde encode --no-zstd``) never uses zstd: every stream is lane
     rANS, constant or stored, so the GPU loader decodes the whole delta itself, for
     a file slightly larger where zstd would have stored a repetitive stream smaller.

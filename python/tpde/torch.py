@@ -307,7 +307,7 @@ def save_delta(
         level=level,
         min_gain=0.0,
         chunk_words=_tpde.DEFAULT_CHUNK_WORDS,
-        format_version="1.3",
+        format_version="1.4",
         force=force,
         threads=threads,
         metadata=metadata,

@@ -47,11 +47,45 @@ pub struct EncodeSettings {
     /// one byte repeated, stored as that byte. Without it the file needs no reader
     /// newer than format 1.1 (1.0 without lane rANS either).
     pub constant: bool,
+    /// Whether lane rANS streams pack their tables (codec 4, spec §8.9), which makes
+    /// them smaller; without it they are codec 2 and the file needs no reader newer
+    /// than format 1.3.
+    pub packed_tables: bool,
 }
 
 impl Default for EncodeSettings {
     fn default() -> Self {
-        Self { level: 1, min_zstd_gain: 0.0, rans: true, zstd: true, constant: true }
+        Self { level: 1, min_zstd_gain: 0.0, rans: true, zstd: true, constant: true, packed_tables: true }
+    }
+}
+
+/// The format versions a writer can be asked to stay within, newest first: each is
+/// the first that a codec the writer uses needs (spec §3).
+pub const WRITABLE_FORMAT_VERSIONS: [&str; 4] = ["1.4", "1.3", "1.1", "1.0"];
+
+impl EncodeSettings {
+    /// These settings, with the codecs that a reader of `version` (one of
+    /// [`WRITABLE_FORMAT_VERSIONS`]) lacks turned off; `None` for another version.
+    /// A file records the lowest version its contents need, which may be lower.
+    #[must_use]
+    pub fn within_format_version(self, version: &str) -> Option<Self> {
+        let minor = match version {
+            "1.4" => 4,
+            "1.3" => 3,
+            "1.1" => 1,
+            "1.0" => 0,
+            _ => return None,
+        };
+        Some(Self { rans: minor >= 1, constant: minor >= 3, packed_tables: minor >= 4, ..self })
+    }
+
+    /// The table form of the lane rANS streams written.
+    fn table_form(self) -> rans::TableForm {
+        if self.packed_tables {
+            rans::TableForm::Packed
+        } else {
+            rans::TableForm::Bytes
+        }
     }
 }
 
@@ -161,7 +195,8 @@ impl<'a> PendingStream<'a> {
         let coded = match (self.choice, self.zstd) {
             (Choice::Rans(index), _) => {
                 let contexts = index.checked_sub(1).map(|at| self.contexts[at].bytes());
-                Some((Codec::Rans, self.plans[index].encode_bytes(self.raw, contexts)))
+                let plan = &self.plans[index];
+                Some((plan.codec(), plan.encode_bytes(self.raw, contexts)))
             }
             (Choice::Zstd, Some(zstd)) => Some((Codec::Zstd, zstd)),
             (Choice::Constant, _) => Some((Codec::Constant, self.raw[..1].to_vec())),
@@ -210,7 +245,7 @@ impl<'a> StreamSet<'a> {
         let plans = if self.settings.rans && !is_constant(raw, self.settings) {
             let candidates: Vec<(ContextKind, Option<&[u8]>)> =
                 contexts.iter().map(|c| (c.kind(), Some(c.bytes()))).collect();
-            rans::plan_each_of_bytes(raw, &candidates)
+            rans::plan_each_of_bytes(self.settings.table_form(), raw, &candidates)
         } else {
             Vec::new()
         };
@@ -1041,8 +1076,8 @@ enum StreamState {
     /// Decoded into its scratch buffer.
     Decoded,
     /// A lane rANS stream whose context needs other streams or the base first
-    /// (spec §11.2 D3).
-    Waiting(ContextKind),
+    /// (spec §11.2 D3), with its table form.
+    Waiting(rans::TableForm, ContextKind),
     /// A lane rANS stream whose context needs the base, which is not given: only
     /// its header is checked (spec §15.7).
     HeaderOnly,
@@ -1084,7 +1119,7 @@ impl ChunkStreams<'_, '_> {
     /// `E_RANS_HEADER` (spec §8.7). A context that needs an absent base, directly
     /// or through the plane above, leaves only the header to check.
     fn decode_waiting(&mut self, q: usize, plane_above: bool, base_keys: BaseKeys<'_>) -> Result<()> {
-        let StreamState::Waiting(kind) = self.states[q] else { return Ok(()) };
+        let StreamState::Waiting(form, kind) = self.states[q] else { return Ok(()) };
         let len = self.records[q].decoded_len as usize;
         let stored = &self.stored[self.ranges[q].clone()];
         let needs_absent_base = match kind {
@@ -1093,7 +1128,7 @@ impl ChunkStreams<'_, '_> {
             ContextKind::None => false,
         };
         if needs_absent_base {
-            rans::check_header(stored, len, kind)?;
+            rans::check_header(form, stored, len, kind)?;
             self.states[q] = StreamState::HeaderOnly;
             return Ok(());
         }
@@ -1109,7 +1144,7 @@ impl ChunkStreams<'_, '_> {
             },
             _ => Contexts::None,
         };
-        rans::decode_into(stored, len, contexts, &mut below[q])?;
+        rans::decode_into(form, stored, len, contexts, &mut below[q])?;
         self.states[q] = StreamState::Decoded;
         Ok(())
     }
@@ -1194,13 +1229,16 @@ fn open_streams<'a, 's>(
                 buffer.resize(stream.decoded_len as usize, byte);
                 StreamState::Decoded
             }
-            Codec::Rans => match rans::context_kind(bytes)? {
-                ContextKind::None => {
-                    rans::decode_into(bytes, stream.decoded_len as usize, Contexts::None, buffer)?;
-                    StreamState::Decoded
+            Codec::Rans | Codec::RansPacked => {
+                let form = rans::TableForm::of_codec(stream.codec).expect("a lane rANS codec");
+                match rans::context_kind(bytes)? {
+                    ContextKind::None => {
+                        rans::decode_into(form, bytes, stream.decoded_len as usize, Contexts::None, buffer)?;
+                        StreamState::Decoded
+                    }
+                    kind => StreamState::Waiting(form, kind),
                 }
-                kind => StreamState::Waiting(kind),
-            },
+            }
         });
     }
     Ok(ChunkStreams { stored, ranges, records: streams, states, buffers: &mut scratch.streams[..streams.len()] })

@@ -13,8 +13,9 @@ pub use crate::container::chunk_map::{
 pub use crate::container::header::{ExtensionValue, Header, PositionPin, TargetFile, TargetLayout};
 pub use crate::container::json::parse_strict;
 pub use crate::container::preamble::{
-    trailer_bytes, Preamble, FEATURE_CONSTANT_STREAMS, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS,
-    MINOR_VERSION_CONSTANT_STREAMS, MINOR_VERSION_TEMPORAL_POSITIONS, PREAMBLE_LEN,
+    trailer_bytes, Preamble, FEATURE_CONSTANT_STREAMS, FEATURE_PACKED_RANS, FEATURE_RANS_LANES,
+    FEATURE_TEMPORAL_POSITIONS, MINOR_VERSION_CONSTANT_STREAMS, MINOR_VERSION_PACKED_RANS,
+    MINOR_VERSION_TEMPORAL_POSITIONS, PREAMBLE_LEN,
 };
 pub use crate::container::{align_up, Layout, ALIGNMENT};
 pub use crate::delta::{
@@ -38,7 +39,9 @@ pub mod positions {
 
 /// Lane rANS streams (codec 2, spec §8.7).
 pub mod rans {
-    pub use crate::codec::rans::{context_kind, decode_into, decode_into_scalar, encode, ContextKind, Contexts};
+    pub use crate::codec::rans::{
+        context_kind, decode_into, decode_into_scalar, encode, ContextKind, Contexts, TableForm,
+    };
 }
 
 /// zstd streams under the format's profile (codec 1, spec §8.5).

@@ -17,8 +17,8 @@ use crate::container::header::PositionPin;
 use crate::container::header::{Header, LayoutKind, TensorEntry};
 use crate::container::json::{check_unique_keys, parse_strict, ObjectOf};
 use crate::container::preamble::{
-    check_trailer, Preamble, FEATURE_CONSTANT_STREAMS, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MAGIC,
-    PREAMBLE_LEN, TRAILER_LEN,
+    check_trailer, Preamble, FEATURE_CONSTANT_STREAMS, FEATURE_PACKED_RANS, FEATURE_RANS_LANES,
+    FEATURE_TEMPORAL_POSITIONS, MAGIC, PREAMBLE_LEN, TRAILER_LEN,
 };
 use crate::container::Layout;
 use crate::delta::{
@@ -227,15 +227,19 @@ impl DeltaFile {
             .collect::<Result<Vec<_>>>()?;
         let rans_allowed = preamble.required_features & FEATURE_RANS_LANES != 0;
         let constant_allowed = preamble.required_features & FEATURE_CONSTANT_STREAMS != 0;
+        let packed_rans_allowed = preamble.required_features & FEATURE_PACKED_RANS != 0;
         let streams = stream_table
             .chunks_exact(STREAM_RECORD_LEN)
             .map(|r| match StreamRecord::parse(r)? {
-                // O20: codecs 2 and 3 exist only in files that declare them.
+                // O20: codecs 2 to 4 exist only in files that declare them.
                 StreamRecord { codec: Codec::Rans, .. } if !rans_allowed => {
                     fail(ErrorCode::UnknownCodec, "codec 2 (lane rANS) in a file without feature bit 1")
                 }
                 StreamRecord { codec: Codec::Constant, .. } if !constant_allowed => {
                     fail(ErrorCode::UnknownCodec, "codec 3 (constant) in a file without feature bit 3")
+                }
+                StreamRecord { codec: Codec::RansPacked, .. } if !packed_rans_allowed => {
+                    fail(ErrorCode::UnknownCodec, "codec 4 (packed lane rANS) in a file without feature bit 4")
                 }
                 record => Ok(record),
             })

@@ -7,8 +7,9 @@ use std::path::Path;
 use crate::container::chunk_map::{ChunkRecord, Codec, PositionCoding, StreamRecord};
 use crate::container::header::Header;
 use crate::container::preamble::{
-    trailer_bytes, Preamble, FEATURE_CONSTANT_STREAMS, FEATURE_RANS_LANES, FEATURE_TEMPORAL_POSITIONS, MINOR_VERSION,
-    MINOR_VERSION_CONSTANT_STREAMS, MINOR_VERSION_RANS_LANES, MINOR_VERSION_TEMPORAL_POSITIONS, PREAMBLE_LEN,
+    trailer_bytes, Preamble, FEATURE_CONSTANT_STREAMS, FEATURE_PACKED_RANS, FEATURE_RANS_LANES,
+    FEATURE_TEMPORAL_POSITIONS, MINOR_VERSION, MINOR_VERSION_CONSTANT_STREAMS, MINOR_VERSION_PACKED_RANS,
+    MINOR_VERSION_RANS_LANES, MINOR_VERSION_TEMPORAL_POSITIONS, PREAMBLE_LEN,
 };
 use crate::container::{align_up, Layout};
 use crate::delta::EncodedChunk;
@@ -138,6 +139,7 @@ impl DeltaWriter {
             (uses(Codec::Rans), FEATURE_RANS_LANES, MINOR_VERSION_RANS_LANES),
             (header.position_reference.is_some(), FEATURE_TEMPORAL_POSITIONS, MINOR_VERSION_TEMPORAL_POSITIONS),
             (uses(Codec::Constant), FEATURE_CONSTANT_STREAMS, MINOR_VERSION_CONSTANT_STREAMS),
+            (uses(Codec::RansPacked), FEATURE_PACKED_RANS, MINOR_VERSION_PACKED_RANS),
         ];
         let (required_features, minor_version) = features
             .iter()

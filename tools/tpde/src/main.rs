@@ -67,11 +67,12 @@ enum Command {
         /// mostly copying.
         #[arg(long = "min-gain", alias = "min-zstd-gain", default_value_t = 0.0, value_name = "FRACTION")]
         min_zstd_gain: f64,
-        /// The newest format version the delta may need. 1.3 also stores a stream of
-        /// one repeated byte as that byte; 1.1 uses the lane rANS codec, which is
-        /// smaller than zstd and decodes on a GPU; 1.0 uses zstd only. The file
-        /// records the lowest version that its contents need.
-        #[arg(long, default_value = "1.3", value_parser = ["1.0", "1.1", "1.3"])]
+        /// The newest format version the delta may need. 1.4 packs the lane rANS
+        /// tables; 1.3 also stores a stream of one repeated byte as that byte; 1.1
+        /// uses the lane rANS codec, which is smaller than zstd and decodes on a GPU;
+        /// 1.0 uses zstd only. The file records the lowest version that its contents
+        /// need.
+        #[arg(long, default_value = tpde::WRITABLE_FORMAT_VERSIONS[0], value_parser = tpde::WRITABLE_FORMAT_VERSIONS)]
         format_version: String,
         /// Never use zstd: every stream is lane rANS, constant or stored, so that a
         /// GPU loader decodes the whole delta itself, for a slightly larger delta
@@ -331,13 +332,9 @@ fn run(cli: Cli) -> tpde::Result<()> {
             let (base_path, target_path) = split_base(&inputs);
             let base = open_optional(base_path)?;
             let target = OpenedCheckpoint::open(target_path)?;
-            let settings = EncodeSettings {
-                level,
-                min_zstd_gain,
-                rans: format_version != "1.0",
-                zstd: !no_zstd,
-                constant: format_version == "1.3",
-            };
+            let settings = EncodeSettings { level, min_zstd_gain, zstd: !no_zstd, ..EncodeSettings::default() }
+                .within_format_version(&format_version)
+                .expect("clap admits only writable versions");
             let options = EncodeOptions { settings, chunk_words };
             let base = base.as_deref();
             let summary = tpde::encode_to(base, &target, out.local(), options, out.force(force), &Bars::new())?;

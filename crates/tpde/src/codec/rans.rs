@@ -1,4 +1,5 @@
-//! The lane rANS codec, codec 2 (spec §8.7).
+//! The lane rANS codec: codec 2 (spec §8.7) and codec 4, the same with packed
+//! tables (§8.9).
 //!
 //! A stream's bytes are cut into tiles of `2^tile_log2` symbols that decode on their
 //! own; inside a tile, symbol `j` belongs to lane `j mod 32`, and each lane is an
@@ -21,6 +22,7 @@
 
 use std::borrow::Cow;
 
+use crate::container::chunk_map::Codec;
 use crate::error::{Error, ErrorCode, Result};
 
 /// Lanes of a tile: a symbol's lane is its index in the tile modulo 32 (spec §8.7).
@@ -49,6 +51,42 @@ const CONTEXT_MAP_LEN: usize = 256;
 const BITMAP_MIN_SYMBOLS: usize = 32;
 /// Frequencies from this value up take the two-byte form.
 const TWO_BYTE_FREQUENCY: u32 = 128;
+/// Largest Exp-Golomb order of a packed table (spec §8.9).
+const MAX_ORDER: u8 = 11;
+/// Largest `n + g` of a packed table's code: a code value is at most
+/// `zigzag(2^11) = 2^12`, so `v + 2^g` is below `2^13`.
+const MAX_CODE_BITS: u32 = 12;
+
+/// How a stream lists its context map and tables: the bytes of codec 2 (spec §8.7,
+/// Table 8.7) or the bits of codec 4 (§8.9, Table 8.8). Everything else is shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableForm {
+    /// Codec 2: a byte per context map entry, one or two bytes per frequency.
+    Bytes,
+    /// Codec 4: a packed context map and Exp-Golomb-coded frequency differences.
+    Packed,
+}
+
+impl TableForm {
+    /// The table form of a lane rANS codec; `None` for any other codec.
+    #[must_use]
+    pub fn of_codec(codec: Codec) -> Option<Self> {
+        match codec {
+            Codec::Rans => Some(Self::Bytes),
+            Codec::RansPacked => Some(Self::Packed),
+            _ => None,
+        }
+    }
+
+    /// The codec of a stream with this table form.
+    #[must_use]
+    pub fn codec(self) -> Codec {
+        match self {
+            Self::Bytes => Codec::Rans,
+            Self::Packed => Codec::RansPacked,
+        }
+    }
+}
 
 /// Where a stream's context bytes come from (spec §8.7, the `context` field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +242,48 @@ impl<'a> FieldReader<'a> {
     }
 }
 
+/// Reads a packed field's bits, least significant bit of each byte first (spec §8.9).
+struct BitReader<'a> {
+    bytes: &'a [u8],
+    /// Bits read so far.
+    at: usize,
+}
+
+impl BitReader<'_> {
+    fn bit(&mut self) -> Option<u32> {
+        let byte = self.bytes.get(self.at / 8)?;
+        let bit = byte >> (self.at % 8) & 1;
+        self.at += 1;
+        Some(u32::from(bit))
+    }
+
+    /// `count` bits (at most 32) as an unsigned integer, its least significant bit first.
+    fn bits(&mut self, count: u32) -> Option<u32> {
+        (0..count).try_fold(0u32, |value, shift| Some(value | self.bit()? << shift))
+    }
+
+    /// The bytes the bits read so far end in.
+    fn bytes_used(&self) -> usize {
+        self.at.div_ceil(8)
+    }
+
+    /// Whether the unused high bits of the last byte read are 0.
+    fn padding_is_zero(&self) -> bool {
+        self.at % 8 == 0 || self.bytes[self.at / 8] >> (self.at % 8) == 0
+    }
+}
+
+/// Bits per entry of a packed context map of `table_count` tables: `ceil(log2 T)`.
+fn packed_map_bits(table_count: usize) -> u32 {
+    usize::BITS - (table_count - 1).leading_zeros()
+}
+
+/// `zigzag(d)` of spec §8.9: 0, −1, 1, −2, … as 0, 1, 2, 3, …
+fn zigzag(difference: i64) -> u32 {
+    let folded = if difference >= 0 { 2 * difference } else { -2 * difference - 1 };
+    u32::try_from(folded).expect("differences of frequencies of at most 2^11")
+}
+
 /// Decoding tables: for each slot of each table one packed entry, and per context
 /// byte where its table starts.
 struct DecodeTables {
@@ -226,11 +306,16 @@ struct ParsedTable {
     frequencies: [u32; 256],
 }
 
-fn read_table(reader: &mut FieldReader<'_>, prob_bits: u32, table: usize) -> Result<ParsedTable> {
+fn read_table(reader: &mut FieldReader<'_>, form: TableForm, prob_bits: u32, table: usize) -> Result<ParsedTable> {
     let mut parsed = ParsedTable { count: 0, symbols: [0; 256], frequencies: [0; 256] };
     let count = usize::from(reader.byte(&|| format!("table {table}'s symbol count"))?) + 1;
     parsed.count = count;
-    if count < BITMAP_MIN_SYMBOLS {
+    if form == TableForm::Packed && count == 256 {
+        // Every byte, in order: the packed form lists nothing.
+        for (slot, symbol) in parsed.symbols.iter_mut().zip(0..=255u8) {
+            *slot = symbol;
+        }
+    } else if count < BITMAP_MIN_SYMBOLS {
         let listed = reader.take(count, &|| format!("table {table}'s symbol list"))?;
         if listed.windows(2).any(|pair| pair[0] >= pair[1]) {
             return Err(header_error(format!("table {table}'s symbol list is not strictly increasing")));
@@ -246,6 +331,10 @@ fn read_table(reader: &mut FieldReader<'_>, prob_bits: u32, table: usize) -> Res
         for (slot, symbol) in parsed.symbols.iter_mut().zip(present) {
             *slot = symbol;
         }
+    }
+    if form == TableForm::Packed {
+        read_packed_frequencies(reader, prob_bits, table, &mut parsed)?;
+        return Ok(parsed);
     }
     let total = 1u32 << prob_bits;
     let mut sum = 0u32;
@@ -276,10 +365,82 @@ fn read_table(reader: &mut FieldReader<'_>, prob_bits: u32, table: usize) -> Res
     Ok(parsed)
 }
 
-fn read_tables(reader: &mut FieldReader<'_>, header: &FixedHeader) -> Result<DecodeTables> {
+/// The Exp-Golomb-coded frequency differences of a packed table (spec §8.9,
+/// Table 8.8), after its symbol set.
+fn read_packed_frequencies(
+    reader: &mut FieldReader<'_>,
+    prob_bits: u32,
+    table: usize,
+    parsed: &mut ParsedTable,
+) -> Result<()> {
+    let order = reader.byte(&|| format!("table {table}'s Exp-Golomb order"))?;
+    if order > MAX_ORDER {
+        return Err(header_error(format!("table {table}'s Exp-Golomb order {order} is not 0 to {MAX_ORDER}")));
+    }
+    let order = u32::from(order);
+    let count = parsed.count;
+    let mut bits = BitReader { bytes: reader.rest(), at: 0 };
+    let ends = || header_error(format!("the stream ends inside table {table}'s frequency codes"));
+    // The prefixes: each code's suffix length n + g, less g.
+    let mut lengths = [0u32; 256];
+    for (index, length) in lengths[..count].iter_mut().enumerate() {
+        while bits.bit().ok_or_else(ends)? == 1 {
+            *length += 1;
+            // A longer prefix makes a frequency out of range: stop reading it.
+            if *length + order > MAX_CODE_BITS {
+                return Err(header_error(format!("table {table}'s frequency {index} is out of range")));
+            }
+        }
+    }
+    let total = 1i64 << prob_bits;
+    let (mut previous, mut sum) = (0i64, 0i64);
+    for index in 0..count {
+        let suffix_bits = lengths[index] + order;
+        let value = (1 << suffix_bits | bits.bits(suffix_bits).ok_or_else(ends)?) - (1 << order);
+        let difference = if value % 2 == 0 { i64::from(value / 2) } else { -i64::from(value.div_ceil(2)) };
+        let frequency = previous + difference;
+        if !(1..=total).contains(&frequency) {
+            return Err(header_error(format!(
+                "table {table} gives symbol {} frequency {frequency}, not 1 to 2^{prob_bits}",
+                parsed.symbols[index]
+            )));
+        }
+        parsed.frequencies[index] = u32::try_from(frequency).expect("in range");
+        sum += frequency;
+        previous = frequency;
+    }
+    if !bits.padding_is_zero() {
+        return Err(header_error(format!("table {table}'s frequency codes end in nonzero padding")));
+    }
+    if sum != total {
+        return Err(header_error(format!("table {table}'s frequencies sum to {sum}, not 2^{prob_bits}")));
+    }
+    reader.at += bits.bytes_used();
+    Ok(())
+}
+
+/// The context map's table index per context byte, in either form.
+fn read_context_map(reader: &mut FieldReader<'_>, form: TableForm, table_count: usize) -> Result<[u8; 256]> {
+    let mut map = [0u8; 256];
+    match form {
+        TableForm::Bytes => map.copy_from_slice(reader.take(CONTEXT_MAP_LEN, &|| "the context map".to_owned())?),
+        TableForm::Packed => {
+            let width = packed_map_bits(table_count);
+            let packed = reader.take(32 * width as usize, &|| "the packed context map".to_owned())?;
+            let mut bits = BitReader { bytes: packed, at: 0 };
+            for entry in &mut map {
+                let table = bits.bits(width).expect("the map holds 256 entries");
+                *entry = u8::try_from(table).expect("at most 3 bits");
+            }
+        }
+    }
+    Ok(map)
+}
+
+fn read_tables(reader: &mut FieldReader<'_>, form: TableForm, header: &FixedHeader) -> Result<DecodeTables> {
     let mut context_offsets = [0u32; 256];
     if header.table_count > 1 {
-        let map = reader.take(CONTEXT_MAP_LEN, &|| "the context map".to_owned())?;
+        let map = read_context_map(reader, form, header.table_count)?;
         for (context, (&table, offset)) in map.iter().zip(&mut context_offsets).enumerate() {
             if usize::from(table) >= header.table_count {
                 return Err(header_error(format!(
@@ -293,7 +454,7 @@ fn read_tables(reader: &mut FieldReader<'_>, header: &FixedHeader) -> Result<Dec
     // At most 8 · 2^11 entries: table_count and prob_bits are checked.
     let mut slots = Vec::with_capacity(header.table_count << header.prob_bits);
     for table in 0..header.table_count {
-        let parsed = read_table(reader, header.prob_bits, table)?;
+        let parsed = read_table(reader, form, header.prob_bits, table)?;
         // The frequencies sum to 2^prob_bits, so the table fills exactly its slots.
         for (&symbol, &frequency) in parsed.symbols.iter().zip(&parsed.frequencies).take(parsed.count) {
             slots.extend(
@@ -321,11 +482,17 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
-/// Every header check of §8.7, in layout order, before anything is decoded.
-fn check_stream(stored: &[u8], decoded_len: usize, expected: ContextKind) -> Result<CheckedStream<'_>> {
+/// Every header check of §8.7 (and §8.9), in layout order, before anything is
+/// decoded.
+fn check_stream(
+    form: TableForm,
+    stored: &[u8],
+    decoded_len: usize,
+    expected: ContextKind,
+) -> Result<CheckedStream<'_>> {
     let header = read_fixed_header(stored, Some(expected))?;
     let mut reader = FieldReader { bytes: stored, at: FIXED_HEADER_LEN };
-    let tables = read_tables(&mut reader, &header)?;
+    let tables = read_tables(&mut reader, form, &header)?;
     // The tile count comes from decoded_len; its lengths must be in the stream
     // before they are read.
     let tile_symbols = 1usize << header.tile_log2;
@@ -491,8 +658,8 @@ impl<const WB: usize> ContextSource for SparseKeys<'_, WB> {
 ///
 /// # Errors
 /// `E_RANS_HEADER`.
-pub fn check_header(stored: &[u8], decoded_len: usize, expected: ContextKind) -> Result<()> {
-    check_stream(stored, decoded_len, expected).map(|_| ())
+pub fn check_header(form: TableForm, stored: &[u8], decoded_len: usize, expected: ContextKind) -> Result<()> {
+    check_stream(form, stored, decoded_len, expected).map(|_| ())
 }
 
 /// Decodes one stream of `decoded_len` symbols into `out` (cleared first), checking
@@ -512,8 +679,14 @@ pub fn check_header(stored: &[u8], decoded_len: usize, expected: ContextKind) ->
 ///   position list of another length than `decoded_len`, a word width other than
 ///   1, 2, 4 or 8).
 /// - `E_OUT_OF_MEMORY`: `out` cannot hold `decoded_len` bytes.
-pub fn decode_into(stored: &[u8], decoded_len: usize, contexts: Contexts<'_>, out: &mut Vec<u8>) -> Result<()> {
-    decode_with(stored, decoded_len, contexts, out, Kernel::detect())
+pub fn decode_into(
+    form: TableForm,
+    stored: &[u8],
+    decoded_len: usize,
+    contexts: Contexts<'_>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    decode_with(form, stored, decoded_len, contexts, out, Kernel::detect())
 }
 
 /// [`decode_into`] with the portable scalar kernel only, for benchmarks that weigh it
@@ -522,8 +695,14 @@ pub fn decode_into(stored: &[u8], decoded_len: usize, contexts: Contexts<'_>, ou
 /// # Errors
 /// As [`decode_into`].
 #[doc(hidden)]
-pub fn decode_into_scalar(stored: &[u8], decoded_len: usize, contexts: Contexts<'_>, out: &mut Vec<u8>) -> Result<()> {
-    decode_with(stored, decoded_len, contexts, out, Kernel::Scalar)
+pub fn decode_into_scalar(
+    form: TableForm,
+    stored: &[u8],
+    decoded_len: usize,
+    contexts: Contexts<'_>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    decode_with(form, stored, decoded_len, contexts, out, Kernel::Scalar)
 }
 
 /// How full steps are decoded. Every kernel gives the same symbols and the same
@@ -563,13 +742,14 @@ impl Kernel {
 }
 
 fn decode_with(
+    form: TableForm,
     stored: &[u8],
     decoded_len: usize,
     contexts: Contexts<'_>,
     out: &mut Vec<u8>,
     kernel: Kernel,
 ) -> Result<()> {
-    let checked = check_stream(stored, decoded_len, contexts.kind())
+    let checked = check_stream(form, stored, decoded_len, contexts.kind())
         .and_then(|stream| check_contexts(&contexts, decoded_len).map(|()| stream));
     let stream = checked.inspect_err(|_| out.clear())?;
     // Every symbol is decoded over its byte, so a reused buffer's old bytes need no
@@ -1288,27 +1468,85 @@ fn entropy_bits(counts: &Histogram) -> f64 {
     counts.iter().filter(|&&c| c > 0).map(|&c| c as f64 * (total / c as f64).log2()).sum()
 }
 
-/// Bytes of a table (Table 8.7) listing `present` symbols with these frequencies.
-fn table_len(frequencies: &[u32; 256]) -> usize {
+/// Bytes of a table (Table 8.7 or 8.8) of these frequencies, 0 for an absent symbol.
+fn table_len(form: TableForm, frequencies: &[u32; 256]) -> usize {
     let present = frequencies.iter().filter(|&&f| f > 0).count();
-    let listed = if present < BITMAP_MIN_SYMBOLS { present } else { 32 };
-    let two_byte = frequencies.iter().filter(|&&f| f >= TWO_BYTE_FREQUENCY).count();
-    1 + listed + present + two_byte
+    match form {
+        TableForm::Bytes => {
+            let two_byte = frequencies.iter().filter(|&&f| f >= TWO_BYTE_FREQUENCY).count();
+            1 + symbol_set_len(form, present) + present + two_byte
+        }
+        TableForm::Packed => {
+            let values = code_values(frequencies);
+            2 + symbol_set_len(form, present) + exp_golomb_bits(&values, best_order(&values)).div_ceil(8)
+        }
+    }
+}
+
+/// Bytes that list a table's `present` symbols.
+fn symbol_set_len(form: TableForm, present: usize) -> usize {
+    match present {
+        256 if form == TableForm::Packed => 0,
+        n if n < BITMAP_MIN_SYMBOLS => n,
+        _ => 32,
+    }
+}
+
+/// Bytes of a context map of `table_count` tables; none for one table.
+fn context_map_len(form: TableForm, table_count: usize) -> usize {
+    match (table_count, form) {
+        (0 | 1, _) => 0,
+        (_, TableForm::Bytes) => CONTEXT_MAP_LEN,
+        (_, TableForm::Packed) => 32 * packed_map_bits(table_count) as usize,
+    }
+}
+
+/// The code values `zigzag(f_i − f_(i−1))` of a packed table's present symbols.
+fn code_values(frequencies: &[u32; 256]) -> Vec<u32> {
+    let mut previous = 0i64;
+    let present = frequencies.iter().filter(|&&f| f > 0);
+    present
+        .map(|&f| {
+            let value = zigzag(i64::from(f) - previous);
+            previous = i64::from(f);
+            value
+        })
+        .collect()
+}
+
+/// The prefix length `n` of code value `value` under Exp-Golomb order `order`: its
+/// suffix takes `n + order` bits.
+fn exp_golomb_prefix(value: u32, order: u32) -> u32 {
+    (value + (1 << order)).ilog2() - order
+}
+
+/// Bits of the Exp-Golomb codes of `values` of order `order`.
+fn exp_golomb_bits(values: &[u32], order: u32) -> usize {
+    values.iter().map(|&v| (2 * exp_golomb_prefix(v, order) + 1 + order) as usize).sum()
+}
+
+/// The Exp-Golomb order that codes `values` in the fewest bits; the smallest of equals.
+fn best_order(values: &[u32]) -> u32 {
+    (0..=u32::from(MAX_ORDER)).min_by_key(|&order| exp_golomb_bits(values, order)).unwrap_or(0)
 }
 
 /// An estimate of a cluster's cost in bits before quantization: its code length
 /// plus its table, with frequencies taken at the largest `prob_bits`.
 #[allow(clippy::cast_precision_loss)] // an estimate
-fn cluster_cost_bits(counts: &Histogram) -> f64 {
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // rounded shares of 2^11
+fn cluster_cost_bits(form: TableForm, counts: &Histogram) -> f64 {
     let total: u64 = counts.iter().sum();
     if total == 0 {
         return 0.0;
     }
-    let present = counts.iter().filter(|&&c| c > 0).count();
-    let listed = if present < BITMAP_MIN_SYMBOLS { present } else { 32 };
     let slots = f64::from(1u32 << MAX_PROB_BITS);
-    let two_byte = counts.iter().filter(|&&c| c as f64 * slots / total as f64 >= f64::from(TWO_BYTE_FREQUENCY)).count();
-    entropy_bits(counts) + 8.0 * (1 + listed + present + two_byte) as f64
+    let mut frequencies = [0u32; 256];
+    for (frequency, &count) in frequencies.iter_mut().zip(counts) {
+        if count > 0 {
+            *frequency = ((count as f64 * slots / total as f64).round() as u32).clamp(1, 1 << MAX_PROB_BITS);
+        }
+    }
+    entropy_bits(counts) + 8.0 * table_len(form, &frequencies) as f64
 }
 
 fn add_into(sum: &mut Histogram, counts: &Histogram) {
@@ -1326,8 +1564,8 @@ fn cluster_histograms(rows: &ContextRows, present: &[u8], assignment: &[u8; 256]
     clusters
 }
 
-fn total_cost_bits(clusters: &[Histogram]) -> f64 {
-    clusters.iter().map(cluster_cost_bits).sum()
+fn total_cost_bits(form: TableForm, clusters: &[Histogram]) -> f64 {
+    clusters.iter().map(|cluster| cluster_cost_bits(form, cluster)).sum()
 }
 
 /// Code length, in bits, charged for a symbol that a cluster's table lacks when
@@ -1339,7 +1577,7 @@ const MISSING_SYMBOL_BITS: f64 = 16.0;
 /// code length, started from `assignment`).
 #[allow(clippy::cast_precision_loss)] // an estimate
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn refine_clusters(rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]) {
+fn refine_clusters(form: TableForm, rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]) {
     const ROUNDS: usize = 8;
     // Each context's nonzero counts, so that a round costs what the data holds.
     let sparse: Vec<Vec<(u8, f64)>> = present
@@ -1350,7 +1588,7 @@ fn refine_clusters(rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256
         })
         .collect();
     let mut clusters = cluster_histograms(rows, present, assignment);
-    let mut best_cost = total_cost_bits(&clusters);
+    let mut best_cost = total_cost_bits(form, &clusters);
     for _ in 0..ROUNDS {
         let lengths: Vec<Option<[f64; 256]>> = clusters
             .iter()
@@ -1383,7 +1621,7 @@ fn refine_clusters(rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256
             break;
         }
         let next_clusters = cluster_histograms(rows, present, &next);
-        let cost = total_cost_bits(&next_clusters);
+        let cost = total_cost_bits(form, &next_clusters);
         if cost >= best_cost {
             break;
         }
@@ -1396,7 +1634,7 @@ fn refine_clusters(rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256
 /// Merges pairs of clusters while a merge lowers the estimated cost (a table's bytes
 /// against the bits that separate statistics save), keeping at least two.
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn merge_clusters(rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]) {
+fn merge_clusters(form: TableForm, rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]) {
     loop {
         let clusters = cluster_histograms(rows, present, assignment);
         let used: Vec<usize> = (0..MAX_TABLES).filter(|&c| clusters[c].iter().any(|&n| n > 0)).collect();
@@ -1405,12 +1643,12 @@ fn merge_clusters(rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]
         }
         let mut best: Option<(f64, usize, usize)> = None;
         // Each cluster's own cost, computed once rather than once per pair.
-        let costs: Vec<f64> = clusters.iter().map(cluster_cost_bits).collect();
+        let costs: Vec<f64> = clusters.iter().map(|cluster| cluster_cost_bits(form, cluster)).collect();
         for (i, &a) in used.iter().enumerate() {
             for &b in &used[i + 1..] {
                 let mut merged = clusters[a];
                 add_into(&mut merged, &clusters[b]);
-                let change = cluster_cost_bits(&merged) - costs[a] - costs[b];
+                let change = cluster_cost_bits(form, &merged) - costs[a] - costs[b];
                 if best.is_none_or(|(lowest, _, _)| change < lowest) {
                     best = Some((change, a, b));
                 }
@@ -1434,7 +1672,7 @@ fn merge_clusters(rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]
 /// table each and the rest share the eighth; contexts then move to the table that
 /// codes them shortest, and tables merge where a table costs more than it saves.
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn cluster_contexts(rows: &ContextRows) -> ([u8; 256], Vec<Histogram>) {
+fn cluster_contexts(form: TableForm, rows: &ContextRows) -> ([u8; 256], Vec<Histogram>) {
     let totals: Vec<u64> = (0..256).map(|context| rows[context].iter().sum()).collect();
     let mut present: Vec<u8> = (0..=255u8).filter(|&c| totals[usize::from(c)] > 0).collect();
     // Most frequent first; ties by context byte, so the result is deterministic.
@@ -1444,9 +1682,9 @@ fn cluster_contexts(rows: &ContextRows) -> ([u8; 256], Vec<Histogram>) {
         assignment[usize::from(context)] = rank.min(MAX_TABLES - 1) as u8;
     }
     if present.len() > MAX_TABLES {
-        refine_clusters(rows, &present, &mut assignment);
+        refine_clusters(form, rows, &present, &mut assignment);
     }
-    merge_clusters(rows, &present, &mut assignment);
+    merge_clusters(form, rows, &present, &mut assignment);
     // Number the tables that are used 0, 1, ... in order of first use by context byte.
     let clusters = cluster_histograms(rows, &present, &assignment);
     let mut renumber = [u8::MAX; MAX_TABLES];
@@ -1639,6 +1877,7 @@ fn predict_len(symbols: usize, tables_len: usize, info_bits: f64, tile_log2: u32
 /// How a stream is coded: everything the encoder decides before coding.
 #[derive(Debug, Clone)]
 struct Plan {
+    form: TableForm,
     kind: ContextKind,
     prob_bits: u32,
     tile_log2: u32,
@@ -1649,30 +1888,36 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(symbols: &[u8], kind: ContextKind, contexts: Option<&[u8]>) -> Self {
+    fn new(form: TableForm, symbols: &[u8], kind: ContextKind, contexts: Option<&[u8]>) -> Self {
         match contexts {
-            None => Self::of_clusters(symbols.len(), kind, [0; 256], vec![histogram(symbols)]),
-            Some(contexts) => Self::of_context_rows(symbols.len(), kind, &context_histograms(symbols, contexts)),
+            None => Self::of_clusters(form, symbols.len(), kind, [0; 256], vec![histogram(symbols)]),
+            Some(contexts) => Self::of_context_rows(form, symbols.len(), kind, &context_histograms(symbols, contexts)),
         }
     }
 
     /// The plan of a stream of `symbols` whose histogram under each context byte is
     /// `rows`.
-    fn of_context_rows(symbols: usize, kind: ContextKind, rows: &ContextRows) -> Self {
-        let (context_map, clusters) = cluster_contexts(rows);
-        Self::of_clusters(symbols, kind, context_map, clusters)
+    fn of_context_rows(form: TableForm, symbols: usize, kind: ContextKind, rows: &ContextRows) -> Self {
+        let (context_map, clusters) = cluster_contexts(form, rows);
+        Self::of_clusters(form, symbols, kind, context_map, clusters)
     }
 
     /// The plan of a stream of `symbols` whose context bytes map to tables by
     /// `context_map`, with each table's histogram in `clusters`.
-    fn of_clusters(symbols: usize, kind: ContextKind, context_map: [u8; 256], clusters: Vec<Histogram>) -> Self {
+    fn of_clusters(
+        form: TableForm,
+        symbols: usize,
+        kind: ContextKind,
+        context_map: [u8; 256],
+        clusters: Vec<Histogram>,
+    ) -> Self {
         let most_symbols = clusters.iter().map(|c| c.iter().filter(|&&n| n > 0).count()).max().unwrap_or(0);
         let fewest_bits = most_symbols.max(2).next_power_of_two().trailing_zeros();
         let mut best: Option<Self> = None;
         // Fewer slots make a smaller table (frequencies below 128 take one byte) but
         // code less precisely: take the smallest total, from 2^11 down.
         for prob_bits in (fewest_bits..=u32::from(MAX_PROB_BITS)).rev() {
-            let Some(plan) = Self::with_prob_bits(symbols, kind, context_map, &clusters, prob_bits) else {
+            let Some(plan) = Self::with_prob_bits(form, symbols, kind, context_map, &clusters, prob_bits) else {
                 continue;
             };
             match &best {
@@ -1683,6 +1928,7 @@ impl Plan {
         }
         // 2^11 slots hold any 256 symbols, so there is always a plan.
         best.unwrap_or_else(|| Self {
+            form,
             kind,
             prob_bits: u32::from(MAX_PROB_BITS),
             tile_log2: MAX_ENCODER_TILE_LOG2,
@@ -1693,6 +1939,7 @@ impl Plan {
     }
 
     fn with_prob_bits(
+        form: TableForm,
         symbols: usize,
         kind: ContextKind,
         context_map: [u8; 256],
@@ -1702,11 +1949,11 @@ impl Plan {
         let tables: Vec<[u32; 256]> =
             clusters.iter().map(|counts| quantize(counts, prob_bits)).collect::<Option<_>>()?;
         let info_bits: f64 = clusters.iter().zip(&tables).map(|(c, t)| code_bits(c, t, prob_bits)).sum();
-        let map_len = if tables.len() > 1 { CONTEXT_MAP_LEN } else { 0 };
-        let tables_len = map_len + tables.iter().map(table_len).sum::<usize>();
+        let tables_len =
+            context_map_len(form, tables.len()) + tables.iter().map(|table| table_len(form, table)).sum::<usize>();
         let tile_log2 = tile_log2_for(info_bits, symbols);
         let predicted_len = predict_len(symbols, tables_len, info_bits, tile_log2);
-        Some(Self { kind, prob_bits, tile_log2, context_map, tables, predicted_len })
+        Some(Self { form, kind, prob_bits, tile_log2, context_map, tables, predicted_len })
     }
 }
 
@@ -2034,18 +2281,68 @@ fn encode_tile(
     out.extend(room[..len].iter().rev().flat_map(|word| word.to_le_bytes()));
 }
 
+/// Appends bits to a packed field, least significant bit of each byte first (spec
+/// §8.9); the last byte's unused bits stay 0, the padding.
+struct BitWriter<'a> {
+    out: &'a mut Vec<u8>,
+    /// Bits written since the field started.
+    at: usize,
+}
+
+impl BitWriter<'_> {
+    fn bit(&mut self, bit: bool) {
+        if self.at % 8 == 0 {
+            self.out.push(0);
+        }
+        let last = self.out.len() - 1;
+        self.out[last] |= u8::from(bit) << (self.at % 8);
+        self.at += 1;
+    }
+
+    /// The low `count` bits of `value` (`count` at most 32), least significant first.
+    fn bits(&mut self, value: u32, count: u32) {
+        for shift in 0..count {
+            self.bit(value >> shift & 1 == 1);
+        }
+    }
+
+    /// `ones` one-bits, then a zero-bit.
+    fn unary(&mut self, ones: u32) {
+        for _ in 0..ones {
+            self.bit(true);
+        }
+        self.bit(false);
+    }
+}
+
 #[allow(clippy::cast_possible_truncation)] // counts and symbols of a table fit a byte, frequencies 12 bits
-fn write_table(out: &mut Vec<u8>, frequencies: &[u32; 256]) {
+fn write_table(out: &mut Vec<u8>, form: TableForm, frequencies: &[u32; 256]) {
     let present: Vec<u8> = (0..=255u8).filter(|&s| frequencies[usize::from(s)] > 0).collect();
     out.push((present.len() - 1) as u8);
-    if present.len() < BITMAP_MIN_SYMBOLS {
-        out.extend_from_slice(&present);
-    } else {
-        let mut bitmap = [0u8; 32];
-        for &symbol in &present {
-            bitmap[usize::from(symbol / 8)] |= 1 << (symbol % 8);
+    match symbol_set_len(form, present.len()) {
+        0 => {}
+        32 if present.len() >= BITMAP_MIN_SYMBOLS => {
+            let mut bitmap = [0u8; 32];
+            for &symbol in &present {
+                bitmap[usize::from(symbol / 8)] |= 1 << (symbol % 8);
+            }
+            out.extend_from_slice(&bitmap);
         }
-        out.extend_from_slice(&bitmap);
+        _ => out.extend_from_slice(&present),
+    }
+    if form == TableForm::Packed {
+        let values = code_values(frequencies);
+        let order = best_order(&values);
+        out.push(order as u8);
+        let mut bits = BitWriter { out, at: 0 };
+        for &value in &values {
+            bits.unary(exp_golomb_prefix(value, order));
+        }
+        for &value in &values {
+            // The suffix: all but the leading one of value + 2^order.
+            bits.bits(value + (1 << order), exp_golomb_prefix(value, order) + order);
+        }
+        return;
     }
     for &symbol in &present {
         let frequency = frequencies[usize::from(symbol)];
@@ -2061,11 +2358,19 @@ fn write_table(out: &mut Vec<u8>, frequencies: &[u32; 256]) {
 fn write_stream(plan: &Plan, symbols: &[u8], contexts: Option<&[u8]>) -> Vec<u8> {
     let mut out = Vec::with_capacity(plan.predicted_len + plan.predicted_len / 64 + 64);
     out.extend_from_slice(&[plan.prob_bits as u8, plan.kind as u8, plan.tables.len() as u8, plan.tile_log2 as u8]);
-    if plan.tables.len() > 1 {
-        out.extend_from_slice(&plan.context_map);
+    match plan.form {
+        _ if plan.tables.len() <= 1 => {}
+        TableForm::Bytes => out.extend_from_slice(&plan.context_map),
+        TableForm::Packed => {
+            let width = packed_map_bits(plan.tables.len());
+            let mut bits = BitWriter { out: &mut out, at: 0 };
+            for &table in &plan.context_map {
+                bits.bits(u32::from(table), width);
+            }
+        }
     }
     for table in &plan.tables {
-        write_table(&mut out, table);
+        write_table(&mut out, plan.form, table);
     }
     let tile_symbols = 1usize << plan.tile_log2;
     let lengths_at = out.len();
@@ -2084,22 +2389,23 @@ fn write_stream(plan: &Plan, symbols: &[u8], contexts: Option<&[u8]>) -> Vec<u8>
     out
 }
 
-/// Encodes `symbols` with exactly the context kind of `contexts` (spec §8.7).
+/// Encodes `symbols` with exactly the context kind of `contexts`, its tables in
+/// `form` (spec §8.7, §8.9).
 ///
 /// With no context the stream has one table. With a context, the context bytes are
 /// grouped into 2 to 8 tables; frequencies are quantized to `2^k` slots (`k = 11`,
 /// or smaller where the smaller tables win) to minimise the coded size; tiles are
 /// sized so that their states are about 1% of their payload, from 2^12 to 2^18
-/// symbols. The result decodes with [`decode_into`] given the same contexts.
+/// symbols. The result decodes with [`decode_into`] given the same form and contexts.
 ///
 /// Contexts are expected to cover every symbol, as the decoder requires; where they
 /// do not, a missing plane byte or position gives context 0. An empty `symbols`
 /// (which a stream of the format never has) gives a stream of no tiles, which
 /// decodes to nothing.
 #[must_use]
-pub fn encode(symbols: &[u8], contexts: Contexts<'_>) -> Vec<u8> {
+pub fn encode(form: TableForm, symbols: &[u8], contexts: Contexts<'_>) -> Vec<u8> {
     let context_bytes = context_bytes(symbols.len(), &contexts);
-    let plan = Plan::new(symbols, contexts.kind(), context_bytes.as_deref());
+    let plan = Plan::new(form, symbols, contexts.kind(), context_bytes.as_deref());
     write_stream(&plan, symbols, context_bytes.as_deref())
 }
 
@@ -2117,6 +2423,12 @@ impl StreamPlan {
     #[must_use]
     pub fn predicted_len(&self) -> usize {
         self.plan.predicted_len
+    }
+
+    /// The codec of the stream it codes: its table form's.
+    #[must_use]
+    pub fn codec(&self) -> Codec {
+        self.plan.form.codec()
     }
 
     /// Encodes `symbols` as planned, with `contexts` of the kind it was planned
@@ -2151,12 +2463,12 @@ impl StreamPlan {
 /// what a writer weighs per stream before it codes the smallest.
 #[cfg(test)]
 #[must_use]
-pub fn plan_each(symbols: &[u8], candidates: &[Contexts<'_>]) -> Vec<StreamPlan> {
+pub fn plan_each(form: TableForm, symbols: &[u8], candidates: &[Contexts<'_>]) -> Vec<StreamPlan> {
     let bytes: Vec<(ContextKind, Option<Cow<'_, [u8]>>)> =
         candidates.iter().map(|contexts| (contexts.kind(), context_bytes(symbols.len(), contexts))).collect();
     let candidates: Vec<(ContextKind, Option<&[u8]>)> =
         bytes.iter().map(|(kind, bytes)| (*kind, bytes.as_deref())).collect();
-    plan_each_of_bytes(symbols, &candidates)
+    plan_each_of_bytes(form, symbols, &candidates)
 }
 
 /// `plan_each` with the context bytes of each candidate already derived, one per
@@ -2166,7 +2478,11 @@ pub fn plan_each(symbols: &[u8], candidates: &[Contexts<'_>]) -> Vec<StreamPlan>
 /// # Panics
 /// When a candidate's bytes are fewer than the symbols.
 #[must_use]
-pub fn plan_each_of_bytes(symbols: &[u8], candidates: &[(ContextKind, Option<&[u8]>)]) -> Vec<StreamPlan> {
+pub fn plan_each_of_bytes(
+    form: TableForm,
+    symbols: &[u8],
+    candidates: &[(ContextKind, Option<&[u8]>)],
+) -> Vec<StreamPlan> {
     let rows: Vec<Option<ContextRows>> = candidates
         .iter()
         .map(|(_, bytes)| bytes.map(|bytes| context_histograms(symbols, &bytes[..symbols.len()])))
@@ -2179,9 +2495,9 @@ pub fn plan_each_of_bytes(symbols: &[u8], candidates: &[(ContextKind, Option<&[u
         }),
         None => histogram(symbols),
     };
-    let no_context = Plan::of_clusters(symbols.len(), ContextKind::None, [0; 256], vec![whole]);
+    let no_context = Plan::of_clusters(form, symbols.len(), ContextKind::None, [0; 256], vec![whole]);
     let with_contexts = candidates.iter().zip(&rows).map(|((kind, _), rows)| match rows {
-        Some(rows) => Plan::of_context_rows(symbols.len(), *kind, rows),
+        Some(rows) => Plan::of_context_rows(form, symbols.len(), *kind, rows),
         None => no_context.clone(),
     });
     let plans: Vec<Plan> = with_contexts.collect();
@@ -2191,13 +2507,34 @@ pub fn plan_each_of_bytes(symbols: &[u8], candidates: &[(ContextKind, Option<&[u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// The table form the helpers and tests code and decode with: codec 2's
+        /// unless a test runs under [`for_each_form`].
+        static FORM: Cell<TableForm> = const { Cell::new(TableForm::Bytes) };
+    }
+
+    fn form() -> TableForm {
+        FORM.with(Cell::get)
+    }
+
+    /// Runs `test` once with each table form: everything after the tables is shared,
+    /// so each round-trip test holds for both codecs.
+    fn for_each_form(test: impl Fn()) {
+        for each in [TableForm::Bytes, TableForm::Packed] {
+            FORM.with(|form| form.set(each));
+            test();
+        }
+        FORM.with(|form| form.set(TableForm::Bytes));
+    }
 
     /// The stored length that [`encode`] would produce, predicted from the
     /// histograms and the quantized tables without coding: within about 0.5% plus a
     /// few bytes per tile.
     fn predicted_len(symbols: &[u8], contexts: Contexts<'_>) -> usize {
         let context_bytes = context_bytes(symbols.len(), &contexts);
-        Plan::new(symbols, contexts.kind(), context_bytes.as_deref()).predicted_len
+        Plan::new(form(), symbols, contexts.kind(), context_bytes.as_deref()).predicted_len
     }
     use crate::codec::values::{group_key, Word};
     use proptest::prelude::*;
@@ -2236,14 +2573,14 @@ mod tests {
 
     fn encode_with_tile_log2(symbols: &[u8], contexts: Contexts<'_>, tile_log2: u32) -> Vec<u8> {
         let context_bytes = context_bytes(symbols.len(), &contexts);
-        let mut plan = Plan::new(symbols, contexts.kind(), context_bytes.as_deref());
+        let mut plan = Plan::new(form(), symbols, contexts.kind(), context_bytes.as_deref());
         plan.tile_log2 = tile_log2;
         write_stream(&plan, symbols, context_bytes.as_deref())
     }
 
     fn decode(stored: &[u8], len: usize, contexts: Contexts<'_>) -> Result<Vec<u8>> {
         let mut out = vec![0xAA; 3];
-        decode_into(stored, len, contexts, &mut out).map(|()| out)
+        decode_into(form(), stored, len, contexts, &mut out).map(|()| out)
     }
 
     fn code(result: Result<Vec<u8>>) -> ErrorCode {
@@ -2252,7 +2589,7 @@ mod tests {
 
     #[track_caller]
     fn assert_round_trip(symbols: &[u8], contexts: Contexts<'_>) -> Vec<u8> {
-        let stored = encode(symbols, contexts);
+        let stored = encode(form(), symbols, contexts);
         assert_eq!(context_kind(&stored).unwrap(), contexts.kind());
         assert_eq!(decode(&stored, symbols.len(), contexts).unwrap(), symbols);
         stored
@@ -2269,30 +2606,32 @@ mod tests {
     /// count, precision and tile size, on steps whole and partial.
     #[test]
     fn the_vector_encoder_matches_the_scalar_one() {
-        let mut noise = Noise(0x1234_5678_9ABC_DEF1);
-        for (len, zero_in_256) in
-            [(1usize, 0u64), (31, 40), (32, 200), (95, 0), (4096, 128), (70_001, 250), (200_000, 10)]
-        {
-            let mut symbols: Vec<u8> = (0..len).map(|_| noise.skewed(zero_in_256)).collect();
-            if len == 95 {
-                symbols = noise.bytes(len);
-            }
-            each_context(&symbols, &mut |contexts| {
-                for tile_log2 in [12, 16] {
-                    let vector = encode_with_tile_log2(&symbols, contexts, tile_log2);
-                    FORCE_SCALAR_ENCODER.with(|force| force.set(true));
-                    let scalar = encode_with_tile_log2(&symbols, contexts, tile_log2);
-                    FORCE_SCALAR_ENCODER.with(|force| force.set(false));
-                    assert_eq!(vector, scalar, "{len} symbols, {:?}, tiles of 2^{tile_log2}", contexts.kind());
+        for_each_form(|| {
+            let mut noise = Noise(0x1234_5678_9ABC_DEF1);
+            for (len, zero_in_256) in
+                [(1usize, 0u64), (31, 40), (32, 200), (95, 0), (4096, 128), (70_001, 250), (200_000, 10)]
+            {
+                let mut symbols: Vec<u8> = (0..len).map(|_| noise.skewed(zero_in_256)).collect();
+                if len == 95 {
+                    symbols = noise.bytes(len);
                 }
-            });
-        }
-        // A one-symbol table, whose state never renormalises.
-        let same = vec![7u8; 1000];
-        let vector = encode(&same, Contexts::None);
-        FORCE_SCALAR_ENCODER.with(|force| force.set(true));
-        assert_eq!(vector, encode(&same, Contexts::None));
-        FORCE_SCALAR_ENCODER.with(|force| force.set(false));
+                each_context(&symbols, &mut |contexts| {
+                    for tile_log2 in [12, 16] {
+                        let vector = encode_with_tile_log2(&symbols, contexts, tile_log2);
+                        FORCE_SCALAR_ENCODER.with(|force| force.set(true));
+                        let scalar = encode_with_tile_log2(&symbols, contexts, tile_log2);
+                        FORCE_SCALAR_ENCODER.with(|force| force.set(false));
+                        assert_eq!(vector, scalar, "{len} symbols, {:?}, tiles of 2^{tile_log2}", contexts.kind());
+                    }
+                });
+            }
+            // A one-symbol table, whose state never renormalises.
+            let same = vec![7u8; 1000];
+            let vector = encode(form(), &same, Contexts::None);
+            FORCE_SCALAR_ENCODER.with(|force| force.set(true));
+            assert_eq!(vector, encode(form(), &same, Contexts::None));
+            FORCE_SCALAR_ENCODER.with(|force| force.set(false));
+        });
     }
 
     /// Every kind of context over `symbols`, with a plane above and a base that are
@@ -2319,72 +2658,91 @@ mod tests {
 
     #[test]
     fn round_trips_every_length_and_context() {
-        let mut noise = Noise(0x1234_5678_9ABC_DEF1);
-        for len in [1usize, 2, 31, 32, 33, 63, 64, 65, 1000] {
-            let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(128)).collect();
-            each_context(&symbols, &mut |contexts| {
-                assert_round_trip(&symbols, contexts);
-            });
-        }
+        for_each_form(|| {
+            let mut noise = Noise(0x1234_5678_9ABC_DEF1);
+            for len in [1usize, 2, 31, 32, 33, 63, 64, 65, 1000] {
+                let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(128)).collect();
+                each_context(&symbols, &mut |contexts| {
+                    assert_round_trip(&symbols, contexts);
+                });
+            }
+        });
     }
 
     #[test]
     fn round_trips_across_tile_boundaries() {
-        let mut noise = Noise(77);
-        let tile = 1usize << MIN_TILE_LOG2;
-        for len in [tile - 1, tile, tile + 1, 2 * tile - 1, 2 * tile + 31, 2 * tile + 32, 2 * tile + 33, 7 * tile + 5] {
-            let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(100)).collect();
-            each_context(&symbols, &mut |contexts| {
-                assert_round_trip_tiles(&symbols, contexts, u32::from(MIN_TILE_LOG2));
-                assert_round_trip_tiles(&symbols, contexts, 9);
-            });
-        }
-        // Several tiles of the size the encoder picks.
-        let symbols = noise.bytes(70_000);
-        let stored = assert_round_trip(&symbols, Contexts::None);
-        assert!(symbols.len() > 1 << stored[3], "several tiles");
+        for_each_form(|| {
+            let mut noise = Noise(77);
+            let tile = 1usize << MIN_TILE_LOG2;
+            for len in
+                [tile - 1, tile, tile + 1, 2 * tile - 1, 2 * tile + 31, 2 * tile + 32, 2 * tile + 33, 7 * tile + 5]
+            {
+                let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(100)).collect();
+                each_context(&symbols, &mut |contexts| {
+                    assert_round_trip_tiles(&symbols, contexts, u32::from(MIN_TILE_LOG2));
+                    assert_round_trip_tiles(&symbols, contexts, 9);
+                });
+            }
+            // Several tiles of the size the encoder picks.
+            let symbols = noise.bytes(70_000);
+            let stored = assert_round_trip(&symbols, Contexts::None);
+            assert!(symbols.len() > 1 << stored[3], "several tiles");
+        });
     }
 
     #[test]
     fn round_trips_the_empty_stream() {
-        each_context(&[], &mut |contexts| {
-            let stored = assert_round_trip(&[], contexts);
-            assert_eq!(stored.len(), predicted_len(&[], contexts));
+        for_each_form(|| {
+            each_context(&[], &mut |contexts| {
+                let stored = assert_round_trip(&[], contexts);
+                assert_eq!(stored.len(), predicted_len(&[], contexts));
+            });
         });
     }
 
     #[test]
     fn one_symbol_costs_nothing_but_the_states() {
-        for len in [1usize, 5, 32, 100_000] {
-            let symbols = vec![0x42u8; len];
-            let stored = assert_round_trip(&symbols, Contexts::None);
-            // prob_bits as small as a one-byte frequency allows, one table of one symbol.
-            assert_eq!(stored[..4], [6, 0, 1, u8::try_from(MAX_ENCODER_TILE_LOG2).unwrap()]);
-            assert_eq!(stored[4..7], [0, 0x42, 64]);
-            let tiles = len.div_ceil(1 << MAX_ENCODER_TILE_LOG2);
-            assert_eq!(stored.len(), 7 + 4 * tiles + 4 * len.min(LANES) * tiles);
-            assert_eq!(stored.len(), predicted_len(&symbols, Contexts::None));
-        }
+        for_each_form(|| {
+            for len in [1usize, 5, 32, 100_000] {
+                let symbols = vec![0x42u8; len];
+                let stored = assert_round_trip(&symbols, Contexts::None);
+                // prob_bits as small as a one-byte table allows, one table of one symbol:
+                // frequency 64 in a byte, or frequency 32 (code value 64) as an
+                // Exp-Golomb code of order 5: prefix 1 (bits 1, 0), then the low 6 bits
+                // of 64 + 2^5.
+                let (prob_bits, table): (u8, &[u8]) = match form() {
+                    TableForm::Bytes => (6, &[0, 0x42, 64]),
+                    TableForm::Packed => (5, &[0, 0x42, 5, 0b1000_0001]),
+                };
+                assert_eq!(stored[..4], [prob_bits, 0, 1, u8::try_from(MAX_ENCODER_TILE_LOG2).unwrap()]);
+                assert_eq!(stored[4..4 + table.len()], *table);
+                let tiles = len.div_ceil(1 << MAX_ENCODER_TILE_LOG2);
+                assert_eq!(stored.len(), 4 + table.len() + 4 * tiles + 4 * len.min(LANES) * tiles);
+                assert_eq!(stored.len(), predicted_len(&symbols, Contexts::None));
+            }
+        });
     }
 
     #[test]
     fn round_trips_every_symbol_count_and_the_bitmap() {
-        let mut noise = Noise(5);
-        for distinct in [2usize, 31, 32, 33, 255, 256] {
-            #[allow(clippy::cast_possible_truncation)]
-            let mut symbols: Vec<u8> = (0..4000).map(|i| ((i * 7) % distinct) as u8).collect();
-            // Uneven counts, some symbols rare.
-            symbols.extend((0..2000).map(|_| 0u8));
-            symbols.truncate(4000 + usize::try_from(noise.next() % 500).unwrap());
+        for_each_form(|| {
+            let mut noise = Noise(5);
+            for distinct in [2usize, 31, 32, 33, 255, 256] {
+                #[allow(clippy::cast_possible_truncation)]
+                let mut symbols: Vec<u8> = (0..4000).map(|i| ((i * 7) % distinct) as u8).collect();
+                // Uneven counts, some symbols rare.
+                symbols.extend((0..2000).map(|_| 0u8));
+                symbols.truncate(4000 + usize::try_from(noise.next() % 500).unwrap());
+                let stored = assert_round_trip(&symbols, Contexts::None);
+                assert_eq!(usize::from(stored[4]) + 1, distinct);
+                let plane: Vec<u8> = symbols.iter().map(|&s| s / 64).collect();
+                assert_round_trip(&symbols, Contexts::HigherPlane(&plane));
+            }
+            // Uniform bytes: 256 symbols, about 8 bits each.
+            let symbols = noise.bytes(100_000);
             let stored = assert_round_trip(&symbols, Contexts::None);
-            assert_eq!(usize::from(stored[4]) + 1, distinct);
-            let plane: Vec<u8> = symbols.iter().map(|&s| s / 64).collect();
-            assert_round_trip(&symbols, Contexts::HigherPlane(&plane));
-        }
-        // Uniform bytes: 256 symbols, about 8 bits each.
-        let symbols = noise.bytes(100_000);
-        let stored = assert_round_trip(&symbols, Contexts::None);
-        assert!(stored.len() < 100_000 + 1000, "{}", stored.len());
+            assert!(stored.len() < 100_000 + 1000, "{}", stored.len());
+        });
     }
 
     #[test]
@@ -2420,15 +2778,17 @@ mod tests {
 
     #[test]
     fn contexts_pay_where_the_statistics_differ() {
-        // Low byte spread set by the high byte: with the plane above as context the
-        // stream is much smaller than without.
-        let mut noise = Noise(3);
-        let high: Vec<u8> = (0..50_000).map(|_| u8::try_from(noise.next() % 8).unwrap()).collect();
-        let low: Vec<u8> =
-            high.iter().map(|&h| u8::try_from(noise.next() % (1u64 << h)).unwrap().wrapping_add(h * 30)).collect();
-        let plain = assert_round_trip(&low, Contexts::None).len();
-        let with_context = assert_round_trip(&low, Contexts::HigherPlane(&high)).len();
-        assert!(with_context * 10 < plain * 8, "{with_context} vs {plain}");
+        for_each_form(|| {
+            // Low byte spread set by the high byte: with the plane above as context the
+            // stream is much smaller than without.
+            let mut noise = Noise(3);
+            let high: Vec<u8> = (0..50_000).map(|_| u8::try_from(noise.next() % 8).unwrap()).collect();
+            let low: Vec<u8> =
+                high.iter().map(|&h| u8::try_from(noise.next() % (1u64 << h)).unwrap().wrapping_add(h * 30)).collect();
+            let plain = assert_round_trip(&low, Contexts::None).len();
+            let with_context = assert_round_trip(&low, Contexts::HigherPlane(&high)).len();
+            assert!(with_context * 10 < plain * 8, "{with_context} vs {plain}");
+        });
     }
 
     #[test]
@@ -2517,7 +2877,7 @@ mod tests {
     #[track_caller]
     fn assert_prediction_close(symbols: &[u8], contexts: Contexts<'_>) {
         let predicted = predicted_len(symbols, contexts);
-        let actual = encode(symbols, contexts).len();
+        let actual = encode(form(), symbols, contexts).len();
         let tiles = symbols.len().div_ceil(1 << 12) as f64;
         let allowed = actual as f64 * 0.005 + 8.0 + 4.0 * tiles;
         assert!((predicted as f64 - actual as f64).abs() <= allowed, "predicted {predicted}, actual {actual}");
@@ -2525,52 +2885,58 @@ mod tests {
 
     #[test]
     fn predicted_length_is_close() {
-        let mut noise = Noise(8);
-        for zeros in [0u64, 128, 230, 250, 255] {
-            for len in [100usize, 5000, 200_000] {
-                let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(zeros)).collect();
-                assert_prediction_close(&symbols, Contexts::None);
-                let plane: Vec<u8> = symbols.iter().map(|&s| s >> 4).collect();
-                assert_prediction_close(&symbols, Contexts::HigherPlane(&plane));
+        for_each_form(|| {
+            let mut noise = Noise(8);
+            for zeros in [0u64, 128, 230, 250, 255] {
+                for len in [100usize, 5000, 200_000] {
+                    let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(zeros)).collect();
+                    assert_prediction_close(&symbols, Contexts::None);
+                    let plane: Vec<u8> = symbols.iter().map(|&s| s >> 4).collect();
+                    assert_prediction_close(&symbols, Contexts::HigherPlane(&plane));
+                }
             }
-        }
-        assert_prediction_close(&noise.bytes(300_000), Contexts::None);
+            assert_prediction_close(&noise.bytes(300_000), Contexts::None);
+        });
     }
 
     #[test]
     fn each_plan_codes_as_encode_does() {
-        let mut noise = Noise(12);
-        let base = noise.bytes(2 * 20_000);
-        for zeros in [0u64, 200, 255] {
-            let symbols: Vec<u8> = (0..20_000).map(|_| noise.skewed(zeros)).collect();
-            let above: Vec<u8> = symbols.iter().map(|&s| s >> 5).collect();
-            let keys = Contexts::BaseKeys { base: &base, word_bytes: 2, positions: None };
-            let candidates = [Contexts::HigherPlane(&above), keys];
-            let plans = plan_each(&symbols, &candidates);
-            assert_eq!(plans.len(), 3);
-            for (plan, contexts) in plans.iter().zip([Contexts::None, candidates[0], candidates[1]]) {
-                let encoded = plan.encode(&symbols, contexts);
-                assert_eq!(encoded, encode(&symbols, contexts));
-                assert_eq!(plan.predicted_len(), predicted_len(&symbols, contexts));
+        for_each_form(|| {
+            let mut noise = Noise(12);
+            let base = noise.bytes(2 * 20_000);
+            for zeros in [0u64, 200, 255] {
+                let symbols: Vec<u8> = (0..20_000).map(|_| noise.skewed(zeros)).collect();
+                let above: Vec<u8> = symbols.iter().map(|&s| s >> 5).collect();
+                let keys = Contexts::BaseKeys { base: &base, word_bytes: 2, positions: None };
+                let candidates = [Contexts::HigherPlane(&above), keys];
+                let plans = plan_each(form(), &symbols, &candidates);
+                assert_eq!(plans.len(), 3);
+                for (plan, contexts) in plans.iter().zip([Contexts::None, candidates[0], candidates[1]]) {
+                    let encoded = plan.encode(&symbols, contexts);
+                    assert_eq!(encoded, encode(form(), &symbols, contexts));
+                    assert_eq!(plan.predicted_len(), predicted_len(&symbols, contexts));
+                }
             }
-        }
+        });
     }
 
     #[test]
     fn a_plan_codes_a_permutation_that_moves_contexts_with_symbols() {
-        // Regrouping values permutes each plane and the plane above it alike: the
-        // plan of the original order codes the permutation as planning it anew does.
-        let mut noise = Noise(13);
-        let above: Vec<u8> = (0..30_000).map(|_| noise.skewed(180)).collect();
-        let symbols: Vec<u8> = above.iter().map(|&a| noise.skewed(200) ^ a).collect();
-        let mut order: Vec<usize> = (0..symbols.len()).collect();
-        order.sort_by_key(|&i| (above[i] >> 3, i));
-        let permuted: Vec<u8> = order.iter().map(|&i| symbols[i]).collect();
-        let permuted_above: Vec<u8> = order.iter().map(|&i| above[i]).collect();
-        let plans = plan_each(&symbols, &[Contexts::HigherPlane(&above)]);
-        assert_eq!(plans[0].encode(&permuted, Contexts::None), encode(&permuted, Contexts::None));
-        let with_above = Contexts::HigherPlane(&permuted_above);
-        assert_eq!(plans[1].encode(&permuted, with_above), encode(&permuted, with_above));
+        for_each_form(|| {
+            // Regrouping values permutes each plane and the plane above it alike: the
+            // plan of the original order codes the permutation as planning it anew does.
+            let mut noise = Noise(13);
+            let above: Vec<u8> = (0..30_000).map(|_| noise.skewed(180)).collect();
+            let symbols: Vec<u8> = above.iter().map(|&a| noise.skewed(200) ^ a).collect();
+            let mut order: Vec<usize> = (0..symbols.len()).collect();
+            order.sort_by_key(|&i| (above[i] >> 3, i));
+            let permuted: Vec<u8> = order.iter().map(|&i| symbols[i]).collect();
+            let permuted_above: Vec<u8> = order.iter().map(|&i| above[i]).collect();
+            let plans = plan_each(form(), &symbols, &[Contexts::HigherPlane(&above)]);
+            assert_eq!(plans[0].encode(&permuted, Contexts::None), encode(form(), &permuted, Contexts::None));
+            let with_above = Contexts::HigherPlane(&permuted_above);
+            assert_eq!(plans[1].encode(&permuted, with_above), encode(form(), &permuted, with_above));
+        });
     }
 
     // ----- hand-built streams and the errors of §8.7 -----
@@ -2592,7 +2958,9 @@ mod tests {
         out
     }
 
-    /// prob_bits 1, no context: symbols 0 and 1 at frequency 1 each.
+    /// prob_bits 1, no context: symbols 0 and 1 at frequency 1 each. Read as a packed
+    /// table it says the same: Exp-Golomb order 1, code values 2 and 0 (prefixes
+    /// 1, 0 and 0, then suffixes 00 and 0).
     const HALVES: &[u8] = &[1, 0, 1, 1, 1];
 
     /// One symbol coded by hand: symbol 1 from state 2^16 is state 2·2^16 + 1.
@@ -2730,6 +3098,115 @@ mod tests {
         );
     }
 
+    /// A packed table (Table 8.8) from its symbol set, Exp-Golomb order and
+    /// frequencies, coded as the spec says, independently of the writer.
+    fn packed_table(symbol_set: &[u8], order: u8, frequencies: &[i64]) -> Vec<u8> {
+        let mut table = vec![u8::try_from(frequencies.len() - 1).unwrap()];
+        table.extend_from_slice(symbol_set);
+        table.push(order);
+        let order = u32::from(order);
+        let prefix = |v: u32| (v + (1 << order)).ilog2() - order;
+        let mut previous = 0;
+        let values: Vec<u32> = frequencies
+            .iter()
+            .map(|&f| {
+                let d = f - previous;
+                previous = f;
+                u32::try_from(if d >= 0 { 2 * d } else { -2 * d - 1 }).unwrap()
+            })
+            .collect();
+        let mut bits = BitWriter { out: &mut table, at: 0 };
+        for &v in &values {
+            bits.unary(prefix(v));
+        }
+        for &v in &values {
+            bits.bits(v + (1 << order), prefix(v) + order);
+        }
+        table
+    }
+
+    /// A stream of one symbol built by hand in the packed form: a map of 2 bits per
+    /// entry (three tables), tables of 1, 2 and 256 symbols, and the state that codes
+    /// the symbol.
+    #[test]
+    fn decodes_a_packed_stream_built_by_hand() {
+        let mut map = [0u8; 64];
+        // Context 0 takes table 2: entry 0 is the low two bits of byte 0.
+        map[0] = 0b10;
+        let every: Vec<i64> = (0..256).map(|x| if x == 7 { 1 + 1792 } else { 1 }).collect();
+        let tables =
+            [packed_table(&[9], 0, &[2048]), packed_table(&[3, 4], 3, &[1000, 1048]), packed_table(&[], 4, &every)];
+        // Symbol 7 of table 2 (cum 7, frequency 1793) from 2^16: (2^16 / 1793) · 2^11 + 7 + r
+        // with r = 2^16 mod 1793.
+        let state = (STATE_LOW / 1793) * 2048 + 7 + STATE_LOW % 1793;
+        let tables: Vec<&[u8]> = tables.iter().map(Vec::as_slice).collect();
+        let mut stream = [11u8, 2, 3, 8].to_vec();
+        stream.extend_from_slice(&map);
+        stream.extend(build([0; 4], None, &tables, &[4], &state.to_le_bytes())[4..].iter());
+        let mut out = Vec::new();
+        decode_into(TableForm::Packed, &stream, 1, Contexts::HigherPlane(&[0]), &mut out).unwrap();
+        assert_eq!(out, [7]);
+        // The same bytes read as codec 2 are another stream, which fails.
+        assert!(decode_into(TableForm::Bytes, &stream, 1, Contexts::HigherPlane(&[0]), &mut out).is_err());
+    }
+
+    #[test]
+    fn packed_map_and_table_errors() {
+        let payload = 131_073u32.to_le_bytes();
+        let plane = [0u8];
+        let halves = packed_table(&[0, 1], 1, &[1, 1]);
+        assert_eq!(halves, HALVES);
+        let stream = |table_count: u8, map: &[u8], second: &[u8]| {
+            let mut stream = vec![1u8, 2, table_count, 8];
+            stream.extend_from_slice(map);
+            let tables: Vec<&[u8]> =
+                std::iter::once(HALVES).chain(std::iter::repeat_n(second, usize::from(table_count) - 1)).collect();
+            stream.extend(build([0; 4], None, &tables, &[4], &payload)[4..].iter());
+            stream
+        };
+        let decode =
+            |stream: &[u8]| decode_into(TableForm::Packed, stream, 1, Contexts::HigherPlane(&plane), &mut Vec::new());
+        decode(&stream(2, &[0; 32], HALVES)).expect("the reference stream decodes");
+        let check = |stream: Vec<u8>, what: &str| {
+            assert_eq!(decode(&stream).map_err(|e| e.code()), Err(ErrorCode::RansHeader), "{what}");
+        };
+        // Three tables take 2 bits an entry; entry 255 (the top two bits) reads 3.
+        let mut map = [0u8; 64];
+        map[63] = 0b1100_0000;
+        check(stream(3, &map, HALVES), "a packed map entry >= T");
+        check(stream(3, &[0; 32], HALVES), "a map of 1 bit an entry for three tables");
+        let table = |bytes: Vec<u8>| stream(2, &[0; 32], &bytes);
+        let mut order_12 = halves.clone();
+        order_12[3] = 12;
+        check(table(order_12), "Exp-Golomb order 12");
+        check(table(packed_table(&[0, 1], 1, &[2, 0])), "frequency 0");
+        check(table(packed_table(&[0, 1], 0, &[3, -1])), "a negative frequency");
+        check(table(packed_table(&[0], 2, &[4])), "frequency above 2^k");
+        check(table(packed_table(&[0, 1], 1, &[1, 2])), "sum above 2^k");
+        check(table(packed_table(&[0], 1, &[1])), "sum below 2^k");
+        check(table(packed_table(&[1, 0], 1, &[1, 1])), "decreasing symbols");
+        let mut padded = halves.clone();
+        padded[4] |= 0x80;
+        check(table(padded), "nonzero padding");
+        // A prefix that never ends: the stream runs out inside the codes, or the
+        // prefix outgrows any frequency first.
+        let endless = |ones: usize| [1u8, 0, 1, 0].into_iter().chain(std::iter::repeat_n(0xFF, ones / 8));
+        let mut cut = vec![1u8, 2, 2, 8];
+        cut.extend_from_slice(&[0; 32]);
+        cut.extend(HALVES.iter().copied().chain(endless(8)));
+        check(cut, "a prefix past the end of the stream");
+        check(table(endless(64).collect()), "a prefix longer than any frequency");
+        // The full table of 256 symbols lists none; a bitmap there is other bytes.
+        let flat = vec![8i64; 256];
+        let full = packed_table(&[], 3, &flat);
+        let mut full_stream = vec![11u8, 0, 1, 8];
+        full_stream
+            .extend(build([0; 4], None, &[&full], &[4], &((STATE_LOW / 8) * 2048 + 8 * 42).to_le_bytes())[4..].iter());
+        let mut out = Vec::new();
+        decode_into(TableForm::Packed, &full_stream, 1, Contexts::None, &mut out).unwrap();
+        assert_eq!(out, [42]);
+    }
+
     #[test]
     fn tile_length_errors() {
         let state = 131_073u32.to_le_bytes();
@@ -2752,48 +3229,54 @@ mod tests {
 
     #[test]
     fn every_truncation_of_the_header_is_a_header_error() {
-        let mut noise = Noise(17);
-        let symbols: Vec<u8> = (0..3000).map(|_| noise.skewed(60)).collect();
-        let plane: Vec<u8> = symbols.iter().map(|&s| s >> 6).collect();
-        let stored = encode_with_tile_log2(&symbols, Contexts::HigherPlane(&plane), 10);
-        let tiles = symbols.len().div_ceil(1 << 10);
-        let first_payload = {
-            let stream = check_stream(&stored, symbols.len(), ContextKind::HigherPlane).unwrap();
-            stored.len() - stream.payloads.len()
-        };
-        assert!(first_payload > 4 + 256 + 4 * tiles);
-        for len in 0..stored.len() {
-            let err = decode(&stored[..len], symbols.len(), Contexts::HigherPlane(&plane)).unwrap_err();
-            assert_eq!(err.code(), ErrorCode::RansHeader, "cut at {len}: {err}");
-        }
+        for_each_form(|| {
+            let mut noise = Noise(17);
+            let symbols: Vec<u8> = (0..3000).map(|_| noise.skewed(60)).collect();
+            let plane: Vec<u8> = symbols.iter().map(|&s| s >> 6).collect();
+            let stored = encode_with_tile_log2(&symbols, Contexts::HigherPlane(&plane), 10);
+            let tiles = symbols.len().div_ceil(1 << 10);
+            let first_payload = {
+                let stream = check_stream(form(), &stored, symbols.len(), ContextKind::HigherPlane).unwrap();
+                stored.len() - stream.payloads.len()
+            };
+            assert!(first_payload > 4 + context_map_len(form(), 2) + 4 * tiles);
+            for len in 0..stored.len() {
+                let err = decode(&stored[..len], symbols.len(), Contexts::HigherPlane(&plane)).unwrap_err();
+                assert_eq!(err.code(), ErrorCode::RansHeader, "cut at {len}: {err}");
+            }
+        });
     }
 
     #[test]
     fn tile_decoding_errors() {
-        let check = |payload: &[u8], what: &str| {
-            let length = u32::try_from(payload.len()).unwrap();
-            let stream = build([1, 0, 1, 8], None, &[HALVES], &[length], payload);
-            assert_eq!(code(decode(&stream, 1, Contexts::None)), ErrorCode::RansDecode, "{what}");
-        };
-        check(&(STATE_LOW - 1).to_le_bytes(), "initial state below 2^16");
-        check(&0u32.to_le_bytes(), "initial state 0");
-        // Symbol 0 from 2^16: state 2^15 needs a word the tile lacks.
-        check(&STATE_LOW.to_le_bytes(), "a truncated tile");
-        check(&[131_073u32.to_le_bytes().as_slice(), &[0, 0]].concat(), "a word left over");
-        check(&131_075u32.to_le_bytes(), "final state 2^16 + 1");
-        // The same with the word read: symbol 0 from 2^16 reads 0x0000, state 2^31,
-        // which is not 2^16 at the end.
-        check(&[STATE_LOW.to_le_bytes().as_slice(), &[0, 0]].concat(), "final state 2^31");
-        // A later tile and a later lane are checked as well.
-        let mut noise = Noise(4);
-        let symbols: Vec<u8> = (0..600).map(|_| noise.skewed(128)).collect();
-        let stored = encode_with_tile_log2(&symbols, Contexts::None, 8);
-        let payload_at = stored.len() - check_stream(&stored, 600, ContextKind::None).unwrap().payloads.len();
-        let third_tile = payload_at + (0..2).map(|t| u32_at(&stored[payload_at - 12..], 4 * t) as usize).sum::<usize>();
-        let mut bad = stored.clone();
-        bad[third_tile + 4 * 5 + 2] = 0;
-        bad[third_tile + 4 * 5 + 3] = 0;
-        assert_eq!(code(decode(&bad, 600, Contexts::None)), ErrorCode::RansDecode);
+        for_each_form(|| {
+            let check = |payload: &[u8], what: &str| {
+                let length = u32::try_from(payload.len()).unwrap();
+                let stream = build([1, 0, 1, 8], None, &[HALVES], &[length], payload);
+                assert_eq!(code(decode(&stream, 1, Contexts::None)), ErrorCode::RansDecode, "{what}");
+            };
+            check(&(STATE_LOW - 1).to_le_bytes(), "initial state below 2^16");
+            check(&0u32.to_le_bytes(), "initial state 0");
+            // Symbol 0 from 2^16: state 2^15 needs a word the tile lacks.
+            check(&STATE_LOW.to_le_bytes(), "a truncated tile");
+            check(&[131_073u32.to_le_bytes().as_slice(), &[0, 0]].concat(), "a word left over");
+            check(&131_075u32.to_le_bytes(), "final state 2^16 + 1");
+            // The same with the word read: symbol 0 from 2^16 reads 0x0000, state 2^31,
+            // which is not 2^16 at the end.
+            check(&[STATE_LOW.to_le_bytes().as_slice(), &[0, 0]].concat(), "final state 2^31");
+            // A later tile and a later lane are checked as well.
+            let mut noise = Noise(4);
+            let symbols: Vec<u8> = (0..600).map(|_| noise.skewed(128)).collect();
+            let stored = encode_with_tile_log2(&symbols, Contexts::None, 8);
+            let payload_at =
+                stored.len() - check_stream(form(), &stored, 600, ContextKind::None).unwrap().payloads.len();
+            let third_tile =
+                payload_at + (0..2).map(|t| u32_at(&stored[payload_at - 12..], 4 * t) as usize).sum::<usize>();
+            let mut bad = stored.clone();
+            bad[third_tile + 4 * 5 + 2] = 0;
+            bad[third_tile + 4 * 5 + 3] = 0;
+            assert_eq!(code(decode(&bad, 600, Contexts::None)), ErrorCode::RansDecode);
+        });
     }
 
     #[test]
@@ -2808,87 +3291,96 @@ mod tests {
         // The encoder never fails: missing contexts read as 0.
         let symbols = [1u8, 2, 3, 1, 2, 3];
         let short = [7u8, 7];
-        let stored = encode(&symbols, Contexts::HigherPlane(&short));
+        let stored = encode(form(), &symbols, Contexts::HigherPlane(&short));
         assert_eq!(decode(&stored, 6, Contexts::HigherPlane(&[7, 7, 0, 0, 0, 0])).unwrap(), symbols);
-        let odd = encode(&symbols, Contexts::BaseKeys { base: &[1, 2, 3, 4, 5, 6, 7], word_bytes: 3, positions: None });
+        let odd = encode(
+            form(),
+            &symbols,
+            Contexts::BaseKeys { base: &[1, 2, 3, 4, 5, 6, 7], word_bytes: 3, positions: None },
+        );
         assert_eq!(context_kind(&odd).unwrap(), ContextKind::BaseKey);
     }
 
     #[test]
     fn corrupt_payload_bytes_are_detected() {
-        let mut noise = Noise(31);
-        let mut flips = 0usize;
-        let mut detected = 0usize;
-        for (zeros, contexts_on) in [(230u64, false), (100, true), (0, false)] {
-            let symbols: Vec<u8> = (0..3000).map(|_| noise.skewed(zeros)).collect();
-            let plane: Vec<u8> = symbols.iter().map(|&s| s >> 5).collect();
-            let contexts = if contexts_on { Contexts::HigherPlane(&plane) } else { Contexts::None };
-            let stored = encode_with_tile_log2(&symbols, contexts, 10);
-            let payload_at =
-                stored.len() - check_stream(&stored, symbols.len(), contexts.kind()).unwrap().payloads.len();
-            for at in 0..stored.len() {
-                let mut bad = stored.clone();
-                #[allow(clippy::cast_possible_truncation)]
-                let flip = (noise.next() as u8).max(1);
-                bad[at] ^= flip;
-                // Never a panic, wherever the byte is.
-                let result = decode(&bad, symbols.len(), contexts);
-                if at >= payload_at {
-                    flips += 1;
-                    detected += usize::from(result.is_err());
+        for_each_form(|| {
+            let mut noise = Noise(31);
+            let mut flips = 0usize;
+            let mut detected = 0usize;
+            for (zeros, contexts_on) in [(230u64, false), (100, true), (0, false)] {
+                let symbols: Vec<u8> = (0..3000).map(|_| noise.skewed(zeros)).collect();
+                let plane: Vec<u8> = symbols.iter().map(|&s| s >> 5).collect();
+                let contexts = if contexts_on { Contexts::HigherPlane(&plane) } else { Contexts::None };
+                let stored = encode_with_tile_log2(&symbols, contexts, 10);
+                let payload_at = stored.len()
+                    - check_stream(form(), &stored, symbols.len(), contexts.kind()).unwrap().payloads.len();
+                for at in 0..stored.len() {
+                    let mut bad = stored.clone();
+                    #[allow(clippy::cast_possible_truncation)]
+                    let flip = (noise.next() as u8).max(1);
+                    bad[at] ^= flip;
+                    // Never a panic, wherever the byte is.
+                    let result = decode(&bad, symbols.len(), contexts);
+                    if at >= payload_at {
+                        flips += 1;
+                        detected += usize::from(result.is_err());
+                    }
                 }
             }
-        }
-        assert!(detected * 100 > flips * 99, "{detected} of {flips} payload flips detected");
+            assert!(detected * 100 > flips * 99, "{detected} of {flips} payload flips detected");
+        });
     }
 
     /// Every kernel the CPU has decodes every stream as the scalar one does: the same
     /// symbols, or the same error, corrupt streams included.
     #[test]
     fn vector_kernel_agrees_with_scalar() {
-        let kernel = Kernel::detect();
-        if kernel == Kernel::Scalar {
-            return;
-        }
-        let mut noise = Noise(0xC0FFEE);
-        for case in 0..84u64 {
-            let len = usize::try_from(noise.next() % 20_000).unwrap() + 1;
-            let zeros = noise.next() % 256;
-            let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(zeros)).collect();
-            let plane: Vec<u8> =
-                symbols.iter().map(|&s| s.wrapping_add(u8::try_from(noise.next() % 3).unwrap()) >> 3).collect();
-            let base = noise.bytes(len);
-            let positions: Vec<u32> = (0..len).map(|i| u32::try_from(i).unwrap() / 2).collect();
-            // Dense keys of every width, with a base that ends before the stream.
-            let contexts = match case % 7 {
-                0 => Contexts::None,
-                1 => Contexts::HigherPlane(&plane),
-                2 => Contexts::BaseKeys { base: &base, word_bytes: 2, positions: None },
-                3 => Contexts::BaseKeys { base: &base, word_bytes: 1, positions: None },
-                4 => Contexts::BaseKeys { base: &base, word_bytes: 4, positions: None },
-                5 => Contexts::BaseKeys { base: &base, word_bytes: 8, positions: None },
-                _ => Contexts::BaseKeys { base: &base, word_bytes: 1, positions: Some(&positions) },
-            };
-            let tile_log2 = 8 + u32::try_from(noise.next() % 7).unwrap();
-            let stored = encode_with_tile_log2(&symbols, contexts, tile_log2);
-            let mut bad = stored.clone();
-            for _ in 0..1 + noise.next() % 3 {
-                let at = usize::try_from(noise.next()).unwrap() % bad.len();
-                bad[at] ^= u8::try_from(noise.next() % 255).unwrap() + 1;
+        for_each_form(|| {
+            let kernel = Kernel::detect();
+            if kernel == Kernel::Scalar {
+                return;
             }
-            for stream in [&stored, &bad] {
-                let (mut scalar, mut vector) = (Vec::new(), Vec::new());
-                let expected =
-                    decode_with(stream, len, contexts, &mut scalar, Kernel::Scalar).map_err(|e| e.to_string());
-                let got = decode_with(stream, len, contexts, &mut vector, kernel).map_err(|e| e.to_string());
-                assert_eq!(got, expected, "case {case}");
-                assert_eq!(vector, scalar, "case {case}");
+            let mut noise = Noise(0xC0FFEE);
+            for case in 0..84u64 {
+                let len = usize::try_from(noise.next() % 20_000).unwrap() + 1;
+                let zeros = noise.next() % 256;
+                let symbols: Vec<u8> = (0..len).map(|_| noise.skewed(zeros)).collect();
+                let plane: Vec<u8> =
+                    symbols.iter().map(|&s| s.wrapping_add(u8::try_from(noise.next() % 3).unwrap()) >> 3).collect();
+                let base = noise.bytes(len);
+                let positions: Vec<u32> = (0..len).map(|i| u32::try_from(i).unwrap() / 2).collect();
+                // Dense keys of every width, with a base that ends before the stream.
+                let contexts = match case % 7 {
+                    0 => Contexts::None,
+                    1 => Contexts::HigherPlane(&plane),
+                    2 => Contexts::BaseKeys { base: &base, word_bytes: 2, positions: None },
+                    3 => Contexts::BaseKeys { base: &base, word_bytes: 1, positions: None },
+                    4 => Contexts::BaseKeys { base: &base, word_bytes: 4, positions: None },
+                    5 => Contexts::BaseKeys { base: &base, word_bytes: 8, positions: None },
+                    _ => Contexts::BaseKeys { base: &base, word_bytes: 1, positions: Some(&positions) },
+                };
+                let tile_log2 = 8 + u32::try_from(noise.next() % 7).unwrap();
+                let stored = encode_with_tile_log2(&symbols, contexts, tile_log2);
+                let mut bad = stored.clone();
+                for _ in 0..1 + noise.next() % 3 {
+                    let at = usize::try_from(noise.next()).unwrap() % bad.len();
+                    bad[at] ^= u8::try_from(noise.next() % 255).unwrap() + 1;
+                }
+                for stream in [&stored, &bad] {
+                    let (mut scalar, mut vector) = (Vec::new(), Vec::new());
+                    let expected = decode_with(form(), stream, len, contexts, &mut scalar, Kernel::Scalar)
+                        .map_err(|e| e.to_string());
+                    let got =
+                        decode_with(form(), stream, len, contexts, &mut vector, kernel).map_err(|e| e.to_string());
+                    assert_eq!(got, expected, "case {case}");
+                    assert_eq!(vector, scalar, "case {case}");
+                }
+                // A reused buffer, longer than the stream and full of other bytes.
+                let mut decoded = vec![0xA5; len + 7];
+                decode_with(form(), &stored, len, contexts, &mut decoded, kernel).unwrap();
+                assert_eq!(decoded, symbols);
             }
-            // A reused buffer, longer than the stream and full of other bytes.
-            let mut decoded = vec![0xA5; len + 7];
-            decode_with(&stored, len, contexts, &mut decoded, kernel).unwrap();
-            assert_eq!(decoded, symbols);
-        }
+        });
     }
 
     fn contexts_strategy() -> impl Strategy<Value = (Vec<u8>, u8, Vec<u8>, usize, u32)> {
@@ -2903,7 +3395,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trips_random_streams((symbols, kind, base, word_bytes, tile_log2) in contexts_strategy()) {
+        fn round_trips_random_streams(
+            (symbols, kind, base, word_bytes, tile_log2) in contexts_strategy(),
+            packed in any::<bool>(),
+        ) {
+            FORM.with(|form| form.set(if packed { TableForm::Packed } else { TableForm::Bytes }));
             let plane: Vec<u8> =
                 symbols.iter().enumerate().map(|(i, &s)| (s >> 1) ^ (base.get(i).copied().unwrap_or(0) & 3)).collect();
             let positions: Vec<u32> = (0..symbols.len())
@@ -2915,7 +3411,7 @@ mod tests {
                 2 => Contexts::BaseKeys { base: &base, word_bytes, positions: None },
                 _ => Contexts::BaseKeys { base: &base, word_bytes, positions: Some(&positions) },
             };
-            let stored = encode(&symbols, contexts);
+            let stored = encode(form(), &symbols, contexts);
             prop_assert_eq!(decode(&stored, symbols.len(), contexts).unwrap(), symbols.clone());
             let tiled = encode_with_tile_log2(&symbols, contexts, tile_log2);
             prop_assert_eq!(decode(&tiled, symbols.len(), contexts).unwrap(), symbols);
@@ -2929,14 +3425,16 @@ mod tests {
             table_count in 1u8..=3,
             rest in prop::collection::vec(any::<u8>(), 0..600),
             len in 0usize..2000,
+            packed in any::<bool>(),
         ) {
+            FORM.with(|form| form.set(if packed { TableForm::Packed } else { TableForm::Bytes }));
             let kind = if table_count == 1 { 0 } else { 2 };
             let stream: Vec<u8> = [prob_bits, kind, table_count, tile_log2].into_iter().chain(rest).collect();
             let plane = vec![7u8; len];
             let contexts = if kind == 0 { Contexts::None } else { Contexts::HigherPlane(&plane) };
             let mut out = Vec::new();
             for kernel in [Kernel::Scalar, Kernel::detect()] {
-                let _ = decode_with(&stream, len, contexts, &mut out, kernel);
+                let _ = decode_with(form(), &stream, len, contexts, &mut out, kernel);
             }
         }
     }

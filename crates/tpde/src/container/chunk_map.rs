@@ -112,8 +112,21 @@ wire_enum!(
         ///
         /// [`FEATURE_CONSTANT_STREAMS`]: crate::container::preamble::FEATURE_CONSTANT_STREAMS
         Constant = 3,
+        /// Lane rANS with packed tables (spec §8.9); only in a file with
+        /// [`FEATURE_PACKED_RANS`].
+        ///
+        /// [`FEATURE_PACKED_RANS`]: crate::container::preamble::FEATURE_PACKED_RANS
+        RansPacked = 4,
     }
 );
+
+impl Codec {
+    /// Whether the stream is lane rANS, in either table form (codecs 2 and 4).
+    #[must_use]
+    pub fn is_rans(self) -> bool {
+        matches!(self, Self::Rans | Self::RansPacked)
+    }
+}
 
 /// One chunk record (spec §6.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

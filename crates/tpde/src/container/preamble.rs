@@ -35,8 +35,14 @@ pub const MINOR_VERSION_TEMPORAL_POSITIONS: u16 = 2;
 pub const FEATURE_CONSTANT_STREAMS: u64 = 1 << 3;
 /// The minor version that defines [`FEATURE_CONSTANT_STREAMS`].
 pub const MINOR_VERSION_CONSTANT_STREAMS: u16 = 3;
+/// Required feature bit `packed-rans`: streams may use lane rANS with packed tables
+/// (spec §3, §8.9).
+pub const FEATURE_PACKED_RANS: u64 = 1 << 4;
+/// The minor version that defines [`FEATURE_PACKED_RANS`].
+pub const MINOR_VERSION_PACKED_RANS: u16 = 4;
 /// Required feature bits this library understands.
-pub const KNOWN_REQUIRED_FEATURES: u64 = FEATURE_RANS_LANES | FEATURE_TEMPORAL_POSITIONS | FEATURE_CONSTANT_STREAMS;
+pub const KNOWN_REQUIRED_FEATURES: u64 =
+    FEATURE_RANS_LANES | FEATURE_TEMPORAL_POSITIONS | FEATURE_CONSTANT_STREAMS | FEATURE_PACKED_RANS;
 
 /// The decoded preamble (spec §3, table 3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
