@@ -9,6 +9,9 @@
 4. The lane rANS codec (§8.7): a reference encoder written from §15.10, round trips,
    every header and decoding check, and whole files whose streams are recoded with
    codec 2 (feature bit 1, O6, O20, the contexts allowed in each place, D3's order).
+5. Packed lane rANS (§8.9): packed tables and context maps written from Table 8.8,
+   every check of the packed parsers, round trips in both table forms, and whole files
+   recoded with codec 4 (feature bit 4, O20).
 """
 
 import json
@@ -514,13 +517,73 @@ def encode_tile(symbols, tables, k):
     return struct.pack(f"<{lanes}I", *x) + struct.pack(f"<{len(emitted)}H", *emitted)
 
 
-class RansStream:
-    """The parts of a codec-2 stream (Table 8.6), to assemble or to spoil one by one."""
+def zigzag(d):
+    """§8.9: 2d for d >= 0, -2d - 1 for d < 0."""
+    return 2 * d if d >= 0 else -2 * d - 1
 
-    def __init__(self, k, context, tile_log2, context_map, tables, payloads):
+
+def pack_bits(bits):
+    """A bit string (§8.9): bit j in bit j mod 8 of byte j // 8, zero padding."""
+    bits = list(bits) + [0] * (-len(bits) % 8)
+    return bytes(sum(b << j for j, b in enumerate(bits[i:i + 8])) for i in range(0, len(bits), 8))
+
+
+def code_bits(values, order):
+    """Exp-Golomb codes of order g of the code values (§8.9), before padding: with
+    w = v + 2^g and n = floor(log2 w) - g, every prefix (n ones, then a zero), then
+    every suffix (the low n + g bits of w, least significant first)."""
+    prefixes, suffixes = [], []
+    for v in values:
+        w = v + (1 << order)
+        n = w.bit_length() - 1 - order
+        prefixes += [1] * n + [0]
+        suffixes += [(w >> b) & 1 for b in range(n + order)]
+    return prefixes + suffixes
+
+
+def frequency_code_bits(freqs, order):
+    """Table 8.8's bit string before padding: the codes of v_i = zigzag(f_i - f_(i-1))."""
+    return code_bits([zigzag(f - prev) for prev, f in zip([0] + freqs[:-1], freqs)], order)
+
+
+def best_order(freqs):
+    """The order with the shortest bit string, the smallest of equals."""
+    return min(range(12), key=lambda order: (len(frequency_code_bits(freqs, order)), order))
+
+
+def packed_table_bytes(freqs, order=None):
+    """Table 8.8: s - 1, the symbol list (s < 32), bitmap (s < 256) or nothing, the
+    order (by default best_order), then the frequency codes."""
+    symbols = sorted(freqs)
+    out = bytearray([len(symbols) - 1])
+    if len(symbols) < 32:
+        out += bytes(symbols)
+    elif len(symbols) < 256:
+        bitmap = bytearray(32)
+        for x in symbols:
+            bitmap[x // 8] |= 1 << (x % 8)
+        out += bitmap
+    fs = [freqs[x] for x in symbols]
+    order = best_order(fs) if order is None else order
+    out.append(order)
+    return bytes(out + pack_bits(frequency_code_bits(fs, order)))
+
+
+def packed_map_bytes(context_map, T):
+    """§8.9: 256 entries of ceil(log2 T) bits, least significant bit first."""
+    w = (T - 1).bit_length()
+    return pack_bits([(e >> b) & 1 for e in context_map for b in range(w)])
+
+
+class RansStream:
+    """The parts of a codec-2 stream (Table 8.6), or of a codec-4 stream (§8.9) when
+    packed, to assemble or to spoil one by one."""
+
+    def __init__(self, k, context, tile_log2, context_map, tables, payloads, packed=False):
         self.head = [k, context, len(tables), tile_log2]
-        self.context_map = context_map  # 256 bytes, or b"" for one table
-        self.tables = [table_bytes(t) for t in tables]
+        # 256 bytes (32 * ceil(log2 T) packed), or b"" for one table
+        self.context_map = packed_map_bytes(context_map, len(tables)) if packed and context_map else context_map
+        self.tables = [(packed_table_bytes if packed else table_bytes)(t) for t in tables]
         self.payloads = payloads
         self.lengths = [len(p) for p in payloads]
 
@@ -529,10 +592,11 @@ class RansStream:
                 + struct.pack(f"<{len(self.lengths)}I", *self.lengths) + b"".join(self.payloads))
 
 
-def rans_encode(data, k=11, tile_log2=8, context=0, ctx=None, context_map=None, tables=None):
-    """A codec-2 stream of the bytes `data`.  For contexts 1 and 2, ctx holds each
-    symbol's context byte and context_map (256 entries) its table.  tables: the
-    frequency dicts (symbol -> frequency) of the tables; by default quantized counts."""
+def rans_encode(data, k=11, tile_log2=8, context=0, ctx=None, context_map=None, tables=None, packed=False):
+    """A codec-2 stream of the bytes `data` (codec 4 if packed).  For contexts 1 and 2,
+    ctx holds each symbol's context byte and context_map (256 entries) its table.
+    tables: the frequency dicts (symbol -> frequency) of the tables; by default
+    quantized counts."""
     data = bytes(data)
     if context == 0:
         ctx, context_map = bytes(len(data)), [0] * 256
@@ -556,17 +620,17 @@ def rans_encode(data, k=11, tile_log2=8, context=0, ctx=None, context_map=None, 
         which = [context_map[c] for c in ctx[start:start + size]]
         payloads.append(encode_tile(data[start:start + size],
                                     [(tables[t], cum[t]) for t in which], k))
-    return RansStream(k, context, tile_log2, bytes(context_map) if T > 1 else b"", tables, payloads)
+    return RansStream(k, context, tile_log2, bytes(context_map) if T > 1 else b"", tables, payloads, packed)
 
 
 # ---------------------------------------------------------------------------
 # §8.7 the lane rANS codec
 # ---------------------------------------------------------------------------
 
-def scalar_decode(data, N, ctx=None):
+def scalar_decode(data, N, ctx=None, packed=False):
     """§8.7's decoding pseudocode, line by line, one tile and one lane at a time (the
     header from r.rans_header).  Returns the decoded bytes or "E_RANS_DECODE"."""
-    h = r.rans_header(data, N)
+    h = r.rans_header(data, N, packed=packed)
     k, L = h.prob_bits, RANS_L
     S = 1 << h.tile_log2
     slots = []  # per table: slot -> (symbol, freq, cum)
@@ -613,32 +677,35 @@ def skewed(rng, n, p=0.2, alphabet=256):
     return ((rng.geometric(p, n) - 1) % alphabet).astype(np.uint8).tobytes()
 
 
-def rans_code(data, N, ctx=None, allowed=r.RANS_ALL_CONTEXTS):
+def rans_code(data, N, ctx=None, allowed=r.RANS_ALL_CONTEXTS, packed=False):
     try:
-        return r.rans_decode(data, N, ctx, allowed).tobytes()
+        return r.rans_decode(data, N, ctx, allowed, packed).tobytes()
     except r.TpdeError as e:
         return e.code
 
 
-def rans_error(data, N, ctx=None, allowed=r.RANS_ALL_CONTEXTS):
+def rans_error(data, N, ctx=None, allowed=r.RANS_ALL_CONTEXTS, packed=False):
     """(code, message) of a stream that fails."""
     try:
-        r.rans_decode(data, N, ctx, allowed)
+        r.rans_decode(data, N, ctx, allowed, packed)
     except r.TpdeError as e:
         return e.code, str(e)
     return None, None
 
 
 class RansRoundTrip(unittest.TestCase):
-    """§8.7: streams of the reference encoder decode to their bytes."""
+    """§8.7: streams of the reference encoder decode to their bytes, with tables and
+    context maps in both forms (codecs 2 and 4, §8.9)."""
 
     def check(self, data, **kw):
-        stream = rans_encode(data, **kw).bytes()
         ctx = kw.get("ctx")
-        got = r.rans_decode(stream, len(data), None if ctx is None else np.frombuffer(bytes(ctx), np.uint8))
-        self.assertEqual(got.dtype, np.uint8)
-        self.assertEqual(got.tobytes(), bytes(data))
-        self.assertEqual(scalar_decode(stream, len(data), ctx), bytes(data))
+        ctx_array = None if ctx is None else np.frombuffer(bytes(ctx), np.uint8)
+        for packed in (True, False):
+            stream = rans_encode(data, packed=packed, **kw).bytes()
+            got = r.rans_decode(stream, len(data), ctx_array, packed=packed)
+            self.assertEqual(got.dtype, np.uint8)
+            self.assertEqual(got.tobytes(), bytes(data))
+            self.assertEqual(scalar_decode(stream, len(data), ctx, packed), bytes(data))
         return stream
 
     def test_known_answer(self):
@@ -959,6 +1026,179 @@ class RansHeaderChecks(unittest.TestCase):
         self.assertEqual(rans_error(s.bytes(), self.n)[0], "E_RANS_HEADER")
 
 
+class PackedRansChecks(unittest.TestCase):
+    """§8.9: the packed table and context map parsers; each failure is E_RANS_HEADER."""
+
+    def table(self, data, k, pos=0):
+        symbols, freqs, end = r.packed_table(data, pos, k, 0)
+        return symbols.tolist(), freqs.tolist(), end
+
+    def assertTable(self, data, k, why):
+        """The packed table `data` fails with E_RANS_HEADER; returns the message."""
+        with self.assertRaises(r.TpdeError, msg=why) as caught:
+            r.packed_table(data, 0, k, 0)
+        self.assertEqual(caught.exception.code, "E_RANS_HEADER", why)
+        return str(caught.exception)
+
+    def test_known_answer(self):
+        """k = 3, {A: 3, B: 5}: differences 3, 2, code values 6, 4.  With g = 3,
+        w = 14 and 12, both n = 0: prefixes 0 0, suffixes 110 and 100 of 3 bits each,
+        least significant first: bits 0 0 0 1 1 0 0 1 from bit 0, the byte 0x98."""
+        table = b"\x01\x41\x42\x03\x98"
+        self.assertEqual(best_order([3, 5]), 3)
+        self.assertEqual(packed_table_bytes({0x41: 3, 0x42: 5}), table)
+        self.assertEqual(self.table(table + b"\xff", 3), ([0x41, 0x42], [3, 5], 5))
+        # g = 0: w = 7 and 5, n = 2: prefixes 110 110, suffixes 11 and 01, 10 bits
+        self.assertEqual(packed_table_bytes({0x41: 3, 0x42: 5}, order=0), b"\x01\x41\x42\x00\xdb\x01")
+        self.assertEqual(self.table(b"\x01\x41\x42\x00\xdb\x01", 3), ([0x41, 0x42], [3, 5], 6))
+        # one symbol of frequency 2^11: v = 2^12; g = 11 gives w = 6144, n = 1: prefix
+        # 10, then 12 suffix bits of which only the last is set
+        self.assertEqual(best_order([2048]), 11)
+        self.assertEqual(packed_table_bytes({7: 2048}), b"\x00\x07\x0b\x01\x20")
+        self.assertEqual(self.table(b"\x00\x07\x0b\x01\x20", 11), ([7], [2048], 5))
+
+    def test_symbol_sets_and_orders(self):
+        rng = np.random.default_rng(9)
+        for s in (1, 2, 31, 32, 33, 255, 256):
+            for k in (8, 11):
+                if s > 1 << k:
+                    continue
+                symbols = sorted(rng.choice(256, s, replace=False).tolist())
+                counts = [0] * 256
+                for x in symbols:
+                    counts[x] = 1 + int(rng.geometric(0.05))
+                freqs = quantize(counts, k)
+                for order in range(12):
+                    with self.subTest(s=s, k=k, order=order):
+                        table = packed_table_bytes(freqs, order)
+                        form = s if s < 32 else 32 if s < 256 else 0
+                        self.assertEqual(table[1 + form], order)
+                        got = self.table(b"\x00\x00" + table + b"\x55", k, pos=2)
+                        self.assertEqual(got, (symbols, [freqs[x] for x in symbols], 2 + len(table)))
+
+    def test_best_order_is_zero_or_large(self):
+        # equal frequencies: one code value of 2f, then zeros; large values alike: g = 11
+        self.assertEqual(best_order([8] * 256), 0)
+        self.assertEqual(self.table(packed_table_bytes(dict.fromkeys(range(256), 8)), 11)[1], [8] * 256)
+        self.assertEqual(best_order([1000, 24, 1000, 24]), 11)
+
+    def test_order_above_11(self):
+        table = bytearray(packed_table_bytes({1: 1024, 2: 1024}, order=11))
+        self.assertEqual(self.table(bytes(table), 11)[1], [1024, 1024])
+        table[3] = 12
+        self.assertIn("order 12", self.assertTable(bytes(table) + bytes(8), 11, "g = 12"))
+        table[3] = 255
+        self.assertTable(bytes(table) + bytes(8), 11, "g = 255")
+
+    def test_prefix_too_long(self):
+        # n + g = 13: with g = 0, thirteen ones; with g = 11, two.  A reader stops there,
+        # whatever follows.
+        for order, ones in ((0, 13), (11, 2), (5, 8)):
+            prefix = [1] * ones + [0]
+            for rest in ([], [0] * 40, [1] * 40):
+                table = b"\x00\x07" + bytes([order]) + pack_bits(prefix + rest)
+                self.assertIn("prefix 0", self.assertTable(table, 11, (order, ones)))
+        # the longest allowed prefix is no fault in itself: here v = 2^12 - 1, so f_0 = -2^11
+        self.assertIn("outside", self.assertTable(b"\x00\x07\x00" + pack_bits([1] * 12 + [0] + [0] * 12), 11,
+                                                  "n = 12"))
+        # a later prefix, and ones that run on to the end of the window
+        table = b"\x01\x07\x08\x00" + pack_bits([0] + [1] * 13 + [0])
+        self.assertIn("prefix 1", self.assertTable(table, 11, "the second"))
+        self.assertIn("prefix 0", self.assertTable(b"\x00\x07\x00" + b"\xff" * 2000, 11, "ones"))
+
+    def test_frequency_out_of_range(self):
+        # k = 4: frequencies in [1, 16].  Tables of symbols 0, 1, ... with these
+        # differences f_i - f_(i-1), at g = 0.
+        def table(differences):
+            bits = code_bits([zigzag(d) for d in differences], 0)
+            return bytes([len(differences) - 1]) + bytes(range(len(differences))) + b"\x00" + pack_bits(bits)
+        self.assertEqual(self.table(table([8, 0]), 4)[1], [8, 8])
+        self.assertIn("frequency 0 of symbol 1", self.assertTable(table([16, -16]), 4, "f_1 = 0"))
+        self.assertIn("frequency 0 of symbol 0", self.assertTable(table([0, 16]), 4, "f_0 = 0"))
+        self.assertIn("frequency -1 of symbol 1", self.assertTable(table([1, -2, 16]), 4, "f_1 = -1"))
+        self.assertIn("frequency 17 of symbol 0", self.assertTable(table([17, -16]), 4, "f_0 = 2^k + 1"))
+        # back in range after it, with the right sum: each f_i is checked, not only the sum
+        self.assertIn("frequency 17 of symbol 1", self.assertTable(table([1, 16, -16, -1]), 4, "f_1 = 17"))
+        self.assertIn("frequency -1 of symbol 1", self.assertTable(table([9, -10, 10, 7]), 4, "f_1 = -1"))
+
+    def test_frequencies_do_not_sum_to_2_k(self):
+        for freqs in ([8, 9], [8, 7], [1], [15]):
+            table = packed_table_bytes(dict(enumerate(freqs)))
+            self.assertIn("sum", self.assertTable(table, 4, freqs))
+        self.assertEqual(self.table(packed_table_bytes({0: 8, 1: 8}), 4)[1], [8, 8])
+
+    def test_nonzero_padding(self):
+        table = packed_table_bytes({0x41: 3, 0x42: 5}, order=0)  # 10 bits, 6 of padding
+        for bit in range(2, 8):
+            spoilt = table[:-1] + bytes([table[-1] | 1 << bit])
+            self.assertIn("padding", self.assertTable(spoilt, 3, bit))
+        # a set bit in the next byte is the next field's, not padding
+        self.assertEqual(self.table(table + b"\xff", 3)[2], len(table))
+
+    def test_bit_string_past_the_end(self):
+        for table, k in ((packed_table_bytes({0x41: 3, 0x42: 5}, order=0), 3),
+                         (packed_table_bytes(dict.fromkeys(range(256), 8), order=4), 11),  # long suffixes
+                         (packed_table_bytes({7: 2048}), 11)):
+            self.assertEqual(self.table(table, k)[2], len(table))
+            for cut in range(len(table)):
+                self.assertIn("fewer bytes", self.assertTable(table[:cut], k, cut))
+
+    def test_symbol_set(self):
+        # as Table 8.7: an increasing list, a bitmap of exactly s bits; s = 256 has none
+        self.assertIn("strictly increasing", self.assertTable(b"\x01\x42\x41\x03\x98", 3, "order"))
+        table = bytearray(packed_table_bytes(dict.fromkeys(range(32), 2)))
+        self.assertEqual(self.table(bytes(table), 6)[1], [2] * 32)
+        table[5] |= 0x01  # symbol 32
+        self.assertIn("33 bits set", self.assertTable(bytes(table), 6, "33 bits"))
+        # 256 symbols: no set; at g = 0 one code of 9 bits (v = 16), 255 of 1 bit
+        self.assertEqual(len(packed_table_bytes(dict.fromkeys(range(256), 8))), 1 + 1 + 33)
+
+    def test_packed_context_map(self):
+        rng = np.random.default_rng(10)
+        n = 600
+        ctx = rng.integers(0, 256, n, dtype=np.uint8)
+        data = skewed(rng, n)
+        for T, w in ((2, 1), (3, 2), (4, 2), (5, 3), (8, 3)):
+            with self.subTest(T=T):
+                cmap = [c % T for c in range(256)]
+                s = rans_encode(data, context=2, ctx=ctx, context_map=cmap, packed=True)
+                self.assertEqual(len(s.context_map), 32 * w)
+                h = r.rans_header(s.bytes(), n, packed=True)
+                self.assertEqual(h.context_map.tolist(), cmap)
+                self.assertEqual(rans_code(s.bytes(), n, ctx, packed=True), data)
+                # each entry >= T that w bits can hold
+                for bad in range(T, 1 << w):
+                    spoilt = bytearray(s.context_map)
+                    x = 201  # context byte 201's bits [w * 201, w * 201 + w)
+                    for b in range(w):
+                        at = w * x + b
+                        spoilt[at // 8] = spoilt[at // 8] & ~(1 << at % 8) | ((bad >> b) & 1) << at % 8
+                    s2 = rans_encode(data, context=2, ctx=ctx, context_map=cmap, packed=True)
+                    s2.context_map = bytes(spoilt)
+                    code, msg = rans_error(s2.bytes(), n, ctx, packed=True)
+                    self.assertEqual(code, "E_RANS_HEADER", bad)
+                    self.assertIn("packed context map", msg)
+
+    def test_every_prefix_is_too_short(self):
+        rng = np.random.default_rng(11)
+        n = 500
+        ctx = rng.integers(0, 256, n, dtype=np.uint8)
+        data = skewed(rng, n)
+        for kw in ({}, {"context": 1, "ctx": ctx, "context_map": [c % 3 for c in range(256)]}):
+            b = rans_encode(data, packed=True, **kw).bytes()
+            for cut in range(len(b)):
+                self.assertEqual(rans_error(b[:cut], n, ctx, packed=True)[0], "E_RANS_HEADER", cut)
+
+    def test_the_forms_are_not_interchangeable(self):
+        # a codec-2 stream read as codec 4, and the reverse, fail their header checks
+        rng = np.random.default_rng(12)
+        data = skewed(rng, 400)
+        for packed in (True, False):
+            b = rans_encode(data, packed=packed).bytes()
+            self.assertEqual(rans_code(b, 400, packed=packed), data)
+            self.assertEqual(rans_error(b, 400, packed=not packed)[0], "E_RANS_HEADER")
+
+
 class RansDecodeChecks(unittest.TestCase):
     """§8.7 Decoding: each failure is E_RANS_DECODE."""
 
@@ -1159,9 +1399,10 @@ class Recoded:
                 c["name"] = f"{t.name} chunk {k}"
                 self.chunks.append(c)
 
-    def recode(self, chunk, q, context, ctx=None, spoil=None):
-        """Stream q of a chunk as lane rANS of `context`, its context bytes as a
-        writer computes them (or `ctx`); spoil(RansStream) may change it first."""
+    def recode(self, chunk, q, context, ctx=None, spoil=None, packed=False):
+        """Stream q of a chunk as lane rANS of `context` (codec 4 if packed), its context
+        bytes as a writer computes them (or `ctx`); spoil(RansStream) may change it
+        first."""
         c = self.chunks[chunk]
         plain = c["streams"][q][1]
         if ctx is None:
@@ -1169,27 +1410,31 @@ class Recoded:
         if context and ctx is None:
             ctx = bytes(len(plain))
         cmap = [x % 4 for x in range(256)] if context else None
-        stream = rans_encode(plain, context=context, ctx=ctx, context_map=cmap)
+        stream = rans_encode(plain, context=context, ctx=ctx, context_map=cmap, packed=packed)
         if spoil:
             spoil(stream)
-        c["streams"][q] = [2, plain, stream.bytes()]
+        c["streams"][q] = [r.CODEC_RANS_PACKED if packed else r.CODEC_RANS, plain, stream.bytes()]
 
-    def recode_all(self, choose):
+    def recode_all(self, choose, packed=False):
         """choose(place) -> a context, or None to keep the stream as it is."""
         for ci, c in enumerate(self.chunks):
             for q, place in enumerate(c["places"]):
                 context = choose(place)
                 if context is not None:
-                    self.recode(ci, q, context)
+                    self.recode(ci, q, context, packed=packed)
 
     def bytes(self, required=None, optional=None, minor=None):
-        uses_rans = any(s[0] == 2 for c in self.chunks for s in c["streams"])
+        """The file laid out again; by default with the feature bits and minor version
+        that its codecs need (§12 item 8)."""
+        codecs = {s[0] for c in self.chunks for s in c["streams"]}
         pre = bytearray(self.preamble)
-        old_required = struct.unpack_from("<Q", pre, 16)[0]
         if required is None:
-            required = old_required | (2 if uses_rans else 0)
+            required = struct.unpack_from("<Q", pre, 16)[0]
+            required |= (r.FEATURE_RANS_LANES if r.CODEC_RANS in codecs else 0)
+            required |= (r.FEATURE_PACKED_RANS if r.CODEC_RANS_PACKED in codecs else 0)
         if minor is None:
-            minor = max(struct.unpack_from("<H", pre, 10)[0], 1 if uses_rans else 0)
+            minor = max([struct.unpack_from("<H", pre, 10)[0]]
+                        + [m for codec, m in ((r.CODEC_RANS, 1), (r.CODEC_RANS_PACKED, 4)) if codec in codecs])
         struct.pack_into("<H", pre, 10, minor)
         struct.pack_into("<Q", pre, 16, required)
         if optional is not None:
@@ -1254,26 +1499,30 @@ class RansFiles(unittest.TestCase):
 
     @staticmethod
     def uses_rans(path):
-        """Whether a golden file sets required feature bit 1 or 3 (spec §3): lane
-        rANS or constant streams, which the recoder here does not take apart."""
+        """Whether a golden file sets required feature bit 1, 3 or 4 (spec §3): lane
+        rANS, constant or packed lane rANS streams, which the recoder here does not
+        take apart."""
         with open(os.path.join(CONFORMANCE, path), "rb") as f:
             preamble = f.read(24)
-        return bool(struct.unpack_from("<Q", preamble, 16)[0] & 0xA)
+        bits = r.FEATURE_RANS_LANES | r.FEATURE_CONSTANT_STREAMS | r.FEATURE_PACKED_RANS
+        return bool(struct.unpack_from("<Q", preamble, 16)[0] & bits)
 
     def test_recoded_valid_cases(self):
         """Every valid golden file decodes to the same tensors with its streams coded
-        as lane rANS: each context where it is allowed, over planes of every codec."""
+        as lane rANS: each context where it is allowed, over planes of every codec,
+        in both table forms."""
         for case in load_manifest():
-            # Files of formats 1.1 and 1.3 already hold lane rANS or constant streams;
-            # their cases test them.
+            # Files of formats 1.1, 1.3 and 1.4 already hold lane rANS, constant or
+            # packed lane rANS streams; their cases test them.
             # Files of format 1.2 need their reference deltas, which a recoded file
             # no longer matches (its pin names the original bytes).
             if case["expect"] != "accept" or self.uses_rans(case["path"]) or case.get("references"):
                 continue
-            for policy in (by_base_key, by_plane_above, lower_planes):
-                with self.subTest(case=case["id"], policy=policy.__name__):
+            for policy, packed in ((by_base_key, False), (by_plane_above, False), (lower_planes, False),
+                                   (by_plane_above, True)):
+                with self.subTest(case=case["id"], policy=policy.__name__, packed=packed):
                     rec, base, expected = self.case(case["id"])
-                    rec.recode_all(policy)
+                    rec.recode_all(policy, packed)
                     self.assertEqual(decode_bytes(rec.bytes(), base), (0, expected))
 
     def test_contexts_used(self):
@@ -1297,11 +1546,11 @@ class RansFiles(unittest.TestCase):
         plain = rec.bytes()  # a 1.0 file: no codec 2
         self.assertEqual(struct.unpack_from("<HHIQ", plain, 8)[1:4:2], (0, 0))
         self.assertEqual(decode_bytes(plain, base), (0, expected))
-        # O6: bits 1, 2 and 3 are known (bits 1 and 3 with or without codecs 2 and
-        # 3, in any minor version); any other required bit, bit 0 included, is not
-        for bits in (2, 8, 10):
+        # O6: bits 1 to 4 are known (bits 1, 3 and 4 with or without codecs 2, 3 and
+        # 4, in any minor version); any other required bit, bit 0 included, is not
+        for bits in (2, 8, 10, 16, 18, 26):
             self.assertEqual(decode_bytes(rec.bytes(required=bits), base), (0, expected), bits)
-        for bits in (1, 3, 16, 18, 1 << 63):
+        for bits in (1, 3, 32, 34, 1 << 63):
             self.assertEqual(decode_bytes(rec.bytes(required=bits), base),
                              (1, '{"error":"E_UNKNOWN_REQUIRED_FEATURE"}\n'), bits)
         # H7: bit 2 without `position_reference` in the header
@@ -1317,6 +1566,28 @@ class RansFiles(unittest.TestCase):
             self.assertEqual(decode_bytes(rec.bytes(required=required, optional=optional), base),
                              (1, '{"error":"E_UNKNOWN_CODEC"}\n'))
         next(c for c in rec.chunks if c["streams"])["streams"][0][0] = 3
+        self.assertEqual(decode_bytes(rec.bytes(), base), (1, '{"error":"E_UNKNOWN_CODEC"}\n'))
+
+    def test_packed_feature_bit(self):
+        """§3 bit 4 and O20: codec 4 needs required bit 4, and bit 1 only for codec 2."""
+        rec, base, expected = self.case("mixed")
+        rec.recode_all(by_base_key, packed=True)
+        self.assertEqual(struct.unpack_from("<HHIQ", rec.bytes(), 8)[1:4:2], (4, 16))
+        self.assertEqual(decode_bytes(rec.bytes(), base), (0, expected))
+        for minor in (0, 1, 3):
+            self.assertEqual(decode_bytes(rec.bytes(minor=minor), base), (0, expected), minor)
+        # codec 4 without required bit 4, whatever else the file sets
+        for required, optional in ((0, 0), (2, 0), (0xA, 0), (0, 16), (2, 0xFF)):
+            self.assertEqual(decode_bytes(rec.bytes(required=required, optional=optional), base),
+                             (1, '{"error":"E_UNKNOWN_CODEC"}\n'), (required, optional))
+        # codecs 2 and 4 side by side: bits 1 and 4
+        ci = next(i for i, c in enumerate(rec.chunks) if c["streams"])
+        rec.recode(ci, 0, 0)
+        self.assertEqual(struct.unpack_from("<HHIQ", rec.bytes(), 8)[1:4:2], (4, 18))
+        self.assertEqual(decode_bytes(rec.bytes(), base), (0, expected))
+        self.assertEqual(decode_bytes(rec.bytes(required=16), base), (1, '{"error":"E_UNKNOWN_CODEC"}\n'))
+        # id 5 is not defined
+        rec.chunks[ci]["streams"][0][0] = 5
         self.assertEqual(decode_bytes(rec.bytes(), base), (1, '{"error":"E_UNKNOWN_CODEC"}\n'))
 
     def test_context_not_allowed_in_its_place(self):

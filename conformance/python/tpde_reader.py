@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""An independent reader of the tpde delta format 1.3, written from spec/FORMAT.md alone.
+"""An independent reader of the tpde delta format 1.4, written from spec/FORMAT.md alone.
 
 Usage:
     tpde_reader.py decode DELTA [--base BASE] [--reference REF]...
@@ -9,14 +9,14 @@ Usage:
 `rebuild` writes the target safetensors file(s) of spec §11.3.  On a format or base
 error both print {"error":"E_..."} on stdout and exit 1; a usage error exits 2.
 
-It reads every file of format 1.3: the preamble and trailer (§3, §4), the strict
+It reads every file of format 1.4: the preamble and trailer (§3, §4), the strict
 JSON header (§5), the binary chunk map (§6), all encodings, value ops, value layouts,
 position codings and value orders (§8.1-§8.6), the codecs stored, zstd under its
-profile (§8.5), lane rANS with its three contexts (§8.7, feature bit 1 of §3) and
-constant (§8.8, feature bit 3), checksums and digests (§10), base checkpoints
-(§11.2) and the rebuilt safetensors files (§11.3), and position coding 3 against a
-chain of reference deltas (§8.3, feature bit 2, §11.2 R0).  A 1.0 file is a 1.3
-file without codecs 2 and 3.
+profile (§8.5), lane rANS with its three contexts (§8.7, feature bit 1 of §3),
+constant (§8.8, feature bit 3) and packed lane rANS (§8.9, feature bit 4),
+checksums and digests (§10), base checkpoints (§11.2) and the rebuilt safetensors
+files (§11.3), and position coding 3 against a chain of reference deltas (§8.3,
+feature bit 2, §11.2 R0).  A 1.0 file is a 1.4 file without codecs 2, 3 and 4.
 
 Dependencies: the standard library, numpy, zstandard, xxhash.  The code follows the
 spec's section order; comments name the rule each check implements.
@@ -86,7 +86,10 @@ FEATURE_RANS_LANES = 1 << 1
 FEATURE_TEMPORAL_POSITIONS = 1 << 2
 # 1.3 defines bit 3 (`constant-streams`, codec 3).
 FEATURE_CONSTANT_STREAMS = 1 << 3
-KNOWN_REQUIRED_FEATURES = FEATURE_RANS_LANES | FEATURE_TEMPORAL_POSITIONS | FEATURE_CONSTANT_STREAMS
+# 1.4 defines bit 4 (`packed-rans`, codec 4).
+FEATURE_PACKED_RANS = 1 << 4
+KNOWN_REQUIRED_FEATURES = (FEATURE_RANS_LANES | FEATURE_TEMPORAL_POSITIONS | FEATURE_CONSTANT_STREAMS
+                           | FEATURE_PACKED_RANS)
 
 # §7 Table 7.1: dtype -> (bits per element, word bytes)
 DTYPES = {
@@ -105,8 +108,8 @@ OP_XOR, OP_SUB = 0, 1
 LAYOUT_WORDS, LAYOUT_PLANES, LAYOUT_ROTATED = 0, 1, 2
 POS_NONE, POS_GAPS, POS_BITMAP, POS_SPLIT = 0, 1, 2, 3
 ORDER_POSITIONAL, ORDER_GROUPED = 0, 1
-CODEC_STORED, CODEC_ZSTD, CODEC_RANS, CODEC_CONSTANT = 0, 1, 2, 3
-N_ENCODINGS, N_VALUE_OPS, N_LAYOUTS, N_POSITION_CODINGS, N_VALUE_ORDERS, N_CODECS = 4, 2, 3, 4, 2, 4
+CODEC_STORED, CODEC_ZSTD, CODEC_RANS, CODEC_CONSTANT, CODEC_RANS_PACKED = 0, 1, 2, 3, 4
+N_ENCODINGS, N_VALUE_OPS, N_LAYOUTS, N_POSITION_CODINGS, N_VALUE_ORDERS, N_CODECS = 4, 2, 3, 4, 2, 5
 
 EMPTY_XXH3_64 = 0x2D06800538D394C2
 
@@ -536,8 +539,9 @@ class Delta:
                     out.append(constant_decode(raw, dl))
                 elif codec == CODEC_ZSTD:
                     out.append(zstd_decode(raw, dl))
-                else:
-                    h = rans_header(raw, dl, rans_allowed_contexts(q, enc, layout, order, pc, g_w, t.wb))
+                else:  # codecs 2 and 4
+                    h = rans_header(raw, dl, rans_allowed_contexts(q, enc, layout, order, pc, g_w, t.wb),
+                                    packed=codec == CODEC_RANS_PACKED)
                     out.append(rans_decode_payload(h, raw, None) if h.context == CTX_NONE else None)
                     if h.context != CTX_NONE:
                         pending[q] = (h, raw)
@@ -631,12 +635,15 @@ class Delta:
             fail("E_RESERVED_NONZERO" if res[i] else "E_UNKNOWN_CODEC", f"chunk record {i}")
         s = self.streams
         res = raw_streams[:, 9:16].any(axis=1)
-        # an undefined codec id, or codec 2 (3) in a file without required feature bit 1 (3)
+        # an undefined codec id, or codec 2 (3, 4) in a file without required feature
+        # bit 1 (3, 4)
         codec = s["codec"] >= N_CODECS
         if not self.required_features & FEATURE_RANS_LANES:
             codec |= s["codec"] == CODEC_RANS
         if not self.required_features & FEATURE_CONSTANT_STREAMS:
             codec |= s["codec"] == CODEC_CONSTANT
+        if not self.required_features & FEATURE_PACKED_RANS:
+            codec |= s["codec"] == CODEC_RANS_PACKED
         i = first_true(res | codec)
         if i is not None:
             fail("E_RESERVED_NONZERO" if res[i] else "E_UNKNOWN_CODEC", f"stream record {i}")
@@ -978,21 +985,142 @@ RANS_ALL_CONTEXTS = frozenset((CTX_NONE, CTX_BASE_KEY, CTX_HIGHER_PLANE))
 
 
 class RansHeader:
-    """A codec-2 stream's fields of Table 8.6 and its tables (Table 8.7), all checked.
-    tables[t] is (symbols, frequencies), both in increasing symbol order."""
+    """A lane rANS stream's fields of Table 8.6 and its tables (Table 8.7, or Table 8.8
+    for codec 4), all checked.  tables[t] is (symbols, frequencies), both in increasing
+    symbol order."""
     __slots__ = ("decoded_len", "prob_bits", "context", "table_count", "tile_log2",
                  "context_map", "tables", "tile_lengths", "payload_offset")
 
 
-def rans_header(data, decoded_len, allowed=RANS_ALL_CONTEXTS):
+def rans_need(data, pos, nbytes, field):
+    """§8.7, §8.9: fewer bytes than a field needs is E_RANS_HEADER."""
+    if len(data) - pos < nbytes:
+        fail("E_RANS_HEADER", f"fewer bytes than {field} needs")
+
+
+def rans_symbol_set(data, pos, s, t, packed):
+    """The symbol set of table t with s symbols at data[pos:] (Tables 8.7 and 8.8):
+    a strictly increasing list for s < 32, else a 32-byte bitmap with exactly s bits
+    set, except that a packed table of 256 symbols has none.  Returns (symbols, the
+    offset after the set)."""
+    if s < 32:
+        rans_need(data, pos, s, f"table {t}'s symbol list")
+        symbols = np.frombuffer(data, dtype=np.uint8, count=s, offset=pos)
+        if s > 1 and not (np.diff(symbols.astype(np.int16)) > 0).all():
+            fail("E_RANS_HEADER", f"table {t}: symbols not strictly increasing")
+        return symbols, pos + s
+    if s == 256 and packed:  # every byte
+        return np.arange(256, dtype=np.uint8), pos
+    rans_need(data, pos, 32, f"table {t}'s symbol bitmap")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=32, offset=pos), bitorder="little")
+    symbols = np.flatnonzero(bits).astype(np.uint8)
+    if symbols.size != s:
+        fail("E_RANS_HEADER", f"table {t}: bitmap has {symbols.size} bits set, not {s}")
+    return symbols, pos + 32
+
+
+def rans_table(data, pos, k, t):
+    """§8.7 Table 8.7 at data[pos:]: table t of a codec-2 stream with prob_bits k.
+    Returns (symbols, frequencies, the offset after the table)."""
+    rans_need(data, pos, 1, f"table {t}'s symbol count")
+    s = data[pos] + 1
+    symbols, pos = rans_symbol_set(data, pos + 1, s, t, packed=False)
+    freqs = np.empty(s, dtype=np.int64)
+    for x in range(s):  # one frequency per symbol: f < 128 in one byte, else two
+        rans_need(data, pos, 1, f"table {t}'s frequencies")
+        b0 = data[pos]
+        if b0 < 0x80:
+            f = b0
+            pos += 1
+            if f == 0:
+                fail("E_RANS_HEADER", f"table {t}: a frequency of 0")
+        else:
+            rans_need(data, pos, 2, f"table {t}'s two-byte frequency")
+            f = ((b0 & 0x7F) << 8) | data[pos + 1]
+            pos += 2
+            if f < 128:
+                fail("E_RANS_HEADER", f"table {t}: two-byte frequency {f} below 128")
+        freqs[x] = f
+    if int(freqs.sum()) != 1 << k:
+        fail("E_RANS_HEADER", f"table {t}: frequencies do not sum to 2^{k}")
+    return symbols, freqs, pos
+
+
+# §8.9 packed lane rANS: codec 2 with a packed context map and packed tables; every
+# other step is §8.7's.
+RANS_MAX_ORDER = 11  # the Exp-Golomb order g of a packed table
+RANS_MAX_CODE_BITS = 12  # n_i + g: a code value is at most 2^12, so w_i < 2^13
+# A code takes n + 1 prefix bits and n + g suffix bits, at most 25 once every n + g is
+# checked, so a table's frequency codes fit 256 * 25 bits: no more is unpacked.
+RANS_MAX_PACKED_CODES = ceil_div(256 * (2 * RANS_MAX_CODE_BITS + 1), 8)
+
+
+def packed_context_map(data, pos, T):
+    """§8.9 packed context map: 256 entries of w = ceil(log2 T) bits, least significant
+    bit first, in the 32 * w bytes at data[pos:].  Returns the 256 entries, unchecked."""
+    w = (T - 1).bit_length()
+    rans_need(data, pos, 32 * w, "the packed context map")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=32 * w, offset=pos), bitorder="little")
+    return (bits.reshape(256, w).astype(np.int64) << np.arange(w, dtype=np.int64)).sum(axis=1)
+
+
+def packed_table(data, pos, k, t):
+    """§8.9 Table 8.8 at data[pos:]: table t of a codec-4 stream with prob_bits k.
+    Returns (symbols, frequencies, the offset after the table)."""
+    rans_need(data, pos, 1, f"table {t}'s symbol count")
+    s = data[pos] + 1
+    symbols, pos = rans_symbol_set(data, pos + 1, s, t, packed=True)
+    rans_need(data, pos, 1, f"table {t}'s order")
+    g = data[pos]
+    pos += 1
+    if g > RANS_MAX_ORDER:
+        fail("E_RANS_HEADER", f"table {t}: order {g} above {RANS_MAX_ORDER}")
+    # The bit string: the s prefixes (n_i ones, then a zero), then the s suffixes of
+    # n_i + g bits each, least significant bit first.
+    window = min(len(data) - pos, RANS_MAX_PACKED_CODES)
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=window, offset=pos), bitorder="little")
+    ends = np.flatnonzero(bits == 0)[:s]  # the zero bit that ends each prefix
+    n = np.diff(ends, prepend=-1) - 1
+    unfinished = bits.size - (int(ends[-1]) + 1 if ends.size else 0)  # ones after the last zero
+    long = first_true(n + g > RANS_MAX_CODE_BITS)
+    if long is not None or (ends.size < s and unfinished + g > RANS_MAX_CODE_BITS):
+        # a reader stops at n_i + g = 13: the code value would be out of range
+        fail("E_RANS_HEADER", f"table {t}: prefix {ends.size if long is None else long} makes n + g "
+                              f"above {RANS_MAX_CODE_BITS}")
+    suffix_bits = n + g
+    prefix_end = int(ends[-1]) + 1 if ends.size == s else bits.size + 1
+    code_end = prefix_end + int(suffix_bits.sum())
+    if code_end > bits.size:
+        fail("E_RANS_HEADER", f"fewer bytes than table {t}'s frequency codes need")
+    # suffix i: bits [start_i, start_i + n_i + g) as an integer, least significant first
+    start = prefix_end + np.cumsum(suffix_bits) - suffix_bits
+    place = np.arange(RANS_MAX_CODE_BITS)
+    inside = place < suffix_bits[:, None]
+    at = np.where(inside, start[:, None] + place, 0)
+    x = (bits[at].astype(np.int64) * inside << place).sum(axis=1)
+    v = (np.int64(1) << suffix_bits) + x - (1 << g)
+    # v = zigzag(f_i - f_(i-1)) with f_(-1) = 0: even v adds v / 2, odd v takes (v + 1) / 2
+    freqs = np.cumsum(np.where((v & 1) == 0, v >> 1, -((v + 1) >> 1)))
+    bad = first_true((freqs < 1) | (freqs > 1 << k))
+    if bad is not None:
+        fail("E_RANS_HEADER", f"table {t}: frequency {int(freqs[bad])} of symbol {bad} outside [1, 2^{k}]")
+    nbytes = ceil_div(code_end, 8)
+    if bits[code_end:8 * nbytes].any():
+        fail("E_RANS_HEADER", f"table {t}: nonzero padding")
+    if int(freqs.sum()) != 1 << k:
+        fail("E_RANS_HEADER", f"table {t}: frequencies do not sum to 2^{k}")
+    return symbols, freqs, pos + nbytes
+
+
+def rans_header(data, decoded_len, allowed=RANS_ALL_CONTEXTS, packed=False):
     """§8.7 header checks, in layout order, each failure E_RANS_HEADER.  `allowed` is
-    the set of contexts that the stream's place allows (rans_allowed_contexts)."""
+    the set of contexts that the stream's place allows (rans_allowed_contexts).
+    packed: a codec-4 stream, whose context map and tables are packed (§8.9)."""
     size = len(data)
     pos = 0
 
-    def need(nbytes, field):  # fewer bytes than a field needs
-        if size - pos < nbytes:
-            fail("E_RANS_HEADER", f"fewer bytes than {field} needs")
+    def need(nbytes, field):
+        rans_need(data, pos, nbytes, field)
 
     h = RansHeader()
     h.decoded_len = N = decoded_len
@@ -1009,7 +1137,13 @@ def rans_header(data, decoded_len, allowed=RANS_ALL_CONTEXTS):
     if not RANS_MIN_TILE_LOG2 <= tile_log2 <= RANS_MAX_TILE_LOG2:  # tile_log2: 8 to 24
         fail("E_RANS_HEADER", f"tile_log2 {tile_log2}")
     pos = 4
-    if T > 1:  # context_map: 256 bytes, each < T
+    if T > 1 and packed:  # §8.9: 256 entries of ceil(log2 T) bits, each < T
+        cmap = packed_context_map(data, pos, T)
+        if int(cmap.max()) >= T:
+            fail("E_RANS_HEADER", "a packed context map entry >= table_count")
+        cmap = cmap.astype(np.uint8)
+        pos += 32 * (T - 1).bit_length()
+    elif T > 1:  # context_map: 256 bytes, each < T
         need(256, "the context map")
         cmap = np.frombuffer(data, dtype=np.uint8, count=256, offset=pos)
         if int(cmap.max()) >= T:
@@ -1018,42 +1152,9 @@ def rans_header(data, decoded_len, allowed=RANS_ALL_CONTEXTS):
     else:  # T = 1: every context byte selects table 0
         cmap = np.zeros(256, dtype=np.uint8)
     tables = []
-    for t in range(T):  # Table 8.7, table 0 first
-        need(1, f"table {t}'s symbol count")
-        s = data[pos] + 1
-        pos += 1
-        if s < 32:  # the symbols, strictly increasing
-            need(s, f"table {t}'s symbol list")
-            symbols = np.frombuffer(data, dtype=np.uint8, count=s, offset=pos)
-            if s > 1 and not (np.diff(symbols.astype(np.int16)) > 0).all():
-                fail("E_RANS_HEADER", f"table {t}: symbols not strictly increasing")
-            pos += s
-        else:  # a 32-byte bitmap with exactly s bits set
-            need(32, f"table {t}'s symbol bitmap")
-            bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=32, offset=pos),
-                                 bitorder="little")
-            symbols = np.flatnonzero(bits).astype(np.uint8)
-            if symbols.size != s:
-                fail("E_RANS_HEADER", f"table {t}: bitmap has {symbols.size} bits set, not {s}")
-            pos += 32
-        freqs = np.empty(s, dtype=np.int64)
-        for x in range(s):  # one frequency per symbol: f < 128 in one byte, else two
-            need(1, f"table {t}'s frequencies")
-            b0 = data[pos]
-            if b0 < 0x80:
-                f = b0
-                pos += 1
-                if f == 0:
-                    fail("E_RANS_HEADER", f"table {t}: a frequency of 0")
-            else:
-                need(2, f"table {t}'s two-byte frequency")
-                f = ((b0 & 0x7F) << 8) | data[pos + 1]
-                pos += 2
-                if f < 128:
-                    fail("E_RANS_HEADER", f"table {t}: two-byte frequency {f} below 128")
-            freqs[x] = f
-        if int(freqs.sum()) != 1 << k:
-            fail("E_RANS_HEADER", f"table {t}: frequencies do not sum to 2^{k}")
+    read_table = packed_table if packed else rans_table
+    for t in range(T):  # Table 8.7 (8.8 if packed), table 0 first
+        symbols, freqs, pos = read_table(data, pos, k, t)
         tables.append((symbols, freqs))
     # tile lengths: ceil(N / 2^tile_log2) u32, bounded by the stream's bytes before use
     tiles = ceil_div(N, 1 << tile_log2)
@@ -1200,11 +1301,12 @@ def rans_decode_payload(h, data, ctx):
     return out[:N]
 
 
-def rans_decode(data, decoded_len, ctx=None, allowed=RANS_ALL_CONTEXTS):
-    """§8.7: checks and decodes one codec-2 stream of decoded_len bytes.  ctx: the
-    context byte of each symbol (an array of decoded_len bytes), needed when the
-    stream's context is 1 or 2; `allowed`: the contexts its place allows."""
-    h = rans_header(data, decoded_len, allowed)
+def rans_decode(data, decoded_len, ctx=None, allowed=RANS_ALL_CONTEXTS, packed=False):
+    """§8.7: checks and decodes one codec-2 stream (codec 4, §8.9, when packed) of
+    decoded_len bytes.  ctx: the context byte of each symbol (an array of decoded_len
+    bytes), needed when the stream's context is 1 or 2; `allowed`: the contexts its
+    place allows."""
+    h = rans_header(data, decoded_len, allowed, packed)
     if h.context != CTX_NONE and ctx is None:
         raise ValueError(f"context {h.context} needs the context bytes")
     return rans_decode_payload(h, data, ctx)
@@ -1421,8 +1523,9 @@ def decode_tensor(delta, t, base):
             layout, op, order = int(R["value_layout"]), int(R["value_op"]), int(R["value_order"])
             pc, g_w = int(R["position_coding"]), int(R["gap_width"])
             n_pos = n_position_streams(pc, g_w)
-            # D3: every stream that needs no other: stored and zstd streams, and lane
-            # rANS streams of context 0; the header of every lane rANS stream (§8.7)
+            # D3: every stream that needs no other: stored, constant and zstd streams,
+            # and lane rANS streams of context 0; the header of every lane rANS stream
+            # (§8.7, §8.9)
             fs, sc = int(R["first_stream"]), int(R["stream_count"])
             out, raws, pending, o = [None] * sc, [None] * sc, {}, start
             for q in range(sc):
@@ -1436,9 +1539,9 @@ def decode_tensor(delta, t, base):
                     out[q] = constant_decode(raw, dl)
                 elif codec == CODEC_ZSTD:
                     out[q] = zstd_decode(raw, dl)
-                else:
+                else:  # codecs 2 and 4
                     allowed = rans_allowed_contexts(q, enc, layout, order, pc, g_w, t.wb)
-                    h = rans_header(raw, dl, allowed)
+                    h = rans_header(raw, dl, allowed, packed=codec == CODEC_RANS_PACKED)
                     if h.context == CTX_NONE:
                         out[q] = rans_decode_payload(h, raw, None)
                     else:

@@ -82,7 +82,7 @@ fn entries() -> Vec<Entry> {
 }
 
 /// The file's required feature bits and minor version.
-fn features(suite: &Suite, rel: &str) -> (u64, u16) {
+pub fn features(suite: &Suite, rel: &str) -> (u64, u16) {
     let model = Model::parse(&suite.read(rel));
     let required = u64::from_le_bytes(model.preamble[at::REQUIRED..at::REQUIRED + 8].try_into().expect("8"));
     let minor = u16::from_le_bytes(model.preamble[at::MINOR..at::MINOR + 2].try_into().expect("2"));

@@ -23,7 +23,7 @@ use crate::words;
 /// 1.1: without lane rANS or constant streams, so that regenerating them changes
 /// no byte.
 pub fn settings_1_0() -> EncodeSettings {
-    EncodeSettings { rans: false, constant: false, ..EncodeSettings::default() }
+    EncodeSettings { rans: false, constant: false, packed_tables: false, ..EncodeSettings::default() }
 }
 
 /// The writer string of every generated file, so that goldens do not change with
@@ -42,6 +42,9 @@ pub enum Store {
     Rans(Ctx),
     /// Codec 3 (spec §8.8); the stream's bytes must all be equal.
     Constant,
+    /// Codec 4 with this context: codec 2 with its context map and tables packed
+    /// (spec §8.9).
+    RansPacked(Ctx),
 }
 
 /// Exactly how one chunk is stored.
@@ -65,6 +68,8 @@ pub struct Force {
     /// Lane rANS for every stream: the context of the position streams and of the
     /// value streams.
     pub rans: Option<(Ctx, Ctx)>,
+    /// Those lane rANS streams as codec 4 rather than codec 2.
+    pub packed: bool,
     /// How stream `q` is stored, whatever `codec` and `rans` say.
     pub overrides: [Option<Store>; 12],
     /// How lane rANS streams are encoded.
@@ -83,6 +88,7 @@ impl Force {
             codec: Codec::Stored,
             grouped: false,
             rans: None,
+            packed: false,
             overrides: [None; 12],
             params: rans::Params { prob_bits: 11, tile_log2: 12, max_tables: 8 },
         }
@@ -127,6 +133,13 @@ impl Force {
     /// `values` that of the value streams.
     pub const fn rans(mut self, positions: Ctx, values: Ctx) -> Self {
         self.rans = Some((positions, values));
+        self
+    }
+    /// With packed lane rANS streams (codec 4): `positions` is the context of the
+    /// position streams, `values` that of the value streams.
+    pub const fn packed_rans(mut self, positions: Ctx, values: Ctx) -> Self {
+        self.rans = Some((positions, values));
+        self.packed = true;
         self
     }
     /// Stream `q` (position streams first) stored as `store`.
@@ -295,9 +308,10 @@ impl Planned {
 
     /// How stream `q` is stored.
     pub fn store_of(&self, q: usize) -> Store {
+        let rans = |ctx| if self.force.packed { Store::RansPacked(ctx) } else { Store::Rans(ctx) };
         self.force.overrides[q].unwrap_or(match (self.force.rans, self.force.codec) {
-            (Some((positions, _)), _) if q < self.position_streams => Store::Rans(positions),
-            (Some((_, values)), _) => Store::Rans(values),
+            (Some((positions, _)), _) if q < self.position_streams => rans(positions),
+            (Some((_, values)), _) => rans(values),
             (None, Codec::Zstd) => Store::Zstd,
             (None, _) => Store::Stored,
         })
@@ -376,6 +390,7 @@ pub fn forced_chunk(target: &[u8], base: Option<&[u8]>, word_bytes: usize, force
             Store::Stored => store(raw, Codec::Stored, raw.clone()),
             Store::Zstd => store(raw, Codec::Zstd, crate::zframe::compress(raw)),
             Store::Rans(ctx) => store(raw, Codec::Rans, planned.rans(q, ctx).to_bytes()),
+            Store::RansPacked(ctx) => store(raw, Codec::RansPacked, planned.rans(q, ctx).into_packed().to_bytes()),
             Store::Constant => {
                 assert!(raw.iter().all(|&b| b == raw[0]), "stream {q} is not constant");
                 store(raw, Codec::Constant, raw[..1].to_vec())

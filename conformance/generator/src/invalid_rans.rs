@@ -101,8 +101,8 @@ pub fn generate(suite: &mut Suite) {
     reseal(&mut bytes);
     f.emit("rans-codec-without-feature-bit", &bytes, "E_UNKNOWN_CODEC", "§11.1", "preamble_field");
     let mut model = Model::parse(&good);
-    model.parts[0].streams[0][8] = 4;
-    f.emit("rans-unknown-codec-4", &model.to_bytes(), "E_UNKNOWN_CODEC", "§8.5", "record_field");
+    model.parts[0].streams[0][8] = 5;
+    f.emit("rans-unknown-codec-5", &model.to_bytes(), "E_UNKNOWN_CODEC", "§8.5", "record_field");
 
     // Header fields out of range (Table 8.6). Chunk 4: c dense sub rotated planes;
     // stream 0 on the plane above, 1 on the base key.

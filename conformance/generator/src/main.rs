@@ -21,6 +21,7 @@ mod forward;
 mod invalid;
 mod invalid_rans;
 mod model;
+mod packed_rans;
 mod rans;
 mod safet;
 mod suite;
@@ -54,6 +55,8 @@ fn main() -> ExitCode {
     temporal::generate(&mut suite);
     // Format 1.3 (constant streams).
     constant::generate(&mut suite);
+    // Format 1.4 (packed lane rANS).
+    packed_rans::generate(&mut suite);
     let counts = suite.finish();
     eprintln!(
         "wrote {} valid, {} invalid, {} forward-compat cases ({} regression entries kept) to {}",

@@ -4,11 +4,15 @@
 //! valid stream and keep the rest consistent. The encoder is the one that §15.10
 //! describes; [`Stream::decode`] is the decoder of §8.7, used to check every stream
 //! the generator writes and to find faults that only the final-state check catches.
+//! A stream is written as codec 2, or as codec 4 with its context map and tables
+//! packed (spec §8.9); the two differ in nothing else.
 
 /// The lower bound of a lane's state, and its final state.
 pub const L: u32 = 1 << 16;
 /// Lanes per tile.
 pub const LANES: usize = 32;
+/// The largest Exp-Golomb order of a packed table (spec Table 8.8).
+pub const MAX_ORDER: u8 = 11;
 
 /// The context of a stream (spec §8.7, the `context` byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +36,7 @@ impl Ctx {
     }
 }
 
-/// One frequency table (spec Table 8.7).
+/// One frequency table (spec Table 8.7, or Table 8.8 when packed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     /// The symbols, in increasing order (a fault may break the order).
@@ -43,12 +47,44 @@ pub struct Table {
     pub long_form: Option<usize>,
     /// A symbol whose bit is set in the bitmap form although it is not listed.
     pub extra_bit: Option<u8>,
+    /// The Exp-Golomb order of the packed form, whatever [`Table::best_order`] says.
+    pub order: Option<u8>,
+    /// The last padding bit of the packed form's frequency codes set.
+    pub dirty_padding: bool,
+    /// Frequencies that the packed form codes instead of `freqs`; they may lie
+    /// outside `[1, 2^k]`.
+    pub packed_freqs: Option<Vec<i64>>,
+}
+
+/// Bits into bytes, bit `j` in bit `j mod 8` of byte `j / 8`, the last byte padded
+/// with zeros (spec §8.9, bit strings).
+pub fn pack_bits(bits: &[bool]) -> Vec<u8> {
+    bits.chunks(8).map(|byte| byte.iter().rev().fold(0u8, |acc, &bit| (acc << 1) | u8::from(bit))).collect()
+}
+
+/// `ceil(log2 tables)`: the bits of an entry of a packed context map (spec §8.9).
+pub fn map_entry_bits(tables: usize) -> u32 {
+    usize::BITS - (tables - 1).leading_zeros()
+}
+
+/// A context map in the packed form (spec §8.9): 256 entries of
+/// [`map_entry_bits`] bits, least significant bit first.
+pub fn packed_map(map: &[u8], tables: usize) -> Vec<u8> {
+    let width = map_entry_bits(tables);
+    let bits: Vec<bool> = map
+        .iter()
+        .flat_map(|&entry| {
+            assert!(u32::from(entry) < 1 << width, "entry {entry} does not fit {width} bits");
+            (0..width).map(move |b| (entry >> b) & 1 == 1)
+        })
+        .collect();
+    pack_bits(&bits)
 }
 
 impl Table {
     /// A table of `symbols` with `freqs`.
     pub fn new(symbols: Vec<u8>, freqs: Vec<u32>) -> Self {
-        Self { symbols, freqs, long_form: None, extra_bit: None }
+        Self { symbols, freqs, long_form: None, extra_bit: None, order: None, dirty_padding: false, packed_freqs: None }
     }
 
     /// The table of one symbol, certain: frequency `2^k`.
@@ -85,6 +121,15 @@ impl Table {
         Self::new(symbols, freqs.into_iter().map(|f| u32::try_from(f).expect("at most 2^11")).collect())
     }
 
+    /// The symbol set's bitmap form (Table 8.7).
+    fn bitmap(&self) -> [u8; 32] {
+        let mut bitmap = [0u8; 32];
+        for &x in self.symbols.iter().chain(&self.extra_bit) {
+            bitmap[usize::from(x / 8)] |= 1 << (x % 8);
+        }
+        bitmap
+    }
+
     /// The table's bytes (spec Table 8.7).
     pub fn write(&self, out: &mut Vec<u8>) {
         let s = self.symbols.len();
@@ -92,11 +137,7 @@ impl Table {
         if s < 32 {
             out.extend_from_slice(&self.symbols);
         } else {
-            let mut bitmap = [0u8; 32];
-            for &x in self.symbols.iter().chain(&self.extra_bit) {
-                bitmap[usize::from(x / 8)] |= 1 << (x % 8);
-            }
-            out.extend_from_slice(&bitmap);
+            out.extend_from_slice(&self.bitmap());
         }
         for (i, &f) in self.freqs.iter().enumerate() {
             if f < 128 && self.long_form != Some(i) {
@@ -106,6 +147,67 @@ impl Table {
                 out.push((f & 0xff) as u8);
             }
         }
+    }
+
+    /// The code values `zigzag(f_i − f_(i−1))`, with `f_(−1) = 0` (spec §8.9).
+    fn code_values(&self) -> Vec<u32> {
+        let freqs = self.packed_freqs.clone().unwrap_or_else(|| self.freqs.iter().map(|&f| i64::from(f)).collect());
+        let mut previous = 0;
+        freqs
+            .iter()
+            .map(|&f| {
+                let difference = f - previous;
+                previous = f;
+                let value = if difference >= 0 { 2 * difference } else { -2 * difference - 1 };
+                u32::try_from(value).expect("a small code value")
+            })
+            .collect()
+    }
+
+    /// The frequency codes as Exp-Golomb codes of order `g` = `order`, before
+    /// padding (spec §8.9): with `w = v + 2^g` and `n = floor(log2 w) − g` for each
+    /// code value `v`, every prefix (`n` ones, then a zero), then every suffix (the
+    /// low `n + g` bits of `w`, least significant first).
+    pub fn frequency_code_bits(&self, order: u8) -> Vec<bool> {
+        let mut prefixes = Vec::new();
+        let mut suffixes = Vec::new();
+        for v in self.code_values() {
+            let w = v + (1 << order);
+            let n = w.ilog2() - u32::from(order);
+            prefixes.extend(std::iter::repeat_n(true, n as usize));
+            prefixes.push(false);
+            suffixes.extend((0..n + u32::from(order)).map(|b| (w >> b) & 1 == 1));
+        }
+        prefixes.extend(suffixes);
+        prefixes
+    }
+
+    /// The order whose frequency codes are shortest, the smallest of equals (spec
+    /// §15.12: the writer makes each table smallest).
+    pub fn best_order(&self) -> u8 {
+        (0..=MAX_ORDER).min_by_key(|&order| self.frequency_code_bits(order).len()).expect("twelve orders")
+    }
+
+    /// The table's bytes in the packed form (spec §8.9, Table 8.8): no symbol set for
+    /// 256 symbols, and the frequencies Exp-Golomb-coded with [`Table::best_order`]
+    /// unless [`Table::order`] says otherwise.
+    pub fn write_packed(&self, out: &mut Vec<u8>) {
+        let s = self.symbols.len();
+        out.push(u8::try_from(s - 1).expect("1 to 256 symbols"));
+        if s < 32 {
+            out.extend_from_slice(&self.symbols);
+        } else if s < 256 {
+            out.extend_from_slice(&self.bitmap());
+        }
+        let order = self.order.unwrap_or_else(|| self.best_order());
+        out.push(order);
+        let bits = self.frequency_code_bits(order);
+        let mut codes = pack_bits(&bits);
+        if self.dirty_padding {
+            assert!(bits.len() % 8 != 0, "the frequency codes have no padding");
+            *codes.last_mut().expect("at least one bit") |= 0x80;
+        }
+        out.extend_from_slice(&codes);
     }
 
     /// Frequency and cumulative frequency of `symbol`, if listed.
@@ -172,6 +274,8 @@ pub struct Stream {
     pub tables: Vec<Table>,
     /// Each tile's payload: initial states, then renormalisation words.
     pub tiles: Vec<Vec<u8>>,
+    /// Codec 4: the context map and tables in the packed form (spec §8.9).
+    pub packed: bool,
 }
 
 /// A context map that sends every context byte to table 0.
@@ -240,9 +344,35 @@ impl Stream {
             map: map.map(|(m, _)| m),
             tables,
             tiles: Vec::new(),
+            packed: false,
         };
         stream.reencode(symbols, contexts);
         stream
+    }
+
+    /// The same stream as codec 4, its context map and tables packed (spec §8.9).
+    #[must_use]
+    pub fn into_packed(mut self) -> Self {
+        self.packed = true;
+        self
+    }
+
+    /// The context map as written: 256 bytes, packed, or nothing for one table.
+    fn map_bytes(&self) -> Vec<u8> {
+        match &self.map {
+            Some(map) if self.packed => packed_map(map, self.tables.len()),
+            Some(map) => map.clone(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Table `table` as written, in the stream's form.
+    fn write_table(&self, table: &Table, out: &mut Vec<u8>) {
+        if self.packed {
+            table.write_packed(out);
+        } else {
+            table.write(out);
+        }
     }
 
     /// The table of symbol `i`.
@@ -302,11 +432,9 @@ impl Stream {
     pub fn header_bytes(&self, tile_lens: &[u32]) -> Vec<u8> {
         let mut out =
             vec![self.prob_bits, self.context, u8::try_from(self.tables.len()).expect("small"), self.tile_log2];
-        if let Some(map) = &self.map {
-            out.extend_from_slice(map);
-        }
+        out.extend_from_slice(&self.map_bytes());
         for table in &self.tables {
-            table.write(&mut out);
+            self.write_table(table, &mut out);
         }
         for len in tile_lens {
             out.extend_from_slice(&len.to_le_bytes());
@@ -332,9 +460,9 @@ impl Stream {
     pub fn table_offset(&self, t: usize) -> usize {
         let mut out = Vec::new();
         for table in &self.tables[..t] {
-            table.write(&mut out);
+            self.write_table(table, &mut out);
         }
-        4 + self.map.as_ref().map_or(0, Vec::len) + out.len()
+        4 + self.map_bytes().len() + out.len()
     }
 
     /// Decodes `n` symbols as spec §8.7 says, from the stream's tables and tiles
@@ -424,6 +552,122 @@ mod tests {
         assert!(stream.tiles[0].chunks(4).all(|s| s == L.to_le_bytes()));
         // One symbol, frequency 2^11 in the two-byte form.
         assert_eq!(&stream.to_bytes()[..8], &[11, 0, 1, 12, 0, 9, 0x88, 0x00]);
+    }
+
+    /// Reads a packed table (spec Table 8.8) at the start of `bytes`, assumed valid:
+    /// its symbols, its frequencies and its length.
+    fn read_packed(bytes: &[u8]) -> (Vec<u8>, Vec<u32>, usize) {
+        let s = usize::from(bytes[0]) + 1;
+        let (symbols, mut at): (Vec<u8>, usize) = match s {
+            ..32 => (bytes[1..=s].to_vec(), 1 + s),
+            32..256 => ((0..=255u8).filter(|&x| bytes[1 + usize::from(x / 8)] >> (x % 8) & 1 == 1).collect(), 33),
+            _ => ((0..=255).collect(), 1),
+        };
+        let order = u32::from(bytes[at]);
+        at += 1;
+        let bit = |j: usize| u32::from(bytes[at + j / 8] >> (j % 8) & 1);
+        let mut j = 0;
+        let mut prefixes = Vec::new();
+        while prefixes.len() < s {
+            let mut n = 0;
+            while bit(j) == 1 {
+                n += 1;
+                j += 1;
+            }
+            j += 1;
+            prefixes.push(n);
+        }
+        let mut previous = 0i64;
+        let freqs = prefixes
+            .iter()
+            .map(|&n| {
+                let suffix: u32 = (0..n + order).map(|b| bit(j + b as usize) << b).sum();
+                j += (n + order) as usize;
+                let v = i64::from((1 << (n + order)) + suffix - (1 << order));
+                previous += if v % 2 == 0 { v / 2 } else { -(v + 1) / 2 };
+                u32::try_from(previous).expect("in range")
+            })
+            .collect();
+        (symbols, freqs, at + j.div_ceil(8))
+    }
+
+    #[test]
+    fn packed_tables_read_back() {
+        let every: Vec<u8> = (0..=255).collect();
+        let spread: Vec<u32> = (0..32).map(|i| if i % 2 == 0 { 120 } else { 8 }).collect();
+        let tables = [
+            Table::certain(9, 11),
+            Table::new(vec![0x41, 0x42], vec![3, 5]),
+            Table::new(every.clone(), vec![8; 256]),
+            Table::new(every[..40].to_vec(), (0..40).map(|i| if i < 8 { 156 } else { 25 }).collect()),
+            Table::new((0..32).map(|i| i * 8).collect(), spread),
+        ];
+        for table in tables {
+            for order in [None, Some(0), Some(5), Some(MAX_ORDER)] {
+                let mut out = Vec::new();
+                Table { order, ..table.clone() }.write_packed(&mut out);
+                out.push(0xff);
+                let expected = (table.symbols.clone(), table.freqs.clone(), out.len() - 1);
+                assert_eq!(read_packed(&out), expected, "{order:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_best_order_is_the_shortest() {
+        // One certain symbol: v = 2^12; order 11 gives w = 6144, n = 1: prefix 10,
+        // then 12 suffix bits of which only the last is set.
+        let certain = Table::certain(9, 11);
+        assert_eq!(certain.best_order(), 11);
+        let mut out = Vec::new();
+        certain.write_packed(&mut out);
+        assert_eq!(out, [0, 9, 11, 0b01, 0b10_0000]);
+        // Equal frequencies: one code value, then zeros.
+        let flat = Table::new((0..=255).collect(), vec![8; 256]);
+        assert_eq!(flat.best_order(), 0);
+        // k = 3, {A: 3, B: 5}: code values 6 and 4; order 3 gives w = 14 and 12, n = 0.
+        let two = Table::new(vec![0x41, 0x42], vec![3, 5]);
+        assert_eq!(two.best_order(), 3);
+        let mut out = Vec::new();
+        two.write_packed(&mut out);
+        assert_eq!(out, [1, 0x41, 0x42, 3, 0b1001_1000]);
+    }
+
+    #[test]
+    fn packed_maps_take_the_bits_their_table_count_needs() {
+        let map: Vec<u8> = (0..=255u8).map(|x| x % 5).collect();
+        for (tables, width) in [(2, 1), (3, 2), (4, 2), (5, 3), (8, 3)] {
+            assert_eq!(map_entry_bits(tables), width);
+            let entries: Vec<u8> = map.iter().map(|&e| e % u8::try_from(tables).expect("small")).collect();
+            let packed = packed_map(&entries, tables);
+            assert_eq!(packed.len(), 32 * width as usize);
+            for (x, &e) in entries.iter().enumerate() {
+                let read: u32 = (0..width as usize)
+                    .map(|b| u32::from(packed[(width as usize * x + b) / 8] >> ((width as usize * x + b) % 8) & 1) << b)
+                    .sum();
+                assert_eq!(read, u32::from(e), "{tables} tables, context byte {x}");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_streams_differ_only_in_their_header() {
+        let symbols = bytes(700, 3);
+        let contexts = bytes(700, 4);
+        let stream =
+            Stream::encode(&symbols, Ctx::HigherPlane, &contexts, Params { max_tables: 3, ..Params::default() });
+        let packed = stream.clone().into_packed();
+        assert_eq!(packed.decode(700, &contexts), Ok(symbols));
+        let (plain, small) = (stream.to_bytes(), packed.to_bytes());
+        assert!(small.len() < plain.len());
+        assert_eq!(
+            plain[plain.len() - stream.tiles.iter().map(Vec::len).sum::<usize>()..],
+            small[small.len() - packed.tiles.iter().map(Vec::len).sum::<usize>()..]
+        );
+        assert_eq!(packed.table_offset(0), 4 + 64);
+        let mut table0 = Vec::new();
+        packed.tables[0].write_packed(&mut table0);
+        assert_eq!(small[packed.table_offset(0)..packed.table_offset(1)], table0);
     }
 
     #[test]

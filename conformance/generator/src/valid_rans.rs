@@ -122,7 +122,7 @@ pub fn generate(suite: &mut Suite) {
 
 /// A target that differs from `base` in the low byte of every third word and in
 /// the high byte of every seventh, so that every plane carries something.
-fn changed(base: &Tensor) -> Tensor {
+pub fn changed(base: &Tensor) -> Tensor {
     let wb = safet::word_bytes(base.dtype);
     let words = base.bytes.len() / wb;
     let mut out = nudge(base, &(0..words).step_by(3).collect::<Vec<_>>());
@@ -490,8 +490,9 @@ fn natural_finetune(suite: &mut Suite) {
         base.push(bf16_tensor(name, shape, &weights));
         target.push(bf16_tensor(name, shape, &updated));
     }
-    // Format 1.1: lane rANS without the constant streams of 1.3.
-    let settings = EncodeSettings { constant: false, ..EncodeSettings::default() };
+    // Format 1.1: lane rANS without the constant streams of 1.3 or the packed
+    // tables of 1.4.
+    let settings = EncodeSettings { constant: false, packed_tables: false, ..EncodeSettings::default() };
     let options = EncodeOptions { chunk_words: 8192, settings };
     assert!(options.settings.rans, "the library's default writer uses lane rANS");
     let name = "natural-finetune-rans";

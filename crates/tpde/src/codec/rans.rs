@@ -394,8 +394,8 @@ fn read_packed_frequencies(
     }
     let total = 1i64 << prob_bits;
     let (mut previous, mut sum) = (0i64, 0i64);
-    for index in 0..count {
-        let suffix_bits = lengths[index] + order;
+    for (index, &length) in lengths[..count].iter().enumerate() {
+        let suffix_bits = length + order;
         let value = (1 << suffix_bits | bits.bits(suffix_bits).ok_or_else(ends)?) - (1 << order);
         let difference = if value % 2 == 0 { i64::from(value / 2) } else { -i64::from(value.div_ceil(2)) };
         let frequency = previous + difference;
