@@ -255,15 +255,16 @@ def test_temporal_positions_rebuild_byte_for_byte(tmp_path):
 
 
 def test_no_zstd_steps_leave_nothing_to_the_cpu(tmp_path):
-    """With ``zstd=False`` every stream of a step's delta is lane rANS or stored
-    (no byte for the CPU to decode on a GPU worker); the default writer keeps zstd
-    for the constant high byte plane of a one-unit step. Both rebuild byte for
-    byte."""
+    """With ``zstd=False`` every stream of a step's delta is lane rANS, constant
+    or stored (no byte for the CPU to decode on a GPU worker); the default writer
+    keeps zstd for a value plane that repeats a short pattern, which zstd's matches
+    store far smaller. Both rebuild byte for byte."""
     rng = np.random.default_rng(9)
     words = (0x3C00 | rng.integers(0, 0x400, size=200_000)).astype(np.uint16)
     stepped = words.copy()
     moved = np.flatnonzero(rng.random(words.size) < 0.013)
-    stepped[moved] ^= np.uint16(1)
+    pattern = rng.integers(1, 0x100, size=64).astype(np.uint16)
+    stepped[moved] ^= pattern[np.arange(moved.size) % pattern.size]
     paths = []
     for step, w in enumerate((words, stepped)):
         paths.append(tmp_path / f"step-{step}.safetensors")
