@@ -1,4 +1,5 @@
-// tpde lane rANS decoding (spec/FORMAT.md §8.7, codec 2), on the device.
+// tpde lane rANS decoding (spec/FORMAT.md §8.7, codec 2, and §8.9, codec 4:
+// the same with a packed context map and packed tables), on the device.
 //
 // Compiled at run time through NVRTC, so this file includes no headers. The
 // host side (crates/tpde-cuda/src/kernels.rs and rans.rs) mirrors every
@@ -13,13 +14,16 @@
 // were copied to the device as they are:
 //
 //   rans_parse   one block per stream: checks the header (§8.7, "Header
-//                checks", in layout order), turns its tables into sorted
-//                (symbol, frequency, cum) entries and its tile lengths into
-//                payload offsets, in the stream's scratch; then marks the
-//                scratch valid.
+//                checks", in layout order; §8.9, "Checks", for the packed
+//                forms), turns its tables into sorted (symbol, frequency,
+//                cum) entries and its tile lengths into payload offsets, in
+//                the stream's scratch; then marks the scratch valid. Both
+//                table forms give the same entries, so everything after the
+//                parse is shared.
 //   rans_decode  a block takes a run of tiles of one stream: its threads
-//                spread the stream's tables over 2^prob_bits slots each in
-//                shared memory, then each of its warps (1 to 8, chosen by
+//                read the context map (either form) from the stored bytes
+//                and spread the stream's tables over 2^prob_bits slots each
+//                in shared memory, then each of its warps (1 to 8, chosen by
 //                the host per launch) decodes one tile at a time,
 //                one rANS state per lane; a step's renormalisation words go
 //                to the lanes that need one in increasing lane order (ballot
@@ -64,9 +68,24 @@ __device__ __forceinline__ u32 dynamic_smem_bytes() {
 #define RANS_MAX_TABLES 8
 #define RANS_MIN_TILE_LOG2 8
 #define RANS_MAX_TILE_LOG2 24
-// The longest header before the tile lengths: fixed bytes, context map and
-// eight tables of 256 symbols (bitmap) with two-byte frequencies.
-#define RANS_HEADER_MAX (4 + 256 + RANS_MAX_TABLES * (1 + 32 + 2 * 256))
+// How a stream lists its context map and tables (RansDesc.table_form):
+// codec 2's bytes (Table 8.7) or codec 4's packed bits (§8.9, Table 8.8).
+#define RANS_FORM_BYTES 0u
+#define RANS_FORM_PACKED 1u
+#define RANS_MAX_ORDER 11       // of a packed table's Exp-Golomb codes
+#define RANS_MAX_CODE_BITS 12   // n_i + g of a code value of at most 2^12
+// Bytes of a valid packed table's bit string at most (§8.9, "Checks"), and
+// of the whole table: count, bitmap, order, bit string.
+#define RANS_PACKED_BITS_MAX 386
+#define RANS_PACKED_TABLE_MAX (1 + 32 + 1 + RANS_PACKED_BITS_MAX)
+// The longest valid header before the tile lengths, in either form: fixed
+// bytes, context map and eight tables of 256 symbols, with two-byte
+// frequencies (codec 2, the longer) or the longest bit strings (codec 4). A
+// header that runs past it is invalid, and its parse stops at its end.
+#define RANS_HEADER_MAX_BYTES (4 + 256 + RANS_MAX_TABLES * (1 + 32 + 2 * 256))
+#define RANS_HEADER_MAX_PACKED (4 + 32 * 3 + RANS_MAX_TABLES * RANS_PACKED_TABLE_MAX)
+#define RANS_HEADER_MAX \
+    (RANS_HEADER_MAX_BYTES > RANS_HEADER_MAX_PACKED ? RANS_HEADER_MAX_BYTES : RANS_HEADER_MAX_PACKED)
 // Scratch of a stream, in u32 words: a header of RANS_SCRATCH_HEAD words,
 // RANS_TABLE_STRIDE entries per table, then tiles + 1 payload offsets.
 #define RANS_SCRATCH_HEAD 16
@@ -103,7 +122,7 @@ struct RansDesc {
     u32 block_begin;    // first block of this stream in a rans_decode grid
     u32 tiles_per_block;
     u32 job;            // the chunk's index in the host's job list (fault reports)
-    u32 reserved;       // 0; keeps the size a multiple of 8
+    u32 table_form;     // RANS_FORM_BYTES (codec 2) or RANS_FORM_PACKED (codec 4)
 };
 
 // The byte layout that rans.rs writes (RansDesc::write_to). The host test
@@ -131,12 +150,15 @@ static_assert(OFFSET_OF(RansDesc, tiles) == 76, "RansDesc.tiles");
 static_assert(OFFSET_OF(RansDesc, block_begin) == 80, "RansDesc.block_begin");
 static_assert(OFFSET_OF(RansDesc, tiles_per_block) == 84, "RansDesc.tiles_per_block");
 static_assert(OFFSET_OF(RansDesc, job) == 88, "RansDesc.job");
-static_assert(OFFSET_OF(RansDesc, reserved) == 92, "RansDesc.reserved");
+static_assert(OFFSET_OF(RansDesc, table_form) == 92, "RansDesc.table_form");
 #elif defined(REQUIRE_LAYOUT_CHECKS)
 #error "this NVRTC cannot check the RansDesc offsets (no __builtin_offsetof)"
 #endif
 static_assert(sizeof(u64) == 8 && sizeof(u32) == 4 && sizeof(u16) == 2, "integer widths");
 static_assert(RANS_HEADER_MAX % 4 == 0, "the header buffer is loaded in words");
+// rans_parse reads a packed table's bit string in one pass of 8 bytes a thread.
+#define RANS_PACKED_WINDOW (8 * RANS_THREADS)
+static_assert(RANS_PACKED_WINDOW >= RANS_PACKED_BITS_MAX, "a valid bit string lies within one pass");
 
 // u32 words of a stream's scratch (the host computes the same).
 __device__ __forceinline__ u64 rans_scratch_words(u32 table_count, u32 tiles) {
@@ -228,6 +250,32 @@ __device__ __forceinline__ u32 load_u32_le(const u8* p) {
     return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
 }
 
+// `count` bits (at most 24) of the bit string at `p` from its bit `bit`, as
+// an unsigned integer, least significant bit first (§8.9, "Bit strings");
+// reads only the bytes that hold them.
+__device__ __forceinline__ u32 bits_at(const u8* p, u32 bit, u32 count) {
+    if (count == 0) return 0;
+    const u32 first = bit >> 3, last = (bit + count - 1) >> 3;
+    u32 v = 0;
+    for (u32 b = first; b <= last; b++) v |= (u32)p[b] << (8 * (b - first));
+    return (v >> (bit & 7)) & ((1u << count) - 1u);
+}
+
+// Bits per entry of the context map of `tc` tables: ceil(log2 tc) when it
+// is packed (§8.9), 0 for codec 2's map of a byte per entry.
+__device__ __forceinline__ u32 map_entry_bits(u32 table_form, u32 tc) {
+    if (table_form != RANS_FORM_PACKED) return 0;
+    return tc <= 2 ? 1u : tc <= 4 ? 2u : 3u;
+}
+
+// Bytes of the context map (of more than one table).
+__device__ __forceinline__ u32 map_bytes(u32 entry_bits) { return entry_bits ? 32 * entry_bits : 256; }
+
+// The table of context byte x in the context map at `map`.
+__device__ __forceinline__ u32 map_entry(const u8* map, u32 entry_bits, u32 x) {
+    return entry_bits ? bits_at(map, entry_bits * x, entry_bits) : (u32)map[x];
+}
+
 // ---------------------------------------------------------------------------
 // rans_parse: one block per stream.
 
@@ -235,53 +283,23 @@ struct ParseShared {
     u8 head[RANS_HEADER_MAX];  // the stream's first bytes (up to its length)
     u32 sym[256];              // symbols of the table being parsed, in order
     u32 freq[256];             // their frequencies
+    u16 zero_at[256];          // packed table: bit of the i-th zero of the prefixes
     u64 ws[RANS_WARPS];
     u32 wf[RANS_WARPS];
     u32 at;                    // parse cursor
     u32 bad;
 };
+// Static shared memory is at most 48 KiB a block; the parse keeps well inside.
+static_assert(sizeof(ParseShared) <= 16 * 1024, "rans_parse's shared memory stays small");
 
-// Parses table `t` at sh.at (§8.7, Table 8.7) into scratch entries; moves
-// the cursor past it. `avail` bytes of the header buffer are the stream's.
-__device__ void parse_table(ParseShared& sh, u32 avail, u32 t, u32 prob_bits, u32* scratch) {
+// The frequencies of a table of codec 2 (Table 8.7) at byte p into sh.freq;
+// moves the cursor past them. Ends with a barrier.
+__device__ void parse_byte_frequencies(ParseShared& sh, u32 avail, u32 p, u32 s, u32 prob_bits) {
     const u32 tid = threadIdx.x;
-    const u32 p0 = sh.at;
-    __syncthreads();
-    if (p0 >= avail) {
-        if (tid == 0) sh.bad = 1;
-        __syncthreads();
-        return;
-    }
-    const u32 s = (u32)sh.head[p0] + 1;
-    u32 p = p0 + 1;
-    // the symbol set
-    if (s < 32) {
-        if (p + s > avail) {
-            if (tid == 0) sh.bad = 1;
-        } else if (tid < s) {
-            const u32 x = sh.head[p + tid];
-            sh.sym[tid] = x;
-            if (tid > 0 && sh.head[p + tid - 1] >= x) sh.bad = 1;  // strictly increasing
-        }
-        p += s;
-    } else {
-        u32 bit = 0;
-        if (p + 32 <= avail) bit = (sh.head[p + (tid >> 3)] >> (tid & 7)) & 1u;
-        u64 total;
-        const u64 rank = scan_u64(bit, sh.ws, &total);
-        if (p + 32 > avail || total != s) {
-            if (tid == 0) sh.bad = 1;
-        } else if (bit) {
-            sh.sym[rank] = tid;
-        }
-        p += 32;
-    }
-    __syncthreads();
-    if (sh.bad) return;  // uniform
-    // The frequencies: s tokens of one byte (< 0x80) or two (0x80 | f >> 8,
-    // f & 0xFF). Byte b + 1 starts a token iff byte b does not, or byte b
-    // starts a one-byte token: a function of "b starts a token", composed
-    // over the 2s bytes (two per thread) by a scan.
+    // s tokens of one byte (< 0x80) or two (0x80 | f >> 8, f & 0xFF). Byte
+    // b + 1 starts a token iff byte b does not, or byte b starts a one-byte
+    // token: a function of "b starts a token", composed over the 2s bytes
+    // (two per thread) by a scan.
     const u32 b0 = p + 2 * tid, b1 = b0 + 1;
     const u32 lo0 = b0 < avail ? (u32)(sh.head[b0] < 0x80) : 1u;
     const u32 lo1 = b1 < avail ? (u32)(sh.head[b1] < 0x80) : 1u;
@@ -313,7 +331,141 @@ __device__ void parse_table(ParseShared& sh, u32 avail, u32 t, u32 prob_bits, u3
         if (j == s - 1) sh.at = b + size;
     }
     __syncthreads();
-    if (sh.bad) return;
+}
+
+// The frequencies of a packed table (§8.9, Table 8.8) into sh.freq: the
+// Exp-Golomb order g at byte p, then the bit string of s prefixes (n_i
+// one-bits and a zero-bit) and s suffixes (n_i + g bits each); moves the
+// cursor past its padding. Ends with a barrier.
+//
+// The codes are located from the prefixes' zero bits alone: each thread
+// counts the zeros of 64 bits of the string, a scan numbers them, and the
+// i-th zero's bit is recorded. Then n_i is the gap between zeros i - 1 and
+// i, and suffix i starts after zero s - 1 plus the suffixes before it,
+// n_j + g bits each, the n_j summing to the ones before prefix i. A scan of
+// the signed differences then gives the frequencies. A valid bit string
+// (at most RANS_PACKED_BITS_MAX bytes) lies within the bytes that one pass
+// of the threads covers; what does not is invalid.
+__device__ void parse_packed_frequencies(ParseShared& sh, u32 avail, u32 p, u32 s, u32 prob_bits) {
+    const u32 tid = threadIdx.x;
+    const u32 g = p < avail ? (u32)sh.head[p] : RANS_MAX_ORDER + 1;
+    if (g > RANS_MAX_ORDER) {  // uniform: the byte is missing or out of range
+        if (tid == 0) sh.bad = 1;
+        __syncthreads();
+        return;
+    }
+    const u32 start = p + 1;  // <= avail
+    const u32 window = avail - start < RANS_PACKED_WINDOW ? avail - start : RANS_PACKED_WINDOW;
+    const u8* bits = sh.head + start;
+    u64 word = 0, real = 0;  // this thread's bits of the window, and which are there
+    for (u32 q = 0; q < 8; q++) {
+        const u32 at = 8 * tid + q;
+        if (at < window) {
+            word |= (u64)bits[at] << (8 * q);
+            real |= 0xFFull << (8 * q);
+        }
+    }
+    const u64 zeros = ~word & real;
+    const u32 count = (u32)__popc((u32)zeros) + (u32)__popc((u32)(zeros >> 32));
+    u64 total;
+    const u64 rank0 = scan_u64(count, sh.ws, &total);
+    if (total < s) {  // uniform: the prefixes run past the bytes (or are too long)
+        if (tid == 0) sh.bad = 1;
+        __syncthreads();
+        return;
+    }
+    u64 rank = rank0;
+    for (u32 b = 0; b < 64 && rank < s; b++) {
+        if ((zeros >> b) & 1) sh.zero_at[rank++] = (u16)(64 * tid + b);
+    }
+    __syncthreads();
+    const u32 suffixes = (u32)sh.zero_at[s - 1] + 1;  // the bit after the last prefix
+    // the prefixes took sum(n_i) + s bits; the suffixes take sum(n_i) + s * g
+    const u32 end = suffixes + (suffixes - s) + s * g;
+    if (end > 8 * window) {  // uniform: the suffixes run past the bytes
+        if (tid == 0) sh.bad = 1;
+        __syncthreads();
+        return;
+    }
+    long long d = 0;  // f_i - f_(i-1)
+    if (tid < s) {
+        const u32 first = tid > 0 ? (u32)sh.zero_at[tid - 1] + 1 : 0u;  // prefix i's first bit
+        const u32 n = (u32)sh.zero_at[tid] - first;
+        // a longer code has a value of 2^13 or more: a frequency out of range
+        if (n + g > RANS_MAX_CODE_BITS) {
+            sh.bad = 1;
+        } else {
+            const u32 at = suffixes + (first - tid) + tid * g;  // first - tid ones before prefix i
+            const u32 v = (1u << (n + g)) + bits_at(bits, at, n + g) - (1u << g);
+            d = v & 1u ? -(long long)((v + 1) >> 1) : (long long)(v >> 1);
+        }
+    }
+    if (tid == 0) {
+        if ((end & 7) && (bits[end >> 3] >> (end & 7)) != 0) sh.bad = 1;  // nonzero padding
+        sh.at = start + (end + 7) / 8;
+    }
+    u64 unused;
+    const long long f = (long long)(scan_u64((u64)d, sh.ws, &unused) + (u64)d);  // two's complement sums
+    if (tid < s) {
+        if (f < 1 || f > (1ll << prob_bits)) sh.bad = 1;
+        sh.freq[tid] = (u32)f;
+    }
+    __syncthreads();
+}
+
+// Parses table `t` at sh.at (§8.7, Table 8.7, or §8.9, Table 8.8 when
+// `packed`) into scratch entries; moves the cursor past it. `avail` bytes of
+// the header buffer are the stream's.
+__device__ void parse_table(ParseShared& sh, u32 avail, u32 t, u32 prob_bits, bool packed, u32* scratch) {
+    const u32 tid = threadIdx.x;
+    const u32 p0 = sh.at;
+    __syncthreads();
+    if (p0 >= avail) {
+        if (tid == 0) sh.bad = 1;
+        __syncthreads();
+        return;
+    }
+    const u32 s = (u32)sh.head[p0] + 1;
+    u32 p = p0 + 1;
+    // the symbol set
+    if (packed && s == 256) {
+        sh.sym[tid] = tid;  // every byte, listed by no byte
+    } else if (s < 32) {
+        if (p + s > avail) {
+            if (tid == 0) sh.bad = 1;
+        } else if (tid < s) {
+            const u32 x = sh.head[p + tid];
+            sh.sym[tid] = x;
+            if (tid > 0 && sh.head[p + tid - 1] >= x) sh.bad = 1;  // strictly increasing
+        }
+        p += s;
+    } else {
+        u32 bit = 0;
+        if (p + 32 <= avail) bit = (sh.head[p + (tid >> 3)] >> (tid & 7)) & 1u;
+        u64 total;
+        const u64 rank = scan_u64(bit, sh.ws, &total);
+        if (p + 32 > avail || total != s) {
+            if (tid == 0) sh.bad = 1;
+        } else if (bit) {
+            sh.sym[rank] = tid;
+        }
+        p += 32;
+    }
+    // `sh.bad` is read between two barriers, so that no thread reads it
+    // after another set it (the packed parse may set it before its first)
+    __syncthreads();
+    bool bad = sh.bad;
+    __syncthreads();
+    if (bad) return;
+    if (packed) {
+        parse_packed_frequencies(sh, avail, p, s, prob_bits);
+    } else {
+        parse_byte_frequencies(sh, avail, p, s, prob_bits);
+    }
+    bad = sh.bad;  // both end with a barrier
+    __syncthreads();
+    if (bad) return;
+    u64 total;
     const u32 f = tid < s ? sh.freq[tid] : 0;
     const u64 cum = scan_u64(f, sh.ws, &total);
     if (total != (1ull << prob_bits)) {
@@ -349,7 +501,8 @@ rans_parse(const RansDesc* d, u32 nd, u32* flag) {
         const bool sane = c.prob_bits >= 1 && c.prob_bits <= RANS_MAX_PROB_BITS && c.table_count >= 1 &&
                           c.table_count <= RANS_MAX_TABLES && c.tile_log2 >= RANS_MIN_TILE_LOG2 &&
                           c.tile_log2 <= RANS_MAX_TILE_LOG2 && n > 0 &&
-                          (u64)c.tiles == (((u64)n + (1ull << c.tile_log2) - 1) >> c.tile_log2);
+                          (u64)c.tiles == (((u64)n + (1ull << c.tile_log2) - 1) >> c.tile_log2) &&
+                          c.table_form <= RANS_FORM_PACKED;
         if (!sane) {
             atomicOr(flag, ERR_BAD_DESCRIPTOR);
             sh.bad = 2;
@@ -377,17 +530,20 @@ rans_parse(const RansDesc* d, u32 nd, u32* flag) {
     // threads branch on it, so that none reads it after another set it.
     bool ok = !sh.bad;
     __syncthreads();
-    // the context map
+    // the context map: an entry per thread
+    const u32 entry_bits = map_entry_bits(c.table_form, tc);
     if (ok && tc > 1) {
-        if (avail < 4 + 256) {
+        const u32 len = map_bytes(entry_bits);
+        if (avail < 4 + len) {
             if (tid == 0) sh.bad = 1;
-        } else if (sh.head[4 + tid] >= tc) {
+        } else if (map_entry(sh.head + 4, entry_bits, tid) >= tc) {
             sh.bad = 1;
         }
-        if (tid == 0) sh.at = 4 + 256;
+        if (tid == 0) sh.at = 4 + len;
     }
     __syncthreads();
-    for (u32 t = 0; t < tc && !sh.bad; t++) parse_table(sh, avail, t, c.prob_bits, scratch);
+    const bool packed = c.table_form == RANS_FORM_PACKED;
+    for (u32 t = 0; t < tc && !sh.bad; t++) parse_table(sh, avail, t, c.prob_bits, packed, scratch);
     __syncthreads();
     // the tile lengths, then the payloads back to back to the end
     const u64 lengths = sh.at;
@@ -711,13 +867,18 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
     const u32 threads = blockDim.x;  // a multiple of 32, at most RANS_THREADS
     if (threads % 32 != 0 || threads > RANS_THREADS || k > RANS_MAX_PROB_BITS || tc > RANS_MAX_TABLES ||
         (u64)(tc << k) * 4 > dyn || first >= c.tiles || c.ctx_kind > CTX_HIGHER_PLANE ||
+        c.table_form > RANS_FORM_PACKED ||
         (c.ctx_kind == CTX_BASE_KEY && c.word_bytes != 1 && c.word_bytes != 2 && c.word_bytes != 4 &&
          c.word_bytes != 8)) {
         if (threadIdx.x == 0) atomicOr(flag, ERR_BAD_DESCRIPTOR);
         return;
     }
     const u32 slots = 1u << k;
-    for (u32 i = threadIdx.x; i < 256; i += threads) cmap[i] = tc > 1 ? ((const u8*)c.stored)[4 + i] : 0;
+    // the context map, which rans_parse checked (its bytes are there, each entry < tc)
+    const u32 entry_bits = map_entry_bits(c.table_form, tc);
+    for (u32 i = threadIdx.x; i < 256; i += threads) {
+        cmap[i] = tc > 1 ? (u8)map_entry((const u8*)c.stored + 4, entry_bits, i) : 0;
+    }
     // Spread the tables over their slots. A thread takes a run of slots of
     // each table, finds the entry of its first slot by a binary search over
     // the entries' cums (ordered, and covering every slot: rans_parse checked

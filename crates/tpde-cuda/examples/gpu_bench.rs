@@ -103,18 +103,19 @@ fn main() -> R<()> {
             let pinned = PinnedDelta::open(&gpu, &path)?;
             let refs = pinned.tensor_refs(true)?;
             let tr = &refs[0];
-            let share = |codec| {
+            let share = |of_codec: fn(&tpde::format::Codec) -> bool| {
                 tr.chunks
                     .iter()
                     .flat_map(|c| c.streams)
-                    .filter(|s| s.codec == codec)
+                    .filter(|s| of_codec(&s.codec))
                     .map(|s| s.decoded_len as usize)
                     .sum::<usize>() as f64
                     / tr.chunks.iter().flat_map(|c| c.streams).map(|s| s.decoded_len as usize).sum::<usize>().max(1)
                         as f64
             };
-            let zstd_share = share(tpde::format::Codec::Zstd);
-            let rans_share = share(tpde::format::Codec::Rans);
+            let zstd_share = share(|c| *c == tpde::format::Codec::Zstd);
+            // codec 2 or 4
+            let rans_share = share(|c| c.is_rans());
             let grouped =
                 tr.chunks.iter().filter(|c| c.record.value_order == tpde::format::ValueOrder::GroupedByBase).count();
             let what = format!(

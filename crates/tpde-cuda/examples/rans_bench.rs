@@ -1,5 +1,6 @@
-//! Lane rANS (codec 2, spec §8.7) on the GPU, each figure against a baseline
-//! measured in the same run on the same card:
+//! Lane rANS (codec 4, spec §8.9, as the writer emits it; codec 2, §8.7,
+//! with `--codec2`) on the GPU, each figure against a baseline measured in
+//! the same run on the same card:
 //!
 //! 1. decoding alone, in decoded bytes per second, over a large batch of
 //!    streams: a delta staged on the device whose streams all decode at each
@@ -10,7 +11,7 @@
 //!    upload of the same dense layer.
 //!
 //! `cargo build --release --example rans_bench -p tpde-cuda`, then on a GPU
-//! machine: `rans_bench [--quick]`. Prints a markdown table.
+//! machine: `rans_bench [--quick] [--codec2]`. Prints a markdown table.
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)]
 
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use tpde::format::{
     positions,
-    rans::{encode, Contexts},
+    rans::{encode, Contexts, TableForm},
     ChunkRecord, Codec, EncodedChunk, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
 };
 use tpde_cuda::{cudarc::driver::result as cu, DevRange, EncodedTensor, Gpu, Loader, LoaderConfig, WordWidth};
@@ -40,8 +41,9 @@ enum Streams {
 }
 
 /// One fp32 chunk, sparse with gaps (`sparse`) or dense, xor values in
-/// rotated byte planes, its streams stored as `how` says.
-fn chunk(base: &[u8], target: &[u8], sparse: bool, how: Streams) -> EncodedChunk {
+/// rotated byte planes, its streams stored as `how` says, lane rANS tables
+/// in `form`.
+fn chunk(base: &[u8], target: &[u8], sparse: bool, how: Streams, form: TableForm) -> EncodedChunk {
     let n = target.len() / 4;
     let word = |b: &[u8], i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap());
     let changed: Vec<u32> = (0..n).filter(|&i| word(base, i) != word(target, i)).map(|i| i as u32).collect();
@@ -64,7 +66,7 @@ fn chunk(base: &[u8], target: &[u8], sparse: bool, how: Streams) -> EncodedChunk
             Streams::Chained => Some(Contexts::HigherPlane(&raw[q + 1])),
         };
         let (codec, bytes) = match contexts {
-            Some(c) => (Codec::Rans, encode(s, c)),
+            Some(c) => (form.codec(), encode(form, s, c)),
             None => (Codec::Stored, s.clone()),
         };
         streams.push(StreamRecord { stored_len: bytes.len() as u32, decoded_len: s.len() as u32, codec });
@@ -88,9 +90,18 @@ fn chunk(base: &[u8], target: &[u8], sparse: bool, how: Streams) -> EncodedChunk
     EncodedChunk { record, streams, data }
 }
 
-fn tensor(name: &str, base: &[u8], target: &[u8], chunk_words: usize, sparse: bool, how: Streams) -> EncodedTensor {
+/// The options of a run that shape its tensors.
+#[derive(Clone, Copy)]
+struct Coding {
+    sparse: bool,
+    how: Streams,
+    form: TableForm,
+}
+
+fn tensor(name: &str, base: &[u8], target: &[u8], chunk_words: usize, coding: Coding) -> EncodedTensor {
     let cb = chunk_words * 4;
-    let chunks = base.par_chunks(cb).zip(target.par_chunks(cb)).map(|(b, t)| chunk(b, t, sparse, how)).collect();
+    let Coding { sparse, how, form } = coding;
+    let chunks = base.par_chunks(cb).zip(target.par_chunks(cb)).map(|(b, t)| chunk(b, t, sparse, how, form)).collect();
     EncodedTensor {
         name: name.into(),
         width: WordWidth::W4,
@@ -104,12 +115,15 @@ fn row(what: &str, secs: f64, bytes: usize, note: &str) {
     println!("| {what} | {:.3} ms | {:.1} GB/s | {note} |", secs * 1e3, bytes as f64 / secs / 1e9);
 }
 
-fn decoded_bytes(t: &EncodedTensor, codec: Codec) -> usize {
-    t.chunks.iter().flat_map(|c| &c.streams).filter(|s| s.codec == codec).map(|s| s.decoded_len as usize).sum()
+/// Decoded bytes of the lane rANS streams of `t`.
+fn rans_decoded_bytes(t: &EncodedTensor) -> usize {
+    t.chunks.iter().flat_map(|c| &c.streams).filter(|s| s.codec.is_rans()).map(|s| s.decoded_len as usize).sum()
 }
 
 fn main() -> R<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    let form = if std::env::args().any(|a| a == "--codec2") { TableForm::Bytes } else { TableForm::Packed };
+    let coded = |sparse, how| Coding { sparse, how, form };
     let gpu = Arc::new(Gpu::new(0)?);
     println!("device: {}  (cpu threads: {})\n", gpu.name(), rayon::current_num_threads());
     for (k, regs, blocks) in gpu.kernel_occupancy()? {
@@ -128,15 +142,15 @@ fn main() -> R<()> {
     let t0 = Instant::now();
     for i in 0..tensors {
         let (b, t) = layer(words, 1.0, 900 + i as u64);
-        rans.push(tensor(&format!("r{i}"), &b, &t, 1 << 20, false, Streams::BaseKeys));
-        stored.push(tensor(&format!("s{i}"), &b, &t, 1 << 20, false, Streams::Stored));
+        rans.push(tensor(&format!("r{i}"), &b, &t, 1 << 20, coded(false, Streams::BaseKeys)));
+        stored.push(tensor(&format!("s{i}"), &b, &t, 1 << 20, coded(false, Streams::Stored)));
         bases.push(b);
         targets.push(t);
     }
-    let decoded: usize = rans.iter().map(|t| decoded_bytes(t, Codec::Rans)).sum();
+    let decoded: usize = rans.iter().map(rans_decoded_bytes).sum();
     let rans_stored: usize = rans.iter().map(EncodedTensor::stored_bytes).sum();
     println!(
-        "\n({tensors} dense fp32 tensors of {} Mi words: {:.1} MB of planes in {:.1} MB of lane rANS, encoded in {:.1} s)\n",
+        "\n({tensors} dense fp32 tensors of {} Mi words: {:.1} MB of planes in {:.1} MB of lane rANS ({form:?} tables), encoded in {:.1} s)\n",
         words >> 20,
         decoded as f64 / 1e6,
         rans_stored as f64 / 1e6,
@@ -191,7 +205,7 @@ fn main() -> R<()> {
         let dbase = gpu.upload(&base)?;
         let mut out = gpu.alloc_zeros::<u8>(lb)?;
         for (how, cw) in [(Streams::Chained, 1 << 18), (Streams::Chained, 1 << 20), (Streams::BaseKeys, 1 << 20)] {
-            let t = tensor("w", &base, &target, cw, true, how);
+            let t = tensor("w", &base, &target, cw, coded(true, how));
             let enc = [t];
             let pinned = pin_all(&gpu, &enc)?;
             let refs = hosted(&enc, pinned.as_slice()?);

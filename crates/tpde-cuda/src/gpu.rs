@@ -13,7 +13,7 @@ use cudarc::driver::{
 };
 
 use tpde::{
-    format::{ChunkRecord, ValueLayout},
+    format::{rans::TableForm, ChunkRecord, ValueLayout},
     WordWidth,
 };
 
@@ -21,8 +21,8 @@ use crate::error::flag;
 use crate::error::{GpuError, Result};
 use crate::kernels::{
     ChunkDesc, FillDesc, KernelId, Kernels, RansDesc, KEYS, LEAF_DESC_BYTES, LEAF_FOLD_THREADS,
-    LEAF_TERM_BYTES_PER_BLOCK, LEAF_TERM_THREADS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, RANS_MAX_TABLE_BYTES,
-    RANS_THREADS, THREADS,
+    LEAF_TERM_BYTES_PER_BLOCK, LEAF_TERM_THREADS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, RANS_FORM_BYTES,
+    RANS_FORM_PACKED, RANS_MAX_TABLE_BYTES, RANS_THREADS, THREADS,
 };
 use crate::pipeline::ChunkRef;
 use crate::rans::{context, tiles_per_warp, Header};
@@ -941,6 +941,10 @@ impl RansBatch {
             tiles: h.tiles(decoded_len),
             tiles_per_block: 0, // by `seal`, once the level's block size is known
             job: s.job,
+            table_form: match h.form {
+                TableForm::Bytes => RANS_FORM_BYTES,
+                TableForm::Packed => RANS_FORM_PACKED,
+            },
             ..RansDesc::default()
         };
         let mut reads = vec![s.stored, s.scratch];
@@ -1150,9 +1154,9 @@ mod tests {
     /// tables.
     #[test]
     fn lane_rans_batches_check_their_ranges_and_order_their_levels() {
-        let none = Header { prob_bits: 6, context: 0, table_count: 1, tile_log2: 12 };
-        let above = Header { prob_bits: 11, context: 2, table_count: 8, tile_log2: 8 };
-        let key = Header { prob_bits: 9, context: 1, table_count: 3, tile_log2: 16 };
+        let none = Header { form: TableForm::Packed, prob_bits: 6, context: 0, table_count: 1, tile_log2: 12 };
+        let above = Header { form: TableForm::Bytes, prob_bits: 11, context: 2, table_count: 8, tile_log2: 8 };
+        let key = Header { form: TableForm::Packed, prob_bits: 9, context: 1, table_count: 3, tile_log2: 16 };
         let plane = RansContext::HigherPlane(DevRange { ptr: 0x90_0000, len: 50_000 });
         let keyed = RansContext::BaseKey {
             base: DevRange { ptr: 0xA0_0000, len: 4 * 50_000 },
@@ -1187,6 +1191,8 @@ mod tests {
         assert_eq!((0..4).map(|d| field(d, "block_begin")).collect::<Vec<_>>(), [0, 1, 0, 0]);
         assert_eq!((0..4).map(|d| field(d, "tiles_per_block")).collect::<Vec<_>>(), [4, 4, 1, 128]);
         assert_eq!((field(2, "base_words"), field(2, "word_bytes"), field(2, "ctx_kind")), (50_000, 4, 1));
+        // the form of each stream's tables: codec 4 packed, codec 2 bytes
+        assert_eq!((0..4).map(|d| field(d, "table_form")).collect::<Vec<_>>(), [1, 1, 1, 0]);
         assert!(b.push(&streams[1], 1000, 9_000).is_err(), "sealed");
 
         let bad = |s: RansStream, stored_len: u32, n: u32| RansBatch::default().push(&s, stored_len, n).unwrap_err();

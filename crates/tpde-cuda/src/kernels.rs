@@ -432,6 +432,10 @@ pub(crate) const RANS_MAX_TABLE_BYTES: usize = (RANS_MAX_TABLES as usize) << RAN
 pub(crate) const RANS_SCRATCH_HEAD: usize = 16;
 /// Entries per table in the scratch (`RANS_TABLE_STRIDE`): one per symbol.
 pub(crate) const RANS_TABLE_STRIDE: usize = 256;
+/// [`RansDesc::table_form`] of codec 2's tables (`RANS_FORM_BYTES`).
+pub(crate) const RANS_FORM_BYTES: u32 = 0;
+/// [`RansDesc::table_form`] of codec 4's packed tables (`RANS_FORM_PACKED`).
+pub(crate) const RANS_FORM_PACKED: u32 = 1;
 
 /// One lane rANS stream as the kernels of `kernels/tpde_rans.cu` read it:
 /// `struct RansDesc` of the source, 96 bytes, pinned there by
@@ -456,13 +460,16 @@ pub(crate) struct RansDesc {
     pub block_begin: u32,
     pub tiles_per_block: u32,
     pub job: u32,
+    /// How the stream lists its context map and tables:
+    /// [`RANS_FORM_BYTES`] or [`RANS_FORM_PACKED`].
+    pub table_form: u32,
 }
 
 impl RansDesc {
     pub const BYTES: usize = 96;
 
     /// Byte offset of each field of the source's `struct RansDesc`, as
-    /// [`RansDesc::write_to`] writes it; `reserved` is written as 0.
+    /// [`RansDesc::write_to`] writes it.
     #[cfg(test)]
     pub const FIELDS: [(&'static str, usize); 19] = [
         ("stored", 0),
@@ -483,7 +490,7 @@ impl RansDesc {
         ("block_begin", 80),
         ("tiles_per_block", 84),
         ("job", 88),
-        ("reserved", 92),
+        ("table_form", 92),
     ];
 
     /// Writes the descriptor into `out` ([`RansDesc::BYTES`] bytes) at the
@@ -507,7 +514,7 @@ impl RansDesc {
             self.block_begin,
             self.tiles_per_block,
             self.job,
-            0,
+            self.table_form,
         ];
         for (dst, f) in out[40..Self::BYTES].chunks_exact_mut(4).zip(fields32) {
             dst.copy_from_slice(&f.to_le_bytes());
@@ -681,6 +688,8 @@ mod tests {
         assert_eq!(define("RANS_MAX_TABLES"), Some(RANS_MAX_TABLES as usize));
         assert_eq!(define("RANS_SCRATCH_HEAD"), Some(RANS_SCRATCH_HEAD));
         assert_eq!(define("RANS_TABLE_STRIDE"), Some(RANS_TABLE_STRIDE));
+        assert_eq!(define("RANS_FORM_BYTES"), Some(RANS_FORM_BYTES as usize));
+        assert_eq!(define("RANS_FORM_PACKED"), Some(RANS_FORM_PACKED as usize));
         assert_eq!(define("ERR_RANS_HEADER"), Some(crate::error::flag::RANS_HEADER as usize));
         assert_eq!(define("ERR_RANS_DECODE"), Some(crate::error::flag::RANS_DECODE as usize));
         assert_eq!(define("ERR_BAD_DESCRIPTOR"), Some(crate::error::flag::BAD_DESCRIPTOR as usize));
@@ -704,6 +713,7 @@ mod tests {
             block_begin: 16,
             tiles_per_block: 17,
             job: 18,
+            table_form: 19,
         };
         let mut bytes = vec![0xAA; RansDesc::BYTES];
         d.write_to(&mut bytes);
@@ -714,8 +724,7 @@ mod tests {
         }
         for ((name, _), value) in RansDesc::FIELDS[5..].iter().zip(6u32..) {
             let o = at(name);
-            let expected = if *name == "reserved" { 0 } else { value };
-            assert_eq!(u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()), expected, "{name}");
+            assert_eq!(u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()), value, "{name}");
         }
     }
 }

@@ -1,13 +1,14 @@
 //! Host side of the device decoder of lane rANS streams (codec 2,
-//! `spec/FORMAT.md` §8.7): the four fixed header bytes, read and checked on
-//! the CPU to size the launches and their scratch; which contexts each
-//! stream of a chunk may use; and the order in which a chunk's streams
-//! decode (their dependency levels, §11.2 D3). Everything past the fixed
-//! bytes (context map, tables, tile lengths, tiles) is parsed and checked
-//! by the kernels of `kernels/tpde_rans.cu`.
+//! `spec/FORMAT.md` §8.7, and codec 4, the same with packed tables, §8.9):
+//! the four fixed header bytes, read and checked on the CPU to size the
+//! launches and their scratch; which contexts each stream of a chunk may
+//! use; and the order in which a chunk's streams decode (their dependency
+//! levels, §11.2 D3). Everything past the fixed bytes (context map, tables,
+//! tile lengths, tiles) is parsed and checked by the kernels of
+//! `kernels/tpde_rans.cu`, told the table form by the descriptor.
 
 use tpde::{
-    format::{ChunkRecord, Codec, Encoding, ValueLayout, ValueOrder},
+    format::{rans::TableForm, ChunkRecord, Codec, Encoding, ValueLayout, ValueOrder},
     ErrorCode, Result as FormatResult, WordWidth,
 };
 
@@ -20,10 +21,10 @@ use crate::kernels::{
 };
 use crate::pipeline::ChunkRef;
 
-/// Whether a stream is lane rANS, which the GPU decodes.
+/// Whether a stream is lane rANS (codec 2 or 4), which the GPU decodes.
 #[must_use]
 pub(crate) fn is_rans(codec: Codec) -> bool {
-    codec == Codec::Rans
+    codec.is_rans()
 }
 
 /// Context kinds (§8.7, "Contexts"), as the header byte and the kernels
@@ -40,9 +41,12 @@ pub(crate) mod context {
 /// Smallest and largest `tile_log2` (§8.7, Table 8.6).
 const TILE_LOG2: std::ops::RangeInclusive<u32> = 8..=24;
 
-/// The four fixed bytes of a lane rANS stream (§8.7, Table 8.6), checked.
+/// The four fixed bytes of a lane rANS stream (§8.7, Table 8.6), checked,
+/// and the form of its context map and tables, which its codec gives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Header {
+    /// Codec 2's bytes or codec 4's packed bits (§8.9).
+    pub form: TableForm,
     /// `k`: frequencies sum to `2^k`.
     pub prob_bits: u32,
     /// One of [`context`].
@@ -54,16 +58,18 @@ pub(crate) struct Header {
 }
 
 impl Header {
-    /// Reads the fixed bytes of `stored` and makes the header checks of §8.7
-    /// that concern them, with `allowed` the contexts that the stream's
-    /// place in its chunk allows (bit `c` for context `c`,
-    /// [`allowed_contexts`]). `E_RANS_HEADER` on a failure.
-    pub fn read(stored: &[u8], allowed: u32) -> FormatResult<Self> {
+    /// Reads the fixed bytes of `stored`, a stream whose tables are in
+    /// `form`, and makes the header checks of §8.7 that concern them, with
+    /// `allowed` the contexts that the stream's place in its chunk allows
+    /// (bit `c` for context `c`, [`allowed_contexts`]). `E_RANS_HEADER` on
+    /// a failure.
+    pub fn read(form: TableForm, stored: &[u8], allowed: u32) -> FormatResult<Self> {
         let fail = |what: &str| Err(tpde::Error::new(ErrorCode::RansHeader, what.to_owned()));
         let [k, ctx, tables, tile_log2, ..] = *stored else {
             return fail("a lane rANS stream is shorter than its fixed header");
         };
         let h = Self {
+            form,
             prob_bits: u32::from(k),
             context: u32::from(ctx),
             table_count: u32::from(tables),
@@ -178,10 +184,11 @@ impl ChunkPlan {
         // Position streams of coding 3 are decoded on the CPU, against the
         // reference (ChunkRef::resolved_positions).
         for (q, (s, stored)) in chunk.streams.iter().zip(chunk.stored_streams()).enumerate() {
-            headers.push(if is_rans(s.codec) && !chunk.is_resolved_stream(q) {
-                Some(Header::read(stored, allowed_contexts(chunk, q, width))?)
-            } else {
-                None
+            headers.push(match TableForm::of_codec(s.codec) {
+                Some(form) if !chunk.is_resolved_stream(q) => {
+                    Some(Header::read(form, stored, allowed_contexts(chunk, q, width))?)
+                }
+                _ => None,
             });
         }
         let np = chunk.position_stream_count();
@@ -423,14 +430,22 @@ mod tests {
         ChunkRef { record, streams, stored, words: 100, resolved_positions: None }
     }
 
+    /// Both table forms share the fixed bytes and their checks; the header
+    /// keeps the form for the kernels.
     #[test]
     fn the_fixed_bytes_are_checked_in_layout_order() {
+        for form in [TableForm::Bytes, TableForm::Packed] {
+            fixed_bytes_are_checked(form);
+        }
+    }
+
+    fn fixed_bytes_are_checked(form: TableForm) {
         let all = 0b111;
         assert_eq!(
-            Header::read(&[11, 2, 8, 24, 0], all).unwrap(),
-            Header { prob_bits: 11, context: 2, table_count: 8, tile_log2: 24 }
+            Header::read(form, &[11, 2, 8, 24, 0], all).unwrap(),
+            Header { form, prob_bits: 11, context: 2, table_count: 8, tile_log2: 24 }
         );
-        assert!(Header::read(&[1, 0, 1, 8], 1).is_ok());
+        assert!(Header::read(form, &[1, 0, 1, 8], 1).is_ok());
         for bad in [
             &[1u8, 0, 1][..],
             &[0, 0, 1, 8],
@@ -442,17 +457,17 @@ mod tests {
             &[1, 0, 1, 7],
             &[1, 0, 1, 25],
         ] {
-            let e = Header::read(bad, all).unwrap_err();
+            let e = Header::read(form, bad, all).unwrap_err();
             assert_eq!(e.code(), ErrorCode::RansHeader, "{bad:?}");
         }
         // a context that the stream's place does not allow
-        assert_eq!(Header::read(&[4, 1, 2, 8], 0b101).unwrap_err().code(), ErrorCode::RansHeader);
-        assert_eq!(Header::read(&[4, 2, 2, 8], 0b011).unwrap_err().code(), ErrorCode::RansHeader);
+        assert_eq!(Header::read(form, &[4, 1, 2, 8], 0b101).unwrap_err().code(), ErrorCode::RansHeader);
+        assert_eq!(Header::read(form, &[4, 2, 2, 8], 0b011).unwrap_err().code(), ErrorCode::RansHeader);
     }
 
     #[test]
     fn sizes_follow_the_header() {
-        let h = Header { prob_bits: 11, context: 2, table_count: 8, tile_log2: 12 };
+        let h = Header { form: TableForm::Packed, prob_bits: 11, context: 2, table_count: 8, tile_log2: 12 };
         assert_eq!(h.tiles(1), 1);
         assert_eq!(h.tiles(4096), 1);
         assert_eq!(h.tiles(4097), 2);
@@ -493,19 +508,24 @@ mod tests {
     fn levels_follow_the_dependencies() {
         // sparse, 2-byte gaps (plane 1 none, plane 0 higher plane), 4-byte
         // words in planes: plane 3 base key, plane 2 stored, planes 1 and 0
-        // higher plane.
+        // higher plane. Codecs 2 and 4 alternate: the form only follows the
+        // stream to its descriptor.
         let headers: [Option<[u8; 4]>; 6] =
             [Some([4, 2, 2, 8]), Some([4, 0, 1, 8]), Some([4, 2, 2, 8]), Some([4, 2, 2, 8]), None, Some([4, 1, 2, 8])];
         let mut stored = Vec::new();
         let mut streams = Vec::new();
-        for h in headers {
+        for (q, h) in headers.into_iter().enumerate() {
             let bytes = h.map_or(vec![9; 4], |h| h.to_vec());
-            let codec = if h.is_some() { Codec::Rans } else { Codec::Stored };
+            let rans = if q % 2 == 0 { Codec::RansPacked } else { Codec::Rans };
+            let codec = if h.is_some() { rans } else { Codec::Stored };
             streams.push(StreamRecord { stored_len: 4, decoded_len: 4, codec });
             stored.extend_from_slice(&bytes);
         }
         let c = chunk(record(Encoding::Sparse, PositionCoding::Gaps, 2, ValueLayout::BytePlanes), &streams, &stored);
         let plan = ChunkPlan::new(&c, WordWidth::W4).unwrap().unwrap();
+        let forms: Vec<Option<TableForm>> = plan.streams.iter().map(|s| s.map(|(h, _)| h.form)).collect();
+        let (b, p) = (Some(TableForm::Bytes), Some(TableForm::Packed));
+        assert_eq!(forms, [p, b, p, b, None, b]);
         let levels: Vec<Option<u32>> = plan.streams.iter().map(|s| s.map(|(_, l)| l)).collect();
         // gap plane 1: 0; gap plane 0: 1; positions before 2; value plane 3:
         // 2, plane 2 stored, plane 1: 0 (above a stored plane), plane 0: 1
@@ -527,7 +547,7 @@ mod tests {
         // a chain under the base key needs the base all the way down
         let headers = [[4u8, 2, 2, 8], [4, 2, 2, 8], [4, 1, 2, 8]];
         let stored: Vec<u8> = headers.concat();
-        let streams = vec![StreamRecord { stored_len: 4, decoded_len: 4, codec: Codec::Rans }; 3];
+        let streams = vec![StreamRecord { stored_len: 4, decoded_len: 4, codec: Codec::RansPacked }; 3];
         let mut r = record(Encoding::Dense, PositionCoding::None, 0, ValueLayout::BytePlanes);
         r.changed_count = 0;
         let c = ChunkRef { record: r, streams: &streams, stored: &stored, words: 4, resolved_positions: None };
@@ -537,7 +557,7 @@ mod tests {
         assert_eq!(plan.needs_base, [true, true, true]);
         assert_eq!(plan.streams.iter().map(|s| s.unwrap().1).collect::<Vec<_>>(), [2, 1, 0]);
         // a context that the place forbids is the header's fault
-        let streams = vec![StreamRecord { stored_len: 4, decoded_len: 4, codec: Codec::Rans }; 1];
+        let streams = vec![StreamRecord { stored_len: 4, decoded_len: 4, codec: Codec::RansPacked }; 1];
         let c = ChunkRef { record: r, streams: &streams, stored: &stored[..4], words: 4, resolved_positions: None };
         assert_eq!(ChunkPlan::new(&c, WordWidth::W1).unwrap_err().code(), ErrorCode::RansHeader);
     }
@@ -548,7 +568,7 @@ mod tests {
     #[test]
     fn positions_are_rebuilt_before_the_level_that_reads_them() {
         use crate::gpu::{DevRange, RansContext, RansStream};
-        let h = Header { prob_bits: 4, context: 0, table_count: 1, tile_log2: 12 };
+        let h = Header { form: TableForm::Packed, prob_bits: 4, context: 0, table_count: 1, tile_log2: 12 };
         let mut work = RansWork::default();
         for (k, level) in [3u32, 0, 1, 3].into_iter().enumerate() {
             let at = 0x100_0000 * (k as u64 + 1);

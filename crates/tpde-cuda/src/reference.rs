@@ -13,14 +13,14 @@
 //! This is the crate's low-level module, for tests and tools that check the
 //! kernels: it also holds the bits of the device error flag ([`flag`]).
 
-use tpde::format::rans::{decode_into, Contexts};
+use tpde::format::rans::{decode_into, Contexts, TableForm};
 use tpde::format::{positions, Encoding, PositionCoding, ValueLayout, ValueOp, ValueOrder};
 use tpde::{ErrorCode, WordWidth};
 
 pub use crate::error::flag;
 use crate::error::{GpuError, Result};
 use crate::pipeline::{decode_stream, ChunkRef};
-use crate::rans::{allowed_contexts, context, is_rans, Header};
+use crate::rans::{allowed_contexts, context, Header};
 
 /// `unzigzag(v) = (v >> 1) ^ -(v & 1)`, at the word width (§8.2).
 #[must_use]
@@ -120,15 +120,15 @@ pub fn decode_streams_with_base(c: &ChunkRef<'_>, base: Option<(&[u8], WordWidth
         for q in set.rev() {
             let (r, bytes) = (&c.streams[q], stored[q]);
             let len = r.decoded_len as usize;
-            if !is_rans(r.codec) {
+            let Some(form) = TableForm::of_codec(r.codec) else {
                 out[q] = vec![0u8; len];
                 decode_stream(r, bytes, &mut out[q])?;
                 continue;
-            }
+            };
             // the contexts §8.7 allows here (the kernels check the same); in a
             // validated chunk in byte planes, the value planes are the word's bytes
             let width = base.map_or_else(|| WordWidth::try_from(n - np).unwrap_or(WordWidth::W1), |(_, w)| w);
-            let header = Header::read(bytes, allowed_contexts(c, q, width))?;
+            let header = Header::read(form, bytes, allowed_contexts(c, q, width))?;
             let sparse = c.record.encoding == Encoding::Sparse;
             if header.context == context::BASE_KEY && sparse && positions.is_none() {
                 positions = Some(chunk_positions(c, &out)?);
@@ -142,7 +142,7 @@ pub fn decode_streams_with_base(c: &ChunkRef<'_>, base: Option<(&[u8], WordWidth
                 (_, None) => return Err(GpuError::invalid("a base-key context needs the base")),
             };
             let mut decoded = Vec::new();
-            decode_into(bytes, len, contexts, &mut decoded)?;
+            decode_into(form, bytes, len, contexts, &mut decoded)?;
             out[q] = decoded;
         }
     }

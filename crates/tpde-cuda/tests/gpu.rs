@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use common::*;
 use tpde::{
-    format::{Codec, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder},
+    format::{rans::TableForm, Codec, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder},
     EncodeSettings,
 };
 use tpde_cuda::{
@@ -89,12 +89,13 @@ fn materialize_and_host_base_paths_are_bit_exact() {
     let mut l = loader(256 << 10);
     let (base, target) = pair(WordWidth::W4, 1 << 20, 20, 5);
     // What the writer chooses for float words at two settings, with and without
-    // lane rANS (codec 2), and a tensor whose values are grouped by base key
-    // whatever the writer would predict.
-    let written = [(0.0, true), (0.5, true), (0.0, false), (0.5, false)].map(|(min_zstd_gain, rans)| {
-        let s = EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans };
-        EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, 1 << 16, true, s).unwrap()
-    });
+    // lane rANS (codec 4, and codec 2 once), and a tensor whose values are
+    // grouped by base key whatever the writer would predict.
+    let written = [(0.0, true, true), (0.0, true, false), (0.5, true, true), (0.0, false, false), (0.5, false, false)]
+        .map(|(min_zstd_gain, rans, packed_tables)| {
+            let s = EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans, packed_tables };
+            EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, 1 << 16, true, s).unwrap()
+        });
     let grouped = forced_tensor_in(
         &base,
         &target,
@@ -293,10 +294,11 @@ fn a_delta_file_written_by_the_format_library_loads_bit_exact() {
     );
     let base = tpde::Checkpoint::open(&dir.join("base.safetensors")).unwrap();
     let target = tpde::Checkpoint::open(&dir.join("target.safetensors")).unwrap();
-    for (min_zstd_gain, rans) in [(0.0, true), (0.5, true), (0.0, false)] {
+    // lane rANS in codec 4, then codec 2, then none
+    for (min_zstd_gain, rans, packed_tables) in [(0.0, true, true), (0.5, true, false), (0.0, false, false)] {
         let opts = tpde::EncodeOptions {
             chunk_words: 32_768,
-            settings: EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans },
+            settings: EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans, packed_tables },
         };
         let path = dir.join("d.tpde");
         tpde::encode(Some(&base), &target, &path, opts, &tpde::NoProgress).unwrap();
@@ -368,10 +370,11 @@ fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary
     let base = tpde::Checkpoint::open(&dir.join("base.safetensors")).unwrap();
     let target = tpde::Checkpoint::open(&dir.join("target.safetensors")).unwrap();
     let mut l = loader(1 << 20);
-    for (min_zstd_gain, rans) in [(0.0, true), (0.25, true), (0.0, false)] {
+    // lane rANS in codec 4, then codec 2, then none
+    for (min_zstd_gain, rans, packed_tables) in [(0.0, true, true), (0.25, true, false), (0.0, false, false)] {
         let opts = tpde::EncodeOptions {
             chunk_words: 10_000,
-            settings: EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans },
+            settings: EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans, packed_tables },
         };
         let path = dir.join("d.tpde");
         tpde::encode(Some(&base), &target, &path, opts, &tpde::NoProgress).unwrap();
@@ -538,12 +541,19 @@ fn a_changed_count_that_the_values_contradict_is_caught_on_the_device() {
 }
 
 /// The codecs of lane rANS tests: every context mix, and lane rANS next to
-/// zstd and stored streams in one chunk.
-const RANS_CODECS: [Codecs; 4] =
-    [Codecs::Rans(RansMix::None), Codecs::Rans(RansMix::Chained), Codecs::Rans(RansMix::BaseKeys), Codecs::Mixed];
+/// zstd and stored streams in one chunk, with packed tables (codec 4, what
+/// the writer emits); and codec 2 with the mixes that reach every context.
+const RANS_CODECS: [Codecs; 6] = [
+    Codecs::Rans(RansMix::None, TableForm::Packed),
+    Codecs::Rans(RansMix::Chained, TableForm::Packed),
+    Codecs::Rans(RansMix::BaseKeys, TableForm::Packed),
+    Codecs::Mixed(TableForm::Packed),
+    Codecs::Rans(RansMix::Chained, TableForm::Bytes),
+    Codecs::Rans(RansMix::BaseKeys, TableForm::Bytes),
+];
 
-/// Lane rANS streams (codec 2, spec §8.7) decode on the GPU from their
-/// stored bytes: every encoding, word width, value op, layout and order,
+/// Lane rANS streams (codec 2, spec §8.7, and codec 4, §8.9) decode on the
+/// GPU from their stored bytes: every encoding, word width, value op, layout and order,
 /// every context (none, the plane above, the base key, dense and sparse),
 /// through the ring and straight from page-locked memory, into new buffers
 /// and in place. The chunks are those the library's decoder rebuilds.
@@ -598,11 +608,13 @@ fn lane_rans_streams_decode_in_every_entry_point() {
     for w in WordWidth::ALL {
         let (base, target) = pair(w, 300_000, 9, 5);
         for (choice, codecs) in [
-            (Choice::SparseGaps, Codecs::Rans(RansMix::BaseKeys)),
-            (Choice::SparseBitmap, Codecs::Rans(RansMix::Chained)),
-            (Choice::Dense, Codecs::Rans(RansMix::Chained)),
-            (Choice::Dense, Codecs::Mixed),
-            (Choice::Raw, Codecs::Rans(RansMix::Chained)),
+            (Choice::SparseGaps, Codecs::Rans(RansMix::BaseKeys, TableForm::Packed)),
+            (Choice::SparseBitmap, Codecs::Rans(RansMix::Chained, TableForm::Packed)),
+            (Choice::Dense, Codecs::Rans(RansMix::Chained, TableForm::Packed)),
+            (Choice::Dense, Codecs::Mixed(TableForm::Packed)),
+            (Choice::Raw, Codecs::Rans(RansMix::Chained, TableForm::Packed)),
+            (Choice::SparseGaps, Codecs::Rans(RansMix::Chained, TableForm::Bytes)),
+            (Choice::Dense, Codecs::Mixed(TableForm::Bytes)),
         ] {
             let t = forced_tensor_coded(
                 &base,
@@ -652,7 +664,9 @@ fn positions_are_rebuilt_from_lane_rans_gap_planes() {
     let mut l = loader(8 << 20);
     // gaps of 300: two gap planes, the low one conditioned on the high one
     let (base, target) = pair(WordWidth::W2, 3_000_000, 300, 8);
-    for choice in [Choice::SparseGaps, Choice::SparseBitmap] {
+    for (choice, form) in
+        [Choice::SparseGaps, Choice::SparseBitmap].into_iter().flat_map(|c| TABLE_FORMS.map(|f| (c, f)))
+    {
         let c = forced_chunk_coded(
             &base,
             &target,
@@ -661,9 +675,9 @@ fn positions_are_rebuilt_from_lane_rans_gap_planes() {
             ValueOp::Xor,
             ValueLayout::BytePlanes,
             false,
-            Codecs::Rans(RansMix::Chained),
+            Codecs::Rans(RansMix::Chained, form),
         );
-        assert!(c.streams.iter().all(|s| s.codec == Codec::Rans));
+        assert!(c.streams.iter().all(|s| s.codec == form.codec()));
         if choice == Choice::SparseGaps {
             assert_eq!(c.record.gap_width, 2);
         }
@@ -677,23 +691,23 @@ fn positions_are_rebuilt_from_lane_rans_gap_planes() {
         let expect: Vec<u32> = (0..3_000_000u32)
             .filter(|&i| read_word(&base, WordWidth::W2, i as usize) != read_word(&target, WordWidth::W2, i as usize))
             .collect();
-        assert!(l.positions(&r, WordWidth::W2).unwrap() == expect, "{choice:?}");
+        assert!(l.positions(&r, WordWidth::W2).unwrap() == expect, "{choice:?} {form:?}");
     }
 }
 
 /// A corrupt lane rANS stream is the library's `E_RANS_HEADER` or
 /// `E_RANS_DECODE`, raised by the kernels and naming its tensor and chunk, on
 /// every entry point; nothing is written outside the output. The fixed
-/// header bytes are checked on the host, with the same code.
+/// header bytes are checked on the host, with the same code. Codecs 2 and 4.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_corrupt_lane_rans_stream_is_a_device_fault_naming_its_chunk() {
     let g = gpu();
     let w = WordWidth::W4;
     let (base, target) = pair(w, 60_000, 4, 12);
-    for (mix, choice) in
-        [(RansMix::None, Choice::Dense), (RansMix::BaseKeys, Choice::SparseGaps), (RansMix::Chained, Choice::Dense)]
-    {
+    let cases =
+        [(RansMix::None, Choice::Dense), (RansMix::BaseKeys, Choice::SparseGaps), (RansMix::Chained, Choice::Dense)];
+    for ((mix, choice), form) in cases.into_iter().flat_map(|c| TABLE_FORMS.map(|f| (c, f))) {
         let clean = forced_tensor_coded(
             &base,
             &target,
@@ -703,7 +717,7 @@ fn a_corrupt_lane_rans_stream_is_a_device_fault_naming_its_chunk() {
             ValueOp::Xor,
             ValueLayout::BytePlanes,
             false,
-            Codecs::Rans(mix),
+            Codecs::Rans(mix, form),
         );
         let bad_chunk = 1;
         let c = &clean.chunks[bad_chunk];
@@ -726,7 +740,7 @@ fn a_corrupt_lane_rans_stream_is_a_device_fault_naming_its_chunk() {
                 _ => tpde::format::rans::Contexts::None,
             };
             let mut out = Vec::new();
-            tpde::format::rans::decode_into(stored, c.streams[q].decoded_len as usize, contexts, &mut out)
+            tpde::format::rans::decode_into(form, stored, c.streams[q].decoded_len as usize, contexts, &mut out)
                 .map_err(|e| e.code())
         };
         assert!(library(&c.data[start..start + len]).is_ok());
@@ -744,7 +758,7 @@ fn a_corrupt_lane_rans_stream_is_a_device_fault_naming_its_chunk() {
         let mut fixed = c.data.clone();
         fixed[start] = 12; // prob_bits: refused on the host
         faults.push((tpde::ErrorCode::RansHeader, fixed));
-        assert!(faults.iter().any(|(c, _)| *c == tpde::ErrorCode::RansDecode), "{mix:?}: a decode fault");
+        assert!(faults.iter().any(|(c, _)| *c == tpde::ErrorCode::RansDecode), "{mix:?} {form:?}: a decode fault");
         for (code, data) in faults {
             let mut t = clean.clone();
             t.chunks[bad_chunk].data = data;
@@ -754,16 +768,19 @@ fn a_corrupt_lane_rans_stream_is_a_device_fault_naming_its_chunk() {
                     assert_eq!(
                         (e.code(), e.tensor(), e.chunk()),
                         (code, Some("t"), Some(bad_chunk as u64)),
-                        "{mix:?} {how}"
+                        "{mix:?} {form:?} {how}"
                     );
                 }
-                e => panic!("{mix:?} {how}: {e}"),
+                e => panic!("{mix:?} {form:?} {how}: {e}"),
             };
             let mut l = loader(1 << 20);
             let db = g.upload(&base).unwrap();
             let mut out = g.upload(&vec![0xAA; r.bytes() + 256]).unwrap();
             is(l.materialize_into(&r, &db, &mut out).unwrap_err(), "materialize_into");
-            assert!(g.download(&out).unwrap()[r.bytes()..].iter().all(|b| *b == 0xAA), "{mix:?}: out-of-range write");
+            assert!(
+                g.download(&out).unwrap()[r.bytes()..].iter().all(|b| *b == 0xAA),
+                "{mix:?} {form:?}: out-of-range write"
+            );
             is(l.load(std::slice::from_ref(&r), &[&db]).unwrap_err(), "load");
             let mut bufs = vec![g.upload(&base).unwrap()];
             is(l.apply_in_place(std::slice::from_ref(&r), &mut bufs).unwrap_err(), "apply_in_place");
@@ -776,25 +793,31 @@ fn a_corrupt_lane_rans_stream_is_a_device_fault_naming_its_chunk() {
             }
             // the loader works again after a fault
             l.materialize_into(&clean.as_ref(), &db, &mut out).unwrap();
-            assert!(g.download(&out).unwrap()[..target.len()] == target[..], "{mix:?}: after the fault");
+            assert!(g.download(&out).unwrap()[..target.len()] == target[..], "{mix:?} {form:?}: after the fault");
         }
     }
 }
 
 /// What the library's writer makes of fp32 weights where lane rANS pays
 /// (every word changed by a small step: planes coded with the base key and
-/// long tiles), through every entry point, against the library's decoder.
+/// long tiles), with packed tables (codec 4) and without (codec 2), through
+/// every entry point, against the library's decoder.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn the_writers_lane_rans_streams_decode_on_the_gpu() {
     let g = gpu();
     let mut l = loader(4 << 20);
-    for (p, chunk_words) in [(1.0, 1 << 16), (1.0, 3000), (0.4, 1 << 16)] {
+    for (p, chunk_words, packed_tables) in
+        [(1.0, 1 << 16, true), (1.0, 3000, true), (0.4, 1 << 16, true), (1.0, 1 << 16, false), (1.0, 3000, false)]
+    {
         let (base, target) = float_pair(1 << 20, p, 17);
-        let s = EncodeSettings { level: 3, min_zstd_gain: 0.0, rans: true, zstd: true, constant: true };
+        let s = EncodeSettings { level: 3, min_zstd_gain: 0.0, rans: true, zstd: true, constant: true, packed_tables };
         let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, chunk_words, true, s).unwrap();
-        let ctx = format!("p {p}, chunks of {chunk_words} words");
-        let rans = t.chunks.iter().flat_map(|c| &c.streams).filter(|s| s.codec == Codec::Rans).count();
+        let ctx = format!("p {p}, chunks of {chunk_words} words, packed tables {packed_tables}");
+        let codec = if packed_tables { Codec::RansPacked } else { Codec::Rans };
+        let streams = || t.chunks.iter().flat_map(|c| &c.streams);
+        let rans = streams().filter(|s| s.codec == codec).count();
+        assert!(streams().all(|s| !s.codec.is_rans() || s.codec == codec), "{ctx}: one lane rANS codec");
         // Small chunks may pay more in tables than lane rANS saves; large ones do not.
         assert!(p < 1.0 || chunk_words < 1 << 16 || rans > 0, "{ctx}: the writer chose lane rANS");
         let cb = chunk_words as usize * 4;

@@ -3,9 +3,10 @@
 //! the CUDA built-ins it uses (a block is 256 CPU threads; `__syncthreads`,
 //! warp shuffles, ballots and votes are barriers over them), so `rans_parse`
 //! and `rans_decode` execute as written, lane by lane, with no GPU. Streams
-//! come from an encoder written here from `spec/FORMAT.md` §8.7 and §15.10;
-//! the decoded bytes must be the symbols, and every header and decode fault
-//! of §8.7 must raise its flag bit and name its stream's job.
+//! come from an encoder written here from `spec/FORMAT.md` §8.7, §8.9 and
+//! §15.10, in both table forms (codec 2's bytes, codec 4's packed bits); the
+//! decoded bytes must be the symbols, and every header and decode fault of
+//! §8.7 and §8.9 must raise its flag bit and name its stream's job.
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::io::Write;
@@ -80,8 +81,8 @@ inline unsigned atomicMin(unsigned* a, unsigned v) {
 "#;
 
 /// Runs each stream of the input file alone: parse, then decode, as the
-/// loader launches them (the descriptor from the four fixed bytes), and
-/// writes the flag words and the output.
+/// loader launches them (the descriptor from the four fixed bytes and the
+/// table form), and writes the flag words and the output.
 const HARNESS: &str = r#"
 template <typename K> static void launch(unsigned blocks, unsigned dynamic, unsigned warp_count, K kernel) {
     g_dynamic_bytes = dynamic;
@@ -138,6 +139,7 @@ int main(int argc, char** argv) {
         d.base_words = rd(in);
         const unsigned has_positions = rd(in);
         const unsigned context_len = rd(in);
+        d.table_form = rd(in);
         std::vector<u8> stored = bytes(in, d.stored_len);
         std::vector<u8> context = bytes(in, context_len);
         std::vector<u8> positions = bytes(in, has_positions ? 4ull * d.decoded_len : 0);
@@ -203,6 +205,8 @@ struct Case {
     base_words: u32,
     context: Vec<u8>,
     positions: Option<Vec<u32>>,
+    /// Codec 4's packed context map and tables, else codec 2's.
+    packed: bool,
 }
 
 /// What the kernels gave for a stream: flag bits, the header and decode
@@ -227,6 +231,7 @@ fn run(exe: &Path, dir: &Path, cases: &[Case]) -> Vec<Outcome> {
             c.base_words,
             u32::from(c.positions.is_some()),
             c.context.len() as u32,
+            u32::from(c.packed),
         ];
         for f in fields {
             input.extend_from_slice(&f.to_le_bytes());
@@ -265,7 +270,7 @@ fn run(exe: &Path, dir: &Path, cases: &[Case]) -> Vec<Outcome> {
 }
 
 // ---------------------------------------------------------------------------
-// An encoder from the spec (§8.7 layout, §15.10 procedure).
+// An encoder from the spec (§8.7 layout, §8.9 packed forms, §15.10 procedure).
 
 const L: u32 = 1 << 16;
 
@@ -304,20 +309,131 @@ fn normalize(counts: &[u64; 256], k: u32) -> Freqs {
     f
 }
 
-fn write_table(out: &mut Vec<u8>, f: &Freqs) {
-    let symbols: Vec<usize> = (0..256).filter(|&x| f[x] > 0).collect();
+/// How the encoder lists the context map and tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    /// Codec 2: Table 8.7, a byte per map entry.
+    Bytes,
+    /// Codec 4 (§8.9): Table 8.8 with Exp-Golomb codes of this order in
+    /// every table, or of each table's best; a packed map.
+    Packed(Option<u32>),
+}
+
+impl Form {
+    fn packed(self) -> bool {
+        self != Form::Bytes
+    }
+}
+
+/// The symbol count and symbol set of a table (Tables 8.7 and 8.8): the
+/// symbols when fewer than 32, else a bitmap; nothing for all 256 when
+/// `packed`.
+fn write_symbol_set(out: &mut Vec<u8>, symbols: &[u8], packed: bool) {
     let s = symbols.len();
     out.push((s - 1) as u8);
     if s < 32 {
-        out.extend(symbols.iter().map(|&x| x as u8));
-    } else {
+        out.extend_from_slice(symbols);
+    } else if !(packed && s == 256) {
         let mut bitmap = [0u8; 32];
-        for &x in &symbols {
-            bitmap[x / 8] |= 1 << (x % 8);
+        for &x in symbols {
+            bitmap[usize::from(x / 8)] |= 1 << (x % 8);
         }
         out.extend_from_slice(&bitmap);
     }
+}
+
+/// Appends a bit string (§8.9): bit `j` is bit `j mod 8` of byte `j / 8`;
+/// the last byte's unused bits stay 0.
+struct Bits<'a> {
+    out: &'a mut Vec<u8>,
+    at: usize,
+}
+
+impl Bits<'_> {
+    fn push(&mut self, bit: bool) {
+        if self.at % 8 == 0 {
+            self.out.push(0);
+        }
+        *self.out.last_mut().unwrap() |= u8::from(bit) << (self.at % 8);
+        self.at += 1;
+    }
+
+    /// The low `count` bits of `v`, least significant first.
+    fn int(&mut self, v: u32, count: u32) {
+        for b in 0..count {
+            self.push((v >> b) & 1 == 1);
+        }
+    }
+}
+
+/// `v_i = zigzag(f_i - f_(i-1))`, `f_(-1) = 0` (§8.9).
+fn code_values(freqs: &[i64]) -> Vec<u32> {
+    let mut previous = 0;
+    freqs
+        .iter()
+        .map(|&f| {
+            let d = f - previous;
+            previous = f;
+            (if d >= 0 { 2 * d } else { -2 * d - 1 }) as u32
+        })
+        .collect()
+}
+
+/// `n`, the prefix length of `v`'s Exp-Golomb code of order `g`: its
+/// suffix takes `n + g` bits (§8.9).
+fn prefix_len(v: u32, g: u32) -> u32 {
+    (v + (1 << g)).ilog2() - g
+}
+
+/// Bits of the prefixes and of the suffixes of `values` at order `g`.
+fn code_bits(values: &[u32], g: u32) -> (usize, usize) {
+    let ones: usize = values.iter().map(|&v| prefix_len(v, g) as usize).sum();
+    (ones + values.len(), ones + values.len() * g as usize)
+}
+
+/// A packed table (Table 8.8) of `symbols` with frequencies `freqs` (taken
+/// as they are, so that a test can write a faulty one), with Exp-Golomb
+/// codes of order `order`, or of the order that makes the table smallest.
+fn write_packed_table(out: &mut Vec<u8>, symbols: &[u8], freqs: &[i64], order: Option<u32>) {
+    write_symbol_set(out, symbols, true);
+    let values = code_values(freqs);
+    let total = |g: u32| {
+        let (prefixes, suffixes) = code_bits(&values, g);
+        prefixes + suffixes
+    };
+    let g = order.unwrap_or_else(|| (0..=11).min_by_key(|&g| total(g)).unwrap());
+    out.push(g as u8);
+    let mut bits = Bits { out, at: 0 };
+    for &v in &values {
+        for _ in 0..prefix_len(v, g) {
+            bits.push(true);
+        }
+        bits.push(false);
+    }
+    for &v in &values {
+        // all but the leading one of v + 2^g
+        bits.int(v + (1 << g), prefix_len(v, g) + g);
+    }
+}
+
+/// Bytes of the table of `f` in `form`.
+fn table_len(f: &Freqs, form: Form) -> usize {
+    let mut t = Vec::new();
+    write_table(&mut t, f, form);
+    t.len()
+}
+
+/// A table of the present symbols of `f` in `form`.
+fn write_table(out: &mut Vec<u8>, f: &Freqs, form: Form) {
+    let symbols: Vec<u8> = (0..=255u8).filter(|&x| f[usize::from(x)] > 0).collect();
+    if let Form::Packed(order) = form {
+        let freqs: Vec<i64> = symbols.iter().map(|&x| i64::from(f[usize::from(x)])).collect();
+        write_packed_table(out, &symbols, &freqs, order);
+        return;
+    }
+    write_symbol_set(out, &symbols, false);
     for &x in &symbols {
+        let x = usize::from(x);
         let v = f[x];
         if v < 128 {
             out.push(v as u8);
@@ -338,12 +454,26 @@ struct Spec {
     /// 256 entries when there are several tables.
     map: Option<Vec<u8>>,
     tables: Vec<Freqs>,
+    form: Form,
+}
+
+/// Bits per entry of a packed context map of `count` tables (§8.9).
+fn map_bits(count: usize) -> u32 {
+    usize::BITS - (count - 1).leading_zeros()
 }
 
 fn encode(symbols: &[u8], ctx: &[u8], spec: &Spec) -> Vec<u8> {
     let mut out = vec![spec.k as u8, spec.context, spec.tables.len() as u8, spec.tile_log2 as u8];
-    if let Some(m) = &spec.map {
-        out.extend_from_slice(m);
+    match &spec.map {
+        Some(m) if spec.form.packed() => {
+            let w = map_bits(spec.tables.len());
+            let mut bits = Bits { out: &mut out, at: 0 };
+            for &t in m {
+                bits.int(u32::from(t), w);
+            }
+        }
+        Some(m) => out.extend_from_slice(m),
+        None => {}
     }
     let cums: Vec<[u32; 256]> = spec
         .tables
@@ -359,7 +489,7 @@ fn encode(symbols: &[u8], ctx: &[u8], spec: &Spec) -> Vec<u8> {
         })
         .collect();
     for t in &spec.tables {
-        write_table(&mut out, t);
+        write_table(&mut out, t, spec.form);
     }
     let table_of = |i: usize| spec.map.as_ref().map_or(0, |m| usize::from(m[usize::from(ctx[i])]));
     let tile = 1usize << spec.tile_log2;
@@ -450,41 +580,40 @@ fn key(b: u64, wb: usize) -> u8 {
 }
 
 /// A context-0 stream of `n` symbols.
-fn plain(n: usize, k: u32, tile_log2: u32, seed: u64) -> (Case, Vec<u8>) {
+fn plain(n: usize, k: u32, tile_log2: u32, seed: u64, form: Form) -> (Case, Vec<u8>) {
     // at most 2^k distinct symbols
     let s: Vec<u8> = symbols(n, seed).iter().map(|&v| if k < 8 { v % (1 << k) } else { v }).collect();
-    let spec = Spec { k, context: 0, tile_log2, map: None, tables: tables_for(&s, &s, None, 1, k) };
+    let spec = Spec { k, context: 0, tile_log2, map: None, tables: tables_for(&s, &s, None, 1, k), form };
     let stored = encode(&s, &s, &spec);
-    (Case { stored, decoded_len: n as u32, allowed: 1, ..Case::default() }, s)
+    (Case { stored, decoded_len: n as u32, allowed: 1, packed: form.packed(), ..Case::default() }, s)
 }
 
 fn mixed_map(count: usize) -> Vec<u8> {
     (0..256).map(|x| (x * 7 % count) as u8).collect()
 }
 
-#[test]
-fn streams_of_every_context_decode_to_their_symbols() {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = compile(dir.path());
+/// Streams of every context in `form`, with their symbols: context 0 (one
+/// symbol, partial warps, several tiles and blocks, every k), a certain
+/// symbol, context 2 with 2 to 8 tables (every width of a packed map
+/// entry), context 1 of every word width, dense and sparse.
+fn every_context_cases(form: Form) -> Vec<(Case, Vec<u8>)> {
+    let packed = form.packed();
     let mut cases = Vec::new();
-    let mut expect = Vec::new();
     // context 0: one symbol, partial warps, several tiles and blocks, every k
     for (n, k, tl) in [(1, 1, 8), (31, 3, 8), (32, 11, 8), (33, 5, 8), (4100, 11, 8), (70_000, 9, 10), (5000, 4, 12)] {
-        let (c, s) = plain(n, k, tl, n as u64 + u64::from(k));
-        cases.push(c);
-        expect.push(s);
+        cases.push(plain(n, k, tl, n as u64 + u64::from(k), form));
     }
     // a certain symbol (frequency 2^k): its states never move
     {
         let s = vec![7u8; 300];
         let mut f = [0u32; 256];
         f[7] = 1 << 6;
-        let spec = Spec { k: 6, context: 0, tile_log2: 8, map: None, tables: vec![f] };
-        cases.push(Case { stored: encode(&s, &s, &spec), decoded_len: 300, allowed: 1, ..Case::default() });
-        expect.push(s);
+        let spec = Spec { k: 6, context: 0, tile_log2: 8, map: None, tables: vec![f], form };
+        let c = Case { stored: encode(&s, &s, &spec), decoded_len: 300, allowed: 1, packed, ..Case::default() };
+        cases.push((c, s));
     }
-    // context 2: the plane above, eight tables
-    for (n, count) in [(3000usize, 8usize), (100, 2)] {
+    // context 2: the plane above, two to eight tables
+    for (n, count) in [(3000usize, 8usize), (100, 2), (2000, 3), (1500, 4), (1000, 5)] {
         let above = symbols(n, 77);
         let s: Vec<u8> = above.iter().zip(symbols(n, 78)).map(|(a, b)| a.wrapping_add(b) % 9).collect();
         let map = mixed_map(count);
@@ -494,10 +623,11 @@ fn streams_of_every_context_decode_to_their_symbols() {
             tile_log2: 9,
             tables: tables_for(&s, &above, Some(&map), count, 10),
             map: Some(map),
+            form,
         };
         let stored = encode(&s, &above, &spec);
-        cases.push(Case { stored, decoded_len: n as u32, allowed: 0b101, context: above, ..Case::default() });
-        expect.push(s);
+        let c = Case { stored, decoded_len: n as u32, allowed: 0b101, context: above, packed, ..Case::default() };
+        cases.push((c, s));
     }
     // context 1: the base key of every word width, dense (word i) and sparse
     // (word p_i), with a base shorter than the chunk (its words past it are 0)
@@ -526,9 +656,10 @@ fn streams_of_every_context_decode_to_their_symbols() {
                 tile_log2: 8,
                 tables: tables_for(&s, &keys, Some(&map), 5, 8),
                 map: Some(map.clone()),
+                form,
             };
             let stored = encode(&s, &keys, &spec);
-            cases.push(Case {
+            let c = Case {
                 stored,
                 decoded_len: at.len() as u32,
                 allowed: 0b011,
@@ -536,39 +667,103 @@ fn streams_of_every_context_decode_to_their_symbols() {
                 base_words: base_words as u32,
                 context: base.clone(),
                 positions: sparse.then(|| at.clone()),
-            });
-            expect.push(s);
+                packed,
+            };
+            cases.push((c, s));
         }
     }
+    cases
+}
+
+/// Runs `cases` and checks that each decodes to its symbols with no flag.
+fn assert_decode_to_their_symbols(cases: Vec<(Case, Vec<u8>)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = compile(dir.path());
+    let (cases, expect): (Vec<Case>, Vec<Vec<u8>>) = cases.into_iter().unzip();
     let outcomes = run(&exe, dir.path(), &cases);
     for (i, ((o, e), c)) in outcomes.iter().zip(&expect).zip(&cases).enumerate() {
-        assert_eq!(o.bits, 0, "case {i} ({} symbols, header {:?}): flag", c.decoded_len, &c.stored[..4]);
-        assert!(o.decoded == *e, "case {i}: decoded bytes differ");
+        let what = format!("case {i} ({} symbols, header {:?}, packed {})", c.decoded_len, &c.stored[..4], c.packed);
+        assert_eq!(o.bits, 0, "{what}: flag");
+        assert!(o.decoded == *e, "{what}: decoded bytes differ");
     }
 }
 
-/// Rewrites the tile lengths and payloads of an encoded context-0 stream:
-/// `edit` gets each tile's payload and may change it.
-fn edit_tiles(stored: &[u8], n: usize, tile_log2: u32, edit: impl Fn(usize, &mut Vec<u8>)) -> Vec<u8> {
-    let tiles = n.div_ceil(1 << tile_log2);
-    let total: usize = stored.len();
-    // the tile lengths are the 4 * tiles bytes before the payloads, whose
-    // lengths they give
-    let mut lens_at = None;
-    for start in 4..total {
-        let end = start + 4 * tiles;
-        if end > total {
-            break;
-        }
-        let sum: usize = (0..tiles)
-            .map(|t| u32::from_le_bytes(stored[start + 4 * t..start + 4 * t + 4].try_into().unwrap()) as usize)
-            .sum();
-        if end + sum == total {
-            lens_at = Some(start);
-            break;
+#[test]
+fn streams_of_every_context_decode_to_their_symbols() {
+    let mut cases = every_context_cases(Form::Bytes);
+    cases.extend(every_context_cases(Form::Packed(None)));
+    assert_decode_to_their_symbols(cases);
+}
+
+/// Packed tables (§8.9) at every Exp-Golomb order, with each kind of symbol
+/// set (a list, a bitmap, none for all 256 symbols) and the longest code
+/// allowed (a certain symbol at k = 11: code value 2^12, n + g = 12 at
+/// every order); and eight tables of 256 symbols with the longest bit
+/// strings of orders 0 and 11. The kernels give the symbols, as the
+/// library's decoder does.
+#[test]
+fn packed_tables_of_every_order_and_symbol_set_decode() {
+    let mut cases = Vec::new();
+    for order in 0..=11u32 {
+        let form = Form::Packed(Some(order));
+        for (alphabet, k) in [(1usize, 11u32), (1, 3), (6, 5), (40, 9), (256, 11)] {
+            let mut r = lcg(u64::from(order) * 10 + alphabet as u64);
+            // every symbol of the alphabet occurs, spread over the bytes
+            let n = 700 + alphabet;
+            let s: Vec<u8> = (0..n)
+                .map(|i| {
+                    let j = if i < alphabet { i } else { r() as usize % alphabet };
+                    (j * 256 / alphabet) as u8
+                })
+                .collect();
+            let spec = Spec { k, context: 0, tile_log2: 8, map: None, tables: tables_for(&s, &s, None, 1, k), form };
+            let stored = encode(&s, &s, &spec);
+            assert_eq!(stored[4], (alphabet - 1) as u8);
+            let c = Case { stored, decoded_len: n as u32, allowed: 1, packed: true, ..Case::default() };
+            cases.push((c, s));
         }
     }
-    let at = lens_at.expect("tile lengths found");
+    // eight tables of all 256 symbols: frequencies 1 and 15 in turn (code
+    // values 27 and 28, five bits of prefix at order 0), each table from
+    // another first symbol; at order 11 every code takes 12 bits
+    let n = 5000;
+    let above = symbols(n, 91);
+    let s = symbols(n, 92);
+    let tables: Vec<Freqs> = (0..8).map(|t| std::array::from_fn(|x| if (x + t) % 2 == 0 { 1 } else { 15 })).collect();
+    for order in [0, 11] {
+        let form = Form::Packed(Some(order));
+        let spec = Spec { k: 11, context: 2, tile_log2: 10, map: Some(mixed_map(8)), tables: tables.clone(), form };
+        let longest = spec.tables.iter().map(|f| table_len(f, form)).max().unwrap();
+        assert!(longest > 280, "order {order}: tables of {longest} bytes");
+        let stored = encode(&s, &above, &spec);
+        let c = Case {
+            stored,
+            decoded_len: n as u32,
+            allowed: 0b101,
+            context: above.clone(),
+            packed: true,
+            ..Case::default()
+        };
+        cases.push((c, s.clone()));
+    }
+    for (c, s) in &cases {
+        assert_eq!(library_decode(c).as_deref(), Ok(s.as_slice()), "the library, header {:?}", &c.stored[..4]);
+    }
+    assert_decode_to_their_symbols(cases);
+}
+
+/// Rewrites the tile lengths and payloads of an encoded stream whose tile
+/// lengths start at byte `lengths_at`: `edit` gets each tile's payload and
+/// may change it.
+fn edit_tiles(
+    stored: &[u8],
+    lengths_at: usize,
+    n: usize,
+    tile_log2: u32,
+    edit: impl Fn(usize, &mut Vec<u8>),
+) -> Vec<u8> {
+    let tiles = n.div_ceil(1 << tile_log2);
+    let at = lengths_at;
     let mut payloads = Vec::new();
     let mut p = at + 4 * tiles;
     for t in 0..tiles {
@@ -578,6 +773,7 @@ fn edit_tiles(stored: &[u8], n: usize, tile_log2: u32, edit: impl Fn(usize, &mut
         payloads.push(v);
         p += len;
     }
+    assert_eq!(p, stored.len(), "the tile lengths account for the stream");
     let mut out = stored[..at].to_vec();
     for v in &payloads {
         out.extend_from_slice(&(v.len() as u32).to_le_bytes());
@@ -588,12 +784,18 @@ fn edit_tiles(stored: &[u8], n: usize, tile_log2: u32, edit: impl Fn(usize, &mut
     out
 }
 
-#[test]
-fn every_fault_of_the_spec_is_flagged_and_names_its_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = compile(dir.path());
+/// A fault case: what it is, the stream, the flag bit it must raise (0 for
+/// a good stream).
+type Fault = (String, Case, u32);
+
+/// Faults that do not depend on the table form, in a context-0 stream of
+/// `form`: cuts, a byte past the payloads, a tile length of the wrong form,
+/// and every decode fault.
+fn stream_faults(form: Form) -> Vec<Fault> {
     let (n, tl) = (3000usize, 8u32);
-    let (good, _) = plain(n, 11, tl, 9);
+    let (good, s) = plain(n, 11, tl, 9, form);
+    // context 0: the fixed bytes, the one table, the tile lengths
+    let lengths_at = 4 + table_len(&tables_for(&s, &s, None, 1, 11)[0], form);
     let with = |stored: Vec<u8>| Case { stored, ..good.clone() };
     let mut cases: Vec<(&str, Case, u32)> = Vec::new();
     // header faults (E_RANS_HEADER)
@@ -603,10 +805,56 @@ fn every_fault_of_the_spec_is_flagged_and_names_its_job() {
     let mut t = g.clone();
     t.push(0);
     cases.push(("a byte past the payloads", with(t), ERR_RANS_HEADER));
+    // a tile length of the wrong form: an odd number of word bytes
+    let t = edit_tiles(g, lengths_at, n, tl, |t, p| {
+        if t == 2 {
+            p.push(0);
+        }
+    });
+    cases.push(("an odd tile length", with(t), ERR_RANS_HEADER));
+    // decode faults (E_RANS_DECODE)
+    let t = edit_tiles(g, lengths_at, n, tl, |t, p| {
+        if t == 1 {
+            p[4 * 5..4 * 6].copy_from_slice(&0xFFFFu32.to_le_bytes());
+        }
+    });
+    cases.push(("an initial state below 2^16", with(t), ERR_RANS_DECODE));
+    let t = edit_tiles(g, lengths_at, n, tl, |t, p| {
+        if t == 3 {
+            p.truncate(p.len() - 2);
+        }
+    });
+    cases.push(("a truncated tile", with(t), ERR_RANS_DECODE));
+    let t = edit_tiles(g, lengths_at, n, tl, |t, p| {
+        if t == 0 {
+            p.extend_from_slice(&[1, 2]);
+        }
+    });
+    cases.push(("a word left over", with(t), ERR_RANS_DECODE));
+    let t = edit_tiles(g, lengths_at, n, tl, |t, p| {
+        if t == 4 {
+            p[0] ^= 1; // lane 0's initial state: its final state is not 2^16
+        }
+    });
+    cases.push(("a wrong final state", with(t), ERR_RANS_DECODE));
+    cases.push(("the good stream", good.clone(), 0));
+    cases.into_iter().map(|(what, c, bit)| (format!("{form:?}: {what}"), c, bit)).collect()
+}
+
+/// The table and context map faults of codec 2 (§8.7, "Header checks").
+fn byte_table_faults() -> Vec<Fault> {
+    let mut cases: Vec<(&str, Case, u32)> = Vec::new();
     // a symbol list (5 symbols) with one-byte frequencies (k = 6)
     {
         let s5: Vec<u8> = symbols(600, 11).iter().map(|v| v % 5).collect();
-        let spec = Spec { k: 6, context: 0, tile_log2: 8, map: None, tables: tables_for(&s5, &s5, None, 1, 6) };
+        let spec = Spec {
+            k: 6,
+            context: 0,
+            tile_log2: 8,
+            map: None,
+            tables: tables_for(&s5, &s5, None, 1, 6),
+            form: Form::Bytes,
+        };
         let small = Case { stored: encode(&s5, &s5, &spec), decoded_len: 600, allowed: 1, ..Case::default() };
         assert_eq!(&small.stored[4..10], &[4, 0, 1, 2, 3, 4]);
         let edit = |at: usize, v: u8| {
@@ -625,7 +873,7 @@ fn every_fault_of_the_spec_is_flagged_and_names_its_job() {
         let mut f = [0u32; 256];
         f[1] = 100;
         f[2] = 156;
-        let spec = Spec { k: 8, context: 0, tile_log2: 8, map: None, tables: vec![f] };
+        let spec = Spec { k: 8, context: 0, tile_log2: 8, map: None, tables: vec![f], form: Form::Bytes };
         let mut t = encode(&s8, &s8, &spec);
         // table: [1] [1, 2] [100] [0x80, 156]: re-encode 100 as two bytes
         assert_eq!(&t[4..9], &[1, 1, 2, 100, 0x80]);
@@ -638,7 +886,8 @@ fn every_fault_of_the_spec_is_flagged_and_names_its_job() {
         for &x in &s40 {
             counts[usize::from(x)] += 1;
         }
-        let spec = Spec { k: 8, context: 0, tile_log2: 8, map: None, tables: vec![normalize(&counts, 8)] };
+        let spec =
+            Spec { k: 8, context: 0, tile_log2: 8, map: None, tables: vec![normalize(&counts, 8)], form: Form::Bytes };
         let mut t = encode(&s40, &s40, &spec);
         t[5 + 31] |= 0x80; // symbol 255 too
         let c = Case { stored: t, decoded_len: 40, allowed: 1, ..Case::default() };
@@ -649,8 +898,14 @@ fn every_fault_of_the_spec_is_flagged_and_names_its_job() {
         let above = symbols(500, 3);
         let s2 = symbols(500, 4);
         let map = mixed_map(3);
-        let spec =
-            Spec { k: 9, context: 2, tile_log2: 8, tables: tables_for(&s2, &above, Some(&map), 3, 9), map: Some(map) };
+        let spec = Spec {
+            k: 9,
+            context: 2,
+            tile_log2: 8,
+            tables: tables_for(&s2, &above, Some(&map), 3, 9),
+            map: Some(map),
+            form: Form::Bytes,
+        };
         let base = Case {
             stored: encode(&s2, &above, &spec),
             decoded_len: 500,
@@ -664,43 +919,159 @@ fn every_fault_of_the_spec_is_flagged_and_names_its_job() {
         cases.push(("a forbidden context", Case { allowed: 0b001, ..base.clone() }, ERR_RANS_HEADER));
         cases.push(("the good context 2 stream", base, 0));
     }
-    // a tile length of the wrong form: an odd number of word bytes
-    let t = edit_tiles(g, n, tl, |t, p| {
-        if t == 2 {
-            p.push(0);
-        }
-    });
-    cases.push(("an odd tile length", with(t), ERR_RANS_HEADER));
-    // decode faults (E_RANS_DECODE)
-    let t = edit_tiles(g, n, tl, |t, p| {
-        if t == 1 {
-            p[4 * 5..4 * 6].copy_from_slice(&0xFFFFu32.to_le_bytes());
-        }
-    });
-    cases.push(("an initial state below 2^16", with(t), ERR_RANS_DECODE));
-    let t = edit_tiles(g, n, tl, |t, p| {
-        if t == 3 {
-            p.truncate(p.len() - 2);
-        }
-    });
-    cases.push(("a truncated tile", with(t), ERR_RANS_DECODE));
-    let t = edit_tiles(g, n, tl, |t, p| {
-        if t == 0 {
-            p.extend_from_slice(&[1, 2]);
-        }
-    });
-    cases.push(("a word left over", with(t), ERR_RANS_DECODE));
-    let t = edit_tiles(g, n, tl, |t, p| {
-        if t == 4 {
-            p[0] ^= 1; // lane 0's initial state: its final state is not 2^16
-        }
-    });
-    cases.push(("a wrong final state", with(t), ERR_RANS_DECODE));
-    cases.push(("the good stream", good.clone(), 0));
+    cases.into_iter().map(|(what, c, bit)| (format!("Bytes: {what}"), c, bit)).collect()
+}
 
+/// The packed context map and table faults of codec 4 (§8.9, "Checks"):
+/// bytes that run out in each field, a map entry past the tables, a bad
+/// symbol set, an order above 11, a prefix too long, a frequency out of
+/// range, nonzero padding, frequencies that do not sum to 2^k; and the good
+/// streams next to them.
+fn packed_table_faults() -> Vec<Fault> {
+    let mut cases: Vec<(String, Case, u32)> = Vec::new();
+    let mut push = |what: &str, c: Case, bit: u32| cases.push((format!("Packed: {what}"), c, bit));
+    // five symbols in a list (k = 6): the stream with its table at order g,
+    // and the table's length
+    let s5: Vec<u8> = symbols(600, 11).iter().map(|v| v % 5).collect();
+    let f = tables_for(&s5, &s5, None, 1, 6)[0];
+    let listed: Vec<u8> = (0..5).collect();
+    let freqs: Vec<i64> = listed.iter().map(|&x| i64::from(f[usize::from(x)])).collect();
+    let values = code_values(&freqs);
+    let stream = |g: u32| {
+        let spec = Spec { k: 6, context: 0, tile_log2: 8, map: None, tables: vec![f], form: Form::Packed(Some(g)) };
+        let c = Case { stored: encode(&s5, &s5, &spec), decoded_len: 600, allowed: 1, packed: true, ..Case::default() };
+        (c, table_len(&f, Form::Packed(Some(g))))
+    };
+    let (good, len) = stream(0);
+    assert_eq!(&good.stored[4..10], &[4, 0, 1, 2, 3, 4]);
+    let order_at = 4 + 1 + 5;
+    let bits_at = order_at + 1;
+    let cut = |c: &Case, at: usize| Case { stored: c.stored[..at].to_vec(), ..c.clone() };
+    // `good` with its table replaced
+    let with_table =
+        |table: &[u8]| Case { stored: [&good.stored[..4], table, &good.stored[4 + len..]].concat(), ..good.clone() };
+    let table_of = |symbols: &[u8], freqs: &[i64], g: u32| {
+        let mut t = Vec::new();
+        write_packed_table(&mut t, symbols, freqs, Some(g));
+        with_table(&t)
+    };
+    push("cut in the symbol list", cut(&good, 4 + 3), ERR_RANS_HEADER);
+    push("cut before the order", cut(&good, order_at), ERR_RANS_HEADER);
+    // code values 2, 118, 117, 0, 0: prefixes of 1, 6, 6, 0, 0 ones at
+    // order 0, 18 bits, cut after 8
+    let spiked = [1, 60, 1, 1, 1];
+    assert_eq!(code_bits(&code_values(&spiked), 0).0, 18);
+    push("cut in the prefixes", cut(&table_of(&listed, &spiked, 0), bits_at + 1), ERR_RANS_HEADER);
+    // order 3: suffixes of at least 3 bits each after the prefixes; the
+    // byte of the last prefix is there, not the rest of the suffixes
+    let (good3, _) = stream(3);
+    let (prefix_bits, suffix_bits) = code_bits(&values, 3);
+    assert!(suffix_bits >= 15);
+    push("cut in the suffixes", cut(&good3, bits_at + prefix_bits / 8 + 1), ERR_RANS_HEADER);
+    for g in [12u8, 255] {
+        let mut t = good.stored.clone();
+        t[order_at] = g;
+        push(&format!("order {g}"), Case { stored: t, ..good.clone() }, ERR_RANS_HEADER);
+    }
+    push("symbols not increasing", table_of(&[0, 2, 1, 3, 4], &freqs, 2), ERR_RANS_HEADER);
+    push("a frequency of 0", table_of(&listed, &[16, 0, 16, 16, 16], 2), ERR_RANS_HEADER);
+    push("a frequency above 2^k", table_of(&listed, &[65, -1, 0, 0, 0], 2), ERR_RANS_HEADER);
+    push("frequencies not summing to 2^k", table_of(&listed, &[16, 16, 16, 16, 15], 2), ERR_RANS_HEADER);
+    // a code of n + g = 12 is allowed (code value 4098: f_0 = 2049, out of
+    // range); 13 is not: code value 8191 at order 0 (w = 2^13), 8064 at
+    // order 7
+    push("a code of 12 bits out of range", table_of(&listed, &[2049, -1985, 0, 0, 0], 0), ERR_RANS_HEADER);
+    push("a prefix of n + g = 13, order 0", table_of(&listed, &[-4096, 4160, 0, 0, 0], 0), ERR_RANS_HEADER);
+    push("a prefix of n + g = 13, order 7", table_of(&listed, &[4032, -3968, 0, 0, 0], 7), ERR_RANS_HEADER);
+    // a run of ones: zeros after 1100 bytes (a prefix far too long), and
+    // none in the bytes a valid bit string could take, in a stream that goes
+    // on after them
+    for ones in [1100usize, 2100] {
+        let mut t = vec![4u8, 0, 1, 2, 3, 4, 0];
+        t.extend(vec![0xFF; ones]);
+        t.extend([0; 8]);
+        push(&format!("a run of {ones} bytes of ones"), with_table(&t), ERR_RANS_HEADER);
+    }
+    // nonzero padding: a string whose last byte has unused bits
+    let g = (0..=11)
+        .find(|&g| {
+            let (prefixes, suffixes) = code_bits(&values, g);
+            (prefixes + suffixes) % 8 != 0
+        })
+        .expect("a string that ends inside a byte");
+    let (padded, len) = stream(g);
+    let mut t = padded.stored.clone();
+    t[4 + len - 1] |= 0x80;
+    push("nonzero padding", Case { stored: t, ..padded.clone() }, ERR_RANS_HEADER);
+    push("the good stream with padding", padded, 0);
+    push("the good stream at order 0", good.clone(), 0);
+    push("the good stream at order 3", good3, 0);
+    // a bitmap with a bit too many
+    let s40: Vec<u8> = (0..40).collect();
+    let mut counts = [0u64; 256];
+    for &x in &s40 {
+        counts[usize::from(x)] += 1;
+    }
+    let tables = vec![normalize(&counts, 8)];
+    let spec = Spec { k: 8, context: 0, tile_log2: 8, map: None, tables, form: Form::Packed(None) };
+    let mut t = encode(&s40, &s40, &spec);
+    t[5 + 31] |= 0x80; // symbol 255 too
+    push(
+        "a bitmap with a bit too many",
+        Case { stored: t, decoded_len: 40, allowed: 1, packed: true, ..Case::default() },
+        ERR_RANS_HEADER,
+    );
+    // packed maps of 2 and 3 bits an entry: an entry past the tables (entry
+    // 2 of a 3-bit map straddles two bytes), a cut in the map, a context the
+    // stream forbids
+    for count in [3usize, 5] {
+        let above = symbols(500, 3);
+        let s2 = symbols(500, 4);
+        let map = mixed_map(count);
+        let spec = Spec {
+            k: 9,
+            context: 2,
+            tile_log2: 8,
+            tables: tables_for(&s2, &above, Some(&map), count, 9),
+            map: Some(map),
+            form: Form::Packed(None),
+        };
+        let stored = encode(&s2, &above, &spec);
+        let base = Case { stored, decoded_len: 500, allowed: 0b101, context: above, packed: true, ..Case::default() };
+        let w = map_bits(count) as usize;
+        for x in [2usize, 200] {
+            let mut t = base.stored.clone();
+            for b in w * x..w * x + w {
+                t[4 + b / 8] |= 1 << (b % 8); // entry 2^w - 1 >= count
+            }
+            push(&format!("map entry {x} past {count} tables"), Case { stored: t, ..base.clone() }, ERR_RANS_HEADER);
+        }
+        push(&format!("cut in the map of {count} tables"), cut(&base, 4 + 32 * w - 1), ERR_RANS_HEADER);
+        push(&format!("a forbidden context, {count} tables"), Case { allowed: 0b001, ..base.clone() }, ERR_RANS_HEADER);
+        push(&format!("the good map of {count} tables"), base, 0);
+    }
+    cases
+}
+
+#[test]
+fn every_fault_of_the_spec_is_flagged_and_names_its_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = compile(dir.path());
+    let mut cases = stream_faults(Form::Bytes);
+    cases.extend(stream_faults(Form::Packed(None)));
+    cases.extend(byte_table_faults());
+    cases.extend(packed_table_faults());
     let only: Vec<Case> = cases.iter().map(|(_, c, _)| c.clone()).collect();
     let outcomes = run(&exe, dir.path(), &only);
-    for (i, ((what, _, bit), o)) in cases.iter().zip(&outcomes).enumerate() {
+    for (i, ((what, c, bit), o)) in cases.iter().zip(&outcomes).enumerate() {
+        // the library's decoder judges the stream the same way
+        let library = match library_decode(c) {
+            Ok(_) => 0,
+            Err(ErrorCode::RansHeader) => ERR_RANS_HEADER,
+            Err(ErrorCode::RansDecode) => ERR_RANS_DECODE,
+            Err(code) => panic!("{what}: the library gave {code:?}"),
+        };
+        assert_eq!(library, *bit, "{what}: the library");
         assert_eq!(o.bits, *bit, "{what}: flag {:#x}", o.bits);
         let job = 100 + i as u32;
         match *bit {
@@ -716,7 +1087,7 @@ fn every_fault_of_the_spec_is_flagged_and_names_its_job() {
 // Against the format library's codec: its encoder's streams, its decoder's
 // bytes and codes.
 
-use tpde::format::rans::{self as library, decode_into, Contexts};
+use tpde::format::rans::{self as library, decode_into, Contexts, TableForm};
 use tpde::ErrorCode;
 
 /// A stream of the library's encoder, with the contexts it was made with.
@@ -734,32 +1105,34 @@ fn contexts_of<'a>(c: &'a Case, positions: Option<&'a [u32]>) -> Contexts<'a> {
     }
 }
 
-fn library_cases() -> Vec<LibraryCase> {
+/// Streams of the library's encoder in `form`, of every context.
+fn library_cases(form: TableForm) -> Vec<LibraryCase> {
+    let packed = form == TableForm::Packed;
     let mut out = Vec::new();
     for (n, seed) in [(1usize, 1u64), (33, 2), (5000, 3), (150_000, 4)] {
         let s = symbols(n, seed);
-        let stored = library::encode(&s, Contexts::None);
-        let case = Case { stored, decoded_len: n as u32, allowed: 1, ..Case::default() };
-        out.push(LibraryCase { what: format!("context 0, {n} symbols"), case, symbols: s });
+        let stored = library::encode(form, &s, Contexts::None);
+        let case = Case { stored, decoded_len: n as u32, allowed: 1, packed, ..Case::default() };
+        out.push(LibraryCase { what: format!("{form:?}: context 0, {n} symbols"), case, symbols: s });
     }
     // a plane that is almost all zeros, and one of a single symbol
     let mut r = lcg(9);
     let zeros: Vec<u8> = (0..70_000).map(|_| u8::from(r() % 200 == 0)).collect();
     for s in [zeros, vec![42u8; 5000]] {
         let n = s.len();
-        let stored = library::encode(&s, Contexts::None);
+        let stored = library::encode(form, &s, Contexts::None);
         out.push(LibraryCase {
-            what: format!("context 0, skewed {n}"),
-            case: Case { stored, decoded_len: n as u32, allowed: 1, ..Case::default() },
+            what: format!("{form:?}: context 0, skewed {n}"),
+            case: Case { stored, decoded_len: n as u32, allowed: 1, packed, ..Case::default() },
             symbols: s,
         });
     }
     // the plane above
     let above = symbols(40_000, 11);
     let s: Vec<u8> = above.iter().zip(symbols(40_000, 12)).map(|(a, b)| (a / 3).wrapping_add(b % 3)).collect();
-    let stored = library::encode(&s, Contexts::HigherPlane(&above));
-    let case = Case { stored, decoded_len: 40_000, allowed: 0b101, context: above, ..Case::default() };
-    out.push(LibraryCase { what: "context 2".into(), case, symbols: s });
+    let stored = library::encode(form, &s, Contexts::HigherPlane(&above));
+    let case = Case { stored, decoded_len: 40_000, allowed: 0b101, context: above, packed, ..Case::default() };
+    out.push(LibraryCase { what: format!("{form:?}: context 2"), case, symbols: s });
     // the base key, every word width, dense and sparse, a base shorter than the chunk
     for wb in [1usize, 2, 4, 8] {
         let (words, base_words) = (30_000usize, 25_000usize);
@@ -782,7 +1155,7 @@ fn library_cases() -> Vec<LibraryCase> {
                 .map(|(&p, v)| (key(word(p as usize), wb) >> 5).wrapping_add(v % 4))
                 .collect();
             let positions = sparse.then_some(at.as_slice());
-            let stored = library::encode(&s, Contexts::BaseKeys { base: &base, word_bytes: wb, positions });
+            let stored = library::encode(form, &s, Contexts::BaseKeys { base: &base, word_bytes: wb, positions });
             let case = Case {
                 stored,
                 decoded_len: at.len() as u32,
@@ -791,8 +1164,10 @@ fn library_cases() -> Vec<LibraryCase> {
                 base_words: base_words as u32,
                 context: base.clone(),
                 positions: sparse.then(|| at.clone()),
+                packed,
             };
-            out.push(LibraryCase { what: format!("context 1, {wb}-byte words, sparse {sparse}"), case, symbols: s });
+            let what = format!("{form:?}: context 1, {wb}-byte words, sparse {sparse}");
+            out.push(LibraryCase { what, case, symbols: s });
         }
     }
     out
@@ -801,7 +1176,8 @@ fn library_cases() -> Vec<LibraryCase> {
 /// The library's result for a case: its decoded bytes or its code.
 fn library_decode(c: &Case) -> Result<Vec<u8>, ErrorCode> {
     let mut out = Vec::new();
-    decode_into(&c.stored, c.decoded_len as usize, contexts_of(c, c.positions.as_deref()), &mut out)
+    let form = if c.packed { TableForm::Packed } else { TableForm::Bytes };
+    decode_into(form, &c.stored, c.decoded_len as usize, contexts_of(c, c.positions.as_deref()), &mut out)
         .map(|()| out)
         .map_err(|e| e.code())
 }
@@ -810,7 +1186,7 @@ fn library_decode(c: &Case) -> Result<Vec<u8>, ErrorCode> {
 fn the_kernels_decode_the_library_encoder_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let exe = compile(dir.path());
-    let cases = library_cases();
+    let cases: Vec<LibraryCase> = [TableForm::Bytes, TableForm::Packed].into_iter().flat_map(library_cases).collect();
     let only: Vec<Case> = cases.iter().map(|c| c.case.clone()).collect();
     for (c, o) in cases.iter().zip(run(&exe, dir.path(), &only)) {
         assert_eq!(library_decode(&c.case).as_deref(), Ok(c.symbols.as_slice()), "{}: the library", c.what);
@@ -819,23 +1195,30 @@ fn the_kernels_decode_the_library_encoder_byte_for_byte() {
     }
 }
 
-/// Corrupted streams (bytes flipped past the fixed header, cut, extended):
-/// the kernels raise the bit of the library's code, or none and give its
-/// bytes where the library accepts the stream.
+/// Corrupted streams (bytes flipped past the fixed header, cut, extended;
+/// half of the flips among the first bytes, where the context map and
+/// tables lie), in both table forms: the kernels raise the bit of the
+/// library's code, or none and give its bytes where the library accepts the
+/// stream.
 #[test]
 fn corrupted_streams_give_the_library_code() {
     let dir = tempfile::tempdir().unwrap();
     let exe = compile(dir.path());
     let mut r = lcg(77);
     let mut cases = Vec::new();
-    for base in library_cases().iter().filter(|c| c.case.stored.len() > 8 && c.case.decoded_len < 100_000) {
+    let library = [TableForm::Bytes, TableForm::Packed].into_iter().flat_map(library_cases);
+    for base in library.filter(|c| c.case.stored.len() > 8 && c.case.decoded_len < 100_000) {
         let len = base.case.stored.len();
-        for k in 0..8 {
+        for k in 0..14 {
             let mut stored = base.case.stored.clone();
             match k {
                 0 => stored.truncate(len - 1),
                 1 => stored.truncate(4 + (r() as usize) % (len - 4)),
                 2 => stored.push(r() as u8),
+                8.. => {
+                    let at = 4 + (r() as usize) % (len - 4).min(300);
+                    stored[at] ^= 1 << (r() % 8);
+                }
                 _ => {
                     let at = 4 + (r() as usize) % (len - 4);
                     stored[at] ^= 1 << (r() % 8);

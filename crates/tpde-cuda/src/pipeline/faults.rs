@@ -2,12 +2,12 @@
 //! naming the tensor and chunk, and confirming it with the library's own
 //! checks where it can.
 
-use tpde::{ErrorCode, WordWidth};
+use tpde::{format::rans::TableForm, ErrorCode, WordWidth};
 
 use super::host_decode::decode_stream;
 use super::inputs::{ChunkRef, TensorRef};
 use crate::error::{flag, GpuError};
-use crate::rans::{self, allowed_contexts, is_rans, Header};
+use crate::rans::{self, allowed_contexts, Header};
 
 /// The error of the device flag `words` ([`flag::WORDS`] of them). A lane
 /// rANS fault comes with the job index of a chunk that showed it, which
@@ -96,12 +96,12 @@ fn library_rans_fault(c: &ChunkRef<'_>, width: WordWidth) -> Option<tpde::Error>
     for q in (0..n).rev() {
         let (r, bytes) = (&c.streams[q], *stored.get(q)?);
         let len = r.decoded_len as usize;
-        if !is_rans(r.codec) {
+        let Some(form) = TableForm::of_codec(r.codec) else {
             let mut out = vec![0u8; len];
             decoded[q] = decode_stream(r, bytes, &mut out).ok().map(|()| out);
             continue;
-        }
-        let header = match Header::read(bytes, allowed_contexts(c, q, width)) {
+        };
+        let header = match Header::read(form, bytes, allowed_contexts(c, q, width)) {
             Ok(h) => h,
             Err(e) => return Some(e),
         };
@@ -115,7 +115,7 @@ fn library_rans_fault(c: &ChunkRef<'_>, width: WordWidth) -> Option<tpde::Error>
             _ => continue,
         };
         let mut out = Vec::new();
-        if let Err(e) = tpde::format::rans::decode_into(bytes, len, contexts, &mut out) {
+        if let Err(e) = tpde::format::rans::decode_into(form, bytes, len, contexts, &mut out) {
             return Some(e);
         }
         decoded[q] = Some(out);
@@ -127,7 +127,7 @@ fn library_rans_fault(c: &ChunkRef<'_>, width: WordWidth) -> Option<tpde::Error>
 mod tests {
     use super::super::inputs::Checksums;
     use super::*;
-    use tpde::format::{ChunkRecord, Codec, Encoding, PositionCoding, StreamRecord, ValueLayout};
+    use tpde::format::{ChunkRecord, Encoding, PositionCoding, StreamRecord, ValueLayout};
 
     /// A kernel's flag names no chunk; the library's check of each chunk finds
     /// the one with the same fault, and only that one.
@@ -166,13 +166,20 @@ mod tests {
     /// kernels recorded); the library's decoder finds the same fault in that
     /// chunk, and its error is the one returned. Unnamed, every chunk is
     /// searched. A chunk that the library finds sound leaves the device's
-    /// error as it was.
+    /// error as it was. Codecs 2 and 4 alike.
     #[test]
     fn a_lane_rans_fault_is_named_by_the_device_and_confirmed_by_the_library() {
+        for form in [TableForm::Bytes, TableForm::Packed] {
+            lane_rans_fault_is_named_and_confirmed(form);
+        }
+    }
+
+    fn lane_rans_fault_is_named_and_confirmed(form: TableForm) {
         use tpde::format::rans::{decode_into, encode, Contexts};
         let symbols: Vec<u8> = (0..5000u32).map(|i| u8::try_from(i % 7 + i % 3).unwrap()).collect();
-        let good = encode(&symbols, Contexts::None);
-        let decodes = |b: &[u8]| decode_into(b, symbols.len(), Contexts::None, &mut Vec::new()).map_err(|e| e.code());
+        let good = encode(form, &symbols, Contexts::None);
+        let decodes =
+            |b: &[u8]| decode_into(form, b, symbols.len(), Contexts::None, &mut Vec::new()).map_err(|e| e.code());
         let bad = (4..good.len())
             .rev()
             .map(|at| {
@@ -185,7 +192,7 @@ mod tests {
         let stream = |b: &[u8]| StreamRecord {
             stored_len: u32::try_from(b.len()).unwrap(),
             decoded_len: 5000,
-            codec: Codec::Rans,
+            codec: form.codec(),
         };
         let record = |b: &[u8]| ChunkRecord {
             data_offset: 0,

@@ -7,7 +7,10 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 use tpde::{
-    format::{Codec, StreamRecord},
+    format::{
+        rans::{self, ContextKind, Contexts, TableForm},
+        Codec, StreamRecord,
+    },
     ErrorCode, Result as FormatResult,
 };
 
@@ -63,7 +66,7 @@ thread_local! {
 /// Decodes one stream into `dst` (exactly its decoded length) with the
 /// format library's own decoder, which enforces the zstd profile of
 /// `spec/FORMAT.md` §8.5 (one frame with its content size, no trailing
-/// bytes, a bounded window) and the rules of lane rANS (§8.7), and reports
+/// bytes, a bounded window) and the rules of lane rANS (§8.7, §8.9), and reports
 /// the library's codes. A lane rANS stream must have context 0 here (the
 /// plane above or the base that another context reads is not given);
 /// the loader decodes every lane rANS stream on the device.
@@ -103,14 +106,15 @@ pub fn decode_stream(record: &StreamRecord, stored: &[u8], dst: &mut [u8]) -> Re
             .map_err(GpuError::Format),
         // Context 0 only: the plane above or the base that another context
         // reads is not at hand here; the loader decodes those on the device.
-        Codec::Rans => {
-            if tpde::format::rans::context_kind(stored)? != tpde::format::rans::ContextKind::None {
+        Codec::Rans | Codec::RansPacked => {
+            let form = if record.codec == Codec::Rans { TableForm::Bytes } else { TableForm::Packed };
+            if rans::context_kind(stored)? != ContextKind::None {
                 return Err(GpuError::invalid("a lane rANS stream with a context needs its context to decode"));
             }
             DECODED
                 .with(|cell| -> FormatResult<()> {
                     let mut decoded = cell.borrow_mut();
-                    tpde::format::rans::decode_into(stored, len, tpde::format::rans::Contexts::None, &mut decoded)?;
+                    rans::decode_into(form, stored, len, Contexts::None, &mut decoded)?;
                     dst.copy_from_slice(&decoded);
                     Ok(())
                 })

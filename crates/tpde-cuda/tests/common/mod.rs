@@ -4,8 +4,9 @@
 #![allow(dead_code, clippy::cast_possible_truncation)]
 
 use tpde::format::{
-    positions, rans::Contexts, ChunkRecord, Codec, EncodedChunk, Encoding, PositionCoding, StreamRecord, ValueLayout,
-    ValueOp, ValueOrder,
+    positions,
+    rans::{Contexts, TableForm},
+    ChunkRecord, Codec, EncodedChunk, Encoding, PositionCoding, StreamRecord, ValueLayout, ValueOp, ValueOrder,
 };
 use tpde_cuda::{EncodedTensor, WordWidth};
 
@@ -138,12 +139,13 @@ pub fn forced_chunk_in(
 pub enum Codecs {
     /// zstd at this level where that is smaller, else stored.
     Zstd(Option<i32>),
-    /// Lane rANS (codec 2, spec §8.7) in every stream, with the contexts of
-    /// the mix.
-    Rans(RansMix),
-    /// Lane rANS, zstd and stored in turn (stream `q` takes `q mod 3`), with
-    /// the richest contexts a lane rANS stream may use there.
-    Mixed,
+    /// Lane rANS in every stream, with the contexts of the mix, its tables
+    /// in the form given: codec 2 (spec §8.7) or codec 4 (§8.9).
+    Rans(RansMix, TableForm),
+    /// Lane rANS with tables in the form given, zstd and stored in turn
+    /// (stream `q` takes `q mod 3`), with the richest contexts a lane rANS
+    /// stream may use there.
+    Mixed(TableForm),
 }
 
 /// Which contexts lane rANS streams use.
@@ -159,6 +161,20 @@ pub enum RansMix {
 }
 
 pub const RANS_MIXES: [RansMix; 3] = [RansMix::None, RansMix::Chained, RansMix::BaseKeys];
+
+/// Both forms of lane rANS tables: codec 2's bytes and codec 4's packed bits.
+pub const TABLE_FORMS: [TableForm; 2] = [TableForm::Bytes, TableForm::Packed];
+
+/// Every context mix and the mix next to zstd and stored streams, in
+/// `form`.
+pub fn rans_codecs(form: TableForm) -> [Codecs; 4] {
+    [
+        Codecs::Rans(RansMix::None, form),
+        Codecs::Rans(RansMix::Chained, form),
+        Codecs::Rans(RansMix::BaseKeys, form),
+        Codecs::Mixed(form),
+    ]
+}
 
 /// The context that stream `q` of a chunk takes under `mix`: 0 none, 1 base
 /// key, 2 plane above (spec §8.7 says where each is allowed).
@@ -264,19 +280,19 @@ pub fn forced_chunk_coded(
                 _ => (Codec::Stored, s.clone()),
             }
         };
-        let rans = |mix: RansMix| {
+        let rans = |mix: RansMix, form: TableForm| {
             let contexts = match context_for(mix, &record, np, q, raw.len()) {
                 1 => Contexts::BaseKeys { base, word_bytes: w.bytes(), positions },
                 2 => Contexts::HigherPlane(&raw[q + 1]),
                 _ => Contexts::None,
             };
-            (Codec::Rans, tpde::format::rans::encode(s, contexts))
+            (form.codec(), tpde::format::rans::encode(form, s, contexts))
         };
         let (codec, bytes) = match codecs {
             Codecs::Zstd(level) => zstd(level),
-            Codecs::Rans(mix) => rans(mix),
-            Codecs::Mixed => match q % 3 {
-                0 => rans(RansMix::Chained),
+            Codecs::Rans(mix, form) => rans(mix, form),
+            Codecs::Mixed(form) => match q % 3 {
+                0 => rans(RansMix::Chained, form),
                 1 => zstd(Some(1)),
                 _ => zstd(None),
             },
