@@ -491,8 +491,8 @@ fn natural_finetune(suite: &mut Suite) {
         target.push(bf16_tensor(name, shape, &updated));
     }
     // Format 1.1: lane rANS without the constant streams of 1.3 or the packed
-    // tables of 1.4.
-    let settings = EncodeSettings { constant: false, packed_tables: false, ..EncodeSettings::default() };
+    // tables of 1.4, and zstd wherever it is smaller, as that version's writer.
+    let settings = EncodeSettings::default().within_format_version("1.1").expect("a writable version");
     let options = EncodeOptions { chunk_words: 8192, settings };
     assert!(options.settings.rans, "the library's default writer uses lane rANS");
     let name = "natural-finetune-rans";

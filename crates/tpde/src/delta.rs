@@ -51,11 +51,26 @@ pub struct EncodeSettings {
     /// them smaller; without it they are codec 2 and the file needs no reader newer
     /// than format 1.3.
     pub packed_tables: bool,
+    /// Where lane rANS is allowed, the bytes by which zstd must beat the best coding
+    /// that a GPU decodes (lane rANS, constant or stored) to be kept, besides
+    /// beating it by [`ZSTD_OVER_RANS_GAIN`]. A single zstd stream sends a GPU load
+    /// through the CPU, which cost a load on an H200 about 0.4 ms (the transfer
+    /// time of 20 MB) whatever the stream's size; 0 weighs bytes alone, as format
+    /// 1.3's writer did.
+    pub zstd_min_saving: usize,
 }
 
 impl Default for EncodeSettings {
     fn default() -> Self {
-        Self { level: 1, min_zstd_gain: 0.0, rans: true, zstd: true, constant: true, packed_tables: true }
+        Self {
+            level: 1,
+            min_zstd_gain: 0.0,
+            rans: true,
+            zstd: true,
+            constant: true,
+            packed_tables: true,
+            zstd_min_saving: ZSTD_MIN_SAVING,
+        }
     }
 }
 
@@ -76,7 +91,9 @@ impl EncodeSettings {
             "1.0" => 0,
             _ => return None,
         };
-        Some(Self { rans: minor >= 1, constant: minor >= 3, packed_tables: minor >= 4, ..self })
+        // Older versions keep their writers' bytes: zstd wherever it is smaller.
+        let zstd_min_saving = if minor >= 4 { self.zstd_min_saving } else { 0 };
+        Some(Self { rans: minor >= 1, constant: minor >= 3, packed_tables: minor >= 4, zstd_min_saving, ..self })
     }
 
     /// The table form of the lane rANS streams written.
@@ -144,14 +161,19 @@ struct PendingStream<'a> {
     /// Plans under no context and under each of `contexts`; empty without lane rANS.
     plans: Vec<rans::StreamPlan>,
     zstd: Option<Vec<u8>>,
+    /// The coding kept: zstd only where it saves enough to pay a GPU load's trip
+    /// through the CPU.
     choice: Choice,
+    /// The coding kept where the stream's set keeps a zstd stream anyway, so that
+    /// the trip is paid: zstd wherever it saves [`ZSTD_OVER_RANS_GAIN`].
+    smallest: Choice,
 }
 
 impl<'a> PendingStream<'a> {
     /// Chooses the smallest of the stream's bytes, lane rANS under the best plan and
-    /// zstd. zstd is kept only where it saves more than [`ZSTD_OVER_RANS_GAIN`] over
-    /// rANS, because only rANS streams decode on a GPU.
-    #[allow(clippy::cast_precision_loss)] // thresholds
+    /// zstd. zstd is kept only where it saves more than [`ZSTD_OVER_RANS_GAIN`] and
+    /// [`EncodeSettings::zstd_min_saving`] bytes over the best coding that a GPU
+    /// decodes, because a zstd stream costs a GPU load a trip through the CPU.
     fn new(
         raw: &'a [u8],
         contexts: Vec<StreamContext<'a>>,
@@ -160,26 +182,54 @@ impl<'a> PendingStream<'a> {
         settings: EncodeSettings,
     ) -> Self {
         if is_constant(raw, settings) {
-            return Self { raw, contexts, plans, zstd, choice: Choice::Constant };
+            return Self { raw, contexts, plans, zstd, choice: Choice::Constant, smallest: Choice::Constant };
         }
-        let zstd_len = zstd.as_ref().map_or(usize::MAX, Vec::len);
+        // Without lane rANS the file is for readers older than any GPU loader.
+        let min_saving = if settings.rans { settings.zstd_min_saving } else { 0 };
+        let choice = Self::choose(raw, &plans, zstd.as_deref(), settings, min_saving);
+        let smallest = Self::choose(raw, &plans, zstd.as_deref(), settings, 0);
+        Self { raw, contexts, plans, zstd, choice, smallest }
+    }
+
+    /// Lane rANS under the best plan, unless zstd saves [`ZSTD_OVER_RANS_GAIN`] and
+    /// `min_saving` bytes over it; stored where neither is worth it.
+    #[allow(clippy::cast_precision_loss)] // thresholds
+    fn choose(
+        raw: &[u8],
+        plans: &[rans::StreamPlan],
+        zstd: Option<&[u8]>,
+        settings: EncodeSettings,
+        min_saving: usize,
+    ) -> Choice {
+        let zstd_len = zstd.map_or(usize::MAX, <[u8]>::len);
+        let zstd_saves_over = |gpu_len: usize| zstd_len.saturating_add(min_saving) <= gpu_len;
         // The first of equals, as a writer that tries the contexts in order keeps.
         let best = plans.iter().enumerate().min_by_key(|(_, plan)| plan.predicted_len());
         let rans = best.filter(|(_, plan)| {
             let len = plan.predicted_len();
-            len < raw.len() && (zstd_len as f64) >= (1.0 - ZSTD_OVER_RANS_GAIN) * len as f64
+            len < raw.len() && ((zstd_len as f64) >= (1.0 - ZSTD_OVER_RANS_GAIN) * len as f64 || !zstd_saves_over(len))
         });
-        let choice = match (rans, &zstd) {
+        match (rans, zstd) {
             (Some((index, _)), _) => Choice::Rans(index),
-            (None, Some(zstd)) if worth_storing(zstd.len(), raw.len(), settings) => Choice::Zstd,
+            (None, Some(zstd)) if worth_storing(zstd.len(), raw.len(), settings) && zstd_saves_over(raw.len()) => {
+                Choice::Zstd
+            }
             _ => Choice::Stored,
-        };
-        Self { raw, contexts, plans, zstd, choice }
+        }
     }
 
-    /// The stored length, predicted for lane rANS.
-    fn len(&self, settings: EncodeSettings) -> usize {
-        match self.choice {
+    /// The coding kept, given whether the stream's set keeps a zstd stream anyway.
+    fn kept(&self, set_keeps_zstd: bool) -> Choice {
+        if set_keeps_zstd {
+            self.smallest
+        } else {
+            self.choice
+        }
+    }
+
+    /// The stored length of `choice`, predicted for lane rANS.
+    fn len(&self, choice: Choice, settings: EncodeSettings) -> usize {
+        match choice {
             Choice::Rans(index) => Some(self.plans[index].predicted_len())
                 .filter(|&len| worth_storing(len, self.raw.len(), settings))
                 .unwrap_or(self.raw.len()),
@@ -189,10 +239,10 @@ impl<'a> PendingStream<'a> {
         }
     }
 
-    /// Codes the stream as chosen, into `out`. Lane rANS that does not save enough
+    /// Codes the stream as `choice`, into `out`. Lane rANS that does not save enough
     /// once coded is stored instead.
-    fn finish(self, settings: EncodeSettings, out: &mut CodedStreams) {
-        let coded = match (self.choice, self.zstd) {
+    fn finish(self, choice: Choice, settings: EncodeSettings, out: &mut CodedStreams) {
+        let coded = match (choice, self.zstd) {
             (Choice::Rans(index), _) => {
                 let contexts = index.checked_sub(1).map(|at| self.contexts[at].bytes());
                 let plan = &self.plans[index];
@@ -310,16 +360,26 @@ impl<'a> StreamSet<'a> {
         Ok(set)
     }
 
+    /// Whether a stream keeps zstd even where a GPU-decoded coding is preferred: then
+    /// a GPU load of the set goes through the CPU anyway, and every stream of it
+    /// takes the smaller coding.
+    fn keeps_zstd(&self) -> bool {
+        self.streams.iter().any(|stream| matches!(stream.choice, Choice::Zstd))
+    }
+
     /// The stored length, predicted for lane rANS streams.
     fn len(&self) -> usize {
-        self.streams.iter().map(|stream| stream.len(self.settings)).sum()
+        let keeps_zstd = self.keeps_zstd();
+        self.streams.iter().map(|stream| stream.len(stream.kept(keeps_zstd), self.settings)).sum()
     }
 
     /// Codes every stream as chosen.
     fn finish(self) -> CodedStreams {
+        let keeps_zstd = self.keeps_zstd();
         let mut out = CodedStreams { records: Vec::new(), data: Vec::new() };
         for stream in self.streams {
-            stream.finish(self.settings, &mut out);
+            let choice = stream.kept(keeps_zstd);
+            stream.finish(choice, self.settings, &mut out);
         }
         out
     }
@@ -371,6 +431,10 @@ fn smaller_of(first: StreamSet<'_>, second: StreamSet<'_>, gain: f64) -> (bool, 
 /// The fraction by which zstd must beat lane rANS on a stream to be kept: below it,
 /// a stream that a GPU decodes is worth more than the bytes.
 const ZSTD_OVER_RANS_GAIN: f64 = 0.02;
+/// The default [`EncodeSettings::zstd_min_saving`]. On the benchmark corpus it
+/// leaves zstd only where zstd's long-distance matches save 10% of large planes, and
+/// costs the other deltas at most 1.5% (the nearly constant planes of an RL step).
+pub const ZSTD_MIN_SAVING: usize = 4096;
 /// The fraction by which a bitmap must beat gaps to be kept. A bitmap codes one
 /// symbol per 8 words, gaps one per changed word and plane: below about 6%
 /// changed words that is many times the symbols, and a GPU warp decodes a lane
@@ -1497,6 +1561,30 @@ mod tests {
         assert!(codecs(uncompressed).1.is_empty());
         assert!(!is_constant(&[7], EncodeSettings::default()) && !is_constant(&[], EncodeSettings::default()));
         assert!(is_constant(&[7, 7], EncodeSettings::default()) && !is_constant(&[7, 8], EncodeSettings::default()));
+    }
+
+    /// zstd is kept only where it saves `zstd_min_saving` bytes over lane rANS, unless
+    /// the stream's set keeps zstd anyway; without lane rANS, or at 0, bytes alone
+    /// decide.
+    #[test]
+    fn zstd_is_kept_where_it_saves_kilobytes_or_the_set_keeps_it_anyway() {
+        // A pattern of 64 random bytes repeated: zstd stores any length of it in
+        // about 100 bytes, lane rANS in about 6 bits a byte.
+        let pattern = pseudo_random(64, 5);
+        let repeating = |len: usize| -> Vec<u8> { pattern.iter().copied().cycle().take(len).collect() };
+        let (small_gain, large_gain) = (repeating(2048), repeating(200_000));
+        let codecs = |streams: &[Vec<u8>], settings: EncodeSettings| -> Vec<Codec> {
+            let coded = StreamSet::of(streams, settings).unwrap().finish();
+            coded.records.iter().map(|r| r.codec).collect()
+        };
+        let default = EncodeSettings::default();
+        let bytes_alone = EncodeSettings { zstd_min_saving: 0, ..default };
+        assert_eq!(codecs(std::slice::from_ref(&small_gain), default), [Codec::RansPacked]);
+        assert_eq!(codecs(std::slice::from_ref(&small_gain), bytes_alone), [Codec::Zstd]);
+        assert_eq!(codecs(&[large_gain.clone(), small_gain.clone()], default), [Codec::Zstd, Codec::Zstd]);
+        let zstd_only = EncodeSettings { rans: false, constant: false, packed_tables: false, ..default };
+        assert_eq!(codecs(&[small_gain], zstd_only), [Codec::Zstd]);
+        assert_eq!(default.within_format_version("1.3").map(|s| s.zstd_min_saving), Some(0));
     }
 
     /// A word width that no dtype has cannot be asked for; bad sizes are errors.

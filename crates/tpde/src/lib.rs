@@ -49,7 +49,7 @@ mod writer;
 
 pub use checkpoint::{Checkpoint, CheckpointFile, TensorLocation, INDEX_FILE};
 pub use container::header::{BaseTensor, LayoutKind, TensorEntry};
-pub use delta::{DecodeCost, DecodeScratch, EncodeSettings, WRITABLE_FORMAT_VERSIONS};
+pub use delta::{DecodeCost, DecodeScratch, EncodeSettings, WRITABLE_FORMAT_VERSIONS, ZSTD_MIN_SAVING};
 pub use dtype::{Dtype, WordWidth};
 pub use error::{escape_for_terminal, Error, ErrorCode, Result};
 pub use limits::DEFAULT_CHUNK_WORDS;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use tpde::format::positions::{decode_split, encode_gaps, gap_width, split_by_reference};
-use tpde::format::{PositionCoding, FEATURE_CONSTANT_STREAMS, FEATURE_TEMPORAL_POSITIONS};
+use tpde::format::{PositionCoding, FEATURE_CONSTANT_STREAMS, FEATURE_PACKED_RANS, FEATURE_TEMPORAL_POSITIONS};
 use tpde::{
     encode_sources, encode_sources_against, DeltaFile, Dtype, EncodeOptions, ErrorCode, MemoryTensor, NoProgress,
 };
@@ -138,9 +138,17 @@ fn a_delta_against_a_reference_names_it_and_needs_it() {
 
     let delta = DeltaFile::open(&d2).unwrap();
     assert_ne!(delta.preamble().required_features & FEATURE_TEMPORAL_POSITIONS, 0);
-    // 1.2 defines coding 3; 1.3 also defines the constant streams, if the delta has any.
-    let constant = delta.preamble().required_features & FEATURE_CONSTANT_STREAMS != 0;
-    assert_eq!(delta.preamble().minor_version, if constant { 3 } else { 2 });
+    // 1.2 defines coding 3; 1.3 and 1.4 define constant streams and packed tables,
+    // which the delta may also use.
+    let features = delta.preamble().required_features;
+    let newest = if features & FEATURE_PACKED_RANS != 0 {
+        4
+    } else if features & FEATURE_CONSTANT_STREAMS != 0 {
+        3
+    } else {
+        2
+    };
+    assert_eq!(delta.preamble().minor_version, newest);
     let tensor = delta.header().tensors[0].clone();
     assert_eq!(delta.chunk(tensor.first_chunk).position_coding, PositionCoding::SplitByReference);
     assert!(len(&d2) < len(&plain), "coding 3 stores {} bytes, gaps and bitmaps {}", len(&d2), len(&plain));

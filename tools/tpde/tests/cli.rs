@@ -204,14 +204,50 @@ fn cpu_only_bytes(delta: &Path) -> u64 {
     report["total"]["cpu_only_bytes"].as_u64().expect("a byte count")
 }
 
+/// A BF16 step that moves 5% of the words by a pattern of 64 values repeated over
+/// and over: zstd's matches store its value planes many kilobytes smaller than any
+/// order-0 or order-1 coder.
+fn repeating_steps(t: &Pair) -> (PathBuf, PathBuf) {
+    let base = tensor("w", "BF16", &[1024, 1024], 23);
+    let pattern: Vec<u16> = noise(128, 24).chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) | 0x0101).collect();
+    let mut bytes = base.bytes.clone();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut moved = 0;
+    for word in bytes.chunks_exact_mut(2) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        if state % 100 < 5 {
+            let v = u16::from_le_bytes([word[0], word[1]]) ^ pattern[moved % pattern.len()];
+            word.copy_from_slice(&v.to_le_bytes());
+            moved += 1;
+        }
+    }
+    let target = Tensor { bytes, ..tensor("w", "BF16", &[1024, 1024], 23) };
+    let (b, tg) = (t.path("repeating-base.safetensors"), t.path("repeating.safetensors"));
+    write_safetensors(&b, &[base]);
+    write_safetensors(&tg, &[target]);
+    (b, tg)
+}
+
+/// The default writer keeps zstd only where it saves kilobytes, so a one-unit step
+/// leaves the CPU nothing, and a step that repeats a pattern keeps it; with
+/// `--no-zstd` neither does. Each rebuilds the target.
 #[test]
 fn no_zstd_deltas_leave_nothing_to_the_cpu_and_round_trip() {
     let t = pair();
-    let (base, target) = one_unit_steps(&t);
+    let (steps_base, steps_target) = one_unit_steps(&t);
+    let steps = t.path("steps.tpde");
+    ok(&[p("encode"), &steps_base, &steps_target, p("-o"), &steps]);
+    assert_eq!(cpu_only_bytes(&steps), 0, "zstd saves too little on a one-unit step to be kept");
+    let steps_13 = t.path("steps-1.3.tpde");
+    ok(&[p("encode"), &steps_base, &steps_target, p("-o"), &steps_13, p("--format-version"), p("1.3")]);
+    assert!(cpu_only_bytes(&steps_13) > 0, "format 1.3's writer kept zstd wherever it was smaller");
+    let (base, target) = repeating_steps(&t);
     let (default, gpu) = (t.path("default.tpde"), t.path("no-zstd.tpde"));
     ok(&[p("encode"), &base, &target, p("-o"), &default]);
     ok(&[p("encode"), &base, &target, p("-o"), &gpu, p("--no-zstd")]);
-    assert!(cpu_only_bytes(&default) > 0, "the default writer keeps zstd where it stores smaller");
+    assert!(cpu_only_bytes(&default) > 0, "the default writer keeps zstd where it saves kilobytes");
     assert_eq!(cpu_only_bytes(&gpu), 0);
     for (delta, out) in [(&default, t.path("a.safetensors")), (&gpu, t.path("b.safetensors"))] {
         ok(&[p("apply"), &base, delta, p("-o"), &out]);
