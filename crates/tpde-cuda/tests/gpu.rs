@@ -93,7 +93,15 @@ fn materialize_and_host_base_paths_are_bit_exact() {
     // grouped by base key whatever the writer would predict.
     let written = [(0.0, true, true), (0.0, true, false), (0.5, true, true), (0.0, false, false), (0.5, false, false)]
         .map(|(min_zstd_gain, rans, packed_tables)| {
-            let s = EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans, packed_tables };
+            let s = EncodeSettings {
+                level: 3,
+                min_zstd_gain,
+                rans,
+                zstd: true,
+                constant: rans,
+                packed_tables,
+                zstd_min_saving: 0,
+            };
             EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, 1 << 16, true, s).unwrap()
         });
     let grouped = forced_tensor_in(
@@ -298,7 +306,15 @@ fn a_delta_file_written_by_the_format_library_loads_bit_exact() {
     for (min_zstd_gain, rans, packed_tables) in [(0.0, true, true), (0.5, true, false), (0.0, false, false)] {
         let opts = tpde::EncodeOptions {
             chunk_words: 32_768,
-            settings: EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans, packed_tables },
+            settings: EncodeSettings {
+                level: 3,
+                min_zstd_gain,
+                rans,
+                zstd: true,
+                constant: rans,
+                packed_tables,
+                zstd_min_saving: 0,
+            },
         };
         let path = dir.join("d.tpde");
         tpde::encode(Some(&base), &target, &path, opts, &tpde::NoProgress).unwrap();
@@ -374,7 +390,15 @@ fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary
     for (min_zstd_gain, rans, packed_tables) in [(0.0, true, true), (0.25, true, false), (0.0, false, false)] {
         let opts = tpde::EncodeOptions {
             chunk_words: 10_000,
-            settings: EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans, packed_tables },
+            settings: EncodeSettings {
+                level: 3,
+                min_zstd_gain,
+                rans,
+                zstd: true,
+                constant: rans,
+                packed_tables,
+                zstd_min_saving: 0,
+            },
         };
         let path = dir.join("d.tpde");
         tpde::encode(Some(&base), &target, &path, opts, &tpde::NoProgress).unwrap();
@@ -811,7 +835,15 @@ fn the_writers_lane_rans_streams_decode_on_the_gpu() {
         [(1.0, 1 << 16, true), (1.0, 3000, true), (0.4, 1 << 16, true), (1.0, 1 << 16, false), (1.0, 3000, false)]
     {
         let (base, target) = float_pair(1 << 20, p, 17);
-        let s = EncodeSettings { level: 3, min_zstd_gain: 0.0, rans: true, zstd: true, constant: true, packed_tables };
+        let s = EncodeSettings {
+            level: 3,
+            min_zstd_gain: 0.0,
+            rans: true,
+            zstd: true,
+            constant: true,
+            packed_tables,
+            zstd_min_saving: 0,
+        };
         let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, chunk_words, true, s).unwrap();
         let ctx = format!("p {p}, chunks of {chunk_words} words, packed tables {packed_tables}");
         let codec = if packed_tables { Codec::RansPacked } else { Codec::Rans };
