@@ -53,10 +53,10 @@ pub struct EncodeSettings {
     pub packed_tables: bool,
     /// Where lane rANS is allowed, the bytes by which zstd must beat the best coding
     /// that a GPU decodes (lane rANS, constant or stored) to be kept, besides
-    /// beating it by [`ZSTD_OVER_RANS_GAIN`]. A single zstd stream sends a GPU load
-    /// through the CPU, which cost a load on an H200 about 0.4 ms (the transfer
-    /// time of 20 MB) whatever the stream's size; 0 weighs bytes alone, as format
-    /// 1.3's writer did.
+    /// beating it by 2%. A single zstd stream sends a GPU load through the CPU,
+    /// which cost a load on an H200 0.5–1 ms (the transfer time of 25 MB or more)
+    /// whatever the stream's size; 0 weighs bytes alone, as format 1.3's writer
+    /// did.
     pub zstd_min_saving: usize,
 }
 
