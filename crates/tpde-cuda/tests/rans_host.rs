@@ -1207,15 +1207,17 @@ fn corrupted_streams_give_the_library_code() {
     let mut r = lcg(77);
     let mut cases = Vec::new();
     let library = [TableForm::Bytes, TableForm::Packed].into_iter().flat_map(library_cases);
-    for base in library.filter(|c| c.case.stored.len() > 8 && c.case.decoded_len < 100_000) {
+    for base in library.filter(|c| c.case.stored.len() > 8 && c.case.decoded_len < 50_000) {
         let len = base.case.stored.len();
-        for k in 0..14 {
+        // Flips anywhere mostly reach the tiles, whose decoding is the slow part of
+        // this test; flips in the first 300 bytes reach the tables of either form.
+        for k in 0..8 {
             let mut stored = base.case.stored.clone();
             match k {
                 0 => stored.truncate(len - 1),
                 1 => stored.truncate(4 + (r() as usize) % (len - 4)),
                 2 => stored.push(r() as u8),
-                8.. => {
+                5.. => {
                     let at = 4 + (r() as usize) % (len - 4).min(300);
                     stored[at] ^= 1 << (r() % 8);
                 }
