@@ -12,7 +12,8 @@ python3 -m pip install --quiet --disable-pip-version-check "moto[server]==5.*"
   npm install --silent --no-audit --no-fund --prefix target/azurite azurite@3.35.0
 cargo test --workspace --locked
 # Decoding memory at the largest chunk size: a 1 GiB input, fast enough only in release.
-cargo test --release --locked -p tpde-cli --test memory -- --ignored
+# --nocapture shows the line that says so when the disk has no room for it.
+cargo test --release --locked -p tpde-cli --test memory -- --ignored --nocapture
 
 # The kernels compile with NVRTC without a driver or a GPU: the PyPI wheel ships
 # libnvrtc.so.13, which cudarc's loader finds by that name on LD_LIBRARY_PATH.
