@@ -173,7 +173,8 @@ impl Series {
             let steps: Vec<u64> = series.manifest().steps.iter().map(|s| s.step).collect();
             let last: BTreeSet<u64> = steps.iter().rev().take(keep_last.unwrap_or(0)).copied().collect();
             let listed: BTreeSet<u64> = keep.unwrap_or_default().into_iter().collect();
-            let keeps = |s: u64| listed.contains(&s) || last.contains(&s) || keep_every.is_some_and(|n| s % n == 0);
+            let keeps =
+                |s: u64| listed.contains(&s) || last.contains(&s) || keep_every.is_some_and(|n| s.is_multiple_of(n));
             let pruned = series.prune(keeps, &options, interrupt)?;
             Ok((pruned.removed, pruned.reencoded, pruned.bytes_before, pruned.bytes_after))
         })

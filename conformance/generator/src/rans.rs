@@ -204,7 +204,7 @@ impl Table {
         let bits = self.frequency_code_bits(order);
         let mut codes = pack_bits(&bits);
         if self.dirty_padding {
-            assert!(bits.len() % 8 != 0, "the frequency codes have no padding");
+            assert!(!bits.len().is_multiple_of(8), "the frequency codes have no padding");
             *codes.last_mut().expect("at least one bit") |= 0x80;
         }
         out.extend_from_slice(&codes);

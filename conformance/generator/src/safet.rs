@@ -94,7 +94,7 @@ pub fn file(tensors: &[Tensor], metadata: Option<&BTreeMap<String, String>>) -> 
 /// A safetensors file from a header text (padded with spaces to 8 bytes) and data.
 pub fn raw_file(header: &str, data: &[u8]) -> Vec<u8> {
     let mut header = header.to_owned();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let mut out = (header.len() as u64).to_le_bytes().to_vec();

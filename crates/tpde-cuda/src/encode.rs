@@ -40,7 +40,7 @@ impl EncodedTensor {
         settings: EncodeSettings,
     ) -> Result<Self> {
         let w = width.bytes();
-        if target.len() % w != 0 || chunk_words == 0 {
+        if !target.len().is_multiple_of(w) || chunk_words == 0 {
             return Err(GpuError::invalid("the target must be whole words and chunks non-empty"));
         }
         let chunk_bytes = chunk_words as usize * w;

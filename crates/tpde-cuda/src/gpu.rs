@@ -465,7 +465,7 @@ impl Batch {
         if base.len() != nbytes || out.len() != nbytes {
             return Err(GpuError::invalid("base and out ranges must hold the chunk's words"));
         }
-        if base.ptr() % w != 0 || out.ptr() % w != 0 {
+        if !base.ptr().is_multiple_of(w) || !out.ptr().is_multiple_of(w) {
             return Err(GpuError::invalid("base and out must be word aligned"));
         }
         if base != out && base.overlaps(&out) {
@@ -482,7 +482,7 @@ impl Batch {
         let Some(mut d) = self.describe(c, streams, out)?.filter(ChunkDesc::has_positions) else {
             return Err(GpuError::invalid("only sparse chunks have positions"));
         };
-        if out.len() < c.record.changed_count as usize * 4 || out.ptr() % 4 != 0 {
+        if out.len() < c.record.changed_count as usize * 4 || !out.ptr().is_multiple_of(4) {
             return Err(GpuError::invalid("positions output range too short or misaligned"));
         }
         d.base = out.ptr();
@@ -531,16 +531,16 @@ impl Gpu {
         if batch.tiles == 0 {
             return Ok(());
         }
-        if table.len() < batch.table_bytes() || table.ptr() % 8 != 0 {
+        if table.len() < batch.table_bytes() || !table.ptr().is_multiple_of(8) {
             return Err(GpuError::invalid("descriptor table range too short or misaligned"));
         }
-        if sums.len() < batch.tiles as usize * 8 || sums.ptr() % 8 != 0 {
+        if sums.len() < batch.tiles as usize * 8 || !sums.ptr().is_multiple_of(8) {
             return Err(GpuError::invalid("tile sums range too short or misaligned"));
         }
-        if flag.len() < 4 || flag.ptr() % 4 != 0 {
+        if flag.len() < 4 || !flag.ptr().is_multiple_of(4) {
             return Err(GpuError::invalid("flag range too short or misaligned"));
         }
-        if groups.len() < batch.group_rows as usize * KEYS * 4 || groups.ptr() % 4 != 0 {
+        if groups.len() < batch.group_rows as usize * KEYS * 4 || !groups.ptr().is_multiple_of(4) {
             return Err(GpuError::invalid("group table range too short or misaligned"));
         }
         let nd = u32::try_from(batch.descs.len()).map_err(|_| GpuError::invalid("too many chunks in one batch"))?;
@@ -654,7 +654,7 @@ impl Gpu {
         if level.shared > RANS_MAX_TABLE_BYTES {
             return Err(GpuError::invalid("lane rANS tables larger than the decoder allows"));
         }
-        if level.threads == 0 || level.threads % 32 != 0 || level.threads > RANS_THREADS {
+        if level.threads == 0 || !level.threads.is_multiple_of(32) || level.threads > RANS_THREADS {
             return Err(GpuError::invalid("lane rANS decoder blocks of a whole number of warps, at most RANS_THREADS"));
         }
         let nd = u32::try_from(level.count).map_err(|_| GpuError::invalid("too many lane rANS streams"))?;
@@ -687,7 +687,7 @@ impl Gpu {
         if batch.descs.is_empty() {
             return Ok(());
         }
-        if table.len() < batch.table_bytes() || table.ptr() % 16 != 0 {
+        if table.len() < batch.table_bytes() || !table.ptr().is_multiple_of(16) {
             return Err(GpuError::invalid("fill table range too short or misaligned"));
         }
         // A block stores 16 bytes per thread per pass; a long stream takes at
@@ -720,10 +720,10 @@ impl Gpu {
         if batch.levels.is_empty() {
             return Err(GpuError::invalid("lane rANS batch not sealed"));
         }
-        if table.len() < batch.table_bytes() || table.ptr() % 8 != 0 {
+        if table.len() < batch.table_bytes() || !table.ptr().is_multiple_of(8) {
             return Err(GpuError::invalid("lane rANS table range too short or misaligned"));
         }
-        if flag.len() < 4 * flag::WORDS || flag.ptr() % 4 != 0 {
+        if flag.len() < 4 * flag::WORDS || !flag.ptr().is_multiple_of(4) {
             return Err(GpuError::invalid("flag range too short or misaligned"));
         }
         Ok(())
@@ -746,17 +746,17 @@ impl Gpu {
         }
         let n =
             u32::try_from(batch.ranges.len()).map_err(|_| GpuError::invalid("too many ranges in one leaf batch"))?;
-        if table.len() < batch.table_bytes() || table.ptr() % 8 != 0 {
+        if table.len() < batch.table_bytes() || !table.ptr().is_multiple_of(8) {
             return Err(GpuError::invalid("leaf table range too short or misaligned"));
         }
         let term_bytes = usize::try_from(batch.blocks)
             .ok()
             .and_then(|b| b.checked_mul(LEAF_TERM_BYTES_PER_BLOCK))
             .ok_or_else(|| GpuError::invalid("leaf term table too large"))?;
-        if terms.len() < term_bytes || terms.ptr() % 8 != 0 {
+        if terms.len() < term_bytes || !terms.ptr().is_multiple_of(8) {
             return Err(GpuError::invalid("leaf term range too short or misaligned"));
         }
-        if out.len() < batch.ranges.len() * 16 || out.ptr() % 8 != 0 {
+        if out.len() < batch.ranges.len() * 16 || !out.ptr().is_multiple_of(8) {
             return Err(GpuError::invalid("leaf output range too short or misaligned"));
         }
         let config = |threads: u32, ctas: u64| -> Result<cudarc::driver::LaunchConfig> {
@@ -924,7 +924,7 @@ impl RansBatch {
         if h.table_bytes() > RANS_MAX_TABLE_BYTES {
             return Err(GpuError::invalid("lane rANS tables larger than the decoder allows"));
         }
-        if s.scratch.len() < h.scratch_bytes(decoded_len) || s.scratch.ptr() % 16 != 0 {
+        if s.scratch.len() < h.scratch_bytes(decoded_len) || !s.scratch.ptr().is_multiple_of(16) {
             return Err(GpuError::invalid("lane rANS scratch range too short or misaligned"));
         }
         let mut d = RansDesc {

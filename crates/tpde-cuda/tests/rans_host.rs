@@ -351,7 +351,7 @@ struct Bits<'a> {
 
 impl Bits<'_> {
     fn push(&mut self, bit: bool) {
-        if self.at % 8 == 0 {
+        if self.at.is_multiple_of(8) {
             self.out.push(0);
         }
         *self.out.last_mut().unwrap() |= u8::from(bit) << (self.at % 8);
@@ -551,7 +551,7 @@ fn symbols(n: usize, seed: u64) -> Vec<u8> {
     (0..n)
         .map(|_| {
             let v = r();
-            if v % 8 == 0 {
+            if v.is_multiple_of(8) {
                 (v >> 8) as u8
             } else {
                 (v % 5) as u8
@@ -1117,7 +1117,7 @@ fn library_cases(form: TableForm) -> Vec<LibraryCase> {
     }
     // a plane that is almost all zeros, and one of a single symbol
     let mut r = lcg(9);
-    let zeros: Vec<u8> = (0..70_000).map(|_| u8::from(r() % 200 == 0)).collect();
+    let zeros: Vec<u8> = (0..70_000).map(|_| u8::from(r().is_multiple_of(200))).collect();
     for s in [zeros, vec![42u8; 5000]] {
         let n = s.len();
         let stored = library::encode(form, &s, Contexts::None);

@@ -48,7 +48,7 @@ fn step_through(temporal: bool) -> usize {
             let fixed = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
             let mix = ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k.wrapping_mul(0xBF58_476D_1CE4_E5B9))
                 .rotate_left(17);
-            if fixed % 37 == 0 || mix % 500 == 0 {
+            if fixed.is_multiple_of(37) || mix.is_multiple_of(500) {
                 *w = w.wrapping_add(1 + (i % 2) as u16);
             }
         }

@@ -52,10 +52,10 @@ fn planes() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
         let exponent = [0u8, 1, 1, 2, 2, 2, 3, 3][(r & 7) as usize];
         above.push(exponent);
         let scale = f64::from(1u32 << exponent);
-        skewed.push(if (r >> 8) % 10 == 0 { zigzag(noise.normal(scale)).max(1) } else { 0 });
+        skewed.push(if (r >> 8).is_multiple_of(10) { zigzag(noise.normal(scale)).max(1) } else { 0 });
         mid.push(zigzag(noise.normal(scale)));
         #[allow(clippy::cast_possible_truncation)]
-        uniform.push(((r >> 16) as u8) & if (r >> 24) % 16 == 0 { 0x7F } else { 0xFF });
+        uniform.push(((r >> 16) as u8) & if (r >> 24).is_multiple_of(16) { 0x7F } else { 0xFF });
     }
     vec![("skewed", skewed, above.clone()), ("mid", mid, above.clone()), ("uniform", uniform, above)]
 }

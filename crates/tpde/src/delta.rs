@@ -499,7 +499,7 @@ pub fn encode_chunk(
     leading_sign: bool,
     settings: EncodeSettings,
 ) -> Result<EncodedChunk> {
-    if target.len() % width.bytes() != 0 {
+    if !target.len().is_multiple_of(width.bytes()) {
         return fail(ErrorCode::InvalidArgument, "the target is not a whole number of words");
     }
     if (target.len() / width.bytes()) as u64 > crate::limits::MAX_CHUNK_WORDS {
@@ -525,7 +525,7 @@ pub fn encode_chunk_against(
     settings: EncodeSettings,
     reference: Option<&[u32]>,
 ) -> Result<EncodedChunk> {
-    if target.len() % width.bytes() != 0 {
+    if !target.len().is_multiple_of(width.bytes()) {
         return fail(ErrorCode::InvalidArgument, "the target is not a whole number of words");
     }
     if (target.len() / width.bytes()) as u64 > crate::limits::MAX_CHUNK_WORDS {

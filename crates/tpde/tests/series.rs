@@ -368,7 +368,8 @@ fn a_series_being_changed_is_busy() {
 fn add_sticky_run(dir: &Path, steps: u64) -> (Series, BTreeMap<u64, PathBuf>) {
     let mut rng = Rng(0x2545_F491_4F6C_DD1D);
     let mut weights = initial_weights(&mut rng);
-    let sticky: Vec<Vec<bool>> = weights.iter().map(|t| t.iter().map(|_| rng.next() % 10 == 0).collect()).collect();
+    let sticky: Vec<Vec<bool>> =
+        weights.iter().map(|t| t.iter().map(|_| rng.next().is_multiple_of(10)).collect()).collect();
     let mut series = Series::open_or_create(&dir.join("run")).expect("a new series");
     let options = AddOptions { temporal: true, ..options(10) };
     let mut files = BTreeMap::new();

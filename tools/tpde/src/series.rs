@@ -207,7 +207,8 @@ pub fn run(command: SeriesCommand) -> tpde::Result<()> {
             let steps: Vec<u64> = series.manifest().steps.iter().map(|s| s.step).collect();
             let last: BTreeSet<u64> = steps.iter().rev().take(keep_last.unwrap_or(0)).copied().collect();
             let listed: BTreeSet<u64> = keep.into_iter().collect();
-            let keeps = |s: u64| listed.contains(&s) || last.contains(&s) || keep_every.is_some_and(|n| s % n == 0);
+            let keeps =
+                |s: u64| listed.contains(&s) || last.contains(&s) || keep_every.is_some_and(|n| s.is_multiple_of(n));
             let options = AddOptions { max_chain, ..AddOptions::default() };
             let pruned = series.prune(keeps, &options, &Bars::new())?;
             eprintln!(

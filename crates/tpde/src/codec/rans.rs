@@ -10,9 +10,11 @@
 //!
 //! The decoder checks every rule of §8.7 (header, tables, tile lengths, initial and
 //! final states, word counts) and never sizes an allocation by an unchecked field. It
-//! is monomorphized per context kind; full steps run in an AVX2 kernel where the CPU
-//! has one (about twice the scalar loop's speed), and the steps near a tile's end,
-//! whose reads are checked, in the scalar loop.
+//! is monomorphized per context kind; full steps run in a vector kernel where the
+//! CPU has one, and the steps near a tile's end, whose reads are checked, in the
+//! scalar loop. The AVX2 kernel is about twice the scalar loop's speed; the AVX-512
+//! kernel decodes two tiles side by side, so that one tile's chain of dependent
+//! steps fills the other's waits.
 //!
 //! The encoder picks the tables (clustering the context bytes when there is a
 //! context), quantizes frequencies to minimise the coded size, and sizes the tiles so
@@ -269,7 +271,7 @@ impl BitReader<'_> {
 
     /// Whether the unused high bits of the last byte read are 0.
     fn padding_is_zero(&self) -> bool {
-        self.at % 8 == 0 || self.bytes[self.at / 8] >> (self.at % 8) == 0
+        self.at.is_multiple_of(8) || self.bytes[self.at / 8] >> (self.at % 8) == 0
     }
 }
 
@@ -505,7 +507,7 @@ fn check_stream(
         let symbols = tile_symbols.min(decoded_len - tile * tile_symbols);
         let states_len = 4 * symbols.min(LANES) as u64;
         let length = u64::from(u32_at(tile_lengths, 4 * tile));
-        if length < states_len || (length - states_len) % 2 != 0 {
+        if length < states_len || !(length - states_len).is_multiple_of(2) {
             return Err(header_error(format!(
                 "tile {tile} has length {length}: not {states_len} bytes of states plus whole 16-bit words"
             )));
@@ -713,6 +715,10 @@ enum Kernel {
     /// 8 lanes per vector with gathers, where the CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// 16 lanes per vector, with gathers, mask compares and expands, where the CPU
+    /// has AVX-512 F, BW and VBMI.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Kernel {
@@ -729,15 +735,33 @@ impl Kernel {
             // SAFETY: Kernel::Avx2 is only chosen where the CPU has AVX2 and POPCNT.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => unsafe { avx2::fast_steps(input, contexts, progress, out) },
+            // SAFETY: Kernel::Avx512 is only chosen where the CPU has its features.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => unsafe { avx512::fast_steps(input, contexts, progress, out) },
         }
     }
 
+    /// The fastest kernel the CPU has.
     fn detect() -> Self {
+        static FASTEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *FASTEST.get_or_init(|| Self::available().last().copied().unwrap_or(Self::Scalar))
+    }
+
+    /// Every kernel the CPU has, slowest first.
+    fn available() -> Vec<Self> {
+        #[allow(unused_mut)] // other architectures have the scalar kernel only
+        let mut kernels = vec![Self::Scalar];
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") {
-            return Self::Avx2;
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("popcnt") {
+                kernels.push(Self::Avx2);
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vbmi") {
+                    kernels.push(Self::Avx512);
+                }
+            }
         }
-        Self::Scalar
+        kernels
     }
 }
 
@@ -804,9 +828,31 @@ fn decode_tiles<C: ContextSource>(
 ) -> Result<()> {
     let tile_symbols = 1usize << stream.tile_log2;
     let mut inputs = TileInputs { stream, tile_symbols, next: 0, payload_start: 0 };
-    for out in out.chunks_mut(tile_symbols) {
+    let mut outs = out.chunks_mut(tile_symbols);
+    while let Some(out) = outs.next() {
         let input = inputs.next();
         let mut progress = start_tile(&input, out.len())?;
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx512 {
+            if let Some(second_out) = outs.next() {
+                let second = inputs.next();
+                // An error of the second tile's start waits for the first tile's,
+                // which every kernel reports first.
+                match start_tile(&second, second_out.len()) {
+                    Ok(mut second_progress) => finish_two_tiles(
+                        [&input, &second],
+                        contexts,
+                        [&mut progress, &mut second_progress],
+                        [out, second_out],
+                    )?,
+                    Err(error) => {
+                        finish_tile(&input, contexts, &mut progress, out, kernel)?;
+                        return Err(error);
+                    }
+                }
+                continue;
+            }
+        }
         finish_tile(&input, contexts, &mut progress, out, kernel)?;
     }
     Ok(())
@@ -876,25 +922,114 @@ fn finish_tile<C: ContextSource>(
     out: &mut [u8],
     kernel: Kernel,
 ) -> Result<()> {
-    let TileInput { stream, tile, first_symbol, payload } = *input;
     // Full steps while a step's 32 words are surely in the tile: no read is checked.
     kernel.fast_steps(input, contexts, progress, out);
-    // The full steps near the tile's end, where fewer than 64 bytes of words are
-    // left, on those words padded with zeros: a tile whose symbols need few bits
-    // spends thousands of steps there. A step that read padding ran past the tile's
-    // end; then these steps are redone below, checked, which reports it.
-    let left = payload.len() - progress.cursor.min(payload.len());
-    if left < 64 && out.len() - progress.done >= LANES {
-        let mut padded = [0u8; 128];
-        padded[..left].copy_from_slice(&payload[payload.len() - left..]);
-        let tail = TileInput { payload: &padded[..left + 64], ..*input };
-        let mut in_tail = TileProgress { cursor: 0, ..*progress };
-        kernel.fast_steps(&tail, contexts, &mut in_tail, out);
-        if in_tail.cursor <= left {
-            *progress = TileProgress { cursor: payload.len() - left + in_tail.cursor, ..in_tail };
+    if let Some(tail) = PaddedTail::new(input, progress, out.len()) {
+        let mut in_tail = tail.progress(progress);
+        kernel.fast_steps(&tail.input(input), contexts, &mut in_tail, out);
+        tail.accept(input, &in_tail, progress);
+    }
+    check_last_steps(input, contexts, progress, out)
+}
+
+/// [`finish_tile`] of two tiles of one stream, their steps side by side; the first
+/// tile's error, if any, is reported.
+#[cfg(target_arch = "x86_64")]
+fn finish_two_tiles<C: ContextSource>(
+    inputs: [&TileInput<'_>; 2],
+    contexts: &C,
+    [first, second]: [&mut TileProgress; 2],
+    [first_out, second_out]: [&mut [u8]; 2],
+) -> Result<()> {
+    let kernel = Kernel::Avx512;
+    // SAFETY: Kernel::Avx512 is only chosen where the CPU has its features.
+    unsafe { avx512::fast_steps_of_two(inputs, contexts, [first, second], [first_out, second_out]) };
+    // One tile may have steps left where the other had none.
+    kernel.fast_steps(inputs[0], contexts, first, first_out);
+    kernel.fast_steps(inputs[1], contexts, second, second_out);
+    let tails =
+        [PaddedTail::new(inputs[0], first, first_out.len()), PaddedTail::new(inputs[1], second, second_out.len())];
+    if let [Some(first_tail), Some(second_tail)] = &tails {
+        let mut in_tails = [first_tail.progress(first), second_tail.progress(second)];
+        let tail_inputs = [first_tail.input(inputs[0]), second_tail.input(inputs[1])];
+        let [first_in_tail, second_in_tail] = &mut in_tails;
+        // SAFETY: as above.
+        unsafe {
+            avx512::fast_steps_of_two(
+                [&tail_inputs[0], &tail_inputs[1]],
+                contexts,
+                [&mut *first_in_tail, &mut *second_in_tail],
+                [&mut *first_out, &mut *second_out],
+            );
+        }
+        kernel.fast_steps(&tail_inputs[0], contexts, first_in_tail, first_out);
+        kernel.fast_steps(&tail_inputs[1], contexts, second_in_tail, second_out);
+        first_tail.accept(inputs[0], first_in_tail, first);
+        second_tail.accept(inputs[1], second_in_tail, second);
+    } else {
+        for ((tail, input), (progress, out)) in
+            tails.iter().zip(inputs).zip([(&mut *first, &mut *first_out), (&mut *second, &mut *second_out)])
+        {
+            if let Some(tail) = tail {
+                let mut in_tail = tail.progress(progress);
+                kernel.fast_steps(&tail.input(input), contexts, &mut in_tail, out);
+                tail.accept(input, &in_tail, progress);
+            }
         }
     }
-    // Then, with every read checked, the last partial step.
+    check_last_steps(inputs[0], contexts, first, first_out)?;
+    check_last_steps(inputs[1], contexts, second, second_out)
+}
+
+/// The full steps near a tile's end, where fewer than 64 bytes of words are left,
+/// run on those words padded with zeros: a tile whose symbols need few bits spends
+/// thousands of steps there. A step that read padding ran past the tile's end; then
+/// these steps are dropped and redone checked, which reports it.
+struct PaddedTail {
+    bytes: [u8; 128],
+    /// Bytes of words left in the tile.
+    left: usize,
+}
+
+impl PaddedTail {
+    /// The tile's last words padded, where a full step is left but not 64 bytes.
+    fn new(input: &TileInput<'_>, progress: &TileProgress, symbols: usize) -> Option<Self> {
+        let payload = input.payload;
+        let left = payload.len() - progress.cursor.min(payload.len());
+        if left >= 64 || symbols - progress.done < LANES {
+            return None;
+        }
+        let mut bytes = [0u8; 128];
+        bytes[..left].copy_from_slice(&payload[payload.len() - left..]);
+        Some(Self { bytes, left })
+    }
+
+    /// The tile with the padded words as its payload.
+    fn input<'a>(&'a self, input: &TileInput<'a>) -> TileInput<'a> {
+        TileInput { payload: &self.bytes[..self.left + 64], ..*input }
+    }
+
+    /// Where the padded words start.
+    fn progress(&self, progress: &TileProgress) -> TileProgress {
+        TileProgress { cursor: 0, ..*progress }
+    }
+
+    /// Keeps the steps made on the padded words if they read none of the padding.
+    fn accept(&self, input: &TileInput<'_>, in_tail: &TileProgress, progress: &mut TileProgress) {
+        if in_tail.cursor <= self.left {
+            *progress = TileProgress { cursor: input.payload.len() - self.left + in_tail.cursor, ..*in_tail };
+        }
+    }
+}
+
+/// The tile's last partial step, every read checked, and the final checks.
+fn check_last_steps<C: ContextSource>(
+    input: &TileInput<'_>,
+    contexts: &C,
+    progress: &mut TileProgress,
+    out: &mut [u8],
+) -> Result<()> {
+    let TileInput { stream, tile, first_symbol, payload } = *input;
     let coder = LaneCoder { slots: &stream.tables.slots, prob_bits: stream.prob_bits };
     let mut offsets = [0u32; LANES];
     let mut cursor = progress.cursor;
@@ -1228,7 +1363,7 @@ mod avx2 {
     /// The CPU must have AVX2; `words` must hold 32 words.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn dense_key_bytes<C: ContextSource>(words: *const u8) -> __m256i {
+    pub(super) unsafe fn dense_key_bytes<C: ContextSource>(words: *const u8) -> __m256i {
         // SAFETY: the loads read the 32 words the caller vouches for.
         unsafe {
             match C::DENSE_KEY_BYTES {
@@ -1293,6 +1428,207 @@ mod avx2 {
                     let second = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(words.add(64 * v + 32).cast()), odd);
                     let high = _mm256_blend_epi32::<0xF0>(first, second);
                     _mm256_and_si256(_mm256_srli_epi32::<23>(high), low_byte)
+                }
+            }
+        }
+    }
+}
+
+/// The AVX-512 kernel: the 32 lanes as two vectors of sixteen. A mask compare picks
+/// the lanes that renormalise and an expand hands them their words in lane order,
+/// where AVX2 needs a table of permutations; a byte permute looks up 64 contexts'
+/// tables at once.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{ContextSource, TileInput, TileProgress, LANES};
+    use std::arch::x86_64::{
+        __m128i, __m256i, __m512i, _mm256_loadu_si256, _mm256_set_m128i, _mm512_add_epi32, _mm512_and_si512,
+        _mm512_castsi256_si512, _mm512_castsi512_si128, _mm512_cmplt_epu32_mask, _mm512_cvtepi16_epi8,
+        _mm512_cvtepi32_epi8, _mm512_cvtepi64_epi8, _mm512_cvtepu16_epi32, _mm512_cvtepu8_epi32,
+        _mm512_extracti32x4_epi32, _mm512_i32gather_epi32, _mm512_loadu_si512, _mm512_mask_blend_epi8,
+        _mm512_mask_mov_epi32, _mm512_maskz_expand_epi32, _mm512_movepi8_mask, _mm512_mullo_epi32, _mm512_or_si512,
+        _mm512_permutex2var_epi8, _mm512_set1_epi32, _mm512_sll_epi32, _mm512_slli_epi32, _mm512_srl_epi32,
+        _mm512_srli_epi16, _mm512_srli_epi32, _mm512_srli_epi64, _mm512_storeu_si512, _mm_cvtsi32_si128,
+        _mm_storeu_si128, _mm_unpacklo_epi64,
+    };
+
+    /// [`super::fast_steps`] with vectors: the same steps, symbols, states and cursor.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VL and VBMI, AVX2 and POPCNT.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,popcnt")]
+    pub(super) unsafe fn fast_steps<C: ContextSource>(
+        input: &TileInput<'_>,
+        contexts: &C,
+        progress: &mut TileProgress,
+        out: &mut [u8],
+    ) {
+        // SAFETY: the caller vouches for the CPU.
+        unsafe { steps_side_by_side([input], contexts, [progress], [out]) }
+    }
+
+    /// [`fast_steps`] of two tiles of one stream, a step of each in turn while both
+    /// have one: a step is a chain of dependent operations (gather, multiply,
+    /// compare, expand), and the second tile's chains fill the first's waits.
+    ///
+    /// # Safety
+    /// As [`fast_steps`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,popcnt")]
+    pub(super) unsafe fn fast_steps_of_two<C: ContextSource>(
+        inputs: [&TileInput<'_>; 2],
+        contexts: &C,
+        progress: [&mut TileProgress; 2],
+        outs: [&mut [u8]; 2],
+    ) {
+        // SAFETY: the caller vouches for the CPU.
+        unsafe { steps_side_by_side(inputs, contexts, progress, outs) }
+    }
+
+    /// Full steps of `T` tiles of one stream while every one of them has a step
+    /// and the 64 bytes of words after its cursor.
+    ///
+    /// # Safety
+    /// As [`fast_steps`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,popcnt")]
+    #[allow(clippy::cast_possible_wrap)] // prob_bits ≤ 11
+    unsafe fn steps_side_by_side<C: ContextSource, const T: usize>(
+        inputs: [&TileInput<'_>; T],
+        contexts: &C,
+        progress: [&mut TileProgress; T],
+        outs: [&mut [u8]; T],
+    ) {
+        let stream = inputs[0].stream;
+        let prob_bits = stream.prob_bits;
+        let mut cursor = progress.each_ref().map(|p| p.cursor);
+        let mut done = progress.each_ref().map(|p| p.done);
+        // SAFETY: the loads and stores stay inside the arrays and slices they come
+        // from: a tile's states are 2 vectors; a step's 32 symbols go to
+        // `out[done..done + 32]`, inside `out` by the loop's condition; each vector's
+        // 16 words are read `used ≤ 32` bytes into a 64-byte window of the payload; a
+        // context step is 32 bytes, and dense keys read the 32 words that
+        // `dense_words` returned. The gathers read `slots[(state & mask) + offset]`,
+        // below `table_count << prob_bits`, the number of slots, since an offset is
+        // `table << prob_bits` with table below table_count.
+        unsafe {
+            let slot_mask = _mm512_set1_epi32((1i32 << prob_bits) - 1);
+            let shift = _mm_cvtsi32_si128(prob_bits as i32);
+            let frequency_mask = _mm512_set1_epi32(super::ENTRY_FREQUENCY_MASK as i32);
+            let state_low = _mm512_set1_epi32(super::STATE_LOW as i32);
+            let slots = stream.tables.slots.as_ptr().cast::<i32>();
+            let table_of = TableOf::new(&stream.tables.context_offsets, prob_bits);
+            let mut x = progress.each_ref().map(|p| {
+                let states = p.states.as_ptr().cast::<__m512i>();
+                [_mm512_loadu_si512(states), _mm512_loadu_si512(states.add(1))]
+            });
+            let mut offsets = [_mm512_set1_epi32(0); 2];
+            let mut step_contexts = [0u8; LANES];
+            'steps: loop {
+                let mut windows = [std::ptr::null::<u8>(); T];
+                for t in 0..T {
+                    if outs[t].len() - done[t] < LANES {
+                        break 'steps;
+                    }
+                    let Some(window) = inputs[t].payload.get(cursor[t]..).and_then(<[u8]>::first_chunk::<64>) else {
+                        break 'steps;
+                    };
+                    windows[t] = window.as_ptr();
+                }
+                for t in 0..T {
+                    let first = inputs[t].first_symbol + done[t];
+                    let dense = if C::DENSE_KEY_BYTES == 0 { None } else { contexts.dense_words(first) };
+                    if let Some(words) = dense {
+                        offsets = table_of.offsets(dense_key_bytes::<C>(words.as_ptr()), shift);
+                    } else if !C::NONE {
+                        contexts.step_contexts(first, &mut step_contexts);
+                        offsets = table_of.offsets(_mm256_loadu_si256(step_contexts.as_ptr().cast()), shift);
+                    }
+                    let step_out = outs[t].as_mut_ptr().add(done[t]);
+                    let mut used = 0usize;
+                    for (v, state) in x[t].iter_mut().enumerate() {
+                        let slot = _mm512_add_epi32(_mm512_and_si512(*state, slot_mask), offsets[v]);
+                        let entry = _mm512_i32gather_epi32::<4>(slot, slots);
+                        _mm_storeu_si128(step_out.add(16 * v).cast(), _mm512_cvtepi32_epi8(entry));
+                        let frequency = _mm512_and_si512(_mm512_srli_epi32::<8>(entry), frequency_mask);
+                        let next = _mm512_add_epi32(
+                            _mm512_mullo_epi32(frequency, _mm512_srl_epi32(*state, shift)),
+                            _mm512_srli_epi32::<20>(entry),
+                        );
+                        let renormalise = _mm512_cmplt_epu32_mask(next, state_low);
+                        let vector_words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(windows[t].add(used).cast()));
+                        // The k-th lane that reads takes the k-th word: §8.7's lane order.
+                        let lane_words = _mm512_maskz_expand_epi32(renormalise, vector_words);
+                        *state = _mm512_mask_mov_epi32(
+                            next,
+                            renormalise,
+                            _mm512_or_si512(_mm512_slli_epi32::<16>(next), lane_words),
+                        );
+                        used += 2 * renormalise.count_ones() as usize;
+                    }
+                    cursor[t] += used;
+                    done[t] += LANES;
+                }
+            }
+            for (t, p) in progress.into_iter().enumerate() {
+                let states = p.states.as_mut_ptr().cast::<__m512i>();
+                _mm512_storeu_si512(states, x[t][0]);
+                _mm512_storeu_si512(states.add(1), x[t][1]);
+                p.cursor = cursor[t];
+                p.done = done[t];
+            }
+        }
+    }
+
+    /// The table index of every context byte, as four vectors of 64, for byte
+    /// permutes that look up 64 contexts at once.
+    struct TableOf([__m512i; 4]);
+
+    impl TableOf {
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::cast_possible_truncation)] // table indices below 8
+        fn new(context_offsets: &[u32; 256], prob_bits: u32) -> Self {
+            let indices: [u8; 256] = std::array::from_fn(|c| (context_offsets[c] >> prob_bits) as u8);
+            // SAFETY: each load reads 64 of the 256 bytes.
+            Self(std::array::from_fn(|q| unsafe { _mm512_loadu_si512(indices.as_ptr().add(64 * q).cast()) }))
+        }
+
+        /// The first table slot (`table << prob_bits`) of each of the 32 context bytes
+        /// in `contexts`, as two vectors of sixteen, in order.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+        fn offsets(&self, contexts: __m256i, shift: __m128i) -> [__m512i; 2] {
+            let contexts = _mm512_castsi256_si512(contexts);
+            // Bit 6 of a context picks between a pair's halves, bit 7 between pairs.
+            let low = _mm512_permutex2var_epi8(self.0[0], contexts, self.0[1]);
+            let high = _mm512_permutex2var_epi8(self.0[2], contexts, self.0[3]);
+            let tables = _mm512_mask_blend_epi8(_mm512_movepi8_mask(contexts), low, high);
+            [_mm512_castsi512_si128(tables), _mm512_extracti32x4_epi32::<1>(tables)]
+                .map(|bytes| _mm512_sll_epi32(_mm512_cvtepu8_epi32(bytes), shift))
+        }
+    }
+
+    /// The base keys (§8.6) of the 32 words at `words`, `C::DENSE_KEY_BYTES` wide, as
+    /// 32 bytes in order: the top byte shifted up by one with the next bit below it,
+    /// or for bytes the byte rotated by one.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW and AVX2; `words` must hold 32 words.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn dense_key_bytes<C: ContextSource>(words: *const u8) -> __m256i {
+        // SAFETY: the loads read the 32 words the caller vouches for.
+        unsafe {
+            let load = |at: usize| _mm512_loadu_si512(words.add(64 * at).cast());
+            match C::DENSE_KEY_BYTES {
+                1 => super::avx2::dense_key_bytes::<C>(words),
+                2 => _mm512_cvtepi16_epi8(_mm512_srli_epi16::<7>(load(0))),
+                4 => {
+                    let [low, high] = [0, 1].map(|at| _mm512_cvtepi32_epi8(_mm512_srli_epi32::<23>(load(at))));
+                    _mm256_set_m128i(high, low)
+                }
+                _ => {
+                    let keys = [0, 1, 2, 3].map(|at| _mm512_cvtepi64_epi8(_mm512_srli_epi64::<55>(load(at))));
+                    _mm256_set_m128i(_mm_unpacklo_epi64(keys[2], keys[3]), _mm_unpacklo_epi64(keys[0], keys[1]))
                 }
             }
         }
@@ -2122,7 +2458,7 @@ mod encode_avx2 {
         room: &mut [u16],
         len: &mut usize,
     ) {
-        debug_assert!(indices.len() % LANES == 0);
+        debug_assert!(indices.len().is_multiple_of(LANES));
         debug_assert!(*len + indices.len() + 8 <= room.len());
         let shuffles = pack_shuffles();
         let k = tables.prob_bits;
@@ -2291,7 +2627,7 @@ struct BitWriter<'a> {
 
 impl BitWriter<'_> {
     fn bit(&mut self, bit: bool) {
-        if self.at % 8 == 0 {
+        if self.at.is_multiple_of(8) {
             self.out.push(0);
         }
         let last = self.out.len() - 1;
@@ -3279,6 +3615,46 @@ mod tests {
         });
     }
 
+    /// Kernels that decode tiles side by side report the first bad tile, as the
+    /// scalar kernel does, whichever of the two tiles fails and however.
+    #[test]
+    fn every_kernel_reports_the_first_bad_tile() {
+        for_each_form(|| {
+            let mut noise = Noise(9);
+            let symbols: Vec<u8> = (0..4 * 4096).map(|_| noise.skewed(100)).collect();
+            let stored = encode_with_tile_log2(&symbols, Contexts::None, 12);
+            let payload_at =
+                stored.len() - check_stream(form(), &stored, symbols.len(), ContextKind::None).unwrap().payloads.len();
+            let tile_at = |tile: usize| {
+                payload_at + (0..tile).map(|t| u32_at(&stored[payload_at - 16..], 4 * t) as usize).sum::<usize>()
+            };
+            // A state below 2^16 fails a tile's start; a flipped word its decoding.
+            let spoil = |bad: &mut [u8], tile: usize, start: bool| {
+                if start {
+                    bad[tile_at(tile) + 4 * 7 + 2..][..2].fill(0);
+                } else {
+                    bad[tile_at(tile) + 4 * 32 + 40] ^= 0x5A;
+                }
+            };
+            for (first, second) in [(0, 1), (1, 2), (0, 3)] {
+                for (first_start, second_start) in [(true, true), (false, true), (true, false), (false, false)] {
+                    let mut bad = stored.clone();
+                    spoil(&mut bad, first, first_start);
+                    spoil(&mut bad, second, second_start);
+                    let expected =
+                        decode_with(form(), &bad, symbols.len(), Contexts::None, &mut Vec::new(), Kernel::Scalar)
+                            .unwrap_err()
+                            .to_string();
+                    assert!(expected.contains(&format!("tile {first}")), "{expected}");
+                    for kernel in Kernel::available() {
+                        let got = decode_with(form(), &bad, symbols.len(), Contexts::None, &mut Vec::new(), kernel);
+                        assert_eq!(got.unwrap_err().to_string(), expected, "{kernel:?}");
+                    }
+                }
+            }
+        });
+    }
+
     #[test]
     fn contexts_that_do_not_fit_the_stream_are_refused() {
         let stream = build([1, 2, 2, 8], Some(&[0; 256]), &[HALVES, HALVES], &[4], &131_073u32.to_le_bytes());
@@ -3331,15 +3707,19 @@ mod tests {
         });
     }
 
-    /// Every kernel the CPU has decodes every stream as the scalar one does: the same
-    /// symbols, or the same error, corrupt streams included.
+    /// Every vector kernel the CPU has decodes every stream as the scalar one does:
+    /// the same symbols, or the same error, corrupt streams included.
     #[test]
-    fn vector_kernel_agrees_with_scalar() {
-        for_each_form(|| {
-            let kernel = Kernel::detect();
-            if kernel == Kernel::Scalar {
-                return;
-            }
+    fn vector_kernels_agree_with_scalar() {
+        let kernels = Kernel::available();
+        println!("vector kernels on this CPU: {:?}", &kernels[1..]);
+        for kernel in kernels.into_iter().skip(1) {
+            for_each_form(|| vector_kernel_agrees_with_scalar(kernel));
+        }
+    }
+
+    fn vector_kernel_agrees_with_scalar(kernel: Kernel) {
+        {
             let mut noise = Noise(0xC0FFEE);
             for case in 0..84u64 {
                 let len = usize::try_from(noise.next() % 20_000).unwrap() + 1;
@@ -3380,7 +3760,7 @@ mod tests {
                 decode_with(form(), &stored, len, contexts, &mut decoded, kernel).unwrap();
                 assert_eq!(decoded, symbols);
             }
-        });
+        }
     }
 
     fn contexts_strategy() -> impl Strategy<Value = (Vec<u8>, u8, Vec<u8>, usize, u32)> {
@@ -3433,7 +3813,7 @@ mod tests {
             let plane = vec![7u8; len];
             let contexts = if kind == 0 { Contexts::None } else { Contexts::HigherPlane(&plane) };
             let mut out = Vec::new();
-            for kernel in [Kernel::Scalar, Kernel::detect()] {
+            for kernel in Kernel::available() {
                 let _ = decode_with(form(), &stream, len, contexts, &mut out, kernel);
             }
         }

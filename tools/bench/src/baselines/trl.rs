@@ -31,7 +31,7 @@ pub fn decode(base: &[u8], streams: &[&[u8]], dtype: &str, target_len: usize) ->
     ensure!(streams.len() == 1, "TRL: expected 1 stream");
     let width = word_bytes(dtype);
     let data = streams[0];
-    ensure!(data.len() % (4 + width) == 0, "TRL: ragged stream");
+    ensure!(data.len().is_multiple_of(4 + width), "TRL: ragged stream");
     let count = data.len() / (4 + width);
     let (idx, values) = data.split_at(count * 4);
     let mut out = base[..target_len].to_vec();
