@@ -716,7 +716,7 @@ enum Kernel {
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// 16 lanes per vector, with gathers, mask compares and expands, where the CPU
-    /// has AVX-512 F, BW and VBMI.
+    /// has AVX-512 F, BW, VL and VBMI.
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
@@ -925,9 +925,7 @@ fn finish_tile<C: ContextSource>(
     // Full steps while a step's 32 words are surely in the tile: no read is checked.
     kernel.fast_steps(input, contexts, progress, out);
     if let Some(tail) = PaddedTail::new(input, progress, out.len()) {
-        let mut in_tail = tail.progress(progress);
-        kernel.fast_steps(&tail.input(input), contexts, &mut in_tail, out);
-        tail.accept(input, &in_tail, progress);
+        tail.steps(kernel, input, contexts, progress, out);
     }
     check_last_steps(input, contexts, progress, out)
 }
@@ -967,14 +965,11 @@ fn finish_two_tiles<C: ContextSource>(
         first_tail.accept(inputs[0], first_in_tail, first);
         second_tail.accept(inputs[1], second_in_tail, second);
     } else {
-        for ((tail, input), (progress, out)) in
-            tails.iter().zip(inputs).zip([(&mut *first, &mut *first_out), (&mut *second, &mut *second_out)])
-        {
-            if let Some(tail) = tail {
-                let mut in_tail = tail.progress(progress);
-                kernel.fast_steps(&tail.input(input), contexts, &mut in_tail, out);
-                tail.accept(input, &in_tail, progress);
-            }
+        if let Some(tail) = &tails[0] {
+            tail.steps(kernel, inputs[0], contexts, first, first_out);
+        }
+        if let Some(tail) = &tails[1] {
+            tail.steps(kernel, inputs[1], contexts, second, second_out);
         }
     }
     check_last_steps(inputs[0], contexts, first, first_out)?;
@@ -1012,6 +1007,20 @@ impl PaddedTail {
     /// Where the padded words start.
     fn progress(&self, progress: &TileProgress) -> TileProgress {
         TileProgress { cursor: 0, ..*progress }
+    }
+
+    /// The steps of one tile on its padded words, kept if they read no padding.
+    fn steps<C: ContextSource>(
+        &self,
+        kernel: Kernel,
+        input: &TileInput<'_>,
+        contexts: &C,
+        progress: &mut TileProgress,
+        out: &mut [u8],
+    ) {
+        let mut in_tail = self.progress(progress);
+        kernel.fast_steps(&self.input(input), contexts, &mut in_tail, out);
+        self.accept(input, &in_tail, progress);
     }
 
     /// Keeps the steps made on the padded words if they read none of the padding.
