@@ -17,6 +17,13 @@ use tpde_cuda::{
     TensorRef, WordWidth,
 };
 
+/// Level 3 with lane rANS (and constant streams) or without, either table form,
+/// and zstd kept wherever it gains `min_zstd_gain`, with no floor in bytes, so that
+/// these small tests meet zstd streams too.
+fn settings(min_zstd_gain: f64, rans: bool, packed_tables: bool) -> EncodeSettings {
+    EncodeSettings { level: 3, min_zstd_gain, rans, zstd: true, constant: rans, packed_tables, zstd_min_saving: 0 }
+}
+
 fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
     GPU.get_or_init(|| Arc::new(Gpu::new(0).expect("a CUDA GPU"))).clone()
@@ -93,15 +100,7 @@ fn materialize_and_host_base_paths_are_bit_exact() {
     // grouped by base key whatever the writer would predict.
     let written = [(0.0, true, true), (0.0, true, false), (0.5, true, true), (0.0, false, false), (0.5, false, false)]
         .map(|(min_zstd_gain, rans, packed_tables)| {
-            let s = EncodeSettings {
-                level: 3,
-                min_zstd_gain,
-                rans,
-                zstd: true,
-                constant: rans,
-                packed_tables,
-                zstd_min_saving: 0,
-            };
+            let s = settings(min_zstd_gain, rans, packed_tables);
             EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, 1 << 16, true, s).unwrap()
         });
     let grouped = forced_tensor_in(
@@ -304,18 +303,7 @@ fn a_delta_file_written_by_the_format_library_loads_bit_exact() {
     let target = tpde::Checkpoint::open(&dir.join("target.safetensors")).unwrap();
     // lane rANS in codec 4, then codec 2, then none
     for (min_zstd_gain, rans, packed_tables) in [(0.0, true, true), (0.5, true, false), (0.0, false, false)] {
-        let opts = tpde::EncodeOptions {
-            chunk_words: 32_768,
-            settings: EncodeSettings {
-                level: 3,
-                min_zstd_gain,
-                rans,
-                zstd: true,
-                constant: rans,
-                packed_tables,
-                zstd_min_saving: 0,
-            },
-        };
+        let opts = tpde::EncodeOptions { chunk_words: 32_768, settings: settings(min_zstd_gain, rans, packed_tables) };
         let path = dir.join("d.tpde");
         tpde::encode(Some(&base), &target, &path, opts, &tpde::NoProgress).unwrap();
         let file = tpde::DeltaFile::open(&path).unwrap();
@@ -388,18 +376,7 @@ fn gpu_results_match_the_library_decoder_and_its_digests_with_a_grown_vocabulary
     let mut l = loader(1 << 20);
     // lane rANS in codec 4, then codec 2, then none
     for (min_zstd_gain, rans, packed_tables) in [(0.0, true, true), (0.25, true, false), (0.0, false, false)] {
-        let opts = tpde::EncodeOptions {
-            chunk_words: 10_000,
-            settings: EncodeSettings {
-                level: 3,
-                min_zstd_gain,
-                rans,
-                zstd: true,
-                constant: rans,
-                packed_tables,
-                zstd_min_saving: 0,
-            },
-        };
+        let opts = tpde::EncodeOptions { chunk_words: 10_000, settings: settings(min_zstd_gain, rans, packed_tables) };
         let path = dir.join("d.tpde");
         tpde::encode(Some(&base), &target, &path, opts, &tpde::NoProgress).unwrap();
         let pinned = PinnedDelta::open(&g, &path).unwrap();
@@ -835,15 +812,7 @@ fn the_writers_lane_rans_streams_decode_on_the_gpu() {
         [(1.0, 1 << 16, true), (1.0, 3000, true), (0.4, 1 << 16, true), (1.0, 1 << 16, false), (1.0, 3000, false)]
     {
         let (base, target) = float_pair(1 << 20, p, 17);
-        let s = EncodeSettings {
-            level: 3,
-            min_zstd_gain: 0.0,
-            rans: true,
-            zstd: true,
-            constant: true,
-            packed_tables,
-            zstd_min_saving: 0,
-        };
+        let s = settings(0.0, true, packed_tables);
         let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, chunk_words, true, s).unwrap();
         let ctx = format!("p {p}, chunks of {chunk_words} words, packed tables {packed_tables}");
         let codec = if packed_tables { Codec::RansPacked } else { Codec::Rans };

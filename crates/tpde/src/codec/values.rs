@@ -253,34 +253,30 @@ pub(crate) fn join_apply_positional<W: Word>(
     streams: &[&[u8]],
     count: usize,
     layout: ValueLayout,
-    words: Option<&mut [u8]>,
+    mut words: Option<&mut [u8]>,
     positions: Option<&[u32]>,
     op: ValueOp,
 ) -> Result<usize> {
+    let mut join_apply =
+        || join_apply_positional_inline::<W>(streams, count, layout, words.as_deref_mut(), positions, op);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
-        return unsafe { join_apply_positional_avx2::<W>(streams, count, layout, words, positions, op) };
+        return unsafe { in_avx2_build(join_apply) };
     }
-    join_apply_positional_inline::<W>(streams, count, layout, words, positions, op)
+    join_apply()
 }
 
-/// [`join_apply_positional`] compiled for AVX2: its loops are simple zips, which
-/// the compiler vectorizes twice as wide as with the baseline's SSE2.
+/// Runs `f` compiled for AVX2, into which it is inlined: the loops of
+/// [`join_apply_positional`] are simple zips, which the compiler vectorizes twice
+/// as wide as with the baseline's SSE2.
 ///
 /// # Safety
 /// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn join_apply_positional_avx2<W: Word>(
-    streams: &[&[u8]],
-    count: usize,
-    layout: ValueLayout,
-    words: Option<&mut [u8]>,
-    positions: Option<&[u32]>,
-    op: ValueOp,
-) -> Result<usize> {
-    join_apply_positional_inline::<W>(streams, count, layout, words, positions, op)
+unsafe fn in_avx2_build<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 #[inline(always)]
