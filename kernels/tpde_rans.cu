@@ -668,29 +668,47 @@ __device__ __forceinline__ void store16(u64* half, Bytes16 v) {
 struct TileCursor {
     u32 x;             // this lane's rANS state
     u32 r;             // bytes of the tile read: states, then words
-    bool fault;        // this lane saw a fault
     u32 len;           // bytes of the tile
     u64* ring;         // the warp's ring
     const u8* a0;      // the tile's payload start, rounded down to 16 bytes
     u32 skew;          // payload start - a0
     u32 half;          // the half of a0 + skew + r
     Bytes16 next;      // this lane's 16 bytes of half h + 2
-    const u8* lo;      // the stream's stored bytes, which loads stay within
-    const u8* hi;
 };
+
+// Steps between two checks of the ring. A step reads at most 64 bytes, so
+// from a check on, RANS_REFILL_STEPS steps read within the two halves in
+// the ring, and full steps need not check after each.
+#define RANS_REFILL_STEPS 8
+static_assert(RANS_REFILL_STEPS * 64 <= RANS_RING_HALF, "the steps between checks stay within two halves");
+
+// Once the reads entered half h + 1, half h's place takes half h + 2 and
+// half h + 3 goes on its way; loads stay within the stream's stored bytes.
+__device__ __forceinline__ void refill(const RansDesc& c, TileCursor& cur) {
+    if ((cur.skew + cur.r) / RANS_RING_HALF != cur.half) {  // uniform
+        const u32 lane = threadIdx.x & 31;
+        __syncwarp();
+        store16(cur.ring + (cur.half & 1) * (RANS_RING_WORDS / 2), cur.next);
+        cur.half++;
+        const u8* lo = (const u8*)c.stored;
+        cur.next = load16(cur.a0 + (u64)(cur.half + 2) * RANS_RING_HALF + 16 * lane, lo, lo + c.stored_len);
+        __syncwarp();
+    }
+}
 
 // Lane l decodes symbol j of the tile from the table slots starting at
 // `slot0` (its context's table) and writes it to out[j]; then the lanes
 // whose state fell below L take the step's words in lane order (§8.7).
 // FULL: every lane has a symbol this step (all but a tile's last step).
+// `check_ring`: the ring is checked after the step (a constant where the
+// steps are unrolled).
 template <bool FULL>
-__device__ __forceinline__ void decode_step(TileCursor& cur, const u32* tables, u32 slot0, u32 k, u32 j, u32 n_t,
-                                            u8* out) {
+__device__ __forceinline__ void decode_step(const RansDesc& c, TileCursor& cur, const u32* tables, u32 slot0, u32 k,
+                                            u32 j, u32 n_t, u8* out, bool check_ring) {
     const u32 lane = threadIdx.x & 31;
     const bool active = FULL || j < n_t;
     // Lane l reads the step's l-th word before the state is known; a lane
-    // that needs one takes it with a shuffle. A step reads at most 64 bytes,
-    // so they lie in halves h and h + 1.
+    // that needs one takes it with a shuffle.
     const u32 at = cur.skew + cur.r + 2 * lane;
     const u8* bytes = (const u8*)cur.ring;
     const u32 mine = (u32)bytes[at % (2 * RANS_RING_HALF)] | ((u32)bytes[(at + 1) % (2 * RANS_RING_HALF)] << 8);
@@ -704,18 +722,12 @@ __device__ __forceinline__ void decode_step(TileCursor& cur, const u32* tables, 
     const u32 m = __ballot_sync(0xffffffffu, need);
     const u32 rank = __popc(m & ((1u << lane) - 1u));  // words taken by lower lanes this step
     const u32 word = __shfl_sync(0xffffffffu, mine, rank);
-    // a truncated tile: the word would lie at or past len_t
-    const bool take = need && cur.r + 2 * rank + 2 <= cur.len;
-    cur.fault = cur.fault || (need && !take);
-    cur.x = take ? (x << 16) | word : x;
+    // A truncated tile (a word at or past len_t) is not checked here: its
+    // reads run on past len_t, within the stream's bytes, and end with
+    // r > len_t, which the tile's last check refuses.
+    cur.x = need ? (x << 16) | word : x;
     cur.r += 2 * __popc(m);
-    if ((cur.skew + cur.r) / RANS_RING_HALF != cur.half) {  // uniform: the reads entered half h + 1
-        __syncwarp();
-        store16(cur.ring + (cur.half & 1) * (RANS_RING_WORDS / 2), cur.next);
-        cur.half++;
-        cur.next = load16(cur.a0 + (u64)(cur.half + 2) * RANS_RING_HALF + 16 * lane, cur.lo, cur.hi);
-        __syncwarp();
-    }
+    if (check_ring) refill(c, cur);
 }
 
 // Steps whose context words are loaded together, a segment ahead of the
@@ -725,6 +737,7 @@ __device__ __forceinline__ void decode_step(TileCursor& cur, const u32* tables, 
 // are loaded a segment earlier still. A tile's last, partial segment reads
 // its contexts as it goes.
 #define RANS_SEGMENT 16
+static_assert(RANS_SEGMENT % RANS_REFILL_STEPS == 0, "a segment ends with a check of the ring");
 
 // The word index in the chunk of symbol i of the stream: its position in a
 // sparse chunk (context 1), else i.
@@ -733,11 +746,15 @@ __device__ __forceinline__ u64 word_of(const RansDesc& c, u64 i) {
     return CTX == CTX_BASE_KEY && c.positions ? (u64)((const u32*)c.positions)[i] : i;
 }
 
-// The table slots of symbol i's context.
+// The table of symbol i's context.
 template <u32 CTX, typename T>
-__device__ __forceinline__ u32 slot0_of(const u8* cmap, u32 k, T word) {
-    return CTX == CTX_NONE ? 0u : (u32)cmap[context_byte<CTX, T>(word)] << k;
+__device__ __forceinline__ u32 table_of(const u8* cmap, T word) {
+    return CTX == CTX_NONE ? 0u : (u32)cmap[context_byte<CTX, T>(word)];
 }
+
+// A segment's tables, 3 bits a step (a stream has at most 8 tables), in
+// one register pair rather than a register a step.
+static_assert(RANS_MAX_TABLES <= 8 && 3 * RANS_SEGMENT <= 64, "a segment's tables fit in 64 bits");
 
 // Decodes tile t with one warp (§8.7, "Decoding"). Returns false on a fault.
 template <u32 CTX, typename T>
@@ -752,24 +769,20 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables
     const u8* p = payload + off;
     u8* out = (u8*)c.decoded + i0;
     TileCursor cur;
-    cur.x = RANS_L;
-    cur.fault = false;
-    if (lane < lanes) {
-        cur.x = load_u32_le(p + 4 * lane);
-        cur.fault = cur.x < RANS_L;
-    }
+    cur.x = lane < lanes ? load_u32_le(p + 4 * lane) : RANS_L;
+    if (__any_sync(0xffffffffu, cur.x < RANS_L)) return false;  // a start state below L
     cur.r = 4 * lanes;
     cur.len = offsets[t + 1] - off;
     cur.ring = ring;
-    cur.lo = (const u8*)c.stored;
-    cur.hi = cur.lo + c.stored_len;
     cur.a0 = (const u8*)((u64)p & ~(u64)15);
     cur.skew = (u32)(p - cur.a0);
     cur.half = 0;
+    const u8* lo = (const u8*)c.stored;
+    const u8* hi = lo + c.stored_len;
     __syncwarp();  // the previous tile's reads are done
-    store16(ring, load16(cur.a0 + 16 * lane, cur.lo, cur.hi));
-    store16(ring + RANS_RING_WORDS / 2, load16(cur.a0 + RANS_RING_HALF + 16 * lane, cur.lo, cur.hi));
-    cur.next = load16(cur.a0 + 2 * RANS_RING_HALF + 16 * lane, cur.lo, cur.hi);
+    store16(ring, load16(cur.a0 + 16 * lane, lo, hi));
+    store16(ring + RANS_RING_WORDS / 2, load16(cur.a0 + RANS_RING_HALF + 16 * lane, lo, hi));
+    cur.next = load16(cur.a0 + 2 * RANS_RING_HALF + 16 * lane, lo, hi);
     __syncwarp();
 
     // Whole segments of full steps.
@@ -805,16 +818,16 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables
         }
         // every step's table first, so that those lookups stay off the
         // chain of states
-        u32 slot0[RANS_SEGMENT];
+        u64 bits = 0;
 #pragma unroll
-        for (u32 q = 0; q < RANS_SEGMENT; q++) slot0[q] = slot0_of<CTX, T>(cmap, k, words_now[q]);
+        for (u32 q = 0; q < RANS_SEGMENT; q++) bits |= (u64)table_of<CTX, T>(cmap, words_now[q]) << (3 * q);
 #pragma unroll
         for (u32 q = 0; q < RANS_SEGMENT; q++) {
-            decode_step<true>(cur, tables, slot0[q], k, (step0 + q) * 32 + lane, n_t, out);
+            const u32 slot0 = ((u32)(bits >> (3 * q)) & 7u) << k;
+            decode_step<true>(c, cur, tables, slot0, k, (step0 + q) * 32 + lane, n_t, out,
+                              (q + 1) % RANS_REFILL_STEPS == 0);
         }
-        // A fault is acted on here: until then a faulty lane decodes
-        // garbage inside its own tile, which is flagged anyway.
-        if (__any_sync(0xffffffffu, cur.fault)) return false;
+        if (cur.r > cur.len) return false;  // uniform: a truncated tile
         if (CTX != CTX_NONE) {
 #pragma unroll
             for (u32 q = 0; q < RANS_SEGMENT; q++) words_now[q] = words_next[q];
@@ -825,10 +838,10 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables
     for (u32 step = segments * RANS_SEGMENT; step < steps; step++) {
         const u32 j = step * 32 + lane;
         const T word = CTX != CTX_NONE && j < n_t ? context_word<CTX, T>(c, word_of<CTX>(c, i0 + j)) : (T)0;
-        decode_step<false>(cur, tables, slot0_of<CTX, T>(cmap, k, word), k, j, n_t, out);
+        decode_step<false>(c, cur, tables, table_of<CTX, T>(cmap, word) << k, k, j, n_t, out, true);
     }
-    // words left over, or a final state other than L
-    const bool bad = cur.fault || cur.r != cur.len || (lane < lanes && cur.x != RANS_L);
+    // words left over or missing (a truncated tile), or a final state other than L
+    const bool bad = cur.r != cur.len || (lane < lanes && cur.x != RANS_L);
     return !__any_sync(0xffffffffu, bad);
 }
 
@@ -852,12 +865,13 @@ __device__ __forceinline__ void decode_run(const RansDesc& c, const u32* tables,
 extern "C" __global__ void __launch_bounds__(RANS_THREADS, RANS_DECODE_BLOCKS_PER_SM)
 rans_decode(const RansDesc* d, u32 nd, u32* flag) {
     DYNAMIC_SHARED_U32(smem);
-    __shared__ u32 di;
+    // The block's stream, read where it is used: held in registers, its
+    // fields would take room that the decoding needs.
+    __shared__ RansDesc c;
     __shared__ u8 cmap[256];
     __shared__ u64 rings[RANS_WARPS * RANS_RING_WORDS];
-    if (threadIdx.x == 0) di = find_desc(d, nd, blockIdx.x);
+    if (threadIdx.x == 0) c = d[find_desc(d, nd, blockIdx.x)];
     __syncthreads();
-    const RansDesc c = d[di];
     const u32* scratch = (const u32*)c.scratch;
     // a stream whose header is faulty was reported by rans_parse
     if (scratch[0] != RANS_SCRATCH_VALID) return;  // uniform
