@@ -630,9 +630,12 @@ __device__ __forceinline__ u32 context_byte(T word) {
 // A warp reads its tile's words through a ring of two halves in shared
 // memory: while it reads half h, half h + 1 is already there and half h + 2
 // is on its way from device memory, so that no step waits on a device load.
+// The ring's first 16 bytes are repeated after its end, so that a word
+// whose first byte is the ring's last reads on without wrapping.
 #define RANS_RING_HALF 512u                      // bytes
-#define RANS_RING_WORDS (2 * RANS_RING_HALF / 8)  // u64 words of a warp's ring
-static_assert(RANS_WARPS * RANS_RING_WORDS * 2 >= RANS_MAX_TABLES * RANS_TABLE_STRIDE,
+#define RANS_RING_WORDS (2 * RANS_RING_HALF / 8)  // u64 words of a ring's two halves
+#define RANS_RING_STRIDE (RANS_RING_WORDS + 2)    // ... and of the ring, with its repeated bytes
+static_assert(RANS_WARPS * RANS_RING_STRIDE * 2 >= RANS_MAX_TABLES * RANS_TABLE_STRIDE,
               "the rings hold every table entry while the tables are spread");
 
 // 16 bytes of a stream, as two little-endian u64.
@@ -657,11 +660,17 @@ __device__ __forceinline__ Bytes16 load16(const u8* a, const u8* lo, const u8* h
     return load16_edge(a, lo, hi);
 }
 
-// Stores this lane's 16 bytes of a ring half.
-__device__ __forceinline__ void store16(u64* half, Bytes16 v) {
+// Stores this lane's 16 bytes of half `which` (0 or 1) of a ring; lane 0
+// of half 0 also stores them after the ring's end.
+__device__ __forceinline__ void store16(u64* ring, u32 which, Bytes16 v) {
     const u32 lane = threadIdx.x & 31;
+    u64* half = ring + which * (RANS_RING_WORDS / 2);
     half[2 * lane] = v.lo;
     half[2 * lane + 1] = v.hi;
+    if (which == 0 && lane == 0) {
+        ring[RANS_RING_WORDS] = v.lo;
+        ring[RANS_RING_WORDS + 1] = v.hi;
+    }
 }
 
 // The state of one warp decoding one tile.
@@ -688,7 +697,7 @@ __device__ __forceinline__ void refill(const RansDesc& c, TileCursor& cur) {
     if ((cur.skew + cur.r) / RANS_RING_HALF != cur.half) {  // uniform
         const u32 lane = threadIdx.x & 31;
         __syncwarp();
-        store16(cur.ring + (cur.half & 1) * (RANS_RING_WORDS / 2), cur.next);
+        store16(cur.ring, cur.half & 1, cur.next);
         cur.half++;
         const u8* lo = (const u8*)c.stored;
         cur.next = load16(cur.a0 + (u64)(cur.half + 2) * RANS_RING_HALF + 16 * lane, lo, lo + c.stored_len);
@@ -709,9 +718,8 @@ __device__ __forceinline__ void decode_step(const RansDesc& c, TileCursor& cur, 
     const bool active = FULL || j < n_t;
     // Lane l reads the step's l-th word before the state is known; a lane
     // that needs one takes it with a shuffle.
-    const u32 at = cur.skew + cur.r + 2 * lane;
-    const u8* bytes = (const u8*)cur.ring;
-    const u32 mine = (u32)bytes[at % (2 * RANS_RING_HALF)] | ((u32)bytes[(at + 1) % (2 * RANS_RING_HALF)] << 8);
+    const u8* at = (const u8*)cur.ring + (cur.skew + cur.r + 2 * lane) % (2 * RANS_RING_HALF);
+    const u32 mine = (u32)at[0] | ((u32)at[1] << 8);
     u32 x = cur.x;
     const u32 e = tables[slot0 | (x & ((1u << k) - 1u))];
     if (active) {
@@ -780,8 +788,8 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables
     const u8* lo = (const u8*)c.stored;
     const u8* hi = lo + c.stored_len;
     __syncwarp();  // the previous tile's reads are done
-    store16(ring, load16(cur.a0 + 16 * lane, lo, hi));
-    store16(ring + RANS_RING_WORDS / 2, load16(cur.a0 + RANS_RING_HALF + 16 * lane, lo, hi));
+    store16(ring, 0, load16(cur.a0 + 16 * lane, lo, hi));
+    store16(ring, 1, load16(cur.a0 + RANS_RING_HALF + 16 * lane, lo, hi));
     cur.next = load16(cur.a0 + 2 * RANS_RING_HALF + 16 * lane, lo, hi);
     __syncwarp();
 
@@ -849,7 +857,7 @@ template <u32 CTX, typename T>
 __device__ __forceinline__ void decode_run(const RansDesc& c, const u32* tables, const u8* cmap, const u8* payload,
                                            const u32* offsets, u32 first, u32 last, u64* rings, u32* flag) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    u64* ring = rings + warp * RANS_RING_WORDS;
+    u64* ring = rings + warp * RANS_RING_STRIDE;
     for (u32 t = first + warp; t < last; t += blockDim.x >> 5) {
         if (!decode_tile<CTX, T>(c, tables, cmap, payload, offsets, t, ring) && lane == 0) {
             rans_fault(flag, ERR_RANS_DECODE, c.job);
@@ -869,7 +877,7 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
     // fields would take room that the decoding needs.
     __shared__ RansDesc c;
     __shared__ u8 cmap[256];
-    __shared__ u64 rings[RANS_WARPS * RANS_RING_WORDS];
+    __shared__ u64 rings[RANS_WARPS * RANS_RING_STRIDE];
     if (threadIdx.x == 0) c = d[find_desc(d, nd, blockIdx.x)];
     __syncthreads();
     const u32* scratch = (const u32*)c.scratch;
