@@ -188,6 +188,51 @@ __device__ __forceinline__ T combine(T b, T v, u32 op) {
     return (T)(b + d);
 }
 
+// Words that a thread of a dense chunk takes at once, where the chunk's
+// addresses allow: each value plane gives their bytes in one 4-byte load,
+// and the base and the output take one access for all of them, instead of
+// a load per byte and word.
+#define DENSE_GROUP 4u
+
+template <typename T>
+struct alignas(DENSE_GROUP * sizeof(T)) WordGroup {
+    T w[DENSE_GROUP];
+};
+
+// Whether a dense chunk's base, output and value streams are aligned for
+// WordGroup accesses from any multiple of DENSE_GROUP words.
+template <typename T>
+__device__ __forceinline__ bool dense_groups_fit(const ChunkDesc& c) {
+    const u64 wide = DENSE_GROUP * sizeof(T);
+    if (c.base % wide || c.out % wide) return false;
+    if (c.layout == LAYOUT_WORDS) return c.val[0] % wide == 0;
+    bool fit = true;
+#pragma unroll
+    for (int k = 0; k < (int)sizeof(T); k++) fit = fit && c.val[k] % DENSE_GROUP == 0;
+    return fit;
+}
+
+// The values of words j .. j + DENSE_GROUP - 1, as load_value gives each.
+template <typename T>
+__device__ __forceinline__ WordGroup<T> load_value_group(const ChunkDesc& c, u64 j) {
+    if (c.layout == LAYOUT_WORDS) return *(const WordGroup<T>*)((const T*)c.val[0] + j);
+    WordGroup<T> v;
+#pragma unroll
+    for (u32 q = 0; q < DENSE_GROUP; q++) v.w[q] = 0;
+#pragma unroll
+    for (int k = 0; k < (int)sizeof(T); k++) {
+        const u32 bytes = *(const u32*)((const u8*)c.val[k] + j);  // byte k of each word
+#pragma unroll
+        for (u32 q = 0; q < DENSE_GROUP; q++) v.w[q] |= (T)((T)((bytes >> (8 * q)) & 0xFFu) << (8 * k));
+    }
+    if (c.layout == LAYOUT_ROTATED_PLANES) {
+#pragma unroll
+        for (u32 q = 0; q < DENSE_GROUP; q++) v.w[q] = (T)((T)(v.w[q] >> 1) | (T)(v.w[q] << (8 * sizeof(T) - 1)));
+    }
+    return v;
+}
+
+
 // Exclusive scan of one u64 per thread over a 256-thread block. Returns the
 // exclusive prefix; *total receives the block sum. Must be called by all threads.
 __device__ __forceinline__ u64 block_exclusive_scan(u64 x, u64* warp_sums, u64* total) {
@@ -346,8 +391,26 @@ __device__ __forceinline__ void apply_impl(ChunkDesc* d, u32 nd, const u64* offs
             if (i < c.n) out[i] = load_value<T>(c, i);
         }
     } else if (c.kind == KIND_DENSE) {
-        const u64 i0 = t * TILE;
-        for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
+        const u64 i0 = t * TILE;  // < c.n
+        // whole groups first, where the addresses allow, then word by word
+        u32 grouped = 0;
+        if (dense_groups_fit<T>(c)) {
+            const u64 left = c.n - i0;
+            grouped = (u32)(left < TILE ? left : TILE) & ~(DENSE_GROUP - 1);
+            for (u32 k = DENSE_GROUP * threadIdx.x; k < grouped; k += DENSE_GROUP * THREADS) {
+                const u64 i = i0 + k;
+                const WordGroup<T> b = *(const WordGroup<T>*)(base + i);
+                const WordGroup<T> v = load_value_group<T>(c, i);
+                WordGroup<T> w;
+#pragma unroll
+                for (u32 q = 0; q < DENSE_GROUP; q++) {
+                    w.w[q] = combine<T>(b.w[q], v.w[q], c.op);
+                    changed += w.w[q] != b.w[q];
+                }
+                *(WordGroup<T>*)(out + i) = w;
+            }
+        }
+        for (u32 k = grouped + threadIdx.x; k < TILE; k += THREADS) {
             u64 i = i0 + k;
             if (i < c.n) {
                 const T b = base[i];
