@@ -199,12 +199,12 @@ struct alignas(DENSE_GROUP * sizeof(T)) WordGroup {
     T w[DENSE_GROUP];
 };
 
-// Whether a dense chunk's base, output and value streams are aligned for
-// WordGroup accesses from any multiple of DENSE_GROUP words.
+// Whether a chunk's output, value streams and (`with_base`) base are
+// aligned for WordGroup accesses from any multiple of DENSE_GROUP words.
 template <typename T>
-__device__ __forceinline__ bool dense_groups_fit(const ChunkDesc& c) {
+__device__ __forceinline__ bool groups_fit(const ChunkDesc& c, bool with_base) {
     const u64 wide = DENSE_GROUP * sizeof(T);
-    if (c.base % wide || c.out % wide) return false;
+    if ((with_base && c.base % wide) || c.out % wide) return false;
     if (c.layout == LAYOUT_WORDS) return c.val[0] % wide == 0;
     bool fit = true;
 #pragma unroll
@@ -231,7 +231,6 @@ __device__ __forceinline__ WordGroup<T> load_value_group(const ChunkDesc& c, u64
     }
     return v;
 }
-
 
 // Exclusive scan of one u64 per thread over a 256-thread block. Returns the
 // exclusive prefix; *total receives the block sum. Must be called by all threads.
@@ -386,16 +385,25 @@ __device__ __forceinline__ void apply_impl(ChunkDesc* d, u32 nd, const u64* offs
     u32 changed = 0;
     if (c.kind == KIND_RAW) {
         const u64 i0 = t * TILE;
-        for (u32 k = threadIdx.x; k < TILE; k += THREADS) {
+        // whole groups first, where the addresses allow, then word by word
+        u32 grouped = 0;
+        if (groups_fit<T>(c, false)) {
+            const u64 left = c.n > i0 ? c.n - i0 : 0;
+            grouped = (u32)(left < TILE ? left : TILE) & ~(DENSE_GROUP - 1);
+            for (u32 k = DENSE_GROUP * threadIdx.x; k < grouped; k += DENSE_GROUP * THREADS) {
+                *(WordGroup<T>*)(out + i0 + k) = load_value_group<T>(c, i0 + k);
+            }
+        }
+        for (u32 k = grouped + threadIdx.x; k < TILE; k += THREADS) {
             u64 i = i0 + k;
             if (i < c.n) out[i] = load_value<T>(c, i);
         }
     } else if (c.kind == KIND_DENSE) {
-        const u64 i0 = t * TILE;  // < c.n
+        const u64 i0 = t * TILE;
         // whole groups first, where the addresses allow, then word by word
         u32 grouped = 0;
-        if (dense_groups_fit<T>(c)) {
-            const u64 left = c.n - i0;
+        if (groups_fit<T>(c, true)) {
+            const u64 left = c.n > i0 ? c.n - i0 : 0;
             grouped = (u32)(left < TILE ? left : TILE) & ~(DENSE_GROUP - 1);
             for (u32 k = DENSE_GROUP * threadIdx.x; k < grouped; k += DENSE_GROUP * THREADS) {
                 const u64 i = i0 + k;
