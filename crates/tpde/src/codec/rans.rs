@@ -1866,8 +1866,14 @@ fn exp_golomb_prefix(value: u32, order: u32) -> u32 {
 }
 
 /// Bits of the Exp-Golomb codes of `values` of order `order`.
+///
+/// A value takes `2n + 1 + order` bits with `n = log2(value + 2^order) − order`, so
+/// the sum is `2·Σ log2(value + 2^order) + count − count·order`. The logarithms are
+/// taken with `leading_zeros`, which has no case to check, so that the sum
+/// vectorises: the writer weighs every order of every table it considers.
 fn exp_golomb_bits(values: &[u32], order: u32) -> usize {
-    values.iter().map(|&v| (2 * exp_golomb_prefix(v, order) + 1 + order) as usize).sum()
+    let logs: u32 = values.iter().map(|&v| u32::BITS - 1 - (v + (1 << order)).leading_zeros()).sum();
+    2 * logs as usize + values.len() - values.len() * order as usize
 }
 
 /// The Exp-Golomb order that codes `values` in the fewest bits; the smallest of equals.
