@@ -63,8 +63,12 @@ pub struct LoaderConfig {
 }
 
 impl Default for LoaderConfig {
+    /// Eight slots of 32 MiB: 256 MiB page-locked, as much on the device. A
+    /// slot's next upload waits for the kernels of its last batch, so with
+    /// fewer bytes in flight the device idles between the batches of a
+    /// large model (`BENCHMARKS-GPU.md`).
     fn default() -> Self {
-        Self { slots: 4, slot_bytes: 32 << 20, max_chunks: 4096, verify_digests: true }
+        Self { slots: 8, slot_bytes: 32 << 20, max_chunks: 4096, verify_digests: true }
     }
 }
 
