@@ -457,9 +457,30 @@ impl Batch {
     /// stream) and `words` words of base and out (equal ranges for in place,
     /// else disjoint).
     pub fn push(&mut self, c: &ChunkRef<'_>, streams: &[DevRange], base: DevRange, out: DevRange) -> Result<()> {
+        self.push_listed(c, streams, base, out, None)
+    }
+
+    /// As [`Batch::push`]; a sparse chunk of gaps whose `u32` positions were
+    /// rebuilt before the apply (for a base-key context) into `positions` is
+    /// applied from that list instead, which skips the scans of its gaps.
+    /// The positions launch ran those scans and checked the gaps already.
+    pub fn push_listed(
+        &mut self,
+        c: &ChunkRef<'_>,
+        streams: &[DevRange],
+        base: DevRange,
+        out: DevRange,
+        positions: Option<DevRange>,
+    ) -> Result<()> {
         let Some(mut d) = self.describe(c, streams, out)? else {
             return Ok(());
         };
+        if let Some(list) = positions.filter(|_| d.has_gaps()) {
+            if list.len() < 4 * d.m as usize || !list.ptr().is_multiple_of(4) || list.overlaps(&out) {
+                return Err(GpuError::invalid("positions range too short, misaligned or overlapping out"));
+            }
+            d.read_positions_from(list.ptr());
+        }
         let w = self.width.bytes() as u64;
         let nbytes = c.words as usize * self.width.bytes();
         if base.len() != nbytes || out.len() != nbytes {
@@ -1111,6 +1132,48 @@ mod tests {
         // a mix leans to the streams that hold most of the work
         assert_eq!(decoder_warps([3u32, 18].into_iter(), 0), 4);
         assert_eq!(decoder_warps(std::iter::empty(), 0), 8);
+    }
+
+    /// A sparse chunk of gaps whose positions were rebuilt for a base-key
+    /// context is applied from that list: the same tiles, no tile scans for
+    /// its batch; a list too short for its positions is refused.
+    #[test]
+    fn a_chunk_with_rebuilt_positions_is_applied_from_them() {
+        let n = 20_000usize;
+        let base = vec![0u8; 4 * n];
+        let mut target = base.clone();
+        for i in (0..n).step_by(7) {
+            target[4 * i] = 1;
+        }
+        let plain =
+            tpde::EncodeSettings { rans: false, zstd: false, constant: false, ..tpde::EncodeSettings::default() };
+        let t = crate::EncodedTensor::encode("t", Some(&base), &target, WordWidth::W4, 20_000, false, plain).unwrap();
+        let r = t.as_ref();
+        let c = &r.chunks[0];
+        let m = c.record.changed_count as usize;
+        assert_eq!(m, n.div_ceil(7));
+        let (base, out) = (DevRange { ptr: 0x100_0000, len: 4 * n }, DevRange { ptr: 0x200_0000, len: 4 * n });
+        let streams: Vec<DevRange> = (0..c.streams.len())
+            .map(|q| DevRange { ptr: 0x300_0000 + 0x10_0000 * q as u64, len: c.device_stream_len(q) })
+            .collect();
+        let list = DevRange { ptr: 0x900_0000, len: 4 * m };
+
+        let mut gaps = Batch::new(WordWidth::W4);
+        gaps.push(c, &streams, base, out).unwrap();
+        let mut listed = Batch::new(WordWidth::W4);
+        listed.push_listed(c, &streams, base, out, Some(list)).unwrap();
+        assert_eq!(gaps.descs[0].kind, kind::SPARSE_GAPS);
+        assert!(gaps.sparse && !listed.sparse, "only the gaps need the tile scans");
+        assert_eq!(
+            (listed.descs[0].kind, listed.descs[0].pos[0], listed.descs[0].gap_width),
+            (kind::SPARSE_LIST, list.ptr(), 0)
+        );
+        assert_eq!(listed.tiles, gaps.tiles);
+
+        let short = DevRange { len: 4 * m - 4, ..list };
+        assert!(Batch::new(WordWidth::W4).push_listed(c, &streams, base, out, Some(short)).is_err());
+        let over_out = DevRange { ptr: out.ptr + 64, ..list };
+        assert!(Batch::new(WordWidth::W4).push_listed(c, &streams, base, out, Some(over_out)).is_err());
     }
 
     #[test]

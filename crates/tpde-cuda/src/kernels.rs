@@ -357,6 +357,22 @@ impl ChunkDesc {
         self.kind == kind::SPARSE_GAPS || self.kind == kind::SPARSE_BITMAP
     }
 
+    /// Whether the chunk's positions are coded as gaps.
+    pub fn has_gaps(&self) -> bool {
+        self.kind == kind::SPARSE_GAPS
+    }
+
+    /// Makes a chunk of gaps read its positions from a list of `m` `u32` at
+    /// device address `list` instead, rebuilt from those gaps: the same tiles
+    /// of [`TILE`] positions, without the scans of the gaps.
+    pub fn read_positions_from(&mut self, list: u64) {
+        debug_assert!(self.has_gaps());
+        self.kind = kind::SPARSE_LIST;
+        self.gap_width = 0;
+        self.pos = [0; MAX_POSITION_STREAMS];
+        self.pos[0] = list;
+    }
+
     /// Whether the chunk has positions (every sparse kind).
     pub fn has_positions(&self) -> bool {
         self.is_sparse() || self.kind == kind::SPARSE_LIST

@@ -70,10 +70,6 @@ impl Loader {
                 .enumerate()
                 .map(|(q, &p)| dev.sub(plan.offset(p), c.device_stream_len(q)))
                 .collect::<Result<Vec<_>>>()?;
-            match stage {
-                Stage::Apply => batch.push(c, &streams, j.base, j.out)?,
-                Stage::Positions => batch.push_positions(c, &streams, j.out)?,
-            }
             let positions = match place.positions {
                 Some((before, o)) => {
                     let p = dev.sub(plan.device_start + o, 4 * c.record.changed_count as usize)?;
@@ -82,6 +78,10 @@ impl Loader {
                 }
                 None => None,
             };
+            match stage {
+                Stage::Apply => batch.push_listed(c, &streams, j.base, j.out, positions)?,
+                Stage::Positions => batch.push_positions(c, &streams, j.out)?,
+            }
             for &(q, value) in &place.fills {
                 work.fills.push(streams[q], value)?;
             }

@@ -437,8 +437,10 @@ impl Loader {
                         Staged::Deferred(_) => take(chunk.device_stream_len(q)),
                     })
                     .collect::<Result<Vec<_>>>()?;
-            batch.push(&chunk, &streams, base, out)?;
-            let Some(plan) = &c.plan else { continue };
+            let Some(plan) = &c.plan else {
+                batch.push(&chunk, &streams, base, out)?;
+                continue;
+            };
             let positions = match plan.positions_before {
                 Some(before) => {
                     let p = take(4 * c.record.changed_count as usize)?;
@@ -447,6 +449,7 @@ impl Loader {
                 }
                 None => None,
             };
+            batch.push_listed(&chunk, &streams, base, out, positions)?;
             let job = u32::try_from(first_job + ci).map_err(|_| GpuError::invalid("too many chunks"))?;
             for (q, r) in c.streams.iter().enumerate() {
                 let (Staged::Deferred(stored), Some((header, level))) = (c.at[q], plan.streams[q]) else { continue };
