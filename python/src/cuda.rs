@@ -82,15 +82,18 @@ fn invalid(message: impl Into<String>) -> CudaFault {
 
 /// One loader per device for the life of the process: opening a device compiles
 /// the kernels (NVRTC) and the loader holds a page-locked staging ring, both too
-/// costly to repeat per call. Calls on one device take turns.
-static LOADERS: LazyLock<Mutex<BTreeMap<usize, Loader>>> = LazyLock::new(|| Mutex::new(BTreeMap::new()));
+/// costly to repeat per call. Calls on one device take turns. The configuration
+/// is that of the loaders opened next ([`cuda_set_staging`]).
+static LOADERS: LazyLock<Mutex<(LoaderConfig, BTreeMap<usize, Loader>)>> =
+    LazyLock::new(|| Mutex::new((LoaderConfig::default(), BTreeMap::new())));
 
 fn with_loader<T>(device: usize, work: impl FnOnce(&mut Loader) -> CudaResult<T>) -> CudaResult<T> {
     // A panic inside the loader leaves it usable: every call starts afresh.
-    let mut loaders = LOADERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut guard = LOADERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let (config, loaders) = &mut *guard;
     let loader = match loaders.entry(device) {
         Entry::Occupied(entry) => entry.into_mut(),
-        Entry::Vacant(entry) => entry.insert(Loader::new(Arc::new(Gpu::new(device)?), LoaderConfig::default())?),
+        Entry::Vacant(entry) => entry.insert(Loader::new(Arc::new(Gpu::new(device)?), *config)?),
     };
     let result = work(loader);
     // Whatever happened, nothing of this call is still running on the device when
@@ -101,6 +104,37 @@ fn with_loader<T>(device: usize, work: impl FnOnce(&mut Loader) -> CudaResult<T>
     Ok(value)
 }
 
+/// Slots and MiB per slot that [`cuda_set_staging`] accepts: a slot holds a
+/// chunk's decoded streams, and 16 MiB hold any chunk of the default writer.
+const STAGING_SLOTS: std::ops::RangeInclusive<usize> = 1..=64;
+const STAGING_SLOT_MIB: std::ops::RangeInclusive<usize> = 16..=1024;
+
+/// Sets the staging memory of the GPU loaders: `slots` page-locked host buffers
+/// of `slot_mib` MiB each per device, and as much device memory. Loaders already
+/// open are closed, their memory given back, and open again with it at their
+/// next call.
+#[pyfunction]
+#[pyo3(signature = (*, slots, slot_mib))]
+pub fn cuda_set_staging(py: Python<'_>, slots: usize, slot_mib: usize) -> PyResult<()> {
+    if !STAGING_SLOTS.contains(&slots) || !STAGING_SLOT_MIB.contains(&slot_mib) {
+        let message = format!(
+            "staging of {slots} slots of {slot_mib} MiB: slots must be {} to {} and slot_mib {} to {}",
+            STAGING_SLOTS.start(),
+            STAGING_SLOTS.end(),
+            STAGING_SLOT_MIB.start(),
+            STAGING_SLOT_MIB.end()
+        );
+        return Err(to_py(&Error::new(ErrorCode::InvalidArgument, message)));
+    }
+    py.detach(|| {
+        let mut guard = LOADERS.lock().unwrap_or_else(PoisonError::into_inner);
+        let (config, loaders) = &mut *guard;
+        *config = LoaderConfig { slots, slot_bytes: slot_mib << 20, ..LoaderConfig::default() };
+        loaders.clear();
+    });
+    Ok(())
+}
+
 /// Gives back to the driver the device memory that the tensors of earlier loads
 /// on GPU `device` held and that is now free (the loader keeps it for the next
 /// load, as torch's caching allocator does). Nothing happens where no load ran.
@@ -108,8 +142,8 @@ fn with_loader<T>(device: usize, work: impl FnOnce(&mut Loader) -> CudaResult<T>
 #[pyo3(signature = (*, device))]
 pub fn cuda_empty_cache(py: Python<'_>, device: usize) -> PyResult<()> {
     py.detach(|| {
-        let loaders = LOADERS.lock().unwrap_or_else(PoisonError::into_inner);
-        match loaders.get(&device) {
+        let guard = LOADERS.lock().unwrap_or_else(PoisonError::into_inner);
+        match guard.1.get(&device) {
             Some(loader) => loader.gpu().release_cached_memory().map_err(CudaFault::from),
             None => Ok(()),
         }

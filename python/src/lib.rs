@@ -1,7 +1,7 @@
 //! The `tpde._tpde` extension module: the library's verbs (`encode`, `apply`,
 //! `verify`, `inspect`), `DeltaReader`, which rebuilds single tensors, and
 //! `Series`, a training run kept as keyframes and deltas, and the CUDA path of
-//! `tpde.torch` (`cuda_load`, `cuda_apply_in_place`, `cuda_empty_cache`, `DeviceBuffer`). The
+//! `tpde.torch` (`cuda_load`, `cuda_apply_in_place`, `cuda_empty_cache`, `cuda_set_staging`, `DeviceBuffer`). The
 //! `tpde` package wraps it in Python (`safe_open`, `tpde.torch`).
 
 mod cuda;
@@ -266,5 +266,6 @@ fn _tpde(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(cuda::cuda_load, module)?)?;
     module.add_function(wrap_pyfunction!(cuda::cuda_apply_in_place, module)?)?;
     module.add_function(wrap_pyfunction!(cuda::cuda_empty_cache, module)?)?;
+    module.add_function(wrap_pyfunction!(cuda::cuda_set_staging, module)?)?;
     Ok(())
 }

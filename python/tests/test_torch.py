@@ -133,3 +133,15 @@ def test_bad_state_dicts_are_refused_by_code(tmp_path):
         tpde.torch.save_delta(None, {"w": torch.zeros(2, dtype=torch.complex128)}, tmp_path / "d.tpde")
     assert (error.value.code, error.value.tensor) == ("E_UNKNOWN_DTYPE", "w")
     assert not (tmp_path / "d.tpde").exists()
+
+
+def test_set_staging_checks_its_sizes():
+    """The loader's staging size is checked whether or not a GPU is present, and
+    a size in range is taken."""
+    tpde.torch.set_staging(slots=2, slot_mib=16)
+    tpde.torch.set_staging()
+    for slots, slot_mib in [(0, 32), (65, 32), (8, 15), (8, 1025)]:
+        with pytest.raises(tpde.TpdeError) as error:
+            tpde.torch.set_staging(slots=slots, slot_mib=slot_mib)
+        assert error.value.code == "E_INVALID_ARGUMENT"
+        assert f"{slots} slots of {slot_mib} MiB" in str(error.value)

@@ -280,3 +280,25 @@ def test_memory_of_freed_results_is_kept_until_empty_cache(tmp_path: Path):
     tpde.torch.empty_cache(DEVICE)
     free_after, _ = torch.cuda.mem_get_info()
     assert free_after - free_kept >= rebuilt_bytes * 9 // 10, "empty_cache gave back too little"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+def test_a_smaller_staging_ring_loads_the_same_bytes(tmp_path: Path):
+    """After ``set_staging``, the next load opens a loader of two slots of 16 MiB
+    and rebuilds the same bytes; the default comes back the same way."""
+    base = {f"w{i}": torch.arange(1 << 22, dtype=torch.int32).reshape(1 << 11, -1) for i in range(4)}
+    every_31st = (torch.arange(1 << 22, dtype=torch.int32) % 31 == 0).to(torch.int32).reshape(1 << 11, -1)
+    target = {name: t ^ every_31st for name, t in base.items()}
+    tpde.torch.save_delta(base, target, tmp_path / "d.tpde")
+    resident = on_device(base)
+    loaded = tpde.torch.load(resident, tmp_path / "d.tpde", device=DEVICE)
+    assert all(raw(loaded[n]) == raw(target[n]) for n in target)
+    try:
+        tpde.torch.set_staging(slots=2, slot_mib=16)
+        loaded = tpde.torch.load(resident, tmp_path / "d.tpde", device=DEVICE)
+        assert all(raw(loaded[n]) == raw(target[n]) for n in target)
+    finally:
+        tpde.torch.set_staging()
+    loaded = tpde.torch.load(resident, tmp_path / "d.tpde", device=DEVICE)
+    assert all(raw(loaded[n]) == raw(target[n]) for n in target)

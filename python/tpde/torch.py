@@ -39,7 +39,7 @@ from ._reader import safe_open
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["apply_", "empty_cache", "load", "save_delta"]
+__all__ = ["apply_", "empty_cache", "load", "save_delta", "set_staging"]
 
 
 def _safetensors_dtype(name: str, tensor: torch.Tensor) -> str:
@@ -139,6 +139,16 @@ def empty_cache(device: Union[str, torch.device, None] = None) -> None:
         return
     target = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
     _tpde.cuda_empty_cache(device=_cuda_index(target))
+
+
+def set_staging(slots: int = 8, slot_mib: int = 32) -> None:
+    """Sets how much memory the GPU loader stages deltas through, on every GPU:
+    ``slots`` page-locked host buffers of ``slot_mib`` MiB each, and as much device
+    memory (by default 8 × 32 MiB, 256 MiB of each). Less saves memory, at a cost
+    in speed on large models; ``slots`` is 1 to 64 and ``slot_mib`` 16 to 1024
+    (``E_INVALID_ARGUMENT`` otherwise). Loaders already open give their memory
+    back and take the new size at their next call. Needs no GPU to be called."""
+    _tpde.cuda_set_staging(slots=slots, slot_mib=slot_mib)
 
 
 def _update(state_dict: MutableMapping[str, torch.Tensor], rebuilt: Mapping[str, torch.Tensor]) -> None:
