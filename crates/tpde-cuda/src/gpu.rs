@@ -1136,7 +1136,8 @@ mod tests {
 
     /// A sparse chunk of gaps whose positions were rebuilt for a base-key
     /// context is applied from that list: the same tiles, no tile scans for
-    /// its batch; a list too short for its positions is refused.
+    /// its batch; a list too short for its positions, or over the output, is
+    /// refused.
     #[test]
     fn a_chunk_with_rebuilt_positions_is_applied_from_them() {
         let n = 20_000usize;
