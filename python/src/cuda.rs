@@ -110,12 +110,15 @@ const STAGING_SLOTS: std::ops::RangeInclusive<usize> = 1..=64;
 const STAGING_SLOT_MIB: std::ops::RangeInclusive<usize> = 16..=1024;
 
 /// Sets the staging memory of the GPU loaders: `slots` page-locked host buffers
-/// of `slot_mib` MiB each per device, and as much device memory. Loaders already
-/// open are closed, their memory given back, and open again with it at their
-/// next call.
+/// of `slot_mib` MiB each per device, and as much device memory; either left
+/// out keeps [`LoaderConfig::default`]'s. Loaders already open are closed, their
+/// memory given back, and open again with it at their next call.
 #[pyfunction]
-#[pyo3(signature = (*, slots, slot_mib))]
-pub fn cuda_set_staging(py: Python<'_>, slots: usize, slot_mib: usize) -> PyResult<()> {
+#[pyo3(signature = (*, slots=None, slot_mib=None))]
+pub fn cuda_set_staging(py: Python<'_>, slots: Option<usize>, slot_mib: Option<usize>) -> PyResult<()> {
+    let default = LoaderConfig::default();
+    let slots = slots.unwrap_or(default.slots);
+    let slot_mib = slot_mib.unwrap_or(default.slot_bytes >> 20);
     if !STAGING_SLOTS.contains(&slots) || !STAGING_SLOT_MIB.contains(&slot_mib) {
         let message = format!(
             "staging of {slots} slots of {slot_mib} MiB: slots must be {} to {} and slot_mib {} to {}",
@@ -129,7 +132,7 @@ pub fn cuda_set_staging(py: Python<'_>, slots: usize, slot_mib: usize) -> PyResu
     py.detach(|| {
         let mut guard = LOADERS.lock().unwrap_or_else(PoisonError::into_inner);
         let (config, loaders) = &mut *guard;
-        *config = LoaderConfig { slots, slot_bytes: slot_mib << 20, ..LoaderConfig::default() };
+        *config = LoaderConfig { slots, slot_bytes: slot_mib << 20, ..default };
         loaders.clear();
     });
     Ok(())

@@ -139,7 +139,11 @@ def test_set_staging_checks_its_sizes():
     """The loader's staging size is checked whether or not a GPU is present, and
     a size in range is taken."""
     tpde.torch.set_staging(slots=2, slot_mib=16)
+    tpde.torch.set_staging(slots=4)
     tpde.torch.set_staging()
+    with pytest.raises(tpde.TpdeError) as error:
+        tpde.torch.set_staging(slot_mib=8)
+    assert "8 slots of 8 MiB" in str(error.value), "a size left out is the loader's default"
     for slots, slot_mib in [(0, 32), (65, 32), (8, 15), (8, 1025)]:
         with pytest.raises(tpde.TpdeError) as error:
             tpde.torch.set_staging(slots=slots, slot_mib=slot_mib)

@@ -141,10 +141,11 @@ def empty_cache(device: Union[str, torch.device, None] = None) -> None:
     _tpde.cuda_empty_cache(device=_cuda_index(target))
 
 
-def set_staging(slots: int = 8, slot_mib: int = 32) -> None:
+def set_staging(slots: Optional[int] = None, slot_mib: Optional[int] = None) -> None:
     """Sets how much memory the GPU loader stages deltas through, on every GPU:
     ``slots`` page-locked host buffers of ``slot_mib`` MiB each, and as much device
-    memory (by default 8 × 32 MiB, 256 MiB of each). Less saves memory, at a cost
+    memory; either left out keeps the loader's default (8 × 32 MiB, 256 MiB of
+    each, so ``set_staging()`` restores it). Less saves memory, at a cost
     in speed on large models; ``slots`` is 1 to 64 and ``slot_mib`` 16 to 1024
     (``E_INVALID_ARGUMENT`` otherwise). Loaders already open give their memory
     back and take the new size at their next call. Needs no GPU to be called."""
