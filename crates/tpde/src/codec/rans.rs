@@ -1703,9 +1703,9 @@ fn base_keys<const WB: usize>(base: &[u8], len: usize, positions: Option<&[u32]>
 }
 
 /// A symbol histogram.
-type Histogram = [u64; 256];
+pub(crate) type Histogram = [u64; 256];
 
-fn histogram(symbols: &[u8]) -> Histogram {
+pub(crate) fn histogram(symbols: &[u8]) -> Histogram {
     // Four partial counts, so that runs of one symbol do not chain every increment
     // through one counter in memory.
     let mut partial = [[0u64; 256]; 4];
@@ -1804,7 +1804,7 @@ fn context_histograms(symbols: &[u8], contexts: &[u8]) -> ContextRows {
 
 /// Order-0 code length of a histogram under its own distribution, in bits.
 #[allow(clippy::cast_precision_loss)] // an estimate
-fn entropy_bits(counts: &Histogram) -> f64 {
+pub(crate) fn entropy_bits(counts: &Histogram) -> f64 {
     let total: u64 = counts.iter().sum();
     if total == 0 {
         return 0.0;

@@ -429,19 +429,7 @@ pub(crate) fn estimate_bits_corrected<W: Word>(values: &[W], layout: ValueLayout
 #[must_use]
 #[allow(clippy::cast_precision_loss)] // an estimate
 pub fn entropy_bits(bytes: &[u8]) -> f64 {
-    let mut histogram = [0u64; 256];
-    for &b in bytes {
-        histogram[usize::from(b)] += 1;
-    }
-    let total = bytes.len() as f64;
-    histogram
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let c = c as f64;
-            -c * (c / total).log2()
-        })
-        .sum()
+    crate::codec::rans::entropy_bits(&crate::codec::rans::histogram(bytes))
 }
 
 #[cfg(test)]

@@ -75,6 +75,28 @@ pub fn compress(bytes: &[u8], effort: Effort) -> Result<Vec<u8>> {
     })
 }
 
+/// One block in this many is compressed to predict [`Effort::Literals`]' size.
+const SAMPLE_EVERY: usize = 8;
+
+/// The bytes [`Effort::Literals`] is predicted to store `bytes` in, from one block in
+/// [`SAMPLE_EVERY`] compressed together; `None` for a stream of fewer than
+/// `2 * SAMPLE_EVERY` blocks, which costs little to compress whole. Its blocks are
+/// coded with their own Huffman tables and matches found by a table of 64
+/// entries, so a block's size depends little on the blocks around it.
+///
+/// # Errors
+/// As [`compress`].
+#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)] // an estimate
+pub fn predict_literals_len(bytes: &[u8]) -> Result<Option<usize>> {
+    let block = LITERAL_BLOCK_SIZE as usize;
+    if bytes.len() < 2 * SAMPLE_EVERY * block {
+        return Ok(None);
+    }
+    let sample: Vec<u8> = bytes.chunks(block).step_by(SAMPLE_EVERY).flatten().copied().collect();
+    let compressed = compress(&sample, Effort::Literals)?.len();
+    Ok(Some((compressed as f64 * bytes.len() as f64 / sample.len() as f64) as usize))
+}
+
 const ZSTD_MAGIC: u32 = 0xFD2F_B528;
 
 /// Checks the frame header fields of RFC 8878 §3.1.1.1 that the profile restricts:
@@ -171,6 +193,27 @@ pub fn decompress_into(stored: &[u8], decoded_len: usize, out: &mut Vec<u8>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The prediction follows a stationary stream closely, and is not made for a
+    /// short one.
+    #[test]
+    #[allow(clippy::cast_precision_loss)]
+    fn literals_are_predicted_from_a_sample_of_blocks() {
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        let skewed: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                u8::try_from((x >> 40).trailing_zeros()).expect("at most 24")
+            })
+            .collect();
+        let whole = compress(&skewed, Effort::Literals).unwrap().len() as f64;
+        let predicted = predict_literals_len(&skewed).unwrap().expect("long enough to sample") as f64;
+        assert!((predicted / whole - 1.0).abs() < 0.05, "predicted {predicted}, whole {whole}");
+        let short = 2 * SAMPLE_EVERY * LITERAL_BLOCK_SIZE as usize - 1;
+        assert_eq!(predict_literals_len(&skewed[..short]).unwrap(), None);
+    }
 
     #[test]
     fn profile_rules() {
