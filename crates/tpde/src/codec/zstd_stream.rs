@@ -92,7 +92,10 @@ pub fn predict_literals_len(bytes: &[u8]) -> Result<Option<usize>> {
     if bytes.len() < 2 * SAMPLE_EVERY * block {
         return Ok(None);
     }
-    let sample: Vec<u8> = bytes.chunks(block).step_by(SAMPLE_EVERY).flatten().copied().collect();
+    let mut sample = Vec::with_capacity(bytes.len() / SAMPLE_EVERY + block);
+    for sampled in bytes.chunks(block).step_by(SAMPLE_EVERY) {
+        sample.extend_from_slice(sampled);
+    }
     let compressed = compress(&sample, Effort::Literals)?.len();
     Ok(Some((compressed as f64 * bytes.len() as f64 / sample.len() as f64) as usize))
 }
