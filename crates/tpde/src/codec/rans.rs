@@ -2785,9 +2785,20 @@ pub fn encode(form: TableForm, symbols: &[u8], contexts: Contexts<'_>) -> Vec<u8
 #[derive(Debug, Clone)]
 pub struct StreamPlan {
     plan: Plan,
+    /// The symbols' order-0 entropy under each context byte, summed: what tables
+    /// that followed every context byte would take at least, in bits.
+    context_entropy_bits: f64,
 }
 
 impl StreamPlan {
+    /// The symbols' entropy under the plan's context, in bits: each context byte's
+    /// order-0 entropy, as if it had a table of its own. No coding of the stream that
+    /// sees no other context takes much less.
+    #[must_use]
+    pub fn context_entropy_bits(&self) -> f64 {
+        self.context_entropy_bits
+    }
+
     /// The stored length [`StreamPlan::encode`] will produce, as [`predicted_len`].
     #[must_use]
     pub fn predicted_len(&self) -> usize {
@@ -2864,13 +2875,20 @@ pub fn plan_each_of_bytes(
         }),
         None => histogram(symbols),
     };
-    let no_context = Plan::of_clusters(form, symbols.len(), ContextKind::None, [0; 256], vec![whole]);
+    let whole_bits = entropy_bits(&whole);
+    let no_context = StreamPlan {
+        plan: Plan::of_clusters(form, symbols.len(), ContextKind::None, [0; 256], vec![whole]),
+        context_entropy_bits: whole_bits,
+    };
     let with_contexts = candidates.iter().zip(&rows).map(|((kind, _), rows)| match rows {
-        Some(rows) => Plan::of_context_rows(form, symbols.len(), *kind, rows),
+        Some(rows) => StreamPlan {
+            plan: Plan::of_context_rows(form, symbols.len(), *kind, rows),
+            context_entropy_bits: rows.present().iter().map(entropy_bits).sum(),
+        },
         None => no_context.clone(),
     });
-    let plans: Vec<Plan> = with_contexts.collect();
-    std::iter::once(no_context).chain(plans).map(|plan| StreamPlan { plan }).collect()
+    let plans: Vec<StreamPlan> = with_contexts.collect();
+    std::iter::once(no_context).chain(plans).collect()
 }
 
 #[cfg(test)]
@@ -2973,6 +2991,17 @@ mod tests {
 
     /// The vector tile encoder gives the scalar one's bytes, for every context, table
     /// count, precision and tile size, on steps whole and partial.
+    /// A plan's context entropy is the symbols' entropy under its context bytes.
+    #[test]
+    fn context_entropy_is_the_entropy_under_the_context() {
+        // Symbols that the context byte decides, each of four equally often.
+        let contexts: Vec<u8> = (0..4096u32).map(|i| (i % 4) as u8).collect();
+        let symbols: Vec<u8> = contexts.iter().map(|c| c * 16).collect();
+        let plans = plan_each_of_bytes(TableForm::Packed, &symbols, &[(ContextKind::HigherPlane, Some(&contexts))]);
+        assert!((plans[0].context_entropy_bits() - 2.0 * 4096.0).abs() < 1e-6, "no context: 2 bits a symbol");
+        assert!(plans[1].context_entropy_bits().abs() < 1e-9, "under the context: nothing left");
+    }
+
     #[test]
     fn the_vector_encoder_matches_the_scalar_one() {
         for_each_form(|| {
