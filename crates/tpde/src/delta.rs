@@ -370,8 +370,8 @@ impl<'a> StreamSet<'a> {
     /// followed the base key would see them, and the plane above is the only other
     /// context a grouped plane has, so no coding of a grouped plane takes much less
     /// than its entropy under the base key or under the plane above (measured:
-    /// 0.7% more at least, on the benchmark corpus). A stream planned under neither
-    /// counts as stored now.
+    /// 0.7% more at least, on the benchmark corpus). A stream without plans counts
+    /// at the length it is kept at.
     #[allow(clippy::cast_precision_loss)] // an estimate
     fn grouping_floor(&self) -> f64 {
         let keeps_zstd = self.keeps_zstd();
@@ -1630,7 +1630,7 @@ mod tests {
     /// kept, where its matches win.
     #[test]
     fn zstd_is_not_run_where_a_sample_says_it_cannot_be_kept() {
-        // Skewed bytes: about 2 bits each, which zstd's literals take about 2.2 for.
+        // Skewed bytes, about 2 bits each.
         let skewed: Vec<u8> =
             pseudo_random(1 << 19, 9).iter().map(|b| u8::try_from(b.trailing_zeros()).expect("at most 8")).collect();
         let bits = values::entropy_bits(&skewed);

@@ -2989,8 +2989,6 @@ mod tests {
         assert_eq!(decode(&stored, symbols.len(), contexts).unwrap(), symbols);
     }
 
-    /// The vector tile encoder gives the scalar one's bytes, for every context, table
-    /// count, precision and tile size, on steps whole and partial.
     /// A plan's context entropy is the symbols' entropy under its context bytes.
     #[test]
     fn context_entropy_is_the_entropy_under_the_context() {
@@ -3002,6 +3000,8 @@ mod tests {
         assert!(plans[1].context_entropy_bits().abs() < 1e-9, "under the context: nothing left");
     }
 
+    /// The vector tile encoder gives the scalar one's bytes, for every context, table
+    /// count, precision and tile size, on steps whole and partial.
     #[test]
     fn the_vector_encoder_matches_the_scalar_one() {
         for_each_form(|| {
