@@ -777,6 +777,59 @@ fn bits_per_value<W: Word>(target: &[W], base: &[W], changed: Option<&[u32]>, op
     values::estimate_bits(&sample, layout) / sample.len().max(1) as f64
 }
 
+/// Words in a block of the sample that [`keyed_bits`] takes, and one block in
+/// this many is taken.
+const KEYED_SAMPLE_BLOCK: usize = 4096;
+const KEYED_SAMPLE_EVERY: usize = 8;
+/// How far apart two predictions of [`keyed_bits`] must be for the smaller to be
+/// built alone: on the benchmark corpus, sparse and dense chunks near the line
+/// store more than 3% apart in 46 of 49 cases.
+const KEYED_DECISIVE_SHARE: f64 = 0.04;
+/// Chunks below this many words are built both ways where it is close: their
+/// tables, which [`keyed_bits`] does not count, weigh as much as their entropy.
+const KEYED_MIN_WORDS: usize = 1 << 16;
+
+/// Predicted bits of a chunk, sparse and dense, from a sample of blocks: the
+/// positions' `n · H(m / n)`, and each value plane's entropy under the base key or
+/// the plane above (or none), whichever is lowest, as lane rANS codes them
+/// (spec §8.7). Unlike [`bits_per_value`], it sees the contexts, which is what
+/// decides chunks whose order-0 predictions are close.
+#[allow(clippy::cast_precision_loss)] // estimates
+fn keyed_bits<W: Word>(target: &[W], base: &[W], op: ValueOp, layout: ValueLayout) -> (f64, f64) {
+    let mut all = (Vec::new(), Vec::new());
+    let mut changed = (Vec::new(), Vec::new());
+    for block in (0..target.len()).step_by(KEYED_SAMPLE_BLOCK).step_by(KEYED_SAMPLE_EVERY) {
+        for i in block..(block + KEYED_SAMPLE_BLOCK).min(target.len()) {
+            let (value, key) = (W::express(target[i], base[i], op), values::group_key(base[i]));
+            all.0.push(value);
+            all.1.push(key);
+            if target[i] != base[i] {
+                changed.0.push(value);
+                changed.1.push(key);
+            }
+        }
+    }
+    let value_bits = |(values, keys): &(Vec<W>, Vec<u8>)| -> f64 {
+        let planes = values::split(values, layout);
+        let byte_planes = layout != ValueLayout::Words;
+        (0..planes.len())
+            .map(|q| {
+                let mut bits = values::entropy_bits(&planes[q]);
+                if byte_planes {
+                    bits = bits.min(rans::entropy_under(&planes[q], keys));
+                    if let Some(above) = planes.get(q + 1) {
+                        bits = bits.min(rans::entropy_under(&planes[q], above));
+                    }
+                }
+                bits
+            })
+            .sum()
+    };
+    let (n, m) = (all.0.len(), changed.0.len());
+    let positions = if m == 0 || m == n { 0.0 } else { positions_bits(m as f64 / n as f64, n) };
+    (positions + value_bits(&changed), value_bits(&all))
+}
+
 #[allow(clippy::cast_precision_loss)] // densities are estimates
 fn encode_words<W: Word>(
     target_bytes: &[u8],
@@ -852,7 +905,14 @@ fn encode_words<W: Word>(
                     + bits_per_value(&target, &base, Some(&changed), op, layout) * changed.len() as f64;
                 let dense_bits = bits_per_value(&target, &base, None, op, layout) * words as f64;
                 let close = (sparse_bits - dense_bits).abs() < 0.1 * sparse_bits.min(dense_bits);
-                (close || sparse_bits < dense_bits, close || dense_bits <= sparse_bits)
+                if close && settings.rans && words >= KEYED_MIN_WORDS {
+                    // Where order-0 cannot tell, lane rANS contexts often can.
+                    let (sparse_bits, dense_bits) = keyed_bits(&target, &base, op, layout);
+                    let close = (sparse_bits - dense_bits).abs() < KEYED_DECISIVE_SHARE * sparse_bits.min(dense_bits);
+                    (close || sparse_bits < dense_bits, close || dense_bits <= sparse_bits)
+                } else {
+                    (close || sparse_bits < dense_bits, close || dense_bits <= sparse_bits)
+                }
             };
 
             let sparse = if build_sparse {
@@ -1684,6 +1744,37 @@ mod tests {
         let len = set.len() as f64;
         assert!(set.grouping_floor() >= (1.0 - GROUPING_GAIN) * len, "{} of {len}", set.grouping_floor());
         assert_eq!(chunk_of(&unrelated), ValueOrder::Positional);
+    }
+
+    /// Where the base keys say which words change, a dense chunk codes the changes
+    /// for nothing and a sparse one pays for every position: [`keyed_bits`] sees
+    /// it, where order-0 predictions see two equal costs. Random changes at random
+    /// places it predicts sparse.
+    #[test]
+    fn keyed_predictions_see_what_the_base_keys_say() {
+        let words = 1 << 17;
+        let noise = pseudo_random(3 * words, 23);
+        // Keys 0 to 255 (spec §8.6), words of keys below 115 (45%) changed.
+        let base: Vec<u16> = (0..words).map(|i| (u16::from(noise[i]) << 8 | 0x40).rotate_right(1)).collect();
+        let follows_keys: Vec<u16> = base.iter().map(|&b| if values::group_key(b) < 115 { b ^ 1 } else { b }).collect();
+        let (sparse, dense) = keyed_bits(&follows_keys, &base, ValueOp::Xor, ValueLayout::BytePlanes);
+        assert!(dense < 0.5 * sparse, "dense {dense}, sparse {sparse}");
+        let bytes = |w: &[u16]| -> Vec<u8> { w.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        assert_eq!(round_trip(&bytes(&follows_keys), Some(&bytes(&base)), WordWidth::W2), Encoding::Dense);
+
+        let random: Vec<u16> =
+            (0..words)
+                .map(|i| {
+                    if noise[words + i] < 26 {
+                        base[i] ^ u16::from_le_bytes([noise[2 * words + i], 1])
+                    } else {
+                        base[i]
+                    }
+                })
+                .collect();
+        let (sparse, dense) = keyed_bits(&random, &base, ValueOp::Xor, ValueLayout::BytePlanes);
+        assert!(sparse < (1.0 - KEYED_DECISIVE_SHARE) * dense, "dense {dense}, sparse {sparse}");
+        assert_eq!(round_trip(&bytes(&random), Some(&bytes(&base)), WordWidth::W2), Encoding::Sparse);
     }
 
     /// A word width that no dtype has cannot be asked for; bad sizes are errors.

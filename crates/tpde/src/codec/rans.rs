@@ -1802,6 +1802,12 @@ fn context_histograms(symbols: &[u8], contexts: &[u8]) -> ContextRows {
     ContextRows { slot, rows }
 }
 
+/// The order-0 entropy of `symbols` under each of their context bytes, summed, in
+/// bits: what tables that followed every context byte would take at least.
+pub(crate) fn entropy_under(symbols: &[u8], contexts: &[u8]) -> f64 {
+    context_histograms(symbols, contexts).present().iter().map(entropy_bits).sum()
+}
+
 /// Order-0 code length of a histogram under its own distribution, in bits.
 #[allow(clippy::cast_precision_loss)] // an estimate
 pub(crate) fn entropy_bits(counts: &Histogram) -> f64 {
