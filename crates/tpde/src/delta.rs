@@ -777,9 +777,9 @@ fn bits_per_value<W: Word>(target: &[W], base: &[W], changed: Option<&[u32]>, op
     values::estimate_bits(&sample, layout) / sample.len().max(1) as f64
 }
 
-/// Words in a block of the sample that [`keyed_bits`] takes, and one block in
-/// this many is taken.
+/// Words in a block of the sample that [`keyed_bits`] takes.
 const KEYED_SAMPLE_BLOCK: usize = 4096;
+/// [`keyed_bits`] takes one block in this many.
 const KEYED_SAMPLE_EVERY: usize = 8;
 /// How far apart two predictions of [`keyed_bits`] must be for the smaller to be
 /// built alone: on the benchmark corpus, sparse and dense chunks near the line
@@ -905,14 +905,14 @@ fn encode_words<W: Word>(
                     + bits_per_value(&target, &base, Some(&changed), op, layout) * changed.len() as f64;
                 let dense_bits = bits_per_value(&target, &base, None, op, layout) * words as f64;
                 let close = (sparse_bits - dense_bits).abs() < 0.1 * sparse_bits.min(dense_bits);
-                if close && settings.rans && words >= KEYED_MIN_WORDS {
+                let (sparse_bits, dense_bits, close) = if close && settings.rans && words >= KEYED_MIN_WORDS {
                     // Where order-0 cannot tell, lane rANS contexts often can.
-                    let (sparse_bits, dense_bits) = keyed_bits(&target, &base, op, layout);
-                    let close = (sparse_bits - dense_bits).abs() < KEYED_DECISIVE_SHARE * sparse_bits.min(dense_bits);
-                    (close || sparse_bits < dense_bits, close || dense_bits <= sparse_bits)
+                    let (sparse, dense) = keyed_bits(&target, &base, op, layout);
+                    (sparse, dense, (sparse - dense).abs() < KEYED_DECISIVE_SHARE * sparse.min(dense))
                 } else {
-                    (close || sparse_bits < dense_bits, close || dense_bits <= sparse_bits)
-                }
+                    (sparse_bits, dense_bits, close)
+                };
+                (close || sparse_bits < dense_bits, close || dense_bits <= sparse_bits)
             };
 
             let sparse = if build_sparse {
@@ -1762,16 +1762,18 @@ mod tests {
         let bytes = |w: &[u16]| -> Vec<u8> { w.iter().flat_map(|x| x.to_le_bytes()).collect() };
         assert_eq!(round_trip(&bytes(&follows_keys), Some(&bytes(&base)), WordWidth::W2), Encoding::Dense);
 
-        let random: Vec<u16> =
-            (0..words)
-                .map(|i| {
-                    if noise[words + i] < 26 {
-                        base[i] ^ u16::from_le_bytes([noise[2 * words + i], 1])
-                    } else {
-                        base[i]
-                    }
-                })
-                .collect();
+        let random: Vec<u16> = base
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                let changes = noise[words + i] < 26; // about 10% of the words
+                if changes {
+                    b ^ u16::from_le_bytes([noise[2 * words + i], 1])
+                } else {
+                    b
+                }
+            })
+            .collect();
         let (sparse, dense) = keyed_bits(&random, &base, ValueOp::Xor, ValueLayout::BytePlanes);
         assert!(sparse < (1.0 - KEYED_DECISIVE_SHARE) * dense, "dense {dense}, sparse {sparse}");
         assert_eq!(round_trip(&bytes(&random), Some(&bytes(&base)), WordWidth::W2), Encoding::Sparse);
