@@ -46,8 +46,8 @@ class Logged:
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
         query = environ.get("QUERY_STRING", "")
-        # Records are written when a response ends, which may be after the client
-        # has sent its next request: "started" orders requests as they arrived.
+        # "started" orders requests as they arrived; records are written in the
+        # order their responses were ready, which may differ.
         record = {
             "method": method,
             "path": path,
@@ -68,13 +68,18 @@ class Logged:
             status["status"] = s
             return start_response(s, headers, exc_info)
 
-        sent = 0
-        for piece in self.app(environ, recording_start):
-            sent += len(piece)
-            yield piece
+        # The body is gathered (moto builds it in memory anyway) and the record
+        # written before any of it is sent, so that a client that has read a
+        # response finds its request in the log.
+        response = self.app(environ, recording_start)
+        try:
+            body = list(response)
+        finally:
+            getattr(response, "close", lambda: None)()
         record["status"] = int(status.get("status", "0").split()[0])
-        record["bytes"] = sent
+        record["bytes"] = sum(len(piece) for piece in body)
         self.write(record)
+        return body
 
     def reply(self, start_response, record, status, body):
         start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
