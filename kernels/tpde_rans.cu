@@ -50,14 +50,29 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 // A host build (crates/tpde-cuda/tests/rans_host.rs) runs these kernels on
-// CPU threads: it defines the CUDA built-ins used here, DYNAMIC_SHARED_U32
-// and dynamic_smem_bytes.
+// CPU threads: it defines the CUDA built-ins used here, DYNAMIC_SHARED_U32,
+// dynamic_smem_bytes and the shared-address helpers below.
 #if defined(__CUDACC__)
 #define DYNAMIC_SHARED_U32(name) extern __shared__ u32 name[]
 __device__ __forceinline__ u32 dynamic_smem_bytes() {
     u32 bytes;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
     return bytes;
+}
+// A shared-memory address, and a u32 load from one. The decoder reads a
+// table slot at table start + 4 * slot, computed as written: left to the
+// compiler, that sum is re-associated into one more dependent operation on
+// the chain of states.
+typedef u32 SharedAddr;
+__device__ __forceinline__ SharedAddr shared_addr(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+__device__ __forceinline__ u32 load_shared_u32(SharedAddr a) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
+    return v;
 }
 #endif
 
@@ -603,38 +618,64 @@ __device__ __forceinline__ u32 find_desc(const RansDesc* d, u32 nd, u32 block) {
     return lo;
 }
 
-// key(b) = top byte of rotl(b, 1) (§8.6).
-template <typename T>
-__device__ __forceinline__ u32 base_key(T b) {
-    const int bits = 8 * (int)sizeof(T);
-    const T r = (T)((T)(b << 1) | (T)(b >> (bits - 1)));
-    return (u32)(r >> (bits - 8)) & 0xFFu;
+// What a read that must give 0 reads instead: the address is chosen, and
+// the load always made, so that no instruction waits on the load to choose
+// its value.
+__device__ const u64 rans_zero = 0;
+
+// Bytes of what a context reads per symbol: the byte of the plane above
+// (context 2), or the base word (context 1).
+template <u32 CTX, typename T>
+__device__ __forceinline__ constexpr u32 context_size() {
+    return CTX == CTX_HIGHER_PLANE ? 1u : (u32)sizeof(T);
 }
 
-// What a context reads for the symbol at word w of its chunk: the byte of
-// the plane above (context 2, T = u8) or the base word (context 1; a word
-// past the base is 0). A position past the chunk was flagged by the
-// positions kernel.
+// Where a context's read of word w begins: of a 64-bit word, its upper
+// half, which holds the key (context_key).
 template <u32 CTX, typename T>
-__device__ __forceinline__ T context_word(const RansDesc& c, u64 w) {
-    if (CTX == CTX_HIGHER_PLANE) return (T)((const u8*)c.context)[w];
-    return w < c.base_words ? ((const T*)c.context)[w] : (T)0;
+__device__ __forceinline__ const u8* context_at(const u8* context, u64 w) {
+    constexpr u32 size = context_size<CTX, T>();
+    return context + size * w + (size == 8 ? 4 : 0);
 }
 
-// The context byte of what context_word read.
+// The 32 bits at a context's read (context_at), that context_key turns
+// into the context byte.
 template <u32 CTX, typename T>
-__device__ __forceinline__ u32 context_byte(T word) {
-    return CTX == CTX_BASE_KEY ? base_key<T>(word) : (u32)word;
+__device__ __forceinline__ u32 context_read(const u8* at) {
+    constexpr u32 size = context_size<CTX, T>();
+    if (size == 1) return *at;
+    if (size == 2) return *(const u16*)at;
+    return *(const u32*)at;
+}
+
+// The context read of word w, or 0 where `valid` is false (a word past the
+// base reads 0, §8.7), read as rans_zero says.
+template <u32 CTX, typename T>
+__device__ __forceinline__ u32 context_raw(const u8* context, u64 w, bool valid) {
+    return context_read<CTX, T>(valid ? context_at<CTX, T>(context, w) : (const u8*)&rans_zero);
+}
+
+// The context byte of what context_read read: the byte itself (context 2),
+// or key(b) = top byte of rotl(b, 1) (§8.6), which for words of 16 bits or
+// more is bits w - 9 to w - 2 of a word of w bits.
+template <u32 CTX, typename T>
+__device__ __forceinline__ u32 context_key(u32 raw) {
+    if (CTX != CTX_BASE_KEY) return raw;
+    if (sizeof(T) == 1) return ((raw << 1) | (raw >> 7)) & 0xFFu;
+    if (sizeof(T) == 2) return (raw >> 7) & 0xFFu;
+    return (raw >> 23) & 0xFFu;  // a 32-bit word, or the upper half of a 64-bit one
 }
 
 // A warp reads its tile's words through a ring of two halves in shared
 // memory: while it reads half h, half h + 1 is already there and half h + 2
 // is on its way from device memory, so that no step waits on a device load.
-// The ring's first 16 bytes are repeated after its end, so that a word
-// whose first byte is the ring's last reads on without wrapping.
+// The ring's first 64 bytes are repeated after its end, so that lane l
+// reads its word at 2l bytes past the step's position without wrapping.
 #define RANS_RING_HALF 512u                      // bytes
 #define RANS_RING_WORDS (2 * RANS_RING_HALF / 8)  // u64 words of a ring's two halves
-#define RANS_RING_STRIDE (RANS_RING_WORDS + 2)    // ... and of the ring, with its repeated bytes
+#define RANS_RING_REPEAT 64u                     // bytes repeated after the end
+#define RANS_RING_STRIDE (RANS_RING_WORDS + RANS_RING_REPEAT / 8)  // u64 words of a ring
+static_assert(RANS_RING_REPEAT >= 2 * 32, "a step's 32 words lie within the repeated bytes");
 static_assert(RANS_WARPS * RANS_RING_STRIDE * 2 >= RANS_MAX_TABLES * RANS_TABLE_STRIDE,
               "the rings hold every table entry while the tables are spread");
 
@@ -660,28 +701,30 @@ __device__ __forceinline__ Bytes16 load16(const u8* a, const u8* lo, const u8* h
     return load16_edge(a, lo, hi);
 }
 
-// Stores this lane's 16 bytes of half `which` (0 or 1) of a ring; lane 0
-// of half 0 also stores them after the ring's end.
+// Stores this lane's 16 bytes of half `which` (0 or 1) of a ring; the
+// lanes that hold the first RANS_RING_REPEAT bytes of half 0 also store
+// them after the ring's end.
 __device__ __forceinline__ void store16(u64* ring, u32 which, Bytes16 v) {
     const u32 lane = threadIdx.x & 31;
     u64* half = ring + which * (RANS_RING_WORDS / 2);
     half[2 * lane] = v.lo;
     half[2 * lane + 1] = v.hi;
-    if (which == 0 && lane == 0) {
-        ring[RANS_RING_WORDS] = v.lo;
-        ring[RANS_RING_WORDS + 1] = v.hi;
+    if (which == 0 && lane < RANS_RING_REPEAT / 16) {
+        ring[RANS_RING_WORDS + 2 * lane] = v.lo;
+        ring[RANS_RING_WORDS + 2 * lane + 1] = v.hi;
     }
 }
 
-// The state of one warp decoding one tile.
+// The state of one warp decoding one tile. Positions in the tile count
+// from a0, so that a position's place in the ring is its low bits.
 struct TileCursor {
     u32 x;             // this lane's rANS state
-    u32 r;             // bytes of the tile read: states, then words
-    u32 len;           // bytes of the tile
+    u32 pos;           // position of the next word: skew + bytes read (states, then words)
+    u32 end;           // position of the tile's end: skew + its length
+    const u8* word_at; // the warp's ring + 2 * lane: where this lane's word of a step lies
     u64* ring;         // the warp's ring
     const u8* a0;      // the tile's payload start, rounded down to 16 bytes
-    u32 skew;          // payload start - a0
-    u32 half;          // the half of a0 + skew + r
+    u32 half;          // the half that holds position `pos`
     Bytes16 next;      // this lane's 16 bytes of half h + 2
 };
 
@@ -694,7 +737,7 @@ static_assert(RANS_REFILL_STEPS * 64 <= RANS_RING_HALF, "the steps between check
 // Once the reads entered half h + 1, half h's place takes half h + 2 and
 // half h + 3 goes on its way; loads stay within the stream's stored bytes.
 __device__ __forceinline__ void refill(const RansDesc& c, TileCursor& cur) {
-    if ((cur.skew + cur.r) / RANS_RING_HALF != cur.half) {  // uniform
+    if (cur.pos / RANS_RING_HALF != cur.half) {  // uniform
         const u32 lane = threadIdx.x & 31;
         __syncwarp();
         store16(cur.ring, cur.half & 1, cur.next);
@@ -705,72 +748,65 @@ __device__ __forceinline__ void refill(const RansDesc& c, TileCursor& cur) {
     }
 }
 
-// Lane l decodes symbol j of the tile from the table slots starting at
-// `slot0` (its context's table) and writes it to out[j]; then the lanes
-// whose state fell below L take the step's words in lane order (§8.7).
-// FULL: every lane has a symbol this step (all but a tile's last step).
-// `check_ring`: the ring is checked after the step (a constant where the
-// steps are unrolled).
+// A spread table slot (rans_decode): frequency in bits 0-11, symbol in bits
+// 12-19, slot - cum in bits 20-31, so that a step takes the frequency with
+// one mask and the bias with one shift, both at once.
+__device__ __forceinline__ u32 slot_entry(u32 symbol, u32 freq, u32 bias) {
+    return freq | (symbol << 12) | (bias << 20);
+}
+
+// Lane l decodes symbol j of the tile from its context's table, which
+// starts at `table`, and writes it to out[j]; then the lanes whose state
+// fell below L take the step's words in lane order (§8.7). FULL: every lane
+// has a symbol this step (all but a tile's last step). `check_ring`: the
+// ring is checked after the step (a constant where the steps are unrolled).
 template <bool FULL>
-__device__ __forceinline__ void decode_step(const RansDesc& c, TileCursor& cur, const u32* tables, u32 slot0, u32 k,
-                                            u32 j, u32 n_t, u8* out, bool check_ring) {
+__device__ __forceinline__ void decode_step(const RansDesc& c, TileCursor& cur, SharedAddr table, u32 k, u32 j,
+                                            u32 n_t, u8* out, bool check_ring) {
     const u32 lane = threadIdx.x & 31;
     const bool active = FULL || j < n_t;
     // Lane l reads the step's l-th word before the state is known; a lane
     // that needs one takes it with a shuffle.
-    const u8* at = (const u8*)cur.ring + (cur.skew + cur.r + 2 * lane) % (2 * RANS_RING_HALF);
+    const u8* at = cur.word_at + (cur.pos & (2 * RANS_RING_HALF - 1));
     const u32 mine = (u32)at[0] | ((u32)at[1] << 8);
     u32 x = cur.x;
-    const u32 e = tables[slot0 | (x & ((1u << k) - 1u))];
+    const u32 e = load_shared_u32(table + ((x & ((1u << k) - 1u)) << 2));
     if (active) {
-        out[j] = (u8)e;
-        x = ((e >> 8) & 0xFFFu) * (x >> k) + (e >> 20);
+        out[j] = (u8)(e >> 12);
+        x = (e & 0xFFFu) * (x >> k) + (e >> 20);
     }
     const bool need = active && x < RANS_L;
     const u32 m = __ballot_sync(0xffffffffu, need);
     const u32 rank = __popc(m & ((1u << lane) - 1u));  // words taken by lower lanes this step
     const u32 word = __shfl_sync(0xffffffffu, mine, rank);
-    // A truncated tile (a word at or past len_t) is not checked here: its
-    // reads run on past len_t, within the stream's bytes, and end with
-    // r > len_t, which the tile's last check refuses.
+    // A truncated tile (a word at or past its end) is not checked here: its
+    // reads run on past the end, within the stream's bytes, and end past it,
+    // which the tile's last check refuses.
     cur.x = need ? (x << 16) | word : x;
-    cur.r += 2 * __popc(m);
+    cur.pos += 2 * __popc(m);
     if (check_ring) refill(c, cur);
 }
 
-// Steps whose context words are loaded together, a segment ahead of the
-// steps that use them, so that those loads (base words, or the plane above,
-// in device memory) overlap a segment of decoding instead of stalling each
-// step; a sparse chunk's positions, which the base word loads depend on,
-// are loaded a segment earlier still. A tile's last, partial segment reads
-// its contexts as it goes.
+// Steps of a segment. A step's context is read a segment ahead of its
+// decoding, so that those reads (base words, or the plane above, in device
+// memory) take a segment of decoding to arrive instead of stalling a step;
+// a sparse chunk's positions, which the base word reads depend on, are read
+// a segment earlier still. Each step reads the context of the same step of
+// the next segment, so that this work spreads evenly between the steps'
+// dependent operations, and finds the next step's table, so that the table
+// lookup stays off the chain of states.
 #define RANS_SEGMENT 16
 static_assert(RANS_SEGMENT % RANS_REFILL_STEPS == 0, "a segment ends with a check of the ring");
 
-// The word index in the chunk of symbol i of the stream: its position in a
-// sparse chunk (context 1), else i.
-template <u32 CTX>
-__device__ __forceinline__ u64 word_of(const RansDesc& c, u64 i) {
-    return CTX == CTX_BASE_KEY && c.positions ? (u64)((const u32*)c.positions)[i] : i;
-}
-
-// The table of symbol i's context.
-template <u32 CTX, typename T>
-__device__ __forceinline__ u32 table_of(const u8* cmap, T word) {
-    return CTX == CTX_NONE ? 0u : (u32)cmap[context_byte<CTX, T>(word)];
-}
-
-// A segment's tables, 3 bits a step (a stream has at most 8 tables), in
-// one register pair rather than a register a step.
-static_assert(RANS_MAX_TABLES <= 8 && 3 * RANS_SEGMENT <= 64, "a segment's tables fit in 64 bits");
-
 // Decodes tile t with one warp (§8.7, "Decoding"). Returns false on a fault.
-template <u32 CTX, typename T>
-__device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables, const u8* cmap, const u8* payload,
-                                            const u32* offsets, u32 t, u64* ring) {
+// `tmap[x]` is the table of context byte x; `tables` the first table.
+// SPARSE: the stream's context is the base word at each symbol's position.
+template <u32 CTX, typename T, bool SPARSE>
+__device__ __forceinline__ bool decode_tile(const RansDesc& c, SharedAddr tables, const SharedAddr* tmap,
+                                            const u8* payload, const u32* offsets, u32 t, u64* ring) {
     const u32 lane = threadIdx.x & 31;
     const u32 k = c.prob_bits;
-    const u64 i0 = (u64)t << c.tile_log2;
+    const u32 i0 = t << c.tile_log2;  // below decoded_len, a u32
     const u32 n_t = tile_symbols(c.decoded_len, c.tile_log2, t);
     const u32 lanes = n_t < 32 ? n_t : 32;
     const u32 off = offsets[t];
@@ -779,11 +815,12 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables
     TileCursor cur;
     cur.x = lane < lanes ? load_u32_le(p + 4 * lane) : RANS_L;
     if (__any_sync(0xffffffffu, cur.x < RANS_L)) return false;  // a start state below L
-    cur.r = 4 * lanes;
-    cur.len = offsets[t + 1] - off;
-    cur.ring = ring;
     cur.a0 = (const u8*)((u64)p & ~(u64)15);
-    cur.skew = (u32)(p - cur.a0);
+    const u32 skew = (u32)(p - cur.a0);
+    cur.pos = skew + 4 * lanes;
+    cur.end = skew + (offsets[t + 1] - off);
+    cur.ring = ring;
+    cur.word_at = (const u8*)ring + 2 * lane;
     cur.half = 0;
     const u8* lo = (const u8*)c.stored;
     const u8* hi = lo + c.stored_len;
@@ -793,73 +830,100 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, const u32* tables
     cur.next = load16(cur.a0 + 2 * RANS_RING_HALF + 16 * lane, lo, hi);
     __syncwarp();
 
-    // Whole segments of full steps.
-    const u32 segments = n_t / (32 * RANS_SEGMENT);
+    // The context, held in registers: the shared descriptor would be read
+    // again after each __syncwarp.
+    constexpr u32 size = context_size<CTX, T>();
+    constexpr u32 SEG = RANS_SEGMENT;
+    const u8* context = (const u8*)c.context;
     const u32* positions = (const u32*)c.positions;
-    const bool sparse = CTX == CTX_BASE_KEY && positions;
-    T words_now[RANS_SEGMENT], words_next[RANS_SEGMENT];
-    u32 positions_next[RANS_SEGMENT];
+    constexpr bool sparse = CTX == CTX_BASE_KEY && SPARSE;
+    const u32 bound = CTX == CTX_BASE_KEY ? c.base_words : c.decoded_len;  // words the context may read
+    const auto table_of = [&](u32 raw) { return CTX == CTX_NONE ? tables : tmap[context_key<CTX, T>(raw)]; };
+
+    // Whole segments of full steps. Each reads the next one's contexts
+    // unchecked, so they stop where a word would lie past the base: in a
+    // dense chunk, at the first segment with one; in a sparse one, whose
+    // positions increase, at the first whose last position lies past it
+    // (positions are clamped to the base, so that no read strays whatever
+    // they are; where they do not increase, the chunk's digest fails). The
+    // steps after the last such segment read their contexts one by one.
+    u32 segments = n_t / (32 * SEG);
+    if (CTX == CTX_BASE_KEY) {
+        const u32 within = bound > i0 ? (bound - i0) / (32 * SEG) : 0;
+        if (!sparse && within < segments) segments = within;
+        if (bound == 0) segments = 0;
+    }
+    // raw[q]: the context of step q of the segment, then, once that step's
+    // table is found, of step q of the next; ahead[q]: the position of step
+    // q of the next segment (sparse).
+    u32 raw[SEG], ahead[SEG];
     if (CTX != CTX_NONE && segments > 0) {
 #pragma unroll
-        for (u32 q = 0; q < RANS_SEGMENT; q++) {
-            words_now[q] = context_word<CTX, T>(c, word_of<CTX>(c, i0 + q * 32 + lane));
-        }
-        if (sparse && segments > 1) {
-#pragma unroll
-            for (u32 q = 0; q < RANS_SEGMENT; q++) positions_next[q] = positions[i0 + (RANS_SEGMENT + q) * 32 + lane];
+        for (u32 q = 0; q < SEG; q++) {
+            const u32 i = i0 + q * 32 + lane;
+            if (sparse) {
+                const u32 w = positions[i];
+                raw[q] = context_raw<CTX, T>(context, w, w < bound);  // checked: the first segment was not
+                ahead[q] = segments > 1 ? positions[i + 32 * SEG] : 0;
+            } else {
+                raw[q] = context_read<CTX, T>(context_at<CTX, T>(context, i));
+            }
         }
     }
-    for (u32 g = 0; g < segments; g++) {
-        const u32 step0 = g * RANS_SEGMENT;
-        if (CTX != CTX_NONE && g + 1 < segments) {
+    SharedAddr table_next = table_of(CTX != CTX_NONE && segments > 0 ? raw[0] : 0);
+    u32 g = 0;
+    while (g < segments) {
+        const u32 step0 = g * SEG;
+        bool more = g + 1 < segments;
+        if (sparse && more) more = __shfl_sync(0xffffffffu, ahead[SEG - 1], 31) < bound;  // uniform
+        // Where the next segment's contexts (and, sparse, the positions of
+        // the one after) are read: this segment's again where there is none,
+        // unused but readable.
+        const u8* ctx_next = context_at<CTX, T>(context, i0 + (more ? step0 + SEG : step0) * 32 + lane);
+        const u32* pos_next = sparse ? positions + i0 + (g + 2 < segments ? step0 + 2 * SEG : step0) * 32 + lane : 0;
 #pragma unroll
-            for (u32 q = 0; q < RANS_SEGMENT; q++) {
-                const u64 i = i0 + (step0 + RANS_SEGMENT + q) * 32 + lane;
-                words_next[q] = context_word<CTX, T>(c, sparse ? (u64)positions_next[q] : i);
-            }
-            if (sparse && g + 2 < segments) {
-#pragma unroll
-                for (u32 q = 0; q < RANS_SEGMENT; q++) {
-                    positions_next[q] = positions[i0 + (step0 + 2 * RANS_SEGMENT + q) * 32 + lane];
+        for (u32 q = 0; q < SEG; q++) {
+            const SharedAddr table = table_next;
+            if (CTX != CTX_NONE) {
+                if (sparse) {
+                    raw[q] = context_read<CTX, T>(context_at<CTX, T>(context, ahead[q] < bound ? ahead[q] : bound - 1));
+                    ahead[q] = pos_next[q * 32];
+                } else {
+                    raw[q] = context_read<CTX, T>(ctx_next + q * 32 * size);
                 }
+                // the next step's: of this segment, or (raw[0] now holds it) of the next
+                table_next = table_of(raw[(q + 1) % SEG]);
             }
+            decode_step<true>(c, cur, table, k, (step0 + q) * 32 + lane, n_t, out, (q + 1) % RANS_REFILL_STEPS == 0);
         }
-        // every step's table first, so that those lookups stay off the
-        // chain of states
-        u64 bits = 0;
-#pragma unroll
-        for (u32 q = 0; q < RANS_SEGMENT; q++) bits |= (u64)table_of<CTX, T>(cmap, words_now[q]) << (3 * q);
-#pragma unroll
-        for (u32 q = 0; q < RANS_SEGMENT; q++) {
-            const u32 slot0 = ((u32)(bits >> (3 * q)) & 7u) << k;
-            decode_step<true>(c, cur, tables, slot0, k, (step0 + q) * 32 + lane, n_t, out,
-                              (q + 1) % RANS_REFILL_STEPS == 0);
-        }
-        if (cur.r > cur.len) return false;  // uniform: a truncated tile
-        if (CTX != CTX_NONE) {
-#pragma unroll
-            for (u32 q = 0; q < RANS_SEGMENT; q++) words_now[q] = words_next[q];
-        }
+        if (cur.pos > cur.end) return false;  // uniform: a truncated tile
+        g++;
+        if (!more) break;
     }
-    // The rest: fewer than RANS_SEGMENT steps, the last maybe partial.
+    // The rest, each step reading its context as it goes, the last maybe partial.
     const u32 steps = (n_t + 31) / 32;
-    for (u32 step = segments * RANS_SEGMENT; step < steps; step++) {
+    for (u32 step = g * SEG; step < steps; step++) {
         const u32 j = step * 32 + lane;
-        const T word = CTX != CTX_NONE && j < n_t ? context_word<CTX, T>(c, word_of<CTX>(c, i0 + j)) : (T)0;
-        decode_step<false>(c, cur, tables, table_of<CTX, T>(cmap, word) << k, k, j, n_t, out, true);
+        u32 raw_j = 0;
+        if (CTX != CTX_NONE) {
+            const u32 w = sparse && j < n_t ? positions[i0 + j] : i0 + j;
+            raw_j = context_raw<CTX, T>(context, w, j < n_t && w < bound);
+        }
+        decode_step<false>(c, cur, table_of(raw_j), k, j, n_t, out, true);
     }
     // words left over or missing (a truncated tile), or a final state other than L
-    const bool bad = cur.r != cur.len || (lane < lanes && cur.x != RANS_L);
+    const bool bad = cur.pos != cur.end || (lane < lanes && cur.x != RANS_L);
     return !__any_sync(0xffffffffu, bad);
 }
 
-template <u32 CTX, typename T>
-__device__ __forceinline__ void decode_run(const RansDesc& c, const u32* tables, const u8* cmap, const u8* payload,
-                                           const u32* offsets, u32 first, u32 last, u64* rings, u32* flag) {
+template <u32 CTX, typename T, bool SPARSE>
+__device__ __forceinline__ void decode_run(const RansDesc& c, SharedAddr tables, const SharedAddr* tmap,
+                                           const u8* payload, const u32* offsets, u32 first, u32 last, u64* rings,
+                                           u32* flag) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     u64* ring = rings + warp * RANS_RING_STRIDE;
     for (u32 t = first + warp; t < last; t += blockDim.x >> 5) {
-        if (!decode_tile<CTX, T>(c, tables, cmap, payload, offsets, t, ring) && lane == 0) {
+        if (!decode_tile<CTX, T, SPARSE>(c, tables, tmap, payload, offsets, t, ring) && lane == 0) {
             rans_fault(flag, ERR_RANS_DECODE, c.job);
         }
     }
@@ -876,7 +940,7 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
     // The block's stream, read where it is used: held in registers, its
     // fields would take room that the decoding needs.
     __shared__ RansDesc c;
-    __shared__ u8 cmap[256];
+    __shared__ SharedAddr tmap[256];  // the table of each context byte
     __shared__ u64 rings[RANS_WARPS * RANS_RING_STRIDE];
     if (threadIdx.x == 0) c = d[find_desc(d, nd, blockIdx.x)];
     __syncthreads();
@@ -899,7 +963,8 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
     // the context map, which rans_parse checked (its bytes are there, each entry < tc)
     const u32 entry_bits = map_entry_bits(c.table_form, tc);
     for (u32 i = threadIdx.x; i < 256; i += threads) {
-        cmap[i] = tc > 1 ? (u8)map_entry((const u8*)c.stored + 4, entry_bits, i) : 0;
+        const u32 table = tc > 1 ? map_entry((const u8*)c.stored + 4, entry_bits, i) : 0;
+        tmap[i] = shared_addr(smem + (table << k));
     }
     // Spread the tables over their slots. A thread takes a run of slots of
     // each table, finds the entry of its first slot by a binary search over
@@ -925,24 +990,27 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
         for (u32 q = 0; q < per; q++) {
             const u32 slot = first_slot + q;
             while (lo + 1 < s && (te[lo + 1] >> 20) <= slot) lo++;
-            table[slot] = (te[lo] & 0xFFFFFu) | ((slot - (te[lo] >> 20)) << 20);
+            const u32 entry = te[lo];  // symbol, frequency and cum, as rans_parse wrote them
+            table[slot] = slot_entry(entry & 0xFFu, (entry >> 8) & 0xFFFu, slot - (entry >> 20));
         }
     }
     __syncthreads();
+    const SharedAddr tables = shared_addr(smem);
     const u8* payload = (const u8*)c.stored + scratch[1];
     const u32* offsets = scratch + RANS_SCRATCH_HEAD + tc * RANS_TABLE_STRIDE;
     const u32 last = first + c.tiles_per_block < c.tiles ? first + c.tiles_per_block : c.tiles;
+    const bool sparse = c.positions != 0;
+#define RANS_RUN(CTX, T, SPARSE) decode_run<CTX, T, SPARSE>(c, tables, tmap, payload, offsets, first, last, rings, flag)
     switch (c.ctx_kind) {
-        case CTX_NONE: decode_run<CTX_NONE, u8>(c, smem, cmap, payload, offsets, first, last, rings, flag); break;
-        case CTX_HIGHER_PLANE:
-            decode_run<CTX_HIGHER_PLANE, u8>(c, smem, cmap, payload, offsets, first, last, rings, flag);
-            break;
+        case CTX_NONE: RANS_RUN(CTX_NONE, u8, false); break;
+        case CTX_HIGHER_PLANE: RANS_RUN(CTX_HIGHER_PLANE, u8, false); break;
         default:
             switch (c.word_bytes) {
-                case 1: decode_run<CTX_BASE_KEY, u8>(c, smem, cmap, payload, offsets, first, last, rings, flag); break;
-                case 2: decode_run<CTX_BASE_KEY, u16>(c, smem, cmap, payload, offsets, first, last, rings, flag); break;
-                case 4: decode_run<CTX_BASE_KEY, u32>(c, smem, cmap, payload, offsets, first, last, rings, flag); break;
-                default: decode_run<CTX_BASE_KEY, u64>(c, smem, cmap, payload, offsets, first, last, rings, flag); break;
+                case 1: sparse ? RANS_RUN(CTX_BASE_KEY, u8, true) : RANS_RUN(CTX_BASE_KEY, u8, false); break;
+                case 2: sparse ? RANS_RUN(CTX_BASE_KEY, u16, true) : RANS_RUN(CTX_BASE_KEY, u16, false); break;
+                case 4: sparse ? RANS_RUN(CTX_BASE_KEY, u32, true) : RANS_RUN(CTX_BASE_KEY, u32, false); break;
+                default: sparse ? RANS_RUN(CTX_BASE_KEY, u64, true) : RANS_RUN(CTX_BASE_KEY, u64, false); break;
             }
     }
+#undef RANS_RUN
 }

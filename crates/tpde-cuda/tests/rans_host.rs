@@ -45,6 +45,9 @@ static unsigned g_dynamic_bytes;
 static std::vector<unsigned> g_dynamic;
 #define DYNAMIC_SHARED_U32(name) unsigned* name = g_dynamic.data()
 inline unsigned dynamic_smem_bytes() { return g_dynamic_bytes; }
+typedef unsigned long SharedAddr;
+inline SharedAddr shared_addr(const void* p) { return (SharedAddr)p; }
+inline unsigned load_shared_u32(SharedAddr a) { return *(const unsigned*)a; }
 inline void __syncthreads() { g_block->arrive_and_wait(); }
 inline void __threadfence() {}
 template <typename T> T warp_exchange(T v, unsigned src) {
@@ -612,15 +615,16 @@ fn every_context_cases(form: Form) -> Vec<(Case, Vec<u8>)> {
         let c = Case { stored: encode(&s, &s, &spec), decoded_len: 300, allowed: 1, packed, ..Case::default() };
         cases.push((c, s));
     }
-    // context 2: the plane above, two to eight tables
-    for (n, count) in [(3000usize, 8usize), (100, 2), (2000, 3), (1500, 4), (1000, 5)] {
+    // context 2: the plane above, two to eight tables, in tiles of one
+    // segment of the decoder, or (the last) of four
+    for (n, count) in [(3000usize, 8usize), (100, 2), (2000, 3), (1500, 4), (1000, 5), (7000, 3)] {
         let above = symbols(n, 77);
         let s: Vec<u8> = above.iter().zip(symbols(n, 78)).map(|(a, b)| a.wrapping_add(b) % 9).collect();
         let map = mixed_map(count);
         let spec = Spec {
             k: 10,
             context: 2,
-            tile_log2: 9,
+            tile_log2: if n > 5000 { 11 } else { 9 },
             tables: tables_for(&s, &above, Some(&map), count, 10),
             map: Some(map),
             form,
@@ -630,10 +634,13 @@ fn every_context_cases(form: Form) -> Vec<(Case, Vec<u8>)> {
         cases.push((c, s));
     }
     // context 1: the base key of every word width, dense (word i) and sparse
-    // (word p_i), with a base shorter than the chunk (its words past it are 0)
-    for wb in [1usize, 2, 4, 8] {
-        let words = 2000usize;
-        let base_words = 1500usize;
+    // (word p_i), with a base shorter than the chunk (its words past it are
+    // 0): in tiles shorter than a segment of the decoder, and in tiles of
+    // four segments that the base ends within
+    for (wb, words, base_words, tile_log2) in [1usize, 2, 4, 8]
+        .into_iter()
+        .flat_map(|wb| [(wb, 2000usize, 1500usize, 8u32), (wb, 9000, 6100, 11)])
+    {
         let mut r = lcg(wb as u64);
         let base: Vec<u8> = (0..base_words * wb).map(|_| r() as u8).collect();
         let word = |i: usize| -> u64 {
@@ -653,7 +660,7 @@ fn every_context_cases(form: Form) -> Vec<(Case, Vec<u8>)> {
             let spec = Spec {
                 k: 8,
                 context: 1,
-                tile_log2: 8,
+                tile_log2,
                 tables: tables_for(&s, &keys, Some(&map), 5, 8),
                 map: Some(map.clone()),
                 form,
