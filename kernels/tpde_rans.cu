@@ -59,10 +59,10 @@ __device__ __forceinline__ u32 dynamic_smem_bytes() {
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
     return bytes;
 }
-// A shared-memory address, and a u32 load from one. The decoder reads a
-// table slot at table start + 4 * slot, computed as written: left to the
-// compiler, that sum is re-associated into one more dependent operation on
-// the chain of states.
+// A shared-memory address, and loads from one. The decoder reads a table
+// slot at table start + 4 * slot, and its word at the lane's place in the
+// ring + the step's position, each computed as written: left to the
+// compiler, those sums are re-associated into more operations a step.
 typedef u32 SharedAddr;
 __device__ __forceinline__ SharedAddr shared_addr(const void* p) {
     u64 a;
@@ -73,6 +73,12 @@ __device__ __forceinline__ u32 load_shared_u32(SharedAddr a) {
     u32 v;
     asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
     return v;
+}
+// The little-endian u16 at a, which may be odd.
+__device__ __forceinline__ u32 load_shared_u16_le(SharedAddr a) {
+    u32 lo, hi;
+    asm volatile("ld.shared.u8 %0, [%2];\n\tld.shared.u8 %1, [%2+1];" : "=r"(lo), "=r"(hi) : "r"(a));
+    return lo | (hi << 8);
 }
 #endif
 
@@ -721,7 +727,7 @@ struct TileCursor {
     u32 x;             // this lane's rANS state
     u32 pos;           // position of the next word: skew + bytes read (states, then words)
     u32 end;           // position of the tile's end: skew + its length
-    const u8* word_at; // the warp's ring + 2 * lane: where this lane's word of a step lies
+    SharedAddr word_at; // the warp's ring + 2 * lane: where this lane's word of a step lies
     u64* ring;         // the warp's ring
     const u8* a0;      // the tile's payload start, rounded down to 16 bytes
     u32 half;          // the half that holds position `pos`
@@ -767,8 +773,7 @@ __device__ __forceinline__ void decode_step(const RansDesc& c, TileCursor& cur, 
     const bool active = FULL || j < n_t;
     // Lane l reads the step's l-th word before the state is known; a lane
     // that needs one takes it with a shuffle.
-    const u8* at = cur.word_at + (cur.pos & (2 * RANS_RING_HALF - 1));
-    const u32 mine = (u32)at[0] | ((u32)at[1] << 8);
+    const u32 mine = load_shared_u16_le(cur.word_at + (cur.pos & (2 * RANS_RING_HALF - 1)));
     u32 x = cur.x;
     const u32 e = load_shared_u32(table + ((x & ((1u << k) - 1u)) << 2));
     if (active) {
@@ -820,7 +825,7 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, SharedAddr tables
     cur.pos = skew + 4 * lanes;
     cur.end = skew + (offsets[t + 1] - off);
     cur.ring = ring;
-    cur.word_at = (const u8*)ring + 2 * lane;
+    cur.word_at = shared_addr(ring) + 2 * lane;
     cur.half = 0;
     const u8* lo = (const u8*)c.stored;
     const u8* hi = lo + c.stored_len;

@@ -48,6 +48,10 @@ inline unsigned dynamic_smem_bytes() { return g_dynamic_bytes; }
 typedef unsigned long SharedAddr;
 inline SharedAddr shared_addr(const void* p) { return (SharedAddr)p; }
 inline unsigned load_shared_u32(SharedAddr a) { return *(const unsigned*)a; }
+inline unsigned load_shared_u16_le(SharedAddr a) {
+    const unsigned char* p = (const unsigned char*)a;
+    return p[0] | (p[1] << 8);
+}
 inline void __syncthreads() { g_block->arrive_and_wait(); }
 inline void __threadfence() {}
 template <typename T> T warp_exchange(T v, unsigned src) {
