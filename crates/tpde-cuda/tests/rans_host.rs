@@ -641,9 +641,8 @@ fn every_context_cases(form: Form) -> Vec<(Case, Vec<u8>)> {
     // (word p_i), with a base shorter than the chunk (its words past it are
     // 0): in tiles shorter than a segment of the decoder, and in tiles of
     // four segments that the base ends within
-    for (wb, words, base_words, tile_log2) in [1usize, 2, 4, 8]
-        .into_iter()
-        .flat_map(|wb| [(wb, 2000usize, 1500usize, 8u32), (wb, 9000, 6100, 11)])
+    for (wb, words, base_words, tile_log2) in
+        [1usize, 2, 4, 8].into_iter().flat_map(|wb| [(wb, 2000usize, 1500usize, 8u32), (wb, 9000, 6100, 11)])
     {
         let mut r = lcg(wb as u64);
         let base: Vec<u8> = (0..base_words * wb).map(|_| r() as u8).collect();
