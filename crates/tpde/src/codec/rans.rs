@@ -1778,8 +1778,12 @@ fn context_histograms(symbols: &[u8], contexts: &[u8]) -> ContextRows {
     // Counted in 32 bits (a stream holds fewer than 2^32 symbols), so that the table
     // of every (context, symbol) pair stays within the second-level cache. Two
     // tables, for symbols at even and odd places, so that runs of one pair do not
-    // chain every increment through one counter in memory.
-    let mut pairs = vec![0u32; 2 * 256 * 256];
+    // chain every increment through one counter in memory. The thread's table is
+    // taken, and given back zeroed: a panic on the way drops it.
+    let mut pairs = PAIR_COUNTS.with(std::cell::RefCell::take);
+    if pairs.len() != 2 * 256 * 256 {
+        pairs = vec![0u32; 2 * 256 * 256];
+    }
     let (even, odd) = pairs.split_at_mut(256 * 256);
     let even: &mut [u32; 256 * 256] = even.try_into().expect("256 rows of 256");
     let odd: &mut [u32; 256 * 256] = odd.try_into().expect("256 rows of 256");
@@ -1793,13 +1797,23 @@ fn context_histograms(symbols: &[u8], contexts: &[u8]) -> ContextRows {
         let last = symbols.len() - 1;
         even[at(contexts[last], symbols[last])] += 1;
     }
-    for (context, (e, o)) in even.chunks_exact(256).zip(odd.chunks_exact(256)).enumerate() {
-        if e.iter().chain(o).any(|&n| n > 0) {
+    for (context, (e, o)) in even.chunks_exact_mut(256).zip(odd.chunks_exact_mut(256)).enumerate() {
+        if e.iter().chain(o.iter()).any(|&n| n > 0) {
             slot[context] = rows.len() as u16;
             rows.push(std::array::from_fn(|s| u64::from(e[s]) + u64::from(o[s])));
+            e.fill(0);
+            o.fill(0);
         }
     }
+    PAIR_COUNTS.with(|cell| cell.replace(pairs));
     ContextRows { slot, rows }
+}
+
+thread_local! {
+    /// Each thread's table of [`context_histograms`], all zero between calls: one
+    /// 512 KiB table rather than one allocated, zeroed and faulted in for each
+    /// stream and context tried.
+    static PAIR_COUNTS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The order-0 entropy of `symbols` under each of their context bytes, summed, in
