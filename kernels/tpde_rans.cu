@@ -850,8 +850,9 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, SharedAddr tables
     // dense chunk, at the first segment with one; in a sparse one, whose
     // positions increase, at the first whose last position lies past it
     // (positions are clamped to the base, so that no read strays whatever
-    // they are; where they do not increase, the chunk's digest fails). The
-    // steps after the last such segment read their contexts one by one.
+    // they are; positions that do not increase are flagged by the positions
+    // kernel). The steps after the last such segment read their contexts
+    // one by one.
     u32 segments = n_t / (32 * SEG);
     if (CTX == CTX_BASE_KEY) {
         const u32 within = bound > i0 ? (bound - i0) / (32 * SEG) : 0;
