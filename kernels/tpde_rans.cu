@@ -655,7 +655,7 @@ __device__ __forceinline__ u32 context_read(const u8* at) {
 }
 
 // The context read of word w, or 0 where `valid` is false (a word past the
-// base reads 0, §8.7), read as rans_zero says.
+// base reads 0, §8.7): rans_zero is read instead.
 template <u32 CTX, typename T>
 __device__ __forceinline__ u32 context_raw(const u8* context, u64 w, bool valid) {
     return context_read<CTX, T>(valid ? context_at<CTX, T>(context, w) : (const u8*)&rans_zero);
@@ -663,7 +663,7 @@ __device__ __forceinline__ u32 context_raw(const u8* context, u64 w, bool valid)
 
 // The context byte of what context_read read: the byte itself (context 2),
 // or key(b) = top byte of rotl(b, 1) (§8.6), which for words of 16 bits or
-// more is bits w - 9 to w - 2 of a word of w bits.
+// more is bits n - 9 to n - 2 of a word of n bits.
 template <u32 CTX, typename T>
 __device__ __forceinline__ u32 context_key(u32 raw) {
     if (CTX != CTX_BASE_KEY) return raw;
