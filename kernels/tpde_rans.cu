@@ -74,11 +74,11 @@ __device__ __forceinline__ u32 load_shared_u32(SharedAddr a) {
     asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
     return v;
 }
-// The little-endian u16 at a, which may be odd.
-__device__ __forceinline__ u32 load_shared_u16_le(SharedAddr a) {
-    u32 lo, hi;
-    asm volatile("ld.shared.u8 %0, [%2];\n\tld.shared.u8 %1, [%2+1];" : "=r"(lo), "=r"(hi) : "r"(a));
-    return lo | (hi << 8);
+// The little-endian u16 at a, which is even.
+__device__ __forceinline__ u32 load_shared_u16(SharedAddr a) {
+    u16 v;
+    asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(a));
+    return v;
 }
 #endif
 
@@ -677,6 +677,9 @@ __device__ __forceinline__ u32 context_key(u32 raw) {
 // is on its way from device memory, so that no step waits on a device load.
 // The ring's first 64 bytes are repeated after its end, so that lane l
 // reads its word at 2l bytes past the step's position without wrapping.
+// A tile's words start at an even or an odd address; at an odd one the ring
+// holds each byte one place later than device memory does, so that every
+// word lies at an even place and a step reads it in one load.
 #define RANS_RING_HALF 512u                      // bytes
 #define RANS_RING_WORDS (2 * RANS_RING_HALF / 8)  // u64 words of a ring's two halves
 #define RANS_RING_REPEAT 64u                     // bytes repeated after the end
@@ -707,11 +710,24 @@ __device__ __forceinline__ Bytes16 load16(const u8* a, const u8* lo, const u8* h
     return load16_edge(a, lo, hi);
 }
 
-// Stores this lane's 16 bytes of half `which` (0 or 1) of a ring; the
-// lanes that hold the first RANS_RING_REPEAT bytes of half 0 also store
-// them after the ring's end.
-__device__ __forceinline__ void store16(u64* ring, u32 which, Bytes16 v) {
+// The warp's 32 chunks of 16 bytes of one half, moved one byte later:
+// lane l's chunk takes the last byte of lane l - 1's, and lane 0's the last
+// byte of the half before (`carry`, which then becomes this half's).
+__device__ __forceinline__ Bytes16 shift_one_byte(Bytes16 v, u32& carry) {
     const u32 lane = threadIdx.x & 31;
+    const u32 last = (u32)(v.hi >> 56);
+    const u32 below = __shfl_up_sync(0xffffffffu, last, 1);
+    const u64 in = lane == 0 ? carry : below;
+    carry = __shfl_sync(0xffffffffu, last, 31);
+    return Bytes16{(v.lo << 8) | in, (v.hi << 8) | (v.lo >> 56)};
+}
+
+// Stores this lane's 16 bytes of half `which` (0 or 1) of a ring, one byte
+// later where `shift` (uniform); the lanes that hold the first
+// RANS_RING_REPEAT bytes of half 0 also store them after the ring's end.
+__device__ __forceinline__ void store16(u64* ring, u32 which, Bytes16 v, bool shift, u32& carry) {
+    const u32 lane = threadIdx.x & 31;
+    if (shift) v = shift_one_byte(v, carry);
     u64* half = ring + which * (RANS_RING_WORDS / 2);
     half[2 * lane] = v.lo;
     half[2 * lane + 1] = v.hi;
@@ -725,13 +741,15 @@ __device__ __forceinline__ void store16(u64* ring, u32 which, Bytes16 v) {
 // from a0, so that a position's place in the ring is its low bits.
 struct TileCursor {
     u32 x;             // this lane's rANS state
-    u32 pos;           // position of the next word: skew + bytes read (states, then words)
-    u32 end;           // position of the tile's end: skew + its length
+    u32 pos;           // place of the next word: skew + shift + bytes read (states, then words)
+    u32 end;           // place of the tile's end: skew + shift + its length
     SharedAddr word_at; // the warp's ring + 2 * lane: where this lane's word of a step lies
     u64* ring;         // the warp's ring
     const u8* a0;      // the tile's payload start, rounded down to 16 bytes
     u32 half;          // the half that holds position `pos`
     Bytes16 next;      // this lane's 16 bytes of half h + 2
+    u32 carry;         // shifted ring: the last byte of the half stored last
+    bool shift;        // the ring holds each byte one place later (an odd skew)
 };
 
 // Steps between two checks of the ring. A step reads at most 64 bytes, so
@@ -746,7 +764,7 @@ __device__ __forceinline__ void refill(const RansDesc& c, TileCursor& cur) {
     if (cur.pos / RANS_RING_HALF != cur.half) {  // uniform
         const u32 lane = threadIdx.x & 31;
         __syncwarp();
-        store16(cur.ring, cur.half & 1, cur.next);
+        store16(cur.ring, cur.half & 1, cur.next, cur.shift, cur.carry);
         cur.half++;
         const u8* lo = (const u8*)c.stored;
         cur.next = load16(cur.a0 + (u64)(cur.half + 2) * RANS_RING_HALF + 16 * lane, lo, lo + c.stored_len);
@@ -773,7 +791,7 @@ __device__ __forceinline__ void decode_step(const RansDesc& c, TileCursor& cur, 
     const bool active = FULL || j < n_t;
     // Lane l reads the step's l-th word before the state is known; a lane
     // that needs one takes it with a shuffle.
-    const u32 mine = load_shared_u16_le(cur.word_at + (cur.pos & (2 * RANS_RING_HALF - 1)));
+    const u32 mine = load_shared_u16(cur.word_at + (cur.pos & (2 * RANS_RING_HALF - 1)));
     u32 x = cur.x;
     const u32 e = load_shared_u32(table + ((x & ((1u << k) - 1u)) << 2));
     if (active) {
@@ -822,16 +840,18 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, SharedAddr tables
     if (__any_sync(0xffffffffu, cur.x < RANS_L)) return false;  // a start state below L
     cur.a0 = (const u8*)((u64)p & ~(u64)15);
     const u32 skew = (u32)(p - cur.a0);
-    cur.pos = skew + 4 * lanes;
-    cur.end = skew + (offsets[t + 1] - off);
+    cur.shift = skew & 1;  // states and words take 4 and 2 bytes: every word has the skew's parity
+    cur.carry = 0;         // the byte before a0, which no word holds
+    cur.pos = skew + cur.shift + 4 * lanes;
+    cur.end = skew + cur.shift + (offsets[t + 1] - off);
     cur.ring = ring;
     cur.word_at = shared_addr(ring) + 2 * lane;
     cur.half = 0;
     const u8* lo = (const u8*)c.stored;
     const u8* hi = lo + c.stored_len;
     __syncwarp();  // the previous tile's reads are done
-    store16(ring, 0, load16(cur.a0 + 16 * lane, lo, hi));
-    store16(ring, 1, load16(cur.a0 + RANS_RING_HALF + 16 * lane, lo, hi));
+    store16(ring, 0, load16(cur.a0 + 16 * lane, lo, hi), cur.shift, cur.carry);
+    store16(ring, 1, load16(cur.a0 + RANS_RING_HALF + 16 * lane, lo, hi), cur.shift, cur.carry);
     cur.next = load16(cur.a0 + 2 * RANS_RING_HALF + 16 * lane, lo, hi);
     __syncwarp();
 

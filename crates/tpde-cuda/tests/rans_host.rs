@@ -48,9 +48,9 @@ inline unsigned dynamic_smem_bytes() { return g_dynamic_bytes; }
 typedef unsigned long SharedAddr;
 inline SharedAddr shared_addr(const void* p) { return (SharedAddr)p; }
 inline unsigned load_shared_u32(SharedAddr a) { return *(const unsigned*)a; }
-inline unsigned load_shared_u16_le(SharedAddr a) {
-    const unsigned char* p = (const unsigned char*)a;
-    return p[0] | (p[1] << 8);
+inline unsigned load_shared_u16(SharedAddr a) {
+    if (a & 1) std::abort();  // a misaligned load faults on the device
+    return *(const unsigned short*)a;
 }
 inline void __syncthreads() { g_block->arrive_and_wait(); }
 inline void __threadfence() {}
@@ -159,7 +159,12 @@ int main(int argc, char** argv) {
         d.job = 100 + i;
         std::vector<u32> scratch(rans_scratch_words(d.table_count, d.tiles), 0xABABABABu);
         std::vector<u8> decoded(d.decoded_len, 0xEE);
-        d.stored = (u64)stored.data();
+        // Streams start at every offset from a 16-byte boundary, as they do in
+        // the loader's staging buffers.
+        std::vector<u8> placed(d.stored_len + 16);
+        const unsigned skew = i % 16;
+        std::memcpy(placed.data() + skew, stored.data(), d.stored_len);
+        d.stored = (u64)(placed.data() + skew);
         d.decoded = (u64)decoded.data();
         d.scratch = (u64)scratch.data();
         d.context = context_len ? (u64)context.data() : 0;
