@@ -675,17 +675,15 @@ __device__ __forceinline__ u32 context_key(u32 raw) {
 // A warp reads its tile's words through a ring of two halves in shared
 // memory: while it reads half h, half h + 1 is already there and half h + 2
 // is on its way from device memory, so that no step waits on a device load.
-// The ring's first 64 bytes are repeated after its end, so that lane l
-// reads its word at 2l bytes past the step's position without wrapping.
-// A tile's words start at an even or an odd address; at an odd one the ring
+// Lane l reads its word of a step at 2l bytes past the step's position,
+// and keeps that place itself; the ring is aligned to its size, so that a
+// place's address is the ring's OR the place's low bits. A tile's words start at an even or an odd address; at an odd one the ring
 // holds each byte one place later than device memory does, so that every
 // word lies at an even place and a step reads it in one load.
-#define RANS_RING_HALF 512u                      // bytes
-#define RANS_RING_WORDS (2 * RANS_RING_HALF / 8)  // u64 words of a ring's two halves
-#define RANS_RING_REPEAT 64u                     // bytes repeated after the end
-#define RANS_RING_STRIDE (RANS_RING_WORDS + RANS_RING_REPEAT / 8)  // u64 words of a ring
-static_assert(RANS_RING_REPEAT >= 2 * 32, "a step's 32 words lie within the repeated bytes");
-static_assert(RANS_WARPS * RANS_RING_STRIDE * 2 >= RANS_MAX_TABLES * RANS_TABLE_STRIDE,
+#define RANS_RING_HALF 512u                   // bytes
+#define RANS_RING_BYTES (2 * RANS_RING_HALF)  // a power of two
+#define RANS_RING_WORDS (RANS_RING_BYTES / 8)  // u64 words of a ring
+static_assert(RANS_WARPS * RANS_RING_WORDS * 2 >= RANS_MAX_TABLES * RANS_TABLE_STRIDE,
               "the rings hold every table entry while the tables are spread");
 
 // 16 bytes of a stream, as two little-endian u64.
@@ -723,30 +721,26 @@ __device__ __forceinline__ Bytes16 shift_one_byte(Bytes16 v, u32& carry) {
 }
 
 // Stores this lane's 16 bytes of half `which` (0 or 1) of a ring, one byte
-// later where `shift` (uniform); the lanes that hold the first
-// RANS_RING_REPEAT bytes of half 0 also store them after the ring's end.
+// later where `shift` (uniform).
 __device__ __forceinline__ void store16(u64* ring, u32 which, Bytes16 v, bool shift, u32& carry) {
     const u32 lane = threadIdx.x & 31;
     if (shift) v = shift_one_byte(v, carry);
     u64* half = ring + which * (RANS_RING_WORDS / 2);
     half[2 * lane] = v.lo;
     half[2 * lane + 1] = v.hi;
-    if (which == 0 && lane < RANS_RING_REPEAT / 16) {
-        ring[RANS_RING_WORDS + 2 * lane] = v.lo;
-        ring[RANS_RING_WORDS + 2 * lane + 1] = v.hi;
-    }
 }
 
-// The state of one warp decoding one tile. Positions in the tile count
-// from a0, so that a position's place in the ring is its low bits.
+// The state of one warp decoding one tile. Places in the tile count from
+// a0 (+ 1 in a shifted ring), so that a place in the ring is its low bits.
+// A lane keeps the places of its own word: the warp's position + 2 * lane.
 struct TileCursor {
     u32 x;             // this lane's rANS state
-    u32 pos;           // place of the next word: skew + shift + bytes read (states, then words)
-    u32 end;           // place of the tile's end: skew + shift + its length
-    SharedAddr word_at; // the warp's ring + 2 * lane: where this lane's word of a step lies
+    u32 at;            // its word of the next step: skew + shift + bytes read (states, then words) + 2 * lane
+    u32 end;           // the tile's end: skew + shift + its length + 2 * lane
+    SharedAddr ring_at; // the warp's ring, aligned to RANS_RING_BYTES
     u64* ring;         // the warp's ring
     const u8* a0;      // the tile's payload start, rounded down to 16 bytes
-    u32 half;          // the half that holds position `pos`
+    u32 half;          // the half that holds the warp's position
     Bytes16 next;      // this lane's 16 bytes of half h + 2
     u32 carry;         // shifted ring: the last byte of the half stored last
     bool shift;        // the ring holds each byte one place later (an odd skew)
@@ -761,8 +755,8 @@ static_assert(RANS_REFILL_STEPS * 64 <= RANS_RING_HALF, "the steps between check
 // Once the reads entered half h + 1, half h's place takes half h + 2 and
 // half h + 3 goes on its way; loads stay within the stream's stored bytes.
 __device__ __forceinline__ void refill(const RansDesc& c, TileCursor& cur) {
-    if (cur.pos / RANS_RING_HALF != cur.half) {  // uniform
-        const u32 lane = threadIdx.x & 31;
+    const u32 lane = threadIdx.x & 31;
+    if ((cur.at - 2 * lane) / RANS_RING_HALF != cur.half) {  // uniform
         __syncwarp();
         store16(cur.ring, cur.half & 1, cur.next, cur.shift, cur.carry);
         cur.half++;
@@ -791,7 +785,7 @@ __device__ __forceinline__ void decode_step(const RansDesc& c, TileCursor& cur, 
     const bool active = FULL || j < n_t;
     // Lane l reads the step's l-th word before the state is known; a lane
     // that needs one takes it with a shuffle.
-    const u32 mine = load_shared_u16(cur.word_at + (cur.pos & (2 * RANS_RING_HALF - 1)));
+    const u32 mine = load_shared_u16(cur.ring_at | (cur.at & (RANS_RING_BYTES - 1)));
     u32 x = cur.x;
     const u32 e = load_shared_u32(table + ((x & ((1u << k) - 1u)) << 2));
     if (active) {
@@ -805,8 +799,8 @@ __device__ __forceinline__ void decode_step(const RansDesc& c, TileCursor& cur, 
     // A truncated tile (a word at or past its end) is not checked here: its
     // reads run on past the end, within the stream's bytes, and end past it,
     // which the tile's last check refuses.
-    cur.x = need ? (x << 16) | word : x;
-    cur.pos += 2 * __popc(m);
+    cur.x = need ? x * RANS_L + word : x;  // (x << 16) | word, in one multiply-add
+    cur.at += 2 * __popc(m);
     if (check_ring) refill(c, cur);
 }
 
@@ -842,10 +836,10 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, SharedAddr tables
     const u32 skew = (u32)(p - cur.a0);
     cur.shift = skew & 1;  // states and words take 4 and 2 bytes: every word has the skew's parity
     cur.carry = 0;         // the byte before a0, which no word holds
-    cur.pos = skew + cur.shift + 4 * lanes;
-    cur.end = skew + cur.shift + (offsets[t + 1] - off);
+    cur.at = skew + cur.shift + 4 * lanes + 2 * lane;
+    cur.end = skew + cur.shift + (offsets[t + 1] - off) + 2 * lane;
     cur.ring = ring;
-    cur.word_at = shared_addr(ring) + 2 * lane;
+    cur.ring_at = shared_addr(ring);
     cur.half = 0;
     const u8* lo = (const u8*)c.stored;
     const u8* hi = lo + c.stored_len;
@@ -922,7 +916,7 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, SharedAddr tables
             }
             decode_step<true>(c, cur, table, k, (step0 + q) * 32 + lane, n_t, out, (q + 1) % RANS_REFILL_STEPS == 0);
         }
-        if (cur.pos > cur.end) return false;  // uniform: a truncated tile
+        if (cur.at > cur.end) return false;  // uniform: a truncated tile
         g++;
         if (!more) break;
     }
@@ -938,7 +932,7 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, SharedAddr tables
         decode_step<false>(c, cur, table_of(raw_j), k, j, n_t, out, true);
     }
     // words left over or missing (a truncated tile), or a final state other than L
-    const bool bad = cur.pos != cur.end || (lane < lanes && cur.x != RANS_L);
+    const bool bad = cur.at != cur.end || (lane < lanes && cur.x != RANS_L);
     return !__any_sync(0xffffffffu, bad);
 }
 
@@ -947,7 +941,7 @@ __device__ __forceinline__ void decode_run(const RansDesc& c, SharedAddr tables,
                                            const u8* payload, const u32* offsets, u32 first, u32 last, u64* rings,
                                            u32* flag) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    u64* ring = rings + warp * RANS_RING_STRIDE;
+    u64* ring = rings + warp * RANS_RING_WORDS;
     for (u32 t = first + warp; t < last; t += blockDim.x >> 5) {
         if (!decode_tile<CTX, T, SPARSE>(c, tables, tmap, payload, offsets, t, ring) && lane == 0) {
             rans_fault(flag, ERR_RANS_DECODE, c.job);
@@ -967,7 +961,7 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
     // fields would take room that the decoding needs.
     __shared__ RansDesc c;
     __shared__ SharedAddr tmap[256];  // the table of each context byte
-    __shared__ u64 rings[RANS_WARPS * RANS_RING_STRIDE];
+    alignas(RANS_RING_BYTES) __shared__ u64 rings[RANS_WARPS * RANS_RING_WORDS];
     if (threadIdx.x == 0) c = d[find_desc(d, nd, blockIdx.x)];
     __syncthreads();
     const u32* scratch = (const u32*)c.scratch;
@@ -977,7 +971,10 @@ rans_decode(const RansDesc* d, u32 nd, u32* flag) {
     const u32 dyn = dynamic_smem_bytes();
     const u32 first = (blockIdx.x - c.block_begin) * c.tiles_per_block;
     const u32 threads = blockDim.x;  // a multiple of 32, at most RANS_THREADS
+    // The launch as the kernel was built for it, and the rings aligned as
+    // declared: a place in a ring is addressed by an OR.
     if (threads % 32 != 0 || threads > RANS_THREADS || k > RANS_MAX_PROB_BITS || tc > RANS_MAX_TABLES ||
+        (shared_addr(rings) & (RANS_RING_BYTES - 1)) != 0 ||
         (u64)(tc << k) * 4 > dyn || first >= c.tiles || c.ctx_kind > CTX_HIGHER_PLANE ||
         c.table_form > RANS_FORM_PACKED ||
         (c.ctx_kind == CTX_BASE_KEY && c.word_bytes != 1 && c.word_bytes != 2 && c.word_bytes != 4 &&
