@@ -80,6 +80,8 @@ __device__ __forceinline__ u32 load_shared_u16(SharedAddr a) {
     asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(a));
     return v;
 }
+// Asks for the line at p in L2, with no register to wait on.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.L2 [%0];" ::"l"(p)); }
 #endif
 
 #define RANS_THREADS 256
@@ -900,6 +902,7 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, SharedAddr tables
         // the one after) are read: this segment's again where there is none,
         // unused but readable.
         const u8* ctx_next = context_at<CTX, T>(context, i0 + (more ? step0 + SEG : step0) * 32 + lane);
+        const u8* ctx_far = context_at<CTX, T>(context, i0 + (g + 2 < segments ? step0 + 2 * SEG : step0) * 32 + lane);
         const u32* pos_next = sparse ? positions + i0 + (g + 2 < segments ? step0 + 2 * SEG : step0) * 32 + lane : 0;
 #pragma unroll
         for (u32 q = 0; q < SEG; q++) {
@@ -910,6 +913,7 @@ __device__ __forceinline__ bool decode_tile(const RansDesc& c, SharedAddr tables
                     ahead[q] = pos_next[q * 32];
                 } else {
                     raw[q] = context_read<CTX, T>(ctx_next + q * 32 * size);
+                    prefetch_l2(ctx_far + q * 32 * size);
                 }
                 // the next step's: of this segment, or (raw[0] now holds it) of the next
                 table_next = table_of(raw[(q + 1) % SEG]);
