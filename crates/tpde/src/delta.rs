@@ -1,6 +1,8 @@
 //! Delta semantics of one chunk (spec §8): how the writer chooses an encoding by
 //! measured size, and how a reader rebuilds the target words from the base words.
 
+use std::borrow::Cow;
+
 use crate::codec::positions;
 use crate::codec::rans::{self, ContextKind, Contexts};
 use crate::codec::values::{self, with_word, Word};
@@ -578,6 +580,21 @@ fn load_words<W: Word>(bytes: &[u8]) -> Vec<W> {
     bytes.chunks_exact(W::BYTES).map(W::load).collect()
 }
 
+/// The `len` words of a chunk, read where they lie (a memory-mapped checkpoint's
+/// tensors usually lie aligned): a copy of megabytes per chunk costs more than
+/// its reads, and fresh heap pages are the costliest memory to touch. Missing
+/// words (a base shorter than the chunk) read as zero.
+fn chunk_words<W: Word>(bytes: &[u8], len: usize) -> Cow<'_, [W]> {
+    match W::view(bytes) {
+        Some(words) if words.len() == len => Cow::Borrowed(words),
+        _ => {
+            let mut words = load_words(bytes);
+            words.resize(len, W::default());
+            Cow::Owned(words)
+        }
+    }
+}
+
 fn layouts<W: Word>(leading_sign: bool) -> &'static [ValueLayout] {
     match (W::BYTES, leading_sign) {
         (1, _) => &[ValueLayout::Words],
@@ -838,8 +855,9 @@ fn encode_words<W: Word>(
     settings: EncodeSettings,
     reference: Option<&[u32]>,
 ) -> Result<EncodedChunk> {
-    let target: Vec<W> = load_words(target_bytes);
-    let words = target.len();
+    let words = target_bytes.len() / W::BYTES;
+    let target_words = chunk_words::<W>(target_bytes, words);
+    let target: &[W] = &target_words;
     let mut record = ChunkRecord {
         data_offset: 0,
         stored_len: 0,
@@ -862,16 +880,16 @@ fn encode_words<W: Word>(
             record.encoding = Encoding::Raw;
             record.changed_count = u32_len(words);
             record.value_layout = layout;
-            value_streams(&values::split(&target, layout), layout, None, settings)?.finish()
+            value_streams(&values::split(target, layout), layout, None, settings)?.finish()
         }
         Some(base_bytes) => {
-            let mut base: Vec<W> = load_words(base_bytes);
-            base.resize(words, W::default());
+            let base_words = chunk_words::<W>(base_bytes, words);
+            let base: &[W] = &base_words;
             // Branch-free compaction: whether a word changed is close to a coin flip
             // in dense updates, which a branch would mispredict half the time.
             let mut changed = vec![0u32; words];
             let mut count = 0;
-            for (i, (t, b)) in target.iter().zip(&base).enumerate() {
+            for (i, (t, b)) in target.iter().zip(base).enumerate() {
                 changed[count] = u32::try_from(i).expect("chunk words fit u32");
                 count += usize::from(t != b);
             }
@@ -902,12 +920,12 @@ fn encode_words<W: Word>(
             } else {
                 // Predict both sizes from samples; build both only when it is close.
                 let sparse_bits = positions_bits(density, words)
-                    + bits_per_value(&target, &base, Some(&changed), op, layout) * changed.len() as f64;
-                let dense_bits = bits_per_value(&target, &base, None, op, layout) * words as f64;
+                    + bits_per_value(target, base, Some(&changed), op, layout) * changed.len() as f64;
+                let dense_bits = bits_per_value(target, base, None, op, layout) * words as f64;
                 let close = (sparse_bits - dense_bits).abs() < 0.1 * sparse_bits.min(dense_bits);
                 let (sparse_bits, dense_bits, close) = if close && settings.rans && words >= KEYED_MIN_WORDS {
                     // Where order-0 cannot tell, lane rANS contexts often can.
-                    let (sparse, dense) = keyed_bits(&target, &base, op, layout);
+                    let (sparse, dense) = keyed_bits(target, base, op, layout);
                     (sparse, dense, (sparse - dense).abs() < KEYED_DECISIVE_SHARE * sparse.min(dense))
                 } else {
                     (sparse_bits, dense_bits, close)
@@ -927,8 +945,8 @@ fn encode_words<W: Word>(
                 None
             };
             let dense = if build_dense {
-                let values: Vec<W> = target.iter().zip(&base).map(|(&t, &b)| W::express(t, b, op)).collect();
-                let keys = || values::group_keys(&base);
+                let values: Vec<W> = target.iter().zip(base).map(|(&t, &b)| W::express(t, b, op)).collect();
+                let keys = || values::group_keys(base);
                 Some(ordered_value_streams(&values, keys, layout, leading_sign, settings)?)
             } else {
                 None
@@ -1809,5 +1827,39 @@ mod tests {
         other_base[0] ^= 1;
         let err = decode_chunk(&input(&chunk, Some(&other_base), 2048, WordWidth::W2), &mut Vec::new()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::ChunkDigest);
+    }
+
+    /// Words are read in place where they lie aligned and copied where they do
+    /// not; either way a chunk encodes to the same bytes, a base shorter than
+    /// the target included.
+    #[test]
+    fn misaligned_words_encode_as_aligned_ones() {
+        for (width, bytes) in [(WordWidth::W2, 2), (WordWidth::W4, 4), (WordWidth::W8, 8)] {
+            let words = 3000;
+            let base = pseudo_random(words * bytes, 5);
+            let mut target = base.clone();
+            for (i, byte) in target.iter_mut().enumerate().step_by(7 * bytes) {
+                *byte ^= u8::try_from(i % 251).unwrap() | 1;
+            }
+            let short_base = &base[..(words - 100) * bytes];
+            // the same bytes one place past the start of an allocation, which is
+            // aligned to at least 8 bytes
+            let shifted = |bytes: &[u8]| {
+                let mut v = vec![0u8; bytes.len() + 1];
+                v[1..].copy_from_slice(bytes);
+                v
+            };
+            for base in [&base[..], short_base] {
+                let aligned = encode_chunk(&target, Some(base), width, true, EncodeSettings::default()).unwrap();
+                let (t, b) = (shifted(&target), shifted(base));
+                assert_ne!(t[1..].as_ptr() as usize % bytes, 0, "the copy is misaligned");
+                let misaligned = encode_chunk(&t[1..], Some(&b[1..]), width, true, EncodeSettings::default()).unwrap();
+                assert_eq!(format!("{:?}", aligned.record), format!("{:?}", misaligned.record));
+                assert_eq!(aligned.data, misaligned.data);
+                let mut out = Vec::new();
+                decode_chunk(&input(&aligned, Some(base), words, width), &mut out).unwrap();
+                assert_eq!(out, target);
+            }
+        }
     }
 }

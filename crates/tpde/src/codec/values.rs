@@ -10,6 +10,9 @@ use crate::error::Result;
 pub(crate) trait Word: Copy + Eq + Default + Send + Sync {
     const BYTES: usize;
     fn load(bytes: &[u8]) -> Self;
+    /// `bytes` as little-endian words in place, where they lie aligned and the
+    /// machine is little-endian; `None` elsewhere.
+    fn view(bytes: &[u8]) -> Option<&[Self]>;
     fn store(self, bytes: &mut [u8]);
     fn byte(self, k: usize) -> u8;
     fn from_byte(byte: u8, k: usize) -> Self;
@@ -32,6 +35,15 @@ macro_rules! impl_word {
                 let mut word = [0u8; std::mem::size_of::<$unsigned>()];
                 word.copy_from_slice(bytes);
                 <$unsigned>::from_le_bytes(word)
+            }
+
+            fn view(bytes: &[u8]) -> Option<&[Self]> {
+                if cfg!(target_endian = "big") {
+                    return None;
+                }
+                // SAFETY: every bit pattern is a valid unsigned integer.
+                let (head, words, tail) = unsafe { bytes.align_to::<$unsigned>() };
+                (head.is_empty() && tail.is_empty()).then_some(words)
             }
 
             #[inline]
