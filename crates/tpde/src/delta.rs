@@ -886,14 +886,21 @@ fn encode_words<W: Word>(
             let base_words = chunk_words::<W>(base_bytes, words);
             let base: &[W] = &base_words;
             // Branch-free compaction: whether a word changed is close to a coin flip
-            // in dense updates, which a branch would mispredict half the time.
-            let mut changed = vec![0u32; words];
-            let mut count = 0;
-            for (i, (t, b)) in target.iter().zip(base).enumerate() {
-                changed[count] = u32::try_from(i).expect("chunk words fit u32");
-                count += usize::from(t != b);
+            // in dense updates, which a branch would mispredict half the time. It
+            // runs on blocks in a stack buffer, so that the list is never zeroed
+            // in advance.
+            const BLOCK: usize = 256;
+            let mut changed = Vec::with_capacity(words);
+            let mut block = [0u32; BLOCK];
+            for (first, (t, b)) in target.chunks(BLOCK).zip(base.chunks(BLOCK)).enumerate() {
+                let first = u32::try_from(first * BLOCK).expect("chunk words fit u32");
+                let mut count = 0;
+                for (i, (t, b)) in (first..).zip(t.iter().zip(b)) {
+                    block[count] = i;
+                    count += usize::from(t != b);
+                }
+                changed.extend_from_slice(&block[..count]);
             }
-            changed.truncate(count);
             if changed.is_empty() {
                 record.checksum = checksum64(&[]);
                 return Ok(EncodedChunk { record, streams: Vec::new(), data: Vec::new() });
