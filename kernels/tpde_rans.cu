@@ -679,9 +679,10 @@ __device__ __forceinline__ u32 context_key(u32 raw) {
 // is on its way from device memory, so that no step waits on a device load.
 // Lane l reads its word of a step at 2l bytes past the step's position,
 // and keeps that place itself; the ring is aligned to its size, so that a
-// place's address is the ring's OR the place's low bits. A tile's words start at an even or an odd address; at an odd one the ring
-// holds each byte one place later than device memory does, so that every
-// word lies at an even place and a step reads it in one load.
+// place's address is the ring's OR the place's low bits. A tile's words
+// start at an even or an odd address; at an odd one the ring holds each
+// byte one place later than device memory does, so that every word lies at
+// an even place and a step reads it in one load.
 #define RANS_RING_HALF 512u                   // bytes
 #define RANS_RING_BYTES (2 * RANS_RING_HALF)  // a power of two
 #define RANS_RING_WORDS (RANS_RING_BYTES / 8)  // u64 words of a ring
