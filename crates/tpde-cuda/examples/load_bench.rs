@@ -348,6 +348,7 @@ fn time_mapped(loader: &mut Loader, path: &std::path::Path, bases: &[CudaSlice<u
         checksums * 1e3,
         whole * 1e3
     );
+    eprintln!("(d) host, last run: {}", loader.last_timings());
     Ok(whole)
 }
 
@@ -403,6 +404,7 @@ fn run(gpu: &Arc<Gpu>, args: &Args) -> R<bool> {
         loader.load(&refs, &dref)?;
         Ok(())
     })?;
+    eprintln!("(b) host, last run: {}", loader.last_timings());
 
     let in_place = if !args.in_place {
         None
@@ -412,6 +414,7 @@ fn run(gpu: &Arc<Gpu>, args: &Args) -> R<bool> {
     } else {
         let lens = host.iter().map(|h| h.len()).collect();
         let (secs, ok) = time_in_place(&mut loader, &refs, &dbases, lens, &want, args.reps)?;
+        eprintln!("(c) host, last run: {}", loader.last_timings());
         exact &= ok;
         Some(secs)
     };

@@ -85,10 +85,10 @@ pub fn tensor_refs(file: &DeltaFile, verify_checksums: bool) -> Result<Vec<Tenso
 }
 
 /// Every tensor of `file`, as [`tensor_refs`] gives them, with their chunk
-/// checksums left to the loader ([`Checksums::OnUpload`]): it checks each
-/// batch's chunks just before uploading them, while the device works on the
-/// batch before, instead of every chunk before the first upload. A corrupt
-/// chunk is still refused before any of its bytes is used.
+/// checksums left to the loader ([`Checksums::OnUpload`]): it checks them
+/// in one parallel pass before its first upload, which also brings the
+/// file's pages in on every thread at once. A corrupt chunk is still refused
+/// before any of its bytes is used.
 pub fn tensor_refs_checked_on_upload(file: &DeltaFile) -> Result<Vec<TensorRef<'_>>> {
     let mut refs = tensor_refs(file, false)?;
     for t in &mut refs {

@@ -107,7 +107,7 @@ pub use gpu::{driver_present, DevRange, Gpu};
 pub use model::{
     check_resident_base, match_resident, Base, DeviceTensor, RebuiltTensor, ResidentTensor, ResidentTensorMut,
 };
-pub use pipeline::{decode_stream, Checksums, ChunkRef, DeviceDelta, Loader, LoaderConfig, TensorRef};
+pub use pipeline::{decode_stream, Checksums, ChunkRef, DeviceDelta, LoadTimings, Loader, LoaderConfig, TensorRef};
 pub use series::step_in_place;
 /// The width of a word, shared with the format library.
 pub use tpde::WordWidth;

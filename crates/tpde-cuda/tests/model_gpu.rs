@@ -131,6 +131,8 @@ fn a_corrupt_chunk_is_refused_when_checked_on_upload() {
     let shape = [a.len() as u64];
     let on_device = [resident("a", &shape, &a_dev)];
     assert_target(&gpu, &loader.load_model(&good, Base::Resident(&on_device)).expect("loads"), &[("a", &a2)]);
+    // 400 KB of target fits one staging slot: one batch.
+    assert_eq!(loader.last_timings().batches, 1, "{}", loader.last_timings());
     let Err(GpuError::Format(e)) = loader.load_model(&bad, Base::Resident(&on_device)) else {
         panic!("a corrupt chunk was loaded")
     };

@@ -21,6 +21,9 @@ use crate::rans::is_rans;
 /// record, its stored bytes, and which chunk of the batch it belongs to.
 pub(super) type StreamTask<'a> = (usize, StreamRecord, &'a [u8], usize);
 
+/// Bytes of stored bytes that one thread copies at a time.
+const COPY_PIECE: usize = 256 << 10;
+
 /// Decodes (zstd) or copies (stored) streams into `host` at their offsets,
 /// in parallel. Offsets increase and the streams do not overlap. A format
 /// error names the tensor and chunk that `label` gives for the task's chunk.
@@ -46,7 +49,9 @@ pub(super) fn decode_tasks<'n>(
     }
     work.into_par_iter().try_for_each(|(dst, r, bytes, chunk)| {
         if is_rans(r.codec) {
-            dst.copy_from_slice(bytes);
+            // In pieces, so that one large stream does not hold up the batch
+            // on one thread.
+            dst.par_chunks_mut(COPY_PIECE).zip(bytes.par_chunks(COPY_PIECE)).for_each(|(d, s)| d.copy_from_slice(s));
             return Ok(());
         }
         decode_stream(r, bytes, dst).map_err(|e| match (e, label(chunk)) {

@@ -146,9 +146,10 @@ pub enum Checksums {
     /// Checked already, or the bytes are trusted.
     #[default]
     Checked,
-    /// The loader checks each batch's chunks on the CPU just before it uploads
-    /// them, so that the check overlaps the device's work on the batch before.
-    /// Calls that write in place check every chunk before the first write.
+    /// The loader checks every chunk on the CPU, in one parallel pass before
+    /// its first upload and before anything is written. For a delta mapped
+    /// from a file, that pass also brings its pages in on every thread at
+    /// once.
     OnUpload,
 }
 

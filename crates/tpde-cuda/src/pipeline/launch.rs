@@ -2,6 +2,8 @@
 //! launched on the slot's stream (lane rANS decoding, then apply or
 //! positions).
 
+use std::time::Instant;
+
 use rayon::prelude::*;
 
 use super::digests::LeafCheck;
@@ -9,6 +11,7 @@ use super::host_decode::decode_tasks;
 use super::inputs::Checksums;
 use super::plan::{Job, Plan};
 use super::ring::host_prefix;
+use super::timings::LoadTimings;
 use super::Loader;
 use crate::error::{GpuError, Result};
 use crate::gpu::{Batch, DevRange, RansContext, RansStream, Stage};
@@ -24,15 +27,24 @@ impl Loader {
     ///
     /// [`LoaderConfig::verify_digests`]: super::LoaderConfig::verify_digests
     pub(super) fn run(&mut self, jobs: &[Job<'_, '_>], stage: Stage, checks: &[LeafCheck<'_>]) -> Result<()> {
+        self.timings = LoadTimings::default();
+        let clock = Instant::now();
+        check_stored(jobs)?;
+        self.timings.checksums = clock.elapsed();
         self.begin()?;
         let leaves = self.prepare_leaves(checks)?;
         let mut i = 0;
         while i < jobs.len() {
+            let mut clock = Instant::now();
             let plan = self.plan_batch(&jobs[i..], stage)?;
-            self.flush(&jobs[i..i + plan.count], &plan, stage, i)?;
+            LoadTimings::lap(&mut self.timings.planning, &mut clock);
+            self.flush(&jobs[i..i + plan.count], &plan, stage, i, clock)?;
+            self.timings.batches += 1;
             i += plan.count;
         }
+        let clock = Instant::now();
         self.finish(|job| jobs.get(job as usize).and_then(|j| j.label), leaves.as_ref())?;
+        self.timings.device_wait = clock.elapsed();
         leaves.map_or(Ok(()), |pass| self.compare_leaves(&pass, checks))
     }
 
@@ -40,16 +52,17 @@ impl Loader {
     /// page-locked host delta, while the CPU decodes the rest) and launches
     /// its kernels: the lane rANS work, then the apply (or positions)
     /// kernels. `first_job` is the index of the batch's first job in the run,
-    /// which faults report.
-    fn flush(&mut self, jobs: &[Job<'_, '_>], plan: &Plan<'_>, stage: Stage, first_job: usize) -> Result<()> {
-        // Before any byte of the batch goes up, and while the device works on
-        // the batch before.
-        if jobs.iter().any(|j| j.checksums == Checksums::OnUpload) {
-            jobs.par_iter()
-                .filter(|j| j.checksums == Checksums::OnUpload)
-                .try_for_each(|j| j.chunk.check_checksum(j.label))?;
-        }
+    /// which faults report; `clock` started where the timings stopped.
+    fn flush(
+        &mut self,
+        jobs: &[Job<'_, '_>],
+        plan: &Plan<'_>,
+        stage: Stage,
+        first_job: usize,
+        mut clock: Instant,
+    ) -> Result<()> {
         let slot = self.take_slot()?;
+        LoadTimings::lap(&mut self.timings.slot_waits, &mut clock);
         let s = &mut self.slots[slot];
         let dev = DevRange::all(&s.dev, &s.stream)?;
         if let Some((span, at)) = plan.raw {
@@ -60,6 +73,7 @@ impl Loader {
         }
         let host = s.host.as_mut_slice()?;
         decode_tasks(&mut host[..plan.decoded_end], &plan.tasks, |j| jobs[j].label)?;
+        LoadTimings::lap(&mut self.timings.staging, &mut clock);
         let mut batch = Batch::new(jobs[0].width);
         let mut work = RansWork::default();
         for (jj, (j, place)) in jobs.iter().zip(&plan.places).enumerate() {
@@ -124,6 +138,29 @@ impl Loader {
         let groups = DevRange::all(&s.groups, &s.stream)?;
         let flag = DevRange::all(&self.flag, &s.stream)?;
         work.launch(&self.gpu, &s.stream, dev.sub(tables.start, tables.len())?, sums, groups, flag)?;
-        self.gpu.launch(&s.stream, &batch, stage, dev.sub(0, plan.table)?, sums, groups, flag)
+        self.gpu.launch(&s.stream, &batch, stage, dev.sub(0, plan.table)?, sums, groups, flag)?;
+        LoadTimings::lap(&mut self.timings.queueing, &mut clock);
+        Ok(())
     }
+}
+
+/// Checks the checksums left to the loader ([`Checksums::OnUpload`]) in one
+/// parallel pass, and reads a byte of every page of the other stored bytes
+/// that are not page-locked. Both bring a fresh map of a delta file in on
+/// every thread at once: left to the planning and copying of each batch,
+/// which read a few chunks at a time, its page faults cost several times
+/// this pass (`BENCHMARKS-GPU.md`, "A mapped delta").
+fn check_stored(jobs: &[Job<'_, '_>]) -> Result<()> {
+    // The smallest page of the platforms the loader runs on; larger pages
+    // are read more than once, which costs nothing.
+    const PAGE: usize = 4096;
+    jobs.par_iter().try_for_each(|j| match (j.checksums, j.host) {
+        (Checksums::OnUpload, _) => j.chunk.check_checksum(j.label),
+        (Checksums::Checked, None) => {
+            let touched = j.chunk.stored.chunks(PAGE).fold(0u8, |x, page| x ^ page[0]);
+            std::hint::black_box(touched);
+            Ok(())
+        }
+        (Checksums::Checked, Some(_)) => Ok(()),
+    })
 }

@@ -22,6 +22,7 @@ mod launch;
 mod plan;
 mod ring;
 mod staged;
+mod timings;
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ use tpde::WordWidth;
 pub use host_decode::decode_stream;
 pub use inputs::{Checksums, ChunkRef, TensorRef};
 pub use staged::DeviceDelta;
+pub use timings::LoadTimings;
 
 /// Sizes of the staging ring.
 #[derive(Clone, Copy, Debug)]
@@ -63,12 +65,14 @@ pub struct LoaderConfig {
 }
 
 impl Default for LoaderConfig {
-    /// Eight slots of 32 MiB: 256 MiB page-locked, as much on the device. A
+    /// Four slots of 128 MiB: 512 MiB page-locked, as much on the device. A
     /// slot's next upload waits for the kernels of its last batch, so with
     /// fewer bytes in flight the device idles between the batches of a
-    /// large model (`BENCHMARKS-GPU.md`).
+    /// large model; and every batch costs the host a fixed time, which bounds
+    /// a delta read from a mapped file (`BENCHMARKS-GPU.md`, "A mapped
+    /// delta").
     fn default() -> Self {
-        Self { slots: 8, slot_bytes: 32 << 20, max_chunks: 4096, verify_digests: true }
+        Self { slots: 4, slot_bytes: 128 << 20, max_chunks: 4096, verify_digests: true }
     }
 }
 
@@ -85,6 +89,8 @@ pub struct Loader {
     leaf: Option<LeafScratch>,
     /// One zero byte: the base of tensors that have none.
     zero: Arc<CudaSlice<u8>>,
+    /// The host's time in the last call, by phase.
+    timings: LoadTimings,
 }
 
 impl std::fmt::Debug for Loader {
@@ -137,7 +143,7 @@ impl Loader {
             None
         };
         let zero = Arc::new(gpu.alloc_zeros::<u8>(1)?);
-        Ok(Self { gpu, cfg, slots, next: 0, flag, flag_host, start, leaf, zero })
+        Ok(Self { gpu, cfg, slots, next: 0, flag, flag_host, start, leaf, zero, timings: LoadTimings::default() })
     }
 
     /// Rows of the group table per slot. A chunk that fits a slot has at
@@ -158,6 +164,12 @@ impl Loader {
     #[must_use]
     pub fn config(&self) -> LoaderConfig {
         self.cfg
+    }
+
+    /// Where the host's time went in the last call that ran batches.
+    #[must_use]
+    pub fn last_timings(&self) -> LoadTimings {
+        self.timings
     }
 
     /// A device buffer of one zero byte, which the kernels read as zero words:
@@ -230,13 +242,8 @@ impl Loader {
             leaf_checks(t, r, &mut checks)?;
         }
         // In place, a chunk found corrupt after others were written would
-        // leave the buffers neither base nor target: check every one first.
-        if delta.iter().any(|t| t.checksums == Checksums::OnUpload) {
-            delta.par_iter().try_for_each(TensorRef::check_checksums)?;
-            for job in &mut jobs {
-                job.checksums = Checksums::Checked;
-            }
-        }
+        // leave the buffers neither base nor target: `run` checks every
+        // chunk left to it before its first upload.
         self.run(&jobs, Stage::Apply, &checks).map_err(|e| locate_device_fault(delta, e))
     }
 

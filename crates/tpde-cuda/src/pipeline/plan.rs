@@ -202,17 +202,10 @@ impl Loader {
                 break;
             }
             c.validate(width)?;
-            let plan = match ChunkPlan::new(c, width) {
-                Ok(plan) => plan,
-                // A corrupt chunk is reported as such before its bytes are judged
-                // (spec §11.2), also when its checksum was left to the upload.
-                Err(e) => {
-                    if job.checksums == Checksums::OnUpload {
-                        c.check_checksum(job.label)?;
-                    }
-                    return Err(label_error(e, job.label).into());
-                }
-            };
+            // Every checksum left to the loader was checked before the first
+            // batch, so a corrupt chunk is reported as such before its bytes
+            // are judged (spec §11.2).
+            let plan = ChunkPlan::new(c, width).map_err(|e| label_error(e, job.label))?;
             let np = c.position_stream_count();
             let (mut up, mut dev, mut span) = (upload, device, raw);
             let mut place = JobPlace::default();

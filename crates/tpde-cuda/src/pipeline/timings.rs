@@ -1,0 +1,65 @@
+//! Where the host's time goes in a loader call: what a user tuning the
+//! staging ring, or choosing between a mapped and a page-locked delta,
+//! needs to see.
+
+use std::time::{Duration, Instant};
+
+/// The host's time in the last loader call, by phase, summed over its
+/// batches ([`super::Loader::last_timings`]). A phase that the device's work
+/// hides costs nothing but CPU; `slot_waits` and `device_wait` are the time
+/// the host spent waiting for the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadTimings {
+    /// Checking the chunk checksums left to the loader
+    /// ([`super::Checksums::OnUpload`]) and reading a byte of every page of
+    /// other stored bytes that are not page-locked, in one parallel pass,
+    /// so that a fresh map faults on every thread at once.
+    pub checksums: Duration,
+    /// Placing each batch's streams in a slot.
+    pub planning: Duration,
+    /// Waiting for a slot's last upload to finish before reusing it.
+    pub slot_waits: Duration,
+    /// The CPU's work on each batch: decoding zstd streams, and copying
+    /// stored bytes into the page-locked slot when the delta is not
+    /// page-locked itself.
+    pub staging: Duration,
+    /// Writing descriptor tables and queueing the copies and kernels.
+    pub queueing: Duration,
+    /// The end of the call: waiting for the device to finish.
+    pub device_wait: Duration,
+    /// Batches run.
+    pub batches: usize,
+}
+
+impl LoadTimings {
+    /// The sum of the phases.
+    #[must_use]
+    pub fn total(&self) -> Duration {
+        self.checksums + self.planning + self.slot_waits + self.staging + self.queueing + self.device_wait
+    }
+
+    /// Adds the time since `*since` to `phase` and restarts the clock.
+    pub(super) fn lap(phase: &mut Duration, since: &mut Instant) {
+        let now = Instant::now();
+        *phase += now - *since;
+        *since = now;
+    }
+}
+
+impl std::fmt::Display for LoadTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        write!(
+            f,
+            "{} batches: checksums {:.2} ms, planning {:.2} ms, slot waits {:.2} ms, staging {:.2} ms, queueing \
+             {:.2} ms, device wait {:.2} ms",
+            self.batches,
+            ms(self.checksums),
+            ms(self.planning),
+            ms(self.slot_waits),
+            ms(self.staging),
+            ms(self.queueing),
+            ms(self.device_wait)
+        )
+    }
+}
