@@ -143,7 +143,7 @@ def test_set_staging_checks_its_sizes():
     tpde.torch.set_staging()
     with pytest.raises(tpde.TpdeError) as error:
         tpde.torch.set_staging(slot_mib=8)
-    assert "8 slots of 8 MiB" in str(error.value), "a size left out is the loader's default"
+    assert "4 slots of 8 MiB" in str(error.value), "a size left out is the loader's default"
     for slots, slot_mib in [(0, 32), (65, 32), (8, 15), (8, 1025)]:
         with pytest.raises(tpde.TpdeError) as error:
             tpde.torch.set_staging(slots=slots, slot_mib=slot_mib)
