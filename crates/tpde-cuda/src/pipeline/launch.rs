@@ -18,17 +18,24 @@ use crate::gpu::{Batch, DevRange, RansContext, RansStream, Stage};
 use crate::rans::{self, RansWork};
 
 impl Loader {
-    /// Runs jobs: batches them into slots, uploads, decodes, launches; unless
-    /// the caller opted out ([`LoaderConfig::verify_digests`]), computes the
-    /// leaf digest of every chunk in `checks` on the device behind them; then
+    /// Runs jobs, for a call that began at `started`: batches them into
+    /// slots, uploads, decodes, launches; unless the caller opted out
+    /// ([`LoaderConfig::verify_digests`]), computes the leaf digest of every
+    /// chunk in `checks` on the device behind them; then
     /// waits once, checks the device error flag and compares the digests with
     /// the chunks' records (spec §10): a mismatch is the library's
     /// `E_CHUNK_DIGEST`.
     ///
     /// [`LoaderConfig::verify_digests`]: super::LoaderConfig::verify_digests
-    pub(super) fn run(&mut self, jobs: &[Job<'_, '_>], stage: Stage, checks: &[LeafCheck<'_>]) -> Result<()> {
-        self.timings = LoadTimings::default();
+    pub(super) fn run(
+        &mut self,
+        jobs: &[Job<'_, '_>],
+        stage: Stage,
+        checks: &[LeafCheck<'_>],
+        started: Instant,
+    ) -> Result<()> {
         let clock = Instant::now();
+        self.timings = LoadTimings { setup: clock - started, ..LoadTimings::default() };
         check_stored(jobs)?;
         self.timings.checksums = clock.elapsed();
         self.begin()?;

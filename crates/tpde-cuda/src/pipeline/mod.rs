@@ -25,6 +25,7 @@ mod staged;
 mod timings;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaSlice, PinnedHostSlice};
 use rayon::prelude::*;
@@ -191,6 +192,7 @@ impl Loader {
         if base.len() != delta.len() {
             return Err(GpuError::invalid("one base tensor per delta tensor"));
         }
+        let started = Instant::now();
         let mut outs = Vec::with_capacity(delta.len());
         for t in delta {
             t.validate()?;
@@ -207,7 +209,7 @@ impl Loader {
             self.plan_tensor(t, b, o, &mut jobs)?;
             leaf_checks(t, o, &mut checks)?;
         }
-        self.run(&jobs, Stage::Apply, &checks).map_err(|e| locate_device_fault(delta, e))?;
+        self.run(&jobs, Stage::Apply, &checks, started).map_err(|e| locate_device_fault(delta, e))?;
         Ok(outs)
     }
 
@@ -231,6 +233,7 @@ impl Loader {
     /// [`Loader::apply_in_place`] over device ranges that the caller holds
     /// exclusively, each exactly its target's size.
     pub(crate) fn apply_in_place_ranges(&mut self, delta: &[TensorRef<'_>], ranges: &[DevRange]) -> Result<()> {
+        let started = Instant::now();
         let mut jobs = Vec::new();
         let mut checks = Vec::new();
         for (t, &r) in delta.iter().zip(ranges) {
@@ -244,7 +247,7 @@ impl Loader {
         // In place, a chunk found corrupt after others were written would
         // leave the buffers neither base nor target: `run` checks every
         // chunk left to it before its first upload.
-        self.run(&jobs, Stage::Apply, &checks).map_err(|e| locate_device_fault(delta, e))
+        self.run(&jobs, Stage::Apply, &checks, started).map_err(|e| locate_device_fault(delta, e))
     }
 
     /// API (a) with a host-resident base: uploads each base tensor through the
@@ -273,6 +276,7 @@ impl Loader {
 
     /// API (b): rebuilds one tensor into `out` from its resident `base`.
     pub fn materialize_into(&mut self, t: &TensorRef<'_>, base: &CudaSlice<u8>, out: &mut CudaSlice<u8>) -> Result<()> {
+        let started = Instant::now();
         t.validate()?;
         if out.num_bytes() < t.bytes() {
             return Err(GpuError::invalid(format!("{}: output buffer too small", t.name)));
@@ -284,7 +288,7 @@ impl Loader {
         self.plan_tensor(t, b, o, &mut jobs)?;
         let mut checks = Vec::new();
         leaf_checks(t, o, &mut checks)?;
-        self.run(&jobs, Stage::Apply, &checks).map_err(|e| locate_device_fault(std::slice::from_ref(t), e))
+        self.run(&jobs, Stage::Apply, &checks, started).map_err(|e| locate_device_fault(std::slice::from_ref(t), e))
     }
 
     /// API (b), in place: `buf` holds the base and is overwritten with the target.
@@ -295,12 +299,13 @@ impl Loader {
     /// Absolute positions of a sparse chunk, rebuilt on the GPU (prefix sum of
     /// the gaps, or ranks of the bitmap), copied back.
     pub fn positions(&mut self, chunk: &ChunkRef<'_>, width: WordWidth) -> Result<Vec<u32>> {
+        let started = Instant::now();
         chunk.validate(width)?;
         let m = chunk.record.changed_count as usize;
         let out = self.gpu.alloc_zeros::<u32>(m.max(1))?;
         let r = DevRange::of(&out, self.gpu.stream(), 0, m * 4)?;
         let job = Job { chunk, checksums: Checksums::Checked, width, host: None, base: r, out: r, label: None };
-        self.run(&[job], Stage::Positions, &[])?;
+        self.run(&[job], Stage::Positions, &[], started)?;
         let mut v = self.gpu.download(&out)?;
         v.truncate(m);
         Ok(v)

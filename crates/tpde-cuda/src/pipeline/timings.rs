@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 /// the host spent waiting for the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LoadTimings {
+    /// Before any batch: checking the call's inputs, allocating its outputs
+    /// and queueing the copies of the base into them.
+    pub setup: Duration,
     /// Checking the chunk checksums left to the loader
     /// ([`super::Checksums::OnUpload`]) and reading a byte of every page of
     /// other stored bytes that are not page-locked, in one parallel pass,
@@ -25,7 +28,8 @@ pub struct LoadTimings {
     pub staging: Duration,
     /// Writing descriptor tables and queueing the copies and kernels.
     pub queueing: Duration,
-    /// The end of the call: waiting for the device to finish.
+    /// The end of the call: queueing the digest passes and waiting for the
+    /// device to finish.
     pub device_wait: Duration,
     /// Batches run.
     pub batches: usize,
@@ -35,7 +39,7 @@ impl LoadTimings {
     /// The sum of the phases.
     #[must_use]
     pub fn total(&self) -> Duration {
-        self.checksums + self.planning + self.slot_waits + self.staging + self.queueing + self.device_wait
+        self.setup + self.checksums + self.planning + self.slot_waits + self.staging + self.queueing + self.device_wait
     }
 
     /// Adds the time since `*since` to `phase` and restarts the clock.
@@ -51,9 +55,10 @@ impl std::fmt::Display for LoadTimings {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         write!(
             f,
-            "{} batches: checksums {:.2} ms, planning {:.2} ms, slot waits {:.2} ms, staging {:.2} ms, queueing \
+            "{} batches: setup {:.2} ms, checksums {:.2} ms, planning {:.2} ms, slot waits {:.2} ms, staging {:.2} ms, queueing \
              {:.2} ms, device wait {:.2} ms",
             self.batches,
+            ms(self.setup),
             ms(self.checksums),
             ms(self.planning),
             ms(self.slot_waits),
@@ -61,5 +66,38 @@ impl std::fmt::Display for LoadTimings {
             ms(self.queueing),
             ms(self.device_wait)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Laps add up phase by phase, the total is their sum, and the line a
+    /// benchmark prints names every phase with its time.
+    #[test]
+    fn laps_add_up_and_every_phase_is_printed() {
+        let ms = Duration::from_millis;
+        let mut t =
+            LoadTimings { setup: ms(1), checksums: ms(2), device_wait: ms(7), batches: 3, ..LoadTimings::default() };
+        let mut clock = Instant::now().checked_sub(ms(3)).expect("a clock 3 ms past its start");
+        LoadTimings::lap(&mut t.planning, &mut clock);
+        assert!(t.planning >= ms(3) && clock.elapsed() < ms(3), "{t:?}");
+        t.planning = ms(3);
+        (t.slot_waits, t.staging, t.queueing) = (ms(4), ms(5), ms(6));
+        assert_eq!(t.total(), ms(28));
+        let line = t.to_string();
+        for phase in [
+            "3 batches",
+            "setup 1.00",
+            "checksums 2.00",
+            "planning 3.00",
+            "slot waits 4.00",
+            "staging 5.00",
+            "queueing 6.00",
+            "device wait 7.00",
+        ] {
+            assert!(line.contains(phase), "{phase:?} missing from {line:?}");
+        }
     }
 }
