@@ -247,6 +247,12 @@ pub struct DevRange {
 }
 
 impl DevRange {
+    /// A range that no buffer backs, for tests of the host's side.
+    #[cfg(test)]
+    pub(crate) const fn detached(ptr: u64, len: usize) -> Self {
+        Self { ptr, len }
+    }
+
     /// Bytes `offset..offset + len` of `buf`, checked against its length.
     pub fn of<T>(buf: &CudaSlice<T>, stream: &CudaStream, offset: usize, len: usize) -> Result<Self> {
         let end = offset.checked_add(len).ok_or_else(|| GpuError::invalid("device range overflows"))?;

@@ -161,13 +161,76 @@ fn check_stored(jobs: &[Job<'_, '_>]) -> Result<()> {
     // The smallest page of the platforms the loader runs on; larger pages
     // are read more than once, which costs nothing.
     const PAGE: usize = 4096;
-    jobs.par_iter().try_for_each(|j| match (j.checksums, j.host) {
-        (Checksums::OnUpload, _) => j.chunk.check_checksum(j.label),
-        (Checksums::Checked, None) => {
+    // Below this, waking the thread pool costs more than the pass.
+    const PARALLEL_MIN: usize = 1 << 20;
+    let pending = |j: &&Job<'_, '_>| j.checksums == Checksums::OnUpload || j.host.is_none();
+    let check = |j: &Job<'_, '_>| match j.checksums {
+        Checksums::OnUpload => j.chunk.check_checksum(j.label),
+        Checksums::Checked => {
             let touched = j.chunk.stored.chunks(PAGE).fold(0u8, |x, page| x ^ page[0]);
             std::hint::black_box(touched);
             Ok(())
         }
-        (Checksums::Checked, Some(_)) => Ok(()),
-    })
+    };
+    let bytes: usize = jobs.iter().filter(pending).map(|j| j.chunk.stored.len()).sum();
+    if bytes < PARALLEL_MIN {
+        return jobs.iter().filter(pending).try_for_each(check);
+    }
+    // The first bad chunk in the call's order, whatever the threads' order.
+    let checked: Vec<Result<()>> = jobs.par_iter().filter(pending).map(check).collect();
+    checked.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use tpde::{format::checksum64, ErrorCode, WordWidth};
+
+    use super::*;
+    use crate::pipeline::ChunkRef;
+
+    /// Checksums left to the loader are all checked before the first batch:
+    /// with two corrupt chunks, the first in the call's order is the one
+    /// named, whether the pass runs on one thread (a small call) or on many.
+    #[test]
+    fn the_first_corrupt_chunk_in_order_is_named() {
+        let settings = tpde::EncodeSettings::default();
+        let target: Vec<u8> = (0..4096u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        let record = tpde::format::encode_chunk(&target, None, WordWidth::W4, false, settings).unwrap().record;
+        for len in [64usize, 1 << 20] {
+            let stored: Vec<Vec<u8>> = (0..6u8).map(|k| vec![k; len]).collect();
+            let records: Vec<_> = stored
+                .iter()
+                .enumerate()
+                .map(|(k, s)| {
+                    let checksum = checksum64(s) ^ u64::from(k == 2 || k == 4);
+                    tpde::format::ChunkRecord { checksum, ..record }
+                })
+                .collect();
+            let chunks: Vec<ChunkRef<'_>> = stored
+                .iter()
+                .zip(&records)
+                .map(|(s, &record)| ChunkRef { record, streams: &[], stored: s, words: 1024, resolved_positions: None })
+                .collect();
+            let range = DevRange::detached(0x100_0000, 4096);
+            let jobs = |checksums| -> Vec<Job<'_, '_>> {
+                (0..chunks.len())
+                    .map(|k| Job {
+                        chunk: &chunks[k],
+                        checksums,
+                        width: WordWidth::W4,
+                        host: None,
+                        base: range,
+                        out: range,
+                        label: Some(("w", 10 + k as u64)),
+                    })
+                    .collect()
+            };
+            let Err(GpuError::Format(e)) = check_stored(&jobs(Checksums::OnUpload)) else {
+                panic!("corrupt chunks passed ({len} bytes each)")
+            };
+            assert_eq!((e.code(), e.tensor(), e.chunk()), (ErrorCode::ChunkChecksum, Some("w"), Some(12)));
+            // Checksums already checked are not checked again.
+            check_stored(&jobs(Checksums::Checked)).expect("only pages read");
+        }
+    }
 }
