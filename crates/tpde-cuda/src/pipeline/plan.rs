@@ -173,6 +173,10 @@ impl Loader {
                     out: out.sub(off, n)?,
                     label: Some((&t.name, t.first_chunk + k as u64)),
                 });
+            } else if t.checksums == Checksums::OnUpload {
+                // No job checks it later: its record's checksum (of no bytes)
+                // is checked as the format library checks it.
+                c.check_checksum(Some((&t.name, t.first_chunk + k as u64)))?;
             }
             off += n;
         }
