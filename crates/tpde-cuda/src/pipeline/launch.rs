@@ -34,12 +34,13 @@ impl Loader {
         checks: &[LeafCheck<'_>],
         started: Instant,
     ) -> Result<()> {
+        self.timings = LoadTimings::default();
         let clock = Instant::now();
-        self.timings = LoadTimings { setup: clock - started, ..LoadTimings::default() };
         check_stored(jobs)?;
-        self.timings.checksums = clock.elapsed();
+        let checksums = clock.elapsed();
         self.begin()?;
         let leaves = self.prepare_leaves(checks)?;
+        self.timings = LoadTimings { setup: started.elapsed() - checksums, checksums, ..LoadTimings::default() };
         let mut i = 0;
         while i < jobs.len() {
             let mut clock = Instant::now();

@@ -167,7 +167,8 @@ impl Loader {
         self.cfg
     }
 
-    /// Where the host's time went in the last call that ran batches.
+    /// Where the host's time went in the last call that rebuilt chunks (all
+    /// zero when it failed before its first batch).
     #[must_use]
     pub fn last_timings(&self) -> LoadTimings {
         self.timings
