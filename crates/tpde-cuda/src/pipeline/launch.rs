@@ -21,10 +21,9 @@ impl Loader {
     /// Runs jobs, for a call that began at `started`: batches them into
     /// slots, uploads, decodes, launches; unless the caller opted out
     /// ([`LoaderConfig::verify_digests`]), computes the leaf digest of every
-    /// chunk in `checks` on the device behind them; then
-    /// waits once, checks the device error flag and compares the digests with
-    /// the chunks' records (spec §10): a mismatch is the library's
-    /// `E_CHUNK_DIGEST`.
+    /// chunk in `checks` on the device behind them; then waits once, checks
+    /// the device error flag and compares the digests with the chunks'
+    /// records (spec §10): a mismatch is the library's `E_CHUNK_DIGEST`.
     ///
     /// [`LoaderConfig::verify_digests`]: super::LoaderConfig::verify_digests
     pub(super) fn run(
@@ -40,7 +39,8 @@ impl Loader {
         let checksums = clock.elapsed();
         self.begin()?;
         let leaves = self.prepare_leaves(checks)?;
-        self.timings = LoadTimings { setup: started.elapsed() - checksums, checksums, ..LoadTimings::default() };
+        self.timings =
+            LoadTimings { setup: started.elapsed().saturating_sub(checksums), checksums, ..LoadTimings::default() };
         let mut i = 0;
         while i < jobs.len() {
             let mut clock = Instant::now();
