@@ -253,31 +253,20 @@ fn main() -> R<()> {
         assert!(gpu.download(o)? == *t, "load is not bit-exact");
     }
     drop(outs);
-    let tl = time(7, || {
-        l.load(&refs, &dref)?;
-        Ok(())
-    })?;
-    table.row(
-        "whole: load (pinned host delta → new buffers, resident base)",
-        tl,
-        total,
-        &format!("ratio to pinned upload rate {:.2}", up / tl),
-    );
-    {
-        // The ring's earlier default, for the trade-off of slot sizes.
-        let cfg = LoaderConfig { slots: 8, slot_bytes: 32 << 20, ..LoaderConfig::default() };
-        let mut small_slots = Loader::new(gpu.clone(), cfg)?;
-        let ts = time(7, || {
-            small_slots.load(&refs, &dref)?;
+    // The default ring, then the earlier default, for the trade-off of slot sizes.
+    let earlier = LoaderConfig { slots: 8, slot_bytes: 32 << 20, ..LoaderConfig::default() };
+    let mut small_slots = Loader::new(gpu.clone(), earlier)?;
+    for (loader, what) in [
+        (&mut l, "whole: load (pinned host delta → new buffers, resident base)"),
+        (&mut small_slots, "whole: the same load, 8 slots of 32 MiB"),
+    ] {
+        let t = time(7, || {
+            loader.load(&refs, &dref)?;
             Ok(())
         })?;
-        table.row(
-            "whole: the same load, 8 slots of 32 MiB",
-            ts,
-            total,
-            &format!("ratio to pinned upload rate {:.2}", up / ts),
-        );
+        table.row(what, t, total, &format!("ratio to pinned upload rate {:.2}", up / t));
     }
+    drop(small_slots);
     let tm = time(3, || {
         l.load(&mapped, &dref)?;
         Ok(())
