@@ -392,8 +392,19 @@ fn run(gpu: &Arc<Gpu>, args: &Args) -> R<bool> {
         slot_bytes: args.slot_mib.map_or(default.slot_bytes, |m| m << 20),
         ..default
     };
+    let clock = Instant::now();
     let mut loader = Loader::new(gpu.clone(), cfg)?;
+    let new_secs = clock.elapsed().as_secs_f64();
+    let staged_new = loader.staging_bytes();
+    let clock = Instant::now();
     let outs = loader.load(&refs, &dref)?;
+    eprintln!(
+        "loader: new {:.1} ms ({} MiB page-locked), first load {:.1} ms ({} MiB page-locked after it)",
+        new_secs * 1e3,
+        staged_new >> 20,
+        clock.elapsed().as_secs_f64() * 1e3,
+        loader.staging_bytes() >> 20
+    );
     let bad = mismatches(gpu, &refs, &outs, &want)?;
     drop(outs);
     let mut exact = bad.is_empty();

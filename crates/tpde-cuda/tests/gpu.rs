@@ -892,3 +892,36 @@ fn assert_every_entry_point_rebuilds(
         assert!(g.download(&dbase).unwrap() == base, "the base is untouched {ctx}");
     }
 }
+
+/// A call of one batch takes the ring's first slot only, call after call;
+/// a call smaller than a slot but larger than the least batch is spread over
+/// every slot, each allocated when first taken. Bit-exact throughout.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_call_spreads_over_slots_allocated_on_first_use() {
+    let g = gpu();
+    let slot_bytes = 64 << 20;
+    let cfg = LoaderConfig { slots: 4, slot_bytes, max_chunks: 4096, verify_digests: true };
+    let mut l = Loader::new(g.clone(), cfg).unwrap();
+    assert_eq!(l.staging_bytes(), slot_bytes, "one slot up front");
+    let s = settings(0.0, true, true);
+    // Every word of 32 MiB changed to random bits: 32 MiB of stored streams
+    // in chunks of 4 MiB, a quarter of which fills the least batch.
+    let (base, target) = pair(WordWidth::W4, 8 << 20, 1, 17);
+    let big = EncodedTensor::encode("big", Some(&base), &target, WordWidth::W4, 1 << 20, false, s).unwrap();
+    let (small_base, small_target) = (&base[..1 << 20], &target[..1 << 20]);
+    let small =
+        EncodedTensor::encode("small", Some(small_base), small_target, WordWidth::W4, 1 << 20, false, s).unwrap();
+    let small_dev = g.upload(small_base).unwrap();
+    for _ in 0..3 {
+        let out = l.load(&[small.as_ref()], &[&small_dev]).unwrap();
+        assert!(g.download(&out[0]).unwrap() == small_target);
+        assert_eq!(l.last_timings().batches, 1);
+        assert_eq!(l.staging_bytes(), slot_bytes, "a call of one batch took a second slot");
+    }
+    let big_dev = g.upload(&base).unwrap();
+    let out = l.load(&[big.as_ref()], &[&big_dev]).unwrap();
+    assert!(g.download(&out[0]).unwrap() == target);
+    assert!(l.last_timings().batches >= 4, "{}", l.last_timings());
+    assert_eq!(l.staging_bytes(), 4 * slot_bytes);
+}

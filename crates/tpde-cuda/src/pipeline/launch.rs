@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::digests::LeafCheck;
 use super::host_decode::decode_tasks;
 use super::inputs::Checksums;
-use super::plan::{Job, Plan};
+use super::plan::{batch_budget, Job, Plan};
 use super::ring::host_prefix;
 use super::timings::LoadTimings;
 use super::Loader;
@@ -41,10 +41,11 @@ impl Loader {
         let leaves = self.prepare_leaves(checks)?;
         self.timings =
             LoadTimings { setup: started.elapsed().saturating_sub(checksums), checksums, ..LoadTimings::default() };
+        let budget = batch_budget(jobs, self.cfg.slots, self.cfg.slot_bytes);
         let mut i = 0;
         while i < jobs.len() {
             let mut clock = Instant::now();
-            let plan = self.plan_batch(&jobs[i..], stage)?;
+            let plan = self.plan_batch(&jobs[i..], stage, budget)?;
             LoadTimings::lap(&mut self.timings.planning, &mut clock);
             self.flush(&jobs[i..i + plan.count], &plan, stage, i, clock)?;
             self.timings.batches += 1;
@@ -233,5 +234,38 @@ mod tests {
             // Checksums already checked are not checked again.
             check_stored(&jobs(Checksums::Checked)).expect("only pages read");
         }
+    }
+
+    /// A call's streams are spread over at least as many batches as slots,
+    /// between the least batch and a whole slot; a coded stream counts its
+    /// stored bytes besides its decoded ones, a stored stream once; records
+    /// not validated yet cannot overflow the sum.
+    #[test]
+    fn the_batch_budget_spreads_a_call_over_the_slots() {
+        use tpde::format::{Codec, StreamRecord};
+        let record = tpde::format::encode_chunk(&[0; 64], None, WordWidth::W4, false, tpde::EncodeSettings::default())
+            .unwrap()
+            .record;
+        let budget = |streams: &[StreamRecord]| {
+            let chunk = ChunkRef { record, streams, stored: &[], words: 16, resolved_positions: None };
+            let range = DevRange::detached(0x100_0000, 64);
+            let job = Job {
+                chunk: &chunk,
+                checksums: Checksums::Checked,
+                width: WordWidth::W4,
+                host: None,
+                base: range,
+                out: range,
+                label: None,
+            };
+            batch_budget(&[job], 4, 128 << 20)
+        };
+        let stream = |stored_len: u32, decoded_len: u32, codec| StreamRecord { stored_len, decoded_len, codec };
+        const MIB: u32 = 1 << 20;
+        let mib = MIB as usize;
+        assert_eq!(budget(&[]), 8 * mib, "the least batch");
+        assert_eq!(budget(&[stream(100 * MIB, 100 * MIB, Codec::Stored)]), 25 * mib);
+        assert_eq!(budget(&[stream(40 * MIB, 60 * MIB, Codec::Rans)]), 25 * mib);
+        assert_eq!(budget(&[stream(u32::MAX, u32::MAX, Codec::Zstd); 3]), 128 * mib, "a whole slot at most");
     }
 }

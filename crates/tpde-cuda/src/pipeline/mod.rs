@@ -32,7 +32,7 @@ use rayon::prelude::*;
 
 use crate::error::{flag, GpuError, Result};
 use crate::gpu::{DevRange, Gpu, Stage};
-use crate::kernels::{KEYS, LEAF_TERM_BYTES_PER_BLOCK};
+use crate::kernels::LEAF_TERM_BYTES_PER_BLOCK;
 use digests::{leaf_checks, LeafScratch, LEAF_SCRATCH_BLOCKS};
 use faults::locate_device_fault;
 use plan::Job;
@@ -66,8 +66,8 @@ pub struct LoaderConfig {
 }
 
 impl Default for LoaderConfig {
-    /// Four slots of 128 MiB: 512 MiB page-locked, as much on the device. A
-    /// slot's next upload waits for the kernels of its last batch, so with
+    /// Four slots of 128 MiB: up to 512 MiB page-locked, as much on the
+    /// device, allocated as calls first need them. A slot's next upload waits for the kernels of its last batch, so with
     /// fewer bytes in flight the device idles between the batches of a
     /// large model; and every batch costs the host a fixed time, which bounds
     /// a delta read from a mapped file (`BENCHMARKS-GPU.md`, "A mapped
@@ -105,30 +105,18 @@ const fn align(x: usize, a: usize) -> usize {
 }
 
 impl Loader {
-    /// Allocates the staging ring: `slots` page-locked host buffers (plain,
-    /// not write-combined, since the decoder reads back its own output) and
-    /// as many device buffers.
+    /// Allocates the first slot of the staging ring: a page-locked host
+    /// buffer (plain, not write-combined, since the decoder reads back its
+    /// own output) and a device buffer. The other slots are allocated when a
+    /// call first needs them, so that a loader of small models does not
+    /// page-lock memory it never uses.
     pub fn new(gpu: Arc<Gpu>, cfg: LoaderConfig) -> Result<Self> {
         if cfg.slots == 0 || cfg.slot_bytes < 4096 || cfg.max_chunks == 0 {
             return Err(GpuError::invalid("loader needs ≥ 1 slot of ≥ 4096 bytes"));
         }
         let ctx = gpu.context().clone();
-        let max_tiles = cfg.slot_bytes / 64 + cfg.max_chunks + 1;
-        let group_rows = Self::max_group_rows(&cfg);
         let mut slots = Vec::with_capacity(cfg.slots);
-        for _ in 0..cfg.slots {
-            // SAFETY: the memory is uninitialized bytes; every byte is written
-            // (decoded or copied) before it is uploaded, and `u8` has no
-            // invalid bit patterns.
-            let host = unsafe { ctx.alloc_pinned_with_flags::<u8>(cfg.slot_bytes, 0) }?;
-            let stream = gpu.new_stream()?;
-            let dev = gpu.alloc_zeros::<u8>(cfg.slot_bytes)?;
-            let sums = gpu.alloc_zeros::<u64>(max_tiles)?;
-            let groups = gpu.alloc_zeros::<u32>(group_rows * KEYS)?;
-            let uploaded = ctx.new_event(None)?;
-            let done = ctx.new_event(None)?;
-            slots.push(Slot { host, dev, sums, groups, stream, uploaded, done, in_use: false });
-        }
+        slots.push(Slot::new(&gpu, &cfg)?);
         let flag = gpu.alloc_zeros::<u32>(flag::WORDS)?;
         // SAFETY: only ever read after a device-to-host copy fills it.
         let flag_host = unsafe { ctx.alloc_pinned_with_flags::<u32>(flag::WORDS, 0) }?;
@@ -147,14 +135,6 @@ impl Loader {
         Ok(Self { gpu, cfg, slots, next: 0, flag, flag_host, start, leaf, zero, timings: LoadTimings::default() })
     }
 
-    /// Rows of the group table per slot. A chunk that fits a slot has at
-    /// most `slot_bytes / 4096 + 1` tiles (each tile covers at least 4096
-    /// bytes of decoded streams) and takes one row more; batches of many
-    /// small grouped chunks are cut at this bound.
-    fn max_group_rows(cfg: &LoaderConfig) -> usize {
-        cfg.slot_bytes / 4096 + 2 * cfg.max_chunks.min(512) + 2
-    }
-
     /// The device.
     #[must_use]
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -165,6 +145,13 @@ impl Loader {
     #[must_use]
     pub fn config(&self) -> LoaderConfig {
         self.cfg
+    }
+
+    /// Page-locked host bytes the staging ring holds now (as many device
+    /// bytes besides): slots are allocated as calls first need them.
+    #[must_use]
+    pub fn staging_bytes(&self) -> usize {
+        self.slots.len() * self.cfg.slot_bytes
     }
 
     /// Where the host's time went in the last call that rebuilt chunks (all
@@ -318,6 +305,7 @@ impl Loader {
         if src.len() > dst.num_bytes() {
             return Err(GpuError::invalid("upload larger than the destination"));
         }
+        self.restart_ring();
         let mut off = 0;
         while off < src.len() {
             let n = (src.len() - off).min(self.cfg.slot_bytes);

@@ -190,7 +190,9 @@ impl Loader {
     /// streams are decoded there by the CPU; lane rANS streams decode on the
     /// device into the device part, with their scratch and, for context 1
     /// in sparse chunks, their positions.
-    pub(super) fn plan_batch<'c, 'a: 'c>(&self, jobs: &[Job<'c, 'a>], stage: Stage) -> Result<Plan<'c>> {
+    /// The batch fills at most `budget` bytes of the slot, unless its first
+    /// chunk alone needs more (up to the whole slot).
+    pub(super) fn plan_batch<'c, 'a: 'c>(&self, jobs: &[Job<'c, 'a>], stage: Stage, budget: usize) -> Result<Plan<'c>> {
         let width = jobs[0].width;
         let max_tiles = self.slots[0].sums.len();
         let max_rows = self.slots[0].groups.len() / KEYS;
@@ -305,10 +307,8 @@ impl Loader {
             let tables = align((places.len() + 1) * ChunkDesc::BYTES, 64)
                 + RansWork::table_bytes_for(rans_count + rc, positions_count + pc, fill_count + place.fills.len());
             let raw_len = span.map_or(0, |(lo, hi)| hi - lo + 16);
-            if tables + up + 16 + dev + 16 + raw_len > self.cfg.slot_bytes
-                || tiles + t > max_tiles
-                || rows + g > max_rows
-            {
+            let limit = if places.is_empty() { self.cfg.slot_bytes } else { budget.min(self.cfg.slot_bytes) };
+            if tables + up + 16 + dev + 16 + raw_len > limit || tiles + t > max_tiles || rows + g > max_rows {
                 if places.is_empty() {
                     return Err(GpuError::invalid(
                         "a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes",
@@ -355,6 +355,24 @@ impl Loader {
         }
         Ok(Plan { count, table, rans_tables, decoded_end, device_start, raw, raw_lo, places, tasks })
     }
+}
+
+/// The bytes one batch may fill of a slot in a call of `jobs`: the call's
+/// streams spread over at least as many batches as there are slots, so that
+/// a delta smaller than the ring still overlaps the upload of each batch with
+/// the kernels of the one before; but no fewer than [`MIN_BATCH`] bytes, below
+/// which a batch's fixed costs dominate.
+pub(super) fn batch_budget(jobs: &[Job<'_, '_>], slots: usize, slot_bytes: usize) -> usize {
+    /// Measured: `BENCHMARKS-GPU.md`, "Batches sized to the call".
+    const MIN_BATCH: usize = 8 << 20;
+    // What every stream places: its decoded bytes, and the stored bytes of
+    // a coded one. Read from records not validated yet, so saturating.
+    let placed = |r: &tpde::format::StreamRecord| {
+        let stored = if r.codec == Codec::Stored { 0 } else { r.stored_len as usize };
+        stored.saturating_add(r.decoded_len as usize)
+    };
+    let bytes = jobs.iter().flat_map(|j| j.chunk.streams).map(placed).fold(0, usize::saturating_add);
+    (bytes / slots.max(1)).clamp(MIN_BATCH.min(slot_bytes), slot_bytes)
 }
 
 /// Offset of `part` in `whole`, if `part` lies inside it.

@@ -8,9 +8,10 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 
 use super::digests::LeafPass;
 use super::faults::device_error;
-use super::Loader;
+use super::{Loader, LoaderConfig};
 use crate::error::{flag, Result};
-use crate::gpu::DevRange;
+use crate::gpu::{DevRange, Gpu};
+use crate::kernels::KEYS;
 
 pub(super) struct Slot {
     pub(super) host: PinnedHostSlice<u8>,
@@ -24,10 +25,51 @@ pub(super) struct Slot {
     pub(super) in_use: bool,
 }
 
+impl Slot {
+    pub(super) fn new(gpu: &Gpu, cfg: &LoaderConfig) -> Result<Self> {
+        let ctx = gpu.context();
+        let max_tiles = cfg.slot_bytes / 64 + cfg.max_chunks + 1;
+        // SAFETY: the memory is uninitialized bytes; every byte is written
+        // (decoded or copied) before it is uploaded, and `u8` has no invalid
+        // bit patterns.
+        let host = unsafe { ctx.alloc_pinned_with_flags::<u8>(cfg.slot_bytes, 0) }?;
+        Ok(Self {
+            host,
+            dev: gpu.alloc_zeros::<u8>(cfg.slot_bytes)?,
+            sums: gpu.alloc_zeros::<u64>(max_tiles)?,
+            groups: gpu.alloc_zeros::<u32>(max_group_rows(cfg) * KEYS)?,
+            stream: gpu.new_stream()?,
+            uploaded: ctx.new_event(None)?,
+            done: ctx.new_event(None)?,
+            in_use: false,
+        })
+    }
+}
+
+/// Rows of the group table per slot. A chunk that fits a slot has at most
+/// `slot_bytes / 4096 + 1` tiles (each tile covers at least 4096 bytes of
+/// decoded streams) and takes one row more; batches of many small grouped
+/// chunks are cut at this bound.
+fn max_group_rows(cfg: &LoaderConfig) -> usize {
+    cfg.slot_bytes / 4096 + 2 * cfg.max_chunks.min(512) + 2
+}
+
 impl Loader {
+    /// Starts a call at the first slot, so that calls of one batch never
+    /// allocate a second. A slot still busy from a failed call is waited
+    /// for by [`Loader::take_slot`], as in the middle of a call.
+    pub(super) fn restart_ring(&mut self) {
+        self.next = 0;
+    }
+
+    /// The next slot of the ring, once its last upload is done; allocated
+    /// on first use.
     pub(super) fn take_slot(&mut self) -> Result<usize> {
         let i = self.next;
-        self.next = (self.next + 1) % self.slots.len();
+        self.next = (self.next + 1) % self.cfg.slots;
+        if i == self.slots.len() {
+            self.slots.push(Slot::new(&self.gpu, &self.cfg)?);
+        }
         let s = &mut self.slots[i];
         if s.in_use {
             s.uploaded.synchronize()?;
@@ -36,10 +78,12 @@ impl Loader {
         Ok(i)
     }
 
-    /// Resets the device flag words on the main stream and records
+    /// Starts the ring at its first slot, resets the device flag words on
+    /// the main stream and records
     /// `start`, which kernels wait for (the flag reset and the base copy
     /// into the output); uploads do not.
     pub(super) fn begin(&mut self) -> Result<()> {
+        self.restart_ring();
         let main = self.gpu.stream().clone();
         let flag = DevRange::all(&self.flag, &main)?;
         // The bits to 0, the fault job words to u32::MAX (none).
