@@ -820,6 +820,43 @@ check_counts(const ChunkDesc* d, u32 nd, u32* flag) {
     if (c.kind != KIND_RAW && c.changed != c.m) atomicOr(flag, ERR_COUNT_MISMATCH);
 }
 
+// The base bytes that a call copies into its outputs before the chunks apply,
+// every tensor in one launch: a copy call apiece cost the host and the device a
+// few microseconds each, which dominated models of many small tensors. The
+// ranges travel in the kernel's parameters (__grid_constant__, read in place),
+// so no table is uploaded. blockIdx.y picks the range and the blocks along x
+// stride over it: 16-byte loads and stores where source and destination share
+// their alignment, the unaligned head and tail and every other range byte by byte.
+#define COPY_RANGES 160
+struct CopyRanges {
+    u64 dst[COPY_RANGES];
+    u64 src[COPY_RANGES];
+    u64 len[COPY_RANGES];
+};
+static_assert(sizeof(CopyRanges) == 3840, "CopyRanges layout");
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+copy_ranges(const __grid_constant__ CopyRanges r, u32 n) {
+    if (blockIdx.y >= n) return;
+    const u64 dst = r.dst[blockIdx.y], src = r.src[blockIdx.y], len = r.len[blockIdx.y];
+    u8* d = (u8*)dst;
+    const u8* s = (const u8*)src;
+    const u64 first = (u64)blockIdx.x * THREADS + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * THREADS;
+    if (((dst ^ src) & 15) != 0) {
+        for (u64 i = first; i < len; i += stride) d[i] = s[i];
+        return;
+    }
+    const u64 head = min((u64)((16 - (dst & 15)) & 15), len);
+    const u64 words = (len - head) / 16;
+    const u64 tail = head + words * 16;
+    if (first < head) d[first] = s[first];
+    if (first < len - tail) d[tail + first] = s[tail + first];
+    const uint4* s4 = (const uint4*)(s + head);
+    uint4* d4 = (uint4*)(d + head);
+    for (u64 i = first; i < words; i += stride) d4[i] = s4[i];
+}
+
 // Constant streams (spec §8.8, codec 3): `len` bytes at `dst`, each `value`.
 // They are filled before any kernel reads them, so a constant plane never
 // crosses the bus nor waits for the CPU. blockIdx.y picks the descriptor and

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, DeviceRepr};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use tpde::{
@@ -101,6 +101,8 @@ kernel_registry! {
     ApplyGroupedW8 => Apply, "apply_grouped_w8";
     /// Compares the words each chunk changed with its changed count.
     CheckCounts => Apply, "check_counts";
+    /// Copies base bytes into a call's outputs, many ranges a launch.
+    CopyRanges => Apply, "copy_ranges";
     /// Fills constant streams (codec 3, spec §8.8), before any kernel reads them.
     FillStreams => Apply, "fill_streams";
     /// XXH3-128 of byte ranges (the chunk leaf digests, spec §10), pass 1:
@@ -538,6 +540,28 @@ impl RansDesc {
     }
 }
 
+/// Ranges copied by one `copy_ranges` launch: `struct CopyRanges` of
+/// `kernels/tpde_apply.cu`, passed by value as the kernel's parameter (under
+/// the 4 KiB that every CUDA device takes), pinned there by a
+/// `static_assert` that a test compares with [`CopyRanges::COUNT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CopyRanges {
+    pub dst: [u64; CopyRanges::COUNT],
+    pub src: [u64; CopyRanges::COUNT],
+    pub len: [u64; CopyRanges::COUNT],
+}
+
+impl CopyRanges {
+    /// Ranges per launch (`COPY_RANGES`).
+    pub const COUNT: usize = 160;
+    pub const EMPTY: Self = Self { dst: [0; Self::COUNT], src: [0; Self::COUNT], len: [0; Self::COUNT] };
+}
+
+// SAFETY: a `repr(C)` struct of `u64` arrays, laid out as the kernel's
+// `struct CopyRanges` (the test below compares the two).
+unsafe impl DeviceRepr for CopyRanges {}
+
 /// One constant stream (codec 3, spec §8.8) as `fill_streams` reads it:
 /// `struct FillDesc` of `kernels/tpde_apply.cu`, 16 bytes, pinned there by a
 /// `static_assert` that a test compares with [`FillDesc::BYTES`].
@@ -563,6 +587,24 @@ impl FillDesc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_ranges_layout_matches_the_kernel_source() {
+        assert!(APPLY_SOURCE.contains(&format!("#define COPY_RANGES {}\n", CopyRanges::COUNT)));
+        let bytes = std::mem::size_of::<CopyRanges>();
+        assert!(APPLY_SOURCE.contains(&format!("static_assert(sizeof(CopyRanges) == {bytes}")));
+        assert!(bytes <= 4096 - 8, "the kernel's parameters, with its count, fit 4 KiB");
+        let fields: Vec<&str> = APPLY_SOURCE
+            .split("struct CopyRanges {")
+            .nth(1)
+            .and_then(|rest| rest.split("};").next())
+            .unwrap()
+            .split(';')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .collect();
+        assert_eq!(fields, ["u64 dst[COPY_RANGES]", "u64 src[COPY_RANGES]", "u64 len[COPY_RANGES]"]);
+    }
 
     #[test]
     fn fill_desc_layout_matches_the_kernel_source() {

@@ -894,19 +894,21 @@ fn assert_every_entry_point_rebuilds(
 }
 
 /// A call of one batch takes the ring's first slot only, call after call;
-/// a call smaller than a slot but larger than the least batch is spread over
-/// every slot, each allocated when first taken. Bit-exact throughout.
+/// a call smaller than a slot but larger than the least batch (half a slot
+/// in this ring) is spread over every slot, each allocated when first taken.
+/// Bit-exact throughout.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_call_spreads_over_slots_allocated_on_first_use() {
     let g = gpu();
-    let slot_bytes = 64 << 20;
+    let slot_bytes = 16 << 20;
     let cfg = LoaderConfig { slots: 4, slot_bytes, max_chunks: 4096, verify_digests: true };
     let mut l = Loader::new(g.clone(), cfg).unwrap();
     assert_eq!(l.staging_bytes(), slot_bytes, "one slot up front");
     let s = settings(0.0, true, true);
     // Every word of 32 MiB changed to random bits: 32 MiB of stored streams
-    // in chunks of 4 MiB, a quarter of which fills the least batch.
+    // in chunks of 4 MiB. Three fit a slot, one fits the batches of 8 MiB
+    // that spread the call over the four slots.
     let (base, target) = pair(WordWidth::W4, 8 << 20, 1, 17);
     let big = EncodedTensor::encode("big", Some(&base), &target, WordWidth::W4, 1 << 20, false, s).unwrap();
     let (small_base, small_target) = (&base[..1 << 20], &target[..1 << 20]);

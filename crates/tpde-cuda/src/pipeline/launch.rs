@@ -14,11 +14,12 @@ use super::ring::host_prefix;
 use super::timings::LoadTimings;
 use super::Loader;
 use crate::error::{GpuError, Result};
-use crate::gpu::{Batch, DevRange, RansContext, RansStream, Stage};
+use crate::gpu::{Batch, DevRange, DeviceCopy, RansContext, RansStream, Stage};
 use crate::rans::{self, RansWork};
 
 impl Loader {
-    /// Runs jobs, for a call that began at `started`: batches them into
+    /// Runs jobs, for a call that began at `started`, once the base
+    /// `copies` of its outputs are made: batches them into
     /// slots, uploads, decodes, launches; unless the caller opted out
     /// ([`LoaderConfig::verify_digests`]), computes the leaf digest of every
     /// chunk in `checks` on the device behind them; then waits once, checks
@@ -31,13 +32,14 @@ impl Loader {
         jobs: &[Job<'_, '_>],
         stage: Stage,
         checks: &[LeafCheck<'_>],
+        copies: &[DeviceCopy],
         started: Instant,
     ) -> Result<()> {
         self.timings = LoadTimings::default();
         let clock = Instant::now();
         check_stored(jobs)?;
         let checksums = clock.elapsed();
-        self.begin()?;
+        self.begin(copies)?;
         let leaves = self.prepare_leaves(checks)?;
         self.timings =
             LoadTimings { setup: started.elapsed().saturating_sub(checksums), checksums, ..LoadTimings::default() };
@@ -263,9 +265,9 @@ mod tests {
         let stream = |stored_len: u32, decoded_len: u32, codec| StreamRecord { stored_len, decoded_len, codec };
         const MIB: u32 = 1 << 20;
         let mib = MIB as usize;
-        assert_eq!(budget(&[]), 8 * mib, "the least batch");
-        assert_eq!(budget(&[stream(100 * MIB, 100 * MIB, Codec::Stored)]), 25 * mib);
-        assert_eq!(budget(&[stream(40 * MIB, 60 * MIB, Codec::Rans)]), 25 * mib);
+        assert_eq!(budget(&[]), 64 * mib, "the least batch");
+        assert_eq!(budget(&[stream(400 * MIB, 400 * MIB, Codec::Stored)]), 100 * mib);
+        assert_eq!(budget(&[stream(160 * MIB, 240 * MIB, Codec::Rans)]), 100 * mib);
         assert_eq!(budget(&[stream(u32::MAX, u32::MAX, Codec::Zstd); 3]), 128 * mib, "a whole slot at most");
     }
 }

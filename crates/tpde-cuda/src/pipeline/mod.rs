@@ -188,16 +188,15 @@ impl Loader {
             // zero fill in `prepare`, or by dense/raw chunks covering it all.
             outs.push(unsafe { self.gpu.alloc_output(self.gpu.stream(), t.bytes()) }?);
         }
-        let mut jobs = Vec::new();
-        let mut checks = Vec::new();
+        let (mut jobs, mut checks, mut copies) = (Vec::new(), Vec::new(), Vec::new());
         for ((t, b), o) in delta.iter().zip(base).zip(&outs) {
             let main = self.gpu.stream().clone();
             let b = DevRange::all(*b, &main)?;
             let o = DevRange::of(o, &main, 0, t.bytes())?;
-            self.plan_tensor(t, b, o, &mut jobs)?;
+            self.plan_tensor(t, b, o, &mut jobs, &mut copies)?;
             leaf_checks(t, o, &mut checks)?;
         }
-        self.run(&jobs, Stage::Apply, &checks, started).map_err(|e| locate_device_fault(delta, e))?;
+        self.run(&jobs, Stage::Apply, &checks, &copies, started).map_err(|e| locate_device_fault(delta, e))?;
         Ok(outs)
     }
 
@@ -235,7 +234,7 @@ impl Loader {
         // In place, a chunk found corrupt after others were written would
         // leave the buffers neither base nor target: `run` checks every
         // chunk left to it before its first upload.
-        self.run(&jobs, Stage::Apply, &checks, started).map_err(|e| locate_device_fault(delta, e))
+        self.run(&jobs, Stage::Apply, &checks, &[], started).map_err(|e| locate_device_fault(delta, e))
     }
 
     /// API (a) with a host-resident base: uploads each base tensor through the
@@ -272,11 +271,11 @@ impl Loader {
         let main = self.gpu.stream().clone();
         let b = DevRange::all(base, &main)?;
         let o = DevRange::of(out, &main, 0, t.bytes())?;
-        let mut jobs = Vec::new();
-        self.plan_tensor(t, b, o, &mut jobs)?;
-        let mut checks = Vec::new();
+        let (mut jobs, mut checks, mut copies) = (Vec::new(), Vec::new(), Vec::new());
+        self.plan_tensor(t, b, o, &mut jobs, &mut copies)?;
         leaf_checks(t, o, &mut checks)?;
-        self.run(&jobs, Stage::Apply, &checks, started).map_err(|e| locate_device_fault(std::slice::from_ref(t), e))
+        self.run(&jobs, Stage::Apply, &checks, &copies, started)
+            .map_err(|e| locate_device_fault(std::slice::from_ref(t), e))
     }
 
     /// API (b), in place: `buf` holds the base and is overwritten with the target.
@@ -293,7 +292,7 @@ impl Loader {
         let out = self.gpu.alloc_zeros::<u32>(m.max(1))?;
         let r = DevRange::of(&out, self.gpu.stream(), 0, m * 4)?;
         let job = Job { chunk, checksums: Checksums::Checked, width, host: None, base: r, out: r, label: None };
-        self.run(&[job], Stage::Positions, &[], started)?;
+        self.run(&[job], Stage::Positions, &[], &[], started)?;
         let mut v = self.gpu.download(&out)?;
         v.truncate(m);
         Ok(v)

@@ -12,7 +12,7 @@ use super::host_decode::StreamTask;
 use super::inputs::{Checksums, ChunkRef, TensorRef};
 use super::{align, Loader};
 use crate::error::{GpuError, Result};
-use crate::gpu::{Batch, DevRange, Stage};
+use crate::gpu::{Batch, DevRange, DeviceCopy, Stage};
 use crate::kernels::{ChunkDesc, KEYS};
 use crate::rans::{allowed_contexts, ChunkPlan, Header, RansWork};
 
@@ -108,25 +108,29 @@ impl Plan<'_> {
 }
 
 impl Loader {
-    /// Prepares `out` for a tensor and appends its chunks to `jobs`.
+    /// Prepares `out` for a tensor and appends its chunks to `jobs`, and
+    /// the copy of its base words to `copies`, if it needs one.
     pub(super) fn plan_tensor<'c, 'a>(
         &mut self,
         t: &'c TensorRef<'a>,
         base: DevRange,
         out: DevRange,
         jobs: &mut Vec<Job<'c, 'a>>,
+        copies: &mut Vec<DeviceCopy>,
     ) -> Result<()> {
-        if self.prepare_out(base, out, t.bytes(), t.width, t.needs_base_words())? {
+        if self.prepare_out(base, out, t.bytes(), t.width, t.needs_base_words(), copies)? {
             self.plan_chunks(t, out, out, jobs)
         } else {
             self.plan_chunks(t, base, out, jobs)
         }
     }
 
-    /// Copies the base words into `out` on the main stream where the chunks
-    /// need them (sparse or unchanged chunks, or a base shorter than the
-    /// target, whose missing words read as 0 per spec "Words"). Returns
-    /// whether the chunks then apply in place on `out`.
+    /// Prepares `out` where the chunks need the base words in it (sparse or
+    /// unchanged chunks, or a base shorter than the target, whose missing
+    /// words read as 0 per spec "Words"): the base's copy is appended to
+    /// `copies`, which [`Loader::begin`] makes in one launch, and the missing
+    /// words are zeroed on the main stream. Returns whether the chunks then
+    /// apply in place on `out`.
     pub(super) fn prepare_out(
         &mut self,
         base: DevRange,
@@ -134,6 +138,7 @@ impl Loader {
         tb: usize,
         width: WordWidth,
         needs_base: bool,
+        copies: &mut Vec<DeviceCopy>,
     ) -> Result<bool> {
         if base.len() == tb && !needs_base {
             return Ok(false);
@@ -144,7 +149,7 @@ impl Loader {
             return Err(GpuError::invalid("base and output overlap"));
         }
         if n > 0 {
-            out.sub(0, n)?.copy_from_async(&main, base.sub(0, n)?)?;
+            copies.push(DeviceCopy::new(out.sub(0, n)?, base.sub(0, n)?)?);
         }
         if n < tb {
             out.sub(n, tb - n)?.fill_async(&main, 0)?;
@@ -360,11 +365,12 @@ impl Loader {
 /// The bytes one batch may fill of a slot in a call of `jobs`: the call's
 /// streams spread over at least as many batches as there are slots, so that
 /// a delta smaller than the ring still overlaps the upload of each batch with
-/// the kernels of the one before; but no fewer than [`MIN_BATCH`] bytes, below
-/// which a batch's fixed costs dominate.
+/// the kernels of the one before; but no fewer than [`MIN_BATCH`] bytes (or
+/// half a slot, in a ring of small slots), below which a batch's fixed costs
+/// outweigh the overlap.
 pub(super) fn batch_budget(jobs: &[Job<'_, '_>], slots: usize, slot_bytes: usize) -> usize {
     /// Measured: `BENCHMARKS-GPU.md`, "Batches sized to the call".
-    const MIN_BATCH: usize = 8 << 20;
+    const MIN_BATCH: usize = 64 << 20;
     // What every stream places: its decoded bytes, and the stored bytes of
     // a coded one. Read from records not validated yet, so saturating.
     let placed = |r: &tpde::format::StreamRecord| {
@@ -372,7 +378,7 @@ pub(super) fn batch_budget(jobs: &[Job<'_, '_>], slots: usize, slot_bytes: usize
         stored.saturating_add(r.decoded_len as usize)
     };
     let bytes = jobs.iter().flat_map(|j| j.chunk.streams).map(placed).fold(0, usize::saturating_add);
-    (bytes / slots.max(1)).clamp(MIN_BATCH.min(slot_bytes), slot_bytes)
+    (bytes / slots.max(1)).clamp(MIN_BATCH.min(slot_bytes / 2), slot_bytes)
 }
 
 /// Offset of `part` in `whole`, if `part` lies inside it.

@@ -10,7 +10,7 @@ use super::digests::LeafPass;
 use super::faults::device_error;
 use super::{Loader, LoaderConfig};
 use crate::error::{flag, Result};
-use crate::gpu::{DevRange, Gpu};
+use crate::gpu::{DevRange, DeviceCopy, Gpu};
 use crate::kernels::KEYS;
 
 pub(super) struct Slot {
@@ -78,13 +78,14 @@ impl Loader {
         Ok(i)
     }
 
-    /// Starts the ring at its first slot, resets the device flag words on
-    /// the main stream and records
+    /// Starts the ring at its first slot, makes the base `copies` of the
+    /// call and resets the device flag words on the main stream, and records
     /// `start`, which kernels wait for (the flag reset and the base copy
     /// into the output); uploads do not.
-    pub(super) fn begin(&mut self) -> Result<()> {
+    pub(super) fn begin(&mut self, copies: &[DeviceCopy]) -> Result<()> {
         self.restart_ring();
         let main = self.gpu.stream().clone();
+        self.gpu.launch_copies(&main, copies)?;
         let flag = DevRange::all(&self.flag, &main)?;
         // The bits to 0, the fault job words to u32::MAX (none).
         flag.sub(0, 4)?.fill_async(&main, 0)?;

@@ -16,7 +16,7 @@ use super::inputs::{ChunkRef, TensorRef};
 use super::ring::host_prefix;
 use super::{align, Loader};
 use crate::error::{GpuError, Result};
-use crate::gpu::{Batch, DevRange, RansContext, RansStream, Stage};
+use crate::gpu::{Batch, DevRange, DeviceCopy, RansContext, RansStream, Stage};
 use crate::kernels::{ChunkDesc, KEYS};
 use crate::rans::{self, allowed_contexts, ChunkPlan, RansWork};
 
@@ -119,7 +119,7 @@ impl Loader {
         // the decoder below before any kernel reads it; padding bytes are
         // never read.
         let data = unsafe { self.gpu.stream().alloc::<u8>(total.max(1)) }?;
-        self.begin()?;
+        self.begin(&[])?;
         let mut i = 0;
         while i < order.len() {
             let end = self.stage_batch(&order[i..], &tensors, &data, i)?;
@@ -277,7 +277,7 @@ impl Loader {
                 DevRange::all(b, &main)
             })
             .collect::<Result<Vec<_>>>()?;
-        self.run_staged(delta, &outs.clone(), &outs)
+        self.run_staged(delta, &outs.clone(), &outs, &[])
     }
 
     /// Rebuilds a device-resident delta from resident `base` tensors into
@@ -292,8 +292,7 @@ impl Loader {
             return Err(GpuError::invalid("one base and one output per delta tensor"));
         }
         let main = self.gpu.stream().clone();
-        let mut bases = Vec::new();
-        let mut os = Vec::new();
+        let (mut bases, mut os, mut copies) = (Vec::new(), Vec::new(), Vec::new());
         for ((t, b), o) in delta.tensors.iter().zip(base).zip(outs.iter()) {
             let tb = t.bytes();
             if o.num_bytes() < tb {
@@ -301,14 +300,20 @@ impl Loader {
             }
             let b = DevRange::all(*b, &main)?;
             let o = DevRange::of(o, &main, 0, tb)?;
-            let in_place = self.prepare_out(b, o, tb, t.width, t.needs_base)?;
+            let in_place = self.prepare_out(b, o, tb, t.width, t.needs_base, &mut copies)?;
             bases.push(if in_place { o } else { b });
             os.push(o);
         }
-        self.run_staged(delta, &bases, &os)
+        self.run_staged(delta, &bases, &os, &copies)
     }
 
-    fn run_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
+    fn run_staged(
+        &mut self,
+        delta: &DeviceDelta,
+        bases: &[DevRange],
+        outs: &[DevRange],
+        copies: &[DeviceCopy],
+    ) -> Result<()> {
         let mut checks = Vec::new();
         for (t, o) in delta.tensors.iter().zip(outs) {
             let w = t.width.bytes();
@@ -320,19 +325,21 @@ impl Loader {
                 off += n;
             }
         }
-        self.launch_staged(delta, bases, outs, &checks)
+        self.launch_staged(delta, bases, outs, &checks, copies)
     }
 
-    /// Launches the apply kernels of every staged tensor, then (unless the
-    /// caller opted out) the leaf digest passes of `checks`; waits once.
+    /// Makes the base `copies`, launches the apply kernels of every staged
+    /// tensor, then (unless the caller opted out) the leaf digest passes of
+    /// `checks`; waits once.
     fn launch_staged(
         &mut self,
         delta: &DeviceDelta,
         bases: &[DevRange],
         outs: &[DevRange],
         checks: &[LeafCheck<'_>],
+        copies: &[DeviceCopy],
     ) -> Result<()> {
-        self.begin()?;
+        self.begin(copies)?;
         let leaves = self.prepare_leaves(checks)?;
         let max_tiles = self.slots[0].sums.len();
         let max_rows = self.slots[0].groups.len() / KEYS;
