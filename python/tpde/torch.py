@@ -144,8 +144,8 @@ def empty_cache(device: Union[str, torch.device, None] = None) -> None:
 def set_staging(slots: Optional[int] = None, slot_mib: Optional[int] = None) -> None:
     """Sets how much memory the GPU loader stages deltas through, on every GPU:
     ``slots`` page-locked host buffers of ``slot_mib`` MiB each, and as much device
-    memory; either left out keeps the loader's default (4 × 128 MiB, 512 MiB of
-    each, so ``set_staging()`` restores it). Less saves memory, at a cost
+    memory; either left out keeps the loader's default (up to 4 × 128 MiB, 512 MiB
+    of each, allocated as loads first need them; ``set_staging()`` restores it). Less saves memory, at a cost
     in speed on large models; ``slots`` is 1 to 64 and ``slot_mib`` 16 to 1024
     (``E_INVALID_ARGUMENT`` otherwise). Loaders already open give their memory
     back and take the new size at their next call. Needs no GPU to be called."""
