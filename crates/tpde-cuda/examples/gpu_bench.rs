@@ -2,7 +2,10 @@
 //! against a baseline measured in the same run on the same card.
 //!
 //! `cargo build --release --example gpu_bench -p tpde-cuda`, then on a GPU
-//! machine: `gpu_bench [--gib N] [--quick]`. Prints a markdown table.
+//! machine: `gpu_bench [--gib N] [--quick] [--profile]`. Prints a markdown
+//! table. With `--profile`, one more call each of the whole load, the sparse
+//! resident apply in place and the dense one runs between `cuProfilerStart`
+//! and `cuProfilerStop`, for `ncu --profile-from-start off`.
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)]
 
 use std::sync::Arc;
@@ -11,7 +14,8 @@ use std::time::Instant;
 use rayon::prelude::*;
 use tpde::EncodeSettings;
 use tpde_cuda::{
-    cudarc::driver::result as cu, DevRange, EncodedTensor, Gpu, Loader, LoaderConfig, PinnedDelta, TensorRef, WordWidth,
+    cudarc::driver::{profiler_start, profiler_stop, result as cu},
+    DevRange, EncodedTensor, Gpu, Loader, LoaderConfig, PinnedDelta, TensorRef, WordWidth,
 };
 
 mod common;
@@ -66,6 +70,16 @@ fn write_safetensors(path: &std::path::Path, bytes: &[u8]) -> R<()> {
 fn main() -> R<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let profile = args.iter().any(|a| a == "--profile");
+    // One more call of `f`, inside the profiler's range.
+    let profiled = |f: &mut dyn FnMut() -> R<()>| -> R<()> {
+        if profile {
+            profiler_start()?;
+            f()?;
+            profiler_stop()?;
+        }
+        Ok(())
+    };
     let gib: usize =
         args.iter().position(|a| a == "--gib").map_or(if quick { 1 } else { 2 }, |i| args[i + 1].parse().unwrap_or(2));
     let gpu = Arc::new(Gpu::new(0)?);
@@ -267,6 +281,10 @@ fn main() -> R<()> {
         table.row(what, t, total, &format!("ratio to pinned upload rate {:.2}", up / t));
     }
     drop(small_slots);
+    profiled(&mut || {
+        l.load(&refs, &dref)?;
+        Ok(())
+    })?;
     let tm = time(3, || {
         l.load(&mapped, &dref)?;
         Ok(())
@@ -359,6 +377,8 @@ fn main() -> R<()> {
         || restore(&mut bufs.borrow_mut()),
         || Ok(l.apply_staged_in_place(&staged, &mut bufs.borrow_mut())?),
     )?;
+    restore(&mut bufs.borrow_mut())?;
+    profiled(&mut || Ok(l.apply_staged_in_place(&staged, &mut bufs.borrow_mut())?))?;
     table.row(
         "resident: apply, sparse 5%, in place",
         tai,
@@ -421,6 +441,11 @@ fn main() -> R<()> {
         },
         || Ok(l.apply_staged_in_place(&dstaged, &mut dbufs.borrow_mut())?),
     )?;
+    // The timed runs left the target in the buffers: the base again first.
+    for (b, d) in ddb.iter().zip(dbufs.borrow_mut().iter_mut()) {
+        gpu.stream().memcpy_dtod(b, d)?;
+    }
+    profiled(&mut || Ok(l.apply_staged_in_place(&dstaged, &mut dbufs.borrow_mut())?))?;
     let ddtod = dtod * dtotal as f64 / total as f64;
     table.row(
         "dense: resident apply in place (kernels only)",

@@ -927,3 +927,40 @@ fn a_call_spreads_over_slots_allocated_on_first_use() {
     assert!(l.last_timings().batches >= 4, "{}", l.last_timings());
     assert_eq!(l.staging_bytes(), 4 * slot_bytes);
 }
+
+/// Where the chunks apply in place on a new output, the base words reach
+/// every chunk, unchanged ones included, before any batch applies, and words
+/// past a shorter base are zero. Checked with unchanged chunks between
+/// changed ones, a base that ends inside a chunk, and batches small enough
+/// that the chunks spread over several.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn base_words_reach_every_chunk_of_a_new_output() {
+    use tpde::format::Encoding;
+    let g = gpu();
+    let words = 40_000;
+    let (base, _) = pair(WordWidth::W4, words, 1, 23);
+    let short = &base[..4 * (3 * 4096 + 100)];
+    let mut target = short.to_vec();
+    target.resize(base.len(), 0);
+    for chunk in [1usize, 3, 4, 7] {
+        for i in (chunk * 4096..((chunk + 1) * 4096).min(words)).step_by(5) {
+            target[4 * i] ^= 0x5A;
+        }
+    }
+    let mut padded = short.to_vec();
+    padded.resize(base.len(), 0);
+    let t = EncodedTensor::encode("w", Some(&padded), &target, WordWidth::W4, 4096, false, settings(0.0, true, true))
+        .unwrap();
+    let encodings: Vec<Encoding> = t.chunks.iter().map(|c| c.record.encoding).collect();
+    assert!(encodings.contains(&Encoding::Unchanged) && encodings.contains(&Encoding::Sparse), "{encodings:?}");
+    let d = g.upload(short).unwrap();
+    for slot_bytes in [16 << 10, 1 << 20] {
+        let mut l = loader(slot_bytes);
+        let out = l.load(&[t.as_ref()], &[&d]).unwrap();
+        assert!(g.download(&out[0]).unwrap() == target, "load, slots of {slot_bytes}");
+        let mut into = g.upload(&vec![0xA5u8; target.len()]).unwrap();
+        l.materialize_into(&t.as_ref(), &d, &mut into).unwrap();
+        assert!(g.download(&into).unwrap() == target, "materialize_into, slots of {slot_bytes}");
+    }
+}
