@@ -1380,9 +1380,6 @@ mod tests {
         }
     }
 
-    /// A descriptor with an op or layout the kernels do not implement used
-    /// to be read as SUB or as byte planes; now it raises the device flag
-    /// and nothing is written.
     /// Ranges copied in one launch or several: of one alignment or of two,
     /// one byte or several blocks long, empty, and more than a launch holds.
     /// Every byte outside the ranges is left as it was.
@@ -1417,6 +1414,9 @@ mod tests {
         assert!(DeviceCopy::new(dr.sub(0, 8).unwrap(), dr.sub(4, 8).unwrap()).is_err());
     }
 
+    /// A descriptor with an op or layout the kernels do not implement used
+    /// to be read as SUB or as byte planes; now it raises the device flag
+    /// and nothing is written.
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn an_unknown_op_or_layout_raises_the_device_flag() {

@@ -275,7 +275,7 @@ pub(crate) const MAX_VALUE_STREAMS: usize = 8;
 
 /// One chunk as the kernels read it: `struct ChunkDesc` of the source,
 /// 160 bytes, with one device address per stream. The source pins the
-/// layout with `static_assert`s, which a test compares with [`ChunkDesc::FIELDS`].
+/// layout with `static_assert`s, which a test compares with `ChunkDesc::FIELDS`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ChunkDesc {
     pub pos: [u64; MAX_POSITION_STREAMS],
@@ -396,7 +396,7 @@ impl ChunkDesc {
     }
 
     /// Writes the descriptor into `out` ([`ChunkDesc::BYTES`] bytes) at the
-    /// offsets of [`ChunkDesc::FIELDS`].
+    /// offsets of `ChunkDesc::FIELDS`.
     pub fn write_to(&self, out: &mut [u8]) {
         let fields64 = self.pos.iter().chain(&self.val).chain([&self.base, &self.out]);
         for (dst, f) in out.chunks_exact_mut(8).zip(fields64) {
@@ -457,7 +457,7 @@ pub(crate) const RANS_FORM_PACKED: u32 = 1;
 
 /// One lane rANS stream as the kernels of `kernels/tpde_rans.cu` read it:
 /// `struct RansDesc` of the source, 96 bytes, pinned there by
-/// `static_assert`s that a test compares with [`RansDesc::FIELDS`].
+/// `static_assert`s that a test compares with `RansDesc::FIELDS`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct RansDesc {
     pub stored: u64,
@@ -512,7 +512,7 @@ impl RansDesc {
     ];
 
     /// Writes the descriptor into `out` ([`RansDesc::BYTES`] bytes) at the
-    /// offsets of [`RansDesc::FIELDS`].
+    /// offsets of `RansDesc::FIELDS`.
     pub fn write_to(&self, out: &mut [u8]) {
         let fields64 = [self.stored, self.decoded, self.context, self.positions, self.scratch];
         for (dst, f) in out.chunks_exact_mut(8).zip(fields64) {

@@ -19,8 +19,8 @@ use crate::rans::{self, RansWork};
 
 impl Loader {
     /// Runs jobs, for a call that began at `started`, once the base
-    /// `copies` of its outputs are made: batches them into
-    /// slots, uploads, decodes, launches; unless the caller opted out
+    /// `copies` into its outputs are made: batches them into slots, uploads,
+    /// decodes, launches; unless the caller opted out
     /// ([`LoaderConfig::verify_digests`]), computes the leaf digest of every
     /// chunk in `checks` on the device behind them; then waits once, checks
     /// the device error flag and compares the digests with the chunks'

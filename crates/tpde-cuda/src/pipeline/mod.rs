@@ -67,11 +67,11 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     /// Four slots of 128 MiB: up to 512 MiB page-locked, as much on the
-    /// device, allocated as calls first need them. A slot's next upload waits for the kernels of its last batch, so with
-    /// fewer bytes in flight the device idles between the batches of a
-    /// large model; and every batch costs the host a fixed time, which bounds
-    /// a delta read from a mapped file (`BENCHMARKS-GPU.md`, "A mapped
-    /// delta").
+    /// device, allocated as calls first need them. A slot's next upload
+    /// waits for the kernels of its last batch, so with fewer bytes in flight
+    /// the device idles between the batches of a large model; and every batch
+    /// costs the host a fixed time, which bounds a delta read from a mapped
+    /// file (`BENCHMARKS-GPU.md`, "A mapped delta").
     fn default() -> Self {
         Self { slots: 4, slot_bytes: 128 << 20, max_chunks: 4096, verify_digests: true }
     }

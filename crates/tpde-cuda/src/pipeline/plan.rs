@@ -195,6 +195,7 @@ impl Loader {
     /// streams are decoded there by the CPU; lane rANS streams decode on the
     /// device into the device part, with their scratch and, for context 1
     /// in sparse chunks, their positions.
+    ///
     /// The batch fills at most `budget` bytes of the slot, unless its first
     /// chunk alone needs more (up to the whole slot).
     pub(super) fn plan_batch<'c, 'a: 'c>(&self, jobs: &[Job<'c, 'a>], stage: Stage, budget: usize) -> Result<Plan<'c>> {
@@ -365,7 +366,7 @@ impl Loader {
 /// The bytes one batch may fill of a slot in a call of `jobs`: the call's
 /// streams spread over at least as many batches as there are slots, so that
 /// a delta smaller than the ring still overlaps the upload of each batch with
-/// the kernels of the one before; but no fewer than [`MIN_BATCH`] bytes (or
+/// the kernels of the one before; but no fewer than `MIN_BATCH` bytes (or
 /// half a slot, in a ring of small slots), below which a batch's fixed costs
 /// outweigh the overlap.
 pub(super) fn batch_budget(jobs: &[Job<'_, '_>], slots: usize, slot_bytes: usize) -> usize {
