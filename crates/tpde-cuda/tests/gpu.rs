@@ -964,3 +964,29 @@ fn base_words_reach_every_chunk_of_a_new_output() {
         assert!(g.download(&into).unwrap() == target, "materialize_into, slots of {slot_bytes}");
     }
 }
+
+/// A call that writes in place allocates every slot its batches could take
+/// (one job or more each) before its first write, so that an allocation
+/// cannot fail with its buffers half rebuilt; a load into new buffers of the
+/// same delta takes one slot. Bit-exact both ways.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_call_in_place_allocates_its_slots_before_it_writes() {
+    let g = gpu();
+    let slot_bytes = 16 << 20;
+    let cfg = LoaderConfig { slots: 4, slot_bytes, max_chunks: 4096, verify_digests: true };
+    // Four chunks of 64 KiB, every word changed: one batch.
+    let (base, target) = pair(WordWidth::W4, 1 << 16, 1, 29);
+    let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, 1 << 14, false, settings(0.0, true, true))
+        .unwrap();
+    assert_eq!(t.chunks.len(), 4);
+    let mut l = Loader::new(g.clone(), cfg).unwrap();
+    let out = l.load(&[t.as_ref()], &[&g.upload(&base).unwrap()]).unwrap();
+    assert!(g.download(&out[0]).unwrap() == target);
+    assert_eq!((l.last_timings().batches, l.staging_bytes()), (1, slot_bytes));
+    let mut l = Loader::new(g.clone(), cfg).unwrap();
+    let mut bufs = vec![g.upload(&base).unwrap()];
+    l.apply_in_place(&[t.as_ref()], &mut bufs).unwrap();
+    assert!(g.download(&bufs[0]).unwrap() == target);
+    assert_eq!((l.last_timings().batches, l.staging_bytes()), (1, 4 * slot_bytes));
+}

@@ -44,15 +44,18 @@ impl Loader {
         self.timings =
             LoadTimings { setup: started.elapsed().saturating_sub(checksums), checksums, ..LoadTimings::default() };
         let budget = batch_budget(jobs, self.cfg.slots, self.cfg.slot_bytes);
-        let mut i = 0;
-        while i < jobs.len() {
-            let mut clock = Instant::now();
-            let plan = self.plan_batch(&jobs[i..], stage, budget)?;
-            LoadTimings::lap(&mut self.timings.planning, &mut clock);
-            self.flush(&jobs[i..i + plan.count], &plan, stage, i, clock)?;
-            self.timings.batches += 1;
-            i += plan.count;
-        }
+        self.queue(|l| {
+            let mut i = 0;
+            while i < jobs.len() {
+                let mut clock = Instant::now();
+                let plan = l.plan_batch(&jobs[i..], stage, budget)?;
+                LoadTimings::lap(&mut l.timings.planning, &mut clock);
+                l.flush(&jobs[i..i + plan.count], &plan, stage, i, clock)?;
+                l.timings.batches += 1;
+                i += plan.count;
+            }
+            Ok(())
+        })?;
         let clock = Instant::now();
         self.finish(|job| jobs.get(job as usize).and_then(|j| j.label), leaves.as_ref())?;
         self.timings.device_wait = clock.elapsed();

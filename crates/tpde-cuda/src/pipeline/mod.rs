@@ -233,7 +233,9 @@ impl Loader {
         }
         // In place, a chunk found corrupt after others were written would
         // leave the buffers neither base nor target: `run` checks every
-        // chunk left to it before its first upload.
+        // chunk left to it before its first upload. A batch holds at least
+        // one job, so the slots its batches can take are allocated first.
+        self.allocate_slots(jobs.len())?;
         self.run(&jobs, Stage::Apply, &checks, &[], started).map_err(|e| locate_device_fault(delta, e))
     }
 
@@ -305,24 +307,27 @@ impl Loader {
             return Err(GpuError::invalid("upload larger than the destination"));
         }
         self.restart_ring();
-        let mut off = 0;
-        while off < src.len() {
-            let n = (src.len() - off).min(self.cfg.slot_bytes);
-            let slot = self.take_slot()?;
-            let s = &mut self.slots[slot];
-            let host = s.host.as_mut_slice()?;
-            host[..n]
-                .par_chunks_mut(1 << 20)
-                .zip(src[off..off + n].par_chunks(1 << 20))
-                .for_each(|(d, s)| d.copy_from_slice(s));
-            let d = DevRange::of(dst, &s.stream, off, n)?;
-            // SAFETY: the host bytes are page-locked and are not written again
-            // before `uploaded` completes (take_slot).
-            unsafe { d.copy_from_host_async(&s.stream, &host[..n]) }?;
-            s.uploaded.record(&s.stream)?;
-            s.in_use = true;
-            off += n;
-        }
+        self.queue(|l| {
+            let mut off = 0;
+            while off < src.len() {
+                let n = (src.len() - off).min(l.cfg.slot_bytes);
+                let slot = l.take_slot()?;
+                let s = &mut l.slots[slot];
+                let host = s.host.as_mut_slice()?;
+                host[..n]
+                    .par_chunks_mut(1 << 20)
+                    .zip(src[off..off + n].par_chunks(1 << 20))
+                    .for_each(|(d, s)| d.copy_from_slice(s));
+                let d = DevRange::of(dst, &s.stream, off, n)?;
+                // SAFETY: the host bytes are page-locked and are not written
+                // again before `uploaded` completes (take_slot).
+                unsafe { d.copy_from_host_async(&s.stream, &host[..n]) }?;
+                s.uploaded.record(&s.stream)?;
+                s.in_use = true;
+                off += n;
+            }
+            Ok(())
+        })?;
         for s in &self.slots {
             s.stream.synchronize()?;
         }

@@ -62,6 +62,35 @@ impl Loader {
         self.next = 0;
     }
 
+    /// Allocates slots up to `batches` (at most the ring). A call that
+    /// writes in place takes every slot it could use before its first
+    /// write: an allocation failing part-way would leave its buffers neither
+    /// base nor target.
+    pub(super) fn allocate_slots(&mut self, batches: usize) -> Result<()> {
+        while self.slots.len() < batches.min(self.cfg.slots) {
+            self.slots.push(Slot::new(&self.gpu, &self.cfg)?);
+        }
+        Ok(())
+    }
+
+    /// Runs `batches`, which queues work on the slots' streams. If it fails
+    /// part-way (a later chunk's header refused, an allocation), waits for
+    /// what it queued before returning the error, so that no copy or kernel
+    /// of the call still reads or writes memory that the caller frees on an
+    /// error: the outputs of a failed `load`, or a page-locked delta.
+    pub(super) fn queue(&mut self, batches: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        let queued = batches(self);
+        if queued.is_err() {
+            // The error that stopped the call is the one to report; a wait
+            // that fails too (a device fault) adds nothing to it.
+            for s in &self.slots {
+                s.stream.synchronize().ok();
+            }
+            self.gpu.stream().synchronize().ok();
+        }
+        queued
+    }
+
     /// The next slot of the ring, once its last upload is done; allocated
     /// on first use.
     pub(super) fn take_slot(&mut self) -> Result<usize> {

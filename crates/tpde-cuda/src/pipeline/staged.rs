@@ -120,11 +120,13 @@ impl Loader {
         // never read.
         let data = unsafe { self.gpu.stream().alloc::<u8>(total.max(1)) }?;
         self.begin(&[])?;
-        let mut i = 0;
-        while i < order.len() {
-            let end = self.stage_batch(&order[i..], &tensors, &data, i)?;
-            i += end;
-        }
+        self.queue(|l| {
+            let mut i = 0;
+            while i < order.len() {
+                i += l.stage_batch(&order[i..], &tensors, &data, i)?;
+            }
+            Ok(())
+        })?;
         self.finish(|job| order.get(job as usize).map(|p| (p.name, p.index)), None)?;
         Ok(DeviceDelta { data, tensors })
     }
@@ -277,6 +279,9 @@ impl Loader {
                 DevRange::all(b, &main)
             })
             .collect::<Result<Vec<_>>>()?;
+        // In place: every slot its batches (a chunk or more each) can take
+        // is allocated before the first write.
+        self.allocate_slots(delta.tensors.iter().map(|t| t.chunks.len()).sum())?;
         self.run_staged(delta, &outs.clone(), &outs, &[])
     }
 
@@ -341,6 +346,16 @@ impl Loader {
     ) -> Result<()> {
         self.begin(copies)?;
         let leaves = self.prepare_leaves(checks)?;
+        self.queue(|l| l.queue_staged(delta, bases, outs))?;
+        let labels: Vec<(&str, u64)> =
+            delta.tensors.iter().flat_map(|t| t.chunks.iter().map(|c| (t.name.as_str(), c.index))).collect();
+        self.finish(|job| labels.get(job as usize).copied(), leaves.as_ref())?;
+        leaves.map_or(Ok(()), |pass| self.compare_leaves(&pass, checks))
+    }
+
+    /// Queues the batches of [`Loader::launch_staged`], a tensor's chunks at
+    /// a time.
+    fn queue_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
         let max_tiles = self.slots[0].sums.len();
         let max_rows = self.slots[0].groups.len() / KEYS;
         let table_cap = self.cfg.slot_bytes / ChunkDesc::BYTES;
@@ -388,10 +403,7 @@ impl Loader {
             self.flush_staged(delta, t, &pending, first_job)?;
             first_job += t.chunks.len();
         }
-        let labels: Vec<(&str, u64)> =
-            delta.tensors.iter().flat_map(|t| t.chunks.iter().map(|c| (t.name.as_str(), c.index))).collect();
-        self.finish(|job| labels.get(job as usize).copied(), leaves.as_ref())?;
-        leaves.map_or(Ok(()), |pass| self.compare_leaves(&pass, checks))
+        Ok(())
     }
 
     /// Launches the chunks `pending` of tensor `t` of a device-resident
