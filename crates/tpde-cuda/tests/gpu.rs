@@ -893,6 +893,14 @@ fn assert_every_entry_point_rebuilds(
     }
 }
 
+/// The slots of [`four_slots`].
+const SLOT_BYTES: usize = 16 << 20;
+
+/// A ring of four slots of [`SLOT_BYTES`], with the other settings default.
+fn four_slots() -> LoaderConfig {
+    LoaderConfig { slots: 4, slot_bytes: SLOT_BYTES, ..LoaderConfig::default() }
+}
+
 /// A call of one batch takes the ring's first slot only, call after call;
 /// a call smaller than a slot but larger than the least batch (half a slot
 /// in this ring) is spread over every slot, each allocated when first taken.
@@ -900,9 +908,7 @@ fn assert_every_entry_point_rebuilds(
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_call_spreads_over_slots_allocated_on_first_use() {
-    let g = gpu();
-    let slot_bytes = 16 << 20;
-    let cfg = LoaderConfig { slots: 4, slot_bytes, max_chunks: 4096, verify_digests: true };
+    let (g, cfg, slot_bytes) = (gpu(), four_slots(), SLOT_BYTES);
     let mut l = Loader::new(g.clone(), cfg).unwrap();
     assert_eq!(l.staging_bytes(), slot_bytes, "one slot up front");
     let s = settings(0.0, true, true);
@@ -972,9 +978,7 @@ fn base_words_reach_every_chunk_of_a_new_output() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_call_in_place_allocates_its_slots_before_it_writes() {
-    let g = gpu();
-    let slot_bytes = 16 << 20;
-    let cfg = LoaderConfig { slots: 4, slot_bytes, max_chunks: 4096, verify_digests: true };
+    let (g, cfg, slot_bytes) = (gpu(), four_slots(), SLOT_BYTES);
     // Four chunks of 64 KiB, every word changed: one batch.
     let (base, target) = pair(WordWidth::W4, 1 << 16, 1, 29);
     let t = EncodedTensor::encode("w", Some(&base), &target, WordWidth::W4, 1 << 14, false, settings(0.0, true, true))
