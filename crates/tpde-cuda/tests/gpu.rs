@@ -1070,7 +1070,8 @@ fn a_wrong_digest_is_caught_wherever_its_chunk_falls() {
         .collect();
     assert_eq!(unchanged, [0, 2, 5, 6, 8, 9]);
     let db = g.upload(&base).unwrap();
-    let mut l = loader(16 << 10);
+    // Slots of 48 KiB: batches of 24 KiB, one changed chunk each.
+    let mut l = loader(48 << 10);
     let out = l.load(&[good.as_ref()], &[&db]).unwrap();
     assert!(g.download(&out[0]).unwrap() == target);
     assert!(l.last_timings().batches >= 3, "{}", l.last_timings());

@@ -155,7 +155,9 @@ impl Loader {
     }
 
     /// Where the host's time went in the last call that rebuilt chunks (all
-    /// zero when it failed before its first batch).
+    /// zero when it failed before its first batch). A call on a
+    /// device-resident delta ([`Loader::apply_staged`]) has no checksums,
+    /// planning or staging to time.
     #[must_use]
     pub fn last_timings(&self) -> LoadTimings {
         self.timings

@@ -364,11 +364,13 @@ impl Loader {
 }
 
 /// The bytes one batch may fill of a slot in a call of `jobs`: the call's
-/// streams spread over at least as many batches as there are slots, so that
-/// a delta smaller than the ring still overlaps the upload of each batch with
-/// the kernels of the one before; but no fewer than `MIN_BATCH` bytes (or
-/// half a slot, in a ring of small slots), below which a batch's fixed costs
-/// outweigh the overlap.
+/// streams spread evenly over at least as many batches as there are slots,
+/// so that a delta smaller than the ring still overlaps the upload of each
+/// batch with the kernels of the one before, and a delta larger than the
+/// ring ends with a batch as large as the others rather than a remnant
+/// whose decoding, one tile's chain of steps on few blocks, outlasts a full
+/// batch's; but no fewer than `MIN_BATCH` bytes (or half a slot, in a ring
+/// of small slots), below which a batch's fixed costs outweigh the overlap.
 pub(super) fn batch_budget(jobs: &[Job<'_, '_>], slots: usize, slot_bytes: usize) -> usize {
     /// Measured: `BENCHMARKS-GPU.md`, "Batches sized to the call".
     const MIN_BATCH: usize = 64 << 20;
@@ -379,7 +381,11 @@ pub(super) fn batch_budget(jobs: &[Job<'_, '_>], slots: usize, slot_bytes: usize
         stored.saturating_add(r.decoded_len as usize)
     };
     let bytes = jobs.iter().flat_map(|j| j.chunk.streams).map(placed).fold(0, usize::saturating_add);
-    (bytes / slots.max(1)).clamp(MIN_BATCH.min(slot_bytes / 2), slot_bytes)
+    let batches = bytes.div_ceil(slot_bytes.max(1)).max(slots).max(1);
+    // 1/32 more than the even share: tables and alignment are not counted,
+    // and a batch cut a little short would leave a remnant after the last.
+    let share = bytes / batches;
+    share.saturating_add(share / 32).clamp(MIN_BATCH.min(slot_bytes / 2), slot_bytes)
 }
 
 /// Offset of `part` in `whole`, if `part` lies inside it.

@@ -2,6 +2,7 @@
 //! ([`DeviceDelta`]), then applied with kernels only.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
 use tpde::{
@@ -14,6 +15,7 @@ use super::faults::label_error;
 use super::host_decode::decode_tasks;
 use super::inputs::{ChunkRef, TensorRef};
 use super::ring::host_prefix;
+use super::timings::LoadTimings;
 use super::{align, Loader};
 use crate::error::{GpuError, Result};
 use crate::gpu::{Batch, DevRange, DeviceCopy, RansContext, RansStream, Stage};
@@ -344,63 +346,52 @@ impl Loader {
         checks: &[LeafCheck<'_>],
         copies: &[DeviceCopy],
     ) -> Result<()> {
+        let started = Instant::now();
+        self.timings = LoadTimings::default();
         self.begin(copies)?;
         let leaves = self.prepare_leaves(checks)?;
+        self.timings.setup = started.elapsed();
+        let clock = Instant::now();
         self.queue(|l| l.queue_staged(delta, bases, outs))?;
+        self.timings.queueing = clock.elapsed();
         let labels: Vec<(&str, u64)> =
             delta.tensors.iter().flat_map(|t| t.chunks.iter().map(|c| (t.name.as_str(), c.index))).collect();
+        let clock = Instant::now();
         self.finish(|job| labels.get(job as usize).copied(), leaves.as_ref())?;
+        self.timings.device_wait = clock.elapsed();
         leaves.map_or(Ok(()), |pass| self.compare_leaves(&pass, checks))
     }
 
     /// Queues the batches of [`Loader::launch_staged`], a tensor's chunks at
     /// a time.
     fn queue_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
-        let max_tiles = self.slots[0].sums.len();
-        let max_rows = self.slots[0].groups.len() / KEYS;
-        let table_cap = self.cfg.slot_bytes / ChunkDesc::BYTES;
+        let limits = SlotLimits {
+            tiles: self.slots[0].sums.len(),
+            rows: self.slots[0].groups.len() / KEYS,
+            chunks: self.cfg.max_chunks.min(self.cfg.slot_bytes / ChunkDesc::BYTES),
+            bytes: self.cfg.slot_bytes,
+        };
         let mut first_job = 0usize;
         for ((t, b), o) in delta.tensors.iter().zip(bases).zip(outs) {
-            let w = t.width.bytes() as u64;
-            let mut pending: Vec<(usize, DevRange, DevRange)> = Vec::new();
-            let (mut tiles, mut rows, mut rans_count, mut positions_count, mut device) = (0, 0, 0, 0, 0);
-            for (ci, c) in t.chunks.iter().enumerate() {
-                let nb = c.words as usize * t.width.bytes();
-                let off = usize::try_from(c.word * w).map_err(|_| GpuError::invalid("tensor too large"))?;
-                let r = Batch::group_rows_of(&c.record, c.words) as usize;
-                if r > max_rows {
-                    return Err(GpuError::invalid("a chunk has too many tiles; raise LoaderConfig::slot_bytes"));
-                }
-                let (rc, pc, dv) = c.deferred_needs();
-                let tl = Batch::tiles_of(&c.record, c.words) as usize;
-                let cap = self.cfg.max_chunks.min(table_cap);
-                // whether the batch, with this chunk added, fits a slot
-                let fits = |count: usize, tiles: usize, rows: usize, rans: usize, positions: usize, device: usize| {
-                    count < cap
-                        && tiles + tl <= max_tiles
-                        && rows + r <= max_rows
-                        && align((count + 1) * ChunkDesc::BYTES, 64)
-                            + RansWork::table_bytes_for(rans + rc, positions + pc, 0)
-                            + 16
-                            + device
-                            + dv
-                            <= self.cfg.slot_bytes
-                };
-                if !fits(pending.len(), tiles, rows, rans_count, positions_count, device) {
-                    if pending.is_empty() || !fits(0, 0, 0, 0, 0, 0) {
-                        return Err(GpuError::invalid(
-                            "a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes",
-                        ));
-                    }
-                    self.flush_staged(delta, t, &pending, first_job)?;
-                    pending.clear();
-                    (tiles, rows, rans_count, positions_count, device) = (0, 0, 0, 0, 0);
-                }
-                pending.push((ci, b.sub(off, nb)?, o.sub(off, nb)?));
-                (tiles, rows) = (tiles + tl, rows + r);
-                (rans_count, positions_count, device) = (rans_count + rc, positions_count + pc, device + dv);
+            let needs: Vec<ChunkNeeds> = t.chunks.iter().map(StagedChunk::needs).collect();
+            let w = t.width.bytes();
+            let mut start = 0;
+            for end in even_cuts(&needs, &limits)? {
+                let pending = (start..end)
+                    .map(|ci| {
+                        let c = &t.chunks[ci];
+                        let nb = c.words as usize * w;
+                        let off = usize::try_from(c.word)
+                            .ok()
+                            .and_then(|word| word.checked_mul(w))
+                            .ok_or_else(|| GpuError::invalid("tensor too large"))?;
+                        Ok((ci, b.sub(off, nb)?, o.sub(off, nb)?))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                self.flush_staged(delta, t, &pending, first_job)?;
+                self.timings.batches += 1;
+                start = end;
             }
-            self.flush_staged(delta, t, &pending, first_job)?;
             first_job += t.chunks.len();
         }
         Ok(())
@@ -537,7 +528,101 @@ struct StagedChunk {
     index: u64,
 }
 
+/// What a staged chunk takes of a slot when it is applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ChunkNeeds {
+    tiles: usize,
+    rows: usize,
+    /// Lane rANS and position descriptors.
+    rans: usize,
+    positions: usize,
+    /// Bytes of the device part: the deferred streams' output, scratch and
+    /// positions.
+    device: usize,
+}
+
+/// What a slot holds of one batch.
+#[derive(Clone, Copy, Debug)]
+struct SlotLimits {
+    tiles: usize,
+    rows: usize,
+    chunks: usize,
+    bytes: usize,
+}
+
+impl SlotLimits {
+    /// Whether `batch` (the sums of its chunks' needs), `count` chunks, fits.
+    fn fit(&self, count: usize, batch: &ChunkNeeds) -> bool {
+        count <= self.chunks
+            && batch.tiles <= self.tiles
+            && batch.rows <= self.rows
+            && align(count * ChunkDesc::BYTES, 64)
+                + RansWork::table_bytes_for(batch.rans, batch.positions, 0)
+                + 16
+                + batch.device
+                <= self.bytes
+    }
+}
+
+/// Where chunks of the given needs are cut into batches: each the longest
+/// run of the chunks left, of at most `cap` chunks, that fits a slot.
+/// Returns the end of each batch.
+fn greedy_cuts(needs: &[ChunkNeeds], limits: &SlotLimits, cap: usize) -> Result<Vec<usize>> {
+    let mut cuts = Vec::new();
+    let (mut count, mut batch) = (0, ChunkNeeds::default());
+    for (ci, n) in needs.iter().enumerate() {
+        if n.rows > limits.rows {
+            return Err(GpuError::invalid("a chunk has too many tiles; raise LoaderConfig::slot_bytes"));
+        }
+        if !limits.fit(1, n) {
+            return Err(GpuError::invalid("a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes"));
+        }
+        let with = ChunkNeeds {
+            tiles: batch.tiles + n.tiles,
+            rows: batch.rows + n.rows,
+            rans: batch.rans + n.rans,
+            positions: batch.positions + n.positions,
+            device: batch.device + n.device,
+        };
+        if count > 0 && (count >= cap || !limits.fit(count + 1, &with)) {
+            cuts.push(ci);
+            (count, batch) = (1, *n);
+        } else {
+            (count, batch) = (count + 1, with);
+        }
+    }
+    if count > 0 {
+        cuts.push(needs.len());
+    }
+    Ok(cuts)
+}
+
+/// [`greedy_cuts`], with the batches of a tensor that takes more than one
+/// made of about as many chunks each. Cut only where a slot is full, its
+/// last batch could hold a single chunk, whose decoding (one tile's chain
+/// of steps, on few blocks) then outlasted a full batch's
+/// (`BENCHMARKS-GPU.md`, "Balanced batches").
+fn even_cuts(needs: &[ChunkNeeds], limits: &SlotLimits) -> Result<Vec<usize>> {
+    let greedy = greedy_cuts(needs, limits, usize::MAX)?;
+    match greedy.len() {
+        0 | 1 => Ok(greedy),
+        n => greedy_cuts(needs, limits, needs.len().div_ceil(n)),
+    }
+}
+
 impl StagedChunk {
+    /// What the chunk takes of a slot when it is applied.
+    fn needs(&self) -> ChunkNeeds {
+        let (rans, positions, device) = self.deferred_needs();
+        ChunkNeeds {
+            tiles: Batch::tiles_of(&self.record, self.words) as usize,
+            rows: Batch::group_rows_of(&self.record, self.words) as usize,
+            rans,
+            positions,
+            device,
+        }
+    }
+
     /// What applying the chunk needs beyond its descriptor: lane rANS
     /// descriptors, position descriptors, and slot bytes for the deferred
     /// streams' output, scratch and positions.
@@ -609,5 +694,34 @@ impl DeviceDelta {
     #[must_use]
     pub fn target_bytes(&self) -> usize {
         self.tensors.iter().map(StagedTensor::bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(device: usize) -> ChunkNeeds {
+        ChunkNeeds { tiles: 4, rows: 0, rans: 1, positions: 0, device }
+    }
+
+    /// A tensor that takes more than one batch is cut into batches of about
+    /// as many chunks each, never more than a slot holds; one batch stays
+    /// one; a chunk that no slot holds is refused.
+    #[test]
+    fn a_tensor_of_several_batches_is_cut_evenly() {
+        // A slot of 64 MiB holds seven chunks of 8 MiB and their tables.
+        let limits = SlotLimits { tiles: 1 << 20, rows: 1 << 20, chunks: 4096, bytes: 64 << 20 };
+        let mib8 = chunk(8 << 20);
+        assert_eq!(greedy_cuts(&[mib8; 8], &limits, usize::MAX).unwrap(), [7, 8], "a slot's worth, then a remnant");
+        assert_eq!(even_cuts(&[mib8; 8], &limits).unwrap(), [4, 8]);
+        assert_eq!(even_cuts(&[mib8; 20], &limits).unwrap(), [7, 14, 20]);
+        assert_eq!(even_cuts(&[mib8; 5], &limits).unwrap(), [5]);
+        assert_eq!(even_cuts(&[], &limits).unwrap(), Vec::<usize>::new());
+        // the chunk cap holds too
+        let capped = SlotLimits { chunks: 3, ..limits };
+        assert_eq!(even_cuts(&[chunk(1 << 20); 7], &capped).unwrap(), [3, 6, 7]);
+        assert!(even_cuts(&[chunk(64 << 20)], &limits).is_err());
+        assert!(even_cuts(&[ChunkNeeds { rows: 1 << 21, ..chunk(0) }], &limits).is_err());
     }
 }
