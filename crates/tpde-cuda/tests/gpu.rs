@@ -1087,3 +1087,50 @@ fn a_wrong_digest_is_caught_wherever_its_chunk_falls() {
         assert!(is_digest(l.apply_in_place(&[t.as_ref()], &mut bufs).unwrap_err()), "in place, chunk {k}");
     }
 }
+
+/// A delta staged for its resident base decodes the streams coded against
+/// the base once, so that every apply after is kernels only: bit-exact into
+/// new buffers and in place, call after call, positional and grouped,
+/// sparse and dense. Staged without a base, the same delta decodes them at
+/// each apply. Another base fails its digests; a base shorter than the
+/// target is refused.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_delta_staged_for_its_base_decodes_once() {
+    let g = gpu();
+    let mut l = loader(8 << 20);
+    for (k, (p, grouped)) in [(0.05, false), (0.3, true), (1.0, false), (1.0, true)].into_iter().enumerate() {
+        let ctx = format!("p {p}, grouped {grouped}");
+        let (base, target) = float_pair(300_000, p, 60 + k as u64);
+        let t = EncodedTensor::encode(
+            "w",
+            Some(&base),
+            &target,
+            WordWidth::W4,
+            1 << 16,
+            grouped,
+            settings(0.0, true, true),
+        )
+        .unwrap();
+        let db = g.upload(&base).unwrap();
+        assert!(l.stage_on_device(&[t.as_ref()]).unwrap().decodes_at_apply(), "{ctx}: nothing coded against the base");
+        let staged = l.stage_for_base(&[t.as_ref()], &[&db]).unwrap();
+        assert!(!staged.decodes_at_apply(), "{ctx}");
+        let mut outs = vec![g.alloc_zeros::<u8>(target.len()).unwrap()];
+        for round in 0..2 {
+            l.apply_staged(&staged, &[&db], &mut outs).unwrap();
+            assert!(g.download(&outs[0]).unwrap() == target, "{ctx}: apply_staged, round {round}");
+            let mut bufs = vec![g.upload(&base).unwrap()];
+            l.apply_staged_in_place(&staged, &mut bufs).unwrap();
+            assert!(g.download(&bufs[0]).unwrap() == target, "{ctx}: apply_staged_in_place, round {round}");
+        }
+        let mut other = base.clone();
+        for word in other.chunks_exact_mut(4).step_by(997) {
+            word[3] ^= 0x40;
+        }
+        let e = l.apply_staged(&staged, &[&g.upload(&other).unwrap()], &mut outs).unwrap_err();
+        assert!(matches!(&e, GpuError::Format(f) if f.code() == tpde::ErrorCode::ChunkDigest), "{ctx}: {e:?}");
+        let short = g.upload(&base[..base.len() - 4]).unwrap();
+        assert!(matches!(l.stage_for_base(&[t.as_ref()], &[&short]), Err(GpuError::InvalidArgument(_))), "{ctx}");
+    }
+}

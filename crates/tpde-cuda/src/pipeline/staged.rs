@@ -29,14 +29,48 @@ impl Loader {
     /// decoded by the CPU, lane rANS streams by the GPU; a lane rANS stream
     /// whose context needs the base (context 1, or the planes decoded under
     /// one) is kept as its stored bytes and decoded at each apply, against
-    /// the base that apply is given.
+    /// the base that apply is given ([`Loader::stage_for_base`] decodes
+    /// those once too).
     pub fn stage_on_device(&mut self, delta: &[TensorRef<'_>]) -> Result<DeviceDelta> {
+        self.stage(delta, None)
+    }
+
+    /// [`Loader::stage_on_device`] for one resident base: the streams whose
+    /// context needs the base are decoded once too, against `base` (one
+    /// tensor per delta tensor, each at least its target's size), so that
+    /// every apply is the apply kernels alone. The case of many fine-tunes of
+    /// one base served on one GPU.
+    ///
+    /// Every later apply must be given a base that holds the same words:
+    /// the values were decoded against these. With digests on (the default)
+    /// another base fails with `E_CHUNK_DIGEST`; with them off it rebuilds
+    /// wrong words.
+    pub fn stage_for_base(&mut self, delta: &[TensorRef<'_>], base: &[&CudaSlice<u8>]) -> Result<DeviceDelta> {
+        if base.len() != delta.len() {
+            return Err(GpuError::invalid("one base tensor per delta tensor"));
+        }
+        for (t, b) in delta.iter().zip(base) {
+            if b.num_bytes() < t.bytes() {
+                return Err(GpuError::invalid(format!(
+                    "{}: the base is shorter than the target; stage_on_device decodes against each apply's base",
+                    t.name
+                )));
+            }
+        }
+        self.stage(delta, Some(base))
+    }
+
+    /// Stages `delta`, and with `base`, decodes the streams that need it.
+    fn stage(&mut self, delta: &[TensorRef<'_>], base: Option<&[&CudaSlice<u8>]>) -> Result<DeviceDelta> {
         // The data: [host part: streams decoded by the CPU or stored, and the
         // stored bytes of deferred streams | device part: lane rANS streams
         // decoded here]. Device part offsets are made absolute at the end.
         let mut tensors = Vec::with_capacity(delta.len());
         let (mut host_total, mut device_total) = (0usize, 0usize);
         let mut device_part: Vec<(usize, usize, usize)> = Vec::new();
+        // Deferred streams decoded against `base`: where their decoded bytes
+        // go, after the device part.
+        let (mut bound_part, mut bound_total): (Vec<(usize, usize, usize, usize)>, usize) = (Vec::new(), 0);
         let mut order: Vec<StagePending<'_, '_>> = Vec::new();
         for (ti, t) in delta.iter().enumerate() {
             t.validate()?;
@@ -71,6 +105,10 @@ impl Loader {
                             Some(true) => {
                                 at.push(Staged::Deferred(host_total));
                                 host_total = align(host_total + r.stored_len as usize, 16);
+                                if base.is_some() {
+                                    bound_part.push((ti, chunks.len(), q, bound_total));
+                                    bound_total = align(bound_total + r.decoded_len as usize, 16);
+                                }
                             }
                             None => {
                                 at.push(Staged::Decoded(host_total));
@@ -120,7 +158,7 @@ impl Loader {
         // SAFETY: every byte of a stream range is written by the uploads or
         // the decoder below before any kernel reads it; padding bytes are
         // never read.
-        let data = unsafe { self.gpu.stream().alloc::<u8>(total.max(1)) }?;
+        let data = unsafe { self.gpu.stream().alloc::<u8>((total + bound_total).max(1)) }?;
         self.begin(&[])?;
         self.queue(|l| {
             let mut i = 0;
@@ -130,7 +168,46 @@ impl Loader {
             Ok(())
         })?;
         self.finish(|job| order.get(job as usize).map(|p| (p.name, p.index)), None)?;
-        Ok(DeviceDelta { data, tensors })
+        let mut delta = DeviceDelta { data, tensors };
+        if let Some(base) = base.filter(|_| !bound_part.is_empty()) {
+            let mut bound: Vec<Vec<Vec<Option<usize>>>> =
+                delta.tensors.iter().map(|t| t.chunks.iter().map(|c| vec![None; c.at.len()]).collect()).collect();
+            for &(ti, ci, q, o) in &bound_part {
+                bound[ti][ci][q] = Some(total + o);
+            }
+            self.decode_for_base(&delta, base, &bound)?;
+            for (t, tb) in delta.tensors.iter_mut().zip(&bound) {
+                for (c, cb) in t.chunks.iter_mut().zip(tb) {
+                    for (a, b) in c.at.iter_mut().zip(cb) {
+                        if let Some(o) = b {
+                            *a = Staged::Decoded(*o);
+                        }
+                    }
+                    if !c.at.iter().any(|a| matches!(a, Staged::Deferred(_))) {
+                        c.plan = None;
+                    }
+                }
+            }
+        }
+        Ok(delta)
+    }
+
+    /// Decodes the deferred streams of a staged delta against `base`, into
+    /// the data at `bound[tensor][chunk][stream]`: the decoding of
+    /// [`Loader::flush_staged`], without the apply, its outputs kept. Waits.
+    fn decode_for_base(
+        &mut self,
+        delta: &DeviceDelta,
+        base: &[&CudaSlice<u8>],
+        bound: &[Vec<Vec<Option<usize>>>],
+    ) -> Result<()> {
+        let main = self.gpu.stream().clone();
+        let bases = base.iter().map(|b| DevRange::all(*b, &main)).collect::<Result<Vec<_>>>()?;
+        self.begin(&[])?;
+        self.queue(|l| l.queue_staged(delta, &bases, &bases, Some(bound)))?;
+        let labels: Vec<(&str, u64)> =
+            delta.tensors.iter().flat_map(|t| t.chunks.iter().map(|c| (t.name.as_str(), c.index))).collect();
+        self.finish(|job| labels.get(job as usize).copied(), None)
     }
 
     /// Stages a prefix of `order` that fits a slot (job indices from
@@ -352,7 +429,7 @@ impl Loader {
         let leaves = self.prepare_leaves(checks)?;
         self.timings.setup = started.elapsed();
         let clock = Instant::now();
-        self.queue(|l| l.queue_staged(delta, bases, outs))?;
+        self.queue(|l| l.queue_staged(delta, bases, outs, None))?;
         self.timings.queueing = clock.elapsed();
         let labels: Vec<(&str, u64)> =
             delta.tensors.iter().flat_map(|t| t.chunks.iter().map(|c| (t.name.as_str(), c.index))).collect();
@@ -363,8 +440,15 @@ impl Loader {
     }
 
     /// Queues the batches of [`Loader::launch_staged`], a tensor's chunks at
-    /// a time.
-    fn queue_staged(&mut self, delta: &DeviceDelta, bases: &[DevRange], outs: &[DevRange]) -> Result<()> {
+    /// a time; or, with `bound`, those of [`Loader::decode_for_base`]: the
+    /// chunks with deferred streams, decoded and not applied.
+    fn queue_staged(
+        &mut self,
+        delta: &DeviceDelta,
+        bases: &[DevRange],
+        outs: &[DevRange],
+        bound: Option<&[Vec<Vec<Option<usize>>>]>,
+    ) -> Result<()> {
         let limits = SlotLimits {
             tiles: self.slots[0].sums.len(),
             rows: self.slots[0].groups.len() / KEYS,
@@ -372,13 +456,17 @@ impl Loader {
             bytes: self.cfg.slot_bytes,
         };
         let mut first_job = 0usize;
-        for ((t, b), o) in delta.tensors.iter().zip(bases).zip(outs) {
-            let needs: Vec<ChunkNeeds> = t.chunks.iter().map(StagedChunk::needs).collect();
+        for (ti, ((t, b), o)) in delta.tensors.iter().zip(bases).zip(outs).enumerate() {
+            // Decoding for a base takes only the chunks with deferred streams.
+            let chunks: Vec<usize> =
+                (0..t.chunks.len()).filter(|&ci| bound.is_none() || t.chunks[ci].plan.is_some()).collect();
+            let needs: Vec<ChunkNeeds> = chunks.iter().map(|&ci| t.chunks[ci].needs()).collect();
             let w = t.width.bytes();
             let mut start = 0;
             for end in even_cuts(&needs, &limits)? {
-                let pending = (start..end)
-                    .map(|ci| {
+                let pending = chunks[start..end]
+                    .iter()
+                    .map(|&ci| {
                         let c = &t.chunks[ci];
                         let nb = c.words as usize * w;
                         let off = usize::try_from(c.word)
@@ -388,7 +476,7 @@ impl Loader {
                         Ok((ci, b.sub(off, nb)?, o.sub(off, nb)?))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                self.flush_staged(delta, t, &pending, first_job)?;
+                self.flush_staged(delta, t, &pending, first_job, bound.map(|b| b[ti].as_slice()))?;
                 self.timings.batches += 1;
                 start = end;
             }
@@ -408,6 +496,7 @@ impl Loader {
         t: &StagedTensor,
         pending: &[(usize, DevRange, DevRange)],
         first_job: usize,
+        bound: Option<&[Vec<Option<usize>>]>,
     ) -> Result<()> {
         if pending.is_empty() {
             return Ok(());
@@ -439,14 +528,15 @@ impl Loader {
                 words: c.words,
                 resolved_positions: c.resolved_positions.clone(),
             };
-            let streams =
-                c.at.iter()
-                    .enumerate()
-                    .map(|(q, a)| match a {
-                        Staged::Decoded(o) => data.sub(*o, chunk.device_stream_len(q)),
-                        Staged::Deferred(_) => take(chunk.device_stream_len(q)),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+            let streams = c
+                .at
+                .iter()
+                .enumerate()
+                .map(|(q, a)| match (*a, bound.and_then(|b| b[ci][q])) {
+                    (Staged::Decoded(o), _) | (Staged::Deferred(_), Some(o)) => data.sub(o, chunk.device_stream_len(q)),
+                    (Staged::Deferred(_), None) => take(chunk.device_stream_len(q)),
+                })
+                .collect::<Result<Vec<_>>>()?;
             let Some(plan) = &c.plan else {
                 batch.push(&chunk, &streams, base, out)?;
                 continue;
@@ -459,7 +549,9 @@ impl Loader {
                 }
                 None => None,
             };
-            batch.push_listed(&chunk, &streams, base, out, positions)?;
+            if bound.is_none() {
+                batch.push_listed(&chunk, &streams, base, out, positions)?;
+            }
             let job = u32::try_from(first_job + ci).map_err(|_| GpuError::invalid("too many chunks"))?;
             for (q, r) in c.streams.iter().enumerate() {
                 let (Staged::Deferred(stored), Some((header, level))) = (c.at[q], plan.streams[q]) else { continue };
@@ -498,6 +590,9 @@ impl Loader {
         let groups = DevRange::all(&s.groups, &s.stream)?;
         let flag = DevRange::all(&self.flag, &s.stream)?;
         work.launch(&self.gpu, &s.stream, dev.sub(table, rans_tables)?, sums, groups, flag)?;
+        if bound.is_some() {
+            return Ok(());
+        }
         self.gpu.launch(&s.stream, &batch, Stage::Apply, dev.sub(0, batch.table_bytes())?, sums, groups, flag)
     }
 }
@@ -694,6 +789,14 @@ impl DeviceDelta {
     #[must_use]
     pub fn target_bytes(&self) -> usize {
         self.tensors.iter().map(StagedTensor::bytes).sum()
+    }
+
+    /// Whether some stream is decoded at each apply: a lane rANS stream
+    /// whose context needs the base, staged by [`Loader::stage_on_device`]
+    /// ([`Loader::stage_for_base`] decodes them once).
+    #[must_use]
+    pub fn decodes_at_apply(&self) -> bool {
+        self.tensors.iter().flat_map(|t| &t.chunks).any(|c| c.plan.is_some())
     }
 }
 
