@@ -78,7 +78,8 @@
 //!    kernels run, through the safe wrappers of `gpu.rs` (`rans.rs` plans
 //!    the lane rANS launches; `kernels.rs` compiles `kernels/*.cu`).
 //!    `pipeline/staged.rs` is the other route through steps 3 to 6: a
-//!    [`DeviceDelta`] decoded once, then applied with kernels only.
+//!    [`DeviceDelta`] decoded once (for one resident base, every stream:
+//!    [`Loader::stage_for_base`]), then applied with kernels only.
 //! 7. `pipeline/ring.rs` again: the slots' streams are joined and the
 //!    device error flag is read once; a fault is named by
 //!    `pipeline/faults.rs` (tensor, chunk, the library's code, `error.rs`).
