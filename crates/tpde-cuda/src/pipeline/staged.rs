@@ -170,7 +170,7 @@ impl Loader {
         self.finish(|job| order.get(job as usize).map(|p| (p.name, p.index)), None)?;
         let mut delta = DeviceDelta { data, tensors };
         if let Some(base) = base.filter(|_| !bound_part.is_empty()) {
-            let mut bound: Vec<Vec<Vec<Option<usize>>>> =
+            let mut bound: BoundAt =
                 delta.tensors.iter().map(|t| t.chunks.iter().map(|c| vec![None; c.at.len()]).collect()).collect();
             for &(ti, ci, q, o) in &bound_part {
                 bound[ti][ci][q] = Some(total + o);
@@ -195,12 +195,7 @@ impl Loader {
     /// Decodes the deferred streams of a staged delta against `base`, into
     /// the data at `bound[tensor][chunk][stream]`: the decoding of
     /// [`Loader::flush_staged`], without the apply, its outputs kept. Waits.
-    fn decode_for_base(
-        &mut self,
-        delta: &DeviceDelta,
-        base: &[&CudaSlice<u8>],
-        bound: &[Vec<Vec<Option<usize>>>],
-    ) -> Result<()> {
+    fn decode_for_base(&mut self, delta: &DeviceDelta, base: &[&CudaSlice<u8>], bound: &BoundAt) -> Result<()> {
         let main = self.gpu.stream().clone();
         let bases = base.iter().map(|b| DevRange::all(*b, &main)).collect::<Result<Vec<_>>>()?;
         self.begin(&[])?;
@@ -447,7 +442,7 @@ impl Loader {
         delta: &DeviceDelta,
         bases: &[DevRange],
         outs: &[DevRange],
-        bound: Option<&[Vec<Vec<Option<usize>>>]>,
+        bound: Option<&BoundAt>,
     ) -> Result<()> {
         let limits = SlotLimits {
             tiles: self.slots[0].sums.len(),
@@ -477,7 +472,9 @@ impl Loader {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 self.flush_staged(delta, t, &pending, first_job, bound.map(|b| b[ti].as_slice()))?;
-                self.timings.batches += 1;
+                if bound.is_none() {
+                    self.timings.batches += 1;
+                }
                 start = end;
             }
             first_job += t.chunks.len();
@@ -597,6 +594,11 @@ impl Loader {
     }
 }
 
+/// Per tensor, chunk and stream of a staged delta: where a deferred
+/// stream's bytes, decoded against the base it is staged for, go in the
+/// data ([`Loader::stage_for_base`]).
+type BoundAt = Vec<Vec<Vec<Option<usize>>>>;
+
 /// Where a stream of a [`DeviceDelta`] lies in its data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Staged {
@@ -696,7 +698,7 @@ fn greedy_cuts(needs: &[ChunkNeeds], limits: &SlotLimits, cap: usize) -> Result<
 /// made of about as many chunks each. Cut only where a slot is full, its
 /// last batch could hold a single chunk, whose decoding (one tile's chain
 /// of steps, on few blocks) then outlasted a full batch's
-/// (`BENCHMARKS-GPU.md`, "Balanced batches").
+/// (`BENCHMARKS-GPU.md`, "Batches cut evenly").
 fn even_cuts(needs: &[ChunkNeeds], limits: &SlotLimits) -> Result<Vec<usize>> {
     let greedy = greedy_cuts(needs, limits, usize::MAX)?;
     match greedy.len() {
