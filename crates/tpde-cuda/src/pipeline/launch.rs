@@ -242,9 +242,9 @@ mod tests {
     }
 
     /// A call's streams are spread evenly over at least as many batches as
-    /// slots, between the least batch and a whole slot; a coded stream counts its
-    /// stored bytes besides its decoded ones, a stored stream once; records
-    /// not validated yet cannot overflow the sum.
+    /// slots, between the least batch and a whole slot; a coded stream
+    /// counts its stored bytes besides its decoded ones, a stored stream
+    /// once; records not validated yet cannot overflow the sum.
     #[test]
     fn the_batch_budget_spreads_a_call_over_the_slots() {
         use tpde::format::{Codec, StreamRecord};
