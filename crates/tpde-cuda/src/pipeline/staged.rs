@@ -695,16 +695,22 @@ fn greedy_cuts(needs: &[ChunkNeeds], limits: &SlotLimits, cap: usize) -> Result<
 }
 
 /// [`greedy_cuts`], with the batches of a tensor that takes more than one
-/// made of about as many chunks each. Cut only where a slot is full, its
-/// last batch could hold a single chunk, whose decoding (one tile's chain
-/// of steps, on few blocks) then outlasted a full batch's
+/// made of about as many chunks each: each batch takes at most its even
+/// share of the chunks left over the batches left. Cut only where a slot is
+/// full, its last batch could hold a single chunk, whose decoding (one
+/// tile's chain of steps, on few blocks) then outlasted a full batch's
 /// (`BENCHMARKS-GPU.md`, "Batches cut evenly").
 fn even_cuts(needs: &[ChunkNeeds], limits: &SlotLimits) -> Result<Vec<usize>> {
-    let greedy = greedy_cuts(needs, limits, usize::MAX)?;
-    match greedy.len() {
-        0 | 1 => Ok(greedy),
-        n => greedy_cuts(needs, limits, needs.len().div_ceil(n)),
+    let batches = greedy_cuts(needs, limits, usize::MAX)?.len();
+    let mut cuts = Vec::with_capacity(batches);
+    let mut start = 0;
+    while start < needs.len() {
+        let share = (needs.len() - start).div_ceil(batches.saturating_sub(cuts.len()).max(1));
+        let first = greedy_cuts(&needs[start..], limits, share)?[0];
+        start += first;
+        cuts.push(start);
     }
+    Ok(cuts)
 }
 
 impl StagedChunk {
@@ -823,10 +829,50 @@ mod tests {
         assert_eq!(even_cuts(&[mib8; 20], &limits).unwrap(), [7, 14, 20]);
         assert_eq!(even_cuts(&[mib8; 5], &limits).unwrap(), [5]);
         assert_eq!(even_cuts(&[], &limits).unwrap(), Vec::<usize>::new());
-        // the chunk cap holds too
+        // the chunk cap holds too: 3, 2, 2 rather than 3, 3, 1
         let capped = SlotLimits { chunks: 3, ..limits };
-        assert_eq!(even_cuts(&[chunk(1 << 20); 7], &capped).unwrap(), [3, 6, 7]);
+        assert_eq!(greedy_cuts(&[chunk(1 << 20); 7], &capped, usize::MAX).unwrap(), [3, 6, 7]);
+        assert_eq!(even_cuts(&[chunk(1 << 20); 7], &capped).unwrap(), [3, 5, 7]);
         assert!(even_cuts(&[chunk(64 << 20)], &limits).is_err());
         assert!(even_cuts(&[ChunkNeeds { rows: 1 << 21, ..chunk(0) }], &limits).is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever the chunks' sizes, the even cuts split them in order and
+        /// every batch fits a slot; chunks of one size take as many batches
+        /// as the greedy cuts, of counts that differ by one at most.
+        #[test]
+        fn even_cuts_fit_and_balance(
+            sizes in proptest::collection::vec(1usize..=16, 0..80),
+            cap in 1usize..12,
+            uniform in proptest::bool::ANY,
+        ) {
+            let limits = SlotLimits { tiles: 1 << 20, rows: 1 << 20, chunks: cap, bytes: 64 << 20 };
+            let needs: Vec<ChunkNeeds> =
+                sizes.iter().map(|&m| chunk(if uniform { 4 << 20 } else { m << 20 })).collect();
+            let cuts = even_cuts(&needs, &limits).unwrap();
+            let greedy = greedy_cuts(&needs, &limits, usize::MAX).unwrap();
+            proptest::prop_assert_eq!(cuts.last().copied().unwrap_or(0), needs.len());
+            let mut start = 0;
+            let mut counts = Vec::new();
+            for &end in &cuts {
+                proptest::prop_assert!(end > start);
+                let batch = needs[start..end].iter().fold(ChunkNeeds::default(), |a, n| ChunkNeeds {
+                    tiles: a.tiles + n.tiles,
+                    rows: a.rows + n.rows,
+                    rans: a.rans + n.rans,
+                    positions: a.positions + n.positions,
+                    device: a.device + n.device,
+                });
+                proptest::prop_assert!(limits.fit(end - start, &batch));
+                counts.push(end - start);
+                start = end;
+            }
+            if uniform && !counts.is_empty() {
+                proptest::prop_assert_eq!(cuts.len(), greedy.len());
+                let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+                proptest::prop_assert!(hi - lo <= 1, "{:?}", counts);
+            }
+        }
     }
 }
