@@ -661,35 +661,47 @@ impl SlotLimits {
     }
 }
 
-/// Where chunks of the given needs are cut into batches: each the longest
-/// run of the chunks left, of at most `cap` chunks, that fits a slot.
-/// Returns the end of each batch.
-fn greedy_cuts(needs: &[ChunkNeeds], limits: &SlotLimits, cap: usize) -> Result<Vec<usize>> {
-    let mut cuts = Vec::new();
-    let (mut count, mut batch) = (0, ChunkNeeds::default());
-    for (ci, n) in needs.iter().enumerate() {
+impl ChunkNeeds {
+    /// The needs of two chunks, or batches, together.
+    fn plus(&self, other: &Self) -> Self {
+        Self {
+            tiles: self.tiles + other.tiles,
+            rows: self.rows + other.rows,
+            rans: self.rans + other.rans,
+            positions: self.positions + other.positions,
+            device: self.device + other.device,
+        }
+    }
+}
+
+/// The chunks that the next batch takes of `needs` (at least one): the
+/// longest run, of at most `cap` chunks, that fits a slot.
+fn batch_len(needs: &[ChunkNeeds], limits: &SlotLimits, cap: usize) -> Result<usize> {
+    let mut batch = ChunkNeeds::default();
+    for (count, n) in needs.iter().enumerate() {
         if n.rows > limits.rows {
             return Err(GpuError::invalid("a chunk has too many tiles; raise LoaderConfig::slot_bytes"));
         }
         if !limits.fit(1, n) {
             return Err(GpuError::invalid("a chunk does not fit a staging slot; raise LoaderConfig::slot_bytes"));
         }
-        let with = ChunkNeeds {
-            tiles: batch.tiles + n.tiles,
-            rows: batch.rows + n.rows,
-            rans: batch.rans + n.rans,
-            positions: batch.positions + n.positions,
-            device: batch.device + n.device,
-        };
+        let with = batch.plus(n);
         if count > 0 && (count >= cap || !limits.fit(count + 1, &with)) {
-            cuts.push(ci);
-            (count, batch) = (1, *n);
-        } else {
-            (count, batch) = (count + 1, with);
+            return Ok(count);
         }
+        batch = with;
     }
-    if count > 0 {
-        cuts.push(needs.len());
+    Ok(needs.len())
+}
+
+/// Where chunks of the given needs are cut into batches: each the longest
+/// run of the chunks left that fits a slot. Returns the end of each batch.
+fn greedy_cuts(needs: &[ChunkNeeds], limits: &SlotLimits) -> Result<Vec<usize>> {
+    let mut cuts = Vec::new();
+    let mut start = 0;
+    while start < needs.len() {
+        start += batch_len(&needs[start..], limits, usize::MAX)?;
+        cuts.push(start);
     }
     Ok(cuts)
 }
@@ -701,13 +713,12 @@ fn greedy_cuts(needs: &[ChunkNeeds], limits: &SlotLimits, cap: usize) -> Result<
 /// tile's chain of steps, on few blocks) then outlasted a full batch's
 /// (`BENCHMARKS-GPU.md`, "Batches cut evenly").
 fn even_cuts(needs: &[ChunkNeeds], limits: &SlotLimits) -> Result<Vec<usize>> {
-    let batches = greedy_cuts(needs, limits, usize::MAX)?.len();
+    let batches = greedy_cuts(needs, limits)?.len();
     let mut cuts = Vec::with_capacity(batches);
     let mut start = 0;
     while start < needs.len() {
         let share = (needs.len() - start).div_ceil(batches.saturating_sub(cuts.len()).max(1));
-        let first = greedy_cuts(&needs[start..], limits, share)?[0];
-        start += first;
+        start += batch_len(&needs[start..], limits, share)?;
         cuts.push(start);
     }
     Ok(cuts)
@@ -824,14 +835,14 @@ mod tests {
         // A slot of 64 MiB holds seven chunks of 8 MiB and their tables.
         let limits = SlotLimits { tiles: 1 << 20, rows: 1 << 20, chunks: 4096, bytes: 64 << 20 };
         let mib8 = chunk(8 << 20);
-        assert_eq!(greedy_cuts(&[mib8; 8], &limits, usize::MAX).unwrap(), [7, 8], "a slot's worth, then a remnant");
+        assert_eq!(greedy_cuts(&[mib8; 8], &limits).unwrap(), [7, 8], "a slot's worth, then a remnant");
         assert_eq!(even_cuts(&[mib8; 8], &limits).unwrap(), [4, 8]);
         assert_eq!(even_cuts(&[mib8; 20], &limits).unwrap(), [7, 14, 20]);
         assert_eq!(even_cuts(&[mib8; 5], &limits).unwrap(), [5]);
         assert_eq!(even_cuts(&[], &limits).unwrap(), Vec::<usize>::new());
         // the chunk cap holds too: 3, 2, 2 rather than 3, 3, 1
         let capped = SlotLimits { chunks: 3, ..limits };
-        assert_eq!(greedy_cuts(&[chunk(1 << 20); 7], &capped, usize::MAX).unwrap(), [3, 6, 7]);
+        assert_eq!(greedy_cuts(&[chunk(1 << 20); 7], &capped).unwrap(), [3, 6, 7]);
         assert_eq!(even_cuts(&[chunk(1 << 20); 7], &capped).unwrap(), [3, 5, 7]);
         assert!(even_cuts(&[chunk(64 << 20)], &limits).is_err());
         assert!(even_cuts(&[ChunkNeeds { rows: 1 << 21, ..chunk(0) }], &limits).is_err());
@@ -851,19 +862,13 @@ mod tests {
             let needs: Vec<ChunkNeeds> =
                 sizes.iter().map(|&m| chunk(if uniform { 4 << 20 } else { m << 20 })).collect();
             let cuts = even_cuts(&needs, &limits).unwrap();
-            let greedy = greedy_cuts(&needs, &limits, usize::MAX).unwrap();
+            let greedy = greedy_cuts(&needs, &limits).unwrap();
             proptest::prop_assert_eq!(cuts.last().copied().unwrap_or(0), needs.len());
             let mut start = 0;
             let mut counts = Vec::new();
             for &end in &cuts {
                 proptest::prop_assert!(end > start);
-                let batch = needs[start..end].iter().fold(ChunkNeeds::default(), |a, n| ChunkNeeds {
-                    tiles: a.tiles + n.tiles,
-                    rows: a.rows + n.rows,
-                    rans: a.rans + n.rans,
-                    positions: a.positions + n.positions,
-                    device: a.device + n.device,
-                });
+                let batch = needs[start..end].iter().fold(ChunkNeeds::default(), |a, n| a.plus(n));
                 proptest::prop_assert!(limits.fit(end - start, &batch));
                 counts.push(end - start);
                 start = end;
