@@ -74,9 +74,9 @@ impl Fault for CudaFault {
     }
 }
 
-type CudaResult<T> = Result<T, CudaFault>;
+pub(crate) type CudaResult<T> = Result<T, CudaFault>;
 
-fn invalid(message: impl Into<String>) -> CudaFault {
+pub(crate) fn invalid(message: impl Into<String>) -> CudaFault {
     CudaFault::Library(Error::new(ErrorCode::InvalidArgument, message))
 }
 
@@ -87,7 +87,7 @@ fn invalid(message: impl Into<String>) -> CudaFault {
 static LOADERS: LazyLock<Mutex<(LoaderConfig, BTreeMap<usize, Loader>)>> =
     LazyLock::new(|| Mutex::new((LoaderConfig::default(), BTreeMap::new())));
 
-fn with_loader<T>(device: usize, work: impl FnOnce(&mut Loader) -> CudaResult<T>) -> CudaResult<T> {
+pub(crate) fn with_loader<T>(device: usize, work: impl FnOnce(&mut Loader) -> CudaResult<T>) -> CudaResult<T> {
     // A panic inside the loader leaves it usable: every call starts afresh.
     let mut guard = LOADERS.lock().unwrap_or_else(PoisonError::into_inner);
     let (config, loaders) = &mut *guard;
@@ -168,7 +168,7 @@ pub struct DeviceBuffer {
 }
 
 impl DeviceBuffer {
-    fn new(slice: CudaSlice<u8>, len: usize, device: usize) -> Self {
+    pub(crate) fn new(slice: CudaSlice<u8>, len: usize, device: usize) -> Self {
         let ptr = {
             let (ptr, _sync) = slice.device_ptr(slice.stream());
             ptr
@@ -180,19 +180,27 @@ impl DeviceBuffer {
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         let Some(slice) = self.slice.take() else { return };
-        // This runs on a Python thread, whose current context is torch's (another
-        // device's, maybe): cudarc binds this buffer's own, so put it back after.
-        let previous = ctx::get_current();
-        // The memory goes back to the pool on the loader's stream, but torch may
-        // still have kernels reading it queued on its own streams: wait for the
-        // whole device first. Tensors of a loaded model are freed rarely.
-        let _ = slice.context().synchronize();
-        drop(slice);
-        if let Ok(previous) = previous {
-            // SAFETY: the context was current on this thread a moment ago, and
-            // the primary contexts that torch and cudarc use outlive this call.
-            let _ = unsafe { ctx::set_current(previous.unwrap_or(std::ptr::null_mut())) };
-        }
+        keeping_current_context(|| {
+            // The memory goes back to the pool on the loader's stream, but torch
+            // may still have kernels reading it queued on its own streams: wait
+            // for the whole device first. Tensors of a loaded model are freed
+            // rarely.
+            let _ = slice.context().synchronize();
+            drop(slice);
+        });
+    }
+}
+
+/// Runs `work`, which binds a context of cudarc's to this thread, then makes
+/// current again the context that was: a drop runs on a Python thread, whose
+/// current context is torch's (another device's, maybe).
+pub(crate) fn keeping_current_context(work: impl FnOnce()) {
+    let previous = ctx::get_current();
+    work();
+    if let Ok(previous) = previous {
+        // SAFETY: the context was current on this thread a moment ago, and the
+        // primary contexts that torch and cudarc use outlive this call.
+        let _ = unsafe { ctx::set_current(previous.unwrap_or(std::ptr::null_mut())) };
     }
 }
 
@@ -237,11 +245,11 @@ impl DeviceBuffer {
 
 /// A tensor that torch owns, as Python passes it: `(name, dtype, shape, device
 /// address, bytes)` of a contiguous CUDA tensor on the loader's device.
-type ResidentArg = (String, String, Vec<u64>, u64, usize);
+pub(crate) type ResidentArg = (String, String, Vec<u64>, u64, usize);
 
 /// Device memory that torch owns, seen as cudarc slices for the loader's calls.
 /// They are leaked when dropped, never freed: torch frees the memory.
-struct Borrowed(Vec<CudaSlice<u8>>);
+pub(crate) struct Borrowed(Vec<CudaSlice<u8>>);
 
 impl Borrowed {
     /// Borrows `(address, bytes)` of each tensor.
@@ -269,7 +277,7 @@ impl Drop for Borrowed {
 
 /// The result of one tensor: `(name, dtype, shape, buffer)`, the buffer None for
 /// a tensor rebuilt in place.
-type Rebuilt = (String, String, Vec<u64>, Option<DeviceBuffer>);
+pub(crate) type Rebuilt = (String, String, Vec<u64>, Option<DeviceBuffer>);
 
 /// Rebuilds every tensor of `delta` on GPU `device` into new device buffers,
 /// against `base_path` (a checkpoint, checked by the library before anything is
@@ -314,7 +322,7 @@ pub fn cuda_load(
 /// filling it costs more per call than the ring does (H200: 46 ms against
 /// 2.4 ms for an 81 MB delta). A delta at a URL is fetched whole first: the
 /// loader rebuilds every tensor, so it needs every chunk.
-fn open_delta(path: &std::path::Path) -> CudaResult<DeltaFile> {
+pub(crate) fn open_delta(path: &std::path::Path) -> CudaResult<DeltaFile> {
     let delta = tpde_store::open_delta_at(path)?;
     delta.fetch_all()?;
     Ok(delta)
@@ -334,7 +342,7 @@ fn results(file: &DeltaFile, outs: impl Iterator<Item = Option<CudaSlice<u8>>>, 
 
 /// Borrows the resident tensors that are not empty (an empty tensor may have no
 /// address); returns them and, per resident tensor, its index among them.
-fn borrow_all(loader: &Loader, resident: &[ResidentArg]) -> (Borrowed, Vec<Option<usize>>) {
+pub(crate) fn borrow_all(loader: &Loader, resident: &[ResidentArg]) -> (Borrowed, Vec<Option<usize>>) {
     let mut at = 0;
     let index = resident
         .iter()
@@ -357,7 +365,7 @@ fn borrow_all(loader: &Loader, resident: &[ResidentArg]) -> (Borrowed, Vec<Optio
 ///
 /// # Errors
 /// `E_UNKNOWN_DTYPE` for a dtype that is not a safetensors dtype.
-fn resident_tensors<'b>(
+pub(crate) fn resident_tensors<'b>(
     resident: &'b [ResidentArg],
     borrowed: &'b Borrowed,
     index: &[Option<usize>],

@@ -1,7 +1,8 @@
 //! The `tpde._tpde` extension module: the library's verbs (`encode`, `apply`,
 //! `verify`, `inspect`), `DeltaReader`, which rebuilds single tensors, and
 //! `Series`, a training run kept as keyframes and deltas, and the CUDA path of
-//! `tpde.torch` (`cuda_load`, `cuda_apply_in_place`, `cuda_empty_cache`, `cuda_set_staging`, `DeviceBuffer`). The
+//! `tpde.torch` (`cuda_load`, `cuda_apply_in_place`, `cuda_empty_cache`, `cuda_set_staging`, `DeviceBuffer`,
+//! and `cuda_stage`, whose `StagedDelta` applies a delta staged on the GPU). The
 //! `tpde` package wraps it in Python (`safe_open`, `tpde.torch`).
 
 mod cuda;
@@ -9,6 +10,7 @@ mod errors;
 mod host_buffer;
 mod interrupt;
 mod series;
+mod staged;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -267,5 +269,7 @@ fn _tpde(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(cuda::cuda_apply_in_place, module)?)?;
     module.add_function(wrap_pyfunction!(cuda::cuda_empty_cache, module)?)?;
     module.add_function(wrap_pyfunction!(cuda::cuda_set_staging, module)?)?;
+    module.add_class::<staged::StagedDelta>()?;
+    module.add_function(wrap_pyfunction!(staged::cuda_stage, module)?)?;
     Ok(())
 }

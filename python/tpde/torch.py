@@ -4,6 +4,9 @@
   disk, or from a base already in memory (a state dict).
 - ``apply_(state_dict, delta)`` turns a state dict holding the base into the target.
 - ``save_delta(base_state_dict, state_dict, path)`` encodes straight from memory.
+- ``stage(delta, device, base=None)`` (CUDA only) uploads and decodes a delta once
+  on the GPU; the ``StagedDelta`` it returns applies it again and again with
+  kernels only (``apply_`` in place, ``load`` into new tensors).
 
 On the CPU, tensors are read and written in place where they are contiguous CPU
 tensors; others are copied to the CPU first.
@@ -23,6 +26,7 @@ faults of a file or base keep the codes the CPU path gives.
 
 from __future__ import annotations
 
+import collections.abc
 import ctypes
 import glob
 import importlib
@@ -39,7 +43,7 @@ from ._reader import safe_open
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["apply_", "empty_cache", "load", "save_delta", "set_staging"]
+__all__ = ["StagedDelta", "apply_", "empty_cache", "load", "save_delta", "set_staging", "stage"]
 
 
 def _safetensors_dtype(name: str, tensor: torch.Tensor) -> str:
@@ -229,6 +233,10 @@ def _wrap(buffer: Any, dtype: str, shape: Sequence[int], device: torch.device, n
 def _resident(state_dict: Mapping[str, torch.Tensor], device: torch.device) -> List[_Resident]:
     """The tensors of ``state_dict`` as the loader borrows them: each must be a
     contiguous tensor on ``device`` whose bytes are its values."""
+    if not isinstance(state_dict, collections.abc.Mapping):
+        raise tpde_error(
+            "E_INVALID_ARGUMENT", f"expected a state dict of CUDA tensors, got {type(state_dict).__name__}"
+        )
     resident = []
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor):
@@ -287,6 +295,136 @@ def _apply_cuda(
         # No buffer: rebuilt inside the state dict's own tensor.
         tensors[name] = state_dict[name] if buffer is None else _wrap(buffer, dtype, shape, device, name)
     _update(state_dict, tensors)
+
+
+def stage(
+    delta: PathLike,
+    device: Union[str, torch.device] = "cuda",
+    base: Optional[Mapping[str, torch.Tensor]] = None,
+    *,
+    check_base: bool = True,
+) -> StagedDelta:
+    """Uploads ``delta`` to the CUDA ``device`` once and decodes there what it
+    can, for a ``StagedDelta`` whose every apply after is kernels only: one
+    delta applied to many state dicts, or to the same one again. Every chunk's
+    checksum is checked here, once.
+
+    Without ``base``, the streams coded against the base (lane rANS streams
+    keyed by the base's words) are kept as stored and decoded at each apply,
+    against the base that apply is given (``decodes_at_apply`` is then true
+    where the delta has any).
+
+    With ``base``, a state dict of contiguous tensors on ``device`` that holds
+    the delta's base (matched by name, dtype and shape, as ``load`` matches
+    it), those streams are decoded once too, against it: the case of many
+    fine-tunes served over one resident base, or a weight sync applied to the
+    same base again. ``check_base`` checks its digests first, from a copy on
+    the host (``E_BASE_DIGEST``). The base is only read. Every later apply must
+    then be given a base that holds the same words: the streams were decoded
+    against these. Another base fails with ``E_CHUNK_DIGEST`` (every rebuilt
+    chunk is checked against its digest).
+
+    The staged delta owns its device memory until it is freed; it stays valid
+    across ``set_staging`` and ``empty_cache``, and needs the file no more."""
+    target = torch.device(device)
+    if target.type != "cuda":
+        raise tpde_error("E_INVALID_ARGUMENT", f"a delta is staged on a CUDA device, not on {target}")
+    target = torch.device("cuda", _cuda_index(target))
+    resident = None if base is None else _resident(base, target)
+    _preload_nvrtc()
+    if resident:
+        # The loader reads the base on its own stream: torch's writes come first.
+        torch.cuda.current_stream(target).synchronize()
+    staged = _tpde.cuda_stage(os.fspath(delta), device=target.index, base_tensors=resident, check_base=check_base)
+    return StagedDelta(staged, target)
+
+
+class StagedDelta:
+    """A delta staged in GPU memory by ``stage``, applied with kernels only.
+
+    ``apply_(state_dict)`` rebuilds the target inside the state dict's own
+    tensors, as ``apply_(..., low_memory=True)`` does; ``load(base)`` rebuilds it
+    into new tensors and leaves ``base`` as it was. Tensors given must be
+    contiguous and on ``device`` (``E_INVALID_ARGUMENT`` otherwise, naming the
+    tensor), and hold the delta's base by name, dtype and shape
+    (``E_BASE_MISSING_TENSOR``, ``E_BASE_MISMATCH``), all checked before
+    anything is written.
+
+    The base's digests are not checked at an apply (that would cost what
+    staging saves): the rebuilt chunks' digests prove the result, after the
+    apply wrote it. A base that does not hold the words the delta was made
+    against, or, for a delta staged for a base, the words of that base (the
+    streams were decoded against these), fails with ``E_CHUNK_DIGEST``. After
+    ``apply_``, the tensors rebuilt in place then hold the wrong words rebuilt
+    from it, in every chunk that the delta changes: neither the base nor the
+    target, to be restored before use; the state dict is otherwise left as it
+    was (no tensor added, replaced or removed). After ``load``, the base is
+    left as it was and nothing is returned."""
+
+    def __init__(self, staged: _tpde.StagedDelta, device: torch.device) -> None:
+        self._staged = staged
+        self._device = device
+
+    @property
+    def device(self) -> torch.device:
+        """The CUDA device it is staged on."""
+        return self._device
+
+    @property
+    def names(self) -> List[str]:
+        """The names of the target's tensors, in the delta's order."""
+        return [name for name, _, _ in self._staged.tensors]
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory that the staged streams take, in bytes."""
+        return self._staged.device_bytes
+
+    @property
+    def target_bytes(self) -> int:
+        """Bytes of all the target's tensors."""
+        return self._staged.target_bytes
+
+    @property
+    def decodes_at_apply(self) -> bool:
+        """Whether some stream is decoded at each apply, against that apply's
+        base: one coded against the base, staged without ``base``."""
+        return self._staged.decodes_at_apply
+
+    @property
+    def for_base(self) -> bool:
+        """Whether it was staged for a base (``stage(..., base=...)``)."""
+        return self._staged.for_base
+
+    def apply_(self, state_dict: MutableMapping[str, torch.Tensor]) -> None:
+        """Turns ``state_dict``, which holds the delta's base, into the target:
+        tensors whose base has the target's shape are rebuilt inside their own
+        memory; the others (no base, or one of another shape) are replaced by
+        new tensors, allocated before anything is written; tensors the target
+        lacks are removed. Tensors rebuilt in place that share memory (tied
+        weights) are refused (``E_INVALID_ARGUMENT``): ``load`` them instead."""
+        resident = _resident(state_dict, self._device)
+        # The loader reads and writes these tensors on its own stream: whatever
+        # torch queued on them comes first.
+        torch.cuda.current_stream(self._device).synchronize()
+        tensors = {}
+        for name, dtype, shape, buffer in self._staged.apply_in_place(resident):
+            # No buffer: rebuilt inside the state dict's own tensor.
+            tensors[name] = state_dict[name] if buffer is None else _wrap(buffer, dtype, shape, self._device, name)
+        _update(state_dict, tensors)
+
+    def load(self, base: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Rebuilds the target from ``base`` (a state dict holding the delta's
+        base, or None for a standalone delta) into new tensors on ``device``,
+        each owning its device memory; ``base`` is only read."""
+        resident = _resident({} if base is None else base, self._device)
+        if resident:
+            torch.cuda.current_stream(self._device).synchronize()
+        rebuilt = self._staged.load(resident)
+        return {name: _wrap(buffer, dtype, shape, self._device, name) for name, dtype, shape, buffer in rebuilt}
+
+    def __repr__(self) -> str:
+        return repr(self._staged)
 
 
 def save_delta(
