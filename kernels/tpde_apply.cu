@@ -1,6 +1,7 @@
 // tpde reconstruction kernels (spec/FORMAT.md, "Chunk semantics").
 //
-// Compiled at run time through NVRTC, so this file includes no headers. The
+// Compiled at run time through NVRTC, after tpde_xxh3.cu's device functions
+// (kernels.rs: APPLY_PROGRAM), so this file includes no headers. The
 // host side (crates/tpde-cuda/src/kernels.rs) mirrors every constant and the
 // ChunkDesc layout below: the static_asserts after ChunkDesc pin its layout,
 // and a host test reads them back and compares them with the Rust side.
@@ -97,6 +98,7 @@ struct ChunkDesc {
     u32 group_begin;  // first row (of KEYS u32) of this chunk in the group table
     u32 changed;      // words changed by the apply kernels (0 on upload)
     u32 reserved;     // 0; keeps the size a multiple of 8
+    u64 terms;        // 0, or where this chunk's leaf digest term rows go (dense positional chunks)
 };
 
 // The byte layout that kernels.rs writes (ChunkDesc::write_to). The host test
@@ -104,7 +106,7 @@ struct ChunkDesc {
 // offsets need __builtin_offsetof, which NVRTC 13.0 lacks and 13.5 has: older
 // compilers check the size only, and the CI's compile (NVRTC from PyPI, with
 // REQUIRE_LAYOUT_CHECKS defined) refuses to skip the offsets.
-static_assert(sizeof(ChunkDesc) == 160, "ChunkDesc is 160 bytes");
+static_assert(sizeof(ChunkDesc) == 168, "ChunkDesc is 168 bytes");
 #if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1305)
 #define OFFSET_OF(T, f) __builtin_offsetof(T, f)
 static_assert(OFFSET_OF(ChunkDesc, pos) == 0, "ChunkDesc.pos");
@@ -123,6 +125,7 @@ static_assert(OFFSET_OF(ChunkDesc, order) == 144, "ChunkDesc.order");
 static_assert(OFFSET_OF(ChunkDesc, group_begin) == 148, "ChunkDesc.group_begin");
 static_assert(OFFSET_OF(ChunkDesc, changed) == 152, "ChunkDesc.changed");
 static_assert(OFFSET_OF(ChunkDesc, reserved) == 156, "ChunkDesc.reserved");
+static_assert(OFFSET_OF(ChunkDesc, terms) == 160, "ChunkDesc.terms");
 #elif defined(REQUIRE_LAYOUT_CHECKS)
 #error "this NVRTC cannot check the ChunkDesc offsets (no __builtin_offsetof)"
 #endif
@@ -132,7 +135,9 @@ static_assert(sizeof(u64) == 8 && sizeof(u32) == 4 && sizeof(u16) == 2, "integer
 __device__ __forceinline__ bool desc_ok(const ChunkDesc& c) {
     const bool kind = c.kind >= KIND_SPARSE_GAPS && c.kind <= KIND_SPARSE_LIST;
     const bool gaps = c.kind != KIND_SPARSE_GAPS || c.gap_width == 1 || c.gap_width == 2 || c.gap_width == 4;
-    return kind && gaps && c.op <= OP_SUB && c.layout <= LAYOUT_ROTATED_PLANES && c.order <= ORDER_GROUPED;
+    // only apply_wN's dense tiles write term rows; no other kernel must be asked to
+    const bool terms = c.terms == 0 || (c.kind == KIND_DENSE && c.order == ORDER_POSITIONAL);
+    return kind && gaps && terms && c.op <= OP_SUB && c.layout <= LAYOUT_ROTATED_PLANES && c.order <= ORDER_GROUPED;
 }
 
 // Raises ERR_BAD_DESCRIPTOR (once per block) for a descriptor with an
@@ -369,10 +374,49 @@ __device__ __forceinline__ void load_list_tile(const ChunkDesc& c, u64 t, u64* p
     __syncthreads();
 }
 
+// Pass 1 of the leaf digest (tpde_xxh3.cu) for the whole blocks of a dense
+// tile, into the chunk's term rows at c.terms, read back from the output the
+// block has just written, while it is still in L2: the digest pass then reads
+// none of the chunk but its last block. Each thread sums four stripes of a
+// lane pair, and the four threads of a block's pair add theirs up, so that
+// every thread of the block shares the work. Called by all threads.
+template <typename T>
+__device__ __forceinline__ void tile_leaf_terms(const ChunkDesc& c, u64 t, xu64* secret) {
+    for (u32 w = threadIdx.x; w < XXH_SECRET_WORDS; w += THREADS) secret[w] = xxh_secret64(8 * w);
+    __syncthreads();  // also makes the tile's words visible to the whole block
+    const u64 len = (u64)c.n * sizeof(T);
+    const u64 whole = len > XXH_MID_SIZE_MAX ? xxh3_full_blocks(len) : 0;
+    const u64 per_tile = TILE * sizeof(T) / XXH_BLOCK;
+    const u64 first = t * per_tile;
+    const u64 end = first + per_tile < whole ? first + per_tile : whole;
+    const u64 units = end > first ? 16 * (end - first) : 0;  // (block, quarter, pair)
+    xu64* rows = (xu64*)c.terms;
+    for (u64 at = 0; at < units; at += THREADS) {  // uniform: every lane shuffles below
+        const u64 u = at + threadIdx.x;
+        const u64 block = first + (u >> 4);
+        const u32 quarter = (u32)(u >> 2) & 3, p = (u32)u & 3;
+        xu64 t0 = 0, t1 = 0;
+        if (u < units) {
+            const xu8* in = (const xu8*)c.out + block * XXH_BLOCK + quarter * 4 * XXH_STRIPE;
+            xxh3_stripes_pair(in, 4, (const xu8*)secret, quarter * 4 * 8, p, &t0, &t1);
+        }
+#pragma unroll
+        for (u32 m = 4; m <= 8; m <<= 1) {
+            t0 += __shfl_xor_sync(0xffffffffu, t0, m);
+            t1 += __shfl_xor_sync(0xffffffffu, t1, m);
+        }
+        if (u < units && quarter == 0) {
+            rows[8 * block + 2 * p] = t0;
+            rows[8 * block + 2 * p + 1] = t1;
+        }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void apply_impl(ChunkDesc* d, u32 nd, const u64* offs, u32* flag) {
     __shared__ u64 pos[PAD(TILE)];
     __shared__ u64 ws[THREADS / 32];
+    __shared__ xu64 secret[XXH_SECRET_WORDS];
     __shared__ u32 ci;
     if (threadIdx.x == 0) ci = find_chunk(d, nd, blockIdx.x);
     __syncthreads();
@@ -427,6 +471,7 @@ __device__ __forceinline__ void apply_impl(ChunkDesc* d, u32 nd, const u64* offs
                 changed += w != b;
             }
         }
+        if (c.terms) tile_leaf_terms<T>(c, t, secret);  // uniform per block
     } else if (c.kind == KIND_SPARSE_GAPS || c.kind == KIND_SPARSE_LIST) {
         if (c.kind == KIND_SPARSE_GAPS) scan_gap_tile(c, t, offs, pos, ws);
         else load_list_tile(c, t, pos);

@@ -331,14 +331,18 @@ struct LeafDesc {
     xu64 ptr;
     xu64 len;
     xu64 terms;
-    xu64 reserved;
+    xu64 flags;  // LEAF_TERMS_GIVEN or 0
 };
+// The apply kernel that rebuilt the range wrote its term rows (tpde_apply.cu,
+// tile_leaf_terms): pass 1 leaves them alone.
+#define LEAF_TERMS_GIVEN 1ull
 // The byte layout that kernels.rs writes (LeafBatch::write_table).
 static_assert(sizeof(LeafDesc) == 32, "LeafDesc is 32 bytes (kernels.rs: LEAF_DESC_BYTES)");
 #if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1305)
 static_assert(__builtin_offsetof(LeafDesc, ptr) == 0, "LeafDesc.ptr");
 static_assert(__builtin_offsetof(LeafDesc, len) == 8, "LeafDesc.len");
 static_assert(__builtin_offsetof(LeafDesc, terms) == 16, "LeafDesc.terms");
+static_assert(__builtin_offsetof(LeafDesc, flags) == 24, "LeafDesc.flags");
 #elif defined(REQUIRE_LAYOUT_CHECKS)
 #error "the LeafDesc offsets need __builtin_offsetof (NVRTC 13.5 or later)"
 #endif
@@ -372,6 +376,7 @@ __device__ __forceinline__ void xxh3_block_terms_aligned(const xu8* block, xu32 
     row[2 * p + 1] = t1;
 }
 
+#if !defined(XXH3_DEVICE_FUNCTIONS_ONLY)
 extern "C" __global__ void __launch_bounds__(TERM_THREADS)
 leaf_terms(const LeafDesc* __restrict__ d, xu32 n, xu64 blocks, xu64* __restrict__ terms) {
     // The secret in shared memory: the four lane pairs of a warp read four
@@ -388,6 +393,7 @@ leaf_terms(const LeafDesc* __restrict__ d, xu32 n, xu64 blocks, xu64* __restrict
         const xu32 mid = lo + (hi - lo + 1) / 2;
         if (d[mid].terms <= row) lo = mid; else hi = mid - 1;
     }
+    if (d[lo].flags & LEAF_TERMS_GIVEN) return;
     const xu8* block = (const xu8*)d[lo].ptr + (row - d[lo].terms) * XXH_BLOCK;
     if (((unsigned long long)block & 15ull) == 0) {
         xxh3_block_terms_aligned(block, p, (const xu8*)secret, terms + 8 * row);
@@ -422,4 +428,5 @@ leaf_fold(const LeafDesc* __restrict__ d, xu32 n, const xu64* __restrict__ terms
     }
     if (lane == 0) xxh3_merge(len, lo_term, hi_term, &out[2 * i], &out[2 * i + 1]);
 }
+#endif  // XXH3_DEVICE_FUNCTIONS_ONLY
 #endif

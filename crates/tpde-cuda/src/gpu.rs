@@ -6,6 +6,7 @@
 //! come from the (untrusted) delta, and raise the device error flag instead of
 //! writing out of range.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use cudarc::driver::{
@@ -20,9 +21,9 @@ use tpde::{
 use crate::error::flag;
 use crate::error::{GpuError, Result};
 use crate::kernels::{
-    ChunkDesc, CopyRanges, FillDesc, KernelId, Kernels, RansDesc, KEYS, LEAF_DESC_BYTES, LEAF_FOLD_THREADS,
-    LEAF_TERM_BYTES_PER_BLOCK, LEAF_TERM_THREADS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS, RANS_FORM_BYTES,
-    RANS_FORM_PACKED, RANS_MAX_TABLE_BYTES, RANS_THREADS, THREADS,
+    kind, ChunkDesc, CopyRanges, FillDesc, KernelId, Kernels, RansDesc, KEYS, LEAF_DESC_BYTES, LEAF_FOLD_THREADS,
+    LEAF_TERMS_GIVEN, LEAF_TERM_BYTES_PER_BLOCK, LEAF_TERM_THREADS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS,
+    RANS_FORM_BYTES, RANS_FORM_PACKED, RANS_MAX_TABLE_BYTES, RANS_THREADS, THREADS,
 };
 use crate::pipeline::ChunkRef;
 use crate::rans::{context, tiles_per_warp, Header};
@@ -523,6 +524,18 @@ impl Batch {
         self.add(d)
     }
 
+    /// Gives each dense positional chunk whose output `rows` holds its first
+    /// leaf digest term row ([`ChunkDesc::terms`]), and adds its output to
+    /// `given`.
+    pub fn give_term_rows(&mut self, rows: &HashMap<u64, u64>, given: &mut HashSet<u64>) {
+        for d in self.descs.iter_mut().filter(|d| d.kind == kind::DENSE && !d.is_grouped()) {
+            if let Some(&row) = rows.get(&d.out) {
+                d.terms = row;
+                given.insert(d.out);
+            }
+        }
+    }
+
     /// Bytes of the descriptor table.
     pub fn table_bytes(&self) -> usize {
         self.descs.len() * ChunkDesc::BYTES
@@ -830,14 +843,15 @@ impl Gpu {
             Ok(cudarc::driver::LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
         };
         let (t, w, o, blocks) = (table.ptr(), terms.ptr(), out.ptr(), batch.blocks);
-        if blocks > 0 {
+        if batch.first_pass_needed() {
             let k = self.kernels.get(KernelId::LeafTerms);
             let cfg = config(LEAF_TERM_THREADS, (4 * blocks).div_ceil(u64::from(LEAF_TERM_THREADS)))?;
             // SAFETY: `LeafBatch::push` built every descriptor from a
             // `DevRange` of a live buffer that the caller keeps alive until the
             // stream is synchronized, with term rows ascending and ending at
             // `blocks`; the kernel reads whole blocks inside those ranges and
-            // writes rows < `blocks` of `terms` (checked above). Signature
+            // writes rows < `blocks` of `terms` (checked above), except those of
+            // ranges marked given. Signature
             // `leaf_terms(const LeafDesc*, u32, u64, u64*)`.
             unsafe { stream.launch_builder(k).arg(&t).arg(&n).arg(&blocks).arg(&w).launch(cfg) }?;
         }
@@ -1103,8 +1117,9 @@ impl RansBatch {
 /// rows of their whole 1 KiB blocks numbered one after the other.
 #[derive(Debug, Default)]
 pub(crate) struct LeafBatch {
-    /// Each range and its first term row.
-    ranges: Vec<(DevRange, u64)>,
+    /// Each range, its first term row, and whether an apply kernel writes
+    /// its terms (`LEAF_TERMS_GIVEN`: the first pass skips it).
+    ranges: Vec<(DevRange, u64, bool)>,
     /// Term rows taken so far.
     blocks: u64,
 }
@@ -1133,8 +1148,26 @@ impl LeafBatch {
 
     /// Adds a range to hash (a live device range).
     pub fn push(&mut self, range: DevRange) {
-        self.ranges.push((range, self.blocks));
+        self.ranges.push((range, self.blocks, false));
         self.blocks += Self::blocks_of(range.len());
+    }
+
+    /// Each range with whole blocks, and its first term row.
+    pub fn ranges_with_blocks(&self) -> impl Iterator<Item = (DevRange, u64)> + '_ {
+        self.ranges.iter().filter(|(r, ..)| Self::blocks_of(r.len()) > 0).map(|&(r, row, _)| (r, row))
+    }
+
+    /// Marks the ranges (by address) whose terms an apply kernel writes.
+    pub fn mark_given(&mut self, given: &HashSet<u64>) {
+        for (range, _, g) in &mut self.ranges {
+            *g = given.contains(&range.ptr());
+        }
+    }
+
+    /// Whether the first pass has blocks to hash: some range with whole
+    /// blocks whose terms no apply kernel writes.
+    fn first_pass_needed(&self) -> bool {
+        self.ranges.iter().any(|(r, _, given)| !given && Self::blocks_of(r.len()) > 0)
     }
 
     /// Bytes of the descriptor table.
@@ -1142,11 +1175,11 @@ impl LeafBatch {
         self.ranges.len() * LEAF_DESC_BYTES
     }
 
-    /// Writes the `LeafDesc` table (address, length, first term row, 0) into
-    /// `out`, at least [`LeafBatch::table_bytes`] long.
+    /// Writes the `LeafDesc` table (address, length, first term row, flags)
+    /// into `out`, at least [`LeafBatch::table_bytes`] long.
     pub fn write_table(&self, out: &mut [u8]) {
-        for (dst, (range, row)) in out.chunks_exact_mut(LEAF_DESC_BYTES).zip(&self.ranges) {
-            let fields = [range.ptr(), range.len() as u64, *row, 0];
+        for (dst, (range, row, given)) in out.chunks_exact_mut(LEAF_DESC_BYTES).zip(&self.ranges) {
+            let fields = [range.ptr(), range.len() as u64, *row, if *given { LEAF_TERMS_GIVEN } else { 0 }];
             for (d, f) in dst.chunks_exact_mut(8).zip(fields) {
                 d.copy_from_slice(&f.to_le_bytes());
             }
@@ -1160,9 +1193,6 @@ mod tests {
     use crate::kernels::kind;
     use crate::rans::Header;
 
-    /// Term rows are numbered across the ranges of a batch (short ranges
-    /// and ranges of at most 1 KiB take none) and written after address
-    /// and length.
     #[test]
     fn decoder_blocks_shrink_to_the_streams_they_decode() {
         // one tile a stream (sparse planes), more than a wave: one warp a block
@@ -1222,6 +1252,11 @@ mod tests {
         assert!(Batch::new(WordWidth::W4).push_listed(c, &streams, base, out, Some(over_out)).is_err());
     }
 
+    /// Term rows are numbered across the ranges of a batch (short ranges
+    /// and ranges of at most 1 KiB take none) and written after address
+    /// and length, with the flag of the ranges whose terms an apply kernel
+    /// writes; the first pass runs while some range with rows has no such
+    /// kernel.
     #[test]
     fn leaf_batch_numbers_term_rows_across_ranges() {
         let lens = [0usize, 240, 241, 1024, 1025, 2049, 300, 1 << 22];
@@ -1242,6 +1277,36 @@ mod tests {
         assert_eq!(rows.iter().map(|r| r[2]).collect::<Vec<_>>(), [0, 0, 0, 0, 0, 1, 3, 3]);
         assert_eq!(rows.iter().map(|r| r[1]).collect::<Vec<_>>(), lens.map(|l| l as u64));
         assert_eq!((rows[0][0], rows[1][0], rows[7][3]), (4096, 4097, 0));
+
+        let with_rows: Vec<(u64, u64)> = batch.ranges_with_blocks().map(|(r, row)| (r.ptr(), row)).collect();
+        assert_eq!(with_rows.iter().map(|&(_, row)| row).collect::<Vec<_>>(), [0, 1, 3]);
+        assert!(batch.first_pass_needed());
+        let given: HashSet<u64> = with_rows[..2].iter().map(|&(ptr, _)| ptr).collect();
+        batch.mark_given(&given);
+        assert!(batch.first_pass_needed(), "the last range's rows are not given");
+        batch.write_table(&mut table);
+        let flags: Vec<u64> =
+            table.chunks_exact(LEAF_DESC_BYTES).map(|d| u64::from_le_bytes(d[24..32].try_into().unwrap())).collect();
+        assert_eq!(flags, [0, 0, 0, 0, LEAF_TERMS_GIVEN, LEAF_TERMS_GIVEN, 0, 0]);
+        batch.mark_given(&with_rows.iter().map(|&(ptr, _)| ptr).collect());
+        assert!(!batch.first_pass_needed(), "every range with rows is given");
+    }
+
+    /// Only dense chunks of positional values are given their term rows:
+    /// no other kernel writes whole tiles of a chunk.
+    #[test]
+    fn only_dense_positional_chunks_are_given_term_rows() {
+        let mut batch = Batch::new(WordWidth::W4);
+        let chunks = [(kind::DENSE, 0), (kind::DENSE, 1), (kind::SPARSE_GAPS, 0), (kind::RAW, 0), (kind::DENSE, 0)];
+        for (k, (kind, order)) in (1u64..).zip(chunks) {
+            batch.descs.push(ChunkDesc { kind, order, out: 0x1000 * k, ..ChunkDesc::default() });
+        }
+        // the last chunk's bytes have no rows (a later leaf batch)
+        let rows: HashMap<u64, u64> = (1..=4).map(|k| (0x1000 * k, 0x9000 + 64 * k)).collect();
+        let mut given = HashSet::new();
+        batch.give_term_rows(&rows, &mut given);
+        assert_eq!(batch.descs.iter().map(|d| d.terms).collect::<Vec<_>>(), [0x9040, 0, 0, 0, 0]);
+        assert_eq!(given, HashSet::from([0x1000]));
     }
 
     fn rans_stream(at: u64, n: u32, header: Header, context: RansContext, level: u32, job: u32) -> RansStream {

@@ -14,8 +14,17 @@ use tpde::{
 
 use crate::error::{GpuError, Result};
 
-/// Source of the reconstruction kernels.
+/// Source of the reconstruction kernels; NVRTC compiles [`APPLY_PROGRAM`].
+#[cfg(test)]
 pub const APPLY_SOURCE: &str = include_str!("../../../kernels/tpde_apply.cu");
+/// What NVRTC compiles for [`Source::Apply`]: the dense apply kernels also
+/// compute leaf digest terms ([`ChunkDesc::terms`]), with the device
+/// functions of [`XXH3_SOURCE`] (its kernels left out).
+pub const APPLY_PROGRAM: &str = concat!(
+    "#define XXH3_DEVICE_FUNCTIONS_ONLY\n",
+    include_str!("../../../kernels/tpde_xxh3.cu"),
+    include_str!("../../../kernels/tpde_apply.cu")
+);
 /// Source of the leaf digest kernel (XXH3-128, spec §10).
 pub const XXH3_SOURCE: &str = include_str!("../../../kernels/tpde_xxh3.cu");
 /// Source of the lane rANS kernels (codec 2, spec §8.7).
@@ -145,7 +154,7 @@ impl Source {
     #[must_use]
     pub const fn text(self) -> &'static str {
         match self {
-            Self::Apply => APPLY_SOURCE,
+            Self::Apply => APPLY_PROGRAM,
             Self::Xxh3 => XXH3_SOURCE,
             Self::Rans => RANS_SOURCE,
         }
@@ -274,7 +283,7 @@ pub(crate) const MAX_POSITION_STREAMS: usize = 4;
 pub(crate) const MAX_VALUE_STREAMS: usize = 8;
 
 /// One chunk as the kernels read it: `struct ChunkDesc` of the source,
-/// 160 bytes, with one device address per stream. The source pins the
+/// 168 bytes, with one device address per stream. The source pins the
 /// layout with `static_assert`s, which a test compares with `ChunkDesc::FIELDS`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ChunkDesc {
@@ -292,16 +301,21 @@ pub(crate) struct ChunkDesc {
     pub gap_width: u32,
     pub order: u32,
     pub group_begin: u32,
+    /// 0, or the device address of the chunk's first row in the leaf digest
+    /// term table: the apply kernel of a dense positional chunk then writes
+    /// the terms of its whole 1 KiB blocks there, and the digest pass skips
+    /// them.
+    pub terms: u64,
 }
 
 impl ChunkDesc {
-    pub const BYTES: usize = 160;
+    pub const BYTES: usize = 168;
 
     /// Byte offset of each field of the source's `struct ChunkDesc`, as
     /// [`ChunkDesc::write_to`] writes it. `changed` is counted by the kernels
     /// and `reserved` stays 0; both are written as 0.
     #[cfg(test)]
-    pub const FIELDS: [(&'static str, usize); 16] = [
+    pub const FIELDS: [(&'static str, usize); 17] = [
         ("pos", 0),
         ("val", 32),
         ("base", 96),
@@ -318,6 +332,7 @@ impl ChunkDesc {
         ("group_begin", 148),
         ("changed", 152),
         ("reserved", 156),
+        ("terms", 160),
     ];
 
     /// Kind, op, layout, gap width and tile count of a chunk of `words`
@@ -417,16 +432,20 @@ impl ChunkDesc {
             0,
             0,
         ];
-        for (dst, f) in out[112..Self::BYTES].chunks_exact_mut(4).zip(fields32) {
+        for (dst, f) in out[112..160].chunks_exact_mut(4).zip(fields32) {
             dst.copy_from_slice(&f.to_le_bytes());
         }
+        out[160..Self::BYTES].copy_from_slice(&self.terms.to_le_bytes());
     }
 }
 
 /// Bytes of one `LeafDesc` of `kernels/tpde_xxh3.cu`: device address,
-/// length, first term row and a reserved word, all `u64` (pinned there by
+/// length, first term row and flags, all `u64` (pinned there by
 /// `static_assert`s).
 pub(crate) const LEAF_DESC_BYTES: usize = 32;
+/// `LeafDesc.flags`: an apply kernel writes the range's term rows, so
+/// `leaf_terms` skips it (`LEAF_TERMS_GIVEN` in the source).
+pub(crate) const LEAF_TERMS_GIVEN: u64 = 1;
 /// Threads per block of `leaf_terms` (`TERM_THREADS` in the source): four
 /// per 1 KiB block of input.
 pub(crate) const LEAF_TERM_THREADS: u32 = 256;
@@ -660,6 +679,7 @@ mod tests {
             gap_width: 22,
             order: 23,
             group_begin: 24,
+            terms: 25,
         };
         let mut bytes = vec![0xAA; ChunkDesc::BYTES];
         d.write_to(&mut bytes);
@@ -674,10 +694,11 @@ mod tests {
             assert_eq!(u32_at(at(name)), value, "{name}");
         }
         assert_eq!((u32_at(at("changed")), u32_at(at("reserved"))), (0, 0));
+        assert_eq!(u64_at(at("terms")), 25);
     }
 
     /// `LeafBatch::write_table` writes address, length and first term row
-    /// as three `u64` and a reserved one; the source states that layout.
+    /// as three `u64` and the flags; the source states that layout and flag.
     #[test]
     fn leaf_desc_layout_matches_the_kernel_source() {
         let mut stated = Vec::new();
@@ -692,9 +713,10 @@ mod tests {
                 size = Some(rest.split(',').next().unwrap().parse::<usize>().unwrap());
             }
         }
-        let expected = [("ptr", 0), ("len", 8), ("terms", 16)].map(|(f, o)| (f.to_string(), o));
+        let expected = [("ptr", 0), ("len", 8), ("terms", 16), ("flags", 24)].map(|(f, o)| (f.to_string(), o));
         assert_eq!(stated, expected);
         assert_eq!(size, Some(LEAF_DESC_BYTES));
+        assert!(XXH3_SOURCE.contains(&format!("#define LEAF_TERMS_GIVEN {LEAF_TERMS_GIVEN}ull\n")));
         for (id, threads) in [(KernelId::LeafTerms, "TERM_THREADS"), (KernelId::LeafFold, "FOLD_THREADS")] {
             let stated = XXH3_SOURCE
                 .lines()

@@ -26,7 +26,12 @@ fn every_kernel_source_compiles_with_nvrtc() {
     sources.sort();
     assert!(sources.len() >= 2, "kernels/*.cu: {sources:?}");
     for path in sources {
-        let source = std::fs::read_to_string(&path).unwrap();
+        let mut source = std::fs::read_to_string(&path).unwrap();
+        // as kernels.rs's APPLY_PROGRAM: after the digest's device functions
+        if path.ends_with("tpde_apply.cu") {
+            let xxh3 = std::fs::read_to_string(path.with_file_name("tpde_xxh3.cu")).unwrap();
+            source = format!("#define XXH3_DEVICE_FUNCTIONS_ONLY\n{xxh3}{source}");
+        }
         // the layout checks of tpde_apply.cu must run here, not be skipped
         let options = CompileOptions {
             options: vec!["--std=c++17".into(), "-DREQUIRE_LAYOUT_CHECKS".into()],

@@ -1,13 +1,16 @@
 //! Leaf digest checks (spec §10): every rebuilt chunk's XXH3-128 digest,
 //! computed on the device and compared with its record.
 
+use std::collections::{HashMap, HashSet};
+
 use cudarc::driver::CudaSlice;
 use tpde::{format::Digest128, ErrorCode};
 
 use super::inputs::TensorRef;
 use super::Loader;
 use crate::error::{GpuError, Result};
-use crate::gpu::{DevRange, LeafBatch};
+use crate::gpu::{Batch, DevRange, LeafBatch};
+use crate::kernels::LEAF_TERM_BYTES_PER_BLOCK;
 
 /// A rebuilt chunk whose leaf digest is checked: its bytes on the device,
 /// the digest its record states, and the names an error gives.
@@ -51,18 +54,42 @@ pub(super) struct LeafScratch {
     pub(super) digests: CudaSlice<u64>,
 }
 
-/// The leaf digest passes of one call: their descriptor tables are on the
-/// device before the call's kernels run, so that the passes follow the
-/// rebuild on the main stream with no host work between, and one
+/// The leaf digest passes of one call. Their descriptor tables go to the
+/// device once the call's batches are queued (which chunks' terms the apply
+/// kernels write is known then) and before the main stream waits for them,
+/// so that the passes follow the rebuild with no host work between, and one
 /// synchronization ends the call.
 pub(super) struct LeafPass {
     batches: Vec<LeafBatch>,
     checked: usize,
+    table_bytes: usize,
+}
+
+/// Term rows of the first leaf batch that the apply kernels may fill instead
+/// of the digest's first pass (dense chunks write every word of a tile, and
+/// hash it while it is in L2): the row of each chunk with whole blocks, by
+/// the device address of its bytes, and the chunks whose kernels were given
+/// theirs. Set by each call; rows of the later batches share the same
+/// scratch, which their own first pass writes.
+#[derive(Debug, Default)]
+pub(super) struct TermRows {
+    rows: HashMap<u64, u64>,
+    given: HashSet<u64>,
+}
+
+impl TermRows {
+    /// Gives every dense chunk of `batch` with a row its row.
+    pub(super) fn give(&mut self, batch: &mut Batch) {
+        if !self.rows.is_empty() {
+            batch.give_term_rows(&self.rows, &mut self.given);
+        }
+    }
 }
 
 impl Loader {
-    /// Uploads the descriptor tables of `checks` on the main stream. `None`
-    /// when the caller opted out of digests or nothing is checked.
+    /// Plans the leaf digest passes of `checks` and the term rows that the
+    /// apply kernels may fill ([`TermRows`]). `None` when the caller opted
+    /// out of digests or nothing is checked.
     pub(super) fn prepare_leaves(&mut self, checks: &[LeafCheck<'_>]) -> Result<Option<LeafPass>> {
         let Some(leaf) = self.leaf.as_mut().filter(|_| self.cfg.verify_digests && !checks.is_empty()) else {
             return Ok(None);
@@ -81,12 +108,18 @@ impl Loader {
             }
         }
         let table_bytes: usize = batches.iter().map(LeafBatch::table_bytes).sum();
-        let mut table = vec![0u8; table_bytes];
-        let mut at = 0;
-        for b in &batches {
-            b.write_table(&mut table[at..at + b.table_bytes()]);
-            at += b.table_bytes();
+        let terms = DevRange::all(&leaf.terms, self.gpu.stream())?.ptr();
+        let mut rows = HashMap::new();
+        let mut twice = Vec::new();
+        for (range, row) in batches[0].ranges_with_blocks() {
+            if rows.insert(range.ptr(), terms + row * LEAF_TERM_BYTES_PER_BLOCK as u64).is_some() {
+                twice.push(range.ptr()); // one kernel cannot fill two rows
+            }
         }
+        for ptr in twice {
+            rows.remove(&ptr);
+        }
+        self.term_rows.rows = rows;
         // Grown only, to the next power of two; nothing on the device uses
         // the old buffers any more (every call synchronizes before it returns).
         if leaf.table.num_bytes() < table_bytes {
@@ -95,10 +128,27 @@ impl Loader {
         if leaf.digests.len() < 2 * checks.len() {
             leaf.digests = self.gpu.alloc_zeros::<u64>((2 * checks.len()).next_power_of_two())?;
         }
+        Ok(Some(LeafPass { batches, checked: checks.len(), table_bytes }))
+    }
+
+    /// Marks the ranges whose terms the apply kernels were given to write
+    /// and uploads the descriptor tables on the main stream.
+    pub(super) fn upload_leaves(&mut self, pass: &mut LeafPass) -> Result<()> {
+        let Some(leaf) = self.leaf.as_mut() else {
+            return Err(GpuError::invalid("leaf digest pass without its scratch"));
+        };
+        pass.batches[0].mark_given(&self.term_rows.given);
+        self.timings.hashed_by_apply = self.term_rows.given.len();
+        let mut table = vec![0u8; pass.table_bytes];
+        let mut at = 0;
+        for b in &pass.batches {
+            b.write_table(&mut table[at..at + b.table_bytes()]);
+            at += b.table_bytes();
+        }
         // From pageable memory the driver stages the bytes at once, so the
         // table may be dropped when this returns.
-        self.gpu.stream().memcpy_htod(&table, &mut leaf.table.slice_mut(..table_bytes))?;
-        Ok(Some(LeafPass { batches, checked: checks.len() }))
+        self.gpu.stream().memcpy_htod(&table, &mut leaf.table.slice_mut(..pass.table_bytes))?;
+        Ok(())
     }
 
     /// Launches the two passes of every batch on the main stream, behind

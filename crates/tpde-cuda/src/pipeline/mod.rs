@@ -33,7 +33,7 @@ use rayon::prelude::*;
 use crate::error::{flag, GpuError, Result};
 use crate::gpu::{DevRange, Gpu, Stage};
 use crate::kernels::LEAF_TERM_BYTES_PER_BLOCK;
-use digests::{leaf_checks, LeafScratch, LEAF_SCRATCH_BLOCKS};
+use digests::{leaf_checks, LeafScratch, TermRows, LEAF_SCRATCH_BLOCKS};
 use faults::locate_device_fault;
 use plan::Job;
 use ring::Slot;
@@ -88,6 +88,8 @@ pub struct Loader {
     start: CudaEvent,
     /// `None` when digests are not checked.
     leaf: Option<LeafScratch>,
+    /// The call's term rows that the apply kernels may fill.
+    term_rows: TermRows,
     /// One zero byte: the base of tensors that have none.
     zero: Arc<CudaSlice<u8>>,
     /// The host's time in the last call, by phase.
@@ -132,7 +134,19 @@ impl Loader {
             None
         };
         let zero = Arc::new(gpu.alloc_zeros::<u8>(1)?);
-        Ok(Self { gpu, cfg, slots, next: 0, flag, flag_host, start, leaf, zero, timings: LoadTimings::default() })
+        Ok(Self {
+            gpu,
+            cfg,
+            slots,
+            next: 0,
+            flag,
+            flag_host,
+            start,
+            leaf,
+            term_rows: TermRows::default(),
+            zero,
+            timings: LoadTimings::default(),
+        })
     }
 
     /// The device.

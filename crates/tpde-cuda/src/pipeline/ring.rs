@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 
-use super::digests::LeafPass;
+use super::digests::{LeafPass, TermRows};
 use super::faults::device_error;
 use super::{Loader, LoaderConfig};
 use crate::error::{flag, Result};
@@ -113,6 +113,7 @@ impl Loader {
     /// into the output); uploads do not.
     pub(super) fn begin(&mut self, copies: &[DeviceCopy]) -> Result<()> {
         self.restart_ring();
+        self.term_rows = TermRows::default();
         let main = self.gpu.stream().clone();
         self.gpu.launch_copies(&main, copies)?;
         let flag = DevRange::all(&self.flag, &main)?;
@@ -131,9 +132,14 @@ impl Loader {
     pub(super) fn finish<'n>(
         &mut self,
         label: impl Fn(u32) -> Option<(&'n str, u64)>,
-        leaves: Option<&LeafPass>,
+        mut leaves: Option<&mut LeafPass>,
     ) -> Result<()> {
         let main = self.gpu.stream().clone();
+        // Before the joins below, so that the table is on the device when
+        // the rebuild ends.
+        if let Some(pass) = leaves.as_deref_mut() {
+            self.upload_leaves(pass)?;
+        }
         for s in &self.slots {
             s.done.record(&s.stream)?;
             main.wait(&s.done)?;

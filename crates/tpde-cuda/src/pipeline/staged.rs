@@ -421,7 +421,7 @@ impl Loader {
         let started = Instant::now();
         self.timings = LoadTimings::default();
         self.begin(copies)?;
-        let leaves = self.prepare_leaves(checks)?;
+        let mut leaves = self.prepare_leaves(checks)?;
         self.timings.setup = started.elapsed();
         let clock = Instant::now();
         self.queue(|l| l.queue_staged(delta, bases, outs, None))?;
@@ -429,7 +429,7 @@ impl Loader {
         let labels: Vec<(&str, u64)> =
             delta.tensors.iter().flat_map(|t| t.chunks.iter().map(|c| (t.name.as_str(), c.index))).collect();
         let clock = Instant::now();
-        self.finish(|job| labels.get(job as usize).copied(), leaves.as_ref())?;
+        self.finish(|job| labels.get(job as usize).copied(), leaves.as_mut())?;
         self.timings.device_wait = clock.elapsed();
         leaves.map_or(Ok(()), |pass| self.compare_leaves(&pass, checks))
     }
@@ -573,6 +573,9 @@ impl Loader {
         work.seal(self.gpu.resident_decoder_warps())?;
         if batch.table_bytes() > table || work.table_bytes() > rans_tables {
             return Err(GpuError::invalid("descriptor tables larger than planned"));
+        }
+        if bound.is_none() {
+            self.term_rows.give(&mut batch);
         }
         let host = s.host.as_mut_slice()?;
         batch.write_table(&mut host[..batch.table_bytes()]);

@@ -33,6 +33,9 @@ pub struct LoadTimings {
     pub device_wait: Duration,
     /// Batches run.
     pub batches: usize,
+    /// Chunks whose leaf digest terms the apply kernels computed as they
+    /// wrote them (dense chunks): the digest pass read only their last 1 KiB.
+    pub hashed_by_apply: usize,
 }
 
 impl LoadTimings {
@@ -56,7 +59,7 @@ impl std::fmt::Display for LoadTimings {
         write!(
             f,
             "{} batches: setup {:.2} ms, checksums {:.2} ms, planning {:.2} ms, slot waits {:.2} ms, staging {:.2} ms, queueing \
-             {:.2} ms, device wait {:.2} ms",
+             {:.2} ms, device wait {:.2} ms; {} chunks hashed by the apply kernels",
             self.batches,
             ms(self.setup),
             ms(self.checksums),
@@ -64,7 +67,8 @@ impl std::fmt::Display for LoadTimings {
             ms(self.slot_waits),
             ms(self.staging),
             ms(self.queueing),
-            ms(self.device_wait)
+            ms(self.device_wait),
+            self.hashed_by_apply
         )
     }
 }
@@ -78,8 +82,14 @@ mod tests {
     #[test]
     fn laps_add_up_and_every_phase_is_printed() {
         let ms = Duration::from_millis;
-        let mut t =
-            LoadTimings { setup: ms(1), checksums: ms(2), device_wait: ms(7), batches: 3, ..LoadTimings::default() };
+        let mut t = LoadTimings {
+            setup: ms(1),
+            checksums: ms(2),
+            device_wait: ms(7),
+            batches: 3,
+            hashed_by_apply: 8,
+            ..LoadTimings::default()
+        };
         let mut clock = Instant::now().checked_sub(ms(3)).expect("a clock 3 ms past its start");
         LoadTimings::lap(&mut t.planning, &mut clock);
         assert!(t.planning >= ms(3) && clock.elapsed() < ms(3), "{t:?}");
@@ -96,6 +106,7 @@ mod tests {
             "staging 5.00",
             "queueing 6.00",
             "device wait 7.00",
+            "8 chunks hashed",
         ] {
             assert!(line.contains(phase), "{phase:?} missing from {line:?}");
         }
