@@ -21,7 +21,7 @@ use tpde::{
 use crate::error::flag;
 use crate::error::{GpuError, Result};
 use crate::kernels::{
-    kind, ChunkDesc, CopyRanges, FillDesc, KernelId, Kernels, RansDesc, KEYS, LEAF_DESC_BYTES, LEAF_FOLD_THREADS,
+    ChunkDesc, CopyRanges, FillDesc, KernelId, Kernels, RansDesc, KEYS, LEAF_DESC_BYTES, LEAF_FOLD_THREADS,
     LEAF_TERMS_GIVEN, LEAF_TERM_BYTES_PER_BLOCK, LEAF_TERM_THREADS, MAX_POSITION_STREAMS, MAX_VALUE_STREAMS,
     RANS_FORM_BYTES, RANS_FORM_PACKED, RANS_MAX_TABLE_BYTES, RANS_THREADS, THREADS,
 };
@@ -528,7 +528,7 @@ impl Batch {
     /// leaf digest term row ([`ChunkDesc::terms`]), and adds its output to
     /// `given`.
     pub fn give_term_rows(&mut self, rows: &HashMap<u64, u64>, given: &mut HashSet<u64>) {
-        for d in self.descs.iter_mut().filter(|d| d.kind == kind::DENSE && !d.is_grouped()) {
+        for d in self.descs.iter_mut().filter(|d| d.hashes_as_written()) {
             if let Some(&row) = rows.get(&d.out) {
                 d.terms = row;
                 given.insert(d.out);
@@ -1146,22 +1146,13 @@ impl LeafBatch {
         self.blocks
     }
 
-    /// Adds a range to hash (a live device range).
-    pub fn push(&mut self, range: DevRange) {
-        self.ranges.push((range, self.blocks, false));
+    /// Adds a range to hash (a live device range), `given` when an apply
+    /// kernel writes its terms; returns its first term row.
+    pub fn push(&mut self, range: DevRange, given: bool) -> u64 {
+        let row = self.blocks;
+        self.ranges.push((range, row, given));
         self.blocks += Self::blocks_of(range.len());
-    }
-
-    /// Each range with whole blocks, and its first term row.
-    pub fn ranges_with_blocks(&self) -> impl Iterator<Item = (DevRange, u64)> + '_ {
-        self.ranges.iter().filter(|(r, ..)| Self::blocks_of(r.len()) > 0).map(|&(r, row, _)| (r, row))
-    }
-
-    /// Marks the ranges (by address) whose terms an apply kernel writes.
-    pub fn mark_given(&mut self, given: &HashSet<u64>) {
-        for (range, _, g) in &mut self.ranges {
-            *g = given.contains(&range.ptr());
-        }
+        row
     }
 
     /// Whether the first pass has blocks to hash: some range with whole
@@ -1262,8 +1253,10 @@ mod tests {
         let lens = [0usize, 240, 241, 1024, 1025, 2049, 300, 1 << 22];
         let mut batch = LeafBatch::default();
         let mut ptr = 4096u64;
-        for len in lens {
-            batch.push(DevRange { ptr, len });
+        let mut first_rows = Vec::new();
+        for (k, len) in lens.into_iter().enumerate() {
+            // the apply kernels write the terms of the ranges of 1025 and 2049 bytes
+            first_rows.push(batch.push(DevRange { ptr, len }, k == 4 || k == 5));
             ptr += len as u64 + 1;
         }
         assert_eq!(lens.map(LeafBatch::blocks_of), [0, 0, 0, 0, 1, 2, 0, 4095]);
@@ -1275,21 +1268,20 @@ mod tests {
             .map(|d| std::array::from_fn(|k| u64::from_le_bytes(d[8 * k..8 * k + 8].try_into().unwrap())))
             .collect();
         assert_eq!(rows.iter().map(|r| r[2]).collect::<Vec<_>>(), [0, 0, 0, 0, 0, 1, 3, 3]);
+        assert_eq!(first_rows, [0, 0, 0, 0, 0, 1, 3, 3]);
         assert_eq!(rows.iter().map(|r| r[1]).collect::<Vec<_>>(), lens.map(|l| l as u64));
-        assert_eq!((rows[0][0], rows[1][0], rows[7][3]), (4096, 4097, 0));
-
-        let with_rows: Vec<(u64, u64)> = batch.ranges_with_blocks().map(|(r, row)| (r.ptr(), row)).collect();
-        assert_eq!(with_rows.iter().map(|&(_, row)| row).collect::<Vec<_>>(), [0, 1, 3]);
-        assert!(batch.first_pass_needed());
-        let given: HashSet<u64> = with_rows[..2].iter().map(|&(ptr, _)| ptr).collect();
-        batch.mark_given(&given);
+        assert_eq!(rows.iter().map(|r| r[0]).take(2).collect::<Vec<_>>(), [4096, 4097]);
+        assert_eq!(
+            rows.iter().map(|r| r[3]).collect::<Vec<_>>(),
+            [0, 0, 0, 0, LEAF_TERMS_GIVEN, LEAF_TERMS_GIVEN, 0, 0]
+        );
         assert!(batch.first_pass_needed(), "the last range's rows are not given");
-        batch.write_table(&mut table);
-        let flags: Vec<u64> =
-            table.chunks_exact(LEAF_DESC_BYTES).map(|d| u64::from_le_bytes(d[24..32].try_into().unwrap())).collect();
-        assert_eq!(flags, [0, 0, 0, 0, LEAF_TERMS_GIVEN, LEAF_TERMS_GIVEN, 0, 0]);
-        batch.mark_given(&with_rows.iter().map(|&(ptr, _)| ptr).collect());
-        assert!(!batch.first_pass_needed(), "every range with rows is given");
+        let mut given = LeafBatch::default();
+        for len in lens {
+            given.push(DevRange { ptr, len }, len > 1024);
+            ptr += len as u64 + 1;
+        }
+        assert!(!given.first_pass_needed(), "every range with rows is given");
     }
 
     /// Only dense chunks of positional values are given their term rows:
@@ -1426,7 +1418,7 @@ mod tests {
         }
         let mut batch = LeafBatch::default();
         for (o, l) in &ranges {
-            batch.push(all.sub(*o, *l).unwrap());
+            batch.push(all.sub(*o, *l).unwrap(), false);
         }
         let mut bytes = vec![0u8; batch.table_bytes()];
         batch.write_table(&mut bytes);

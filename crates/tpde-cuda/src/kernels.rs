@@ -395,6 +395,13 @@ impl ChunkDesc {
         self.is_sparse() || self.kind == kind::SPARSE_LIST
     }
 
+    /// Whether the chunk's apply kernel writes every word of each of its
+    /// tiles, and so can hash them as it writes them ([`ChunkDesc::terms`]):
+    /// a dense chunk of positional values, which goes to `apply_wN`.
+    pub fn hashes_as_written(&self) -> bool {
+        self.kind == kind::DENSE && !self.is_grouped()
+    }
+
     /// Whether the values are grouped by base key (§8.6): the chunk goes to
     /// the grouped kernels. Raw chunks are always positional.
     pub fn is_grouped(&self) -> bool {

@@ -4,21 +4,32 @@
 use std::collections::{HashMap, HashSet};
 
 use cudarc::driver::CudaSlice;
-use tpde::{format::Digest128, ErrorCode};
+use tpde::{
+    format::{ChunkRecord, Digest128},
+    ErrorCode,
+};
 
 use super::inputs::TensorRef;
 use super::Loader;
 use crate::error::{GpuError, Result};
 use crate::gpu::{Batch, DevRange, LeafBatch};
-use crate::kernels::LEAF_TERM_BYTES_PER_BLOCK;
+use crate::kernels::{ChunkDesc, LEAF_TERM_BYTES_PER_BLOCK};
 
 /// A rebuilt chunk whose leaf digest is checked: its bytes on the device,
-/// the digest its record states, and the names an error gives.
+/// the digest its record states, the names an error gives, and whether its
+/// apply kernel hashes it as it writes it ([`ChunkDesc::hashes_as_written`]).
 pub(super) struct LeafCheck<'t> {
     pub(super) out: DevRange,
     pub(super) digest: Digest128,
     pub(super) tensor: &'t str,
     pub(super) chunk: u64,
+    pub(super) hashed_by_apply: bool,
+}
+
+/// Whether the apply kernel of a chunk of `words` words hashes it as it
+/// writes it.
+pub(super) fn hashed_by_apply(record: &ChunkRecord, words: u32) -> bool {
+    ChunkDesc::from_record(record, words).is_some_and(|d| d.hashes_as_written())
 }
 
 /// The leaf checks of every chunk of a tensor rebuilt into `out`.
@@ -28,7 +39,13 @@ pub(super) fn leaf_checks<'t>(t: &'t TensorRef<'_>, out: DevRange, checks: &mut 
     for (k, c) in t.chunks.iter().enumerate() {
         let n = c.words as usize * w;
         let chunk = t.first_chunk + k as u64;
-        checks.push(LeafCheck { out: out.sub(off, n)?, digest: c.record.digest, tensor: &t.name, chunk });
+        checks.push(LeafCheck {
+            out: out.sub(off, n)?,
+            digest: c.record.digest,
+            tensor: &t.name,
+            chunk,
+            hashed_by_apply: hashed_by_apply(&c.record, c.words),
+        });
         off += n;
     }
     Ok(())
@@ -54,23 +71,21 @@ pub(super) struct LeafScratch {
     pub(super) digests: CudaSlice<u64>,
 }
 
-/// The leaf digest passes of one call. Their descriptor tables go to the
-/// device once the call's batches are queued (which chunks' terms the apply
-/// kernels write is known then) and before the main stream waits for them,
-/// so that the passes follow the rebuild with no host work between, and one
+/// The leaf digest passes of one call: their descriptor tables are on the
+/// device before the call's kernels run, so that the passes follow the
+/// rebuild on the main stream with no host work between, and one
 /// synchronization ends the call.
 pub(super) struct LeafPass {
     batches: Vec<LeafBatch>,
     checked: usize,
-    table_bytes: usize,
 }
 
-/// Term rows of the first leaf batch that the apply kernels may fill instead
-/// of the digest's first pass (dense chunks write every word of a tile, and
-/// hash it while it is in L2): the row of each chunk with whole blocks, by
-/// the device address of its bytes, and the chunks whose kernels were given
-/// theirs. Set by each call; rows of the later batches share the same
-/// scratch, which their own first pass writes.
+/// Term rows that the apply kernels fill instead of the digest's first pass
+/// (a dense chunk's kernel writes every word of a tile, and hashes it while
+/// it is in L2): those of the first leaf batch's chunks that their kernels
+/// hash, by the device address of the chunk's bytes, and the chunks whose
+/// kernels were given theirs. Set by each call; rows of the later batches
+/// share the same scratch, which their own first pass writes.
 #[derive(Debug, Default)]
 pub(super) struct TermRows {
     rows: HashMap<u64, u64>,
@@ -78,7 +93,7 @@ pub(super) struct TermRows {
 }
 
 impl TermRows {
-    /// Gives every dense chunk of `batch` with a row its row.
+    /// Gives every chunk of `batch` that has a row its row.
     pub(super) fn give(&mut self, batch: &mut Batch) {
         if !self.rows.is_empty() {
             batch.give_term_rows(&self.rows, &mut self.given);
@@ -87,13 +102,14 @@ impl TermRows {
 }
 
 impl Loader {
-    /// Plans the leaf digest passes of `checks` and the term rows that the
-    /// apply kernels may fill ([`TermRows`]). `None` when the caller opted
-    /// out of digests or nothing is checked.
+    /// Uploads the descriptor tables of `checks` on the main stream and sets
+    /// the term rows that the apply kernels fill ([`TermRows`]). `None` when
+    /// the caller opted out of digests or nothing is checked.
     pub(super) fn prepare_leaves(&mut self, checks: &[LeafCheck<'_>]) -> Result<Option<LeafPass>> {
         let Some(leaf) = self.leaf.as_mut().filter(|_| self.cfg.verify_digests && !checks.is_empty()) else {
             return Ok(None);
         };
+        let terms = DevRange::all(&leaf.terms, self.gpu.stream())?.ptr();
         let mut batches = vec![LeafBatch::default()];
         for c in checks {
             let blocks = LeafBatch::blocks_of(c.out.len());
@@ -103,23 +119,22 @@ impl Loader {
             if batches.last().is_some_and(|b| b.blocks() + blocks > LEAF_SCRATCH_BLOCKS) {
                 batches.push(LeafBatch::default());
             }
+            let by_apply = c.hashed_by_apply && blocks > 0 && batches.len() == 1;
             if let Some(b) = batches.last_mut() {
-                b.push(c.out);
+                let row = b.push(c.out, by_apply);
+                let at = terms + row * LEAF_TERM_BYTES_PER_BLOCK as u64;
+                if by_apply && self.term_rows.rows.insert(c.out.ptr(), at).is_some() {
+                    return Err(GpuError::invalid("two leaf checks of the same bytes"));
+                }
             }
         }
         let table_bytes: usize = batches.iter().map(LeafBatch::table_bytes).sum();
-        let terms = DevRange::all(&leaf.terms, self.gpu.stream())?.ptr();
-        let mut rows = HashMap::new();
-        let mut twice = Vec::new();
-        for (range, row) in batches[0].ranges_with_blocks() {
-            if rows.insert(range.ptr(), terms + row * LEAF_TERM_BYTES_PER_BLOCK as u64).is_some() {
-                twice.push(range.ptr()); // one kernel cannot fill two rows
-            }
+        let mut table = vec![0u8; table_bytes];
+        let mut at = 0;
+        for b in &batches {
+            b.write_table(&mut table[at..at + b.table_bytes()]);
+            at += b.table_bytes();
         }
-        for ptr in twice {
-            rows.remove(&ptr);
-        }
-        self.term_rows.rows = rows;
         // Grown only, to the next power of two; nothing on the device uses
         // the old buffers any more (every call synchronizes before it returns).
         if leaf.table.num_bytes() < table_bytes {
@@ -128,27 +143,10 @@ impl Loader {
         if leaf.digests.len() < 2 * checks.len() {
             leaf.digests = self.gpu.alloc_zeros::<u64>((2 * checks.len()).next_power_of_two())?;
         }
-        Ok(Some(LeafPass { batches, checked: checks.len(), table_bytes }))
-    }
-
-    /// Marks the ranges whose terms the apply kernels were given to write
-    /// and uploads the descriptor tables on the main stream.
-    pub(super) fn upload_leaves(&mut self, pass: &mut LeafPass) -> Result<()> {
-        let Some(leaf) = self.leaf.as_mut() else {
-            return Err(GpuError::invalid("leaf digest pass without its scratch"));
-        };
-        pass.batches[0].mark_given(&self.term_rows.given);
-        self.timings.hashed_by_apply = self.term_rows.given.len();
-        let mut table = vec![0u8; pass.table_bytes];
-        let mut at = 0;
-        for b in &pass.batches {
-            b.write_table(&mut table[at..at + b.table_bytes()]);
-            at += b.table_bytes();
-        }
         // From pageable memory the driver stages the bytes at once, so the
         // table may be dropped when this returns.
-        self.gpu.stream().memcpy_htod(&table, &mut leaf.table.slice_mut(..pass.table_bytes))?;
-        Ok(())
+        self.gpu.stream().memcpy_htod(&table, &mut leaf.table.slice_mut(..table_bytes))?;
+        Ok(Some(LeafPass { batches, checked: checks.len() }))
     }
 
     /// Launches the two passes of every batch on the main stream, behind
@@ -177,10 +175,15 @@ impl Loader {
     /// Compares the digests that the passes computed with the chunks'
     /// records, once the main stream has finished them; a mismatch is the
     /// library's `E_CHUNK_DIGEST`, naming the first such chunk.
-    pub(super) fn compare_leaves(&self, pass: &LeafPass, checks: &[LeafCheck<'_>]) -> Result<()> {
+    pub(super) fn compare_leaves(&mut self, pass: &LeafPass, checks: &[LeafCheck<'_>]) -> Result<()> {
         let Some(leaf) = self.leaf.as_ref().filter(|_| pass.checked == checks.len()) else {
             return Err(GpuError::invalid("leaf digest pass and checks differ"));
         };
+        // Every row that the first pass skipped was given to an apply kernel.
+        if self.term_rows.given.len() != self.term_rows.rows.len() {
+            return Err(GpuError::invalid("a chunk's leaf digest terms were left to an apply kernel that did not run"));
+        }
+        self.timings.hashed_by_apply = self.term_rows.given.len();
         let leaves = self.gpu.stream().clone_dtoh(&leaf.digests.slice(..2 * checks.len()))?;
         for (c, halves) in checks.iter().zip(leaves.chunks_exact(2)) {
             let leaf = ((u128::from(halves[1]) << 64) | u128::from(halves[0])).to_be_bytes();

@@ -40,7 +40,7 @@ impl Loader {
         check_stored(jobs)?;
         let checksums = clock.elapsed();
         self.begin(copies)?;
-        let mut leaves = self.prepare_leaves(checks)?;
+        let leaves = self.prepare_leaves(checks)?;
         self.timings =
             LoadTimings { setup: started.elapsed().saturating_sub(checksums), checksums, ..LoadTimings::default() };
         let budget = batch_budget(jobs, self.cfg.slots, self.cfg.slot_bytes);
@@ -57,7 +57,7 @@ impl Loader {
             Ok(())
         })?;
         let clock = Instant::now();
-        self.finish(|job| jobs.get(job as usize).and_then(|j| j.label), leaves.as_mut())?;
+        self.finish(|job| jobs.get(job as usize).and_then(|j| j.label), leaves.as_ref())?;
         self.timings.device_wait = clock.elapsed();
         leaves.map_or(Ok(()), |pass| self.compare_leaves(&pass, checks))
     }

@@ -132,14 +132,9 @@ impl Loader {
     pub(super) fn finish<'n>(
         &mut self,
         label: impl Fn(u32) -> Option<(&'n str, u64)>,
-        mut leaves: Option<&mut LeafPass>,
+        leaves: Option<&LeafPass>,
     ) -> Result<()> {
         let main = self.gpu.stream().clone();
-        // Before the joins below, so that the table is on the device when
-        // the rebuild ends.
-        if let Some(pass) = leaves.as_deref_mut() {
-            self.upload_leaves(pass)?;
-        }
         for s in &self.slots {
             s.done.record(&s.stream)?;
             main.wait(&s.done)?;

@@ -10,7 +10,7 @@ use tpde::{
     WordWidth,
 };
 
-use super::digests::LeafCheck;
+use super::digests::{hashed_by_apply, LeafCheck};
 use super::faults::label_error;
 use super::host_decode::decode_tasks;
 use super::inputs::{ChunkRef, TensorRef};
@@ -146,7 +146,11 @@ impl Loader {
                 needs_base: t.needs_base_words(),
                 chunks,
                 first_chunk: t.first_chunk,
-                leaves: t.chunks.iter().map(|c| (c.record.digest, c.words)).collect(),
+                leaves: t
+                    .chunks
+                    .iter()
+                    .map(|c| (c.record.digest, c.words, hashed_by_apply(&c.record, c.words)))
+                    .collect(),
             });
         }
         for (ti, ci, q) in device_part {
@@ -397,10 +401,10 @@ impl Loader {
         for (t, o) in delta.tensors.iter().zip(outs) {
             let w = t.width.bytes();
             let mut off = 0usize;
-            for (k, (digest, words)) in t.leaves.iter().enumerate() {
-                let n = *words as usize * w;
+            for (k, &(digest, words, hashed_by_apply)) in t.leaves.iter().enumerate() {
+                let n = words as usize * w;
                 let chunk = t.first_chunk + k as u64;
-                checks.push(LeafCheck { out: o.sub(off, n)?, digest: *digest, tensor: &t.name, chunk });
+                checks.push(LeafCheck { out: o.sub(off, n)?, digest, tensor: &t.name, chunk, hashed_by_apply });
                 off += n;
             }
         }
@@ -421,7 +425,7 @@ impl Loader {
         let started = Instant::now();
         self.timings = LoadTimings::default();
         self.begin(copies)?;
-        let mut leaves = self.prepare_leaves(checks)?;
+        let leaves = self.prepare_leaves(checks)?;
         self.timings.setup = started.elapsed();
         let clock = Instant::now();
         self.queue(|l| l.queue_staged(delta, bases, outs, None))?;
@@ -429,7 +433,7 @@ impl Loader {
         let labels: Vec<(&str, u64)> =
             delta.tensors.iter().flat_map(|t| t.chunks.iter().map(|c| (t.name.as_str(), c.index))).collect();
         let clock = Instant::now();
-        self.finish(|job| labels.get(job as usize).copied(), leaves.as_mut())?;
+        self.finish(|job| labels.get(job as usize).copied(), leaves.as_ref())?;
         self.timings.device_wait = clock.elapsed();
         leaves.map_or(Ok(()), |pass| self.compare_leaves(&pass, checks))
     }
@@ -780,8 +784,9 @@ struct StagedTensor {
     chunks: Vec<StagedChunk>,
     /// As [`TensorRef::first_chunk`].
     first_chunk: u64,
-    /// The digest and words of every chunk (unchanged ones too), in order.
-    leaves: Vec<(Digest128, u32)>,
+    /// The digest and words of every chunk (unchanged ones too), in order,
+    /// and whether its apply kernel hashes it as it writes it.
+    leaves: Vec<(Digest128, u32, bool)>,
 }
 
 impl StagedTensor {
