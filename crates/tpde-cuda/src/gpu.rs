@@ -636,7 +636,10 @@ impl Gpu {
             // SAFETY: as above. The apply kernels read `positions`/`values` only
             // within the validated stream lengths, read `base` and write `out` only
             // at word indices < n (kernel-checked for positions from the delta),
-            // matching `apply_wN(const ChunkDesc*, u32, const u64*, u32*)`.
+            // and, for a chunk given term rows (`give_term_rows`), write its
+            // `(n * width - 1) / 1024` rows there, which the loader's digest plan
+            // placed inside its term scratch; matching
+            // `apply_wN(const ChunkDesc*, u32, const u64*, u32*)`.
             unsafe { stream.launch_builder(k).arg(&t).arg(&nd).arg(&s).arg(&f).launch(grid(batch.tiles)) }?;
         }
         if grouped {

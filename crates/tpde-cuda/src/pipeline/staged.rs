@@ -401,10 +401,12 @@ impl Loader {
         for (t, o) in delta.tensors.iter().zip(outs) {
             let w = t.width.bytes();
             let mut off = 0usize;
-            for (k, &(digest, words, hashed_by_apply)) in t.leaves.iter().enumerate() {
+            for (k, &(digest, words, by_apply)) in t.leaves.iter().enumerate() {
                 let n = words as usize * w;
                 let chunk = t.first_chunk + k as u64;
-                checks.push(LeafCheck { out: o.sub(off, n)?, digest, tensor: &t.name, chunk, hashed_by_apply });
+                let check =
+                    LeafCheck { out: o.sub(off, n)?, digest, tensor: &t.name, chunk, hashed_by_apply: by_apply };
+                checks.push(check);
                 off += n;
             }
         }
