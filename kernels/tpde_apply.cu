@@ -98,7 +98,7 @@ struct ChunkDesc {
     u32 group_begin;  // first row (of KEYS u32) of this chunk in the group table
     u32 changed;      // words changed by the apply kernels (0 on upload)
     u32 reserved;     // 0; keeps the size a multiple of 8
-    u64 terms;        // 0, or where this chunk's leaf digest term rows go (dense positional chunks)
+    u64 terms;        // 0, or where this chunk's leaf digest term rows go (dense or raw, positional)
 };
 
 // The byte layout that kernels.rs writes (ChunkDesc::write_to). The host test
@@ -135,8 +135,9 @@ static_assert(sizeof(u64) == 8 && sizeof(u32) == 4 && sizeof(u16) == 2, "integer
 __device__ __forceinline__ bool desc_ok(const ChunkDesc& c) {
     const bool kind = c.kind >= KIND_SPARSE_GAPS && c.kind <= KIND_SPARSE_LIST;
     const bool gaps = c.kind != KIND_SPARSE_GAPS || c.gap_width == 1 || c.gap_width == 2 || c.gap_width == 4;
-    // only apply_wN's dense tiles write term rows; no other kernel must be asked to
-    const bool terms = c.terms == 0 || (c.kind == KIND_DENSE && c.order == ORDER_POSITIONAL);
+    // only apply_wN's dense and raw tiles write term rows; no other kernel must be asked to
+    const bool whole_tiles = c.kind == KIND_DENSE || c.kind == KIND_RAW;
+    const bool terms = c.terms == 0 || (whole_tiles && c.order == ORDER_POSITIONAL);
     return kind && gaps && terms && c.op <= OP_SUB && c.layout <= LAYOUT_ROTATED_PLANES && c.order <= ORDER_GROUPED;
 }
 
@@ -375,7 +376,7 @@ __device__ __forceinline__ void load_list_tile(const ChunkDesc& c, u64 t, u64* p
 }
 
 // Pass 1 of the leaf digest (tpde_xxh3.cu) for the whole blocks of a dense
-// tile, into the chunk's term rows at c.terms, read back from the output the
+// or raw tile, into the chunk's term rows at c.terms, read back from the output the
 // block has just written, while it is still in L2: the digest pass then reads
 // none of the chunk but its last block. Each thread sums four stripes of a
 // lane pair, and the four threads of a block's pair add theirs up, so that
@@ -442,6 +443,7 @@ __device__ __forceinline__ void apply_impl(ChunkDesc* d, u32 nd, const u64* offs
             u64 i = i0 + k;
             if (i < c.n) out[i] = load_value<T>(c, i);
         }
+        if (c.terms) tile_leaf_terms<T>(c, t, secret);  // uniform per block
     } else if (c.kind == KIND_DENSE) {
         const u64 i0 = t * TILE;
         // whole groups first, where the addresses allow, then word by word
@@ -471,7 +473,7 @@ __device__ __forceinline__ void apply_impl(ChunkDesc* d, u32 nd, const u64* offs
                 changed += w != b;
             }
         }
-        if (c.terms) tile_leaf_terms<T>(c, t, secret);  // uniform per block
+        if (c.terms) tile_leaf_terms<T>(c, t, secret);
     } else if (c.kind == KIND_SPARSE_GAPS || c.kind == KIND_SPARSE_LIST) {
         if (c.kind == KIND_SPARSE_GAPS) scan_gap_tile(c, t, offs, pos, ws);
         else load_list_tile(c, t, pos);

@@ -1287,10 +1287,10 @@ mod tests {
         assert!(!given.first_pass_needed(), "every range with rows is given");
     }
 
-    /// Only dense chunks of positional values are given their term rows:
-    /// no other kernel writes whole tiles of a chunk.
+    /// Only dense and raw chunks of positional values are given their term
+    /// rows: no other kernel writes whole tiles of a chunk.
     #[test]
-    fn only_dense_positional_chunks_are_given_term_rows() {
+    fn only_chunks_written_whole_are_given_term_rows() {
         let mut batch = Batch::new(WordWidth::W4);
         let chunks = [(kind::DENSE, 0), (kind::DENSE, 1), (kind::SPARSE_GAPS, 0), (kind::RAW, 0), (kind::DENSE, 0)];
         for (k, (kind, order)) in (1u64..).zip(chunks) {
@@ -1300,8 +1300,8 @@ mod tests {
         let rows: HashMap<u64, u64> = (1..=4).map(|k| (0x1000 * k, 0x9000 + 64 * k)).collect();
         let mut given = HashSet::new();
         batch.give_term_rows(&rows, &mut given);
-        assert_eq!(batch.descs.iter().map(|d| d.terms).collect::<Vec<_>>(), [0x9040, 0, 0, 0, 0]);
-        assert_eq!(given, HashSet::from([0x1000]));
+        assert_eq!(batch.descs.iter().map(|d| d.terms).collect::<Vec<_>>(), [0x9040, 0, 0, 0x9100, 0]);
+        assert_eq!(given, HashSet::from([0x1000, 0x4000]));
     }
 
     fn rans_stream(at: u64, n: u32, header: Header, context: RansContext, level: u32, job: u32) -> RansStream {

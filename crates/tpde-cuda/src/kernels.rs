@@ -302,7 +302,7 @@ pub(crate) struct ChunkDesc {
     pub order: u32,
     pub group_begin: u32,
     /// 0, or the device address of the chunk's first row in the leaf digest
-    /// term table: the apply kernel of a dense positional chunk then writes
+    /// term table: the apply kernel of a dense or raw positional chunk then writes
     /// the terms of its whole 1 KiB blocks there, and the digest pass skips
     /// them.
     pub terms: u64,
@@ -397,9 +397,9 @@ impl ChunkDesc {
 
     /// Whether the chunk's apply kernel writes every word of each of its
     /// tiles, and so can hash them as it writes them ([`ChunkDesc::terms`]):
-    /// a dense chunk of positional values, which goes to `apply_wN`.
+    /// a dense or raw chunk of positional values, which goes to `apply_wN`.
     pub fn hashes_as_written(&self) -> bool {
-        self.kind == kind::DENSE && !self.is_grouped()
+        matches!(self.kind, kind::DENSE | kind::RAW) && self.order == 0
     }
 
     /// Whether the values are grouped by base key (§8.6): the chunk goes to

@@ -84,9 +84,9 @@
 //!    device error flag is read once; a fault is named by
 //!    `pipeline/faults.rs` (tensor, chunk, the library's code, `error.rs`).
 //! 8. `pipeline/digests.rs`: every rebuilt chunk's leaf digest is computed
-//!    on the device and compared with its record. A dense chunk's apply
-//!    kernel hashes each tile as it writes it (XXH3's per-block terms), so
-//!    that the digest pass reads only its last block.
+//!    on the device and compared with its record. The apply kernel of a
+//!    dense or raw chunk hashes each tile as it writes it (XXH3's per-block
+//!    terms), so that the digest pass reads only its last block.
 //! 9. The result: the rebuilt tensors in device memory. `reference.rs` is
 //!    the kernels' CPU reference, which tests compare them with.
 #![deny(missing_docs)]

@@ -1046,35 +1046,27 @@ fn sparse_chunks_write_every_word_of_a_new_output() {
     }
 }
 
-/// Dense chunks are hashed by their apply kernels as they are written, and
-/// the digest pass skips their whole blocks: bit-exact with digests checked,
-/// at every width, at lengths around XXH3's short input, its block and a
-/// tile, into new buffers and in place; a wrong digest is still caught.
+/// Dense and raw chunks are hashed by their apply kernels as they are
+/// written, and the digest pass skips their whole blocks: bit-exact with
+/// digests checked, at every width, at lengths around XXH3's short input, its
+/// block and a tile, into new buffers and in place; a wrong digest is still
+/// caught.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn dense_chunks_are_hashed_as_they_are_written() {
+fn dense_and_raw_chunks_are_hashed_as_they_are_written() {
     let g = gpu();
     let mut l = loader(8 << 20);
     // 0, 0, 0 (the last block is never a term row), 1, 15, 48 and 976 whole blocks
     let lengths = [200usize, 1000, 1024, 1032, 16_384, 50_176, 1_000_008];
-    for w in WordWidth::ALL {
+    for (w, choice) in WordWidth::ALL.into_iter().flat_map(|w| [(w, Choice::Dense), (w, Choice::Raw)]) {
         let cases: Vec<_> = lengths
             .iter()
             .enumerate()
             .map(|(k, &bytes)| {
                 let n = bytes / w.bytes();
                 let (base, target) = pair(w, n, 1, 90 + k as u64);
-                let t = forced_tensor_in(
-                    &base,
-                    &target,
-                    w,
-                    n,
-                    Choice::Dense,
-                    ValueOp::Xor,
-                    ValueLayout::BytePlanes,
-                    None,
-                    false,
-                );
+                let t =
+                    forced_tensor_in(&base, &target, w, n, choice, ValueOp::Xor, ValueLayout::BytePlanes, None, false);
                 (base, target, t)
             })
             .collect();
@@ -1083,15 +1075,15 @@ fn dense_chunks_are_hashed_as_they_are_written() {
         let base_refs: Vec<_> = bases.iter().collect();
         let out = l.load(&refs, &base_refs).unwrap();
         for ((_, target, _), o) in cases.iter().zip(&out) {
-            assert!(g.download(o).unwrap() == *target, "load {w:?}, {} bytes", target.len());
+            assert!(g.download(o).unwrap() == *target, "load {w:?} {choice:?}, {} bytes", target.len());
         }
-        assert_eq!(l.last_timings().hashed_by_apply, 4, "load {w:?}");
+        assert_eq!(l.last_timings().hashed_by_apply, 4, "load {w:?} {choice:?}");
         let mut bufs: Vec<_> = cases.iter().map(|(b, ..)| g.upload(b).unwrap()).collect();
         l.apply_in_place(&refs, &mut bufs).unwrap();
         for ((_, target, _), o) in cases.iter().zip(&bufs) {
-            assert!(g.download(o).unwrap() == *target, "in place {w:?}, {} bytes", target.len());
+            assert!(g.download(o).unwrap() == *target, "in place {w:?} {choice:?}, {} bytes", target.len());
         }
-        assert_eq!(l.last_timings().hashed_by_apply, 4, "in place {w:?}");
+        assert_eq!(l.last_timings().hashed_by_apply, 4, "in place {w:?} {choice:?}");
         for k in 0..cases.len() {
             let mut wrong = cases[k].2.clone();
             wrong.chunks[0].record.digest[0] ^= 1;
@@ -1101,7 +1093,7 @@ fn dense_chunks_are_hashed_as_they_are_written() {
                 Err(GpuError::Format(e)) => e.code() == tpde::ErrorCode::ChunkDigest,
                 _ => false,
             };
-            assert!(caught, "{w:?}, a wrong digest of {} bytes", lengths[k]);
+            assert!(caught, "{w:?} {choice:?}, a wrong digest of {} bytes", lengths[k]);
         }
     }
 }
