@@ -245,19 +245,33 @@ XXH_FN void xxh3_block_terms(const xu8* block, xu32 p, const xu8* secret, xu64* 
     row[2 * p + 1] = t1;
 }
 
-#define XXH_FOLD_AHEAD 32  // term loads issued ahead of the fold: enough to cover a load from memory
+#define XXH_FOLD_AHEAD 32  // term loads issued ahead of the fold, into registers
+#define XXH_FOLD_L2_AHEAD 256  // term rows asked of L2 ahead of those loads
 
 // Pass 2: lane `lane`'s accumulator after the `blocks` whole blocks whose
 // terms are rows 0 .. blocks - 1 of `terms`. The loads do not depend on the
 // accumulator, so the next XXH_FOLD_AHEAD are in flight while these fold;
-// the key is read once, outside the dependency chain.
+// a group of steps is shorter than a load from memory, so the rows further
+// ahead are asked of L2 first (a prefetch holds no register). The key is
+// read once, outside the dependency chain.
 XXH_FN xu64 xxh3_fold_lane(const xu64* terms, xu64 blocks, xu32 lane) {
     const xu64 key = xxh_secret64(XXH_SCRAMBLE_AT + 8 * lane);
     const xu64 whole = blocks - blocks % XXH_FOLD_AHEAD;
     xu64 acc = xxh3_initial_acc(lane);
     xu64 cur[XXH_FOLD_AHEAD];
+#if defined(__CUDACC__)
+    for (xu64 b = lane; b < XXH_FOLD_L2_AHEAD && b < whole; b += 8) {
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(terms + 8 * b));
+    }
+#endif
     for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) cur[j] = j < whole ? terms[8 * (xu64)j + lane] : 0;
     for (xu64 k = 0; k < whole; k += XXH_FOLD_AHEAD) {
+#if defined(__CUDACC__)
+        for (xu32 j = lane; j < XXH_FOLD_AHEAD; j += 8) {  // the eight lanes share a group's rows
+            const xu64 b = k + XXH_FOLD_L2_AHEAD + j;
+            if (b < whole) asm volatile("prefetch.global.L2 [%0];" ::"l"(terms + 8 * b));
+        }
+#endif
         xu64 next[XXH_FOLD_AHEAD];
         for (xu32 j = 0; j < XXH_FOLD_AHEAD; j++) {
             const xu64 b = k + XXH_FOLD_AHEAD + j;
