@@ -138,7 +138,10 @@ __device__ __forceinline__ bool desc_ok(const ChunkDesc& c) {
     // only apply_wN's dense and raw tiles write term rows; no other kernel must be asked to
     const bool whole_tiles = c.kind == KIND_DENSE || c.kind == KIND_RAW;
     const bool terms = c.terms == 0 || (whole_tiles && c.order == ORDER_POSITIONAL);
-    return kind && gaps && terms && c.op <= OP_SUB && c.layout <= LAYOUT_ROTATED_PLANES && c.order <= ORDER_GROUPED;
+    // raw chunks are positional (spec §8.6, C4); no kernel would apply one of grouped order
+    const bool raw = c.kind != KIND_RAW || c.order == ORDER_POSITIONAL;
+    return kind && gaps && terms && raw && c.op <= OP_SUB && c.layout <= LAYOUT_ROTATED_PLANES &&
+           c.order <= ORDER_GROUPED;
 }
 
 // Raises ERR_BAD_DESCRIPTOR (once per block) for a descriptor with an

@@ -9,6 +9,8 @@
 //! §8.7 and §8.9 must raise its flag bit and name its stream's job.
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
+mod host_cxx;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -183,29 +185,8 @@ int main(int argc, char** argv) {
 "#;
 
 fn compile(dir: &Path) -> PathBuf {
-    let src = dir.join("harness.cpp");
     let source = std::fs::canonicalize(SOURCE).expect("kernels/tpde_rans.cu exists");
-    std::fs::write(&src, format!("{SHIM}\n#include \"{}\"\n{HARNESS}", source.display())).unwrap();
-    let exe = dir.join("harness");
-    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
-    let out = Command::new(&compiler)
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-pthread",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-Wno-unused-parameter",
-            "-Wno-unknown-pragmas",
-            "-o",
-        ])
-        .arg(&exe)
-        .arg(&src)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{compiler}`: {e}"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    exe
+    host_cxx::compile(dir, &format!("{SHIM}\n#include \"{}\"\n{HARNESS}", source.display()), host_cxx::THREADED)
 }
 
 /// One stream for the harness: its stored bytes and what its context reads.

@@ -6,6 +6,8 @@
 //! block terms of `leaf_terms` into a table, the fold of `leaf_fold`, then
 //! the same finish and merge), so this proves their arithmetic without a GPU.
 
+mod host_cxx;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
@@ -39,19 +41,9 @@ int main(int argc, char** argv) {
 "#;
 
 fn compile(dir: &Path) -> std::path::PathBuf {
-    let src = dir.join("harness.cpp");
     let source = std::fs::canonicalize(SOURCE).expect("kernels/tpde_xxh3.cu exists");
-    std::fs::write(&src, format!("#include \"{}\"\n{HARNESS}", source.display())).unwrap();
-    let exe = dir.join("harness");
-    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
-    let out = Command::new(&compiler)
-        .args(["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
-        .arg(&exe)
-        .arg(&src)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{compiler}`: {e}"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    exe
+    let program = format!("#include \"{}\"\n{HARNESS}", source.display());
+    host_cxx::compile(dir, &program, &["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror"])
 }
 
 #[test]
