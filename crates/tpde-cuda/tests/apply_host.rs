@@ -176,6 +176,13 @@ __attribute__((format(printf, 2, 3))) static void fail(const std::string& where,
     std::printf("\n");
 }
 
+// The flag must hold every bit of `need`, and besides them only bits of `allow`.
+static void check_flag(const std::string& batch, u32 flag, u32 need, u32 allow) {
+    if ((flag & need) != need || (flag & ~(need | allow)) != 0) {
+        fail(batch, "flag %#x, want the bits %#x and maybe %#x", flag, need, allow);
+    }
+}
+
 struct Rng {
     u64 s;
     u64 step() {
@@ -647,9 +654,7 @@ template <typename T> static void run_batch(const std::string& name, const std::
     if (rows) launch(tiles, 1, [&] { grouped_kernel<T>(t, nd, sums, groups, &flag); });
     launch((nd + THREADS - 1) / THREADS, 1, [&] { check_counts(t, nd, &flag); });
 
-    if ((flag & need) != need || (flag & ~(need | allow)) != 0) {
-        fail(batch, "flag %#x, want the bits %#x and maybe %#x", flag, need, allow);
-    }
+    check_flag(batch, flag, need, allow);
     if (!sums_r->guards_intact()) fail(batch, "bytes around the tile sums were written");
     if (!groups_r->guards_intact()) fail(batch, "bytes around the group rows were written");
     for (u32 i = 0; i < nd; i++) {
@@ -744,9 +749,7 @@ static void run_positions(const std::string& name, const std::vector<Spec>& spec
         launch(nd, 1, [&] { tile_scan(t, nd, sums, &flag); });
     }
     launch(tiles, 1, [&] { positions(t, nd, sums, &flag); });
-    if ((flag & need) != need || (flag & ~(need | allow)) != 0) {
-        fail(batch, "flag %#x, want the bits %#x and maybe %#x", flag, need, allow);
-    }
+    check_flag(batch, flag, need, allow);
     if (!sums_r->guards_intact()) fail(batch, "bytes around the tile sums were written");
     for (u32 i = 0; i < nd; i++) {
         const Spec& s = specs[i];
