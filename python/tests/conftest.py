@@ -8,7 +8,7 @@ import os
 import struct
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -20,6 +20,27 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cuda: needs a CUDA GPU; skipped, with the reason, where torch.cuda.is_available() is false"
     )
+
+
+def import_torch() -> Any:
+    """torch, or a skip of the calling test or module that says why. torch is PyPI's
+    CUDA build, about 5.3 GiB installed: tools/test-python.sh leaves it out, saying
+    so, where the disk has no room for it, and sets TPDE_REQUIRE_TORCH=1 where it
+    installed it, which makes a missing torch a failure."""
+    try:
+        import torch
+    except ImportError as error:
+        if os.environ.get("TPDE_REQUIRE_TORCH") == "1":
+            raise
+        pytest.skip(f"torch is not installed: {error}", allow_module_level=True)
+    return torch
+
+
+@pytest.fixture(name="torch")
+def torch_fixture() -> Any:
+    """torch, for the tests of a module that also runs without it."""
+    return import_torch()
+
 
 Tensors = Dict[str, Tuple[str, List[int], bytes]]
 

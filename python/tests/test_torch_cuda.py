@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
-import safetensors.torch
-import torch
 
 import tpde
-import tpde.torch
-from conftest import Tensors, model_pair, write_safetensors
+from conftest import Tensors, import_torch, model_pair, write_safetensors
 from tpde import _tpde
+
+# Skips this module, saying why, where torch is not installed.
+torch = import_torch()
+
+import safetensors.torch  # noqa: E402
+import tpde.torch  # noqa: E402
 
 NO_GPU = "needs a CUDA GPU: torch.cuda.is_available() is false"
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)]

@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import pytest
-import torch
 
 import tpde
-import tpde.torch
-from conftest import REPO
-from test_torch_cuda import DEVICE, NO_GPU, on_device, raw
+from conftest import REPO, import_torch
 from tpde import _tpde
+
+# Skips this module, saying why, where torch is not installed.
+torch = import_torch()
+
+import tpde.torch  # noqa: E402
+from test_torch_cuda import DEVICE, NO_GPU, on_device, raw  # noqa: E402
 
 StateDict = Dict[str, torch.Tensor]
 
