@@ -31,6 +31,9 @@ def test_ctrl_c_stops_encode_and_leaves_nothing_behind(tmp_path):
         f"""
         import os, signal, sys, threading, time
         import tpde
+        # Python ignores SIGINT where it started with SIGINT ignored (a job in the
+        # background of a script): Ctrl-C's handler is installed here whatever it inherited.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
         start = time.monotonic()
         try:

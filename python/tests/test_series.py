@@ -203,6 +203,9 @@ def test_ctrl_c_stops_add_and_leaves_the_series_as_it_was(tmp_path):
         import os, signal, sys, threading, time
         import tpde
         run = tpde.Series("run")
+        # Python ignores SIGINT where it started with SIGINT ignored (a job in the
+        # background of a script): Ctrl-C's handler is installed here whatever it inherited.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
         start = time.monotonic()
         try:
