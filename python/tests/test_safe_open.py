@@ -127,8 +127,14 @@ def test_sub_byte_tensors_come_back_as_packed_rows(tmp_path):
         assert f.get_slice("f4")[1:3].tobytes() == rows[4:12]
         # Rows of three 6-bit elements do not fill whole bytes: flat.
         assert f.get_tensor("f6").shape == (9,)
+
+
+def test_sub_byte_torch_tensors_come_back_as_packed_rows(tmp_path, torch):
+    write_safetensors(tmp_path / "m.safetensors", {"f4": ("F4", [4, 8], bytes(range(16)))})
+    tpde.encode(None, tmp_path / "m.safetensors", tmp_path / "d.tpde")
     with tpde.safe_open(tmp_path / "d.tpde", framework="pt") as f:
-        assert f.get_tensor("f4").shape == (4, 4)
+        f4 = f.get_tensor("f4")
+        assert (f4.dtype, f4.shape, f4.numpy().tobytes()) == (torch.uint8, (4, 4), bytes(range(16)))
 
 
 def test_unknown_names_and_frameworks_are_refused(delta):
