@@ -368,12 +368,15 @@ impl<'a> StreamSet<'a> {
     }
 
     /// A floor on what these planes, grouped by base key (spec §8.6), store in,
-    /// predicted from their plans: grouping orders the values as tables that
-    /// followed the base key would see them, and the plane above is the only other
-    /// context a grouped plane has, so no coding of a grouped plane takes much less
-    /// than its entropy under the base key or under the plane above (measured:
-    /// 0.7% more at least, on the benchmark corpus). A stream without plans counts
-    /// at the length it is kept at.
+    /// predicted from their plans. A grouped plane keeps the positional plans under
+    /// no context and under the plane above ([`StreamSet::regrouped`]), so lane rANS
+    /// stores it as they predict. zstd's literal coder, which is what grouping adds,
+    /// follows the statistics from group to group, so it takes at least each base
+    /// key's prefix code where a plane carries a bit a symbol or more (measured:
+    /// 0.99 of it at least, on the benchmark corpus); below that, runs are common
+    /// and zstd's matches beat any prefix code, so the plane's entropy under the
+    /// base key or the plane above is its floor (0.7% more at least). A stream
+    /// without plans counts at the length it is kept at.
     #[allow(clippy::cast_precision_loss)] // an estimate
     fn grouping_floor(&self) -> f64 {
         let keeps_zstd = self.keeps_zstd();
@@ -381,7 +384,17 @@ impl<'a> StreamSet<'a> {
             .iter()
             .map(|stream| {
                 let kept = stream.len(stream.kept(keeps_zstd), self.settings) as f64;
-                stream.plans.iter().map(|plan| plan.context_entropy_bits() / 8.0).fold(kept, f64::min)
+                if stream.plans.is_empty() {
+                    return kept;
+                }
+                let entropy = stream.plans.iter().map(rans::StreamPlan::context_entropy_bits).fold(f64::MAX, f64::min);
+                let prefix_code = stream.plans.iter().find_map(rans::StreamPlan::context_prefix_code_bits);
+                let literals = match prefix_code {
+                    Some(bits) if entropy >= stream.raw.len() as f64 => bits as f64,
+                    _ => entropy,
+                } / 8.0;
+                let rans = stream.plans.iter().filter(|plan| plan.kind() != ContextKind::BaseKey);
+                rans.map(|plan| plan.predicted_len() as f64).fold(literals.min(stream.raw.len() as f64), f64::min)
             })
             .sum()
     }

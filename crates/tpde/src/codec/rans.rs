@@ -1833,6 +1833,43 @@ pub(crate) fn entropy_bits(counts: &Histogram) -> f64 {
     counts.iter().filter(|&&c| c > 0).map(|&c| c as f64 * (total / c as f64).log2()).sum()
 }
 
+/// Bits of the optimal prefix (Huffman) code of a histogram under its own
+/// distribution, without its table: what zstd's literal coder spends at least on
+/// these symbols when it finds no matches among them. A symbol alone costs nothing,
+/// as zstd stores a run of one byte as that byte. Computed here because neither
+/// zstd nor a well-kept crate exposes a code's length without coding the data.
+pub(crate) fn prefix_code_bits(counts: &Histogram) -> u64 {
+    let mut leaves = [0u64; 256];
+    let mut present = 0;
+    for &count in counts.iter().filter(|&&c| c > 0) {
+        leaves[present] = count;
+        present += 1;
+    }
+    let leaves = &mut leaves[..present];
+    leaves.sort_unstable();
+    // Two queues: the sorted leaves and the merged nodes, which are made in
+    // ascending order, so the two smallest weights are always at their fronts. The
+    // code's length is the sum of the weights of every merged node.
+    let mut merged = [0u64; 256];
+    let (mut next_leaf, mut next_merged, mut merged_len, mut bits) = (0, 0, 0, 0);
+    for _ in 1..present {
+        let mut smallest = || {
+            if next_leaf < leaves.len() && (next_merged == merged_len || leaves[next_leaf] <= merged[next_merged]) {
+                next_leaf += 1;
+                leaves[next_leaf - 1]
+            } else {
+                next_merged += 1;
+                merged[next_merged - 1]
+            }
+        };
+        let weight = smallest() + smallest();
+        merged[merged_len] = weight;
+        merged_len += 1;
+        bits += weight;
+    }
+    bits
+}
+
 /// Bytes of a table (Table 8.7 or 8.8) of these frequencies, 0 for an absent symbol.
 fn table_len(form: TableForm, frequencies: &[u32; 256]) -> usize {
     let present = frequencies.iter().filter(|&&f| f > 0).count();
@@ -2808,6 +2845,9 @@ pub struct StreamPlan {
     /// The symbols' order-0 entropy under each context byte, summed: what tables
     /// that followed every context byte would take at least, in bits.
     context_entropy_bits: f64,
+    /// Under base keys, each base key's prefix code length ([`prefix_code_bits`]),
+    /// summed, in bits.
+    context_prefix_code_bits: Option<u64>,
 }
 
 impl StreamPlan {
@@ -2817,6 +2857,20 @@ impl StreamPlan {
     #[must_use]
     pub fn context_entropy_bits(&self) -> f64 {
         self.context_entropy_bits
+    }
+
+    /// Under base keys, the bits of a prefix code of its own for each base key,
+    /// summed: what zstd's literal coder takes at least on the symbols grouped by
+    /// base key (spec §8.6), where it finds no matches. `None` under other contexts.
+    #[must_use]
+    pub fn context_prefix_code_bits(&self) -> Option<u64> {
+        self.context_prefix_code_bits
+    }
+
+    /// The context kind it was planned under.
+    #[must_use]
+    pub fn kind(&self) -> ContextKind {
+        self.plan.kind
     }
 
     /// The stored length [`StreamPlan::encode`] will produce, as [`predicted_len`].
@@ -2899,11 +2953,14 @@ pub fn plan_each_of_bytes(
     let no_context = StreamPlan {
         plan: Plan::of_clusters(form, symbols.len(), ContextKind::None, [0; 256], vec![whole]),
         context_entropy_bits: whole_bits,
+        context_prefix_code_bits: None,
     };
     let with_contexts = candidates.iter().zip(&rows).map(|((kind, _), rows)| match rows {
         Some(rows) => StreamPlan {
             plan: Plan::of_context_rows(form, symbols.len(), *kind, rows),
             context_entropy_bits: rows.present().iter().map(entropy_bits).sum(),
+            context_prefix_code_bits: (*kind == ContextKind::BaseKey)
+                .then(|| rows.present().iter().map(prefix_code_bits).sum()),
         },
         None => no_context.clone(),
     });
@@ -3018,6 +3075,58 @@ mod tests {
         let plans = plan_each_of_bytes(TableForm::Packed, &symbols, &[(ContextKind::HigherPlane, Some(&contexts))]);
         assert!((plans[0].context_entropy_bits() - 2.0 * 4096.0).abs() < 1e-6, "no context: 2 bits a symbol");
         assert!(plans[1].context_entropy_bits().abs() < 1e-9, "under the context: nothing left");
+    }
+
+    /// The prefix code length is the Huffman code's: merging the two lightest
+    /// weights of a heap until one is left, each merge adding its weight.
+    #[test]
+    fn prefix_code_bits_are_the_huffman_code_length() {
+        let huffman = |counts: &Histogram| {
+            let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<u64>> =
+                counts.iter().filter(|&&c| c > 0).map(|&c| std::cmp::Reverse(c)).collect();
+            let mut bits = 0;
+            while let (Some(a), Some(b)) = (heap.pop(), heap.pop()) {
+                bits += a.0 + b.0;
+                heap.push(std::cmp::Reverse(a.0 + b.0));
+            }
+            bits
+        };
+        let mut counts = [0; 256];
+        assert_eq!(prefix_code_bits(&counts), 0, "no symbols");
+        counts[7] = 1000;
+        assert_eq!(prefix_code_bits(&counts), 0, "one symbol is a run");
+        counts[9] = 500;
+        counts[200] = 500;
+        assert_eq!(prefix_code_bits(&counts), 1000 + 2 * 500 * 2, "1, 2 and 2 bits");
+        assert_eq!(prefix_code_bits(&[3; 256]), 3 * 256 * 8, "uniform: 8 bits each");
+        let mut noise = Noise(0x5eed);
+        for zeros in [0u64, 128, 230, 250, 255] {
+            let mut counts = [0; 256];
+            for _ in 0..20_000 {
+                counts[usize::from(noise.skewed(zeros))] += noise.next() % 3;
+            }
+            assert_eq!(prefix_code_bits(&counts), huffman(&counts));
+            #[allow(clippy::cast_precision_loss)] // a bound
+            let bits = prefix_code_bits(&counts) as f64;
+            assert!(bits >= entropy_bits(&counts) - 1e-6, "no prefix code beats the entropy");
+        }
+    }
+
+    /// Base-key plans carry each base key's prefix code length; other plans none.
+    #[test]
+    fn base_key_plans_carry_prefix_code_bits() {
+        let keys: Vec<u8> = (0..8192u32).map(|i| (i % 3) as u8).collect();
+        let symbols: Vec<u8> = keys.iter().enumerate().map(|(i, &key)| key * 40 + [0, 1, 2, 3][(i / 3) % 4]).collect();
+        let plans = plan_each_of_bytes(
+            TableForm::Packed,
+            &symbols,
+            &[(ContextKind::HigherPlane, Some(&keys)), (ContextKind::BaseKey, Some(&keys))],
+        );
+        assert_eq!(plans[0].context_prefix_code_bits(), None);
+        assert_eq!(plans[1].context_prefix_code_bits(), None);
+        // Under each key, four symbols equally often: 2 bits each.
+        assert_eq!(plans[2].context_prefix_code_bits(), Some(2 * 8192));
+        assert_eq!(plans[2].kind(), ContextKind::BaseKey);
     }
 
     /// The vector tile encoder gives the scalar one's bytes, for every context, table
