@@ -294,13 +294,32 @@ impl<'a> StreamSet<'a> {
             self.streams.push(PendingStream::new(raw, Vec::new(), Vec::new(), None, self.settings));
             return Ok(());
         }
-        let plans = if self.settings.rans && !is_constant(raw, self.settings) {
-            let candidates: Vec<(ContextKind, Option<&[u8]>)> =
-                contexts.iter().map(|c| (c.kind(), Some(c.bytes()))).collect();
-            rans::plan_each_of_bytes(self.settings.table_form(), raw, &candidates)
-        } else {
-            Vec::new()
+        if !self.settings.rans || is_constant(raw, self.settings) {
+            return self.push_planned(raw, contexts, Vec::new());
+        }
+        let form = self.settings.table_form();
+        let (above, keys) = match contexts[..] {
+            [StreamContext::HigherPlane(above), StreamContext::BaseKeys(keys)] if raw.len() >= SAMPLE_ABOVE_FROM => {
+                (above, keys)
+            }
+            _ => {
+                let candidates: Vec<(ContextKind, Option<&[u8]>)> =
+                    contexts.iter().map(|c| (c.kind(), Some(c.bytes()))).collect();
+                let plans = rans::plan_each_of_bytes(form, raw, &candidates);
+                return self.push_planned(raw, contexts, plans);
+            }
         };
+        // Under the base keys first: where a sample says the plane above leaves more
+        // entropy than the base keys' whole coding takes, no plan under it can win,
+        // and it is neither counted nor planned.
+        let mut plans = rans::plan_each_of_bytes(form, raw, &[(ContextKind::BaseKey, Some(keys))]);
+        #[allow(clippy::cast_precision_loss)] // an estimate
+        let keyed_len = plans[1].predicted_len() as f64;
+        if sampled_entropy_under(raw, above) / 8.0 > keyed_len {
+            return self.push_planned(raw, vec![StreamContext::BaseKeys(keys)], plans);
+        }
+        let under_above = rans::plan_each_of_bytes(form, raw, &[(ContextKind::HigherPlane, Some(above))]);
+        plans.insert(1, under_above.into_iter().nth(1).expect("a plan per candidate after the one under none"));
         self.push_planned(raw, contexts, plans)
     }
 
@@ -489,6 +508,28 @@ const SAMPLE_BYTES: usize = 1 << 16;
 const INCOMPRESSIBLE_BITS: f64 = 7.9;
 /// From this level on, the writer measures rather than predicts.
 const MEASURE_FROM_LEVEL: i32 = 10;
+
+/// From this many bytes on, a plane's entropy under the plane above is sampled
+/// before it is planned under it ([`StreamSet::push`]).
+const SAMPLE_ABOVE_FROM: usize = 1 << 16;
+/// Blocks of this many symbols, one in [`SAMPLE_ABOVE_EVERY`], are the sample.
+const SAMPLE_ABOVE_BLOCK: usize = 4096;
+const SAMPLE_ABOVE_EVERY: usize = 8;
+
+/// The entropy of `symbols` under `contexts` in bits, estimated from one block in
+/// [`SAMPLE_ABOVE_EVERY`]. Counted from a sample, each context's histogram misses
+/// rare symbols, so the estimate lies below the entropy of the whole more often
+/// than above it.
+#[allow(clippy::cast_precision_loss)] // an estimate
+fn sampled_entropy_under(symbols: &[u8], contexts: &[u8]) -> f64 {
+    let mut sample = (Vec::new(), Vec::new());
+    for start in (0..symbols.len()).step_by(SAMPLE_ABOVE_BLOCK * SAMPLE_ABOVE_EVERY) {
+        let end = symbols.len().min(start + SAMPLE_ABOVE_BLOCK);
+        sample.0.extend_from_slice(&symbols[start..end]);
+        sample.1.extend_from_slice(&contexts[start..end]);
+    }
+    rans::entropy_under(&sample.0, &sample.1) * symbols.len() as f64 / sample.0.len() as f64
+}
 
 /// A strided sample of at most [`SAMPLE_BYTES`] bytes, and the stride.
 fn sample_bytes(raw: &[u8]) -> (Vec<u8>, usize) {
@@ -1613,6 +1654,32 @@ mod tests {
                 x.to_le_bytes()[3]
             })
             .collect()
+    }
+
+    /// A long plane is planned under the plane above only where a sample says it
+    /// could store smaller than under the base keys; where it is, it wins.
+    #[test]
+    fn the_plane_above_is_planned_only_where_it_could_win() {
+        let len = 4 * SAMPLE_ABOVE_FROM;
+        let keys: Vec<u8> = pseudo_random(len, 1).iter().map(|k| k % 16).collect();
+        let above = pseudo_random(len, 2);
+        let noise = pseudo_random(len, 3);
+        let contexts_of = |set: &StreamSet<'_>| -> Vec<ContextKind> {
+            set.streams[0].contexts.iter().map(|context| context.kind()).collect()
+        };
+
+        let by_key: Vec<u8> = keys.iter().zip(&noise).map(|(k, n)| k * 3 + n % 2).collect();
+        let planes = [by_key, above.clone()];
+        let set = StreamSet::of_planes(&planes, true, Some(&keys), EncodeSettings::default()).unwrap();
+        assert_eq!(contexts_of(&set), [ContextKind::BaseKey]);
+        assert!(matches!(set.streams[0].choice, Choice::Rans(1)), "coded under the base keys");
+
+        let by_above: Vec<u8> = above.iter().zip(&noise).map(|(a, n)| a / 16 + n % 2).collect();
+        let planes = [by_above, above];
+        let set = StreamSet::of_planes(&planes, true, Some(&keys), EncodeSettings::default()).unwrap();
+        assert_eq!(contexts_of(&set), [ContextKind::HigherPlane, ContextKind::BaseKey]);
+        assert!(matches!(set.streams[0].choice, Choice::Rans(1)), "coded under the plane above");
+        assert_eq!(set.streams[0].plans.len(), 3, "planned under none and both contexts");
     }
 
     #[test]
