@@ -668,15 +668,14 @@ fn changed_words<W: Word>(target: &[W], base: &[W]) -> Vec<u32> {
 }
 
 /// For each byte, the places of its set bits, lowest first, then zeros.
-#[allow(clippy::cast_possible_truncation)] // places 0 to 7
 const SET_BITS: [[u8; 8]; 256] = {
     let mut table = [[0u8; 8]; 256];
     let mut byte = 0;
     while byte < 256 {
-        let (mut bit, mut count) = (0, 0);
+        let (mut bit, mut count) = (0u8, 0);
         while bit < 8 {
             if byte >> bit & 1 == 1 {
-                table[byte][count] = bit as u8;
+                table[byte][count] = bit;
                 count += 1;
             }
             bit += 1;
@@ -1724,8 +1723,8 @@ mod tests {
     fn changed_words_are_those_that_differ() {
         for len in [0usize, 1, 7, 8, 9, 255, 256, 257, 1000, 4099] {
             for changed_in_256 in [0u8, 1, 128, 255] {
-                let base: Vec<u16> = (0..len).map(|i| i as u16).collect();
-                let flips = pseudo_random(len, len as u64 + u64::from(changed_in_256));
+                let base: Vec<u16> = (0..u16::MAX).cycle().take(len).collect();
+                let flips = pseudo_random(len, u64::try_from(len).unwrap() + u64::from(changed_in_256));
                 let target: Vec<u16> = base
                     .iter()
                     .zip(&flips)
