@@ -2456,24 +2456,62 @@ struct TileScratch {
 /// CPU has one: `None` elsewhere.
 struct VectorCoders {
     #[cfg(target_arch = "x86_64")]
-    tables: encode_avx2::Tables,
+    tables: VectorTables,
     /// Whether the CPU looks up 64 context bytes' tables at once (AVX-512 VBMI).
     #[cfg(target_arch = "x86_64")]
     byte_lookup: bool,
+}
+
+/// The widest tile encoder the CPU runs, with its tables.
+#[cfg(target_arch = "x86_64")]
+enum VectorTables {
+    Avx2(encode_avx2::Tables),
+    Avx512(encode_avx512::Tables),
 }
 
 impl VectorCoders {
     #[allow(clippy::unnecessary_wraps)] // None where no vector kernel is built
     fn new(coders: &[[SymbolCoder; 256]], prob_bits: u32) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && !scalar_encoder_forced() {
-            return Some(Self {
-                tables: encode_avx2::Tables::new(coders, prob_bits),
-                byte_lookup: table_rows_avx512::available(),
-            });
+        {
+            let tables = match widest_encoder() {
+                EncoderKernel::Avx512 => VectorTables::Avx512(encode_avx512::Tables::new(coders, prob_bits)),
+                EncoderKernel::Avx2 => VectorTables::Avx2(encode_avx2::Tables::new(coders, prob_bits)),
+                EncoderKernel::Scalar => return None,
+            };
+            Some(Self { tables, byte_lookup: table_rows_avx512::available() })
         }
-        let _ = (coders, prob_bits);
-        None
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (coders, prob_bits);
+            None
+        }
+    }
+
+    /// Codes whole steps of `indices` (rows of the tables) into `states`, appending
+    /// words to `room` from `*len`. `room` must hold `*len` plus a word per index
+    /// plus [`LANES`].
+    #[cfg(target_arch = "x86_64")]
+    fn encode_steps(&self, indices: &[u16], states: &mut [u32; LANES], room: &mut [u16], len: &mut usize) {
+        assert!(indices.len().is_multiple_of(LANES) && *len + indices.len() + LANES <= room.len());
+        debug_assert!(indices.iter().all(|&row| usize::from(row) < self.rows()));
+        // SAFETY: each kernel's tables exist only where the CPU has its features;
+        // `room` is checked above, and every index is a row of the tables, as the
+        // caller builds them from the same plan.
+        unsafe {
+            match &self.tables {
+                VectorTables::Avx2(tables) => encode_avx2::encode_steps(indices, tables, states, room, len),
+                VectorTables::Avx512(tables) => encode_avx512::encode_steps(indices, tables, states, room, len),
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn rows(&self) -> usize {
+        match &self.tables {
+            VectorTables::Avx2(tables) => tables.rows(),
+            VectorTables::Avx512(tables) => tables.rows(),
+        }
     }
 }
 
@@ -2500,7 +2538,10 @@ mod table_rows_avx512 {
 
     pub(super) fn available() -> bool {
         use std::arch::is_x86_feature_detected as has;
-        has!("avx512f") && has!("avx512bw") && has!("avx512vbmi") && !super::scalar_encoder_forced()
+        has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512vbmi")
+            && super::widest_encoder() >= super::EncoderKernel::Avx512
     }
 
     /// # Safety
@@ -2544,17 +2585,43 @@ mod table_rows_avx512 {
     }
 }
 
-#[cfg(test)]
-thread_local! {
-    /// Tests hold the vector encoder to the scalar one.
-    static FORCE_SCALAR_ENCODER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// The tile encoders, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum EncoderKernel {
+    Scalar,
+    Avx2,
+    Avx512,
 }
 
-fn scalar_encoder_forced() -> bool {
+#[cfg(test)]
+thread_local! {
+    /// Tests hold each vector encoder to the scalar one by capping the widest.
+    static WIDEST_ENCODER_ALLOWED: std::cell::Cell<EncoderKernel> =
+        const { std::cell::Cell::new(EncoderKernel::Avx512) };
+}
+
+/// The widest tile encoder this CPU runs (and, in tests, that the test allows).
+fn widest_encoder() -> EncoderKernel {
+    #[cfg(target_arch = "x86_64")]
+    let widest = {
+        use std::arch::is_x86_feature_detected as has;
+        static WIDEST: std::sync::OnceLock<EncoderKernel> = std::sync::OnceLock::new();
+        *WIDEST.get_or_init(|| {
+            if encode_avx512::available() {
+                EncoderKernel::Avx512
+            } else if has!("avx2") && has!("popcnt") {
+                EncoderKernel::Avx2
+            } else {
+                EncoderKernel::Scalar
+            }
+        })
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let widest = EncoderKernel::Scalar;
     #[cfg(test)]
-    return FORCE_SCALAR_ENCODER.with(std::cell::Cell::get);
+    return widest.min(WIDEST_ENCODER_ALLOWED.with(std::cell::Cell::get));
     #[cfg(not(test))]
-    false
+    widest
 }
 
 /// The tile encoder on 8 lanes per AVX2 vector: the same states and words as the
@@ -2585,6 +2652,10 @@ mod encode_avx2 {
                 prob_bits,
             }
         }
+
+        pub(super) fn rows(&self) -> usize {
+            self.packed.len()
+        }
     }
 
     /// Per mask of the lanes that emit a word, a byte shuffle that packs the low
@@ -2612,9 +2683,9 @@ mod encode_avx2 {
     /// appended to `room` from `*len`.
     ///
     /// # Safety
-    /// The CPU must have AVX2; `room` must hold `*len` plus one word per index plus
-    /// 8; every index must be a row of `tables`.
-    #[target_feature(enable = "avx2")]
+    /// The CPU must have AVX2 and POPCNT; `room` must hold `*len` plus one word per
+    /// index plus 8; every index must be a row of `tables`.
+    #[target_feature(enable = "avx2,popcnt")]
     #[allow(clippy::cast_possible_wrap, clippy::cast_sign_loss)] // bit patterns
     pub(super) unsafe fn encode_steps(
         indices: &[u16],
@@ -2691,6 +2762,133 @@ mod encode_avx2 {
     }
 }
 
+/// The tile encoder on 16 lanes per AVX-512 vector: the same states and words as
+/// the scalar one, lane for lane. The quotient `state / f` is the scalar
+/// encoder's `(state · reciprocal) >> 43`, taken as the high half of one 52-bit
+/// multiply (IFMA) of `state · 2^9` by the reciprocal, and a step's words are packed
+/// with one compress (VBMI2), where AVX2 takes four multiplies and a shuffle table.
+#[cfg(target_arch = "x86_64")]
+mod encode_avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{SymbolCoder, LANES, RECIPROCAL_SHIFT};
+
+    pub(super) fn available() -> bool {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512vl")
+            && has!("avx512ifma")
+            && has!("avx512vbmi2")
+            && has!("popcnt")
+    }
+
+    /// Per table row (table · 256 + symbol): `cum | (2^k − f) << 16`, and the
+    /// reciprocal.
+    pub(super) struct Tables {
+        packed: Vec<u32>,
+        reciprocal: Vec<u64>,
+        prob_bits: u32,
+    }
+
+    impl Tables {
+        pub(super) fn new(coders: &[[SymbolCoder; 256]], prob_bits: u32) -> Self {
+            let rows = coders.iter().flatten();
+            Self {
+                packed: rows.clone().map(|c| c.cum | c.complement << 16).collect(),
+                reciprocal: rows.map(|c| c.reciprocal).collect(),
+                prob_bits,
+            }
+        }
+
+        pub(super) fn rows(&self) -> usize {
+            self.packed.len()
+        }
+    }
+
+    /// `state · 2^UP` is below 2^52 and `(state · 2^UP · r) >> 52` is the scalar
+    /// encoder's `(state · r) >> 43`.
+    const UP: u32 = 52 - RECIPROCAL_SHIFT;
+    const _: () = assert!(32 + UP <= 52 && RECIPROCAL_SHIFT < 52, "IFMA multiplies 52-bit operands");
+
+    /// Codes whole steps (`indices.len()` a multiple of [`LANES`]), from the last to
+    /// the first, lanes from 31 down to 0, as the scalar encoder does; words are
+    /// appended to `room` from `*len`. A vector holds its 16 lanes highest first, so
+    /// that a compress, which packs from the lowest element up, emits them in the
+    /// scalar encoder's order.
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `room` must hold `*len`
+    /// plus one word per index plus 16; every index must be a row of `tables`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512ifma,avx512vbmi2,popcnt")]
+    #[allow(clippy::cast_possible_wrap)] // bit patterns and k ≤ 11
+    pub(super) unsafe fn encode_steps(
+        indices: &[u16],
+        tables: &Tables,
+        states: &mut [u32; LANES],
+        room: &mut [u16],
+        len: &mut usize,
+    ) {
+        debug_assert!(indices.len().is_multiple_of(LANES));
+        debug_assert!(*len + indices.len() + 16 <= room.len());
+        let k = tables.prob_bits;
+        // SAFETY (whole body): loads and stores stay within `indices`, `states` and
+        // `room` as the caller guarantees; gathers read rows of the tables.
+        unsafe {
+            let reverse16 = _mm256_setr_epi16(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            let reverse32 = _mm512_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            // The low halves of the 64-bit quotients: of the first vector, then the second.
+            let low_halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let load_lanes = |half: usize| {
+                _mm512_permutexvar_epi32(reverse32, _mm512_loadu_si512(states.as_ptr().add(16 * half).cast()))
+            };
+            let mut lanes = [load_lanes(0), load_lanes(1)];
+            let slots = _mm512_set1_epi32(1 << k);
+            let one = _mm512_set1_epi32(1);
+            let low_mask = _mm512_set1_epi32(0xFFFF);
+            let shift = _mm_cvtsi32_si128((32 - k) as i32);
+            let zero = _mm512_setzero_si512();
+            let packed = tables.packed.as_ptr().cast::<i32>();
+            let reciprocal = tables.reciprocal.as_ptr().cast::<i64>();
+            let words = room.as_mut_ptr();
+            let mut at = *len;
+            for step in (0..indices.len() / LANES).rev() {
+                for half in (0..2).rev() {
+                    let loaded = _mm256_loadu_si256(indices.as_ptr().add(step * LANES + 16 * half).cast());
+                    let rows = _mm512_cvtepu16_epi32(_mm256_permutexvar_epi16(reverse16, loaded));
+                    let fields = _mm512_i32gather_epi32::<4>(rows, packed);
+                    let cum = _mm512_and_si512(fields, low_mask);
+                    let complement = _mm512_srli_epi32::<16>(fields);
+                    // f · 2^(32−k) − 1, wrapping to 2^32 − 1 for f = 2^k.
+                    let renorm_above =
+                        _mm512_sub_epi32(_mm512_sll_epi32(_mm512_sub_epi32(slots, complement), shift), one);
+                    let state = lanes[half];
+                    let renormalise = _mm512_cmpgt_epu32_mask(state, renorm_above);
+                    let low = _mm512_cvtepi32_epi16(state);
+                    _mm256_storeu_si256(words.add(at).cast(), _mm256_maskz_compress_epi16(renormalise, low));
+                    at += renormalise.count_ones() as usize;
+                    let state = _mm512_mask_srli_epi32::<16>(state, renormalise, state);
+                    let r_low = _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(rows), reciprocal);
+                    let r_high = _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(rows), reciprocal);
+                    let up = |x: __m256i| _mm512_slli_epi64::<{ UP }>(_mm512_cvtepu32_epi64(x));
+                    let q_low = _mm512_madd52hi_epu64(zero, up(_mm512_castsi512_si256(state)), r_low);
+                    let q_high = _mm512_madd52hi_epu64(zero, up(_mm512_extracti64x4_epi64::<1>(state)), r_high);
+                    let quotient = _mm512_permutex2var_epi32(q_low, low_halves, q_high);
+                    lanes[half] =
+                        _mm512_add_epi32(_mm512_add_epi32(state, cum), _mm512_mullo_epi32(quotient, complement));
+                }
+            }
+            for (half, lane) in lanes.iter().enumerate() {
+                _mm512_storeu_si512(
+                    states.as_mut_ptr().add(16 * half).cast(),
+                    _mm512_permutexvar_epi32(reverse32, *lane),
+                );
+            }
+            *len = at;
+        }
+    }
+}
+
 /// Codes one tile, appending its payload to `out`: the lanes walk their symbols
 /// backwards (steps from last to first, lanes from 31 down to 0), so that the decoder
 /// reads them forwards; the words go out in reverse order of emission.
@@ -2734,9 +2932,7 @@ fn encode_tile(
             }
             Some((contexts, map)) => table_rows(&symbols[..whole], contexts, map, vector.byte_lookup, indices),
         }
-        // SAFETY: `vector` exists only where the CPU has AVX2; `room` holds a word
-        // per symbol plus LANES, and every index is a row of the tables.
-        unsafe { encode_avx2::encode_steps(indices, &vector.tables, &mut states, room, &mut len) };
+        vector.encode_steps(indices, &mut states, room, &mut len);
         for state in &states[..lanes] {
             out.extend_from_slice(&state.to_le_bytes());
         }
@@ -3228,10 +3424,28 @@ mod tests {
         }
     }
 
-    /// The vector tile encoder gives the scalar one's bytes, for every context, table
-    /// count, precision and tile size, on steps whole and partial.
+    /// Codes with the tile encoders up to `widest` only.
+    fn with_widest_encoder<T>(widest: EncoderKernel, code: impl FnOnce() -> T) -> T {
+        WIDEST_ENCODER_ALLOWED.with(|allowed| allowed.set(widest));
+        let coded = code();
+        WIDEST_ENCODER_ALLOWED.with(|allowed| allowed.set(EncoderKernel::Avx512));
+        coded
+    }
+
+    /// The vector tile encoders this CPU runs, narrowest first.
+    fn vector_encoders() -> Vec<EncoderKernel> {
+        let widest = widest_encoder();
+        if widest < EncoderKernel::Avx512 {
+            eprintln!("this CPU runs the tile encoders up to {widest:?} only: the wider are not checked");
+        }
+        [EncoderKernel::Avx2, EncoderKernel::Avx512].into_iter().filter(|&kernel| kernel <= widest).collect()
+    }
+
+    /// Each vector tile encoder gives the scalar one's bytes, for every context,
+    /// table count, precision and tile size, on steps whole and partial.
     #[test]
-    fn the_vector_encoder_matches_the_scalar_one() {
+    fn the_vector_encoders_match_the_scalar_one() {
+        let kernels = vector_encoders();
         for_each_form(|| {
             let mut noise = Noise(0x1234_5678_9ABC_DEF1);
             for (len, zero_in_256) in
@@ -3243,20 +3457,28 @@ mod tests {
                 }
                 each_context(&symbols, &mut |contexts| {
                     for tile_log2 in [12, 16] {
-                        let vector = encode_with_tile_log2(&symbols, contexts, tile_log2);
-                        FORCE_SCALAR_ENCODER.with(|force| force.set(true));
-                        let scalar = encode_with_tile_log2(&symbols, contexts, tile_log2);
-                        FORCE_SCALAR_ENCODER.with(|force| force.set(false));
-                        assert_eq!(vector, scalar, "{len} symbols, {:?}, tiles of 2^{tile_log2}", contexts.kind());
+                        let scalar = with_widest_encoder(EncoderKernel::Scalar, || {
+                            encode_with_tile_log2(&symbols, contexts, tile_log2)
+                        });
+                        for &kernel in &kernels {
+                            let vector =
+                                with_widest_encoder(kernel, || encode_with_tile_log2(&symbols, contexts, tile_log2));
+                            assert_eq!(
+                                vector,
+                                scalar,
+                                "{kernel:?}, {len} symbols, {:?}, tiles of 2^{tile_log2}",
+                                contexts.kind()
+                            );
+                        }
                     }
                 });
             }
             // A one-symbol table, whose state never renormalises.
             let same = vec![7u8; 1000];
-            let vector = encode(form(), &same, Contexts::None);
-            FORCE_SCALAR_ENCODER.with(|force| force.set(true));
-            assert_eq!(vector, encode(form(), &same, Contexts::None));
-            FORCE_SCALAR_ENCODER.with(|force| force.set(false));
+            let scalar = with_widest_encoder(EncoderKernel::Scalar, || encode(form(), &same, Contexts::None));
+            for &kernel in &kernels {
+                assert_eq!(with_widest_encoder(kernel, || encode(form(), &same, Contexts::None)), scalar, "{kernel:?}");
+            }
         });
     }
 
