@@ -11,7 +11,7 @@ use crate::container::header::{
     is_plain_file_name, BaseTensor, Header, LayoutKind, TargetFile, TargetLayout, TensorEntry,
 };
 use crate::delta::{encode_chunk_against, EncodeSettings, EncodedChunk};
-use crate::digest::{tensor_digest, to_hex, tree_digest, Digest128};
+use crate::digest::{leaf_digest, to_hex, tree_digest, Digest128};
 use crate::dtype::WordWidth;
 use crate::error::{Error, ErrorCode, Result};
 use crate::limits::MAX_CHUNK_WORDS;
@@ -74,7 +74,27 @@ impl TensorJob<'_> {
         (start + self.chunk_bytes).min(self.bytes.len())
     }
 
+    /// The base's chunk at the same place, as the base's tensor digest cuts it
+    /// (spec §10): `None` past the base's end.
+    fn base_chunk(&self, start: usize) -> Option<&[u8]> {
+        let base = self.base?;
+        (start < base.len()).then(|| &base[start..(start + self.chunk_bytes).min(base.len())])
+    }
+
+    /// Encodes the chunk at `start`, and hashes the base's chunk at the same place
+    /// for the base's tensor digest: here, where the encoding reads it, rather than
+    /// in a second pass over the whole base.
     fn encode_chunk(
+        &self,
+        start: usize,
+        settings: EncodeSettings,
+        reference: Option<&DeltaFile>,
+    ) -> Result<(EncodedChunk, Option<Digest128>)> {
+        let base_leaf = self.base_chunk(start).map(leaf_digest);
+        Ok((self.encode_chunk_only(start, settings, reference)?, base_leaf))
+    }
+
+    fn encode_chunk_only(
         &self,
         start: usize,
         settings: EncodeSettings,
@@ -114,7 +134,7 @@ fn encode_in_order(
     settings: EncodeSettings,
     reference: Option<&DeltaFile>,
     progress: &dyn Progress,
-    mut write: impl FnMut(usize, usize, EncodedChunk) -> Result<()>,
+    mut write: impl FnMut(usize, usize, (EncodedChunk, Option<Digest128>)) -> Result<()>,
 ) -> Result<()> {
     let window = window();
     if rayon::current_thread_index().is_some() {
@@ -126,17 +146,18 @@ fn encode_in_order(
             let encoded = batch
                 .par_iter()
                 .map(|&(tensor, start)| jobs[tensor].encode_chunk(start, settings, reference))
-                .collect::<Result<Vec<EncodedChunk>>>()?;
+                .collect::<Result<Vec<_>>>()?;
             for (&(tensor, start), chunk) in batch.iter().zip(encoded) {
                 write(tensor, start, chunk)?;
             }
         }
         return Ok(());
     }
-    type Outcome = std::thread::Result<Result<EncodedChunk>>;
+    type Outcome = std::thread::Result<Result<(EncodedChunk, Option<Digest128>)>>;
     let (done, finished) = std::sync::mpsc::channel::<(usize, Outcome)>();
     rayon::in_place_scope(|scope| {
-        let mut waiting: std::collections::VecDeque<Option<EncodedChunk>> = std::collections::VecDeque::new();
+        let mut waiting: std::collections::VecDeque<Option<(EncodedChunk, Option<Digest128>)>> =
+            std::collections::VecDeque::new();
         let mut started = 0;
         let mut written = 0;
         while written < chunks.len() {
@@ -358,18 +379,32 @@ pub fn encode_sources_against(
         .flat_map(|(tensor, job)| (0..job.bytes.len()).step_by(job.chunk_bytes).map(move |start| (tensor, start)))
         .collect();
     let mut leaves: Vec<Vec<Digest128>> = vec![Vec::new(); jobs.len()];
+    let mut base_leaves: Vec<Vec<Digest128>> = vec![Vec::new(); jobs.len()];
     let mut uses_reference = false;
-    encode_in_order(&jobs, &chunks, options.settings, reference, progress, |tensor, start, chunk| {
+    encode_in_order(&jobs, &chunks, options.settings, reference, progress, |tensor, start, (chunk, base_leaf)| {
         uses_reference |= chunk.record.position_coding == PositionCoding::SplitByReference;
         leaves[tensor].push(chunk.record.digest);
+        base_leaves[tensor].extend(base_leaf);
         writer.push_chunk(chunk)?;
         progress.advance((jobs[tensor].chunk_end(start) - start) as u64);
         Ok(())
     })?;
-    let base_digests = jobs
+    // A base longer than its target has chunks that no chunk of the target reaches.
+    let base_digests: Vec<Option<Digest128>> = jobs
         .par_iter()
-        .map(|job| job.base.map(|bytes| tensor_digest(bytes, job.chunk_bytes)).transpose())
-        .collect::<Result<Vec<_>>>()?;
+        .zip(&mut base_leaves)
+        .map(|(job, leaves)| {
+            let base = job.base?;
+            let reached = job.bytes.len().div_ceil(job.chunk_bytes) * job.chunk_bytes;
+            leaves.extend(
+                (reached..base.len())
+                    .step_by(job.chunk_bytes)
+                    .filter_map(|start| job.base_chunk(start))
+                    .map(leaf_digest),
+            );
+            Some(tree_digest(leaves))
+        })
+        .collect();
     for ((entry, leaves), base_digest) in header.tensors.iter_mut().zip(&leaves).zip(base_digests) {
         entry.digest = to_hex(&tree_digest(leaves));
         match (&mut entry.base, base_digest) {
