@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 
+use crate::changed::changed_words;
 use crate::codec::positions;
 use crate::codec::rans::{self, ContextKind, Contexts};
 use crate::codec::values::{self, with_word, Word};
@@ -654,57 +655,6 @@ fn load_words<W: Word>(bytes: &[u8]) -> Vec<W> {
     bytes.chunks_exact(W::BYTES).map(W::load).collect()
 }
 
-/// The indices of the words that differ between `target` and `base`, ascending.
-///
-/// Branch-free: whether a word changed is close to a coin flip in dense updates,
-/// which a branch would mispredict half the time. Eight words are compared at
-/// once into a mask, and the mask's set bits become indices through a table, all
-/// eight written and as many kept as changed. It runs on blocks in a stack
-/// buffer, so that the list is never zeroed in advance.
-fn changed_words<W: Word>(target: &[W], base: &[W]) -> Vec<u32> {
-    const BLOCK: usize = 256;
-    let mut changed = Vec::with_capacity(target.len());
-    let mut block = [0u32; BLOCK];
-    for (at, (t, b)) in (0u32..).step_by(BLOCK).zip(target.chunks(BLOCK).zip(base.chunks(BLOCK))) {
-        let mut count = 0;
-        let (t8, b8) = (t.chunks_exact(8), b.chunks_exact(8));
-        let tail = (t8.remainder(), b8.remainder());
-        for (first, (t, b)) in (at..).step_by(8).zip(t8.zip(b8)) {
-            let mask = (0..8).fold(0u8, |mask, k| mask | u8::from(t[k] != b[k]) << k);
-            // `count` is at most the words before this eight, so all eight fit.
-            for (slot, &bit) in block[count..count + 8].iter_mut().zip(&SET_BITS[usize::from(mask)]) {
-                *slot = first + u32::from(bit);
-            }
-            count += mask.count_ones() as usize;
-        }
-        let tail_at = at + u32::try_from(t.len() - tail.0.len()).expect("a block fits u32");
-        for (i, (t, b)) in (tail_at..).zip(tail.0.iter().zip(tail.1)) {
-            block[count] = i;
-            count += usize::from(t != b);
-        }
-        changed.extend_from_slice(&block[..count]);
-    }
-    changed
-}
-
-/// For each byte, the places of its set bits, lowest first, then zeros.
-const SET_BITS: [[u8; 8]; 256] = {
-    let mut table = [[0u8; 8]; 256];
-    let mut byte = 0;
-    while byte < 256 {
-        let (mut bit, mut count) = (0u8, 0);
-        while bit < 8 {
-            if byte >> bit & 1 == 1 {
-                table[byte][count] = bit;
-                count += 1;
-            }
-            bit += 1;
-        }
-        byte += 1;
-    }
-    table
-};
-
 /// The `len` words of a chunk, read where they lie (a memory-mapped checkpoint's
 /// tensors usually lie aligned): a copy of megabytes per chunk costs more than
 /// its reads, and fresh heap pages are the costliest memory to touch. Missing
@@ -956,14 +906,12 @@ fn keyed_bits<W: Word>(target: &[W], base: &[W], op: ValueOp, layout: ValueLayou
         let byte_planes = layout != ValueLayout::Words;
         (0..planes.len())
             .map(|q| {
-                let mut bits = values::entropy_bits(&planes[q]);
-                if byte_planes {
-                    bits = bits.min(rans::entropy_under(&planes[q], keys));
-                    if let Some(above) = planes.get(q + 1) {
-                        bits = bits.min(rans::entropy_under(&planes[q], above));
-                    }
+                if !byte_planes {
+                    return values::entropy_bits(&planes[q]);
                 }
-                bits
+                let (under_keys, alone) = rans::entropy_under_and_alone(&planes[q], keys);
+                let under_above = planes.get(q + 1).map_or(f64::MAX, |above| rans::entropy_under(&planes[q], above));
+                alone.min(under_keys).min(under_above)
             })
             .sum()
     };
@@ -1739,24 +1687,6 @@ mod tests {
     }
 
     /// The changed words are found at every density, block boundary and tail.
-    #[test]
-    fn changed_words_are_those_that_differ() {
-        for len in [0usize, 1, 7, 8, 9, 255, 256, 257, 1000, 4099] {
-            for changed_in_256 in [0u8, 1, 128, 255] {
-                let base: Vec<u16> = (0..u16::MAX).cycle().take(len).collect();
-                let flips = pseudo_random(len, u64::try_from(len).unwrap() + u64::from(changed_in_256));
-                let target: Vec<u16> = base
-                    .iter()
-                    .zip(&flips)
-                    .map(|(&b, &f)| if f < changed_in_256 || changed_in_256 == 255 { b ^ 0x100 } else { b })
-                    .collect();
-                let expected: Vec<u32> =
-                    (0..len).filter(|&i| target[i] != base[i]).map(|i| u32::try_from(i).unwrap()).collect();
-                assert_eq!(changed_words(&target, &base), expected, "{len} words, {changed_in_256} in 256");
-            }
-        }
-    }
-
     #[test]
     fn every_encoding_is_chosen_and_round_trips() {
         let base = pseudo_random(8000, 1);

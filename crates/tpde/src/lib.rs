@@ -29,6 +29,7 @@
 //! [`format`](mod@format).
 #![deny(missing_docs)]
 
+mod changed;
 mod checkpoint;
 mod codec;
 mod container;

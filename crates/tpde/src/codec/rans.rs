@@ -1858,6 +1858,17 @@ pub(crate) fn entropy_under(symbols: &[u8], contexts: &[u8]) -> f64 {
     context_histograms(symbols, contexts).present().iter().map(entropy_bits).sum()
 }
 
+/// [`entropy_under`] and the order-0 entropy of the same symbols under no context,
+/// from one count: the histogram under no context is the sum of the rows.
+pub(crate) fn entropy_under_and_alone(symbols: &[u8], contexts: &[u8]) -> (f64, f64) {
+    let rows = context_histograms(symbols, contexts);
+    let whole = rows.present().iter().fold([0; 256], |mut sum, row| {
+        add_into(&mut sum, row);
+        sum
+    });
+    (rows.present().iter().map(entropy_bits).sum(), entropy_bits(&whole))
+}
+
 /// Order-0 code length of a histogram under its own distribution, in bits.
 #[allow(clippy::cast_precision_loss)] // an estimate
 pub(crate) fn entropy_bits(counts: &Histogram) -> f64 {

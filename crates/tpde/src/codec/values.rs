@@ -13,6 +13,8 @@ pub(crate) trait Word: Copy + Eq + Default + Send + Sync {
     /// `bytes` as little-endian words in place, where they lie aligned and the
     /// machine is little-endian; `None` elsewhere.
     fn view(bytes: &[u8]) -> Option<&[Self]>;
+    /// The bytes of `words` in place, in the machine's byte order.
+    fn as_bytes(words: &[Self]) -> &[u8];
     fn store(self, bytes: &mut [u8]);
     fn byte(self, k: usize) -> u8;
     fn from_byte(byte: u8, k: usize) -> Self;
@@ -35,6 +37,13 @@ macro_rules! impl_word {
                 let mut word = [0u8; std::mem::size_of::<$unsigned>()];
                 word.copy_from_slice(bytes);
                 <$unsigned>::from_le_bytes(word)
+            }
+
+            fn as_bytes(words: &[Self]) -> &[u8] {
+                // SAFETY: an unsigned integer has no padding, every byte of it is
+                // initialized, and bytes need no alignment; the length is that of
+                // the words in bytes, within one allocation.
+                unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), std::mem::size_of_val(words)) }
             }
 
             fn view(bytes: &[u8]) -> Option<&[Self]> {
