@@ -15,11 +15,11 @@ pub(crate) fn changed_words<W: Word>(target: &[W], base: &[W]) -> Vec<u32> {
     changed_words_scalar(target, base)
 }
 
-/// [`changed_words`] on any CPU. Branch-free: whether a word changed is close to a coin flip in dense updates,
-/// which a branch would mispredict half the time. Eight words are compared at
-/// once into a mask, and the mask's set bits become indices through a table, all
-/// eight written and as many kept as changed. It runs on blocks in a stack
-/// buffer, so that the list is never zeroed in advance.
+/// [`changed_words`] on any CPU. Branch-free: whether a word changed is close to
+/// a coin flip in dense updates, which a branch would mispredict half the time.
+/// Eight words are compared at once into a mask, and the mask's set bits become
+/// indices through a table, all eight written and as many kept as changed. It
+/// runs on blocks in a stack buffer, so that the list is never zeroed in advance.
 fn changed_words_scalar<W: Word>(target: &[W], base: &[W]) -> Vec<u32> {
     const BLOCK: usize = 256;
     let mut changed = Vec::with_capacity(target.len());

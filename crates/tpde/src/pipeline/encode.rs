@@ -84,17 +84,12 @@ impl TensorJob<'_> {
     /// Encodes the chunk at `start`, and hashes the base's chunk at the same place
     /// for the base's tensor digest: here, where the encoding reads it, rather than
     /// in a second pass over the whole base.
-    fn encode_chunk(
-        &self,
-        start: usize,
-        settings: EncodeSettings,
-        reference: Option<&DeltaFile>,
-    ) -> Result<(EncodedChunk, Option<Digest128>)> {
+    fn encode_chunk(&self, start: usize, settings: EncodeSettings, reference: Option<&DeltaFile>) -> Result<Encoded> {
         let base_leaf = self.base_chunk(start).map(leaf_digest);
-        Ok((self.encode_chunk_only(start, settings, reference)?, base_leaf))
+        Ok(Encoded { chunk: self.encode_target_chunk(start, settings, reference)?, base_leaf })
     }
 
-    fn encode_chunk_only(
+    fn encode_target_chunk(
         &self,
         start: usize,
         settings: EncodeSettings,
@@ -123,6 +118,13 @@ impl TensorJob<'_> {
     }
 }
 
+/// A chunk as [`TensorJob::encode_chunk`] gives it.
+struct Encoded {
+    chunk: EncodedChunk,
+    /// The digest of the base's chunk at the same place, if the base reaches it.
+    base_leaf: Option<Digest128>,
+}
+
 /// Encodes `chunks` on the thread pool and hands each to `write`, on this thread, in
 /// the order of `chunks`. At most [`window`] chunks are encoded or waiting to be
 /// written at once, so memory stays bounded; a new chunk starts as soon as one is
@@ -134,7 +136,7 @@ fn encode_in_order(
     settings: EncodeSettings,
     reference: Option<&DeltaFile>,
     progress: &dyn Progress,
-    mut write: impl FnMut(usize, usize, (EncodedChunk, Option<Digest128>)) -> Result<()>,
+    mut write: impl FnMut(usize, usize, Encoded) -> Result<()>,
 ) -> Result<()> {
     let window = window();
     if rayon::current_thread_index().is_some() {
@@ -153,11 +155,10 @@ fn encode_in_order(
         }
         return Ok(());
     }
-    type Outcome = std::thread::Result<Result<(EncodedChunk, Option<Digest128>)>>;
+    type Outcome = std::thread::Result<Result<Encoded>>;
     let (done, finished) = std::sync::mpsc::channel::<(usize, Outcome)>();
     rayon::in_place_scope(|scope| {
-        let mut waiting: std::collections::VecDeque<Option<(EncodedChunk, Option<Digest128>)>> =
-            std::collections::VecDeque::new();
+        let mut waiting: std::collections::VecDeque<Option<Encoded>> = std::collections::VecDeque::new();
         let mut started = 0;
         let mut written = 0;
         while written < chunks.len() {
@@ -381,14 +382,21 @@ pub fn encode_sources_against(
     let mut leaves: Vec<Vec<Digest128>> = vec![Vec::new(); jobs.len()];
     let mut base_leaves: Vec<Vec<Digest128>> = vec![Vec::new(); jobs.len()];
     let mut uses_reference = false;
-    encode_in_order(&jobs, &chunks, options.settings, reference, progress, |tensor, start, (chunk, base_leaf)| {
-        uses_reference |= chunk.record.position_coding == PositionCoding::SplitByReference;
-        leaves[tensor].push(chunk.record.digest);
-        base_leaves[tensor].extend(base_leaf);
-        writer.push_chunk(chunk)?;
-        progress.advance((jobs[tensor].chunk_end(start) - start) as u64);
-        Ok(())
-    })?;
+    encode_in_order(
+        &jobs,
+        &chunks,
+        options.settings,
+        reference,
+        progress,
+        |tensor, start, Encoded { chunk, base_leaf }| {
+            uses_reference |= chunk.record.position_coding == PositionCoding::SplitByReference;
+            leaves[tensor].push(chunk.record.digest);
+            base_leaves[tensor].extend(base_leaf);
+            writer.push_chunk(chunk)?;
+            progress.advance((jobs[tensor].chunk_end(start) - start) as u64);
+            Ok(())
+        },
+    )?;
     // A base longer than its target has chunks that no chunk of the target reaches.
     let base_digests: Vec<Option<Digest128>> = jobs
         .par_iter()
