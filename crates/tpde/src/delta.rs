@@ -515,21 +515,28 @@ const MEASURE_FROM_LEVEL: i32 = 10;
 /// From this many bytes on, a plane's entropy under the plane above is sampled
 /// before it is planned under it ([`StreamSet::push`]).
 const SAMPLE_ABOVE_FROM: usize = 1 << 16;
-/// Blocks of this many symbols, one in [`SAMPLE_ABOVE_EVERY`], are the sample.
-const SAMPLE_ABOVE_BLOCK: usize = 4096;
-const SAMPLE_ABOVE_EVERY: usize = 8;
+/// Items (words or symbols) in a block of the writer's sampled predictions.
+const SAMPLE_BLOCK: usize = 4096;
+/// The sampled predictions take one block in this many.
+const SAMPLE_EVERY: usize = 8;
 
-/// The entropy of `symbols` under `contexts` in bits, estimated from one block in
-/// [`SAMPLE_ABOVE_EVERY`]. Counted from a sample, each context's histogram misses
-/// rare symbols, so the estimate lies below the entropy of the whole more often
-/// than above it.
+/// The blocks that the sampled predictions ([`keyed_bits`], [`sampled_entropy_under`])
+/// take of `len` items: one block of [`SAMPLE_BLOCK`] in [`SAMPLE_EVERY`], from the
+/// first.
+fn sample_blocks(len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..len).step_by(SAMPLE_BLOCK * SAMPLE_EVERY).map(move |start| start..len.min(start + SAMPLE_BLOCK))
+}
+
+/// The entropy of `symbols` under `contexts` in bits, estimated from
+/// [`sample_blocks`]. Counted from a sample, each context's histogram misses rare
+/// symbols, so the estimate lies below the entropy of the whole more often than
+/// above it.
 #[allow(clippy::cast_precision_loss)] // an estimate
 fn sampled_entropy_under(symbols: &[u8], contexts: &[u8]) -> f64 {
     let mut sample = (Vec::new(), Vec::new());
-    for start in (0..symbols.len()).step_by(SAMPLE_ABOVE_BLOCK * SAMPLE_ABOVE_EVERY) {
-        let end = symbols.len().min(start + SAMPLE_ABOVE_BLOCK);
-        sample.0.extend_from_slice(&symbols[start..end]);
-        sample.1.extend_from_slice(&contexts[start..end]);
+    for block in sample_blocks(symbols.len()) {
+        sample.0.extend_from_slice(&symbols[block.clone()]);
+        sample.1.extend_from_slice(&contexts[block]);
     }
     rans::entropy_under(&sample.0, &sample.1) * symbols.len() as f64 / sample.0.len() as f64
 }
@@ -869,10 +876,6 @@ fn bits_per_value<W: Word>(target: &[W], base: &[W], changed: Option<&[u32]>, op
     values::estimate_bits(&sample, layout) / sample.len().max(1) as f64
 }
 
-/// Words in a block of the sample that [`keyed_bits`] takes.
-const KEYED_SAMPLE_BLOCK: usize = 4096;
-/// [`keyed_bits`] takes one block in this many.
-const KEYED_SAMPLE_EVERY: usize = 8;
 /// How far apart two predictions of [`keyed_bits`] must be for the smaller to be
 /// built alone: on the benchmark corpus, sparse and dense chunks near the line
 /// store more than 3% apart in 46 of 49 cases.
@@ -881,7 +884,7 @@ const KEYED_DECISIVE_SHARE: f64 = 0.04;
 /// tables, which [`keyed_bits`] does not count, weigh as much as their entropy.
 const KEYED_MIN_WORDS: usize = 1 << 16;
 
-/// Predicted bits of a chunk, sparse and dense, from a sample of blocks: the
+/// Predicted bits of a chunk, sparse and dense, from [`sample_blocks`]: the
 /// positions' `n · H(m / n)`, and each value plane's entropy under the base key or
 /// the plane above (or none), whichever is lowest, as lane rANS codes them
 /// (spec §8.7). Unlike [`bits_per_value`], it sees the contexts, which is what
@@ -890,8 +893,8 @@ const KEYED_MIN_WORDS: usize = 1 << 16;
 fn keyed_bits<W: Word>(target: &[W], base: &[W], op: ValueOp, layout: ValueLayout) -> (f64, f64) {
     let mut all = (Vec::new(), Vec::new());
     let mut changed = (Vec::new(), Vec::new());
-    for block in (0..target.len()).step_by(KEYED_SAMPLE_BLOCK).step_by(KEYED_SAMPLE_EVERY) {
-        for i in block..(block + KEYED_SAMPLE_BLOCK).min(target.len()) {
+    for block in sample_blocks(target.len()) {
+        for i in block {
             let (value, key) = (W::express(target[i], base[i], op), values::group_key(base[i]));
             all.0.push(value);
             all.1.push(key);
