@@ -1945,7 +1945,7 @@ fn table_len(form: TableForm, frequencies: &[u32; 256]) -> usize {
         }
         TableForm::Packed => {
             let values = code_values(frequencies);
-            2 + symbol_set_len(form, present) + exp_golomb_bits(&values, best_order(&values)).div_ceil(8)
+            2 + symbol_set_len(form, present) + best_order(&values).1.div_ceil(8)
         }
     }
 }
@@ -1998,9 +1998,17 @@ fn exp_golomb_bits(values: &[u32], order: u32) -> usize {
     2 * logs as usize + values.len() - values.len() * order as usize
 }
 
-/// The Exp-Golomb order that codes `values` in the fewest bits; the smallest of equals.
-fn best_order(values: &[u32]) -> u32 {
-    (0..=u32::from(MAX_ORDER)).min_by_key(|&order| exp_golomb_bits(values, order)).unwrap_or(0)
+/// The Exp-Golomb order that codes `values` in the fewest bits, the smallest of
+/// equals, and those bits.
+///
+/// Orders above the bit length `b` of the largest value are not weighed: there
+/// every value is below `2^order`, so each takes `order + 1` bits, which grows with
+/// the order from `b` on. A flat table's small differences then weigh a few orders
+/// rather than twelve.
+fn best_order(values: &[u32]) -> (u32, usize) {
+    let largest = values.iter().copied().max().unwrap_or(0);
+    let orders = u32::from(MAX_ORDER).min(u32::BITS - largest.leading_zeros());
+    (0..=orders).map(|order| (order, exp_golomb_bits(values, order))).min_by_key(|&(_, bits)| bits).unwrap_or((0, 0))
 }
 
 /// An estimate of a cluster's cost in bits before quantization: its code length
@@ -3089,7 +3097,7 @@ fn write_table(out: &mut Vec<u8>, form: TableForm, frequencies: &[u32; 256]) {
     }
     if form == TableForm::Packed {
         let values = code_values(frequencies);
-        let order = best_order(&values);
+        let (order, _) = best_order(&values);
         out.push(order as u8);
         let mut bits = BitWriter { out, at: 0 };
         for &value in &values {
@@ -3406,6 +3414,24 @@ mod tests {
         let plans = plan_each_of_bytes(TableForm::Packed, &symbols, &[(ContextKind::HigherPlane, Some(&contexts))]);
         assert!((plans[0].context_entropy_bits() - 2.0 * 4096.0).abs() < 1e-6, "no context: 2 bits a symbol");
         assert!(plans[1].context_entropy_bits().abs() < 1e-9, "under the context: nothing left");
+    }
+
+    /// The order weighed among the few that can win is the one, and the bits, that
+    /// weighing all twelve finds (the smallest of equals).
+    #[test]
+    fn best_order_is_that_of_every_order_weighed() {
+        let mut noise = Noise(0x0DE5_7A11_0B5E_55ED);
+        for largest in [0u64, 1, 2, 7, 8, 100, 2047, 4096] {
+            for len in [0usize, 1, 5, 256] {
+                let values: Vec<u32> =
+                    (0..len).map(|_| u32::try_from(noise.next() % (largest + 1)).expect("small")).collect();
+                let every = (0..=u32::from(MAX_ORDER))
+                    .map(|order| (order, exp_golomb_bits(&values, order)))
+                    .min_by_key(|&(_, bits)| bits)
+                    .expect("twelve orders");
+                assert_eq!(best_order(&values), every, "{len} values up to {largest}");
+            }
+        }
     }
 
     /// The entropy, with each small count's logarithm taken once, is the very
