@@ -1752,6 +1752,14 @@ impl ContextRows {
     fn present(&self) -> &[Histogram] {
         &self.rows
     }
+
+    /// The histogram under no context: the sum of the rows.
+    fn whole(&self) -> Histogram {
+        self.rows.iter().fold([0; 256], |mut sum, row| {
+            add_into(&mut sum, row);
+            sum
+        })
+    }
 }
 
 /// Streams shorter than this are counted straight into the rows of the contexts
@@ -1862,11 +1870,7 @@ pub(crate) fn entropy_under(symbols: &[u8], contexts: &[u8]) -> f64 {
 /// from one count: the histogram under no context is the sum of the rows.
 pub(crate) fn entropy_under_and_alone(symbols: &[u8], contexts: &[u8]) -> (f64, f64) {
     let rows = context_histograms(symbols, contexts);
-    let whole = rows.present().iter().fold([0; 256], |mut sum, row| {
-        add_into(&mut sum, row);
-        sum
-    });
-    (rows.present().iter().map(entropy_bits).sum(), entropy_bits(&whole))
+    (rows.present().iter().map(entropy_bits).sum(), entropy_bits(&rows.whole()))
 }
 
 /// Order-0 code length of a histogram under its own distribution, in bits.
@@ -2492,6 +2496,12 @@ fn symbol_coders(frequencies: &[u32; 256], prob_bits: u32) -> [SymbolCoder; 256]
 }
 
 impl SymbolCoder {
+    /// `cum | (2^k − f) << 16`: what a vector coder gathers per table row, with the
+    /// reciprocal beside it.
+    fn packed_fields(&self) -> u32 {
+        self.cum | self.complement << 16
+    }
+
     /// Codes the symbol into `state`, first emitting its low word into `room[*len]`
     /// if the state is too large (spec §15.10). One shift brings any state below
     /// 2^16, under every threshold, so a symbol emits at most one word. The word is
@@ -2717,7 +2727,7 @@ mod encode_avx2 {
         pub(super) fn new(coders: &[[SymbolCoder; 256]], prob_bits: u32) -> Self {
             let rows = coders.iter().flatten();
             Self {
-                packed: rows.clone().map(|c| c.cum | c.complement << 16).collect(),
+                packed: rows.clone().map(SymbolCoder::packed_fields).collect(),
                 reciprocal_low: rows.clone().map(|c| c.reciprocal as u32).collect(),
                 reciprocal_high: rows.map(|c| (c.reciprocal >> 32) as u32).collect(),
                 prob_bits,
@@ -2866,7 +2876,7 @@ mod encode_avx512 {
         pub(super) fn new(coders: &[[SymbolCoder; 256]], prob_bits: u32) -> Self {
             let rows = coders.iter().flatten();
             Self {
-                packed: rows.clone().map(|c| c.cum | c.complement << 16).collect(),
+                packed: rows.clone().map(SymbolCoder::packed_fields).collect(),
                 reciprocal: rows.map(|c| c.reciprocal).collect(),
                 prob_bits,
             }
@@ -3281,13 +3291,7 @@ pub fn plan_each_of_bytes(
         .map(|(_, bytes)| bytes.map(|bytes| context_histograms(symbols, &bytes[..symbols.len()])))
         .collect();
     // Under no context, the sum of any context's rows: no second pass over the data.
-    let whole = match rows.iter().flatten().next() {
-        Some(rows) => rows.present().iter().fold([0; 256], |mut sum, row| {
-            add_into(&mut sum, row);
-            sum
-        }),
-        None => histogram(symbols),
-    };
+    let whole = rows.iter().flatten().next().map_or_else(|| histogram(symbols), ContextRows::whole);
     let whole_bits = entropy_bits(&whole);
     let no_context = StreamPlan {
         plan: Plan::of_clusters(form, symbols.len(), ContextKind::None, [0; 256], vec![whole]),
