@@ -2,9 +2,8 @@
 //! and an allocation that fails is an error code, never an abort.
 //!
 //! Each test runs `tpde` under an address-space limit (`RLIMIT_AS`). The limit
-//! counts reserved address space, not only memory in use, so the allocators are
-//! told to reserve little up front: glibc (used by zstd) one arena, mimalloc a
-//! small arena.
+//! counts reserved address space, not only memory in use, so glibc's malloc is
+//! told to reserve little up front: one arena, not one per thread.
 
 use std::fs;
 use std::io::Write;
@@ -80,8 +79,7 @@ impl Hostile {
         tpde.args([command, "--threads", &threads.to_string()])
             .arg(self.path("base.safetensors"))
             .arg(self.path(delta))
-            .env("MALLOC_ARENA_MAX", "1")
-            .env("MIMALLOC_ARENA_RESERVE", "16MiB");
+            .env("MALLOC_ARENA_MAX", "1");
         let out = self.path(&format!("out-{delta}-{threads}.safetensors"));
         if command == "apply" {
             tpde.arg("-o").arg(&out).arg("--force");
