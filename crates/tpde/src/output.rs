@@ -311,7 +311,7 @@ impl PendingFile {
             // `persist_noclobber` uses renameat2(RENAME_NOREPLACE) where the system has
             // it and link-then-unlink elsewhere; either fails if the target exists.
             let persisted =
-                if self.replace { temp.persist(&self.target) } else { temp.persist_noclobber(&self.target) };
+                if self.replace { replace_file(temp, &self.target) } else { temp.persist_noclobber(&self.target) };
             unregister(&mut registry, &temp_path);
             persisted
         };
@@ -337,6 +337,27 @@ impl Drop for PendingFile {
             unregister(&mut pending(), &path);
         }
     }
+}
+
+/// Puts the file `temp` in place of `target`, whatever is there. A regular file
+/// there is swapped out in one atomic exchange and then removed, rather than
+/// renamed over: ext4 writes back every page of a file renamed over another before
+/// the rename returns (`auto_da_alloc`), 0.2 s for a 512 MB output that was not
+/// asked to sync, and readers still see the old file or the new one, never neither.
+fn replace_file(temp: TempPath, target: &Path) -> std::result::Result<(), tempfile::PathPersistError> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if target.symlink_metadata().is_ok_and(|m| m.file_type().is_file()) {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        use rustix::io::Errno;
+        match renameat_with(CWD, &*temp, CWD, target, RenameFlags::EXCHANGE) {
+            // `temp` now names the old file, and dropping it removes that.
+            Ok(()) => return Ok(()),
+            // The file went meanwhile, or the file system cannot exchange: a rename.
+            Err(Errno::NOENT | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {}
+            Err(e) => return Err(tempfile::PathPersistError { error: e.into(), path: temp }),
+        }
+    }
+    temp.persist(target)
 }
 
 /// A directory being filled under a temporary name.
@@ -622,6 +643,39 @@ mod tests {
         assert_eq!(names(dir.path()), ["out-dir", "out.safetensors"]);
         assert_eq!(names(&dir.path().join("out-dir")), ["a.safetensors"]);
         assert_eq!(std::fs::read(dir.path().join("out.safetensors")).unwrap(), b"whole");
+    }
+
+    /// A replaced file is swapped out whole and removed: the new bytes are at the
+    /// output, nothing else is left, and a reader that had the old file open still
+    /// reads the old bytes. A symlink at the output is replaced, never followed.
+    #[test]
+    fn a_replaced_file_is_swapped_out_whole_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.safetensors");
+        std::fs::write(&out, b"old bytes").unwrap();
+        let mut reader = File::open(&out).unwrap();
+        let mut file = PendingFile::create_with(&out, true).unwrap();
+        file.write_all(b"new").unwrap();
+        file.commit().unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+        assert_eq!(names(dir.path()), ["out.safetensors"]);
+        let mut old = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut old).unwrap();
+        assert_eq!(old, b"old bytes");
+
+        #[cfg(unix)]
+        {
+            let victim = dir.path().join("victim");
+            std::fs::write(&victim, b"precious").unwrap();
+            let link = dir.path().join("link");
+            std::os::unix::fs::symlink(&victim, &link).unwrap();
+            let mut file = PendingFile::create_with(&link, true).unwrap();
+            file.write_all(b"output").unwrap();
+            file.commit().unwrap();
+            assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+            assert!(link.symlink_metadata().unwrap().is_file());
+            assert_eq!(names(dir.path()), ["link", "out.safetensors", "victim"]);
+        }
     }
 
     /// Regression: the temporary had a predictable name and followed a planted
