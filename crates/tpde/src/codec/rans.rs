@@ -2049,8 +2049,38 @@ fn cluster_histograms(rows: &ContextRows, present: &[u8], assignment: &[u8; 256]
     clusters
 }
 
-fn total_cost_bits(form: TableForm, clusters: &[Histogram]) -> f64 {
-    clusters.iter().map(|cluster| cluster_cost_bits(form, cluster)).sum()
+/// Each cluster's histogram and its estimated cost ([`cluster_cost_bits`]).
+struct Clusters {
+    counts: Vec<Histogram>,
+    costs: [f64; MAX_TABLES],
+}
+
+impl Clusters {
+    fn of(form: TableForm, rows: &ContextRows, present: &[u8], assignment: &[u8; 256]) -> Self {
+        let counts = cluster_histograms(rows, present, assignment);
+        let costs = std::array::from_fn(|cluster| cluster_cost_bits(form, &counts[cluster]));
+        Self { counts, costs }
+    }
+
+    /// The clusters of `assignment`, each cost taken from `self` where the cluster
+    /// is the same: a round of refinement moves few contexts, and leaves most
+    /// clusters as they were.
+    fn reassigned(&self, form: TableForm, rows: &ContextRows, present: &[u8], assignment: &[u8; 256]) -> Self {
+        let counts = cluster_histograms(rows, present, assignment);
+        let costs = std::array::from_fn(|cluster| {
+            if counts[cluster] == self.counts[cluster] {
+                self.costs[cluster]
+            } else {
+                cluster_cost_bits(form, &counts[cluster])
+            }
+        });
+        Self { counts, costs }
+    }
+
+    /// The sum of the costs, in cluster order.
+    fn total_cost_bits(&self) -> f64 {
+        self.costs.iter().sum()
+    }
 }
 
 /// Code length, in bits, charged for a symbol that a cluster's table lacks when
@@ -2062,7 +2092,13 @@ const MISSING_SYMBOL_BITS: f64 = 16.0;
 /// code length, started from `assignment`).
 #[allow(clippy::cast_precision_loss)] // an estimate
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn refine_clusters(form: TableForm, rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]) {
+fn refine_clusters(
+    form: TableForm,
+    rows: &ContextRows,
+    present: &[u8],
+    assignment: &mut [u8; 256],
+    clusters: &mut Clusters,
+) {
     const ROUNDS: usize = 8;
     // Each context's nonzero counts, so that a round costs what the data holds.
     let sparse: Vec<Vec<(u8, f64)>> = present
@@ -2072,47 +2108,46 @@ fn refine_clusters(form: TableForm, rows: &ContextRows, present: &[u8], assignme
             (0..=255u8).filter(|&s| row[usize::from(s)] > 0).map(|s| (s, row[usize::from(s)] as f64)).collect()
         })
         .collect();
-    let mut clusters = cluster_histograms(rows, present, assignment);
-    let mut best_cost = total_cost_bits(form, &clusters);
+    let mut best_cost = clusters.total_cost_bits();
     for _ in 0..ROUNDS {
-        let lengths: Vec<Option<[f64; 256]>> = clusters
-            .iter()
-            .map(|counts| {
-                let total: u64 = counts.iter().sum();
-                (total > 0).then(|| {
-                    let mut length = [MISSING_SYMBOL_BITS; 256];
-                    for (l, &c) in length.iter_mut().zip(counts) {
-                        if c > 0 {
-                            *l = (total as f64 / c as f64).log2();
-                        }
-                    }
-                    length
-                })
-            })
-            .collect();
+        // Per symbol, its code length in each cluster, so that a context's costs in
+        // all the clusters are one vector product per symbol it holds. Each cost is
+        // still summed symbol by symbol, the same number as one cluster at a time.
+        let mut lengths = [[MISSING_SYMBOL_BITS; MAX_TABLES]; 256];
+        let mut used = [false; MAX_TABLES];
+        for (cluster, counts) in clusters.counts.iter().enumerate() {
+            let total: u64 = counts.iter().sum();
+            used[cluster] = total > 0;
+            for (length, &c) in lengths.iter_mut().zip(counts) {
+                if c > 0 {
+                    length[cluster] = (total as f64 / c as f64).log2();
+                }
+            }
+        }
         let mut next = *assignment;
         for (&context, counts) in present.iter().zip(&sparse) {
-            let cost = |length: &[f64; 256]| counts.iter().map(|&(s, c)| c * length[usize::from(s)]).sum::<f64>();
-            let best = lengths
-                .iter()
-                .enumerate()
-                .filter_map(|(cluster, length)| length.as_ref().map(|length| (cluster, cost(length))))
-                .min_by(|a, b| a.1.total_cmp(&b.1));
-            if let Some((cluster, _)) = best {
+            let mut bits = [0.0f64; MAX_TABLES];
+            for &(s, c) in counts {
+                for (bits, &length) in bits.iter_mut().zip(&lengths[usize::from(s)]) {
+                    *bits += c * length;
+                }
+            }
+            let best = (0..MAX_TABLES).filter(|&cluster| used[cluster]).min_by(|&a, &b| bits[a].total_cmp(&bits[b]));
+            if let Some(cluster) = best {
                 next[usize::from(context)] = cluster as u8;
             }
         }
         if next == *assignment {
             break;
         }
-        let next_clusters = cluster_histograms(rows, present, &next);
-        let cost = total_cost_bits(form, &next_clusters);
+        let next_clusters = clusters.reassigned(form, rows, present, &next);
+        let cost = next_clusters.total_cost_bits();
         if cost >= best_cost {
             break;
         }
         best_cost = cost;
         *assignment = next;
-        clusters = next_clusters;
+        *clusters = next_clusters;
     }
 }
 
@@ -2123,13 +2158,9 @@ fn refine_clusters(form: TableForm, rows: &ContextRows, present: &[u8], assignme
 /// cluster that a merge changed: the costs are the same numbers, so the merges are
 /// those of computing every pair anew each round, at a fraction of the work.
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn merge_clusters(form: TableForm, rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]) {
-    let mut clusters = cluster_histograms(rows, present, assignment);
+fn merge_clusters(form: TableForm, present: &[u8], assignment: &mut [u8; 256], clusters: Clusters) {
+    let Clusters { counts: mut clusters, mut costs } = clusters;
     let mut used: Vec<usize> = (0..MAX_TABLES).filter(|&c| clusters[c].iter().any(|&n| n > 0)).collect();
-    let mut costs = [0.0; MAX_TABLES];
-    for &c in &used {
-        costs[c] = cluster_cost_bits(form, &clusters[c]);
-    }
     let merge_change = |clusters: &[Histogram], costs: &[f64; MAX_TABLES], a: usize, b: usize| {
         let mut merged = clusters[a];
         add_into(&mut merged, &clusters[b]);
@@ -2184,10 +2215,11 @@ fn cluster_contexts(form: TableForm, rows: &ContextRows) -> ([u8; 256], Vec<Hist
     for (rank, &context) in present.iter().enumerate() {
         assignment[usize::from(context)] = rank.min(MAX_TABLES - 1) as u8;
     }
+    let mut clusters = Clusters::of(form, rows, &present, &assignment);
     if present.len() > MAX_TABLES {
-        refine_clusters(form, rows, &present, &mut assignment);
+        refine_clusters(form, rows, &present, &mut assignment, &mut clusters);
     }
-    merge_clusters(form, rows, &present, &mut assignment);
+    merge_clusters(form, &present, &mut assignment, clusters);
     // Number the tables that are used 0, 1, ... in order of first use by context byte.
     let clusters = cluster_histograms(rows, &present, &assignment);
     let mut renumber = [u8::MAX; MAX_TABLES];
@@ -3451,6 +3483,91 @@ mod tests {
             assert_eq!(entropy_bits(&counts).to_bits(), direct.to_bits(), "counts below {spread}");
         }
         assert_eq!(entropy_bits(&[0; 256]), 0.0);
+    }
+
+    /// Refinement reuses the costs of clusters that a round leaves as they were and
+    /// weighs a context against every cluster at once; its moves and costs are
+    /// those of weighing each cluster alone and costing every cluster anew.
+    #[test]
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+    fn refinement_is_that_of_costing_every_cluster_anew() {
+        // The refinement as first written: one cluster at a time, every cost anew.
+        let reference = |rows: &ContextRows, present: &[u8], assignment: &mut [u8; 256]| {
+            let total_cost = |clusters: &[Histogram]| -> f64 {
+                clusters.iter().map(|c| cluster_cost_bits(TableForm::Packed, c)).sum()
+            };
+            let mut clusters = cluster_histograms(rows, present, assignment);
+            let mut best_cost = total_cost(&clusters);
+            for _ in 0..8 {
+                let lengths: Vec<Option<[f64; 256]>> = clusters
+                    .iter()
+                    .map(|counts| {
+                        let total: u64 = counts.iter().sum();
+                        (total > 0).then(|| {
+                            std::array::from_fn(|s| {
+                                if counts[s] > 0 {
+                                    (total as f64 / counts[s] as f64).log2()
+                                } else {
+                                    MISSING_SYMBOL_BITS
+                                }
+                            })
+                        })
+                    })
+                    .collect();
+                let mut next = *assignment;
+                for &context in present {
+                    let row = &rows[usize::from(context)];
+                    let cost = |length: &[f64; 256]| {
+                        (0..256).filter(|&s| row[s] > 0).map(|s| row[s] as f64 * length[s]).sum::<f64>()
+                    };
+                    let best = lengths
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(cluster, length)| length.as_ref().map(|length| (cluster, cost(length))))
+                        .min_by(|a, b| a.1.total_cmp(&b.1));
+                    next[usize::from(context)] = best.expect("a cluster with counts").0 as u8;
+                }
+                if next == *assignment {
+                    break;
+                }
+                let next_clusters = cluster_histograms(rows, present, &next);
+                let cost = total_cost(&next_clusters);
+                if cost >= best_cost {
+                    break;
+                }
+                best_cost = cost;
+                *assignment = next;
+                clusters = next_clusters;
+            }
+            best_cost
+        };
+        let mut noise = Noise(0xC1A5_7E25_u64);
+        for contexts_used in [9usize, 40, 256] {
+            // Symbols whose spread follows the context, as under the plane above.
+            let contexts: Vec<u8> = (0..1 << 16).map(|_| (noise.next() % contexts_used as u64) as u8).collect();
+            let symbols: Vec<u8> =
+                contexts.iter().map(|&c| (noise.next() % (u64::from(c) / 8 + 2)) as u8 ^ (c & 0xF0)).collect();
+            let rows = context_histograms(&symbols, &contexts);
+            let mut present: Vec<u8> = (0..=255u8).filter(|&c| rows[usize::from(c)].iter().any(|&n| n > 0)).collect();
+            present.sort_by_key(|&c| std::cmp::Reverse(rows[usize::from(c)].iter().sum::<u64>()));
+            let mut assignment = [0u8; 256];
+            for (rank, &context) in present.iter().enumerate() {
+                assignment[usize::from(context)] = rank.min(MAX_TABLES - 1) as u8;
+            }
+            let mut expected = assignment;
+            let expected_cost = reference(&rows, &present, &mut expected);
+            let mut clusters = Clusters::of(TableForm::Packed, &rows, &present, &assignment);
+            refine_clusters(TableForm::Packed, &rows, &present, &mut assignment, &mut clusters);
+            assert_eq!(assignment, expected, "{contexts_used} contexts");
+            assert_eq!(clusters.total_cost_bits().to_bits(), expected_cost.to_bits(), "{contexts_used} contexts");
+            // Moving one context changes two clusters; the others keep their costs.
+            let context = present[present.len() / 2];
+            let mut moved = assignment;
+            moved[usize::from(context)] = (assignment[usize::from(context)] + 1) % MAX_TABLES as u8;
+            let reassigned = clusters.reassigned(TableForm::Packed, &rows, &present, &moved);
+            let anew = Clusters::of(TableForm::Packed, &rows, &present, &moved);
+            assert_eq!(reassigned.costs.map(f64::to_bits), anew.costs.map(f64::to_bits), "{contexts_used} contexts");
+        }
     }
 
     /// The prefix code length is the Huffman code's: merging the two lightest
