@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use crate::changed::changed_words;
 use crate::codec::positions;
-use crate::codec::rans::{self, ContextKind, Contexts};
+use crate::codec::rans::{self, ContextKind, Contexts, Histogram};
 use crate::codec::values::{self, with_word, Word};
 use crate::codec::zstd_stream::{self, Effort};
 use crate::container::chunk_map::{
@@ -725,16 +725,40 @@ fn value_streams<'a>(
 /// spans, so values of one group look alike; where they do not, positional order is
 /// kept, which also keeps GPU decoding on its fastest path.
 fn grouping_pays<W: Word>(values: &[W], keys: &[u8], layout: ValueLayout, min_gain: f64) -> bool {
+    let (grouped, whole) = grouping_bits(values, keys, layout);
+    grouped < (1.0 - min_gain) * whole
+}
+
+/// The estimates that [`grouping_pays`] weighs: a sample's bits taken group by group
+/// and taken whole.
+fn grouping_bits<W: Word>(values: &[W], keys: &[u8], layout: ValueLayout) -> (f64, f64) {
     let step = values.len().div_ceil(SAMPLE_VALUES).max(1);
-    let mut groups: Vec<Vec<W>> = vec![Vec::new(); 256];
-    let mut whole = Vec::with_capacity(SAMPLE_VALUES);
+    let streams = if layout == ValueLayout::Words { 1 } else { W::BYTES };
+    // Each group's streams counted where its values are met, rather than gathered
+    // and split: the same histograms, and so the same estimate.
+    let mut first_row = [usize::MAX; 256];
+    let mut rows: Vec<Histogram> = Vec::new();
     for j in (0..values.len()).step_by(step) {
-        whole.push(values[j]);
-        groups[usize::from(keys[j])].push(values[j]);
+        let key = usize::from(keys[j]);
+        if first_row[key] == usize::MAX {
+            first_row[key] = rows.len();
+            rows.resize(rows.len() + streams, [0; 256]);
+        }
+        values::count_streams(values[j], layout, &mut rows[first_row[key]..first_row[key] + streams]);
     }
-    let grouped: f64 =
-        groups.iter().filter(|g| !g.is_empty()).map(|g| values::estimate_bits_corrected(g, layout)).sum();
-    grouped < (1.0 - min_gain) * values::estimate_bits_corrected(&whole, layout)
+    let mut whole = vec![[0u64; 256]; streams];
+    for (k, row) in rows.iter().enumerate() {
+        for (total, &count) in whole[k % streams].iter_mut().zip(row) {
+            *total += count;
+        }
+    }
+    // By key, as the groups were weighed when they were gathered.
+    let grouped: f64 = first_row
+        .iter()
+        .filter(|&&first| first != usize::MAX)
+        .map(|&first| values::corrected_bits(&rows[first..first + streams]))
+        .sum();
+    (grouped, values::corrected_bits(&whole))
 }
 
 /// The predicted gain below which values stay in positional order; a writer asked
@@ -1884,6 +1908,59 @@ mod tests {
         let len = set.len() as f64;
         assert!(set.grouping_floor() >= (1.0 - GROUPING_GAIN) * len, "{} of {len}", set.grouping_floor());
         assert_eq!(chunk_of(&unrelated), ValueOrder::Positional);
+    }
+
+    /// The grouping estimate counts each group's streams where it meets the values;
+    /// its numbers are those of gathering each group and splitting it into streams,
+    /// bit for bit, for every layout and width.
+    #[test]
+    #[allow(clippy::cast_possible_truncation)]
+    fn grouping_bits_are_those_of_gathered_and_split_groups() {
+        fn reference<W: Word>(values: &[W], keys: &[u8], layout: ValueLayout) -> (f64, f64) {
+            let corrected = |values: &[W]| -> f64 {
+                values::split(values, layout)
+                    .iter()
+                    .map(|stream| {
+                        let mut seen = [false; 256];
+                        stream.iter().for_each(|&b| seen[usize::from(b)] = true);
+                        let distinct = seen.iter().filter(|&&s| s).count() as f64;
+                        values::entropy_bits(stream) + (distinct - 1.0).max(0.0) / (2.0 * std::f64::consts::LN_2)
+                    })
+                    .sum()
+            };
+            let step = values.len().div_ceil(SAMPLE_VALUES).max(1);
+            let mut groups: Vec<Vec<W>> = vec![Vec::new(); 256];
+            let mut whole = Vec::new();
+            for j in (0..values.len()).step_by(step) {
+                whole.push(values[j]);
+                groups[usize::from(keys[j])].push(values[j]);
+            }
+            (groups.iter().filter(|g| !g.is_empty()).map(|g| corrected(g)).sum(), corrected(&whole))
+        }
+        fn check<W: Word>(make: impl Fn(u64) -> W) {
+            let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            for len in [0usize, 1, 100, 5000, 3 * SAMPLE_VALUES + 7] {
+                let keys: Vec<u8> = (0..len).map(|_| (next() % 37) as u8 * 7).collect();
+                let values: Vec<W> =
+                    keys.iter().map(|&k| make((next() % (u64::from(k) + 2)) << (next() % 3))).collect();
+                for layout in [ValueLayout::BytePlanes, ValueLayout::RotatedBytePlanes, ValueLayout::Words] {
+                    let (grouped, whole) = grouping_bits(&values, &keys, layout);
+                    let (expected_grouped, expected_whole) = reference(&values, &keys, layout);
+                    assert_eq!(grouped.to_bits(), expected_grouped.to_bits(), "{len} values, {layout:?}");
+                    assert_eq!(whole.to_bits(), expected_whole.to_bits(), "{len} values, {layout:?}");
+                }
+            }
+        }
+        check(|x| x as u8);
+        check(|x| (x as u16).rotate_left(9));
+        check(|x| (x as u32).rotate_left(23));
+        check(|x| x.rotate_left(52));
     }
 
     /// Where the base keys say which words change, a dense chunk codes the changes

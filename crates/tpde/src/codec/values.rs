@@ -2,6 +2,7 @@
 //! are split into streams (spec §8.2, §8.4). Everything works on bit patterns; no
 //! float arithmetic is ever done.
 
+use crate::codec::rans::Histogram;
 use crate::container::chunk_map::{ValueLayout, ValueOp, ValueOrder};
 use crate::dtype::WordWidth;
 use crate::error::Result;
@@ -430,18 +431,32 @@ pub(crate) fn estimate_bits<W: Word>(values: &[W], layout: ValueLayout) -> f64 {
     split(values, layout).iter().map(|s| entropy_bits(s)).sum()
 }
 
-/// Like [`estimate_bits`], with the Miller–Madow correction for small samples
-/// (`(K - 1) / (2 ln 2)` bits per stream with `K` distinct bytes), so that cutting a
-/// sample into many small groups does not look cheaper than it is.
-pub(crate) fn estimate_bits_corrected<W: Word>(values: &[W], layout: ValueLayout) -> f64 {
-    split(values, layout)
+/// Adds `value` to the byte histograms of the streams that [`split`] makes under
+/// `layout`, one histogram a stream: the counts of splitting, without the streams.
+pub(crate) fn count_streams<W: Word>(value: W, layout: ValueLayout, histograms: &mut [Histogram]) {
+    if layout == ValueLayout::Words {
+        for k in 0..W::BYTES {
+            histograms[0][usize::from(value.byte(k))] += 1;
+        }
+        return;
+    }
+    let word = layout_word(value, layout);
+    for (k, histogram) in histograms[..W::BYTES].iter_mut().enumerate() {
+        histogram[usize::from(word.byte(k))] += 1;
+    }
+}
+
+/// The order-0 entropy of streams in bits from their histograms, with the
+/// Miller–Madow correction for small samples (`(K - 1) / (2 ln 2)` bits per stream
+/// with `K` distinct bytes), so that cutting a sample into many small groups does
+/// not look cheaper than it is.
+pub(crate) fn corrected_bits(histograms: &[Histogram]) -> f64 {
+    histograms
         .iter()
-        .map(|stream| {
-            let mut seen = [false; 256];
-            stream.iter().for_each(|&b| seen[usize::from(b)] = true);
+        .map(|histogram| {
             #[allow(clippy::cast_precision_loss)] // an estimate
-            let distinct = seen.iter().filter(|&&s| s).count() as f64;
-            entropy_bits(stream) + (distinct - 1.0).max(0.0) / (2.0 * std::f64::consts::LN_2)
+            let distinct = histogram.iter().filter(|&&n| n > 0).count() as f64;
+            crate::codec::rans::entropy_bits(histogram) + (distinct - 1.0).max(0.0) / (2.0 * std::f64::consts::LN_2)
         })
         .sum()
 }
