@@ -281,11 +281,14 @@ fn worth_storing(len: usize, raw_len: usize, settings: EncodeSettings) -> bool {
 struct StreamSet<'a> {
     streams: Vec<PendingStream<'a>>,
     settings: EncodeSettings,
+    /// The streams are changes of weights in positional order, whose planes hold
+    /// no runs for zstd's matches, with or without the base keys as their context.
+    weight_changes: bool,
 }
 
 impl<'a> StreamSet<'a> {
     fn new(settings: EncodeSettings) -> Self {
-        Self { streams: Vec::new(), settings }
+        Self { streams: Vec::new(), settings, weight_changes: false }
     }
 
     /// Adds one stream, weighing lane rANS under `contexts` (and none) and zstd.
@@ -332,11 +335,11 @@ impl<'a> StreamSet<'a> {
         plans: Vec<rans::StreamPlan>,
     ) -> Result<()> {
         let zstd = if self.settings.zstd && !is_constant(raw, self.settings) {
-            // Against the base keys, lane rANS beats zstd on weight planes by 20-60%,
-            // so zstd's size is predicted first there (`compress_stream`).
-            let keyed = contexts.iter().any(|c| matches!(c, StreamContext::BaseKeys(_)));
+            // On changes of weights, lane rANS beats zstd by 20-60% against the base
+            // keys, so zstd's size is predicted first there (`compress_stream`).
+            let weights = self.weight_changes || contexts.iter().any(|c| matches!(c, StreamContext::BaseKeys(_)));
             let gpu_len =
-                plans.iter().map(rans::StreamPlan::predicted_len).min().filter(|&len| keyed && len < raw.len());
+                plans.iter().map(rans::StreamPlan::predicted_len).min().filter(|&len| weights && len < raw.len());
             // The plan under no context comes first, and holds the whole histogram.
             let order0_bits = plans.first().map(rans::StreamPlan::context_entropy_bits);
             compress_stream(raw, self.settings.level, gpu_len, order0_bits)?
@@ -360,13 +363,17 @@ impl<'a> StreamSet<'a> {
         base_keys: Option<&'a [u8]>,
         settings: EncodeSettings,
     ) -> Result<Self> {
+        Self::new(settings).with_planes(planes, plane_contexts, base_keys)
+    }
+
+    /// Adds byte planes as [`StreamSet::of_planes`] makes them.
+    fn with_planes(mut self, planes: &'a [Vec<u8>], plane_contexts: bool, base_keys: Option<&'a [u8]>) -> Result<Self> {
         // Planes are all as long, and the base keys hold one key per value.
-        let mut set = Self::new(settings);
         for (q, plane) in planes.iter().enumerate() {
             let above = planes.get(q + 1).filter(|_| plane_contexts).map(|p| StreamContext::HigherPlane(p));
-            set.push(plane, above.into_iter().chain(base_keys.map(StreamContext::BaseKeys)).collect())?;
+            self.push(plane, above.into_iter().chain(base_keys.map(StreamContext::BaseKeys)).collect())?;
         }
-        Ok(set)
+        Ok(self)
     }
 
     /// The same planes regrouped by base key (spec §8.6), without the base-key
@@ -716,7 +723,8 @@ fn value_streams<'a>(
     settings: EncodeSettings,
 ) -> Result<StreamSet<'a>> {
     let byte_planes = layout != ValueLayout::Words;
-    StreamSet::of_planes(planes, byte_planes, base_keys.filter(|_| byte_planes), settings)
+    let set = StreamSet { weight_changes: base_keys.is_some(), ..StreamSet::new(settings) };
+    set.with_planes(planes, byte_planes, base_keys.filter(|_| byte_planes))
 }
 
 /// Whether grouping values by base key (spec §8.6) is predicted to store at least
@@ -1716,6 +1724,36 @@ mod tests {
         assert_eq!(contexts_of(&set), [ContextKind::HigherPlane, ContextKind::BaseKey]);
         assert!(matches!(set.streams[0].choice, Choice::Rans(1)), "coded under the plane above");
         assert_eq!(set.streams[0].plans.len(), 3, "planned under none and both contexts");
+    }
+
+    /// Changes of weights in one stream of whole words (FP8 values, which take no
+    /// context) are ruled out for zstd by their entropy as keyed planes are; any
+    /// other stream without base keys still has zstd run on it.
+    #[test]
+    #[allow(clippy::cast_possible_truncation)] // a byte below 10
+    fn changes_of_weights_are_ruled_out_for_zstd_by_their_entropy() {
+        // Bytes of a bit or more each, most of them one value: zstd's
+        // prefix code spends a whole bit on it where lane rANS spends half of one.
+        let mut state = 0x2545_F491_4F6C_DD1D_u64;
+        let plane: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                if state.is_multiple_of(4) {
+                    ((state >> 8) % 9) as u8 + 1
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let planes = [plane];
+        let keys = vec![0u8; planes[0].len()];
+        let weights = value_streams(&planes, ValueLayout::Words, Some(&keys), EncodeSettings::default()).unwrap();
+        assert!(weights.weight_changes);
+        assert!(weights.streams[0].zstd.is_none(), "zstd is not run on changes of weights");
+        let other = StreamSet::of(&planes, EncodeSettings::default()).unwrap();
+        assert!(other.streams[0].zstd.is_some(), "zstd is run where matches may be");
     }
 
     /// The changed words are found at every density, block boundary and tail.
