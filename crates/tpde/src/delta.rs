@@ -1730,23 +1730,11 @@ mod tests {
     /// context) are ruled out for zstd by their entropy as keyed planes are; any
     /// other stream without base keys still has zstd run on it.
     #[test]
-    #[allow(clippy::cast_possible_truncation)] // a byte below 10
     fn changes_of_weights_are_ruled_out_for_zstd_by_their_entropy() {
-        // Bytes of a bit or more each, most of them one value: zstd's
-        // prefix code spends a whole bit on it where lane rANS spends half of one.
-        let mut state = 0x2545_F491_4F6C_DD1D_u64;
-        let plane: Vec<u8> = (0..1 << 20)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                if state.is_multiple_of(4) {
-                    ((state >> 8) % 9) as u8 + 1
-                } else {
-                    0
-                }
-            })
-            .collect();
+        // Bytes of a bit or more each, most of them one value: zstd's prefix code
+        // spends a whole bit on it where lane rANS spends half of one.
+        let plane: Vec<u8> =
+            pseudo_random(1 << 20, 5).iter().map(|&b| if b % 4 == 0 { b % 9 + 1 } else { 0 }).collect();
         let planes = [plane];
         let keys = vec![0u8; planes[0].len()];
         let weights = value_streams(&planes, ValueLayout::Words, Some(&keys), EncodeSettings::default()).unwrap();
@@ -1976,17 +1964,14 @@ mod tests {
             (groups.iter().filter(|g| !g.is_empty()).map(|g| corrected(g)).sum(), corrected(&whole))
         }
         fn check<W: Word>(make: impl Fn(u64) -> W) {
-            let mut state = 0x9E37_79B9_7F4A_7C15_u64;
-            let mut next = || {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state
-            };
             for len in [0usize, 1, 100, 5000, 3 * SAMPLE_VALUES + 7] {
-                let keys: Vec<u8> = (0..len).map(|_| (next() % 37) as u8 * 7).collect();
-                let values: Vec<W> =
-                    keys.iter().map(|&k| make((next() % (u64::from(k) + 2)) << (next() % 3))).collect();
+                let keys: Vec<u8> = pseudo_random(len, 7).iter().map(|&b| b % 37 * 7).collect();
+                let noise = pseudo_random(len, 8);
+                let values: Vec<W> = keys
+                    .iter()
+                    .zip(&noise)
+                    .map(|(&k, &n)| make((u64::from(n) % (u64::from(k) + 2)) << (n % 3)))
+                    .collect();
                 for layout in [ValueLayout::BytePlanes, ValueLayout::RotatedBytePlanes, ValueLayout::Words] {
                     let (grouped, whole) = grouping_bits(&values, &keys, layout);
                     let (expected_grouped, expected_whole) = reference(&values, &keys, layout);
