@@ -926,7 +926,7 @@ fn keyed_bits<W: Word>(target: &[W], base: &[W], op: ValueOp, layout: ValueLayou
     let sampled: usize = sample_blocks(target.len()).map(|block| block.len()).sum();
     let mut all = (Vec::with_capacity(sampled), Vec::with_capacity(sampled));
     let mut changed = (vec![W::default(); sampled], vec![0u8; sampled]);
-    let mut m = 0;
+    let mut kept = 0;
     for block in sample_blocks(target.len()) {
         for i in block {
             let (value, key) = (W::express(target[i], base[i], op), values::group_key(base[i]));
@@ -934,13 +934,13 @@ fn keyed_bits<W: Word>(target: &[W], base: &[W], op: ValueOp, layout: ValueLayou
             all.1.push(key);
             // Without a branch: a word is kept by moving past it. Chunks come here
             // when about as many words change as not, and a branch missed half the time.
-            changed.0[m] = value;
-            changed.1[m] = key;
-            m += usize::from(target[i] != base[i]);
+            changed.0[kept] = value;
+            changed.1[kept] = key;
+            kept += usize::from(target[i] != base[i]);
         }
     }
-    changed.0.truncate(m);
-    changed.1.truncate(m);
+    changed.0.truncate(kept);
+    changed.1.truncate(kept);
     let value_bits = |(values, keys): &(Vec<W>, Vec<u8>)| -> f64 {
         let planes = values::split(values, layout);
         let byte_planes = layout != ValueLayout::Words;
