@@ -2152,13 +2152,14 @@ fn refine_clusters(
 }
 
 /// Merges pairs of clusters while a merge lowers the estimated cost (a table's bytes
-/// against the bits that separate statistics save), keeping at least two.
+/// against the bits that separate statistics save), keeping at least two, and
+/// returns the clusters' histograms as merged.
 ///
 /// Each pair's change in cost is computed once, and again only for the pairs of a
 /// cluster that a merge changed: the costs are the same numbers, so the merges are
 /// those of computing every pair anew each round, at a fraction of the work.
 #[allow(clippy::cast_possible_truncation)] // cluster indices are below 8
-fn merge_clusters(form: TableForm, present: &[u8], assignment: &mut [u8; 256], clusters: Clusters) {
+fn merge_clusters(form: TableForm, present: &[u8], assignment: &mut [u8; 256], clusters: Clusters) -> Vec<Histogram> {
     let Clusters { counts: mut clusters, mut costs } = clusters;
     let mut used: Vec<usize> = (0..MAX_TABLES).filter(|&c| clusters[c].iter().any(|&n| n > 0)).collect();
     let merge_change = |clusters: &[Histogram], costs: &[f64; MAX_TABLES], a: usize, b: usize| {
@@ -2182,7 +2183,7 @@ fn merge_clusters(form: TableForm, present: &[u8], assignment: &mut [u8; 256], c
                 }
             }
         }
-        let Some((_, a, b)) = best.filter(|(lowest, _, _)| *lowest < 0.0) else { return };
+        let Some((_, a, b)) = best.filter(|(lowest, _, _)| *lowest < 0.0) else { break };
         for &context in present {
             if usize::from(assignment[usize::from(context)]) == b {
                 assignment[usize::from(context)] = a as u8;
@@ -2199,6 +2200,7 @@ fn merge_clusters(form: TableForm, present: &[u8], assignment: &mut [u8; 256], c
             }
         }
     }
+    clusters
 }
 
 /// Groups the 256 context bytes into 2 to 8 tables: the map from context byte to
@@ -2219,9 +2221,9 @@ fn cluster_contexts(form: TableForm, rows: &ContextRows) -> ([u8; 256], Vec<Hist
     if present.len() > MAX_TABLES {
         refine_clusters(form, rows, &present, &mut assignment, &mut clusters);
     }
-    merge_clusters(form, &present, &mut assignment, clusters);
+    // The histograms of the tables as merged, each the sum of its contexts' rows.
+    let clusters = merge_clusters(form, &present, &mut assignment, clusters);
     // Number the tables that are used 0, 1, ... in order of first use by context byte.
-    let clusters = cluster_histograms(rows, &present, &assignment);
     let mut renumber = [u8::MAX; MAX_TABLES];
     let mut tables: Vec<Histogram> = Vec::new();
     let mut context_map = [0u8; 256];
