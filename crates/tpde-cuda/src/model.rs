@@ -97,8 +97,9 @@ impl Loader {
     }
 
     fn rebuild_model(&mut self, delta: &DeltaFile, base: Base<'_>) -> Result<Vec<DeviceTensor>> {
-        // Chunk checksums are checked batch by batch as the loader uploads:
-        // every output is a new buffer, dropped if one fails.
+        // Chunk checksums are checked by the loader, in one parallel pass
+        // before its first upload, which also brings the mapped file's pages
+        // in on every thread at once.
         let refs = tensor_refs_checked_on_upload(delta)?;
         let buffers = match base {
             Base::None => self.load_host_base(&refs, &host_bases(delta, None)?)?,
