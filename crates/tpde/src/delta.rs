@@ -302,6 +302,11 @@ impl<'a> StreamSet<'a> {
             return self.push_planned(raw, contexts, Vec::new());
         }
         let form = self.settings.table_form();
+        if raw.len() >= SAMPLE_ABOVE_FROM && !contexts.is_empty() && stored_under_any_context(raw, &contexts) {
+            // Planned under no context only: its histogram serves zstd's prediction.
+            let plans = rans::plan_each_of_bytes(form, raw, &[]);
+            return self.push_planned(raw, Vec::new(), plans);
+        }
         let (above, keys) = match contexts[..] {
             [StreamContext::HigherPlane(above), StreamContext::BaseKeys(keys)] if raw.len() >= SAMPLE_ABOVE_FROM => {
                 (above, keys)
@@ -546,6 +551,58 @@ fn sampled_entropy_under(symbols: &[u8], contexts: &[u8]) -> f64 {
         sample.1.extend_from_slice(&contexts[block]);
     }
     rans::entropy_under(&sample.0, &sample.1) * symbols.len() as f64 / sample.0.len() as f64
+}
+
+/// Bits a symbol from which a sample of a plane says it is stored as it is: lane
+/// rANS adds its states (about 0.6% at 8 bits a symbol) and its tables to the
+/// entropy.
+const STORED_FROM_BITS: f64 = 7.97;
+/// The most information about a plane that a sample may see in a context (bits a
+/// symbol) for the plane to be stored whatever its tables under that context:
+/// below it, they save less than the states and tables cost (spec §15.10).
+const CONTEXT_PAYS_FROM_BITS: f64 = 0.08;
+/// Blocks of [`SAMPLE_BLOCK`] symbols, evenly spread, that the pre-test of
+/// [`stored_under_any_context`] takes: enough that a sample of random bytes
+/// measures 7.99 bits a symbol, against 7.96 for one block.
+const PRETEST_BLOCKS: usize = 4;
+
+/// Whether `raw` (at least [`SAMPLE_ABOVE_FROM`] symbols) would be stored as it is
+/// under any of `contexts`: the low mantissa bytes of dense changes of weights,
+/// which look random. A sample of blocks puts its entropy under no context at
+/// [`STORED_FROM_BITS`] or more, and shows less than [`CONTEXT_PAYS_FROM_BITS`] of
+/// information in each context: its entropy under the context against its entropy
+/// under the same context bytes one sampled block away, which have the same counts
+/// and so the same bias from the sample's size, but no alignment with the symbols.
+/// Planning under the contexts would count every symbol for tables that are not
+/// kept.
+#[allow(clippy::cast_precision_loss)] // estimates
+fn stored_under_any_context(raw: &[u8], contexts: &[StreamContext<'_>]) -> bool {
+    let stride = (raw.len() / PRETEST_BLOCKS).max(SAMPLE_BLOCK);
+    let mut pretest = [0u64; 256];
+    for start in (0..raw.len()).step_by(stride) {
+        let block = rans::histogram(&raw[start..raw.len().min(start + SAMPLE_BLOCK)]);
+        pretest.iter_mut().zip(block).for_each(|(count, n)| *count += n);
+    }
+    if rans::entropy_bits(&pretest) < STORED_FROM_BITS * pretest.iter().sum::<u64>() as f64 {
+        return false;
+    }
+    let blocks: Vec<std::ops::Range<usize>> =
+        sample_blocks(raw.len()).filter(|block| block.len() == SAMPLE_BLOCK).collect();
+    if blocks.len() < 2 {
+        return false;
+    }
+    let symbols: Vec<u8> = blocks.iter().flat_map(|block| &raw[block.clone()]).copied().collect();
+    contexts.iter().all(|context| {
+        let bytes = context.bytes();
+        let Some(aligned) = blocks.iter().map(|block| bytes.get(block.clone())).collect::<Option<Vec<_>>>() else {
+            return false;
+        };
+        let aligned = aligned.concat();
+        let mut moved = aligned.clone();
+        moved.rotate_left(SAMPLE_BLOCK);
+        let seen = rans::entropy_under(&symbols, &moved) - rans::entropy_under(&symbols, &aligned);
+        seen < CONTEXT_PAYS_FROM_BITS * symbols.len() as f64
+    })
 }
 
 /// A strided sample of at most [`SAMPLE_BYTES`] bytes, and the stride.
@@ -1724,6 +1781,33 @@ mod tests {
         assert_eq!(contexts_of(&set), [ContextKind::HigherPlane, ContextKind::BaseKey]);
         assert!(matches!(set.streams[0].choice, Choice::Rans(1)), "coded under the plane above");
         assert_eq!(set.streams[0].plans.len(), 3, "planned under none and both contexts");
+    }
+
+    /// A plane that looks random under every context it may take is stored and
+    /// planned under no context; one that its plane above or its base keys
+    /// predict, or whose bytes are not random, is planned under them as before.
+    #[test]
+    fn a_plane_random_under_its_contexts_is_stored_unplanned() {
+        let len = 4 * SAMPLE_ABOVE_FROM;
+        let keys: Vec<u8> = pseudo_random(len, 1).iter().map(|k| k % 16).collect();
+        let above = pseudo_random(len, 2);
+        let noise = pseudo_random(len, 6);
+        let planned = |plane: Vec<u8>| {
+            let planes = [plane, above.clone()];
+            let set = StreamSet::of_planes(&planes, true, Some(&keys), EncodeSettings::default()).unwrap();
+            let contexts = set.streams[0].contexts.len();
+            (contexts, matches!(set.streams[0].choice, Choice::Stored))
+        };
+        assert_eq!(planned(noise.clone()), (0, true), "random: stored, planned under no context");
+        // Random alone, but a byte of the plane above gives away 2 of its bits.
+        let by_above: Vec<u8> = above.iter().zip(&noise).map(|(a, n)| (a & 0xC0) | (n & 0x3F)).collect();
+        assert_eq!(planned(by_above).0, 2, "planned under both contexts");
+        // Random alone, but a base key gives away 2 of its bits: planned under the
+        // base keys, which a sample says the plane above cannot beat.
+        let by_key: Vec<u8> = keys.iter().zip(&noise).map(|(k, n)| (k << 6) | (n & 0x3F)).collect();
+        assert_eq!(planned(by_key), (1, false), "planned under the base keys");
+        // 7 bits a symbol: not random enough to be stored.
+        assert_ne!(planned(noise.iter().map(|n| n & 0x7F).collect()).0, 0, "planned under a context");
     }
 
     /// Changes of weights in one stream of whole words (FP8 values, which take no
